@@ -176,3 +176,74 @@ def model_balancedness(per_rank_load: np.ndarray) -> float:
     loads = np.asarray(per_rank_load, dtype=np.float64)
     peak = float(loads.max(axis=1).sum())
     return float(loads.mean(axis=1).sum() / peak) if peak > 0 else 1.0
+
+
+def rank_holdings(phy2log: np.ndarray, num_logical: int, num_ranks: int) -> np.ndarray:
+    """``[L, ranks, N_log]`` int64: how many replicas of each expert each rank holds."""
+    arr = np.asarray(phy2log, dtype=np.int64)
+    num_layers, num_physical = arr.shape
+    slot_rank = np.arange(num_physical) // (num_physical // num_ranks)
+    keys = (np.arange(num_layers)[:, None] * num_ranks + slot_rank[None, :]) * num_logical + arr
+    flat = np.bincount(keys.ravel(), minlength=num_layers * num_ranks * num_logical)
+    return flat.reshape(num_layers, num_ranks, num_logical)
+
+
+def changed_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray) -> np.ndarray:
+    """``[L, P]`` bool: slots whose logical expert differs between the two placements."""
+    return np.asarray(old_phy2log) != np.asarray(new_phy2log)
+
+
+def local_source_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L, P]`` bool: changed slots whose new expert the same rank already holds in ``old``.
+
+    Such a slot can be filled by a copy on the rank's own device; every other changed slot
+    needs the expert's bytes from another rank.
+    """
+    old = np.asarray(old_phy2log, dtype=np.int64)
+    new = np.asarray(new_phy2log, dtype=np.int64)
+    num_layers, num_physical = old.shape
+    num_logical = int(max(old.max(initial=0), new.max(initial=0))) + 1
+    held = rank_holdings(old, num_logical, num_ranks) > 0
+    slot_rank = np.arange(num_physical) // (num_physical // num_ranks)
+    has_local = held[np.arange(num_layers)[:, None], slot_rank[None, :], new]
+    return has_local & (old != new)
+
+
+def keep_slots_within_ranks(new_phy2log: np.ndarray, old_phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Permute ``new_phy2log`` within each rank so experts already on a rank keep their slot.
+
+    Each rank's multiset of experts (hence every load and balancedness figure) is unchanged;
+    only the order of a rank's slots changes, so that as few slots as possible change expert.
+    Returns a new ``[L, P]`` int64 array.
+    """
+    new = np.asarray(new_phy2log, dtype=np.int64)
+    old = np.asarray(old_phy2log, dtype=np.int64)
+    num_layers, num_physical = new.shape
+    slots_per_rank = num_physical // num_ranks
+    num_logical = int(max(old.max(initial=0), new.max(initial=0))) + 1
+    cell = (np.arange(num_layers)[:, None] * num_ranks + np.arange(num_physical) // slots_per_rank).ravel()
+
+    def occurrence_keys(arr: np.ndarray) -> np.ndarray:
+        # Key (cell, expert, k) for the k-th copy of an expert within its (layer, rank) cell.
+        group = cell * num_logical + arr.ravel()
+        order = np.argsort(group, kind="stable")
+        sorted_group = group[order]
+        first = np.r_[True, sorted_group[1:] != sorted_group[:-1]]
+        start = np.maximum.accumulate(np.where(first, np.arange(group.size), 0))
+        occurrence = np.empty_like(group)
+        occurrence[order] = np.arange(group.size) - start
+        return group * slots_per_rank + occurrence
+
+    old_keys = occurrence_keys(old)
+    new_keys = occurrence_keys(new)
+    _, old_pos, new_pos = np.intersect1d(old_keys, new_keys, assume_unique=True, return_indices=True)
+    out = np.empty(num_layers * num_physical, dtype=np.int64)
+    out[old_pos] = new.ravel()[new_pos]
+    # The rest: unmatched new experts fill unmatched slots of the same cell, in slot order.
+    free_slots = np.ones(out.size, dtype=bool)
+    free_slots[old_pos] = False
+    left_items = np.ones(out.size, dtype=bool)
+    left_items[new_pos] = False
+    # Both lists are in flat (cell-major) order and hold the same count per cell.
+    out[np.flatnonzero(free_slots)] = new.ravel()[np.flatnonzero(left_items)]
+    return out.reshape(num_layers, num_physical)

@@ -1,0 +1,252 @@
+"""Placement policies behind one entry point: :func:`plan_rebalance`.
+
+A policy proposes a new ``phy2log [L, P]`` for the load; this module turns the proposal into a
+:class:`RebalancePlan` the same way for every policy:
+
+- layers whose balancedness gain (under the new load) is not positive, or is below
+  ``min_layer_gain``, keep their current row;
+- the remaining layers are ordered by gain per byte and cut, in that order, into batches whose
+  staging need fits ``staging_budget_bytes`` on every rank.
+
+Byte accounting (per slot whose logical expert changes):
+
+- **staging**: every changed slot needs one staging row of ``bytes_per_expert`` on its rank,
+  even when its source is a local replica (the copy cannot overwrite a live row before the
+  commit). A batch fits when ``changed_slots_on_rank * bytes_per_expert <= budget`` on every
+  rank.
+- **bytes_moved**: ``bytes_per_expert`` when the slot's new expert has no replica on the same
+  rank in the current placement (its bytes cross ranks), **0** when the rank already holds one
+  (a device-local copy, no link traffic). ``experts_moved`` counts every changed slot.
+
+Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`) and
+``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
+proposal is then permuted within each rank so experts already on a rank keep their slot, as
+vLLM does, which changes no load figure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
+from eplb_service.coordinator.policy_migration import migration_phy2log
+from eplb_service.placement import (
+    PlacementError,
+    PlacementShape,
+    keep_slots_within_ranks,
+    layer_balancedness,
+    local_source_slots,
+    model_balancedness,
+    rank_loads,
+    validate_phy2log,
+)
+
+POLICIES = ("migration", "deepseek")
+DEFAULT_POLICY = "migration"
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """Layers whose new rows are staged and committed together.
+
+    Attributes:
+        layers: layer indices, ascending.
+        phy2log: ``[len(layers), P]`` int64, the new rows of those layers, in ``layers`` order.
+        bytes_moved: bytes that cross ranks for this batch (see the module docstring).
+        gain: sum over its layers of the per-layer balancedness gain (after - before, under
+            the load the plan was made for).
+    """
+
+    layers: tuple[int, ...]
+    phy2log: np.ndarray
+    bytes_moved: int
+    gain: float
+
+
+@dataclass(frozen=True)
+class RebalancePlan:
+    """A proposed rebalance.
+
+    Attributes:
+        target_phy2log: ``[L, P]`` int64, the full placement once every batch is applied
+            (skipped layers keep their current rows).
+        batches: in commit order (best gain per byte first); each fits the staging budget on
+            every rank. Empty when nothing is worth moving.
+        balancedness_before: model balancedness of the current placement under the load.
+        balancedness_after: the same for ``target_phy2log``.
+        experts_moved: slots whose logical expert changes.
+        bytes_moved: sum of the batches' ``bytes_moved``.
+    """
+
+    target_phy2log: np.ndarray
+    batches: tuple[LayerBatch, ...]
+    balancedness_before: float
+    balancedness_after: float
+    experts_moved: int
+    bytes_moved: int
+
+
+def validate_load(logical_load: np.ndarray, shape: PlacementShape) -> np.ndarray:
+    """Return ``logical_load`` as ``[L, N_log]`` float64, or raise naming the bad value."""
+    try:
+        load = np.asarray(logical_load, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PlacementError(f"logical_load is not numeric: {exc}") from None
+    expected = (shape.num_layers, shape.num_logical)
+    if load.shape != expected:
+        raise PlacementError(f"logical_load has shape {load.shape}, expected {expected} [layers, logical experts]")
+    bad = ~np.isfinite(load) | (load < 0)
+    if bad.any():
+        layer, expert = (int(i) for i in np.argwhere(bad)[0])
+        raise PlacementError(
+            f"logical_load[{layer}, {expert}] = {float(load[layer, expert])}: loads must be finite and >= 0"
+        )
+    return load
+
+
+def propose_phy2log(
+    policy: str,
+    current_phy2log: np.ndarray,
+    load: np.ndarray,
+    shape: PlacementShape,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+) -> np.ndarray:
+    """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated."""
+    if policy == "deepseek":
+        if num_nodes <= 0 or shape.num_ranks % num_nodes:
+            raise PlacementError(f"num_nodes={num_nodes} must divide num_ranks={shape.num_ranks}")
+        if num_groups <= 0 or shape.num_logical % num_groups:
+            raise PlacementError(
+                f"num_groups={num_groups} must divide the number of logical experts ({shape.num_logical})"
+            )
+        fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
+        return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
+    if policy == "migration":
+        return migration_phy2log(current_phy2log, load, shape.num_ranks)
+    raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
+
+
+def plan_rebalance(
+    policy: str,
+    current_phy2log: np.ndarray,
+    logical_load: np.ndarray,
+    shape: PlacementShape,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    bytes_per_expert: int = 1,
+    staging_budget_bytes: int | None = None,
+    min_layer_gain: float = 0.0,
+) -> RebalancePlan:
+    """Plan a rebalance of ``current_phy2log`` for ``logical_load`` with ``policy``.
+
+    Args:
+        policy: one of :data:`POLICIES`.
+        current_phy2log: ``[L, P]`` int current placement.
+        logical_load: ``[L, N_log]`` load per logical expert, finite and >= 0.
+        shape: the deployment's placement shape.
+        num_groups, num_nodes: expert groups and server nodes (used by ``"deepseek"``; the
+            hierarchy applies when ``num_groups % num_nodes == 0``).
+        bytes_per_expert: bytes of one expert's weights on one rank (> 0).
+        staging_budget_bytes: staging bytes per rank per batch; ``None`` = unbounded.
+        min_layer_gain: layers whose balancedness gain is below this keep their rows.
+
+    Raises:
+        ValueError: unknown policy, or a layer that alone needs more staging than the budget.
+        PlacementError (a ValueError): invalid placement, load, or sizes; names the value.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
+    if not isinstance(bytes_per_expert, (int, np.integer)) or bytes_per_expert <= 0:
+        raise PlacementError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
+    if staging_budget_bytes is not None and (
+        not isinstance(staging_budget_bytes, (int, np.integer)) or staging_budget_bytes < 0
+    ):
+        raise PlacementError(f"staging_budget_bytes must be None or an integer >= 0, got {staging_budget_bytes!r}")
+    if not np.isfinite(min_layer_gain):
+        raise PlacementError(f"min_layer_gain must be finite, got {min_layer_gain!r}")
+    validate_phy2log(current_phy2log, shape)
+    current = np.asarray(current_phy2log, dtype=np.int64)
+    load = validate_load(logical_load, shape)
+
+    proposed = propose_phy2log(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes)
+    return build_plan(current, proposed, load, shape, bytes_per_expert=bytes_per_expert,
+                      staging_budget_bytes=staging_budget_bytes, min_layer_gain=min_layer_gain)
+
+
+def build_plan(
+    current: np.ndarray,
+    proposed: np.ndarray,
+    load: np.ndarray,
+    shape: PlacementShape,
+    *,
+    bytes_per_expert: int = 1,
+    staging_budget_bytes: int | None = None,
+    min_layer_gain: float = 0.0,
+) -> RebalancePlan:
+    """Gain filter, byte accounting and batching of a proposal (see the module docstring).
+
+    Args:
+        current: ``[L, P]`` current placement; proposed: ``[L, P]`` valid proposal.
+        load: ``[L, N_log]`` validated load.
+    """
+    num_ranks = shape.num_ranks
+    before_ranks = rank_loads(current, load, num_ranks)
+    after_ranks = rank_loads(proposed, load, num_ranks)
+    gain = layer_balancedness(after_ranks) - layer_balancedness(before_ranks)
+    changed = current != proposed
+    accept = changed.any(axis=1) & (gain > 0) & (gain >= min_layer_gain)
+    target = np.where(accept[:, None], proposed, current)
+    changed &= accept[:, None]
+
+    remote = changed & ~local_source_slots(current, target, num_ranks)
+    layer_bytes = remote.sum(axis=1).astype(np.int64) * int(bytes_per_expert)
+    staging = changed.reshape(shape.num_layers, num_ranks, shape.slots_per_rank).sum(axis=2) * int(bytes_per_expert)
+
+    layers = np.flatnonzero(accept)
+    if staging_budget_bytes is not None and layers.size:
+        over = staging[layers] > staging_budget_bytes
+        if over.any():
+            row, rank = (int(i) for i in np.argwhere(over)[0])
+            layer = int(layers[row])
+            raise ValueError(
+                f"layer {layer} alone needs {int(staging[layer, rank])} staging bytes on rank {rank}, "
+                f"more than staging_budget_bytes={staging_budget_bytes}"
+            )
+    # Gain per byte, best first; a layer with only local copies costs no link bytes.
+    ratio = gain[layers] / np.maximum(layer_bytes[layers], 1e-9 * bytes_per_expert)
+    layers = layers[np.lexsort((layers, -gain[layers], -ratio))]
+
+    groups: list[list[int]] = []
+    used = np.zeros(num_ranks, dtype=np.int64)
+    for layer in layers.tolist():
+        need = staging[layer]
+        if groups and (staging_budget_bytes is None or bool(np.all(used + need <= staging_budget_bytes))):
+            groups[-1].append(layer)
+            used += need
+        else:
+            groups.append([layer])
+            used = need.copy()
+    batches = []
+    for group in groups:
+        rows = np.array(sorted(group), dtype=np.int64)
+        batches.append(LayerBatch(
+            layers=tuple(int(i) for i in rows),
+            phy2log=target[rows].copy(),
+            bytes_moved=int(layer_bytes[rows].sum()),
+            gain=float(gain[rows].sum()),
+        ))
+    batches.sort(key=lambda b: -b.gain / max(b.bytes_moved, 1e-9 * bytes_per_expert))
+
+    return RebalancePlan(
+        target_phy2log=target,
+        batches=tuple(batches),
+        balancedness_before=model_balancedness(before_ranks),
+        balancedness_after=model_balancedness(rank_loads(target, load, num_ranks)),
+        experts_moved=int(changed.sum()),
+        bytes_moved=int(layer_bytes.sum()),
+    )

@@ -1,0 +1,120 @@
+"""The placement model: derived maps, loads, balancedness, validation, slot helpers."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb_service.placement import (
+    PlacementError,
+    PlacementShape,
+    changed_slots,
+    initial_phy2log,
+    keep_slots_within_ranks,
+    layer_balancedness,
+    local_source_slots,
+    logical_replica_count,
+    logical_to_physical,
+    model_balancedness,
+    physical_to_logical_load,
+    rank_holdings,
+    rank_loads,
+    validate_phy2log,
+)
+
+
+def test_shape_rejects_ranks_not_dividing_slots():
+    with pytest.raises(PlacementError, match="num_ranks=3 must divide num_physical=16"):
+        PlacementShape(2, 12, 16, 3)
+
+
+def test_shape_rejects_fewer_slots_than_experts():
+    with pytest.raises(PlacementError, match="num_physical=8"):
+        PlacementShape(2, 12, 8, 4)
+
+
+def test_initial_placement_is_round_robin():
+    shape = PlacementShape(2, 6, 8, 2)
+    phy2log = initial_phy2log(shape)
+    assert phy2log.tolist()[0] == [0, 1, 2, 3, 4, 5, 0, 1]
+    validate_phy2log(phy2log, shape)
+    assert logical_replica_count(phy2log, 6).tolist()[1] == [2, 2, 1, 1, 1, 1]
+
+
+def test_validate_names_layer_and_value():
+    shape = PlacementShape(2, 4, 4, 2)
+    bad = np.array([[0, 1, 2, 3], [0, 1, 2, 7]])
+    with pytest.raises(PlacementError, match="layer 1: slot 3 holds expert 7"):
+        validate_phy2log(bad, shape)
+    missing = np.array([[0, 1, 2, 3], [0, 1, 2, 2]])
+    with pytest.raises(PlacementError, match="layer 1: logical expert 3 has no replica"):
+        validate_phy2log(missing, shape)
+    with pytest.raises(PlacementError, match="shape"):
+        validate_phy2log(np.zeros((2, 5), dtype=np.int64), shape)
+
+
+def test_rank_loads_split_evenly_over_replicas():
+    phy2log = np.array([[0, 0, 1, 2]])  # expert 0 twice, ranks of 2 slots
+    load = np.array([[10.0, 4.0, 6.0]])
+    assert rank_loads(phy2log, load, 2).tolist() == [[10.0, 10.0]]
+    assert layer_balancedness(rank_loads(phy2log, load, 2)).tolist() == [1.0]
+    assert physical_to_logical_load(phy2log, np.array([[5.0, 5.0, 4.0, 6.0]]), 3).tolist() == [[10.0, 4.0, 6.0]]
+
+
+def test_model_balancedness_is_sum_of_means_over_sum_of_maxes():
+    per_rank = np.array([[1.0, 3.0], [2.0, 2.0]])
+    assert model_balancedness(per_rank) == pytest.approx((2.0 + 2.0) / (3.0 + 2.0))
+    assert model_balancedness(np.zeros((2, 2))) == 1.0
+
+
+def test_log2phy_lists_slots_ascending():
+    phy2log = np.array([[1, 0, 1, 2]])
+    assert logical_to_physical(phy2log, 3, 2).tolist() == [[[1, -1], [0, 2], [3, -1]]]
+    with pytest.raises(PlacementError, match="expert 1 has 2 replicas"):
+        logical_to_physical(phy2log, 3, 1)
+
+
+def test_local_source_and_changed_slots():
+    old = np.array([[0, 1, 2, 3]])
+    new = np.array([[1, 0, 3, 3]])  # rank 0 swaps in place; rank 1 slot 2 gets 3 (held) ...
+    assert changed_slots(old, new).tolist() == [[True, True, True, False]]
+    assert local_source_slots(old, new, 2).tolist() == [[True, True, True, False]]
+    far = np.array([[2, 1, 0, 3]])
+    assert local_source_slots(old, far, 2).tolist() == [[False, False, False, False]]
+    assert rank_holdings(old, 4, 2)[0].tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+
+
+def test_keep_slots_within_ranks_example():
+    old = np.array([[0, 1, 2, 3, 4, 5]])
+    new = np.array([[5, 1, 0, 4, 3, 3]])  # rank 0: {5,1,0}, rank 1: {4,3,3}
+    kept = keep_slots_within_ranks(new, old, 2)
+    assert kept.tolist() == [[0, 1, 5, 3, 4, 3]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layers=st.integers(1, 3),
+    ranks=st.integers(1, 4),
+    per_rank=st.integers(1, 5),
+    logical=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_keep_slots_within_ranks_is_a_per_rank_permutation(layers, ranks, per_rank, logical, seed):
+    rng = np.random.default_rng(seed)
+    num_physical = ranks * per_rank
+    old = rng.integers(0, logical, size=(layers, num_physical))
+    new = rng.integers(0, logical, size=(layers, num_physical))
+    kept = keep_slots_within_ranks(new, old, ranks)
+    assert np.array_equal(
+        np.sort(kept.reshape(layers, ranks, per_rank), axis=2), np.sort(new.reshape(layers, ranks, per_rank), axis=2)
+    )
+    # No fewer unchanged slots than the unaligned proposal, and as many as the multisets allow.
+    assert (kept == old).sum() >= (new == old).sum()
+    best = 0
+    for layer in range(layers):
+        for rank in range(ranks):
+            sl = slice(rank * per_rank, (rank + 1) * per_rank)
+            a = np.bincount(old[layer, sl], minlength=logical)
+            b = np.bincount(new[layer, sl], minlength=logical)
+            best += int(np.minimum(a, b).sum())
+    assert (kept == old).sum() == best

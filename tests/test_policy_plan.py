@@ -1,0 +1,121 @@
+"""plan_rebalance: the interface the coordinator calls (filtering, bytes, batching, errors)."""
+
+import numpy as np
+import pytest
+
+from eplb_service.coordinator.policy import POLICIES, LayerBatch, RebalancePlan, plan_rebalance
+from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log, validate_phy2log
+
+SHAPE = PlacementShape(4, 16, 20, 4)
+
+
+def skewed_load(seed=0, shape=SHAPE):
+    rng = np.random.default_rng(seed)
+    return rng.gamma(0.4, 100.0, size=(shape.num_layers, shape.num_logical))
+
+
+def test_policies_and_default():
+    assert POLICIES == ("migration", "deepseek")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_plan_is_consistent(policy):
+    current = initial_phy2log(SHAPE)
+    plan = plan_rebalance(policy, current, skewed_load(), SHAPE, bytes_per_expert=1000)
+    assert isinstance(plan, RebalancePlan)
+    validate_phy2log(plan.target_phy2log, SHAPE)
+    assert plan.balancedness_after > plan.balancedness_before
+    changed = plan.target_phy2log != current
+    assert plan.experts_moved == int(changed.sum())
+    assert plan.bytes_moved == sum(b.bytes_moved for b in plan.batches)
+    assert plan.bytes_moved <= plan.experts_moved * 1000
+    covered = sorted(layer for b in plan.batches for layer in b.layers)
+    assert covered == sorted(set(np.flatnonzero(changed.any(axis=1)).tolist()))
+    for batch in plan.batches:
+        assert isinstance(batch, LayerBatch)
+        assert batch.phy2log.shape == (len(batch.layers), SHAPE.num_physical)
+        assert np.array_equal(batch.phy2log, plan.target_phy2log[list(batch.layers)])
+        assert batch.gain > 0
+
+
+def test_local_copies_cost_no_bytes():
+    shape = PlacementShape(1, 3, 4, 2)
+    current = np.array([[0, 1, 2, 0]])  # expert 0 on both ranks
+    load = np.array([[1.0, 10.0, 10.0]])
+    plan = plan_rebalance("migration", current, load, shape, bytes_per_expert=7)
+    # Best: put 1 and 2 on different ranks. Whatever the policy does, each changed slot costs
+    # 7 bytes unless its rank already held the new expert.
+    target = plan.target_phy2log
+    held = [set(current[0, :2].tolist()), set(current[0, 2:].tolist())]
+    expected = sum(7 for p in range(4) if target[0, p] != current[0, p] and target[0, p] not in held[p // 2])
+    assert plan.bytes_moved == expected
+    assert plan.balancedness_after == 1.0
+
+
+def test_batches_fit_the_staging_budget_and_are_ordered_by_gain_per_byte():
+    shape = PlacementShape(12, 32, 40, 4)
+    load = skewed_load(1, shape)
+    current = initial_phy2log(shape)
+    bpe = 100
+    unbounded = plan_rebalance("deepseek", current, load, shape, bytes_per_expert=bpe)
+    per_layer = (unbounded.target_phy2log != current).reshape(12, 4, 10).sum(axis=2).max(axis=1) * bpe
+    budget = int(per_layer.max()) * 2
+    plan = plan_rebalance("deepseek", current, load, shape, bytes_per_expert=bpe, staging_budget_bytes=budget)
+    assert np.array_equal(plan.target_phy2log, unbounded.target_phy2log)
+    assert len(plan.batches) > 1
+    for batch in plan.batches:
+        rows = list(batch.layers)
+        changed = (plan.target_phy2log[rows] != current[rows]).reshape(len(rows), 4, 10).sum(axis=(0, 2))
+        assert (changed * bpe <= budget).all()
+    ratios = [b.gain / max(b.bytes_moved, 1e-9) for b in plan.batches]
+    assert ratios == sorted(ratios, reverse=True)
+
+
+def test_layer_over_budget_is_named():
+    current = initial_phy2log(SHAPE)
+    with pytest.raises(ValueError, match=r"layer \d+ alone needs \d+ staging bytes on rank \d+.*staging_budget_bytes=50"):
+        plan_rebalance("deepseek", current, skewed_load(), SHAPE, bytes_per_expert=100, staging_budget_bytes=50)
+
+
+def test_min_layer_gain_skips_small_gains():
+    current = initial_phy2log(SHAPE)
+    load = skewed_load()
+    full = plan_rebalance("migration", current, load, SHAPE)
+    none = plan_rebalance("migration", current, load, SHAPE, min_layer_gain=2.0)
+    assert full.batches and none.batches == ()
+    assert np.array_equal(none.target_phy2log, current)
+    assert none.balancedness_after == none.balancedness_before
+
+
+def test_unknown_policy_names_choices():
+    with pytest.raises(ValueError, match=r"unknown policy 'lpt'; choices: migration, deepseek"):
+        plan_rebalance("lpt", initial_phy2log(SHAPE), skewed_load(), SHAPE)
+
+
+@pytest.mark.parametrize(
+    "kwargs,load_fix,match",
+    [
+        ({}, lambda l: l[:, :-1], r"logical_load has shape \(4, 15\), expected \(4, 16\)"),
+        ({}, lambda l: np.where(np.arange(16) == 3, -1.0, l), r"logical_load\[0, 3\] = -1.0"),
+        ({}, lambda l: np.where(np.arange(16) == 2, np.nan, l), r"logical_load\[0, 2\] = nan"),
+        ({"bytes_per_expert": 0}, None, "bytes_per_expert must be a positive integer, got 0"),
+        ({"staging_budget_bytes": -1}, None, "staging_budget_bytes .* got -1"),
+    ],
+)
+def test_bad_inputs_name_the_value(kwargs, load_fix, match):
+    load = skewed_load()
+    if load_fix is not None:
+        load = load_fix(load)
+    with pytest.raises(PlacementError, match=match):
+        plan_rebalance("migration", initial_phy2log(SHAPE), load, SHAPE, **kwargs)
+
+
+def test_bad_placement_and_hierarchy_name_the_value():
+    bad = initial_phy2log(SHAPE)
+    bad[2, 5] = 99
+    with pytest.raises(PlacementError, match="layer 2: slot 5 holds expert 99"):
+        plan_rebalance("migration", bad, skewed_load(), SHAPE)
+    with pytest.raises(PlacementError, match="num_groups=3"):
+        plan_rebalance("deepseek", initial_phy2log(SHAPE), skewed_load(), SHAPE, num_groups=3)
+    with pytest.raises(PlacementError, match="num_nodes=3"):
+        plan_rebalance("deepseek", initial_phy2log(SHAPE), skewed_load(), SHAPE, num_nodes=3)
