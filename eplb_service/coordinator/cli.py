@@ -1,0 +1,121 @@
+"""``eplb-coordinator``: the daemon, the simulated deployment, and the status query.
+
+    eplb-coordinator --dp 8 [--tp 1] [--endpoint ipc:///run/eplb/coordinator.sock]
+    eplb-coordinator --dp 8 --simulate [--steps 1500] [--seed 0] [--summary-json s.json] [--plot p.png]
+    eplb-coordinator status [--endpoint ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from eplb_service import logutil
+from eplb_service.coordinator.config import CoordinatorConfig, default_endpoint
+from eplb_service.protocol import AgentConfig
+
+SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eplb-coordinator", description="eplb-service coordinator: plans expert placement for a vLLM EP deployment off the serving path.")
+    p.add_argument("--dp", type=_positive_int, default=1, help="vLLM data-parallel size (EP ranks = dp x tp)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="vLLM tensor-parallel size per DP rank")
+    p.add_argument("--endpoint", default=None, help=f"ZeroMQ endpoint to bind (default {default_endpoint()})")
+    p.add_argument("--store-host", default="127.0.0.1", help="address agents use for the side-communicator rendezvous store")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = any free port)")
+    p.add_argument("--policy", default="migration", help="placement policy: migration (default) or deepseek")
+    p.add_argument("--groups", type=_positive_int, default=1, help="expert groups (hierarchical deepseek policy)")
+    p.add_argument("--nodes", type=_positive_int, default=1, help="nodes of the deployment")
+    p.add_argument("--rebalance-interval-steps", type=_positive_int, default=None, help="steps between rebalance attempts (default 200; 100 with --simulate)")
+    p.add_argument("--min-gain", type=float, default=0.01, help="minimum projected balancedness gain to start a plan")
+    p.add_argument("--staging-budget-bytes", type=_positive_int, default=1 << 30, help="staging memory per rank; larger plans go in layer batches")
+    p.add_argument("--report-interval-steps", type=_positive_int, default=10, help="steps per load report from each agent")
+    p.add_argument("--fence-steps", type=_positive_int, default=8, help="F: commit step = max(vote entry step) + F")
+    p.add_argument("--fence-timeout-s", type=float, default=5.0, help="longest a serving thread waits at the fence")
+    p.add_argument("--throttle-bytes-per-s", type=float, default=0.0, help="per-rank streaming cap (0 = unthrottled)")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sim = p.add_argument_group("simulated deployment (CPU)")
+    sim.add_argument("--simulate", action="store_true", help="run the coordinator with dp x tp simulated serving ranks and real agents")
+    sim.add_argument("--steps", type=_positive_int, default=1500, help="serving steps per rank")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--summary-json", default=None, help="write the run's summary here")
+    sim.add_argument("--plot", default=None, help="write a PNG of balancedness over time here (needs matplotlib)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    interval = args.rebalance_interval_steps or (SIM_DEFAULTS["rebalance_interval_steps"] if args.simulate else 200)
+    extra = {k: v for k, v in SIM_DEFAULTS.items() if k != "rebalance_interval_steps"} if args.simulate else {}
+    return CoordinatorConfig(
+        world_size=args.dp * args.tp, endpoint=args.endpoint or default_endpoint(), store_host=args.store_host,
+        metrics_port=args.metrics_port, policy=args.policy, num_groups=args.groups, num_nodes=args.nodes,
+        rebalance_interval_steps=interval, min_gain=args.min_gain, staging_budget_bytes=args.staging_budget_bytes,
+        agent=AgentConfig(report_interval_steps=args.report_interval_steps, fence_steps=args.fence_steps,
+                          fence_timeout_s=args.fence_timeout_s, throttle_bytes_per_s=args.throttle_bytes_per_s),
+        **extra,
+    )
+
+
+def _serve(cfg: CoordinatorConfig) -> int:
+    from eplb_service.coordinator.server import Coordinator
+
+    async def main() -> None:
+        coordinator = Coordinator(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, coordinator.stop)
+        await coordinator.serve()
+
+    import uvloop
+    uvloop.run(main())
+    return 0
+
+
+def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
+    from eplb_service.sim.deployment import SimulationOptions, run_simulation
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("eplb-coordinator: error: --plot needs matplotlib: pip install 'eplb-service[plot]'", file=sys.stderr)
+            return 2
+    opts = SimulationOptions(world_size=cfg.world_size, steps=args.steps, seed=args.seed,
+                             summary_json=args.summary_json, plot=args.plot)
+    summary = run_simulation(opts, cfg)
+    print(json.dumps(summary, indent=2))
+    ok = summary["output_mismatches"] == 0 and summary["diverged"] == 0 and not summary["errors"]
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "status":
+        from eplb_service.coordinator.status_client import main as status_main
+        return status_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logutil.configure(args.log_level)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    return _simulate(args, cfg) if args.simulate else _serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

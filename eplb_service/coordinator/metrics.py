@@ -1,0 +1,33 @@
+"""Prometheus metrics of one coordinator, on its own registry (tests run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STALL_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.agents_alive = Gauge("eplb_agents_alive", "Agents registered and heard from recently", registry=r)
+        self.agent_up = Gauge("eplb_agent_up", "1 while the agent of this rank is alive", ["rank"], registry=r)
+        self.balancedness = Gauge("eplb_balancedness", "Model balancedness (mean/max rank load) of the load window", ["kind"], registry=r)
+        self.epoch = Gauge("eplb_placement_epoch", "Placement epoch (commits applied)", registry=r)
+        self.plans = Counter("eplb_plans_total", "Plan batches by outcome", ["outcome"], registry=r)
+        self.plans_aborted = Counter("eplb_plans_aborted_total", "Aborted plan batches by reason", ["reason"], registry=r)
+        self.bytes_moved = Counter("eplb_moved_bytes_total", "Expert bytes moved by committed plans", registry=r)
+        self.experts_moved = Counter("eplb_moved_experts_total", "Physical slots whose expert changed in committed plans", registry=r)
+        self.phase_seconds = Histogram("eplb_plan_phase_seconds", "Time spent per plan phase", ["phase"], buckets=_DURATION_BUCKETS, registry=r)
+        self.commit_stall = Histogram("eplb_commit_stall_seconds", "Serving-thread time of one commit, per rank", buckets=_STALL_BUCKETS, registry=r)
+        self.load_reports = Counter("eplb_load_reports_total", "Load reports received", registry=r)
+        self.load_reports_dropped = Counter("eplb_load_reports_dropped_total", "Load reports dropped", ["reason"], registry=r)
+        self.load_report_lag = Gauge("eplb_load_report_lag_steps", "Steps between the newest step seen and the newest report's end", registry=r)
+        self.messages_rejected = Counter("eplb_messages_rejected_total", "Messages refused", ["reason"], registry=r)
+        self.comm_generation = Gauge("eplb_side_comm_generation", "Generation of the side communicator", registry=r)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Start the HTTP exporter; returns the bound port (``port=0`` picks one)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(server.server_port)

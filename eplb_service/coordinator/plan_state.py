@@ -1,0 +1,137 @@
+"""The plan state machine: staging → voting → committed | aborted (| diverged).
+
+Pure: events go in (with the time), decisions come out; the server does the I/O. Every
+phase has a deadline, so no plan can wait forever on a silent agent.
+
+- ``staging``: the batch was sent; waiting for ``Staged`` from every rank. Any
+  ``Failed``/``Aborted``, a lost agent or the deadline aborts the batch.
+- ``voting``: ``VoteNow`` was sent; every agent reports ``Committed`` or ``Aborted``.
+  All committed → ``committed``. All aborted → ``aborted``. A mix can only happen if the
+  vote's all-or-none guarantee broke (a rank timed out at the fence after the others
+  learned the result): ``diverged``, which halts rebalancing and is reported loudly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Phase(str, enum.Enum):
+    STAGING = "staging"
+    VOTING = "voting"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    DIVERGED = "diverged"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.COMMITTED, Phase.ABORTED, Phase.DIVERGED)
+
+
+@dataclass
+class PlanRun:
+    """One batch of layers on its way to every rank."""
+
+    plan_id: int
+    base_epoch: int
+    layers: list[int]
+    rows: np.ndarray
+    world_size: int
+    staging_timeout_s: float
+    voting_timeout_s: float
+    started_at: float
+    bytes_moved: int = 0
+    phase: Phase = Phase.STAGING
+    phase_started_at: float = 0.0
+    staged: dict[int, float] = field(default_factory=dict)
+    committed: dict[int, tuple[int, float]] = field(default_factory=dict)
+    aborted: dict[int, str] = field(default_factory=dict)
+    lost: set[int] = field(default_factory=set)
+    reason: str = ""
+    staging_s: float = 0.0
+    voting_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.phase_started_at = self.started_at
+
+    # Each handler returns True when the phase changed (the server then acts on it).
+
+    def on_staged(self, rank: int, now: float) -> bool:
+        if self.phase is not Phase.STAGING:
+            return False
+        self.staged[rank] = now
+        if len(self.staged) == self.world_size:
+            self.staging_s = now - self.phase_started_at
+            self.phase, self.phase_started_at = Phase.VOTING, now
+            return True
+        return False
+
+    def on_failed(self, rank: int, reason: str, now: float) -> bool:
+        self.aborted[rank] = reason
+        if self.phase is Phase.STAGING:
+            return self._abort(f"rank {rank}: {reason}", now)
+        if self.phase is Phase.VOTING:
+            return self._maybe_settle(now)
+        return False
+
+    def on_committed(self, rank: int, step: int, stall_s: float, now: float) -> bool:
+        if self.phase is not Phase.VOTING:
+            if self.phase is Phase.ABORTED:  # a late commit after an abort: the maps diverged
+                self.committed[rank] = (step, stall_s)
+                self.phase, self.reason = Phase.DIVERGED, f"rank {rank} committed plan {self.plan_id} after it was aborted ({self.reason})"
+                return True
+            return False
+        self.committed[rank] = (step, stall_s)
+        return self._maybe_settle(now)
+
+    def on_agent_lost(self, rank: int, now: float) -> bool:
+        if self.phase.final:
+            return False
+        self.lost.add(rank)
+        if self.phase is Phase.STAGING:
+            return self._abort(f"rank {rank} lost during staging", now)
+        return self._maybe_settle(now)
+
+    def on_tick(self, now: float) -> bool:
+        if self.phase is Phase.STAGING and now - self.phase_started_at > self.staging_timeout_s:
+            missing = sorted(set(range(self.world_size)) - set(self.staged))
+            return self._abort(f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now)
+        if self.phase is Phase.VOTING and now - self.phase_started_at > self.voting_timeout_s:
+            missing = sorted(set(range(self.world_size)) - set(self.committed) - set(self.aborted) - self.lost)
+            if self.committed:
+                self.phase, self.reason = Phase.DIVERGED, f"vote timed out with ranks {sorted(self.committed)} committed and {missing} silent"
+                return True
+            return self._abort(f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now)
+        return False
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _abort(self, reason: str, now: float) -> bool:
+        if self.phase.final:
+            return False
+        if self.phase is Phase.VOTING:
+            self.voting_s = now - self.phase_started_at
+        else:
+            self.staging_s = now - self.phase_started_at
+        self.phase, self.reason = Phase.ABORTED, reason
+        return True
+
+    def _maybe_settle(self, now: float) -> bool:
+        reported = set(self.committed) | set(self.aborted) | self.lost
+        if len(reported) < self.world_size:
+            return False
+        self.voting_s = now - self.phase_started_at
+        if self.committed and not self.aborted:
+            self.phase = Phase.COMMITTED
+            if self.lost:
+                self.reason = f"committed on every live rank; ranks {sorted(self.lost)} were lost"
+        elif not self.committed:
+            first = min(self.aborted) if self.aborted else min(self.lost)
+            self.phase, self.reason = Phase.ABORTED, f"rank {first}: {self.aborted.get(first, 'agent lost')}"
+        else:
+            self.phase = Phase.DIVERGED
+            self.reason = f"ranks {sorted(self.committed)} committed, ranks {sorted(self.aborted)} aborted: {self.aborted}"
+        return True

@@ -1,0 +1,72 @@
+"""Who is connected: agents by rank, their ZeroMQ identities, and their liveness."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class AgentRecord:
+    rank: int
+    identity: bytes
+    node: str
+    pid: int
+    epoch: int
+    step: int
+    phy2log: np.ndarray
+    last_seen: float = field(default_factory=time.monotonic)
+    comm_generation: int = -1
+    alive: bool = True
+
+
+class Registry:
+    """Agents of one deployment; ``complete`` once every rank is registered and alive."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.agents: dict[int, AgentRecord] = {}
+        self._by_identity: dict[bytes, int] = {}
+
+    def register(self, record: AgentRecord) -> AgentRecord | None:
+        """Add or replace the agent of ``record.rank``; returns the record it replaced."""
+        old = self.agents.get(record.rank)
+        if old is not None:
+            self._by_identity.pop(old.identity, None)
+        self.agents[record.rank] = record
+        self._by_identity[record.identity] = record.rank
+        return old
+
+    def by_identity(self, identity: bytes) -> AgentRecord | None:
+        rank = self._by_identity.get(identity)
+        return None if rank is None else self.agents.get(rank)
+
+    def remove(self, rank: int) -> None:
+        record = self.agents.pop(rank, None)
+        if record is not None:
+            self._by_identity.pop(record.identity, None)
+
+    def expire(self, now: float, timeout_s: float) -> list[AgentRecord]:
+        """Mark agents silent for longer than ``timeout_s`` dead; returns the newly dead."""
+        dead = []
+        for record in self.agents.values():
+            if record.alive and now - record.last_seen > timeout_s:
+                record.alive = False
+                dead.append(record)
+        return dead
+
+    @property
+    def alive(self) -> list[AgentRecord]:
+        return [r for r in self.agents.values() if r.alive]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.alive) == self.world_size
+
+    def min_step(self) -> int:
+        return min((r.step for r in self.alive), default=0)
+
+    def comm_ready(self, generation: int) -> bool:
+        return self.complete and all(r.comm_generation == generation for r in self.agents.values())

@@ -1,0 +1,487 @@
+"""The coordinator daemon: one ROUTER socket on an asyncio (uvloop) event loop.
+
+The loop only moves messages and state; the placement policy runs in an executor
+thread, so a slow plan never delays heartbeats, load reports or votes. Agents are the
+source of truth for the placement: they report it in ``Hello``, and the coordinator
+only advances it when every rank has reported ``Committed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch.distributed as dist
+import zmq
+import zmq.asyncio
+
+from eplb_service import protocol as P
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.load_window import LoadWindow
+from eplb_service.coordinator.metrics import CoordinatorMetrics
+from eplb_service.coordinator.plan_state import Phase, PlanRun
+from eplb_service.coordinator.registry import AgentRecord, Registry
+from eplb_service.logutil import rank_logger
+from eplb_service.placement import (
+    PlacementError, PlacementShape, layer_balancedness, model_balancedness, rank_loads, validate_phy2log,
+)
+
+_HISTORY_EPOCHS = 16
+
+
+@dataclass
+class PlanOutcome:
+    plan_id: int
+    phase: str
+    reason: str
+    layers: list[int]
+    bytes_moved: int
+    experts_moved: int
+    commit_step: int | None
+    staging_s: float
+    voting_s: float
+    max_stall_s: float
+
+
+def prepare_ipc_dir(endpoint: str) -> None:
+    """Create the directory of an ``ipc://`` endpoint, private to this user (0700)."""
+    if endpoint.startswith("ipc://"):
+        directory = os.path.dirname(endpoint[len("ipc://"):])
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.cfg = config
+        self.log = rank_logger(__name__, "coordinator")
+        self.registry = Registry(config.world_size)
+        self.metrics = CoordinatorMetrics()
+        self.model: P.ModelShape | None = None
+        self.shape: PlacementShape | None = None
+        self.epoch = -1
+        self.placements: dict[int, np.ndarray] = {}
+        self.window: LoadWindow | None = None
+        self.comm_generation = 0
+        self._comm_sent_generation = -1
+        self.plan: PlanRun | None = None
+        self._pending_batches: list = []
+        self._plan_counter = 0
+        self._last_plan_end_step = 0
+        self._planning = False
+        self.halted_reason: str | None = None
+        self.outcomes: list[PlanOutcome] = []
+        self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
+        self.bytes_moved_total = 0
+        self.experts_moved_total = 0
+        self.max_step_seen = 0
+        self.metrics_port: int | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-policy")
+        self._store: dist.TCPStore | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Bind, then run until :meth:`stop`; returns after a clean shutdown."""
+        prepare_ipc_dir(self.cfg.endpoint)
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.bind(self.cfg.endpoint)
+        self._sock = sock
+        self._store = dist.TCPStore(self.cfg.store_host, 0, self.cfg.world_size, True,
+                                    timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
+        self.log.info("listening on %s for %d ranks (store %s:%d, metrics %s, policy %s)", self.cfg.endpoint,
+                      self.cfg.world_size, self.cfg.store_host, self._store.port, self.metrics_port, self.cfg.policy)
+        self.ready.set()
+        ticker = asyncio.create_task(self._tick_loop())
+        try:
+            await self._receive_loop()
+        finally:
+            ticker.cancel()
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        if self.plan is not None and not self.plan.phase.final:
+            self._abort_plan("coordinator shutting down")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._sock is not None:
+            self._sock.close(linger=200)
+        if self._ctx is not None:
+            self._ctx.term()
+        self.log.info("stopped")
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        sock = self._sock
+        stop_wait = asyncio.ensure_future(self._stopping.wait())
+        while not self._stopping.is_set():
+            recv = asyncio.ensure_future(sock.recv_multipart())
+            done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if recv not in done:
+                recv.cancel()
+                break
+            frames = recv.result()
+            if len(frames) != 2:
+                self.metrics.messages_rejected.labels("framing").inc()
+                continue
+            identity, frame = frames
+            try:
+                message = P.decode(frame)
+            except P.ProtocolError as exc:
+                self.metrics.messages_rejected.labels("decode").inc()
+                self.log.warning("bad message from %r: %s", identity, exc)
+                self._send(identity, P.Reject(reason=str(exc)))
+                continue
+            self._handle(identity, message)
+        stop_wait.cancel()
+
+    def _send(self, identity: bytes, message: P.Message) -> None:
+        try:
+            self._sock.send_multipart([identity, P.encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone: liveness will notice
+            self.log.debug("send to %r failed: %s", identity, exc)
+
+    def _broadcast(self, message: P.Message) -> None:
+        for record in self.registry.alive:
+            self._send(record.identity, message)
+
+    # -- message handling -----------------------------------------------------------------
+
+    def _handle(self, identity: bytes, message: P.Message) -> None:
+        now = time.monotonic()
+        if isinstance(message, P.Hello):
+            self._on_hello(identity, message)
+            return
+        if isinstance(message, P.StatusRequest):
+            self._send(identity, P.StatusReply(status_json=json.dumps(self.status()).encode()))
+            return
+        record = self.registry.by_identity(identity)
+        if record is None:
+            self.metrics.messages_rejected.labels("unknown_agent").inc()
+            self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first"))
+            return
+        record.last_seen = now
+        if not record.alive:
+            self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
+            self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again"))
+            return
+        plan = self.plan
+        if isinstance(message, P.Heartbeat):
+            record.step, record.comm_generation = message.step, message.comm_generation
+            self.max_step_seen = max(self.max_step_seen, message.step)
+        elif isinstance(message, P.LoadReport):
+            self._on_load(record, message)
+        elif isinstance(message, P.Staged):
+            if plan is not None and plan.plan_id == message.plan_id and plan.on_staged(message.rank, now):
+                self._advance_plan()
+        elif isinstance(message, (P.Failed, P.Aborted)):
+            if plan is not None and plan.plan_id == message.plan_id and plan.on_failed(message.rank, message.reason, now):
+                self._advance_plan()
+        elif isinstance(message, P.Committed):
+            self.metrics.commit_stall.observe(message.stall_s)
+            record.epoch = message.epoch
+            if plan is not None and plan.plan_id == message.plan_id and plan.on_committed(message.rank, message.commit_step, message.stall_s, now):
+                self._advance_plan()
+        elif isinstance(message, P.Goodbye):
+            self.log.info("rank %d left: %s", message.rank, message.reason)
+            self._lose_agent(record, now)
+        else:
+            self.metrics.messages_rejected.labels("unexpected").inc()
+            self.log.warning("rank %d sent an unexpected %s", record.rank, type(message).__name__)
+
+    def _on_hello(self, identity: bytes, hello: P.Hello) -> None:
+        def reject(reason: str) -> None:
+            self.metrics.messages_rejected.labels("hello").inc()
+            self.log.error("refused rank %d: %s", hello.rank, reason)
+            self._send(identity, P.Reject(reason=reason))
+
+        if hello.protocol_version != P.PROTOCOL_VERSION:
+            return reject(f"protocol version {hello.protocol_version} does not match the coordinator's {P.PROTOCOL_VERSION}")
+        if not 0 <= hello.rank < self.cfg.world_size:
+            return reject(f"rank {hello.rank} outside [0, {self.cfg.world_size}) (coordinator world size {self.cfg.world_size})")
+        if hello.model.num_ranks != self.cfg.world_size:
+            return reject(f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {self.cfg.world_size}")
+        if self.model is not None and hello.model != self.model:
+            return reject(f"model shape {hello.model} differs from the deployment's {self.model}")
+        try:
+            shape = PlacementShape(hello.model.num_layers, hello.model.num_logical, hello.model.num_physical, hello.model.num_ranks)
+            phy2log = hello.phy2log.to_numpy("hello.phy2log").astype(np.int64)
+            validate_phy2log(phy2log, shape)
+        except (PlacementError, P.ProtocolError) as exc:
+            return reject(f"invalid placement: {exc}")
+        if self.epoch >= 0 and self.registry.alive and hello.epoch == self.epoch and not np.array_equal(phy2log, self.placements[self.epoch]):
+            return reject(f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch")
+        if self.model is None or not self.registry.alive:
+            self._adopt_placement(hello.model, shape, phy2log, hello.epoch)
+        elif hello.epoch != self.epoch:
+            return reject(f"agent at epoch {hello.epoch}, the deployment is at epoch {self.epoch}")
+        record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid,
+                             epoch=hello.epoch, step=hello.step, phy2log=phy2log)
+        replaced = self.registry.register(record)
+        if replaced is not None and self.plan is not None and not self.plan.phase.final:
+            self.plan.on_agent_lost(hello.rank, time.monotonic())
+            self._advance_plan()
+        self.log.info("rank %d registered (node %s, pid %d, epoch %d, step %d, %s)", hello.rank, hello.node, hello.pid, hello.epoch, hello.step, hello.transport)
+        self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent))
+        self._update_liveness_metrics()
+        if self.registry.complete:
+            self._init_comm()
+        elif replaced is not None:
+            self._comm_sent_generation = -1
+
+    def _adopt_placement(self, model: P.ModelShape, shape: PlacementShape, phy2log: np.ndarray, epoch: int) -> None:
+        if self.model is None:
+            self.model, self.shape = model, shape
+            self.window = LoadWindow(shape.num_layers, shape.num_logical, self.cfg.load_half_life_steps)
+        self.epoch = epoch
+        self.placements = {epoch: phy2log}
+        self.metrics.epoch.set(epoch)
+        self.log.info("placement epoch %d adopted from the agents", epoch)
+
+    def _init_comm(self) -> None:
+        """(Re)build the side communicator on every rank with a fresh generation."""
+        self.comm_generation += 1
+        self._comm_sent_generation = self.comm_generation
+        self.metrics.comm_generation.set(self.comm_generation)
+        self._broadcast(P.CommInit(generation=self.comm_generation, store_host=self.cfg.store_host,
+                                   store_port=self._store.port, world_size=self.cfg.world_size))
+
+    def _on_load(self, record: AgentRecord, report: P.LoadReport) -> None:
+        placement = self.placements.get(report.epoch)
+        if placement is None:
+            self.metrics.load_reports_dropped.labels("unknown_epoch").inc()
+            return
+        try:
+            counts = report.slot_load.to_numpy("slot_load")
+        except P.ProtocolError as exc:
+            self.metrics.load_reports_dropped.labels("bad_array").inc()
+            self.log.warning("rank %d sent a bad load report: %s", record.rank, exc)
+            return
+        if counts.shape != placement.shape:
+            self.metrics.load_reports_dropped.labels("bad_shape").inc()
+            self.log.warning("rank %d load report shape %s, expected %s", record.rank, counts.shape, placement.shape)
+            return
+        self.window.add(counts, placement, report.step_begin, report.step_end)
+        record.step = max(record.step, report.step_end)
+        self.max_step_seen = max(self.max_step_seen, report.step_end)
+        self.metrics.load_reports.inc()
+        self.metrics.load_report_lag.set(self.max_step_seen - report.step_end)
+
+    def _lose_agent(self, record: AgentRecord, now: float) -> None:
+        record.alive = False
+        self.registry.remove(record.rank)
+        self._comm_sent_generation = -1
+        if self.plan is not None and self.plan.on_agent_lost(record.rank, now):
+            self._advance_plan()
+        self._update_liveness_metrics()
+
+    def _update_liveness_metrics(self) -> None:
+        self.metrics.agents_alive.set(len(self.registry.alive))
+        for rank in range(self.cfg.world_size):
+            record = self.registry.agents.get(rank)
+            self.metrics.agent_up.labels(str(rank)).set(1 if record is not None and record.alive else 0)
+
+    # -- periodic work ------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            for record in self.registry.expire(now, self.cfg.liveness_timeout_s):
+                self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
+                self._lose_agent(record, now)
+            if self.plan is not None and self.plan.on_tick(now):
+                self._advance_plan()
+            self._publish_balancedness()
+            if self._should_plan():
+                self._planning = True
+                asyncio.create_task(self._run_policy())
+
+    def _should_plan(self) -> bool:
+        if self._planning or self.halted_reason or self.plan is not None or self._pending_batches:
+            return False
+        if self.window is None or not self.registry.comm_ready(self.comm_generation):
+            return False
+        step = self.registry.min_step()
+        return (self.window.steps_covered() >= self.cfg.min_window_steps
+                and step - self._last_plan_end_step >= self.cfg.rebalance_interval_steps)
+
+    async def _run_policy(self) -> None:
+        from eplb_service.coordinator.policy import plan_rebalance  # heavy imports only when planning
+
+        loop = asyncio.get_running_loop()
+        epoch = self.epoch
+        current = self.placements[epoch].copy()
+        load = self.window.load.copy()
+        t0 = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self._executor, functools.partial(
+                plan_rebalance, self.cfg.policy, current, load, self.shape,
+                num_groups=self.cfg.num_groups, num_nodes=self.cfg.num_nodes,
+                bytes_per_expert=self.model.bytes_per_expert, staging_budget_bytes=self.cfg.staging_budget_bytes,
+                min_layer_gain=self.cfg.min_layer_gain))
+        except Exception as exc:
+            self.log.exception("policy %s failed: %s", self.cfg.policy, exc)
+            self._last_plan_end_step = self.registry.min_step()
+            return
+        finally:
+            self._planning = False
+            self.metrics.phase_seconds.labels("policy").observe(time.perf_counter() - t0)
+        self._last_plan_end_step = self.registry.min_step()
+        gain = result.balancedness_after - result.balancedness_before
+        self.metrics.balancedness.labels("projected").set(result.balancedness_after)
+        if epoch != self.epoch or not result.batches or gain < self.cfg.min_gain:
+            self.counts["skipped"] += 1
+            self.log.info("no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
+                          result.balancedness_before, result.balancedness_after, gain, self.cfg.min_gain)
+            return
+        self.log.info("rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB",
+                      result.balancedness_before, result.balancedness_after, len(result.batches),
+                      result.experts_moved, result.bytes_moved / 2**20)
+        self._pending_batches = list(result.batches)
+        self._start_next_batch()
+
+    def _start_next_batch(self) -> None:
+        if not self._pending_batches or self.halted_reason:
+            self._pending_batches = []
+            return
+        if not self.registry.comm_ready(self.comm_generation):
+            self.log.warning("dropping %d planned batches: side communicator not ready", len(self._pending_batches))
+            self._pending_batches = []
+            return
+        batch = self._pending_batches.pop(0)
+        self._plan_counter += 1
+        layers = [int(x) for x in batch.layers]
+        rows = np.asarray(batch.phy2log, dtype=np.int64)
+        self.plan = PlanRun(plan_id=self._plan_counter, base_epoch=self.epoch, layers=layers, rows=rows,
+                            world_size=self.cfg.world_size, staging_timeout_s=self.cfg.staging_timeout_s,
+                            voting_timeout_s=self.cfg.voting_timeout_s, started_at=time.monotonic(),
+                            bytes_moved=int(batch.bytes_moved))
+        self.counts["proposed"] += 1
+        self.metrics.plans.labels("proposed").inc()
+        self._broadcast(P.Plan(plan_id=self.plan.plan_id, base_epoch=self.epoch, layers=layers, phy2log=P.NDArray.from_numpy(rows)))
+
+    def _abort_plan(self, reason: str) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        if not plan.phase.final:
+            plan._abort(reason, time.monotonic())
+        self._advance_plan()
+
+    def _advance_plan(self) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted:
+            self._broadcast(P.VoteNow(plan_id=plan.plan_id))
+            return
+        if not plan.phase.final:
+            return
+        self.plan = None
+        experts_moved = 0
+        commit_step = None
+        if plan.phase is Phase.COMMITTED:
+            old = self.placements[plan.base_epoch]
+            new = old.copy()
+            new[plan.layers] = plan.rows
+            experts_moved = int((old != new).sum())
+            self.epoch = plan.base_epoch + 1
+            self.placements[self.epoch] = new
+            for stale in [e for e in self.placements if e <= self.epoch - _HISTORY_EPOCHS]:
+                del self.placements[stale]
+            commit_step = max(step for step, _ in plan.committed.values())
+            self.bytes_moved_total += plan.bytes_moved
+            self.experts_moved_total += experts_moved
+            self.counts["committed"] += 1
+            self.metrics.plans.labels("committed").inc()
+            self.metrics.bytes_moved.inc(plan.bytes_moved)
+            self.metrics.experts_moved.inc(experts_moved)
+            self.metrics.epoch.set(self.epoch)
+            self.log.info("plan %d committed at step %d: layers %s, %d experts moved, epoch %d",
+                          plan.plan_id, commit_step, plan.layers, experts_moved, self.epoch)
+            self._start_next_batch()
+        else:
+            key = "diverged" if plan.phase is Phase.DIVERGED else "aborted"
+            self.counts[key] += 1
+            self.metrics.plans.labels(key).inc()
+            self.metrics.plans_aborted.labels(plan.reason.split(":")[0][:40] if key == "aborted" else "diverged").inc()
+            self._broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason))
+            self._pending_batches = []
+            if plan.phase is Phase.DIVERGED:
+                self.halted_reason = f"plan {plan.plan_id} diverged: {plan.reason}"
+                self.log.critical("%s; rebalancing halted, restart the deployment's agents", self.halted_reason)
+            else:
+                self.log.warning("plan %d aborted: %s; maps untouched on every rank", plan.plan_id, plan.reason)
+                if self.registry.complete:
+                    self._init_comm()  # a rank may have torn its communicator down
+        self.metrics.phase_seconds.labels("staging").observe(plan.staging_s)
+        self.metrics.phase_seconds.labels("voting").observe(plan.voting_s)
+        self._last_plan_end_step = self.registry.min_step()
+        stalls = [s for _, s in plan.committed.values()]
+        self.outcomes.append(PlanOutcome(plan.plan_id, plan.phase.value, plan.reason, plan.layers, plan.bytes_moved,
+                                         experts_moved, commit_step, plan.staging_s, plan.voting_s, max(stalls, default=0.0)))
+        del self.outcomes[:-100]
+
+    # -- views ----------------------------------------------------------------------------
+
+    def current_balancedness(self) -> tuple[float, np.ndarray] | None:
+        if self.window is None or self.epoch not in self.placements or not self.window.load.any():
+            return None
+        loads = rank_loads(self.placements[self.epoch], self.window.load, self.cfg.world_size)
+        return model_balancedness(loads), layer_balancedness(loads)
+
+    def _publish_balancedness(self) -> None:
+        current = self.current_balancedness()
+        if current is not None:
+            self.metrics.balancedness.labels("current").set(current[0])
+
+    def status(self) -> dict:
+        """The status document (``eplb-coordinator status``, ``StatusReply``)."""
+        now = time.monotonic()
+        current = self.current_balancedness()
+        ranks = []
+        for rank in range(self.cfg.world_size):
+            record = self.registry.agents.get(rank)
+            ranks.append(None if record is None else {
+                "rank": rank, "alive": record.alive, "node": record.node, "pid": record.pid,
+                "last_seen_s": round(now - record.last_seen, 3), "step": record.step, "epoch": record.epoch,
+                "comm_generation": record.comm_generation,
+            })
+        plan = self.plan
+        return {
+            "world_size": self.cfg.world_size, "endpoint": self.cfg.endpoint, "policy": self.cfg.policy,
+            "uptime_s": round(time.time() - self.started_at, 3), "epoch": self.epoch,
+            "comm_generation": self.comm_generation, "ranks": ranks, "halted": self.halted_reason,
+            "plan_in_flight": None if plan is None else {"plan_id": plan.plan_id, "phase": plan.phase.value, "layers": plan.layers},
+            "plans": dict(self.counts), "bytes_moved": self.bytes_moved_total, "experts_moved": self.experts_moved_total,
+            "last_plans": [o.__dict__ for o in self.outcomes[-10:]],
+            "load_reports": self.window.reports if self.window else 0,
+            "balancedness": None if current is None else {
+                "model": current[0], "layer_min": float(current[1].min()), "layer_mean": float(current[1].mean()),
+                "layer_max": float(current[1].max()),
+            },
+            "max_step_seen": self.max_step_seen,
+        }

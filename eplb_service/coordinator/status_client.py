@@ -1,0 +1,81 @@
+"""``eplb-coordinator status``: ask a running coordinator for its status document."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import zmq
+
+from eplb_service import protocol as P
+from eplb_service.coordinator.config import default_endpoint
+
+
+def fetch_status(endpoint: str, timeout_s: float = 3.0) -> dict:
+    """One ``StatusRequest`` round trip; raises ``TimeoutError`` naming the endpoint."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+    try:
+        sock.connect(endpoint)
+        sock.send(P.encode(P.StatusRequest()))
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise TimeoutError(f"no answer from a coordinator at {endpoint} within {timeout_s}s")
+        reply = P.decode(sock.recv())
+        if not isinstance(reply, P.StatusReply):
+            raise P.ProtocolError(f"expected StatusReply, got {type(reply).__name__}")
+        return json.loads(reply.status_json)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def format_status(status: dict) -> str:
+    """A readable table: ranks, liveness, epoch, last plans, balancedness."""
+    lines = [
+        f"coordinator {status['endpoint']}  world {status['world_size']}  policy {status['policy']}  "
+        f"epoch {status['epoch']}  side-comm gen {status['comm_generation']}  uptime {status['uptime_s']:.0f}s",
+    ]
+    if status.get("halted"):
+        lines.append(f"HALTED: {status['halted']}")
+    lines.append(f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  node/pid")
+    for i, r in enumerate(status["ranks"]):
+        if r is None:
+            lines.append(f"{i:>4}  {'-':5}  (not registered)")
+        else:
+            lines.append(f"{r['rank']:>4}  {'yes' if r['alive'] else 'NO':5}  {r['step']:>8}  {r['epoch']:>5}  "
+                         f"{r['comm_generation']:>4}  {r['last_seen_s']:>5.1f}s  {r['node']}/{r['pid']}")
+    plans = status["plans"]
+    lines.append(f"plans: proposed {plans['proposed']}  committed {plans['committed']}  aborted {plans['aborted']}  "
+                 f"diverged {plans['diverged']}  skipped {plans['skipped']}  |  moved {status['experts_moved']} experts, "
+                 f"{status['bytes_moved'] / 2**20:.1f} MiB")
+    if status.get("plan_in_flight"):
+        p = status["plan_in_flight"]
+        lines.append(f"in flight: plan {p['plan_id']} ({p['phase']}) layers {p['layers']}")
+    for o in status["last_plans"][-5:]:
+        lines.append(f"  plan {o['plan_id']}: {o['phase']}{' at step ' + str(o['commit_step']) if o['commit_step'] is not None else ''}"
+                     f"  layers {o['layers']}  {o['experts_moved']} experts  {o['reason']}")
+    bal = status.get("balancedness")
+    if bal:
+        lines.append(f"balancedness: model {bal['model']:.3f}  per layer min {bal['layer_min']:.3f} "
+                     f"mean {bal['layer_mean']:.3f} max {bal['layer_max']:.3f}  ({status['load_reports']} load reports)")
+    else:
+        lines.append("balancedness: no load reported yet")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="eplb-coordinator status", description="Show a running coordinator's status.")
+    p.add_argument("--endpoint", default=default_endpoint())
+    p.add_argument("--json", action="store_true", help="print the raw status document")
+    p.add_argument("--timeout-s", type=float, default=3.0)
+    args = p.parse_args(argv)
+    try:
+        status = fetch_status(args.endpoint, args.timeout_s)
+    except (TimeoutError, P.ProtocolError, zmq.ZMQError) as exc:
+        print(f"eplb-coordinator status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0

@@ -1,0 +1,238 @@
+"""Every message between agents, coordinator and clients, in one place.
+
+msgspec structs encoded as msgpack; one tagged union (`Message`) so a frame decodes
+into exactly one typed object or fails with an error that names the path
+(``Expected int, got str - at $.rank``). Arrays travel as raw bytes with dtype and
+shape (:class:`NDArray`), never pickled. ``proto/schema.json`` is generated from these
+types (``python -m eplb_service.schema``) and a test keeps it current.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others."""
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest frame either side accepts (also set as the ZeroMQ socket limit)."""
+
+MAX_ARRAY_DIMS = 4
+ALLOWED_DTYPES = ("int8", "int32", "int64", "float32", "float64")
+
+
+class ProtocolError(ValueError):
+    """A frame or field that is not what the protocol says; the message names it."""
+
+
+class NDArray(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A numpy array on the wire: little-endian raw bytes plus dtype and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> "NDArray":
+        arr = np.ascontiguousarray(array)
+        if arr.dtype.name not in ALLOWED_DTYPES:
+            raise ProtocolError(f"array dtype {arr.dtype.name!r} not in {ALLOWED_DTYPES}")
+        return cls(dtype=arr.dtype.name, shape=tuple(int(s) for s in arr.shape), data=arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+
+    def to_numpy(self, field: str = "array") -> np.ndarray:
+        """Decode, checking dtype, rank and that the byte count matches the shape."""
+        if self.dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"{field}: dtype {self.dtype!r} not in {ALLOWED_DTYPES}")
+        if len(self.shape) > MAX_ARRAY_DIMS or any(s < 0 for s in self.shape):
+            raise ProtocolError(f"{field}: shape {self.shape} must have <= {MAX_ARRAY_DIMS} non-negative dims")
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        expected = math.prod(self.shape) * dtype.itemsize
+        if expected != len(self.data):
+            raise ProtocolError(f"{field}: shape {self.shape} of {self.dtype} needs {expected} bytes, got {len(self.data)}")
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="), copy=True)
+
+
+class ModelShape(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What an agent's model looks like; all agents of a deployment must agree."""
+
+    num_layers: int
+    num_logical: int
+    num_physical: int
+    num_ranks: int
+    bytes_per_expert: int
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Knobs the coordinator hands every agent in ``Welcome`` so all ranks agree."""
+
+    report_interval_steps: int = 10
+    """Steps accumulated on the device before one load snapshot goes to the host."""
+    heartbeat_interval_s: float = 1.0
+    fence_steps: int = 8
+    """F: the commit step is max(entry step) + F; a rank blocks at entry + F until the vote is known."""
+    fence_timeout_s: float = 5.0
+    """Longest the serving thread waits at the fence before aborting the plan locally."""
+    max_ops_per_group: int = 16
+    """Send/recv ops in one group call (large groups are what deadlocked vLLM)."""
+    chunk_bytes: int = 16 * 1024 * 1024
+    """Bytes in flight per rank per group call."""
+    throttle_bytes_per_s: float = 0.0
+    """Per-rank cap on streamed bytes per second; 0 = unthrottled."""
+    transport_timeout_s: float = 30.0
+
+
+class CommInit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """Build (or rebuild) the side communicator from the coordinator's rendezvous store.
+
+    ``generation`` changes after every teardown so a rebuilt communicator never reads
+    keys of a dead one.
+    """
+
+    generation: int
+    store_host: str
+    store_port: int
+    world_size: int
+
+
+class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    protocol_version: int
+    rank: int
+    model: ModelShape
+    phy2log: NDArray
+    """The agent's current placement ``[L, P]``: agents are the source of truth."""
+    epoch: int
+    step: int
+    transport: str
+    node: str = ""
+    pid: int = 0
+
+
+class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    protocol_version: int
+    rank: int
+    config: AgentConfig
+    comm: CommInit | None = None
+
+
+class Reject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    reason: str
+
+
+class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    rank: int
+    step: int
+    epoch: int
+    comm_generation: int = -1
+    """Generation of the side communicator the agent has built; -1 while none."""
+
+
+class LoadReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """Tokens this rank routed to each physical slot over ``[step_begin, step_end)``."""
+
+    rank: int
+    epoch: int
+    step_begin: int
+    step_end: int
+    slot_load: NDArray
+    """``[L, P]`` counts, counted under placement ``epoch``."""
+
+
+class Plan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """New placement rows for some layers, applied on top of placement ``base_epoch``.
+
+    Every agent derives the same global transfer schedule from (its maps, these rows).
+    """
+
+    plan_id: int
+    base_epoch: int
+    layers: list[int]
+    phy2log: NDArray
+    """``[len(layers), P]`` int64."""
+
+
+class Staged(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    rank: int
+    plan_id: int
+    bytes_received: int
+    duration_s: float
+
+
+class Failed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """The agent could not stage plan ``plan_id`` (invalid, busy, transport error)."""
+
+    rank: int
+    plan_id: int
+    reason: str
+
+
+class VoteNow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    plan_id: int
+
+
+class Committed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    rank: int
+    plan_id: int
+    commit_step: int
+    epoch: int
+    stall_s: float
+
+
+class Aborted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """The agent dropped plan ``plan_id`` with its maps untouched."""
+
+    rank: int
+    plan_id: int
+    reason: str
+
+
+class AbortPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    plan_id: int
+    reason: str
+
+
+class Goodbye(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    rank: int
+    reason: str
+
+
+class StatusRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    pass
+
+
+class StatusReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    status_json: bytes
+    """The coordinator's status document (JSON), see ``coordinator.status``."""
+
+
+Message = Union[
+    Hello, Welcome, Reject, CommInit, Heartbeat, LoadReport, Plan, Staged, Failed, VoteNow,
+    Committed, Aborted, AbortPlan, Goodbye, StatusRequest, StatusReply,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one frame; raise :class:`ProtocolError` naming what was wrong."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES}")
+    try:
+        return _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through as UnicodeDecodeError
+        raise ProtocolError(f"undecodable frame: {exc}") from None
+
+
+def json_schema() -> dict:
+    """The language-neutral schema of every message (written to ``proto/schema.json``)."""
+    return msgspec.json.schema(Message)

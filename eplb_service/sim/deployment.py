@@ -1,0 +1,201 @@
+"""The simulated deployment: the real coordinator plus N real agent processes on CPU.
+
+``eplb-coordinator --dp 8 --simulate`` runs this: the coordinator on this process's
+event loop, one spawned process per EP rank running :mod:`.serving_loop` with its
+agent, live progress while it runs, and a summary (JSON, optional PNG) at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.server import Coordinator
+from eplb_service.placement import model_balancedness
+from eplb_service.sim.serving_loop import RankSpec, run_rank
+from eplb_service.sim.workload import SimModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    world_size: int = 8
+    steps: int = 1500
+    seed: int = 0
+    model: SimModelConfig = SimModelConfig()
+    summary_json: str | None = None
+    plot: str | None = None
+    progress_interval_s: float = 2.0
+    timeout_s: float = 900.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measured_balancedness(recv_counts: np.ndarray, begin: int, end: int) -> float:
+    """Balancedness of the tokens ranks really processed in steps ``[begin, end)``.
+
+    ``recv_counts``: ``[ranks, steps, L]``; per layer, load per rank summed over the
+    steps, then sum of means / sum of maxes as in :func:`model_balancedness`.
+    """
+    window = recv_counts[:, begin:end, :].sum(axis=1)  # [ranks, L]
+    return model_balancedness(window.T)
+
+
+def simulation_config(opts: SimulationOptions, base: CoordinatorConfig | None, endpoint: str) -> CoordinatorConfig:
+    """Coordinator settings scaled to a short CPU run unless the caller chose others."""
+    if base is None:
+        return CoordinatorConfig(world_size=opts.world_size, endpoint=endpoint, rebalance_interval_steps=100,
+                                 min_window_steps=40, load_half_life_steps=100, min_gain=0.01)
+    return base.replace(world_size=opts.world_size, endpoint=endpoint)
+
+
+async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
+    coordinator = Coordinator(cfg)
+    server = asyncio.create_task(coordinator.serve())
+    await coordinator.ready.wait()
+    ctx = mp.get_context("spawn")
+    results, progress = ctx.Queue(), ctx.Queue()
+    serving_port = _free_port()
+    from torch.distributed import TCPStore  # the serving group's store, distinct from the agents'
+    import datetime
+    serving_store = TCPStore("127.0.0.1", serving_port, opts.world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    procs = [ctx.Process(target=run_rank, name=f"sim-rank-{r}", args=(
+        RankSpec(rank=r, world_size=opts.world_size, steps=opts.steps, seed=opts.seed, model=opts.model,
+                 coordinator_endpoint=cfg.endpoint, serving_store_port=serving_port), results, progress))
+        for r in range(opts.world_size)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    collected: list[dict] = []
+    last_progress, step, mismatches = 0.0, 0, 0
+    try:
+        while len(collected) < opts.world_size:
+            await asyncio.sleep(0.1)
+            while True:
+                try:
+                    _, step, mismatches = progress.get_nowait()
+                except queue.Empty:
+                    break
+            while True:
+                try:
+                    collected.append(results.get_nowait())
+                except queue.Empty:
+                    break
+            now = time.monotonic()
+            if now - last_progress >= opts.progress_interval_s:
+                last_progress = now
+                bal = coordinator.current_balancedness()
+                c = coordinator.counts
+                if coordinator.epoch < 0:
+                    log.info("starting: %d/%d agents registered", len(coordinator.registry.alive), opts.world_size)
+                    continue
+                log.info("step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d | mismatches %d",
+                         step, opts.steps, f"{bal[0]:.3f}" if bal else "n/a", c["committed"], c["aborted"],
+                         coordinator.bytes_moved_total / 2**20, coordinator.epoch, mismatches)
+            if now - t0 > opts.timeout_s:
+                raise TimeoutError(f"simulation did not finish within {opts.timeout_s}s")
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead and len(collected) < opts.world_size:
+                await asyncio.sleep(1.0)
+                while True:
+                    try:
+                        collected.append(results.get_nowait())
+                    except queue.Empty:
+                        break
+                if len(collected) < opts.world_size:
+                    raise RuntimeError(f"rank processes died: {[(p.name, p.exitcode) for p in dead]}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        wall = time.monotonic() - t0
+        coordinator.stop()
+        await server
+        del serving_store
+    return _summary(opts, coordinator, sorted(collected, key=lambda r: r["rank"]), wall)
+
+
+def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict], wall_s: float) -> dict:
+    recv = np.array([r["recv_counts"] for r in ranks])
+    tenth = max(1, opts.steps // 10)
+    commits = [o for o in coordinator.outcomes if o.phase == "committed"]
+    placements = {json.dumps(r["phy2log"]) for r in ranks}
+    return {
+        "ranks": opts.world_size, "steps": opts.steps, "seed": opts.seed, "wall_s": round(wall_s, 2),
+        "committed": coordinator.counts["committed"], "aborted": coordinator.counts["aborted"],
+        "diverged": coordinator.counts["diverged"], "skipped_no_gain": coordinator.counts["skipped"],
+        "output_mismatches": int(sum(r["mismatches"] for r in ranks)),
+        "balancedness_initial": round(measured_balancedness(recv, 0, tenth), 4),
+        "balancedness_final": round(measured_balancedness(recv, opts.steps - tenth, opts.steps), 4),
+        "bytes_moved": coordinator.bytes_moved_total, "experts_moved": coordinator.experts_moved_total,
+        "final_epoch": coordinator.epoch, "maps_identical_on_all_ranks": len(placements) == 1,
+        "commit_steps": [o.commit_step for o in commits],
+        "commit_stall_max_us": round(max(r["commit_stall_max_us"] for r in ranks), 1),
+        "step_time_p50_ms": round(float(np.median([r["step_time_p50_ms"] for r in ranks])), 3),
+        "step_time_p99_ms": round(float(max(r["step_time_p99_ms"] for r in ranks)), 3),
+        "errors": [r["error"] for r in ranks if r["error"]],
+        "model": asdict(opts.model),
+        "_recv_counts": recv,
+    }
+
+
+def plot_balancedness(summary: dict, recv: np.ndarray, path: str, block: int = 20) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = recv.shape[1]
+    xs, ys = [], []
+    for begin in range(0, steps - block + 1, block):
+        xs.append(begin + block / 2)
+        ys.append(measured_balancedness(recv, begin, begin + block))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(xs, ys, label=f"measured balancedness ({block}-step blocks)")
+    for i, step in enumerate(summary["commit_steps"]):
+        ax.axvline(step, color="tab:green", alpha=0.4, lw=1, label="commit" if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean / max rank load")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"eplb-service simulation: {summary['ranks']} ranks, seed {summary['seed']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_simulation(opts: SimulationOptions, base: CoordinatorConfig | None = None) -> dict:
+    """Run the whole simulated deployment; returns the summary (also written if asked)."""
+    with tempfile.TemporaryDirectory(prefix="eplb-sim-") as tmp:
+        endpoint = f"ipc://{tmp}/coordinator.sock"
+        cfg = simulation_config(opts, base, endpoint)
+        try:
+            import uvloop
+            runner = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            runner = asyncio.run
+        summary = runner(_run(opts, cfg))
+    recv = summary.pop("_recv_counts")
+    if opts.summary_json:
+        with open(opts.summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if opts.plot:
+        plot_balancedness(summary, recv, opts.plot)
+    return summary

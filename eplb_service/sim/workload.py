@@ -1,0 +1,55 @@
+"""Skewed, drifting expert popularity and the fixed expert weights of the simulation.
+
+Every rank computes the same popularity for the same step (it depends only on the
+seed, the layer and the step), so the deployment sees one global distribution while
+each rank samples its own tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SimModelConfig:
+    """Shape of the simulated MoE stack; defaults fit 8 ranks on a 2-core machine."""
+
+    num_layers: int = 4
+    num_logical: int = 32
+    num_redundant: int = 8
+    hidden: int = 16
+    tokens_per_rank: int = 32
+    top_k: int = 2
+    zipf_exponent: float = 1.2
+    drift_interval_steps: int = 250
+    drift_swaps: int = 6
+    """Pairs of experts whose popularity swaps at every drift point, per layer."""
+
+
+def popularity(cfg: SimModelConfig, seed: int, layer: int, step: int) -> np.ndarray:
+    """``[N_log]`` probabilities: Zipf over a permutation that drifts every interval."""
+    rng = np.random.default_rng([seed, layer, 0])
+    order = rng.permutation(cfg.num_logical)
+    for drift in range(1, step // cfg.drift_interval_steps + 1):
+        drift_rng = np.random.default_rng([seed, layer, drift])
+        for _ in range(cfg.drift_swaps):
+            a, b = drift_rng.integers(0, cfg.num_logical, size=2)
+            order[[a, b]] = order[[b, a]]
+    weights = np.empty(cfg.num_logical)
+    weights[order] = 1.0 / np.arange(1, cfg.num_logical + 1) ** cfg.zipf_exponent
+    return weights / weights.sum()
+
+
+def expert_weights(cfg: SimModelConfig, seed: int, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed ``(W [H, H], b [H])`` of logical expert ``expert``: small integers as float32.
+
+    Integer values keep every product and sum exact in float32, so the serving path and
+    the reference agree bit for bit exactly when the right expert was used.
+    """
+    gen = torch.Generator().manual_seed(((seed * 1009 + layer) * 100003 + expert) & 0x7FFFFFFF)
+    w = torch.randint(-2, 3, (cfg.hidden, cfg.hidden), generator=gen).to(torch.float32)
+    b = torch.randint(-4, 5, (cfg.hidden,), generator=gen).to(torch.float32)
+    return w, b

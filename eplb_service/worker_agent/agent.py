@@ -1,0 +1,418 @@
+"""The worker agent: its background thread, and the object the host process holds.
+
+One agent per EP rank. The host (vLLM plugin or the simulated serving loop) builds an
+:class:`~.expert_model.ExpertModel`, creates a :class:`WorkerAgent`, calls ``start()``,
+and from then on calls ``agent.hooks.before_step()`` / ``agent.hooks.after_step(load)``
+from its serving loop. Everything else — the DEALER socket, the side communicator, the
+staging, the vote — happens on the agent's own thread.
+
+Plan life on an agent: ``Plan`` → validate → build the global schedule → stage (local
+copies, chunked remote exchange, duplicates) → ``Staged`` → ``VoteNow`` → vote on the
+side communicator with (entry step, ok) → the serving thread commits at step ``S`` or
+drops the plan → ``Committed`` / ``Aborted``. At any failure the maps stay untouched.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from eplb_service import protocol as P
+from eplb_service.logutil import rank_logger
+from eplb_service.placement import PlacementError, validate_phy2log
+from eplb_service.worker_agent.expert_model import ExpertModel
+from eplb_service.worker_agent.schedule import build_schedule
+from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
+from eplb_service.worker_agent.staging import StagingArea, prepare_commit
+from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
+
+
+class PlanAborted(Exception):
+    """Staging stopped because the coordinator aborted the plan."""
+
+
+class WorkerAgent:
+    """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``."""
+
+    def __init__(self, model: ExpertModel, endpoint: str, transport: Transport, *,
+                 ranks_per_node: int | None = None, hello_interval_s: float = 0.5,
+                 staged_timeout_s: float = 60.0, curve_keys: dict | None = None) -> None:
+        self.model = model
+        self.rank = model.rank
+        self.endpoint = endpoint
+        self.transport = transport
+        self.ranks_per_node = ranks_per_node
+        self.hello_interval_s = hello_interval_s
+        self.staged_timeout_s = staged_timeout_s
+        self.config = P.AgentConfig()
+        self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps, self.config.fence_timeout_s)
+        self.log = rank_logger(__name__, self.rank)
+        self.phy2log_host = model.phy2log.detach().cpu().numpy().astype(np.int64).copy()
+        self.shape = model.shape
+        self.bytes_per_expert = model.bytes_per_expert
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: zmq.Socket | None = None
+        self._ctx: zmq.Context | None = None
+        self._welcomed = False
+        self._rejected_reason: str | None = None
+        self._next_hello = 0.0
+        self._next_heartbeat = 0.0
+        self._inbox: collections.deque = collections.deque()
+        # current plan batch
+        self._plan: P.Plan | None = None
+        self._plan_rows: np.ndarray | None = None
+        self._area: StagingArea | None = None
+        self._ticket: CommitTicket | None = None
+        self._staged_at = 0.0
+        self._abort_requested: int | None = None
+        self.stats = collections.Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "WorkerAgent":
+        self._thread = threading.Thread(target=self._run, name=f"eplb-agent-{self.rank}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def welcomed(self) -> bool:
+        return self._welcomed
+
+    # -- the thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}".encode())
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
+        try:
+            while not self._stop.is_set():
+                self._tick(poll_ms=5)
+        except Exception:
+            self.log.exception("agent thread failed; serving continues with the current maps")
+        finally:
+            self._shutdown()
+
+    def _tick(self, poll_ms: int) -> None:
+        now = time.monotonic()
+        if not self._welcomed and now >= self._next_hello and self._rejected_reason is None:
+            self._send(self._hello())
+            self._next_hello = now + self.hello_interval_s
+        self._receive(poll_ms)
+        while self._inbox:
+            self._handle(self._inbox.popleft())
+        self._flush_load_reports()
+        self._check_ticket()
+        if self._plan is not None and self._ticket is None and now - self._staged_at > self.staged_timeout_s and self._staged_at:
+            self._drop_plan(f"no vote within staged_timeout_s={self.staged_timeout_s}")
+        if self._welcomed and now >= self._next_heartbeat:
+            gen = getattr(self.transport, "generation", -1) if self.transport.connected else -1
+            self._send(P.Heartbeat(rank=self.rank, step=self.hooks.steps_done, epoch=self.hooks.epoch, comm_generation=gen))
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+
+    def _shutdown(self) -> None:
+        if self._ticket is None and self._plan is not None:
+            self._drop_plan("agent stopping")
+        try:
+            if self._sock is not None:
+                if self._welcomed:
+                    self._send(P.Goodbye(rank=self.rank, reason="agent stopped"))
+                self._sock.close(linger=200)
+        finally:
+            self.transport.abort()
+            if self._ctx is not None:
+                self._ctx.term()
+        self.log.info("agent stopped")
+
+    # -- messaging ---------------------------------------------------------------------
+
+    def _send(self, message: P.Message) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send(P.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats["send_dropped"] += 1
+
+    def _receive(self, poll_ms: int) -> None:
+        sock = self._sock
+        if not sock.poll(poll_ms, zmq.POLLIN):
+            return
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = P.decode(frame)
+            except P.ProtocolError as exc:
+                self.stats["bad_messages"] += 1
+                self.log.error("dropped a bad message from the coordinator: %s", exc)
+                continue
+            if isinstance(message, P.AbortPlan):
+                self._abort_requested = message.plan_id
+            self._inbox.append(message)
+
+    def _hello(self) -> P.Hello:
+        shape = self.shape
+        return P.Hello(
+            protocol_version=P.PROTOCOL_VERSION, rank=self.rank,
+            model=P.ModelShape(num_layers=shape.num_layers, num_logical=shape.num_logical,
+                               num_physical=shape.num_physical, num_ranks=shape.num_ranks,
+                               bytes_per_expert=self.bytes_per_expert),
+            phy2log=P.NDArray.from_numpy(self.phy2log_host), epoch=self.hooks.epoch,
+            step=self.hooks.steps_done, transport=self.transport.name,
+            node=socket.gethostname(), pid=os.getpid(),
+        )
+
+    def _handle(self, message: P.Message) -> None:
+        if isinstance(message, P.Welcome):
+            self._on_welcome(message)
+        elif isinstance(message, P.Reject):
+            self._on_reject(message)
+        elif isinstance(message, P.CommInit):
+            self._connect(message)
+        elif isinstance(message, P.Plan):
+            self._on_plan(message)
+        elif isinstance(message, P.VoteNow):
+            self._on_vote(message)
+        elif isinstance(message, P.AbortPlan):
+            self._on_abort(message)
+        else:
+            self.log.warning("ignored unexpected %s from the coordinator", type(message).__name__)
+
+    def _on_welcome(self, msg: P.Welcome) -> None:
+        self.config = msg.config
+        hooks = self.hooks
+        hooks.report_interval_steps = msg.config.report_interval_steps
+        hooks.fence_steps = msg.config.fence_steps
+        hooks.fence_timeout_s = msg.config.fence_timeout_s
+        self._welcomed = True
+        self.log.info("welcomed by the coordinator (epoch %d, step %d)", hooks.epoch, hooks.steps_done)
+        if msg.comm is not None:
+            self._connect(msg.comm)
+
+    def _on_reject(self, msg: P.Reject) -> None:
+        if msg.reason.startswith("unknown agent"):
+            self._welcomed = False  # the coordinator restarted: register again
+            self._next_hello = 0.0
+            return
+        self._rejected_reason = msg.reason
+        self._welcomed = False
+        self.log.error("coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason)
+
+    def _connect(self, comm: P.CommInit) -> None:
+        if self._ticket is not None or self._plan is not None:
+            self._drop_plan(f"side communicator rebuilt (generation {comm.generation})")
+        t0 = time.monotonic()
+        try:
+            self.transport.connect(comm, self.rank, self.config.transport_timeout_s)
+        except TransportError as exc:
+            self.log.error("could not build the side communicator: %s", exc)
+            return
+        self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name, time.monotonic() - t0)
+
+    # -- load reports --------------------------------------------------------------------
+
+    def _flush_load_reports(self) -> None:
+        hooks = self.hooks
+        while hooks.snapshots:
+            snap = hooks.snapshots[0]
+            if snap.event is not None and not snap.event.query():
+                return
+            hooks.snapshots.popleft()
+            counts = hooks.host_buffers[snap.buffer_index].numpy().copy()
+            hooks.free_buffers.append(snap.buffer_index)
+            if self._welcomed:
+                self._send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin,
+                                        step_end=snap.step_end, slot_load=P.NDArray.from_numpy(counts)))
+
+    # -- plans -------------------------------------------------------------------------
+
+    def _validate_plan(self, plan: P.Plan) -> np.ndarray:
+        shape = self.shape
+        if plan.base_epoch != self.hooks.epoch:
+            raise PlacementError(f"plan {plan.plan_id} is for epoch {plan.base_epoch}, this rank is at epoch {self.hooks.epoch}")
+        rows = plan.phy2log.to_numpy("plan.phy2log")
+        layers = list(plan.layers)
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= shape.num_layers:
+            raise PlacementError(f"plan {plan.plan_id}: layers {layers} must be distinct and in [0, {shape.num_layers})")
+        if rows.shape != (len(layers), shape.num_physical):
+            raise PlacementError(f"plan {plan.plan_id}: phy2log shape {rows.shape}, expected {(len(layers), shape.num_physical)}")
+        full = self.phy2log_host.copy()
+        full[layers] = rows
+        validate_phy2log(full, shape)
+        width = int(self.model.log2phy.shape[2])
+        max_replicas = int(np.bincount(rows.ravel().astype(np.int64) + np.repeat(np.arange(len(layers)) * shape.num_logical, shape.num_physical)).max())
+        if max_replicas > width:
+            raise PlacementError(f"plan {plan.plan_id}: an expert gets {max_replicas} replicas, more than the map width {width}")
+        return rows.astype(np.int64)
+
+    def _on_plan(self, plan: P.Plan) -> None:
+        if self._plan is not None:
+            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"busy with plan {self._plan.plan_id}"))
+            return
+        try:
+            rows = self._validate_plan(plan)
+        except (PlacementError, P.ProtocolError) as exc:
+            self.stats["plans_rejected"] += 1
+            self.log.error("rejected plan %d: %s", plan.plan_id, exc)
+            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=str(exc)))
+            return
+        if not self.transport.connected:
+            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason="side communicator not connected"))
+            return
+        self._plan, self._plan_rows, self._abort_requested = plan, rows, None
+        t0 = time.monotonic()
+        try:
+            received = self._stage(plan, rows)
+        except PlanAborted:
+            return
+        except (TransportError, RuntimeError) as exc:
+            self.log.error("staging plan %d failed: %s", plan.plan_id, exc)
+            self.transport.abort()
+            self._plan = self._area = self._plan_rows = None
+            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"staging failed: {exc}"))
+            return
+        self._staged_at = time.monotonic()
+        self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0))
+
+    def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
+        """Fill this rank's staging rows; returns bytes received from other ranks."""
+        layers = list(plan.layers)
+        schedule = build_schedule(self.phy2log_host[layers], rows, self.shape.num_ranks, self.ranks_per_node)
+        work = schedule.per_rank[self.rank]
+        area = self._area = StagingArea(self.model, work)
+        weights = self.model.expert_weights
+        transport = self.transport
+        for copy in work.local:
+            for k, live in enumerate(weights[layers[copy.layer]]):
+                transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
+        cfg = self.config
+        bpe = self.bytes_per_expert
+        received = sent = 0
+        started = time.monotonic()
+        for begin, end in schedule.chunks(cfg.max_ops_per_group, cfg.chunk_bytes, bpe):
+            ops: list[P2POp] = []
+            for index in range(begin, end):
+                op = schedule.remote[index]
+                if op.src_rank == self.rank:
+                    src = weights[layers[op.layer]]
+                    ops.extend(P2POp(True, t[op.src_row], op.dst_rank, index * len(src) + k) for k, t in enumerate(src))
+                    sent += bpe
+                elif op.dst_rank == self.rank:
+                    ops.extend(P2POp(False, buf[op.dst_staging], op.src_rank, index * len(area.rows) + k) for k, buf in enumerate(area.rows))
+                    received += bpe
+            if ops:
+                transport.exchange(ops)
+            self._receive(0)
+            if self._abort_requested == plan.plan_id:
+                self._drop_plan("aborted by the coordinator during staging")
+                raise PlanAborted()
+            if cfg.throttle_bytes_per_s > 0:
+                lag = started + max(sent, received) / cfg.throttle_bytes_per_s - time.monotonic()
+                if lag > 0:
+                    time.sleep(lag)
+        for dup in work.duplicates:
+            for buf in area.rows:
+                transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])
+        transport.synchronize()
+        self.stats["bytes_received"] += received
+        return received
+
+    def _on_vote(self, msg: P.VoteNow) -> None:
+        """Enter the commit vote: one small MAX all-reduce of (entry step, fail, plan id)."""
+        ready = self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None and self._ticket is None
+        ticket = None
+        hooks = self.hooks
+        if ready:
+            action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
+            ticket = CommitTicket(action=action)
+            hooks.ticket = ticket
+            entry = hooks.steps_done
+            ticket.vote_entry_step = entry
+            # If the serving thread passed entry+F before it could see the entry, this rank
+            # cannot honour the fence: vote "fail" so that no rank commits.
+            fail = 1 if hooks.steps_done >= entry + hooks.fence_steps else 0
+            self._ticket = ticket
+        else:
+            entry, fail = hooks.steps_done, 1
+        if not self.transport.connected:
+            if ticket is not None:  # the serving thread drops it; _check_ticket reports
+                ticket.vote_ok = False
+                ticket.decided.set()
+            else:
+                self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="side communicator not connected at vote"))
+            return
+        try:
+            result = self.transport.max_reduce(np.array([entry, fail, msg.plan_id, -msg.plan_id], dtype=np.int64))
+        except TransportError as exc:
+            self.log.error("vote for plan %d failed: %s", msg.plan_id, exc)
+            self.transport.abort()
+            if ticket is not None:
+                ticket.vote_ok = False
+                ticket.decided.set()
+            else:
+                self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason=f"vote failed: {exc}"))
+            return
+        ok = int(result[1]) == 0 and int(result[2]) == msg.plan_id and int(result[3]) == -msg.plan_id
+        if ticket is None:
+            self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="vote arrived for a plan this rank has not staged"))
+            return
+        ticket.commit_step = int(result[0]) + hooks.fence_steps
+        ticket.vote_ok = ok
+        ticket.decided.set()
+
+    def _check_ticket(self) -> None:
+        ticket = self._ticket
+        if ticket is None or not ticket.finished.is_set():
+            return
+        plan = self._plan
+        self._ticket = None
+        if ticket.outcome == "committed":
+            self.phy2log_host[list(plan.layers)] = self._plan_rows
+            self.stats["committed"] += 1
+            self.log.info("committed plan %d at step %d (epoch %d, stall %.1f us)", plan.plan_id, ticket.outcome_step, self.hooks.epoch, ticket.stall_s * 1e6)
+            self._send(P.Committed(rank=self.rank, plan_id=plan.plan_id, commit_step=ticket.outcome_step, epoch=self.hooks.epoch, stall_s=ticket.stall_s))
+        else:
+            self.stats["aborted"] += 1
+            self.log.warning("plan %d not committed: %s at step %d; maps untouched", plan.plan_id, ticket.outcome, ticket.outcome_step)
+            if ticket.outcome in ("fence_timeout", "missed_commit_step"):
+                self.transport.abort()  # the vote may still be pending: make sure it can never land
+            self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=ticket.outcome or "unknown"))
+        self._plan = self._area = self._plan_rows = None
+        self._staged_at = 0.0
+
+    def _on_abort(self, msg: P.AbortPlan) -> None:
+        if self._plan is None or self._plan.plan_id != msg.plan_id:
+            return
+        if self._ticket is not None:
+            return  # the vote decides now; its outcome is reported when the ticket finishes
+        self._drop_plan(f"aborted by the coordinator: {msg.reason}")
+
+    def _drop_plan(self, reason: str) -> None:
+        plan = self._plan
+        if plan is None:
+            return
+        self._plan = self._area = self._plan_rows = None
+        self._staged_at = 0.0
+        self.stats["aborted"] += 1
+        self.log.warning("dropped plan %d: %s; maps untouched", plan.plan_id, reason)
+        self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=reason))

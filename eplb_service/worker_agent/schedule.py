@@ -1,0 +1,165 @@
+"""The global transfer schedule: pure function of (old placement, new placement).
+
+Every agent computes the *same* schedule from the same inputs, so nothing per-rank
+travels with a plan and every rank issues its send/recv ops in the same global order
+(the order is what keeps batched NCCL groups from splitting differently across ranks).
+
+For each layer of a plan, every slot whose logical expert changes gets one staging row
+on its rank. A staging row is filled, in order of preference:
+
+1. ``LocalCopy``: the rank already holds the expert in another (old) slot;
+2. ``DuplicateCopy``: the rank receives the expert once for an earlier staging row of
+   the same plan layer and copies it to this one;
+3. ``RemoteCopy``: a send/recv from a rank that holds the expert in the old placement,
+   preferring one on the same node, then the holder with the fewest sends so far
+   (ties: lowest rank), which spreads senders deterministically.
+
+All sources are read from *live* rows before the commit, so a slot that is itself
+overwritten by the plan can still be a source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StagingRow:
+    """One staging row on ``rank``: it will replace live row ``dst_row`` of ``layer``."""
+
+    index: int
+    """Position in this rank's staging area (per plan)."""
+    layer: int
+    """Index into the plan's layer list (not the model layer id)."""
+    dst_row: int
+    expert: int
+
+
+@dataclass(frozen=True)
+class RemoteCopy:
+    """One send/recv op; its position in :attr:`TransferSchedule.remote` is its global order."""
+
+    layer: int
+    expert: int
+    src_rank: int
+    src_row: int
+    dst_rank: int
+    dst_staging: int
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    layer: int
+    src_row: int
+    dst_staging: int
+
+
+@dataclass(frozen=True)
+class DuplicateCopy:
+    src_staging: int
+    dst_staging: int
+
+
+@dataclass
+class RankWork:
+    """What one rank does for a plan, derived from the global schedule."""
+
+    rank: int
+    staging: list[StagingRow] = field(default_factory=list)
+    local: list[LocalCopy] = field(default_factory=list)
+    duplicates: list[DuplicateCopy] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TransferSchedule:
+    slots_per_rank: int
+    remote: tuple[RemoteCopy, ...]
+    """Every cross-rank op of the plan, in the global order all ranks follow."""
+    per_rank: tuple[RankWork, ...]
+
+    def chunks(self, max_ops: int, max_bytes: int, bytes_per_expert: int) -> list[tuple[int, int]]:
+        """Cut :attr:`remote` into ``[begin, end)`` ranges, the same on every rank.
+
+        A chunk holds at most ``max_ops`` ops and moves at most ``max_bytes`` into any
+        one rank or out of it (at least one op per chunk, whatever its size).
+        """
+        bounds: list[tuple[int, int]] = []
+        begin = 0
+        sent: dict[int, int] = {}
+        received: dict[int, int] = {}
+        for i, op in enumerate(self.remote):
+            over_bytes = (
+                sent.get(op.src_rank, 0) + bytes_per_expert > max_bytes
+                or received.get(op.dst_rank, 0) + bytes_per_expert > max_bytes
+            )
+            if i > begin and (i - begin >= max_ops or over_bytes):
+                bounds.append((begin, i))
+                begin, sent, received = i, {}, {}
+            sent[op.src_rank] = sent.get(op.src_rank, 0) + bytes_per_expert
+            received[op.dst_rank] = received.get(op.dst_rank, 0) + bytes_per_expert
+        if begin < len(self.remote):
+            bounds.append((begin, len(self.remote)))
+        return bounds
+
+
+def build_schedule(
+    old_phy2log: np.ndarray,
+    new_phy2log: np.ndarray,
+    num_ranks: int,
+    ranks_per_node: int | None = None,
+) -> TransferSchedule:
+    """Derive the global schedule for the plan layers.
+
+    Args:
+        old_phy2log: ``[n, P]`` live placement of the plan's ``n`` layers.
+        new_phy2log: ``[n, P]`` placement after the commit.
+        num_ranks: EP ranks; divides ``P``.
+        ranks_per_node: ranks on one node, to prefer same-node sources; ``None`` = one node.
+    """
+    old = np.asarray(old_phy2log, dtype=np.int64)
+    new = np.asarray(new_phy2log, dtype=np.int64)
+    if old.shape != new.shape or old.ndim != 2:
+        raise ValueError(f"old placement {old.shape} and new placement {new.shape} must both be [layers, physical]")
+    num_layers, num_physical = old.shape
+    if num_physical % num_ranks:
+        raise ValueError(f"num_ranks={num_ranks} must divide num_physical={num_physical}")
+    spr = num_physical // num_ranks
+    rpn = ranks_per_node or num_ranks
+    per_rank = [RankWork(rank=r) for r in range(num_ranks)]
+    remote: list[RemoteCopy] = []
+    sends_so_far = [0] * num_ranks
+
+    for layer in range(num_layers):
+        old_by_rank = old[layer].reshape(num_ranks, spr)
+        # first live row holding each expert, per rank (-1 if none)
+        holders: dict[int, dict[int, int]] = {}
+        for rank in range(num_ranks):
+            for row in range(spr - 1, -1, -1):
+                holders.setdefault(int(old_by_rank[rank, row]), {})[rank] = row
+        changed = np.nonzero(old[layer] != new[layer])[0]
+        received_here: dict[tuple[int, int], int] = {}  # (dst_rank, expert) -> staging index
+        for slot in changed.tolist():
+            dst_rank, dst_row = divmod(slot, spr)
+            expert = int(new[layer, slot])
+            work = per_rank[dst_rank]
+            staging = StagingRow(index=len(work.staging), layer=layer, dst_row=dst_row, expert=expert)
+            work.staging.append(staging)
+            expert_holders = holders.get(expert, {})
+            if dst_rank in expert_holders:
+                work.local.append(LocalCopy(layer=layer, src_row=expert_holders[dst_rank], dst_staging=staging.index))
+                continue
+            first = received_here.get((dst_rank, expert))
+            if first is not None:
+                work.duplicates.append(DuplicateCopy(src_staging=first, dst_staging=staging.index))
+                continue
+            if not expert_holders:
+                raise ValueError(f"layer {layer}: expert {expert} has no replica in the old placement to copy from")
+            same_node = [r for r in expert_holders if r // rpn == dst_rank // rpn]
+            candidates = same_node or list(expert_holders)
+            src_rank = min(candidates, key=lambda r: (sends_so_far[r], r))
+            sends_so_far[src_rank] += 1
+            remote.append(RemoteCopy(layer=layer, expert=expert, src_rank=src_rank, src_row=expert_holders[src_rank], dst_rank=dst_rank, dst_staging=staging.index))
+            received_here[(dst_rank, expert)] = staging.index
+    return TransferSchedule(slots_per_rank=spr, remote=tuple(remote), per_rank=tuple(per_rank))

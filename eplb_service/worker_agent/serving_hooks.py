@@ -1,0 +1,176 @@
+"""Everything the serving thread runs. Nothing else of the agent ever runs there.
+
+Cost per step, by construction: one in-place ``add_`` of the step's load into a device
+accumulator and an integer increment; every ``report_interval_steps`` steps one
+non-blocking device→host copy into a free pre-allocated (pinned on CUDA) buffer plus an
+event record and a ``zero_``. No host/device synchronisation, no collective, no tensor
+allocation, no lock. The only wait is the bounded fence (see ``before_step``).
+
+Hand-off with the agent thread is lock-free: every field below has exactly one writer,
+and a :class:`CommitTicket` moves through its states in one direction. CPython's GIL
+makes each attribute read and write atomic and ordered.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from eplb_service.worker_agent.expert_model import ExpertModel
+
+
+@dataclass
+class CommitAction:
+    """Prepared off the serving path; applying it is a handful of in-place copies."""
+
+    plan_id: int
+    weight_copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    """``(live [spr, ...], dst_rows [n] int64, staged [n, ...])``: ``live[dst_rows] = staged``."""
+    layer_index: torch.Tensor
+    phy2log_rows: torch.Tensor
+    log2phy_rows: torch.Tensor
+    logcnt_rows: torch.Tensor
+
+
+@dataclass
+class CommitTicket:
+    """One plan batch on its way through the vote and the commit.
+
+    Writers: the agent thread sets ``vote_entry_step``, then ``commit_step``/``vote_ok``
+    followed by ``decided.set()``; the serving thread sets ``outcome`` (and the step and
+    stall) followed by ``finished.set()``.
+    """
+
+    action: CommitAction
+    vote_entry_step: int | None = None
+    commit_step: int | None = None
+    vote_ok: bool = False
+    decided: threading.Event = field(default_factory=threading.Event)
+    outcome: str | None = None
+    """``committed``, ``vote_failed``, ``fence_timeout`` or ``missed_commit_step``."""
+    outcome_step: int = -1
+    stall_s: float = 0.0
+    fence_wait_s: float = 0.0
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class LoadSnapshot:
+    buffer_index: int
+    epoch: int
+    step_begin: int
+    step_end: int
+    event: object | None
+
+
+class ServingHooks:
+    """The per-step hooks called from the serving loop (``before_step``, ``after_step``)."""
+
+    def __init__(self, model: ExpertModel, report_interval_steps: int = 10, fence_steps: int = 8,
+                 fence_timeout_s: float = 5.0, num_host_buffers: int = 4) -> None:
+        if report_interval_steps <= 0 or fence_steps <= 0 or fence_timeout_s <= 0:
+            raise ValueError(
+                f"report_interval_steps={report_interval_steps}, fence_steps={fence_steps} and "
+                f"fence_timeout_s={fence_timeout_s} must all be positive"
+            )
+        self.model = model
+        self.report_interval_steps = report_interval_steps
+        self.fence_steps = fence_steps
+        self.fence_timeout_s = fence_timeout_s
+        self.steps_done = 0
+        """Non-profile steps completed: the deployment-wide step clock."""
+        self.epoch = 0
+        """Placement epoch: commits applied on this rank."""
+        self.ticket: CommitTicket | None = None
+        device = model.device
+        self.load_acc = torch.zeros(tuple(model.phy2log.shape), dtype=torch.int64, device=device)
+        pinned = device.type == "cuda"
+        self.host_buffers = [
+            torch.zeros(tuple(model.phy2log.shape), dtype=torch.int64, pin_memory=pinned)
+            for _ in range(num_host_buffers)
+        ]
+        self._events = [torch.cuda.Event() if pinned else None for _ in range(num_host_buffers)]
+        self.free_buffers: collections.deque[int] = collections.deque(range(num_host_buffers))
+        self.snapshots: collections.deque[LoadSnapshot] = collections.deque()
+        self._acc_begin = 0
+        self.dropped_windows = 0
+        self.last_stall_s = 0.0
+        self.max_stall_s = 0.0
+
+    # -- the two hooks -------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """At the boundary before step ``steps_done``: fence, then commit if it is step S."""
+        ticket = self.ticket
+        if ticket is None or ticket.vote_entry_step is None:
+            return
+        step = self.steps_done
+        if not ticket.decided.is_set():
+            if step < ticket.vote_entry_step + self.fence_steps:
+                return
+            t0 = time.perf_counter()
+            known = ticket.decided.wait(self.fence_timeout_s)
+            ticket.fence_wait_s = time.perf_counter() - t0
+            if not known:
+                self._finish(ticket, "fence_timeout", step)
+                return
+        if not ticket.vote_ok:
+            self._finish(ticket, "vote_failed", step)
+        elif step == ticket.commit_step:
+            t0 = time.perf_counter()
+            self._apply(ticket.action)
+            ticket.stall_s = self.last_stall_s = time.perf_counter() - t0
+            self.max_stall_s = max(self.max_stall_s, ticket.stall_s)
+            self._finish(ticket, "committed", step)
+        elif step > ticket.commit_step:  # cannot happen while the fence holds; never apply late
+            self._finish(ticket, "missed_commit_step", step)
+
+    def after_step(self, load_pass: torch.Tensor | None) -> None:
+        """After a non-profile step: fold in its load ``[L, P]`` and advance the clock."""
+        if load_pass is not None:
+            self.load_acc.add_(load_pass)
+        self.steps_done += 1
+        if self.steps_done - self._acc_begin >= self.report_interval_steps:
+            self._snapshot()
+
+    # -- internals (serving thread) --------------------------------------------------
+
+    def _finish(self, ticket: CommitTicket, outcome: str, step: int) -> None:
+        ticket.outcome = outcome
+        ticket.outcome_step = step
+        self.ticket = None
+        ticket.finished.set()
+
+    def _snapshot(self) -> None:
+        if self.steps_done == self._acc_begin:
+            return
+        if not self.free_buffers:
+            self.dropped_windows += 1  # agent thread is behind: keep accumulating
+            return
+        index = self.free_buffers.popleft()
+        self.host_buffers[index].copy_(self.load_acc, non_blocking=True)
+        event = self._events[index]
+        if event is not None:
+            event.record()
+        self.load_acc.zero_()
+        self.snapshots.append(LoadSnapshot(index, self.epoch, self._acc_begin, self.steps_done, event))
+        self._acc_begin = self.steps_done
+
+    def _apply(self, action: CommitAction) -> None:
+        # Load counted under the old placement must be reported under the old epoch.
+        self._snapshot()
+        if self._acc_begin != self.steps_done:
+            self.load_acc.zero_()
+            self._acc_begin = self.steps_done
+            self.dropped_windows += 1
+        for live, rows, staged in action.weight_copies:
+            live.index_copy_(0, rows, staged)
+        model = self.model
+        model.phy2log.index_copy_(0, action.layer_index, action.phy2log_rows)
+        model.log2phy.index_copy_(0, action.layer_index, action.log2phy_rows)
+        model.logcnt.index_copy_(0, action.layer_index, action.logcnt_rows)
+        self.epoch += 1

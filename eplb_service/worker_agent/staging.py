@@ -1,0 +1,62 @@
+"""Staging: where a plan's incoming expert rows wait until the commit step.
+
+Runs on the agent thread only. Staging rows are allocated per plan batch from the
+budget the coordinator cut the plan to; the commit then needs only in-place copies,
+prepared here as a :class:`~.serving_hooks.CommitAction`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from eplb_service.placement import logical_replica_count, logical_to_physical
+from eplb_service.worker_agent.expert_model import ExpertModel
+from eplb_service.worker_agent.schedule import RankWork
+from eplb_service.worker_agent.serving_hooks import CommitAction
+
+
+class StagingArea:
+    """``rows[k]``: ``[n_staging, ...]`` buffers shaped like weight tensor ``k``'s rows."""
+
+    def __init__(self, model: ExpertModel, work: RankWork) -> None:
+        self.work = work
+        count = len(work.staging)
+        first_layer = model.expert_weights[0]
+        for layer, tensors in enumerate(model.expert_weights):
+            if len(tensors) != len(first_layer) or any(t.shape[1:] != f.shape[1:] or t.dtype != f.dtype for t, f in zip(tensors, first_layer)):
+                raise ValueError(f"expert_weights[{layer}] differs in row shape or dtype from layer 0; staging needs uniform layers")
+        self.rows = [torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in first_layer]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.rows)
+
+
+def prepare_commit(model: ExpertModel, plan_id: int, layers: list[int], new_rows: np.ndarray,
+                   area: StagingArea) -> CommitAction:
+    """Build the in-place copies that turn staged rows and new maps live at commit."""
+    device = model.device
+    weight_copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    staging = area.work.staging
+    begin = 0
+    while begin < len(staging):
+        plan_layer = staging[begin].layer
+        end = begin
+        while end < len(staging) and staging[end].layer == plan_layer:
+            end += 1
+        dst_rows = torch.tensor([s.dst_row for s in staging[begin:end]], dtype=torch.int64, device=device)
+        for k, live in enumerate(model.expert_weights[layers[plan_layer]]):
+            weight_copies.append((live, dst_rows, area.rows[k][begin:end]))
+        begin = end
+    num_logical = int(model.log2phy.shape[1])
+    width = int(model.log2phy.shape[2])
+    rows = np.asarray(new_rows, dtype=np.int64)
+    return CommitAction(
+        plan_id=plan_id,
+        weight_copies=weight_copies,
+        layer_index=torch.tensor(layers, dtype=torch.int64, device=device),
+        phy2log_rows=torch.from_numpy(rows.copy()).to(device),
+        log2phy_rows=torch.from_numpy(logical_to_physical(rows, num_logical, width)).to(device),
+        logcnt_rows=torch.from_numpy(logical_replica_count(rows, num_logical)).to(device),
+    )

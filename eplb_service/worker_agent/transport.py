@@ -1,0 +1,67 @@
+"""How expert rows travel between agents: the interface every side transport implements.
+
+The agent thread owns the transport; the serving thread never touches it. A transport is
+built from the coordinator's rendezvous (:class:`~eplb_service.protocol.CommInit`), is
+never the serving group, and can be torn down (``abort``) and rebuilt with a new
+generation. Implementations: :mod:`.transport_gloo` (CPU, gloo) and
+``transport_cupy_nccl`` (GPU, CuPy NCCL on a side stream).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eplb_service.protocol import CommInit
+
+
+class TransportError(RuntimeError):
+    """The side communicator failed (peer gone, timeout, torn down)."""
+
+
+@dataclass(frozen=True)
+class P2POp:
+    """One send (``is_send``) or receive of ``tensor`` with ``peer``; ``tag`` orders matching."""
+
+    is_send: bool
+    tensor: torch.Tensor
+    peer: int
+    tag: int
+
+
+class Transport(abc.ABC):
+    """A side communicator among the agents of one deployment."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def connect(self, comm: CommInit, rank: int, timeout_s: float) -> None:
+        """Join the communicator of ``comm.generation`` (collective over all ranks)."""
+
+    @abc.abstractmethod
+    def exchange(self, ops: list[P2POp]) -> None:
+        """Run one bounded group of sends and receives and wait until it completes."""
+
+    @abc.abstractmethod
+    def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy on the transport's own stream (plain copy on CPU)."""
+
+    @abc.abstractmethod
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
+        """All-reduce (MAX) of a small int64 vector: the commit vote."""
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Wait until everything issued on the transport's stream has finished."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Tear the communicator down now; pending and later calls fail. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True between a successful ``connect`` and ``abort``."""

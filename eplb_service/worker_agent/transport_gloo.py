@@ -1,0 +1,91 @@
+"""CPU side transport: a gloo process group built for the agents alone.
+
+It is bootstrapped on the coordinator's own TCPStore (prefixed by generation), never a
+subgroup of the host process's default group: inside vLLM that group is vLLM's serving
+group, and rearrangement collectives must never interleave with serving ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb_service.protocol import CommInit
+from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+
+class GlooTransport(Transport):
+    name = "gloo"
+
+    def __init__(self) -> None:
+        self._group: dist.ProcessGroupGloo | None = None
+        self._store: dist.Store | None = None
+        self._generation = -1
+
+    @property
+    def connected(self) -> bool:
+        return self._group is not None
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def connect(self, comm: CommInit, rank: int, timeout_s: float) -> None:
+        self.abort()
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            store = dist.TCPStore(comm.store_host, comm.store_port, comm.world_size, False, timeout=timeout)
+            prefixed = dist.PrefixStore(f"eplb/gen{comm.generation}", store)
+            self._group = dist.ProcessGroupGloo(prefixed, rank, comm.world_size, timeout)
+        except Exception as exc:  # torch raises RuntimeError/DistStoreError with the cause
+            raise TransportError(f"gloo side group generation {comm.generation} at {comm.store_host}:{comm.store_port} failed: {exc}") from exc
+        self._store = store
+        self._generation = comm.generation
+
+    def _require(self) -> dist.ProcessGroupGloo:
+        if self._group is None:
+            raise TransportError("side communicator is not connected (aborted or never built)")
+        return self._group
+
+    def exchange(self, ops: list[P2POp]) -> None:
+        group = self._require()
+        try:
+            works = [
+                group.send([op.tensor], op.peer, op.tag) if op.is_send else group.recv([op.tensor], op.peer, op.tag)
+                for op in ops
+            ]
+            for work in works:
+                work.wait()
+        except Exception as exc:
+            raise TransportError(f"gloo exchange of {len(ops)} ops failed: {exc}") from exc
+
+    def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
+        group = self._require()
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy())
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        try:
+            group.allreduce([tensor], opts).wait()
+        except Exception as exc:
+            raise TransportError(f"gloo vote all-reduce failed: {exc}") from exc
+        return tensor.numpy()
+
+    def synchronize(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        group, self._group, self._store = self._group, None, None
+        if group is not None:
+            try:
+                group.abort()
+            except Exception as exc:  # already broken: nothing left to tear down
+                log.debug("gloo abort: %s", exc)
