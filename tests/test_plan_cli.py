@@ -1,0 +1,119 @@
+"""eplb-plan: file formats, output document, one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eplb_service.coordinator.plan_cli import main
+from eplb_service.placement import PlacementShape, validate_phy2log
+
+README_WEIGHT = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+
+
+@pytest.fixture
+def load_json(tmp_path):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps(README_WEIGHT))
+    return str(path)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("policy", ["deepseek", "migration"])
+def test_writes_placement_json(capsys, load_json, policy):
+    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "8", "--redundant", "4",
+                             "--groups", "4", "--nodes", "2", "--policy", policy)
+    assert code == 0 and err == ""
+    doc = json.loads(out)
+    phy2log = np.array(doc["phy2log"])
+    validate_phy2log(phy2log, PlacementShape(2, 12, 16, 8))
+    assert np.array_equal(np.array(doc["logcnt"]), np.stack([np.bincount(r, minlength=12) for r in phy2log]))
+    assert len(doc["balancedness"]["per_layer"]) == 2
+    assert doc["balancedness"]["overall"] > doc["balancedness"]["before"]
+    assert doc["experts_moved"] == int((phy2log != np.arange(16) % 12).sum())
+    assert doc["bytes_moved"] <= doc["experts_moved"]
+
+
+def test_deepseek_matches_the_readme_per_rank(capsys, load_json):
+    _, out, _ = run_cli(capsys, "--load", load_json, "--ranks", "8", "--redundant", "4",
+                        "--groups", "4", "--nodes", "2", "--policy", "deepseek")
+    expected = np.array([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                         [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+    got = np.array(json.loads(out)["phy2log"])
+    # Same experts on every rank; the order within a rank follows the current placement.
+    assert np.array_equal(np.sort(got.reshape(2, 8, 2), axis=2), np.sort(expected.reshape(2, 8, 2), axis=2))
+
+
+def test_npy_load_current_round_trip_and_out(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    load = rng.gamma(0.5, 100, size=(3, 16))
+    np.save(tmp_path / "load.npy", load)
+    first = tmp_path / "first.json"
+    assert run_cli(capsys, "--load", str(tmp_path / "load.npy"), "--ranks", "4", "--redundant", "4",
+                   "--out", str(first))[0] == 0
+    doc = json.loads(first.read_text())
+    # Planning again from its own output for the same load moves nothing.
+    code, out, _ = run_cli(capsys, "--load", str(tmp_path / "load.npy"), "--ranks", "4",
+                           "--current", str(first), "--bytes-per-expert", "1024")
+    again = json.loads(out)
+    assert code == 0 and again["experts_moved"] == 0 and again["phy2log"] == doc["phy2log"]
+
+
+@pytest.mark.parametrize(
+    "content,args,message",
+    [
+        ([[1, 2, 3]], ["--ranks", "2"], "--ranks 2 does not divide the 3 slots per layer (3 experts + 0 redundant)"),
+        ([1, 2, 3], ["--ranks", "1"], "expected a 2-D array, got shape (3,)"),
+        ([[1, 2], [3]], ["--ranks", "1"], "expected a 2-D numeric array"),
+        ([[1, -5, 3, 4]], ["--ranks", "2"], "logical_load[0, 1] = -5.0: loads must be finite and >= 0"),
+        ([[1, 2, 3, 4]], ["--ranks", "0"], "--ranks 0 must be a positive integer"),
+        ([[1, 2, 3, 4]], ["--ranks", "2", "--redundant", "-2"], "--redundant -2 must be >= 0"),
+        ([[1, 2, 3, 4]], ["--ranks", "2", "--policy", "lpt"], "invalid choice: 'lpt'"),
+        ([[1, 2, 3, 4]], ["--ranks", "2", "--groups", "3", "--policy", "deepseek"], "num_groups=3 must divide"),
+        ([[1, 2, 3, 4]], ["--ranks", "2", "--nodes", "4", "--policy", "deepseek"], "num_nodes=4 must divide num_ranks=2"),
+        ({"weights": []}, ["--ranks", "2"], "JSON object has no 'load' key"),
+    ],
+)
+def test_bad_input_one_line_exit_2(capsys, tmp_path, content, args, message):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps(content))
+    code, out, err = run_cli(capsys, "--load", str(path), *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("eplb-plan: error: ")
+    assert message in err
+
+
+def test_bad_current_shape_and_missing_file(capsys, tmp_path, load_json):
+    cur = tmp_path / "cur.json"
+    cur.write_text(json.dumps({"phy2log": [[0, 1, 2]]}))
+    code, _, err = run_cli(capsys, "--load", load_json, "--ranks", "8", "--current", str(cur), "--redundant", "4")
+    assert code == 2 and "--current has shape (1, 3), expected (2, 16)" in err
+    code, _, err = run_cli(capsys, "--load", str(tmp_path / "missing.npy"), "--ranks", "8")
+    assert code == 2 and "missing.npy" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    code, _, err = run_cli(capsys, "--load", str(bad), "--ranks", "8")
+    assert code == 2 and "not valid JSON" in err
+
+
+def test_console_script_module_has_no_traceback(tmp_path):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps([[1, 2, 3]]))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", str(path), "--ranks", "2"],
+        capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
