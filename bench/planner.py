@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
-from eplb_service.placement import PlacementShape, initial_phy2log, model_balancedness, rank_loads
+from eplb_service.placement import (
+    PlacementShape,
+    initial_phy2log,
+    keep_slots_within_ranks,
+    model_balancedness,
+    rank_loads,
+)
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,11 @@ def run_policy(name: str, shape: BenchShape, loads: list[np.ndarray]) -> dict:
         load = loads[i]
         start = time.perf_counter()
         if name == "vllm":
-            from eplb_service.placement import keep_slots_within_ranks
             proposed = vllm(load, pshape.num_physical, shape.groups, shape.nodes, shape.ranks)
             proposed = keep_slots_within_ranks(proposed, current, shape.ranks)
             plan = build_plan(current, proposed, load, pshape)
+        elif name == "deepseek-global":
+            plan = plan_rebalance("deepseek", current, load, pshape)
         else:
             plan = plan_rebalance(name, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
         times.append((time.perf_counter() - start) * 1e3)
@@ -136,9 +143,12 @@ def main() -> None:
     parser.add_argument("--rebalances", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or 'all'")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's policy even where importable")
     args = parser.parse_args()
-    policies = ["deepseek"] + (["vllm"] if vllm_policy() is not None else []) + ["migration"]
-    print(f"Machine: {machine()}; {args.rebalances} drifting rebalances, seed {args.seed}\n")
+    with_vllm = not args.no_vllm and vllm_policy() is not None
+    policies = ["deepseek"] + (["vllm"] if with_vllm else []) + ["migration"]
+    print(f"Machine: {machine()}; {args.rebalances} drifting rebalances, seed {args.seed}; "
+          f"vLLM policy: {'yes' if with_vllm else 'not importable'}\n")
     print("| shape | policy | plan ms (median) | balancedness (planned) | balancedness (next window) "
           "| experts moved / rebalance | bytes moved / rebalance (x bytes_per_expert) |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -146,8 +156,14 @@ def main() -> None:
         if args.shapes != "all" and shape.name not in args.shapes.split(","):
             continue
         loads = drifting_loads(shape, args.rebalances + 1, args.seed)
-        rows = [run_policy(p, shape, loads) for p in policies]
-        label = {"deepseek": "deepseek-parity (ours)", "vllm": "vLLM DefaultEplbPolicy", "migration": "migration-aware"}
+        names = list(policies)
+        if shape.groups > 1 or shape.nodes > 1:  # the hierarchy constrains DeepSeek; show it without
+            names.insert(names.index("migration"), "deepseek-global")
+        rows = [run_policy(p, shape, loads) for p in names]
+        label = {"deepseek": f"deepseek-parity (ours), {shape.groups} groups / {shape.nodes} nodes",
+                 "deepseek-global": "deepseek-parity (ours), global (1 group / 1 node)",
+                 "vllm": f"vLLM DefaultEplbPolicy, {shape.groups} groups / {shape.nodes} nodes",
+                 "migration": "migration-aware (default)"}
         for r in rows:
             print(f"| {shape.name} | {label[r['policy']]} | {r['ms']:.1f} | {r['planned']:.4f} | {r['realized']:.4f} "
                   f"| {r['moved']:.0f} | {r['bytes']:.0f} |")

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eplb_service.coordinator.policy import POLICIES, LayerBatch, RebalancePlan, plan_rebalance
 from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log, validate_phy2log
@@ -119,3 +121,37 @@ def test_bad_placement_and_hierarchy_name_the_value():
         plan_rebalance("deepseek", initial_phy2log(SHAPE), skewed_load(), SHAPE, num_groups=3)
     with pytest.raises(PlacementError, match="num_nodes=3"):
         plan_rebalance("deepseek", initial_phy2log(SHAPE), skewed_load(), SHAPE, num_nodes=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy=st.sampled_from(POLICIES),
+    seed=st.integers(0, 2**31 - 1),
+    budget_slots=st.one_of(st.none(), st.integers(0, 12)),
+    min_gain=st.sampled_from([0.0, 0.01, 0.1]),
+)
+def test_batching_invariants(policy, seed, budget_slots, min_gain):
+    shape = PlacementShape(6, 16, 24, 4)
+    rng = np.random.default_rng(seed)
+    current = np.stack([rng.permutation(np.r_[np.arange(16), rng.integers(0, 16, 8)]) for _ in range(6)])
+    load = rng.gamma(0.5, 10.0, size=(6, 16))
+    bpe = 3
+    budget = None if budget_slots is None else budget_slots * bpe
+    try:
+        plan = plan_rebalance(policy, current, load, shape, bytes_per_expert=bpe,
+                              staging_budget_bytes=budget, min_layer_gain=min_gain)
+    except ValueError as exc:
+        assert budget is not None and "alone needs" in str(exc)
+        return
+    validate_phy2log(plan.target_phy2log, shape)
+    seen = [layer for b in plan.batches for layer in b.layers]
+    assert len(seen) == len(set(seen))
+    changed_layers = set(np.flatnonzero((plan.target_phy2log != current).any(axis=1)).tolist())
+    assert set(seen) == changed_layers
+    for batch in plan.batches:
+        assert batch.gain >= min_gain and batch.gain > 0
+        rows = list(batch.layers)
+        per_rank = (plan.target_phy2log[rows] != current[rows]).reshape(len(rows), 4, 6).sum(axis=(0, 2))
+        if budget is not None:
+            assert (per_rank * bpe <= budget).all()
+    assert plan.balancedness_after >= plan.balancedness_before - 1e-12
