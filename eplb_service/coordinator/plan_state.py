@@ -131,6 +131,8 @@ class PlanRun:
         elif not self.committed:
             first = min(self.aborted) if self.aborted else min(self.lost)
             self.phase, self.reason = Phase.ABORTED, f"rank {first}: {self.aborted.get(first, 'agent lost')}"
+            if self.lost:
+                self.reason += f" (rank {', rank '.join(map(str, sorted(self.lost)))} lost)"
         else:
             self.phase = Phase.DIVERGED
             self.reason = f"ranks {sorted(self.committed)} committed, ranks {sorted(self.aborted)} aborted: {self.aborted}"

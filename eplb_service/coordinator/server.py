@@ -78,6 +78,8 @@ class Coordinator:
         self._last_plan_end_step = 0
         self._planning = False
         self.halted_reason: str | None = None
+        self.drain_at_step: int | None = None
+        """No new plan starts once the deployment passes this step (planned shutdowns)."""
         self.outcomes: list[PlanOutcome] = []
         self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
         self.bytes_moved_total = 0
@@ -325,6 +327,8 @@ class Coordinator:
         if self.window is None or not self.registry.comm_ready(self.comm_generation):
             return False
         step = self.registry.min_step()
+        if self.drain_at_step is not None and self.max_step_seen >= self.drain_at_step:
+            return False
         return (self.window.steps_covered() >= self.cfg.min_window_steps
                 and step - self._last_plan_end_step >= self.cfg.rebalance_interval_steps)
 

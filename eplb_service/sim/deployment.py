@@ -67,6 +67,8 @@ def simulation_config(opts: SimulationOptions, base: CoordinatorConfig | None, e
 
 async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     coordinator = Coordinator(cfg)
+    # Ranks stop after a fixed number of steps: start no plan that could not finish before.
+    coordinator.drain_at_step = opts.steps - cfg.agent.fence_steps - 4 * cfg.agent.report_interval_steps - 20
     server = asyncio.create_task(coordinator.serve())
     await coordinator.ready.wait()
     ctx = mp.get_context("spawn")

@@ -72,6 +72,8 @@ class WorkerAgent:
         self._ticket: CommitTicket | None = None
         self._staged_at = 0.0
         self._abort_requested: int | None = None
+        self._connecting: threading.Thread | None = None
+        self._pending_comm: P.CommInit | None = None
         self.stats = collections.Counter()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -120,11 +122,12 @@ class WorkerAgent:
         while self._inbox:
             self._handle(self._inbox.popleft())
         self._flush_load_reports()
+        self._check_connect()
         self._check_ticket()
         if self._plan is not None and self._ticket is None and now - self._staged_at > self.staged_timeout_s and self._staged_at:
             self._drop_plan(f"no vote within staged_timeout_s={self.staged_timeout_s}")
         if self._welcomed and now >= self._next_heartbeat:
-            gen = getattr(self.transport, "generation", -1) if self.transport.connected else -1
+            gen = getattr(self.transport, "generation", -1) if self._side_ready else -1
             self._send(P.Heartbeat(rank=self.rank, step=self.hooks.steps_done, epoch=self.hooks.epoch, comm_generation=gen))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
@@ -219,15 +222,39 @@ class WorkerAgent:
         self.log.error("coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason)
 
     def _connect(self, comm: P.CommInit) -> None:
+        """Join the side communicator on a helper thread, so heartbeats go on meanwhile.
+
+        Building a communicator is a rendezvous of every rank and can take up to the
+        transport timeout when a peer is gone; the agent thread must keep talking to the
+        coordinator in the meantime or it would be declared dead itself.
+        """
         if self._ticket is not None or self._plan is not None:
             self._drop_plan(f"side communicator rebuilt (generation {comm.generation})")
-        t0 = time.monotonic()
-        try:
-            self.transport.connect(comm, self.rank, self.config.transport_timeout_s)
-        except TransportError as exc:
-            self.log.error("could not build the side communicator: %s", exc)
+        if self._connecting is not None and self._connecting.is_alive():
+            self._pending_comm = comm  # build the newest generation once this attempt ends
             return
-        self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name, time.monotonic() - t0)
+        self.transport.abort()
+
+        def connect() -> None:
+            t0 = time.monotonic()
+            try:
+                self.transport.connect(comm, self.rank, self.config.transport_timeout_s)
+            except TransportError as exc:
+                self.log.error("could not build the side communicator: %s", exc)
+                return
+            self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name, time.monotonic() - t0)
+
+        self._connecting = threading.Thread(target=connect, name=f"eplb-connect-{self.rank}", daemon=True)
+        self._connecting.start()
+
+    def _check_connect(self) -> None:
+        if self._pending_comm is not None and not (self._connecting and self._connecting.is_alive()):
+            comm, self._pending_comm = self._pending_comm, None
+            self._connect(comm)
+
+    @property
+    def _side_ready(self) -> bool:
+        return self.transport.connected and not (self._connecting is not None and self._connecting.is_alive())
 
     # -- load reports --------------------------------------------------------------------
 
@@ -276,7 +303,7 @@ class WorkerAgent:
             self.log.error("rejected plan %d: %s", plan.plan_id, exc)
             self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=str(exc)))
             return
-        if not self.transport.connected:
+        if not self._side_ready:
             self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason="side communicator not connected"))
             return
         self._plan, self._plan_rows, self._abort_requested = plan, rows, None
@@ -354,7 +381,7 @@ class WorkerAgent:
             self._ticket = ticket
         else:
             entry, fail = hooks.steps_done, 1
-        if not self.transport.connected:
+        if not self._side_ready:
             if ticket is not None:  # the serving thread drops it; _check_ticket reports
                 ticket.vote_ok = False
                 ticket.decided.set()
@@ -368,6 +395,7 @@ class WorkerAgent:
             self.transport.abort()
             if ticket is not None:
                 ticket.vote_ok = False
+                ticket.vote_error = str(exc)
                 ticket.decided.set()
             else:
                 self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason=f"vote failed: {exc}"))
@@ -394,9 +422,12 @@ class WorkerAgent:
         else:
             self.stats["aborted"] += 1
             self.log.warning("plan %d not committed: %s at step %d; maps untouched", plan.plan_id, ticket.outcome, ticket.outcome_step)
+            if ticket.outcome == "vote_failed" and ticket.vote_error:
+                self.transport.abort()
             if ticket.outcome in ("fence_timeout", "missed_commit_step"):
                 self.transport.abort()  # the vote may still be pending: make sure it can never land
-            self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=ticket.outcome or "unknown"))
+            reason = ticket.outcome + (f": {ticket.vote_error}" if ticket.vote_error else "")
+            self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=reason))
         self._plan = self._area = self._plan_rows = None
         self._staged_at = 0.0
 

@@ -49,6 +49,8 @@ class CommitTicket:
     vote_entry_step: int | None = None
     commit_step: int | None = None
     vote_ok: bool = False
+    vote_error: str = ""
+    """Why the vote failed on this rank's side (transport error), for the Aborted reason."""
     decided: threading.Event = field(default_factory=threading.Event)
     outcome: str | None = None
     """``committed``, ``vote_failed``, ``fence_timeout`` or ``missed_commit_step``."""
@@ -100,6 +102,8 @@ class ServingHooks:
         self.dropped_windows = 0
         self.last_stall_s = 0.0
         self.max_stall_s = 0.0
+        self.commit_log: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
+        """``(plan_id, commit_step)`` of the latest commits, for tests and status."""
 
     # -- the two hooks -------------------------------------------------------------
 
@@ -125,6 +129,7 @@ class ServingHooks:
             self._apply(ticket.action)
             ticket.stall_s = self.last_stall_s = time.perf_counter() - t0
             self.max_stall_s = max(self.max_stall_s, ticket.stall_s)
+            self.commit_log.append((ticket.action.plan_id, step))
             self._finish(ticket, "committed", step)
         elif step > ticket.commit_step:  # cannot happen while the fence holds; never apply late
             self._finish(ticket, "missed_commit_step", step)

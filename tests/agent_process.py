@@ -1,0 +1,93 @@
+"""Child-process side of the multi-process tests: a real agent on a stepping loop.
+
+No serving collectives here (the simulation tests cover those); each process steps its
+own clock, computes the step's expert load from its *live* maps and a popularity that
+can switch mid-run, and reports what happened. Faults are injected by subclassing the
+agent: a real process exits, a real thread stalls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from conftest import make_model, rows_match_maps
+from eplb_service.placement import PlacementShape
+from eplb_service.worker_agent.agent import WorkerAgent
+from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    rank: int
+    endpoint: str
+    shape: PlacementShape
+    steps: int
+    step_sleep_s: float = 0.005
+    fault: str | None = None
+    staged_timeout_s: float = 60.0
+    switch_hot_at_step: int | None = None
+    exit_after_s: float | None = None
+
+
+class ExitBeforeVoteAgent(WorkerAgent):
+    def _on_vote(self, msg):
+        os._exit(3)
+
+
+class ExitWhileStagingAgent(WorkerAgent):
+    def _stage(self, plan, rows):
+        os._exit(4)
+
+
+class StallBeforeVoteAgent(WorkerAgent):
+    def _on_vote(self, msg):
+        time.sleep(4.0)  # the agent thread is stuck; serving threads must not be
+        super()._on_vote(msg)
+
+
+FAULTS = {None: WorkerAgent, "exit_before_vote": ExitBeforeVoteAgent, "exit_while_staging": ExitWhileStagingAgent,
+          "stall_before_vote": StallBeforeVoteAgent}
+
+
+def slot_load(model, hot: int) -> torch.Tensor:
+    """Load [L, P] of one step: expert ``hot`` takes half, the rest spread; split over replicas."""
+    phy2log = model.phy2log.numpy()
+    num_logical = model.logcnt.shape[1]
+    weights = np.full(num_logical, 10.0)
+    weights[hot] = 10.0 * num_logical
+    counts = model.logcnt.numpy()
+    per_slot = np.take_along_axis(weights[None, :] / counts, phy2log, axis=1)
+    return torch.from_numpy(np.rint(per_slot).astype(np.int64))
+
+
+def agent_main(spec: AgentSpec, out) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    model = make_model(spec.rank, spec.shape)
+    agent = FAULTS[spec.fault](model, spec.endpoint, GlooTransport(), staged_timeout_s=spec.staged_timeout_s).start()
+    hooks = agent.hooks
+    step_times = []
+    t_start = time.monotonic()
+    for step in range(spec.steps):
+        hot = 2 if spec.switch_hot_at_step is None or step < spec.switch_hot_at_step else 3
+        t0 = time.perf_counter()
+        hooks.before_step()
+        load = slot_load(model, hot)
+        hooks.after_step(load)
+        step_times.append(time.perf_counter() - t0)
+        time.sleep(spec.step_sleep_s)
+        if spec.exit_after_s is not None and time.monotonic() - t_start > spec.exit_after_s:
+            os._exit(5)
+    time.sleep(0.3)  # let the agent thread flush its last messages
+    agent.stop()
+    out.put({
+        "rank": spec.rank, "epoch": hooks.epoch, "commits": list(hooks.commit_log),
+        "phy2log": model.phy2log.tolist(), "rows_match_maps": rows_match_maps(model),
+        "max_step_s": max(step_times), "stats": dict(agent.stats), "steps": hooks.steps_done,
+    })

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny expert models whose weight rows say which expert they hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.expert_model import ExpertModel, map_tensors
+
+
+def expert_row_value(layer: int, expert: int) -> float:
+    """The value every weight of logical expert ``expert`` in ``layer`` holds."""
+    return float(layer * 1000 + expert)
+
+
+def make_model(rank: int, shape: PlacementShape, phy2log: np.ndarray | None = None, row_len: int = 6) -> ExpertModel:
+    """An ExpertModel whose rows are filled with :func:`expert_row_value` (two tensors per layer)."""
+    phy2log = initial_phy2log(shape) if phy2log is None else phy2log
+    spr = shape.slots_per_rank
+    weights = []
+    for layer in range(shape.num_layers):
+        experts = phy2log[layer, rank * spr:(rank + 1) * spr]
+        values = torch.tensor([expert_row_value(layer, int(e)) for e in experts], dtype=torch.float32)
+        weights.append([values[:, None].repeat(1, row_len).contiguous(), (values[:, None] * 2).repeat(1, 3).contiguous()])
+    p2l, l2p, cnt = map_tensors(phy2log, shape.num_logical, shape.num_redundant + 1)
+    return ExpertModel(expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt, rank=rank, num_ranks=shape.num_ranks)
+
+
+def rows_match_maps(model: ExpertModel) -> bool:
+    """True when every live row holds the expert the live phy2log says it holds."""
+    spr = model.phy2log.shape[1] // model.num_ranks
+    for layer, (w, b) in enumerate(model.expert_weights):
+        for row in range(spr):
+            expert = int(model.phy2log[layer, model.rank * spr + row])
+            if not (torch.all(w[row] == expert_row_value(layer, expert)) and torch.all(b[row] == 2 * expert_row_value(layer, expert))):
+                return False
+    return True
+
+
+@pytest.fixture
+def small_shape() -> PlacementShape:
+    return PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)

@@ -1,0 +1,67 @@
+"""The coordinator's plan state machine, event by event."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplb_service.coordinator.plan_state import Phase, PlanRun
+
+
+def run(world=3, **kw) -> PlanRun:
+    return PlanRun(plan_id=1, base_epoch=0, layers=[0], rows=np.zeros((1, 4), dtype=np.int64), world_size=world,
+                   staging_timeout_s=kw.get("staging", 10.0), voting_timeout_s=kw.get("voting", 10.0), started_at=0.0)
+
+
+def test_all_staged_then_all_committed():
+    p = run()
+    assert not p.on_staged(0, 1.0) and not p.on_staged(1, 1.0)
+    assert p.on_staged(2, 2.0) and p.phase is Phase.VOTING and p.staging_s == 2.0
+    assert not p.on_committed(0, 50, 1e-5, 3.0) and not p.on_committed(1, 50, 1e-5, 3.0)
+    assert p.on_committed(2, 50, 1e-5, 3.5) and p.phase is Phase.COMMITTED and p.voting_s == 1.5
+
+
+def test_failure_during_staging_aborts_at_once_naming_the_rank():
+    p = run()
+    p.on_staged(0, 1.0)
+    assert p.on_failed(1, "busy with plan 0", 1.5)
+    assert p.phase is Phase.ABORTED and "rank 1: busy" in p.reason
+
+
+def test_all_aborted_in_vote_is_a_clean_abort():
+    p = run(world=2)
+    p.on_staged(0, 0.1), p.on_staged(1, 0.1)
+    assert not p.on_failed(0, "fence_timeout", 1.0)
+    assert p.on_failed(1, "vote_failed", 1.0) and p.phase is Phase.ABORTED
+
+
+def test_mixed_outcome_is_divergence():
+    p = run(world=2)
+    p.on_staged(0, 0.1), p.on_staged(1, 0.1)
+    p.on_committed(0, 9, 0.0, 1.0)
+    assert p.on_failed(1, "fence_timeout", 1.0) and p.phase is Phase.DIVERGED
+    assert "ranks [0] committed" in p.reason
+
+
+def test_timeouts_in_every_phase():
+    p = run(staging=1.0)
+    p.on_staged(0, 0.5)
+    assert not p.on_tick(0.9)
+    assert p.on_tick(1.1) and p.phase is Phase.ABORTED and "[1, 2]" in p.reason
+    q = run(world=1, voting=1.0)
+    q.on_staged(0, 0.0)
+    assert q.on_tick(1.5) and q.phase is Phase.ABORTED and "vote timed out" in q.reason
+
+
+def test_lost_agent_aborts_staging_and_late_commit_after_abort_is_divergence():
+    p = run(world=2)
+    assert p.on_agent_lost(1, 0.5) and p.phase is Phase.ABORTED
+    assert p.on_committed(0, 5, 0.0, 1.0) and p.phase is Phase.DIVERGED
+
+
+def test_lost_agent_during_vote_waits_for_the_others():
+    p = run(world=3)
+    for r in range(3):
+        p.on_staged(r, 0.1)
+    assert not p.on_agent_lost(2, 0.2)
+    assert not p.on_failed(0, "vote_failed", 0.3)
+    assert p.on_failed(1, "vote_failed", 0.3) and p.phase is Phase.ABORTED

@@ -1,0 +1,49 @@
+"""The embedded default: the simulated deployment end to end (coordinator + agent processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.sim.deployment import SimulationOptions, measured_balancedness, run_simulation
+from eplb_service.sim.workload import SimModelConfig
+
+import numpy as np
+
+
+def test_short_simulation_commits_improves_balance_and_never_mismatches(tmp_path):
+    model = SimModelConfig(drift_interval_steps=120)
+    opts = SimulationOptions(world_size=4, steps=480, seed=1, model=model, summary_json=str(tmp_path / "s.json"),
+                             plot=str(tmp_path / "p.png"))
+    base = CoordinatorConfig(world_size=4, rebalance_interval_steps=60, min_window_steps=30, load_half_life_steps=60.0)
+    summary = run_simulation(opts, base)
+    assert summary["output_mismatches"] == 0
+    assert summary["committed"] >= 3, summary
+    assert summary["aborted"] == 0 and summary["diverged"] == 0 and summary["errors"] == []
+    assert summary["maps_identical_on_all_ranks"]
+    assert summary["balancedness_final"] > summary["balancedness_initial"]
+    assert summary["bytes_moved"] > 0 and summary["experts_moved"] > 0
+    on_disk = json.loads((tmp_path / "s.json").read_text())
+    for key in ("committed", "aborted", "output_mismatches", "balancedness_initial", "balancedness_final", "bytes_moved"):
+        assert on_disk[key] == summary[key]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measured_balancedness_is_mean_over_max_of_summed_windows():
+    recv = np.zeros((2, 4, 1), dtype=np.int64)  # [ranks, steps, layers]
+    recv[0, :, 0] = 3
+    recv[1, :, 0] = 1
+    assert measured_balancedness(recv, 0, 4) == (12 + 4) / 2 / 12
+    recv[1, 2:, 0] = 3
+    assert measured_balancedness(recv, 2, 4) == 1.0
+
+
+def test_cli_rejects_bad_values_naming_them():
+    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "0", "--simulate"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "expected a positive integer, got 0" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", "http://x"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "'http://x' must start with ipc:// or tcp://" in out.stderr
