@@ -26,6 +26,13 @@ class CoordinatorMetrics:
         self.load_report_lag = Gauge("eplb_load_report_lag_steps", "Steps between the newest step seen and the newest report's end", registry=r)
         self.messages_rejected = Counter("eplb_messages_rejected_total", "Messages refused", ["reason"], registry=r)
         self.comm_generation = Gauge("eplb_side_comm_generation", "Generation of the side communicator", registry=r)
+        # Export every known label from the start, so dashboards and alerts see zeros, not gaps.
+        for outcome in ("proposed", "committed", "aborted", "diverged"):
+            self.plans.labels(outcome)
+        for phase in ("policy", "staging", "voting"):
+            self.phase_seconds.labels(phase)
+        for kind in ("current", "projected"):
+            self.balancedness.labels(kind)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Start the HTTP exporter; returns the bound port (``port=0`` picks one)."""
