@@ -76,7 +76,8 @@ SHAPE2 = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2
 
 def test_all_ranks_commit_every_plan_at_the_same_step(tmp_path):
     endpoint = f"ipc://{tmp_path}/c.sock"
-    coord = CoordinatorThread(config(endpoint, 3)).start()
+    # 36 bytes per expert here: a budget of 4 experts per rank forces small batches
+    coord = CoordinatorThread(config(endpoint, 3, staging_budget_bytes=4 * 36)).start()
     try:
         procs, out = start_agents([AgentSpec(r, endpoint, SHAPE3, steps=700, switch_hot_at_step=300) for r in range(3)])
         wait_for(lambda: coord.coordinator.counts["committed"] >= 1, 60, "a first commit")
@@ -96,6 +97,9 @@ def test_all_ranks_commit_every_plan_at_the_same_step(tmp_path):
     assert all(results[r]["epoch"] == c.epoch for r in range(3))
     assert sum(results[r]["stats"].get("bytes_received", 0) for r in range(3)) > 0, "no expert crossed ranks"
     assert c.bytes_moved_total > 0
+    for epoch in range(c.epoch):  # every committed batch respected the staging budget on every rank
+        changed = (c.placements[epoch] != c.placements[epoch + 1]).reshape(SHAPE3.num_layers, 3, -1).sum(axis=(0, 2))
+        assert changed.max() * 36 <= 4 * 36, f"epoch {epoch}->{epoch + 1} staged {changed} rows per rank"
     # the status document saw every rank, the load and the plans
     assert [r["rank"] for r in status["ranks"]] == [0, 1, 2] and status["load_reports"] > 0
     assert status["plans"]["committed"] >= 1
