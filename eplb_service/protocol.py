@@ -199,6 +199,12 @@ class Goodbye(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
     reason: str
 
 
+class CoordinatorStopping(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """The coordinator is shutting down: agents keep serving and register again when it is back."""
+
+    reason: str
+
+
 class StatusRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     pass
 
@@ -210,7 +216,7 @@ class StatusReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=T
 
 Message = Union[
     Hello, Welcome, Reject, CommInit, Heartbeat, LoadReport, Plan, Staged, Failed, VoteNow,
-    Committed, Aborted, AbortPlan, Goodbye, StatusRequest, StatusReply,
+    Committed, Aborted, AbortPlan, Goodbye, CoordinatorStopping, StatusRequest, StatusReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

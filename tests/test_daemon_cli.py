@@ -68,3 +68,55 @@ def test_status_against_nothing_fails_clearly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint",
                           f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.5"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "no answer from a coordinator at" in out.stderr
+
+
+def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
+    import multiprocessing as mp
+    import queue
+
+    from agent_process import AgentSpec, agent_main
+    from eplb_service.placement import PlacementShape
+
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    # A 20 B/s throttle keeps the first plan in staging for seconds: long enough to SIGTERM it.
+    proc = subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint,
+                             "--rebalance-interval-steps", "30", "--report-interval-steps", "5",
+                             "--throttle-bytes-per-s", "20", "--log-format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    shape = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
+    agents = [ctx.Process(target=agent_main, args=(AgentSpec(r, endpoint, shape, steps=1500), out)) for r in range(2)]
+    for a in agents:
+        a.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status = fetch_status(endpoint, timeout_s=0.5)
+                if (status["plan_in_flight"] or {}).get("phase") == "staging":
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() < deadline, "no plan reached staging"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        results = {}
+        while len(results) < 2:
+            r = out.get(timeout=60)
+            results[r["rank"]] = r
+    finally:
+        for a in agents:
+            a.join(10)
+            if a.is_alive():
+                a.kill()
+        if proc.poll() is None:
+            proc.kill()
+    logs = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
+    assert any("aborted" in entry["msg"] and "shutting down" in entry["msg"] for entry in logs), "no clean-abort log line"
+    assert all(entry["tag"] == "coordinator" for entry in logs if entry["logger"].startswith("eplb_service.coordinator.server"))
+    for r in results.values():
+        assert r["epoch"] == 0 and r["commits"] == [] and r["rows_match_maps"]
+        assert r["stats"].get("aborted", 0) >= 1, "the agent did not drop the staged plan"
+        assert r["steps"] == 1500 and r["max_step_s"] < 0.5, "serving was disturbed by the coordinator's exit"

@@ -31,6 +31,7 @@ SAMPLES = [
     P.Aborted(rank=0, plan_id=5, reason="fence_timeout"),
     P.AbortPlan(plan_id=5, reason="rank 2 lost"),
     P.Goodbye(rank=0, reason="bye"),
+    P.CoordinatorStopping(reason="SIGTERM"),
     P.StatusRequest(),
     P.StatusReply(status_json=b"{}"),
 ]

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fence-timeout-s", type=float, default=5.0, help="longest a serving thread waits at the fence")
     p.add_argument("--throttle-bytes-per-s", type=float, default=0.0, help="per-rank streaming cap (0 = unthrottled)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
+    p.add_argument("--config", default=None, help="TOML file of settings (keys = long flag names); flags override it")
     sim = p.add_argument_group("simulated deployment (CPU)")
     sim.add_argument("--simulate", action="store_true", help="run the coordinator with dp x tp simulated serving ranks and real agents")
     sim.add_argument("--steps", type=_positive_int, default=1500, help="serving steps per rank")
@@ -68,6 +70,33 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
                           fence_timeout_s=args.fence_timeout_s, throttle_bytes_per_s=args.throttle_bytes_per_s),
         **extra,
     )
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``...)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path!r} is not valid TOML: {exc}") from None
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    settings = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        if dest not in known:
+            raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        action = known[dest]
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
+        settings[dest] = value
+    return settings
 
 
 def _serve(cfg: CoordinatorConfig) -> int:
@@ -107,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "status":
         from eplb_service.coordinator.status_client import main as status_main
         return status_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    logutil.configure(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.config:
+            parser.set_defaults(**load_config_file(args.config, parser))
+            args = parser.parse_args(argv)
+        logutil.configure(args.log_level, args.log_format)
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"eplb-coordinator: error: {exc}", file=sys.stderr)

@@ -27,7 +27,9 @@ class CoordinatorConfig:
     store_host: str = "127.0.0.1"
     """Address agents use to reach the rendezvous store of the side communicator."""
     metrics_port: int | None = None
-    """Prometheus HTTP port; ``None`` = no metrics server, 0 = any free port."""
+    """HTTP port for /metrics, /livez, /readyz, /status; ``None`` = off, 0 = any free port."""
+    http_host: str = "0.0.0.0"
+    """Address the HTTP endpoints bind (probes and Prometheus scrape from outside the pod)."""
     policy: str = "migration"
     """Placement policy name (see ``coordinator.policy``)."""
     num_groups: int = 1

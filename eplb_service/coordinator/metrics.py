@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STALL_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
@@ -33,8 +33,3 @@ class CoordinatorMetrics:
             self.phase_seconds.labels(phase)
         for kind in ("current", "projected"):
             self.balancedness.labels(kind)
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Start the HTTP exporter; returns the bound port (``port=0`` picks one)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_port)

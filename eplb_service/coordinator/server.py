@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.http_endpoints import serve_http
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.metrics import CoordinatorMetrics
 from eplb_service.coordinator.plan_state import Phase, PlanRun
@@ -93,6 +94,7 @@ class Coordinator:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.started_at = time.time()
+        self.last_tick = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -108,8 +110,10 @@ class Coordinator:
         self._sock = sock
         self._store = dist.TCPStore(self.cfg.store_host, 0, self.cfg.world_size, True,
                                     timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+        http = None
         if self.cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
+            http = await serve_http(self, self.cfg.http_host, self.cfg.metrics_port)
+            self.metrics_port = http.sockets[0].getsockname()[1]
         self.log.info("listening on %s for %d ranks (store %s:%d, metrics %s, policy %s)", self.cfg.endpoint,
                       self.cfg.world_size, self.cfg.store_host, self._store.port, self.metrics_port, self.cfg.policy)
         self.ready.set()
@@ -119,6 +123,8 @@ class Coordinator:
         finally:
             ticker.cancel()
             await self._shutdown()
+            if http is not None:
+                http.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -126,6 +132,7 @@ class Coordinator:
     async def _shutdown(self) -> None:
         if self.plan is not None and not self.plan.phase.final:
             self._abort_plan("coordinator shutting down")
+        self._broadcast(P.CoordinatorStopping(reason="coordinator shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sock is not None:
             self._sock.close(linger=200)
@@ -310,7 +317,7 @@ class Coordinator:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            now = time.monotonic()
+            now = self.last_tick = time.monotonic()
             for record in self.registry.expire(now, self.cfg.liveness_timeout_s):
                 self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
                 self._lose_agent(record, now)

@@ -49,6 +49,8 @@ class WorkerAgent:
         self.transport = transport
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = hello_interval_s
+        self._hello_backoff_s = hello_interval_s
+        """Doubles up to 5 s while the coordinator does not answer; reset by Welcome."""
         self.staged_timeout_s = staged_timeout_s
         self.config = P.AgentConfig()
         self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps, self.config.fence_timeout_s)
@@ -117,7 +119,8 @@ class WorkerAgent:
         now = time.monotonic()
         if not self._welcomed and now >= self._next_hello and self._rejected_reason is None:
             self._send(self._hello())
-            self._next_hello = now + self.hello_interval_s
+            self._next_hello = now + self._hello_backoff_s
+            self._hello_backoff_s = min(5.0, self._hello_backoff_s * 2)
         self._receive(poll_ms)
         while self._inbox:
             self._handle(self._inbox.popleft())
@@ -126,10 +129,33 @@ class WorkerAgent:
         self._check_ticket()
         if self._plan is not None and self._ticket is None and now - self._staged_at > self.staged_timeout_s and self._staged_at:
             self._drop_plan(f"no vote within staged_timeout_s={self.staged_timeout_s}")
+        self._heartbeat(now)
+
+    def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:
             gen = getattr(self.transport, "generation", -1) if self._side_ready else -1
             self._send(P.Heartbeat(rank=self.rank, step=self.hooks.steps_done, epoch=self.hooks.epoch, comm_generation=gen))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
+
+    def _pump_while_staging(self, plan_id: int, wait_s: float = 0.0) -> None:
+        """Between chunks: stay alive (heartbeats, load reports) for ``wait_s``, honour AbortPlan.
+
+        Other messages wait in the inbox until staging ends.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            now = time.monotonic()
+            self._receive(int(max(0.0, min(deadline - now, 0.05)) * 1000))
+            self._flush_load_reports()
+            self._heartbeat(time.monotonic())
+            if self._abort_requested == plan_id:
+                self._drop_plan("aborted by the coordinator during staging")
+                raise PlanAborted()
+            if self._stop.is_set():
+                self._drop_plan("agent stopping")
+                raise PlanAborted()
+            if time.monotonic() >= deadline:
+                return
 
     def _shutdown(self) -> None:
         if self._ticket is None and self._plan is not None:
@@ -198,6 +224,12 @@ class WorkerAgent:
             self._on_vote(message)
         elif isinstance(message, P.AbortPlan):
             self._on_abort(message)
+        elif isinstance(message, P.CoordinatorStopping):
+            self.log.warning("coordinator stopping (%s); serving continues, will register again", message.reason)
+            if self._ticket is None:
+                self._drop_plan("coordinator stopping")
+            self._welcomed = False
+            self._next_hello = time.monotonic() + self.hello_interval_s
         else:
             self.log.warning("ignored unexpected %s from the coordinator", type(message).__name__)
 
@@ -208,6 +240,7 @@ class WorkerAgent:
         hooks.fence_steps = msg.config.fence_steps
         hooks.fence_timeout_s = msg.config.fence_timeout_s
         self._welcomed = True
+        self._hello_backoff_s = self.hello_interval_s
         self.log.info("welcomed by the coordinator (epoch %d, step %d)", hooks.epoch, hooks.steps_done)
         if msg.comm is not None:
             self._connect(msg.comm)
@@ -349,14 +382,10 @@ class WorkerAgent:
                     received += bpe
             if ops:
                 transport.exchange(ops)
-            self._receive(0)
-            if self._abort_requested == plan.plan_id:
-                self._drop_plan("aborted by the coordinator during staging")
-                raise PlanAborted()
+            lag = 0.0
             if cfg.throttle_bytes_per_s > 0:
                 lag = started + max(sent, received) / cfg.throttle_bytes_per_s - time.monotonic()
-                if lag > 0:
-                    time.sleep(lag)
+            self._pump_while_staging(plan.plan_id, max(0.0, lag))
         for dup in work.duplicates:
             for buf in area.rows:
                 transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])

@@ -1,0 +1,64 @@
+"""The coordinator's HTTP side: Prometheus metrics, liveness, readiness and status.
+
+Served on the coordinator's own event loop (a few lines of asyncio, no web framework),
+so a probe that answers proves the loop itself is responsive:
+
+- ``/metrics``: Prometheus text format;
+- ``/livez``: 200 while the loop ticks (503 if the periodic tick is more than 5 s late);
+- ``/readyz``: 200 once the ROUTER is bound and the rendezvous store is up;
+- ``/status``: the status document as JSON (as ``eplb-coordinator status --json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from eplb_service.coordinator.server import Coordinator
+
+TICK_LATE_S = 5.0
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+def route(coordinator: "Coordinator", path: str) -> bytes:
+    if path == "/metrics":
+        return _response("200 OK", generate_latest(coordinator.metrics.registry), CONTENT_TYPE_LATEST)
+    if path == "/livez":
+        late = time.monotonic() - coordinator.last_tick
+        if late > TICK_LATE_S:
+            return _response("503 Service Unavailable", f"event loop tick {late:.1f}s late\n".encode())
+        return _response("200 OK", b"ok\n")
+    if path == "/readyz":
+        if coordinator.ready.is_set():
+            return _response("200 OK", b"ready\n")
+        return _response("503 Service Unavailable", b"starting\n")
+    if path == "/status":
+        return _response("200 OK", json.dumps(coordinator.status()).encode(), "application/json")
+    return _response("404 Not Found", f"unknown path {path!r}; try /metrics /livez /readyz /status\n".encode())
+
+
+async def serve_http(coordinator: "Coordinator", host: str, port: int) -> asyncio.base_events.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                writer.write(_response("405 Method Not Allowed", b"GET only\n"))
+            else:
+                writer.write(route(coordinator, parts[1].split("?", 1)[0]))
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
