@@ -483,7 +483,7 @@ class Coordinator:
             })
         plan = self.plan
         return {
-            "world_size": self.cfg.world_size, "endpoint": self.cfg.endpoint, "policy": self.cfg.policy,
+            "world_size": self.cfg.world_size, "endpoint": self.cfg.endpoint, "policy": self.cfg.policy, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3), "epoch": self.epoch,
             "comm_generation": self.comm_generation, "ranks": ranks, "halted": self.halted_reason,
             "plan_in_flight": None if plan is None else {"plan_id": plan.plan_id, "phase": plan.phase.value, "layers": plan.layers},
