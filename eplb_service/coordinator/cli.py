@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 
@@ -56,16 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--summary-json", default=None, help="write the run's summary here")
     sim.add_argument("--plot", default=None, help="write a PNG of balancedness over time here (needs matplotlib)")
+    sim.add_argument("--trace", default=None, help="replay this recorded load trace (.npz from --record) instead of the built-in drift")
+    p.add_argument("--record", default=None, help="record every load window to this .npz trace")
+    p.add_argument("--initial-placement", default=None, help="placement JSON from eplb-plan: move the deployment there first")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     interval = args.rebalance_interval_steps or (SIM_DEFAULTS["rebalance_interval_steps"] if args.simulate else 200)
     extra = {k: v for k, v in SIM_DEFAULTS.items() if k != "rebalance_interval_steps"} if args.simulate else {}
+    initial = None
+    if args.initial_placement:
+        from eplb_service.coordinator.plan_cli import UsageError, read_placement
+
+        try:
+            initial = read_placement(args.initial_placement, "--initial-placement")
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
     return CoordinatorConfig(
+        initial_placement=initial,
         world_size=args.dp * args.tp, endpoint=args.endpoint or default_endpoint(), store_host=args.store_host,
         metrics_port=args.metrics_port, policy=args.policy, num_groups=args.groups, num_nodes=args.nodes,
-        rebalance_interval_steps=interval, min_gain=args.min_gain, staging_budget_bytes=args.staging_budget_bytes,
+        rebalance_interval_steps=interval, min_gain=args.min_gain, record_path=args.record, staging_budget_bytes=args.staging_budget_bytes,
         agent=AgentConfig(report_interval_steps=args.report_interval_steps, fence_steps=args.fence_steps,
                           fence_timeout_s=args.fence_timeout_s, throttle_bytes_per_s=args.throttle_bytes_per_s),
         **extra,
@@ -116,6 +129,7 @@ def _serve(cfg: CoordinatorConfig) -> int:
 
 def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     from eplb_service.sim.deployment import SimulationOptions, run_simulation
+    from eplb_service.sim.workload import SimModelConfig, shape_for_trace
 
     if args.plot:
         try:
@@ -123,7 +137,17 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         except ImportError:
             print("eplb-coordinator: error: --plot needs matplotlib: pip install 'eplb-service[plot]'", file=sys.stderr)
             return 2
-    opts = SimulationOptions(world_size=cfg.world_size, steps=args.steps, seed=args.seed,
+    model = SimModelConfig()
+    if args.trace:
+        from eplb_service.trace import TraceError, load_trace
+
+        try:
+            load_trace(args.trace)
+        except TraceError as exc:
+            print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+            return 2
+        model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
+    opts = SimulationOptions(world_size=cfg.world_size, steps=args.steps, seed=args.seed, model=model,
                              summary_json=args.summary_json, plot=args.plot)
     summary = run_simulation(opts, cfg)
     print(json.dumps(summary, indent=2))

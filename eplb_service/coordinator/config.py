@@ -49,6 +49,10 @@ class CoordinatorConfig:
     liveness_timeout_s: float = 5.0
     staging_timeout_s: float = 60.0
     voting_timeout_s: float = 60.0
+    initial_placement: "np.ndarray | None" = None
+    """``[L, P]`` placement (from ``eplb-plan``) the deployment is moved to first, whatever its gain."""
+    record_path: str | None = None
+    """Record every load window to this ``.npz`` trace (see ``eplb_service.trace``)."""
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
@@ -60,6 +64,10 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
             raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
+        from eplb_service.coordinator.policy import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {POLICIES}")
         if self.min_gain < 0 or self.min_layer_gain < 0:
             raise ValueError(f"min_gain={self.min_gain} and min_layer_gain={self.min_layer_gain} must be >= 0")
 

@@ -21,15 +21,20 @@ class LoadWindow:
         self.first_step: int | None = None
         self.reports = 0
 
-    def add(self, slot_load: np.ndarray, phy2log: np.ndarray, step_begin: int, step_end: int) -> None:
-        """Fold one rank's ``[L, P]`` counts for ``[step_begin, step_end)`` into the window."""
+    def add(self, logical_load: np.ndarray, step_begin: int, step_end: int) -> None:
+        """Fold one rank's ``[L, N_log]`` load for ``[step_begin, step_end)`` into the window."""
         if step_end > self.decayed_to_step:
             self.load *= 0.5 ** ((step_end - self.decayed_to_step) / self.half_life_steps)
             self.decayed_to_step = step_end
         if self.first_step is None:
             self.first_step = step_begin
-        self.load += physical_to_logical_load(phy2log, slot_load, self.load.shape[1])
+        self.load += logical_load
         self.reports += 1
+
+    @staticmethod
+    def to_logical(slot_load: np.ndarray, phy2log: np.ndarray, num_logical: int) -> np.ndarray:
+        """``[L, P]`` counts under placement ``phy2log`` → ``[L, N_log]``."""
+        return physical_to_logical_load(phy2log, slot_load, num_logical)
 
     def steps_covered(self) -> int:
         return 0 if self.first_step is None else self.decayed_to_step - self.first_step

@@ -1,7 +1,7 @@
 """``eplb-plan``: compute a placement offline, from a load file.
 
-Reads a load ``[L, N_log]`` (``.npy``, or JSON: a list of lists, or an object with a ``load``
-key), runs a placement policy, and writes placement JSON::
+Reads a load ``[L, N_log]`` (``.npy``, JSON: a list of lists or an object with a ``load``
+key, or a coordinator's recorded trace ``.npz`` whose windows are summed), runs a placement policy, and writes placement JSON::
 
     {"policy": ..., "num_layers": L, "num_logical": N, "num_physical": P, "num_ranks": R,
      "phy2log": [[...], ...],            # [L, P]
@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eplb-plan", description="Compute an expert placement offline from a load file.")
-    parser.add_argument("--load", required=True, metavar="FILE", help=".npy or JSON load [layers, logical experts]")
+    parser.add_argument("--load", required=True, metavar="FILE", help=".npy or JSON load [layers, logical experts], or a recorded .npz trace")
     parser.add_argument("--ranks", required=True, type=int, help="EP ranks (must divide the slots)")
     parser.add_argument("--redundant", type=int, default=None,
                         help="redundant slots per layer (default: from --current, else 0)")
@@ -81,8 +81,15 @@ def _as_2d(value, path: str, what: str, dtype) -> np.ndarray:
 
 
 def read_load(path: str) -> np.ndarray:
-    """``[L, N_log]`` float64 from ``.npy`` or JSON."""
-    if path.endswith(".npy"):
+    """``[L, N_log]`` float64 from ``.npy``, JSON, or a recorded trace (``.npz``, windows summed)."""
+    if path.endswith(".npz"):
+        from eplb_service.trace import TraceError, load_trace
+
+        try:
+            value = load_trace(path).aggregate()
+        except TraceError as exc:
+            raise UsageError(f"--load {path}: {exc}") from None
+    elif path.endswith(".npy"):
         try:
             value = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -96,16 +103,16 @@ def read_load(path: str) -> np.ndarray:
     return _as_2d(value, path, "--load", np.float64)
 
 
-def read_placement(path: str) -> np.ndarray:
+def read_placement(path: str, flag: str = "--current") -> np.ndarray:
     """``phy2log [L, P]`` from placement JSON (an object with ``phy2log``, or a bare list)."""
-    value = _read_json(path, "--current")
+    value = _read_json(path, flag)
     if isinstance(value, dict):
         if "phy2log" not in value:
-            raise UsageError(f"--current {path}: JSON object has no 'phy2log' key")
+            raise UsageError(f"{flag} {path}: JSON object has no 'phy2log' key")
         value = value["phy2log"]
-    arr = _as_2d(value, path, "--current", np.float64)
+    arr = _as_2d(value, path, flag, np.float64)
     if not np.all(arr == np.round(arr)):
-        raise UsageError(f"--current {path}: phy2log entries must be integers")
+        raise UsageError(f"{flag} {path}: phy2log entries must be integers")
     return arr.astype(np.int64)
 
 

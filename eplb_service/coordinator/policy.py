@@ -187,19 +187,24 @@ def build_plan(
     bytes_per_expert: int = 1,
     staging_budget_bytes: int | None = None,
     min_layer_gain: float = 0.0,
+    require_gain: bool = True,
 ) -> RebalancePlan:
     """Gain filter, byte accounting and batching of a proposal (see the module docstring).
 
     Args:
         current: ``[L, P]`` current placement; proposed: ``[L, P]`` valid proposal.
         load: ``[L, N_log]`` validated load.
+        require_gain: ``False`` takes every changed layer whatever its gain (moving to a
+            placement chosen offline, e.g. the coordinator's ``--initial-placement``).
     """
     num_ranks = shape.num_ranks
     before_ranks = rank_loads(current, load, num_ranks)
     after_ranks = rank_loads(proposed, load, num_ranks)
     gain = layer_balancedness(after_ranks) - layer_balancedness(before_ranks)
     changed = current != proposed
-    accept = changed.any(axis=1) & (gain > 0) & (gain >= min_layer_gain)
+    accept = changed.any(axis=1)
+    if require_gain:
+        accept &= (gain > 0) & (gain >= min_layer_gain)
     target = np.where(accept[:, None], proposed, current)
     changed &= accept[:, None]
 

@@ -30,6 +30,7 @@ from eplb_service.coordinator.metrics import CoordinatorMetrics
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.registry import AgentRecord, Registry
 from eplb_service.logutil import rank_logger
+from eplb_service.trace import TraceRecorder
 from eplb_service.placement import (
     PlacementError, PlacementShape, layer_balancedness, model_balancedness, rank_loads, validate_phy2log,
 )
@@ -80,6 +81,9 @@ class Coordinator:
         self._planning = False
         self.halted_reason: str | None = None
         self.drain_at_step: int | None = None
+        self.recorder: TraceRecorder | None = None
+        self._seeded = False
+        self._last_trace_flush = time.monotonic()
         """No new plan starts once the deployment passes this step (planned shutdowns)."""
         self.outcomes: list[PlanOutcome] = []
         self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
@@ -133,6 +137,9 @@ class Coordinator:
         if self.plan is not None and not self.plan.phase.final:
             self._abort_plan("coordinator shutting down")
         self._broadcast(P.CoordinatorStopping(reason="coordinator shutting down"))
+        if self.recorder is not None:
+            self.recorder.flush(close_all=True)
+            self.log.info("load trace: %d windows in %s", self.recorder.windows, self.recorder.path)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sock is not None:
             self._sock.close(linger=200)
@@ -264,6 +271,9 @@ class Coordinator:
         if self.model is None:
             self.model, self.shape = model, shape
             self.window = LoadWindow(shape.num_layers, shape.num_logical, self.cfg.load_half_life_steps)
+            if self.cfg.record_path:
+                self.recorder = TraceRecorder(self.cfg.record_path, shape.num_layers, shape.num_logical, self.cfg.world_size)
+                self.log.info("recording load windows to %s", self.cfg.record_path)
         self.epoch = epoch
         self.placements = {epoch: phy2log}
         self.metrics.epoch.set(epoch)
@@ -292,7 +302,10 @@ class Coordinator:
             self.metrics.load_reports_dropped.labels("bad_shape").inc()
             self.log.warning("rank %d load report shape %s, expected %s", record.rank, counts.shape, placement.shape)
             return
-        self.window.add(counts, placement, report.step_begin, report.step_end)
+        logical = self.window.to_logical(counts, placement, self.shape.num_logical)
+        self.window.add(logical, report.step_begin, report.step_end)
+        if self.recorder is not None:
+            self.recorder.add(logical, report.step_begin, report.step_end, report.epoch, record.rank)
         record.step = max(record.step, report.step_end)
         self.max_step_seen = max(self.max_step_seen, report.step_end)
         self.metrics.load_reports.inc()
@@ -324,6 +337,9 @@ class Coordinator:
             if self.plan is not None and self.plan.on_tick(now):
                 self._advance_plan()
             self._publish_balancedness()
+            if self.recorder is not None and now - self._last_trace_flush > 5.0:
+                self._last_trace_flush = now
+                await asyncio.get_running_loop().run_in_executor(None, self.recorder.flush)
             if self._should_plan():
                 self._planning = True
                 asyncio.create_task(self._run_policy())
@@ -336,23 +352,35 @@ class Coordinator:
         step = self.registry.min_step()
         if self.drain_at_step is not None and self.max_step_seen >= self.drain_at_step:
             return False
+        if self.cfg.initial_placement is not None and not self._seeded:
+            return True
         return (self.window.steps_covered() >= self.cfg.min_window_steps
                 and step - self._last_plan_end_step >= self.cfg.rebalance_interval_steps)
 
     async def _run_policy(self) -> None:
-        from eplb_service.coordinator.policy import plan_rebalance  # heavy imports only when planning
+        from eplb_service.coordinator.policy import build_plan, plan_rebalance  # heavy imports only when planning
 
         loop = asyncio.get_running_loop()
         epoch = self.epoch
         current = self.placements[epoch].copy()
         load = self.window.load.copy()
+        seeding = self.cfg.initial_placement is not None and not self._seeded
         t0 = time.perf_counter()
         try:
-            result = await loop.run_in_executor(self._executor, functools.partial(
-                plan_rebalance, self.cfg.policy, current, load, self.shape,
-                num_groups=self.cfg.num_groups, num_nodes=self.cfg.num_nodes,
-                bytes_per_expert=self.model.bytes_per_expert, staging_budget_bytes=self.cfg.staging_budget_bytes,
-                min_layer_gain=self.cfg.min_layer_gain))
+            if seeding:
+                self._seeded = True
+                seed = np.asarray(self.cfg.initial_placement, dtype=np.int64)
+                validate_phy2log(seed, self.shape)
+                call = functools.partial(build_plan, current, seed, load if load.any() else np.ones(load.shape), self.shape,
+                                         bytes_per_expert=self.model.bytes_per_expert,
+                                         staging_budget_bytes=self.cfg.staging_budget_bytes, require_gain=False)
+            else:
+                call = functools.partial(
+                    plan_rebalance, self.cfg.policy, current, load, self.shape,
+                    num_groups=self.cfg.num_groups, num_nodes=self.cfg.num_nodes,
+                    bytes_per_expert=self.model.bytes_per_expert, staging_budget_bytes=self.cfg.staging_budget_bytes,
+                    min_layer_gain=self.cfg.min_layer_gain)
+            result = await loop.run_in_executor(self._executor, call)
         except Exception as exc:
             self.log.exception("policy %s failed: %s", self.cfg.policy, exc)
             self._last_plan_end_step = self.registry.min_step()
@@ -363,7 +391,9 @@ class Coordinator:
         self._last_plan_end_step = self.registry.min_step()
         gain = result.balancedness_after - result.balancedness_before
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
-        if epoch != self.epoch or not result.batches or gain < self.cfg.min_gain:
+        if seeding:
+            self.log.info("moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved)
+        elif epoch != self.epoch or not result.batches or gain < self.cfg.min_gain:
             self.counts["skipped"] += 1
             self.log.info("no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
                           result.balancedness_before, result.balancedness_after, gain, self.cfg.min_gain)

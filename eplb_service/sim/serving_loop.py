@@ -75,7 +75,7 @@ class SimServingRank:
         self._pop_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def _popularity(self, layer: int, step: int) -> torch.Tensor:
-        key = (layer, step // self.cfg.drift_interval_steps)
+        key = (layer, self.cfg.popularity_key(step))
         if key not in self._pop_cache:
             self._pop_cache = {k: v for k, v in self._pop_cache.items() if k[1] >= key[1]}
             self._pop_cache[key] = torch.from_numpy(popularity(self.cfg, self.spec.seed, layer, step))

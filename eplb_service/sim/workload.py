@@ -27,10 +27,45 @@ class SimModelConfig:
     drift_interval_steps: int = 250
     drift_swaps: int = 6
     """Pairs of experts whose popularity swaps at every drift point, per layer."""
+    trace_path: str | None = None
+    """Replay a recorded load trace (``eplb_service.trace``) instead of the Zipf drift."""
+
+    def popularity_key(self, step: int) -> int:
+        """Steps with the same key share one popularity (cache key)."""
+        if self.trace_path:
+            return _trace(self.trace_path).window_at(step)
+        return step // self.drift_interval_steps
+
+
+_TRACES: dict = {}
+
+
+def _trace(path: str):
+    from eplb_service.trace import load_trace
+
+    if path not in _TRACES:
+        _TRACES[path] = load_trace(path)
+    return _TRACES[path]
+
+
+def shape_for_trace(cfg: SimModelConfig, world_size: int) -> SimModelConfig:
+    """The model config that replays ``cfg.trace_path``: its layers and experts, enough redundant slots."""
+    import dataclasses
+
+    layers, experts = _trace(cfg.trace_path).loads.shape[1:]
+    redundant = max(1, experts // 8)
+    while (experts + redundant) % world_size:
+        redundant += 1
+    return dataclasses.replace(cfg, num_layers=int(layers), num_logical=int(experts), num_redundant=redundant)
 
 
 def popularity(cfg: SimModelConfig, seed: int, layer: int, step: int) -> np.ndarray:
-    """``[N_log]`` probabilities: Zipf over a permutation that drifts every interval."""
+    """``[N_log]`` probabilities: the trace's window, or Zipf over a permutation that drifts."""
+    if cfg.trace_path:
+        trace = _trace(cfg.trace_path)
+        load = trace.loads[trace.window_at(step), layer]
+        total = load.sum()
+        return load / total if total > 0 else np.full(cfg.num_logical, 1.0 / cfg.num_logical)
     rng = np.random.default_rng([seed, layer, 0])
     order = rng.permutation(cfg.num_logical)
     for drift in range(1, step // cfg.drift_interval_steps + 1):

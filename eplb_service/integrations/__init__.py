@@ -1,0 +1,1 @@
+"""Integrations of eplb-service into serving engines (``vllm``)."""

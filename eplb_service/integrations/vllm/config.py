@@ -1,0 +1,107 @@
+"""The plugin's configuration: ``EPLB_SERVICE_*`` environment variables, read once.
+
+vLLM starts its engine and worker processes itself, so the environment is the one
+channel that reaches every one of them. The plugin is inert unless
+``EPLB_SERVICE_ENDPOINT`` is set. The coordinator decides the deployment-wide knobs
+(``eplb-coordinator --report-interval-steps ...``); the variables below, when set,
+override them for the ranks of this vLLM instance only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ENDPOINT = "EPLB_SERVICE_ENDPOINT"
+TRANSPORT = "EPLB_SERVICE_TRANSPORT"
+STAGING_BUDGET_BYTES = "EPLB_SERVICE_STAGING_BUDGET_BYTES"
+THROTTLE_BYTES_PER_S = "EPLB_SERVICE_THROTTLE_BYTES_PER_S"
+REPORT_INTERVAL_STEPS = "EPLB_SERVICE_REPORT_INTERVAL_STEPS"
+ALLOW_UNTESTED_VLLM = "EPLB_SERVICE_ALLOW_UNTESTED_VLLM"
+LOG_LEVEL = "EPLB_SERVICE_LOG_LEVEL"
+
+TRANSPORTS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A variable that cannot be used as it is; the message names it and its value."""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """What the ``EPLB_SERVICE_*`` variables say; validated in ``__post_init__``."""
+
+    endpoint: str
+    """``EPLB_SERVICE_ENDPOINT``: the coordinator's ZeroMQ endpoint (``ipc://`` or ``tcp://``)."""
+    transport: str = "auto"
+    """``EPLB_SERVICE_TRANSPORT``: side communicator for expert weights. ``auto`` = gloo for
+    CPU workers, ``nccl`` (CuPy NCCL on a side stream) for GPU workers."""
+    staging_budget_bytes: int | None = None
+    """``EPLB_SERVICE_STAGING_BUDGET_BYTES``: most staging memory this rank allocates for one
+    plan batch; a batch that needs more fails on this rank (and so aborts everywhere). Start
+    the coordinator with the same ``--staging-budget-bytes`` so it cuts plans to fit."""
+    throttle_bytes_per_s: float | None = None
+    """``EPLB_SERVICE_THROTTLE_BYTES_PER_S``: per-rank streaming cap, overriding the
+    coordinator's (``0`` = unthrottled)."""
+    report_interval_steps: int | None = None
+    """``EPLB_SERVICE_REPORT_INTERVAL_STEPS``: steps per load report, overriding the coordinator's."""
+    allow_untested_vllm: bool = False
+    """``EPLB_SERVICE_ALLOW_UNTESTED_VLLM=1``: run on a vLLM version the adapter was not
+    checked against (the shape and layout checks still apply)."""
+    log_level: str = "INFO"
+    """``EPLB_SERVICE_LOG_LEVEL``: level of the ``eplb_service`` loggers in vLLM's processes."""
+
+    def __post_init__(self) -> None:
+        if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
+            raise ConfigError(f"{ENDPOINT}={self.endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"{TRANSPORT}={self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+
+    def agent_overrides(self) -> dict[str, int | float]:
+        """The coordinator's ``AgentConfig`` fields this instance overrides."""
+        out: dict[str, int | float] = {}
+        if self.throttle_bytes_per_s is not None:
+            out["throttle_bytes_per_s"] = self.throttle_bytes_per_s
+        if self.report_interval_steps is not None:
+            out["report_interval_steps"] = self.report_interval_steps
+        return out
+
+
+def _number(environ: Mapping[str, str], name: str, kind: type, minimum: float, inclusive: bool):
+    text = environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if value < minimum or (value == minimum and not inclusive):
+        raise ConfigError(f"{name}={text!r}: expected a value {'>=' if inclusive else '>'} {minimum}")
+    return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    text = environ.get(name, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={text!r}: expected 0 or 1")
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
+    """The plugin's configuration, or ``None`` (inert) when ``EPLB_SERVICE_ENDPOINT`` is unset."""
+    env = os.environ if environ is None else environ
+    endpoint = env.get(ENDPOINT, "").strip()
+    if not endpoint:
+        return None
+    return PluginConfig(
+        endpoint=endpoint,
+        transport=env.get(TRANSPORT, "auto").strip().lower() or "auto",
+        staging_budget_bytes=_number(env, STAGING_BUDGET_BYTES, int, 0, inclusive=False),
+        throttle_bytes_per_s=_number(env, THROTTLE_BYTES_PER_S, float, 0, inclusive=True),
+        report_interval_steps=_number(env, REPORT_INTERVAL_STEPS, int, 0, inclusive=False),
+        allow_untested_vllm=_flag(env, ALLOW_UNTESTED_VLLM),
+        log_level=env.get(LOG_LEVEL, "INFO").strip().upper() or "INFO",
+    )

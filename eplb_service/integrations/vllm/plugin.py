@@ -1,0 +1,265 @@
+"""The ``vllm.general_plugins`` entry point: eplb-service takes over vLLM's EPLB.
+
+vLLM calls :func:`register` in every process it starts (the API server or ``LLM``
+driver, the engine core, every worker). Without ``EPLB_SERVICE_ENDPOINT`` it returns at
+once and changes nothing. Configured, it wraps four methods of vLLM's ``EplbState``
+class (so both model runners, V1 and V2, go through them) and one of ``EngineArgs``:
+
+- ``EngineArgs.create_engine_config``: refuse a configuration without ``--enable-eplb``
+  with an error that says so, before any worker starts.
+- ``EplbState.add_model`` (main model): check the maps and weights through the adapter
+  and attach a :class:`~eplb_service.worker_agent.agent.WorkerAgent` to them.
+  A draft model's EPLB stays vLLM's initial placement (its load is discarded).
+- ``EplbState.step``: profile steps go to vLLM (its profile rearrangement reserves the
+  memory a real one needs); every other step, real or dummy, is one tick of the agent's
+  step clock: fold this step's ``expert_load_pass`` into the agent (dummy steps fold
+  nothing), zero it, and run the commit hook at the step boundary. vLLM's own counter
+  never advances, so its rearrangement never runs.
+- ``EplbState.rearrange``: a non-profile call while the agent owns placement is a bug
+  (or elastic EP) and raises instead of moving experts behind the agent's back.
+- ``EplbState.start_async_loop``: vLLM's async EPLB thread is not started.
+
+Load recording stays on every step (vLLM gates it to the steps before its own
+rearrangement). The agent stops (``Goodbye`` to the coordinator) at interpreter exit,
+which vLLM's worker processes reach on shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib
+import logging
+import threading
+
+from eplb_service.integrations.vllm import config as config_mod
+
+log = logging.getLogger(__name__)
+
+BINDING_ATTR = "_eplb_service_binding"
+PASSIVE_ATTR = "_eplb_service_passive_load"
+_lock = threading.Lock()
+_installed: config_mod.PluginConfig | None = None
+
+
+def register() -> None:
+    """The entry point. Inert (and cheap: no torch, no vLLM import) unless configured."""
+    cfg = config_mod.from_env()
+    if cfg is None:
+        return
+    global _installed
+    with _lock:
+        if _installed is not None:
+            return
+        _setup_logging(cfg.log_level)
+        from eplb_service.integrations.vllm import adapter
+
+        adapter.check_vllm_version(adapter.installed_vllm_version(), cfg.allow_untested_vllm)
+        install(cfg, adapter.eplb_state_class(), adapter.engine_args_class())
+        _installed = cfg
+        log.info("eplb-service plugin active: coordinator %s, transport %s", cfg.endpoint, cfg.transport)
+
+
+def _setup_logging(level: str) -> None:
+    """vLLM configures only its own loggers; give ours a handler so agent lines show up."""
+    logger = logging.getLogger("eplb_service")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+# -- patching --------------------------------------------------------------------------------
+
+
+def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls: type | None,
+            agent_factory=None) -> None:
+    """Wrap the methods listed in the module docstring (idempotent per class).
+
+    ``agent_factory(cfg, view, topology) -> agent`` replaces :func:`start_agent` in tests.
+    """
+    from eplb_service.integrations.vllm import adapter
+
+    factory = agent_factory or start_agent
+    if getattr(eplb_state_cls, "_eplb_service_patched", False):
+        return
+    adapter.check_eplb_state_class(eplb_state_cls)
+
+    original_add_model = eplb_state_cls.add_model
+    original_step = eplb_state_cls.step
+    original_rearrange = eplb_state_cls.rearrange
+    original_start_async = eplb_state_cls.start_async_loop
+
+    @functools.wraps(original_add_model)
+    def add_model(self, *args, **kwargs):
+        result = original_add_model(self, *args, **kwargs)
+        bound = adapter.bound_arguments(original_add_model, (self, *args), kwargs)
+        model_state = adapter.model_state_of(self, bound["model_config"])
+        passive = self.__dict__.setdefault(PASSIVE_ATTR, [])
+        if adapter.is_main_model(bound.get("model_name")):
+            if getattr(self, BINDING_ATTR, None) is not None:
+                raise adapter.AdapterError("EplbState.add_model was called twice for a main model; eplb-service manages one")
+            topology = adapter.ep_topology()
+            view = adapter.view_model_state(model_state, topology)
+            adapter.enable_load_recording(self)
+            binding = EplbBinding(view, factory(cfg, view, topology), passive)
+            setattr(self, BINDING_ATTR, binding)
+            atexit.register(binding.detach)
+        else:
+            log.warning("EPLB of the draft model %s stays at vLLM's initial placement: eplb-service balances "
+                        "the main model only", bound.get("model_name"))
+            passive.append(model_state.expert_load_pass)
+        return result
+
+    @functools.wraps(original_step)
+    def step(self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False):
+        # The adapter checked that these are step()'s parameters, in this order.
+        if is_profile:
+            return original_step(self, is_dummy, is_profile, log_stats)
+        binding = getattr(self, BINDING_ATTR, None)
+        if binding is None:
+            raise adapter.AdapterError("EplbState.step ran with eplb-service configured but no main model attached; "
+                                       "vLLM's own rearrangement would run")
+        binding.on_step(is_dummy)
+        return None
+
+    @functools.wraps(original_rearrange)
+    def rearrange(self, *args, **kwargs):
+        binding = getattr(self, BINDING_ATTR, None)
+        if binding is not None:
+            if not adapter.bound_arguments(original_rearrange, (self, *args), kwargs)["is_profile"]:
+                binding.refused_rearranges += 1
+                raise adapter.AdapterError("vLLM's own expert rearrangement (EplbState.rearrange) was called while "
+                                           "eplb-service manages placement; elastic EP is not supported with the plugin")
+            binding.profile_rearranges += 1
+        return original_rearrange(self, *args, **kwargs)
+
+    @functools.wraps(original_start_async)
+    def start_async_loop(self, *args, **kwargs):
+        if getattr(self, BINDING_ATTR, None) is not None:
+            log.info("vLLM's async EPLB worker not started: eplb-service moves the experts")
+            return None
+        return original_start_async(self, *args, **kwargs)
+
+    eplb_state_cls.add_model = add_model
+    eplb_state_cls.step = step
+    eplb_state_cls.rearrange = rearrange
+    eplb_state_cls.start_async_loop = start_async_loop
+    eplb_state_cls._eplb_service_patched = True
+
+    if engine_args_cls is not None and not getattr(engine_args_cls, "_eplb_service_patched", False):
+        original_create = engine_args_cls.create_engine_config
+
+        @functools.wraps(original_create)
+        def create_engine_config(self, *args, **kwargs):
+            vllm_config = original_create(self, *args, **kwargs)
+            adapter.check_parallel_config(vllm_config.parallel_config)
+            return vllm_config
+
+        engine_args_cls.create_engine_config = create_engine_config
+        engine_args_cls._eplb_service_patched = True
+
+
+def binding_of(eplb_state) -> "EplbBinding | None":
+    """The plugin's state on one worker's ``EplbState`` (for status and tests)."""
+    return getattr(eplb_state, BINDING_ATTR, None)
+
+
+# -- the per-worker binding ---------------------------------------------------------------------
+
+
+class EplbBinding:
+    """One worker's link between vLLM's EPLB tensors and its agent."""
+
+    def __init__(self, view, agent, passive_load_passes: list | None = None) -> None:
+        self.view = view
+        self.agent = agent
+        self.hooks = agent.hooks
+        self.passive_load_passes: list = passive_load_passes if passive_load_passes is not None else []
+        """``expert_load_pass`` of draft models: zeroed every step, never reported."""
+        self.profile_rearranges = 0
+        self.refused_rearranges = 0
+        self.real_steps = 0
+        self.dummy_steps = 0
+        self._detached = False
+
+    def on_step(self, is_dummy: bool) -> None:
+        """One non-profile ``EplbState.step``: the boundary after a forward pass."""
+        load = self.view.load_pass
+        hooks = self.hooks
+        if is_dummy:
+            self.dummy_steps += 1
+            hooks.after_step(None)
+        else:
+            self.real_steps += 1
+            hooks.after_step(load)
+        load.zero_()
+        for other in self.passive_load_passes:
+            other.zero_()
+        hooks.before_step()
+
+    def detach(self) -> None:
+        if self._detached:
+            return
+        self._detached = True
+        try:
+            self.agent.stop(timeout_s=2.0)
+        except Exception as exc:  # interpreter shutdown: nothing left to do
+            log.debug("stopping the agent: %s", exc)
+
+    def status(self) -> dict:
+        hooks = self.hooks
+        return {
+            "rank": self.agent.rank, "welcomed": self.agent.welcomed, "steps": hooks.steps_done,
+            "real_steps": self.real_steps, "dummy_steps": self.dummy_steps, "epoch": hooks.epoch,
+            "commits": list(hooks.commit_log), "max_stall_s": hooks.max_stall_s,
+            "profile_rearranges": self.profile_rearranges, "refused_rearranges": self.refused_rearranges,
+            "agent_stats": dict(self.agent.stats), "phy2log": self.view.phy2log.tolist(),
+        }
+
+
+# -- the agent ------------------------------------------------------------------------------------
+
+
+TRANSPORT_MODULES = {
+    "gloo": "eplb_service.worker_agent.transport_gloo",
+    "nccl": "eplb_service.worker_agent.transport_cupy_nccl",
+}
+
+
+def make_transport(name: str, device_type: str):
+    """The side transport named by ``EPLB_SERVICE_TRANSPORT`` (``auto``: by device)."""
+    from eplb_service.integrations.vllm.adapter import AdapterError
+    from eplb_service.worker_agent.transport import Transport
+
+    if name == "auto":
+        name = "gloo" if device_type == "cpu" else "nccl"
+    module_name = TRANSPORT_MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AdapterError(f"{config_mod.TRANSPORT}={name}: cannot import {module_name} ({exc}); "
+                           f"install the matching extra (eplb-service[gpu] for nccl) or pick another transport") from exc
+    classes = [c for c in vars(module).values()
+               if isinstance(c, type) and issubclass(c, Transport) and c is not Transport and c.__module__ == module_name]
+    if len(classes) != 1:
+        raise AdapterError(f"{module_name} defines {len(classes)} Transport classes, expected one")
+    return classes[0]()
+
+
+def start_agent(cfg: config_mod.PluginConfig, view, topology):
+    """Build this rank's :class:`ExpertModel` over vLLM's tensors and start its agent."""
+    from eplb_service.integrations.vllm.agent import VllmWorkerAgent
+    from eplb_service.worker_agent.expert_model import ExpertModel
+
+    model = ExpertModel(expert_weights=view.expert_weights, phy2log=view.phy2log, log2phy=view.log2phy,
+                        logcnt=view.logcnt, rank=topology.rank, num_ranks=topology.world_size)
+    transport = make_transport(cfg.transport, model.device.type)
+    agent = VllmWorkerAgent(model, cfg.endpoint, transport, ranks_per_node=topology.ranks_per_node,
+                            overrides=cfg.agent_overrides(), staging_budget_bytes=cfg.staging_budget_bytes)
+    log.info("EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",
+             topology.rank, topology.world_size, view.shape.num_layers, view.shape.num_logical,
+             view.shape.num_physical, model.bytes_per_expert, transport.name)
+    return agent.start()

@@ -1,0 +1,406 @@
+"""GPU side transport: a CuPy NCCL communicator on its own low-priority CUDA stream.
+
+The communicator is built for the agents alone, from the coordinator's rendezvous
+(:class:`~eplb_service.protocol.CommInit`), never from the serving group: rank 0 creates
+the NCCL unique id and publishes it in the coordinator's TCPStore under a key that
+carries the generation (``eplb/gen<G>/nccl_unique_id``); the other ranks read it there.
+A store barrier runs before ``ncclCommInitRank`` so a missing rank fails the connect
+within ``timeout_s`` instead of blocking NCCL's bootstrap forever.
+
+Rules this module keeps (DESIGN.md, "Weight movement rules"):
+
+- every NCCL call is issued on one dedicated non-blocking stream of the lowest priority;
+  tensors are handed to NCCL as raw device pointers of the torch tensors (no copies);
+- ``exchange`` is one ``ncclGroupStart``/``ncclGroupEnd`` holding exactly the ops the
+  agent passes (it bounds their number and bytes and issues them in the same global
+  order on every rank). It returns once at most ``max_groups_in_flight - 1`` earlier
+  groups are still running, so the bytes in flight are bounded by that many chunks and
+  the host wait of one chunk overlaps the transfer of the next; ``synchronize`` waits
+  for all of them. Every host wait is bounded by the connect timeout and ends in
+  :class:`TransportError`, never in a hang;
+- a *session* is everything between two ``synchronize`` calls (one plan batch for the
+  agent). The first operation of a session makes the side stream wait for everything the
+  serving stream has queued so far: the previous commit's copies into the live rows and
+  out of the staging rows are ordered before this session reads live rows or writes
+  staging rows, without any host/device synchronisation;
+- memory the side stream writes or reads is marked with ``record_stream`` so that the
+  caching allocator never hands it to another stream while a transfer is pending (a plan
+  dropped mid-staging frees its staging rows with a group still in flight);
+- ``abort`` is ``ncclCommAbort``: kernels waiting for a dead peer return, the stream is
+  drained (bounded), and the next ``connect`` builds a fresh communicator on a fresh stream.
+
+CTA limits: NCCL limits a communicator's CTAs through ``ncclConfig_t`` (``maxCTAs``) passed
+to ``ncclCommInitRankConfig``; CuPy's ``NcclCommunicator`` only wraps ``ncclCommInitRank``,
+and the environment variable ``NCCL_MAX_CTAS`` overrides the config of *every*
+communicator in the process (the serving group's too), so it is not used here.
+Point-to-point send/recv use few channels per peer to begin with; the harness measures
+the effect of the side traffic on the serving step instead (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb_service.protocol import CommInit
+from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+# NCCL enum values (nccl.h); CuPy exports the same names, these are the fallbacks.
+_NCCL_UINT8 = 1
+_NCCL_INT64 = 4
+_NCCL_MAX = 2
+
+
+def _import_nccl():
+    try:
+        from cupy.cuda import nccl
+    except Exception as exc:  # ImportError, or CuPy present without a usable CUDA/NCCL
+        raise TransportError(f"CuPy NCCL is not available: {exc}") from exc
+    if not getattr(nccl, "available", True):
+        raise TransportError("CuPy was built without NCCL support")
+    return nccl
+
+
+def unique_id_to_bytes(uid: tuple[int, ...]) -> bytes:
+    """CuPy's unique id (a tuple of signed chars) as the 128 raw bytes stored in the store."""
+    return bytes(b & 0xFF for b in uid)
+
+
+def unique_id_from_bytes(raw: bytes) -> tuple[int, ...]:
+    """The inverse of :func:`unique_id_to_bytes`."""
+    return tuple(b - 256 if b > 127 else b for b in raw)
+
+
+@dataclass
+class TransportSession:
+    """Traffic of one session (``order``-fenced start to ``synchronize``), for metrics.
+
+    Attributes:
+        bytes_sent / bytes_received: by this rank, over the side communicator.
+        groups: NCCL group calls issued.
+        wall_s: host time from the session's first operation to the end of ``synchronize``.
+        gpu_s: side-stream time from the start of the first group to the end of the last
+            (0 when the session issued no group); bytes over ``gpu_s`` is the rate the
+            link ran at while this rank streamed, host gaps between groups included.
+    """
+
+    started_at: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    groups: int = 0
+    wall_s: float = 0.0
+    gpu_s: float = 0.0
+    first_event: object | None = field(default=None, repr=False)
+    last_event: object | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        return {"started_at": self.started_at, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "groups": self.groups, "wall_s": self.wall_s, "gpu_s": self.gpu_s}
+
+
+class CupyNcclTransport(Transport):
+    """Side transport over a CuPy NCCL communicator (one per EP rank, one GPU per rank).
+
+    Args:
+        device: the rank's CUDA device (where its expert weights live).
+        serving_stream: the stream the serving thread enqueues the commit on; default: the
+            current stream of the constructing thread (build the transport on the serving
+            thread).
+        max_groups_in_flight: NCCL groups that may be queued on the side stream at once
+            (>= 1; 1 = ``exchange`` waits for its own group).
+        warmup: after connecting, open the NCCL connections to every peer with a tiny
+            all-pairs exchange, so the first plan does not pay for them.
+        keep_sessions: how many finished sessions to keep in :attr:`sessions`.
+    """
+
+    name = "cupy-nccl"
+
+    def __init__(self, device: torch.device | int | str, *, serving_stream: torch.cuda.Stream | None = None,
+                 max_groups_in_flight: int = 2, warmup: bool = True, keep_sessions: int = 100_000) -> None:
+        if max_groups_in_flight < 1:
+            raise ValueError(f"max_groups_in_flight={max_groups_in_flight} must be >= 1")
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"CupyNcclTransport needs a CUDA device, got {dev}")
+        self.device = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self._nccl = _import_nccl()
+        self.serving_stream = serving_stream if serving_stream is not None else torch.cuda.current_stream(self.device)
+        self.max_groups_in_flight = max_groups_in_flight
+        self.warmup = warmup
+        self._comm = None
+        self._store: dist.Store | None = None
+        self._stream: torch.cuda.Stream | None = None
+        self._generation = -1
+        self._world_size = 0
+        self._rank = -1
+        self._timeout_s = 30.0
+        self._in_flight: collections.deque = collections.deque()
+        self._session: TransportSession | None = None
+        self.sessions: collections.deque[TransportSession] = collections.deque(maxlen=keep_sessions)
+        self.bytes_sent_total = 0
+        self.bytes_received_total = 0
+        self.groups_total = 0
+        self.aborts = 0
+        self._dtype_u8 = getattr(self._nccl, "NCCL_UINT8", _NCCL_UINT8)
+        self._dtype_i64 = getattr(self._nccl, "NCCL_INT64", _NCCL_INT64)
+        self._op_max = getattr(self._nccl, "NCCL_MAX", _NCCL_MAX)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._comm is not None
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The side stream of the current generation (``None`` before ``connect``)."""
+        return self._stream
+
+    @property
+    def session_active(self) -> bool:
+        return self._session is not None
+
+    def _require(self):
+        if self._comm is None:
+            raise TransportError("side communicator is not connected (aborted or never built)")
+        return self._comm
+
+    def _use_device(self) -> None:
+        # The current device is per host thread; the agent thread calls in here.
+        torch.cuda.set_device(self.device)
+        import cupy
+
+        cupy.cuda.Device(self.device.index).use()
+
+    # -- connect -------------------------------------------------------------------------
+
+    def connect(self, comm: CommInit, rank: int, timeout_s: float) -> None:
+        self.abort()
+        self._use_device()
+        self._timeout_s = timeout_s
+        prefix = f"eplb/gen{comm.generation}"
+        try:
+            store = dist.TCPStore(comm.store_host, comm.store_port, comm.world_size, False,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+            if rank == 0:
+                store.set(f"{prefix}/nccl_unique_id", unique_id_to_bytes(self._nccl.get_unique_id()))
+            self._store_barrier(store, f"{prefix}/nccl_arrived", comm.world_size, timeout_s)
+            uid = unique_id_from_bytes(store.get(f"{prefix}/nccl_unique_id"))
+        except TransportError:
+            raise
+        except Exception as exc:  # DistStoreError, RuntimeError, NcclError
+            raise TransportError(f"NCCL side communicator generation {comm.generation}: rendezvous at "
+                                 f"{comm.store_host}:{comm.store_port} failed: {exc}") from exc
+        if len(uid) != 128:
+            raise TransportError(f"NCCL unique id of generation {comm.generation} has {len(uid)} bytes, expected 128")
+        self._stream = torch.cuda.Stream(self.device, priority=0)  # 0 = lowest priority on CUDA
+        try:
+            self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
+        except Exception as exc:
+            self._stream = None
+            raise TransportError(f"ncclCommInitRank (generation {comm.generation}, rank {rank}/{comm.world_size}) failed: {exc}") from exc
+        self._store = store
+        self._generation = comm.generation
+        self._world_size = comm.world_size
+        self._rank = rank
+        if self.warmup and comm.world_size > 1:
+            try:
+                self._open_connections()
+            except TransportError:
+                self.abort()
+                raise
+
+    @staticmethod
+    def _store_barrier(store: dist.Store, key: str, world_size: int, timeout_s: float) -> None:
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world_size:
+            if time.monotonic() > deadline:
+                raise TransportError(f"only {store.add(key, 0)}/{world_size} ranks reached the side-communicator "
+                                     f"rendezvous within {timeout_s}s")
+            time.sleep(0.005)
+
+    def _open_connections(self) -> None:
+        """A one-byte send/recv with every peer, then a vote-sized all-reduce."""
+        world, rank = self._world_size, self._rank
+        with torch.cuda.device(self.device):
+            out = torch.zeros(world, dtype=torch.uint8, device=self.device)
+            back = torch.zeros(world, dtype=torch.uint8, device=self.device)
+        ops = []
+        for peer in range(world):
+            if peer != rank:
+                ops.append(P2POp(True, out[peer:peer + 1], peer, 0))
+                ops.append(P2POp(False, back[peer:peer + 1], peer, 0))
+        self.exchange(ops)
+        self.synchronize()
+        self.max_reduce(np.zeros(4, dtype=np.int64))
+        self.sessions.clear()
+
+    # -- sessions and waits -----------------------------------------------------------------
+
+    def _begin_session(self) -> TransportSession:
+        session = self._session
+        if session is None:
+            session = self._session = TransportSession(started_at=time.monotonic())
+            # Order this batch's reads of live rows and writes of staging rows after the
+            # previous commit's copies, which the serving thread has already enqueued.
+            fence = torch.cuda.Event()
+            fence.record(self.serving_stream)
+            self._stream.wait_event(fence)
+        return session
+
+    def _wait_event(self, event: torch.cuda.Event, what: str) -> None:
+        if event.query():
+            return
+        deadline = time.monotonic() + self._timeout_s
+        delay = 20e-6
+        next_error_check = time.monotonic() + 0.05
+        while not event.query():
+            now = time.monotonic()
+            if now > deadline:
+                raise TransportError(f"{what} did not complete within {self._timeout_s}s "
+                                     f"(a peer is gone or the side stream is stuck)")
+            if now > next_error_check and self._comm is not None:
+                next_error_check = now + 0.05
+                try:
+                    self._comm.check_async_error()
+                except Exception as exc:
+                    raise TransportError(f"{what}: NCCL reported an asynchronous error: {exc}") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 200e-6)
+
+    def _retire(self, keep: int) -> None:
+        while len(self._in_flight) > keep:
+            self._wait_event(self._in_flight[0], "NCCL send/recv group")
+            self._in_flight.popleft()
+
+    # -- the Transport interface -----------------------------------------------------------
+
+    def exchange(self, ops: list[P2POp]) -> None:
+        comm = self._require()
+        if not ops:
+            return
+        stream = self._stream
+        session = self._begin_session()
+        if session.first_event is None:
+            session.first_event = torch.cuda.Event(enable_timing=True)
+            session.first_event.record(stream)
+        nccl = self._nccl
+        handle = stream.cuda_stream
+        sent = received = 0
+        try:
+            nccl.groupStart()
+            try:
+                for op in ops:
+                    tensor = op.tensor
+                    if tensor.device != self.device or not tensor.is_contiguous():
+                        raise TransportError(f"op with peer {op.peer}: tensor on {tensor.device}, contiguous="
+                                             f"{tensor.is_contiguous()}; expected a contiguous tensor on {self.device}")
+                    nbytes = tensor.numel() * tensor.element_size()
+                    if op.is_send:
+                        comm.send(tensor.data_ptr(), nbytes, self._dtype_u8, op.peer, handle)
+                        sent += nbytes
+                    else:
+                        comm.recv(tensor.data_ptr(), nbytes, self._dtype_u8, op.peer, handle)
+                        received += nbytes
+            finally:
+                nccl.groupEnd()
+        except TransportError:
+            raise
+        except Exception as exc:  # NcclError from send/recv/groupEnd
+            raise TransportError(f"NCCL group of {len(ops)} ops failed: {exc}") from exc
+        for op in ops:
+            op.tensor.record_stream(stream)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record(stream)
+        session.last_event = done
+        session.bytes_sent += sent
+        session.bytes_received += received
+        session.groups += 1
+        self.bytes_sent_total += sent
+        self.bytes_received_total += received
+        self.groups_total += 1
+        self._in_flight.append(done)
+        self._retire(self.max_groups_in_flight - 1)
+
+    def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self._require()
+        self._begin_session()
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+        dst.record_stream(self._stream)
+        src.record_stream(self._stream)
+
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
+        comm = self._require()
+        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy()).pin_memory()
+        count = host.numel()
+        stream = self._stream
+        with torch.cuda.stream(stream):
+            buf = torch.empty(count, dtype=torch.int64, device=self.device)
+            buf.copy_(host, non_blocking=True)
+            try:
+                comm.allReduce(buf.data_ptr(), buf.data_ptr(), count, self._dtype_i64, self._op_max, stream.cuda_stream)
+            except Exception as exc:
+                raise TransportError(f"NCCL vote all-reduce failed: {exc}") from exc
+            out = torch.empty(count, dtype=torch.int64, pin_memory=True)
+            out.copy_(buf, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._wait_event(done, "vote all-reduce")
+        del host  # the pinned source must outlive the copy, which the wait guarantees
+        return out.numpy().copy()
+
+    def synchronize(self) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        self._retire(0)
+        done = torch.cuda.Event()
+        done.record(stream)  # covers local copies issued after the last group
+        self._wait_event(done, "side stream")
+        session, self._session = self._session, None
+        if session is not None:
+            session.wall_s = time.monotonic() - session.started_at
+            if session.first_event is not None and session.last_event is not None:
+                session.gpu_s = session.first_event.elapsed_time(session.last_event) / 1e3
+            session.first_event = session.last_event = None
+            self.sessions.append(session)
+
+    def abort(self) -> None:
+        comm, self._comm = self._comm, None
+        stream = self._stream
+        self._in_flight.clear()
+        self._session = None
+        self._store = None
+        if comm is None:
+            return
+        self.aborts += 1
+        try:
+            comm.abort()  # ncclCommAbort: pending kernels of this communicator return
+        except Exception as exc:
+            log.warning("ncclCommAbort of generation %d: %s", self._generation, exc)
+        if stream is not None:
+            drained = torch.cuda.Event()
+            drained.record(stream)
+            deadline = time.monotonic() + 10.0
+            while not drained.query():
+                if time.monotonic() > deadline:
+                    log.error("side stream of generation %d still busy 10s after ncclCommAbort; it is abandoned "
+                              "(a fresh stream is used from the next connect)", self._generation)
+                    break
+                time.sleep(0.001)
+        self._stream = None

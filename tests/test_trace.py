@@ -1,0 +1,81 @@
+"""Load traces: record from a live coordinator, replay through the simulation, plan from them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.sim.deployment import SimulationOptions, run_simulation
+from eplb_service.sim.workload import SimModelConfig, popularity, shape_for_trace
+from eplb_service.trace import TraceError, TraceRecorder, load_trace
+
+
+def test_recorder_closes_windows_when_every_rank_moved_on_and_round_trips(tmp_path):
+    path = str(tmp_path / "t.npz")
+    rec = TraceRecorder(path, num_layers=1, num_logical=2, world_size=2)
+    rec.add(np.array([[1.0, 2.0]]), 0, 10, epoch=0, rank=0)
+    rec.add(np.array([[3.0, 4.0]]), 0, 10, epoch=0, rank=1)
+    rec.add(np.array([[5.0, 0.0]]), 10, 20, epoch=1, rank=0)
+    assert rec.windows == 0  # window [0,10) closes only once both ranks reported [10,20)
+    rec.add(np.array([[5.0, 0.0]]), 10, 20, epoch=1, rank=1)
+    assert rec.windows == 1
+    rec.flush(close_all=True)
+    trace = load_trace(path)
+    assert trace.num_windows == 2
+    assert trace.loads.tolist() == [[[4.0, 6.0]], [[10.0, 0.0]]]
+    assert trace.step_begin.tolist() == [0, 10] and trace.epoch.tolist() == [0, 1]
+    assert trace.ranks_reported.tolist() == [2, 2]
+    assert trace.aggregate().tolist() == [[14.0, 6.0]]
+    assert [trace.window_at(s) for s in (0, 9, 10, 19, 20, 35)] == [0, 0, 1, 1, 0, 1]
+
+
+def test_bad_traces_are_named(tmp_path):
+    np.savez(tmp_path / "a.npz", loads=np.zeros((1, 1, 1)))
+    with pytest.raises(TraceError, match=r"lacks arrays \['format_version'"):
+        load_trace(str(tmp_path / "a.npz"))
+    good = dict(format_version=np.int64(2), loads=np.zeros((1, 1, 2)), step_begin=np.zeros(1, np.int64),
+                step_end=np.ones(1, np.int64), epoch=np.zeros(1, np.int64), ranks_reported=np.ones(1, np.int64),
+                unix_time_s=np.zeros(1))
+    np.savez(tmp_path / "b.npz", **good)
+    with pytest.raises(TraceError, match="format_version 2"):
+        load_trace(str(tmp_path / "b.npz"))
+    good.update(format_version=np.int64(1), loads=-np.ones((1, 1, 2)))
+    np.savez(tmp_path / "c.npz", **good)
+    with pytest.raises(TraceError, match=">= 0"):
+        load_trace(str(tmp_path / "c.npz"))
+    with pytest.raises(TraceError, match="cannot read trace"):
+        load_trace(str(tmp_path / "missing.npz"))
+
+
+def test_record_replay_and_plan_from_a_trace(tmp_path):
+    trace_path = str(tmp_path / "trace.npz")
+    base = CoordinatorConfig(world_size=4, rebalance_interval_steps=60, min_window_steps=30, record_path=trace_path)
+    recorded = run_simulation(SimulationOptions(world_size=4, steps=240, seed=3), base)
+    assert recorded["output_mismatches"] == 0
+    trace = load_trace(trace_path)
+    assert trace.num_windows >= 20 and trace.loads.shape[1:] == (4, 32)
+    assert (trace.ranks_reported == 4).all()
+    # each window holds every token-expert pair the 4 ranks routed: 4 ranks x 32 tokens x top-2 x 10 steps
+    assert np.allclose(trace.loads[0].sum(axis=1), 4 * 32 * 2 * 10)
+
+    model = shape_for_trace(SimModelConfig(trace_path=trace_path), 4)
+    assert (model.num_layers, model.num_logical) == (4, 32) and (model.num_logical + model.num_redundant) % 4 == 0
+    window = trace.window_at(15)
+    assert np.allclose(popularity(model, 0, 2, 15), trace.loads[window, 2] / trace.loads[window, 2].sum())
+
+    plan = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", trace_path, "--ranks", "4",
+                           "--redundant", str(model.num_redundant), "--out", str(tmp_path / "seed.json")],
+                          capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    seed = json.loads((tmp_path / "seed.json").read_text())
+    assert seed["balancedness"]["overall"] > seed["balancedness"]["before"]
+
+    seeded = CoordinatorConfig(world_size=4, rebalance_interval_steps=10**6, initial_placement=np.array(seed["phy2log"]))
+    replay = run_simulation(SimulationOptions(world_size=4, steps=200, seed=3, model=model), seeded)
+    assert replay["output_mismatches"] == 0 and replay["committed"] >= 1 and replay["aborted"] == 0
+    assert replay["balancedness_final"] > replay["balancedness_initial"]
