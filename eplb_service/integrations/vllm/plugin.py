@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib
 import logging
 import threading
 
@@ -223,30 +222,27 @@ class EplbBinding:
 # -- the agent ------------------------------------------------------------------------------------
 
 
-TRANSPORT_MODULES = {
-    "gloo": "eplb_service.worker_agent.transport_gloo",
-    "nccl": "eplb_service.worker_agent.transport_cupy_nccl",
-}
+def make_transport(name: str, device):
+    """The side transport named by ``EPLB_SERVICE_TRANSPORT`` (``auto``: gloo on CPU, NCCL on GPU)."""
+    import torch
 
-
-def make_transport(name: str, device_type: str):
-    """The side transport named by ``EPLB_SERVICE_TRANSPORT`` (``auto``: by device)."""
     from eplb_service.integrations.vllm.adapter import AdapterError
-    from eplb_service.worker_agent.transport import Transport
 
+    device = torch.device(device)
     if name == "auto":
-        name = "gloo" if device_type == "cpu" else "nccl"
-    module_name = TRANSPORT_MODULES[name]
+        name = "gloo" if device.type == "cpu" else "nccl"
+    if name == "gloo":
+        from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+        return GlooTransport()
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AdapterError(f"{config_mod.TRANSPORT}={name}: cannot import {module_name} ({exc}); "
-                           f"install the matching extra (eplb-service[gpu] for nccl) or pick another transport") from exc
-    classes = [c for c in vars(module).values()
-               if isinstance(c, type) and issubclass(c, Transport) and c is not Transport and c.__module__ == module_name]
-    if len(classes) != 1:
-        raise AdapterError(f"{module_name} defines {len(classes)} Transport classes, expected one")
-    return classes[0]()
+        from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+
+        return CupyNcclTransport(device)  # built on the serving thread: it orders itself after that stream
+    except Exception as exc:  # no CuPy / no CUDA: say which variable chose it
+        raise AdapterError(f"{config_mod.TRANSPORT}={name}: cannot build the CuPy NCCL side transport on {device} "
+                           f"({type(exc).__name__}: {exc}); install eplb-service[gpu] (or [gpu-cuda13]) or set "
+                           f"{config_mod.TRANSPORT}=gloo") from exc
 
 
 def start_agent(cfg: config_mod.PluginConfig, view, topology):
@@ -256,7 +252,7 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
 
     model = ExpertModel(expert_weights=view.expert_weights, phy2log=view.phy2log, log2phy=view.log2phy,
                         logcnt=view.logcnt, rank=topology.rank, num_ranks=topology.world_size)
-    transport = make_transport(cfg.transport, model.device.type)
+    transport = make_transport(cfg.transport, model.device)
     agent = VllmWorkerAgent(model, cfg.endpoint, transport, ranks_per_node=topology.ranks_per_node,
                             overrides=cfg.agent_overrides(), staging_budget_bytes=cfg.staging_budget_bytes)
     log.info("EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",

@@ -1,0 +1,85 @@
+"""Stand-ins with vLLM 0.32/0.33's EPLB signatures and tensor layout, for the plugin's unit tests.
+
+Written from reading vLLM's ``EplbState`` (not copied): same method signatures, maps in
+the same layout (``logical_to_physical_map`` 1024 wide, ``-1`` padded, ascending slots),
+``expert_load_pass`` int32, ``expert_weights[layer]`` as ``[n_local, -1]`` views.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from eplb_service.placement import PlacementShape, initial_phy2log, logical_replica_count, logical_to_physical
+
+MAP_WIDTH = 1024
+
+
+class FakeModelConfig:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def compute_hash(self) -> str:
+        return f"hash-{self.name}"
+
+
+def fake_moe_model(shape: PlacementShape, rank: int, row_len: int = 6) -> SimpleNamespace:
+    """A MixtureOfExperts stand-in whose expert rows hold ``layer * 1000 + logical expert``."""
+    spr = shape.slots_per_rank
+    phy2log = initial_phy2log(shape)
+    layers = []
+    for layer in range(shape.num_layers):
+        values = torch.tensor([layer * 1000.0 + e for e in phy2log[layer, rank * spr:(rank + 1) * spr]])
+        w13 = values[:, None, None].repeat(1, 2, row_len).contiguous()  # [n_local, 2, row_len] like a 3-D parameter
+        w2 = (values[:, None] * 2).repeat(1, 3).contiguous()
+        layers.append([w13.view(spr, -1), w2.view(spr, -1)])
+    return SimpleNamespace(num_moe_layers=shape.num_layers, num_logical_experts=shape.num_logical,
+                           num_physical_experts=shape.num_physical, num_local_physical_experts=spr,
+                           num_redundant_experts=shape.num_physical - shape.num_logical, expert_weights=layers)
+
+
+class FakeEplbStateBase:
+    """``EplbState`` as the plugin sees it. Subclass per test: the plugin patches the class."""
+
+    def __init__(self) -> None:
+        self.model_states: dict[str, SimpleNamespace] = {}
+        self.should_record_tensor = torch.zeros((), dtype=torch.bool)
+        self.calls: list[tuple] = []
+
+    def add_model(self, model, model_config, model_name: str | None = None):
+        num_layers, num_logical = model.num_moe_layers, model.num_logical_experts
+        shape = PlacementShape(num_layers, num_logical, model.num_physical_experts, 2)
+        phy2log = initial_phy2log(shape)
+        self.model_states[model_config.compute_hash()] = SimpleNamespace(
+            physical_to_logical_map=torch.from_numpy(phy2log.copy()),
+            logical_to_physical_map=torch.from_numpy(logical_to_physical(phy2log, num_logical, MAP_WIDTH)),
+            logical_replica_count=torch.from_numpy(logical_replica_count(phy2log, num_logical)),
+            expert_load_pass=torch.zeros((num_layers, model.num_physical_experts), dtype=torch.int32),
+            model=model, model_name=model_name or model_config.name,
+        )
+        self.calls.append(("add_model", model_name))
+
+    def step(self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False) -> None:
+        self.calls.append(("step", is_dummy, is_profile))
+        if is_profile:
+            self.rearrange(is_profile=True)
+
+    def rearrange(self, is_profile: bool = False, rank_mapping=None, use_last_expert_load: bool = False):
+        self.calls.append(("rearrange", is_profile))
+
+    def start_async_loop(self, rank_mapping=None, is_profile: bool = False):
+        self.calls.append(("start_async_loop",))
+
+
+class FakeEngineArgsBase:
+    def __init__(self, **parallel) -> None:
+        self.parallel = {"enable_eplb": True, "enable_expert_parallel": True, "enable_elastic_ep": False, **parallel}
+
+    def create_engine_config(self, usage_context=None):
+        return SimpleNamespace(parallel_config=SimpleNamespace(**self.parallel))
+
+
+def model_state_tensors(state) -> dict[str, np.ndarray]:
+    return {k: getattr(state, k).numpy().copy() for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")}

@@ -1,0 +1,352 @@
+"""The vLLM plugin without vLLM: inert mode, configuration errors, adapter checks, step wiring.
+
+vLLM's classes are replaced by stand-ins with the same signatures and tensor layout
+(``fake_vllm``); the real thing runs in ``test_vllm_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_service import protocol as P
+from eplb_service.integrations.vllm import adapter, plugin
+from eplb_service.integrations.vllm import config as C
+from eplb_service.integrations.vllm.agent import VllmWorkerAgent
+from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
+from eplb_service.worker_agent.expert_model import ExpertModel
+from fake_vllm import FakeEngineArgsBase, FakeEplbStateBase, FakeModelConfig, fake_moe_model, model_state_tensors
+
+SHAPE = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
+TOPOLOGY = adapter.EpTopology(rank=0, world_size=2, num_nodes=1)
+
+
+# -- inert mode ----------------------------------------------------------------------------
+
+
+def test_register_without_endpoint_is_inert_and_cheap():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLB_SERVICE_")}
+    code = (
+        "import json, sys, time\n"
+        "t0 = time.perf_counter()\n"
+        "from eplb_service.integrations.vllm.plugin import register\n"
+        "register()\n"
+        "from eplb_service.integrations.vllm import plugin\n"
+        "print(json.dumps({'s': time.perf_counter() - t0, 'installed': plugin._installed is not None,\n"
+        "  'heavy': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'zmq', 'numpy'))}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["installed"] is False
+    assert result["heavy"] == [], "inert register() imported heavy modules"
+    assert result["s"] < 0.5
+
+
+def test_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("eplb_service") == "eplb_service.integrations.vllm.plugin:register"
+
+
+def test_empty_endpoint_means_inert():
+    assert C.from_env({}) is None
+    assert C.from_env({C.ENDPOINT: "  "}) is None
+
+
+# -- configuration errors ------------------------------------------------------------------------
+
+
+def test_full_configuration_from_env():
+    cfg = C.from_env({C.ENDPOINT: "tcp://10.0.0.1:5557", C.TRANSPORT: "gloo", C.STAGING_BUDGET_BYTES: "1048576",
+                      C.THROTTLE_BYTES_PER_S: "5e9", C.REPORT_INTERVAL_STEPS: "20", C.ALLOW_UNTESTED_VLLM: "1"})
+    assert cfg.endpoint == "tcp://10.0.0.1:5557" and cfg.transport == "gloo" and cfg.staging_budget_bytes == 1 << 20
+    assert cfg.agent_overrides() == {"throttle_bytes_per_s": 5e9, "report_interval_steps": 20}
+    assert cfg.allow_untested_vllm
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({C.ENDPOINT: "localhost:5557"}, "EPLB_SERVICE_ENDPOINT='localhost:5557': expected ipc://PATH or tcp://HOST:PORT"),
+    ({C.TRANSPORT: "mpi"}, "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl"),
+    ({C.STAGING_BUDGET_BYTES: "1GiB"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='1GiB': expected an integer"),
+    ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a value > 0"),
+    ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
+    ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
+    ({C.ALLOW_UNTESTED_VLLM: "maybe"}, "EPLB_SERVICE_ALLOW_UNTESTED_VLLM='maybe': expected 0 or 1"),
+])
+def test_bad_variables_are_named(env, needle):
+    with pytest.raises(C.ConfigError) as exc:
+        C.from_env({C.ENDPOINT: "ipc:///tmp/x.sock", **env})
+    assert needle in str(exc.value)
+
+
+def _install(tmp_path, agent_factory=None, **cfg):
+    state_cls = type("EplbState", (FakeEplbStateBase,), {})
+    args_cls = type("EngineArgs", (FakeEngineArgsBase,), {})
+    plugin.install(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", **cfg), state_cls, args_cls,
+                   agent_factory=agent_factory or unstarted_agent)
+    return state_cls, args_cls
+
+
+def test_configured_without_enable_eplb_fails_naming_the_flag(tmp_path):
+    _, args_cls = _install(tmp_path)
+    with pytest.raises(C.ConfigError) as exc:
+        args_cls(enable_eplb=False).create_engine_config()
+    message = str(exc.value)
+    assert "--enable-eplb" in message and "EPLB_SERVICE_ENDPOINT" in message
+    with pytest.raises(C.ConfigError, match="--enable-expert-parallel"):
+        args_cls(enable_expert_parallel=False).create_engine_config()
+    with pytest.raises(C.ConfigError, match="elastic EP"):
+        args_cls(enable_elastic_ep=True).create_engine_config()
+    assert args_cls().create_engine_config().parallel_config.enable_eplb
+
+
+# -- version and shape checks in the adapter --------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.33.0", "0.33.2+cpu", "0.32.1rc1"])
+def test_tested_versions_pass(version):
+    adapter.check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "0.34.0", "1.0.0", "unknown"])
+def test_other_versions_fail_naming_what_was_expected(version):
+    with pytest.raises(adapter.AdapterError) as exc:
+        adapter.check_vllm_version(version)
+    assert f"vLLM {version}" in str(exc.value) and "0.32.x or 0.33.x" in str(exc.value)
+    assert "EPLB_SERVICE_ALLOW_UNTESTED_VLLM=1" in str(exc.value)
+    adapter.check_vllm_version(version, allow_untested=True)
+
+
+def test_changed_step_signature_is_refused(tmp_path):
+    class Renamed(FakeEplbStateBase):
+        def step(self, dummy: bool = False, profile: bool = False, log_stats: bool = False):
+            pass
+
+    with pytest.raises(adapter.AdapterError, match=r"step has parameters \['dummy', 'profile', 'log_stats'\]; expected \['is_dummy', 'is_profile', 'log_stats'\]"):
+        plugin.install(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock"), Renamed, None, agent_factory=unstarted_agent)
+
+
+def added_state():
+    state = FakeEplbStateBase()
+    state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m"))
+    return state.model_states["hash-m"]
+
+
+def test_view_of_a_vllm_layout_model_state():
+    view = adapter.view_model_state(added_state(), TOPOLOGY)
+    assert view.shape == SHAPE
+    assert view.log2phy.shape == (2, 6, 1024)
+    assert len(view.expert_weights) == 2 and view.expert_weights[0][0].shape == (4, 12)
+
+
+def _mutations():
+    def dtype(s):
+        s.physical_to_logical_map = s.physical_to_logical_map.int()
+    def narrow_width(s):
+        s.logical_to_physical_map = s.logical_to_physical_map[:, :, :1].contiguous()
+    def descending_replicas(s):
+        s.logical_to_physical_map[0, 0, :2] = s.logical_to_physical_map[0, 0, :2].flip(0).clone()
+    def logcnt(s):
+        s.logical_replica_count[1, 3] += 1
+    def load_shape(s):
+        s.expert_load_pass = torch.zeros((2, 6), dtype=torch.int32)
+    def rows(s):
+        s.model.expert_weights[1][0] = torch.zeros((3, 12))
+    def layers(s):
+        s.model.expert_weights = s.model.expert_weights[:1]
+    def ranks(s):
+        s.model.num_local_physical_experts = 2
+    def not_a_tensor(s):
+        s.logical_replica_count = s.logical_replica_count.tolist()
+    def missing(s):
+        del s.expert_load_pass
+    return [
+        (dtype, "physical_to_logical_map has dtype torch.int32, expected torch.int64"),
+        (narrow_width, "logical_to_physical_map is 1 wide, expected at least num_redundant_experts + 1 = 3"),
+        (descending_replicas, "logical_to_physical_map is not physical_to_logical_map's slots in ascending order, -1 padded to width 1024"),
+        (logcnt, "logical_replica_count does not count the replicas"),
+        (load_shape, "expert_load_pass has shape (2, 6), expected (2, 8)"),
+        (rows, "expert_weights[1][0] has shape (3, 12), expected [num_local_physical_experts=4, -1]"),
+        (layers, "expert_weights has 1 layers, expected num_moe_layers=2"),
+        (ranks, "2 local physical experts x 2 EP ranks, expected their product to be num_physical_experts=8"),
+        (not_a_tensor, "logical_replica_count is a list, expected a torch.Tensor"),
+        (missing, "EplbModelState has no attribute 'expert_load_pass'"),
+    ]
+
+
+@pytest.mark.parametrize("mutate, needle", _mutations(), ids=lambda v: getattr(v, "__name__", ""))
+def test_shape_and_layout_mismatches_fail_naming_what_was_expected(mutate, needle):
+    state = added_state()
+    mutate(state)
+    with pytest.raises(adapter.AdapterError) as exc:
+        adapter.view_model_state(state, TOPOLOGY)
+    assert needle in str(exc.value)
+
+
+def test_noncontiguous_rows_of_the_right_shape_are_refused():
+    state = added_state()
+    state.model.expert_weights[0][1] = torch.zeros((3, 4)).t()
+    with pytest.raises(adapter.AdapterError, match="not contiguous"):
+        adapter.view_model_state(state, TOPOLOGY)
+
+
+# -- the plugin's wiring of EplbState ----------------------------------------------------------------
+
+
+def unstarted_agent(cfg, view, topology):
+    """The real agent over the view, not started (no sockets): its hooks are what we test."""
+    model = ExpertModel(expert_weights=view.expert_weights, phy2log=view.phy2log, log2phy=view.log2phy,
+                        logcnt=view.logcnt, rank=topology.rank, num_ranks=topology.world_size)
+    return VllmWorkerAgent(model, cfg.endpoint, transport=plugin.make_transport("gloo", "cpu"),
+                           overrides=cfg.agent_overrides(), staging_budget_bytes=cfg.staging_budget_bytes)
+
+
+@pytest.fixture
+def attached(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapter, "ep_topology", lambda: TOPOLOGY)
+    state_cls, _ = _install(tmp_path)
+    state = state_cls()
+    state.add_model(fake_moe_model(SHAPE, rank=0, row_len=3), FakeModelConfig("draft"), model_name="m (draft)")
+    state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m"))
+    state.start_async_loop()
+    return state, plugin.binding_of(state)
+
+
+def test_steps_drive_the_agent_clock_and_never_vllms_rearrangement(attached):
+    state, binding = attached
+    main, draft = state.model_states["hash-m"], state.model_states["hash-draft"]
+    assert bool(state.should_record_tensor), "load recording must stay on"
+    assert ("start_async_loop",) not in state.calls, "vLLM's async EPLB thread must not start"
+    before = model_state_tensors(main)
+
+    state.step(False, True)  # the profile run: vLLM's path, which reserves the transfer memory
+    assert state.calls[-2:] == [("step", False, True), ("rearrange", True)]
+    assert binding.hooks.steps_done == 0 and binding.profile_rearranges == 1
+
+    calls = len(state.calls)
+    main.expert_load_pass[0, 1] = 5
+    draft.expert_load_pass[1, 2] = 7
+    state.step()  # a real step: its load counts
+    main.expert_load_pass[0, 1] = 100
+    state.step(is_dummy=True)  # a dummy step: the clock ticks, its load does not count
+    state.step(False, False, log_stats=True)
+    assert len(state.calls) == calls, "a non-profile step reached vLLM's EplbState.step"
+    assert binding.hooks.steps_done == 3 and (binding.real_steps, binding.dummy_steps) == (2, 1)
+    acc = binding.hooks.load_acc
+    assert int(acc[0, 1]) == 5 and int(acc.sum()) == 5
+    assert int(main.expert_load_pass.abs().sum()) == 0 and int(draft.expert_load_pass.abs().sum()) == 0
+    after = model_state_tensors(main)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_non_profile_rearrange_is_refused(attached):
+    state, binding = attached
+    with pytest.raises(adapter.AdapterError, match="vLLM's own expert rearrangement"):
+        state.rearrange(rank_mapping={0: 0, 1: -1})
+    assert binding.refused_rearranges == 1 and ("rearrange", False) not in state.calls
+
+
+def test_step_before_any_main_model_is_an_error(tmp_path):
+    state_cls, _ = _install(tmp_path)
+    with pytest.raises(adapter.AdapterError, match="no main model attached"):
+        state_cls().step()
+
+
+def test_a_second_main_model_is_an_error(attached):
+    state, _ = attached
+    with pytest.raises(adapter.AdapterError, match="called twice for a main model"):
+        state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("other"))
+
+
+def test_commit_through_the_binding_updates_vllms_tensors_in_place(attached):
+    """A plan applied by the hooks lands in the very tensors vLLM's layers hold."""
+    from eplb_service.worker_agent.serving_hooks import CommitTicket
+    from eplb_service.worker_agent.schedule import build_schedule
+    from eplb_service.worker_agent.staging import StagingArea, prepare_commit
+
+    state, binding = attached
+    main = state.model_states["hash-m"]
+    layer_view = main.logical_to_physical_map[1]  # what a MoE layer holds
+    ptrs = {k: getattr(main, k).data_ptr() for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")}
+    model = binding.agent.model
+    new = initial_phy2log(SHAPE)[[1]].copy()
+    new[0, :4] = [3, 2, 1, 0]  # rank 0 reorders its own slots: a local plan
+    work = build_schedule(initial_phy2log(SHAPE)[[1]], new, 2).per_rank[0]
+    area = StagingArea(model, work)
+    for copy in work.local:
+        for k, live in enumerate(model.expert_weights[1]):
+            area.rows[k][copy.dst_staging].copy_(live[copy.src_row])
+    ticket = CommitTicket(action=prepare_commit(model, 1, [1], new, area))
+    ticket.vote_entry_step, ticket.commit_step, ticket.vote_ok = 0, 2, True
+    ticket.decided.set()
+    binding.hooks.ticket = ticket
+    state.step()
+    state.step()  # the boundary before step 2: commit
+    assert ticket.outcome == "committed"
+    assert {k: getattr(main, k).data_ptr() for k in ptrs} == ptrs
+    assert main.physical_to_logical_map[1, :4].tolist() == [3, 2, 1, 0]
+    assert layer_view[0, :3].tolist() == [3, 6, -1] and layer_view[3, :2].tolist() == [0, -1]
+    assert main.model.expert_weights[1][1][:, 0].tolist() == [2006.0, 2004.0, 2002.0, 2000.0]
+
+
+def test_detach_stops_the_agent(attached):
+    _, binding = attached
+    stopped = []
+    binding.agent.stop = lambda timeout_s: stopped.append(timeout_s)
+    binding.detach()
+    binding.detach()
+    assert stopped == [2.0]
+
+
+def test_status_reports_what_the_worker_sees(attached):
+    state, binding = attached
+    state.step()
+    status = binding.status()
+    assert status["steps"] == 1 and status["epoch"] == 0 and status["refused_rearranges"] == 0
+    assert status["phy2log"] == initial_phy2log(SHAPE).tolist()
+
+
+# -- the agent's local overrides ------------------------------------------------------------------
+
+
+def test_env_overrides_replace_the_coordinators_agent_config(tmp_path):
+    cfg = C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", report_interval_steps=3, throttle_bytes_per_s=1e6)
+    view = adapter.view_model_state(added_state(), TOPOLOGY)
+    agent = unstarted_agent(cfg, view, TOPOLOGY)
+    agent._on_welcome(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0,
+                                config=P.AgentConfig(report_interval_steps=10, fence_steps=5)))
+    assert agent.config.report_interval_steps == 3 and agent.hooks.report_interval_steps == 3
+    assert agent.config.throttle_bytes_per_s == 1e6 and agent.config.fence_steps == 5
+
+
+def test_staging_budget_refuses_a_plan_that_needs_more(tmp_path):
+    view = adapter.view_model_state(added_state(), TOPOLOGY)
+    rows = initial_phy2log(SHAPE)[[0]].copy()
+    rows[0] = [4, 5, 2, 3, 0, 1, 0, 1]  # rank 0 receives experts 4 and 5 from rank 1
+    plan = P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray.from_numpy(rows))
+    ok = unstarted_agent(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=10**6), view, TOPOLOGY)
+    need = ok.staging_bytes(plan, rows)
+    assert need > 0
+    ok._validate_plan(plan)
+    tight = unstarted_agent(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=need - 1), view, TOPOLOGY)
+    with pytest.raises(PlacementError, match=f"plan 7 needs {need} bytes of staging on rank 0, more than EPLB_SERVICE_STAGING_BUDGET_BYTES={need - 1}"):
+        tight._validate_plan(plan)
+
+
+def test_transport_choice():
+    assert plugin.make_transport("gloo", "cpu").name == "gloo"
+    assert plugin.make_transport("auto", "cpu").name == "gloo"
+    if torch.cuda.is_available():
+        assert plugin.make_transport("auto", "cuda:0").name == "cupy-nccl"
+    else:
+        with pytest.raises(adapter.AdapterError, match="EPLB_SERVICE_TRANSPORT=nccl: cannot build the CuPy NCCL side transport"):
+            plugin.make_transport("auto", "cuda")
