@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--summary-json", default=None, help="write the run's summary here")
     sim.add_argument("--plot", default=None, help="write a PNG of balancedness over time here (needs matplotlib)")
     sim.add_argument("--trace", default=None, help="replay this recorded load trace (.npz from --record) instead of the built-in drift")
+    p.add_argument("--curve-dir", default=None, help="CURVE keys (eplb-coordinator keygen DIR); required for non-loopback tcp://")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp:// endpoint without CURVE")
     p.add_argument("--record", default=None, help="record every load window to this .npz trace")
     p.add_argument("--initial-placement", default=None, help="placement JSON from eplb-plan: move the deployment there first")
     return p
@@ -78,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         initial_placement=initial,
         world_size=args.dp * args.tp, endpoint=args.endpoint or default_endpoint(), store_host=args.store_host,
         metrics_port=args.metrics_port, policy=args.policy, num_groups=args.groups, num_nodes=args.nodes,
-        rebalance_interval_steps=interval, min_gain=args.min_gain, record_path=args.record, staging_budget_bytes=args.staging_budget_bytes,
+        rebalance_interval_steps=interval, min_gain=args.min_gain, record_path=args.record,
+        curve_dir=args.curve_dir, insecure=args.insecure, staging_budget_bytes=args.staging_budget_bytes,
         agent=AgentConfig(report_interval_steps=args.report_interval_steps, fence_steps=args.fence_steps,
                           fence_timeout_s=args.fence_timeout_s, throttle_bytes_per_s=args.throttle_bytes_per_s),
         **extra,
@@ -157,6 +160,15 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "keygen":
+        if len(argv) != 2:
+            print("usage: eplb-coordinator keygen DIR", file=sys.stderr)
+            return 2
+        from eplb_service.security import generate_keys
+
+        for role, path in generate_keys(argv[1]).items():
+            print(f"{role}: {path}")
+        return 0
     if argv and argv[0] == "status":
         from eplb_service.coordinator.status_client import main as status_main
         return status_main(argv[1:])

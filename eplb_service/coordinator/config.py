@@ -51,6 +51,10 @@ class CoordinatorConfig:
     voting_timeout_s: float = 60.0
     initial_placement: "np.ndarray | None" = None
     """``[L, P]`` placement (from ``eplb-plan``) the deployment is moved to first, whatever its gain."""
+    curve_dir: str | None = None
+    """Directory of CURVE keys (``eplb-coordinator keygen``); required for non-loopback TCP."""
+    insecure: bool = False
+    """Allow a non-loopback TCP endpoint without CURVE (logged as a warning)."""
     record_path: str | None = None
     """Record every load window to this ``.npz`` trace (see ``eplb_service.trace``)."""
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -65,6 +69,11 @@ class CoordinatorConfig:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
             raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
         from eplb_service.coordinator.policy import POLICIES
+        from eplb_service.security import check_endpoint_security
+
+        check_endpoint_security(self.endpoint, self.curve_dir, self.insecure)
+        if self.curve_dir and not os.path.isfile(os.path.join(self.curve_dir, "server.key_secret")):
+            raise ValueError(f"curve_dir {self.curve_dir!r} has no server.key_secret: run `eplb-coordinator keygen {self.curve_dir}`")
 
         if self.policy not in POLICIES:
             raise ValueError(f"policy {self.policy!r} is not one of {POLICIES}")

@@ -30,6 +30,7 @@ from eplb_service.coordinator.metrics import CoordinatorMetrics
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.registry import AgentRecord, Registry
 from eplb_service.logutil import rank_logger
+from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
 from eplb_service.trace import TraceRecorder
 from eplb_service.placement import (
     PlacementError, PlacementShape, layer_balancedness, model_balancedness, rank_loads, validate_phy2log,
@@ -104,12 +105,24 @@ class Coordinator:
 
     async def serve(self) -> None:
         """Bind, then run until :meth:`stop`; returns after a clean shutdown."""
+        check_endpoint_security(self.cfg.endpoint, self.cfg.curve_dir, self.cfg.insecure)
         prepare_ipc_dir(self.cfg.endpoint)
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        auth_monitor = None
+        if self.cfg.curve_dir:
+            from zmq.auth.asyncio import AsyncioAuthenticator
+
+            self._auth = AsyncioAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=os.path.join(self.cfg.curve_dir, "clients"))
+            apply_server_curve(sock, self.cfg.curve_dir)
+            auth_monitor = asyncio.create_task(self._count_auth_failures(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)))
+        elif not is_local_endpoint(self.cfg.endpoint):
+            self.log.warning("INSECURE: %s accepts unauthenticated, unencrypted agents from other hosts (--insecure)", self.cfg.endpoint)
         sock.bind(self.cfg.endpoint)
         self._sock = sock
         self._store = dist.TCPStore(self.cfg.store_host, 0, self.cfg.world_size, True,
@@ -126,9 +139,19 @@ class Coordinator:
             await self._receive_loop()
         finally:
             ticker.cancel()
+            if auth_monitor is not None:
+                auth_monitor.cancel()
             await self._shutdown()
             if http is not None:
                 http.close()
+
+    async def _count_auth_failures(self, monitor) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            self.metrics.messages_rejected.labels("auth").inc()
+            self.log.warning("refused a connection that failed CURVE authentication (%s)", event.get("endpoint", b"").decode(errors="replace"))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -143,8 +166,10 @@ class Coordinator:
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sock is not None:
             self._sock.close(linger=200)
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=200)
         self.log.info("stopped")
 
     # -- I/O ----------------------------------------------------------------------------
@@ -233,6 +258,8 @@ class Coordinator:
             self.log.error("refused rank %d: %s", hello.rank, reason)
             self._send(identity, P.Reject(reason=reason))
 
+        if identity != f"rank-{hello.rank}".encode():
+            return reject(f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}')")
         if hello.protocol_version != P.PROTOCOL_VERSION:
             return reject(f"protocol version {hello.protocol_version} does not match the coordinator's {P.PROTOCOL_VERSION}")
         if not 0 <= hello.rank < self.cfg.world_size:

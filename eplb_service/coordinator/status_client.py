@@ -10,13 +10,17 @@ import zmq
 
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import default_endpoint
+from eplb_service.security import ClientCurve, SecurityError
 
 
-def fetch_status(endpoint: str, timeout_s: float = 3.0) -> dict:
+def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | None = None) -> dict:
     """One ``StatusRequest`` round trip; raises ``TimeoutError`` naming the endpoint."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    curve = curve if curve is not None else ClientCurve.from_env()
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
     try:
         sock.connect(endpoint)
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         status = fetch_status(args.endpoint, args.timeout_s)
-    except (TimeoutError, P.ProtocolError, zmq.ZMQError) as exc:
+    except (TimeoutError, P.ProtocolError, zmq.ZMQError, SecurityError) as exc:
         print(f"eplb-coordinator status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else format_status(status))

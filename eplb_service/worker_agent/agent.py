@@ -26,6 +26,7 @@ import zmq
 from eplb_service import protocol as P
 from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError, validate_phy2log
+from eplb_service.security import ClientCurve
 from eplb_service.worker_agent.expert_model import ExpertModel
 from eplb_service.worker_agent.schedule import build_schedule
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
@@ -42,7 +43,7 @@ class WorkerAgent:
 
     def __init__(self, model: ExpertModel, endpoint: str, transport: Transport, *,
                  ranks_per_node: int | None = None, hello_interval_s: float = 0.5,
-                 staged_timeout_s: float = 60.0, curve_keys: dict | None = None) -> None:
+                 staged_timeout_s: float = 60.0, curve: ClientCurve | None = None) -> None:
         self.model = model
         self.rank = model.rank
         self.endpoint = endpoint
@@ -52,6 +53,8 @@ class WorkerAgent:
         self._hello_backoff_s = hello_interval_s
         """Doubles up to 5 s while the coordinator does not answer; reset by Welcome."""
         self.staged_timeout_s = staged_timeout_s
+        self.curve = curve if curve is not None else ClientCurve.from_env()
+        """CURVE keys for a coordinator on another host (``EPLB_SERVICE_CURVE_*`` by default)."""
         self.config = P.AgentConfig()
         self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps, self.config.fence_timeout_s)
         self.log = rank_logger(__name__, self.rank)
@@ -104,6 +107,8 @@ class WorkerAgent:
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.endpoint)
         self._sock = sock
         self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
