@@ -1,0 +1,133 @@
+"""deploy/k8s: every resource validates against the Kubernetes schemas, and the pieces agree.
+
+The LeaderWorkerSet and ServiceMonitor are CRDs with no bundled schema: their pod templates
+are validated as core ``PodTemplate``s, their wiring by hand. The coordinator's arguments in
+the manifests are parsed by the real CLI, so a renamed flag fails here.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shlex
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+kv = pytest.importorskip("kubernetes_validate")
+
+from eplb_service.coordinator.cli import build_parser, config_from_args  # noqa: E402
+from eplb_service.security import generate_keys  # noqa: E402
+
+K8S = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+VERSION = "1.30.0"  # native sidecars need >= 1.29
+
+
+def resources(variant: str) -> list[dict]:
+    kustomization = yaml.safe_load((K8S / variant / "kustomization.yaml").read_text())
+    docs = []
+    for rel in kustomization["resources"]:
+        path = K8S / variant / rel
+        assert path.is_file(), f"{variant}/kustomization.yaml lists missing {rel}"
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    if doc["kind"] == "Deployment":
+        return [doc["spec"]["template"]]
+    if doc["kind"] == "LeaderWorkerSet":
+        lwt = doc["spec"]["leaderWorkerTemplate"]
+        return [lwt["leaderTemplate"], lwt["workerTemplate"]]
+    return []
+
+
+def container(template: dict, name: str) -> dict:
+    spec = template["spec"]
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name}")
+
+
+def command_line(c: dict) -> list[str]:
+    argv = c.get("command", []) + c.get("args", [])
+    if argv[:2] == ["sh", "-c"]:
+        script = " ".join(argv[2:]).split(";")[-1]
+        return shlex.split(script.replace("exec ", "", 1).replace("$$((", "$(("))
+    return argv
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_every_resource_validates(variant):
+    for doc in resources(variant):
+        if doc["kind"] in ("ServiceMonitor", "LeaderWorkerSet"):
+            for i, tpl in enumerate(pod_templates(doc)):
+                kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": tpl}, VERSION, strict=True)
+            continue
+        kv.validate(doc, VERSION, strict=True)
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_volumes_ports_and_selectors_are_wired(variant):
+    docs = resources(variant)
+    services = [d for d in docs if d["kind"] == "Service"]
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    for doc in docs:
+        for tpl in pod_templates(doc):
+            volumes = {v["name"] for v in tpl["spec"].get("volumes", [])}
+            for c in tpl["spec"].get("initContainers", []) + tpl["spec"]["containers"]:
+                ports = {p["name"] for p in c.get("ports", [])}
+                for mount in c.get("volumeMounts", []):
+                    assert mount["name"] in volumes, f"{c['name']} mounts undefined volume {mount['name']}"
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if probe in c:
+                        assert c[probe]["httpGet"]["port"] in ports, f"{c['name']} {probe} uses an undeclared port"
+    for svc in services:
+        selected = [t for d in docs for t in pod_templates(d)
+                    if all(t["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())]
+        assert selected, f"service {svc['metadata']['name']} selects no pod"
+        declared = {p["name"] for t in selected for c in t["spec"].get("initContainers", []) + t["spec"]["containers"] for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in declared
+    for mon in monitors:
+        assert any(all(s["metadata"]["labels"].get(k) == v for k, v in mon["spec"]["selector"]["matchLabels"].items()) for s in services)
+        assert {e["port"] for e in mon["spec"]["endpoints"]} <= {p["name"] for s in services for p in s["spec"]["ports"]}
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_coordinator_arguments_parse_and_match_vllm(variant, tmp_path):
+    keys = tmp_path / "keys"
+    generate_keys(str(keys))
+    for doc in resources(variant):
+        for tpl in pod_templates(doc):
+            names = {c["name"] for c in tpl["spec"].get("initContainers", [])}
+            if "eplb-coordinator" not in names:
+                continue
+            argv = command_line(container(tpl, "eplb-coordinator"))
+            assert argv[0] == "eplb-coordinator"
+            argv = [str(keys) if a == "/etc/eplb-service/server" else a for a in argv[1:]]
+            args = build_parser().parse_args([a.replace('"$POD_IP"', "10.0.0.1").replace("$POD_IP", "10.0.0.1") for a in argv])
+            cfg = config_from_args(args)  # the real validation: endpoint security, sizes
+            vllm = command_line(container(tpl, "vllm"))
+            dp = int(vllm[vllm.index("--data-parallel-size") + 1])
+            assert cfg.world_size == dp, f"coordinator --dp {cfg.world_size} but vLLM --data-parallel-size {dp}"
+            assert "--enable-eplb" in vllm and "--enable-expert-parallel" in vllm
+            env = {e["name"]: e.get("value") for e in container(tpl, "vllm").get("env", [])}
+            script = " ".join(container(tpl, "vllm").get("args", []))
+            endpoint = env.get("EPLB_SERVICE_ENDPOINT") or script.split("EPLB_SERVICE_ENDPOINT=")[1].split(";")[0]
+            if cfg.endpoint.startswith("ipc://"):
+                assert endpoint == cfg.endpoint
+            else:
+                assert endpoint.endswith(":" + cfg.endpoint.rsplit(":", 1)[1])
+                assert cfg.curve_dir and env.get("EPLB_SERVICE_CURVE_SERVER_CERT") and env.get("EPLB_SERVICE_CURVE_CLIENT_CERT")
+
+
+def test_multinode_secret_carries_every_mounted_key():
+    kustomization = yaml.safe_load((K8S / "multinode" / "kustomization.yaml").read_text())
+    generated = {f.split("=")[0] for g in kustomization["secretGenerator"] for f in g["files"]}
+    for doc in resources("multinode"):
+        for tpl in pod_templates(doc):
+            for vol in tpl["spec"]["volumes"]:
+                if "secret" in vol:
+                    assert vol["secret"]["secretName"] == "eplb-curve-keys"
+                    assert {i["key"] for i in vol["secret"]["items"]} <= generated
