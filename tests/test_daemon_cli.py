@@ -120,3 +120,19 @@ def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
         assert r["epoch"] == 0 and r["commits"] == [] and r["rows_match_maps"]
         assert r["stats"].get("aborted", 0) >= 1, "the agent did not drop the staged plan"
         assert r["steps"] == 1500 and r["max_step_s"] < 0.5, "serving was disturbed by the coordinator's exit"
+
+
+def test_readme_toml_example_is_a_valid_config(tmp_path):
+    import pathlib
+    import re
+
+    from eplb_service.coordinator.cli import build_parser, config_from_args, load_config_file
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, flags=re.S).group(1)
+    path = tmp_path / "eplb.toml"
+    path.write_text(block)
+    parser = build_parser()
+    parser.set_defaults(**load_config_file(str(path), parser))
+    cfg = config_from_args(parser.parse_args(["--metrics-port", "9500"]))
+    assert cfg.world_size == 8 and cfg.metrics_port == 9500 and cfg.staging_budget_bytes == 2 << 30
