@@ -173,6 +173,15 @@ class VoteNow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
     plan_id: int
 
 
+class Voted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """The vote's result as this rank learned it: every rank commits at ``commit_step`` or none does."""
+
+    rank: int
+    plan_id: int
+    commit_step: int
+    ok: bool
+
+
 class Committed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     rank: int
     plan_id: int
@@ -216,7 +225,7 @@ class StatusReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=T
 
 Message = Union[
     Hello, Welcome, Reject, CommInit, Heartbeat, LoadReport, Plan, Staged, Failed, VoteNow,
-    Committed, Aborted, AbortPlan, Goodbye, CoordinatorStopping, StatusRequest, StatusReply,
+    Voted, Committed, Aborted, AbortPlan, Goodbye, CoordinatorStopping, StatusRequest, StatusReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

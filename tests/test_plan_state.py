@@ -65,3 +65,28 @@ def test_lost_agent_during_vote_waits_for_the_others():
     assert not p.on_agent_lost(2, 0.2)
     assert not p.on_failed(0, "vote_failed", 0.3)
     assert p.on_failed(1, "vote_failed", 0.3) and p.phase is Phase.ABORTED
+
+
+def test_lost_committed_is_inferred_from_the_epoch_in_heartbeats():
+    p = run(world=2)
+    p.on_staged(0, 0.1), p.on_staged(1, 0.1)
+    p.on_voted(40, True)
+    p.on_committed(0, 40, 0.0, 0.5)
+    assert not p.on_heartbeat(1, 39, 0, 0.6)  # not at S yet: wait
+    assert p.on_heartbeat(1, 45, 1, 0.7) and p.phase is Phase.COMMITTED
+
+
+def test_decided_commit_waits_past_the_wall_clock_timeout_for_an_idle_engine():
+    p = run(world=2, voting=1.0)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    p.on_voted(40, True)
+    assert not p.on_tick(100.0) and p.phase is Phase.VOTING  # steps stand still: no abort
+    assert not p.on_heartbeat(0, 38, 0, 100.0)
+
+
+def test_rank_past_the_commit_step_at_the_old_epoch_did_not_commit():
+    p = run(world=2)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    p.on_voted(40, True)
+    p.on_committed(0, 40, 0.0, 0.5)
+    assert p.on_heartbeat(1, 60, 0, 0.6) and p.phase is Phase.DIVERGED

@@ -27,6 +27,7 @@ SAMPLES = [
     P.Staged(rank=0, plan_id=5, bytes_received=1024, duration_s=0.5),
     P.Failed(rank=0, plan_id=5, reason="busy"),
     P.VoteNow(plan_id=5),
+    P.Voted(rank=0, plan_id=5, commit_step=99, ok=True),
     P.Committed(rank=0, plan_id=5, commit_step=99, epoch=3, stall_s=1e-5),
     P.Aborted(rank=0, plan_id=5, reason="fence_timeout"),
     P.AbortPlan(plan_id=5, reason="rank 2 lost"),

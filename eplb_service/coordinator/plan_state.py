@@ -50,6 +50,8 @@ class PlanRun:
     committed: dict[int, tuple[int, float]] = field(default_factory=dict)
     aborted: dict[int, str] = field(default_factory=dict)
     lost: set[int] = field(default_factory=set)
+    decision: tuple[int, bool] | None = None
+    """``(commit_step, ok)`` once any rank reported the vote's result."""
     reason: str = ""
     staging_s: float = 0.0
     voting_s: float = 0.0
@@ -87,6 +89,27 @@ class PlanRun:
         self.committed[rank] = (step, stall_s)
         return self._maybe_settle(now)
 
+    def on_voted(self, commit_step: int, ok: bool) -> None:
+        """A rank learned the vote's result: all ranks learn the same (one all-reduce)."""
+        if self.phase is Phase.VOTING and self.decision is None:
+            self.decision = (commit_step, ok)
+
+    def on_heartbeat(self, rank: int, step: int, epoch: int, now: float) -> bool:
+        """Infer a rank's outcome when its Committed/Aborted was lost.
+
+        A rank at ``base_epoch + 1`` committed this plan (nothing else can move it there). A
+        rank past the commit step still at ``base_epoch`` did not commit.
+        """
+        if self.phase is not Phase.VOTING or rank in self.committed or rank in self.aborted:
+            return False
+        if epoch == self.base_epoch + 1:
+            self.committed[rank] = (self.decision[0] if self.decision else -1, 0.0)
+            return self._maybe_settle(now)
+        if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
+            self.aborted[rank] = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
+            return self._maybe_settle(now)
+        return False
+
     def on_agent_lost(self, rank: int, now: float) -> bool:
         if self.phase.final:
             return False
@@ -99,7 +122,10 @@ class PlanRun:
         if self.phase is Phase.STAGING and now - self.phase_started_at > self.staging_timeout_s:
             missing = sorted(set(range(self.world_size)) - set(self.staged))
             return self._abort(f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now)
-        if self.phase is Phase.VOTING and now - self.phase_started_at > self.voting_timeout_s:
+        # Once the vote decided "commit", ranks commit at step S whenever serving reaches it
+        # (an idle engine may take long): no wall-clock timeout then, heartbeats settle it.
+        decided_commit = self.decision is not None and self.decision[1]
+        if self.phase is Phase.VOTING and not decided_commit and now - self.phase_started_at > self.voting_timeout_s:
             missing = sorted(set(range(self.world_size)) - set(self.committed) - set(self.aborted) - self.lost)
             if self.committed:
                 self.phase, self.reason = Phase.DIVERGED, f"vote timed out with ranks {sorted(self.committed)} committed and {missing} silent"

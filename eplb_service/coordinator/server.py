@@ -77,7 +77,9 @@ class Coordinator:
         self._comm_sent_generation = -1
         self.plan: PlanRun | None = None
         self._pending_batches: list = []
-        self._plan_counter = 0
+        # Plan ids are unique across coordinator restarts (agents drop ids they have seen, to
+        # survive duplicated messages): a random 32-bit base, shifted, plus a counter.
+        self._plan_counter = int.from_bytes(os.urandom(4), "big") << 16
         self._last_plan_end_step = 0
         self._planning = False
         self.halted_reason: str | None = None
@@ -230,8 +232,13 @@ class Coordinator:
             return
         plan = self.plan
         if isinstance(message, P.Heartbeat):
-            record.step, record.comm_generation = message.step, message.comm_generation
+            record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
             self.max_step_seen = max(self.max_step_seen, message.step)
+            if plan is not None and plan.on_heartbeat(message.rank, message.step, message.epoch, now):
+                self._advance_plan()
+        elif isinstance(message, P.Voted):
+            if plan is not None and plan.plan_id == message.plan_id:
+                plan.on_voted(message.commit_step, message.ok)
         elif isinstance(message, P.LoadReport):
             self._on_load(record, message)
         elif isinstance(message, P.Staged):

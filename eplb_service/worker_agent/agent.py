@@ -34,6 +34,10 @@ from eplb_service.worker_agent.staging import StagingArea, prepare_commit
 from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
 
 
+_NO_DIGEST = -(1 << 62)
+"""Vote entry of a rank that took no part in a remote op (below every real digest)."""
+
+
 class PlanAborted(Exception):
     """Staging stopped because the coordinator aborted the plan."""
 
@@ -77,6 +81,10 @@ class WorkerAgent:
         self._ticket: CommitTicket | None = None
         self._staged_at = 0.0
         self._abort_requested: int | None = None
+        self._seen_plans: collections.deque[int] = collections.deque(maxlen=256)
+        self._voted_plans: collections.deque[int] = collections.deque(maxlen=256)
+        self._digests: np.ndarray | None = None
+        """Integrity digests of this plan's remote rows (see ``_vote_vector``)."""
         self._connecting: threading.Thread | None = None
         self._pending_comm: P.CommInit | None = None
         self.stats = collections.Counter()
@@ -139,7 +147,11 @@ class WorkerAgent:
     def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:
             gen = getattr(self.transport, "generation", -1) if self._side_ready else -1
-            self._send(P.Heartbeat(rank=self.rank, step=self.hooks.steps_done, epoch=self.hooks.epoch, comm_generation=gen))
+            # Read the step before the epoch: the serving thread bumps the epoch at the commit
+            # boundary before the step count passes S, so (step > S, epoch = old) never pairs up
+            # falsely; the coordinator relies on this to tell a missed commit from a slow one.
+            step = self.hooks.steps_done
+            self._send(P.Heartbeat(rank=self.rank, step=step, epoch=self.hooks.epoch, comm_generation=gen))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
     def _pump_while_staging(self, plan_id: int, wait_s: float = 0.0) -> None:
@@ -331,6 +343,10 @@ class WorkerAgent:
         return rows.astype(np.int64)
 
     def _on_plan(self, plan: P.Plan) -> None:
+        if plan.plan_id in self._seen_plans:
+            self.stats["duplicate_messages"] += 1
+            return
+        self._seen_plans.append(plan.plan_id)
         if self._plan is not None:
             self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"busy with plan {self._plan.plan_id}"))
             return
@@ -395,11 +411,30 @@ class WorkerAgent:
             for buf in area.rows:
                 transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])
         transport.synchronize()
+        self._digests = self._row_digests(schedule, layers, area)
         self.stats["bytes_received"] += received
         return received
 
+    def _row_digests(self, schedule, layers: list[int], area: StagingArea) -> np.ndarray:
+        """Digest of every remote op's row as this rank sent or received it (sentinel if neither)."""
+        digests = np.full(len(schedule.remote), _NO_DIGEST, dtype=np.int64)
+        weights = self.model.expert_weights
+        for index, op in enumerate(schedule.remote):
+            if op.src_rank == self.rank:
+                rows = [t[op.src_row] for t in weights[layers[op.layer]]]
+            elif op.dst_rank == self.rank:
+                rows = [buf[op.dst_staging] for buf in area.rows]
+            else:
+                continue
+            digests[index] = sum(self.transport.row_digest(r) for r in rows) & ((1 << 62) - 1)
+        return digests
+
     def _on_vote(self, msg: P.VoteNow) -> None:
-        """Enter the commit vote: one small MAX all-reduce of (entry step, fail, plan id)."""
+        """Enter the commit vote: one small MAX all-reduce of (entry step, fail, plan id, digests)."""
+        if msg.plan_id in self._voted_plans:
+            self.stats["duplicate_messages"] += 1
+            return
+        self._voted_plans.append(msg.plan_id)
         ready = self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None and self._ticket is None
         ticket = None
         hooks = self.hooks
@@ -423,7 +458,7 @@ class WorkerAgent:
                 self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="side communicator not connected at vote"))
             return
         try:
-            result = self.transport.max_reduce(np.array([entry, fail, msg.plan_id, -msg.plan_id], dtype=np.int64))
+            result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready))
         except TransportError as exc:
             self.log.error("vote for plan %d failed: %s", msg.plan_id, exc)
             self.transport.abort()
@@ -435,12 +470,39 @@ class WorkerAgent:
                 self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason=f"vote failed: {exc}"))
             return
         ok = int(result[1]) == 0 and int(result[2]) == msg.plan_id and int(result[3]) == -msg.plan_id
+        corrupt = self._corrupt_ops(result)
+        if ok and corrupt:
+            ok = False
+            self.stats["integrity_failures"] += 1
+            if ticket is not None:
+                ticket.vote_error = f"integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}"
+            self.log.error("plan %d: expert rows corrupted in transit (remote ops %s); nobody commits", msg.plan_id, corrupt[:8])
         if ticket is None:
             self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="vote arrived for a plan this rank has not staged"))
             return
         ticket.commit_step = int(result[0]) + hooks.fence_steps
         ticket.vote_ok = ok
         ticket.decided.set()
+        self._send(P.Voted(rank=self.rank, plan_id=msg.plan_id, commit_step=ticket.commit_step, ok=ok))
+
+    def _vote_vector(self, entry: int, fail: int, plan_id: int, ready: bool) -> np.ndarray:
+        """``[entry, fail, plan_id, -plan_id, d_0..d_K-1, -d_0..-d_K-1]`` for the MAX all-reduce.
+
+        ``d_k`` is this rank's digest of remote op ``k``'s row (sent or received), or a
+        sentinel when it took no part. After MAX over ranks, slot ``k`` holds the larger
+        of sender's and receiver's digest and slot ``K+k`` minus the smaller: they agree
+        exactly when both digests are equal, so every rank learns of any corrupt row.
+        """
+        head = np.array([entry, fail, plan_id, -plan_id], dtype=np.int64)
+        digests = self._digests if ready and self._digests is not None else np.empty(0, dtype=np.int64)
+        negated = np.where(digests == _NO_DIGEST, _NO_DIGEST, -digests)
+        return np.concatenate([head, digests, negated])
+
+    @staticmethod
+    def _corrupt_ops(result: np.ndarray) -> list[int]:
+        body = result[4:]
+        k = body.size // 2
+        return np.flatnonzero(body[:k] != -body[k:]).tolist()
 
     def _check_ticket(self) -> None:
         ticket = self._ticket

@@ -53,6 +53,17 @@ class Transport(abc.ABC):
     def max_reduce(self, values: np.ndarray) -> np.ndarray:
         """All-reduce (MAX) of a small int64 vector: the commit vote."""
 
+    def row_digest(self, row: torch.Tensor) -> int:
+        """A 62-bit digest of one expert row, the same for the same bytes on any rank.
+
+        Integer arithmetic that wraps mod 2^64 is order-independent, so the result does
+        not depend on how the reduction is split. GPU transports may override this to run
+        on their own stream.
+        """
+        data = row.detach().reshape(-1).view(torch.uint8).to(torch.int64)
+        weights = _digest_weights(data.numel(), data.device)
+        return int((data * weights).sum().item()) & ((1 << 62) - 1)
+
     @abc.abstractmethod
     def synchronize(self) -> None:
         """Wait until everything issued on the transport's stream has finished."""
@@ -65,3 +76,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def connected(self) -> bool:
         """True between a successful ``connect`` and ``abort``."""
+
+
+_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _digest_weights(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    if key not in _WEIGHTS:
+        gen = torch.Generator().manual_seed(0x5EED)
+        _WEIGHTS[key] = (torch.randint(1, 2**62, (n,), generator=gen, dtype=torch.int64) | 1).to(device)
+    return _WEIGHTS[key]
