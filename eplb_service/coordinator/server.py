@@ -75,6 +75,7 @@ class Coordinator:
         self.window: LoadWindow | None = None
         self.comm_generation = 0
         self._comm_sent_generation = -1
+        self._comm_sent_at = 0.0
         self.plan: PlanRun | None = None
         self._pending_batches: list = []
         # Plan ids are unique across coordinator restarts (agents drop ids they have seen, to
@@ -289,6 +290,15 @@ class Coordinator:
             return reject(f"agent at epoch {hello.epoch}, the deployment is at epoch {self.epoch}")
         record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid,
                              epoch=hello.epoch, step=hello.step, phy2log=phy2log)
+        previous = self.registry.agents.get(hello.rank)
+        # The same live agent saying Hello again (its Hello was retried or duplicated) keeps
+        # its place and the current side communicator; a new process replaces the old one.
+        again = previous is not None and previous.alive and previous.pid == hello.pid and previous.identity == identity
+        if again:
+            previous.last_seen = time.monotonic()
+            comm = self._current_comm() if self._comm_sent_generation == self.comm_generation else None
+            self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent, comm=comm))
+            return
         replaced = self.registry.register(record)
         if replaced is not None and self.plan is not None and not self.plan.phase.final:
             self.plan.on_agent_lost(hello.rank, time.monotonic())
@@ -317,9 +327,13 @@ class Coordinator:
         """(Re)build the side communicator on every rank with a fresh generation."""
         self.comm_generation += 1
         self._comm_sent_generation = self.comm_generation
+        self._comm_sent_at = time.monotonic()
         self.metrics.comm_generation.set(self.comm_generation)
-        self._broadcast(P.CommInit(generation=self.comm_generation, store_host=self.cfg.store_host,
-                                   store_port=self._store.port, world_size=self.cfg.world_size))
+        self._broadcast(self._current_comm())
+
+    def _current_comm(self) -> P.CommInit:
+        return P.CommInit(generation=self.comm_generation, store_host=self.cfg.store_host,
+                          store_port=self._store.port, world_size=self.cfg.world_size)
 
     def _on_load(self, record: AgentRecord, report: P.LoadReport) -> None:
         placement = self.placements.get(report.epoch)
@@ -371,6 +385,11 @@ class Coordinator:
             if self.plan is not None and self.plan.on_tick(now):
                 self._advance_plan()
             self._publish_balancedness()
+            if (self.registry.complete and not self.registry.comm_ready(self.comm_generation)
+                    and now - self._comm_sent_at > self.cfg.agent.transport_timeout_s + 2.0):
+                self.log.warning("side communicator generation %d not built on every rank; trying generation %d",
+                                 self.comm_generation, self.comm_generation + 1)
+                self._init_comm()  # a CommInit was lost or a rendezvous failed
             if self.recorder is not None and now - self._last_trace_flush > 5.0:
                 self._last_trace_flush = now
                 await asyncio.get_running_loop().run_in_executor(None, self.recorder.flush)

@@ -87,6 +87,7 @@ class WorkerAgent:
         """Integrity digests of this plan's remote rows (see ``_vote_vector``)."""
         self._connecting: threading.Thread | None = None
         self._pending_comm: P.CommInit | None = None
+        self._comm_current: P.CommInit | None = None
         self.stats = collections.Counter()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -256,6 +257,8 @@ class WorkerAgent:
         hooks.report_interval_steps = msg.config.report_interval_steps
         hooks.fence_steps = msg.config.fence_steps
         hooks.fence_timeout_s = msg.config.fence_timeout_s
+        if self._welcomed and msg.comm is None:
+            return  # a duplicate (our Hello was retried or duplicated)
         self._welcomed = True
         self._hello_backoff_s = self.hello_interval_s
         self.log.info("welcomed by the coordinator (epoch %d, step %d)", hooks.epoch, hooks.steps_done)
@@ -264,8 +267,9 @@ class WorkerAgent:
 
     def _on_reject(self, msg: P.Reject) -> None:
         if msg.reason.startswith("unknown agent"):
-            self._welcomed = False  # the coordinator restarted: register again
-            self._next_hello = 0.0
+            # The coordinator restarted (or declared us dead): register again. Every queued
+            # heartbeat draws one of these; the Hello back-off keeps it to one Hello.
+            self._welcomed = False
             return
         self._rejected_reason = msg.reason
         self._welcomed = False
@@ -278,6 +282,8 @@ class WorkerAgent:
         transport timeout when a peer is gone; the agent thread must keep talking to the
         coordinator in the meantime or it would be declared dead itself.
         """
+        if comm == self._comm_current and self._side_ready:
+            return  # already built from this very rendezvous (a repeated CommInit)
         if self._ticket is not None or self._plan is not None:
             self._drop_plan(f"side communicator rebuilt (generation {comm.generation})")
         if self._connecting is not None and self._connecting.is_alive():
@@ -292,6 +298,7 @@ class WorkerAgent:
             except TransportError as exc:
                 self.log.error("could not build the side communicator: %s", exc)
                 return
+            self._comm_current = comm
             self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name, time.monotonic() - t0)
 
         self._connecting = threading.Thread(target=connect, name=f"eplb-connect-{self.rank}", daemon=True)

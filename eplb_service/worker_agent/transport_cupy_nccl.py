@@ -70,13 +70,18 @@ def _import_nccl():
     return nccl
 
 
-def unique_id_to_bytes(uid: tuple[int, ...]) -> bytes:
-    """CuPy's unique id (a tuple of signed chars) as the 128 raw bytes stored in the store."""
+def unique_id_to_bytes(uid: bytes | tuple[int, ...]) -> bytes:
+    """CuPy's unique id as the 128 raw bytes kept in the store.
+
+    CuPy 14 returns ``bytes``; older CuPy returns a tuple of signed chars.
+    """
+    if isinstance(uid, (bytes, bytearray)):
+        return bytes(uid)
     return bytes(b & 0xFF for b in uid)
 
 
 def unique_id_from_bytes(raw: bytes) -> tuple[int, ...]:
-    """The inverse of :func:`unique_id_to_bytes`."""
+    """The tuple-of-signed-chars form older CuPy's ``NcclCommunicator`` takes."""
     return tuple(b - 256 if b > 127 else b for b in raw)
 
 
@@ -107,6 +112,16 @@ class TransportSession:
                 "groups": self.groups, "wall_s": self.wall_s, "gpu_s": self.gpu_s}
 
 
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for every pair, as one multi-tensor kernel where torch has one."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dsts, srcs)
+    else:  # pragma: no cover - older torch
+        for dst, src in zip(dsts, srcs):
+            dst.copy_(src, non_blocking=True)
+
+
 class CupyNcclTransport(Transport):
     """Side transport over a CuPy NCCL communicator (one per EP rank, one GPU per rank).
 
@@ -117,15 +132,20 @@ class CupyNcclTransport(Transport):
             thread).
         max_groups_in_flight: NCCL groups that may be queued on the side stream at once
             (>= 1; 1 = ``exchange`` waits for its own group).
-        warmup: after connecting, open the NCCL connections to every peer with a tiny
-            all-pairs exchange, so the first plan does not pay for them.
+        warmup: after connecting, open the NCCL connections to every peer with a small and a
+            large all-pairs exchange (NCCL sets up each protocol's buffers on first use, which
+            stalled serving steps for hundreds of ms when the first plan did it).
+        pack_per_peer: send one NCCL op per peer and direction per group: the rows for a peer
+            are packed into one contiguous buffer on the side stream (and unpacked after the
+            receive). Every rank must use the same setting.
         keep_sessions: how many finished sessions to keep in :attr:`sessions`.
     """
 
     name = "cupy-nccl"
 
     def __init__(self, device: torch.device | int | str, *, serving_stream: torch.cuda.Stream | None = None,
-                 max_groups_in_flight: int = 2, warmup: bool = True, keep_sessions: int = 100_000) -> None:
+                 max_groups_in_flight: int = 2, warmup: bool = True, pack_per_peer: bool = False,
+                 keep_sessions: int = 100_000) -> None:
         if max_groups_in_flight < 1:
             raise ValueError(f"max_groups_in_flight={max_groups_in_flight} must be >= 1")
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -136,6 +156,7 @@ class CupyNcclTransport(Transport):
         self.serving_stream = serving_stream if serving_stream is not None else torch.cuda.current_stream(self.device)
         self.max_groups_in_flight = max_groups_in_flight
         self.warmup = warmup
+        self.pack_per_peer = pack_per_peer
         self._comm = None
         self._store: dist.Store | None = None
         self._stream: torch.cuda.Stream | None = None
@@ -150,6 +171,8 @@ class CupyNcclTransport(Transport):
         self.bytes_received_total = 0
         self.groups_total = 0
         self.aborts = 0
+        self.last_abort_drained: bool | None = None
+        """Whether the side stream emptied after the last ``ncclCommAbort`` (``None``: never aborted)."""
         self._dtype_u8 = getattr(self._nccl, "NCCL_UINT8", _NCCL_UINT8)
         self._dtype_i64 = getattr(self._nccl, "NCCL_INT64", _NCCL_INT64)
         self._op_max = getattr(self._nccl, "NCCL_MAX", _NCCL_MAX)
@@ -198,7 +221,7 @@ class CupyNcclTransport(Transport):
             if rank == 0:
                 store.set(f"{prefix}/nccl_unique_id", unique_id_to_bytes(self._nccl.get_unique_id()))
             self._store_barrier(store, f"{prefix}/nccl_arrived", comm.world_size, timeout_s)
-            uid = unique_id_from_bytes(store.get(f"{prefix}/nccl_unique_id"))
+            uid = store.get(f"{prefix}/nccl_unique_id")
         except TransportError:
             raise
         except Exception as exc:  # DistStoreError, RuntimeError, NcclError
@@ -208,7 +231,10 @@ class CupyNcclTransport(Transport):
             raise TransportError(f"NCCL unique id of generation {comm.generation} has {len(uid)} bytes, expected 128")
         self._stream = torch.cuda.Stream(self.device, priority=0)  # 0 = lowest priority on CUDA
         try:
-            self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
+            try:
+                self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
+            except TypeError:  # CuPy < 14 takes the id as a tuple of signed chars
+                self._comm = self._nccl.NcclCommunicator(comm.world_size, unique_id_from_bytes(uid), rank)
         except Exception as exc:
             self._stream = None
             raise TransportError(f"ncclCommInitRank (generation {comm.generation}, rank {rank}/{comm.world_size}) failed: {exc}") from exc
@@ -234,20 +260,59 @@ class CupyNcclTransport(Transport):
             time.sleep(0.005)
 
     def _open_connections(self) -> None:
-        """A one-byte send/recv with every peer, then a vote-sized all-reduce."""
+        """Small and large sends/recvs with every peer, then a vote-sized all-reduce."""
         world, rank = self._world_size, self._rank
-        with torch.cuda.device(self.device):
-            out = torch.zeros(world, dtype=torch.uint8, device=self.device)
-            back = torch.zeros(world, dtype=torch.uint8, device=self.device)
-        ops = []
-        for peer in range(world):
-            if peer != rank:
-                ops.append(P2POp(True, out[peer:peer + 1], peer, 0))
-                ops.append(P2POp(False, back[peer:peer + 1], peer, 0))
-        self.exchange(ops)
-        self.synchronize()
+        for nbytes in (1, 8 << 20):
+            with torch.cuda.device(self.device):
+                out = torch.zeros((world, nbytes), dtype=torch.uint8, device=self.device)
+                back = torch.zeros((world, nbytes), dtype=torch.uint8, device=self.device)
+            ops = []
+            for peer in range(world):
+                if peer != rank:
+                    ops.append(P2POp(True, out[peer], peer, 0))
+                    ops.append(P2POp(False, back[peer], peer, 0))
+            self.exchange(ops)
+            self.synchronize()
         self.max_reduce(np.zeros(4, dtype=np.int64))
         self.sessions.clear()
+        self.bytes_sent_total = self.bytes_received_total = self.groups_total = 0
+
+    def _packed(self, ops: list[P2POp]) -> tuple[list[P2POp], list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        """One op per (peer, direction); returns the ops and the unpack copies to run after them.
+
+        Both sides concatenate a peer's ops in issue order, which the agent keeps the same
+        on every rank, so the receiver's offsets match the sender's.
+        """
+        sends: dict[int, list[torch.Tensor]] = {}
+        recvs: dict[int, list[torch.Tensor]] = {}
+        for op in ops:
+            (sends if op.is_send else recvs).setdefault(op.peer, []).append(op.tensor)
+        out: list[P2POp] = []
+        unpack: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1).view(torch.uint8)
+
+        with torch.cuda.stream(self._stream):
+            for peer, tensors in sends.items():
+                if len(tensors) == 1:
+                    out.append(P2POp(True, tensors[0], peer, 0))
+                    continue
+                sizes = [t.numel() * t.element_size() for t in tensors]
+                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+                _copy_all(list(torch.split(buf, sizes)), [flat(t) for t in tensors])
+                for t in tensors:
+                    t.record_stream(self._stream)
+                out.append(P2POp(True, buf, peer, 0))
+            for peer, tensors in recvs.items():
+                if len(tensors) == 1:
+                    out.append(P2POp(False, tensors[0], peer, 0))
+                    continue
+                sizes = [t.numel() * t.element_size() for t in tensors]
+                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+                out.append(P2POp(False, buf, peer, 0))
+                unpack.append(([flat(t) for t in tensors], list(torch.split(buf, sizes))))
+        return out, unpack
 
     # -- sessions and waits -----------------------------------------------------------------
 
@@ -301,6 +366,12 @@ class CupyNcclTransport(Transport):
         nccl = self._nccl
         handle = stream.cuda_stream
         sent = received = 0
+        unpack: list = []
+        if self.pack_per_peer:
+            for op in ops:
+                if op.tensor.device != self.device or not op.tensor.is_contiguous():
+                    raise TransportError(f"op with peer {op.peer}: expected a contiguous tensor on {self.device}")
+            user_ops, (ops, unpack) = ops, self._packed(ops)
         try:
             nccl.groupStart()
             try:
@@ -322,6 +393,11 @@ class CupyNcclTransport(Transport):
             raise
         except Exception as exc:  # NcclError from send/recv/groupEnd
             raise TransportError(f"NCCL group of {len(ops)} ops failed: {exc}") from exc
+        if self.pack_per_peer:
+            with torch.cuda.stream(stream):
+                for dsts, srcs in unpack:
+                    _copy_all(dsts, srcs)
+            ops = user_ops + ops
         for op in ops:
             op.tensor.record_stream(stream)
         done = torch.cuda.Event(enable_timing=True)
@@ -393,12 +469,14 @@ class CupyNcclTransport(Transport):
             comm.abort()  # ncclCommAbort: pending kernels of this communicator return
         except Exception as exc:
             log.warning("ncclCommAbort of generation %d: %s", self._generation, exc)
+        self.last_abort_drained = True
         if stream is not None:
             drained = torch.cuda.Event()
             drained.record(stream)
             deadline = time.monotonic() + 10.0
             while not drained.query():
                 if time.monotonic() > deadline:
+                    self.last_abort_drained = False
                     log.error("side stream of generation %d still busy 10s after ncclCommAbort; it is abandoned "
                               "(a fresh stream is used from the next connect)", self._generation)
                     break
