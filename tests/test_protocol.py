@@ -128,3 +128,27 @@ def test_no_pickle_in_the_package():
     root = pathlib.Path(P.__file__).parent
     offenders = [str(p) for p in root.rglob("*.py") if "import pickle" in p.read_text() or "pickle.loads" in p.read_text()]
     assert offenders == []
+
+
+from eplb_service.testing.protocol_fuzz import HandlerHarness, check_frame, message_strategy, mutate  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None)
+@given(message_strategy(), st.data())
+def test_any_well_typed_message_round_trips_and_mutations_fail_cleanly(message, data):
+    frame = P.encode(message)
+    assert P.decode(frame) == message
+    assert check_frame(frame) in ("accepted", "array_rejected")
+    assert check_frame(mutate(frame, data)) in ("accepted", "array_rejected", "rejected")
+
+
+_HARNESS = None
+
+
+@settings(max_examples=400, deadline=None)
+@given(message_strategy(), st.sampled_from([b"rank-0", b"rank-1", b"stranger"]))
+def test_coordinator_handlers_never_raise_on_any_message(message, identity):
+    global _HARNESS
+    if _HARNESS is None:
+        _HARNESS = HandlerHarness()
+    _HARNESS.feed(message, identity)  # raising here is the failure

@@ -469,6 +469,16 @@ class Coordinator:
         self._plan_counter += 1
         layers = [int(x) for x in batch.layers]
         rows = np.asarray(batch.phy2log, dtype=np.int64)
+        candidate = self.placements[self.epoch].copy()
+        try:
+            candidate[layers] = rows
+            validate_phy2log(candidate, self.shape)
+        except (PlacementError, ValueError, IndexError) as exc:  # a policy bug must never reach the agents
+            self.log.error("policy %s produced an invalid plan for layers %s: %s; not sent", self.cfg.policy, layers, exc)
+            self.metrics.plans_aborted.labels("invalid_plan").inc()
+            self.counts["aborted"] += 1
+            self._pending_batches = []
+            return
         self.plan = PlanRun(plan_id=self._plan_counter, base_epoch=self.epoch, layers=layers, rows=rows,
                             world_size=self.cfg.world_size, staging_timeout_s=self.cfg.staging_timeout_s,
                             voting_timeout_s=self.cfg.voting_timeout_s, started_at=time.monotonic(),

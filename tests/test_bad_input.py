@@ -1,0 +1,144 @@
+"""Bad input at every edge: invalid plans reach neither side, Hello mismatches say both values,
+oversize frames are refused by the socket, and the daemon keeps serving through all of it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import make_model, rows_match_maps
+from coordinator_thread import CoordinatorThread
+from eplb_service import protocol as P
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.status_client import fetch_status
+from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.agent import WorkerAgent
+from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+SHAPE = PlacementShape(2, 6, 8, 2)
+
+
+class FakeCoordinator:
+    """A bare ROUTER that speaks the protocol by hand, to feed a real agent bad plans."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.bind(endpoint)
+
+    def recv(self, kind, timeout_s: float = 10.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(100):
+                identity, frame = self.sock.recv_multipart()
+                message = P.decode(frame)
+                if isinstance(message, kind):
+                    return identity, message
+        raise AssertionError(f"no {kind.__name__} within {timeout_s}s")
+
+    def send(self, identity: bytes, message) -> None:
+        self.sock.send_multipart([identity, P.encode(message)])
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def plan(rows, layers=(0,), epoch=0, plan_id=7) -> P.Plan:
+    return P.Plan(plan_id=plan_id, base_epoch=epoch, layers=list(layers), phy2log=P.NDArray.from_numpy(np.asarray(rows, dtype=np.int64)))
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (plan([[0, 1, 2, 3, 4, 4, 4, 4]]), "layer 0: logical expert 5 has no replica"),
+    (plan([[0, 1, 2, 3, 4, 5, 9, 0]]), "layer 0: slot 6 holds expert 9, expected 0 <= expert < 6"),
+    (plan([[0, 1, 2, 3, 4, 5]]), "phy2log shape (1, 6), expected (1, 8)"),
+    (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
+    (plan([[0, 1, 2, 3, 4, 5, 0, 1]], epoch=3), "is for epoch 3, this rank is at epoch 0"),
+    (P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray(dtype="int64", shape=(1, 8), data=b"\0" * 8)),
+     "plan.phy2log: shape (1, 8) of int64 needs 64 bytes, got 8"),
+])
+def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_path, bad, expected):
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    fake = FakeCoordinator(endpoint)
+    model = make_model(0, SHAPE)
+    before = model.phy2log.clone()
+    agent = WorkerAgent(model, endpoint, GlooTransport()).start()
+    try:
+        identity, hello = fake.recv(P.Hello)
+        assert hello.rank == 0
+        fake.send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=P.AgentConfig()))
+        fake.send(identity, bad)
+        _, failed = fake.recv(P.Failed)
+        assert failed.plan_id == 7 and expected in failed.reason, failed.reason
+        assert agent.stats["plans_rejected"] == 1
+    finally:
+        agent.stop()
+        fake.close()
+    assert model.phy2log.equal(before) and rows_match_maps(model)
+
+
+def hello(**changes) -> P.Hello:
+    fields = dict(protocol_version=P.PROTOCOL_VERSION, rank=0, model=P.ModelShape(2, 6, 8, 2, 36),
+                  phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)), epoch=0, step=0, transport="gloo")
+    fields.update(changes)
+    return P.Hello(**fields)
+
+
+def ask(endpoint: str, identity: bytes, message) -> P.Message:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(endpoint)
+        sock.send(P.encode(message))
+        assert sock.poll(5000), "no reply"
+        return P.decode(sock.recv())
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_hello_mismatches_are_refused_with_both_values(tmp_path):
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+    try:
+        reply = ask(endpoint, b"rank-0", hello(protocol_version=99))
+        assert isinstance(reply, P.Reject) and f"protocol version 99 does not match the coordinator's {P.PROTOCOL_VERSION}" in reply.reason
+        reply = ask(endpoint, b"rank-0", hello(model=P.ModelShape(2, 6, 8, 4, 36), phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 4)))))
+        assert "agent reports 4 EP ranks, the coordinator was started for 2" in reply.reason
+        assert isinstance(ask(endpoint, b"rank-0", hello()), P.Welcome)
+        reply = ask(endpoint, b"rank-1", hello(rank=1, model=P.ModelShape(2, 6, 8, 2, 72)))
+        assert "model shape" in reply.reason and "bytes_per_expert=72" in reply.reason and "bytes_per_expert=36" in reply.reason
+        reply = ask(endpoint, b"rank-1", hello(rank=1, phy2log=P.NDArray.from_numpy(np.zeros((2, 8), dtype=np.int64))))
+        assert "invalid placement: layer 0: logical expert 1 has no replica" in reply.reason
+        assert coord.coordinator.metrics.messages_rejected.labels("hello")._value.get() == 4
+    finally:
+        coord.stop()
+
+
+def test_oversize_and_garbage_frames_do_not_disturb_the_coordinator(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "MAX_MESSAGE_BYTES", 1 << 20)  # the socket limit is read when the coordinator binds
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+    ctx = zmq.Context()
+    try:
+        big = ctx.socket(zmq.DEALER)
+        big.connect(endpoint)
+        big.send(b"\x00" * (2 << 20))  # over the limit: ZeroMQ drops the connection, nothing is decoded
+        garbage = ctx.socket(zmq.DEALER)
+        garbage.connect(endpoint)
+        garbage.send(b"\xc1 not msgpack")
+        assert garbage.poll(5000)
+        reply = P.decode(garbage.recv())
+        assert isinstance(reply, P.Reject) and "undecodable frame" in reply.reason
+        time.sleep(0.2)
+        assert fetch_status(endpoint)["world_size"] == 2  # still serving
+        assert coord.coordinator.metrics.messages_rejected.labels("decode")._value.get() == 1
+        for s in (big, garbage):
+            s.close(0)
+    finally:
+        ctx.term()
+        coord.stop()
