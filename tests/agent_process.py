@@ -33,6 +33,8 @@ class AgentSpec:
     staged_timeout_s: float = 60.0
     switch_hot_at_step: int | None = None
     exit_after_s: float | None = None
+    switch_every_steps: int | None = None
+    """Soak runs: the hot expert moves on every this many steps."""
 
 
 class ExitBeforeVoteAgent(WorkerAgent):
@@ -75,7 +77,10 @@ def agent_main(spec: AgentSpec, out) -> None:
     step_times = []
     t_start = time.monotonic()
     for step in range(spec.steps):
-        hot = 2 if spec.switch_hot_at_step is None or step < spec.switch_hot_at_step else 3
+        if spec.switch_every_steps:
+            hot = 2 + (step // spec.switch_every_steps) % (spec.shape.num_logical - 2)
+        else:
+            hot = 2 if spec.switch_hot_at_step is None or step < spec.switch_hot_at_step else 3
         t0 = time.perf_counter()
         hooks.before_step()
         load = slot_load(model, hot)

@@ -140,3 +140,26 @@ def test_agent_sigkill_mid_transfer_aborts_the_others_within_the_timeout(tmp_pat
     assert c.metrics.plans.labels("aborted")._value.get() >= 1
     assert_consistent(results, fence_bound_s=1.5)
     assert all(r["epoch"] == 0 for r in results.values())
+
+
+@pytest.mark.slow
+def test_soak_lossy_link_with_drifting_load(tmp_path):
+    """Manual soak: `EPLB_SOAK_S=1800 python -m pytest -m slow tests/test_faults.py -k soak`."""
+    soak_s = float(os.environ.get("EPLB_SOAK_S", "300"))
+    back, front = f"ipc://{tmp_path}/coordinator.sock", f"ipc://{tmp_path}/proxy.sock"
+    cfg = config(back, 3, staging_timeout_s=3.0, voting_timeout_s=3.0, fence_timeout_s=1.0, transport_timeout_s=2.0,
+                 liveness_timeout_s=3.0)
+    coord = CoordinatorThread(cfg).start()
+    proxy = FaultProxy(front, back, p_drop=0.01, p_dup=0.02, p_delay=0.05, seed=7).start()
+    steps = int(soak_s / 0.007)
+    try:
+        procs, out = start_agents([AgentSpec(r, front, SHAPE3, steps=steps, switch_every_steps=400, staged_timeout_s=3.0)
+                                   for r in range(3)])
+        results = collect(procs, out, 3, timeout_s=soak_s * 2 + 60)
+    finally:
+        proxy.stop()
+        coord.stop()
+    c = coord.coordinator
+    assert sorted(results) == [0, 1, 2] and c.counts["diverged"] == 0
+    assert_consistent(results, fence_bound_s=1.5)
+    print(f"soak {soak_s:.0f}s: {c.counts}, proxy {proxy.counts}")
