@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_service.protocol import CommInit
-from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
+from eplb_service.worker_agent.transport import P2POp, Transport, TransportError, _digest_weights
 
 log = logging.getLogger(__name__)
 
@@ -260,18 +260,27 @@ class CupyNcclTransport(Transport):
             time.sleep(0.005)
 
     def _open_connections(self) -> None:
-        """Small and large sends/recvs with every peer, then a vote-sized all-reduce."""
+        """Every kernel the side path launches, once, before serving starts.
+
+        Small and large sends/recvs with every peer (NCCL's LL and Simple protocols), two
+        ops per peer (the pack/unpack copies when ``pack_per_peer``), a local copy, and the
+        vote. With CUDA's lazy module loading, the first launch of a kernel can wait for the
+        whole context to go idle; if that first launch happens while NCCL kernels spin for
+        their peers, the ranks deadlock (seen on H100: a 30 s serving stall, broken only by
+        the side communicator's timeout and abort).
+        """
         world, rank = self._world_size, self._rank
         for nbytes in (1, 8 << 20):
             with torch.cuda.device(self.device):
-                out = torch.zeros((world, nbytes), dtype=torch.uint8, device=self.device)
-                back = torch.zeros((world, nbytes), dtype=torch.uint8, device=self.device)
+                out = torch.zeros((world, 2, nbytes), dtype=torch.uint8, device=self.device)
+                back = torch.zeros((world, 2, nbytes), dtype=torch.uint8, device=self.device)
             ops = []
             for peer in range(world):
                 if peer != rank:
-                    ops.append(P2POp(True, out[peer], peer, 0))
-                    ops.append(P2POp(False, back[peer], peer, 0))
+                    ops += [P2POp(True, out[peer, 0], peer, 0), P2POp(True, out[peer, 1], peer, 1)]
+                    ops += [P2POp(False, back[peer, 0], peer, 0), P2POp(False, back[peer, 1], peer, 1)]
             self.exchange(ops)
+            self.copy_local(back[rank, 0], out[rank, 0])
             self.synchronize()
         self.max_reduce(np.zeros(4, dtype=np.int64))
         self.sessions.clear()
@@ -439,6 +448,28 @@ class CupyNcclTransport(Transport):
         self._wait_event(done, "vote all-reduce")
         del host  # the pinned source must outlive the copy, which the wait guarantees
         return out.numpy().copy()
+
+    def row_digest(self, row: torch.Tensor) -> int:
+        """The row's digest computed on the side stream, never on the serving stream.
+
+        Rows whose size is a multiple of 8 bytes are read as int64 words (one read of the
+        row, no widening copy): sum of word * odd weight, wrapping mod 2^64, so the result
+        does not depend on the reduction order. Sender and receiver both use this transport,
+        so they compute the same function of the same bytes.
+        """
+        stream = self._stream
+        if stream is None:
+            return super().row_digest(row)
+        with torch.cuda.stream(stream):
+            flat = row.detach().reshape(-1)
+            if flat.numel() * flat.element_size() % 8:
+                return super().row_digest(row)
+            try:
+                words = flat.view(torch.uint8).view(torch.int64)
+            except RuntimeError:  # storage offset not 8-byte aligned
+                return super().row_digest(row)
+            value = int((words * _digest_weights(words.numel(), words.device)).sum().item())
+        return value & ((1 << 62) - 1)
 
     def synchronize(self) -> None:
         stream = self._stream
