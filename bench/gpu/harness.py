@@ -1,0 +1,766 @@
+"""GPU EP-serving harness: one process per GPU, the real coordinator and agents, in phases.
+
+    python -m bench.gpu.harness --world 4 --preset qwen35 --out harness.json [--p2p-json p2p.json]
+    python -m bench.gpu.harness --world 2 --device cpu --preset cpu ...   # logic check without a GPU
+
+Each rank process runs :class:`~bench.gpu.moe.MoeStack` (real NCCL all-to-alls on a
+torch.distributed serving group, exact output check on every step) and calls its agent's
+serving hooks every step; the agent is the product's :class:`WorkerAgent` with the
+:class:`CupyNcclTransport` (gloo on CPU). This process hosts the product's
+:class:`Coordinator`, whose policy step is replaced by churn plans (:mod:`.churn`).
+
+Phases (all ranks switch at the same step; times are turned into step counts from the
+warm-up step time):
+
+- ``idle``: serving, no plans: the baseline step time;
+- ``stream_throttled`` / ``stream_unthrottled``: serving while plans stream continuously
+  with the agent's throttle at ``--throttle-*`` / off;
+- ``isolated``: steps without serving work (hooks + a tiny all-reduce): the same plans,
+  unthrottled, measure the side communicator's streaming rate on quiet links;
+- ``soak``: serving with continuous plans for the rest of the time budget (0 hangs,
+  0 mismatches, as many rearrangements as fit);
+- ``drain``: plans off until every agent and the coordinator are idle;
+- ``sync``: stop-the-world rearrangements on the serving group (:mod:`.sync_baseline`),
+  the same plan generator, with serving steps between them.
+
+Every step is classified by what really happened on it: ``commit`` (the maps changed at
+its boundary), ``streaming`` (the side transport had a session open or moved bytes during
+it) or ``quiet``. A watchdog in this process ends the run with a stack dump of every rank
+if no rank makes progress for ``--hang-timeout-s`` (counted as a hang).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import faulthandler
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bench.gpu.churn import churn_rows, install_churn_policy
+from bench.gpu.moe import PRESETS, MoeConfig, MoeStack
+from bench.gpu.sync_baseline import stop_the_world
+from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+log = logging.getLogger("bench.gpu.harness")
+
+# shared control array, written by rank 0 (plans, experts) and by this process (coordinator idle)
+C_PLANS, C_EXPERTS, C_COORD_IDLE, C_PHASE, C_LAYERS_PER_BATCH = range(5)
+SERVING_PHASES = ("idle", "stream_throttled", "stream_unthrottled", "soak", "sync")
+
+
+@dataclass(frozen=True)
+class HarnessOptions:
+    """One harness run.
+
+    Attributes:
+        world_size: EP ranks = processes = GPUs.
+        device: ``cuda`` (NCCL serving group, CuPy NCCL side transport) or ``cpu`` (gloo both).
+        model: the MoE shape.
+        warmup_steps: serving steps before anything is measured.
+        idle_s, throttled_s, unthrottled_s, isolated_s, soak_s: phase lengths.
+        min_phase_steps: lower bound of every timed phase.
+        empty_step_s: host sleep of an ``isolated`` step.
+        experts_per_rank: experts each rank receives per layer in a churn plan.
+        isolated_experts_per_rank: the same in the ``isolated`` phase.
+        isolated_layers_per_batch: layers per staged batch in the ``isolated`` phase (0 = all:
+            several NCCL groups per batch, back to back); the other phases stage one layer per batch.
+        throttle_bytes_per_s: the agent's throttle in ``stream_throttled`` and ``soak``.
+        chunk_bytes, max_ops_per_group: the agents' chunking in the unthrottled phases.
+        throttled_chunk_bytes: chunk bytes in the throttled phases (small groups, paced by the
+            throttle); switching chunking is done at a drained point (every rank must cut the
+            same plan the same way).
+        fence_steps, report_interval_steps: the agents' config.
+        pack_per_peer: the CuPy transport packs each peer's rows into one NCCL op per group.
+        max_groups_in_flight: CuPy transport's bound on queued NCCL groups.
+        sync_plans: stop-the-world rearrangements (alternately a new plan and its inverse).
+        sync_interval_steps: serving steps between two of them.
+        hang_timeout_s: no progress on any rank for this long is a hang.
+        startup_timeout_s: longest wait for the first step of every rank.
+        expert_mode: ``auto``, ``grouped`` or ``loop`` (see :func:`bench.gpu.moe.select_expert_mode`).
+        log_level: for the rank processes and the coordinator.
+    """
+
+    world_size: int = 4
+    device: str = "cuda"
+    model: MoeConfig = field(default_factory=lambda: PRESETS["qwen35"])
+    warmup_steps: int = 40
+    idle_s: float = 30.0
+    throttled_s: float = 40.0
+    unthrottled_s: float = 30.0
+    isolated_s: float = 15.0
+    soak_s: float = 180.0
+    min_phase_steps: int = 30
+    empty_step_s: float = 0.001
+    experts_per_rank: int = 8
+    isolated_experts_per_rank: int = 8
+    isolated_layers_per_batch: int = 0
+    throttle_bytes_per_s: float = 15e9
+    chunk_bytes: int = 256 << 20
+    throttled_chunk_bytes: int = 48 << 20
+    pack_per_peer: bool = False
+    max_ops_per_group: int = 32
+    fence_steps: int = 8
+    report_interval_steps: int = 10
+    max_groups_in_flight: int = 2
+    sync_plans: int = 12
+    sync_interval_steps: int = 5
+    hang_timeout_s: float = 60.0
+    startup_timeout_s: float = 150.0
+    expert_mode: str = "auto"
+    log_level: str = "WARNING"
+
+
+# -- the CPU side transport, with the sessions the summary reads ------------------------------
+
+
+class MeteredGlooTransport(GlooTransport):
+    """:class:`GlooTransport` that records sessions like :class:`CupyNcclTransport` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions: list = []
+        self._session: dict | None = None
+        self.bytes_sent_total = self.bytes_received_total = 0
+
+    @property
+    def session_active(self) -> bool:
+        return self._session is not None
+
+    def _begin(self) -> dict:
+        if self._session is None:
+            self._session = {"started_at": time.monotonic(), "bytes_sent": 0, "bytes_received": 0, "groups": 0}
+        return self._session
+
+    def exchange(self, ops) -> None:
+        session = self._begin()
+        super().exchange(ops)
+        for op in ops:
+            nbytes = op.tensor.numel() * op.tensor.element_size()
+            key = "bytes_sent" if op.is_send else "bytes_received"
+            session[key] += nbytes
+            if op.is_send:
+                self.bytes_sent_total += nbytes
+            else:
+                self.bytes_received_total += nbytes
+        session["groups"] += 1
+
+    def copy_local(self, dst, src) -> None:
+        self._begin()
+        super().copy_local(dst, src)
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        session, self._session = self._session, None
+        if session is not None:
+            session["wall_s"] = session["gpu_s"] = time.monotonic() - session["started_at"]
+            self.sessions.append(session)
+
+
+def _session_dict(session) -> dict:
+    return session if isinstance(session, dict) else session.as_dict()
+
+
+# -- one rank ------------------------------------------------------------------------------------
+
+
+class RankRunner:
+    """The serving loop of one rank through all phases; collects what the summary needs."""
+
+    def __init__(self, opts: HarnessOptions, rank: int, stack: MoeStack, agent, transport, control, progress) -> None:
+        self.opts, self.rank, self.stack, self.agent, self.transport = opts, rank, stack, agent, transport
+        self.control, self.progress = control, progress
+        self.cuda = stack.device.type == "cuda"
+        self.device = stack.device
+        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self.tick = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.phases: list[dict] = []
+        self.rows: dict[str, list] = {k: [] for k in ("phase", "step_s", "hook_host_s", "hook_gpu_s", "commit", "streaming", "mismatches")}
+        self.sync_results: list[dict] = []
+        self.notes: list[str] = []
+        self.step_s_agreed = 0.0
+        self._step_started = time.monotonic()
+        self._watchdog_stop = threading.Event()
+        threading.Thread(target=self._watchdog, name="harness-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """Dump every thread's stack once if one step runs for half the hang timeout."""
+        limit = self.opts.hang_timeout_s * 0.5
+        dumped_for = None
+        while not self._watchdog_stop.wait(1.0):
+            started = self._step_started
+            if time.monotonic() - started > limit and dumped_for != started:
+                dumped_for = started
+                sys.stderr.write(f"[rank {self.rank}] one step has run for {time.monotonic() - started:.0f}s; stacks:\n")
+                faulthandler.dump_traceback(all_threads=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _all_reduce_max(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def _enter(self, name: str, plans: bool, experts: int | None = None, throttle: float | None = None,
+               layers_per_batch: int = 1) -> None:
+        if throttle is not None:
+            import msgspec
+
+            self.agent.config = msgspec.structs.replace(self.agent.config, throttle_bytes_per_s=float(throttle))
+        if self.rank == 0:
+            if experts is not None:
+                self.control[C_EXPERTS] = experts
+            self.control[C_LAYERS_PER_BATCH] = layers_per_batch
+            self.control[C_PLANS] = 1.0 if plans else 0.0
+            self.control[C_PHASE] = len(self.phases)
+        self.phases.append({"name": name, "first_step": self.agent.hooks.steps_done, "t": time.monotonic(),
+                            "throttle_bytes_per_s": self.agent.config.throttle_bytes_per_s, "plans": plans,
+                            "experts_per_rank": experts, "layers_per_batch": layers_per_batch,
+                            "chunk_bytes": self.agent.config.chunk_bytes})
+        if self.rank == 0:
+            log.warning("phase %s from step %d", name, self.agent.hooks.steps_done)
+
+    def _set_chunking(self, chunk_bytes: int) -> None:
+        """Drain (plans off, agents and coordinator idle), then change the agents' chunking."""
+        if self.agent.config.chunk_bytes == chunk_bytes:
+            return
+        if self.phases and self.phases[-1]["plans"]:
+            self._enter(f"drain_{len(self.phases)}", plans=False)
+            if not self._drain():
+                raise RuntimeError("could not drain plans before changing the chunking")
+        import msgspec
+
+        self.agent.config = msgspec.structs.replace(self.agent.config, chunk_bytes=int(chunk_bytes))
+
+    def _agent_busy(self) -> bool:
+        return getattr(self.agent, "_plan", None) is not None or self.agent.hooks.ticket is not None
+
+    def _keep_config(self) -> None:
+        """A re-Welcome (the coordinator declared this rank dead and it registered again)
+        resets the agent's config to the coordinator's; put the phase's throttle and chunking back."""
+        want = self.phases[-1] if self.phases else None
+        cfg = self.agent.config
+        if want and (cfg.throttle_bytes_per_s != want["throttle_bytes_per_s"] or cfg.chunk_bytes != want["chunk_bytes"]):
+            import msgspec
+
+            self.agent.config = msgspec.structs.replace(cfg, throttle_bytes_per_s=want["throttle_bytes_per_s"],
+                                                        chunk_bytes=want["chunk_bytes"])
+            self.notes.append(f"agent config reset by a re-Welcome in phase {want['name']} (step {self.agent.hooks.steps_done}); re-applied")
+
+    def step(self, serve: bool = True) -> None:
+        hooks, tr = self.agent.hooks, self.transport
+        step = hooks.steps_done
+        self._keep_config()
+        self._step_started = time.monotonic()
+        moved0 = tr.bytes_sent_total + tr.bytes_received_total
+        active0 = tr.session_active
+        epoch0 = hooks.epoch
+        t0 = time.perf_counter()
+        if self.cuda:
+            self.events[0].record()
+        hooks.before_step()
+        if self.cuda:
+            self.events[1].record()
+        hook_host = time.perf_counter() - t0
+        if serve:
+            mismatches = self.stack.forward(step)
+        else:
+            dist.all_reduce(self.tick)
+            time.sleep(self.opts.empty_step_s)
+            mismatches = None
+        hooks.after_step(self.stack.load_pass)
+        self.stack.load_pass.zero_()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        t1 = time.perf_counter()
+        rows = self.rows
+        rows["phase"].append(len(self.phases) - 1)
+        rows["step_s"].append(t1 - t0)
+        rows["hook_host_s"].append(hook_host)
+        rows["hook_gpu_s"].append(self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else hook_host)
+        rows["commit"].append(hooks.epoch != epoch0)
+        rows["streaming"].append(bool(active0 or tr.session_active or tr.bytes_sent_total + tr.bytes_received_total != moved0))
+        rows["mismatches"].append(int(mismatches) if mismatches is not None else 0)
+        self.progress[self.rank] = step + 1
+
+    def _steps_for(self, seconds: float) -> int:
+        return max(self.opts.min_phase_steps, int(seconds / max(self.step_s_agreed, 1e-4)))
+
+    # -- the phases --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        o = self.opts
+        self._enter("warmup", plans=False, experts=o.experts_per_rank, throttle=0.0)
+        for _ in range(o.warmup_steps):
+            self.step()
+        tail = self.rows["step_s"][o.warmup_steps // 2:]
+        self.step_s_agreed = self._all_reduce_max(float(np.median(tail)))
+        self._enter("idle", plans=False)
+        for _ in range(self._steps_for(o.idle_s)):
+            self.step()
+        self._set_chunking(o.throttled_chunk_bytes)
+        self._enter("stream_throttled", plans=True, experts=o.experts_per_rank, throttle=o.throttle_bytes_per_s)
+        for _ in range(self._steps_for(o.throttled_s)):
+            self.step()
+        self._set_chunking(o.chunk_bytes)
+        self._enter("stream_unthrottled", plans=True, experts=o.experts_per_rank, throttle=0.0)
+        for _ in range(self._steps_for(o.unthrottled_s)):
+            self.step()
+        self._enter("isolated", plans=True, experts=o.isolated_experts_per_rank, throttle=0.0,
+                    layers_per_batch=o.isolated_layers_per_batch)
+        for _ in range(max(o.min_phase_steps, int(o.isolated_s / (o.empty_step_s + 2e-4)))):
+            self.step(serve=False)
+        self._set_chunking(o.throttled_chunk_bytes)
+        self._enter("soak", plans=True, experts=o.experts_per_rank, throttle=o.throttle_bytes_per_s)
+        for _ in range(self._steps_for(o.soak_s)):
+            self.step()
+        self._enter("drain", plans=False)
+        if self._drain():
+            self._enter("sync", plans=False)
+            self._sync_phase()
+        self._watchdog_stop.set()
+
+    def _drain(self, max_steps: int = 3000) -> bool:
+        # Quiet for a second of steps: the coordinator's idle flag is refreshed every 0.2 s.
+        needed = max(3, int(np.ceil(1.0 / max(self.step_s_agreed, 1e-3))))
+        quiet = 0
+        for _ in range(max_steps):
+            self.step()
+            busy = self._agent_busy() or (self.rank == 0 and self.control[C_COORD_IDLE] < 1)
+            quiet = quiet + 1 if self._all_reduce_max(1.0 if busy else 0.0) == 0 else 0
+            if quiet >= needed:
+                return True
+        self.notes.append(f"drain: agents or coordinator still busy after {max_steps} steps; sync baseline skipped")
+        return False
+
+    def _sync_phase(self) -> None:
+        o = self.opts
+        model = self.stack.model
+        host = model.phy2log.cpu().numpy().astype(np.int64)
+        layers = list(range(host.shape[0]))
+        undo_rows = None
+        for i in range(o.sync_plans):
+            if undo_rows is None:
+                rng = np.random.default_rng([o.model.seed, 7777, i])
+                new_rows = churn_rows(host, layers, o.experts_per_rank, model.num_ranks, rng)
+                undo_rows = host[layers].copy()
+            else:
+                new_rows, undo_rows = undo_rows, None
+            result = stop_the_world(model, host, layers, new_rows, self.rank)
+            result["step"] = self.agent.hooks.steps_done
+            self.sync_results.append(result)
+            for _ in range(o.sync_interval_steps):
+                self.step()
+        if undo_rows is not None:  # leave the placement the agents know
+            self.sync_results.append({**stop_the_world(model, host, layers, undo_rows, self.rank), "step": self.agent.hooks.steps_done, "restore": True})
+            for _ in range(o.sync_interval_steps):
+                self.step()
+
+    def result(self) -> dict:
+        hooks = self.agent.hooks
+        return {
+            "rank": self.rank, "expert_mode": self.stack.expert_mode, "phases": self.phases, "rows": self.rows,
+            "sessions": [_session_dict(s) for s in self.transport.sessions], "sync": self.sync_results,
+            "agent_stats": dict(self.agent.stats), "max_commit_host_stall_s": hooks.max_stall_s, "epoch": hooks.epoch,
+            "dropped_load_windows": hooks.dropped_windows, "transport_aborts": getattr(self.transport, "aborts", 0),
+            "step_s_agreed": self.step_s_agreed, "notes": self.notes,
+        }
+
+
+def warm_commit_kernels(model) -> None:
+    """Launch the commit's kernels once before serving (row 0 onto itself, maps onto themselves).
+
+    With CUDA's lazy module loading, a kernel's first launch can wait for the context to go
+    idle; the first commit must not be that launch while side-stream NCCL kernels spin.
+    """
+    index = torch.zeros(1, dtype=torch.int64, device=model.device)
+    for tensors in model.expert_weights[:1]:
+        for t in tensors:
+            t.index_copy_(0, index, t[:1].clone())
+    for t in (model.phy2log, model.log2phy, model.logcnt):
+        t.index_copy_(0, index, t[:1].clone())
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int, control, progress, results) -> None:
+    """Process entry point of one rank."""
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    logging.basicConfig(level=opts.log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    error = None
+    runner = None
+    try:
+        from eplb_service.worker_agent.agent import WorkerAgent
+
+        cuda = opts.device == "cuda"
+        if cuda:
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:
+            torch.set_num_threads(1)
+            device = torch.device("cpu")
+        store = dist.TCPStore("127.0.0.1", serving_port, opts.world_size, False, timeout=datetime.timedelta(seconds=120))
+        kwargs = {"device_id": device} if cuda else {}
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("serving", store), rank=rank,
+                                world_size=opts.world_size, timeout=datetime.timedelta(seconds=180), **kwargs)
+        cfg = opts.model
+        shape = PlacementShape(cfg.num_layers, cfg.num_logical, cfg.num_physical, opts.world_size)
+        stack = MoeStack(cfg, rank, opts.world_size, device, initial_phy2log(shape), expert_mode=opts.expert_mode)
+        if cuda:
+            from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+
+            transport = CupyNcclTransport(device, max_groups_in_flight=opts.max_groups_in_flight,
+                                          pack_per_peer=opts.pack_per_peer)
+        else:
+            transport = MeteredGlooTransport()
+        warm_commit_kernels(stack.model)
+        agent = WorkerAgent(stack.model, endpoint, transport).start()
+        deadline = time.monotonic() + opts.startup_timeout_s
+        while not (agent.welcomed and transport.connected):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent not welcomed/connected within {opts.startup_timeout_s}s")
+            time.sleep(0.01)
+        dist.barrier()
+        runner = RankRunner(opts, rank, stack, agent, transport, control, progress)
+        try:
+            runner.run()
+            dist.barrier()
+        finally:
+            agent.stop()
+    except Exception as exc:  # report, never hang the parent
+        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+        logging.getLogger(__name__).exception("rank %d failed", rank)
+    out = runner.result() if runner is not None else {"rank": rank}
+    out["error"] = error
+    results.put(out)
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+# -- the parent: coordinator, processes, watchdog ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _coordinator_idle(coordinator) -> bool:
+    return (coordinator.plan is None and not getattr(coordinator, "_pending_batches", None)
+            and not getattr(coordinator, "_planning", False))
+
+
+async def _run(opts: HarnessOptions, endpoint: str) -> dict:
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.server import Coordinator
+    from eplb_service.protocol import AgentConfig
+
+    agent_cfg = AgentConfig(report_interval_steps=opts.report_interval_steps, fence_steps=opts.fence_steps,
+                            max_ops_per_group=opts.max_ops_per_group, chunk_bytes=opts.chunk_bytes,
+                            throttle_bytes_per_s=0.0)
+    cfg = CoordinatorConfig(world_size=opts.world_size, endpoint=endpoint, rebalance_interval_steps=1,
+                            min_window_steps=10, load_half_life_steps=100.0, min_gain=0.0,
+                            staging_budget_bytes=max(1, opts.isolated_experts_per_rank) * opts.model.bytes_per_expert,
+                            agent=agent_cfg)
+    ctx = mp.get_context("spawn")
+    control = ctx.Array("d", 5, lock=False)
+    progress = ctx.Array("q", opts.world_size, lock=False)
+    results = ctx.Queue()
+    undo = install_churn_policy(lambda: control[C_PLANS] > 0, lambda: int(control[C_EXPERTS]), seed=opts.model.seed,
+                                layers_per_batch=lambda: int(control[C_LAYERS_PER_BATCH]))
+    coordinator = Coordinator(cfg)
+    server = asyncio.create_task(coordinator.serve())
+    await coordinator.ready.wait()
+    serving_port = _free_port()
+    serving_store = dist.TCPStore("127.0.0.1", serving_port, opts.world_size, True,
+                                  timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
+    procs = [ctx.Process(target=rank_main, name=f"harness-rank-{r}",
+                         args=(r, opts, endpoint, serving_port, control, progress, results)) for r in range(opts.world_size)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    collected: list[dict] = []
+    hangs: list[dict] = []
+    errors: list[str] = []
+    last_total, last_change = -1, time.monotonic()
+    last_log = 0.0
+    try:
+        while len(collected) < opts.world_size:
+            await asyncio.sleep(0.2)
+            control[C_COORD_IDLE] = 1.0 if _coordinator_idle(coordinator) else 0.0
+            while True:
+                try:
+                    collected.append(results.get_nowait())
+                except queue.Empty:
+                    break
+            now = time.monotonic()
+            total = sum(progress[:])
+            if total != last_total:
+                last_total, last_change = total, now
+            limit = opts.hang_timeout_s if min(progress[:]) > 0 else opts.startup_timeout_s
+            if now - last_change > limit and len(collected) < opts.world_size:
+                hangs.append({"steps": list(progress[:]), "phase": int(control[C_PHASE]), "silent_s": round(now - last_change, 1),
+                              "coordinator": {"plan": None if coordinator.plan is None else coordinator.plan.plan_id,
+                                              "phase": None if coordinator.plan is None else coordinator.plan.phase.value}})
+                log.error("HANG: no progress for %.0fs (steps %s); dumping stacks and stopping", now - last_change, list(progress[:]))
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGUSR1)
+                await asyncio.sleep(3.0)
+                break
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                await asyncio.sleep(2.0)
+                while True:
+                    try:
+                        collected.append(results.get_nowait())
+                    except queue.Empty:
+                        break
+                if len(collected) < opts.world_size:
+                    errors.append(f"rank processes died: {[(p.name, p.exitcode) for p in dead]}")
+                    break
+            if now - last_log > 10:
+                last_log = now
+                c = coordinator.counts
+                log.warning("t=%4.0fs steps %s | committed %d aborted %d | %.1f GiB moved | phase %d",
+                            now - t0, list(progress[:]), c["committed"], c["aborted"], coordinator.bytes_moved_total / 2**30,
+                            int(control[C_PHASE]))
+    finally:
+        for p in procs:
+            p.join(timeout=15 if not hangs else 1)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        wall = time.monotonic() - t0
+        coordinator.stop()
+        await server
+        undo()
+        del serving_store
+    errors.extend(r["error"] for r in collected if r.get("error"))
+    return summarize(opts, coordinator, sorted(collected, key=lambda r: r["rank"]), hangs, errors, wall)
+
+
+# -- the summary -------------------------------------------------------------------------------
+
+
+def _pct(values, q: float) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    return None if values.size == 0 else float(np.percentile(values, q))
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1e3, 4)
+
+
+def _dist_ms(values) -> dict:
+    return {"n": int(len(values)), "p50_ms": _ms(_pct(values, 50)), "p99_ms": _ms(_pct(values, 99)),
+            "max_ms": _ms(_pct(values, 100)), "mean_ms": _ms(float(np.mean(values)) if len(values) else None)}
+
+
+def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list, errors: list, wall_s: float) -> dict:
+    complete = [r for r in ranks if "rows" in r]
+    summary: dict = {
+        "world_size": opts.world_size, "device": opts.device, "model": dataclasses.asdict(opts.model),
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "model"},
+        "wall_s": round(wall_s, 1), "hangs": len(hangs), "hang_details": hangs, "errors": errors,
+        "coordinator": {"committed": coordinator.counts["committed"], "aborted": coordinator.counts["aborted"],
+                        "diverged": coordinator.counts["diverged"], "bytes_moved": coordinator.bytes_moved_total,
+                        "experts_moved": coordinator.experts_moved_total, "epoch": coordinator.epoch},
+    }
+    if len(complete) != opts.world_size:
+        summary["complete"] = False
+        summary["output_mismatches"] = int(sum(sum(r["rows"]["mismatches"]) for r in complete))
+        return summary
+    summary["complete"] = True
+    n = min(len(r["rows"]["step_s"]) for r in complete)
+    col = lambda key: np.array([r["rows"][key][:n] for r in complete])  # noqa: E731 - [ranks, steps]
+    step_s = col("step_s").max(axis=0)
+    hook_gpu = col("hook_gpu_s").max(axis=0)
+    hook_host = col("hook_host_s").max(axis=0)
+    commit = col("commit").any(axis=0)
+    streaming = col("streaming").any(axis=0)
+    mismatches = col("mismatches").sum(axis=0)
+    phase_of = np.array(complete[0]["rows"]["phase"][:n])
+    names = [p["name"] for p in complete[0]["phases"]]
+    summary["expert_mode"] = complete[0]["expert_mode"]
+    summary["step_s_agreed_ms"] = _ms(complete[0]["step_s_agreed"])
+    summary["output_mismatches"] = int(mismatches.sum())
+    phases = {}
+    for index, name in enumerate(names):
+        sel = phase_of == index
+        quiet = sel & ~commit & ~streaming
+        phases[name] = {
+            "steps": int(sel.sum()), "mismatches": int(mismatches[sel].sum()), "commits": int((sel & commit).sum()),
+            "all": _dist_ms(step_s[sel]), "quiet": _dist_ms(step_s[quiet]),
+            "streaming": _dist_ms(step_s[sel & streaming & ~commit]), "commit": _dist_ms(step_s[sel & commit]),
+            "throttle_bytes_per_s": complete[0]["phases"][index]["throttle_bytes_per_s"],
+            "chunk_bytes": complete[0]["phases"][index].get("chunk_bytes"),
+            "experts_per_rank": complete[0]["phases"][index]["experts_per_rank"],
+            "layers_per_batch": complete[0]["phases"][index]["layers_per_batch"],
+        }
+    summary["phases"] = phases
+    serving = np.isin(phase_of, [i for i, name in enumerate(names) if name in SERVING_PHASES])
+    summary["commit_stall"] = {
+        "gpu": _dist_ms(hook_gpu[serving & commit]),
+        "host": _dist_ms(hook_host[serving & commit]),
+        "max_host_enqueue_ms": _ms(max(r["max_commit_host_stall_s"] for r in complete)),
+        "step": _dist_ms(step_s[serving & commit]),
+    }
+    summary["bandwidth"] = _bandwidth(complete, names)
+    summary["sync_baseline"] = _sync_summary(complete, opts)
+    summary["agent_stats"] = {k: int(sum(r["agent_stats"].get(k, 0) for r in complete))
+                              for k in sorted({k for r in complete for k in r["agent_stats"]})}
+    summary["transport_aborts"] = int(sum(r.get("transport_aborts", 0) for r in complete))
+    summary["notes"] = sorted({note for r in complete for note in r["notes"]})
+    if "soak" in phases:
+        soak = phases["soak"]
+        soak_steps = phase_of == names.index("soak")
+        summary["soak"] = {"steps": soak["steps"], "rearrangements": soak["commits"], "mismatches": soak["mismatches"],
+                           "seconds": round(float(step_s[soak_steps].sum()), 1), "hangs": len(hangs)}
+    return summary
+
+
+def _bandwidth(ranks: list[dict], names: list[str]) -> dict:
+    """Per phase: each rank's side-stream rate, bytes = max(sent, received) of each session."""
+    out = {}
+    for index, name in enumerate(names):
+        per_rank = []
+        for r in ranks:
+            begin = r["phases"][index]["t"]
+            end = r["phases"][index + 1]["t"] if index + 1 < len(r["phases"]) else float("inf")
+            sessions = [s for s in r["sessions"] if begin <= s["started_at"] < end and s["groups"] > 0]
+            if not sessions:
+                continue
+            moved = sum(max(s["bytes_sent"], s["bytes_received"]) for s in sessions)
+            gpu = sum(s["gpu_s"] for s in sessions)
+            wall = sum(s["wall_s"] for s in sessions)
+            per_rank.append({"bytes": moved, "sessions": len(sessions), "gpu_s": gpu, "wall_s": wall,
+                             "gbps_gpu": moved / gpu / 1e9 if gpu > 0 else None,
+                             "gbps_wall": moved / wall / 1e9 if wall > 0 else None})
+        if per_rank:
+            gpu_rates = [p["gbps_gpu"] for p in per_rank if p["gbps_gpu"]]
+            wall_rates = [p["gbps_wall"] for p in per_rank if p["gbps_wall"]]
+            out[name] = {"sessions": int(sum(p["sessions"] for p in per_rank)), "bytes_per_rank_mean": float(np.mean([p["bytes"] for p in per_rank])),
+                         "gbps_link_mean": float(np.mean(gpu_rates)) if gpu_rates else None,
+                         "gbps_link_min": float(np.min(gpu_rates)) if gpu_rates else None,
+                         "gbps_session_wall_mean": float(np.mean(wall_rates)) if wall_rates else None,
+                         "per_rank": per_rank}
+    return out
+
+
+def _sync_summary(ranks: list[dict], opts: HarnessOptions) -> dict:
+    count = min(len(r["sync"]) for r in ranks)
+    if count == 0:
+        return {"plans": 0}
+    stalls = [max(r["sync"][i]["stall_s"] for r in ranks) for i in range(count)]
+    moved = [max(max(r["sync"][i]["bytes_sent"], r["sync"][i]["bytes_received"]) for r in ranks) for i in range(count)]
+    measured = stalls[2:] if count > 4 else stalls  # the first ones open NCCL's p2p connections
+    return {"plans": count, "layers_per_plan": opts.model.num_layers, "experts_per_rank_per_layer": opts.experts_per_rank,
+            "bytes_per_rank_max_mean": float(np.mean(moved)), "stall": _dist_ms(measured), "stall_all_ms": [_ms(s) for s in stalls]}
+
+
+def run_harness(opts: HarnessOptions) -> dict:
+    with tempfile.TemporaryDirectory(prefix="eplb-gpu-harness-") as tmp:
+        endpoint = f"ipc://{tmp}/coordinator.sock"
+        try:
+            import uvloop
+
+            return uvloop.run(_run(opts, endpoint))
+        except ImportError:  # pragma: no cover
+            return asyncio.run(_run(opts, endpoint))
+
+
+def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu.harness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen35")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's MoE layers")
+    p.add_argument("--tokens", type=int, default=None, help="override tokens per rank per step")
+    p.add_argument("--zipf", type=float, default=None, help="expert popularity skew (0 = uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("idle", "throttled", "unthrottled", "isolated", "soak"):
+        p.add_argument(f"--{name}-s", type=float, default=getattr(HarnessOptions, f"{name}_s"))
+    p.add_argument("--warmup-steps", type=int, default=HarnessOptions.warmup_steps)
+    p.add_argument("--min-phase-steps", type=int, default=HarnessOptions.min_phase_steps)
+    p.add_argument("--experts-per-rank", type=int, default=HarnessOptions.experts_per_rank)
+    p.add_argument("--isolated-experts-per-rank", type=int, default=HarnessOptions.isolated_experts_per_rank)
+    p.add_argument("--throttle-gbps", type=float, default=None, help="agent throttle in GB/s per rank")
+    p.add_argument("--throttle-share", type=float, default=0.05, help="throttle as a share of --p2p-json's peak")
+    p.add_argument("--p2p-json", default=None, help="bench.gpu.p2p output: its peak sets the throttle")
+    p.add_argument("--chunk-mib", type=int, default=HarnessOptions.chunk_bytes >> 20)
+    p.add_argument("--throttled-chunk-mib", type=int, default=HarnessOptions.throttled_chunk_bytes >> 20)
+    p.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
+                   help="pack each peer's rows into one NCCL op (auto: as --p2p-json recommends)")
+    p.add_argument("--max-ops", type=int, default=HarnessOptions.max_ops_per_group)
+    p.add_argument("--fence-steps", type=int, default=HarnessOptions.fence_steps)
+    p.add_argument("--in-flight", type=int, default=HarnessOptions.max_groups_in_flight)
+    p.add_argument("--sync-plans", type=int, default=HarnessOptions.sync_plans)
+    p.add_argument("--hang-timeout-s", type=float, default=HarnessOptions.hang_timeout_s)
+    p.add_argument("--expert-mode", choices=("auto", "grouped", "loop"), default="auto")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--out", default=None, help="write the summary JSON here")
+    args = p.parse_args(argv)
+    model = PRESETS[args.preset]
+    changes = {k: v for k, v in (("num_layers", args.layers), ("tokens_per_rank", args.tokens), ("zipf_exponent", args.zipf)) if v is not None}
+    model = dataclasses.replace(model, seed=args.seed, **changes)
+    throttle = HarnessOptions.throttle_bytes_per_s
+    p2p = {}
+    if args.p2p_json and os.path.exists(args.p2p_json):
+        with open(args.p2p_json) as f:
+            p2p = json.load(f)
+    if args.throttle_gbps is not None:
+        throttle = args.throttle_gbps * 1e9
+    elif p2p.get("peak_gbps"):
+        throttle = args.throttle_share * p2p["peak_gbps"] * 1e9
+    pack = args.pack == "on" or (args.pack == "auto" and bool(p2p.get("recommend_pack_per_peer")))
+    opts = HarnessOptions(world_size=args.world, device=args.device, model=model, warmup_steps=args.warmup_steps,
+                          idle_s=args.idle_s, throttled_s=args.throttled_s, unthrottled_s=args.unthrottled_s,
+                          isolated_s=args.isolated_s, soak_s=args.soak_s, min_phase_steps=args.min_phase_steps,
+                          experts_per_rank=args.experts_per_rank, isolated_experts_per_rank=args.isolated_experts_per_rank,
+                          throttle_bytes_per_s=throttle, chunk_bytes=args.chunk_mib << 20, max_ops_per_group=args.max_ops,
+                          throttled_chunk_bytes=args.throttled_chunk_mib << 20, pack_per_peer=pack,
+                          fence_steps=args.fence_steps, max_groups_in_flight=args.in_flight, sync_plans=args.sync_plans,
+                          hang_timeout_s=args.hang_timeout_s, expert_mode=args.expert_mode, log_level=args.log_level)
+    return opts, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, args = _parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bench.gpu.harness").setLevel(logging.INFO)
+    os.environ.setdefault("EPLB_SERVICE_LOG_LEVEL", opts.log_level)
+    summary = run_harness(opts)
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    brief = {k: summary.get(k) for k in ("complete", "hangs", "errors", "output_mismatches", "coordinator", "expert_mode", "soak")}
+    print(json.dumps(brief, indent=2))
+    ok = summary.get("complete") and not summary["hangs"] and not summary["errors"] and summary.get("output_mismatches") == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
