@@ -120,3 +120,23 @@ def test_bad_shapes_are_named():
         build_schedule(np.zeros((1, 4)), np.zeros((2, 4)), 2)
     with pytest.raises(ValueError, match="num_ranks=3 must divide num_physical=4"):
         build_schedule(np.zeros((1, 4)), np.zeros((1, 4)), 3)
+
+
+def test_ops_are_interleaved_over_sender_receiver_pairs():
+    # 4 ranks, 4 slots each; every rank's slots all change to experts that live elsewhere
+    old = np.array([np.arange(16)])
+    new = np.array([np.roll(np.arange(16), 4)])
+    sched = build_schedule(old, new, 4)
+    pairs = [(op.src_rank, op.dst_rank) for op in sched.remote]
+    assert len(pairs) == 16 and len(set(pairs[:4])) == 4, "the first chunk should touch every pair"
+    assert all(pairs.count(pair) == 4 for pair in set(pairs)) and len(set(pairs)) == 4
+    assert np.array_equal(execute(old, new, 4), new)
+
+
+def test_chunk_cost_is_the_busiest_ranks_bytes():
+    old = np.array([np.arange(16)])
+    new = np.array([np.roll(np.arange(16), 4)])
+    sched = build_schedule(old, new, 4)
+    assert sched.chunk_cost_bytes(0, 4, 10) == 10  # four pairs in parallel, one op per rank each way
+    assert sched.chunk_cost_bytes(0, 16, 10) == 40
+    assert sched.chunk_cost_bytes(3, 3, 10) == 0

@@ -395,8 +395,9 @@ class WorkerAgent:
                 transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
         cfg = self.config
         bpe = self.bytes_per_expert
-        received = sent = 0
+        received = 0
         started = time.monotonic()
+        paced_bytes = 0  # the busiest rank's bytes so far: the same on every rank
         for begin, end in schedule.chunks(cfg.max_ops_per_group, cfg.chunk_bytes, bpe):
             ops: list[P2POp] = []
             for index in range(begin, end):
@@ -404,16 +405,18 @@ class WorkerAgent:
                 if op.src_rank == self.rank:
                     src = weights[layers[op.layer]]
                     ops.extend(P2POp(True, t[op.src_row], op.dst_rank, index * len(src) + k) for k, t in enumerate(src))
-                    sent += bpe
                 elif op.dst_rank == self.rank:
                     ops.extend(P2POp(False, buf[op.dst_staging], op.src_rank, index * len(area.rows) + k) for k, buf in enumerate(area.rows))
                     received += bpe
             if ops:
                 transport.exchange(ops)
-            lag = 0.0
+            wait_s = 0.0
             if cfg.throttle_bytes_per_s > 0:
-                lag = started + max(sent, received) / cfg.throttle_bytes_per_s - time.monotonic()
-            self._pump_while_staging(plan.plan_id, max(0.0, lag))
+                # The busiest rank's bytes so far set the pace, identically on every rank, so
+                # both ends of the next chunk start it together (no kernel spins on a sleeper).
+                paced_bytes += schedule.chunk_cost_bytes(begin, end, bpe)
+                wait_s = max(0.0, started + paced_bytes / cfg.throttle_bytes_per_s - time.monotonic())
+            self._pump_while_staging(plan.plan_id, wait_s)
         for dup in work.duplicates:
             for buf in area.rows:
                 transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])

@@ -15,7 +15,8 @@ on its rank. A staging row is filled, in order of preference:
    (ties: lowest rank), which spreads senders deterministically.
 
 All sources are read from *live* rows before the commit, so a slot that is itself
-overwritten by the plan can still be a source.
+overwritten by the plan can still be a source. The cross-rank ops are then ordered
+round-robin over (sender, receiver) pairs (:func:`interleave_pairs`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,18 @@ class TransferSchedule:
             bounds.append((begin, len(self.remote)))
         return bounds
 
+    def chunk_cost_bytes(self, begin: int, end: int, bytes_per_expert: int) -> int:
+        """Bytes the busiest rank sends or receives in ``remote[begin:end]``.
+
+        Pacing by this global figure (the same on every rank) makes both ends of every op
+        wait the same time before a chunk, so no rank's kernel spins while its peer sleeps.
+        """
+        load: dict[tuple[int, bool], int] = {}
+        for op in self.remote[begin:end]:
+            load[(op.src_rank, True)] = load.get((op.src_rank, True), 0) + bytes_per_expert
+            load[(op.dst_rank, False)] = load.get((op.dst_rank, False), 0) + bytes_per_expert
+        return max(load.values(), default=0)
+
 
 def build_schedule(
     old_phy2log: np.ndarray,
@@ -162,4 +175,21 @@ def build_schedule(
             sends_so_far[src_rank] += 1
             remote.append(RemoteCopy(layer=layer, expert=expert, src_rank=src_rank, src_row=expert_holders[src_rank], dst_rank=dst_rank, dst_staging=staging.index))
             received_here[(dst_rank, expert)] = staging.index
-    return TransferSchedule(slots_per_rank=spr, remote=tuple(remote), per_rank=tuple(per_rank))
+    return TransferSchedule(slots_per_rank=spr, remote=tuple(interleave_pairs(remote)), per_rank=tuple(per_rank))
+
+
+def interleave_pairs(ops: list[RemoteCopy]) -> list[RemoteCopy]:
+    """Reorder ops round-robin over their (sender, receiver) pairs, in first-seen pair order.
+
+    A chunk then spreads over many pairs that run in parallel on separate links instead of
+    queueing many medium ops on one pair (measured on 4 GPUs: one pair's batch of separate
+    ops reached 37% of the link peak). Deterministic, so every rank derives the same order.
+    """
+    by_pair: dict[tuple[int, int], list[RemoteCopy]] = {}
+    for op in ops:
+        by_pair.setdefault((op.src_rank, op.dst_rank), []).append(op)
+    queues = list(by_pair.values())
+    out: list[RemoteCopy] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[depth] for q in queues if depth < len(q))
+    return out

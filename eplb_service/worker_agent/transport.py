@@ -43,7 +43,11 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def exchange(self, ops: list[P2POp]) -> None:
-        """Run one bounded group of sends and receives and wait until it completes."""
+        """Issue one bounded group of sends and receives.
+
+        It may return before the group completes (the GPU transport keeps at most two groups
+        in flight, so bytes in flight stay bounded); :meth:`synchronize` waits for all.
+        """
 
     @abc.abstractmethod
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
