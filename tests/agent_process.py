@@ -53,7 +53,23 @@ class StallBeforeVoteAgent(WorkerAgent):
         super()._on_vote(msg)
 
 
-FAULTS = {None: WorkerAgent, "exit_before_vote": ExitBeforeVoteAgent, "exit_while_staging": ExitWhileStagingAgent,
+class SlowStagingAgent(WorkerAgent):
+    def _stage(self, plan, rows):
+        time.sleep(1.5)  # a slow rank: its peers wait in the exchange, nobody waits in serving
+        return super()._stage(plan, rows)
+
+
+class CorruptRowAgent(WorkerAgent):
+    """Flips one value of a row received from a peer, as a bad link or a buggy copy would."""
+
+    def _row_digests(self, schedule, layers, area):
+        received = [op for op in schedule.remote if op.dst_rank == self.rank]
+        if received:
+            area.rows[0][received[0].dst_staging].view(-1)[0] += 1.0
+        return super()._row_digests(schedule, layers, area)
+
+
+FAULTS = {None: WorkerAgent, "slow_staging": SlowStagingAgent, "corrupt_row": CorruptRowAgent, "exit_before_vote": ExitBeforeVoteAgent, "exit_while_staging": ExitWhileStagingAgent,
           "stall_before_vote": StallBeforeVoteAgent}
 
 

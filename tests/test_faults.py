@@ -163,3 +163,47 @@ def test_soak_lossy_link_with_drifting_load(tmp_path):
     assert sorted(results) == [0, 1, 2] and c.counts["diverged"] == 0
     assert_consistent(results, fence_bound_s=1.5)
     print(f"soak {soak_s:.0f}s: {c.counts}, proxy {proxy.counts}")
+
+
+def test_slow_rank_delays_the_commit_but_never_serving(tmp_path):
+    from test_deployment_processes import _run_fault
+
+    c, results = _run_fault(tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=900, fault="slow_staging" if r == 1 else None))
+    assert sorted(results) == [0, 1]
+    assert c.counts["committed"] >= 1 and c.counts["diverged"] == 0
+    assert min(o.staging_s for o in c.outcomes if o.phase == "committed") >= 1.4, "the commit should wait for the slow rank"
+    assert_consistent(results, fence_bound_s=0.5)  # nobody waited at the fence: the vote starts after staging
+
+
+def test_corrupt_row_in_transit_fails_the_vote_everywhere(tmp_path):
+    from test_deployment_processes import _run_fault
+
+    c, results = _run_fault(tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=500, fault="corrupt_row"))  # whichever rank receives corrupts
+    assert sorted(results) == [0, 1]
+    assert c.counts["committed"] == 0 and c.counts["aborted"] >= 1 and c.counts["diverged"] == 0
+    assert any("integrity" in o.reason for o in c.outcomes), [o.reason for o in c.outcomes]
+    assert all(r["stats"].get("integrity_failures", 0) >= 1 for r in results.values()), "every rank must see the mismatch"
+    assert all(r["epoch"] == 0 for r in results.values())
+    assert_consistent(results, fence_bound_s=0.5)
+
+
+def test_lossy_link_under_the_simulated_serving_loop_keeps_outputs_exact(tmp_path):
+    """The same faults, with real serving collectives and the exact output check every step."""
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.protocol import AgentConfig
+    from eplb_service.sim.deployment import SimulationOptions, run_simulation
+
+    back, front = f"ipc://{tmp_path}/coordinator.sock", f"ipc://{tmp_path}/proxy.sock"
+    proxy = FaultProxy(front, back, p_drop=0.03, p_dup=0.05, p_delay=0.1, seed=11).start()
+    try:
+        cfg = CoordinatorConfig(world_size=4, rebalance_interval_steps=60, min_window_steps=30, load_half_life_steps=60.0,
+                                staging_timeout_s=3.0, voting_timeout_s=3.0, liveness_timeout_s=3.0,
+                                agent=AgentConfig(fence_timeout_s=1.0, transport_timeout_s=2.0, heartbeat_interval_s=0.3))
+        summary = run_simulation(SimulationOptions(world_size=4, steps=700, seed=5, coordinator_endpoint=back,
+                                                   agent_endpoint=front), cfg)
+    finally:
+        proxy.stop()
+    assert proxy.counts["dropped"] > 0 and proxy.counts["duplicated"] > 0
+    assert summary["output_mismatches"] == 0 and summary["diverged"] == 0 and summary["errors"] == []
+    assert summary["maps_identical_on_all_ranks"]
+    assert summary["committed"] >= 1

@@ -39,6 +39,10 @@ class SimulationOptions:
     plot: str | None = None
     progress_interval_s: float = 2.0
     timeout_s: float = 900.0
+    coordinator_endpoint: str | None = None
+    """Bind the coordinator here (default: a private temporary ipc:// socket)."""
+    agent_endpoint: str | None = None
+    """Where the agents connect, if not straight to the coordinator (tests put a lossy proxy there)."""
 
 
 def _free_port() -> int:
@@ -79,7 +83,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     serving_store = TCPStore("127.0.0.1", serving_port, opts.world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
     procs = [ctx.Process(target=run_rank, name=f"sim-rank-{r}", args=(
         RankSpec(rank=r, world_size=opts.world_size, steps=opts.steps, seed=opts.seed, model=opts.model,
-                 coordinator_endpoint=cfg.endpoint, serving_store_port=serving_port), results, progress))
+                 coordinator_endpoint=opts.agent_endpoint or cfg.endpoint, serving_store_port=serving_port), results, progress))
         for r in range(opts.world_size)]
     t0 = time.monotonic()
     for p in procs:
@@ -186,7 +190,7 @@ def plot_balancedness(summary: dict, recv: np.ndarray, path: str, block: int = 2
 def run_simulation(opts: SimulationOptions, base: CoordinatorConfig | None = None) -> dict:
     """Run the whole simulated deployment; returns the summary (also written if asked)."""
     with tempfile.TemporaryDirectory(prefix="eplb-sim-") as tmp:
-        endpoint = f"ipc://{tmp}/coordinator.sock"
+        endpoint = opts.coordinator_endpoint or f"ipc://{tmp}/coordinator.sock"
         cfg = simulation_config(opts, base, endpoint)
         try:
             import uvloop
