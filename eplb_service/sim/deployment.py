@@ -51,6 +51,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def drain(q) -> list:
+    """Everything a multiprocessing queue holds right now, without blocking."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
 def measured_balancedness(recv_counts: np.ndarray, begin: int, end: int) -> float:
     """Balancedness of the tokens ranks really processed in steps ``[begin, end)``.
 
@@ -93,16 +103,9 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     try:
         while len(collected) < opts.world_size:
             await asyncio.sleep(0.1)
-            while True:
-                try:
-                    _, step, mismatches = progress.get_nowait()
-                except queue.Empty:
-                    break
-            while True:
-                try:
-                    collected.append(results.get_nowait())
-                except queue.Empty:
-                    break
+            for _, step, mismatches in drain(progress):
+                pass
+            collected.extend(drain(results))
             now = time.monotonic()
             if now - last_progress >= opts.progress_interval_s:
                 last_progress = now
@@ -119,11 +122,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead and len(collected) < opts.world_size:
                 await asyncio.sleep(1.0)
-                while True:
-                    try:
-                        collected.append(results.get_nowait())
-                    except queue.Empty:
-                        break
+                collected.extend(drain(results))
                 if len(collected) < opts.world_size:
                     raise RuntimeError(f"rank processes died: {[(p.name, p.exitcode) for p in dead]}")
     finally:
