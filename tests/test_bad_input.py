@@ -142,3 +142,21 @@ def test_oversize_and_garbage_frames_do_not_disturb_the_coordinator(tmp_path, mo
     finally:
         ctx.term()
         coord.stop()
+
+
+def test_ranks_at_different_epochs_register_and_planning_waits_for_them(tmp_path):
+    """After a restart between a decided vote and its commit step, ranks report two epochs."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+    try:
+        newer = initial_phy2log(SHAPE)
+        newer[0, :2] = newer[0, 1::-1]
+        assert isinstance(ask(endpoint, b"rank-0", hello(epoch=3)), P.Welcome)
+        assert isinstance(ask(endpoint, b"rank-1", hello(rank=1, epoch=4, phy2log=P.NDArray.from_numpy(newer))), P.Welcome)
+        c = coord.coordinator
+        assert c.epoch == 4 and np.array_equal(c.placements[4], newer) and 3 in c.placements
+        assert not c._should_plan(), "no plan while the ranks disagree on the epoch"
+        reply = ask(endpoint, b"rank-1", hello(rank=1, epoch=4, pid=99, phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE))))
+        assert isinstance(reply, P.Reject) and "differs from the other ranks' placement" in reply.reason
+    finally:
+        coord.stop()

@@ -287,7 +287,15 @@ class Coordinator:
         if self.model is None or not self.registry.alive:
             self._adopt_placement(hello.model, shape, phy2log, hello.epoch)
         elif hello.epoch != self.epoch:
-            return reject(f"agent at epoch {hello.epoch}, the deployment is at epoch {self.epoch}")
+            # Ranks between a decided vote and its commit step (a coordinator restarted then):
+            # the newest epoch is the deployment's; the others reach it at step S. No plan
+            # starts until every rank reports the same epoch (see _should_plan).
+            self.log.warning("rank %d registers at epoch %d, others at %d: waiting for every rank to reach the newest",
+                             hello.rank, hello.epoch, self.epoch)
+            self.placements.setdefault(hello.epoch, phy2log)
+            if hello.epoch > self.epoch:
+                self.epoch = hello.epoch
+                self.metrics.epoch.set(self.epoch)
         record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid,
                              epoch=hello.epoch, step=hello.step, phy2log=phy2log)
         previous = self.registry.agents.get(hello.rank)
@@ -402,6 +410,8 @@ class Coordinator:
             return False
         if self.window is None or not self.registry.comm_ready(self.comm_generation):
             return False
+        if any(r.epoch != self.epoch for r in self.registry.alive):
+            return False  # some rank has not reached the newest placement yet
         step = self.registry.min_step()
         if self.drain_at_step is not None and self.max_step_seen >= self.drain_at_step:
             return False
