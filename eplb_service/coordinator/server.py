@@ -394,7 +394,9 @@ class Coordinator:
                 self._advance_plan()
             self._publish_balancedness()
             if (self.registry.complete and not self.registry.comm_ready(self.comm_generation)
-                    and now - self._comm_sent_at > self.cfg.agent.transport_timeout_s + 2.0):
+                    and now - self._comm_sent_at > 2 * self.cfg.agent.transport_timeout_s + 2.0):
+                # 2 x timeout: a rank still in its previous (failing) attempt is free again
+                # before the next generation, so no rank stays one attempt behind.
                 self.log.warning("side communicator generation %d not built on every rank; trying generation %d",
                                  self.comm_generation, self.comm_generation + 1)
                 self._init_comm()  # a CommInit was lost or a rendezvous failed
