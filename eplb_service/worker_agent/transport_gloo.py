@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -85,7 +86,13 @@ class GlooTransport(Transport):
     def abort(self) -> None:
         group, self._group, self._store = self._group, None, None
         if group is not None:
-            try:
-                group.abort()
-            except Exception as exc:  # already broken: nothing left to tear down
-                log.debug("gloo abort: %s", exc)
+            # Tearing a gloo group down can block while a peer is gone; the agent thread
+            # must never wait on it, so the group is dropped here and torn down aside.
+            threading.Thread(target=_abort_quietly, args=(group,), name="eplb-gloo-abort", daemon=True).start()
+
+
+def _abort_quietly(group) -> None:
+    try:
+        group.abort()
+    except Exception as exc:  # already broken: nothing left to tear down
+        log.debug("gloo abort: %s", exc)
