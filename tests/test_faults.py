@@ -72,7 +72,9 @@ def wait_phase(endpoint: str, phase: str | None, timeout_s: float = 60) -> dict:
             continue
         inflight = status["plan_in_flight"]
         if phase is None:
-            if status["epoch"] >= 0 and inflight is None and all(status["ranks"]):
+            ranks = status["ranks"]
+            settled = all(ranks) and all(r["comm_generation"] == status["comm_generation"] >= 1 for r in ranks)
+            if status["epoch"] >= 0 and inflight is None and settled:
                 return status
         elif inflight is not None and inflight["phase"] == phase:
             return status

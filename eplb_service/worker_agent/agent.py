@@ -87,7 +87,7 @@ class WorkerAgent:
         """Integrity digests of this plan's remote rows (see ``_vote_vector``)."""
         self._connecting: threading.Thread | None = None
         self._pending_comm: P.CommInit | None = None
-        self._connecting_generation = -1
+        self._connecting_comm: P.CommInit | None = None
         self._comm_current: P.CommInit | None = None
         self.stats = collections.Counter()
 
@@ -288,9 +288,9 @@ class WorkerAgent:
         if self._ticket is not None or self._plan is not None:
             self._drop_plan(f"side communicator rebuilt (generation {comm.generation})")
         if self._connecting is not None and self._connecting.is_alive():
-            # Build it once this attempt ends, unless it is the attempt's own generation (a
-            # duplicate): retrying that alone would leave this rank one attempt behind the others.
-            if comm.generation > self._connecting_generation:
+            # Build it once this attempt ends, unless it is the very rendezvous being attempted
+            # (a duplicate): retrying that alone would leave this rank one attempt behind.
+            if comm != self._connecting_comm:
                 self._pending_comm = comm
             return
         self.transport.abort()
@@ -305,7 +305,7 @@ class WorkerAgent:
             self._comm_current = comm
             self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name, time.monotonic() - t0)
 
-        self._connecting_generation = comm.generation
+        self._connecting_comm = comm
         self._connecting = threading.Thread(target=connect, name=f"eplb-connect-{self.rank}", daemon=True)
         self._connecting.start()
 
