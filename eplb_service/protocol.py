@@ -10,7 +10,7 @@ types (``python -m eplb_service.schema``) and a test keeps it current.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 import numpy as np
@@ -23,6 +23,14 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 MAX_ARRAY_DIMS = 4
 ALLOWED_DTYPES = ("int8", "int32", "int64", "float32", "float64")
+
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+"""Ranks, steps, epochs, ids, byte counts: never negative on the wire."""
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+"""Durations and rates; NaN and infinities are refused as well (see ``_check_finite``)."""
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class ProtocolError(ValueError):
@@ -59,30 +67,30 @@ class NDArray(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ModelShape(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What an agent's model looks like; all agents of a deployment must agree."""
 
-    num_layers: int
-    num_logical: int
-    num_physical: int
-    num_ranks: int
-    bytes_per_expert: int
+    num_layers: PosInt
+    num_logical: PosInt
+    num_physical: PosInt
+    num_ranks: PosInt
+    bytes_per_expert: PosInt
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Knobs the coordinator hands every agent in ``Welcome`` so all ranks agree."""
 
-    report_interval_steps: int = 10
+    report_interval_steps: PosInt = 10
     """Steps accumulated on the device before one load snapshot goes to the host."""
-    heartbeat_interval_s: float = 1.0
-    fence_steps: int = 8
+    heartbeat_interval_s: PosFloat = 1.0
+    fence_steps: PosInt = 8
     """F: the commit step is max(entry step) + F; a rank blocks at entry + F until the vote is known."""
-    fence_timeout_s: float = 5.0
+    fence_timeout_s: PosFloat = 5.0
     """Longest the serving thread waits at the fence before aborting the plan locally."""
-    max_ops_per_group: int = 16
+    max_ops_per_group: PosInt = 16
     """Send/recv ops in one group call (large groups are what deadlocked vLLM)."""
-    chunk_bytes: int = 16 * 1024 * 1024
+    chunk_bytes: PosInt = 16 * 1024 * 1024
     """Bytes in flight per rank per group call."""
-    throttle_bytes_per_s: float = 0.0
+    throttle_bytes_per_s: NonNegFloat = 0.0
     """Per-rank cap on streamed bytes per second; 0 = unthrottled."""
-    transport_timeout_s: float = 30.0
+    transport_timeout_s: PosFloat = 30.0
 
 
 class CommInit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -92,28 +100,28 @@ class CommInit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True
     keys of a dead one.
     """
 
-    generation: int
+    generation: NonNegInt
     store_host: str
-    store_port: int
-    world_size: int
+    store_port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    world_size: PosInt
 
 
 class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    protocol_version: int
-    rank: int
+    protocol_version: NonNegInt
+    rank: NonNegInt
     model: ModelShape
     phy2log: NDArray
     """The agent's current placement ``[L, P]``: agents are the source of truth."""
-    epoch: int
-    step: int
+    epoch: NonNegInt
+    step: NonNegInt
     transport: str
     node: str = ""
-    pid: int = 0
+    pid: NonNegInt = 0
 
 
 class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    protocol_version: int
-    rank: int
+    protocol_version: NonNegInt
+    rank: NonNegInt
     config: AgentConfig
     comm: CommInit | None = None
 
@@ -123,20 +131,20 @@ class Reject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    rank: int
-    step: int
-    epoch: int
-    comm_generation: int = -1
+    rank: NonNegInt
+    step: NonNegInt
+    epoch: NonNegInt
+    comm_generation: Annotated[int, msgspec.Meta(ge=-1)] = -1
     """Generation of the side communicator the agent has built; -1 while none."""
 
 
 class LoadReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     """Tokens this rank routed to each physical slot over ``[step_begin, step_end)``."""
 
-    rank: int
-    epoch: int
-    step_begin: int
-    step_end: int
+    rank: NonNegInt
+    epoch: NonNegInt
+    step_begin: NonNegInt
+    step_end: NonNegInt
     slot_load: NDArray
     """``[L, P]`` counts, counted under placement ``epoch``."""
 
@@ -147,64 +155,64 @@ class Plan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     Every agent derives the same global transfer schedule from (its maps, these rows).
     """
 
-    plan_id: int
-    base_epoch: int
+    plan_id: NonNegInt
+    base_epoch: NonNegInt
     layers: list[int]
     phy2log: NDArray
     """``[len(layers), P]`` int64."""
 
 
 class Staged(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    rank: int
-    plan_id: int
-    bytes_received: int
-    duration_s: float
+    rank: NonNegInt
+    plan_id: NonNegInt
+    bytes_received: NonNegInt
+    duration_s: NonNegFloat
 
 
 class Failed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     """The agent could not stage plan ``plan_id`` (invalid, busy, transport error)."""
 
-    rank: int
-    plan_id: int
+    rank: NonNegInt
+    plan_id: NonNegInt
     reason: str
 
 
 class VoteNow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    plan_id: int
+    plan_id: NonNegInt
 
 
 class Voted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     """The vote's result as this rank learned it: every rank commits at ``commit_step`` or none does."""
 
-    rank: int
-    plan_id: int
-    commit_step: int
+    rank: NonNegInt
+    plan_id: NonNegInt
+    commit_step: NonNegInt
     ok: bool
 
 
 class Committed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    rank: int
-    plan_id: int
-    commit_step: int
-    epoch: int
-    stall_s: float
+    rank: NonNegInt
+    plan_id: NonNegInt
+    commit_step: NonNegInt
+    epoch: NonNegInt
+    stall_s: NonNegFloat
 
 
 class Aborted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     """The agent dropped plan ``plan_id`` with its maps untouched."""
 
-    rank: int
-    plan_id: int
+    rank: NonNegInt
+    plan_id: NonNegInt
     reason: str
 
 
 class AbortPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    plan_id: int
+    plan_id: NonNegInt
     reason: str
 
 
 class Goodbye(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    rank: int
+    rank: NonNegInt
     reason: str
 
 
@@ -241,11 +249,23 @@ def decode(frame: bytes) -> Message:
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES}")
     try:
-        return _decoder.decode(frame)
+        message = _decoder.decode(frame)
+        _check_finite(message, "$")
+        return message
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid message: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through as UnicodeDecodeError
         raise ProtocolError(f"undecodable frame: {exc}") from None
+
+
+def _check_finite(struct: msgspec.Struct, path: str) -> None:
+    """Refuse NaN and infinities in any float field (not every msgspec build does it for ``ge``)."""
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"invalid message: Expected a finite `float`, got {value} - at `{path}.{name}`")
+        if isinstance(value, msgspec.Struct):
+            _check_finite(value, f"{path}.{name}")
 
 
 def json_schema() -> dict:

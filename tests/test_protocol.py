@@ -69,6 +69,15 @@ def test_ndarray_rejects_unknown_dtype_and_too_many_dims():
         P.NDArray.from_numpy(np.zeros(2, dtype=np.complex128))
 
 
+def test_constraints_refuse_negative_ids_and_nan_naming_the_field():
+    import msgspec
+    with pytest.raises(P.ProtocolError, match=r"Expected `int` >= 0 - at `\$.rank`"):
+        P.decode(msgspec.msgpack.encode({"type": "Heartbeat", "rank": -1, "step": 1, "epoch": 0}))
+    with pytest.raises(P.ProtocolError, match=r"\$.stall_s"):
+        P.decode(msgspec.msgpack.encode({"type": "Committed", "rank": 0, "plan_id": 1, "commit_step": 5, "epoch": 1,
+                                         "stall_s": float("nan")}))
+
+
 def test_wrong_field_type_is_named():
     import msgspec
     frame = msgspec.msgpack.encode({"type": "Heartbeat", "rank": "zero", "step": 1, "epoch": 0})
@@ -137,8 +146,11 @@ from eplb_service.testing.protocol_fuzz import HandlerHarness, check_frame, mess
 @given(message_strategy(), st.data())
 def test_any_well_typed_message_round_trips_and_mutations_fail_cleanly(message, data):
     frame = P.encode(message)
-    assert P.decode(frame) == message
-    assert check_frame(frame) in ("accepted", "array_rejected")
+    try:
+        assert P.decode(frame) == message  # a value the type admits survives the trip exactly
+    except P.ProtocolError as exc:  # or breaks a constraint (negative rank, NaN duration...), named
+        assert "at `$." in str(exc) or "- at $" in str(exc), exc
+    assert check_frame(frame) in ("accepted", "array_rejected", "rejected")
     assert check_frame(mutate(frame, data)) in ("accepted", "array_rejected", "rejected")
 
 
