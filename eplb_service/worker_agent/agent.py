@@ -381,7 +381,7 @@ class WorkerAgent:
         except (TransportError, RuntimeError) as exc:
             self.log.error("staging plan %d failed: %s", plan.plan_id, exc)
             self.transport.abort()
-            self._plan = self._area = self._plan_rows = None
+            self._clear_plan()
             self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"staging failed: {exc}"))
             return
         self._staged_at = time.monotonic()
@@ -533,12 +533,14 @@ class WorkerAgent:
         else:
             self.stats["aborted"] += 1
             self.log.warning("plan %d not committed: %s at step %d; maps untouched", plan.plan_id, ticket.outcome, ticket.outcome_step)
-            if ticket.outcome == "vote_failed" and ticket.vote_error:
+            # A pending vote must never land, and a failed transport must be rebuilt.
+            if ticket.outcome in ("fence_timeout", "missed_commit_step") or ticket.vote_error:
                 self.transport.abort()
-            if ticket.outcome in ("fence_timeout", "missed_commit_step"):
-                self.transport.abort()  # the vote may still be pending: make sure it can never land
             reason = ticket.outcome + (f": {ticket.vote_error}" if ticket.vote_error else "")
             self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=reason))
+        self._clear_plan()
+
+    def _clear_plan(self) -> None:
         self._plan = self._area = self._plan_rows = None
         self._staged_at = 0.0
 
@@ -553,8 +555,7 @@ class WorkerAgent:
         plan = self._plan
         if plan is None:
             return
-        self._plan = self._area = self._plan_rows = None
-        self._staged_at = 0.0
+        self._clear_plan()
         self.stats["aborted"] += 1
         self.log.warning("dropped plan %d: %s; maps untouched", plan.plan_id, reason)
         self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=reason))
