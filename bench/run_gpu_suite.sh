@@ -56,7 +56,7 @@ if [ "$MODE" = smoke ]; then
     --p2p-json "$OUT/p2p.json" --out "$OUT/harness.json" ${HARNESS_ARGS:-}
 else
   step tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/gpu
-  step p2p 150 python3 -m bench.gpu.p2p --world "$WORLD" --size-mib 256 --iters 8 --out "$OUT/p2p.json"
+  step p2p 150 python3 -m bench.gpu.p2p --world "$WORLD" --size-mib 1024 --chunks-mib 64,256,1024 --iters 8 --out "$OUT/p2p.json"
   step harness 560 python3 -m bench.gpu.harness --world "$WORLD" --preset "$PRESET" "${LAYER_ARGS[@]}" \
     --idle-s "${IDLE_S:-30}" --throttled-s "${THROTTLED_S:-40}" --unthrottled-s "${UNTHROTTLED_S:-30}" \
     --isolated-s "${ISOLATED_S:-15}" --soak-s "${SOAK_S:-150}" --sync-plans 12 \

@@ -6,13 +6,44 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eplb_service.worker_agent.schedule import build_schedule
+from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 
 
-def execute(old: np.ndarray, new: np.ndarray, ranks: int, ranks_per_node: int | None = None) -> np.ndarray:
-    """Run a schedule on 'weights' that are the expert ids themselves; returns live slots."""
+def execute(old: np.ndarray, new: np.ndarray, ranks: int, ranks_per_node: int | None = None,
+            max_ops: int | None = None) -> np.ndarray:
+    """Run a schedule on 'weights' that are the expert ids themselves; returns live slots.
+
+    With ``max_ops``, the schedule is renumbered for whole-block transfers of chunks of at
+    most that many ops, and executed block by block as the agent does: each sender gathers
+    its rows for a peer in order, the receiver writes them to one contiguous staging block.
+    """
     spr = old.shape[1] // ranks
     sched = build_schedule(old, new, ranks, ranks_per_node)
+    if max_ops is not None:
+        bounds = sched.chunks(max_ops, 1 << 60, 1)
+        sched = sched.contiguous_by_source(bounds)
+        staging = [np.full(len(w.staging), -1) for w in sched.per_rank]
+        for rank, work in enumerate(sched.per_rank):
+            for copy in work.local:
+                staging[rank][copy.dst_staging] = old[copy.layer, rank * spr + copy.src_row]
+        for begin, end in bounds:
+            parts = [chunk_transfers(sched, rank, begin, end) for rank in range(ranks)]
+            for rank, part in enumerate(parts):
+                for peer, (first, count) in part.receives.items():
+                    sent = parts[peer].sends[rank]
+                    assert len(sent) == count
+                    staging[rank][first:first + count] = [old[layer, peer * spr + row] for layer, row in sent]
+                assert sum(len(v) for v in part.sends.values()) == sum(op.src_rank == rank for op in sched.remote[begin:end])
+        for rank, work in enumerate(sched.per_rank):
+            for dup in work.duplicates:
+                staging[rank][dup.dst_staging] = staging[rank][dup.src_staging]
+        live = old.copy()
+        for rank, work in enumerate(sched.per_rank):
+            assert [row.index for row in work.staging] == list(range(len(work.staging)))
+            for row in work.staging:
+                assert staging[rank][row.index] == row.expert, "staging row filled with the wrong expert"
+                live[row.layer, rank * spr + row.dst_row] = staging[rank][row.index]
+        return live
     staging = [np.full(len(w.staging), -1) for w in sched.per_rank]
     for rank, work in enumerate(sched.per_rank):
         for copy in work.local:
@@ -57,6 +88,37 @@ def placements(draw):
 def test_executing_the_schedule_yields_the_new_placement(case):
     old, new, ranks = case
     assert np.array_equal(execute(old, new, ranks), new)
+
+
+@settings(max_examples=300, deadline=None)
+@given(placements(), st.integers(1, 7))
+def test_block_transfers_of_the_renumbered_schedule_yield_the_new_placement(case, max_ops):
+    old, new, ranks = case
+    assert np.array_equal(execute(old, new, ranks, max_ops=max_ops), new)
+
+
+def test_block_transfers_are_one_block_per_peer_and_chunk():
+    # 4 ranks x 8 slots; every rank's last 4 slots take the experts of rank+1's first 4
+    old = np.array([np.arange(32)])
+    new = old.copy()
+    for rank in range(4):
+        new[0, rank * 8 + 4:rank * 8 + 8] = old[0, ((rank + 1) % 4) * 8:((rank + 1) % 4) * 8 + 4]
+    sched = build_schedule(old, new, 4)
+    blocks = sched.contiguous_by_source(sched.chunks(64, 1 << 40, 1))
+    part = chunk_transfers(blocks, 0, 0, len(blocks.remote))
+    assert part.receives == {1: (0, 4)} and part.sends == {3: [(0, 0), (0, 1), (0, 2), (0, 3)]}
+    with pytest.raises(ValueError, match="must cover remote ops"):
+        sched.contiguous_by_source([(0, 3)])
+
+
+def test_unrenumbered_schedule_is_refused_for_block_transfers():
+    old = np.array([np.arange(8)])
+    new = np.array([[4, 0, 5, 3, 4, 5, 6, 7]])  # rank 0: row 0 <- rank 1, row 1 <- its own row 0, row 2 <- rank 1
+    sched = build_schedule(old, new, 2)
+    with pytest.raises(ValueError, match=r"staging rows \[0, 2\] from peer 1 are not one contiguous block"):
+        chunk_transfers(sched, 0, 0, len(sched.remote))
+    blocks = sched.contiguous_by_source([(0, len(sched.remote))])
+    assert chunk_transfers(blocks, 0, 0, len(blocks.remote)).receives == {1: (0, 2)}
 
 
 @settings(max_examples=150, deadline=None)

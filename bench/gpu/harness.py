@@ -149,9 +149,9 @@ class MeteredGlooTransport(GlooTransport):
             self._session = {"started_at": time.monotonic(), "bytes_sent": 0, "bytes_received": 0, "groups": 0}
         return self._session
 
-    def exchange(self, ops) -> None:
+    def exchange(self, ops, pace_s: float = 0.0) -> None:
         session = self._begin()
-        super().exchange(ops)
+        super().exchange(ops, pace_s)
         for op in ops:
             nbytes = op.tensor.numel() * op.tensor.element_size()
             key = "bytes_sent" if op.is_send else "bytes_received"
@@ -711,8 +711,8 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--p2p-json", default=None, help="bench.gpu.p2p output: its peak sets the throttle")
     p.add_argument("--chunk-mib", type=int, default=HarnessOptions.chunk_bytes >> 20)
     p.add_argument("--throttled-chunk-mib", type=int, default=HarnessOptions.throttled_chunk_bytes >> 20)
-    p.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
-                   help="pack each peer's rows into one NCCL op (auto: as --p2p-json recommends)")
+    p.add_argument("--pack", choices=("auto", "on", "off"), default="off",
+                   help="also pack the agent's per-tensor blocks into one NCCL op per peer (auto: as --p2p-json recommends)")
     p.add_argument("--max-ops", type=int, default=HarnessOptions.max_ops_per_group)
     p.add_argument("--fence-steps", type=int, default=HarnessOptions.fence_steps)
     p.add_argument("--in-flight", type=int, default=HarnessOptions.max_groups_in_flight)

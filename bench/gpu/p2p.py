@@ -138,6 +138,8 @@ def bench(t, rank: int, world: int, size: int, iters: int, chunks_mib: list[int]
         _barrier(t)
     out["agent_pattern_gbps"] = agent_pattern(t, rank, world, iters)
     _barrier(t)
+    out["paced_ring"] = paced_ring(t, rank, world)
+    _barrier(t)
     out["chunked_ring_gbps"] = {}
     for chunk_mib in chunks_mib:
         chunk = chunk_mib << 20
@@ -188,9 +190,46 @@ def agent_pattern(t, rank: int, world: int, iters: int, experts: int = 8) -> dic
         t.pack_per_peer = False
         one = [P2POp(True, flat_send, nxt, 0), P2POp(False, flat_recv, prv, 0)]
         out["one_op_bound"] = nbytes / _timed(t, lambda: t.exchange(one), iters) / 1e9
+        _barrier(t)
+        # the agent's path: senders gather their rows per weight tensor on the pack stream
+        # (overlapping the group in flight), receivers write straight into staging blocks
+        s13.zero_()
+        s2.zero_()
+
+        def blocks():
+            a = t.gather([(w13, row) for row in rows])
+            b = t.gather([(w2, row) for row in rows])
+            t.exchange([P2POp(True, a, nxt, 0), P2POp(True, b, nxt, 1), P2POp(False, s13, prv, 0), P2POp(False, s2, prv, 1)])
+
+        out["blocks"] = nbytes / _timed(t, blocks, iters) / 1e9
+        out["blocks_correct"] = bool((s13 == prv).all().item()) and bool((s2 == prv).all().item())
     finally:
         t.pack_per_peer = saved
     return out
+
+
+def paced_ring(t, rank: int, world: int, chunk_mib: int = 48, chunks: int = 8, gap_s: float = 0.002) -> dict:
+    """The throttle's device gaps: ``chunks`` ring groups of ``chunk_mib`` with ``gap_s`` after each.
+
+    The elapsed time should be ``chunks * (gap_s + chunk / ring rate)``: the rate the
+    throttle holds. Returns the measured GB/s and that expected figure (``expected_gbps``
+    uses the unpaced rate measured just before)."""
+    device = t.device
+    chunk = chunk_mib << 20
+    send = torch.empty(chunk * chunks, dtype=torch.uint8, device=device).fill_(rank)
+    recv = torch.empty_like(send)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+
+    def issue(gap):
+        for i in range(chunks):
+            t.exchange([P2POp(True, send[i * chunk:(i + 1) * chunk], nxt, 0),
+                        P2POp(False, recv[i * chunk:(i + 1) * chunk], prv, 0)], pace_s=gap)
+
+    unpaced = _timed(t, lambda: issue(0.0), 1)
+    _barrier(t)
+    paced = _timed(t, lambda: issue(gap_s), 1)
+    return {"gap_s": gap_s, "chunk_mib": chunk_mib, "chunks": chunks, "unpaced_s": unpaced, "paced_s": paced,
+            "gbps": chunk * chunks / paced / 1e9, "expected_gbps": chunk * chunks / (unpaced + chunks * gap_s) / 1e9}
 
 
 def abort_and_rebuild(t, rank: int, world: int, host: str, port: int, timeout_s: float) -> dict:
@@ -304,12 +343,15 @@ def summarize(world: int, ranks: list[dict], opts: dict) -> dict:
         summary["chunked_ring_gbps_mean"] = {c: float(np.mean([b["chunked_ring_gbps"][c] for b in benches]))
                                              for c in benches[0]["chunked_ring_gbps"]}
         summary["agent_pattern_gbps_mean"] = {k: float(np.mean([b["agent_pattern_gbps"][k] for b in benches]))
-                                              for k in ("separate_ops", "packed_per_peer", "one_op_bound")}
+                                              for k in ("separate_ops", "packed_per_peer", "one_op_bound", "blocks")}
         summary["agent_pattern_packed_correct"] = all(b["agent_pattern_gbps"]["packed_per_peer_correct"] for b in benches)
+        summary["agent_pattern_blocks_correct"] = all(b["agent_pattern_gbps"]["blocks_correct"] for b in benches)
+        summary["paced_ring"] = {k: float(np.mean([b["paced_ring"][k] for b in benches])) for k in benches[0]["paced_ring"]}
+        summary["peak_both_ways_gbps"] = summary["ring_gbps_mean"]
         ap = summary["agent_pattern_gbps_mean"]
         summary["recommend_pack_per_peer"] = bool(summary["agent_pattern_packed_correct"] and ap["packed_per_peer"] > 1.1 * ap["separate_ops"])
         summary["peak_gbps"] = max([summary["pair_gbps"], summary["ring_gbps_mean"], *summary["chunked_ring_gbps_mean"].values()])
-    summary["ok"] = not summary["errors"] and summary["exchange_ok"] and summary["fence_ok"] and summary["vote_ok"] and summary["abort_ok"]
+    summary["ok"] = not summary["errors"] and summary.get("agent_pattern_blocks_correct", True) and summary["exchange_ok"] and summary["fence_ok"] and summary["vote_ok"] and summary["abort_ok"]
     return summary
 
 

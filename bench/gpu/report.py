@@ -31,12 +31,18 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
     peak = (p2p or {}).get("peak_gbps")
     if p2p:
         chunked = ", ".join(f"{c} MiB: {_f(v, 0)}" for c, v in p2p.get("chunked_ring_gbps_mean", {}).items())
-        lines.append(f"| side p2p peak (CuPy NCCL, GB/s per GPU, one direction) | **{_f(peak, 1)}** (pair {_f(p2p.get('pair_gbps'), 1)}, "
-                     f"ring {_f(p2p.get('ring_gbps_mean'), 1)}, all-pairs {_f(p2p.get('all_pairs_gbps_mean'), 1)}; ring in chunks: {chunked}) | | |")
+        lines.append(f"| side p2p peak (CuPy NCCL, GB/s per GPU, one direction; the highest of the patterns) | **{_f(peak, 1)}** (pair, one way {_f(p2p.get('pair_gbps'), 1)}; "
+                     f"ring, every GPU sending and receiving at once {_f(p2p.get('ring_gbps_mean'), 1)}; all-pairs {_f(p2p.get('all_pairs_gbps_mean'), 1)}; ring in chunks: {chunked}) | | |")
         ap = p2p.get("agent_pattern_gbps_mean")
         if ap:
             lines.append(f"| agent-shaped group (8 experts x (16 + 8) MiB to one peer), GB/s per GPU | separate ops {_f(ap['separate_ops'], 1)}, "
-                         f"packed per peer {_f(ap['packed_per_peer'], 1)}, one pre-packed op {_f(ap['one_op_bound'], 1)} | | |")
+                         f"packed per peer {_f(ap['packed_per_peer'], 1)}, one pre-packed op {_f(ap['one_op_bound'], 1)}, "
+                         f"**agent blocks (gather on the pack stream + one op per tensor) {_f(ap.get('blocks'), 1)}** "
+                         f"(correct: {p2p.get('agent_pattern_blocks_correct')}) | | |")
+        pr = p2p.get("paced_ring")
+        if pr:
+            lines.append(f"| throttle gaps on the device ({pr['chunks']:.0f} x {pr['chunk_mib']:.0f} MiB ring groups, {pr['gap_s'] * 1e3:.1f} ms gap each) | "
+                         f"{_f(pr['gbps'], 1)} GB/s (expected {_f(pr['expected_gbps'], 1)}) | | |")
         lines.append(f"| side transport checks (bit-exact exchange, stream fence, vote, abort + rebuild) | exchange {p2p.get('exchange_ok')}, "
                      f"fence {p2p.get('fence_ok')}, vote {p2p.get('vote_ok')}, abort/rebuild {p2p.get('abort_ok')} | all true | {_met(p2p.get('ok'))} |")
     if not harness or not harness.get("phases"):
@@ -86,7 +92,10 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
             continue
         link = b.get("gbps_link_mean")
         wall = b.get("gbps_session_wall_mean")
+        both = (p2p or {}).get("peak_both_ways_gbps")
         frac = f" = {link / peak * 100:.0f}% of peak" if link and peak else ""
+        if link and both:
+            frac += f" ({link / both * 100:.0f}% of the both-ways ring peak)"
         ok = None
         if is_target and link and peak:
             ok = link >= 0.85 * peak

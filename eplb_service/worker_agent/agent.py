@@ -28,7 +28,7 @@ from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError, validate_phy2log
 from eplb_service.security import ClientCurve
 from eplb_service.worker_agent.expert_model import ExpertModel
-from eplb_service.worker_agent.schedule import build_schedule
+from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.staging import StagingArea, prepare_commit
 from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
@@ -377,6 +377,8 @@ class WorkerAgent:
         try:
             received = self._stage(plan, rows)
         except PlanAborted:
+            if self.transport.busy:  # groups its peers may never match: tear down, rebuild later
+                self.transport.abort()
             return
         except (TransportError, RuntimeError) as exc:
             self.log.error("staging plan %d failed: %s", plan.plan_id, exc)
@@ -388,45 +390,59 @@ class WorkerAgent:
         self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0))
 
     def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
-        """Fill this rank's staging rows; returns bytes received from other ranks."""
+        """Fill this rank's staging rows; returns bytes received from other ranks.
+
+        Every rank of the plan runs the same chunks in the same order, each one group of
+        whole blocks (one op per peer and weight tensor), and the same throttle gap after
+        each, even a rank with no part in a chunk: the gaps are what keep the ranks' groups
+        starting together (see ``CupyNcclTransport``).
+        """
         layers = list(plan.layers)
+        cfg = self.config
+        bpe = self.bytes_per_expert
         schedule = build_schedule(self.phy2log_host[layers], rows, self.shape.num_ranks, self.ranks_per_node)
+        bounds = schedule.chunks(cfg.max_ops_per_group, cfg.chunk_bytes, bpe)
+        schedule = schedule.contiguous_by_source(bounds)
         work = schedule.per_rank[self.rank]
         area = self._area = StagingArea(self.model, work)
         weights = self.model.expert_weights
         transport = self.transport
-        for copy in work.local:
-            for k, live in enumerate(weights[layers[copy.layer]]):
-                transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
-        cfg = self.config
-        bpe = self.bytes_per_expert
-        received = 0
-        started = time.monotonic()
-        paced_bytes = 0  # the busiest rank's bytes so far: the same on every rank
-        for begin, end in schedule.chunks(cfg.max_ops_per_group, cfg.chunk_bytes, bpe):
-            ops: list[P2POp] = []
-            for index in range(begin, end):
-                op = schedule.remote[index]
-                if op.src_rank == self.rank:
-                    src = weights[layers[op.layer]]
-                    ops.extend(P2POp(True, t[op.src_row], op.dst_rank, index * len(src) + k) for k, t in enumerate(src))
-                elif op.dst_rank == self.rank:
-                    ops.extend(P2POp(False, buf[op.dst_staging], op.src_rank, index * len(area.rows) + k) for k, buf in enumerate(area.rows))
-                    received += bpe
-            if ops:
-                transport.exchange(ops)
-            wait_s = 0.0
-            if cfg.throttle_bytes_per_s > 0:
-                # The busiest rank's bytes so far set the pace, identically on every rank, so
-                # both ends of the next chunk start it together (no kernel spins on a sleeper).
-                paced_bytes += schedule.chunk_cost_bytes(begin, end, bpe)
-                wait_s = max(0.0, started + paced_bytes / cfg.throttle_bytes_per_s - time.monotonic())
-            self._pump_while_staging(plan.plan_id, wait_s)
-        for dup in work.duplicates:
-            for buf in area.rows:
-                transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])
-        transport.synchronize()
-        self._digests = self._row_digests(schedule, layers, area)
+        me = threading.get_ident()
+
+        def pump() -> None:  # called by the transport while it waits on the host
+            if threading.get_ident() == me:
+                self._pump_while_staging(plan.plan_id)
+
+        transport.poll_hook = pump
+        try:
+            transport.start_batch()
+            for copy in work.local:
+                for k, live in enumerate(weights[layers[copy.layer]]):
+                    transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
+            received = 0
+            tensors = len(area.rows)
+            for number, (begin, end) in enumerate(bounds):
+                part = chunk_transfers(schedule, self.rank, begin, end)
+                ops: list[P2POp] = []
+                for peer, sent in part.sends.items():
+                    for k in range(tensors):
+                        block = transport.gather([(weights[layers[layer]][k], row) for layer, row in sent])
+                        ops.append(P2POp(True, block, peer, number * tensors + k))
+                for peer, (first, count) in part.receives.items():
+                    ops.extend(P2POp(False, buf[first:first + count], peer, number * tensors + k) for k, buf in enumerate(area.rows))
+                    received += count * bpe
+                # The throttle: the busiest rank's bytes in this chunk over the rate, the same
+                # figure on every rank.
+                pace_s = schedule.chunk_cost_bytes(begin, end, bpe) / cfg.throttle_bytes_per_s if cfg.throttle_bytes_per_s > 0 else 0.0
+                transport.exchange(ops, pace_s)
+                self._pump_while_staging(plan.plan_id)
+            for dup in work.duplicates:
+                for buf in area.rows:
+                    transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])
+            transport.synchronize()
+            self._digests = self._row_digests(schedule, layers, area)
+        finally:
+            transport.poll_hook = None
         self.stats["bytes_received"] += received
         return received
 
@@ -434,14 +450,20 @@ class WorkerAgent:
         """Digest of every remote op's row as this rank sent or received it (sentinel if neither)."""
         digests = np.full(len(schedule.remote), _NO_DIGEST, dtype=np.int64)
         weights = self.model.expert_weights
+        mine: list[int] = []
+        rows = []
         for index, op in enumerate(schedule.remote):
             if op.src_rank == self.rank:
-                rows = [t[op.src_row] for t in weights[layers[op.layer]]]
+                rows.extend(t[op.src_row] for t in weights[layers[op.layer]])
             elif op.dst_rank == self.rank:
-                rows = [buf[op.dst_staging] for buf in area.rows]
+                rows.extend(buf[op.dst_staging] for buf in area.rows)
             else:
                 continue
-            digests[index] = sum(self.transport.row_digest(r) for r in rows) & ((1 << 62) - 1)
+            mine.append(index)
+        if mine:
+            per_row = np.array(self.transport.row_digests(rows), dtype=object).reshape(len(mine), -1)
+            for index, values in zip(mine, per_row):
+                digests[index] = sum(values) & ((1 << 62) - 1)
         return digests
 
     def _on_vote(self, msg: P.VoteNow) -> None:

@@ -21,7 +21,7 @@ round-robin over (sender, receiver) pairs (:func:`interleave_pairs`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -115,6 +115,71 @@ class TransferSchedule:
             load[(op.src_rank, True)] = load.get((op.src_rank, True), 0) + bytes_per_expert
             load[(op.dst_rank, False)] = load.get((op.dst_rank, False), 0) + bytes_per_expert
         return max(load.values(), default=0)
+
+    def contiguous_by_source(self, bounds: list[tuple[int, int]]) -> "TransferSchedule":
+        """The same schedule with every rank's staging rows renumbered for whole-block transfers.
+
+        Rows a rank receives come first, ordered by (chunk of ``bounds``, sender, global
+        order); its local and duplicate rows follow in their old order. So the rows one
+        sender sends one receiver in one chunk are consecutive staging rows, in the order
+        the sender packs them (global order), and each (chunk, peer, weight tensor) moves
+        as one send/recv op straight into staging: no unpack, few large NCCL ops instead of
+        many medium ones (one op per row ran at 37% of the link peak on H100).
+        """
+        chunk_of = np.empty(len(self.remote), dtype=np.int64)
+        for number, (begin, end) in enumerate(bounds):
+            chunk_of[begin:end] = number
+        if len(self.remote) and (not bounds or bounds[0][0] != 0 or bounds[-1][1] != len(self.remote)):
+            raise ValueError(f"chunk bounds {bounds[:1]}..{bounds[-1:]} must cover remote ops [0, {len(self.remote)})")
+        new_index: list[dict[int, int]] = []
+        for work in self.per_rank:
+            received = sorted((int(chunk_of[i]), op.src_rank, i, op.dst_staging)
+                              for i, op in enumerate(self.remote) if op.dst_rank == work.rank)
+            order = [staging for *_, staging in received]
+            taken = set(order)
+            order += [row.index for row in work.staging if row.index not in taken]
+            new_index.append({old: new for new, old in enumerate(order)})
+        per_rank = []
+        for work, mapping in zip(self.per_rank, new_index):
+            staging = sorted((replace(row, index=mapping[row.index]) for row in work.staging), key=lambda row: row.index)
+            per_rank.append(RankWork(
+                rank=work.rank, staging=staging,
+                local=[replace(c, dst_staging=mapping[c.dst_staging]) for c in work.local],
+                duplicates=[DuplicateCopy(src_staging=mapping[d.src_staging], dst_staging=mapping[d.dst_staging])
+                            for d in work.duplicates]))
+        remote = tuple(replace(op, dst_staging=new_index[op.dst_rank][op.dst_staging]) for op in self.remote)
+        return TransferSchedule(slots_per_rank=self.slots_per_rank, remote=remote, per_rank=tuple(per_rank))
+
+
+@dataclass(frozen=True)
+class ChunkTransfers:
+    """One rank's part of one chunk: whole blocks per peer.
+
+    Attributes:
+        sends: peer -> ``[(plan layer, live row), ...]`` to gather and send, in global order.
+        receives: peer -> ``(first staging row, count)``: a contiguous block of staging rows.
+    """
+
+    sends: dict[int, list[tuple[int, int]]]
+    receives: dict[int, tuple[int, int]]
+
+
+def chunk_transfers(schedule: TransferSchedule, rank: int, begin: int, end: int) -> ChunkTransfers:
+    """What ``rank`` sends and receives in ``remote[begin:end]`` of a :meth:`contiguous_by_source` schedule."""
+    sends: dict[int, list[tuple[int, int]]] = {}
+    rows: dict[int, list[int]] = {}
+    for op in schedule.remote[begin:end]:
+        if op.src_rank == rank:
+            sends.setdefault(op.dst_rank, []).append((op.layer, op.src_row))
+        elif op.dst_rank == rank:
+            rows.setdefault(op.src_rank, []).append(op.dst_staging)
+    receives = {}
+    for peer, staging in rows.items():
+        if staging != list(range(staging[0], staging[0] + len(staging))):
+            raise ValueError(f"rank {rank}: staging rows {staging} from peer {peer} are not one contiguous block; "
+                             "renumber the schedule with contiguous_by_source() for these chunk bounds first")
+        receives[peer] = (staging[0], len(staging))
+    return ChunkTransfers(sends=sends, receives=receives)
 
 
 def build_schedule(

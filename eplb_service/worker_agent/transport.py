@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,17 +38,50 @@ class Transport(abc.ABC):
 
     name: str = "abstract"
 
+    poll_hook: Callable[[], None] | None = None
+    """Called every few ms while a transport call waits on the host (the agent pumps its
+    socket there: heartbeats, AbortPlan); an exception it raises ends the wait."""
+
     @abc.abstractmethod
     def connect(self, comm: CommInit, rank: int, timeout_s: float) -> None:
         """Join the communicator of ``comm.generation`` (collective over all ranks)."""
 
     @abc.abstractmethod
-    def exchange(self, ops: list[P2POp]) -> None:
-        """Issue one bounded group of sends and receives.
+    def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:
+        """Issue one bounded group of sends and receives, then a pause of ``pace_s``.
 
         It may return before the group completes (the GPU transport keeps at most two groups
         in flight, so bytes in flight stay bounded); :meth:`synchronize` waits for all.
+        ``pace_s`` is the throttle's gap after this group; every rank passes the same value
+        for the same group, so the GPU transport runs the gap on the device, where it keeps
+        the next group starting at the same moment on every rank (a host sleep would let the
+        ranks drift apart, and the early side's NCCL kernel would spin on SMs meanwhile).
         """
+
+    def start_batch(self) -> None:
+        """Begin one plan batch's transfers; every rank of the communicator calls it.
+
+        The GPU transport enqueues a tiny all-reduce here so that the batch's first group
+        starts on every rank at the same moment; the CPU transport needs nothing.
+        """
+
+    def gather(self, rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """Rows ``tensor[row]`` of ``rows`` (same row shape and dtype) as one contiguous tensor.
+
+        What a sender packs so that one op carries all it sends one peer in a chunk. The
+        GPU transport packs on a stream of its own, overlapping the group in flight; the
+        result must go to the next :meth:`exchange`.
+        """
+        if len(rows) == 1:
+            tensor, row = rows[0]
+            return tensor[row]
+        return torch.stack([tensor[row] for tensor, row in rows])
+
+    @property
+    def busy(self) -> bool:
+        """True while transfers are queued and not yet waited for (an abandoned batch must
+        then tear the communicator down: its peers may never match them)."""
+        return False
 
     @abc.abstractmethod
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -67,6 +101,14 @@ class Transport(abc.ABC):
         data = row.detach().reshape(-1).view(torch.uint8).to(torch.int64)
         weights = _digest_weights(data.numel(), data.device)
         return int((data * weights).sum().item()) & ((1 << 62) - 1)
+
+    def row_digests(self, rows: list[torch.Tensor]) -> list[int]:
+        """:meth:`row_digest` of every row (the GPU transport waits on the host only once)."""
+        return [self.row_digest(row) for row in rows]
+
+    def _poll(self) -> None:
+        if self.poll_hook is not None:
+            self.poll_hook()
 
     @abc.abstractmethod
     def synchronize(self) -> None:

@@ -12,12 +12,22 @@ Rules this module keeps (DESIGN.md, "Weight movement rules"):
 - every NCCL call is issued on one dedicated non-blocking stream of the lowest priority;
   tensors are handed to NCCL as raw device pointers of the torch tensors (no copies);
 - ``exchange`` is one ``ncclGroupStart``/``ncclGroupEnd`` holding exactly the ops the
-  agent passes (it bounds their number and bytes and issues them in the same global
-  order on every rank). It returns once at most ``max_groups_in_flight - 1`` earlier
-  groups are still running, so the bytes in flight are bounded by that many chunks and
-  the host wait of one chunk overlaps the transfer of the next; ``synchronize`` waits
+  agent passes (whole blocks: one op per peer and weight tensor per chunk, issued in the
+  same global order on every rank). It returns once at most ``max_groups_in_flight - 1``
+  earlier groups are still running, so the bytes in flight are bounded by that many chunks
+  and the host wait of one chunk overlaps the transfer of the next; ``synchronize`` waits
   for all of them. Every host wait is bounded by the connect timeout and ends in
   :class:`TransportError`, never in a hang;
+- the senders' rows are packed (``gather``) on a second low-priority stream, so the pack
+  of the next chunk overlaps the transfer of this one; receivers write straight into
+  their staging rows;
+- the throttle's gap after a group runs on the side stream (a one-thread spin kernel),
+  not on the host: every rank's next group then starts when the previous one ended plus
+  the same gap, i.e. at the same moment everywhere, so no rank's NCCL kernel holds SMs
+  spinning for a peer that is still asleep. ``start_batch`` (a one-element all-reduce)
+  lines the ranks up before a batch's first group the same way. A device-wide
+  synchronize elsewhere waits for at most ``max_groups_in_flight`` chunks and gaps
+  (gaps are capped at ``max_gap_s``);
 - a *session* is everything between two ``synchronize`` calls (one plan batch for the
   agent). The first operation of a session makes the side stream wait for everything the
   serving stream has queued so far: the previous commit's copies into the live rows and
@@ -139,13 +149,15 @@ class CupyNcclTransport(Transport):
             are packed into one contiguous buffer on the side stream (and unpacked after the
             receive). Every rank must use the same setting.
         keep_sessions: how many finished sessions to keep in :attr:`sessions`.
+        max_gap_s: the longest throttle gap run on the device after one group; a longer
+            ``pace_s`` waits the rest on the host (only at throttles far below the link rate).
     """
 
     name = "cupy-nccl"
 
     def __init__(self, device: torch.device | int | str, *, serving_stream: torch.cuda.Stream | None = None,
                  max_groups_in_flight: int = 2, warmup: bool = True, pack_per_peer: bool = False,
-                 keep_sessions: int = 100_000) -> None:
+                 keep_sessions: int = 100_000, max_gap_s: float = 0.05) -> None:
         if max_groups_in_flight < 1:
             raise ValueError(f"max_groups_in_flight={max_groups_in_flight} must be >= 1")
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -157,7 +169,13 @@ class CupyNcclTransport(Transport):
         self.max_groups_in_flight = max_groups_in_flight
         self.warmup = warmup
         self.pack_per_peer = pack_per_peer
+        self.max_gap_s = max_gap_s
         self._comm = None
+        self._pack_stream: torch.cuda.Stream | None = None
+        self._packed_event: torch.cuda.Event | None = None
+        self._barrier_buf: torch.Tensor | None = None
+        self._cycles_per_s = 0.0
+        """Spin-kernel cycles per second on this GPU, measured at connect (for device gaps)."""
         self._store: dist.Store | None = None
         self._stream: torch.cuda.Stream | None = None
         self._generation = -1
@@ -230,6 +248,9 @@ class CupyNcclTransport(Transport):
         if len(uid) != 128:
             raise TransportError(f"NCCL unique id of generation {comm.generation} has {len(uid)} bytes, expected 128")
         self._stream = torch.cuda.Stream(self.device, priority=0)  # 0 = lowest priority on CUDA
+        self._pack_stream = torch.cuda.Stream(self.device, priority=0)
+        with torch.cuda.device(self.device):
+            self._barrier_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
             try:
                 self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
@@ -242,12 +263,25 @@ class CupyNcclTransport(Transport):
         self._generation = comm.generation
         self._world_size = comm.world_size
         self._rank = rank
-        if self.warmup and comm.world_size > 1:
-            try:
+        try:
+            self._calibrate_gap()
+            if self.warmup and comm.world_size > 1:
                 self._open_connections()
-            except TransportError:
-                self.abort()
-                raise
+        except TransportError:
+            self.abort()
+            raise
+
+    def _calibrate_gap(self) -> None:
+        """Measure the spin kernel's cycles per second (it also loads the kernel now, see below)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 2_000_000
+        with torch.cuda.stream(self._stream):
+            torch.cuda._sleep(1000)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+        self._wait_event(end, "gap calibration")
+        self._cycles_per_s = cycles / max(start.elapsed_time(end) / 1e3, 1e-6)
 
     @staticmethod
     def _store_barrier(store: dist.Store, key: str, world_size: int, timeout_s: float) -> None:
@@ -274,13 +308,16 @@ class CupyNcclTransport(Transport):
             with torch.cuda.device(self.device):
                 out = torch.zeros((world, 2, nbytes), dtype=torch.uint8, device=self.device)
                 back = torch.zeros((world, 2, nbytes), dtype=torch.uint8, device=self.device)
+            self.start_batch()
             ops = []
             for peer in range(world):
                 if peer != rank:
-                    ops += [P2POp(True, out[peer, 0], peer, 0), P2POp(True, out[peer, 1], peer, 1)]
-                    ops += [P2POp(False, back[peer, 0], peer, 0), P2POp(False, back[peer, 1], peer, 1)]
-            self.exchange(ops)
+                    packed = self.gather([(out[peer], 0), (out[peer], 1)])
+                    ops += [P2POp(True, packed, peer, 0), P2POp(True, out[peer, 1], peer, 1)]
+                    ops += [P2POp(False, back[peer], peer, 0), P2POp(False, back[peer, 1], peer, 1)]
+            self.exchange(ops, pace_s=1e-5)
             self.copy_local(back[rank, 0], out[rank, 0])
+            self.row_digests([back[rank, 0], back[rank, 1]])
             self.synchronize()
         self.max_reduce(np.zeros(4, dtype=np.int64))
         self.sessions.clear()
@@ -334,6 +371,7 @@ class CupyNcclTransport(Transport):
             fence = torch.cuda.Event()
             fence.record(self.serving_stream)
             self._stream.wait_event(fence)
+            self._pack_stream.wait_event(fence)
         return session
 
     def _wait_event(self, event: torch.cuda.Event, what: str) -> None:
@@ -341,20 +379,23 @@ class CupyNcclTransport(Transport):
             return
         deadline = time.monotonic() + self._timeout_s
         delay = 20e-6
-        next_error_check = time.monotonic() + 0.05
+        next_check = time.monotonic() + 0.005
         while not event.query():
             now = time.monotonic()
             if now > deadline:
                 raise TransportError(f"{what} did not complete within {self._timeout_s}s "
                                      f"(a peer is gone or the side stream is stuck)")
-            if now > next_error_check and self._comm is not None:
-                next_error_check = now + 0.05
-                try:
-                    self._comm.check_async_error()
-                except Exception as exc:
-                    raise TransportError(f"{what}: NCCL reported an asynchronous error: {exc}") from exc
+            if now > next_check:
+                next_check = now + 0.005
+                if self._comm is not None:
+                    try:
+                        self._comm.check_async_error()
+                    except Exception as exc:
+                        raise TransportError(f"{what}: NCCL reported an asynchronous error: {exc}") from exc
+                self._poll()
+            # Each wake-up takes the GIL from the serving thread: back off to 0.3 ms.
             time.sleep(delay)
-            delay = min(delay * 2, 200e-6)
+            delay = min(delay * 2, 300e-6)
 
     def _retire(self, keep: int) -> None:
         while len(self._in_flight) > keep:
@@ -363,15 +404,75 @@ class CupyNcclTransport(Transport):
 
     # -- the Transport interface -----------------------------------------------------------
 
-    def exchange(self, ops: list[P2POp]) -> None:
+    @property
+    def busy(self) -> bool:
+        return self._session is not None
+
+    def start_batch(self) -> None:
         comm = self._require()
-        if not ops:
-            return
+        self._begin_session()
+        buf = self._barrier_buf
+        try:
+            comm.allReduce(buf.data_ptr(), buf.data_ptr(), 1, self._dtype_i64, self._op_max, self._stream.cuda_stream)
+        except Exception as exc:
+            raise TransportError(f"NCCL batch-start all-reduce failed: {exc}") from exc
+
+    def gather(self, rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        self._require()
+        self._begin_session()
+        if len(rows) == 1:
+            tensor, row = rows[0]
+            return tensor[row]
+        first = rows[0][0]
+        pack = self._pack_stream
+        with torch.cuda.stream(pack):
+            out = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype, device=self.device)
+            begin = 0
+            while begin < len(rows):  # one index_select per run of rows from the same tensor
+                source = rows[begin][0]
+                end = begin
+                while end < len(rows) and rows[end][0] is source:
+                    end += 1
+                if source.shape[1:] != first.shape[1:] or source.dtype != first.dtype or source.device != self.device:
+                    raise TransportError(f"gather: rows of shape {tuple(source.shape[1:])} {source.dtype} on {source.device} "
+                                         f"mixed with {tuple(first.shape[1:])} {first.dtype}; expected one row shape on {self.device}")
+                index = torch.tensor([row for _, row in rows[begin:end]], dtype=torch.int64).pin_memory()
+                torch.index_select(source, 0, index.to(self.device, non_blocking=True), out=out[begin:end])
+                begin = end
+            ready = torch.cuda.Event()
+            ready.record(pack)
+        self._packed_event = ready
+        return out
+
+    def _device_gap(self, seconds: float) -> float:
+        """Enqueue a spin of ``seconds`` (capped) on the side stream; returns the part left for the host."""
+        on_device = min(seconds, self.max_gap_s)
+        if on_device > 0 and self._cycles_per_s > 0:
+            with torch.cuda.stream(self._stream):
+                torch.cuda._sleep(int(on_device * self._cycles_per_s))
+        return seconds - on_device
+
+    def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:
+        comm = self._require()
         stream = self._stream
         session = self._begin_session()
+        if not ops:
+            # No part in this group, but the same gap as every rank: the next group then
+            # starts here when it starts on the peers.
+            if pace_s > 0:
+                host_gap = self._device_gap(pace_s)
+                gap_done = torch.cuda.Event()
+                gap_done.record(stream)
+                self._in_flight.append(gap_done)
+                self._retire(self.max_groups_in_flight - 1)
+                self._host_gap(host_gap)
+            return
         if session.first_event is None:
             session.first_event = torch.cuda.Event(enable_timing=True)
             session.first_event.record(stream)
+        if self._packed_event is not None:  # the senders' rows of this group, packed on the pack stream
+            stream.wait_event(self._packed_event)
+            self._packed_event = None
         nccl = self._nccl
         handle = stream.cuda_stream
         sent = received = 0
@@ -419,7 +520,15 @@ class CupyNcclTransport(Transport):
         self.bytes_received_total += received
         self.groups_total += 1
         self._in_flight.append(done)
+        host_gap = self._device_gap(pace_s) if pace_s > 0 else 0.0
         self._retire(self.max_groups_in_flight - 1)
+        self._host_gap(host_gap)
+
+    def _host_gap(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while seconds > 0 and time.monotonic() < deadline:
+            self._poll()
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
 
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self._require()
@@ -471,6 +580,26 @@ class CupyNcclTransport(Transport):
             value = int((words * _digest_weights(words.numel(), words.device)).sum().item())
         return value & ((1 << 62) - 1)
 
+    def row_digests(self, rows: list[torch.Tensor]) -> list[int]:
+        """Every row's digest on the side stream, with one bounded host wait for all of them."""
+        stream = self._stream
+        if stream is None or not rows or any(r.reshape(-1).numel() * r.element_size() % 8 for r in rows):
+            return super().row_digests(rows)
+        with torch.cuda.stream(stream):
+            sums = []
+            for row in rows:
+                try:
+                    words = row.detach().reshape(-1).view(torch.uint8).view(torch.int64)
+                except RuntimeError:  # storage offset not 8-byte aligned
+                    return super().row_digests(rows)
+                sums.append((words * _digest_weights(words.numel(), words.device)).sum())
+            host = torch.empty(len(sums), dtype=torch.int64, pin_memory=True)
+            host.copy_(torch.stack(sums), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._wait_event(done, "row digests")
+        return [int(v) & ((1 << 62) - 1) for v in host.tolist()]
+
     def synchronize(self) -> None:
         stream = self._stream
         if stream is None:
@@ -493,6 +622,7 @@ class CupyNcclTransport(Transport):
         self._in_flight.clear()
         self._session = None
         self._store = None
+        self._packed_event = None
         if comm is None:
             return
         self.aborts += 1
@@ -513,3 +643,4 @@ class CupyNcclTransport(Transport):
                     break
                 time.sleep(0.001)
         self._stream = None
+        self._pack_stream = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ class GlooTransport(Transport):
             raise TransportError("side communicator is not connected (aborted or never built)")
         return self._group
 
-    def exchange(self, ops: list[P2POp]) -> None:
+    def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:
         group = self._require()
         try:
             works = [
@@ -65,6 +66,10 @@ class GlooTransport(Transport):
                 work.wait()
         except Exception as exc:
             raise TransportError(f"gloo exchange of {len(ops)} ops failed: {exc}") from exc
+        deadline = time.monotonic() + pace_s
+        while pace_s > 0 and time.monotonic() < deadline:  # gloo is synchronous: the throttle's gap is a host wait
+            self._poll()
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
 
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
