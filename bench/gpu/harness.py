@@ -110,13 +110,13 @@ class HarnessOptions:
     min_phase_steps: int = 30
     empty_step_s: float = 0.001
     experts_per_rank: int = 8
-    isolated_experts_per_rank: int = 8
+    isolated_experts_per_rank: int = 16
     isolated_layers_per_batch: int = 0
     throttle_bytes_per_s: float = 15e9
-    chunk_bytes: int = 256 << 20
+    chunk_bytes: int = 512 << 20
     throttled_chunk_bytes: int = 48 << 20
     pack_per_peer: bool = False
-    max_ops_per_group: int = 32
+    max_ops_per_group: int = 256
     fence_steps: int = 8
     report_interval_steps: int = 10
     max_groups_in_flight: int = 2

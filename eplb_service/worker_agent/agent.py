@@ -476,7 +476,8 @@ class WorkerAgent:
         ticket = None
         hooks = self.hooks
         if ready:
-            action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
+            with self.transport.device_context():  # complete when the vote below returns
+                action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
             ticket = CommitTicket(action=action)
             hooks.ticket = ticket
             entry = hooks.steps_done
@@ -494,8 +495,18 @@ class WorkerAgent:
             else:
                 self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="side communicator not connected at vote"))
             return
+        me = threading.get_ident()
+
+        def heartbeat() -> None:  # a slow vote must not get this rank declared dead
+            if threading.get_ident() == me:
+                self._heartbeat(time.monotonic())
+
+        self.transport.poll_hook = heartbeat
         try:
-            result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready))
+            # Decide before the serving thread gives up at the fence: a rank whose fence
+            # times out drops the plan, so its vote must have failed by then too.
+            result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready),
+                                               timeout_s=0.5 * hooks.fence_timeout_s)
         except TransportError as exc:
             self.log.error("vote for plan %d failed: %s", msg.plan_id, exc)
             self.transport.abort()
@@ -506,6 +517,8 @@ class WorkerAgent:
             else:
                 self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason=f"vote failed: {exc}"))
             return
+        finally:
+            self.transport.poll_hook = None
         ok = int(result[1]) == 0 and int(result[2]) == msg.plan_id and int(result[3]) == -msg.plan_id
         corrupt = self._corrupt_ops(result)
         if ok and corrupt:

@@ -33,9 +33,28 @@ class StagingArea:
         return sum(r.numel() * r.element_size() for r in self.rows)
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An asynchronous host-to-device copy (pinned source on CUDA): the agent thread never waits here.
+
+    A synchronous copy from pageable memory would wait for everything queued on the
+    current stream, which on the agent thread is the serving stream: if a serving
+    collective there waits for a peer that is itself held at the commit fence, waiting
+    for this rank's vote, the two ranks wait on each other (seen on 2x H200: a 5 s fence
+    timeout, one rank committing while the other dropped the plan).
+    """
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return host.clone()
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def prepare_commit(model: ExpertModel, plan_id: int, layers: list[int], new_rows: np.ndarray,
                    area: StagingArea) -> CommitAction:
-    """Build the in-place copies that turn staged rows and new maps live at commit."""
+    """Build the in-place copies that turn staged rows and new maps live at commit.
+
+    Every device tensor here is filled by a non-blocking copy enqueued on the serving
+    stream, which the commit's copies follow.
+    """
     device = model.device
     weight_copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     staging = area.work.staging
@@ -45,7 +64,7 @@ def prepare_commit(model: ExpertModel, plan_id: int, layers: list[int], new_rows
         end = begin
         while end < len(staging) and staging[end].layer == plan_layer:
             end += 1
-        dst_rows = torch.tensor([s.dst_row for s in staging[begin:end]], dtype=torch.int64, device=device)
+        dst_rows = _to_device(np.array([s.dst_row for s in staging[begin:end]], dtype=np.int64), device)
         for k, live in enumerate(model.expert_weights[layers[plan_layer]]):
             weight_copies.append((live, dst_rows, area.rows[k][begin:end]))
         begin = end
@@ -55,8 +74,8 @@ def prepare_commit(model: ExpertModel, plan_id: int, layers: list[int], new_rows
     return CommitAction(
         plan_id=plan_id,
         weight_copies=weight_copies,
-        layer_index=torch.tensor(layers, dtype=torch.int64, device=device),
-        phy2log_rows=torch.from_numpy(rows.copy()).to(device),
-        log2phy_rows=torch.from_numpy(logical_to_physical(rows, num_logical, width)).to(device),
-        logcnt_rows=torch.from_numpy(logical_replica_count(rows, num_logical)).to(device),
+        layer_index=_to_device(np.array(layers, dtype=np.int64), device),
+        phy2log_rows=_to_device(rows.copy(), device),
+        log2phy_rows=_to_device(logical_to_physical(rows, num_logical, width), device),
+        logcnt_rows=_to_device(logical_replica_count(rows, num_logical), device),
     )

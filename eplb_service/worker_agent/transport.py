@@ -10,6 +10,7 @@ generation. Implementations: :mod:`.transport_gloo` (CPU, gloo) and
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,6 +78,11 @@ class Transport(abc.ABC):
             return tensor[row]
         return torch.stack([tensor[row] for tensor, row in rows])
 
+    def device_context(self) -> contextlib.AbstractContextManager:
+        """Where the agent thread enqueues its own device work (the GPU transport's side
+        stream: never the serving stream, never waiting behind serving collectives)."""
+        return contextlib.nullcontext()
+
     @property
     def busy(self) -> bool:
         """True while transfers are queued and not yet waited for (an abandoned batch must
@@ -88,8 +94,13 @@ class Transport(abc.ABC):
         """Copy on the transport's own stream (plain copy on CPU)."""
 
     @abc.abstractmethod
-    def max_reduce(self, values: np.ndarray) -> np.ndarray:
-        """All-reduce (MAX) of a small int64 vector: the commit vote."""
+    def max_reduce(self, values: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+        """All-reduce (MAX) of a small int64 vector: the commit vote.
+
+        ``timeout_s`` bounds the wait below the transport's timeout: the agent passes less
+        than the commit fence's timeout, so a rank learns the vote's outcome (or its
+        failure) before its serving thread gives up waiting at the fence.
+        """
 
     def row_digest(self, row: torch.Tensor) -> int:
         """A 62-bit digest of one expert row, the same for the same bytes on any rank.

@@ -74,13 +74,17 @@ class GlooTransport(Transport):
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
-    def max_reduce(self, values: np.ndarray) -> np.ndarray:
+    def max_reduce(self, values: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
         group = self._require()
         tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy())
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         try:
-            group.allreduce([tensor], opts).wait()
+            work = group.allreduce([tensor], opts)
+            if timeout_s is None:
+                work.wait()
+            else:
+                work.wait(datetime.timedelta(seconds=timeout_s))
         except Exception as exc:
             raise TransportError(f"gloo vote all-reduce failed: {exc}") from exc
         return tensor.numpy()
