@@ -60,13 +60,25 @@ class SlowStagingAgent(WorkerAgent):
 
 
 class CorruptRowAgent(WorkerAgent):
-    """Flips one value of a row received from a peer, as a bad link or a buggy copy would."""
+    """Changes one byte of the first block received from a peer, as a bad link or a buggy copy would."""
 
-    def _row_digests(self, schedule, layers, area):
-        received = [op for op in schedule.remote if op.dst_rank == self.rank]
-        if received:
-            area.rows[0][received[0].dst_staging].view(-1)[0] += 1.0
-        return super()._row_digests(schedule, layers, area)
+    def _stage(self, plan, rows):
+        transport = self.transport
+        real = transport.exchange
+        corrupted = []
+
+        def exchange(ops, pace_s=0.0):
+            real(ops, pace_s)
+            for op in ops:
+                if not op.is_send and not corrupted:
+                    op.tensor.view(-1)[0] += 1
+                    corrupted.append(op)
+
+        transport.exchange = exchange
+        try:
+            return super()._stage(plan, rows)
+        finally:
+            del transport.exchange
 
 
 FAULTS = {None: WorkerAgent, "slow_staging": SlowStagingAgent, "corrupt_row": CorruptRowAgent, "exit_before_vote": ExitBeforeVoteAgent, "exit_while_staging": ExitWhileStagingAgent,

@@ -390,10 +390,16 @@ def warm_commit_kernels(model) -> None:
     With CUDA's lazy module loading, a kernel's first launch can wait for the context to go
     idle; the first commit must not be that launch while side-stream NCCL kernels spin.
     """
+    from eplb_service.worker_agent.transport import RecordLayout
+
     index = torch.zeros(1, dtype=torch.int64, device=model.device)
     for tensors in model.expert_weights[:1]:
-        for t in tensors:
-            t.index_copy_(0, index, t[:1].clone())
+        layout = RecordLayout.of(tensors)  # staging rows are strided views of records
+        records = torch.empty((1, layout.record_bytes), dtype=torch.uint8, device=model.device)
+        for t, offset, size in zip(tensors, layout.offsets, layout.sizes):
+            staged = records[:, offset:offset + size].view(t.dtype).view(1, *t.shape[1:])
+            staged.copy_(t[:1])
+            t.index_copy_(0, index, staged)
     for t in (model.phy2log, model.log2phy, model.logcnt):
         t.index_copy_(0, index, t[:1].clone())
     if model.device.type == "cuda":

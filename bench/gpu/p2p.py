@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_service.protocol import CommInit
-from eplb_service.worker_agent.transport import P2POp, TransportError
+from eplb_service.worker_agent.transport import P2POp, RecordLayout, TransportError
 
 
 def _pattern(src: int, dst: int, nbytes: int, salt: int, device: torch.device) -> torch.Tensor:
@@ -191,18 +191,17 @@ def agent_pattern(t, rank: int, world: int, iters: int, experts: int = 8) -> dic
         one = [P2POp(True, flat_send, nxt, 0), P2POp(False, flat_recv, prv, 0)]
         out["one_op_bound"] = nbytes / _timed(t, lambda: t.exchange(one), iters) / 1e9
         _barrier(t)
-        # the agent's path: senders gather their rows per weight tensor on the pack stream
-        # (overlapping the group in flight), receivers write straight into staging blocks
-        s13.zero_()
-        s2.zero_()
+        # the agent's path: senders gather their experts' records (w13 row | w2 row) on the
+        # pack stream, overlapping the group in flight; receivers write straight into staging
+        layout = RecordLayout.of([w13, w2])
+        staging = torch.zeros((experts, layout.record_bytes), dtype=torch.uint8, device=device)
 
         def blocks():
-            a = t.gather([(w13, row) for row in rows])
-            b = t.gather([(w2, row) for row in rows])
-            t.exchange([P2POp(True, a, nxt, 0), P2POp(True, b, nxt, 1), P2POp(False, s13, prv, 0), P2POp(False, s2, prv, 1)])
+            packed = t.gather([[w13[row], w2[row]] for row in rows], layout)
+            t.exchange([P2POp(True, packed, nxt, 0), P2POp(False, staging, prv, 0)])
 
         out["blocks"] = nbytes / _timed(t, blocks, iters) / 1e9
-        out["blocks_correct"] = bool((s13 == prv).all().item()) and bool((s2 == prv).all().item())
+        out["blocks_correct"] = bool((staging == prv).all().item())
     finally:
         t.pack_per_peer = saved
     return out

@@ -38,6 +38,11 @@ _NO_DIGEST = -(1 << 62)
 """Vote entry of a rank that took no part in a remote op (below every real digest)."""
 
 
+def weights_row(tensors: list, row: int) -> list:
+    """One expert's row of every weight tensor of a layer: one record."""
+    return [t[row] for t in tensors]
+
+
 class PlanAborted(Exception):
     """Staging stopped because the coordinator aborted the plan."""
 
@@ -393,7 +398,7 @@ class WorkerAgent:
         """Fill this rank's staging rows; returns bytes received from other ranks.
 
         Every rank of the plan runs the same chunks in the same order, each one group of
-        whole blocks (one op per peer and weight tensor), and the same throttle gap after
+        whole blocks (one op per peer: records of every weight tensor), and the same throttle gap after
         each, even a rank with no part in a chunk: the gaps are what keep the ranks' groups
         starting together (see ``CupyNcclTransport``).
         """
@@ -420,50 +425,41 @@ class WorkerAgent:
                 for k, live in enumerate(weights[layers[copy.layer]]):
                     transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
             received = 0
-            tensors = len(area.rows)
+            pending: list[tuple[list[int], object]] = []  # (remote op indices, their digests)
             for number, (begin, end) in enumerate(bounds):
                 part = chunk_transfers(schedule, self.rank, begin, end)
                 ops: list[P2POp] = []
+                blocks = []
                 for peer, sent in part.sends.items():
-                    for k in range(tensors):
-                        block = transport.gather([(weights[layers[layer]][k], row) for layer, row in sent])
-                        ops.append(P2POp(True, block, peer, number * tensors + k))
+                    block = transport.gather([weights_row(weights[layers[layer]], row) for layer, row in sent], area.layout)
+                    ops.append(P2POp(True, block, peer, number))
+                    blocks.append((part.send_ops[peer], block))
                 for peer, (first, count) in part.receives.items():
-                    ops.extend(P2POp(False, buf[first:first + count], peer, number * tensors + k) for k, buf in enumerate(area.rows))
+                    block = area.block(first, count)
+                    ops.append(P2POp(False, block, peer, number))
+                    blocks.append((part.receive_ops[peer], block))
                     received += count * bpe
                 # The throttle: the busiest rank's bytes in this chunk over the rate, the same
                 # figure on every rank.
                 pace_s = schedule.chunk_cost_bytes(begin, end, bpe) / cfg.throttle_bytes_per_s if cfg.throttle_bytes_per_s > 0 else 0.0
                 transport.exchange(ops, pace_s)
+                pending.extend((indices, transport.block_digests(block)) for indices, block in blocks)
                 self._pump_while_staging(plan.plan_id)
             for dup in work.duplicates:
-                for buf in area.rows:
-                    transport.copy_local(buf[dup.dst_staging], buf[dup.src_staging])
+                transport.copy_local(area.block(dup.dst_staging, 1), area.block(dup.src_staging, 1))
             transport.synchronize()
-            self._digests = self._row_digests(schedule, layers, area)
+            self._digests = self._remote_digests(len(schedule.remote), pending)
         finally:
             transport.poll_hook = None
         self.stats["bytes_received"] += received
         return received
 
-    def _row_digests(self, schedule, layers: list[int], area: StagingArea) -> np.ndarray:
-        """Digest of every remote op's row as this rank sent or received it (sentinel if neither)."""
-        digests = np.full(len(schedule.remote), _NO_DIGEST, dtype=np.int64)
-        weights = self.model.expert_weights
-        mine: list[int] = []
-        rows = []
-        for index, op in enumerate(schedule.remote):
-            if op.src_rank == self.rank:
-                rows.extend(t[op.src_row] for t in weights[layers[op.layer]])
-            elif op.dst_rank == self.rank:
-                rows.extend(buf[op.dst_staging] for buf in area.rows)
-            else:
-                continue
-            mine.append(index)
-        if mine:
-            per_row = np.array(self.transport.row_digests(rows), dtype=object).reshape(len(mine), -1)
-            for index, values in zip(mine, per_row):
-                digests[index] = sum(values) & ((1 << 62) - 1)
+    def _remote_digests(self, num_remote: int, pending: list[tuple[list[int], object]]) -> np.ndarray:
+        """Digest of every remote op's record as this rank sent or received it (sentinel if neither)."""
+        digests = np.full(num_remote, _NO_DIGEST, dtype=np.int64)
+        if pending:
+            for (indices, _), values in zip(pending, self.transport.collect([d for _, d in pending])):
+                digests[indices] = values
         return digests
 
     def _on_vote(self, msg: P.VoteNow) -> None:

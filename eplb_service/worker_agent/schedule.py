@@ -158,28 +158,37 @@ class ChunkTransfers:
     Attributes:
         sends: peer -> ``[(plan layer, live row), ...]`` to gather and send, in global order.
         receives: peer -> ``(first staging row, count)``: a contiguous block of staging rows.
+        send_ops / receive_ops: peer -> the global indices (in :attr:`TransferSchedule.remote`)
+            of those rows, in the same order.
     """
 
     sends: dict[int, list[tuple[int, int]]]
     receives: dict[int, tuple[int, int]]
+    send_ops: dict[int, list[int]]
+    receive_ops: dict[int, list[int]]
 
 
 def chunk_transfers(schedule: TransferSchedule, rank: int, begin: int, end: int) -> ChunkTransfers:
     """What ``rank`` sends and receives in ``remote[begin:end]`` of a :meth:`contiguous_by_source` schedule."""
     sends: dict[int, list[tuple[int, int]]] = {}
     rows: dict[int, list[int]] = {}
-    for op in schedule.remote[begin:end]:
+    send_ops: dict[int, list[int]] = {}
+    receive_ops: dict[int, list[int]] = {}
+    for index in range(begin, end):
+        op = schedule.remote[index]
         if op.src_rank == rank:
             sends.setdefault(op.dst_rank, []).append((op.layer, op.src_row))
+            send_ops.setdefault(op.dst_rank, []).append(index)
         elif op.dst_rank == rank:
             rows.setdefault(op.src_rank, []).append(op.dst_staging)
+            receive_ops.setdefault(op.src_rank, []).append(index)
     receives = {}
     for peer, staging in rows.items():
         if staging != list(range(staging[0], staging[0] + len(staging))):
             raise ValueError(f"rank {rank}: staging rows {staging} from peer {peer} are not one contiguous block; "
                              "renumber the schedule with contiguous_by_source() for these chunk bounds first")
         receives[peer] = (staging[0], len(staging))
-    return ChunkTransfers(sends=sends, receives=receives)
+    return ChunkTransfers(sends=sends, receives=receives, send_ops=send_ops, receive_ops=receive_ops)
 
 
 def build_schedule(

@@ -14,10 +14,16 @@ from eplb_service.placement import logical_replica_count, logical_to_physical
 from eplb_service.worker_agent.expert_model import ExpertModel
 from eplb_service.worker_agent.schedule import RankWork
 from eplb_service.worker_agent.serving_hooks import CommitAction
+from eplb_service.worker_agent.transport import RecordLayout
 
 
 class StagingArea:
-    """``rows[k]``: ``[n_staging, ...]`` buffers shaped like weight tensor ``k``'s rows."""
+    """One buffer of ``n_staging`` records (:class:`RecordLayout`); ``rows[k]`` views weight tensor ``k``'s part.
+
+    A record holds one expert's row of every weight tensor, so a run of staging rows is one
+    contiguous block: it arrives as one op. ``rows[k]`` is ``[n_staging, ...]`` shaped like
+    tensor ``k``'s rows (strided: the commit's ``index_copy_`` reads it as it is).
+    """
 
     def __init__(self, model: ExpertModel, work: RankWork) -> None:
         self.work = work
@@ -26,11 +32,18 @@ class StagingArea:
         for layer, tensors in enumerate(model.expert_weights):
             if len(tensors) != len(first_layer) or any(t.shape[1:] != f.shape[1:] or t.dtype != f.dtype for t, f in zip(tensors, first_layer)):
                 raise ValueError(f"expert_weights[{layer}] differs in row shape or dtype from layer 0; staging needs uniform layers")
-        self.rows = [torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in first_layer]
+        self.layout = RecordLayout.of(first_layer)
+        self.buffer = torch.empty((count, self.layout.record_bytes), dtype=torch.uint8, device=first_layer[0].device)
+        self.rows = [self.buffer[:, offset:offset + size].view(t.dtype).view(count, *t.shape[1:])
+                     for t, offset, size in zip(first_layer, self.layout.offsets, self.layout.sizes)]
+
+    def block(self, first: int, count: int) -> torch.Tensor:
+        """Records ``[first, first + count)`` as one contiguous ``[count, record_bytes]`` uint8 view."""
+        return self.buffer[first:first + count]
 
     @property
     def nbytes(self) -> int:
-        return sum(r.numel() * r.element_size() for r in self.rows)
+        return self.buffer.numel()
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

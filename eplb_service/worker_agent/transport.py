@@ -34,6 +34,38 @@ class P2POp:
     tag: int
 
 
+@dataclass(frozen=True)
+class RecordLayout:
+    """One expert's rows of every weight tensor side by side in one contiguous record.
+
+    A batch's staging rows and the senders' packed blocks use this layout, so everything
+    one rank sends another in one chunk is one contiguous buffer: one NCCL op.
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    record_bytes: int
+
+    ALIGN = 16
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor]) -> "RecordLayout":
+        """The layout for one layer's weight tensors (each ``[rows, ...]``)."""
+        offsets, sizes, end = [], [], 0
+        for t in tensors:
+            end += -end % cls.ALIGN
+            size = t[0].numel() * t.element_size()
+            offsets.append(end)
+            sizes.append(size)
+            end += size
+        return cls(tuple(offsets), tuple(sizes), end + (-end % cls.ALIGN))
+
+
+def row_bytes(row: torch.Tensor) -> torch.Tensor:
+    """A contiguous row as flat bytes (a view)."""
+    return row.reshape(-1).view(torch.uint8)
+
+
 class Transport(abc.ABC):
     """A side communicator among the agents of one deployment."""
 
@@ -66,17 +98,30 @@ class Transport(abc.ABC):
         starts on every rank at the same moment; the CPU transport needs nothing.
         """
 
-    def gather(self, rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        """Rows ``tensor[row]`` of ``rows`` (same row shape and dtype) as one contiguous tensor.
+    def gather(self, records: list[list[torch.Tensor]], layout: RecordLayout) -> torch.Tensor:
+        """Pack ``records`` (each: one expert's row of every weight tensor) into ``[n, record_bytes]`` uint8.
 
         What a sender packs so that one op carries all it sends one peer in a chunk. The
         GPU transport packs on a stream of its own, overlapping the group in flight; the
         result must go to the next :meth:`exchange`.
         """
-        if len(rows) == 1:
-            tensor, row = rows[0]
-            return tensor[row]
-        return torch.stack([tensor[row] for tensor, row in rows])
+        out = torch.zeros((len(records), layout.record_bytes), dtype=torch.uint8, device=records[0][0].device)
+        for i, record in enumerate(records):
+            for row, offset, size in zip(record, layout.offsets, layout.sizes):
+                out[i, offset:offset + size] = row_bytes(row)
+        return out
+
+    def block_digests(self, block: torch.Tensor) -> torch.Tensor:
+        """The digest of every row of ``block`` ``[n, bytes]``, enqueued after what was issued so far.
+
+        Returns a tensor ``[n]`` (on the device for the GPU transport); :meth:`collect`
+        brings a list of them to the host with one wait.
+        """
+        return torch.tensor([self.row_digest(row) for row in block], dtype=torch.int64)
+
+    def collect(self, digests: list[torch.Tensor]) -> list[np.ndarray]:
+        """:meth:`block_digests` results on the host (62-bit values)."""
+        return [d.cpu().numpy() & ((1 << 62) - 1) for d in digests]
 
     def device_context(self) -> contextlib.AbstractContextManager:
         """Where the agent thread enqueues its own device work (the GPU transport's side
@@ -112,10 +157,6 @@ class Transport(abc.ABC):
         data = row.detach().reshape(-1).view(torch.uint8).to(torch.int64)
         weights = _digest_weights(data.numel(), data.device)
         return int((data * weights).sum().item()) & ((1 << 62) - 1)
-
-    def row_digests(self, rows: list[torch.Tensor]) -> list[int]:
-        """:meth:`row_digest` of every row (the GPU transport waits on the host only once)."""
-        return [self.row_digest(row) for row in rows]
 
     def _poll(self) -> None:
         if self.poll_hook is not None:

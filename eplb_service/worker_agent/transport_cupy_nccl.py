@@ -12,15 +12,17 @@ Rules this module keeps (DESIGN.md, "Weight movement rules"):
 - every NCCL call is issued on one dedicated non-blocking stream of the lowest priority;
   tensors are handed to NCCL as raw device pointers of the torch tensors (no copies);
 - ``exchange`` is one ``ncclGroupStart``/``ncclGroupEnd`` holding exactly the ops the
-  agent passes (whole blocks: one op per peer and weight tensor per chunk, issued in the
+  agent passes (whole blocks: one op per peer per chunk, every weight tensor's row of an
+  expert side by side in one record, issued in the
   same global order on every rank). It returns once at most ``max_groups_in_flight - 1``
   earlier groups are still running, so the bytes in flight are bounded by that many chunks
   and the host wait of one chunk overlaps the transfer of the next; ``synchronize`` waits
   for all of them. Every host wait is bounded by the connect timeout and ends in
   :class:`TransportError`, never in a hang;
-- the senders' rows are packed (``gather``) on a second low-priority stream, so the pack
-  of the next chunk overlaps the transfer of this one; receivers write straight into
-  their staging rows;
+- the senders' records are packed (``gather``) on a second low-priority stream, so the
+  pack of the next chunk overlaps the transfer of this one; receivers write straight into
+  their staging records; row digests for the vote run on a third stream, after each
+  group, overlapping the next;
 - the throttle's gap after a group runs on the side stream (a one-thread spin kernel),
   not on the host: every rank's next group then starts when the previous one ended plus
   the same gap, i.e. at the same moment everywhere, so no rank's NCCL kernel holds SMs
@@ -60,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_service.protocol import CommInit
-from eplb_service.worker_agent.transport import P2POp, Transport, TransportError, _digest_weights
+from eplb_service.worker_agent.transport import P2POp, RecordLayout, Transport, TransportError, _digest_weights, row_bytes
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,7 @@ class CupyNcclTransport(Transport):
         self.max_gap_s = max_gap_s
         self._comm = None
         self._pack_stream: torch.cuda.Stream | None = None
+        self._check_stream: torch.cuda.Stream | None = None
         self._packed_event: torch.cuda.Event | None = None
         self._barrier_buf: torch.Tensor | None = None
         self._cycles_per_s = 0.0
@@ -183,6 +186,8 @@ class CupyNcclTransport(Transport):
         self._rank = -1
         self._timeout_s = 30.0
         self._in_flight: collections.deque = collections.deque()
+        """``(event after a group, the throttle gap queued before that group)``, oldest first."""
+        self._gap_s = 0.0
         self._session: TransportSession | None = None
         self.sessions: collections.deque[TransportSession] = collections.deque(maxlen=keep_sessions)
         self.bytes_sent_total = 0
@@ -249,6 +254,7 @@ class CupyNcclTransport(Transport):
             raise TransportError(f"NCCL unique id of generation {comm.generation} has {len(uid)} bytes, expected 128")
         self._stream = torch.cuda.Stream(self.device, priority=0)  # 0 = lowest priority on CUDA
         self._pack_stream = torch.cuda.Stream(self.device, priority=0)
+        self._check_stream = torch.cuda.Stream(self.device, priority=0)
         with torch.cuda.device(self.device):
             self._barrier_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
@@ -304,20 +310,21 @@ class CupyNcclTransport(Transport):
         the side communicator's timeout and abort).
         """
         world, rank = self._world_size, self._rank
-        for nbytes in (1, 8 << 20):
+        for nbytes in (16, 8 << 20):
             with torch.cuda.device(self.device):
                 out = torch.zeros((world, 2, nbytes), dtype=torch.uint8, device=self.device)
                 back = torch.zeros((world, 2, nbytes), dtype=torch.uint8, device=self.device)
             self.start_batch()
+            layout = RecordLayout.of([out[:, 0], out[:, 1]])
             ops = []
             for peer in range(world):
                 if peer != rank:
-                    packed = self.gather([(out[peer], 0), (out[peer], 1)])
+                    packed = self.gather([[out[peer, 0], out[peer, 1]]], layout)
                     ops += [P2POp(True, packed, peer, 0), P2POp(True, out[peer, 1], peer, 1)]
-                    ops += [P2POp(False, back[peer], peer, 0), P2POp(False, back[peer, 1], peer, 1)]
+                    ops += [P2POp(False, back[peer].reshape(-1), peer, 0), P2POp(False, back[peer, 1], peer, 1)]
             self.exchange(ops, pace_s=1e-5)
             self.copy_local(back[rank, 0], out[rank, 0])
-            self.row_digests([back[rank, 0], back[rank, 1]])
+            self.collect([self.block_digests(back[rank])])
             self.synchronize()
         self.max_reduce(np.zeros(4, dtype=np.int64))
         self.sessions.clear()
@@ -374,11 +381,20 @@ class CupyNcclTransport(Transport):
             self._pack_stream.wait_event(fence)
         return session
 
-    def _wait_event(self, event: torch.cuda.Event, what: str, timeout_s: float | None = None) -> None:
+    def _wait_event(self, event: torch.cuda.Event, what: str, timeout_s: float | None = None,
+                    sleep_first_s: float = 0.0) -> None:
+        """Wait (bounded) for ``event``, polling from the host.
+
+        Every wake-up of this thread takes the GIL from the serving thread for a moment, so
+        the polls are few: ``sleep_first_s`` (a throttle gap known to lie ahead) is slept in
+        one go, then the interval doubles from 20 us up to 0.5 ms.
+        """
         if event.query():
             return
         timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         deadline = time.monotonic() + timeout_s
+        if sleep_first_s > 0:
+            time.sleep(min(sleep_first_s, timeout_s))
         delay = 20e-6
         next_check = time.monotonic() + 0.005
         while not event.query():
@@ -394,13 +410,13 @@ class CupyNcclTransport(Transport):
                     except Exception as exc:
                         raise TransportError(f"{what}: NCCL reported an asynchronous error: {exc}") from exc
                 self._poll()
-            # Each wake-up takes the GIL from the serving thread: back off to 0.3 ms.
             time.sleep(delay)
-            delay = min(delay * 2, 300e-6)
+            delay = min(delay * 2, 500e-6)
 
     def _retire(self, keep: int) -> None:
         while len(self._in_flight) > keep:
-            self._wait_event(self._in_flight[0], "NCCL send/recv group")
+            event, gap_before_s = self._in_flight[0]
+            self._wait_event(event, "NCCL send/recv group", sleep_first_s=gap_before_s - 5e-4)
             self._in_flight.popleft()
 
     # -- the Transport interface -----------------------------------------------------------
@@ -424,27 +440,60 @@ class CupyNcclTransport(Transport):
         except Exception as exc:
             raise TransportError(f"NCCL batch-start all-reduce failed: {exc}") from exc
 
-    def gather(self, rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    def gather(self, records: list[list[torch.Tensor]], layout: RecordLayout) -> torch.Tensor:
         self._require()
         self._begin_session()
-        if len(rows) == 1:
-            tensor, row = rows[0]
-            return tensor[row]
-        first = rows[0][0]
         pack = self._pack_stream
         with torch.cuda.stream(pack):
-            out = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype, device=self.device)
-            for i, (source, row) in enumerate(rows):
-                if source.shape[1:] != first.shape[1:] or source.dtype != first.dtype or source.device != self.device:
-                    raise TransportError(f"gather: rows of shape {tuple(source.shape[1:])} {source.dtype} on {source.device} "
-                                         f"mixed with {tuple(first.shape[1:])} {first.dtype}; expected one row shape on {self.device}")
-                # A contiguous row to a contiguous row: a device memcpy at HBM speed (index_select
-                # of large rows ran element by element, slower than the link it feeds).
-                out[i].copy_(source[row], non_blocking=True)
+            out = torch.empty((len(records), layout.record_bytes), dtype=torch.uint8, device=self.device)
+            dsts, srcs = [], []
+            for i, record in enumerate(records):
+                for row, offset, size in zip(record, layout.offsets, layout.sizes):
+                    if row.device != self.device or not row.is_contiguous() or row.numel() * row.element_size() != size:
+                        raise TransportError(f"gather: a row of {row.numel() * row.element_size()} bytes on {row.device} "
+                                             f"(contiguous={row.is_contiguous()}); expected a contiguous {size}-byte row on {self.device}")
+                    dsts.append(out[i, offset:offset + size])
+                    srcs.append(row_bytes(row))
+            # One multi-tensor copy kernel for the whole block (index_select of large rows ran
+            # element by element, slower than the link it feeds).
+            _copy_all(dsts, srcs)
             ready = torch.cuda.Event()
             ready.record(pack)
         self._packed_event = ready
         return out
+
+    def block_digests(self, block: torch.Tensor) -> torch.Tensor:
+        """Digests on the check stream, after the last group: they overlap the next group."""
+        stream = self._check_stream
+        if stream is None or block.shape[-1] % 8 or not block.is_contiguous():
+            return super().block_digests(block)
+        after = self._in_flight[-1][0] if self._in_flight else None
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            else:
+                stream.wait_stream(self._stream)
+            words = block.view(torch.int64)
+            digests = (words * _digest_weights(words.shape[-1], words.device)).sum(dim=-1)
+        block.record_stream(stream)
+        return digests
+
+    def collect(self, digests: list[torch.Tensor]) -> list[np.ndarray]:
+        """All digests to the host with one bounded wait."""
+        on_device = [d for d in digests if d.is_cuda]
+        if not on_device:
+            return super().collect(digests)
+        stream = self._check_stream
+        with torch.cuda.stream(stream):
+            stream.wait_stream(self._stream)
+            flat = torch.cat(on_device)
+            host = torch.empty(flat.numel(), dtype=torch.int64, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._wait_event(done, "row digests")
+        values = iter(np.split(host.numpy() & ((1 << 62) - 1), np.cumsum([d.numel() for d in on_device])[:-1]))
+        return [next(values) if d.is_cuda else d.cpu().numpy() & ((1 << 62) - 1) for d in digests]
 
     def _device_gap(self, seconds: float) -> float:
         """Enqueue a spin of ``seconds`` (capped) on the side stream; returns the part left for the host."""
@@ -465,7 +514,8 @@ class CupyNcclTransport(Transport):
                 host_gap = self._device_gap(pace_s)
                 gap_done = torch.cuda.Event()
                 gap_done.record(stream)
-                self._in_flight.append(gap_done)
+                self._in_flight.append((gap_done, 0.0))
+                self._gap_s = min(pace_s, self.max_gap_s)
                 self._retire(self.max_groups_in_flight - 1)
                 self._host_gap(host_gap)
             return
@@ -521,7 +571,8 @@ class CupyNcclTransport(Transport):
         self.bytes_sent_total += sent
         self.bytes_received_total += received
         self.groups_total += 1
-        self._in_flight.append(done)
+        self._in_flight.append((done, self._gap_s))
+        self._gap_s = min(pace_s, self.max_gap_s)
         host_gap = self._device_gap(pace_s) if pace_s > 0 else 0.0
         self._retire(self.max_groups_in_flight - 1)
         self._host_gap(host_gap)
@@ -582,31 +633,12 @@ class CupyNcclTransport(Transport):
             value = int((words * _digest_weights(words.numel(), words.device)).sum().item())
         return value & ((1 << 62) - 1)
 
-    def row_digests(self, rows: list[torch.Tensor]) -> list[int]:
-        """Every row's digest on the side stream, with one bounded host wait for all of them."""
-        stream = self._stream
-        if stream is None or not rows or any(r.reshape(-1).numel() * r.element_size() % 8 for r in rows):
-            return super().row_digests(rows)
-        with torch.cuda.stream(stream):
-            sums = []
-            for row in rows:
-                try:
-                    words = row.detach().reshape(-1).view(torch.uint8).view(torch.int64)
-                except RuntimeError:  # storage offset not 8-byte aligned
-                    return super().row_digests(rows)
-                sums.append((words * _digest_weights(words.numel(), words.device)).sum())
-            host = torch.empty(len(sums), dtype=torch.int64, pin_memory=True)
-            host.copy_(torch.stack(sums), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-        self._wait_event(done, "row digests")
-        return [int(v) & ((1 << 62) - 1) for v in host.tolist()]
-
     def synchronize(self) -> None:
         stream = self._stream
         if stream is None:
             return
         self._retire(0)
+        self._gap_s = 0.0
         done = torch.cuda.Event()
         done.record(stream)  # covers local copies issued after the last group
         self._wait_event(done, "side stream")
@@ -622,6 +654,7 @@ class CupyNcclTransport(Transport):
         comm, self._comm = self._comm, None
         stream = self._stream
         self._in_flight.clear()
+        self._gap_s = 0.0
         self._session = None
         self._store = None
         self._packed_event = None
@@ -646,3 +679,4 @@ class CupyNcclTransport(Transport):
                 time.sleep(0.001)
         self._stream = None
         self._pack_stream = None
+        self._check_stream = None
