@@ -10,7 +10,8 @@
 # soak, stop-the-world sync baseline); the results table (bench.gpu.report).
 # If .whl/ holds wheels (pyzmq, msgspec for a machine without them), they are installed
 # into /tmp/site first. Phase lengths can be overridden: IDLE_S THROTTLED_S UNTHROTTLED_S
-# ISOLATED_S SOAK_S, and WORLD (GPUs), PRESET, LAYERS, HARNESS_ARGS (extra flags).
+# ISOLATED_S SOAK_S, and WORLD (GPUs), PRESET, LAYERS, HARNESS_ARGS (extra flags); SWITCH_INTERVAL_S
+# adds a shorter second harness run with that sys.setswitchinterval (the GIL experiment).
 set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."
@@ -63,4 +64,10 @@ else
     --p2p-json "$OUT/p2p.json" --out "$OUT/harness.json" ${HARNESS_ARGS:-}
 fi
 step report 60 python3 -m bench.gpu.report --p2p "$OUT/p2p.json" --harness "$OUT/harness.json" --out "$OUT/results.md"
+if [ -n "${SWITCH_INTERVAL_S:-}" ]; then  # the GIL experiment: the same harness, shorter, another switch interval
+  step harness_switch 300 python3 -m bench.gpu.harness --world "$WORLD" --preset "$PRESET" "${LAYER_ARGS[@]}" \
+    --idle-s 15 --throttled-s 20 --unthrottled-s 12 --isolated-s 3 --soak-s 20 --sync-plans 2 \
+    --switch-interval-s "$SWITCH_INTERVAL_S" --p2p-json "$OUT/p2p.json" --out "$OUT/harness_switch.json" ${HARNESS_ARGS:-}
+  step report_switch 60 python3 -m bench.gpu.report --p2p "$OUT/p2p.json" --harness "$OUT/harness_switch.json" --out "$OUT/results_switch.md"
+fi
 grep -E '^== .* rc=' "$LOG"

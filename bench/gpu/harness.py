@@ -12,6 +12,8 @@ serving hooks every step; the agent is the product's :class:`WorkerAgent` with t
 Phases (all ranks switch at the same step; times are turned into step counts from the
 warm-up step time):
 
+- ``prime``: a few seconds of throttled plans right after the warm-up: the process's first
+  plans pay one-off costs (allocator segments, first launches); reported apart;
 - ``idle``: serving, no plans: the baseline step time;
 - ``stream_throttled`` / ``stream_unthrottled``: serving while plans stream continuously
   with the agent's throttle at ``--throttle-*`` / off;
@@ -63,7 +65,7 @@ log = logging.getLogger("bench.gpu.harness")
 
 # shared control array, written by rank 0 (plans, experts) and by this process (coordinator idle)
 C_PLANS, C_EXPERTS, C_COORD_IDLE, C_PHASE, C_LAYERS_PER_BATCH = range(5)
-SERVING_PHASES = ("idle", "stream_throttled", "stream_unthrottled", "soak", "sync")
+SERVING_PHASES = ("prime", "idle", "stream_throttled", "stream_unthrottled", "soak", "sync")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class HarnessOptions:
         device: ``cuda`` (NCCL serving group, CuPy NCCL side transport) or ``cpu`` (gloo both).
         model: the MoE shape.
         warmup_steps: serving steps before anything is measured.
+        prime_s: throttled plans after the warm-up, before the idle phase (0 = none).
         idle_s, throttled_s, unthrottled_s, isolated_s, soak_s: phase lengths.
         min_phase_steps: lower bound of every timed phase.
         empty_step_s: host sleep of an ``isolated`` step.
@@ -102,6 +105,7 @@ class HarnessOptions:
     device: str = "cuda"
     model: MoeConfig = field(default_factory=lambda: PRESETS["qwen35"])
     warmup_steps: int = 40
+    prime_s: float = 3.0
     idle_s: float = 30.0
     throttled_s: float = 40.0
     unthrottled_s: float = 30.0
@@ -126,6 +130,9 @@ class HarnessOptions:
     startup_timeout_s: float = 150.0
     expert_mode: str = "auto"
     log_level: str = "WARNING"
+    switch_interval_s: float = 0.0
+    """``sys.setswitchinterval`` in the rank processes (0 = Python's default, 5 ms): how long a
+    thread waiting for the GIL lets the holder run; an experiment on the agent's GIL cost."""
 
 
 # -- the CPU side transport, with the sessions the summary reads ------------------------------
@@ -192,7 +199,7 @@ class RankRunner:
         self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
         self.tick = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.phases: list[dict] = []
-        self.rows: dict[str, list] = {k: [] for k in ("phase", "step_s", "hook_host_s", "hook_gpu_s", "commit", "streaming", "mismatches")}
+        self.rows: dict[str, list] = {k: [] for k in ("phase", "step_s", "hook_host_s", "hook_gpu_s", "commit", "streaming", "mismatches", "cpu_s")}
         self.sync_results: list[dict] = []
         self.notes: list[str] = []
         self.step_s_agreed = 0.0
@@ -273,6 +280,7 @@ class RankRunner:
         active0 = tr.session_active
         epoch0 = hooks.epoch
         t0 = time.perf_counter()
+        cpu0 = time.thread_time()
         if self.cuda:
             self.events[0].record()
         hooks.before_step()
@@ -293,6 +301,7 @@ class RankRunner:
         rows = self.rows
         rows["phase"].append(len(self.phases) - 1)
         rows["step_s"].append(t1 - t0)
+        rows["cpu_s"].append(time.thread_time() - cpu0)
         rows["hook_host_s"].append(hook_host)
         rows["hook_gpu_s"].append(self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else hook_host)
         rows["commit"].append(hooks.epoch != epoch0)
@@ -312,6 +321,16 @@ class RankRunner:
             self.step()
         tail = self.rows["step_s"][o.warmup_steps // 2:]
         self.step_s_agreed = self._all_reduce_max(float(np.median(tail)))
+        if o.prime_s > 0:
+            # The process's first plans pay one-off costs (allocator segments, first launches);
+            # they run here, reported on their own (longest serving step), not in a timed phase.
+            self._set_chunking(o.throttled_chunk_bytes)
+            self._enter("prime", plans=True, experts=o.experts_per_rank, throttle=o.throttle_bytes_per_s)
+            for _ in range(self._steps_for(o.prime_s)):
+                self.step()
+            self._enter("drain_prime", plans=False)
+            if not self._drain():
+                raise RuntimeError("could not drain the priming plans")
         self._enter("idle", plans=False)
         for _ in range(self._steps_for(o.idle_s)):
             self.step()
@@ -410,6 +429,8 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
     """Process entry point of one rank."""
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if opts.switch_interval_s > 0:
+        sys.setswitchinterval(opts.switch_interval_s)
     logging.basicConfig(level=opts.log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     error = None
     runner = None
@@ -607,6 +628,7 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
     commit = col("commit").any(axis=0)
     streaming = col("streaming").any(axis=0)
     mismatches = col("mismatches").sum(axis=0)
+    cpu_s = col("cpu_s").max(axis=0)
     phase_of = np.array(complete[0]["rows"]["phase"][:n])
     names = [p["name"] for p in complete[0]["phases"]]
     summary["expert_mode"] = complete[0]["expert_mode"]
@@ -620,6 +642,9 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
             "steps": int(sel.sum()), "mismatches": int(mismatches[sel].sum()), "commits": int((sel & commit).sum()),
             "all": _dist_ms(step_s[sel]), "quiet": _dist_ms(step_s[quiet]),
             "streaming": _dist_ms(step_s[sel & streaming & ~commit]), "commit": _dist_ms(step_s[sel & commit]),
+            # the serving thread's own CPU time per step (max over ranks): if it stays while the
+            # step time grows, the step waited (on the GPU, or for the GIL)
+            "serving_cpu_quiet": _dist_ms(cpu_s[quiet]), "serving_cpu_streaming": _dist_ms(cpu_s[sel & streaming & ~commit]),
             "throttle_bytes_per_s": complete[0]["phases"][index]["throttle_bytes_per_s"],
             "chunk_bytes": complete[0]["phases"][index].get("chunk_bytes"),
             "experts_per_rank": complete[0]["phases"][index]["experts_per_rank"],
@@ -638,6 +663,10 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
     summary["agent_stats"] = {k: int(sum(r["agent_stats"].get(k, 0) for r in complete))
                               for k in sorted({k for r in complete for k in r["agent_stats"]})}
     summary["transport_aborts"] = int(sum(r.get("transport_aborts", 0) for r in complete))
+    st = summary["agent_stats"]
+    summary["agent_cpu_ms_per_batch"] = {
+        "staging": round(st.get("stage_cpu_us", 0) / max(1, st.get("staged", 0)) / 1e3, 3),
+        "vote": round(st.get("vote_cpu_us", 0) / max(1, st.get("votes", 0)) / 1e3, 3)}
     summary["notes"] = sorted({note for r in complete for note in r["notes"]})
     if "soak" in phases:
         soak = phases["soak"]
@@ -709,6 +738,7 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     for name in ("idle", "throttled", "unthrottled", "isolated", "soak"):
         p.add_argument(f"--{name}-s", type=float, default=getattr(HarnessOptions, f"{name}_s"))
     p.add_argument("--warmup-steps", type=int, default=HarnessOptions.warmup_steps)
+    p.add_argument("--prime-s", type=float, default=HarnessOptions.prime_s)
     p.add_argument("--min-phase-steps", type=int, default=HarnessOptions.min_phase_steps)
     p.add_argument("--experts-per-rank", type=int, default=HarnessOptions.experts_per_rank)
     p.add_argument("--isolated-experts-per-rank", type=int, default=HarnessOptions.isolated_experts_per_rank)
@@ -725,6 +755,7 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--sync-plans", type=int, default=HarnessOptions.sync_plans)
     p.add_argument("--hang-timeout-s", type=float, default=HarnessOptions.hang_timeout_s)
     p.add_argument("--expert-mode", choices=("auto", "grouped", "loop"), default="auto")
+    p.add_argument("--switch-interval-s", type=float, default=0.0, help="sys.setswitchinterval in the rank processes")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--out", default=None, help="write the summary JSON here")
     args = p.parse_args(argv)
@@ -741,14 +772,15 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     elif p2p.get("peak_gbps"):
         throttle = args.throttle_share * p2p["peak_gbps"] * 1e9
     pack = args.pack == "on" or (args.pack == "auto" and bool(p2p.get("recommend_pack_per_peer")))
-    opts = HarnessOptions(world_size=args.world, device=args.device, model=model, warmup_steps=args.warmup_steps,
+    opts = HarnessOptions(world_size=args.world, device=args.device, model=model, warmup_steps=args.warmup_steps, prime_s=args.prime_s,
                           idle_s=args.idle_s, throttled_s=args.throttled_s, unthrottled_s=args.unthrottled_s,
                           isolated_s=args.isolated_s, soak_s=args.soak_s, min_phase_steps=args.min_phase_steps,
                           experts_per_rank=args.experts_per_rank, isolated_experts_per_rank=args.isolated_experts_per_rank,
                           throttle_bytes_per_s=throttle, chunk_bytes=args.chunk_mib << 20, max_ops_per_group=args.max_ops,
                           throttled_chunk_bytes=args.throttled_chunk_mib << 20, pack_per_peer=pack,
                           fence_steps=args.fence_steps, max_groups_in_flight=args.in_flight, sync_plans=args.sync_plans,
-                          hang_timeout_s=args.hang_timeout_s, expert_mode=args.expert_mode, log_level=args.log_level)
+                          hang_timeout_s=args.hang_timeout_s, expert_mode=args.expert_mode, log_level=args.log_level,
+                          switch_interval_s=args.switch_interval_s)
     return opts, args
 
 

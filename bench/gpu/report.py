@@ -71,9 +71,19 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
         lines.append(f"| step time while streaming ({label}, throttle {tl}) p50 / p99 | {_f(st.get('p50_ms'), 3)} / {_f(st.get('p99_ms'), 3)} ms "
                      f"({_delta(st.get('p50_ms'), base50)} / {_delta(st.get('p99_ms'), base99)}; {st.get('n')} steps) | "
                      f"{'<= +2% / +5%' if target else ''} | {_met(ok) if target else ''} |")
-    serving = [name for name in ph if name in ("idle", "stream_throttled", "stream_unthrottled", "soak", "sync")]
+    cpu = harness.get("agent_cpu_ms_per_batch")
+    if cpu:
+        per_phase = "; ".join(f"{name}: quiet {_f(ph[name].get('serving_cpu_quiet', {}).get('p50_ms'), 2)} / streaming "
+                              f"{_f(ph[name].get('serving_cpu_streaming', {}).get('p50_ms'), 2)}"
+                              for name in ("stream_throttled", "stream_unthrottled", "soak") if name in ph)
+        lines.append(f"| host CPU: agent thread per batch (staging / vote); serving thread per step p50 | {_f(cpu['staging'], 2)} / "
+                     f"{_f(cpu['vote'], 2)} ms; {per_phase} ms | | |")
+    serving = [name for name in ph if name in ("prime", "idle", "stream_throttled", "stream_unthrottled", "soak", "sync")]
     longest = max((ph[name]["all"].get("max_ms") or 0, name) for name in serving) if serving else (None, None)
-    lines.append(f"| longest serving step (any serving phase) | {_f(longest[0], 1)} ms ({longest[1]}) | | |")
+    lines.append(f"| longest serving step (any serving phase, the priming plans included) | {_f(longest[0], 1)} ms ({longest[1]}) | | |")
+    if "prime" in ph:
+        lines.append(f"| priming plans (the process's first, one-off costs) step time p50 / max | {_f(ph['prime']['all'].get('p50_ms'), 2)} / "
+                     f"{_f(ph['prime']['all'].get('max_ms'), 1)} ms ({ph['prime']['commits']} commits) | | |")
     cs = harness["commit_stall"]
     lines.append(f"| step time at commit steps p50 / p99 | {_f(cs['step'].get('p50_ms'), 3)} / {_f(cs['step'].get('p99_ms'), 3)} ms "
                  f"({_delta(cs['step'].get('p50_ms'), base50)} / {_delta(cs['step'].get('p99_ms'), base99)}; {cs['step'].get('n')} commits) | | |")

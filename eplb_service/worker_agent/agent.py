@@ -379,6 +379,7 @@ class WorkerAgent:
             return
         self._plan, self._plan_rows, self._abort_requested = plan, rows, None
         t0 = time.monotonic()
+        cpu0 = time.thread_time()
         try:
             received = self._stage(plan, rows)
         except PlanAborted:
@@ -392,6 +393,9 @@ class WorkerAgent:
             self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"staging failed: {exc}"))
             return
         self._staged_at = time.monotonic()
+        # The agent thread's CPU time holds the GIL the serving thread needs: keep it visible.
+        self.stats["stage_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
+        self.stats["staged"] += 1
         self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0))
 
     def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
@@ -468,6 +472,14 @@ class WorkerAgent:
             self.stats["duplicate_messages"] += 1
             return
         self._voted_plans.append(msg.plan_id)
+        cpu0 = time.thread_time()
+        try:
+            self._vote(msg)
+        finally:
+            self.stats["vote_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
+            self.stats["votes"] += 1
+
+    def _vote(self, msg: P.VoteNow) -> None:
         ready = self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None and self._ticket is None
         ticket = None
         hooks = self.hooks
