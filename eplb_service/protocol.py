@@ -85,9 +85,13 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fence_timeout_s: PosFloat = 5.0
     """Longest the serving thread waits at the fence before aborting the plan locally."""
     max_ops_per_group: PosInt = 16
-    """Send/recv ops in one group call (large groups are what deadlocked vLLM)."""
+    """Expert rows (remote copies, all ranks) in one chunk. A chunk is one group call holding
+    one send or receive per peer (the rows for a peer go as one block), so a group never
+    holds more than 2 x (ranks - 1) ops (large groups are what deadlocked vLLM)."""
     chunk_bytes: PosInt = 16 * 1024 * 1024
-    """Bytes in flight per rank per group call."""
+    """Most bytes one rank sends, or receives, in one chunk: what is in flight per group call.
+    Larger chunks stream faster (NCCL's per-op rate grows with the op's size) and let a
+    device-wide synchronize elsewhere wait longer."""
     throttle_bytes_per_s: NonNegFloat = 0.0
     """Per-rank cap on streamed bytes per second; 0 = unthrottled."""
     transport_timeout_s: PosFloat = 30.0
