@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.epoch_watch import EpochLagWatch
 from eplb_service.coordinator.http_endpoints import serve_http
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.metrics import CoordinatorMetrics
@@ -84,6 +85,7 @@ class Coordinator:
         self._last_plan_end_step = 0
         self._planning = False
         self.halted_reason: str | None = None
+        self.epoch_watch = EpochLagWatch()
         self.drain_at_step: int | None = None
         self.recorder: TraceRecorder | None = None
         self._seeded = False
@@ -227,6 +229,8 @@ class Coordinator:
             self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first"))
             return
         record.last_seen = now
+        if isinstance(message, P.Committed):  # even from a rank declared dead: the step is a fact
+            self.epoch_watch.committed(message.epoch, message.commit_step)
         if not record.alive:
             self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
             self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again"))
@@ -237,6 +241,7 @@ class Coordinator:
             self.max_step_seen = max(self.max_step_seen, message.step)
             if plan is not None and plan.on_heartbeat(message.rank, message.step, message.epoch, now):
                 self._advance_plan()
+            self._watch_epochs()
         elif isinstance(message, P.Voted):
             if plan is not None and plan.plan_id == message.plan_id:
                 plan.on_voted(message.commit_step, message.ok)
@@ -251,6 +256,7 @@ class Coordinator:
         elif isinstance(message, P.Committed):
             self.metrics.commit_stall.observe(message.stall_s)
             record.epoch = message.epoch
+            self._watch_epochs()
             if plan is not None and plan.plan_id == message.plan_id and plan.on_committed(message.rank, message.commit_step, message.stall_s, now):
                 self._advance_plan()
         elif isinstance(message, P.Goodbye):
@@ -406,6 +412,17 @@ class Coordinator:
             if self._should_plan():
                 self._planning = True
                 asyncio.create_task(self._run_policy())
+
+    def _watch_epochs(self) -> None:
+        """Halt, as for a diverged plan, when a rank keeps serving behind the others' epoch."""
+        if self.halted_reason:
+            return
+        why = self.epoch_watch.observe({r.rank: (r.epoch, r.step) for r in self.registry.alive})
+        if why is not None:
+            self.counts["diverged"] += 1
+            self.metrics.plans.labels("diverged").inc()
+            self.halted_reason = f"placements diverged: {why}"
+            self.log.critical("%s; rebalancing halted, restart the deployment's agents", self.halted_reason)
 
     def _should_plan(self) -> bool:
         if self._planning or self.halted_reason or self.plan is not None or self._pending_batches:

@@ -505,16 +505,19 @@ class WorkerAgent:
             return
         me = threading.get_ident()
 
-        def heartbeat() -> None:  # a slow vote must not get this rank declared dead
-            if threading.get_ident() == me:
-                self._heartbeat(time.monotonic())
+        def keep_alive() -> None:  # called by the transport while the vote is pending
+            if threading.get_ident() != me:
+                return
+            self._heartbeat(time.monotonic())  # a slow vote must not get this rank declared dead
+            if ticket is not None and ticket.finished.is_set():
+                # This rank's serving thread gave up at the fence and serves on with the old
+                # maps: the vote must not complete anywhere. Leaving it now tears the
+                # communicator down, so the peers' all-reduce fails instead of deciding "ok".
+                raise TransportError(f"the serving thread gave up at the fence ({ticket.outcome}) before the vote completed")
 
-        self.transport.poll_hook = heartbeat
+        self.transport.poll_hook = keep_alive
         try:
-            # Decide before the serving thread gives up at the fence: a rank whose fence
-            # times out drops the plan, so its vote must have failed by then too.
-            result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready),
-                                               timeout_s=0.5 * hooks.fence_timeout_s)
+            result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready))
         except TransportError as exc:
             self.log.error("vote for plan %d failed: %s", msg.plan_id, exc)
             self.transport.abort()

@@ -29,6 +29,7 @@ class GlooTransport(Transport):
         self._group: dist.ProcessGroupGloo | None = None
         self._store: dist.Store | None = None
         self._generation = -1
+        self._timeout_s = 30.0
 
     @property
     def connected(self) -> bool:
@@ -49,6 +50,7 @@ class GlooTransport(Transport):
             raise TransportError(f"gloo side group generation {comm.generation} at {comm.store_host}:{comm.store_port} failed: {exc}") from exc
         self._store = store
         self._generation = comm.generation
+        self._timeout_s = timeout_s
 
     def _require(self) -> dist.ProcessGroupGloo:
         if self._group is None:
@@ -79,12 +81,18 @@ class GlooTransport(Transport):
         tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy())
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
+        limit = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        deadline = time.monotonic() + limit
         try:
             work = group.allreduce([tensor], opts)
-            if timeout_s is None:
-                work.wait()
-            else:
-                work.wait(datetime.timedelta(seconds=timeout_s))
+            while not work.is_completed():  # poll, so the agent's hook runs while it waits
+                if time.monotonic() > deadline:
+                    raise TransportError(f"gloo vote all-reduce did not complete within {limit}s")
+                self._poll()
+                time.sleep(0.001)
+            work.wait()
+        except TransportError:
+            raise
         except Exception as exc:
             raise TransportError(f"gloo vote all-reduce failed: {exc}") from exc
         return tensor.numpy()

@@ -1,0 +1,34 @@
+"""Spotting a rank that missed a commit the other ranks made.
+
+Every rank commits a decided plan at the same step ``S``, and an agent reports its step
+before its epoch (the serving thread bumps the epoch at the boundary before the step count
+passes ``S``), so a report ``(epoch E, step > S)`` where epoch ``E + 1`` was committed at
+``S`` means that rank went past ``S`` with the old maps: the placements differ. The
+in-flight plan's state machine catches this while it tracks the plan; this watch also
+catches it when the coordinator lost track (it had declared the agents dead, or it
+restarted) and learns the commit step only from a ``Committed`` that arrives late.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EpochLagWatch:
+    """The commit step of every epoch seen, and the check against the ranks' reports."""
+
+    commit_steps: dict[int, int] = field(default_factory=dict)
+    """Epoch ``E`` -> the step at which some rank committed into ``E``."""
+
+    def committed(self, epoch: int, step: int) -> None:
+        self.commit_steps.setdefault(epoch, step)
+
+    def observe(self, epochs_and_steps: dict[int, tuple[int, int]]) -> str | None:
+        """``{rank: (epoch, step)}`` of the live ranks; returns why they diverged, or ``None``."""
+        for rank, (epoch, step) in sorted(epochs_and_steps.items()):
+            commit_step = self.commit_steps.get(epoch + 1)
+            if commit_step is not None and step > commit_step:
+                return (f"rank {rank} is at step {step} with epoch {epoch}, but epoch {epoch + 1} was committed at "
+                        f"step {commit_step}: it went past the commit with the old maps, the placements differ")
+        return None
