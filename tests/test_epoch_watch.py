@@ -34,6 +34,7 @@ def _coordinator_with(records) -> Coordinator:
     for rank, (epoch, step) in enumerate(records):
         coordinator.registry.register(AgentRecord(rank=rank, identity=f"rank-{rank}".encode(), node="n", pid=rank,
                                                   epoch=epoch, step=step, phy2log=np.zeros((1, 2), dtype=np.int64)))
+        coordinator._beats[rank] = (epoch, step)
     return coordinator
 
 
@@ -42,8 +43,18 @@ def test_the_coordinator_halts_and_counts_it_diverged():
     coordinator.epoch_watch.committed(epoch=3, step=110)
     coordinator._watch_epochs()
     assert coordinator.halted_reason is None  # rank 1 has not reached step 110 yet
-    coordinator.registry.agents[1].step = 111
+    coordinator.registry.agents[1].step = 111  # from a load report: not a heartbeat, no verdict
+    coordinator._watch_epochs()
+    assert coordinator.halted_reason is None
+    coordinator._beats[1] = (2, 111)  # a heartbeat: step 111 at epoch 2
     coordinator._watch_epochs()
     assert coordinator.halted_reason is not None and "rank 1 is at step 111 with epoch 2" in coordinator.halted_reason
     assert coordinator.counts["diverged"] == 1
     assert not coordinator._should_plan()
+
+
+def test_only_the_newest_epochs_are_remembered():
+    watch = EpochLagWatch(keep=4)
+    for epoch in range(1, 11):
+        watch.committed(epoch, epoch * 100)
+    assert sorted(watch.commit_steps) == [7, 8, 9, 10]

@@ -21,8 +21,14 @@ class EpochLagWatch:
     commit_steps: dict[int, int] = field(default_factory=dict)
     """Epoch ``E`` -> the step at which some rank committed into ``E``."""
 
+    keep: int = 256
+    """Epochs remembered (the newest); a rank further behind than that is long diverged anyway."""
+
     def committed(self, epoch: int, step: int) -> None:
         self.commit_steps.setdefault(epoch, step)
+        if len(self.commit_steps) > self.keep:
+            for old in sorted(self.commit_steps)[:-self.keep]:
+                del self.commit_steps[old]
 
     def observe(self, epochs_and_steps: dict[int, tuple[int, int]]) -> str | None:
         """``{rank: (epoch, step)}`` of the live ranks; returns why they diverged, or ``None``."""

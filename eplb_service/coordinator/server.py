@@ -86,6 +86,9 @@ class Coordinator:
         self._planning = False
         self.halted_reason: str | None = None
         self.epoch_watch = EpochLagWatch()
+        self._beats: dict[int, tuple[int, int]] = {}
+        """Rank -> (epoch, step) of its latest heartbeat: one report, so the pair is consistent
+        (the record's step also moves with load reports, its epoch with Committed)."""
         self.drain_at_step: int | None = None
         self.recorder: TraceRecorder | None = None
         self._seeded = False
@@ -238,6 +241,7 @@ class Coordinator:
         plan = self.plan
         if isinstance(message, P.Heartbeat):
             record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
+            self._beats[message.rank] = (message.epoch, message.step)
             self.max_step_seen = max(self.max_step_seen, message.step)
             if plan is not None and plan.on_heartbeat(message.rank, message.step, message.epoch, now):
                 self._advance_plan()
@@ -313,6 +317,7 @@ class Coordinator:
             comm = self._current_comm() if self._comm_sent_generation == self.comm_generation else None
             self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent, comm=comm))
             return
+        self._beats.pop(hello.rank, None)
         replaced = self.registry.register(record)
         if replaced is not None and self.plan is not None and not self.plan.phase.final:
             self.plan.on_agent_lost(hello.rank, time.monotonic())
@@ -417,7 +422,7 @@ class Coordinator:
         """Halt, as for a diverged plan, when a rank keeps serving behind the others' epoch."""
         if self.halted_reason:
             return
-        why = self.epoch_watch.observe({r.rank: (r.epoch, r.step) for r in self.registry.alive})
+        why = self.epoch_watch.observe({r.rank: self._beats[r.rank] for r in self.registry.alive if r.rank in self._beats})
         if why is not None:
             self.counts["diverged"] += 1
             self.metrics.plans.labels("diverged").inc()
