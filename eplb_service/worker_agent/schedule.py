@@ -122,7 +122,7 @@ class TransferSchedule:
         Rows a rank receives come first, ordered by (chunk of ``bounds``, sender, global
         order); its local and duplicate rows follow in their old order. So the rows one
         sender sends one receiver in one chunk are consecutive staging rows, in the order
-        the sender packs them (global order), and each (chunk, peer, weight tensor) moves
+        the sender packs them (global order), and each (chunk, peer) block of records moves
         as one send/recv op straight into staging: no unpack, few large NCCL ops instead of
         many medium ones (one op per row ran at 37% of the link peak on H100).
         """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,12 +140,13 @@ class Transport(abc.ABC):
         """Copy on the transport's own stream (plain copy on CPU)."""
 
     @abc.abstractmethod
-    def max_reduce(self, values: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
         """All-reduce (MAX) of a small int64 vector: the commit vote.
 
-        ``timeout_s`` bounds the wait below the transport's timeout: the agent passes less
-        than the commit fence's timeout, so a rank learns the vote's outcome (or its
-        failure) before its serving thread gives up waiting at the fence.
+        The wait is bounded by the transport's timeout and calls :attr:`poll_hook` while it
+        lasts; an exception the hook raises ends it. A vote must not be abandoned early while
+        peers may still complete it: the agent leaves it only when its own serving thread
+        has already given up at the fence.
         """
 
     def row_digest(self, row: torch.Tensor) -> int:
@@ -161,6 +163,13 @@ class Transport(abc.ABC):
     def _poll(self) -> None:
         if self.poll_hook is not None:
             self.poll_hook()
+
+    def _wait_on_host(self, seconds: float) -> None:
+        """Sleep ``seconds`` on the host in slices of at most 5 ms, calling :attr:`poll_hook` in between."""
+        deadline = time.monotonic() + seconds
+        while seconds > 0 and time.monotonic() < deadline:
+            self._poll()
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
 
     @abc.abstractmethod
     def synchronize(self) -> None:

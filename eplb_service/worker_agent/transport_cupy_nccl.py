@@ -343,9 +343,6 @@ class CupyNcclTransport(Transport):
         out: list[P2POp] = []
         unpack: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(-1).view(torch.uint8)
-
         with torch.cuda.stream(self._stream):
             for peer, tensors in sends.items():
                 if len(tensors) == 1:
@@ -353,7 +350,7 @@ class CupyNcclTransport(Transport):
                     continue
                 sizes = [t.numel() * t.element_size() for t in tensors]
                 buf = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
-                _copy_all(list(torch.split(buf, sizes)), [flat(t) for t in tensors])
+                _copy_all(list(torch.split(buf, sizes)), [row_bytes(t) for t in tensors])
                 for t in tensors:
                     t.record_stream(self._stream)
                 out.append(P2POp(True, buf, peer, 0))
@@ -364,7 +361,7 @@ class CupyNcclTransport(Transport):
                 sizes = [t.numel() * t.element_size() for t in tensors]
                 buf = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
                 out.append(P2POp(False, buf, peer, 0))
-                unpack.append(([flat(t) for t in tensors], list(torch.split(buf, sizes))))
+                unpack.append(([row_bytes(t) for t in tensors], list(torch.split(buf, sizes))))
         return out, unpack
 
     # -- sessions and waits -----------------------------------------------------------------
@@ -381,8 +378,7 @@ class CupyNcclTransport(Transport):
             self._pack_stream.wait_event(fence)
         return session
 
-    def _wait_event(self, event: torch.cuda.Event, what: str, timeout_s: float | None = None,
-                    sleep_first_s: float = 0.0) -> None:
+    def _wait_event(self, event: torch.cuda.Event, what: str, sleep_first_s: float = 0.0) -> None:
         """Wait (bounded) for ``event``, polling from the host.
 
         Every wake-up of this thread takes the GIL from the serving thread for a moment, so
@@ -391,7 +387,7 @@ class CupyNcclTransport(Transport):
         """
         if event.query():
             return
-        timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        timeout_s = self._timeout_s
         deadline = time.monotonic() + timeout_s
         if sleep_first_s > 0:
             time.sleep(min(sleep_first_s, timeout_s))
@@ -521,7 +517,7 @@ class CupyNcclTransport(Transport):
                 self._in_flight.append((gap_done, 0.0))
                 self._gap_s = min(pace_s, self.max_gap_s)
                 self._retire(self.max_groups_in_flight - 1)
-                self._host_gap(host_gap)
+                self._wait_on_host(host_gap)
             return
         if session.first_event is None:
             session.first_event = torch.cuda.Event(enable_timing=True)
@@ -579,13 +575,7 @@ class CupyNcclTransport(Transport):
         self._gap_s = min(pace_s, self.max_gap_s)
         host_gap = self._device_gap(pace_s) if pace_s > 0 else 0.0
         self._retire(self.max_groups_in_flight - 1)
-        self._host_gap(host_gap)
-
-    def _host_gap(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while seconds > 0 and time.monotonic() < deadline:
-            self._poll()
-            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+        self._wait_on_host(host_gap)
 
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self._require()
@@ -595,7 +585,7 @@ class CupyNcclTransport(Transport):
         dst.record_stream(self._stream)
         src.record_stream(self._stream)
 
-    def max_reduce(self, values: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
         comm = self._require()
         host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy()).pin_memory()
         count = host.numel()
@@ -611,7 +601,7 @@ class CupyNcclTransport(Transport):
             out.copy_(buf, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        self._wait_event(done, "vote all-reduce", timeout_s)
+        self._wait_event(done, "vote all-reduce")
         del host  # the pinned source must outlive the copy, which the wait guarantees
         return out.numpy().copy()
 

@@ -68,26 +68,22 @@ class GlooTransport(Transport):
                 work.wait()
         except Exception as exc:
             raise TransportError(f"gloo exchange of {len(ops)} ops failed: {exc}") from exc
-        deadline = time.monotonic() + pace_s
-        while pace_s > 0 and time.monotonic() < deadline:  # gloo is synchronous: the throttle's gap is a host wait
-            self._poll()
-            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+        self._wait_on_host(pace_s)  # gloo is synchronous: the throttle's gap is a host wait
 
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
-    def max_reduce(self, values: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
         group = self._require()
         tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy())
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        limit = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
-        deadline = time.monotonic() + limit
+        deadline = time.monotonic() + self._timeout_s
         try:
             work = group.allreduce([tensor], opts)
             while not work.is_completed():  # poll, so the agent's hook runs while it waits
                 if time.monotonic() > deadline:
-                    raise TransportError(f"gloo vote all-reduce did not complete within {limit}s")
+                    raise TransportError(f"gloo vote all-reduce did not complete within {self._timeout_s}s")
                 self._poll()
                 time.sleep(0.001)
             work.wait()
