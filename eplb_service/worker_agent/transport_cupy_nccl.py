@@ -41,12 +41,14 @@ Rules this module keeps (DESIGN.md, "Weight movement rules"):
 - ``abort`` is ``ncclCommAbort``: kernels waiting for a dead peer return, the stream is
   drained (bounded), and the next ``connect`` builds a fresh communicator on a fresh stream.
 
-CTA limits: NCCL limits a communicator's CTAs through ``ncclConfig_t`` (``maxCTAs``) passed
-to ``ncclCommInitRankConfig``; CuPy's ``NcclCommunicator`` only wraps ``ncclCommInitRank``,
-and the environment variable ``NCCL_MAX_CTAS`` overrides the config of *every*
-communicator in the process (the serving group's too), so it is not used here.
-Point-to-point send/recv use few channels per peer to begin with; the harness measures
-the effect of the side traffic on the serving step instead (bench/RESULTS.md).
+CTA limits: ``max_ctas``/``min_ctas`` bound the CTAs (one per channel) that this
+communicator's kernels occupy, for this communicator only, through ``ncclConfig_t`` given to
+``ncclCommInitRankConfig``. CuPy only wraps ``ncclCommInitRank``, so a limited communicator
+is built through :mod:`~eplb_service.worker_agent.nccl_lib` (ctypes, on the NCCL CuPy
+loaded); without a limit CuPy's ``NcclCommunicator`` is used. The environment variable
+``NCCL_MAX_CTAS`` is not an option: it caps every communicator in the process, the serving
+group's too. The harness measures what each limit costs in bandwidth and gives back in
+step time (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -62,6 +65,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_service.protocol import CommInit
+from eplb_service.worker_agent.nccl_lib import NcclLibrary, NcclLibraryError, make_config
 from eplb_service.worker_agent.transport import P2POp, RecordLayout, Transport, TransportError, _digest_weights, row_bytes
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,35 @@ log = logging.getLogger(__name__)
 _NCCL_UINT8 = 1
 _NCCL_INT64 = 4
 _NCCL_MAX = 2
+
+
+MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def check_hardware_queues(environ=None) -> None:
+    """Refuse ``CUDA_DEVICE_MAX_CONNECTIONS=1``; warn below CUDA's default of 8.
+
+    CUDA maps streams onto that many hardware work queues. With one, every stream of the
+    process shares a queue, so a side-stream NCCL kernel waiting for its peer (or a
+    throttle gap) holds back every serving kernel queued after it: on 2x H100 the serving
+    loop stalled for tens of seconds, until transport timeouts aborted the side
+    communicator, and then hung. Megatron-style setups set the variable to 1.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get(MAX_CONNECTIONS_VAR, "").strip()
+    if not text:
+        return
+    try:
+        value = int(text)
+    except ValueError:
+        raise TransportError(f"{MAX_CONNECTIONS_VAR}={text!r}: expected an integer (CUDA's default is 8)") from None
+    if value < 2:
+        raise TransportError(f"{MAX_CONNECTIONS_VAR}={value}: the NCCL side transport needs at least 2 hardware "
+                             "queues (CUDA's default is 8); with one, side-stream transfers block the serving "
+                             "stream. Unset it or use EPLB_SERVICE_TRANSPORT=gloo")
+    if value < 8:
+        log.warning("%s=%d: fewer hardware queues than CUDA's default of 8; a serving stream that shares one "
+                    "with the side stream waits behind side transfers", MAX_CONNECTIONS_VAR, value)
 
 
 def _import_nccl():
@@ -159,14 +192,25 @@ class CupyNcclTransport(Transport):
 
     def __init__(self, device: torch.device | int | str, *, serving_stream: torch.cuda.Stream | None = None,
                  max_groups_in_flight: int = 2, warmup: bool = True, pack_per_peer: bool = False,
-                 keep_sessions: int = 100_000, max_gap_s: float = 0.05) -> None:
+                 keep_sessions: int = 100_000, max_gap_s: float = 0.05, max_ctas: int | None = None,
+                 min_ctas: int | None = None) -> None:
         if max_groups_in_flight < 1:
             raise ValueError(f"max_groups_in_flight={max_groups_in_flight} must be >= 1")
+        make_config(min_ctas=min_ctas, max_ctas=max_ctas)  # ValueError naming a bad bound, before any GPU work
+        check_hardware_queues()
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         if dev.type != "cuda":
             raise ValueError(f"CupyNcclTransport needs a CUDA device, got {dev}")
         self.device = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.max_ctas = max_ctas
+        self.min_ctas = min_ctas
         self._nccl = _import_nccl()
+        if max_ctas is not None or min_ctas is not None:
+            try:
+                self._nccl = NcclLibrary()  # the same NCCL CuPy loaded, for ncclCommInitRankConfig
+            except NcclLibraryError as exc:
+                raise TransportError(f"max_ctas={max_ctas}, min_ctas={min_ctas} need a configured NCCL "
+                                     f"communicator: {exc}") from exc
         self.serving_stream = serving_stream if serving_stream is not None else torch.cuda.current_stream(self.device)
         self.max_groups_in_flight = max_groups_in_flight
         self.warmup = warmup
@@ -258,10 +302,14 @@ class CupyNcclTransport(Transport):
         with torch.cuda.device(self.device):
             self._barrier_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
-            try:
-                self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
-            except TypeError:  # CuPy < 14 takes the id as a tuple of signed chars
-                self._comm = self._nccl.NcclCommunicator(comm.world_size, unique_id_from_bytes(uid), rank)
+            if isinstance(self._nccl, NcclLibrary):
+                self._comm = self._nccl.communicator(comm.world_size, uid, rank, min_ctas=self.min_ctas,
+                                                     max_ctas=self.max_ctas)
+            else:
+                try:
+                    self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
+                except TypeError:  # CuPy < 14 takes the id as a tuple of signed chars
+                    self._comm = self._nccl.NcclCommunicator(comm.world_size, unique_id_from_bytes(uid), rank)
         except Exception as exc:
             self._stream = None
             raise TransportError(f"ncclCommInitRank (generation {comm.generation}, rank {rank}/{comm.world_size}) failed: {exc}") from exc

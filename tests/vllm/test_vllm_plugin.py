@@ -67,8 +67,10 @@ def test_empty_endpoint_means_inert():
 
 def test_full_configuration_from_env():
     cfg = C.from_env({C.ENDPOINT: "tcp://10.0.0.1:5557", C.TRANSPORT: "gloo", C.STAGING_BUDGET_BYTES: "1048576",
-                      C.THROTTLE_BYTES_PER_S: "5e9", C.REPORT_INTERVAL_STEPS: "20", C.ALLOW_UNTESTED_VLLM: "1"})
+                      C.THROTTLE_BYTES_PER_S: "5e9", C.REPORT_INTERVAL_STEPS: "20", C.ALLOW_UNTESTED_VLLM: "1",
+                      C.SIDE_MAX_CTAS: "4"})
     assert cfg.endpoint == "tcp://10.0.0.1:5557" and cfg.transport == "gloo" and cfg.staging_budget_bytes == 1 << 20
+    assert cfg.side_max_ctas == 4
     assert cfg.agent_overrides() == {"throttle_bytes_per_s": 5e9, "report_interval_steps": 20}
     assert cfg.allow_untested_vllm
 
@@ -81,6 +83,8 @@ def test_full_configuration_from_env():
     ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
     ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
     ({C.ALLOW_UNTESTED_VLLM: "maybe"}, "EPLB_SERVICE_ALLOW_UNTESTED_VLLM='maybe': expected 0 or 1"),
+    ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a value > 0"),
+    ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
 ])
 def test_bad_variables_are_named(env, needle):
     with pytest.raises(C.ConfigError) as exc:

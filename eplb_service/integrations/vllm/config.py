@@ -18,6 +18,7 @@ TRANSPORT = "EPLB_SERVICE_TRANSPORT"
 STAGING_BUDGET_BYTES = "EPLB_SERVICE_STAGING_BUDGET_BYTES"
 THROTTLE_BYTES_PER_S = "EPLB_SERVICE_THROTTLE_BYTES_PER_S"
 REPORT_INTERVAL_STEPS = "EPLB_SERVICE_REPORT_INTERVAL_STEPS"
+SIDE_MAX_CTAS = "EPLB_SERVICE_SIDE_MAX_CTAS"
 ALLOW_UNTESTED_VLLM = "EPLB_SERVICE_ALLOW_UNTESTED_VLLM"
 LOG_LEVEL = "EPLB_SERVICE_LOG_LEVEL"
 
@@ -46,6 +47,10 @@ class PluginConfig:
     coordinator's (``0`` = unthrottled)."""
     report_interval_steps: int | None = None
     """``EPLB_SERVICE_REPORT_INTERVAL_STEPS``: steps per load report, overriding the coordinator's."""
+    side_max_ctas: int | None = None
+    """``EPLB_SERVICE_SIDE_MAX_CTAS``: most CTAs (thread blocks) the NCCL side communicator's
+    kernels take, for that communicator only (unset: NCCL's choice); fewer leave the serving
+    kernels more SMs and stream slower. Only for ``nccl``."""
     allow_untested_vllm: bool = False
     """``EPLB_SERVICE_ALLOW_UNTESTED_VLLM=1``: run on a vLLM version the adapter was not
     checked against (the shape and layout checks still apply)."""
@@ -57,6 +62,8 @@ class PluginConfig:
             raise ConfigError(f"{ENDPOINT}={self.endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"{TRANSPORT}={self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+        if self.side_max_ctas is not None and not 1 <= self.side_max_ctas <= 64:
+            raise ConfigError(f"{SIDE_MAX_CTAS}={self.side_max_ctas}: expected 1..64 CTAs")
 
     def agent_overrides(self) -> dict[str, int | float]:
         """The coordinator's ``AgentConfig`` fields this instance overrides."""
@@ -102,6 +109,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
         staging_budget_bytes=_number(env, STAGING_BUDGET_BYTES, int, 0, inclusive=False),
         throttle_bytes_per_s=_number(env, THROTTLE_BYTES_PER_S, float, 0, inclusive=True),
         report_interval_steps=_number(env, REPORT_INTERVAL_STEPS, int, 0, inclusive=False),
+        side_max_ctas=_number(env, SIDE_MAX_CTAS, int, 0, inclusive=False),
         allow_untested_vllm=_flag(env, ALLOW_UNTESTED_VLLM),
         log_level=env.get(LOG_LEVEL, "INFO").strip().upper() or "INFO",
     )

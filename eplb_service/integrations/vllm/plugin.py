@@ -231,7 +231,7 @@ class EplbBinding:
 # -- the agent ------------------------------------------------------------------------------------
 
 
-def make_transport(name: str, device):
+def make_transport(name: str, device, max_ctas: int | None = None):
     """The side transport named by ``EPLB_SERVICE_TRANSPORT`` (``auto``: gloo on CPU, NCCL on GPU)."""
     import torch
 
@@ -247,7 +247,7 @@ def make_transport(name: str, device):
     try:
         from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
 
-        return CupyNcclTransport(device)  # built on the serving thread: it orders itself after that stream
+        return CupyNcclTransport(device, max_ctas=max_ctas)  # built on the serving thread: it orders itself after that stream
     except Exception as exc:  # no CuPy / no CUDA: say which variable chose it
         raise AdapterError(f"{config_mod.TRANSPORT}={name}: cannot build the CuPy NCCL side transport on {device} "
                            f"({type(exc).__name__}: {exc}); install eplb-service[gpu] (or [gpu-cuda13]) or set "
@@ -261,7 +261,7 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
 
     model = ExpertModel(expert_weights=view.expert_weights, phy2log=view.phy2log, log2phy=view.log2phy,
                         logcnt=view.logcnt, rank=topology.rank, num_ranks=topology.world_size)
-    transport = make_transport(cfg.transport, model.device)
+    transport = make_transport(cfg.transport, model.device, cfg.side_max_ctas)
     agent = VllmWorkerAgent(model, cfg.endpoint, transport, ranks_per_node=topology.ranks_per_node,
                             overrides=cfg.agent_overrides(), staging_budget_bytes=cfg.staging_budget_bytes)
     log.info("EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",
