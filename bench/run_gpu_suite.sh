@@ -11,7 +11,9 @@
 # If .whl/ holds wheels (pyzmq, msgspec for a machine without them), they are installed
 # into /tmp/site first. Phase lengths can be overridden: IDLE_S THROTTLED_S UNTHROTTLED_S
 # ISOLATED_S SOAK_S, and WORLD (GPUs), PRESET, LAYERS, HARNESS_ARGS (extra flags); SWITCH_INTERVAL_S
-# adds a shorter second harness run with that sys.setswitchinterval (the GIL experiment).
+# adds a shorter second harness run with that sys.setswitchinterval (the GIL experiment);
+# CTA_SWEEP (e.g. 0,16,8,4,2) measures the side communicator's rate under each CTA limit in
+# the p2p step; CTA_VARIANTS (e.g. "8 4") adds a shorter harness run per side CTA limit.
 set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."
@@ -57,7 +59,8 @@ if [ "$MODE" = smoke ]; then
     --p2p-json "$OUT/p2p.json" --out "$OUT/harness.json" ${HARNESS_ARGS:-}
 else
   step tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/gpu
-  step p2p 150 python3 -m bench.gpu.p2p --world "$WORLD" --size-mib 1024 --chunks-mib 64,256,1024 --iters 8 --out "$OUT/p2p.json"
+  step p2p 200 python3 -m bench.gpu.p2p --world "$WORLD" --size-mib 1024 --chunks-mib 64,256,1024 --iters 8 \
+    --cta-sweep "${CTA_SWEEP:-}" --out "$OUT/p2p.json"
   step harness 560 python3 -m bench.gpu.harness --world "$WORLD" --preset "$PRESET" "${LAYER_ARGS[@]}" \
     --idle-s "${IDLE_S:-30}" --throttled-s "${THROTTLED_S:-40}" --unthrottled-s "${UNTHROTTLED_S:-30}" \
     --isolated-s "${ISOLATED_S:-15}" --soak-s "${SOAK_S:-150}" --sync-plans 12 \
@@ -70,4 +73,11 @@ if [ -n "${SWITCH_INTERVAL_S:-}" ]; then  # the GIL experiment: the same harness
     --switch-interval-s "$SWITCH_INTERVAL_S" --p2p-json "$OUT/p2p.json" --out "$OUT/harness_switch.json" ${HARNESS_ARGS:-}
   step report_switch 60 python3 -m bench.gpu.report --p2p "$OUT/p2p.json" --harness "$OUT/harness_switch.json" --out "$OUT/results_switch.md"
 fi
+for CTAS in ${CTA_VARIANTS:-}; do  # the same harness, shorter, with the side communicator limited to CTAS CTAs
+  step "harness_ctas$CTAS" 300 python3 -m bench.gpu.harness --world "$WORLD" --preset "$PRESET" "${LAYER_ARGS[@]}" \
+    --idle-s "${VARIANT_IDLE_S:-12}" --throttled-s "${VARIANT_THROTTLED_S:-15}" --unthrottled-s "${VARIANT_UNTHROTTLED_S:-12}" \
+    --isolated-s 5 --soak-s 10 --sync-plans 2 --side-max-ctas "$CTAS" \
+    --p2p-json "$OUT/p2p.json" --out "$OUT/harness_ctas$CTAS.json" ${HARNESS_ARGS:-}
+  step "report_ctas$CTAS" 60 python3 -m bench.gpu.report --p2p "$OUT/p2p.json" --harness "$OUT/harness_ctas$CTAS.json" --out "$OUT/results_ctas$CTAS.md"
+done
 grep -E '^== .* rc=' "$LOG"

@@ -133,6 +133,23 @@ class HarnessOptions:
     switch_interval_s: float = 0.0
     """``sys.setswitchinterval`` in the rank processes (0 = Python's default, 5 ms): how long a
     thread waiting for the GIL lets the holder run; an experiment on the agent's GIL cost."""
+    side_max_ctas: int | None = None
+    """CTA limit of the side communicator (``CupyNcclTransport(max_ctas=...)``; None = NCCL's choice)."""
+    profile_steps: int = 0
+    """Steps of rank 0 profiled (``torch.profiler``, kernels only) after the idle, throttled and
+    unthrottled phases, each in a ``profile_*`` phase of its own (0 = no profiling)."""
+    profile_dir: str | None = None
+    """Where the profiled windows' Chrome traces are written (None: a temporary directory, deleted)."""
+    external_stream_gbps: float = 0.0
+    """A diagnostic phase ``stream_external`` after ``idle`` (0 = none): no plans, but a thread
+    of each rank streams a ring over a second side communicator at this rate (48 MiB groups,
+    the throttle's device gaps) queuing many groups per host wake-up. The same GPU traffic
+    as the agent's throttled streaming with almost none of its host work: what the step
+    time does then tells GPU-side interference apart from the agent's host cost."""
+    external_chunk_bytes: int = 48 << 20
+    """Group size of the ``stream_external`` traffic."""
+    agent_cprofile: bool = False
+    """cProfile the agent thread's plan and vote handling on rank 0 (top functions in the result)."""
 
 
 # -- the CPU side transport, with the sessions the summary reads ------------------------------
@@ -201,6 +218,11 @@ class RankRunner:
         self.phases: list[dict] = []
         self.rows: dict[str, list] = {k: [] for k in ("phase", "step_s", "hook_host_s", "hook_gpu_s", "commit", "streaming", "mismatches", "cpu_s")}
         self.sync_results: list[dict] = []
+        self.profiles: dict[str, dict] = {}
+        self.serving_port = 0
+        self.external_bytes = 0
+        self.external_error: str | None = None
+        self._serving_streams: set[int] | None = None
         self.notes: list[str] = []
         self.step_s_agreed = 0.0
         self._step_started = time.monotonic()
@@ -271,7 +293,7 @@ class RankRunner:
                                                         chunk_bytes=want["chunk_bytes"])
             self.notes.append(f"agent config reset by a re-Welcome in phase {want['name']} (step {self.agent.hooks.steps_done}); re-applied")
 
-    def step(self, serve: bool = True) -> None:
+    def step(self, serve: bool = True, external: bool = False) -> None:
         hooks, tr = self.agent.hooks, self.transport
         step = hooks.steps_done
         self._keep_config()
@@ -305,7 +327,7 @@ class RankRunner:
         rows["hook_host_s"].append(hook_host)
         rows["hook_gpu_s"].append(self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else hook_host)
         rows["commit"].append(hooks.epoch != epoch0)
-        rows["streaming"].append(bool(active0 or tr.session_active or tr.bytes_sent_total + tr.bytes_received_total != moved0))
+        rows["streaming"].append(external or bool(active0 or tr.session_active or tr.bytes_sent_total + tr.bytes_received_total != moved0))
         rows["mismatches"].append(int(mismatches) if mismatches is not None else 0)
         self.progress[self.rank] = step + 1
 
@@ -334,14 +356,19 @@ class RankRunner:
         self._enter("idle", plans=False)
         for _ in range(self._steps_for(o.idle_s)):
             self.step()
+        self._profile("idle", plans=False)
+        if o.external_stream_gbps > 0 and self.cuda:
+            self._external_phase()
         self._set_chunking(o.throttled_chunk_bytes)
         self._enter("stream_throttled", plans=True, experts=o.experts_per_rank, throttle=o.throttle_bytes_per_s)
         for _ in range(self._steps_for(o.throttled_s)):
             self.step()
+        self._profile("stream_throttled", plans=True)
         self._set_chunking(o.chunk_bytes)
         self._enter("stream_unthrottled", plans=True, experts=o.experts_per_rank, throttle=0.0)
         for _ in range(self._steps_for(o.unthrottled_s)):
             self.step()
+        self._profile("stream_unthrottled", plans=True)
         self._enter("isolated", plans=True, experts=o.isolated_experts_per_rank, throttle=0.0,
                     layers_per_batch=o.isolated_layers_per_batch)
         for _ in range(max(o.min_phase_steps, int(o.isolated_s / (o.empty_step_s + 2e-4)))):
@@ -355,6 +382,78 @@ class RankRunner:
             self._enter("sync", plans=False)
             self._sync_phase()
         self._watchdog_stop.set()
+
+    def _profile(self, after: str, plans: bool) -> None:
+        """``profile_steps`` more steps of the phase ``after`` in a phase of their own; rank 0
+        records its kernels (their overhead stays out of the timed phases)."""
+        steps = self.opts.profile_steps
+        if steps <= 0 or not self.cuda:
+            return
+        self._enter(f"profile_{after}", plans=plans)
+        if self.rank != 0:
+            for _ in range(steps):
+                self.step()
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        from bench.gpu.trace_summary import load_kernels, window_summary
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                self.step()
+        directory = self.opts.profile_dir or tempfile.mkdtemp(prefix="eplb-profile-")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"rank0_{after}.json")
+        prof.export_chrome_trace(path)
+        kernels = load_kernels(path)
+        if self.opts.profile_dir is None:
+            os.unlink(path)
+        if after == "idle":
+            self._serving_streams = {k.stream for k in kernels}
+        self.profiles[after] = window_summary(kernels, steps, self._serving_streams)
+
+    def _external_phase(self) -> None:
+        """``stream_external`` (see :attr:`HarnessOptions.external_stream_gbps`): a thread streams
+        a fixed number of ring rounds, the same on every rank (from the agreed step time), over
+        a communicator of its own, while this thread serves as many steps as the other phases;
+        steps after the rounds ended count as quiet."""
+        o = self.opts
+        chunk, groups = o.external_chunk_bytes, 8
+        rounds = max(1, int(self._steps_for(o.throttled_s) * self.step_s_agreed * o.external_stream_gbps * 1e9 / (chunk * groups)))
+        self._enter("stream_external", plans=False)
+        thread = threading.Thread(target=self._external_streamer, args=(chunk, groups, rounds), name="external-streamer",
+                                  daemon=True)
+        thread.start()
+        for _ in range(self._steps_for(o.throttled_s)):  # the same count on every rank (steps are collective)
+            self.step(external=thread.is_alive())
+        thread.join(timeout=self.opts.hang_timeout_s)
+        if self.external_error:
+            raise RuntimeError(f"external streamer: {self.external_error}")
+
+    def _external_streamer(self, chunk: int, groups: int, rounds: int) -> None:
+        from eplb_service.protocol import CommInit
+        from eplb_service.worker_agent.transport import P2POp
+        from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+
+        o = self.opts
+        t = CupyNcclTransport(self.device, max_groups_in_flight=groups, max_ctas=o.side_max_ctas)
+        try:
+            t.connect(CommInit(generation=9999, store_host="127.0.0.1", store_port=self.serving_port,
+                               world_size=o.world_size), self.rank, 120)
+            send = torch.ones(chunk * groups, dtype=torch.uint8, device=self.device)
+            recv = torch.empty_like(send)
+            nxt, prv = (self.rank + 1) % o.world_size, (self.rank - 1) % o.world_size
+            pace_s = chunk / (o.external_stream_gbps * 1e9)
+            for _ in range(rounds):
+                for i in range(groups):
+                    t.exchange([P2POp(True, send[i * chunk:(i + 1) * chunk], nxt, i),
+                                P2POp(False, recv[i * chunk:(i + 1) * chunk], prv, i)], pace_s)
+                t.synchronize()
+                self.external_bytes += groups * chunk
+        except Exception as exc:  # reported by the serving thread
+            self.external_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            t.abort()
 
     def _drain(self, max_steps: int = 3000) -> bool:
         # Quiet for a second of steps: the coordinator's idle flag is refreshed every 0.2 s.
@@ -399,8 +498,44 @@ class RankRunner:
             "sessions": [_session_dict(s) for s in self.transport.sessions], "sync": self.sync_results,
             "agent_stats": dict(self.agent.stats), "max_commit_host_stall_s": hooks.max_stall_s, "epoch": hooks.epoch,
             "dropped_load_windows": hooks.dropped_windows, "transport_aborts": getattr(self.transport, "aborts", 0),
-            "step_s_agreed": self.step_s_agreed, "notes": self.notes,
+            "step_s_agreed": self.step_s_agreed, "notes": self.notes, "profiles": self.profiles,
+            "external_bytes": self.external_bytes,
+            "agent_cprofile": self.agent_profile.report() if getattr(self, "agent_profile", None) else None,
         }
+
+
+class _AgentCProfile:
+    """cProfile of the agent thread's loop iterations, in CPU time of that thread (a diagnostic)."""
+
+    def __init__(self) -> None:
+        import cProfile
+
+        self.profile = cProfile.Profile(time.thread_time)
+        self.calls = 0
+
+    def wrap(self, fn):
+        def wrapped(*args, **kwargs):
+            self.profile.enable()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.profile.disable()
+                self.calls += 1
+        return wrapped
+
+    def report(self, top: int = 30) -> dict:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(self.profile, stream=text).sort_stats("tottime").print_stats(top)
+        return {"calls": self.calls, "top_by_tottime": text.getvalue()[-12000:]}
+
+
+def _cprofile_agent(agent) -> _AgentCProfile:
+    prof = _AgentCProfile()
+    agent._tick = prof.wrap(agent._tick)
+    return prof
 
 
 def warm_commit_kernels(model) -> None:
@@ -455,7 +590,7 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
             from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
 
             transport = CupyNcclTransport(device, max_groups_in_flight=opts.max_groups_in_flight,
-                                          pack_per_peer=opts.pack_per_peer)
+                                          pack_per_peer=opts.pack_per_peer, max_ctas=opts.side_max_ctas)
         else:
             transport = MeteredGlooTransport()
         warm_commit_kernels(stack.model)
@@ -467,6 +602,9 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
             time.sleep(0.01)
         dist.barrier()
         runner = RankRunner(opts, rank, stack, agent, transport, control, progress)
+        runner.serving_port = serving_port
+        if opts.agent_cprofile and rank == 0:
+            runner.agent_profile = _cprofile_agent(agent)
         try:
             runner.run()
             dist.barrier()
@@ -666,14 +804,36 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
     st = summary["agent_stats"]
     summary["agent_cpu_ms_per_batch"] = {
         "staging": round(st.get("stage_cpu_us", 0) / max(1, st.get("staged", 0)) / 1e3, 3),
-        "vote": round(st.get("vote_cpu_us", 0) / max(1, st.get("votes", 0)) / 1e3, 3)}
+        "vote": round(st.get("vote_cpu_us", 0) / max(1, st.get("votes", 0)) / 1e3, 3),
+        "sections": {k[:-len("_cpu_us")]: round(v / max(1, st.get("staged" if k.startswith("stage_") else "votes", 0)) / 1e3, 3)
+                     for k, v in sorted(st.items()) if k.endswith("_cpu_us") and k.count("_") >= 3}}
     summary["notes"] = sorted({note for r in complete for note in r["notes"]})
+    summary["profile"] = _profile_summary(complete[0].get("profiles", {}), phases)
+    summary["agent_cprofile_rank0"] = complete[0].get("agent_cprofile")
+    summary["external_stream_bytes"] = int(sum(r.get("external_bytes", 0) for r in complete))
     if "soak" in phases:
         soak = phases["soak"]
         soak_steps = phase_of == names.index("soak")
         summary["soak"] = {"steps": soak["steps"], "rearrangements": soak["commits"], "mismatches": soak["mismatches"],
                            "seconds": round(float(step_s[soak_steps].sum()), 1), "hangs": len(hangs)}
     return summary
+
+
+def _profile_summary(profiles: dict, phases: dict) -> dict:
+    """Rank 0's profiled windows, and each streaming window against the idle one."""
+    from bench.gpu.trace_summary import compare
+
+    if "idle" not in profiles:
+        return {}
+    out: dict = {"windows": profiles}
+    for name in ("stream_throttled", "stream_unthrottled"):
+        if name in profiles:
+            cmp = compare(profiles["idle"], profiles[name])
+            steps = phases.get(f"profile_{name}", {}).get("all", {})
+            base = phases.get("profile_idle", {}).get("all", {})
+            cmp["step_ms_p50"] = [base.get("p50_ms"), steps.get("p50_ms")]
+            out[name] = cmp
+    return out
 
 
 def _bandwidth(ranks: list[dict], names: list[str]) -> dict:
@@ -756,6 +916,13 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--hang-timeout-s", type=float, default=HarnessOptions.hang_timeout_s)
     p.add_argument("--expert-mode", choices=("auto", "grouped", "loop"), default="auto")
     p.add_argument("--switch-interval-s", type=float, default=0.0, help="sys.setswitchinterval in the rank processes")
+    p.add_argument("--side-max-ctas", type=int, default=None, help="CTA limit of the side communicator (default: NCCL's)")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of rank 0 after idle/throttled/unthrottled")
+    p.add_argument("--profile-dir", default=None, help="keep the profiled windows' Chrome traces here")
+    p.add_argument("--external-stream-gbps", type=float, default=0.0,
+                   help="diagnostic phase: ring traffic at this rate from a low-overhead thread, no plans")
+    p.add_argument("--external-chunk-mib", type=int, default=HarnessOptions.external_chunk_bytes >> 20)
+    p.add_argument("--agent-cprofile", action="store_true", help="cProfile the agent thread on rank 0")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--out", default=None, help="write the summary JSON here")
     args = p.parse_args(argv)
@@ -780,7 +947,10 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
                           throttled_chunk_bytes=args.throttled_chunk_mib << 20, pack_per_peer=pack,
                           fence_steps=args.fence_steps, max_groups_in_flight=args.in_flight, sync_plans=args.sync_plans,
                           hang_timeout_s=args.hang_timeout_s, expert_mode=args.expert_mode, log_level=args.log_level,
-                          switch_interval_s=args.switch_interval_s)
+                          switch_interval_s=args.switch_interval_s, side_max_ctas=args.side_max_ctas,
+                          profile_steps=args.profile_steps, profile_dir=args.profile_dir,
+                          external_stream_gbps=args.external_stream_gbps,
+                          external_chunk_bytes=args.external_chunk_mib << 20, agent_cprofile=args.agent_cprofile)
     return opts, args
 
 

@@ -231,6 +231,59 @@ def paced_ring(t, rank: int, world: int, chunk_mib: int = 48, chunks: int = 8, g
             "gbps": chunk * chunks / paced / 1e9, "expected_gbps": chunk * chunks / (unpaced + chunks * gap_s) / 1e9}
 
 
+def side_kernel_ctas(t, ops) -> dict[str, list[int]]:
+    """CTAs (grid size) of the NCCL kernels one ``exchange`` of ``ops`` launches, from the profiler."""
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu.trace_summary import load_kernels, short_name
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t.exchange(ops)
+        t.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        kernels = load_kernels(path)
+    finally:
+        os.unlink(path)
+    out: dict[str, set[int]] = {}
+    for k in kernels:
+        if "nccl" in k.name.lower():
+            out.setdefault(short_name(k.name), set()).add(k.ctas)
+    return {name: sorted(v) for name, v in out.items()}
+
+
+def cta_sweep(rank: int, world: int, port: int, device: torch.device, limits: list[int], size: int, iters: int,
+              in_flight: int) -> list[dict]:
+    """Per CTA limit of the side communicator (0 = NCCL's choice): ring and agent-block rates and
+    the CTAs its send/recv kernel really got. Each limit is a fresh communicator (generation)."""
+    from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+
+    send = torch.empty(size, dtype=torch.uint8, device=device).fill_(rank)
+    recv = torch.empty(size, dtype=torch.uint8, device=device)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    ring = [P2POp(True, send, nxt, 0), P2POp(False, recv, prv, 0)]
+    rows = []
+    for i, limit in enumerate(limits):
+        t = CupyNcclTransport(device, max_groups_in_flight=in_flight, max_ctas=limit or None)
+        t.connect(CommInit(generation=100 + i, store_host="127.0.0.1", store_port=port, world_size=world), rank, 60)
+        try:
+            row = {"max_ctas": limit or None}
+            row["ctas"] = side_kernel_ctas(t, ring)
+            row["ring_gbps"] = size * iters / _timed(t, lambda: t.exchange(ring), iters) / 1e9
+            _barrier(t)
+            row["blocks_gbps"] = agent_pattern(t, rank, world, max(2, iters // 2))["blocks"]
+            _barrier(t)
+            rows.append(row)
+        finally:
+            t.abort()
+    return rows
+
+
 def abort_and_rebuild(t, rank: int, world: int, host: str, port: int, timeout_s: float) -> dict:
     """Rank 0 waits on a receive nobody matches; abort must free it; generation 2 must work."""
     out: dict = {}
@@ -268,17 +321,23 @@ def _rank(rank: int, world: int, port: int, opts: dict, results) -> None:
 
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        t = CupyNcclTransport(device, max_groups_in_flight=opts["in_flight"])
+        t = CupyNcclTransport(device, max_groups_in_flight=opts["in_flight"], max_ctas=opts["max_ctas"])
         t0 = time.perf_counter()
         t.connect(CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=world), rank, 60)
         out["connect_s"] = round(time.perf_counter() - t0, 3)
         out["exchange"] = check_exchange(t, rank, world, salt=1)
         out["fence"] = check_fence(t)
         out["vote"] = check_vote(t, rank, world)
+        probe = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+        out["side_kernel_ctas"] = side_kernel_ctas(t, [P2POp(True, probe[: 32 << 20], (rank + 1) % world, 0),
+                                                       P2POp(False, probe[32 << 20:], (rank - 1) % world, 0)])
         if not opts["quick"]:
             out["bench"] = bench(t, rank, world, opts["size_mib"] << 20, opts["iters"], opts["chunks_mib"])
         out["abort"] = abort_and_rebuild(t, rank, world, "127.0.0.1", port, opts["abort_timeout_s"])
         t.abort()
+        if opts["cta_sweep"] and not opts["quick"]:
+            out["cta_sweep"] = cta_sweep(rank, world, port, device, opts["cta_sweep"], opts["size_mib"] << 20,
+                                         opts["iters"], opts["in_flight"])
     except Exception as exc:
         import traceback
 
@@ -288,7 +347,8 @@ def _rank(rank: int, world: int, port: int, opts: dict, results) -> None:
 
 
 def run_p2p(world: int, *, size_mib: int = 256, iters: int = 8, chunks_mib=(16, 64, 256), quick: bool = False,
-            in_flight: int = 2, abort_timeout_s: float = 3.0, timeout_s: float = 300.0) -> dict:
+            in_flight: int = 2, abort_timeout_s: float = 3.0, timeout_s: float = 300.0, max_ctas: int | None = None,
+            cta_sweep_limits: list[int] | None = None) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -296,7 +356,7 @@ def run_p2p(world: int, *, size_mib: int = 256, iters: int = 8, chunks_mib=(16, 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     opts = {"size_mib": size_mib, "iters": iters, "chunks_mib": list(chunks_mib), "quick": quick, "in_flight": in_flight,
-            "abort_timeout_s": abort_timeout_s}
+            "abort_timeout_s": abort_timeout_s, "max_ctas": max_ctas, "cta_sweep": list(cta_sweep_limits or [])}
     procs = [ctx.Process(target=_rank, args=(r, world, port, opts, results)) for r in range(world)]
     for p in procs:
         p.start()
@@ -327,6 +387,7 @@ def summarize(world: int, ranks: list[dict], opts: dict) -> dict:
         "errors": [f"rank {r['rank']}: {r['error']}" for r in ranks if "error" in r] + ([] if len(ranks) == world else [f"{world - len(ranks)} ranks did not report"]),
         "exchange_ok": ok("exchange"), "fence_ok": ok("fence"), "vote_ok": ok("vote"),
         "connect_s": max((r.get("connect_s", 0) for r in ranks), default=None),
+        "side_kernel_ctas": sorted({c for r in ranks for v in r.get("side_kernel_ctas", {}).values() for c in v}),
         "ranks": ranks,
     }
     aborts = [r.get("abort", {}) for r in ranks]
@@ -350,6 +411,12 @@ def summarize(world: int, ranks: list[dict], opts: dict) -> dict:
         ap = summary["agent_pattern_gbps_mean"]
         summary["recommend_pack_per_peer"] = bool(summary["agent_pattern_packed_correct"] and ap["packed_per_peer"] > 1.1 * ap["separate_ops"])
         summary["peak_gbps"] = max([summary["pair_gbps"], summary["ring_gbps_mean"], *summary["chunked_ring_gbps_mean"].values()])
+    sweeps = [r.get("cta_sweep") for r in ranks]
+    if sweeps and all(sweeps):
+        summary["cta_sweep"] = [{"max_ctas": row["max_ctas"], "ctas": row["ctas"],
+                                 "ring_gbps_mean": float(np.mean([s[i]["ring_gbps"] for s in sweeps])),
+                                 "blocks_gbps_mean": float(np.mean([s[i]["blocks_gbps"] for s in sweeps]))}
+                                for i, row in enumerate(sweeps[0])]
     summary["ok"] = not summary["errors"] and summary.get("agent_pattern_blocks_correct", True) and summary["exchange_ok"] and summary["fence_ok"] and summary["vote_ok"] and summary["abort_ok"]
     return summary
 
@@ -362,10 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks-mib", default="16,64,256")
     p.add_argument("--in-flight", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="correctness and abort only")
+    p.add_argument("--max-ctas", type=int, default=None, help="CTA limit of the side communicator (default: NCCL's)")
+    p.add_argument("--cta-sweep", default="", help="comma-separated CTA limits to measure after the main run (0 = NCCL's choice)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     summary = run_p2p(args.world, size_mib=args.size_mib, iters=args.iters,
-                      chunks_mib=[int(c) for c in args.chunks_mib.split(",") if c], quick=args.quick, in_flight=args.in_flight)
+                      chunks_mib=[int(c) for c in args.chunks_mib.split(",") if c], quick=args.quick, in_flight=args.in_flight,
+                      max_ctas=args.max_ctas, cta_sweep_limits=[int(c) for c in args.cta_sweep.split(",") if c.strip()])
     text = json.dumps(summary, indent=2)
     if args.out:
         with open(args.out, "w") as f:

@@ -39,6 +39,11 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
                          f"packed per peer {_f(ap['packed_per_peer'], 1)}, one pre-packed op {_f(ap['one_op_bound'], 1)}, "
                          f"**agent blocks (gather on the pack stream + one op per tensor) {_f(ap.get('blocks'), 1)}** "
                          f"(correct: {p2p.get('agent_pattern_blocks_correct')}) | | |")
+        sweep = p2p.get("cta_sweep")
+        if sweep:
+            cells = "; ".join(f"{row['max_ctas'] or 'NCCL default'}: ring {_f(row['ring_gbps_mean'], 0)}, blocks {_f(row['blocks_gbps_mean'], 0)} GB/s, "
+                              f"CTAs {', '.join(f'{v}' for k, v in row['ctas'].items())}" for row in sweep)
+            lines.append(f"| side communicator CTA limit (max_ctas): ring / agent-block rate, CTAs per NCCL kernel | {cells} | | |")
         pr = p2p.get("paced_ring")
         if pr:
             lines.append(f"| throttle gaps on the device ({pr['chunks']:.0f} x {pr['chunk_mib']:.0f} MiB ring groups, {pr['gap_s'] * 1e3:.1f} ms gap each) | "
@@ -135,7 +140,25 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
     lines.append(f"| soak: rearrangements under serving, hangs, output mismatches (whole run) | {soak.get('rearrangements')} in "
                  f"{soak.get('seconds')} s of soak ({co['committed']} in the run); hangs {harness.get('hangs')}; mismatches "
                  f"{harness.get('output_mismatches')} (every step, every token) | 0 hangs, 0 mismatches | {_met(ok)} |")
+    lines += profile_lines(harness.get("profile") or {})
     return "\n".join(lines), verdicts
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """Rows of the profiled windows: serving kernels' GPU time per step, idle against streaming."""
+    out = []
+    for name, label in (("stream_throttled", "throttled"), ("stream_unthrottled", "unthrottled")):
+        cmp = profile.get(name)
+        if not cmp:
+            continue
+        idle_ms, stream_ms = cmp["serving_kernel_ms_per_step"]
+        steps = cmp.get("step_ms_p50") or [None, None]
+        top = "; ".join(f"{r['kernel']} {r['added_ms_per_step']:+.2f} ms (x{_f(r['mean_ratio'], 2)})" for r in cmp["top_changes"][:4])
+        ctas = ", ".join(f"{k} {v}" for k, v in cmp.get("side_kernel_ctas", {}).items() if "ncclDevKernel" in k) or "n/a"
+        out.append(f"| profile, rank 0 ({label} vs idle): step p50; serving-stream kernel time per step; side kernels per step; "
+                   f"largest changes; side NCCL CTAs | {_f(steps[0], 2)} -> {_f(steps[1], 2)} ms; {_f(idle_ms, 2)} -> {_f(stream_ms, 2)} ms "
+                   f"({_delta(stream_ms, idle_ms)}); {_f(cmp['side_kernel_ms_per_step'], 2)} ms; {top}; {ctas} | | |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

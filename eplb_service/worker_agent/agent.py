@@ -38,6 +38,24 @@ _NO_DIGEST = -(1 << 62)
 """Vote entry of a rank that took no part in a remote op (below every real digest)."""
 
 
+class CpuSections:
+    """CPU time of this thread per section of a handler, added to ``stats[f"{prefix}_{name}_cpu_us"]``.
+
+    The agent thread shares the GIL with the serving thread, so its CPU time is what it can
+    take from serving; the sections say where it goes (``thread_time``: a few hundred ns a mark).
+    """
+
+    __slots__ = ("stats", "prefix", "last")
+
+    def __init__(self, stats: collections.Counter, prefix: str) -> None:
+        self.stats, self.prefix, self.last = stats, prefix, time.thread_time()
+
+    def mark(self, name: str) -> None:
+        now = time.thread_time()
+        self.stats[f"{self.prefix}_{name}_cpu_us"] += int((now - self.last) * 1e6)
+        self.last = now
+
+
 def weights_row(tensors: list, row: int) -> list:
     """One expert's row of every weight tensor of a layer: one record."""
     return [t[row] for t in tensors]
@@ -409,6 +427,7 @@ class WorkerAgent:
         layers = list(plan.layers)
         cfg = self.config
         bpe = self.bytes_per_expert
+        cpu = CpuSections(self.stats, "stage")
         schedule = build_schedule(self.phy2log_host[layers], rows, self.shape.num_ranks, self.ranks_per_node)
         bounds = schedule.chunks(cfg.max_ops_per_group, cfg.chunk_bytes, bpe)
         schedule = schedule.contiguous_by_source(bounds)
@@ -423,11 +442,13 @@ class WorkerAgent:
                 self._pump_while_staging(plan.plan_id)
 
         transport.poll_hook = pump
+        cpu.mark("plan")
         try:
             transport.start_batch()
             for copy in work.local:
                 for k, live in enumerate(weights[layers[copy.layer]]):
                     transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
+            cpu.mark("local")
             received = 0
             pending: list[tuple[list[int], object]] = []  # (remote op indices, their digests)
             for number, (begin, end) in enumerate(bounds):
@@ -443,16 +464,22 @@ class WorkerAgent:
                     ops.append(P2POp(False, block, peer, number))
                     blocks.append((part.receive_ops[peer], block))
                     received += count * bpe
+                cpu.mark("pack")
                 # The throttle: the busiest rank's bytes in this chunk over the rate, the same
                 # figure on every rank.
                 pace_s = schedule.chunk_cost_bytes(begin, end, bpe) / cfg.throttle_bytes_per_s if cfg.throttle_bytes_per_s > 0 else 0.0
                 transport.exchange(ops, pace_s)
+                cpu.mark("exchange")
                 pending.extend((indices, transport.block_digests(block)) for indices, block in blocks)
+                cpu.mark("digest")
                 self._pump_while_staging(plan.plan_id)
+                cpu.mark("pump")
             for dup in work.duplicates:
                 transport.copy_local(area.block(dup.dst_staging, 1), area.block(dup.src_staging, 1))
             transport.synchronize()
+            cpu.mark("synchronize")
             self._digests = self._remote_digests(len(schedule.remote), pending)
+            cpu.mark("collect")
         finally:
             transport.poll_hook = None
         self.stats["bytes_received"] += received
@@ -483,9 +510,11 @@ class WorkerAgent:
         ready = self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None and self._ticket is None
         ticket = None
         hooks = self.hooks
+        cpu = CpuSections(self.stats, "vote")
         if ready:
             with self.transport.device_context():  # complete when the vote below returns
                 action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
+            cpu.mark("prepare")
             ticket = CommitTicket(action=action)
             hooks.ticket = ticket
             entry = hooks.steps_done
@@ -518,6 +547,7 @@ class WorkerAgent:
         self.transport.poll_hook = keep_alive
         try:
             result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready))
+            cpu.mark("reduce")
         except TransportError as exc:
             self.log.error("vote for plan %d failed: %s", msg.plan_id, exc)
             self.transport.abort()
