@@ -55,3 +55,36 @@ def test_idle_streams_are_the_serving_ones_and_new_streams_are_side(tmp_path):
     assert top["kernel"] == "sm90_gemm_bf16"
     assert top["added_ms_per_step"] == pytest.approx(0.02)
     assert top["mean_ratio"] == pytest.approx(125 / 105)
+
+
+def _host(calls):
+    return {"traceEvents": [{"ph": "X", "cat": "cuda_runtime", "name": name, "tid": tid, "ts": 0, "dur": dur, "args": {}}
+                            for name, tid, dur in calls]}
+
+
+def test_host_api_time_of_one_thread_and_its_change():
+    from bench.gpu.trace_summary import host_api_summary
+
+    idle_trace = _host([("cudaLaunchKernel", 11, 4.0)] * 10 + [("cudaStreamSynchronize", 11, 100.0), ("cudaEventQuery", 99, 50.0)])
+    busy_trace = _host([("cudaLaunchKernel", 11, 9.0)] * 10 + [("cudaStreamSynchronize", 11, 100.0), ("cudaEventQuery", 99, 70.0)])
+    idle_host = host_api_summary(idle_trace, steps=2, tid=11)
+    assert idle_host["threads_seen"] == 2
+    assert idle_host["ms_per_step"] == pytest.approx(0.07)
+    assert idle_host["calls"]["cudaLaunchKernel"] == {"per_step": 5.0, "mean_us": 4.0, "ms_per_step": 0.02}
+    assert "cudaEventQuery" not in idle_host["calls"]
+    everyone = host_api_summary(idle_trace, steps=2)
+    assert "cudaEventQuery" in everyone["calls"]
+    idle = {**window_summary(kernels_of(IDLE), steps=2), "host_api": idle_host}
+    streaming = {**window_summary(kernels_of(STREAMING), steps=2, serving_streams={7, 20}),
+                 "host_api": host_api_summary(busy_trace, steps=2, tid=11)}
+    cmp = compare(idle, streaming)
+    assert cmp["host_api_ms_per_step"] == [pytest.approx(0.07), pytest.approx(0.095)]
+    assert cmp["host_api_top_changes"][0] == {"call": "cudaLaunchKernel", "idle_ms_per_step": pytest.approx(0.02),
+                                              "streaming_ms_per_step": pytest.approx(0.045)}
+
+
+def test_host_api_falls_back_to_all_threads_when_the_id_is_unknown():
+    from bench.gpu.trace_summary import host_api_summary
+
+    got = host_api_summary(_host([("cudaLaunchKernel", 5, 4.0)]), steps=1, tid=12345)
+    assert got["tid"] is None and got["calls"]["cudaLaunchKernel"]["per_step"] == 1.0

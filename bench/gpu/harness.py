@@ -140,6 +140,9 @@ class HarnessOptions:
     unthrottled phases, each in a ``profile_*`` phase of its own (0 = no profiling)."""
     profile_dir: str | None = None
     """Where the profiled windows' Chrome traces are written (None: a temporary directory, deleted)."""
+    profile_cpu: bool = False
+    """Also record host activity in the profiled windows: the serving thread's CUDA runtime
+    calls, time per step by call (heavier traces; the kernel figures stay comparable)."""
     external_stream_gbps: float = 0.0
     """A diagnostic phase ``stream_external`` after ``idle`` (0 = none): no plans, but a thread
     of each rank streams a ring over a second side communicator at this rate (48 MiB groups,
@@ -387,7 +390,7 @@ class RankRunner:
         """``profile_steps`` more steps of the phase ``after`` in a phase of their own; rank 0
         records its kernels (their overhead stays out of the timed phases)."""
         steps = self.opts.profile_steps
-        if steps <= 0 or not self.cuda:
+        if steps <= 0:
             return
         self._enter(f"profile_{after}", plans=plans)
         if self.rank != 0:
@@ -396,21 +399,28 @@ class RankRunner:
             return
         from torch.profiler import ProfilerActivity, profile
 
-        from bench.gpu.trace_summary import load_kernels, window_summary
+        from bench.gpu.trace_summary import host_api_summary, kernels_of, window_summary
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # on a CPU-only run (the harness's logic check) the host activity is all there is
+        activities = ([ProfilerActivity.CUDA] if self.cuda else []) + (
+            [ProfilerActivity.CPU] if self.opts.profile_cpu or not self.cuda else [])
+        with profile(activities=activities) as prof:
             for _ in range(steps):
                 self.step()
         directory = self.opts.profile_dir or tempfile.mkdtemp(prefix="eplb-profile-")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"rank0_{after}.json")
         prof.export_chrome_trace(path)
-        kernels = load_kernels(path)
+        with open(path) as f:
+            trace = json.load(f)
         if self.opts.profile_dir is None:
             os.unlink(path)
+        kernels = kernels_of(trace)
         if after == "idle":
             self._serving_streams = {k.stream for k in kernels}
         self.profiles[after] = window_summary(kernels, steps, self._serving_streams)
+        if self.opts.profile_cpu:
+            self.profiles[after]["host_api"] = host_api_summary(trace, steps, tid=threading.get_native_id())
 
     def _external_phase(self) -> None:
         """``stream_external`` (see :attr:`HarnessOptions.external_stream_gbps`): a thread streams
@@ -919,6 +929,7 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--side-max-ctas", type=int, default=None, help="CTA limit of the side communicator (default: NCCL's)")
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of rank 0 after idle/throttled/unthrottled")
     p.add_argument("--profile-dir", default=None, help="keep the profiled windows' Chrome traces here")
+    p.add_argument("--profile-cpu", action="store_true", help="profiled windows also record the serving thread's CUDA API calls")
     p.add_argument("--external-stream-gbps", type=float, default=0.0,
                    help="diagnostic phase: ring traffic at this rate from a low-overhead thread, no plans")
     p.add_argument("--external-chunk-mib", type=int, default=HarnessOptions.external_chunk_bytes >> 20)
@@ -948,7 +959,7 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
                           fence_steps=args.fence_steps, max_groups_in_flight=args.in_flight, sync_plans=args.sync_plans,
                           hang_timeout_s=args.hang_timeout_s, expert_mode=args.expert_mode, log_level=args.log_level,
                           switch_interval_s=args.switch_interval_s, side_max_ctas=args.side_max_ctas,
-                          profile_steps=args.profile_steps, profile_dir=args.profile_dir,
+                          profile_steps=args.profile_steps, profile_dir=args.profile_dir, profile_cpu=args.profile_cpu,
                           external_stream_gbps=args.external_stream_gbps,
                           external_chunk_bytes=args.external_chunk_mib << 20, agent_cprofile=args.agent_cprofile)
     return opts, args

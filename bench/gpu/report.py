@@ -158,6 +158,12 @@ def profile_lines(profile: dict) -> list[str]:
         out.append(f"| profile, rank 0 ({label} vs idle): step p50; serving-stream kernel time per step; side kernels per step; "
                    f"largest changes; side NCCL CTAs | {_f(steps[0], 2)} -> {_f(steps[1], 2)} ms; {_f(idle_ms, 2)} -> {_f(stream_ms, 2)} ms "
                    f"({_delta(stream_ms, idle_ms)}); {_f(cmp['side_kernel_ms_per_step'], 2)} ms; {top}; {ctas} | | |")
+        if cmp.get("host_api_ms_per_step"):
+            base, now = cmp["host_api_ms_per_step"]
+            calls = "; ".join(f"{r['call']} {r['idle_ms_per_step']:.2f} -> {r['streaming_ms_per_step']:.2f} ms"
+                              for r in cmp["host_api_top_changes"][:4])
+            out.append(f"| profile, rank 0 ({label} vs idle): serving thread's CUDA API time per step; largest changes | "
+                       f"{_f(base, 2)} -> {_f(now, 2)} ms; {calls} | | |")
     return out
 
 

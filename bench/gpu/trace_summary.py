@@ -109,10 +109,46 @@ def compare(idle: dict, streaming: dict, top: int = 8) -> dict:
                      "added_ms_per_step": other["ms_per_step"] - base["ms_per_step"]})
     rows.sort(key=lambda r: -abs(r["added_ms_per_step"]))
     base_ms = idle["serving_kernel_ms_per_step"]
-    return {
+    host = {}
+    if "host_api" in idle and "host_api" in streaming:
+        a, b = idle["host_api"], streaming["host_api"]
+        calls = [{"call": name, "idle_ms_per_step": a["calls"].get(name, {}).get("ms_per_step", 0.0),
+                  "streaming_ms_per_step": b["calls"].get(name, {}).get("ms_per_step", 0.0)}
+                 for name in set(a["calls"]) | set(b["calls"])]
+        calls.sort(key=lambda r: -abs(r["streaming_ms_per_step"] - r["idle_ms_per_step"]))
+        host = {"host_api_ms_per_step": [a["ms_per_step"], b["ms_per_step"]], "host_api_top_changes": calls[:top]}
+    return {**host,
         "serving_kernel_ms_per_step": [base_ms, streaming["serving_kernel_ms_per_step"]],
         "serving_kernel_change": (streaming["serving_kernel_ms_per_step"] / base_ms - 1) if base_ms else None,
         "side_kernel_ms_per_step": streaming["side_kernel_ms_per_step"],
         "side_kernel_ctas": streaming["side_kernel_ctas"],
         "top_changes": rows[:top],
+    }
+
+
+def host_api_summary(trace: dict, steps: int, tid: int | None = None, top: int = 12) -> dict:
+    """CUDA runtime/driver calls on the host (``torch.profiler`` CPU activity): time per step by name.
+
+    ``tid`` keeps one thread's calls (the serving thread's OS thread id); ``None`` keeps all.
+    Where the serving thread's launches slow down while side traffic flows, this says which
+    calls took the time (a launch waiting on a driver lock, a synchronisation spinning longer).
+    """
+    steps = max(steps, 1)
+    by_name: dict[str, list[float]] = defaultdict(list)
+    threads = set()
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") != "X" or ev.get("cat") not in ("cuda_runtime", "cuda_driver"):
+            continue
+        threads.add(ev.get("tid"))
+        if tid is not None and ev.get("tid") != tid:
+            continue
+        by_name[str(ev.get("name", "?"))].append(float(ev.get("dur", 0.0)))
+    if tid is not None and not by_name and threads:
+        return host_api_summary(trace, steps, tid=None, top=top)  # the profiler named threads otherwise: all of them
+    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "steps": steps, "tid": tid, "threads_seen": len(threads),
+        "ms_per_step": sum(sum(d) for d in by_name.values()) / steps / 1e3,
+        "calls": {name: {"per_step": len(d) / steps, "mean_us": sum(d) / len(d), "ms_per_step": sum(d) / steps / 1e3}
+                  for name, d in rows},
     }
