@@ -145,14 +145,12 @@ class HarnessOptions:
     calls, time per step by call (heavier traces; the kernel figures stay comparable)."""
     external_stream_gbps: float = 0.0
     """A diagnostic phase ``stream_external`` after ``idle`` (0 = none): no plans, but a thread
-    of each rank streams a ring over a second side communicator at this rate (48 MiB groups,
-    the throttle's device gaps) queuing many groups per host wake-up. The same GPU traffic
+    of each rank streams a ring over a second side communicator at this rate (groups of
+    ``external_chunk_bytes``, the throttle's device gaps) queuing many groups per host wake-up. The same GPU traffic
     as the agent's throttled streaming with almost none of its host work: what the step
     time does then tells GPU-side interference apart from the agent's host cost."""
     external_chunk_bytes: int = 48 << 20
     """Group size of the ``stream_external`` traffic."""
-    agent_cprofile: bool = False
-    """cProfile the agent thread's plan and vote handling on rank 0 (top functions in the result)."""
 
 
 # -- the CPU side transport, with the sessions the summary reads ------------------------------
@@ -399,7 +397,7 @@ class RankRunner:
             return
         from torch.profiler import ProfilerActivity, profile
 
-        from bench.gpu.trace_summary import host_api_summary, kernels_of, window_summary
+        from bench.gpu.trace_summary import export_trace, host_api_summary, kernels_of, window_summary
 
         # on a CPU-only run (the harness's logic check) the host activity is all there is
         activities = ([ProfilerActivity.CUDA] if self.cuda else []) + (
@@ -407,14 +405,11 @@ class RankRunner:
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 self.step()
-        directory = self.opts.profile_dir or tempfile.mkdtemp(prefix="eplb-profile-")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"rank0_{after}.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-        if self.opts.profile_dir is None:
-            os.unlink(path)
+        path = None
+        if self.opts.profile_dir is not None:
+            os.makedirs(self.opts.profile_dir, exist_ok=True)
+            path = os.path.join(self.opts.profile_dir, f"rank0_{after}.json")
+        trace = export_trace(prof, path)
         kernels = kernels_of(trace)
         if after == "idle":
             self._serving_streams = {k.stream for k in kernels}
@@ -510,42 +505,7 @@ class RankRunner:
             "dropped_load_windows": hooks.dropped_windows, "transport_aborts": getattr(self.transport, "aborts", 0),
             "step_s_agreed": self.step_s_agreed, "notes": self.notes, "profiles": self.profiles,
             "external_bytes": self.external_bytes,
-            "agent_cprofile": self.agent_profile.report() if getattr(self, "agent_profile", None) else None,
         }
-
-
-class _AgentCProfile:
-    """cProfile of the agent thread's loop iterations, in CPU time of that thread (a diagnostic)."""
-
-    def __init__(self) -> None:
-        import cProfile
-
-        self.profile = cProfile.Profile(time.thread_time)
-        self.calls = 0
-
-    def wrap(self, fn):
-        def wrapped(*args, **kwargs):
-            self.profile.enable()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.profile.disable()
-                self.calls += 1
-        return wrapped
-
-    def report(self, top: int = 30) -> dict:
-        import io
-        import pstats
-
-        text = io.StringIO()
-        pstats.Stats(self.profile, stream=text).sort_stats("tottime").print_stats(top)
-        return {"calls": self.calls, "top_by_tottime": text.getvalue()[-12000:]}
-
-
-def _cprofile_agent(agent) -> _AgentCProfile:
-    prof = _AgentCProfile()
-    agent._tick = prof.wrap(agent._tick)
-    return prof
 
 
 def warm_commit_kernels(model) -> None:
@@ -613,8 +573,6 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
         dist.barrier()
         runner = RankRunner(opts, rank, stack, agent, transport, control, progress)
         runner.serving_port = serving_port
-        if opts.agent_cprofile and rank == 0:
-            runner.agent_profile = _cprofile_agent(agent)
         try:
             runner.run()
             dist.barrier()
@@ -816,10 +774,10 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
         "staging": round(st.get("stage_cpu_us", 0) / max(1, st.get("staged", 0)) / 1e3, 3),
         "vote": round(st.get("vote_cpu_us", 0) / max(1, st.get("votes", 0)) / 1e3, 3),
         "sections": {k[:-len("_cpu_us")]: round(v / max(1, st.get("staged" if k.startswith("stage_") else "votes", 0)) / 1e3, 3)
-                     for k, v in sorted(st.items()) if k.endswith("_cpu_us") and k.count("_") >= 3}}
+                     for k, v in sorted(st.items())
+                     if k.endswith("_cpu_us") and k not in ("stage_cpu_us", "vote_cpu_us")}}
     summary["notes"] = sorted({note for r in complete for note in r["notes"]})
     summary["profile"] = _profile_summary(complete[0].get("profiles", {}), phases)
-    summary["agent_cprofile_rank0"] = complete[0].get("agent_cprofile")
     summary["external_stream_bytes"] = int(sum(r.get("external_bytes", 0) for r in complete))
     if "soak" in phases:
         soak = phases["soak"]
@@ -933,7 +891,6 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--external-stream-gbps", type=float, default=0.0,
                    help="diagnostic phase: ring traffic at this rate from a low-overhead thread, no plans")
     p.add_argument("--external-chunk-mib", type=int, default=HarnessOptions.external_chunk_bytes >> 20)
-    p.add_argument("--agent-cprofile", action="store_true", help="cProfile the agent thread on rank 0")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--out", default=None, help="write the summary JSON here")
     args = p.parse_args(argv)
@@ -961,7 +918,7 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
                           switch_interval_s=args.switch_interval_s, side_max_ctas=args.side_max_ctas,
                           profile_steps=args.profile_steps, profile_dir=args.profile_dir, profile_cpu=args.profile_cpu,
                           external_stream_gbps=args.external_stream_gbps,
-                          external_chunk_bytes=args.external_chunk_mib << 20, agent_cprofile=args.agent_cprofile)
+                          external_chunk_bytes=args.external_chunk_mib << 20)
     return opts, args
 
 

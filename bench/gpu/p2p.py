@@ -233,23 +233,14 @@ def paced_ring(t, rank: int, world: int, chunk_mib: int = 48, chunks: int = 8, g
 
 def side_kernel_ctas(t, ops) -> dict[str, list[int]]:
     """CTAs (grid size) of the NCCL kernels one ``exchange`` of ``ops`` launches, from the profiler."""
-    import os
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.gpu.trace_summary import load_kernels, short_name
+    from bench.gpu.trace_summary import export_trace, kernels_of, short_name
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t.exchange(ops)
         t.synchronize()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        kernels = load_kernels(path)
-    finally:
-        os.unlink(path)
+    kernels = kernels_of(export_trace(prof))
     out: dict[str, set[int]] = {}
     for k in kernels:
         if "nccl" in k.name.lower():

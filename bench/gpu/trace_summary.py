@@ -14,6 +14,8 @@ Pure functions over the parsed JSON: testable without a GPU.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -47,6 +49,20 @@ def kernels_of(trace: dict) -> list[Kernel]:
 def load_kernels(path: str) -> list[Kernel]:
     with open(path) as f:
         return kernels_of(json.load(f))
+
+
+def export_trace(prof, path: str | None = None) -> dict:
+    """A finished ``torch.profiler`` run's Chrome trace as parsed JSON.
+
+    The profiler only exports to a file: it goes to ``path`` (kept) or to a temporary file
+    (deleted).
+    """
+    if path is not None:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)
+    with tempfile.TemporaryDirectory(prefix="eplb-trace-") as directory:
+        return export_trace(prof, os.path.join(directory, "trace.json"))
 
 
 def short_name(name: str, width: int = 60) -> str:

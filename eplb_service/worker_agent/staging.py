@@ -59,11 +59,8 @@ def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Ten
     3.4 ms of the agent's CPU per vote went into preparing the commit).
     """
     flat = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
-    host = torch.from_numpy(np.concatenate([a.ravel() for a in flat]) if flat else np.empty(0, dtype=np.int64))
-    if device.type == "cuda":
-        whole = host.pin_memory().to(device, non_blocking=True)
-    else:
-        whole = host.clone()
+    host = torch.from_numpy(np.concatenate([a.ravel() for a in flat]))  # a fresh buffer, owned here
+    whole = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
     out, begin = [], 0
     for a in flat:
         out.append(whole[begin:begin + a.size].view(a.shape))

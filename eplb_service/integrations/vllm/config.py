@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
+
 ENDPOINT = "EPLB_SERVICE_ENDPOINT"
 TRANSPORT = "EPLB_SERVICE_TRANSPORT"
 STAGING_BUDGET_BYTES = "EPLB_SERVICE_STAGING_BUDGET_BYTES"
@@ -62,8 +64,8 @@ class PluginConfig:
             raise ConfigError(f"{ENDPOINT}={self.endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"{TRANSPORT}={self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
-        if self.side_max_ctas is not None and not 1 <= self.side_max_ctas <= 64:
-            raise ConfigError(f"{SIDE_MAX_CTAS}={self.side_max_ctas}: expected 1..64 CTAs")
+        if self.side_max_ctas is not None and not 1 <= self.side_max_ctas <= MAX_CHANNELS:
+            raise ConfigError(f"{SIDE_MAX_CTAS}={self.side_max_ctas}: expected 1..{MAX_CHANNELS} CTAs")
 
     def agent_overrides(self) -> dict[str, int | float]:
         """The coordinator's ``AgentConfig`` fields this instance overrides."""
