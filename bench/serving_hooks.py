@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.expert_model import ExpertModel, map_tensors
 from eplb_service.worker_agent.schedule import build_schedule
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
@@ -74,8 +75,8 @@ def main() -> None:
     commits = []
     for _ in range(50):
         t = CommitTicket(action=ticket.action)
-        t.vote_entry_step, t.commit_step, t.vote_ok = hooks.steps_done, hooks.steps_done, True
-        t.decided.set()
+        t.vote_entry_step = hooks.steps_done
+        t.resolve(Decision.commit_at(hooks.steps_done, rank=0))
         hooks.ticket = t
         sync()
         t0 = time.perf_counter()

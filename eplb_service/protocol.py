@@ -10,16 +10,32 @@ types (``python -m eplb_service.schema``) and a test keeps it current.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 1
-"""Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others."""
+PROTOCOL_VERSION = 2
+"""Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others.
+2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""Largest frame either side accepts (also set as the ZeroMQ socket limit)."""
+"""Hard ceiling of any frame (the agents' socket limit; the coordinator's is far lower,
+see :func:`max_message_bytes`)."""
+
+UNSHAPED_MAX_MESSAGE_BYTES = 1 << 20
+"""The coordinator's frame limit before it knows the model: a ``Hello`` carries one int64
+per physical slot, so this admits models of up to ~128k slots (61 layers x 2048 slots)."""
+
+
+def max_message_bytes(num_layers: int, num_physical: int) -> int:
+    """The largest frame a legitimate agent sends for this model shape, with headroom.
+
+    The biggest messages are ``Hello`` and ``LoadReport``, one ``[L, P]`` int64 array each;
+    everything else is a few hundred bytes (a heartbeat's step-clock probes about 2 KiB).
+    """
+    return 2 * 8 * num_layers * num_physical + (64 << 10)
+
 
 MAX_ARRAY_DIMS = 4
 ALLOWED_DTYPES = ("int8", "int32", "int64", "float32", "float64")
@@ -95,19 +111,31 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     throttle_bytes_per_s: NonNegFloat = 0.0
     """Per-rank cap on streamed bytes per second; 0 = unthrottled."""
     transport_timeout_s: PosFloat = 30.0
+    decision_timeout_s: PosFloat = 60.0
+    """Longest a serving thread waits at the fence, after ``fence_timeout_s``, for the plan's
+    decision record when it cannot reach it; past it the serving thread raises rather than
+    guess (see ``docs/FAILURE_MODEL.md``)."""
 
 
 class CommInit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    """Build (or rebuild) the side communicator from the coordinator's rendezvous store.
+    """Build (or rebuild) the side communicator from the rendezvous store rank 0 hosts.
 
-    ``generation`` changes after every teardown so a rebuilt communicator never reads
-    keys of a dead one.
+    The store also holds every plan's commit decision record. ``generation`` changes after
+    every teardown so a rebuilt communicator never reads keys of a dead one.
     """
 
     generation: NonNegInt
     store_host: str
     store_port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
     world_size: PosInt
+    nonce: str = ""
+    """Random per coordinator process: the store outlives coordinator restarts, whose
+    generations count from 1 again, so keys are named by both (see :attr:`key_prefix`)."""
+
+    @property
+    def key_prefix(self) -> str:
+        """Where this rendezvous keeps its keys in the store."""
+        return f"eplb/{self.nonce}/gen{self.generation}" if self.nonce else f"eplb/gen{self.generation}"
 
 
 class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -121,6 +149,16 @@ class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     transport: str
     node: str = ""
     pid: NonNegInt = 0
+    store_host: str = ""
+    """Rank 0 only: where the others reach the rendezvous store it hosts."""
+    store_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    resume_session: NonNegInt = 0
+    """The session this agent held before it reopened its socket (0: none): the coordinator
+    lets it take its rank back at once, where any other Hello for a held rank waits."""
+
+
+Session = NonNegInt
+"""Handed out in ``Welcome``; every later message of the agent carries it."""
 
 
 class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -128,10 +166,33 @@ class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
     rank: NonNegInt
     config: AgentConfig
     comm: CommInit | None = None
+    session: Session = 0
+
+
+RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session", "rank_taken"]
+"""Why a message was refused. ``unknown_agent`` / ``stale_session``: register again;
+``rank_taken``: another live session holds the rank, try again later; ``refused``: this
+agent cannot join (version, shape, placement), it stays idle; ``bad_message``: undecodable."""
 
 
 class Reject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     reason: str
+    code: RejectCode = "refused"
+
+
+class StepClock(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When this rank's serving thread finished the steps around a few probe steps.
+
+    ``times[i][j]`` is the monotonic time at which step ``probe_steps[i] - radius + j``
+    ended; ``wall_minus_mono`` converts it to wall time for ranks on other hosts. All ranks
+    run the same forward passes at the same moments, so equal step numbers must carry
+    (nearly) equal times; see ``coordinator.step_clock``.
+    """
+
+    probe_steps: list[NonNegInt]
+    times: list[list[float]]
+    radius: NonNegInt
+    wall_minus_mono: float
 
 
 class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -140,6 +201,16 @@ class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     epoch: NonNegInt
     comm_generation: Annotated[int, msgspec.Meta(ge=-1)] = -1
     """Generation of the side communicator the agent has built; -1 while none."""
+    session: Session = 0
+    internal_errors: NonNegInt = 0
+    """Agent-loop failures this agent recovered from (each one a clean reset)."""
+    clock: StepClock | None = None
+
+
+class HeartbeatAck(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """The coordinator heard the heartbeat: an agent that hears nothing reopens its socket."""
+
+    session: Session
 
 
 class LoadReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -151,6 +222,7 @@ class LoadReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tr
     step_end: NonNegInt
     slot_load: NDArray
     """``[L, P]`` counts, counted under placement ``epoch``."""
+    session: Session = 0
 
 
 class Plan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -171,6 +243,7 @@ class Staged(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     plan_id: NonNegInt
     bytes_received: NonNegInt
     duration_s: NonNegFloat
+    session: Session = 0
 
 
 class Failed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -179,6 +252,7 @@ class Failed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     rank: NonNegInt
     plan_id: NonNegInt
     reason: str
+    session: Session = 0
 
 
 class VoteNow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -186,12 +260,14 @@ class VoteNow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
 
 
 class Voted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
-    """The vote's result as this rank learned it: every rank commits at ``commit_step`` or none does."""
+    """The plan's decision record as this rank read it: every rank commits at ``commit_step``
+    (``ok``) or none does."""
 
     rank: NonNegInt
     plan_id: NonNegInt
     commit_step: NonNegInt
     ok: bool
+    session: Session = 0
 
 
 class Committed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -200,6 +276,7 @@ class Committed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     commit_step: NonNegInt
     epoch: NonNegInt
     stall_s: NonNegFloat
+    session: Session = 0
 
 
 class Aborted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -208,9 +285,13 @@ class Aborted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
     rank: NonNegInt
     plan_id: NonNegInt
     reason: str
+    session: Session = 0
 
 
 class AbortPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
+    """Drop plan ``plan_id``. An agent already in its vote records ``abort`` in the decision
+    record instead; if ``commit`` is there already, it commits, and says so in ``Voted``."""
+
     plan_id: NonNegInt
     reason: str
 
@@ -218,6 +299,7 @@ class AbortPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
 class Goodbye(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     rank: NonNegInt
     reason: str
+    session: Session = 0
 
 
 class CoordinatorStopping(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -236,9 +318,12 @@ class StatusReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=T
 
 
 Message = Union[
-    Hello, Welcome, Reject, CommInit, Heartbeat, LoadReport, Plan, Staged, Failed, VoteNow,
+    Hello, Welcome, Reject, CommInit, Heartbeat, HeartbeatAck, LoadReport, Plan, Staged, Failed, VoteNow,
     Voted, Committed, Aborted, AbortPlan, Goodbye, CoordinatorStopping, StatusRequest, StatusReply,
 ]
+
+AgentMessage = Union[Heartbeat, LoadReport, Staged, Failed, Voted, Committed, Aborted, Goodbye]
+"""What a registered agent sends: each names its rank and carries its session."""
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -248,10 +333,16 @@ def encode(message: Message) -> bytes:
     return _encoder.encode(message)
 
 
-def decode(frame: bytes) -> Message:
-    """Decode one frame; raise :class:`ProtocolError` naming what was wrong."""
-    if len(frame) > MAX_MESSAGE_BYTES:
+def decode(frame: bytes, max_bytes: int | None = None) -> Message:
+    """Decode one frame; raise :class:`ProtocolError` naming what was wrong.
+
+    ``max_bytes``: the receiver's own limit (the coordinator's, fitted to the model), else
+    ``MAX_MESSAGE_BYTES``.
+    """
+    if max_bytes is None and len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES}")
+    if max_bytes is not None and len(frame) > max_bytes:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
     try:
         message = _decoder.decode(frame)
         _check_finite(message, "$")
@@ -262,14 +353,18 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(f"undecodable frame: {exc}") from None
 
 
-def _check_finite(struct: msgspec.Struct, path: str) -> None:
-    """Refuse NaN and infinities in any float field (not every msgspec build does it for ``ge``)."""
-    for name in struct.__struct_fields__:
-        value = getattr(struct, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError(f"invalid message: Expected a finite `float`, got {value} - at `{path}.{name}`")
-        if isinstance(value, msgspec.Struct):
-            _check_finite(value, f"{path}.{name}")
+def _check_finite(value: object, path: str) -> None:
+    """Refuse NaN and infinities in any float field, also inside lists (not every msgspec
+    build does it for ``ge``)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError(f"invalid message: Expected a finite `float`, got {value} - at `{path}`")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _check_finite(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
 
 
 def json_schema() -> dict:

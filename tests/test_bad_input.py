@@ -82,16 +82,22 @@ def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_p
 
 def hello(**changes) -> P.Hello:
     fields = dict(protocol_version=P.PROTOCOL_VERSION, rank=0, model=P.ModelShape(2, 6, 8, 2, 36),
-                  phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)), epoch=0, step=0, transport="gloo")
+                  phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)), epoch=0, step=0, transport="gloo",
+                  store_host="127.0.0.1", store_port=1)
     fields.update(changes)
     return P.Hello(**fields)
 
 
+_ASKED = iter(range(10**9))
+
+
 def ask(endpoint: str, identity: bytes, message) -> P.Message:
+    """One message on a fresh connection (a fresh identity too: a connection with an identity
+    still in use is refused), and the reply."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.IDENTITY, identity + f"-{next(_ASKED)}".encode())
         sock.connect(endpoint)
         sock.send(P.encode(message))
         assert sock.poll(5000), "no reply"
@@ -151,12 +157,13 @@ def test_ranks_at_different_epochs_register_and_planning_waits_for_them(tmp_path
     try:
         newer = initial_phy2log(SHAPE)
         newer[0, :2] = newer[0, 1::-1]
-        assert isinstance(ask(endpoint, b"rank-0", hello(epoch=3)), P.Welcome)
-        assert isinstance(ask(endpoint, b"rank-1", hello(rank=1, epoch=4, phy2log=P.NDArray.from_numpy(newer))), P.Welcome)
-        c = coord.coordinator
-        assert c.epoch == 4 and np.array_equal(c.placements[4], newer) and 3 in c.placements
-        assert not c._should_plan(), "no plan while the ranks disagree on the epoch"
+        assert isinstance(ask(endpoint, b"rank-0", hello(epoch=4, phy2log=P.NDArray.from_numpy(newer))), P.Welcome)
         reply = ask(endpoint, b"rank-1", hello(rank=1, epoch=4, pid=99, phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE))))
         assert isinstance(reply, P.Reject) and "differs from the other ranks' placement" in reply.reason
+        assert isinstance(ask(endpoint, b"rank-1", hello(rank=1, epoch=3)), P.Welcome)
+        c = coord.coordinator
+        # the epoch is the one every rank reports: none yet, both placements known
+        assert c.epoch == -1 and np.array_equal(c.placements[4], newer) and 3 in c.placements
+        assert not c._should_plan(), "no plan while the ranks disagree on the epoch"
     finally:
         coord.stop()

@@ -81,7 +81,7 @@ def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
     # A 20 B/s throttle keeps the first plan in staging for seconds: long enough to SIGTERM it.
     proc = subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint,
                              "--rebalance-interval-steps", "30", "--report-interval-steps", "5",
-                             "--throttle-bytes-per-s", "20", "--log-format", "json"],
+                             "--throttle-bytes-per-s", "20", "--log-format", "json", "--no-step-clock-check"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

@@ -30,9 +30,10 @@ CTX = mp.get_context("spawn")
 def config(endpoint: str, world: int, **kw) -> CoordinatorConfig:
     agent = AgentConfig(report_interval_steps=5, fence_steps=4, fence_timeout_s=kw.pop("fence_timeout_s", 1.0),
                         heartbeat_interval_s=0.2, transport_timeout_s=kw.pop("transport_timeout_s", 5.0))
+    # These agent processes step on their own, not in lockstep: no step clock to compare.
     base = dict(world_size=world, endpoint=endpoint, rebalance_interval_steps=30, min_window_steps=10,
                 load_half_life_steps=20.0, liveness_timeout_s=2.0, staging_timeout_s=10.0, voting_timeout_s=10.0,
-                agent=agent)
+                agent=agent, check_step_clock=False)
     base.update(kw)
     return CoordinatorConfig(**base)
 

@@ -60,7 +60,7 @@ def test_lossy_duplicating_reordering_link_keeps_plans_consistent(tmp_path, seed
 def daemon(endpoint: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint,
                              "--rebalance-interval-steps", "30", "--report-interval-steps", "5", "--fence-timeout-s", "1",
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--no-step-clock-check", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_phase(endpoint: str, phase: str | None, timeout_s: float = 60, comm_built: bool = True) -> dict:

@@ -49,7 +49,29 @@ def test_timeouts_in_every_phase():
     assert p.on_tick(1.1) and p.phase is Phase.ABORTED and "[1, 2]" in p.reason
     q = run(world=1, voting=1.0)
     q.on_staged(0, 0.0)
-    assert q.on_tick(1.5) and q.phase is Phase.ABORTED and "vote timed out" in q.reason
+    # past the timeout undecided: ask the ranks to record "abort" (only the record decides) ...
+    assert q.on_tick(1.5) and q.phase is Phase.VOTING and q.abort_requested and "vote timed out" in q.reason
+    assert not q.on_tick(1.9)
+    # ... and give up once nobody answered that either
+    assert q.on_tick(2.5) and q.phase is Phase.ABORTED and "vote timed out" in q.reason
+
+
+def test_commit_reported_after_the_abort_request_is_a_commit_not_a_divergence():
+    p = run(world=2, voting=1.0)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    assert p.on_tick(1.5) and p.abort_requested
+    p.on_voted(40, True)  # the record said commit before the abort request reached it
+    assert not p.on_tick(5.0) and p.phase is Phase.VOTING
+    p.on_committed(0, 40, 0.0, 5.1)
+    assert p.on_committed(1, 40, 0.0, 5.2) and p.phase is Phase.COMMITTED
+
+
+def test_silent_ranks_after_some_committed_settle_as_committed_at_twice_the_timeout():
+    p = run(world=2, voting=1.0)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    p.on_committed(0, 40, 0.0, 0.5)  # its Voted was lost; rank 1 is silent
+    assert p.on_tick(1.5) and p.phase is Phase.VOTING
+    assert p.on_tick(2.5) and p.phase is Phase.COMMITTED and "[1] never reported" in p.reason
 
 
 def test_lost_agent_aborts_staging_and_late_commit_after_abort_is_divergence():

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from conftest import expert_row_value, make_model, rows_match_maps
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.decision import Decision
 from eplb_service.protocol import CommInit
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 from eplb_service.worker_agent.serving_hooks import ServingHooks, CommitTicket
@@ -72,8 +73,8 @@ def test_a_gathered_block_lands_as_the_receivers_staging_and_commits(small_shape
                               transport.collect([transport.block_digests(area.block(first, count))])[0])
     hooks = ServingHooks(receiver, report_interval_steps=4, fence_steps=1, fence_timeout_s=1.0)
     ticket = CommitTicket(action=prepare_commit(receiver, 1, [1], new, area))
-    ticket.vote_entry_step, ticket.commit_step, ticket.vote_ok = 0, 1, True
-    ticket.decided.set()
+    ticket.vote_entry_step = 0
+    ticket.resolve(Decision.commit_at(1, rank=0))
     hooks.ticket = ticket
     for _ in range(2):
         hooks.before_step()

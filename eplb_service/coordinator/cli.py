@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=_positive_int, default=1, help="vLLM data-parallel size (EP ranks = dp x tp)")
     p.add_argument("--tp", type=_positive_int, default=1, help="vLLM tensor-parallel size per DP rank")
     p.add_argument("--endpoint", default=None, help=f"ZeroMQ endpoint to bind (default {default_endpoint()})")
-    p.add_argument("--store-host", default="127.0.0.1", help="address agents use for the side-communicator rendezvous store")
+    p.add_argument("--store-host", default="127.0.0.1",
+                   help="ignored since protocol 2: rank 0's worker hosts the rendezvous store (EPLB_SERVICE_STORE_HOST/_PORT there)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = any free port)")
     p.add_argument("--policy", default="migration", help="placement policy: migration (default) or deepseek")
     p.add_argument("--groups", type=_positive_int, default=1, help="expert groups (hierarchical deepseek policy)")
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-dir", default=None, help="CURVE keys (eplb-coordinator keygen DIR); required for non-loopback tcp://")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp:// endpoint without CURVE")
     p.add_argument("--record", default=None, help="record every load window to this .npz trace")
+    p.add_argument("--no-step-clock-check", dest="step_clock_check", action="store_false",
+                   help="do not compare the ranks' step clocks (only for ranks that do not serve in lockstep)")
     p.add_argument("--initial-placement", default=None, help="placement JSON from eplb-plan: move the deployment there first")
     return p
 
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         metrics_port=args.metrics_port, policy=args.policy, num_groups=args.groups, num_nodes=args.nodes,
         rebalance_interval_steps=interval, min_gain=args.min_gain, record_path=args.record,
         curve_dir=args.curve_dir, insecure=args.insecure, staging_budget_bytes=args.staging_budget_bytes,
+        check_step_clock=args.step_clock_check,
         agent=AgentConfig(report_interval_steps=args.report_interval_steps, fence_steps=args.fence_steps,
                           fence_timeout_s=args.fence_timeout_s, throttle_bytes_per_s=args.throttle_bytes_per_s),
         **extra,

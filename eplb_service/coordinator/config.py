@@ -25,7 +25,9 @@ class CoordinatorConfig:
     endpoint: str = field(default_factory=default_endpoint)
     """ZeroMQ endpoint the ROUTER binds (``ipc://path`` or ``tcp://host:port``)."""
     store_host: str = "127.0.0.1"
-    """Address agents use to reach the rendezvous store of the side communicator."""
+    """Unused since protocol 2: rank 0's worker hosts the rendezvous store (see
+    ``worker_agent.rendezvous``: ``EPLB_SERVICE_STORE_HOST``/``_PORT`` there). Kept so that
+    existing configuration files still load."""
     metrics_port: int | None = None
     """HTTP port for /metrics, /livez, /readyz, /status; ``None`` = off, 0 = any free port."""
     http_host: str = "0.0.0.0"
@@ -57,6 +59,11 @@ class CoordinatorConfig:
     """Allow a non-loopback TCP endpoint without CURVE (logged as a warning)."""
     record_path: str | None = None
     """Record every load window to this ``.npz`` trace (see ``eplb_service.trace``)."""
+    check_step_clock: bool = True
+    """Compare the ranks' step clocks and halt on an offset (``step_clock``). Off only where
+    ranks do not serve in lockstep (tests whose processes step on their own)."""
+    step_clock_grace_s: float = 60.0
+    """Plans wait this long for every rank's clock to be seen matching, then go ahead with a warning."""
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,16 @@ class CoordinatorMetrics:
         self.load_report_lag = Gauge("eplb_load_report_lag_steps", "Steps between the newest step seen and the newest report's end", registry=r)
         self.messages_rejected = Counter("eplb_messages_rejected_total", "Messages refused", ["reason"], registry=r)
         self.comm_generation = Gauge("eplb_side_comm_generation", "Generation of the side communicator", registry=r)
+        self.internal_errors = Counter("eplb_internal_errors_total", "Unexpected exceptions the coordinator survived, by where",
+                                       ["where"], registry=r)
+        self.agent_internal_errors = Gauge("eplb_agent_internal_errors", "Agent-loop failures the agent of this rank reset from",
+                                           ["rank"], registry=r)
+        self.recording_errors = Counter("eplb_recording_errors_total", "Load-trace recording failures (recording then stops)",
+                                        registry=r)
+        self.recording_enabled = Gauge("eplb_recording_enabled", "1 while load windows are being recorded (--record)", registry=r)
+        self.step_clock_offset = Gauge("eplb_step_clock_offset_steps",
+                                       "Steps this rank counts ahead of the reference rank (NaN until verified)", ["rank"],
+                                       registry=r)
         # Export every known label from the start, so dashboards and alerts see zeros, not gaps.
         for outcome in ("proposed", "committed", "aborted", "diverged"):
             self.plans.labels(outcome)

@@ -5,10 +5,13 @@ phase has a deadline, so no plan can wait forever on a silent agent.
 
 - ``staging``: the batch was sent; waiting for ``Staged`` from every rank. Any
   ``Failed``/``Aborted``, a lost agent or the deadline aborts the batch.
-- ``voting``: ``VoteNow`` was sent; every agent reports ``Committed`` or ``Aborted``.
-  All committed → ``committed``. All aborted → ``aborted``. A mix can only happen if the
-  vote's all-or-none guarantee broke (a rank timed out at the fence after the others
-  learned the result): ``diverged``, which halts rebalancing and is reported loudly.
+- ``voting``: ``VoteNow`` was sent; the agents vote and write the outcome into the plan's
+  decision record (first writer wins), report it (``Voted``), and then ``Committed`` or
+  ``Aborted``. All committed → ``committed``. All aborted → ``aborted``. Past the voting
+  timeout with no decision known, the coordinator asks for an abort (``AbortPlan``: ranks
+  in their vote record ``abort`` unless ``commit`` is there already) and waits as long
+  again for the answers. A mix of ``Committed`` and ``Aborted`` cannot come from the record;
+  if it is ever seen it is reported as ``diverged``, which halts rebalancing loudly.
 """
 
 from __future__ import annotations
@@ -51,7 +54,11 @@ class PlanRun:
     aborted: dict[int, str] = field(default_factory=dict)
     lost: set[int] = field(default_factory=set)
     decision: tuple[int, bool] | None = None
-    """``(commit_step, ok)`` once any rank reported the vote's result."""
+    """``(commit_step, ok)`` once any rank reported the decision record's content."""
+    vote_sent: bool = False
+    abort_requested: bool = False
+    """The vote timed out undecided: ask the ranks to record ``abort``."""
+    abort_sent: bool = False
     reason: str = ""
     staging_s: float = 0.0
     voting_s: float = 0.0
@@ -122,13 +129,22 @@ class PlanRun:
         if self.phase is Phase.STAGING and now - self.phase_started_at > self.staging_timeout_s:
             missing = sorted(set(range(self.world_size)) - set(self.staged))
             return self._abort(f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now)
-        # Once the vote decided "commit", ranks commit at step S whenever serving reaches it
+        # Once the record says "commit", ranks commit at step S whenever serving reaches it
         # (an idle engine may take long): no wall-clock timeout then, heartbeats settle it.
         decided_commit = self.decision is not None and self.decision[1]
-        if self.phase is Phase.VOTING and not decided_commit and now - self.phase_started_at > self.voting_timeout_s:
-            missing = sorted(set(range(self.world_size)) - set(self.committed) - set(self.aborted) - self.lost)
-            if self.committed:
-                self.phase, self.reason = Phase.DIVERGED, f"vote timed out with ranks {sorted(self.committed)} committed and {missing} silent"
+        if self.phase is not Phase.VOTING or decided_commit:
+            return False
+        waited = now - self.phase_started_at
+        missing = sorted(set(range(self.world_size)) - set(self.committed) - set(self.aborted) - self.lost)
+        if not self.abort_requested and waited > self.voting_timeout_s:
+            self.abort_requested = True
+            self.reason = f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}"
+            return True
+        if self.abort_requested and waited > 2 * self.voting_timeout_s:
+            if self.committed:  # the record said commit (only it can): the silent ranks commit or are gone
+                self.phase = Phase.COMMITTED
+                self.voting_s = waited
+                self.reason = f"committed; ranks {missing} never reported"
                 return True
             return self._abort(f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now)
         return False

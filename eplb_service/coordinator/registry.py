@@ -20,6 +20,11 @@ class AgentRecord:
     last_seen: float = field(default_factory=time.monotonic)
     comm_generation: int = -1
     alive: bool = True
+    session: int = 0
+    """Handed out in ``Welcome``; the rank's messages must carry it."""
+    store: tuple[str, int] | None = None
+    """Rank 0: where its rendezvous store is reached."""
+    internal_errors: int = 0
 
 
 class Registry:

@@ -4,21 +4,28 @@ The loop only moves messages and state; the placement policy runs in an executor
 thread, so a slow plan never delays heartbeats, load reports or votes. Agents are the
 source of truth for the placement: they report it in ``Hello``, and the coordinator
 only advances it when every rank has reported ``Committed``.
+
+Nothing an agent or a client sends can stop it: every message is handled under a guard
+(an unexpected exception is logged, counted in ``eplb_internal_errors_total`` and aborts the
+plan in flight, maps untouched), every periodic duty likewise, and side duties such as
+recording fail soft. A rank's messages are accepted only from the connection and session
+that registered it. It imports no torch: the side communicator's rendezvous store is hosted
+by rank 0's worker, the coordinator only passes its address on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime
 import functools
 import json
 import os
+import secrets
+import stat
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch.distributed as dist
 import zmq
 import zmq.asyncio
 
@@ -32,6 +39,7 @@ from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.registry import AgentRecord, Registry
 from eplb_service.logutil import rank_logger
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
+from eplb_service.step_clock import StepClockWatch
 from eplb_service.trace import TraceRecorder
 from eplb_service.placement import (
     PlacementError, PlacementShape, layer_balancedness, model_balancedness, rank_loads, validate_phy2log,
@@ -54,13 +62,54 @@ class PlanOutcome:
     max_stall_s: float
 
 
-def prepare_ipc_dir(endpoint: str) -> None:
-    """Create the directory of an ``ipc://`` endpoint, private to this user (0700)."""
+RECEIVE_HWM = 64
+"""Frames queued per connection before ZeroMQ stops reading from it: with the frame limit,
+what bounds the memory one client can make the coordinator hold."""
+
+
+class UnsafeSocketDirectory(RuntimeError):
+    """The directory of an ``ipc://`` endpoint is not this user's private directory."""
+
+
+def check_private_dir(directory: str, uid: int | None = None) -> None:
+    """Refuse a directory another user could have prepared: a symlink, another owner, or open to others.
+
+    Another user who created the directory first could swap the socket in it and answer in
+    the coordinator's place (to a status query run as root, say).
+    """
+    uid = os.geteuid() if uid is None else uid
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UnsafeSocketDirectory(f"socket directory {directory} is a symlink or not a directory; expected a "
+                                    f"directory owned by uid {uid} with mode 0700")
+    if info.st_uid != uid:
+        raise UnsafeSocketDirectory(f"socket directory {directory} is owned by uid {info.st_uid}, not by this user "
+                                    f"(uid {uid}): another user may have prepared it; remove it or choose another "
+                                    "--endpoint")
+    if info.st_mode & 0o077:
+        raise UnsafeSocketDirectory(f"socket directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}, "
+                                    "expected 0700 (private to its owner)")
+
+
+def ipc_dir(endpoint: str) -> str | None:
     if endpoint.startswith("ipc://"):
-        directory = os.path.dirname(endpoint[len("ipc://"):])
-        if directory:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.path.dirname(endpoint[len("ipc://"):]) or None
+    return None
+
+
+def prepare_ipc_dir(endpoint: str) -> None:
+    """Create the directory of an ``ipc://`` endpoint, private to this user (0700), or refuse it.
+
+    A directory that exists already must be ours: owned by this user (checked before the
+    chmod, which would fail on someone else's anyway), then made 0700.
+    """
+    directory = ipc_dir(endpoint)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+        if info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) != 0o700:
             os.chmod(directory, 0o700)
+        check_private_dir(directory)
 
 
 class Coordinator:
@@ -77,6 +126,8 @@ class Coordinator:
         self.comm_generation = 0
         self._comm_sent_generation = -1
         self._comm_sent_at = 0.0
+        self._nonce = secrets.token_hex(4)
+        """Names this coordinator's rendezvous keys: the store on rank 0 outlives restarts."""
         self.plan: PlanRun | None = None
         self._pending_batches: list = []
         # Plan ids are unique across coordinator restarts (agents drop ids they have seen, to
@@ -86,6 +137,9 @@ class Coordinator:
         self._planning = False
         self.halted_reason: str | None = None
         self.epoch_watch = EpochLagWatch()
+        self.step_clock = StepClockWatch()
+        self._clock_unverified_since: float | None = None
+        self._clock_warned = False
         self._beats: dict[int, tuple[int, int]] = {}
         """Rank -> (epoch, step) of its latest heartbeat: one report, so the pair is consistent
         (the record's step also moves with load reports, its epoch with Committed)."""
@@ -101,7 +155,8 @@ class Coordinator:
         self.max_step_seen = 0
         self.metrics_port: int | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-policy")
-        self._store: dist.TCPStore | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.max_message_bytes = P.UNSHAPED_MAX_MESSAGE_BYTES
         self._sock: zmq.asyncio.Socket | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._stopping = asyncio.Event()
@@ -118,8 +173,10 @@ class Coordinator:
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 500)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        # No ROUTER_HANDOVER: a second connection with an identity in use is refused, so
+        # nobody can take a registered agent's route over.
         auth_monitor = None
         if self.cfg.curve_dir:
             from zmq.auth.asyncio import AsyncioAuthenticator
@@ -128,21 +185,19 @@ class Coordinator:
             self._auth.start()
             self._auth.configure_curve(domain="*", location=os.path.join(self.cfg.curve_dir, "clients"))
             apply_server_curve(sock, self.cfg.curve_dir)
-            auth_monitor = asyncio.create_task(self._count_auth_failures(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)))
+            auth_monitor = self._spawn(self._count_auth_failures(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)), "auth-monitor")
         elif not is_local_endpoint(self.cfg.endpoint):
             self.log.warning("INSECURE: %s accepts unauthenticated, unencrypted agents from other hosts (--insecure)", self.cfg.endpoint)
         sock.bind(self.cfg.endpoint)
         self._sock = sock
-        self._store = dist.TCPStore(self.cfg.store_host, 0, self.cfg.world_size, True,
-                                    timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
         http = None
         if self.cfg.metrics_port is not None:
             http = await serve_http(self, self.cfg.http_host, self.cfg.metrics_port)
             self.metrics_port = http.sockets[0].getsockname()[1]
-        self.log.info("listening on %s for %d ranks (store %s:%d, metrics %s, policy %s)", self.cfg.endpoint,
-                      self.cfg.world_size, self.cfg.store_host, self._store.port, self.metrics_port, self.cfg.policy)
+        self.log.info("listening on %s for %d ranks (metrics %s, policy %s)", self.cfg.endpoint,
+                      self.cfg.world_size, self.metrics_port, self.cfg.policy)
         self.ready.set()
-        ticker = asyncio.create_task(self._tick_loop())
+        ticker = self._spawn(self._tick_loop(), "tick")
         try:
             await self._receive_loop()
         finally:
@@ -164,13 +219,48 @@ class Coordinator:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        """A task that is kept referenced and whose failure is logged and counted, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"eplb-{name}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self._internal_error(name, t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def _internal_error(self, where: str, exc: BaseException) -> None:
+        """A bug met at run time: logged with its traceback, counted, the plan in flight aborted."""
+        self.metrics.internal_errors.labels(where).inc()
+        self.log.error("internal error in %s: %s: %s", where, type(exc).__name__, exc, exc_info=exc)
+        if self.plan is not None and not self.plan.phase.final:
+            try:
+                self._abort_plan(f"coordinator internal error in {where}: {type(exc).__name__}")
+            except Exception as again:  # noqa: BLE001 - the guard must not fail itself
+                self.log.error("aborting the plan after an internal error failed too: %s", again, exc_info=again)
+                self.plan = None
+                self._pending_batches = []
+
+    def _record_failed(self, exc: BaseException) -> None:
+        self.metrics.recording_errors.inc()
+        self.metrics.recording_enabled.set(0)
+        self.log.error("recording load windows to %s failed (%s: %s); recording is off, the coordinator goes on",
+                       self.cfg.record_path, type(exc).__name__, exc)
+        self.recorder = None
+
     async def _shutdown(self) -> None:
         if self.plan is not None and not self.plan.phase.final:
             self._abort_plan("coordinator shutting down")
         self._broadcast(P.CoordinatorStopping(reason="coordinator shutting down"))
         if self.recorder is not None:
-            self.recorder.flush(close_all=True)
-            self.log.info("load trace: %d windows in %s", self.recorder.windows, self.recorder.path)
+            try:
+                self.recorder.flush(close_all=True)
+                self.log.info("load trace: %d windows in %s", self.recorder.windows, self.recorder.path)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not fail the shutdown
+                self._record_failed(exc)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sock is not None:
             self._sock.close(linger=200)
@@ -197,13 +287,16 @@ class Coordinator:
                 continue
             identity, frame = frames
             try:
-                message = P.decode(frame)
+                message = P.decode(frame, self.max_message_bytes)
             except P.ProtocolError as exc:
                 self.metrics.messages_rejected.labels("decode").inc()
                 self.log.warning("bad message from %r: %s", identity, exc)
-                self._send(identity, P.Reject(reason=str(exc)))
+                self._send(identity, P.Reject(reason=str(exc), code="bad_message"))
                 continue
-            self._handle(identity, message)
+            try:
+                self._handle(identity, message)
+            except Exception as exc:  # noqa: BLE001 - no message may stop the coordinator
+                self._internal_error(f"handling {type(message).__name__}", exc)
         stop_wait.cancel()
 
     def _send(self, identity: bytes, message: P.Message) -> None:
@@ -229,23 +322,41 @@ class Coordinator:
         record = self.registry.by_identity(identity)
         if record is None:
             self.metrics.messages_rejected.labels("unknown_agent").inc()
-            self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first"))
+            self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first", code="unknown_agent"))
+            return
+        if not isinstance(message, P.AgentMessage.__args__) or message.rank != record.rank or message.session != record.session:
+            # Filed under the rank the connection registered, never the rank a message names.
+            self.metrics.messages_rejected.labels("session").inc()
+            self.log.warning("refused %s naming rank %s, session %s from the connection of rank %d (session %d)",
+                             type(message).__name__, getattr(message, "rank", "-"), getattr(message, "session", "-"),
+                             record.rank, record.session)
+            self._send(identity, P.Reject(reason=f"{type(message).__name__} does not match this connection's rank "
+                                                 f"{record.rank} and session", code="stale_session"))
             return
         record.last_seen = now
         if isinstance(message, P.Committed):  # even from a rank declared dead: the step is a fact
             self.epoch_watch.committed(message.epoch, message.commit_step)
         if not record.alive:
             self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
-            self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again"))
+            self._send(identity, P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again",
+                                          code="unknown_agent"))
             return
         plan = self.plan
         if isinstance(message, P.Heartbeat):
+            self._send(identity, P.HeartbeatAck(session=record.session))
             record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
-            self._beats[message.rank] = (message.epoch, message.step)
+            record.internal_errors = message.internal_errors
+            self._beats[record.rank] = (message.epoch, message.step)
             self.max_step_seen = max(self.max_step_seen, message.step)
-            if plan is not None and plan.on_heartbeat(message.rank, message.step, message.epoch, now):
+            if message.clock is not None:
+                clock = message.clock
+                self.step_clock.observe(record.rank, clock.probe_steps, clock.times, clock.wall_minus_mono)
+            self.metrics.agent_internal_errors.labels(str(record.rank)).set(message.internal_errors)
+            if plan is not None and plan.on_heartbeat(record.rank, message.step, message.epoch, now):
                 self._advance_plan()
+            self._update_epoch()
             self._watch_epochs()
+            self._watch_step_clock(now)
         elif isinstance(message, P.Voted):
             if plan is not None and plan.plan_id == message.plan_id:
                 plan.on_voted(message.commit_step, message.ok)
@@ -260,6 +371,7 @@ class Coordinator:
         elif isinstance(message, P.Committed):
             self.metrics.commit_stall.observe(message.stall_s)
             record.epoch = message.epoch
+            self._update_epoch()
             self._watch_epochs()
             if plan is not None and plan.plan_id == message.plan_id and plan.on_committed(message.rank, message.commit_step, message.stall_s, now):
                 self._advance_plan()
@@ -271,13 +383,13 @@ class Coordinator:
             self.log.warning("rank %d sent an unexpected %s", record.rank, type(message).__name__)
 
     def _on_hello(self, identity: bytes, hello: P.Hello) -> None:
-        def reject(reason: str) -> None:
-            self.metrics.messages_rejected.labels("hello").inc()
-            self.log.error("refused rank %d: %s", hello.rank, reason)
-            self._send(identity, P.Reject(reason=reason))
+        def reject(reason: str, code: str = "refused", metric: str = "hello") -> None:
+            self.metrics.messages_rejected.labels(metric).inc()
+            (self.log.warning if code == "rank_taken" else self.log.error)("refused rank %d: %s", hello.rank, reason)
+            self._send(identity, P.Reject(reason=reason, code=code))
 
-        if identity != f"rank-{hello.rank}".encode():
-            return reject(f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}')")
+        if not (identity == f"rank-{hello.rank}".encode() or identity.startswith(f"rank-{hello.rank}-".encode())):
+            return reject(f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')")
         if hello.protocol_version != P.PROTOCOL_VERSION:
             return reject(f"protocol version {hello.protocol_version} does not match the coordinator's {P.PROTOCOL_VERSION}")
         if not 0 <= hello.rank < self.cfg.world_size:
@@ -286,61 +398,96 @@ class Coordinator:
             return reject(f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {self.cfg.world_size}")
         if self.model is not None and hello.model != self.model:
             return reject(f"model shape {hello.model} differs from the deployment's {self.model}")
+        if hello.rank == 0 and not (hello.store_host and hello.store_port):
+            return reject("rank 0 must host the rendezvous store and name it (store_host, store_port); got "
+                          f"{hello.store_host!r}:{hello.store_port}")
         try:
             shape = PlacementShape(hello.model.num_layers, hello.model.num_logical, hello.model.num_physical, hello.model.num_ranks)
             phy2log = hello.phy2log.to_numpy("hello.phy2log").astype(np.int64)
             validate_phy2log(phy2log, shape)
         except (PlacementError, P.ProtocolError) as exc:
             return reject(f"invalid placement: {exc}")
-        if self.epoch >= 0 and self.registry.alive and hello.epoch == self.epoch and not np.array_equal(phy2log, self.placements[self.epoch]):
-            return reject(f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch")
-        if self.model is None or not self.registry.alive:
-            self._adopt_placement(hello.model, shape, phy2log, hello.epoch)
-        elif hello.epoch != self.epoch:
-            # Ranks between a decided vote and its commit step (a coordinator restarted then):
-            # the newest epoch is the deployment's; the others reach it at step S. No plan
-            # starts until every rank reports the same epoch (see _should_plan).
-            self.log.warning("rank %d registers at epoch %d, others at %d: waiting for every rank to reach the newest",
-                             hello.rank, hello.epoch, self.epoch)
-            self.placements.setdefault(hello.epoch, phy2log)
-            if hello.epoch > self.epoch:
-                self.epoch = hello.epoch
-                self.metrics.epoch.set(self.epoch)
-        record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid,
-                             epoch=hello.epoch, step=hello.step, phy2log=phy2log)
+        now = time.monotonic()
         previous = self.registry.agents.get(hello.rank)
-        # The same live agent saying Hello again (its Hello was retried or duplicated) keeps
-        # its place and the current side communicator; a new process replaces the old one.
-        again = previous is not None and previous.alive and previous.pid == hello.pid and previous.identity == identity
-        if again:
-            previous.last_seen = time.monotonic()
-            comm = self._current_comm() if self._comm_sent_generation == self.comm_generation else None
-            self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent, comm=comm))
-            return
+        if previous is not None and previous.alive:
+            if previous.identity == identity:
+                # The same connection saying Hello again (retried or duplicated): same place, same session.
+                previous.last_seen = now
+                comm = self._current_comm() if self._comm_sent_generation == self.comm_generation else None
+                self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent,
+                                               comm=comm, session=previous.session))
+                return
+            if hello.resume_session != previous.session:
+                # A live agent holds the rank; only it (proving its session) may take it back
+                # on a new connection. A new process gets it once the old one is declared dead.
+                return reject(f"rank {hello.rank} is held by a live agent (pid {previous.pid} on {previous.node!r}, heard "
+                              f"{now - previous.last_seen:.1f}s ago); it is free again once that agent leaves or is "
+                              f"silent for liveness_timeout_s={self.cfg.liveness_timeout_s}", code="rank_taken",
+                              metric="rank_taken")
+        known = self.placements.get(hello.epoch)
+        others_alive = any(r.alive and r.rank != hello.rank for r in self.registry.agents.values())
+        if others_alive and known is not None and not np.array_equal(phy2log, known):
+            return reject(f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch")
+        if self.model is None or not others_alive:
+            self._adopt_placement(hello.model, shape, phy2log, hello.epoch)
+        else:
+            self.placements.setdefault(hello.epoch, phy2log)
+        record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid, epoch=hello.epoch,
+                             step=hello.step, phy2log=phy2log, session=secrets.randbits(62) + 1,
+                             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None)
         self._beats.pop(hello.rank, None)
+        self.step_clock.forget(hello.rank)
         replaced = self.registry.register(record)
         if replaced is not None and self.plan is not None and not self.plan.phase.final:
-            self.plan.on_agent_lost(hello.rank, time.monotonic())
+            self.plan.on_agent_lost(hello.rank, now)
             self._advance_plan()
-        self.log.info("rank %d registered (node %s, pid %d, epoch %d, step %d, %s)", hello.rank, hello.node, hello.pid, hello.epoch, hello.step, hello.transport)
-        self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent))
+        self.log.info("rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)", hello.rank, hello.node, hello.pid,
+                      hello.epoch, hello.step, hello.transport, ", resumed its session" if replaced and hello.resume_session else "")
+        self._send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent,
+                                       session=record.session))
         self._update_liveness_metrics()
+        self._update_epoch()
         if self.registry.complete:
             self._init_comm()
         elif replaced is not None:
             self._comm_sent_generation = -1
 
     def _adopt_placement(self, model: P.ModelShape, shape: PlacementShape, phy2log: np.ndarray, epoch: int) -> None:
+        """The first rank of a deployment (or the first back when none is alive) seeds the placement table."""
         if self.model is None:
             self.model, self.shape = model, shape
             self.window = LoadWindow(shape.num_layers, shape.num_logical, self.cfg.load_half_life_steps)
+            self.max_message_bytes = P.max_message_bytes(shape.num_layers, shape.num_physical)
+            if self._sock is not None:  # applies to connections made from now on
+                self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
             if self.cfg.record_path:
-                self.recorder = TraceRecorder(self.cfg.record_path, shape.num_layers, shape.num_logical, self.cfg.world_size)
-                self.log.info("recording load windows to %s", self.cfg.record_path)
-        self.epoch = epoch
+                try:
+                    self.recorder = TraceRecorder(self.cfg.record_path, shape.num_layers, shape.num_logical, self.cfg.world_size)
+                    self.metrics.recording_enabled.set(1)
+                    self.log.info("recording load windows to %s", self.cfg.record_path)
+                except Exception as exc:  # noqa: BLE001 - recording is a side duty
+                    self._record_failed(exc)
         self.placements = {epoch: phy2log}
-        self.metrics.epoch.set(epoch)
-        self.log.info("placement epoch %d adopted from the agents", epoch)
+
+    def _update_epoch(self) -> None:
+        """The deployment's epoch is the one every rank reports, never one rank's word alone.
+
+        While ranks disagree (between a decided commit and its step, or a rank that is not
+        what it claims) the last agreed epoch stands and no plan starts (``_should_plan``).
+        """
+        alive = self.registry.alive
+        if len(alive) != self.cfg.world_size:
+            return
+        epochs = {r.epoch for r in alive}
+        if len(epochs) == 1:
+            (epoch,) = epochs
+            if epoch != self.epoch and epoch in self.placements:
+                if self.epoch >= 0:
+                    self.log.info("every rank reports placement epoch %d", epoch)
+                else:
+                    self.log.info("placement epoch %d adopted from the agents", epoch)
+                self.epoch = epoch
+                self.metrics.epoch.set(epoch)
 
     def _init_comm(self) -> None:
         """(Re)build the side communicator on every rank with a fresh generation."""
@@ -351,8 +498,9 @@ class Coordinator:
         self._broadcast(self._current_comm())
 
     def _current_comm(self) -> P.CommInit:
-        return P.CommInit(generation=self.comm_generation, store_host=self.cfg.store_host,
-                          store_port=self._store.port, world_size=self.cfg.world_size)
+        host, port = self.registry.agents[0].store
+        return P.CommInit(generation=self.comm_generation, store_host=host, store_port=port,
+                          world_size=self.cfg.world_size, nonce=self._nonce)
 
     def _on_load(self, record: AgentRecord, report: P.LoadReport) -> None:
         placement = self.placements.get(report.epoch)
@@ -397,26 +545,35 @@ class Coordinator:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            now = self.last_tick = time.monotonic()
-            for record in self.registry.expire(now, self.cfg.liveness_timeout_s):
-                self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
-                self._lose_agent(record, now)
-            if self.plan is not None and self.plan.on_tick(now):
-                self._advance_plan()
-            self._publish_balancedness()
-            if (self.registry.complete and not self.registry.comm_ready(self.comm_generation)
-                    and now - self._comm_sent_at > 2 * self.cfg.agent.transport_timeout_s + 2.0):
-                # 2 x timeout: a rank still in its previous (failing) attempt is free again
-                # before the next generation, so no rank stays one attempt behind.
-                self.log.warning("side communicator generation %d not built on every rank; trying generation %d",
-                                 self.comm_generation, self.comm_generation + 1)
-                self._init_comm()  # a CommInit was lost or a rendezvous failed
-            if self.recorder is not None and now - self._last_trace_flush > 5.0:
-                self._last_trace_flush = now
+            try:
+                await self._tick()
+            except Exception as exc:  # noqa: BLE001 - one bad tick must not end liveness and planning
+                self._internal_error("tick", exc)
+
+    async def _tick(self) -> None:
+        now = self.last_tick = time.monotonic()
+        for record in self.registry.expire(now, self.cfg.liveness_timeout_s):
+            self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
+            self._lose_agent(record, now)
+        if self.plan is not None and self.plan.on_tick(now):
+            self._advance_plan()
+        self._publish_balancedness()
+        if (self.registry.complete and not self.registry.comm_ready(self.comm_generation)
+                and now - self._comm_sent_at > 2 * self.cfg.agent.transport_timeout_s + 2.0):
+            # 2 x timeout: a rank still in its previous (failing) attempt is free again
+            # before the next generation, so no rank stays one attempt behind.
+            self.log.warning("side communicator generation %d not built on every rank; trying generation %d",
+                             self.comm_generation, self.comm_generation + 1)
+            self._init_comm()  # a CommInit was lost or a rendezvous failed
+        if self.recorder is not None and now - self._last_trace_flush > 5.0:
+            self._last_trace_flush = now
+            try:
                 await asyncio.get_running_loop().run_in_executor(None, self.recorder.flush)
-            if self._should_plan():
-                self._planning = True
-                asyncio.create_task(self._run_policy())
+            except Exception as exc:  # noqa: BLE001 - a full or read-only disk ends recording, nothing else
+                self._record_failed(exc)
+        if self._should_plan():
+            self._planning = True
+            self._spawn(self._run_policy(), "policy")
 
     def _watch_epochs(self) -> None:
         """Halt, as for a diverged plan, when a rank keeps serving behind the others' epoch."""
@@ -429,6 +586,43 @@ class Coordinator:
             self.halted_reason = f"placements diverged: {why}"
             self.log.critical("%s; rebalancing halted, restart the deployment's agents", self.halted_reason)
 
+    def _watch_step_clock(self, now: float) -> None:
+        """Halt when a rank counts steps differently from the others (see ``step_clock``)."""
+        if not self.cfg.check_step_clock or self.halted_reason:
+            return
+        states = self.step_clock.states(sorted(r.rank for r in self.registry.alive))
+        for state in states.values():
+            self.metrics.step_clock_offset.labels(str(state.rank)).set(float("nan") if state.offset is None else state.offset)
+            if state.offset:
+                self.counts["diverged"] += 1
+                self.metrics.plans.labels("diverged").inc()
+                self.halted_reason = (f"step clocks disagree: rank {state.rank} counts {state.offset:+d} step(s) against rank "
+                                      f"{state.reference} (probes at steps {list(state.probes)}); a commit at step S would land "
+                                      f"on different forward passes")
+                self.log.critical("%s; rebalancing halted before any commit, restart the deployment's workers",
+                                  self.halted_reason)
+                if self.plan is not None and not self.plan.phase.final:
+                    self._abort_plan(self.halted_reason)
+                return
+        unverified = [s.rank for s in states.values() if s.offset is None]
+        if unverified and self.registry.complete:
+            self._clock_unverified_since = self._clock_unverified_since or now
+        else:
+            self._clock_unverified_since = None
+
+    def _clock_allows_planning(self, now: float) -> bool:
+        """Plans wait until every rank's step clock is seen to match, up to ``step_clock_grace_s``."""
+        if not self.cfg.check_step_clock or self._clock_unverified_since is None:
+            return True
+        waited = now - self._clock_unverified_since
+        if waited < self.cfg.step_clock_grace_s:
+            return False
+        if not self._clock_warned:
+            self._clock_warned = True
+            self.log.warning("step clocks of some ranks could not be compared for %.0fs (ranks not stepping together, or "
+                             "jitter as large as a step): planning without that check", waited)
+        return True
+
     def _should_plan(self) -> bool:
         if self._planning or self.halted_reason or self.plan is not None or self._pending_batches:
             return False
@@ -436,6 +630,8 @@ class Coordinator:
             return False
         if any(r.epoch != self.epoch for r in self.registry.alive):
             return False  # some rank has not reached the newest placement yet
+        if not self._clock_allows_planning(time.monotonic()):
+            return False
         step = self.registry.min_step()
         if self.drain_at_step is not None and self.max_step_seen >= self.drain_at_step:
             return False
@@ -522,10 +718,15 @@ class Coordinator:
         self._broadcast(P.Plan(plan_id=self.plan.plan_id, base_epoch=self.epoch, layers=layers, phy2log=P.NDArray.from_numpy(rows)))
 
     def _abort_plan(self, reason: str) -> None:
+        """Before the vote: abort now. In the vote: only the decision record decides, so ask
+        the ranks to record ``abort`` and let the plan settle on what they report."""
         plan = self.plan
         if plan is None:
             return
-        if not plan.phase.final:
+        if plan.phase is Phase.VOTING:
+            if not plan.abort_requested:
+                plan.abort_requested, plan.reason = True, reason
+        elif not plan.phase.final:
             plan._abort(reason, time.monotonic())
         self._advance_plan()
 
@@ -533,7 +734,12 @@ class Coordinator:
         plan = self.plan
         if plan is None:
             return
-        if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted:
+        if plan.phase is Phase.VOTING and plan.abort_requested and not plan.abort_sent:
+            plan.abort_sent = True  # ranks in their vote record "abort" unless "commit" is there already
+            self._broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason))
+            return
+        if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted and not plan.vote_sent:
+            plan.vote_sent = True
             self._broadcast(P.VoteNow(plan_id=plan.plan_id))
             return
         if not plan.phase.final:

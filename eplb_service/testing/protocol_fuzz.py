@@ -68,6 +68,9 @@ class _Sink:
     def send_multipart(self, frames, flags=0) -> None:
         self.sent += 1
 
+    def setsockopt(self, option, value) -> None:
+        pass
+
 
 class HandlerHarness:
     """A Coordinator whose two agents are registered; ``feed`` must never raise."""
@@ -78,16 +81,24 @@ class HandlerHarness:
 
         self.coordinator = Coordinator(CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/fuzz.sock"))
         self.coordinator._sock = _Sink()
-        self.coordinator._store = type("Store", (), {"port": 1})()
         shape = PlacementShape(2, 6, 8, 2)
         for rank in range(2):
             self.coordinator._handle(f"rank-{rank}".encode(), P.Hello(
                 protocol_version=P.PROTOCOL_VERSION, rank=rank, model=P.ModelShape(2, 6, 8, 2, 36),
-                phy2log=P.NDArray.from_numpy(initial_phy2log(shape)), epoch=0, step=0, transport="gloo"))
+                phy2log=P.NDArray.from_numpy(initial_phy2log(shape)), epoch=0, step=0, transport="gloo",
+                store_host="127.0.0.1" if rank == 0 else "", store_port=1 if rank == 0 else 0))
         assert self.coordinator.registry.complete
 
     def feed(self, message, identity: bytes = b"rank-0") -> None:
-        self.coordinator._handle(identity, message)
+        """The message as sent, and, from a registered connection, also with that connection's
+        rank and session, so the handlers behind the session check are fuzzed too."""
+        import msgspec
+
+        coordinator = self.coordinator
+        coordinator._handle(identity, message)
+        record = coordinator.registry.by_identity(identity)
+        if record is not None and isinstance(message, P.AgentMessage.__args__):
+            coordinator._handle(identity, msgspec.structs.replace(message, rank=record.rank, session=record.session))
 
 
 def valid_load_report(rng: np.random.Generator, rank: int = 0) -> P.LoadReport:

@@ -8,14 +8,22 @@ staging, the vote — happens on the agent's own thread.
 
 Plan life on an agent: ``Plan`` → validate → build the global schedule → stage (local
 copies, chunked remote exchange, duplicates) → ``Staged`` → ``VoteNow`` → vote on the
-side communicator with (entry step, ok) → the serving thread commits at step ``S`` or
-drops the plan → ``Committed`` / ``Aborted``. At any failure the maps stay untouched.
+side communicator with (entry step, ok, digests) → propose ``commit S`` or ``abort`` to the
+plan's decision record (``decision``) → the serving thread applies the plan at step ``S``
+exactly when the record says ``commit`` → ``Committed`` / ``Aborted``. At any failure the
+maps stay untouched.
+
+The loop is supervised: an unexpected exception is logged with its traceback, counted
+(``internal_errors``, sent in heartbeats) and turns into a clean reset (a plan not yet voted
+is dropped, one in its vote is asked to abort in the record, the transport is torn down, and
+the agent registers again on a fresh socket), never a dead thread.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import secrets
 import socket
 import threading
 import time
@@ -27,7 +35,10 @@ from eplb_service import protocol as P
 from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError, validate_phy2log
 from eplb_service.security import ClientCurve
+from eplb_service.step_clock import probes_from_ring
+from eplb_service.worker_agent.decision import Decider, Decision, DecisionRecord, StoreDecisionRecord
 from eplb_service.worker_agent.expert_model import ExpertModel
+from eplb_service.worker_agent.rendezvous import RendezvousError, host_once
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.staging import StagingArea, prepare_commit
@@ -65,6 +76,11 @@ class PlanAborted(Exception):
     """Staging stopped because the coordinator aborted the plan."""
 
 
+SILENCE_HEARTBEATS = 4
+"""Heartbeat intervals without a word from the coordinator before the agent reopens its
+socket (a connection can be dead both ways while both ends believe it open)."""
+
+
 class WorkerAgent:
     """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``."""
 
@@ -83,7 +99,8 @@ class WorkerAgent:
         self.curve = curve if curve is not None else ClientCurve.from_env()
         """CURVE keys for a coordinator on another host (``EPLB_SERVICE_CURVE_*`` by default)."""
         self.config = P.AgentConfig()
-        self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps, self.config.fence_timeout_s)
+        self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps,
+                                  self.config.fence_timeout_s, decision_timeout_s=self.config.decision_timeout_s)
         self.log = rank_logger(__name__, self.rank)
         self.phy2log_host = model.phy2log.detach().cpu().numpy().astype(np.int64).copy()
         self.shape = model.shape
@@ -96,12 +113,22 @@ class WorkerAgent:
         self._rejected_reason: str | None = None
         self._next_hello = 0.0
         self._next_heartbeat = 0.0
+        self._session = 0
+        """From ``Welcome``; every message carries it, and a Hello after a reopen resumes it."""
+        self._last_heard = 0.0
+        self._store: tuple[str, int] | None = None
+        """Rank 0: where the rendezvous store it hosts is reached."""
+        self.decider = Decider(self.rank)
+        self._record: DecisionRecord | None = None
+        """The decision record of the current rendezvous store (from ``CommInit``)."""
         self._inbox: collections.deque = collections.deque()
         # current plan batch
         self._plan: P.Plan | None = None
         self._plan_rows: np.ndarray | None = None
         self._area: StagingArea | None = None
         self._ticket: CommitTicket | None = None
+        self._ticket_generation = -1
+        """Side-communicator generation the ticket's vote ran on (torn down after an abort)."""
         self._staged_at = 0.0
         self._abort_requested: int | None = None
         self._seen_plans: collections.deque[int] = collections.deque(maxlen=256)
@@ -134,8 +161,40 @@ class WorkerAgent:
 
     def _run(self) -> None:
         self._ctx = zmq.Context()
+        self.decider.start()
+        if self.rank == 0:
+            try:
+                hosted = host_once(self.endpoint, self.shape.num_ranks)
+                self._store = (hosted.host, hosted.port)
+                self.log.info("hosting the rendezvous store at %s:%d", hosted.host, hosted.port)
+            except RendezvousError as exc:
+                self._rejected_reason = str(exc)
+                self.log.error("%s; the agent stays idle, serving is unaffected", exc)
+        self._open_socket()
+        self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
+        failures_in_a_row = 0
+        while not self._stop.is_set():
+            try:
+                self._tick(poll_ms=5)
+                failures_in_a_row = 0
+            except Exception as exc:  # supervised: never a dead agent thread
+                failures_in_a_row += 1
+                self.stats["internal_errors"] += 1
+                self.log.exception("agent loop failed (%d in a row); resetting: no plan is applied half, the agent "
+                                   "registers again", failures_in_a_row)
+                self._reset(f"internal error: {type(exc).__name__}: {exc}")
+                self._stop.wait(min(5.0, 0.05 * 2 ** failures_in_a_row))
+        try:
+            self._shutdown()
+        finally:
+            self.decider.stop()
+
+    def _open_socket(self) -> None:
+        """A fresh DEALER with a fresh identity: a reopened agent never collides with its old pipe."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}".encode())
+        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{secrets.token_hex(6)}".encode())
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -144,17 +203,28 @@ class WorkerAgent:
             self.curve.apply(sock)
         sock.connect(self.endpoint)
         self._sock = sock
-        self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
-        try:
-            while not self._stop.is_set():
-                self._tick(poll_ms=5)
-        except Exception:
-            self.log.exception("agent thread failed; serving continues with the current maps")
-        finally:
-            self._shutdown()
+        self._last_heard = time.monotonic()
+
+    def _reset(self, reason: str) -> None:
+        """Back to a clean state after a failure of the loop; each part on its own, none may raise."""
+        for part in (lambda: self._abandon_plan(reason), self.transport.abort, self._reopen):
+            try:
+                part()
+            except Exception:
+                self.log.exception("reset step failed")
+
+    def _reopen(self) -> None:
+        self._welcomed = False
+        self._inbox.clear()
+        self._next_hello = 0.0
+        self._open_socket()
 
     def _tick(self, poll_ms: int) -> None:
         now = time.monotonic()
+        if now - self._last_heard > SILENCE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0:
+            self.stats["socket_reopened"] += 1
+            self.log.warning("nothing from the coordinator for %.1fs: reopening the connection", now - self._last_heard)
+            self._reopen()
         if not self._welcomed and now >= self._next_hello and self._rejected_reason is None:
             self._send(self._hello())
             self._next_hello = now + self._hello_backoff_s
@@ -171,12 +241,16 @@ class WorkerAgent:
 
     def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:
-            gen = getattr(self.transport, "generation", -1) if self._side_ready else -1
+            gen = self.transport.generation if self._side_ready else -1
             # Read the step before the epoch: the serving thread bumps the epoch at the commit
             # boundary before the step count passes S, so (step > S, epoch = old) never pairs up
             # falsely; the coordinator relies on this to tell a missed commit from a slow one.
             step = self.hooks.steps_done
-            self._send(P.Heartbeat(rank=self.rank, step=step, epoch=self.hooks.epoch, comm_generation=gen))
+            epoch = self.hooks.epoch
+            steps, times = probes_from_ring(self.hooks.step_end_times, step)
+            clock = P.StepClock(probe_steps=steps, times=times, radius=3, wall_minus_mono=time.time() - time.monotonic())
+            self._send(P.Heartbeat(rank=self.rank, step=step, epoch=epoch, comm_generation=gen, session=self._session,
+                                   internal_errors=self.stats["internal_errors"], clock=clock))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
     def _pump_while_staging(self, plan_id: int, wait_s: float = 0.0) -> None:
@@ -193,6 +267,9 @@ class WorkerAgent:
             if self._abort_requested == plan_id:
                 self._drop_plan("aborted by the coordinator during staging")
                 raise PlanAborted()
+            if not self._welcomed:  # the coordinator lost us (restart, reopen): it no longer waits for this plan
+                self._drop_plan("the coordinator no longer knows this agent")
+                raise PlanAborted()
             if self._stop.is_set():
                 self._drop_plan("agent stopping")
                 raise PlanAborted()
@@ -200,12 +277,11 @@ class WorkerAgent:
                 return
 
     def _shutdown(self) -> None:
-        if self._ticket is None and self._plan is not None:
-            self._drop_plan("agent stopping")
         try:
+            self._abandon_plan("agent stopping")
             if self._sock is not None:
                 if self._welcomed:
-                    self._send(P.Goodbye(rank=self.rank, reason="agent stopped"))
+                    self._send(P.Goodbye(rank=self.rank, reason="agent stopped", session=self._session))
                 self._sock.close(linger=200)
         finally:
             self.transport.abort()
@@ -231,6 +307,7 @@ class WorkerAgent:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._last_heard = time.monotonic()
             try:
                 message = P.decode(frame)
             except P.ProtocolError as exc:
@@ -251,29 +328,28 @@ class WorkerAgent:
             phy2log=P.NDArray.from_numpy(self.phy2log_host), epoch=self.hooks.epoch,
             step=self.hooks.steps_done, transport=self.transport.name,
             node=socket.gethostname(), pid=os.getpid(),
+            store_host=self._store[0] if self._store else "", store_port=self._store[1] if self._store else 0,
+            resume_session=self._session,
         )
 
     def _handle(self, message: P.Message) -> None:
-        if isinstance(message, P.Welcome):
-            self._on_welcome(message)
-        elif isinstance(message, P.Reject):
-            self._on_reject(message)
-        elif isinstance(message, P.CommInit):
-            self._connect(message)
-        elif isinstance(message, P.Plan):
-            self._on_plan(message)
-        elif isinstance(message, P.VoteNow):
-            self._on_vote(message)
-        elif isinstance(message, P.AbortPlan):
-            self._on_abort(message)
-        elif isinstance(message, P.CoordinatorStopping):
-            self.log.warning("coordinator stopping (%s); serving continues, will register again", message.reason)
-            if self._ticket is None:
-                self._drop_plan("coordinator stopping")
-            self._welcomed = False
-            self._next_hello = time.monotonic() + self.hello_interval_s
-        else:
+        name = self._handlers.get(type(message))
+        if name is None:
             self.log.warning("ignored unexpected %s from the coordinator", type(message).__name__)
+            return
+        getattr(self, name)(message)
+
+    def _on_stopping(self, message: P.CoordinatorStopping) -> None:
+        self.log.warning("coordinator stopping (%s); serving continues, will register again", message.reason)
+        self._abandon_plan("coordinator stopping")
+        self._welcomed = False
+        self._next_hello = time.monotonic() + self.hello_interval_s
+
+    def _on_heartbeat_ack(self, message: P.HeartbeatAck) -> None:
+        if self._welcomed and message.session != self._session:
+            self.log.warning("heartbeat answered for session %d, this agent holds %d: registering again",
+                             message.session, self._session)
+            self._welcomed = False
 
     def _on_welcome(self, msg: P.Welcome) -> None:
         self.config = msg.config
@@ -281,19 +357,29 @@ class WorkerAgent:
         hooks.report_interval_steps = msg.config.report_interval_steps
         hooks.fence_steps = msg.config.fence_steps
         hooks.fence_timeout_s = msg.config.fence_timeout_s
-        if self._welcomed and msg.comm is None:
+        hooks.decision_timeout_s = msg.config.decision_timeout_s
+        if self._welcomed and msg.session == self._session and msg.comm is None:
             return  # a duplicate (our Hello was retried or duplicated)
         self._welcomed = True
+        self._session = msg.session
         self._hello_backoff_s = self.hello_interval_s
         self.log.info("welcomed by the coordinator (epoch %d, step %d)", hooks.epoch, hooks.steps_done)
         if msg.comm is not None:
             self._connect(msg.comm)
 
     def _on_reject(self, msg: P.Reject) -> None:
-        if msg.reason.startswith("unknown agent"):
+        if msg.code in ("unknown_agent", "stale_session"):
             # The coordinator restarted (or declared us dead): register again. Every queued
             # heartbeat draws one of these; the Hello back-off keeps it to one Hello.
             self._welcomed = False
+            return
+        if msg.code == "rank_taken":
+            self.stats["rank_taken"] += 1
+            self.log.warning("coordinator: %s; trying again", msg.reason)
+            return
+        if msg.code == "bad_message":
+            self.stats["bad_messages_reported"] += 1
+            self.log.error("coordinator could not decode a message of this agent: %s", msg.reason)
             return
         self._rejected_reason = msg.reason
         self._welcomed = False
@@ -308,8 +394,9 @@ class WorkerAgent:
         """
         if comm == self._comm_current and self._side_ready:
             return  # already built from this very rendezvous (a repeated CommInit)
-        if self._ticket is not None or self._plan is not None:
-            self._drop_plan(f"side communicator rebuilt (generation {comm.generation})")
+        self._abandon_plan(f"side communicator rebuilt (generation {comm.generation})")
+        if self._record is None or self._record.address != f"{comm.store_host}:{comm.store_port}":
+            self._record = StoreDecisionRecord(comm.store_host, comm.store_port, self.config.transport_timeout_s)
         if self._connecting is not None and self._connecting.is_alive():
             # Build it once this attempt ends, unless it is the very rendezvous being attempted
             # (a duplicate): retrying that alone would leave this rank one attempt behind.
@@ -353,8 +440,8 @@ class WorkerAgent:
             counts = hooks.host_buffers[snap.buffer_index].numpy().copy()
             hooks.free_buffers.append(snap.buffer_index)
             if self._welcomed:
-                self._send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin,
-                                        step_end=snap.step_end, slot_load=P.NDArray.from_numpy(counts)))
+                self._send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin, step_end=snap.step_end,
+                                        slot_load=P.NDArray.from_numpy(counts), session=self._session))
 
     # -- plans -------------------------------------------------------------------------
 
@@ -382,18 +469,19 @@ class WorkerAgent:
             self.stats["duplicate_messages"] += 1
             return
         self._seen_plans.append(plan.plan_id)
-        if self._plan is not None:
-            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"busy with plan {self._plan.plan_id}"))
+        busy = self._plan or (self._ticket and self._ticket.plan_id)
+        if busy:
+            self._failed(plan.plan_id, f"busy with plan {busy.plan_id if isinstance(busy, P.Plan) else busy}")
             return
         try:
             rows = self._validate_plan(plan)
         except (PlacementError, P.ProtocolError) as exc:
             self.stats["plans_rejected"] += 1
             self.log.error("rejected plan %d: %s", plan.plan_id, exc)
-            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=str(exc)))
+            self._failed(plan.plan_id, str(exc))
             return
-        if not self._side_ready:
-            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason="side communicator not connected"))
+        if not self._side_ready or self._record is None:
+            self._failed(plan.plan_id, "side communicator not connected")
             return
         self._plan, self._plan_rows, self._abort_requested = plan, rows, None
         t0 = time.monotonic()
@@ -408,13 +496,20 @@ class WorkerAgent:
             self.log.error("staging plan %d failed: %s", plan.plan_id, exc)
             self.transport.abort()
             self._clear_plan()
-            self._send(P.Failed(rank=self.rank, plan_id=plan.plan_id, reason=f"staging failed: {exc}"))
+            self._failed(plan.plan_id, f"staging failed: {exc}")
             return
         self._staged_at = time.monotonic()
         # The agent thread's CPU time holds the GIL the serving thread needs: keep it visible.
         self.stats["stage_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
         self.stats["staged"] += 1
-        self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0))
+        self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0,
+                            session=self._session))
+
+    def _failed(self, plan_id: int, reason: str) -> None:
+        self._send(P.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session))
+
+    def _aborted(self, plan_id: int, reason: str) -> None:
+        self._send(P.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session))
 
     def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
         """Fill this rank's staging rows; returns bytes received from other ranks.
@@ -507,7 +602,11 @@ class WorkerAgent:
             self.stats["votes"] += 1
 
     def _vote(self, msg: P.VoteNow) -> None:
-        ready = self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None and self._ticket is None
+        """Arm the commit ticket, all-reduce (entry step, fail, plan id, digests), then propose
+        the outcome to the plan's decision record. The record's answer, not the all-reduce,
+        decides: the serving thread applies the plan iff the record says ``commit``."""
+        ready = (self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None
+                 and self._ticket is None and self._record is not None)
         ticket = None
         hooks = self.hooks
         cpu = CpuSections(self.stats, "vote")
@@ -515,7 +614,9 @@ class WorkerAgent:
             with self.transport.device_context():  # complete when the vote below returns
                 action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
             cpu.mark("prepare")
-            ticket = CommitTicket(action=action)
+            ticket = CommitTicket(action=action, layers=list(self._plan.layers), rows=self._plan_rows, record=self._record)
+            ticket.propose_abort = lambda reason, t=ticket: self._propose(t, Decision.abort(self.rank, reason))
+            self._ticket_generation = self.transport.generation
             hooks.ticket = ticket
             entry = hooks.steps_done
             ticket.vote_entry_step = entry
@@ -526,11 +627,10 @@ class WorkerAgent:
         else:
             entry, fail = hooks.steps_done, 1
         if not self._side_ready:
-            if ticket is not None:  # the serving thread drops it; _check_ticket reports
-                ticket.vote_ok = False
-                ticket.decided.set()
+            if ticket is not None:
+                ticket.propose_abort("side communicator not connected at the vote")
             else:
-                self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="side communicator not connected at vote"))
+                self._aborted(msg.plan_id, "side communicator not connected at vote")
             return
         me = threading.get_ident()
 
@@ -538,43 +638,43 @@ class WorkerAgent:
             if threading.get_ident() != me:
                 return
             self._heartbeat(time.monotonic())  # a slow vote must not get this rank declared dead
-            if ticket is not None and ticket.finished.is_set():
-                # This rank's serving thread gave up at the fence and serves on with the old
-                # maps: the vote must not complete anywhere. Leaving it now tears the
-                # communicator down, so the peers' all-reduce fails instead of deciding "ok".
-                raise TransportError(f"the serving thread gave up at the fence ({ticket.outcome}) before the vote completed")
+            self._receive(0)  # keeps the link fresh; an AbortPlan is handled once the vote returns
+            if ticket is not None and ticket.is_decided:
+                # The record is final (this rank's serving thread, or another rank, got there
+                # first): nothing the all-reduce returns can change it.
+                raise TransportError(f"left the vote: the decision record already says {ticket.decision.describe()}")
 
         self.transport.poll_hook = keep_alive
         try:
             result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready))
             cpu.mark("reduce")
         except TransportError as exc:
-            self.log.error("vote for plan %d failed: %s", msg.plan_id, exc)
-            self.transport.abort()
+            self.log.error("vote for plan %d: %s", msg.plan_id, exc)
+            self.transport.abort()  # a pending collective must not meet a later one
             if ticket is not None:
-                ticket.vote_ok = False
-                ticket.vote_error = str(exc)
-                ticket.decided.set()
+                self._propose(ticket, Decision.abort(self.rank, f"vote_failed: {exc}"))
             else:
-                self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason=f"vote failed: {exc}"))
+                self._aborted(msg.plan_id, f"vote failed: {exc}")
             return
         finally:
             self.transport.poll_hook = None
         ok = int(result[1]) == 0 and int(result[2]) == msg.plan_id and int(result[3]) == -msg.plan_id
+        reason = "vote_failed: a rank was not ready"
         corrupt = self._corrupt_ops(result)
         if ok and corrupt:
             ok = False
             self.stats["integrity_failures"] += 1
-            if ticket is not None:
-                ticket.vote_error = f"integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}"
+            reason = f"vote_failed: integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}"
             self.log.error("plan %d: expert rows corrupted in transit (remote ops %s); nobody commits", msg.plan_id, corrupt[:8])
         if ticket is None:
-            self._send(P.Aborted(rank=self.rank, plan_id=msg.plan_id, reason="vote arrived for a plan this rank has not staged"))
+            self._aborted(msg.plan_id, "vote arrived for a plan this rank has not staged")
             return
-        ticket.commit_step = int(result[0]) + hooks.fence_steps
-        ticket.vote_ok = ok
-        ticket.decided.set()
-        self._send(P.Voted(rank=self.rank, plan_id=msg.plan_id, commit_step=ticket.commit_step, ok=ok))
+        proposal = Decision.commit_at(int(result[0]) + hooks.fence_steps, self.rank) if ok else Decision.abort(self.rank, reason)
+        self._propose(ticket, proposal)
+
+    def _propose(self, ticket: CommitTicket, proposal: Decision) -> None:
+        """To the record the ticket was armed with (never a newer store's): answered on the decider thread."""
+        self.decider.submit(ticket, ticket.record, proposal)
 
     def _vote_vector(self, entry: int, fail: int, plan_id: int, ready: bool) -> np.ndarray:
         """``[entry, fail, plan_id, -plan_id, d_0..d_K-1, -d_0..-d_K-1]`` for the MAX all-reduce.
@@ -596,42 +696,78 @@ class WorkerAgent:
         return np.flatnonzero(body[:k] != -body[k:]).tolist()
 
     def _check_ticket(self) -> None:
+        """Report the decision once it is known (``Voted``), and the outcome once served."""
         ticket = self._ticket
-        if ticket is None or not ticket.finished.is_set():
+        if ticket is None:
             return
-        plan = self._plan
+        if ticket.is_decided and not ticket.voted_reported:
+            ticket.voted_reported = True
+            decision = ticket.decision
+            if decision.commit:
+                self._send(P.Voted(rank=self.rank, plan_id=ticket.plan_id, commit_step=decision.commit_step, ok=True,
+                                   session=self._session))
+            else:
+                self._send(P.Voted(rank=self.rank, plan_id=ticket.plan_id, commit_step=0, ok=False, session=self._session))
+        if not ticket.finished.is_set():
+            return
         self._ticket = None
         if ticket.outcome == "committed":
-            self.phy2log_host[list(plan.layers)] = self._plan_rows
+            self.phy2log_host[ticket.layers] = ticket.rows
             self.stats["committed"] += 1
-            self.log.info("committed plan %d at step %d (epoch %d, stall %.1f us)", plan.plan_id, ticket.outcome_step, self.hooks.epoch, ticket.stall_s * 1e6)
-            self._send(P.Committed(rank=self.rank, plan_id=plan.plan_id, commit_step=ticket.outcome_step, epoch=self.hooks.epoch, stall_s=ticket.stall_s))
+            self.log.info("committed plan %d at step %d (epoch %d, stall %.1f us)", ticket.plan_id, ticket.outcome_step,
+                          self.hooks.epoch, ticket.stall_s * 1e6)
+            self._send(P.Committed(rank=self.rank, plan_id=ticket.plan_id, commit_step=ticket.outcome_step,
+                                   epoch=self.hooks.epoch, stall_s=ticket.stall_s, session=self._session))
         else:
             self.stats["aborted"] += 1
-            self.log.warning("plan %d not committed: %s at step %d; maps untouched", plan.plan_id, ticket.outcome, ticket.outcome_step)
-            # A pending vote must never land, and a failed transport must be rebuilt.
-            if ticket.outcome in ("fence_timeout", "missed_commit_step") or ticket.vote_error:
-                self.transport.abort()
-            reason = ticket.outcome + (f": {ticket.vote_error}" if ticket.vote_error else "")
-            self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=reason))
-        self._clear_plan()
+            reason = ticket.outcome if ticket.outcome != "aborted" else ticket.reason
+            self.log.warning("plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason)
+            if self.transport.generation == self._ticket_generation:
+                self.transport.abort()  # a vote left pending on some rank must never meet a later collective
+            self._aborted(ticket.plan_id, reason)
+        if self._plan is not None and self._plan.plan_id == ticket.plan_id:
+            self._clear_plan()
 
     def _clear_plan(self) -> None:
         self._plan = self._area = self._plan_rows = None
         self._staged_at = 0.0
 
     def _on_abort(self, msg: P.AbortPlan) -> None:
+        ticket = self._ticket
+        if ticket is not None and ticket.plan_id == msg.plan_id:
+            # In the vote: only the record decides. Ask for abort there; if commit is there
+            # already, this rank commits at S like every other, and says so in Voted.
+            if not ticket.is_decided:
+                self._propose(ticket, Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}"))
+            return
         if self._plan is None or self._plan.plan_id != msg.plan_id:
             return
-        if self._ticket is not None:
-            return  # the vote decides now; its outcome is reported when the ticket finishes
         self._drop_plan(f"aborted by the coordinator: {msg.reason}")
 
+    def _abandon_plan(self, reason: str) -> None:
+        """Give up the current plan the only safe way: before the vote, drop it; in the vote,
+        ask for ``abort`` in the record and let the serving thread finish the ticket."""
+        ticket = self._ticket
+        if ticket is not None:
+            if not ticket.is_decided:
+                self._propose(ticket, Decision.abort(self.rank, reason))
+            return
+        self._drop_plan(reason)
+
     def _drop_plan(self, reason: str) -> None:
+        """Drop a plan that has not been voted on (no ticket armed): nothing can apply it."""
         plan = self._plan
-        if plan is None:
+        if plan is None or self._ticket is not None:
             return
         self._clear_plan()
         self.stats["aborted"] += 1
         self.log.warning("dropped plan %d: %s; maps untouched", plan.plan_id, reason)
-        self._send(P.Aborted(rank=self.rank, plan_id=plan.plan_id, reason=reason))
+        self._aborted(plan.plan_id, reason)
+
+    _handlers = {
+        P.Welcome: "_on_welcome", P.Reject: "_on_reject", P.CommInit: "_connect", P.Plan: "_on_plan",
+        P.VoteNow: "_on_vote", P.AbortPlan: "_on_abort", P.CoordinatorStopping: "_on_stopping",
+        P.HeartbeatAck: "_on_heartbeat_ack",
+    }
+    """Message type -> handler name (by name, so subclasses' overrides are the ones called)."""
+

@@ -4,7 +4,8 @@ Cost per step, by construction: one in-place ``add_`` of the step's load into a 
 accumulator and an integer increment; every ``report_interval_steps`` steps one
 non-blocking device→host copy into a free pre-allocated (pinned on CUDA) buffer plus an
 event record and a ``zero_``. No host/device synchronisation, no collective, no tensor
-allocation, no lock. The only wait is the bounded fence (see ``before_step``).
+allocation, no lock. The only wait is the bounded fence (see ``before_step``). Each step
+also writes its end time into a fixed ring (one float store): the step-clock probes.
 
 Hand-off with the agent thread is lock-free: every field below has exactly one writer,
 and a :class:`CommitTicket` moves through its states in one direction. CPython's GIL
@@ -17,10 +18,21 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 
+from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.expert_model import ExpertModel
+
+
+class UndecidedCommit(RuntimeError):
+    """The serving thread could not learn a plan's decision within its bound.
+
+    It cannot guess: applying or skipping the plan could each differ from what the other
+    ranks do. Raised from ``before_step`` so the worker stops (fail-stop) instead.
+    """
 
 
 @dataclass
@@ -40,24 +52,52 @@ class CommitAction:
 class CommitTicket:
     """One plan batch on its way through the vote and the commit.
 
-    Writers: the agent thread sets ``vote_entry_step``, then ``commit_step``/``vote_ok``
-    followed by ``decided.set()``; the serving thread sets ``outcome`` (and the step and
-    stall) followed by ``finished.set()``.
+    Writers: the agent thread sets ``vote_entry_step``; the decider thread sets ``decision``
+    once, from the plan's decision record, followed by ``decided.set()``; the serving thread
+    sets ``outcome`` (and the step and stall) followed by ``finished.set()``. The ticket stays
+    armed until the serving thread finishes it: nothing else may drop a voted plan, because
+    only the record says whether the other ranks apply it.
     """
 
     action: CommitAction
+    layers: list[int] = field(default_factory=list)
+    rows: np.ndarray | None = None
+    """The plan's new ``phy2log`` rows ``[len(layers), P]``, for the agent's host copy."""
+    record: object | None = None
+    """The ``decision.DecisionRecord`` this plan's decision lives in (fixed when armed)."""
     vote_entry_step: int | None = None
-    commit_step: int | None = None
-    vote_ok: bool = False
-    vote_error: str = ""
-    """Why the vote failed on this rank's side (transport error), for the Aborted reason."""
+    decision: Decision | None = None
     decided: threading.Event = field(default_factory=threading.Event)
+    propose_abort: Callable[[str], None] | None = None
+    """Asks for ``abort`` in the decision record (never blocks); the serving thread calls it
+    when it gives up at the fence, and learns the record's answer through ``decided``."""
     outcome: str | None = None
-    """``committed``, ``vote_failed``, ``fence_timeout`` or ``missed_commit_step``."""
+    """``committed``, ``aborted`` (see ``reason``) or ``missed_commit_step``."""
+    reason: str = ""
     outcome_step: int = -1
     stall_s: float = 0.0
     fence_wait_s: float = 0.0
     finished: threading.Event = field(default_factory=threading.Event)
+    voted_reported: bool = False
+    """The agent thread has told the coordinator the decision (``Voted``)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def plan_id(self) -> int:
+        return self.action.plan_id
+
+    @property
+    def is_decided(self) -> bool:
+        return self.decided.is_set()
+
+    def resolve(self, decision: Decision) -> bool:
+        """Record the decision once; later calls (the same record's answer again) are ignored."""
+        with self._lock:
+            if self.decision is not None:
+                return False
+            self.decision = decision
+        self.decided.set()
+        return True
 
 
 @dataclass
@@ -72,17 +112,23 @@ class LoadSnapshot:
 class ServingHooks:
     """The per-step hooks called from the serving loop (``before_step``, ``after_step``)."""
 
+    STEP_RING = 1024
+    """Steps whose end time is kept (a power of two): probes are read from here."""
+
     def __init__(self, model: ExpertModel, report_interval_steps: int = 10, fence_steps: int = 8,
-                 fence_timeout_s: float = 5.0, num_host_buffers: int = 4) -> None:
-        if report_interval_steps <= 0 or fence_steps <= 0 or fence_timeout_s <= 0:
+                 fence_timeout_s: float = 5.0, num_host_buffers: int = 4, decision_timeout_s: float = 60.0) -> None:
+        if report_interval_steps <= 0 or fence_steps <= 0 or fence_timeout_s <= 0 or decision_timeout_s <= 0:
             raise ValueError(
-                f"report_interval_steps={report_interval_steps}, fence_steps={fence_steps} and "
-                f"fence_timeout_s={fence_timeout_s} must all be positive"
+                f"report_interval_steps={report_interval_steps}, fence_steps={fence_steps}, "
+                f"fence_timeout_s={fence_timeout_s} and decision_timeout_s={decision_timeout_s} must all be positive"
             )
         self.model = model
         self.report_interval_steps = report_interval_steps
         self.fence_steps = fence_steps
         self.fence_timeout_s = fence_timeout_s
+        self.decision_timeout_s = decision_timeout_s
+        self.step_end_times = np.zeros(self.STEP_RING, dtype=np.float64)
+        """``step_end_times[k % STEP_RING]``: monotonic time at which step ``k`` ended."""
         self.steps_done = 0
         """Non-profile steps completed: the deployment-wide step clock."""
         self.epoch = 0
@@ -108,7 +154,14 @@ class ServingHooks:
     # -- the two hooks -------------------------------------------------------------
 
     def before_step(self) -> None:
-        """At the boundary before step ``steps_done``: fence, then commit if it is step S."""
+        """At the boundary before step ``steps_done``: fence, then commit if it is step S.
+
+        A rank that entered the vote at step ``e`` never starts step ``e + F`` without the
+        decision: the commit step is ``max(e) + F >= e + F``, so knowing it there is knowing
+        it in time. After ``fence_timeout_s`` it asks for ``abort`` in the decision record
+        and keeps waiting for the record's answer (which may still be ``commit``, written
+        first by another rank), at most ``decision_timeout_s`` more.
+        """
         ticket = self.ticket
         if ticket is None or ticket.vote_entry_step is None:
             return
@@ -116,33 +169,43 @@ class ServingHooks:
         if not ticket.decided.is_set():
             if step < ticket.vote_entry_step + self.fence_steps:
                 return
-            t0 = time.perf_counter()
-            known = ticket.decided.wait(self.fence_timeout_s)
-            ticket.fence_wait_s = time.perf_counter() - t0
-            if not known:
-                self._finish(ticket, "fence_timeout", step)
-                return
-        if not ticket.vote_ok:
-            self._finish(ticket, "vote_failed", step)
-        elif step == ticket.commit_step:
+            self._wait_for_decision(ticket, step)
+        decision = ticket.decision
+        if not decision.commit:
+            ticket.reason = decision.reason
+            self._finish(ticket, "aborted", step)
+        elif step == decision.commit_step:
             t0 = time.perf_counter()
             self._apply(ticket.action)
             ticket.stall_s = self.last_stall_s = time.perf_counter() - t0
             self.max_stall_s = max(self.max_stall_s, ticket.stall_s)
             self.commit_log.append((ticket.action.plan_id, step))
             self._finish(ticket, "committed", step)
-        elif step > ticket.commit_step:  # cannot happen while the fence holds; never apply late
+        elif step > decision.commit_step:  # cannot happen while the fence holds; never apply late
             self._finish(ticket, "missed_commit_step", step)
 
     def after_step(self, load_pass: torch.Tensor | None) -> None:
         """After a non-profile step: fold in its load ``[L, P]`` and advance the clock."""
         if load_pass is not None:
             self.load_acc.add_(load_pass)
+        self.step_end_times[self.steps_done & (self.STEP_RING - 1)] = time.monotonic()
         self.steps_done += 1
         if self.steps_done - self._acc_begin >= self.report_interval_steps:
             self._snapshot()
 
     # -- internals (serving thread) --------------------------------------------------
+
+    def _wait_for_decision(self, ticket: CommitTicket, step: int) -> None:
+        t0 = time.perf_counter()
+        if not ticket.decided.wait(self.fence_timeout_s):
+            if ticket.propose_abort is not None:
+                ticket.propose_abort(f"fence_timeout: rank {self.model.rank} waited {self.fence_timeout_s}s at step {step}")
+            if not ticket.decided.wait(self.decision_timeout_s):
+                raise UndecidedCommit(
+                    f"rank {self.model.rank}: plan {ticket.plan_id}'s decision record did not answer within "
+                    f"fence_timeout_s={self.fence_timeout_s} + decision_timeout_s={self.decision_timeout_s} at step "
+                    f"{step}; applying or skipping it could each split the ranks, so this worker stops")
+        ticket.fence_wait_s = time.perf_counter() - t0
 
     def _finish(self, ticket: CommitTicket, outcome: str, step: int) -> None:
         ticket.outcome = outcome

@@ -180,6 +180,11 @@ class Transport(abc.ABC):
         """Tear the communicator down now; pending and later calls fail. Idempotent."""
 
     @property
+    def generation(self) -> int:
+        """Generation of the communicator built last (``CommInit.generation``; -1 before any)."""
+        return -1
+
+    @property
     @abc.abstractmethod
     def connected(self) -> bool:
         """True between a successful ``connect`` and ``abort``."""

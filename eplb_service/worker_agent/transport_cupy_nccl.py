@@ -2,8 +2,9 @@
 
 The communicator is built for the agents alone, from the coordinator's rendezvous
 (:class:`~eplb_service.protocol.CommInit`), never from the serving group: rank 0 creates
-the NCCL unique id and publishes it in the coordinator's TCPStore under a key that
-carries the generation (``eplb/gen<G>/nccl_unique_id``); the other ranks read it there.
+the NCCL unique id and publishes it in the rendezvous store (hosted by rank 0's worker, see
+``rendezvous``) under a key that carries the generation (``<key_prefix>/nccl_unique_id``);
+the other ranks read it there.
 A store barrier runs before ``ncclCommInitRank`` so a missing rank fails the connect
 within ``timeout_s`` instead of blocking NCCL's bootstrap forever.
 
@@ -281,7 +282,7 @@ class CupyNcclTransport(Transport):
         self.abort()
         self._use_device()
         self._timeout_s = timeout_s
-        prefix = f"eplb/gen{comm.generation}"
+        prefix = comm.key_prefix
         try:
             store = dist.TCPStore(comm.store_host, comm.store_port, comm.world_size, False,
                                   timeout=datetime.timedelta(seconds=timeout_s))

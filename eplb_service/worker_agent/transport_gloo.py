@@ -1,6 +1,6 @@
 """CPU side transport: a gloo process group built for the agents alone.
 
-It is bootstrapped on the coordinator's own TCPStore (prefixed by generation), never a
+It is bootstrapped on the rendezvous store rank 0's worker hosts (prefixed by generation), never a
 subgroup of the host process's default group: inside vLLM that group is vLLM's serving
 group, and rearrangement collectives must never interleave with serving ones.
 """
@@ -44,7 +44,7 @@ class GlooTransport(Transport):
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
             store = dist.TCPStore(comm.store_host, comm.store_port, comm.world_size, False, timeout=timeout)
-            prefixed = dist.PrefixStore(f"eplb/gen{comm.generation}", store)
+            prefixed = dist.PrefixStore(comm.key_prefix, store)
             self._group = dist.ProcessGroupGloo(prefixed, rank, comm.world_size, timeout)
         except Exception as exc:  # torch raises RuntimeError/DistStoreError with the cause
             raise TransportError(f"gloo side group generation {comm.generation} at {comm.store_host}:{comm.store_port} failed: {exc}") from exc

@@ -273,6 +273,7 @@ def test_a_second_main_model_is_an_error(attached):
 
 def test_commit_through_the_binding_updates_vllms_tensors_in_place(attached):
     """A plan applied by the hooks lands in the very tensors vLLM's layers hold."""
+    from eplb_service.worker_agent.decision import Decision
     from eplb_service.worker_agent.serving_hooks import CommitTicket
     from eplb_service.worker_agent.schedule import build_schedule
     from eplb_service.worker_agent.staging import StagingArea, prepare_commit
@@ -290,8 +291,8 @@ def test_commit_through_the_binding_updates_vllms_tensors_in_place(attached):
         for k, live in enumerate(model.expert_weights[1]):
             area.rows[k][copy.dst_staging].copy_(live[copy.src_row])
     ticket = CommitTicket(action=prepare_commit(model, 1, [1], new, area))
-    ticket.vote_entry_step, ticket.commit_step, ticket.vote_ok = 0, 2, True
-    ticket.decided.set()
+    ticket.vote_entry_step = 0
+    ticket.resolve(Decision.commit_at(2, rank=0))
     binding.hooks.ticket = ticket
     state.step()
     state.step()  # the boundary before step 2: commit

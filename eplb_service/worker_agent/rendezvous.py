@@ -1,0 +1,97 @@
+"""The rendezvous store of the side communicator, hosted by rank 0's worker.
+
+Every agent builds the side communicator from keys in this store (gloo's rendezvous, the
+NCCL unique id) and every plan's commit decision record lives in it (``decision``). It is a
+torch TCPStore server: a C++ thread in rank 0's process that needs no GIL, so it answers
+while that process serves. Hosting it in a serving process rather than in the coordinator
+is what makes the decision record safe: the coordinator may die and restart at any moment,
+a record lost with it could be written twice; rank 0's worker lives as long as serving does.
+
+``EPLB_SERVICE_STORE_PORT`` fixes its port (a NetworkPolicy can then name it; default: any
+free port) and ``EPLB_SERVICE_STORE_HOST`` the address the other ranks dial (default: the
+address this host uses to reach the coordinator, or loopback for an ``ipc://`` coordinator).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+STORE_PORT_ENV = "EPLB_SERVICE_STORE_PORT"
+STORE_HOST_ENV = "EPLB_SERVICE_STORE_HOST"
+
+
+class RendezvousError(RuntimeError):
+    """The store could not be started where it was asked to be."""
+
+
+def advertised_host(coordinator_endpoint: str, environ: dict | None = None) -> str:
+    """The address other ranks use to reach this host's store.
+
+    A ``tcp://`` coordinator on another host: the local address of the route to it (the
+    interface the agents already share with the coordinator); ``ipc://`` or loopback: one host,
+    loopback.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(STORE_HOST_ENV):
+        return env[STORE_HOST_ENV]
+    if coordinator_endpoint.startswith("tcp://"):
+        host = coordinator_endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0"):
+            try:
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.connect((host, 9))  # UDP: no packet is sent, the kernel only picks the route
+                    return s.getsockname()[0]
+            except OSError:
+                return socket.gethostbyname(socket.gethostname())
+    return "127.0.0.1"
+
+
+def store_port_from_env(environ: dict | None = None) -> int:
+    env = os.environ if environ is None else environ
+    text = env.get(STORE_PORT_ENV, "")
+    if not text:
+        return 0
+    try:
+        port = int(text)
+    except ValueError:
+        raise RendezvousError(f"{STORE_PORT_ENV}={text!r}: expected a port number in [1, 65535]") from None
+    if not 1 <= port <= 65535:
+        raise RendezvousError(f"{STORE_PORT_ENV}={port}: expected a port number in [1, 65535]")
+    return port
+
+
+@dataclass
+class RendezvousHost:
+    """The store server; kept for the life of the process (a decision must outlive any agent reset)."""
+
+    host: str
+    port: int
+    _server: object
+
+    @classmethod
+    def start(cls, coordinator_endpoint: str, world_size: int, environ: dict | None = None) -> "RendezvousHost":
+        import torch.distributed as dist
+
+        port = store_port_from_env(environ)
+        host = advertised_host(coordinator_endpoint, environ)
+        try:
+            server = dist.TCPStore("0.0.0.0", port, world_size, True, timeout=datetime.timedelta(seconds=60),
+                                   wait_for_workers=False)
+        except Exception as exc:
+            raise RendezvousError(f"could not host the rendezvous store on port {port or 'any'} "
+                                  f"({STORE_PORT_ENV}): {exc}") from exc
+        return cls(host, server.port, server)
+
+
+_HOSTED: RendezvousHost | None = None
+
+
+def host_once(coordinator_endpoint: str, world_size: int) -> RendezvousHost:
+    """This process's store, started on first use and kept until the process exits."""
+    global _HOSTED
+    if _HOSTED is None:
+        _HOSTED = RendezvousHost.start(coordinator_endpoint, world_size)
+    return _HOSTED
