@@ -126,13 +126,11 @@ def test_readme_toml_example_is_a_valid_config(tmp_path):
     import pathlib
     import re
 
-    from eplb_service.coordinator.cli import build_parser, config_from_args, load_config_file
+    from eplb_service.coordinator.cli import config_from_args, parse_command_line
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"```toml\n(.*?)```", readme, flags=re.S).group(1)
     path = tmp_path / "eplb.toml"
     path.write_text(block)
-    parser = build_parser()
-    parser.set_defaults(**load_config_file(str(path), parser))
-    cfg = config_from_args(parser.parse_args(["--metrics-port", "9500"]))
+    cfg = config_from_args(parse_command_line(["--config", str(path), "--metrics-port", "9500"]))
     assert cfg.world_size == 8 and cfg.metrics_port == 9500 and cfg.staging_budget_bytes == 2 << 30

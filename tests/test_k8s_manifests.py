@@ -15,7 +15,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 kv = pytest.importorskip("kubernetes_validate")
 
-from eplb_service.coordinator.cli import build_parser, config_from_args  # noqa: E402
+from eplb_service.coordinator.cli import config_from_args, parse_command_line  # noqa: E402
 from eplb_service.security import generate_keys  # noqa: E402
 
 K8S = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "k8s"
@@ -106,7 +106,7 @@ def test_coordinator_arguments_parse_and_match_vllm(variant, tmp_path):
             argv = command_line(container(tpl, "eplb-coordinator"))
             assert argv[0] == "eplb-coordinator"
             argv = [str(keys) if a == "/etc/eplb-service/server" else a for a in argv[1:]]
-            args = build_parser().parse_args([a.replace('"$POD_IP"', "10.0.0.1").replace("$POD_IP", "10.0.0.1") for a in argv])
+            args = parse_command_line([a.replace('"$POD_IP"', "10.0.0.1").replace("$POD_IP", "10.0.0.1") for a in argv])
             cfg = config_from_args(args)  # the real validation: endpoint security, sizes
             vllm = command_line(container(tpl, "vllm"))
             dp = int(vllm[vllm.index("--data-parallel-size") + 1])
