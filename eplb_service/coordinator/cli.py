@@ -177,10 +177,21 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
+def _toml_module():
+    """``tomllib`` (standard from Python 3.11), else its backport ``tomli`` (a dependency below 3.11); same API."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError("--config needs tomli on Python < 3.11: pip install tomli") from None
+    return tomllib
+
+
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``...)."""
-    import tomllib
-
+    tomllib = _toml_module()
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
