@@ -178,3 +178,20 @@ def test_help_exits_zero_and_explains_the_vllm_command(argv):
     assert out.returncode == 0 and out.stderr == ""
     assert out.stdout.startswith("usage: eplb-sidecar") and "-- VLLM COMMAND" in out.stdout
     assert "eplb-coordinator serve --help" in out.stdout and "(default: 30.0)" in out.stdout
+
+
+def test_second_sidecar_on_a_taken_endpoint_never_starts_vllm(tmp_path):
+    endpoint, first, _ = start_sidecar(tmp_path)
+    try:
+        owner = fetch_status(endpoint)["pid"]
+        out = subprocess.run(sidecar_cmd(endpoint, sys.executable, STAND_IN), capture_output=True, text=True, timeout=90)
+        log = out.stdout + out.stderr
+        assert out.returncode == 1, log
+        assert f"a coordinator (pid {owner}) already serves" in log and "not starting vLLM" in log
+        assert "vLLM started (pid" not in log, "vLLM was started against another sidecar's coordinator"
+        assert fetch_status(endpoint)["pid"] == owner and first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 7
+    finally:
+        if first.poll() is None:
+            first.kill()
