@@ -131,3 +131,35 @@ def test_multinode_secret_carries_every_mounted_key():
                 if "secret" in vol:
                     assert vol["secret"]["secretName"] == "eplb-curve-keys"
                     assert {i["key"] for i in vol["secret"]["items"]} <= generated
+
+
+def own_ports(c: dict) -> set:
+    return {p["name"] for p in c.get("ports", [])} | {p["containerPort"] for p in c.get("ports", [])}
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_coordinator_never_gates_vllm_readiness(variant):
+    """A native sidecar's readiness counts toward the pod's: the coordinator must not have a readiness probe.
+
+    Liveness and startup probes restart it on its own; vLLM's readiness is its own /health only.
+    """
+    sidecars = 0
+    for doc in resources(variant):
+        for tpl in pod_templates(doc):
+            spec = tpl["spec"]
+            assert not spec.get("readinessGates"), "a readiness gate would tie the pod's readiness to something else"
+            for c in spec.get("initContainers", []):
+                if c["name"] != "eplb-coordinator":
+                    continue
+                sidecars += 1
+                assert c.get("restartPolicy") == "Always", "the coordinator must be a native sidecar (restarts on its own)"
+                assert "readinessProbe" not in c, "a coordinator readinessProbe takes vLLM out of its Service"
+                assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+                assert c["startupProbe"]["httpGet"]["path"] == "/readyz"
+            vllm = container(tpl, "vllm")
+            probe = vllm.get("readinessProbe")
+            if probe is not None:
+                assert set(probe) - {"httpGet", "periodSeconds", "failureThreshold", "timeoutSeconds", "successThreshold"} == set(), \
+                    f"vLLM's readiness must be an HTTP check of vLLM itself, got {probe}"
+                assert probe["httpGet"]["path"] == "/health" and probe["httpGet"]["port"] in own_ports(vllm)
+    assert sidecars >= 1, f"{variant} runs no coordinator sidecar"
