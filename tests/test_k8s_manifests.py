@@ -163,3 +163,34 @@ def test_coordinator_never_gates_vllm_readiness(variant):
                     f"vLLM's readiness must be an HTTP check of vLLM itself, got {probe}"
                 assert probe["httpGet"]["path"] == "/health" and probe["httpGet"]["port"] in own_ports(vllm)
     assert sidecars >= 1, f"{variant} runs no coordinator sidecar"
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_images_are_pinned_to_this_release(variant):
+    import tomllib
+
+    version = tomllib.loads((K8S.parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    for doc in resources(variant):
+        for tpl in pod_templates(doc):
+            for c in tpl["spec"].get("initContainers", []) + tpl["spec"]["containers"]:
+                assert c["image"] == f"eplb-service:{version}", f"{c['name']} runs {c['image']}, expected eplb-service:{version}"
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_model_weights_live_on_a_persistent_volume(variant):
+    docs = resources(variant)
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for doc in docs:
+        for tpl in pod_templates(doc):
+            volumes = {v["name"]: v for v in tpl["spec"].get("volumes", [])}
+            vllm = container(tpl, "vllm")
+            hf_home = {e["name"]: e.get("value") for e in vllm.get("env", [])}.get("HF_HOME")
+            assert hf_home, "vLLM's HF_HOME must point at the model volume"
+            (mount,) = [m for m in vllm["volumeMounts"] if hf_home.startswith(m["mountPath"].rstrip("/") + "/")]
+            claim = volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
+            assert claim in claims, f"HF_HOME {hf_home} is on volume {mount['name']}, not on a PersistentVolumeClaim of {variant}"
+            if doc["kind"] == "LeaderWorkerSet":
+                assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], \
+                    "the pods of a LeaderWorkerSet run on several nodes: their shared model volume must be ReadWriteMany"
+            assert tpl["spec"]["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch", \
+                "without OnRootMismatch the kubelet chowns every model file at each start"

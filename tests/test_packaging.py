@@ -56,3 +56,12 @@ def test_config_file_reads_with_the_tomli_backport(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tomli", None)
     with pytest.raises(ValueError, match="--config needs tomli on Python < 3.11"):
         parse_command_line(["--config", str(path)])
+
+
+def test_docker_base_image_is_a_pinned_vllm_the_adapter_accepts():
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    (image,) = [line.split("=", 1)[1] for line in dockerfile.splitlines() if line.startswith("ARG VLLM_IMAGE=")]
+    repo, _, tag = image.partition(":")
+    assert repo == "vllm/vllm-openai" and tag and tag != "latest", f"VLLM_IMAGE {image!r} is not pinned to a release"
+    version = Version(tag.removeprefix("v"))
+    assert f"{version.major}.{version.minor}" in TESTED_VLLM, f"{image}: the adapter accepts vLLM {TESTED_VLLM}, not {version}"
