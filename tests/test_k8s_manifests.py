@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import shlex
+import shutil
 
 import pytest
 
@@ -23,11 +24,18 @@ VERSION = "1.30.0"  # native sidecars need >= 1.29
 
 
 def resources(variant: str) -> list[dict]:
-    kustomization = yaml.safe_load((K8S / variant / "kustomization.yaml").read_text())
+    """Every resource a kustomization lists, following directories (other kustomizations) as Kustomize does."""
+    root = K8S / variant
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
     docs = []
     for rel in kustomization["resources"]:
-        path = K8S / variant / rel
+        path = (root / rel).resolve()
+        if path.is_dir():
+            docs.extend(resources(str(path.relative_to(K8S))))
+            continue
         assert path.is_file(), f"{variant}/kustomization.yaml lists missing {rel}"
+        # Kustomize refuses a file outside the kustomization's directory (a directory is fine).
+        assert root.resolve() in path.parents, f"{variant}/kustomization.yaml lists {rel}, outside its directory"
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
 
@@ -194,3 +202,19 @@ def test_model_weights_live_on_a_persistent_volume(variant):
                     "the pods of a LeaderWorkerSet run on several nodes: their shared model volume must be ReadWriteMany"
             assert tpl["spec"]["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch", \
                 "without OnRootMismatch the kubelet chowns every model file at each start"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_kustomize_builds_every_variant(variant, tmp_path):
+    """`kubectl apply -k` as the README says: the variant builds, with every resource the tests above read."""
+    import subprocess
+
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("keys"))
+    generate_keys(str(copy / "multinode" / "keys"))  # the secretGenerator's inputs, as the README has users create them
+    out = subprocess.run(["kubectl", "kustomize", str(copy / variant)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out.stdout) if d)
+    expected = sorted((d["kind"], d["metadata"]["name"]) for d in resources(variant))
+    assert [k for k in built if k[0] != "Secret"] == expected
