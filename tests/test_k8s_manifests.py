@@ -68,7 +68,7 @@ def command_line(c: dict) -> list[str]:
 @pytest.mark.parametrize("variant", ["base", "multinode"])
 def test_every_resource_validates(variant):
     for doc in resources(variant):
-        if doc["kind"] in ("ServiceMonitor", "LeaderWorkerSet"):
+        if doc["kind"] in ("ServiceMonitor", "LeaderWorkerSet", "PrometheusRule"):
             for i, tpl in enumerate(pod_templates(doc)):
                 kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": tpl}, VERSION, strict=True)
             continue
@@ -218,3 +218,74 @@ def test_kustomize_builds_every_variant(variant, tmp_path):
     built = sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out.stdout) if d)
     expected = sorted((d["kind"], d["metadata"]["name"]) for d in resources(variant))
     assert [k for k in built if k[0] != "Secret"] == expected
+
+
+def coordinator_metrics() -> list:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from eplb_service.coordinator.metrics import CoordinatorMetrics
+
+    return [m for m in vars(CoordinatorMetrics()).values() if isinstance(m, MetricWrapperBase)]
+
+
+def exported_metric_names() -> dict[str, set[str]]:
+    """Series names a coordinator exports (``_total``, ``_bucket``...) -> their label names, from CoordinatorMetrics."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    names = {}
+    for metric in coordinator_metrics():
+        family = metric.describe()[0]
+        labels = set(metric._labelnames)  # no public accessor; stable across prometheus_client releases
+        for suffix in suffixes[family.type]:
+            names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+def exported_label_values() -> dict[tuple[str, str], set[str]]:
+    """(series, label) -> the values a fresh coordinator already exports (labels it initialises, like outcome)."""
+    from eplb_service.coordinator.metrics import CoordinatorMetrics
+
+    values: dict[tuple[str, str], set[str]] = {}
+    for family in CoordinatorMetrics().registry.collect():
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                values.setdefault((sample.name, label), set()).add(value)
+    return values
+
+
+def alert_rules() -> list[dict]:
+    (doc,) = [d for d in resources("base") if d["kind"] == "PrometheusRule"]
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    return [rule for group in doc["spec"]["groups"] for rule in group["rules"]]
+
+
+def selectors(expr: str) -> list:
+    promql = pytest.importorskip("promql_parser")
+    found = []
+    promql.walk(promql.parse(expr), lambda node: found.append(node) if isinstance(node, promql.VectorSelector) else None)
+    return found
+
+
+def test_alert_rules_parse_and_use_only_metrics_the_coordinator_exports():
+    names, values = exported_metric_names(), exported_label_values()
+    used = set()
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"], rule["alert"]
+        for sel in selectors(rule["expr"]):
+            assert sel.name in names, f"{rule['alert']}: {sel.name} is not a metric of eplb_service/coordinator/metrics.py"
+            used.add(sel.name)
+            for m in sel.matchers.matchers:
+                assert m.name in names[sel.name], f"{rule['alert']}: {sel.name} has no label {m.name!r}"
+                known = values.get((sel.name, m.name))
+                if known is not None:
+                    assert m.value in known, f"{rule['alert']}: {sel.name}{{{m.name}={m.value!r}}} is never exported; known {known}"
+    # the four conditions the rules exist for: diverged and aborted plans, missing agents, stalled reports
+    assert {"eplb_plans_total", "eplb_agents_alive", "eplb_agent_up", "eplb_load_reports_total"} <= used
+
+
+def test_alert_rules_cover_each_condition_once():
+    by_alert = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    assert len(by_alert) == len(alert_rules()), "duplicate alert names"
+    assert 'outcome="diverged"' in by_alert["EplbRebalancingHalted"]
+    assert 'outcome="aborted"' in by_alert["EplbPlansAborting"] and "increase(" in by_alert["EplbPlansAborting"]
+    assert "eplb_agents_alive" in by_alert["EplbAgentsMissing"] and "count by" in by_alert["EplbAgentsMissing"]
+    assert "rate(eplb_load_reports_total" in by_alert["EplbLoadReportsStalled"]
