@@ -289,3 +289,52 @@ def test_alert_rules_cover_each_condition_once():
     assert 'outcome="aborted"' in by_alert["EplbPlansAborting"] and "increase(" in by_alert["EplbPlansAborting"]
     assert "eplb_agents_alive" in by_alert["EplbAgentsMissing"] and "count by" in by_alert["EplbAgentsMissing"]
     assert "rate(eplb_load_reports_total" in by_alert["EplbLoadReportsStalled"]
+
+
+def pod_labels(doc: dict, tpl: dict) -> dict:
+    """A template's labels as the pods get them (the LeaderWorkerSet controller adds its set's name)."""
+    labels = dict(tpl["metadata"]["labels"])
+    if doc["kind"] == "LeaderWorkerSet":
+        labels["leaderworkerset.sigs.k8s.io/name"] = doc["metadata"]["name"]
+    return labels
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"selector {selector} uses more than matchLabels"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("variant", ["base", "multinode"])
+def test_store_port_is_set_on_vllm_and_open_only_to_the_deployment(variant):
+    docs = resources(variant)
+    pods = [(pod_labels(d, t), t) for d in docs for t in pod_templates(d)]
+    store_ports = {dict((e["name"], e.get("value")) for e in container(t, "vllm").get("env", [])).get("EPLB_SERVICE_STORE_PORT")
+                   for _, t in pods}
+    assert store_ports == {"29555"}, f"every vLLM container needs EPLB_SERVICE_STORE_PORT=29555, got {store_ports}"
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    guarded = [(labels, t) for labels, t in pods if selects(spec["podSelector"], labels)]
+    assert len(guarded) == len(pods), "the NetworkPolicy must select every pod of the deployment"
+    assert spec["policyTypes"] == ["Ingress"]
+
+    containers = [c for _, t in pods for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]]
+
+    def port_values(p: dict) -> set:
+        """What a policy port means on these pods: itself, and the number of each container port it names."""
+        return {p["port"]} | {cp["containerPort"] for c in containers for cp in c.get("ports", []) if cp["name"] == p["port"]}
+
+    opens_store = []
+    for rule in spec["ingress"]:
+        ports = set().union(*(port_values(p) for p in rule["ports"])) if "ports" in rule else None  # None: every port
+        if ports is None or 29555 in ports:
+            opens_store.append(rule)
+            sources = rule.get("from", [])
+            assert sources and all(set(s) == {"podSelector"} for s in sources), \
+                f"the unauthenticated store port is open beyond the deployment's pods: {rule}"
+            assert all(any(selects(s["podSelector"], labels) for labels, _ in pods) for s in sources)
+        if ports is not None and 8000 in ports:
+            assert "from" not in rule, "vLLM's API must stay reachable"
+    if variant == "multinode":  # rank 0's store serves the other pods: the policy names the port
+        assert any(any(p["port"] in ("eplb-store", 29555) for p in r.get("ports", [])) for r in opens_store)
+    else:  # every rank is in the one pod: nothing opens the store port
+        assert opens_store == []
