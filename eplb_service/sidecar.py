@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from eplb_service import logutil
 from eplb_service.coordinator.config import default_endpoint
@@ -64,7 +65,7 @@ PR_SET_PDEATHSIG = 1
 """``prctl`` option (``<linux/prctl.h>``): the signal the kernel sends a process when its parent dies."""
 
 
-def exit_with_parent_hook():
+def exit_with_parent_hook() -> Callable[[], None] | None:
     """A ``preexec_fn`` after which the kernel SIGTERMs the child as soon as this process dies, SIGKILL included.
 
     The coordinator runs in its own session (terminal signals are for vLLM alone), so nothing

@@ -49,9 +49,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-COMMANDS = ("serve", "status", "keygen")
-"""Subcommands; ``serve`` runs when the command line starts with a flag or is empty."""
-
 _TOP_EPILOG = """\
 Without a command, serve runs: `eplb-coordinator --dp 8` is `eplb-coordinator serve --dp 8`.
   eplb-coordinator --dp 8 [--tp 1] [--metrics-port 9464]     the daemon
@@ -363,6 +360,7 @@ def _run_keygen(args: argparse.Namespace) -> int:
 
 
 _RUNNERS = {"serve": _run_serve, "status": _run_status, "keygen": _run_keygen}
+"""Each subcommand of :func:`build_parser` and what runs it; ``serve`` when none is named."""
 
 
 def main(argv: list[str] | None = None) -> int:
