@@ -9,17 +9,23 @@ worker finds it. SIGINT/SIGTERM go to vLLM first, then the coordinator stops. Th
 coordinator is a *separate* process: if it dies, vLLM keeps serving (the agents keep
 the current maps and re-register) and the sidecar restarts it with back-off. The exit
 code is vLLM's.
+
+No way out of the sidecar leaves the coordinator behind: a vLLM command that cannot start,
+exits or is killed, a signal to the sidecar, an exception, and a SIGKILL of the sidecar
+itself (the kernel then sends the coordinator SIGTERM: ``PR_SET_PDEATHSIG``, Linux).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from eplb_service import logutil
 from eplb_service.coordinator.config import default_endpoint
@@ -55,67 +61,128 @@ def ep_ranks_from_vllm_args(argv: list[str]) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option (``<linux/prctl.h>``): the signal the kernel sends a process when its parent dies."""
+
+
+def exit_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the kernel SIGTERMs the child as soon as this process dies, SIGKILL included.
+
+    The coordinator runs in its own session (terminal signals are for vLLM alone), so nothing
+    else would ever stop it once the sidecar is gone. SIGTERM is the coordinator's clean
+    shutdown: it aborts a plan in flight and tells the agents. The kernel tracks the *thread*
+    that forked, so children are started from the main thread only. Linux only (``prctl``),
+    like vLLM's expert parallelism; ``None`` elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls into it
+    parent = os.getpid()
+
+    def hook() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the sidecar died between fork and prctl: nobody would signal us
+            os._exit(1)
+
+    return hook
+
+
+def exit_status(returncode: int) -> int:
+    """A child's ``returncode`` as a shell reports it: a death by signal N is ``128 + N``, not ``-N``."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 class Sidecar:
+    """Runs the coordinator, then vLLM; whatever way the sidecar ends, the coordinator ends with it."""
+
     def __init__(self, vllm_cmd: list[str], coordinator_args: list[str], endpoint: str, ready_timeout_s: float) -> None:
         self.vllm_cmd = vllm_cmd
         self.endpoint = endpoint
         self.ready_timeout_s = ready_timeout_s
         dp, tp = ep_ranks_from_vllm_args(vllm_cmd)
-        self.coordinator_cmd = [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", str(dp), "--tp", str(tp),
+        self.coordinator_cmd = [sys.executable, "-m", "eplb_service.coordinator.cli", "serve", "--dp", str(dp), "--tp", str(tp),
                                 "--endpoint", endpoint, *coordinator_args]
         self.coordinator: subprocess.Popen | None = None
         self.vllm: subprocess.Popen | None = None
-        self._stopping = False
+        self._stop_signal: int | None = None
         self._restart_at = 0.0
         self._backoff_s = 1.0
         if "--enable-eplb" not in vllm_cmd:
             log.warning("the vLLM command has no --enable-eplb: the plugin will refuse to attach")
 
     def _start_coordinator(self) -> None:
-        self.coordinator = subprocess.Popen(self.coordinator_cmd, start_new_session=True)
+        self.coordinator = subprocess.Popen(self.coordinator_cmd, start_new_session=True, preexec_fn=exit_with_parent_hook())
         log.info("coordinator started (pid %d): %s", self.coordinator.pid, " ".join(self.coordinator_cmd[3:]))
 
     def _wait_ready(self) -> bool:
+        """True once *our* coordinator answers: another one answering at the endpoint is not ready."""
         deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._stop_signal is None:
             if self.coordinator.poll() is not None:
                 return False
             try:
-                fetch_status(self.endpoint, timeout_s=0.5)
-                return True
+                if fetch_status(self.endpoint, timeout_s=0.5).get("pid") == self.coordinator.pid:
+                    return True
+                time.sleep(0.2)
             except TimeoutError:
                 continue
         return False
 
     def _on_signal(self, signum, _frame) -> None:
-        self._stopping = True
+        self._stop_signal = signum
         if self.vllm is not None and self.vllm.poll() is None:
             log.info("forwarding %s to vLLM (pid %d)", signal.Signals(signum).name, self.vllm.pid)
             self.vllm.send_signal(signum)
 
     def run(self) -> int:
+        """vLLM's exit status (``128 + N`` for a death by signal N); the coordinator is stopped on every way out."""
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            self._stop_coordinator()
+
+    def _run(self) -> int:
         self._start_coordinator()
-        if self._wait_ready():
+        ready = self._wait_ready()
+        if self._stop_signal is not None:
+            log.info("%s before vLLM started; stopping", signal.Signals(self._stop_signal).name)
+            return 128 + self._stop_signal
+        if ready:
             log.info("coordinator ready at %s", self.endpoint)
+        elif self.coordinator.poll() is not None:
+            # A coordinator that cannot start (bad flag, endpoint taken) will not start on a retry either.
+            log.error("coordinator exited with %d before it was ready; not starting vLLM", self.coordinator.returncode)
+            return exit_status(self.coordinator.returncode) or 1
         else:
             log.error("coordinator not ready within %.0fs; starting vLLM anyway (agents register when it is up)", self.ready_timeout_s)
-        env = dict(os.environ, **{ENDPOINT_ENV: self.endpoint})
-        self.vllm = subprocess.Popen(self.vllm_cmd, env=env)
-        log.info("vLLM started (pid %d): %s", self.vllm.pid, " ".join(self.vllm_cmd))
-        try:
-            while self.vllm.poll() is None:
-                time.sleep(0.2)
-                self._supervise_coordinator()
-        finally:
-            code = self.vllm.wait()
-            self._stop_coordinator()
+        code = self._start_vllm()
+        if code is not None:
+            return code
+        while self.vllm.poll() is None:
+            time.sleep(0.2)
+            self._supervise_coordinator()
+        code = exit_status(self.vllm.returncode)
         log.info("vLLM exited with %d", code)
         return code
 
+    def _start_vllm(self) -> int | None:
+        """Start vLLM; on failure, the shell's exit status for it (127 not found, 126 not runnable)."""
+        env = dict(os.environ, **{ENDPOINT_ENV: self.endpoint})
+        try:
+            self.vllm = subprocess.Popen(self.vllm_cmd, env=env)
+        except OSError as exc:
+            log.error("cannot start the vLLM command %r: %s", self.vllm_cmd[0], exc.strerror or exc)
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        log.info("vLLM started (pid %d): %s", self.vllm.pid, " ".join(self.vllm_cmd))
+        if self._stop_signal is not None:  # the signal came while vLLM was being started
+            self.vllm.send_signal(self._stop_signal)
+        return None
+
     def _supervise_coordinator(self) -> None:
-        if self._stopping or self.coordinator is None or self.coordinator.poll() is None:
+        if self._stop_signal is not None or self.coordinator is None or self.coordinator.poll() is None:
             return
         now = time.monotonic()
         if not self._restart_at:
@@ -139,27 +206,60 @@ class Sidecar:
             proc.wait()
 
 
+_DESCRIPTION = """\
+Run the eplb-service coordinator next to `vllm serve` with one command.
+
+The EP rank count comes from the vLLM command (--data-parallel-size/-dp x
+--tensor-parallel-size/-tp). The sidecar starts the coordinator, waits until it answers,
+then runs the vLLM command with EPLB_SERVICE_ENDPOINT set. SIGINT/SIGTERM go to vLLM, then
+the coordinator stops. If the coordinator dies, vLLM keeps serving and the coordinator is
+restarted with back-off. The exit status is vLLM's (128 + N if signal N killed it)."""
+
+_EPILOG = """\
+Flags before the vLLM command that are not listed above go to the coordinator
+(see `eplb-coordinator serve --help`), for example:
+  eplb-sidecar --metrics-port 9464 --policy deepseek -- vllm serve MODEL \\
+      --data-parallel-size 8 --enable-expert-parallel --enable-eplb"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eplb_service.coordinator.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="eplb-sidecar", formatter_class=HelpFormatter, description=_DESCRIPTION, epilog=_EPILOG,
+        usage="%(prog)s [-h] [--endpoint URL] [--ready-timeout-s S] [--log-format {text,json}]\n"
+              "                    [COORDINATOR FLAG ...] -- VLLM COMMAND ...")
+    parser.add_argument("--endpoint", default=default_endpoint(), metavar="URL",
+                        help="the coordinator's endpoint, passed to vLLM's workers as EPLB_SERVICE_ENDPOINT")
+    parser.add_argument("--ready-timeout-s", type=float, default=30.0, metavar="S",
+                        help="how long to wait for the coordinator before starting vLLM anyway")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line (the coordinator's too)")
+    return parser
+
+
+def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """(sidecar and coordinator flags, vLLM command): the last ``--`` starts the vLLM command; ``None`` without one."""
+    if "--" not in argv:
+        return argv, None
+    split = len(argv) - 1 - argv[::-1].index("--")
+    return [a for a in argv[:split] if a != "--"], argv[split + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        print("eplb-sidecar: error: give the vLLM command after '--', e.g. eplb-sidecar -- vllm serve MODEL --enable-eplb ...", file=sys.stderr)
-        return 2
-    split = len(argv) - 1 - argv[::-1].index("--")  # the last '--' starts the vLLM command
-    own, vllm_cmd = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(prog="eplb-sidecar", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--endpoint", default=default_endpoint())
-    parser.add_argument("--ready-timeout-s", type=float, default=30.0)
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    args, coordinator_args = parser.parse_known_args([a for a in own if a != "--"])
-    logutil.configure(None, args.log_format)
+    own, vllm_cmd = split_command_line(argv)
+    parser = build_parser()
+    args, coordinator_args = parser.parse_known_args(own)  # --help answers here, vLLM command or not
+    if vllm_cmd is None:
+        parser.error("give the vLLM command after '--', e.g. eplb-sidecar -- vllm serve MODEL --enable-eplb ...")
     if not vllm_cmd:
-        print("eplb-sidecar: error: the vLLM command after '--' is empty", file=sys.stderr)
-        return 2
+        parser.error("the vLLM command after '--' is empty")
+    logutil.configure(None, args.log_format)
     try:
         sidecar = Sidecar(vllm_cmd, coordinator_args + ["--log-format", args.log_format], args.endpoint, args.ready_timeout_s)
     except ValueError as exc:
-        print(f"eplb-sidecar: error: {exc}", file=sys.stderr)
-        return 2
+        parser.error(str(exc))
     return sidecar.run()
 
 

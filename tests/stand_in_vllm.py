@@ -1,4 +1,9 @@
-"""Stands in for `vllm serve` in the sidecar tests: checks the plugin's environment, then serves until SIGTERM."""
+"""Stands in for `vllm serve` in the sidecar tests: checks the plugin's environment, then serves until SIGTERM/SIGINT.
+
+Failure modes, as the first argument:
+    --exit-now CODE   fail at once with CODE, before reaching the coordinator (a vLLM that cannot start)
+    --kill-self       report, then die by SIGKILL (a vLLM killed by the OOM killer)
+"""
 
 import json
 import os
@@ -6,20 +11,28 @@ import signal
 import sys
 import time
 
-from eplb_service.coordinator.status_client import fetch_status
+if sys.argv[1:2] == ["--exit-now"]:
+    print(f"stand-in failing with {sys.argv[2]}", file=sys.stderr, flush=True)
+    sys.exit(int(sys.argv[2]))
 
-endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
-status = fetch_status(endpoint, timeout_s=5)
-print(json.dumps({"endpoint": endpoint, "world_size": status["world_size"], "argv": sys.argv[1:]}), flush=True)
+from eplb_service.coordinator.status_client import fetch_status  # noqa: E402
+
 stop = False
 
 
-def on_term(signum, frame):
+def on_stop(signum, frame):
     global stop
     stop = True
 
 
-signal.signal(signal.SIGTERM, on_term)
+# Before the report: a test signals as soon as it reads it.
+signal.signal(signal.SIGTERM, on_stop)
+signal.signal(signal.SIGINT, on_stop)
+endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
+status = fetch_status(endpoint, timeout_s=5)
+print(json.dumps({"endpoint": endpoint, "world_size": status["world_size"], "pid": os.getpid(), "argv": sys.argv[1:]}), flush=True)
+if sys.argv[1:2] == ["--kill-self"]:
+    os.kill(os.getpid(), signal.SIGKILL)
 deadline = time.monotonic() + 120
 while not stop and time.monotonic() < deadline:
     time.sleep(0.05)

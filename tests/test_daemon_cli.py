@@ -126,13 +126,68 @@ def test_readme_toml_example_is_a_valid_config(tmp_path):
     import pathlib
     import re
 
-    from eplb_service.coordinator.cli import build_parser, config_from_args, load_config_file
+    from eplb_service.coordinator.cli import config_from_args, parse_command_line
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"```toml\n(.*?)```", readme, flags=re.S).group(1)
     path = tmp_path / "eplb.toml"
     path.write_text(block)
-    parser = build_parser()
-    parser.set_defaults(**load_config_file(str(path), parser))
-    cfg = config_from_args(parser.parse_args(["--metrics-port", "9500"]))
+    cfg = config_from_args(parse_command_line(["--config", str(path), "--metrics-port", "9500"]))
     assert cfg.world_size == 8 and cfg.metrics_port == 9500 and cfg.staging_budget_bytes == 2 << 30
+
+
+def test_second_coordinator_on_a_live_endpoint_refuses_and_names_the_first(daemon):
+    endpoint, _, first, _ = daemon
+    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"a coordinator (pid {first.pid}) already serves {endpoint}" in out.stderr
+    assert first.poll() is None and fetch_status(endpoint)["pid"] == first.pid, "the first coordinator lost its endpoint"
+
+
+def test_stale_socket_of_a_dead_coordinator_is_replaced(tmp_path):
+    import socket
+
+    (tmp_path / "run").mkdir(mode=0o700)
+    path = tmp_path / "run" / "c.sock"
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(path))
+    leftover.close()  # the file stays, nothing listens: what a SIGKILLed coordinator leaves
+    endpoint = f"ipc://{path}"
+    proc = subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert fetch_status(endpoint, timeout_s=0.5)["pid"] == proc.pid
+                break
+            except TimeoutError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the coordinator did not take the stale endpoint"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert f"removed the stale socket {path}" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_endpoint_held_by_a_silent_listener_or_a_plain_file_is_left_alone(tmp_path):
+    import socket
+
+    from eplb_service.coordinator.cli import EndpointUnavailable, claim_ipc_endpoint
+
+    path = tmp_path / "c.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        with pytest.raises(EndpointUnavailable, match="listens on .* but does not answer as a coordinator"):
+            claim_ipc_endpoint(f"ipc://{path}", probe_timeout_s=0.3)
+        assert path.is_socket(), "a socket someone listens on must not be removed"
+    path.unlink()
+    path.write_text("not a socket")
+    with pytest.raises(EndpointUnavailable, match="is not a socket"):
+        claim_ipc_endpoint(f"ipc://{path}")
+    assert path.read_text() == "not a socket"
+    assert claim_ipc_endpoint(f"ipc://{tmp_path}/absent.sock") is None
+    assert claim_ipc_endpoint("tcp://127.0.0.1:5555") is None

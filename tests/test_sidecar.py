@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -26,10 +27,14 @@ def test_rank_count_comes_from_the_vllm_flags():
         ep_ranks_from_vllm_args(["-dp", "x"])
 
 
+def sidecar_cmd(endpoint: str, *vllm: str) -> list[str]:
+    return [sys.executable, "-m", "eplb_service.sidecar", "--endpoint", endpoint, "--", *vllm,
+            "--data-parallel-size", "2", "--tensor-parallel-size", "2", "--enable-eplb"]
+
+
 def start_sidecar(tmp_path):
     endpoint = f"ipc://{tmp_path}/c.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "eplb_service.sidecar", "--endpoint", endpoint, "--", sys.executable, STAND_IN,
-                             "--data-parallel-size", "2", "--tensor-parallel-size", "2", "--enable-eplb"],
+    proc = subprocess.Popen(sidecar_cmd(endpoint, sys.executable, STAND_IN),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:  # skip log lines until the stand-in reports it reached the coordinator
         if line.startswith('{"endpoint"'):
@@ -37,21 +42,105 @@ def start_sidecar(tmp_path):
     raise AssertionError(f"the stand-in never reported; sidecar exit {proc.wait()}")
 
 
-def test_sidecar_starts_coordinator_then_vllm_and_forwards_sigterm(tmp_path):
+def coordinator_pids(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"coordinator started \(pid (\d+)\)", log)]
+
+
+def is_gone(pid: int) -> bool:
+    """No such process, or only its zombie (an orphan's reaper here may be a pid 1 that never reaps)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def assert_gone(pid: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not is_gone(pid):
+        assert time.monotonic() < deadline, f"coordinator pid {pid} still running {timeout_s}s after the sidecar ended"
+        time.sleep(0.05)
+
+
+def assert_nothing_answers(endpoint: str) -> None:
+    with pytest.raises(TimeoutError):
+        fetch_status(endpoint, timeout_s=0.5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sidecar_starts_coordinator_then_vllm_and_forwards_the_signal(tmp_path, sig):
     endpoint, proc, first = start_sidecar(tmp_path)
     try:
         assert first["endpoint"] == endpoint and first["world_size"] == 4
         coordinator_pid = fetch_status(endpoint)["pid"]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(timeout=30) == 7, "the sidecar must exit with vLLM's code"
         assert "stand-in stopping" in proc.stdout.read()
-        with pytest.raises(ProcessLookupError):
-            for _ in range(50):  # the coordinator was stopped too
-                os.kill(coordinator_pid, 0)
-                time.sleep(0.1)
+        assert_gone(coordinator_pid)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("vllm, expected", [
+    (["/nonexistent/vllm", "serve"], 127),        # command not found
+    ([sys.executable, STAND_IN, "--exit-now", "3"], 3),  # fails at once
+    ([sys.executable, STAND_IN, "--kill-self"], 128 + signal.SIGKILL),  # killed by a signal
+], ids=["not-found", "exits-with-error", "killed"])
+def test_a_failing_vllm_leaves_no_coordinator_behind(tmp_path, vllm, expected):
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    out = subprocess.run(sidecar_cmd(endpoint, *vllm), capture_output=True, text=True, timeout=90)
+    log = out.stdout + out.stderr
+    assert out.returncode == expected, log
+    assert "Traceback" not in log
+    if expected == 127:
+        assert "cannot start the vLLM command '/nonexistent/vllm'" in log
+    (pid,) = coordinator_pids(log)
+    assert_gone(pid, timeout_s=0)  # the sidecar waited for it
+    assert_nothing_answers(endpoint)
+
+
+def test_signal_before_vllm_starts_stops_the_coordinator_and_never_starts_vllm(tmp_path):
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    proc = subprocess.Popen(sidecar_cmd(endpoint, sys.executable, STAND_IN), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log = ""
+        for line in proc.stdout:
+            log += line
+            if coordinator_pids(line):  # the coordinator takes seconds to import torch and bind
+                proc.send_signal(signal.SIGTERM)
+                break
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        log += proc.stdout.read()
+        assert "vLLM started (pid" not in log and '{"endpoint"' not in log, log
+        assert_gone(coordinator_pids(log)[0], timeout_s=0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sidecar_killed_by_sigkill_takes_the_coordinator_down_cleanly(tmp_path):
+    endpoint, proc, first = start_sidecar(tmp_path)
+    coordinator_pid = fetch_status(endpoint)["pid"]
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert_gone(coordinator_pid)
+        assert_nothing_answers(endpoint)
+        os.kill(first["pid"], signal.SIGTERM)  # the stand-in vLLM is not the sidecar's to stop once it is gone
+        log = proc.stdout.read()
+        assert re.search(r"coordinator.*stopped", log), f"the coordinator did not shut down cleanly (SIGTERM):\n{log}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in (first["pid"], coordinator_pid):  # left behind only if the test failed
+            if not is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_coordinator_crash_never_stops_vllm_and_is_restarted(tmp_path):
@@ -81,3 +170,28 @@ def test_coordinator_crash_never_stops_vllm_and_is_restarted(tmp_path):
 def test_missing_vllm_command_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "eplb_service.sidecar", "--endpoint", "ipc:///tmp/x"], capture_output=True, text=True)
     assert out.returncode == 2 and "give the vLLM command after '--'" in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--help", "--", "vllm", "serve"], ["-h", "--metrics-port", "9464"]])
+def test_help_exits_zero_and_explains_the_vllm_command(argv):
+    out = subprocess.run([sys.executable, "-m", "eplb_service.sidecar", *argv], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.startswith("usage: eplb-sidecar") and "-- VLLM COMMAND" in out.stdout
+    assert "eplb-coordinator serve --help" in out.stdout and "(default: 30.0)" in out.stdout
+
+
+def test_second_sidecar_on_a_taken_endpoint_never_starts_vllm(tmp_path):
+    endpoint, first, _ = start_sidecar(tmp_path)
+    try:
+        owner = fetch_status(endpoint)["pid"]
+        out = subprocess.run(sidecar_cmd(endpoint, sys.executable, STAND_IN), capture_output=True, text=True, timeout=90)
+        log = out.stdout + out.stderr
+        assert out.returncode == 1, log
+        assert f"a coordinator (pid {owner}) already serves" in log and "not starting vLLM" in log
+        assert "vLLM started (pid" not in log, "vLLM was started against another sidecar's coordinator"
+        assert fetch_status(endpoint)["pid"] == owner and first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 7
+    finally:
+        if first.poll() is None:
+            first.kill()

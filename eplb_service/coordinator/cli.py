@@ -1,8 +1,11 @@
-"""``eplb-coordinator``: the daemon, the simulated deployment, and the status query.
+"""``eplb-coordinator``: the daemon, the simulated deployment, the status query and CURVE keys.
 
-    eplb-coordinator --dp 8 [--tp 1] [--endpoint ipc:///run/eplb/coordinator.sock]
-    eplb-coordinator --dp 8 --simulate [--steps 1500] [--seed 0] [--summary-json s.json] [--plot p.png]
+    eplb-coordinator [serve] --dp 8 [--tp 1] [--endpoint ipc:///run/eplb/coordinator.sock]
+    eplb-coordinator [serve] --dp 8 --simulate [--steps 1500] [--seed 0] [--summary-json s.json] [--plot p.png]
     eplb-coordinator status [--endpoint ...] [--json]
+    eplb-coordinator keygen DIR
+
+``serve`` is the default command, so deployments written as ``eplb-coordinator --dp 8`` keep working.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import stat
 import sys
 
 from eplb_service import logutil
@@ -31,44 +36,127 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, so ``--help`` is the reference for them; descriptions keep their line breaks.
+
+    A default of ``None`` (off, or computed elsewhere) or a switch's ``False`` says nothing useful:
+    such flags say in their own help what happens without them.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+_TOP_EPILOG = """\
+Without a command, serve runs: `eplb-coordinator --dp 8` is `eplb-coordinator serve --dp 8`.
+  eplb-coordinator --dp 8 [--tp 1] [--metrics-port 9464]     the daemon
+  eplb-coordinator --dp 8 --simulate                          a simulated deployment on CPU
+  eplb-coordinator status [--json]                            ask a running coordinator
+  eplb-coordinator keygen /etc/eplb-service/keys              CURVE keys for tcp:// across hosts
+Default endpoint: {endpoint}
+`eplb-coordinator COMMAND --help` lists a command's flags.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eplb-coordinator", description="eplb-service coordinator: plans expert placement for a vLLM EP deployment off the serving path.")
-    p.add_argument("--dp", type=_positive_int, default=1, help="vLLM data-parallel size (EP ranks = dp x tp)")
-    p.add_argument("--tp", type=_positive_int, default=1, help="vLLM tensor-parallel size per DP rank")
-    p.add_argument("--endpoint", default=None, help=f"ZeroMQ endpoint to bind (default {default_endpoint()})")
-    p.add_argument("--store-host", default="127.0.0.1",
+    """The whole command line: ``serve`` (the default), ``status`` and ``keygen``, each with ``--help``."""
+    top = argparse.ArgumentParser(
+        prog="eplb-coordinator", formatter_class=HelpFormatter,
+        usage="%(prog)s [serve] [FLAG ...]\n       %(prog)s status [FLAG ...]\n       %(prog)s keygen DIR",
+        description="eplb-service coordinator: plans expert placement for a vLLM EP deployment off the serving path.",
+        epilog=_TOP_EPILOG.format(endpoint=default_endpoint()))
+    commands = top.add_subparsers(dest="command", title="commands", metavar="COMMAND", prog="eplb-coordinator")
+    _add_serve_arguments(commands.add_parser(
+        "serve", formatter_class=HelpFormatter, help="run the coordinator daemon (the default command)",
+        description="Run the coordinator: agents in every vLLM worker register with it over --endpoint."))
+    _add_status_arguments(commands.add_parser(
+        "status", formatter_class=HelpFormatter, help="show a running coordinator's status",
+        description="Ask a running coordinator for its status: ranks, liveness, epoch, plans, balancedness."))
+    _add_keygen_arguments(commands.add_parser(
+        "keygen", formatter_class=HelpFormatter, help="create CURVE keys for a coordinator reachable over tcp://",
+        description="Create the server and agent CURVE key pairs in DIR (made private, 0700):\n"
+                    "server.key, server.key_secret, agent.key_secret and clients/agent.key.\n"
+                    "The coordinator takes --curve-dir DIR; each agent host needs server.key and agent.key_secret."))
+    return top
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand of :func:`build_parser`'s parser (``--config`` fills ``serve``'s defaults)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(f"{parser.prog} has no subcommands; expected one named {command!r}")
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES
+
+    p.add_argument("--dp", type=_positive_int, default=1, metavar="N", help="vLLM data-parallel size; EP ranks = dp x tp")
+    p.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="vLLM tensor-parallel size per DP rank")
+    p.add_argument("--endpoint", default=default_endpoint(), metavar="URL", help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT")
+    p.add_argument("--store-host", default="127.0.0.1", metavar="HOST",
                    help="ignored since protocol 2: rank 0's worker hosts the rendezvous store (EPLB_SERVICE_STORE_HOST/_PORT there)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0 = any free port)")
-    p.add_argument("--policy", default="migration", help="placement policy: migration (default) or deepseek")
-    p.add_argument("--groups", type=_positive_int, default=1, help="expert groups (hierarchical deepseek policy)")
-    p.add_argument("--nodes", type=_positive_int, default=1, help="nodes of the deployment")
-    p.add_argument("--rebalance-interval-steps", type=_positive_int, default=None, help="steps between rebalance attempts (default 200; 100 with --simulate)")
-    p.add_argument("--min-gain", type=float, default=0.01, help="minimum projected balancedness gain to start a plan")
-    p.add_argument("--staging-budget-bytes", type=_positive_int, default=1 << 30, help="staging memory per rank; larger plans go in layer batches")
-    p.add_argument("--report-interval-steps", type=_positive_int, default=10, help="steps per load report from each agent")
-    p.add_argument("--fence-steps", type=_positive_int, default=8, help="F: commit step = max(vote entry step) + F")
-    p.add_argument("--fence-timeout-s", type=float, default=5.0, help="longest a serving thread waits at the fence")
-    p.add_argument("--throttle-bytes-per-s", type=float, default=0.0, help="per-rank streaming cap (0 = unthrottled)")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve /metrics, /livez, /readyz and /status on this HTTP port (0 = any free port; default: off)")
+    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="placement policy")
+    p.add_argument("--groups", type=_positive_int, default=1, metavar="N", help="expert groups (hierarchical deepseek policy)")
+    p.add_argument("--nodes", type=_positive_int, default=1, metavar="N", help="nodes of the deployment")
+    p.add_argument("--rebalance-interval-steps", type=_positive_int, default=None, metavar="STEPS",
+                   help="steps between rebalance attempts (default: 200; 100 with --simulate)")
+    p.add_argument("--min-gain", type=float, default=0.01, metavar="GAIN", help="minimum projected balancedness gain to start a plan")
+    p.add_argument("--staging-budget-bytes", type=_positive_int, default=1 << 30, metavar="BYTES", help="staging memory per rank; larger plans go in layer batches")
+    p.add_argument("--report-interval-steps", type=_positive_int, default=10, metavar="STEPS", help="steps per load report from each agent")
+    p.add_argument("--fence-steps", type=_positive_int, default=8, metavar="F", help="F: commit step = max(vote entry step) + F")
+    p.add_argument("--fence-timeout-s", type=float, default=5.0, metavar="S", help="longest a serving thread waits at the fence")
+    p.add_argument("--throttle-bytes-per-s", type=float, default=0.0, metavar="RATE", help="per-rank streaming cap (0 = unthrottled)")
+    p.add_argument("--log-level", default=None, metavar="LEVEL", help="DEBUG, INFO or WARNING (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
-    p.add_argument("--config", default=None, help="TOML file of settings (keys = long flag names); flags override it")
-    sim = p.add_argument_group("simulated deployment (CPU)")
-    sim.add_argument("--simulate", action="store_true", help="run the coordinator with dp x tp simulated serving ranks and real agents")
-    sim.add_argument("--steps", type=_positive_int, default=1500, help="serving steps per rank")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--summary-json", default=None, help="write the run's summary here")
-    sim.add_argument("--plot", default=None, help="write a PNG of balancedness over time here (needs matplotlib)")
-    sim.add_argument("--trace", default=None, help="replay this recorded load trace (.npz from --record) instead of the built-in drift")
-    p.add_argument("--curve-dir", default=None, help="CURVE keys (eplb-coordinator keygen DIR); required for non-loopback tcp://")
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML file of settings (keys = long flag names); flags override it")
+    p.add_argument("--curve-dir", default=None, metavar="DIR", help="CURVE keys (eplb-coordinator keygen DIR); required for non-loopback tcp://")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp:// endpoint without CURVE")
-    p.add_argument("--record", default=None, help="record every load window to this .npz trace")
+    p.add_argument("--record", default=None, metavar="FILE", help="record every load window to this .npz trace")
     p.add_argument("--no-step-clock-check", dest="step_clock_check", action="store_false",
                    help="do not compare the ranks' step clocks (only for ranks that do not serve in lockstep)")
-    p.add_argument("--initial-placement", default=None, help="placement JSON from eplb-plan: move the deployment there first")
-    return p
+    p.add_argument("--initial-placement", default=None, metavar="FILE", help="placement JSON from eplb-plan: move the deployment there first")
+    sim = p.add_argument_group("simulated deployment (CPU)")
+    sim.add_argument("--simulate", action="store_true", help="run the coordinator with dp x tp simulated serving ranks and real agents")
+    sim.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="serving steps per rank")
+    sim.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the simulated load")
+    sim.add_argument("--summary-json", default=None, metavar="FILE", help="write the run's summary here")
+    sim.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of balancedness over time here (needs matplotlib)")
+    sim.add_argument("--trace", default=None, metavar="FILE", help="replay this recorded load trace (.npz from --record) instead of the built-in drift")
+
+
+def _add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=default_endpoint(), metavar="URL", help="the coordinator's ZeroMQ endpoint")
+    p.add_argument("--json", action="store_true", help="print the raw status document instead of the table")
+    p.add_argument("--timeout-s", type=float, default=3.0, metavar="S", help="how long to wait for an answer")
+
+
+def _add_keygen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR", help="directory for the keys (created if missing; keys in it are overwritten)")
+
+
+def parse_command_line(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse ``argv`` as ``main`` does: ``serve`` when no command is named, ``--config`` applied under the flags.
+
+    Raises ``ValueError`` for a bad config file; argparse itself exits 2 on a bad flag.
+    """
+    parser = parser or build_parser()
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.config:
+        serve = subcommand_parser(parser, "serve")
+        serve.set_defaults(**load_config_file(args.config, serve))
+        args = parser.parse_args(argv)
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    """The ``serve`` command's flags as a validated config; ``ValueError`` names a bad value."""
     interval = args.rebalance_interval_steps or (SIM_DEFAULTS["rebalance_interval_steps"] if args.simulate else 200)
     extra = {k: v for k, v in SIM_DEFAULTS.items() if k != "rebalance_interval_steps"} if args.simulate else {}
     initial = None
@@ -92,10 +180,21 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
+def _toml_module():
+    """``tomllib`` (standard from Python 3.11), else its backport ``tomli`` (a dependency below 3.11); same API."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError("--config needs tomli on Python < 3.11: pip install tomli") from None
+    return tomllib
+
+
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``...)."""
-    import tomllib
-
+    tomllib = _toml_module()
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -110,6 +209,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         if dest not in known:
             raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
         action = known[dest]
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}")
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(str(value))
@@ -117,6 +218,63 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
                 raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
         settings[dest] = value
     return settings
+
+
+class EndpointUnavailable(RuntimeError):
+    """The ``ipc://`` endpoint is held by a live process (or cannot be checked): this coordinator must not start."""
+
+
+def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | None:
+    """Make an ``ipc://`` endpoint free to bind, or raise :class:`EndpointUnavailable` naming who holds it.
+
+    ZeroMQ's ipc bind unlinks whatever socket file is at the path, so a second coordinator
+    would silently take the endpoint over: agents connecting from then on reach it, while
+    the first keeps running with the agents it has. So a socket something listens on is
+    refused (naming the coordinator's pid when it answers a status request), and a socket
+    nobody listens on, left by a coordinator that died, is removed. Two coordinators
+    starting in the same instant can still both pass; this guards against the common case.
+    ``tcp://`` needs none of it: binding a port in use fails. Returns a line for the log
+    when a stale socket was removed.
+    """
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):  # @: abstract namespace, bind fails when taken
+        return None
+    path = endpoint[len("ipc://"):]
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise EndpointUnavailable(f"{path} is not a socket; expected a coordinator's ipc:// socket or nothing there")
+    if not _unix_socket_listening(path):
+        os.unlink(path)
+        return f"removed the stale socket {path} (no process listens on it)"
+    import zmq
+
+    from eplb_service.coordinator.status_client import fetch_status
+    from eplb_service.protocol import ProtocolError
+    from eplb_service.security import SecurityError
+
+    try:
+        pid = fetch_status(endpoint, timeout_s=probe_timeout_s).get("pid")
+    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError) as exc:  # not a coordinator, still not ours to replace
+        raise EndpointUnavailable(f"a process listens on {path} but does not answer as a coordinator ({exc}); "
+                                  "stop it or choose another --endpoint") from None
+    raise EndpointUnavailable(f"a coordinator (pid {pid}) already serves {endpoint}; stop it first or choose another --endpoint")
+
+
+def _unix_socket_listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (refused = nobody listens)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror or exc}") from None
+        return True
 
 
 def _serve(cfg: CoordinatorConfig) -> int:
@@ -162,32 +320,61 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "keygen":
-        if len(argv) != 2:
-            print("usage: eplb-coordinator keygen DIR", file=sys.stderr)
-            return 2
-        from eplb_service.security import generate_keys
-
-        for role, path in generate_keys(argv[1]).items():
-            print(f"{role}: {path}")
-        return 0
-    if argv and argv[0] == "status":
-        from eplb_service.coordinator.status_client import main as status_main
-        return status_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _run_serve(args: argparse.Namespace) -> int:
     try:
-        if args.config:
-            parser.set_defaults(**load_config_file(args.config, parser))
-            args = parser.parse_args(argv)
         logutil.configure(args.log_level, args.log_format)
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
         return 2
-    return _simulate(args, cfg) if args.simulate else _serve(cfg)
+    if args.simulate:
+        return _simulate(args, cfg)
+    try:
+        removed = claim_ipc_endpoint(cfg.endpoint)
+    except EndpointUnavailable as exc:
+        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        return 1
+    if removed:
+        logutil.rank_logger(__name__, "coordinator").info("%s", removed)
+    return _serve(cfg)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import zmq
+
+    from eplb_service.coordinator.status_client import fetch_status, format_status
+    from eplb_service.protocol import ProtocolError
+    from eplb_service.security import SecurityError
+
+    try:
+        status = fetch_status(args.endpoint, args.timeout_s)
+    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError) as exc:
+        print(f"eplb-coordinator status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from eplb_service.security import generate_keys
+
+    for role, path in generate_keys(args.directory).items():
+        print(f"{role}: {path}")
+    return 0
+
+
+_RUNNERS = {"serve": _run_serve, "status": _run_status, "keygen": _run_keygen}
+"""Each subcommand of :func:`build_parser` and what runs it; ``serve`` when none is named."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_command_line(argv)
+    except ValueError as exc:
+        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    return _RUNNERS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""`eplb-coordinator`'s command line: subcommands, `--help` on each, `serve` as the default, config files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from eplb_service.coordinator.cli import config_from_args, main, parse_command_line
+from eplb_service.coordinator.config import default_endpoint
+from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES
+
+
+@pytest.fixture(autouse=True)
+def wide_help(monkeypatch):
+    """argparse wraps help to the terminal width; one line per flag keeps the assertions simple."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` as the console script runs it: argparse's exits become return codes."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [["keygen", "--help"], ["keygen", "-h"], ["status", "--help"], ["serve", "--help"],
+                                  ["--help"], ["--dp", "8", "--help"]])
+def test_help_exits_zero_and_creates_nothing(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main(argv, capsys)
+    assert code == 0 and out.startswith("usage: eplb-coordinator")
+    assert os.listdir(tmp_path) == [], f"{argv} wrote {os.listdir(tmp_path)}"
+
+
+def test_top_level_help_names_every_command_and_the_default_endpoint(capsys):
+    _, out, _ = run_main(["--help"], capsys)
+    for command in ("serve", "status", "keygen"):
+        assert f"    {command} " in out, f"{command} missing from --help"
+    assert default_endpoint() in out
+
+
+def test_command_help_shows_defaults_and_policy_choices(capsys):
+    _, serve, _ = run_main(["serve", "--help"], capsys)
+    assert "{" + ",".join(POLICIES) + "}" in serve and f"(default: {DEFAULT_POLICY})" in serve
+    assert "(default: 1500)" in serve and "(default: 200; 100 with --simulate)" in serve
+    assert "(default: None)" not in serve and "(default: False)" not in serve
+    _, status, _ = run_main(["status", "--help"], capsys)
+    assert f"(default: {default_endpoint()})" in status and "(default: 3.0)" in status
+
+
+def test_bad_policy_and_unknown_command_are_usage_errors(capsys):
+    code, _, err = run_main(["--dp", "2", "--policy", "lpt"], capsys)
+    assert code == 2 and "invalid choice: 'lpt'" in err
+    code, _, err = run_main(["stauts"], capsys)
+    assert code == 2 and "invalid choice: 'stauts'" in err and "serve" in err
+
+
+@pytest.mark.parametrize("argv", [["--dp", "8"], ["--dp", "8", "--simulate"], []])
+def test_serve_is_the_default_command(argv):
+    implicit = parse_command_line(argv)
+    explicit = parse_command_line(["serve", *argv])
+    assert implicit.command == "serve" and vars(implicit) == vars(explicit)
+    assert implicit.simulate == ("--simulate" in argv)
+    assert config_from_args(implicit).world_size == (8 if argv else 1)
+
+
+def test_keygen_writes_the_keys_into_the_named_directory(tmp_path, capsys):
+    code, out, _ = run_main(["keygen", str(tmp_path / "keys")], capsys)
+    assert code == 0
+    for name in ("server.key", "server.key_secret", "agent.key_secret", "clients/agent.key"):
+        assert (tmp_path / "keys" / name).is_file() and str(tmp_path / "keys" / name) in out
+    code, _, err = run_main(["keygen"], capsys)
+    assert code == 2 and "DIR" in err
+
+
+def test_config_file_values_are_checked_like_flags(tmp_path):
+    path = tmp_path / "eplb.toml"
+    path.write_text('dp = 4\npolicy = "deepseek"\n')
+    args = parse_command_line(["--config", str(path), "--dp", "2"])
+    assert (args.dp, args.policy) == (2, "deepseek"), "flags override the file, the file overrides defaults"
+    path.write_text('policy = "lpt"\n')
+    with pytest.raises(ValueError, match=r"policy = 'lpt'; expected one of migration, deepseek"):
+        parse_command_line(["--config", str(path)])
+    path.write_text("dp = 0\n")
+    with pytest.raises(ValueError, match=r"dp = 0: expected a positive integer, got 0"):
+        parse_command_line(["--config", str(path)])
