@@ -1,6 +1,6 @@
 """Endpoint security: local by default, CURVE (ZeroMQ's Curve25519) for anything else.
 
-- ``ipc://`` endpoints live in a 0700 directory (see ``coordinator.server.prepare_ipc_dir``).
+- ``ipc://`` endpoints live in a 0700 directory (see ``coordinator.socket_dir``).
 - ``tcp://`` on a loopback address needs nothing more.
 - ``tcp://`` on any other address needs CURVE keys, unless ``--insecure`` is given, which
   the coordinator logs loudly.

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from eplb_service import logutil
 from eplb_service.coordinator.config import default_endpoint
+from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
 from eplb_service.coordinator.status_client import fetch_status
 
 log = logutil.rank_logger(__name__, "sidecar")
@@ -127,6 +128,8 @@ class Sidecar:
                 time.sleep(0.2)
             except TimeoutError:
                 continue
+            except UnsafeSocketDirectory:  # the coordinator refuses it too and exits: poll() sees that
+                time.sleep(0.2)
         return False
 
     def _on_signal(self, signum, _frame) -> None:

@@ -17,12 +17,14 @@ import zmq
 
 
 class FaultProxy:
-    def __init__(self, front: str, back: str, p_drop: float, p_dup: float, p_delay: float,
-                 max_delay_s: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, front: str, back: str, p_drop: float = 0.0, p_dup: float = 0.0, p_delay: float = 0.0,
+                 max_delay_s: float = 0.05, seed: int = 0, hold=None) -> None:
+        """``hold(direction, identity, frame)`` -> seconds to hold that frame back (targeted delays), or 0."""
         self.front, self.back = front, back
         self.p_drop, self.p_dup, self.p_delay, self.max_delay_s = p_drop, p_dup, p_delay, max_delay_s
+        self.hold = hold
         self.rng = random.Random(seed)
-        self.counts = {"forwarded": 0, "dropped": 0, "duplicated": 0, "delayed": 0}
+        self.counts = {"forwarded": 0, "dropped": 0, "duplicated": 0, "delayed": 0, "held": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,6 +66,12 @@ class FaultProxy:
                         identity = sock.getsockopt(zmq.IDENTITY)
                         frame = sock.recv()
                         direction = "down"
+                    held_s = self.hold(direction, identity, frame) if self.hold is not None else 0.0
+                    if held_s:
+                        self.counts["held"] += 1
+                        seq += 1
+                        heapq.heappush(pending, (now + held_s, seq, direction, identity, frame))
+                        continue
                     for _ in range(self._copies()):
                         if self.rng.random() < self.p_delay:
                             self.counts["delayed"] += 1

@@ -329,9 +329,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.simulate:
         return _simulate(args, cfg)
+    from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, prepare_ipc_dir
+
     try:
+        prepare_ipc_dir(cfg.endpoint)  # before anything talks to a socket there
         removed = claim_ipc_endpoint(cfg.endpoint)
-    except EndpointUnavailable as exc:
+    except (EndpointUnavailable, UnsafeSocketDirectory) as exc:
         print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
         return 1
     if removed:
@@ -346,9 +349,11 @@ def _run_status(args: argparse.Namespace) -> int:
     from eplb_service.protocol import ProtocolError
     from eplb_service.security import SecurityError
 
+    from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
+
     try:
         status = fetch_status(args.endpoint, args.timeout_s)
-    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError) as exc:
+    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory) as exc:
         print(f"eplb-coordinator status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else format_status(status))

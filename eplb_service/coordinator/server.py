@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import secrets
-import stat
 import time
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.metrics import CoordinatorMetrics
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.registry import AgentRecord, Registry
+from eplb_service.coordinator.socket_dir import prepare_ipc_dir
 from eplb_service.logutil import rank_logger
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
 from eplb_service.step_clock import StepClockWatch
@@ -65,51 +65,6 @@ class PlanOutcome:
 RECEIVE_HWM = 64
 """Frames queued per connection before ZeroMQ stops reading from it: with the frame limit,
 what bounds the memory one client can make the coordinator hold."""
-
-
-class UnsafeSocketDirectory(RuntimeError):
-    """The directory of an ``ipc://`` endpoint is not this user's private directory."""
-
-
-def check_private_dir(directory: str, uid: int | None = None) -> None:
-    """Refuse a directory another user could have prepared: a symlink, another owner, or open to others.
-
-    Another user who created the directory first could swap the socket in it and answer in
-    the coordinator's place (to a status query run as root, say).
-    """
-    uid = os.geteuid() if uid is None else uid
-    info = os.lstat(directory)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise UnsafeSocketDirectory(f"socket directory {directory} is a symlink or not a directory; expected a "
-                                    f"directory owned by uid {uid} with mode 0700")
-    if info.st_uid != uid:
-        raise UnsafeSocketDirectory(f"socket directory {directory} is owned by uid {info.st_uid}, not by this user "
-                                    f"(uid {uid}): another user may have prepared it; remove it or choose another "
-                                    "--endpoint")
-    if info.st_mode & 0o077:
-        raise UnsafeSocketDirectory(f"socket directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}, "
-                                    "expected 0700 (private to its owner)")
-
-
-def ipc_dir(endpoint: str) -> str | None:
-    if endpoint.startswith("ipc://"):
-        return os.path.dirname(endpoint[len("ipc://"):]) or None
-    return None
-
-
-def prepare_ipc_dir(endpoint: str) -> None:
-    """Create the directory of an ``ipc://`` endpoint, private to this user (0700), or refuse it.
-
-    A directory that exists already must be ours: owned by this user (checked before the
-    chmod, which would fail on someone else's anyway), then made 0700.
-    """
-    directory = ipc_dir(endpoint)
-    if directory:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-        if info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) != 0o700:
-            os.chmod(directory, 0o700)
-        check_private_dir(directory)
 
 
 class Coordinator:
@@ -342,6 +297,9 @@ class Coordinator:
                                           code="unknown_agent"))
             return
         plan = self.plan
+        if isinstance(message, (P.Heartbeat, P.Committed)) and self._unknown_epoch(message.epoch):
+            self._resync(record, message.epoch, now)
+            return
         if isinstance(message, P.Heartbeat):
             self._send(identity, P.HeartbeatAck(session=record.session))
             record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
@@ -451,6 +409,22 @@ class Coordinator:
             self._init_comm()
         elif replaced is not None:
             self._comm_sent_generation = -1
+
+    def _unknown_epoch(self, epoch: int) -> bool:
+        """An epoch whose placement this coordinator never saw, and no plan of its own leads to."""
+        if epoch in self.placements:
+            return False
+        plan = self.plan
+        return plan is None or epoch != plan.base_epoch + 1
+
+    def _resync(self, record: AgentRecord, epoch: int, now: float) -> None:
+        """A rank moved to a placement this coordinator does not know (decided before it
+        restarted, committed since): it registers again, and its Hello carries the placement."""
+        self.log.info("rank %d reports placement epoch %d, which this coordinator has not seen (decided before it "
+                      "started): asking it to register again with its placement", record.rank, epoch)
+        self._send(record.identity, P.Reject(reason=f"placement epoch {epoch} is unknown here: send Hello again",
+                                             code="unknown_agent"))
+        self._lose_agent(record, now)
 
     def _adopt_placement(self, model: P.ModelShape, shape: PlacementShape, phy2log: np.ndarray, epoch: int) -> None:
         """The first rank of a deployment (or the first back when none is alive) seeds the placement table."""

@@ -10,11 +10,17 @@ import zmq
 
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import default_endpoint
+from eplb_service.coordinator.socket_dir import check_endpoint_dir
 from eplb_service.security import ClientCurve, SecurityError
 
 
 def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | None = None) -> dict:
-    """One ``StatusRequest`` round trip; raises ``TimeoutError`` naming the endpoint."""
+    """One ``StatusRequest`` round trip; raises ``TimeoutError`` naming the endpoint.
+
+    An ``ipc://`` endpoint whose directory is not this user's private one is refused
+    (:class:`~.socket_dir.UnsafeSocketDirectory`): whoever prepared it may answer instead.
+    """
+    check_endpoint_dir(endpoint)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -41,6 +41,12 @@ class RankSpec:
     coordinator_endpoint: str
     serving_store_port: int
     step_sleep_s: float = 0.0
+    idle_at_step: int | None = None
+    """Fault scenarios: every rank stops stepping here for ``idle_s`` (an idle engine)."""
+    idle_s: float = 0.0
+    extra_steps: int = 0
+    """Fault scenarios: this rank's step clock starts this many steps ahead (a dummy step
+    counted on one rank alone)."""
 
 
 class SimServingRank:
@@ -129,7 +135,10 @@ class SimServingRank:
 
     def run(self, agent: WorkerAgent, progress=None) -> None:
         hooks = agent.hooks
+        hooks.steps_done += self.spec.extra_steps
         for step in range(self.spec.steps):
+            if step == self.spec.idle_at_step:
+                time.sleep(self.spec.idle_s)
             t0 = time.perf_counter()
             hooks.before_step()
             self.forward(step)
@@ -164,6 +173,8 @@ def run_rank(spec: RankSpec, results, progress=None) -> None:
     except Exception as exc:  # report, do not hang the parent
         error = f"rank {spec.rank}: {type(exc).__name__}: {exc}"
         logging.getLogger(__name__).exception("[rank %d] serving loop failed", spec.rank)
+    time.sleep(0.5)  # let the agent report the last commit before it stops
+    agent_alive = agent._thread is not None and agent._thread.is_alive()
     agent.stop()
     results.put({
         "rank": spec.rank, "mismatches": sim.mismatches, "recv_counts": sim.recv_counts.tolist(),
@@ -172,5 +183,7 @@ def run_rank(spec: RankSpec, results, progress=None) -> None:
         "commit_stall_max_us": agent.hooks.max_stall_s * 1e6, "epoch": agent.hooks.epoch,
         "agent_stats": dict(agent.stats), "error": error,
         "phy2log": sim.model.phy2log.numpy().tolist(),
+        "commits": list(agent.hooks.commit_log), "agent_thread_alive": agent_alive,
+        "steps_done": agent.hooks.steps_done,
     })
     dist.destroy_process_group()

@@ -1,0 +1,370 @@
+"""The faults that once broke "applied on every rank at the same step or on none", replayed.
+
+Each scenario runs simulated serving ranks (real processes, real serving all-to-alls, the
+exact output check on every step, real agents) against a real coordinator, injects one
+fault the way an unlucky or hostile production setting would, and checks the promise:
+0 output mismatches, every plan committed at one step everywhere or nowhere, identical maps,
+no dead or reset agent thread, and a coordinator whose view matches the ranks'.
+Timings are scaled down (fence 1 s where production has 5 s) so each scenario takes
+seconds; the relations between the timeouts are production's.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from coordinator_thread import CoordinatorThread
+from fault_proxy import FaultProxy
+from sim_cluster import SimCluster, assert_all_or_none, daemon, wait_status
+from eplb_service import protocol as P
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.status_client import fetch_status
+
+WORLD = 4
+
+
+def sim_config(endpoint: str, **changes) -> CoordinatorConfig:
+    agent = dict(fence_timeout_s=1.0, transport_timeout_s=6.0, heartbeat_interval_s=0.3)
+    agent.update(changes.pop("agent", {}))
+    base = dict(world_size=WORLD, endpoint=endpoint, rebalance_interval_steps=60, min_window_steps=30,
+                load_half_life_steps=60.0, liveness_timeout_s=3.0, staging_timeout_s=10.0, voting_timeout_s=10.0,
+                agent=P.AgentConfig(**agent))
+    base.update(changes)
+    return CoordinatorConfig(**base)
+
+
+def votes_to(rank: int, held_s: float, times: int):
+    """A proxy rule: hold the first ``times`` VoteNow to ``rank`` back by ``held_s``."""
+    held = []
+
+    def hold(direction: str, identity: bytes, frame: bytes) -> float:
+        if direction != "down" or not identity.startswith(f"rank-{rank}-".encode()) or len(held) >= times:
+            return 0.0
+        try:
+            message = P.decode(frame)
+        except P.ProtocolError:
+            return 0.0
+        if isinstance(message, P.VoteNow):
+            held.append(message.plan_id)
+            return held_s
+        return 0.0
+
+    return hold, held
+
+
+def outcomes(coordinator) -> list[tuple[str, str]]:
+    return [(o.phase, o.reason) for o in coordinator.outcomes]
+
+
+# -- 1. a control message held back past the fence ------------------------------------------
+
+@pytest.mark.parametrize("held_s", [1.6, 2.6])
+def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_path, held_s):
+    """Before: the late rank committed alone (the others had given up at the fence), ~79,000
+    mismatches; at the longer delay the coordinator even recorded the plan as aborted."""
+    back, front = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/proxy.sock"
+    hold, held = votes_to(rank=2, held_s=held_s, times=2)
+    proxy = FaultProxy(front, back, hold=hold).start()
+    coord = CoordinatorThread(sim_config(back)).start()
+    try:
+        results = SimCluster(WORLD, front, steps=900, seed=5).start().collect()
+    finally:
+        proxy.stop()
+        coord.stop()
+    c = coord.coordinator
+    assert len(held) == 2, "the fault was not injected"
+    assert_all_or_none(results, WORLD)
+    assert c.counts["diverged"] == 0 and c.halted_reason is None, outcomes(c)
+    held_plans = [o for o in c.outcomes if o.plan_id in held]
+    assert held_plans and all(o.phase == "aborted" for o in held_plans), outcomes(c)
+    assert c.counts["committed"] >= 1, outcomes(c)
+    assert all(r["epoch"] == c.epoch for r in results.values()), (c.epoch, [r["epoch"] for r in results.values()])
+
+
+# -- 2. a rank frozen in the vote; the coordinator killed after a decided vote, engine idle ---
+
+def test_a_rank_frozen_during_the_vote_then_resumed_kills_no_agent(tmp_path):
+    """Before: its re-registration rebuilt the side communicator, every agent dropped its
+    plan while the commit ticket stayed armed, and 7-8 of 8 agent threads died."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    # 150 fence steps: a long window between the vote and the commit step to freeze in
+    coord = CoordinatorThread(sim_config(endpoint, agent={"fence_steps": 150})).start()
+    cluster = SimCluster(WORLD, endpoint, steps=1100, seed=2).start()
+    try:
+        wait_status(endpoint, lambda s: (s["plan_in_flight"] or {}).get("phase") == "voting", 120, "a vote")
+        session = coord.coordinator.registry.agents[3].session
+        os.kill(cluster.pid(3), signal.SIGSTOP)
+        time.sleep(3.0 + 2.0)  # past the liveness timeout: the coordinator declares rank 3 dead
+        os.kill(cluster.pid(3), signal.SIGCONT)
+        registry = coord.coordinator.registry
+        wait_status(endpoint, lambda s: 3 in registry.agents and registry.agents[3].session != session, 30,
+                    "rank 3 declared dead and registered again")
+        results = cluster.collect()
+    finally:
+        cluster.stop()
+        coord.stop()
+    c = coord.coordinator
+    assert_all_or_none(results, WORLD)
+    assert c.counts["diverged"] == 0 and c.halted_reason is None, outcomes(c)
+    assert c.counts["committed"] >= 2, f"plans must run again after the freeze: {outcomes(c)}"
+    assert all(r["epoch"] == c.epoch for r in results.values())
+
+
+def test_coordinator_killed_after_a_decided_vote_while_the_engine_is_idle(tmp_path):
+    """Before: ranks ended at epoch 2, the restarted coordinator at epoch 1, and no plan ran again."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    args = ("--rebalance-interval-steps", "60", "--report-interval-steps", "5", "--fence-timeout-s", "1",
+            "--fence-steps", "40")
+    first = daemon(endpoint, WORLD, *args, log_path=str(tmp_path / "first.log"))
+    # every rank stops stepping at step 130 for 6 s: the vote of the first plan (about step 75)
+    # is decided, its commit step is not reached before the engine goes idle
+    cluster = SimCluster(WORLD, endpoint, steps=700, seed=2, idle_at_step=100, idle_s=6.0).start()
+    second = None
+    try:
+        wait_status(endpoint, lambda s: (s["plan_in_flight"] or {}).get("phase") == "voting", 120, "a vote")
+        time.sleep(0.3)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = daemon(endpoint, WORLD, *args, log_path=str(tmp_path / "second.log"))
+        results = cluster.collect()
+        status = fetch_status(endpoint)
+    finally:
+        cluster.stop()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
+    assert_all_or_none(results, WORLD)
+    assert status["halted"] is None, status["halted"]
+    assert all(r["epoch"] == status["epoch"] for r in results.values()), (status["epoch"], [r["epoch"] for r in results.values()])
+    assert status["plans"]["committed"] >= 1, f"no plan ran after the restart: {status['plans']}"
+    assert results[0]["epoch"] >= 2, "the decided plan and at least one later plan must have committed"
+
+
+# -- 3. forged identities -------------------------------------------------------------------------
+
+def test_forged_identities_cannot_cut_a_rank_off_or_move_the_epoch(tmp_path):
+    """Before: a client reusing an agent's identity cut it off for good, a forged Heartbeat
+    halted rebalancing as "diverged", a forged Hello moved the epoch to 1001."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(sim_config(endpoint)).start()
+    cluster = SimCluster(WORLD, endpoint, steps=900, seed=3).start()
+    ctx = zmq.Context()
+    try:
+        wait_status(endpoint, lambda s: s["epoch"] >= 0, 60, "registration")
+        c = coord.coordinator
+        victim = c.registry.agents[1]
+        identity, session = victim.identity, victim.session
+
+        def forger(ident: bytes | None = None) -> zmq.Socket:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if ident:
+                sock.setsockopt(zmq.IDENTITY, ident)
+            sock.connect(endpoint)
+            return sock
+
+        # (a) the agent's own identity: the connection is refused, the agent's route stays
+        stolen = forger(identity)
+        stolen.send(P.encode(P.Heartbeat(rank=1, step=10**6, epoch=0, session=session)))
+        # (b) a Heartbeat naming rank 1 from another connection, even with the right session
+        other = forger(b"rank-1-forged")
+        other.send(P.encode(P.Heartbeat(rank=1, step=10**6, epoch=7, session=session)))
+        # (c) a Hello for the held rank, 1000 epochs ahead
+        hello = P.Hello(protocol_version=P.PROTOCOL_VERSION, rank=1, model=c.model,
+                        phy2log=P.NDArray.from_numpy(c.placements[c.epoch]), epoch=c.epoch + 1000, step=0, transport="gloo")
+        other.send(P.encode(hello))
+        assert other.poll(5000)
+        replies = [P.decode(other.recv())]
+        while other.poll(500):
+            replies.append(P.decode(other.recv()))
+        assert {r.code for r in replies if isinstance(r, P.Reject)} >= {"unknown_agent", "rank_taken"}, replies
+        time.sleep(3.0 + 1.0)  # past the liveness timeout: the real agent must still be heard
+        assert c.registry.agents[1].identity == identity and c.registry.agents[1].alive
+        assert c.epoch < 1000 and c.halted_reason is None
+        results = cluster.collect()
+    finally:
+        ctx.destroy(0)
+        cluster.stop()
+        coord.stop()
+    assert_all_or_none(results, WORLD)
+    assert c.counts["committed"] >= 2 and c.counts["diverged"] == 0, outcomes(c)
+    assert c.metrics.messages_rejected.labels("rank_taken")._value.get() == 1
+    assert c.metrics.messages_rejected.labels("unknown_agent")._value.get() >= 1
+
+
+def test_a_message_naming_another_rank_is_refused_from_a_registered_connection(tmp_path):
+    """Heartbeats are filed under the connection's rank and session, never the one a message names."""
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    harness = HandlerHarness()
+    c = harness.coordinator
+    rank0 = c.registry.agents[0]
+    before = c.metrics.messages_rejected.labels("session")._value.get()
+    c._handle(rank0.identity, P.Heartbeat(rank=1, step=10**6, epoch=5, session=rank0.session))
+    c._handle(rank0.identity, P.Heartbeat(rank=0, step=10**6, epoch=5, session=rank0.session + 1))
+    assert c.metrics.messages_rejected.labels("session")._value.get() == before + 2
+    assert c.registry.agents[1].step == 0 and c.registry.agents[0].step == 0 and c.halted_reason is None
+
+
+# -- 4. memory -------------------------------------------------------------------------------------
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_large_frames_leaves_the_coordinator_small(tmp_path):
+    """Before: 60 MB frames (under the 64 MiB cap) took the coordinator to 2.4 GiB RSS."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    proc = daemon(endpoint, 2)
+    ctx = zmq.Context()
+    try:
+        wait_status(endpoint, lambda s: True, 30, "the coordinator")
+        before = rss_mib(proc.pid)
+        big, near = b"\x00" * (60 << 20), b"\x00" * (P.UNSHAPED_MAX_MESSAGE_BYTES - 16)
+        socks = []
+        for i in range(8):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.SNDTIMEO, 0)
+            sock.connect(endpoint)
+            socks.append(sock)
+        deadline = time.monotonic() + 8.0
+        sent = 0
+        while time.monotonic() < deadline:
+            for i, sock in enumerate(socks):
+                try:
+                    sock.send(big if i % 2 == 0 else near, zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    pass
+            peak = rss_mib(proc.pid)
+            time.sleep(0.01)
+        after = rss_mib(proc.pid)
+        status = fetch_status(endpoint, timeout_s=5)
+    finally:
+        ctx.destroy(0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert sent > 50
+    assert status["world_size"] == 2  # still answering
+    assert after - before < 200 and peak - before < 400, f"RSS {before:.0f} -> peak {peak:.0f} -> {after:.0f} MiB"
+
+
+def test_frame_limit_is_fitted_to_the_model(tmp_path):
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator  # registers 2 ranks of a 2-layer, 8-slot model
+    assert c.max_message_bytes == P.max_message_bytes(2, 8) < P.UNSHAPED_MAX_MESSAGE_BYTES
+    report = P.encode(P.LoadReport(rank=0, epoch=0, step_begin=0, step_end=10,
+                                   slot_load=P.NDArray.from_numpy(np.zeros((60, 544), dtype=np.int64)), session=1))
+    assert len(report) < P.max_message_bytes(60, 544)
+    with pytest.raises(P.ProtocolError, match="exceeds the limit"):
+        P.decode(b"\x00" * (c.max_message_bytes + 1), c.max_message_bytes)
+
+
+# -- 5. recording on a disk that refuses writes -------------------------------------------------
+
+def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_on(tmp_path):
+    """Before: the tick loop died silently (an unawaited task), /livez flapped, plans and
+    liveness expiry stopped, and SIGTERM exited 1 with a traceback."""
+    import urllib.request
+
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the trace's directory should be")
+    log = tmp_path / "coordinator.log"
+    proc = daemon(endpoint, WORLD, "--rebalance-interval-steps", "60", "--report-interval-steps", "5",
+                  "--fence-timeout-s", "1", "--record", str(blocker / "trace.npz"), "--metrics-port", "0",
+                  log_path=str(log))
+    cluster = SimCluster(WORLD, endpoint, steps=800, seed=4).start()
+    try:
+        wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 120, "a commit")
+        time.sleep(6.0)  # the first flush (every 5 s) fails
+        results = cluster.collect()
+        status = fetch_status(endpoint)
+        text = log.read_text()
+        port = int(text.split("metrics ")[1].split(",")[0])
+        livez = urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5).status
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        cluster.stop()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+    text = log.read_text()
+    assert code == 0, text[-2000:]
+    assert "recording load windows to" in text and "failed" in text and "recording is off" in text
+    assert "Traceback" not in text.split("recording is off")[-1], "a traceback after the recording failure"
+    assert livez == 200
+    assert "eplb_recording_errors_total 1.0" in metrics and "eplb_recording_enabled 0.0" in metrics
+    assert_all_or_none(results, WORLD)
+    assert status["plans"]["committed"] >= 2, status["plans"]
+
+
+# -- 6. a socket directory someone else prepared ----------------------------------------------
+
+def test_a_socket_directory_of_another_user_is_refused(tmp_path):
+    from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, check_private_dir
+
+    directory = tmp_path / "eplb"
+    directory.mkdir(mode=0o700)
+    check_private_dir(str(directory))
+    with pytest.raises(UnsafeSocketDirectory, match=f"owned by uid {os.geteuid()}, not by this user \\(uid 12345\\)"):
+        check_private_dir(str(directory), uid=12345)
+    directory.chmod(0o755)
+    with pytest.raises(UnsafeSocketDirectory, match="mode 0755, expected 0700"):
+        check_private_dir(str(directory))
+    link = tmp_path / "link"
+    link.symlink_to(directory)
+    with pytest.raises(UnsafeSocketDirectory, match="symlink"):
+        check_private_dir(str(link))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_squatted_socket_directory_stops_the_coordinator_and_status(tmp_path):
+    """Before: the directory was chmodded but still theirs; `status` as root talked to their server."""
+    squatted = tmp_path / "squatted"
+    squatted.mkdir(mode=0o700)
+    os.chown(squatted, 65534, 65534)
+    endpoint = f"ipc://{squatted}/coordinator.sock"
+    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "is owned by uid 65534, not by this user (uid 0)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "owned by uid 65534" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- 7. a rank whose step clock is off by one ---------------------------------------------------
+
+def test_a_rank_counting_one_extra_step_halts_rebalancing_before_any_commit(tmp_path):
+    """Before: every commit tore for one forward pass (7-10 mismatches per rank, 147 on the
+    offset rank), with no warning anywhere."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(sim_config(endpoint)).start()
+    try:
+        results = SimCluster(WORLD, endpoint, steps=600, seed=1, per_rank={2: {"extra_steps": 1}}).start().collect()
+    finally:
+        coord.stop()
+    c = coord.coordinator
+    assert c.halted_reason is not None and "rank 2 counts +1 step(s) against rank 0" in c.halted_reason, c.halted_reason
+    assert c.counts["committed"] == 0, outcomes(c)
+    assert sum(r["mismatches"] for r in results.values()) == 0
+    assert all(r["epoch"] == 0 for r in results.values())
+    assert c.metrics.step_clock_offset.labels("2")._value.get() == 1
