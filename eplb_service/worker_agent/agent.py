@@ -119,6 +119,8 @@ class WorkerAgent:
         self._store: tuple[str, int] | None = None
         """Rank 0: where the rendezvous store it hosts is reached."""
         self.decider = Decider(self.rank)
+        self.record_factory = StoreDecisionRecord
+        """Builds the decision record from a ``CommInit``'s store address (tests swap in their own)."""
         self._record: DecisionRecord | None = None
         """The decision record of the current rendezvous store (from ``CommInit``)."""
         self._inbox: collections.deque = collections.deque()
@@ -394,9 +396,14 @@ class WorkerAgent:
         """
         if comm == self._comm_current and self._side_ready:
             return  # already built from this very rendezvous (a repeated CommInit)
+        if comm.world_size != self.shape.num_ranks or not comm.store_host or not comm.store_port:
+            self.stats["bad_messages"] += 1
+            self.log.error("ignored a CommInit for %d ranks at %r:%d; this deployment has %d ranks and needs a store address",
+                           comm.world_size, comm.store_host, comm.store_port, self.shape.num_ranks)
+            return
         self._abandon_plan(f"side communicator rebuilt (generation {comm.generation})")
         if self._record is None or self._record.address != f"{comm.store_host}:{comm.store_port}":
-            self._record = StoreDecisionRecord(comm.store_host, comm.store_port, self.config.transport_timeout_s)
+            self._record = self.record_factory(comm.store_host, comm.store_port, self.config.transport_timeout_s)
         if self._connecting is not None and self._connecting.is_alive():
             # Build it once this attempt ends, unless it is the very rendezvous being attempted
             # (a duplicate): retrying that alone would leave this rank one attempt behind.

@@ -1,0 +1,278 @@
+"""Every agent state, every message, every order: the agent never raises and never applies half.
+
+A real ``WorkerAgent`` (one rank, so a plan is local copies and the vote's all-reduce is its
+own vector) runs without its thread: the test calls the loop's own steps (``_handle``,
+``_tick``), the serving hooks, and a decision record that other (imaginary) ranks may write
+first. Hypothesis picks the sequence: protocol messages that fit the flow (Welcome, CommInit,
+Plan for the current epoch, VoteNow, AbortPlan...) mixed with arbitrary well-typed ones,
+serving steps, agent ticks, and another rank deciding. After every action: nothing raised,
+live rows hold what the live maps say, and a plan was applied only where its record says
+``commit``, at its commit step.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import msgspec
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_model, rows_match_maps
+from eplb_service import protocol as P
+from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.testing.protocol_fuzz import message_strategy
+from eplb_service.worker_agent.agent import WorkerAgent
+from eplb_service.worker_agent.decision import Decision
+from eplb_service.worker_agent.transport import Transport
+
+SHAPE = PlacementShape(num_layers=2, num_logical=3, num_physical=4, num_ranks=1)
+FAST = P.AgentConfig(report_interval_steps=2, heartbeat_interval_s=0.01, fence_steps=2, fence_timeout_s=0.001,
+                     transport_timeout_s=1.0, decision_timeout_s=0.5)
+
+
+class LocalTransport(Transport):
+    """One rank: connecting always works, the all-reduce returns this rank's own vector."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self._generation, self._connected = -1, False
+
+    def connect(self, comm, rank, timeout_s):
+        self._generation, self._connected = comm.generation, True
+
+    def exchange(self, ops, pace_s=0.0):
+        raise AssertionError("a one-rank plan has no remote ops")
+
+    def copy_local(self, dst, src):
+        dst.copy_(src)
+
+    def max_reduce(self, values):
+        self._poll()
+        return np.asarray(values, dtype=np.int64).copy()
+
+    def synchronize(self):
+        pass
+
+    def abort(self):
+        self._connected = False
+
+    @property
+    def connected(self):
+        return self._connected
+
+    @property
+    def generation(self):
+        return self._generation
+
+
+class Record:
+    """The decision record, in memory: first writer wins."""
+
+    address = "memory"
+
+    def __init__(self) -> None:
+        self.decisions: dict[int, Decision] = {}
+
+    def propose(self, plan_id: int, proposal: Decision) -> Decision:
+        return self.decisions.setdefault(plan_id, proposal)
+
+
+class SyncDecider:
+    """The decider without its thread: proposals are answered at once."""
+
+    def __init__(self) -> None:
+        self.proposals = 0
+
+    def start(self):
+        return self
+
+    def stop(self):
+        pass
+
+    def submit(self, ticket, record, proposal):
+        self.proposals += 1
+        ticket.resolve(record.propose(ticket.plan_id, proposal))
+
+
+class Socket:
+    def __init__(self) -> None:
+        self.sent: list[P.Message] = []
+
+    def send(self, frame, flags=0):
+        self.sent.append(P.decode(frame))
+
+    def poll(self, timeout_ms, flags=0):
+        return 0
+
+    def close(self, linger=0):
+        pass
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.model = make_model(0, SHAPE)
+        self.agent = agent = WorkerAgent(self.model, "ipc:///nonexistent/agent-states.sock", LocalTransport())
+        agent._sock = Socket()
+        agent.decider = SyncDecider()
+        agent._store = ("127.0.0.1", 1)
+        agent._open_socket = lambda: setattr(agent, "_last_heard", 10**12)  # no real socket; never "silent"
+        agent._last_heard = 10**12
+        self.record = Record()
+        agent.record_factory = lambda host, port, timeout_s: self.record
+        self.plan_ids = itertools.count(1000)
+        self.generations = itertools.count(1)
+        self.applied: list[tuple[int, int]] = []
+
+    # -- messages that fit the flow ------------------------------------------------------
+
+    def comm(self) -> P.CommInit:
+        return P.CommInit(generation=next(self.generations), store_host="127.0.0.1", store_port=1, world_size=1)
+
+    def plan(self) -> P.Plan:
+        rows = self.model.phy2log.numpy()[[1]].copy()
+        rows[0] = np.roll(rows[0], 1)
+        return P.Plan(plan_id=next(self.plan_ids), base_epoch=self.agent.hooks.epoch, layers=[1],
+                      phy2log=P.NDArray.from_numpy(rows))
+
+    def current_plan_id(self) -> int:
+        agent = self.agent
+        if agent._ticket is not None:
+            return agent._ticket.plan_id
+        return agent._plan.plan_id if agent._plan is not None else 0
+
+    # -- actions -------------------------------------------------------------------------
+
+    def deliver(self, message: P.Message) -> None:
+        agent = self.agent
+        agent._handle(message)
+        if agent._connecting is not None:
+            agent._connecting.join(5)
+        agent._check_connect()
+
+    def tick(self) -> None:
+        self.agent._tick(poll_ms=0)
+
+    def step(self) -> None:
+        hooks = self.agent.hooks
+        before = hooks.epoch
+        ticket = hooks.ticket
+        hooks.before_step()
+        if hooks.epoch != before:
+            decision = self.record.decisions.get(ticket.plan_id)
+            assert decision is not None and decision.commit, f"plan {ticket.plan_id} applied without a commit record"
+            assert decision.commit_step == hooks.steps_done, (decision, hooks.steps_done)
+            self.applied.append((ticket.plan_id, hooks.steps_done))
+        hooks.after_step(None)
+
+    def other_rank_decides(self, commit: bool) -> None:
+        plan_id = self.current_plan_id()
+        if plan_id:
+            self.record.decisions.setdefault(plan_id, Decision.commit_at(self.agent.hooks.steps_done + 2, 1) if commit
+                                             else Decision.abort(1, "another rank gave up"))
+
+    def check(self) -> None:
+        agent, model = self.agent, self.model
+        assert rows_match_maps(model), "a live row holds another expert than the live map says"
+        assert agent.hooks.epoch == len(self.applied)
+        if agent._ticket is None and agent.hooks.ticket is None:
+            assert np.array_equal(agent.phy2log_host, model.phy2log.numpy()), "the agent's host copy lags the maps"
+
+
+def flow_messages(h: Harness):
+    return st.one_of(
+        st.builds(lambda c: P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7,
+                                      comm=h.comm() if c else None), st.booleans()),
+        st.builds(lambda: h.comm()),
+        st.builds(lambda: h.plan()),
+        st.builds(lambda: P.VoteNow(plan_id=h.current_plan_id())),
+        st.builds(lambda: P.AbortPlan(plan_id=h.current_plan_id(), reason="test")),
+        st.just(P.CoordinatorStopping(reason="test")),
+        st.builds(lambda s: P.HeartbeatAck(session=s), st.sampled_from([7, 8])),
+        st.builds(lambda code: P.Reject(reason="test", code=code), st.sampled_from(["unknown_agent", "stale_session",
+                                                                                     "rank_taken", "bad_message"])),
+    )
+
+
+def any_message():
+    """Arbitrary messages as the agent can receive them: only what decodes (the decoder refuses
+    the rest at the edge); a Welcome keeps the fast timings (a 10^300 s fence would only wait)."""
+    def decodable(message) -> bool:
+        try:
+            P.decode(P.encode(message))
+        except (P.ProtocolError, OverflowError, ValueError):
+            return False
+        return True
+
+    def tame(message):
+        if isinstance(message, P.Welcome):
+            return msgspec.structs.replace(message, config=FAST)
+        return message
+    return message_strategy().filter(decodable).map(tame)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data):
+    h = Harness()
+    h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
+    actions = collections.Counter()
+    for _ in range(data.draw(st.integers(5, 60), label="length")):
+        kind = data.draw(st.sampled_from(["flow", "flow", "flow", "any", "step", "step", "tick", "decide"]), label="action")
+        actions[kind] += 1
+        if kind == "flow":
+            h.deliver(data.draw(flow_messages(h), label="message"))
+        elif kind == "any":
+            h.deliver(data.draw(any_message(), label="random message"))
+        elif kind == "step":
+            h.step()
+        elif kind == "tick":
+            h.tick()
+        else:
+            h.other_rank_decides(data.draw(st.booleans(), label="commit"))
+        h.check()
+    for _ in range(8):  # drain: the serving thread finishes any ticket, the agent reports it
+        h.step()
+        h.tick()
+        h.check()
+
+
+def test_the_happy_path_commits_through_the_record():
+    """The same harness, scripted: Welcome, Plan, VoteNow, steps: committed at S once."""
+    h = Harness()
+    h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
+    plan = h.plan()
+    h.deliver(plan)
+    assert any(isinstance(m, P.Staged) for m in h.agent._sock.sent)
+    h.deliver(P.VoteNow(plan_id=plan.plan_id))
+    decision = h.record.decisions[plan.plan_id]
+    assert decision.commit and decision.commit_step == FAST.fence_steps
+    for _ in range(4):
+        h.step()
+        h.tick()
+        h.check()
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)]
+    sent = [type(m).__name__ for m in h.agent._sock.sent]
+    assert "Voted" in sent and "Committed" in sent
+    assert torch.equal(h.model.phy2log[1], torch.from_numpy(plan.phy2log.to_numpy()[0]))
+
+
+def test_a_new_side_communicator_during_the_vote_keeps_the_ticket_and_commits():
+    """The death of issue 13: a CommInit arriving after the vote dropped the plan under an armed ticket."""
+    h = Harness()
+    h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
+    plan = h.plan()
+    h.deliver(plan)
+    h.deliver(P.VoteNow(plan_id=plan.plan_id))
+    h.deliver(h.comm())  # e.g. a rank re-registered and the coordinator rebuilt the communicator
+    h.deliver(P.CoordinatorStopping(reason="restart"))
+    for _ in range(4):
+        h.step()
+        h.tick()
+        h.check()
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)]
+    assert h.agent.stats["internal_errors"] == 0
