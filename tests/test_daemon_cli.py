@@ -191,3 +191,10 @@ def test_endpoint_held_by_a_silent_listener_or_a_plain_file_is_left_alone(tmp_pa
     assert path.read_text() == "not a socket"
     assert claim_ipc_endpoint(f"ipc://{tmp_path}/absent.sock") is None
     assert claim_ipc_endpoint("tcp://127.0.0.1:5555") is None
+
+
+def test_the_coordinator_imports_no_torch():
+    """A daemon and sidecar start fast and small: the rendezvous store lives on rank 0's worker."""
+    out = subprocess.run([sys.executable, "-c", "import sys, eplb_service.coordinator.cli, eplb_service.coordinator.server, "
+                          "eplb_service.sidecar; print('torch' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -261,6 +261,7 @@ def test_a_flood_of_large_frames_leaves_the_coordinator_small(tmp_path):
         ctx.destroy(0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+    print(f"flood: {sent} frames; coordinator RSS {before:.0f} MiB before, peak {peak:.0f}, after {after:.0f}")
     assert sent > 50
     assert status["world_size"] == 2  # still answering
     assert after - before < 200 and peak - before < 400, f"RSS {before:.0f} -> peak {peak:.0f} -> {after:.0f} MiB"
