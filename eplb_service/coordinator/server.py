@@ -780,13 +780,16 @@ class Coordinator:
         """The status document (``eplb-coordinator status``, ``StatusReply``)."""
         now = time.monotonic()
         current = self.current_balancedness()
+        clocks = self.step_clock.states(sorted(r.rank for r in self.registry.alive)) if self.cfg.check_step_clock else {}
         ranks = []
         for rank in range(self.cfg.world_size):
             record = self.registry.agents.get(rank)
+            clock = clocks.get(rank)
             ranks.append(None if record is None else {
                 "rank": rank, "alive": record.alive, "node": record.node, "pid": record.pid,
                 "last_seen_s": round(now - record.last_seen, 3), "step": record.step, "epoch": record.epoch,
-                "comm_generation": record.comm_generation,
+                "comm_generation": record.comm_generation, "internal_errors": record.internal_errors,
+                "step_clock_offset": None if clock is None else clock.offset,
             })
         plan = self.plan
         return {

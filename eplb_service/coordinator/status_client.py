@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import zmq
 
 from eplb_service import protocol as P
-from eplb_service.coordinator.config import default_endpoint
 from eplb_service.coordinator.socket_dir import check_endpoint_dir
 from eplb_service.security import ClientCurve, SecurityError
 
@@ -50,13 +47,15 @@ def format_status(status: dict) -> str:
     ]
     if status.get("halted"):
         lines.append(f"HALTED: {status['halted']}")
-    lines.append(f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  node/pid")
+    lines.append(f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  {'clock':>5}  node/pid")
     for i, r in enumerate(status["ranks"]):
         if r is None:
             lines.append(f"{i:>4}  {'-':5}  (not registered)")
         else:
+            offset = r.get("step_clock_offset")
+            clock = "?" if offset is None else ("ok" if offset == 0 else f"{offset:+d}")
             lines.append(f"{r['rank']:>4}  {'yes' if r['alive'] else 'NO':5}  {r['step']:>8}  {r['epoch']:>5}  "
-                         f"{r['comm_generation']:>4}  {r['last_seen_s']:>5.1f}s  {r['node']}/{r['pid']}")
+                         f"{r['comm_generation']:>4}  {r['last_seen_s']:>5.1f}s  {clock:>5}  {r['node']}/{r['pid']}")
     plans = status["plans"]
     lines.append(f"plans: proposed {plans['proposed']}  committed {plans['committed']}  aborted {plans['aborted']}  "
                  f"diverged {plans['diverged']}  skipped {plans['skipped']}  |  moved {status['experts_moved']} experts, "
@@ -75,17 +74,3 @@ def format_status(status: dict) -> str:
         lines.append("balancedness: no load reported yet")
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="eplb-coordinator status", description="Show a running coordinator's status.")
-    p.add_argument("--endpoint", default=default_endpoint())
-    p.add_argument("--json", action="store_true", help="print the raw status document")
-    p.add_argument("--timeout-s", type=float, default=3.0)
-    args = p.parse_args(argv)
-    try:
-        status = fetch_status(args.endpoint, args.timeout_s)
-    except (TimeoutError, P.ProtocolError, zmq.ZMQError, SecurityError) as exc:
-        print(f"eplb-coordinator status: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return 0

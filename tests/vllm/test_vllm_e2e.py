@@ -106,6 +106,9 @@ def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, t
     status = r["status"]
     assert status["load_reports"] > 0 and status["plans"]["committed"] == counts["committed"]
     assert [rank["epoch"] for rank in status["ranks"]] == [r["coordinator_epoch"]] * 2
+    # vLLM's steps (its profile step, prefill and decode) advance both ranks' step clocks alike:
+    # the coordinator lined their step end times up and found no offset
+    assert [rank["step_clock_offset"] for rank in status["ranks"]] == [0, 0], status["ranks"]
     assert status["experts_moved"] == r["experts_moved"] > 0
 
     # Every worker: the live maps are the coordinator's placement (nothing else moved them),

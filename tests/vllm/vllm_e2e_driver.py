@@ -153,7 +153,9 @@ def main() -> int:
         phase = 0
         deadline = time.monotonic() + args.timeout_s
         seen = c.counts["committed"]
-        while c.counts["committed"] < args.min_commits and time.monotonic() < deadline:
+        # Until min_commits, and a token check after at least two different commit counts
+        # (two commits can land within one generate call, or during the check itself).
+        while (c.counts["committed"] < args.min_commits or len(checks) < 2) and time.monotonic() < deadline:
             generate(traffic[phase % len(traffic)])
             committed = c.counts["committed"]
             if committed > seen:
