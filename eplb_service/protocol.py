@@ -175,6 +175,16 @@ RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session",
 agent cannot join (version, shape, placement), it stays idle; ``bad_message``: undecodable."""
 
 
+AbortCode = Literal[
+    "invalid_plan", "busy", "not_connected", "staging_failed", "staging_timeout", "no_vote", "not_staged",
+    "aborted_by_coordinator", "coordinator_stopping", "agent_stopping", "comm_rebuilt", "coordinator_lost",
+    "fence_timeout", "vote_failed", "integrity", "missed_commit_step", "internal_error", "agent_lost",
+    "voting_timeout", "step_clock", "other",
+]
+"""Why a plan was not applied, as a label (``eplb_plans_aborted_total{reason}``); the free
+text beside it says the details."""
+
+
 class Reject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     reason: str
     code: RejectCode = "refused"
@@ -205,6 +215,14 @@ class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     internal_errors: NonNegInt = 0
     """Agent-loop failures this agent recovered from (each one a clean reset)."""
     clock: StepClock | None = None
+    counters: dict[str, NonNegInt] = msgspec.field(default_factory=dict)
+    """The agent's own counters since it started (names in :data:`AGENT_COUNTERS`)."""
+
+
+AGENT_COUNTERS = ("committed", "aborted", "staged", "plans_rejected", "integrity_failures", "internal_errors",
+                  "socket_reopened", "bad_messages", "send_dropped", "duplicate_messages", "bytes_received",
+                  "dropped_load_windows")
+"""What agents count and send in heartbeats; the coordinator exports them per rank."""
 
 
 class HeartbeatAck(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -253,6 +271,7 @@ class Failed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     plan_id: NonNegInt
     reason: str
     session: Session = 0
+    code: AbortCode = "other"
 
 
 class VoteNow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -286,6 +305,7 @@ class Aborted(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
     plan_id: NonNegInt
     reason: str
     session: Session = 0
+    code: AbortCode = "other"
 
 
 class AbortPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -294,6 +314,7 @@ class AbortPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
 
     plan_id: NonNegInt
     reason: str
+    code: AbortCode = "other"
 
 
 class Goodbye(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):

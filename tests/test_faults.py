@@ -187,6 +187,7 @@ def test_corrupt_row_in_transit_fails_the_vote_everywhere(tmp_path):
     assert sorted(results) == [0, 1]
     assert c.counts["committed"] == 0 and c.counts["aborted"] >= 1 and c.counts["diverged"] == 0
     assert any("integrity" in o.reason for o in c.outcomes), [o.reason for o in c.outcomes]
+    assert c.metrics.plans_aborted.labels("integrity")._value.get() >= 1, "the reason code travels in Aborted"
     assert all(r["stats"].get("integrity_failures", 0) >= 1 for r in results.values()), "every rank must see the mismatch"
     assert all(r["epoch"] == 0 for r in results.values())
     assert_consistent(results, fence_bound_s=0.5)

@@ -47,3 +47,58 @@ def test_dashboard_queries_only_exposed_metrics():
                 used.add(re.sub(r"_(bucket|sum|count)$", "", metric))
     assert used and used <= names, used - names
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def samples(registry) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in registry.collect() for s in f.samples}
+
+
+def test_measured_gauges_read_nan_until_there_is_a_value_and_outcomes_are_final():
+    import math
+
+    from eplb_service import __version__
+    from eplb_service.protocol import PROTOCOL_VERSION
+
+    values = samples(CoordinatorMetrics().registry)
+    for kind in ("current", "projected"):
+        assert math.isnan(values[("eplb_balancedness", (("kind", kind),))])
+    assert math.isnan(values[("eplb_placement_epoch", ())])
+    assert math.isnan(values[("eplb_load_report_lag_steps", ())])
+    outcomes = {dict(labels)["outcome"] for name, labels in values if name == "eplb_plans_total"}
+    assert outcomes == {"committed", "aborted", "diverged", "skipped"}  # proposals are counted apart
+    assert values[("eplb_plans_proposed_total", ())] == 0
+    assert values[("eplb_build_info", (("protocol", str(PROTOCOL_VERSION)), ("version", __version__)))] == 1
+
+
+def test_agent_counters_from_heartbeats_and_stalls_per_rank_reach_prometheus():
+    from eplb_service import protocol as P
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator
+    rank0, rank1 = c.registry.agents[0], c.registry.agents[1]
+    c._handle(rank0.identity, P.Heartbeat(rank=0, step=5, epoch=0, session=rank0.session,
+                                          counters={"committed": 3, "integrity_failures": 1}))
+    c._handle(rank1.identity, P.Heartbeat(rank=1, step=5, epoch=0, session=rank1.session, counters={"committed": 2}))
+    c._handle(rank1.identity, P.Committed(rank=1, plan_id=1, commit_step=5, epoch=0, stall_s=2e-4, session=rank1.session))
+    values = samples(c.metrics.registry)
+    assert values[("eplb_agent_events_total", (("event", "committed"), ("rank", "0")))] == 3
+    assert values[("eplb_agent_events_total", (("event", "integrity_failures"), ("rank", "0")))] == 1
+    assert values[("eplb_agent_events_total", (("event", "committed"), ("rank", "1")))] == 2
+    assert values[("eplb_commit_stall_seconds_count", (("rank", "1"),))] == 1
+    assert math_isnan(values[("eplb_placement_epoch", ())]) is False  # both ranks report epoch 0: adopted
+
+
+def math_isnan(value: float) -> bool:
+    import math
+
+    return math.isnan(value)
+
+
+def test_abort_reasons_are_codes_not_text():
+    from eplb_service.coordinator.plan_state import PlanRun
+    import numpy as np
+
+    plan = PlanRun(plan_id=1, base_epoch=0, layers=[0], rows=np.zeros((1, 8), dtype=np.int64), world_size=2,
+                   staging_timeout_s=10, voting_timeout_s=10, started_at=0.0)
+    plan.on_failed(1, "rank 3: plan 7 needs 9 bytes of staging, more than the budget", 1.0, code="invalid_plan")
+    assert plan.phase.value == "aborted" and plan.code == "invalid_plan" and "rank 1" in plan.reason

@@ -34,9 +34,9 @@ def record_answers(ticket: CommitTicket, first: Decision | None = None) -> list[
     """A stand-in decision record: the first proposal wins (``first``, if given, got there before)."""
     asked = []
 
-    def propose(reason: str) -> None:
+    def propose(code: str, reason: str) -> None:
         asked.append(reason)
-        ticket.resolve(first if first is not None else Decision.abort(0, reason))
+        ticket.resolve(first if first is not None else Decision.abort(0, reason, code))
 
     ticket.propose_abort = propose
     return asked
@@ -93,6 +93,7 @@ def test_fence_times_out_and_leaves_maps_untouched(setup, small_shape):
     assert 0.25 < waited < 2.0
     assert len(asked) == 1 and "fence_timeout" in asked[0]
     assert ticket.outcome == "aborted" and "fence_timeout" in ticket.reason and ticket.outcome_step == 3
+    assert ticket.code == "fence_timeout"
     assert torch.equal(model.phy2log, before_maps)
     assert all(torch.equal(a, b) for a, b in zip(model.expert_weights[1], before_rows))
     assert hooks.epoch == 0 and hooks.ticket is None
@@ -152,7 +153,7 @@ def test_an_unreachable_record_stops_the_worker_instead_of_guessing(small_shape)
     new[0, :4] = [3, 2, 1, 0]
     ticket = staged_ticket(model, small_shape, new, [1])
     asked = []
-    ticket.propose_abort = asked.append  # the record never answers
+    ticket.propose_abort = lambda code, reason: asked.append(reason)  # the record never answers
     hooks.ticket = ticket
     ticket.vote_entry_step = 0
     run_steps(hooks, 2)

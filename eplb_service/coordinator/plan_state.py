@@ -60,6 +60,9 @@ class PlanRun:
     """The vote timed out undecided: ask the ranks to record ``abort``."""
     abort_sent: bool = False
     reason: str = ""
+    code: str = ""
+    """``protocol.AbortCode`` of an aborted plan (the metric label)."""
+    aborted_codes: dict[int, str] = field(default_factory=dict)
     staging_s: float = 0.0
     voting_s: float = 0.0
 
@@ -78,10 +81,11 @@ class PlanRun:
             return True
         return False
 
-    def on_failed(self, rank: int, reason: str, now: float) -> bool:
+    def on_failed(self, rank: int, reason: str, now: float, code: str = "other") -> bool:
         self.aborted[rank] = reason
+        self.aborted_codes[rank] = code
         if self.phase is Phase.STAGING:
-            return self._abort(f"rank {rank}: {reason}", now)
+            return self._abort(f"rank {rank}: {reason}", now, code)
         if self.phase is Phase.VOTING:
             return self._maybe_settle(now)
         return False
@@ -122,13 +126,14 @@ class PlanRun:
             return False
         self.lost.add(rank)
         if self.phase is Phase.STAGING:
-            return self._abort(f"rank {rank} lost during staging", now)
+            return self._abort(f"rank {rank} lost during staging", now, "agent_lost")
         return self._maybe_settle(now)
 
     def on_tick(self, now: float) -> bool:
         if self.phase is Phase.STAGING and now - self.phase_started_at > self.staging_timeout_s:
             missing = sorted(set(range(self.world_size)) - set(self.staged))
-            return self._abort(f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now)
+            return self._abort(f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now,
+                               "staging_timeout")
         # Once the record says "commit", ranks commit at step S whenever serving reaches it
         # (an idle engine may take long): no wall-clock timeout then, heartbeats settle it.
         decided_commit = self.decision is not None and self.decision[1]
@@ -139,6 +144,7 @@ class PlanRun:
         if not self.abort_requested and waited > self.voting_timeout_s:
             self.abort_requested = True
             self.reason = f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}"
+            self.code = "voting_timeout"
             return True
         if self.abort_requested and waited > 2 * self.voting_timeout_s:
             if self.committed:  # the record said commit (only it can): the silent ranks commit or are gone
@@ -146,19 +152,20 @@ class PlanRun:
                 self.voting_s = waited
                 self.reason = f"committed; ranks {missing} never reported"
                 return True
-            return self._abort(f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now)
+            return self._abort(f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now,
+                               "voting_timeout")
         return False
 
     # -- internals ----------------------------------------------------------------------
 
-    def _abort(self, reason: str, now: float) -> bool:
+    def _abort(self, reason: str, now: float, code: str = "other") -> bool:
         if self.phase.final:
             return False
         if self.phase is Phase.VOTING:
             self.voting_s = now - self.phase_started_at
         else:
             self.staging_s = now - self.phase_started_at
-        self.phase, self.reason = Phase.ABORTED, reason
+        self.phase, self.reason, self.code = Phase.ABORTED, reason, code
         return True
 
     def _maybe_settle(self, now: float) -> bool:
@@ -173,6 +180,7 @@ class PlanRun:
         elif not self.committed:
             first = min(self.aborted) if self.aborted else min(self.lost)
             self.phase, self.reason = Phase.ABORTED, f"rank {first}: {self.aborted.get(first, 'agent lost')}"
+            self.code = self.aborted_codes.get(first, "agent_lost")
             if self.lost:
                 self.reason += f" (rank {', rank '.join(map(str, sorted(self.lost)))} lost)"
         else:

@@ -25,6 +25,8 @@ class AgentRecord:
     store: tuple[str, int] | None = None
     """Rank 0: where its rendezvous store is reached."""
     internal_errors: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    """The agent's own counters from its latest heartbeat (``protocol.AGENT_COUNTERS``)."""
 
 
 class Registry:

@@ -53,6 +53,9 @@ class PlanOutcome:
     plan_id: int
     phase: str
     reason: str
+    number: int
+    """1, 2, 3 ... in this coordinator's life (plan ids are long: unique across restarts)."""
+    code: str
     layers: list[int]
     bytes_moved: int
     experts_moved: int
@@ -72,7 +75,9 @@ class Coordinator:
         self.cfg = config
         self.log = rank_logger(__name__, "coordinator")
         self.registry = Registry(config.world_size)
-        self.metrics = CoordinatorMetrics()
+        self.metrics = CoordinatorMetrics(agent_counters=self._agent_counters)
+        for rank in range(config.world_size):  # every rank's series from the start: zeros, not gaps
+            self.metrics.commit_stall.labels(str(rank))
         self.model: P.ModelShape | None = None
         self.shape: PlacementShape | None = None
         self.epoch = -1
@@ -104,6 +109,7 @@ class Coordinator:
         self._last_trace_flush = time.monotonic()
         """No new plan starts once the deployment passes this step (planned shutdowns)."""
         self.outcomes: list[PlanOutcome] = []
+        self._plan_numbers: dict[int, int] = {}
         self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
         self.bytes_moved_total = 0
         self.experts_moved_total = 0
@@ -174,6 +180,9 @@ class Coordinator:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _agent_counters(self) -> dict[int, dict[str, int]]:
+        return {rank: record.counters for rank, record in self.registry.agents.items() if record.alive}
+
     def _spawn(self, coro, name: str) -> asyncio.Task:
         """A task that is kept referenced and whose failure is logged and counted, never lost."""
         task = asyncio.get_running_loop().create_task(coro, name=f"eplb-{name}")
@@ -193,7 +202,7 @@ class Coordinator:
         self.log.error("internal error in %s: %s: %s", where, type(exc).__name__, exc, exc_info=exc)
         if self.plan is not None and not self.plan.phase.final:
             try:
-                self._abort_plan(f"coordinator internal error in {where}: {type(exc).__name__}")
+                self._abort_plan(f"coordinator internal error in {where}: {type(exc).__name__}", "internal_error")
             except Exception as again:  # noqa: BLE001 - the guard must not fail itself
                 self.log.error("aborting the plan after an internal error failed too: %s", again, exc_info=again)
                 self.plan = None
@@ -208,7 +217,7 @@ class Coordinator:
 
     async def _shutdown(self) -> None:
         if self.plan is not None and not self.plan.phase.final:
-            self._abort_plan("coordinator shutting down")
+            self._abort_plan("coordinator shutting down", "coordinator_stopping")
         self._broadcast(P.CoordinatorStopping(reason="coordinator shutting down"))
         if self.recorder is not None:
             try:
@@ -304,12 +313,12 @@ class Coordinator:
             self._send(identity, P.HeartbeatAck(session=record.session))
             record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
             record.internal_errors = message.internal_errors
+            record.counters = dict(message.counters)
             self._beats[record.rank] = (message.epoch, message.step)
             self.max_step_seen = max(self.max_step_seen, message.step)
             if message.clock is not None:
                 clock = message.clock
                 self.step_clock.observe(record.rank, clock.probe_steps, clock.times, clock.wall_minus_mono)
-            self.metrics.agent_internal_errors.labels(str(record.rank)).set(message.internal_errors)
             if plan is not None and plan.on_heartbeat(record.rank, message.step, message.epoch, now):
                 self._advance_plan()
             self._update_epoch()
@@ -324,10 +333,11 @@ class Coordinator:
             if plan is not None and plan.plan_id == message.plan_id and plan.on_staged(message.rank, now):
                 self._advance_plan()
         elif isinstance(message, (P.Failed, P.Aborted)):
-            if plan is not None and plan.plan_id == message.plan_id and plan.on_failed(message.rank, message.reason, now):
+            if plan is not None and plan.plan_id == message.plan_id and plan.on_failed(record.rank, message.reason, now,
+                                                                                        message.code):
                 self._advance_plan()
         elif isinstance(message, P.Committed):
-            self.metrics.commit_stall.observe(message.stall_s)
+            self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
             record.epoch = message.epoch
             self._update_epoch()
             self._watch_epochs()
@@ -576,7 +586,7 @@ class Coordinator:
                 self.log.critical("%s; rebalancing halted before any commit, restart the deployment's workers",
                                   self.halted_reason)
                 if self.plan is not None and not self.plan.phase.final:
-                    self._abort_plan(self.halted_reason)
+                    self._abort_plan(self.halted_reason, "step_clock")
                 return
         unverified = [s.rank for s in states.values() if s.offset is None]
         if unverified and self.registry.complete:
@@ -652,6 +662,7 @@ class Coordinator:
             self.log.info("moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved)
         elif epoch != self.epoch or not result.batches or gain < self.cfg.min_gain:
             self.counts["skipped"] += 1
+            self.metrics.plans.labels("skipped").inc()
             self.log.info("no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
                           result.balancedness_before, result.balancedness_after, gain, self.cfg.min_gain)
             return
@@ -688,10 +699,16 @@ class Coordinator:
                             voting_timeout_s=self.cfg.voting_timeout_s, started_at=time.monotonic(),
                             bytes_moved=int(batch.bytes_moved))
         self.counts["proposed"] += 1
-        self.metrics.plans.labels("proposed").inc()
+        self._plan_numbers[self.plan.plan_id] = self.counts["proposed"]
+        self.log.info("plan #%d (id %d): layers %s, %.1f MiB", self.counts["proposed"], self.plan.plan_id, layers,
+                      self.plan.bytes_moved / 2**20)
+        self.metrics.plans_proposed.inc()
         self._broadcast(P.Plan(plan_id=self.plan.plan_id, base_epoch=self.epoch, layers=layers, phy2log=P.NDArray.from_numpy(rows)))
 
-    def _abort_plan(self, reason: str) -> None:
+    def _number(self, plan_id: int) -> int:
+        return self._plan_numbers.get(plan_id, 0)
+
+    def _abort_plan(self, reason: str, code: str = "other") -> None:
         """Before the vote: abort now. In the vote: only the decision record decides, so ask
         the ranks to record ``abort`` and let the plan settle on what they report."""
         plan = self.plan
@@ -699,9 +716,9 @@ class Coordinator:
             return
         if plan.phase is Phase.VOTING:
             if not plan.abort_requested:
-                plan.abort_requested, plan.reason = True, reason
+                plan.abort_requested, plan.reason, plan.code = True, reason, code
         elif not plan.phase.final:
-            plan._abort(reason, time.monotonic())
+            plan._abort(reason, time.monotonic(), code)
         self._advance_plan()
 
     def _advance_plan(self) -> None:
@@ -710,7 +727,7 @@ class Coordinator:
             return
         if plan.phase is Phase.VOTING and plan.abort_requested and not plan.abort_sent:
             plan.abort_sent = True  # ranks in their vote record "abort" unless "commit" is there already
-            self._broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason))
+            self._broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
             return
         if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted and not plan.vote_sent:
             plan.vote_sent = True
@@ -738,30 +755,34 @@ class Coordinator:
             self.metrics.bytes_moved.inc(plan.bytes_moved)
             self.metrics.experts_moved.inc(experts_moved)
             self.metrics.epoch.set(self.epoch)
-            self.log.info("plan %d committed at step %d: layers %s, %d experts moved, epoch %d",
-                          plan.plan_id, commit_step, plan.layers, experts_moved, self.epoch)
+            self.log.info("plan #%d committed at step %d: layers %s, %d experts moved, epoch %d",
+                          self._number(plan.plan_id), commit_step, plan.layers, experts_moved, self.epoch)
             self._start_next_batch()
         else:
             key = "diverged" if plan.phase is Phase.DIVERGED else "aborted"
             self.counts[key] += 1
             self.metrics.plans.labels(key).inc()
-            self.metrics.plans_aborted.labels(plan.reason.split(":")[0][:40] if key == "aborted" else "diverged").inc()
-            self._broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason))
+            self.metrics.plans_aborted.labels((plan.code or "other") if key == "aborted" else "diverged").inc()
+            self._broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
             self._pending_batches = []
             if plan.phase is Phase.DIVERGED:
-                self.halted_reason = f"plan {plan.plan_id} diverged: {plan.reason}"
+                self.halted_reason = f"plan #{self._number(plan.plan_id)} (id {plan.plan_id}) diverged: {plan.reason}"
                 self.log.critical("%s; rebalancing halted, restart the deployment's agents", self.halted_reason)
             else:
-                self.log.warning("plan %d aborted: %s; maps untouched on every rank", plan.plan_id, plan.reason)
+                self.log.warning("plan #%d aborted (%s): %s; maps untouched on every rank", self._number(plan.plan_id),
+                                 plan.code or "other", plan.reason)
                 if self.registry.complete:
                     self._init_comm()  # a rank may have torn its communicator down
         self.metrics.phase_seconds.labels("staging").observe(plan.staging_s)
         self.metrics.phase_seconds.labels("voting").observe(plan.voting_s)
         self._last_plan_end_step = self.registry.min_step()
         stalls = [s for _, s in plan.committed.values()]
-        self.outcomes.append(PlanOutcome(plan.plan_id, plan.phase.value, plan.reason, plan.layers, plan.bytes_moved,
+        self.outcomes.append(PlanOutcome(plan.plan_id, plan.phase.value, plan.reason, self._number(plan.plan_id),
+                                         plan.code if plan.phase is Phase.ABORTED else "", plan.layers, plan.bytes_moved,
                                          experts_moved, commit_step, plan.staging_s, plan.voting_s, max(stalls, default=0.0)))
         del self.outcomes[:-100]
+        for old in list(self._plan_numbers)[:-100]:
+            del self._plan_numbers[old]
 
     # -- views ----------------------------------------------------------------------------
 
@@ -796,7 +817,8 @@ class Coordinator:
             "world_size": self.cfg.world_size, "endpoint": self.cfg.endpoint, "policy": self.cfg.policy, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3), "epoch": self.epoch,
             "comm_generation": self.comm_generation, "ranks": ranks, "halted": self.halted_reason,
-            "plan_in_flight": None if plan is None else {"plan_id": plan.plan_id, "phase": plan.phase.value, "layers": plan.layers},
+            "plan_in_flight": None if plan is None else {"number": self._number(plan.plan_id), "plan_id": plan.plan_id,
+                                                         "phase": plan.phase.value, "layers": plan.layers},
             "plans": dict(self.counts), "bytes_moved": self.bytes_moved_total, "experts_moved": self.experts_moved_total,
             "last_plans": [o.__dict__ for o in self.outcomes[-10:]],
             "load_reports": self.window.reports if self.window else 0,

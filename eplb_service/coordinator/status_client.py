@@ -62,9 +62,10 @@ def format_status(status: dict) -> str:
                  f"{status['bytes_moved'] / 2**20:.1f} MiB")
     if status.get("plan_in_flight"):
         p = status["plan_in_flight"]
-        lines.append(f"in flight: plan {p['plan_id']} ({p['phase']}) layers {p['layers']}")
+        lines.append(f"in flight: plan #{p['number']} ({p['phase']}) layers {p['layers']}")
     for o in status["last_plans"][-5:]:
-        lines.append(f"  plan {o['plan_id']}: {o['phase']}{' at step ' + str(o['commit_step']) if o['commit_step'] is not None else ''}"
+        lines.append(f"  plan #{o['number']}: {o['phase']}{' at step ' + str(o['commit_step']) if o['commit_step'] is not None else ''}"
+                     f"{' (' + o['code'] + ')' if o.get('code') else ''}"
                      f"  layers {o['layers']}  {o['experts_moved']} experts  {o['reason']}")
     bal = status.get("balancedness")
     if bal:

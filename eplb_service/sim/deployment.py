@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -100,6 +101,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         p.start()
     collected: list[dict] = []
     last_progress, step, mismatches = 0.0, 0, 0
+    registering = RegistrationProgress(opts.world_size)
     try:
         while len(collected) < opts.world_size:
             await asyncio.sleep(0.1)
@@ -107,13 +109,14 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
                 pass
             collected.extend(drain(results))
             now = time.monotonic()
+            if coordinator.epoch < 0:
+                registering.update(len(coordinator.registry.alive))
+                continue
+            registering.done()
             if now - last_progress >= opts.progress_interval_s:
                 last_progress = now
                 bal = coordinator.current_balancedness()
                 c = coordinator.counts
-                if coordinator.epoch < 0:
-                    log.info("starting: %d/%d agents registered", len(coordinator.registry.alive), opts.world_size)
-                    continue
                 log.info("step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d | mismatches %d",
                          step, opts.steps, f"{bal[0]:.3f}" if bal else "n/a", c["committed"], c["aborted"],
                          coordinator.bytes_moved_total / 2**20, coordinator.epoch, mismatches)
@@ -137,8 +140,41 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     return _summary(opts, coordinator, sorted(collected, key=lambda r: r["rank"]), wall)
 
 
+class RegistrationProgress:
+    """Start-up, said once: what the run waits for, then a bar on a terminal or a line per new agent."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.shown = -1
+        self.finished = False
+        self.tty = sys.stderr.isatty()
+        log.info("starting %d rank processes: each imports torch, builds its model and registers its agent with the "
+                 "coordinator (10-40 s on a small CPU machine); serving starts once all %d are registered",
+                 world_size, world_size)
+
+    def update(self, registered: int) -> None:
+        if registered == self.shown:
+            return
+        self.shown = registered
+        if self.tty:
+            bar = "#" * registered + "." * (self.world_size - registered)
+            sys.stderr.write(f"\ragents registered [{bar}] {registered}/{self.world_size}")
+            sys.stderr.flush()
+        elif registered:
+            log.info("%d/%d agents registered", registered, self.world_size)
+
+    def done(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.tty:
+                sys.stderr.write("\n")
+            log.info("all %d agents registered; serving", self.world_size)
+
+
 def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict], wall_s: float) -> dict:
     recv = np.array([r["recv_counts"] for r in ranks])
+    # [src, steps, L, dst] -> what each rank would have received under the initial maps
+    reference = np.array([r["ref_sent"] for r in ranks]).sum(axis=0).transpose(2, 0, 1)
     tenth = max(1, opts.steps // 10)
     commits = [o for o in coordinator.outcomes if o.phase == "committed"]
     placements = {json.dumps(r["phy2log"]) for r in ranks}
@@ -149,6 +185,7 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
         "output_mismatches": int(sum(r["mismatches"] for r in ranks)),
         "balancedness_initial": round(measured_balancedness(recv, 0, tenth), 4),
         "balancedness_final": round(measured_balancedness(recv, opts.steps - tenth, opts.steps), 4),
+        "balancedness_final_without_rebalancing": round(measured_balancedness(reference, opts.steps - tenth, opts.steps), 4),
         "bytes_moved": coordinator.bytes_moved_total, "experts_moved": coordinator.experts_moved_total,
         "final_epoch": coordinator.epoch, "maps_identical_on_all_ranks": len(placements) == 1,
         "commit_steps": [o.commit_step for o in commits],
@@ -158,22 +195,27 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
         "errors": [r["error"] for r in ranks if r["error"]],
         "model": asdict(opts.model),
         "_recv_counts": recv,
+        "_reference_counts": reference,
     }
 
 
-def plot_balancedness(summary: dict, recv: np.ndarray, path: str, block: int = 20) -> None:
+def plot_balancedness(summary: dict, recv: np.ndarray, path: str, block: int = 20,
+                      reference: np.ndarray | None = None) -> None:
+    """Balancedness per block of steps, commits marked; ``reference``: the same tokens under the
+    initial maps (no rebalancing), so the plot shows what rebalancing bought."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = recv.shape[1]
-    xs, ys = [], []
-    for begin in range(0, steps - block + 1, block):
-        xs.append(begin + block / 2)
-        ys.append(measured_balancedness(recv, begin, begin + block))
+    xs = [begin + block / 2 for begin in range(0, steps - block + 1, block)]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(xs, ys, label=f"measured balancedness ({block}-step blocks)")
+    if reference is not None:
+        ax.plot(xs, [measured_balancedness(reference, int(x - block / 2), int(x + block / 2)) for x in xs],
+                color="tab:gray", lw=1, label="same load, no rebalancing")
+    ax.plot(xs, [measured_balancedness(recv, int(x - block / 2), int(x + block / 2)) for x in xs],
+            label=f"with eplb-service ({block}-step blocks)")
     for i, step in enumerate(summary["commit_steps"]):
         ax.axvline(step, color="tab:green", alpha=0.4, lw=1, label="commit" if i == 0 else None)
     ax.set_xlabel("step")
@@ -198,9 +240,10 @@ def run_simulation(opts: SimulationOptions, base: CoordinatorConfig | None = Non
             runner = asyncio.run
         summary = runner(_run(opts, cfg))
     recv = summary.pop("_recv_counts")
+    reference = summary.pop("_reference_counts")
     if opts.summary_json:
         with open(opts.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
     if opts.plot:
-        plot_balancedness(summary, recv, opts.plot)
+        plot_balancedness(summary, recv, opts.plot, reference=reference)
     return summary

@@ -74,6 +74,10 @@ class SimServingRank:
         self.model = ExpertModel(expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt,
                                  rank=self.rank, num_ranks=self.world)
         self.load_pass = torch.zeros((cfg.num_layers, num_physical), dtype=torch.int64)
+        # The reference the plot compares with: where the same tokens would have gone under
+        # the initial maps, had nothing been rebalanced.
+        self.init_log2phy, self.init_logcnt = l2p.clone(), cnt.clone()
+        self.ref_sent = np.zeros((spec.steps, cfg.num_layers, spec.world_size), dtype=np.int64)
         self.capacity = cfg.tokens_per_rank * cfg.top_k
         self.mismatches = 0
         self.recv_counts = np.zeros((spec.steps, cfg.num_layers), dtype=np.int64)
@@ -101,6 +105,9 @@ class SimServingRank:
             replica = (token_ids[:, None] + torch.arange(cfg.top_k)[None, :]) % counts
             slots = self.model.log2phy[layer][experts, replica]
             self.load_pass[layer].scatter_add_(0, slots.reshape(-1), torch.ones(slots.numel(), dtype=torch.int64))
+            initial = self.init_log2phy[layer][experts, (token_ids[:, None] + torch.arange(cfg.top_k)[None, :])
+                                               % self.init_logcnt[layer][experts]]
+            self.ref_sent[step, layer] = torch.bincount((initial // spr).reshape(-1), minlength=world).numpy()
             dst = (slots // spr).reshape(-1)
             rows = (slots % spr).reshape(-1)
             flat_x = x.repeat_interleave(cfg.top_k, dim=0)
@@ -184,6 +191,7 @@ def run_rank(spec: RankSpec, results, progress=None) -> None:
         "agent_stats": dict(agent.stats), "error": error,
         "phy2log": sim.model.phy2log.numpy().tolist(),
         "commits": list(agent.hooks.commit_log), "agent_thread_alive": agent_alive,
+        "ref_sent": sim.ref_sent.tolist(),
         "steps_done": agent.hooks.steps_done,
     })
     dist.destroy_process_group()

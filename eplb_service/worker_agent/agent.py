@@ -209,7 +209,7 @@ class WorkerAgent:
 
     def _reset(self, reason: str) -> None:
         """Back to a clean state after a failure of the loop; each part on its own, none may raise."""
-        for part in (lambda: self._abandon_plan(reason), self.transport.abort, self._reopen):
+        for part in (lambda: self._abandon_plan("internal_error", reason), self.transport.abort, self._reopen):
             try:
                 part()
             except Exception:
@@ -238,7 +238,7 @@ class WorkerAgent:
         self._check_connect()
         self._check_ticket()
         if self._plan is not None and self._ticket is None and now - self._staged_at > self.staged_timeout_s and self._staged_at:
-            self._drop_plan(f"no vote within staged_timeout_s={self.staged_timeout_s}")
+            self._drop_plan("no_vote", f"no vote within staged_timeout_s={self.staged_timeout_s}")
         self._heartbeat(now)
 
     def _heartbeat(self, now: float) -> None:
@@ -251,8 +251,10 @@ class WorkerAgent:
             epoch = self.hooks.epoch
             steps, times = probes_from_ring(self.hooks.step_end_times, step)
             clock = P.StepClock(probe_steps=steps, times=times, radius=3, wall_minus_mono=time.time() - time.monotonic())
+            counters = {name: int(self.stats[name]) for name in P.AGENT_COUNTERS if self.stats[name]}
+            counters["dropped_load_windows"] = self.hooks.dropped_windows
             self._send(P.Heartbeat(rank=self.rank, step=step, epoch=epoch, comm_generation=gen, session=self._session,
-                                   internal_errors=self.stats["internal_errors"], clock=clock))
+                                   internal_errors=self.stats["internal_errors"], clock=clock, counters=counters))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
     def _pump_while_staging(self, plan_id: int, wait_s: float = 0.0) -> None:
@@ -267,20 +269,20 @@ class WorkerAgent:
             self._flush_load_reports()
             self._heartbeat(time.monotonic())
             if self._abort_requested == plan_id:
-                self._drop_plan("aborted by the coordinator during staging")
+                self._drop_plan("aborted_by_coordinator", "aborted by the coordinator during staging")
                 raise PlanAborted()
             if not self._welcomed:  # the coordinator lost us (restart, reopen): it no longer waits for this plan
-                self._drop_plan("the coordinator no longer knows this agent")
+                self._drop_plan("coordinator_lost", "the coordinator no longer knows this agent")
                 raise PlanAborted()
             if self._stop.is_set():
-                self._drop_plan("agent stopping")
+                self._drop_plan("agent_stopping", "agent stopping")
                 raise PlanAborted()
             if time.monotonic() >= deadline:
                 return
 
     def _shutdown(self) -> None:
         try:
-            self._abandon_plan("agent stopping")
+            self._abandon_plan("agent_stopping", "agent stopping")
             if self._sock is not None:
                 if self._welcomed:
                     self._send(P.Goodbye(rank=self.rank, reason="agent stopped", session=self._session))
@@ -343,7 +345,7 @@ class WorkerAgent:
 
     def _on_stopping(self, message: P.CoordinatorStopping) -> None:
         self.log.warning("coordinator stopping (%s); serving continues, will register again", message.reason)
-        self._abandon_plan("coordinator stopping")
+        self._abandon_plan("coordinator_stopping", "coordinator stopping")
         self._welcomed = False
         self._next_hello = time.monotonic() + self.hello_interval_s
 
@@ -401,7 +403,7 @@ class WorkerAgent:
             self.log.error("ignored a CommInit for %d ranks at %r:%d; this deployment has %d ranks and needs a store address",
                            comm.world_size, comm.store_host, comm.store_port, self.shape.num_ranks)
             return
-        self._abandon_plan(f"side communicator rebuilt (generation {comm.generation})")
+        self._abandon_plan("comm_rebuilt", f"side communicator rebuilt (generation {comm.generation})")
         if self._record is None or self._record.address != f"{comm.store_host}:{comm.store_port}":
             self._record = self.record_factory(comm.store_host, comm.store_port, self.config.transport_timeout_s)
         if self._connecting is not None and self._connecting.is_alive():
@@ -478,17 +480,17 @@ class WorkerAgent:
         self._seen_plans.append(plan.plan_id)
         busy = self._plan or (self._ticket and self._ticket.plan_id)
         if busy:
-            self._failed(plan.plan_id, f"busy with plan {busy.plan_id if isinstance(busy, P.Plan) else busy}")
+            self._failed(plan.plan_id, "busy", f"busy with plan {busy.plan_id if isinstance(busy, P.Plan) else busy}")
             return
         try:
             rows = self._validate_plan(plan)
         except (PlacementError, P.ProtocolError) as exc:
             self.stats["plans_rejected"] += 1
             self.log.error("rejected plan %d: %s", plan.plan_id, exc)
-            self._failed(plan.plan_id, str(exc))
+            self._failed(plan.plan_id, "invalid_plan", str(exc))
             return
         if not self._side_ready or self._record is None:
-            self._failed(plan.plan_id, "side communicator not connected")
+            self._failed(plan.plan_id, "not_connected", "side communicator not connected")
             return
         self._plan, self._plan_rows, self._abort_requested = plan, rows, None
         t0 = time.monotonic()
@@ -503,7 +505,7 @@ class WorkerAgent:
             self.log.error("staging plan %d failed: %s", plan.plan_id, exc)
             self.transport.abort()
             self._clear_plan()
-            self._failed(plan.plan_id, f"staging failed: {exc}")
+            self._failed(plan.plan_id, "staging_failed", f"staging failed: {exc}")
             return
         self._staged_at = time.monotonic()
         # The agent thread's CPU time holds the GIL the serving thread needs: keep it visible.
@@ -512,11 +514,11 @@ class WorkerAgent:
         self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0,
                             session=self._session))
 
-    def _failed(self, plan_id: int, reason: str) -> None:
-        self._send(P.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session))
+    def _failed(self, plan_id: int, code: str, reason: str) -> None:
+        self._send(P.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
-    def _aborted(self, plan_id: int, reason: str) -> None:
-        self._send(P.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session))
+    def _aborted(self, plan_id: int, code: str, reason: str) -> None:
+        self._send(P.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
     def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
         """Fill this rank's staging rows; returns bytes received from other ranks.
@@ -622,7 +624,7 @@ class WorkerAgent:
                 action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
             cpu.mark("prepare")
             ticket = CommitTicket(action=action, layers=list(self._plan.layers), rows=self._plan_rows, record=self._record)
-            ticket.propose_abort = lambda reason, t=ticket: self._propose(t, Decision.abort(self.rank, reason))
+            ticket.propose_abort = lambda code, reason, t=ticket: self._propose(t, Decision.abort(self.rank, reason, code))
             self._ticket_generation = self.transport.generation
             hooks.ticket = ticket
             entry = hooks.steps_done
@@ -635,9 +637,9 @@ class WorkerAgent:
             entry, fail = hooks.steps_done, 1
         if not self._side_ready:
             if ticket is not None:
-                ticket.propose_abort("side communicator not connected at the vote")
+                ticket.propose_abort("not_connected", "side communicator not connected at the vote")
             else:
-                self._aborted(msg.plan_id, "side communicator not connected at vote")
+                self._aborted(msg.plan_id, "not_connected", "side communicator not connected at vote")
             return
         me = threading.get_ident()
 
@@ -659,24 +661,25 @@ class WorkerAgent:
             self.log.error("vote for plan %d: %s", msg.plan_id, exc)
             self.transport.abort()  # a pending collective must not meet a later one
             if ticket is not None:
-                self._propose(ticket, Decision.abort(self.rank, f"vote_failed: {exc}"))
+                self._propose(ticket, Decision.abort(self.rank, f"vote_failed: {exc}", "vote_failed"))
             else:
-                self._aborted(msg.plan_id, f"vote failed: {exc}")
+                self._aborted(msg.plan_id, "vote_failed", f"vote failed: {exc}")
             return
         finally:
             self.transport.poll_hook = None
         ok = int(result[1]) == 0 and int(result[2]) == msg.plan_id and int(result[3]) == -msg.plan_id
-        reason = "vote_failed: a rank was not ready"
+        reason, code = "vote_failed: a rank was not ready", "vote_failed"
         corrupt = self._corrupt_ops(result)
         if ok and corrupt:
             ok = False
             self.stats["integrity_failures"] += 1
             reason = f"vote_failed: integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}"
+            code = "integrity"
             self.log.error("plan %d: expert rows corrupted in transit (remote ops %s); nobody commits", msg.plan_id, corrupt[:8])
         if ticket is None:
-            self._aborted(msg.plan_id, "vote arrived for a plan this rank has not staged")
+            self._aborted(msg.plan_id, "not_staged", "vote arrived for a plan this rank has not staged")
             return
-        proposal = Decision.commit_at(int(result[0]) + hooks.fence_steps, self.rank) if ok else Decision.abort(self.rank, reason)
+        proposal = Decision.commit_at(int(result[0]) + hooks.fence_steps, self.rank) if ok else Decision.abort(self.rank, reason, code)
         self._propose(ticket, proposal)
 
     def _propose(self, ticket: CommitTicket, proposal: Decision) -> None:
@@ -728,10 +731,11 @@ class WorkerAgent:
         else:
             self.stats["aborted"] += 1
             reason = ticket.outcome if ticket.outcome != "aborted" else ticket.reason
+            code = ticket.code if ticket.outcome == "aborted" and ticket.code else "missed_commit_step"
             self.log.warning("plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason)
             if self.transport.generation == self._ticket_generation:
                 self.transport.abort()  # a vote left pending on some rank must never meet a later collective
-            self._aborted(ticket.plan_id, reason)
+            self._aborted(ticket.plan_id, code, reason)
         if self._plan is not None and self._plan.plan_id == ticket.plan_id:
             self._clear_plan()
 
@@ -745,23 +749,24 @@ class WorkerAgent:
             # In the vote: only the record decides. Ask for abort there; if commit is there
             # already, this rank commits at S like every other, and says so in Voted.
             if not ticket.is_decided:
-                self._propose(ticket, Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}"))
+                self._propose(ticket, Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}",
+                                                     "aborted_by_coordinator"))
             return
         if self._plan is None or self._plan.plan_id != msg.plan_id:
             return
-        self._drop_plan(f"aborted by the coordinator: {msg.reason}")
+        self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {msg.reason}")
 
-    def _abandon_plan(self, reason: str) -> None:
+    def _abandon_plan(self, code: str, reason: str) -> None:
         """Give up the current plan the only safe way: before the vote, drop it; in the vote,
         ask for ``abort`` in the record and let the serving thread finish the ticket."""
         ticket = self._ticket
         if ticket is not None:
             if not ticket.is_decided:
-                self._propose(ticket, Decision.abort(self.rank, reason))
+                self._propose(ticket, Decision.abort(self.rank, reason, code))
             return
-        self._drop_plan(reason)
+        self._drop_plan(code, reason)
 
-    def _drop_plan(self, reason: str) -> None:
+    def _drop_plan(self, code: str, reason: str) -> None:
         """Drop a plan that has not been voted on (no ticket armed): nothing can apply it."""
         plan = self._plan
         if plan is None or self._ticket is not None:
@@ -769,7 +774,7 @@ class WorkerAgent:
         self._clear_plan()
         self.stats["aborted"] += 1
         self.log.warning("dropped plan %d: %s; maps untouched", plan.plan_id, reason)
-        self._aborted(plan.plan_id, reason)
+        self._aborted(plan.plan_id, code, reason)
 
     _handlers = {
         P.Welcome: "_on_welcome", P.Reject: "_on_reject", P.CommInit: "_connect", P.Plan: "_on_plan",

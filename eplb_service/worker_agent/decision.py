@@ -42,29 +42,31 @@ class Decision:
     """The rank whose proposal was first."""
     reason: str = ""
     """Why ``abort`` was proposed."""
+    code: str = ""
+    """``protocol.AbortCode`` of an ``abort``."""
 
     @classmethod
     def commit_at(cls, step: int, rank: int) -> "Decision":
-        return cls(True, step, rank, "")
+        return cls(True, step, rank, "", "")
 
     @classmethod
-    def abort(cls, rank: int, reason: str) -> "Decision":
-        return cls(False, -1, rank, reason)
+    def abort(cls, rank: int, reason: str, code: str = "other") -> "Decision":
+        return cls(False, -1, rank, reason, code)
 
     def encode(self) -> bytes:
         kind = "commit" if self.commit else "abort"
-        return f"{kind}|{self.commit_step}|{self.rank}|{self.reason}".encode()
+        return f"{kind}|{self.commit_step}|{self.rank}|{self.code}|{self.reason}".encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> "Decision":
         try:
-            kind, step, rank, reason = raw.decode().split("|", 3)
+            kind, step, rank, code, reason = raw.decode().split("|", 4)
             if kind not in ("commit", "abort"):
                 raise ValueError(kind)
-            return cls(kind == "commit", int(step), int(rank), reason)
+            return cls(kind == "commit", int(step), int(rank), reason, code)
         except ValueError as exc:
-            raise DecisionUnavailable(f"decision record holds {raw[:80]!r}, expected 'commit|S|rank|' or "
-                                      f"'abort|-1|rank|reason'") from exc
+            raise DecisionUnavailable(f"decision record holds {raw[:80]!r}, expected 'commit|S|rank||' or "
+                                      f"'abort|-1|rank|code|reason'") from exc
 
     def describe(self) -> str:
         if self.commit:

@@ -68,12 +68,13 @@ class CommitTicket:
     vote_entry_step: int | None = None
     decision: Decision | None = None
     decided: threading.Event = field(default_factory=threading.Event)
-    propose_abort: Callable[[str], None] | None = None
+    propose_abort: Callable[[str, str], None] | None = None
     """Asks for ``abort`` in the decision record (never blocks); the serving thread calls it
     when it gives up at the fence, and learns the record's answer through ``decided``."""
     outcome: str | None = None
-    """``committed``, ``aborted`` (see ``reason``) or ``missed_commit_step``."""
+    """``committed``, ``aborted`` (see ``reason``, ``code``) or ``missed_commit_step``."""
     reason: str = ""
+    code: str = ""
     outcome_step: int = -1
     stall_s: float = 0.0
     fence_wait_s: float = 0.0
@@ -172,7 +173,7 @@ class ServingHooks:
             self._wait_for_decision(ticket, step)
         decision = ticket.decision
         if not decision.commit:
-            ticket.reason = decision.reason
+            ticket.reason, ticket.code = decision.reason, decision.code
             self._finish(ticket, "aborted", step)
         elif step == decision.commit_step:
             t0 = time.perf_counter()
@@ -199,7 +200,8 @@ class ServingHooks:
         t0 = time.perf_counter()
         if not ticket.decided.wait(self.fence_timeout_s):
             if ticket.propose_abort is not None:
-                ticket.propose_abort(f"fence_timeout: rank {self.model.rank} waited {self.fence_timeout_s}s at step {step}")
+                ticket.propose_abort("fence_timeout",
+                                     f"fence_timeout: rank {self.model.rank} waited {self.fence_timeout_s}s at step {step}")
             if not ticket.decided.wait(self.decision_timeout_s):
                 raise UndecidedCommit(
                     f"rank {self.model.rank}: plan {ticket.plan_id}'s decision record did not answer within "
