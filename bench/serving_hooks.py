@@ -60,9 +60,28 @@ def main() -> None:
         while hooks.snapshots:  # play the agent thread: hand buffers back
             hooks.free_buffers.append(hooks.snapshots.popleft().buffer_index)
 
+    class WithoutRing(ServingHooks):
+        """``after_step`` as it was before the step-clock ring (protocol 1), for the side-by-side row."""
+
+        def after_step(self, load_pass):
+            if load_pass is not None:
+                self.load_acc.add_(load_pass)
+            self.steps_done += 1
+            if self.steps_done - self._acc_begin >= self.report_interval_steps:
+                self._snapshot()
+
+    old = WithoutRing(model, report_interval_steps=10, fence_steps=8, fence_timeout_s=5.0)
+
+    def after_old():
+        old.after_step(load)
+        while old.snapshots:
+            old.free_buffers.append(old.snapshots.popleft().buffer_index)
+
     rows = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows.append(("after_step (fold load, snapshot every 10)",) + timed(after, args.n))
+    for _ in range(2):  # interleaved twice: the ratio between the two rows is what counts
+        rows.append(("after_step (fold load, snapshot every 10, step-clock ring)",) + timed(after, args.n))
+        rows.append(("after_step without the step-clock ring (protocol 1)",) + timed(after_old, args.n))
     rows.append(("before_step, nothing pending",) + timed(hooks.before_step, args.n))
     new = phy2log[[0]].copy()
     new[0, :spr] = new[0, :spr][::-1]
