@@ -16,11 +16,10 @@ import pytest
 from agent_process import AgentSpec, agent_main
 from coordinator_thread import CoordinatorThread
 from eplb_service.coordinator.config import CoordinatorConfig
-from eplb_service.coordinator.plan_state import Phase
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.coordinator.status_client import fetch_status, format_status
 from eplb_service.placement import PlacementShape
-from eplb_service.protocol import AgentConfig
+from eplb_service.protocol import AgentConfig, VoteNow
 
 
 
@@ -135,11 +134,11 @@ def test_agent_exit_mid_plan_aborts_cleanly_on_the_others(tmp_path, fault):
 class VanishAfterStaging(Coordinator):
     """A coordinator that goes away once every rank has staged (before VoteNow)."""
 
-    def _advance_plan(self):
-        if self.plan is not None and self.plan.phase is Phase.VOTING:
+    def broadcast(self, message):
+        if isinstance(message, VoteNow):
             self.stop()
             return
-        super()._advance_plan()
+        super().broadcast(message)
 
 
 def test_coordinator_gone_after_staging_then_restarted(tmp_path):

@@ -1,0 +1,69 @@
+"""Who may register as a rank: the checks on a ``Hello``, as pure functions.
+
+A Hello is refused when it cannot belong to this deployment (identity, protocol version,
+rank, world size, model shape, rank 0's store, a placement that is not one), and a rank
+that a live agent holds is only handed to that same agent on a new socket (it proves it
+with its session). The coordinator does the bookkeeping and the sending.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from eplb_service import protocol as P
+from eplb_service.coordinator.registry import AgentRecord
+from eplb_service.placement import PlacementError, PlacementShape, validate_phy2log
+
+
+class Claim(enum.Enum):
+    """What a Hello means for the rank it names."""
+
+    NEW = "new"
+    """The rank is free (or its holder is dead): register."""
+    REPEATED = "repeated"
+    """The holder's own connection said Hello again (retried or duplicated): same place, same session."""
+    RESUMED = "resumed"
+    """The holder on a new socket, proving its session: it takes its rank back."""
+    TAKEN = "taken"
+    """Another live agent holds the rank: refuse until it leaves or is declared dead."""
+
+
+def hello_problem(identity: bytes, hello: P.Hello, world_size: int, model: P.ModelShape | None) -> str | None:
+    """Why this Hello cannot belong to this deployment (naming both values), or None."""
+    if not (identity == f"rank-{hello.rank}".encode() or identity.startswith(f"rank-{hello.rank}-".encode())):
+        return f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')"
+    if hello.protocol_version != P.PROTOCOL_VERSION:
+        return f"protocol version {hello.protocol_version} does not match the coordinator's {P.PROTOCOL_VERSION}"
+    if not 0 <= hello.rank < world_size:
+        return f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})"
+    if hello.model.num_ranks != world_size:
+        return f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {world_size}"
+    if model is not None and hello.model != model:
+        return f"model shape {hello.model} differs from the deployment's {model}"
+    if hello.rank == 0 and not (hello.store_host and hello.store_port):
+        return ("rank 0 must host the rendezvous store and name it (store_host, store_port); got "
+                f"{hello.store_host!r}:{hello.store_port}")
+    return None
+
+
+def hello_placement(hello: P.Hello) -> tuple[PlacementShape, np.ndarray]:
+    """The shape and ``[L, P]`` placement a Hello reports; ``PlacementError`` names what is wrong."""
+    shape = PlacementShape(hello.model.num_layers, hello.model.num_logical, hello.model.num_physical, hello.model.num_ranks)
+    try:
+        phy2log = hello.phy2log.to_numpy("hello.phy2log").astype(np.int64)
+    except P.ProtocolError as exc:
+        raise PlacementError(str(exc)) from None
+    validate_phy2log(phy2log, shape)
+    return shape, phy2log
+
+
+def claim(holder: AgentRecord | None, identity: bytes, hello: P.Hello) -> Claim:
+    if holder is None or not holder.alive:
+        return Claim.NEW
+    if holder.identity == identity:
+        return Claim.REPEATED
+    if hello.resume_session == holder.session:
+        return Claim.RESUMED
+    return Claim.TAKEN

@@ -1,0 +1,78 @@
+"""When to stop rebalancing: ranks that no longer serve the same placement, or count steps apart.
+
+Two watches, both fed by heartbeats: the epoch watch (a rank past a commit step at the
+older epoch went on with the old maps) and the step clock (a rank whose step ``k`` is not
+the others' step ``k``). Either one halts rebalancing with a reason that names the rank;
+planning also waits until every rank's clock has been seen to match.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from eplb_service.coordinator.epoch_watch import EpochLagWatch
+from eplb_service.step_clock import ClockState, StepClockWatch
+
+
+class DivergenceGuard:
+    def __init__(self, check_step_clock: bool, step_clock_grace_s: float, metrics, log: logging.LoggerAdapter) -> None:
+        self.check_step_clock = check_step_clock
+        self.step_clock_grace_s = step_clock_grace_s
+        self.metrics = metrics
+        self.log = log
+        self.halted_reason: str | None = None
+        self.epoch_watch = EpochLagWatch()
+        self.step_clock = StepClockWatch()
+        self.beats: dict[int, tuple[int, int]] = {}
+        """Rank -> (epoch, step) of its latest heartbeat: one report, so the pair is consistent
+        (the registry's step also moves with load reports, its epoch with Committed)."""
+        self._clock_unverified_since: float | None = None
+        self._clock_warned = False
+
+    def forget(self, rank: int) -> None:
+        """A rank registered anew: its old reports say nothing about the new process."""
+        self.beats.pop(rank, None)
+        self.step_clock.forget(rank)
+
+    def heartbeat(self, rank: int, epoch: int, step: int, clock) -> None:
+        self.beats[rank] = (epoch, step)
+        if clock is not None:
+            self.step_clock.observe(rank, clock.probe_steps, clock.times, clock.wall_minus_mono)
+
+    def epoch_verdict(self, alive: list[int]) -> str | None:
+        """Why the placements diverged, if a live rank is past a commit at the older epoch."""
+        why = self.epoch_watch.observe({rank: self.beats[rank] for rank in alive if rank in self.beats})
+        return None if why is None else f"placements diverged: {why}"
+
+    def clock_states(self, alive: list[int]) -> dict[int, ClockState]:
+        return self.step_clock.states(sorted(alive)) if self.check_step_clock else {}
+
+    def clock_verdict(self, alive: list[int], complete: bool, now: float) -> str | None:
+        """Why the step clocks disagree, if they do; also tracks how long a clock went unverified."""
+        if not self.check_step_clock:
+            return None
+        states = self.clock_states(alive)
+        for state in states.values():
+            self.metrics.step_clock_offset.labels(str(state.rank)).set(float("nan") if state.offset is None else state.offset)
+            if state.offset:
+                return (f"step clocks disagree: rank {state.rank} counts {state.offset:+d} step(s) against rank "
+                        f"{state.reference} (probes at steps {list(state.probes)}); a commit at step S would land "
+                        f"on different forward passes")
+        if complete and any(s.offset is None for s in states.values()):
+            self._clock_unverified_since = self._clock_unverified_since or now
+        else:
+            self._clock_unverified_since = None
+        return None
+
+    def clock_allows_planning(self, now: float) -> bool:
+        """Plans wait until every rank's step clock is seen to match, up to ``step_clock_grace_s``."""
+        if not self.check_step_clock or self._clock_unverified_since is None:
+            return True
+        waited = now - self._clock_unverified_since
+        if waited < self.step_clock_grace_s:
+            return False
+        if not self._clock_warned:
+            self._clock_warned = True
+            self.log.warning("step clocks of some ranks could not be compared for %.0fs (ranks not stepping together, or "
+                             "jitter as large as a step): planning without that check", waited)
+        return True

@@ -1,0 +1,326 @@
+"""Running plans: when to plan, the policy off the event loop, batches, votes, aborts, outcomes.
+
+One plan batch at a time goes through ``plan_state.PlanRun`` (staging, voting, a final
+outcome). The runner decides when a new rebalance is worth computing, runs the policy in an
+executor, cuts its result into batches, sends each (``Plan``, ``VoteNow``, ``AbortPlan``),
+and books the outcome: a committed batch moves the placement book to its new epoch; an
+aborted one rebuilds the side communicator; a diverged one halts rebalancing. Everything it
+needs of the rest of the coordinator is in :class:`PlanHost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from eplb_service import protocol as P
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.placement_book import PlacementBook
+from eplb_service.coordinator.plan_state import Phase, PlanRun
+from eplb_service.placement import PlacementError, validate_phy2log
+
+
+@dataclass
+class PlanOutcome:
+    plan_id: int
+    phase: str
+    reason: str
+    number: int
+    """1, 2, 3 ... in this coordinator's life (plan ids are long: unique across restarts)."""
+    code: str
+    layers: list[int]
+    bytes_moved: int
+    experts_moved: int
+    commit_step: int | None
+    staging_s: float
+    voting_s: float
+    max_stall_s: float
+
+
+class PlanHost(Protocol):
+    """What the runner needs of the coordinator around it."""
+
+    halted_reason: str | None
+
+    def broadcast(self, message: P.Message) -> None: ...
+
+    def rebuild_comm(self) -> None: ...
+
+    def comm_ready(self) -> bool: ...
+
+    def complete(self) -> bool: ...
+
+    def min_step(self) -> int: ...
+
+    def epochs_agree(self) -> bool: ...
+
+    def clock_allows_planning(self, now: float) -> bool: ...
+
+    def halt(self, reason: str) -> None: ...
+
+
+class PlanRunner:
+    def __init__(self, cfg: CoordinatorConfig, book: PlacementBook, metrics, log: logging.LoggerAdapter,
+                 host: PlanHost) -> None:
+        self.cfg, self.book, self.metrics, self.log, self.host = cfg, book, metrics, log, host
+        self.plan: PlanRun | None = None
+        self.pending_batches: list = []
+        # Plan ids are unique across coordinator restarts (agents drop ids they have seen, to
+        # survive duplicated messages): a random 32-bit base, shifted, plus a counter.
+        self._plan_counter = int.from_bytes(os.urandom(4), "big") << 16
+        self._numbers: dict[int, int] = {}
+        self.last_plan_end_step = 0
+        self.planning = False
+        self._seeded = False
+        self.drain_at_step: int | None = None
+        """No new plan starts once the deployment passes this step (planned shutdowns)."""
+        self.outcomes: list[PlanOutcome] = []
+        self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
+        self.bytes_moved_total = 0
+        self.experts_moved_total = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-policy")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def number(self, plan_id: int) -> int:
+        return self._numbers.get(plan_id, 0)
+
+    def count_diverged(self) -> None:
+        self.counts["diverged"] += 1
+        self.metrics.plans.labels("diverged").inc()
+
+    @property
+    def next_epoch_in_flight(self) -> int | None:
+        return None if self.plan is None else self.plan.base_epoch + 1
+
+    # -- when to plan, and the policy --------------------------------------------------
+
+    def should_plan(self, now: float) -> bool:
+        host, book = self.host, self.book
+        if self.planning or host.halted_reason or self.plan is not None or self.pending_batches:
+            return False
+        if book.window is None or not host.comm_ready() or not host.epochs_agree():
+            return False
+        if not host.clock_allows_planning(now):
+            return False
+        if self.drain_at_step is not None and book.max_step_seen >= self.drain_at_step:
+            return False
+        if self.cfg.initial_placement is not None and not self._seeded:
+            return True
+        return (book.window.steps_covered() >= self.cfg.min_window_steps
+                and host.min_step() - self.last_plan_end_step >= self.cfg.rebalance_interval_steps)
+
+    def _policy_call(self, current: np.ndarray, load: np.ndarray, seeding: bool):
+        from eplb_service.coordinator.policy import build_plan, plan_rebalance  # heavy imports only when planning
+
+        book, cfg = self.book, self.cfg
+        if seeding:
+            seed = np.asarray(cfg.initial_placement, dtype=np.int64)
+            validate_phy2log(seed, book.shape)
+            return functools.partial(build_plan, current, seed, load if load.any() else np.ones(load.shape), book.shape,
+                                     bytes_per_expert=book.model.bytes_per_expert,
+                                     staging_budget_bytes=cfg.staging_budget_bytes, require_gain=False)
+        return functools.partial(plan_rebalance, cfg.policy, current, load, book.shape, num_groups=cfg.num_groups,
+                                 num_nodes=cfg.num_nodes, bytes_per_expert=book.model.bytes_per_expert,
+                                 staging_budget_bytes=cfg.staging_budget_bytes, min_layer_gain=cfg.min_layer_gain)
+
+    async def run_policy(self) -> None:
+        """Compute a rebalance in the executor; send its first batch if it is worth it."""
+        book = self.book
+        epoch = book.epoch
+        seeding = self.cfg.initial_placement is not None and not self._seeded
+        t0 = time.perf_counter()
+        try:
+            call = self._policy_call(book.placements[epoch].copy(), book.window.load.copy(), seeding)
+            self._seeded = self._seeded or seeding
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except Exception as exc:
+            self.log.exception("policy %s failed: %s", self.cfg.policy, exc)
+            self.last_plan_end_step = self.host.min_step()
+            return
+        finally:
+            self.planning = False
+            self.metrics.phase_seconds.labels("policy").observe(time.perf_counter() - t0)
+        self.last_plan_end_step = self.host.min_step()
+        gain = result.balancedness_after - result.balancedness_before
+        self.metrics.balancedness.labels("projected").set(result.balancedness_after)
+        if seeding:
+            self.log.info("moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved)
+        elif epoch != book.epoch or not result.batches or gain < self.cfg.min_gain:
+            self.counts["skipped"] += 1
+            self.metrics.plans.labels("skipped").inc()
+            self.log.info("no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
+                          result.balancedness_before, result.balancedness_after, gain, self.cfg.min_gain)
+            return
+        self.log.info("rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB",
+                      result.balancedness_before, result.balancedness_after, len(result.batches),
+                      result.experts_moved, result.bytes_moved / 2**20)
+        self.pending_batches = list(result.batches)
+        self.start_next_batch()
+
+    # -- batches -----------------------------------------------------------------------
+
+    def start_next_batch(self) -> None:
+        if not self.pending_batches or self.host.halted_reason:
+            self.pending_batches = []
+            return
+        if not self.host.comm_ready():
+            self.log.warning("dropping %d planned batches: side communicator not ready", len(self.pending_batches))
+            self.pending_batches = []
+            return
+        batch = self.pending_batches.pop(0)
+        self._plan_counter += 1
+        layers = [int(x) for x in batch.layers]
+        rows = np.asarray(batch.phy2log, dtype=np.int64)
+        book = self.book
+        candidate = book.placements[book.epoch].copy()
+        try:
+            candidate[layers] = rows
+            validate_phy2log(candidate, book.shape)
+        except (PlacementError, ValueError, IndexError) as exc:  # a policy bug must never reach the agents
+            self.log.error("policy %s produced an invalid plan for layers %s: %s; not sent", self.cfg.policy, layers, exc)
+            self.metrics.plans_aborted.labels("invalid_plan").inc()
+            self.counts["aborted"] += 1
+            self.pending_batches = []
+            return
+        cfg = self.cfg
+        self.plan = PlanRun(plan_id=self._plan_counter, base_epoch=book.epoch, layers=layers, rows=rows,
+                            world_size=cfg.world_size, staging_timeout_s=cfg.staging_timeout_s,
+                            voting_timeout_s=cfg.voting_timeout_s, started_at=time.monotonic(),
+                            bytes_moved=int(batch.bytes_moved))
+        self.counts["proposed"] += 1
+        self._numbers[self.plan.plan_id] = self.counts["proposed"]
+        self.log.info("plan #%d (id %d): layers %s, %.1f MiB", self.counts["proposed"], self.plan.plan_id, layers,
+                      self.plan.bytes_moved / 2**20)
+        self.metrics.plans_proposed.inc()
+        self.host.broadcast(P.Plan(plan_id=self.plan.plan_id, base_epoch=book.epoch, layers=layers,
+                                   phy2log=P.NDArray.from_numpy(rows)))
+
+    def abort(self, reason: str, code: str = "other") -> None:
+        """Before the vote: abort now. In the vote: only the decision record decides, so ask
+        the ranks to record ``abort`` and let the plan settle on what they report."""
+        plan = self.plan
+        if plan is None:
+            return
+        if plan.phase is Phase.VOTING:
+            if not plan.abort_requested:
+                plan.abort_requested, plan.reason, plan.code = True, reason, code
+        elif not plan.phase.final:
+            plan._abort(reason, time.monotonic(), code)
+        self.advance()
+
+    # -- events from the ranks (each returns nothing; the runner acts on phase changes) --
+
+    def _current(self, plan_id: int | None = None) -> PlanRun | None:
+        plan = self.plan
+        return plan if plan is not None and (plan_id is None or plan.plan_id == plan_id) else None
+
+    def staged(self, plan_id: int, rank: int, now: float) -> None:
+        plan = self._current(plan_id)
+        if plan is not None and plan.on_staged(rank, now):
+            self.advance()
+
+    def failed(self, plan_id: int, rank: int, reason: str, code: str, now: float) -> None:
+        plan = self._current(plan_id)
+        if plan is not None and plan.on_failed(rank, reason, now, code):
+            self.advance()
+
+    def voted(self, plan_id: int, commit_step: int, ok: bool) -> None:
+        plan = self._current(plan_id)
+        if plan is not None:
+            plan.on_voted(commit_step, ok)
+
+    def committed(self, plan_id: int, rank: int, step: int, stall_s: float, now: float) -> None:
+        plan = self._current(plan_id)
+        if plan is not None and plan.on_committed(rank, step, stall_s, now):
+            self.advance()
+
+    def heartbeat(self, rank: int, step: int, epoch: int, now: float) -> None:
+        plan = self._current()
+        if plan is not None and plan.on_heartbeat(rank, step, epoch, now):
+            self.advance()
+
+    def agent_lost(self, rank: int, now: float) -> None:
+        plan = self._current()
+        if plan is not None and not plan.phase.final and plan.on_agent_lost(rank, now):
+            self.advance()
+
+    def tick(self, now: float) -> None:
+        plan = self._current()
+        if plan is not None and plan.on_tick(now):
+            self.advance()
+
+    # -- phase changes ---------------------------------------------------------------------
+
+    def advance(self) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        if plan.phase is Phase.VOTING and plan.abort_requested and not plan.abort_sent:
+            plan.abort_sent = True  # ranks in their vote record "abort" unless "commit" is there already
+            self.host.broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
+            return
+        if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted and not plan.vote_sent:
+            plan.vote_sent = True
+            self.host.broadcast(P.VoteNow(plan_id=plan.plan_id))
+            return
+        if not plan.phase.final:
+            return
+        self.plan = None
+        experts_moved, commit_step = 0, None
+        if plan.phase is Phase.COMMITTED:
+            experts_moved, commit_step = self._book_commit(plan)
+        else:
+            self._book_abort(plan)
+        self.metrics.phase_seconds.labels("staging").observe(plan.staging_s)
+        self.metrics.phase_seconds.labels("voting").observe(plan.voting_s)
+        self.last_plan_end_step = self.host.min_step()
+        stalls = [s for _, s in plan.committed.values()]
+        self.outcomes.append(PlanOutcome(plan.plan_id, plan.phase.value, plan.reason, self.number(plan.plan_id),
+                                         plan.code if plan.phase is Phase.ABORTED else "", plan.layers, plan.bytes_moved,
+                                         experts_moved, commit_step, plan.staging_s, plan.voting_s, max(stalls, default=0.0)))
+        del self.outcomes[:-100]
+        for old in list(self._numbers)[:-100]:
+            del self._numbers[old]
+        if plan.phase is Phase.COMMITTED:
+            self.start_next_batch()
+
+    def _book_commit(self, plan: PlanRun) -> tuple[int, int]:
+        experts_moved = self.book.commit(plan.base_epoch, plan.layers, plan.rows)
+        commit_step = max(step for step, _ in plan.committed.values())
+        self.bytes_moved_total += plan.bytes_moved
+        self.experts_moved_total += experts_moved
+        self.counts["committed"] += 1
+        metrics = self.metrics
+        metrics.plans.labels("committed").inc()
+        metrics.bytes_moved.inc(plan.bytes_moved)
+        metrics.experts_moved.inc(experts_moved)
+        metrics.epoch.set(self.book.epoch)
+        self.log.info("plan #%d committed at step %d: layers %s, %d experts moved, epoch %d",
+                      self.number(plan.plan_id), commit_step, plan.layers, experts_moved, self.book.epoch)
+        return experts_moved, commit_step
+
+    def _book_abort(self, plan: PlanRun) -> None:
+        diverged = plan.phase is Phase.DIVERGED
+        key = "diverged" if diverged else "aborted"
+        self.counts[key] += 1
+        self.metrics.plans.labels(key).inc()
+        self.metrics.plans_aborted.labels("diverged" if diverged else (plan.code or "other")).inc()
+        self.host.broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
+        self.pending_batches = []
+        if diverged:
+            self.host.halt(f"plan #{self.number(plan.plan_id)} (id {plan.plan_id}) diverged: {plan.reason}")
+            return
+        self.log.warning("plan #%d aborted (%s): %s; maps untouched on every rank", self.number(plan.plan_id),
+                         plan.code or "other", plan.reason)
+        if self.host.complete():
+            self.host.rebuild_comm()  # a rank may have torn its communicator down

@@ -1,0 +1,231 @@
+"""Every message the coordinator receives, routed by its type to the part that acts on it.
+
+Registration (``Hello``) goes through the admission checks; every other agent message is
+accepted only from the connection, and with the session, that registered its rank, and is
+filed under that rank whatever rank it names. Heartbeats feed liveness, the epoch agreement
+and the divergence watches; plan events go to the plan runner; load reports to the book.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Callable, Protocol
+
+from eplb_service import protocol as P
+from eplb_service.coordinator.admission import Claim, claim, hello_placement, hello_problem
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.guards import DivergenceGuard
+from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
+from eplb_service.coordinator.plan_runner import PlanRunner
+from eplb_service.coordinator.registry import AgentRecord, Registry
+from eplb_service.placement import PlacementError
+
+
+class RouterHost(Protocol):
+    """What the router needs of the coordinator's shell."""
+
+    def send(self, identity: bytes, message: P.Message) -> None: ...
+
+    def status(self) -> dict: ...
+
+    def rebuild_comm(self) -> None: ...
+
+    def current_comm(self) -> P.CommInit | None: ...
+
+    def invalidate_comm(self) -> None: ...
+
+    def model_known(self) -> None: ...
+
+    def record_load(self, logical, report: P.LoadReport, rank: int) -> None: ...
+
+    def watch(self, now: float) -> None: ...
+
+
+class MessageRouter:
+    def __init__(self, cfg: CoordinatorConfig, registry: Registry, book: PlacementBook, guard: DivergenceGuard,
+                 runner: PlanRunner, metrics, log: logging.LoggerAdapter, host: RouterHost) -> None:
+        self.cfg, self.registry, self.book, self.guard, self.runner = cfg, registry, book, guard, runner
+        self.metrics, self.log, self.host = metrics, log, host
+        self._agent_handlers: dict[type, Callable[[AgentRecord, P.Message, float], None]] = {
+            P.Heartbeat: self._on_heartbeat, P.LoadReport: self._on_load, P.Staged: self._on_staged,
+            P.Failed: self._on_failed, P.Aborted: self._on_failed, P.Voted: self._on_voted,
+            P.Committed: self._on_committed, P.Goodbye: self._on_goodbye,
+        }
+
+    def handle(self, identity: bytes, message: P.Message) -> None:
+        if isinstance(message, P.Hello):
+            self._on_hello(identity, message)
+        elif isinstance(message, P.StatusRequest):
+            self.host.send(identity, P.StatusReply(status_json=json.dumps(self.host.status()).encode()))
+        else:
+            self._on_agent_message(identity, message)
+
+    # -- agent messages ------------------------------------------------------------------
+
+    def _on_agent_message(self, identity: bytes, message: P.Message) -> None:
+        now = time.monotonic()
+        record = self.registry.by_identity(identity)
+        if record is None:
+            self.metrics.messages_rejected.labels("unknown_agent").inc()
+            self.host.send(identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first", code="unknown_agent"))
+            return
+        handler = self._agent_handlers.get(type(message))
+        if handler is None or message.rank != record.rank or message.session != record.session:
+            # Filed under the rank the connection registered, never the rank a message names.
+            self.metrics.messages_rejected.labels("session").inc()
+            self.log.warning("refused %s naming rank %s, session %s from the connection of rank %d (session %d)",
+                             type(message).__name__, getattr(message, "rank", "-"), getattr(message, "session", "-"),
+                             record.rank, record.session)
+            self.host.send(identity, P.Reject(reason=f"{type(message).__name__} does not match this connection's rank "
+                                                     f"{record.rank} and session", code="stale_session"))
+            return
+        record.last_seen = now
+        if isinstance(message, P.Committed):  # even from a rank declared dead: the step is a fact
+            self.guard.epoch_watch.committed(message.epoch, message.commit_step)
+        if not record.alive:
+            self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
+            self.host.send(identity, P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again",
+                                              code="unknown_agent"))
+            return
+        if isinstance(message, (P.Heartbeat, P.Committed)) and self.book.unknown(message.epoch, self.runner.next_epoch_in_flight):
+            self._resync(record, message.epoch, now)
+            return
+        handler(record, message, now)
+
+    def _on_heartbeat(self, record: AgentRecord, message: P.Heartbeat, now: float) -> None:
+        self.host.send(record.identity, P.HeartbeatAck(session=record.session))
+        record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
+        record.internal_errors = message.internal_errors
+        record.counters = dict(message.counters)
+        self.guard.heartbeat(record.rank, message.epoch, message.step, message.clock)
+        self.book.max_step_seen = max(self.book.max_step_seen, message.step)
+        self.runner.heartbeat(record.rank, message.step, message.epoch, now)
+        self.update_epoch()
+        self.host.watch(now)
+
+    def _on_load(self, record: AgentRecord, report: P.LoadReport, now: float) -> None:
+        try:
+            logical = self.book.add_load(report)
+        except LoadRejected as exc:
+            self.metrics.load_reports_dropped.labels(exc.reason).inc()
+            if exc.reason != "unknown_epoch":
+                self.log.warning("rank %d sent a bad load report: %s", record.rank, exc)
+            return
+        self.host.record_load(logical, report, record.rank)
+        record.step = max(record.step, report.step_end)
+        self.metrics.load_reports.inc()
+        self.metrics.load_report_lag.set(self.book.max_step_seen - report.step_end)
+
+    def _on_staged(self, record: AgentRecord, message: P.Staged, now: float) -> None:
+        self.runner.staged(message.plan_id, record.rank, now)
+
+    def _on_failed(self, record: AgentRecord, message: P.Failed | P.Aborted, now: float) -> None:
+        self.runner.failed(message.plan_id, record.rank, message.reason, message.code, now)
+
+    def _on_voted(self, record: AgentRecord, message: P.Voted, now: float) -> None:
+        self.runner.voted(message.plan_id, message.commit_step, message.ok)
+
+    def _on_committed(self, record: AgentRecord, message: P.Committed, now: float) -> None:
+        self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
+        record.epoch = message.epoch
+        self.update_epoch()
+        self.host.watch(now)
+        self.runner.committed(message.plan_id, record.rank, message.commit_step, message.stall_s, now)
+
+    def _on_goodbye(self, record: AgentRecord, message: P.Goodbye, now: float) -> None:
+        self.log.info("rank %d left: %s", record.rank, message.reason)
+        self.lose_agent(record, now)
+
+    # -- registration --------------------------------------------------------------------
+
+    def _reject(self, identity: bytes, rank: int, reason: str, code: str = "refused", metric: str = "hello") -> None:
+        self.metrics.messages_rejected.labels(metric).inc()
+        (self.log.warning if code == "rank_taken" else self.log.error)("refused rank %d: %s", rank, reason)
+        self.host.send(identity, P.Reject(reason=reason, code=code))
+
+    def _on_hello(self, identity: bytes, hello: P.Hello) -> None:
+        problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model)
+        if problem is not None:
+            return self._reject(identity, hello.rank, problem)
+        try:
+            shape, phy2log = hello_placement(hello)
+        except PlacementError as exc:
+            return self._reject(identity, hello.rank, f"invalid placement: {exc}")
+        now = time.monotonic()
+        holder = self.registry.agents.get(hello.rank)
+        verdict = claim(holder, identity, hello)
+        if verdict is Claim.REPEATED:
+            holder.last_seen = now
+            self.host.send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent,
+                                               comm=self.host.current_comm(), session=holder.session))
+            return
+        if verdict is Claim.TAKEN:
+            return self._reject(identity, hello.rank, (
+                f"rank {hello.rank} is held by a live agent (pid {holder.pid} on {holder.node!r}, heard "
+                f"{now - holder.last_seen:.1f}s ago); it is free again once that agent leaves or is silent for "
+                f"liveness_timeout_s={self.cfg.liveness_timeout_s}"), code="rank_taken", metric="rank_taken")
+        others_alive = any(r.alive and r.rank != hello.rank for r in self.registry.agents.values())
+        if others_alive and self.book.conflicts(hello.epoch, phy2log):
+            return self._reject(identity, hello.rank,
+                                f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch")
+        if not others_alive:
+            if self.book.adopt(hello.model, shape, phy2log, hello.epoch):
+                self.host.model_known()
+        else:
+            self.book.learn(hello.epoch, phy2log)
+        self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now)
+
+    def _register(self, identity: bytes, hello: P.Hello, phy2log, resumed: bool, now: float) -> None:
+        record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid, epoch=hello.epoch,
+                             step=hello.step, phy2log=phy2log, session=secrets.randbits(62) + 1,
+                             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None)
+        self.guard.forget(hello.rank)
+        replaced = self.registry.register(record)
+        if replaced is not None:
+            self.runner.agent_lost(hello.rank, now)
+        self.log.info("rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)", hello.rank, hello.node, hello.pid,
+                      hello.epoch, hello.step, hello.transport, ", resumed its session" if resumed else "")
+        self.host.send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent,
+                                           session=record.session))
+        self.update_liveness_metrics()
+        self.update_epoch()
+        if self.registry.complete:
+            self.host.rebuild_comm()
+        elif replaced is not None:
+            self.host.invalidate_comm()
+
+    def _resync(self, record: AgentRecord, epoch: int, now: float) -> None:
+        """A rank moved to a placement this coordinator does not know (decided before it
+        restarted, committed since): it registers again, and its Hello carries the placement."""
+        self.log.info("rank %d reports placement epoch %d, which this coordinator has not seen (decided before it "
+                      "started): asking it to register again with its placement", record.rank, epoch)
+        self.host.send(record.identity, P.Reject(reason=f"placement epoch {epoch} is unknown here: send Hello again",
+                                                 code="unknown_agent"))
+        self.lose_agent(record, now)
+
+    def update_epoch(self) -> None:
+        """The deployment's epoch is the one every rank reports; while they disagree (between a
+        decided commit and its step, or a rank that is not what it claims) the last agreed one
+        stands and no plan starts."""
+        before = self.book.epoch
+        epoch = self.book.agree([r.epoch for r in self.registry.alive])
+        if epoch is not None:
+            self.log.info("every rank reports placement epoch %d" if before >= 0 else "placement epoch %d adopted from the "
+                          "agents", epoch)
+            self.metrics.epoch.set(epoch)
+
+    def lose_agent(self, record: AgentRecord, now: float) -> None:
+        record.alive = False
+        self.registry.remove(record.rank)
+        self.host.invalidate_comm()
+        self.runner.agent_lost(record.rank, now)
+        self.update_liveness_metrics()
+
+    def update_liveness_metrics(self) -> None:
+        self.metrics.agents_alive.set(len(self.registry.alive))
+        for rank in range(self.cfg.world_size):
+            record = self.registry.agents.get(rank)
+            self.metrics.agent_up.labels(str(rank)).set(1 if record is not None and record.alive else 0)
