@@ -41,9 +41,11 @@ MAX_ARRAY_DIMS = 4
 ALLOWED_DTYPES = ("int8", "int32", "int64", "float32", "float64")
 
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-"""Ranks, steps, epochs, ids, byte counts: never negative on the wire."""
-PosInt = Annotated[int, msgspec.Meta(gt=0)]
+INT64_MAX = (1 << 63) - 1
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+"""Ranks, steps, epochs, ids, byte counts: never negative on the wire, and within int64 (the
+vote all-reduces them as int64)."""
+PosInt = Annotated[int, msgspec.Meta(gt=0, le=INT64_MAX)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 """Durations and rates; NaN and infinities are refused as well (see ``_check_finite``)."""
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]

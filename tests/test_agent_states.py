@@ -117,11 +117,11 @@ class Harness:
     def __init__(self) -> None:
         self.model = make_model(0, SHAPE)
         self.agent = agent = WorkerAgent(self.model, "ipc:///nonexistent/agent-states.sock", LocalTransport())
-        agent._sock = Socket()
+        agent.link.sock = Socket()
         agent.decider = SyncDecider()
         agent._store = ("127.0.0.1", 1)
-        agent._open_socket = lambda: setattr(agent, "_last_heard", 10**12)  # no real socket; never "silent"
-        agent._last_heard = 10**12
+        agent.link.open = lambda: setattr(agent.link, "last_heard", 10**12)  # no real socket; never "silent"
+        agent.link.last_heard = 10**12
         self.record = Record()
         agent.record_factory = lambda host, port, timeout_s: self.record
         self.plan_ids = itertools.count(1000)
@@ -247,7 +247,7 @@ def test_the_happy_path_commits_through_the_record():
     h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
     plan = h.plan()
     h.deliver(plan)
-    assert any(isinstance(m, P.Staged) for m in h.agent._sock.sent)
+    assert any(isinstance(m, P.Staged) for m in h.agent.link.sock.sent)
     h.deliver(P.VoteNow(plan_id=plan.plan_id))
     decision = h.record.decisions[plan.plan_id]
     assert decision.commit and decision.commit_step == FAST.fence_steps
@@ -256,7 +256,7 @@ def test_the_happy_path_commits_through_the_record():
         h.tick()
         h.check()
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
-    sent = [type(m).__name__ for m in h.agent._sock.sent]
+    sent = [type(m).__name__ for m in h.agent.link.sock.sent]
     assert "Voted" in sent and "Committed" in sent
     assert torch.equal(h.model.phy2log[1], torch.from_numpy(plan.phy2log.to_numpy()[0]))
 

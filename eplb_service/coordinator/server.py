@@ -320,6 +320,11 @@ class Coordinator:
         current = self.book.balancedness()
         if current is not None:
             self.metrics.balancedness.labels("current").set(current[0])
+        if self.registry.complete and not self.comm_ready() and self.side_comm.resend_due(now):
+            comm = self.current_comm()
+            for record in self.registry.alive:
+                if record.comm_generation != comm.generation:
+                    self.send(record.identity, comm)  # a lost CommInit, sent again within the rendezvous
         if self.registry.complete and not self.comm_ready() and self.side_comm.retry_due(now):
             self.log.warning("side communicator generation %d not built on every rank; trying generation %d",
                              self.side_comm.generation, self.side_comm.generation + 1)

@@ -22,6 +22,7 @@ class SideComm:
         self.sent_generation = -1
         """The generation whose ``CommInit`` went out last (-1: none since the ranks changed)."""
         self.sent_at = 0.0
+        self._resent_at = 0.0
         self.nonce = secrets.token_hex(4)
 
     def next(self, store: tuple[str, int]) -> P.CommInit:
@@ -43,6 +44,19 @@ class SideComm:
     def invalidate(self) -> None:
         """The ranks changed: the next complete registry gets a new generation."""
         self.sent_generation = -1
+
+    def resend_due(self, now: float, every_s: float = 0.5) -> bool:
+        """Time to send the current ``CommInit`` again to the ranks that have not built it.
+
+        Only while the others still wait in the rendezvous (the transport timeout): a rank
+        whose copy was lost then joins the same generation instead of failing it for all.
+        """
+        if not self.current_was_sent or now - self.sent_at > self.transport_timeout_s:
+            return False
+        if now - max(self.sent_at, self._resent_at) < every_s:
+            return False
+        self._resent_at = now
+        return True
 
     def retry_due(self, now: float) -> bool:
         """Time for another generation when the last one was not built everywhere.

@@ -3,13 +3,13 @@
 One agent per EP rank. The host (vLLM plugin or the simulated serving loop) builds an
 :class:`~.expert_model.ExpertModel`, creates a :class:`WorkerAgent`, calls ``start()``,
 and from then on calls ``agent.hooks.before_step()`` / ``agent.hooks.after_step(load)``
-from its serving loop. Everything else — the DEALER socket, the side communicator, the
-staging, the vote — happens on the agent's own thread.
+from its serving loop. Everything else happens on the agent's own thread: this module is
+its control loop (registration, heartbeats, load reports, the side communicator, plan
+intake); the staging pipeline (``staging_pipeline``) and the vote (``commit_vote``) are
+units of their own.
 
-Plan life on an agent: ``Plan`` → validate → build the global schedule → stage (local
-copies, chunked remote exchange, duplicates) → ``Staged`` → ``VoteNow`` → vote on the
-side communicator with (entry step, ok, digests) → propose ``commit S`` or ``abort`` to the
-plan's decision record (``decision``) → the serving thread applies the plan at step ``S``
+Plan life on an agent: ``Plan`` → validate → stage → ``Staged`` → ``VoteNow`` → vote and
+propose to the plan's decision record → the serving thread applies the plan at step ``S``
 exactly when the record says ``commit`` → ``Committed`` / ``Aborted``. At any failure the
 maps stay untouched.
 
@@ -23,53 +23,26 @@ from __future__ import annotations
 
 import collections
 import os
-import secrets
 import socket
 import threading
 import time
 
 import numpy as np
-import zmq
 
 from eplb_service import protocol as P
 from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError, validate_phy2log
 from eplb_service.security import ClientCurve
-from eplb_service.step_clock import probes_from_ring
+from eplb_service.step_clock import PROBE_RADIUS, probes_from_ring
+from eplb_service.worker_agent.commit_vote import CommitVoter
 from eplb_service.worker_agent.decision import Decider, Decision, DecisionRecord, StoreDecisionRecord
 from eplb_service.worker_agent.expert_model import ExpertModel
+from eplb_service.worker_agent.link import CoordinatorLink
 from eplb_service.worker_agent.rendezvous import RendezvousError, host_once
-from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
+from eplb_service.worker_agent.schedule import build_schedule
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
-from eplb_service.worker_agent.staging import StagingArea, prepare_commit
-from eplb_service.worker_agent.transport import P2POp, Transport, TransportError
-
-
-_NO_DIGEST = -(1 << 62)
-"""Vote entry of a rank that took no part in a remote op (below every real digest)."""
-
-
-class CpuSections:
-    """CPU time of this thread per section of a handler, added to ``stats[f"{prefix}_{name}_cpu_us"]``.
-
-    The agent thread shares the GIL with the serving thread, so its CPU time is what it can
-    take from serving; the sections say where it goes (``thread_time``: a few hundred ns a mark).
-    """
-
-    __slots__ = ("stats", "prefix", "last")
-
-    def __init__(self, stats: collections.Counter, prefix: str) -> None:
-        self.stats, self.prefix, self.last = stats, prefix, time.thread_time()
-
-    def mark(self, name: str) -> None:
-        now = time.thread_time()
-        self.stats[f"{self.prefix}_{name}_cpu_us"] += int((now - self.last) * 1e6)
-        self.last = now
-
-
-def weights_row(tensors: list, row: int) -> list:
-    """One expert's row of every weight tensor of a layer: one record."""
-    return [t[row] for t in tensors]
+from eplb_service.worker_agent.staging_pipeline import Staged, StagingPipeline
+from eplb_service.worker_agent.transport import Transport, TransportError
 
 
 class PlanAborted(Exception):
@@ -86,62 +59,50 @@ class WorkerAgent:
 
     def __init__(self, model: ExpertModel, endpoint: str, transport: Transport, *,
                  ranks_per_node: int | None = None, hello_interval_s: float = 0.5,
-                 staged_timeout_s: float = 60.0, curve: ClientCurve | None = None) -> None:
-        self.model = model
-        self.rank = model.rank
-        self.endpoint = endpoint
-        self.transport = transport
+                 staged_timeout_s: float = 60.0, curve: ClientCurve | None = None,
+                 staging_budget_bytes: int | None = None, config_overrides: dict | None = None) -> None:
+        self.model, self.rank, self.endpoint, self.transport = model, model.rank, endpoint, transport
         self.ranks_per_node = ranks_per_node
-        self.hello_interval_s = hello_interval_s
-        self._hello_backoff_s = hello_interval_s
-        """Doubles up to 5 s while the coordinator does not answer; reset by Welcome."""
+        self.hello_interval_s = self._hello_backoff_s = hello_interval_s
         self.staged_timeout_s = staged_timeout_s
-        self.curve = curve if curve is not None else ClientCurve.from_env()
-        """CURVE keys for a coordinator on another host (``EPLB_SERVICE_CURVE_*`` by default)."""
+        self.staging_budget_bytes = staging_budget_bytes
+        """Most staging bytes this rank allocates for one plan batch; a batch needing more fails here."""
+        self.config_overrides = dict(config_overrides or {})
+        """``AgentConfig`` fields this instance sets itself, over the coordinator's ``Welcome``."""
         self.config = P.AgentConfig()
         self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps,
                                   self.config.fence_timeout_s, decision_timeout_s=self.config.decision_timeout_s)
         self.log = rank_logger(__name__, self.rank)
+        self.stats = collections.Counter()
+        self.link = CoordinatorLink(self.rank, endpoint, curve if curve is not None else ClientCurve.from_env(),
+                                    self.stats, self.log)
         self.phy2log_host = model.phy2log.detach().cpu().numpy().astype(np.int64).copy()
         self.shape = model.shape
-        self.bytes_per_expert = model.bytes_per_expert
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._sock: zmq.Socket | None = None
-        self._ctx: zmq.Context | None = None
-        self._welcomed = False
-        self._rejected_reason: str | None = None
-        self._next_hello = 0.0
-        self._next_heartbeat = 0.0
-        self._session = 0
-        """From ``Welcome``; every message carries it, and a Hello after a reopen resumes it."""
-        self._last_heard = 0.0
-        self._store: tuple[str, int] | None = None
-        """Rank 0: where the rendezvous store it hosts is reached."""
+        self.pipeline = StagingPipeline(model, transport, self.rank, ranks_per_node, self.stats)
         self.decider = Decider(self.rank)
+        self.voter = CommitVoter(self, model)
         self.record_factory = StoreDecisionRecord
         """Builds the decision record from a ``CommInit``'s store address (tests swap in their own)."""
         self._record: DecisionRecord | None = None
-        """The decision record of the current rendezvous store (from ``CommInit``)."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._welcomed = False
+        self._rejected_reason: str | None = None
+        self._next_hello = self._next_heartbeat = 0.0
+        self._session = 0
+        """From ``Welcome``; every message carries it, and a Hello after a reopen resumes it."""
+        self._store: tuple[str, int] | None = None
+        """Rank 0: where the rendezvous store it hosts is reached."""
         self._inbox: collections.deque = collections.deque()
-        # current plan batch
         self._plan: P.Plan | None = None
         self._plan_rows: np.ndarray | None = None
-        self._area: StagingArea | None = None
-        self._ticket: CommitTicket | None = None
-        self._ticket_generation = -1
-        """Side-communicator generation the ticket's vote ran on (torn down after an abort)."""
+        self._staged: Staged | None = None
         self._staged_at = 0.0
         self._abort_requested: int | None = None
         self._seen_plans: collections.deque[int] = collections.deque(maxlen=256)
         self._voted_plans: collections.deque[int] = collections.deque(maxlen=256)
-        self._digests: np.ndarray | None = None
-        """Integrity digests of this plan's remote rows (see ``_vote_vector``)."""
         self._connecting: threading.Thread | None = None
-        self._pending_comm: P.CommInit | None = None
-        self._connecting_comm: P.CommInit | None = None
-        self._comm_current: P.CommInit | None = None
-        self.stats = collections.Counter()
+        self._pending_comm = self._connecting_comm = self._comm_current = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -159,10 +120,20 @@ class WorkerAgent:
     def welcomed(self) -> bool:
         return self._welcomed
 
+    @property
+    def session(self) -> int:
+        return self._session
+
+    @property
+    def _ticket(self) -> CommitTicket | None:
+        return self.voter.ticket
+
+    def send(self, message: P.Message) -> None:
+        self.link.send(message)
+
     # -- the thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._ctx = zmq.Context()
         self.decider.start()
         if self.rank == 0:
             try:
@@ -172,7 +143,7 @@ class WorkerAgent:
             except RendezvousError as exc:
                 self._rejected_reason = str(exc)
                 self.log.error("%s; the agent stays idle, serving is unaffected", exc)
-        self._open_socket()
+        self.link.open()
         self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
         failures_in_a_row = 0
         while not self._stop.is_set():
@@ -191,22 +162,6 @@ class WorkerAgent:
         finally:
             self.decider.stop()
 
-    def _open_socket(self) -> None:
-        """A fresh DEALER with a fresh identity: a reopened agent never collides with its old pipe."""
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{secrets.token_hex(6)}".encode())
-        sock.setsockopt(zmq.LINGER, 500)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.endpoint)
-        self._sock = sock
-        self._last_heard = time.monotonic()
-
     def _reset(self, reason: str) -> None:
         """Back to a clean state after a failure of the loop; each part on its own, none may raise."""
         for part in (lambda: self._abandon_plan("internal_error", reason), self.transport.abort, self._reopen):
@@ -219,16 +174,16 @@ class WorkerAgent:
         self._welcomed = False
         self._inbox.clear()
         self._next_hello = 0.0
-        self._open_socket()
+        self.link.open()
 
     def _tick(self, poll_ms: int) -> None:
         now = time.monotonic()
-        if now - self._last_heard > SILENCE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0:
+        if now - self.link.last_heard > SILENCE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0:
             self.stats["socket_reopened"] += 1
-            self.log.warning("nothing from the coordinator for %.1fs: reopening the connection", now - self._last_heard)
+            self.log.warning("nothing from the coordinator for %.1fs: reopening the connection", now - self.link.last_heard)
             self._reopen()
         if not self._welcomed and now >= self._next_hello and self._rejected_reason is None:
-            self._send(self._hello())
+            self.send(self._hello())
             self._next_hello = now + self._hello_backoff_s
             self._hello_backoff_s = min(5.0, self._hello_backoff_s * 2)
         self._receive(poll_ms)
@@ -237,25 +192,31 @@ class WorkerAgent:
         self._flush_load_reports()
         self._check_connect()
         self._check_ticket()
-        if self._plan is not None and self._ticket is None and now - self._staged_at > self.staged_timeout_s and self._staged_at:
+        if self._plan is not None and self._ticket is None and self._staged_at and now - self._staged_at > self.staged_timeout_s:
             self._drop_plan("no_vote", f"no vote within staged_timeout_s={self.staged_timeout_s}")
         self._heartbeat(now)
 
     def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:
-            gen = self.transport.generation if self._side_ready else -1
+            gen = self.transport.generation if self.side_ready else -1
             # Read the step before the epoch: the serving thread bumps the epoch at the commit
             # boundary before the step count passes S, so (step > S, epoch = old) never pairs up
             # falsely; the coordinator relies on this to tell a missed commit from a slow one.
             step = self.hooks.steps_done
             epoch = self.hooks.epoch
             steps, times = probes_from_ring(self.hooks.step_end_times, step)
-            clock = P.StepClock(probe_steps=steps, times=times, radius=3, wall_minus_mono=time.time() - time.monotonic())
+            clock = P.StepClock(probe_steps=steps, times=times, radius=PROBE_RADIUS,
+                                wall_minus_mono=time.time() - time.monotonic())
             counters = {name: int(self.stats[name]) for name in P.AGENT_COUNTERS if self.stats[name]}
             counters["dropped_load_windows"] = self.hooks.dropped_windows
-            self._send(P.Heartbeat(rank=self.rank, step=step, epoch=epoch, comm_generation=gen, session=self._session,
-                                   internal_errors=self.stats["internal_errors"], clock=clock, counters=counters))
+            self.send(P.Heartbeat(rank=self.rank, step=step, epoch=epoch, comm_generation=gen, session=self._session,
+                                  internal_errors=self.stats["internal_errors"], clock=clock, counters=counters))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
+
+    def keep_alive(self) -> None:
+        """While a long transport call waits: heartbeats go on, and the link stays fresh."""
+        self._heartbeat(time.monotonic())
+        self._receive(0)
 
     def _pump_while_staging(self, plan_id: int, wait_s: float = 0.0) -> None:
         """Between chunks: stay alive (heartbeats, load reports) for ``wait_s``, honour AbortPlan.
@@ -283,41 +244,17 @@ class WorkerAgent:
     def _shutdown(self) -> None:
         try:
             self._abandon_plan("agent_stopping", "agent stopping")
-            if self._sock is not None:
-                if self._welcomed:
-                    self._send(P.Goodbye(rank=self.rank, reason="agent stopped", session=self._session))
-                self._sock.close(linger=200)
+            if self._welcomed:
+                self.send(P.Goodbye(rank=self.rank, reason="agent stopped", session=self._session))
         finally:
+            self.link.close()
             self.transport.abort()
-            if self._ctx is not None:
-                self._ctx.term()
         self.log.info("agent stopped")
 
-    # -- messaging ---------------------------------------------------------------------
-
-    def _send(self, message: P.Message) -> None:
-        assert self._sock is not None
-        try:
-            self._sock.send(P.encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            self.stats["send_dropped"] += 1
+    # -- messages from the coordinator ---------------------------------------------------------
 
     def _receive(self, poll_ms: int) -> None:
-        sock = self._sock
-        if not sock.poll(poll_ms, zmq.POLLIN):
-            return
-        while True:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._last_heard = time.monotonic()
-            try:
-                message = P.decode(frame)
-            except P.ProtocolError as exc:
-                self.stats["bad_messages"] += 1
-                self.log.error("dropped a bad message from the coordinator: %s", exc)
-                continue
+        for message in self.link.receive(poll_ms):
             if isinstance(message, P.AbortPlan):
                 self._abort_requested = message.plan_id
             self._inbox.append(message)
@@ -328,13 +265,19 @@ class WorkerAgent:
             protocol_version=P.PROTOCOL_VERSION, rank=self.rank,
             model=P.ModelShape(num_layers=shape.num_layers, num_logical=shape.num_logical,
                                num_physical=shape.num_physical, num_ranks=shape.num_ranks,
-                               bytes_per_expert=self.bytes_per_expert),
+                               bytes_per_expert=self.model.bytes_per_expert),
             phy2log=P.NDArray.from_numpy(self.phy2log_host), epoch=self.hooks.epoch,
-            step=self.hooks.steps_done, transport=self.transport.name,
-            node=socket.gethostname(), pid=os.getpid(),
+            step=self.hooks.steps_done, transport=self.transport.name, node=socket.gethostname(), pid=os.getpid(),
             store_host=self._store[0] if self._store else "", store_port=self._store[1] if self._store else 0,
             resume_session=self._session,
         )
+
+    _handlers = {
+        P.Welcome: "_on_welcome", P.Reject: "_on_reject", P.CommInit: "_connect", P.Plan: "_on_plan",
+        P.VoteNow: "_on_vote", P.AbortPlan: "_on_abort", P.CoordinatorStopping: "_on_stopping",
+        P.HeartbeatAck: "_on_heartbeat_ack",
+    }
+    """Message type -> handler name (by name, so subclasses' overrides are the ones called)."""
 
     def _handle(self, message: P.Message) -> None:
         name = self._handlers.get(type(message))
@@ -356,12 +299,11 @@ class WorkerAgent:
             self._welcomed = False
 
     def _on_welcome(self, msg: P.Welcome) -> None:
-        self.config = msg.config
+        config = msgspec_replace(msg.config, self.config_overrides)
+        self.config = config
         hooks = self.hooks
-        hooks.report_interval_steps = msg.config.report_interval_steps
-        hooks.fence_steps = msg.config.fence_steps
-        hooks.fence_timeout_s = msg.config.fence_timeout_s
-        hooks.decision_timeout_s = msg.config.decision_timeout_s
+        hooks.report_interval_steps, hooks.fence_steps = config.report_interval_steps, config.fence_steps
+        hooks.fence_timeout_s, hooks.decision_timeout_s = config.fence_timeout_s, config.decision_timeout_s
         if self._welcomed and msg.session == self._session and msg.comm is None:
             return  # a duplicate (our Hello was retried or duplicated)
         self._welcomed = True
@@ -376,18 +318,18 @@ class WorkerAgent:
             # The coordinator restarted (or declared us dead): register again. Every queued
             # heartbeat draws one of these; the Hello back-off keeps it to one Hello.
             self._welcomed = False
-            return
-        if msg.code == "rank_taken":
+        elif msg.code == "rank_taken":
             self.stats["rank_taken"] += 1
             self.log.warning("coordinator: %s; trying again", msg.reason)
-            return
-        if msg.code == "bad_message":
+        elif msg.code == "bad_message":
             self.stats["bad_messages_reported"] += 1
             self.log.error("coordinator could not decode a message of this agent: %s", msg.reason)
-            return
-        self._rejected_reason = msg.reason
-        self._welcomed = False
-        self.log.error("coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason)
+        else:
+            self._rejected_reason = msg.reason
+            self._welcomed = False
+            self.log.error("coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason)
+
+    # -- the side communicator ------------------------------------------------------------------
 
     def _connect(self, comm: P.CommInit) -> None:
         """Join the side communicator on a helper thread, so heartbeats go on meanwhile.
@@ -396,7 +338,7 @@ class WorkerAgent:
         transport timeout when a peer is gone; the agent thread must keep talking to the
         coordinator in the meantime or it would be declared dead itself.
         """
-        if comm == self._comm_current and self._side_ready:
+        if comm == self._comm_current and self.side_ready:
             return  # already built from this very rendezvous (a repeated CommInit)
         if comm.world_size != self.shape.num_ranks or not comm.store_host or not comm.store_port:
             self.stats["bad_messages"] += 1
@@ -422,7 +364,8 @@ class WorkerAgent:
                 self.log.error("could not build the side communicator: %s", exc)
                 return
             self._comm_current = comm
-            self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name, time.monotonic() - t0)
+            self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name,
+                          time.monotonic() - t0)
 
         self._connecting_comm = comm
         self._connecting = threading.Thread(target=connect, name=f"eplb-connect-{self.rank}", daemon=True)
@@ -434,7 +377,7 @@ class WorkerAgent:
             self._connect(comm)
 
     @property
-    def _side_ready(self) -> bool:
+    def side_ready(self) -> bool:
         return self.transport.connected and not (self._connecting is not None and self._connecting.is_alive())
 
     # -- load reports --------------------------------------------------------------------
@@ -449,8 +392,8 @@ class WorkerAgent:
             counts = hooks.host_buffers[snap.buffer_index].numpy().copy()
             hooks.free_buffers.append(snap.buffer_index)
             if self._welcomed:
-                self._send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin, step_end=snap.step_end,
-                                        slot_load=P.NDArray.from_numpy(counts), session=self._session))
+                self.send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin, step_end=snap.step_end,
+                                       slot_load=P.NDArray.from_numpy(counts), session=self._session))
 
     # -- plans -------------------------------------------------------------------------
 
@@ -468,33 +411,41 @@ class WorkerAgent:
         full[layers] = rows
         validate_phy2log(full, shape)
         width = int(self.model.log2phy.shape[2])
-        max_replicas = int(np.bincount(rows.ravel().astype(np.int64) + np.repeat(np.arange(len(layers)) * shape.num_logical, shape.num_physical)).max())
+        offsets = np.repeat(np.arange(len(layers)) * shape.num_logical, shape.num_physical)
+        max_replicas = int(np.bincount(rows.ravel().astype(np.int64) + offsets).max())
         if max_replicas > width:
             raise PlacementError(f"plan {plan.plan_id}: an expert gets {max_replicas} replicas, more than the map width {width}")
+        if self.staging_budget_bytes is not None:
+            need = self.staging_bytes(plan, rows)
+            if need > self.staging_budget_bytes:
+                raise PlacementError(f"plan {plan.plan_id} needs {need} bytes of staging on rank {self.rank}, more than "
+                                     f"EPLB_SERVICE_STAGING_BUDGET_BYTES={self.staging_budget_bytes}; start the coordinator "
+                                     "with --staging-budget-bytes at most that")
         return rows.astype(np.int64)
+
+    def staging_bytes(self, plan: P.Plan, rows: np.ndarray) -> int:
+        """Bytes of staging this rank needs for ``plan`` (one row per incoming expert)."""
+        schedule = build_schedule(self.phy2log_host[list(plan.layers)], rows, self.shape.num_ranks, self.ranks_per_node)
+        return len(schedule.per_rank[self.rank].staging) * self.model.bytes_per_expert
 
     def _on_plan(self, plan: P.Plan) -> None:
         if plan.plan_id in self._seen_plans:
             self.stats["duplicate_messages"] += 1
             return
         self._seen_plans.append(plan.plan_id)
-        busy = self._plan or (self._ticket and self._ticket.plan_id)
-        if busy:
-            self._failed(plan.plan_id, "busy", f"busy with plan {busy.plan_id if isinstance(busy, P.Plan) else busy}")
-            return
+        busy = self._plan.plan_id if self._plan is not None else (self._ticket.plan_id if self._ticket else None)
+        if busy is not None:
+            return self._failed(plan.plan_id, "busy", f"busy with plan {busy}")
         try:
             rows = self._validate_plan(plan)
         except (PlacementError, P.ProtocolError) as exc:
             self.stats["plans_rejected"] += 1
             self.log.error("rejected plan %d: %s", plan.plan_id, exc)
-            self._failed(plan.plan_id, "invalid_plan", str(exc))
-            return
-        if not self._side_ready or self._record is None:
-            self._failed(plan.plan_id, "not_connected", "side communicator not connected")
-            return
+            return self._failed(plan.plan_id, "invalid_plan", str(exc))
+        if not self.side_ready or self._record is None:
+            return self._failed(plan.plan_id, "not_connected", "side communicator not connected")
         self._plan, self._plan_rows, self._abort_requested = plan, rows, None
-        t0 = time.monotonic()
-        cpu0 = time.thread_time()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         try:
             received = self._stage(plan, rows)
         except PlanAborted:
@@ -505,242 +456,55 @@ class WorkerAgent:
             self.log.error("staging plan %d failed: %s", plan.plan_id, exc)
             self.transport.abort()
             self._clear_plan()
-            self._failed(plan.plan_id, "staging_failed", f"staging failed: {exc}")
-            return
+            return self._failed(plan.plan_id, "staging_failed", f"staging failed: {exc}")
         self._staged_at = time.monotonic()
         # The agent thread's CPU time holds the GIL the serving thread needs: keep it visible.
         self.stats["stage_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
         self.stats["staged"] += 1
-        self._send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0,
-                            session=self._session))
-
-    def _failed(self, plan_id: int, code: str, reason: str) -> None:
-        self._send(P.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
-
-    def _aborted(self, plan_id: int, code: str, reason: str) -> None:
-        self._send(P.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
+        self.send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0,
+                           session=self._session))
 
     def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
-        """Fill this rank's staging rows; returns bytes received from other ranks.
-
-        Every rank of the plan runs the same chunks in the same order, each one group of
-        whole blocks (one op per peer: records of every weight tensor), and the same throttle gap after
-        each, even a rank with no part in a chunk: the gaps are what keep the ranks' groups
-        starting together (see ``CupyNcclTransport``).
-        """
-        layers = list(plan.layers)
-        cfg = self.config
-        bpe = self.bytes_per_expert
-        cpu = CpuSections(self.stats, "stage")
-        schedule = build_schedule(self.phy2log_host[layers], rows, self.shape.num_ranks, self.ranks_per_node)
-        bounds = schedule.chunks(cfg.max_ops_per_group, cfg.chunk_bytes, bpe)
-        schedule = schedule.contiguous_by_source(bounds)
-        work = schedule.per_rank[self.rank]
-        area = self._area = StagingArea(self.model, work)
-        weights = self.model.expert_weights
-        transport = self.transport
+        """Stage ``plan`` through the pipeline; returns the bytes received from other ranks."""
         me = threading.get_ident()
 
-        def pump() -> None:  # called by the transport while it waits on the host
+        def pump() -> None:  # between chunks, and while the transport waits on the host
             if threading.get_ident() == me:
                 self._pump_while_staging(plan.plan_id)
 
-        transport.poll_hook = pump
-        cpu.mark("plan")
-        try:
-            transport.start_batch()
-            for copy in work.local:
-                for k, live in enumerate(weights[layers[copy.layer]]):
-                    transport.copy_local(area.rows[k][copy.dst_staging], live[copy.src_row])
-            cpu.mark("local")
-            received = 0
-            pending: list[tuple[list[int], object]] = []  # (remote op indices, their digests)
-            for number, (begin, end) in enumerate(bounds):
-                part = chunk_transfers(schedule, self.rank, begin, end)
-                ops: list[P2POp] = []
-                blocks = []
-                for peer, sent in part.sends.items():
-                    block = transport.gather([weights_row(weights[layers[layer]], row) for layer, row in sent], area.layout)
-                    ops.append(P2POp(True, block, peer, number))
-                    blocks.append((part.send_ops[peer], block))
-                for peer, (first, count) in part.receives.items():
-                    block = area.block(first, count)
-                    ops.append(P2POp(False, block, peer, number))
-                    blocks.append((part.receive_ops[peer], block))
-                    received += count * bpe
-                cpu.mark("pack")
-                # The throttle: the busiest rank's bytes in this chunk over the rate, the same
-                # figure on every rank.
-                pace_s = schedule.chunk_cost_bytes(begin, end, bpe) / cfg.throttle_bytes_per_s if cfg.throttle_bytes_per_s > 0 else 0.0
-                transport.exchange(ops, pace_s)
-                cpu.mark("exchange")
-                pending.extend((indices, transport.block_digests(block)) for indices, block in blocks)
-                cpu.mark("digest")
-                self._pump_while_staging(plan.plan_id)
-                cpu.mark("pump")
-            for dup in work.duplicates:
-                transport.copy_local(area.block(dup.dst_staging, 1), area.block(dup.src_staging, 1))
-            transport.synchronize()
-            cpu.mark("synchronize")
-            self._digests = self._remote_digests(len(schedule.remote), pending)
-            cpu.mark("collect")
-        finally:
-            transport.poll_hook = None
-        self.stats["bytes_received"] += received
-        return received
+        self._staged = self.pipeline.stage(plan, rows, self.phy2log_host, self.config, pump)
+        return self._staged.received_bytes
 
-    def _remote_digests(self, num_remote: int, pending: list[tuple[list[int], object]]) -> np.ndarray:
-        """Digest of every remote op's record as this rank sent or received it (sentinel if neither)."""
-        digests = np.full(num_remote, _NO_DIGEST, dtype=np.int64)
-        if pending:
-            for (indices, _), values in zip(pending, self.transport.collect([d for _, d in pending])):
-                digests[indices] = values
-        return digests
+    def _failed(self, plan_id: int, code: str, reason: str) -> None:
+        self.send(P.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
+
+    def _aborted(self, plan_id: int, code: str, reason: str) -> None:
+        self.send(P.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
     def _on_vote(self, msg: P.VoteNow) -> None:
-        """Enter the commit vote: one small MAX all-reduce of (entry step, fail, plan id, digests)."""
+        """Enter the commit vote (``commit_vote``), once per plan id."""
         if msg.plan_id in self._voted_plans:
             self.stats["duplicate_messages"] += 1
             return
         self._voted_plans.append(msg.plan_id)
         cpu0 = time.thread_time()
         try:
-            self._vote(msg)
+            self.voter.vote(msg, self._plan, self._plan_rows, self._staged, self._record)
         finally:
             self.stats["vote_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
             self.stats["votes"] += 1
 
-    def _vote(self, msg: P.VoteNow) -> None:
-        """Arm the commit ticket, all-reduce (entry step, fail, plan id, digests), then propose
-        the outcome to the plan's decision record. The record's answer, not the all-reduce,
-        decides: the serving thread applies the plan iff the record says ``commit``."""
-        ready = (self._plan is not None and self._plan.plan_id == msg.plan_id and self._area is not None
-                 and self._ticket is None and self._record is not None)
-        ticket = None
-        hooks = self.hooks
-        cpu = CpuSections(self.stats, "vote")
-        if ready:
-            with self.transport.device_context():  # complete when the vote below returns
-                action = prepare_commit(self.model, msg.plan_id, list(self._plan.layers), self._plan_rows, self._area)
-            cpu.mark("prepare")
-            ticket = CommitTicket(action=action, layers=list(self._plan.layers), rows=self._plan_rows, record=self._record)
-            ticket.propose_abort = lambda code, reason, t=ticket: self._propose(t, Decision.abort(self.rank, reason, code))
-            self._ticket_generation = self.transport.generation
-            hooks.ticket = ticket
-            entry = hooks.steps_done
-            ticket.vote_entry_step = entry
-            # If the serving thread passed entry+F before it could see the entry, this rank
-            # cannot honour the fence: vote "fail" so that no rank commits.
-            fail = 1 if hooks.steps_done >= entry + hooks.fence_steps else 0
-            self._ticket = ticket
-        else:
-            entry, fail = hooks.steps_done, 1
-        if not self._side_ready:
-            if ticket is not None:
-                ticket.propose_abort("not_connected", "side communicator not connected at the vote")
-            else:
-                self._aborted(msg.plan_id, "not_connected", "side communicator not connected at vote")
-            return
-        me = threading.get_ident()
-
-        def keep_alive() -> None:  # called by the transport while the vote is pending
-            if threading.get_ident() != me:
-                return
-            self._heartbeat(time.monotonic())  # a slow vote must not get this rank declared dead
-            self._receive(0)  # keeps the link fresh; an AbortPlan is handled once the vote returns
-            if ticket is not None and ticket.is_decided:
-                # The record is final (this rank's serving thread, or another rank, got there
-                # first): nothing the all-reduce returns can change it.
-                raise TransportError(f"left the vote: the decision record already says {ticket.decision.describe()}")
-
-        self.transport.poll_hook = keep_alive
-        try:
-            result = self.transport.max_reduce(self._vote_vector(entry, fail, msg.plan_id, ready))
-            cpu.mark("reduce")
-        except TransportError as exc:
-            self.log.error("vote for plan %d: %s", msg.plan_id, exc)
-            self.transport.abort()  # a pending collective must not meet a later one
-            if ticket is not None:
-                self._propose(ticket, Decision.abort(self.rank, f"vote_failed: {exc}", "vote_failed"))
-            else:
-                self._aborted(msg.plan_id, "vote_failed", f"vote failed: {exc}")
-            return
-        finally:
-            self.transport.poll_hook = None
-        ok = int(result[1]) == 0 and int(result[2]) == msg.plan_id and int(result[3]) == -msg.plan_id
-        reason, code = "vote_failed: a rank was not ready", "vote_failed"
-        corrupt = self._corrupt_ops(result)
-        if ok and corrupt:
-            ok = False
-            self.stats["integrity_failures"] += 1
-            reason = f"vote_failed: integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}"
-            code = "integrity"
-            self.log.error("plan %d: expert rows corrupted in transit (remote ops %s); nobody commits", msg.plan_id, corrupt[:8])
-        if ticket is None:
-            self._aborted(msg.plan_id, "not_staged", "vote arrived for a plan this rank has not staged")
-            return
-        proposal = Decision.commit_at(int(result[0]) + hooks.fence_steps, self.rank) if ok else Decision.abort(self.rank, reason, code)
-        self._propose(ticket, proposal)
-
-    def _propose(self, ticket: CommitTicket, proposal: Decision) -> None:
-        """To the record the ticket was armed with (never a newer store's): answered on the decider thread."""
-        self.decider.submit(ticket, ticket.record, proposal)
-
-    def _vote_vector(self, entry: int, fail: int, plan_id: int, ready: bool) -> np.ndarray:
-        """``[entry, fail, plan_id, -plan_id, d_0..d_K-1, -d_0..-d_K-1]`` for the MAX all-reduce.
-
-        ``d_k`` is this rank's digest of remote op ``k``'s row (sent or received), or a
-        sentinel when it took no part. After MAX over ranks, slot ``k`` holds the larger
-        of sender's and receiver's digest and slot ``K+k`` minus the smaller: they agree
-        exactly when both digests are equal, so every rank learns of any corrupt row.
-        """
-        head = np.array([entry, fail, plan_id, -plan_id], dtype=np.int64)
-        digests = self._digests if ready and self._digests is not None else np.empty(0, dtype=np.int64)
-        negated = np.where(digests == _NO_DIGEST, _NO_DIGEST, -digests)
-        return np.concatenate([head, digests, negated])
-
-    @staticmethod
-    def _corrupt_ops(result: np.ndarray) -> list[int]:
-        body = result[4:]
-        k = body.size // 2
-        return np.flatnonzero(body[:k] != -body[k:]).tolist()
-
     def _check_ticket(self) -> None:
-        """Report the decision once it is known (``Voted``), and the outcome once served."""
-        ticket = self._ticket
+        ticket = self.voter.report()
         if ticket is None:
             return
-        if ticket.is_decided and not ticket.voted_reported:
-            ticket.voted_reported = True
-            decision = ticket.decision
-            if decision.commit:
-                self._send(P.Voted(rank=self.rank, plan_id=ticket.plan_id, commit_step=decision.commit_step, ok=True,
-                                   session=self._session))
-            else:
-                self._send(P.Voted(rank=self.rank, plan_id=ticket.plan_id, commit_step=0, ok=False, session=self._session))
-        if not ticket.finished.is_set():
-            return
-        self._ticket = None
         if ticket.outcome == "committed":
             self.phy2log_host[ticket.layers] = ticket.rows
-            self.stats["committed"] += 1
-            self.log.info("committed plan %d at step %d (epoch %d, stall %.1f us)", ticket.plan_id, ticket.outcome_step,
-                          self.hooks.epoch, ticket.stall_s * 1e6)
-            self._send(P.Committed(rank=self.rank, plan_id=ticket.plan_id, commit_step=ticket.outcome_step,
-                                   epoch=self.hooks.epoch, stall_s=ticket.stall_s, session=self._session))
-        else:
-            self.stats["aborted"] += 1
-            reason = ticket.outcome if ticket.outcome != "aborted" else ticket.reason
-            code = ticket.code if ticket.outcome == "aborted" and ticket.code else "missed_commit_step"
-            self.log.warning("plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason)
-            if self.transport.generation == self._ticket_generation:
-                self.transport.abort()  # a vote left pending on some rank must never meet a later collective
-            self._aborted(ticket.plan_id, code, reason)
         if self._plan is not None and self._plan.plan_id == ticket.plan_id:
             self._clear_plan()
 
     def _clear_plan(self) -> None:
-        self._plan = self._area = self._plan_rows = None
+        self._plan = self._staged = self._plan_rows = None
         self._staged_at = 0.0
 
     def _on_abort(self, msg: P.AbortPlan) -> None:
@@ -748,23 +512,17 @@ class WorkerAgent:
         if ticket is not None and ticket.plan_id == msg.plan_id:
             # In the vote: only the record decides. Ask for abort there; if commit is there
             # already, this rank commits at S like every other, and says so in Voted.
-            if not ticket.is_decided:
-                self._propose(ticket, Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}",
-                                                     "aborted_by_coordinator"))
-            return
-        if self._plan is None or self._plan.plan_id != msg.plan_id:
-            return
-        self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {msg.reason}")
+            self.voter.propose(Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}", "aborted_by_coordinator"))
+        elif self._plan is not None and self._plan.plan_id == msg.plan_id:
+            self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {msg.reason}")
 
     def _abandon_plan(self, code: str, reason: str) -> None:
         """Give up the current plan the only safe way: before the vote, drop it; in the vote,
         ask for ``abort`` in the record and let the serving thread finish the ticket."""
-        ticket = self._ticket
-        if ticket is not None:
-            if not ticket.is_decided:
-                self._propose(ticket, Decision.abort(self.rank, reason, code))
-            return
-        self._drop_plan(code, reason)
+        if self._ticket is not None:
+            self.voter.propose(Decision.abort(self.rank, reason, code))
+        else:
+            self._drop_plan(code, reason)
 
     def _drop_plan(self, code: str, reason: str) -> None:
         """Drop a plan that has not been voted on (no ticket armed): nothing can apply it."""
@@ -776,10 +534,11 @@ class WorkerAgent:
         self.log.warning("dropped plan %d: %s; maps untouched", plan.plan_id, reason)
         self._aborted(plan.plan_id, code, reason)
 
-    _handlers = {
-        P.Welcome: "_on_welcome", P.Reject: "_on_reject", P.CommInit: "_connect", P.Plan: "_on_plan",
-        P.VoteNow: "_on_vote", P.AbortPlan: "_on_abort", P.CoordinatorStopping: "_on_stopping",
-        P.HeartbeatAck: "_on_heartbeat_ack",
-    }
-    """Message type -> handler name (by name, so subclasses' overrides are the ones called)."""
 
+def msgspec_replace(config: P.AgentConfig, overrides: dict) -> P.AgentConfig:
+    """``config`` with this instance's own settings over the coordinator's."""
+    if not overrides:
+        return config
+    import msgspec
+
+    return msgspec.structs.replace(config, **overrides)

@@ -1,0 +1,206 @@
+"""The vote and the commit of a staged plan batch, on the agent's side.
+
+``VoteNow`` arms the serving thread's commit ticket at this rank's entry step, all-reduces
+``(entry step, fail, plan id, digests)`` over the side communicator, and proposes the outcome
+to the plan's decision record: ``commit S`` when every rank was ready and every remote row's
+sender and receiver digests agree, ``abort`` otherwise. The record's answer, not the
+all-reduce, decides: the serving thread applies the plan iff the record says ``commit``. A
+voted plan is never dropped: anything that gives up on it (an abort request, a rebuilt side
+communicator, a reset) only proposes ``abort``, and the ticket stays armed until the serving
+thread finishes it. The voter then reports: ``Voted`` once the decision is known,
+``Committed`` or ``Aborted`` once served.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from eplb_service import protocol as P
+from eplb_service.worker_agent.decision import Decider, Decision, DecisionRecord
+from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
+from eplb_service.worker_agent.staging import prepare_commit
+from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, CpuSections, Staged
+from eplb_service.worker_agent.transport import Transport, TransportError
+
+
+def vote_vector(entry: int, fail: int, plan_id: int, digests: np.ndarray | None) -> np.ndarray:
+    """``[entry, fail, plan_id, -plan_id, d_0..d_K-1, -d_0..-d_K-1]`` for the MAX all-reduce.
+
+    ``d_k`` is this rank's digest of remote op ``k``'s row (sent or received), or a
+    sentinel when it took no part. After MAX over ranks, slot ``k`` holds the larger
+    of sender's and receiver's digest and slot ``K+k`` minus the smaller: they agree
+    exactly when both digests are equal, so every rank learns of any corrupt row.
+    """
+    head = np.array([entry, fail, plan_id, -plan_id], dtype=np.int64)
+    digests = digests if digests is not None else np.empty(0, dtype=np.int64)
+    negated = np.where(digests == NO_DIGEST, NO_DIGEST, -digests)
+    return np.concatenate([head, digests, negated])
+
+
+def corrupt_ops(result: np.ndarray) -> list[int]:
+    """Remote ops whose sender and receiver digests differ, from the all-reduced vote vector."""
+    body = result[4:]
+    k = body.size // 2
+    return np.flatnonzero(body[:k] != -body[k:]).tolist()
+
+
+def proposal_from(result: np.ndarray, plan_id: int, rank: int, fence_steps: int) -> Decision:
+    """What this rank proposes to the record, given the all-reduced vote vector."""
+    if int(result[1]) != 0 or int(result[2]) != plan_id or int(result[3]) != -plan_id:
+        return Decision.abort(rank, "vote_failed: a rank was not ready", "vote_failed")
+    corrupt = corrupt_ops(result)
+    if corrupt:
+        return Decision.abort(rank, f"vote_failed: integrity: row digests differ between sender and receiver for remote "
+                                    f"ops {corrupt[:8]}", "integrity")
+    return Decision.commit_at(int(result[0]) + fence_steps, rank)
+
+
+class VoterHost(Protocol):
+    """What the voter needs of the agent around it."""
+
+    rank: int
+    hooks: ServingHooks
+    transport: Transport
+    decider: Decider
+    stats: collections.Counter
+    log: logging.LoggerAdapter
+
+    def send(self, message: P.Message) -> None: ...
+
+    def keep_alive(self) -> None: ...
+
+    @property
+    def session(self) -> int: ...
+
+    @property
+    def side_ready(self) -> bool: ...
+
+
+class CommitVoter:
+    def __init__(self, host: VoterHost, model) -> None:
+        self.host = host
+        self.model = model
+        self.ticket: CommitTicket | None = None
+        self._ticket_generation = -1
+        """Side-communicator generation the ticket's vote ran on (torn down after an abort)."""
+
+    def vote(self, msg: P.VoteNow, plan: P.Plan | None, rows: np.ndarray | None, staged: Staged | None,
+             record: DecisionRecord | None) -> None:
+        host = self.host
+        ready = (plan is not None and plan.plan_id == msg.plan_id and staged is not None and self.ticket is None
+                 and record is not None)
+        ticket = self._arm(msg.plan_id, plan, rows, staged, record) if ready else None
+        hooks = host.hooks
+        if ticket is not None:
+            entry = ticket.vote_entry_step
+            # If the serving thread passed entry+F before it could see the entry, this rank
+            # cannot honour the fence: vote "fail" so that no rank commits.
+            fail = 1 if hooks.steps_done >= entry + hooks.fence_steps else 0
+        else:
+            entry, fail = hooks.steps_done, 1
+        if not host.side_ready:
+            if ticket is not None:
+                ticket.propose_abort("not_connected", "side communicator not connected at the vote")
+            else:
+                self._aborted(msg.plan_id, "not_connected", "side communicator not connected at vote")
+            return
+        cpu = CpuSections(host.stats, "vote")
+        try:
+            result = self._all_reduce(vote_vector(entry, fail, msg.plan_id, staged.digests if ready else None), ticket)
+            cpu.mark("reduce")
+        except TransportError as exc:
+            host.log.error("vote for plan %d: %s", msg.plan_id, exc)
+            host.transport.abort()  # a pending collective must not meet a later one
+            if ticket is not None:
+                self.propose(Decision.abort(host.rank, f"vote_failed: {exc}", "vote_failed"))
+            else:
+                self._aborted(msg.plan_id, "vote_failed", f"vote failed: {exc}")
+            return
+        proposal = proposal_from(result, msg.plan_id, host.rank, hooks.fence_steps)
+        if proposal.code == "integrity":
+            host.stats["integrity_failures"] += 1
+            host.log.error("plan %d: expert rows corrupted in transit (%s); nobody commits", msg.plan_id, proposal.reason)
+        if ticket is None:
+            self._aborted(msg.plan_id, "not_staged", "vote arrived for a plan this rank has not staged")
+            return
+        self.propose(proposal)
+
+    def _arm(self, plan_id: int, plan: P.Plan, rows: np.ndarray, staged: Staged, record: DecisionRecord) -> CommitTicket:
+        host = self.host
+        cpu = CpuSections(host.stats, "vote")
+        with host.transport.device_context():  # complete when the vote's all-reduce returns
+            action = prepare_commit(self.model, plan_id, list(plan.layers), rows, staged.area)
+        cpu.mark("prepare")
+        ticket = CommitTicket(action=action, layers=list(plan.layers), rows=rows, record=record)
+        ticket.propose_abort = lambda code, reason: self.propose(Decision.abort(host.rank, reason, code))
+        self._ticket_generation = host.transport.generation
+        host.hooks.ticket = ticket
+        ticket.vote_entry_step = host.hooks.steps_done
+        self.ticket = ticket
+        return ticket
+
+    def _all_reduce(self, vector: np.ndarray, ticket: CommitTicket | None) -> np.ndarray:
+        host = self.host
+        me = threading.get_ident()
+
+        def keep_alive() -> None:  # called by the transport while the vote is pending
+            if threading.get_ident() != me:
+                return
+            host.keep_alive()  # a slow vote must not get this rank declared dead
+            if ticket is not None and ticket.is_decided:
+                # The record is final (this rank's serving thread, or another rank, got there
+                # first): nothing the all-reduce returns can change it.
+                raise TransportError(f"left the vote: the decision record already says {ticket.decision.describe()}")
+
+        host.transport.poll_hook = keep_alive
+        try:
+            return host.transport.max_reduce(vector)
+        finally:
+            host.transport.poll_hook = None
+
+    def propose(self, proposal: Decision) -> None:
+        """To the record the ticket was armed with (never a newer store's): answered on the decider thread."""
+        ticket = self.ticket
+        if ticket is not None and not ticket.is_decided:
+            self.host.decider.submit(ticket, ticket.record, proposal)
+
+    def report(self) -> CommitTicket | None:
+        """Tell the coordinator the decision once known, and the outcome once served; returns
+        the ticket the serving thread finished (the agent then updates its host maps)."""
+        ticket, host = self.ticket, self.host
+        if ticket is None:
+            return None
+        if ticket.is_decided and not ticket.voted_reported:
+            ticket.voted_reported = True
+            decision = ticket.decision
+            host.send(P.Voted(rank=host.rank, plan_id=ticket.plan_id, commit_step=max(decision.commit_step, 0),
+                              ok=decision.commit, session=host.session))
+        if not ticket.finished.is_set():
+            return None
+        self.ticket = None
+        if ticket.outcome == "committed":
+            host.stats["committed"] += 1
+            host.log.info("committed plan %d at step %d (epoch %d, stall %.1f us)", ticket.plan_id, ticket.outcome_step,
+                          host.hooks.epoch, ticket.stall_s * 1e6)
+            host.send(P.Committed(rank=host.rank, plan_id=ticket.plan_id, commit_step=ticket.outcome_step,
+                                  epoch=host.hooks.epoch, stall_s=ticket.stall_s, session=host.session))
+            return ticket
+        host.stats["aborted"] += 1
+        aborted = ticket.outcome == "aborted"
+        reason = ticket.reason if aborted else ticket.outcome
+        code = ticket.code if aborted and ticket.code else "missed_commit_step"
+        host.log.warning("plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason)
+        if host.transport.generation == self._ticket_generation:
+            host.transport.abort()  # a vote left pending on some rank must never meet a later collective
+        self._aborted(ticket.plan_id, code, reason)
+        return ticket
+
+    def _aborted(self, plan_id: int, code: str, reason: str) -> None:
+        host = self.host
+        host.send(P.Aborted(rank=host.rank, plan_id=plan_id, reason=reason, session=host.session, code=code))
+

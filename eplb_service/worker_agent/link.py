@@ -1,0 +1,78 @@
+"""The agent's connection to the coordinator: one DEALER socket, messages decoded at the edge.
+
+Every socket gets a fresh random identity, so a reopened agent never collides with its own
+old pipe, and nobody can guess a live agent's route. Sends never block (a full queue drops
+the message and counts it); every frame received refreshes ``last_heard``, which the agent
+watches to reopen a connection that went silent.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import time
+
+import zmq
+
+from eplb_service import protocol as P
+from eplb_service.security import ClientCurve
+
+
+class CoordinatorLink:
+    def __init__(self, rank: int, endpoint: str, curve: ClientCurve | None, stats: collections.Counter,
+                 log: logging.LoggerAdapter) -> None:
+        self.rank, self.endpoint, self.curve, self.stats, self.log = rank, endpoint, curve, stats, log
+        self._ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+        self.last_heard = 0.0
+
+    def open(self) -> None:
+        """A fresh DEALER with a fresh identity (closing the old one first)."""
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{secrets.token_hex(6)}".encode())
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        self.last_heard = time.monotonic()
+
+    def send(self, message: P.Message) -> None:
+        try:
+            self.sock.send(P.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats["send_dropped"] += 1
+
+    def receive(self, poll_ms: int) -> list[P.Message]:
+        """Everything that arrived within ``poll_ms`` (0: what is there now), decoded; bad frames are counted and dropped."""
+        sock = self.sock
+        if not sock.poll(poll_ms, zmq.POLLIN):
+            return []
+        messages = []
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
+            self.last_heard = time.monotonic()
+            try:
+                messages.append(P.decode(frame))
+            except P.ProtocolError as exc:
+                self.stats["bad_messages"] += 1
+                self.log.error("dropped a bad message from the coordinator: %s", exc)
+
+    def close(self) -> None:
+        try:
+            if self.sock is not None:
+                self.sock.close(linger=200)
+        finally:
+            if self._ctx is not None:
+                self._ctx.term()
