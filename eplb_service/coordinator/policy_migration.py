@@ -363,12 +363,13 @@ def swap_search(
     for _ in range(max_rounds):
         if active.size == 0:
             break
-        swapped = np.zeros(active.size, dtype=bool)
+        rows = np.arange(active.size)
+        swapped = np.zeros((active.size, num_ranks), dtype=bool)
         # Pairs: the k-th hottest rank with the k-th coolest, for every hot rank above target.
         loads = rank_load[active]
         by_load = np.argsort(loads, axis=1, kind="stable")
         hot, cool = by_load[:, ::-1][:, :half], by_load[:, :half]
-        row, k = np.nonzero(loads[np.arange(active.size)[:, None], hot] > target[active][:, None])
+        row, k = np.nonzero(loads[rows[:, None], hot] > target[active][:, None])
         lay = active[row]
         rank_a, rank_b = hot[row, k], cool[row, k]
         gap = rank_load[lay, rank_a] - rank_load[lay, rank_b]
@@ -379,14 +380,12 @@ def swap_search(
         )
         ok = gap / 2 - miss >= gate[lay]  # the hot rank drops by gap/2 - miss (inf miss: no exchange)
         exchange(lay[ok], rank_a[ok], rank_b[ok], i[ok], j[ok])
-        swapped[row[ok]] = True
-        hottest_swapped = np.zeros(active.size, dtype=bool)
-        hottest_swapped[row[ok & (k == 0)]] = True
-        # A hottest rank its partner could not lower tries every other rank.
-        idx = np.flatnonzero(~hottest_swapped & (rank_load[active].max(axis=1) > target[active]))
+        swapped[row[ok], rank_a[ok]] = swapped[row[ok], rank_b[ok]] = True
+        # The hottest rank now, if no pair exchange touched it, tries every other rank.
+        hottest = rank_load[active].argmax(axis=1)
+        idx = np.flatnonzero(~swapped[rows, hottest] & (rank_load[active, hottest] > target[active]))
         if idx.size:
-            lay_b = active[idx]
-            hottest = rank_load[lay_b].argmax(axis=1)
+            lay_b, hottest = active[idx], hottest[idx]
             others = np.argsort(np.arange(num_ranks)[None, :] == hottest[:, None], axis=1, kind="stable")[:, :-1]
             lay = np.repeat(lay_b, num_ranks - 1)
             rank_a = np.repeat(hottest, num_ranks - 1)
@@ -402,8 +401,8 @@ def swap_search(
             ok = pair_max[np.arange(idx.size), pick] <= rank_load[lay_b, hottest] - gate[lay_b]
             sel = (np.arange(idx.size) * (num_ranks - 1) + pick)[ok]
             exchange(lay[sel], rank_a[sel], rank_b[sel], i[sel], j[sel])
-            swapped[idx[ok]] = True
-        done = ~swapped | (rank_load[active].max(axis=1) <= target[active])
+            swapped[idx[ok], hottest[ok]] = True
+        done = ~swapped.any(axis=1) | (rank_load[active].max(axis=1) <= target[active])
         active = active[~done]
     return out
 
