@@ -347,6 +347,7 @@ class CellResult:
     shape: MatrixShape
     workload: Workload
     layers: int
+    rebalances: int
     deepseek: SequenceResult
     migration: SequenceResult
     migration_decayed: SequenceResult
@@ -362,6 +363,11 @@ class CellResult:
     @property
     def moved_share(self) -> float:
         return self.migration.moved / max(self.deepseek.moved, 1)
+
+    @property
+    def deepseek_moved_per_rebalance(self) -> float:
+        """DeepSeek's slots changed per measured rebalance, as a share of all slots."""
+        return self.deepseek.moved / (self.rebalances * self.layers * self.shape.slots)
 
     @property
     def bytes_share(self) -> float:
@@ -390,7 +396,7 @@ def run_cell(shape: MatrixShape, workload: Workload, *, rebalances: int = 10, se
     deepseek = run_sequence("deepseek", shape, loads)
     migration = run_sequence("migration", shape, loads)
     smoothed = run_sequence("migration", shape, loads, decayed=True) if decayed else migration
-    return CellResult(shape, workload, layers, deepseek, migration, smoothed)
+    return CellResult(shape, workload, layers, rebalances, deepseek, migration, smoothed)
 
 
 def matrix_table(results: list[CellResult]) -> str:
@@ -399,9 +405,9 @@ def matrix_table(results: list[CellResult]) -> str:
     worst_moved = max(results, key=lambda r: r.moved_share)
     lines = [
         "| shape | workload | next window: DeepSeek | migration | Δ pp | on decayed window Δ pp "
-        "| planned: DeepSeek | migration | slots moved vs DeepSeek | bytes vs DeepSeek "
-        "| warm-up slots vs DeepSeek | plan ms DeepSeek / migration | targets |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| planned: DeepSeek | migration | DeepSeek's slots moved / rebalance | slots moved vs DeepSeek "
+        "| bytes vs DeepSeek | warm-up slots vs DeepSeek | plan ms DeepSeek / migration | targets |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         bal = f"{r.balance_pp:+.2f}"
@@ -414,11 +420,47 @@ def matrix_table(results: list[CellResult]) -> str:
                                          ("moved", r.moved_share <= MOVED_TARGET)) if not ok]
         lines.append(
             f"| {r.shape.label} | {r.workload.label} | {r.deepseek.next_window:.4f} | {r.migration.next_window:.4f} "
-            f"| {bal} | {r.decayed_pp:+.2f} | {r.deepseek.planned:.4f} | {r.migration.planned:.4f} | {mov} "
+            f"| {bal} | {r.decayed_pp:+.2f} | {r.deepseek.planned:.4f} | {r.migration.planned:.4f} "
+            f"| {100 * r.deepseek_moved_per_rebalance:.0f}% | {mov} "
             f"| {100 * r.bytes_share:.1f}% | {100 * r.migration.warmup_moved / max(r.deepseek.warmup_moved, 1):.0f}% "
             f"| {r.deepseek.plan_ms:.1f} / {r.migration.plan_ms:.1f} "
             f"| {'ok' if not misses else 'MISS ' + ', '.join(misses)} |"
         )
+    return "\n".join(lines)
+
+
+def matrix_shape_table(results: list[CellResult]) -> str:
+    """Per shape: cells meeting the targets, the misses, the worst numbers."""
+    lines = [
+        "| shape | layers | cells meeting both | balance misses | slots misses | worst Δ pp | worst slots vs DeepSeek "
+        "| DeepSeek's slots moved / rebalance | plan ms DeepSeek / migration (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape in dict.fromkeys(r.shape for r in results):
+        rows = [r for r in results if r.shape == shape]
+        balance_misses = sum(r.balance_pp < BALANCE_TARGET_PP for r in rows)
+        moved_misses = sum(r.moved_share > MOVED_TARGET for r in rows)
+        lines.append(
+            f"| {shape.label} | {rows[0].layers} | {sum(r.meets_targets for r in rows)} of {len(rows)} "
+            f"| {balance_misses} | {moved_misses} "
+            f"| {min(r.balance_pp for r in rows):+.2f} | {100 * max(r.moved_share for r in rows):.1f}% "
+            f"| {100 * np.mean([r.deepseek_moved_per_rebalance for r in rows]):.0f}% "
+            f"| {statistics.median(r.deepseek.plan_ms for r in rows):.1f} / "
+            f"{statistics.median(r.migration.plan_ms for r in rows):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def decayed_table(results: list[CellResult]) -> str:
+    """Per drift and noise: migration on the last window vs on the decayed window, against DeepSeek."""
+    lines = ["| drift | noise | Δ pp, last window (mean) | Δ pp, decayed window (mean) | decayed better in |",
+             "|---|---|---:|---:|---:|"]
+    for drift, noise in itertools.product(DRIFTS, NOISES):
+        rows = [r for r in results if r.workload.drift == drift and r.workload.noise == noise]
+        if rows:
+            lines.append(f"| {drift} | {noise} | {np.mean([r.balance_pp for r in rows]):+.2f} "
+                         f"| {np.mean([r.decayed_pp for r in rows]):+.2f} "
+                         f"| {sum(r.decayed_pp > r.balance_pp for r in rows)} of {len(rows)} |")
     return "\n".join(lines)
 
 
@@ -452,6 +494,8 @@ def run_matrix(args: argparse.Namespace) -> None:
     print(f"Machine: {machine()}; seed {args.seed}; warm-up + {args.rebalances} rebalances per cell; "
           f"{time.perf_counter() - start:.0f} s\n")
     print(matrix_summary(results) + "\n")
+    print(matrix_shape_table(results) + "\n")
+    print(decayed_table(results) + "\n")
     print(matrix_table(results))
 
 

@@ -28,11 +28,15 @@ together, vectorised):
      is a count of routed tokens, so finer differences are noise and buy nothing in the next
      window), at most :data:`MAX_TOLERANCE`.
 
-   While some rank is above the target, ranks are paired hottest-with-coolest and, per pair
-   whose hot rank is above target, one replica of the hot rank is exchanged with one of the
+   In a layer without redundant slots a hot expert cannot be split, so the rank holding it sets
+   that target; there every other rank also aims at its own floor (its heaviest expert plus the
+   lightest companions, or the mean rank load), so the rest of the layer is levelled as well.
+
+   While some rank is above its target, ranks are paired hottest-with-coolest and, per pair
+   whose hot rank is above its target, one replica of the hot rank is exchanged with one of the
    cool rank: the exchange moving load closest to half the pair's gap (a nearest-neighbour
    search on sorted replica loads), so one swap evens the pair as much as any single swap can.
-   When the hottest rank's partner has no such exchange, the hottest rank tries every other
+   The rank furthest above its target, if no pair exchange touched it, then tries every other
    rank and takes the exchange that leaves the pair's larger load smallest. **A swap is made
    only if it lowers its hot rank by at least** ``min_swap_share`` **of the tolerance**: two
    slots are worth moving for a real gain, not for a difference the noise will undo. A layer
@@ -322,7 +326,7 @@ def swap_search(
     reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
 ) -> np.ndarray:
-    """Step 3: one-for-one replica exchanges that lower the hottest ranks (a new array).
+    """Step 3: one-for-one replica exchanges that lower the ranks above their targets (a new array).
 
     Args:
         phy2log: ``[L, P]`` starting placement whose replica counts are ``counts``.
@@ -349,6 +353,19 @@ def swap_search(
     target = reference_level(slot_load, num_ranks, reference_max_slots) + step
     gate = np.maximum(min_swap_share * step, 1e-12)
     local = np.arange(slots_per_rank)
+    # Without redundant slots a hot expert cannot be split: every rank also aims at its own floor.
+    companions = np.sort(slot_load, axis=1)[:, : slots_per_rank - 1].sum(axis=1)
+    unsplit = counts.max(axis=1) <= 1
+
+    def limits_of(lay: np.ndarray) -> np.ndarray:
+        """``[len(lay), R]`` the load each rank of these layers must get under."""
+        limits = np.repeat(target[lay][:, None], num_ranks, axis=1)
+        own = unsplit[lay]
+        if own.any():
+            heaviest = slot_load[lay[own]].reshape(own.sum(), num_ranks, slots_per_rank).max(axis=2)
+            floor = np.maximum(1.0 / num_ranks, heaviest + companions[lay[own]][:, None]) + step[lay[own]][:, None]
+            limits[own] = np.minimum(floor, limits[own])
+        return limits
 
     def exchange(lay, rank_a, rank_b, i, j):
         slot_a = rank_a * slots_per_rank + i
@@ -359,17 +376,19 @@ def swap_search(
         rank_load[lay, rank_a] -= val_a - val_b
         rank_load[lay, rank_b] += val_a - val_b
 
-    active = np.flatnonzero((totals > 0) & (rank_load.max(axis=1) > target))
+    all_layers = np.arange(num_layers)
+    active = all_layers[(totals > 0) & (rank_load > limits_of(all_layers)).any(axis=1)]
     for _ in range(max_rounds):
         if active.size == 0:
             break
         rows = np.arange(active.size)
         swapped = np.zeros((active.size, num_ranks), dtype=bool)
-        # Pairs: the k-th hottest rank with the k-th coolest, for every hot rank above target.
+        # Pairs: the k-th hottest rank with the k-th coolest, for every hot rank above its limit.
         loads = rank_load[active]
+        limits = limits_of(active)
         by_load = np.argsort(loads, axis=1, kind="stable")
         hot, cool = by_load[:, ::-1][:, :half], by_load[:, :half]
-        row, k = np.nonzero(loads[rows[:, None], hot] > target[active][:, None])
+        row, k = np.nonzero(loads[rows[:, None], hot] > limits[rows[:, None], hot])
         lay = active[row]
         rank_a, rank_b = hot[row, k], cool[row, k]
         gap = rank_load[lay, rank_a] - rank_load[lay, rank_b]
@@ -381,9 +400,10 @@ def swap_search(
         ok = gap / 2 - miss >= gate[lay]  # the hot rank drops by gap/2 - miss (inf miss: no exchange)
         exchange(lay[ok], rank_a[ok], rank_b[ok], i[ok], j[ok])
         swapped[row[ok], rank_a[ok]] = swapped[row[ok], rank_b[ok]] = True
-        # The hottest rank now, if no pair exchange touched it, tries every other rank.
-        hottest = rank_load[active].argmax(axis=1)
-        idx = np.flatnonzero(~swapped[rows, hottest] & (rank_load[active, hottest] > target[active]))
+        # The rank furthest above its limit now, if no pair exchange touched it, tries every other rank.
+        excess = rank_load[active] - limits_of(active)
+        hottest = excess.argmax(axis=1)
+        idx = np.flatnonzero(~swapped[rows, hottest] & (excess[rows, hottest] > 0))
         if idx.size:
             lay_b, hottest = active[idx], hottest[idx]
             others = np.argsort(np.arange(num_ranks)[None, :] == hottest[:, None], axis=1, kind="stable")[:, :-1]
@@ -402,7 +422,7 @@ def swap_search(
             sel = (np.arange(idx.size) * (num_ranks - 1) + pick)[ok]
             exchange(lay[sel], rank_a[sel], rank_b[sel], i[sel], j[sel])
             swapped[idx[ok], hottest[ok]] = True
-        done = ~swapped.any(axis=1) | (rank_load[active].max(axis=1) <= target[active])
+        done = ~swapped.any(axis=1) | ~(rank_load[active] > limits_of(active)).any(axis=1)
         active = active[~done]
     return out
 
