@@ -31,6 +31,8 @@ together, vectorised):
    In a layer without redundant slots a hot expert cannot be split, so the rank holding it sets
    that target; there every other rank also aims at its own floor (its heaviest expert plus the
    lightest companions, or the mean rank load), so the rest of the layer is levelled as well.
+   Not with two slots per rank: there the bound is already the best pairing (largest with
+   smallest), and a floor of "heaviest plus the lightest" could be met by one rank only.
 
    While some rank is above its target, ranks are paired hottest-with-coolest and, per pair
    whose hot rank is above its target, one replica of the hot rank is exchanged with one of the
@@ -355,7 +357,7 @@ def swap_search(
     local = np.arange(slots_per_rank)
     # Without redundant slots a hot expert cannot be split: every rank also aims at its own floor.
     companions = np.sort(slot_load, axis=1)[:, : slots_per_rank - 1].sum(axis=1)
-    unsplit = counts.max(axis=1) <= 1
+    unsplit = (counts.max(axis=1) <= 1) & (slots_per_rank > 2)
 
     def limits_of(lay: np.ndarray) -> np.ndarray:
         """``[len(lay), R]`` the load each rank of these layers must get under."""
