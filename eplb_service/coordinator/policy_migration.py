@@ -23,10 +23,12 @@ together, vectorised):
      at most ``reference_max_slots`` slots also the largest rank load of DeepSeek's greedy
      packing of the same replicas, which is cheap there and shows what coarse layers (few
      slots per rank) can really reach, where the bound cannot be met;
-   - plus a **tolerance**, a share of the mean rank load: ``tolerance``, or the sampling noise
-     of a rank's load when that is larger (``noise_sigmas / sqrt(tokens per rank)``: the load
-     is a count of routed tokens, so finer differences are noise and buy nothing in the next
-     window), at most :data:`MAX_TOLERANCE`.
+   - plus a **tolerance**, a share of the mean rank load (:func:`swap_tolerance`): the largest
+     of ``tolerance``; ``replica_share`` of a mean replica's load (packing is no finer than a
+     replica, and with few slots per rank one swap moves a large share of a rank); and the
+     sampling noise of a rank's load, ``noise_sigmas / sqrt(tokens per rank)`` (the load is a
+     count of routed tokens, so finer differences are noise and buy nothing in the next window),
+     at most :data:`MAX_TOLERANCE`.
 
    In a layer without redundant slots a hot expert cannot be split, so the rank holding it sets
    that target; there every other rank also aims at its own floor (its heaviest expert plus the
@@ -65,6 +67,8 @@ from eplb_service.placement import logical_replica_count, rank_holdings
 
 DEFAULT_TOLERANCE = 0.003
 """Smallest stopping tolerance, as a share of the mean rank load."""
+DEFAULT_REPLICA_SHARE = 0.1
+"""Stopping tolerance of at least this share of a mean replica's load."""
 DEFAULT_NOISE_SIGMAS = 1.0
 """Rank-load sampling noise (in standard deviations) the tolerance covers."""
 MAX_TOLERANCE = 0.05
@@ -286,16 +290,24 @@ def packing_lower_bound(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
     return np.maximum(bound.max(axis=1), top[:, -1] / num_ranks)
 
 
-def swap_tolerance(load: np.ndarray, num_ranks: int, tolerance: float, noise_sigmas: float) -> np.ndarray:
+def swap_tolerance(
+    load: np.ndarray,
+    num_ranks: int,
+    slots_per_rank: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    replica_share: float = DEFAULT_REPLICA_SHARE,
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+) -> np.ndarray:
     """``[L]`` the stopping tolerance of each layer, as a share of its mean rank load.
 
-    ``max(tolerance, noise_sigmas / sqrt(mean rank load))``, at most :data:`MAX_TOLERANCE`:
-    with loads in routed tokens, a rank's load is a count whose sampling noise is about
-    ``1 / sqrt(count)`` of it, so finer differences are noise, not load (see the module docstring).
+    The largest of ``tolerance``; ``replica_share`` of a mean replica's load (``1 / S`` of a
+    rank's): packing is no finer than one replica; and ``noise_sigmas / sqrt(tokens per rank)``,
+    at most :data:`MAX_TOLERANCE`: with loads in routed tokens a rank's load is a count whose
+    sampling noise is about ``1 / sqrt(count)`` of it, so finer differences are noise, not load.
     """
     rank_tokens = np.asarray(load, dtype=np.float64).sum(axis=1) / num_ranks
-    noise = noise_sigmas / np.sqrt(np.maximum(rank_tokens, 1e-300))
-    return np.minimum(np.maximum(tolerance, noise), max(tolerance, MAX_TOLERANCE))
+    noise = np.minimum(noise_sigmas / np.sqrt(np.maximum(rank_tokens, 1e-300)), MAX_TOLERANCE)
+    return np.maximum(np.maximum(tolerance, replica_share / slots_per_rank), noise)
 
 
 def reference_level(slot_load: np.ndarray, num_ranks: int, reference_max_slots: int) -> np.ndarray:
@@ -323,6 +335,7 @@ def swap_search(
     num_ranks: int,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
+    replica_share: float = DEFAULT_REPLICA_SHARE,
     noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
     min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
     reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
@@ -335,7 +348,7 @@ def swap_search(
         load: ``[L, N_log]`` load per logical expert, in routed tokens.
         counts: ``[L, N_log]`` replicas per expert in ``phy2log``.
         num_ranks: EP ranks.
-        tolerance, noise_sigmas: the stopping tolerance (see :func:`swap_tolerance`).
+        tolerance, replica_share, noise_sigmas: the stopping tolerance (see :func:`swap_tolerance`).
         min_swap_share: a swap must lower its hot rank by this share of the tolerance.
         reference_max_slots: see :func:`reference_level`.
         max_rounds: upper bound on rounds.
@@ -351,7 +364,7 @@ def swap_search(
     norm = load / np.where(totals > 0, totals, 1.0)[:, None]
     slot_load = (norm / np.maximum(counts, 1))[np.arange(num_layers)[:, None], out]  # [L, P]
     rank_load = slot_load.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)
-    step = swap_tolerance(load, num_ranks, tolerance, noise_sigmas) / num_ranks  # [L], share of the layer
+    step = swap_tolerance(load, num_ranks, slots_per_rank, tolerance, replica_share, noise_sigmas) / num_ranks
     target = reference_level(slot_load, num_ranks, reference_max_slots) + step
     gate = np.maximum(min_swap_share * step, 1e-12)
     local = np.arange(slots_per_rank)
@@ -435,6 +448,7 @@ def migration_phy2log(
     num_ranks: int,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
+    replica_share: float = DEFAULT_REPLICA_SHARE,
     noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
     min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
     reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
@@ -447,8 +461,8 @@ def migration_phy2log(
         current_phy2log: ``[L, P]`` valid current placement.
         logical_load: ``[L, N_log]`` load per logical expert, in routed tokens (>= 0, finite).
         num_ranks: EP ranks (divides ``P``).
-        tolerance, noise_sigmas, min_swap_share, reference_max_slots, max_rounds: see
-            :func:`swap_search`.
+        tolerance, replica_share, noise_sigmas, min_swap_share, reference_max_slots, max_rounds:
+            see :func:`swap_search`.
         count_cap_share: see :func:`target_replica_counts`.
 
     Returns:
@@ -460,6 +474,6 @@ def migration_phy2log(
     current_counts = logical_replica_count(current, load.shape[1])
     new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share)
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
-    return swap_search(placed, load, new_counts, num_ranks, tolerance=tolerance, noise_sigmas=noise_sigmas,
-                       min_swap_share=min_swap_share, reference_max_slots=reference_max_slots,
-                       max_rounds=max_rounds)
+    return swap_search(placed, load, new_counts, num_ranks, tolerance=tolerance, replica_share=replica_share,
+                       noise_sigmas=noise_sigmas, min_swap_share=min_swap_share,
+                       reference_max_slots=reference_max_slots, max_rounds=max_rounds)
