@@ -146,6 +146,7 @@ def machine() -> str:
         pass
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"
 
+
 # --- Workload matrix -------------------------------------------------------------------------
 
 BALANCE_TARGET_PP = -0.5
