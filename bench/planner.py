@@ -19,20 +19,29 @@ Columns:
 - ``experts moved`` / ``bytes moved``: per rebalance, mean; bytes count only copies that cross
   ranks (``bytes_per_expert`` = 1 here, so bytes = remote copies).
 
-Usage: ``python bench/planner.py [--rebalances 20] [--seed 0] [--markdown-only]``
+Usage: ``python bench/planner.py [--rebalances 20] [--seed 0]``
+
+``--matrix`` runs the workload matrix instead (see :func:`matrix_cells` and ``bench/README.md``):
+every deployment shape of :data:`MATRIX_SHAPES` under every workload of :data:`WORKLOADS`, each
+cell a warm-up plan from vLLM's initial placement and then ``--rebalances`` (default 10)
+successive rebalances, each from the policy's previous placement; one table row per cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
+import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.placement import (
     PlacementShape,
@@ -138,13 +147,373 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"
 
 
+# --- Workload matrix -------------------------------------------------------------------------
+
+BALANCE_TARGET_PP = -0.5
+"""Per cell: migration's next-window balancedness minus DeepSeek's, in points, at least this."""
+MOVED_TARGET = 0.2
+"""Per cell: slots migration moves over the sequence, as a share of DeepSeek's, at most this."""
+
+
+@dataclass(frozen=True)
+class MatrixShape:
+    """One deployment shape of the matrix: a published MoE model on an EP size it is served on.
+
+    Attributes:
+        name: the model and deployment it stands for.
+        experts: logical experts per layer; redundant: redundant slots per layer; ranks: EP ranks.
+        top_k: experts per token; no expert can take more than ``1 / top_k`` of a layer's load.
+        groups, nodes: DeepSeek's group/node hierarchy (1 / 1: none).
+    """
+
+    name: str
+    experts: int
+    redundant: int
+    ranks: int
+    top_k: int
+    groups: int = 1
+    nodes: int = 1
+
+    @property
+    def slots(self) -> int:
+        return self.experts + self.redundant
+
+    @property
+    def label(self) -> str:
+        hierarchy = f", {self.groups} groups / {self.nodes} nodes" if self.groups > 1 else ""
+        return (f"{self.name}: {self.experts}+{self.redundant} on {self.ranks} "
+                f"({self.slots // self.ranks}/rank{hierarchy})")
+
+
+MATRIX_SHAPES = (
+    MatrixShape("Mixtral-8x7B EP4", 8, 0, 4, 2),
+    MatrixShape("Mixtral-8x7B EP4", 8, 4, 4, 2),
+    MatrixShape("Mixtral-8x7B EP2", 8, 2, 2, 2),
+    MatrixShape("DeepSeek-V2-Lite EP8", 64, 16, 8, 6),
+    MatrixShape("DeepSeek-V2-Lite EP16", 64, 32, 16, 6),
+    MatrixShape("DeepSeek-V2-Lite EP32", 64, 0, 32, 6),
+    MatrixShape("Qwen3-30B-A3B EP8", 128, 0, 8, 8),
+    MatrixShape("Qwen3-235B-A22B EP16", 128, 32, 16, 8),
+    MatrixShape("Qwen3-235B-A22B EP64", 128, 64, 64, 8),
+    MatrixShape("DeepSeek-V3 EP16", 256, 0, 16, 8, 8, 2),
+    MatrixShape("DeepSeek-V3 EP32", 256, 32, 32, 8, 8, 4),
+    MatrixShape("DeepSeek-V3 EP32", 256, 32, 32, 8),
+    MatrixShape("DeepSeek-V3 EP64", 256, 64, 64, 8, 8, 8),
+    MatrixShape("DeepSeek-V3 EP144", 256, 32, 144, 8),
+    MatrixShape("Qwen3.5-397B-A17B EP8", 512, 32, 8, 10),
+    MatrixShape("Qwen3.5-397B-A17B EP16", 512, 0, 16, 10),
+    MatrixShape("Qwen3.5-397B-A17B EP32", 512, 256, 32, 10),
+    MatrixShape("Qwen3.5-397B-A17B EP256", 512, 0, 256, 10),
+)
+
+POPULARITIES = ("zipf-0.6", "zipf-1.0", "zipf-1.4", "lognormal")
+DRIFTS = ("slow", "swap", "abrupt")
+NOISES = ("low", "high")
+NOISE_TOKENS_PER_EXPERT = {"low": 16384, "high": 256}
+"""Routed tokens per expert per window: relative sampling noise ~1/sqrt of it (0.8% / 6%)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How expert popularity looks and moves (see :func:`matrix_loads`)."""
+
+    popularity: str
+    drift: str
+    noise: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.popularity}, {self.drift}, {self.noise} noise"
+
+
+WORKLOADS = tuple(Workload(p, d, n) for p, d, n in itertools.product(POPULARITIES, DRIFTS, NOISES))
+
+
+def matrix_layers(shape: MatrixShape) -> int:
+    """Layers simulated per cell: more for small layers, so every cell averages similar slot counts."""
+    return int(np.clip(8192 // shape.slots, 8, 64))
+
+
+def cap_shares(prob: np.ndarray, cap: float) -> np.ndarray:
+    """``[L, N]`` shares with none above ``cap``, the excess spread over the others in proportion."""
+    out = prob.copy()
+    for _ in range(out.shape[1]):
+        over = out > cap * (1 + 1e-12)
+        if not over.any():
+            break
+        capped = np.where(over | (out >= cap), cap, 0.0)
+        free = np.where(capped > 0, 0.0, out)
+        scale = (1.0 - capped.sum(axis=1, keepdims=True)) / np.maximum(free.sum(axis=1, keepdims=True), 1e-300)
+        out = np.where(capped > 0, cap, free * scale)
+    return out
+
+
+def matrix_loads(shape: MatrixShape, workload: Workload, layers: int, windows: int, seed: int) -> list[np.ndarray]:
+    """``windows`` successive ``[layers, experts]`` load windows, in routed tokens.
+
+    - Popularity (per layer, experts in random order): Zipf ``p_i ~ 1 / i**s`` or log-normal
+      (sigma 1); no expert above ``1 / top_k`` (a token's ``top_k`` experts are distinct).
+    - Drift, between windows, in log popularity: always a mean-reverting random walk (step
+      sigma 0.05, reversion 0.1 toward the layer's base); ``swap`` also swaps, in every layer,
+      one expert of the hottest eighth with a random expert (base included: the change lasts);
+      ``abrupt`` also makes, in a quarter of the layers, an expert of the colder half twice as
+      popular as the hottest (a hot expert from nowhere, fading back at the reversion rate).
+    - Noise: each window is a multinomial sample of :data:`NOISE_TOKENS_PER_EXPERT` tokens
+      per expert.
+    """
+    rng = np.random.default_rng(seed)
+    num = shape.experts
+    rows = np.arange(layers)
+    if workload.popularity.startswith("zipf"):
+        exponent = float(workload.popularity.split("-")[1])
+        base = -exponent * np.log(np.argsort(rng.random((layers, num)), axis=1) + 1.0)
+    else:
+        base = rng.normal(0.0, 1.0, size=(layers, num))
+    logits = base.copy()
+    tokens = NOISE_TOKENS_PER_EXPERT[workload.noise] * num
+    out = []
+    for window in range(windows):
+        if window:
+            logits = logits + 0.1 * (base - logits) + rng.normal(0.0, 0.05, size=logits.shape)
+            if workload.drift == "swap":
+                hot = np.argsort(-logits, axis=1)[rows, rng.integers(0, max(1, num // 8), layers)]
+                other = rng.integers(0, num, layers)
+                for arr in (logits, base):
+                    arr[rows, hot], arr[rows, other] = arr[rows, other], arr[rows, hot]
+            elif workload.drift == "abrupt":
+                cold = np.argsort(logits, axis=1)[rows, rng.integers(0, max(1, num // 2), layers)]
+                hit = rng.random(layers) < 0.25
+                logits[rows[hit], cold[hit]] = logits.max(axis=1)[hit] + np.log(2.0)
+        prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+        prob = cap_shares(prob / prob.sum(axis=1, keepdims=True), 1.0 / shape.top_k)
+        out.append(rng.multinomial(tokens, prob).astype(np.float64))
+    return out
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    """One policy over one cell's sequence (means over the measured rebalances).
+
+    Attributes:
+        planned: balancedness under the load planned for; next_window: under the next window's.
+        moved, bytes: slots changed and bytes across ranks, summed over the measured rebalances.
+        warmup_moved: slots changed by the warm-up plan from vLLM's initial placement.
+        plan_ms: median wall time of one ``plan_rebalance``.
+    """
+
+    planned: float
+    next_window: float
+    moved: int
+    bytes: int
+    warmup_moved: int
+    plan_ms: float
+
+
+def run_sequence(policy: str, shape: MatrixShape, loads: list[np.ndarray], *, decayed: bool = False,
+                 warmup: int = 1) -> SequenceResult:
+    """Plan every window but the last, each from the previous plan; score on the next window.
+
+    ``decayed``: plan on the coordinator's decayed load window (:class:`LoadWindow`, half-life
+    one rebalance interval, its default) instead of the last window alone.
+    """
+    layers = loads[0].shape[0]
+    pshape = PlacementShape(layers, shape.experts, shape.slots, shape.ranks)
+    current = initial_phy2log(pshape)
+    interval = 200
+    window = LoadWindow(layers, shape.experts, half_life_steps=interval)
+    planned, realized, times = [], [], []
+    moved = sent = warm = 0
+    for i in range(len(loads) - 1):
+        window.add(loads[i], i * interval, (i + 1) * interval)
+        load = window.load.copy() if decayed else loads[i]
+        start = time.perf_counter()
+        plan = plan_rebalance(policy, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
+        times.append((time.perf_counter() - start) * 1e3)
+        current = plan.target_phy2log
+        if i < warmup:
+            warm += plan.experts_moved
+            continue
+        planned.append(plan.balancedness_after)
+        realized.append(model_balancedness(rank_loads(current, loads[i + 1], shape.ranks)))
+        moved += plan.experts_moved
+        sent += plan.bytes_moved
+    return SequenceResult(float(np.mean(planned)), float(np.mean(realized)), moved, sent, warm,
+                          statistics.median(times))
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """DeepSeek and migration (both on the last window) and migration on the decayed window."""
+
+    shape: MatrixShape
+    workload: Workload
+    layers: int
+    rebalances: int
+    deepseek: SequenceResult
+    migration: SequenceResult
+    migration_decayed: SequenceResult
+
+    @property
+    def balance_pp(self) -> float:
+        return 100 * (self.migration.next_window - self.deepseek.next_window)
+
+    @property
+    def decayed_pp(self) -> float:
+        return 100 * (self.migration_decayed.next_window - self.deepseek.next_window)
+
+    @property
+    def moved_share(self) -> float:
+        return self.migration.moved / max(self.deepseek.moved, 1)
+
+    @property
+    def deepseek_moved_per_rebalance(self) -> float:
+        """DeepSeek's slots changed per measured rebalance, as a share of all slots."""
+        return self.deepseek.moved / (self.rebalances * self.layers * self.shape.slots)
+
+    @property
+    def bytes_share(self) -> float:
+        return self.migration.bytes / max(self.deepseek.bytes, 1)
+
+    @property
+    def meets_targets(self) -> bool:
+        return self.balance_pp >= BALANCE_TARGET_PP and self.moved_share <= MOVED_TARGET
+
+
+def matrix_cells(shapes=MATRIX_SHAPES, workloads=WORKLOADS) -> list[tuple[MatrixShape, Workload]]:
+    """Every (shape, workload) pair, shapes outermost."""
+    return [(s, w) for s in shapes for w in workloads]
+
+
+def run_cell(shape: MatrixShape, workload: Workload, *, rebalances: int = 10, seed: int = 0,
+             layers: int | None = None, decayed: bool = True) -> CellResult:
+    """One cell: a warm-up plan, then ``rebalances`` measured ones, for each policy on the same loads.
+
+    The cell's loads depend only on ``seed``, the shape and the workload, so a cell gives the same
+    numbers alone or in the full matrix.
+    """
+    layers = layers or matrix_layers(shape)
+    cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
+    loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
+    deepseek = run_sequence("deepseek", shape, loads)
+    migration = run_sequence("migration", shape, loads)
+    smoothed = run_sequence("migration", shape, loads, decayed=True) if decayed else migration
+    return CellResult(shape, workload, layers, rebalances, deepseek, migration, smoothed)
+
+
+def matrix_table(results: list[CellResult]) -> str:
+    """The matrix as a markdown table, the worst cell of each target in bold, misses marked."""
+    worst_balance = min(results, key=lambda r: r.balance_pp)
+    worst_moved = max(results, key=lambda r: r.moved_share)
+    lines = [
+        "| shape | workload | next window: DeepSeek | migration | Δ pp | on decayed window Δ pp "
+        "| planned: DeepSeek | migration | DeepSeek's slots moved / rebalance | slots moved vs DeepSeek "
+        "| bytes vs DeepSeek | warm-up slots vs DeepSeek | plan ms DeepSeek / migration | targets |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        bal = f"{r.balance_pp:+.2f}"
+        mov = f"{100 * r.moved_share:.1f}%"
+        if r is worst_balance:
+            bal = f"**{bal}**"
+        if r is worst_moved:
+            mov = f"**{mov}**"
+        misses = [name for name, ok in (("balance", r.balance_pp >= BALANCE_TARGET_PP),
+                                         ("moved", r.moved_share <= MOVED_TARGET)) if not ok]
+        lines.append(
+            f"| {r.shape.label} | {r.workload.label} | {r.deepseek.next_window:.4f} | {r.migration.next_window:.4f} "
+            f"| {bal} | {r.decayed_pp:+.2f} | {r.deepseek.planned:.4f} | {r.migration.planned:.4f} "
+            f"| {100 * r.deepseek_moved_per_rebalance:.0f}% | {mov} "
+            f"| {100 * r.bytes_share:.1f}% | {100 * r.migration.warmup_moved / max(r.deepseek.warmup_moved, 1):.0f}% "
+            f"| {r.deepseek.plan_ms:.1f} / {r.migration.plan_ms:.1f} "
+            f"| {'ok' if not misses else 'MISS ' + ', '.join(misses)} |"
+        )
+    return "\n".join(lines)
+
+
+def matrix_shape_table(results: list[CellResult]) -> str:
+    """Per shape: cells meeting the targets, the misses, the worst numbers."""
+    lines = [
+        "| shape | layers | cells meeting both | balance misses | slots misses | worst Δ pp | worst slots vs DeepSeek "
+        "| DeepSeek's slots moved / rebalance | plan ms DeepSeek / migration (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape in dict.fromkeys(r.shape for r in results):
+        rows = [r for r in results if r.shape == shape]
+        balance_misses = sum(r.balance_pp < BALANCE_TARGET_PP for r in rows)
+        moved_misses = sum(r.moved_share > MOVED_TARGET for r in rows)
+        lines.append(
+            f"| {shape.label} | {rows[0].layers} | {sum(r.meets_targets for r in rows)} of {len(rows)} "
+            f"| {balance_misses} | {moved_misses} "
+            f"| {min(r.balance_pp for r in rows):+.2f} | {100 * max(r.moved_share for r in rows):.1f}% "
+            f"| {100 * np.mean([r.deepseek_moved_per_rebalance for r in rows]):.0f}% "
+            f"| {statistics.median(r.deepseek.plan_ms for r in rows):.1f} / "
+            f"{statistics.median(r.migration.plan_ms for r in rows):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def decayed_table(results: list[CellResult]) -> str:
+    """Per drift and noise: migration on the last window vs on the decayed window, against DeepSeek."""
+    lines = ["| drift | noise | Δ pp, last window (mean) | Δ pp, decayed window (mean) | decayed better in |",
+             "|---|---|---:|---:|---:|"]
+    for drift, noise in itertools.product(DRIFTS, NOISES):
+        rows = [r for r in results if r.workload.drift == drift and r.workload.noise == noise]
+        if rows:
+            lines.append(f"| {drift} | {noise} | {np.mean([r.balance_pp for r in rows]):+.2f} "
+                         f"| {np.mean([r.decayed_pp for r in rows]):+.2f} "
+                         f"| {sum(r.decayed_pp > r.balance_pp for r in rows)} of {len(rows)} |")
+    return "\n".join(lines)
+
+
+def matrix_summary(results: list[CellResult]) -> str:
+    worst_balance = min(results, key=lambda r: r.balance_pp)
+    worst_moved = max(results, key=lambda r: r.moved_share)
+    met = sum(r.meets_targets for r in results)
+    decayed_better = sum(r.decayed_pp > r.balance_pp for r in results)
+    return "\n".join([
+        f"Cells meeting both targets: {met} of {len(results)}.",
+        f"Worst next-window balance: {worst_balance.shape.label}, {worst_balance.workload.label}: "
+        f"{worst_balance.migration.next_window:.4f} vs DeepSeek {worst_balance.deepseek.next_window:.4f} "
+        f"({worst_balance.balance_pp:+.2f} pp) at {100 * worst_balance.moved_share:.1f}% of its slots.",
+        f"Most slots moved: {worst_moved.shape.label}, {worst_moved.workload.label}: "
+        f"{100 * worst_moved.moved_share:.1f}% of DeepSeek's, next window {worst_moved.balance_pp:+.2f} pp.",
+        f"Planning on the decayed window beats the last window in {decayed_better} of {len(results)} cells "
+        f"(mean {np.mean([r.decayed_pp - r.balance_pp for r in results]):+.2f} pp).",
+    ])
+
+
+def run_matrix(args: argparse.Namespace) -> None:
+    shapes = [s for s in MATRIX_SHAPES if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
+    results = []
+    start = time.perf_counter()
+    for shape, workload in matrix_cells(shapes):
+        results.append(run_cell(shape, workload, rebalances=args.rebalances, seed=args.seed))
+        if args.progress:
+            r = results[-1]
+            print(f"{shape.label} | {workload.label}: {r.balance_pp:+.2f} pp, {100 * r.moved_share:.1f}% moved",
+                  file=sys.stderr, flush=True)
+    print(f"Machine: {machine()}; seed {args.seed}; warm-up + {args.rebalances} rebalances per cell; "
+          f"{time.perf_counter() - start:.0f} s\n")
+    print(matrix_summary(results) + "\n")
+    print(matrix_shape_table(results) + "\n")
+    print(decayed_table(results) + "\n")
+    print(matrix_table(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rebalances", type=int, default=20)
+    parser.add_argument("--rebalances", type=int, default=None, help="rebalances per sequence (20; --matrix: 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shapes", default="all", help="comma-separated shape names, or 'all'")
+    parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's policy even where importable")
+    parser.add_argument("--matrix", action="store_true", help="run the workload matrix (see bench/README.md)")
+    parser.add_argument("--progress", action="store_true", help="--matrix: print each cell to stderr as it ends")
     args = parser.parse_args()
+    if args.matrix:
+        args.rebalances = args.rebalances or 10
+        run_matrix(args)
+        return
+    args.rebalances = args.rebalances or 20
     with_vllm = not args.no_vllm and vllm_policy() is not None
     policies = ["deepseek"] + (["vllm"] if with_vllm else []) + ["migration"]
     print(f"Machine: {machine()}; {args.rebalances} drifting rebalances, seed {args.seed}; "
@@ -153,7 +522,7 @@ def main() -> None:
           "| experts moved / rebalance | bytes moved / rebalance (x bytes_per_expert) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
-        if args.shapes != "all" and shape.name not in args.shapes.split(","):
+        if args.shapes and shape.name not in args.shapes.split(","):
             continue
         loads = drifting_loads(shape, args.rebalances + 1, args.seed)
         names = list(policies)

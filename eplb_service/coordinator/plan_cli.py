@@ -46,13 +46,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eplb-plan", description="Compute an expert placement offline from a load file.")
-    parser.add_argument("--load", required=True, metavar="FILE", help=".npy or JSON load [layers, logical experts], or a recorded .npz trace")
+    parser.add_argument("--load", required=True, metavar="FILE",
+                        help=".npy or JSON load [layers, logical experts] in routed tokens (counts: the migration "
+                             "policy ignores differences within their sampling noise), or a recorded .npz trace")
     parser.add_argument("--ranks", required=True, type=int, help="EP ranks (must divide the slots)")
     parser.add_argument("--redundant", type=int, default=None,
                         help="redundant slots per layer (default: from --current, else 0)")
     parser.add_argument("--groups", type=int, default=1, help="expert groups (deepseek hierarchy)")
     parser.add_argument("--nodes", type=int, default=1, help="server nodes (deepseek hierarchy)")
-    parser.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY)
+    parser.add_argument(
+        "--policy", choices=POLICIES, default=DEFAULT_POLICY,
+        help="migration (default): change only what the load needs, starting from --current "
+             "(or vLLM's initial placement); "
+             "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
+             "ordered to keep the experts --current already has there in place, so its phy2log equals "
+             "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads)",
+    )
     parser.add_argument("--current", metavar="FILE", help="current placement JSON (phy2log)")
     parser.add_argument("--bytes-per-expert", type=int, default=1, help="bytes of one expert on one rank")
     parser.add_argument("--staging-budget-bytes", type=int, default=None, help="staging bytes per rank per batch")

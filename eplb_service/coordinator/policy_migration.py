@@ -1,4 +1,4 @@
-"""Migration-aware placement: reach (near) the best balance from where experts already are.
+"""Migration-aware placement: reach DeepSeek's balance from where experts already are.
 
 DeepSeek's policy rebuilds every layer from scratch, so after a rebalance nearly every slot
 holds a different expert, and nearly every expert's bytes cross ranks. This policy starts from
@@ -15,35 +15,70 @@ together, vectorised):
    (a second copy on the same rank first: it adds nothing to balance). Freed slots go to the
    experts gaining replicas, heaviest replica first, each to the lightest rank that still has a
    freed slot and, where possible, does not already hold that expert.
-3. **Swap search.** While a layer's most loaded rank is above the target (the lower bound
-   ``max(mean rank load, largest replica load)`` plus ``tolerance`` times the mean replica
-   load: packing cannot be finer than about one replica, and a rank left a fraction of a
-   replica above the bound is not worth two more copies), ranks are paired
-   hottest-with-coolest and, per pair, one replica of the hot rank is exchanged with one of the
-   cool rank. The exchange moving load closest to half the pair's gap is picked (a nearest
-   neighbour search on sorted replica loads), so one swap evens the pair as much as any single
-   swap can. Only pairs whose hot rank is above target swap, so a balanced layer costs nothing.
-   A layer stops at the target, when its hottest rank has no improving swap, or after
-   ``max_rounds`` rounds.
+3. **Swap search**, toward a *target* for the layer's most loaded rank:
+
+   - the **reference**: the best a packing of these replicas can reach. A lower bound
+     (:func:`packing_lower_bound`: the mean rank load, and what the ranks holding the heaviest
+     replicas must carry besides them, since each also holds ``S - 1`` others); for layers of
+     at most ``reference_max_slots`` slots also the largest rank load of DeepSeek's greedy
+     packing of the same replicas, which is cheap there and shows what coarse layers (few
+     slots per rank) can really reach, where the bound cannot be met;
+   - plus a **tolerance**, a share of the mean rank load (:func:`swap_tolerance`): the largest
+     of ``tolerance``; ``replica_share`` of a mean replica's load (packing is no finer than a
+     replica, and with few slots per rank one swap moves a large share of a rank); and the
+     sampling noise of a rank's load, ``noise_sigmas / sqrt(tokens per rank)`` (the load is a
+     count of routed tokens, so finer differences are noise and buy nothing in the next window),
+     at most :data:`MAX_TOLERANCE`.
+
+   In a layer without redundant slots a hot expert cannot be split, so the rank holding it sets
+   that target; there every other rank also aims at its own floor (its heaviest expert plus the
+   lightest companions, or the mean rank load), so the rest of the layer is levelled as well.
+   Not with two slots per rank: there the bound is already the best pairing (largest with
+   smallest), and a floor of "heaviest plus the lightest" could be met by one rank only.
+
+   While some rank is above its target, ranks are paired hottest-with-coolest and, per pair
+   whose hot rank is above its target, one replica of the hot rank is exchanged with one of the
+   cool rank: the exchange moving load closest to half the pair's gap (a nearest-neighbour
+   search on sorted replica loads), so one swap evens the pair as much as any single swap can.
+   The rank furthest above its target, if no pair exchange touched it, then tries every other
+   rank and takes the exchange that leaves the pair's larger load smallest. **A swap is made
+   only if it lowers its hot rank by at least** ``min_swap_share`` **of the tolerance**: two
+   slots are worth moving for a real gain, not for a difference the noise will undo. A layer
+   stops at the target, when no swap is worth making, or after ``max_rounds`` rounds; a layer
+   already at its target costs nothing.
 
 Every swap keeps the per-rank slot counts and the replica counts, and every unchanged slot
 keeps its expert, so at most two slots change per swap plus one per count change. The result
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
-Defaults (``tolerance=0.2``, ``max_rounds=48``, ``count_cap_share=0``) were picked with
-``bench/planner.py``: on its drifting loads they keep balancedness within 0.15 pp of DeepSeek's
-at 5-14% of its bytes; a larger ``count_cap_share`` saves a few more bytes but gives hot experts
-fewer replicas, which cost 0.5-2 pp of balancedness in the next load window.
+The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 346 of its 432 cells stay
+within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved.
+A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
+DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
+miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from eplb_service.coordinator.policy_deepseek import balanced_packing
 from eplb_service.placement import logical_replica_count, rank_holdings
 
-DEFAULT_TOLERANCE = 0.2
-DEFAULT_MAX_ROUNDS = 48
+DEFAULT_TOLERANCE = 0.003
+"""Smallest stopping tolerance, as a share of the mean rank load."""
+DEFAULT_REPLICA_SHARE = 0.1
+"""Stopping tolerance of at least this share of a mean replica's load."""
+DEFAULT_NOISE_SIGMAS = 1.0
+"""Rank-load sampling noise (in standard deviations) the tolerance covers."""
+MAX_TOLERANCE = 0.05
+"""Largest tolerance the noise term can ask for (tiny loads, e.g. shares, are not counts)."""
+DEFAULT_MIN_SWAP_SHARE = 0.25
+"""A swap must lower its hot rank by at least this share of the tolerance."""
+DEFAULT_REFERENCE_MAX_SLOTS = 384
+"""Layers with at most this many slots also aim at DeepSeek's greedy packing's level."""
+DEFAULT_MAX_ROUNDS = 256
 DEFAULT_COUNT_CAP_SHARE = 0.0
 
 
@@ -186,6 +221,114 @@ def apply_count_changes(
     return out
 
 
+def _best_exchanges(a_val: np.ndarray, b_val: np.ndarray, gap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``n`` rank pairs, the one-for-one exchange that evens each pair the most.
+
+    Args:
+        a_val: ``[n, S]`` replica loads of the first (more loaded) rank of each pair.
+        b_val: ``[n, S]`` replica loads of the second rank.
+        gap: ``[n]`` first rank's load minus the second's (>= 0).
+
+    Returns:
+        ``(miss, i, j)``, each ``[n]``: the exchange of ``a_val[i]`` for ``b_val[j]`` moves
+        ``delta = a - b`` from the first rank to the second with ``0 < delta < gap``, as close to
+        ``gap / 2`` as any exchange; ``miss = |delta - gap / 2|``, ``inf`` where no exchange
+        lowers the pair's larger load. The pair's larger load becomes ``mid + miss``.
+    """
+    n, slots = a_val.shape
+    b_order = np.argsort(b_val, axis=1)
+    b_sorted = np.take_along_axis(b_val, b_order, axis=1)
+    # Nearest b to (a - gap / 2), every pair in one search: loads are shares of the layer
+    # (in [0, 1]), so offsets of 4 keep each pair's sorted values apart.
+    offset = (np.arange(n, dtype=np.float64) * 4.0)[:, None]
+    query = a_val - gap[:, None] / 2 + offset
+    pos = np.searchsorted((b_sorted + offset).ravel(), query.ravel()).reshape(n, slots)
+    pos -= (np.arange(n) * slots)[:, None]
+    rows = np.arange(n)
+    half_gap = gap[:, None] / 2
+    best_miss = np.full(n, np.inf)
+    best_i = np.zeros(n, dtype=np.int64)
+    best_j = np.zeros(n, dtype=np.int64)
+    for cand in (pos - 1, pos):
+        j = np.clip(cand, 0, slots - 1)
+        delta = a_val - np.take_along_axis(b_sorted, j, axis=1)
+        valid = (delta > 1e-12) & (delta < gap[:, None] - 1e-12)
+        miss = np.where(valid, np.abs(delta - half_gap), np.inf)
+        i = miss.argmin(axis=1)
+        m = miss[rows, i]
+        better = m < best_miss
+        best_miss = np.where(better, m, best_miss)
+        best_i = np.where(better, i, best_i)
+        best_j = np.where(better, j[rows, i], best_j)
+    return best_miss, best_i, b_order[rows, best_j]
+
+
+def packing_lower_bound(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L]`` a lower bound on the largest rank load of any placement of these replicas.
+
+    Args:
+        slot_load: ``[L, P]`` replica loads (each layer's replicas, in any order).
+        num_ranks: EP ranks; every rank holds ``S = P / num_ranks`` replicas.
+
+    The largest of: the mean rank load; and, for every ``j`` in ``1..num_ranks``, with
+    ``x_1 >= x_2 >= ...`` the replica loads, the smaller of
+    ``(x_1 + .. + x_j + the j(S-1) smallest replicas) / j`` (the ranks of the ``j`` largest
+    replicas, if distinct, hold them and ``j(S-1)`` others) and ``x_(j-1) + x_j + the S-2
+    smallest`` (two of them share a rank). With few slots per rank this is much tighter than
+    ``max(mean, x_1)``: a rank with a hot replica also holds ``S - 1`` others.
+    """
+    num_layers, num_physical = slot_load.shape
+    slots = num_physical // num_ranks
+    desc = -np.sort(-slot_load, axis=1)
+    zero = np.zeros((num_layers, 1))
+    top = np.concatenate([zero, np.cumsum(desc, axis=1)], axis=1)  # top[:, j]: sum of the j largest
+    low = np.concatenate([zero, np.cumsum(desc[:, ::-1], axis=1)], axis=1)  # low[:, m]: the m smallest
+    j = np.arange(1, num_ranks + 1)
+    bound = (top[:, j] + low[:, j * (slots - 1)]) / j
+    if slots >= 2 and num_ranks >= 2:
+        shared = desc[:, j[1:] - 2] + desc[:, j[1:] - 1] + low[:, [slots - 2]]
+        bound[:, 1:] = np.minimum(bound[:, 1:], shared)
+    return np.maximum(bound.max(axis=1), top[:, -1] / num_ranks)
+
+
+def swap_tolerance(
+    load: np.ndarray,
+    num_ranks: int,
+    slots_per_rank: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    replica_share: float = DEFAULT_REPLICA_SHARE,
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+) -> np.ndarray:
+    """``[L]`` the stopping tolerance of each layer, as a share of its mean rank load.
+
+    The largest of ``tolerance``; ``replica_share`` of a mean replica's load (``1 / S`` of a
+    rank's): packing is no finer than one replica; and ``noise_sigmas / sqrt(tokens per rank)``,
+    at most :data:`MAX_TOLERANCE`: with loads in routed tokens a rank's load is a count whose
+    sampling noise is about ``1 / sqrt(count)`` of it, so finer differences are noise, not load.
+    """
+    rank_tokens = np.asarray(load, dtype=np.float64).sum(axis=1) / num_ranks
+    noise = np.minimum(noise_sigmas / np.sqrt(np.maximum(rank_tokens, 1e-300)), MAX_TOLERANCE)
+    return np.maximum(np.maximum(tolerance, replica_share / slots_per_rank), noise)
+
+
+def reference_level(slot_load: np.ndarray, num_ranks: int, reference_max_slots: int) -> np.ndarray:
+    """``[L]`` the level a packing of these replicas can reach (see step 3 of the module docstring).
+
+    Args:
+        slot_load: ``[L, P]`` replica loads; num_ranks: EP ranks.
+        reference_max_slots: layers with at most this many slots also take DeepSeek's greedy
+            packing (:func:`balanced_packing`) of the same replicas into account.
+    """
+    level = packing_lower_bound(slot_load, num_ranks)
+    num_layers, num_physical = slot_load.shape
+    if num_physical <= reference_max_slots and num_physical > num_ranks:
+        pack = balanced_packing(slot_load, num_ranks).pack_index
+        packed = np.zeros((num_layers, num_ranks))
+        np.add.at(packed, (np.repeat(np.arange(num_layers), num_physical), pack.ravel()), slot_load.ravel())
+        level = np.maximum(level, packed.max(axis=1))
+    return level
+
+
 def swap_search(
     phy2log: np.ndarray,
     load: np.ndarray,
@@ -193,19 +336,23 @@ def swap_search(
     num_ranks: int,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
+    replica_share: float = DEFAULT_REPLICA_SHARE,
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+    min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
+    reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
 ) -> np.ndarray:
-    """Step 3: pairwise replica exchanges between hot and cool ranks, in place on a copy.
+    """Step 3: one-for-one replica exchanges that lower the ranks above their targets (a new array).
 
     Args:
         phy2log: ``[L, P]`` starting placement whose replica counts are ``counts``.
-        load: ``[L, N_log]`` load per logical expert.
+        load: ``[L, N_log]`` load per logical expert, in routed tokens.
         counts: ``[L, N_log]`` replicas per expert in ``phy2log``.
         num_ranks: EP ranks.
-        tolerance: stop a layer once its hottest rank is within ``tolerance`` times the mean
-            replica load (layer load / P) of the lower bound ``max(mean rank load, largest
-            replica load)``.
-        max_rounds: upper bound on rounds (each round: one swap per hot/cool pair).
+        tolerance, replica_share, noise_sigmas: the stopping tolerance (see :func:`swap_tolerance`).
+        min_swap_share: a swap must lower its hot rank by this share of the tolerance.
+        reference_max_slots: see :func:`reference_level`.
+        max_rounds: upper bound on rounds.
     """
     out = phy2log.copy()
     num_layers, num_physical = out.shape
@@ -214,73 +361,84 @@ def swap_search(
     if half == 0 or slots_per_rank == 0:
         return out
     # Loads normalised per layer (total 1) so one search can stack every layer's values.
-    totals = load.sum(axis=1, keepdims=True)
-    norm = load / np.where(totals > 0, totals, 1.0)
-    layers_all = np.arange(num_layers)[:, None]
-    slot_load = (norm / np.maximum(counts, 1))[layers_all, out]  # [L, P]
+    totals = load.sum(axis=1)
+    norm = load / np.where(totals > 0, totals, 1.0)[:, None]
+    slot_load = (norm / np.maximum(counts, 1))[np.arange(num_layers)[:, None], out]  # [L, P]
     rank_load = slot_load.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)
-    bound = np.maximum(rank_load.mean(axis=1), slot_load.max(axis=1))
-    # Packing granularity is one replica: the tolerance is a share of the mean replica load.
-    target = bound + tolerance * norm.sum(axis=1) / num_physical
-    active = np.flatnonzero((totals[:, 0] > 0) & (rank_load.max(axis=1) > target))
+    step = swap_tolerance(load, num_ranks, slots_per_rank, tolerance, replica_share, noise_sigmas) / num_ranks
+    target = reference_level(slot_load, num_ranks, reference_max_slots) + step
+    gate = np.maximum(min_swap_share * step, 1e-12)
     local = np.arange(slots_per_rank)
-    span = 4.0  # normalised values lie in [-1, 1]; offsets of 4 keep the stacked rows apart
+    # Without redundant slots a hot expert cannot be split: every rank also aims at its own floor.
+    companions = np.sort(slot_load, axis=1)[:, : slots_per_rank - 1].sum(axis=1)
+    unsplit = (counts.max(axis=1) <= 1) & (slots_per_rank > 2)
+
+    def limits_of(lay: np.ndarray) -> np.ndarray:
+        """``[len(lay), R]`` the load each rank of these layers must get under."""
+        limits = np.repeat(target[lay][:, None], num_ranks, axis=1)
+        own = unsplit[lay]
+        if own.any():
+            heaviest = slot_load[lay[own]].reshape(own.sum(), num_ranks, slots_per_rank).max(axis=2)
+            floor = np.maximum(1.0 / num_ranks, heaviest + companions[lay[own]][:, None]) + step[lay[own]][:, None]
+            limits[own] = np.minimum(floor, limits[own])
+        return limits
+
+    def exchange(lay, rank_a, rank_b, i, j):
+        slot_a = rank_a * slots_per_rank + i
+        slot_b = rank_b * slots_per_rank + j
+        val_a, val_b = slot_load[lay, slot_a], slot_load[lay, slot_b]
+        out[lay, slot_a], out[lay, slot_b] = out[lay, slot_b], out[lay, slot_a]
+        slot_load[lay, slot_a], slot_load[lay, slot_b] = val_b, val_a
+        rank_load[lay, rank_a] -= val_a - val_b
+        rank_load[lay, rank_b] += val_a - val_b
+
+    all_layers = np.arange(num_layers)
+    active = all_layers[(totals > 0) & (rank_load > limits_of(all_layers)).any(axis=1)]
     for _ in range(max_rounds):
         if active.size == 0:
             break
-        n_act = active.size
-        loads = rank_load[active]  # [a, R]
+        rows = np.arange(active.size)
+        swapped = np.zeros((active.size, num_ranks), dtype=bool)
+        # Pairs: the k-th hottest rank with the k-th coolest, for every hot rank above its limit.
+        loads = rank_load[active]
+        limits = limits_of(active)
         by_load = np.argsort(loads, axis=1, kind="stable")
-        hot = by_load[:, ::-1][:, :half]  # [a, H], hottest first
-        cool = by_load[:, :half]  # [a, H], coolest first
-        rows = np.arange(n_act)[:, None]
-        hot_load = loads[rows, hot]
-        gap = hot_load - loads[rows, cool]  # [a, H]
-        wants = hot_load > target[active][:, None]
-        hot_slots = hot[:, :, None] * slots_per_rank + local  # [a, H, S]
-        cool_slots = cool[:, :, None] * slots_per_rank + local
-        lay3 = active[:, None, None]
-        a_val = slot_load[lay3, hot_slots]
-        b_val = slot_load[lay3, cool_slots]
-        b_order = np.argsort(b_val, axis=2)
-        b_sorted = np.take_along_axis(b_val, b_order, axis=2)
-        # Nearest cool replica to (hot replica - gap / 2), all pairs stacked in one search.
-        offset = (np.arange(n_act * half, dtype=np.float64) * span).reshape(n_act, half, 1)
-        query = a_val - gap[:, :, None] / 2 + offset
-        pos = np.searchsorted((b_sorted + offset).ravel(), query.ravel()).reshape(query.shape)
-        pos -= (np.arange(n_act * half) * slots_per_rank).reshape(n_act, half, 1)
-        best_score = np.full(gap.shape, np.inf)
-        best_i = np.zeros(gap.shape, dtype=np.int64)
-        best_j = np.zeros(gap.shape, dtype=np.int64)
-        for cand in (pos - 1, pos):
-            j = np.clip(cand, 0, slots_per_rank - 1)
-            delta = a_val - np.take_along_axis(b_sorted, j, axis=2)
-            valid = (delta > 1e-12) & (delta < gap[:, :, None] - 1e-12)
-            score = np.where(valid, np.abs(delta - gap[:, :, None] / 2), np.inf)
-            i = score.argmin(axis=2)
-            s = np.take_along_axis(score, i[:, :, None], axis=2)[:, :, 0]
-            better = s < best_score
-            best_score = np.where(better, s, best_score)
-            best_i = np.where(better, i, best_i)
-            best_j = np.where(better, np.take_along_axis(j, i[:, :, None], axis=2)[:, :, 0], best_j)
-        ok = wants & np.isfinite(best_score)
-        # A layer whose hottest rank cannot improve stops (the rest would not lower its max).
-        stuck = ~ok[:, 0]
-        if ok.any():
-            r_idx, p_idx = np.nonzero(ok)
-            lay = active[r_idx]
-            slot_a = hot[r_idx, p_idx] * slots_per_rank + best_i[r_idx, p_idx]
-            slot_b = cool[r_idx, p_idx] * slots_per_rank + b_order[r_idx, p_idx, best_j[r_idx, p_idx]]
-            val_a = slot_load[lay, slot_a]
-            val_b = slot_load[lay, slot_b]
-            exp_a = out[lay, slot_a]
-            out[lay, slot_a] = out[lay, slot_b]
-            out[lay, slot_b] = exp_a
-            slot_load[lay, slot_a] = val_b
-            slot_load[lay, slot_b] = val_a
-            rank_load[lay, hot[r_idx, p_idx]] -= val_a - val_b
-            rank_load[lay, cool[r_idx, p_idx]] += val_a - val_b
-        done = stuck | (rank_load[active].max(axis=1) <= target[active])
+        hot, cool = by_load[:, ::-1][:, :half], by_load[:, :half]
+        row, k = np.nonzero(loads[rows[:, None], hot] > limits[rows[:, None], hot])
+        lay = active[row]
+        rank_a, rank_b = hot[row, k], cool[row, k]
+        gap = rank_load[lay, rank_a] - rank_load[lay, rank_b]
+        miss, i, j = _best_exchanges(
+            slot_load[lay[:, None], rank_a[:, None] * slots_per_rank + local],
+            slot_load[lay[:, None], rank_b[:, None] * slots_per_rank + local],
+            gap,
+        )
+        ok = gap / 2 - miss >= gate[lay]  # the hot rank drops by gap/2 - miss (inf miss: no exchange)
+        exchange(lay[ok], rank_a[ok], rank_b[ok], i[ok], j[ok])
+        swapped[row[ok], rank_a[ok]] = swapped[row[ok], rank_b[ok]] = True
+        # The rank furthest above its limit now, if no pair exchange touched it, tries every other rank.
+        excess = rank_load[active] - limits_of(active)
+        hottest = excess.argmax(axis=1)
+        idx = np.flatnonzero(~swapped[rows, hottest] & (excess[rows, hottest] > 0))
+        if idx.size:
+            lay_b, hottest = active[idx], hottest[idx]
+            others = np.argsort(np.arange(num_ranks)[None, :] == hottest[:, None], axis=1, kind="stable")[:, :-1]
+            lay = np.repeat(lay_b, num_ranks - 1)
+            rank_a = np.repeat(hottest, num_ranks - 1)
+            rank_b = others.ravel()
+            load_a, load_b = rank_load[lay, rank_a], rank_load[lay, rank_b]
+            miss, i, j = _best_exchanges(
+                slot_load[lay[:, None], rank_a[:, None] * slots_per_rank + local],
+                slot_load[lay[:, None], rank_b[:, None] * slots_per_rank + local],
+                np.maximum(load_a - load_b, 0.0),
+            )
+            pair_max = ((load_a + load_b) / 2 + miss).reshape(idx.size, num_ranks - 1)
+            pick = pair_max.argmin(axis=1)
+            ok = pair_max[np.arange(idx.size), pick] <= rank_load[lay_b, hottest] - gate[lay_b]
+            sel = (np.arange(idx.size) * (num_ranks - 1) + pick)[ok]
+            exchange(lay[sel], rank_a[sel], rank_b[sel], i[sel], j[sel])
+            swapped[idx[ok], hottest[ok]] = True
+        done = ~swapped.any(axis=1) | ~(rank_load[active] > limits_of(active)).any(axis=1)
         active = active[~done]
     return out
 
@@ -291,6 +449,10 @@ def migration_phy2log(
     num_ranks: int,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
+    replica_share: float = DEFAULT_REPLICA_SHARE,
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+    min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
+    reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
 ) -> np.ndarray:
@@ -298,9 +460,10 @@ def migration_phy2log(
 
     Args:
         current_phy2log: ``[L, P]`` valid current placement.
-        logical_load: ``[L, N_log]`` load per logical expert (>= 0, finite).
+        logical_load: ``[L, N_log]`` load per logical expert, in routed tokens (>= 0, finite).
         num_ranks: EP ranks (divides ``P``).
-        tolerance, max_rounds: see :func:`swap_search`.
+        tolerance, replica_share, noise_sigmas, min_swap_share, reference_max_slots, max_rounds:
+            see :func:`swap_search`.
         count_cap_share: see :func:`target_replica_counts`.
 
     Returns:
@@ -312,4 +475,6 @@ def migration_phy2log(
     current_counts = logical_replica_count(current, load.shape[1])
     new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share)
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
-    return swap_search(placed, load, new_counts, num_ranks, tolerance=tolerance, max_rounds=max_rounds)
+    return swap_search(placed, load, new_counts, num_ranks, tolerance=tolerance, replica_share=replica_share,
+                       noise_sigmas=noise_sigmas, min_swap_share=min_swap_share,
+                       reference_max_slots=reference_max_slots, max_rounds=max_rounds)
