@@ -123,7 +123,7 @@ class Harness:
         agent.link.open = lambda: setattr(agent.link, "last_heard", 10**12)  # no real socket; never "silent"
         agent.link.last_heard = 10**12
         self.record = Record()
-        agent.record_factory = lambda host, port, timeout_s: self.record
+        agent.side.record_factory = lambda host, port, timeout_s: self.record
         self.plan_ids = itertools.count(1000)
         self.generations = itertools.count(1)
         self.applied: list[tuple[int, int]] = []
@@ -150,8 +150,8 @@ class Harness:
     def deliver(self, message: P.Message) -> None:
         agent = self.agent
         agent._handle(message)
-        if agent._connecting is not None:
-            agent._connecting.join(5)
+        if agent.side.connecting is not None:
+            agent.side.connecting.join(5)
         agent._check_connect()
 
     def tick(self) -> None:

@@ -31,16 +31,18 @@ import numpy as np
 
 from eplb_service import protocol as P
 from eplb_service.logutil import rank_logger
-from eplb_service.placement import PlacementError, validate_phy2log
+from eplb_service.placement import PlacementError
 from eplb_service.security import ClientCurve
 from eplb_service.step_clock import PROBE_RADIUS, probes_from_ring
 from eplb_service.worker_agent.commit_vote import CommitVoter
-from eplb_service.worker_agent.decision import Decider, Decision, DecisionRecord, StoreDecisionRecord
+from eplb_service.worker_agent.decision import Decider, Decision
 from eplb_service.worker_agent.expert_model import ExpertModel
 from eplb_service.worker_agent.link import CoordinatorLink
+from eplb_service.worker_agent.plan_check import check_plan
 from eplb_service.worker_agent.rendezvous import RendezvousError, host_once
 from eplb_service.worker_agent.schedule import build_schedule
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
+from eplb_service.worker_agent.side_link import SideLink
 from eplb_service.worker_agent.staging_pipeline import Staged, StagingPipeline
 from eplb_service.worker_agent.transport import Transport, TransportError
 
@@ -55,7 +57,15 @@ socket (a connection can be dead both ways while both ends believe it open)."""
 
 
 class WorkerAgent:
-    """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``."""
+    """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``.
+
+    About 400 lines, over the ~300 this code base aims at, for a reason: it is one state
+    machine, the life of a plan on this rank (received, staging, staged, voted, finished) and
+    of the registration it depends on (hello, welcome, session, reopen), and every handler
+    below is one of its transitions. The parts that are not transitions live elsewhere: the
+    link, the side-communicator build, the staging pipeline, the vote and commit, the checks
+    on a plan. Its handlers are also the seams the tests' fault agents override.
+    """
 
     def __init__(self, model: ExpertModel, endpoint: str, transport: Transport, *,
                  ranks_per_node: int | None = None, hello_interval_s: float = 0.5,
@@ -81,9 +91,7 @@ class WorkerAgent:
         self.pipeline = StagingPipeline(model, transport, self.rank, ranks_per_node, self.stats)
         self.decider = Decider(self.rank)
         self.voter = CommitVoter(self, model)
-        self.record_factory = StoreDecisionRecord
-        """Builds the decision record from a ``CommInit``'s store address (tests swap in their own)."""
-        self._record: DecisionRecord | None = None
+        self.side = SideLink(self.rank, transport, self.log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._welcomed = False
@@ -101,8 +109,6 @@ class WorkerAgent:
         self._abort_requested: int | None = None
         self._seen_plans: collections.deque[int] = collections.deque(maxlen=256)
         self._voted_plans: collections.deque[int] = collections.deque(maxlen=256)
-        self._connecting: threading.Thread | None = None
-        self._pending_comm = self._connecting_comm = self._comm_current = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -199,18 +205,7 @@ class WorkerAgent:
     def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:
             gen = self.transport.generation if self.side_ready else -1
-            # Read the step before the epoch: the serving thread bumps the epoch at the commit
-            # boundary before the step count passes S, so (step > S, epoch = old) never pairs up
-            # falsely; the coordinator relies on this to tell a missed commit from a slow one.
-            step = self.hooks.steps_done
-            epoch = self.hooks.epoch
-            steps, times = probes_from_ring(self.hooks.step_end_times, step)
-            clock = P.StepClock(probe_steps=steps, times=times, radius=PROBE_RADIUS,
-                                wall_minus_mono=time.time() - time.monotonic())
-            counters = {name: int(self.stats[name]) for name in P.AGENT_COUNTERS if self.stats[name]}
-            counters["dropped_load_windows"] = self.hooks.dropped_windows
-            self.send(P.Heartbeat(rank=self.rank, step=step, epoch=epoch, comm_generation=gen, session=self._session,
-                                  internal_errors=self.stats["internal_errors"], clock=clock, counters=counters))
+            self.send(heartbeat_message(self.rank, self._session, self.hooks, gen, self.stats))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
     def keep_alive(self) -> None:
@@ -332,65 +327,30 @@ class WorkerAgent:
     # -- the side communicator ------------------------------------------------------------------
 
     def _connect(self, comm: P.CommInit) -> None:
-        """Join the side communicator on a helper thread, so heartbeats go on meanwhile.
-
-        Building a communicator is a rendezvous of every rank and can take up to the
-        transport timeout when a peer is gone; the agent thread must keep talking to the
-        coordinator in the meantime or it would be declared dead itself.
-        """
-        if comm == self._comm_current and self.side_ready:
-            return  # already built from this very rendezvous (a repeated CommInit)
+        """Join the side communicator ``comm`` names (see ``side_link``); a plan in flight is given up first."""
+        if self.side.is_current(comm):
+            return
         if comm.world_size != self.shape.num_ranks or not comm.store_host or not comm.store_port:
             self.stats["bad_messages"] += 1
             self.log.error("ignored a CommInit for %d ranks at %r:%d; this deployment has %d ranks and needs a store address",
                            comm.world_size, comm.store_host, comm.store_port, self.shape.num_ranks)
             return
         self._abandon_plan("comm_rebuilt", f"side communicator rebuilt (generation {comm.generation})")
-        if self._record is None or self._record.address != f"{comm.store_host}:{comm.store_port}":
-            self._record = self.record_factory(comm.store_host, comm.store_port, self.config.transport_timeout_s)
-        if self._connecting is not None and self._connecting.is_alive():
-            # Build it once this attempt ends, unless it is the very rendezvous being attempted
-            # (a duplicate): retrying that alone would leave this rank one attempt behind.
-            if comm != self._connecting_comm:
-                self._pending_comm = comm
-            return
-        self.transport.abort()
-
-        def connect() -> None:
-            t0 = time.monotonic()
-            try:
-                self.transport.connect(comm, self.rank, self.config.transport_timeout_s)
-            except TransportError as exc:
-                self.log.error("could not build the side communicator: %s", exc)
-                return
-            self._comm_current = comm
-            self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name,
-                          time.monotonic() - t0)
-
-        self._connecting_comm = comm
-        self._connecting = threading.Thread(target=connect, name=f"eplb-connect-{self.rank}", daemon=True)
-        self._connecting.start()
+        self.side.connect(comm, self.config.transport_timeout_s)
 
     def _check_connect(self) -> None:
-        if self._pending_comm is not None and not (self._connecting and self._connecting.is_alive()):
-            comm, self._pending_comm = self._pending_comm, None
+        comm = self.side.take_pending()
+        if comm is not None:
             self._connect(comm)
 
     @property
     def side_ready(self) -> bool:
-        return self.transport.connected and not (self._connecting is not None and self._connecting.is_alive())
+        return self.side.ready
 
     # -- load reports --------------------------------------------------------------------
 
     def _flush_load_reports(self) -> None:
-        hooks = self.hooks
-        while hooks.snapshots:
-            snap = hooks.snapshots[0]
-            if snap.event is not None and not snap.event.query():
-                return
-            hooks.snapshots.popleft()
-            counts = hooks.host_buffers[snap.buffer_index].numpy().copy()
-            hooks.free_buffers.append(snap.buffer_index)
+        for snap, counts in self.hooks.take_load_windows():
             if self._welcomed:
                 self.send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin, step_end=snap.step_end,
                                        slot_load=P.NDArray.from_numpy(counts), session=self._session))
@@ -398,30 +358,8 @@ class WorkerAgent:
     # -- plans -------------------------------------------------------------------------
 
     def _validate_plan(self, plan: P.Plan) -> np.ndarray:
-        shape = self.shape
-        if plan.base_epoch != self.hooks.epoch:
-            raise PlacementError(f"plan {plan.plan_id} is for epoch {plan.base_epoch}, this rank is at epoch {self.hooks.epoch}")
-        rows = plan.phy2log.to_numpy("plan.phy2log")
-        layers = list(plan.layers)
-        if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= shape.num_layers:
-            raise PlacementError(f"plan {plan.plan_id}: layers {layers} must be distinct and in [0, {shape.num_layers})")
-        if rows.shape != (len(layers), shape.num_physical):
-            raise PlacementError(f"plan {plan.plan_id}: phy2log shape {rows.shape}, expected {(len(layers), shape.num_physical)}")
-        full = self.phy2log_host.copy()
-        full[layers] = rows
-        validate_phy2log(full, shape)
-        width = int(self.model.log2phy.shape[2])
-        offsets = np.repeat(np.arange(len(layers)) * shape.num_logical, shape.num_physical)
-        max_replicas = int(np.bincount(rows.ravel().astype(np.int64) + offsets).max())
-        if max_replicas > width:
-            raise PlacementError(f"plan {plan.plan_id}: an expert gets {max_replicas} replicas, more than the map width {width}")
-        if self.staging_budget_bytes is not None:
-            need = self.staging_bytes(plan, rows)
-            if need > self.staging_budget_bytes:
-                raise PlacementError(f"plan {plan.plan_id} needs {need} bytes of staging on rank {self.rank}, more than "
-                                     f"EPLB_SERVICE_STAGING_BUDGET_BYTES={self.staging_budget_bytes}; start the coordinator "
-                                     "with --staging-budget-bytes at most that")
-        return rows.astype(np.int64)
+        return check_plan(plan, self.shape, self.hooks.epoch, self.phy2log_host, int(self.model.log2phy.shape[2]),
+                          self.rank, self.staging_budget_bytes, self.staging_bytes)
 
     def staging_bytes(self, plan: P.Plan, rows: np.ndarray) -> int:
         """Bytes of staging this rank needs for ``plan`` (one row per incoming expert)."""
@@ -442,7 +380,7 @@ class WorkerAgent:
             self.stats["plans_rejected"] += 1
             self.log.error("rejected plan %d: %s", plan.plan_id, exc)
             return self._failed(plan.plan_id, "invalid_plan", str(exc))
-        if not self.side_ready or self._record is None:
+        if not self.side_ready or self.side.record is None:
             return self._failed(plan.plan_id, "not_connected", "side communicator not connected")
         self._plan, self._plan_rows, self._abort_requested = plan, rows, None
         t0, cpu0 = time.monotonic(), time.thread_time()
@@ -489,7 +427,7 @@ class WorkerAgent:
         self._voted_plans.append(msg.plan_id)
         cpu0 = time.thread_time()
         try:
-            self.voter.vote(msg, self._plan, self._plan_rows, self._staged, self._record)
+            self.voter.vote(msg, self._plan, self._plan_rows, self._staged, self.side.record)
         finally:
             self.stats["vote_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
             self.stats["votes"] += 1
@@ -542,3 +480,19 @@ def msgspec_replace(config: P.AgentConfig, overrides: dict) -> P.AgentConfig:
     import msgspec
 
     return msgspec.structs.replace(config, **overrides)
+
+
+def heartbeat_message(rank: int, session: int, hooks: ServingHooks, comm_generation: int,
+                      stats: collections.Counter) -> P.Heartbeat:
+    """The heartbeat: the rank's step and epoch, step-clock probes, and the agent's counters."""
+    # Read the step before the epoch: the serving thread bumps the epoch at the commit boundary
+    # before the step count passes S, so (step > S, epoch = old) never pairs up falsely; the
+    # coordinator relies on this to tell a missed commit from a slow one.
+    step = hooks.steps_done
+    epoch = hooks.epoch
+    steps, times = probes_from_ring(hooks.step_end_times, step)
+    clock = P.StepClock(probe_steps=steps, times=times, radius=PROBE_RADIUS, wall_minus_mono=time.time() - time.monotonic())
+    counters = {name: int(stats[name]) for name in P.AGENT_COUNTERS if stats[name]}
+    counters["dropped_load_windows"] = hooks.dropped_windows
+    return P.Heartbeat(rank=rank, step=step, epoch=epoch, comm_generation=comm_generation, session=session,
+                       internal_errors=stats["internal_errors"], clock=clock, counters=counters)

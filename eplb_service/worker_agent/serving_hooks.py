@@ -194,6 +194,21 @@ class ServingHooks:
         if self.steps_done - self._acc_begin >= self.report_interval_steps:
             self._snapshot()
 
+    # -- the agent thread's side --------------------------------------------------------
+
+    def take_load_windows(self) -> list[tuple[LoadSnapshot, "np.ndarray"]]:
+        """Load windows whose device-to-host copy has finished, oldest first, with their counts
+        ``[L, P]``; their host buffers go back to the serving thread. Runs on the agent thread."""
+        ready = []
+        while self.snapshots:
+            snap = self.snapshots[0]
+            if snap.event is not None and not snap.event.query():
+                break
+            self.snapshots.popleft()
+            ready.append((snap, self.host_buffers[snap.buffer_index].numpy().copy()))
+            self.free_buffers.append(snap.buffer_index)
+        return ready
+
     # -- internals (serving thread) --------------------------------------------------
 
     def _wait_for_decision(self, ticket: CommitTicket, step: int) -> None:

@@ -1,0 +1,73 @@
+"""Joining the side communicator a ``CommInit`` names, without stalling the agent thread.
+
+Building a communicator is a rendezvous of every rank and can take up to the transport
+timeout when a peer is gone; the agent thread must keep talking to the coordinator in the
+meantime or it would be declared dead itself, so the build runs on a helper thread. A
+``CommInit`` that arrives during a build waits for it to end, unless it is the very
+rendezvous being attempted (a duplicate): retrying that alone would leave this rank one
+attempt behind. The decision record lives in the same store, so it is (re)opened here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from eplb_service import protocol as P
+from eplb_service.worker_agent.decision import DecisionRecord, StoreDecisionRecord
+from eplb_service.worker_agent.transport import Transport, TransportError
+
+
+class SideLink:
+    def __init__(self, rank: int, transport: Transport, log: logging.LoggerAdapter) -> None:
+        self.rank, self.transport, self.log = rank, transport, log
+        self.record_factory: Callable[[str, int, float], DecisionRecord] = StoreDecisionRecord
+        """Builds the decision record from a ``CommInit``'s store address (tests swap in their own)."""
+        self.record: DecisionRecord | None = None
+        """The decision record in the current rendezvous store."""
+        self.connecting: threading.Thread | None = None
+        self._pending: P.CommInit | None = None
+        self._attempted: P.CommInit | None = None
+        self._built: P.CommInit | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.transport.connected and not (self.connecting is not None and self.connecting.is_alive())
+
+    def is_current(self, comm: P.CommInit) -> bool:
+        """Already built from this very rendezvous (a repeated ``CommInit``)."""
+        return comm == self._built and self.ready
+
+    def connect(self, comm: P.CommInit, timeout_s: float) -> None:
+        """Start building ``comm``'s communicator (or queue it behind the build in progress)."""
+        if self.record is None or self.record.address != f"{comm.store_host}:{comm.store_port}":
+            self.record = self.record_factory(comm.store_host, comm.store_port, timeout_s)
+        if self.connecting is not None and self.connecting.is_alive():
+            if comm != self._attempted:
+                self._pending = comm
+            return
+        self.transport.abort()
+
+        def build() -> None:
+            t0 = time.monotonic()
+            try:
+                self.transport.connect(comm, self.rank, timeout_s)
+            except TransportError as exc:
+                self.log.error("could not build the side communicator: %s", exc)
+                return
+            self._built = comm
+            self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name,
+                          time.monotonic() - t0)
+
+        self._attempted = comm
+        self.connecting = threading.Thread(target=build, name=f"eplb-connect-{self.rank}", daemon=True)
+        self.connecting.start()
+
+    def take_pending(self) -> P.CommInit | None:
+        """A ``CommInit`` that waited for the previous build, once that build has ended."""
+        if self._pending is not None and not (self.connecting and self.connecting.is_alive()):
+            comm, self._pending = self._pending, None
+            return comm
+        return None
