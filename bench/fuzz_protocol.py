@@ -14,7 +14,8 @@ import logging
 import resource
 import time
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eplb_service import protocol as P
 from eplb_service.testing.protocol_fuzz import HandlerHarness, check_frame, message_strategy, mutate
@@ -27,14 +28,22 @@ def rss_mib() -> float:
 def run(name: str, test, cases: int, outcomes: dict) -> dict:
     crashes = []
     t0, rss0 = time.perf_counter(), rss_mib()
-    wrapped = settings(max_examples=cases, deadline=None, database=None, derandomize=False,
-                       suppress_health_check=list(HealthCheck))(test)
+    wrapped = settings(
+        max_examples=cases, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck)
+    )(test)
     try:
         wrapped()
     except Exception as exc:  # a crash is a finding: report it, do not hide it
         crashes.append(f"{type(exc).__name__}: {exc}"[:300])
-    return {"stream": name, "cases": sum(outcomes.values()), **dict(outcomes), "crashes": len(crashes),
-            "wall_s": round(time.perf_counter() - t0, 1), "rss_growth_mib": round(rss_mib() - rss0, 1), "first_crash": crashes[:1]}
+    return {
+        "stream": name,
+        "cases": sum(outcomes.values()),
+        **dict(outcomes),
+        "crashes": len(crashes),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "rss_growth_mib": round(rss_mib() - rss0, 1),
+        "first_crash": crashes[:1],
+    }
 
 
 def main() -> None:
@@ -80,7 +89,11 @@ def main() -> None:
     print(f"protocol fuzz, {args.cases} cases per stream\n")
     print("| stream | cases | outcomes | crashes | wall s | peak RSS growth MiB |\n|---|---:|---|---:|---:|---:|")
     for r in rows:
-        outcomes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("stream", "cases", "crashes", "wall_s", "rss_growth_mib", "first_crash"))
+        outcomes = ", ".join(
+            f"{k} {v}"
+            for k, v in r.items()
+            if k not in ("stream", "cases", "crashes", "wall_s", "rss_growth_mib", "first_crash")
+        )
         print(f"| {r['stream']} | {r['cases']} | {outcomes} | {r['crashes']} | {r['wall_s']} | {r['rss_growth_mib']} |")
         if r["first_crash"]:
             print(f"  first crash: {r['first_crash'][0]}")

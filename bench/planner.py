@@ -71,8 +71,9 @@ SHAPES = (
 )
 
 
-def drifting_loads(shape: BenchShape, windows: int, seed: int, *, skew: float = 1.0,
-                   drift: float = 0.25, revert: float = 0.1) -> list[np.ndarray]:
+def drifting_loads(
+    shape: BenchShape, windows: int, seed: int, *, skew: float = 1.0, drift: float = 0.25, revert: float = 0.1
+) -> list[np.ndarray]:
     """``windows`` successive ``[L, N]`` load windows (see the module docstring)."""
     rng = np.random.default_rng(seed)
     base = rng.normal(0.0, skew, size=(shape.layers, shape.experts))
@@ -181,8 +182,9 @@ class MatrixShape:
     @property
     def label(self) -> str:
         hierarchy = f", {self.groups} groups / {self.nodes} nodes" if self.groups > 1 else ""
-        return (f"{self.name}: {self.experts}+{self.redundant} on {self.ranks} "
-                f"({self.slots // self.ranks}/rank{hierarchy})")
+        return (
+            f"{self.name}: {self.experts}+{self.redundant} on {self.ranks} ({self.slots // self.ranks}/rank{hierarchy})"
+        )
 
 
 MATRIX_SHAPES = (
@@ -309,8 +311,9 @@ class SequenceResult:
     plan_ms: float
 
 
-def run_sequence(policy: str, shape: MatrixShape, loads: list[np.ndarray], *, decayed: bool = False,
-                 warmup: int = 1) -> SequenceResult:
+def run_sequence(
+    policy: str, shape: MatrixShape, loads: list[np.ndarray], *, decayed: bool = False, warmup: int = 1
+) -> SequenceResult:
     """Plan every window but the last, each from the previous plan; score on the next window.
 
     ``decayed``: plan on the coordinator's decayed load window (:class:`LoadWindow`, half-life
@@ -337,8 +340,9 @@ def run_sequence(policy: str, shape: MatrixShape, loads: list[np.ndarray], *, de
         realized.append(model_balancedness(rank_loads(current, loads[i + 1], shape.ranks)))
         moved += plan.experts_moved
         sent += plan.bytes_moved
-    return SequenceResult(float(np.mean(planned)), float(np.mean(realized)), moved, sent, warm,
-                          statistics.median(times))
+    return SequenceResult(
+        float(np.mean(planned)), float(np.mean(realized)), moved, sent, warm, statistics.median(times)
+    )
 
 
 @dataclass(frozen=True)
@@ -384,8 +388,15 @@ def matrix_cells(shapes=MATRIX_SHAPES, workloads=WORKLOADS) -> list[tuple[Matrix
     return [(s, w) for s in shapes for w in workloads]
 
 
-def run_cell(shape: MatrixShape, workload: Workload, *, rebalances: int = 10, seed: int = 0,
-             layers: int | None = None, decayed: bool = True) -> CellResult:
+def run_cell(
+    shape: MatrixShape,
+    workload: Workload,
+    *,
+    rebalances: int = 10,
+    seed: int = 0,
+    layers: int | None = None,
+    decayed: bool = True,
+) -> CellResult:
     """One cell: a warm-up plan, then ``rebalances`` measured ones, for each policy on the same loads.
 
     The cell's loads depend only on ``seed``, the shape and the workload, so a cell gives the same
@@ -417,8 +428,11 @@ def matrix_table(results: list[CellResult]) -> str:
             bal = f"**{bal}**"
         if r is worst_moved:
             mov = f"**{mov}**"
-        misses = [name for name, ok in (("balance", r.balance_pp >= BALANCE_TARGET_PP),
-                                         ("moved", r.moved_share <= MOVED_TARGET)) if not ok]
+        misses = [
+            name
+            for name, ok in (("balance", r.balance_pp >= BALANCE_TARGET_PP), ("moved", r.moved_share <= MOVED_TARGET))
+            if not ok
+        ]
         lines.append(
             f"| {r.shape.label} | {r.workload.label} | {r.deepseek.next_window:.4f} | {r.migration.next_window:.4f} "
             f"| {bal} | {r.decayed_pp:+.2f} | {r.deepseek.planned:.4f} | {r.migration.planned:.4f} "
@@ -454,14 +468,18 @@ def matrix_shape_table(results: list[CellResult]) -> str:
 
 def decayed_table(results: list[CellResult]) -> str:
     """Per drift and noise: migration on the last window vs on the decayed window, against DeepSeek."""
-    lines = ["| drift | noise | Δ pp, last window (mean) | Δ pp, decayed window (mean) | decayed better in |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| drift | noise | Δ pp, last window (mean) | Δ pp, decayed window (mean) | decayed better in |",
+        "|---|---|---:|---:|---:|",
+    ]
     for drift, noise in itertools.product(DRIFTS, NOISES):
         rows = [r for r in results if r.workload.drift == drift and r.workload.noise == noise]
         if rows:
-            lines.append(f"| {drift} | {noise} | {np.mean([r.balance_pp for r in rows]):+.2f} "
-                         f"| {np.mean([r.decayed_pp for r in rows]):+.2f} "
-                         f"| {sum(r.decayed_pp > r.balance_pp for r in rows)} of {len(rows)} |")
+            lines.append(
+                f"| {drift} | {noise} | {np.mean([r.balance_pp for r in rows]):+.2f} "
+                f"| {np.mean([r.decayed_pp for r in rows]):+.2f} "
+                f"| {sum(r.decayed_pp > r.balance_pp for r in rows)} of {len(rows)} |"
+            )
     return "\n".join(lines)
 
 
@@ -470,16 +488,18 @@ def matrix_summary(results: list[CellResult]) -> str:
     worst_moved = max(results, key=lambda r: r.moved_share)
     met = sum(r.meets_targets for r in results)
     decayed_better = sum(r.decayed_pp > r.balance_pp for r in results)
-    return "\n".join([
-        f"Cells meeting both targets: {met} of {len(results)}.",
-        f"Worst next-window balance: {worst_balance.shape.label}, {worst_balance.workload.label}: "
-        f"{worst_balance.migration.next_window:.4f} vs DeepSeek {worst_balance.deepseek.next_window:.4f} "
-        f"({worst_balance.balance_pp:+.2f} pp) at {100 * worst_balance.moved_share:.1f}% of its slots.",
-        f"Most slots moved: {worst_moved.shape.label}, {worst_moved.workload.label}: "
-        f"{100 * worst_moved.moved_share:.1f}% of DeepSeek's, next window {worst_moved.balance_pp:+.2f} pp.",
-        f"Planning on the decayed window beats the last window in {decayed_better} of {len(results)} cells "
-        f"(mean {np.mean([r.decayed_pp - r.balance_pp for r in results]):+.2f} pp).",
-    ])
+    return "\n".join(
+        [
+            f"Cells meeting both targets: {met} of {len(results)}.",
+            f"Worst next-window balance: {worst_balance.shape.label}, {worst_balance.workload.label}: "
+            f"{worst_balance.migration.next_window:.4f} vs DeepSeek {worst_balance.deepseek.next_window:.4f} "
+            f"({worst_balance.balance_pp:+.2f} pp) at {100 * worst_balance.moved_share:.1f}% of its slots.",
+            f"Most slots moved: {worst_moved.shape.label}, {worst_moved.workload.label}: "
+            f"{100 * worst_moved.moved_share:.1f}% of DeepSeek's, next window {worst_moved.balance_pp:+.2f} pp.",
+            f"Planning on the decayed window beats the last window in {decayed_better} of {len(results)} cells "
+            f"(mean {np.mean([r.decayed_pp - r.balance_pp for r in results]):+.2f} pp).",
+        ]
+    )
 
 
 def run_matrix(args: argparse.Namespace) -> None:
@@ -490,10 +510,15 @@ def run_matrix(args: argparse.Namespace) -> None:
         results.append(run_cell(shape, workload, rebalances=args.rebalances, seed=args.seed))
         if args.progress:
             r = results[-1]
-            print(f"{shape.label} | {workload.label}: {r.balance_pp:+.2f} pp, {100 * r.moved_share:.1f}% moved",
-                  file=sys.stderr, flush=True)
-    print(f"Machine: {machine()}; seed {args.seed}; warm-up + {args.rebalances} rebalances per cell; "
-          f"{time.perf_counter() - start:.0f} s\n")
+            print(
+                f"{shape.label} | {workload.label}: {r.balance_pp:+.2f} pp, {100 * r.moved_share:.1f}% moved",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"Machine: {machine()}; seed {args.seed}; warm-up + {args.rebalances} rebalances per cell; "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print(matrix_summary(results) + "\n")
     print(matrix_shape_table(results) + "\n")
     print(decayed_table(results) + "\n")
@@ -516,10 +541,14 @@ def main() -> None:
     args.rebalances = args.rebalances or 20
     with_vllm = not args.no_vllm and vllm_policy() is not None
     policies = ["deepseek"] + (["vllm"] if with_vllm else []) + ["migration"]
-    print(f"Machine: {machine()}; {args.rebalances} drifting rebalances, seed {args.seed}; "
-          f"vLLM policy: {'yes' if with_vllm else 'not importable'}\n")
-    print("| shape | policy | plan ms (median) | balancedness (planned) | balancedness (next window) "
-          "| experts moved / rebalance | bytes moved / rebalance (x bytes_per_expert) |")
+    print(
+        f"Machine: {machine()}; {args.rebalances} drifting rebalances, seed {args.seed}; "
+        f"vLLM policy: {'yes' if with_vllm else 'not importable'}\n"
+    )
+    print(
+        "| shape | policy | plan ms (median) | balancedness (planned) | balancedness (next window) "
+        "| experts moved / rebalance | bytes moved / rebalance (x bytes_per_expert) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
         if args.shapes and shape.name not in args.shapes.split(","):
@@ -529,17 +558,23 @@ def main() -> None:
         if shape.groups > 1 or shape.nodes > 1:  # the hierarchy constrains DeepSeek; show it without
             names.insert(names.index("migration"), "deepseek-global")
         rows = [run_policy(p, shape, loads) for p in names]
-        label = {"deepseek": f"deepseek-parity (ours), {shape.groups} groups / {shape.nodes} nodes",
-                 "deepseek-global": "deepseek-parity (ours), global (1 group / 1 node)",
-                 "vllm": f"vLLM DefaultEplbPolicy, {shape.groups} groups / {shape.nodes} nodes",
-                 "migration": "migration-aware (default)"}
+        label = {
+            "deepseek": f"deepseek-parity (ours), {shape.groups} groups / {shape.nodes} nodes",
+            "deepseek-global": "deepseek-parity (ours), global (1 group / 1 node)",
+            "vllm": f"vLLM DefaultEplbPolicy, {shape.groups} groups / {shape.nodes} nodes",
+            "migration": "migration-aware (default)",
+        }
         for r in rows:
-            print(f"| {shape.name} | {label[r['policy']]} | {r['ms']:.1f} | {r['planned']:.4f} | {r['realized']:.4f} "
-                  f"| {r['moved']:.0f} | {r['bytes']:.0f} |")
+            print(
+                f"| {shape.name} | {label[r['policy']]} | {r['ms']:.1f} | {r['planned']:.4f} | {r['realized']:.4f} "
+                f"| {r['moved']:.0f} | {r['bytes']:.0f} |"
+            )
         ds, mig = rows[0], rows[-1]
-        print(f"|  | migration vs deepseek | | {100 * (mig['planned'] - ds['planned']):+.2f} pp "
-              f"| {100 * (mig['realized'] - ds['realized']):+.2f} pp | "
-              f"{100 * mig['moved'] / max(ds['moved'], 1):.1f}% | {100 * mig['bytes'] / max(ds['bytes'], 1):.1f}% |")
+        print(
+            f"|  | migration vs deepseek | | {100 * (mig['planned'] - ds['planned']):+.2f} pp "
+            f"| {100 * (mig['realized'] - ds['realized']):+.2f} pp | "
+            f"{100 * mig['moved'] / max(ds['moved'], 1):.1f}% | {100 * mig['bytes'] / max(ds['bytes'], 1):.1f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -50,7 +49,9 @@ def main() -> None:
     phy2log = initial_phy2log(shape)
     spr = shape.slots_per_rank
     p2l, l2p, cnt = map_tensors(phy2log, shape.num_logical, shape.num_redundant + 1, device)
-    weights = [[torch.zeros((spr, args.row_bytes // 2), dtype=torch.bfloat16, device=device)] for _ in range(args.layers)]
+    weights = [
+        [torch.zeros((spr, args.row_bytes // 2), dtype=torch.bfloat16, device=device)] for _ in range(args.layers)
+    ]
     model = ExpertModel(expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt, rank=0, num_ranks=args.ranks)
     hooks = ServingHooks(model, report_interval_steps=10, fence_steps=8, fence_timeout_s=5.0)
     load = torch.ones((args.layers, args.physical), dtype=torch.int64, device=device)
@@ -103,8 +104,16 @@ def main() -> None:
         commits.append(time.perf_counter() - t0)
         sync()
     commits.sort()
-    rows.append((f"commit of 1 layer ({len(sched.per_rank[0].staging)} rows, host time)", statistics.median(commits) * 1e6, commits[-1] * 1e6))
-    print(f"serving hooks on {device} ({torch.__version__}), shape L={args.layers} P={args.physical} ranks={args.ranks}\n")
+    rows.append(
+        (
+            f"commit of 1 layer ({len(sched.per_rank[0].staging)} rows, host time)",
+            statistics.median(commits) * 1e6,
+            commits[-1] * 1e6,
+        )
+    )
+    print(
+        f"serving hooks on {device} ({torch.__version__}), shape L={args.layers} P={args.physical} ranks={args.ranks}\n"
+    )
     print("| hook | p50 µs | p99 µs |\n|---|---:|---:|")
     for name, p50, p99 in rows:
         print(f"| {name} | {p50:.1f} | {p99:.1f} |")

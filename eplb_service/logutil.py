@@ -29,8 +29,11 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name, "pid": record.process,
-            "tag": getattr(record, "eplb_tag", None), "msg": record.getMessage(),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "tag": getattr(record, "eplb_tag", None),
+            "msg": record.getMessage(),
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
@@ -44,8 +47,11 @@ def configure(level: str | int | None = None, fmt: str = "text") -> None:
     if fmt not in ("text", "json"):
         raise ValueError(f"log format {fmt!r} must be 'text' or 'json'")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -53,9 +53,7 @@ class PlacementShape:
                 "(every logical expert needs at least one slot)"
             )
         if self.num_physical % self.num_ranks:
-            raise PlacementError(
-                f"num_ranks={self.num_ranks} must divide num_physical={self.num_physical}"
-            )
+            raise PlacementError(f"num_ranks={self.num_ranks} must divide num_physical={self.num_physical}")
 
     @property
     def slots_per_rank(self) -> int:

@@ -67,7 +67,11 @@ class NDArray(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         arr = np.ascontiguousarray(array)
         if arr.dtype.name not in ALLOWED_DTYPES:
             raise ProtocolError(f"array dtype {arr.dtype.name!r} not in {ALLOWED_DTYPES}")
-        return cls(dtype=arr.dtype.name, shape=tuple(int(s) for s in arr.shape), data=arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        return cls(
+            dtype=arr.dtype.name,
+            shape=tuple(int(s) for s in arr.shape),
+            data=arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(),
+        )
 
     def to_numpy(self, field: str = "array") -> np.ndarray:
         """Decode, checking dtype, rank and that the byte count matches the shape."""
@@ -78,7 +82,9 @@ class NDArray(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         dtype = np.dtype(self.dtype).newbyteorder("<")
         expected = math.prod(self.shape) * dtype.itemsize
         if expected != len(self.data):
-            raise ProtocolError(f"{field}: shape {self.shape} of {self.dtype} needs {expected} bytes, got {len(self.data)}")
+            raise ProtocolError(
+                f"{field}: shape {self.shape} of {self.dtype} needs {expected} bytes, got {len(self.data)}"
+            )
         return np.frombuffer(self.data, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="), copy=True)
 
 
@@ -178,10 +184,27 @@ agent cannot join (version, shape, placement), it stays idle; ``bad_message``: u
 
 
 AbortCode = Literal[
-    "invalid_plan", "busy", "not_connected", "staging_failed", "staging_timeout", "no_vote", "not_staged",
-    "aborted_by_coordinator", "coordinator_stopping", "agent_stopping", "comm_rebuilt", "coordinator_lost",
-    "fence_timeout", "vote_failed", "integrity", "missed_commit_step", "internal_error", "agent_lost",
-    "voting_timeout", "step_clock", "other",
+    "invalid_plan",
+    "busy",
+    "not_connected",
+    "staging_failed",
+    "staging_timeout",
+    "no_vote",
+    "not_staged",
+    "aborted_by_coordinator",
+    "coordinator_stopping",
+    "agent_stopping",
+    "comm_rebuilt",
+    "coordinator_lost",
+    "fence_timeout",
+    "vote_failed",
+    "integrity",
+    "missed_commit_step",
+    "internal_error",
+    "agent_lost",
+    "voting_timeout",
+    "step_clock",
+    "other",
 ]
 """Why a plan was not applied, as a label (``eplb_plans_aborted_total{reason}``); the free
 text beside it says the details."""
@@ -221,9 +244,20 @@ class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     """The agent's own counters since it started (names in :data:`AGENT_COUNTERS`)."""
 
 
-AGENT_COUNTERS = ("committed", "aborted", "staged", "plans_rejected", "integrity_failures", "internal_errors",
-                  "socket_reopened", "bad_messages", "send_dropped", "duplicate_messages", "bytes_received",
-                  "dropped_load_windows")
+AGENT_COUNTERS = (
+    "committed",
+    "aborted",
+    "staged",
+    "plans_rejected",
+    "integrity_failures",
+    "internal_errors",
+    "socket_reopened",
+    "bad_messages",
+    "send_dropped",
+    "duplicate_messages",
+    "bytes_received",
+    "dropped_load_windows",
+)
 """What agents count and send in heartbeats; the coordinator exports them per rank."""
 
 
@@ -341,8 +375,25 @@ class StatusReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=T
 
 
 Message = Union[
-    Hello, Welcome, Reject, CommInit, Heartbeat, HeartbeatAck, LoadReport, Plan, Staged, Failed, VoteNow,
-    Voted, Committed, Aborted, AbortPlan, Goodbye, CoordinatorStopping, StatusRequest, StatusReply,
+    Hello,
+    Welcome,
+    Reject,
+    CommInit,
+    Heartbeat,
+    HeartbeatAck,
+    LoadReport,
+    Plan,
+    Staged,
+    Failed,
+    VoteNow,
+    Voted,
+    Committed,
+    Aborted,
+    AbortPlan,
+    Goodbye,
+    CoordinatorStopping,
+    StatusRequest,
+    StatusReply,
 ]
 
 AgentMessage = Union[Heartbeat, LoadReport, Staged, Failed, Voted, Committed, Aborted, Goodbye]
@@ -390,6 +441,6 @@ def _check_finite(value: object, path: str) -> None:
             _check_finite(item, f"{path}[{i}]")
 
 
-def json_schema() -> dict:
+def json_schema() -> dict[str, object]:
     """The language-neutral schema of every message (written to ``proto/schema.json``)."""
     return msgspec.json.schema(Message)

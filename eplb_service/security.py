@@ -40,7 +40,7 @@ def is_local_endpoint(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     if host in ("localhost",):
         return True
     try:
@@ -69,8 +69,12 @@ def generate_keys(directory: str) -> dict[str, str]:
     server_public, server_secret = zmq.auth.create_certificates(directory, "server")
     agent_public, agent_secret = zmq.auth.create_certificates(directory, "agent")
     os.replace(agent_public, os.path.join(clients, "agent.key"))
-    return {"server_public": server_public, "server_secret": server_secret,
-            "agent_public": os.path.join(clients, "agent.key"), "agent_secret": agent_secret}
+    return {
+        "server_public": server_public,
+        "server_secret": server_secret,
+        "agent_public": os.path.join(clients, "agent.key"),
+        "agent_secret": agent_secret,
+    }
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ def apply_server_curve(sock: zmq.Socket, curve_dir: str) -> None:
     try:
         public, secret = zmq.auth.load_certificate(os.path.join(curve_dir, "server.key_secret"))
     except (OSError, ValueError) as exc:
-        raise SecurityError(f"cannot load {curve_dir}/server.key_secret (create it with `eplb-coordinator keygen {curve_dir}`): {exc}") from None
+        raise SecurityError(
+            f"cannot load {curve_dir}/server.key_secret (create it with `eplb-coordinator keygen {curve_dir}`): {exc}"
+        ) from None
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True

@@ -102,8 +102,19 @@ class Sidecar:
         self.endpoint = endpoint
         self.ready_timeout_s = ready_timeout_s
         dp, tp = ep_ranks_from_vllm_args(vllm_cmd)
-        self.coordinator_cmd = [sys.executable, "-m", "eplb_service.coordinator.cli", "serve", "--dp", str(dp), "--tp", str(tp),
-                                "--endpoint", endpoint, *coordinator_args]
+        self.coordinator_cmd = [
+            sys.executable,
+            "-m",
+            "eplb_service.coordinator.cli",
+            "serve",
+            "--dp",
+            str(dp),
+            "--tp",
+            str(tp),
+            "--endpoint",
+            endpoint,
+            *coordinator_args,
+        ]
         self.coordinator: subprocess.Popen | None = None
         self.vllm: subprocess.Popen | None = None
         self._stop_signal: int | None = None
@@ -113,7 +124,9 @@ class Sidecar:
             log.warning("the vLLM command has no --enable-eplb: the plugin will refuse to attach")
 
     def _start_coordinator(self) -> None:
-        self.coordinator = subprocess.Popen(self.coordinator_cmd, start_new_session=True, preexec_fn=exit_with_parent_hook())
+        self.coordinator = subprocess.Popen(
+            self.coordinator_cmd, start_new_session=True, preexec_fn=exit_with_parent_hook()
+        )
         log.info("coordinator started (pid %d): %s", self.coordinator.pid, " ".join(self.coordinator_cmd[3:]))
 
     def _wait_ready(self) -> bool:
@@ -160,7 +173,10 @@ class Sidecar:
             log.error("coordinator exited with %d before it was ready; not starting vLLM", self.coordinator.returncode)
             return exit_status(self.coordinator.returncode) or 1
         else:
-            log.error("coordinator not ready within %.0fs; starting vLLM anyway (agents register when it is up)", self.ready_timeout_s)
+            log.error(
+                "coordinator not ready within %.0fs; starting vLLM anyway (agents register when it is up)",
+                self.ready_timeout_s,
+            )
         code = self._start_vllm()
         if code is not None:
             return code
@@ -189,7 +205,11 @@ class Sidecar:
             return
         now = time.monotonic()
         if not self._restart_at:
-            log.error("coordinator exited with %s; vLLM keeps serving, restarting in %.0fs", self.coordinator.returncode, self._backoff_s)
+            log.error(
+                "coordinator exited with %s; vLLM keeps serving, restarting in %.0fs",
+                self.coordinator.returncode,
+                self._backoff_s,
+            )
             self._restart_at = now + self._backoff_s
             self._backoff_s = min(30.0, self._backoff_s * 2)
         elif now >= self._restart_at:
@@ -229,15 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     from eplb_service.coordinator.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
-        prog="eplb-sidecar", formatter_class=HelpFormatter, description=_DESCRIPTION, epilog=_EPILOG,
+        prog="eplb-sidecar",
+        formatter_class=HelpFormatter,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
         usage="%(prog)s [-h] [--endpoint URL] [--ready-timeout-s S] [--log-format {text,json}]\n"
-              "                    [COORDINATOR FLAG ...] -- VLLM COMMAND ...")
-    parser.add_argument("--endpoint", default=default_endpoint(), metavar="URL",
-                        help="the coordinator's endpoint, passed to vLLM's workers as EPLB_SERVICE_ENDPOINT")
-    parser.add_argument("--ready-timeout-s", type=float, default=30.0, metavar="S",
-                        help="how long to wait for the coordinator before starting vLLM anyway")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="json: one JSON object per line (the coordinator's too)")
+        "                    [COORDINATOR FLAG ...] -- VLLM COMMAND ...",
+    )
+    parser.add_argument(
+        "--endpoint",
+        default=default_endpoint(),
+        metavar="URL",
+        help="the coordinator's endpoint, passed to vLLM's workers as EPLB_SERVICE_ENDPOINT",
+    )
+    parser.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long to wait for the coordinator before starting vLLM anyway",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object per line (the coordinator's too)",
+    )
     return parser
 
 
@@ -246,7 +283,7 @@ def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:
     if "--" not in argv:
         return argv, None
     split = len(argv) - 1 - argv[::-1].index("--")
-    return [a for a in argv[:split] if a != "--"], argv[split + 1:]
+    return [a for a in argv[:split] if a != "--"], argv[split + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the vLLM command after '--' is empty")
     logutil.configure(None, args.log_format)
     try:
-        sidecar = Sidecar(vllm_cmd, coordinator_args + ["--log-format", args.log_format], args.endpoint, args.ready_timeout_s)
+        sidecar = Sidecar(
+            vllm_cmd, coordinator_args + ["--log-format", args.log_format], args.endpoint, args.ready_timeout_s
+        )
     except ValueError as exc:
         parser.error(str(exc))
     return sidecar.run()

@@ -47,13 +47,13 @@ def probe_offset(ref: np.ndarray, other: np.ndarray, fit: float = 1 / 3, miss: f
     radius = (n - 1) // 2
     errors: dict[int, float] = {}
     for d in range(-radius, radius + 1):
-        a = ref[max(0, -d): n - max(0, d)]
-        b = other[max(0, d): n - max(0, -d)]
+        a = ref[max(0, -d) : n - max(0, d)]
+        b = other[max(0, d) : n - max(0, -d)]
         if a.size >= 3:
             errors[d] = float(np.median(np.abs(b - a)))
     if len(errors) < 2:
         return None
-    ranked = sorted(errors, key=errors.get)
+    ranked = sorted(errors, key=lambda d: errors[d])
     best, runner_up = ranked[0], ranked[1]
     if errors[best] < fit * delta and errors[runner_up] > miss * delta:
         return best
@@ -64,7 +64,7 @@ def probe_offset(ref: np.ndarray, other: np.ndarray, fit: float = 1 / 3, miss: f
 class RankClock:
     probes: dict[int, np.ndarray] = field(default_factory=dict)
     """Probe step -> ``[2R + 1]`` wall end times (the newest ``keep`` probes)."""
-    verdicts: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8))
+    verdicts: collections.deque[tuple[int, int]] = field(default_factory=lambda: collections.deque(maxlen=8))
     """``(probe step, offset)`` of the decisive comparisons with the reference rank, oldest first."""
     compared: set[int] = field(default_factory=set)
 
@@ -100,7 +100,7 @@ class StepClockWatch:
         clock = self.clocks.setdefault(rank, RankClock())
         for step, row in zip(probe_steps, times):
             clock.probes[step] = np.asarray(row, dtype=np.float64) + wall_minus_mono
-        for old in sorted(clock.probes)[:-self.keep]:
+        for old in sorted(clock.probes)[: -self.keep]:
             del clock.probes[old]
             clock.compared.discard(old)
 
@@ -129,7 +129,7 @@ class StepClockWatch:
     def _verdict(self, rank: int, reference: int, clock: RankClock) -> ClockState:
         if not clock.verdicts:
             return ClockState(rank, reference, None)
-        latest = list(clock.verdicts)[-self.confirm:]
+        latest = list(clock.verdicts)[-self.confirm :]
         offsets = {offset for _, offset in latest}
         steps = tuple(step for step, _ in latest)
         if latest[-1][1] == 0:
@@ -139,8 +139,9 @@ class StepClockWatch:
         return ClockState(rank, reference, None, steps)
 
 
-def probes_from_ring(end_times: np.ndarray, steps_done: int, every: int = PROBE_EVERY,
-                     radius: int = PROBE_RADIUS) -> tuple[list[int], list[list[float]]]:
+def probes_from_ring(
+    end_times: np.ndarray, steps_done: int, every: int = PROBE_EVERY, radius: int = PROBE_RADIUS
+) -> tuple[list[int], list[list[float]]]:
     """The probes a rank can send: every probe step whose whole window is in the ring.
 
     ``end_times[k % len]`` is when step ``k`` ended; steps ``< steps_done`` have ended. The

@@ -66,7 +66,9 @@ def load_trace(path: str) -> Trace:
     if missing:
         raise TraceError(f"trace {path!r} lacks arrays {missing}")
     if int(arrays["format_version"]) != FORMAT_VERSION:
-        raise TraceError(f"trace {path!r} has format_version {int(arrays['format_version'])}, this reader knows {FORMAT_VERSION}")
+        raise TraceError(
+            f"trace {path!r} has format_version {int(arrays['format_version'])}, this reader knows {FORMAT_VERSION}"
+        )
     loads = arrays["loads"]
     if loads.ndim != 3 or loads.shape[0] == 0:
         raise TraceError(f"trace {path!r}: loads has shape {loads.shape}, expected [windows > 0, layers, experts]")
@@ -89,8 +91,9 @@ class TraceRecorder:
         self._closed: list[dict] = []
 
     def add(self, logical_load: np.ndarray, step_begin: int, step_end: int, epoch: int, rank: int) -> None:
-        window = self._open.setdefault((step_begin, step_end), {
-            "loads": np.zeros(self.shape), "epoch": epoch, "ranks": set()})
+        window = self._open.setdefault(
+            (step_begin, step_end), {"loads": np.zeros(self.shape), "epoch": epoch, "ranks": set()}
+        )
         window["loads"] += logical_load
         window["ranks"].add(rank)
         # close older windows once every rank has moved past them
@@ -100,8 +103,16 @@ class TraceRecorder:
 
     def _close(self, key: tuple[int, int]) -> None:
         window = self._open.pop(key)
-        self._closed.append({"step_begin": key[0], "step_end": key[1], "loads": window["loads"],
-                             "epoch": window["epoch"], "ranks": len(window["ranks"]), "time": time.time()})
+        self._closed.append(
+            {
+                "step_begin": key[0],
+                "step_end": key[1],
+                "loads": window["loads"],
+                "epoch": window["epoch"],
+                "ranks": len(window["ranks"]),
+                "time": time.time(),
+            }
+        )
 
     @property
     def windows(self) -> int:
@@ -117,7 +128,9 @@ class TraceRecorder:
         rows = sorted(self._closed, key=lambda w: (w["step_begin"], w["step_end"]))
         tmp = f"{self.path}.tmp.npz"
         np.savez_compressed(
-            tmp, format_version=np.int64(FORMAT_VERSION), loads=np.stack([w["loads"] for w in rows]),
+            tmp,
+            format_version=np.int64(FORMAT_VERSION),
+            loads=np.stack([w["loads"] for w in rows]),
             step_begin=np.array([w["step_begin"] for w in rows], dtype=np.int64),
             step_end=np.array([w["step_end"] for w in rows], dtype=np.int64),
             epoch=np.array([w["epoch"] for w in rows], dtype=np.int64),

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from conftest import make_model, rows_match_maps
+
 from eplb_service.placement import PlacementShape
 from eplb_service.worker_agent.agent import WorkerAgent
 from eplb_service.worker_agent.transport_gloo import GlooTransport
@@ -81,8 +81,14 @@ class CorruptRowAgent(WorkerAgent):
             del transport.exchange
 
 
-FAULTS = {None: WorkerAgent, "slow_staging": SlowStagingAgent, "corrupt_row": CorruptRowAgent, "exit_before_vote": ExitBeforeVoteAgent, "exit_while_staging": ExitWhileStagingAgent,
-          "stall_before_vote": StallBeforeVoteAgent}
+FAULTS = {
+    None: WorkerAgent,
+    "slow_staging": SlowStagingAgent,
+    "corrupt_row": CorruptRowAgent,
+    "exit_before_vote": ExitBeforeVoteAgent,
+    "exit_while_staging": ExitWhileStagingAgent,
+    "stall_before_vote": StallBeforeVoteAgent,
+}
 
 
 def slot_load(model, hot: int) -> torch.Tensor:
@@ -119,8 +125,15 @@ def agent_main(spec: AgentSpec, out) -> None:
             os._exit(5)
     time.sleep(0.3)  # let the agent thread flush its last messages
     agent.stop()
-    out.put({
-        "rank": spec.rank, "epoch": hooks.epoch, "commits": list(hooks.commit_log),
-        "phy2log": model.phy2log.tolist(), "rows_match_maps": rows_match_maps(model),
-        "max_step_s": max(step_times), "stats": dict(agent.stats), "steps": hooks.steps_done,
-    })
+    out.put(
+        {
+            "rank": spec.rank,
+            "epoch": hooks.epoch,
+            "commits": list(hooks.commit_log),
+            "phy2log": model.phy2log.tolist(),
+            "rows_match_maps": rows_match_maps(model),
+            "max_step_s": max(step_times),
+            "stats": dict(agent.stats),
+            "steps": hooks.steps_done,
+        }
+    )

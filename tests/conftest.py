@@ -21,11 +21,15 @@ def make_model(rank: int, shape: PlacementShape, phy2log: np.ndarray | None = No
     spr = shape.slots_per_rank
     weights = []
     for layer in range(shape.num_layers):
-        experts = phy2log[layer, rank * spr:(rank + 1) * spr]
+        experts = phy2log[layer, rank * spr : (rank + 1) * spr]
         values = torch.tensor([expert_row_value(layer, int(e)) for e in experts], dtype=torch.float32)
-        weights.append([values[:, None].repeat(1, row_len).contiguous(), (values[:, None] * 2).repeat(1, 3).contiguous()])
+        weights.append(
+            [values[:, None].repeat(1, row_len).contiguous(), (values[:, None] * 2).repeat(1, 3).contiguous()]
+        )
     p2l, l2p, cnt = map_tensors(phy2log, shape.num_logical, shape.num_redundant + 1)
-    return ExpertModel(expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt, rank=rank, num_ranks=shape.num_ranks)
+    return ExpertModel(
+        expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt, rank=rank, num_ranks=shape.num_ranks
+    )
 
 
 def rows_match_maps(model: ExpertModel) -> bool:
@@ -34,7 +38,10 @@ def rows_match_maps(model: ExpertModel) -> bool:
     for layer, (w, b) in enumerate(model.expert_weights):
         for row in range(spr):
             expert = int(model.phy2log[layer, model.rank * spr + row])
-            if not (torch.all(w[row] == expert_row_value(layer, expert)) and torch.all(b[row] == 2 * expert_row_value(layer, expert))):
+            if not (
+                torch.all(w[row] == expert_row_value(layer, expert))
+                and torch.all(b[row] == 2 * expert_row_value(layer, expert))
+            ):
                 return False
     return True
 

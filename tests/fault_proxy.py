@@ -17,8 +17,17 @@ import zmq
 
 
 class FaultProxy:
-    def __init__(self, front: str, back: str, p_drop: float = 0.0, p_dup: float = 0.0, p_delay: float = 0.0,
-                 max_delay_s: float = 0.05, seed: int = 0, hold=None) -> None:
+    def __init__(
+        self,
+        front: str,
+        back: str,
+        p_drop: float = 0.0,
+        p_dup: float = 0.0,
+        p_delay: float = 0.0,
+        max_delay_s: float = 0.05,
+        seed: int = 0,
+        hold=None,
+    ) -> None:
         """``hold(direction, identity, frame)`` -> seconds to hold that frame back (targeted delays), or 0."""
         self.front, self.back = front, back
         self.p_drop, self.p_dup, self.p_delay, self.max_delay_s = p_drop, p_dup, p_delay, max_delay_s
@@ -76,7 +85,9 @@ class FaultProxy:
                         if self.rng.random() < self.p_delay:
                             self.counts["delayed"] += 1
                             seq += 1
-                            heapq.heappush(pending, (now + self.rng.random() * self.max_delay_s, seq, direction, identity, frame))
+                            heapq.heappush(
+                                pending, (now + self.rng.random() * self.max_delay_s, seq, direction, identity, frame)
+                            )
                         else:
                             self._deliver(front, backs, direction, identity, frame)
         finally:

@@ -38,17 +38,42 @@ def free_port() -> int:
 class SimCluster:
     """``world`` simulated ranks connecting to ``endpoint``; ``per_rank`` overrides ``RankSpec`` fields."""
 
-    def __init__(self, world: int, endpoint: str, steps: int, seed: int = 0, model: SimModelConfig | None = None,
-                 step_sleep_s: float = 0.0, per_rank: dict[int, dict] | None = None, **common) -> None:
+    def __init__(
+        self,
+        world: int,
+        endpoint: str,
+        steps: int,
+        seed: int = 0,
+        model: SimModelConfig | None = None,
+        step_sleep_s: float = 0.0,
+        per_rank: dict[int, dict] | None = None,
+        **common,
+    ) -> None:
         self.world = world
         self.port = free_port()
-        self.store = dist.TCPStore("127.0.0.1", self.port, world, True, timeout=datetime.timedelta(seconds=60),
-                                   wait_for_workers=False)
+        self.store = dist.TCPStore(
+            "127.0.0.1", self.port, world, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
+        )
         self.results = CTX.Queue()
-        base = RankSpec(rank=0, world_size=world, steps=steps, seed=seed, model=model or SimModelConfig(),
-                        coordinator_endpoint=endpoint, serving_store_port=self.port, step_sleep_s=step_sleep_s, **common)
-        self.procs = [CTX.Process(target=run_rank, name=f"sim-rank-{r}", args=(
-            replace(base, rank=r, **(per_rank or {}).get(r, {})), self.results)) for r in range(world)]
+        base = RankSpec(
+            rank=0,
+            world_size=world,
+            steps=steps,
+            seed=seed,
+            model=model or SimModelConfig(),
+            coordinator_endpoint=endpoint,
+            serving_store_port=self.port,
+            step_sleep_s=step_sleep_s,
+            **common,
+        )
+        self.procs = [
+            CTX.Process(
+                target=run_rank,
+                name=f"sim-rank-{r}",
+                args=(replace(base, rank=r, **(per_rank or {}).get(r, {})), self.results),
+            )
+            for r in range(world)
+        ]
 
     def start(self) -> "SimCluster":
         for p in self.procs:
@@ -98,8 +123,11 @@ def assert_all_or_none(results: dict[int, dict], world: int) -> None:
 def daemon(endpoint: str, world: int, *extra: str, log_path: str | None = None) -> subprocess.Popen:
     """``eplb-coordinator`` as its own process (so a scenario can kill it)."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", str(world), "--endpoint",
-                             endpoint, *extra], stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", str(world), "--endpoint", endpoint, *extra],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_status(endpoint: str, predicate, timeout_s: float, what: str) -> dict:

@@ -30,7 +30,10 @@ signal.signal(signal.SIGTERM, on_stop)
 signal.signal(signal.SIGINT, on_stop)
 endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
 status = fetch_status(endpoint, timeout_s=5)
-print(json.dumps({"endpoint": endpoint, "world_size": status["world_size"], "pid": os.getpid(), "argv": sys.argv[1:]}), flush=True)
+print(
+    json.dumps({"endpoint": endpoint, "world_size": status["world_size"], "pid": os.getpid(), "argv": sys.argv[1:]}),
+    flush=True,
+)
 if sys.argv[1:2] == ["--kill-self"]:
     os.kill(os.getpid(), signal.SIGKILL)
 deadline = time.monotonic() + 120

@@ -18,20 +18,26 @@ import itertools
 import msgspec
 import numpy as np
 import torch
+from conftest import make_model, rows_match_maps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_model, rows_match_maps
 from eplb_service import protocol as P
-from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.placement import PlacementShape
 from eplb_service.testing.protocol_fuzz import message_strategy
 from eplb_service.worker_agent.agent import WorkerAgent
 from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.transport import Transport
 
 SHAPE = PlacementShape(num_layers=2, num_logical=3, num_physical=4, num_ranks=1)
-FAST = P.AgentConfig(report_interval_steps=2, heartbeat_interval_s=0.01, fence_steps=2, fence_timeout_s=0.001,
-                     transport_timeout_s=1.0, decision_timeout_s=0.5)
+FAST = P.AgentConfig(
+    report_interval_steps=2,
+    heartbeat_interval_s=0.01,
+    fence_steps=2,
+    fence_timeout_s=0.001,
+    transport_timeout_s=1.0,
+    decision_timeout_s=0.5,
+)
 
 
 class LocalTransport(Transport):
@@ -136,8 +142,12 @@ class Harness:
     def plan(self) -> P.Plan:
         rows = self.model.phy2log.numpy()[[1]].copy()
         rows[0] = np.roll(rows[0], 1)
-        return P.Plan(plan_id=next(self.plan_ids), base_epoch=self.agent.hooks.epoch, layers=[1],
-                      phy2log=P.NDArray.from_numpy(rows))
+        return P.Plan(
+            plan_id=next(self.plan_ids),
+            base_epoch=self.agent.hooks.epoch,
+            layers=[1],
+            phy2log=P.NDArray.from_numpy(rows),
+        )
 
     def current_plan_id(self) -> int:
         agent = self.agent
@@ -172,8 +182,12 @@ class Harness:
     def other_rank_decides(self, commit: bool) -> None:
         plan_id = self.current_plan_id()
         if plan_id:
-            self.record.decisions.setdefault(plan_id, Decision.commit_at(self.agent.hooks.steps_done + 2, 1) if commit
-                                             else Decision.abort(1, "another rank gave up"))
+            self.record.decisions.setdefault(
+                plan_id,
+                Decision.commit_at(self.agent.hooks.steps_done + 2, 1)
+                if commit
+                else Decision.abort(1, "another rank gave up"),
+            )
 
     def check(self) -> None:
         agent, model = self.agent, self.model
@@ -185,22 +199,29 @@ class Harness:
 
 def flow_messages(h: Harness):
     return st.one_of(
-        st.builds(lambda c: P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7,
-                                      comm=h.comm() if c else None), st.booleans()),
+        st.builds(
+            lambda c: P.Welcome(
+                protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm() if c else None
+            ),
+            st.booleans(),
+        ),
         st.builds(lambda: h.comm()),
         st.builds(lambda: h.plan()),
         st.builds(lambda: P.VoteNow(plan_id=h.current_plan_id())),
         st.builds(lambda: P.AbortPlan(plan_id=h.current_plan_id(), reason="test")),
         st.just(P.CoordinatorStopping(reason="test")),
         st.builds(lambda s: P.HeartbeatAck(session=s), st.sampled_from([7, 8])),
-        st.builds(lambda code: P.Reject(reason="test", code=code), st.sampled_from(["unknown_agent", "stale_session",
-                                                                                     "rank_taken", "bad_message"])),
+        st.builds(
+            lambda code: P.Reject(reason="test", code=code),
+            st.sampled_from(["unknown_agent", "stale_session", "rank_taken", "bad_message"]),
+        ),
     )
 
 
 def any_message():
     """Arbitrary messages as the agent can receive them: only what decodes (the decoder refuses
     the rest at the edge); a Welcome keeps the fast timings (a 10^300 s fence would only wait)."""
+
     def decodable(message) -> bool:
         try:
             P.decode(P.encode(message))
@@ -212,6 +233,7 @@ def any_message():
         if isinstance(message, P.Welcome):
             return msgspec.structs.replace(message, config=FAST)
         return message
+
     return message_strategy().filter(decodable).map(tame)
 
 
@@ -222,7 +244,9 @@ def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data
     h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
     actions = collections.Counter()
     for _ in range(data.draw(st.integers(5, 60), label="length")):
-        kind = data.draw(st.sampled_from(["flow", "flow", "flow", "any", "step", "step", "tick", "decide"]), label="action")
+        kind = data.draw(
+            st.sampled_from(["flow", "flow", "flow", "any", "step", "step", "tick", "decide"]), label="action"
+        )
         actions[kind] += 1
         if kind == "flow":
             h.deliver(data.draw(flow_messages(h), label="message"))

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import zmq
-
 from conftest import make_model, rows_match_maps
 from coordinator_thread import CoordinatorThread
+
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
@@ -48,18 +48,28 @@ class FakeCoordinator:
 
 
 def plan(rows, layers=(0,), epoch=0, plan_id=7) -> P.Plan:
-    return P.Plan(plan_id=plan_id, base_epoch=epoch, layers=list(layers), phy2log=P.NDArray.from_numpy(np.asarray(rows, dtype=np.int64)))
+    return P.Plan(
+        plan_id=plan_id,
+        base_epoch=epoch,
+        layers=list(layers),
+        phy2log=P.NDArray.from_numpy(np.asarray(rows, dtype=np.int64)),
+    )
 
 
-@pytest.mark.parametrize("bad, expected", [
-    (plan([[0, 1, 2, 3, 4, 4, 4, 4]]), "layer 0: logical expert 5 has no replica"),
-    (plan([[0, 1, 2, 3, 4, 5, 9, 0]]), "layer 0: slot 6 holds expert 9, expected 0 <= expert < 6"),
-    (plan([[0, 1, 2, 3, 4, 5]]), "phy2log shape (1, 6), expected (1, 8)"),
-    (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
-    (plan([[0, 1, 2, 3, 4, 5, 0, 1]], epoch=3), "is for epoch 3, this rank is at epoch 0"),
-    (P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray(dtype="int64", shape=(1, 8), data=b"\0" * 8)),
-     "plan.phy2log: shape (1, 8) of int64 needs 64 bytes, got 8"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (plan([[0, 1, 2, 3, 4, 4, 4, 4]]), "layer 0: logical expert 5 has no replica"),
+        (plan([[0, 1, 2, 3, 4, 5, 9, 0]]), "layer 0: slot 6 holds expert 9, expected 0 <= expert < 6"),
+        (plan([[0, 1, 2, 3, 4, 5]]), "phy2log shape (1, 6), expected (1, 8)"),
+        (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
+        (plan([[0, 1, 2, 3, 4, 5, 0, 1]], epoch=3), "is for epoch 3, this rank is at epoch 0"),
+        (
+            P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray(dtype="int64", shape=(1, 8), data=b"\0" * 8)),
+            "plan.phy2log: shape (1, 8) of int64 needs 64 bytes, got 8",
+        ),
+    ],
+)
 def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_path, bad, expected):
     endpoint = f"ipc://{tmp_path}/fake.sock"
     fake = FakeCoordinator(endpoint)
@@ -81,9 +91,17 @@ def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_p
 
 
 def hello(**changes) -> P.Hello:
-    fields = dict(protocol_version=P.PROTOCOL_VERSION, rank=0, model=P.ModelShape(2, 6, 8, 2, 36),
-                  phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)), epoch=0, step=0, transport="gloo",
-                  store_host="127.0.0.1", store_port=1)
+    fields = dict(
+        protocol_version=P.PROTOCOL_VERSION,
+        rank=0,
+        model=P.ModelShape(2, 6, 8, 2, 36),
+        phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)),
+        epoch=0,
+        step=0,
+        transport="gloo",
+        store_host="127.0.0.1",
+        store_port=1,
+    )
     fields.update(changes)
     return P.Hello(**fields)
 
@@ -112,12 +130,26 @@ def test_hello_mismatches_are_refused_with_both_values(tmp_path):
     coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
     try:
         reply = ask(endpoint, b"rank-0", hello(protocol_version=99))
-        assert isinstance(reply, P.Reject) and f"protocol version 99 does not match the coordinator's {P.PROTOCOL_VERSION}" in reply.reason
-        reply = ask(endpoint, b"rank-0", hello(model=P.ModelShape(2, 6, 8, 4, 36), phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 4)))))
+        assert (
+            isinstance(reply, P.Reject)
+            and f"protocol version 99 does not match the coordinator's {P.PROTOCOL_VERSION}" in reply.reason
+        )
+        reply = ask(
+            endpoint,
+            b"rank-0",
+            hello(
+                model=P.ModelShape(2, 6, 8, 4, 36),
+                phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 4))),
+            ),
+        )
         assert "agent reports 4 EP ranks, the coordinator was started for 2" in reply.reason
         assert isinstance(ask(endpoint, b"rank-0", hello()), P.Welcome)
         reply = ask(endpoint, b"rank-1", hello(rank=1, model=P.ModelShape(2, 6, 8, 2, 72)))
-        assert "model shape" in reply.reason and "bytes_per_expert=72" in reply.reason and "bytes_per_expert=36" in reply.reason
+        assert (
+            "model shape" in reply.reason
+            and "bytes_per_expert=72" in reply.reason
+            and "bytes_per_expert=36" in reply.reason
+        )
         reply = ask(endpoint, b"rank-1", hello(rank=1, phy2log=P.NDArray.from_numpy(np.zeros((2, 8), dtype=np.int64))))
         assert "invalid placement: layer 0: logical expert 1 has no replica" in reply.reason
         assert coord.coordinator.metrics.messages_rejected.labels("hello")._value.get() == 4
@@ -158,7 +190,9 @@ def test_ranks_at_different_epochs_register_and_planning_waits_for_them(tmp_path
         newer = initial_phy2log(SHAPE)
         newer[0, :2] = newer[0, 1::-1]
         assert isinstance(ask(endpoint, b"rank-0", hello(epoch=4, phy2log=P.NDArray.from_numpy(newer))), P.Welcome)
-        reply = ask(endpoint, b"rank-1", hello(rank=1, epoch=4, pid=99, phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE))))
+        reply = ask(
+            endpoint, b"rank-1", hello(rank=1, epoch=4, pid=99, phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)))
+        )
         assert isinstance(reply, P.Reject) and "differs from the other ranks' placement" in reply.reason
         assert isinstance(ask(endpoint, b"rank-1", hello(rank=1, epoch=3)), P.Welcome)
         c = coord.coordinator

@@ -27,8 +27,17 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("argv", [["keygen", "--help"], ["keygen", "-h"], ["status", "--help"], ["serve", "--help"],
-                                  ["--help"], ["--dp", "8", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keygen", "--help"],
+        ["keygen", "-h"],
+        ["status", "--help"],
+        ["serve", "--help"],
+        ["--help"],
+        ["--dp", "8", "--help"],
+    ],
+)
 def test_help_exits_zero_and_creates_nothing(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_main(argv, capsys)

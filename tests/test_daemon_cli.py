@@ -25,9 +25,24 @@ def free_port() -> int:
 def daemon(tmp_path):
     endpoint = f"ipc://{tmp_path}/run/coordinator.sock"
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--tp", "2",
-                             "--endpoint", endpoint, "--metrics-port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eplb_service.coordinator.cli",
+            "--dp",
+            "2",
+            "--tp",
+            "2",
+            "--endpoint",
+            endpoint,
+            "--metrics-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -47,17 +62,31 @@ def test_status_table_json_metrics_and_graceful_sigterm(daemon):
     endpoint, port, proc, tmp_path = daemon
     ipc_dir = tmp_path / "run"
     assert (ipc_dir.stat().st_mode & 0o777) == 0o700, "the ipc socket directory must be private"
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert "world 4" in out.stdout and "(not registered)" in out.stdout and "no load reported yet" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint, "--json"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     doc = json.loads(out.stdout)
     assert doc["world_size"] == 4 and doc["ranks"] == [None] * 4 and doc["plans"]["committed"] == 0
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for name in ("eplb_agents_alive", "eplb_plans_total", "eplb_moved_bytes_total", "eplb_commit_stall_seconds_bucket",
-                 "eplb_load_reports_total", "eplb_plan_phase_seconds_bucket"):
+    for name in (
+        "eplb_agents_alive",
+        "eplb_plans_total",
+        "eplb_moved_bytes_total",
+        "eplb_commit_stall_seconds_bucket",
+        "eplb_load_reports_total",
+        "eplb_plan_phase_seconds_bucket",
+    ):
         assert name in metrics, name
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
@@ -65,24 +94,56 @@ def test_status_table_json_metrics_and_graceful_sigterm(daemon):
 
 
 def test_status_against_nothing_fails_clearly(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint",
-                          f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.5"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eplb_service.coordinator.cli",
+            "status",
+            "--endpoint",
+            f"ipc://{tmp_path}/none.sock",
+            "--timeout-s",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1 and "no answer from a coordinator at" in out.stderr
 
 
 def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
     import multiprocessing as mp
-    import queue
 
     from agent_process import AgentSpec, agent_main
+
     from eplb_service.placement import PlacementShape
 
     endpoint = f"ipc://{tmp_path}/c.sock"
     # A 20 B/s throttle keeps the first plan in staging for seconds: long enough to SIGTERM it.
-    proc = subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint,
-                             "--rebalance-interval-steps", "30", "--report-interval-steps", "5",
-                             "--throttle-bytes-per-s", "20", "--log-format", "json", "--no-step-clock-check"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eplb_service.coordinator.cli",
+            "--dp",
+            "2",
+            "--endpoint",
+            endpoint,
+            "--rebalance-interval-steps",
+            "30",
+            "--report-interval-steps",
+            "5",
+            "--throttle-bytes-per-s",
+            "20",
+            "--log-format",
+            "json",
+            "--no-step-clock-check",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     shape = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
@@ -114,8 +175,12 @@ def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
         if proc.poll() is None:
             proc.kill()
     logs = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
-    assert any("aborted" in entry["msg"] and "shutting down" in entry["msg"] for entry in logs), "no clean-abort log line"
-    assert all(entry["tag"] == "coordinator" for entry in logs if entry["logger"].startswith("eplb_service.coordinator.server"))
+    assert any("aborted" in entry["msg"] and "shutting down" in entry["msg"] for entry in logs), (
+        "no clean-abort log line"
+    )
+    assert all(
+        entry["tag"] == "coordinator" for entry in logs if entry["logger"].startswith("eplb_service.coordinator.server")
+    )
     for r in results.values():
         assert r["epoch"] == 0 and r["commits"] == [] and r["rows_match_maps"]
         assert r["stats"].get("aborted", 0) >= 1, "the agent did not drop the staged plan"
@@ -138,11 +203,17 @@ def test_readme_toml_example_is_a_valid_config(tmp_path):
 
 def test_second_coordinator_on_a_live_endpoint_refuses_and_names_the_first(daemon):
     endpoint, _, first, _ = daemon
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1, out.stderr
     assert f"a coordinator (pid {first.pid}) already serves {endpoint}" in out.stderr
-    assert first.poll() is None and fetch_status(endpoint)["pid"] == first.pid, "the first coordinator lost its endpoint"
+    assert first.poll() is None and fetch_status(endpoint)["pid"] == first.pid, (
+        "the first coordinator lost its endpoint"
+    )
 
 
 def test_stale_socket_of_a_dead_coordinator_is_replaced(tmp_path):
@@ -154,8 +225,12 @@ def test_stale_socket_of_a_dead_coordinator_is_replaced(tmp_path):
     leftover.bind(str(path))
     leftover.close()  # the file stays, nothing listens: what a SIGKILLed coordinator leaves
     endpoint = f"ipc://{path}"
-    proc = subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -163,7 +238,9 @@ def test_stale_socket_of_a_dead_coordinator_is_replaced(tmp_path):
                 assert fetch_status(endpoint, timeout_s=0.5)["pid"] == proc.pid
                 break
             except TimeoutError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the coordinator did not take the stale endpoint"
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    "the coordinator did not take the stale endpoint"
+                )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert f"removed the stale socket {path}" in proc.stdout.read()
@@ -195,6 +272,15 @@ def test_endpoint_held_by_a_silent_listener_or_a_plain_file_is_left_alone(tmp_pa
 
 def test_the_coordinator_imports_no_torch():
     """A daemon and sidecar start fast and small: the rendezvous store lives on rank 0's worker."""
-    out = subprocess.run([sys.executable, "-c", "import sys, eplb_service.coordinator.cli, eplb_service.coordinator.server, "
-                          "eplb_service.sidecar; print('torch' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, eplb_service.coordinator.cli, eplb_service.coordinator.server, "
+            "eplb_service.sidecar; print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -12,27 +12,39 @@ import queue
 import time
 
 import pytest
-
 from agent_process import AgentSpec, agent_main
 from coordinator_thread import CoordinatorThread
+
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.coordinator.status_client import fetch_status, format_status
 from eplb_service.placement import PlacementShape
 from eplb_service.protocol import AgentConfig, VoteNow
 
-
-
 CTX = mp.get_context("spawn")
 
 
 def config(endpoint: str, world: int, **kw) -> CoordinatorConfig:
-    agent = AgentConfig(report_interval_steps=5, fence_steps=4, fence_timeout_s=kw.pop("fence_timeout_s", 1.0),
-                        heartbeat_interval_s=0.2, transport_timeout_s=kw.pop("transport_timeout_s", 5.0))
+    agent = AgentConfig(
+        report_interval_steps=5,
+        fence_steps=4,
+        fence_timeout_s=kw.pop("fence_timeout_s", 1.0),
+        heartbeat_interval_s=0.2,
+        transport_timeout_s=kw.pop("transport_timeout_s", 5.0),
+    )
     # These agent processes step on their own, not in lockstep: no step clock to compare.
-    base = dict(world_size=world, endpoint=endpoint, rebalance_interval_steps=30, min_window_steps=10,
-                load_half_life_steps=20.0, liveness_timeout_s=2.0, staging_timeout_s=10.0, voting_timeout_s=10.0,
-                agent=agent, check_step_clock=False)
+    base = dict(
+        world_size=world,
+        endpoint=endpoint,
+        rebalance_interval_steps=30,
+        min_window_steps=10,
+        load_half_life_steps=20.0,
+        liveness_timeout_s=2.0,
+        staging_timeout_s=10.0,
+        voting_timeout_s=10.0,
+        agent=agent,
+        check_step_clock=False,
+    )
     base.update(kw)
     return CoordinatorConfig(**base)
 
@@ -112,7 +124,9 @@ def _run_fault(tmp_path, fault_rank_spec, world=2, steps=500, coordinator_cls=Co
     specs = [fault_rank_spec(r, endpoint) for r in range(world)]
     try:
         procs, out = start_agents(specs)
-        results = collect(procs, out, sum(1 for s in specs if s.fault not in ("exit_before_vote", "exit_while_staging")))
+        results = collect(
+            procs, out, sum(1 for s in specs if s.fault not in ("exit_before_vote", "exit_while_staging"))
+        )
     finally:
         coord.stop()
     return coord.coordinator, results
@@ -120,14 +134,18 @@ def _run_fault(tmp_path, fault_rank_spec, world=2, steps=500, coordinator_cls=Co
 
 @pytest.mark.parametrize("fault", ["exit_before_vote", "exit_while_staging"])
 def test_agent_exit_mid_plan_aborts_cleanly_on_the_others(tmp_path, fault):
-    c, results = _run_fault(tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=400, fault=fault if r == 1 else None))
+    c, results = _run_fault(
+        tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=400, fault=fault if r == 1 else None)
+    )
     assert list(results) == [0]
     r0 = results[0]
     assert r0["epoch"] == 0 and r0["commits"] == [], "a rank committed without its peer"
     assert r0["rows_match_maps"]
     assert c.counts["committed"] == 0 and c.counts["aborted"] >= 1 and c.counts["diverged"] == 0
     # the abort names the lost rank, or the peer failure rank 0's transport saw
-    assert any(o.phase == "aborted" and ("rank 1" in o.reason or "failed" in o.reason) for o in c.outcomes), [o.reason for o in c.outcomes]
+    assert any(o.phase == "aborted" and ("rank 1" in o.reason or "failed" in o.reason) for o in c.outcomes), [
+        o.reason for o in c.outcomes
+    ]
     assert r0["max_step_s"] < 1.5, "serving stalled beyond the fence bound"
 
 
@@ -166,8 +184,12 @@ def test_coordinator_gone_after_staging_then_restarted(tmp_path):
 
 
 def test_stalled_agent_thread_makes_everyone_abort_at_the_fence(tmp_path):
-    c, results = _run_fault(tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=600, fault="stall_before_vote" if r == 1 else None),
-                            fence_timeout_s=0.5, transport_timeout_s=2.0)
+    c, results = _run_fault(
+        tmp_path,
+        lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=600, fault="stall_before_vote" if r == 1 else None),
+        fence_timeout_s=0.5,
+        transport_timeout_s=2.0,
+    )
     assert sorted(results) == [0, 1]
     assert results[0]["commits"] == results[1]["commits"], "ranks diverged"
     assert c.counts["diverged"] == 0 and c.counts["aborted"] >= 1

@@ -32,8 +32,17 @@ def test_no_known_commit_step_means_no_verdict():
 def _coordinator_with(records) -> Coordinator:
     coordinator = Coordinator(CoordinatorConfig(world_size=len(records)))
     for rank, (epoch, step) in enumerate(records):
-        coordinator.registry.register(AgentRecord(rank=rank, identity=f"rank-{rank}".encode(), node="n", pid=rank,
-                                                  epoch=epoch, step=step, phy2log=np.zeros((1, 2), dtype=np.int64)))
+        coordinator.registry.register(
+            AgentRecord(
+                rank=rank,
+                identity=f"rank-{rank}".encode(),
+                node="n",
+                pid=rank,
+                epoch=epoch,
+                step=step,
+                phy2log=np.zeros((1, 2), dtype=np.int64),
+            )
+        )
         coordinator._beats[rank] = (epoch, step)
     return coordinator
 

@@ -12,20 +12,18 @@ seconds; the relations between the timeouts are production's.
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import zmq
-
 from coordinator_thread import CoordinatorThread
 from fault_proxy import FaultProxy
 from sim_cluster import SimCluster, assert_all_or_none, daemon, wait_status
+
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
@@ -36,9 +34,17 @@ WORLD = 4
 def sim_config(endpoint: str, **changes) -> CoordinatorConfig:
     agent = dict(fence_timeout_s=1.0, transport_timeout_s=6.0, heartbeat_interval_s=0.3)
     agent.update(changes.pop("agent", {}))
-    base = dict(world_size=WORLD, endpoint=endpoint, rebalance_interval_steps=60, min_window_steps=30,
-                load_half_life_steps=60.0, liveness_timeout_s=3.0, staging_timeout_s=10.0, voting_timeout_s=10.0,
-                agent=P.AgentConfig(**agent))
+    base = dict(
+        world_size=WORLD,
+        endpoint=endpoint,
+        rebalance_interval_steps=60,
+        min_window_steps=30,
+        load_half_life_steps=60.0,
+        liveness_timeout_s=3.0,
+        staging_timeout_s=10.0,
+        voting_timeout_s=10.0,
+        agent=P.AgentConfig(**agent),
+    )
     base.update(changes)
     return CoordinatorConfig(**base)
 
@@ -68,6 +74,7 @@ def outcomes(coordinator) -> list[tuple[str, str]]:
 
 # -- 1. a control message held back past the fence ------------------------------------------
 
+
 @pytest.mark.parametrize("held_s", [1.6, 2.6])
 def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_path, held_s):
     """Before: the late rank committed alone (the others had given up at the fence), ~79,000
@@ -93,6 +100,7 @@ def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_pat
 
 # -- 2. a rank frozen in the vote; the coordinator killed after a decided vote, engine idle ---
 
+
 def test_a_rank_frozen_during_the_vote_then_resumed_kills_no_agent(tmp_path):
     """Before: its re-registration rebuilt the side communicator, every agent dropped its
     plan while the commit ticket stayed armed, and 7-8 of 8 agent threads died."""
@@ -107,8 +115,12 @@ def test_a_rank_frozen_during_the_vote_then_resumed_kills_no_agent(tmp_path):
         time.sleep(3.0 + 2.0)  # past the liveness timeout: the coordinator declares rank 3 dead
         os.kill(cluster.pid(3), signal.SIGCONT)
         registry = coord.coordinator.registry
-        wait_status(endpoint, lambda s: 3 in registry.agents and registry.agents[3].session != session, 30,
-                    "rank 3 declared dead and registered again")
+        wait_status(
+            endpoint,
+            lambda s: 3 in registry.agents and registry.agents[3].session != session,
+            30,
+            "rank 3 declared dead and registered again",
+        )
         results = cluster.collect()
     finally:
         cluster.stop()
@@ -123,8 +135,16 @@ def test_a_rank_frozen_during_the_vote_then_resumed_kills_no_agent(tmp_path):
 def test_coordinator_killed_after_a_decided_vote_while_the_engine_is_idle(tmp_path):
     """Before: ranks ended at epoch 2, the restarted coordinator at epoch 1, and no plan ran again."""
     endpoint = f"ipc://{tmp_path}/c.sock"
-    args = ("--rebalance-interval-steps", "60", "--report-interval-steps", "5", "--fence-timeout-s", "1",
-            "--fence-steps", "40")
+    args = (
+        "--rebalance-interval-steps",
+        "60",
+        "--report-interval-steps",
+        "5",
+        "--fence-timeout-s",
+        "1",
+        "--fence-steps",
+        "40",
+    )
     first = daemon(endpoint, WORLD, *args, log_path=str(tmp_path / "first.log"))
     # every rank stops stepping at step 130 for 6 s: the vote of the first plan (about step 75)
     # is decided, its commit step is not reached before the engine goes idle
@@ -146,12 +166,16 @@ def test_coordinator_killed_after_a_decided_vote_while_the_engine_is_idle(tmp_pa
                 proc.wait(15)
     assert_all_or_none(results, WORLD)
     assert status["halted"] is None, status["halted"]
-    assert all(r["epoch"] == status["epoch"] for r in results.values()), (status["epoch"], [r["epoch"] for r in results.values()])
+    assert all(r["epoch"] == status["epoch"] for r in results.values()), (
+        status["epoch"],
+        [r["epoch"] for r in results.values()],
+    )
     assert status["plans"]["committed"] >= 1, f"no plan ran after the restart: {status['plans']}"
     assert results[0]["epoch"] >= 2, "the decided plan and at least one later plan must have committed"
 
 
 # -- 3. forged identities -------------------------------------------------------------------------
+
 
 def test_forged_identities_cannot_cut_a_rank_off_or_move_the_epoch(tmp_path):
     """Before: a client reusing an agent's identity cut it off for good, a forged Heartbeat
@@ -181,8 +205,15 @@ def test_forged_identities_cannot_cut_a_rank_off_or_move_the_epoch(tmp_path):
         other = forger(b"rank-1-forged")
         other.send(P.encode(P.Heartbeat(rank=1, step=10**6, epoch=7, session=session)))
         # (c) a Hello for the held rank, 1000 epochs ahead
-        hello = P.Hello(protocol_version=P.PROTOCOL_VERSION, rank=1, model=c.model,
-                        phy2log=P.NDArray.from_numpy(c.placements[c.epoch]), epoch=c.epoch + 1000, step=0, transport="gloo")
+        hello = P.Hello(
+            protocol_version=P.PROTOCOL_VERSION,
+            rank=1,
+            model=c.model,
+            phy2log=P.NDArray.from_numpy(c.placements[c.epoch]),
+            epoch=c.epoch + 1000,
+            step=0,
+            transport="gloo",
+        )
         other.send(P.encode(hello))
         assert other.poll(5000)
         replies = [P.decode(other.recv())]
@@ -219,6 +250,7 @@ def test_a_message_naming_another_rank_is_refused_from_a_registered_connection(t
 
 # -- 4. memory -------------------------------------------------------------------------------------
 
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -237,7 +269,7 @@ def test_a_flood_of_large_frames_leaves_the_coordinator_small(tmp_path):
         before = rss_mib(proc.pid)
         big, near = b"\x00" * (60 << 20), b"\x00" * (P.UNSHAPED_MAX_MESSAGE_BYTES - 16)
         socks = []
-        for i in range(8):
+        for _ in range(8):
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
@@ -272,14 +304,23 @@ def test_frame_limit_is_fitted_to_the_model(tmp_path):
 
     c = HandlerHarness().coordinator  # registers 2 ranks of a 2-layer, 8-slot model
     assert c.max_message_bytes == P.max_message_bytes(2, 8) < P.UNSHAPED_MAX_MESSAGE_BYTES
-    report = P.encode(P.LoadReport(rank=0, epoch=0, step_begin=0, step_end=10,
-                                   slot_load=P.NDArray.from_numpy(np.zeros((60, 544), dtype=np.int64)), session=1))
+    report = P.encode(
+        P.LoadReport(
+            rank=0,
+            epoch=0,
+            step_begin=0,
+            step_end=10,
+            slot_load=P.NDArray.from_numpy(np.zeros((60, 544), dtype=np.int64)),
+            session=1,
+        )
+    )
     assert len(report) < P.max_message_bytes(60, 544)
     with pytest.raises(P.ProtocolError, match="exceeds the limit"):
         P.decode(b"\x00" * (c.max_message_bytes + 1), c.max_message_bytes)
 
 
 # -- 5. recording on a disk that refuses writes -------------------------------------------------
+
 
 def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_on(tmp_path):
     """Before: the tick loop died silently (an unawaited task), /livez flapped, plans and
@@ -290,9 +331,21 @@ def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_o
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the trace's directory should be")
     log = tmp_path / "coordinator.log"
-    proc = daemon(endpoint, WORLD, "--rebalance-interval-steps", "60", "--report-interval-steps", "5",
-                  "--fence-timeout-s", "1", "--record", str(blocker / "trace.npz"), "--metrics-port", "0",
-                  log_path=str(log))
+    proc = daemon(
+        endpoint,
+        WORLD,
+        "--rebalance-interval-steps",
+        "60",
+        "--report-interval-steps",
+        "5",
+        "--fence-timeout-s",
+        "1",
+        "--record",
+        str(blocker / "trace.npz"),
+        "--metrics-port",
+        "0",
+        log_path=str(log),
+    )
     cluster = SimCluster(WORLD, endpoint, steps=800, seed=4).start()
     try:
         wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 120, "a commit")
@@ -319,6 +372,7 @@ def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_o
 
 # -- 6. a socket directory someone else prepared ----------------------------------------------
 
+
 def test_a_socket_directory_of_another_user_is_refused(tmp_path):
     from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, check_private_dir
 
@@ -343,16 +397,25 @@ def test_a_squatted_socket_directory_stops_the_coordinator_and_status(tmp_path):
     squatted.mkdir(mode=0o700)
     os.chown(squatted, 65534, 65534)
     endpoint = f"ipc://{squatted}/coordinator.sock"
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "is owned by uid 65534, not by this user (uid 0)" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "owned by uid 65534" in out.stderr and "Traceback" not in out.stderr
 
 
 # -- 7. a rank whose step clock is off by one ---------------------------------------------------
+
 
 def test_a_rank_counting_one_extra_step_halts_rebalancing_before_any_commit(tmp_path):
     """Before: every commit tore for one forward pass (7-10 mismatches per rank, 147 on the

@@ -14,12 +14,12 @@ import sys
 import time
 
 import pytest
-
 from agent_process import AgentSpec
 from coordinator_thread import CoordinatorThread
-from eplb_service.coordinator.status_client import fetch_status
 from fault_proxy import FaultProxy
 from test_deployment_processes import SHAPE2, SHAPE3, collect, config, start_agents, wait_for
+
+from eplb_service.coordinator.status_client import fetch_status
 
 
 def assert_consistent(results: dict, fence_bound_s: float) -> None:
@@ -35,13 +35,21 @@ def assert_consistent(results: dict, fence_bound_s: float) -> None:
 def test_lossy_duplicating_reordering_link_keeps_plans_consistent(tmp_path, seed):
     back = f"ipc://{tmp_path}/coordinator.sock"
     front = f"ipc://{tmp_path}/proxy.sock"
-    cfg = config(back, 3, staging_timeout_s=3.0, voting_timeout_s=3.0, fence_timeout_s=1.0, transport_timeout_s=2.0,
-                 liveness_timeout_s=3.0)
+    cfg = config(
+        back,
+        3,
+        staging_timeout_s=3.0,
+        voting_timeout_s=3.0,
+        fence_timeout_s=1.0,
+        transport_timeout_s=2.0,
+        liveness_timeout_s=3.0,
+    )
     coord = CoordinatorThread(cfg).start()
     proxy = FaultProxy(front, back, p_drop=0.03, p_dup=0.05, p_delay=0.1, seed=seed).start()
     try:
-        procs, out = start_agents([AgentSpec(r, front, SHAPE3, steps=2600, switch_hot_at_step=1300, staged_timeout_s=3.0)
-                                   for r in range(3)])
+        procs, out = start_agents(
+            [AgentSpec(r, front, SHAPE3, steps=2600, switch_hot_at_step=1300, staged_timeout_s=3.0) for r in range(3)]
+        )
         results = collect(procs, out, 3, timeout_s=120)
     finally:
         proxy.stop()
@@ -58,9 +66,27 @@ def test_lossy_duplicating_reordering_link_keeps_plans_consistent(tmp_path, seed
 
 
 def daemon(endpoint: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint,
-                             "--rebalance-interval-steps", "30", "--report-interval-steps", "5", "--fence-timeout-s", "1",
-                             "--no-step-clock-check", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eplb_service.coordinator.cli",
+            "--dp",
+            "2",
+            "--endpoint",
+            endpoint,
+            "--rebalance-interval-steps",
+            "30",
+            "--report-interval-steps",
+            "5",
+            "--fence-timeout-s",
+            "1",
+            "--no-step-clock-check",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_phase(endpoint: str, phase: str | None, timeout_s: float = 60, comm_built: bool = True) -> dict:
@@ -73,7 +99,9 @@ def wait_phase(endpoint: str, phase: str | None, timeout_s: float = 60, comm_bui
         inflight = status["plan_in_flight"]
         if phase is None:
             ranks = status["ranks"]
-            settled = all(ranks) and (not comm_built or all(r["comm_generation"] == status["comm_generation"] >= 1 for r in ranks))
+            settled = all(ranks) and (
+                not comm_built or all(r["comm_generation"] == status["comm_generation"] >= 1 for r in ranks)
+            )
             if status["epoch"] >= 0 and inflight is None and settled:
                 return status
         elif inflight is not None and inflight["phase"] == phase:
@@ -87,11 +115,20 @@ def test_coordinator_sigkill_at_each_stage_then_restart_rebuilds_from_agents(tmp
     endpoint = f"ipc://{tmp_path}/c.sock"
     # staging: a 20 B/s throttle keeps staging open for seconds; voting: 300 fence steps keep
     # the decided vote waiting for its commit step for over a second.
-    extra = {"idle": ("--rebalance-interval-steps", "100000"), "staging": ("--throttle-bytes-per-s", "20"),
-             "voting": ("--fence-steps", "300")}[stage]
+    extra = {
+        "idle": ("--rebalance-interval-steps", "100000"),
+        "staging": ("--throttle-bytes-per-s", "20"),
+        "voting": ("--fence-steps", "300"),
+    }[stage]
     first = daemon(endpoint, *extra)
-    procs, out = start_agents([AgentSpec(r, endpoint, SHAPE2, steps=2600, step_sleep_s=0.004, staged_timeout_s=2.0, switch_hot_at_step=1500)
-                               for r in range(2)])
+    procs, out = start_agents(
+        [
+            AgentSpec(
+                r, endpoint, SHAPE2, steps=2600, step_sleep_s=0.004, staged_timeout_s=2.0, switch_hot_at_step=1500
+            )
+            for r in range(2)
+        ]
+    )
     try:
         before = wait_phase(endpoint, None if stage == "idle" else stage)
         t_kill = time.monotonic()
@@ -125,11 +162,20 @@ def test_agent_sigkill_mid_transfer_aborts_the_others_within_the_timeout(tmp_pat
     endpoint = f"ipc://{tmp_path}/c.sock"
     cfg = config(endpoint, 3, transport_timeout_s=2.0, liveness_timeout_s=2.0)
     cfg.agent.__class__  # noqa: B018 (config() built the agent config)
-    coord = CoordinatorThread(cfg.replace(agent=cfg.agent.__class__(**{**{f: getattr(cfg.agent, f) for f in cfg.agent.__struct_fields__},
-                                                                    "throttle_bytes_per_s": 40.0}))).start()
+    coord = CoordinatorThread(
+        cfg.replace(
+            agent=cfg.agent.__class__(
+                **{**{f: getattr(cfg.agent, f) for f in cfg.agent.__struct_fields__}, "throttle_bytes_per_s": 40.0}
+            )
+        )
+    ).start()
     try:
         procs, out = start_agents([AgentSpec(r, endpoint, SHAPE3, steps=1500) for r in range(3)])
-        wait_for(lambda: coord.coordinator.plan is not None and coord.coordinator.plan.phase.value == "staging", 60, "staging")
+        wait_for(
+            lambda: coord.coordinator.plan is not None and coord.coordinator.plan.phase.value == "staging",
+            60,
+            "staging",
+        )
         t0 = time.monotonic()
         os.kill(procs[2].pid, signal.SIGKILL)
         wait_for(lambda: coord.coordinator.counts["aborted"] >= 1, 30, "the abort")
@@ -152,14 +198,22 @@ def test_soak_lossy_link_with_drifting_load(tmp_path):
     """Manual soak: `EPLB_SOAK_S=1800 python -m pytest -m slow tests/test_faults.py -k soak`."""
     soak_s = float(os.environ.get("EPLB_SOAK_S", "300"))
     back, front = f"ipc://{tmp_path}/coordinator.sock", f"ipc://{tmp_path}/proxy.sock"
-    cfg = config(back, 3, staging_timeout_s=3.0, voting_timeout_s=3.0, fence_timeout_s=1.0, transport_timeout_s=2.0,
-                 liveness_timeout_s=3.0)
+    cfg = config(
+        back,
+        3,
+        staging_timeout_s=3.0,
+        voting_timeout_s=3.0,
+        fence_timeout_s=1.0,
+        transport_timeout_s=2.0,
+        liveness_timeout_s=3.0,
+    )
     coord = CoordinatorThread(cfg).start()
     proxy = FaultProxy(front, back, p_drop=0.01, p_dup=0.02, p_delay=0.05, seed=7).start()
     steps = int(soak_s / 0.007)
     try:
-        procs, out = start_agents([AgentSpec(r, front, SHAPE3, steps=steps, switch_every_steps=400, staged_timeout_s=3.0)
-                                   for r in range(3)])
+        procs, out = start_agents(
+            [AgentSpec(r, front, SHAPE3, steps=steps, switch_every_steps=400, staged_timeout_s=3.0) for r in range(3)]
+        )
         results = collect(procs, out, 3, timeout_s=soak_s * 2 + 60)
     finally:
         proxy.stop()
@@ -173,22 +227,30 @@ def test_soak_lossy_link_with_drifting_load(tmp_path):
 def test_slow_rank_delays_the_commit_but_never_serving(tmp_path):
     from test_deployment_processes import _run_fault
 
-    c, results = _run_fault(tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=900, fault="slow_staging" if r == 1 else None))
+    c, results = _run_fault(
+        tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=900, fault="slow_staging" if r == 1 else None)
+    )
     assert sorted(results) == [0, 1]
     assert c.counts["committed"] >= 1 and c.counts["diverged"] == 0
-    assert min(o.staging_s for o in c.outcomes if o.phase == "committed") >= 1.4, "the commit should wait for the slow rank"
+    assert min(o.staging_s for o in c.outcomes if o.phase == "committed") >= 1.4, (
+        "the commit should wait for the slow rank"
+    )
     assert_consistent(results, fence_bound_s=0.5)  # nobody waited at the fence: the vote starts after staging
 
 
 def test_corrupt_row_in_transit_fails_the_vote_everywhere(tmp_path):
     from test_deployment_processes import _run_fault
 
-    c, results = _run_fault(tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=500, fault="corrupt_row"))  # whichever rank receives corrupts
+    c, results = _run_fault(
+        tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=500, fault="corrupt_row")
+    )  # whichever rank receives corrupts
     assert sorted(results) == [0, 1]
     assert c.counts["committed"] == 0 and c.counts["aborted"] >= 1 and c.counts["diverged"] == 0
     assert any("integrity" in o.reason for o in c.outcomes), [o.reason for o in c.outcomes]
     assert c.metrics.plans_aborted.labels("integrity")._value.get() >= 1, "the reason code travels in Aborted"
-    assert all(r["stats"].get("integrity_failures", 0) >= 1 for r in results.values()), "every rank must see the mismatch"
+    assert all(r["stats"].get("integrity_failures", 0) >= 1 for r in results.values()), (
+        "every rank must see the mismatch"
+    )
     assert all(r["epoch"] == 0 for r in results.values())
     assert_consistent(results, fence_bound_s=0.5)
 
@@ -205,11 +267,19 @@ def test_lossy_link_under_the_simulated_serving_loop_keeps_outputs_exact(tmp_pat
     # outlast this short run: a known follow-up).
     proxy = FaultProxy(front, back, p_drop=0.0, p_dup=0.05, p_delay=0.15, seed=11).start()
     try:
-        cfg = CoordinatorConfig(world_size=4, rebalance_interval_steps=60, min_window_steps=30, load_half_life_steps=60.0,
-                                staging_timeout_s=3.0, voting_timeout_s=3.0, liveness_timeout_s=3.0,
-                                agent=AgentConfig(fence_timeout_s=1.0, transport_timeout_s=2.0, heartbeat_interval_s=0.3))
-        summary = run_simulation(SimulationOptions(world_size=4, steps=700, seed=5, coordinator_endpoint=back,
-                                                   agent_endpoint=front), cfg)
+        cfg = CoordinatorConfig(
+            world_size=4,
+            rebalance_interval_steps=60,
+            min_window_steps=30,
+            load_half_life_steps=60.0,
+            staging_timeout_s=3.0,
+            voting_timeout_s=3.0,
+            liveness_timeout_s=3.0,
+            agent=AgentConfig(fence_timeout_s=1.0, transport_timeout_s=2.0, heartbeat_interval_s=0.3),
+        )
+        summary = run_simulation(
+            SimulationOptions(world_size=4, steps=700, seed=5, coordinator_endpoint=back, agent_endpoint=front), cfg
+        )
     finally:
         proxy.stop()
     assert proxy.counts["duplicated"] > 0 and proxy.counts["delayed"] > 0

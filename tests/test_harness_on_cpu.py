@@ -12,10 +12,26 @@ from bench.gpu.moe import PRESETS
 
 
 def test_harness_phases_commit_exactly_and_profile_windows_exist():
-    opts = HarnessOptions(world_size=2, device="cpu", model=PRESETS["cpu"], warmup_steps=10, prime_s=0.0, idle_s=0.5,
-                          throttled_s=1.0, unthrottled_s=1.0, isolated_s=0.5, soak_s=1.0, min_phase_steps=10,
-                          experts_per_rank=2, isolated_experts_per_rank=2, throttle_bytes_per_s=1e8, sync_plans=2,
-                          hang_timeout_s=60, startup_timeout_s=120, profile_steps=3)
+    opts = HarnessOptions(
+        world_size=2,
+        device="cpu",
+        model=PRESETS["cpu"],
+        warmup_steps=10,
+        prime_s=0.0,
+        idle_s=0.5,
+        throttled_s=1.0,
+        unthrottled_s=1.0,
+        isolated_s=0.5,
+        soak_s=1.0,
+        min_phase_steps=10,
+        experts_per_rank=2,
+        isolated_experts_per_rank=2,
+        throttle_bytes_per_s=1e8,
+        sync_plans=2,
+        hang_timeout_s=60,
+        startup_timeout_s=120,
+        profile_steps=3,
+    )
     summary = run_harness(opts)
     assert summary["complete"] and not summary["errors"], summary["errors"]
     assert summary["hangs"] == 0 and summary["output_mismatches"] == 0

@@ -70,7 +70,11 @@ def test_every_resource_validates(variant):
     for doc in resources(variant):
         if doc["kind"] in ("ServiceMonitor", "LeaderWorkerSet", "PrometheusRule"):
             for i, tpl in enumerate(pod_templates(doc)):
-                kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": tpl}, VERSION, strict=True)
+                kv.validate(
+                    {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": tpl},
+                    VERSION,
+                    strict=True,
+                )
             continue
         kv.validate(doc, VERSION, strict=True)
 
@@ -91,15 +95,29 @@ def test_volumes_ports_and_selectors_are_wired(variant):
                     if probe in c:
                         assert c[probe]["httpGet"]["port"] in ports, f"{c['name']} {probe} uses an undeclared port"
     for svc in services:
-        selected = [t for d in docs for t in pod_templates(d)
-                    if all(t["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())]
+        selected = [
+            t
+            for d in docs
+            for t in pod_templates(d)
+            if all(t["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())
+        ]
         assert selected, f"service {svc['metadata']['name']} selects no pod"
-        declared = {p["name"] for t in selected for c in t["spec"].get("initContainers", []) + t["spec"]["containers"] for p in c.get("ports", [])}
+        declared = {
+            p["name"]
+            for t in selected
+            for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in declared
     for mon in monitors:
-        assert any(all(s["metadata"]["labels"].get(k) == v for k, v in mon["spec"]["selector"]["matchLabels"].items()) for s in services)
-        assert {e["port"] for e in mon["spec"]["endpoints"]} <= {p["name"] for s in services for p in s["spec"]["ports"]}
+        assert any(
+            all(s["metadata"]["labels"].get(k) == v for k, v in mon["spec"]["selector"]["matchLabels"].items())
+            for s in services
+        )
+        assert {e["port"] for e in mon["spec"]["endpoints"]} <= {
+            p["name"] for s in services for p in s["spec"]["ports"]
+        }
 
 
 @pytest.mark.parametrize("variant", ["base", "multinode"])
@@ -127,7 +145,11 @@ def test_coordinator_arguments_parse_and_match_vllm(variant, tmp_path):
                 assert endpoint == cfg.endpoint
             else:
                 assert endpoint.endswith(":" + cfg.endpoint.rsplit(":", 1)[1])
-                assert cfg.curve_dir and env.get("EPLB_SERVICE_CURVE_SERVER_CERT") and env.get("EPLB_SERVICE_CURVE_CLIENT_CERT")
+                assert (
+                    cfg.curve_dir
+                    and env.get("EPLB_SERVICE_CURVE_SERVER_CERT")
+                    and env.get("EPLB_SERVICE_CURVE_CLIENT_CERT")
+                )
 
 
 def test_multinode_secret_carries_every_mounted_key():
@@ -160,15 +182,19 @@ def test_coordinator_never_gates_vllm_readiness(variant):
                 if c["name"] != "eplb-coordinator":
                     continue
                 sidecars += 1
-                assert c.get("restartPolicy") == "Always", "the coordinator must be a native sidecar (restarts on its own)"
+                assert c.get("restartPolicy") == "Always", (
+                    "the coordinator must be a native sidecar (restarts on its own)"
+                )
                 assert "readinessProbe" not in c, "a coordinator readinessProbe takes vLLM out of its Service"
                 assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
                 assert c["startupProbe"]["httpGet"]["path"] == "/readyz"
             vllm = container(tpl, "vllm")
             probe = vllm.get("readinessProbe")
             if probe is not None:
-                assert set(probe) - {"httpGet", "periodSeconds", "failureThreshold", "timeoutSeconds", "successThreshold"} == set(), \
-                    f"vLLM's readiness must be an HTTP check of vLLM itself, got {probe}"
+                assert (
+                    set(probe) - {"httpGet", "periodSeconds", "failureThreshold", "timeoutSeconds", "successThreshold"}
+                    == set()
+                ), f"vLLM's readiness must be an HTTP check of vLLM itself, got {probe}"
                 assert probe["httpGet"]["path"] == "/health" and probe["httpGet"]["port"] in own_ports(vllm)
     assert sidecars >= 1, f"{variant} runs no coordinator sidecar"
 
@@ -181,7 +207,9 @@ def test_images_are_pinned_to_this_release(variant):
     for doc in resources(variant):
         for tpl in pod_templates(doc):
             for c in tpl["spec"].get("initContainers", []) + tpl["spec"]["containers"]:
-                assert c["image"] == f"eplb-service:{version}", f"{c['name']} runs {c['image']}, expected eplb-service:{version}"
+                assert c["image"] == f"eplb-service:{version}", (
+                    f"{c['name']} runs {c['image']}, expected eplb-service:{version}"
+                )
 
 
 @pytest.mark.parametrize("variant", ["base", "multinode"])
@@ -196,12 +224,17 @@ def test_model_weights_live_on_a_persistent_volume(variant):
             assert hf_home, "vLLM's HF_HOME must point at the model volume"
             (mount,) = [m for m in vllm["volumeMounts"] if hf_home.startswith(m["mountPath"].rstrip("/") + "/")]
             claim = volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
-            assert claim in claims, f"HF_HOME {hf_home} is on volume {mount['name']}, not on a PersistentVolumeClaim of {variant}"
+            assert claim in claims, (
+                f"HF_HOME {hf_home} is on volume {mount['name']}, not on a PersistentVolumeClaim of {variant}"
+            )
             if doc["kind"] == "LeaderWorkerSet":
-                assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], \
-                    "the pods of a LeaderWorkerSet run on several nodes: their shared model volume must be ReadWriteMany"
-            assert tpl["spec"]["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch", \
+                assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], (
+                    "the pods of a LeaderWorkerSet run on several nodes: "
+                    "their shared model volume must be ReadWriteMany"
+                )
+            assert tpl["spec"]["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch", (
                 "without OnRootMismatch the kubelet chowns every model file at each start"
+            )
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -261,7 +294,9 @@ def alert_rules() -> list[dict]:
 def selectors(expr: str) -> list:
     promql = pytest.importorskip("promql_parser")
     found = []
-    promql.walk(promql.parse(expr), lambda node: found.append(node) if isinstance(node, promql.VectorSelector) else None)
+    promql.walk(
+        promql.parse(expr), lambda node: found.append(node) if isinstance(node, promql.VectorSelector) else None
+    )
     return found
 
 
@@ -271,13 +306,17 @@ def test_alert_rules_parse_and_use_only_metrics_the_coordinator_exports():
     for rule in alert_rules():
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"], rule["alert"]
         for sel in selectors(rule["expr"]):
-            assert sel.name in names, f"{rule['alert']}: {sel.name} is not a metric of eplb_service/coordinator/metrics.py"
+            assert sel.name in names, (
+                f"{rule['alert']}: {sel.name} is not a metric of eplb_service/coordinator/metrics.py"
+            )
             used.add(sel.name)
             for m in sel.matchers.matchers:
                 assert m.name in names[sel.name], f"{rule['alert']}: {sel.name} has no label {m.name!r}"
                 known = values.get((sel.name, m.name))
                 if known is not None:
-                    assert m.value in known, f"{rule['alert']}: {sel.name}{{{m.name}={m.value!r}}} is never exported; known {known}"
+                    assert m.value in known, (
+                        f"{rule['alert']}: {sel.name}{{{m.name}={m.value!r}}} is never exported; known {known}"
+                    )
     # the four conditions the rules exist for: diverged and aborted plans, missing agents, stalled reports
     assert {"eplb_plans_total", "eplb_agents_alive", "eplb_agent_up", "eplb_load_reports_total"} <= used
 
@@ -308,8 +347,10 @@ def selects(selector: dict, labels: dict) -> bool:
 def test_store_port_is_set_on_vllm_and_open_only_to_the_deployment(variant):
     docs = resources(variant)
     pods = [(pod_labels(d, t), t) for d in docs for t in pod_templates(d)]
-    store_ports = {dict((e["name"], e.get("value")) for e in container(t, "vllm").get("env", [])).get("EPLB_SERVICE_STORE_PORT")
-                   for _, t in pods}
+    store_ports = {
+        dict((e["name"], e.get("value")) for e in container(t, "vllm").get("env", [])).get("EPLB_SERVICE_STORE_PORT")
+        for _, t in pods
+    }
     assert store_ports == {"29555"}, f"every vLLM container needs EPLB_SERVICE_STORE_PORT=29555, got {store_ports}"
     (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
     spec = policy["spec"]
@@ -321,7 +362,9 @@ def test_store_port_is_set_on_vllm_and_open_only_to_the_deployment(variant):
 
     def port_values(p: dict) -> set:
         """What a policy port means on these pods: itself, and the number of each container port it names."""
-        return {p["port"]} | {cp["containerPort"] for c in containers for cp in c.get("ports", []) if cp["name"] == p["port"]}
+        return {p["port"]} | {
+            cp["containerPort"] for c in containers for cp in c.get("ports", []) if cp["name"] == p["port"]
+        }
 
     opens_store = []
     for rule in spec["ingress"]:
@@ -329,8 +372,9 @@ def test_store_port_is_set_on_vllm_and_open_only_to_the_deployment(variant):
         if ports is None or 29555 in ports:
             opens_store.append(rule)
             sources = rule.get("from", [])
-            assert sources and all(set(s) == {"podSelector"} for s in sources), \
+            assert sources and all(set(s) == {"podSelector"} for s in sources), (
                 f"the unauthenticated store port is open beyond the deployment's pods: {rule}"
+            )
             assert all(any(selects(s["podSelector"], labels) for labels, _ in pods) for s in sources)
         if ports is not None and 8000 in ports:
             assert "from" not in rule, "vLLM's API must stay reachable"

@@ -12,9 +12,16 @@ from eplb_service.coordinator.metrics import CoordinatorMetrics
 
 DASHBOARD = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "eplb-service-dashboard.json"
 REQUIRED = {
-    "eplb_balancedness", "eplb_plans_total", "eplb_plans_aborted_total", "eplb_moved_bytes_total",
-    "eplb_plan_phase_seconds", "eplb_commit_stall_seconds", "eplb_agent_up", "eplb_agents_alive",
-    "eplb_load_report_lag_steps", "eplb_messages_rejected_total",
+    "eplb_balancedness",
+    "eplb_plans_total",
+    "eplb_plans_aborted_total",
+    "eplb_moved_bytes_total",
+    "eplb_plan_phase_seconds",
+    "eplb_commit_stall_seconds",
+    "eplb_agent_up",
+    "eplb_agents_alive",
+    "eplb_load_report_lag_steps",
+    "eplb_messages_rejected_total",
 }
 
 
@@ -76,10 +83,14 @@ def test_agent_counters_from_heartbeats_and_stalls_per_rank_reach_prometheus():
 
     c = HandlerHarness().coordinator
     rank0, rank1 = c.registry.agents[0], c.registry.agents[1]
-    c._handle(rank0.identity, P.Heartbeat(rank=0, step=5, epoch=0, session=rank0.session,
-                                          counters={"committed": 3, "integrity_failures": 1}))
+    c._handle(
+        rank0.identity,
+        P.Heartbeat(rank=0, step=5, epoch=0, session=rank0.session, counters={"committed": 3, "integrity_failures": 1}),
+    )
     c._handle(rank1.identity, P.Heartbeat(rank=1, step=5, epoch=0, session=rank1.session, counters={"committed": 2}))
-    c._handle(rank1.identity, P.Committed(rank=1, plan_id=1, commit_step=5, epoch=0, stall_s=2e-4, session=rank1.session))
+    c._handle(
+        rank1.identity, P.Committed(rank=1, plan_id=1, commit_step=5, epoch=0, stall_s=2e-4, session=rank1.session)
+    )
     values = samples(c.metrics.registry)
     assert values[("eplb_agent_events_total", (("event", "committed"), ("rank", "0")))] == 3
     assert values[("eplb_agent_events_total", (("event", "integrity_failures"), ("rank", "0")))] == 1
@@ -95,10 +106,19 @@ def math_isnan(value: float) -> bool:
 
 
 def test_abort_reasons_are_codes_not_text():
-    from eplb_service.coordinator.plan_state import PlanRun
     import numpy as np
 
-    plan = PlanRun(plan_id=1, base_epoch=0, layers=[0], rows=np.zeros((1, 8), dtype=np.int64), world_size=2,
-                   staging_timeout_s=10, voting_timeout_s=10, started_at=0.0)
+    from eplb_service.coordinator.plan_state import PlanRun
+
+    plan = PlanRun(
+        plan_id=1,
+        base_epoch=0,
+        layers=[0],
+        rows=np.zeros((1, 8), dtype=np.int64),
+        world_size=2,
+        staging_timeout_s=10,
+        voting_timeout_s=10,
+        started_at=0.0,
+    )
     plan.on_failed(1, "rank 3: plan 7 needs 9 bytes of staging, more than the budget", 1.0, code="invalid_plan")
     assert plan.phase.value == "aborted" and plan.code == "invalid_plan" and "rank 1" in plan.reason

@@ -17,8 +17,17 @@ from eplb_service.worker_agent.nccl_lib import NcclConfig, loaded_nccl_paths, ma
 
 def test_config_layout_matches_nccl_h_on_lp64():
     offsets = {name: getattr(NcclConfig, name).offset for name, _ in NcclConfig._fields_}
-    assert offsets == {"size": 0, "magic": 8, "version": 12, "blocking": 16, "cgaClusterSize": 20, "minCTAs": 24,
-                       "maxCTAs": 28, "netName": 32, "splitShare": 40}
+    assert offsets == {
+        "size": 0,
+        "magic": 8,
+        "version": 12,
+        "blocking": 16,
+        "cgaClusterSize": 20,
+        "minCTAs": 24,
+        "maxCTAs": 28,
+        "netName": 32,
+        "splitShare": 40,
+    }
     assert ctypes.sizeof(NcclConfig) == 48
 
 
@@ -34,12 +43,15 @@ def test_config_carries_the_limits_and_leaves_the_rest_to_nccl():
     assert (both.minCTAs, both.maxCTAs) == (2, 8)
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"max_ctas": 0}, "max_ctas=0: expected 1..64 CTAs"),
-    ({"max_ctas": 65}, "max_ctas=65: expected 1..64 CTAs"),
-    ({"min_ctas": -1}, "min_ctas=-1: expected 1..64 CTAs"),
-    ({"min_ctas": 8, "max_ctas": 4}, "min_ctas=8 > max_ctas=4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"max_ctas": 0}, "max_ctas=0: expected 1..64 CTAs"),
+        ({"max_ctas": 65}, "max_ctas=65: expected 1..64 CTAs"),
+        ({"min_ctas": -1}, "min_ctas=-1: expected 1..64 CTAs"),
+        ({"min_ctas": 8, "max_ctas": 4}, "min_ctas=8 > max_ctas=4"),
+    ],
+)
 def test_bad_limits_are_named(kwargs, needle):
     with pytest.raises(ValueError) as exc:
         make_config(**kwargs)
@@ -53,7 +65,8 @@ def test_loaded_library_found_in_the_process_maps(tmp_path):
         "7f0000002000-7f0000003000 r-xp 00000000 00:00 0 /site/nvidia/nccl/lib/libnccl.so.2\n"
         "7f0000003000-7f0000004000 r--p 00001000 00:00 0 /site/nvidia/nccl/lib/libnccl.so.2\n"
         "7f0000005000-7f0000006000 rw-p 00000000 00:00 0 \n"
-        "7f0000006000-7f0000007000 r-xp 00000000 00:00 0 /opt/other/libnccl-net.so\n")
+        "7f0000006000-7f0000007000 r-xp 00000000 00:00 0 /opt/other/libnccl-net.so\n"
+    )
     assert loaded_nccl_paths(str(maps)) == ["/site/nvidia/nccl/lib/libnccl.so.2", "/opt/other/libnccl-net.so"]
     assert loaded_nccl_paths(str(tmp_path / "absent")) == []
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pathlib
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -32,7 +32,9 @@ def test_vllm_extra_admits_exactly_the_versions_the_adapter_accepts():
     below = f"{minors[0].major}.{minors[0].minor - 1}.99"
     above = f"{minors[-1].major}.{minors[-1].minor + 1}.0"
     for v in (below, above):
-        assert not spec.contains(v), f"vllm extra {spec} admits vLLM {v}, which the adapter refuses (TESTED_VLLM {TESTED_VLLM})"
+        assert not spec.contains(v), (
+            f"vllm extra {spec} admits vLLM {v}, which the adapter refuses (TESTED_VLLM {TESTED_VLLM})"
+        )
 
 
 def test_tomli_is_required_exactly_where_tomllib_is_missing():
@@ -64,4 +66,6 @@ def test_docker_base_image_is_a_pinned_vllm_the_adapter_accepts():
     repo, _, tag = image.partition(":")
     assert repo == "vllm/vllm-openai" and tag and tag != "latest", f"VLLM_IMAGE {image!r} is not pinned to a release"
     version = Version(tag.removeprefix("v"))
-    assert f"{version.major}.{version.minor}" in TESTED_VLLM, f"{image}: the adapter accepts vLLM {TESTED_VLLM}, not {version}"
+    assert f"{version.major}.{version.minor}" in TESTED_VLLM, (
+        f"{image}: the adapter accepts vLLM {TESTED_VLLM}, not {version}"
+    )

@@ -32,8 +32,21 @@ def run_cli(capsys, *argv):
 
 @pytest.mark.parametrize("policy", ["deepseek", "migration"])
 def test_writes_placement_json(capsys, load_json, policy):
-    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "8", "--redundant", "4",
-                             "--groups", "4", "--nodes", "2", "--policy", policy)
+    code, out, err = run_cli(
+        capsys,
+        "--load",
+        load_json,
+        "--ranks",
+        "8",
+        "--redundant",
+        "4",
+        "--groups",
+        "4",
+        "--nodes",
+        "2",
+        "--policy",
+        policy,
+    )
     assert code == 0 and err == ""
     doc = json.loads(out)
     phy2log = np.array(doc["phy2log"])
@@ -46,10 +59,24 @@ def test_writes_placement_json(capsys, load_json, policy):
 
 
 def test_deepseek_matches_the_readme_per_rank(capsys, load_json):
-    _, out, _ = run_cli(capsys, "--load", load_json, "--ranks", "8", "--redundant", "4",
-                        "--groups", "4", "--nodes", "2", "--policy", "deepseek")
-    expected = np.array([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                         [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+    _, out, _ = run_cli(
+        capsys,
+        "--load",
+        load_json,
+        "--ranks",
+        "8",
+        "--redundant",
+        "4",
+        "--groups",
+        "4",
+        "--nodes",
+        "2",
+        "--policy",
+        "deepseek",
+    )
+    expected = np.array(
+        [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    )
     got = np.array(json.loads(out)["phy2log"])
     # Same experts on every rank; the order within a rank follows the current placement.
     assert np.array_equal(np.sort(got.reshape(2, 8, 2), axis=2), np.sort(expected.reshape(2, 8, 2), axis=2))
@@ -60,12 +87,25 @@ def test_npy_load_current_round_trip_and_out(capsys, tmp_path):
     load = rng.gamma(0.5, 100, size=(3, 16))
     np.save(tmp_path / "load.npy", load)
     first = tmp_path / "first.json"
-    assert run_cli(capsys, "--load", str(tmp_path / "load.npy"), "--ranks", "4", "--redundant", "4",
-                   "--out", str(first))[0] == 0
+    assert (
+        run_cli(capsys, "--load", str(tmp_path / "load.npy"), "--ranks", "4", "--redundant", "4", "--out", str(first))[
+            0
+        ]
+        == 0
+    )
     doc = json.loads(first.read_text())
     # Planning again from its own output for the same load moves nothing.
-    code, out, _ = run_cli(capsys, "--load", str(tmp_path / "load.npy"), "--ranks", "4",
-                           "--current", str(first), "--bytes-per-expert", "1024")
+    code, out, _ = run_cli(
+        capsys,
+        "--load",
+        str(tmp_path / "load.npy"),
+        "--ranks",
+        "4",
+        "--current",
+        str(first),
+        "--bytes-per-expert",
+        "1024",
+    )
     again = json.loads(out)
     assert code == 0 and again["experts_moved"] == 0 and again["phy2log"] == doc["phy2log"]
 
@@ -81,7 +121,11 @@ def test_npy_load_current_round_trip_and_out(capsys, tmp_path):
         ([[1, 2, 3, 4]], ["--ranks", "2", "--redundant", "-2"], "--redundant -2 must be >= 0"),
         ([[1, 2, 3, 4]], ["--ranks", "2", "--policy", "lpt"], "invalid choice: 'lpt'"),
         ([[1, 2, 3, 4]], ["--ranks", "2", "--groups", "3", "--policy", "deepseek"], "num_groups=3 must divide"),
-        ([[1, 2, 3, 4]], ["--ranks", "2", "--nodes", "4", "--policy", "deepseek"], "num_nodes=4 must divide num_ranks=2"),
+        (
+            [[1, 2, 3, 4]],
+            ["--ranks", "2", "--nodes", "4", "--policy", "deepseek"],
+            "num_nodes=4 must divide num_ranks=2",
+        ),
         ({"weights": []}, ["--ranks", "2"], "JSON object has no 'load' key"),
     ],
 )
@@ -113,7 +157,10 @@ def test_console_script_module_has_no_traceback(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", str(path), "--ranks", "2"],
-        capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0

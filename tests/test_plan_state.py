@@ -8,8 +8,16 @@ from eplb_service.coordinator.plan_state import Phase, PlanRun
 
 
 def run(world=3, **kw) -> PlanRun:
-    return PlanRun(plan_id=1, base_epoch=0, layers=[0], rows=np.zeros((1, 4), dtype=np.int64), world_size=world,
-                   staging_timeout_s=kw.get("staging", 10.0), voting_timeout_s=kw.get("voting", 10.0), started_at=0.0)
+    return PlanRun(
+        plan_id=1,
+        base_epoch=0,
+        layers=[0],
+        rows=np.zeros((1, 4), dtype=np.int64),
+        world_size=world,
+        staging_timeout_s=kw.get("staging", 10.0),
+        voting_timeout_s=kw.get("voting", 10.0),
+        started_at=0.0,
+    )
 
 
 def test_all_staged_then_all_committed():

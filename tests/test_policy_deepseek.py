@@ -14,14 +14,18 @@ from eplb_service.placement import PlacementError, PlacementShape, logical_repli
 
 # The worked example of DeepSeek's EPLB README (deepseek-ai/EPLB): 2 layers, 12 experts in
 # 4 groups, 16 replicas, 2 nodes, 8 GPUs.
-README_WEIGHT = np.array([
-    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-])
-README_PHY2LOG = np.array([
-    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-])
+README_WEIGHT = np.array(
+    [
+        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+    ]
+)
+README_PHY2LOG = np.array(
+    [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
+)
 
 
 def test_reproduces_the_readme_example_exactly():

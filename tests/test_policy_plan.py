@@ -75,7 +75,9 @@ def test_batches_fit_the_staging_budget_and_are_ordered_by_gain_per_byte():
 
 def test_layer_over_budget_is_named():
     current = initial_phy2log(SHAPE)
-    with pytest.raises(ValueError, match=r"layer \d+ alone needs \d+ staging bytes on rank \d+.*staging_budget_bytes=50"):
+    with pytest.raises(
+        ValueError, match=r"layer \d+ alone needs \d+ staging bytes on rank \d+.*staging_budget_bytes=50"
+    ):
         plan_rebalance("deepseek", current, skewed_load(), SHAPE, bytes_per_expert=100, staging_budget_bytes=50)
 
 
@@ -97,9 +99,9 @@ def test_unknown_policy_names_choices():
 @pytest.mark.parametrize(
     "kwargs,load_fix,match",
     [
-        ({}, lambda l: l[:, :-1], r"logical_load has shape \(4, 15\), expected \(4, 16\)"),
-        ({}, lambda l: np.where(np.arange(16) == 3, -1.0, l), r"logical_load\[0, 3\] = -1.0"),
-        ({}, lambda l: np.where(np.arange(16) == 2, np.nan, l), r"logical_load\[0, 2\] = nan"),
+        ({}, lambda load: load[:, :-1], r"logical_load has shape \(4, 15\), expected \(4, 16\)"),
+        ({}, lambda load: np.where(np.arange(16) == 3, -1.0, load), r"logical_load\[0, 3\] = -1.0"),
+        ({}, lambda load: np.where(np.arange(16) == 2, np.nan, load), r"logical_load\[0, 2\] = nan"),
         ({"bytes_per_expert": 0}, None, "bytes_per_expert must be a positive integer, got 0"),
         ({"staging_budget_bytes": -1}, None, "staging_budget_bytes .* got -1"),
     ],
@@ -138,8 +140,9 @@ def test_batching_invariants(policy, seed, budget_slots, min_gain):
     bpe = 3
     budget = None if budget_slots is None else budget_slots * bpe
     try:
-        plan = plan_rebalance(policy, current, load, shape, bytes_per_expert=bpe,
-                              staging_budget_bytes=budget, min_layer_gain=min_gain)
+        plan = plan_rebalance(
+            policy, current, load, shape, bytes_per_expert=bpe, staging_budget_bytes=budget, min_layer_gain=min_gain
+        )
     except ValueError as exc:
         assert budget is not None and "alone needs" in str(exc)
         return

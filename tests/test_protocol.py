@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eplb_service import protocol as P
 from eplb_service.schema import SCHEMA_PATH, render
@@ -15,15 +16,36 @@ def _arr(a) -> P.NDArray:
 
 
 SAMPLES = [
-    P.Hello(protocol_version=1, rank=3, model=P.ModelShape(2, 4, 6, 2, 128), phy2log=_arr(np.arange(12).reshape(2, 6) % 4),
-            epoch=0, step=7, transport="gloo", node="n1", pid=42),
+    P.Hello(
+        protocol_version=1,
+        rank=3,
+        model=P.ModelShape(2, 4, 6, 2, 128),
+        phy2log=_arr(np.arange(12).reshape(2, 6) % 4),
+        epoch=0,
+        step=7,
+        transport="gloo",
+        node="n1",
+        pid=42,
+    ),
     P.Welcome(protocol_version=1, rank=3, config=P.AgentConfig(fence_steps=4)),
-    P.Welcome(protocol_version=1, rank=0, config=P.AgentConfig(), comm=P.CommInit(generation=2, store_host="h", store_port=1, world_size=2)),
+    P.Welcome(
+        protocol_version=1,
+        rank=0,
+        config=P.AgentConfig(),
+        comm=P.CommInit(generation=2, store_host="h", store_port=1, world_size=2),
+    ),
     P.Reject(reason="no"),
     P.CommInit(generation=1, store_host="127.0.0.1", store_port=5000, world_size=8),
     P.Heartbeat(rank=1, step=10, epoch=2, comm_generation=1),
-    P.Heartbeat(rank=1, step=10, epoch=2, comm_generation=1, session=77, internal_errors=2,
-                clock=P.StepClock(probe_steps=[32], times=[[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]], radius=3, wall_minus_mono=5.5)),
+    P.Heartbeat(
+        rank=1,
+        step=10,
+        epoch=2,
+        comm_generation=1,
+        session=77,
+        internal_errors=2,
+        clock=P.StepClock(probe_steps=[32], times=[[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]], radius=3, wall_minus_mono=5.5),
+    ),
     P.HeartbeatAck(session=77),
     P.Reject(reason="held", code="rank_taken"),
     P.LoadReport(rank=1, epoch=2, step_begin=0, step_end=10, slot_load=_arr(np.ones((2, 6), dtype=np.int64))),
@@ -75,15 +97,20 @@ def test_ndarray_rejects_unknown_dtype_and_too_many_dims():
 
 def test_constraints_refuse_negative_ids_and_nan_naming_the_field():
     import msgspec
+
     with pytest.raises(P.ProtocolError, match=r"Expected `int` >= 0 - at `\$.rank`"):
         P.decode(msgspec.msgpack.encode({"type": "Heartbeat", "rank": -1, "step": 1, "epoch": 0}))
     with pytest.raises(P.ProtocolError, match=r"\$.stall_s"):
-        P.decode(msgspec.msgpack.encode({"type": "Committed", "rank": 0, "plan_id": 1, "commit_step": 5, "epoch": 1,
-                                         "stall_s": float("nan")}))
+        P.decode(
+            msgspec.msgpack.encode(
+                {"type": "Committed", "rank": 0, "plan_id": 1, "commit_step": 5, "epoch": 1, "stall_s": float("nan")}
+            )
+        )
 
 
 def test_wrong_field_type_is_named():
     import msgspec
+
     frame = msgspec.msgpack.encode({"type": "Heartbeat", "rank": "zero", "step": 1, "epoch": 0})
     with pytest.raises(P.ProtocolError, match=r"\$\.rank"):
         P.decode(frame)
@@ -91,6 +118,7 @@ def test_wrong_field_type_is_named():
 
 def test_unknown_fields_and_types_are_refused():
     import msgspec
+
     with pytest.raises(P.ProtocolError, match="extra"):
         P.decode(msgspec.msgpack.encode({"type": "VoteNow", "plan_id": 1, "extra": 2}))
     with pytest.raises(P.ProtocolError):
@@ -138,8 +166,11 @@ def test_schema_file_is_current():
 
 def test_no_pickle_in_the_package():
     import pathlib
+
     root = pathlib.Path(P.__file__).parent
-    offenders = [str(p) for p in root.rglob("*.py") if "import pickle" in p.read_text() or "pickle.loads" in p.read_text()]
+    offenders = [
+        str(p) for p in root.rglob("*.py") if "import pickle" in p.read_text() or "pickle.loads" in p.read_text()
+    ]
     assert offenders == []
 
 

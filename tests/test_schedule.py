@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 
 
-def execute(old: np.ndarray, new: np.ndarray, ranks: int, ranks_per_node: int | None = None,
-            max_ops: int | None = None) -> np.ndarray:
+def execute(
+    old: np.ndarray, new: np.ndarray, ranks: int, ranks_per_node: int | None = None, max_ops: int | None = None
+) -> np.ndarray:
     """Run a schedule on 'weights' that are the expert ids themselves; returns live slots.
 
     With ``max_ops``, the schedule is renumbered for whole-block transfers of chunks of at
@@ -32,8 +34,10 @@ def execute(old: np.ndarray, new: np.ndarray, ranks: int, ranks_per_node: int | 
                 for peer, (first, count) in part.receives.items():
                     sent = parts[peer].sends[rank]
                     assert len(sent) == count
-                    staging[rank][first:first + count] = [old[layer, peer * spr + row] for layer, row in sent]
-                assert sum(len(v) for v in part.sends.values()) == sum(op.src_rank == rank for op in sched.remote[begin:end])
+                    staging[rank][first : first + count] = [old[layer, peer * spr + row] for layer, row in sent]
+                assert sum(len(v) for v in part.sends.values()) == sum(
+                    op.src_rank == rank for op in sched.remote[begin:end]
+                )
         for rank, work in enumerate(sched.per_rank):
             for dup in work.duplicates:
                 staging[rank][dup.dst_staging] = staging[rank][dup.src_staging]
@@ -75,7 +79,9 @@ def placements(draw):
     def one():
         rows = []
         for _ in range(layers):
-            extra = draw(st.lists(st.integers(0, logical - 1), min_size=physical - logical, max_size=physical - logical))
+            extra = draw(
+                st.lists(st.integers(0, logical - 1), min_size=physical - logical, max_size=physical - logical)
+            )
             row = np.array(list(range(logical)) + extra)
             rows.append(np.array(draw(st.permutations(row.tolist()))))
         return np.stack(rows).astype(np.int64)
@@ -102,7 +108,7 @@ def test_block_transfers_are_one_block_per_peer_and_chunk():
     old = np.array([np.arange(32)])
     new = old.copy()
     for rank in range(4):
-        new[0, rank * 8 + 4:rank * 8 + 8] = old[0, ((rank + 1) % 4) * 8:((rank + 1) % 4) * 8 + 4]
+        new[0, rank * 8 + 4 : rank * 8 + 8] = old[0, ((rank + 1) % 4) * 8 : ((rank + 1) % 4) * 8 + 4]
     sched = build_schedule(old, new, 4)
     blocks = sched.contiguous_by_source(sched.chunks(64, 1 << 40, 1))
     part = chunk_transfers(blocks, 0, 0, len(blocks.remote))
@@ -167,7 +173,7 @@ def test_chunks_cover_all_ops_in_order_within_bounds():
     sched = build_schedule(old, new, 8)
     bounds = sched.chunks(max_ops=5, max_bytes=3 * 100, bytes_per_expert=100)
     assert bounds[0][0] == 0 and bounds[-1][1] == len(sched.remote)
-    for (b0, e0), (b1, _) in zip(bounds, bounds[1:]):
+    for (_, e0), (b1, _) in zip(bounds, bounds[1:]):
         assert e0 == b1
     for b, e in bounds:
         assert 1 <= e - b <= 5

@@ -7,12 +7,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import zmq
-
 from conftest import make_model
 from coordinator_thread import CoordinatorThread
+
 from eplb_service import protocol as P
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
@@ -38,8 +37,11 @@ def test_remote_tcp_needs_curve_or_insecure():
     with pytest.raises(SecurityError, match="--curve-dir DIR"):
         CoordinatorConfig(world_size=2, endpoint="tcp://0.0.0.0:5555")
     CoordinatorConfig(world_size=2, endpoint="tcp://0.0.0.0:5555", insecure=True)
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", "tcp://0.0.0.0:5555"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", "tcp://0.0.0.0:5555"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "reachable from other hosts" in out.stderr
 
 
@@ -48,14 +50,18 @@ def test_curve_admits_the_right_key_and_refuses_others(tmp_path):
     other = generate_keys(str(tmp_path / "other"))
     assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint, curve_dir=str(tmp_path / "keys"))).start()
+    coord = CoordinatorThread(
+        CoordinatorConfig(world_size=2, endpoint=endpoint, curve_dir=str(tmp_path / "keys"))
+    ).start()
     shape = PlacementShape(2, 6, 8, 2)
     agents = []
     try:
         right = ClientCurve.from_files(good["server_public"], good["agent_secret"])
         wrong = ClientCurve.from_files(good["server_public"], other["agent_secret"])
-        agents = [WorkerAgent(make_model(0, shape), endpoint, GlooTransport(), curve=right).start(),
-                  WorkerAgent(make_model(1, shape), endpoint, GlooTransport(), curve=wrong).start()]
+        agents = [
+            WorkerAgent(make_model(0, shape), endpoint, GlooTransport(), curve=right).start(),
+            WorkerAgent(make_model(1, shape), endpoint, GlooTransport(), curve=wrong).start(),
+        ]
         deadline = time.monotonic() + 20
         while not agents[0].welcomed or coord.coordinator.metrics.messages_rejected.labels("auth")._value.get() < 1:
             assert time.monotonic() < deadline, "expected rank 0 welcomed and an auth refusal counted"
@@ -81,9 +87,19 @@ def test_hello_from_a_mismatched_identity_is_refused_and_counted(tmp_path):
         sock.setsockopt(zmq.IDENTITY, b"rank-7")
         sock.connect(endpoint)
         shape = P.ModelShape(2, 6, 8, 2, 36)
-        sock.send(P.encode(P.Hello(protocol_version=P.PROTOCOL_VERSION, rank=0, model=shape,
-                                   phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 2))),
-                                   epoch=0, step=0, transport="gloo")))
+        sock.send(
+            P.encode(
+                P.Hello(
+                    protocol_version=P.PROTOCOL_VERSION,
+                    rank=0,
+                    model=shape,
+                    phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 2))),
+                    epoch=0,
+                    step=0,
+                    transport="gloo",
+                )
+            )
+        )
         assert sock.poll(5000)
         reply = P.decode(sock.recv())
         assert isinstance(reply, P.Reject) and "identity b'rank-7' does not match rank 0" in reply.reason

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model, rows_match_maps
+
 from eplb_service.placement import initial_phy2log
 from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.schedule import build_schedule

@@ -20,7 +20,10 @@ STAND_IN = str(pathlib.Path(__file__).with_name("stand_in_vllm.py"))
 
 
 def test_rank_count_comes_from_the_vllm_flags():
-    assert ep_ranks_from_vllm_args(["vllm", "serve", "m", "--data-parallel-size", "8", "--enable-expert-parallel"]) == (8, 1)
+    assert ep_ranks_from_vllm_args(["vllm", "serve", "m", "--data-parallel-size", "8", "--enable-expert-parallel"]) == (
+        8,
+        1,
+    )
     assert ep_ranks_from_vllm_args(["serve", "-dp=4", "--tensor-parallel-size=2"]) == (4, 2)
     assert ep_ranks_from_vllm_args(["serve"]) == (1, 1)
     with pytest.raises(ValueError, match=r"--data-parallel-size 'x'"):
@@ -28,14 +31,31 @@ def test_rank_count_comes_from_the_vllm_flags():
 
 
 def sidecar_cmd(endpoint: str, *vllm: str) -> list[str]:
-    return [sys.executable, "-m", "eplb_service.sidecar", "--endpoint", endpoint, "--", *vllm,
-            "--data-parallel-size", "2", "--tensor-parallel-size", "2", "--enable-eplb"]
+    return [
+        sys.executable,
+        "-m",
+        "eplb_service.sidecar",
+        "--endpoint",
+        endpoint,
+        "--",
+        *vllm,
+        "--data-parallel-size",
+        "2",
+        "--tensor-parallel-size",
+        "2",
+        "--enable-eplb",
+    ]
 
 
 def start_sidecar(tmp_path):
     endpoint = f"ipc://{tmp_path}/c.sock"
-    proc = subprocess.Popen(sidecar_cmd(endpoint, sys.executable, STAND_IN),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        sidecar_cmd(endpoint, sys.executable, STAND_IN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:  # skip log lines until the stand-in reports it reached the coordinator
         if line.startswith('{"endpoint"'):
             return endpoint, proc, json.loads(line)
@@ -86,11 +106,15 @@ def test_sidecar_starts_coordinator_then_vllm_and_forwards_the_signal(tmp_path, 
             proc.kill()
 
 
-@pytest.mark.parametrize("vllm, expected", [
-    (["/nonexistent/vllm", "serve"], 127),        # command not found
-    ([sys.executable, STAND_IN, "--exit-now", "3"], 3),  # fails at once
-    ([sys.executable, STAND_IN, "--kill-self"], 128 + signal.SIGKILL),  # killed by a signal
-], ids=["not-found", "exits-with-error", "killed"])
+@pytest.mark.parametrize(
+    "vllm, expected",
+    [
+        (["/nonexistent/vllm", "serve"], 127),  # command not found
+        ([sys.executable, STAND_IN, "--exit-now", "3"], 3),  # fails at once
+        ([sys.executable, STAND_IN, "--kill-self"], 128 + signal.SIGKILL),  # killed by a signal
+    ],
+    ids=["not-found", "exits-with-error", "killed"],
+)
 def test_a_failing_vllm_leaves_no_coordinator_behind(tmp_path, vllm, expected):
     endpoint = f"ipc://{tmp_path}/c.sock"
     out = subprocess.run(sidecar_cmd(endpoint, *vllm), capture_output=True, text=True, timeout=90)
@@ -106,8 +130,13 @@ def test_a_failing_vllm_leaves_no_coordinator_behind(tmp_path, vllm, expected):
 
 def test_signal_before_vllm_starts_stops_the_coordinator_and_never_starts_vllm(tmp_path):
     endpoint = f"ipc://{tmp_path}/c.sock"
-    proc = subprocess.Popen(sidecar_cmd(endpoint, sys.executable, STAND_IN), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        sidecar_cmd(endpoint, sys.executable, STAND_IN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log = ""
         for line in proc.stdout:
@@ -168,13 +197,17 @@ def test_coordinator_crash_never_stops_vllm_and_is_restarted(tmp_path):
 
 
 def test_missing_vllm_command_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "eplb_service.sidecar", "--endpoint", "ipc:///tmp/x"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.sidecar", "--endpoint", "ipc:///tmp/x"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "give the vLLM command after '--'" in out.stderr
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--help", "--", "vllm", "serve"], ["-h", "--metrics-port", "9464"]])
 def test_help_exits_zero_and_explains_the_vllm_command(argv):
-    out = subprocess.run([sys.executable, "-m", "eplb_service.sidecar", *argv], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.sidecar", *argv], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0 and out.stderr == ""
     assert out.stdout.startswith("usage: eplb-sidecar") and "-- VLLM COMMAND" in out.stdout
     assert "eplb-coordinator serve --help" in out.stdout and "(default: 30.0)" in out.stdout
@@ -184,7 +217,9 @@ def test_second_sidecar_on_a_taken_endpoint_never_starts_vllm(tmp_path):
     endpoint, first, _ = start_sidecar(tmp_path)
     try:
         owner = fetch_status(endpoint)["pid"]
-        out = subprocess.run(sidecar_cmd(endpoint, sys.executable, STAND_IN), capture_output=True, text=True, timeout=90)
+        out = subprocess.run(
+            sidecar_cmd(endpoint, sys.executable, STAND_IN), capture_output=True, text=True, timeout=90
+        )
         log = out.stdout + out.stderr
         assert out.returncode == 1, log
         assert f"a coordinator (pid {owner}) already serves" in log and "not starting vLLM" in log

@@ -6,17 +6,23 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.sim.deployment import SimulationOptions, measured_balancedness, run_simulation
 from eplb_service.sim.workload import SimModelConfig
 
-import numpy as np
-
 
 def test_short_simulation_commits_improves_balance_and_never_mismatches(tmp_path):
     model = SimModelConfig(drift_interval_steps=120)
-    opts = SimulationOptions(world_size=4, steps=480, seed=1, model=model, summary_json=str(tmp_path / "s.json"),
-                             plot=str(tmp_path / "p.png"))
+    opts = SimulationOptions(
+        world_size=4,
+        steps=480,
+        seed=1,
+        model=model,
+        summary_json=str(tmp_path / "s.json"),
+        plot=str(tmp_path / "p.png"),
+    )
     base = CoordinatorConfig(world_size=4, rebalance_interval_steps=60, min_window_steps=30, load_half_life_steps=60.0)
     summary = run_simulation(opts, base)
     assert summary["output_mismatches"] == 0
@@ -28,7 +34,14 @@ def test_short_simulation_commits_improves_balance_and_never_mismatches(tmp_path
     assert summary["balancedness_final"] > summary["balancedness_final_without_rebalancing"]
     assert summary["bytes_moved"] > 0 and summary["experts_moved"] > 0
     on_disk = json.loads((tmp_path / "s.json").read_text())
-    for key in ("committed", "aborted", "output_mismatches", "balancedness_initial", "balancedness_final", "bytes_moved"):
+    for key in (
+        "committed",
+        "aborted",
+        "output_mismatches",
+        "balancedness_initial",
+        "balancedness_final",
+        "bytes_moved",
+    ):
         assert on_disk[key] == summary[key]
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -43,9 +56,15 @@ def test_measured_balancedness_is_mean_over_max_of_summed_windows():
 
 
 def test_cli_rejects_bad_values_naming_them():
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "0", "--simulate"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "0", "--simulate"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "expected a positive integer, got 0" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", "http://x"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", "http://x"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "'http://x' must start with ipc:// or tcp://" in out.stderr

@@ -15,20 +15,24 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import expert_row_value, make_model, rows_match_maps
+
 from eplb_service.placement import PlacementShape, initial_phy2log
-from eplb_service.worker_agent.decision import Decision
 from eplb_service.protocol import CommInit
+from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
-from eplb_service.worker_agent.serving_hooks import ServingHooks, CommitTicket
+from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.staging import StagingArea, prepare_commit
 from eplb_service.worker_agent.transport import RecordLayout
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
 
 def test_record_layout_aligns_every_part_and_the_record():
-    tensors = [torch.zeros(4, 3, dtype=torch.float32), torch.zeros(4, 5, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.bfloat16)]
+    tensors = [
+        torch.zeros(4, 3, dtype=torch.float32),
+        torch.zeros(4, 5, dtype=torch.uint8),
+        torch.zeros(4, 2, dtype=torch.bfloat16),
+    ]
     layout = RecordLayout.of(tensors)
     assert layout.sizes == (12, 5, 4)
     assert layout.offsets == (0, 16, 32)
@@ -47,7 +51,7 @@ def test_staging_views_alias_one_record_buffer(small_shape):
     area.rows[1][2].fill_(7.0)
     record = area.block(2, 1)
     offset, size = area.layout.offsets[1], area.layout.sizes[1]
-    assert torch.equal(record[0, offset:offset + size].view(torch.float32), torch.full((3,), 7.0))
+    assert torch.equal(record[0, offset : offset + size].view(torch.float32), torch.full((3,), 7.0))
     assert area.block(1, 3).is_contiguous() and area.block(1, 3).shape == (3, area.layout.record_bytes)
 
 
@@ -69,8 +73,10 @@ def test_a_gathered_block_lands_as_the_receivers_staging_and_commits(small_shape
         block = transport.gather([[t[row] for t in senders[1].expert_weights[1]] for _, row in to_0], area.layout)
         first, count = chunk_transfers(sched, 0, begin, end).receives[1]
         area.block(first, count).copy_(block)  # the NCCL op's effect
-        assert np.array_equal(transport.collect([transport.block_digests(block)])[0],
-                              transport.collect([transport.block_digests(area.block(first, count))])[0])
+        assert np.array_equal(
+            transport.collect([transport.block_digests(block)])[0],
+            transport.collect([transport.block_digests(area.block(first, count))])[0],
+        )
     hooks = ServingHooks(receiver, report_interval_steps=4, fence_steps=1, fence_timeout_s=1.0)
     ticket = CommitTicket(action=prepare_commit(receiver, 1, [1], new, area))
     ticket.vote_entry_step = 0

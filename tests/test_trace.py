@@ -38,9 +38,15 @@ def test_bad_traces_are_named(tmp_path):
     np.savez(tmp_path / "a.npz", loads=np.zeros((1, 1, 1)))
     with pytest.raises(TraceError, match=r"lacks arrays \['format_version'"):
         load_trace(str(tmp_path / "a.npz"))
-    good = dict(format_version=np.int64(2), loads=np.zeros((1, 1, 2)), step_begin=np.zeros(1, np.int64),
-                step_end=np.ones(1, np.int64), epoch=np.zeros(1, np.int64), ranks_reported=np.ones(1, np.int64),
-                unix_time_s=np.zeros(1))
+    good = dict(
+        format_version=np.int64(2),
+        loads=np.zeros((1, 1, 2)),
+        step_begin=np.zeros(1, np.int64),
+        step_end=np.ones(1, np.int64),
+        epoch=np.zeros(1, np.int64),
+        ranks_reported=np.ones(1, np.int64),
+        unix_time_s=np.zeros(1),
+    )
     np.savez(tmp_path / "b.npz", **good)
     with pytest.raises(TraceError, match="format_version 2"):
         load_trace(str(tmp_path / "b.npz"))
@@ -68,14 +74,30 @@ def test_record_replay_and_plan_from_a_trace(tmp_path):
     window = trace.window_at(15)
     assert np.allclose(popularity(model, 0, 2, 15), trace.loads[window, 2] / trace.loads[window, 2].sum())
 
-    plan = subprocess.run([sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", trace_path, "--ranks", "4",
-                           "--redundant", str(model.num_redundant), "--out", str(tmp_path / "seed.json")],
-                          capture_output=True, text=True)
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eplb_service.coordinator.plan_cli",
+            "--load",
+            trace_path,
+            "--ranks",
+            "4",
+            "--redundant",
+            str(model.num_redundant),
+            "--out",
+            str(tmp_path / "seed.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert plan.returncode == 0, plan.stderr
     seed = json.loads((tmp_path / "seed.json").read_text())
     assert seed["balancedness"]["overall"] > seed["balancedness"]["before"]
 
-    seeded = CoordinatorConfig(world_size=4, rebalance_interval_steps=10**6, initial_placement=np.array(seed["phy2log"]))
+    seeded = CoordinatorConfig(
+        world_size=4, rebalance_interval_steps=10**6, initial_placement=np.array(seed["phy2log"])
+    )
     replay = run_simulation(SimulationOptions(world_size=4, steps=200, seed=3, model=model), seeded)
     assert replay["output_mismatches"] == 0 and replay["committed"] >= 1 and replay["aborted"] == 0
     assert replay["balancedness_final"] > replay["balancedness_initial"]

@@ -18,8 +18,9 @@ import numpy as np
 from eplb_service.placement import PlacementShape, local_source_slots
 
 
-def churn_rows(current: np.ndarray, layers: list[int], experts_per_rank: int, num_ranks: int,
-               rng: np.random.Generator) -> np.ndarray:
+def churn_rows(
+    current: np.ndarray, layers: list[int], experts_per_rank: int, num_ranks: int, rng: np.random.Generator
+) -> np.ndarray:
     """New rows ``[len(layers), P]`` for ``layers`` of ``current [L, P]``.
 
     On each layer, ``experts_per_rank`` random slots per rank take the experts of the same
@@ -38,16 +39,21 @@ def churn_rows(current: np.ndarray, layers: list[int], experts_per_rank: int, nu
     return rows
 
 
-def remote_bytes(current: np.ndarray, layers: list[int], rows: np.ndarray, num_ranks: int,
-                 bytes_per_expert: int) -> int:
+def remote_bytes(
+    current: np.ndarray, layers: list[int], rows: np.ndarray, num_ranks: int, bytes_per_expert: int
+) -> int:
     """Bytes that cross ranks when ``layers`` of ``current`` become ``rows`` (local copies are free)."""
     old = np.asarray(current, dtype=np.int64)[layers]
     remote = (old != rows) & ~local_source_slots(old, rows, num_ranks)
     return int(remote.sum()) * bytes_per_expert
 
 
-def install_churn_policy(plans_enabled: Callable[[], bool], experts_per_rank: Callable[[], int], seed: int,
-                         layers_per_batch: Callable[[], int] = lambda: 1) -> Callable[[], None]:
+def install_churn_policy(
+    plans_enabled: Callable[[], bool],
+    experts_per_rank: Callable[[], int],
+    seed: int,
+    layers_per_batch: Callable[[], int] = lambda: 1,
+) -> Callable[[], None]:
     """Make the coordinator's policy step propose churn plans; returns the undo function.
 
     Each policy run proposes one plan over every layer, cut into batches of
@@ -60,12 +66,19 @@ def install_churn_policy(plans_enabled: Callable[[], bool], experts_per_rank: Ca
     original = policy_module.plan_rebalance
     counter = iter(range(1 << 62))
 
-    def churn_plan_rebalance(policy, current_phy2log, logical_load, shape: PlacementShape, *,
-                             bytes_per_expert: int = 1, **_ignored):
+    def churn_plan_rebalance(
+        policy, current_phy2log, logical_load, shape: PlacementShape, *, bytes_per_expert: int = 1, **_ignored
+    ):
         current = np.asarray(current_phy2log, dtype=np.int64)
         if not plans_enabled():
-            return policy_module.RebalancePlan(target_phy2log=current, batches=(), balancedness_before=1.0,
-                                               balancedness_after=1.0, experts_moved=0, bytes_moved=0)
+            return policy_module.RebalancePlan(
+                target_phy2log=current,
+                batches=(),
+                balancedness_before=1.0,
+                balancedness_after=1.0,
+                experts_moved=0,
+                bytes_moved=0,
+            )
         rng = np.random.default_rng([seed, next(counter)])
         layers = list(range(shape.num_layers))
         target = current.copy()
@@ -73,13 +86,23 @@ def install_churn_policy(plans_enabled: Callable[[], bool], experts_per_rank: Ca
         per_batch = layers_per_batch() or len(layers)
         batches = []
         for begin in range(0, len(layers), per_batch):
-            group = layers[begin:begin + per_batch]
-            batches.append(policy_module.LayerBatch(
-                layers=tuple(group), phy2log=target[group].copy(),
-                bytes_moved=remote_bytes(current, group, target[group], shape.num_ranks, bytes_per_expert), gain=1.0))
+            group = layers[begin : begin + per_batch]
+            batches.append(
+                policy_module.LayerBatch(
+                    layers=tuple(group),
+                    phy2log=target[group].copy(),
+                    bytes_moved=remote_bytes(current, group, target[group], shape.num_ranks, bytes_per_expert),
+                    gain=1.0,
+                )
+            )
         return policy_module.RebalancePlan(
-            target_phy2log=target, batches=tuple(batches), balancedness_before=0.0, balancedness_after=1.0,
-            experts_moved=int((current != target).sum()), bytes_moved=sum(b.bytes_moved for b in batches))
+            target_phy2log=target,
+            batches=tuple(batches),
+            balancedness_before=0.0,
+            balancedness_after=1.0,
+            experts_moved=int((current != target).sum()),
+            bytes_moved=sum(b.bytes_moved for b in batches),
+        )
 
     policy_module.plan_rebalance = churn_plan_rebalance
 

@@ -214,10 +214,15 @@ class RankRunner:
         self.control, self.progress = control, progress
         self.cuda = stack.device.type == "cuda"
         self.device = stack.device
-        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self.events = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        )
         self.tick = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.phases: list[dict] = []
-        self.rows: dict[str, list] = {k: [] for k in ("phase", "step_s", "hook_host_s", "hook_gpu_s", "commit", "streaming", "mismatches", "cpu_s")}
+        self.rows: dict[str, list] = {
+            k: []
+            for k in ("phase", "step_s", "hook_host_s", "hook_gpu_s", "commit", "streaming", "mismatches", "cpu_s")
+        }
         self.sync_results: list[dict] = []
         self.profiles: dict[str, dict] = {}
         self.serving_port = 0
@@ -238,7 +243,9 @@ class RankRunner:
             started = self._step_started
             if time.monotonic() - started > limit and dumped_for != started:
                 dumped_for = started
-                sys.stderr.write(f"[rank {self.rank}] one step has run for {time.monotonic() - started:.0f}s; stacks:\n")
+                sys.stderr.write(
+                    f"[rank {self.rank}] one step has run for {time.monotonic() - started:.0f}s; stacks:\n"
+                )
                 faulthandler.dump_traceback(all_threads=True)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -248,8 +255,14 @@ class RankRunner:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
 
-    def _enter(self, name: str, plans: bool, experts: int | None = None, throttle: float | None = None,
-               layers_per_batch: int = 1) -> None:
+    def _enter(
+        self,
+        name: str,
+        plans: bool,
+        experts: int | None = None,
+        throttle: float | None = None,
+        layers_per_batch: int = 1,
+    ) -> None:
         if throttle is not None:
             import msgspec
 
@@ -260,10 +273,18 @@ class RankRunner:
             self.control[C_LAYERS_PER_BATCH] = layers_per_batch
             self.control[C_PLANS] = 1.0 if plans else 0.0
             self.control[C_PHASE] = len(self.phases)
-        self.phases.append({"name": name, "first_step": self.agent.hooks.steps_done, "t": time.monotonic(),
-                            "throttle_bytes_per_s": self.agent.config.throttle_bytes_per_s, "plans": plans,
-                            "experts_per_rank": experts, "layers_per_batch": layers_per_batch,
-                            "chunk_bytes": self.agent.config.chunk_bytes})
+        self.phases.append(
+            {
+                "name": name,
+                "first_step": self.agent.hooks.steps_done,
+                "t": time.monotonic(),
+                "throttle_bytes_per_s": self.agent.config.throttle_bytes_per_s,
+                "plans": plans,
+                "experts_per_rank": experts,
+                "layers_per_batch": layers_per_batch,
+                "chunk_bytes": self.agent.config.chunk_bytes,
+            }
+        )
         if self.rank == 0:
             log.warning("phase %s from step %d", name, self.agent.hooks.steps_done)
 
@@ -287,12 +308,18 @@ class RankRunner:
         resets the agent's config to the coordinator's; put the phase's throttle and chunking back."""
         want = self.phases[-1] if self.phases else None
         cfg = self.agent.config
-        if want and (cfg.throttle_bytes_per_s != want["throttle_bytes_per_s"] or cfg.chunk_bytes != want["chunk_bytes"]):
+        if want and (
+            cfg.throttle_bytes_per_s != want["throttle_bytes_per_s"] or cfg.chunk_bytes != want["chunk_bytes"]
+        ):
             import msgspec
 
-            self.agent.config = msgspec.structs.replace(cfg, throttle_bytes_per_s=want["throttle_bytes_per_s"],
-                                                        chunk_bytes=want["chunk_bytes"])
-            self.notes.append(f"agent config reset by a re-Welcome in phase {want['name']} (step {self.agent.hooks.steps_done}); re-applied")
+            self.agent.config = msgspec.structs.replace(
+                cfg, throttle_bytes_per_s=want["throttle_bytes_per_s"], chunk_bytes=want["chunk_bytes"]
+            )
+            self.notes.append(
+                f"agent config reset by a re-Welcome in phase {want['name']} "
+                f"(step {self.agent.hooks.steps_done}); re-applied"
+            )
 
     def step(self, serve: bool = True, external: bool = False) -> None:
         hooks, tr = self.agent.hooks, self.transport
@@ -328,7 +355,9 @@ class RankRunner:
         rows["hook_host_s"].append(hook_host)
         rows["hook_gpu_s"].append(self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else hook_host)
         rows["commit"].append(hooks.epoch != epoch0)
-        rows["streaming"].append(external or bool(active0 or tr.session_active or tr.bytes_sent_total + tr.bytes_received_total != moved0))
+        rows["streaming"].append(
+            external or bool(active0 or tr.session_active or tr.bytes_sent_total + tr.bytes_received_total != moved0)
+        )
         rows["mismatches"].append(int(mismatches) if mismatches is not None else 0)
         self.progress[self.rank] = step + 1
 
@@ -342,7 +371,7 @@ class RankRunner:
         self._enter("warmup", plans=False, experts=o.experts_per_rank, throttle=0.0)
         for _ in range(o.warmup_steps):
             self.step()
-        tail = self.rows["step_s"][o.warmup_steps // 2:]
+        tail = self.rows["step_s"][o.warmup_steps // 2 :]
         self.step_s_agreed = self._all_reduce_max(float(np.median(tail)))
         if o.prime_s > 0:
             # The process's first plans pay one-off costs (allocator segments, first launches);
@@ -370,8 +399,13 @@ class RankRunner:
         for _ in range(self._steps_for(o.unthrottled_s)):
             self.step()
         self._profile("stream_unthrottled", plans=True)
-        self._enter("isolated", plans=True, experts=o.isolated_experts_per_rank, throttle=0.0,
-                    layers_per_batch=o.isolated_layers_per_batch)
+        self._enter(
+            "isolated",
+            plans=True,
+            experts=o.isolated_experts_per_rank,
+            throttle=0.0,
+            layers_per_batch=o.isolated_layers_per_batch,
+        )
         for _ in range(max(o.min_phase_steps, int(o.isolated_s / (o.empty_step_s + 2e-4)))):
             self.step(serve=False)
         self._set_chunking(o.throttled_chunk_bytes)
@@ -401,7 +435,8 @@ class RankRunner:
 
         # on a CPU-only run (the harness's logic check) the host activity is all there is
         activities = ([ProfilerActivity.CUDA] if self.cuda else []) + (
-            [ProfilerActivity.CPU] if self.opts.profile_cpu or not self.cuda else [])
+            [ProfilerActivity.CPU] if self.opts.profile_cpu or not self.cuda else []
+        )
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 self.step()
@@ -424,10 +459,14 @@ class RankRunner:
         steps after the rounds ended count as quiet."""
         o = self.opts
         chunk, groups = o.external_chunk_bytes, 8
-        rounds = max(1, int(self._steps_for(o.throttled_s) * self.step_s_agreed * o.external_stream_gbps * 1e9 / (chunk * groups)))
+        rounds = max(
+            1,
+            int(self._steps_for(o.throttled_s) * self.step_s_agreed * o.external_stream_gbps * 1e9 / (chunk * groups)),
+        )
         self._enter("stream_external", plans=False)
-        thread = threading.Thread(target=self._external_streamer, args=(chunk, groups, rounds), name="external-streamer",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self._external_streamer, args=(chunk, groups, rounds), name="external-streamer", daemon=True
+        )
         thread.start()
         for _ in range(self._steps_for(o.throttled_s)):  # the same count on every rank (steps are collective)
             self.step(external=thread.is_alive())
@@ -443,16 +482,26 @@ class RankRunner:
         o = self.opts
         t = CupyNcclTransport(self.device, max_groups_in_flight=groups, max_ctas=o.side_max_ctas)
         try:
-            t.connect(CommInit(generation=9999, store_host="127.0.0.1", store_port=self.serving_port,
-                               world_size=o.world_size), self.rank, 120)
+            t.connect(
+                CommInit(
+                    generation=9999, store_host="127.0.0.1", store_port=self.serving_port, world_size=o.world_size
+                ),
+                self.rank,
+                120,
+            )
             send = torch.ones(chunk * groups, dtype=torch.uint8, device=self.device)
             recv = torch.empty_like(send)
             nxt, prv = (self.rank + 1) % o.world_size, (self.rank - 1) % o.world_size
             pace_s = chunk / (o.external_stream_gbps * 1e9)
             for _ in range(rounds):
                 for i in range(groups):
-                    t.exchange([P2POp(True, send[i * chunk:(i + 1) * chunk], nxt, i),
-                                P2POp(False, recv[i * chunk:(i + 1) * chunk], prv, i)], pace_s)
+                    t.exchange(
+                        [
+                            P2POp(True, send[i * chunk : (i + 1) * chunk], nxt, i),
+                            P2POp(False, recv[i * chunk : (i + 1) * chunk], prv, i),
+                        ],
+                        pace_s,
+                    )
                 t.synchronize()
                 self.external_bytes += groups * chunk
         except Exception as exc:  # reported by the serving thread
@@ -492,18 +541,33 @@ class RankRunner:
             for _ in range(o.sync_interval_steps):
                 self.step()
         if undo_rows is not None:  # leave the placement the agents know
-            self.sync_results.append({**stop_the_world(model, host, layers, undo_rows, self.rank), "step": self.agent.hooks.steps_done, "restore": True})
+            self.sync_results.append(
+                {
+                    **stop_the_world(model, host, layers, undo_rows, self.rank),
+                    "step": self.agent.hooks.steps_done,
+                    "restore": True,
+                }
+            )
             for _ in range(o.sync_interval_steps):
                 self.step()
 
     def result(self) -> dict:
         hooks = self.agent.hooks
         return {
-            "rank": self.rank, "expert_mode": self.stack.expert_mode, "phases": self.phases, "rows": self.rows,
-            "sessions": [_session_dict(s) for s in self.transport.sessions], "sync": self.sync_results,
-            "agent_stats": dict(self.agent.stats), "max_commit_host_stall_s": hooks.max_stall_s, "epoch": hooks.epoch,
-            "dropped_load_windows": hooks.dropped_windows, "transport_aborts": getattr(self.transport, "aborts", 0),
-            "step_s_agreed": self.step_s_agreed, "notes": self.notes, "profiles": self.profiles,
+            "rank": self.rank,
+            "expert_mode": self.stack.expert_mode,
+            "phases": self.phases,
+            "rows": self.rows,
+            "sessions": [_session_dict(s) for s in self.transport.sessions],
+            "sync": self.sync_results,
+            "agent_stats": dict(self.agent.stats),
+            "max_commit_host_stall_s": hooks.max_stall_s,
+            "epoch": hooks.epoch,
+            "dropped_load_windows": hooks.dropped_windows,
+            "transport_aborts": getattr(self.transport, "aborts", 0),
+            "step_s_agreed": self.step_s_agreed,
+            "notes": self.notes,
+            "profiles": self.profiles,
             "external_bytes": self.external_bytes,
         }
 
@@ -521,7 +585,7 @@ def warm_commit_kernels(model) -> None:
         layout = RecordLayout.of(tensors)  # staging rows are strided views of records
         records = torch.empty((1, layout.record_bytes), dtype=torch.uint8, device=model.device)
         for t, offset, size in zip(tensors, layout.offsets, layout.sizes):
-            staged = records[:, offset:offset + size].view(t.dtype).view(1, *t.shape[1:])
+            staged = records[:, offset : offset + size].view(t.dtype).view(1, *t.shape[1:])
             staged.copy_(t[:1])
             t.index_copy_(0, index, staged)
     for t in (model.phy2log, model.log2phy, model.logcnt):
@@ -549,18 +613,30 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
         else:
             torch.set_num_threads(1)
             device = torch.device("cpu")
-        store = dist.TCPStore("127.0.0.1", serving_port, opts.world_size, False, timeout=datetime.timedelta(seconds=120))
+        store = dist.TCPStore(
+            "127.0.0.1", serving_port, opts.world_size, False, timeout=datetime.timedelta(seconds=120)
+        )
         kwargs = {"device_id": device} if cuda else {}
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("serving", store), rank=rank,
-                                world_size=opts.world_size, timeout=datetime.timedelta(seconds=180), **kwargs)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            store=dist.PrefixStore("serving", store),
+            rank=rank,
+            world_size=opts.world_size,
+            timeout=datetime.timedelta(seconds=180),
+            **kwargs,
+        )
         cfg = opts.model
         shape = PlacementShape(cfg.num_layers, cfg.num_logical, cfg.num_physical, opts.world_size)
         stack = MoeStack(cfg, rank, opts.world_size, device, initial_phy2log(shape), expert_mode=opts.expert_mode)
         if cuda:
             from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
 
-            transport = CupyNcclTransport(device, max_groups_in_flight=opts.max_groups_in_flight,
-                                          pack_per_peer=opts.pack_per_peer, max_ctas=opts.side_max_ctas)
+            transport = CupyNcclTransport(
+                device,
+                max_groups_in_flight=opts.max_groups_in_flight,
+                pack_per_peer=opts.pack_per_peer,
+                max_ctas=opts.side_max_ctas,
+            )
         else:
             transport = MeteredGlooTransport()
         warm_commit_kernels(stack.model)
@@ -600,8 +676,11 @@ def _free_port() -> int:
 
 
 def _coordinator_idle(coordinator) -> bool:
-    return (coordinator.plan is None and not getattr(coordinator, "_pending_batches", None)
-            and not getattr(coordinator, "_planning", False))
+    return (
+        coordinator.plan is None
+        and not getattr(coordinator, "_pending_batches", None)
+        and not getattr(coordinator, "_planning", False)
+    )
 
 
 async def _run(opts: HarnessOptions, endpoint: str) -> dict:
@@ -609,27 +688,53 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:
     from eplb_service.coordinator.server import Coordinator
     from eplb_service.protocol import AgentConfig
 
-    agent_cfg = AgentConfig(report_interval_steps=opts.report_interval_steps, fence_steps=opts.fence_steps,
-                            max_ops_per_group=opts.max_ops_per_group, chunk_bytes=opts.chunk_bytes,
-                            throttle_bytes_per_s=0.0)
-    cfg = CoordinatorConfig(world_size=opts.world_size, endpoint=endpoint, rebalance_interval_steps=1,
-                            min_window_steps=10, load_half_life_steps=100.0, min_gain=0.0,
-                            staging_budget_bytes=max(1, opts.isolated_experts_per_rank) * opts.model.bytes_per_expert,
-                            agent=agent_cfg)
+    agent_cfg = AgentConfig(
+        report_interval_steps=opts.report_interval_steps,
+        fence_steps=opts.fence_steps,
+        max_ops_per_group=opts.max_ops_per_group,
+        chunk_bytes=opts.chunk_bytes,
+        throttle_bytes_per_s=0.0,
+    )
+    cfg = CoordinatorConfig(
+        world_size=opts.world_size,
+        endpoint=endpoint,
+        rebalance_interval_steps=1,
+        min_window_steps=10,
+        load_half_life_steps=100.0,
+        min_gain=0.0,
+        staging_budget_bytes=max(1, opts.isolated_experts_per_rank) * opts.model.bytes_per_expert,
+        agent=agent_cfg,
+    )
     ctx = mp.get_context("spawn")
     control = ctx.Array("d", 5, lock=False)
     progress = ctx.Array("q", opts.world_size, lock=False)
     results = ctx.Queue()
-    undo = install_churn_policy(lambda: control[C_PLANS] > 0, lambda: int(control[C_EXPERTS]), seed=opts.model.seed,
-                                layers_per_batch=lambda: int(control[C_LAYERS_PER_BATCH]))
+    undo = install_churn_policy(
+        lambda: control[C_PLANS] > 0,
+        lambda: int(control[C_EXPERTS]),
+        seed=opts.model.seed,
+        layers_per_batch=lambda: int(control[C_LAYERS_PER_BATCH]),
+    )
     coordinator = Coordinator(cfg)
     server = asyncio.create_task(coordinator.serve())
     await coordinator.ready.wait()
     serving_port = _free_port()
-    serving_store = dist.TCPStore("127.0.0.1", serving_port, opts.world_size, True,
-                                  timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
-    procs = [ctx.Process(target=rank_main, name=f"harness-rank-{r}",
-                         args=(r, opts, endpoint, serving_port, control, progress, results)) for r in range(opts.world_size)]
+    serving_store = dist.TCPStore(
+        "127.0.0.1",
+        serving_port,
+        opts.world_size,
+        True,
+        timeout=datetime.timedelta(seconds=120),
+        wait_for_workers=False,
+    )
+    procs = [
+        ctx.Process(
+            target=rank_main,
+            name=f"harness-rank-{r}",
+            args=(r, opts, endpoint, serving_port, control, progress, results),
+        )
+        for r in range(opts.world_size)
+    ]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -653,10 +758,22 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:
                 last_total, last_change = total, now
             limit = opts.hang_timeout_s if min(progress[:]) > 0 else opts.startup_timeout_s
             if now - last_change > limit and len(collected) < opts.world_size:
-                hangs.append({"steps": list(progress[:]), "phase": int(control[C_PHASE]), "silent_s": round(now - last_change, 1),
-                              "coordinator": {"plan": None if coordinator.plan is None else coordinator.plan.plan_id,
-                                              "phase": None if coordinator.plan is None else coordinator.plan.phase.value}})
-                log.error("HANG: no progress for %.0fs (steps %s); dumping stacks and stopping", now - last_change, list(progress[:]))
+                hangs.append(
+                    {
+                        "steps": list(progress[:]),
+                        "phase": int(control[C_PHASE]),
+                        "silent_s": round(now - last_change, 1),
+                        "coordinator": {
+                            "plan": None if coordinator.plan is None else coordinator.plan.plan_id,
+                            "phase": None if coordinator.plan is None else coordinator.plan.phase.value,
+                        },
+                    }
+                )
+                log.error(
+                    "HANG: no progress for %.0fs (steps %s); dumping stacks and stopping",
+                    now - last_change,
+                    list(progress[:]),
+                )
                 for p in procs:
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGUSR1)
@@ -676,9 +793,15 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:
             if now - last_log > 10:
                 last_log = now
                 c = coordinator.counts
-                log.warning("t=%4.0fs steps %s | committed %d aborted %d | %.1f GiB moved | phase %d",
-                            now - t0, list(progress[:]), c["committed"], c["aborted"], coordinator.bytes_moved_total / 2**30,
-                            int(control[C_PHASE]))
+                log.warning(
+                    "t=%4.0fs steps %s | committed %d aborted %d | %.1f GiB moved | phase %d",
+                    now - t0,
+                    list(progress[:]),
+                    c["committed"],
+                    c["aborted"],
+                    coordinator.bytes_moved_total / 2**30,
+                    int(control[C_PHASE]),
+                )
     finally:
         for p in procs:
             p.join(timeout=15 if not hangs else 1)
@@ -707,19 +830,34 @@ def _ms(value: float | None) -> float | None:
 
 
 def _dist_ms(values) -> dict:
-    return {"n": int(len(values)), "p50_ms": _ms(_pct(values, 50)), "p99_ms": _ms(_pct(values, 99)),
-            "max_ms": _ms(_pct(values, 100)), "mean_ms": _ms(float(np.mean(values)) if len(values) else None)}
+    return {
+        "n": int(len(values)),
+        "p50_ms": _ms(_pct(values, 50)),
+        "p99_ms": _ms(_pct(values, 99)),
+        "max_ms": _ms(_pct(values, 100)),
+        "mean_ms": _ms(float(np.mean(values)) if len(values) else None),
+    }
 
 
 def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list, errors: list, wall_s: float) -> dict:
     complete = [r for r in ranks if "rows" in r]
     summary: dict = {
-        "world_size": opts.world_size, "device": opts.device, "model": dataclasses.asdict(opts.model),
+        "world_size": opts.world_size,
+        "device": opts.device,
+        "model": dataclasses.asdict(opts.model),
         "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "model"},
-        "wall_s": round(wall_s, 1), "hangs": len(hangs), "hang_details": hangs, "errors": errors,
-        "coordinator": {"committed": coordinator.counts["committed"], "aborted": coordinator.counts["aborted"],
-                        "diverged": coordinator.counts["diverged"], "bytes_moved": coordinator.bytes_moved_total,
-                        "experts_moved": coordinator.experts_moved_total, "epoch": coordinator.epoch},
+        "wall_s": round(wall_s, 1),
+        "hangs": len(hangs),
+        "hang_details": hangs,
+        "errors": errors,
+        "coordinator": {
+            "committed": coordinator.counts["committed"],
+            "aborted": coordinator.counts["aborted"],
+            "diverged": coordinator.counts["diverged"],
+            "bytes_moved": coordinator.bytes_moved_total,
+            "experts_moved": coordinator.experts_moved_total,
+            "epoch": coordinator.epoch,
+        },
     }
     if len(complete) != opts.world_size:
         summary["complete"] = False
@@ -745,12 +883,17 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
         sel = phase_of == index
         quiet = sel & ~commit & ~streaming
         phases[name] = {
-            "steps": int(sel.sum()), "mismatches": int(mismatches[sel].sum()), "commits": int((sel & commit).sum()),
-            "all": _dist_ms(step_s[sel]), "quiet": _dist_ms(step_s[quiet]),
-            "streaming": _dist_ms(step_s[sel & streaming & ~commit]), "commit": _dist_ms(step_s[sel & commit]),
+            "steps": int(sel.sum()),
+            "mismatches": int(mismatches[sel].sum()),
+            "commits": int((sel & commit).sum()),
+            "all": _dist_ms(step_s[sel]),
+            "quiet": _dist_ms(step_s[quiet]),
+            "streaming": _dist_ms(step_s[sel & streaming & ~commit]),
+            "commit": _dist_ms(step_s[sel & commit]),
             # the serving thread's own CPU time per step (max over ranks): if it stays while the
             # step time grows, the step waited (on the GPU, or for the GIL)
-            "serving_cpu_quiet": _dist_ms(cpu_s[quiet]), "serving_cpu_streaming": _dist_ms(cpu_s[sel & streaming & ~commit]),
+            "serving_cpu_quiet": _dist_ms(cpu_s[quiet]),
+            "serving_cpu_streaming": _dist_ms(cpu_s[sel & streaming & ~commit]),
             "throttle_bytes_per_s": complete[0]["phases"][index]["throttle_bytes_per_s"],
             "chunk_bytes": complete[0]["phases"][index].get("chunk_bytes"),
             "experts_per_rank": complete[0]["phases"][index]["experts_per_rank"],
@@ -766,24 +909,34 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
     }
     summary["bandwidth"] = _bandwidth(complete, names)
     summary["sync_baseline"] = _sync_summary(complete, opts)
-    summary["agent_stats"] = {k: int(sum(r["agent_stats"].get(k, 0) for r in complete))
-                              for k in sorted({k for r in complete for k in r["agent_stats"]})}
+    summary["agent_stats"] = {
+        k: int(sum(r["agent_stats"].get(k, 0) for r in complete))
+        for k in sorted({k for r in complete for k in r["agent_stats"]})
+    }
     summary["transport_aborts"] = int(sum(r.get("transport_aborts", 0) for r in complete))
     st = summary["agent_stats"]
     summary["agent_cpu_ms_per_batch"] = {
         "staging": round(st.get("stage_cpu_us", 0) / max(1, st.get("staged", 0)) / 1e3, 3),
         "vote": round(st.get("vote_cpu_us", 0) / max(1, st.get("votes", 0)) / 1e3, 3),
-        "sections": {k[:-len("_cpu_us")]: round(v / max(1, st.get("staged" if k.startswith("stage_") else "votes", 0)) / 1e3, 3)
-                     for k, v in sorted(st.items())
-                     if k.endswith("_cpu_us") and k not in ("stage_cpu_us", "vote_cpu_us")}}
+        "sections": {
+            k[: -len("_cpu_us")]: round(v / max(1, st.get("staged" if k.startswith("stage_") else "votes", 0)) / 1e3, 3)
+            for k, v in sorted(st.items())
+            if k.endswith("_cpu_us") and k not in ("stage_cpu_us", "vote_cpu_us")
+        },
+    }
     summary["notes"] = sorted({note for r in complete for note in r["notes"]})
     summary["profile"] = _profile_summary(complete[0].get("profiles", {}), phases)
     summary["external_stream_bytes"] = int(sum(r.get("external_bytes", 0) for r in complete))
     if "soak" in phases:
         soak = phases["soak"]
         soak_steps = phase_of == names.index("soak")
-        summary["soak"] = {"steps": soak["steps"], "rearrangements": soak["commits"], "mismatches": soak["mismatches"],
-                           "seconds": round(float(step_s[soak_steps].sum()), 1), "hangs": len(hangs)}
+        summary["soak"] = {
+            "steps": soak["steps"],
+            "rearrangements": soak["commits"],
+            "mismatches": soak["mismatches"],
+            "seconds": round(float(step_s[soak_steps].sum()), 1),
+            "hangs": len(hangs),
+        }
     return summary
 
 
@@ -818,17 +971,27 @@ def _bandwidth(ranks: list[dict], names: list[str]) -> dict:
             moved = sum(max(s["bytes_sent"], s["bytes_received"]) for s in sessions)
             gpu = sum(s["gpu_s"] for s in sessions)
             wall = sum(s["wall_s"] for s in sessions)
-            per_rank.append({"bytes": moved, "sessions": len(sessions), "gpu_s": gpu, "wall_s": wall,
-                             "gbps_gpu": moved / gpu / 1e9 if gpu > 0 else None,
-                             "gbps_wall": moved / wall / 1e9 if wall > 0 else None})
+            per_rank.append(
+                {
+                    "bytes": moved,
+                    "sessions": len(sessions),
+                    "gpu_s": gpu,
+                    "wall_s": wall,
+                    "gbps_gpu": moved / gpu / 1e9 if gpu > 0 else None,
+                    "gbps_wall": moved / wall / 1e9 if wall > 0 else None,
+                }
+            )
         if per_rank:
             gpu_rates = [p["gbps_gpu"] for p in per_rank if p["gbps_gpu"]]
             wall_rates = [p["gbps_wall"] for p in per_rank if p["gbps_wall"]]
-            out[name] = {"sessions": int(sum(p["sessions"] for p in per_rank)), "bytes_per_rank_mean": float(np.mean([p["bytes"] for p in per_rank])),
-                         "gbps_link_mean": float(np.mean(gpu_rates)) if gpu_rates else None,
-                         "gbps_link_min": float(np.min(gpu_rates)) if gpu_rates else None,
-                         "gbps_session_wall_mean": float(np.mean(wall_rates)) if wall_rates else None,
-                         "per_rank": per_rank}
+            out[name] = {
+                "sessions": int(sum(p["sessions"] for p in per_rank)),
+                "bytes_per_rank_mean": float(np.mean([p["bytes"] for p in per_rank])),
+                "gbps_link_mean": float(np.mean(gpu_rates)) if gpu_rates else None,
+                "gbps_link_min": float(np.min(gpu_rates)) if gpu_rates else None,
+                "gbps_session_wall_mean": float(np.mean(wall_rates)) if wall_rates else None,
+                "per_rank": per_rank,
+            }
     return out
 
 
@@ -839,8 +1002,14 @@ def _sync_summary(ranks: list[dict], opts: HarnessOptions) -> dict:
     stalls = [max(r["sync"][i]["stall_s"] for r in ranks) for i in range(count)]
     moved = [max(max(r["sync"][i]["bytes_sent"], r["sync"][i]["bytes_received"]) for r in ranks) for i in range(count)]
     measured = stalls[2:] if count > 4 else stalls  # the first ones open NCCL's p2p connections
-    return {"plans": count, "layers_per_plan": opts.model.num_layers, "experts_per_rank_per_layer": opts.experts_per_rank,
-            "bytes_per_rank_max_mean": float(np.mean(moved)), "stall": _dist_ms(measured), "stall_all_ms": [_ms(s) for s in stalls]}
+    return {
+        "plans": count,
+        "layers_per_plan": opts.model.num_layers,
+        "experts_per_rank_per_layer": opts.experts_per_rank,
+        "bytes_per_rank_max_mean": float(np.mean(moved)),
+        "stall": _dist_ms(measured),
+        "stall_all_ms": [_ms(s) for s in stalls],
+    }
 
 
 def run_harness(opts: HarnessOptions) -> dict:
@@ -875,8 +1044,12 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--p2p-json", default=None, help="bench.gpu.p2p output: its peak sets the throttle")
     p.add_argument("--chunk-mib", type=int, default=HarnessOptions.chunk_bytes >> 20)
     p.add_argument("--throttled-chunk-mib", type=int, default=HarnessOptions.throttled_chunk_bytes >> 20)
-    p.add_argument("--pack", choices=("auto", "on", "off"), default="off",
-                   help="also pack the agent's per-tensor blocks into one NCCL op per peer (auto: as --p2p-json recommends)")
+    p.add_argument(
+        "--pack",
+        choices=("auto", "on", "off"),
+        default="off",
+        help="also pack the agent's per-tensor blocks into one NCCL op per peer (auto: as --p2p-json recommends)",
+    )
     p.add_argument("--max-ops", type=int, default=HarnessOptions.max_ops_per_group)
     p.add_argument("--fence-steps", type=int, default=HarnessOptions.fence_steps)
     p.add_argument("--in-flight", type=int, default=HarnessOptions.max_groups_in_flight)
@@ -884,18 +1057,35 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     p.add_argument("--hang-timeout-s", type=float, default=HarnessOptions.hang_timeout_s)
     p.add_argument("--expert-mode", choices=("auto", "grouped", "loop"), default="auto")
     p.add_argument("--switch-interval-s", type=float, default=0.0, help="sys.setswitchinterval in the rank processes")
-    p.add_argument("--side-max-ctas", type=int, default=None, help="CTA limit of the side communicator (default: NCCL's)")
-    p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of rank 0 after idle/throttled/unthrottled")
+    p.add_argument(
+        "--side-max-ctas", type=int, default=None, help="CTA limit of the side communicator (default: NCCL's)"
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steps of rank 0 after idle/throttled/unthrottled",
+    )
     p.add_argument("--profile-dir", default=None, help="keep the profiled windows' Chrome traces here")
-    p.add_argument("--profile-cpu", action="store_true", help="profiled windows also record the serving thread's CUDA API calls")
-    p.add_argument("--external-stream-gbps", type=float, default=0.0,
-                   help="diagnostic phase: ring traffic at this rate from a low-overhead thread, no plans")
+    p.add_argument(
+        "--profile-cpu", action="store_true", help="profiled windows also record the serving thread's CUDA API calls"
+    )
+    p.add_argument(
+        "--external-stream-gbps",
+        type=float,
+        default=0.0,
+        help="diagnostic phase: ring traffic at this rate from a low-overhead thread, no plans",
+    )
     p.add_argument("--external-chunk-mib", type=int, default=HarnessOptions.external_chunk_bytes >> 20)
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--out", default=None, help="write the summary JSON here")
     args = p.parse_args(argv)
     model = PRESETS[args.preset]
-    changes = {k: v for k, v in (("num_layers", args.layers), ("tokens_per_rank", args.tokens), ("zipf_exponent", args.zipf)) if v is not None}
+    changes = {
+        k: v
+        for k, v in (("num_layers", args.layers), ("tokens_per_rank", args.tokens), ("zipf_exponent", args.zipf))
+        if v is not None
+    }
     model = dataclasses.replace(model, seed=args.seed, **changes)
     throttle = HarnessOptions.throttle_bytes_per_s
     p2p = {}
@@ -907,18 +1097,39 @@ def _parse(argv: list[str] | None) -> tuple[HarnessOptions, argparse.Namespace]:
     elif p2p.get("peak_gbps"):
         throttle = args.throttle_share * p2p["peak_gbps"] * 1e9
     pack = args.pack == "on" or (args.pack == "auto" and bool(p2p.get("recommend_pack_per_peer")))
-    opts = HarnessOptions(world_size=args.world, device=args.device, model=model, warmup_steps=args.warmup_steps, prime_s=args.prime_s,
-                          idle_s=args.idle_s, throttled_s=args.throttled_s, unthrottled_s=args.unthrottled_s,
-                          isolated_s=args.isolated_s, soak_s=args.soak_s, min_phase_steps=args.min_phase_steps,
-                          experts_per_rank=args.experts_per_rank, isolated_experts_per_rank=args.isolated_experts_per_rank,
-                          throttle_bytes_per_s=throttle, chunk_bytes=args.chunk_mib << 20, max_ops_per_group=args.max_ops,
-                          throttled_chunk_bytes=args.throttled_chunk_mib << 20, pack_per_peer=pack,
-                          fence_steps=args.fence_steps, max_groups_in_flight=args.in_flight, sync_plans=args.sync_plans,
-                          hang_timeout_s=args.hang_timeout_s, expert_mode=args.expert_mode, log_level=args.log_level,
-                          switch_interval_s=args.switch_interval_s, side_max_ctas=args.side_max_ctas,
-                          profile_steps=args.profile_steps, profile_dir=args.profile_dir, profile_cpu=args.profile_cpu,
-                          external_stream_gbps=args.external_stream_gbps,
-                          external_chunk_bytes=args.external_chunk_mib << 20)
+    opts = HarnessOptions(
+        world_size=args.world,
+        device=args.device,
+        model=model,
+        warmup_steps=args.warmup_steps,
+        prime_s=args.prime_s,
+        idle_s=args.idle_s,
+        throttled_s=args.throttled_s,
+        unthrottled_s=args.unthrottled_s,
+        isolated_s=args.isolated_s,
+        soak_s=args.soak_s,
+        min_phase_steps=args.min_phase_steps,
+        experts_per_rank=args.experts_per_rank,
+        isolated_experts_per_rank=args.isolated_experts_per_rank,
+        throttle_bytes_per_s=throttle,
+        chunk_bytes=args.chunk_mib << 20,
+        max_ops_per_group=args.max_ops,
+        throttled_chunk_bytes=args.throttled_chunk_mib << 20,
+        pack_per_peer=pack,
+        fence_steps=args.fence_steps,
+        max_groups_in_flight=args.in_flight,
+        sync_plans=args.sync_plans,
+        hang_timeout_s=args.hang_timeout_s,
+        expert_mode=args.expert_mode,
+        log_level=args.log_level,
+        switch_interval_s=args.switch_interval_s,
+        side_max_ctas=args.side_max_ctas,
+        profile_steps=args.profile_steps,
+        profile_dir=args.profile_dir,
+        profile_cpu=args.profile_cpu,
+        external_stream_gbps=args.external_stream_gbps,
+        external_chunk_bytes=args.external_chunk_mib << 20,
+    )
     return opts, args
 
 
@@ -932,9 +1143,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-    brief = {k: summary.get(k) for k in ("complete", "hangs", "errors", "output_mismatches", "coordinator", "expert_mode", "soak")}
+    brief = {
+        k: summary.get(k)
+        for k in ("complete", "hangs", "errors", "output_mismatches", "coordinator", "expert_mode", "soak")
+    }
     print(json.dumps(brief, indent=2))
-    ok = summary.get("complete") and not summary["hangs"] and not summary["errors"] and summary.get("output_mismatches") == 0
+    ok = (
+        summary.get("complete")
+        and not summary["hangs"]
+        and not summary["errors"]
+        and summary.get("output_mismatches") == 0
+    )
     return 0 if ok else 1
 
 

@@ -84,12 +84,22 @@ PRESETS = {
     # Qwen3.5-397B-A17B per rank: 512 experts + 32 redundant, hidden 4096, MoE intermediate 1024,
     # 10 routed experts per token, bf16; a few layers.
     "qwen35": MoeConfig(),
-    "medium": MoeConfig(num_layers=2, num_logical=64, num_physical=72, hidden=1024, intermediate=512,
-                        tokens_per_rank=512, top_k=8),
-    "small": MoeConfig(num_layers=2, num_logical=16, num_physical=24, hidden=256, intermediate=128,
-                       tokens_per_rank=128, top_k=4),
-    "cpu": MoeConfig(num_layers=2, num_logical=8, num_physical=12, hidden=32, intermediate=16,
-                     tokens_per_rank=16, top_k=2, dtype="float32"),
+    "medium": MoeConfig(
+        num_layers=2, num_logical=64, num_physical=72, hidden=1024, intermediate=512, tokens_per_rank=512, top_k=8
+    ),
+    "small": MoeConfig(
+        num_layers=2, num_logical=16, num_physical=24, hidden=256, intermediate=128, tokens_per_rank=128, top_k=4
+    ),
+    "cpu": MoeConfig(
+        num_layers=2,
+        num_logical=8,
+        num_physical=12,
+        hidden=32,
+        intermediate=16,
+        tokens_per_rank=16,
+        top_k=2,
+        dtype="float32",
+    ),
 }
 
 
@@ -129,8 +139,9 @@ class ExpertWeights:
         return w13.contiguous(), w2.contiguous()
 
 
-def experts_grouped(xs: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                    intermediate: int, align: int = 16) -> torch.Tensor:
+def experts_grouped(
+    xs: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, intermediate: int, align: int = 16
+) -> torch.Tensor:
     """Expert outputs for ``xs [n, H]`` sorted by local slot ``rows [n]`` (ascending), no host sync.
 
     Each slot's rows are placed at a multiple of ``align`` in a zero-padded buffer (the last
@@ -155,16 +166,17 @@ def experts_grouped(xs: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2:
     return second.index_select(0, dest)
 
 
-def experts_loop(xs: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 intermediate: int) -> torch.Tensor:
+def experts_loop(
+    xs: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, intermediate: int
+) -> torch.Tensor:
     """The same as :func:`experts_grouped` with one GEMM pair per slot (one host sync)."""
     counts = torch.bincount(rows, minlength=w13.shape[0]).tolist()
     out = torch.empty((xs.shape[0], w2.shape[1]), dtype=xs.dtype, device=xs.device)
     begin = 0
     for slot, count in enumerate(counts):
         if count:
-            seg = xs[begin:begin + count]
-            out[begin:begin + count] = activation(seg @ w13[slot].T, intermediate) @ w2[slot].T
+            seg = xs[begin : begin + count]
+            out[begin : begin + count] = activation(seg @ w13[slot].T, intermediate) @ w2[slot].T
             begin += count
     return out
 
@@ -181,9 +193,13 @@ def select_expert_mode(cfg: MoeConfig, device: torch.device, requested: str = "a
         w13, w2 = weights.rows(experts)
         gen = torch.Generator(device=device).manual_seed(1)
         rows = torch.sort(torch.randint(0, len(experts), (77,), generator=gen, device=device)).values
-        xs = (torch.randint(-1, 2, (77, cfg.hidden), generator=gen, device=device)
-              * (torch.rand((77, cfg.hidden), generator=gen, device=device) < cfg.x_density)).to(w13.dtype)
-        ok = torch.equal(experts_grouped(xs, rows, w13, w2, cfg.intermediate), experts_loop(xs, rows, w13, w2, cfg.intermediate))
+        xs = (
+            torch.randint(-1, 2, (77, cfg.hidden), generator=gen, device=device)
+            * (torch.rand((77, cfg.hidden), generator=gen, device=device) < cfg.x_density)
+        ).to(w13.dtype)
+        ok = torch.equal(
+            experts_grouped(xs, rows, w13, w2, cfg.intermediate), experts_loop(xs, rows, w13, w2, cfg.intermediate)
+        )
         return "grouped" if ok else "loop"
     except Exception:  # no kernel for this device or dtype
         return "loop"
@@ -200,8 +216,15 @@ class MoeStack:
         expert_mode: ``grouped``, ``loop`` or ``auto`` (see :func:`select_expert_mode`).
     """
 
-    def __init__(self, cfg: MoeConfig, rank: int, world_size: int, device: torch.device, phy2log: np.ndarray,
-                 expert_mode: str = "auto") -> None:
+    def __init__(
+        self,
+        cfg: MoeConfig,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        phy2log: np.ndarray,
+        expert_mode: str = "auto",
+    ) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
         self.shape = PlacementShape(cfg.num_layers, cfg.num_logical, cfg.num_physical, world_size)
         self.spr = self.shape.slots_per_rank
@@ -212,12 +235,13 @@ class MoeStack:
         first = rank * self.spr
         weights = []
         for layer, lw in enumerate(self.layers):
-            experts = torch.from_numpy(np.ascontiguousarray(phy2log[layer, first:first + self.spr])).to(device)
+            experts = torch.from_numpy(np.ascontiguousarray(phy2log[layer, first : first + self.spr])).to(device)
             weights.append(list(lw.rows(experts)))
         width = self.shape.num_redundant + 1
         p2l, l2p, cnt = map_tensors(phy2log, cfg.num_logical, width, device)
-        self.model = ExpertModel(expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt,
-                                 rank=rank, num_ranks=world_size)
+        self.model = ExpertModel(
+            expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt, rank=rank, num_ranks=world_size
+        )
         self.expert_mode = select_expert_mode(cfg, device, expert_mode)
         pairs = cfg.tokens_per_rank * cfg.top_k
         self.load_pass = torch.zeros((cfg.num_layers, cfg.num_physical), dtype=torch.int64, device=device)
@@ -233,7 +257,9 @@ class MoeStack:
             return None
         rng = np.random.default_rng(self.cfg.seed)
         weights = np.empty(self.cfg.num_logical)
-        weights[rng.permutation(self.cfg.num_logical)] = 1.0 / np.arange(1, self.cfg.num_logical + 1) ** self.cfg.zipf_exponent
+        weights[rng.permutation(self.cfg.num_logical)] = (
+            1.0 / np.arange(1, self.cfg.num_logical + 1) ** self.cfg.zipf_exponent
+        )
         return torch.from_numpy(np.log(weights / weights.sum())).to(device=device, dtype=torch.float32)
 
     def _route(self, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

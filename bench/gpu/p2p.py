@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import multiprocessing as mp
 import queue
@@ -67,7 +68,10 @@ def check_exchange(t, rank: int, world: int, salt: int, sizes=(1, 4097, (3 << 20
         ops.append(P2POp(False, got[i], (rank - 1) % world, i))
     t.exchange(ops)
     t.synchronize()
-    expected = torch.arange(6 * 64 * 32, device=device, dtype=torch.float32).reshape(6, 64, 32).to(torch.bfloat16) + (rank - 1) % world
+    expected = (
+        torch.arange(6 * 64 * 32, device=device, dtype=torch.float32).reshape(6, 64, 32).to(torch.bfloat16)
+        + (rank - 1) % world
+    )
     if not torch.equal(got, expected):
         bad += 1
     return {"ok": bad == 0, "bad_buffers": bad}
@@ -132,8 +136,8 @@ def bench(t, rank: int, world: int, size: int, iters: int, chunks_mib: list[int]
     if world > 2:
         part = size // (world - 1)
         peers = [p for p in range(world) if p != rank]
-        a2a = [P2POp(True, send[i * part:(i + 1) * part], peer, 0) for i, peer in enumerate(peers)]
-        a2a += [P2POp(False, recv[i * part:(i + 1) * part], peer, 0) for i, peer in enumerate(peers)]
+        a2a = [P2POp(True, send[i * part : (i + 1) * part], peer, 0) for i, peer in enumerate(peers)]
+        a2a += [P2POp(False, recv[i * part : (i + 1) * part], peer, 0) for i, peer in enumerate(peers)]
         out["all_pairs_gbps"] = part * (world - 1) * iters / _timed(t, lambda: t.exchange(a2a), iters) / 1e9
         _barrier(t)
     out["agent_pattern_gbps"] = agent_pattern(t, rank, world, iters)
@@ -147,8 +151,12 @@ def bench(t, rank: int, world: int, size: int, iters: int, chunks_mib: list[int]
 
         def issue(count=count, chunk=chunk):
             for i in range(count):
-                t.exchange([P2POp(True, send[i * chunk:(i + 1) * chunk], nxt, 0),
-                            P2POp(False, recv[i * chunk:(i + 1) * chunk], prv, 0)])
+                t.exchange(
+                    [
+                        P2POp(True, send[i * chunk : (i + 1) * chunk], nxt, 0),
+                        P2POp(False, recv[i * chunk : (i + 1) * chunk], prv, 0),
+                    ]
+                )
 
         out["chunked_ring_gbps"][str(chunk_mib)] = chunk * count * iters / _timed(t, issue, iters) / 1e9
         _barrier(t)
@@ -221,14 +229,26 @@ def paced_ring(t, rank: int, world: int, chunk_mib: int = 48, chunks: int = 8, g
 
     def issue(gap):
         for i in range(chunks):
-            t.exchange([P2POp(True, send[i * chunk:(i + 1) * chunk], nxt, 0),
-                        P2POp(False, recv[i * chunk:(i + 1) * chunk], prv, 0)], pace_s=gap)
+            t.exchange(
+                [
+                    P2POp(True, send[i * chunk : (i + 1) * chunk], nxt, 0),
+                    P2POp(False, recv[i * chunk : (i + 1) * chunk], prv, 0),
+                ],
+                pace_s=gap,
+            )
 
     unpaced = _timed(t, lambda: issue(0.0), 1)
     _barrier(t)
     paced = _timed(t, lambda: issue(gap_s), 1)
-    return {"gap_s": gap_s, "chunk_mib": chunk_mib, "chunks": chunks, "unpaced_s": unpaced, "paced_s": paced,
-            "gbps": chunk * chunks / paced / 1e9, "expected_gbps": chunk * chunks / (unpaced + chunks * gap_s) / 1e9}
+    return {
+        "gap_s": gap_s,
+        "chunk_mib": chunk_mib,
+        "chunks": chunks,
+        "unpaced_s": unpaced,
+        "paced_s": paced,
+        "gbps": chunk * chunks / paced / 1e9,
+        "expected_gbps": chunk * chunks / (unpaced + chunks * gap_s) / 1e9,
+    }
 
 
 def side_kernel_ctas(t, ops) -> dict[str, list[int]]:
@@ -248,8 +268,9 @@ def side_kernel_ctas(t, ops) -> dict[str, list[int]]:
     return {name: sorted(v) for name, v in out.items()}
 
 
-def cta_sweep(rank: int, world: int, port: int, device: torch.device, limits: list[int], size: int, iters: int,
-              in_flight: int) -> list[dict]:
+def cta_sweep(
+    rank: int, world: int, port: int, device: torch.device, limits: list[int], size: int, iters: int, in_flight: int
+) -> list[dict]:
     """Per CTA limit of the side communicator (0 = NCCL's choice): ring and agent-block rates and
     the CTAs its send/recv kernel really got. Each limit is a fresh communicator (generation)."""
     from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
@@ -265,7 +286,7 @@ def cta_sweep(rank: int, world: int, port: int, device: torch.device, limits: li
         try:
             row = {"max_ctas": limit or None}
             row["ctas"] = side_kernel_ctas(t, ring)
-            row["ring_gbps"] = size * iters / _timed(t, lambda: t.exchange(ring), iters) / 1e9
+            row["ring_gbps"] = size * iters / _timed(t, functools.partial(t.exchange, ring), iters) / 1e9
             _barrier(t)
             row["blocks_gbps"] = agent_pattern(t, rank, world, max(2, iters // 2))["blocks"]
             _barrier(t)
@@ -320,15 +341,21 @@ def _rank(rank: int, world: int, port: int, opts: dict, results) -> None:
         out["fence"] = check_fence(t)
         out["vote"] = check_vote(t, rank, world)
         probe = torch.empty(64 << 20, dtype=torch.uint8, device=device)
-        out["side_kernel_ctas"] = side_kernel_ctas(t, [P2POp(True, probe[: 32 << 20], (rank + 1) % world, 0),
-                                                       P2POp(False, probe[32 << 20:], (rank - 1) % world, 0)])
+        out["side_kernel_ctas"] = side_kernel_ctas(
+            t,
+            [
+                P2POp(True, probe[: 32 << 20], (rank + 1) % world, 0),
+                P2POp(False, probe[32 << 20 :], (rank - 1) % world, 0),
+            ],
+        )
         if not opts["quick"]:
             out["bench"] = bench(t, rank, world, opts["size_mib"] << 20, opts["iters"], opts["chunks_mib"])
         out["abort"] = abort_and_rebuild(t, rank, world, "127.0.0.1", port, opts["abort_timeout_s"])
         t.abort()
         if opts["cta_sweep"] and not opts["quick"]:
-            out["cta_sweep"] = cta_sweep(rank, world, port, device, opts["cta_sweep"], opts["size_mib"] << 20,
-                                         opts["iters"], opts["in_flight"])
+            out["cta_sweep"] = cta_sweep(
+                rank, world, port, device, opts["cta_sweep"], opts["size_mib"] << 20, opts["iters"], opts["in_flight"]
+            )
     except Exception as exc:
         import traceback
 
@@ -337,17 +364,37 @@ def _rank(rank: int, world: int, port: int, opts: dict, results) -> None:
     results.put(out)
 
 
-def run_p2p(world: int, *, size_mib: int = 256, iters: int = 8, chunks_mib=(16, 64, 256), quick: bool = False,
-            in_flight: int = 2, abort_timeout_s: float = 3.0, timeout_s: float = 300.0, max_ctas: int | None = None,
-            cta_sweep_limits: list[int] | None = None) -> dict:
+def run_p2p(
+    world: int,
+    *,
+    size_mib: int = 256,
+    iters: int = 8,
+    chunks_mib=(16, 64, 256),
+    quick: bool = False,
+    in_flight: int = 2,
+    abort_timeout_s: float = 3.0,
+    timeout_s: float = 300.0,
+    max_ctas: int | None = None,
+    cta_sweep_limits: list[int] | None = None,
+) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, world, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
+    )
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    opts = {"size_mib": size_mib, "iters": iters, "chunks_mib": list(chunks_mib), "quick": quick, "in_flight": in_flight,
-            "abort_timeout_s": abort_timeout_s, "max_ctas": max_ctas, "cta_sweep": list(cta_sweep_limits or [])}
+    opts = {
+        "size_mib": size_mib,
+        "iters": iters,
+        "chunks_mib": list(chunks_mib),
+        "quick": quick,
+        "in_flight": in_flight,
+        "abort_timeout_s": abort_timeout_s,
+        "max_ctas": max_ctas,
+        "cta_sweep": list(cta_sweep_limits or []),
+    }
     procs = [ctx.Process(target=_rank, args=(r, world, port, opts, results)) for r in range(world)]
     for p in procs:
         p.start()
@@ -373,17 +420,28 @@ def summarize(world: int, ranks: list[dict], opts: dict) -> dict:
 
     ok = lambda key: len(ranks) == world and all(r.get(key, {}).get("ok") for r in ranks)  # noqa: E731
     summary = {
-        "world_size": world, "device_name": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "cupy": cupy.__version__, "nccl": nccl.get_version(), "options": opts,
-        "errors": [f"rank {r['rank']}: {r['error']}" for r in ranks if "error" in r] + ([] if len(ranks) == world else [f"{world - len(ranks)} ranks did not report"]),
-        "exchange_ok": ok("exchange"), "fence_ok": ok("fence"), "vote_ok": ok("vote"),
+        "world_size": world,
+        "device_name": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cupy": cupy.__version__,
+        "nccl": nccl.get_version(),
+        "options": opts,
+        "errors": [f"rank {r['rank']}: {r['error']}" for r in ranks if "error" in r]
+        + ([] if len(ranks) == world else [f"{world - len(ranks)} ranks did not report"]),
+        "exchange_ok": ok("exchange"),
+        "fence_ok": ok("fence"),
+        "vote_ok": ok("vote"),
         "connect_s": max((r.get("connect_s", 0) for r in ranks), default=None),
         "side_kernel_ctas": sorted({c for r in ranks for v in r.get("side_kernel_ctas", {}).values() for c in v}),
         "ranks": ranks,
     }
     aborts = [r.get("abort", {}) for r in ranks]
-    summary["abort_ok"] = bool(aborts and aborts[0].get("wait_failed") and aborts[0].get("drained")
-                               and all(a.get("exchange_after_rebuild", {}).get("ok") for a in aborts))
+    summary["abort_ok"] = bool(
+        aborts
+        and aborts[0].get("wait_failed")
+        and aborts[0].get("drained")
+        and all(a.get("exchange_after_rebuild", {}).get("ok") for a in aborts)
+    )
     benches = [r["bench"] for r in ranks if "bench" in r]
     if len(benches) == world:
         summary["pair_gbps"] = min(b["pair_gbps"] for b in benches[:2])
@@ -391,24 +449,47 @@ def summarize(world: int, ranks: list[dict], opts: dict) -> dict:
         summary["ring_gbps_mean"] = float(np.mean([b["ring_gbps"] for b in benches]))
         if world > 2:
             summary["all_pairs_gbps_mean"] = float(np.mean([b["all_pairs_gbps"] for b in benches]))
-        summary["chunked_ring_gbps_mean"] = {c: float(np.mean([b["chunked_ring_gbps"][c] for b in benches]))
-                                             for c in benches[0]["chunked_ring_gbps"]}
-        summary["agent_pattern_gbps_mean"] = {k: float(np.mean([b["agent_pattern_gbps"][k] for b in benches]))
-                                              for k in ("separate_ops", "packed_per_peer", "one_op_bound", "blocks")}
-        summary["agent_pattern_packed_correct"] = all(b["agent_pattern_gbps"]["packed_per_peer_correct"] for b in benches)
+        summary["chunked_ring_gbps_mean"] = {
+            c: float(np.mean([b["chunked_ring_gbps"][c] for b in benches])) for c in benches[0]["chunked_ring_gbps"]
+        }
+        summary["agent_pattern_gbps_mean"] = {
+            k: float(np.mean([b["agent_pattern_gbps"][k] for b in benches]))
+            for k in ("separate_ops", "packed_per_peer", "one_op_bound", "blocks")
+        }
+        summary["agent_pattern_packed_correct"] = all(
+            b["agent_pattern_gbps"]["packed_per_peer_correct"] for b in benches
+        )
         summary["agent_pattern_blocks_correct"] = all(b["agent_pattern_gbps"]["blocks_correct"] for b in benches)
-        summary["paced_ring"] = {k: float(np.mean([b["paced_ring"][k] for b in benches])) for k in benches[0]["paced_ring"]}
+        summary["paced_ring"] = {
+            k: float(np.mean([b["paced_ring"][k] for b in benches])) for k in benches[0]["paced_ring"]
+        }
         summary["peak_both_ways_gbps"] = summary["ring_gbps_mean"]
         ap = summary["agent_pattern_gbps_mean"]
-        summary["recommend_pack_per_peer"] = bool(summary["agent_pattern_packed_correct"] and ap["packed_per_peer"] > 1.1 * ap["separate_ops"])
-        summary["peak_gbps"] = max([summary["pair_gbps"], summary["ring_gbps_mean"], *summary["chunked_ring_gbps_mean"].values()])
+        summary["recommend_pack_per_peer"] = bool(
+            summary["agent_pattern_packed_correct"] and ap["packed_per_peer"] > 1.1 * ap["separate_ops"]
+        )
+        summary["peak_gbps"] = max(
+            [summary["pair_gbps"], summary["ring_gbps_mean"], *summary["chunked_ring_gbps_mean"].values()]
+        )
     sweeps = [r.get("cta_sweep") for r in ranks]
     if sweeps and all(sweeps):
-        summary["cta_sweep"] = [{"max_ctas": row["max_ctas"], "ctas": row["ctas"],
-                                 "ring_gbps_mean": float(np.mean([s[i]["ring_gbps"] for s in sweeps])),
-                                 "blocks_gbps_mean": float(np.mean([s[i]["blocks_gbps"] for s in sweeps]))}
-                                for i, row in enumerate(sweeps[0])]
-    summary["ok"] = not summary["errors"] and summary.get("agent_pattern_blocks_correct", True) and summary["exchange_ok"] and summary["fence_ok"] and summary["vote_ok"] and summary["abort_ok"]
+        summary["cta_sweep"] = [
+            {
+                "max_ctas": row["max_ctas"],
+                "ctas": row["ctas"],
+                "ring_gbps_mean": float(np.mean([s[i]["ring_gbps"] for s in sweeps])),
+                "blocks_gbps_mean": float(np.mean([s[i]["blocks_gbps"] for s in sweeps])),
+            }
+            for i, row in enumerate(sweeps[0])
+        ]
+    summary["ok"] = (
+        not summary["errors"]
+        and summary.get("agent_pattern_blocks_correct", True)
+        and summary["exchange_ok"]
+        and summary["fence_ok"]
+        and summary["vote_ok"]
+        and summary["abort_ok"]
+    )
     return summary
 
 
@@ -421,12 +502,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="correctness and abort only")
     p.add_argument("--max-ctas", type=int, default=None, help="CTA limit of the side communicator (default: NCCL's)")
-    p.add_argument("--cta-sweep", default="", help="comma-separated CTA limits to measure after the main run (0 = NCCL's choice)")
+    p.add_argument(
+        "--cta-sweep", default="", help="comma-separated CTA limits to measure after the main run (0 = NCCL's choice)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    summary = run_p2p(args.world, size_mib=args.size_mib, iters=args.iters,
-                      chunks_mib=[int(c) for c in args.chunks_mib.split(",") if c], quick=args.quick, in_flight=args.in_flight,
-                      max_ctas=args.max_ctas, cta_sweep_limits=[int(c) for c in args.cta_sweep.split(",") if c.strip()])
+    summary = run_p2p(
+        args.world,
+        size_mib=args.size_mib,
+        iters=args.iters,
+        chunks_mib=[int(c) for c in args.chunks_mib.split(",") if c],
+        quick=args.quick,
+        in_flight=args.in_flight,
+        max_ctas=args.max_ctas,
+        cta_sweep_limits=[int(c) for c in args.cta_sweep.split(",") if c.strip()],
+    )
     text = json.dumps(summary, indent=2)
     if args.out:
         with open(args.out, "w") as f:

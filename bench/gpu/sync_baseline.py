@@ -25,8 +25,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def stop_the_world(model: ExpertModel, phy2log_host: np.ndarray, layers: list[int], new_rows: np.ndarray,
-                   rank: int) -> dict:
+def stop_the_world(
+    model: ExpertModel, phy2log_host: np.ndarray, layers: list[int], new_rows: np.ndarray, rank: int
+) -> dict:
     """Apply ``new_rows [len(layers), P]`` to ``layers`` now; returns ``{stall_s, bytes_sent, bytes_received}``.
 
     ``phy2log_host [L, P]`` is the caller's host copy of the live placement; it is updated.
@@ -37,7 +38,7 @@ def stop_the_world(model: ExpertModel, phy2log_host: np.ndarray, layers: list[in
     t0 = time.perf_counter()
     sent = received = 0
     for i, layer in enumerate(layers):
-        schedule = build_schedule(phy2log_host[layer:layer + 1], new_rows[i:i + 1], world)
+        schedule = build_schedule(phy2log_host[layer : layer + 1], new_rows[i : i + 1], world)
         work = schedule.per_rank[rank]
         live = model.expert_weights[layer]
         staging = [torch.empty((len(work.staging), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in live]

@@ -41,8 +41,15 @@ def kernels_of(trace: dict) -> list[Kernel]:
         ctas = 1
         for g in grid:
             ctas *= int(g)
-        out.append(Kernel(name=str(ev.get("name", "?")), stream=int(args.get("stream", ev.get("tid", -1))),
-                          ts_us=float(ev.get("ts", 0.0)), dur_us=float(ev.get("dur", 0.0)), ctas=ctas))
+        out.append(
+            Kernel(
+                name=str(ev.get("name", "?")),
+                stream=int(args.get("stream", ev.get("tid", -1))),
+                ts_us=float(ev.get("ts", 0.0)),
+                dur_us=float(ev.get("dur", 0.0)),
+                ctas=ctas,
+            )
+        )
     return out
 
 
@@ -107,8 +114,10 @@ def window_summary(kernels: list[Kernel], steps: int, serving_streams: set[int] 
         "serving_kernel_ms_per_step": serving_us / steps / 1e3,
         "side_kernel_ms_per_step": side_us / steps / 1e3,
         "stream_ms_per_step": {str(s): v / steps / 1e3 for s, v in sorted(by_stream.items())},
-        "serving_kernels": {name: {"per_step": len(d) / steps, "mean_us": sum(d) / len(d), "ms_per_step": sum(d) / steps / 1e3}
-                            for name, d in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))},
+        "serving_kernels": {
+            name: {"per_step": len(d) / steps, "mean_us": sum(d) / len(d), "ms_per_step": sum(d) / steps / 1e3}
+            for name, d in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+        },
         "side_kernel_ctas": {name: sorted(c) for name, c in sorted(side_ctas.items())},
     }
 
@@ -120,20 +129,32 @@ def compare(idle: dict, streaming: dict, top: int = 8) -> dict:
         other = streaming["serving_kernels"].get(name)
         if other is None:
             continue
-        rows.append({"kernel": name, "idle_ms_per_step": base["ms_per_step"], "streaming_ms_per_step": other["ms_per_step"],
-                     "mean_ratio": other["mean_us"] / base["mean_us"] if base["mean_us"] else None,
-                     "added_ms_per_step": other["ms_per_step"] - base["ms_per_step"]})
+        rows.append(
+            {
+                "kernel": name,
+                "idle_ms_per_step": base["ms_per_step"],
+                "streaming_ms_per_step": other["ms_per_step"],
+                "mean_ratio": other["mean_us"] / base["mean_us"] if base["mean_us"] else None,
+                "added_ms_per_step": other["ms_per_step"] - base["ms_per_step"],
+            }
+        )
     rows.sort(key=lambda r: -abs(r["added_ms_per_step"]))
     base_ms = idle["serving_kernel_ms_per_step"]
     host = {}
     if "host_api" in idle and "host_api" in streaming:
         a, b = idle["host_api"], streaming["host_api"]
-        calls = [{"call": name, "idle_ms_per_step": a["calls"].get(name, {}).get("ms_per_step", 0.0),
-                  "streaming_ms_per_step": b["calls"].get(name, {}).get("ms_per_step", 0.0)}
-                 for name in set(a["calls"]) | set(b["calls"])]
+        calls = [
+            {
+                "call": name,
+                "idle_ms_per_step": a["calls"].get(name, {}).get("ms_per_step", 0.0),
+                "streaming_ms_per_step": b["calls"].get(name, {}).get("ms_per_step", 0.0),
+            }
+            for name in set(a["calls"]) | set(b["calls"])
+        ]
         calls.sort(key=lambda r: -abs(r["streaming_ms_per_step"] - r["idle_ms_per_step"]))
         host = {"host_api_ms_per_step": [a["ms_per_step"], b["ms_per_step"]], "host_api_top_changes": calls[:top]}
-    return {**host,
+    return {
+        **host,
         "serving_kernel_ms_per_step": [base_ms, streaming["serving_kernel_ms_per_step"]],
         "serving_kernel_change": (streaming["serving_kernel_ms_per_step"] / base_ms - 1) if base_ms else None,
         "side_kernel_ms_per_step": streaming["side_kernel_ms_per_step"],
@@ -163,8 +184,12 @@ def host_api_summary(trace: dict, steps: int, tid: int | None = None, top: int =
         return host_api_summary(trace, steps, tid=None, top=top)  # the profiler named threads otherwise: all of them
     rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {
-        "steps": steps, "tid": tid, "threads_seen": len(threads),
+        "steps": steps,
+        "tid": tid,
+        "threads_seen": len(threads),
         "ms_per_step": sum(sum(d) for d in by_name.values()) / steps / 1e3,
-        "calls": {name: {"per_step": len(d) / steps, "mean_us": sum(d) / len(d), "ms_per_step": sum(d) / steps / 1e3}
-                  for name, d in rows},
+        "calls": {
+            name: {"per_step": len(d) / steps, "mean_us": sum(d) / len(d), "ms_per_step": sum(d) / steps / 1e3}
+            for name, d in rows
+        },
     }

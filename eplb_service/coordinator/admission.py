@@ -43,14 +43,18 @@ def hello_problem(identity: bytes, hello: P.Hello, world_size: int, model: P.Mod
     if model is not None and hello.model != model:
         return f"model shape {hello.model} differs from the deployment's {model}"
     if hello.rank == 0 and not (hello.store_host and hello.store_port):
-        return ("rank 0 must host the rendezvous store and name it (store_host, store_port); got "
-                f"{hello.store_host!r}:{hello.store_port}")
+        return (
+            "rank 0 must host the rendezvous store and name it (store_host, store_port); got "
+            f"{hello.store_host!r}:{hello.store_port}"
+        )
     return None
 
 
 def hello_placement(hello: P.Hello) -> tuple[PlacementShape, np.ndarray]:
     """The shape and ``[L, P]`` placement a Hello reports; ``PlacementError`` names what is wrong."""
-    shape = PlacementShape(hello.model.num_layers, hello.model.num_logical, hello.model.num_physical, hello.model.num_ranks)
+    shape = PlacementShape(
+        hello.model.num_layers, hello.model.num_logical, hello.model.num_physical, hello.model.num_ranks
+    )
     try:
         phy2log = hello.phy2log.to_numpy("hello.phy2log").astype(np.int64)
     except P.ProtocolError as exc:

@@ -63,22 +63,39 @@ Default endpoint: {endpoint}
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: ``serve`` (the default), ``status`` and ``keygen``, each with ``--help``."""
     top = argparse.ArgumentParser(
-        prog="eplb-coordinator", formatter_class=HelpFormatter,
+        prog="eplb-coordinator",
+        formatter_class=HelpFormatter,
         usage="%(prog)s [serve] [FLAG ...]\n       %(prog)s status [FLAG ...]\n       %(prog)s keygen DIR",
         description="eplb-service coordinator: plans expert placement for a vLLM EP deployment off the serving path.",
-        epilog=_TOP_EPILOG.format(endpoint=default_endpoint()))
+        epilog=_TOP_EPILOG.format(endpoint=default_endpoint()),
+    )
     commands = top.add_subparsers(dest="command", title="commands", metavar="COMMAND", prog="eplb-coordinator")
-    _add_serve_arguments(commands.add_parser(
-        "serve", formatter_class=HelpFormatter, help="run the coordinator daemon (the default command)",
-        description="Run the coordinator: agents in every vLLM worker register with it over --endpoint."))
-    _add_status_arguments(commands.add_parser(
-        "status", formatter_class=HelpFormatter, help="show a running coordinator's status",
-        description="Ask a running coordinator for its status: ranks, liveness, epoch, plans, balancedness."))
-    _add_keygen_arguments(commands.add_parser(
-        "keygen", formatter_class=HelpFormatter, help="create CURVE keys for a coordinator reachable over tcp://",
-        description="Create the server and agent CURVE key pairs in DIR (made private, 0700):\n"
-                    "server.key, server.key_secret, agent.key_secret and clients/agent.key.\n"
-                    "The coordinator takes --curve-dir DIR; each agent host needs server.key and agent.key_secret."))
+    _add_serve_arguments(
+        commands.add_parser(
+            "serve",
+            formatter_class=HelpFormatter,
+            help="run the coordinator daemon (the default command)",
+            description="Run the coordinator: agents in every vLLM worker register with it over --endpoint.",
+        )
+    )
+    _add_status_arguments(
+        commands.add_parser(
+            "status",
+            formatter_class=HelpFormatter,
+            help="show a running coordinator's status",
+            description="Ask a running coordinator for its status: ranks, liveness, epoch, plans, balancedness.",
+        )
+    )
+    _add_keygen_arguments(
+        commands.add_parser(
+            "keygen",
+            formatter_class=HelpFormatter,
+            help="create CURVE keys for a coordinator reachable over tcp://",
+            description="Create the server and agent CURVE key pairs in DIR (made private, 0700):\n"
+            "server.key, server.key_secret, agent.key_secret and clients/agent.key.\n"
+            "The coordinator takes --curve-dir DIR; each agent host needs server.key and agent.key_secret.",
+        )
+    )
     return top
 
 
@@ -93,40 +110,127 @@ def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES
 
-    p.add_argument("--dp", type=_positive_int, default=1, metavar="N", help="vLLM data-parallel size; EP ranks = dp x tp")
+    p.add_argument(
+        "--dp", type=_positive_int, default=1, metavar="N", help="vLLM data-parallel size; EP ranks = dp x tp"
+    )
     p.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="vLLM tensor-parallel size per DP rank")
-    p.add_argument("--endpoint", default=default_endpoint(), metavar="URL", help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT")
-    p.add_argument("--store-host", default="127.0.0.1", metavar="HOST",
-                   help="ignored since protocol 2: rank 0's worker hosts the rendezvous store (EPLB_SERVICE_STORE_HOST/_PORT there)")
-    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve /metrics, /livez, /readyz and /status on this HTTP port (0 = any free port; default: off)")
+    p.add_argument(
+        "--endpoint",
+        default=default_endpoint(),
+        metavar="URL",
+        help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT",
+    )
+    p.add_argument(
+        "--store-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="ignored since protocol 2: rank 0's worker hosts the rendezvous store "
+        "(EPLB_SERVICE_STORE_HOST/_PORT there)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /livez, /readyz and /status on this HTTP port (0 = any free port; default: off)",
+    )
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="placement policy")
-    p.add_argument("--groups", type=_positive_int, default=1, metavar="N", help="expert groups (hierarchical deepseek policy)")
+    p.add_argument(
+        "--groups", type=_positive_int, default=1, metavar="N", help="expert groups (hierarchical deepseek policy)"
+    )
     p.add_argument("--nodes", type=_positive_int, default=1, metavar="N", help="nodes of the deployment")
-    p.add_argument("--rebalance-interval-steps", type=_positive_int, default=None, metavar="STEPS",
-                   help="steps between rebalance attempts (default: 200; 100 with --simulate)")
-    p.add_argument("--min-gain", type=float, default=0.01, metavar="GAIN", help="minimum projected balancedness gain to start a plan")
-    p.add_argument("--staging-budget-bytes", type=_positive_int, default=1 << 30, metavar="BYTES", help="staging memory per rank; larger plans go in layer batches")
-    p.add_argument("--report-interval-steps", type=_positive_int, default=10, metavar="STEPS", help="steps per load report from each agent")
-    p.add_argument("--fence-steps", type=_positive_int, default=8, metavar="F", help="F: commit step = max(vote entry step) + F")
-    p.add_argument("--fence-timeout-s", type=float, default=5.0, metavar="S", help="longest a serving thread waits at the fence")
-    p.add_argument("--throttle-bytes-per-s", type=float, default=0.0, metavar="RATE", help="per-rank streaming cap (0 = unthrottled)")
-    p.add_argument("--log-level", default=None, metavar="LEVEL", help="DEBUG, INFO or WARNING (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)")
+    p.add_argument(
+        "--rebalance-interval-steps",
+        type=_positive_int,
+        default=None,
+        metavar="STEPS",
+        help="steps between rebalance attempts (default: 200; 100 with --simulate)",
+    )
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.01,
+        metavar="GAIN",
+        help="minimum projected balancedness gain to start a plan",
+    )
+    p.add_argument(
+        "--staging-budget-bytes",
+        type=_positive_int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="staging memory per rank; larger plans go in layer batches",
+    )
+    p.add_argument(
+        "--report-interval-steps",
+        type=_positive_int,
+        default=10,
+        metavar="STEPS",
+        help="steps per load report from each agent",
+    )
+    p.add_argument(
+        "--fence-steps", type=_positive_int, default=8, metavar="F", help="F: commit step = max(vote entry step) + F"
+    )
+    p.add_argument(
+        "--fence-timeout-s", type=float, default=5.0, metavar="S", help="longest a serving thread waits at the fence"
+    )
+    p.add_argument(
+        "--throttle-bytes-per-s",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="per-rank streaming cap (0 = unthrottled)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help="DEBUG, INFO or WARNING (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
-    p.add_argument("--config", default=None, metavar="FILE", help="TOML file of settings (keys = long flag names); flags override it")
-    p.add_argument("--curve-dir", default=None, metavar="DIR", help="CURVE keys (eplb-coordinator keygen DIR); required for non-loopback tcp://")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="TOML file of settings (keys = long flag names); flags override it",
+    )
+    p.add_argument(
+        "--curve-dir",
+        default=None,
+        metavar="DIR",
+        help="CURVE keys (eplb-coordinator keygen DIR); required for non-loopback tcp://",
+    )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp:// endpoint without CURVE")
     p.add_argument("--record", default=None, metavar="FILE", help="record every load window to this .npz trace")
-    p.add_argument("--no-step-clock-check", dest="step_clock_check", action="store_false",
-                   help="do not compare the ranks' step clocks (only for ranks that do not serve in lockstep)")
-    p.add_argument("--initial-placement", default=None, metavar="FILE", help="placement JSON from eplb-plan: move the deployment there first")
+    p.add_argument(
+        "--no-step-clock-check",
+        dest="step_clock_check",
+        action="store_false",
+        help="do not compare the ranks' step clocks (only for ranks that do not serve in lockstep)",
+    )
+    p.add_argument(
+        "--initial-placement",
+        default=None,
+        metavar="FILE",
+        help="placement JSON from eplb-plan: move the deployment there first",
+    )
     sim = p.add_argument_group("simulated deployment (CPU)")
-    sim.add_argument("--simulate", action="store_true", help="run the coordinator with dp x tp simulated serving ranks and real agents")
+    sim.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run the coordinator with dp x tp simulated serving ranks and real agents",
+    )
     sim.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="serving steps per rank")
     sim.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the simulated load")
     sim.add_argument("--summary-json", default=None, metavar="FILE", help="write the run's summary here")
-    sim.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of balancedness over time here (needs matplotlib)")
-    sim.add_argument("--trace", default=None, metavar="FILE", help="replay this recorded load trace (.npz from --record) instead of the built-in drift")
+    sim.add_argument(
+        "--plot", default=None, metavar="FILE", help="write a PNG of balancedness over time here (needs matplotlib)"
+    )
+    sim.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="replay this recorded load trace (.npz from --record) instead of the built-in drift",
+    )
 
 
 def _add_status_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,7 +240,9 @@ def _add_status_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_keygen_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory", metavar="DIR", help="directory for the keys (created if missing; keys in it are overwritten)")
+    p.add_argument(
+        "directory", metavar="DIR", help="directory for the keys (created if missing; keys in it are overwritten)"
+    )
 
 
 def parse_command_line(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
@@ -169,13 +275,26 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
             raise ValueError(str(exc)) from None
     return CoordinatorConfig(
         initial_placement=initial,
-        world_size=args.dp * args.tp, endpoint=args.endpoint or default_endpoint(), store_host=args.store_host,
-        metrics_port=args.metrics_port, policy=args.policy, num_groups=args.groups, num_nodes=args.nodes,
-        rebalance_interval_steps=interval, min_gain=args.min_gain, record_path=args.record,
-        curve_dir=args.curve_dir, insecure=args.insecure, staging_budget_bytes=args.staging_budget_bytes,
+        world_size=args.dp * args.tp,
+        endpoint=args.endpoint or default_endpoint(),
+        store_host=args.store_host,
+        metrics_port=args.metrics_port,
+        policy=args.policy,
+        num_groups=args.groups,
+        num_nodes=args.nodes,
+        rebalance_interval_steps=interval,
+        min_gain=args.min_gain,
+        record_path=args.record,
+        curve_dir=args.curve_dir,
+        insecure=args.insecure,
+        staging_budget_bytes=args.staging_budget_bytes,
         check_step_clock=args.step_clock_check,
-        agent=AgentConfig(report_interval_steps=args.report_interval_steps, fence_steps=args.fence_steps,
-                          fence_timeout_s=args.fence_timeout_s, throttle_bytes_per_s=args.throttle_bytes_per_s),
+        agent=AgentConfig(
+            report_interval_steps=args.report_interval_steps,
+            fence_steps=args.fence_steps,
+            fence_timeout_s=args.fence_timeout_s,
+            throttle_bytes_per_s=args.throttle_bytes_per_s,
+        ),
         **extra,
     )
 
@@ -210,7 +329,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
             raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
         action = known[dest]
         if action.choices is not None and value not in action.choices:
-            raise ValueError(f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}")
+            raise ValueError(
+                f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}"
+            )
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(str(value))
@@ -236,9 +357,11 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
     ``tcp://`` needs none of it: binding a port in use fails. Returns a line for the log
     when a stale socket was removed.
     """
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):  # @: abstract namespace, bind fails when taken
+    if not endpoint.startswith("ipc://") or endpoint.startswith(
+        "ipc://@"
+    ):  # @: abstract namespace, bind fails when taken
         return None
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -258,10 +381,19 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
 
     try:
         pid = fetch_status(endpoint, timeout_s=probe_timeout_s).get("pid")
-    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError) as exc:  # not a coordinator, still not ours to replace
-        raise EndpointUnavailable(f"a process listens on {path} but does not answer as a coordinator ({exc}); "
-                                  "stop it or choose another --endpoint") from None
-    raise EndpointUnavailable(f"a coordinator (pid {pid}) already serves {endpoint}; stop it first or choose another --endpoint")
+    except (
+        TimeoutError,
+        ProtocolError,
+        zmq.ZMQError,
+        SecurityError,
+    ) as exc:  # not a coordinator, still not ours to replace
+        raise EndpointUnavailable(
+            f"a process listens on {path} but does not answer as a coordinator ({exc}); "
+            "stop it or choose another --endpoint"
+        ) from None
+    raise EndpointUnavailable(
+        f"a coordinator (pid {pid}) already serves {endpoint}; stop it first or choose another --endpoint"
+    )
 
 
 def _unix_socket_listening(path: str) -> bool:
@@ -288,6 +420,7 @@ def _serve(cfg: CoordinatorConfig) -> int:
         await coordinator.serve()
 
     import uvloop
+
     uvloop.run(main())
     return 0
 
@@ -312,8 +445,14 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
             print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
             return 2
         model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
-    opts = SimulationOptions(world_size=cfg.world_size, steps=args.steps, seed=args.seed, model=model,
-                             summary_json=args.summary_json, plot=args.plot)
+    opts = SimulationOptions(
+        world_size=cfg.world_size,
+        steps=args.steps,
+        seed=args.seed,
+        model=model,
+        summary_json=args.summary_json,
+        plot=args.plot,
+    )
     summary = run_simulation(opts, cfg)
     print(json.dumps(summary, indent=2))
     ok = summary["output_mismatches"] == 0 and summary["diverged"] == 0 and not summary["errors"]
@@ -345,11 +484,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     import zmq
 
+    from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
     from eplb_service.coordinator.status_client import fetch_status, format_status
     from eplb_service.protocol import ProtocolError
     from eplb_service.security import SecurityError
-
-    from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
 
     try:
         status = fetch_status(args.endpoint, args.timeout_s)

@@ -6,8 +6,12 @@ import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from eplb_service.protocol import AgentConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def default_endpoint() -> str:
@@ -67,8 +71,17 @@ class CoordinatorConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
-        positive = ("world_size", "rebalance_interval_steps", "staging_budget_bytes", "load_half_life_steps",
-                    "liveness_timeout_s", "staging_timeout_s", "voting_timeout_s", "num_groups", "num_nodes")
+        positive = (
+            "world_size",
+            "rebalance_interval_steps",
+            "staging_budget_bytes",
+            "load_half_life_steps",
+            "liveness_timeout_s",
+            "staging_timeout_s",
+            "voting_timeout_s",
+            "num_groups",
+            "num_nodes",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -80,7 +93,9 @@ class CoordinatorConfig:
 
         check_endpoint_security(self.endpoint, self.curve_dir, self.insecure)
         if self.curve_dir and not os.path.isfile(os.path.join(self.curve_dir, "server.key_secret")):
-            raise ValueError(f"curve_dir {self.curve_dir!r} has no server.key_secret: run `eplb-coordinator keygen {self.curve_dir}`")
+            raise ValueError(
+                f"curve_dir {self.curve_dir!r} has no server.key_secret: run `eplb-coordinator keygen {self.curve_dir}`"
+            )
 
         if self.policy not in POLICIES:
             raise ValueError(f"policy {self.policy!r} is not one of {POLICIES}")

@@ -27,7 +27,7 @@ class EpochLagWatch:
     def committed(self, epoch: int, step: int) -> None:
         self.commit_steps.setdefault(epoch, step)
         if len(self.commit_steps) > self.keep:
-            for old in sorted(self.commit_steps)[:-self.keep]:
+            for old in sorted(self.commit_steps)[: -self.keep]:
                 del self.commit_steps[old]
 
     def observe(self, epochs_and_steps: dict[int, tuple[int, int]]) -> str | None:
@@ -35,6 +35,8 @@ class EpochLagWatch:
         for rank, (epoch, step) in sorted(epochs_and_steps.items()):
             commit_step = self.commit_steps.get(epoch + 1)
             if commit_step is not None and step > commit_step:
-                return (f"rank {rank} is at step {step} with epoch {epoch}, but epoch {epoch + 1} was committed at "
-                        f"step {commit_step}: it went past the commit with the old maps, the placements differ")
+                return (
+                    f"rank {rank} is at step {step} with epoch {epoch}, but epoch {epoch + 1} was committed at "
+                    f"step {commit_step}: it went past the commit with the old maps, the placements differ"
+                )
         return None

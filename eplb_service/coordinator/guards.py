@@ -53,11 +53,15 @@ class DivergenceGuard:
             return None
         states = self.clock_states(alive)
         for state in states.values():
-            self.metrics.step_clock_offset.labels(str(state.rank)).set(float("nan") if state.offset is None else state.offset)
+            self.metrics.step_clock_offset.labels(str(state.rank)).set(
+                float("nan") if state.offset is None else state.offset
+            )
             if state.offset:
-                return (f"step clocks disagree: rank {state.rank} counts {state.offset:+d} step(s) against rank "
-                        f"{state.reference} (probes at steps {list(state.probes)}); a commit at step S would land "
-                        f"on different forward passes")
+                return (
+                    f"step clocks disagree: rank {state.rank} counts {state.offset:+d} step(s) against rank "
+                    f"{state.reference} (probes at steps {list(state.probes)}); a commit at step S would land "
+                    f"on different forward passes"
+                )
         if complete and any(s.offset is None for s in states.values()):
             self._clock_unverified_since = self._clock_unverified_since or now
         else:
@@ -73,6 +77,9 @@ class DivergenceGuard:
             return False
         if not self._clock_warned:
             self._clock_warned = True
-            self.log.warning("step clocks of some ranks could not be compared for %.0fs (ranks not stepping together, or "
-                             "jitter as large as a step): planning without that check", waited)
+            self.log.warning(
+                "step clocks of some ranks could not be compared for %.0fs (ranks not stepping together, or "
+                "jitter as large as a step): planning without that check",
+                waited,
+            )
         return True

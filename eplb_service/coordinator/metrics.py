@@ -31,12 +31,20 @@ class AgentCounters:
         self.source = source
 
     def describe(self) -> Iterable:
-        return [CounterMetricFamily("eplb_agent_events", "What each rank's agent counted since it started "
-                                    "(from its heartbeats)", labels=["rank", "event"])]
+        return [
+            CounterMetricFamily(
+                "eplb_agent_events",
+                "What each rank's agent counted since it started (from its heartbeats)",
+                labels=["rank", "event"],
+            )
+        ]
 
     def collect(self) -> Iterable:
-        family = CounterMetricFamily("eplb_agent_events", "What each rank's agent counted since it started "
-                                     "(from its heartbeats)", labels=["rank", "event"])
+        family = CounterMetricFamily(
+            "eplb_agent_events",
+            "What each rank's agent counted since it started (from its heartbeats)",
+            labels=["rank", "event"],
+        )
         for rank, counters in sorted(self.source().items()):
             for event in AGENT_COUNTERS:
                 family.add_metric([str(rank), event], float(counters.get(event, 0)))
@@ -46,41 +54,81 @@ class AgentCounters:
 class CoordinatorMetrics:
     def __init__(self, agent_counters: Callable[[], dict[int, dict[str, int]]] | None = None) -> None:
         r = self.registry = CollectorRegistry()
-        self.build_info = Gauge("eplb_build_info", "Version of this coordinator and of its wire protocol (always 1)",
-                                ["version", "protocol"], registry=r)
+        self.build_info = Gauge(
+            "eplb_build_info",
+            "Version of this coordinator and of its wire protocol (always 1)",
+            ["version", "protocol"],
+            registry=r,
+        )
         self.build_info.labels(__version__, str(PROTOCOL_VERSION)).set(1)
         self.agents_alive = Gauge("eplb_agents_alive", "Agents registered and heard from recently", registry=r)
         self.agent_up = Gauge("eplb_agent_up", "1 while the agent of this rank is alive", ["rank"], registry=r)
-        self.balancedness = Gauge("eplb_balancedness", "Model balancedness (mean/max rank load) of the load window "
-                                  "(NaN until load is reported)", ["kind"], registry=r)
-        self.epoch = Gauge("eplb_placement_epoch", "Placement epoch every rank reports (commits applied; NaN until "
-                           "the ranks agree)", registry=r)
+        self.balancedness = Gauge(
+            "eplb_balancedness",
+            "Model balancedness (mean/max rank load) of the load window (NaN until load is reported)",
+            ["kind"],
+            registry=r,
+        )
+        self.epoch = Gauge(
+            "eplb_placement_epoch",
+            "Placement epoch every rank reports (commits applied; NaN until the ranks agree)",
+            registry=r,
+        )
         self.epoch.set(NAN)
-        self.plans = Counter("eplb_plans_total", "Planning rounds by final outcome (committed, aborted, diverged, "
-                             "skipped: no gain worth moving for)", ["outcome"], registry=r)
+        self.plans = Counter(
+            "eplb_plans_total",
+            "Planning rounds by final outcome (committed, aborted, diverged, skipped: no gain worth moving for)",
+            ["outcome"],
+            registry=r,
+        )
         self.plans_proposed = Counter("eplb_plans_proposed_total", "Plan batches sent to the agents", registry=r)
-        self.plans_aborted = Counter("eplb_plans_aborted_total", "Aborted plan batches by reason code", ["reason"],
-                                     registry=r)
+        self.plans_aborted = Counter(
+            "eplb_plans_aborted_total", "Aborted plan batches by reason code", ["reason"], registry=r
+        )
         self.bytes_moved = Counter("eplb_moved_bytes_total", "Expert bytes moved by committed plans", registry=r)
-        self.experts_moved = Counter("eplb_moved_experts_total", "Physical slots whose expert changed in committed plans", registry=r)
-        self.phase_seconds = Histogram("eplb_plan_phase_seconds", "Time spent per plan phase", ["phase"], buckets=_DURATION_BUCKETS, registry=r)
-        self.commit_stall = Histogram("eplb_commit_stall_seconds", "Serving-thread time of one commit on one rank",
-                                      ["rank"], buckets=_STALL_BUCKETS, registry=r)
+        self.experts_moved = Counter(
+            "eplb_moved_experts_total", "Physical slots whose expert changed in committed plans", registry=r
+        )
+        self.phase_seconds = Histogram(
+            "eplb_plan_phase_seconds", "Time spent per plan phase", ["phase"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.commit_stall = Histogram(
+            "eplb_commit_stall_seconds",
+            "Serving-thread time of one commit on one rank",
+            ["rank"],
+            buckets=_STALL_BUCKETS,
+            registry=r,
+        )
         self.load_reports = Counter("eplb_load_reports_total", "Load reports received", registry=r)
-        self.load_reports_dropped = Counter("eplb_load_reports_dropped_total", "Load reports dropped", ["reason"], registry=r)
-        self.load_report_lag = Gauge("eplb_load_report_lag_steps", "Steps between the newest step seen and the newest "
-                                     "report's end (NaN until a report arrives)", registry=r)
+        self.load_reports_dropped = Counter(
+            "eplb_load_reports_dropped_total", "Load reports dropped", ["reason"], registry=r
+        )
+        self.load_report_lag = Gauge(
+            "eplb_load_report_lag_steps",
+            "Steps between the newest step seen and the newest report's end (NaN until a report arrives)",
+            registry=r,
+        )
         self.load_report_lag.set(NAN)
         self.messages_rejected = Counter("eplb_messages_rejected_total", "Messages refused", ["reason"], registry=r)
         self.comm_generation = Gauge("eplb_side_comm_generation", "Generation of the side communicator", registry=r)
-        self.internal_errors = Counter("eplb_internal_errors_total", "Unexpected exceptions the coordinator survived, by where",
-                                       ["where"], registry=r)
-        self.recording_errors = Counter("eplb_recording_errors_total", "Load-trace recording failures (recording then stops)",
-                                        registry=r)
-        self.recording_enabled = Gauge("eplb_recording_enabled", "1 while load windows are being recorded (--record)", registry=r)
-        self.step_clock_offset = Gauge("eplb_step_clock_offset_steps",
-                                       "Steps this rank counts ahead of the reference rank (NaN until verified)", ["rank"],
-                                       registry=r)
+        self.internal_errors = Counter(
+            "eplb_internal_errors_total",
+            "Unexpected exceptions the coordinator survived, by where",
+            ["where"],
+            registry=r,
+        )
+        self.recording_errors = Counter(
+            "eplb_recording_errors_total", "Load-trace recording failures (recording then stops)", registry=r
+        )
+        self.recording_enabled = Gauge(
+            "eplb_recording_enabled", "1 while load windows are being recorded (--record)", registry=r
+        )
+        self.step_clock_offset = Gauge(
+            "eplb_step_clock_offset_steps",
+            "Steps this rank counts ahead of the reference rank (NaN until verified)",
+            ["rank"],
+            registry=r,
+        )
         if agent_counters is not None:
             r.register(AgentCounters(agent_counters))
         # Export every known label from the start, so dashboards and alerts see zeros, not gaps.

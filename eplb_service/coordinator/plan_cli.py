@@ -1,7 +1,8 @@
 """``eplb-plan``: compute a placement offline, from a load file.
 
 Reads a load ``[L, N_log]`` (``.npy``, JSON: a list of lists or an object with a ``load``
-key, or a coordinator's recorded trace ``.npz`` whose windows are summed), runs a placement policy, and writes placement JSON::
+key, or a coordinator's recorded trace ``.npz`` whose windows are summed), runs a placement policy, and
+writes placement JSON::
 
     {"policy": ..., "num_layers": L, "num_logical": N, "num_physical": P, "num_ranks": R,
      "phy2log": [[...], ...],            # [L, P]
@@ -46,21 +47,28 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eplb-plan", description="Compute an expert placement offline from a load file.")
-    parser.add_argument("--load", required=True, metavar="FILE",
-                        help=".npy or JSON load [layers, logical experts] in routed tokens (counts: the migration "
-                             "policy ignores differences within their sampling noise), or a recorded .npz trace")
+    parser.add_argument(
+        "--load",
+        required=True,
+        metavar="FILE",
+        help=".npy or JSON load [layers, logical experts] in routed tokens (counts: the migration "
+        "policy ignores differences within their sampling noise), or a recorded .npz trace",
+    )
     parser.add_argument("--ranks", required=True, type=int, help="EP ranks (must divide the slots)")
-    parser.add_argument("--redundant", type=int, default=None,
-                        help="redundant slots per layer (default: from --current, else 0)")
+    parser.add_argument(
+        "--redundant", type=int, default=None, help="redundant slots per layer (default: from --current, else 0)"
+    )
     parser.add_argument("--groups", type=int, default=1, help="expert groups (deepseek hierarchy)")
     parser.add_argument("--nodes", type=int, default=1, help="server nodes (deepseek hierarchy)")
     parser.add_argument(
-        "--policy", choices=POLICIES, default=DEFAULT_POLICY,
+        "--policy",
+        choices=POLICIES,
+        default=DEFAULT_POLICY,
         help="migration (default): change only what the load needs, starting from --current "
-             "(or vLLM's initial placement); "
-             "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
-             "ordered to keep the experts --current already has there in place, so its phy2log equals "
-             "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads)",
+        "(or vLLM's initial placement); "
+        "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
+        "ordered to keep the experts --current already has there in place, so its phy2log equals "
+        "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads)",
     )
     parser.add_argument("--current", metavar="FILE", help="current placement JSON (phy2log)")
     parser.add_argument("--bytes-per-expert", type=int, default=1, help="bytes of one expert on one rank")
@@ -154,8 +162,12 @@ def plan_document(args: argparse.Namespace) -> dict:
             f"[layers of --load, {num_logical} experts + {redundant} redundant]"
         )
     plan = plan_rebalance(
-        args.policy, current, load, shape,
-        num_groups=args.groups, num_nodes=args.nodes,
+        args.policy,
+        current,
+        load,
+        shape,
+        num_groups=args.groups,
+        num_nodes=args.nodes,
         bytes_per_expert=args.bytes_per_expert,
         staging_budget_bytes=args.staging_budget_bytes,
         min_layer_gain=args.min_layer_gain,
@@ -177,9 +189,7 @@ def plan_document(args: argparse.Namespace) -> dict:
         },
         "experts_moved": plan.experts_moved,
         "bytes_moved": plan.bytes_moved,
-        "batches": [
-            {"layers": list(b.layers), "bytes_moved": b.bytes_moved, "gain": b.gain} for b in plan.batches
-        ],
+        "batches": [{"layers": list(b.layers), "bytes_moved": b.bytes_moved, "gain": b.gain} for b in plan.batches],
     }
 
 

@@ -68,8 +68,9 @@ class PlanHost(Protocol):
 
 
 class PlanRunner:
-    def __init__(self, cfg: CoordinatorConfig, book: PlacementBook, metrics, log: logging.LoggerAdapter,
-                 host: PlanHost) -> None:
+    def __init__(
+        self, cfg: CoordinatorConfig, book: PlacementBook, metrics, log: logging.LoggerAdapter, host: PlanHost
+    ) -> None:
         self.cfg, self.book, self.metrics, self.log, self.host = cfg, book, metrics, log, host
         self.plan: PlanRun | None = None
         self.pending_batches: list = []
@@ -116,8 +117,10 @@ class PlanRunner:
             return False
         if self.cfg.initial_placement is not None and not self._seeded:
             return True
-        return (book.window.steps_covered() >= self.cfg.min_window_steps
-                and host.min_step() - self.last_plan_end_step >= self.cfg.rebalance_interval_steps)
+        return (
+            book.window.steps_covered() >= self.cfg.min_window_steps
+            and host.min_step() - self.last_plan_end_step >= self.cfg.rebalance_interval_steps
+        )
 
     def _policy_call(self, current: np.ndarray, load: np.ndarray, seeding: bool):
         from eplb_service.coordinator.policy import build_plan, plan_rebalance  # heavy imports only when planning
@@ -126,12 +129,28 @@ class PlanRunner:
         if seeding:
             seed = np.asarray(cfg.initial_placement, dtype=np.int64)
             validate_phy2log(seed, book.shape)
-            return functools.partial(build_plan, current, seed, load if load.any() else np.ones(load.shape), book.shape,
-                                     bytes_per_expert=book.model.bytes_per_expert,
-                                     staging_budget_bytes=cfg.staging_budget_bytes, require_gain=False)
-        return functools.partial(plan_rebalance, cfg.policy, current, load, book.shape, num_groups=cfg.num_groups,
-                                 num_nodes=cfg.num_nodes, bytes_per_expert=book.model.bytes_per_expert,
-                                 staging_budget_bytes=cfg.staging_budget_bytes, min_layer_gain=cfg.min_layer_gain)
+            return functools.partial(
+                build_plan,
+                current,
+                seed,
+                load if load.any() else np.ones(load.shape),
+                book.shape,
+                bytes_per_expert=book.model.bytes_per_expert,
+                staging_budget_bytes=cfg.staging_budget_bytes,
+                require_gain=False,
+            )
+        return functools.partial(
+            plan_rebalance,
+            cfg.policy,
+            current,
+            load,
+            book.shape,
+            num_groups=cfg.num_groups,
+            num_nodes=cfg.num_nodes,
+            bytes_per_expert=book.model.bytes_per_expert,
+            staging_budget_bytes=cfg.staging_budget_bytes,
+            min_layer_gain=cfg.min_layer_gain,
+        )
 
     async def run_policy(self) -> None:
         """Compute a rebalance in the executor; send its first batch if it is worth it."""
@@ -154,16 +173,28 @@ class PlanRunner:
         gain = result.balancedness_after - result.balancedness_before
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
         if seeding:
-            self.log.info("moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved)
+            self.log.info(
+                "moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved
+            )
         elif epoch != book.epoch or not result.batches or gain < self.cfg.min_gain:
             self.counts["skipped"] += 1
             self.metrics.plans.labels("skipped").inc()
-            self.log.info("no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
-                          result.balancedness_before, result.balancedness_after, gain, self.cfg.min_gain)
+            self.log.info(
+                "no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
+                result.balancedness_before,
+                result.balancedness_after,
+                gain,
+                self.cfg.min_gain,
+            )
             return
-        self.log.info("rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB",
-                      result.balancedness_before, result.balancedness_after, len(result.batches),
-                      result.experts_moved, result.bytes_moved / 2**20)
+        self.log.info(
+            "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB",
+            result.balancedness_before,
+            result.balancedness_after,
+            len(result.batches),
+            result.experts_moved,
+            result.bytes_moved / 2**20,
+        )
         self.pending_batches = list(result.batches)
         self.start_next_batch()
 
@@ -187,23 +218,38 @@ class PlanRunner:
             candidate[layers] = rows
             validate_phy2log(candidate, book.shape)
         except (PlacementError, ValueError, IndexError) as exc:  # a policy bug must never reach the agents
-            self.log.error("policy %s produced an invalid plan for layers %s: %s; not sent", self.cfg.policy, layers, exc)
+            self.log.error(
+                "policy %s produced an invalid plan for layers %s: %s; not sent", self.cfg.policy, layers, exc
+            )
             self.metrics.plans_aborted.labels("invalid_plan").inc()
             self.counts["aborted"] += 1
             self.pending_batches = []
             return
         cfg = self.cfg
-        self.plan = PlanRun(plan_id=self._plan_counter, base_epoch=book.epoch, layers=layers, rows=rows,
-                            world_size=cfg.world_size, staging_timeout_s=cfg.staging_timeout_s,
-                            voting_timeout_s=cfg.voting_timeout_s, started_at=time.monotonic(),
-                            bytes_moved=int(batch.bytes_moved))
+        self.plan = PlanRun(
+            plan_id=self._plan_counter,
+            base_epoch=book.epoch,
+            layers=layers,
+            rows=rows,
+            world_size=cfg.world_size,
+            staging_timeout_s=cfg.staging_timeout_s,
+            voting_timeout_s=cfg.voting_timeout_s,
+            started_at=time.monotonic(),
+            bytes_moved=int(batch.bytes_moved),
+        )
         self.counts["proposed"] += 1
         self._numbers[self.plan.plan_id] = self.counts["proposed"]
-        self.log.info("plan #%d (id %d): layers %s, %.1f MiB", self.counts["proposed"], self.plan.plan_id, layers,
-                      self.plan.bytes_moved / 2**20)
+        self.log.info(
+            "plan #%d (id %d): layers %s, %.1f MiB",
+            self.counts["proposed"],
+            self.plan.plan_id,
+            layers,
+            self.plan.bytes_moved / 2**20,
+        )
         self.metrics.plans_proposed.inc()
-        self.host.broadcast(P.Plan(plan_id=self.plan.plan_id, base_epoch=book.epoch, layers=layers,
-                                   phy2log=P.NDArray.from_numpy(rows)))
+        self.host.broadcast(
+            P.Plan(plan_id=self.plan.plan_id, base_epoch=book.epoch, layers=layers, phy2log=P.NDArray.from_numpy(rows))
+        )
 
     def abort(self, reason: str, code: str = "other") -> None:
         """Before the vote: abort now. In the vote: only the decision record decides, so ask
@@ -285,9 +331,22 @@ class PlanRunner:
         self.metrics.phase_seconds.labels("voting").observe(plan.voting_s)
         self.last_plan_end_step = self.host.min_step()
         stalls = [s for _, s in plan.committed.values()]
-        self.outcomes.append(PlanOutcome(plan.plan_id, plan.phase.value, plan.reason, self.number(plan.plan_id),
-                                         plan.code if plan.phase is Phase.ABORTED else "", plan.layers, plan.bytes_moved,
-                                         experts_moved, commit_step, plan.staging_s, plan.voting_s, max(stalls, default=0.0)))
+        self.outcomes.append(
+            PlanOutcome(
+                plan.plan_id,
+                plan.phase.value,
+                plan.reason,
+                self.number(plan.plan_id),
+                plan.code if plan.phase is Phase.ABORTED else "",
+                plan.layers,
+                plan.bytes_moved,
+                experts_moved,
+                commit_step,
+                plan.staging_s,
+                plan.voting_s,
+                max(stalls, default=0.0),
+            )
+        )
         del self.outcomes[:-100]
         for old in list(self._numbers)[:-100]:
             del self._numbers[old]
@@ -305,8 +364,14 @@ class PlanRunner:
         metrics.bytes_moved.inc(plan.bytes_moved)
         metrics.experts_moved.inc(experts_moved)
         metrics.epoch.set(self.book.epoch)
-        self.log.info("plan #%d committed at step %d: layers %s, %d experts moved, epoch %d",
-                      self.number(plan.plan_id), commit_step, plan.layers, experts_moved, self.book.epoch)
+        self.log.info(
+            "plan #%d committed at step %d: layers %s, %d experts moved, epoch %d",
+            self.number(plan.plan_id),
+            commit_step,
+            plan.layers,
+            experts_moved,
+            self.book.epoch,
+        )
         return experts_moved, commit_step
 
     def _book_abort(self, plan: PlanRun) -> None:
@@ -320,7 +385,11 @@ class PlanRunner:
         if diverged:
             self.host.halt(f"plan #{self.number(plan.plan_id)} (id {plan.plan_id}) diverged: {plan.reason}")
             return
-        self.log.warning("plan #%d aborted (%s): %s; maps untouched on every rank", self.number(plan.plan_id),
-                         plan.code or "other", plan.reason)
+        self.log.warning(
+            "plan #%d aborted (%s): %s; maps untouched on every rank",
+            self.number(plan.plan_id),
+            plan.code or "other",
+            plan.reason,
+        )
         if self.host.complete():
             self.host.rebuild_comm()  # a rank may have torn its communicator down

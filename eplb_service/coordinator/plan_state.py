@@ -94,7 +94,10 @@ class PlanRun:
         if self.phase is not Phase.VOTING:
             if self.phase is Phase.ABORTED:  # a late commit after an abort: the maps diverged
                 self.committed[rank] = (step, stall_s)
-                self.phase, self.reason = Phase.DIVERGED, f"rank {rank} committed plan {self.plan_id} after it was aborted ({self.reason})"
+                self.phase, self.reason = (
+                    Phase.DIVERGED,
+                    f"rank {rank} committed plan {self.plan_id} after it was aborted ({self.reason})",
+                )
                 return True
             return False
         self.committed[rank] = (step, stall_s)
@@ -132,8 +135,9 @@ class PlanRun:
     def on_tick(self, now: float) -> bool:
         if self.phase is Phase.STAGING and now - self.phase_started_at > self.staging_timeout_s:
             missing = sorted(set(range(self.world_size)) - set(self.staged))
-            return self._abort(f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now,
-                               "staging_timeout")
+            return self._abort(
+                f"staging timed out after {self.staging_timeout_s}s waiting for ranks {missing}", now, "staging_timeout"
+            )
         # Once the record says "commit", ranks commit at step S whenever serving reaches it
         # (an idle engine may take long): no wall-clock timeout then, heartbeats settle it.
         decided_commit = self.decision is not None and self.decision[1]
@@ -152,8 +156,9 @@ class PlanRun:
                 self.voting_s = waited
                 self.reason = f"committed; ranks {missing} never reported"
                 return True
-            return self._abort(f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now,
-                               "voting_timeout")
+            return self._abort(
+                f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now, "voting_timeout"
+            )
         return False
 
     # -- internals ----------------------------------------------------------------------
@@ -185,5 +190,7 @@ class PlanRun:
                 self.reason += f" (rank {', rank '.join(map(str, sorted(self.lost)))} lost)"
         else:
             self.phase = Phase.DIVERGED
-            self.reason = f"ranks {sorted(self.committed)} committed, ranks {sorted(self.aborted)} aborted: {self.aborted}"
+            self.reason = (
+                f"ranks {sorted(self.committed)} committed, ranks {sorted(self.aborted)} aborted: {self.aborted}"
+            )
         return True

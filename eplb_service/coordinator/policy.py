@@ -174,8 +174,15 @@ def plan_rebalance(
     load = validate_load(logical_load, shape)
 
     proposed = propose_phy2log(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes)
-    return build_plan(current, proposed, load, shape, bytes_per_expert=bytes_per_expert,
-                      staging_budget_bytes=staging_budget_bytes, min_layer_gain=min_layer_gain)
+    return build_plan(
+        current,
+        proposed,
+        load,
+        shape,
+        bytes_per_expert=bytes_per_expert,
+        staging_budget_bytes=staging_budget_bytes,
+        min_layer_gain=min_layer_gain,
+    )
 
 
 def build_plan(
@@ -239,12 +246,14 @@ def build_plan(
     batches = []
     for group in groups:
         rows = np.array(sorted(group), dtype=np.int64)
-        batches.append(LayerBatch(
-            layers=tuple(int(i) for i in rows),
-            phy2log=target[rows].copy(),
-            bytes_moved=int(layer_bytes[rows].sum()),
-            gain=float(gain[rows].sum()),
-        ))
+        batches.append(
+            LayerBatch(
+                layers=tuple(int(i) for i in rows),
+                phy2log=target[rows].copy(),
+                bytes_moved=int(layer_bytes[rows].sum()),
+                gain=float(gain[rows].sum()),
+            )
+        )
     batches.sort(key=lambda b: -b.gain / max(b.bytes_moved, 1e-9 * bytes_per_expert))
 
     return RebalancePlan(

@@ -169,9 +169,7 @@ def rebalance_hierarchical(
     physical_per_node = num_physical // num_nodes
     slots_per_rank = num_physical // num_ranks
     if physical_per_node < logical_per_node:
-        raise PlacementError(
-            f"{physical_per_node} slots per node cannot hold {logical_per_node} experts per node"
-        )
+        raise PlacementError(f"{physical_per_node} slots per node cannot hold {logical_per_node} experts per node")
 
     # Step 1: groups to nodes. "mlog" numbers experts node by node: node n owns mlog ids
     # [n * logical_per_node, (n + 1) * logical_per_node).

@@ -172,11 +172,13 @@ def apply_count_changes(
     duplicate = holdings[layers, slot_rank[None, :], current] > 1
     cand_layer, cand_slot = np.nonzero(drop_need[layers, current] > 0)
     cand_expert = current[cand_layer, cand_slot]
-    order = np.lexsort((
-        -rank_load[cand_layer, slot_rank[cand_slot]],
-        ~duplicate[cand_layer, cand_slot],
-        cand_layer * num_logical + cand_expert,
-    ))
+    order = np.lexsort(
+        (
+            -rank_load[cand_layer, slot_rank[cand_slot]],
+            ~duplicate[cand_layer, cand_slot],
+            cand_layer * num_logical + cand_expert,
+        )
+    )
     group = (cand_layer * num_logical + cand_expert)[order]
     drop = _group_positions(group) < drop_need[cand_layer[order], cand_expert[order]]
     free_layer = cand_layer[order][drop]
@@ -383,7 +385,7 @@ def swap_search(
             limits[own] = np.minimum(floor, limits[own])
         return limits
 
-    def exchange(lay, rank_a, rank_b, i, j):
+    def exchange(lay: np.ndarray, rank_a: np.ndarray, rank_b: np.ndarray, i: np.ndarray, j: np.ndarray) -> None:
         slot_a = rank_a * slots_per_rank + i
         slot_b = rank_b * slots_per_rank + j
         val_a, val_b = slot_load[lay, slot_a], slot_load[lay, slot_b]
@@ -475,6 +477,15 @@ def migration_phy2log(
     current_counts = logical_replica_count(current, load.shape[1])
     new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share)
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
-    return swap_search(placed, load, new_counts, num_ranks, tolerance=tolerance, replica_share=replica_share,
-                       noise_sigmas=noise_sigmas, min_swap_share=min_swap_share,
-                       reference_max_slots=reference_max_slots, max_rounds=max_rounds)
+    return swap_search(
+        placed,
+        load,
+        new_counts,
+        num_ranks,
+        tolerance=tolerance,
+        replica_share=replica_share,
+        noise_sigmas=noise_sigmas,
+        min_swap_share=min_swap_share,
+        reference_max_slots=reference_max_slots,
+        max_rounds=max_rounds,
+    )

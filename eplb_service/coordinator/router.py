@@ -45,14 +45,28 @@ class RouterHost(Protocol):
 
 
 class MessageRouter:
-    def __init__(self, cfg: CoordinatorConfig, registry: Registry, book: PlacementBook, guard: DivergenceGuard,
-                 runner: PlanRunner, metrics, log: logging.LoggerAdapter, host: RouterHost) -> None:
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        registry: Registry,
+        book: PlacementBook,
+        guard: DivergenceGuard,
+        runner: PlanRunner,
+        metrics,
+        log: logging.LoggerAdapter,
+        host: RouterHost,
+    ) -> None:
         self.cfg, self.registry, self.book, self.guard, self.runner = cfg, registry, book, guard, runner
         self.metrics, self.log, self.host = metrics, log, host
         self._agent_handlers: dict[type, Callable[[AgentRecord, P.Message, float], None]] = {
-            P.Heartbeat: self._on_heartbeat, P.LoadReport: self._on_load, P.Staged: self._on_staged,
-            P.Failed: self._on_failed, P.Aborted: self._on_failed, P.Voted: self._on_voted,
-            P.Committed: self._on_committed, P.Goodbye: self._on_goodbye,
+            P.Heartbeat: self._on_heartbeat,
+            P.LoadReport: self._on_load,
+            P.Staged: self._on_staged,
+            P.Failed: self._on_failed,
+            P.Aborted: self._on_failed,
+            P.Voted: self._on_voted,
+            P.Committed: self._on_committed,
+            P.Goodbye: self._on_goodbye,
         }
 
     def handle(self, identity: bytes, message: P.Message) -> None:
@@ -70,27 +84,43 @@ class MessageRouter:
         record = self.registry.by_identity(identity)
         if record is None:
             self.metrics.messages_rejected.labels("unknown_agent").inc()
-            self.host.send(identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first", code="unknown_agent"))
+            self.host.send(
+                identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first", code="unknown_agent")
+            )
             return
         handler = self._agent_handlers.get(type(message))
         if handler is None or message.rank != record.rank or message.session != record.session:
             # Filed under the rank the connection registered, never the rank a message names.
             self.metrics.messages_rejected.labels("session").inc()
-            self.log.warning("refused %s naming rank %s, session %s from the connection of rank %d (session %d)",
-                             type(message).__name__, getattr(message, "rank", "-"), getattr(message, "session", "-"),
-                             record.rank, record.session)
-            self.host.send(identity, P.Reject(reason=f"{type(message).__name__} does not match this connection's rank "
-                                                     f"{record.rank} and session", code="stale_session"))
+            self.log.warning(
+                "refused %s naming rank %s, session %s from the connection of rank %d (session %d)",
+                type(message).__name__,
+                getattr(message, "rank", "-"),
+                getattr(message, "session", "-"),
+                record.rank,
+                record.session,
+            )
+            self.host.send(
+                identity,
+                P.Reject(
+                    reason=f"{type(message).__name__} does not match this connection's rank {record.rank} and session",
+                    code="stale_session",
+                ),
+            )
             return
         record.last_seen = now
         if isinstance(message, P.Committed):  # even from a rank declared dead: the step is a fact
             self.guard.epoch_watch.committed(message.epoch, message.commit_step)
         if not record.alive:
             self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
-            self.host.send(identity, P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again",
-                                              code="unknown_agent"))
+            self.host.send(
+                identity,
+                P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again", code="unknown_agent"),
+            )
             return
-        if isinstance(message, (P.Heartbeat, P.Committed)) and self.book.unknown(message.epoch, self.runner.next_epoch_in_flight):
+        if isinstance(message, (P.Heartbeat, P.Committed)) and self.book.unknown(
+            message.epoch, self.runner.next_epoch_in_flight
+        ):
             self._resync(record, message.epoch, now)
             return
         handler(record, message, now)
@@ -159,18 +189,36 @@ class MessageRouter:
         verdict = claim(holder, identity, hello)
         if verdict is Claim.REPEATED:
             holder.last_seen = now
-            self.host.send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent,
-                                               comm=self.host.current_comm(), session=holder.session))
+            self.host.send(
+                identity,
+                P.Welcome(
+                    protocol_version=P.PROTOCOL_VERSION,
+                    rank=hello.rank,
+                    config=self.cfg.agent,
+                    comm=self.host.current_comm(),
+                    session=holder.session,
+                ),
+            )
             return
         if verdict is Claim.TAKEN:
-            return self._reject(identity, hello.rank, (
-                f"rank {hello.rank} is held by a live agent (pid {holder.pid} on {holder.node!r}, heard "
-                f"{now - holder.last_seen:.1f}s ago); it is free again once that agent leaves or is silent for "
-                f"liveness_timeout_s={self.cfg.liveness_timeout_s}"), code="rank_taken", metric="rank_taken")
+            return self._reject(
+                identity,
+                hello.rank,
+                (
+                    f"rank {hello.rank} is held by a live agent (pid {holder.pid} on {holder.node!r}, heard "
+                    f"{now - holder.last_seen:.1f}s ago); it is free again once that agent leaves or is silent for "
+                    f"liveness_timeout_s={self.cfg.liveness_timeout_s}"
+                ),
+                code="rank_taken",
+                metric="rank_taken",
+            )
         others_alive = any(r.alive and r.rank != hello.rank for r in self.registry.agents.values())
         if others_alive and self.book.conflicts(hello.epoch, phy2log):
-            return self._reject(identity, hello.rank,
-                                f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch")
+            return self._reject(
+                identity,
+                hello.rank,
+                f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch",
+            )
         if not others_alive:
             if self.book.adopt(hello.model, shape, phy2log, hello.epoch):
                 self.host.model_known()
@@ -179,17 +227,37 @@ class MessageRouter:
         self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now)
 
     def _register(self, identity: bytes, hello: P.Hello, phy2log, resumed: bool, now: float) -> None:
-        record = AgentRecord(rank=hello.rank, identity=identity, node=hello.node, pid=hello.pid, epoch=hello.epoch,
-                             step=hello.step, phy2log=phy2log, session=secrets.randbits(62) + 1,
-                             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None)
+        record = AgentRecord(
+            rank=hello.rank,
+            identity=identity,
+            node=hello.node,
+            pid=hello.pid,
+            epoch=hello.epoch,
+            step=hello.step,
+            phy2log=phy2log,
+            session=secrets.randbits(62) + 1,
+            store=(hello.store_host, hello.store_port) if hello.rank == 0 else None,
+        )
         self.guard.forget(hello.rank)
         replaced = self.registry.register(record)
         if replaced is not None:
             self.runner.agent_lost(hello.rank, now)
-        self.log.info("rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)", hello.rank, hello.node, hello.pid,
-                      hello.epoch, hello.step, hello.transport, ", resumed its session" if resumed else "")
-        self.host.send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent,
-                                           session=record.session))
+        self.log.info(
+            "rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)",
+            hello.rank,
+            hello.node,
+            hello.pid,
+            hello.epoch,
+            hello.step,
+            hello.transport,
+            ", resumed its session" if resumed else "",
+        )
+        self.host.send(
+            identity,
+            P.Welcome(
+                protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent, session=record.session
+            ),
+        )
         self.update_liveness_metrics()
         self.update_epoch()
         if self.registry.complete:
@@ -200,10 +268,16 @@ class MessageRouter:
     def _resync(self, record: AgentRecord, epoch: int, now: float) -> None:
         """A rank moved to a placement this coordinator does not know (decided before it
         restarted, committed since): it registers again, and its Hello carries the placement."""
-        self.log.info("rank %d reports placement epoch %d, which this coordinator has not seen (decided before it "
-                      "started): asking it to register again with its placement", record.rank, epoch)
-        self.host.send(record.identity, P.Reject(reason=f"placement epoch {epoch} is unknown here: send Hello again",
-                                                 code="unknown_agent"))
+        self.log.info(
+            "rank %d reports placement epoch %d, which this coordinator has not seen (decided before it "
+            "started): asking it to register again with its placement",
+            record.rank,
+            epoch,
+        )
+        self.host.send(
+            record.identity,
+            P.Reject(reason=f"placement epoch {epoch} is unknown here: send Hello again", code="unknown_agent"),
+        )
         self.lose_agent(record, now)
 
     def update_epoch(self) -> None:
@@ -213,8 +287,12 @@ class MessageRouter:
         before = self.book.epoch
         epoch = self.book.agree([r.epoch for r in self.registry.alive])
         if epoch is not None:
-            self.log.info("every rank reports placement epoch %d" if before >= 0 else "placement epoch %d adopted from the "
-                          "agents", epoch)
+            self.log.info(
+                "every rank reports placement epoch %d"
+                if before >= 0
+                else "placement epoch %d adopted from the agents",
+                epoch,
+            )
             self.metrics.epoch.set(epoch)
 
     def lose_agent(self, record: AgentRecord, now: float) -> None:

@@ -57,8 +57,9 @@ class Coordinator:
         self.side_comm = SideComm(config.world_size, config.agent.transport_timeout_s)
         self.guard = DivergenceGuard(config.check_step_clock, config.step_clock_grace_s, self.metrics, self.log)
         self.plans = PlanRunner(config, self.book, self.metrics, self.log, host=self)
-        self.router = MessageRouter(config, self.registry, self.book, self.guard, self.plans, self.metrics, self.log,
-                                    host=self)
+        self.router = MessageRouter(
+            config, self.registry, self.book, self.guard, self.plans, self.metrics, self.log, host=self
+        )
         self.recorder: TraceRecorder | None = None
         self._last_trace_flush = time.monotonic()
         self.max_message_bytes = P.UNSHAPED_MAX_MESSAGE_BYTES
@@ -92,8 +93,13 @@ class Coordinator:
         if self.cfg.metrics_port is not None:
             http = await serve_http(self, self.cfg.http_host, self.cfg.metrics_port)
             self.metrics_port = http.sockets[0].getsockname()[1]
-        self.log.info("listening on %s for %d ranks (metrics %s, policy %s)", self.cfg.endpoint,
-                      self.cfg.world_size, self.metrics_port, self.cfg.policy)
+        self.log.info(
+            "listening on %s for %d ranks (metrics %s, policy %s)",
+            self.cfg.endpoint,
+            self.cfg.world_size,
+            self.metrics_port,
+            self.cfg.policy,
+        )
         self.ready.set()
         ticker = self._spawn(self._tick_loop(), "tick")
         try:
@@ -110,8 +116,10 @@ class Coordinator:
         """CURVE on the socket when keys are configured; returns the task counting refused handshakes."""
         if not self.cfg.curve_dir:
             if not is_local_endpoint(self.cfg.endpoint):
-                self.log.warning("INSECURE: %s accepts unauthenticated, unencrypted agents from other hosts (--insecure)",
-                                 self.cfg.endpoint)
+                self.log.warning(
+                    "INSECURE: %s accepts unauthenticated, unencrypted agents from other hosts (--insecure)",
+                    self.cfg.endpoint,
+                )
             return None
         from zmq.auth.asyncio import AsyncioAuthenticator
 
@@ -119,8 +127,9 @@ class Coordinator:
         self._auth.start()
         self._auth.configure_curve(domain="*", location=os.path.join(self.cfg.curve_dir, "clients"))
         apply_server_curve(sock, self.cfg.curve_dir)
-        return self._spawn(self._count_auth_failures(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)),
-                           "auth-monitor")
+        return self._spawn(
+            self._count_auth_failures(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)), "auth-monitor"
+        )
 
     async def _count_auth_failures(self, monitor) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -128,8 +137,10 @@ class Coordinator:
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
             self.metrics.messages_rejected.labels("auth").inc()
-            self.log.warning("refused a connection that failed CURVE authentication (%s)",
-                             event.get("endpoint", b"").decode(errors="replace"))
+            self.log.warning(
+                "refused a connection that failed CURVE authentication (%s)",
+                event.get("endpoint", b"").decode(errors="replace"),
+            )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -281,7 +292,9 @@ class Coordinator:
             self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         if self.cfg.record_path:
             try:
-                self.recorder = TraceRecorder(self.cfg.record_path, shape.num_layers, shape.num_logical, self.cfg.world_size)
+                self.recorder = TraceRecorder(
+                    self.cfg.record_path, shape.num_layers, shape.num_logical, self.cfg.world_size
+                )
                 self.metrics.recording_enabled.set(1)
                 self.log.info("recording load windows to %s", self.cfg.record_path)
             except Exception as exc:  # noqa: BLE001 - recording is a side duty
@@ -294,8 +307,12 @@ class Coordinator:
     def _record_failed(self, exc: BaseException) -> None:
         self.metrics.recording_errors.inc()
         self.metrics.recording_enabled.set(0)
-        self.log.error("recording load windows to %s failed (%s: %s); recording is off, the coordinator goes on",
-                       self.cfg.record_path, type(exc).__name__, exc)
+        self.log.error(
+            "recording load windows to %s failed (%s: %s); recording is off, the coordinator goes on",
+            self.cfg.record_path,
+            type(exc).__name__,
+            exc,
+        )
         self.recorder = None
 
     def _agent_counters(self) -> dict[int, dict[str, int]]:
@@ -326,8 +343,11 @@ class Coordinator:
                 if record.comm_generation != comm.generation:
                     self.send(record.identity, comm)  # a lost CommInit, sent again within the rendezvous
         if self.registry.complete and not self.comm_ready() and self.side_comm.retry_due(now):
-            self.log.warning("side communicator generation %d not built on every rank; trying generation %d",
-                             self.side_comm.generation, self.side_comm.generation + 1)
+            self.log.warning(
+                "side communicator generation %d not built on every rank; trying generation %d",
+                self.side_comm.generation,
+                self.side_comm.generation + 1,
+            )
             self.rebuild_comm()  # a CommInit was lost or a rendezvous failed
         if self.recorder is not None and now - self._last_trace_flush > 5.0:
             self._last_trace_flush = now
@@ -353,24 +373,52 @@ class Coordinator:
         for rank in range(self.cfg.world_size):
             record = self.registry.agents.get(rank)
             clock = clocks.get(rank)
-            ranks.append(None if record is None else {
-                "rank": rank, "alive": record.alive, "node": record.node, "pid": record.pid,
-                "last_seen_s": round(now - record.last_seen, 3), "step": record.step, "epoch": record.epoch,
-                "comm_generation": record.comm_generation, "internal_errors": record.internal_errors,
-                "step_clock_offset": None if clock is None else clock.offset,
-            })
+            ranks.append(
+                None
+                if record is None
+                else {
+                    "rank": rank,
+                    "alive": record.alive,
+                    "node": record.node,
+                    "pid": record.pid,
+                    "last_seen_s": round(now - record.last_seen, 3),
+                    "step": record.step,
+                    "epoch": record.epoch,
+                    "comm_generation": record.comm_generation,
+                    "internal_errors": record.internal_errors,
+                    "step_clock_offset": None if clock is None else clock.offset,
+                }
+            )
         plans, plan = self.plans, self.plans.plan
         return {
-            "world_size": self.cfg.world_size, "endpoint": self.cfg.endpoint, "policy": self.cfg.policy, "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 3), "epoch": self.book.epoch,
-            "comm_generation": self.side_comm.generation, "ranks": ranks, "halted": self.guard.halted_reason,
-            "plan_in_flight": None if plan is None else {"number": plans.number(plan.plan_id), "plan_id": plan.plan_id,
-                                                         "phase": plan.phase.value, "layers": plan.layers},
-            "plans": dict(plans.counts), "bytes_moved": plans.bytes_moved_total, "experts_moved": plans.experts_moved_total,
+            "world_size": self.cfg.world_size,
+            "endpoint": self.cfg.endpoint,
+            "policy": self.cfg.policy,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "epoch": self.book.epoch,
+            "comm_generation": self.side_comm.generation,
+            "ranks": ranks,
+            "halted": self.guard.halted_reason,
+            "plan_in_flight": None
+            if plan is None
+            else {
+                "number": plans.number(plan.plan_id),
+                "plan_id": plan.plan_id,
+                "phase": plan.phase.value,
+                "layers": plan.layers,
+            },
+            "plans": dict(plans.counts),
+            "bytes_moved": plans.bytes_moved_total,
+            "experts_moved": plans.experts_moved_total,
             "last_plans": [o.__dict__ for o in plans.outcomes[-10:]],
             "load_reports": self.book.window.reports if self.book.window else 0,
-            "balancedness": None if current is None else {
-                "model": current[0], "layer_min": float(current[1].min()), "layer_mean": float(current[1].mean()),
+            "balancedness": None
+            if current is None
+            else {
+                "model": current[0],
+                "layer_min": float(current[1].min()),
+                "layer_mean": float(current[1].mean()),
                 "layer_max": float(current[1].max()),
             },
             "max_step_seen": self.book.max_step_seen,

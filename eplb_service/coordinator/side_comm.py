@@ -34,8 +34,9 @@ class SideComm:
 
     def current(self, store: tuple[str, int]) -> P.CommInit:
         host, port = store
-        return P.CommInit(generation=self.generation, store_host=host, store_port=port, world_size=self.world_size,
-                          nonce=self.nonce)
+        return P.CommInit(
+            generation=self.generation, store_host=host, store_port=port, world_size=self.world_size, nonce=self.nonce
+        )
 
     @property
     def current_was_sent(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
+
 class UnsafeSocketDirectory(RuntimeError):
     """The directory of an ``ipc://`` endpoint is not this user's private directory."""
 
@@ -24,20 +25,26 @@ def check_private_dir(directory: str, uid: int | None = None) -> None:
     uid = os.geteuid() if uid is None else uid
     info = os.lstat(directory)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise UnsafeSocketDirectory(f"socket directory {directory} is a symlink or not a directory; expected a "
-                                    f"directory owned by uid {uid} with mode 0700")
+        raise UnsafeSocketDirectory(
+            f"socket directory {directory} is a symlink or not a directory; expected a "
+            f"directory owned by uid {uid} with mode 0700"
+        )
     if info.st_uid != uid:
-        raise UnsafeSocketDirectory(f"socket directory {directory} is owned by uid {info.st_uid}, not by this user "
-                                    f"(uid {uid}): another user may have prepared it; remove it or choose another "
-                                    "--endpoint")
+        raise UnsafeSocketDirectory(
+            f"socket directory {directory} is owned by uid {info.st_uid}, not by this user "
+            f"(uid {uid}): another user may have prepared it; remove it or choose another "
+            "--endpoint"
+        )
     if info.st_mode & 0o077:
-        raise UnsafeSocketDirectory(f"socket directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}, "
-                                    "expected 0700 (private to its owner)")
+        raise UnsafeSocketDirectory(
+            f"socket directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}, "
+            "expected 0700 (private to its owner)"
+        )
 
 
 def ipc_dir(endpoint: str) -> str | None:
     if endpoint.startswith("ipc://"):
-        return os.path.dirname(endpoint[len("ipc://"):]) or None
+        return os.path.dirname(endpoint[len("ipc://") :]) or None
     return None
 
 

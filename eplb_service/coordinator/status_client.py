@@ -8,7 +8,7 @@ import zmq
 
 from eplb_service import protocol as P
 from eplb_service.coordinator.socket_dir import check_endpoint_dir
-from eplb_service.security import ClientCurve, SecurityError
+from eplb_service.security import ClientCurve
 
 
 def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | None = None) -> dict:
@@ -47,31 +47,41 @@ def format_status(status: dict) -> str:
     ]
     if status.get("halted"):
         lines.append(f"HALTED: {status['halted']}")
-    lines.append(f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  {'clock':>5}  node/pid")
+    lines.append(
+        f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  {'clock':>5}  node/pid"
+    )
     for i, r in enumerate(status["ranks"]):
         if r is None:
             lines.append(f"{i:>4}  {'-':5}  (not registered)")
         else:
             offset = r.get("step_clock_offset")
             clock = "?" if offset is None else ("ok" if offset == 0 else f"{offset:+d}")
-            lines.append(f"{r['rank']:>4}  {'yes' if r['alive'] else 'NO':5}  {r['step']:>8}  {r['epoch']:>5}  "
-                         f"{r['comm_generation']:>4}  {r['last_seen_s']:>5.1f}s  {clock:>5}  {r['node']}/{r['pid']}")
+            lines.append(
+                f"{r['rank']:>4}  {'yes' if r['alive'] else 'NO':5}  {r['step']:>8}  {r['epoch']:>5}  "
+                f"{r['comm_generation']:>4}  {r['last_seen_s']:>5.1f}s  {clock:>5}  {r['node']}/{r['pid']}"
+            )
     plans = status["plans"]
-    lines.append(f"plans: proposed {plans['proposed']}  committed {plans['committed']}  aborted {plans['aborted']}  "
-                 f"diverged {plans['diverged']}  skipped {plans['skipped']}  |  moved {status['experts_moved']} experts, "
-                 f"{status['bytes_moved'] / 2**20:.1f} MiB")
+    lines.append(
+        f"plans: proposed {plans['proposed']}  committed {plans['committed']}  aborted {plans['aborted']}  "
+        f"diverged {plans['diverged']}  skipped {plans['skipped']}  |  moved {status['experts_moved']} experts, "
+        f"{status['bytes_moved'] / 2**20:.1f} MiB"
+    )
     if status.get("plan_in_flight"):
         p = status["plan_in_flight"]
         lines.append(f"in flight: plan #{p['number']} ({p['phase']}) layers {p['layers']}")
     for o in status["last_plans"][-5:]:
-        lines.append(f"  plan #{o['number']}: {o['phase']}{' at step ' + str(o['commit_step']) if o['commit_step'] is not None else ''}"
-                     f"{' (' + o['code'] + ')' if o.get('code') else ''}"
-                     f"  layers {o['layers']}  {o['experts_moved']} experts  {o['reason']}")
+        at = f" at step {o['commit_step']}" if o["commit_step"] is not None else ""
+        lines.append(
+            f"  plan #{o['number']}: {o['phase']}{at}"
+            f"{' (' + o['code'] + ')' if o.get('code') else ''}"
+            f"  layers {o['layers']}  {o['experts_moved']} experts  {o['reason']}"
+        )
     bal = status.get("balancedness")
     if bal:
-        lines.append(f"balancedness: model {bal['model']:.3f}  per layer min {bal['layer_min']:.3f} "
-                     f"mean {bal['layer_mean']:.3f} max {bal['layer_max']:.3f}  ({status['load_reports']} load reports)")
+        lines.append(
+            f"balancedness: model {bal['model']:.3f}  per layer min {bal['layer_min']:.3f} "
+            f"mean {bal['layer_mean']:.3f} max {bal['layer_max']:.3f}  ({status['load_reports']} load reports)"
+        )
     else:
         lines.append("balancedness: no load reported yet")
     return "\n".join(lines)
-

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
-import os
 import queue
 import socket
 import sys
@@ -75,8 +74,14 @@ def measured_balancedness(recv_counts: np.ndarray, begin: int, end: int) -> floa
 def simulation_config(opts: SimulationOptions, base: CoordinatorConfig | None, endpoint: str) -> CoordinatorConfig:
     """Coordinator settings scaled to a short CPU run unless the caller chose others."""
     if base is None:
-        return CoordinatorConfig(world_size=opts.world_size, endpoint=endpoint, rebalance_interval_steps=100,
-                                 min_window_steps=40, load_half_life_steps=100, min_gain=0.01)
+        return CoordinatorConfig(
+            world_size=opts.world_size,
+            endpoint=endpoint,
+            rebalance_interval_steps=100,
+            min_window_steps=40,
+            load_half_life_steps=100,
+            min_gain=0.01,
+        )
     return base.replace(world_size=opts.world_size, endpoint=endpoint)
 
 
@@ -89,13 +94,33 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     ctx = mp.get_context("spawn")
     results, progress = ctx.Queue(), ctx.Queue()
     serving_port = _free_port()
-    from torch.distributed import TCPStore  # the serving group's store, distinct from the agents'
     import datetime
-    serving_store = TCPStore("127.0.0.1", serving_port, opts.world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
-    procs = [ctx.Process(target=run_rank, name=f"sim-rank-{r}", args=(
-        RankSpec(rank=r, world_size=opts.world_size, steps=opts.steps, seed=opts.seed, model=opts.model,
-                 coordinator_endpoint=opts.agent_endpoint or cfg.endpoint, serving_store_port=serving_port), results, progress))
-        for r in range(opts.world_size)]
+
+    from torch.distributed import TCPStore  # the serving group's store, distinct from the agents'
+
+    serving_store = TCPStore(
+        "127.0.0.1", serving_port, opts.world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
+    )
+    procs = [
+        ctx.Process(
+            target=run_rank,
+            name=f"sim-rank-{r}",
+            args=(
+                RankSpec(
+                    rank=r,
+                    world_size=opts.world_size,
+                    steps=opts.steps,
+                    seed=opts.seed,
+                    model=opts.model,
+                    coordinator_endpoint=opts.agent_endpoint or cfg.endpoint,
+                    serving_store_port=serving_port,
+                ),
+                results,
+                progress,
+            ),
+        )
+        for r in range(opts.world_size)
+    ]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -105,8 +130,8 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     try:
         while len(collected) < opts.world_size:
             await asyncio.sleep(0.1)
-            for _, step, mismatches in drain(progress):
-                pass
+            for update in drain(progress):  # only the newest counts
+                _, step, mismatches = update
             collected.extend(drain(results))
             now = time.monotonic()
             if coordinator.epoch < 0:
@@ -117,9 +142,18 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
                 last_progress = now
                 bal = coordinator.current_balancedness()
                 c = coordinator.counts
-                log.info("step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d | mismatches %d",
-                         step, opts.steps, f"{bal[0]:.3f}" if bal else "n/a", c["committed"], c["aborted"],
-                         coordinator.bytes_moved_total / 2**20, coordinator.epoch, mismatches)
+                log.info(
+                    "step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d "
+                    "| mismatches %d",
+                    step,
+                    opts.steps,
+                    f"{bal[0]:.3f}" if bal else "n/a",
+                    c["committed"],
+                    c["aborted"],
+                    coordinator.bytes_moved_total / 2**20,
+                    coordinator.epoch,
+                    mismatches,
+                )
             if now - t0 > opts.timeout_s:
                 raise TimeoutError(f"simulation did not finish within {opts.timeout_s}s")
             dead = [p for p in procs if p.exitcode not in (None, 0)]
@@ -148,9 +182,12 @@ class RegistrationProgress:
         self.shown = -1
         self.finished = False
         self.tty = sys.stderr.isatty()
-        log.info("starting %d rank processes: each imports torch, builds its model and registers its agent with the "
-                 "coordinator (10-40 s on a small CPU machine); serving starts once all %d are registered",
-                 world_size, world_size)
+        log.info(
+            "starting %d rank processes: each imports torch, builds its model and registers its agent with the "
+            "coordinator (10-40 s on a small CPU machine); serving starts once all %d are registered",
+            world_size,
+            world_size,
+        )
 
     def update(self, registered: int) -> None:
         if registered == self.shown:
@@ -179,15 +216,24 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
     commits = [o for o in coordinator.outcomes if o.phase == "committed"]
     placements = {json.dumps(r["phy2log"]) for r in ranks}
     return {
-        "ranks": opts.world_size, "steps": opts.steps, "seed": opts.seed, "wall_s": round(wall_s, 2),
-        "committed": coordinator.counts["committed"], "aborted": coordinator.counts["aborted"],
-        "diverged": coordinator.counts["diverged"], "skipped_no_gain": coordinator.counts["skipped"],
+        "ranks": opts.world_size,
+        "steps": opts.steps,
+        "seed": opts.seed,
+        "wall_s": round(wall_s, 2),
+        "committed": coordinator.counts["committed"],
+        "aborted": coordinator.counts["aborted"],
+        "diverged": coordinator.counts["diverged"],
+        "skipped_no_gain": coordinator.counts["skipped"],
         "output_mismatches": int(sum(r["mismatches"] for r in ranks)),
         "balancedness_initial": round(measured_balancedness(recv, 0, tenth), 4),
         "balancedness_final": round(measured_balancedness(recv, opts.steps - tenth, opts.steps), 4),
-        "balancedness_final_without_rebalancing": round(measured_balancedness(reference, opts.steps - tenth, opts.steps), 4),
-        "bytes_moved": coordinator.bytes_moved_total, "experts_moved": coordinator.experts_moved_total,
-        "final_epoch": coordinator.epoch, "maps_identical_on_all_ranks": len(placements) == 1,
+        "balancedness_final_without_rebalancing": round(
+            measured_balancedness(reference, opts.steps - tenth, opts.steps), 4
+        ),
+        "bytes_moved": coordinator.bytes_moved_total,
+        "experts_moved": coordinator.experts_moved_total,
+        "final_epoch": coordinator.epoch,
+        "maps_identical_on_all_ranks": len(placements) == 1,
         "commit_steps": [o.commit_step for o in commits],
         "commit_stall_max_us": round(max(r["commit_stall_max_us"] for r in ranks), 1),
         "step_time_p50_ms": round(float(np.median([r["step_time_p50_ms"] for r in ranks])), 3),
@@ -199,8 +245,9 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
     }
 
 
-def plot_balancedness(summary: dict, recv: np.ndarray, path: str, block: int = 20,
-                      reference: np.ndarray | None = None) -> None:
+def plot_balancedness(
+    summary: dict, recv: np.ndarray, path: str, block: int = 20, reference: np.ndarray | None = None
+) -> None:
     """Balancedness per block of steps, commits marked; ``reference``: the same tokens under the
     initial maps (no rebalancing), so the plot shows what rebalancing bought."""
     import matplotlib
@@ -212,10 +259,18 @@ def plot_balancedness(summary: dict, recv: np.ndarray, path: str, block: int = 2
     xs = [begin + block / 2 for begin in range(0, steps - block + 1, block)]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if reference is not None:
-        ax.plot(xs, [measured_balancedness(reference, int(x - block / 2), int(x + block / 2)) for x in xs],
-                color="tab:gray", lw=1, label="same load, no rebalancing")
-    ax.plot(xs, [measured_balancedness(recv, int(x - block / 2), int(x + block / 2)) for x in xs],
-            label=f"with eplb-service ({block}-step blocks)")
+        ax.plot(
+            xs,
+            [measured_balancedness(reference, int(x - block / 2), int(x + block / 2)) for x in xs],
+            color="tab:gray",
+            lw=1,
+            label="same load, no rebalancing",
+        )
+    ax.plot(
+        xs,
+        [measured_balancedness(recv, int(x - block / 2), int(x + block / 2)) for x in xs],
+        label=f"with eplb-service ({block}-step blocks)",
+    )
     for i, step in enumerate(summary["commit_steps"]):
         ax.axvline(step, color="tab:green", alpha=0.4, lw=1, label="commit" if i == 0 else None)
     ax.set_xlabel("step")
@@ -235,6 +290,7 @@ def run_simulation(opts: SimulationOptions, base: CoordinatorConfig | None = Non
         cfg = simulation_config(opts, base, endpoint)
         try:
             import uvloop
+
             runner = uvloop.run
         except ImportError:  # pragma: no cover - uvloop is a dependency
             runner = asyncio.run

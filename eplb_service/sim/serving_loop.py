@@ -61,18 +61,22 @@ class SimServingRank:
         phy2log = initial_phy2log(self.shape)
         p2l, l2p, cnt = map_tensors(phy2log, cfg.num_logical, cfg.num_redundant + 1)
         # logical reference weights [L, N, H, H] and [L, N, H]
-        ref = [[expert_weights(cfg, spec.seed, l, e) for e in range(cfg.num_logical)] for l in range(cfg.num_layers)]
+        ref = [
+            [expert_weights(cfg, spec.seed, layer, e) for e in range(cfg.num_logical)]
+            for layer in range(cfg.num_layers)
+        ]
         self.ref_w = torch.stack([torch.stack([w for w, _ in layer]) for layer in ref])
         self.ref_b = torch.stack([torch.stack([b for _, b in layer]) for layer in ref])
         first = self.rank * self.spr
         weights = []
         for layer in range(cfg.num_layers):
-            experts = phy2log[layer, first:first + self.spr]
+            experts = phy2log[layer, first : first + self.spr]
             w = self.ref_w[layer, experts].reshape(self.spr, -1).clone()
             b = self.ref_b[layer, experts].clone()
             weights.append([w, b])
-        self.model = ExpertModel(expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt,
-                                 rank=self.rank, num_ranks=self.world)
+        self.model = ExpertModel(
+            expert_weights=weights, phy2log=p2l, log2phy=l2p, logcnt=cnt, rank=self.rank, num_ranks=self.world
+        )
         self.load_pass = torch.zeros((cfg.num_layers, num_physical), dtype=torch.int64)
         # The reference the plot compares with: where the same tokens would have gone under
         # the initial maps, had nothing been rebalanced.
@@ -98,15 +102,18 @@ class SimServingRank:
         x = torch.randint(-3, 4, (tokens, cfg.hidden), generator=gen).to(torch.float32)
         token_ids = torch.arange(tokens) + self.rank * tokens
         for layer in range(cfg.num_layers):
-            experts = torch.multinomial(self._popularity(layer, step).expand(tokens, -1), cfg.top_k, replacement=False, generator=gen)
+            experts = torch.multinomial(
+                self._popularity(layer, step).expand(tokens, -1), cfg.top_k, replacement=False, generator=gen
+            )
             gates = torch.randint(1, 4, (tokens, cfg.top_k), generator=gen).to(torch.float32)
             # logical -> physical through the live maps (replica = token index mod count)
             counts = self.model.logcnt[layer][experts]
             replica = (token_ids[:, None] + torch.arange(cfg.top_k)[None, :]) % counts
             slots = self.model.log2phy[layer][experts, replica]
             self.load_pass[layer].scatter_add_(0, slots.reshape(-1), torch.ones(slots.numel(), dtype=torch.int64))
-            initial = self.init_log2phy[layer][experts, (token_ids[:, None] + torch.arange(cfg.top_k)[None, :])
-                                               % self.init_logcnt[layer][experts]]
+            initial = self.init_log2phy[layer][
+                experts, (token_ids[:, None] + torch.arange(cfg.top_k)[None, :]) % self.init_logcnt[layer][experts]
+            ]
             self.ref_sent[step, layer] = torch.bincount((initial // spr).reshape(-1), minlength=world).numpy()
             dst = (slots // spr).reshape(-1)
             rows = (slots % spr).reshape(-1)
@@ -161,11 +168,20 @@ class SimServingRank:
 def run_rank(spec: RankSpec, results, progress=None) -> None:
     """Process entry point of one simulated rank."""
     torch.set_num_threads(1)
-    logging.basicConfig(level=os.environ.get("EPLB_SERVICE_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    store = dist.TCPStore("127.0.0.1", spec.serving_store_port, spec.world_size, False, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=dist.PrefixStore("serving", store), rank=spec.rank,
-                            world_size=spec.world_size, timeout=datetime.timedelta(seconds=120))
+    logging.basicConfig(
+        level=os.environ.get("EPLB_SERVICE_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+    store = dist.TCPStore(
+        "127.0.0.1", spec.serving_store_port, spec.world_size, False, timeout=datetime.timedelta(seconds=60)
+    )
+    dist.init_process_group(
+        "gloo",
+        store=dist.PrefixStore("serving", store),
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
     sim = SimServingRank(spec)
     agent = WorkerAgent(sim.model, spec.coordinator_endpoint, GlooTransport()).start()
     # Serve only once every agent is registered, so load is reported from the first step.
@@ -183,15 +199,22 @@ def run_rank(spec: RankSpec, results, progress=None) -> None:
     time.sleep(0.5)  # let the agent report the last commit before it stops
     agent_alive = agent._thread is not None and agent._thread.is_alive()
     agent.stop()
-    results.put({
-        "rank": spec.rank, "mismatches": sim.mismatches, "recv_counts": sim.recv_counts.tolist(),
-        "step_time_p50_ms": float(np.percentile(sim.step_times, 50) * 1e3),
-        "step_time_p99_ms": float(np.percentile(sim.step_times, 99) * 1e3),
-        "commit_stall_max_us": agent.hooks.max_stall_s * 1e6, "epoch": agent.hooks.epoch,
-        "agent_stats": dict(agent.stats), "error": error,
-        "phy2log": sim.model.phy2log.numpy().tolist(),
-        "commits": list(agent.hooks.commit_log), "agent_thread_alive": agent_alive,
-        "ref_sent": sim.ref_sent.tolist(),
-        "steps_done": agent.hooks.steps_done,
-    })
+    results.put(
+        {
+            "rank": spec.rank,
+            "mismatches": sim.mismatches,
+            "recv_counts": sim.recv_counts.tolist(),
+            "step_time_p50_ms": float(np.percentile(sim.step_times, 50) * 1e3),
+            "step_time_p99_ms": float(np.percentile(sim.step_times, 99) * 1e3),
+            "commit_stall_max_us": agent.hooks.max_stall_s * 1e6,
+            "epoch": agent.hooks.epoch,
+            "agent_stats": dict(agent.stats),
+            "error": error,
+            "phy2log": sim.model.phy2log.numpy().tolist(),
+            "commits": list(agent.hooks.commit_log),
+            "agent_thread_alive": agent_alive,
+            "ref_sent": sim.ref_sent.tolist(),
+            "steps_done": agent.hooks.steps_done,
+        }
+    )
     dist.destroy_process_group()

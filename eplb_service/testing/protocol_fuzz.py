@@ -52,7 +52,7 @@ def mutate(frame: bytes, data: st.DataObject) -> bytes:
             i = data.draw(st.integers(0, len(buf) - 1))
             buf[i] = data.draw(st.integers(0, 255))
         elif action == "cut" and buf:
-            del buf[data.draw(st.integers(0, len(buf) - 1)):]
+            del buf[data.draw(st.integers(0, len(buf) - 1)) :]
         else:
             i = data.draw(st.integers(0, len(buf)))
             buf[i:i] = data.draw(st.binary(min_size=1, max_size=8))
@@ -83,10 +83,20 @@ class HandlerHarness:
         self.coordinator._sock = _Sink()
         shape = PlacementShape(2, 6, 8, 2)
         for rank in range(2):
-            self.coordinator._handle(f"rank-{rank}".encode(), P.Hello(
-                protocol_version=P.PROTOCOL_VERSION, rank=rank, model=P.ModelShape(2, 6, 8, 2, 36),
-                phy2log=P.NDArray.from_numpy(initial_phy2log(shape)), epoch=0, step=0, transport="gloo",
-                store_host="127.0.0.1" if rank == 0 else "", store_port=1 if rank == 0 else 0))
+            self.coordinator._handle(
+                f"rank-{rank}".encode(),
+                P.Hello(
+                    protocol_version=P.PROTOCOL_VERSION,
+                    rank=rank,
+                    model=P.ModelShape(2, 6, 8, 2, 36),
+                    phy2log=P.NDArray.from_numpy(initial_phy2log(shape)),
+                    epoch=0,
+                    step=0,
+                    transport="gloo",
+                    store_host="127.0.0.1" if rank == 0 else "",
+                    store_port=1 if rank == 0 else 0,
+                ),
+            )
         assert self.coordinator.registry.complete
 
     def feed(self, message, identity: bytes = b"rank-0") -> None:
@@ -102,5 +112,10 @@ class HandlerHarness:
 
 
 def valid_load_report(rng: np.random.Generator, rank: int = 0) -> P.LoadReport:
-    return P.LoadReport(rank=rank, epoch=0, step_begin=0, step_end=10,
-                        slot_load=P.NDArray.from_numpy(rng.integers(0, 100, (2, 8)).astype(np.int64)))
+    return P.LoadReport(
+        rank=rank,
+        epoch=0,
+        step_begin=0,
+        step_end=10,
+        slot_load=P.NDArray.from_numpy(rng.integers(0, 100, (2, 8)).astype(np.int64)),
+    )

@@ -67,10 +67,19 @@ class WorkerAgent:
     on a plan. Its handlers are also the seams the tests' fault agents override.
     """
 
-    def __init__(self, model: ExpertModel, endpoint: str, transport: Transport, *,
-                 ranks_per_node: int | None = None, hello_interval_s: float = 0.5,
-                 staged_timeout_s: float = 60.0, curve: ClientCurve | None = None,
-                 staging_budget_bytes: int | None = None, config_overrides: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: ExpertModel,
+        endpoint: str,
+        transport: Transport,
+        *,
+        ranks_per_node: int | None = None,
+        hello_interval_s: float = 0.5,
+        staged_timeout_s: float = 60.0,
+        curve: ClientCurve | None = None,
+        staging_budget_bytes: int | None = None,
+        config_overrides: dict | None = None,
+    ) -> None:
         self.model, self.rank, self.endpoint, self.transport = model, model.rank, endpoint, transport
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
@@ -80,12 +89,18 @@ class WorkerAgent:
         self.config_overrides = dict(config_overrides or {})
         """``AgentConfig`` fields this instance sets itself, over the coordinator's ``Welcome``."""
         self.config = P.AgentConfig()
-        self.hooks = ServingHooks(model, self.config.report_interval_steps, self.config.fence_steps,
-                                  self.config.fence_timeout_s, decision_timeout_s=self.config.decision_timeout_s)
+        self.hooks = ServingHooks(
+            model,
+            self.config.report_interval_steps,
+            self.config.fence_steps,
+            self.config.fence_timeout_s,
+            decision_timeout_s=self.config.decision_timeout_s,
+        )
         self.log = rank_logger(__name__, self.rank)
         self.stats = collections.Counter()
-        self.link = CoordinatorLink(self.rank, endpoint, curve if curve is not None else ClientCurve.from_env(),
-                                    self.stats, self.log)
+        self.link = CoordinatorLink(
+            self.rank, endpoint, curve if curve is not None else ClientCurve.from_env(), self.stats, self.log
+        )
         self.phy2log_host = model.phy2log.detach().cpu().numpy().astype(np.int64).copy()
         self.shape = model.shape
         self.pipeline = StagingPipeline(model, transport, self.rank, ranks_per_node, self.stats)
@@ -159,10 +174,12 @@ class WorkerAgent:
             except Exception as exc:  # supervised: never a dead agent thread
                 failures_in_a_row += 1
                 self.stats["internal_errors"] += 1
-                self.log.exception("agent loop failed (%d in a row); resetting: no plan is applied half, the agent "
-                                   "registers again", failures_in_a_row)
+                self.log.exception(
+                    "agent loop failed (%d in a row); resetting: no plan is applied half, the agent registers again",
+                    failures_in_a_row,
+                )
                 self._reset(f"internal error: {type(exc).__name__}: {exc}")
-                self._stop.wait(min(5.0, 0.05 * 2 ** failures_in_a_row))
+                self._stop.wait(min(5.0, 0.05 * 2**failures_in_a_row))
         try:
             self._shutdown()
         finally:
@@ -186,7 +203,9 @@ class WorkerAgent:
         now = time.monotonic()
         if now - self.link.last_heard > SILENCE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0:
             self.stats["socket_reopened"] += 1
-            self.log.warning("nothing from the coordinator for %.1fs: reopening the connection", now - self.link.last_heard)
+            self.log.warning(
+                "nothing from the coordinator for %.1fs: reopening the connection", now - self.link.last_heard
+            )
             self._reopen()
         if not self._welcomed and now >= self._next_hello and self._rejected_reason is None:
             self.send(self._hello())
@@ -198,7 +217,12 @@ class WorkerAgent:
         self._flush_load_reports()
         self._check_connect()
         self._check_ticket()
-        if self._plan is not None and self._ticket is None and self._staged_at and now - self._staged_at > self.staged_timeout_s:
+        if (
+            self._plan is not None
+            and self._ticket is None
+            and self._staged_at
+            and now - self._staged_at > self.staged_timeout_s
+        ):
             self._drop_plan("no_vote", f"no vote within staged_timeout_s={self.staged_timeout_s}")
         self._heartbeat(now)
 
@@ -257,19 +281,34 @@ class WorkerAgent:
     def _hello(self) -> P.Hello:
         shape = self.shape
         return P.Hello(
-            protocol_version=P.PROTOCOL_VERSION, rank=self.rank,
-            model=P.ModelShape(num_layers=shape.num_layers, num_logical=shape.num_logical,
-                               num_physical=shape.num_physical, num_ranks=shape.num_ranks,
-                               bytes_per_expert=self.model.bytes_per_expert),
-            phy2log=P.NDArray.from_numpy(self.phy2log_host), epoch=self.hooks.epoch,
-            step=self.hooks.steps_done, transport=self.transport.name, node=socket.gethostname(), pid=os.getpid(),
-            store_host=self._store[0] if self._store else "", store_port=self._store[1] if self._store else 0,
+            protocol_version=P.PROTOCOL_VERSION,
+            rank=self.rank,
+            model=P.ModelShape(
+                num_layers=shape.num_layers,
+                num_logical=shape.num_logical,
+                num_physical=shape.num_physical,
+                num_ranks=shape.num_ranks,
+                bytes_per_expert=self.model.bytes_per_expert,
+            ),
+            phy2log=P.NDArray.from_numpy(self.phy2log_host),
+            epoch=self.hooks.epoch,
+            step=self.hooks.steps_done,
+            transport=self.transport.name,
+            node=socket.gethostname(),
+            pid=os.getpid(),
+            store_host=self._store[0] if self._store else "",
+            store_port=self._store[1] if self._store else 0,
             resume_session=self._session,
         )
 
     _handlers = {
-        P.Welcome: "_on_welcome", P.Reject: "_on_reject", P.CommInit: "_connect", P.Plan: "_on_plan",
-        P.VoteNow: "_on_vote", P.AbortPlan: "_on_abort", P.CoordinatorStopping: "_on_stopping",
+        P.Welcome: "_on_welcome",
+        P.Reject: "_on_reject",
+        P.CommInit: "_connect",
+        P.Plan: "_on_plan",
+        P.VoteNow: "_on_vote",
+        P.AbortPlan: "_on_abort",
+        P.CoordinatorStopping: "_on_stopping",
         P.HeartbeatAck: "_on_heartbeat_ack",
     }
     """Message type -> handler name (by name, so subclasses' overrides are the ones called)."""
@@ -289,8 +328,11 @@ class WorkerAgent:
 
     def _on_heartbeat_ack(self, message: P.HeartbeatAck) -> None:
         if self._welcomed and message.session != self._session:
-            self.log.warning("heartbeat answered for session %d, this agent holds %d: registering again",
-                             message.session, self._session)
+            self.log.warning(
+                "heartbeat answered for session %d, this agent holds %d: registering again",
+                message.session,
+                self._session,
+            )
             self._welcomed = False
 
     def _on_welcome(self, msg: P.Welcome) -> None:
@@ -322,7 +364,9 @@ class WorkerAgent:
         else:
             self._rejected_reason = msg.reason
             self._welcomed = False
-            self.log.error("coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason)
+            self.log.error(
+                "coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason
+            )
 
     # -- the side communicator ------------------------------------------------------------------
 
@@ -332,8 +376,13 @@ class WorkerAgent:
             return
         if comm.world_size != self.shape.num_ranks or not comm.store_host or not comm.store_port:
             self.stats["bad_messages"] += 1
-            self.log.error("ignored a CommInit for %d ranks at %r:%d; this deployment has %d ranks and needs a store address",
-                           comm.world_size, comm.store_host, comm.store_port, self.shape.num_ranks)
+            self.log.error(
+                "ignored a CommInit for %d ranks at %r:%d; this deployment has %d ranks and needs a store address",
+                comm.world_size,
+                comm.store_host,
+                comm.store_port,
+                self.shape.num_ranks,
+            )
             return
         self._abandon_plan("comm_rebuilt", f"side communicator rebuilt (generation {comm.generation})")
         self.side.connect(comm, self.config.transport_timeout_s)
@@ -352,14 +401,30 @@ class WorkerAgent:
     def _flush_load_reports(self) -> None:
         for snap, counts in self.hooks.take_load_windows():
             if self._welcomed:
-                self.send(P.LoadReport(rank=self.rank, epoch=snap.epoch, step_begin=snap.step_begin, step_end=snap.step_end,
-                                       slot_load=P.NDArray.from_numpy(counts), session=self._session))
+                self.send(
+                    P.LoadReport(
+                        rank=self.rank,
+                        epoch=snap.epoch,
+                        step_begin=snap.step_begin,
+                        step_end=snap.step_end,
+                        slot_load=P.NDArray.from_numpy(counts),
+                        session=self._session,
+                    )
+                )
 
     # -- plans -------------------------------------------------------------------------
 
     def _validate_plan(self, plan: P.Plan) -> np.ndarray:
-        return check_plan(plan, self.shape, self.hooks.epoch, self.phy2log_host, int(self.model.log2phy.shape[2]),
-                          self.rank, self.staging_budget_bytes, self.staging_bytes)
+        return check_plan(
+            plan,
+            self.shape,
+            self.hooks.epoch,
+            self.phy2log_host,
+            int(self.model.log2phy.shape[2]),
+            self.rank,
+            self.staging_budget_bytes,
+            self.staging_bytes,
+        )
 
     def staging_bytes(self, plan: P.Plan, rows: np.ndarray) -> int:
         """Bytes of staging this rank needs for ``plan`` (one row per incoming expert)."""
@@ -399,8 +464,15 @@ class WorkerAgent:
         # The agent thread's CPU time holds the GIL the serving thread needs: keep it visible.
         self.stats["stage_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
         self.stats["staged"] += 1
-        self.send(P.Staged(rank=self.rank, plan_id=plan.plan_id, bytes_received=received, duration_s=self._staged_at - t0,
-                           session=self._session))
+        self.send(
+            P.Staged(
+                rank=self.rank,
+                plan_id=plan.plan_id,
+                bytes_received=received,
+                duration_s=self._staged_at - t0,
+                session=self._session,
+            )
+        )
 
     def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
         """Stage ``plan`` through the pipeline; returns the bytes received from other ranks."""
@@ -450,7 +522,9 @@ class WorkerAgent:
         if ticket is not None and ticket.plan_id == msg.plan_id:
             # In the vote: only the record decides. Ask for abort there; if commit is there
             # already, this rank commits at S like every other, and says so in Voted.
-            self.voter.propose(Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}", "aborted_by_coordinator"))
+            self.voter.propose(
+                Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}", "aborted_by_coordinator")
+            )
         elif self._plan is not None and self._plan.plan_id == msg.plan_id:
             self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {msg.reason}")
 
@@ -482,8 +556,9 @@ def msgspec_replace(config: P.AgentConfig, overrides: dict) -> P.AgentConfig:
     return msgspec.structs.replace(config, **overrides)
 
 
-def heartbeat_message(rank: int, session: int, hooks: ServingHooks, comm_generation: int,
-                      stats: collections.Counter) -> P.Heartbeat:
+def heartbeat_message(
+    rank: int, session: int, hooks: ServingHooks, comm_generation: int, stats: collections.Counter
+) -> P.Heartbeat:
     """The heartbeat: the rank's step and epoch, step-clock probes, and the agent's counters."""
     # Read the step before the epoch: the serving thread bumps the epoch at the commit boundary
     # before the step count passes S, so (step > S, epoch = old) never pairs up falsely; the
@@ -491,8 +566,18 @@ def heartbeat_message(rank: int, session: int, hooks: ServingHooks, comm_generat
     step = hooks.steps_done
     epoch = hooks.epoch
     steps, times = probes_from_ring(hooks.step_end_times, step)
-    clock = P.StepClock(probe_steps=steps, times=times, radius=PROBE_RADIUS, wall_minus_mono=time.time() - time.monotonic())
+    clock = P.StepClock(
+        probe_steps=steps, times=times, radius=PROBE_RADIUS, wall_minus_mono=time.time() - time.monotonic()
+    )
     counters = {name: int(stats[name]) for name in P.AGENT_COUNTERS if stats[name]}
     counters["dropped_load_windows"] = hooks.dropped_windows
-    return P.Heartbeat(rank=rank, step=step, epoch=epoch, comm_generation=comm_generation, session=session,
-                       internal_errors=stats["internal_errors"], clock=clock, counters=counters)
+    return P.Heartbeat(
+        rank=rank,
+        step=step,
+        epoch=epoch,
+        comm_generation=comm_generation,
+        session=session,
+        internal_errors=stats["internal_errors"],
+        clock=clock,
+        counters=counters,
+    )

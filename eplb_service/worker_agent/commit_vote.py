@@ -55,8 +55,11 @@ def proposal_from(result: np.ndarray, plan_id: int, rank: int, fence_steps: int)
         return Decision.abort(rank, "vote_failed: a rank was not ready", "vote_failed")
     corrupt = corrupt_ops(result)
     if corrupt:
-        return Decision.abort(rank, f"vote_failed: integrity: row digests differ between sender and receiver for remote "
-                                    f"ops {corrupt[:8]}", "integrity")
+        return Decision.abort(
+            rank,
+            f"vote_failed: integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}",
+            "integrity",
+        )
     return Decision.commit_at(int(result[0]) + fence_steps, rank)
 
 
@@ -89,11 +92,22 @@ class CommitVoter:
         self._ticket_generation = -1
         """Side-communicator generation the ticket's vote ran on (torn down after an abort)."""
 
-    def vote(self, msg: P.VoteNow, plan: P.Plan | None, rows: np.ndarray | None, staged: Staged | None,
-             record: DecisionRecord | None) -> None:
+    def vote(
+        self,
+        msg: P.VoteNow,
+        plan: P.Plan | None,
+        rows: np.ndarray | None,
+        staged: Staged | None,
+        record: DecisionRecord | None,
+    ) -> None:
         host = self.host
-        ready = (plan is not None and plan.plan_id == msg.plan_id and staged is not None and self.ticket is None
-                 and record is not None)
+        ready = (
+            plan is not None
+            and plan.plan_id == msg.plan_id
+            and staged is not None
+            and self.ticket is None
+            and record is not None
+        )
         ticket = self._arm(msg.plan_id, plan, rows, staged, record) if ready else None
         hooks = host.hooks
         if ticket is not None:
@@ -124,13 +138,17 @@ class CommitVoter:
         proposal = proposal_from(result, msg.plan_id, host.rank, hooks.fence_steps)
         if proposal.code == "integrity":
             host.stats["integrity_failures"] += 1
-            host.log.error("plan %d: expert rows corrupted in transit (%s); nobody commits", msg.plan_id, proposal.reason)
+            host.log.error(
+                "plan %d: expert rows corrupted in transit (%s); nobody commits", msg.plan_id, proposal.reason
+            )
         if ticket is None:
             self._aborted(msg.plan_id, "not_staged", "vote arrived for a plan this rank has not staged")
             return
         self.propose(proposal)
 
-    def _arm(self, plan_id: int, plan: P.Plan, rows: np.ndarray, staged: Staged, record: DecisionRecord) -> CommitTicket:
+    def _arm(
+        self, plan_id: int, plan: P.Plan, rows: np.ndarray, staged: Staged, record: DecisionRecord
+    ) -> CommitTicket:
         host = self.host
         cpu = CpuSections(host.stats, "vote")
         with host.transport.device_context():  # complete when the vote's all-reduce returns
@@ -178,23 +196,45 @@ class CommitVoter:
         if ticket.is_decided and not ticket.voted_reported:
             ticket.voted_reported = True
             decision = ticket.decision
-            host.send(P.Voted(rank=host.rank, plan_id=ticket.plan_id, commit_step=max(decision.commit_step, 0),
-                              ok=decision.commit, session=host.session))
+            host.send(
+                P.Voted(
+                    rank=host.rank,
+                    plan_id=ticket.plan_id,
+                    commit_step=max(decision.commit_step, 0),
+                    ok=decision.commit,
+                    session=host.session,
+                )
+            )
         if not ticket.finished.is_set():
             return None
         self.ticket = None
         if ticket.outcome == "committed":
             host.stats["committed"] += 1
-            host.log.info("committed plan %d at step %d (epoch %d, stall %.1f us)", ticket.plan_id, ticket.outcome_step,
-                          host.hooks.epoch, ticket.stall_s * 1e6)
-            host.send(P.Committed(rank=host.rank, plan_id=ticket.plan_id, commit_step=ticket.outcome_step,
-                                  epoch=host.hooks.epoch, stall_s=ticket.stall_s, session=host.session))
+            host.log.info(
+                "committed plan %d at step %d (epoch %d, stall %.1f us)",
+                ticket.plan_id,
+                ticket.outcome_step,
+                host.hooks.epoch,
+                ticket.stall_s * 1e6,
+            )
+            host.send(
+                P.Committed(
+                    rank=host.rank,
+                    plan_id=ticket.plan_id,
+                    commit_step=ticket.outcome_step,
+                    epoch=host.hooks.epoch,
+                    stall_s=ticket.stall_s,
+                    session=host.session,
+                )
+            )
             return ticket
         host.stats["aborted"] += 1
         aborted = ticket.outcome == "aborted"
         reason = ticket.reason if aborted else ticket.outcome
         code = ticket.code if aborted and ticket.code else "missed_commit_step"
-        host.log.warning("plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason)
+        host.log.warning(
+            "plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason
+        )
         if host.transport.generation == self._ticket_generation:
             host.transport.abort()  # a vote left pending on some rank must never meet a later collective
         self._aborted(ticket.plan_id, code, reason)
@@ -203,4 +243,3 @@ class CommitVoter:
     def _aborted(self, plan_id: int, code: str, reason: str) -> None:
         host = self.host
         host.send(P.Aborted(rank=host.rank, plan_id=plan_id, reason=reason, session=host.session, code=code))
-

@@ -65,8 +65,9 @@ class Decision:
                 raise ValueError(kind)
             return cls(kind == "commit", int(step), int(rank), reason, code)
         except ValueError as exc:
-            raise DecisionUnavailable(f"decision record holds {raw[:80]!r}, expected 'commit|S|rank||' or "
-                                      f"'abort|-1|rank|code|reason'") from exc
+            raise DecisionUnavailable(
+                f"decision record holds {raw[:80]!r}, expected 'commit|S|rank||' or 'abort|-1|rank|code|reason'"
+            ) from exc
 
     def describe(self) -> str:
         if self.commit:
@@ -109,8 +110,10 @@ class StoreDecisionRecord:
                 raw = self._client.compare_set(self.KEY.format(plan_id=plan_id), "", proposal.encode())
             except Exception as exc:  # DistNetworkError, DistStoreError, RuntimeError: all mean "not now"
                 self._client = None
-                raise DecisionUnavailable(f"decision record at {self.address} unreachable: {type(exc).__name__}: "
-                                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                raise DecisionUnavailable(
+                    f"decision record at {self.address} unreachable: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
         return Decision.decode(raw)
 
 
@@ -170,8 +173,11 @@ class Decider:
                 except DecisionUnavailable as exc:
                     if self.unreachable_since is None:
                         self.unreachable_since = time.monotonic()
-                        self.log.error("plan %d: %s; retrying (the serving thread waits at the fence, bounded)",
-                                       ticket.plan_id, exc)
+                        self.log.error(
+                            "plan %d: %s; retrying (the serving thread waits at the fence, bounded)",
+                            ticket.plan_id,
+                            exc,
+                        )
                     self.last_error = str(exc)
                     self._stop.wait(backoff_s)
                     backoff_s = min(self.retry_max_s, backoff_s * 2)

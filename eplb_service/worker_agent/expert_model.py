@@ -44,11 +44,15 @@ class ExpertModel:
         for layer, tensors in enumerate(self.expert_weights):
             for k, tensor in enumerate(tensors):
                 if tensor.shape[0] != spr:
-                    raise ValueError(f"expert_weights[{layer}][{k}] has {tensor.shape[0]} rows, expected slots_per_rank={spr}")
+                    raise ValueError(
+                        f"expert_weights[{layer}][{k}] has {tensor.shape[0]} rows, expected slots_per_rank={spr}"
+                    )
                 if not tensor.is_contiguous():
                     raise ValueError(f"expert_weights[{layer}][{k}] must be contiguous")
         if tuple(self.logcnt.shape) != (num_layers, self.log2phy.shape[1]):
-            raise ValueError(f"logcnt shape {tuple(self.logcnt.shape)} does not match log2phy {tuple(self.log2phy.shape)}")
+            raise ValueError(
+                f"logcnt shape {tuple(self.logcnt.shape)} does not match log2phy {tuple(self.log2phy.shape)}"
+            )
 
     @property
     def shape(self) -> PlacementShape:
@@ -65,7 +69,9 @@ class ExpertModel:
         return sum(t[0].numel() * t.element_size() for t in self.expert_weights[0])
 
 
-def map_tensors(phy2log: np.ndarray, num_logical: int, width: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def map_tensors(
+    phy2log: np.ndarray, num_logical: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(phy2log, log2phy, logcnt)`` int64 tensors for a placement, in vLLM's layout."""
     arr = np.asarray(phy2log, dtype=np.int64)
     return (

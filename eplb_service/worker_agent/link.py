@@ -20,8 +20,14 @@ from eplb_service.security import ClientCurve
 
 
 class CoordinatorLink:
-    def __init__(self, rank: int, endpoint: str, curve: ClientCurve | None, stats: collections.Counter,
-                 log: logging.LoggerAdapter) -> None:
+    def __init__(
+        self,
+        rank: int,
+        endpoint: str,
+        curve: ClientCurve | None,
+        stats: collections.Counter,
+        log: logging.LoggerAdapter,
+    ) -> None:
         self.rank, self.endpoint, self.curve, self.stats, self.log = rank, endpoint, curve, stats, log
         self._ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
@@ -52,7 +58,8 @@ class CoordinatorLink:
             self.stats["send_dropped"] += 1
 
     def receive(self, poll_ms: int) -> list[P.Message]:
-        """Everything that arrived within ``poll_ms`` (0: what is there now), decoded; bad frames are counted and dropped."""
+        """Everything that arrived within ``poll_ms`` (0: what is there now), decoded; bad frames are
+        counted and dropped."""
         sock = self.sock
         if not sock.poll(poll_ms, zmq.POLLIN):
             return []

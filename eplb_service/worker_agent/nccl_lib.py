@@ -144,13 +144,31 @@ class NcclLibrary:
         lib = self._lib
         lib.ncclGetErrorString.restype = ctypes.c_char_p
         lib.ncclGetErrorString.argtypes = [ctypes.c_int]
-        lib.ncclCommInitRankConfig.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, UniqueId, ctypes.c_int,
-                                               ctypes.POINTER(NcclConfig)]
+        lib.ncclCommInitRankConfig.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_int,
+            UniqueId,
+            ctypes.c_int,
+            ctypes.POINTER(NcclConfig),
+        ]
         for fn in ("ncclSend", "ncclRecv"):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                         ctypes.c_void_p]
-        lib.ncclAllReduce.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_void_p, ctypes.c_void_p]
+            getattr(lib, fn).argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+            ]
+        lib.ncclAllReduce.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.ncclCommAbort.argtypes = [ctypes.c_void_p]
         lib.ncclCommDestroy.argtypes = [ctypes.c_void_p]
         lib.ncclCommGetAsyncError.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
@@ -179,8 +197,9 @@ class NcclLibrary:
     def groupEnd(self) -> None:  # noqa: N802
         self._check("ncclGroupEnd", self._lib.ncclGroupEnd())
 
-    def communicator(self, nranks: int, unique_id: bytes, rank: int, *, min_ctas: int | None = None,
-                     max_ctas: int | None = None) -> ConfiguredCommunicator:
+    def communicator(
+        self, nranks: int, unique_id: bytes, rank: int, *, min_ctas: int | None = None, max_ctas: int | None = None
+    ) -> ConfiguredCommunicator:
         """``ncclCommInitRankConfig`` (blocking: returns once every rank has joined)."""
         if len(unique_id) != 128:
             raise ValueError(f"NCCL unique id of {len(unique_id)} bytes, expected 128")
@@ -190,8 +209,10 @@ class NcclLibrary:
         uid = UniqueId()
         ctypes.memmove(ctypes.addressof(uid), unique_id, 128)
         handle = ctypes.c_void_p()
-        self._check(f"ncclCommInitRankConfig(nranks={nranks}, rank={rank}, minCTAs={min_ctas}, maxCTAs={max_ctas})",
-                    self._lib.ncclCommInitRankConfig(ctypes.byref(handle), nranks, uid, rank, ctypes.byref(config)))
+        self._check(
+            f"ncclCommInitRankConfig(nranks={nranks}, rank={rank}, minCTAs={min_ctas}, maxCTAs={max_ctas})",
+            self._lib.ncclCommInitRankConfig(ctypes.byref(handle), nranks, uid, rank, ctypes.byref(config)),
+        )
         return ConfiguredCommunicator(self, handle.value, min_ctas=min_ctas, max_ctas=max_ctas)
 
 
@@ -216,13 +237,15 @@ class ConfiguredCommunicator:
         self._library._check("ncclRecv", self._library._lib.ncclRecv(ptr, count, dtype, peer, self._live(), stream))
 
     def allReduce(self, sendbuf: int, recvbuf: int, count: int, dtype: int, op: int, stream: int) -> None:  # noqa: N802
-        self._library._check("ncclAllReduce", self._library._lib.ncclAllReduce(sendbuf, recvbuf, count, dtype, op,
-                                                                               self._live(), stream))
+        self._library._check(
+            "ncclAllReduce", self._library._lib.ncclAllReduce(sendbuf, recvbuf, count, dtype, op, self._live(), stream)
+        )
 
     def check_async_error(self) -> None:
         state = ctypes.c_int()
-        self._library._check("ncclCommGetAsyncError", self._library._lib.ncclCommGetAsyncError(self._live(),
-                                                                                               ctypes.byref(state)))
+        self._library._check(
+            "ncclCommGetAsyncError", self._library._lib.ncclCommGetAsyncError(self._live(), ctypes.byref(state))
+        )
         self._library._check("asynchronous NCCL operation", state.value)
 
     def abort(self) -> None:

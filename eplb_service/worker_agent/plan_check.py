@@ -16,9 +16,16 @@ from eplb_service import protocol as P
 from eplb_service.placement import PlacementError, PlacementShape, validate_phy2log
 
 
-def check_plan(plan: P.Plan, shape: PlacementShape, epoch: int, phy2log_host: np.ndarray, map_width: int,
-               rank: int, staging_budget_bytes: int | None = None,
-               staging_bytes: Callable[[P.Plan, np.ndarray], int] | None = None) -> np.ndarray:
+def check_plan(
+    plan: P.Plan,
+    shape: PlacementShape,
+    epoch: int,
+    phy2log_host: np.ndarray,
+    map_width: int,
+    rank: int,
+    staging_budget_bytes: int | None = None,
+    staging_bytes: Callable[[P.Plan, np.ndarray], int] | None = None,
+) -> np.ndarray:
     """The plan's new rows ``[len(layers), P]`` int64, or :class:`PlacementError` naming what is wrong."""
     if plan.base_epoch != epoch:
         raise PlacementError(f"plan {plan.plan_id} is for epoch {plan.base_epoch}, this rank is at epoch {epoch}")
@@ -27,19 +34,25 @@ def check_plan(plan: P.Plan, shape: PlacementShape, epoch: int, phy2log_host: np
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= shape.num_layers:
         raise PlacementError(f"plan {plan.plan_id}: layers {layers} must be distinct and in [0, {shape.num_layers})")
     if rows.shape != (len(layers), shape.num_physical):
-        raise PlacementError(f"plan {plan.plan_id}: phy2log shape {rows.shape}, expected {(len(layers), shape.num_physical)}")
+        raise PlacementError(
+            f"plan {plan.plan_id}: phy2log shape {rows.shape}, expected {(len(layers), shape.num_physical)}"
+        )
     full = phy2log_host.copy()
     full[layers] = rows
     validate_phy2log(full, shape)
     offsets = np.repeat(np.arange(len(layers)) * shape.num_logical, shape.num_physical)
     max_replicas = int(np.bincount(rows.ravel().astype(np.int64) + offsets).max())
     if max_replicas > map_width:
-        raise PlacementError(f"plan {plan.plan_id}: an expert gets {max_replicas} replicas, more than the map width {map_width}")
+        raise PlacementError(
+            f"plan {plan.plan_id}: an expert gets {max_replicas} replicas, more than the map width {map_width}"
+        )
     rows = rows.astype(np.int64)
     if staging_budget_bytes is not None and staging_bytes is not None:
         need = staging_bytes(plan, rows)
         if need > staging_budget_bytes:
-            raise PlacementError(f"plan {plan.plan_id} needs {need} bytes of staging on rank {rank}, more than "
-                                 f"EPLB_SERVICE_STAGING_BUDGET_BYTES={staging_budget_bytes}; start the coordinator "
-                                 "with --staging-budget-bytes at most that")
+            raise PlacementError(
+                f"plan {plan.plan_id} needs {need} bytes of staging on rank {rank}, more than "
+                f"EPLB_SERVICE_STAGING_BUDGET_BYTES={staging_budget_bytes}; start the coordinator "
+                "with --staging-budget-bytes at most that"
+            )
     return rows

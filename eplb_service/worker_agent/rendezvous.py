@@ -38,7 +38,7 @@ def advertised_host(coordinator_endpoint: str, environ: dict | None = None) -> s
     if env.get(STORE_HOST_ENV):
         return env[STORE_HOST_ENV]
     if coordinator_endpoint.startswith("tcp://"):
-        host = coordinator_endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        host = coordinator_endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0"):
             try:
                 with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -78,11 +78,13 @@ class RendezvousHost:
         port = store_port_from_env(environ)
         host = advertised_host(coordinator_endpoint, environ)
         try:
-            server = dist.TCPStore("0.0.0.0", port, world_size, True, timeout=datetime.timedelta(seconds=60),
-                                   wait_for_workers=False)
+            server = dist.TCPStore(
+                "0.0.0.0", port, world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
+            )
         except Exception as exc:
-            raise RendezvousError(f"could not host the rendezvous store on port {port or 'any'} "
-                                  f"({STORE_PORT_ENV}): {exc}") from exc
+            raise RendezvousError(
+                f"could not host the rendezvous store on port {port or 'any'} ({STORE_PORT_ENV}): {exc}"
+            ) from exc
         return cls(host, server.port, server)
 
 

@@ -133,20 +133,31 @@ class TransferSchedule:
             raise ValueError(f"chunk bounds {bounds[:1]}..{bounds[-1:]} must cover remote ops [0, {len(self.remote)})")
         new_index: list[dict[int, int]] = []
         for work in self.per_rank:
-            received = sorted((int(chunk_of[i]), op.src_rank, i, op.dst_staging)
-                              for i, op in enumerate(self.remote) if op.dst_rank == work.rank)
+            received = sorted(
+                (int(chunk_of[i]), op.src_rank, i, op.dst_staging)
+                for i, op in enumerate(self.remote)
+                if op.dst_rank == work.rank
+            )
             order = [staging for *_, staging in received]
             taken = set(order)
             order += [row.index for row in work.staging if row.index not in taken]
             new_index.append({old: new for new, old in enumerate(order)})
         per_rank = []
         for work, mapping in zip(self.per_rank, new_index):
-            staging = sorted((replace(row, index=mapping[row.index]) for row in work.staging), key=lambda row: row.index)
-            per_rank.append(RankWork(
-                rank=work.rank, staging=staging,
-                local=[replace(c, dst_staging=mapping[c.dst_staging]) for c in work.local],
-                duplicates=[DuplicateCopy(src_staging=mapping[d.src_staging], dst_staging=mapping[d.dst_staging])
-                            for d in work.duplicates]))
+            staging = sorted(
+                (replace(row, index=mapping[row.index]) for row in work.staging), key=lambda row: row.index
+            )
+            per_rank.append(
+                RankWork(
+                    rank=work.rank,
+                    staging=staging,
+                    local=[replace(c, dst_staging=mapping[c.dst_staging]) for c in work.local],
+                    duplicates=[
+                        DuplicateCopy(src_staging=mapping[d.src_staging], dst_staging=mapping[d.dst_staging])
+                        for d in work.duplicates
+                    ],
+                )
+            )
         remote = tuple(replace(op, dst_staging=new_index[op.dst_rank][op.dst_staging]) for op in self.remote)
         return TransferSchedule(slots_per_rank=self.slots_per_rank, remote=remote, per_rank=tuple(per_rank))
 
@@ -185,8 +196,10 @@ def chunk_transfers(schedule: TransferSchedule, rank: int, begin: int, end: int)
     receives = {}
     for peer, staging in rows.items():
         if staging != list(range(staging[0], staging[0] + len(staging))):
-            raise ValueError(f"rank {rank}: staging rows {staging} from peer {peer} are not one contiguous block; "
-                             "renumber the schedule with contiguous_by_source() for these chunk bounds first")
+            raise ValueError(
+                f"rank {rank}: staging rows {staging} from peer {peer} are not one contiguous block; "
+                "renumber the schedule with contiguous_by_source() for these chunk bounds first"
+            )
         receives[peer] = (staging[0], len(staging))
     return ChunkTransfers(sends=sends, receives=receives, send_ops=send_ops, receive_ops=receive_ops)
 
@@ -247,7 +260,16 @@ def build_schedule(
             candidates = same_node or list(expert_holders)
             src_rank = min(candidates, key=lambda r: (sends_so_far[r], r))
             sends_so_far[src_rank] += 1
-            remote.append(RemoteCopy(layer=layer, expert=expert, src_rank=src_rank, src_row=expert_holders[src_rank], dst_rank=dst_rank, dst_staging=staging.index))
+            remote.append(
+                RemoteCopy(
+                    layer=layer,
+                    expert=expert,
+                    src_rank=src_rank,
+                    src_row=expert_holders[src_rank],
+                    dst_rank=dst_rank,
+                    dst_staging=staging.index,
+                )
+            )
             received_here[(dst_rank, expert)] = staging.index
     return TransferSchedule(slots_per_rank=spr, remote=tuple(interleave_pairs(remote)), per_rank=tuple(per_rank))
 

@@ -116,8 +116,15 @@ class ServingHooks:
     STEP_RING = 1024
     """Steps whose end time is kept (a power of two): probes are read from here."""
 
-    def __init__(self, model: ExpertModel, report_interval_steps: int = 10, fence_steps: int = 8,
-                 fence_timeout_s: float = 5.0, num_host_buffers: int = 4, decision_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        model: ExpertModel,
+        report_interval_steps: int = 10,
+        fence_steps: int = 8,
+        fence_timeout_s: float = 5.0,
+        num_host_buffers: int = 4,
+        decision_timeout_s: float = 60.0,
+    ) -> None:
         if report_interval_steps <= 0 or fence_steps <= 0 or fence_timeout_s <= 0 or decision_timeout_s <= 0:
             raise ValueError(
                 f"report_interval_steps={report_interval_steps}, fence_steps={fence_steps}, "
@@ -215,13 +222,16 @@ class ServingHooks:
         t0 = time.perf_counter()
         if not ticket.decided.wait(self.fence_timeout_s):
             if ticket.propose_abort is not None:
-                ticket.propose_abort("fence_timeout",
-                                     f"fence_timeout: rank {self.model.rank} waited {self.fence_timeout_s}s at step {step}")
+                ticket.propose_abort(
+                    "fence_timeout",
+                    f"fence_timeout: rank {self.model.rank} waited {self.fence_timeout_s}s at step {step}",
+                )
             if not ticket.decided.wait(self.decision_timeout_s):
                 raise UndecidedCommit(
                     f"rank {self.model.rank}: plan {ticket.plan_id}'s decision record did not answer within "
                     f"fence_timeout_s={self.fence_timeout_s} + decision_timeout_s={self.decision_timeout_s} at step "
-                    f"{step}; applying or skipping it could each split the ranks, so this worker stops")
+                    f"{step}; applying or skipping it could each split the ranks, so this worker stops"
+                )
         ticket.fence_wait_s = time.perf_counter() - t0
 
     def _finish(self, ticket: CommitTicket, outcome: str, step: int) -> None:

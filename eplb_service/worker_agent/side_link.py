@@ -58,8 +58,12 @@ class SideLink:
                 self.log.error("could not build the side communicator: %s", exc)
                 return
             self._built = comm
-            self.log.info("side communicator generation %d ready (%s, %.2fs)", comm.generation, self.transport.name,
-                          time.monotonic() - t0)
+            self.log.info(
+                "side communicator generation %d ready (%s, %.2fs)",
+                comm.generation,
+                self.transport.name,
+                time.monotonic() - t0,
+            )
 
         self._attempted = comm
         self.connecting = threading.Thread(target=build, name=f"eplb-connect-{self.rank}", daemon=True)

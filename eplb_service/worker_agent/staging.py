@@ -30,16 +30,22 @@ class StagingArea:
         count = len(work.staging)
         first_layer = model.expert_weights[0]
         for layer, tensors in enumerate(model.expert_weights):
-            if len(tensors) != len(first_layer) or any(t.shape[1:] != f.shape[1:] or t.dtype != f.dtype for t, f in zip(tensors, first_layer)):
-                raise ValueError(f"expert_weights[{layer}] differs in row shape or dtype from layer 0; staging needs uniform layers")
+            if len(tensors) != len(first_layer) or any(
+                t.shape[1:] != f.shape[1:] or t.dtype != f.dtype for t, f in zip(tensors, first_layer)
+            ):
+                raise ValueError(
+                    f"expert_weights[{layer}] differs in row shape or dtype from layer 0; staging needs uniform layers"
+                )
         self.layout = RecordLayout.of(first_layer)
         self.buffer = torch.empty((count, self.layout.record_bytes), dtype=torch.uint8, device=first_layer[0].device)
-        self.rows = [self.buffer[:, offset:offset + size].view(t.dtype).view(count, *t.shape[1:])
-                     for t, offset, size in zip(first_layer, self.layout.offsets, self.layout.sizes)]
+        self.rows = [
+            self.buffer[:, offset : offset + size].view(t.dtype).view(count, *t.shape[1:])
+            for t, offset, size in zip(first_layer, self.layout.offsets, self.layout.sizes)
+        ]
 
     def block(self, first: int, count: int) -> torch.Tensor:
         """Records ``[first, first + count)`` as one contiguous ``[count, record_bytes]`` uint8 view."""
-        return self.buffer[first:first + count]
+        return self.buffer[first : first + count]
 
     @property
     def nbytes(self) -> int:
@@ -63,13 +69,14 @@ def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Ten
     whole = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
     out, begin = [], 0
     for a in flat:
-        out.append(whole[begin:begin + a.size].view(a.shape))
+        out.append(whole[begin : begin + a.size].view(a.shape))
         begin += a.size
     return out
 
 
-def prepare_commit(model: ExpertModel, plan_id: int, layers: list[int], new_rows: np.ndarray,
-                   area: StagingArea) -> CommitAction:
+def prepare_commit(
+    model: ExpertModel, plan_id: int, layers: list[int], new_rows: np.ndarray, area: StagingArea
+) -> CommitAction:
     """Build the in-place copies that turn staged rows and new maps live at commit.
 
     Every device tensor here is filled by one non-blocking copy enqueued on the current
@@ -90,13 +97,23 @@ def prepare_commit(model: ExpertModel, plan_id: int, layers: list[int], new_rows
     width = int(model.log2phy.shape[2])
     rows = np.asarray(new_rows, dtype=np.int64)
     dst_rows = [np.array([s.dst_row for s in staging[b:e]], dtype=np.int64) for _, b, e in spans]
-    maps = [np.array(layers, dtype=np.int64), rows, logical_to_physical(rows, num_logical, width),
-            logical_replica_count(rows, num_logical)]
+    maps = [
+        np.array(layers, dtype=np.int64),
+        rows,
+        logical_to_physical(rows, num_logical, width),
+        logical_replica_count(rows, num_logical),
+    ]
     on_device = _to_device(dst_rows + maps, device)
     weight_copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for (plan_layer, b, e), index in zip(spans, on_device):
         for k, live in enumerate(model.expert_weights[layers[plan_layer]]):
             weight_copies.append((live, index, area.rows[k][b:e]))
-    layer_index, phy2log_rows, log2phy_rows, logcnt_rows = on_device[len(spans):]
-    return CommitAction(plan_id=plan_id, weight_copies=weight_copies, layer_index=layer_index,
-                        phy2log_rows=phy2log_rows, log2phy_rows=log2phy_rows, logcnt_rows=logcnt_rows)
+    layer_index, phy2log_rows, log2phy_rows, logcnt_rows = on_device[len(spans) :]
+    return CommitAction(
+        plan_id=plan_id,
+        weight_copies=weight_copies,
+        layer_index=layer_index,
+        phy2log_rows=phy2log_rows,
+        log2phy_rows=log2phy_rows,
+        logcnt_rows=logcnt_rows,
+    )

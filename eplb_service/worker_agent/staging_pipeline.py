@@ -63,14 +63,21 @@ class Staged:
 class StagingPipeline:
     """Stages plan batches for one rank over its side transport."""
 
-    def __init__(self, model: ExpertModel, transport: Transport, rank: int, ranks_per_node: int | None,
-                 stats: collections.Counter) -> None:
+    def __init__(
+        self,
+        model: ExpertModel,
+        transport: Transport,
+        rank: int,
+        ranks_per_node: int | None,
+        stats: collections.Counter,
+    ) -> None:
         self.model, self.transport, self.rank = model, transport, rank
         self.ranks_per_node = ranks_per_node
         self.stats = stats
 
-    def stage(self, plan: P.Plan, rows: np.ndarray, phy2log_host: np.ndarray, config: P.AgentConfig,
-              pump: Callable[[], None]) -> Staged:
+    def stage(
+        self, plan: P.Plan, rows: np.ndarray, phy2log_host: np.ndarray, config: P.AgentConfig, pump: Callable[[], None]
+    ) -> Staged:
         """Fill this rank's staging rows for ``plan`` (new ``rows`` over ``phy2log_host``).
 
         ``pump`` runs between chunks and while the transport waits on the host (heartbeats,
@@ -104,7 +111,9 @@ class StagingPipeline:
                 ops: list[P2POp] = []
                 blocks = []
                 for peer, sent in part.sends.items():
-                    block = transport.gather([weights_row(weights[layers[layer]], row) for layer, row in sent], area.layout)
+                    block = transport.gather(
+                        [weights_row(weights[layers[layer]], row) for layer, row in sent], area.layout
+                    )
                     ops.append(P2POp(True, block, peer, number))
                     blocks.append((part.send_ops[peer], block))
                 for peer, (first, count) in part.receives.items():
@@ -115,8 +124,11 @@ class StagingPipeline:
                 cpu.mark("pack")
                 # The throttle: the busiest rank's bytes in this chunk over the rate, the same
                 # figure on every rank.
-                pace_s = (schedule.chunk_cost_bytes(begin, end, bpe) / config.throttle_bytes_per_s
-                          if config.throttle_bytes_per_s > 0 else 0.0)
+                pace_s = (
+                    schedule.chunk_cost_bytes(begin, end, bpe) / config.throttle_bytes_per_s
+                    if config.throttle_bytes_per_s > 0
+                    else 0.0
+                )
                 transport.exchange(ops, pace_s)
                 cpu.mark("exchange")
                 pending.extend((indices, transport.block_digests(block)) for indices, block in blocks)

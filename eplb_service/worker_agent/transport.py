@@ -92,7 +92,7 @@ class Transport(abc.ABC):
         ranks drift apart, and the early side's NCCL kernel would spin on SMs meanwhile).
         """
 
-    def start_batch(self) -> None:
+    def start_batch(self) -> None:  # noqa: B027 - optional: only the GPU transport needs a start
         """Begin one plan batch's transfers; every rank of the communicator calls it.
 
         The GPU transport enqueues a tiny all-reduce here so that the batch's first group
@@ -109,7 +109,7 @@ class Transport(abc.ABC):
         out = torch.zeros((len(records), layout.record_bytes), dtype=torch.uint8, device=records[0][0].device)
         for i, record in enumerate(records):
             for row, offset, size in zip(record, layout.offsets, layout.sizes):
-                out[i, offset:offset + size] = row_bytes(row)
+                out[i, offset : offset + size] = row_bytes(row)
         return out
 
     def block_digests(self, block: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,14 @@ import torch.distributed as dist
 
 from eplb_service.protocol import CommInit
 from eplb_service.worker_agent.nccl_lib import NcclLibrary, NcclLibraryError, make_config
-from eplb_service.worker_agent.transport import P2POp, RecordLayout, Transport, TransportError, _digest_weights, row_bytes
+from eplb_service.worker_agent.transport import (
+    P2POp,
+    RecordLayout,
+    Transport,
+    TransportError,
+    _digest_weights,
+    row_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +105,18 @@ def check_hardware_queues(environ=None) -> None:
     except ValueError:
         raise TransportError(f"{MAX_CONNECTIONS_VAR}={text!r}: expected an integer (CUDA's default is 8)") from None
     if value < 2:
-        raise TransportError(f"{MAX_CONNECTIONS_VAR}={value}: the NCCL side transport needs at least 2 hardware "
-                             "queues (CUDA's default is 8); with one, side-stream transfers block the serving "
-                             "stream. Unset it or use EPLB_SERVICE_TRANSPORT=gloo")
+        raise TransportError(
+            f"{MAX_CONNECTIONS_VAR}={value}: the NCCL side transport needs at least 2 hardware "
+            "queues (CUDA's default is 8); with one, side-stream transfers block the serving "
+            "stream. Unset it or use EPLB_SERVICE_TRANSPORT=gloo"
+        )
     if value < 8:
-        log.warning("%s=%d: fewer hardware queues than CUDA's default of 8; a serving stream that shares one "
-                    "with the side stream waits behind side transfers", MAX_CONNECTIONS_VAR, value)
+        log.warning(
+            "%s=%d: fewer hardware queues than CUDA's default of 8; a serving stream that shares one "
+            "with the side stream waits behind side transfers",
+            MAX_CONNECTIONS_VAR,
+            value,
+        )
 
 
 def _import_nccl():
@@ -154,8 +167,14 @@ class TransportSession:
     last_event: object | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        return {"started_at": self.started_at, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "groups": self.groups, "wall_s": self.wall_s, "gpu_s": self.gpu_s}
+        return {
+            "started_at": self.started_at,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "groups": self.groups,
+            "wall_s": self.wall_s,
+            "gpu_s": self.gpu_s,
+        }
 
 
 def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
@@ -191,10 +210,19 @@ class CupyNcclTransport(Transport):
 
     name = "cupy-nccl"
 
-    def __init__(self, device: torch.device | int | str, *, serving_stream: torch.cuda.Stream | None = None,
-                 max_groups_in_flight: int = 2, warmup: bool = True, pack_per_peer: bool = False,
-                 keep_sessions: int = 100_000, max_gap_s: float = 0.05, max_ctas: int | None = None,
-                 min_ctas: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device | int | str,
+        *,
+        serving_stream: torch.cuda.Stream | None = None,
+        max_groups_in_flight: int = 2,
+        warmup: bool = True,
+        pack_per_peer: bool = False,
+        keep_sessions: int = 100_000,
+        max_gap_s: float = 0.05,
+        max_ctas: int | None = None,
+        min_ctas: int | None = None,
+    ) -> None:
         if max_groups_in_flight < 1:
             raise ValueError(f"max_groups_in_flight={max_groups_in_flight} must be >= 1")
         make_config(min_ctas=min_ctas, max_ctas=max_ctas)  # ValueError naming a bad bound, before any GPU work
@@ -210,8 +238,9 @@ class CupyNcclTransport(Transport):
             try:
                 self._nccl = NcclLibrary()  # the same NCCL CuPy loaded, for ncclCommInitRankConfig
             except NcclLibraryError as exc:
-                raise TransportError(f"max_ctas={max_ctas}, min_ctas={min_ctas} need a configured NCCL "
-                                     f"communicator: {exc}") from exc
+                raise TransportError(
+                    f"max_ctas={max_ctas}, min_ctas={min_ctas} need a configured NCCL communicator: {exc}"
+                ) from exc
         self.serving_stream = serving_stream if serving_stream is not None else torch.cuda.current_stream(self.device)
         self.max_groups_in_flight = max_groups_in_flight
         self.warmup = warmup
@@ -284,8 +313,9 @@ class CupyNcclTransport(Transport):
         self._timeout_s = timeout_s
         prefix = comm.key_prefix
         try:
-            store = dist.TCPStore(comm.store_host, comm.store_port, comm.world_size, False,
-                                  timeout=datetime.timedelta(seconds=timeout_s))
+            store = dist.TCPStore(
+                comm.store_host, comm.store_port, comm.world_size, False, timeout=datetime.timedelta(seconds=timeout_s)
+            )
             if rank == 0:
                 store.set(f"{prefix}/nccl_unique_id", unique_id_to_bytes(self._nccl.get_unique_id()))
             self._store_barrier(store, f"{prefix}/nccl_arrived", comm.world_size, timeout_s)
@@ -293,8 +323,10 @@ class CupyNcclTransport(Transport):
         except TransportError:
             raise
         except Exception as exc:  # DistStoreError, RuntimeError, NcclError
-            raise TransportError(f"NCCL side communicator generation {comm.generation}: rendezvous at "
-                                 f"{comm.store_host}:{comm.store_port} failed: {exc}") from exc
+            raise TransportError(
+                f"NCCL side communicator generation {comm.generation}: rendezvous at "
+                f"{comm.store_host}:{comm.store_port} failed: {exc}"
+            ) from exc
         if len(uid) != 128:
             raise TransportError(f"NCCL unique id of generation {comm.generation} has {len(uid)} bytes, expected 128")
         self._stream = torch.cuda.Stream(self.device, priority=0)  # 0 = lowest priority on CUDA
@@ -304,8 +336,9 @@ class CupyNcclTransport(Transport):
             self._barrier_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
             if isinstance(self._nccl, NcclLibrary):
-                self._comm = self._nccl.communicator(comm.world_size, uid, rank, min_ctas=self.min_ctas,
-                                                     max_ctas=self.max_ctas)
+                self._comm = self._nccl.communicator(
+                    comm.world_size, uid, rank, min_ctas=self.min_ctas, max_ctas=self.max_ctas
+                )
             else:
                 try:
                     self._comm = self._nccl.NcclCommunicator(comm.world_size, uid, rank)
@@ -313,7 +346,9 @@ class CupyNcclTransport(Transport):
                     self._comm = self._nccl.NcclCommunicator(comm.world_size, unique_id_from_bytes(uid), rank)
         except Exception as exc:
             self._stream = None
-            raise TransportError(f"ncclCommInitRank (generation {comm.generation}, rank {rank}/{comm.world_size}) failed: {exc}") from exc
+            raise TransportError(
+                f"ncclCommInitRank (generation {comm.generation}, rank {rank}/{comm.world_size}) failed: {exc}"
+            ) from exc
         self._store = store
         self._generation = comm.generation
         self._world_size = comm.world_size
@@ -344,8 +379,10 @@ class CupyNcclTransport(Transport):
         deadline = time.monotonic() + timeout_s
         while store.add(key, 0) < world_size:
             if time.monotonic() > deadline:
-                raise TransportError(f"only {store.add(key, 0)}/{world_size} ranks reached the side-communicator "
-                                     f"rendezvous within {timeout_s}s")
+                raise TransportError(
+                    f"only {store.add(key, 0)}/{world_size} ranks reached the side-communicator "
+                    f"rendezvous within {timeout_s}s"
+                )
             time.sleep(0.005)
 
     def _open_connections(self) -> None:
@@ -445,8 +482,9 @@ class CupyNcclTransport(Transport):
         while not event.query():
             now = time.monotonic()
             if now > deadline:
-                raise TransportError(f"{what} did not complete within {timeout_s}s "
-                                     f"(a peer is gone or the side stream is stuck)")
+                raise TransportError(
+                    f"{what} did not complete within {timeout_s}s (a peer is gone or the side stream is stuck)"
+                )
             if now > next_check:
                 next_check = now + 0.005
                 if self._comm is not None:
@@ -495,9 +533,12 @@ class CupyNcclTransport(Transport):
             for i, record in enumerate(records):
                 for row, offset, size in zip(record, layout.offsets, layout.sizes):
                     if row.device != self.device or not row.is_contiguous() or row.numel() * row.element_size() != size:
-                        raise TransportError(f"gather: a row of {row.numel() * row.element_size()} bytes on {row.device} "
-                                             f"(contiguous={row.is_contiguous()}); expected a contiguous {size}-byte row on {self.device}")
-                    dsts.append(out[i, offset:offset + size])
+                        raise TransportError(
+                            f"gather: a row of {row.numel() * row.element_size()} bytes on {row.device} "
+                            f"(contiguous={row.is_contiguous()}); "
+                            f"expected a contiguous {size}-byte row on {self.device}"
+                        )
+                    dsts.append(out[i, offset : offset + size])
                     srcs.append(row_bytes(row))
             # One multi-tensor copy kernel for the whole block. Measured on 2x H100 with
             # 8 x (16 + 8) MiB records per peer: index_select 169 GB/s, one memcpy per row
@@ -589,8 +630,10 @@ class CupyNcclTransport(Transport):
                 for op in ops:
                     tensor = op.tensor
                     if tensor.device != self.device or not tensor.is_contiguous():
-                        raise TransportError(f"op with peer {op.peer}: tensor on {tensor.device}, contiguous="
-                                             f"{tensor.is_contiguous()}; expected a contiguous tensor on {self.device}")
+                        raise TransportError(
+                            f"op with peer {op.peer}: tensor on {tensor.device}, contiguous="
+                            f"{tensor.is_contiguous()}; expected a contiguous tensor on {self.device}"
+                        )
                     nbytes = tensor.numel() * tensor.element_size()
                     if op.is_send:
                         comm.send(tensor.data_ptr(), nbytes, self._dtype_u8, op.peer, handle)
@@ -716,8 +759,11 @@ class CupyNcclTransport(Transport):
             while not drained.query():
                 if time.monotonic() > deadline:
                     self.last_abort_drained = False
-                    log.error("side stream of generation %d still busy 10s after ncclCommAbort; it is abandoned "
-                              "(a fresh stream is used from the next connect)", self._generation)
+                    log.error(
+                        "side stream of generation %d still busy 10s after ncclCommAbort; it is abandoned "
+                        "(a fresh stream is used from the next connect)",
+                        self._generation,
+                    )
                     break
                 time.sleep(0.001)
         self._stream = None

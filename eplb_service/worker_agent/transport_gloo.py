@@ -47,7 +47,9 @@ class GlooTransport(Transport):
             prefixed = dist.PrefixStore(comm.key_prefix, store)
             self._group = dist.ProcessGroupGloo(prefixed, rank, comm.world_size, timeout)
         except Exception as exc:  # torch raises RuntimeError/DistStoreError with the cause
-            raise TransportError(f"gloo side group generation {comm.generation} at {comm.store_host}:{comm.store_port} failed: {exc}") from exc
+            raise TransportError(
+                f"gloo side group generation {comm.generation} at {comm.store_host}:{comm.store_port} failed: {exc}"
+            ) from exc
         self._store = store
         self._generation = comm.generation
         self._timeout_s = timeout_s

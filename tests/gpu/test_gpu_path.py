@@ -45,10 +45,25 @@ def test_harness_short_run_commits_exactly():
     from bench.gpu.harness import HarnessOptions, run_harness
     from bench.gpu.moe import PRESETS
 
-    opts = HarnessOptions(world_size=2, device="cuda", model=PRESETS["small"], warmup_steps=20, idle_s=2,
-                          throttled_s=3, unthrottled_s=3, isolated_s=2, soak_s=4, min_phase_steps=20,
-                          experts_per_rank=4, isolated_experts_per_rank=8, throttle_bytes_per_s=1e9,
-                          sync_plans=4, hang_timeout_s=60, startup_timeout_s=180, profile_steps=6)
+    opts = HarnessOptions(
+        world_size=2,
+        device="cuda",
+        model=PRESETS["small"],
+        warmup_steps=20,
+        idle_s=2,
+        throttled_s=3,
+        unthrottled_s=3,
+        isolated_s=2,
+        soak_s=4,
+        min_phase_steps=20,
+        experts_per_rank=4,
+        isolated_experts_per_rank=8,
+        throttle_bytes_per_s=1e9,
+        sync_plans=4,
+        hang_timeout_s=60,
+        startup_timeout_s=180,
+        profile_steps=6,
+    )
     summary = run_harness(opts)
     assert summary["complete"] and not summary["errors"], summary["errors"]
     assert summary["hangs"] == 0

@@ -45,7 +45,9 @@ def vote(rank: int, port_q, out, delay_s: float) -> None:
         port = port_q.get(timeout=60)
     transport = CupyNcclTransport(torch.device("cuda", rank))
     # the connect timeout also bounds the vote's wait
-    transport.connect(CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=2, nonce="gpu"), rank, 10)
+    transport.connect(
+        CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=2, nonce="gpu"), rank, 10
+    )
     record = StoreDecisionRecord("127.0.0.1", port)
     plan_id = 77
     entry = 100 + rank
@@ -61,15 +63,25 @@ def vote(rank: int, port_q, out, delay_s: float) -> None:
     transport.poll_hook = fence
     try:
         result = transport.max_reduce(np.array([entry, 0, plan_id, -plan_id], dtype=np.int64))
-        proposal = Decision.commit_at(int(result[0]) + 8, rank) if int(result[1]) == 0 else Decision.abort(rank, "not ok")
+        proposal = (
+            Decision.commit_at(int(result[0]) + 8, rank) if int(result[1]) == 0 else Decision.abort(rank, "not ok")
+        )
         how = "completed"
     except TransportError as exc:
         transport.abort()
         proposal = Decision.abort(rank, f"vote: {exc}")
         how = f"failed: {exc}"
     decision = record.propose(plan_id, proposal)
-    out.put({"rank": rank, "how": how, "gave_up": gave_up["flag"], "commit": decision.commit,
-             "commit_step": decision.commit_step, "first": decision.rank})
+    out.put(
+        {
+            "rank": rank,
+            "how": how,
+            "gave_up": gave_up["flag"],
+            "commit": decision.commit,
+            "commit_step": decision.commit_step,
+            "first": decision.rank,
+        }
+    )
     time.sleep(1.0 if rank == 0 else 0.0)  # rank 0 hosts the store: outlive the other's last read
 
 

@@ -31,13 +31,18 @@ def fake_moe_model(shape: PlacementShape, rank: int, row_len: int = 6) -> Simple
     phy2log = initial_phy2log(shape)
     layers = []
     for layer in range(shape.num_layers):
-        values = torch.tensor([layer * 1000.0 + e for e in phy2log[layer, rank * spr:(rank + 1) * spr]])
+        values = torch.tensor([layer * 1000.0 + e for e in phy2log[layer, rank * spr : (rank + 1) * spr]])
         w13 = values[:, None, None].repeat(1, 2, row_len).contiguous()  # [n_local, 2, row_len] like a 3-D parameter
         w2 = (values[:, None] * 2).repeat(1, 3).contiguous()
         layers.append([w13.view(spr, -1), w2.view(spr, -1)])
-    return SimpleNamespace(num_moe_layers=shape.num_layers, num_logical_experts=shape.num_logical,
-                           num_physical_experts=shape.num_physical, num_local_physical_experts=spr,
-                           num_redundant_experts=shape.num_physical - shape.num_logical, expert_weights=layers)
+    return SimpleNamespace(
+        num_moe_layers=shape.num_layers,
+        num_logical_experts=shape.num_logical,
+        num_physical_experts=shape.num_physical,
+        num_local_physical_experts=spr,
+        num_redundant_experts=shape.num_physical - shape.num_logical,
+        expert_weights=layers,
+    )
 
 
 class FakeEplbStateBase:
@@ -57,7 +62,8 @@ class FakeEplbStateBase:
             logical_to_physical_map=torch.from_numpy(logical_to_physical(phy2log, num_logical, MAP_WIDTH)),
             logical_replica_count=torch.from_numpy(logical_replica_count(phy2log, num_logical)),
             expert_load_pass=torch.zeros((num_layers, model.num_physical_experts), dtype=torch.int32),
-            model=model, model_name=model_name or model_config.name,
+            model=model,
+            model_name=model_name or model_config.name,
         )
         self.calls.append(("add_model", model_name))
 
@@ -82,4 +88,7 @@ class FakeEngineArgsBase:
 
 
 def model_state_tensors(state) -> dict[str, np.ndarray]:
-    return {k: getattr(state, k).numpy().copy() for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")}
+    return {
+        k: getattr(state, k).numpy().copy()
+        for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
+    }

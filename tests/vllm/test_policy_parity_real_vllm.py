@@ -12,7 +12,6 @@ import subprocess
 import textwrap
 
 import pytest
-
 from vllm_venv import REPO, InstallImpossible, ensure_vllm_python
 
 SCRIPT = textwrap.dedent("""

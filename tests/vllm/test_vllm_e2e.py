@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from vllm_venv import InstallImpossible, cache_root, ensure_vllm_python
 
 HERE = Path(__file__).resolve().parent
@@ -47,40 +46,65 @@ def vllm_python():
 def vllm_env(tmp_path: Path) -> dict:
     """Everything vLLM writes stays under ``tmp_path``, except the inductor cache (kept warm)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EPLB_SERVICE_", "VLLM_", "PYTHON"))}
-    env.update({
-        "PYTHONPATH": f"{HERE / 'cpu_shims'}{os.pathsep}{HERE}",
-        "EPLB_SERVICE_TEST_CPU_SHIMS": "1",
-        "EPLB_SERVICE_ENDPOINT": f"ipc://{tmp_path}/coordinator.sock",
-        "EPLB_SERVICE_TRANSPORT": "gloo",
-        "VLLM_CPU_OMP_THREADS_BIND": "0|1" if (os.cpu_count() or 1) >= 2 else "nobind",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "TMPDIR": str(tmp_path), "VLLM_RPC_BASE_PATH": str(tmp_path), "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
-        "TRITON_CACHE_DIR": str(tmp_path / "triton"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-        "TORCHINDUCTOR_CACHE_DIR": str(cache_root() / "inductor"),
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-    })
+    env.update(
+        {
+            "PYTHONPATH": f"{HERE / 'cpu_shims'}{os.pathsep}{HERE}",
+            "EPLB_SERVICE_TEST_CPU_SHIMS": "1",
+            "EPLB_SERVICE_ENDPOINT": f"ipc://{tmp_path}/coordinator.sock",
+            "EPLB_SERVICE_TRANSPORT": "gloo",
+            "VLLM_CPU_OMP_THREADS_BIND": "0|1" if (os.cpu_count() or 1) >= 2 else "nobind",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "TMPDIR": str(tmp_path),
+            "VLLM_RPC_BASE_PATH": str(tmp_path),
+            "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+            "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "1",
+            "TORCHINDUCTOR_CACHE_DIR": str(cache_root() / "inductor"),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+    )
     return env
 
 
 def rank_holdings(phy2log: list[list[int]], ranks: int) -> list[list[set[int]]]:
     spr = len(phy2log[0]) // ranks
-    return [[set(row[r * spr:(r + 1) * spr]) for r in range(ranks)] for row in phy2log]
+    return [[set(row[r * spr : (r + 1) * spr]) for r in range(ranks)] for row in phy2log]
 
 
 def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, tmp_path):
     out, log_path = tmp_path / "result.json", tmp_path / "vllm.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.run([str(vllm_python), str(HERE / "vllm_e2e_driver.py"), "--workdir", str(tmp_path), "--out", str(out)],
-                              env=vllm_env(tmp_path), stdout=log, stderr=subprocess.STDOUT, timeout=540, cwd=tmp_path)
+        proc = subprocess.run(
+            [str(vllm_python), str(HERE / "vllm_e2e_driver.py"), "--workdir", str(tmp_path), "--out", str(out)],
+            env=vllm_env(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=540,
+            cwd=tmp_path,
+        )
     wall_s = time.monotonic() - t0
     log_text = log_path.read_text(errors="replace")
     assert out.exists(), f"the driver wrote no result (exit {proc.returncode}); log tail:\n{log_text[-6000:]}"
     r = json.loads(out.read_text())
-    print(json.dumps({"wall_s": round(wall_s, 1), "timings_s": r["timings_s"], "counts": r["counts"],
-                      "experts_moved": r["experts_moved"], "bytes_moved": r["bytes_moved"],
-                      "baseline": r.get("baseline"), "checks": r.get("checks"), "control": r.get("control"),
-                      "initial_placement": r.get("initial_placement"), "final_placement": r.get("final_placement")}))
+    print(
+        json.dumps(
+            {
+                "wall_s": round(wall_s, 1),
+                "timings_s": r["timings_s"],
+                "counts": r["counts"],
+                "experts_moved": r["experts_moved"],
+                "bytes_moved": r["bytes_moved"],
+                "baseline": r.get("baseline"),
+                "checks": r.get("checks"),
+                "control": r.get("control"),
+                "initial_placement": r.get("initial_placement"),
+                "final_placement": r.get("final_placement"),
+            }
+        )
+    )
     assert not r["errors"], f"driver error:\n{r['errors'][0]}\nlog tail:\n{log_text[-6000:]}"
     assert proc.returncode == 0
 
@@ -97,7 +121,9 @@ def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, t
     assert counts["committed"] >= 2 and counts["diverged"] == 0, counts
     assert r["coordinator_epoch"] == r["initial_epoch"] + counts["committed"]
     before, after = rank_holdings(r["initial_placement"], 2), rank_holdings(r["final_placement"], 2)
-    crossed = [(layer, rank) for layer in range(len(before)) for rank in range(2) if after[layer][rank] - before[layer][rank]]
+    crossed = [
+        (layer, rank) for layer in range(len(before)) for rank in range(2) if after[layer][rank] - before[layer][rank]
+    ]
     assert crossed, "no expert arrived on a rank that did not hold it"
     workers = r["workers"]
     assert sum(w["agent_stats"].get("bytes_received", 0) for w in workers) > 0, "no expert row crossed ranks"

@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from fake_vllm import FakeEngineArgsBase, FakeEplbStateBase, FakeModelConfig, fake_moe_model, model_state_tensors
 
 from eplb_service import protocol as P
 from eplb_service.integrations.vllm import adapter, plugin
@@ -23,7 +22,6 @@ from eplb_service.integrations.vllm import config as C
 from eplb_service.integrations.vllm.agent import VllmWorkerAgent
 from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
 from eplb_service.worker_agent.expert_model import ExpertModel
-from fake_vllm import FakeEngineArgsBase, FakeEplbStateBase, FakeModelConfig, fake_moe_model, model_state_tensors
 
 SHAPE = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
 TOPOLOGY = adapter.EpTopology(rank=0, world_size=2, num_nodes=1)
@@ -66,26 +64,40 @@ def test_empty_endpoint_means_inert():
 
 
 def test_full_configuration_from_env():
-    cfg = C.from_env({C.ENDPOINT: "tcp://10.0.0.1:5557", C.TRANSPORT: "gloo", C.STAGING_BUDGET_BYTES: "1048576",
-                      C.THROTTLE_BYTES_PER_S: "5e9", C.REPORT_INTERVAL_STEPS: "20", C.ALLOW_UNTESTED_VLLM: "1",
-                      C.SIDE_MAX_CTAS: "4"})
+    cfg = C.from_env(
+        {
+            C.ENDPOINT: "tcp://10.0.0.1:5557",
+            C.TRANSPORT: "gloo",
+            C.STAGING_BUDGET_BYTES: "1048576",
+            C.THROTTLE_BYTES_PER_S: "5e9",
+            C.REPORT_INTERVAL_STEPS: "20",
+            C.ALLOW_UNTESTED_VLLM: "1",
+            C.SIDE_MAX_CTAS: "4",
+        }
+    )
     assert cfg.endpoint == "tcp://10.0.0.1:5557" and cfg.transport == "gloo" and cfg.staging_budget_bytes == 1 << 20
     assert cfg.side_max_ctas == 4
     assert cfg.agent_overrides() == {"throttle_bytes_per_s": 5e9, "report_interval_steps": 20}
     assert cfg.allow_untested_vllm
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({C.ENDPOINT: "localhost:5557"}, "EPLB_SERVICE_ENDPOINT='localhost:5557': expected ipc://PATH or tcp://HOST:PORT"),
-    ({C.TRANSPORT: "mpi"}, "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl"),
-    ({C.STAGING_BUDGET_BYTES: "1GiB"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='1GiB': expected an integer"),
-    ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a value > 0"),
-    ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
-    ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
-    ({C.ALLOW_UNTESTED_VLLM: "maybe"}, "EPLB_SERVICE_ALLOW_UNTESTED_VLLM='maybe': expected 0 or 1"),
-    ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a value > 0"),
-    ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        (
+            {C.ENDPOINT: "localhost:5557"},
+            "EPLB_SERVICE_ENDPOINT='localhost:5557': expected ipc://PATH or tcp://HOST:PORT",
+        ),
+        ({C.TRANSPORT: "mpi"}, "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl"),
+        ({C.STAGING_BUDGET_BYTES: "1GiB"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='1GiB': expected an integer"),
+        ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a value > 0"),
+        ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
+        ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
+        ({C.ALLOW_UNTESTED_VLLM: "maybe"}, "EPLB_SERVICE_ALLOW_UNTESTED_VLLM='maybe': expected 0 or 1"),
+        ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a value > 0"),
+        ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
+    ],
+)
 def test_bad_variables_are_named(env, needle):
     with pytest.raises(C.ConfigError) as exc:
         C.from_env({C.ENDPOINT: "ipc:///tmp/x.sock", **env})
@@ -95,8 +107,12 @@ def test_bad_variables_are_named(env, needle):
 def _install(tmp_path, agent_factory=None, **cfg):
     state_cls = type("EplbState", (FakeEplbStateBase,), {})
     args_cls = type("EngineArgs", (FakeEngineArgsBase,), {})
-    plugin.install(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", **cfg), state_cls, args_cls,
-                   agent_factory=agent_factory or unstarted_agent)
+    plugin.install(
+        C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", **cfg),
+        state_cls,
+        args_cls,
+        agent_factory=agent_factory or unstarted_agent,
+    )
     return state_cls, args_cls
 
 
@@ -135,8 +151,14 @@ def test_changed_step_signature_is_refused(tmp_path):
         def step(self, dummy: bool = False, profile: bool = False, log_stats: bool = False):
             pass
 
-    with pytest.raises(adapter.AdapterError, match=r"step has parameters \['dummy', 'profile', 'log_stats'\]; expected \['is_dummy', 'is_profile', 'log_stats'\]"):
-        plugin.install(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock"), Renamed, None, agent_factory=unstarted_agent)
+    with pytest.raises(
+        adapter.AdapterError,
+        match=r"step has parameters \['dummy', 'profile', 'log_stats'\]; "
+        r"expected \['is_dummy', 'is_profile', 'log_stats'\]",
+    ):
+        plugin.install(
+            C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock"), Renamed, None, agent_factory=unstarted_agent
+        )
 
 
 def added_state():
@@ -155,28 +177,42 @@ def test_view_of_a_vllm_layout_model_state():
 def _mutations():
     def dtype(s):
         s.physical_to_logical_map = s.physical_to_logical_map.int()
+
     def narrow_width(s):
         s.logical_to_physical_map = s.logical_to_physical_map[:, :, :1].contiguous()
+
     def descending_replicas(s):
         s.logical_to_physical_map[0, 0, :2] = s.logical_to_physical_map[0, 0, :2].flip(0).clone()
+
     def logcnt(s):
         s.logical_replica_count[1, 3] += 1
+
     def load_shape(s):
         s.expert_load_pass = torch.zeros((2, 6), dtype=torch.int32)
+
     def rows(s):
         s.model.expert_weights[1][0] = torch.zeros((3, 12))
+
     def layers(s):
         s.model.expert_weights = s.model.expert_weights[:1]
+
     def ranks(s):
         s.model.num_local_physical_experts = 2
+
     def not_a_tensor(s):
         s.logical_replica_count = s.logical_replica_count.tolist()
+
     def missing(s):
         del s.expert_load_pass
+
     return [
         (dtype, "physical_to_logical_map has dtype torch.int32, expected torch.int64"),
         (narrow_width, "logical_to_physical_map is 1 wide, expected at least num_redundant_experts + 1 = 3"),
-        (descending_replicas, "logical_to_physical_map is not physical_to_logical_map's slots in ascending order, -1 padded to width 1024"),
+        (
+            descending_replicas,
+            "logical_to_physical_map is not physical_to_logical_map's slots in ascending order, "
+            "-1 padded to width 1024",
+        ),
         (logcnt, "logical_replica_count does not count the replicas"),
         (load_shape, "expert_load_pass has shape (2, 6), expected (2, 8)"),
         (rows, "expert_weights[1][0] has shape (3, 12), expected [num_local_physical_experts=4, -1]"),
@@ -208,10 +244,21 @@ def test_noncontiguous_rows_of_the_right_shape_are_refused():
 
 def unstarted_agent(cfg, view, topology):
     """The real agent over the view, not started (no sockets): its hooks are what we test."""
-    model = ExpertModel(expert_weights=view.expert_weights, phy2log=view.phy2log, log2phy=view.log2phy,
-                        logcnt=view.logcnt, rank=topology.rank, num_ranks=topology.world_size)
-    return VllmWorkerAgent(model, cfg.endpoint, transport=plugin.make_transport("gloo", "cpu"),
-                           overrides=cfg.agent_overrides(), staging_budget_bytes=cfg.staging_budget_bytes)
+    model = ExpertModel(
+        expert_weights=view.expert_weights,
+        phy2log=view.phy2log,
+        log2phy=view.log2phy,
+        logcnt=view.logcnt,
+        rank=topology.rank,
+        num_ranks=topology.world_size,
+    )
+    return VllmWorkerAgent(
+        model,
+        cfg.endpoint,
+        transport=plugin.make_transport("gloo", "cpu"),
+        overrides=cfg.agent_overrides(),
+        staging_budget_bytes=cfg.staging_budget_bytes,
+    )
 
 
 @pytest.fixture
@@ -274,14 +321,17 @@ def test_a_second_main_model_is_an_error(attached):
 def test_commit_through_the_binding_updates_vllms_tensors_in_place(attached):
     """A plan applied by the hooks lands in the very tensors vLLM's layers hold."""
     from eplb_service.worker_agent.decision import Decision
-    from eplb_service.worker_agent.serving_hooks import CommitTicket
     from eplb_service.worker_agent.schedule import build_schedule
+    from eplb_service.worker_agent.serving_hooks import CommitTicket
     from eplb_service.worker_agent.staging import StagingArea, prepare_commit
 
     state, binding = attached
     main = state.model_states["hash-m"]
     layer_view = main.logical_to_physical_map[1]  # what a MoE layer holds
-    ptrs = {k: getattr(main, k).data_ptr() for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")}
+    ptrs = {
+        k: getattr(main, k).data_ptr()
+        for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
+    }
     model = binding.agent.model
     new = initial_phy2log(SHAPE)[[1]].copy()
     new[0, :4] = [3, 2, 1, 0]  # rank 0 reorders its own slots: a local plan
@@ -327,8 +377,11 @@ def test_env_overrides_replace_the_coordinators_agent_config(tmp_path):
     cfg = C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", report_interval_steps=3, throttle_bytes_per_s=1e6)
     view = adapter.view_model_state(added_state(), TOPOLOGY)
     agent = unstarted_agent(cfg, view, TOPOLOGY)
-    agent._on_welcome(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0,
-                                config=P.AgentConfig(report_interval_steps=10, fence_steps=5)))
+    agent._on_welcome(
+        P.Welcome(
+            protocol_version=P.PROTOCOL_VERSION, rank=0, config=P.AgentConfig(report_interval_steps=10, fence_steps=5)
+        )
+    )
     assert agent.config.report_interval_steps == 3 and agent.hooks.report_interval_steps == 3
     assert agent.config.throttle_bytes_per_s == 1e6 and agent.config.fence_steps == 5
 
@@ -338,12 +391,19 @@ def test_staging_budget_refuses_a_plan_that_needs_more(tmp_path):
     rows = initial_phy2log(SHAPE)[[0]].copy()
     rows[0] = [4, 5, 2, 3, 0, 1, 0, 1]  # rank 0 receives experts 4 and 5 from rank 1
     plan = P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray.from_numpy(rows))
-    ok = unstarted_agent(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=10**6), view, TOPOLOGY)
+    ok = unstarted_agent(
+        C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=10**6), view, TOPOLOGY
+    )
     need = ok.staging_bytes(plan, rows)
     assert need > 0
     ok._validate_plan(plan)
-    tight = unstarted_agent(C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=need - 1), view, TOPOLOGY)
-    with pytest.raises(PlacementError, match=f"plan 7 needs {need} bytes of staging on rank 0, more than EPLB_SERVICE_STAGING_BUDGET_BYTES={need - 1}"):
+    tight = unstarted_agent(
+        C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=need - 1), view, TOPOLOGY
+    )
+    with pytest.raises(
+        PlacementError,
+        match=f"plan 7 needs {need} bytes of staging on rank 0, more than EPLB_SERVICE_STAGING_BUDGET_BYTES={need - 1}",
+    ):
         tight._validate_plan(plan)
 
 
@@ -353,5 +413,7 @@ def test_transport_choice():
     if torch.cuda.is_available():
         assert plugin.make_transport("auto", "cuda:0").name == "cupy-nccl"
     else:
-        with pytest.raises(adapter.AdapterError, match="EPLB_SERVICE_TRANSPORT=nccl: cannot build the CuPy NCCL side transport"):
+        with pytest.raises(
+            adapter.AdapterError, match="EPLB_SERVICE_TRANSPORT=nccl: cannot build the CuPy NCCL side transport"
+        ):
             plugin.make_transport("auto", "cuda")

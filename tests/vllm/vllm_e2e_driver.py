@@ -40,29 +40,49 @@ def write_checkpoint(path: str, seed: int = 0) -> None:
 
     os.makedirs(path, exist_ok=True)
     Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, moe_intermediate_size=MOE_INTER,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-        max_position_embeddings=512, tie_word_embeddings=False, torch_dtype="float32", architectures=["Qwen3MoeForCausalLM"],
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        moe_intermediate_size=MOE_INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        architectures=["Qwen3MoeForCausalLM"],
     ).save_pretrained(path)
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std):
         return (torch.randn(*shape, generator=g) * std).contiguous()
 
-    tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN, std=1.0), "model.norm.weight": torch.ones(HIDDEN),
-               "lm_head.weight": randn(VOCAB, HIDDEN, std=0.1)}
+    tensors = {
+        "model.embed_tokens.weight": randn(VOCAB, HIDDEN, std=1.0),
+        "model.norm.weight": torch.ones(HIDDEN),
+        "lm_head.weight": randn(VOCAB, HIDDEN, std=0.1),
+    }
     for i in range(LAYERS):
         p = f"model.layers.{i}"
-        tensors.update({
-            f"{p}.input_layernorm.weight": torch.ones(HIDDEN), f"{p}.post_attention_layernorm.weight": torch.ones(HIDDEN),
-            f"{p}.self_attn.q_proj.weight": randn(HEADS * HEAD_DIM, HIDDEN, std=0.1),
-            f"{p}.self_attn.k_proj.weight": randn(KV_HEADS * HEAD_DIM, HIDDEN, std=0.1),
-            f"{p}.self_attn.v_proj.weight": randn(KV_HEADS * HEAD_DIM, HIDDEN, std=0.1),
-            f"{p}.self_attn.o_proj.weight": randn(HIDDEN, HEADS * HEAD_DIM, std=0.1),
-            f"{p}.self_attn.q_norm.weight": torch.ones(HEAD_DIM), f"{p}.self_attn.k_norm.weight": torch.ones(HEAD_DIM),
-            f"{p}.mlp.gate.weight": randn(EXPERTS, HIDDEN, std=0.5),
-        })
+        tensors.update(
+            {
+                f"{p}.input_layernorm.weight": torch.ones(HIDDEN),
+                f"{p}.post_attention_layernorm.weight": torch.ones(HIDDEN),
+                f"{p}.self_attn.q_proj.weight": randn(HEADS * HEAD_DIM, HIDDEN, std=0.1),
+                f"{p}.self_attn.k_proj.weight": randn(KV_HEADS * HEAD_DIM, HIDDEN, std=0.1),
+                f"{p}.self_attn.v_proj.weight": randn(KV_HEADS * HEAD_DIM, HIDDEN, std=0.1),
+                f"{p}.self_attn.o_proj.weight": randn(HIDDEN, HEADS * HEAD_DIM, std=0.1),
+                f"{p}.self_attn.q_norm.weight": torch.ones(HEAD_DIM),
+                f"{p}.self_attn.k_norm.weight": torch.ones(HEAD_DIM),
+                f"{p}.mlp.gate.weight": randn(EXPERTS, HIDDEN, std=0.5),
+            }
+        )
         for e in range(EXPERTS):
             tensors[f"{p}.mlp.experts.{e}.gate_proj.weight"] = randn(MOE_INTER, HIDDEN, std=0.2)
             tensors[f"{p}.mlp.experts.{e}.up_proj.weight"] = randn(MOE_INTER, HIDDEN, std=0.2)
@@ -89,14 +109,22 @@ def main() -> int:
         result["timings_s"][name] = round(time.monotonic() - t_start, 2)
 
     from coordinator_thread import CoordinatorThread
+
     from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.coordinator.status_client import fetch_status
     from eplb_service.protocol import AgentConfig
 
     endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
     cfg = CoordinatorConfig(
-        world_size=2, endpoint=endpoint, rebalance_interval_steps=24, min_window_steps=12, load_half_life_steps=16.0,
-        min_gain=0.005, liveness_timeout_s=60.0, staging_timeout_s=60.0, voting_timeout_s=60.0,
+        world_size=2,
+        endpoint=endpoint,
+        rebalance_interval_steps=24,
+        min_window_steps=12,
+        load_half_life_steps=16.0,
+        min_gain=0.005,
+        liveness_timeout_s=60.0,
+        staging_timeout_s=60.0,
+        voting_timeout_s=60.0,
         agent=AgentConfig(report_interval_steps=4, fence_steps=4, fence_timeout_s=10.0, heartbeat_interval_s=0.2),
     )
     coord = CoordinatorThread(cfg).start()
@@ -112,21 +140,43 @@ def main() -> int:
 
         # Misconfiguration: the plugin is configured (EPLB_SERVICE_ENDPOINT) but EPLB is off.
         try:
-            EngineArgs(model=model_dir, skip_tokenizer_init=True, tensor_parallel_size=2, enable_expert_parallel=True,
-                       dtype="float32", max_model_len=256, enforce_eager=True).create_engine_config()
+            EngineArgs(
+                model=model_dir,
+                skip_tokenizer_init=True,
+                tensor_parallel_size=2,
+                enable_expert_parallel=True,
+                dtype="float32",
+                max_model_len=256,
+                enforce_eager=True,
+            ).create_engine_config()
             result["misconfig_error"] = None
         except Exception as exc:
             result["misconfig_error"] = f"{type(exc).__name__}: {exc}"
         mark("misconfig_checked")
 
-        llm = LLM(model=model_dir, tensor_parallel_size=2, enable_expert_parallel=True, enable_eplb=True,
-                  eplb_config={"num_redundant_experts": REDUNDANT}, distributed_executor_backend="mp", dtype="float32",
-                  enforce_eager=True, max_model_len=256, max_num_seqs=16, skip_tokenizer_init=True, seed=0,
-                  worker_extension_cls="vllm_worker_ext.EplbTestExtension")
+        llm = LLM(
+            model=model_dir,
+            tensor_parallel_size=2,
+            enable_expert_parallel=True,
+            enable_eplb=True,
+            eplb_config={"num_redundant_experts": REDUNDANT},
+            distributed_executor_backend="mp",
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=256,
+            max_num_seqs=16,
+            skip_tokenizer_init=True,
+            seed=0,
+            worker_extension_cls="vllm_worker_ext.EplbTestExtension",
+        )
         mark("vllm_started")
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
         fixed = prompts(0, 6, 0, VOCAB)
-        traffic = [prompts(1, 12, 0, VOCAB // 4), prompts(2, 12, VOCAB // 2, VOCAB), prompts(3, 12, VOCAB // 4, VOCAB // 2)]
+        traffic = [
+            prompts(1, 12, 0, VOCAB // 4),
+            prompts(2, 12, VOCAB // 2, VOCAB),
+            prompts(3, 12, VOCAB // 4, VOCAB // 2),
+        ]
 
         def generate(batch) -> list[list[int]]:
             outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)

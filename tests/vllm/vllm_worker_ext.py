@@ -31,7 +31,7 @@ class EplbTestExtension:
         binding = self._binding()
         model = binding.agent.model
         spr = model.phy2log.shape[1] // model.num_ranks
-        local = model.phy2log[layer, model.rank * spr:(model.rank + 1) * spr]
+        local = model.phy2log[layer, model.rank * spr : (model.rank + 1) * spr]
         rows = torch.nonzero(local == expert).flatten()
         saved = self.__dict__.setdefault("_eplb_saved_rows", [])
         for tensor in model.expert_weights[layer]:

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb_service.integrations.vllm.config import ConfigError
-from eplb_service.placement import PlacementError, PlacementShape, logical_replica_count, logical_to_physical, validate_phy2log
+from eplb_service.placement import (
+    PlacementError,
+    PlacementShape,
+    logical_replica_count,
+    logical_to_physical,
+    validate_phy2log,
+)
 
 TESTED_VLLM = ("0.32", "0.33")
 """``major.minor`` versions whose source this module was checked against."""
@@ -94,16 +100,20 @@ def engine_args_class() -> type:
     from vllm.engine.arg_utils import EngineArgs
 
     if not hasattr(EngineArgs, "create_engine_config"):
-        raise AdapterError("vllm's EngineArgs has no create_engine_config(); expected it in vLLM " + "/".join(TESTED_VLLM))
+        raise AdapterError(
+            "vllm's EngineArgs has no create_engine_config(); expected it in vLLM " + "/".join(TESTED_VLLM)
+        )
     return EngineArgs
 
 
 def _require_parameters(function, names: tuple[str, ...], what: str, leading: bool = False) -> None:
     """``names`` must be parameters of ``function``; with ``leading``, its first ones after self, in order."""
     found = [n for n in inspect.signature(function).parameters if n != "self"]
-    ok = found[:len(names)] == list(names) if leading else all(n in found for n in names)
+    ok = found[: len(names)] == list(names) if leading else all(n in found for n in names)
     if not ok:
-        raise AdapterError(f"{what} has parameters {found}; expected {list(names)}{' first, in this order' if leading else ''}")
+        raise AdapterError(
+            f"{what} has parameters {found}; expected {list(names)}{' first, in this order' if leading else ''}"
+        )
 
 
 def bound_arguments(function, args: tuple, kwargs: dict) -> dict:
@@ -132,8 +142,10 @@ def check_parallel_config(parallel_config) -> None:
     if not getattr(parallel_config, "enable_expert_parallel", False):
         raise ConfigError("eplb-service needs --enable-expert-parallel together with --enable-eplb")
     if getattr(parallel_config, "enable_elastic_ep", False):
-        raise ConfigError("eplb-service does not support elastic EP (--enable-elastic-ep): it rearranges through "
-                          "vLLM's own EPLB; unset EPLB_SERVICE_ENDPOINT or turn elastic EP off")
+        raise ConfigError(
+            "eplb-service does not support elastic EP (--enable-elastic-ep): it rearranges through "
+            "vLLM's own EPLB; unset EPLB_SERVICE_ENDPOINT or turn elastic EP off"
+        )
 
 
 # -- the worker's EP topology and EPLB tensors ----------------------------------------------
@@ -166,7 +178,9 @@ def model_state_of(eplb_state, model_config):
     key = model_config.compute_hash()
     states = getattr(eplb_state, "model_states", None)
     if not isinstance(states, dict) or key not in states:
-        raise AdapterError(f"EplbState.model_states has no entry for model_config.compute_hash()={key!r} after add_model")
+        raise AdapterError(
+            f"EplbState.model_states has no entry for model_config.compute_hash()={key!r} after add_model"
+        )
     return states[key]
 
 
@@ -201,27 +215,49 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:
         return getattr(obj, name)
 
     model = need(model_state, "model", "EplbModelState")
-    counts = {n: need(model, n, "the MoE model") for n in
-              ("num_moe_layers", "num_logical_experts", "num_physical_experts", "num_local_physical_experts", "num_redundant_experts")}
-    num_layers, num_logical, num_physical = counts["num_moe_layers"], counts["num_logical_experts"], counts["num_physical_experts"]
+    counts = {
+        n: need(model, n, "the MoE model")
+        for n in (
+            "num_moe_layers",
+            "num_logical_experts",
+            "num_physical_experts",
+            "num_local_physical_experts",
+            "num_redundant_experts",
+        )
+    }
+    num_layers, num_logical, num_physical = (
+        counts["num_moe_layers"],
+        counts["num_logical_experts"],
+        counts["num_physical_experts"],
+    )
     n_local = counts["num_local_physical_experts"]
     if num_physical != num_logical + counts["num_redundant_experts"]:
-        raise AdapterError(f"model has {num_physical} physical experts, expected num_logical_experts + num_redundant_experts "
-                           f"= {num_logical} + {counts['num_redundant_experts']}")
+        raise AdapterError(
+            f"model has {num_physical} physical experts, expected num_logical_experts + num_redundant_experts "
+            f"= {num_logical} + {counts['num_redundant_experts']}"
+        )
     if n_local * topology.world_size != num_physical:
-        raise AdapterError(f"model has {n_local} local physical experts x {topology.world_size} EP ranks, "
-                           f"expected their product to be num_physical_experts={num_physical}")
+        raise AdapterError(
+            f"model has {n_local} local physical experts x {topology.world_size} EP ranks, "
+            f"expected their product to be num_physical_experts={num_physical}"
+        )
 
     def tensor(name: str, shape: tuple, dtypes: tuple):
         t = need(model_state, name, "EplbModelState")
         if not isinstance(t, torch.Tensor):
             raise AdapterError(f"EplbModelState.{name} is a {type(t).__name__}, expected a torch.Tensor")
-        if tuple(t.shape[:len(shape)]) != shape or t.dim() != len(shape) + (1 if name == "logical_to_physical_map" else 0):
+        if tuple(t.shape[: len(shape)]) != shape or t.dim() != len(shape) + (
+            1 if name == "logical_to_physical_map" else 0
+        ):
             want = shape + (("R",) if name == "logical_to_physical_map" else ())
-            raise AdapterError(f"EplbModelState.{name} has shape {tuple(t.shape)}, expected {want} "
-                               "[layers, physical] / [layers, logical(, replicas)]")
+            raise AdapterError(
+                f"EplbModelState.{name} has shape {tuple(t.shape)}, expected {want} "
+                "[layers, physical] / [layers, logical(, replicas)]"
+            )
         if t.dtype not in dtypes:
-            raise AdapterError(f"EplbModelState.{name} has dtype {t.dtype}, expected {' or '.join(str(d) for d in dtypes)}")
+            raise AdapterError(
+                f"EplbModelState.{name} has dtype {t.dtype}, expected {' or '.join(str(d) for d in dtypes)}"
+            )
         return t
 
     phy2log = tensor("physical_to_logical_map", (num_layers, num_physical), (torch.int64,))
@@ -230,8 +266,10 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:
     load_pass = tensor("expert_load_pass", (num_layers, num_physical), (torch.int32, torch.int64))
     width = int(log2phy.shape[2])
     if width < counts["num_redundant_experts"] + 1:
-        raise AdapterError(f"logical_to_physical_map is {width} wide, expected at least num_redundant_experts + 1 "
-                           f"= {counts['num_redundant_experts'] + 1}")
+        raise AdapterError(
+            f"logical_to_physical_map is {width} wide, expected at least num_redundant_experts + 1 "
+            f"= {counts['num_redundant_experts'] + 1}"
+        )
     devices = {t.device for t in (phy2log, log2phy, logcnt, load_pass)}
     if len(devices) != 1:
         raise AdapterError(f"the EPLB maps live on several devices {sorted(map(str, devices))}, expected one")
@@ -247,8 +285,10 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:
     if not np.array_equal(logcnt.detach().cpu().numpy(), logical_replica_count(host, num_logical)):
         raise AdapterError("logical_replica_count does not count the replicas in physical_to_logical_map")
     if not np.array_equal(log2phy.detach().cpu().numpy(), logical_to_physical(host, num_logical, width)):
-        raise AdapterError("logical_to_physical_map is not physical_to_logical_map's slots in ascending order, "
-                           f"-1 padded to width {width}, as expected")
+        raise AdapterError(
+            "logical_to_physical_map is not physical_to_logical_map's slots in ascending order, "
+            f"-1 padded to width {width}, as expected"
+        )
 
     weights = need(model, "expert_weights", "the MoE model")
     if len(weights) != num_layers:
@@ -260,15 +300,20 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:
             raise AdapterError(f"model.expert_weights[{layer}] is empty, expected the layer's expert tensors")
         for k, t in enumerate(tensors):
             if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != n_local:
-                raise AdapterError(f"model.expert_weights[{layer}][{k}] has shape {tuple(getattr(t, 'shape', ()))}, "
-                                   f"expected [num_local_physical_experts={n_local}, -1]")
+                raise AdapterError(
+                    f"model.expert_weights[{layer}][{k}] has shape {tuple(getattr(t, 'shape', ()))}, "
+                    f"expected [num_local_physical_experts={n_local}, -1]"
+                )
             if not t.is_contiguous():
-                raise AdapterError(f"model.expert_weights[{layer}][{k}] is not contiguous; whole-row copies need it to be")
+                raise AdapterError(
+                    f"model.expert_weights[{layer}][{k}] is not contiguous; whole-row copies need it to be"
+                )
             if t.device != phy2log.device:
                 raise AdapterError(f"model.expert_weights[{layer}][{k}] is on {t.device}, the maps on {phy2log.device}")
         expert_weights.append(tensors)
-    return ModelView(phy2log=phy2log, log2phy=log2phy, logcnt=logcnt, load_pass=load_pass,
-                     expert_weights=expert_weights, shape=shape)
+    return ModelView(
+        phy2log=phy2log, log2phy=log2phy, logcnt=logcnt, load_pass=load_pass, expert_weights=expert_weights, shape=shape
+    )
 
 
 def enable_load_recording(eplb_state) -> None:

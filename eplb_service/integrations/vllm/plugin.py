@@ -65,7 +65,9 @@ def _setup_logging(level: str) -> None:
     logger.setLevel(level)
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s")
+        )
         logger.addHandler(handler)
         logger.propagate = False
 
@@ -73,8 +75,9 @@ def _setup_logging(level: str) -> None:
 # -- patching --------------------------------------------------------------------------------
 
 
-def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls: type | None,
-            agent_factory=None) -> None:
+def install(
+    cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls: type | None, agent_factory=None
+) -> None:
     """Wrap the methods listed in the module docstring (idempotent per class).
 
     ``agent_factory(cfg, view, topology) -> agent`` replaces :func:`start_agent` in tests.
@@ -99,7 +102,9 @@ def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls:
         passive = self.__dict__.setdefault(PASSIVE_ATTR, [])
         if adapter.is_main_model(bound.get("model_name")):
             if getattr(self, BINDING_ATTR, None) is not None:
-                raise adapter.AdapterError("EplbState.add_model was called twice for a main model; eplb-service manages one")
+                raise adapter.AdapterError(
+                    "EplbState.add_model was called twice for a main model; eplb-service manages one"
+                )
             topology = adapter.ep_topology()
             view = adapter.view_model_state(model_state, topology)
             adapter.enable_load_recording(self)
@@ -107,8 +112,11 @@ def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls:
             setattr(self, BINDING_ATTR, binding)
             _stop_at_exit(binding)
         else:
-            log.warning("EPLB of the draft model %s stays at vLLM's initial placement: eplb-service balances "
-                        "the main model only", bound.get("model_name"))
+            log.warning(
+                "EPLB of the draft model %s stays at vLLM's initial placement: eplb-service balances "
+                "the main model only",
+                bound.get("model_name"),
+            )
             passive.append(model_state.expert_load_pass)
         return result
 
@@ -119,8 +127,10 @@ def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls:
             return original_step(self, is_dummy, is_profile, log_stats)
         binding = getattr(self, BINDING_ATTR, None)
         if binding is None:
-            raise adapter.AdapterError("EplbState.step ran with eplb-service configured but no main model attached; "
-                                       "vLLM's own rearrangement would run")
+            raise adapter.AdapterError(
+                "EplbState.step ran with eplb-service configured but no main model attached; "
+                "vLLM's own rearrangement would run"
+            )
         binding.on_step(is_dummy)
         return None
 
@@ -130,8 +140,10 @@ def install(cfg: config_mod.PluginConfig, eplb_state_cls: type, engine_args_cls:
         if binding is not None:
             if not adapter.bound_arguments(original_rearrange, (self, *args), kwargs)["is_profile"]:
                 binding.refused_rearranges += 1
-                raise adapter.AdapterError("vLLM's own expert rearrangement (EplbState.rearrange) was called while "
-                                           "eplb-service manages placement; elastic EP is not supported with the plugin")
+                raise adapter.AdapterError(
+                    "vLLM's own expert rearrangement (EplbState.rearrange) was called while "
+                    "eplb-service manages placement; elastic EP is not supported with the plugin"
+                )
             binding.profile_rearranges += 1
         return original_rearrange(self, *args, **kwargs)
 
@@ -220,11 +232,18 @@ class EplbBinding:
     def status(self) -> dict:
         hooks = self.hooks
         return {
-            "rank": self.agent.rank, "welcomed": self.agent.welcomed, "steps": hooks.steps_done,
-            "real_steps": self.real_steps, "dummy_steps": self.dummy_steps, "epoch": hooks.epoch,
-            "commits": list(hooks.commit_log), "max_stall_s": hooks.max_stall_s,
-            "profile_rearranges": self.profile_rearranges, "refused_rearranges": self.refused_rearranges,
-            "agent_stats": dict(self.agent.stats), "phy2log": self.view.phy2log.tolist(),
+            "rank": self.agent.rank,
+            "welcomed": self.agent.welcomed,
+            "steps": hooks.steps_done,
+            "real_steps": self.real_steps,
+            "dummy_steps": self.dummy_steps,
+            "epoch": hooks.epoch,
+            "commits": list(hooks.commit_log),
+            "max_stall_s": hooks.max_stall_s,
+            "profile_rearranges": self.profile_rearranges,
+            "refused_rearranges": self.refused_rearranges,
+            "agent_stats": dict(self.agent.stats),
+            "phy2log": self.view.phy2log.tolist(),
         }
 
 
@@ -247,11 +266,15 @@ def make_transport(name: str, device, max_ctas: int | None = None):
     try:
         from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
 
-        return CupyNcclTransport(device, max_ctas=max_ctas)  # built on the serving thread: it orders itself after that stream
+        return CupyNcclTransport(
+            device, max_ctas=max_ctas
+        )  # built on the serving thread: it orders itself after that stream
     except Exception as exc:  # no CuPy / no CUDA: say which variable chose it
-        raise AdapterError(f"{config_mod.TRANSPORT}={name}: cannot build the CuPy NCCL side transport on {device} "
-                           f"({type(exc).__name__}: {exc}); install eplb-service[gpu] (or [gpu-cuda13]) or set "
-                           f"{config_mod.TRANSPORT}=gloo") from exc
+        raise AdapterError(
+            f"{config_mod.TRANSPORT}={name}: cannot build the CuPy NCCL side transport on {device} "
+            f"({type(exc).__name__}: {exc}); install eplb-service[gpu] (or [gpu-cuda13]) or set "
+            f"{config_mod.TRANSPORT}=gloo"
+        ) from exc
 
 
 def start_agent(cfg: config_mod.PluginConfig, view, topology):
@@ -259,12 +282,31 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
     from eplb_service.integrations.vllm.agent import VllmWorkerAgent
     from eplb_service.worker_agent.expert_model import ExpertModel
 
-    model = ExpertModel(expert_weights=view.expert_weights, phy2log=view.phy2log, log2phy=view.log2phy,
-                        logcnt=view.logcnt, rank=topology.rank, num_ranks=topology.world_size)
+    model = ExpertModel(
+        expert_weights=view.expert_weights,
+        phy2log=view.phy2log,
+        log2phy=view.log2phy,
+        logcnt=view.logcnt,
+        rank=topology.rank,
+        num_ranks=topology.world_size,
+    )
     transport = make_transport(cfg.transport, model.device, cfg.side_max_ctas)
-    agent = VllmWorkerAgent(model, cfg.endpoint, transport, ranks_per_node=topology.ranks_per_node,
-                            overrides=cfg.agent_overrides(), staging_budget_bytes=cfg.staging_budget_bytes)
-    log.info("EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",
-             topology.rank, topology.world_size, view.shape.num_layers, view.shape.num_logical,
-             view.shape.num_physical, model.bytes_per_expert, transport.name)
+    agent = VllmWorkerAgent(
+        model,
+        cfg.endpoint,
+        transport,
+        ranks_per_node=topology.ranks_per_node,
+        overrides=cfg.agent_overrides(),
+        staging_budget_bytes=cfg.staging_budget_bytes,
+    )
+    log.info(
+        "EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",
+        topology.rank,
+        topology.world_size,
+        view.shape.num_layers,
+        view.shape.num_logical,
+        view.shape.num_physical,
+        model.bytes_per_expert,
+        transport.name,
+    )
     return agent.start()

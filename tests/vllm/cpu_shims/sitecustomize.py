@@ -21,6 +21,7 @@ def _after_import(module_name: str):
     def register(fn):
         _PATCHES[module_name] = fn
         return fn
+
     return register
 
 
@@ -73,15 +74,39 @@ def _cpu_moe_honours_expert_map(module):
 
     apply = module.CPUUnquantizedExperts.apply
 
-    def apply_with_expert_map(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                              global_num_experts, expert_map, *args, **kwargs):
+    def apply_with_expert_map(
+        self,
+        output,
+        hidden_states,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation,
+        global_num_experts,
+        expert_map,
+        *args,
+        **kwargs,
+    ):
         if expert_map is not None:
             local = expert_map.to(topk_ids.device)[topk_ids.long()]
             remote = local < 0
             topk_ids = torch.where(remote, torch.zeros_like(local), local).to(topk_ids.dtype)
             topk_weights = topk_weights.masked_fill(remote, 0)
-        return apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                     global_num_experts, None, *args, **kwargs)
+        return apply(
+            self,
+            output,
+            hidden_states,
+            w1,
+            w2,
+            topk_weights,
+            topk_ids,
+            activation,
+            global_num_experts,
+            None,
+            *args,
+            **kwargs,
+        )
 
     module.CPUUnquantizedExperts.apply = apply_with_expert_map
 
@@ -95,8 +120,14 @@ def _cpu_moe_honours_expert_map(module):
 def _eplb_map_and_record_on_cpu(module):
     import torch
 
-    def eplb_map_to_physical_and_record(topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count,
-                                        record_enabled, num_unpadded_tokens=None):
+    def eplb_map_to_physical_and_record(
+        topk_ids,
+        expert_load_view,
+        logical_to_physical_map,
+        logical_replica_count,
+        record_enabled,
+        num_unpadded_tokens=None,
+    ):
         ids = topk_ids.reshape(-1).long()
         num_logical, width = logical_to_physical_map.shape
         valid = (ids >= 0) & (ids < num_logical)
