@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 
 
-def execute(
+def execute(  # noqa: C901 - the agent's staging steps, replayed one by one
     old: np.ndarray, new: np.ndarray, ranks: int, ranks_per_node: int | None = None, max_ops: int | None = None
 ) -> np.ndarray:
     """Run a schedule on 'weights' that are the expert ids themselves; returns live slots.

@@ -683,7 +683,7 @@ def _coordinator_idle(coordinator) -> bool:
     )
 
 
-async def _run(opts: HarnessOptions, endpoint: str) -> dict:
+async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one phase sequence, read top to bottom
     from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.coordinator.server import Coordinator
     from eplb_service.protocol import AgentConfig

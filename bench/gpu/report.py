@@ -25,53 +25,70 @@ def _met(ok) -> str:
 
 
 def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
-    """Markdown and a dict of the target verdicts."""
+    """Markdown and a dict of the target verdicts: the side link, then the harness's phases,
+    commits and bandwidth, then the run itself; each part in a function of its own."""
     lines = ["| measurement | value | target | verdict |", "|---|---|---|---|"]
     verdicts: dict = {}
     peak = (p2p or {}).get("peak_gbps")
     if p2p:
-        chunked = ", ".join(f"{c} MiB: {_f(v, 0)}" for c, v in p2p.get("chunked_ring_gbps_mean", {}).items())
-        lines.append(
-            f"| side p2p peak (CuPy NCCL, GB/s per GPU, one direction; the highest of the patterns) | **{_f(peak, 1)}** (pair, one way {_f(p2p.get('pair_gbps'), 1)}; "
-            f"ring, every GPU sending and receiving at once {_f(p2p.get('ring_gbps_mean'), 1)}; all-pairs {_f(p2p.get('all_pairs_gbps_mean'), 1)}; ring in chunks: {chunked}) | | |"
-        )
-        ap = p2p.get("agent_pattern_gbps_mean")
-        if ap:
-            lines.append(
-                f"| agent-shaped group (8 experts x (16 + 8) MiB to one peer), GB/s per GPU | separate ops {_f(ap['separate_ops'], 1)}, "
-                f"packed per peer {_f(ap['packed_per_peer'], 1)}, one pre-packed op {_f(ap['one_op_bound'], 1)}, "
-                f"**agent blocks (gather on the pack stream + one op per tensor) {_f(ap.get('blocks'), 1)}** "
-                f"(correct: {p2p.get('agent_pattern_blocks_correct')}) | | |"
-            )
-        sweep = p2p.get("cta_sweep")
-        if sweep:
-            cells = "; ".join(
-                f"{row['max_ctas'] or 'NCCL default'}: ring {_f(row['ring_gbps_mean'], 0)}, blocks {_f(row['blocks_gbps_mean'], 0)} GB/s, "
-                f"CTAs {', '.join(f'{v}' for k, v in row['ctas'].items())}"
-                for row in sweep
-            )
-            lines.append(
-                f"| side communicator CTA limit (max_ctas): ring / agent-block rate, CTAs per NCCL kernel | {cells} | | |"
-            )
-        pr = p2p.get("paced_ring")
-        if pr:
-            lines.append(
-                f"| throttle gaps on the device ({pr['chunks']:.0f} x {pr['chunk_mib']:.0f} MiB ring groups, {pr['gap_s'] * 1e3:.1f} ms gap each) | "
-                f"{_f(pr['gbps'], 1)} GB/s (expected {_f(pr['expected_gbps'], 1)}) | | |"
-            )
-        lines.append(
-            f"| side transport checks (bit-exact exchange, stream fence, vote, abort + rebuild) | exchange {p2p.get('exchange_ok')}, "
-            f"fence {p2p.get('fence_ok')}, vote {p2p.get('vote_ok')}, abort/rebuild {p2p.get('abort_ok')} | all true | {_met(p2p.get('ok'))} |"
-        )
+        lines += _p2p_rows(p2p, peak)
     if not harness or not harness.get("phases"):
         if harness:
             lines.append(
                 f"| harness | incomplete: hangs {harness.get('hangs')}, errors {harness.get('errors')} | | **missed** |"
             )
         return "\n".join(lines), verdicts
+    idle = harness["phases"].get("idle", {}).get("all", {})
+    base50, base99 = idle.get("p50_ms"), idle.get("p99_ms")
+    lines += _step_time_rows(harness, peak, base50, base99, verdicts)
+    lines += _commit_and_bandwidth_rows(harness, p2p, peak, base50, base99, verdicts)
+    lines += _run_rows(harness, verdicts)
+    lines += profile_lines(harness.get("profile") or {})
+    return "\n".join(lines), verdicts
+
+
+def _p2p_rows(p2p: dict, peak) -> list[str]:
+    lines: list[str] = []
+    chunked = ", ".join(f"{c} MiB: {_f(v, 0)}" for c, v in p2p.get("chunked_ring_gbps_mean", {}).items())
+    lines.append(
+        f"| side p2p peak (CuPy NCCL, GB/s per GPU, one direction; the highest of the patterns) | **{_f(peak, 1)}** (pair, one way {_f(p2p.get('pair_gbps'), 1)}; "
+        f"ring, every GPU sending and receiving at once {_f(p2p.get('ring_gbps_mean'), 1)}; all-pairs {_f(p2p.get('all_pairs_gbps_mean'), 1)}; ring in chunks: {chunked}) | | |"
+    )
+    ap = p2p.get("agent_pattern_gbps_mean")
+    if ap:
+        lines.append(
+            f"| agent-shaped group (8 experts x (16 + 8) MiB to one peer), GB/s per GPU | separate ops {_f(ap['separate_ops'], 1)}, "
+            f"packed per peer {_f(ap['packed_per_peer'], 1)}, one pre-packed op {_f(ap['one_op_bound'], 1)}, "
+            f"**agent blocks (gather on the pack stream + one op per tensor) {_f(ap.get('blocks'), 1)}** "
+            f"(correct: {p2p.get('agent_pattern_blocks_correct')}) | | |"
+        )
+    sweep = p2p.get("cta_sweep")
+    if sweep:
+        cells = "; ".join(
+            f"{row['max_ctas'] or 'NCCL default'}: ring {_f(row['ring_gbps_mean'], 0)}, blocks {_f(row['blocks_gbps_mean'], 0)} GB/s, "
+            f"CTAs {', '.join(f'{v}' for k, v in row['ctas'].items())}"
+            for row in sweep
+        )
+        lines.append(
+            f"| side communicator CTA limit (max_ctas): ring / agent-block rate, CTAs per NCCL kernel | {cells} | | |"
+        )
+    pr = p2p.get("paced_ring")
+    if pr:
+        lines.append(
+            f"| throttle gaps on the device ({pr['chunks']:.0f} x {pr['chunk_mib']:.0f} MiB ring groups, {pr['gap_s'] * 1e3:.1f} ms gap each) | "
+            f"{_f(pr['gbps'], 1)} GB/s (expected {_f(pr['expected_gbps'], 1)}) | | |"
+        )
+    lines.append(
+        f"| side transport checks (bit-exact exchange, stream fence, vote, abort + rebuild) | exchange {p2p.get('exchange_ok')}, "
+        f"fence {p2p.get('fence_ok')}, vote {p2p.get('vote_ok')}, abort/rebuild {p2p.get('abort_ok')} | all true | {_met(p2p.get('ok'))} |"
+    )
+    return lines
+
+
+def _step_time_rows(harness: dict, peak, base50, base99, verdicts: dict) -> list[str]:
+    lines: list[str] = []
     ph = harness["phases"]
     idle = ph.get("idle", {}).get("all", {})
-    base50, base99 = idle.get("p50_ms"), idle.get("p99_ms")
     lines.append(
         f"| step time, no rearrangement (idle phase) p50 / p99 | {_f(base50, 3)} / {_f(base99, 3)} ms ({idle.get('n')} steps) | | |"
     )
@@ -127,6 +144,11 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
             f"| priming plans (the process's first, one-off costs) step time p50 / max | {_f(ph['prime']['all'].get('p50_ms'), 2)} / "
             f"{_f(ph['prime']['all'].get('max_ms'), 1)} ms ({ph['prime']['commits']} commits) | | |"
         )
+    return lines
+
+
+def _commit_and_bandwidth_rows(harness: dict, p2p: dict | None, peak, base50, base99, verdicts: dict) -> list[str]:
+    lines: list[str] = []
     cs = harness["commit_stall"]
     lines.append(
         f"| step time at commit steps p50 / p99 | {_f(cs['step'].get('p50_ms'), 3)} / {_f(cs['step'].get('p99_ms'), 3)} ms "
@@ -168,6 +190,12 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
             f"| streaming rate ({label}): side stream busy / whole batch incl. host work | {_f(link, 1)}{frac} / {_f(wall, 1)} GB/s "
             f"({b.get('sessions')} batches) | {'>= 85% of peak' if is_target else ''} | {_met(ok) if is_target else ''} |"
         )
+    return lines
+
+
+def _run_rows(harness: dict, verdicts: dict) -> list[str]:
+    lines: list[str] = []
+    gpu = harness["commit_stall"]["gpu"]
     opts = harness.get("options", {})
     lines.append(
         f"| harness config | {harness['world_size']} ranks, {harness['model']['num_layers']} layers x {harness['model']['num_physical']} "
@@ -208,8 +236,7 @@ def build_table(p2p: dict | None, harness: dict | None) -> tuple[str, dict]:
         f"{soak.get('seconds')} s of soak ({co['committed']} in the run); hangs {harness.get('hangs')}; mismatches "
         f"{harness.get('output_mismatches')} (every step, every token) | 0 hangs, 0 mismatches | {_met(ok)} |"
     )
-    lines += profile_lines(harness.get("profile") or {})
-    return "\n".join(lines), verdicts
+    return lines
 
 
 def profile_lines(profile: dict) -> list[str]:
