@@ -17,7 +17,7 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.testing.protocol_fuzz import HandlerHarness, check_frame, message_strategy, mutate
 
 
@@ -66,10 +66,10 @@ def main() -> None:
 
     @given(message_strategy(), st.data())
     def mutated_messages(message, data):
-        frame = P.encode(message)
+        frame = protocol.encode(message)
         try:
-            assert P.decode(frame) == message
-        except P.ProtocolError:  # the value breaks a declared constraint: refused, as it must be
+            assert protocol.decode(frame) == message
+        except protocol.ProtocolError:  # the value breaks a declared constraint: refused, as it must be
             pass
         outcome = check_frame(mutate(frame, data))
         mutated[outcome] = mutated.get(outcome, 0) + 1

@@ -186,11 +186,6 @@ def rank_holdings(phy2log: np.ndarray, num_logical: int, num_ranks: int) -> np.n
     return flat.reshape(num_layers, num_ranks, num_logical)
 
 
-def changed_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray) -> np.ndarray:
-    """``[L, P]`` bool: slots whose logical expert differs between the two placements."""
-    return np.asarray(old_phy2log) != np.asarray(new_phy2log)
-
-
 def local_source_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
     """``[L, P]`` bool: changed slots whose new expert the same rank already holds in ``old``.
 

@@ -22,7 +22,7 @@ from conftest import make_model, rows_match_maps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.placement import PlacementShape
 from eplb_service.testing.protocol_fuzz import message_strategy
 from eplb_service.worker_agent.agent import WorkerAgent
@@ -30,7 +30,7 @@ from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.transport import Transport
 
 SHAPE = PlacementShape(num_layers=2, num_logical=3, num_physical=4, num_ranks=1)
-FAST = P.AgentConfig(
+FAST = protocol.AgentConfig(
     report_interval_steps=2,
     heartbeat_interval_s=0.01,
     fence_steps=2,
@@ -107,10 +107,10 @@ class SyncDecider:
 
 class Socket:
     def __init__(self) -> None:
-        self.sent: list[P.Message] = []
+        self.sent: list[protocol.Message] = []
 
     def send(self, frame, flags=0):
-        self.sent.append(P.decode(frame))
+        self.sent.append(protocol.decode(frame))
 
     def poll(self, timeout_ms, flags=0):
         return 0
@@ -136,17 +136,17 @@ class Harness:
 
     # -- messages that fit the flow ------------------------------------------------------
 
-    def comm(self) -> P.CommInit:
-        return P.CommInit(generation=next(self.generations), store_host="127.0.0.1", store_port=1, world_size=1)
+    def comm(self) -> protocol.CommInit:
+        return protocol.CommInit(generation=next(self.generations), store_host="127.0.0.1", store_port=1, world_size=1)
 
-    def plan(self) -> P.Plan:
+    def plan(self) -> protocol.Plan:
         rows = self.model.phy2log.numpy()[[1]].copy()
         rows[0] = np.roll(rows[0], 1)
-        return P.Plan(
+        return protocol.Plan(
             plan_id=next(self.plan_ids),
             base_epoch=self.agent.hooks.epoch,
             layers=[1],
-            phy2log=P.NDArray.from_numpy(rows),
+            phy2log=protocol.NDArray.from_numpy(rows),
         )
 
     def current_plan_id(self) -> int:
@@ -157,7 +157,7 @@ class Harness:
 
     # -- actions -------------------------------------------------------------------------
 
-    def deliver(self, message: P.Message) -> None:
+    def deliver(self, message: protocol.Message) -> None:
         agent = self.agent
         agent._handle(message)
         if agent.side.connecting is not None:
@@ -200,19 +200,19 @@ class Harness:
 def flow_messages(h: Harness):
     return st.one_of(
         st.builds(
-            lambda c: P.Welcome(
-                protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm() if c else None
+            lambda c: protocol.Welcome(
+                protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm() if c else None
             ),
             st.booleans(),
         ),
         st.builds(lambda: h.comm()),
         st.builds(lambda: h.plan()),
-        st.builds(lambda: P.VoteNow(plan_id=h.current_plan_id())),
-        st.builds(lambda: P.AbortPlan(plan_id=h.current_plan_id(), reason="test")),
-        st.just(P.CoordinatorStopping(reason="test")),
-        st.builds(lambda s: P.HeartbeatAck(session=s), st.sampled_from([7, 8])),
+        st.builds(lambda: protocol.VoteNow(plan_id=h.current_plan_id())),
+        st.builds(lambda: protocol.AbortPlan(plan_id=h.current_plan_id(), reason="test")),
+        st.just(protocol.CoordinatorStopping(reason="test")),
+        st.builds(lambda s: protocol.HeartbeatAck(session=s), st.sampled_from([7, 8])),
         st.builds(
-            lambda code: P.Reject(reason="test", code=code),
+            lambda code: protocol.Reject(reason="test", code=code),
             st.sampled_from(["unknown_agent", "stale_session", "rank_taken", "bad_message"]),
         ),
     )
@@ -224,13 +224,13 @@ def any_message():
 
     def decodable(message) -> bool:
         try:
-            P.decode(P.encode(message))
-        except (P.ProtocolError, OverflowError, ValueError):
+            protocol.decode(protocol.encode(message))
+        except (protocol.ProtocolError, OverflowError, ValueError):
             return False
         return True
 
     def tame(message):
-        if isinstance(message, P.Welcome):
+        if isinstance(message, protocol.Welcome):
             return msgspec.structs.replace(message, config=FAST)
         return message
 
@@ -241,7 +241,9 @@ def any_message():
 @given(st.data())
 def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data):
     h = Harness()
-    h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
     actions = collections.Counter()
     for _ in range(data.draw(st.integers(5, 60), label="length")):
         kind = data.draw(
@@ -268,11 +270,13 @@ def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data
 def test_the_happy_path_commits_through_the_record():
     """The same harness, scripted: Welcome, Plan, VoteNow, steps: committed at S once."""
     h = Harness()
-    h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
     plan = h.plan()
     h.deliver(plan)
-    assert any(isinstance(m, P.Staged) for m in h.agent.link.sock.sent)
-    h.deliver(P.VoteNow(plan_id=plan.plan_id))
+    assert any(isinstance(m, protocol.Staged) for m in h.agent.link.sock.sent)
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
     decision = h.record.decisions[plan.plan_id]
     assert decision.commit and decision.commit_step == FAST.fence_steps
     for _ in range(4):
@@ -288,12 +292,14 @@ def test_the_happy_path_commits_through_the_record():
 def test_a_new_side_communicator_during_the_vote_keeps_the_ticket_and_commits():
     """The death of issue 13: a CommInit arriving after the vote dropped the plan under an armed ticket."""
     h = Harness()
-    h.deliver(P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm()))
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
     plan = h.plan()
     h.deliver(plan)
-    h.deliver(P.VoteNow(plan_id=plan.plan_id))
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
     h.deliver(h.comm())  # e.g. a rank re-registered and the coordinator rebuilt the communicator
-    h.deliver(P.CoordinatorStopping(reason="restart"))
+    h.deliver(protocol.CoordinatorStopping(reason="restart"))
     for _ in range(4):
         h.step()
         h.tick()

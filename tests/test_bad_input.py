@@ -11,7 +11,7 @@ import zmq
 from conftest import make_model, rows_match_maps
 from coordinator_thread import CoordinatorThread
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -34,25 +34,25 @@ class FakeCoordinator:
         while time.monotonic() < deadline:
             if self.sock.poll(100):
                 identity, frame = self.sock.recv_multipart()
-                message = P.decode(frame)
+                message = protocol.decode(frame)
                 if isinstance(message, kind):
                     return identity, message
         raise AssertionError(f"no {kind.__name__} within {timeout_s}s")
 
     def send(self, identity: bytes, message) -> None:
-        self.sock.send_multipart([identity, P.encode(message)])
+        self.sock.send_multipart([identity, protocol.encode(message)])
 
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
 
 
-def plan(rows, layers=(0,), epoch=0, plan_id=7) -> P.Plan:
-    return P.Plan(
+def plan(rows, layers=(0,), epoch=0, plan_id=7) -> protocol.Plan:
+    return protocol.Plan(
         plan_id=plan_id,
         base_epoch=epoch,
         layers=list(layers),
-        phy2log=P.NDArray.from_numpy(np.asarray(rows, dtype=np.int64)),
+        phy2log=protocol.NDArray.from_numpy(np.asarray(rows, dtype=np.int64)),
     )
 
 
@@ -65,7 +65,12 @@ def plan(rows, layers=(0,), epoch=0, plan_id=7) -> P.Plan:
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], epoch=3), "is for epoch 3, this rank is at epoch 0"),
         (
-            P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray(dtype="int64", shape=(1, 8), data=b"\0" * 8)),
+            protocol.Plan(
+                plan_id=7,
+                base_epoch=0,
+                layers=[0],
+                phy2log=protocol.NDArray(dtype="int64", shape=(1, 8), data=b"\0" * 8),
+            ),
             "plan.phy2log: shape (1, 8) of int64 needs 64 bytes, got 8",
         ),
     ],
@@ -77,11 +82,14 @@ def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_p
     before = model.phy2log.clone()
     agent = WorkerAgent(model, endpoint, GlooTransport()).start()
     try:
-        identity, hello = fake.recv(P.Hello)
+        identity, hello = fake.recv(protocol.Hello)
         assert hello.rank == 0
-        fake.send(identity, P.Welcome(protocol_version=P.PROTOCOL_VERSION, rank=0, config=P.AgentConfig()))
+        fake.send(
+            identity,
+            protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=protocol.AgentConfig()),
+        )
         fake.send(identity, bad)
-        _, failed = fake.recv(P.Failed)
+        _, failed = fake.recv(protocol.Failed)
         assert failed.plan_id == 7 and expected in failed.reason, failed.reason
         assert agent.stats["plans_rejected"] == 1
     finally:
@@ -90,12 +98,12 @@ def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_p
     assert model.phy2log.equal(before) and rows_match_maps(model)
 
 
-def hello(**changes) -> P.Hello:
+def hello(**changes) -> protocol.Hello:
     fields = dict(
-        protocol_version=P.PROTOCOL_VERSION,
+        protocol_version=protocol.PROTOCOL_VERSION,
         rank=0,
-        model=P.ModelShape(2, 6, 8, 2, 36),
-        phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)),
+        model=protocol.ModelShape(2, 6, 8, 2, 36),
+        phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
         epoch=0,
         step=0,
         transport="gloo",
@@ -103,13 +111,13 @@ def hello(**changes) -> P.Hello:
         store_port=1,
     )
     fields.update(changes)
-    return P.Hello(**fields)
+    return protocol.Hello(**fields)
 
 
 _ASKED = iter(range(10**9))
 
 
-def ask(endpoint: str, identity: bytes, message) -> P.Message:
+def ask(endpoint: str, identity: bytes, message) -> protocol.Message:
     """One message on a fresh connection (a fresh identity too: a connection with an identity
     still in use is refused), and the reply."""
     ctx = zmq.Context()
@@ -117,9 +125,9 @@ def ask(endpoint: str, identity: bytes, message) -> P.Message:
     try:
         sock.setsockopt(zmq.IDENTITY, identity + f"-{next(_ASKED)}".encode())
         sock.connect(endpoint)
-        sock.send(P.encode(message))
+        sock.send(protocol.encode(message))
         assert sock.poll(5000), "no reply"
-        return P.decode(sock.recv())
+        return protocol.decode(sock.recv())
     finally:
         sock.close(0)
         ctx.term()
@@ -131,26 +139,28 @@ def test_hello_mismatches_are_refused_with_both_values(tmp_path):
     try:
         reply = ask(endpoint, b"rank-0", hello(protocol_version=99))
         assert (
-            isinstance(reply, P.Reject)
-            and f"protocol version 99 does not match the coordinator's {P.PROTOCOL_VERSION}" in reply.reason
+            isinstance(reply, protocol.Reject)
+            and f"protocol version 99 does not match the coordinator's {protocol.PROTOCOL_VERSION}" in reply.reason
         )
         reply = ask(
             endpoint,
             b"rank-0",
             hello(
-                model=P.ModelShape(2, 6, 8, 4, 36),
-                phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 4))),
+                model=protocol.ModelShape(2, 6, 8, 4, 36),
+                phy2log=protocol.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 4))),
             ),
         )
         assert "agent reports 4 EP ranks, the coordinator was started for 2" in reply.reason
-        assert isinstance(ask(endpoint, b"rank-0", hello()), P.Welcome)
-        reply = ask(endpoint, b"rank-1", hello(rank=1, model=P.ModelShape(2, 6, 8, 2, 72)))
+        assert isinstance(ask(endpoint, b"rank-0", hello()), protocol.Welcome)
+        reply = ask(endpoint, b"rank-1", hello(rank=1, model=protocol.ModelShape(2, 6, 8, 2, 72)))
         assert (
             "model shape" in reply.reason
             and "bytes_per_expert=72" in reply.reason
             and "bytes_per_expert=36" in reply.reason
         )
-        reply = ask(endpoint, b"rank-1", hello(rank=1, phy2log=P.NDArray.from_numpy(np.zeros((2, 8), dtype=np.int64))))
+        reply = ask(
+            endpoint, b"rank-1", hello(rank=1, phy2log=protocol.NDArray.from_numpy(np.zeros((2, 8), dtype=np.int64)))
+        )
         assert "invalid placement: layer 0: logical expert 1 has no replica" in reply.reason
         assert coord.coordinator.metrics.messages_rejected.labels("hello")._value.get() == 4
     finally:
@@ -158,7 +168,7 @@ def test_hello_mismatches_are_refused_with_both_values(tmp_path):
 
 
 def test_oversize_and_garbage_frames_do_not_disturb_the_coordinator(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "MAX_MESSAGE_BYTES", 1 << 20)  # the socket limit is read when the coordinator binds
+    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 1 << 20)  # the socket limit is read when the coordinator binds
     endpoint = f"ipc://{tmp_path}/c.sock"
     coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
     ctx = zmq.Context()
@@ -170,8 +180,8 @@ def test_oversize_and_garbage_frames_do_not_disturb_the_coordinator(tmp_path, mo
         garbage.connect(endpoint)
         garbage.send(b"\xc1 not msgpack")
         assert garbage.poll(5000)
-        reply = P.decode(garbage.recv())
-        assert isinstance(reply, P.Reject) and "undecodable frame" in reply.reason
+        reply = protocol.decode(garbage.recv())
+        assert isinstance(reply, protocol.Reject) and "undecodable frame" in reply.reason
         time.sleep(0.2)
         assert fetch_status(endpoint)["world_size"] == 2  # still serving
         assert coord.coordinator.metrics.messages_rejected.labels("decode")._value.get() == 1
@@ -189,12 +199,16 @@ def test_ranks_at_different_epochs_register_and_planning_waits_for_them(tmp_path
     try:
         newer = initial_phy2log(SHAPE)
         newer[0, :2] = newer[0, 1::-1]
-        assert isinstance(ask(endpoint, b"rank-0", hello(epoch=4, phy2log=P.NDArray.from_numpy(newer))), P.Welcome)
-        reply = ask(
-            endpoint, b"rank-1", hello(rank=1, epoch=4, pid=99, phy2log=P.NDArray.from_numpy(initial_phy2log(SHAPE)))
+        assert isinstance(
+            ask(endpoint, b"rank-0", hello(epoch=4, phy2log=protocol.NDArray.from_numpy(newer))), protocol.Welcome
         )
-        assert isinstance(reply, P.Reject) and "differs from the other ranks' placement" in reply.reason
-        assert isinstance(ask(endpoint, b"rank-1", hello(rank=1, epoch=3)), P.Welcome)
+        reply = ask(
+            endpoint,
+            b"rank-1",
+            hello(rank=1, epoch=4, pid=99, phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE))),
+        )
+        assert isinstance(reply, protocol.Reject) and "differs from the other ranks' placement" in reply.reason
+        assert isinstance(ask(endpoint, b"rank-1", hello(rank=1, epoch=3)), protocol.Welcome)
         c = coord.coordinator
         # the epoch is the one every rank reports: none yet, both placements known
         assert c.epoch == -1 and np.array_equal(c.placements[4], newer) and 3 in c.placements

@@ -24,7 +24,7 @@ from coordinator_thread import CoordinatorThread
 from fault_proxy import FaultProxy
 from sim_cluster import SimCluster, assert_all_or_none, daemon, wait_status
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
 
@@ -43,7 +43,7 @@ def sim_config(endpoint: str, **changes) -> CoordinatorConfig:
         liveness_timeout_s=3.0,
         staging_timeout_s=10.0,
         voting_timeout_s=10.0,
-        agent=P.AgentConfig(**agent),
+        agent=protocol.AgentConfig(**agent),
     )
     base.update(changes)
     return CoordinatorConfig(**base)
@@ -57,10 +57,10 @@ def votes_to(rank: int, held_s: float, times: int):
         if direction != "down" or not identity.startswith(f"rank-{rank}-".encode()) or len(held) >= times:
             return 0.0
         try:
-            message = P.decode(frame)
-        except P.ProtocolError:
+            message = protocol.decode(frame)
+        except protocol.ProtocolError:
             return 0.0
-        if isinstance(message, P.VoteNow):
+        if isinstance(message, protocol.VoteNow):
             held.append(message.plan_id)
             return held_s
         return 0.0
@@ -200,26 +200,26 @@ def test_forged_identities_cannot_cut_a_rank_off_or_move_the_epoch(tmp_path):
 
         # (a) the agent's own identity: the connection is refused, the agent's route stays
         stolen = forger(identity)
-        stolen.send(P.encode(P.Heartbeat(rank=1, step=10**6, epoch=0, session=session)))
+        stolen.send(protocol.encode(protocol.Heartbeat(rank=1, step=10**6, epoch=0, session=session)))
         # (b) a Heartbeat naming rank 1 from another connection, even with the right session
         other = forger(b"rank-1-forged")
-        other.send(P.encode(P.Heartbeat(rank=1, step=10**6, epoch=7, session=session)))
+        other.send(protocol.encode(protocol.Heartbeat(rank=1, step=10**6, epoch=7, session=session)))
         # (c) a Hello for the held rank, 1000 epochs ahead
-        hello = P.Hello(
-            protocol_version=P.PROTOCOL_VERSION,
+        hello = protocol.Hello(
+            protocol_version=protocol.PROTOCOL_VERSION,
             rank=1,
             model=c.model,
-            phy2log=P.NDArray.from_numpy(c.placements[c.epoch]),
+            phy2log=protocol.NDArray.from_numpy(c.placements[c.epoch]),
             epoch=c.epoch + 1000,
             step=0,
             transport="gloo",
         )
-        other.send(P.encode(hello))
+        other.send(protocol.encode(hello))
         assert other.poll(5000)
-        replies = [P.decode(other.recv())]
+        replies = [protocol.decode(other.recv())]
         while other.poll(500):
-            replies.append(P.decode(other.recv()))
-        assert {r.code for r in replies if isinstance(r, P.Reject)} >= {"unknown_agent", "rank_taken"}, replies
+            replies.append(protocol.decode(other.recv()))
+        assert {r.code for r in replies if isinstance(r, protocol.Reject)} >= {"unknown_agent", "rank_taken"}, replies
         time.sleep(3.0 + 1.0)  # past the liveness timeout: the real agent must still be heard
         assert c.registry.agents[1].identity == identity and c.registry.agents[1].alive
         assert c.epoch < 1000 and c.halted_reason is None
@@ -242,8 +242,8 @@ def test_a_message_naming_another_rank_is_refused_from_a_registered_connection(t
     c = harness.coordinator
     rank0 = c.registry.agents[0]
     before = c.metrics.messages_rejected.labels("session")._value.get()
-    c._handle(rank0.identity, P.Heartbeat(rank=1, step=10**6, epoch=5, session=rank0.session))
-    c._handle(rank0.identity, P.Heartbeat(rank=0, step=10**6, epoch=5, session=rank0.session + 1))
+    c._handle(rank0.identity, protocol.Heartbeat(rank=1, step=10**6, epoch=5, session=rank0.session))
+    c._handle(rank0.identity, protocol.Heartbeat(rank=0, step=10**6, epoch=5, session=rank0.session + 1))
     assert c.metrics.messages_rejected.labels("session")._value.get() == before + 2
     assert c.registry.agents[1].step == 0 and c.registry.agents[0].step == 0 and c.halted_reason is None
 
@@ -267,7 +267,7 @@ def test_a_flood_of_large_frames_leaves_the_coordinator_small(tmp_path):
     try:
         wait_status(endpoint, lambda s: True, 30, "the coordinator")
         before = rss_mib(proc.pid)
-        big, near = b"\x00" * (60 << 20), b"\x00" * (P.UNSHAPED_MAX_MESSAGE_BYTES - 16)
+        big, near = b"\x00" * (60 << 20), b"\x00" * (protocol.UNSHAPED_MAX_MESSAGE_BYTES - 16)
         socks = []
         for _ in range(8):
             sock = ctx.socket(zmq.DEALER)
@@ -303,20 +303,20 @@ def test_frame_limit_is_fitted_to_the_model(tmp_path):
     from eplb_service.testing.protocol_fuzz import HandlerHarness
 
     c = HandlerHarness().coordinator  # registers 2 ranks of a 2-layer, 8-slot model
-    assert c.max_message_bytes == P.max_message_bytes(2, 8) < P.UNSHAPED_MAX_MESSAGE_BYTES
-    report = P.encode(
-        P.LoadReport(
+    assert c.max_message_bytes == protocol.max_message_bytes(2, 8) < protocol.UNSHAPED_MAX_MESSAGE_BYTES
+    report = protocol.encode(
+        protocol.LoadReport(
             rank=0,
             epoch=0,
             step_begin=0,
             step_end=10,
-            slot_load=P.NDArray.from_numpy(np.zeros((60, 544), dtype=np.int64)),
+            slot_load=protocol.NDArray.from_numpy(np.zeros((60, 544), dtype=np.int64)),
             session=1,
         )
     )
-    assert len(report) < P.max_message_bytes(60, 544)
-    with pytest.raises(P.ProtocolError, match="exceeds the limit"):
-        P.decode(b"\x00" * (c.max_message_bytes + 1), c.max_message_bytes)
+    assert len(report) < protocol.max_message_bytes(60, 544)
+    with pytest.raises(protocol.ProtocolError, match="exceeds the limit"):
+        protocol.decode(b"\x00" * (c.max_message_bytes + 1), c.max_message_bytes)
 
 
 # -- 5. recording on a disk that refuses writes -------------------------------------------------

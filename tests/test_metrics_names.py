@@ -78,18 +78,23 @@ def test_measured_gauges_read_nan_until_there_is_a_value_and_outcomes_are_final(
 
 
 def test_agent_counters_from_heartbeats_and_stalls_per_rank_reach_prometheus():
-    from eplb_service import protocol as P
+    from eplb_service import protocol
     from eplb_service.testing.protocol_fuzz import HandlerHarness
 
     c = HandlerHarness().coordinator
     rank0, rank1 = c.registry.agents[0], c.registry.agents[1]
     c._handle(
         rank0.identity,
-        P.Heartbeat(rank=0, step=5, epoch=0, session=rank0.session, counters={"committed": 3, "integrity_failures": 1}),
+        protocol.Heartbeat(
+            rank=0, step=5, epoch=0, session=rank0.session, counters={"committed": 3, "integrity_failures": 1}
+        ),
     )
-    c._handle(rank1.identity, P.Heartbeat(rank=1, step=5, epoch=0, session=rank1.session, counters={"committed": 2}))
     c._handle(
-        rank1.identity, P.Committed(rank=1, plan_id=1, commit_step=5, epoch=0, stall_s=2e-4, session=rank1.session)
+        rank1.identity, protocol.Heartbeat(rank=1, step=5, epoch=0, session=rank1.session, counters={"committed": 2})
+    )
+    c._handle(
+        rank1.identity,
+        protocol.Committed(rank=1, plan_id=1, commit_step=5, epoch=0, stall_s=2e-4, session=rank1.session),
     )
     values = samples(c.metrics.registry)
     assert values[("eplb_agent_events_total", (("event", "committed"), ("rank", "0")))] == 3

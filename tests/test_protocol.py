@@ -7,19 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.schema import SCHEMA_PATH, render
 
 
-def _arr(a) -> P.NDArray:
-    return P.NDArray.from_numpy(np.asarray(a))
+def _arr(a) -> protocol.NDArray:
+    return protocol.NDArray.from_numpy(np.asarray(a))
 
 
 SAMPLES = [
-    P.Hello(
+    protocol.Hello(
         protocol_version=1,
         rank=3,
-        model=P.ModelShape(2, 4, 6, 2, 128),
+        model=protocol.ModelShape(2, 4, 6, 2, 128),
         phy2log=_arr(np.arange(12).reshape(2, 6) % 4),
         epoch=0,
         step=7,
@@ -27,50 +27,52 @@ SAMPLES = [
         node="n1",
         pid=42,
     ),
-    P.Welcome(protocol_version=1, rank=3, config=P.AgentConfig(fence_steps=4)),
-    P.Welcome(
+    protocol.Welcome(protocol_version=1, rank=3, config=protocol.AgentConfig(fence_steps=4)),
+    protocol.Welcome(
         protocol_version=1,
         rank=0,
-        config=P.AgentConfig(),
-        comm=P.CommInit(generation=2, store_host="h", store_port=1, world_size=2),
+        config=protocol.AgentConfig(),
+        comm=protocol.CommInit(generation=2, store_host="h", store_port=1, world_size=2),
     ),
-    P.Reject(reason="no"),
-    P.CommInit(generation=1, store_host="127.0.0.1", store_port=5000, world_size=8),
-    P.Heartbeat(rank=1, step=10, epoch=2, comm_generation=1),
-    P.Heartbeat(
+    protocol.Reject(reason="no"),
+    protocol.CommInit(generation=1, store_host="127.0.0.1", store_port=5000, world_size=8),
+    protocol.Heartbeat(rank=1, step=10, epoch=2, comm_generation=1),
+    protocol.Heartbeat(
         rank=1,
         step=10,
         epoch=2,
         comm_generation=1,
         session=77,
         internal_errors=2,
-        clock=P.StepClock(probe_steps=[32], times=[[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]], radius=3, wall_minus_mono=5.5),
+        clock=protocol.StepClock(
+            probe_steps=[32], times=[[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]], radius=3, wall_minus_mono=5.5
+        ),
     ),
-    P.HeartbeatAck(session=77),
-    P.Reject(reason="held", code="rank_taken"),
-    P.LoadReport(rank=1, epoch=2, step_begin=0, step_end=10, slot_load=_arr(np.ones((2, 6), dtype=np.int64))),
-    P.Plan(plan_id=5, base_epoch=2, layers=[0, 1], phy2log=_arr(np.zeros((2, 6), dtype=np.int64))),
-    P.Staged(rank=0, plan_id=5, bytes_received=1024, duration_s=0.5),
-    P.Failed(rank=0, plan_id=5, reason="busy"),
-    P.VoteNow(plan_id=5),
-    P.Voted(rank=0, plan_id=5, commit_step=99, ok=True),
-    P.Committed(rank=0, plan_id=5, commit_step=99, epoch=3, stall_s=1e-5),
-    P.Aborted(rank=0, plan_id=5, reason="fence_timeout"),
-    P.AbortPlan(plan_id=5, reason="rank 2 lost"),
-    P.Goodbye(rank=0, reason="bye"),
-    P.CoordinatorStopping(reason="SIGTERM"),
-    P.StatusRequest(),
-    P.StatusReply(status_json=b"{}"),
+    protocol.HeartbeatAck(session=77),
+    protocol.Reject(reason="held", code="rank_taken"),
+    protocol.LoadReport(rank=1, epoch=2, step_begin=0, step_end=10, slot_load=_arr(np.ones((2, 6), dtype=np.int64))),
+    protocol.Plan(plan_id=5, base_epoch=2, layers=[0, 1], phy2log=_arr(np.zeros((2, 6), dtype=np.int64))),
+    protocol.Staged(rank=0, plan_id=5, bytes_received=1024, duration_s=0.5),
+    protocol.Failed(rank=0, plan_id=5, reason="busy"),
+    protocol.VoteNow(plan_id=5),
+    protocol.Voted(rank=0, plan_id=5, commit_step=99, ok=True),
+    protocol.Committed(rank=0, plan_id=5, commit_step=99, epoch=3, stall_s=1e-5),
+    protocol.Aborted(rank=0, plan_id=5, reason="fence_timeout"),
+    protocol.AbortPlan(plan_id=5, reason="rank 2 lost"),
+    protocol.Goodbye(rank=0, reason="bye"),
+    protocol.CoordinatorStopping(reason="SIGTERM"),
+    protocol.StatusRequest(),
+    protocol.StatusReply(status_json=b"{}"),
 ]
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_every_message_round_trips(message):
-    assert P.decode(P.encode(message)) == message
+    assert protocol.decode(protocol.encode(message)) == message
 
 
 def test_every_union_member_has_a_sample():
-    assert {type(m) for m in SAMPLES} == set(P.Message.__args__)
+    assert {type(m) for m in SAMPLES} == set(protocol.Message.__args__)
 
 
 @pytest.mark.parametrize("dtype", ["int32", "int64", "float32", "float64"])
@@ -81,27 +83,27 @@ def test_ndarray_round_trip_keeps_dtype_shape_values(dtype):
 
 
 def test_ndarray_rejects_byte_count_that_does_not_match_shape():
-    bad = P.NDArray(dtype="int64", shape=(2, 3), data=b"\0" * 40)
-    with pytest.raises(P.ProtocolError, match=r"needs 48 bytes, got 40"):
+    bad = protocol.NDArray(dtype="int64", shape=(2, 3), data=b"\0" * 40)
+    with pytest.raises(protocol.ProtocolError, match=r"needs 48 bytes, got 40"):
         bad.to_numpy("plan.phy2log")
 
 
 def test_ndarray_rejects_unknown_dtype_and_too_many_dims():
-    with pytest.raises(P.ProtocolError, match="object"):
-        P.NDArray(dtype="object", shape=(1,), data=b"x").to_numpy()
-    with pytest.raises(P.ProtocolError, match="dims"):
-        P.NDArray(dtype="int8", shape=(1,) * 5, data=b"x").to_numpy()
-    with pytest.raises(P.ProtocolError, match="complex128"):
-        P.NDArray.from_numpy(np.zeros(2, dtype=np.complex128))
+    with pytest.raises(protocol.ProtocolError, match="object"):
+        protocol.NDArray(dtype="object", shape=(1,), data=b"x").to_numpy()
+    with pytest.raises(protocol.ProtocolError, match="dims"):
+        protocol.NDArray(dtype="int8", shape=(1,) * 5, data=b"x").to_numpy()
+    with pytest.raises(protocol.ProtocolError, match="complex128"):
+        protocol.NDArray.from_numpy(np.zeros(2, dtype=np.complex128))
 
 
 def test_constraints_refuse_negative_ids_and_nan_naming_the_field():
     import msgspec
 
-    with pytest.raises(P.ProtocolError, match=r"Expected `int` >= 0 - at `\$.rank`"):
-        P.decode(msgspec.msgpack.encode({"type": "Heartbeat", "rank": -1, "step": 1, "epoch": 0}))
-    with pytest.raises(P.ProtocolError, match=r"\$.stall_s"):
-        P.decode(
+    with pytest.raises(protocol.ProtocolError, match=r"Expected `int` >= 0 - at `\$.rank`"):
+        protocol.decode(msgspec.msgpack.encode({"type": "Heartbeat", "rank": -1, "step": 1, "epoch": 0}))
+    with pytest.raises(protocol.ProtocolError, match=r"\$.stall_s"):
+        protocol.decode(
             msgspec.msgpack.encode(
                 {"type": "Committed", "rank": 0, "plan_id": 1, "commit_step": 5, "epoch": 1, "stall_s": float("nan")}
             )
@@ -112,51 +114,51 @@ def test_wrong_field_type_is_named():
     import msgspec
 
     frame = msgspec.msgpack.encode({"type": "Heartbeat", "rank": "zero", "step": 1, "epoch": 0})
-    with pytest.raises(P.ProtocolError, match=r"\$\.rank"):
-        P.decode(frame)
+    with pytest.raises(protocol.ProtocolError, match=r"\$\.rank"):
+        protocol.decode(frame)
 
 
 def test_unknown_fields_and_types_are_refused():
     import msgspec
 
-    with pytest.raises(P.ProtocolError, match="extra"):
-        P.decode(msgspec.msgpack.encode({"type": "VoteNow", "plan_id": 1, "extra": 2}))
-    with pytest.raises(P.ProtocolError):
-        P.decode(msgspec.msgpack.encode({"type": "Pickle", "payload": b"x"}))
+    with pytest.raises(protocol.ProtocolError, match="extra"):
+        protocol.decode(msgspec.msgpack.encode({"type": "VoteNow", "plan_id": 1, "extra": 2}))
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(msgspec.msgpack.encode({"type": "Pickle", "payload": b"x"}))
 
 
 def test_oversize_frame_is_refused_before_decoding(monkeypatch):
-    monkeypatch.setattr(P, "MAX_MESSAGE_BYTES", 100)
-    with pytest.raises(P.ProtocolError, match="exceeds MAX_MESSAGE_BYTES=100"):
-        P.decode(b"\x90" * 101)
+    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 100)
+    with pytest.raises(protocol.ProtocolError, match="exceeds MAX_MESSAGE_BYTES=100"):
+        protocol.decode(b"\x90" * 101)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_random_bytes_never_crash_the_decoder(frame):
     try:
-        message = P.decode(frame)
-    except P.ProtocolError:
+        message = protocol.decode(frame)
+    except protocol.ProtocolError:
         return
-    assert isinstance(message, P.Message.__args__)
+    assert isinstance(message, protocol.Message.__args__)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(SAMPLES), st.data())
 def test_mutated_frames_decode_or_fail_cleanly(message, data):
-    frame = bytearray(P.encode(message))
+    frame = bytearray(protocol.encode(message))
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(frame) - 1))
         frame[i] = data.draw(st.integers(0, 255))
     try:
-        decoded = P.decode(bytes(frame))
-    except P.ProtocolError:
+        decoded = protocol.decode(bytes(frame))
+    except protocol.ProtocolError:
         return
-    if isinstance(decoded, (P.Hello, P.LoadReport, P.Plan)):  # arrays are checked where used
-        array = decoded.phy2log if not isinstance(decoded, P.LoadReport) else decoded.slot_load
+    if isinstance(decoded, (protocol.Hello, protocol.LoadReport, protocol.Plan)):  # arrays are checked where used
+        array = decoded.phy2log if not isinstance(decoded, protocol.LoadReport) else decoded.slot_load
         try:
             array.to_numpy()
-        except P.ProtocolError:
+        except protocol.ProtocolError:
             pass
 
 
@@ -167,7 +169,7 @@ def test_schema_file_is_current():
 def test_no_pickle_in_the_package():
     import pathlib
 
-    root = pathlib.Path(P.__file__).parent
+    root = pathlib.Path(protocol.__file__).parent
     offenders = [
         str(p) for p in root.rglob("*.py") if "import pickle" in p.read_text() or "pickle.loads" in p.read_text()
     ]
@@ -180,10 +182,10 @@ from eplb_service.testing.protocol_fuzz import HandlerHarness, check_frame, mess
 @settings(max_examples=400, deadline=None)
 @given(message_strategy(), st.data())
 def test_any_well_typed_message_round_trips_and_mutations_fail_cleanly(message, data):
-    frame = P.encode(message)
+    frame = protocol.encode(message)
     try:
-        assert P.decode(frame) == message  # a value the type admits survives the trip exactly
-    except P.ProtocolError as exc:  # or breaks a constraint (negative rank, NaN duration...), named
+        assert protocol.decode(frame) == message  # a value the type admits survives the trip exactly
+    except protocol.ProtocolError as exc:  # or breaks a constraint (negative rank, NaN duration...), named
         assert "at `$." in str(exc) or "- at $" in str(exc), exc
     assert check_frame(frame) in ("accepted", "array_rejected", "rejected")
     assert check_frame(mutate(frame, data)) in ("accepted", "array_rejected", "rejected")

@@ -12,7 +12,7 @@ import zmq
 from conftest import make_model
 from coordinator_thread import CoordinatorThread
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -86,14 +86,14 @@ def test_hello_from_a_mismatched_identity_is_refused_and_counted(tmp_path):
     try:
         sock.setsockopt(zmq.IDENTITY, b"rank-7")
         sock.connect(endpoint)
-        shape = P.ModelShape(2, 6, 8, 2, 36)
+        shape = protocol.ModelShape(2, 6, 8, 2, 36)
         sock.send(
-            P.encode(
-                P.Hello(
-                    protocol_version=P.PROTOCOL_VERSION,
+            protocol.encode(
+                protocol.Hello(
+                    protocol_version=protocol.PROTOCOL_VERSION,
                     rank=0,
                     model=shape,
-                    phy2log=P.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 2))),
+                    phy2log=protocol.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 2))),
                     epoch=0,
                     step=0,
                     transport="gloo",
@@ -101,8 +101,8 @@ def test_hello_from_a_mismatched_identity_is_refused_and_counted(tmp_path):
             )
         )
         assert sock.poll(5000)
-        reply = P.decode(sock.recv())
-        assert isinstance(reply, P.Reject) and "identity b'rank-7' does not match rank 0" in reply.reason
+        reply = protocol.decode(sock.recv())
+        assert isinstance(reply, protocol.Reject) and "identity b'rank-7' does not match rank 0" in reply.reason
         assert coord.coordinator.metrics.messages_rejected.labels("hello")._value.get() == 1
         assert coord.coordinator.registry.agents == {}
     finally:

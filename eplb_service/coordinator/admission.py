@@ -12,7 +12,7 @@ import enum
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.registry import AgentRecord
 from eplb_service.placement import PlacementError, PlacementShape, validate_phy2log
 
@@ -30,12 +30,14 @@ class Claim(enum.Enum):
     """Another live agent holds the rank: refuse until it leaves or is declared dead."""
 
 
-def hello_problem(identity: bytes, hello: P.Hello, world_size: int, model: P.ModelShape | None) -> str | None:
+def hello_problem(
+    identity: bytes, hello: protocol.Hello, world_size: int, model: protocol.ModelShape | None
+) -> str | None:
     """Why this Hello cannot belong to this deployment (naming both values), or None."""
     if not (identity == f"rank-{hello.rank}".encode() or identity.startswith(f"rank-{hello.rank}-".encode())):
         return f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')"
-    if hello.protocol_version != P.PROTOCOL_VERSION:
-        return f"protocol version {hello.protocol_version} does not match the coordinator's {P.PROTOCOL_VERSION}"
+    if hello.protocol_version != protocol.PROTOCOL_VERSION:
+        return f"protocol version {hello.protocol_version} does not match the coordinator's {protocol.PROTOCOL_VERSION}"
     if not 0 <= hello.rank < world_size:
         return f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})"
     if hello.model.num_ranks != world_size:
@@ -50,20 +52,20 @@ def hello_problem(identity: bytes, hello: P.Hello, world_size: int, model: P.Mod
     return None
 
 
-def hello_placement(hello: P.Hello) -> tuple[PlacementShape, np.ndarray]:
+def hello_placement(hello: protocol.Hello) -> tuple[PlacementShape, np.ndarray]:
     """The shape and ``[L, P]`` placement a Hello reports; ``PlacementError`` names what is wrong."""
     shape = PlacementShape(
         hello.model.num_layers, hello.model.num_logical, hello.model.num_physical, hello.model.num_ranks
     )
     try:
         phy2log = hello.phy2log.to_numpy("hello.phy2log").astype(np.int64)
-    except P.ProtocolError as exc:
+    except protocol.ProtocolError as exc:
         raise PlacementError(str(exc)) from None
     validate_phy2log(phy2log, shape)
     return shape, phy2log
 
 
-def claim(holder: AgentRecord | None, identity: bytes, hello: P.Hello) -> Claim:
+def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) -> Claim:
     if holder is None or not holder.alive:
         return Claim.NEW
     if holder.identity == identity:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.placement import PlacementShape, layer_balancedness, model_balancedness, rank_loads
 
@@ -31,7 +31,7 @@ class LoadRejected(ValueError):
 class PlacementBook:
     world_size: int
     load_half_life_steps: float
-    model: P.ModelShape | None = None
+    model: protocol.ModelShape | None = None
     shape: PlacementShape | None = None
     epoch: int = -1
     """The epoch every registered rank reports; -1 until they first agree."""
@@ -40,7 +40,7 @@ class PlacementBook:
     window: LoadWindow | None = None
     max_step_seen: int = 0
 
-    def adopt(self, model: P.ModelShape, shape: PlacementShape, phy2log: np.ndarray, epoch: int) -> bool:
+    def adopt(self, model: protocol.ModelShape, shape: PlacementShape, phy2log: np.ndarray, epoch: int) -> bool:
         """The first rank of a deployment (or the first back when none is alive) seeds the table.
 
         Returns True the first time the model becomes known (the caller then fits its frame
@@ -84,14 +84,14 @@ class PlacementBook:
             del self.placements[stale]
         return int((old != new).sum())
 
-    def add_load(self, report: P.LoadReport) -> np.ndarray:
+    def add_load(self, report: protocol.LoadReport) -> np.ndarray:
         """Fold a report's slot counts into the window as logical load ``[L, N_log]`` (returned)."""
         placement = self.placements.get(report.epoch)
         if placement is None:
             raise LoadRejected("unknown_epoch")
         try:
             counts = report.slot_load.to_numpy("slot_load")
-        except P.ProtocolError as exc:
+        except protocol.ProtocolError as exc:
             raise LoadRejected("bad_array", str(exc)) from None
         if counts.shape != placement.shape:
             raise LoadRejected("bad_shape", f"load report shape {counts.shape}, expected {placement.shape}")

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
@@ -50,7 +50,7 @@ class PlanHost(Protocol):
 
     halted_reason: str | None
 
-    def broadcast(self, message: P.Message) -> None: ...
+    def broadcast(self, message: protocol.Message) -> None: ...
 
     def rebuild_comm(self) -> None: ...
 
@@ -248,7 +248,12 @@ class PlanRunner:
         )
         self.metrics.plans_proposed.inc()
         self.host.broadcast(
-            P.Plan(plan_id=self.plan.plan_id, base_epoch=book.epoch, layers=layers, phy2log=P.NDArray.from_numpy(rows))
+            protocol.Plan(
+                plan_id=self.plan.plan_id,
+                base_epoch=book.epoch,
+                layers=layers,
+                phy2log=protocol.NDArray.from_numpy(rows),
+            )
         )
 
     def abort(self, reason: str, code: str = "other") -> None:
@@ -270,9 +275,15 @@ class PlanRunner:
         plan = self.plan
         return plan if plan is not None and (plan_id is None or plan.plan_id == plan_id) else None
 
-    def staged(self, plan_id: int, rank: int, now: float) -> None:
+    def staged(self, plan_id: int, rank: int, now: float, received_bytes: int = 0, duration_s: float = 0.0) -> None:
         plan = self._current(plan_id)
-        if plan is not None and plan.on_staged(rank, now):
+        if plan is not None and plan.on_staged(rank, now, received_bytes, duration_s):
+            self.log.info(
+                "plan #%d staged on every rank: %.1f MiB over the side communicator, slowest rank %.2f s",
+                self.number(plan.plan_id),
+                plan.received_bytes / 2**20,
+                plan.slowest_staging_s,
+            )
             self.advance()
 
     def failed(self, plan_id: int, rank: int, reason: str, code: str, now: float) -> None:
@@ -313,11 +324,11 @@ class PlanRunner:
             return
         if plan.phase is Phase.VOTING and plan.abort_requested and not plan.abort_sent:
             plan.abort_sent = True  # ranks in their vote record "abort" unless "commit" is there already
-            self.host.broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
+            self.host.broadcast(protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
             return
         if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted and not plan.vote_sent:
             plan.vote_sent = True
-            self.host.broadcast(P.VoteNow(plan_id=plan.plan_id))
+            self.host.broadcast(protocol.VoteNow(plan_id=plan.plan_id))
             return
         if not plan.phase.final:
             return
@@ -380,7 +391,7 @@ class PlanRunner:
         self.counts[key] += 1
         self.metrics.plans.labels(key).inc()
         self.metrics.plans_aborted.labels("diverged" if diverged else (plan.code or "other")).inc()
-        self.host.broadcast(P.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
+        self.host.broadcast(protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
         self.pending_batches = []
         if diverged:
             self.host.halt(f"plan #{self.number(plan.plan_id)} (id {plan.plan_id}) diverged: {plan.reason}")

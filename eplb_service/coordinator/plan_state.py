@@ -65,16 +65,22 @@ class PlanRun:
     aborted_codes: dict[int, str] = field(default_factory=dict)
     staging_s: float = 0.0
     voting_s: float = 0.0
+    received_bytes: int = 0
+    """Bytes the ranks received over the side communicator (their ``Staged`` reports, summed)."""
+    slowest_staging_s: float = 0.0
+    """The longest staging any rank reported (its own clock, from Plan to Staged)."""
 
     def __post_init__(self) -> None:
         self.phase_started_at = self.started_at
 
     # Each handler returns True when the phase changed (the server then acts on it).
 
-    def on_staged(self, rank: int, now: float) -> bool:
+    def on_staged(self, rank: int, now: float, received_bytes: int = 0, duration_s: float = 0.0) -> bool:
         if self.phase is not Phase.STAGING:
             return False
         self.staged[rank] = now
+        self.received_bytes += received_bytes
+        self.slowest_staging_s = max(self.slowest_staging_s, duration_s)
         if len(self.staged) == self.world_size:
             self.staging_s = now - self.phase_started_at
             self.phase, self.phase_started_at = Phase.VOTING, now

@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import Callable, Protocol
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.admission import Claim, claim, hello_placement, hello_problem
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
@@ -27,19 +27,19 @@ from eplb_service.placement import PlacementError
 class RouterHost(Protocol):
     """What the router needs of the coordinator's shell."""
 
-    def send(self, identity: bytes, message: P.Message) -> None: ...
+    def send(self, identity: bytes, message: protocol.Message) -> None: ...
 
     def status(self) -> dict: ...
 
     def rebuild_comm(self) -> None: ...
 
-    def current_comm(self) -> P.CommInit | None: ...
+    def current_comm(self) -> protocol.CommInit | None: ...
 
     def invalidate_comm(self) -> None: ...
 
     def model_known(self) -> None: ...
 
-    def record_load(self, logical, report: P.LoadReport, rank: int) -> None: ...
+    def record_load(self, logical, report: protocol.LoadReport, rank: int) -> None: ...
 
     def watch(self, now: float) -> None: ...
 
@@ -58,34 +58,34 @@ class MessageRouter:
     ) -> None:
         self.cfg, self.registry, self.book, self.guard, self.runner = cfg, registry, book, guard, runner
         self.metrics, self.log, self.host = metrics, log, host
-        self._agent_handlers: dict[type, Callable[[AgentRecord, P.Message, float], None]] = {
-            P.Heartbeat: self._on_heartbeat,
-            P.LoadReport: self._on_load,
-            P.Staged: self._on_staged,
-            P.Failed: self._on_failed,
-            P.Aborted: self._on_failed,
-            P.Voted: self._on_voted,
-            P.Committed: self._on_committed,
-            P.Goodbye: self._on_goodbye,
+        self._agent_handlers: dict[type, Callable[[AgentRecord, protocol.Message, float], None]] = {
+            protocol.Heartbeat: self._on_heartbeat,
+            protocol.LoadReport: self._on_load,
+            protocol.Staged: self._on_staged,
+            protocol.Failed: self._on_failed,
+            protocol.Aborted: self._on_failed,
+            protocol.Voted: self._on_voted,
+            protocol.Committed: self._on_committed,
+            protocol.Goodbye: self._on_goodbye,
         }
 
-    def handle(self, identity: bytes, message: P.Message) -> None:
-        if isinstance(message, P.Hello):
+    def handle(self, identity: bytes, message: protocol.Message) -> None:
+        if isinstance(message, protocol.Hello):
             self._on_hello(identity, message)
-        elif isinstance(message, P.StatusRequest):
-            self.host.send(identity, P.StatusReply(status_json=json.dumps(self.host.status()).encode()))
+        elif isinstance(message, protocol.StatusRequest):
+            self.host.send(identity, protocol.StatusReply(status_json=json.dumps(self.host.status()).encode()))
         else:
             self._on_agent_message(identity, message)
 
     # -- agent messages ------------------------------------------------------------------
 
-    def _on_agent_message(self, identity: bytes, message: P.Message) -> None:
+    def _on_agent_message(self, identity: bytes, message: protocol.Message) -> None:
         now = time.monotonic()
         record = self.registry.by_identity(identity)
         if record is None:
             self.metrics.messages_rejected.labels("unknown_agent").inc()
             self.host.send(
-                identity, P.Reject(reason=f"unknown agent {identity!r}: send Hello first", code="unknown_agent")
+                identity, protocol.Reject(reason=f"unknown agent {identity!r}: send Hello first", code="unknown_agent")
             )
             return
         handler = self._agent_handlers.get(type(message))
@@ -102,31 +102,33 @@ class MessageRouter:
             )
             self.host.send(
                 identity,
-                P.Reject(
+                protocol.Reject(
                     reason=f"{type(message).__name__} does not match this connection's rank {record.rank} and session",
                     code="stale_session",
                 ),
             )
             return
         record.last_seen = now
-        if isinstance(message, P.Committed):  # even from a rank declared dead: the step is a fact
+        if isinstance(message, protocol.Committed):  # even from a rank declared dead: the step is a fact
             self.guard.epoch_watch.committed(message.epoch, message.commit_step)
         if not record.alive:
             self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
             self.host.send(
                 identity,
-                P.Reject(reason=f"unknown agent {identity!r}: declared dead, send Hello again", code="unknown_agent"),
+                protocol.Reject(
+                    reason=f"unknown agent {identity!r}: declared dead, send Hello again", code="unknown_agent"
+                ),
             )
             return
-        if isinstance(message, (P.Heartbeat, P.Committed)) and self.book.unknown(
+        if isinstance(message, (protocol.Heartbeat, protocol.Committed)) and self.book.unknown(
             message.epoch, self.runner.next_epoch_in_flight
         ):
             self._resync(record, message.epoch, now)
             return
         handler(record, message, now)
 
-    def _on_heartbeat(self, record: AgentRecord, message: P.Heartbeat, now: float) -> None:
-        self.host.send(record.identity, P.HeartbeatAck(session=record.session))
+    def _on_heartbeat(self, record: AgentRecord, message: protocol.Heartbeat, now: float) -> None:
+        self.host.send(record.identity, protocol.HeartbeatAck(session=record.session))
         record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
         record.internal_errors = message.internal_errors
         record.counters = dict(message.counters)
@@ -136,7 +138,7 @@ class MessageRouter:
         self.update_epoch()
         self.host.watch(now)
 
-    def _on_load(self, record: AgentRecord, report: P.LoadReport, now: float) -> None:
+    def _on_load(self, record: AgentRecord, report: protocol.LoadReport, now: float) -> None:
         try:
             logical = self.book.add_load(report)
         except LoadRejected as exc:
@@ -149,23 +151,23 @@ class MessageRouter:
         self.metrics.load_reports.inc()
         self.metrics.load_report_lag.set(self.book.max_step_seen - report.step_end)
 
-    def _on_staged(self, record: AgentRecord, message: P.Staged, now: float) -> None:
-        self.runner.staged(message.plan_id, record.rank, now)
+    def _on_staged(self, record: AgentRecord, message: protocol.Staged, now: float) -> None:
+        self.runner.staged(message.plan_id, record.rank, now, message.bytes_received, message.duration_s)
 
-    def _on_failed(self, record: AgentRecord, message: P.Failed | P.Aborted, now: float) -> None:
+    def _on_failed(self, record: AgentRecord, message: protocol.Failed | protocol.Aborted, now: float) -> None:
         self.runner.failed(message.plan_id, record.rank, message.reason, message.code, now)
 
-    def _on_voted(self, record: AgentRecord, message: P.Voted, now: float) -> None:
+    def _on_voted(self, record: AgentRecord, message: protocol.Voted, now: float) -> None:
         self.runner.voted(message.plan_id, message.commit_step, message.ok)
 
-    def _on_committed(self, record: AgentRecord, message: P.Committed, now: float) -> None:
+    def _on_committed(self, record: AgentRecord, message: protocol.Committed, now: float) -> None:
         self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
         record.epoch = message.epoch
         self.update_epoch()
         self.host.watch(now)
         self.runner.committed(message.plan_id, record.rank, message.commit_step, message.stall_s, now)
 
-    def _on_goodbye(self, record: AgentRecord, message: P.Goodbye, now: float) -> None:
+    def _on_goodbye(self, record: AgentRecord, message: protocol.Goodbye, now: float) -> None:
         self.log.info("rank %d left: %s", record.rank, message.reason)
         self.lose_agent(record, now)
 
@@ -174,9 +176,9 @@ class MessageRouter:
     def _reject(self, identity: bytes, rank: int, reason: str, code: str = "refused", metric: str = "hello") -> None:
         self.metrics.messages_rejected.labels(metric).inc()
         (self.log.warning if code == "rank_taken" else self.log.error)("refused rank %d: %s", rank, reason)
-        self.host.send(identity, P.Reject(reason=reason, code=code))
+        self.host.send(identity, protocol.Reject(reason=reason, code=code))
 
-    def _on_hello(self, identity: bytes, hello: P.Hello) -> None:
+    def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
         problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model)
         if problem is not None:
             return self._reject(identity, hello.rank, problem)
@@ -191,8 +193,8 @@ class MessageRouter:
             holder.last_seen = now
             self.host.send(
                 identity,
-                P.Welcome(
-                    protocol_version=P.PROTOCOL_VERSION,
+                protocol.Welcome(
+                    protocol_version=protocol.PROTOCOL_VERSION,
                     rank=hello.rank,
                     config=self.cfg.agent,
                     comm=self.host.current_comm(),
@@ -226,7 +228,7 @@ class MessageRouter:
             self.book.learn(hello.epoch, phy2log)
         self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now)
 
-    def _register(self, identity: bytes, hello: P.Hello, phy2log, resumed: bool, now: float) -> None:
+    def _register(self, identity: bytes, hello: protocol.Hello, phy2log, resumed: bool, now: float) -> None:
         record = AgentRecord(
             rank=hello.rank,
             identity=identity,
@@ -254,8 +256,11 @@ class MessageRouter:
         )
         self.host.send(
             identity,
-            P.Welcome(
-                protocol_version=P.PROTOCOL_VERSION, rank=hello.rank, config=self.cfg.agent, session=record.session
+            protocol.Welcome(
+                protocol_version=protocol.PROTOCOL_VERSION,
+                rank=hello.rank,
+                config=self.cfg.agent,
+                session=record.session,
             ),
         )
         self.update_liveness_metrics()
@@ -276,7 +281,7 @@ class MessageRouter:
         )
         self.host.send(
             record.identity,
-            P.Reject(reason=f"placement epoch {epoch} is unknown here: send Hello again", code="unknown_agent"),
+            protocol.Reject(reason=f"placement epoch {epoch} is unknown here: send Hello again", code="unknown_agent"),
         )
         self.lose_agent(record, now)
 

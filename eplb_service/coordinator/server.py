@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.http_endpoints import serve_http
@@ -62,7 +62,7 @@ class Coordinator:
         )
         self.recorder: TraceRecorder | None = None
         self._last_trace_flush = time.monotonic()
-        self.max_message_bytes = P.UNSHAPED_MAX_MESSAGE_BYTES
+        self.max_message_bytes = protocol.UNSHAPED_MAX_MESSAGE_BYTES
         self.metrics_port: int | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sock: zmq.asyncio.Socket | None = None
@@ -173,7 +173,7 @@ class Coordinator:
     async def _shutdown(self) -> None:
         if self.plans.plan is not None and not self.plans.plan.phase.final:
             self.plans.abort("coordinator shutting down", "coordinator_stopping")
-        self.broadcast(P.CoordinatorStopping(reason="coordinator shutting down"))
+        self.broadcast(protocol.CoordinatorStopping(reason="coordinator shutting down"))
         if self.recorder is not None:
             try:
                 self.recorder.flush(close_all=True)
@@ -206,11 +206,11 @@ class Coordinator:
                 continue
             identity, frame = frames
             try:
-                message = P.decode(frame, self.max_message_bytes)
-            except P.ProtocolError as exc:
+                message = protocol.decode(frame, self.max_message_bytes)
+            except protocol.ProtocolError as exc:
                 self.metrics.messages_rejected.labels("decode").inc()
                 self.log.warning("bad message from %r: %s", identity, exc)
-                self.send(identity, P.Reject(reason=str(exc), code="bad_message"))
+                self.send(identity, protocol.Reject(reason=str(exc), code="bad_message"))
                 continue
             try:
                 self._handle(identity, message)
@@ -218,16 +218,16 @@ class Coordinator:
                 self._internal_error(f"handling {type(message).__name__}", exc)
         stop_wait.cancel()
 
-    def _handle(self, identity: bytes, message: P.Message) -> None:
+    def _handle(self, identity: bytes, message: protocol.Message) -> None:
         self.router.handle(identity, message)
 
-    def send(self, identity: bytes, message: P.Message) -> None:
+    def send(self, identity: bytes, message: protocol.Message) -> None:
         try:
-            self._sock.send_multipart([identity, P.encode(message)], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone: liveness will notice
             self.log.debug("send to %r failed: %s", identity, exc)
 
-    def broadcast(self, message: P.Message) -> None:
+    def broadcast(self, message: protocol.Message) -> None:
         for record in self.registry.alive:
             self.send(record.identity, message)
 
@@ -239,7 +239,7 @@ class Coordinator:
         self.metrics.comm_generation.set(comm.generation)
         self.broadcast(comm)
 
-    def current_comm(self) -> P.CommInit | None:
+    def current_comm(self) -> protocol.CommInit | None:
         if not self.side_comm.current_was_sent:
             return None
         return self.side_comm.current(self.registry.agents[0].store)
@@ -287,7 +287,7 @@ class Coordinator:
     def model_known(self) -> None:
         """The first Hello told the model: fit the frame limit to it and start recording."""
         shape = self.book.shape
-        self.max_message_bytes = P.max_message_bytes(shape.num_layers, shape.num_physical)
+        self.max_message_bytes = protocol.max_message_bytes(shape.num_layers, shape.num_physical)
         if self._sock is not None:  # applies to connections made from now on
             self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         if self.cfg.record_path:
@@ -300,7 +300,7 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - recording is a side duty
                 self._record_failed(exc)
 
-    def record_load(self, logical: np.ndarray, report: P.LoadReport, rank: int) -> None:
+    def record_load(self, logical: np.ndarray, report: protocol.LoadReport, rank: int) -> None:
         if self.recorder is not None:
             self.recorder.add(logical, report.step_begin, report.step_end, report.epoch, rank)
 

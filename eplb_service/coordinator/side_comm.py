@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 
 
 class SideComm:
@@ -25,16 +25,16 @@ class SideComm:
         self._resent_at = 0.0
         self.nonce = secrets.token_hex(4)
 
-    def next(self, store: tuple[str, int]) -> P.CommInit:
+    def next(self, store: tuple[str, int]) -> protocol.CommInit:
         """A new generation on rank 0's ``store``; the caller sends it to every rank."""
         self.generation += 1
         self.sent_generation = self.generation
         self.sent_at = time.monotonic()
         return self.current(store)
 
-    def current(self, store: tuple[str, int]) -> P.CommInit:
+    def current(self, store: tuple[str, int]) -> protocol.CommInit:
         host, port = store
-        return P.CommInit(
+        return protocol.CommInit(
             generation=self.generation, store_host=host, store_port=port, world_size=self.world_size, nonce=self.nonce
         )
 

@@ -6,7 +6,7 @@ import json
 
 import zmq
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.coordinator.socket_dir import check_endpoint_dir
 from eplb_service.security import ClientCurve
 
@@ -24,15 +24,15 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
     curve = curve if curve is not None else ClientCurve.from_env()
     if curve is not None:
         curve.apply(sock)
-    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
     try:
         sock.connect(endpoint)
-        sock.send(P.encode(P.StatusRequest()))
+        sock.send(protocol.encode(protocol.StatusRequest()))
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             raise TimeoutError(f"no answer from a coordinator at {endpoint} within {timeout_s}s")
-        reply = P.decode(sock.recv())
-        if not isinstance(reply, P.StatusReply):
-            raise P.ProtocolError(f"expected StatusReply, got {type(reply).__name__}")
+        reply = protocol.decode(sock.recv())
+        if not isinstance(reply, protocol.StatusReply):
+            raise protocol.ProtocolError(f"expected StatusReply, got {type(reply).__name__}")
         return json.loads(reply.status_json)
     finally:
         sock.close()

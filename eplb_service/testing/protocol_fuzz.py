@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
 
-MESSAGE_TYPES = P.Message.__args__
+MESSAGE_TYPES = protocol.Message.__args__
 
 
 def message_strategy() -> st.SearchStrategy:
@@ -26,20 +26,22 @@ def message_strategy() -> st.SearchStrategy:
     return st.one_of(*(st.builds(cls) for cls in MESSAGE_TYPES))
 
 
-def arrays_of(message) -> list[P.NDArray]:
-    return [v for v in (getattr(message, f, None) for f in message.__struct_fields__) if isinstance(v, P.NDArray)]
+def arrays_of(message) -> list[protocol.NDArray]:
+    return [
+        v for v in (getattr(message, f, None) for f in message.__struct_fields__) if isinstance(v, protocol.NDArray)
+    ]
 
 
 def check_frame(frame: bytes) -> str:
     """Decode ``frame`` like the coordinator and agents do; returns the outcome's name."""
     try:
-        message = P.decode(frame)
-    except P.ProtocolError:
+        message = protocol.decode(frame)
+    except protocol.ProtocolError:
         return "rejected"
     for array in arrays_of(message):
         try:
             array.to_numpy()
-        except P.ProtocolError:
+        except protocol.ProtocolError:
             return "array_rejected"
     return "accepted"
 
@@ -85,11 +87,11 @@ class HandlerHarness:
         for rank in range(2):
             self.coordinator._handle(
                 f"rank-{rank}".encode(),
-                P.Hello(
-                    protocol_version=P.PROTOCOL_VERSION,
+                protocol.Hello(
+                    protocol_version=protocol.PROTOCOL_VERSION,
                     rank=rank,
-                    model=P.ModelShape(2, 6, 8, 2, 36),
-                    phy2log=P.NDArray.from_numpy(initial_phy2log(shape)),
+                    model=protocol.ModelShape(2, 6, 8, 2, 36),
+                    phy2log=protocol.NDArray.from_numpy(initial_phy2log(shape)),
                     epoch=0,
                     step=0,
                     transport="gloo",
@@ -107,15 +109,15 @@ class HandlerHarness:
         coordinator = self.coordinator
         coordinator._handle(identity, message)
         record = coordinator.registry.by_identity(identity)
-        if record is not None and isinstance(message, P.AgentMessage.__args__):
+        if record is not None and isinstance(message, protocol.AgentMessage.__args__):
             coordinator._handle(identity, msgspec.structs.replace(message, rank=record.rank, session=record.session))
 
 
-def valid_load_report(rng: np.random.Generator, rank: int = 0) -> P.LoadReport:
-    return P.LoadReport(
+def valid_load_report(rng: np.random.Generator, rank: int = 0) -> protocol.LoadReport:
+    return protocol.LoadReport(
         rank=rank,
         epoch=0,
         step_begin=0,
         step_end=10,
-        slot_load=P.NDArray.from_numpy(rng.integers(0, 100, (2, 8)).astype(np.int64)),
+        slot_load=protocol.NDArray.from_numpy(rng.integers(0, 100, (2, 8)).astype(np.int64)),
     )

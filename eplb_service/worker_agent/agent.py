@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError
 from eplb_service.security import ClientCurve
@@ -88,7 +88,7 @@ class WorkerAgent:
         """Most staging bytes this rank allocates for one plan batch; a batch needing more fails here."""
         self.config_overrides = dict(config_overrides or {})
         """``AgentConfig`` fields this instance sets itself, over the coordinator's ``Welcome``."""
-        self.config = P.AgentConfig()
+        self.config = protocol.AgentConfig()
         self.hooks = ServingHooks(
             model,
             self.config.report_interval_steps,
@@ -117,7 +117,7 @@ class WorkerAgent:
         self._store: tuple[str, int] | None = None
         """Rank 0: where the rendezvous store it hosts is reached."""
         self._inbox: collections.deque = collections.deque()
-        self._plan: P.Plan | None = None
+        self._plan: protocol.Plan | None = None
         self._plan_rows: np.ndarray | None = None
         self._staged: Staged | None = None
         self._staged_at = 0.0
@@ -149,7 +149,7 @@ class WorkerAgent:
     def _ticket(self) -> CommitTicket | None:
         return self.voter.ticket
 
-    def send(self, message: P.Message) -> None:
+    def send(self, message: protocol.Message) -> None:
         self.link.send(message)
 
     # -- the thread --------------------------------------------------------------------
@@ -264,7 +264,7 @@ class WorkerAgent:
         try:
             self._abandon_plan("agent_stopping", "agent stopping")
             if self._welcomed:
-                self.send(P.Goodbye(rank=self.rank, reason="agent stopped", session=self._session))
+                self.send(protocol.Goodbye(rank=self.rank, reason="agent stopped", session=self._session))
         finally:
             self.link.close()
             self.transport.abort()
@@ -274,23 +274,23 @@ class WorkerAgent:
 
     def _receive(self, poll_ms: int) -> None:
         for message in self.link.receive(poll_ms):
-            if isinstance(message, P.AbortPlan):
+            if isinstance(message, protocol.AbortPlan):
                 self._abort_requested = message.plan_id
             self._inbox.append(message)
 
-    def _hello(self) -> P.Hello:
+    def _hello(self) -> protocol.Hello:
         shape = self.shape
-        return P.Hello(
-            protocol_version=P.PROTOCOL_VERSION,
+        return protocol.Hello(
+            protocol_version=protocol.PROTOCOL_VERSION,
             rank=self.rank,
-            model=P.ModelShape(
+            model=protocol.ModelShape(
                 num_layers=shape.num_layers,
                 num_logical=shape.num_logical,
                 num_physical=shape.num_physical,
                 num_ranks=shape.num_ranks,
                 bytes_per_expert=self.model.bytes_per_expert,
             ),
-            phy2log=P.NDArray.from_numpy(self.phy2log_host),
+            phy2log=protocol.NDArray.from_numpy(self.phy2log_host),
             epoch=self.hooks.epoch,
             step=self.hooks.steps_done,
             transport=self.transport.name,
@@ -302,31 +302,31 @@ class WorkerAgent:
         )
 
     _handlers = {
-        P.Welcome: "_on_welcome",
-        P.Reject: "_on_reject",
-        P.CommInit: "_connect",
-        P.Plan: "_on_plan",
-        P.VoteNow: "_on_vote",
-        P.AbortPlan: "_on_abort",
-        P.CoordinatorStopping: "_on_stopping",
-        P.HeartbeatAck: "_on_heartbeat_ack",
+        protocol.Welcome: "_on_welcome",
+        protocol.Reject: "_on_reject",
+        protocol.CommInit: "_connect",
+        protocol.Plan: "_on_plan",
+        protocol.VoteNow: "_on_vote",
+        protocol.AbortPlan: "_on_abort",
+        protocol.CoordinatorStopping: "_on_stopping",
+        protocol.HeartbeatAck: "_on_heartbeat_ack",
     }
     """Message type -> handler name (by name, so subclasses' overrides are the ones called)."""
 
-    def _handle(self, message: P.Message) -> None:
+    def _handle(self, message: protocol.Message) -> None:
         name = self._handlers.get(type(message))
         if name is None:
             self.log.warning("ignored unexpected %s from the coordinator", type(message).__name__)
             return
         getattr(self, name)(message)
 
-    def _on_stopping(self, message: P.CoordinatorStopping) -> None:
+    def _on_stopping(self, message: protocol.CoordinatorStopping) -> None:
         self.log.warning("coordinator stopping (%s); serving continues, will register again", message.reason)
         self._abandon_plan("coordinator_stopping", "coordinator stopping")
         self._welcomed = False
         self._next_hello = time.monotonic() + self.hello_interval_s
 
-    def _on_heartbeat_ack(self, message: P.HeartbeatAck) -> None:
+    def _on_heartbeat_ack(self, message: protocol.HeartbeatAck) -> None:
         if self._welcomed and message.session != self._session:
             self.log.warning(
                 "heartbeat answered for session %d, this agent holds %d: registering again",
@@ -335,7 +335,7 @@ class WorkerAgent:
             )
             self._welcomed = False
 
-    def _on_welcome(self, msg: P.Welcome) -> None:
+    def _on_welcome(self, msg: protocol.Welcome) -> None:
         config = msgspec_replace(msg.config, self.config_overrides)
         self.config = config
         hooks = self.hooks
@@ -350,7 +350,7 @@ class WorkerAgent:
         if msg.comm is not None:
             self._connect(msg.comm)
 
-    def _on_reject(self, msg: P.Reject) -> None:
+    def _on_reject(self, msg: protocol.Reject) -> None:
         if msg.code in ("unknown_agent", "stale_session"):
             # The coordinator restarted (or declared us dead): register again. Every queued
             # heartbeat draws one of these; the Hello back-off keeps it to one Hello.
@@ -370,7 +370,7 @@ class WorkerAgent:
 
     # -- the side communicator ------------------------------------------------------------------
 
-    def _connect(self, comm: P.CommInit) -> None:
+    def _connect(self, comm: protocol.CommInit) -> None:
         """Join the side communicator ``comm`` names (see ``side_link``); a plan in flight is given up first."""
         if self.side.is_current(comm):
             return
@@ -402,19 +402,19 @@ class WorkerAgent:
         for snap, counts in self.hooks.take_load_windows():
             if self._welcomed:
                 self.send(
-                    P.LoadReport(
+                    protocol.LoadReport(
                         rank=self.rank,
                         epoch=snap.epoch,
                         step_begin=snap.step_begin,
                         step_end=snap.step_end,
-                        slot_load=P.NDArray.from_numpy(counts),
+                        slot_load=protocol.NDArray.from_numpy(counts),
                         session=self._session,
                     )
                 )
 
     # -- plans -------------------------------------------------------------------------
 
-    def _validate_plan(self, plan: P.Plan) -> np.ndarray:
+    def _validate_plan(self, plan: protocol.Plan) -> np.ndarray:
         return check_plan(
             plan,
             self.shape,
@@ -426,12 +426,12 @@ class WorkerAgent:
             self.staging_bytes,
         )
 
-    def staging_bytes(self, plan: P.Plan, rows: np.ndarray) -> int:
+    def staging_bytes(self, plan: protocol.Plan, rows: np.ndarray) -> int:
         """Bytes of staging this rank needs for ``plan`` (one row per incoming expert)."""
         schedule = build_schedule(self.phy2log_host[list(plan.layers)], rows, self.shape.num_ranks, self.ranks_per_node)
         return len(schedule.per_rank[self.rank].staging) * self.model.bytes_per_expert
 
-    def _on_plan(self, plan: P.Plan) -> None:
+    def _on_plan(self, plan: protocol.Plan) -> None:
         if plan.plan_id in self._seen_plans:
             self.stats["duplicate_messages"] += 1
             return
@@ -441,7 +441,7 @@ class WorkerAgent:
             return self._failed(plan.plan_id, "busy", f"busy with plan {busy}")
         try:
             rows = self._validate_plan(plan)
-        except (PlacementError, P.ProtocolError) as exc:
+        except (PlacementError, protocol.ProtocolError) as exc:
             self.stats["plans_rejected"] += 1
             self.log.error("rejected plan %d: %s", plan.plan_id, exc)
             return self._failed(plan.plan_id, "invalid_plan", str(exc))
@@ -465,7 +465,7 @@ class WorkerAgent:
         self.stats["stage_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
         self.stats["staged"] += 1
         self.send(
-            P.Staged(
+            protocol.Staged(
                 rank=self.rank,
                 plan_id=plan.plan_id,
                 bytes_received=received,
@@ -474,7 +474,7 @@ class WorkerAgent:
             )
         )
 
-    def _stage(self, plan: P.Plan, rows: np.ndarray) -> int:
+    def _stage(self, plan: protocol.Plan, rows: np.ndarray) -> int:
         """Stage ``plan`` through the pipeline; returns the bytes received from other ranks."""
         me = threading.get_ident()
 
@@ -486,12 +486,12 @@ class WorkerAgent:
         return self._staged.received_bytes
 
     def _failed(self, plan_id: int, code: str, reason: str) -> None:
-        self.send(P.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
+        self.send(protocol.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
     def _aborted(self, plan_id: int, code: str, reason: str) -> None:
-        self.send(P.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
+        self.send(protocol.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
-    def _on_vote(self, msg: P.VoteNow) -> None:
+    def _on_vote(self, msg: protocol.VoteNow) -> None:
         """Enter the commit vote (``commit_vote``), once per plan id."""
         if msg.plan_id in self._voted_plans:
             self.stats["duplicate_messages"] += 1
@@ -517,7 +517,7 @@ class WorkerAgent:
         self._plan = self._staged = self._plan_rows = None
         self._staged_at = 0.0
 
-    def _on_abort(self, msg: P.AbortPlan) -> None:
+    def _on_abort(self, msg: protocol.AbortPlan) -> None:
         ticket = self._ticket
         if ticket is not None and ticket.plan_id == msg.plan_id:
             # In the vote: only the record decides. Ask for abort there; if commit is there
@@ -547,7 +547,7 @@ class WorkerAgent:
         self._aborted(plan.plan_id, code, reason)
 
 
-def msgspec_replace(config: P.AgentConfig, overrides: dict) -> P.AgentConfig:
+def msgspec_replace(config: protocol.AgentConfig, overrides: dict) -> protocol.AgentConfig:
     """``config`` with this instance's own settings over the coordinator's."""
     if not overrides:
         return config
@@ -558,7 +558,7 @@ def msgspec_replace(config: P.AgentConfig, overrides: dict) -> P.AgentConfig:
 
 def heartbeat_message(
     rank: int, session: int, hooks: ServingHooks, comm_generation: int, stats: collections.Counter
-) -> P.Heartbeat:
+) -> protocol.Heartbeat:
     """The heartbeat: the rank's step and epoch, step-clock probes, and the agent's counters."""
     # Read the step before the epoch: the serving thread bumps the epoch at the commit boundary
     # before the step count passes S, so (step > S, epoch = old) never pairs up falsely; the
@@ -566,12 +566,12 @@ def heartbeat_message(
     step = hooks.steps_done
     epoch = hooks.epoch
     steps, times = probes_from_ring(hooks.step_end_times, step)
-    clock = P.StepClock(
+    clock = protocol.StepClock(
         probe_steps=steps, times=times, radius=PROBE_RADIUS, wall_minus_mono=time.time() - time.monotonic()
     )
-    counters = {name: int(stats[name]) for name in P.AGENT_COUNTERS if stats[name]}
+    counters = {name: int(stats[name]) for name in protocol.AGENT_COUNTERS if stats[name]}
     counters["dropped_load_windows"] = hooks.dropped_windows
-    return P.Heartbeat(
+    return protocol.Heartbeat(
         rank=rank,
         step=step,
         epoch=epoch,

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.worker_agent.decision import Decider, Decision, DecisionRecord
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.staging import prepare_commit
@@ -73,7 +73,7 @@ class VoterHost(Protocol):
     stats: collections.Counter
     log: logging.LoggerAdapter
 
-    def send(self, message: P.Message) -> None: ...
+    def send(self, message: protocol.Message) -> None: ...
 
     def keep_alive(self) -> None: ...
 
@@ -94,8 +94,8 @@ class CommitVoter:
 
     def vote(
         self,
-        msg: P.VoteNow,
-        plan: P.Plan | None,
+        msg: protocol.VoteNow,
+        plan: protocol.Plan | None,
         rows: np.ndarray | None,
         staged: Staged | None,
         record: DecisionRecord | None,
@@ -147,7 +147,7 @@ class CommitVoter:
         self.propose(proposal)
 
     def _arm(
-        self, plan_id: int, plan: P.Plan, rows: np.ndarray, staged: Staged, record: DecisionRecord
+        self, plan_id: int, plan: protocol.Plan, rows: np.ndarray, staged: Staged, record: DecisionRecord
     ) -> CommitTicket:
         host = self.host
         cpu = CpuSections(host.stats, "vote")
@@ -197,7 +197,7 @@ class CommitVoter:
             ticket.voted_reported = True
             decision = ticket.decision
             host.send(
-                P.Voted(
+                protocol.Voted(
                     rank=host.rank,
                     plan_id=ticket.plan_id,
                     commit_step=max(decision.commit_step, 0),
@@ -218,7 +218,7 @@ class CommitVoter:
                 ticket.stall_s * 1e6,
             )
             host.send(
-                P.Committed(
+                protocol.Committed(
                     rank=host.rank,
                     plan_id=ticket.plan_id,
                     commit_step=ticket.outcome_step,
@@ -242,4 +242,4 @@ class CommitVoter:
 
     def _aborted(self, plan_id: int, code: str, reason: str) -> None:
         host = self.host
-        host.send(P.Aborted(rank=host.rank, plan_id=plan_id, reason=reason, session=host.session, code=code))
+        host.send(protocol.Aborted(rank=host.rank, plan_id=plan_id, reason=reason, session=host.session, code=code))

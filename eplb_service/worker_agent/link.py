@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.security import ClientCurve
 
 
@@ -42,7 +42,7 @@ class CoordinatorLink:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{secrets.token_hex(6)}".encode())
         sock.setsockopt(zmq.LINGER, 500)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         if self.curve is not None:
@@ -51,13 +51,13 @@ class CoordinatorLink:
         self.sock = sock
         self.last_heard = time.monotonic()
 
-    def send(self, message: P.Message) -> None:
+    def send(self, message: protocol.Message) -> None:
         try:
-            self.sock.send(P.encode(message), zmq.NOBLOCK)
+            self.sock.send(protocol.encode(message), zmq.NOBLOCK)
         except zmq.Again:
             self.stats["send_dropped"] += 1
 
-    def receive(self, poll_ms: int) -> list[P.Message]:
+    def receive(self, poll_ms: int) -> list[protocol.Message]:
         """Everything that arrived within ``poll_ms`` (0: what is there now), decoded; bad frames are
         counted and dropped."""
         sock = self.sock
@@ -71,8 +71,8 @@ class CoordinatorLink:
                 return messages
             self.last_heard = time.monotonic()
             try:
-                messages.append(P.decode(frame))
-            except P.ProtocolError as exc:
+                messages.append(protocol.decode(frame))
+            except protocol.ProtocolError as exc:
                 self.stats["bad_messages"] += 1
                 self.log.error("dropped a bad message from the coordinator: %s", exc)
 

@@ -12,19 +12,19 @@ from typing import Callable
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.placement import PlacementError, PlacementShape, validate_phy2log
 
 
 def check_plan(
-    plan: P.Plan,
+    plan: protocol.Plan,
     shape: PlacementShape,
     epoch: int,
     phy2log_host: np.ndarray,
     map_width: int,
     rank: int,
     staging_budget_bytes: int | None = None,
-    staging_bytes: Callable[[P.Plan, np.ndarray], int] | None = None,
+    staging_bytes: Callable[[protocol.Plan, np.ndarray], int] | None = None,
 ) -> np.ndarray:
     """The plan's new rows ``[len(layers), P]`` int64, or :class:`PlacementError` naming what is wrong."""
     if plan.base_epoch != epoch:

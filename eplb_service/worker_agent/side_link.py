@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.worker_agent.decision import DecisionRecord, StoreDecisionRecord
 from eplb_service.worker_agent.transport import Transport, TransportError
 
@@ -28,19 +28,19 @@ class SideLink:
         self.record: DecisionRecord | None = None
         """The decision record in the current rendezvous store."""
         self.connecting: threading.Thread | None = None
-        self._pending: P.CommInit | None = None
-        self._attempted: P.CommInit | None = None
-        self._built: P.CommInit | None = None
+        self._pending: protocol.CommInit | None = None
+        self._attempted: protocol.CommInit | None = None
+        self._built: protocol.CommInit | None = None
 
     @property
     def ready(self) -> bool:
         return self.transport.connected and not (self.connecting is not None and self.connecting.is_alive())
 
-    def is_current(self, comm: P.CommInit) -> bool:
+    def is_current(self, comm: protocol.CommInit) -> bool:
         """Already built from this very rendezvous (a repeated ``CommInit``)."""
         return comm == self._built and self.ready
 
-    def connect(self, comm: P.CommInit, timeout_s: float) -> None:
+    def connect(self, comm: protocol.CommInit, timeout_s: float) -> None:
         """Start building ``comm``'s communicator (or queue it behind the build in progress)."""
         if self.record is None or self.record.address != f"{comm.store_host}:{comm.store_port}":
             self.record = self.record_factory(comm.store_host, comm.store_port, timeout_s)
@@ -69,7 +69,7 @@ class SideLink:
         self.connecting = threading.Thread(target=build, name=f"eplb-connect-{self.rank}", daemon=True)
         self.connecting.start()
 
-    def take_pending(self) -> P.CommInit | None:
+    def take_pending(self) -> protocol.CommInit | None:
         """A ``CommInit`` that waited for the previous build, once that build has ended."""
         if self._pending is not None and not (self.connecting and self.connecting.is_alive()):
             comm, self._pending = self._pending, None

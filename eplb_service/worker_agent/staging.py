@@ -58,11 +58,10 @@ def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Ten
     The agent thread never waits here. A synchronous copy from pageable memory would wait
     for everything queued on the current stream, which on the agent thread is the serving
     stream: if a serving collective there waits for a peer that is itself held at the
-    commit fence, waiting for this rank's vote, the two ranks wait on each other (seen on
-    2x H200: a 5 s fence timeout, one rank committing while the other dropped the plan).
-    One buffer instead of one per array: each pinned allocation and each copy is host work
-    on the agent thread, which shares the GIL with the serving thread (measured on H100:
-    3.4 ms of the agent's CPU per vote went into preparing the commit).
+    commit fence, waiting for this rank's vote, the two ranks wait on each other
+    (``docs/FAILURE_MODEL.md``, "What the decision record replaced"). One buffer instead of
+    one per array: each pinned allocation and each copy is host work on the agent thread,
+    which shares the GIL with the serving thread (``bench/RESULTS.md``: the cost per vote).
     """
     flat = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
     host = torch.from_numpy(np.concatenate([a.ravel() for a in flat]))  # a fresh buffer, owned here

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.worker_agent.expert_model import ExpertModel
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 from eplb_service.worker_agent.staging import StagingArea
@@ -76,7 +76,12 @@ class StagingPipeline:
         self.stats = stats
 
     def stage(
-        self, plan: P.Plan, rows: np.ndarray, phy2log_host: np.ndarray, config: P.AgentConfig, pump: Callable[[], None]
+        self,
+        plan: protocol.Plan,
+        rows: np.ndarray,
+        phy2log_host: np.ndarray,
+        config: protocol.AgentConfig,
+        pump: Callable[[], None],
     ) -> Staged:
         """Fill this rank's staging rows for ``plan`` (new ``rows`` over ``phy2log_host``).
 

@@ -8,7 +8,7 @@ the other ranks read it there.
 A store barrier runs before ``ncclCommInitRank`` so a missing rank fails the connect
 within ``timeout_s`` instead of blocking NCCL's bootstrap forever.
 
-Rules this module keeps (DESIGN.md, "Weight movement rules"):
+Rules this module keeps (the weight movement rules of the design):
 
 - every NCCL call is issued on one dedicated non-blocking stream of the lowest priority;
   tensors are handed to NCCL as raw device pointers of the torch tensors (no copies);

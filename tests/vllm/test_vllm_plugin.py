@@ -16,7 +16,7 @@ import pytest
 import torch
 from fake_vllm import FakeEngineArgsBase, FakeEplbStateBase, FakeModelConfig, fake_moe_model, model_state_tensors
 
-from eplb_service import protocol as P
+from eplb_service import protocol
 from eplb_service.integrations.vllm import adapter, plugin
 from eplb_service.integrations.vllm import config as C
 from eplb_service.integrations.vllm.agent import VllmWorkerAgent
@@ -378,8 +378,10 @@ def test_env_overrides_replace_the_coordinators_agent_config(tmp_path):
     view = adapter.view_model_state(added_state(), TOPOLOGY)
     agent = unstarted_agent(cfg, view, TOPOLOGY)
     agent._on_welcome(
-        P.Welcome(
-            protocol_version=P.PROTOCOL_VERSION, rank=0, config=P.AgentConfig(report_interval_steps=10, fence_steps=5)
+        protocol.Welcome(
+            protocol_version=protocol.PROTOCOL_VERSION,
+            rank=0,
+            config=protocol.AgentConfig(report_interval_steps=10, fence_steps=5),
         )
     )
     assert agent.config.report_interval_steps == 3 and agent.hooks.report_interval_steps == 3
@@ -390,7 +392,7 @@ def test_staging_budget_refuses_a_plan_that_needs_more(tmp_path):
     view = adapter.view_model_state(added_state(), TOPOLOGY)
     rows = initial_phy2log(SHAPE)[[0]].copy()
     rows[0] = [4, 5, 2, 3, 0, 1, 0, 1]  # rank 0 receives experts 4 and 5 from rank 1
-    plan = P.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=P.NDArray.from_numpy(rows))
+    plan = protocol.Plan(plan_id=7, base_epoch=0, layers=[0], phy2log=protocol.NDArray.from_numpy(rows))
     ok = unstarted_agent(
         C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", staging_budget_bytes=10**6), view, TOPOLOGY
     )
