@@ -158,3 +158,35 @@ def test_batching_invariants(policy, seed, budget_slots, min_gain):
         if budget is not None:
             assert (per_rank * bpe <= budget).all()
     assert plan.balancedness_after >= plan.balancedness_before - 1e-12
+
+
+def test_a_registered_policy_is_reached_by_name_through_the_same_entry_point():
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.policy import (
+        RebalancePlan,
+        plan_rebalance,
+        policy_names,
+        register_policy,
+        unregister_policy,
+    )
+
+    calls = []
+
+    def keep(current_phy2log, logical_load, shape, **options):
+        calls.append(options["bytes_per_expert"])
+        current = np.asarray(current_phy2log)
+        return RebalancePlan(current, (), 1.0, 1.0, 0, 0)
+
+    with pytest.raises(ValueError, match="is not one of"):
+        CoordinatorConfig(world_size=2, policy="keep")
+    register_policy("keep", keep)
+    try:
+        assert "keep" in policy_names() and CoordinatorConfig(world_size=2, policy="keep").policy == "keep"
+        shape = PlacementShape(1, 4, 4, 2)
+        plan = plan_rebalance("keep", initial_phy2log(shape), np.ones((1, 4)), shape, bytes_per_expert=7)
+        assert plan.batches == () and calls == [7]
+        with pytest.raises(ValueError, match="taken by a built-in policy"):
+            register_policy("deepseek", keep)
+    finally:
+        unregister_policy("keep")
+    assert "keep" not in policy_names()

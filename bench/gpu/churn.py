@@ -4,9 +4,8 @@ A churn plan picks ``experts_per_rank`` slots on every rank of a layer and rotat
 experts to another rank (the same random shift for the whole layer): every rank sends and
 receives the same number of experts, the multiset of experts per layer (hence every
 replica count and the load balance on a uniform workload) is unchanged, and the plan is
-always valid. The real coordinator drives these plans (vote, fence, commit) in place of a
-placement policy: :func:`install_churn_policy` swaps the policy entry point the coordinator
-calls, so every other part of the path is the product's own.
+always valid. The real coordinator drives these plans (vote, fence, commit) as a registered
+policy (:func:`register_churn_policy`), so every part of the path is the product's own.
 """
 
 from __future__ import annotations
@@ -48,27 +47,26 @@ def remote_bytes(
     return int(remote.sum()) * bytes_per_expert
 
 
-def install_churn_policy(
+def register_churn_policy(
     plans_enabled: Callable[[], bool],
     experts_per_rank: Callable[[], int],
     seed: int,
     layers_per_batch: Callable[[], int] = lambda: 1,
-) -> Callable[[], None]:
-    """Make the coordinator's policy step propose churn plans; returns the undo function.
+    name: str = "churn",
+) -> str:
+    """Register a policy named ``name`` that proposes churn plans; returns the name.
 
     Each policy run proposes one plan over every layer, cut into batches of
     ``layers_per_batch()`` layers (each batch is staged, voted and committed on its own;
     0 = all layers in one batch). While ``plans_enabled()`` is false the policy proposes
-    nothing. The callables are read at every policy run.
+    nothing. The callables are read at every policy run. A coordinator started with
+    ``policy=name`` then drives these plans through the product's own path.
     """
     from eplb_service.coordinator import policy as policy_module
 
-    original = policy_module.plan_rebalance
     counter = iter(range(1 << 62))
 
-    def churn_plan_rebalance(
-        policy, current_phy2log, logical_load, shape: PlacementShape, *, bytes_per_expert: int = 1, **_ignored
-    ):
+    def churn_rebalance(current_phy2log, logical_load, shape: PlacementShape, *, bytes_per_expert: int = 1, **_ignored):
         current = np.asarray(current_phy2log, dtype=np.int64)
         if not plans_enabled():
             return policy_module.RebalancePlan(
@@ -104,9 +102,5 @@ def install_churn_policy(
             bytes_moved=sum(b.bytes_moved for b in batches),
         )
 
-    policy_module.plan_rebalance = churn_plan_rebalance
-
-    def undo() -> None:
-        policy_module.plan_rebalance = original
-
-    return undo
+    policy_module.register_policy(name, churn_rebalance)
+    return name

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bench.gpu.churn import churn_rows, install_churn_policy
+from bench.gpu.churn import churn_rows, register_churn_policy
 from bench.gpu.moe import PRESETS, MoeConfig, MoeStack
 from bench.gpu.sync_baseline import stop_the_world
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -676,15 +676,12 @@ def _free_port() -> int:
 
 
 def _coordinator_idle(coordinator) -> bool:
-    return (
-        coordinator.plan is None
-        and not getattr(coordinator, "_pending_batches", None)
-        and not getattr(coordinator, "_planning", False)
-    )
+    return not coordinator.busy
 
 
 async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one phase sequence, read top to bottom
     from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.policy import unregister_policy
     from eplb_service.coordinator.server import Coordinator
     from eplb_service.protocol import AgentConfig
 
@@ -695,9 +692,18 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one
         chunk_bytes=opts.chunk_bytes,
         throttle_bytes_per_s=0.0,
     )
+    ctx = mp.get_context("spawn")
+    control = ctx.Array("d", 5, lock=False)
+    policy = register_churn_policy(
+        lambda: control[C_PLANS] > 0,
+        lambda: int(control[C_EXPERTS]),
+        seed=opts.model.seed,
+        layers_per_batch=lambda: int(control[C_LAYERS_PER_BATCH]),
+    )
     cfg = CoordinatorConfig(
         world_size=opts.world_size,
         endpoint=endpoint,
+        policy=policy,
         rebalance_interval_steps=1,
         min_window_steps=10,
         load_half_life_steps=100.0,
@@ -705,16 +711,8 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one
         staging_budget_bytes=max(1, opts.isolated_experts_per_rank) * opts.model.bytes_per_expert,
         agent=agent_cfg,
     )
-    ctx = mp.get_context("spawn")
-    control = ctx.Array("d", 5, lock=False)
     progress = ctx.Array("q", opts.world_size, lock=False)
     results = ctx.Queue()
-    undo = install_churn_policy(
-        lambda: control[C_PLANS] > 0,
-        lambda: int(control[C_EXPERTS]),
-        seed=opts.model.seed,
-        layers_per_batch=lambda: int(control[C_LAYERS_PER_BATCH]),
-    )
     coordinator = Coordinator(cfg)
     server = asyncio.create_task(coordinator.serve())
     await coordinator.ready.wait()
@@ -811,7 +809,7 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one
         wall = time.monotonic() - t0
         coordinator.stop()
         await server
-        undo()
+        unregister_policy(policy)
         del serving_store
     errors.extend(r["error"] for r in collected if r.get("error"))
     return summarize(opts, coordinator, sorted(collected, key=lambda r: r["rank"]), hangs, errors, wall)

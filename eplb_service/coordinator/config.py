@@ -88,7 +88,7 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
             raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
-        from eplb_service.coordinator.policy import POLICIES
+        from eplb_service.coordinator.policy import policy_names
         from eplb_service.security import check_endpoint_security
 
         check_endpoint_security(self.endpoint, self.curve_dir, self.insecure)
@@ -97,8 +97,8 @@ class CoordinatorConfig:
                 f"curve_dir {self.curve_dir!r} has no server.key_secret: run `eplb-coordinator keygen {self.curve_dir}`"
             )
 
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy {self.policy!r} is not one of {POLICIES}")
+        if self.policy not in policy_names():
+            raise ValueError(f"policy {self.policy!r} is not one of {policy_names()}")
         if self.min_gain < 0 or self.min_layer_gain < 0:
             raise ValueError(f"min_gain={self.min_gain} and min_layer_gain={self.min_layer_gain} must be >= 0")
 

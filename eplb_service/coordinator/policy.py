@@ -21,12 +21,15 @@ Byte accounting (per slot whose logical expert changes):
 Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`) and
 ``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
 proposal is then permuted within each rank so experts already on a rank keep their slot, as
-vLLM does, which changes no load figure).
+vLLM does, which changes no load figure). Other rebalancers register themselves under a name
+(:func:`register_policy`): benchmarks drive the coordinator with synthetic plans that way,
+through the same entry point, and a deployment can run its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -45,6 +48,33 @@ from eplb_service.placement import (
 
 POLICIES = ("migration", "deepseek")
 DEFAULT_POLICY = "migration"
+
+
+class Rebalancer(Protocol):
+    """What :func:`plan_rebalance` runs for a registered policy (the same arguments, no name)."""
+
+    def __call__(
+        self, current_phy2log: np.ndarray, logical_load: np.ndarray, shape: PlacementShape, **options: Any
+    ) -> "RebalancePlan": ...
+
+
+_REGISTERED: dict[str, Rebalancer] = {}
+
+
+def register_policy(name: str, rebalancer: Rebalancer) -> None:
+    """Make ``name`` a policy :func:`plan_rebalance` (and the coordinator's ``policy`` setting) accepts."""
+    if name in POLICIES:
+        raise ValueError(f"policy name {name!r} is taken by a built-in policy ({', '.join(POLICIES)})")
+    _REGISTERED[name] = rebalancer
+
+
+def unregister_policy(name: str) -> None:
+    _REGISTERED.pop(name, None)
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every policy name accepted now: the built-ins, then the registered ones."""
+    return POLICIES + tuple(sorted(_REGISTERED))
 
 
 @dataclass(frozen=True)
@@ -159,8 +189,20 @@ def plan_rebalance(
         ValueError: unknown policy, or a layer that alone needs more staging than the budget.
         PlacementError (a ValueError): invalid placement, load, or sizes; names the value.
     """
+    registered = _REGISTERED.get(policy)
+    if registered is not None:
+        return registered(
+            current_phy2log,
+            logical_load,
+            shape,
+            num_groups=num_groups,
+            num_nodes=num_nodes,
+            bytes_per_expert=bytes_per_expert,
+            staging_budget_bytes=staging_budget_bytes,
+            min_layer_gain=min_layer_gain,
+        )
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(policy_names())}")
     if not isinstance(bytes_per_expert, (int, np.integer)) or bytes_per_expert <= 0:
         raise PlacementError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
     if staging_budget_bytes is not None and (

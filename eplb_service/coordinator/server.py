@@ -424,6 +424,12 @@ class Coordinator:
             "max_step_seen": self.book.max_step_seen,
         }
 
+    @property
+    def busy(self) -> bool:
+        """A plan in flight, batches waiting, or the policy running: the public "not idle"."""
+        plans = self.plans
+        return plans.plan is not None or bool(plans.pending_batches) or plans.planning
+
     # -- the parts' state under the names tools and tests read ---------------------------------
 
     epoch = property(lambda self: self.book.epoch)
