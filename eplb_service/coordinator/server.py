@@ -34,6 +34,7 @@ from eplb_service.coordinator.registry import Registry
 from eplb_service.coordinator.router import MessageRouter
 from eplb_service.coordinator.side_comm import SideComm
 from eplb_service.coordinator.socket_dir import prepare_ipc_dir
+from eplb_service.coordinator.status_doc import status_document
 from eplb_service.logutil import rank_logger
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
 from eplb_service.trace import TraceRecorder
@@ -46,6 +47,14 @@ what bounds the memory one client can make the coordinator hold."""
 
 
 class Coordinator:
+    """The shell: socket, loops, metrics, side duties, and the wiring of the parts.
+
+    Formatted, about 350 lines, over the ~300 this code base aims at: a third of it is the
+    two small interfaces the parts call back through (``PlanHost``, ``RouterHost``) and the
+    read-only views that keep the names tools and tests read (``epoch``, ``counts``, ...);
+    every decision lives in a part of its own.
+    """
+
     def __init__(self, config: CoordinatorConfig) -> None:
         self.cfg = config
         self.log = rank_logger(__name__, "coordinator")
@@ -366,63 +375,9 @@ class Coordinator:
 
     def status(self) -> dict:
         """The status document (``eplb-coordinator status``, ``StatusReply``)."""
-        now = time.monotonic()
-        current = self.book.balancedness()
-        clocks = self.guard.clock_states([r.rank for r in self.registry.alive])
-        ranks = []
-        for rank in range(self.cfg.world_size):
-            record = self.registry.agents.get(rank)
-            clock = clocks.get(rank)
-            ranks.append(
-                None
-                if record is None
-                else {
-                    "rank": rank,
-                    "alive": record.alive,
-                    "node": record.node,
-                    "pid": record.pid,
-                    "last_seen_s": round(now - record.last_seen, 3),
-                    "step": record.step,
-                    "epoch": record.epoch,
-                    "comm_generation": record.comm_generation,
-                    "internal_errors": record.internal_errors,
-                    "step_clock_offset": None if clock is None else clock.offset,
-                }
-            )
-        plans, plan = self.plans, self.plans.plan
-        return {
-            "world_size": self.cfg.world_size,
-            "endpoint": self.cfg.endpoint,
-            "policy": self.cfg.policy,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "epoch": self.book.epoch,
-            "comm_generation": self.side_comm.generation,
-            "ranks": ranks,
-            "halted": self.guard.halted_reason,
-            "plan_in_flight": None
-            if plan is None
-            else {
-                "number": plans.number(plan.plan_id),
-                "plan_id": plan.plan_id,
-                "phase": plan.phase.value,
-                "layers": plan.layers,
-            },
-            "plans": dict(plans.counts),
-            "bytes_moved": plans.bytes_moved_total,
-            "experts_moved": plans.experts_moved_total,
-            "last_plans": [o.__dict__ for o in plans.outcomes[-10:]],
-            "load_reports": self.book.window.reports if self.book.window else 0,
-            "balancedness": None
-            if current is None
-            else {
-                "model": current[0],
-                "layer_min": float(current[1].min()),
-                "layer_mean": float(current[1].mean()),
-                "layer_max": float(current[1].max()),
-            },
-            "max_step_seen": self.book.max_step_seen,
-        }
+        return status_document(
+            self.cfg, self.registry, self.book, self.guard, self.plans, self.side_comm, self.started_at
+        )
 
     @property
     def busy(self) -> bool:

@@ -1,0 +1,86 @@
+"""The coordinator's status document: what ``eplb-coordinator status`` and ``/status`` show.
+
+Ranks (liveness, step, epoch, side-communicator generation, step-clock offset), the plan in
+flight, the last outcomes, the counts, and balancedness: read from the coordinator's parts,
+never changing them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.guards import DivergenceGuard
+from eplb_service.coordinator.placement_book import PlacementBook
+from eplb_service.coordinator.plan_runner import PlanRunner
+from eplb_service.coordinator.registry import Registry
+from eplb_service.coordinator.side_comm import SideComm
+
+
+def status_document(
+    cfg: CoordinatorConfig,
+    registry: Registry,
+    book: PlacementBook,
+    guard: DivergenceGuard,
+    plans: PlanRunner,
+    side_comm: SideComm,
+    started_at: float,
+) -> dict:
+    now = time.monotonic()
+    current = book.balancedness()
+    clocks = guard.clock_states([r.rank for r in registry.alive])
+    ranks = []
+    for rank in range(cfg.world_size):
+        record = registry.agents.get(rank)
+        clock = clocks.get(rank)
+        ranks.append(
+            None
+            if record is None
+            else {
+                "rank": rank,
+                "alive": record.alive,
+                "node": record.node,
+                "pid": record.pid,
+                "last_seen_s": round(now - record.last_seen, 3),
+                "step": record.step,
+                "epoch": record.epoch,
+                "comm_generation": record.comm_generation,
+                "internal_errors": record.internal_errors,
+                "step_clock_offset": None if clock is None else clock.offset,
+            }
+        )
+    plan = plans.plan
+    return {
+        "world_size": cfg.world_size,
+        "endpoint": cfg.endpoint,
+        "policy": cfg.policy,
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - started_at, 3),
+        "epoch": book.epoch,
+        "comm_generation": side_comm.generation,
+        "ranks": ranks,
+        "halted": guard.halted_reason,
+        "plan_in_flight": None
+        if plan is None
+        else {
+            "number": plans.number(plan.plan_id),
+            "plan_id": plan.plan_id,
+            "phase": plan.phase.value,
+            "layers": plan.layers,
+        },
+        "plans": dict(plans.counts),
+        "bytes_moved": plans.bytes_moved_total,
+        "experts_moved": plans.experts_moved_total,
+        "last_plans": [o.__dict__ for o in plans.outcomes[-10:]],
+        "load_reports": book.window.reports if book.window else 0,
+        "balancedness": None
+        if current is None
+        else {
+            "model": current[0],
+            "layer_min": float(current[1].min()),
+            "layer_mean": float(current[1].mean()),
+            "layer_max": float(current[1].max()),
+        },
+        "max_step_seen": book.max_step_seen,
+    }
