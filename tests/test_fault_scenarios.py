@@ -75,10 +75,13 @@ def outcomes(coordinator) -> list[tuple[str, str]]:
 # -- 1. a control message held back past the fence ------------------------------------------
 
 
-@pytest.mark.parametrize("held_s", [1.6, 2.6])
+@pytest.mark.parametrize("held_s", [2.5, 4.0])
 def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_path, held_s):
     """Before: the late rank committed alone (the others had given up at the fence), ~79,000
-    mismatches; at the longer delay the coordinator even recorded the plan as aborted."""
+    mismatches; at the longer delay the coordinator even recorded the plan as aborted.
+
+    The hold outlasts the others' fence (F steps, then 1 s) unless serving is very slow; then
+    the late rank votes in time and the plan commits everywhere: either way, one outcome."""
     back, front = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/proxy.sock"
     hold, held = votes_to(rank=2, held_s=held_s, times=2)
     proxy = FaultProxy(front, back, hold=hold).start()
@@ -93,7 +96,13 @@ def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_pat
     assert_all_or_none(results, WORLD)
     assert c.counts["diverged"] == 0 and c.halted_reason is None, outcomes(c)
     held_plans = [o for o in c.outcomes if o.plan_id in held]
-    assert held_plans and all(o.phase == "aborted" for o in held_plans), outcomes(c)
+    assert held_plans, outcomes(c)
+    for o in held_plans:  # the coordinator's outcome is every rank's
+        applied = {r: any(plan_id == o.plan_id for plan_id, _ in results[r]["commits"]) for r in results}
+        assert o.phase in ("aborted", "committed") and all(applied[r] == (o.phase == "committed") for r in results), (
+            o.phase,
+            applied,
+        )
     assert c.counts["committed"] >= 1, outcomes(c)
     assert all(r["epoch"] == c.epoch for r in results.values()), (c.epoch, [r["epoch"] for r in results.values()])
 
