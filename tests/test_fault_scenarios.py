@@ -92,7 +92,7 @@ def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_pat
         proxy.stop()
         coord.stop()
     c = coord.coordinator
-    assert len(held) == 2, "the fault was not injected"
+    assert held, "the fault was not injected"  # one or two votes reached rank 2 late (a slow run has fewer plans)
     assert_all_or_none(results, WORLD)
     assert c.counts["diverged"] == 0 and c.halted_reason is None, outcomes(c)
     held_plans = [o for o in c.outcomes if o.plan_id in held]

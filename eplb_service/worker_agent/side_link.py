@@ -5,11 +5,16 @@ timeout when a peer is gone; the agent thread must keep talking to the coordinat
 meantime or it would be declared dead itself, so the build runs on a helper thread. A
 ``CommInit`` that arrives during a build waits for it to end, unless it is the very
 rendezvous being attempted (a duplicate): retrying that alone would leave this rank one
-attempt behind. The decision record lives in the same store, so it is (re)opened here too.
+attempt behind. A rendezvous is attempted once: a copy of a ``CommInit`` whose build already
+ran (the coordinator sends it again to ranks that seem to miss it) is ignored, since joining
+the same keys again after the others left could only fail; a failed generation is replaced
+by the coordinator's next. The decision record lives in the same store, so it is (re)opened
+here too.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -28,6 +33,8 @@ class SideLink:
         self.record: DecisionRecord | None = None
         """The decision record in the current rendezvous store."""
         self.connecting: threading.Thread | None = None
+        self._tried: collections.deque = collections.deque(maxlen=16)
+        """The rendezvous this link has attempted (built or failed), newest last."""
         self._pending: protocol.CommInit | None = None
         self._attempted: protocol.CommInit | None = None
         self._built: protocol.CommInit | None = None
@@ -48,6 +55,11 @@ class SideLink:
             if comm != self._attempted:
                 self._pending = comm
             return
+        if comm in self._tried:  # a generation is one rendezvous: built, failed or torn down, never rejoined
+            self.log.debug(
+                "ignored a second copy of side communicator generation %d (attempted already)", comm.generation
+            )
+            return
         self.transport.abort()
 
         def build() -> None:
@@ -66,6 +78,7 @@ class SideLink:
             )
 
         self._attempted = comm
+        self._tried.append(comm)
         self.connecting = threading.Thread(target=build, name=f"eplb-connect-{self.rank}", daemon=True)
         self.connecting.start()
 
