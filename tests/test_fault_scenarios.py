@@ -87,7 +87,7 @@ def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_pat
     proxy = FaultProxy(front, back, hold=hold).start()
     coord = CoordinatorThread(sim_config(back)).start()
     try:
-        results = SimCluster(WORLD, front, steps=900, seed=5).start().collect()
+        results = SimCluster(WORLD, front, steps=1200, seed=5).start().collect()
     finally:
         proxy.stop()
         coord.stop()
