@@ -1,0 +1,115 @@
+"""The staging pipeline and the vote's arithmetic as units of their own (no agent, no coordinator).
+
+Two ranks run ``StagingPipeline.stage`` at once, in two threads over a real gloo side group,
+for a plan that moves experts between them: every staging row must hold the expert the plan
+puts in its slot, the live rows must be untouched, and the digests each rank collected must
+agree sender-to-receiver once reduced the way the vote reduces them. The vote's pure parts
+(``vote_vector``, ``corrupt_ops``, ``proposal_from``) are checked on their own too.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import socket
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from conftest import expert_row_value, make_model, rows_match_maps
+
+from eplb_service import protocol
+from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.commit_vote import corrupt_ops, proposal_from, vote_vector
+from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, StagingPipeline
+from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+SHAPE = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_rows() -> np.ndarray:
+    """Layer 1: swap two experts between the ranks and move a replica (rank 0 holds 0-3, rank 1 4,5,0,1)."""
+    rows = initial_phy2log(SHAPE)[[1]].copy()
+    rows[0, 0], rows[0, 4] = 4, 0  # expert 4 to rank 0, expert 0 to rank 1 (it already has a replica)
+    rows[0, 7] = 2  # rank 1's slot 7 takes expert 2 from rank 0
+    return rows
+
+
+def stage_both(rows: np.ndarray, config: protocol.AgentConfig) -> tuple[list, list]:
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    plan = protocol.Plan(plan_id=7, base_epoch=0, layers=[1], phy2log=protocol.NDArray.from_numpy(rows))
+    models = [make_model(r, SHAPE) for r in range(2)]
+    staged: list = [None, None]
+    errors: list = []
+
+    def run(rank: int) -> None:
+        try:
+            transport = GlooTransport()
+            transport.connect(
+                protocol.CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=2), rank, 20
+            )
+            pipeline = StagingPipeline(models[rank], transport, rank, None, collections.Counter())
+            staged[rank] = pipeline.stage(plan, rows, initial_phy2log(SHAPE), config, pump=lambda: None)
+            transport.abort()
+        except Exception as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    del store
+    assert not errors, errors
+    return models, staged
+
+
+def test_two_ranks_stage_every_incoming_expert_and_leave_live_rows_alone():
+    rows = new_rows()
+    models, staged = stage_both(rows, protocol.AgentConfig(max_ops_per_group=1))  # one op per chunk: several chunks
+    spr = SHAPE.slots_per_rank
+    for rank, (model, result) in enumerate(zip(models, staged)):
+        assert rows_match_maps(model), "staging touched a live row"
+        area = result.area
+        assert area.work.staging, f"rank {rank} has nothing to stage"
+        for row in area.work.staging:  # each staging row will replace live row dst_row with expert
+            assert int(rows[0, rank * spr + row.dst_row]) == row.expert
+            assert torch.all(area.rows[0][row.index] == expert_row_value(1, row.expert)), (rank, row)
+            assert torch.all(area.rows[1][row.index] == 2 * expert_row_value(1, row.expert)), (rank, row)
+    assert staged[1].received_bytes > 0 and staged[0].received_bytes > 0
+
+
+def test_the_ranks_digests_agree_once_reduced_and_a_corrupt_one_is_named():
+    rows = new_rows()
+    _, staged = stage_both(rows, protocol.AgentConfig())
+    vectors = [vote_vector(100 + r, 0, 7, staged[r].digests) for r in range(2)]
+    reduced = np.maximum(vectors[0], vectors[1])  # what the MAX all-reduce returns on every rank
+    assert corrupt_ops(reduced) == []
+    decision = proposal_from(reduced, plan_id=7, rank=0, fence_steps=8)
+    assert decision.commit and decision.commit_step == 101 + 8
+    # every remote op has a digest on both sides; one flipped byte on the receiver is named
+    assert all((staged[0].digests != NO_DIGEST) | (staged[1].digests != NO_DIGEST))
+    tampered = staged[1].digests.copy()
+    k = int(np.flatnonzero(tampered != NO_DIGEST)[0])
+    tampered[k] ^= 1
+    reduced = np.maximum(vectors[0], vote_vector(101, 0, 7, tampered))
+    assert corrupt_ops(reduced) == [k]
+    decision = proposal_from(reduced, plan_id=7, rank=0, fence_steps=8)
+    assert not decision.commit and decision.code == "integrity" and f"[{k}]" in decision.reason
+
+
+def test_a_rank_that_was_not_ready_or_voted_another_plan_makes_everyone_abort():
+    ready = vote_vector(5, 0, 7, np.empty(0, dtype=np.int64))
+    assert proposal_from(ready, 7, 0, 4).commit
+    not_ready = np.maximum(ready, vote_vector(6, 1, 7, np.empty(0, dtype=np.int64)))
+    assert proposal_from(not_ready, 7, 0, 4).code == "vote_failed"
+    other_plan = np.maximum(ready, vote_vector(6, 0, 8, np.empty(0, dtype=np.int64)))
+    assert proposal_from(other_plan, 7, 0, 4).code == "vote_failed"
