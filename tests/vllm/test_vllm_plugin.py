@@ -135,6 +135,17 @@ def test_configured_without_enable_eplb_fails_naming_the_flag(tmp_path):
     assert args_cls().create_engine_config().parallel_config.enable_eplb
 
 
+def test_a_parallel_config_without_the_flags_is_an_adapter_error(tmp_path):
+    _, args_cls = _install(tmp_path)
+    engine_args = args_cls()
+    del engine_args.parallel["enable_elastic_ep"]
+    with pytest.raises(
+        adapter.AdapterError,
+        match="has no enable_elastic_ep; expected enable_eplb, enable_expert_parallel, enable_elastic_ep",
+    ):
+        engine_args.create_engine_config()
+
+
 # -- version and signature checks in the adapter --------------------------------------------------
 
 

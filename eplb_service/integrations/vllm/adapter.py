@@ -208,16 +208,23 @@ def draft_model_label(add_model_arguments: dict) -> str:
 
 
 def check_parallel_config(parallel_config) -> None:
-    """Raise :class:`ConfigError` when vLLM runs in a way the plugin cannot serve."""
-    if not getattr(parallel_config, "enable_eplb", False):
+    """Raise :class:`ConfigError` when vLLM runs in a way the plugin cannot serve
+    (:class:`AdapterError` when ``parallel_config`` lacks a flag this reads)."""
+    missing = [name for name in PARALLEL_CONFIG_FLAGS if not hasattr(parallel_config, name)]
+    if missing:
+        raise AdapterError(
+            f"vLLM's {type(parallel_config).__name__} has no {', '.join(missing)}; expected "
+            f"{', '.join(PARALLEL_CONFIG_FLAGS)}"
+        )
+    if not parallel_config.enable_eplb:
         raise ConfigError(
             "EPLB_SERVICE_ENDPOINT is set (the eplb-service plugin is configured) but vLLM runs without "
             "--enable-eplb (ParallelConfig.enable_eplb=False): add --enable-eplb --enable-expert-parallel, "
             "or unset EPLB_SERVICE_ENDPOINT to serve without eplb-service"
         )
-    if not getattr(parallel_config, "enable_expert_parallel", False):
+    if not parallel_config.enable_expert_parallel:
         raise ConfigError("eplb-service needs --enable-expert-parallel together with --enable-eplb")
-    if getattr(parallel_config, "enable_elastic_ep", False):
+    if parallel_config.enable_elastic_ep:
         raise ConfigError(
             "eplb-service does not support elastic EP (--enable-elastic-ep): it rearranges through "
             "vLLM's own EPLB; unset EPLB_SERVICE_ENDPOINT or turn elastic EP off"
