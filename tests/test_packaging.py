@@ -11,7 +11,7 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from eplb_service.integrations.vllm.adapter import TESTED_VLLM
+from eplb_service.integrations.vllm.adapter import KNOWN_VLLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -23,18 +23,18 @@ def requirement(specs: list[str], name: str) -> Requirement:
     return found[0]
 
 
-def test_vllm_extra_admits_exactly_the_versions_the_adapter_accepts():
+def test_vllm_extra_admits_exactly_the_versions_the_adapter_knows():
+    """The extra admits every release of ``KNOWN_VLLM``'s minor versions and nothing outside it
+    (the adapter runs outside it too, with a warning, but pip should not pick such a vLLM)."""
     spec = requirement(PROJECT["optional-dependencies"]["vllm"], "vllm").specifier
-    minors = sorted(Version(v) for v in TESTED_VLLM)
-    for v in minors:
+    (lo_major, lo_minor), (hi_major, hi_minor) = KNOWN_VLLM
+    assert lo_major == hi_major, "a range across major versions needs this test rewritten"
+    for minor in range(lo_minor, hi_minor + 1):
         for patch in (0, 9):
-            assert spec.contains(f"{v.major}.{v.minor}.{patch}"), f"vllm extra {spec} refuses tested vLLM {v}.{patch}"
-    below = f"{minors[0].major}.{minors[0].minor - 1}.99"
-    above = f"{minors[-1].major}.{minors[-1].minor + 1}.0"
-    for v in (below, above):
-        assert not spec.contains(v), (
-            f"vllm extra {spec} admits vLLM {v}, which the adapter refuses (TESTED_VLLM {TESTED_VLLM})"
-        )
+            v = f"{lo_major}.{minor}.{patch}"
+            assert spec.contains(v), f"vllm extra {spec} refuses vLLM {v}, which the adapter knows ({KNOWN_VLLM})"
+    for v in (f"{lo_major}.{lo_minor - 1}.99", f"{hi_major}.{hi_minor + 1}.0"):
+        assert not spec.contains(v), f"vllm extra {spec} admits vLLM {v}, outside what the adapter knows"
 
 
 def test_tomli_is_required_exactly_where_tomllib_is_missing():
@@ -60,12 +60,12 @@ def test_config_file_reads_with_the_tomli_backport(tmp_path, monkeypatch):
         parse_command_line(["--config", str(path)])
 
 
-def test_docker_base_image_is_a_pinned_vllm_the_adapter_accepts():
+def test_docker_base_image_is_a_pinned_vllm_the_adapter_knows():
     dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     (image,) = [line.split("=", 1)[1] for line in dockerfile.splitlines() if line.startswith("ARG VLLM_IMAGE=")]
     repo, _, tag = image.partition(":")
     assert repo == "vllm/vllm-openai" and tag and tag != "latest", f"VLLM_IMAGE {image!r} is not pinned to a release"
     version = Version(tag.removeprefix("v"))
-    assert f"{version.major}.{version.minor}" in TESTED_VLLM, (
-        f"{image}: the adapter accepts vLLM {TESTED_VLLM}, not {version}"
+    assert KNOWN_VLLM[0] <= (version.major, version.minor) <= KNOWN_VLLM[1], (
+        f"{image}: the adapter knows vLLM {KNOWN_VLLM}, not {version}"
     )

