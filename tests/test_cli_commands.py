@@ -97,3 +97,21 @@ def test_config_file_values_are_checked_like_flags(tmp_path):
     path.write_text("dp = 0\n")
     with pytest.raises(ValueError, match=r"dp = 0: expected a positive integer, got 0"):
         parse_command_line(["--config", str(path)])
+
+
+def test_protocol_1_store_host_still_parses_but_is_hidden_and_warned_about(tmp_path, capsys, caplog):
+    """Old command lines and config files keep starting; the flag no longer does anything, and says so."""
+    _, serve, _ = run_main(["serve", "--help"], capsys)
+    assert "--store-host" not in serve
+    path = tmp_path / "eplb.toml"
+    path.write_text('store-host = "10.0.0.5"\n')
+    for argv in (["--dp", "2", "--store-host", "10.0.0.5"], ["--config", str(path), "--dp", "2"]):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            config = config_from_args(parse_command_line(argv))
+        assert config.world_size == 2 and not hasattr(config, "store_host")
+        assert "--store-host 10.0.0.5 is ignored" in caplog.text and "EPLB_SERVICE_STORE_HOST" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        config_from_args(parse_command_line(["--dp", "2"]))
+    assert "store-host" not in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -122,10 +123,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--store-host",
-        default="127.0.0.1",
+        default=None,
         metavar="HOST",
-        help="ignored since protocol 2: rank 0's worker hosts the rendezvous store "
-        "(EPLB_SERVICE_STORE_HOST/_PORT there)",
+        # Kept so that old command lines and config files still start; warned about in config_from_args.
+        help=argparse.SUPPRESS,
     )
     p.add_argument(
         "--metrics-port",
@@ -205,7 +206,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--no-step-clock-check",
         dest="step_clock_check",
         action="store_false",
-        help="do not compare the ranks' step clocks (only for ranks that do not serve in lockstep)",
+        default=True,
+        help="do not compare the ranks' step clocks (only for ranks that do not serve in lockstep; default: compare)",
     )
     p.add_argument(
         "--initial-placement",
@@ -263,6 +265,12 @@ def parse_command_line(argv: list[str], parser: argparse.ArgumentParser | None =
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """The ``serve`` command's flags as a validated config; ``ValueError`` names a bad value."""
+    if args.store_host is not None:
+        logging.getLogger("eplb_service.coordinator").warning(
+            "--store-host %s is ignored since protocol 2: rank 0's worker hosts the rendezvous store "
+            "(set EPLB_SERVICE_STORE_HOST/EPLB_SERVICE_STORE_PORT in the vLLM workers instead)",
+            args.store_host,
+        )
     interval = args.rebalance_interval_steps or (SIM_DEFAULTS["rebalance_interval_steps"] if args.simulate else 200)
     extra = {k: v for k, v in SIM_DEFAULTS.items() if k != "rebalance_interval_steps"} if args.simulate else {}
     initial = None
@@ -277,7 +285,6 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         initial_placement=initial,
         world_size=args.dp * args.tp,
         endpoint=args.endpoint or default_endpoint(),
-        store_host=args.store_host,
         metrics_port=args.metrics_port,
         policy=args.policy,
         num_groups=args.groups,

@@ -28,10 +28,6 @@ class CoordinatorConfig:
     """EP ranks = vLLM's DP x TP when expert parallelism is on."""
     endpoint: str = field(default_factory=default_endpoint)
     """ZeroMQ endpoint the ROUTER binds (``ipc://path`` or ``tcp://host:port``)."""
-    store_host: str = "127.0.0.1"
-    """Unused since protocol 2: rank 0's worker hosts the rendezvous store (see
-    ``worker_agent.rendezvous``: ``EPLB_SERVICE_STORE_HOST``/``_PORT`` there). Kept so that
-    existing configuration files still load."""
     metrics_port: int | None = None
     """HTTP port for /metrics, /livez, /readyz, /status; ``None`` = off, 0 = any free port."""
     http_host: str = "0.0.0.0"
