@@ -86,7 +86,11 @@ def test_agent_counters_from_heartbeats_and_stalls_per_rank_reach_prometheus():
     c._handle(
         rank0.identity,
         protocol.Heartbeat(
-            rank=0, step=5, epoch=0, session=rank0.session, counters={"committed": 3, "integrity_failures": 1}
+            rank=0,
+            step=5,
+            epoch=0,
+            session=rank0.session,
+            counters={"committed": 3, "integrity_failures": 1, "bytes_received": 4096},
         ),
     )
     c._handle(
@@ -100,6 +104,11 @@ def test_agent_counters_from_heartbeats_and_stalls_per_rank_reach_prometheus():
     assert values[("eplb_agent_events_total", (("event", "committed"), ("rank", "0")))] == 3
     assert values[("eplb_agent_events_total", (("event", "integrity_failures"), ("rank", "0")))] == 1
     assert values[("eplb_agent_events_total", (("event", "committed"), ("rank", "1")))] == 2
+    assert values[("eplb_agent_received_bytes_total", (("rank", "0"),))] == 4096
+    assert values[("eplb_agent_received_bytes_total", (("rank", "1"),))] == 0
+    assert not any(
+        name == "eplb_agent_events_total" and ("event", "bytes_received") in labels for name, labels in values
+    )
     assert values[("eplb_commit_stall_seconds_count", (("rank", "1"),))] == 1
     assert math_isnan(values[("eplb_placement_epoch", ())]) is False  # both ranks report epoch 0: adopted
 

@@ -24,31 +24,51 @@ PLAN_OUTCOMES = ("committed", "aborted", "diverged", "skipped")
 NAN = float("nan")
 
 
+AGENT_BYTE_COUNTERS = {"bytes_received": "eplb_agent_received_bytes"}
+"""Agent counters that count bytes, not events: each is a metric of its own, so that no sum over
+``eplb_agent_events_total`` adds bytes to commits."""
+
+
 class AgentCounters:
-    """A collector: ``eplb_agent_events_total{rank,event}`` from the latest heartbeat of each rank."""
+    """A collector of what the agents count, from the latest heartbeat of each rank.
+
+    Events go to ``eplb_agent_events_total{rank,event}``; byte counters to their own metric
+    (:data:`AGENT_BYTE_COUNTERS`, e.g. ``eplb_agent_received_bytes_total{rank}``).
+    """
 
     def __init__(self, source: Callable[[], dict[int, dict[str, int]]]) -> None:
         self.source = source
 
-    def describe(self) -> Iterable:
-        return [
-            CounterMetricFamily(
-                "eplb_agent_events",
-                "What each rank's agent counted since it started (from its heartbeats)",
-                labels=["rank", "event"],
-            )
-        ]
-
-    def collect(self) -> Iterable:
-        family = CounterMetricFamily(
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, dict[str, CounterMetricFamily]]:
+        events = CounterMetricFamily(
             "eplb_agent_events",
             "What each rank's agent counted since it started (from its heartbeats)",
             labels=["rank", "event"],
         )
+        byte_families = {
+            counter: CounterMetricFamily(
+                name, f"Bytes each rank's agent counted as {counter} (heartbeats)", labels=["rank"]
+            )
+            for counter, name in AGENT_BYTE_COUNTERS.items()
+        }
+        return events, byte_families
+
+    def describe(self) -> Iterable:
+        events, byte_families = self._families()
+        return [events, *byte_families.values()]
+
+    def collect(self) -> Iterable:
+        events, byte_families = self._families()
         for rank, counters in sorted(self.source().items()):
-            for event in AGENT_COUNTERS:
-                family.add_metric([str(rank), event], float(counters.get(event, 0)))
-        yield family
+            for name in AGENT_COUNTERS:
+                value = float(counters.get(name, 0))
+                if name in byte_families:
+                    byte_families[name].add_metric([str(rank)], value)
+                else:
+                    events.add_metric([str(rank), name], value)
+        yield events
+        yield from byte_families.values()
 
 
 class CoordinatorMetrics:
