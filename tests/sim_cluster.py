@@ -10,6 +10,7 @@ kill, behind a proxy that holds messages back.
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -104,9 +105,32 @@ class SimCluster:
                 p.kill()
 
 
+def record_in_ledger(results: dict[int, dict]) -> None:
+    """One JSON line per checked run into ``$EPLB_SERVICE_FAULT_LEDGER`` (``tests/fault_soak.py``
+    sums them over its iterations); written before the asserts, so a failing run is counted too."""
+    path = os.environ.get("EPLB_SERVICE_FAULT_LEDGER")
+    if not path:
+        return
+    commits = [results[r]["commits"] for r in sorted(results)]
+    entry = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+        "ranks": len(results),
+        "mismatches": int(sum(r["mismatches"] for r in results.values())),
+        "dead_agent_threads": sum(not r["agent_thread_alive"] for r in results.values()),
+        "agent_resets": int(sum(r["agent_stats"].get("internal_errors", 0) for r in results.values())),
+        "split_commits": not all(c == commits[0] for c in commits),
+        "maps_differ": not all(results[r]["phy2log"] == results[min(results)]["phy2log"] for r in results),
+        "plans_committed": len(commits[0]) if commits else 0,
+        "errors": [r["error"] for r in results.values() if r["error"]],
+    }
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def assert_all_or_none(results: dict[int, dict], world: int) -> None:
     """Every rank finished, served every step exactly, committed the same plans at the same
     steps, holds the same maps, and its agent thread is alive and never had to reset."""
+    record_in_ledger(results)
     assert sorted(results) == list(range(world)), f"ranks that reported: {sorted(results)}"
     errors = [r["error"] for r in results.values() if r["error"]]
     assert not errors, errors
