@@ -306,3 +306,41 @@ def test_a_new_side_communicator_during_the_vote_keeps_the_ticket_and_commits():
         h.check()
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
     assert h.agent.stats["internal_errors"] == 0
+
+
+def test_config_overrides_survive_a_new_welcome_and_name_a_bad_field():
+    """What a host tuning its own agent (the GPU harness) relies on: ``override_config`` sets
+    the fields now and a later Welcome with the coordinator's values does not undo them."""
+    h = Harness()
+    welcome = protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7)
+    h.deliver(welcome)
+    config = h.agent.override_config(throttle_bytes_per_s=5e9, fence_steps=5)
+    assert config is h.agent.config
+    assert (config.throttle_bytes_per_s, config.fence_steps, h.agent.hooks.fence_steps) == (5e9, 5, 5)
+    h.deliver(msgspec.structs.replace(welcome, session=8))
+    config = h.agent.config
+    assert (config.throttle_bytes_per_s, config.fence_steps, h.agent.hooks.fence_steps) == (5e9, 5, 5)
+    assert config.report_interval_steps == FAST.report_interval_steps
+    try:
+        h.agent.override_config(throttle_gbps=1.0)
+    except ValueError as exc:
+        assert "throttle_gbps" in str(exc)
+    else:
+        raise AssertionError("an unknown AgentConfig field was accepted")
+
+
+def test_busy_from_plan_receipt_until_its_commit():
+    h = Harness()
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
+    assert not h.agent.busy
+    plan = h.plan()
+    h.deliver(plan)
+    assert h.agent.busy
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    assert h.agent.busy
+    for _ in range(4):
+        h.step()
+        h.tick()
+    assert h.applied and not h.agent.busy

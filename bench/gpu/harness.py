@@ -40,11 +40,8 @@ import datetime
 import faulthandler
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -56,15 +53,16 @@ import torch
 import torch.distributed as dist
 
 from bench.gpu.churn import churn_rows, register_churn_policy
+from bench.gpu.control import HarnessControl, RankProgress, shared_control
 from bench.gpu.moe import PRESETS, MoeConfig, MoeStack
 from bench.gpu.sync_baseline import stop_the_world
+from eplb_service.coordinator.progress import CoordinatorProgress
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.sim.processes import RankProcesses, RankProcessesDied, free_port
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
 log = logging.getLogger("bench.gpu.harness")
 
-# shared control array, written by rank 0 (plans, experts) and by this process (coordinator idle)
-C_PLANS, C_EXPERTS, C_COORD_IDLE, C_PHASE, C_LAYERS_PER_BATCH = range(5)
 SERVING_PHASES = ("prime", "idle", "stream_throttled", "stream_unthrottled", "soak", "sync")
 
 
@@ -91,7 +89,9 @@ class HarnessOptions:
             throttle); switching chunking is done at a drained point (every rank must cut the
             same plan the same way).
         fence_steps, report_interval_steps: the agents' config.
-        pack_per_peer: the CuPy transport packs each peer's rows into one NCCL op per group.
+        pack_per_peer: the side transport is the benchmark's
+            :class:`~bench.gpu.packed_transport.PackedPerPeerTransport` (each peer's rows in
+            one NCCL op per group) instead of the product's.
         max_groups_in_flight: CuPy transport's bound on queued NCCL groups.
         sync_plans: stop-the-world rearrangements (alternately a new plan and its inverse).
         sync_interval_steps: serving steps between two of them.
@@ -207,9 +207,23 @@ def _session_dict(session) -> dict:
 
 
 class RankRunner:
-    """The serving loop of one rank through all phases; collects what the summary needs."""
+    """The serving loop of one rank through all phases; collects what the summary needs.
 
-    def __init__(self, opts: HarnessOptions, rank: int, stack: MoeStack, agent, transport, control, progress) -> None:
+    About 370 lines (benchmark code, over the ~300 the product aims at): one step function
+    and the phases built from it (drain, profile windows, external streaming, sync
+    baseline), which all append to the same per-step rows and phase list.
+    """
+
+    def __init__(
+        self,
+        opts: HarnessOptions,
+        rank: int,
+        stack: MoeStack,
+        agent,
+        transport,
+        control: HarnessControl,
+        progress: RankProgress,
+    ) -> None:
         self.opts, self.rank, self.stack, self.agent, self.transport = opts, rank, stack, agent, transport
         self.control, self.progress = control, progress
         self.cuda = stack.device.type == "cuda"
@@ -264,15 +278,14 @@ class RankRunner:
         layers_per_batch: int = 1,
     ) -> None:
         if throttle is not None:
-            import msgspec
-
-            self.agent.config = msgspec.structs.replace(self.agent.config, throttle_bytes_per_s=float(throttle))
+            self.agent.override_config(throttle_bytes_per_s=float(throttle))
         if self.rank == 0:
+            control = self.control
             if experts is not None:
-                self.control[C_EXPERTS] = experts
-            self.control[C_LAYERS_PER_BATCH] = layers_per_batch
-            self.control[C_PLANS] = 1.0 if plans else 0.0
-            self.control[C_PHASE] = len(self.phases)
+                control.experts_per_rank = experts
+            control.layers_per_batch = layers_per_batch
+            control.plans_enabled = plans
+            control.phase = len(self.phases)
         self.phases.append(
             {
                 "name": name,
@@ -296,28 +309,22 @@ class RankRunner:
             self._enter(f"drain_{len(self.phases)}", plans=False)
             if not self._drain():
                 raise RuntimeError("could not drain plans before changing the chunking")
-        import msgspec
-
-        self.agent.config = msgspec.structs.replace(self.agent.config, chunk_bytes=int(chunk_bytes))
-
-    def _agent_busy(self) -> bool:
-        return getattr(self.agent, "_plan", None) is not None or self.agent.hooks.ticket is not None
+        self.agent.override_config(chunk_bytes=int(chunk_bytes))
 
     def _keep_config(self) -> None:
-        """A re-Welcome (the coordinator declared this rank dead and it registered again)
-        resets the agent's config to the coordinator's; put the phase's throttle and chunking back."""
+        """The phase's throttle and chunking are agent overrides, which a re-Welcome keeps; a
+        Welcome handled at the very moment of a change could still put the old values back:
+        re-apply them, and say so."""
         want = self.phases[-1] if self.phases else None
         cfg = self.agent.config
         if want and (
             cfg.throttle_bytes_per_s != want["throttle_bytes_per_s"] or cfg.chunk_bytes != want["chunk_bytes"]
         ):
-            import msgspec
-
-            self.agent.config = msgspec.structs.replace(
-                cfg, throttle_bytes_per_s=want["throttle_bytes_per_s"], chunk_bytes=want["chunk_bytes"]
+            self.agent.override_config(
+                throttle_bytes_per_s=want["throttle_bytes_per_s"], chunk_bytes=want["chunk_bytes"]
             )
             self.notes.append(
-                f"agent config reset by a re-Welcome in phase {want['name']} "
+                f"agent config differed from the phase's in phase {want['name']} "
                 f"(step {self.agent.hooks.steps_done}); re-applied"
             )
 
@@ -359,7 +366,7 @@ class RankRunner:
             external or bool(active0 or tr.session_active or tr.bytes_sent_total + tr.bytes_received_total != moved0)
         )
         rows["mismatches"].append(int(mismatches) if mismatches is not None else 0)
-        self.progress[self.rank] = step + 1
+        self.progress.set(self.rank, step + 1)
 
     def _steps_for(self, seconds: float) -> int:
         return max(self.opts.min_phase_steps, int(seconds / max(self.step_s_agreed, 1e-4)))
@@ -515,7 +522,7 @@ class RankRunner:
         quiet = 0
         for _ in range(max_steps):
             self.step()
-            busy = self._agent_busy() or (self.rank == 0 and self.control[C_COORD_IDLE] < 1)
+            busy = self.agent.busy or (self.rank == 0 and not self.control.coordinator_idle)
             quiet = quiet + 1 if self._all_reduce_max(1.0 if busy else 0.0) == 0 else 0
             if quiet >= needed:
                 return True
@@ -594,7 +601,15 @@ def warm_commit_kernels(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int, control, progress, results) -> None:
+def rank_main(
+    rank: int,
+    opts: HarnessOptions,
+    endpoint: str,
+    serving_port: int,
+    control: HarnessControl,
+    progress: RankProgress,
+    results,
+) -> None:
     """Process entry point of one rank."""
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -628,17 +643,7 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
         cfg = opts.model
         shape = PlacementShape(cfg.num_layers, cfg.num_logical, cfg.num_physical, opts.world_size)
         stack = MoeStack(cfg, rank, opts.world_size, device, initial_phy2log(shape), expert_mode=opts.expert_mode)
-        if cuda:
-            from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
-
-            transport = CupyNcclTransport(
-                device,
-                max_groups_in_flight=opts.max_groups_in_flight,
-                pack_per_peer=opts.pack_per_peer,
-                max_ctas=opts.side_max_ctas,
-            )
-        else:
-            transport = MeteredGlooTransport()
+        transport = side_transport(opts, device)
         warm_commit_kernels(stack.model)
         agent = WorkerAgent(stack.model, endpoint, transport).start()
         deadline = time.monotonic() + opts.startup_timeout_s
@@ -666,20 +671,88 @@ def rank_main(rank: int, opts: HarnessOptions, endpoint: str, serving_port: int,
         pass
 
 
+def side_transport(opts: HarnessOptions, device: torch.device):
+    """The agent's side transport: the product's CuPy NCCL one on CUDA (or the benchmark's
+    packed-per-peer variant, ``pack_per_peer``), a metered gloo one on CPU."""
+    if device.type != "cuda":
+        return MeteredGlooTransport()
+    kwargs = {"max_groups_in_flight": opts.max_groups_in_flight, "max_ctas": opts.side_max_ctas}
+    if opts.pack_per_peer:
+        from bench.gpu.packed_transport import PackedPerPeerTransport
+
+        return PackedPerPeerTransport(device, pack_per_peer=True, **kwargs)
+    from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+
+    return CupyNcclTransport(device, **kwargs)
+
+
 # -- the parent: coordinator, processes, watchdog ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ParentWatch:
+    """The parent's poll while the ranks run: the coordinator's idle flag to the ranks, the
+    hang check (no rank made progress for ``hang_timeout_s``, or for ``startup_timeout_s``
+    before every rank's first step: stacks dumped, the wait ends), a log line every 10 s."""
+
+    def __init__(
+        self,
+        opts: HarnessOptions,
+        coordinator,
+        control: HarnessControl,
+        progress: RankProgress,
+        ranks: RankProcesses,
+    ) -> None:
+        self.opts, self.coordinator, self.control, self.progress, self.ranks = (
+            opts,
+            coordinator,
+            control,
+            progress,
+            ranks,
+        )
+        self.hangs: list[dict] = []
+        self.last_total, self.last_change = -1, time.monotonic()
+        self.last_log = 0.0
+
+    def poll(self) -> bool:
+        """One poll of :meth:`RankProcesses.wait`; True (stop waiting) on a hang."""
+        state = self.coordinator.progress()
+        self.control.coordinator_idle = not state.busy
+        now = time.monotonic()
+        total = self.progress.total()
+        if total != self.last_total:
+            self.last_total, self.last_change = total, now
+        limit = self.opts.hang_timeout_s if self.progress.all_started() else self.opts.startup_timeout_s
+        if now - self.last_change > limit and not self.ranks.done:
+            self._hang(state, now)
+            return True
+        if now - self.last_log > 10:
+            self.last_log = now
+            log.warning(
+                "t=%4.0fs steps %s | committed %d aborted %d | %.1f GiB moved | phase %d",
+                now - self.ranks.started_at,
+                self.progress.steps(),
+                state.committed,
+                state.aborted,
+                state.bytes_moved / 2**30,
+                self.control.phase,
+            )
+        return False
+
+    def _hang(self, state, now: float) -> None:
+        steps = self.progress.steps()
+        self.hangs.append(
+            {
+                "steps": steps,
+                "phase": int(self.control.phase),
+                "silent_s": round(now - self.last_change, 1),
+                "coordinator": {"plan": state.plan_id, "phase": state.plan_phase},
+            }
+        )
+        log.error("HANG: no progress for %.0fs (steps %s); dumping stacks and stopping", now - self.last_change, steps)
+        self.ranks.signal_alive(signal.SIGUSR1)
 
 
-def _coordinator_idle(coordinator) -> bool:
-    return not coordinator.busy
-
-
-async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one phase sequence, read top to bottom
+async def _run(opts: HarnessOptions, endpoint: str) -> dict:
     from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.coordinator.policy import unregister_policy
     from eplb_service.coordinator.server import Coordinator
@@ -692,13 +765,14 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one
         chunk_bytes=opts.chunk_bytes,
         throttle_bytes_per_s=0.0,
     )
-    ctx = mp.get_context("spawn")
-    control = ctx.Array("d", 5, lock=False)
+    ranks = RankProcesses(opts.world_size, "harness-rank")
+    control = shared_control(ranks.ctx)
+    progress = RankProgress(ranks.ctx, opts.world_size)
     policy = register_churn_policy(
-        lambda: control[C_PLANS] > 0,
-        lambda: int(control[C_EXPERTS]),
+        lambda: control.plans_enabled,
+        lambda: int(control.experts_per_rank),
         seed=opts.model.seed,
-        layers_per_batch=lambda: int(control[C_LAYERS_PER_BATCH]),
+        layers_per_batch=lambda: int(control.layers_per_batch),
     )
     cfg = CoordinatorConfig(
         world_size=opts.world_size,
@@ -711,12 +785,10 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one
         staging_budget_bytes=max(1, opts.isolated_experts_per_rank) * opts.model.bytes_per_expert,
         agent=agent_cfg,
     )
-    progress = ctx.Array("q", opts.world_size, lock=False)
-    results = ctx.Queue()
     coordinator = Coordinator(cfg)
     server = asyncio.create_task(coordinator.serve())
     await coordinator.ready.wait()
-    serving_port = _free_port()
+    serving_port = free_port()
     serving_store = dist.TCPStore(
         "127.0.0.1",
         serving_port,
@@ -725,94 +797,26 @@ async def _run(opts: HarnessOptions, endpoint: str) -> dict:  # noqa: C901 - one
         timeout=datetime.timedelta(seconds=120),
         wait_for_workers=False,
     )
-    procs = [
-        ctx.Process(
-            target=rank_main,
-            name=f"harness-rank-{r}",
-            args=(r, opts, endpoint, serving_port, control, progress, results),
-        )
-        for r in range(opts.world_size)
-    ]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    collected: list[dict] = []
-    hangs: list[dict] = []
+    watch = ParentWatch(opts, coordinator, control, progress, ranks)
     errors: list[str] = []
-    last_total, last_change = -1, time.monotonic()
-    last_log = 0.0
     try:
-        while len(collected) < opts.world_size:
-            await asyncio.sleep(0.2)
-            control[C_COORD_IDLE] = 1.0 if _coordinator_idle(coordinator) else 0.0
-            while True:
-                try:
-                    collected.append(results.get_nowait())
-                except queue.Empty:
-                    break
-            now = time.monotonic()
-            total = sum(progress[:])
-            if total != last_total:
-                last_total, last_change = total, now
-            limit = opts.hang_timeout_s if min(progress[:]) > 0 else opts.startup_timeout_s
-            if now - last_change > limit and len(collected) < opts.world_size:
-                hangs.append(
-                    {
-                        "steps": list(progress[:]),
-                        "phase": int(control[C_PHASE]),
-                        "silent_s": round(now - last_change, 1),
-                        "coordinator": {
-                            "plan": None if coordinator.plan is None else coordinator.plan.plan_id,
-                            "phase": None if coordinator.plan is None else coordinator.plan.phase.value,
-                        },
-                    }
-                )
-                log.error(
-                    "HANG: no progress for %.0fs (steps %s); dumping stacks and stopping",
-                    now - last_change,
-                    list(progress[:]),
-                )
-                for p in procs:
-                    if p.is_alive():
-                        os.kill(p.pid, signal.SIGUSR1)
-                await asyncio.sleep(3.0)
-                break
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                await asyncio.sleep(2.0)
-                while True:
-                    try:
-                        collected.append(results.get_nowait())
-                    except queue.Empty:
-                        break
-                if len(collected) < opts.world_size:
-                    errors.append(f"rank processes died: {[(p.name, p.exitcode) for p in dead]}")
-                    break
-            if now - last_log > 10:
-                last_log = now
-                c = coordinator.counts
-                log.warning(
-                    "t=%4.0fs steps %s | committed %d aborted %d | %.1f GiB moved | phase %d",
-                    now - t0,
-                    list(progress[:]),
-                    c["committed"],
-                    c["aborted"],
-                    coordinator.bytes_moved_total / 2**30,
-                    int(control[C_PHASE]),
-                )
+        ranks.start(rank_main, lambda r: (r, opts, endpoint, serving_port, control, progress, ranks.results))
+        try:
+            await ranks.wait(0.2, watch.poll, dead_grace_s=2.0)
+        except RankProcessesDied as exc:
+            errors.append(str(exc))
+        if watch.hangs:
+            await asyncio.sleep(3.0)  # the ranks' stack dumps
     finally:
-        for p in procs:
-            p.join(timeout=15 if not hangs else 1)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        wall = time.monotonic() - t0
+        ranks.stop(join_timeout_s=1 if watch.hangs else 15)
+        wall = time.monotonic() - ranks.started_at
         coordinator.stop()
         await server
         unregister_policy(policy)
         del serving_store
-    errors.extend(r["error"] for r in collected if r.get("error"))
-    return summarize(opts, coordinator, sorted(collected, key=lambda r: r["rank"]), hangs, errors, wall)
+    errors.extend(r["error"] for r in ranks.collected if r.get("error"))
+    ranked = sorted(ranks.collected, key=lambda r: r["rank"])
+    return summarize(opts, coordinator.progress(), ranked, watch.hangs, errors, wall)
 
 
 # -- the summary -------------------------------------------------------------------------------
@@ -837,7 +841,9 @@ def _dist_ms(values) -> dict:
     }
 
 
-def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list, errors: list, wall_s: float) -> dict:
+def summarize(
+    opts: HarnessOptions, coordinator: CoordinatorProgress, ranks: list[dict], hangs: list, errors: list, wall_s: float
+) -> dict:
     complete = [r for r in ranks if "rows" in r]
     summary: dict = {
         "world_size": opts.world_size,
@@ -849,11 +855,11 @@ def summarize(opts: HarnessOptions, coordinator, ranks: list[dict], hangs: list,
         "hang_details": hangs,
         "errors": errors,
         "coordinator": {
-            "committed": coordinator.counts["committed"],
-            "aborted": coordinator.counts["aborted"],
-            "diverged": coordinator.counts["diverged"],
-            "bytes_moved": coordinator.bytes_moved_total,
-            "experts_moved": coordinator.experts_moved_total,
+            "committed": coordinator.committed,
+            "aborted": coordinator.aborted,
+            "diverged": coordinator.diverged,
+            "bytes_moved": coordinator.bytes_moved,
+            "experts_moved": coordinator.experts_moved,
             "epoch": coordinator.epoch,
         },
     }

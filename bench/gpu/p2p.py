@@ -25,9 +25,6 @@ import argparse
 import datetime
 import functools
 import json
-import multiprocessing as mp
-import queue
-import socket
 import sys
 import time
 
@@ -36,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_service.protocol import CommInit
+from eplb_service.sim.processes import RankProcesses, RankProcessesDied, free_port
 from eplb_service.worker_agent.transport import P2POp, RecordLayout, TransportError
 
 
@@ -273,7 +271,7 @@ def cta_sweep(
 ) -> list[dict]:
     """Per CTA limit of the side communicator (0 = NCCL's choice): ring and agent-block rates and
     the CTAs its send/recv kernel really got. Each limit is a fresh communicator (generation)."""
-    from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+    from bench.gpu.packed_transport import PackedPerPeerTransport
 
     send = torch.empty(size, dtype=torch.uint8, device=device).fill_(rank)
     recv = torch.empty(size, dtype=torch.uint8, device=device)
@@ -281,7 +279,7 @@ def cta_sweep(
     ring = [P2POp(True, send, nxt, 0), P2POp(False, recv, prv, 0)]
     rows = []
     for i, limit in enumerate(limits):
-        t = CupyNcclTransport(device, max_groups_in_flight=in_flight, max_ctas=limit or None)
+        t = PackedPerPeerTransport(device, pack_per_peer=False, max_groups_in_flight=in_flight, max_ctas=limit or None)
         t.connect(CommInit(generation=100 + i, store_host="127.0.0.1", store_port=port, world_size=world), rank, 60)
         try:
             row = {"max_ctas": limit or None}
@@ -300,7 +298,7 @@ def abort_and_rebuild(t, rank: int, world: int, host: str, port: int, timeout_s:
     """Rank 0 waits on a receive nobody matches; abort must free it; generation 2 must work."""
     out: dict = {}
     store = dist.TCPStore(host, port, world, False, timeout=datetime.timedelta(seconds=60))
-    t._timeout_s = timeout_s
+    t.wait_timeout_s = timeout_s
     if rank == 0:
         stuck = torch.zeros(1 << 20, dtype=torch.uint8, device=t.device)
         t.exchange([P2POp(False, stuck, 1, 0)])
@@ -329,11 +327,14 @@ def abort_and_rebuild(t, rank: int, world: int, host: str, port: int, timeout_s:
 def _rank(rank: int, world: int, port: int, opts: dict, results) -> None:
     out: dict = {"rank": rank}
     try:
-        from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+        from bench.gpu.packed_transport import PackedPerPeerTransport
 
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        t = CupyNcclTransport(device, max_groups_in_flight=opts["in_flight"], max_ctas=opts["max_ctas"])
+        # the product's transport, with packing per peer off but switchable for agent_pattern
+        t = PackedPerPeerTransport(
+            device, pack_per_peer=False, max_groups_in_flight=opts["in_flight"], max_ctas=opts["max_ctas"]
+        )
         t0 = time.perf_counter()
         t.connect(CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=world), rank, 60)
         out["connect_s"] = round(time.perf_counter() - t0, 3)
@@ -377,14 +378,10 @@ def run_p2p(
     max_ctas: int | None = None,
     cta_sweep_limits: list[int] | None = None,
 ) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     store = dist.TCPStore(
         "127.0.0.1", port, world, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
     )
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     opts = {
         "size_mib": size_mib,
         "iters": iters,
@@ -395,22 +392,16 @@ def run_p2p(
         "max_ctas": max_ctas,
         "cta_sweep": list(cta_sweep_limits or []),
     }
-    procs = [ctx.Process(target=_rank, args=(r, world, port, opts, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    ranks, deadline = [], time.monotonic() + timeout_s
-    while len(ranks) < world and time.monotonic() < deadline:
-        try:
-            ranks.append(results.get(timeout=1.0))
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                break
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-    del store
-    ranks.sort(key=lambda r: r["rank"])
+    procs = RankProcesses(world, "p2p-rank")
+    try:
+        procs.start(_rank, lambda r: (r, world, port, opts, procs.results))
+        procs.wait_blocking(0.2, timeout_s=timeout_s)
+    except (RankProcessesDied, TimeoutError):
+        pass  # the ranks that did not report are counted in the summary's errors
+    finally:
+        procs.stop(join_timeout_s=10)
+        del store
+    ranks = sorted(procs.collected, key=lambda r: r["rank"])
     return summarize(world, ranks, opts)
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing as mp
-import queue
-import socket
 import sys
 import tempfile
 import time
@@ -23,6 +20,7 @@ import numpy as np
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.placement import model_balancedness
+from eplb_service.sim.processes import RankProcesses, drain, free_port
 from eplb_service.sim.serving_loop import RankSpec, run_rank
 from eplb_service.sim.workload import SimModelConfig
 
@@ -43,22 +41,6 @@ class SimulationOptions:
     """Bind the coordinator here (default: a private temporary ipc:// socket)."""
     agent_endpoint: str | None = None
     """Where the agents connect, if not straight to the coordinator (tests put a lossy proxy there)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def drain(q) -> list:
-    """Everything a multiprocessing queue holds right now, without blocking."""
-    items = []
-    while True:
-        try:
-            items.append(q.get_nowait())
-        except queue.Empty:
-            return items
 
 
 def measured_balancedness(recv_counts: np.ndarray, begin: int, end: int) -> float:
@@ -91,9 +73,9 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     coordinator.drain_at_step = opts.steps - cfg.agent.fence_steps - 4 * cfg.agent.report_interval_steps - 20
     server = asyncio.create_task(coordinator.serve())
     await coordinator.ready.wait()
-    ctx = mp.get_context("spawn")
-    results, progress = ctx.Queue(), ctx.Queue()
-    serving_port = _free_port()
+    ranks = RankProcesses(opts.world_size, "sim-rank")
+    progress = ranks.ctx.Queue()
+    serving_port = free_port()
     import datetime
 
     from torch.distributed import TCPStore  # the serving group's store, distinct from the agents'
@@ -101,77 +83,67 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     serving_store = TCPStore(
         "127.0.0.1", serving_port, opts.world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
     )
-    procs = [
-        ctx.Process(
-            target=run_rank,
-            name=f"sim-rank-{r}",
-            args=(
-                RankSpec(
-                    rank=r,
-                    world_size=opts.world_size,
-                    steps=opts.steps,
-                    seed=opts.seed,
-                    model=opts.model,
-                    coordinator_endpoint=opts.agent_endpoint or cfg.endpoint,
-                    serving_store_port=serving_port,
-                ),
-                results,
-                progress,
-            ),
+    specs = [
+        RankSpec(
+            rank=r,
+            world_size=opts.world_size,
+            steps=opts.steps,
+            seed=opts.seed,
+            model=opts.model,
+            coordinator_endpoint=opts.agent_endpoint or cfg.endpoint,
+            serving_store_port=serving_port,
         )
         for r in range(opts.world_size)
     ]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    collected: list[dict] = []
-    last_progress, step, mismatches = 0.0, 0, 0
-    registering = RegistrationProgress(opts.world_size)
+    watch = ProgressLog(opts, coordinator, progress)
     try:
-        while len(collected) < opts.world_size:
-            await asyncio.sleep(0.1)
-            for update in drain(progress):  # only the newest counts
-                _, step, mismatches = update
-            collected.extend(drain(results))
-            now = time.monotonic()
-            if coordinator.epoch < 0:
-                registering.update(len(coordinator.registry.alive))
-                continue
-            registering.done()
-            if now - last_progress >= opts.progress_interval_s:
-                last_progress = now
-                bal = coordinator.current_balancedness()
-                c = coordinator.counts
-                log.info(
-                    "step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d "
-                    "| mismatches %d",
-                    step,
-                    opts.steps,
-                    f"{bal[0]:.3f}" if bal else "n/a",
-                    c["committed"],
-                    c["aborted"],
-                    coordinator.bytes_moved_total / 2**20,
-                    coordinator.epoch,
-                    mismatches,
-                )
-            if now - t0 > opts.timeout_s:
-                raise TimeoutError(f"simulation did not finish within {opts.timeout_s}s")
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead and len(collected) < opts.world_size:
-                await asyncio.sleep(1.0)
-                collected.extend(drain(results))
-                if len(collected) < opts.world_size:
-                    raise RuntimeError(f"rank processes died: {[(p.name, p.exitcode) for p in dead]}")
+        ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
+        await ranks.wait(0.1, watch.poll, timeout_s=opts.timeout_s)
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        wall = time.monotonic() - t0
+        ranks.stop(join_timeout_s=10)
+        wall = time.monotonic() - ranks.started_at
         coordinator.stop()
         await server
         del serving_store
-    return _summary(opts, coordinator, sorted(collected, key=lambda r: r["rank"]), wall)
+    return _summary(opts, coordinator, sorted(ranks.collected, key=lambda r: r["rank"]), wall)
+
+
+class ProgressLog:
+    """What the simulation says while it runs: registration, then a line every
+    ``progress_interval_s`` (step, balancedness, plans, bytes moved, epoch, mismatches)."""
+
+    def __init__(self, opts: SimulationOptions, coordinator: Coordinator, progress) -> None:
+        self.opts, self.coordinator, self.progress = opts, coordinator, progress
+        self.registering = RegistrationProgress(opts.world_size)
+        self.step = self.mismatches = 0
+        self.last_line = 0.0
+
+    def poll(self) -> bool:
+        """One poll of :meth:`RankProcesses.wait`; never asks to stop early."""
+        for update in drain(self.progress):  # only the newest counts
+            _, self.step, self.mismatches = update
+        now = time.monotonic()
+        state = self.coordinator.progress()
+        if state.epoch < 0:
+            self.registering.update(state.agents_alive)
+            return False
+        self.registering.done()
+        if now - self.last_line >= self.opts.progress_interval_s:
+            self.last_line = now
+            bal = self.coordinator.current_balancedness()
+            log.info(
+                "step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d "
+                "| mismatches %d",
+                self.step,
+                self.opts.steps,
+                f"{bal[0]:.3f}" if bal else "n/a",
+                state.committed,
+                state.aborted,
+                state.bytes_moved / 2**20,
+                state.epoch,
+                self.mismatches,
+            )
+        return False
 
 
 class RegistrationProgress:

@@ -59,7 +59,7 @@ socket (a connection can be dead both ways while both ends believe it open)."""
 class WorkerAgent:
     """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``.
 
-    About 400 lines, over the ~300 this code base aims at, for a reason: it is one state
+    About 520 lines, over the ~300 this code base aims at, for a reason: it is one state
     machine, the life of a plan on this rank (received, staging, staged, voted, finished) and
     of the registration it depends on (hello, welcome, session, reopen), and every handler
     below is one of its transitions. The parts that are not transitions live elsewhere: the
@@ -144,6 +144,31 @@ class WorkerAgent:
     @property
     def session(self) -> int:
         return self._session
+
+    @property
+    def busy(self) -> bool:
+        """A plan held (received, staging or staged) or a commit armed on the serving hooks.
+
+        Read from any thread: a host that changes the agent's chunking between plans (the GPU
+        harness) waits until this is false on every rank."""
+        return self._plan is not None or self.hooks.ticket is not None
+
+    def override_config(self, **fields) -> protocol.AgentConfig:
+        """Set ``AgentConfig`` fields over the coordinator's, now and after every later ``Welcome``.
+
+        For a host that tunes its own agent while it runs (the GPU harness switches the
+        throttle and the chunk size between phases). The fields join ``config_overrides``,
+        so a re-registration does not put the coordinator's values back. Every rank must
+        chunk a plan the same way: change ``chunk_bytes`` only while no rank is busy.
+        Returns the config now in force.
+        """
+        unknown = sorted(set(fields) - set(protocol.AgentConfig.__struct_fields__))
+        if unknown:
+            raise ValueError(f"override_config: {unknown} are not AgentConfig fields")
+        config = msgspec_replace(self.config, fields)
+        self.config_overrides = {**self.config_overrides, **fields}
+        self._apply_config(config)
+        return config
 
     @property
     def _ticket(self) -> CommitTicket | None:
@@ -336,11 +361,8 @@ class WorkerAgent:
             self._welcomed = False
 
     def _on_welcome(self, msg: protocol.Welcome) -> None:
-        config = msgspec_replace(msg.config, self.config_overrides)
-        self.config = config
+        self._apply_config(msgspec_replace(msg.config, self.config_overrides))
         hooks = self.hooks
-        hooks.report_interval_steps, hooks.fence_steps = config.report_interval_steps, config.fence_steps
-        hooks.fence_timeout_s, hooks.decision_timeout_s = config.fence_timeout_s, config.decision_timeout_s
         if self._welcomed and msg.session == self._session and msg.comm is None:
             return  # a duplicate (our Hello was retried or duplicated)
         self._welcomed = True
@@ -349,6 +371,12 @@ class WorkerAgent:
         self.log.info("welcomed by the coordinator (epoch %d, step %d)", hooks.epoch, hooks.steps_done)
         if msg.comm is not None:
             self._connect(msg.comm)
+
+    def _apply_config(self, config: protocol.AgentConfig) -> None:
+        self.config = config
+        hooks = self.hooks
+        hooks.report_interval_steps, hooks.fence_steps = config.report_interval_steps, config.fence_steps
+        hooks.fence_timeout_s, hooks.decision_timeout_s = config.fence_timeout_s, config.decision_timeout_s
 
     def _on_reject(self, msg: protocol.Reject) -> None:
         if msg.code in ("unknown_agent", "stale_session"):

@@ -177,8 +177,11 @@ class TransportSession:
         }
 
 
-def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """``dst.copy_(src)`` for every pair, as one multi-tensor kernel where torch has one."""
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for every pair, as one multi-tensor kernel where torch has one.
+
+    Enqueued on the current stream; ``gather`` packs a block with it, and so does the
+    benchmark's packed-per-peer variant (``bench/gpu/packed_transport.py``)."""
     foreach = getattr(torch, "_foreach_copy_", None)
     if foreach is not None:
         foreach(dsts, srcs)
@@ -190,6 +193,15 @@ def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
 class CupyNcclTransport(Transport):
     """Side transport over a CuPy NCCL communicator (one per EP rank, one GPU per rank).
 
+    About 560 lines, over the ~300 this code base aims at, for a reason: every method
+    orders work on the same three streams (side, pack, check), the same queue of groups in
+    flight and the same session fence, and the rules in the module docstring hold only
+    across all of them; split apart, each piece would reach into the others' state. The
+    parts that stand alone already live elsewhere (the configured communicator in
+    ``nccl_lib``, records and digests in ``transport``), and a further split can only be
+    checked on GPUs. A benchmark's variant of the wire format subclasses the one seam,
+    :meth:`_send_recv_group` (``bench/gpu/packed_transport.py``).
+
     Args:
         device: the rank's CUDA device (where its expert weights live).
         serving_stream: the stream the serving thread enqueues the commit on; default: the
@@ -200,9 +212,6 @@ class CupyNcclTransport(Transport):
         warmup: after connecting, open the NCCL connections to every peer with a small and a
             large all-pairs exchange (NCCL sets up each protocol's buffers on first use, which
             stalled serving steps for hundreds of ms when the first plan did it).
-        pack_per_peer: send one NCCL op per peer and direction per group: the rows for a peer
-            are packed into one contiguous buffer on the side stream (and unpacked after the
-            receive). Every rank must use the same setting.
         keep_sessions: how many finished sessions to keep in :attr:`sessions`.
         max_gap_s: the longest throttle gap run on the device after one group; a longer
             ``pace_s`` waits the rest on the host (only at throttles far below the link rate).
@@ -217,7 +226,6 @@ class CupyNcclTransport(Transport):
         serving_stream: torch.cuda.Stream | None = None,
         max_groups_in_flight: int = 2,
         warmup: bool = True,
-        pack_per_peer: bool = False,
         keep_sessions: int = 100_000,
         max_gap_s: float = 0.05,
         max_ctas: int | None = None,
@@ -244,7 +252,6 @@ class CupyNcclTransport(Transport):
         self.serving_stream = serving_stream if serving_stream is not None else torch.cuda.current_stream(self.device)
         self.max_groups_in_flight = max_groups_in_flight
         self.warmup = warmup
-        self.pack_per_peer = pack_per_peer
         self.max_gap_s = max_gap_s
         self._comm = None
         self._pack_stream: torch.cuda.Stream | None = None
@@ -292,6 +299,19 @@ class CupyNcclTransport(Transport):
     @property
     def session_active(self) -> bool:
         return self._session is not None
+
+    @property
+    def wait_timeout_s(self) -> float:
+        """The bound on every host wait (a group, a vote, ``synchronize``); ``connect`` sets it
+        from its ``timeout_s``. A test of the abort path lowers it after connecting, so that a
+        receive nobody matches fails in seconds rather than after the rendezvous timeout."""
+        return self._timeout_s
+
+    @wait_timeout_s.setter
+    def wait_timeout_s(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"wait_timeout_s={seconds!r} must be > 0")
+        self._timeout_s = float(seconds)
 
     def _require(self):
         if self._comm is None:
@@ -389,11 +409,12 @@ class CupyNcclTransport(Transport):
         """Every kernel the side path launches, once, before serving starts.
 
         Small and large sends/recvs with every peer (NCCL's LL and Simple protocols), two
-        ops per peer (the pack/unpack copies when ``pack_per_peer``), a local copy, and the
-        vote. With CUDA's lazy module loading, the first launch of a kernel can wait for the
-        whole context to go idle; if that first launch happens while NCCL kernels spin for
-        their peers, the ranks deadlock (seen on H100: a 30 s serving stall, broken only by
-        the side communicator's timeout and abort).
+        ops per peer (and a subclass's own kernels around a group, see
+        :meth:`_send_recv_group`), a local copy, and the vote. With CUDA's lazy module
+        loading, the first launch of a kernel can wait for the whole context to go idle; if
+        that first launch happens while NCCL kernels spin for their peers, the ranks
+        deadlock (seen on H100: a 30 s serving stall, broken only by the side communicator's
+        timeout and abort).
         """
         world, rank = self._world_size, self._rank
         for nbytes in (16, 8 << 20):
@@ -415,40 +436,6 @@ class CupyNcclTransport(Transport):
         self.max_reduce(np.zeros(4, dtype=np.int64))
         self.sessions.clear()
         self.bytes_sent_total = self.bytes_received_total = self.groups_total = 0
-
-    def _packed(self, ops: list[P2POp]) -> tuple[list[P2POp], list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
-        """One op per (peer, direction); returns the ops and the unpack copies to run after them.
-
-        Both sides concatenate a peer's ops in issue order, which the agent keeps the same
-        on every rank, so the receiver's offsets match the sender's.
-        """
-        sends: dict[int, list[torch.Tensor]] = {}
-        recvs: dict[int, list[torch.Tensor]] = {}
-        for op in ops:
-            (sends if op.is_send else recvs).setdefault(op.peer, []).append(op.tensor)
-        out: list[P2POp] = []
-        unpack: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-
-        with torch.cuda.stream(self._stream):
-            for peer, tensors in sends.items():
-                if len(tensors) == 1:
-                    out.append(P2POp(True, tensors[0], peer, 0))
-                    continue
-                sizes = [t.numel() * t.element_size() for t in tensors]
-                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
-                _copy_all(list(torch.split(buf, sizes)), [row_bytes(t) for t in tensors])
-                for t in tensors:
-                    t.record_stream(self._stream)
-                out.append(P2POp(True, buf, peer, 0))
-            for peer, tensors in recvs.items():
-                if len(tensors) == 1:
-                    out.append(P2POp(False, tensors[0], peer, 0))
-                    continue
-                sizes = [t.numel() * t.element_size() for t in tensors]
-                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
-                out.append(P2POp(False, buf, peer, 0))
-                unpack.append(([row_bytes(t) for t in tensors], list(torch.split(buf, sizes))))
-        return out, unpack
 
     # -- sessions and waits -----------------------------------------------------------------
 
@@ -543,7 +530,7 @@ class CupyNcclTransport(Transport):
             # One multi-tensor copy kernel for the whole block. Measured on 2x H100 with
             # 8 x (16 + 8) MiB records per peer: index_select 169 GB/s, one memcpy per row
             # 120 GB/s, this 225 GB/s end to end (one pre-packed op: 272 GB/s).
-            _copy_all(dsts, srcs)
+            copy_all(dsts, srcs)
             ready = torch.cuda.Event()
             ready.record(pack)
         self._packed_event = ready
@@ -593,7 +580,7 @@ class CupyNcclTransport(Transport):
                 torch.cuda._sleep(int(on_device * self._cycles_per_s))
         return seconds - on_device
 
-    def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:  # noqa: C901 - GPU-measured ordering; split with a device run
+    def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:
         comm = self._require()
         stream = self._stream
         session = self._begin_session()
@@ -615,15 +602,36 @@ class CupyNcclTransport(Transport):
         if self._packed_event is not None:  # the senders' rows of this group, packed on the pack stream
             stream.wait_event(self._packed_event)
             self._packed_event = None
+        sent, received = self._send_recv_group(comm, ops)
+        for op in ops:
+            op.tensor.record_stream(stream)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record(stream)
+        session.last_event = done
+        session.bytes_sent += sent
+        session.bytes_received += received
+        session.groups += 1
+        self.bytes_sent_total += sent
+        self.bytes_received_total += received
+        self.groups_total += 1
+        self._in_flight.append((done, self._gap_s))
+        self._gap_s = min(pace_s, self.max_gap_s)
+        host_gap = self._device_gap(pace_s) if pace_s > 0 else 0.0
+        self._retire(self.max_groups_in_flight - 1)
+        self._wait_on_host(host_gap)
+
+    def _send_recv_group(self, comm, ops: list[P2POp]) -> tuple[int, int]:
+        """One NCCL group of ``ops`` on the side stream; returns the bytes sent and received.
+
+        Called by :meth:`exchange` once the side stream is fenced behind the serving stream
+        and behind the senders' pack; the caller marks the ops' tensors in use by the side
+        stream afterwards. The one seam for a benchmark's variant of what goes on the wire
+        (``bench/gpu/packed_transport.py``): work it enqueues on :attr:`stream` around the
+        group is ordered like the group itself.
+        """
         nccl = self._nccl
-        handle = stream.cuda_stream
+        handle = self._stream.cuda_stream
         sent = received = 0
-        unpack: list = []
-        if self.pack_per_peer:
-            for op in ops:
-                if op.tensor.device != self.device or not op.tensor.is_contiguous():
-                    raise TransportError(f"op with peer {op.peer}: expected a contiguous tensor on {self.device}")
-            user_ops, (ops, unpack) = ops, self._packed(ops)
         try:
             nccl.groupStart()
             try:
@@ -647,27 +655,7 @@ class CupyNcclTransport(Transport):
             raise
         except Exception as exc:  # NcclError from send/recv/groupEnd
             raise TransportError(f"NCCL group of {len(ops)} ops failed: {exc}") from exc
-        if self.pack_per_peer:
-            with torch.cuda.stream(stream):
-                for dsts, srcs in unpack:
-                    _copy_all(dsts, srcs)
-            ops = user_ops + ops
-        for op in ops:
-            op.tensor.record_stream(stream)
-        done = torch.cuda.Event(enable_timing=True)
-        done.record(stream)
-        session.last_event = done
-        session.bytes_sent += sent
-        session.bytes_received += received
-        session.groups += 1
-        self.bytes_sent_total += sent
-        self.bytes_received_total += received
-        self.groups_total += 1
-        self._in_flight.append((done, self._gap_s))
-        self._gap_s = min(pace_s, self.max_gap_s)
-        host_gap = self._device_gap(pace_s) if pace_s > 0 else 0.0
-        self._retire(self.max_groups_in_flight - 1)
-        self._wait_on_host(host_gap)
+        return sent, received
 
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self._require()

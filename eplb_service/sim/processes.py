@@ -1,0 +1,149 @@
+"""Rank processes on one host: spawn them, wait for their results while polling, stop them.
+
+The simulated deployment and the GPU benchmarks (``bench/gpu``) each start one process per
+EP rank, wait for one result per rank on a queue while the coordinator (or nothing) runs on
+this process, notice a rank that died, and never leave a process behind. This is that loop,
+once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a store the ranks connect to)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankProcessesDied(RuntimeError):
+    """A rank process exited with an error before it reported its result."""
+
+
+def drain(q) -> list:
+    """Everything a multiprocessing queue holds right now, without blocking."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+class RankProcesses:
+    """One spawned process per rank, each expected to put one result on :attr:`results`.
+
+    Use: build, create what the ranks share through :attr:`ctx`, :meth:`start` with a
+    target and its arguments per rank (:attr:`results` among them), :meth:`wait` (async)
+    or :meth:`wait_blocking`, and :meth:`stop` in a ``finally``.
+
+    Args:
+        world_size: ranks, hence processes.
+        name: prefix of the process names (``<name>-<rank>``), which errors show.
+    """
+
+    def __init__(self, world_size: int, name: str) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be >= 1")
+        self.world_size = world_size
+        self.name = name
+        self.ctx = mp.get_context("spawn")
+        self.results = self.ctx.Queue()
+        self.collected: list[Any] = []
+        self.procs: list = []
+        self.started_at = 0.0
+
+    def start(self, target: Callable[..., None], args_of: Callable[[int], tuple]) -> None:
+        """Spawn ``target(*args_of(rank))`` for every rank."""
+        self.procs = [
+            self.ctx.Process(target=target, name=f"{self.name}-{r}", args=args_of(r)) for r in range(self.world_size)
+        ]
+        self.started_at = time.monotonic()
+        for p in self.procs:
+            p.start()
+
+    @property
+    def done(self) -> bool:
+        """Every rank has reported."""
+        return len(self.collected) >= self.world_size
+
+    def collect(self) -> list[Any]:
+        """Take what the ranks have reported since the last call; returns all results so far."""
+        self.collected.extend(drain(self.results))
+        return self.collected
+
+    def failed(self) -> list[tuple[str, int]]:
+        """``(name, exit code)`` of the processes that exited with an error."""
+        return [(p.name, p.exitcode) for p in self.procs if p.exitcode not in (None, 0)]
+
+    async def wait(
+        self,
+        poll_s: float,
+        on_poll: Callable[[], bool] | None = None,
+        *,
+        dead_grace_s: float = 1.0,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Poll every ``poll_s`` until every rank has reported; returns the results so far.
+
+        Each poll collects results, then calls ``on_poll()`` (progress, hang checks), which
+        returns True to stop waiting early. A rank that exited with an error gets
+        ``dead_grace_s`` for its result to arrive (a rank reports, then fails in its
+        teardown), then :class:`RankProcessesDied` names the dead processes. Past
+        ``timeout_s`` from :meth:`start`, :class:`TimeoutError`.
+        """
+        while not self.done:
+            await asyncio.sleep(poll_s)
+            if self._poll(on_poll, timeout_s):
+                break
+            if self.failed():
+                await asyncio.sleep(dead_grace_s)
+                self._check_dead()
+        return self.collected
+
+    def wait_blocking(self, poll_s: float, *, dead_grace_s: float = 1.0, timeout_s: float | None = None) -> list[Any]:
+        """:meth:`wait` for a caller with no event loop (nothing else runs meanwhile)."""
+        while not self.done:
+            time.sleep(poll_s)
+            self._poll(None, timeout_s)
+            if self.failed():
+                time.sleep(dead_grace_s)
+                self._check_dead()
+        return self.collected
+
+    def _poll(self, on_poll: Callable[[], bool] | None, timeout_s: float | None) -> bool:
+        self.collect()
+        if on_poll is not None and on_poll():
+            return True
+        if timeout_s is not None and not self.done and time.monotonic() - self.started_at > timeout_s:
+            raise TimeoutError(
+                f"{self.name}: only {len(self.collected)}/{self.world_size} ranks reported within {timeout_s}s"
+            )
+        return False
+
+    def _check_dead(self) -> None:
+        self.collect()
+        if not self.done:
+            raise RankProcessesDied(f"rank processes died: {self.failed()}")
+
+    def stop(self, join_timeout_s: float = 10.0) -> None:
+        """Join every process for up to ``join_timeout_s`` each; kill the ones still alive."""
+        for p in self.procs:
+            p.join(timeout=join_timeout_s)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def signal_alive(self, signum: int) -> None:
+        """Send ``signum`` to every process still running (the harness: SIGUSR1, dump stacks)."""
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
