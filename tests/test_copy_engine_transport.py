@@ -244,9 +244,23 @@ def _peer_aborts(rank: int, port: int) -> dict:
 
 def _peer_vanishes(rank: int, port: int) -> dict:
     transport = CopyEngineTransport(HostMemoryMover(), window_bytes=4096, host="one-host")
-    transport.connect(_comm(port, 1), rank, 2)
+    transport.connect(_comm(port, 1), rank, 10)
     if rank == 1:
         os._exit(0)  # no abort, no goodbye
+    t0 = time.monotonic()
+    try:
+        transport.exchange([P2POp(False, torch.zeros(100, dtype=torch.uint8), 1, 0)])
+    except TransportError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - t0}
+    return {"error": None}
+
+
+def _peer_silent(rank: int, port: int) -> dict:
+    transport = CopyEngineTransport(HostMemoryMover(), window_bytes=4096, host="one-host")
+    transport.connect(_comm(port, 1), rank, 2)
+    if rank == 1:
+        time.sleep(4)  # alive, connected, never sends
+        return {}
     try:
         transport.exchange([P2POp(False, torch.zeros(100, dtype=torch.uint8), 1, 0)])
     except TransportError as exc:
@@ -280,7 +294,13 @@ def _selection(rank: int, port: int) -> dict:
     return out
 
 
-SCENARIOS = {"stage": _stage_and_exchange, "abort": _peer_aborts, "vanish": _peer_vanishes, "select": _selection}
+SCENARIOS = {
+    "stage": _stage_and_exchange,
+    "abort": _peer_aborts,
+    "vanish": _peer_vanishes,
+    "silent": _peer_silent,
+    "select": _selection,
+}
 
 
 def _child(scenario: str, rank: int, port: int, queue) -> None:
@@ -348,10 +368,30 @@ def test_a_peer_that_aborts_fails_the_exchange_at_once():
     assert results[0]["seconds"] < 5, "an aborted peer must be seen before the timeout"
 
 
-def test_a_peer_that_vanishes_fails_the_exchange_at_the_timeout():
+def test_a_peer_that_exits_without_aborting_fails_the_exchange_at_once():
     results = run_pair("vanish")
     error = results[0]["error"]
+    assert error and "rank 1 (pid" in error and "exited during a copy-engine exchange" in error
+    assert results[0]["seconds"] < 5, "a dead peer must be seen before the timeout"
+
+
+def test_a_silent_peer_fails_the_exchange_at_the_timeout():
+    results = run_pair("silent")
+    error = results[0]["error"]
     assert error and "stalled for 2" in error and "from rank 1: 0/100 bytes" in error
+
+
+def test_process_liveness_sees_an_exited_unreaped_child():
+    assert ce.process_alive(os.getpid())
+    assert ce.pid_namespace() == ce.pid_namespace()
+    child = CTX.Process(target=time.sleep, args=(0,))
+    child.start()
+    deadline = time.monotonic() + 30
+    while ce.process_alive(child.pid) and time.monotonic() < deadline:  # exits, stays a zombie until joined
+        time.sleep(0.05)
+    assert not ce.process_alive(child.pid)
+    child.join()
+    assert not ce.process_alive(child.pid)
 
 
 def test_auto_falls_back_per_deployment_and_a_forced_copy_engine_names_the_pair():

@@ -94,6 +94,31 @@ def host_key() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace (``""`` where it cannot be read)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this pid namespace) still runs; an exited, unreaped one does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no procfs: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
 @dataclass(frozen=True)
 class RankInfo:
     """What a rank publishes at the rendezvous for the others to choose and open with."""
@@ -108,6 +133,10 @@ class RankInfo:
     window: str
     """Its outbox's handle (hex of a CUDA IPC memory handle; a shared-memory file path)."""
     window_bytes: int
+    pid: int = 0
+    pid_namespace: str = ""
+    """The rank's process and pid namespace: a peer in the same namespace watches the pid, so a
+    rank that dies without aborting fails its peers' exchanges at once, not at the timeout."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -118,6 +147,8 @@ class RankInfo:
             "control": self.control,
             "window": self.window,
             "window_bytes": self.window_bytes,
+            "pid": self.pid,
+            "pid_namespace": self.pid_namespace,
         }
 
     @classmethod
@@ -130,6 +161,8 @@ class RankInfo:
             control=str(raw["control"]),
             window=str(raw["window"]),
             window_bytes=int(str(raw["window_bytes"])),
+            pid=int(str(raw.get("pid", 0))),
+            pid_namespace=str(raw.get("pid_namespace", "")),
         )
 
 

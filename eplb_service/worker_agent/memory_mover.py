@@ -255,9 +255,15 @@ class CudaIpcMover(MemoryMover):
 
     @staticmethod
     def uuid_of(index: int) -> str:
+        """The GPU's UUID (the same in every process, whatever ``CUDA_VISIBLE_DEVICES`` numbers it)."""
         props = torch.cuda.get_device_properties(index)
         uuid = getattr(props, "uuid", None)
-        return str(uuid) if uuid is not None else f"{props.name}/{index}"
+        if uuid is None:  # pragma: no cover - torch before 2.2
+            return f"{props.name}/{getattr(props, 'pci_bus_id', index)}"
+        try:
+            return bytes(uuid.bytes).hex()
+        except (AttributeError, TypeError):
+            return str(uuid)
 
     def device_id(self) -> str:
         return self.uuid_of(self.index)
@@ -270,6 +276,7 @@ class CudaIpcMover(MemoryMover):
 
     def use_device(self) -> None:
         torch.cuda.set_device(self.device)
+        self.runtime.setDevice(self.index)  # CuPy's runtime may be another copy of libcudart
 
     def start(self) -> None:
         self.use_device()

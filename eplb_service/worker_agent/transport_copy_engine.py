@@ -43,6 +43,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -64,7 +65,9 @@ from eplb_service.worker_agent.copy_engine import (
     copy_engine_pairs,
     decide,
     host_key,
+    pid_namespace,
     plan_round,
+    process_alive,
     split_span,
 )
 from eplb_service.worker_agent.memory_mover import MemoryMover, SharedFile, Window, memory_fence
@@ -84,6 +87,8 @@ class _Peer:
     control_file: SharedFile
     control: ControlBlock
     window: Window
+    pid: int = 0
+    """Watched while this rank waits for the peer (0: another pid namespace, not watched)."""
 
 
 @dataclass
@@ -211,6 +216,8 @@ class CopyEngineTransport(Transport):
                 self._own_file.path,
                 handle,
                 self.window_bytes,
+                os.getpid(),
+                pid_namespace(),
             )
             store.set(f"{prefix}/info/{rank}", json.dumps(me.as_dict()))
             infos = [RankInfo.from_dict(json.loads(raw)) for raw in self._gather(store, f"{prefix}/info", world)]
@@ -272,7 +279,8 @@ class CopyEngineTransport(Transport):
                 if file is not None:
                     file.close()
                 continue
-            self._peers[peer] = _Peer(peer, file, control, window)
+            same_pids = bool(me.pid_namespace) and info.pid_namespace == me.pid_namespace
+            self._peers[peer] = _Peer(peer, file, control, window, info.pid if same_pids else 0)
 
     def _free_retired(self) -> None:
         retired, self._retired = self._retired, []
@@ -559,10 +567,13 @@ class _Exchange:
 
     def check_peers(self) -> None:
         for peer in self.waiting_on():
-            if self.t._peers[peer].control.state != STATE_LIVE:
+            source = self.t._peers[peer]
+            if source.control.state != STATE_LIVE:
                 raise TransportError(
                     f"rank {peer} tore its copy-engine side communicator down (generation {self.t._generation})"
                 )
+            if source.pid and not process_alive(source.pid):
+                raise TransportError(f"rank {peer} (pid {source.pid}) exited during a copy-engine exchange")
 
     def describe_stall(self) -> str:
         t = self.t
