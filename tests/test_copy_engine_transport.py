@@ -53,6 +53,8 @@ def _info(rank: int, host: str, device: str = "gpu-a", mode: str = "auto") -> ce
 def test_candidates_are_peers_on_this_host_with_a_reachable_device():
     infos = [_info(0, "h1"), _info(1, "h1", "gpu-b"), _info(2, "h2"), _info(3, "h1", "gpu-hidden")]
     assert ce.candidate_peers(infos[0], infos, lambda dev: dev != "gpu-hidden") == [1]
+    no_window = ce.RankInfo(4, "h1", "gpu-a", "auto", "", "", 4096)  # could not set its outbox up
+    assert ce.candidate_peers(infos[0], [*infos, no_window], lambda dev: True) == [1, 3]
     assert ce.RankInfo.from_dict(infos[1].as_dict()) == infos[1]
 
 
@@ -291,7 +293,20 @@ def _selection(rank: int, port: int) -> dict:
     one_host.connect(_comm(port, 3), rank, 10)
     out["one_host_name"] = one_host.name
     one_host.abort()
+    # One rank cannot set its outbox up (no shared memory here): auto falls back on every rank.
+    mover = HostMemoryMover() if rank == 0 else _NoWindowMover()
+    degraded = SelectingTransport(
+        CopyEngineTransport(mover, window_bytes=4096, mode="auto", host="same"), GlooTransport()
+    )
+    degraded.connect(_comm(port, 4), rank, 10)
+    out["degraded_name"] = degraded.name
+    degraded.abort()
     return out
+
+
+class _NoWindowMover(HostMemoryMover):
+    def create_window(self, nbytes: int):
+        raise OSError("no space left on /dev/shm")
 
 
 SCENARIOS = {
@@ -400,3 +415,4 @@ def test_auto_falls_back_per_deployment_and_a_forced_copy_engine_names_the_pair(
         assert r["auto_name"] == "auto:gloo" and r["auto_ok"], (rank, r)
         assert r["forced_error"] and "cannot use peer copies" in r["forced_error"] and "0-1" in r["forced_error"]
         assert r["one_host_name"] == "auto:copy-engine"
+        assert r["degraded_name"] == "auto:gloo"

@@ -167,8 +167,12 @@ class RankInfo:
 
 
 def candidate_peers(me: RankInfo, infos: Sequence[RankInfo], can_reach: Callable[[str], bool]) -> list[int]:
-    """Peers whose windows ``me`` should try to open: same host, a device it can reach."""
-    return [info.rank for info in infos if info.rank != me.rank and info.host == me.host and can_reach(info.device)]
+    """Peers whose windows ``me`` should try to open: same host, a device it can reach, a window at all."""
+    return [
+        info.rank
+        for info in infos
+        if info.rank != me.rank and info.host == me.host and info.window and info.control and can_reach(info.device)
+    ]
 
 
 def copy_engine_pairs(opened: Mapping[int, Iterable[int]]) -> set[tuple[int, int]]:

@@ -202,18 +202,13 @@ class CopyEngineTransport(Transport):
             store = dist.TCPStore(
                 comm.store_host, comm.store_port, world, False, timeout=datetime.timedelta(seconds=timeout_s)
             )
-            self.mover.start()
-            window, handle = self.mover.create_window(self.window_bytes)
-            self._window = window
-            self._own_file = SharedFile.create(control_words(world) * 8, "control")
-            self._own = ControlBlock(self._words(self._own_file), world, memory_fence)
-            self._own.init(rank, comm.generation)
+            control, handle = self._publish_own(rank, comm.generation, world)
             me = RankInfo(
                 rank,
                 self.host,
                 self.mover.device_id(),
                 self.mode,
-                self._own_file.path,
+                control,
                 handle,
                 self.window_bytes,
                 os.getpid(),
@@ -221,14 +216,19 @@ class CopyEngineTransport(Transport):
             )
             store.set(f"{prefix}/info/{rank}", json.dumps(me.as_dict()))
             infos = [RankInfo.from_dict(json.loads(raw)) for raw in self._gather(store, f"{prefix}/info", world)]
-            self._open_peers(me, infos, comm.generation)
+            if self._own is not None:
+                self._open_peers(me, infos, comm.generation)
             store.set(f"{prefix}/opened/{rank}", json.dumps(sorted(self._peers)))
             opened = {r: json.loads(raw) for r, raw in enumerate(self._gather(store, f"{prefix}/opened", world))}
             # Every rank has opened what it could: the names are no longer needed.
-            self._own_file.unlink()
-            self.mover.unpublish(window)
+            if self._own_file is not None:
+                self._own_file.unlink()
+            if self._window is not None:
+                self.mover.unpublish(self._window)
             self._free_retired()
             self.last_choice = decide([info.mode for info in infos], world, copy_engine_pairs(opened))
+            if self.last_choice == "copy-engine" and self._own is None:  # one rank alone, without its own window
+                self.last_choice = decide([self.mode], world + 1, set())  # "nccl", or the forced mode's error
         except TransportError:
             self.abort()
             raise
@@ -248,6 +248,25 @@ class CopyEngineTransport(Transport):
             self.abort()
             raise
         return True
+
+    def _publish_own(self, rank: int, generation: int, world: int) -> tuple[str, str]:
+        """This rank's stream, outbox and control block: ``(control path, outbox handle)``.
+
+        ``("", "")`` when they cannot be made here (no shared memory, no device memory):
+        the rank still takes part in the rendezvous, so that every rank reaches the same
+        choice, but no pair with it can use copy engines.
+        """
+        try:
+            self.mover.start()
+            self._window, handle = self.mover.create_window(self.window_bytes)
+            self._own_file = SharedFile.create(control_words(world) * 8, "control")
+            own = ControlBlock(self._words(self._own_file), world, memory_fence)
+            own.init(rank, generation)
+        except Exception as exc:  # OSError, CUDA errors
+            log.warning("rank %d cannot set up its copy-engine outbox: %s", rank, exc)
+            return "", ""
+        self._own = own
+        return self._own_file.path, handle
 
     @staticmethod
     def _words(file: SharedFile) -> np.ndarray:
