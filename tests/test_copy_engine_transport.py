@@ -324,6 +324,9 @@ def _child(scenario: str, rank: int, port: int, queue) -> None:
         queue.put((rank, SCENARIOS[scenario](rank, port)))
     except BaseException:
         queue.put((rank, {"exception": traceback.format_exc()}))
+    queue.close()
+    queue.join_thread()  # the result is out: leave without tearing down threads (gloo's) at exit
+    os._exit(0)
 
 
 def run_pair(scenario: str, timeout_s: float = 90) -> dict[int, dict]:
@@ -342,6 +345,8 @@ def run_pair(scenario: str, timeout_s: float = 90) -> dict[int, dict]:
             try:
                 rank, result = queue.get(timeout=1)
             except Exception:
+                if all(p.exitcode is not None for p in procs):
+                    break  # both gone, and what they sent was read first
                 continue
             results[rank] = result
     finally:

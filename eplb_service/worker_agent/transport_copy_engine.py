@@ -156,6 +156,7 @@ class CopyEngineTransport(Transport):
         self._send_streams: dict[int, int] = {}
         self._recv_streams: dict[int, int] = {}
         self._session = False
+        self._warmed = False
         self.last_choice = ""
         """What the last rendezvous chose (``copy-engine`` or ``nccl``)."""
         self.bytes_sent_total = 0
@@ -244,10 +245,32 @@ class CopyEngineTransport(Transport):
         self._store, self._rank, self._world_size, self._generation = store, rank, world, comm.generation
         try:
             self.votes.connect(comm, rank, timeout_s)
+            self._warm_kernels()
         except TransportError:
             self.abort()
             raise
         return True
+
+    def _warm_kernels(self) -> None:
+        """Launch this transport's kernels once, before any plan (once per process).
+
+        With CUDA's lazy module loading the first launch of a kernel can wait for the whole
+        context to go idle (see the NCCL transport's warm-up); better here, at connect, than
+        in the middle of a plan. The copies themselves are ``cudaMemcpyAsync``: no kernel.
+        """
+        if self._warmed:
+            return
+        device = self.mover.device
+        with self.mover.stream_context():
+            a = torch.zeros((2, 64), dtype=torch.uint8, device=device)
+            b = torch.ones((2, 64), dtype=torch.uint8, device=device)
+            _copy_all([a[0, :32], a[0, 32:]], [b[0, :32], b[1, 32:]])
+            a[1].copy_(b[1], non_blocking=True)
+            digest = a.view(torch.int64).sum(dim=-1).to("cpu", non_blocking=True)
+        self._drain("kernel warm-up")
+        if int(digest.sum()) == 0:  # pragma: no cover - the copies above wrote ones
+            raise TransportError("kernel warm-up on the copy-engine stream read back zeros")
+        self._warmed = True
 
     def _publish_own(self, rank: int, generation: int, world: int) -> tuple[str, str]:
         """This rank's stream, outbox and control block: ``(control path, outbox handle)``.

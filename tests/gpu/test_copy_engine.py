@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import datetime
 import multiprocessing as mp
+import os
 import socket
 import time
 import traceback
@@ -159,6 +160,9 @@ def _child(rank: int, devices: list[int], port: int, queue) -> None:
         queue.put((rank, _run(rank, devices, port)))
     except BaseException:
         queue.put((rank, {"exception": traceback.format_exc()}))
+    queue.close()
+    queue.join_thread()  # the result is out: leave without tearing down threads (gloo's) at exit
+    os._exit(0)
 
 
 def _run_pair(devices: list[int], timeout_s: float = 120) -> dict[int, dict]:
@@ -177,8 +181,8 @@ def _run_pair(devices: list[int], timeout_s: float = 120) -> dict[int, dict]:
             try:
                 rank, result = queue.get(timeout=1)
             except Exception:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
+                if all(p.exitcode is not None for p in procs):
+                    break  # both gone, and what they sent was read first
                 continue
             results[rank] = result
     finally:
