@@ -257,9 +257,11 @@ class EplbBinding:
 def make_transport(name: str, device, max_ctas: int | None = None):
     """The side transport named by ``EPLB_SERVICE_TRANSPORT``.
 
-    ``auto``: gloo on CPU; on GPU, copy engines (CUDA IPC peer copies) when every pair of
-    ranks is on one host with peer access, else CuPy NCCL, decided at every rendezvous.
-    ``copy-engine`` forces peer copies (the CPU stand-in on CPU workers), ``nccl`` NCCL.
+    ``auto``: gloo on CPU, CuPy NCCL on GPU. ``copy-engine`` forces peer copies (the CPU
+    stand-in on CPU workers), ``nccl`` NCCL; ``prefer-copy-engine``: copy engines (CUDA IPC
+    peer copies) when every pair of ranks is on one host with peer access, else CuPy NCCL,
+    decided at every rendezvous. ``auto`` is not ``prefer-copy-engine`` yet: the copy-engine
+    path has run on one GPU only, never against NCCL on two (issue 15).
     """
     import torch
 
@@ -270,7 +272,7 @@ def make_transport(name: str, device, max_ctas: int | None = None):
         from eplb_service.worker_agent.transport_gloo import GlooTransport
 
         return GlooTransport()
-    what = {"nccl": "CuPy NCCL", "copy-engine": "copy-engine", "auto": "copy-engine and CuPy NCCL"}.get(name, name)
+    what = {"copy-engine": "copy-engine", "prefer-copy-engine": "copy-engine and CuPy NCCL"}.get(name, "CuPy NCCL")
     try:
         return _gpu_transport(name, device, max_ctas)  # built on the serving thread: it orders itself after that stream
     except Exception as exc:  # no CuPy / no CUDA: say which variable chose it
@@ -292,7 +294,7 @@ def _gpu_transport(name: str, device, max_ctas: int | None):
     from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
 
     nccl = CupyNcclTransport(device, max_ctas=max_ctas)
-    if name == "nccl":
+    if name in ("nccl", "auto"):
         return nccl
     from eplb_service.worker_agent.memory_mover import CudaIpcMover
 
