@@ -35,6 +35,8 @@ class AgentSpec:
     exit_after_s: float | None = None
     switch_every_steps: int | None = None
     """Soak runs: the hot expert moves on every this many steps."""
+    transport: str = "gloo"
+    """``gloo``, or ``copy-engine`` (the CPU stand-in of the copy-engine transport)."""
 
 
 class ExitBeforeVoteAgent(WorkerAgent):
@@ -102,11 +104,22 @@ def slot_load(model, hot: int) -> torch.Tensor:
     return torch.from_numpy(np.rint(per_slot).astype(np.int64))
 
 
+def make_transport(name: str):
+    if name == "copy-engine":
+        from eplb_service.worker_agent.memory_mover import HostMemoryMover
+        from eplb_service.worker_agent.transport_copy_engine import CopyEngineTransport
+
+        return CopyEngineTransport(HostMemoryMover(), window_bytes=4096)  # small: rows move in several pieces
+    return GlooTransport()
+
+
 def agent_main(spec: AgentSpec, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     model = make_model(spec.rank, spec.shape)
-    agent = FAULTS[spec.fault](model, spec.endpoint, GlooTransport(), staged_timeout_s=spec.staged_timeout_s).start()
+    agent = FAULTS[spec.fault](
+        model, spec.endpoint, make_transport(spec.transport), staged_timeout_s=spec.staged_timeout_s
+    ).start()
     hooks = agent.hooks
     step_times = []
     t_start = time.monotonic()

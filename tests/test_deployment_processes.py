@@ -118,6 +118,28 @@ def test_all_ranks_commit_every_plan_at_the_same_step(tmp_path):
     assert "balancedness: model" in format_status(status)
 
 
+def test_copy_engine_stand_in_commits_every_plan_at_the_same_step(tmp_path):
+    """The whole agent over the copy-engine transport (its CPU stand-in): same commits as gloo."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(config(endpoint, 2)).start()
+    try:
+        specs = [
+            AgentSpec(r, endpoint, SHAPE2, steps=600, switch_hot_at_step=250, transport="copy-engine") for r in (0, 1)
+        ]
+        procs, out = start_agents(specs)
+        wait_for(lambda: coord.coordinator.counts["committed"] >= 1, 60, "a first commit")
+        results = collect(procs, out, 2)
+    finally:
+        coord.stop()
+    assert sorted(results) == [0, 1]
+    c = coord.coordinator
+    assert c.counts["committed"] >= 1 and c.counts["aborted"] == 0 and c.counts["diverged"] == 0, c.outcomes
+    assert results[0]["commits"] == results[1]["commits"] and len(results[0]["commits"]) == c.counts["committed"]
+    assert results[0]["phy2log"] == results[1]["phy2log"]
+    assert all(results[r]["rows_match_maps"] for r in (0, 1)), "a live row holds another expert than its map says"
+    assert sum(results[r]["stats"].get("bytes_received", 0) for r in (0, 1)) > 0, "no expert crossed ranks"
+
+
 def _run_fault(tmp_path, fault_rank_spec, world=2, steps=500, coordinator_cls=Coordinator, **cfg):
     endpoint = f"ipc://{tmp_path}/c.sock"
     coord = CoordinatorThread(config(endpoint, world, **cfg), coordinator_cls).start()
@@ -132,10 +154,14 @@ def _run_fault(tmp_path, fault_rank_spec, world=2, steps=500, coordinator_cls=Co
     return coord.coordinator, results
 
 
-@pytest.mark.parametrize("fault", ["exit_before_vote", "exit_while_staging"])
-def test_agent_exit_mid_plan_aborts_cleanly_on_the_others(tmp_path, fault):
+@pytest.mark.parametrize(
+    "fault, transport",
+    [("exit_before_vote", "gloo"), ("exit_while_staging", "gloo"), ("exit_while_staging", "copy-engine")],
+)
+def test_agent_exit_mid_plan_aborts_cleanly_on_the_others(tmp_path, fault, transport):
     c, results = _run_fault(
-        tmp_path, lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=400, fault=fault if r == 1 else None)
+        tmp_path,
+        lambda r, ep: AgentSpec(r, ep, SHAPE2, steps=400, fault=fault if r == 1 else None, transport=transport),
     )
     assert list(results) == [0]
     r0 = results[0]

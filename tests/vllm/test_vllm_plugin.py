@@ -95,7 +95,10 @@ def test_full_configuration_from_env():
             {C.ENDPOINT: "localhost:5557"},
             "EPLB_SERVICE_ENDPOINT='localhost:5557': expected ipc://PATH or tcp://HOST:PORT",
         ),
-        ({C.TRANSPORT: "mpi"}, "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl"),
+        (
+            {C.TRANSPORT: "mpi"},
+            "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl, copy-engine, prefer-copy-engine",
+        ),
         ({C.STAGING_BUDGET_BYTES: "1GiB"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='1GiB': expected an integer"),
         ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a value > 0"),
         ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
@@ -521,9 +524,21 @@ def test_transport_choice():
     assert plugin.make_transport("gloo", "cpu").name == "gloo"
     assert plugin.make_transport("auto", "cpu").name == "gloo"
     if torch.cuda.is_available():
-        assert plugin.make_transport("auto", "cuda:0").name == "cupy-nccl"
+        assert plugin.make_transport("auto", "cuda:0").name == "cupy-nccl"  # until measured on two GPUs
+        assert plugin.make_transport("prefer-copy-engine", "cuda:0").name == "auto"  # chosen at the rendezvous
+        assert plugin.make_transport("nccl", "cuda:0").name == "cupy-nccl"
+        assert plugin.make_transport("copy-engine", "cuda:0").name == "copy-engine"
     else:
         with pytest.raises(
-            adapter.AdapterError, match="EPLB_SERVICE_TRANSPORT=nccl: cannot build the CuPy NCCL side transport"
+            adapter.AdapterError,
+            match="EPLB_SERVICE_TRANSPORT=auto: cannot build the CuPy NCCL side transport",
         ):
             plugin.make_transport("auto", "cuda")
+        with pytest.raises(
+            adapter.AdapterError,
+            match="EPLB_SERVICE_TRANSPORT=prefer-copy-engine: cannot build the copy-engine and CuPy NCCL side",
+        ):
+            plugin.make_transport("prefer-copy-engine", "cuda")
+        with pytest.raises(adapter.AdapterError, match="EPLB_SERVICE_TRANSPORT=copy-engine: cannot build"):
+            plugin.make_transport("copy-engine", "cuda")
+    assert plugin.make_transport("copy-engine", "cpu").name == "copy-engine"  # the CPU stand-in

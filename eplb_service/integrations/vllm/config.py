@@ -23,7 +23,7 @@ REPORT_INTERVAL_STEPS = "EPLB_SERVICE_REPORT_INTERVAL_STEPS"
 SIDE_MAX_CTAS = "EPLB_SERVICE_SIDE_MAX_CTAS"
 LOG_LEVEL = "EPLB_SERVICE_LOG_LEVEL"
 
-TRANSPORTS = ("auto", "gloo", "nccl")
+TRANSPORTS = ("auto", "gloo", "nccl", "copy-engine", "prefer-copy-engine")
 
 
 class ConfigError(ValueError):
@@ -38,7 +38,11 @@ class PluginConfig:
     """``EPLB_SERVICE_ENDPOINT``: the coordinator's ZeroMQ endpoint (``ipc://`` or ``tcp://``)."""
     transport: str = "auto"
     """``EPLB_SERVICE_TRANSPORT``: side communicator for expert weights. ``auto`` = gloo for
-    CPU workers, ``nccl`` (CuPy NCCL on a side stream) for GPU workers."""
+    CPU workers, ``nccl`` (CuPy NCCL on a side stream) for GPU workers. ``copy-engine``
+    forces CUDA IPC peer copies; ``prefer-copy-engine`` uses them when every pair of ranks
+    shares a host and peer access, else ``nccl``, chosen at every rendezvous. ``auto`` stays
+    on NCCL until the copy-engine path has been measured against it on two GPUs (issue 15).
+    Set it alike on every rank."""
     staging_budget_bytes: int | None = None
     """``EPLB_SERVICE_STAGING_BUDGET_BYTES``: most staging memory this rank allocates for one
     plan batch; a batch that needs more fails on this rank (and so aborts everywhere). Start

@@ -255,30 +255,50 @@ class EplbBinding:
 
 
 def make_transport(name: str, device, max_ctas: int | None = None):
-    """The side transport named by ``EPLB_SERVICE_TRANSPORT`` (``auto``: gloo on CPU, NCCL on GPU)."""
+    """The side transport named by ``EPLB_SERVICE_TRANSPORT``.
+
+    ``auto``: gloo on CPU, CuPy NCCL on GPU. ``copy-engine`` forces peer copies (the CPU
+    stand-in on CPU workers), ``nccl`` NCCL; ``prefer-copy-engine``: copy engines (CUDA IPC
+    peer copies) when every pair of ranks is on one host with peer access, else CuPy NCCL,
+    decided at every rendezvous. ``auto`` is not ``prefer-copy-engine`` yet: the copy-engine
+    path has run on one GPU only, never against NCCL on two (issue 15).
+    """
     import torch
 
     from eplb_service.integrations.vllm.adapter import AdapterError
 
     device = torch.device(device)
-    if name == "auto":
-        name = "gloo" if device.type == "cpu" else "nccl"
-    if name == "gloo":
+    if name == "gloo" or (name == "auto" and device.type == "cpu"):
         from eplb_service.worker_agent.transport_gloo import GlooTransport
 
         return GlooTransport()
+    what = {"copy-engine": "copy-engine", "prefer-copy-engine": "copy-engine and CuPy NCCL"}.get(name, "CuPy NCCL")
     try:
-        from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
-
-        return CupyNcclTransport(
-            device, max_ctas=max_ctas
-        )  # built on the serving thread: it orders itself after that stream
+        return _gpu_transport(name, device, max_ctas)  # built on the serving thread: it orders itself after that stream
     except Exception as exc:  # no CuPy / no CUDA: say which variable chose it
         raise AdapterError(
-            f"{config_mod.TRANSPORT}={name}: cannot build the CuPy NCCL side transport on {device} "
+            f"{config_mod.TRANSPORT}={name}: cannot build the {what} side transport on {device} "
             f"({type(exc).__name__}: {exc}); install eplb-service[gpu] (or [gpu-cuda13]) or set "
             f"{config_mod.TRANSPORT}=gloo"
         ) from exc
+
+
+def _gpu_transport(name: str, device, max_ctas: int | None):
+    from eplb_service.worker_agent import transport_copy_engine as ce
+
+    if name == "copy-engine":
+        from eplb_service.worker_agent.memory_mover import CudaIpcMover, HostMemoryMover
+
+        mover = HostMemoryMover() if device.type == "cpu" else CudaIpcMover(device)
+        return ce.CopyEngineTransport(mover, mode="copy-engine")
+    from eplb_service.worker_agent.transport_cupy_nccl import CupyNcclTransport
+
+    nccl = CupyNcclTransport(device, max_ctas=max_ctas)
+    if name in ("nccl", "auto"):
+        return nccl
+    from eplb_service.worker_agent.memory_mover import CudaIpcMover
+
+    return ce.SelectingTransport(ce.CopyEngineTransport(CudaIpcMover(device), mode="auto"), nccl)
 
 
 def start_agent(cfg: config_mod.PluginConfig, view, topology):
