@@ -57,11 +57,12 @@ def run_once(index: int, out: Path, pytest_args: list[str], timeout_s: float) ->
             rc = 124
     entries = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
     tail = log.read_text(errors="replace").strip().splitlines()
+    failed = [line.split(" - ")[0].split("::")[-1] for line in tail if line.startswith(("FAILED ", "ERROR "))]
     return {
         "run": index,
         "rc": rc,
         "seconds": round(time.monotonic() - start, 1),
-        "summary": tail[-1] if tail else "",
+        "summary": (tail[-1] if tail else "") + (f" ({', '.join(failed)})" if failed else ""),
         "checked": len(entries),
         "plans_committed": sum(e["plans_committed"] for e in entries),
         **{key: sum(int(e[key]) for e in entries) for key in SAFETY_KEYS},

@@ -25,3 +25,7 @@ def test_a_clean_soak_passes_and_a_mismatch_or_split_commit_fails_it(tmp_path, c
     assert fault_soak.main(["--runs", "1", "--out", str(tmp_path / "b"), "--", str(unsafe)]) == 1
     assert "| all 1 | 0 failed | | 1 | 3 | 7 | 0 | 0 | 1 | 0 | |" in (tmp_path / "b" / "table.md").read_text()
     assert "safety violations: 8" in capsys.readouterr().out
+    failing = tmp_path / "test_failing.py"
+    failing.write_text(SCENARIO.format(mismatches=0, split=False) + "    assert False, 'no plan committed'\n")
+    assert fault_soak.main(["--runs", "1", "--out", str(tmp_path / "c"), "--", str(failing)]) == 1
+    assert "1 failed in" in (table := (tmp_path / "c" / "table.md").read_text()) and "(test_scenario)" in table, table
