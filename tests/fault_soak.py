@@ -8,7 +8,8 @@ ledger (``sim_cluster.record_in_ledger``), before its asserts, so a run that fai
 counts what it saw. The table at the end separates the two kinds of failure:
 
 - **safety**: an output mismatch, a dead agent thread, an agent loop that reset, ranks that
-  committed different plans or hold different maps. Any of these exits 1.
+  committed different plans or hold different maps, a rank that ended in an error (or did
+  not report). Any of these exits 1.
 - **progress**: a run that failed only on something else (a plan that did not commit in
   time on an overloaded machine, a timeout). Counted and shown; exits 1 as well, since the
   suite is meant to pass, but the table says which kind it was.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = ["tests/test_fault_scenarios.py"]
-SAFETY_KEYS = ("mismatches", "dead_agent_threads", "agent_resets", "split_commits", "maps_differ")
+SAFETY_KEYS = ("mismatches", "dead_agent_threads", "agent_resets", "split_commits", "maps_differ", "rank_errors")
 
 
 def run_once(index: int, out: Path, pytest_args: list[str], timeout_s: float) -> dict:
@@ -57,7 +58,10 @@ def run_once(index: int, out: Path, pytest_args: list[str], timeout_s: float) ->
             rc = 124
     entries = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
     tail = log.read_text(errors="replace").strip().splitlines()
-    failed = [line.split(" - ")[0].split("::")[-1] for line in tail if line.startswith(("FAILED ", "ERROR "))]
+    # pytest's short summary ("FAILED path::test - message"); captured log lines also start with "ERROR".
+    failed = [
+        line.split(" - ")[0].split("::")[-1] for line in tail if line.startswith(("FAILED ", "ERROR ")) and "::" in line
+    ]
     return {
         "run": index,
         "rc": rc,
@@ -65,7 +69,7 @@ def run_once(index: int, out: Path, pytest_args: list[str], timeout_s: float) ->
         "summary": (tail[-1] if tail else "") + (f" ({', '.join(failed)})" if failed else ""),
         "checked": len(entries),
         "plans_committed": sum(e["plans_committed"] for e in entries),
-        **{key: sum(int(e[key]) for e in entries) for key in SAFETY_KEYS},
+        **{key: sum(int(e.get(key, 0)) for e in entries) for key in SAFETY_KEYS},
     }
 
 

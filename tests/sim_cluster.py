@@ -105,7 +105,7 @@ class SimCluster:
                 p.kill()
 
 
-def record_in_ledger(results: dict[int, dict]) -> None:
+def record_in_ledger(results: dict[int, dict], world: int) -> None:
     """One JSON line per checked run into ``$EPLB_SERVICE_FAULT_LEDGER`` (``tests/fault_soak.py``
     sums them over its iterations); written before the asserts, so a failing run is counted too."""
     path = os.environ.get("EPLB_SERVICE_FAULT_LEDGER")
@@ -122,6 +122,7 @@ def record_in_ledger(results: dict[int, dict]) -> None:
         "maps_differ": not all(results[r]["phy2log"] == results[min(results)]["phy2log"] for r in results),
         "plans_committed": len(commits[0]) if commits else 0,
         "errors": [r["error"] for r in results.values() if r["error"]],
+        "rank_errors": sum(bool(r["error"]) for r in results.values()) + max(0, world - len(results)),
     }
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
@@ -130,7 +131,7 @@ def record_in_ledger(results: dict[int, dict]) -> None:
 def assert_all_or_none(results: dict[int, dict], world: int) -> None:
     """Every rank finished, served every step exactly, committed the same plans at the same
     steps, holds the same maps, and its agent thread is alive and never had to reset."""
-    record_in_ledger(results)
+    record_in_ledger(results, world)
     assert sorted(results) == list(range(world)), f"ranks that reported: {sorted(results)}"
     errors = [r["error"] for r in results.values() if r["error"]]
     assert not errors, errors

@@ -436,7 +436,7 @@ def test_a_rank_counting_one_extra_step_halts_rebalancing_before_any_commit(tmp_
     finally:
         coord.stop()
     c = coord.coordinator
-    record_in_ledger(results)
+    record_in_ledger(results, WORLD)
     assert c.halted_reason is not None and "rank 2 counts +1 step(s) against rank 0" in c.halted_reason, c.halted_reason
     assert c.counts["committed"] == 0, outcomes(c)
     assert sum(r["mismatches"] for r in results.values()) == 0

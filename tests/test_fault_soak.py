@@ -19,11 +19,11 @@ def test_a_clean_soak_passes_and_a_mismatch_or_split_commit_fails_it(tmp_path, c
     clean.write_text(SCENARIO.format(mismatches=0, split=False))
     assert fault_soak.main(["--runs", "2", "--parallel", "2", "--out", str(tmp_path / "a"), "--", str(clean)]) == 0
     table = (tmp_path / "a" / "table.md").read_text()
-    assert "| all 2 | 0 failed | | 2 | 6 | 0 | 0 | 0 | 0 | 0 | |" in table, table
+    assert "| all 2 | 0 failed | | 2 | 6 | 0 | 0 | 0 | 0 | 0 | 0 | |" in table, table
     unsafe = tmp_path / "test_unsafe.py"
     unsafe.write_text(SCENARIO.format(mismatches=7, split=True))
     assert fault_soak.main(["--runs", "1", "--out", str(tmp_path / "b"), "--", str(unsafe)]) == 1
-    assert "| all 1 | 0 failed | | 1 | 3 | 7 | 0 | 0 | 1 | 0 | |" in (tmp_path / "b" / "table.md").read_text()
+    assert "| all 1 | 0 failed | | 1 | 3 | 7 | 0 | 0 | 1 | 0 | 0 | |" in (tmp_path / "b" / "table.md").read_text()
     assert "safety violations: 8" in capsys.readouterr().out
     failing = tmp_path / "test_failing.py"
     failing.write_text(SCENARIO.format(mismatches=0, split=False) + "    assert False, 'no plan committed'\n")
