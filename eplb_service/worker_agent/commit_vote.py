@@ -108,32 +108,36 @@ class CommitVoter:
             and self.ticket is None
             and record is not None
         )
-        ticket = self._arm(msg.plan_id, plan, rows, staged, record) if ready else None
-        hooks = host.hooks
-        if ticket is not None:
-            entry = ticket.vote_entry_step
-            # If the serving thread passed entry+F before it could see the entry, this rank
-            # cannot honour the fence: vote "fail" so that no rank commits.
-            fail = 1 if hooks.steps_done >= entry + hooks.fence_steps else 0
-        else:
-            entry, fail = hooks.steps_done, 1
-        if not host.side_ready:
-            if ticket is not None:
-                ticket.propose_abort("not_connected", "side communicator not connected at the vote")
-            else:
+        if not ready:
+            # Never join the all-reduce without the plan: the vector's length comes from the
+            # staged plan (its digests), and a collective whose size differs between ranks
+            # ends the process in gloo (EnforceNotMet, std::terminate). A VoteNow held back
+            # past an abort arrives exactly like this, possibly while the others already vote
+            # on the next plan. The peers leave their vote when the record says abort (their
+            # fence, or the coordinator's AbortPlan after this Aborted), maps untouched.
+            if not host.side_ready:
                 self._aborted(msg.plan_id, "not_connected", "side communicator not connected at vote")
+            else:
+                self._aborted(msg.plan_id, "not_staged", "vote arrived for a plan this rank has not staged")
+            return
+        assert plan is not None and rows is not None and staged is not None and record is not None
+        ticket = self._arm(msg.plan_id, plan, rows, staged, record)
+        hooks = host.hooks
+        entry = ticket.vote_entry_step
+        # If the serving thread passed entry+F before it could see the entry, this rank
+        # cannot honour the fence: vote "fail" so that no rank commits.
+        fail = 1 if hooks.steps_done >= entry + hooks.fence_steps else 0
+        if not host.side_ready:
+            ticket.propose_abort("not_connected", "side communicator not connected at the vote")
             return
         cpu = CpuSections(host.stats, "vote")
         try:
-            result = self._all_reduce(vote_vector(entry, fail, msg.plan_id, staged.digests if ready else None), ticket)
+            result = self._all_reduce(vote_vector(entry, fail, msg.plan_id, staged.digests), ticket)
             cpu.mark("reduce")
         except TransportError as exc:
             host.log.error("vote for plan %d: %s", msg.plan_id, exc)
             host.transport.abort()  # a pending collective must not meet a later one
-            if ticket is not None:
-                self.propose(Decision.abort(host.rank, f"vote_failed: {exc}", "vote_failed"))
-            else:
-                self._aborted(msg.plan_id, "vote_failed", f"vote failed: {exc}")
+            self.propose(Decision.abort(host.rank, f"vote_failed: {exc}", "vote_failed"))
             return
         proposal = proposal_from(result, msg.plan_id, host.rank, hooks.fence_steps)
         if proposal.code == "integrity":
@@ -141,9 +145,6 @@ class CommitVoter:
             host.log.error(
                 "plan %d: expert rows corrupted in transit (%s); nobody commits", msg.plan_id, proposal.reason
             )
-        if ticket is None:
-            self._aborted(msg.plan_id, "not_staged", "vote arrived for a plan this rank has not staged")
-            return
         self.propose(proposal)
 
     def _arm(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sys
 import threading
 import time
 
@@ -103,11 +104,32 @@ class GlooTransport(Transport):
         if group is not None:
             # Tearing a gloo group down can block while a peer is gone; the agent thread
             # must never wait on it, so the group is dropped here and torn down aside.
-            threading.Thread(target=_abort_quietly, args=(group,), name="eplb-gloo-abort", daemon=True).start()
+            box = [group]
+            del group
+            threading.Thread(target=_abort_quietly, args=(box,), name="eplb-gloo-abort", daemon=True).start()
 
 
-def _abort_quietly(group) -> None:
+LAST_REFERENCE_WAIT_S = 120.0
+"""How long the teardown thread waits to hold the group's last reference (see :func:`_abort_quietly`)."""
+
+
+def _abort_quietly(box: list) -> None:
+    """Abort the group, then be the one that destroys it.
+
+    Destroying a gloo group whose collective is still pending blocks until that collective
+    ends or times out, and whoever drops the last reference pays for it. It was the agent
+    thread (2.7 s, when the frames of a vote it had left let go of the group): long enough
+    for the coordinator to declare the rank dead and for the rank to reopen its connection,
+    after which the ranks attempted side-communicator generations out of step for good. So
+    this thread keeps the group until every other reference is gone, then drops it here.
+    """
+    group = box.pop()
     try:
         group.abort()
     except Exception as exc:  # already broken: nothing left to tear down
         log.debug("gloo abort: %s", exc)
+    deadline = time.monotonic() + LAST_REFERENCE_WAIT_S
+    # Two references: ``group`` here and getrefcount's own argument.
+    while sys.getrefcount(group) > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    del group
