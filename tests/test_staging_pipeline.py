@@ -113,3 +113,49 @@ def test_a_rank_that_was_not_ready_or_voted_another_plan_makes_everyone_abort():
     assert proposal_from(not_ready, 7, 0, 4).code == "vote_failed"
     other_plan = np.maximum(ready, vote_vector(6, 0, 8, np.empty(0, dtype=np.int64)))
     assert proposal_from(other_plan, 7, 0, 4).code == "vote_failed"
+
+
+class _RecordingTransport:
+    """Counts collectives; any all-reduce from a rank without the plan would be a defect."""
+
+    name = "fake"
+    generation = 3
+
+    def __init__(self) -> None:
+        self.reduces = 0
+
+    def max_reduce(self, values: np.ndarray) -> np.ndarray:
+        self.reduces += 1
+        return values
+
+
+def test_a_rank_without_the_staged_plan_answers_not_staged_and_never_joins_the_all_reduce():
+    """Its vote vector would be shorter than its peers' (no digests), and a size mismatch in a
+    gloo all-reduce ends the process: seen when a VoteNow held back past an abort arrived while
+    the others voted on the next plan."""
+    import logging
+    from types import SimpleNamespace
+
+    from eplb_service.worker_agent.commit_vote import CommitVoter
+
+    sent: list[protocol.Message] = []
+    transport = _RecordingTransport()
+    host = SimpleNamespace(
+        rank=2,
+        hooks=SimpleNamespace(steps_done=40, fence_steps=8),
+        transport=transport,
+        decider=None,
+        stats=collections.Counter(),
+        log=logging.LoggerAdapter(logging.getLogger("test"), {}),
+        send=sent.append,
+        keep_alive=lambda: None,
+        session=11,
+        side_ready=True,
+    )
+    voter = CommitVoter(host, model=None)
+    voter.vote(protocol.VoteNow(plan_id=9), plan=None, rows=None, staged=None, record=None)
+    assert transport.reduces == 0 and voter.ticket is None
+    assert [(type(m).__name__, m.plan_id, m.code) for m in sent] == [("Aborted", 9, "not_staged")]
+    host.side_ready = False
+    voter.vote(protocol.VoteNow(plan_id=10), plan=None, rows=None, staged=None, record=None)
+    assert transport.reduces == 0 and (sent[-1].plan_id, sent[-1].code) == (10, "not_connected")
