@@ -47,24 +47,41 @@ together, vectorised):
    stops at the target, when no swap is worth making, or after ``max_rounds`` rounds; a layer
    already at its target costs nothing.
 
+4. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots
+   (where step 3 already computed DeepSeek's greedy packing of these replicas): a packing fixes
+   which replicas share a rank, not which rank, so its packs are laid on the ranks that already
+   hold most of their replicas and each rank's slots keep what they can
+   (:mod:`.pack_matching`; rank loads are the packing's, up to a permutation). A layer takes it
+   **where it moves no more slots than the swap search's result and leaves no rank more loaded**,
+   so it never costs a slot or balance. It wins in small layers (8-12 slots), where a hot expert
+   changing or gaining a replica reorders the whole layer: one count change plus the packing
+   can keep more in place than the count change plus swaps. Elsewhere a fresh packing keeps a
+   third to a half of the slots at best, far more than the swaps move, and the swaps' result
+   stays. It is the packing of the replicas step 1 settled on, not of DeepSeek's own counts:
+   that one needs a second packing and moves replicas between experts too, and on the matrix it
+   met the targets in exactly the same cells.
+
 Every swap keeps the per-rank slot counts and the replica counts, and every unchanged slot
 keeps its expert, so at most two slots change per swap plus one per count change. The result
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 346 of its 432 cells stay
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 348 of its 432 cells stay
 within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved.
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
-miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little).
+miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
+slowly drifting coarse layers, where DeepSeek's full repacking holds up better in the next
+window than a placement repaired only where it exceeds the target).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from eplb_service.coordinator.pack_matching import pack_overlap, relabel_packs
 from eplb_service.coordinator.policy_deepseek import balanced_packing
-from eplb_service.placement import logical_replica_count, rank_holdings
+from eplb_service.placement import logical_replica_count, rank_holdings, rank_loads
 
 DEFAULT_TOLERANCE = 0.003
 """Smallest stopping tolerance, as a share of the mean rank load."""
@@ -313,22 +330,44 @@ def swap_tolerance(
     return np.maximum(np.maximum(tolerance, replica_share / slots_per_rank), noise)
 
 
-def reference_level(slot_load: np.ndarray, num_ranks: int, reference_max_slots: int) -> np.ndarray:
+def packed_phy2log(phy2log: np.ndarray, slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L, P]`` the replicas of ``phy2log`` laid out as DeepSeek's greedy packing of ``slot_load``.
+
+    Rank ``r``'s slots hold the ``r``-th pack of :func:`balanced_packing` (heaviest replica first
+    into the lightest pack with room), in the order the packing filled it. The ranks are the
+    packer's numbering; :func:`~eplb_service.coordinator.pack_matching.relabel_packs` moves each
+    pack to the rank that already holds most of it.
+    """
+    num_layers, num_physical = phy2log.shape
+    packing = balanced_packing(slot_load, num_ranks)
+    dest = packing.pack_index * (num_physical // num_ranks) + packing.rank_in_pack
+    out = np.empty_like(phy2log)
+    out[np.arange(num_layers)[:, None], dest] = phy2log
+    return out
+
+
+def reference_level(slot_load: np.ndarray, num_ranks: int, packed_max: np.ndarray | None = None) -> np.ndarray:
     """``[L]`` the level a packing of these replicas can reach (see step 3 of the module docstring).
 
     Args:
         slot_load: ``[L, P]`` replica loads; num_ranks: EP ranks.
-        reference_max_slots: layers with at most this many slots also take DeepSeek's greedy
-            packing (:func:`balanced_packing`) of the same replicas into account.
+        packed_max: ``[L]`` the largest rank load of DeepSeek's greedy packing of the same
+            replicas, where it was computed (layers of at most ``reference_max_slots`` slots).
     """
     level = packing_lower_bound(slot_load, num_ranks)
-    num_layers, num_physical = slot_load.shape
-    if num_physical <= reference_max_slots and num_physical > num_ranks:
-        pack = balanced_packing(slot_load, num_ranks).pack_index
-        packed = np.zeros((num_layers, num_ranks))
-        np.add.at(packed, (np.repeat(np.arange(num_layers), num_physical), pack.ravel()), slot_load.ravel())
-        level = np.maximum(level, packed.max(axis=1))
-    return level
+    return level if packed_max is None else np.maximum(level, packed_max)
+
+
+def _uses_packing(num_physical: int, num_ranks: int, reference_max_slots: int) -> bool:
+    """Whether layers of this shape also compute DeepSeek's greedy packing (few slots, > 1 per rank)."""
+    return num_ranks < num_physical <= reference_max_slots
+
+
+def _normalised_slot_load(phy2log: np.ndarray, load: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[L, P]`` each slot's share of its layer's load (a layer's slots sum to 1; 0 if idle)."""
+    totals = load.sum(axis=1)
+    norm = load / np.where(totals > 0, totals, 1.0)[:, None]
+    return (norm / np.maximum(counts, 1))[np.arange(load.shape[0])[:, None], phy2log]
 
 
 def swap_search(
@@ -341,8 +380,8 @@ def swap_search(
     replica_share: float = DEFAULT_REPLICA_SHARE,
     noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
     min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
-    reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
+    packed_max: np.ndarray | None = None,
 ) -> np.ndarray:
     """Step 3: one-for-one replica exchanges that lower the ranks above their targets (a new array).
 
@@ -353,8 +392,8 @@ def swap_search(
         num_ranks: EP ranks.
         tolerance, replica_share, noise_sigmas: the stopping tolerance (see :func:`swap_tolerance`).
         min_swap_share: a swap must lower its hot rank by this share of the tolerance.
-        reference_max_slots: see :func:`reference_level`.
         max_rounds: upper bound on rounds.
+        packed_max: see :func:`reference_level` (as a share of each layer's load).
     """
     out = phy2log.copy()
     num_layers, num_physical = out.shape
@@ -364,11 +403,10 @@ def swap_search(
         return out
     # Loads normalised per layer (total 1) so one search can stack every layer's values.
     totals = load.sum(axis=1)
-    norm = load / np.where(totals > 0, totals, 1.0)[:, None]
-    slot_load = (norm / np.maximum(counts, 1))[np.arange(num_layers)[:, None], out]  # [L, P]
+    slot_load = _normalised_slot_load(out, load, counts)  # [L, P]
     rank_load = slot_load.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)
     step = swap_tolerance(load, num_ranks, slots_per_rank, tolerance, replica_share, noise_sigmas) / num_ranks
-    target = reference_level(slot_load, num_ranks, reference_max_slots) + step
+    target = reference_level(slot_load, num_ranks, packed_max) + step
     gate = np.maximum(min_swap_share * step, 1e-12)
     local = np.arange(slots_per_rank)
     # Without redundant slots a hot expert cannot be split: every rank also aims at its own floor.
@@ -457,6 +495,7 @@ def migration_phy2log(
     reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
+    repack: bool = True,
 ) -> np.ndarray:
     """The migration-aware placement for ``logical_load``, starting from ``current_phy2log``.
 
@@ -464,20 +503,29 @@ def migration_phy2log(
         current_phy2log: ``[L, P]`` valid current placement.
         logical_load: ``[L, N_log]`` load per logical expert, in routed tokens (>= 0, finite).
         num_ranks: EP ranks (divides ``P``).
-        tolerance, replica_share, noise_sigmas, min_swap_share, reference_max_slots, max_rounds:
-            see :func:`swap_search`.
+        tolerance, replica_share, noise_sigmas, min_swap_share, max_rounds: see :func:`swap_search`.
+        reference_max_slots: layers of at most this many slots also compute DeepSeek's greedy
+            packing of their replicas (step 3's reference, step 4's candidate).
         count_cap_share: see :func:`target_replica_counts`.
+        repack: take the relabelled greedy packing where it is no dearer and no less balanced
+            (step 4 of the module docstring); ``False`` keeps the swap search's result.
 
     Returns:
         ``phy2log [L, P]`` int64; see the module docstring for the algorithm.
     """
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = np.asarray(logical_load, dtype=np.float64)
-    num_physical = current.shape[1]
+    num_layers, num_physical = current.shape
     current_counts = logical_replica_count(current, load.shape[1])
     new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share)
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
-    return swap_search(
+    packed = packed_max = None
+    if _uses_packing(num_physical, num_ranks, reference_max_slots):
+        slot_load = _normalised_slot_load(placed, load, new_counts)
+        packed = packed_phy2log(placed, slot_load, num_ranks)
+        packed_load = _normalised_slot_load(packed, load, new_counts)
+        packed_max = packed_load.reshape(num_layers, num_ranks, -1).sum(axis=2).max(axis=1)
+    swapped = swap_search(
         placed,
         load,
         new_counts,
@@ -486,6 +534,26 @@ def migration_phy2log(
         replica_share=replica_share,
         noise_sigmas=noise_sigmas,
         min_swap_share=min_swap_share,
-        reference_max_slots=reference_max_slots,
         max_rounds=max_rounds,
+        packed_max=packed_max,
     )
+    if packed is None or not repack:
+        return swapped
+    # Step 4: the greedy packing itself, each pack on the rank holding most of it, where that
+    # moves no more slots than the swaps and leaves no rank more loaded. Only layers that can
+    # win are relabelled: no more loaded, and each pack keeping at most its best overlap.
+    swapped_moves = (swapped != current).sum(axis=1)
+    slack = 1e-12 * load.sum(axis=1)
+    flatter = (
+        rank_loads(packed, load, num_ranks).max(axis=1) <= rank_loads(swapped, load, num_ranks).max(axis=1) + slack
+    )
+    layers = np.flatnonzero(flatter)
+    overlap = pack_overlap(packed[layers], current[layers], num_ranks)
+    can_win = num_physical - overlap.max(axis=2).sum(axis=1) <= swapped_moves[layers]
+    layers, overlap = layers[can_win], overlap[can_win]
+    if layers.size == 0:
+        return swapped
+    relabelled = relabel_packs(packed[layers], current[layers], num_ranks, overlap)
+    take = (relabelled != current[layers]).sum(axis=1) <= swapped_moves[layers]
+    swapped[layers[take]] = relabelled[take]
+    return swapped
