@@ -47,7 +47,7 @@ CELLS = [
     ("Qwen3-235B-A22B EP64: 128+64", Workload("lognormal", "slow", "high")),
     ("DeepSeek-V3 EP64: 256+64", Workload("zipf-1.0", "slow", "high")),
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.4", "slow", "high")),
-    # Small layers where the relabelled greedy packing (step 4 of the policy) keeps more slots
+    # Small layers where the relabelled greedy packing (step 5 of the policy) keeps more slots
     # in place than count changes plus swaps: both missed a target without it.
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.4", "slow", "low")),
     ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "slow", "low")),
