@@ -49,16 +49,20 @@ together, vectorised):
 
 4. **A fine pass**: the same search again, toward a tight target (tolerance with
    ``fine_replica_share`` of a mean replica and ``fine_noise_sigmas`` of the noise), **in the
-   slots a layer has left of** ``fine_move_share`` **of its slots** after steps 2 and 3 (at most
-   one swap per two of them; none where steps 2-3 already moved that many). Step 3's tolerance
-   is what keeps a layer hit by a change (a hot expert gaining or losing replicas) from
-   re-levelling every rank, but it also leaves a slowly drifting layer a few percent of its
-   mean above what a packing reaches, every window: DeepSeek's full repacking beat it by up to
-   2 pp there, in coarse layers (2-6 slots per rank). The fine pass spends a small, bounded
-   number of slots where little else moved, so those layers close most of that gap (e.g.
-   DeepSeek-V3 on 144 ranks, Zipf 0.6, slow drift: -1.73 pp to -0.49 pp, at 5% of DeepSeek's
-   slots instead of 2%) while a layer that needed many moves gets none. A tighter step-3
-   tolerance did the first and broke the slots target in those shapes' swap and abrupt cells.
+   slots a layer has left of** ``fine_move_share`` **of its slots** after steps 2 and 3 (one
+   swap per two of them; none where steps 2-3 already moved that many), in layers of at most
+   ``reference_max_slots`` slots, where the packing's level is known and the tight target is
+   one a packing reaches (above it the bound alone can be out of reach, and the pass would
+   spend its slots on that and on the noise). Step 3's tolerance keeps a layer hit by a change
+   (a hot expert gaining or losing replicas) from re-levelling every rank, but it also leaves a
+   slowly drifting layer a few percent of its mean above what a packing reaches, window after
+   window: DeepSeek's full repacking beat that by up to 2 pp of next-window balance in coarse
+   layers (2-10 slots per rank). The pass spends a small, bounded number of slots where little
+   else moved, so those layers close much of that gap (e.g. Qwen3-235B on 64 ranks, log-normal,
+   slow drift, low noise: -1.13 pp to +0.06 pp against DeepSeek, at 6.1% of its slots instead
+   of 4.3%; DeepSeek-V3 on 144 ranks, Zipf 0.6: -1.73 pp to -0.54 pp), while a layer that
+   needed many moves gets none. A tighter step-3 tolerance did the first but broke the slots
+   target in the swap and abrupt cells of the same shapes.
 5. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots
    (where step 3 already computed DeepSeek's greedy packing of these replicas): a packing fixes
    which replicas share a rank, not which rank, so its packs are laid on the ranks that already
@@ -78,9 +82,9 @@ keeps its expert, so at most two slots change per swap plus one per count change
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 352 of its 432 cells stay
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 351 of its 432 cells stay
 within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved
-(346 with steps 1-3 only, 348 with step 5).
+(346 with steps 1-3 only, 348 with steps 1-3 and 5).
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
 miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
@@ -579,9 +583,10 @@ def migration_phy2log(
         packed_max=packed_max,
     )
     # Step 4: the same search toward a tight target, in the slots each layer has left of its
-    # fine_move_share (none where the steps above already moved that many).
+    # fine_move_share (none where the steps above already moved that many); only where the
+    # packing's level is known, so the tight target is one a packing reaches.
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
-    if (room >= 2).any():
+    if packed_max is not None and (room >= 2).any():
         swapped = swap_search(
             swapped,
             load,
