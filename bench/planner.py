@@ -504,9 +504,10 @@ def matrix_summary(results: list[CellResult]) -> str:
 
 def run_matrix(args: argparse.Namespace) -> None:
     shapes = [s for s in MATRIX_SHAPES if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
+    workloads = [w for w in WORKLOADS if not args.workloads or any(k in w.label for k in args.workloads.split(","))]
     results = []
     start = time.perf_counter()
-    for shape, workload in matrix_cells(shapes):
+    for shape, workload in matrix_cells(shapes, workloads):
         results.append(run_cell(shape, workload, rebalances=args.rebalances, seed=args.seed))
         if args.progress:
             r = results[-1]
@@ -532,6 +533,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's policy even where importable")
     parser.add_argument("--matrix", action="store_true", help="run the workload matrix (see bench/README.md)")
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help="--matrix: only workloads whose label contains one of these comma-separated parts, e.g. 'swap,abrupt'",
+    )
     parser.add_argument("--progress", action="store_true", help="--matrix: print each cell to stderr as it ends")
     args = parser.parse_args()
     if args.matrix:

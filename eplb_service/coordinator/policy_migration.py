@@ -47,24 +47,58 @@ together, vectorised):
    stops at the target, when no swap is worth making, or after ``max_rounds`` rounds; a layer
    already at its target costs nothing.
 
+4. **A fine pass**: the same search again, toward a tight target (tolerance with
+   ``fine_replica_share`` of a mean replica and ``fine_noise_sigmas`` of the noise), **in the
+   slots a layer has left of** ``fine_move_share`` **of its slots** after steps 2 and 3 (one
+   swap per two of them; none where steps 2-3 already moved that many), in layers of at most
+   ``reference_max_slots`` slots, where the packing's level is known and the tight target is
+   one a packing reaches (above it the bound alone can be out of reach, and the pass would
+   spend its slots on that and on the noise). Step 3's tolerance keeps a layer hit by a change
+   (a hot expert gaining or losing replicas) from re-levelling every rank, but it also leaves a
+   slowly drifting layer a few percent of its mean above what a packing reaches, window after
+   window: DeepSeek's full repacking beat that by up to 2 pp of next-window balance in coarse
+   layers (2-10 slots per rank). The pass spends a small, bounded number of slots where little
+   else moved, so those layers close much of that gap (e.g. Qwen3-235B on 64 ranks, log-normal,
+   slow drift, low noise: -1.13 pp to +0.06 pp against DeepSeek, at 6.1% of its slots instead
+   of 4.3%; DeepSeek-V3 on 144 ranks, Zipf 0.6: -1.73 pp to -0.54 pp), while a layer that
+   needed many moves gets none. A tighter step-3 tolerance did the first but broke the slots
+   target in the swap and abrupt cells of the same shapes.
+5. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots
+   (where step 3 already computed DeepSeek's greedy packing of these replicas): a packing fixes
+   which replicas share a rank, not which rank, so its packs are laid on the ranks that already
+   hold most of their replicas and each rank's slots keep what they can
+   (:mod:`.pack_matching`; rank loads are the packing's, up to a permutation). A layer takes it
+   **where it moves no more slots than the swap searches' result and leaves no rank more loaded**,
+   so it never costs a slot or balance. It wins in small layers (8-12 slots), where a hot expert
+   changing or gaining a replica reorders the whole layer: one count change plus the packing
+   can keep more in place than the count change plus swaps. Elsewhere a fresh packing keeps a
+   third to a half of the slots at best, far more than the swaps move, and the swaps' result
+   stays. It is the packing of the replicas step 1 settled on, not of DeepSeek's own counts:
+   that one needs a second packing and moves replicas between experts too, and on the matrix it
+   met the targets in exactly the same cells.
+
 Every swap keeps the per-rank slot counts and the replica counts, and every unchanged slot
 keeps its expert, so at most two slots change per swap plus one per count change. The result
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 346 of its 432 cells stay
-within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved.
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 351 of its 432 cells stay
+within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved
+(346 with steps 1-3 only, 348 with steps 1-3 and 5).
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
-miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little).
+miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
+slowly drifting coarse layers, where DeepSeek's full repacking holds up better in the next
+window than a placement repaired only where it exceeds the target).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from eplb_service.coordinator.pack_matching import pack_overlap, relabel_packs
 from eplb_service.coordinator.policy_deepseek import balanced_packing
-from eplb_service.placement import logical_replica_count, rank_holdings
+from eplb_service.placement import logical_replica_count, rank_holdings, rank_loads
 
 DEFAULT_TOLERANCE = 0.003
 """Smallest stopping tolerance, as a share of the mean rank load."""
@@ -79,6 +113,12 @@ DEFAULT_MIN_SWAP_SHARE = 0.25
 DEFAULT_REFERENCE_MAX_SLOTS = 384
 """Layers with at most this many slots also aim at DeepSeek's greedy packing's level."""
 DEFAULT_MAX_ROUNDS = 256
+DEFAULT_FINE_MOVE_SHARE = 0.08
+"""Step 4 (the fine pass) moves slots while steps 2-4 have moved less than this share of a layer's."""
+DEFAULT_FINE_REPLICA_SHARE = 0.01
+"""Step 4's replica term of the tolerance (step 3's: :data:`DEFAULT_REPLICA_SHARE`)."""
+DEFAULT_FINE_NOISE_SIGMAS = 0.5
+"""Step 4's noise term of the tolerance, in standard deviations of a rank's load."""
 DEFAULT_COUNT_CAP_SHARE = 0.0
 
 
@@ -313,22 +353,54 @@ def swap_tolerance(
     return np.maximum(np.maximum(tolerance, replica_share / slots_per_rank), noise)
 
 
-def reference_level(slot_load: np.ndarray, num_ranks: int, reference_max_slots: int) -> np.ndarray:
+def packed_phy2log(phy2log: np.ndarray, slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L, P]`` the replicas of ``phy2log`` laid out as DeepSeek's greedy packing of ``slot_load``.
+
+    Rank ``r``'s slots hold the ``r``-th pack of :func:`balanced_packing` (heaviest replica first
+    into the lightest pack with room), in the order the packing filled it. The ranks are the
+    packer's numbering; :func:`~eplb_service.coordinator.pack_matching.relabel_packs` moves each
+    pack to the rank that already holds most of it.
+    """
+    num_layers, num_physical = phy2log.shape
+    packing = balanced_packing(slot_load, num_ranks)
+    dest = packing.pack_index * (num_physical // num_ranks) + packing.rank_in_pack
+    out = np.empty_like(phy2log)
+    out[np.arange(num_layers)[:, None], dest] = phy2log
+    return out
+
+
+def reference_level(slot_load: np.ndarray, num_ranks: int, packed_max: np.ndarray | None = None) -> np.ndarray:
     """``[L]`` the level a packing of these replicas can reach (see step 3 of the module docstring).
 
     Args:
         slot_load: ``[L, P]`` replica loads; num_ranks: EP ranks.
-        reference_max_slots: layers with at most this many slots also take DeepSeek's greedy
-            packing (:func:`balanced_packing`) of the same replicas into account.
+        packed_max: ``[L]`` the largest rank load of DeepSeek's greedy packing of the same
+            replicas, where it was computed (layers of at most ``reference_max_slots`` slots).
     """
     level = packing_lower_bound(slot_load, num_ranks)
-    num_layers, num_physical = slot_load.shape
-    if num_physical <= reference_max_slots and num_physical > num_ranks:
-        pack = balanced_packing(slot_load, num_ranks).pack_index
-        packed = np.zeros((num_layers, num_ranks))
-        np.add.at(packed, (np.repeat(np.arange(num_layers), num_physical), pack.ravel()), slot_load.ravel())
-        level = np.maximum(level, packed.max(axis=1))
-    return level
+    return level if packed_max is None else np.maximum(level, packed_max)
+
+
+def _uses_packing(num_physical: int, num_ranks: int, reference_max_slots: int) -> bool:
+    """Whether layers of this shape also compute DeepSeek's greedy packing (few slots, > 1 per rank)."""
+    return num_ranks < num_physical <= reference_max_slots
+
+
+def _normalised_slot_load(phy2log: np.ndarray, load: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[L, P]`` each slot's share of its layer's load (a layer's slots sum to 1; 0 if idle)."""
+    totals = load.sum(axis=1)
+    norm = load / np.where(totals > 0, totals, 1.0)[:, None]
+    return (norm / np.maximum(counts, 1))[np.arange(load.shape[0])[:, None], phy2log]
+
+
+def _within_room(ok: np.ndarray, lay: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """``ok`` less the swaps past each layer's ``room`` (``lay`` ascending); ``room`` is charged."""
+    take = np.flatnonzero(ok)
+    fits = _group_positions(lay[take]) < room[lay[take]] // 2
+    out = np.zeros_like(ok)
+    out[take[fits]] = True
+    np.subtract.at(room, lay[take[fits]], 2)
+    return out
 
 
 def swap_search(
@@ -341,8 +413,9 @@ def swap_search(
     replica_share: float = DEFAULT_REPLICA_SHARE,
     noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
     min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
-    reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
+    packed_max: np.ndarray | None = None,
+    room: np.ndarray | None = None,
 ) -> np.ndarray:
     """Step 3: one-for-one replica exchanges that lower the ranks above their targets (a new array).
 
@@ -353,8 +426,9 @@ def swap_search(
         num_ranks: EP ranks.
         tolerance, replica_share, noise_sigmas: the stopping tolerance (see :func:`swap_tolerance`).
         min_swap_share: a swap must lower its hot rank by this share of the tolerance.
-        reference_max_slots: see :func:`reference_level`.
         max_rounds: upper bound on rounds.
+        packed_max: see :func:`reference_level` (as a share of each layer's load).
+        room: ``[L]`` slots each layer may still change (two per swap); ``None``: no limit.
     """
     out = phy2log.copy()
     num_layers, num_physical = out.shape
@@ -364,11 +438,10 @@ def swap_search(
         return out
     # Loads normalised per layer (total 1) so one search can stack every layer's values.
     totals = load.sum(axis=1)
-    norm = load / np.where(totals > 0, totals, 1.0)[:, None]
-    slot_load = (norm / np.maximum(counts, 1))[np.arange(num_layers)[:, None], out]  # [L, P]
+    slot_load = _normalised_slot_load(out, load, counts)  # [L, P]
     rank_load = slot_load.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)
     step = swap_tolerance(load, num_ranks, slots_per_rank, tolerance, replica_share, noise_sigmas) / num_ranks
-    target = reference_level(slot_load, num_ranks, reference_max_slots) + step
+    target = reference_level(slot_load, num_ranks, packed_max) + step
     gate = np.maximum(min_swap_share * step, 1e-12)
     local = np.arange(slots_per_rank)
     # Without redundant slots a hot expert cannot be split: every rank also aims at its own floor.
@@ -416,6 +489,8 @@ def swap_search(
             gap,
         )
         ok = gap / 2 - miss >= gate[lay]  # the hot rank drops by gap/2 - miss (inf miss: no exchange)
+        if room is not None:
+            ok = _within_room(ok, lay, room)
         exchange(lay[ok], rank_a[ok], rank_b[ok], i[ok], j[ok])
         swapped[row[ok], rank_a[ok]] = swapped[row[ok], rank_b[ok]] = True
         # The rank furthest above its limit now, if no pair exchange touched it, tries every other rank.
@@ -437,6 +512,8 @@ def swap_search(
             pair_max = ((load_a + load_b) / 2 + miss).reshape(idx.size, num_ranks - 1)
             pick = pair_max.argmin(axis=1)
             ok = pair_max[np.arange(idx.size), pick] <= rank_load[lay_b, hottest] - gate[lay_b]
+            if room is not None:
+                ok = _within_room(ok, lay_b, room)
             sel = (np.arange(idx.size) * (num_ranks - 1) + pick)[ok]
             exchange(lay[sel], rank_a[sel], rank_b[sel], i[sel], j[sel])
             swapped[idx[ok], hottest[ok]] = True
@@ -457,6 +534,10 @@ def migration_phy2log(
     reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
+    repack: bool = True,
+    fine_move_share: float = DEFAULT_FINE_MOVE_SHARE,
+    fine_replica_share: float = DEFAULT_FINE_REPLICA_SHARE,
+    fine_noise_sigmas: float = DEFAULT_FINE_NOISE_SIGMAS,
 ) -> np.ndarray:
     """The migration-aware placement for ``logical_load``, starting from ``current_phy2log``.
 
@@ -464,20 +545,32 @@ def migration_phy2log(
         current_phy2log: ``[L, P]`` valid current placement.
         logical_load: ``[L, N_log]`` load per logical expert, in routed tokens (>= 0, finite).
         num_ranks: EP ranks (divides ``P``).
-        tolerance, replica_share, noise_sigmas, min_swap_share, reference_max_slots, max_rounds:
-            see :func:`swap_search`.
+        tolerance, replica_share, noise_sigmas, min_swap_share, max_rounds: see :func:`swap_search`.
+        reference_max_slots: layers of at most this many slots also compute DeepSeek's greedy
+            packing of their replicas (step 3's reference, step 5's candidate).
         count_cap_share: see :func:`target_replica_counts`.
+        repack: take the relabelled greedy packing where it is no dearer and no less balanced
+            (step 5 of the module docstring); ``False`` keeps the swap searches' result.
+        fine_move_share, fine_replica_share, fine_noise_sigmas: step 4 (the fine pass): the
+            share of a layer's slots steps 2-4 may move in all, and the tight tolerance's
+            terms (see :func:`swap_tolerance`); ``fine_move_share=0`` skips the pass.
 
     Returns:
         ``phy2log [L, P]`` int64; see the module docstring for the algorithm.
     """
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = np.asarray(logical_load, dtype=np.float64)
-    num_physical = current.shape[1]
+    num_layers, num_physical = current.shape
     current_counts = logical_replica_count(current, load.shape[1])
     new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share)
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
-    return swap_search(
+    packed = packed_max = None
+    if _uses_packing(num_physical, num_ranks, reference_max_slots):
+        slot_load = _normalised_slot_load(placed, load, new_counts)
+        packed = packed_phy2log(placed, slot_load, num_ranks)
+        packed_load = _normalised_slot_load(packed, load, new_counts)
+        packed_max = packed_load.reshape(num_layers, num_ranks, -1).sum(axis=2).max(axis=1)
+    swapped = swap_search(
         placed,
         load,
         new_counts,
@@ -486,6 +579,44 @@ def migration_phy2log(
         replica_share=replica_share,
         noise_sigmas=noise_sigmas,
         min_swap_share=min_swap_share,
-        reference_max_slots=reference_max_slots,
         max_rounds=max_rounds,
+        packed_max=packed_max,
     )
+    # Step 4: the same search toward a tight target, in the slots each layer has left of its
+    # fine_move_share (none where the steps above already moved that many); only where the
+    # packing's level is known, so the tight target is one a packing reaches.
+    room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
+    if packed_max is not None and (room >= 2).any():
+        swapped = swap_search(
+            swapped,
+            load,
+            new_counts,
+            num_ranks,
+            tolerance=tolerance,
+            replica_share=fine_replica_share,
+            noise_sigmas=fine_noise_sigmas,
+            min_swap_share=min_swap_share,
+            max_rounds=max_rounds,
+            packed_max=packed_max,
+            room=np.maximum(room, 0).astype(np.float64),
+        )
+    if packed is None or not repack:
+        return swapped
+    # Step 5: the greedy packing itself, each pack on the rank holding most of it, where that
+    # moves no more slots than the swaps and leaves no rank more loaded. Only layers that can
+    # win are relabelled: no more loaded, and each pack keeping at most its best overlap.
+    swapped_moves = (swapped != current).sum(axis=1)
+    slack = 1e-12 * load.sum(axis=1)
+    flatter = (
+        rank_loads(packed, load, num_ranks).max(axis=1) <= rank_loads(swapped, load, num_ranks).max(axis=1) + slack
+    )
+    layers = np.flatnonzero(flatter)
+    overlap = pack_overlap(packed[layers], current[layers], num_ranks)
+    can_win = num_physical - overlap.max(axis=2).sum(axis=1) <= swapped_moves[layers]
+    layers, overlap = layers[can_win], overlap[can_win]
+    if layers.size == 0:
+        return swapped
+    relabelled = relabel_packs(packed[layers], current[layers], num_ranks, overlap)
+    take = (relabelled != current[layers]).sum(axis=1) <= swapped_moves[layers]
+    swapped[layers[take]] = relabelled[take]
+    return swapped

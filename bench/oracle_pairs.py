@@ -1,0 +1,157 @@
+"""Hindsight oracle for the matrix's 2-slots-per-rank Mixtral shape (8 experts on 4 ranks).
+
+Why: in the workload matrix (``bench/planner.py --matrix``) the migration policy misses the slots
+target (<= 20% of DeepSeek's slots) in most Mixtral cells. This script asks whether that target
+can be met at all in such a layer, by a planner that knows more than any real one: each
+rebalance's *next* window.
+
+A layer of 8 experts on 4 ranks of 2 slots is a pairing of the experts: 105 pairings, and which
+pair goes on which rank is free (it changes no load), so the slots a rebalance moves between two
+pairings are ``8 - (most slots kept over all ways to lay the new pairs on the ranks)``. Over the
+cell's 10 measured rebalances the oracle picks, per layer, the sequence of pairings minimising
+``sum_t w_t * max rank load_t + lam * slots moved`` by dynamic programming (exact for that sum;
+the first pairing is free, like the matrix's uncounted warm-up), with ``w_t`` the gradient of
+the window's balancedness (sum of mean / sum of max over layers) at DeepSeek's level. Sweeping
+``lam`` gives sequences from "never move" to "always best"; each is scored exactly as the
+matrix scores a policy (next-window balancedness, slots over the 10 rebalances).
+
+Printed per cell: DeepSeek's next-window balancedness and slots; the best oracle sequence within
+20% of DeepSeek's slots; and an upper bound on any sequence within that budget, knowing the next
+window or not (Lagrangian bound on the weighted sum, then the largest mean balancedness that sum
+allows given each window's best possible max loads).
+
+Usage: ``PYTHONPATH=. python bench/oracle_pairs.py``
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+
+from bench.planner import MATRIX_SHAPES, MOVED_TARGET, WORKLOADS, matrix_layers, matrix_loads, run_sequence
+
+RANKS = 4
+EXPERTS = 8
+
+
+def pairings(items: list[int]) -> list[list[tuple[int, int]]]:
+    """Every way to split ``items`` (even length) into unordered pairs."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for k, partner in enumerate(rest):
+        for tail in pairings(rest[:k] + rest[k + 1 :]):
+            out.append([(first, partner)] + tail)
+    return out
+
+
+STATES = np.array([sorted(p) for p in pairings(list(range(EXPERTS)))])  # [105, 4, 2]
+
+
+def moves_between() -> np.ndarray:
+    """``[S, S]`` slots changed going from pairing ``i`` to ``j``, pairs laid to keep the most."""
+    sets = [[set(pair) for pair in state] for state in STATES.tolist()]
+    orders = list(itertools.permutations(range(RANKS)))
+    out = np.zeros((len(sets), len(sets)), dtype=np.int64)
+    for i, a in enumerate(sets):
+        for j, b in enumerate(sets):
+            overlap = [[len(x & y) for y in b] for x in a]
+            out[i, j] = EXPERTS - max(sum(overlap[r][o[r]] for r in range(RANKS)) for o in orders)
+    return out
+
+
+def max_loads(load: np.ndarray) -> np.ndarray:
+    """``[L, S]`` the largest rank load of every pairing under ``load [L, 8]``."""
+    return load[:, STATES].sum(axis=3).max(axis=2)
+
+
+def best_sequences(peaks: np.ndarray, weight: np.ndarray, lam: float, moves: np.ndarray) -> np.ndarray:
+    """``[T, L]`` pairing per rebalance and layer minimising ``sum w_t peak + lam * moves``."""
+    num_windows, num_layers, _ = peaks.shape
+    value = np.zeros((num_layers, len(STATES)))
+    back = []
+    for t in range(num_windows):
+        total = value[:, :, None] + lam * moves[None]
+        arg = total.argmin(axis=1)
+        value = np.take_along_axis(total, arg[:, None, :], axis=1)[:, 0] + weight[t] * peaks[t]
+        back.append(arg)
+    state = value.argmin(axis=1)
+    path = [state]
+    for t in range(num_windows - 1, 0, -1):
+        state = back[t][np.arange(num_layers), state]
+        path.append(state)
+    return np.array(path[::-1])
+
+
+def balance_bound(dual: float, weight: np.ndarray, floor: np.ndarray, mean: np.ndarray) -> float:
+    """Largest mean over windows of ``mean_t / S_t`` with ``S >= floor`` and ``weight . S >= dual``.
+
+    The objective is convex in ``S``, so its maximum over that polyhedron is at a vertex: every
+    window at its floor but one, which takes up the rest of ``dual``.
+    """
+    best = -np.inf
+    for k in range(len(floor)):
+        s_k = max(floor[k], (dual - float((weight * floor).sum()) + weight[k] * floor[k]) / weight[k])
+        values = mean / floor
+        values[k] = mean[k] / s_k
+        best = max(best, float(values.mean()))
+    return best
+
+
+def analyse(workload_index: int, moves: np.ndarray) -> str:
+    shape = next(s for s in MATRIX_SHAPES if s.experts == EXPERTS and s.redundant == 0 and s.ranks == RANKS)
+    workload = WORKLOADS[workload_index]
+    layers = matrix_layers(shape)
+    seed = np.random.SeedSequence([0, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
+    loads = matrix_loads(shape, workload, layers, 12, int(seed.generate_state(1)[0]))
+    deepseek = run_sequence("deepseek", shape, loads)
+    nexts = loads[2:]  # plan t (t = 1..10) is scored on window t + 1
+    peaks = np.stack([max_loads(w) for w in nexts])  # [T, L, S]
+    mean = np.array([w.sum() / RANKS for w in nexts])
+    floor = peaks.min(axis=2).sum(axis=1)  # best sum of max loads per window, any pairing
+    level = mean / deepseek.next_window
+    weight = mean / level**2
+    budget = MOVED_TARGET * deepseek.moved
+    planned_peaks = np.stack([max_loads(w) for w in loads[1:-1]])  # what a real planner sees
+    best, bound, seen = None, np.inf, None
+    rows = np.arange(layers)
+    for lam in [0.0, *np.geomspace(1e-7, 1e-1, 25)]:
+        for informed in (True, False):
+            path = best_sequences(peaks if informed else planned_peaks, weight, lam, moves)
+            moved = int(sum(moves[path[t - 1], path[t]].sum() for t in range(1, len(path))))
+            peak_sum = np.array([peaks[t][rows, path[t]].sum() for t in range(len(path))])
+            score = float(np.mean(mean / peak_sum))
+            if moved <= budget and not informed and (seen is None or score > seen[0]):
+                seen = (score, moved)
+            if moved <= budget and informed and (best is None or score > best[0]):
+                best = (score, moved)
+            # Any sequence within the budget has sum_t w_t S_t >= dual; the mean of mean_t / S_t
+            # is convex in S, so over {S >= floor, w.S >= dual} it peaks at a vertex.
+            if informed:
+                dual = float((weight * peak_sum).sum() + lam * (moved - budget))
+                bound = min(bound, balance_bound(dual, weight, floor, mean))
+    assert best is not None and seen is not None  # lam = 0.1 moves nothing
+    return (
+        f"| {workload.label} | {deepseek.next_window:.4f} | {deepseek.moved} "
+        f"| {100 * (seen[0] - deepseek.next_window):+.2f} at {100 * seen[1] / max(deepseek.moved, 1):.1f}% "
+        f"| {100 * (best[0] - deepseek.next_window):+.2f} at {100 * best[1] / max(deepseek.moved, 1):.1f}% "
+        f"| {100 * (bound - deepseek.next_window):+.2f} |"
+    )
+
+
+def main() -> None:
+    moves = moves_between()
+    print(
+        "| workload | DeepSeek: next window | slots | best on the windows planned on, Δ pp at slots "
+        "| best knowing the next windows | upper bound, any sequence (Δ pp) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for index in range(len(WORKLOADS)):
+        print(analyse(index, moves), flush=True)
+
+
+if __name__ == "__main__":
+    main()
