@@ -18,6 +18,7 @@ arrives from every rank or when the recorder is flushed.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -89,6 +90,10 @@ class TraceRecorder:
         self.shape = (num_layers, num_logical)
         self._open: dict[tuple[int, int], dict] = {}
         self._closed: list[dict] = []
+        self._write_lock = threading.Lock()
+        """One writer at a time: the coordinator's periodic flush runs in an executor thread, and
+        the shutdown's final flush could start while it still wrote the same temporary file
+        (seen: a truncated trace that ``np.load`` refused, Bad magic number for central directory)."""
 
     def add(self, logical_load: np.ndarray, step_begin: int, step_end: int, epoch: int, rank: int) -> None:
         window = self._open.setdefault(
@@ -123,6 +128,10 @@ class TraceRecorder:
         if close_all:
             for key in sorted(self._open):
                 self._close(key)
+        with self._write_lock:
+            self._write()
+
+    def _write(self) -> None:
         if not self._closed:
             return
         rows = sorted(self._closed, key=lambda w: (w["step_begin"], w["step_end"]))
