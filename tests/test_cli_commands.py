@@ -56,7 +56,8 @@ def test_command_help_shows_defaults_and_policy_choices(capsys):
     _, serve, _ = run_main(["serve", "--help"], capsys)
     assert "{" + ",".join(POLICIES) + "}" in serve and f"(default: {DEFAULT_POLICY})" in serve
     assert "(default: 1500)" in serve and "(default: 200; 100 with --simulate)" in serve
-    assert "(default: None)" not in serve and "(default: False)" not in serve
+    assert "(default: None)" not in serve and "(default: False)" not in serve and "(default: True)" not in serve
+    assert "lockstep; default: compare)" in serve
     _, status, _ = run_main(["status", "--help"], capsys)
     assert f"(default: {default_endpoint()})" in status and "(default: 3.0)" in status
 

@@ -40,12 +40,12 @@ def _positive_int(text: str) -> int:
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default, so ``--help`` is the reference for them; descriptions keep their line breaks.
 
-    A default of ``None`` (off, or computed elsewhere) or a switch's ``False`` says nothing useful:
-    such flags say in their own help what happens without them.
+    A default of ``None`` (off, or computed elsewhere) or a switch's ``True``/``False`` says nothing
+    useful: such flags say in their own help what happens without them.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
+        if action.default is None or isinstance(action.default, bool):
             return action.help
         return super()._get_help_string(action)
 
