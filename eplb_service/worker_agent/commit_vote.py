@@ -163,7 +163,7 @@ class CommitVoter:
         self.ticket = ticket
         return ticket
 
-    def _all_reduce(self, vector: np.ndarray, ticket: CommitTicket | None) -> np.ndarray:
+    def _all_reduce(self, vector: np.ndarray, ticket: CommitTicket) -> np.ndarray:
         host = self.host
         me = threading.get_ident()
 
@@ -171,7 +171,7 @@ class CommitVoter:
             if threading.get_ident() != me:
                 return
             host.keep_alive()  # a slow vote must not get this rank declared dead
-            if ticket is not None and ticket.is_decided:
+            if ticket.is_decided:
                 # The record is final (this rank's serving thread, or another rank, got there
                 # first): nothing the all-reduce returns can change it.
                 raise TransportError(f"left the vote: the decision record already says {ticket.decision.describe()}")
