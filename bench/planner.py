@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.placement import (
@@ -312,12 +313,19 @@ class SequenceResult:
 
 
 def run_sequence(
-    policy: str, shape: MatrixShape, loads: list[np.ndarray], *, decayed: bool = False, warmup: int = 1
+    policy: str,
+    shape: MatrixShape,
+    loads: list[np.ndarray],
+    *,
+    decayed: bool = False,
+    warmup: int = 1,
+    forecast: bool = True,
 ) -> SequenceResult:
     """Plan every window but the last, each from the previous plan; score on the next window.
 
     ``decayed``: plan on the coordinator's decayed load window (:class:`LoadWindow`, half-life
-    one rebalance interval, its default) instead of the last window alone.
+    one rebalance interval, its default) instead of the last window alone. ``forecast``: pass
+    the persistence of the last two windows (as the coordinator does; DeepSeek ignores it).
     """
     layers = loads[0].shape[0]
     pshape = PlacementShape(layers, shape.experts, shape.slots, shape.ranks)
@@ -330,7 +338,10 @@ def run_sequence(
         window.add(loads[i], i * interval, (i + 1) * interval)
         load = window.load.copy() if decayed else loads[i]
         start = time.perf_counter()
-        plan = plan_rebalance(policy, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
+        lasting = persistence(loads[i - 1] if i else None, loads[i]) if forecast else 1.0
+        plan = plan_rebalance(
+            policy, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes, persistence=lasting
+        )
         times.append((time.perf_counter() - start) * 1e3)
         current = plan.target_phy2log
         if i < warmup:
@@ -396,18 +407,20 @@ def run_cell(
     seed: int = 0,
     layers: int | None = None,
     decayed: bool = True,
+    forecast: bool = True,
 ) -> CellResult:
     """One cell: a warm-up plan, then ``rebalances`` measured ones, for each policy on the same loads.
 
     The cell's loads depend only on ``seed``, the shape and the workload, so a cell gives the same
-    numbers alone or in the full matrix.
+    numbers alone or in the full matrix. ``forecast=False`` withholds the load's persistence from
+    the migration policy (it then plans for the last window as it is).
     """
     layers = layers or matrix_layers(shape)
     cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
     loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
     deepseek = run_sequence("deepseek", shape, loads)
-    migration = run_sequence("migration", shape, loads)
-    smoothed = run_sequence("migration", shape, loads, decayed=True) if decayed else migration
+    migration = run_sequence("migration", shape, loads, forecast=forecast)
+    smoothed = run_sequence("migration", shape, loads, decayed=True, forecast=forecast) if decayed else migration
     return CellResult(shape, workload, layers, rebalances, deepseek, migration, smoothed)
 
 

@@ -164,3 +164,25 @@ def test_console_script_module_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_previous_load_gives_the_persistence_and_a_forecast_plan(capsys, tmp_path, load_json):
+    # The window before had its hot experts elsewhere: little of the imbalance lasted.
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps([row[::-1] for row in README_WEIGHT]))
+    code, out, err = run_cli(capsys, "--load", load_json, "--previous-load", str(previous), "--ranks", "4")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert 0.0 <= doc["persistence"] < 0.5
+    code, out, err = run_cli(capsys, "--load", load_json, "--previous-load", load_json, "--ranks", "4")
+    assert code == 0 and json.loads(out)["persistence"] == pytest.approx(1.0)
+    code, out, _ = run_cli(capsys, "--load", load_json, "--ranks", "4")
+    assert json.loads(out)["persistence"] == 1.0
+
+
+def test_previous_load_of_another_shape_is_named(capsys, tmp_path, load_json):
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps(README_WEIGHT[:1]))
+    code, out, err = run_cli(capsys, "--load", load_json, "--previous-load", str(previous), "--ranks", "4")
+    assert code == 2 and out == ""
+    assert "--previous-load has shape (1, 12), expected (2, 12)" in err

@@ -39,7 +39,7 @@ CELLS = [
     ("DeepSeek-V3 EP144: 256+32", Workload("zipf-1.0", "abrupt", "high")),
     ("Qwen3.5-397B-A17B EP8: 512+32", Workload("zipf-0.6", "slow", "low")),
     ("Qwen3.5-397B-A17B EP16: 512+0", Workload("zipf-0.6", "swap", "high")),
-    ("Qwen3.5-397B-A17B EP32: 512+256", Workload("zipf-0.6", "abrupt", "low")),
+    ("Qwen3.5-397B-A17B EP32: 512+256", Workload("zipf-1.0", "abrupt", "low")),
     ("Qwen3.5-397B-A17B EP256: 512+0", Workload("lognormal", "slow", "high")),
     ("DeepSeek-V2-Lite EP16: 64+32", Workload("zipf-1.4", "swap", "high")),
     ("DeepSeek-V3 EP32: 256+32 on 32 (9/rank)", Workload("zipf-0.6", "swap", "low")),
@@ -56,6 +56,12 @@ CELLS = [
     ("DeepSeek-V3 EP144: 256+32", Workload("zipf-1.0", "slow", "low")),
     ("Qwen3-235B-A22B EP64: 128+64", Workload("lognormal", "slow", "low")),
     ("Qwen3-235B-A22B EP16: 128+32", Workload("zipf-1.4", "slow", "high")),
+    # Hot experts hopping to another expert every window: the forecast and the price on moves
+    # (step 6 of the policy, from the persistence of the last two windows) keep these within a
+    # fifth of DeepSeek's slots; each moved 24-63% of them without it.
+    ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.0", "swap", "high")),
+    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "swap", "high")),
+    ("Mixtral-8x7B EP2: 8+2", Workload("lognormal", "swap", "low")),
 ]
 
 
@@ -68,6 +74,15 @@ def test_cell_meets_the_targets(label, workload):
     assert result.moved_share <= MOVED_TARGET, f"moved {result.migration.moved} vs DeepSeek {result.deepseek.moved}"
     # The sequence is the policy's own: every measured rebalance started from its previous plan.
     assert result.migration.moved > 0 and result.deepseek.moved > 0
+
+
+def test_hopping_hot_experts_cost_a_fifth_of_the_slots_only_with_the_persistence():
+    """The same cell with the persistence withheld (plan for the last window as it is) misses."""
+    cell, workload = shape("Mixtral-8x7B EP4: 8+4"), Workload("zipf-1.0", "swap", "high")
+    with_it = run_cell(cell, workload, decayed=False)
+    without = run_cell(cell, workload, decayed=False, forecast=False)
+    assert with_it.moved_share <= MOVED_TARGET < without.moved_share
+    assert with_it.balance_pp >= without.balance_pp
 
 
 def test_loads_respect_the_top_k_cap_and_the_seed():

@@ -4,13 +4,22 @@ Agents report counts per *physical slot* under the placement epoch they were cou
 in; the window folds them to logical experts with that epoch's map, so a report that
 straddles a commit is never attributed to the wrong expert. The window decays
 exponentially in deployment steps (half-life configurable), so it follows drift.
+
+Beside the decayed sum it keeps the raw load of the last few *segments* of one half-life
+each (steps ``[k * h, (k + 1) * h)``, by a report's first step), so the planner can measure how
+much of the imbalance lasts from one segment to the next
+(:func:`~eplb_service.coordinator.load_forecast.persistence`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.placement import physical_to_logical_load
+
+SEGMENTS_KEPT = 3
+"""The newest segment (still filling) and the two complete ones before it."""
 
 
 class LoadWindow:
@@ -20,6 +29,7 @@ class LoadWindow:
         self.decayed_to_step = 0
         self.first_step: int | None = None
         self.reports = 0
+        self.segments: dict[int, np.ndarray] = {}
 
     def add(self, logical_load: np.ndarray, step_begin: int, step_end: int) -> None:
         """Fold one rank's ``[L, N_log]`` load for ``[step_begin, step_end)`` into the window."""
@@ -30,6 +40,21 @@ class LoadWindow:
             self.first_step = step_begin
         self.load += logical_load
         self.reports += 1
+        segment = int(step_begin // self.half_life_steps)
+        if segment not in self.segments:
+            self.segments[segment] = np.zeros_like(self.load)
+            for old in sorted(self.segments)[:-SEGMENTS_KEPT]:
+                del self.segments[old]
+        if segment in self.segments:
+            self.segments[segment] += logical_load
+
+    def persistence(self) -> float:
+        """Persistence from the two newest complete segments (the newest one may still be
+        filling); 1.0 (plan for the window as it is) until two adjacent ones exist."""
+        done = sorted(self.segments)[:-1]
+        if len(done) < 2 or done[-1] != done[-2] + 1:
+            return 1.0
+        return persistence(self.segments[done[-2]], self.segments[done[-1]])
 
     @staticmethod
     def to_logical(slot_load: np.ndarray, phy2log: np.ndarray, num_logical: int) -> np.ndarray:

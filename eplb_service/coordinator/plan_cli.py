@@ -8,13 +8,16 @@ writes placement JSON::
      "phy2log": [[...], ...],            # [L, P]
      "logcnt": [[...], ...],             # [L, N]
      "balancedness": {"per_layer_before": [...], "per_layer": [...], "before": b0, "overall": b1},
+     "persistence": a,                   # 1.0 unless --previous-load is given
      "experts_moved": n, "bytes_moved": n,
      "batches": [{"layers": [...], "bytes_moved": n, "gain": g}, ...]}
 
 ``--current`` takes the same JSON (only ``phy2log`` is read; a bare ``[L, P]`` list works
 too), so a plan can seed the coordinator's initial placement and the next plan can start from
 it. Without ``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert
-``p % N``). Bad input ends with exit code 2 and a one-line message naming the bad value.
+``p % N``). Balancedness figures are under ``--load`` as given (with ``--previous-load`` the
+migration policy plans for a forecast of the next window, see ``load_forecast``; the batches'
+gains are under that forecast). Bad input ends with exit code 2 and a one-line message naming the bad value.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES, plan_rebalance, validate_load
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
     layer_balancedness,
     logical_replica_count,
+    model_balancedness,
     rank_loads,
 )
 
@@ -53,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=".npy or JSON load [layers, logical experts] in routed tokens (counts: the migration "
         "policy ignores differences within their sampling noise), or a recorded .npz trace",
+    )
+    parser.add_argument(
+        "--previous-load",
+        metavar="FILE",
+        help="the window before --load, same shape and formats: the migration policy measures how much "
+        "of the imbalance lasted from it to --load and plans for the forecast next window (default: "
+        "plan for --load as it is)",
     )
     parser.add_argument("--ranks", required=True, type=int, help="EP ranks (must divide the slots)")
     parser.add_argument(
@@ -97,7 +109,7 @@ def _as_2d(value, path: str, what: str, dtype) -> np.ndarray:
     return arr
 
 
-def read_load(path: str) -> np.ndarray:
+def read_load(path: str, flag: str = "--load") -> np.ndarray:
     """``[L, N_log]`` float64 from ``.npy``, JSON, or a recorded trace (``.npz``, windows summed)."""
     if path.endswith(".npz"):
         from eplb_service.trace import TraceError, load_trace
@@ -105,19 +117,19 @@ def read_load(path: str) -> np.ndarray:
         try:
             value = load_trace(path).aggregate()
         except TraceError as exc:
-            raise UsageError(f"--load {path}: {exc}") from None
+            raise UsageError(f"{flag} {path}: {exc}") from None
     elif path.endswith(".npy"):
         try:
             value = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"--load {path}: cannot read .npy ({exc})") from None
+            raise UsageError(f"{flag} {path}: cannot read .npy ({exc})") from None
     else:
-        value = _read_json(path, "--load")
+        value = _read_json(path, flag)
         if isinstance(value, dict):
             if "load" not in value:
-                raise UsageError(f"--load {path}: JSON object has no 'load' key")
+                raise UsageError(f"{flag} {path}: JSON object has no 'load' key")
             value = value["load"]
-    return _as_2d(value, path, "--load", np.float64)
+    return _as_2d(value, path, flag, np.float64)
 
 
 def read_placement(path: str, flag: str = "--current") -> np.ndarray:
@@ -154,6 +166,14 @@ def plan_document(args: argparse.Namespace) -> dict:
         )
     shape = PlacementShape(num_layers, num_logical, num_physical, args.ranks)
     load = validate_load(load, shape)
+    lasting = 1.0
+    if args.previous_load:
+        previous = read_load(args.previous_load, "--previous-load")
+        if previous.shape != load.shape:
+            raise UsageError(
+                f"--previous-load has shape {previous.shape}, expected {load.shape} (the shape of --load)"
+            )
+        lasting = persistence(validate_load(previous, shape), load)
     if current is None:
         current = initial_phy2log(shape)
     elif current.shape != (num_layers, num_physical):
@@ -171,6 +191,7 @@ def plan_document(args: argparse.Namespace) -> dict:
         bytes_per_expert=args.bytes_per_expert,
         staging_budget_bytes=args.staging_budget_bytes,
         min_layer_gain=args.min_layer_gain,
+        persistence=lasting,
     )
     phy2log = plan.target_phy2log
     return {
@@ -184,9 +205,10 @@ def plan_document(args: argparse.Namespace) -> dict:
         "balancedness": {
             "per_layer_before": [float(b) for b in layer_balancedness(rank_loads(current, load, args.ranks))],
             "per_layer": [float(b) for b in layer_balancedness(rank_loads(phy2log, load, args.ranks))],
-            "before": plan.balancedness_before,
-            "overall": plan.balancedness_after,
+            "before": model_balancedness(rank_loads(current, load, args.ranks)),
+            "overall": model_balancedness(rank_loads(phy2log, load, args.ranks)),
         },
+        "persistence": lasting,
         "experts_moved": plan.experts_moved,
         "bytes_moved": plan.bytes_moved,
         "batches": [{"layers": list(b.layers), "bytes_moved": b.bytes_moved, "gain": b.gain} for b in plan.batches],

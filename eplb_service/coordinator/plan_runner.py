@@ -159,6 +159,7 @@ class PlanRunner:
             bytes_per_expert=book.model.bytes_per_expert,
             staging_budget_bytes=cfg.staging_budget_bytes,
             min_layer_gain=cfg.min_layer_gain,
+            persistence=book.window.persistence(),
         )
 
     async def run_policy(self) -> None:

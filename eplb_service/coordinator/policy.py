@@ -18,6 +18,10 @@ Byte accounting (per slot whose logical expert changes):
   rank in the current placement (its bytes cross ranks), **0** when the rank already holds one
   (a device-local copy, no link traffic). ``experts_moved`` counts every changed slot.
 
+The caller may pass the load's ``persistence`` (:mod:`.load_forecast`: how much of the
+imbalance lasted from the previous window to this one; the coordinator measures it on its load
+window). ``"migration"`` then plans for the forecast next window and prices moves by it.
+
 Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`) and
 ``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
 proposal is then permuted within each rank so experts already on a rank keep their slot, as
@@ -33,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from eplb_service.coordinator.load_forecast import forecast_load
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import migration_phy2log
 from eplb_service.placement import (
@@ -144,8 +149,12 @@ def propose_phy2log(
     *,
     num_groups: int = 1,
     num_nodes: int = 1,
+    persistence: float = 1.0,
 ) -> np.ndarray:
-    """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated."""
+    """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated.
+
+    ``persistence`` (``"migration"`` only): see :func:`plan_rebalance`; ``load`` is then the
+    forecast already."""
     if policy == "deepseek":
         if num_nodes <= 0 or shape.num_ranks % num_nodes:
             raise PlacementError(f"num_nodes={num_nodes} must divide num_ranks={shape.num_ranks}")
@@ -156,7 +165,7 @@ def propose_phy2log(
         fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
     if policy == "migration":
-        return migration_phy2log(current_phy2log, load, shape.num_ranks)
+        return migration_phy2log(current_phy2log, load, shape.num_ranks, persistence=persistence)
     raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
 
 
@@ -171,6 +180,7 @@ def plan_rebalance(
     bytes_per_expert: int = 1,
     staging_budget_bytes: int | None = None,
     min_layer_gain: float = 0.0,
+    persistence: float = 1.0,
 ) -> RebalancePlan:
     """Plan a rebalance of ``current_phy2log`` for ``logical_load`` with ``policy``.
 
@@ -184,6 +194,13 @@ def plan_rebalance(
         bytes_per_expert: bytes of one expert's weights on one rank (> 0).
         staging_budget_bytes: staging bytes per rank per batch; ``None`` = unbounded.
         min_layer_gain: layers whose balancedness gain is below this keep their rows.
+        persistence: how much of the load's imbalance lasts into the next window, in
+            ``[0, 1]`` (:func:`~eplb_service.coordinator.load_forecast.persistence` of the last
+            two windows; 1 = plan for ``logical_load`` as it is). ``"migration"`` plans for
+            the forecast :func:`~eplb_service.coordinator.load_forecast.forecast_load` and
+            prices each moved slot by it; the plan's gains and balancedness are then under the
+            forecast. ``"deepseek"`` ignores it (it is DeepSeek's policy: the last window only),
+            and so do registered policies.
 
     Raises:
         ValueError: unknown policy, or a layer that alone needs more staging than the budget.
@@ -211,11 +228,17 @@ def plan_rebalance(
         raise PlacementError(f"staging_budget_bytes must be None or an integer >= 0, got {staging_budget_bytes!r}")
     if not np.isfinite(min_layer_gain):
         raise PlacementError(f"min_layer_gain must be finite, got {min_layer_gain!r}")
+    if not (isinstance(persistence, (int, float, np.floating)) and 0.0 <= persistence <= 1.0):
+        raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)
+    if policy == "migration":
+        load = forecast_load(load, float(persistence))
 
-    proposed = propose_phy2log(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes)
+    proposed = propose_phy2log(
+        policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes, persistence=float(persistence)
+    )
     return build_plan(
         current,
         proposed,

@@ -1,0 +1,70 @@
+"""How much of a load window's imbalance will still be there in the next one.
+
+Every policy plans for the load it is given, but serving sees the *next* window. Where the load
+drifts slowly the two are alike; where hot experts come and go (a hot expert's traffic moving
+to another expert every few windows) a placement tuned to the last window's hot expert is tuned
+to an expert that is no longer hot. DeepSeek's policy cannot tell the two apart, so it spends
+slots on both alike.
+
+**Persistence** ``a`` is the least-squares slope of one window's per-layer load shares on the
+window before, pooled over every layer and expert, after taking out each layer's mean share:
+how much of an expert's deviation from the mean it keeps from one window to the next. It is 1
+for a load that keeps its shape, lower where sampling noise or experts trading popularity
+reshuffle it (about 0.15-0.3 when the hottest of 8 experts changes every window, 0.75 when a
+quarter of the layers gain a new hot expert each window, 0.9-1.0 under slow drift; measured on
+``bench/planner.py --matrix``). Pooling over all layers makes it a stable statistic from two
+windows, and the slope is what a least-squares forecast of the next share from the last one
+uses.
+
+The **forecast** keeps each layer's total and mean and scales every expert's deviation from the
+mean by ``a``. A plan made for it expects only the part of today's imbalance that tends to
+last. :mod:`.policy_migration` also uses ``a`` to price a move: a gain that fades by ``a`` per
+window is worth about ``1 / (1 - a)`` windows of it, so a layer changes only where that
+amortised gain pays for the slots it moves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def load_shares(load: np.ndarray) -> np.ndarray:
+    """``[L, N]`` each expert's share of its layer's load (a layer without load: all 0)."""
+    load = np.asarray(load, dtype=np.float64)
+    totals = load.sum(axis=1, keepdims=True)
+    return load / np.where(totals > 0, totals, 1.0)
+
+
+def persistence(previous: np.ndarray | None, latest: np.ndarray) -> float:
+    """The pooled slope of ``latest``'s centred shares on ``previous``'s, clipped to ``[0, 1]``.
+
+    ``1.0`` (trust the last window as it is) without a previous window, when the shapes differ,
+    or when the previous window is flat (no deviation to regress on).
+    """
+    if previous is None:
+        return 1.0
+    prev = np.asarray(previous, dtype=np.float64)
+    last = np.asarray(latest, dtype=np.float64)
+    if prev.shape != last.shape or prev.ndim != 2:
+        return 1.0
+    both = (prev.sum(axis=1) > 0) & (last.sum(axis=1) > 0)
+    if not both.any():
+        return 1.0
+    x = load_shares(prev[both])
+    y = load_shares(last[both])
+    x -= x.mean(axis=1, keepdims=True)
+    y -= y.mean(axis=1, keepdims=True)
+    spread = float((x * x).sum())
+    if not np.isfinite(spread) or spread <= 1e-24:
+        return 1.0
+    return float(np.clip((x * y).sum() / spread, 0.0, 1.0))
+
+
+def forecast_load(load: np.ndarray, persistence_now: float) -> np.ndarray:
+    """``[L, N]`` the expected next window: each layer's mean plus ``persistence_now`` of each
+    expert's deviation from it (totals kept; loads stay >= 0 for ``persistence_now`` in [0, 1])."""
+    load = np.asarray(load, dtype=np.float64)
+    if persistence_now >= 1.0:
+        return load
+    mean = load.mean(axis=1, keepdims=True)
+    return mean + persistence_now * (load - mean)
