@@ -170,9 +170,7 @@ def plan_document(args: argparse.Namespace) -> dict:
     if args.previous_load:
         previous = read_load(args.previous_load, "--previous-load")
         if previous.shape != load.shape:
-            raise UsageError(
-                f"--previous-load has shape {previous.shape}, expected {load.shape} (the shape of --load)"
-            )
+            raise UsageError(f"--previous-load has shape {previous.shape}, expected {load.shape} (the shape of --load)")
         lasting = persistence(validate_load(previous, shape), load)
     if current is None:
         current = initial_phy2log(shape)
