@@ -85,9 +85,11 @@ together, vectorised):
    under that forecast pays ``move_price * (1 - a) ** 2`` of a mean replica's load per moved
    slot; the other layers keep their rows. Where hot experts hop to other experts every window
    (``a`` about 0.1-0.3), a change tuned to the last window's hot expert mostly buys nothing in
-   the next one, and DeepSeek's policy (which cannot tell) spends slots on it all the same; the
-   matrix's Mixtral *swap* cells went from 24-40% of DeepSeek's slots to 2-18%, at +0.2 to
-   +2.8 pp of next-window balance over it. The square keeps the price negligible where most of
+   the next one, and DeepSeek's policy (which cannot tell) spends slots on it all the same; in
+   the matrix's Mixtral *swap* cells with 3 and 5 slots per rank the price took the policy from
+   24-40% of DeepSeek's slots (the forecast alone) to 2-18%, at +0.2 to +2.8 pp of next-window
+   balance over it. With 2 slots per rank it is too dear: Mixtral 8+0 swap cells stop moving
+   and lose up to 1.4 pp (``bench/README.md``). The square keeps the price negligible where most of
    the imbalance lasts (``a >= 0.8``: at most 4% of ``move_price``): a price of
    ``move_price * (1 - a)`` cost layers that gain a lasting new hot expert (``a`` about 0.9,
    e.g. Qwen3-235B on 16 or 64 ranks, *abrupt*) up to 1 pp, because their big responses move
@@ -99,9 +101,9 @@ keeps its expert, so at most two slots change per swap plus one per count change
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 351 of its 432 cells stay
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 370 of its 432 cells stay
 within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved
-(346 with steps 1-3 only, 348 with steps 1-3 and 5).
+(346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5).
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
 miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
