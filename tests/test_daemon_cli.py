@@ -78,6 +78,7 @@ def test_status_table_json_metrics_and_graceful_sigterm(daemon):
     )
     doc = json.loads(out.stdout)
     assert doc["world_size"] == 4 and doc["ranks"] == [None] * 4 and doc["plans"]["committed"] == 0
+    assert doc["load_persistence"] == 1.0  # no load yet: a plan would take the window as it is
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in (
         "eplb_agents_alive",
@@ -86,6 +87,7 @@ def test_status_table_json_metrics_and_graceful_sigterm(daemon):
         "eplb_commit_stall_seconds_bucket",
         "eplb_load_reports_total",
         "eplb_plan_phase_seconds_bucket",
+        "eplb_load_persistence",
     ):
         assert name in metrics, name
     proc.send_signal(signal.SIGTERM)

@@ -89,6 +89,13 @@ class CoordinatorMetrics:
             ["kind"],
             registry=r,
         )
+        self.load_persistence = Gauge(
+            "eplb_load_persistence",
+            "Share of the load's imbalance that lasted from one load-window segment to the next, as "
+            "the last plan used it (1: lasts; NaN until a plan)",
+            registry=r,
+        )
+        self.load_persistence.set(NAN)
         self.epoch = Gauge(
             "eplb_placement_epoch",
             "Placement epoch every rank reports (commits applied; NaN until the ranks agree)",

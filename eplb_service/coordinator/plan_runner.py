@@ -88,6 +88,7 @@ class PlanRunner:
         self._plan_counter = int.from_bytes(os.urandom(4), "big") << 16
         self._numbers: dict[int, int] = {}
         self.last_plan_end_step = 0
+        self.last_persistence = 1.0  # of the load window, as the last plan used it (see load_forecast)
         self.planning = False
         self._seeded = False
         self.drain_at_step: int | None = None
@@ -159,7 +160,7 @@ class PlanRunner:
             bytes_per_expert=book.model.bytes_per_expert,
             staging_budget_bytes=cfg.staging_budget_bytes,
             min_layer_gain=cfg.min_layer_gain,
-            persistence=book.window.persistence(),
+            persistence=self.last_persistence,
         )
 
     async def run_policy(self) -> None:
@@ -169,6 +170,8 @@ class PlanRunner:
         seeding = self.cfg.initial_placement is not None and not self._seeded
         t0 = time.perf_counter()
         try:
+            self.last_persistence = book.window.persistence()
+            self.metrics.load_persistence.set(self.last_persistence)
             call = self._policy_call(book.placements[epoch].copy(), book.window.load.copy(), seeding)
             self._seeded = self._seeded or seeding
             result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -190,20 +193,23 @@ class PlanRunner:
             self.counts["skipped"] += 1
             self.metrics.plans.labels("skipped").inc()
             self.log.info(
-                "no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move)",
+                "no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move; "
+                "load persistence %.2f)",
                 result.balancedness_before,
                 result.balancedness_after,
                 gain,
                 self.cfg.min_gain,
+                self.last_persistence,
             )
             return
         self.log.info(
-            "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB",
+            "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB (load persistence %.2f)",
             result.balancedness_before,
             result.balancedness_after,
             len(result.batches),
             result.experts_moved,
             result.bytes_moved / 2**20,
+            self.last_persistence,
         )
         self.pending_batches = list(result.batches)
         self.start_next_batch()

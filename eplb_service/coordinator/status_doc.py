@@ -74,6 +74,7 @@ def status_document(
         "experts_moved": plans.experts_moved_total,
         "last_plans": [o.__dict__ for o in plans.outcomes[-10:]],
         "load_reports": book.window.reports if book.window else 0,
+        "load_persistence": plans.last_persistence,
         "balancedness": None
         if current is None
         else {
