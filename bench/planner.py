@@ -119,7 +119,10 @@ def run_policy(name: str, shape: BenchShape, loads: list[np.ndarray]) -> dict:
         elif name == "deepseek-global":
             plan = plan_rebalance("deepseek", current, load, pshape)
         else:
-            plan = plan_rebalance(name, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
+            lasting = persistence(loads[i - 1], load) if i else 1.0  # as the coordinator measures it
+            plan = plan_rebalance(
+                name, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes, persistence=lasting
+            )
         times.append((time.perf_counter() - start) * 1e3)
         current = plan.target_phy2log
         planned.append(plan.balancedness_after)
