@@ -62,6 +62,10 @@ CELLS = [
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.0", "swap", "high")),
     ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "swap", "high")),
     ("Mixtral-8x7B EP2: 8+2", Workload("lognormal", "swap", "low")),
+    # Slow drift in coarse layers: the 10% slack on replica counts (step 1) stops counts flipping
+    # at the bound; each missed the balance target without it (-1.30 pp and -0.53 pp).
+    ("Qwen3-235B-A22B EP64: 128+64", Workload("zipf-1.4", "slow", "low")),
+    ("DeepSeek-V2-Lite EP16: 64+32", Workload("zipf-1.4", "slow", "low")),
 ]
 
 

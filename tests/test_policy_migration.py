@@ -85,6 +85,30 @@ def test_target_counts_change_only_where_forced():
     assert counts[0, 0] <= optimal_replica_counts(load, 6)[0, 0]
 
 
+def test_count_slack_keeps_a_count_that_hovers_just_above_the_bound():
+    # 4 experts, 6 slots: the best counts are 2, 2, 1, 1, so the bound T* is 50 (expert 0's
+    # replicas); with the current counts expert 1 carries 52 on its single replica, 4% above it.
+    load = np.array([[100.0, 52.0, 30.0, 30.0]])
+    current = np.array([[2, 1, 2, 1]])
+    bound = (load / optimal_replica_counts(load, 6)).max()
+    assert 52.0 > bound and 52.0 < 1.1 * bound
+    forced = target_replica_counts(load, current, 6, 2)
+    kept = target_replica_counts(load, current, 6, 2, count_slack=0.1)
+    assert forced[0, 1] == 2  # without slack expert 1 must grow, taking a slot from another
+    assert kept.tolist() == current.tolist()  # within 10% of the bound nothing moves
+
+
+def test_count_slack_is_not_used_with_two_slots_per_rank():
+    # The same load on 3 ranks of 2 slots: a replica above the bound is that much more on its
+    # rank, so the count changes as without slack.
+    load = np.array([[100.0, 52.0, 30.0, 30.0]])
+    current = np.array([[0, 0, 1, 2, 2, 3]])
+    default = migration_phy2log(current, load, 3)
+    strict = migration_phy2log(current, load, 3, count_slack=0.0)
+    assert np.array_equal(default, strict)
+    assert (default == 1).sum() == 2
+
+
 def test_balanced_layer_is_left_alone():
     shape = PlacementShape(1, 8, 8, 4)
     current = np.arange(8)[None, :]

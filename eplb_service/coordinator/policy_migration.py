@@ -8,9 +8,17 @@ together, vectorised):
 1. **Replica counts.** The counts that minimise the largest load per replica (one redundant
    slot at a time to the largest load per replica, as in DeepSeek's step 2) give the bound
    ``T*``. An expert must have at least ``ceil(load / cap)`` replicas, with
-   ``cap = max(T*, count_cap_share * mean rank load)``; otherwise it keeps its current count.
-   If that asks for more slots than there are, replicas are taken back where the resulting
-   load per replica stays smallest. So counts only change where the load forces them to.
+   ``cap = max(T*, count_cap_share * mean rank load) * (1 + count_slack)``; otherwise it keeps
+   its current count. If that asks for more slots than there are, replicas are taken back where
+   the resulting load per replica stays smallest. So counts only change where the load forces
+   them to. The slack (10%) is hysteresis: under slow drift an expert whose load per replica
+   hovers at the bound would gain and lose a replica window after window, two or more slots
+   each time, for a bound the swaps can mostly absorb with the rank's other slots. Not with two
+   slots per rank (``count_slack`` is then 0): there the partner is fixed by the pairing, so a
+   replica above the bound is that much more on its rank. On the matrix the slack took 370 to
+   380 cells (Qwen3-235B on 64 ranks, Zipf 1.4, slow: −1.30 to +1.46 pp at fewer slots); a
+   slack in 2-slot ranks too cost DeepSeek-V3 on 144 ranks up to 4 pp (5% and 15% met 377 and
+   378 cells).
 2. **Count changes.** An expert losing replicas gives up its replicas on the most loaded ranks
    (a second copy on the same rank first: it adds nothing to balance). Freed slots go to the
    experts gaining replicas, heaviest replica first, each to the lightest rank that still has a
@@ -101,9 +109,10 @@ keeps its expert, so at most two slots change per swap plus one per count change
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 370 of its 432 cells stay
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 380 of its 432 cells stay
 within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved
-(346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5).
+(346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and
+no count slack).
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
 miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
@@ -139,6 +148,9 @@ DEFAULT_FINE_REPLICA_SHARE = 0.01
 DEFAULT_FINE_NOISE_SIGMAS = 0.5
 """Step 4's noise term of the tolerance, in standard deviations of a rank's load."""
 DEFAULT_COUNT_CAP_SHARE = 0.0
+DEFAULT_COUNT_SLACK = 0.1
+"""Step 1's hysteresis: a replica may carry this share above the bound before its expert gains one
+(layers of more than two slots per rank)."""
 DEFAULT_MOVE_PRICE = 0.4
 """Step 6: a moved slot costs this share of a mean replica's load, times ``(1 - persistence) ** 2``."""
 
@@ -176,16 +188,17 @@ def target_replica_counts(
     num_physical: int,
     num_ranks: int,
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
+    count_slack: float = 0.0,
 ) -> np.ndarray:
     """``[L, N_log]`` new replica counts: the current ones, changed only where the load forces.
 
-    See step 1 of the module docstring.
+    See step 1 of the module docstring (``count_slack``: the hysteresis share above the bound).
     """
     load = np.asarray(load, dtype=np.float64)
     num_layers, num_logical = load.shape
     best = optimal_replica_counts(load, num_physical)
     bound = (load / best).max(axis=1)
-    cap = np.maximum(bound, count_cap_share * load.sum(axis=1) / num_ranks)
+    cap = np.maximum(bound, count_cap_share * load.sum(axis=1) / num_ranks) * (1.0 + count_slack)
     safe_cap = np.where(cap > 0, cap, 1.0)[:, None]
     needed = np.maximum(np.ceil(load / safe_cap - 1e-9).astype(np.int64), 1)
     needed = np.minimum(needed, best)  # guards the rounding above; best always fits
@@ -555,6 +568,7 @@ def migration_phy2log(
     reference_max_slots: int = DEFAULT_REFERENCE_MAX_SLOTS,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
+    count_slack: float = DEFAULT_COUNT_SLACK,
     repack: bool = True,
     fine_move_share: float = DEFAULT_FINE_MOVE_SHARE,
     fine_replica_share: float = DEFAULT_FINE_REPLICA_SHARE,
@@ -571,7 +585,8 @@ def migration_phy2log(
         tolerance, replica_share, noise_sigmas, min_swap_share, max_rounds: see :func:`swap_search`.
         reference_max_slots: layers of at most this many slots also compute DeepSeek's greedy
             packing of their replicas (step 3's reference, step 5's candidate).
-        count_cap_share: see :func:`target_replica_counts`.
+        count_cap_share, count_slack: see :func:`target_replica_counts`; ``count_slack`` applies
+            only with more than two slots per rank.
         repack: take the relabelled greedy packing where it is no dearer and no less balanced
             (step 5 of the module docstring); ``False`` keeps the swap searches' result.
         fine_move_share, fine_replica_share, fine_noise_sigmas: step 4 (the fine pass): the
@@ -590,7 +605,8 @@ def migration_phy2log(
     load = np.asarray(logical_load, dtype=np.float64)
     num_layers, num_physical = current.shape
     current_counts = logical_replica_count(current, load.shape[1])
-    new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share)
+    slack = count_slack if num_physical > 2 * num_ranks else 0.0
+    new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share, slack)
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
     packed = packed_max = None
     if _uses_packing(num_physical, num_ranks, reference_max_slots):
