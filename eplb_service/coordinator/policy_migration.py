@@ -124,6 +124,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplb_service.coordinator.load_forecast import load_shares
 from eplb_service.coordinator.pack_matching import pack_overlap, relabel_packs
 from eplb_service.coordinator.policy_deepseek import balanced_packing
 from eplb_service.placement import logical_replica_count, rank_holdings, rank_loads
@@ -422,9 +423,7 @@ def _uses_packing(num_physical: int, num_ranks: int, reference_max_slots: int) -
 
 def _normalised_slot_load(phy2log: np.ndarray, load: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``[L, P]`` each slot's share of its layer's load (a layer's slots sum to 1; 0 if idle)."""
-    totals = load.sum(axis=1)
-    norm = load / np.where(totals > 0, totals, 1.0)[:, None]
-    return (norm / np.maximum(counts, 1))[np.arange(load.shape[0])[:, None], phy2log]
+    return (load_shares(load) / np.maximum(counts, 1))[np.arange(load.shape[0])[:, None], phy2log]
 
 
 def _within_room(ok: np.ndarray, lay: np.ndarray, room: np.ndarray) -> np.ndarray:
@@ -644,12 +643,21 @@ def migration_phy2log(
             packed_max=packed_max,
             room=np.maximum(room, 0).astype(np.float64),
         )
-    slot_price = move_price * (1.0 - persistence) ** 2
-    if packed is None or not repack:
-        return priced_layers(current, swapped, load, num_ranks, slot_price)
-    # Step 5: the greedy packing itself, each pack on the rank holding most of it, where that
-    # moves no more slots than the swaps and leaves no rank more loaded. Only layers that can
-    # win are relabelled: no more loaded, and each pack keeping at most its best overlap.
+    if packed is not None and repack:
+        swapped = _relabelled_where_no_dearer(current, swapped, packed, load, num_ranks)
+    return priced_layers(current, swapped, load, num_ranks, move_price * (1.0 - persistence) ** 2)
+
+
+def _relabelled_where_no_dearer(
+    current: np.ndarray, swapped: np.ndarray, packed: np.ndarray, load: np.ndarray, num_ranks: int
+) -> np.ndarray:
+    """Step 5: ``swapped`` with the greedy packing, each pack on the rank holding most of it, in
+    the layers where that moves no more slots than the swaps and leaves no rank more loaded.
+
+    Only layers that can win are relabelled: no more loaded, and each pack keeping at most its
+    best overlap. ``swapped`` is updated in place and returned.
+    """
+    num_physical = current.shape[1]
     swapped_moves = (swapped != current).sum(axis=1)
     slack = 1e-12 * load.sum(axis=1)
     flatter = (
@@ -660,11 +668,11 @@ def migration_phy2log(
     can_win = num_physical - overlap.max(axis=2).sum(axis=1) <= swapped_moves[layers]
     layers, overlap = layers[can_win], overlap[can_win]
     if layers.size == 0:
-        return priced_layers(current, swapped, load, num_ranks, slot_price)
+        return swapped
     relabelled = relabel_packs(packed[layers], current[layers], num_ranks, overlap)
     take = (relabelled != current[layers]).sum(axis=1) <= swapped_moves[layers]
     swapped[layers[take]] = relabelled[take]
-    return priced_layers(current, swapped, load, num_ranks, slot_price)
+    return swapped
 
 
 def priced_layers(
