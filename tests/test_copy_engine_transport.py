@@ -229,6 +229,16 @@ def _stage_and_exchange(rank: int, port: int) -> dict:
     return result
 
 
+def _wait_for_bytes_from_rank_1(transport: CopyEngineTransport) -> dict:
+    """Rank 0's side of the peer-failure scenarios: receive 100 bytes rank 1 never sends."""
+    t0 = time.monotonic()
+    try:
+        transport.exchange([P2POp(False, torch.zeros(100, dtype=torch.uint8), 1, 0)])
+    except TransportError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - t0}
+    return {"error": None}
+
+
 def _peer_aborts(rank: int, port: int) -> dict:
     transport = CopyEngineTransport(HostMemoryMover(), window_bytes=4096, host="one-host")
     transport.connect(_comm(port, 1), rank, 10)
@@ -236,12 +246,7 @@ def _peer_aborts(rank: int, port: int) -> dict:
         transport.abort()  # mid-plan: rank 0 is waiting for bytes that will never come
         time.sleep(3)
         return {}
-    t0 = time.monotonic()
-    try:
-        transport.exchange([P2POp(False, torch.zeros(100, dtype=torch.uint8), 1, 0)])
-    except TransportError as exc:
-        return {"error": str(exc), "seconds": time.monotonic() - t0}
-    return {"error": None}
+    return _wait_for_bytes_from_rank_1(transport)
 
 
 def _peer_vanishes(rank: int, port: int) -> dict:
@@ -249,12 +254,7 @@ def _peer_vanishes(rank: int, port: int) -> dict:
     transport.connect(_comm(port, 1), rank, 10)
     if rank == 1:
         os._exit(0)  # no abort, no goodbye
-    t0 = time.monotonic()
-    try:
-        transport.exchange([P2POp(False, torch.zeros(100, dtype=torch.uint8), 1, 0)])
-    except TransportError as exc:
-        return {"error": str(exc), "seconds": time.monotonic() - t0}
-    return {"error": None}
+    return _wait_for_bytes_from_rank_1(transport)
 
 
 def _peer_silent(rank: int, port: int) -> dict:
@@ -263,11 +263,7 @@ def _peer_silent(rank: int, port: int) -> dict:
     if rank == 1:
         time.sleep(4)  # alive, connected, never sends
         return {}
-    try:
-        transport.exchange([P2POp(False, torch.zeros(100, dtype=torch.uint8), 1, 0)])
-    except TransportError as exc:
-        return {"error": str(exc)}
-    return {"error": None}
+    return _wait_for_bytes_from_rank_1(transport)
 
 
 def _selection(rank: int, port: int) -> dict:
