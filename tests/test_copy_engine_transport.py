@@ -14,12 +14,12 @@ import multiprocessing as mp
 import os
 import socket
 import time
-import traceback
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from child_results import gather_results, put_result_and_exit
 from conftest import expert_row_value, make_model, rows_match_maps
 
 from eplb_service import protocol
@@ -316,13 +316,7 @@ SCENARIOS = {
 
 def _child(scenario: str, rank: int, port: int, queue) -> None:
     torch.set_num_threads(1)
-    try:
-        queue.put((rank, SCENARIOS[scenario](rank, port)))
-    except BaseException:
-        queue.put((rank, {"exception": traceback.format_exc()}))
-    queue.close()
-    queue.join_thread()  # the result is out: leave without tearing down threads (gloo's) at exit
-    os._exit(0)
+    put_result_and_exit(queue, rank, lambda: SCENARIOS[scenario](rank, port))
 
 
 def run_pair(scenario: str, timeout_s: float = 90) -> dict[int, dict]:
@@ -332,24 +326,16 @@ def run_pair(scenario: str, timeout_s: float = 90) -> dict[int, dict]:
     procs = [CTX.Process(target=_child, args=(scenario, r, port, queue), name=f"ce-{scenario}-{r}") for r in range(2)]
     for p in procs:
         p.start()
-    results: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(results) < 2 and time.monotonic() < deadline:
-            if scenario == "vanish" and len(results) == 1 and procs[1].exitcode is not None:
-                break
-            try:
-                rank, result = queue.get(timeout=1)
-            except Exception:
-                if all(p.exitcode is not None for p in procs):
-                    break  # both gone, and what they sent was read first
-                continue
-            results[rank] = result
+        results = gather_results(
+            queue,
+            procs,
+            timeout_s,
+            join_s=10,
+            # Rank 1 of "vanish" exits without a result: rank 0's is all there is to wait for.
+            done_early=lambda got: scenario == "vanish" and len(got) == 1 and procs[1].exitcode is not None,
+        )
     finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
         del store
     for rank, result in results.items():
         assert "exception" not in result, f"rank {rank}:\n{result['exception']}"

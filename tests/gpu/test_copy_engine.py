@@ -20,13 +20,12 @@ from __future__ import annotations
 import collections
 import datetime
 import multiprocessing as mp
-import os
 import socket
 import time
-import traceback
 
 import numpy as np
 import pytest
+from child_results import gather_results, put_result_and_exit
 
 pytest.importorskip("cupy")
 torch = pytest.importorskip("torch")
@@ -156,13 +155,7 @@ def _run(rank: int, devices: list[int], port: int) -> dict:
 
 
 def _child(rank: int, devices: list[int], port: int, queue) -> None:
-    try:
-        queue.put((rank, _run(rank, devices, port)))
-    except BaseException:
-        queue.put((rank, {"exception": traceback.format_exc()}))
-    queue.close()
-    queue.join_thread()  # the result is out: leave without tearing down threads (gloo's) at exit
-    os._exit(0)
+    put_result_and_exit(queue, rank, lambda: _run(rank, devices, port))
 
 
 def _run_pair(devices: list[int], timeout_s: float = 120) -> dict[int, dict]:
@@ -174,22 +167,9 @@ def _run_pair(devices: list[int], timeout_s: float = 120) -> dict[int, dict]:
     procs = [CTX.Process(target=_child, args=(r, devices, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(results) < 2 and time.monotonic() < deadline:
-            try:
-                rank, result = queue.get(timeout=1)
-            except Exception:
-                if all(p.exitcode is not None for p in procs):
-                    break  # both gone, and what they sent was read first
-                continue
-            results[rank] = result
+        results = gather_results(queue, procs, timeout_s, join_s=20)
     finally:
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
         del store
     for rank, result in results.items():
         assert "exception" not in result, f"rank {rank}:\n{result['exception']}"
