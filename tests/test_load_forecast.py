@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eplb_service.coordinator.load_forecast import forecast_load, persistence
+from eplb_service.coordinator.load_forecast import (
+    FORECAST_UP_TO,
+    PLAN_AS_IS_FROM,
+    forecast_load,
+    persistence,
+    planning_persistence,
+)
 from eplb_service.coordinator.load_window import LoadWindow
-from eplb_service.coordinator.policy import plan_rebalance
+from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.policy_migration import migration_phy2log, priced_layers
 from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log, rank_loads
 
@@ -91,6 +97,49 @@ def test_full_persistence_leaves_the_migration_policy_unchanged():
     load = rng.gamma(0.7, 500.0, size=(6, 16))
     current = initial_phy2log(PlacementShape(6, 16, 20, 4))
     assert np.array_equal(migration_phy2log(current, load, 4), migration_phy2log(current, load, 4, persistence=1.0))
+
+
+def test_the_plan_keeps_the_forecast_where_imbalance_fades_and_the_load_where_it_lasts():
+    grid = np.linspace(0.0, 1.0, 1001)
+    kept = np.array([planning_persistence(a) for a in grid])
+    low, high = grid <= FORECAST_UP_TO, grid >= PLAN_AS_IS_FROM
+    assert np.array_equal(kept[low], grid[low]) and (kept[high] == 1.0).all()
+    assert (np.diff(kept) >= 0).all() and (kept >= grid).all()
+    assert np.abs(np.diff(kept)).max() < 0.01  # continuous: no jump where a crosses a line
+
+
+def test_where_most_imbalance_lasts_the_plan_is_for_the_load_as_it_is_priced_by_the_persistence():
+    rng = np.random.default_rng(11)
+    shape = PlacementShape(8, 16, 24, 4)
+    load = rng.gamma(0.6, 400.0, size=(8, 16))
+    current = initial_phy2log(shape)
+    plan = plan_rebalance("migration", current, load, shape, persistence=0.8)
+    expected = build_plan(current, migration_phy2log(current, load, 4, persistence=0.8), load, shape)
+    assert np.array_equal(plan.target_phy2log, expected.target_phy2log)
+    shrunk = forecast_load(load, 0.3)
+    low = plan_rebalance("migration", current, load, shape, persistence=0.3)
+    assert np.array_equal(
+        low.target_phy2log,
+        build_plan(current, migration_phy2log(current, shrunk, 4, persistence=0.3), shrunk, shape).target_phy2log,
+    )
+
+
+def test_a_new_hot_expert_that_lasts_is_provisioned_for_its_load_not_the_shrunk_forecast():
+    # A quarter of the layers gain a hot expert from nowhere (persistence about 0.75) and it is
+    # still there next window: the plan for the load as it is leaves the lower largest rank.
+    rng = np.random.default_rng(5)
+    layers, experts = 16, 16
+    shape = PlacementShape(layers, experts, 24, 4)
+    before = rng.gamma(2.0, 300.0, size=(layers, experts))
+    after = before.copy()
+    rows = np.arange(0, layers, 4)
+    after[rows, rng.integers(0, experts, rows.size)] = 4 * before.max()
+    current = plan_rebalance("migration", initial_phy2log(shape), before, shape).target_phy2log
+    now = plan_rebalance("migration", current, after, shape, persistence=0.75).target_phy2log
+    shrunk = forecast_load(after, 0.75)
+    then = build_plan(current, migration_phy2log(current, shrunk, 4, persistence=0.75), shrunk, shape).target_phy2log
+    peak_now, peak_then = rank_loads(now, after, 4).max(axis=1), rank_loads(then, after, 4).max(axis=1)
+    assert (peak_now[rows] <= peak_then[rows] + 1e-9).all() and peak_now[rows].sum() < peak_then[rows].sum()
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "high"])

@@ -15,9 +15,10 @@ writes placement JSON::
 ``--current`` takes the same JSON (only ``phy2log`` is read; a bare ``[L, P]`` list works
 too), so a plan can seed the coordinator's initial placement and the next plan can start from
 it. Without ``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert
-``p % N``). Balancedness figures are under ``--load`` as given (with ``--previous-load`` the
-migration policy plans for a forecast of the next window, see ``load_forecast``; the batches'
-gains are under that forecast). Bad input ends with exit code 2 and a one-line message naming the bad value.
+``p % N``). Balancedness figures are under ``--load`` as given (with ``--previous-load`` and a
+persistence below 0.6 the migration policy plans for a forecast of the next window, see
+``load_forecast``; the batches' gains are then under that forecast). Bad input ends with exit
+code 2 and a one-line message naming the bad value.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--previous-load",
         metavar="FILE",
         help="the window before --load, same shape and formats: the migration policy measures how much "
-        "of the imbalance lasted from it to --load and plans for the forecast next window (default: "
-        "plan for --load as it is)",
+        "of the imbalance lasted from it to --load, prices moves by it and, where most of it fades, plans "
+        "for the forecast next window (default: plan for --load as it is)",
     )
     parser.add_argument("--ranks", required=True, type=int, help="EP ranks (must divide the slots)")
     parser.add_argument(

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from eplb_service.coordinator.load_forecast import forecast_load
+from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import migration_phy2log
 from eplb_service.placement import (
@@ -196,11 +196,13 @@ def plan_rebalance(
         min_layer_gain: layers whose balancedness gain is below this keep their rows.
         persistence: how much of the load's imbalance lasts into the next window, in
             ``[0, 1]`` (:func:`~eplb_service.coordinator.load_forecast.persistence` of the last
-            two windows; 1 = plan for ``logical_load`` as it is). ``"migration"`` plans for
-            the forecast :func:`~eplb_service.coordinator.load_forecast.forecast_load` and
-            prices each moved slot by it; the plan's gains and balancedness are then under the
-            forecast. ``"deepseek"`` ignores it (it is DeepSeek's policy: the last window only),
-            and so do registered policies.
+            two windows; 1 = plan for ``logical_load`` as it is). ``"migration"`` prices each
+            moved slot by it and, where most of the imbalance fades (below 0.6), plans for the
+            forecast :func:`~eplb_service.coordinator.load_forecast.forecast_load` with the
+            share :func:`~eplb_service.coordinator.load_forecast.planning_persistence` keeps;
+            the plan's gains and balancedness are then under that forecast. ``"deepseek"``
+            ignores it (it is DeepSeek's policy: the last window only), and so do registered
+            policies.
 
     Raises:
         ValueError: unknown policy, or a layer that alone needs more staging than the budget.
@@ -234,7 +236,7 @@ def plan_rebalance(
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)
     if policy == "migration":
-        load = forecast_load(load, float(persistence))
+        load = forecast_load(load, planning_persistence(persistence))
 
     proposed = propose_phy2log(
         policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes, persistence=float(persistence)

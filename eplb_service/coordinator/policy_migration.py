@@ -88,10 +88,13 @@ together, vectorised):
 6. **A price on moves where the imbalance does not last.** The coordinator measures the
    load's *persistence* ``a``: how much of each expert's deviation from its layer's mean
    survives from one window to the next (:mod:`.load_forecast`; pooled over all layers, so two
-   windows give a stable number). The policy is then given the forecast load (each deviation
-   scaled by ``a``), and each layer keeps its change only where the drop of its most loaded rank
-   under that forecast pays ``move_price * (1 - a) ** 2`` of a mean replica's load per moved
-   slot; the other layers keep their rows. Where hot experts hop to other experts every window
+   windows give a stable number). Where most of the imbalance fades (``a`` below 0.6) the policy
+   is given the forecast load (each deviation scaled by ``a``; by
+   :func:`~eplb_service.coordinator.load_forecast.planning_persistence`, the load as it is from
+   0.6 on, since a shrunk forecast under-provisions the hot experts that do last), and each
+   layer keeps its change only where the drop of its most loaded rank under that load pays
+   ``move_price * (1 - a) ** 2`` of a mean replica's load per moved slot; the other layers
+   keep their rows. Where hot experts hop to other experts every window
    (``a`` about 0.1-0.3), a change tuned to the last window's hot expert mostly buys nothing in
    the next one, and DeepSeek's policy (which cannot tell) spends slots on it all the same; in
    the matrix's Mixtral *swap* cells with 3 and 5 slots per rank the price took the policy from
@@ -102,17 +105,17 @@ together, vectorised):
    ``move_price * (1 - a)`` cost layers that gain a lasting new hot expert (``a`` about 0.9,
    e.g. Qwen3-235B on 16 or 64 ranks, *abrupt*) up to 1 pp, because their big responses move
    many slots. With ``a = 1`` (no history yet, or a load that keeps its shape) the step does
-   nothing and the forecast is the load itself.
+   nothing and the plan is made for the load itself.
 
 Every swap keeps the per-rank slot counts and the replica counts, and every unchanged slot
 keeps its expert, so at most two slots change per swap plus one per count change. The result
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 380 of its 432 cells stay
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 382 of its 432 cells stay
 within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved
 (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and
-no count slack).
+no count slack, 380 with the count slack and the forecast planned for at every persistence).
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
 miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
