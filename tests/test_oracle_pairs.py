@@ -1,0 +1,37 @@
+"""The online price-per-slot rule of ``bench/oracle_pairs.py`` (the evidence for the Mixtral cells)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.oracle_pairs import best_responses, max_loads, moves_between
+
+
+def windows(count: int, layers: int = 6, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.gamma(0.8, 100.0, size=(layers, 8)) for _ in range(count)]
+
+
+def test_a_prohibitive_price_keeps_the_warm_up_pairing_and_no_price_takes_the_best_each_time():
+    moves = moves_between()
+    loads = windows(6)
+    _, moved = best_responses(loads, 10.0, moves, forecast=False)
+    assert moved == 0
+    score, moved = best_responses(loads, 0.0, moves, forecast=False)
+    assert moved > 0
+    # With no price every rebalance takes a pairing of the smallest largest rank for its window,
+    # so on the next window it scores exactly as the per-window best pairings do.
+    best = [max_loads(loads[t]).argmin(axis=1) for t in range(1, len(loads) - 1)]
+    rows = np.arange(loads[0].shape[0])
+    expected = np.mean(
+        [loads[t + 1].sum() / 4 / max_loads(loads[t + 1])[rows, best[t - 1]].sum() for t in range(1, len(loads) - 1)]
+    )
+    assert np.isclose(score, expected)
+
+
+def test_moves_between_pairings_is_a_symmetric_count_of_changed_slots():
+    moves = moves_between()
+    assert moves.shape == (105, 105)
+    assert (np.diag(moves) == 0).all() and (moves == moves.T).all()
+    off = moves[~np.eye(105, dtype=bool)]
+    assert off.min() == 2 and off.max() <= 8  # one exchange changes two slots; a layer has 8
