@@ -9,6 +9,8 @@ from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import (
     migration_phy2log,
     optimal_replica_counts,
+    soft_max_search,
+    soft_maximum,
     target_replica_counts,
 )
 from eplb_service.placement import (
@@ -187,3 +189,37 @@ def test_fine_pass_levels_a_slowly_drifting_coarse_layer():
     after = layer_balancedness(rank_loads(fine, load, ranks)).mean()
     assert after > before + 0.005, (before, after)
     assert ((fine != current).sum(axis=1) <= np.floor(0.08 * experts) + (coarse != current).sum(axis=1)).all()
+
+
+def test_soft_maximum_lies_between_the_largest_load_and_tau_log_ranks_above_it():
+    rng = np.random.default_rng(2)
+    loads = rng.random((50, 16)) * 3
+    for tau in (0.01, 0.03, 0.3):
+        soft = soft_maximum(loads, tau)
+        assert (soft >= loads.max(axis=1) - 1e-12).all()
+        assert (soft <= loads.max(axis=1) + tau * np.log(16) + 1e-12).all()
+    # More ranks near the largest: a higher soft maximum for the same largest load.
+    crowded = np.array([[1.3, 1.29, 1.29, 1.28, 0.7, 0.7, 0.7, 0.74]])
+    spread = np.array([[1.3, 1.2, 1.1, 1.0, 0.9, 0.9, 0.8, 0.8]])
+    assert soft_maximum(crowded, 0.03)[0] > soft_maximum(spread, 0.03)[0]
+
+
+def test_the_fine_pass_spreads_ranks_crowding_under_the_largest_without_raising_it():
+    """Two slots per rank: one rank is set by a hot expert, six crowd at or just under it."""
+    ranks = 8
+    # Expert 0 (hot) with 1 (lightest) is a largest rank (130); ranks 1-6 pair medium experts to
+    # 129-130; rank 7 holds the two next-lightest.
+    load = np.array([[120.0, 10.0, 70.0, 60.0, 68.0, 62.0, 66.0, 63.0, 65.0, 64.0, 67.0, 62.5, 69.0, 60.5, 20.0, 22.0]])
+    current = np.arange(16)[None, :]
+    counts = logical_replica_count(current, 16)
+    before = rank_loads(current, load, ranks)
+    out = soft_max_search(current, load, counts, ranks, room=np.array([6.0]))
+    validate_phy2log(out, PlacementShape(1, 16, 16, ranks))
+    after = rank_loads(out, load, ranks)
+    assert (out != current).sum() <= 6  # three exchanges at most
+    assert np.isclose(after.max(), before.max())  # the hot rank cannot drop: it already has the lightest
+    near = lambda r: (r >= r.max() - 0.05 * r.mean()).sum()  # noqa: E731
+    assert near(after[0]) < near(before[0])
+    mean = before.mean()
+    assert soft_maximum(after / mean, 0.03)[0] < soft_maximum(before / mean, 0.03)[0]
+    assert np.array_equal(soft_max_search(current, load, counts, ranks, room=np.array([0.0])), current)
