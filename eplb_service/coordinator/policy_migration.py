@@ -436,16 +436,6 @@ def _normalised_slot_load(phy2log: np.ndarray, load: np.ndarray, counts: np.ndar
     return (load_shares(load) / np.maximum(counts, 1))[np.arange(load.shape[0])[:, None], phy2log]
 
 
-def _within_room(ok: np.ndarray, lay: np.ndarray, room: np.ndarray) -> np.ndarray:
-    """``ok`` less the swaps past each layer's ``room`` (``lay`` ascending); ``room`` is charged."""
-    take = np.flatnonzero(ok)
-    fits = _group_positions(lay[take]) < room[lay[take]] // 2
-    out = np.zeros_like(ok)
-    out[take[fits]] = True
-    np.subtract.at(room, lay[take[fits]], 2)
-    return out
-
-
 def swap_search(
     phy2log: np.ndarray,
     load: np.ndarray,
@@ -458,7 +448,6 @@ def swap_search(
     min_swap_share: float = DEFAULT_MIN_SWAP_SHARE,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     packed_max: np.ndarray | None = None,
-    room: np.ndarray | None = None,
 ) -> np.ndarray:
     """Step 3: one-for-one replica exchanges that lower the ranks above their targets (a new array).
 
@@ -471,7 +460,6 @@ def swap_search(
         min_swap_share: a swap must lower its hot rank by this share of the tolerance.
         max_rounds: upper bound on rounds.
         packed_max: see :func:`reference_level` (as a share of each layer's load).
-        room: ``[L]`` slots each layer may still change (two per swap); ``None``: no limit.
     """
     out = phy2log.copy()
     num_layers, num_physical = out.shape
@@ -532,8 +520,6 @@ def swap_search(
             gap,
         )
         ok = gap / 2 - miss >= gate[lay]  # the hot rank drops by gap/2 - miss (inf miss: no exchange)
-        if room is not None:
-            ok = _within_room(ok, lay, room)
         exchange(lay[ok], rank_a[ok], rank_b[ok], i[ok], j[ok])
         swapped[row[ok], rank_a[ok]] = swapped[row[ok], rank_b[ok]] = True
         # The rank furthest above its limit now, if no pair exchange touched it, tries every other rank.
@@ -555,8 +541,6 @@ def swap_search(
             pair_max = ((load_a + load_b) / 2 + miss).reshape(idx.size, num_ranks - 1)
             pick = pair_max.argmin(axis=1)
             ok = pair_max[np.arange(idx.size), pick] <= rank_load[lay_b, hottest] - gate[lay_b]
-            if room is not None:
-                ok = _within_room(ok, lay_b, room)
             sel = (np.arange(idx.size) * (num_ranks - 1) + pick)[ok]
             exchange(lay[sel], rank_a[sel], rank_b[sel], i[sel], j[sel])
             swapped[idx[ok], hottest[ok]] = True
@@ -726,7 +710,7 @@ def migration_phy2log(
     )
     # Step 4: lower the soft maximum of rank loads in the slots each layer has left of its
     # fine_move_share (none where the steps above already moved that many); only in layers of
-    # at most reference_max_slots slots, as steps 3's reference and 5.
+    # at most reference_max_slots slots, as step 3's reference and step 5.
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
     if packed_max is not None and (room >= 2).any():
         swapped = soft_max_search(
