@@ -94,25 +94,41 @@ def best_sequences(peaks: np.ndarray, weight: np.ndarray, lam: float, moves: np.
     return np.array(path[::-1])
 
 
-def best_responses(loads: list[np.ndarray], lam: float, moves: np.ndarray, forecast: bool) -> tuple[float, int]:
-    """Next-window balancedness and slots of the online price-per-slot rule (module docstring).
+def scored_windows(loads: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(peaks [T, L, S], mean [T])`` of the windows the matrix scores rebalances ``t = 1..T`` on
+    (``loads[t + 1]``): every pairing's largest rank load, and the mean rank load summed over layers."""
+    nexts = loads[2:]
+    return np.stack([max_loads(w) for w in nexts]), np.array([w.sum() / RANKS for w in nexts])
 
-    Windows as the matrix runs them: an uncounted warm-up on ``loads[0]``, then rebalance ``t``
-    plans on ``loads[t]`` (or its forecast) and is scored on ``loads[t + 1]``.
-    """
-    rows = np.arange(loads[0].shape[0])
-    state = max_loads(loads[0]).argmin(axis=1)
-    moved, scores = 0, []
+
+def online_inputs(loads: list[np.ndarray], forecast: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(costs [T, L, S], warm [L])`` for the online rule of the module docstring, computed once
+    for every ``lam``: each pairing's largest rank load over the mean under the load rebalance
+    ``t`` plans on (``loads[t]`` or its forecast, as the matrix runs it), and the pairing of the
+    uncounted warm-up on ``loads[0]``."""
+    costs = []
     for t in range(1, len(loads) - 1):
         load = loads[t]
         if forecast:
             load = forecast_load(load, planning_persistence(persistence(loads[t - 1], load)))
         mean = load.sum(axis=1, keepdims=True) / RANKS
-        new = (max_loads(load) / np.where(mean > 0, mean, 1.0) + lam * moves[state]).argmin(axis=1)
+        costs.append(max_loads(load) / np.where(mean > 0, mean, 1.0))
+    return np.stack(costs), max_loads(loads[0]).argmin(axis=1)
+
+
+def best_responses(
+    inputs: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray, np.ndarray], lam: float, moves: np.ndarray
+) -> tuple[float, int]:
+    """Next-window balancedness and slots of the online price-per-slot rule at price ``lam``
+    (``inputs`` from :func:`online_inputs`, ``scored`` from :func:`scored_windows`)."""
+    (costs, state), (peaks, mean) = inputs, scored
+    rows = np.arange(state.size)
+    moved, scores = 0, []
+    for t in range(len(costs)):
+        new = (costs[t] + lam * moves[state]).argmin(axis=1)
         moved += int(moves[state, new].sum())
         state = new
-        following = loads[t + 1]
-        scores.append(following.sum() / RANKS / max_loads(following)[rows, state].sum())
+        scores.append(mean[t] / peaks[t][rows, state].sum())
     return float(np.mean(scores)), moved
 
 
@@ -138,9 +154,7 @@ def analyse(workload_index: int, moves: np.ndarray) -> str:
     seed = np.random.SeedSequence([0, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
     loads = matrix_loads(shape, workload, layers, 12, int(seed.generate_state(1)[0]))
     deepseek = run_sequence("deepseek", shape, loads)
-    nexts = loads[2:]  # plan t (t = 1..10) is scored on window t + 1
-    peaks = np.stack([max_loads(w) for w in nexts])  # [T, L, S]
-    mean = np.array([w.sum() / RANKS for w in nexts])
+    peaks, mean = scored_windows(loads)  # plan t (t = 1..10) is scored on window t + 1
     floor = peaks.min(axis=2).sum(axis=1)  # best sum of max loads per window, any pairing
     level = mean / deepseek.next_window
     weight = mean / level**2
@@ -166,9 +180,9 @@ def analyse(workload_index: int, moves: np.ndarray) -> str:
     online = max(
         (
             r
+            for inputs in (online_inputs(loads, forecast=False), online_inputs(loads, forecast=True))
             for lam in [0.0, *np.geomspace(1e-3, 10.0, 41)]
-            for fc in (False, True)
-            for r in [best_responses(loads, lam, moves, fc)]
+            for r in [best_responses(inputs, (peaks, mean), lam, moves)]
             if r[1] <= budget
         ),
         key=lambda r: r[0],

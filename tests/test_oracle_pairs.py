@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.oracle_pairs import best_responses, max_loads, moves_between
+from bench.oracle_pairs import best_responses, max_loads, moves_between, online_inputs, scored_windows
 
 
 def windows(count: int, layers: int = 6, seed: int = 0) -> list[np.ndarray]:
@@ -15,9 +15,10 @@ def windows(count: int, layers: int = 6, seed: int = 0) -> list[np.ndarray]:
 def test_a_prohibitive_price_keeps_the_warm_up_pairing_and_no_price_takes_the_best_each_time():
     moves = moves_between()
     loads = windows(6)
-    _, moved = best_responses(loads, 10.0, moves, forecast=False)
+    inputs, scored = online_inputs(loads, forecast=False), scored_windows(loads)
+    _, moved = best_responses(inputs, scored, 10.0, moves)
     assert moved == 0
-    score, moved = best_responses(loads, 0.0, moves, forecast=False)
+    score, moved = best_responses(inputs, scored, 0.0, moves)
     assert moved > 0
     # With no price every rebalance takes a pairing of the smallest largest rank for its window,
     # so on the next window it scores exactly as the per-window best pairings do.
