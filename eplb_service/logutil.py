@@ -40,12 +40,41 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def configure(level: str | int | None = None, fmt: str = "text") -> None:
-    """stderr logging; ``EPLB_SERVICE_LOG_LEVEL`` / ``EPLB_SERVICE_LOG_FORMAT`` override defaults."""
-    level = level or os.environ.get("EPLB_SERVICE_LOG_LEVEL", "INFO")
-    fmt = os.environ.get("EPLB_SERVICE_LOG_FORMAT", fmt)
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""The level names ``--log-level`` and ``EPLB_SERVICE_LOG_LEVEL`` take (any case)."""
+
+LOG_LEVEL_ENV = "EPLB_SERVICE_LOG_LEVEL"
+LOG_FORMAT_ENV = "EPLB_SERVICE_LOG_FORMAT"
+
+
+def parse_level(text: str | int, source: str) -> int:
+    """``text`` as a logging level; ``source`` (the flag or variable it came from) names it in the error.
+
+    Level names are taken in any case (``debug`` is ``DEBUG``): ``logging`` itself only knows
+    upper case, and a user typing the variable's value should not have to know that.
+    """
+    if isinstance(text, int):
+        return text
+    name = str(text).strip().upper()
+    if name not in LEVELS:
+        raise ValueError(f"{source}={text!r} is not a log level; expected one of {', '.join(LEVELS)} (any case)")
+    return getattr(logging, name)
+
+
+def configure(level: str | int | None = None, fmt: str | None = None) -> None:
+    """stderr logging. ``level`` / ``fmt`` are the command line's (``None``: not given); the
+    variables ``EPLB_SERVICE_LOG_LEVEL`` / ``EPLB_SERVICE_LOG_FORMAT`` fill in what it left out,
+    so a flag always wins over the environment. ``ValueError`` names a bad value and its source."""
+    if level is not None:
+        resolved = parse_level(level, "--log-level")
+    else:
+        resolved = parse_level(os.environ.get(LOG_LEVEL_ENV, "") or "INFO", LOG_LEVEL_ENV)
+    if fmt is None:
+        fmt_source, fmt = LOG_FORMAT_ENV, os.environ.get(LOG_FORMAT_ENV, "") or "text"
+    else:
+        fmt_source = "--log-format"
     if fmt not in ("text", "json"):
-        raise ValueError(f"log format {fmt!r} must be 'text' or 'json'")
+        raise ValueError(f"{fmt_source}={fmt!r} is not a log format; expected 'text' or 'json'")
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter()
@@ -54,4 +83,4 @@ def configure(level: str | int | None = None, fmt: str = "text") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(resolved)

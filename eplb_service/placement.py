@@ -26,6 +26,11 @@ class PlacementError(ValueError):
     """A placement that breaks an invariant; the message names the layer and value."""
 
 
+class PolicySettingsError(PlacementError):
+    """A policy setting the deployment's shape cannot satisfy (``--groups`` not dividing the
+    experts): every plan would fail the same way, so the coordinator halts once, naming it."""
+
+
 @dataclass(frozen=True)
 class PlacementShape:
     """The fixed shape of a deployment's placement.

@@ -337,8 +337,8 @@ def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_o
     import urllib.request
 
     endpoint = f"ipc://{tmp_path}/c.sock"
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where the trace's directory should be")
+    blocker = tmp_path / "traces"
+    blocker.mkdir()  # writable at start (the coordinator checks), gone before the first flush
     log = tmp_path / "coordinator.log"
     proc = daemon(
         endpoint,
@@ -355,6 +355,9 @@ def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_o
         "0",
         log_path=str(log),
     )
+    wait_status(endpoint, lambda s: True, 60, "the coordinator up")  # it checked --record's directory
+    blocker.rmdir()
+    blocker.write_text("a file where the trace's directory was")
     cluster = SimCluster(WORLD, endpoint, steps=800, seed=4).start()
     try:
         wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 120, "a commit")

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -25,6 +26,10 @@ from eplb_service.coordinator.config import CoordinatorConfig, default_endpoint
 from eplb_service.protocol import AgentConfig
 
 SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
+SIM_STEPS = 1500
+"""Serving steps per simulated rank unless ``--steps`` says otherwise."""
+SIM_ONLY = ("steps", "seed", "summary_json", "plot", "trace")
+"""Flags that only mean something with ``--simulate``; the daemon refuses them rather than ignore them."""
 
 
 def _positive_int(text: str) -> int:
@@ -34,6 +39,48 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _finite_float(text: str, *, allow_zero: bool) -> float:
+    """A finite number > 0 (or >= 0): ``float()`` alone takes ``nan`` and ``inf``, which no
+    timeout, rate or gain here can mean."""
+    expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, allow_zero=False)
+
+
+def _nonneg_float(text: str) -> float:
+    return _finite_float(text, allow_zero=True)
+
+
+def _port(text: str) -> int:
+    """An HTTP port, 0-65535 (0: any free port); the OS would wrap or refuse anything else."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: any free port), got {value}")
     return value
 
 
@@ -130,7 +177,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=None,
         metavar="PORT",
         help="serve /metrics, /livez, /readyz and /status on this HTTP port (0 = any free port; default: off)",
@@ -149,7 +196,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-gain",
-        type=float,
+        type=_nonneg_float,
         default=0.01,
         metavar="GAIN",
         help="minimum projected balancedness gain to start a plan",
@@ -172,11 +219,15 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--fence-steps", type=_positive_int, default=8, metavar="F", help="F: commit step = max(vote entry step) + F"
     )
     p.add_argument(
-        "--fence-timeout-s", type=float, default=5.0, metavar="S", help="longest a serving thread waits at the fence"
+        "--fence-timeout-s",
+        type=_positive_float,
+        default=5.0,
+        metavar="S",
+        help="longest a serving thread waits at the fence",
     )
     p.add_argument(
         "--throttle-bytes-per-s",
-        type=float,
+        type=_nonneg_float,
         default=0.0,
         metavar="RATE",
         help="per-rank streaming cap (0 = unthrottled)",
@@ -185,9 +236,14 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--log-level",
         default=None,
         metavar="LEVEL",
-        help="DEBUG, INFO or WARNING (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)",
+        help="DEBUG, INFO, WARNING or ERROR, any case (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)",
     )
-    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="json: one JSON object per line (default: $EPLB_SERVICE_LOG_FORMAT, else text)",
+    )
     p.add_argument(
         "--config",
         default=None,
@@ -221,8 +277,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the coordinator with dp x tp simulated serving ranks and real agents",
     )
-    sim.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="serving steps per rank")
-    sim.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the simulated load")
+    sim.add_argument(
+        "--steps", type=_positive_int, default=None, metavar="N", help=f"serving steps per rank (default: {SIM_STEPS})"
+    )
+    sim.add_argument(
+        "--seed", type=_nonneg_int, default=None, metavar="N", help="seed of the simulated load (default: 0)"
+    )
     sim.add_argument("--summary-json", default=None, metavar="FILE", help="write the run's summary here")
     sim.add_argument(
         "--plot", default=None, metavar="FILE", help="write a PNG of balancedness over time here (needs matplotlib)"
@@ -238,7 +298,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def _add_status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=default_endpoint(), metavar="URL", help="the coordinator's ZeroMQ endpoint")
     p.add_argument("--json", action="store_true", help="print the raw status document instead of the table")
-    p.add_argument("--timeout-s", type=float, default=3.0, metavar="S", help="how long to wait for an answer")
+    p.add_argument("--timeout-s", type=_positive_float, default=3.0, metavar="S", help="how long to wait for an answer")
 
 
 def _add_keygen_arguments(p: argparse.ArgumentParser) -> None:
@@ -263,6 +323,55 @@ def parse_command_line(argv: list[str], parser: argparse.ArgumentParser | None =
     return args
 
 
+def check_simulation_flags(args: argparse.Namespace) -> None:
+    """``ValueError`` when a ``--simulate``-only flag comes without it: the daemon would ignore
+    it silently and wait for agents, which is never what the user asked for."""
+    given = [f"--{name.replace('_', '-')}" for name in SIM_ONLY if getattr(args, name) is not None]
+    if given and not args.simulate:
+        raise ValueError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --simulate; "
+            "without it the coordinator waits for real agents"
+        )
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """``ValueError`` unless ``path`` can be written: checked at start, because these files are
+    written at the end of a run (or a recording's first flush) and a typo would cost the run."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: directory {parent!r} is not writable")
+
+
+def _checked_initial_placement(path: str, world_size: int):
+    """The ``--initial-placement`` file's ``phy2log``, checked against the ranks it was planned for."""
+    from eplb_service.coordinator.plan_cli import UsageError, read_placement
+
+    try:
+        initial = read_placement(path, "--initial-placement")
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            planned_ranks = json.load(f).get("num_ranks")
+    except (OSError, ValueError, AttributeError):  # read_placement took it: a bare list has no num_ranks
+        planned_ranks = None
+    if isinstance(planned_ranks, int) and planned_ranks != world_size:
+        raise ValueError(
+            f"--initial-placement {path}: planned for {planned_ranks} ranks (its num_ranks), but this "
+            f"deployment has {world_size} (--dp x --tp); plan it again with eplb-plan --ranks {world_size}"
+        )
+    if initial.shape[1] % world_size:
+        raise ValueError(
+            f"--initial-placement {path}: {initial.shape[1]} slots per layer cannot be spread over "
+            f"{world_size} ranks (--dp x --tp)"
+        )
+    return initial
+
+
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """The ``serve`` command's flags as a validated config; ``ValueError`` names a bad value."""
     if args.store_host is not None:
@@ -271,19 +380,17 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
             "(set EPLB_SERVICE_STORE_HOST/EPLB_SERVICE_STORE_PORT in the vLLM workers instead)",
             args.store_host,
         )
+    check_simulation_flags(args)
+    for flag, path in (("--summary-json", args.summary_json), ("--plot", args.plot), ("--record", args.record)):
+        if path is not None:
+            check_output_path(flag, path)
     interval = args.rebalance_interval_steps or (SIM_DEFAULTS["rebalance_interval_steps"] if args.simulate else 200)
     extra = {k: v for k, v in SIM_DEFAULTS.items() if k != "rebalance_interval_steps"} if args.simulate else {}
-    initial = None
-    if args.initial_placement:
-        from eplb_service.coordinator.plan_cli import UsageError, read_placement
-
-        try:
-            initial = read_placement(args.initial_placement, "--initial-placement")
-        except UsageError as exc:
-            raise ValueError(str(exc)) from None
+    world_size = args.dp * args.tp
+    initial = _checked_initial_placement(args.initial_placement, world_size) if args.initial_placement else None
     return CoordinatorConfig(
         initial_placement=initial,
-        world_size=args.dp * args.tp,
+        world_size=world_size,
         endpoint=args.endpoint or default_endpoint(),
         metrics_port=args.metrics_port,
         policy=args.policy,
@@ -318,8 +425,48 @@ def _toml_module():
     return tomllib
 
 
+def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, bool]]:
+    """Each key a config file may use -> (its flag's action, whether true means the flag's default flipped).
+
+    A key is a long flag name (``no-step-clock-check``) or its destination (``step-clock-check``),
+    with dashes or underscores: users copy either from ``--help`` or from an old file.
+    """
+    keys: dict[str, tuple[argparse.Action, bool]] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        keys[action.dest.replace("_", "-")] = (action, False)
+        for option in action.option_strings:
+            if option.startswith("--"):
+                keys[option[2:]] = (action, switch and option[2:] != action.dest.replace("_", "-"))
+    return keys
+
+
+def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
+    """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):  # "false" is a string, and a non-empty string would read as true
+            raise ValueError(f"config file {path!r}: {key} = {value!r}: expected true or false (no quotes)")
+        return (not value) if flips else value
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(
+            f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}"
+        )
+    if isinstance(value, (bool, dict, list)):
+        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a {'number' if action.type else 'string'}")
+    if action.type is not None:
+        try:
+            return action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a string (in quotes)")
+    return value
+
+
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``...)."""
+    """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``, ``insecure``...)."""
     tomllib = _toml_module()
     try:
         with open(path, "rb") as f:
@@ -328,23 +475,15 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         raise ValueError(f"cannot read config file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path!r} is not valid TOML: {exc}") from None
-    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    keys = _config_keys(parser)
     settings = {}
     for key, value in raw.items():
-        dest = key.replace("-", "_")
-        if dest not in known:
-            raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-        action = known[dest]
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(
-                f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}"
-            )
-        if action.type is not None and not isinstance(value, bool):
-            try:
-                value = action.type(str(value))
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
-        settings[dest] = value
+        found = keys.get(key.replace("_", "-"))
+        if found is None:
+            known = sorted({k for k, (a, _) in keys.items() if a.help != argparse.SUPPRESS})
+            raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(known)}")
+        action, flips = found
+        settings[action.dest] = _config_value(path, key, value, action, flips)
     return settings
 
 
@@ -417,7 +556,7 @@ def _unix_socket_listening(path: str) -> bool:
 
 
 def _serve(cfg: CoordinatorConfig) -> int:
-    from eplb_service.coordinator.server import Coordinator
+    from eplb_service.coordinator.server import BindError, Coordinator
 
     async def main() -> None:
         coordinator = Coordinator(cfg)
@@ -428,7 +567,11 @@ def _serve(cfg: CoordinatorConfig) -> int:
 
     import uvloop
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except BindError as exc:
+        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -442,6 +585,17 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         except ImportError:
             print("eplb-coordinator: error: --plot needs matplotlib: pip install 'eplb-service[plot]'", file=sys.stderr)
             return 2
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        kinds = FigureCanvasAgg.get_supported_filetypes()
+        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        if suffix and suffix not in kinds:  # checked before the run, not after it
+            print(
+                f"eplb-coordinator: error: --plot {args.plot!r}: matplotlib cannot write .{suffix} files; "
+                f"expected one of {', '.join('.' + k for k in sorted(kinds))}",
+                file=sys.stderr,
+            )
+            return 2
     model = SimModelConfig()
     if args.trace:
         from eplb_service.trace import TraceError, load_trace
@@ -454,15 +608,20 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
     opts = SimulationOptions(
         world_size=cfg.world_size,
-        steps=args.steps,
-        seed=args.seed,
+        steps=args.steps or SIM_STEPS,
+        seed=args.seed or 0,
         model=model,
         summary_json=args.summary_json,
         plot=args.plot,
     )
     summary = run_simulation(opts, cfg)
     print(json.dumps(summary, indent=2))
-    ok = summary["output_mismatches"] == 0 and summary["diverged"] == 0 and not summary["errors"]
+    ok = (
+        summary["output_mismatches"] == 0
+        and summary["diverged"] == 0
+        and not summary["errors"]
+        and not summary.get("halted")
+    )
     return 0 if ok else 1
 
 

@@ -3,15 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from eplb_service.protocol import AgentConfig
 
 if TYPE_CHECKING:
     import numpy as np
+
+
+def check_endpoint(endpoint: str) -> None:
+    """``ValueError`` unless ``endpoint`` is ``ipc://PATH`` or ``tcp://HOST:PORT`` with a usable port.
+
+    ZeroMQ reads a port above 65535 modulo 65536 (``tcp://host:99999`` listens on 34463), so a
+    typo would bind a port nobody configured; it is refused here instead. ``*`` (any free port)
+    is ZeroMQ's own spelling and kept.
+    """
+    if endpoint.startswith("ipc://"):
+        if not endpoint[len("ipc://") :]:
+            raise ValueError(f"endpoint {endpoint!r} names no socket path; expected ipc://PATH")
+        return
+    if not endpoint.startswith("tcp://"):
+        raise ValueError(f"endpoint {endpoint!r} must start with ipc:// or tcp://")
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"endpoint {endpoint!r} has no host and port; expected tcp://HOST:PORT")
+    if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"endpoint {endpoint!r}: port {port!r} is not a port; expected 1-65535 (or * for any)")
+
+
+def check_agent_config(agent: AgentConfig) -> None:
+    """``ValueError`` naming the first setting an agent would refuse.
+
+    The agents decode their ``AgentConfig`` with its constraints, so a value the coordinator
+    took unchecked (a negative fence timeout) would make every agent drop every ``Welcome``:
+    ranks re-registering forever, nothing rebalanced. Checked here, by the same constraints,
+    and for finiteness, which they do not cover (an infinite fence timeout blocks serving).
+    """
+    try:
+        msgspec.convert(msgspec.to_builtins(agent), AgentConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"agent setting: {exc}") from None
+    for name in agent.__struct_fields__:
+        value = getattr(agent, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"agent setting {name}={value!r}: expected a finite number")
 
 
 def default_endpoint() -> str:
@@ -80,10 +121,12 @@ class CoordinatorConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
-        if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
-            raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_endpoint(self.endpoint)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port {self.metrics_port} is not a port; expected 0-65535 (0: any free port)")
+        check_agent_config(self.agent)
         from eplb_service.coordinator.policy import policy_names
         from eplb_service.security import check_endpoint_security
 
@@ -95,8 +138,10 @@ class CoordinatorConfig:
 
         if self.policy not in policy_names():
             raise ValueError(f"policy {self.policy!r} is not one of {policy_names()}")
-        if self.min_gain < 0 or self.min_layer_gain < 0:
-            raise ValueError(f"min_gain={self.min_gain} and min_layer_gain={self.min_layer_gain} must be >= 0")
+        for name in ("min_gain", "min_layer_gain"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
 
     def replace(self, **changes) -> "CoordinatorConfig":
         return dataclasses.replace(self, **changes)

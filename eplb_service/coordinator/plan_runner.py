@@ -25,7 +25,7 @@ from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
-from eplb_service.placement import PlacementError, validate_phy2log
+from eplb_service.placement import PlacementError, PolicySettingsError, validate_phy2log
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PlanHost(Protocol):
 
     def clock_allows_planning(self, now: float) -> bool: ...
 
-    def halt(self, reason: str) -> None: ...
+    def halt(self, reason: str, advice: str = ...) -> None: ...
 
 
 class PlanRunner:
@@ -138,7 +138,6 @@ class PlanRunner:
         book, cfg = self.book, self.cfg
         if seeding:
             seed = np.asarray(cfg.initial_placement, dtype=np.int64)
-            validate_phy2log(seed, book.shape)
             return functools.partial(
                 build_plan,
                 current,
@@ -163,11 +162,30 @@ class PlanRunner:
             persistence=self.last_persistence,
         )
 
+    def _seed_fits(self) -> bool:
+        """Whether ``--initial-placement`` fits the deployment the agents registered; if not, it is
+        dropped with one error naming it (planning goes on from the placement the ranks have)."""
+        try:
+            validate_phy2log(np.asarray(self.cfg.initial_placement, dtype=np.int64), self.book.shape)
+        except (PlacementError, ValueError) as exc:
+            self.log.error(
+                "--initial-placement does not fit this deployment (%s layers x %s slots, %s experts): %s; "
+                "ignoring it and planning from the current placement",
+                self.book.shape.num_layers,
+                self.book.shape.num_physical,
+                self.book.shape.num_logical,
+                exc,
+            )
+            return False
+        return True
+
     async def run_policy(self) -> None:
         """Compute a rebalance in the executor; send its first batch if it is worth it."""
         book = self.book
         epoch = book.epoch
         seeding = self.cfg.initial_placement is not None and not self._seeded
+        if seeding and not self._seed_fits():
+            self._seeded, seeding = True, False
         t0 = time.perf_counter()
         try:
             self.last_persistence = book.window.persistence()
@@ -175,6 +193,9 @@ class PlanRunner:
             call = self._policy_call(book.placements[epoch].copy(), book.window.load.copy(), seeding)
             self._seeded = self._seeded or seeding
             result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except PolicySettingsError as exc:  # the same every time: one clear line, not one per interval
+            self.host.halt(f"--policy {self.cfg.policy}: {exc}", "restart the coordinator with settings that fit")
+            return
         except Exception as exc:
             self.log.exception("policy %s failed: %s", self.cfg.policy, exc)
             self.last_plan_end_step = self.host.min_step()

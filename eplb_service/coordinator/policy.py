@@ -43,6 +43,7 @@ from eplb_service.coordinator.policy_migration import migration_phy2log
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
+    PolicySettingsError,
     keep_slots_within_ranks,
     layer_balancedness,
     local_source_slots,
@@ -157,10 +158,10 @@ def propose_phy2log(
     forecast already."""
     if policy == "deepseek":
         if num_nodes <= 0 or shape.num_ranks % num_nodes:
-            raise PlacementError(f"num_nodes={num_nodes} must divide num_ranks={shape.num_ranks}")
+            raise PolicySettingsError(f"num_nodes={num_nodes} (--nodes) must divide num_ranks={shape.num_ranks}")
         if num_groups <= 0 or shape.num_logical % num_groups:
-            raise PlacementError(
-                f"num_groups={num_groups} must divide the number of logical experts ({shape.num_logical})"
+            raise PolicySettingsError(
+                f"num_groups={num_groups} (--groups) must divide the number of logical experts ({shape.num_logical})"
             )
         fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from eplb_service.placement import PlacementError
+from eplb_service.placement import PlacementError, PolicySettingsError
 
 
 class Packing(NamedTuple):
@@ -169,7 +169,9 @@ def rebalance_hierarchical(
     physical_per_node = num_physical // num_nodes
     slots_per_rank = num_physical // num_ranks
     if physical_per_node < logical_per_node:
-        raise PlacementError(f"{physical_per_node} slots per node cannot hold {logical_per_node} experts per node")
+        raise PolicySettingsError(
+            f"{physical_per_node} slots per node cannot hold {logical_per_node} experts per node (--nodes {num_nodes})"
+        )
 
     # Step 1: groups to nodes. "mlog" numbers experts node by node: node n owns mlog ids
     # [n * logical_per_node, (n + 1) * logical_per_node).
@@ -221,4 +223,4 @@ def deepseek_phy2log(
 
 def _check_divides(name: str, value: int, what: str, total: int) -> None:
     if value <= 0 or total % value:
-        raise PlacementError(f"{name}={value} must divide {what} ({total})")
+        raise PolicySettingsError(f"{name}={value} must divide {what} ({total})")

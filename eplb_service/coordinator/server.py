@@ -47,6 +47,11 @@ RECEIVE_HWM = 64
 what bounds the memory one client can make the coordinator hold."""
 
 
+class BindError(RuntimeError):
+    """The endpoint or the metrics port cannot be bound (taken, or not an address here); the
+    message names which, so the CLI prints it as one line instead of a traceback."""
+
+
 class Coordinator:
     """The shell: socket, loops, metrics, side duties, and the wiring of the parts.
 
@@ -97,12 +102,20 @@ class Coordinator:
         # No ROUTER_HANDOVER: a second connection with an identity in use is refused, so
         # nobody can take a registered agent's route over.
         auth_monitor = self._secure(sock)
-        sock.bind(self.cfg.endpoint)
-        self._sock = sock
         http = None
-        if self.cfg.metrics_port is not None:
-            http = await serve_http(self, self.cfg.http_host, self.cfg.metrics_port)
-            self.metrics_port = http.sockets[0].getsockname()[1]
+        try:
+            sock.bind(self.cfg.endpoint)
+            if self.cfg.metrics_port is not None:
+                http = await self._serve_http()
+        except (BindError, zmq.ZMQError) as exc:
+            if auth_monitor is not None:
+                auth_monitor.cancel()
+            sock.close(linger=0)
+            self._ctx.term()
+            if isinstance(exc, BindError):
+                raise
+            raise BindError(f"cannot listen on {self.cfg.endpoint}: {exc}") from None
+        self._sock = sock
         self.log.info(
             "listening on %s for %d ranks (metrics %s, policy %s)",
             self.cfg.endpoint,
@@ -121,6 +134,18 @@ class Coordinator:
             await self._shutdown()
             if http is not None:
                 http.close()
+
+    async def _serve_http(self):
+        """The HTTP endpoints on ``--metrics-port``; :class:`BindError` names the port when it is taken."""
+        try:
+            http = await serve_http(self, self.cfg.http_host, self.cfg.metrics_port)
+        except OSError as exc:
+            raise BindError(
+                f"cannot serve HTTP on --metrics-port {self.cfg.metrics_port} ({self.cfg.http_host}): "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.metrics_port = http.sockets[0].getsockname()[1]
+        return http
 
     def _secure(self, sock) -> asyncio.Task | None:
         """CURVE on the socket when keys are configured; returns the task counting refused handshakes."""
@@ -276,12 +301,15 @@ class Coordinator:
     def halted_reason(self) -> str | None:
         return self.guard.halted_reason
 
-    def halt(self, reason: str) -> None:
-        """Stop rebalancing for good (until restart), loudly; a plan in flight is asked to abort."""
+    def halt(self, reason: str, advice: str = "restart the deployment's workers") -> None:
+        """Stop rebalancing for good (until restart), loudly; a plan in flight is asked to abort.
+
+        ``advice`` ends the log line: what the operator does about it (a divergence needs the
+        workers restarted, a wrong coordinator flag only the coordinator)."""
         if self.guard.halted_reason:
             return
         self.guard.halted_reason = reason
-        self.log.critical("%s; rebalancing halted, restart the deployment's workers", reason)
+        self.log.critical("%s; rebalancing halted, %s", reason, advice)
         self.plans.abort(reason, "step_clock" if reason.startswith("step clocks") else "other")
 
     def watch(self, now: float) -> None:

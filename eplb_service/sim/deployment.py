@@ -211,6 +211,7 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
         "step_time_p50_ms": round(float(np.median([r["step_time_p50_ms"] for r in ranks])), 3),
         "step_time_p99_ms": round(float(max(r["step_time_p99_ms"] for r in ranks)), 3),
         "errors": [r["error"] for r in ranks if r["error"]],
+        "halted": coordinator.halted_reason,
         "model": asdict(opts.model),
         "_recv_counts": recv,
         "_reference_counts": reference,

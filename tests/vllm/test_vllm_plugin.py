@@ -100,10 +100,10 @@ def test_full_configuration_from_env():
             "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl, copy-engine, prefer-copy-engine",
         ),
         ({C.STAGING_BUDGET_BYTES: "1GiB"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='1GiB': expected an integer"),
-        ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a value > 0"),
-        ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a value >= 0"),
+        ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a finite value > 0"),
+        ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a finite value >= 0"),
         ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
-        ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a value > 0"),
+        ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a finite value > 0"),
         ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
     ],
 )

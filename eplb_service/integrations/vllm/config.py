@@ -9,10 +9,12 @@ override them for the ranks of this vLLM instance only.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from eplb_service.logutil import parse_level
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
 
 ENDPOINT = "EPLB_SERVICE_ENDPOINT"
@@ -64,6 +66,10 @@ class PluginConfig:
             raise ConfigError(f"{ENDPOINT}={self.endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"{TRANSPORT}={self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+        try:
+            parse_level(self.log_level, LOG_LEVEL)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.side_max_ctas is not None and not 1 <= self.side_max_ctas <= MAX_CHANNELS:
             raise ConfigError(f"{SIDE_MAX_CTAS}={self.side_max_ctas}: expected 1..{MAX_CHANNELS} CTAs")
 
@@ -85,8 +91,8 @@ def _number(environ: Mapping[str, str], name: str, kind: type, minimum: float, i
         value = kind(text)
     except ValueError:
         raise ConfigError(f"{name}={text!r}: expected {'an integer' if kind is int else 'a number'}") from None
-    if value < minimum or (value == minimum and not inclusive):
-        raise ConfigError(f"{name}={text!r}: expected a value {'>=' if inclusive else '>'} {minimum}")
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        raise ConfigError(f"{name}={text!r}: expected a finite value {'>=' if inclusive else '>'} {minimum}")
     return value
 
 
@@ -103,5 +109,5 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
         throttle_bytes_per_s=_number(env, THROTTLE_BYTES_PER_S, float, 0, inclusive=True),
         report_interval_steps=_number(env, REPORT_INTERVAL_STEPS, int, 0, inclusive=False),
         side_max_ctas=_number(env, SIDE_MAX_CTAS, int, 0, inclusive=False),
-        log_level=env.get(LOG_LEVEL, "INFO").strip().upper() or "INFO",
+        log_level=env.get(LOG_LEVEL, "INFO").strip() or "INFO",
     )

@@ -33,6 +33,7 @@ import logging
 import threading
 
 from eplb_service.integrations.vllm import config as config_mod
+from eplb_service.logutil import parse_level
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def register() -> None:
 def _setup_logging(level: str) -> None:
     """vLLM configures only its own loggers; give ours a handler so agent lines show up."""
     logger = logging.getLogger("eplb_service")
-    logger.setLevel(level)
+    logger.setLevel(parse_level(level, "EPLB_SERVICE_LOG_LEVEL"))  # checked in from_env: "debug" works too
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(

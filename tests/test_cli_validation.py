@@ -1,0 +1,224 @@
+"""A user's mistakes on `eplb-coordinator`'s command line end in one line naming the value, before anything runs.
+
+Each case here once started a coordinator that looked healthy and never rebalanced (a fence
+timeout every agent refuses), silently changed what was asked (a port wrapped modulo 65536,
+the string "false" read as true), or crashed with a traceback after a whole simulated run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from eplb_service import logutil
+from eplb_service.coordinator.cli import main, parse_command_line
+from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint
+from eplb_service.integrations.vllm import config as plugin_config
+from eplb_service.protocol import AgentConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--fence-timeout-s", "-1", "expected a finite number > 0, got '-1'"),
+        ("--fence-timeout-s", "0", "expected a finite number > 0, got '0'"),
+        ("--fence-timeout-s", "nan", "expected a finite number > 0, got 'nan'"),
+        ("--throttle-bytes-per-s", "-5", "expected a finite number >= 0, got '-5'"),
+        ("--throttle-bytes-per-s", "nan", "expected a finite number >= 0, got 'nan'"),
+        ("--min-gain", "inf", "expected a finite number >= 0, got 'inf'"),
+        ("--metrics-port", "70000", "expected a port 0-65535 (0: any free port), got 70000"),
+        ("--metrics-port", "-1", "expected a port 0-65535 (0: any free port), got -1"),
+        ("--seed", "-5", "expected an integer >= 0, got -5"),
+    ],
+)
+def test_a_bad_number_is_a_usage_error_naming_the_flag(flag, value, expected, capsys):
+    code, err = run_main(["--dp", "2", "--simulate", flag, value], capsys)
+    assert code == 2 and f"argument {flag}: {expected}" in err and "Traceback" not in err
+
+
+def test_status_timeout_must_be_a_positive_finite_number(capsys):
+    """`--timeout-s -1` used to wait forever (ZeroMQ's poll(-1)), `nan` to crash."""
+    for value in ("-1", "nan", "0"):
+        code, err = run_main(["status", "--timeout-s", value], capsys)
+        assert code == 2 and f"argument --timeout-s: expected a finite number > 0, got '{value}'" in err
+
+
+@pytest.mark.parametrize(
+    "endpoint, expected",
+    [
+        ("tcp://127.0.0.1:99999", "port '99999' is not a port; expected 1-65535"),
+        ("tcp://127.0.0.1:notaport", "port 'notaport' is not a port"),
+        ("tcp://127.0.0.1", "has no host and port"),
+        ("tcp://:5555", "has no host and port"),
+        ("ipc://", "names no socket path"),
+        ("udp://127.0.0.1:5555", "must start with ipc:// or tcp://"),
+    ],
+)
+def test_a_bad_endpoint_is_refused_before_binding(endpoint, expected, capsys):
+    with pytest.raises(ValueError, match=expected):
+        check_endpoint(endpoint)
+    code, err = run_main(["--dp", "2", "--endpoint", endpoint], capsys)
+    assert code == 2 and expected in err
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://[::1]:5555", "ipc:///tmp/x.sock"])
+def test_good_endpoints_pass(endpoint):
+    check_endpoint(endpoint)
+
+
+@pytest.mark.parametrize(
+    "agent, name",
+    [
+        (AgentConfig(fence_timeout_s=-1.0), "fence_timeout_s"),
+        (AgentConfig(fence_timeout_s=float("nan")), "fence_timeout_s"),
+        (AgentConfig(report_interval_steps=0), "report_interval_steps"),
+        (AgentConfig(throttle_bytes_per_s=float("inf")), "throttle_bytes_per_s"),
+    ],
+)
+def test_the_config_refuses_agent_settings_every_agent_would_refuse(agent, name):
+    """Agents decode ``AgentConfig`` with its limits: a value the coordinator took unchecked made
+    every agent drop every Welcome, forever (ranks re-registering, 0 commits, exit 0)."""
+    with pytest.raises(ValueError, match=name):
+        CoordinatorConfig(world_size=2, agent=agent)
+
+
+def test_simulation_flags_without_simulate_are_refused(capsys):
+    code, err = run_main(["--dp", "2", "--steps", "10", "--trace", "t.npz"], capsys)
+    assert code == 2 and "--steps, --trace apply only with --simulate" in err
+    args = parse_command_line(["--dp", "2", "--simulate"])
+    assert (args.steps, args.seed) == (None, None), "defaults are filled in by the simulation, not the parser"
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
+    """They are written at the end of a run: a typo used to cost the whole run and its summary."""
+    missing = tmp_path / "missing"
+    for flag in ("--summary-json", "--plot", "--record"):
+        extra = ["--simulate"] if flag != "--record" else []
+        code, err = run_main(["--dp", "2", *extra, flag, str(missing / "x.png")], capsys)
+        assert code == 2 and f"{flag} '{missing / 'x.png'}': directory '{missing}' does not exist" in err
+    code, err = run_main(["--dp", "2", "--simulate", "--summary-json", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory; expected a file name" in err
+    pytest.importorskip("matplotlib")
+    code, err = run_main(["--dp", "2", "--simulate", "--plot", str(tmp_path / "p.txt")], capsys)
+    assert code == 2 and "matplotlib cannot write .txt files; expected one of" in err and ".png" in err
+
+
+def test_config_file_switches_take_only_booleans(tmp_path):
+    """`insecure = "false"` (a string) used to turn insecure mode on."""
+    path = tmp_path / "c.toml"
+    for text in ('insecure = "false"\n', 'simulate = "yes"\n', "insecure = 0\n"):
+        path.write_text("dp = 2\n" + text)
+        with pytest.raises(ValueError, match=r"expected true or false \(no quotes\)"):
+            parse_command_line(["--config", str(path)])
+    path.write_text("dp = 2\nendpoint = 5\n")
+    with pytest.raises(ValueError, match=r"endpoint = 5: expected a string"):
+        parse_command_line(["--config", str(path)])
+    path.write_text("dp = 2\ninsecure = false\nno-step-clock-check = true\nlog_level = 'debug'\n")
+    args = parse_command_line(["--config", str(path)])
+    assert (args.insecure, args.step_clock_check, args.log_level) == (False, False, "debug")
+    path.write_text("dp = 2\nstep-clock-check = false\n")
+    assert parse_command_line(["--config", str(path)]).step_clock_check is False
+    path.write_text("dp = 2\nno-step-clock-check = false\n")
+    assert parse_command_line(["--config", str(path)]).step_clock_check is True
+
+
+def test_log_levels_take_any_case_and_a_bad_one_names_its_source(monkeypatch):
+    assert logutil.parse_level("debug", "--log-level") == 10
+    with pytest.raises(ValueError, match=r"--log-level='verbose' is not a log level; expected one of DEBUG, INFO"):
+        logutil.parse_level("verbose", "--log-level")
+    monkeypatch.setenv("EPLB_SERVICE_LOG_LEVEL", "verbose")
+    with pytest.raises(ValueError, match=r"EPLB_SERVICE_LOG_LEVEL='verbose'"):
+        logutil.configure()
+
+
+def test_a_log_format_flag_wins_over_the_environment(monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "json")
+        logutil.configure("INFO", "text")
+        assert not isinstance(root.handlers[0].formatter, logutil.JsonFormatter)
+        logutil.configure("INFO", None)
+        assert isinstance(root.handlers[0].formatter, logutil.JsonFormatter)
+        monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "yaml")
+        with pytest.raises(ValueError, match=r"EPLB_SERVICE_LOG_FORMAT='yaml' is not a log format"):
+            logutil.configure("INFO", None)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("EPLB_SERVICE_THROTTLE_BYTES_PER_S", "nan", "expected a finite value >= 0"),
+        ("EPLB_SERVICE_THROTTLE_BYTES_PER_S", "inf", "expected a finite value >= 0"),
+        ("EPLB_SERVICE_LOG_LEVEL", "verbose", "is not a log level"),
+    ],
+)
+def test_the_plugin_refuses_what_its_agents_could_not_use(name, value, expected):
+    env = {"EPLB_SERVICE_ENDPOINT": "ipc:///tmp/c.sock", name: value}
+    with pytest.raises(plugin_config.ConfigError, match=rf"{name}='{value}'.*{expected}"):
+        plugin_config.from_env(env)
+    assert plugin_config.from_env({"EPLB_SERVICE_ENDPOINT": "ipc:///tmp/c.sock", "EPLB_SERVICE_LOG_LEVEL": "debug"})
+
+
+def test_a_taken_metrics_port_is_one_line_not_a_traceback(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_main(
+            ["--dp", "1", "--endpoint", f"ipc://{tmp_path}/c.sock", "--metrics-port", str(port)], capsys
+        )
+    assert code == 1 and f"cannot serve HTTP on --metrics-port {port}" in err and "Traceback" not in err
+
+
+def test_an_initial_placement_for_other_ranks_is_refused_at_start(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"phy2log": [[i % 32 for i in range(64)]] * 4, "num_ranks": 8}))
+    code, err = run_main(["--dp", "2", "--simulate", "--initial-placement", str(path)], capsys)
+    assert code == 2 and "planned for 8 ranks (its num_ranks), but this deployment has 2" in err
+
+
+def test_settings_the_deployment_cannot_satisfy_are_reported_once_and_halt(tmp_path):
+    """A seed of the wrong shape and `--groups` not dividing the experts used to fail every tick
+    (hundreds of tracebacks a second for the seed) while the run ended with exit 0."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"phy2log": [[i % 32 for i in range(64)]] * 4, "num_ranks": 2}))
+    summary = tmp_path / "s.json"
+    argv = ["--dp", "2", "--simulate", "--steps", "300", "--policy", "deepseek", "--groups", "3"]
+    argv += ["--initial-placement", str(path), "--summary-json", str(summary)]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.count("--initial-placement does not fit this deployment (4 layers x 40 slots") == 1
+    assert done.stderr.count("num_groups=3 (--groups) must divide the number of logical experts (32)") == 1
+    assert "rebalancing halted, restart the coordinator with settings that fit" in done.stderr
+    assert "Traceback" not in done.stderr
+    result = json.loads(summary.read_text())
+    assert result["committed"] == 0 and result["output_mismatches"] == 0
+    assert result["halted"].startswith("--policy deepseek: num_groups=3")
