@@ -4,6 +4,11 @@ Another local user who creates the directory first (``/tmp/eplb-service-<uid>`` 
 predictable name) could swap the socket in it and answer in the coordinator's place,
 to a status query run as root, say. So the coordinator and ``eplb-coordinator status``
 check that the directory is a real directory, owned by the current user, closed to others.
+
+A directory that exists already is never changed: it may be a shared one (``/tmp``, a
+home directory) that other programs rely on, so making it 0700 would break them, and one
+that others can write to may hold a socket they put there. It is refused instead, with
+what to do.
 """
 
 from __future__ import annotations
@@ -11,9 +16,45 @@ from __future__ import annotations
 import os
 import stat
 
+from eplb_service.coordinator.config import default_endpoint
+
 
 class UnsafeSocketDirectory(RuntimeError):
     """The directory of an ``ipc://`` endpoint is not this user's private directory."""
+
+
+def _owner(uid: int) -> str:
+    """``uid 0 (root)``: the name helps a reader see whose directory it is; the uid alone when it has none."""
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _private_alternative(directory: str) -> str:
+    """What to give instead of ``directory``: a directory of its own, which the coordinator creates 0700."""
+    default = default_endpoint()
+    own = f", such as the default {default}" if ipc_dir(default) != directory else ""
+    return f"choose an --endpoint in a directory of its own that does not exist yet (created 0700){own}"
+
+
+def _mode_problem(directory: str, info: os.stat_result) -> str:
+    """Why a directory open to others is refused, and what to do; it names the mode and the owner.
+
+    A directory that others can write to is shared (``/tmp``, say): the fix is another
+    directory, not a chmod that would lock its other users out. One that others can only
+    read may be this user's own: a chmod is the fix when nothing else lives there.
+    """
+    mode = stat.S_IMODE(info.st_mode)
+    head = (
+        f"socket directory {directory} has mode {mode:04o}, expected 0700 (private to its owner); "
+        f"owner {_owner(info.st_uid)}; it is left as it is"
+    )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{head}: others can write there and replace the socket, so {_private_alternative(directory)}"
+    return f"{head}: `chmod 700 {directory}` if only the socket lives there, or {_private_alternative(directory)}"
 
 
 def check_private_dir(directory: str, uid: int | None = None) -> None:
@@ -36,10 +77,7 @@ def check_private_dir(directory: str, uid: int | None = None) -> None:
             "--endpoint"
         )
     if info.st_mode & 0o077:
-        raise UnsafeSocketDirectory(
-            f"socket directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}, "
-            "expected 0700 (private to its owner)"
-        )
+        raise UnsafeSocketDirectory(_mode_problem(directory, info))
 
 
 def ipc_dir(endpoint: str) -> str | None:
@@ -58,13 +96,17 @@ def check_endpoint_dir(endpoint: str) -> None:
 def prepare_ipc_dir(endpoint: str) -> None:
     """Create the directory of an ``ipc://`` endpoint, private to this user (0700), or refuse it.
 
-    A directory that exists already must be ours: owned by this user (checked before the
-    chmod, which would fail on someone else's anyway), then made 0700.
+    Only a directory created here gets its mode from here; one that exists already is
+    checked as it is (see the module docstring for why it is never chmod-ed).
     """
     directory = ipc_dir(endpoint)
-    if directory:
+    if not directory:
+        return
+    try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-        if info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) != 0o700:
-            os.chmod(directory, 0o700)
-        check_private_dir(directory)
+    except OSError as exc:
+        if not os.path.lexists(directory):  # else it is there but no directory: the check below says so
+            raise UnsafeSocketDirectory(
+                f"cannot create socket directory {directory}: {exc.strerror}; choose another --endpoint"
+            ) from None
+    check_private_dir(directory)
