@@ -12,15 +12,22 @@ Key layout (``eplb-coordinator keygen DIR``)::
     DIR/clients/agent.key      agent public certificate    (coordinator: who may connect)
     DIR/agent.key_secret       agent secret certificate    (give to every agent)
 
+``DIR`` and ``DIR/clients`` are created 0700 (an existing one must be private already: it is
+never chmod-ed), the secret files 0600 from their creation on.
+
 Agents read ``EPLB_SERVICE_CURVE_SERVER_CERT`` (path of ``server.key``) and
 ``EPLB_SERVICE_CURVE_CLIENT_CERT`` (path of ``agent.key_secret``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import ipaddress
 import os
 import socket
+import stat
+import tempfile
 from dataclasses import dataclass
 
 import zmq
@@ -61,20 +68,116 @@ def check_endpoint_security(endpoint: str, curve_dir: str | None, insecure: bool
     )
 
 
+class KeyDirectoryError(SecurityError):
+    """``keygen``'s directory cannot hold the keys safely, or cannot be made or written; the message says why."""
+
+
 def generate_keys(directory: str) -> dict[str, str]:
-    """Create the server and agent key pairs (see the module docstring); returns their paths."""
+    """Create the server and agent key pairs (see the module docstring); returns their paths.
+
+    ``directory`` (and its ``clients/``) is created 0700 when missing; an existing one must be
+    private already (:func:`_check_key_dir`), because it is never chmod-ed: ``keygen .`` or
+    ``keygen ~`` must not lock everyone else out of a shared directory. Secret files are
+    created 0600 (:func:`_write_new_file`), so no one else can ever read them.
+    """
     clients = os.path.join(directory, "clients")
-    os.makedirs(clients, mode=0o700, exist_ok=True)
-    os.chmod(directory, 0o700)
-    server_public, server_secret = zmq.auth.create_certificates(directory, "server")
-    agent_public, agent_secret = zmq.auth.create_certificates(directory, "agent")
-    os.replace(agent_public, os.path.join(clients, "agent.key"))
-    return {
-        "server_public": server_public,
-        "server_secret": server_secret,
-        "agent_public": os.path.join(clients, "agent.key"),
-        "agent_secret": agent_secret,
-    }
+    _prepare_key_dir(directory)
+    _prepare_key_dir(clients)
+    paths: dict[str, str] = {}
+    for role in ("server", "agent"):
+        public, secret = zmq.curve_keypair()
+        where = clients if role == "agent" else directory  # the coordinator admits the keys in clients/
+        paths[f"{role}_public"] = _write_certificate(os.path.join(where, f"{role}.key"), public)
+        paths[f"{role}_secret"] = _write_certificate(os.path.join(directory, f"{role}.key_secret"), public, secret)
+    return paths
+
+
+def _prepare_key_dir(directory: str) -> None:
+    """Create ``directory`` 0700 (with any missing parents), or check the one already there."""
+    if not directory:
+        raise KeyDirectoryError("keygen needs a directory for the keys; got an empty path")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        if not os.path.lexists(directory):  # else it is there but no directory: the check below says so
+            raise KeyDirectoryError(f"cannot create the key directory {directory!r}: {exc.strerror}") from None
+    _check_key_dir(directory)
+
+
+def _check_key_dir(directory: str) -> None:
+    """Refuse a key directory that is not a real directory of this user's, closed to others.
+
+    Whoever can write to it could swap ``clients/agent.key`` (and be admitted by the
+    coordinator) or ``server.key`` (and pose as the coordinator to every agent); a symlink
+    can be pointed elsewhere after this check.
+    """
+    uid = os.geteuid()
+    info = os.lstat(directory)
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        what = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a directory"
+        raise KeyDirectoryError(
+            f"key directory {directory!r} is {what}; expected a directory of this user's (uid {uid}) "
+            "with mode 0700, or a path that does not exist yet (created 0700)"
+        )
+    if info.st_uid != uid or mode & 0o077:
+        raise KeyDirectoryError(
+            f"key directory {directory!r} has mode {mode:04o} and owner uid {info.st_uid}; expected mode 0700 "
+            f"and owner uid {uid} (this user), as others could replace the keys in it; it is left as it is: "
+            f"{_key_dir_remedy(directory, info, uid)}"
+        )
+
+
+def _key_dir_remedy(directory: str, info: os.stat_result, uid: int) -> str:
+    """What to do about a refused key directory: a chmod only for one of this user's that others cannot write.
+
+    One that others can write to is shared (``/tmp``, say), and another user's is not ours to
+    change: a chmod there would lock the others out, so the fix is a directory of the keys' own.
+    """
+    new_dir = "give a path that does not exist yet, which keygen creates 0700 (a new subdirectory, say)"
+    if info.st_uid == uid and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"`chmod 700 {directory}` if it holds only these keys, or {new_dir}"
+    return new_dir
+
+
+def _write_certificate(path: str, public: bytes, secret: bytes | None = None) -> str:
+    """A certificate in ZeroMQ's format (what ``zmq.auth.load_certificate`` reads); 0600 when it holds ``secret``."""
+    kind = "**Secret** Certificate: DO NOT PROVIDE THIS FILE TO OTHER USERS" if secret else "Public Certificate"
+    lines = [
+        f"#   ****  Generated on {datetime.datetime.now()} by eplb-coordinator keygen  ****",
+        f"#   ZeroMQ CURVE {kind}",
+        "",
+        "metadata",
+        "curve",
+        f'    public-key = "{public.decode()}"',
+    ]
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    _write_new_file(path, "\n".join(lines) + "\n", 0o600 if secret else 0o644)
+    return path
+
+
+def _write_new_file(path: str, text: str, mode: int) -> None:
+    """Put ``text`` at ``path`` in a new file that has ``mode`` from its creation on.
+
+    The file is created beside ``path`` (``mkstemp``: a fresh name, 0600) and renamed over
+    it: writing into an existing file would keep that file's mode (a 0644 secret from an
+    older keygen stays 0644), and a chmod after writing leaves a moment when others can read it.
+    """
+    try:
+        fd, staged = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
+    except OSError as exc:
+        raise KeyDirectoryError(f"cannot write {path!r}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
+            f.write(text)
+        os.replace(staged, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # the error to report is the one above
+            os.unlink(staged)
+        raise KeyDirectoryError(f"cannot write {path!r}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
 import zmq
+import zmq.auth
 from conftest import make_model
 from coordinator_thread import CoordinatorThread
 
@@ -16,7 +19,13 @@ from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.placement import PlacementShape, initial_phy2log
-from eplb_service.security import ClientCurve, SecurityError, generate_keys, is_local_endpoint
+from eplb_service.security import (
+    ClientCurve,
+    KeyDirectoryError,
+    SecurityError,
+    generate_keys,
+    is_local_endpoint,
+)
 from eplb_service.worker_agent.agent import WorkerAgent
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
@@ -76,6 +85,115 @@ def test_curve_admits_the_right_key_and_refuses_others(tmp_path):
         for a in agents:
             a.stop()
         coord.stop()
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def shared_dir(path, mode: int):
+    """A directory with ``mode`` whatever the umask (mkdir applies it, chmod does not)."""
+    path.mkdir()
+    path.chmod(mode)
+    return path
+
+
+def test_keygen_makes_secrets_0600_and_directories_0700_whatever_the_umask(tmp_path):
+    """Before: the secrets were 0644 (0666 under umask 0), readable by every local user."""
+    old = os.umask(0)
+    try:
+        keys = generate_keys(str(tmp_path / "keys"))
+    finally:
+        os.umask(old)
+    assert mode_of(tmp_path / "keys") == 0o700 and mode_of(tmp_path / "keys" / "clients") == 0o700
+    assert {role: mode_of(path) for role, path in keys.items()} == {
+        "server_public": 0o644,
+        "server_secret": 0o600,
+        "agent_public": 0o644,
+        "agent_secret": 0o600,
+    }
+    assert keys["agent_public"] == str(tmp_path / "keys" / "clients" / "agent.key")
+    assert sorted(os.listdir(tmp_path / "keys")) == ["agent.key_secret", "clients", "server.key", "server.key_secret"]
+    for name in ("server", "agent"):
+        public, none = zmq.auth.load_certificate(keys[f"{name}_public"])
+        same_public, secret = zmq.auth.load_certificate(keys[f"{name}_secret"])
+        assert none is None and public == same_public and secret is not None
+        assert zmq.curve_public(secret) == public
+
+
+def test_keygen_replaces_an_old_readable_secret_with_a_new_0600_file(tmp_path):
+    """Writing into the old file would keep its 0644: the new key would be readable by others."""
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    old = keys / "server.key_secret"
+    old.write_text("old")
+    old.chmod(0o644)
+    generate_keys(str(keys))
+    assert mode_of(old) == 0o600 and "secret-key" in old.read_text()
+    assert not [name for name in os.listdir(keys) if name.startswith(".")], "a staged file was left behind"
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o770], ids=lambda mode: f"{mode:04o}")
+def test_keygen_refuses_a_directory_others_can_write_to_and_leaves_it_alone(tmp_path, mode):
+    """Before: `keygen DIR` made any existing DIR 0700 (`keygen .`, `keygen ~`, `keygen /tmp` as root)."""
+    directory = shared_dir(tmp_path / "shared", mode)
+    with pytest.raises(KeyDirectoryError) as refused:
+        generate_keys(str(directory))
+    message = str(refused.value)
+    assert f"key directory {str(directory)!r} has mode {mode:04o} and owner uid {os.geteuid()}" in message
+    assert "left as it is" in message and "does not exist yet" in message and "chmod" not in message
+    assert mode_of(directory) == mode and os.listdir(directory) == []
+
+
+def test_keygen_refuses_a_directory_others_can_read_with_the_chmod_to_run(tmp_path):
+    directory = shared_dir(tmp_path / "mine", 0o755)
+    with pytest.raises(KeyDirectoryError, match=f"has mode 0755 .*`chmod 700 {directory}`"):
+        generate_keys(str(directory))
+    assert mode_of(directory) == 0o755 and os.listdir(directory) == []
+
+
+def test_keygen_takes_an_existing_private_directory_as_it_is(tmp_path):
+    directory = tmp_path / "keys"
+    directory.mkdir(mode=0o700)
+    (directory / "notes").write_text("kept")
+    generate_keys(str(directory))
+    assert mode_of(directory) == 0o700 and (directory / "notes").read_text() == "kept"
+
+
+def test_keygen_refuses_a_symlinked_directory(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(KeyDirectoryError, match="is a symlink"):
+        generate_keys(str(tmp_path / "link"))
+    assert os.listdir(target) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_keygen_refuses_another_users_private_directory(tmp_path):
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(
+        KeyDirectoryError, match="has mode 0700 and owner uid 65534; expected mode 0700 and owner uid 0"
+    ):
+        generate_keys(str(directory))
+    assert os.listdir(directory) == []
+
+
+def test_keygen_on_a_path_that_cannot_be_a_directory_is_one_clear_error(tmp_path):
+    """Before: NotADirectoryError / FileNotFoundError tracebacks."""
+    (tmp_path / "file").write_text("")
+    cases = {
+        str(tmp_path / "file"): "is not a directory; expected a directory of this user's",
+        str(tmp_path / "file" / "keys"): "cannot create the key directory .*: Not a directory",
+        "/proc/nope": "cannot create the key directory '/proc/nope': No such file or directory",
+        "": "needs a directory for the keys; got an empty path",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(KeyDirectoryError, match=reason) as refused:
+            generate_keys(path)
+        assert isinstance(refused.value, ValueError) and "\n" not in str(refused.value)
 
 
 def test_hello_from_a_mismatched_identity_is_refused_and_counted(tmp_path):
