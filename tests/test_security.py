@@ -20,6 +20,8 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.security import (
+    CLIENT_CERT_ENV,
+    SERVER_CERT_ENV,
     ClientCurve,
     KeyDirectoryError,
     SecurityError,
@@ -54,7 +56,9 @@ def test_remote_tcp_needs_curve_or_insecure():
     assert out.returncode == 2 and "reachable from other hosts" in out.stderr
 
 
-def test_curve_admits_the_right_key_and_refuses_others(tmp_path):
+def test_curve_admits_the_right_key_and_refuses_others(tmp_path, monkeypatch):
+    monkeypatch.delenv(SERVER_CERT_ENV, raising=False)
+    monkeypatch.delenv(CLIENT_CERT_ENV, raising=False)
     good = generate_keys(str(tmp_path / "keys"))
     other = generate_keys(str(tmp_path / "other"))
     assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
@@ -79,8 +83,8 @@ def test_curve_admits_the_right_key_and_refuses_others(tmp_path):
         assert sorted(coord.coordinator.registry.agents) == [0]
         status = fetch_status(endpoint, curve=right)
         assert status["ranks"][0]["rank"] == 0 and status["ranks"][1] is None
-        with pytest.raises(TimeoutError):
-            fetch_status(endpoint, timeout_s=0.5)  # no keys: no answer
+        with pytest.raises(TimeoutError, match=f"uses CURVE keys .*set {SERVER_CERT_ENV} .* and {CLIENT_CERT_ENV}"):
+            fetch_status(endpoint, timeout_s=0.5)  # no keys: no answer, and the message says which keys
     finally:
         for a in agents:
             a.stop()

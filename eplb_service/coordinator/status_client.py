@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import zmq
 
 from eplb_service import protocol
 from eplb_service.coordinator.socket_dir import check_endpoint_dir
-from eplb_service.security import ClientCurve
+from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, is_local_endpoint
+
+MAX_POLL_MS = 2**31 - 1
+"""ZeroMQ's poll timeout is a C long of milliseconds (32 bits on some platforms): longer waits, about
+24.8 days, are cut to this rather than overflow."""
 
 
 def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | None = None) -> dict:
@@ -16,11 +21,15 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
 
     An ``ipc://`` endpoint whose directory is not this user's private one is refused
     (:class:`~.socket_dir.UnsafeSocketDirectory`): whoever prepared it may answer instead.
+    ``timeout_s`` must be a positive finite number (``ValueError`` otherwise): ZeroMQ reads a
+    negative poll timeout as "wait forever", so ``-1`` would hang instead of failing.
     """
+    poll_ms = _poll_ms(timeout_s)
     check_endpoint_dir(endpoint)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    keys_from_env = curve is None
     curve = curve if curve is not None else ClientCurve.from_env()
     if curve is not None:
         curve.apply(sock)
@@ -28,8 +37,11 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
     try:
         sock.connect(endpoint)
         sock.send(protocol.encode(protocol.StatusRequest()))
-        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise TimeoutError(f"no answer from a coordinator at {endpoint} within {timeout_s}s")
+        if not sock.poll(poll_ms, zmq.POLLIN):
+            raise TimeoutError(
+                f"no answer from a coordinator at {endpoint} within {timeout_s}s"
+                + _curve_hint(endpoint, curve is not None, keys_from_env)
+            )
         reply = protocol.decode(sock.recv())
         if not isinstance(reply, protocol.StatusReply):
             raise protocol.ProtocolError(f"expected StatusReply, got {type(reply).__name__}")
@@ -37,6 +49,33 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
     finally:
         sock.close()
         ctx.term()
+
+
+def _poll_ms(timeout_s: float) -> int:
+    """``timeout_s`` as ZeroMQ poll milliseconds (at least 1); refuses what is not a positive finite number."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"status timeout must be a positive finite number of seconds, got {timeout_s!r}")
+    return min(max(1, math.ceil(timeout_s * 1000)), MAX_POLL_MS)
+
+
+def _curve_hint(endpoint: str, with_keys: bool, keys_from_env: bool) -> str:
+    """Why a ``tcp://`` coordinator may be silent: a CURVE server drops a handshake without keys, or with others.
+
+    Without this, the timeout reads as "no coordinator there" when one is, refusing us.
+    ``ipc://`` never uses CURVE, so it gets no hint.
+    """
+    if not endpoint.startswith("tcp://"):
+        return ""
+    env = f"{SERVER_CERT_ENV} (its server.key) and {CLIENT_CERT_ENV} (an agent.key_secret)"
+    if with_keys:
+        given = f"from {SERVER_CERT_ENV} / {CLIENT_CERT_ENV}" if keys_from_env else "given"
+        return f"; a coordinator whose CURVE keys do not match the ones {given} does not answer either"
+    if not is_local_endpoint(endpoint):
+        return (
+            f"; a coordinator on a non-loopback tcp:// endpoint uses CURVE keys (--curve-dir) unless started with "
+            f"--insecure, and answers only a client that has them: set {env}"
+        )
+    return f"; if the coordinator uses CURVE keys (--curve-dir), it answers only a client that has them: set {env}"
 
 
 def format_status(status: dict) -> str:

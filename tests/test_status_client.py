@@ -1,0 +1,86 @@
+"""fetch_status: a timeout that always ends, and a timeout message that says when CURVE keys may be missing."""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eplb_service.coordinator.status_client import fetch_status
+from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, generate_keys
+
+
+@pytest.fixture
+def no_curve_env(monkeypatch):
+    monkeypatch.delenv(SERVER_CERT_ENV, raising=False)
+    monkeypatch.delenv(CLIENT_CERT_ENV, raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("timeout_s", [0, 0.0, math.nan, math.inf, "3", True])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(tmp_path, timeout_s):
+    with pytest.raises(ValueError, match=f"positive finite number of seconds, got {timeout_s!r}"):
+        fetch_status(f"ipc://{tmp_path}/none.sock", timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("timeout_s", ["-1", "-0.5", "-inf"])
+def test_a_negative_timeout_is_refused_instead_of_waiting_forever(tmp_path, timeout_s):
+    """Before: ZeroMQ's poll(-1000) waited for an answer that never came. In a child, so a hang fails the test."""
+    code = (
+        "from eplb_service.coordinator.status_client import fetch_status\n"
+        f"fetch_status('ipc://{tmp_path}/none.sock', timeout_s=float('{timeout_s}'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"ValueError: status timeout must be a positive finite number of seconds, got {float(timeout_s)!r}" in (
+        out.stderr
+    )
+
+
+def test_no_answer_ends_after_the_timeout(tmp_path, no_curve_env):
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as silent:
+        fetch_status(f"ipc://{tmp_path}/none.sock", timeout_s=0.4)
+    waited = time.monotonic() - start
+    assert 0.4 <= waited < 5, waited
+    assert str(silent.value) == f"no answer from a coordinator at ipc://{tmp_path}/none.sock within 0.4s"
+
+
+def test_a_timeout_under_a_millisecond_still_waits_and_ends(tmp_path):
+    with pytest.raises(TimeoutError, match="within 0.0001s"):
+        fetch_status(f"ipc://{tmp_path}/none.sock", timeout_s=0.0001)
+
+
+def test_silence_on_loopback_tcp_without_keys_names_the_key_variables(no_curve_env):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(TimeoutError) as silent:
+        fetch_status(endpoint, timeout_s=0.3)
+    message = str(silent.value)
+    assert message.startswith(f"no answer from a coordinator at {endpoint} within 0.3s; if the coordinator uses CURVE")
+    assert SERVER_CERT_ENV in message and CLIENT_CERT_ENV in message
+
+
+def test_silence_on_remote_tcp_without_keys_says_curve_is_expected_there(no_curve_env):
+    with pytest.raises(TimeoutError) as silent:
+        fetch_status("tcp://192.0.2.1:5555", timeout_s=0.3)  # TEST-NET-1: nobody answers
+    message = str(silent.value)
+    assert "on a non-loopback tcp:// endpoint uses CURVE keys (--curve-dir) unless started with --insecure" in message
+    assert SERVER_CERT_ENV in message and CLIENT_CERT_ENV in message
+
+
+def test_silence_with_keys_from_the_environment_says_they_may_not_match(tmp_path, monkeypatch):
+    keys = generate_keys(str(tmp_path / "keys"))
+    monkeypatch.setenv(SERVER_CERT_ENV, keys["server_public"])
+    monkeypatch.setenv(CLIENT_CERT_ENV, keys["agent_secret"])
+    with pytest.raises(TimeoutError) as silent:
+        fetch_status(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.3)
+    assert f"do not match the ones from {SERVER_CERT_ENV} / {CLIENT_CERT_ENV}" in str(silent.value)
