@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
             "keygen",
             formatter_class=HelpFormatter,
             help="create CURVE keys for a coordinator reachable over tcp://",
-            description="Create the server and agent CURVE key pairs in DIR (made private, 0700):\n"
+            description="Create the server and agent CURVE key pairs in DIR (created 0700 if missing; an existing\n"
+            "DIR must already be private to you, mode 0700, and is never changed); secret keys are 0600:\n"
             "server.key, server.key_secret, agent.key_secret and clients/agent.key.\n"
             "The coordinator takes --curve-dir DIR; each agent host needs server.key and agent.key_secret.",
         )
@@ -303,7 +304,9 @@ def _add_status_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_keygen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "directory", metavar="DIR", help="directory for the keys (created if missing; keys in it are overwritten)"
+        "directory",
+        metavar="DIR",
+        help="directory for the keys (created 0700 if missing, else must be private; keys in it are overwritten)",
     )
 
 
@@ -657,7 +660,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
     try:
         status = fetch_status(args.endpoint, args.timeout_s)
-    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory) as exc:
+    except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory, ValueError) as exc:
         print(f"eplb-coordinator status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -665,9 +668,14 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
-    from eplb_service.security import generate_keys
+    from eplb_service.security import SecurityError, generate_keys
 
-    for role, path in generate_keys(args.directory).items():
+    try:
+        paths = generate_keys(args.directory)
+    except SecurityError as exc:  # a bad, unsafe or unwritable DIR: named in the message
+        print(f"eplb-coordinator keygen: error: {exc}", file=sys.stderr)
+        return 1
+    for role, path in paths.items():
         print(f"{role}: {path}")
     return 0
 
