@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -55,30 +56,164 @@ class Trace:
         return int(min(np.searchsorted(self.step_end, offset, side="right"), self.num_windows - 1))
 
 
-def load_trace(path: str) -> Trace:
-    """Read and check a trace; raises :class:`TraceError` naming the file and the problem."""
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK"
+_WINDOW_INTS = ("step_begin", "step_end", "epoch", "ranks_reported")
+_REQUIRED = ("format_version", "loads", *_WINDOW_INTS, "unix_time_s")
+
+
+class UnreadableFile(ValueError):
+    """A ``.npy``/``.npz`` file numpy cannot read as asked; the message says why, without the path
+    (callers put their flag or role and the path in front)."""
+
+
+_WHAT = {"npy": "a .npy array", "npz": "an .npz archive"}
+
+
+def file_format(f: BinaryIO) -> str:
+    """``"empty"``, ``"npy"``, ``"npz"`` or ``"other"``, from the first bytes of ``f`` (rewound).
+
+    ``np.load`` guesses the same way but reports anything that is neither as "pickled data"
+    (and an empty file as ``EOFError``); knowing the format first lets the message say what the
+    file is."""
+    head = f.read(len(NPY_MAGIC))
+    f.seek(0)
+    if not head:
+        return "empty"
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(ZIP_MAGIC):
+        return "npz"
+    return "other"
+
+
+def read_numpy(path: str, want: str) -> np.ndarray | dict[str, object]:
+    """The array of the ``.npy`` (``want="npy"``) or the members of the ``.npz`` (``"npz"``) at
+    ``path``; never a pickle. Raises :class:`UnreadableFile` for anything else.
+
+    The file is opened here, not by ``np.load``: given a path, ``np.load`` leaks the handle when
+    a damaged zip's directory fails to parse."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            kind = file_format(f)
+            if kind != want:
+                raise UnreadableFile(_wrong_format(kind, want))
+            try:
+                loaded = np.load(f, allow_pickle=False)
+                if isinstance(loaded, np.ndarray):
+                    return loaded
+                with loaded:
+                    return {k: loaded[k] for k in loaded.files}
+            except Exception as exc:  # noqa: BLE001 - damaged bytes raise many types, see describe_read_error
+                if "allow_pickle" in str(exc):
+                    raise UnreadableFile("it holds pickled Python objects, which are never loaded") from None
+                raise UnreadableFile(f"damaged .{want} file ({describe_read_error(exc)})") from None
+    except OSError as exc:
+        raise UnreadableFile(exc.strerror or str(exc)) from None
+
+
+def _wrong_format(kind: str, want: str) -> str:
+    if kind == "empty":
+        return f"the file is empty, expected {_WHAT[want]}"
+    if kind in _WHAT:
+        return f"it is {_WHAT[kind]}, expected {_WHAT[want]}"
+    return f"it is not {_WHAT[want]} (no {'zip signature' if want == 'npz' else 'numpy header'} at its start)"
+
+
+def describe_read_error(exc: BaseException) -> str:
+    """One line saying why numpy could not read a file, for an error message.
+
+    Damaged ``.npy``/``.npz`` bytes raise many types (measured by fuzzing truncations and
+    flipped bytes: ``BadZipFile``, ``zlib.error``, ``EOFError``, ``ValueError``,
+    ``NotImplementedError``, ``RuntimeError``, ``OSError``, ``tokenize.TokenError``); each
+    says what is wrong in its text, but some only in their type name."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, EOFError):
+        return "the file ends early (truncated)"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def real_dtype(arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds real numbers (integers or floats): not bool, complex, strings,
+    dates or records, which ``astype(float64)`` would coerce, warn about, or fail on."""
+    return arr.dtype.kind in "iuf"
+
+
+def first_bad_load(loads: np.ndarray) -> tuple[int, ...] | None:
+    """Index of the first entry of float64 ``loads`` that is not finite or is < 0, else None."""
+    bad = ~np.isfinite(loads) | (loads < 0)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _read_arrays(path: str) -> dict[str, object]:
+    """Every member of the ``.npz`` at ``path``, or :class:`TraceError` saying why not."""
+    try:
+        arrays = read_numpy(path, "npz")
+    except UnreadableFile as exc:
         raise TraceError(f"cannot read trace {path!r}: {exc}") from None
-    required = ("format_version", "loads", "step_begin", "step_end", "epoch", "ranks_reported", "unix_time_s")
-    missing = [k for k in required if k not in arrays]
+    assert isinstance(arrays, dict)  # read_numpy(..., "npz") returns the members
+    return arrays
+
+
+def _check_format_version(path: str, value: np.ndarray) -> None:
+    if value.shape != () or value.dtype.kind not in "iu":
+        raise TraceError(
+            f"trace {path!r}: format_version has shape {value.shape} dtype {value.dtype}, expected a scalar integer"
+        )
+    if int(value) != FORMAT_VERSION:
+        raise TraceError(f"trace {path!r} has format_version {int(value)}, this reader knows {FORMAT_VERSION}")
+
+
+def _check_loads(path: str, loads: np.ndarray) -> np.ndarray:
+    """``loads`` as float64 ``[W, L, N]``: real numbers, finite, >= 0, no empty axis."""
+    if loads.ndim != 3 or 0 in loads.shape:
+        raise TraceError(
+            f"trace {path!r}: loads has shape {loads.shape}, expected [windows > 0, layers > 0, experts > 0]"
+        )
+    if not real_dtype(loads):
+        raise TraceError(f"trace {path!r}: loads has dtype {loads.dtype}, expected real numbers (integers or floats)")
+    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, reported below
+        as_float = loads.astype(np.float64)
+    bad = first_bad_load(as_float)
+    if bad is not None:
+        raise TraceError(
+            f"trace {path!r}: loads[{', '.join(map(str, bad))}] = {as_float[bad]}, expected a finite number >= 0"
+        )
+    return as_float
+
+
+def _check_window_array(path: str, key: str, value: np.ndarray, windows: int) -> np.ndarray:
+    """A per-window array: shape ``(windows,)``; integers (steps, epochs, ranks) or real times."""
+    if value.shape != (windows,):
+        raise TraceError(f"trace {path!r}: {key} has shape {value.shape}, expected ({windows},)")
+    expected_kinds, what = ("iu", "integers") if key in _WINDOW_INTS else ("iuf", "real numbers")
+    if value.dtype.kind not in expected_kinds:
+        raise TraceError(f"trace {path!r}: {key} has dtype {value.dtype}, expected {what}")
+    return value
+
+
+def load_trace(path: str) -> Trace:
+    """Read and check a trace; raises :class:`TraceError` naming the file and the problem.
+
+    Every way a file can be unreadable or ill-typed ends here as a ``TraceError`` (a
+    ``ValueError``), never as numpy's or zipfile's own exception: callers (``eplb-plan``,
+    ``eplb-coordinator --trace``) print it as one line. Pickles are never loaded."""
+    arrays = _read_arrays(path)
+    missing = [k for k in _REQUIRED if k not in arrays]
     if missing:
         raise TraceError(f"trace {path!r} lacks arrays {missing}")
-    if int(arrays["format_version"]) != FORMAT_VERSION:
-        raise TraceError(
-            f"trace {path!r} has format_version {int(arrays['format_version'])}, this reader knows {FORMAT_VERSION}"
-        )
-    loads = arrays["loads"]
-    if loads.ndim != 3 or loads.shape[0] == 0:
-        raise TraceError(f"trace {path!r}: loads has shape {loads.shape}, expected [windows > 0, layers, experts]")
-    for key in required[2:]:
-        if arrays[key].shape != (loads.shape[0],):
-            raise TraceError(f"trace {path!r}: {key} has shape {arrays[key].shape}, expected ({loads.shape[0]},)")
-    if (loads < 0).any() or not np.isfinite(loads).all():
-        raise TraceError(f"trace {path!r}: loads must be finite and >= 0")
-    return Trace(loads.astype(np.float64), *(arrays[k] for k in required[2:]))
+    checked = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    raw = [k for k in _REQUIRED if k not in checked]
+    if raw:  # a zip member not named *.npy: np.load hands back its bytes
+        raise TraceError(f"trace {path!r}: members {raw} are not .npy arrays")
+    _check_format_version(path, checked["format_version"])
+    loads = _check_loads(path, checked["loads"])
+    windows = [_check_window_array(path, k, checked[k], loads.shape[0]) for k in _REQUIRED[2:]]
+    return Trace(loads, *windows)
 
 
 class TraceRecorder:
