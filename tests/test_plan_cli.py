@@ -114,17 +114,25 @@ def test_npy_load_current_round_trip_and_out(capsys, tmp_path):
     "content,args,message",
     [
         ([[1, 2, 3]], ["--ranks", "2"], "--ranks 2 does not divide the 3 slots per layer (3 experts + 0 redundant)"),
-        ([1, 2, 3], ["--ranks", "1"], "expected a 2-D array, got shape (3,)"),
-        ([[1, 2], [3]], ["--ranks", "1"], "expected a 2-D numeric array"),
-        ([[1, -5, 3, 4]], ["--ranks", "2"], "logical_load[0, 1] = -5.0: loads must be finite and >= 0"),
-        ([[1, 2, 3, 4]], ["--ranks", "0"], "--ranks 0 must be a positive integer"),
-        ([[1, 2, 3, 4]], ["--ranks", "2", "--redundant", "-2"], "--redundant -2 must be >= 0"),
+        ([1, 2, 3], ["--ranks", "1"], "row [0] is 1, expected a non-empty list (a 2-D array)"),
+        ([[1, 2], [3]], ["--ranks", "1"], "row [1] has 1 entries, row [0] has 2: expected a 2-D array"),
+        ([[1, -5, 3, 4]], ["--ranks", "2"], "load.json: entry [0][1] is -5, expected a finite number >= 0"),
+        ([[1, 2, 3, 4]], ["--ranks", "0"], "argument --ranks: expected an integer >= 1, got '0'"),
+        (
+            [[1, 2, 3, 4]],
+            ["--ranks", "2", "--redundant", "-2"],
+            "argument --redundant: expected an integer >= 0, got '-2'",
+        ),
         ([[1, 2, 3, 4]], ["--ranks", "2", "--policy", "lpt"], "invalid choice: 'lpt'"),
-        ([[1, 2, 3, 4]], ["--ranks", "2", "--groups", "3", "--policy", "deepseek"], "num_groups=3 must divide"),
+        (
+            [[1, 2, 3, 4]],
+            ["--ranks", "2", "--groups", "3", "--policy", "deepseek"],
+            "--groups 3 must divide the 4 experts",
+        ),
         (
             [[1, 2, 3, 4]],
             ["--ranks", "2", "--nodes", "4", "--policy", "deepseek"],
-            "num_nodes=4 must divide num_ranks=2",
+            "--nodes 4 must divide --ranks 2",
         ),
         ({"weights": []}, ["--ranks", "2"], "JSON object has no 'load' key"),
     ],
@@ -142,7 +150,7 @@ def test_bad_current_shape_and_missing_file(capsys, tmp_path, load_json):
     cur = tmp_path / "cur.json"
     cur.write_text(json.dumps({"phy2log": [[0, 1, 2]]}))
     code, _, err = run_cli(capsys, "--load", load_json, "--ranks", "8", "--current", str(cur), "--redundant", "4")
-    assert code == 2 and "--current has shape (1, 3), expected (2, 16)" in err
+    assert code == 2 and f"--current {cur} has shape (1, 3), expected (2, 16)" in err
     code, _, err = run_cli(capsys, "--load", str(tmp_path / "missing.npy"), "--ranks", "8")
     assert code == 2 and "missing.npy" in err and err.count("\n") == 1
     bad = tmp_path / "bad.json"
@@ -185,4 +193,4 @@ def test_previous_load_of_another_shape_is_named(capsys, tmp_path, load_json):
     previous.write_text(json.dumps(README_WEIGHT[:1]))
     code, out, err = run_cli(capsys, "--load", load_json, "--previous-load", str(previous), "--ranks", "4")
     assert code == 2 and out == ""
-    assert "--previous-load has shape (1, 12), expected (2, 12)" in err
+    assert f"--previous-load {previous} has shape (1, 12), expected (2, 12)" in err

@@ -18,28 +18,48 @@ it. Without ``--current`` the current placement is vLLM's initial one (slot ``p`
 ``p % N``). Balancedness figures are under ``--load`` as given (with ``--previous-load`` and a
 persistence below 0.6 the migration policy plans for a forecast of the next window, see
 ``load_forecast``; the batches' gains are then under that forecast). Bad input ends with exit
-code 2 and a one-line message naming the bad value.
+code 2 and a one-line message naming the flag or the file (with the bad entry's position) and
+what was expected: numeric flags are checked as they are parsed, files as they are read (an
+unreadable or ill-typed file is named, never a traceback; pickles are never loaded).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from eplb_service.coordinator.load_forecast import persistence
-from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES, plan_rebalance, validate_load
+from eplb_service.coordinator.policy import (
+    DEFAULT_POLICY,
+    POLICIES,
+    RebalancePlan,
+    plan_rebalance,
+    validate_load,
+)
 from eplb_service.placement import (
+    PlacementError,
     PlacementShape,
     initial_phy2log,
     layer_balancedness,
     logical_replica_count,
     model_balancedness,
     rank_loads,
+    validate_phy2log,
 )
+from eplb_service.trace import TraceError, UnreadableFile, first_bad_load, load_trace, read_numpy, real_dtype
+
+MAX_COUNT = 2**62
+"""Upper bound of the integer flags: every count and byte sum stays within int64."""
+MAX_BYTES_PER_EXPERT = 2**40
+"""1 TiB: far above any expert's weights, low enough that bytes moved (experts x bytes) fit int64."""
+MAX_EXACT_FLOAT_INT = 2**53
+"""A JSON float is taken as an expert index only below this: above it floats are not exact integers."""
 
 
 class UsageError(Exception):
@@ -49,6 +69,39 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other input error
         raise UsageError(message)
+
+
+def int_flag(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str], int]:
+    """argparse ``type`` for an integer in ``[minimum, maximum]``, checked at parse time.
+
+    argparse prefixes the message with the flag (``argument --groups: ...``), so a bad value is
+    named before any file is read, and the policies never see a value they would reject in their
+    own terms (``num_groups=0``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def gain_flag(text: str) -> float:
+    """argparse ``type`` for ``--min-layer-gain``: a finite number >= 0, like the coordinator's
+    own ``min_layer_gain`` (a negative one would accept layers that get worse; nan/inf mean nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,12 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of the imbalance lasted from it to --load, prices moves by it and, where most of it fades, plans "
         "for the forecast next window (default: plan for --load as it is)",
     )
-    parser.add_argument("--ranks", required=True, type=int, help="EP ranks (must divide the slots)")
+    parser.add_argument("--ranks", required=True, type=int_flag(1), help="EP ranks (must divide the slots)")
     parser.add_argument(
-        "--redundant", type=int, default=None, help="redundant slots per layer (default: from --current, else 0)"
+        "--redundant",
+        type=int_flag(0),
+        default=None,
+        help="redundant slots per layer (default: from --current, else 0)",
     )
-    parser.add_argument("--groups", type=int, default=1, help="expert groups (deepseek hierarchy)")
-    parser.add_argument("--nodes", type=int, default=1, help="server nodes (deepseek hierarchy)")
+    parser.add_argument("--groups", type=int_flag(1), default=1, help="expert groups (deepseek hierarchy)")
+    parser.add_argument("--nodes", type=int_flag(1), default=1, help="server nodes (deepseek hierarchy)")
     parser.add_argument(
         "--policy",
         choices=POLICIES,
@@ -84,82 +140,262 @@ def build_parser() -> argparse.ArgumentParser:
         "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads)",
     )
     parser.add_argument("--current", metavar="FILE", help="current placement JSON (phy2log)")
-    parser.add_argument("--bytes-per-expert", type=int, default=1, help="bytes of one expert on one rank")
-    parser.add_argument("--staging-budget-bytes", type=int, default=None, help="staging bytes per rank per batch")
-    parser.add_argument("--min-layer-gain", type=float, default=0.0, help="skip layers gaining less balancedness")
+    parser.add_argument(
+        "--bytes-per-expert",
+        type=int_flag(1, MAX_BYTES_PER_EXPERT),
+        default=1,
+        help="bytes of one expert on one rank",
+    )
+    parser.add_argument(
+        "--staging-budget-bytes", type=int_flag(1), default=None, help="staging bytes per rank per batch"
+    )
+    parser.add_argument(
+        "--min-layer-gain", type=gain_flag, default=0.0, help="skip layers gaining less balancedness (>= 0)"
+    )
     parser.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
     return parser
 
 
-def _read_json(path: str, what: str):
+def _read_json(path: str, what: str) -> object:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes())
     except OSError as exc:
         raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path}: not valid JSON (not UTF-8 text)") from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
+        raise UsageError(
+            f"{what} {path}: not valid JSON ({' '.join(str(exc).split()) or 'nested too deeply'})"
+        ) from None
 
 
-def _as_2d(value, path: str, what: str, dtype) -> np.ndarray:
+def _json_text(value: object) -> str:
+    """``value`` as the JSON the user wrote (``null``, ``true``, ``"3"``), shortened for a message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unwrap(value: object, key: str, where: str) -> tuple[object, str]:
+    """The matrix of a JSON document (a bare list, or an object's ``key``) and its path prefix."""
+    if isinstance(value, dict):
+        if key not in value:
+            raise UsageError(f"{where}: JSON object has no {key!r} key")
+        return value[key], key
+    return value, ""
+
+
+def _json_rows(value: object, where: str, label: str) -> list[list[object]]:
+    """The rows of a JSON matrix: a non-empty list of equal-length, non-empty lists.
+
+    Walked in Python rather than handed to ``np.asarray``, which would turn ``null`` into
+    ``nan``, ``true`` into 1 and ``"3"`` into 3.0 and report them later under internal names."""
+    if not isinstance(value, list) or not value:
+        raise UsageError(
+            f"{where}: {label or 'the document'} is {_json_text(value)}, "
+            "expected a 2-D array (a non-empty list of rows)"
+        )
+    width = len(value[0]) if isinstance(value[0], list) else 0
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or not row:
+            raise UsageError(f"{where}: row {label}[{i}] is {_json_text(row)}, expected a non-empty list (a 2-D array)")
+        if len(row) != width:
+            raise UsageError(
+                f"{where}: row {label}[{i}] has {len(row)} entries, row {label}[0] has {width}: "
+                "expected a 2-D array (equal-length rows)"
+            )
+    return value
+
+
+def _load_number(value: object) -> float | None:
+    """A JSON load entry as a float when it is a finite number >= 0 (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        arr = np.asarray(value, dtype=dtype)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} {path}: expected a 2-D numeric array (equal-length rows)") from None
-    if arr.ndim != 2:
-        raise UsageError(f"{what} {path}: expected a 2-D array, got shape {arr.shape}")
-    return arr
+        number = float(value)
+    except OverflowError:  # an integer beyond float64
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _expert_index(value: object) -> int | None:
+    """A JSON placement entry as an int when it is an integer >= 0, else None.
+
+    A float is taken only when it is exactly an integer (numpy's ``tolist()`` of a float array
+    writes ``3.0``); ``1e30`` is not, and must be refused here, before an int64 cast wraps it."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < MAX_COUNT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value < MAX_EXACT_FLOAT_INT:
+        return int(value)
+    return None
+
+
+def _not_an_index(value: object) -> str:
+    """Why a JSON placement entry is not an expert index, for the message."""
+    text = _json_text(value)
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{text}, a float that is not an exact integer: expected an integer expert index >= 0"
+    return f"{text}, expected an integer expert index >= 0"
+
+
+def _check_load_array(arr: np.ndarray, where: str, what: str = "entry") -> np.ndarray:
+    """``arr`` as float64 ``[L, N]``: 2-D, no empty axis, real numbers, finite and >= 0."""
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise UsageError(f"{where}: expected a 2-D array [layers > 0, experts > 0], got shape {arr.shape}")
+    if not real_dtype(arr):
+        raise UsageError(f"{where}: the array has dtype {arr.dtype}, expected real numbers (integers or floats)")
+    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, reported below
+        load = arr.astype(np.float64)
+    bad = first_bad_load(load)
+    if bad is not None:
+        raise UsageError(f"{where}: {what} [{bad[0]}, {bad[1]}] = {load[bad]}, expected a finite number >= 0")
+    return load
+
+
+def _read_npy(path: str, flag: str) -> np.ndarray:
+    """``[L, N]`` float64 from a ``.npy`` file; never a pickle, and an ``.npz`` is refused by name."""
+    where = f"{flag} {path}"
+    try:
+        value = read_numpy(path, "npy")
+    except UnreadableFile as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    assert isinstance(value, np.ndarray)  # read_numpy(..., "npy") returns the array
+    return _check_load_array(value, where)
+
+
+def _read_json_load(path: str, flag: str) -> np.ndarray:
+    """``[L, N]`` float64 from a JSON list of rows or an object's ``load``; every entry checked."""
+    where = f"{flag} {path}"
+    value, label = _unwrap(_read_json(path, flag), "load", where)
+    rows = _json_rows(value, where, label)
+    for i, row in enumerate(rows):
+        for j, entry in enumerate(row):
+            if _load_number(entry) is None:
+                raise UsageError(
+                    f"{where}: entry {label}[{i}][{j}] is {_json_text(entry)}, expected a finite number >= 0"
+                )
+    return np.array(rows, dtype=np.float64)
 
 
 def read_load(path: str, flag: str = "--load") -> np.ndarray:
-    """``[L, N_log]`` float64 from ``.npy``, JSON, or a recorded trace (``.npz``, windows summed)."""
-    if path.endswith(".npz"):
-        from eplb_service.trace import TraceError, load_trace
+    """``[L, N_log]`` float64 from ``.npy``, JSON, or a recorded trace (``.npz``, windows summed).
 
+    Raises :class:`UsageError` naming ``flag``, the file and, for a bad entry, its position:
+    the load is finite and >= 0 here, so nothing later reports it under an internal name."""
+    if path.endswith(".npz"):
         try:
-            value = load_trace(path).aggregate()
+            summed = load_trace(path).aggregate()
         except TraceError as exc:
-            raise UsageError(f"{flag} {path}: {exc}") from None
-    elif path.endswith(".npy"):
-        try:
-            value = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{flag} {path}: cannot read .npy ({exc})") from None
-    else:
-        value = _read_json(path, flag)
-        if isinstance(value, dict):
-            if "load" not in value:
-                raise UsageError(f"{flag} {path}: JSON object has no 'load' key")
-            value = value["load"]
-    return _as_2d(value, path, flag, np.float64)
+            raise UsageError(f"{flag}: {exc}") from None
+        return _check_load_array(summed, f"{flag} {path}", "the sum over the trace's windows at")
+    if path.endswith(".npy"):
+        return _read_npy(path, flag)
+    return _read_json_load(path, flag)
 
 
 def read_placement(path: str, flag: str = "--current") -> np.ndarray:
-    """``phy2log [L, P]`` from placement JSON (an object with ``phy2log``, or a bare list)."""
-    value = _read_json(path, flag)
-    if isinstance(value, dict):
-        if "phy2log" not in value:
-            raise UsageError(f"{flag} {path}: JSON object has no 'phy2log' key")
-        value = value["phy2log"]
-    arr = _as_2d(value, path, flag, np.float64)
-    if not np.all(arr == np.round(arr)):
-        raise UsageError(f"{flag} {path}: phy2log entries must be integers")
-    return arr.astype(np.int64)
+    """``phy2log [L, P]`` int64 from placement JSON (an object with ``phy2log``, or a bare list).
+
+    Entries are integers >= 0, checked before any cast (the range against the load's experts is
+    the caller's: :func:`plan_document`, or the coordinator's config); raises :class:`UsageError`
+    naming ``flag``, the file and the bad entry's position."""
+    where = f"{flag} {path}"
+    value, label = _unwrap(_read_json(path, flag), "phy2log", where)
+    rows = _json_rows(value, where, label)
+    for i, row in enumerate(rows):
+        for j, entry in enumerate(row):
+            if _expert_index(entry) is None:
+                raise UsageError(f"{where}: entry {label}[{i}][{j}] is {_not_an_index(entry)}")
+    return np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
+
+
+def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical: int) -> int:
+    """Redundant slots per layer: ``--redundant``, else what ``--current`` has beyond the experts."""
+    if args.redundant is not None:
+        return int(args.redundant)
+    if current is None:
+        return 0
+    if current.shape[1] < num_logical:
+        raise UsageError(
+            f"--current {args.current} has {current.shape[1]} slots per layer, "
+            f"fewer than the {num_logical} experts of --load {args.load}"
+        )
+    return int(current.shape[1] - num_logical)
+
+
+def _check_current(args: argparse.Namespace, current: np.ndarray, shape: PlacementShape, redundant: int) -> None:
+    """``--current`` fits ``shape``: its size, every entry an expert of ``--load``, none missing."""
+    expected = (shape.num_layers, shape.num_physical)
+    if current.shape != expected:
+        raise UsageError(
+            f"--current {args.current} has shape {current.shape}, expected {expected} "
+            f"[layers of --load, {shape.num_logical} experts + {redundant} redundant]"
+        )
+    try:
+        validate_phy2log(current, shape)
+    except PlacementError as exc:
+        raise UsageError(f"--current {args.current}: {exc} (the experts of --load {args.load})") from None
+
+
+def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
+    """``--groups``/``--nodes`` divide what the deepseek policy splits (the migration policy
+    ignores them); checked here so the message names the flags, not the policy's arguments."""
+    if args.policy != "deepseek":
+        return
+    if shape.num_logical % args.groups:
+        raise UsageError(f"--groups {args.groups} must divide the {shape.num_logical} experts of --load {args.load}")
+    if args.ranks % args.nodes:
+        raise UsageError(f"--nodes {args.nodes} must divide --ranks {args.ranks}")
+
+
+def _previous_persistence(args: argparse.Namespace, load: np.ndarray, shape: PlacementShape) -> float:
+    """How much of the imbalance lasted from ``--previous-load`` to ``--load`` (1.0 without it)."""
+    if not args.previous_load:
+        return 1.0
+    previous = read_load(args.previous_load, "--previous-load")
+    if previous.shape != load.shape:
+        raise UsageError(
+            f"--previous-load {args.previous_load} has shape {previous.shape}, expected {load.shape} "
+            f"(the shape of --load {args.load})"
+        )
+    return persistence(validate_load(previous, shape), load)
+
+
+def _plan(
+    args: argparse.Namespace, current: np.ndarray, load: np.ndarray, shape: PlacementShape, lasting: float
+) -> RebalancePlan:
+    """Run the policy; its one input-dependent refusal (a layer that alone needs more staging
+    than the budget) is reworded to name ``--staging-budget-bytes``."""
+    try:
+        return plan_rebalance(
+            args.policy,
+            current,
+            load,
+            shape,
+            num_groups=args.groups,
+            num_nodes=args.nodes,
+            bytes_per_expert=args.bytes_per_expert,
+            staging_budget_bytes=args.staging_budget_bytes,
+            min_layer_gain=args.min_layer_gain,
+            persistence=lasting,
+        )
+    except ValueError as exc:
+        internal = f"staging_budget_bytes={args.staging_budget_bytes}"
+        if args.staging_budget_bytes is None or internal not in str(exc):
+            raise
+        raise UsageError(str(exc).replace(internal, f"--staging-budget-bytes {args.staging_budget_bytes}")) from None
 
 
 def plan_document(args: argparse.Namespace) -> dict:
     """Plan for parsed ``args`` and return the output document (raises UsageError / ValueError)."""
     load = read_load(args.load)
     num_layers, num_logical = load.shape
-    current = read_placement(args.current) if args.current else None
-    if args.redundant is None:
-        redundant = current.shape[1] - num_logical if current is not None else 0
-    else:
-        redundant = args.redundant
-    if redundant < 0:
-        raise UsageError(f"--redundant {redundant} must be >= 0")
+    given = read_placement(args.current) if args.current else None
+    redundant = _redundant(args, given, num_logical)
     num_physical = num_logical + redundant
-    if args.ranks <= 0:
-        raise UsageError(f"--ranks {args.ranks} must be a positive integer")
     if num_physical % args.ranks:
         raise UsageError(
             f"--ranks {args.ranks} does not divide the {num_physical} slots per layer "
@@ -167,31 +403,14 @@ def plan_document(args: argparse.Namespace) -> dict:
         )
     shape = PlacementShape(num_layers, num_logical, num_physical, args.ranks)
     load = validate_load(load, shape)
-    lasting = 1.0
-    if args.previous_load:
-        previous = read_load(args.previous_load, "--previous-load")
-        if previous.shape != load.shape:
-            raise UsageError(f"--previous-load has shape {previous.shape}, expected {load.shape} (the shape of --load)")
-        lasting = persistence(validate_load(previous, shape), load)
-    if current is None:
+    lasting = _previous_persistence(args, load, shape)
+    if given is None:
         current = initial_phy2log(shape)
-    elif current.shape != (num_layers, num_physical):
-        raise UsageError(
-            f"--current has shape {current.shape}, expected ({num_layers}, {num_physical}) "
-            f"[layers of --load, {num_logical} experts + {redundant} redundant]"
-        )
-    plan = plan_rebalance(
-        args.policy,
-        current,
-        load,
-        shape,
-        num_groups=args.groups,
-        num_nodes=args.nodes,
-        bytes_per_expert=args.bytes_per_expert,
-        staging_budget_bytes=args.staging_budget_bytes,
-        min_layer_gain=args.min_layer_gain,
-        persistence=lasting,
-    )
+    else:
+        _check_current(args, given, shape, redundant)
+        current = given
+    _check_hierarchy(args, shape)
+    plan = _plan(args, current, load, shape, lasting)
     phy2log = plan.target_phy2log
     return {
         "policy": args.policy,
