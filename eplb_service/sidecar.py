@@ -2,13 +2,17 @@
 
     eplb-sidecar [--endpoint ipc://...] [--metrics-port 9464] [-- coordinator flags] -- vllm serve MODEL ...
 
-It derives the EP rank count from the vLLM command (``--data-parallel-size``/``-dp`` x
-``--tensor-parallel-size``/``-tp``), starts the coordinator, waits until it answers,
-then runs the vLLM command with ``EPLB_SERVICE_ENDPOINT`` set so the plugin in every
-worker finds it. SIGINT/SIGTERM go to vLLM first, then the coordinator stops. The
-coordinator is a *separate* process: if it dies, vLLM keeps serving (the agents keep
-the current maps and re-register) and the sidecar restarts it with back-off. The exit
-code is vLLM's.
+It derives the EP rank count from the vLLM command as vLLM reads it (``--data-parallel-size``/``-dp``
+x ``--tensor-parallel-size``/``-tp`` x ``--prefill-context-parallel-size``/``-pcp``, underscores or
+dashes, its ``--config`` YAML file), starts the coordinator, waits until it answers, then runs the
+vLLM command with ``EPLB_SERVICE_ENDPOINT`` set so the plugin in every worker finds it.
+SIGINT/SIGTERM go to vLLM first, then the coordinator stops. The coordinator is a *separate*
+process: if it dies, vLLM keeps serving (the agents keep the current maps and re-register) and
+the sidecar restarts it with back-off. The exit code is vLLM's.
+
+Mistakes are found before anything starts and reported in one line, exit status 2: a
+``--dp``/``--tp`` for the coordinator that contradicts the vLLM command (the coordinator would
+refuse vLLM's agents with no word to the user), a bad flag, endpoint, port or log variable.
 
 No way out of the sidecar leaves the coordinator behind: a vLLM command that cannot start,
 exits or is killed, a signal to the sidecar, an exception, and a SIGKILL of the sidecar
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -27,39 +32,19 @@ import sys
 import time
 from collections.abc import Callable
 
+import zmq
+
 from eplb_service import logutil
 from eplb_service.coordinator.config import default_endpoint
 from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
 from eplb_service.coordinator.status_client import fetch_status
+from eplb_service.security import SecurityError
+from eplb_service.sidecar_checks import check_endpoint, check_metrics_port, coordinator_settings, log_environment
+from eplb_service.vllm_command import UsageError, coordinator_ranks, vllm_parallelism
 
 log = logutil.rank_logger(__name__, "sidecar")
 
 ENDPOINT_ENV = "EPLB_SERVICE_ENDPOINT"
-
-
-def _flag_value(argv: list[str], names: tuple[str, ...]) -> str | None:
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                return argv[i + 1]
-            if arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
-    return None
-
-
-def ep_ranks_from_vllm_args(argv: list[str]) -> tuple[int, int]:
-    """``(dp, tp)`` from a vLLM command line; 1 where a flag is absent."""
-    sizes = []
-    for names in (("--data-parallel-size", "-dp"), ("--tensor-parallel-size", "-tp")):
-        raw = _flag_value(argv, names)
-        try:
-            value = 1 if raw is None else int(raw)
-        except ValueError:
-            raise ValueError(f"{names[0]} {raw!r} in the vLLM command is not an integer") from None
-        if value <= 0:
-            raise ValueError(f"{names[0]} {value} in the vLLM command must be positive")
-        sizes.append(value)
-    return sizes[0], sizes[1]
 
 
 PR_SET_PDEATHSIG = 1
@@ -97,20 +82,27 @@ def exit_status(returncode: int) -> int:
 class Sidecar:
     """Runs the coordinator, then vLLM; whatever way the sidecar ends, the coordinator ends with it."""
 
-    def __init__(self, vllm_cmd: list[str], coordinator_args: list[str], endpoint: str, ready_timeout_s: float) -> None:
+    def __init__(
+        self,
+        vllm_cmd: list[str],
+        coordinator_args: list[str],
+        endpoint: str,
+        ready_timeout_s: float,
+        ranks: tuple[int, int],
+    ) -> None:
+        """``ranks``: the coordinator's ``(--dp, --tp)`` (:func:`coordinator_ranks`), ahead of ``coordinator_args``."""
         self.vllm_cmd = vllm_cmd
         self.endpoint = endpoint
         self.ready_timeout_s = ready_timeout_s
-        dp, tp = ep_ranks_from_vllm_args(vllm_cmd)
         self.coordinator_cmd = [
             sys.executable,
             "-m",
             "eplb_service.coordinator.cli",
             "serve",
             "--dp",
-            str(dp),
+            str(ranks[0]),
             "--tp",
-            str(tp),
+            str(ranks[1]),
             "--endpoint",
             endpoint,
             *coordinator_args,
@@ -120,8 +112,6 @@ class Sidecar:
         self._stop_signal: int | None = None
         self._restart_at = 0.0
         self._backoff_s = 1.0
-        if "--enable-eplb" not in vllm_cmd:
-            log.warning("the vLLM command has no --enable-eplb: the plugin will refuse to attach")
 
     def _start_coordinator(self) -> None:
         self.coordinator = subprocess.Popen(
@@ -143,6 +133,8 @@ class Sidecar:
                 continue
             except UnsafeSocketDirectory:  # the coordinator refuses it too and exits: poll() sees that
                 time.sleep(0.2)
+            except (zmq.ZMQError, SecurityError) as exc:  # checked before the start: only a change since then
+                raise UsageError(f"cannot ask the coordinator at {self.endpoint} whether it is ready: {exc}") from None
         return False
 
     def _on_signal(self, signum, _frame) -> None:
@@ -174,7 +166,7 @@ class Sidecar:
             return exit_status(self.coordinator.returncode) or 1
         else:
             log.error(
-                "coordinator not ready within %.0fs; starting vLLM anyway (agents register when it is up)",
+                "coordinator not ready within %gs; starting vLLM anyway (agents register when it is up)",
                 self.ready_timeout_s,
             )
         code = self._start_vllm()
@@ -232,17 +224,31 @@ class Sidecar:
 _DESCRIPTION = """\
 Run the eplb-service coordinator next to `vllm serve` with one command.
 
-The EP rank count comes from the vLLM command (--data-parallel-size/-dp x
---tensor-parallel-size/-tp). The sidecar starts the coordinator, waits until it answers,
+The EP rank count comes from the vLLM command as vLLM reads it: --data-parallel-size/-dp x
+--tensor-parallel-size/-tp x --prefill-context-parallel-size/-pcp, with underscores or
+dashes, FLAG VALUE or FLAG=VALUE, and from its --config YAML file. A --dp/--tp given to the
+coordinator must agree with them. The sidecar starts the coordinator, waits until it answers,
 then runs the vLLM command with EPLB_SERVICE_ENDPOINT set. SIGINT/SIGTERM go to vLLM, then
 the coordinator stops. If the coordinator dies, vLLM keeps serving and the coordinator is
-restarted with back-off. The exit status is vLLM's (128 + N if signal N killed it)."""
+restarted with back-off. The exit status is vLLM's (128 + N if signal N killed it); 2 for a
+mistake in the sidecar's flags, the coordinator's or the vLLM command's sizes."""
 
 _EPILOG = """\
 Flags before the vLLM command that are not listed above go to the coordinator
 (see `eplb-coordinator serve --help`), for example:
   eplb-sidecar --metrics-port 9464 --policy deepseek -- vllm serve MODEL \\
       --data-parallel-size 8 --enable-expert-parallel --enable-eplb"""
+
+
+def positive_seconds(text: str) -> float:
+    """A duration flag's value; NaN or infinity would make every deadline test false (or never true)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ready-timeout-s",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="how long to wait for the coordinator before starting vLLM anyway",
@@ -272,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         choices=("text", "json"),
-        default="text",
-        help="json: one JSON object per line (the coordinator's too)",
+        default=None,
+        help="json: one JSON object per line, the coordinator's too (default: $EPLB_SERVICE_LOG_FORMAT, else text)",
     )
     return parser
 
@@ -286,8 +292,11 @@ def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return [a for a in argv[:split] if a != "--"], argv[split + 1 :]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tuple[int, int]]:
+    """Everything checked before anything starts: ``(sidecar flags, coordinator flags, vLLM command, (dp, tp))``.
+
+    Argparse mistakes exit 2 from here (with the usage); the rest raise ``UsageError``.
+    """
     own, vllm_cmd = split_command_line(argv)
     parser = build_parser()
     args, coordinator_args = parser.parse_known_args(own)  # --help answers here, vLLM command or not
@@ -295,14 +304,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the vLLM command after '--', e.g. eplb-sidecar -- vllm serve MODEL --enable-eplb ...")
     if not vllm_cmd:
         parser.error("the vLLM command after '--' is empty")
+    os.environ.update(log_environment(os.environ))
     logutil.configure(None, args.log_format)
+    settings = coordinator_settings(coordinator_args)
+    check_metrics_port(settings.metrics_port)
+    check_endpoint(args.endpoint)
+    vllm = vllm_parallelism(vllm_cmd)
+    ranks = coordinator_ranks(vllm, settings.dp, settings.tp)
+    if vllm.eplb is False:
+        log.warning("the vLLM command has no --enable-eplb: the plugin will refuse to attach")
+    # Without the flag the coordinator reads EPLB_SERVICE_LOG_FORMAT, as the sidecar did: one format for both.
+    log_format = ["--log-format", args.log_format] if args.log_format else []
+    return args, coordinator_args + log_format, vllm_cmd, ranks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """vLLM's exit status; 2, with one line saying what to change, for a mistake found before or while starting."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        sidecar = Sidecar(
-            vllm_cmd, coordinator_args + ["--log-format", args.log_format], args.endpoint, args.ready_timeout_s
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    return sidecar.run()
+        args, coordinator_args, vllm_cmd, ranks = plan(argv)
+        return Sidecar(vllm_cmd, coordinator_args, args.endpoint, args.ready_timeout_s, ranks).run()
+    except UsageError as exc:
+        print(f"eplb-sidecar: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

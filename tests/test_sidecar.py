@@ -14,20 +14,8 @@ import time
 import pytest
 
 from eplb_service.coordinator.status_client import fetch_status
-from eplb_service.sidecar import ep_ranks_from_vllm_args
 
 STAND_IN = str(pathlib.Path(__file__).with_name("stand_in_vllm.py"))
-
-
-def test_rank_count_comes_from_the_vllm_flags():
-    assert ep_ranks_from_vllm_args(["vllm", "serve", "m", "--data-parallel-size", "8", "--enable-expert-parallel"]) == (
-        8,
-        1,
-    )
-    assert ep_ranks_from_vllm_args(["serve", "-dp=4", "--tensor-parallel-size=2"]) == (4, 2)
-    assert ep_ranks_from_vllm_args(["serve"]) == (1, 1)
-    with pytest.raises(ValueError, match=r"--data-parallel-size 'x'"):
-        ep_ranks_from_vllm_args(["-dp", "x"])
 
 
 def sidecar_cmd(endpoint: str, *vllm: str) -> list[str]:
@@ -47,19 +35,22 @@ def sidecar_cmd(endpoint: str, *vllm: str) -> list[str]:
     ]
 
 
-def start_sidecar(tmp_path):
+def start_sidecar(tmp_path, cmd: list[str] | None = None):
+    """The sidecar running ``cmd`` (default: the stand-in, DP 2 x TP 2) once the stand-in reached the coordinator."""
     endpoint = f"ipc://{tmp_path}/c.sock"
     proc = subprocess.Popen(
-        sidecar_cmd(endpoint, sys.executable, STAND_IN),
+        cmd or sidecar_cmd(endpoint, sys.executable, STAND_IN),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    log = ""
     for line in proc.stdout:  # skip log lines until the stand-in reports it reached the coordinator
         if line.startswith('{"endpoint"'):
             return endpoint, proc, json.loads(line)
-    raise AssertionError(f"the stand-in never reported; sidecar exit {proc.wait()}")
+        log += line
+    raise AssertionError(f"the stand-in never reported; sidecar exit {proc.wait()}:\n{log}")
 
 
 def coordinator_pids(log: str) -> list[int]:
@@ -230,3 +221,44 @@ def test_second_sidecar_on_a_taken_endpoint_never_starts_vllm(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+
+
+@pytest.mark.parametrize(
+    "vllm_flags",
+    [
+        ["--data_parallel_size", "2", "--tensor_parallel_size=2", "--enable_eplb"],  # vLLM takes underscores
+        ["--config", "V.YAML"],  # data_parallel_size: 2, tensor-parallel-size: 2, enable-eplb: true
+        ["-dp", "2", "-pcp=2", "--enable-eplb"],  # EP group = DP x PCP x TP
+    ],
+    ids=["underscores", "config-file", "prefill-context-parallel"],
+)
+def test_the_coordinator_counts_the_ranks_vllm_runs_whatever_the_spelling(tmp_path, vllm_flags):
+    config = tmp_path / "v.yaml"
+    config.write_text("data_parallel_size: 2\ntensor-parallel-size: 2\nenable-eplb: true\n")
+    flags = [str(config) if flag == "V.YAML" else flag for flag in vllm_flags]
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    cmd = [sys.executable, "-m", "eplb_service.sidecar", "--endpoint", endpoint, "--", sys.executable, STAND_IN, *flags]
+    _, proc, first = start_sidecar(tmp_path, cmd)
+    try:
+        assert first["world_size"] == 4, "the coordinator must wait for all of vLLM's EP ranks"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+        assert "no --enable-eplb" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_lower_case_log_level_reaches_the_coordinator(tmp_path):
+    """``logging`` takes upper-case names only: the sidecar spells the level out for the coordinator too."""
+    out = subprocess.run(
+        sidecar_cmd(f"ipc://{tmp_path}/c.sock", sys.executable, STAND_IN, "--exit-now", "3"),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=dict(os.environ, EPLB_SERVICE_LOG_LEVEL="debug"),
+    )
+    log = out.stdout + out.stderr
+    # vLLM's status: the coordinator took the level, started and was ready (one refusing it exits 2, and so would we)
+    assert out.returncode == 3, log
+    assert "Traceback" not in log and "Unknown level" not in log and "coordinator ready at" in log

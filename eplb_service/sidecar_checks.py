@@ -1,0 +1,179 @@
+"""The sidecar's start-up checks: whatever would make the coordinator or the agents fail after
+vLLM started (a taken port, an endpoint agents cannot reach, a log variable ``logging`` refuses)
+is found before anything starts and reported as one :class:`UsageError`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from typing import NoReturn
+
+import zmq
+
+from eplb_service import logutil
+from eplb_service.coordinator import config
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, prepare_ipc_dir
+from eplb_service.security import ClientCurve, SecurityError
+from eplb_service.vllm_command import UsageError
+
+
+def log_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``EPLB_SERVICE_LOG_LEVEL``/``_FORMAT`` spelled as every process takes them, or ``UsageError``.
+
+    The sidecar sets the checked, spelled-out values for itself and its children (the
+    coordinator and vLLM's workers), so a bad one is one line here rather than a failure in
+    each child. Unset or blank variables are left out.
+    """
+    out = {}
+    level = environ.get(logutil.LOG_LEVEL_ENV, "").strip()
+    if level:
+        try:
+            logutil.parse_level(level, logutil.LOG_LEVEL_ENV)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        out[logutil.LOG_LEVEL_ENV] = level.upper()
+    fmt = environ.get(logutil.LOG_FORMAT_ENV, "").strip()
+    if fmt:
+        if fmt.lower() not in ("text", "json"):
+            raise UsageError(f"{logutil.LOG_FORMAT_ENV}={fmt!r} is not a log format; expected 'text' or 'json'")
+        out[logutil.LOG_FORMAT_ENV] = fmt.lower()
+    return out
+
+
+def coordinator_settings(coordinator_args: list[str]) -> argparse.Namespace:
+    """The coordinator's flags as it will read them (its ``--config`` file included); ``dp``, ``tp``: ``None`` if unset.
+
+    Parsed here, before anything starts, so that a bad flag is one line from the sidecar rather
+    than a coordinator that exits, and so that the sizes the user gave can be checked against vLLM's.
+    """
+    from eplb_service.coordinator import cli
+
+    def refuse(message: str) -> NoReturn:
+        raise UsageError(f"{message} (in the flags for the coordinator: see `eplb-coordinator serve --help`)")
+
+    parser = cli.build_parser()
+    serve = cli.subcommand_parser(parser, "serve")
+    serve.set_defaults(dp=None, tp=None)
+    parser.error = serve.error = refuse  # type: ignore[method-assign]
+    try:
+        return cli.parse_command_line(["serve", *coordinator_args], parser)
+    except ValueError as exc:  # the coordinator's --config file
+        raise UsageError(str(exc)) from None
+
+
+def _http_host() -> str:
+    """The address the coordinator's HTTP endpoints bind (``CoordinatorConfig.http_host``; no flag sets it)."""
+    return str(next(f.default for f in dataclasses.fields(CoordinatorConfig) if f.name == "http_host"))
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a TCP server could not listen on ``host:port`` now (the kernel's words), or ``None``.
+
+    A port in use would end the coordinator in a traceback after it started; asked here first.
+    A host that does not resolve (zmq also takes interface names) is left to the coordinator.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        return None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's and zmq's servers do
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_metrics_port(port: int | None) -> None:
+    """Refuse a ``--metrics-port`` in use: the coordinator would exit at start, after the sidecar
+    had reported it starting (the coordinator's parser already refuses one outside 0-65535)."""
+    if port is None:
+        return
+    problem = None if port == 0 else listen_problem(_http_host(), port)
+    if problem:
+        raise UsageError(
+            f"--metrics-port {port}: cannot listen on it ({problem}); choose another, or 0 for any free port"
+        )
+
+
+def _check_tcp_endpoint(endpoint: str) -> None:
+    """``tcp://HOST:PORT`` with a port 1-65535 free to bind: zmq takes 99999 as 34463 and -1 as 65535 silently."""
+    try:
+        config.check_endpoint(endpoint)  # the coordinator's own check: a port 1-65535 (or *)
+    except ValueError as exc:
+        raise UsageError(f"--endpoint: {exc}") from None
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if not port.isdigit():
+        raise UsageError(
+            f"--endpoint {endpoint!r}: agents cannot connect to it (* is any port); expected tcp://HOST:PORT"
+        )
+    problem = listen_problem(host.strip("[]"), int(port))
+    if problem:
+        raise UsageError(
+            f"--endpoint {endpoint}: the coordinator cannot listen there ({problem}); stop what holds it "
+            "(`eplb-coordinator status --endpoint ...` tells whether it is a coordinator) or choose another --endpoint"
+        )
+
+
+def _check_ipc_endpoint(endpoint: str) -> None:
+    """``ipc://PATH`` whose directory is this user's and can hold a socket: else the coordinator's bind fails late."""
+    path = endpoint[len("ipc://") :]
+    if path.startswith("@"):  # abstract namespace: no file, no directory
+        return
+    if not path:
+        raise UsageError(f"--endpoint {endpoint!r}: expected ipc://PATH")
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise UsageError(
+            f"--endpoint {endpoint}: the socket path is {len(os.fsencode(path))} bytes; unix sockets take at most "
+            f"{UNIX_PATH_MAX}"
+        )
+    try:
+        prepare_ipc_dir(endpoint)  # as the coordinator will, then its own bind
+        probe = os.path.join(os.path.dirname(path), f".eplb-sidecar-probe-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)  # left by a sidecar killed here under the same pid
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(probe)
+        os.unlink(probe)
+    except UnsafeSocketDirectory as exc:
+        raise UsageError(f"--endpoint {endpoint}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(
+            f"--endpoint {endpoint}: cannot create a socket in {os.path.dirname(path) or '.'}: {exc.strerror or exc}"
+        ) from None
+
+
+UNIX_PATH_MAX = 107
+"""Longest unix socket path, in bytes (``sun_path`` is 108 bytes with the terminating NUL, Linux)."""
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Refuse an ``--endpoint`` that the coordinator could not bind or the agents (and the sidecar) not reach."""
+    if endpoint.startswith("tcp://"):
+        _check_tcp_endpoint(endpoint)
+    elif endpoint.startswith("ipc://"):
+        _check_ipc_endpoint(endpoint)
+    else:
+        raise UsageError(f"--endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
+    ctx = zmq.Context()  # its own, ended here: no zmq threads while the children are forked
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)  # what the agents do: tcp://*:PORT binds, but nothing connects to it
+    except zmq.ZMQError as exc:
+        raise UsageError(f"--endpoint {endpoint!r}: agents cannot connect to it ({exc.strerror})") from None
+    finally:
+        sock.close()
+        ctx.term()
+    try:
+        ClientCurve.from_env()  # the sidecar's readiness check uses these keys
+    except SecurityError as exc:
+        raise UsageError(str(exc)) from None

@@ -1,0 +1,283 @@
+"""`eplb-sidecar`'s checks before anything starts: the rank count as vLLM reads it, and one-line errors (exit 2).
+
+Every refusal here comes from ``main(argv)``, the CLI itself, before a coordinator or vLLM
+is started; the runs that do start them are in ``test_sidecar.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from eplb_service.sidecar import UsageError, coordinator_ranks, main, vllm_parallelism
+
+FAKE_VLLM = ["/bin/true", "serve", "M"]  # never started: every command here is refused first
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """``main`` configures the root logger (to the captured stderr): put it back for the next test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def refused(capsys, *argv: str) -> str:
+    """The one-line error ``main(argv)`` exits 2 with (argparse's own mistakes come with its usage line)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("eplb-sidecar: error: ")]
+    return line
+
+
+def ranks(argv: list[str], dp: int | None = None, tp: int | None = None) -> tuple[int, int]:
+    return coordinator_ranks(vllm_parallelism(argv), dp, tp)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["vllm", "serve", "m", "--data-parallel-size", "8", "--enable-expert-parallel"], (8, 1)),
+        (["serve", "m", "-dp=4", "--tensor-parallel-size=2"], (4, 2)),
+        (["serve", "m", "--data_parallel_size", "8"], (8, 1)),
+        (["serve", "m", "--data_parallel_size=8", "--tensor_parallel_size", "2"], (8, 2)),
+        (["serve", "m", "-dp", "2", "-dp", "8"], (8, 1)),  # argparse: the last one wins
+        (["serve", "m", "-tp", "2", "-pcp", "2"], (1, 4)),  # EP ranks per DP rank = TP x PCP
+        (["serve", "m", "--prefill_context_parallel_size=3"], (1, 3)),
+        (["serve", "m", "-pp", "1", "-dcp", "2", "-dpl", "4"], (1, 1)),  # none of these adds EP ranks
+        (["serve", "m"], (1, 1)),
+    ],
+)
+def test_rank_count_is_read_as_vllm_reads_its_flags(argv, expected):
+    assert ranks(argv) == expected
+
+
+def test_config_file_sizes_count_and_the_command_line_overrides_them(tmp_path):
+    config = tmp_path / "v.yaml"
+    config.write_text("data_parallel_size: 8\ntensor-parallel-size: 2\nenable-eplb: true\n")
+    assert ranks(["serve", "m", "--config", str(config)]) == (8, 2)
+    assert ranks(["serve", "m", "--config", str(config), "-tp", "4"]) == (8, 4)
+    assert vllm_parallelism(["serve", "m", "--config", str(config)]).eplb is True
+    assert vllm_parallelism(["serve", "m", "--config", str(config), "--no-enable-eplb"]).eplb is False
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("data-parallel-size: x\n", "data-parallel-size: x in .*v.yaml: 'x' is not an integer"),
+        ("data_parallel_size: 0\n", "data_parallel_size: 0 in .*v.yaml: expected a positive integer, got 0"),
+        ("a: [1\n", "is not valid YAML: while parsing"),
+        ("- 8\n", "holds list; expected a mapping of vLLM flag names to values"),
+    ],
+)
+def test_a_config_file_vllm_would_refuse_is_refused(tmp_path, config_text, message):
+    config = tmp_path / "v.yaml"
+    config.write_text(config_text)
+    with pytest.raises(UsageError, match=message):
+        vllm_parallelism(["serve", "m", "--config", str(config)])
+
+
+def test_without_pyyaml_the_config_file_sizes_are_assumed_and_said_so(tmp_path, monkeypatch, caplog):
+    config = tmp_path / "v.yaml"
+    config.write_text("data-parallel-size: 8\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    argv = ["serve", "m", "--config", str(config)]
+    with caplog.at_level(logging.WARNING):
+        assert ranks(argv) == (1, 1)
+    assert (
+        f"could not determine vLLM's data-parallel size (pyyaml is not installed, so the sidecar cannot read {config})"
+        in caplog.text
+    )
+    assert "assuming 1; pass --dp N to the sidecar" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert ranks(argv, dp=8) == (8, 1)  # the coordinator's own --dp is used, unchecked, and said so
+    assert "using the coordinator's --dp 8: vLLM's data-parallel size could not be checked" in caplog.text
+
+
+def test_an_abbreviated_size_flag_is_not_guessed_but_said(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert ranks(["serve", "m", "--tensor-parallel", "2"]) == (1, 1)
+    assert "the vLLM command has --tensor-parallel, which vLLM may read as --tensor-parallel-size" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "coordinator_flags, vllm_flags, message",
+    [
+        (
+            ["--dp", "4"],
+            ["-dp", "8"],
+            r"the coordinator's --dp 4 contradicts the vLLM command's data-parallel size 8 \(-dp 8",
+        ),
+        (["--dp=4"], ["--data_parallel_size", "8"], r"--dp 4 contradicts .* size 8 \(--data-parallel-size 8"),
+        (["--tp", "2"], ["-tp", "2", "-pcp", "2"], r"--tp 2 contradicts .*prefill-context parallel size 4"),
+        (["--dp", "2"], [], r"--dp 2 contradicts the vLLM command's data-parallel size 1 \(vLLM's default\)"),
+    ],
+)
+def test_a_coordinator_size_that_contradicts_vllm_is_refused(capsys, tmp_path, coordinator_flags, vllm_flags, message):
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", *coordinator_flags, "--", *FAKE_VLLM, *vllm_flags)
+    assert re.search(message, line), line
+    assert "drop --" in line
+
+
+def test_a_coordinator_config_file_size_is_checked_too(capsys, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("dp = 4\n")
+    line = refused(
+        capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--config", str(toml), "--", *FAKE_VLLM, "-dp", "8"
+    )
+    assert "the coordinator's --dp 4 contradicts the vLLM command's data-parallel size 8" in line
+
+
+def test_the_vllm_config_file_is_checked_against_the_coordinator(capsys, tmp_path):
+    config = tmp_path / "v.yaml"
+    config.write_text("data-parallel-size: 8\n")
+    line = refused(
+        capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--dp", "4", "--", *FAKE_VLLM, "--config", str(config)
+    )
+    assert f"data-parallel size 8 (data-parallel-size: 8 in {config})" in line
+
+
+@pytest.mark.parametrize(
+    "vllm_flags, message",
+    [
+        (["-pp", "2"], "pipeline-parallel size 2 (-pp 2 in the vLLM command): vLLM builds one EP group per pipeline"),
+        (["-dp", "x"], "-dp x in the vLLM command: 'x' is not an integer; expected a positive integer"),
+        (["--tensor_parallel_size=0"], "--tensor-parallel-size 0 in the vLLM command: expected a positive integer"),
+        (["-dp"], "-dp ends the vLLM command without a value"),
+        (["--config", "/nonexistent/v.yaml"], "cannot read the vLLM config file '/nonexistent/v.yaml' (--config)"),
+        (["--config", "a.yaml", "--config", "b.yaml"], "the vLLM command has --config 2 times"),
+    ],
+)
+def test_vllm_sizes_vllm_would_refuse_are_refused(capsys, tmp_path, vllm_flags, message):
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--", *FAKE_VLLM, *vllm_flags)
+    assert message in line, line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "soon"])
+def test_ready_timeout_must_be_positive_finite_seconds(capsys, value):
+    line = refused(capsys, f"--ready-timeout-s={value}", "--", *FAKE_VLLM)  # -inf alone would read as a flag
+    assert line == (
+        f"eplb-sidecar: error: argument --ready-timeout-s: expected a positive, finite number of seconds, got {value!r}"
+    )
+
+
+@pytest.mark.parametrize("value", ["verbose", "10", "INFO2"])
+def test_bad_log_level_variable_is_one_line(capsys, monkeypatch, value):
+    monkeypatch.setenv("EPLB_SERVICE_LOG_LEVEL", value)
+    line = refused(capsys, "--", *FAKE_VLLM)
+    assert line == (
+        f"eplb-sidecar: error: EPLB_SERVICE_LOG_LEVEL={value!r} is not a log level; expected one of DEBUG, INFO, "
+        "WARNING, ERROR, CRITICAL (any case)"
+    )
+
+
+def test_bad_log_format_variable_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "xml")
+    assert refused(capsys, "--", *FAKE_VLLM) == (
+        "eplb-sidecar: error: EPLB_SERVICE_LOG_FORMAT='xml' is not a log format; expected 'text' or 'json'"
+    )
+
+
+def test_bad_log_level_is_one_line_from_the_real_cli():
+    """The reviewer's case, end to end: a traceback before."""
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_service.sidecar", "--", *FAKE_VLLM],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, EPLB_SERVICE_LOG_LEVEL="verbose"),
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "eplb-sidecar: error: EPLB_SERVICE_LOG_LEVEL='verbose' is not a log level; expected one of DEBUG, INFO, "
+        "WARNING, ERROR, CRITICAL (any case)"
+    ]
+
+
+@pytest.fixture
+def taken_port():
+    """A TCP port something listens on (on every address, as a coordinator's metrics server would)."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1"])
+def test_metrics_port_outside_the_tcp_range_is_refused(capsys, tmp_path, port):
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--metrics-port", port, "--", *FAKE_VLLM)
+    assert line == (
+        f"eplb-sidecar: error: argument --metrics-port: expected a port 0-65535 (0: any free port), got {port} "
+        "(in the flags for the coordinator: see `eplb-coordinator serve --help`)"
+    )
+
+
+def test_metrics_port_in_use_is_refused(capsys, tmp_path, taken_port):
+    line = refused(
+        capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--metrics-port", str(taken_port), "--", *FAKE_VLLM
+    )
+    assert f"--metrics-port {taken_port}: cannot listen on it (Address already in use)" in line
+
+
+def test_metrics_port_from_the_coordinator_config_file_is_checked(capsys, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("metrics-port = 70000\n")
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--config", str(toml), "--", *FAKE_VLLM)
+    assert "metrics-port = 70000: expected a port 0-65535 (0: any free port), got 70000" in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--metrics-port", "abc"],
+            "argument --metrics-port: expected a port 0-65535, got 'abc' (in the flags for the coordinator",
+        ),
+        (["--bogus"], "unrecognized arguments: --bogus (in the flags for the coordinator"),
+    ],
+)
+def test_bad_coordinator_flags_are_refused_before_anything_starts(capsys, tmp_path, flags, message):
+    assert message in refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", *flags, "--", *FAKE_VLLM)
+
+
+@pytest.mark.parametrize(
+    "endpoint, message",
+    [
+        ("foo", "--endpoint 'foo': expected ipc://PATH or tcp://HOST:PORT"),
+        ("tcp://127.0.0.1:99999", "port '99999' is not a port; expected 1-65535"),  # zmq would bind 34463
+        ("tcp://127.0.0.1:-1", "port '-1' is not a port; expected 1-65535"),
+        ("tcp://127.0.0.1", "has no host and port; expected tcp://HOST:PORT"),
+        ("tcp://*:5555", "--endpoint 'tcp://*:5555': agents cannot connect to it"),
+        ("ipc://", "--endpoint 'ipc://': expected ipc://PATH"),
+        ("ipc:///tmp/" + "a" * 120 + ".sock", "the socket path is 130 bytes; unix sockets take at most 107"),
+    ],
+)
+def test_unusable_endpoint_is_refused(capsys, endpoint, message):
+    assert message in refused(capsys, "--endpoint", endpoint, "--", *FAKE_VLLM)
+
+
+def test_endpoint_whose_directory_cannot_hold_a_socket_is_refused(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/file/c.sock", "--", *FAKE_VLLM)
+    assert f"--endpoint ipc://{tmp_path}/file/c.sock: socket directory {tmp_path}/file is a symlink or not a" in line
+
+
+def test_tcp_endpoint_in_use_is_refused(capsys, taken_port):
+    line = refused(capsys, "--endpoint", f"tcp://127.0.0.1:{taken_port}", "--", *FAKE_VLLM)
+    assert (
+        f"--endpoint tcp://127.0.0.1:{taken_port}: the coordinator cannot listen there (Address already in use)" in line
+    )
