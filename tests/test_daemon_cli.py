@@ -254,7 +254,7 @@ def test_stale_socket_of_a_dead_coordinator_is_replaced(tmp_path):
 def test_endpoint_held_by_a_silent_listener_or_a_plain_file_is_left_alone(tmp_path):
     import socket
 
-    from eplb_service.coordinator.cli import EndpointUnavailable, claim_ipc_endpoint
+    from eplb_service.coordinator.socket_dir import EndpointUnavailable, claim_ipc_endpoint
 
     path = tmp_path / "c.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:

@@ -14,15 +14,14 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import signal
-import socket
-import stat
 import sys
 
 from eplb_service import logutil
+from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.config import CoordinatorConfig, default_endpoint
+from eplb_service.coordinator.config_file import load_config_file
 from eplb_service.protocol import AgentConfig
 
 SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
@@ -30,58 +29,6 @@ SIM_STEPS = 1500
 """Serving steps per simulated rank unless ``--steps`` says otherwise."""
 SIM_ONLY = ("steps", "seed", "summary_json", "plot", "trace")
 """Flags that only mean something with ``--simulate``; the daemon refuses them rather than ignore them."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _finite_float(text: str, *, allow_zero: bool) -> float:
-    """A finite number > 0 (or >= 0): ``float()`` alone takes ``nan`` and ``inf``, which no
-    timeout, rate or gain here can mean."""
-    expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _finite_float(text, allow_zero=False)
-
-
-def _nonneg_float(text: str) -> float:
-    return _finite_float(text, allow_zero=True)
-
-
-def _port(text: str) -> int:
-    """An HTTP port, 0-65535 (0: any free port); the OS would wrap or refuse anything else."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: any free port), got {value}")
-    return value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -160,9 +107,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES
 
     p.add_argument(
-        "--dp", type=_positive_int, default=1, metavar="N", help="vLLM data-parallel size; EP ranks = dp x tp"
+        "--dp", type=arg_types.positive_int, default=1, metavar="N", help="vLLM data-parallel size; EP ranks = dp x tp"
     )
-    p.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="vLLM tensor-parallel size per DP rank")
+    p.add_argument(
+        "--tp", type=arg_types.positive_int, default=1, metavar="N", help="vLLM tensor-parallel size per DP rank"
+    )
     p.add_argument(
         "--endpoint",
         default=default_endpoint(),
@@ -178,57 +127,65 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=_port,
+        type=arg_types.port,
         default=None,
         metavar="PORT",
         help="serve /metrics, /livez, /readyz and /status on this HTTP port (0 = any free port; default: off)",
     )
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="placement policy")
     p.add_argument(
-        "--groups", type=_positive_int, default=1, metavar="N", help="expert groups (hierarchical deepseek policy)"
+        "--groups",
+        type=arg_types.positive_int,
+        default=1,
+        metavar="N",
+        help="expert groups (hierarchical deepseek policy)",
     )
-    p.add_argument("--nodes", type=_positive_int, default=1, metavar="N", help="nodes of the deployment")
+    p.add_argument("--nodes", type=arg_types.positive_int, default=1, metavar="N", help="nodes of the deployment")
     p.add_argument(
         "--rebalance-interval-steps",
-        type=_positive_int,
+        type=arg_types.positive_int,
         default=None,
         metavar="STEPS",
         help="steps between rebalance attempts (default: 200; 100 with --simulate)",
     )
     p.add_argument(
         "--min-gain",
-        type=_nonneg_float,
+        type=arg_types.nonneg_float,
         default=0.01,
         metavar="GAIN",
         help="minimum projected balancedness gain to start a plan",
     )
     p.add_argument(
         "--staging-budget-bytes",
-        type=_positive_int,
+        type=arg_types.positive_int,
         default=1 << 30,
         metavar="BYTES",
         help="staging memory per rank; larger plans go in layer batches",
     )
     p.add_argument(
         "--report-interval-steps",
-        type=_positive_int,
+        type=arg_types.positive_int,
         default=10,
         metavar="STEPS",
         help="steps per load report from each agent",
     )
     p.add_argument(
-        "--fence-steps", type=_positive_int, default=8, metavar="F", help="F: commit step = max(vote entry step) + F"
+        "--fence-steps",
+        type=arg_types.positive_int,
+        default=8,
+        metavar="F",
+        help="F: commit step = max(vote entry step) + F",
     )
     p.add_argument(
         "--fence-timeout-s",
-        type=_positive_float,
+        type=arg_types.positive_float,
         default=5.0,
         metavar="S",
         help="longest a serving thread waits at the fence",
     )
     p.add_argument(
         "--throttle-bytes-per-s",
-        type=_nonneg_float,
+        type=arg_types.nonneg_float,
         default=0.0,
         metavar="RATE",
         help="per-rank streaming cap (0 = unthrottled)",
@@ -279,10 +236,14 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="run the coordinator with dp x tp simulated serving ranks and real agents",
     )
     sim.add_argument(
-        "--steps", type=_positive_int, default=None, metavar="N", help=f"serving steps per rank (default: {SIM_STEPS})"
+        "--steps",
+        type=arg_types.positive_int,
+        default=None,
+        metavar="N",
+        help=f"serving steps per rank (default: {SIM_STEPS})",
     )
     sim.add_argument(
-        "--seed", type=_nonneg_int, default=None, metavar="N", help="seed of the simulated load (default: 0)"
+        "--seed", type=arg_types.nonneg_int, default=None, metavar="N", help="seed of the simulated load (default: 0)"
     )
     sim.add_argument("--summary-json", default=None, metavar="FILE", help="write the run's summary here")
     sim.add_argument(
@@ -299,7 +260,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def _add_status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=default_endpoint(), metavar="URL", help="the coordinator's ZeroMQ endpoint")
     p.add_argument("--json", action="store_true", help="print the raw status document instead of the table")
-    p.add_argument("--timeout-s", type=_positive_float, default=3.0, metavar="S", help="how long to wait for an answer")
+    p.add_argument(
+        "--timeout-s", type=arg_types.positive_float, default=3.0, metavar="S", help="how long to wait for an answer"
+    )
 
 
 def _add_keygen_arguments(p: argparse.ArgumentParser) -> None:
@@ -416,148 +379,6 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
-def _toml_module():
-    """``tomllib`` (standard from Python 3.11), else its backport ``tomli`` (a dependency below 3.11); same API."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ValueError("--config needs tomli on Python < 3.11: pip install tomli") from None
-    return tomllib
-
-
-def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, bool]]:
-    """Each key a config file may use -> (its flag's action, whether true means the flag's default flipped).
-
-    A key is a long flag name (``no-step-clock-check``) or its destination (``step-clock-check``),
-    with dashes or underscores: users copy either from ``--help`` or from an old file.
-    """
-    keys: dict[str, tuple[argparse.Action, bool]] = {}
-    for action in parser._actions:
-        if action.dest in ("help", "config"):
-            continue
-        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        keys[action.dest.replace("_", "-")] = (action, False)
-        for option in action.option_strings:
-            if option.startswith("--"):
-                keys[option[2:]] = (action, switch and option[2:] != action.dest.replace("_", "-"))
-    return keys
-
-
-def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
-    """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):  # "false" is a string, and a non-empty string would read as true
-            raise ValueError(f"config file {path!r}: {key} = {value!r}: expected true or false (no quotes)")
-        return (not value) if flips else value
-    if action.choices is not None and value not in action.choices:
-        raise ValueError(
-            f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}"
-        )
-    if isinstance(value, (bool, dict, list)):
-        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a {'number' if action.type else 'string'}")
-    if action.type is not None:
-        try:
-            return action.type(str(value))
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
-    if not isinstance(value, str):
-        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a string (in quotes)")
-    return value
-
-
-def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``, ``insecure``...)."""
-    tomllib = _toml_module()
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise ValueError(f"cannot read config file {path!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path!r} is not valid TOML: {exc}") from None
-    keys = _config_keys(parser)
-    settings = {}
-    for key, value in raw.items():
-        found = keys.get(key.replace("_", "-"))
-        if found is None:
-            known = sorted({k for k, (a, _) in keys.items() if a.help != argparse.SUPPRESS})
-            raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(known)}")
-        action, flips = found
-        settings[action.dest] = _config_value(path, key, value, action, flips)
-    return settings
-
-
-class EndpointUnavailable(RuntimeError):
-    """The ``ipc://`` endpoint is held by a live process (or cannot be checked): this coordinator must not start."""
-
-
-def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | None:
-    """Make an ``ipc://`` endpoint free to bind, or raise :class:`EndpointUnavailable` naming who holds it.
-
-    ZeroMQ's ipc bind unlinks whatever socket file is at the path, so a second coordinator
-    would silently take the endpoint over: agents connecting from then on reach it, while
-    the first keeps running with the agents it has. So a socket something listens on is
-    refused (naming the coordinator's pid when it answers a status request), and a socket
-    nobody listens on, left by a coordinator that died, is removed. Two coordinators
-    starting in the same instant can still both pass; this guards against the common case.
-    ``tcp://`` needs none of it: binding a port in use fails. Returns a line for the log
-    when a stale socket was removed.
-    """
-    if not endpoint.startswith("ipc://") or endpoint.startswith(
-        "ipc://@"
-    ):  # @: abstract namespace, bind fails when taken
-        return None
-    path = endpoint[len("ipc://") :]
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise EndpointUnavailable(f"{path} is not a socket; expected a coordinator's ipc:// socket or nothing there")
-    if not _unix_socket_listening(path):
-        os.unlink(path)
-        return f"removed the stale socket {path} (no process listens on it)"
-    import zmq
-
-    from eplb_service.coordinator.status_client import fetch_status
-    from eplb_service.protocol import ProtocolError
-    from eplb_service.security import SecurityError
-
-    try:
-        pid = fetch_status(endpoint, timeout_s=probe_timeout_s).get("pid")
-    except (
-        TimeoutError,
-        ProtocolError,
-        zmq.ZMQError,
-        SecurityError,
-    ) as exc:  # not a coordinator, still not ours to replace
-        raise EndpointUnavailable(
-            f"a process listens on {path} but does not answer as a coordinator ({exc}); "
-            "stop it or choose another --endpoint"
-        ) from None
-    raise EndpointUnavailable(
-        f"a coordinator (pid {pid}) already serves {endpoint}; stop it first or choose another --endpoint"
-    )
-
-
-def _unix_socket_listening(path: str) -> bool:
-    """Whether a process accepts connections on the unix socket ``path`` (refused = nobody listens)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError as exc:
-            raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror or exc}") from None
-        return True
-
-
 def _serve(cfg: CoordinatorConfig) -> int:
     from eplb_service.coordinator.server import BindError, Coordinator
 
@@ -637,7 +458,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.simulate:
         return _simulate(args, cfg)
-    from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, prepare_ipc_dir
+    from eplb_service.coordinator.socket_dir import (
+        EndpointUnavailable,
+        UnsafeSocketDirectory,
+        claim_ipc_endpoint,
+        prepare_ipc_dir,
+    )
 
     try:
         prepare_ipc_dir(cfg.endpoint)  # before anything talks to a socket there

@@ -14,6 +14,7 @@ what to do.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 
 from eplb_service.coordinator.config import default_endpoint
@@ -110,3 +111,71 @@ def prepare_ipc_dir(endpoint: str) -> None:
                 f"cannot create socket directory {directory}: {exc.strerror}; choose another --endpoint"
             ) from None
     check_private_dir(directory)
+
+
+class EndpointUnavailable(RuntimeError):
+    """The ``ipc://`` endpoint is held by a live process (or cannot be checked): this coordinator must not start."""
+
+
+def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | None:
+    """Make an ``ipc://`` endpoint free to bind, or raise :class:`EndpointUnavailable` naming who holds it.
+
+    ZeroMQ's ipc bind unlinks whatever socket file is at the path, so a second coordinator
+    would silently take the endpoint over: agents connecting from then on reach it, while
+    the first keeps running with the agents it has. So a socket something listens on is
+    refused (naming the coordinator's pid when it answers a status request), and a socket
+    nobody listens on, left by a coordinator that died, is removed. Two coordinators
+    starting in the same instant can still both pass; this guards against the common case.
+    ``tcp://`` needs none of it: binding a port in use fails. Returns a line for the log
+    when a stale socket was removed.
+    """
+    if not endpoint.startswith("ipc://") or endpoint.startswith(
+        "ipc://@"
+    ):  # @: abstract namespace, bind fails when taken
+        return None
+    path = endpoint[len("ipc://") :]
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise EndpointUnavailable(f"{path} is not a socket; expected a coordinator's ipc:// socket or nothing there")
+    if not _unix_socket_listening(path):
+        os.unlink(path)
+        return f"removed the stale socket {path} (no process listens on it)"
+    import zmq
+
+    from eplb_service.coordinator.status_client import fetch_status
+    from eplb_service.protocol import ProtocolError
+    from eplb_service.security import SecurityError
+
+    try:
+        pid = fetch_status(endpoint, timeout_s=probe_timeout_s).get("pid")
+    except (
+        TimeoutError,
+        ProtocolError,
+        zmq.ZMQError,
+        SecurityError,
+    ) as exc:  # not a coordinator, still not ours to replace
+        raise EndpointUnavailable(
+            f"a process listens on {path} but does not answer as a coordinator ({exc}); "
+            "stop it or choose another --endpoint"
+        ) from None
+    raise EndpointUnavailable(
+        f"a coordinator (pid {pid}) already serves {endpoint}; stop it first or choose another --endpoint"
+    )
+
+
+def _unix_socket_listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (refused = nobody listens)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror or exc}") from None
+        return True

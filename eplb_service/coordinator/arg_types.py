@@ -1,0 +1,63 @@
+"""Value types for the command lines' flags: each names what it expected and what it got.
+
+``float()`` alone takes ``nan`` and ``inf`` and ``int()`` any sign; no timeout, rate, count or
+port here can mean those, and a value the agents refuse later (a negative fence timeout) would
+leave a deployment that starts cleanly and never rebalances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str, *, allow_zero: bool) -> float:
+    """A finite number > 0 (or >= 0): ``float()`` alone takes ``nan`` and ``inf``, which no
+    timeout, rate or gain here can mean."""
+    expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return finite_float(text, allow_zero=False)
+
+
+def nonneg_float(text: str) -> float:
+    return finite_float(text, allow_zero=True)
+
+
+def port(text: str) -> int:
+    """An HTTP port, 0-65535 (0: any free port); the OS would wrap or refuse anything else."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: any free port), got {value}")
+    return value

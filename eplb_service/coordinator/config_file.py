@@ -1,0 +1,83 @@
+"""``eplb-coordinator --config FILE``: settings from a TOML file, checked as the flags are.
+
+Keys are the flags' long names or their destinations, dashes or underscores; switches take
+only TOML booleans (the string ``"false"`` would otherwise read as true).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _toml_module():
+    """``tomllib`` (standard from Python 3.11), else its backport ``tomli`` (a dependency below 3.11); same API."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError("--config needs tomli on Python < 3.11: pip install tomli") from None
+    return tomllib
+
+
+def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, bool]]:
+    """Each key a config file may use -> (its flag's action, whether true means the flag's default flipped).
+
+    A key is a long flag name (``no-step-clock-check``) or its destination (``step-clock-check``),
+    with dashes or underscores: users copy either from ``--help`` or from an old file.
+    """
+    keys: dict[str, tuple[argparse.Action, bool]] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        keys[action.dest.replace("_", "-")] = (action, False)
+        for option in action.option_strings:
+            if option.startswith("--"):
+                keys[option[2:]] = (action, switch and option[2:] != action.dest.replace("_", "-"))
+    return keys
+
+
+def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
+    """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):  # "false" is a string, and a non-empty string would read as true
+            raise ValueError(f"config file {path!r}: {key} = {value!r}: expected true or false (no quotes)")
+        return (not value) if flips else value
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(
+            f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}"
+        )
+    if isinstance(value, (bool, dict, list)):
+        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a {'number' if action.type else 'string'}")
+    if action.type is not None:
+        try:
+            return action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a string (in quotes)")
+    return value
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Settings from a TOML file, keyed by long flag names (``dp``, ``metrics-port``, ``insecure``...)."""
+    tomllib = _toml_module()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path!r} is not valid TOML: {exc}") from None
+    keys = _config_keys(parser)
+    settings = {}
+    for key, value in raw.items():
+        found = keys.get(key.replace("_", "-"))
+        if found is None:
+            known = sorted({k for k, (a, _) in keys.items() if a.help != argparse.SUPPRESS})
+            raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(known)}")
+        action, flips = found
+        settings[action.dest] = _config_value(path, key, value, action, flips)
+    return settings
