@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from collections.abc import Callable
 import zmq
 
 from eplb_service import logutil
+from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.config import default_endpoint
 from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
 from eplb_service.coordinator.status_client import fetch_status
@@ -240,17 +240,6 @@ Flags before the vLLM command that are not listed above go to the coordinator
       --data-parallel-size 8 --enable-expert-parallel --enable-eplb"""
 
 
-def positive_seconds(text: str) -> float:
-    """A duration flag's value; NaN or infinity would make every deadline test false (or never true)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from eplb_service.coordinator.cli import HelpFormatter
 
@@ -270,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ready-timeout-s",
-        type=positive_seconds,
+        type=arg_types.positive_float,
         default=30.0,
         metavar="S",
         help="how long to wait for the coordinator before starting vLLM anyway",
