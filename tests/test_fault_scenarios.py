@@ -445,3 +445,30 @@ def test_a_rank_counting_one_extra_step_halts_rebalancing_before_any_commit(tmp_
     assert sum(r["mismatches"] for r in results.values()) == 0
     assert all(r["epoch"] == 0 for r in results.values())
     assert c.metrics.step_clock_offset.labels("2")._value.get() == 1
+
+
+# -- 8. vLLM restarted under a coordinator that outlives it -------------------------------------
+
+
+def test_a_vllm_restart_under_a_running_coordinator_is_a_new_deployment(tmp_path):
+    """Before: the coordinator (a daemon, a k8s sidecar container) kept the old deployment's
+    commit steps, and the restarted ranks (epoch 0, step 0) read as past epoch 1's commit step
+    with the old maps: "placements diverged", rebalancing halted for good, the alert fired."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    world = 2  # what is tested is the coordinator's memory of the first deployment, not its size
+    coord = CoordinatorThread(sim_config(endpoint, world_size=world)).start()
+    try:
+        first = SimCluster(world, endpoint, steps=300, seed=1).start().collect()
+        c = coord.coordinator
+        committed_first = c.counts["committed"]
+        assert committed_first >= 1 and c.epoch >= 1, outcomes(c)
+        second = SimCluster(world, endpoint, steps=300, seed=2).start().collect()
+    finally:
+        coord.stop()
+    for results in (first, second):
+        assert_all_or_none(results, world)
+    assert c.counts["diverged"] == 0 and c.halted_reason is None, outcomes(c)
+    assert c.counts["committed"] > committed_first, f"the restarted deployment must be rebalanced: {outcomes(c)}"
+    assert all(r["commits"] for r in second.values()), "every rank of the new deployment committed"
+    assert all(r["epoch"] == c.epoch for r in second.values()), (c.epoch, [r["epoch"] for r in second.values()])
+    assert c.deployments == 2

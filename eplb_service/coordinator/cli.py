@@ -429,7 +429,11 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         except TraceError as exc:
             print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
             return 2
-        model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
+        try:
+            model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
+        except ValueError as exc:
+            print(f"eplb-coordinator: error: --trace: {exc}", file=sys.stderr)
+            return 2
     opts = SimulationOptions(
         world_size=cfg.world_size,
         steps=args.steps or SIM_STEPS,

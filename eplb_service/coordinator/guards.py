@@ -29,6 +29,17 @@ class DivergenceGuard:
         self._clock_unverified_since: float | None = None
         self._clock_warned = False
 
+    def reset(self) -> None:
+        """A new deployment: the commit steps, step clocks and heartbeats (and a halt) were the
+        previous one's. Its processes restarted from epoch 0 and step 0, so the old commit steps
+        would read as every rank lagging them."""
+        self.halted_reason = None
+        self.epoch_watch = EpochLagWatch()
+        self.step_clock = StepClockWatch()
+        self.beats = {}
+        self._clock_unverified_since = None
+        self._clock_warned = False
+
     def forget(self, rank: int) -> None:
         """A rank registered anew: its old reports say nothing about the new process."""
         self.beats.pop(rank, None)

@@ -52,6 +52,11 @@ class PlacementBook:
         self.placements = {epoch: phy2log}
         return first
 
+    def reset(self) -> None:
+        """Forget the deployment: the next ``adopt`` starts from its Hello as a fresh coordinator would."""
+        self.model = self.shape = self.window = None
+        self.epoch, self.placements, self.max_step_seen = -1, {}, 0
+
     def learn(self, epoch: int, phy2log: np.ndarray) -> None:
         self.placements.setdefault(epoch, phy2log)
 
@@ -95,6 +100,16 @@ class PlacementBook:
             raise LoadRejected("bad_array", str(exc)) from None
         if counts.shape != placement.shape:
             raise LoadRejected("bad_shape", f"load report shape {counts.shape}, expected {placement.shape}")
+        bad = ~np.isfinite(counts) | (counts < 0)
+        if bad.any():  # one NaN or inf never decays out of the window: every later plan would fail
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise LoadRejected(
+                "bad_values", f"slot_load{list(where)} = {counts[where]!r}; expected finite token counts >= 0"
+            )
+        if not report.step_begin <= report.step_end:
+            raise LoadRejected(
+                "bad_steps", f"steps {report.step_begin}..{report.step_end}: step_begin must not exceed step_end"
+            )
         logical = self.window.to_logical(counts, placement, self.shape.num_logical)
         self.window.add(logical, report.step_begin, report.step_end)
         self.max_step_seen = max(self.max_step_seen, report.step_end)

@@ -102,6 +102,18 @@ class PlanRunner:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def new_deployment(self) -> None:
+        """Plan for a new deployment as a fresh coordinator would: its steps count from 0 again
+        (an old ``last_plan_end_step`` would hold its first plan back until it passed the old
+        deployment's step), and ``--initial-placement`` applies to it. Counters and outcomes stay:
+        they count this coordinator's life."""
+        self.plan = None
+        self.pending_batches = []
+        self.last_plan_end_step = 0
+        self.last_persistence = 1.0
+        self._seeded = False
+        self.drain_at_step = None
+
     def number(self, plan_id: int) -> int:
         return self._numbers.get(plan_id, 0)
 

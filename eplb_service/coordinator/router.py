@@ -23,6 +23,9 @@ from eplb_service.coordinator.plan_runner import PlanRunner
 from eplb_service.coordinator.registry import AgentRecord, Registry
 from eplb_service.placement import PlacementError
 
+MAX_STEP_LEAP = 1_000_000
+"""Most steps a heartbeat or load report may be past its rank's last known step (hours of serving)."""
+
 
 class RouterHost(Protocol):
     """What the router needs of the coordinator's shell."""
@@ -38,6 +41,10 @@ class RouterHost(Protocol):
     def invalidate_comm(self) -> None: ...
 
     def model_known(self) -> None: ...
+
+    def new_deployment(self, rank: int) -> None: ...
+
+    def deployment_gone(self) -> None: ...
 
     def record_load(self, logical, report: protocol.LoadReport, rank: int) -> None: ...
 
@@ -127,7 +134,28 @@ class MessageRouter:
             return
         handler(record, message, now)
 
+    def _step_leap(self, record: AgentRecord, step: int, what: str) -> bool:
+        """Whether ``step`` leaps implausibly far past the rank's last known step (then refused, logged).
+
+        One absurd step (2**62) would fast-forward the load window's decay for good and put the
+        rank ahead of every commit step; a real rank reports every second or so, far less apart."""
+        if step - record.step <= MAX_STEP_LEAP:
+            return False
+        self.metrics.messages_rejected.labels("bad_step").inc()
+        self.log.warning(
+            "rank %d: %s at step %d, %d steps past its last known step %d (at most %d expected); dropped",
+            record.rank,
+            what,
+            step,
+            step - record.step,
+            record.step,
+            MAX_STEP_LEAP,
+        )
+        return True
+
     def _on_heartbeat(self, record: AgentRecord, message: protocol.Heartbeat, now: float) -> None:
+        if self._step_leap(record, message.step, "heartbeat"):
+            return
         self.host.send(record.identity, protocol.HeartbeatAck(session=record.session))
         record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
         record.internal_errors = message.internal_errors
@@ -139,6 +167,9 @@ class MessageRouter:
         self.host.watch(now)
 
     def _on_load(self, record: AgentRecord, report: protocol.LoadReport, now: float) -> None:
+        if self._step_leap(record, report.step_end, "load report"):
+            self.metrics.load_reports_dropped.labels("bad_steps").inc()
+            return
         try:
             logical = self.book.add_load(report)
         except LoadRejected as exc:
@@ -179,6 +210,8 @@ class MessageRouter:
         self.host.send(identity, protocol.Reject(reason=reason, code=code))
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
+        if self.book.model is not None and not self.registry.alive:
+            self.host.new_deployment(hello.rank)
         problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model)
         if problem is not None:
             return self._reject(identity, hello.rank, problem)
@@ -306,6 +339,8 @@ class MessageRouter:
         self.host.invalidate_comm()
         self.runner.agent_lost(record.rank, now)
         self.update_liveness_metrics()
+        if not self.registry.alive:
+            self.host.deployment_gone()
 
     def update_liveness_metrics(self) -> None:
         self.metrics.agents_alive.set(len(self.registry.alive))

@@ -47,6 +47,17 @@ RECEIVE_HWM = 64
 what bounds the memory one client can make the coordinator hold."""
 
 
+def numbered_path(path: str, deployment: int) -> str:
+    """``--record``'s file for the ``deployment``-th deployment: ``t.npz``, then ``t.2.npz``...
+
+    A trace holds one deployment (its steps count from 0 again after a restart), and the first
+    one's windows must not be overwritten by the next."""
+    if deployment <= 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.{deployment}{ext}"
+
+
 class BindError(RuntimeError):
     """The endpoint or the metrics port cannot be bound (taken, or not an address here); the
     message names which, so the CLI prints it as one line instead of a traceback."""
@@ -78,6 +89,8 @@ class Coordinator:
         self.recorder: TraceRecorder | None = None
         self._last_trace_flush = time.monotonic()
         self.max_message_bytes = protocol.UNSHAPED_MAX_MESSAGE_BYTES
+        self.deployments = 1
+        """Deployments served: a vLLM restarted while this coordinator ran starts the next one."""
         self.metrics_port: int | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sock: zmq.asyncio.Socket | None = None
@@ -209,12 +222,7 @@ class Coordinator:
         if self.plans.plan is not None and not self.plans.plan.phase.final:
             self.plans.abort("coordinator shutting down", "coordinator_stopping")
         self.broadcast(protocol.CoordinatorStopping(reason="coordinator shutting down"))
-        if self.recorder is not None:
-            try:
-                self.recorder.flush(close_all=True)
-                self.log.info("load trace: %d windows in %s", self.recorder.windows, self.recorder.path)
-            except Exception as exc:  # noqa: BLE001 - a full disk must not fail the shutdown
-                self._record_failed(exc)
+        self._end_recording()  # a full disk must not fail the shutdown: _end_recording catches it
         self.plans.close()
         if self._sock is not None:
             self._sock.close(linger=200)
@@ -325,18 +333,62 @@ class Coordinator:
     def model_known(self) -> None:
         """The first Hello told the model: fit the frame limit to it and start recording."""
         shape = self.book.shape
-        self.max_message_bytes = protocol.max_message_bytes(shape.num_layers, shape.num_physical)
-        if self._sock is not None:  # applies to connections made from now on
-            self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        self._set_frame_limit(protocol.max_message_bytes(shape.num_layers, shape.num_physical))
         if self.cfg.record_path:
+            path = numbered_path(self.cfg.record_path, self.deployments)
             try:
-                self.recorder = TraceRecorder(
-                    self.cfg.record_path, shape.num_layers, shape.num_logical, self.cfg.world_size
-                )
+                self.recorder = TraceRecorder(path, shape.num_layers, shape.num_logical, self.cfg.world_size)
                 self.metrics.recording_enabled.set(1)
-                self.log.info("recording load windows to %s", self.cfg.record_path)
+                self.log.info("recording load windows to %s", path)
             except Exception as exc:  # noqa: BLE001 - recording is a side duty
                 self._record_failed(exc)
+
+    def _set_frame_limit(self, limit: int) -> None:
+        self.max_message_bytes = limit
+        if self._sock is not None:  # applies to connections made from now on
+            self._sock.setsockopt(zmq.MAXMSGSIZE, limit)
+
+    def deployment_gone(self) -> None:
+        """Every agent left or was declared dead. The state stays readable (status, the
+        simulation's summary) until an agent registers again; the frame limit goes back to the
+        unshaped one now, so that a vLLM restarted with a larger model can say Hello at all."""
+        self.log.info(
+            "no agent is alive (epoch %d): the next rank to register starts a new deployment", self.book.epoch
+        )
+        self._set_frame_limit(protocol.UNSHAPED_MAX_MESSAGE_BYTES)
+        self._end_recording()
+
+    def new_deployment(self, rank: int) -> None:
+        """A rank registers while none is alive: vLLM restarted under this coordinator (a daemon
+        or a k8s sidecar container outlives it). Its processes count steps from 0 and placement
+        epochs from 0 again, possibly with another model: judged against the old commit steps
+        they would read as diverged, and the old steps would hold planning back. So everything
+        learned from the old deployment goes, as if this coordinator had just started; a halt
+        about the old deployment goes with it (its advice was to restart the workers)."""
+        self.log.warning(
+            "rank %d registers while no agent is alive: a new deployment (the previous one was at epoch %d, "
+            "step %d%s); its placement, load window, step marks and model are dropped",
+            rank,
+            self.book.epoch,
+            self.book.max_step_seen,
+            f", halted: {self.guard.halted_reason}" if self.guard.halted_reason else "",
+        )
+        self.deployments += 1
+        self.book.reset()
+        self.guard.reset()
+        self.plans.new_deployment()
+        self.metrics.epoch.set(-1)
+
+    def _end_recording(self) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.flush(close_all=True)
+            self.log.info("load trace: %d windows in %s", self.recorder.windows, self.recorder.path)
+        except Exception as exc:  # noqa: BLE001 - recording is a side duty, and must not fail a shutdown
+            self._record_failed(exc)
+        self.recorder = None
+        self.metrics.recording_enabled.set(0)
 
     def record_load(self, logical: np.ndarray, report: protocol.LoadReport, rank: int) -> None:
         if self.recorder is not None:

@@ -49,10 +49,17 @@ def _trace(path: str):
 
 
 def shape_for_trace(cfg: SimModelConfig, world_size: int) -> SimModelConfig:
-    """The model config that replays ``cfg.trace_path``: its layers and experts, enough redundant slots."""
+    """The model config that replays ``cfg.trace_path``: its layers and experts, enough redundant slots.
+
+    ``ValueError`` names a trace the simulation cannot route (fewer experts than ``top_k``)."""
     import dataclasses
 
     layers, experts = _trace(cfg.trace_path).loads.shape[1:]
+    if experts < cfg.top_k:  # sampling top_k distinct experts per token would fail on every rank
+        raise ValueError(
+            f"trace {cfg.trace_path!r} has {experts} expert(s) per layer; the simulation routes each token to "
+            f"top_k={cfg.top_k} distinct experts, so it needs at least {cfg.top_k}"
+        )
     redundant = max(1, experts // 8)
     while (experts + redundant) % world_size:
         redundant += 1

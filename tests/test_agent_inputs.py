@@ -1,0 +1,174 @@
+"""What one agent's bad numbers can do to the coordinator: nothing lasting.
+
+A NaN count never decays out of the load window (every later plan failed, and balancedness
+read 1.0), and one absurd step fast-forwarded the window's decay for good. Such reports are
+refused at the edge, counted, and logged naming the rank; the others' reports still count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+from coordinator_thread import CoordinatorThread
+
+from eplb_service import protocol
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
+from eplb_service.coordinator.router import MAX_STEP_LEAP
+from eplb_service.placement import PlacementShape, initial_phy2log
+
+SHAPE = PlacementShape(2, 6, 8, 2)
+MODEL = protocol.ModelShape(2, 6, 8, 2, 36)
+
+
+class FakeAgent:
+    """A hand-driven agent: registers, beats and reports whatever a test tells it to."""
+
+    def __init__(self, endpoint: str, rank: int) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, f"rank-{rank}-{os.getpid()}-{id(self)}".encode())
+        self.sock.connect(endpoint)
+        self.rank, self.session = rank, 0
+
+    def send(self, message: protocol.Message) -> None:
+        self.sock.send(protocol.encode(message))
+
+    def recv(self, kind, timeout_s: float = 3.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(50):
+                message = protocol.decode(self.sock.recv())
+                if isinstance(message, kind):
+                    return message
+        return None
+
+    def register(self) -> None:
+        self.send(
+            protocol.Hello(
+                protocol_version=protocol.PROTOCOL_VERSION,
+                rank=self.rank,
+                model=MODEL,
+                phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
+                epoch=0,
+                step=0,
+                transport="gloo",
+                store_host="127.0.0.1",
+                store_port=1,
+                pid=os.getpid(),
+            )
+        )
+        welcome = self.recv(protocol.Welcome)
+        assert welcome is not None, "not welcomed"
+        self.session = welcome.session
+
+    def beat(self, step: int) -> None:
+        self.send(protocol.Heartbeat(rank=self.rank, step=step, epoch=0, session=self.session, comm_generation=-1))
+
+    def load(self, counts, step_begin: int, step_end: int) -> None:
+        self.send(
+            protocol.LoadReport(
+                rank=self.rank,
+                epoch=0,
+                step_begin=step_begin,
+                step_end=step_end,
+                slot_load=protocol.NDArray.from_numpy(np.asarray(counts, dtype=np.float64)),
+                session=self.session,
+            )
+        )
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def counter(coordinator, name: str, label: str) -> float:
+    for family in coordinator.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and label in sample.labels.values():
+                return sample.value
+    return 0.0
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    cfg = CoordinatorConfig(
+        world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", rebalance_interval_steps=10**6, check_step_clock=False
+    )
+    thread = CoordinatorThread(cfg).start()
+    agents = [FakeAgent(cfg.endpoint, rank) for rank in range(2)]
+    for agent in agents:
+        agent.register()
+    yield thread.coordinator, agents
+    for agent in agents:
+        agent.close()
+    thread.stop()
+
+
+def settle(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e9])
+def test_a_load_report_with_a_bad_count_is_refused_and_the_window_stays_clean(deployment, bad, caplog):
+    coordinator, (a0, a1) = deployment
+    good = np.full((2, 8), 10.0)
+    a0.load(good, 0, 10)
+    settle(lambda: coordinator.book.max_step_seen == 10)
+    poisoned = good.copy()
+    poisoned[1, 3] = bad
+    with caplog.at_level("WARNING"):
+        a1.load(poisoned, 0, 10)
+        settle(lambda: counter(coordinator, "eplb_load_reports_dropped_total", "bad_values") == 1)
+    assert "rank 1 sent a bad load report: slot_load[1, 3]" in caplog.text
+    load = coordinator.book.window.load
+    assert np.isfinite(load).all() and (load >= 0).all() and load.sum() > 0
+    a1.load(good, 10, 20)  # the same rank's next good report still counts
+    settle(lambda: coordinator.book.max_step_seen == 20)
+
+
+def test_backward_or_leaping_steps_are_refused(deployment, caplog):
+    coordinator, (a0, a1) = deployment
+    good = np.full((2, 8), 10.0)
+    a0.load(good, 0, 10)
+    settle(lambda: coordinator.book.max_step_seen == 10)
+    with caplog.at_level("WARNING"):
+        a1.load(good, 20, 10)
+        settle(lambda: counter(coordinator, "eplb_load_reports_dropped_total", "bad_steps") == 1)
+        a1.load(good, 10, 2**62)
+        settle(lambda: counter(coordinator, "eplb_load_reports_dropped_total", "bad_steps") == 2)
+        a1.beat(2**62)
+        settle(lambda: counter(coordinator, "eplb_messages_rejected_total", "bad_step") == 2)
+    assert (
+        "rank 1: load report at step 4611686018427387904" in caplog.text and f"at most {MAX_STEP_LEAP}" in caplog.text
+    )
+    assert coordinator.book.max_step_seen == 10 and coordinator.book.window.decayed_to_step <= 10
+    assert coordinator.registry.agents[1].step <= 10
+
+
+def test_the_book_forgets_a_deployment_on_reset():
+    book = PlacementBook(2, 100.0)
+    assert book.adopt(MODEL, SHAPE, initial_phy2log(SHAPE), 0)
+    book.max_step_seen = 500
+    book.reset()
+    assert (book.model, book.shape, book.window, book.epoch, book.placements, book.max_step_seen) == (
+        None,
+        None,
+        None,
+        -1,
+        {},
+        0,
+    )
+    assert book.adopt(MODEL, SHAPE, initial_phy2log(SHAPE), 0), "the next Hello adopts the model anew"
+    with pytest.raises(LoadRejected, match="unknown_epoch"):
+        book.add_load(
+            protocol.LoadReport(
+                rank=0, epoch=3, step_begin=0, step_end=1, slot_load=protocol.NDArray.from_numpy(np.ones((2, 8)))
+            )
+        )
