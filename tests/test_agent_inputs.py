@@ -172,3 +172,38 @@ def test_the_book_forgets_a_deployment_on_reset():
                 rank=0, epoch=3, step_begin=0, step_end=1, slot_load=protocol.NDArray.from_numpy(np.ones((2, 8)))
             )
         )
+
+
+def http_exchange(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http_clients_get_head_allow_and_431_answers(tmp_path):
+    """HEAD answered with a body, a 405 without ``Allow`` and silence for oversized headers are
+    what strict clients and proxies trip over."""
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        port = thread.coordinator.metrics_port
+        get = http_exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        livez = http_exchange(port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = http_exchange(port, b"HEAD /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        head_metrics = http_exchange(port, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        post = http_exchange(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        huge = http_exchange(port, b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+    finally:
+        thread.stop()
+    assert get.startswith(b"HTTP/1.1 200") and len(get.split(b"\r\n\r\n", 1)[1]) > 100
+    assert head == livez.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", "HEAD: GET's headers (Content-Length too), no body"
+    assert head_metrics.startswith(b"HTTP/1.1 200") and head_metrics.endswith(b"\r\n\r\n")
+    assert b"Content-Length: " in head_metrics and head_metrics.count(b"\r\n\r\n") == 1
+    assert post.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET, HEAD\r\n" in post
+    assert huge.startswith(b"HTTP/1.1 431")

@@ -12,6 +12,7 @@ so a probe that answers proves the loop itself is responsive:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING
@@ -24,11 +25,17 @@ if TYPE_CHECKING:
 TICK_LATE_S = 5.0
 
 
-def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}"
+        "Connection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def head_only(response: bytes) -> bytes:
+    """A ``HEAD`` answer: the ``GET`` answer's headers (its Content-Length included), no body (RFC 9110 9.3.2)."""
+    return response.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
 
 
 def route(coordinator: "Coordinator", path: str) -> bytes:
@@ -54,11 +61,16 @@ async def serve_http(coordinator: "Coordinator", host: str, port: int) -> asynci
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
             parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                writer.write(_response("405 Method Not Allowed", b"GET only\n"))
+                writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
             else:
-                writer.write(route(coordinator, parts[1].split("?", 1)[0]))
+                response = route(coordinator, parts[1].split("?", 1)[0])
+                writer.write(head_only(response) if parts[0] == "HEAD" else response)
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except asyncio.LimitOverrunError:  # headers past the stream's 64 KiB limit
+            writer.write(_response("431 Request Header Fields Too Large", b"request headers over 64 KiB\n"))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
