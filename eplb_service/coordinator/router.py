@@ -65,6 +65,9 @@ class MessageRouter:
     ) -> None:
         self.cfg, self.registry, self.book, self.guard, self.runner = cfg, registry, book, guard, runner
         self.metrics, self.log, self.host = metrics, log, host
+        self.processes: set[tuple[str, int]] = set()
+        """(node, pid) of every agent registered in this deployment: one of them coming back
+        (after a partition, or declared dead while stalled) is the same deployment, not a new one."""
         self._agent_handlers: dict[type, Callable[[AgentRecord, protocol.Message, float], None]] = {
             protocol.Heartbeat: self._on_heartbeat,
             protocol.LoadReport: self._on_load,
@@ -210,7 +213,8 @@ class MessageRouter:
         self.host.send(identity, protocol.Reject(reason=reason, code=code))
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
-        if self.book.model is not None and not self.registry.alive:
+        if self.book.model is not None and not self.registry.alive and (hello.node, hello.pid) not in self.processes:
+            self.processes.clear()
             self.host.new_deployment(hello.rank)
         problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model)
         if problem is not None:
@@ -262,6 +266,7 @@ class MessageRouter:
         self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now)
 
     def _register(self, identity: bytes, hello: protocol.Hello, phy2log, resumed: bool, now: float) -> None:
+        self.processes.add((hello.node, hello.pid))
         record = AgentRecord(
             rank=hello.rank,
             identity=identity,

@@ -359,8 +359,9 @@ class Coordinator:
         self._end_recording()
 
     def new_deployment(self, rank: int) -> None:
-        """A rank registers while none is alive: vLLM restarted under this coordinator (a daemon
-        or a k8s sidecar container outlives it). Its processes count steps from 0 and placement
+        """A process that was never one of this deployment's agents registers while none is
+        alive: vLLM restarted under this coordinator (a daemon or a k8s sidecar container
+        outlives it). Its processes count steps from 0 and placement
         epochs from 0 again, possibly with another model: judged against the old commit steps
         they would read as diverged, and the old steps would hold planning back. So everything
         learned from the old deployment goes, as if this coordinator had just started; a halt
