@@ -47,14 +47,14 @@ class FakeAgent:
                     return message
         return None
 
-    def register(self) -> None:
+    def register(self, epoch: int = 0) -> None:
         self.send(
             protocol.Hello(
                 protocol_version=protocol.PROTOCOL_VERSION,
                 rank=self.rank,
                 model=MODEL,
                 phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
-                epoch=0,
+                epoch=epoch,
                 step=0,
                 transport="gloo",
                 store_host="127.0.0.1",
@@ -207,3 +207,24 @@ def test_http_clients_get_head_allow_and_431_answers(tmp_path):
     assert b"Content-Length: " in head_metrics and head_metrics.count(b"\r\n\r\n") == 1
     assert post.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET, HEAD\r\n" in post
     assert huge.startswith(b"HTTP/1.1 431")
+
+
+def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
+    """Before: planning waited forever with no word (status said nothing was halted)."""
+    cfg = CoordinatorConfig(
+        world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", check_step_clock=False, voting_timeout_s=0.5
+    )
+    thread = CoordinatorThread(cfg).start()
+    agents = [FakeAgent(cfg.endpoint, rank) for rank in range(2)]
+    try:
+        with caplog.at_level("WARNING"):
+            agents[0].register()
+            agents[1].register(epoch=7)
+            settle(lambda: "planning waits" in caplog.text, timeout_s=10)
+            time.sleep(1.0)
+    finally:
+        for agent in agents:
+            agent.close()
+        thread.stop()
+    assert caplog.text.count("planning waits") == 1
+    assert "(epoch: ranks {0: [0], 7: [1]})" in caplog.text

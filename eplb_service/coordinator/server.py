@@ -89,6 +89,8 @@ class Coordinator:
         self.recorder: TraceRecorder | None = None
         self._last_trace_flush = time.monotonic()
         self.max_message_bytes = protocol.UNSHAPED_MAX_MESSAGE_BYTES
+        self._epoch_split_since: float | None = None
+        self._epoch_split_warned = False
         self.deployments = 1
         """Deployments served: a vLLM restarted while this coordinator ran starts the next one."""
         self.metrics_port: int | None = None
@@ -440,6 +442,7 @@ class Coordinator:
                 self.side_comm.generation + 1,
             )
             self.rebuild_comm()  # a CommInit was lost or a rendezvous failed
+        self._watch_epoch_split(now)
         if self.recorder is not None and now - self._last_trace_flush > 5.0:
             self._last_trace_flush = now
             try:
@@ -449,6 +452,27 @@ class Coordinator:
         if self.plans.should_plan(now):
             self.plans.planning = True
             self._spawn(self.plans.run_policy(), "policy")
+
+    def _watch_epoch_split(self, now: float) -> None:
+        """Say why planning waits when every rank is here but their placement epochs differ with
+        no plan in flight (between a decided commit and its step they differ for a moment; longer
+        than ``voting_timeout_s`` is a rank that is not what the others are). Once per episode."""
+        epochs: dict[int, list[int]] = {}
+        for record in self.registry.alive:
+            epochs.setdefault(record.epoch, []).append(record.rank)
+        if not self.registry.complete or len(epochs) < 2 or self.plans.plan is not None:
+            self._epoch_split_since = None
+            return
+        if self._epoch_split_since is None:
+            self._epoch_split_since, self._epoch_split_warned = now, False
+        elif not self._epoch_split_warned and now - self._epoch_split_since > self.cfg.voting_timeout_s:
+            self._epoch_split_warned = True
+            self.log.warning(
+                "planning waits: the ranks report different placement epochs (epoch: ranks %s) for %.0fs with no "
+                "plan in flight; a rank whose epoch none of the others has must register again (restart its worker)",
+                dict(sorted(epochs.items())),
+                now - self._epoch_split_since,
+            )
 
     # -- views ----------------------------------------------------------------------------
 
