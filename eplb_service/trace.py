@@ -149,6 +149,13 @@ def first_bad_load(loads: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.argwhere(bad)[0])
 
 
+def as_float_loads(arr: np.ndarray) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """Real-typed ``arr`` as float64, and the index of its first entry that is not finite or is < 0."""
+    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, reported as bad
+        loads = arr.astype(np.float64)
+    return loads, first_bad_load(loads)
+
+
 def _read_arrays(path: str) -> dict[str, object]:
     """Every member of the ``.npz`` at ``path``, or :class:`TraceError` saying why not."""
     try:
@@ -176,9 +183,7 @@ def _check_loads(path: str, loads: np.ndarray) -> np.ndarray:
         )
     if not real_dtype(loads):
         raise TraceError(f"trace {path!r}: loads has dtype {loads.dtype}, expected real numbers (integers or floats)")
-    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, reported below
-        as_float = loads.astype(np.float64)
-    bad = first_bad_load(as_float)
+    as_float, bad = as_float_loads(loads)
     if bad is not None:
         raise TraceError(
             f"trace {path!r}: loads[{', '.join(map(str, bad))}] = {as_float[bad]}, expected a finite number >= 0"

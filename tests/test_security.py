@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import zmq
 import zmq.auth
 from conftest import make_model
 from coordinator_thread import CoordinatorThread
+from dir_modes import mode_of, shared_dir
 
 from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
@@ -89,17 +89,6 @@ def test_curve_admits_the_right_key_and_refuses_others(tmp_path, monkeypatch):
         for a in agents:
             a.stop()
         coord.stop()
-
-
-def mode_of(path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-def shared_dir(path, mode: int):
-    """A directory with ``mode`` whatever the umask (mkdir applies it, chmod does not)."""
-    path.mkdir()
-    path.chmod(mode)
-    return path
 
 
 def test_keygen_makes_secrets_0600_and_directories_0700_whatever_the_umask(tmp_path):

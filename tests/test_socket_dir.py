@@ -8,19 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from dir_modes import mode_of, shared_dir
 
 from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, prepare_ipc_dir
-
-
-def mode_of(path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-def shared_dir(path, mode: int):
-    """A directory with ``mode`` whatever the umask (mkdir applies it, chmod does not)."""
-    path.mkdir()
-    path.chmod(mode)
-    return path
 
 
 def test_a_missing_directory_is_created_private(tmp_path):

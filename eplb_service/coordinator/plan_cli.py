@@ -52,7 +52,7 @@ from eplb_service.placement import (
     rank_loads,
     validate_phy2log,
 )
-from eplb_service.trace import TraceError, UnreadableFile, first_bad_load, load_trace, read_numpy, real_dtype
+from eplb_service.trace import TraceError, UnreadableFile, as_float_loads, load_trace, read_numpy, real_dtype
 
 MAX_COUNT = 2**62
 """Upper bound of the integer flags: every count and byte sum stays within int64."""
@@ -247,9 +247,7 @@ def _check_load_array(arr: np.ndarray, where: str, what: str = "entry") -> np.nd
         raise UsageError(f"{where}: expected a 2-D array [layers > 0, experts > 0], got shape {arr.shape}")
     if not real_dtype(arr):
         raise UsageError(f"{where}: the array has dtype {arr.dtype}, expected real numbers (integers or floats)")
-    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, reported below
-        load = arr.astype(np.float64)
-    bad = first_bad_load(load)
+    load, bad = as_float_loads(arr)
     if bad is not None:
         raise UsageError(f"{where}: {what} [{bad[0]}, {bad[1]}] = {load[bad]}, expected a finite number >= 0")
     return load
