@@ -363,11 +363,11 @@ class Coordinator:
     def new_deployment(self, rank: int) -> None:
         """A process that was never one of this deployment's agents registers while none is
         alive: vLLM restarted under this coordinator (a daemon or a k8s sidecar container
-        outlives it). Its processes count steps from 0 and placement
-        epochs from 0 again, possibly with another model: judged against the old commit steps
-        they would read as diverged, and the old steps would hold planning back. So everything
-        learned from the old deployment goes, as if this coordinator had just started; a halt
-        about the old deployment goes with it (its advice was to restart the workers)."""
+        outlives it). Its processes count steps and placement epochs from 0 again, possibly
+        with another model: judged against the old commit steps they would read as diverged,
+        and the old steps would hold planning back. So everything learned from the old
+        deployment goes, as if this coordinator had just started; a halt about the old
+        deployment goes with it (its advice was to restart the workers)."""
         self.log.warning(
             "rank %d registers while no agent is alive: a new deployment (the previous one was at epoch %d, "
             "step %d%s); its placement, load window, step marks and model are dropped",
