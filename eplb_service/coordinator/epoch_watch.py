@@ -7,6 +7,10 @@ passes ``S``), so a report ``(epoch E, step > S)`` where epoch ``E + 1`` was com
 in-flight plan's state machine catches this while it tracks the plan; this watch also
 catches it when the coordinator lost track (it had declared the agents dead, or it
 restarted) and learns the commit step only from a ``Committed`` that arrives late.
+
+Such a late ``Committed`` names a plan this coordinator has no record of, so its one
+report is all the verdict rests on: the halt names the rank that reported the commit as
+well as the rank that lagged it, and an operator can tell which of the two to look at.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ from dataclasses import dataclass, field
 class EpochLagWatch:
     """The commit step of every epoch seen, and the check against the ranks' reports."""
 
-    commit_steps: dict[int, int] = field(default_factory=dict)
-    """Epoch ``E`` -> the step at which some rank committed into ``E``."""
+    commit_steps: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Epoch ``E`` -> (the step at which some rank committed into ``E``, that rank)."""
 
     keep: int = 256
     """Epochs remembered (the newest); a rank further behind than that is long diverged anyway."""
 
-    def committed(self, epoch: int, step: int) -> None:
-        self.commit_steps.setdefault(epoch, step)
+    def committed(self, epoch: int, step: int, rank: int) -> None:
+        """``rank`` reported committing into ``epoch`` at ``step``; the first report of an epoch stands."""
+        self.commit_steps.setdefault(epoch, (step, rank))
         if len(self.commit_steps) > self.keep:
             for old in sorted(self.commit_steps)[: -self.keep]:
                 del self.commit_steps[old]
@@ -33,10 +38,12 @@ class EpochLagWatch:
     def observe(self, epochs_and_steps: dict[int, tuple[int, int]]) -> str | None:
         """``{rank: (epoch, step)}`` of the live ranks; returns why they diverged, or ``None``."""
         for rank, (epoch, step) in sorted(epochs_and_steps.items()):
-            commit_step = self.commit_steps.get(epoch + 1)
-            if commit_step is not None and step > commit_step:
+            commit = self.commit_steps.get(epoch + 1)
+            if commit is not None and step > commit[0]:
+                commit_step, reporter = commit
                 return (
                     f"rank {rank} is at step {step} with epoch {epoch}, but epoch {epoch + 1} was committed at "
-                    f"step {commit_step}: it went past the commit with the old maps, the placements differ"
+                    f"step {commit_step} (reported by rank {reporter}): it went past the commit with the old "
+                    f"maps, the placements differ"
                 )
         return None

@@ -117,6 +117,10 @@ class PlanRunner:
     def number(self, plan_id: int) -> int:
         return self._numbers.get(plan_id, 0)
 
+    def knows(self, plan_id: int) -> bool:
+        """Whether this coordinator proposed ``plan_id`` (ids are unique across restarts)."""
+        return plan_id in self._numbers
+
     def count_diverged(self) -> None:
         self.counts["diverged"] += 1
         self.metrics.plans.labels("diverged").inc()

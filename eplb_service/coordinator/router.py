@@ -120,7 +120,7 @@ class MessageRouter:
             return
         record.last_seen = now
         if isinstance(message, protocol.Committed):  # even from a rank declared dead: the step is a fact
-            self.guard.epoch_watch.committed(message.epoch, message.commit_step)
+            self._learn_commit_step(record, message)
         if not record.alive:
             self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
             self.host.send(
@@ -136,6 +136,23 @@ class MessageRouter:
             self._resync(record, message.epoch, now)
             return
         handler(record, message, now)
+
+    def _learn_commit_step(self, record: AgentRecord, message: protocol.Committed) -> None:
+        """Feed the epoch watch; a plan this coordinator never proposed is said out loud.
+
+        It is legitimate after a restart (the plan was decided before it), so the commit step
+        still counts; but then this one rank's report is the only evidence for it, and if a
+        divergence halt follows, the log line and the halt both name the rank it came from."""
+        if not self.runner.knows(message.plan_id):
+            self.log.warning(
+                "rank %d committed plan id %d into placement epoch %d at step %d, a plan this coordinator has no "
+                "record of (decided before it started?); its commit step is taken on that rank's word",
+                record.rank,
+                message.plan_id,
+                message.epoch,
+                message.commit_step,
+            )
+        self.guard.epoch_watch.committed(message.epoch, message.commit_step, record.rank)
 
     def _step_leap(self, record: AgentRecord, step: int, what: str) -> bool:
         """Whether ``step`` leaps implausibly far past the rank's last known step (then refused, logged).
