@@ -180,7 +180,9 @@ class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
 RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session", "rank_taken"]
 """Why a message was refused. ``unknown_agent`` / ``stale_session``: register again;
 ``rank_taken``: another live session holds the rank, try again later; ``refused``: this
-agent cannot join (version, shape, placement), it stays idle; ``bad_message``: undecodable."""
+agent cannot join (version, shape, placement), it stays idle; ``bad_message``: undecodable,
+or a message only the coordinator sends. A new code would break older agents (a ``Literal``
+they cannot decode), so refusals reuse these."""
 
 
 AbortCode = Literal[
@@ -398,6 +400,14 @@ Message = Union[
 
 AgentMessage = Union[Heartbeat, LoadReport, Staged, Failed, Voted, Committed, Aborted, Goodbye]
 """What a registered agent sends: each names its rank and carries its session."""
+
+CoordinatorMessage = Union[
+    Welcome, Reject, CommInit, HeartbeatAck, Plan, VoteNow, AbortPlan, CoordinatorStopping, StatusReply
+]
+"""What only the coordinator sends. One arriving at the coordinator is refused as
+``bad_message`` naming its type: no agent or client sends it, so it is a bug or a probe, not
+a stale session. The rest of :data:`Message` is ``Hello``, ``StatusRequest`` and
+:data:`AgentMessage`."""
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

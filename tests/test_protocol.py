@@ -201,3 +201,30 @@ def test_coordinator_handlers_never_raise_on_any_message(message, identity):
     if _HARNESS is None:
         _HARNESS = HandlerHarness()
     _HARNESS.feed(message, identity)  # raising here is the failure
+
+
+def test_every_message_is_sent_by_exactly_one_side():
+    agents = set(protocol.AgentMessage.__args__) | {protocol.Hello, protocol.StatusRequest}
+    coordinator = set(protocol.CoordinatorMessage.__args__)
+    assert not agents & coordinator
+    assert agents | coordinator == set(protocol.Message.__args__)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [m for m in SAMPLES if isinstance(m, protocol.CoordinatorMessage.__args__)],
+    ids=lambda m: type(m).__name__,
+)
+@pytest.mark.parametrize("identity", [b"rank-0", b"stranger"])
+def test_a_message_only_the_coordinator_sends_is_refused_as_such_not_as_a_stale_session(message, identity):
+    harness = HandlerHarness()
+    c = harness.coordinator
+    sent: list = []
+    c.send = lambda to, reply: sent.append((to, reply))  # type: ignore[method-assign]
+    c._handle(identity, message)
+    name = type(message).__name__
+    assert [(to, type(r), r.code) for to, r in sent] == [(identity, protocol.Reject, "bad_message")], sent
+    assert f"{name} is a message only the coordinator sends" in sent[0][1].reason
+    assert c.metrics.messages_rejected.labels("coordinator_only")._value.get() == 1
+    assert c.metrics.messages_rejected.labels("session")._value.get() == 0
+    assert c.registry.agents[0].alive and c.registry.agents[0].identity == b"rank-0"  # the agent keeps its rank

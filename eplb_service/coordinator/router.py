@@ -84,8 +84,30 @@ class MessageRouter:
             self._on_hello(identity, message)
         elif isinstance(message, protocol.StatusRequest):
             self.host.send(identity, protocol.StatusReply(status_json=json.dumps(self.host.status()).encode()))
+        elif isinstance(message, protocol.CoordinatorMessage.__args__):
+            self._refuse_coordinator_message(identity, message)
         else:
             self._on_agent_message(identity, message)
+
+    def _refuse_coordinator_message(self, identity: bytes, message: protocol.Message) -> None:
+        """A message only the coordinator sends came to it: a bug or a probe, whoever sent it.
+        Said as such (not as a stale session, which would only make an agent register again)."""
+        name = type(message).__name__
+        record = self.registry.by_identity(identity)
+        self.metrics.messages_rejected.labels("coordinator_only").inc()
+        self.log.warning(
+            "refused %s from %s: only the coordinator sends %s",
+            name,
+            f"rank {record.rank}" if record is not None else repr(identity),
+            name,
+        )
+        self.host.send(
+            identity,
+            protocol.Reject(
+                reason=f"{name} is a message only the coordinator sends; agents and clients do not send it",
+                code="bad_message",
+            ),
+        )
 
     # -- agent messages ------------------------------------------------------------------
 

@@ -388,7 +388,7 @@ class WorkerAgent:
             self.log.warning("coordinator: %s; trying again", msg.reason)
         elif msg.code == "bad_message":
             self.stats["bad_messages_reported"] += 1
-            self.log.error("coordinator could not decode a message of this agent: %s", msg.reason)
+            self.log.error("coordinator refused a message of this agent as malformed: %s", msg.reason)
         else:
             self._rejected_reason = msg.reason
             self._welcomed = False
