@@ -209,6 +209,33 @@ def test_http_clients_get_head_allow_and_431_answers(tmp_path):
     assert huge.startswith(b"HTTP/1.1 431")
 
 
+def test_http_requests_with_bare_lf_line_ends_are_answered(tmp_path):
+    """Before: ``printf 'GET /status HTTP/1.0\\n\\n' | nc`` got no answer (the server waited for
+    CRLF CRLF until its 5 s timeout and closed). A head over 64 KiB in many short lines is 431."""
+    import json
+
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        port = thread.coordinator.metrics_port
+        started = time.monotonic()
+        status = http_exchange(port, b"GET /status HTTP/1.0\n\n")
+        mixed = http_exchange(port, b"HEAD /livez HTTP/1.1\r\nHost: x\nAccept: */*\r\n\n")
+        elapsed = time.monotonic() - started
+        many = http_exchange(
+            port,
+            b"GET /livez HTTP/1.1\n" + b"".join(b"X-%d: %s\n" % (i, b"a" * 1000) for i in range(70)) + b"\n",
+        )
+    finally:
+        thread.stop()
+    assert status.startswith(b"HTTP/1.1 200"), status[:200]
+    assert json.loads(status.split(b"\r\n\r\n", 1)[1])["world_size"] == 2
+    assert mixed.startswith(b"HTTP/1.1 200") and mixed.endswith(b"\r\n\r\n"), mixed
+    assert elapsed < 4.0, "answered at once, not after the read timeout"
+    assert many.startswith(b"HTTP/1.1 431"), many[:200]
+
+
 def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
     """Before: planning waited forever with no word (status said nothing was halted)."""
     cfg = CoordinatorConfig(

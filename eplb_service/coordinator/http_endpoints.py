@@ -23,6 +23,29 @@ if TYPE_CHECKING:
     from eplb_service.coordinator.server import Coordinator
 
 TICK_LATE_S = 5.0
+MAX_HEAD_BYTES = 64 * 1024
+"""Request line and headers together; past this the answer is 431 (asyncio's stream limit
+bounds one line to the same)."""
+
+
+class HeadTooLarge(Exception):
+    """The request's head ran past :data:`MAX_HEAD_BYTES` before its empty line."""
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers, up to and including the empty line that ends them.
+
+    Lines may end in CRLF or a bare LF: RFC 9112 (2.2) lets a server take a bare LF as a line
+    end, and hand-written probes (``printf 'GET /status HTTP/1.0\\n\\n' | nc``) send it; waiting
+    for a CRLF CRLF that never comes left such a client without an answer."""
+    head = b""
+    while True:
+        line = await reader.readuntil(b"\n")
+        head += line
+        if len(head) > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+        if line in (b"\r\n", b"\n"):
+            return head
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
@@ -58,15 +81,15 @@ def route(coordinator: "Coordinator", path: str) -> bytes:
 async def serve_http(coordinator: "Coordinator", host: str, port: int) -> asyncio.base_events.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+            request = await asyncio.wait_for(read_head(reader), timeout=5)
+            parts = request.split(b"\n", 1)[0].decode("latin-1").split()
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
             else:
                 response = route(coordinator, parts[1].split("?", 1)[0])
                 writer.write(head_only(response) if parts[0] == "HEAD" else response)
             await writer.drain()
-        except asyncio.LimitOverrunError:  # headers past the stream's 64 KiB limit
+        except (asyncio.LimitOverrunError, HeadTooLarge):  # one line past the stream's limit, or all of them
             writer.write(_response("431 Request Header Fields Too Large", b"request headers over 64 KiB\n"))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
