@@ -123,6 +123,12 @@ def test_npy_load_current_round_trip_and_out(capsys, tmp_path):
             ["--ranks", "2", "--redundant", "-2"],
             "argument --redundant: expected an integer >= 0, got '-2'",
         ),
+        (
+            [[1, 2, 3, 4]],
+            ["--ranks", "1", "--redundant", str(10**12)],
+            f"--redundant {10**12} is implausible: expected at most 124 redundant slots per layer (31 x the 4 "
+            "experts of --load",
+        ),
         ([[1, 2, 3, 4]], ["--ranks", "2", "--policy", "lpt"], "invalid choice: 'lpt'"),
         (
             [[1, 2, 3, 4]],
@@ -194,3 +200,13 @@ def test_previous_load_of_another_shape_is_named(capsys, tmp_path, load_json):
     code, out, err = run_cli(capsys, "--load", load_json, "--previous-load", str(previous), "--ranks", "4")
     assert code == 2 and out == ""
     assert f"--previous-load {previous} has shape (1, 12), expected (2, 12)" in err
+
+
+def test_redundant_up_to_the_bound_still_plans(capsys, tmp_path):
+    """The bound refuses only the implausible: 4 experts on 128 ranks, one slot each, plans."""
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps([[1, 2, 3, 4]]))
+    code, out, err = run_cli(capsys, "--load", str(path), "--ranks", "128", "--redundant", "124")
+    assert code == 0 and err == "" and json.loads(out)["num_physical"] == 128
+    code, out, err = run_cli(capsys, "--load", str(path), "--ranks", "1", "--redundant", "125")
+    assert code == 2 and "--redundant 125 is implausible" in err and err.count("\n") == 1

@@ -58,6 +58,11 @@ MAX_COUNT = 2**62
 """Upper bound of the integer flags: every count and byte sum stays within int64."""
 MAX_BYTES_PER_EXPERT = 2**40
 """1 TiB: far above any expert's weights, low enough that bytes moved (experts x bytes) fit int64."""
+MAX_SLOTS_PER_EXPERT = 32
+"""``--redundant`` gives at most this many slots per layer per expert of ``--load`` (redundant
+<= 31 x experts): room for an 8-expert model on 256 ranks with one slot each, while every
+array the policies build stays within a small multiple of the load's own size (a count of
+1e12 used to end in a MemoryError traceback allocating the initial placement)."""
 MAX_EXACT_FLOAT_INT = 2**53
 """A JSON float is taken as an expert index only below this: above it floats are not exact integers."""
 
@@ -125,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--redundant",
         type=int_flag(0),
         default=None,
-        help="redundant slots per layer (default: from --current, else 0)",
+        help=f"redundant slots per layer, at most {MAX_SLOTS_PER_EXPERT - 1} x the experts of --load "
+        "(default: from --current, else 0)",
     )
     parser.add_argument("--groups", type=int_flag(1), default=1, help="expert groups (deepseek hierarchy)")
     parser.add_argument("--nodes", type=int_flag(1), default=1, help="server nodes (deepseek hierarchy)")
@@ -313,6 +319,12 @@ def read_placement(path: str, flag: str = "--current") -> np.ndarray:
 def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical: int) -> int:
     """Redundant slots per layer: ``--redundant``, else what ``--current`` has beyond the experts."""
     if args.redundant is not None:
+        bound = (MAX_SLOTS_PER_EXPERT - 1) * num_logical
+        if args.redundant > bound:
+            raise UsageError(
+                f"--redundant {args.redundant} is implausible: expected at most {bound} redundant slots per "
+                f"layer ({MAX_SLOTS_PER_EXPERT - 1} x the {num_logical} experts of --load {args.load})"
+            )
         return int(args.redundant)
     if current is None:
         return 0
