@@ -12,7 +12,11 @@ Format (``.npz``, numpy's zip of arrays; version 1):
 | ``unix_time_s`` | ``[W]`` float64 | when the window was closed |
 
 Windows are closed in step order; a window is closed when a report for a later window
-arrives from every rank or when the recorder is flushed.
+arrives from every rank or when the recorder is flushed. They are written sorted by
+``(step_begin, step_end)``, each with ``step_begin <= step_end`` (the coordinator refuses a
+report whose steps run backwards); a reader refuses a trace that breaks either. Windows may
+overlap: ranks whose report boundaries differ (``report_interval_steps`` takes effect at each
+rank's ``Welcome``) give windows of their own, each with fewer ``ranks_reported``.
 """
 
 from __future__ import annotations
@@ -201,6 +205,32 @@ def _check_window_array(path: str, key: str, value: np.ndarray, windows: int) ->
     return value
 
 
+def _check_step_order(path: str, step_begin: np.ndarray, step_end: np.ndarray) -> None:
+    """Steps ``>= 0``, every window ``[begin, end)`` forwards, windows sorted as the recorder
+    writes them; the first window that is not is named. The simulation's ``window_at`` searches
+    the steps, and a trace whose steps run backwards was not written by the recorder."""
+    for key, steps in (("step_begin", step_begin), ("step_end", step_end)):
+        # compared as Python ints: a uint64 beyond int64 must not wrap to a negative step
+        bad = [w for w, step in enumerate(steps.tolist()) if not 0 <= step < 2**63]
+        if bad:
+            raise TraceError(f"trace {path!r}: {key}[{bad[0]}] = {int(steps[bad[0]])}, expected a step in [0, 2**63)")
+    begin, end = step_begin.astype(np.int64), step_end.astype(np.int64)
+    backwards = np.flatnonzero(begin > end)
+    if backwards.size:
+        w = int(backwards[0])
+        raise TraceError(
+            f"trace {path!r}: window {w} covers steps [{begin[w]}, {end[w]}), which runs backwards: "
+            "expected step_begin <= step_end"
+        )
+    out_of_order = np.flatnonzero((begin[1:] < begin[:-1]) | ((begin[1:] == begin[:-1]) & (end[1:] < end[:-1])))
+    if out_of_order.size:
+        w = int(out_of_order[0]) + 1
+        raise TraceError(
+            f"trace {path!r}: window {w} covers steps [{begin[w]}, {end[w]}) after window {w - 1} at "
+            f"[{begin[w - 1]}, {end[w - 1]}): expected windows in step order (sorted by step_begin, then step_end)"
+        )
+
+
 def load_trace(path: str) -> Trace:
     """Read and check a trace; raises :class:`TraceError` naming the file and the problem.
 
@@ -218,6 +248,7 @@ def load_trace(path: str) -> Trace:
     _check_format_version(path, checked["format_version"])
     loads = _check_loads(path, checked["loads"])
     windows = [_check_window_array(path, k, checked[k], loads.shape[0]) for k in _REQUIRED[2:]]
+    _check_step_order(path, windows[0], windows[1])
     return Trace(loads, *windows)
 
 

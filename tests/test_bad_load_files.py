@@ -83,6 +83,27 @@ BAD_TRACES: list[tuple[str, Callable[[], bytes], str]] = [
     ("string_steps", lambda: npz_bytes(step_begin=np.array(["0", "10"])), "step_begin has dtype <U2, expected integ"),
     ("short_epoch", lambda: npz_bytes(epoch=np.zeros(1, np.int64)), "epoch has shape (1,), expected (2,)"),
     ("raw_member", zip_with_raw_member, "members ['loads'] are not .npy arrays"),
+    (
+        "window_backwards",
+        lambda: npz_bytes(step_begin=np.array([0, 20]), step_end=np.array([10, 15])),
+        "window 1 covers steps [20, 15), which runs backwards: expected step_begin <= step_end",
+    ),
+    (
+        "windows_out_of_order",
+        lambda: npz_bytes(step_begin=np.array([10, 0]), step_end=np.array([20, 10])),
+        "window 1 covers steps [0, 10) after window 0 at [10, 20): expected windows in step order",
+    ),
+    (
+        "same_begin_shorter_after",
+        lambda: npz_bytes(step_begin=np.array([0, 0]), step_end=np.array([20, 10])),
+        "window 1 covers steps [0, 10) after window 0 at [0, 20)",
+    ),
+    ("negative_step", lambda: npz_bytes(step_begin=np.array([-5, 10])), "step_begin[0] = -5, expected a step in [0"),
+    (
+        "uint64_step_past_int64",
+        lambda: npz_bytes(step_end=np.array([10, 2**64 - 1], dtype=np.uint64)),
+        f"step_end[1] = {2**64 - 1}, expected a step in [0, 2**63)",
+    ),
 ]
 
 

@@ -34,6 +34,19 @@ def test_recorder_closes_windows_when_every_rank_moved_on_and_round_trips(tmp_pa
     assert [trace.window_at(s) for s in (0, 9, 10, 19, 20, 35)] == [0, 0, 1, 1, 0, 1]
 
 
+def test_overlapping_windows_the_recorder_writes_still_load(tmp_path):
+    """Ranks whose report boundaries differ (report_interval_steps takes effect at each rank's
+    Welcome) give overlapping windows of one rank each; the reader takes what the recorder writes."""
+    path = str(tmp_path / "t.npz")
+    rec = TraceRecorder(path, num_layers=1, num_logical=2, world_size=2)
+    rec.add(np.array([[1.0, 2.0]]), 30, 62, epoch=0, rank=1)
+    rec.add(np.array([[3.0, 4.0]]), 20, 52, epoch=0, rank=0)
+    rec.flush(close_all=True)
+    trace = load_trace(path)
+    assert trace.step_begin.tolist() == [20, 30] and trace.step_end.tolist() == [52, 62]
+    assert trace.ranks_reported.tolist() == [1, 1]
+
+
 def test_bad_traces_are_named(tmp_path):
     np.savez(tmp_path / "a.npz", loads=np.zeros((1, 1, 1)))
     with pytest.raises(TraceError, match=r"lacks arrays \['format_version'"):
