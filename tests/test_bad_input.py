@@ -167,6 +167,28 @@ def test_hello_mismatches_are_refused_with_both_values(tmp_path):
         coord.stop()
 
 
+def test_a_coordinator_without_dp_tells_every_rank_of_a_larger_deployment_both_sizes(tmp_path):
+    """``--dp`` defaults to 1: against 4 ranks, rank 0 heard both sizes, but ranks 1..3 only
+    "rank 3 outside [0, 1)", which does not say the coordinator was started for the wrong size."""
+    from eplb_service.coordinator.cli import config_from_args, parse_command_line
+
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    cfg = config_from_args(parse_command_line(["serve", "--endpoint", endpoint]))
+    assert cfg.world_size == 1  # no --dp, no --tp
+    shape = PlacementShape(2, 6, 8, 4)
+    model = protocol.ModelShape(2, 6, 8, 4, 36)
+    coord = CoordinatorThread(cfg).start()
+    try:
+        phy2log = protocol.NDArray.from_numpy(initial_phy2log(shape))
+        replies = [ask(endpoint, f"rank-{r}".encode(), hello(rank=r, model=model, phy2log=phy2log)) for r in range(4)]
+    finally:
+        coord.stop()
+    for reply in replies:
+        assert isinstance(reply, protocol.Reject) and reply.code == "refused", reply
+        assert "agent reports 4 EP ranks, the coordinator was started for 1 (--dp x --tp)" in reply.reason
+        assert "--dp x --tp = 4" in reply.reason
+
+
 def test_oversize_and_garbage_frames_do_not_disturb_the_coordinator(tmp_path, monkeypatch):
     monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 1 << 20)  # the socket limit is read when the coordinator binds
     endpoint = f"ipc://{tmp_path}/c.sock"

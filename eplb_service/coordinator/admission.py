@@ -38,10 +38,18 @@ def hello_problem(
         return f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')"
     if hello.protocol_version != protocol.PROTOCOL_VERSION:
         return f"protocol version {hello.protocol_version} does not match the coordinator's {protocol.PROTOCOL_VERSION}"
+    # The world size first: a coordinator started without --dp (1 rank) against 8 ranks must
+    # say so to every rank, not tell ranks 1..7 only that their rank is out of range. It is not
+    # learned from the first Hello: --dp is the operator's statement of the deployment, checked
+    # against every agent, and the status, metrics and --initial-placement are sized by it.
+    if hello.model.num_ranks != world_size:
+        return (
+            f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {world_size} "
+            f"(--dp x --tp): start it with --dp x --tp = {hello.model.num_ranks} (a refused agent stays idle "
+            "until its worker restarts)"
+        )
     if not 0 <= hello.rank < world_size:
         return f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})"
-    if hello.model.num_ranks != world_size:
-        return f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {world_size}"
     if model is not None and hello.model != model:
         return f"model shape {hello.model} differs from the deployment's {model}"
     if hello.rank == 0 and not (hello.store_host and hello.store_port):

@@ -107,7 +107,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from eplb_service.coordinator.policy import DEFAULT_POLICY, POLICIES
 
     p.add_argument(
-        "--dp", type=arg_types.positive_int, default=1, metavar="N", help="vLLM data-parallel size; EP ranks = dp x tp"
+        "--dp",
+        type=arg_types.positive_int,
+        default=1,
+        metavar="N",
+        help="vLLM data-parallel size; EP ranks = dp x tp must be the deployment's (agents of another size are "
+        "refused, naming both sizes; eplb-sidecar sets it from the vLLM command)",
     )
     p.add_argument(
         "--tp", type=arg_types.positive_int, default=1, metavar="N", help="vLLM tensor-parallel size per DP rank"
