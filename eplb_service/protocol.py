@@ -180,7 +180,7 @@ class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
 RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session", "rank_taken"]
 """Why a message was refused. ``unknown_agent`` / ``stale_session``: register again;
 ``rank_taken``: another live session holds the rank, try again later; ``refused``: this
-agent cannot join (version, shape, placement), it stays idle; ``bad_message``: undecodable,
+agent cannot join (version, shape, placement), it asks again every 30 s; ``bad_message``: undecodable,
 or a message only the coordinator sends. A new code would break older agents (a ``Literal``
 they cannot decode), so refusals reuse these."""
 

@@ -167,6 +167,39 @@ def test_hello_mismatches_are_refused_with_both_values(tmp_path):
         coord.stop()
 
 
+def test_a_refused_agent_asks_again_slowly_and_joins_once_the_coordinator_accepts_it(tmp_path):
+    """A refusal (wrong --dp, version, shape) is something the operator fixes on the coordinator;
+    the agent used to stay idle until its vLLM worker restarted. Now it asks again every
+    ``refused_retry_s`` (not sooner, even across socket reopens) and joins when welcomed."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    fake = FakeCoordinator(endpoint)
+    agent = WorkerAgent(make_model(0, SHAPE), endpoint, GlooTransport(), refused_retry_s=2.0).start()
+    try:
+        identity, _ = fake.recv(protocol.Hello)
+        fake.send(
+            identity,
+            protocol.Reject(reason="agent reports 2 EP ranks, the coordinator was started for 1", code="refused"),
+        )
+        refused_at = time.monotonic()
+        with pytest.raises(AssertionError, match="no Hello"):
+            fake.recv(protocol.Hello, timeout_s=1.2)  # not sooner than the retry interval
+        identity, again = fake.recv(protocol.Hello, timeout_s=5.0)
+        assert time.monotonic() - refused_at >= 1.9
+        assert again.rank == 0 and agent.stats["refused"] == 1
+        fake.send(
+            identity,
+            protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=protocol.AgentConfig()),
+        )
+        deadline = time.monotonic() + 5
+        while not agent._welcomed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert agent._welcomed and agent._refused_reason is None
+        fake.recv(protocol.Heartbeat)  # registered: it heartbeats like any welcomed agent
+    finally:
+        agent.stop()
+        fake.close()
+
+
 def test_a_coordinator_without_dp_tells_every_rank_of_a_larger_deployment_both_sizes(tmp_path):
     """``--dp`` defaults to 1: against 4 ranks, rank 0 heard both sizes, but ranks 1..3 only
     "rank 3 outside [0, 1)", which does not say the coordinator was started for the wrong size."""

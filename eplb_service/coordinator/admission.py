@@ -45,8 +45,8 @@ def hello_problem(
     if hello.model.num_ranks != world_size:
         return (
             f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {world_size} "
-            f"(--dp x --tp): start it with --dp x --tp = {hello.model.num_ranks} (a refused agent stays idle "
-            "until its worker restarts)"
+            f"(--dp x --tp): start it with --dp x --tp = {hello.model.num_ranks} (a refused agent asks "
+            "again every 30 s)"
         )
     if not 0 <= hello.rank < world_size:
         return f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})"

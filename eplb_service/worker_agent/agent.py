@@ -56,6 +56,12 @@ SILENCE_HEARTBEATS = 4
 socket (a connection can be dead both ways while both ends believe it open)."""
 
 
+REFUSED_RETRY_S = 30.0
+"""Seconds between Hellos after the coordinator refused one: slow enough that a refused
+deployment of hundreds of ranks logs a few lines a second at most, fast enough that fixing the
+coordinator brings rebalancing back without restarting vLLM."""
+
+
 class WorkerAgent:
     """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``.
 
@@ -75,6 +81,7 @@ class WorkerAgent:
         *,
         ranks_per_node: int | None = None,
         hello_interval_s: float = 0.5,
+        refused_retry_s: float = REFUSED_RETRY_S,
         staged_timeout_s: float = 60.0,
         curve: ClientCurve | None = None,
         staging_budget_bytes: int | None = None,
@@ -83,6 +90,7 @@ class WorkerAgent:
         self.model, self.rank, self.endpoint, self.transport = model, model.rank, endpoint, transport
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
+        self.refused_retry_s = refused_retry_s
         self.staged_timeout_s = staged_timeout_s
         self.staging_budget_bytes = staging_budget_bytes
         """Most staging bytes this rank allocates for one plan batch; a batch needing more fails here."""
@@ -110,7 +118,10 @@ class WorkerAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._welcomed = False
-        self._rejected_reason: str | None = None
+        self._idle_reason: str | None = None
+        """Why this agent never registers (rank 0 could not host the rendezvous store)."""
+        self._refused_reason: str | None = None
+        """Why the coordinator last refused this agent's Hello; it asks again every ``refused_retry_s``."""
         self._next_hello = self._next_heartbeat = 0.0
         self._session = 0
         """From ``Welcome``; every message carries it, and a Hello after a reopen resumes it."""
@@ -187,7 +198,7 @@ class WorkerAgent:
                 self._store = (hosted.host, hosted.port)
                 self.log.info("hosting the rendezvous store at %s:%d", hosted.host, hosted.port)
             except RendezvousError as exc:
-                self._rejected_reason = str(exc)
+                self._idle_reason = str(exc)
                 self.log.error("%s; the agent stays idle, serving is unaffected", exc)
         self.link.open()
         self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
@@ -221,7 +232,8 @@ class WorkerAgent:
     def _reopen(self) -> None:
         self._welcomed = False
         self._inbox.clear()
-        self._next_hello = 0.0
+        if self._refused_reason is None:  # a refused agent keeps its slow retry across reopens
+            self._next_hello = 0.0
         self.link.open()
 
     def _tick(self, poll_ms: int) -> None:
@@ -232,7 +244,7 @@ class WorkerAgent:
                 "nothing from the coordinator for %.1fs: reopening the connection", now - self.link.last_heard
             )
             self._reopen()
-        if not self._welcomed and now >= self._next_hello and self._rejected_reason is None:
+        if not self._welcomed and now >= self._next_hello and self._idle_reason is None:
             self.send(self._hello())
             self._next_hello = now + self._hello_backoff_s
             self._hello_backoff_s = min(5.0, self._hello_backoff_s * 2)
@@ -368,6 +380,9 @@ class WorkerAgent:
         self._welcomed = True
         self._session = msg.session
         self._hello_backoff_s = self.hello_interval_s
+        if self._refused_reason is not None:
+            self.log.info("the coordinator accepts this agent now (it had refused it: %s)", self._refused_reason)
+            self._refused_reason = None
         self.log.info("welcomed by the coordinator (epoch %d, step %d)", hooks.epoch, hooks.steps_done)
         if msg.comm is not None:
             self._connect(msg.comm)
@@ -390,10 +405,19 @@ class WorkerAgent:
             self.stats["bad_messages_reported"] += 1
             self.log.error("coordinator refused a message of this agent as malformed: %s", msg.reason)
         else:
-            self._rejected_reason = msg.reason
+            # Version, shape, world size, placement: nothing this agent can change, but the
+            # operator can (a coordinator restarted with the right --dp, or upgraded). So ask
+            # again now and then instead of staying idle until the worker restarts.
             self._welcomed = False
-            self.log.error(
-                "coordinator refused this agent: %s; the agent stays idle, serving is unaffected", msg.reason
+            self._next_hello = time.monotonic() + self.refused_retry_s
+            self.stats["refused"] += 1
+            first = msg.reason != self._refused_reason
+            self._refused_reason = msg.reason
+            (self.log.error if first else self.log.debug)(
+                "coordinator refused this agent: %s; serving is unaffected, rebalancing is off on this rank; "
+                "asking again every %.0fs",
+                msg.reason,
+                self.refused_retry_s,
             )
 
     # -- the side communicator ------------------------------------------------------------------
