@@ -237,6 +237,11 @@ def any_message():
     return message_strategy().filter(decodable).map(tame)
 
 
+# Built once: a strategy is validated on its first draw, and validating the message strategy
+# again on every draw made up most of this test's time.
+ANY_MESSAGE = any_message()
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data):
@@ -245,15 +250,16 @@ def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data
         protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
     )
     actions = collections.Counter()
+    flow = flow_messages(h)
     for _ in range(data.draw(st.integers(5, 60), label="length")):
         kind = data.draw(
             st.sampled_from(["flow", "flow", "flow", "any", "step", "step", "tick", "decide"]), label="action"
         )
         actions[kind] += 1
         if kind == "flow":
-            h.deliver(data.draw(flow_messages(h), label="message"))
+            h.deliver(data.draw(flow, label="message"))
         elif kind == "any":
-            h.deliver(data.draw(any_message(), label="random message"))
+            h.deliver(data.draw(ANY_MESSAGE, label="random message"))
         elif kind == "step":
             h.step()
         elif kind == "tick":
