@@ -87,7 +87,9 @@ def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_pat
     proxy = FaultProxy(front, back, hold=hold).start()
     coord = CoordinatorThread(sim_config(back)).start()
     try:
-        results = SimCluster(WORLD, front, steps=1200, seed=5).start().collect()
+        # both held votes are decided by about step 160 and plans commit every ~70 steps after:
+        # 450 steps leave room for the held plans and at least two more
+        results = SimCluster(WORLD, front, steps=450, seed=5).start().collect()
     finally:
         proxy.stop()
         coord.stop()
@@ -116,14 +118,18 @@ def test_a_rank_frozen_during_the_vote_then_resumed_kills_no_agent(tmp_path):
     endpoint = f"ipc://{tmp_path}/c.sock"
     # 150 fence steps: a long window between the vote and the commit step to freeze in
     coord = CoordinatorThread(sim_config(endpoint, agent={"fence_steps": 150})).start()
-    cluster = SimCluster(WORLD, endpoint, steps=1100, seed=2).start()
+    # a plan cycle is ~210 steps here (150 fence steps): 700 steps hold the frozen plan and two more
+    cluster = SimCluster(WORLD, endpoint, steps=700, seed=2).start()
     try:
         wait_status(endpoint, lambda s: (s["plan_in_flight"] or {}).get("phase") == "voting", 120, "a vote")
-        session = coord.coordinator.registry.agents[3].session
-        os.kill(cluster.pid(3), signal.SIGSTOP)
-        time.sleep(3.0 + 2.0)  # past the liveness timeout: the coordinator declares rank 3 dead
-        os.kill(cluster.pid(3), signal.SIGCONT)
         registry = coord.coordinator.registry
+        session = registry.agents[3].session
+        os.kill(cluster.pid(3), signal.SIGSTOP)
+        # past the liveness timeout (3 s): the coordinator declares rank 3 dead
+        wait_status(
+            endpoint, lambda s: 3 not in registry.agents or not registry.agents[3].alive, 30, "rank 3 declared dead"
+        )
+        os.kill(cluster.pid(3), signal.SIGCONT)
         wait_status(
             endpoint,
             lambda s: 3 in registry.agents and registry.agents[3].session != session,
@@ -157,7 +163,7 @@ def test_coordinator_killed_after_a_decided_vote_while_the_engine_is_idle(tmp_pa
     first = daemon(endpoint, WORLD, *args, log_path=str(tmp_path / "first.log"))
     # every rank stops stepping at step 130 for 6 s: the vote of the first plan (about step 75)
     # is decided, its commit step is not reached before the engine goes idle
-    cluster = SimCluster(WORLD, endpoint, steps=700, seed=2, idle_at_step=100, idle_s=6.0).start()
+    cluster = SimCluster(WORLD, endpoint, steps=450, seed=2, idle_at_step=100, idle_s=6.0).start()
     second = None
     try:
         wait_status(endpoint, lambda s: (s["plan_in_flight"] or {}).get("phase") == "voting", 120, "a vote")
@@ -191,7 +197,8 @@ def test_forged_identities_cannot_cut_a_rank_off_or_move_the_epoch(tmp_path):
     halted rebalancing as "diverged", a forged Hello moved the epoch to 1001."""
     endpoint = f"ipc://{tmp_path}/c.sock"
     coord = CoordinatorThread(sim_config(endpoint)).start()
-    cluster = SimCluster(WORLD, endpoint, steps=900, seed=3).start()
+    # long enough to outlast the forging and the liveness timeout below (~6 s) with room to spare
+    cluster = SimCluster(WORLD, endpoint, steps=600, seed=3).start()
     ctx = zmq.Context()
     try:
         wait_status(endpoint, lambda s: s["epoch"] >= 0, 60, "registration")
@@ -358,10 +365,19 @@ def test_recording_to_an_unwritable_path_turns_recording_off_and_planning_goes_o
     wait_status(endpoint, lambda s: True, 60, "the coordinator up")  # it checked --record's directory
     blocker.rmdir()
     blocker.write_text("a file where the trace's directory was")
-    cluster = SimCluster(WORLD, endpoint, steps=800, seed=4).start()
+    cluster = SimCluster(WORLD, endpoint, steps=500, seed=4).start()
     try:
         wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 120, "a commit")
-        time.sleep(6.0)  # the first flush (every 5 s) fails
+        deadline = time.monotonic() + 30
+        while "recording is off" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first flush with a closed window (every 5 s) fails
+        committed_at_failure = fetch_status(endpoint)["plans"]["committed"]
+        wait_status(
+            endpoint,
+            lambda s: s["plans"]["committed"] > committed_at_failure,
+            60,
+            "a commit after the recording failure",
+        )
         results = cluster.collect()
         status = fetch_status(endpoint)
         text = log.read_text()
@@ -435,7 +451,8 @@ def test_a_rank_counting_one_extra_step_halts_rebalancing_before_any_commit(tmp_
     endpoint = f"ipc://{tmp_path}/c.sock"
     coord = CoordinatorThread(sim_config(endpoint)).start()
     try:
-        results = SimCluster(WORLD, endpoint, steps=600, seed=1, per_rank={2: {"extra_steps": 1}}).start().collect()
+        # unhalted, 300 steps would commit about four plans (one every ~70 steps)
+        results = SimCluster(WORLD, endpoint, steps=300, seed=1, per_rank={2: {"extra_steps": 1}}).start().collect()
     finally:
         coord.stop()
     c = coord.coordinator
