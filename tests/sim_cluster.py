@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -22,12 +21,11 @@ import time
 from dataclasses import replace
 
 import torch.distributed as dist
+from child_context import CTX
 
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.sim.serving_loop import RankSpec, run_rank
 from eplb_service.sim.workload import SimModelConfig
-
-CTX = mp.get_context("spawn")
 
 
 def free_port() -> int:

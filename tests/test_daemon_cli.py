@@ -115,9 +115,8 @@ def test_status_against_nothing_fails_clearly(tmp_path):
 
 
 def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
-    import multiprocessing as mp
-
     from agent_process import AgentSpec, agent_main
+    from child_context import CTX as ctx
 
     from eplb_service.placement import PlacementShape
 
@@ -146,7 +145,6 @@ def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    ctx = mp.get_context("spawn")
     out = ctx.Queue()
     shape = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
     agents = [ctx.Process(target=agent_main, args=(AgentSpec(r, endpoint, shape, steps=1500), out)) for r in range(2)]

@@ -7,12 +7,12 @@ after staging and comes back, an agent thread stalls past the fence.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
 import time
 
 import pytest
 from agent_process import AgentSpec, agent_main
+from child_context import CTX
 from coordinator_thread import CoordinatorThread
 
 from eplb_service.coordinator.config import CoordinatorConfig
@@ -20,8 +20,6 @@ from eplb_service.coordinator.server import Coordinator
 from eplb_service.coordinator.status_client import fetch_status, format_status
 from eplb_service.placement import PlacementShape
 from eplb_service.protocol import AgentConfig, VoteNow
-
-CTX = mp.get_context("spawn")
 
 
 def config(endpoint: str, world: int, **kw) -> CoordinatorConfig:
