@@ -27,8 +27,12 @@ from sim_cluster import SimCluster, assert_all_or_none, daemon, record_in_ledger
 from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.status_client import fetch_status
+from eplb_service.sim.workload import SimModelConfig
 
 WORLD = 4
+# Scenarios about control messages and step clocks, not about what a plan moves: a 2-layer
+# model (instead of 4) halves the serving step and keeps the faults and the checks the same.
+SHALLOW = SimModelConfig(num_layers=2)
 
 
 def sim_config(endpoint: str, **changes) -> CoordinatorConfig:
@@ -89,7 +93,7 @@ def test_a_vote_request_held_back_past_the_fence_never_splits_the_commit(tmp_pat
     try:
         # both held votes are decided by about step 160 and plans commit every ~70 steps after:
         # 450 steps leave room for the held plans and at least two more
-        results = SimCluster(WORLD, front, steps=450, seed=5).start().collect()
+        results = SimCluster(WORLD, front, steps=450, seed=5, model=SHALLOW).start().collect()
     finally:
         proxy.stop()
         coord.stop()
@@ -452,7 +456,11 @@ def test_a_rank_counting_one_extra_step_halts_rebalancing_before_any_commit(tmp_
     coord = CoordinatorThread(sim_config(endpoint)).start()
     try:
         # unhalted, 300 steps would commit about four plans (one every ~70 steps)
-        results = SimCluster(WORLD, endpoint, steps=300, seed=1, per_rank={2: {"extra_steps": 1}}).start().collect()
+        results = (
+            SimCluster(WORLD, endpoint, steps=300, seed=1, model=SHALLOW, per_rank={2: {"extra_steps": 1}})
+            .start()
+            .collect()
+        )
     finally:
         coord.stop()
     c = coord.coordinator
