@@ -191,13 +191,43 @@ def test_a_refused_agent_asks_again_slowly_and_joins_once_the_coordinator_accept
             protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=protocol.AgentConfig()),
         )
         deadline = time.monotonic() + 5
-        while not agent._welcomed and time.monotonic() < deadline:
+        while not agent.welcomed and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert agent._welcomed and agent._refused_reason is None
+        assert agent.welcomed and agent._refused_reason is None
         fake.recv(protocol.Heartbeat)  # registered: it heartbeats like any welcomed agent
     finally:
         agent.stop()
         fake.close()
+
+
+def test_agents_refused_by_a_coordinator_with_the_wrong_dp_join_its_corrected_restart(tmp_path):
+    """The operator's fix for "the coordinator was started for 1": restart it with --dp 2. The
+    running agents (vLLM not restarted) must join the new one."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    wrong = CoordinatorThread(CoordinatorConfig(world_size=1, endpoint=endpoint)).start()
+    agents = [WorkerAgent(make_model(r, SHAPE), endpoint, GlooTransport(), refused_retry_s=1.0).start() for r in (0, 1)]
+    right = None
+    try:
+        deadline = time.monotonic() + 20
+        while not all(a.stats["refused"] >= 1 for a in agents):
+            assert time.monotonic() < deadline, [dict(a.stats) for a in agents]
+            time.sleep(0.05)
+        assert not any(a.welcomed for a in agents) and not wrong.coordinator.registry.agents
+        wrong.stop()
+        right = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+        deadline = time.monotonic() + 30
+        while not (all(a.welcomed for a in agents) and sorted(right.coordinator.registry.agents) == [0, 1]):
+            assert time.monotonic() < deadline, (
+                [a.welcomed for a in agents],
+                sorted(right.coordinator.registry.agents),
+            )
+            time.sleep(0.05)
+    finally:
+        for a in agents:
+            a.stop()
+        if right is not None:
+            right.stop()
+        wrong.stop()
 
 
 def test_a_coordinator_without_dp_tells_every_rank_of_a_larger_deployment_both_sizes(tmp_path):
