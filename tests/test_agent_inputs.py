@@ -115,7 +115,7 @@ def settle(predicate, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e9])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e9, 1e308, 2.0**53 + 2])
 def test_a_load_report_with_a_bad_count_is_refused_and_the_window_stays_clean(deployment, bad, caplog):
     coordinator, (a0, a1) = deployment
     good = np.full((2, 8), 10.0)

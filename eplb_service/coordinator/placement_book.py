@@ -17,6 +17,9 @@ from eplb_service.placement import PlacementShape, layer_balancedness, model_bal
 
 HISTORY_EPOCHS = 16
 """Placements kept: load reports counted under an older epoch are dropped."""
+MAX_SLOT_COUNT = float(2**53)
+"""Most tokens one slot may count in one load report: far above any real count, and low enough
+that the load window's sums over reports, replicas and ranks stay finite."""
 
 
 class LoadRejected(ValueError):
@@ -100,11 +103,15 @@ class PlacementBook:
             raise LoadRejected("bad_array", str(exc)) from None
         if counts.shape != placement.shape:
             raise LoadRejected("bad_shape", f"load report shape {counts.shape}, expected {placement.shape}")
-        bad = ~np.isfinite(counts) | (counts < 0)
-        if bad.any():  # one NaN or inf never decays out of the window: every later plan would fail
+        # One NaN or inf never decays out of the window: every later plan would fail. A finite count
+        # past MAX_SLOT_COUNT (1e308, say) does the same: summed over replicas and ranks it overflows
+        # to inf, and balancedness reads NaN in the metrics and in the status document.
+        bad = ~np.isfinite(counts) | (counts < 0) | (counts > MAX_SLOT_COUNT)
+        if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise LoadRejected(
-                "bad_values", f"slot_load{list(where)} = {counts[where]!r}; expected finite token counts >= 0"
+                "bad_values",
+                f"slot_load{list(where)} = {counts[where]!r}; expected finite token counts from 0 to 2**53",
             )
         if not report.step_begin <= report.step_end:
             raise LoadRejected(
