@@ -84,3 +84,62 @@ def test_silence_with_keys_from_the_environment_says_they_may_not_match(tmp_path
     with pytest.raises(TimeoutError) as silent:
         fetch_status(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.3)
     assert f"do not match the ones from {SERVER_CERT_ENV} / {CLIENT_CERT_ENV}" in str(silent.value)
+
+
+def strict_json(text: str):
+    """Parse as JavaScript's ``JSON.parse`` or Go's ``encoding/json`` would: ``NaN``/``Infinity`` are errors."""
+    import json
+
+    def refuse(token: str):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_status_is_strict_json_everywhere_a_client_reads_it(tmp_path, no_curve_env):
+    """Before: a number that was not finite went out as a bare ``NaN``/``Infinity`` token on
+    ``/status``, in the ``StatusReply`` and from ``status --json``, which strict parsers refuse."""
+    import json
+    import urllib.request
+
+    import numpy as np
+    from coordinator_thread import CoordinatorThread
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.status_client import format_status
+
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    coordinator = thread.coordinator
+    # what the document holds when a value is not finite: every path out must still be strict JSON
+    coordinator.plans.last_persistence = math.nan
+    coordinator.book.balancedness = lambda: (math.inf, np.array([0.25, 0.75]))
+    try:
+        while coordinator.metrics_port is None:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{coordinator.metrics_port}/status"
+        http_doc = strict_json(urllib.request.urlopen(url, timeout=10).read().decode())
+        zmq_doc = fetch_status(cfg.endpoint, timeout_s=5)
+        cli = subprocess.run(
+            [sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", cfg.endpoint, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        table = subprocess.run(
+            [sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", cfg.endpoint],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        thread.stop()
+    assert cli.returncode == 0, cli.stderr
+    cli_doc = strict_json(cli.stdout)
+    strict_json(json.dumps(zmq_doc, allow_nan=False))  # what the coordinator sent parsed without NaN too
+    for doc in (http_doc, zmq_doc, cli_doc):
+        assert doc["load_persistence"] is None
+        assert doc["balancedness"] == {"model": None, "layer_min": 0.25, "layer_mean": 0.5, "layer_max": 0.75}
+    assert table.returncode == 0, table.stderr
+    assert "balancedness: model n/a  per layer min 0.250 mean 0.500 max 0.750" in table.stdout
+    assert "balancedness: model n/a" in format_status(zmq_doc)

@@ -490,6 +490,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
     from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
     from eplb_service.coordinator.status_client import fetch_status, format_status
+    from eplb_service.coordinator.status_doc import status_json
     from eplb_service.protocol import ProtocolError
     from eplb_service.security import SecurityError
 
@@ -498,7 +499,7 @@ def _run_status(args: argparse.Namespace) -> int:
     except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory, ValueError) as exc:
         print(f"eplb-coordinator status: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(status_json(status, indent=2) if args.json else format_status(status))
     return 0
 
 

@@ -6,18 +6,19 @@ so a probe that answers proves the loop itself is responsive:
 - ``/metrics``: Prometheus text format;
 - ``/livez``: 200 while the loop ticks (503 if the periodic tick is more than 5 s late);
 - ``/readyz``: 200 once the ROUTER is bound and the rendezvous store is up;
-- ``/status``: the status document as JSON (as ``eplb-coordinator status --json``).
+- ``/status``: the status document as strict JSON (as ``eplb-coordinator status --json``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from eplb_service.coordinator.status_doc import status_json
 
 if TYPE_CHECKING:
     from eplb_service.coordinator.server import Coordinator
@@ -74,7 +75,7 @@ def route(coordinator: "Coordinator", path: str) -> bytes:
             return _response("200 OK", b"ready\n")
         return _response("503 Service Unavailable", b"starting\n")
     if path == "/status":
-        return _response("200 OK", json.dumps(coordinator.status()).encode(), "application/json")
+        return _response("200 OK", status_json(coordinator.status()).encode(), "application/json")
     return _response("404 Not Found", f"unknown path {path!r}; try /metrics /livez /readyz /status\n".encode())
 
 

@@ -8,7 +8,6 @@ and the divergence watches; plan events go to the plan runner; load reports to t
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -21,6 +20,7 @@ from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
 from eplb_service.coordinator.plan_runner import PlanRunner
 from eplb_service.coordinator.registry import AgentRecord, Registry
+from eplb_service.coordinator.status_doc import status_json
 from eplb_service.placement import PlacementError
 
 MAX_STEP_LEAP = 1_000_000
@@ -83,7 +83,7 @@ class MessageRouter:
         if isinstance(message, protocol.Hello):
             self._on_hello(identity, message)
         elif isinstance(message, protocol.StatusRequest):
-            self.host.send(identity, protocol.StatusReply(status_json=json.dumps(self.host.status()).encode()))
+            self.host.send(identity, protocol.StatusReply(status_json=status_json(self.host.status()).encode()))
         elif isinstance(message, protocol.CoordinatorMessage.__args__):
             self._refuse_coordinator_message(identity, message)
         else:

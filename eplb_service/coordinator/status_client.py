@@ -78,6 +78,11 @@ def _curve_hint(endpoint: str, with_keys: bool, keys_from_env: bool) -> str:
     return f"; if the coordinator uses CURVE keys (--curve-dir), it answers only a client that has them: set {env}"
 
 
+def _ratio(value: float | None) -> str:
+    """A balancedness for the table; ``null`` in the document (a number that was not finite) reads ``n/a``."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_status(status: dict) -> str:
     """A readable table: ranks, liveness, epoch, last plans, balancedness."""
     lines = [
@@ -118,8 +123,8 @@ def format_status(status: dict) -> str:
     bal = status.get("balancedness")
     if bal:
         lines.append(
-            f"balancedness: model {bal['model']:.3f}  per layer min {bal['layer_min']:.3f} "
-            f"mean {bal['layer_mean']:.3f} max {bal['layer_max']:.3f}  ({status['load_reports']} load reports)"
+            f"balancedness: model {_ratio(bal['model'])}  per layer min {_ratio(bal['layer_min'])} "
+            f"mean {_ratio(bal['layer_mean'])} max {_ratio(bal['layer_max'])}  ({status['load_reports']} load reports)"
         )
     else:
         lines.append("balancedness: no load reported yet")

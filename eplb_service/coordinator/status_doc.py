@@ -3,10 +3,17 @@
 Ranks (liveness, step, epoch, side-communicator generation, step-clock offset), the plan in
 flight, the last outcomes, the counts, and balancedness: read from the coordinator's parts,
 never changing them.
+
+:func:`status_json` is how the document leaves the process (``/status``, ``StatusReply``,
+``status --json``): strict JSON (RFC 8259), where a number that is not finite reads ``null``.
+Python's ``json.dumps`` writes ``NaN``/``Infinity`` by default, tokens that JavaScript's
+``JSON.parse``, Go's ``encoding/json`` and ``jq`` refuse.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 
@@ -85,3 +92,19 @@ def status_document(
         },
         "max_step_seen": book.max_step_seen,
     }
+
+
+def _finite(value: object) -> object:
+    """``value`` with every float that is not finite replaced by ``None``, in dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def status_json(document: dict, indent: int | None = None) -> str:
+    """The status document as strict JSON: no ``NaN`` or ``Infinity`` tokens (they read ``null``)."""
+    return json.dumps(_finite(document), indent=indent, allow_nan=False)
