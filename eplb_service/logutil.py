@@ -1,7 +1,12 @@
 """Logging helpers: every agent line names its rank, every coordinator line its role.
 
 ``configure(fmt="json")`` writes one JSON object per line (time, level, logger, pid,
-tag, message) for log pipelines; the default is plain text.
+tag, message) for log pipelines; the default is plain text. Every line carries a tag: the
+rank or role a :class:`RankAdapter` gave it, else the process's own (``configure(tag=...)``),
+so lines of other loggers (torch, asyncio, a library's) name their process too. In JSON, what
+would otherwise reach stderr as bare text goes through logging as well: Python warnings
+(``logging.captureWarnings``) and uncaught exceptions, in the main thread or another one,
+with their traceback in ``exc``.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import threading
 import time
 
 
@@ -40,6 +47,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class DefaultTag(logging.Filter):
+    """Gives a record that came without a tag (not through a :class:`RankAdapter`) the process's."""
+
+    def __init__(self, tag: str | None) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "eplb_tag", None) is None:
+            record.eplb_tag = self.tag
+        return True
+
+
+def _log_uncaught(exc_type, exc, tb) -> None:
+    """``sys.excepthook`` under JSON logging: the traceback as one JSON line, not bare text."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("eplb_service").critical("uncaught %s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook`` under JSON logging (the default one prints the traceback as text)."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("eplb_service").critical(
+        "uncaught %s in thread %s: %s",
+        args.exc_type.__name__,
+        name,
+        args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+def active_format() -> str:
+    """``json`` while the root logger writes JSON lines (as :func:`configure` set it up), else ``text``:
+    what a process hands its children so that their lines match its own."""
+    handlers = logging.getLogger().handlers
+    return "json" if any(isinstance(h.formatter, JsonFormatter) for h in handlers) else "text"
+
+
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The level names ``--log-level`` and ``EPLB_SERVICE_LOG_LEVEL`` take (any case)."""
 
@@ -61,10 +110,11 @@ def parse_level(text: str | int, source: str) -> int:
     return getattr(logging, name)
 
 
-def configure(level: str | int | None = None, fmt: str | None = None) -> None:
+def configure(level: str | int | None = None, fmt: str | None = None, tag: str | None = None) -> None:
     """stderr logging. ``level`` / ``fmt`` are the command line's (``None``: not given); the
     variables ``EPLB_SERVICE_LOG_LEVEL`` / ``EPLB_SERVICE_LOG_FORMAT`` fill in what it left out,
-    so a flag always wins over the environment. ``ValueError`` names a bad value and its source."""
+    so a flag always wins over the environment. ``ValueError`` names a bad value and its source.
+    ``tag`` (``coordinator``, ``rank 3``, ...) is the tag of lines that come without one."""
     if level is not None:
         resolved = parse_level(level, "--log-level")
     else:
@@ -81,6 +131,11 @@ def configure(level: str | int | None = None, fmt: str | None = None) -> None:
         if fmt == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     )
+    handler.addFilter(DefaultTag(tag))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(resolved)
+    logging.captureWarnings(True)
+    if fmt == "json":
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread

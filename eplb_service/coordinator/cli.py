@@ -460,7 +460,7 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     try:
-        logutil.configure(args.log_level, args.log_format)
+        logutil.configure(args.log_level, args.log_format, tag="coordinator")
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"eplb-coordinator: error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from eplb_service import logutil
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.placement import model_balancedness
@@ -92,6 +93,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
             model=opts.model,
             coordinator_endpoint=opts.agent_endpoint or cfg.endpoint,
             serving_store_port=serving_port,
+            log_format=logutil.active_format(),
         )
         for r in range(opts.world_size)
     ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb_service import logutil
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.sim.workload import SimModelConfig, expert_weights, popularity
 from eplb_service.worker_agent.agent import WorkerAgent
@@ -47,6 +49,8 @@ class RankSpec:
     extra_steps: int = 0
     """Fault scenarios: this rank's step clock starts this many steps ahead (a dummy step
     counted on one rank alone)."""
+    log_format: str = "text"
+    """``text`` or ``json``: the coordinator process's (:func:`~eplb_service.logutil.active_format`)."""
 
 
 class SimServingRank:
@@ -166,12 +170,23 @@ class SimServingRank:
 
 
 def run_rank(spec: RankSpec, results, progress=None) -> None:
-    """Process entry point of one simulated rank."""
+    """Process entry point of one simulated rank: its log lines in the coordinator's format,
+    tagged with the rank; an exception that ends it is logged there too, not printed as text."""
+    # The coordinator's format (its --log-format reaches no variable a spawned child reads); the
+    # level from EPLB_SERVICE_LOG_LEVEL, any case as documented, else WARNING (ranks say little).
+    try:
+        logutil.configure(os.environ.get(logutil.LOG_LEVEL_ENV) or "WARNING", spec.log_format, tag=f"rank {spec.rank}")
+    except ValueError:  # the coordinator's --log-level won over a bad variable: it is not this rank's to refuse
+        logutil.configure("WARNING", spec.log_format, tag=f"rank {spec.rank}")
+    try:
+        _run_rank(spec, results, progress)
+    except Exception:
+        logging.getLogger(__name__).exception("[rank %d] stopped by an exception", spec.rank)
+        sys.exit(1)  # multiprocessing prints no traceback for SystemExit; the exit code is as before
+
+
+def _run_rank(spec: RankSpec, results, progress=None) -> None:
     torch.set_num_threads(1)
-    logging.basicConfig(
-        level=os.environ.get("EPLB_SERVICE_LOG_LEVEL", "WARNING"),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-    )
     store = dist.TCPStore(
         "127.0.0.1", spec.serving_store_port, spec.world_size, False, timeout=datetime.timedelta(seconds=60)
     )
