@@ -136,3 +136,60 @@ def test_abort_reasons_are_codes_not_text():
     )
     plan.on_failed(1, "rank 3: plan 7 needs 9 bytes of staging, more than the budget", 1.0, code="invalid_plan")
     assert plan.phase.value == "aborted" and plan.code == "invalid_plan" and "rank 1" in plan.reason
+
+
+PROMETHEUS_ACCEPT = (  # what Prometheus sends by default when it scrapes
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def scrape(port: int, accept: str | None) -> tuple[str, str]:
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if accept is not None:
+        request.add_header("Accept", accept)
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.headers["Content-Type"], answer.read().decode()
+
+
+def test_metrics_parse_as_text_and_as_openmetrics_when_the_scraper_asks_for_it(tmp_path):
+    """Before: ``Accept`` was ignored, so Prometheus got the classic text format, where every
+    counter's ``_created`` is a gauge of its own (``eplb_plans_created{outcome}``, one per rank
+    for the stall histogram): series nobody documented or meant, stored by every scrape."""
+    import time
+
+    from coordinator_thread import CoordinatorThread
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+    from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        while thread.coordinator.metrics_port is None:
+            time.sleep(0.02)
+        port = thread.coordinator.metrics_port
+        plain = scrape(port, None)
+        old_style = scrape(port, "text/plain;version=0.0.4")
+        openmetrics = scrape(port, PROMETHEUS_ACCEPT)
+    finally:
+        thread.stop()
+    for content_type, text in (plain, old_style):
+        assert content_type.startswith("text/plain"), content_type
+        families = {f.name: f for f in parse_text(text)}
+        assert families["eplb_plans"].type == "counter" and families["eplb_balancedness"].type == "gauge"
+    content_type, text = openmetrics
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0"), content_type
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in parse_openmetrics(text)}
+    assert families["eplb_plans"].type == "counter"
+    assert {s.labels["outcome"] for s in families["eplb_plans"].samples if s.name == "eplb_plans_total"} == set(
+        ("committed", "aborted", "diverged", "skipped")
+    )
+    assert families["eplb_plan_phase_seconds"].type == "histogram"
+    assert not any(name.endswith("_created") for name in families), sorted(families)
+    text_names = {f.name for f in parse_text(plain[1])}
+    assert set(families) == {name for name in text_names if not name.endswith("_created")}

@@ -3,7 +3,8 @@
 Served on the coordinator's own event loop (a few lines of asyncio, no web framework),
 so a probe that answers proves the loop itself is responsive:
 
-- ``/metrics``: Prometheus text format;
+- ``/metrics``: Prometheus text format, or OpenMetrics when the ``Accept`` header asks for it
+  (as Prometheus does by default; prometheus_client's own ``choose_encoder`` decides);
 - ``/livez``: 200 while the loop ticks (503 if the periodic tick is more than 5 s late);
 - ``/readyz``: 200 once the ROUTER is bound and the rendezvous store is up;
 - ``/status``: the status document as strict JSON (as ``eplb-coordinator status --json``).
@@ -16,7 +17,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from eplb_service.coordinator.status_doc import status_json
 
@@ -62,9 +63,22 @@ def head_only(response: bytes) -> bytes:
     return response.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
 
 
-def route(coordinator: "Coordinator", path: str) -> bytes:
+def header(head: bytes, name: str) -> str:
+    """The value of header ``name`` (any case) in a request head, ``""`` when absent; repeated ones joined by commas."""
+    values = []
+    for line in head.decode("latin-1").splitlines()[1:]:
+        key, colon, value = line.partition(":")
+        if colon and key.strip().lower() == name.lower():
+            values.append(value.strip())
+    return ", ".join(values)
+
+
+def route(coordinator: "Coordinator", path: str, accept: str = "") -> bytes:
     if path == "/metrics":
-        return _response("200 OK", generate_latest(coordinator.metrics.registry), CONTENT_TYPE_LATEST)
+        # OpenMetrics when asked: there a counter's ``_created`` is part of the counter; the classic text
+        # format can only show it as a gauge of its own (``eplb_plans_created``), a series no one means.
+        encode, content_type = choose_encoder(accept)
+        return _response("200 OK", encode(coordinator.metrics.registry), content_type)
     if path == "/livez":
         late = time.monotonic() - coordinator.last_tick
         if late > TICK_LATE_S:
@@ -87,7 +101,7 @@ async def serve_http(coordinator: "Coordinator", host: str, port: int) -> asynci
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
             else:
-                response = route(coordinator, parts[1].split("?", 1)[0])
+                response = route(coordinator, parts[1].split("?", 1)[0], header(request, "accept"))
                 writer.write(head_only(response) if parts[0] == "HEAD" else response)
             await writer.drain()
         except (asyncio.LimitOverrunError, HeadTooLarge):  # one line past the stream's limit, or all of them
