@@ -193,3 +193,22 @@ def test_metrics_parse_as_text_and_as_openmetrics_when_the_scraper_asks_for_it(t
     assert not any(name.endswith("_created") for name in families), sorted(families)
     text_names = {f.name for f in parse_text(plain[1])}
     assert set(families) == {name for name in text_names if not name.endswith("_created")}
+
+
+def test_docs_and_alert_rules_name_only_exposed_metrics():
+    """Before: docs/FAILURE_MODEL.md told operators to watch ``eplb_agent_internal_errors{rank}``,
+    which no coordinator exports (it is ``eplb_agent_events_total{rank,event="internal_errors"}``)."""
+    root = DASHBOARD.parent.parent.parent
+    names = set(
+        re.findall(r"^# TYPE (\S+) ", generate_latest(CoordinatorMetrics(lambda: {0: {}}).registry).decode(), re.M)
+    )
+    for doc in (
+        "README.md",
+        "docs/FAILURE_MODEL.md",
+        "deploy/k8s/README.md",
+        "deploy/k8s/monitoring/prometheusrule.yaml",
+    ):
+        for metric in set(re.findall(r"\beplb_[a-z_]+", (root / doc).read_text())) - {"eplb_service"}:
+            if metric.startswith("eplb_service_"):
+                continue
+            assert re.sub(r"_(bucket|sum|count)$", "", metric) in names, f"{doc} names {metric}, which is not exported"
