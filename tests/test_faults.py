@@ -48,7 +48,7 @@ def test_lossy_duplicating_reordering_link_keeps_plans_consistent(tmp_path, seed
     proxy = FaultProxy(front, back, p_drop=0.03, p_dup=0.05, p_delay=0.1, seed=seed).start()
     try:
         procs, out = start_agents(
-            [AgentSpec(r, front, SHAPE3, steps=1600, switch_hot_at_step=800, staged_timeout_s=3.0) for r in range(3)]
+            [AgentSpec(r, front, SHAPE3, steps=2600, switch_hot_at_step=1300, staged_timeout_s=3.0) for r in range(3)]
         )
         results = collect(procs, out, 3, timeout_s=120)
     finally:
@@ -63,7 +63,6 @@ def test_lossy_duplicating_reordering_link_keeps_plans_consistent(tmp_path, seed
     # side-communicator rendezvous sometimes fails several generations in a row (one rank
     # never joins; under investigation), so a 20-second run may commit nothing.
     assert c.counts["proposed"] >= 1, f"no plan was even attempted through the lossy link: {c.counts}"
-    print(f"lossy link: {c.counts}, proxy {proxy.counts}")
 
 
 def daemon(endpoint: str, *extra: str) -> subprocess.Popen:
@@ -279,7 +278,7 @@ def test_lossy_link_under_the_simulated_serving_loop_keeps_outputs_exact(tmp_pat
             agent=AgentConfig(fence_timeout_s=1.0, transport_timeout_s=2.0, heartbeat_interval_s=0.3),
         )
         summary = run_simulation(
-            SimulationOptions(world_size=4, steps=450, seed=5, coordinator_endpoint=back, agent_endpoint=front), cfg
+            SimulationOptions(world_size=4, steps=700, seed=5, coordinator_endpoint=back, agent_endpoint=front), cfg
         )
     finally:
         proxy.stop()
@@ -287,4 +286,3 @@ def test_lossy_link_under_the_simulated_serving_loop_keeps_outputs_exact(tmp_pat
     assert summary["output_mismatches"] == 0 and summary["diverged"] == 0 and summary["errors"] == []
     assert summary["maps_identical_on_all_ranks"]
     assert summary["committed"] >= 1
-    print(f"lossy sim: {summary['committed']} committed, {summary['aborted']} aborted, proxy {proxy.counts}")
