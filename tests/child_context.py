@@ -6,6 +6,11 @@ has started any thread, and forks each child from there: still a fresh process w
 interpreter state, sockets and gloo groups (vLLM forks its workers by default, too), started
 in a fraction of the time. The server's ``sys.path`` is the test session's, so children find
 the helpers in ``tests/`` as they did under ``spawn``.
+
+One difference to keep in mind: a child's environment is the fork server's, fixed when the
+server started (the first child of the session), not the test's at ``Process.start``. A test
+that sets a variable for its children (``monkeypatch.setenv``) must pass it explicitly (an
+argument of the child's spec) or use ``spawn``.
 """
 
 from __future__ import annotations
