@@ -177,10 +177,16 @@ class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True)
     session: Session = 0
 
 
+REFUSED_RETRY_S = 30.0
+"""Seconds an agent waits before its next Hello after a ``refused`` one: slow enough that a
+refused deployment of hundreds of ranks logs a few lines a second at most, fast enough that
+fixing the coordinator brings rebalancing back without restarting vLLM. Here because both
+sides speak of it: the agent waits it, the coordinator's refusal tells the operator."""
+
 RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session", "rank_taken"]
 """Why a message was refused. ``unknown_agent`` / ``stale_session``: register again;
 ``rank_taken``: another live session holds the rank, try again later; ``refused``: this
-agent cannot join (version, shape, placement), it asks again every 30 s; ``bad_message``: undecodable,
+agent cannot join (version, shape, placement), it asks again every ``REFUSED_RETRY_S``; ``bad_message``: undecodable,
 or a message only the coordinator sends. A new code would break older agents (a ``Literal``
 they cannot decode), so refusals reuse these."""
 

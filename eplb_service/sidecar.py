@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import os
 import signal
 import subprocess
@@ -319,5 +318,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.captureWarnings(True)
     sys.exit(main())

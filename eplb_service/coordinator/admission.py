@@ -46,7 +46,7 @@ def hello_problem(
         return (
             f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {world_size} "
             f"(--dp x --tp): start it with --dp x --tp = {hello.model.num_ranks} (a refused agent asks "
-            "again every 30 s)"
+            f"again every {protocol.REFUSED_RETRY_S:.0f} s)"
         )
     if not 0 <= hello.rank < world_size:
         return f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.policy import (
     DEFAULT_POLICY,
@@ -97,18 +98,6 @@ def int_flag(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str], int]:
     return parse
 
 
-def gain_flag(text: str) -> float:
-    """argparse ``type`` for ``--min-layer-gain``: a finite number >= 0, like the coordinator's
-    own ``min_layer_gain`` (a negative one would accept layers that get worse; nan/inf mean nothing)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eplb-plan", description="Compute an expert placement offline from a load file.")
     parser.add_argument(
@@ -156,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--staging-budget-bytes", type=int_flag(1), default=None, help="staging bytes per rank per batch"
     )
     parser.add_argument(
-        "--min-layer-gain", type=gain_flag, default=0.0, help="skip layers gaining less balancedness (>= 0)"
+        "--min-layer-gain",
+        type=arg_types.nonneg_float,
+        default=0.0,
+        help="skip layers gaining less balancedness (>= 0)",
     )
     parser.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
     return parser

@@ -15,7 +15,6 @@ communicator is a separate gloo group on the coordinator's store.
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import sys
 import time
@@ -181,7 +180,7 @@ def run_rank(spec: RankSpec, results, progress=None) -> None:
     try:
         _run_rank(spec, results, progress)
     except Exception:
-        logging.getLogger(__name__).exception("[rank %d] stopped by an exception", spec.rank)
+        logutil.rank_logger(__name__, spec.rank).exception("stopped by an exception")
         sys.exit(1)  # multiprocessing prints no traceback for SystemExit; the exit code is as before
 
 
@@ -210,7 +209,7 @@ def _run_rank(spec: RankSpec, results, progress=None) -> None:
         dist.barrier()
     except Exception as exc:  # report, do not hang the parent
         error = f"rank {spec.rank}: {type(exc).__name__}: {exc}"
-        logging.getLogger(__name__).exception("[rank %d] serving loop failed", spec.rank)
+        logutil.rank_logger(__name__, spec.rank).exception("serving loop failed")
     time.sleep(0.5)  # let the agent report the last commit before it stops
     agent_alive = agent._thread is not None and agent._thread.is_alive()
     agent.stop()

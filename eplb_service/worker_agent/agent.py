@@ -56,12 +56,6 @@ SILENCE_HEARTBEATS = 4
 socket (a connection can be dead both ways while both ends believe it open)."""
 
 
-REFUSED_RETRY_S = 30.0
-"""Seconds between Hellos after the coordinator refused one: slow enough that a refused
-deployment of hundreds of ranks logs a few lines a second at most, fast enough that fixing the
-coordinator brings rebalancing back without restarting vLLM."""
-
-
 class WorkerAgent:
     """Owns the agent thread of one rank. Thread-safe entry points: ``start``, ``stop``.
 
@@ -81,7 +75,7 @@ class WorkerAgent:
         *,
         ranks_per_node: int | None = None,
         hello_interval_s: float = 0.5,
-        refused_retry_s: float = REFUSED_RETRY_S,
+        refused_retry_s: float = protocol.REFUSED_RETRY_S,
         staged_timeout_s: float = 60.0,
         curve: ClientCurve | None = None,
         staging_budget_bytes: int | None = None,
