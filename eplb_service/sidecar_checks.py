@@ -17,9 +17,11 @@ import zmq
 from eplb_service import logutil
 from eplb_service.coordinator import config
 from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.http_endpoints import listen_socket
 from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, prepare_ipc_dir
 from eplb_service.security import ClientCurve, SecurityError
 from eplb_service.vllm_command import UsageError
+from eplb_service.zmq_tcp import allow_ipv6
 
 
 def log_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -66,9 +68,9 @@ def coordinator_settings(coordinator_args: list[str]) -> argparse.Namespace:
         raise UsageError(str(exc)) from None
 
 
-def _http_host() -> str:
+def _http_host() -> str | None:
     """The address the coordinator's HTTP endpoints bind (``CoordinatorConfig.http_host``; no flag sets it)."""
-    return str(next(f.default for f in dataclasses.fields(CoordinatorConfig) if f.name == "http_host"))
+    return next(f.default for f in dataclasses.fields(CoordinatorConfig) if f.name == "http_host")  # type: ignore[return-value]
 
 
 def listen_problem(host: str, port: int) -> str | None:
@@ -97,7 +99,12 @@ def check_metrics_port(port: int | None) -> None:
     had reported it starting (the coordinator's parser already refuses one outside 0-65535)."""
     if port is None:
         return
-    problem = None if port == 0 else listen_problem(_http_host(), port)
+    problem = None
+    if port != 0:
+        try:
+            listen_socket(_http_host(), port).close()  # the coordinator's own listener, opened and closed
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
     if problem:
         raise UsageError(
             f"--metrics-port {port}: cannot listen on it ({problem}); choose another, or 0 for any free port"
@@ -164,7 +171,7 @@ def check_endpoint(endpoint: str) -> None:
     else:
         raise UsageError(f"--endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
     ctx = zmq.Context()  # its own, ended here: no zmq threads while the children are forked
-    sock = ctx.socket(zmq.DEALER)
+    sock = allow_ipv6(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)  # what the agents do: tcp://*:PORT binds, but nothing connects to it

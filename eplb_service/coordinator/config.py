@@ -71,8 +71,9 @@ class CoordinatorConfig:
     """ZeroMQ endpoint the ROUTER binds (``ipc://path`` or ``tcp://host:port``)."""
     metrics_port: int | None = None
     """HTTP port for /metrics, /livez, /readyz, /status; ``None`` = off, 0 = any free port."""
-    http_host: str = "0.0.0.0"
-    """Address the HTTP endpoints bind (probes and Prometheus scrape from outside the pod)."""
+    http_host: str | None = None
+    """Address the HTTP endpoints bind (probes and Prometheus scrape from outside the pod);
+    ``None``: every interface, IPv4 and IPv6, on one port."""
     policy: str = "migration"
     """Placement policy name (see ``coordinator.policy``)."""
     num_groups: int = 1

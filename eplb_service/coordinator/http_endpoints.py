@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -93,7 +95,42 @@ def route(coordinator: "Coordinator", path: str, accept: str = "") -> bytes:
     return _response("404 Not Found", f"unknown path {path!r}; try /metrics /livez /readyz /status\n".encode())
 
 
-async def serve_http(coordinator: "Coordinator", host: str, port: int) -> asyncio.base_events.Server:
+def listen_socket(host: str | None, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free one).
+
+    ``host=None`` (the default, no flag sets another) is every interface of both families on
+    one port: an IPv6 socket that also takes IPv4 peers, or an IPv4 one where the kernel has no
+    IPv6. asyncio's own "all interfaces" binds one socket per family, each on its own port when
+    the port is 0, and ``0.0.0.0`` alone leaves a pod of an IPv6-only cluster unreachable to its
+    probes and to Prometheus. Raises ``OSError`` (port in use, address not here).
+    """
+    if host is None:
+        try:
+            return _bound(socket.AF_INET6, ("::", port), dual_stack=True)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise
+        return _bound(socket.AF_INET, ("0.0.0.0", port))
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return _bound(family, address)
+
+
+def _bound(family: int, address: tuple, dual_stack: bool = False) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(100)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_http(coordinator: "Coordinator", host: str | None, port: int) -> asyncio.base_events.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(read_head(reader), timeout=5)
@@ -113,4 +150,9 @@ async def serve_http(coordinator: "Coordinator", host: str, port: int) -> asynci
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    sock = listen_socket(host, port)
+    try:
+        return await asyncio.start_server(handle, sock=sock)
+    except BaseException:
+        sock.close()
+        raise

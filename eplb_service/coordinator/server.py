@@ -39,6 +39,7 @@ from eplb_service.coordinator.status_doc import status_document
 from eplb_service.logutil import rank_logger
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
 from eplb_service.trace import TraceRecorder
+from eplb_service.zmq_tcp import allow_ipv6
 
 __all__ = ["Coordinator", "CoordinatorProgress", "PlanOutcome", "RECEIVE_HWM"]
 
@@ -110,7 +111,7 @@ class Coordinator:
         check_endpoint_security(self.cfg.endpoint, self.cfg.curve_dir, self.cfg.insecure)
         prepare_ipc_dir(self.cfg.endpoint)
         self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
+        sock = allow_ipv6(self._ctx.socket(zmq.ROUTER))
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
@@ -155,9 +156,9 @@ class Coordinator:
         try:
             http = await serve_http(self, self.cfg.http_host, self.cfg.metrics_port)
         except OSError as exc:
+            where = self.cfg.http_host or "all interfaces"
             raise BindError(
-                f"cannot serve HTTP on --metrics-port {self.cfg.metrics_port} ({self.cfg.http_host}): "
-                f"{exc.strerror or exc}"
+                f"cannot serve HTTP on --metrics-port {self.cfg.metrics_port} ({where}): {exc.strerror or exc}"
             ) from None
         self.metrics_port = http.sockets[0].getsockname()[1]
         return http

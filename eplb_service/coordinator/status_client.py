@@ -10,6 +10,7 @@ import zmq
 from eplb_service import protocol
 from eplb_service.coordinator.socket_dir import check_endpoint_dir
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, is_local_endpoint
+from eplb_service.zmq_tcp import allow_ipv6
 
 MAX_POLL_MS = 2**31 - 1
 """ZeroMQ's poll timeout is a C long of milliseconds (32 bits on some platforms): longer waits, about
@@ -27,7 +28,7 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
     poll_ms = _poll_ms(timeout_s)
     check_endpoint_dir(endpoint)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = allow_ipv6(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.LINGER, 0)
     keys_from_env = curve is None
     curve = curve if curve is not None else ClientCurve.from_env()

@@ -17,6 +17,7 @@ import zmq
 
 from eplb_service import protocol
 from eplb_service.security import ClientCurve
+from eplb_service.zmq_tcp import allow_ipv6
 
 
 class CoordinatorLink:
@@ -39,7 +40,7 @@ class CoordinatorLink:
             self._ctx = zmq.Context()
         if self.sock is not None:
             self.sock.close(linger=0)
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = allow_ipv6(self._ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{secrets.token_hex(6)}".encode())
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
