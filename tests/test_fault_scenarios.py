@@ -268,6 +268,50 @@ def test_a_message_naming_another_rank_is_refused_from_a_registered_connection(t
     assert c.registry.agents[1].step == 0 and c.registry.agents[0].step == 0 and c.halted_reason is None
 
 
+def test_a_rank_registering_again_mid_staging_gets_one_new_side_communicator_not_two():
+    """Before: the abort of the staging batch sent generation g+1 and the registration g+2 right
+    behind it. Every rank attempted both rendezvous in turn, so one lost copy of g+1 (or a rank
+    still in an older build) left its peers waiting out the transport timeout in g+1 while it
+    sat alone in g+2: both failed, and rebalancing waited for the coordinator's retry (62 s)."""
+    from eplb_service.coordinator.plan_state import Phase, PlanRun
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    harness = HandlerHarness()
+    c = harness.coordinator
+    sent: list[tuple[bytes, protocol.Message]] = []
+    send = c.send
+    c.send = lambda identity, message: (sent.append((identity, message)), send(identity, message))
+    generation = c.side_comm.generation
+    c.plans.plan = PlanRun(
+        plan_id=7,
+        base_epoch=c.epoch,
+        layers=[0],
+        rows=c.placements[c.epoch][[0]].copy(),
+        world_size=2,
+        staging_timeout_s=10.0,
+        voting_timeout_s=10.0,
+        started_at=time.monotonic(),
+    )
+    held = c.registry.agents[1]
+    hello = protocol.Hello(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        rank=1,
+        model=c.model,
+        phy2log=protocol.NDArray.from_numpy(held.phy2log),
+        epoch=c.epoch,
+        step=0,
+        transport="gloo",
+        resume_session=held.session,
+    )
+    c._handle(b"rank-1-reopened", hello)  # the same agent on a fresh socket, mid-staging
+    assert c.outcomes and c.outcomes[-1].phase == Phase.ABORTED.value, outcomes(c)
+    generations = sorted({m.generation for _, m in sent if isinstance(m, protocol.CommInit)})
+    assert generations == [generation + 1], f"side-communicator generations sent: {generations}"
+    assert c.side_comm.generation == generation + 1 and c.current_comm() is not None
+    to_rank = {identity for identity, m in sent if isinstance(m, protocol.CommInit)}
+    assert to_rank == {c.registry.agents[0].identity, b"rank-1-reopened"}, to_rank
+
+
 # -- 4. memory -------------------------------------------------------------------------------------
 
 

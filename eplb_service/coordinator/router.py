@@ -320,6 +320,10 @@ class MessageRouter:
         self.guard.forget(hello.rank)
         replaced = self.registry.register(record)
         if replaced is not None:
+            # The rank's old process state (its side communicator, a plan it staged) is gone:
+            # the current generation is void, and a batch still staging aborts, which already
+            # rebuilds the communicator once every rank is registered (see ``_comm_after_register``).
+            self.host.invalidate_comm()
             self.runner.agent_lost(hello.rank, now)
         self.log.info(
             "rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)",
@@ -342,10 +346,27 @@ class MessageRouter:
         )
         self.update_liveness_metrics()
         self.update_epoch()
-        if self.registry.complete:
-            self.host.rebuild_comm()
-        elif replaced is not None:
-            self.host.invalidate_comm()
+        self._comm_after_register(hello.rank)
+
+    def _comm_after_register(self, rank: int) -> None:
+        """One new side-communicator generation once every rank is registered, never two.
+
+        A rank that registers again while a batch is staging aborts that batch, and the abort
+        already sends a new generation. A second one right behind it made every rank attempt
+        both rendezvous in turn: a rank that missed the first ``CommInit`` (lost, or still in
+        an older build) went straight to the second while its peers waited out
+        ``transport_timeout_s`` in the first, so both failed and rebalancing stalled until the
+        coordinator's retry (``2 x transport_timeout_s + 2`` s, 62 s by default)."""
+        if not self.registry.complete:
+            return
+        if self.host.current_comm() is not None:
+            self.log.debug(
+                "rank %d registered; side communicator generation %d is already on its way to every rank",
+                rank,
+                self.host.current_comm().generation,
+            )
+            return
+        self.host.rebuild_comm()
 
     def _resync(self, record: AgentRecord, epoch: int, now: float) -> None:
         """A rank moved to a placement this coordinator does not know (decided before it
