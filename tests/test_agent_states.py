@@ -350,3 +350,54 @@ def test_busy_from_plan_receipt_until_its_commit():
         h.step()
         h.tick()
     assert h.applied and not h.agent.busy
+
+
+class LateRecord(SyncDecider):
+    """The decision record answers late (a slow link to rank 0's store): proposals are held
+    until the serving thread asks at its fence, or until ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list = []
+
+    def submit(self, ticket, record, proposal):
+        self.proposals += 1
+        self.held.append((ticket, record, proposal))
+        if proposal.code == "fence_timeout":
+            self.release()
+
+    def release(self) -> None:
+        for ticket, record, proposal in self.held:
+            ticket.resolve(record.propose(ticket.plan_id, proposal))
+        self.held.clear()
+
+
+def test_a_welcome_with_a_longer_fence_mid_vote_keeps_the_fence_the_vote_promised():
+    """Before: a coordinator restarted with a larger ``--fence-steps`` re-registered the rank
+    mid-vote, and the rank's fence moved with it (2 -> 300 steps) while the commit step of the
+    record stayed ``entry + 2``. With the record's answer a few steps late, the rank served
+    past the commit step undecided and then skipped the plan ("missed_commit_step") that
+    every other rank applied at step 2: a split commit."""
+    h = Harness()
+    welcome = protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7)
+    h.deliver(msgspec.structs.replace(welcome, comm=h.comm()))
+    plan = h.plan()
+    h.deliver(plan)
+    h.agent.decider = late = LateRecord()
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))  # armed at step 0; proposes commit at 0 + 2
+    assert late.held and h.agent.hooks.ticket is not None
+    h.record.decisions[plan.plan_id] = Decision.commit_at(FAST.fence_steps, 1)  # the peers decided first
+    h.deliver(
+        msgspec.structs.replace(welcome, session=8, config=msgspec.structs.replace(FAST, fence_steps=300))
+    )  # the restarted coordinator's config
+    assert h.agent.hooks.fence_steps == 300
+    for _ in range(2 * FAST.fence_steps):
+        h.step()
+        h.tick()
+        h.check()
+    late.release()
+    for _ in range(2):
+        h.step()
+        h.tick()
+        h.check()
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)], (h.applied, h.agent.stats)

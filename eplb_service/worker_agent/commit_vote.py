@@ -126,7 +126,8 @@ class CommitVoter:
         entry = ticket.vote_entry_step
         # If the serving thread passed entry+F before it could see the entry, this rank
         # cannot honour the fence: vote "fail" so that no rank commits.
-        fail = 1 if hooks.steps_done >= entry + hooks.fence_steps else 0
+        fence_steps = hooks.ticket_fence_steps(ticket)
+        fail = 1 if hooks.steps_done >= entry + fence_steps else 0
         if not host.side_ready:
             ticket.propose_abort("not_connected", "side communicator not connected at the vote")
             return
@@ -139,7 +140,7 @@ class CommitVoter:
             host.transport.abort()  # a pending collective must not meet a later one
             self.propose(Decision.abort(host.rank, f"vote_failed: {exc}", "vote_failed"))
             return
-        proposal = proposal_from(result, msg.plan_id, host.rank, hooks.fence_steps)
+        proposal = proposal_from(result, msg.plan_id, host.rank, fence_steps)
         if proposal.code == "integrity":
             host.stats["integrity_failures"] += 1
             host.log.error(
@@ -158,6 +159,8 @@ class CommitVoter:
         ticket = CommitTicket(action=action, layers=list(plan.layers), rows=rows, record=record)
         ticket.propose_abort = lambda code, reason: self.propose(Decision.abort(host.rank, reason, code))
         self._ticket_generation = host.transport.generation
+        # The fence first: the serving thread reads it once it sees the entry step.
+        ticket.fence_steps = host.hooks.fence_steps
         host.hooks.ticket = ticket
         ticket.vote_entry_step = host.hooks.steps_done
         self.ticket = ticket

@@ -66,6 +66,11 @@ class CommitTicket:
     record: object | None = None
     """The ``decision.DecisionRecord`` this plan's decision lives in (fixed when armed)."""
     vote_entry_step: int | None = None
+    fence_steps: int | None = None
+    """The fence ``F`` this rank's vote promised (set with ``vote_entry_step``): the rank never
+    starts step ``vote_entry_step + F`` undecided, and it proposes ``S = max(entry) + F``. Fixed
+    for the ticket's life, because a ``Welcome`` with another ``fence_steps`` (a coordinator
+    restarted with new flags) may arrive mid-vote; ``None``: the hooks' current fence."""
     decision: Decision | None = None
     decided: threading.Event = field(default_factory=threading.Event)
     propose_abort: Callable[[str, str], None] | None = None
@@ -175,7 +180,7 @@ class ServingHooks:
             return
         step = self.steps_done
         if not ticket.decided.is_set():
-            if step < ticket.vote_entry_step + self.fence_steps:
+            if step < ticket.vote_entry_step + self.ticket_fence_steps(ticket):
                 return
             self._wait_for_decision(ticket, step)
         decision = ticket.decision
@@ -191,6 +196,10 @@ class ServingHooks:
             self._finish(ticket, "committed", step)
         elif step > decision.commit_step:  # cannot happen while the fence holds; never apply late
             self._finish(ticket, "missed_commit_step", step)
+
+    def ticket_fence_steps(self, ticket: CommitTicket) -> int:
+        """The fence ``ticket``'s vote promised (see ``CommitTicket.fence_steps``)."""
+        return self.fence_steps if ticket.fence_steps is None else ticket.fence_steps
 
     def after_step(self, load_pass: torch.Tensor | None) -> None:
         """After a non-profile step: fold in its load ``[L, P]`` and advance the clock."""
