@@ -401,3 +401,24 @@ def test_a_welcome_with_a_longer_fence_mid_vote_keeps_the_fence_the_vote_promise
         h.tick()
         h.check()
     assert h.applied == [(plan.plan_id, FAST.fence_steps)], (h.applied, h.agent.stats)
+
+
+def test_a_late_copy_of_an_older_side_communicator_keeps_the_newer_one_and_the_staged_plan():
+    """Before: a CommInit of generation 2 reordered behind generation 3 (the documented
+    "reordered" fault) dropped the staged plan and tore down generation 3 to join a
+    rendezvous the peers had left; a second copy of an attempted one dropped the plan too."""
+    h = Harness()
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
+    second, third = h.comm(), h.comm()
+    h.deliver(third)  # generation 2's copy is late
+    plan = h.plan()
+    h.deliver(plan)
+    assert h.agent._plan is not None and h.agent.transport.generation == third.generation
+    for late in (second, third, second):
+        h.deliver(late)
+        h.tick()
+    assert h.agent._plan is not None and h.agent._plan.plan_id == plan.plan_id
+    assert h.agent.transport.generation == third.generation and h.agent.side_ready
+    assert not any(isinstance(m, protocol.Aborted) for m in h.agent.link.sock.sent)

@@ -430,6 +430,10 @@ class WorkerAgent:
                 self.shape.num_ranks,
             )
             return
+        if self.side.is_stale(comm):
+            self.stats["duplicate_messages"] += 1
+            self.log.debug("ignored a late copy of side communicator generation %d", comm.generation)
+            return
         self._abandon_plan("comm_rebuilt", f"side communicator rebuilt (generation {comm.generation})")
         self.side.connect(comm, self.config.transport_timeout_s)
 

@@ -47,6 +47,15 @@ class SideLink:
         """Already built from this very rendezvous (a repeated ``CommInit``)."""
         return comm == self._built and self.ready
 
+    def is_stale(self, comm: protocol.CommInit) -> bool:
+        """An older ``CommInit`` than one this link attempted or queued (same coordinator, lower
+        generation), or a rendezvous attempted already: a late, duplicated or reordered copy.
+        Acting on it would tear down the newer communicator and join a rendezvous its peers left."""
+        if comm in self._tried:
+            return True
+        newer = [c for c in (*self._tried, self._pending) if c is not None and c.nonce == comm.nonce]
+        return any(c.generation > comm.generation for c in newer)
+
     def connect(self, comm: protocol.CommInit, timeout_s: float) -> None:
         """Start building ``comm``'s communicator (or queue it behind the build in progress)."""
         if self.record is None or self.record.address != f"{comm.store_host}:{comm.store_port}":
