@@ -238,6 +238,27 @@ def test_http_requests_with_bare_lf_line_ends_are_answered(tmp_path):
     assert many.startswith(b"HTTP/1.1 431"), many[:200]
 
 
+def test_http_absolute_form_request_targets_are_answered_like_their_path(tmp_path):
+    """RFC 9112 (3.2.2): a server MUST accept a request target in absolute form
+    (``GET http://host:port/readyz``), which HTTP proxies and some probes send. Before, its
+    path was the whole URL and every such request was a 404."""
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        port = thread.coordinator.metrics_port
+        readyz = http_exchange(port, b"GET http://127.0.0.1:%d/readyz HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+        query = http_exchange(port, b"GET HTTP://Localhost/status?pretty=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        no_path = http_exchange(port, b"GET http://127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+        double_slash = http_exchange(port, b"GET //readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        thread.stop()
+    assert readyz.startswith(b"HTTP/1.1 200") and readyz.endswith(b"ready\n"), readyz
+    assert query.startswith(b"HTTP/1.1 200") and b'"world_size": 2' in query, query[:300]
+    assert no_path.startswith(b"HTTP/1.1 404") and b"unknown path '/'" in no_path, no_path
+    assert double_slash.startswith(b"HTTP/1.1 404"), "an origin-form path is taken as written, never as a URL"
+
+
 def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
     """Before: planning waited forever with no word (status said nothing was halted)."""
     cfg = CoordinatorConfig(

@@ -75,6 +75,19 @@ def header(head: bytes, name: str) -> str:
     return ", ".join(values)
 
 
+def target_path(target: str) -> str:
+    """The path a request target names, without its query: ``/status?x=1`` is ``/status``.
+
+    A target in absolute form (``http://host:port/readyz``), as HTTP proxies send it, is reduced
+    to its path (``/`` when it has none): RFC 9112 (3.2.2) says a server MUST accept that form.
+    Only a target with an ``http``/``https`` scheme is read as a URL; ``//readyz`` stays a path."""
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        slash = rest.find("/")
+        target = rest[slash:] if slash >= 0 else "/"
+    return target.split("?", 1)[0]
+
+
 def route(coordinator: "Coordinator", path: str, accept: str = "") -> bytes:
     if path == "/metrics":
         # OpenMetrics when asked: there a counter's ``_created`` is part of the counter; the classic text
@@ -138,7 +151,7 @@ async def serve_http(coordinator: "Coordinator", host: str | None, port: int) ->
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
             else:
-                response = route(coordinator, parts[1].split("?", 1)[0], header(request, "accept"))
+                response = route(coordinator, target_path(parts[1]), header(request, "accept"))
                 writer.write(head_only(response) if parts[0] == "HEAD" else response)
             await writer.drain()
         except (asyncio.LimitOverrunError, HeadTooLarge):  # one line past the stream's limit, or all of them
