@@ -76,6 +76,24 @@ def test_a_bad_endpoint_is_refused_before_binding(endpoint, expected, capsys):
     assert code == 2 and expected in err
 
 
+@pytest.mark.parametrize(
+    "endpoint, expected",
+    [
+        ("tcp://*:5555", "* is what a coordinator binds"),
+        ("tcp://127.0.0.1:*", "* is what a coordinator binds"),
+        ("tcp://127.0.0.1", "has no host and port"),
+        ("tcp://127.0.0.1:99999", "port '99999' is not a port; expected 1-65535"),
+        ("http://127.0.0.1:9464", "must start with ipc:// or tcp://"),
+        ("", "must start with ipc:// or tcp://"),
+    ],
+)
+def test_status_refuses_an_endpoint_it_cannot_connect_to_naming_it(endpoint, expected, capsys):
+    """Before: ZeroMQ's own words (``Invalid argument (addr='tcp://*:5555')``, ``Protocol not
+    supported``), or, for port 99999, a wait on port 34463 (ZeroMQ wraps it) ending in "no answer"."""
+    code, err = run_main(["status", "--endpoint", endpoint, "--timeout-s", "0.2"], capsys)
+    assert code == 2 and "argument --endpoint: " in err and expected in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://[::1]:5555", "ipc:///tmp/x.sock"])
 def test_good_endpoints_pass(endpoint):
     check_endpoint(endpoint)

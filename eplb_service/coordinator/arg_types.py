@@ -61,3 +61,25 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: any free port), got {value}")
     return value
+
+
+def connect_endpoint(text: str) -> str:
+    """An endpoint a client connects to: ``ipc://PATH`` or ``tcp://HOST:PORT``, port 1-65535.
+
+    ZeroMQ's own refusals name no fix (``Invalid argument``, ``Protocol not supported``), and it
+    wraps a port above 65535 (99999 dials 34463), so a typo waited for an answer that could not
+    come. ``*`` is the coordinator's bind spelling (any address or port): nothing to dial."""
+    from eplb_service.coordinator.config import check_endpoint
+
+    try:
+        check_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if text.startswith("tcp://"):
+        host, _, port = text[len("tcp://") :].rpartition(":")
+        if "*" in (host, port):
+            raise argparse.ArgumentTypeError(
+                f"* is what a coordinator binds (any address or port), not an address to connect to: {text!r}; "
+                "expected the coordinator's host and port, e.g. tcp://127.0.0.1:5555"
+            )
+    return text

@@ -263,7 +263,13 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_status_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", default=default_endpoint(), metavar="URL", help="the coordinator's ZeroMQ endpoint")
+    p.add_argument(
+        "--endpoint",
+        type=arg_types.connect_endpoint,
+        default=default_endpoint(),
+        metavar="URL",
+        help="the coordinator's ZeroMQ endpoint: ipc://PATH or tcp://HOST:PORT",
+    )
     p.add_argument("--json", action="store_true", help="print the raw status document instead of the table")
     p.add_argument(
         "--timeout-s", type=arg_types.positive_float, default=3.0, metavar="S", help="how long to wait for an answer"
