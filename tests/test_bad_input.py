@@ -3,6 +3,7 @@ oversize frames are refused by the socket, and the daemon keeps serving through 
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -273,6 +274,60 @@ def test_oversize_and_garbage_frames_do_not_disturb_the_coordinator(tmp_path, mo
         for s in (big, garbage):
             s.close(0)
     finally:
+        ctx.term()
+        coord.stop()
+
+
+def test_a_req_client_and_a_multipart_sender_get_an_answer_not_silence(tmp_path):
+    """A third-party status client written with a REQ socket (ZeroMQ's request/reply socket)
+    sends ``[b"", message]``, which the coordinator dropped as bad framing without a word: the
+    client's ``recv`` waited forever. A REQ client now gets its one reply in its envelope (the
+    status, or a ``Reject`` saying why); any other multipart message gets a ``Reject`` naming
+    the frame count."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+    ctx = zmq.Context()
+    sockets = []
+
+    def connect(kind: int) -> zmq.Socket:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sockets.append(sock)
+        return sock
+
+    def reply_to(sock: zmq.Socket) -> list[bytes]:
+        assert sock.poll(5000), "no answer"
+        return sock.recv_multipart()
+
+    try:
+        req = connect(zmq.REQ)
+        req.send(protocol.encode(protocol.StatusRequest()))
+        (status,) = reply_to(req)
+        reply = protocol.decode(status)
+        assert isinstance(reply, protocol.StatusReply) and json.loads(reply.status_json)["world_size"] == 2
+        req.send(protocol.encode(hello()))  # a REQ socket answers once per request: no agent can use one
+        refused = protocol.decode(reply_to(req)[0])
+        assert isinstance(refused, protocol.Reject) and "REQ" in refused.reason and "DEALER" in refused.reason
+        req.send(b"\xc1 not msgpack")
+        undecodable = protocol.decode(reply_to(req)[0])
+        assert isinstance(undecodable, protocol.Reject) and "undecodable frame" in undecodable.reason
+
+        dealer = connect(zmq.DEALER)  # a DEALER speaking REQ's envelope gets the envelope back
+        dealer.send_multipart([b"", protocol.encode(protocol.StatusRequest())])
+        empty, status = reply_to(dealer)
+        assert empty == b"" and isinstance(protocol.decode(status), protocol.StatusReply)
+
+        multipart = connect(zmq.DEALER)
+        multipart.send_multipart([protocol.encode(protocol.StatusRequest())] * 2)
+        (frame,) = reply_to(multipart)
+        framing = protocol.decode(frame)
+        assert isinstance(framing, protocol.Reject) and "2 frames" in framing.reason, framing
+        assert coord.coordinator.metrics.messages_rejected.labels("framing")._value.get() == 2
+        assert fetch_status(endpoint)["world_size"] == 2  # still serving
+    finally:
+        for sock in sockets:
+            sock.close(0)
         ctx.term()
         coord.stop()
 

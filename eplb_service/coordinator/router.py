@@ -83,11 +83,14 @@ class MessageRouter:
         if isinstance(message, protocol.Hello):
             self._on_hello(identity, message)
         elif isinstance(message, protocol.StatusRequest):
-            self.host.send(identity, protocol.StatusReply(status_json=status_json(self.host.status()).encode()))
+            self.host.send(identity, self.status_reply())
         elif isinstance(message, protocol.CoordinatorMessage.__args__):
             self._refuse_coordinator_message(identity, message)
         else:
             self._on_agent_message(identity, message)
+
+    def status_reply(self) -> protocol.StatusReply:
+        return protocol.StatusReply(status_json=status_json(self.host.status()).encode())
 
     def _refuse_coordinator_message(self, identity: bytes, message: protocol.Message) -> None:
         """A message only the coordinator sends came to it: a bug or a probe, whoever sent it.

@@ -59,6 +59,10 @@ def numbered_path(path: str, deployment: int) -> str:
     return f"{stem}.{deployment}{ext}"
 
 
+REQ_ENVELOPE = [b""]
+"""What a REQ socket (or a DEALER speaking its envelope) puts between its identity and its message."""
+
+
 class BindError(RuntimeError):
     """The endpoint or the metrics port cannot be bound (taken, or not an address here); the
     message names which, so the CLI prints it as one line instead of a traceback."""
@@ -246,11 +250,13 @@ class Coordinator:
             if recv not in done:
                 recv.cancel()
                 break
-            frames = recv.result()
-            if len(frames) != 2:
-                self.metrics.messages_rejected.labels("framing").inc()
+            identity, *envelope, frame = recv.result()  # a ROUTER prepends the identity to every message
+            if envelope == REQ_ENVELOPE:
+                self._answer_request(identity, frame)
                 continue
-            identity, frame = frames
+            if envelope:
+                self._refuse_framing(identity, len(envelope) + 1)
+                continue
             try:
                 message = protocol.decode(frame, self.max_message_bytes)
             except protocol.ProtocolError as exc:
@@ -263,6 +269,42 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - no message may stop the coordinator
                 self._internal_error(f"handling {type(message).__name__}", exc)
         stop_wait.cancel()
+
+    def _answer_request(self, identity: bytes, frame: bytes) -> None:
+        """A REQ socket's request (``[b"", message]``): its client waits for exactly one reply in
+        that envelope, so it always gets one, the status or a ``Reject`` saying why. A REQ socket
+        cannot take what the coordinator sends unasked, so it can ask for status, never register."""
+        try:
+            message = protocol.decode(frame, self.max_message_bytes)
+        except protocol.ProtocolError as exc:
+            self.metrics.messages_rejected.labels("decode").inc()
+            reply: protocol.Message = protocol.Reject(reason=str(exc), code="bad_message")
+        else:
+            if isinstance(message, protocol.StatusRequest):
+                reply = self.router.status_reply()
+            else:
+                self.metrics.messages_rejected.labels("framing").inc()
+                reply = protocol.Reject(
+                    reason=f"{type(message).__name__} came from a REQ socket, which can only ask for status "
+                    "(StatusRequest); agents connect with a DEALER socket (proto/PROTOCOL.md)",
+                    code="bad_message",
+                )
+        try:
+            self._sock.send_multipart([identity, b"", protocol.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the client is gone
+            self.log.debug("reply to %r failed: %s", identity, exc)
+
+    def _refuse_framing(self, identity: bytes, frames: int) -> None:
+        """A multipart message other than a REQ envelope: answered, so its sender learns why nothing else comes."""
+        self.metrics.messages_rejected.labels("framing").inc()
+        self.log.warning("refused a message of %d frames from %r: every message is one frame", frames, identity)
+        self.send(
+            identity,
+            protocol.Reject(
+                reason=f"got a message of {frames} frames; every message is one msgpack frame (proto/PROTOCOL.md)",
+                code="bad_message",
+            ),
+        )
 
     def _handle(self, identity: bytes, message: protocol.Message) -> None:
         self.router.handle(identity, message)
