@@ -38,7 +38,13 @@ from eplb_service.coordinator.config import default_endpoint
 from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.security import SecurityError
-from eplb_service.sidecar_checks import check_endpoint, check_metrics_port, coordinator_settings, log_environment
+from eplb_service.sidecar_checks import (
+    check_coordinator_config,
+    check_endpoint,
+    check_metrics_port,
+    coordinator_settings,
+    log_environment,
+)
 from eplb_service.vllm_command import UsageError, coordinator_ranks, vllm_parallelism
 
 log = logutil.rank_logger(__name__, "sidecar")
@@ -299,6 +305,7 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     check_endpoint(args.endpoint)
     vllm = vllm_parallelism(vllm_cmd)
     ranks = coordinator_ranks(vllm, settings.dp, settings.tp)
+    check_coordinator_config(settings, args.endpoint, ranks)
     if vllm.eplb is False:
         log.warning("the vLLM command has no --enable-eplb: the plugin will refuse to attach")
     # Without the flag the coordinator reads EPLB_SERVICE_LOG_FORMAT, as the sidecar did: one format for both.

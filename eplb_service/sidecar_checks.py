@@ -68,6 +68,30 @@ def coordinator_settings(coordinator_args: list[str]) -> argparse.Namespace:
         raise UsageError(str(exc)) from None
 
 
+def check_coordinator_config(settings: argparse.Namespace, endpoint: str, ranks: tuple[int, int]) -> None:
+    """Refuse what the coordinator would refuse at its start (``UsageError``), with the ranks and
+    endpoint the sidecar will give it: a ``--record`` directory that does not exist, an
+    ``--initial-placement`` it cannot read, a ``--log-level`` ``logging`` does not know. Found
+    after the start, each was the coordinator's own error and a second line from the sidecar.
+
+    ``--simulate`` is refused outright: the coordinator would run simulated ranks in place of
+    vLLM's, a process per rank, and exit before the sidecar ever started vLLM."""
+    from eplb_service.coordinator import cli
+
+    if settings.simulate:
+        raise UsageError(
+            "--simulate runs simulated ranks in place of vLLM; the sidecar runs the vLLM command: drop --simulate, "
+            "or run `eplb-coordinator --simulate` on its own"
+        )
+    given = argparse.Namespace(**{**vars(settings), "dp": ranks[0], "tp": ranks[1], "endpoint": endpoint})
+    try:
+        if settings.log_level is not None:
+            logutil.parse_level(settings.log_level, "--log-level")
+        cli.config_from_args(given)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _http_host() -> str | None:
     """The address the coordinator's HTTP endpoints bind (``CoordinatorConfig.http_host``; no flag sets it)."""
     return next(f.default for f in dataclasses.fields(CoordinatorConfig) if f.name == "http_host")  # type: ignore[return-value]

@@ -253,6 +253,33 @@ def test_bad_coordinator_flags_are_refused_before_anything_starts(capsys, tmp_pa
 
 
 @pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--simulate"], "--simulate runs simulated ranks in place of vLLM"),
+        (["--steps", "5"], "--steps applies only with --simulate"),
+        (["--record", "{tmp}/no/such/dir/t.npz"], "--record '{tmp}/no/such/dir/t.npz': directory"),
+        (["--initial-placement", "{tmp}/none.json"], "--initial-placement {tmp}/none.json: No such file"),
+        (["--curve-dir", "{tmp}"], "curve_dir '{tmp}' has no server.key_secret"),
+        (["--log-level", "chatty"], "--log-level='chatty' is not a log level"),
+    ],
+)
+def test_coordinator_settings_it_would_refuse_are_refused_before_it_starts(capsys, tmp_path, flags, message):
+    """Before, the sidecar started the coordinator with them: it refused them after its start,
+    in lines of its own, and ``--simulate`` ran a whole simulated deployment (a process per rank
+    of the vLLM command) before the sidecar gave up on it."""
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", *flags, "--", *FAKE_VLLM)
+    assert message.format(tmp=tmp_path) in line, line
+
+
+def test_simulate_from_the_coordinator_config_file_is_refused_too(capsys, tmp_path):
+    toml = tmp_path / "eplb.toml"
+    toml.write_text("simulate = true\n")
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--config", str(toml), "--", *FAKE_VLLM)
+    assert "--simulate runs simulated ranks in place of vLLM" in line
+
+
+@pytest.mark.parametrize(
     "endpoint, message",
     [
         ("foo", "--endpoint 'foo': expected ipc://PATH or tcp://HOST:PORT"),
