@@ -100,6 +100,16 @@ def test_config_file_values_are_checked_like_flags(tmp_path):
         parse_command_line(["--config", str(path)])
 
 
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    """TOML is UTF-8; a file saved in Latin-1 (``policy = "migración"``) used to end in Python's
+    words alone, ``'utf-8' codec can't decode byte 0xf3 ...``, naming no file."""
+    path = tmp_path / "eplb.toml"
+    path.write_bytes('dp = 2\npolicy = "migración"\n'.encode("latin-1"))
+    code, _, err = run_main(["--config", str(path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"config file {str(path)!r} is not valid TOML: not UTF-8 text (byte 0xf3 at offset 24)" in err, err
+
+
 def test_protocol_1_store_host_still_parses_but_is_hidden_and_warned_about(tmp_path, capsys, caplog):
     """Old command lines and config files keep starting; the flag no longer does anything, and says so."""
     _, serve, _ = run_main(["serve", "--help"], capsys)

@@ -71,6 +71,11 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         raise ValueError(f"cannot read config file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the codec's error, naming no file, through
+        raise ValueError(
+            f"config file {path!r} is not valid TOML: not UTF-8 text "
+            f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
     keys = _config_keys(parser)
     settings = {}
     for key, value in raw.items():
