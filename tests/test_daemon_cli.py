@@ -187,6 +187,56 @@ def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
         assert r["steps"] == 1500 and r["max_step_s"] < 0.5, "serving was disturbed by the coordinator's exit"
 
 
+def test_a_flood_of_idle_http_connections_keeps_no_one_else_out(tmp_path):
+    """Every HTTP connection held a file descriptor until its 5 s read timeout, without limit:
+    400 idle connections to --metrics-port (open to the network) used up a coordinator's 256
+    descriptors, and then neither a status client nor an agent could connect over ZeroMQ, and
+    probes got no answer. Connections past the cap are answered 503 at once and closed."""
+    import resource
+
+    endpoint, port = f"ipc://{tmp_path}/run/coordinator.sock", free_port()
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--endpoint", endpoint, "--metrics-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=few_descriptors,
+    )
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fetch_status(endpoint, timeout_s=0.5)
+                break
+            except TimeoutError:
+                assert proc.poll() is None and time.monotonic() < deadline, "daemon did not come up"
+        for _ in range(400):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.5)  # let the coordinator accept what it will
+        assert fetch_status(endpoint, timeout_s=3)["world_size"] == 1, "a status client still gets in"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+            probe.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = probe.recv(4096)
+        assert answer.startswith((b"HTTP/1.1 503", b"HTTP/1.1 200")), answer
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+            assert reply.status == 200
+        assert proc.poll() is None
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.kill()
+        proc.wait()
+
+
 def test_readme_toml_example_is_a_valid_config(tmp_path):
     import pathlib
     import re

@@ -13,7 +13,6 @@ so a probe that answers proves the loop itself is responsive:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
 import time
@@ -27,6 +26,15 @@ if TYPE_CHECKING:
     from eplb_service.coordinator.server import Coordinator
 
 TICK_LATE_S = 5.0
+READ_TIMEOUT_S = 5.0
+"""Longest a client may take to send its request's head."""
+WRITE_TIMEOUT_S = 5.0
+"""Longest a client may take to read its answer; then the connection is dropped, not flushed."""
+MAX_CONNECTIONS = 64
+"""HTTP connections served at once. Each holds a file descriptor for up to the timeouts above,
+and the port is open to the network: without a cap, a flood of idle connections used up the
+process's descriptors (1024 under systemd's default limit), and then the ROUTER could accept
+neither agents nor status clients. Past the cap a connection is answered 503 and closed at once."""
 MAX_HEAD_BYTES = 64 * 1024
 """Request line and headers together; past this the answer is 431 (asyncio's stream limit
 bounds one line to the same)."""
@@ -144,23 +152,36 @@ def _bound(family: int, address: tuple, dual_stack: bool = False) -> socket.sock
 
 
 async def serve_http(coordinator: "Coordinator", host: str | None, port: int) -> asyncio.base_events.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Serve the endpoints on ``host:port``: one request per connection, at most
+    :data:`MAX_CONNECTIONS` at once, each bounded by :data:`READ_TIMEOUT_S` and :data:`WRITE_TIMEOUT_S`."""
+    open_connections = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(read_head(reader), timeout=5)
+            request = await asyncio.wait_for(read_head(reader), timeout=READ_TIMEOUT_S)
             parts = request.split(b"\n", 1)[0].decode("latin-1").split()
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
             else:
                 response = route(coordinator, target_path(parts[1]), header(request, "accept"))
                 writer.write(head_only(response) if parts[0] == "HEAD" else response)
-            await writer.drain()
         except (asyncio.LimitOverrunError, HeadTooLarge):  # one line past the stream's limit, or all of them
             writer.write(_response("431 Request Header Fields Too Large", b"request headers over 64 KiB\n"))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_connections
+        if open_connections >= MAX_CONNECTIONS:
+            writer.write(_response("503 Service Unavailable", b"too many connections\n", extra="Retry-After: 1\r\n"))
+            writer.close()
+            return
+        open_connections += 1
+        try:
+            await answer(reader, writer)
+            await asyncio.wait_for(writer.drain(), timeout=WRITE_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
+            writer.transport.abort()  # close() alone would wait, descriptor and all, for a client that does not read
         finally:
+            open_connections -= 1
             writer.close()
 
     sock = listen_socket(host, port)
