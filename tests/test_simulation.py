@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.placement import PlacementShape
 from eplb_service.sim.deployment import SimulationOptions, measured_balancedness, run_simulation
 from eplb_service.sim.workload import SimModelConfig
 
@@ -68,3 +70,26 @@ def test_cli_rejects_bad_values_naming_them():
         text=True,
     )
     assert out.returncode == 2 and "'http://x' must start with ipc:// or tcp://" in out.stderr
+
+
+@pytest.mark.parametrize("dp, tp", [(3, 1), (2, 3), (64, 1), (8, 1)])
+def test_any_rank_count_gets_a_simulated_model_whose_slots_it_can_spread(monkeypatch, capsys, dp, tp):
+    """Before: ``--dp 3 --simulate`` started 3 rank processes that each died with a
+    ``PlacementError`` traceback (the model's 40 slots do not spread over 3 ranks), then the CLI
+    itself ended in a ``RankProcessesDied`` traceback. Now the simulated model gets the fewest
+    redundant slots, at least its default 8, that spread evenly."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+
+    seen = {}
+
+    def run_simulation(opts, cfg):
+        seen["model"] = opts.model
+        return {"output_mismatches": 0, "diverged": 0, "errors": []}
+
+    monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    assert cli.main(["--dp", str(dp), "--tp", str(tp), "--simulate", "--steps", "1"]) == 0
+    model, default = seen["model"], SimModelConfig()
+    shape = PlacementShape(model.num_layers, model.num_logical, model.num_logical + model.num_redundant, dp * tp)
+    assert default.num_redundant <= model.num_redundant < default.num_redundant + dp * tp, shape
+    assert (model.num_layers, model.num_logical) == (default.num_layers, default.num_logical)

@@ -412,7 +412,7 @@ def _serve(cfg: CoordinatorConfig) -> int:
 
 def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     from eplb_service.sim.deployment import SimulationOptions, run_simulation
-    from eplb_service.sim.workload import SimModelConfig, shape_for_trace
+    from eplb_service.sim.workload import SimModelConfig, shape_for_ranks, shape_for_trace
 
     if args.plot:
         try:
@@ -431,7 +431,7 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
                 file=sys.stderr,
             )
             return 2
-    model = SimModelConfig()
+    model = shape_for_ranks(SimModelConfig(), cfg.world_size)
     if args.trace:
         from eplb_service.trace import TraceError, load_trace
 

@@ -48,6 +48,22 @@ def _trace(path: str):
     return _TRACES[path]
 
 
+def spread_redundant(num_logical: int, at_least: int, world_size: int) -> int:
+    """The fewest redundant slots, ``at_least`` or more, that make ``num_logical`` + them a
+    multiple of ``world_size``: every rank holds the same number of slots (``PlacementShape``)."""
+    return at_least + (-(num_logical + at_least)) % world_size
+
+
+def shape_for_ranks(cfg: SimModelConfig, world_size: int) -> SimModelConfig:
+    """``cfg`` with its redundant slots raised so that its slots spread over ``world_size`` ranks.
+
+    The default 32 experts + 8 redundant fit 1, 2, 4, 5, 8, 10, 20 or 40 ranks; any other
+    count (``--dp 3``) made every simulated rank die building its placement."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, num_redundant=spread_redundant(cfg.num_logical, cfg.num_redundant, world_size))
+
+
 def shape_for_trace(cfg: SimModelConfig, world_size: int) -> SimModelConfig:
     """The model config that replays ``cfg.trace_path``: its layers and experts, enough redundant slots.
 
@@ -60,9 +76,7 @@ def shape_for_trace(cfg: SimModelConfig, world_size: int) -> SimModelConfig:
             f"trace {cfg.trace_path!r} has {experts} expert(s) per layer; the simulation routes each token to "
             f"top_k={cfg.top_k} distinct experts, so it needs at least {cfg.top_k}"
         )
-    redundant = max(1, experts // 8)
-    while (experts + redundant) % world_size:
-        redundant += 1
+    redundant = spread_redundant(int(experts), max(1, experts // 8), world_size)
     return dataclasses.replace(cfg, num_layers=int(layers), num_logical=int(experts), num_redundant=redundant)
 
 
