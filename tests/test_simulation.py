@@ -93,3 +93,23 @@ def test_any_rank_count_gets_a_simulated_model_whose_slots_it_can_spread(monkeyp
     shape = PlacementShape(model.num_layers, model.num_logical, model.num_logical + model.num_redundant, dp * tp)
     assert default.num_redundant <= model.num_redundant < default.num_redundant + dp * tp, shape
     assert (model.num_layers, model.num_logical) == (default.num_layers, default.num_logical)
+
+
+def test_a_step_count_the_simulation_cannot_hold_is_refused_at_once(monkeypatch, capsys):
+    """Every simulated rank keeps a record of every step (``[steps, layers, ranks]`` int64 and
+    more, summed in the parent): ``--steps 100000000`` asked tens of GB of every rank after a
+    10-40 s start, and ``--steps 1e23``-sized counts died in numpy, a traceback per rank."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+
+    def run_simulation(opts, cfg):
+        raise AssertionError(f"a simulation of {opts.steps} steps was started")
+
+    monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    for steps in ("100000000", "99999999999999999999999"):
+        try:
+            code = cli.main(["--dp", "2", "--simulate", "--steps", steps])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and f"argument --steps: expected at most {cli.SIM_MAX_STEPS} steps, got {steps}" in err, err

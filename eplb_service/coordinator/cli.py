@@ -27,6 +27,20 @@ from eplb_service.protocol import AgentConfig
 SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
 SIM_STEPS = 1500
 """Serving steps per simulated rank unless ``--steps`` says otherwise."""
+SIM_MAX_STEPS = 1_000_000
+"""Most ``--steps``: every simulated rank keeps a record of every step (``[steps, layers, ranks]``
+int64 and more, gathered in this process), some 300 bytes per step per rank at 8 ranks; a
+hundred million steps asked tens of GB of each. A million steps is hours of simulated serving."""
+
+
+def sim_steps(text: str) -> int:
+    """``--steps``: a positive integer up to :data:`SIM_MAX_STEPS`."""
+    steps = arg_types.positive_int(text)
+    if steps > SIM_MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected at most {SIM_MAX_STEPS} steps, got {steps}")
+    return steps
+
+
 SIM_ONLY = ("steps", "seed", "summary_json", "plot", "trace")
 """Flags that only mean something with ``--simulate``; the daemon refuses them rather than ignore them."""
 
@@ -242,10 +256,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     sim.add_argument(
         "--steps",
-        type=arg_types.positive_int,
+        type=sim_steps,
         default=None,
         metavar="N",
-        help=f"serving steps per rank (default: {SIM_STEPS})",
+        help=f"serving steps per rank, at most {SIM_MAX_STEPS} (default: {SIM_STEPS})",
     )
     sim.add_argument(
         "--seed", type=arg_types.nonneg_int, default=None, metavar="N", help="seed of the simulated load (default: 0)"
