@@ -113,3 +113,21 @@ def test_a_step_count_the_simulation_cannot_hold_is_refused_at_once(monkeypatch,
             code = exc.code
         err = capsys.readouterr().err
         assert code == 2 and f"argument --steps: expected at most {cli.SIM_MAX_STEPS} steps, got {steps}" in err, err
+
+
+def test_dead_rank_processes_end_the_simulation_in_one_line_not_a_traceback(monkeypatch, capsys):
+    """The ranks log their own errors; the CLI then added a ``RankProcessesDied`` traceback of
+    its own, which said nothing more and buried the ranks' reasons above it."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+    from eplb_service.sim.processes import RankProcessesDied
+
+    def run_simulation(opts, cfg):
+        raise RankProcessesDied("rank processes died: [('sim-rank-0', 1)]")
+
+    monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    code = cli.main(["--dp", "2", "--simulate", "--steps", "10"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert "eplb-coordinator: error: the simulation stopped: rank processes died: [('sim-rank-0', 1)]" in err
+    assert "each rank's error is logged above" in err

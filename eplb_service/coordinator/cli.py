@@ -426,6 +426,7 @@ def _serve(cfg: CoordinatorConfig) -> int:
 
 def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     from eplb_service.sim.deployment import SimulationOptions, run_simulation
+    from eplb_service.sim.processes import RankProcessesDied
     from eplb_service.sim.workload import SimModelConfig, shape_for_ranks, shape_for_trace
 
     if args.plot:
@@ -467,7 +468,14 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         summary_json=args.summary_json,
         plot=args.plot,
     )
-    summary = run_simulation(opts, cfg)
+    try:
+        summary = run_simulation(opts, cfg)
+    except RankProcessesDied as exc:  # each rank logged its own error: a traceback here would only bury them
+        print(
+            f"eplb-coordinator: error: the simulation stopped: {exc} (each rank's error is logged above)",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps(summary, indent=2))
     ok = (
         summary["output_mismatches"] == 0
