@@ -438,9 +438,27 @@ def decode(frame: bytes, max_bytes: int | None = None) -> Message:
         _check_finite(message, "$")
         return message
     except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid message: {exc}") from None
+        raise ProtocolError(f"invalid message: {_json_hint(frame) or exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through as UnicodeDecodeError
-        raise ProtocolError(f"undecodable frame: {exc}") from None
+        raise ProtocolError(f"undecodable frame: {_json_hint(frame) or exc}") from None
+
+
+def _json_hint(frame: bytes) -> str:
+    """Why a frame that is JSON text failed, or ``""`` when it is not JSON.
+
+    msgpack reads ``{``, ``[`` and ``"`` as small integers, so a JSON message failed as
+    "Expected `object`, got `int`", which points nowhere. No message starts with those bytes
+    (each is a msgpack map), so a frame that parses as JSON can only be a client sending JSON."""
+    if frame.lstrip()[:1] not in (b"{", b"[", b'"'):
+        return ""
+    try:
+        msgspec.json.decode(frame)
+    except msgspec.DecodeError:
+        return ""
+    return (
+        "the frame is JSON text; messages are msgpack (a map whose 'type' names the message; "
+        "fields as in proto/schema.json)"
+    )
 
 
 def _check_finite(value: object, path: str) -> None:

@@ -127,6 +127,20 @@ def test_unknown_fields_and_types_are_refused():
         protocol.decode(msgspec.msgpack.encode({"type": "Pickle", "payload": b"x"}))
 
 
+@pytest.mark.parametrize("frame", [b'{"type": "StatusRequest"}', b" [1, 2]\n", b'"StatusRequest"'])
+def test_a_json_frame_is_named_as_json(frame):
+    """A third-party client sending JSON got msgpack's reading of it: ``{`` is the msgpack
+    integer 123, so the answer was "Expected `object`, got `int`", which points nowhere."""
+    with pytest.raises(protocol.ProtocolError, match=r"the frame is JSON text; messages are msgpack"):
+        protocol.decode(frame)
+
+
+def test_a_msgpack_frame_that_looks_like_json_is_still_read_as_msgpack():
+    with pytest.raises(protocol.ProtocolError) as refused:
+        protocol.decode(b"{")  # the msgpack integer 123, not JSON
+    assert "JSON" not in str(refused.value)
+
+
 def test_oversize_frame_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 100)
     with pytest.raises(protocol.ProtocolError, match="exceeds MAX_MESSAGE_BYTES=100"):
