@@ -259,6 +259,28 @@ def test_http_absolute_form_request_targets_are_answered_like_their_path(tmp_pat
     assert double_slash.startswith(b"HTTP/1.1 404"), "an origin-form path is taken as written, never as a URL"
 
 
+def test_http_an_empty_line_before_the_request_is_skipped_and_a_malformed_line_is_400(tmp_path):
+    """RFC 9112 (2.2): a server SHOULD ignore an empty line before the request line; it was
+    taken as the whole request and answered 405. A line that is no request line at all was a
+    405 "GET or HEAD only" with ``Allow``, as if only the method were wrong: it is a 400."""
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        port = thread.coordinator.metrics_port
+        leading = http_exchange(port, b"\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        garbage = http_exchange(port, b"GARBAGE\r\n\r\n")
+        too_many = http_exchange(port, b"GET /readyz HTTP/1.1 more\r\n\r\n")
+        method = http_exchange(port, b"DELETE /readyz HTTP/1.1\r\n\r\n")
+    finally:
+        thread.stop()
+    assert leading.startswith(b"HTTP/1.1 200") and leading.endswith(b"ready\n"), leading
+    for answer in (garbage, too_many):
+        assert answer.startswith(b"HTTP/1.1 400") and b"Allow:" not in answer, answer
+        assert b"expected METHOD TARGET [HTTP/1.x]" in answer, answer
+    assert method.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET, HEAD\r\n" in method
+
+
 def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
     """Before: planning waited forever with no word (status said nothing was halted)."""
     cfg = CoordinatorConfig(

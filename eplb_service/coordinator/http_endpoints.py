@@ -49,14 +49,20 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
 
     Lines may end in CRLF or a bare LF: RFC 9112 (2.2) lets a server take a bare LF as a line
     end, and hand-written probes (``printf 'GET /status HTTP/1.0\\n\\n' | nc``) send it; waiting
-    for a CRLF CRLF that never comes left such a client without an answer."""
+    for a CRLF CRLF that never comes left such a client without an answer. Empty lines before
+    the request line are skipped (RFC 9112 2.2), though they count towards :data:`MAX_HEAD_BYTES`."""
     head = b""
+    skipped = 0
     while True:
         line = await reader.readuntil(b"\n")
-        head += line
-        if len(head) > MAX_HEAD_BYTES:
+        empty = line in (b"\r\n", b"\n")
+        if empty and not head:  # before the request line: RFC 9112 (2.2) says to ignore it
+            skipped += len(line)
+        else:
+            head += line
+        if len(head) + skipped > MAX_HEAD_BYTES:
             raise HeadTooLarge
-        if line in (b"\r\n", b"\n"):
+        if empty and head:
             return head
 
 
@@ -160,7 +166,9 @@ async def serve_http(coordinator: "Coordinator", host: str | None, port: int) ->
         try:
             request = await asyncio.wait_for(read_head(reader), timeout=READ_TIMEOUT_S)
             parts = request.split(b"\n", 1)[0].decode("latin-1").split()
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            if len(parts) not in (2, 3):
+                writer.write(_response("400 Bad Request", b"not a request line; expected METHOD TARGET [HTTP/1.x]\n"))
+            elif parts[0] not in ("GET", "HEAD"):
                 writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
             else:
                 response = route(coordinator, target_path(parts[1]), header(request, "accept"))
