@@ -141,12 +141,12 @@ def _check_tcp_endpoint(endpoint: str) -> None:
         config.check_endpoint(endpoint)  # the coordinator's own check: a port 1-65535 (or *)
     except ValueError as exc:
         raise UsageError(f"--endpoint: {exc}") from None
-    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    host, port = config.split_tcp_endpoint(endpoint)
     if not port.isdigit():
         raise UsageError(
             f"--endpoint {endpoint!r}: agents cannot connect to it (* is any port); expected tcp://HOST:PORT"
         )
-    problem = listen_problem(host.strip("[]"), int(port))
+    problem = listen_problem(host, int(port))
     if problem:
         raise UsageError(
             f"--endpoint {endpoint}: the coordinator cannot listen there ({problem}); stop what holds it "

@@ -285,7 +285,7 @@ def test_simulate_from_the_coordinator_config_file_is_refused_too(capsys, tmp_pa
         ("foo", "--endpoint 'foo': expected ipc://PATH or tcp://HOST:PORT"),
         ("tcp://127.0.0.1:99999", "port '99999' is not a port; expected 1-65535"),  # zmq would bind 34463
         ("tcp://127.0.0.1:-1", "port '-1' is not a port; expected 1-65535"),
-        ("tcp://127.0.0.1", "has no host and port; expected tcp://HOST:PORT"),
+        ("tcp://127.0.0.1", "names no port; expected tcp://HOST:PORT"),
         ("tcp://*:5555", "--endpoint 'tcp://*:5555': agents cannot connect to it"),
         ("ipc://", "--endpoint 'ipc://': expected ipc://PATH"),
         ("ipc:///tmp/" + "a" * 120 + ".sock", "the socket path is 130 bytes; unix sockets take at most 107"),

@@ -30,11 +30,33 @@ def check_endpoint(endpoint: str) -> None:
         return
     if not endpoint.startswith("tcp://"):
         raise ValueError(f"endpoint {endpoint!r} must start with ipc:// or tcp://")
-    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"endpoint {endpoint!r} has no host and port; expected tcp://HOST:PORT")
+    _, port = split_tcp_endpoint(endpoint)
     if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"endpoint {endpoint!r}: port {port!r} is not a port; expected 1-65535 (or * for any)")
+
+
+def split_tcp_endpoint(endpoint: str) -> tuple[str, str]:
+    """``tcp://HOST:PORT`` as ``(HOST, PORT)`` texts, an IPv6 HOST without its brackets
+    (``tcp://[::1]:5555`` gives ``("::1", "5555")``); ``ValueError`` naming the part that is missing.
+
+    Split at the last colon alone, ``tcp://[::1]`` read as host ``[:`` and port ``1]``."""
+    rest = endpoint[len("tcp://") :]
+    if rest.startswith("["):
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket:
+            raise ValueError(
+                f"endpoint {endpoint!r}: the IPv6 address has no closing ']'; expected tcp://[ADDRESS]:PORT"
+            )
+        sep, port = tail[:1], tail[1:]
+        if tail and sep != ":":
+            raise ValueError(f"endpoint {endpoint!r}: expected ':PORT' after the IPv6 address, got {tail!r}")
+    else:
+        host, sep, port = rest.rpartition(":")
+    if not sep:
+        raise ValueError(f"endpoint {endpoint!r} names no port; expected tcp://HOST:PORT")
+    if not host:
+        raise ValueError(f"endpoint {endpoint!r} names no host; expected tcp://HOST:PORT")
+    return host, port
 
 
 def check_agent_config(agent: AgentConfig) -> None:
