@@ -281,6 +281,40 @@ def test_http_an_empty_line_before_the_request_is_skipped_and_a_malformed_line_i
     assert method.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET, HEAD\r\n" in method
 
 
+def http_half_closed(port: int, request: bytes) -> bytes:
+    """``request``, then the end of our side of the connection (what ``printf ... | nc`` does); the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http_a_request_cut_short_before_its_empty_line_is_400_not_silence(tmp_path):
+    """Before: a head that ended without its empty line got no answer at all."""
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        port = thread.coordinator.metrics_port
+        answers = [
+            http_half_closed(port, request)
+            for request in (b"GET /readyz HTTP/1.1\r\nHost: x\r\n", b"GET /readyz HTTP/1.1", b"GET /readyz")
+        ]
+        nothing = http_half_closed(port, b"")
+        whole = http_half_closed(port, b"GET /readyz HTTP/1.1\r\n\r\n")
+    finally:
+        thread.stop()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 400") and b"ended before the empty line" in answer, answer
+    assert nothing == b""  # a connection that asked nothing gets nothing
+    assert whole.startswith(b"HTTP/1.1 200") and whole.endswith(b"ready\n"), whole
+
+
 def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
     """Before: planning waited forever with no word (status said nothing was halted)."""
     cfg = CoordinatorConfig(

@@ -44,6 +44,12 @@ class HeadTooLarge(Exception):
     """The request's head ran past :data:`MAX_HEAD_BYTES` before its empty line."""
 
 
+class HeadCutShort(Exception):
+    """The client ended its side of the connection inside the request's head (before the empty
+    line), e.g. ``printf 'GET /status HTTP/1.1\r\n' | nc``: answered 400 saying so, not dropped
+    without a word. A connection closed before its first byte stays unanswered: nobody asked."""
+
+
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     """The request line and headers, up to and including the empty line that ends them.
 
@@ -54,7 +60,12 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     head = b""
     skipped = 0
     while True:
-        line = await reader.readuntil(b"\n")
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            if head or exc.partial.strip():
+                raise HeadCutShort from None
+            raise
         empty = line in (b"\r\n", b"\n")
         if empty and not head:  # before the request line: RFC 9112 (2.2) says to ignore it
             skipped += len(line)
@@ -175,6 +186,10 @@ async def serve_http(coordinator: "Coordinator", host: str | None, port: int) ->
                 writer.write(head_only(response) if parts[0] == "HEAD" else response)
         except (asyncio.LimitOverrunError, HeadTooLarge):  # one line past the stream's limit, or all of them
             writer.write(_response("431 Request Header Fields Too Large", b"request headers over 64 KiB\n"))
+        except HeadCutShort:
+            writer.write(
+                _response("400 Bad Request", b"the request ended before the empty line that ends its headers\n")
+            )
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal open_connections
