@@ -72,6 +72,7 @@ def test_status_timeout_must_be_a_positive_finite_number(capsys):
         ("tcp://[::1]:99999", "port '99999' is not a port; expected 1-65535"),
         ("ipc://", "names no socket path"),
         ("udp://127.0.0.1:5555", "must start with ipc:// or tcp://"),
+        ("", "endpoint '' must start with ipc:// or tcp://"),  # it was taken as the default endpoint
     ],
 )
 def test_a_bad_endpoint_is_refused_before_binding(endpoint, expected, capsys):

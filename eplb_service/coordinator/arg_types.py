@@ -69,15 +69,14 @@ def connect_endpoint(text: str) -> str:
     ZeroMQ's own refusals name no fix (``Invalid argument``, ``Protocol not supported``), and it
     wraps a port above 65535 (99999 dials 34463), so a typo waited for an answer that could not
     come. ``*`` is the coordinator's bind spelling (any address or port): nothing to dial."""
-    from eplb_service.coordinator.config import check_endpoint
+    from eplb_service.coordinator.config import check_endpoint, split_tcp_endpoint
 
     try:
         check_endpoint(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if text.startswith("tcp://"):
-        host, _, port = text[len("tcp://") :].rpartition(":")
-        if "*" in (host, port):
+        if "*" in split_tcp_endpoint(text):
             raise argparse.ArgumentTypeError(
                 f"* is what a coordinator binds (any address or port), not an address to connect to: {text!r}; "
                 "expected the coordinator's host and port, e.g. tcp://127.0.0.1:5555"

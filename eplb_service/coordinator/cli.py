@@ -382,7 +382,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(
         initial_placement=initial,
         world_size=world_size,
-        endpoint=args.endpoint or default_endpoint(),
+        endpoint=default_endpoint() if args.endpoint is None else args.endpoint,  # '' is refused, not the default
         metrics_port=args.metrics_port,
         policy=args.policy,
         num_groups=args.groups,
