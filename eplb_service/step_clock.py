@@ -15,7 +15,10 @@ step and every other shift misses by more than two thirds; probes taken while th
 not step together (idle, or jitter as large as a step) decide nothing.
 
 Times are compared as wall time (each agent sends ``wall - monotonic``); on one host that
-is exact, across hosts it relies on NTP being well inside one step.
+is exact, across hosts it relies on NTP being well inside one step. A host clock off by a
+step or more reads as its rank counting apart; the halt that causes lifts once the probes
+agree again (:meth:`StepClockWatch.aligned_again`), while a rank that really counts apart
+never does.
 """
 
 from __future__ import annotations
@@ -125,6 +128,18 @@ class StepClockWatch:
                     clock.verdicts.append((step, offset))
             out[rank] = self._verdict(rank, reference, clock)
         return out
+
+    def aligned_again(self, ranks: list[int]) -> bool:
+        """Every rank's latest ``confirm`` decisive probes put it at offset 0 against the lowest rank:
+        the evidence an offset needs to be declared, the other way round (see :meth:`states`)."""
+        if len(ranks) < 2:
+            return False
+        self.states(ranks)  # compare the probes that came since
+        for rank in ranks[1:]:
+            latest = list(self.clocks[rank].verdicts)[-self.confirm :] if rank in self.clocks else []
+            if len(latest) < self.confirm or any(offset for _, offset in latest):
+                return False
+        return True
 
     def _verdict(self, rank: int, reference: int, clock: RankClock) -> ClockState:
         if not clock.verdicts:

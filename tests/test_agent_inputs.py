@@ -15,10 +15,11 @@ import pytest
 import zmq
 from coordinator_thread import CoordinatorThread
 
-from eplb_service import protocol
+from eplb_service import protocol, step_clock
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
 from eplb_service.coordinator.router import MAX_STEP_LEAP
+from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.placement import PlacementShape, initial_phy2log
 
 SHAPE = PlacementShape(2, 6, 8, 2)
@@ -334,3 +335,48 @@ def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
         thread.stop()
     assert caplog.text.count("planning waits") == 1
     assert "(epoch: ranks {0: [0], 7: [1]})" in caplog.text
+
+
+def clock_probes(first_probe: int, probes: int, step_s: float, wall_minus_mono: float) -> protocol.StepClock:
+    """Probes of a rank whose step ``k`` ended at monotonic ``k * step_s``."""
+    steps = [first_probe + i * step_clock.PROBE_EVERY for i in range(probes)]
+    radius = step_clock.PROBE_RADIUS
+    times = [[(k + j) * step_s for j in range(-radius, radius + 1)] for k in steps]
+    return protocol.StepClock(probe_steps=steps, times=times, radius=radius, wall_minus_mono=wall_minus_mono)
+
+
+def test_a_step_clock_halt_from_a_host_clock_that_was_off_lifts_once_the_clocks_agree(tmp_path, caplog):
+    """Before: a host whose wall clock was off by two steps (then set right by NTP) read as its
+    rank counting two steps apart, and rebalancing stayed halted until the workers restarted.
+    A rank that really counts apart stays halted (tests/test_fault_scenarios.py, scenario 7)."""
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", rebalance_interval_steps=10**6)
+    thread = CoordinatorThread(cfg).start()
+    agents = [FakeAgent(cfg.endpoint, rank) for rank in range(2)]
+    step_s = 0.05
+
+    def beat_with_clocks(first_probe: int, skew_s: float) -> None:
+        last = first_probe + step_clock.PROBE_EVERY + step_clock.PROBE_RADIUS + 1
+        for agent in agents:
+            skew = skew_s if agent.rank == 1 else 0.0
+            clock = clock_probes(first_probe, 2, step_s, 1000.0 + skew)
+            agent.send(protocol.Heartbeat(rank=agent.rank, step=last, epoch=0, session=agent.session, clock=clock))
+
+    try:
+        for agent in agents:
+            agent.register()
+        c = thread.coordinator
+        with caplog.at_level("WARNING"):
+            beat_with_clocks(32, skew_s=2 * step_s)  # rank 1's host clock two steps ahead
+            settle(lambda: c.halted_reason is not None)
+            halted = c.halted_reason
+            beat_with_clocks(96, skew_s=0.0)  # NTP set it right
+            settle(lambda: c.halted_reason is None)
+            status = fetch_status(cfg.endpoint, timeout_s=5)
+    finally:
+        for agent in agents:
+            agent.close()
+        thread.stop()
+    assert "step clocks disagree: rank 1 counts" in halted, halted
+    assert "step clocks agree again on ranks [0, 1]" in caplog.text and "rebalancing resumes" in caplog.text
+    assert status["halted"] is None
+    assert c.metrics.step_clock_offset.labels("1")._value.get() == 0

@@ -21,6 +21,8 @@ class DivergenceGuard:
         self.metrics = metrics
         self.log = log
         self.halted_reason: str | None = None
+        self.clock_halt = False
+        """The halt is the step clocks' (it lifts once they agree again, see :meth:`clocks_agree_again`)."""
         self.epoch_watch = EpochLagWatch()
         self.step_clock = StepClockWatch()
         self.beats: dict[int, tuple[int, int]] = {}
@@ -34,6 +36,7 @@ class DivergenceGuard:
         previous one's. Its processes restarted from epoch 0 and step 0, so the old commit steps
         would read as every rank lagging them."""
         self.halted_reason = None
+        self.clock_halt = False
         self.epoch_watch = EpochLagWatch()
         self.step_clock = StepClockWatch()
         self.beats = {}
@@ -68,6 +71,7 @@ class DivergenceGuard:
                 float("nan") if state.offset is None else state.offset
             )
             if state.offset:
+                self.clock_halt = True
                 return (
                     f"step clocks disagree: rank {state.rank} counts {state.offset:+d} step(s) against rank "
                     f"{state.reference} (probes at steps {list(state.probes)}); a commit at step S would land "
@@ -78,6 +82,22 @@ class DivergenceGuard:
         else:
             self._clock_unverified_since = None
         return None
+
+    def clocks_agree_again(self, alive: list[int]) -> bool:
+        """A step-clock halt whose ranks now count the same steps again, each confirmed by as many
+        decisive probes as the offset was.
+
+        Across hosts the probes compare wall times, so a host whose clock was off by a step or more
+        (NTP stepping it, a migrated VM) reads as a rank counting steps apart until its clock is
+        right again; that halt lasted until the workers restarted. A rank that really counts an
+        extra step stays apart, and its halt stays. No plan was committed while halted, so once
+        the counts agree a commit step is the same forward pass everywhere again."""
+        return self.clock_halt and self.check_step_clock and self.step_clock.aligned_again(sorted(alive))
+
+    def lift_clock_halt(self) -> str:
+        """End a step-clock halt; returns the reason it had."""
+        reason, self.halted_reason, self.clock_halt = self.halted_reason or "", None, False
+        return reason
 
     def clock_allows_planning(self, now: float) -> bool:
         """Plans wait until every rank's step clock is seen to match, up to ``step_clock_grace_s``."""

@@ -366,14 +366,32 @@ class Coordinator:
         self.plans.abort(reason, "step_clock" if reason.startswith("step clocks") else "other")
 
     def watch(self, now: float) -> None:
-        """The divergence watches, after every heartbeat and commit: a verdict halts rebalancing."""
-        if self.guard.halted_reason:
-            return
+        """The divergence watches, after every heartbeat and commit: a verdict halts rebalancing.
+
+        A step-clock halt lifts once every rank's clock is seen to match again (a host clock that
+        was off, then set right); a divergence of placements never does."""
         alive = [r.rank for r in self.registry.alive]
+        if self.guard.halted_reason:
+            if not self.guard.clocks_agree_again(alive):
+                return
+            was = self.guard.lift_clock_halt()
+            self.log.warning(
+                "step clocks agree again on ranks %s (was: %s; a host clock that was off by a step or more?); "
+                "rebalancing resumes",
+                alive,
+                was,
+            )
         why = self.guard.epoch_verdict(alive) or self.guard.clock_verdict(alive, self.registry.complete, now)
         if why is not None:
             self.plans.count_diverged()
-            self.halt(why)
+            if self.guard.clock_halt:
+                self.halt(
+                    why,
+                    "until the step clocks agree again (a host clock off by a step or more, once set right); "
+                    "a rank that really counts steps apart needs the deployment's workers restarted",
+                )
+            else:
+                self.halt(why)
 
     def model_known(self) -> None:
         """The first Hello told the model: fit the frame limit to it and start recording."""
