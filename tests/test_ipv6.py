@@ -77,3 +77,23 @@ def test_the_default_http_listener_takes_both_families_on_one_port():
                 listen_socket(None, taken.getsockname()[1]).close()
     finally:
         sock.close()
+
+
+@needs_ipv6
+def test_rank_0_advertises_its_ipv6_route_to_a_coordinator_named_by_an_aaaa_record_alone(monkeypatch):
+    """Before: the name was looked up as IPv4 only (an ``AF_INET`` socket's ``connect``), which
+    fails for an AAAA-only name, so rank 0 advertised ``gethostbyname(gethostname())``, an IPv4
+    address the other ranks of an IPv6-only network cannot reach."""
+    from eplb_service.worker_agent import rendezvous
+
+    name = "coordinator.v6only.invalid"
+    real = socket.getaddrinfo
+
+    def aaaa_only(host, *args, **kwargs):
+        if host == name:
+            return [(socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 9, 0, 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", aaaa_only)
+    assert rendezvous.advertised_host(f"tcp://{name}:5555", {}) == "::1"
+    assert rendezvous.advertised_host(f"tcp://{name}:5555", {"EPLB_SERVICE_STORE_HOST": "fd00::7"}) == "fd00::7"

@@ -40,13 +40,28 @@ def advertised_host(coordinator_endpoint: str, environ: dict | None = None) -> s
     if coordinator_endpoint.startswith("tcp://"):
         host = coordinator_endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0"):
-            try:
-                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    s.connect((host, 9))  # UDP: no packet is sent, the kernel only picks the route
-                    return s.getsockname()[0]
-            except OSError:
-                return socket.gethostbyname(socket.gethostname())
+            return _route_address(host) or socket.gethostbyname(socket.gethostname())
     return "127.0.0.1"
+
+
+def _route_address(host: str) -> str | None:
+    """The local address of this host's route to ``host`` (an address or a name, of either family).
+
+    The name is resolved as the agents' ZeroMQ socket resolves it (``getaddrinfo``, any family):
+    a coordinator named by an AAAA record alone was looked up as IPv4 only, so rank 0 advertised
+    this host's IPv4 name address, which an IPv6-only network cannot reach."""
+    try:
+        addresses = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    for family, _, _, _, address in addresses:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(address)  # UDP: no packet is sent, the kernel only picks the route
+                return str(s.getsockname()[0])
+        except OSError:
+            continue
+    return None
 
 
 def store_port_from_env(environ: dict | None = None) -> int:
