@@ -6,7 +6,8 @@ so a probe that answers proves the loop itself is responsive:
 - ``/metrics``: Prometheus text format, or OpenMetrics when the ``Accept`` header asks for it
   (as Prometheus does by default; prometheus_client's own ``choose_encoder`` decides);
 - ``/livez``: 200 while the loop ticks (503 if the periodic tick is more than 5 s late);
-- ``/readyz``: 200 once the ROUTER is bound and the rendezvous store is up;
+- ``/readyz``: 200 once the ROUTER is bound (the rendezvous store, since protocol 2, is rank 0's
+  worker's, not the coordinator's: nothing else to wait for);
 - ``/status``: the status document as strict JSON (as ``eplb-coordinator status --json``).
 """
 
