@@ -1,0 +1,73 @@
+"""What a user must know is in the documents: every environment variable the code reads, every
+flag of the command lines, every exported metric and every message type of the protocol.
+
+tests/test_metrics_names.py checks the other direction for metrics (the documents name only
+exported ones); these keep a new variable, flag, metric or message from going undocumented.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import typing
+
+from eplb_service import protocol
+from eplb_service.coordinator.cli import build_parser, subcommand_parser
+from eplb_service.coordinator.metrics import CoordinatorMetrics
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def long_flags(parser) -> set[str]:
+    """The ``--flags`` a parser lists in its ``--help`` (suppressed ones left out)."""
+    import argparse
+
+    return {
+        option
+        for action in parser._actions
+        if action.help != argparse.SUPPRESS
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+
+
+def test_every_environment_variable_the_code_reads_is_named_in_the_readme():
+    read = set()
+    for path in (ROOT / "eplb_service").rglob("*.py"):
+        read |= set(re.findall(r"\bEPLB_SERVICE_[A-Z0-9_]+\b", path.read_text()))
+    assert {"EPLB_SERVICE_ENDPOINT", "EPLB_SERVICE_STORE_PORT"} <= read  # the scan finds them at all
+    missing = sorted(name for name in read if not re.search(rf"\b{name}\b", README))
+    assert not missing, f"README.md names no {missing}"
+
+
+def test_every_flag_of_the_coordinator_and_the_sidecar_is_named_in_the_readme():
+    from eplb_service.sidecar import build_parser as sidecar_parser
+
+    parser = build_parser()
+    commands = {f"eplb-coordinator {name}": subcommand_parser(parser, name) for name in ("serve", "status", "keygen")}
+    commands["eplb-sidecar"] = sidecar_parser()
+    assert "--metrics-port" in long_flags(commands["eplb-coordinator serve"])
+    for command, sub in commands.items():
+        missing = sorted(flag for flag in long_flags(sub) if not re.search(rf"`[^`]*{re.escape(flag)}\b", README))
+        assert not missing, f"README.md names no {command} {missing}"
+
+
+def test_every_exported_metric_is_named_in_the_readme():
+    registry = CoordinatorMetrics(lambda: {0: {}}).registry
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
+    assert {"eplb_plans_total", "eplb_agent_events_total", "eplb_commit_stall_seconds"} <= exported
+    missing = sorted(name for name in exported if not re.search(rf"\b{name}\b", README))
+    assert not missing, f"README.md names no {missing}"
+
+
+def test_every_message_type_is_in_the_protocol_flow_and_the_schema():
+    doc = (ROOT / "proto" / "PROTOCOL.md").read_text()
+    flow = doc.split("## Flow", 1)[1].split("\n## ", 1)[0]
+    schema = json.loads((ROOT / "proto" / "schema.json").read_text())
+    defined = set(schema.get("$defs", {}))
+    for message in typing.get_args(protocol.Message):
+        name = message.__name__
+        assert re.search(rf"\b{name}\b", flow), f"proto/PROTOCOL.md's Flow does not show {name}"
+        assert name in defined, f"proto/schema.json defines no {name}"
