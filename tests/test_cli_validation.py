@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -195,11 +196,15 @@ def test_a_log_format_flag_wins_over_the_environment(monkeypatch):
         ("EPLB_SERVICE_THROTTLE_BYTES_PER_S", "nan", "expected a finite value >= 0"),
         ("EPLB_SERVICE_THROTTLE_BYTES_PER_S", "inf", "expected a finite value >= 0"),
         ("EPLB_SERVICE_LOG_LEVEL", "verbose", "is not a log level"),
+        # Before, only the scheme was checked: agents dialled 99999 as port 34463, and waited.
+        ("EPLB_SERVICE_ENDPOINT", "tcp://10.0.0.5:99999", "is not a port"),
+        ("EPLB_SERVICE_ENDPOINT", "tcp://10.0.0.5", "names no port"),
+        ("EPLB_SERVICE_ENDPOINT", "tcp://*:5555", "not an address to connect to"),
     ],
 )
 def test_the_plugin_refuses_what_its_agents_could_not_use(name, value, expected):
     env = {"EPLB_SERVICE_ENDPOINT": "ipc:///tmp/c.sock", name: value}
-    with pytest.raises(plugin_config.ConfigError, match=rf"{name}='{value}'.*{expected}"):
+    with pytest.raises(plugin_config.ConfigError, match=rf"{name}='{re.escape(value)}'.*{expected}"):
         plugin_config.from_env(env)
     assert plugin_config.from_env({"EPLB_SERVICE_ENDPOINT": "ipc:///tmp/c.sock", "EPLB_SERVICE_LOG_LEVEL": "debug"})
 

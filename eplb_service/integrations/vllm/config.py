@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import os
+from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from eplb_service.coordinator.arg_types import connect_endpoint
 from eplb_service.logutil import parse_level
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
 
@@ -64,6 +66,10 @@ class PluginConfig:
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
             raise ConfigError(f"{ENDPOINT}={self.endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
+        try:  # as `eplb-coordinator status --endpoint` checks it: ZeroMQ would dial port 99999 as 34463
+            connect_endpoint(self.endpoint)
+        except ArgumentTypeError as exc:
+            raise ConfigError(f"{ENDPOINT}={self.endpoint!r}: {exc}") from None
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"{TRANSPORT}={self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
         try:
