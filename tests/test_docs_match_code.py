@@ -71,3 +71,13 @@ def test_every_message_type_is_in_the_protocol_flow_and_the_schema():
         name = message.__name__
         assert re.search(rf"\b{name}\b", flow), f"proto/PROTOCOL.md's Flow does not show {name}"
         assert name in defined, f"proto/schema.json defines no {name}"
+
+
+def test_every_abort_reason_code_is_explained_in_the_failure_model():
+    """``eplb_plans_aborted_total{reason}`` takes these labels; an operator looks them up there."""
+    text = (ROOT / "docs" / "FAILURE_MODEL.md").read_text()
+    section = text.split("## Abort reason codes", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M))
+    codes = set(typing.get_args(protocol.AbortCode))
+    assert len(codes) > 10
+    assert documented == codes, f"undocumented: {sorted(codes - documented)}, not codes: {sorted(documented - codes)}"

@@ -213,7 +213,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--log-level",
         default=None,
         metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR, any case (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)",
     )
     p.add_argument(
         "--log-format",
