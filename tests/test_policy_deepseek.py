@@ -39,6 +39,21 @@ def test_global_policy_when_groups_do_not_split_over_nodes():
     validate_phy2log(out, PlacementShape(2, 12, 16, 8))
 
 
+@pytest.mark.parametrize("scale", [2.0**120, 1e300, 2.0**-200, 1e-300])
+def test_loads_beyond_float32_plan_as_their_scaled_down_copy(scale):
+    """Loads near 1e38 summed their groups to inf in float32 and the packing overfilled a rank
+    (the README example became a placement with experts missing); loads below 1e-45 became zeros."""
+    out = deepseek_phy2log(README_WEIGHT * scale, 16, 4, 2, 8)
+    assert out.tolist() == README_PHY2LOG.tolist()
+    validate_phy2log(deepseek_phy2log(np.arange(16.0)[None, :] * 1e38, 16, 1, 1, 4), PlacementShape(1, 16, 16, 4))
+
+
+def test_balanced_packing_never_overfills_a_pack_of_infinite_weight():
+    packing = balanced_packing(np.array([[np.inf, np.inf, 1.0, 1.0, 1.0, 1.0]]), 2)
+    assert sorted(packing.pack_index[0].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert sorted(packing.rank_in_pack[0].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
 def test_balanced_packing_is_greedy_lpt_with_equal_cardinality():
     packing = balanced_packing(np.array([[5.0, 4.0, 3.0, 3.0]]), 2)
     assert packing.pack_index.tolist() == [[0, 1, 1, 0]]

@@ -90,6 +90,10 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> Packing:
     for k in range(num_items):
         item = order[:, k]
         pack = pack_weight.argmin(axis=1)
+        # An infinite weight makes an open pack tie with the full ones: take the first open one.
+        tied = np.isinf(pack_weight[rows, pack])
+        if tied.any():
+            pack[tied] = (pack_items[tied] < per_pack).argmax(axis=1)
         filled = pack_items[rows, pack]
         pack_index[rows, item] = pack
         rank_in_pack[rows, item] = filled
@@ -215,10 +219,33 @@ def deepseek_phy2log(
     """
     # The published algorithm (and vLLM) works on float32 statistics (group sums in float32,
     # loads per replica in float64); keeping the same dtypes keeps every tie-break identical.
-    weight = np.asarray(weight, dtype=np.float32)
+    weight = float32_weights(weight)
     if num_nodes > 0 and num_groups > 0 and num_groups % num_nodes == 0:
         return rebalance_hierarchical(weight, num_physical, num_groups, num_nodes, num_ranks)
     return rebalance_hierarchical(weight, num_physical, 1, 1, num_ranks)
+
+
+FLOAT32_PEAK_RANGE = (-100, 100)
+"""Binary exponents of a layer's largest load that float32 holds with room to spare: group sums
+of up to ``2**27`` such loads stay below float32's largest value (about ``2**128``)."""
+
+
+def float32_weights(weight: np.ndarray) -> np.ndarray:
+    """``weight [L, N]`` as float32, each layer whose largest load is outside
+    :data:`FLOAT32_PEAK_RANGE` first scaled by a power of two to a largest load in ``[2**99, 2**100)``.
+
+    Loads are finite float64 (up to ``1.8e308``); float32 ends at ``3.4e38``. Unscaled, a layer of
+    loads near ``1e38`` summed its groups to ``inf`` and the packing overfilled a rank (an
+    expert with no replica), and one of loads below ``1e-45`` became all zeros and was never
+    balanced. A power of two changes no ratio and, away from float32's ends, no rounding, so
+    every ordinary layer keeps exactly the float32 values (and tie-breaks) vLLM's policy sees.
+    """
+    weight64 = np.asarray(weight, dtype=np.float64)
+    peak = weight64.max(axis=1) if weight64.size else np.zeros(weight64.shape[0])
+    _, exponent = np.frexp(peak)
+    low, high = FLOAT32_PEAK_RANGE
+    shift = np.where((peak > 0) & ((exponent < low) | (exponent > high)), high - exponent, 0)
+    return np.ldexp(weight64, shift[:, None]).astype(np.float32)
 
 
 def _check_divides(name: str, value: int, what: str, total: int) -> None:
