@@ -196,6 +196,11 @@ BAD_NPY: list[tuple[str, Callable[[], bytes], str]] = [
     ("nan", lambda: npy_bytes(np.array([[1, 2, np.nan, 4]])), "entry [0, 2] = nan, expected a finite number >= 0"),
     ("inf", lambda: npy_bytes(np.array([[1, 2, 3, np.inf]])), "entry [0, 3] = inf"),
     ("negative", lambda: npy_bytes(np.array([[1, -2, 3, 4]])), "entry [0, 1] = -2.0"),
+    (
+        "total_overflows",  # every entry finite, the sum not: balancedness came out NaN
+        lambda: npy_bytes(np.array([[1e308, 1e308, 3, 4]])),
+        "the load sums to inf (its largest entry is [0, 0] = 1e+308): expected loads whose total is a finite",
+    ),
 ]
 
 
@@ -220,6 +225,7 @@ BAD_JSON_LOADS: list[tuple[str, str, str]] = [
     ("overflow_float", "[[1, 1e400, 3, 4]]", "entry [0][1] is Infinity"),
     ("huge_int", "[[1, 1" + "0" * 400 + ", 3, 4]]", "entry [0][1] is 1000"),
     ("negative", "[[1, -5, 3, 4]]", "entry [0][1] is -5"),
+    ("total_overflows", "[[1, 2, 3, 4], [1, 1e308, 1e308, 4]]", "the load sums to inf (its largest entry is [1, 1]"),
     ("nested", "[[1, [2], 3, 4]]", "entry [0][1] is [2]"),
     ("flat", "[1, 2, 3]", "row [0] is 1, expected a non-empty list"),
     ("empty_row", "[[]]", "row [0] is [], expected a non-empty list"),

@@ -190,3 +190,17 @@ def test_a_registered_policy_is_reached_by_name_through_the_same_entry_point():
     finally:
         unregister_policy("keep")
     assert "keep" not in policy_names()
+
+
+def test_load_whose_total_overflows_is_refused_naming_it():
+    """Entries near 1e308 are finite but their sums are not: every balancedness was NaN."""
+    shape = PlacementShape(2, 4, 4, 2)
+    load = np.array([[1.0, 2.0, 3.0, 4.0], [1e308, 1e308, 1.0, 1.0]])
+    for policy in POLICIES:
+        with pytest.raises(
+            PlacementError, match=r"logical_load sums to inf \(its largest entry is \[1, 0\] = 1e\+308\)"
+        ):
+            plan_rebalance(policy, initial_phy2log(shape), load, shape)
+    # Just below: every figure finite.
+    plan = plan_rebalance("migration", initial_phy2log(shape), load / 2.5, shape)
+    assert np.isfinite([plan.balancedness_before, plan.balancedness_after]).all()

@@ -40,6 +40,7 @@ from eplb_service.coordinator.policy import (
     DEFAULT_POLICY,
     POLICIES,
     RebalancePlan,
+    load_total_overflow,
     plan_rebalance,
     validate_load,
 )
@@ -248,6 +249,9 @@ def _check_load_array(arr: np.ndarray, where: str, what: str = "entry") -> np.nd
     load, bad = as_float_loads(arr)
     if bad is not None:
         raise UsageError(f"{where}: {what} [{bad[0]}, {bad[1]}] = {load[bad]}, expected a finite number >= 0")
+    overflow = load_total_overflow(load)
+    if overflow is not None:
+        raise UsageError(f"{where}: the load {overflow}")
     return load
 
 
@@ -273,7 +277,7 @@ def _read_json_load(path: str, flag: str) -> np.ndarray:
                 raise UsageError(
                     f"{where}: entry {label}[{i}][{j}] is {_json_text(entry)}, expected a finite number >= 0"
                 )
-    return np.array(rows, dtype=np.float64)
+    return _check_load_array(np.array(rows, dtype=np.float64), where)
 
 
 def read_load(path: str, flag: str = "--load") -> np.ndarray:

@@ -139,7 +139,25 @@ def validate_load(logical_load: np.ndarray, shape: PlacementShape) -> np.ndarray
         raise PlacementError(
             f"logical_load[{layer}, {expert}] = {float(load[layer, expert])}: loads must be finite and >= 0"
         )
+    overflow = load_total_overflow(load)
+    if overflow is not None:
+        raise PlacementError(f"logical_load {overflow}")
     return load
+
+
+def load_total_overflow(load: np.ndarray) -> str | None:
+    """Why finite, non-negative ``load`` cannot be planned for, or None: its total must be a
+    finite float64. Each rank's load, each layer's and the model's balancedness are sums of
+    loads; entries near 1e308 summed to inf, and every balancedness figure came out NaN."""
+    with np.errstate(over="ignore"):
+        total = float(load.sum())
+    if np.isfinite(total):
+        return None
+    layer, expert = (int(i) for i in np.unravel_index(int(load.argmax()), load.shape))
+    return (
+        f"sums to {total} (its largest entry is [{layer}, {expert}] = {float(load[layer, expert])}): "
+        "expected loads whose total is a finite float64 (below about 1.8e308)"
+    )
 
 
 def propose_phy2log(
@@ -188,7 +206,7 @@ def plan_rebalance(
     Args:
         policy: one of :data:`POLICIES`.
         current_phy2log: ``[L, P]`` int current placement.
-        logical_load: ``[L, N_log]`` load per logical expert, finite and >= 0.
+        logical_load: ``[L, N_log]`` load per logical expert, finite and >= 0, with a finite total.
         shape: the deployment's placement shape.
         num_groups, num_nodes: expert groups and server nodes (used by ``"deepseek"``; the
             hierarchy applies when ``num_groups % num_nodes == 0``).
