@@ -223,3 +223,26 @@ def test_the_fine_pass_spreads_ranks_crowding_under_the_largest_without_raising_
     mean = before.mean()
     assert soft_maximum(after / mean, 0.03)[0] < soft_maximum(before / mean, 0.03)[0]
     assert np.array_equal(soft_max_search(current, load, counts, ranks, room=np.array([0.0])), current)
+
+
+def test_count_changes_run_in_blocks_of_layers_with_the_same_result(monkeypatch):
+    """Step 2's [layers, ranks, experts] holdings table took 1.6 GB for 100 layers of 1024 experts
+    on 2048 ranks (one slot each); in blocks of layers it stays bounded, and nothing else changes."""
+    import tracemalloc
+
+    from eplb_service.coordinator import policy_migration
+
+    rng = np.random.default_rng(3)
+    layers, experts, ranks = 16, 256, 512
+    current = initial_phy2log(PlacementShape(layers, experts, ranks, ranks))
+    load = rng.zipf(1.3, (layers, experts)).astype(np.float64)
+    whole = migration_phy2log(current, load, ranks)
+    monkeypatch.setattr(policy_migration, "HOLDINGS_BLOCK_ENTRIES", 2**16, raising=False)
+    tracemalloc.start()
+    try:
+        blocked = migration_phy2log(current, load, ranks)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert blocked.tolist() == whole.tolist()
+    assert peak < 8 * 2**20, f"peak {peak} bytes; the holdings of all layers at once are {layers * ranks * experts * 8}"
