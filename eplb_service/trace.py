@@ -192,6 +192,15 @@ def _check_loads(path: str, loads: np.ndarray) -> np.ndarray:
         raise TraceError(
             f"trace {path!r}: loads[{', '.join(map(str, bad))}] = {as_float[bad]}, expected a finite number >= 0"
         )
+    with np.errstate(over="ignore"):
+        totals = as_float.sum(axis=(1, 2))
+    overflowing = np.flatnonzero(~np.isfinite(totals))
+    if overflowing.size:  # replay divides by each layer's total: an inf one drew from all-zero shares
+        w = int(overflowing[0])
+        raise TraceError(
+            f"trace {path!r}: window {w}'s loads sum to inf (its largest entry is {float(as_float[w].max())}): "
+            "expected windows whose total load is a finite float64 (below about 1.8e308)"
+        )
     return as_float
 
 

@@ -75,6 +75,11 @@ BAD_TRACES: list[tuple[str, Callable[[], bytes], str]] = [
     ("object_loads", lambda: _pickled_npz(), "it holds pickled Python objects, which are never loaded"),
     ("nan_loads", lambda: npz_bytes(loads=np.array([[[0, np.nan]]] * 2)), "loads[0, 0, 1] = nan, expected a finite"),
     ("negative_loads", lambda: npz_bytes(loads=-np.ones((2, 1, 2))), "loads[0, 0, 0] = -1.0"),
+    (
+        "window_total_overflows",  # replayed, every rank died sampling from all-zero shares
+        lambda: npz_bytes(loads=np.array([[[1.0, 2.0]], [[1e308, 1e308]]])),
+        "window 1's loads sum to inf (its largest entry is 1e+308): expected windows whose total load is a finite",
+    ),
     ("loads_2d", lambda: npz_bytes(loads=np.ones((2, 4))), "loads has shape (2, 4), expected [windows > 0"),
     ("no_experts", lambda: npz_bytes(loads=np.ones((2, 2, 0))), "loads has shape (2, 2, 0)"),
     ("version_array", lambda: npz_bytes(format_version=np.array([1, 1])), "format_version has shape (2,)"),
