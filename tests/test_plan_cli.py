@@ -165,6 +165,22 @@ def test_bad_current_shape_and_missing_file(capsys, tmp_path, load_json):
     assert code == 2 and "not valid JSON" in err
 
 
+def test_a_csv_or_text_load_is_told_which_formats_are_taken(capsys, tmp_path):
+    """Before: ``--load x.csv`` said only "not valid JSON (Extra data at line 1)"."""
+    for name in ("load.csv", "load.txt"):
+        path = tmp_path / name
+        path.write_text("1,2,3,4\n5,6,7,8\n" if name.endswith(".csv") else "1 2 3 4\n5 6 7 8\n")
+        code, out, err = run_cli(capsys, "--load", str(path), "--ranks", "2")
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert (
+            f"--load {path}: not valid JSON" in err and "--load takes a .npy array, a .npz trace, or else JSON" in err
+        )
+    path = tmp_path / "load.json"  # a file named .json is JSON by its own word: no list of formats
+    path.write_text("1,2,3,4\n")
+    code, _, err = run_cli(capsys, "--load", str(path), "--ranks", "2")
+    assert code == 2 and "not valid JSON" in err and "takes a .npy" not in err
+
+
 def test_console_script_module_has_no_traceback(tmp_path):
     path = tmp_path / "load.json"
     path.write_text(json.dumps([[1, 2, 3]]))

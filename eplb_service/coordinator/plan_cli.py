@@ -155,19 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class NotJson(UsageError):
+    """A file read as JSON that is not JSON (the message says why)."""
+
+
 def _read_json(path: str, what: str) -> object:
     try:
         return json.loads(Path(path).read_bytes())
     except OSError as exc:
         raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise NotJson(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
-        raise UsageError(f"{what} {path}: not valid JSON (not UTF-8 text)") from None
+        raise NotJson(f"{what} {path}: not valid JSON (not UTF-8 text)") from None
     except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
-        raise UsageError(
-            f"{what} {path}: not valid JSON ({' '.join(str(exc).split()) or 'nested too deeply'})"
-        ) from None
+        raise NotJson(f"{what} {path}: not valid JSON ({' '.join(str(exc).split()) or 'nested too deeply'})") from None
 
 
 def _json_text(value: object) -> str:
@@ -293,7 +295,13 @@ def read_load(path: str, flag: str = "--load") -> np.ndarray:
         return _check_load_array(summed, f"{flag} {path}", "the sum over the trace's windows at")
     if path.endswith(".npy"):
         return _read_npy(path, flag)
-    return _read_json_load(path, flag)
+    try:
+        return _read_json_load(path, flag)
+    except NotJson as exc:
+        if path.endswith(".json"):
+            raise
+        # a .csv or text table is read as JSON too (any name but .npy/.npz): say what is taken
+        raise UsageError(f"{exc}; {flag} takes a .npy array, a .npz trace, or else JSON") from None
 
 
 def read_placement(path: str, flag: str = "--current") -> np.ndarray:
