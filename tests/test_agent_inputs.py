@@ -177,6 +177,18 @@ def test_the_book_forgets_a_deployment_on_reset():
         )
 
 
+@pytest.fixture
+def http_port(tmp_path):
+    """The HTTP port of a running coordinator (2 ranks, none registered), stopped after the test."""
+    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
+    thread = CoordinatorThread(cfg).start()
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        yield thread.coordinator.metrics_port
+    finally:
+        thread.stop()
+
+
 def http_exchange(port: int, request: bytes) -> bytes:
     import socket
 
@@ -188,22 +200,16 @@ def http_exchange(port: int, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
-def test_http_clients_get_head_allow_and_431_answers(tmp_path):
+def test_http_clients_get_head_allow_and_431_answers(http_port):
     """HEAD answered with a body, a 405 without ``Allow`` and silence for oversized headers are
     what strict clients and proxies trip over."""
-    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
-    thread = CoordinatorThread(cfg).start()
-    try:
-        settle(lambda: thread.coordinator.metrics_port is not None)
-        port = thread.coordinator.metrics_port
-        get = http_exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        livez = http_exchange(port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = http_exchange(port, b"HEAD /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-        head_metrics = http_exchange(port, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        post = http_exchange(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        huge = http_exchange(port, b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
-    finally:
-        thread.stop()
+    port = http_port
+    get = http_exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    livez = http_exchange(port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = http_exchange(port, b"HEAD /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    head_metrics = http_exchange(port, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    post = http_exchange(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    huge = http_exchange(port, b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
     assert get.startswith(b"HTTP/1.1 200") and len(get.split(b"\r\n\r\n", 1)[1]) > 100
     assert head == livez.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", "HEAD: GET's headers (Content-Length too), no body"
     assert head_metrics.startswith(b"HTTP/1.1 200") and head_metrics.endswith(b"\r\n\r\n")
@@ -212,26 +218,20 @@ def test_http_clients_get_head_allow_and_431_answers(tmp_path):
     assert huge.startswith(b"HTTP/1.1 431")
 
 
-def test_http_requests_with_bare_lf_line_ends_are_answered(tmp_path):
+def test_http_requests_with_bare_lf_line_ends_are_answered(http_port):
     """Before: ``printf 'GET /status HTTP/1.0\\n\\n' | nc`` got no answer (the server waited for
     CRLF CRLF until its 5 s timeout and closed). A head over 64 KiB in many short lines is 431."""
     import json
 
-    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
-    thread = CoordinatorThread(cfg).start()
-    try:
-        settle(lambda: thread.coordinator.metrics_port is not None)
-        port = thread.coordinator.metrics_port
-        started = time.monotonic()
-        status = http_exchange(port, b"GET /status HTTP/1.0\n\n")
-        mixed = http_exchange(port, b"HEAD /livez HTTP/1.1\r\nHost: x\nAccept: */*\r\n\n")
-        elapsed = time.monotonic() - started
-        many = http_exchange(
-            port,
-            b"GET /livez HTTP/1.1\n" + b"".join(b"X-%d: %s\n" % (i, b"a" * 1000) for i in range(70)) + b"\n",
-        )
-    finally:
-        thread.stop()
+    port = http_port
+    started = time.monotonic()
+    status = http_exchange(port, b"GET /status HTTP/1.0\n\n")
+    mixed = http_exchange(port, b"HEAD /livez HTTP/1.1\r\nHost: x\nAccept: */*\r\n\n")
+    elapsed = time.monotonic() - started
+    many = http_exchange(
+        port,
+        b"GET /livez HTTP/1.1\n" + b"".join(b"X-%d: %s\n" % (i, b"a" * 1000) for i in range(70)) + b"\n",
+    )
     assert status.startswith(b"HTTP/1.1 200"), status[:200]
     assert json.loads(status.split(b"\r\n\r\n", 1)[1])["world_size"] == 2
     assert mixed.startswith(b"HTTP/1.1 200") and mixed.endswith(b"\r\n\r\n"), mixed
@@ -239,42 +239,30 @@ def test_http_requests_with_bare_lf_line_ends_are_answered(tmp_path):
     assert many.startswith(b"HTTP/1.1 431"), many[:200]
 
 
-def test_http_absolute_form_request_targets_are_answered_like_their_path(tmp_path):
+def test_http_absolute_form_request_targets_are_answered_like_their_path(http_port):
     """RFC 9112 (3.2.2): a server MUST accept a request target in absolute form
     (``GET http://host:port/readyz``), which HTTP proxies and some probes send. Before, its
     path was the whole URL and every such request was a 404."""
-    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
-    thread = CoordinatorThread(cfg).start()
-    try:
-        settle(lambda: thread.coordinator.metrics_port is not None)
-        port = thread.coordinator.metrics_port
-        readyz = http_exchange(port, b"GET http://127.0.0.1:%d/readyz HTTP/1.1\r\nHost: x\r\n\r\n" % port)
-        query = http_exchange(port, b"GET HTTP://Localhost/status?pretty=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        no_path = http_exchange(port, b"GET http://127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
-        double_slash = http_exchange(port, b"GET //readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-    finally:
-        thread.stop()
+    port = http_port
+    readyz = http_exchange(port, b"GET http://127.0.0.1:%d/readyz HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+    query = http_exchange(port, b"GET HTTP://Localhost/status?pretty=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    no_path = http_exchange(port, b"GET http://127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+    double_slash = http_exchange(port, b"GET //readyz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert readyz.startswith(b"HTTP/1.1 200") and readyz.endswith(b"ready\n"), readyz
     assert query.startswith(b"HTTP/1.1 200") and b'"world_size": 2' in query, query[:300]
     assert no_path.startswith(b"HTTP/1.1 404") and b"unknown path '/'" in no_path, no_path
     assert double_slash.startswith(b"HTTP/1.1 404"), "an origin-form path is taken as written, never as a URL"
 
 
-def test_http_an_empty_line_before_the_request_is_skipped_and_a_malformed_line_is_400(tmp_path):
+def test_http_an_empty_line_before_the_request_is_skipped_and_a_malformed_line_is_400(http_port):
     """RFC 9112 (2.2): a server SHOULD ignore an empty line before the request line; it was
     taken as the whole request and answered 405. A line that is no request line at all was a
     405 "GET or HEAD only" with ``Allow``, as if only the method were wrong: it is a 400."""
-    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
-    thread = CoordinatorThread(cfg).start()
-    try:
-        settle(lambda: thread.coordinator.metrics_port is not None)
-        port = thread.coordinator.metrics_port
-        leading = http_exchange(port, b"\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-        garbage = http_exchange(port, b"GARBAGE\r\n\r\n")
-        too_many = http_exchange(port, b"GET /readyz HTTP/1.1 more\r\n\r\n")
-        method = http_exchange(port, b"DELETE /readyz HTTP/1.1\r\n\r\n")
-    finally:
-        thread.stop()
+    port = http_port
+    leading = http_exchange(port, b"\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    garbage = http_exchange(port, b"GARBAGE\r\n\r\n")
+    too_many = http_exchange(port, b"GET /readyz HTTP/1.1 more\r\n\r\n")
+    method = http_exchange(port, b"DELETE /readyz HTTP/1.1\r\n\r\n")
     assert leading.startswith(b"HTTP/1.1 200") and leading.endswith(b"ready\n"), leading
     for answer in (garbage, too_many):
         assert answer.startswith(b"HTTP/1.1 400") and b"Allow:" not in answer, answer
@@ -295,21 +283,15 @@ def http_half_closed(port: int, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
-def test_http_a_request_cut_short_before_its_empty_line_is_400_not_silence(tmp_path):
+def test_http_a_request_cut_short_before_its_empty_line_is_400_not_silence(http_port):
     """Before: a head that ended without its empty line got no answer at all."""
-    cfg = CoordinatorConfig(world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", metrics_port=0, http_host="127.0.0.1")
-    thread = CoordinatorThread(cfg).start()
-    try:
-        settle(lambda: thread.coordinator.metrics_port is not None)
-        port = thread.coordinator.metrics_port
-        answers = [
-            http_half_closed(port, request)
-            for request in (b"GET /readyz HTTP/1.1\r\nHost: x\r\n", b"GET /readyz HTTP/1.1", b"GET /readyz")
-        ]
-        nothing = http_half_closed(port, b"")
-        whole = http_half_closed(port, b"GET /readyz HTTP/1.1\r\n\r\n")
-    finally:
-        thread.stop()
+    port = http_port
+    answers = [
+        http_half_closed(port, request)
+        for request in (b"GET /readyz HTTP/1.1\r\nHost: x\r\n", b"GET /readyz HTTP/1.1", b"GET /readyz")
+    ]
+    nothing = http_half_closed(port, b"")
+    whole = http_half_closed(port, b"GET /readyz HTTP/1.1\r\n\r\n")
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 400") and b"ended before the empty line" in answer, answer
     assert nothing == b""  # a connection that asked nothing gets nothing
