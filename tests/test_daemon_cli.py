@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def answers_status(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30) -> bool:
+    """Whether the daemon ``proc`` answers a status request at ``endpoint`` before it exits or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            fetch_status(endpoint, timeout_s=0.5)
+            return True
+        except TimeoutError:
+            continue
+    return False
+
+
 @pytest.fixture
 def daemon(tmp_path):
     endpoint = f"ipc://{tmp_path}/run/coordinator.sock"
@@ -43,15 +55,9 @@ def daemon(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            fetch_status(endpoint, timeout_s=0.5)
-            break
-        except TimeoutError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"daemon did not come up: {proc.stdout.read()}")
+    if not answers_status(endpoint, proc):
+        proc.kill()
+        pytest.fail(f"daemon did not come up: {proc.stdout.read()}")
     yield endpoint, port, proc, tmp_path
     if proc.poll() is None:
         proc.kill()
@@ -208,13 +214,7 @@ def test_a_flood_of_idle_http_connections_keeps_no_one_else_out(tmp_path):
     )
     idle: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                fetch_status(endpoint, timeout_s=0.5)
-                break
-            except TimeoutError:
-                assert proc.poll() is None and time.monotonic() < deadline, "daemon did not come up"
+        assert answers_status(endpoint, proc), "daemon did not come up"
         for _ in range(400):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         time.sleep(0.5)  # let the coordinator accept what it will
