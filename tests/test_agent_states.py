@@ -422,3 +422,32 @@ def test_a_late_copy_of_an_older_side_communicator_keeps_the_newer_one_and_the_s
     assert h.agent._plan is not None and h.agent._plan.plan_id == plan.plan_id
     assert h.agent.transport.generation == third.generation and h.agent.side_ready
     assert not any(isinstance(m, protocol.Aborted) for m in h.agent.link.sock.sent)
+
+
+def test_a_hello_sent_right_after_the_serving_thread_commits_pairs_the_epoch_with_its_placement():
+    """Before: the serving thread bumps ``hooks.epoch`` at the commit boundary, and the agent
+    folds the plan's rows into its host copy of the placement only when it next reports the
+    ticket, at the end of its tick. A ``Hello`` built between the two (the top of the next tick,
+    e.g. registering with a coordinator restarted after the vote) carried the new epoch with
+    the old placement: a restarted coordinator adopted that wrong placement for the epoch and
+    refused every other rank's right one as a conflict."""
+    h = Harness()
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
+    plan = h.plan()
+    h.deliver(plan)
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    h.deliver(protocol.Reject(reason="coordinator restarted", code="unknown_agent"))  # register again
+    h.agent._next_hello = 0.0
+    while not h.applied:  # the serving thread reaches S and commits; the agent has not ticked since
+        h.step()
+    h.agent.link.sock.sent.clear()
+    h.tick()  # the Hello goes out first in the tick, before the ticket is reported
+    hellos = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Hello)]
+    assert hellos, h.agent.link.sock.sent
+    hello = hellos[0]
+    assert hello.epoch == 1
+    assert np.array_equal(hello.phy2log.to_numpy(), h.model.phy2log.numpy()), "Hello pairs epoch 1 with epoch 0's maps"
+    h.tick()
+    h.check()

@@ -104,6 +104,9 @@ class WorkerAgent:
             self.rank, endpoint, curve if curve is not None else ClientCurve.from_env(), self.stats, self.log
         )
         self.phy2log_host = model.phy2log.detach().cpu().numpy().astype(np.int64).copy()
+        self._host_epoch = 0
+        """The epoch ``phy2log_host`` is the placement of (it lags ``hooks.epoch`` from a commit
+        on the serving thread until the agent reports that ticket; see :meth:`_placement`)."""
         self.shape = model.shape
         self.pipeline = StagingPipeline(model, transport, self.rank, ranks_per_node, self.stats)
         self.decider = Decider(self.rank)
@@ -309,8 +312,25 @@ class WorkerAgent:
                 self._abort_requested = message.plan_id
             self._inbox.append(message)
 
+    def _placement(self) -> tuple[int, np.ndarray]:
+        """The serving thread's epoch and the placement at that epoch, as one pair.
+
+        The serving thread bumps ``hooks.epoch`` when it applies the armed ticket; the agent
+        folds that ticket's rows into ``phy2log_host`` only when it reports it. In between,
+        the placement is the host copy with the ticket's rows (fixed before it was armed).
+        """
+        epoch = self.hooks.epoch
+        if epoch == self._host_epoch:
+            return epoch, self.phy2log_host
+        ticket = self._ticket  # applied by the serving thread, not reported yet (one at a time)
+        assert ticket is not None and epoch == self._host_epoch + 1, (epoch, self._host_epoch)
+        placement = self.phy2log_host.copy()
+        placement[ticket.layers] = ticket.rows
+        return epoch, placement
+
     def _hello(self) -> protocol.Hello:
         shape = self.shape
+        epoch, placement = self._placement()
         return protocol.Hello(
             protocol_version=protocol.PROTOCOL_VERSION,
             rank=self.rank,
@@ -321,8 +341,8 @@ class WorkerAgent:
                 num_ranks=shape.num_ranks,
                 bytes_per_expert=self.model.bytes_per_expert,
             ),
-            phy2log=protocol.NDArray.from_numpy(self.phy2log_host),
-            epoch=self.hooks.epoch,
+            phy2log=protocol.NDArray.from_numpy(placement),
+            epoch=epoch,
             step=self.hooks.steps_done,
             transport=self.transport.name,
             node=socket.gethostname(),
@@ -560,6 +580,7 @@ class WorkerAgent:
             return
         if ticket.outcome == "committed":
             self.phy2log_host[ticket.layers] = ticket.rows
+            self._host_epoch += 1
         if self._plan is not None and self._plan.plan_id == ticket.plan_id:
             self._clear_plan()
 
