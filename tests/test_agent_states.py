@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import threading
 
 import msgspec
 import numpy as np
@@ -451,3 +452,50 @@ def test_a_hello_sent_right_after_the_serving_thread_commits_pairs_the_epoch_wit
     assert np.array_equal(hello.phy2log.to_numpy(), h.model.phy2log.numpy()), "Hello pairs epoch 1 with epoch 0's maps"
     h.tick()
     h.check()
+
+
+def test_an_agent_stopping_mid_vote_leaves_its_decider_answering_the_armed_ticket(monkeypatch):
+    """Before: the agent thread's exit stopped the decider right after asking for ``abort``,
+    and a stopped decider dropped proposals it had not got an answer for yet. If the record
+    had just failed to answer (a blip on the link to rank 0's store), the armed ticket was
+    never decided on this rank: its serving thread waited out the fence and the decision
+    bound and raised ``UndecidedCommit`` (the worker stops) while the record was reachable
+    again and said ``commit`` for every other rank."""
+    from types import SimpleNamespace
+
+    from eplb_service.worker_agent import agent as agent_module
+    from eplb_service.worker_agent.decision import Decider, DecisionUnavailable
+
+    h = Harness()
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
+    plan = h.plan()
+    h.deliver(plan)
+
+    class Blip:
+        address = "blip"
+
+        def __init__(self, record: Record) -> None:
+            self.record, self.down = record, True
+            self.failed = threading.Event()
+
+        def propose(self, plan_id, proposal):
+            if self.down:
+                self.failed.set()
+                raise DecisionUnavailable("link to rank 0's store reset")
+            return self.record.propose(plan_id, proposal)
+
+    blip = Blip(h.record)
+    h.agent.side.record = blip
+    h.agent.decider = Decider(0).start()
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))  # proposes commit; the record does not answer
+    assert blip.failed.wait(5) and not h.agent.hooks.ticket.is_decided
+    monkeypatch.setattr(agent_module, "host_once", lambda endpoint, world: SimpleNamespace(host="h", port=1))
+    h.agent._stop.set()
+    h.agent._run()  # the agent thread's exit path: abandon the plan (propose abort), stop the decider
+    blip.down = False  # the record answers again
+    h.agent.hooks.decision_timeout_s = 10.0
+    for _ in range(FAST.fence_steps + 1):
+        h.step()  # UndecidedCommit here before the fix
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)]

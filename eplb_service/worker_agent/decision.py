@@ -133,7 +133,9 @@ class Decider:
 
     ``submit`` never blocks: the agent thread and the serving thread (at a fence timeout)
     both call it. Proposals for a ticket are retried, on a broken link, until the ticket is
-    decided or the decider stops; the first answer resolves the ticket.
+    decided; the first answer resolves the ticket. ``stop`` ends the thread once every
+    proposal submitted before it has its answer: an armed ticket's serving thread waits for
+    that answer (bounded), whether or not the agent around it is still running.
     """
 
     def __init__(self, rank: int, retry_max_s: float = 1.0) -> None:
@@ -161,13 +163,15 @@ class Decider:
         self._queue.put((ticket, record, proposal))
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             item = self._queue.get()
             if item is None:
+                if self._stop.is_set():
+                    return
                 continue
             ticket, record, proposal = item
             backoff_s = 0.02
-            while not ticket.is_decided and not self._stop.is_set():
+            while not ticket.is_decided:
                 try:
                     decision = record.propose(ticket.plan_id, proposal)
                 except DecisionUnavailable as exc:
@@ -179,12 +183,12 @@ class Decider:
                             exc,
                         )
                     self.last_error = str(exc)
-                    self._stop.wait(backoff_s)
+                    time.sleep(backoff_s)
                     backoff_s = min(self.retry_max_s, backoff_s * 2)
                     continue
                 except Exception:  # a bug here must not kill the thread that every commit needs
                     self.log.exception("plan %d: proposing %s failed; retrying", ticket.plan_id, proposal)
-                    self._stop.wait(backoff_s)
+                    time.sleep(backoff_s)
                     backoff_s = min(self.retry_max_s, backoff_s * 2)
                     continue
                 self.unreachable_since = None
