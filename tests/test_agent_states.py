@@ -499,3 +499,54 @@ def test_an_agent_stopping_mid_vote_leaves_its_decider_answering_the_armed_ticke
     for _ in range(FAST.fence_steps + 1):
         h.step()  # UndecidedCommit here before the fix
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
+
+
+def test_reporting_an_aborted_ticket_never_tears_down_a_side_communicator_being_built():
+    """Before: reporting a ticket the record aborted tore the side communicator down when its
+    generation was still the ticket's, a check and an act on the agent thread while a
+    ``CommInit`` that arrived mid-vote was being built on the helper thread. A build that
+    finished between the two (here: right after the check read the old generation) was
+    aborted at once, on this rank only: its peers held the new generation and this rank
+    answered the next plan ``not_connected``."""
+    h = Harness()
+    h.deliver(
+        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+    )
+    plan = h.plan()
+    h.deliver(plan)
+    h.other_rank_decides(commit=False)  # another rank gave up first: the record says abort
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    transport = h.agent.transport
+    release = threading.Event()
+    connect = transport.connect
+
+    def slow_connect(comm, rank, timeout_s):  # the rendezvous of the new generation takes a while
+        release.wait(10)
+        connect(comm, rank, timeout_s)
+
+    transport.connect = slow_connect
+    newer = h.comm()
+    h.agent._handle(newer)  # a rank re-registered mid-vote: the build starts on the helper thread
+    assert h.agent.side.connecting.is_alive()
+    ticket = h.agent.hooks.ticket
+    h.step()  # the serving thread finishes the ticket: aborted
+    assert ticket.finished.is_set() and ticket.outcome == "aborted"
+    cls = type(transport)
+
+    class WindowAtTheCheck(cls):  # the build completes right after the check reads the generation
+        @property
+        def generation(self):
+            value = cls.generation.fget(self)
+            if h.agent.voter.ticket is None and not release.is_set():  # report() took the finished ticket
+                release.set()
+                h.agent.side.connecting.join(10)
+            return value
+
+    transport.__class__ = WindowAtTheCheck
+    h.tick()  # reports the aborted ticket
+    transport.__class__ = cls
+    release.set()
+    h.agent.side.connecting.join(10)
+    assert any(isinstance(m, protocol.Aborted) for m in h.agent.link.sock.sent)
+    assert transport.generation == newer.generation
+    assert h.agent.side_ready, "the freshly built side communicator was torn down"

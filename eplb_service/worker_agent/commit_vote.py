@@ -239,8 +239,11 @@ class CommitVoter:
         host.log.warning(
             "plan %d not committed at step %d: %s; maps untouched", ticket.plan_id, ticket.outcome_step, reason
         )
-        if host.transport.generation == self._ticket_generation:
-            host.transport.abort()  # a vote left pending on some rank must never meet a later collective
+        # A vote left pending on some rank must never meet a later collective. Not while a new
+        # generation is being built (not side_ready): starting that build aborted this one
+        # already, and an abort landing as the build completes would tear the new one down.
+        if host.side_ready and host.transport.generation == self._ticket_generation:
+            host.transport.abort()
         self._aborted(ticket.plan_id, code, reason)
         return ticket
 
