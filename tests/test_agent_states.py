@@ -121,9 +121,10 @@ class Socket:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, transport: Transport | None = None) -> None:
         self.model = make_model(0, SHAPE)
-        self.agent = agent = WorkerAgent(self.model, "ipc:///nonexistent/agent-states.sock", LocalTransport())
+        transport = transport if transport is not None else LocalTransport()
+        self.agent = agent = WorkerAgent(self.model, "ipc:///nonexistent/agent-states.sock", transport)
         agent.link.sock = Socket()
         agent.decider = SyncDecider()
         agent._store = ("127.0.0.1", 1)
@@ -550,3 +551,57 @@ def test_reporting_an_aborted_ticket_never_tears_down_a_side_communicator_being_
     assert any(isinstance(m, protocol.Aborted) for m in h.agent.link.sock.sent)
     assert transport.generation == newer.generation
     assert h.agent.side_ready, "the freshly built side communicator was torn down"
+
+
+class PairedTransport(LocalTransport):
+    """Two agents' vote all-reduce: each contributes its vector; both get the elementwise MAX."""
+
+    def __init__(self, pair: dict) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def max_reduce(self, values):
+        self.pair.setdefault("vectors", []).append(np.asarray(values, dtype=np.int64).copy())
+        self.pair["barrier"].wait()
+        return np.maximum(*self.pair["vectors"])
+
+
+def test_ranks_voting_with_different_fences_commit_at_one_step_every_fence_covers():
+    """Before: every rank proposed ``S = max(entry) + F`` with its own fence ``F``. With fences
+    that differ between ranks (a coordinator restarted with another ``--fence-steps`` whose
+    Welcome reached one rank before its VoteNow and the other after), the rank with the short
+    fence could win the record with an ``S`` before the other rank's fence: that rank served
+    past ``S`` undecided (its decision a few steps late) and skipped the plan
+    (``missed_commit_step``) that the first rank applied: a split commit."""
+    pair = {"barrier": threading.Barrier(2, timeout=10)}
+    short, long = Harness(PairedTransport(pair)), Harness(PairedTransport(pair))
+    long.record = short.record  # one decision record for the deployment
+    for h in (short, long):
+        h.deliver(
+            protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
+        )
+    long.agent.override_config(fence_steps=40)
+    plan = short.plan()
+    assert long.plan().plan_id == plan.plan_id  # the same plan id and rows on both "ranks"
+    for h in (short, long):
+        h.deliver(plan)
+    long.agent.decider = late = LateRecord()  # its proposals reach the record late
+    voting = threading.Thread(target=short.deliver, args=(protocol.VoteNow(plan_id=plan.plan_id),))
+    voting.start()  # proposes first (its decider answers at once)
+    long.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    voting.join(10)
+    decision = short.record.decisions[plan.plan_id]
+    for _ in range(FAST.fence_steps + 2):  # the long-fence rank serves on, its answer not back yet
+        for h in (short, long):
+            h.step()
+            h.tick()
+    late.release()
+    for _ in range(60):
+        for h in (short, long):
+            h.step()
+            h.tick()
+    assert short.applied == long.applied == [(plan.plan_id, decision.commit_step)], (
+        short.applied,
+        long.applied,
+        decision,
+    )

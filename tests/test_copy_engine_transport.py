@@ -360,7 +360,7 @@ def test_two_processes_stage_a_plan_through_copy_engines():
     reduced = results[0]["reduced"]
     assert np.array_equal(reduced, results[1]["reduced"])
     assert corrupt_ops(reduced) == []
-    assert proposal_from(reduced, plan_id=7, rank=0, fence_steps=8).commit
+    assert proposal_from(reduced, plan_id=7, rank=0).commit
 
 
 def test_a_peer_that_aborts_fails_the_exchange_at_once():

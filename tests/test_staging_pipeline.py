@@ -93,8 +93,8 @@ def test_the_ranks_digests_agree_once_reduced_and_a_corrupt_one_is_named():
     vectors = [vote_vector(100 + r, 0, 7, staged[r].digests) for r in range(2)]
     reduced = np.maximum(vectors[0], vectors[1])  # what the MAX all-reduce returns on every rank
     assert corrupt_ops(reduced) == []
-    decision = proposal_from(reduced, plan_id=7, rank=0, fence_steps=8)
-    assert decision.commit and decision.commit_step == 101 + 8
+    decision = proposal_from(reduced, plan_id=7, rank=0)
+    assert decision.commit and decision.commit_step == 101
     # every remote op has a digest on both sides; one flipped byte on the receiver is named
     assert all((staged[0].digests != NO_DIGEST) | (staged[1].digests != NO_DIGEST))
     tampered = staged[1].digests.copy()
@@ -102,17 +102,17 @@ def test_the_ranks_digests_agree_once_reduced_and_a_corrupt_one_is_named():
     tampered[k] ^= 1
     reduced = np.maximum(vectors[0], vote_vector(101, 0, 7, tampered))
     assert corrupt_ops(reduced) == [k]
-    decision = proposal_from(reduced, plan_id=7, rank=0, fence_steps=8)
+    decision = proposal_from(reduced, plan_id=7, rank=0)
     assert not decision.commit and decision.code == "integrity" and f"[{k}]" in decision.reason
 
 
 def test_a_rank_that_was_not_ready_or_voted_another_plan_makes_everyone_abort():
     ready = vote_vector(5, 0, 7, np.empty(0, dtype=np.int64))
-    assert proposal_from(ready, 7, 0, 4).commit
+    assert proposal_from(ready, 7, 0).commit
     not_ready = np.maximum(ready, vote_vector(6, 1, 7, np.empty(0, dtype=np.int64)))
-    assert proposal_from(not_ready, 7, 0, 4).code == "vote_failed"
+    assert proposal_from(not_ready, 7, 0).code == "vote_failed"
     other_plan = np.maximum(ready, vote_vector(6, 0, 8, np.empty(0, dtype=np.int64)))
-    assert proposal_from(other_plan, 7, 0, 4).code == "vote_failed"
+    assert proposal_from(other_plan, 7, 0).code == "vote_failed"
 
 
 class _RecordingTransport:
@@ -142,7 +142,7 @@ def test_a_rank_without_the_staged_plan_answers_not_staged_and_never_joins_the_a
     transport = _RecordingTransport()
     host = SimpleNamespace(
         rank=2,
-        hooks=SimpleNamespace(steps_done=40, fence_steps=8),
+        hooks=SimpleNamespace(steps_done=40),
         transport=transport,
         decider=None,
         stats=collections.Counter(),

@@ -1,8 +1,9 @@
 """The vote and the commit of a staged plan batch, on the agent's side.
 
-``VoteNow`` arms the serving thread's commit ticket at this rank's entry step, all-reduces
-``(entry step, fail, plan id, digests)`` over the side communicator, and proposes the outcome
-to the plan's decision record: ``commit S`` when every rank was ready and every remote row's
+``VoteNow`` arms the serving thread's commit ticket at this rank's entry step ``e``, all-reduces
+``(e + F, fail, plan id, digests)`` over the side communicator (``F``: the fence this rank's
+ticket keeps), and proposes the outcome to the plan's decision record: ``commit S`` with
+``S = max(e_r + F_r)`` over the ranks when every rank was ready and every remote row's
 sender and receiver digests agree, ``abort`` otherwise. The record's answer, not the
 all-reduce, decides: the serving thread applies the plan iff the record says ``commit``. A
 voted plan is never dropped: anything that gives up on it (an abort request, a rebuilt side
@@ -28,15 +29,20 @@ from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, CpuSections, S
 from eplb_service.worker_agent.transport import Transport, TransportError
 
 
-def vote_vector(entry: int, fail: int, plan_id: int, digests: np.ndarray | None) -> np.ndarray:
-    """``[entry, fail, plan_id, -plan_id, d_0..d_K-1, -d_0..-d_K-1]`` for the MAX all-reduce.
+def vote_vector(fence_step: int, fail: int, plan_id: int, digests: np.ndarray | None) -> np.ndarray:
+    """``[fence_step, fail, plan_id, -plan_id, d_0..d_K-1, -d_0..-d_K-1]`` for the MAX all-reduce.
+
+    ``fence_step`` is ``e + F``: the step this rank never starts without the decision (its
+    entry step plus the fence its ticket keeps). Its MAX over the ranks is the commit step,
+    at or after every rank's fence even where the ranks' fences differ (a ``Welcome`` with
+    another ``fence_steps`` reaching some ranks before their ``VoteNow`` and others after).
 
     ``d_k`` is this rank's digest of remote op ``k``'s row (sent or received), or a
     sentinel when it took no part. After MAX over ranks, slot ``k`` holds the larger
     of sender's and receiver's digest and slot ``K+k`` minus the smaller: they agree
     exactly when both digests are equal, so every rank learns of any corrupt row.
     """
-    head = np.array([entry, fail, plan_id, -plan_id], dtype=np.int64)
+    head = np.array([fence_step, fail, plan_id, -plan_id], dtype=np.int64)
     digests = digests if digests is not None else np.empty(0, dtype=np.int64)
     negated = np.where(digests == NO_DIGEST, NO_DIGEST, -digests)
     return np.concatenate([head, digests, negated])
@@ -49,7 +55,7 @@ def corrupt_ops(result: np.ndarray) -> list[int]:
     return np.flatnonzero(body[:k] != -body[k:]).tolist()
 
 
-def proposal_from(result: np.ndarray, plan_id: int, rank: int, fence_steps: int) -> Decision:
+def proposal_from(result: np.ndarray, plan_id: int, rank: int) -> Decision:
     """What this rank proposes to the record, given the all-reduced vote vector."""
     if int(result[1]) != 0 or int(result[2]) != plan_id or int(result[3]) != -plan_id:
         return Decision.abort(rank, "vote_failed: a rank was not ready", "vote_failed")
@@ -60,7 +66,7 @@ def proposal_from(result: np.ndarray, plan_id: int, rank: int, fence_steps: int)
             f"vote_failed: integrity: row digests differ between sender and receiver for remote ops {corrupt[:8]}",
             "integrity",
         )
-    return Decision.commit_at(int(result[0]) + fence_steps, rank)
+    return Decision.commit_at(int(result[0]), rank)
 
 
 class VoterHost(Protocol):
@@ -133,14 +139,14 @@ class CommitVoter:
             return
         cpu = CpuSections(host.stats, "vote")
         try:
-            result = self._all_reduce(vote_vector(entry, fail, msg.plan_id, staged.digests), ticket)
+            result = self._all_reduce(vote_vector(entry + fence_steps, fail, msg.plan_id, staged.digests), ticket)
             cpu.mark("reduce")
         except TransportError as exc:
             host.log.error("vote for plan %d: %s", msg.plan_id, exc)
             host.transport.abort()  # a pending collective must not meet a later one
             self.propose(Decision.abort(host.rank, f"vote_failed: {exc}", "vote_failed"))
             return
-        proposal = proposal_from(result, msg.plan_id, host.rank, fence_steps)
+        proposal = proposal_from(result, msg.plan_id, host.rank)
         if proposal.code == "integrity":
             host.stats["integrity_failures"] += 1
             host.log.error(

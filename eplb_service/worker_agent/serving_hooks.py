@@ -68,7 +68,8 @@ class CommitTicket:
     vote_entry_step: int | None = None
     fence_steps: int | None = None
     """The fence ``F`` this rank's vote promised (set with ``vote_entry_step``): the rank never
-    starts step ``vote_entry_step + F`` undecided, and it proposes ``S = max(entry) + F``. Fixed
+    starts step ``vote_entry_step + F`` undecided, and it contributes ``entry + F`` to the vote,
+    whose MAX over the ranks is ``S``. Fixed
     for the ticket's life, because a ``Welcome`` with another ``fence_steps`` (a coordinator
     restarted with new flags) may arrive mid-vote; ``None``: the hooks' current fence."""
     decision: Decision | None = None
@@ -170,7 +171,7 @@ class ServingHooks:
         """At the boundary before step ``steps_done``: fence, then commit if it is step S.
 
         A rank that entered the vote at step ``e`` never starts step ``e + F`` without the
-        decision: the commit step is ``max(e) + F >= e + F``, so knowing it there is knowing
+        decision: the commit step is ``max(e_r + F_r) >= e + F``, so knowing it there is knowing
         it in time. After ``fence_timeout_s`` it asks for ``abort`` in the decision record
         and keeps waiting for the record's answer (which may still be ``commit``, written
         first by another rank), at most ``decision_timeout_s`` more.

@@ -191,7 +191,7 @@ def _check(results: dict[int, dict]) -> None:
     assert np.all((d0 != NO_DIGEST) & (d1 != NO_DIGEST)) and np.array_equal(d0, d1)
     reduced = results[0]["reduced"]
     assert np.array_equal(reduced, results[1]["reduced"]) and corrupt_ops(reduced) == []
-    assert proposal_from(reduced, plan_id=7, rank=0, fence_steps=8).commit
+    assert proposal_from(reduced, plan_id=7, rank=0).commit
 
 
 def test_two_processes_on_one_gpu():
