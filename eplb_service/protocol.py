@@ -15,9 +15,12 @@ from typing import Annotated, Literal, Union
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others.
-2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes."""
+2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes.
+3: each rank's vote contributes its fence step ``e + F`` and the commit step is their MAX
+(it was ``max(e) + F``): ranks of versions 2 and 3 in one vote could propose commit steps
+before each other's fences, so one coordinator must not admit both."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Hard ceiling of any frame (the agents' socket limit; the coordinator's is far lower,
