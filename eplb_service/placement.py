@@ -156,14 +156,25 @@ def rank_loads(phy2log: np.ndarray, logical_load: np.ndarray, num_ranks: int) ->
     return slot_load.reshape(num_layers, num_ranks, num_physical // num_ranks).sum(axis=2)
 
 
+def logical_fold_index(phy2log: np.ndarray, num_logical: int) -> np.ndarray:
+    """``[L * P]`` flat index of each slot's logical expert in an ``[L, N_log]`` table: what
+    :func:`fold_slot_load` needs of a placement (computed once per placement, reused per report)."""
+    arr = np.asarray(phy2log, dtype=np.int64)
+    offsets = (np.arange(arr.shape[0], dtype=np.int64) * num_logical)[:, None]
+    return (arr + offsets).ravel()
+
+
+def fold_slot_load(index: np.ndarray, slot_load: np.ndarray, num_layers: int, num_logical: int) -> np.ndarray:
+    """Fold a per-slot load ``[L, P]`` into ``[L, N_log]`` float64 with a :func:`logical_fold_index`."""
+    load = np.asarray(slot_load, dtype=np.float64)
+    flat = np.bincount(index, weights=load.ravel(), minlength=num_layers * num_logical)
+    return flat.reshape(num_layers, num_logical)
+
+
 def physical_to_logical_load(phy2log: np.ndarray, slot_load: np.ndarray, num_logical: int) -> np.ndarray:
     """Fold a per-slot load ``[L, P]`` into a per-expert load ``[L, N_log]``."""
-    arr = np.asarray(phy2log, dtype=np.int64)
-    load = np.asarray(slot_load, dtype=np.float64)
-    num_layers = arr.shape[0]
-    offsets = (np.arange(num_layers, dtype=np.int64) * num_logical)[:, None]
-    flat = np.bincount((arr + offsets).ravel(), weights=load.ravel(), minlength=num_layers * num_logical)
-    return flat.reshape(num_layers, num_logical)
+    index = logical_fold_index(phy2log, num_logical)
+    return fold_slot_load(index, slot_load, np.asarray(phy2log).shape[0], num_logical)
 
 
 def layer_balancedness(per_rank_load: np.ndarray) -> np.ndarray:

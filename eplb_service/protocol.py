@@ -76,8 +76,11 @@ class NDArray(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             data=arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(),
         )
 
-    def to_numpy(self, field: str = "array") -> np.ndarray:
-        """Decode, checking dtype, rank and that the byte count matches the shape."""
+    def to_numpy(self, field: str = "array", copy: bool = True) -> np.ndarray:
+        """Decode, checking dtype, rank and that the byte count matches the shape.
+
+        ``copy=False``: a read-only view of the message's bytes where the host is little-endian
+        (no copy of an ``[L, P]`` array per load report); a writable copy otherwise."""
         if self.dtype not in ALLOWED_DTYPES:
             raise ProtocolError(f"{field}: dtype {self.dtype!r} not in {ALLOWED_DTYPES}")
         if len(self.shape) > MAX_ARRAY_DIMS or any(s < 0 for s in self.shape):
@@ -88,7 +91,7 @@ class NDArray(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ProtocolError(
                 f"{field}: shape {self.shape} of {self.dtype} needs {expected} bytes, got {len(self.data)}"
             )
-        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="), copy=True)
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="), copy=copy)
 
 
 class ModelShape(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -464,18 +467,38 @@ def _json_hint(frame: bytes) -> str:
     )
 
 
+def _all_finite(value: object) -> bool:
+    """Whether every float in ``value`` (fields, lists, lists of lists) is finite: the fast path of
+    :func:`_check_finite` (a heartbeat carries a few hundred floats), which names the culprit."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, msgspec.Struct):
+        return all(_all_finite(getattr(value, name)) for name in value.__struct_fields__)
+    if isinstance(value, list):
+        if all(type(item) is float for item in value):
+            return all(map(math.isfinite, value))
+        return all(_all_finite(item) for item in value)
+    return True
+
+
 def _check_finite(value: object, path: str) -> None:
     """Refuse NaN and infinities in any float field, also inside lists (not every msgspec
     build does it for ``ge``)."""
+    if _all_finite(value):
+        return
+    _find_not_finite(value, path)
+
+
+def _find_not_finite(value: object, path: str) -> None:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ProtocolError(f"invalid message: Expected a finite `float`, got {value} - at `{path}`")
     elif isinstance(value, msgspec.Struct):
         for name in value.__struct_fields__:
-            _check_finite(getattr(value, name), f"{path}.{name}")
+            _find_not_finite(getattr(value, name), f"{path}.{name}")
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _check_finite(item, f"{path}[{i}]")
+            _find_not_finite(item, f"{path}[{i}]")
 
 
 def json_schema() -> dict[str, object]:

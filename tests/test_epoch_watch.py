@@ -105,3 +105,32 @@ def test_a_commit_of_a_plan_this_coordinator_proposed_is_not_warned_about(caplog
         )
     assert "no record" not in caplog.text
     assert c.epoch_watch.commit_steps[1] == (100, 1)
+
+
+def test_step_clock_verdicts_follow_new_probes_between_repeated_queries():
+    """Verdicts are kept between queries until a rank's probes change: a rank that starts counting
+    a step apart is seen at its next probes, and one that re-registers is compared afresh."""
+    import numpy as np
+
+    from eplb_service.step_clock import StepClockWatch
+
+    step = 0.05
+    watch = StepClockWatch(confirm=2)
+
+    def beat(rank: int, probes: list[int], shift: int = 0) -> None:
+        times = [[(k + j + shift) * step for j in range(-3, 4)] for k in probes]
+        watch.observe(rank, probes, times, 1000.0)
+
+    beat(0, [32, 64])
+    beat(1, [32, 64])
+    for _ in range(3):
+        assert {r: s.offset for r, s in watch.states([0, 1]).items()} == {0: 0, 1: 0}
+    beat(2, [96, 128], shift=-1)  # rank 2 counts one step ahead
+    beat(0, [96, 128])
+    assert watch.states([0, 1, 2])[2].offset == 1
+    assert watch.states([0, 1, 2])[2].offset == 1
+    watch.forget(2)
+    assert watch.states([0, 1, 2])[2].offset is None
+    beat(2, [96, 128])  # a new process that counts as the others do
+    assert watch.states([0, 1, 2])[2].offset == 0
+    assert np.isfinite(watch.clocks[0].probes[96]).all()

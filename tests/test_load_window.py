@@ -27,3 +27,41 @@ def test_window_decays_by_half_life_in_steps_once_per_step_range():
     window.add(window.to_logical(np.array([[0, 4]]), phy2log, 2), 10, 20)
     assert np.allclose(window.load, [[8, 4]])
     assert window.steps_covered() == 20 and window.reports == 3
+
+
+def _report(counts: np.ndarray, epoch: int, begin: int, end: int):
+    from eplb_service import protocol
+
+    return protocol.LoadReport(
+        rank=0, epoch=epoch, step_begin=begin, step_end=end, slot_load=protocol.NDArray.from_numpy(counts)
+    )
+
+
+def test_the_book_folds_each_report_with_its_epochs_placement_across_commits_and_a_new_deployment():
+    """The book reuses each placement's fold index across reports: a commit's new epoch, and a
+    new deployment that brings another placement under the same epoch number, fold with theirs."""
+    from eplb_service import protocol
+    from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
+    from eplb_service.placement import PlacementShape
+
+    model = protocol.ModelShape(num_layers=1, num_logical=3, num_physical=4, num_ranks=2, bytes_per_expert=1)
+    shape = PlacementShape(1, 3, 4, 2)
+    book = PlacementBook(world_size=2, load_half_life_steps=1e9)
+    book.adopt(model, shape, np.array([[0, 1, 2, 0]]), 0)
+    book.agree([0, 0])
+    counts = np.array([[10, 1, 2, 10]])
+    assert book.add_load(_report(counts, 0, 0, 10)).tolist() == [[20, 1, 2]]
+    assert book.add_load(_report(counts, 0, 10, 20)).tolist() == [[20, 1, 2]]
+    book.commit(0, [0], np.array([[2, 1, 0, 2]]))
+    assert book.add_load(_report(counts, 1, 20, 30)).tolist() == [[2, 1, 20]]
+    assert book.add_load(_report(counts, 0, 20, 30)).tolist() == [[20, 1, 2]]  # counted before the commit
+    book.reset()
+    book.adopt(model, shape, np.array([[1, 0, 2, 2]]), 0)
+    assert book.add_load(_report(counts, 0, 0, 10)).tolist() == [[1, 10, 12]]
+    for bad in (np.array([[1, -1, 0, 0]]), np.array([[1.0, np.nan, 0, 0]]), np.array([[1.0, 0, 0, 2.0**60]])):
+        try:
+            book.add_load(_report(bad, 0, 10, 20))
+        except LoadRejected as exc:
+            assert exc.reason == "bad_values" and "slot_load[0, " in str(exc)
+        else:
+            raise AssertionError(f"accepted {bad}")

@@ -37,13 +37,19 @@ class EpochLagWatch:
 
     def observe(self, epochs_and_steps: dict[int, tuple[int, int]]) -> str | None:
         """``{rank: (epoch, step)}`` of the live ranks; returns why they diverged, or ``None``."""
-        for rank, (epoch, step) in sorted(epochs_and_steps.items()):
-            commit = self.commit_steps.get(epoch + 1)
-            if commit is not None and step > commit[0]:
-                commit_step, reporter = commit
-                return (
-                    f"rank {rank} is at step {step} with epoch {epoch}, but epoch {epoch + 1} was committed at "
-                    f"step {commit_step} (reported by rank {reporter}): it went past the commit with the old "
-                    f"maps, the placements differ"
-                )
+        commits = self.commit_steps
+        lagging = [
+            rank
+            for rank, (epoch, step) in epochs_and_steps.items()
+            if (commit := commits.get(epoch + 1)) is not None and step > commit[0]
+        ]
+        if lagging:  # the lowest such rank, as a scan in rank order finds it
+            rank = min(lagging)
+            epoch, step = epochs_and_steps[rank]
+            commit_step, reporter = commits[epoch + 1]
+            return (
+                f"rank {rank} is at step {step} with epoch {epoch}, but epoch {epoch + 1} was committed at "
+                f"step {commit_step} (reported by rank {reporter}): it went past the commit with the old "
+                f"maps, the placements differ"
+            )
         return None

@@ -30,6 +30,8 @@ class DivergenceGuard:
         (the registry's step also moves with load reports, its epoch with Committed)."""
         self._clock_unverified_since: float | None = None
         self._clock_warned = False
+        self._exported: dict[int, int | None] = {}
+        """Rank -> the offset last written to ``eplb_step_clock_offset_steps`` (only changes are written)."""
 
     def reset(self) -> None:
         """A new deployment: the commit steps, step clocks and heartbeats (and a halt) were the
@@ -42,6 +44,7 @@ class DivergenceGuard:
         self.beats = {}
         self._clock_unverified_since = None
         self._clock_warned = False
+        self._exported = {}
 
     def forget(self, rank: int) -> None:
         """A rank registered anew: its old reports say nothing about the new process."""
@@ -67,9 +70,11 @@ class DivergenceGuard:
             return None
         states = self.clock_states(alive)
         for state in states.values():
-            self.metrics.step_clock_offset.labels(str(state.rank)).set(
-                float("nan") if state.offset is None else state.offset
-            )
+            if state.rank not in self._exported or self._exported[state.rank] != state.offset:
+                self._exported[state.rank] = state.offset
+                self.metrics.step_clock_offset.labels(str(state.rank)).set(
+                    float("nan") if state.offset is None else state.offset
+                )
             if state.offset:
                 self.clock_halt = True
                 return (

@@ -13,7 +13,14 @@ import numpy as np
 
 from eplb_service import protocol
 from eplb_service.coordinator.load_window import LoadWindow
-from eplb_service.placement import PlacementShape, layer_balancedness, model_balancedness, rank_loads
+from eplb_service.placement import (
+    PlacementShape,
+    fold_slot_load,
+    layer_balancedness,
+    logical_fold_index,
+    model_balancedness,
+    rank_loads,
+)
 
 HISTORY_EPOCHS = 16
 """Placements kept: load reports counted under an older epoch are dropped."""
@@ -42,6 +49,9 @@ class PlacementBook:
     """Epoch -> ``[L, P]`` placement."""
     window: LoadWindow | None = None
     max_step_seen: int = 0
+    _fold_index: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    """Epoch -> (its placement, the placement's fold index): computed on the first report of an
+    epoch, not on every report; dropped with the placement."""
 
     def adopt(self, model: protocol.ModelShape, shape: PlacementShape, phy2log: np.ndarray, epoch: int) -> bool:
         """The first rank of a deployment (or the first back when none is alive) seeds the table.
@@ -59,6 +69,7 @@ class PlacementBook:
         """Forget the deployment: the next ``adopt`` starts from its Hello as a fresh coordinator would."""
         self.model = self.shape = self.window = None
         self.epoch, self.placements, self.max_step_seen = -1, {}, 0
+        self._fold_index = {}
 
     def learn(self, epoch: int, phy2log: np.ndarray) -> None:
         self.placements.setdefault(epoch, phy2log)
@@ -98,16 +109,18 @@ class PlacementBook:
         if placement is None:
             raise LoadRejected("unknown_epoch")
         try:
-            counts = report.slot_load.to_numpy("slot_load")
+            counts = report.slot_load.to_numpy("slot_load", copy=False)  # read-only: only folded below
         except protocol.ProtocolError as exc:
             raise LoadRejected("bad_array", str(exc)) from None
         if counts.shape != placement.shape:
             raise LoadRejected("bad_shape", f"load report shape {counts.shape}, expected {placement.shape}")
         # One NaN or inf never decays out of the window: every later plan would fail. A finite count
         # past MAX_SLOT_COUNT (1e308, say) does the same: summed over replicas and ranks it overflows
-        # to inf, and balancedness reads NaN in the metrics and in the status document.
-        bad = ~np.isfinite(counts) | (counts < 0) | (counts > MAX_SLOT_COUNT)
-        if bad.any():
+        # to inf, and balancedness reads NaN in the metrics and in the status document. Two reductions
+        # tell whether any entry is bad (a NaN fails both comparisons); the mask only to name it.
+        low, high = counts.min(), counts.max()
+        if not (low >= 0 and high <= MAX_SLOT_COUNT):
+            bad = ~np.isfinite(counts) | (counts < 0) | (counts > MAX_SLOT_COUNT)
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise LoadRejected(
                 "bad_values",
@@ -117,10 +130,20 @@ class PlacementBook:
             raise LoadRejected(
                 "bad_steps", f"steps {report.step_begin}..{report.step_end}: step_begin must not exceed step_end"
             )
-        logical = self.window.to_logical(counts, placement, self.shape.num_logical)
+        logical = fold_slot_load(
+            self._index_of(report.epoch, placement), counts, self.shape.num_layers, self.shape.num_logical
+        )
         self.window.add(logical, report.step_begin, report.step_end)
         self.max_step_seen = max(self.max_step_seen, report.step_end)
         return logical
+
+    def _index_of(self, epoch: int, placement: np.ndarray) -> np.ndarray:
+        cached = self._fold_index.get(epoch)
+        if cached is None or cached[0] is not placement:
+            for stale in [e for e in self._fold_index if e not in self.placements]:
+                del self._fold_index[stale]
+            cached = self._fold_index[epoch] = (placement, logical_fold_index(placement, self.shape.num_logical))
+        return cached[1]
 
     def balancedness(self) -> tuple[float, np.ndarray] | None:
         """Model and per-layer balancedness of the load window under the agreed placement."""

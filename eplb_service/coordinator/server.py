@@ -59,6 +59,10 @@ def numbered_path(path: str, deployment: int) -> str:
     return f"{stem}.{deployment}{ext}"
 
 
+BALANCEDNESS_EVERY_S = 1.0
+"""How often the tick refreshes ``eplb_balancedness{kind="current"}``: a pass over every slot
+(a few ms for 256 ranks of 768 slots), so not on every 20 ms tick; scrapes come seconds apart."""
+
 REQ_ENVELOPE = [b""]
 """What a REQ socket (or a DEALER speaking its envelope) puts between its identity and its message."""
 
@@ -107,6 +111,7 @@ class Coordinator:
         self.ready = asyncio.Event()
         self.started_at = time.time()
         self.last_tick = time.monotonic()
+        self._balancedness_at = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -488,9 +493,11 @@ class Coordinator:
             self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
             self.router.lose_agent(record, now)
         self.plans.tick(now)
-        current = self.book.balancedness()
-        if current is not None:
-            self.metrics.balancedness.labels("current").set(current[0])
+        if now - self._balancedness_at >= BALANCEDNESS_EVERY_S:
+            self._balancedness_at = now
+            current = self.book.balancedness()
+            if current is not None:
+                self.metrics.balancedness.labels("current").set(current[0])
         if self.registry.complete and not self.comm_ready() and self.side_comm.resend_due(now):
             comm = self.current_comm()
             for record in self.registry.alive:
