@@ -261,6 +261,10 @@ def load_trace(path: str) -> Trace:
     return Trace(loads, *windows)
 
 
+OPEN_WINDOW_STEPS = 256
+"""Steps past a recorded window's end after which it is closed with the ranks it got."""
+
+
 class TraceRecorder:
     """Accumulates per-window logical loads from load reports and writes the trace."""
 
@@ -281,9 +285,13 @@ class TraceRecorder:
         )
         window["loads"] += logical_load
         window["ranks"].add(rank)
-        # close older windows once every rank has moved past them
-        if len(window["ranks"]) == self.world_size:
-            for key in sorted(k for k in self._open if k[1] <= step_begin):
+        # close older windows once every rank has moved past them, or once reports begin
+        # OPEN_WINDOW_STEPS past their end (a rank that left, or report boundaries that differ
+        # between ranks, would keep them open, in memory and out of every flush, for good)
+        stale = step_begin - OPEN_WINDOW_STEPS
+        complete = len(window["ranks"]) == self.world_size
+        if complete or any(k[1] <= stale for k in self._open):
+            for key in sorted(k for k in self._open if k[1] <= (step_begin if complete else stale)):
                 self._close(key)
 
     def _close(self, key: tuple[int, int]) -> None:

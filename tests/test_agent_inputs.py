@@ -48,7 +48,7 @@ class FakeAgent:
                     return message
         return None
 
-    def register(self, epoch: int = 0) -> None:
+    def register(self, epoch: int = 0, pid: int | None = None) -> None:
         self.send(
             protocol.Hello(
                 protocol_version=protocol.PROTOCOL_VERSION,
@@ -60,7 +60,7 @@ class FakeAgent:
                 transport="gloo",
                 store_host="127.0.0.1",
                 store_port=1,
-                pid=os.getpid(),
+                pid=os.getpid() if pid is None else pid,
             )
         )
         welcome = self.recv(protocol.Welcome)
@@ -362,3 +362,44 @@ def test_a_step_clock_halt_from_a_host_clock_that_was_off_lifts_once_the_clocks_
     assert "step clocks agree again on ranks [0, 1]" in caplog.text and "rebalancing resumes" in caplog.text
     assert status["halted"] is None
     assert c.metrics.step_clock_offset.labels("1")._value.get() == 0
+
+
+def test_worker_restarts_do_not_grow_the_coordinators_memory_of_processes(tmp_path):
+    """Before: every (node, pid) that ever registered in a deployment was kept, one more per worker
+    restart for as long as the deployment lived. Now the newest few per rank are kept: a recent
+    process coming back is still the same deployment, an unknown one starts a new deployment."""
+    cfg = CoordinatorConfig(
+        world_size=2, endpoint=f"ipc://{tmp_path}/c.sock", rebalance_interval_steps=10**6, check_step_clock=False
+    )
+    thread = CoordinatorThread(cfg).start()
+    coordinator = thread.coordinator
+    a0 = FakeAgent(cfg.endpoint, 0)
+    a0.register(pid=1)
+    agent = FakeAgent(cfg.endpoint, 1)
+    agent.register(pid=100)
+    try:
+        for pid in range(101, 161):  # rank 1's worker restarts 60 times
+            agent.send(protocol.Goodbye(rank=1, reason="restart", session=agent.session))
+            agent.close()
+            settle(lambda: 1 not in coordinator.registry.agents)
+            agent = FakeAgent(cfg.endpoint, 1)
+            agent.register(pid=pid)
+        assert len(coordinator.router.processes) <= 4 * cfg.world_size
+        for a, rank in ((a0, 0), (agent, 1)):
+            a.send(protocol.Goodbye(rank=rank, reason="stop", session=a.session))
+        settle(lambda: not coordinator.registry.alive)
+        back = FakeAgent(cfg.endpoint, 1)
+        back.register(pid=160)  # the last process of rank 1, back: the same deployment
+        settle(lambda: 1 in coordinator.registry.agents)
+        assert coordinator.deployments == 1
+        back.send(protocol.Goodbye(rank=1, reason="stop", session=back.session))
+        settle(lambda: not coordinator.registry.alive)
+        stranger = FakeAgent(cfg.endpoint, 1)
+        stranger.register(pid=7)
+        settle(lambda: coordinator.deployments == 2)
+        for a in (back, stranger):
+            a.close()
+    finally:
+        a0.close()
+        agent.close()
+        thread.stop()

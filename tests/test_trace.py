@@ -148,3 +148,21 @@ def test_concurrent_flushes_never_leave_a_broken_trace(tmp_path):
         t.join()
     assert not errors, errors
     assert load_trace(path).num_windows == recorder.windows >= 199
+
+
+def test_a_rank_that_stops_reporting_does_not_keep_every_later_window_open(tmp_path):
+    """Before: a window closed only once every rank had reported past it, so after one rank left
+    (or with ranks whose report boundaries differ) every window stayed open in memory, an
+    ``[L, N_log]`` array each, and none reached the periodic flush. Now a window also closes once
+    reports begin ``OPEN_WINDOW_STEPS`` past its end, with the ranks it got."""
+    from eplb_service.trace import OPEN_WINDOW_STEPS
+
+    path = str(tmp_path / "t.npz")
+    rec = TraceRecorder(path, num_layers=1, num_logical=2, world_size=2)
+    for i in range(1000):  # rank 1 is gone: only rank 0 reports
+        rec.add(np.array([[1.0, 0.0]]), 10 * i, 10 * i + 10, epoch=0, rank=0)
+    assert len(rec._open) <= OPEN_WINDOW_STEPS // 10 + 2
+    rec.flush()
+    trace = load_trace(path)
+    assert trace.num_windows == rec.windows >= 1000 - OPEN_WINDOW_STEPS // 10 - 2
+    assert set(trace.ranks_reported.tolist()) == {1} and trace.step_begin.tolist()[:2] == [0, 10]

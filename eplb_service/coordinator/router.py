@@ -27,6 +27,10 @@ MAX_STEP_LEAP = 1_000_000
 """Most steps a heartbeat or load report may be past its rank's last known step (hours of serving)."""
 
 
+PROCESSES_KEPT_PER_RANK = 4
+"""Agent processes remembered per rank (on average) to tell a returning agent from a new deployment."""
+
+
 class RouterHost(Protocol):
     """What the router needs of the coordinator's shell."""
 
@@ -65,9 +69,11 @@ class MessageRouter:
     ) -> None:
         self.cfg, self.registry, self.book, self.guard, self.runner = cfg, registry, book, guard, runner
         self.metrics, self.log, self.host = metrics, log, host
-        self.processes: set[tuple[str, int]] = set()
-        """(node, pid) of every agent registered in this deployment: one of them coming back
-        (after a partition, or declared dead while stalled) is the same deployment, not a new one."""
+        self.processes: dict[tuple[str, int], None] = {}
+        """(node, pid) of the agents registered in this deployment, oldest first: one of them coming
+        back (after a partition, or declared dead while stalled) is the same deployment, not a new
+        one. The newest ``PROCESSES_KEPT_PER_RANK`` per rank on average; a process restarted more
+        often than that since is long gone (each worker restart used to add one for good)."""
         self._agent_handlers: dict[type, Callable[[AgentRecord, protocol.Message, float], None]] = {
             protocol.Heartbeat: self._on_heartbeat,
             protocol.LoadReport: self._on_load,
@@ -308,7 +314,11 @@ class MessageRouter:
         self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now)
 
     def _register(self, identity: bytes, hello: protocol.Hello, phy2log, resumed: bool, now: float) -> None:
-        self.processes.add((hello.node, hello.pid))
+        key = (hello.node, hello.pid)
+        self.processes.pop(key, None)
+        self.processes[key] = None
+        for old in list(self.processes)[: -PROCESSES_KEPT_PER_RANK * self.cfg.world_size]:
+            del self.processes[old]
         record = AgentRecord(
             rank=hello.rank,
             identity=identity,
