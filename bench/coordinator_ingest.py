@@ -282,6 +282,7 @@ class Sender:
         for fr in self.ranks.values():
             self.poller.register(fr.sock, zmq.POLLIN)
         self.by_sock = {fr.sock: fr for fr in self.ranks.values()}
+        self.retries: list[tuple[float, int]] = []
 
     def _open(self, rank: int, pid: int) -> FakeRank:
         sock = self.ctx.socket(zmq.DEALER)
@@ -390,8 +391,9 @@ class Sender:
         elif isinstance(msg, protocol.Reject):
             if msg.code in ("unknown_agent", "stale_session"):
                 self.hello(fr)
-            elif msg.code == "rank_taken":
+            elif msg.code == "rank_taken":  # our own Goodbye is still on its way: ask again, as agents do
                 fr.welcomed = False
+                self.retries.append((time.monotonic() + 1.0, fr.rank))
         elif isinstance(msg, protocol.Plan):
             fail = self.a["fail_every"] and msg.plan_id % self.a["fail_every"] == 0 and fr.rank == 0
             if fail:
@@ -484,6 +486,9 @@ class Sender:
                     if step - fr.last_report_step >= interval:
                         self.report(fr, step)
                     heapq.heappush(events, (due + self.step_s * interval, 1, rank))
+            for due, rank in [r for r in self.retries if r[0] <= now]:
+                self.retries.remove((due, rank))
+                self.hello(self.ranks[rank])
             if now > next_restart:
                 next_restart = now + self.a["restart_every"]
                 self.restart(random.choice(list(self.ranks.values())))
