@@ -264,14 +264,38 @@ def load_trace(path: str) -> Trace:
 OPEN_WINDOW_STEPS = 256
 """Steps past a recorded window's end after which it is closed with the ranks it got."""
 
+PART_BYTES = 64 * 2**20
+"""Window loads one trace file holds before the recorder goes on in the next part.
+
+The recorder keeps the windows of the file it writes in memory and rewrites that file at
+every flush (a trace is one ``.npz``, written whole and atomically). One file for the whole
+deployment grew without bound: about 245 KB a window for 60 layers of 512 experts, a window
+per 10 steps, tens of GB a day, and every flush compressing all of it again. Parts keep both
+the memory and a flush's work to this size, however long the deployment runs."""
+
+
+def part_path(path: str, part: int) -> str:
+    """``--record``'s ``part``-th file: ``t.npz`` first, then ``t.part1.npz``, ``t.part2.npz``..."""
+    if part == 0:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.part{part}{ext}"
+
 
 class TraceRecorder:
-    """Accumulates per-window logical loads from load reports and writes the trace."""
+    """Accumulates per-window logical loads from load reports and writes the trace, in parts
+    of at most ``part_bytes`` of window loads (:data:`PART_BYTES`): ``path`` holds the first
+    windows, :func:`part_path` names the next files, each a trace of its own."""
 
-    def __init__(self, path: str, num_layers: int, num_logical: int, world_size: int) -> None:
-        self.path = path
+    def __init__(
+        self, path: str, num_layers: int, num_logical: int, world_size: int, part_bytes: int = PART_BYTES
+    ) -> None:
+        self.first_path = path
         self.world_size = world_size
         self.shape = (num_layers, num_logical)
+        self.part_bytes = part_bytes
+        self.part = 0
+        self._windows_in_full_parts = 0
         self._open: dict[tuple[int, int], dict] = {}
         self._closed: list[dict] = []
         self._write_lock = threading.Lock()
@@ -308,8 +332,18 @@ class TraceRecorder:
         )
 
     @property
+    def path(self) -> str:
+        """The file the next flush writes (the current part)."""
+        return part_path(self.first_path, self.part)
+
+    @property
+    def files(self) -> list[str]:
+        """Every file written so far, first to current."""
+        return [part_path(self.first_path, k) for k in range(self.part + (1 if self._closed else 0))]
+
+    @property
     def windows(self) -> int:
-        return len(self._closed)
+        return self._windows_in_full_parts + len(self._closed)
 
     def flush(self, close_all: bool = False) -> None:
         """Write every closed window (and the open ones if ``close_all``) atomically."""
@@ -320,10 +354,22 @@ class TraceRecorder:
             self._write()
 
     def _write(self) -> None:
-        if not self._closed:
+        """Write the current part; once it holds ``part_bytes`` of loads, start the next one.
+
+        Runs in an executor thread while the event loop appends closed windows: it writes a
+        snapshot and, at a part's end, drops exactly the windows that snapshot held."""
+        snapshot = list(self._closed)
+        if not snapshot:
             return
-        rows = sorted(self._closed, key=lambda w: (w["step_begin"], w["step_end"]))
-        tmp = f"{self.path}.tmp.npz"
+        self._write_part(self.path, snapshot)
+        if sum(w["loads"].nbytes for w in snapshot) >= self.part_bytes:
+            del self._closed[: len(snapshot)]
+            self._windows_in_full_parts += len(snapshot)
+            self.part += 1
+
+    def _write_part(self, path: str, windows: list[dict]) -> None:
+        rows = sorted(windows, key=lambda w: (w["step_begin"], w["step_end"]))
+        tmp = f"{path}.tmp.npz"
         np.savez_compressed(
             tmp,
             format_version=np.int64(FORMAT_VERSION),
@@ -334,4 +380,4 @@ class TraceRecorder:
             ranks_reported=np.array([w["ranks"] for w in rows], dtype=np.int64),
             unix_time_s=np.array([w["time"] for w in rows], dtype=np.float64),
         )
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)

@@ -34,6 +34,28 @@ def test_recorder_closes_windows_when_every_rank_moved_on_and_round_trips(tmp_pa
     assert [trace.window_at(s) for s in (0, 9, 10, 19, 20, 35)] == [0, 0, 1, 1, 0, 1]
 
 
+def test_a_long_recording_goes_on_in_parts_and_keeps_only_the_current_part_in_memory(tmp_path):
+    """Before: every window of the deployment stayed in memory and every flush rewrote all of
+    them into one file (tens of GB a day at 60 layers of 512 experts)."""
+    from eplb_service.trace import part_path
+
+    path = str(tmp_path / "t.npz")
+    window_bytes = np.zeros((1, 2)).nbytes
+    rec = TraceRecorder(path, num_layers=1, num_logical=2, world_size=1, part_bytes=3 * window_bytes)
+    for k in range(8):  # one rank: a window closes when the next one's report comes
+        rec.add(np.array([[float(k), 1.0]]), 10 * k, 10 * k + 10, epoch=0, rank=0)
+        rec.flush()
+        assert len(rec._closed) < 3, "a full part is written out and dropped from memory"
+    rec.flush(close_all=True)
+    assert rec.files == [path, part_path(path, 1), part_path(path, 2)] and rec.windows == 8
+    assert part_path(path, 2) == str(tmp_path / "t.part2.npz")
+    traces = [load_trace(f) for f in rec.files]
+    assert [t.num_windows for t in traces] == [3, 3, 2]
+    begins = [b for t in traces for b in t.step_begin.tolist()]
+    assert begins == [10 * k for k in range(8)], "every window once, in order, none lost at a part's end"
+    assert [v for t in traces for v in t.loads[:, 0, 0].tolist()] == [float(k) for k in range(8)]
+
+
 def test_overlapping_windows_the_recorder_writes_still_load(tmp_path):
     """Ranks whose report boundaries differ (report_interval_steps takes effect at each rank's
     Welcome) give overlapping windows of one rank each; the reader takes what the recorder writes."""

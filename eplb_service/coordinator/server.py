@@ -453,7 +453,7 @@ class Coordinator:
             return
         try:
             self.recorder.flush(close_all=True)
-            self.log.info("load trace: %d windows in %s", self.recorder.windows, self.recorder.path)
+            self.log.info("load trace: %d windows in %s", self.recorder.windows, ", ".join(self.recorder.files))
         except Exception as exc:  # noqa: BLE001 - recording is a side duty, and must not fail a shutdown
             self._record_failed(exc)
         self.recorder = None
