@@ -403,3 +403,49 @@ def test_worker_restarts_do_not_grow_the_coordinators_memory_of_processes(tmp_pa
         a0.close()
         agent.close()
         thread.stop()
+
+
+def test_a_coordinator_behind_on_its_messages_declares_no_live_rank_dead(tmp_path, caplog):
+    """Before: heartbeats waiting in the socket behind a slow handler (or a burst of load reports
+    from hundreds of ranks) did not count; measured from the tick's clock, live ranks were
+    declared dead, their plan aborted, and they had to register again."""
+    import threading
+
+    cfg = CoordinatorConfig(
+        world_size=2,
+        endpoint=f"ipc://{tmp_path}/c.sock",
+        liveness_timeout_s=1.0,
+        check_step_clock=False,
+        rebalance_interval_steps=10**6,
+    )
+    thread = CoordinatorThread(cfg).start()
+    agents = [FakeAgent(cfg.endpoint, rank) for rank in range(2)]
+    for agent in agents:
+        agent.register()
+    c = thread.coordinator
+    handle, stalled = c._handle, threading.Event()
+
+    def slow_once(identity, message):  # one handler holding the loop 2.5 liveness timeouts
+        if isinstance(message, protocol.Heartbeat) and message.rank == 1 and not stalled.is_set():
+            stalled.set()
+            time.sleep(2.5)
+        handle(identity, message)
+
+    c._handle = slow_once
+    try:
+        with caplog.at_level("WARNING"):
+            deadline = time.monotonic() + 4.5
+            step = 1
+            while time.monotonic() < deadline:  # both ranks beat every 50 ms throughout
+                for agent in agents:
+                    agent.beat(step)
+                step += 1
+                time.sleep(0.05)
+            settle(lambda: all(r.step >= step - 1 for r in c.registry.alive) and len(c.registry.alive) == 2)
+    finally:
+        for agent in agents:
+            agent.close()
+        thread.stop()
+    assert stalled.is_set()
+    assert "silent for" not in caplog.text, caplog.text  # "rank R silent for Ts: declared dead"
+    assert "behind on incoming messages" in caplog.text

@@ -111,6 +111,9 @@ class Coordinator:
         self.ready = asyncio.Event()
         self.started_at = time.time()
         self.last_tick = time.monotonic()
+        self._caught_up_at = self.last_tick
+        """When the receive loop last found no message waiting: everything sent before it was read."""
+        self._behind_warned = False
         self._balancedness_at = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------
@@ -250,6 +253,8 @@ class Coordinator:
         sock = self._sock
         stop_wait = asyncio.ensure_future(self._stopping.wait())
         while not self._stopping.is_set():
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # pyzmq's async socket re-arms its poller after this
+                self._caught_up_at = time.monotonic()
             recv = asyncio.ensure_future(sock.recv_multipart())
             done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if recv not in done:
@@ -487,9 +492,29 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - one bad tick must not end liveness and planning
                 self._internal_error("tick", exc)
 
+    def _heard_until(self, now: float) -> float:
+        """The moment up to which every rank's messages have been read: ``now`` when none waits,
+        else when the receive loop last found none waiting.
+
+        Liveness measures silence from there. A coordinator behind on its messages (a burst of
+        load reports from hundreds of ranks, a slow handler) has heartbeats waiting in its
+        socket; measured from ``now`` it declared live ranks dead, aborted the plan in flight
+        and made them register again, which only added to its backlog."""
+        if self._sock is None or self._sock.closed or not self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._behind_warned = False
+            return now
+        behind = now - self._caught_up_at
+        if behind > self.cfg.liveness_timeout_s and not self._behind_warned:
+            self._behind_warned = True
+            self.log.warning(
+                "%.1fs behind on incoming messages (overloaded?): no rank is declared dead until they are read",
+                behind,
+            )
+        return self._caught_up_at
+
     async def _tick(self) -> None:
         now = self.last_tick = time.monotonic()
-        for record in self.registry.expire(now, self.cfg.liveness_timeout_s):
+        for record in self.registry.expire(self._heard_until(now), self.cfg.liveness_timeout_s):
             self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
             self.router.lose_agent(record, now)
         self.plans.tick(now)
