@@ -141,6 +141,14 @@ class Harness:
     def comm(self) -> protocol.CommInit:
         return protocol.CommInit(generation=next(self.generations), store_host="127.0.0.1", store_port=1, world_size=1)
 
+    def welcome(self) -> None:
+        """The coordinator's Welcome (session 7) with a side communicator to build."""
+        self.deliver(
+            protocol.Welcome(
+                protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=self.comm()
+            )
+        )
+
     def plan(self) -> protocol.Plan:
         rows = self.model.phy2log.numpy()[[1]].copy()
         rows[0] = np.roll(rows[0], 1)
@@ -248,9 +256,7 @@ ANY_MESSAGE = any_message()
 @given(st.data())
 def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data):
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     actions = collections.Counter()
     flow = flow_messages(h)
     for _ in range(data.draw(st.integers(5, 60), label="length")):
@@ -278,9 +284,7 @@ def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data
 def test_the_happy_path_commits_through_the_record():
     """The same harness, scripted: Welcome, Plan, VoteNow, steps: committed at S once."""
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     plan = h.plan()
     h.deliver(plan)
     assert any(isinstance(m, protocol.Staged) for m in h.agent.link.sock.sent)
@@ -300,9 +304,7 @@ def test_the_happy_path_commits_through_the_record():
 def test_a_new_side_communicator_during_the_vote_keeps_the_ticket_and_commits():
     """The death of issue 13: a CommInit arriving after the vote dropped the plan under an armed ticket."""
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     plan = h.plan()
     h.deliver(plan)
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
@@ -339,9 +341,7 @@ def test_config_overrides_survive_a_new_welcome_and_name_a_bad_field():
 
 def test_busy_from_plan_receipt_until_its_commit():
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     assert not h.agent.busy
     plan = h.plan()
     h.deliver(plan)
@@ -410,9 +410,7 @@ def test_a_late_copy_of_an_older_side_communicator_keeps_the_newer_one_and_the_s
     "reordered" fault) dropped the staged plan and tore down generation 3 to join a
     rendezvous the peers had left; a second copy of an attempted one dropped the plan too."""
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     second, third = h.comm(), h.comm()
     h.deliver(third)  # generation 2's copy is late
     plan = h.plan()
@@ -434,9 +432,7 @@ def test_a_hello_sent_right_after_the_serving_thread_commits_pairs_the_epoch_wit
     the old placement: a restarted coordinator adopted that wrong placement for the epoch and
     refused every other rank's right one as a conflict."""
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     plan = h.plan()
     h.deliver(plan)
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
@@ -468,9 +464,7 @@ def test_an_agent_stopping_mid_vote_leaves_its_decider_answering_the_armed_ticke
     from eplb_service.worker_agent.decision import Decider, DecisionUnavailable
 
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     plan = h.plan()
     h.deliver(plan)
 
@@ -510,9 +504,7 @@ def test_reporting_an_aborted_ticket_never_tears_down_a_side_communicator_being_
     aborted at once, on this rank only: its peers held the new generation and this rank
     answered the next plan ``not_connected``."""
     h = Harness()
-    h.deliver(
-        protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7, comm=h.comm())
-    )
+    h.welcome()
     plan = h.plan()
     h.deliver(plan)
     h.other_rank_decides(commit=False)  # another rank gave up first: the record says abort
