@@ -197,7 +197,10 @@ class CoordinatorProcess:
     def __init__(self, world: int, endpoint: str, tree: str, soak: bool) -> None:
         import subprocess
 
-        env = dict(os.environ, PYTHONPATH=tree)
+        # the tree first (its eplb_service wins), then what the caller's path already had (pyzmq,
+        # msgspec installed with --target on a machine without them)
+        inherited = os.environ.get("PYTHONPATH", "")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (tree, inherited) if p))
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--serve", str(world), endpoint] + (["--soak"] if soak else []),
             stdin=subprocess.PIPE,
@@ -209,9 +212,14 @@ class CoordinatorProcess:
     def ask(self, cmd: str):
         import json
 
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+            return json.loads(self.proc.stdout.readline())
+        except (BrokenPipeError, json.JSONDecodeError):
+            raise RuntimeError(
+                f"the coordinator process exited ({self.proc.wait()}) before answering {cmd!r}; its error is above"
+            ) from None
 
     def stop(self, profile: str = "") -> None:
         self.ask(f"stop {profile}")
