@@ -597,3 +597,18 @@ def test_ranks_voting_with_different_fences_commit_at_one_step_every_fence_cover
         long.applied,
         decision,
     )
+
+
+def test_a_repeated_welcome_carrying_the_communicator_joins_it_without_a_second_welcomed_line(caplog):
+    """A Hello retried before its Welcome arrived (a coordinator slow to answer just after a
+    restart) is answered twice, the second time with the side communicator once every rank is
+    registered. The agent joins it; it was welcomed once, and says so once (seen on real vLLM:
+    "welcomed by the coordinator" twice, as if the rank had registered twice)."""
+    h = Harness()
+    caplog.set_level("INFO", logger="eplb_service.worker_agent.agent")
+    h.deliver(protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7))
+    assert not h.agent.side_ready
+    h.welcome()  # the same session, now with the communicator
+    assert h.agent.side_ready
+    welcomed = [r for r in caplog.records if "welcomed by the coordinator" in r.getMessage()]
+    assert len(welcomed) == 1, [r.getMessage() for r in welcomed]

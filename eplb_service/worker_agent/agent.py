@@ -389,8 +389,12 @@ class WorkerAgent:
     def _on_welcome(self, msg: protocol.Welcome) -> None:
         self._apply_config(msgspec_replace(msg.config, self.config_overrides))
         hooks = self.hooks
-        if self._welcomed and msg.session == self._session and msg.comm is None:
-            return  # a duplicate (our Hello was retried or duplicated)
+        if self._welcomed and msg.session == self._session:
+            # A duplicate (our Hello was retried or duplicated): the coordinator's answer to the
+            # retry may carry the side communicator the first one could not; join it, say nothing.
+            if msg.comm is not None:
+                self._connect(msg.comm)
+            return
         self._welcomed = True
         self._session = msg.session
         self._hello_backoff_s = self.hello_interval_s
