@@ -312,6 +312,50 @@ def test_a_rank_registering_again_mid_staging_gets_one_new_side_communicator_not
     assert to_rank == {c.registry.agents[0].identity, b"rank-1-reopened"}, to_rank
 
 
+def test_every_rank_resuming_its_session_keeps_the_side_communicator_it_has():
+    """A coordinator that stalled past the agents' silence limit (SIGSTOP, an overloaded host):
+    every agent reopened its socket and resumed its session, same process, its side communicator
+    intact. Before: each resumption voided the generation, so the first sent g+1 (to the other
+    rank's dead socket too) and the second g+2; one rank sat in g+1 while the other waited in
+    g+2, both timed out, and rebalancing stalled until the coordinator's retry (62 s; seen on
+    real vLLM under eplb-sidecar after SIGSTOP/SIGCONT of the coordinator)."""
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    harness = HandlerHarness()
+    c = harness.coordinator
+    generation = c.side_comm.generation
+    assert c.current_comm() is not None
+    for record in c.registry.agents.values():
+        record.comm_generation = generation  # both built it (their heartbeats say so)
+    assert c.comm_ready()
+    sent: list[tuple[bytes, protocol.Message]] = []
+    send = c.send
+    c.send = lambda identity, message: (sent.append((identity, message)), send(identity, message))
+    for rank in (1, 0):
+        held = c.registry.agents[rank]
+        hello = protocol.Hello(
+            protocol_version=protocol.PROTOCOL_VERSION,
+            rank=rank,
+            model=c.model,
+            phy2log=protocol.NDArray.from_numpy(held.phy2log),
+            epoch=c.epoch,
+            step=0,
+            transport="gloo",
+            store_host="127.0.0.1" if rank == 0 else "",
+            store_port=1 if rank == 0 else 0,
+            resume_session=held.session,
+        )
+        c._handle(f"rank-{rank}-reopened".encode(), hello)
+        assert c.registry.agents[rank].identity == f"rank-{rank}-reopened".encode()
+    generations = sorted({m.generation for _, m in sent if isinstance(m, protocol.CommInit)})
+    assert generations == [], f"side-communicator generations sent: {generations}"
+    assert c.side_comm.generation == generation and c.comm_ready()
+    # A resumed agent that did lose its communicator says so in its next heartbeat: not ready,
+    # and the coordinator's retry builds a new generation.
+    c.registry.agents[1].comm_generation = -1
+    assert not c.comm_ready()
+
+
 # -- 4. memory -------------------------------------------------------------------------------------
 
 

@@ -333,10 +333,18 @@ class MessageRouter:
         self.guard.forget(hello.rank)
         replaced = self.registry.register(record)
         if replaced is not None:
-            # The rank's old process state (its side communicator, a plan it staged) is gone:
-            # the current generation is void, and a batch still staging aborts, which already
+            if resumed and replaced.store == record.store:
+                # The same agent on a new socket (it found the coordinator silent): its side
+                # communicator is the one it had. Voiding it here made every rank resuming after
+                # a coordinator stall send a generation of its own, and ranks split between them
+                # waited out the transport timeout. Its heartbeats say if it did lose it; the
+                # coordinator's retry then builds a new one.
+                record.comm_generation = replaced.comm_generation
+            else:
+                # A new process: its side communicator is gone, the current generation is void.
+                self.host.invalidate_comm()
+            # A batch still staging aborts (messages to the old socket may be lost), which already
             # rebuilds the communicator once every rank is registered (see ``_comm_after_register``).
-            self.host.invalidate_comm()
             self.runner.agent_lost(hello.rank, now)
         self.log.info(
             "rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)",
