@@ -449,3 +449,44 @@ def test_a_coordinator_behind_on_its_messages_declares_no_live_rank_dead(tmp_pat
     assert stalled.is_set()
     assert "silent for" not in caplog.text, caplog.text  # "rank R silent for Ts: declared dead"
     assert "behind on incoming messages" in caplog.text
+
+
+def test_a_balanced_deployment_logs_no_rebalance_once_not_at_every_evaluation(tmp_path, caplog):
+    """Before: "no rebalance: ..." at INFO on every evaluation, one every interval for as long as
+    the load stays balanced (thousands of lines a day); the skips are still counted."""
+    cfg = CoordinatorConfig(
+        world_size=2,
+        endpoint=f"ipc://{tmp_path}/c.sock",
+        check_step_clock=False,
+        rebalance_interval_steps=10,
+        min_window_steps=10,
+    )
+    thread = CoordinatorThread(cfg).start()
+    agents = [FakeAgent(cfg.endpoint, rank) for rank in range(2)]
+    c = thread.coordinator
+    try:
+        for agent in agents:
+            agent.register()
+        settle(lambda: c.side_comm.current_was_sent)
+        generation = c.side_comm.generation  # as if built: the coordinator plans only with it ready
+        balanced = np.full((SHAPE.num_layers, SHAPE.num_physical), 100.0)  # every rank equally loaded
+        with caplog.at_level("DEBUG"):
+            for step in range(10, 400, 10):
+                for agent in agents:
+                    agent.load(balanced, step - 10, step)
+                    agent.send(
+                        protocol.Heartbeat(
+                            rank=agent.rank, step=step, epoch=0, session=agent.session, comm_generation=generation
+                        )
+                    )
+                if c.counts["skipped"] >= 4:
+                    break
+                time.sleep(0.1)
+            settle(lambda: c.counts["skipped"] >= 4)
+    finally:
+        for agent in agents:
+            agent.close()
+        thread.stop()
+    lines = [r for r in caplog.records if "] no rebalance: " in r.getMessage()]
+    assert len(lines) >= 4 and [r.levelname for r in lines].count("INFO") == 1, [r.levelname for r in lines]
+    assert "the next ones at DEBUG until a plan is made" in lines[0].getMessage()

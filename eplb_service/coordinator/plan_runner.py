@@ -95,6 +95,10 @@ class PlanRunner:
         """No new plan starts once the deployment passes this step (planned shutdowns)."""
         self.outcomes: list[PlanOutcome] = []
         self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
+        self.skips_in_a_row = 0
+        """Evaluations without a plan since the last one that made a plan: the first is logged at
+        INFO, the rest at DEBUG (a balanced deployment evaluates every interval, for days;
+        ``eplb_plans_total{outcome="skipped"}`` counts them all)."""
         self.bytes_moved_total = 0
         self.experts_moved_total = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-policy")
@@ -113,6 +117,7 @@ class PlanRunner:
         self.last_persistence = 1.0
         self._seeded = False
         self.drain_at_step = None
+        self.skips_in_a_row = 0
 
     def number(self, plan_id: int) -> int:
         return self._numbers.get(plan_id, 0)
@@ -229,16 +234,20 @@ class PlanRunner:
         elif epoch != book.epoch or not result.batches or gain < self.cfg.min_gain:
             self.counts["skipped"] += 1
             self.metrics.plans.labels("skipped").inc()
-            self.log.info(
+            self.skips_in_a_row += 1
+            self.log.log(
+                logging.INFO if self.skips_in_a_row == 1 else logging.DEBUG,
                 "no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move; "
-                "load persistence %.2f)",
+                "load persistence %.2f; %s)",
                 result.balancedness_before,
                 result.balancedness_after,
                 gain,
                 self.cfg.min_gain,
                 self.last_persistence,
+                "the next ones at DEBUG until a plan is made" if self.skips_in_a_row == 1 else "again",
             )
             return
+        self.skips_in_a_row = 0
         self.log.info(
             "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB (load persistence %.2f)",
             result.balancedness_before,
