@@ -80,3 +80,30 @@ def test_the_coordinator_refuses_a_shared_directory_without_changing_it(tmp_path
     assert out.returncode == 1 and f"socket directory {directory} has mode 1777" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert mode_of(directory) == 0o1777 and not (directory / "c.sock").exists()
+
+
+def test_a_stopped_coordinator_removes_its_socket_file_but_not_a_successors(tmp_path):
+    """Before: the ipc:// socket file stayed after a clean stop, an endpoint nobody listened on."""
+    import os
+    import socket as pysocket
+
+    from coordinator_thread import CoordinatorThread
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.socket_dir import ipc_socket_identity, release_ipc_endpoint
+
+    path = tmp_path / "c.sock"
+    thread = CoordinatorThread(CoordinatorConfig(world_size=1, endpoint=f"ipc://{path}")).start()
+    assert path.is_socket()
+    thread.stop()
+    assert not os.path.lexists(path)
+
+    with pysocket.socket(pysocket.AF_UNIX) as first:  # a file bound, then replaced by another's
+        first.bind(str(path))
+        mine = ipc_socket_identity(f"ipc://{path}")
+        os.unlink(path)
+        with pysocket.socket(pysocket.AF_UNIX) as successor:
+            successor.bind(str(path))
+            release_ipc_endpoint(f"ipc://{path}", mine)
+            assert path.is_socket(), "a socket file bound by someone else since is left alone"
+    assert ipc_socket_identity("tcp://127.0.0.1:5555") is None and ipc_socket_identity("ipc://@abstract") is None

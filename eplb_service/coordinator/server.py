@@ -34,7 +34,7 @@ from eplb_service.coordinator.progress import CoordinatorProgress, progress_of
 from eplb_service.coordinator.registry import Registry
 from eplb_service.coordinator.router import MessageRouter
 from eplb_service.coordinator.side_comm import SideComm
-from eplb_service.coordinator.socket_dir import prepare_ipc_dir
+from eplb_service.coordinator.socket_dir import ipc_socket_identity, prepare_ipc_dir, release_ipc_endpoint
 from eplb_service.coordinator.status_doc import status_document
 from eplb_service.logutil import rank_logger
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
@@ -112,6 +112,8 @@ class Coordinator:
         self.started_at = time.time()
         self.last_tick = time.monotonic()
         self._caught_up_at = self.last_tick
+        self._bound_socket_file: tuple[int, int] | None = None
+        """The ``ipc://`` socket file this coordinator bound (device, inode), removed when it stops."""
         """When the receive loop last found no message waiting: everything sent before it was read."""
         self._behind_warned = False
         self._balancedness_at = float("-inf")
@@ -133,6 +135,7 @@ class Coordinator:
         http = None
         try:
             sock.bind(self.cfg.endpoint)
+            self._bound_socket_file = ipc_socket_identity(self.cfg.endpoint)
             if self.cfg.metrics_port is not None:
                 http = await self._serve_http()
         except (BindError, zmq.ZMQError) as exc:
@@ -245,6 +248,7 @@ class Coordinator:
             self._auth.stop()
         if self._ctx is not None:
             self._ctx.destroy(linger=200)
+        release_ipc_endpoint(self.cfg.endpoint, self._bound_socket_file)
         self.log.info("stopped")
 
     # -- I/O ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ what to do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -179,3 +180,27 @@ def _unix_socket_listening(path: str) -> bool:
         except OSError as exc:
             raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror or exc}") from None
         return True
+
+
+def ipc_socket_identity(endpoint: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of an ``ipc://`` endpoint's socket file right after the bind; ``None``
+    for ``tcp://``, the abstract namespace or a file that is not there."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    try:
+        info = os.stat(endpoint[len("ipc://") :])
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+
+
+def release_ipc_endpoint(endpoint: str, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file a stopped coordinator bound, if it is still that very file.
+
+    ZeroMQ leaves it behind: ``ls`` and ``test -S`` then show an endpoint nobody listens on
+    until the next start removes it as stale. A file another coordinator bound since (another
+    inode) is left alone."""
+    if identity is None or ipc_socket_identity(endpoint) != identity:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(endpoint[len("ipc://") :])
