@@ -97,24 +97,20 @@ def _http_host() -> str | None:
     return next(f.default for f in dataclasses.fields(CoordinatorConfig) if f.name == "http_host")  # type: ignore[return-value]
 
 
-def listen_problem(host: str, port: int) -> str | None:
+def listen_problem(host: str | None, port: int) -> str | None:
     """Why a TCP server could not listen on ``host:port`` now (the kernel's words), or ``None``.
 
-    A port in use would end the coordinator in a traceback after it started; asked here first.
-    A host that does not resolve (zmq also takes interface names) is left to the coordinator.
+    A port in use would end the coordinator in a traceback after it started; asked here first,
+    with the coordinator's own listener (:func:`~.http_endpoints.listen_socket`), opened and
+    closed. A host that does not resolve (zmq also takes interface names) is left to the
+    coordinator.
     """
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        listen_socket(host, port).close()
     except socket.gaierror:
         return None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's and zmq's servers do
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            return exc.strerror or str(exc)
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return None
 
 
@@ -123,12 +119,7 @@ def check_metrics_port(port: int | None) -> None:
     had reported it starting (the coordinator's parser already refuses one outside 0-65535)."""
     if port is None:
         return
-    problem = None
-    if port != 0:
-        try:
-            listen_socket(_http_host(), port).close()  # the coordinator's own listener, opened and closed
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
+    problem = None if port == 0 else listen_problem(_http_host(), port)
     if problem:
         raise UsageError(
             f"--metrics-port {port}: cannot listen on it ({problem}); choose another, or 0 for any free port"

@@ -380,11 +380,12 @@ class MessageRouter:
         coordinator's retry (``2 x transport_timeout_s + 2`` s, 62 s by default)."""
         if not self.registry.complete:
             return
-        if self.host.current_comm() is not None:
+        on_its_way = self.host.current_comm()
+        if on_its_way is not None:
             self.log.debug(
                 "rank %d registered; side communicator generation %d is already on its way to every rank",
                 rank,
-                self.host.current_comm().generation,
+                on_its_way.generation,
             )
             return
         self.host.rebuild_comm()

@@ -112,9 +112,9 @@ class Coordinator:
         self.started_at = time.time()
         self.last_tick = time.monotonic()
         self._caught_up_at = self.last_tick
+        """When the receive loop last found no message waiting: everything sent before it was read."""
         self._bound_socket_file: tuple[int, int] | None = None
         """The ``ipc://`` socket file this coordinator bound (device, inode), removed when it stops."""
-        """When the receive loop last found no message waiting: everything sent before it was read."""
         self._behind_warned = False
         self._balancedness_at = float("-inf")
 
