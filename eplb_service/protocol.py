@@ -111,7 +111,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Steps accumulated on the device before one load snapshot goes to the host."""
     heartbeat_interval_s: PosFloat = 1.0
     fence_steps: PosInt = 8
-    """F: the commit step is max(entry step) + F; a rank blocks at entry + F until the vote is known."""
+    """F: the commit step is the MAX over ranks of entry + F; a rank blocks at entry + F until it is known."""
     fence_timeout_s: PosFloat = 5.0
     """Longest the serving thread waits at the fence before aborting the plan locally."""
     max_ops_per_group: PosInt = 16
