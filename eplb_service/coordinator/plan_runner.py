@@ -26,6 +26,7 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.placement import PlacementError, PolicySettingsError, validate_phy2log
+from eplb_service.units import human_bytes
 
 
 @dataclass
@@ -249,12 +250,12 @@ class PlanRunner:
             return
         self.skips_in_a_row = 0
         self.log.info(
-            "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %.1f MiB (load persistence %.2f)",
+            "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %s (load persistence %.2f)",
             result.balancedness_before,
             result.balancedness_after,
             len(result.batches),
             result.experts_moved,
-            result.bytes_moved / 2**20,
+            human_bytes(result.bytes_moved),
             self.last_persistence,
         )
         self.pending_batches = list(result.batches)
@@ -302,11 +303,11 @@ class PlanRunner:
         self.counts["proposed"] += 1
         self._numbers[self.plan.plan_id] = self.counts["proposed"]
         self.log.info(
-            "plan #%d (id %d): layers %s, %.1f MiB",
+            "plan #%d (id %d): layers %s, %s",
             self.counts["proposed"],
             self.plan.plan_id,
             layers,
-            self.plan.bytes_moved / 2**20,
+            human_bytes(self.plan.bytes_moved),
         )
         self.metrics.plans_proposed.inc()
         self.host.broadcast(
@@ -341,9 +342,9 @@ class PlanRunner:
         plan = self._current(plan_id)
         if plan is not None and plan.on_staged(rank, now, received_bytes, duration_s):
             self.log.info(
-                "plan #%d staged on every rank: %.1f MiB over the side communicator, slowest rank %.2f s",
+                "plan #%d staged on every rank: %s over the side communicator, slowest rank %.2f s",
                 self.number(plan.plan_id),
-                plan.received_bytes / 2**20,
+                human_bytes(plan.received_bytes),
                 plan.slowest_staging_s,
             )
             self.advance()

@@ -24,6 +24,7 @@ from eplb_service.placement import model_balancedness
 from eplb_service.sim.processes import RankProcesses, drain, free_port
 from eplb_service.sim.serving_loop import RankSpec, run_rank
 from eplb_service.sim.workload import SimModelConfig
+from eplb_service.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,13 @@ class ProgressLog:
             self.last_line = now
             bal = self.coordinator.current_balancedness()
             log.info(
-                "step %d/%d | balancedness %s | plans committed %d aborted %d | moved %.2f MiB | epoch %d "
-                "| mismatches %d",
+                "step %d/%d | balancedness %s | plans committed %d aborted %d | moved %s | epoch %d | mismatches %d",
                 self.step,
                 self.opts.steps,
                 f"{bal[0]:.3f}" if bal else "n/a",
                 state.committed,
                 state.aborted,
-                state.bytes_moved / 2**20,
+                human_bytes(state.bytes_moved),
                 state.epoch,
                 self.mismatches,
             )
