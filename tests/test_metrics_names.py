@@ -212,3 +212,69 @@ def test_docs_and_alert_rules_name_only_exposed_metrics():
             if metric.startswith("eplb_service_"):
                 continue
             assert re.sub(r"_(bucket|sum|count)$", "", metric) in names, f"{doc} names {metric}, which is not exported"
+
+
+def _hello(rank: int, world: int) -> "object":
+    from eplb_service import protocol
+    from eplb_service.placement import PlacementShape, initial_phy2log
+
+    shape = PlacementShape(1, world, world, world)
+    return protocol.Hello(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        rank=rank,
+        model=protocol.ModelShape(1, world, world, world, 36),
+        phy2log=protocol.NDArray.from_numpy(initial_phy2log(shape)),
+        epoch=0,
+        step=0,
+        transport="gloo",
+        store_host="127.0.0.1" if rank == 0 else "",
+        store_port=1 if rank == 0 else 0,
+    )
+
+
+def test_agent_up_follows_each_rank_from_the_start_through_registration_and_loss():
+    import time
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.server import Coordinator
+    from eplb_service.testing.protocol_fuzz import _Sink
+
+    c = Coordinator(CoordinatorConfig(world_size=4, endpoint="ipc:///nonexistent/up.sock"))
+    c._sock = _Sink()
+
+    def up() -> dict[str, float]:
+        values = samples(c.metrics.registry)
+        return {dict(labels)["rank"]: v for (name, labels), v in values.items() if name == "eplb_agent_up"}
+
+    assert up() == {"0": 0, "1": 0, "2": 0, "3": 0}  # every rank's series before anyone registers
+    c._handle(b"rank-1", _hello(1, 4))
+    c._handle(b"rank-3", _hello(3, 4))
+    assert up() == {"0": 0, "1": 1, "2": 0, "3": 1}
+    assert samples(c.metrics.registry)[("eplb_agents_alive", ())] == 2
+    c.router.lose_agent(c.registry.agents[3], time.monotonic())
+    assert up() == {"0": 0, "1": 1, "2": 0, "3": 0}
+    assert samples(c.metrics.registry)[("eplb_agents_alive", ())] == 1
+
+
+def test_a_registration_touches_its_own_rank_series_not_every_ranks():
+    """A registration storm at 1024 ranks cost ranks² label look-ups when every registration
+    refreshed every rank's ``eplb_agent_up``."""
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.server import Coordinator
+    from eplb_service.testing.protocol_fuzz import _Sink
+
+    world = 64
+    c = Coordinator(CoordinatorConfig(world_size=world, endpoint="ipc:///nonexistent/storm.sock"))
+    c._sock = _Sink()
+    looked_up: list[tuple] = []
+    original = c.metrics.agent_up.labels
+
+    def counting(*args, **kwargs):
+        looked_up.append(args)
+        return original(*args, **kwargs)
+
+    c.metrics.agent_up.labels = counting  # type: ignore[method-assign]
+    for rank in range(world):
+        c._handle(f"rank-{rank}".encode(), _hello(rank, world))
+    assert c.registry.complete
+    assert len(looked_up) <= 2 * world, f"{len(looked_up)} agent_up look-ups for {world} registrations"

@@ -95,6 +95,7 @@ class Coordinator:
         self.router = MessageRouter(
             config, self.registry, self.book, self.guard, self.plans, self.metrics, self.log, host=self
         )
+        self.router.update_liveness_metrics()  # every rank's agent_up from the start, at 0
         self.recorder: TraceRecorder | None = None
         self._last_trace_flush = time.monotonic()
         self.max_message_bytes = protocol.UNSHAPED_MAX_MESSAGE_BYTES
