@@ -10,7 +10,7 @@ types (``python -m eplb_service.schema``) and a test keeps it current.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Final, Literal, Union
 
 import msgspec
 import numpy as np
@@ -229,18 +229,31 @@ class Reject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     code: RejectCode = "refused"
 
 
+CLOCK_PROBE_EVERY = 32
+"""Step-clock probe steps are the multiples of this (see :class:`StepClock`)."""
+CLOCK_PROBE_RADIUS: Final = 3
+"""Each probe carries the end times of ``2 * CLOCK_PROBE_RADIUS + 1`` steps around its step."""
+CLOCK_PROBE_LEN = 2 * CLOCK_PROBE_RADIUS + 1
+
+
 class StepClock(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """When this rank's serving thread finished the steps around a few probe steps.
 
     ``times[i][j]`` is the monotonic time at which step ``probe_steps[i] - radius + j``
     ended; ``wall_minus_mono`` converts it to wall time for ranks on other hosts. All ranks
     run the same forward passes at the same moments, so equal step numbers must carry
-    (nearly) equal times; see ``coordinator.step_clock``.
+    (nearly) equal times; see ``coordinator.step_clock``. The decoder holds a probe to the
+    spec: radius 3, probe steps multiples of 32, one row of 7 times per probe step. A probe of
+    another shape never lines up with the other ranks' (or, rows and steps miscounted, pairs
+    times with the wrong step), so the rank's clock would stay unverified and hold planning
+    for ``step_clock_grace_s`` with nothing saying why.
     """
 
-    probe_steps: list[NonNegInt]
-    times: list[list[float]]
-    radius: NonNegInt
+    probe_steps: list[Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX, multiple_of=CLOCK_PROBE_EVERY)]]
+    times: list[Annotated[list[float], msgspec.Meta(min_length=CLOCK_PROBE_LEN, max_length=CLOCK_PROBE_LEN)]]
+    """``[len(probe_steps), 7]``: one row per probe step (checked at decoding, see ``_check_shapes``)."""
+    radius: Literal[3]
+    """Always ``CLOCK_PROBE_RADIUS`` (3): the only window the coordinator compares."""
     wall_minus_mono: float
 
 
@@ -442,6 +455,7 @@ def decode(frame: bytes, max_bytes: int | None = None) -> Message:
     try:
         message = _decoder.decode(frame)
         _check_finite(message, "$")
+        _check_shapes(message)
         return message
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid message: {_json_hint(frame) or exc}") from None
@@ -465,6 +479,18 @@ def _json_hint(frame: bytes) -> str:
         "the frame is JSON text; messages are msgpack (a map whose 'type' names the message; "
         "fields as in proto/schema.json)"
     )
+
+
+def _check_shapes(message: Message) -> None:
+    """What the types cannot say: a heartbeat's clock holds one row of times per probe step
+    (``zip`` in the coordinator would silently pair the wrong ones, or drop the extras)."""
+    if isinstance(message, Heartbeat) and message.clock is not None:
+        steps, rows = len(message.clock.probe_steps), len(message.clock.times)
+        if steps != rows:
+            raise ProtocolError(
+                f"invalid message: Expected one row of times per probe step ({steps}), got {rows} rows"
+                " - at `$.clock.times`"
+            )
 
 
 def _all_finite(value: object) -> bool:

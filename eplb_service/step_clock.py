@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROBE_EVERY = 32
-"""Probe steps are the multiples of this."""
-PROBE_RADIUS = 3
+from eplb_service import protocol
+
+PROBE_EVERY = protocol.CLOCK_PROBE_EVERY
+"""Probe steps are the multiples of this (the wire protocol refuses others)."""
+PROBE_RADIUS = protocol.CLOCK_PROBE_RADIUS
 """Each probe carries the end times of ``2 * PROBE_RADIUS + 1`` steps around it."""
 
 

@@ -110,6 +110,33 @@ def test_constraints_refuse_negative_ids_and_nan_naming_the_field():
         )
 
 
+def _heartbeat_with_clock(**clock) -> bytes:
+    import msgspec
+
+    probe = {"probe_steps": [32, 64], "times": [[1.0] * 7, [2.0] * 7], "radius": 3, "wall_minus_mono": 0.0}
+    probe.update(clock)
+    return msgspec.msgpack.encode({"type": "Heartbeat", "rank": 1, "step": 70, "epoch": 0, "clock": probe})
+
+
+@pytest.mark.parametrize(
+    ("clock", "refusal"),
+    [
+        ({"radius": 4}, r"Invalid enum value 4 - at `\$\.clock\.radius`"),
+        ({"times": [[1.0] * 7, [2.0] * 6]}, r"length >= 7 - at `\$\.clock\.times\[1\]`"),
+        ({"times": [[1.0] * 7, [2.0] * 9]}, r"length <= 7 - at `\$\.clock\.times\[1\]`"),
+        ({"times": [[1.0] * 7]}, r"one row of times per probe step \(2\), got 1 rows - at `\$\.clock\.times`"),
+        ({"probe_steps": [32]}, r"one row of times per probe step \(1\), got 2 rows - at `\$\.clock\.times`"),
+        ({"probe_steps": [32, 65]}, r"multiple of 32 - at `\$\.clock\.probe_steps\[1\]`"),
+    ],
+)
+def test_a_step_clock_probe_off_the_spec_is_refused_naming_the_field(clock, refusal):
+    """Radius 3, rows of 7 times, one row per probe step at multiples of 32 (PROTOCOL.md, Step clock):
+    a probe of another shape never lines up with the other ranks' and held planning unexplained."""
+    with pytest.raises(protocol.ProtocolError, match=refusal):
+        protocol.decode(_heartbeat_with_clock(**clock))
+    assert isinstance(protocol.decode(_heartbeat_with_clock()), protocol.Heartbeat)  # the spec's own shape passes
+
+
 def test_wrong_field_type_is_named():
     import msgspec
 
