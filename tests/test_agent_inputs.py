@@ -48,6 +48,17 @@ class FakeAgent:
                     return message
         return None
 
+    def replies_until(self, kind, timeout_s: float = 3.0) -> list:
+        """Everything the coordinator sends until (and with) the first ``kind``; fails if none comes."""
+        seen: list = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(50):
+                seen.append(protocol.decode(self.sock.recv()))
+                if isinstance(seen[-1], kind):
+                    return seen
+        raise AssertionError(f"no {kind.__name__} within {timeout_s}s; got {seen}")
+
     def register(self, epoch: int = 0, pid: int | None = None) -> None:
         self.send(
             protocol.Hello(
@@ -70,15 +81,15 @@ class FakeAgent:
     def beat(self, step: int) -> None:
         self.send(protocol.Heartbeat(rank=self.rank, step=step, epoch=0, session=self.session, comm_generation=-1))
 
-    def load(self, counts, step_begin: int, step_end: int) -> None:
+    def load(self, counts, step_begin: int, step_end: int, epoch: int = 0, **fields) -> None:
         self.send(
             protocol.LoadReport(
-                rank=self.rank,
-                epoch=0,
+                rank=fields.get("rank", self.rank),
+                epoch=epoch,
                 step_begin=step_begin,
                 step_end=step_end,
                 slot_load=protocol.NDArray.from_numpy(np.asarray(counts, dtype=np.float64)),
-                session=self.session,
+                session=fields.get("session", self.session),
             )
         )
 
@@ -153,6 +164,63 @@ def test_backward_or_leaping_steps_are_refused(deployment, caplog):
     )
     assert coordinator.book.max_step_seen == 10 and coordinator.book.window.decayed_to_step <= 10
     assert coordinator.registry.agents[1].step <= 10
+
+
+def _rejects(messages: list) -> list[tuple[str, str]]:
+    return [(m.code, m.reason) for m in messages if isinstance(m, protocol.Reject)]
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        (np.full((2, 6), 10.0), "(bad_shape): load report shape (2, 6), expected (2, 8)"),
+        (np.where(np.arange(16).reshape(2, 8) == 11, -5.0, 1.0), "(bad_values): slot_load[1, 3] = -5.0"),
+    ],
+)
+def test_a_dropped_load_report_is_answered_with_a_reject_naming_the_value(deployment, counts, expected):
+    """Before: the coordinator logged the drop and its sender heard nothing, so an agent (or an
+    independent client) could not tell a malformed report from one that counted."""
+    _, (_, a1) = deployment
+    a1.load(counts, 0, 10)
+    (code, reason), *more = _rejects(a1.replies_until(protocol.Reject))
+    assert code == "bad_message" and expected in reason and "steps 0..10 at epoch 0" in reason, reason
+    assert not more
+
+
+def test_a_heartbeat_that_leaps_is_refused_naming_its_step_not_acknowledged(deployment):
+    _, (a0, _) = deployment
+    a0.beat(2**62)
+    replies = a0.replies_until(protocol.Reject)
+    assert not any(isinstance(m, protocol.HeartbeatAck) for m in replies)
+    ((code, reason),) = _rejects(replies)
+    assert code == "bad_message" and f"heartbeat at step {2**62}" in reason and f"at most {MAX_STEP_LEAP}" in reason
+    a0.beat(5)  # the same rank's next sane heartbeat is acknowledged
+    assert _rejects(a0.replies_until(protocol.HeartbeatAck)) == []
+
+
+def test_a_message_naming_another_rank_or_session_is_refused_naming_both(deployment):
+    _, (a0, a1) = deployment
+    a1.load(np.ones((2, 8)), 0, 10, rank=0)
+    ((code, reason),) = _rejects(a1.replies_until(protocol.Reject))
+    assert code == "stale_session", reason
+    assert f"LoadReport names rank 0, session {a1.session}; this connection registered rank 1" in reason
+    assert "(rank differ" in reason, reason
+    a0.load(np.ones((2, 8)), 0, 10, session=a0.session ^ 1)
+    ((code, reason),) = _rejects(a0.replies_until(protocol.Reject))
+    assert (
+        code == "stale_session" and f"names rank 0, session {a0.session ^ 1}" in reason and "(session differ" in reason
+    )
+    assert str(a0.session) not in reason.replace(str(a0.session ^ 1), ""), "the connection's own session is not echoed"
+
+
+def test_a_load_report_at_an_epoch_the_coordinator_does_not_hold_is_dropped_without_a_reject(deployment):
+    """Normal around a commit (a rank reports at the new epoch before every rank committed it):
+    a Reject would have every agent log a malformed-message error at every commit."""
+    coordinator, (a0, _) = deployment
+    a0.load(np.ones((2, 8)), 0, 10, epoch=1)
+    settle(lambda: counter(coordinator, "eplb_load_reports_dropped_total", "unknown_epoch") == 1)
+    a0.beat(10)
+    assert _rejects(a0.replies_until(protocol.HeartbeatAck)) == []
 
 
 def test_the_book_forgets_a_deployment_on_reset():

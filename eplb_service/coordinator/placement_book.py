@@ -124,7 +124,7 @@ class PlacementBook:
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise LoadRejected(
                 "bad_values",
-                f"slot_load{list(where)} = {counts[where]!r}; expected finite token counts from 0 to 2**53",
+                f"slot_load{list(where)} = {counts[where].item()!r}; expected finite token counts from 0 to 2**53",
             )
         if not report.step_begin <= report.step_end:
             raise LoadRejected(

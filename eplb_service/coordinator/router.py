@@ -133,18 +133,30 @@ class MessageRouter:
         if handler is None or message.rank != record.rank or message.session != record.session:
             # Filed under the rank the connection registered, never the rank a message names.
             self.metrics.messages_rejected.labels("session").inc()
+            name = type(message).__name__
+            named = f"rank {getattr(message, 'rank', '-')}, session {getattr(message, 'session', '-')}"
             self.log.warning(
-                "refused %s naming rank %s, session %s from the connection of rank %d (session %d)",
-                type(message).__name__,
-                getattr(message, "rank", "-"),
-                getattr(message, "session", "-"),
+                "refused %s naming %s from the connection of rank %d (session %d)",
+                name,
+                named,
                 record.rank,
                 record.session,
+            )
+            # The connection's own session is not echoed: naming what the message said, and
+            # which of the two is off, is what its sender needs to see its mistake.
+            wrong = " and ".join(
+                what
+                for what, off in (
+                    ("rank", getattr(message, "rank", None) != record.rank),
+                    ("session", getattr(message, "session", None) != record.session),
+                )
+                if off
             )
             self.host.send(
                 identity,
                 protocol.Reject(
-                    reason=f"{type(message).__name__} does not match this connection's rank {record.rank} and session",
+                    reason=f"{name} names {named}; this connection registered rank {record.rank} under another "
+                    f"session ({wrong} differ): send Hello again",
                     code="stale_session",
                 ),
             )
@@ -186,23 +198,26 @@ class MessageRouter:
         self.guard.epoch_watch.committed(message.epoch, message.commit_step, record.rank)
 
     def _step_leap(self, record: AgentRecord, step: int, what: str) -> bool:
-        """Whether ``step`` leaps implausibly far past the rank's last known step (then refused, logged).
+        """Whether ``step`` leaps implausibly far past the rank's last known step (then refused, logged,
+        and the sender told with a ``bad_message`` Reject naming the step).
 
         One absurd step (2**62) would fast-forward the load window's decay for good and put the
         rank ahead of every commit step; a real rank reports every second or so, far less apart."""
         if step - record.step <= MAX_STEP_LEAP:
             return False
         self.metrics.messages_rejected.labels("bad_step").inc()
-        self.log.warning(
-            "rank %d: %s at step %d, %d steps past its last known step %d (at most %d expected); dropped",
-            record.rank,
-            what,
-            step,
-            step - record.step,
-            record.step,
-            MAX_STEP_LEAP,
+        detail = (
+            f"{what} at step {step} is {step - record.step} steps past rank {record.rank}'s last known step "
+            f"{record.step}; at most {MAX_STEP_LEAP} expected"
         )
+        self.log.warning("rank %d: %s; dropped", record.rank, detail)
+        self._refuse(record, f"{detail}; dropped")
         return True
+
+    def _refuse(self, record: AgentRecord, detail: str) -> None:
+        """Tell a registered rank that its message broke the protocol and was dropped: without a
+        word its sender could only guess why nothing came of it (an agent logs the detail)."""
+        self.host.send(record.identity, protocol.Reject(reason=detail, code="bad_message"))
 
     def _on_heartbeat(self, record: AgentRecord, message: protocol.Heartbeat, now: float) -> None:
         if self._step_leap(record, message.step, "heartbeat"):
@@ -225,8 +240,16 @@ class MessageRouter:
             logical = self.book.add_load(report)
         except LoadRejected as exc:
             self.metrics.load_reports_dropped.labels(exc.reason).inc()
+            # An epoch the book does not hold is no fault of the sender: a rank flushes the window
+            # it counted under the old placement right after a commit, and reports at the new epoch
+            # before every rank has committed it (a heartbeat at an unknown epoch asks for a Hello).
             if exc.reason != "unknown_epoch":
                 self.log.warning("rank %d sent a bad load report: %s", record.rank, exc)
+                self._refuse(
+                    record,
+                    f"load report of steps {report.step_begin}..{report.step_end} at epoch {report.epoch} dropped "
+                    f"({exc.reason}): {exc}",
+                )
             return
         self.host.record_load(logical, report, record.rank)
         record.step = max(record.step, report.step_end)
