@@ -52,6 +52,9 @@ class LocalTransport(Transport):
     def connect(self, comm, rank, timeout_s):
         self._generation, self._connected = comm.generation, True
 
+    def store_keys(self, comm):
+        return []
+
     def exchange(self, ops, pace_s=0.0):
         raise AssertionError("a one-rank plan has no remote ops")
 
@@ -486,7 +489,9 @@ def test_an_agent_stopping_mid_vote_leaves_its_decider_answering_the_armed_ticke
     h.agent.decider = Decider(0).start()
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))  # proposes commit; the record does not answer
     assert blip.failed.wait(5) and not h.agent.hooks.ticket.is_decided
-    monkeypatch.setattr(agent_module, "host_once", lambda endpoint, world: SimpleNamespace(host="h", port=1))
+    monkeypatch.setattr(
+        agent_module, "host_once", lambda endpoint, world: SimpleNamespace(host="h", port=1, store=None)
+    )
     h.agent._stop.set()
     h.agent._run()  # the agent thread's exit path: abandon the plan (propose abort), stop the decider
     blip.down = False  # the record answers again

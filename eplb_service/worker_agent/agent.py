@@ -44,6 +44,7 @@ from eplb_service.worker_agent.schedule import build_schedule
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.side_link import SideLink
 from eplb_service.worker_agent.staging_pipeline import Staged, StagingPipeline
+from eplb_service.worker_agent.store_janitor import StoreJanitor
 from eplb_service.worker_agent.transport import Transport, TransportError
 
 
@@ -124,6 +125,8 @@ class WorkerAgent:
         """From ``Welcome``; every message carries it, and a Hello after a reopen resumes it."""
         self._store: tuple[str, int] | None = None
         """Rank 0: where the rendezvous store it hosts is reached."""
+        self.janitor: StoreJanitor | None = None
+        """Rank 0: deletes the store keys of plans and generations every rank is past."""
         self._inbox: collections.deque = collections.deque()
         self._plan: protocol.Plan | None = None
         self._plan_rows: np.ndarray | None = None
@@ -193,6 +196,7 @@ class WorkerAgent:
             try:
                 hosted = host_once(self.endpoint, self.shape.num_ranks)
                 self._store = (hosted.host, hosted.port)
+                self.janitor = StoreJanitor(hosted.store, hosted.port, self.rank)
                 self.log.info("hosting the rendezvous store at %s:%d", hosted.host, hosted.port)
             except RendezvousError as exc:
                 self._idle_reason = str(exc)
@@ -217,6 +221,8 @@ class WorkerAgent:
             self._shutdown()
         finally:
             self.decider.stop()
+            if self.janitor is not None:
+                self.janitor.stop()
 
     def _reset(self, reason: str) -> None:
         """Back to a clean state after a failure of the loop; each part on its own, none may raise."""
@@ -265,6 +271,11 @@ class WorkerAgent:
             gen = self.transport.generation if self.side_ready else -1
             self.send(heartbeat_message(self.rank, self._session, self.hooks, gen, self.stats))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
+
+    def everyone_past(self, plan_id: int) -> None:
+        """See ``CommitVoter``: rank 0 deletes what no rank can need any more (``store_janitor``)."""
+        if self.janitor is not None:
+            self.janitor.everyone_past(plan_id, self.side.built)
 
     def keep_alive(self) -> None:
         """While a long transport call waits: heartbeats go on, and the link stays fresh."""
@@ -454,6 +465,8 @@ class WorkerAgent:
                 self.shape.num_ranks,
             )
             return
+        if self.janitor is not None:
+            self.janitor.saw_generation(comm, self.transport.store_keys(comm))
         if self.side.is_stale(comm):
             self.stats["duplicate_messages"] += 1
             self.log.debug("ignored a late copy of side communicator generation %d", comm.generation)
@@ -510,6 +523,8 @@ class WorkerAgent:
             self.stats["duplicate_messages"] += 1
             return
         self._seen_plans.append(plan.plan_id)
+        if self.janitor is not None:
+            self.janitor.saw_plan(plan.plan_id)
         busy = self._plan.plan_id if self._plan is not None else (self._ticket.plan_id if self._ticket else None)
         if busy is not None:
             return self._failed(plan.plan_id, "busy", f"busy with plan {busy}")

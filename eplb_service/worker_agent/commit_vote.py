@@ -55,9 +55,15 @@ def corrupt_ops(result: np.ndarray) -> list[int]:
     return np.flatnonzero(body[:k] != -body[k:]).tolist()
 
 
+def everyone_ready(result: np.ndarray, plan_id: int) -> bool:
+    """Every rank entered the vote on ``plan_id`` with its ticket armed in time (the MAX of
+    ``fail`` is 0, and the MAX of ``plan_id`` and of ``-plan_id`` agree)."""
+    return int(result[1]) == 0 and int(result[2]) == plan_id and int(result[3]) == -plan_id
+
+
 def proposal_from(result: np.ndarray, plan_id: int, rank: int) -> Decision:
     """What this rank proposes to the record, given the all-reduced vote vector."""
-    if int(result[1]) != 0 or int(result[2]) != plan_id or int(result[3]) != -plan_id:
+    if not everyone_ready(result, plan_id):
         return Decision.abort(rank, "vote_failed: a rank was not ready", "vote_failed")
     corrupt = corrupt_ops(result)
     if corrupt:
@@ -82,6 +88,10 @@ class VoterHost(Protocol):
     def send(self, message: protocol.Message) -> None: ...
 
     def keep_alive(self) -> None: ...
+
+    def everyone_past(self, plan_id: int) -> None:
+        """Every rank entered the vote on ``plan_id`` ready: none holds an earlier ticket or
+        needs an earlier side communicator (rank 0 then deletes their store keys)."""
 
     @property
     def session(self) -> int: ...
@@ -147,6 +157,8 @@ class CommitVoter:
             self.propose(Decision.abort(host.rank, f"vote_failed: {exc}", "vote_failed"))
             return
         proposal = proposal_from(result, msg.plan_id, host.rank)
+        if everyone_ready(result, msg.plan_id):
+            host.everyone_past(msg.plan_id)
         if proposal.code == "integrity":
             host.stats["integrity_failures"] += 1
             host.log.error(

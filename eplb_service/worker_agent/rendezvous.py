@@ -102,6 +102,11 @@ class RendezvousHost:
             ) from exc
         return cls(host, server.port, server)
 
+    @property
+    def store(self):
+        """The server's own client (``torch.distributed.TCPStore``): rank 0's janitor deletes keys through it."""
+        return self._server
+
 
 _HOSTED: RendezvousHost | None = None
 

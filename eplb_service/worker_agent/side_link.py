@@ -43,6 +43,11 @@ class SideLink:
     def ready(self) -> bool:
         return self.transport.connected and not (self.connecting is not None and self.connecting.is_alive())
 
+    @property
+    def built(self) -> protocol.CommInit | None:
+        """The rendezvous of the communicator built last (``None`` before any)."""
+        return self._built
+
     def is_current(self, comm: protocol.CommInit) -> bool:
         """Already built from this very rendezvous (a repeated ``CommInit``)."""
         return comm == self._built and self.ready

@@ -81,6 +81,14 @@ class Transport(abc.ABC):
         """Join the communicator of ``comm.generation`` (collective over all ranks)."""
 
     @abc.abstractmethod
+    def store_keys(self, comm: CommInit) -> list[str]:
+        """Every key the rendezvous of ``comm`` writes in the store, on every rank.
+
+        Rank 0 deletes them once every rank is past that generation (``store_janitor``); a
+        key missing here stays in the store for the life of the deployment.
+        """
+
+    @abc.abstractmethod
     def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:
         """Issue one bounded group of sends and receives, then a pause of ``pace_s``.
 

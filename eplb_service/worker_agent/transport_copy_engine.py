@@ -260,6 +260,11 @@ class CopyEngineTransport(Transport):
             raise
         return True
 
+    def store_keys(self, comm: CommInit) -> list[str]:
+        prefix = f"{comm.key_prefix}/copy_engine"
+        own = [f"{prefix}/{part}/{r}" for part in ("info", "opened") for r in range(comm.world_size)]
+        return own + self.votes.store_keys(comm)
+
     def _warm_kernels(self) -> None:
         """Launch this transport's kernels once, before any plan (once per process).
 
@@ -673,6 +678,10 @@ class SelectingTransport(Transport):
             )
             self.fallback.connect(comm, rank, timeout_s)
             self.active = self.fallback
+
+    def store_keys(self, comm: CommInit) -> list[str]:
+        """Both choices' keys: which one a generation made is only known where it was built."""
+        return self.copy_engine.store_keys(comm) + self.fallback.store_keys(comm)
 
     @property
     def connected(self) -> bool:

@@ -393,6 +393,9 @@ class CupyNcclTransport(Transport):
         self._wait_event(end, "gap calibration")
         self._cycles_per_s = cycles / max(start.elapsed_time(end) / 1e3, 1e-6)
 
+    def store_keys(self, comm: CommInit) -> list[str]:
+        return [f"{comm.key_prefix}/nccl_unique_id", f"{comm.key_prefix}/nccl_arrived"]
+
     @staticmethod
     def _store_barrier(store: dist.Store, key: str, world_size: int, timeout_s: float) -> None:
         store.add(key, 1)

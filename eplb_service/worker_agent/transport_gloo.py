@@ -55,6 +55,9 @@ class GlooTransport(Transport):
         self._generation = comm.generation
         self._timeout_s = timeout_s
 
+    def store_keys(self, comm: CommInit) -> list[str]:
+        return gloo_store_keys(comm)
+
     def _require(self) -> dist.ProcessGroupGloo:
         if self._group is None:
             raise TransportError("side communicator is not connected (aborted or never built)")
@@ -107,6 +110,12 @@ class GlooTransport(Transport):
             box = [group]
             del group
             threading.Thread(target=_abort_quietly, args=(box,), name="eplb-gloo-abort", daemon=True).start()
+
+
+def gloo_store_keys(comm: CommInit) -> list[str]:
+    """What a gloo group built on ``comm``'s prefix writes: each rank's address, under the
+    group's one device (``<prefix>/0/<rank>``; a test pins this against torch's real keys)."""
+    return [f"{comm.key_prefix}/0/{r}" for r in range(comm.world_size)]
 
 
 LAST_REFERENCE_WAIT_S = 120.0
