@@ -84,6 +84,14 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+INITIAL_BACKOFF_S = 1.0
+"""Wait before restarting a coordinator that died; doubled at every crash in a row."""
+MAX_BACKOFF_S = 30.0
+STABLE_RUN_S = 60.0
+"""A coordinator that ran this long before it died was not crash-looping: its restart waits
+``INITIAL_BACKOFF_S`` again, not the maximum that crashes weeks earlier built up."""
+
+
 class Sidecar:
     """Runs the coordinator, then vLLM; whatever way the sidecar ends, the coordinator ends with it."""
 
@@ -116,12 +124,15 @@ class Sidecar:
         self.vllm: subprocess.Popen | None = None
         self._stop_signal: int | None = None
         self._restart_at = 0.0
-        self._backoff_s = 1.0
+        self._backoff_s = INITIAL_BACKOFF_S
+        self._started_at = 0.0
+        """Monotonic time the coordinator running now was started."""
 
     def _start_coordinator(self) -> None:
         self.coordinator = subprocess.Popen(
             self.coordinator_cmd, start_new_session=True, preexec_fn=exit_with_parent_hook()
         )
+        self._started_at = time.monotonic()
         log.info("coordinator started (pid %d): %s", self.coordinator.pid, " ".join(self.coordinator_cmd[3:]))
 
     def _wait_ready(self) -> bool:
@@ -202,13 +213,17 @@ class Sidecar:
             return
         now = time.monotonic()
         if not self._restart_at:
+            ran_s = now - self._started_at
+            if ran_s >= STABLE_RUN_S:
+                self._backoff_s = INITIAL_BACKOFF_S
             log.error(
-                "coordinator exited with %s; vLLM keeps serving, restarting in %.0fs",
+                "coordinator exited with %s after %.0fs; vLLM keeps serving, restarting in %.0fs",
                 self.coordinator.returncode,
+                ran_s,
                 self._backoff_s,
             )
             self._restart_at = now + self._backoff_s
-            self._backoff_s = min(30.0, self._backoff_s * 2)
+            self._backoff_s = min(MAX_BACKOFF_S, self._backoff_s * 2)
         elif now >= self._restart_at:
             self._restart_at = 0.0
             self._start_coordinator()

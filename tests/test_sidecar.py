@@ -262,3 +262,45 @@ def test_lower_case_log_level_reaches_the_coordinator(tmp_path):
     # vLLM's status: the coordinator took the level, started and was ready (one refusing it exits 2, and so would we)
     assert out.returncode == 3, log
     assert "Traceback" not in log and "Unknown level" not in log and "coordinator ready at" in log
+
+
+def test_the_restart_back_off_starts_over_after_a_coordinator_that_ran_a_long_time(monkeypatch):
+    """Before: the back-off only ever doubled, so after a few early crashes a coordinator that
+    then ran for weeks and died waited the maximum (30 s) to come back. A run of at least
+    ``STABLE_RUN_S`` now resets it; crashes in a row still double it."""
+    from eplb_service import sidecar as sidecar_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(sidecar_module.time, "monotonic", lambda: clock[0])
+
+    class Process:
+        returncode: int | None = None
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+    started: list[float] = []
+
+    def start_coordinator(self) -> None:
+        self.coordinator = Process()
+        self._started_at = clock[0]
+        started.append(clock[0])
+
+    monkeypatch.setattr(sidecar_module.Sidecar, "_start_coordinator", start_coordinator)
+    sidecar = sidecar_module.Sidecar(["vllm"], [], "ipc:///nonexistent/c.sock", 1.0, (2, 1))
+    sidecar._start_coordinator()
+
+    def crash_after(run_s: float) -> float:
+        """The coordinator dies ``run_s`` after its start; returns how long its restart waited."""
+        clock[0] += run_s
+        sidecar.coordinator.returncode = 1
+        died_at, restarts = clock[0], len(started)
+        while len(started) == restarts:
+            sidecar._supervise_coordinator()
+            clock[0] += 0.2
+        return started[-1] - died_at
+
+    waits = [crash_after(1.0) for _ in range(6)]
+    assert waits == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0, 30.0], abs=0.3)
+    assert crash_after(sidecar_module.STABLE_RUN_S + 3600) == pytest.approx(sidecar_module.INITIAL_BACKOFF_S, abs=0.3)
+    assert crash_after(1.0) == pytest.approx(2.0, abs=0.3)  # and crash-looping again doubles again
