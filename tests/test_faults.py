@@ -102,7 +102,7 @@ def wait_phase(endpoint: str, phase: str | None, timeout_s: float = 60, comm_bui
             settled = all(ranks) and (
                 not comm_built or all(r["comm_generation"] == status["comm_generation"] >= 1 for r in ranks)
             )
-            if status["epoch"] >= 0 and inflight is None and settled:
+            if status["epoch"] is not None and inflight is None and settled:
                 return status
         elif inflight is not None and inflight["phase"] == phase:
             return status

@@ -71,6 +71,12 @@ class PlacementBook:
         self.epoch, self.placements, self.max_step_seen = -1, {}, 0
         self._fold_index = {}
 
+    @property
+    def agreed_epoch(self) -> int | None:
+        """The agreed epoch, or None before the ranks first agree on a placement: what an operator
+        is shown (status, metrics), where -1 would read as a real epoch."""
+        return self.epoch if self.epoch >= 0 else None
+
     def learn(self, epoch: int, phy2log: np.ndarray) -> None:
         self.placements.setdefault(epoch, phy2log)
 

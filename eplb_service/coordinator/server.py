@@ -27,7 +27,7 @@ from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.http_endpoints import serve_http
-from eplb_service.coordinator.metrics import CoordinatorMetrics
+from eplb_service.coordinator.metrics import NAN, CoordinatorMetrics
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_runner import PlanOutcome, PlanRunner
 from eplb_service.coordinator.progress import CoordinatorProgress, progress_of
@@ -456,7 +456,7 @@ class Coordinator:
         self.book.reset()
         self.guard.reset()
         self.plans.new_deployment()
-        self.metrics.epoch.set(-1)
+        self.metrics.epoch.set(NAN)  # no placement agreed yet (-1 read as a real epoch on a dashboard)
 
     def _end_recording(self) -> None:
         if self.recorder is None:

@@ -86,9 +86,10 @@ def _ratio(value: float | None) -> str:
 
 def format_status(status: dict) -> str:
     """A readable table: ranks, liveness, epoch, last plans, balancedness."""
+    epoch = "none yet" if status["epoch"] is None else status["epoch"]
     lines = [
         f"coordinator {status['endpoint']}  world {status['world_size']}  policy {status['policy']}  "
-        f"epoch {status['epoch']}  side-comm gen {status['comm_generation']}  uptime {status['uptime_s']:.0f}s",
+        f"epoch {epoch}  side-comm gen {status['comm_generation']}  uptime {status['uptime_s']:.0f}s",
     ]
     if status.get("halted"):
         lines.append(f"HALTED: {status['halted']}")

@@ -2,7 +2,8 @@
 
 Ranks (liveness, step, epoch, side-communicator generation, step-clock offset), the plan in
 flight, the last outcomes, the counts, and balancedness: read from the coordinator's parts,
-never changing them.
+never changing them. ``epoch`` is ``null`` until the ranks first agree on a placement (a
+number there would read as a placement that exists).
 
 :func:`status_json` is how the document leaves the process (``/status``, ``StatusReply``,
 ``status --json``): strict JSON (RFC 8259), where a number that is not finite reads ``null``.
@@ -64,7 +65,7 @@ def status_document(
         "policy": cfg.policy,
         "pid": os.getpid(),
         "uptime_s": round(time.time() - started_at, 3),
-        "epoch": book.epoch,
+        "epoch": book.agreed_epoch,
         "comm_generation": side_comm.generation,
         "ranks": ranks,
         "halted": guard.halted_reason,

@@ -1,0 +1,93 @@
+"""What an operator reads (status document, status table, metrics) is true from the first second:
+nothing there looks like a measurement or a placement before one exists, and a new deployment
+under a running coordinator starts from "nothing known" again."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+
+from eplb_service import protocol
+from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.server import Coordinator
+from eplb_service.coordinator.status_client import format_status
+from eplb_service.coordinator.status_doc import status_json
+from eplb_service.placement import PlacementShape, initial_phy2log
+
+SHAPE = PlacementShape(2, 6, 8, 2)
+
+
+class _Sink:
+    """Stands in for the ROUTER socket."""
+
+    def send_multipart(self, frames, flags=0) -> None:
+        pass
+
+    def setsockopt(self, option, value) -> None:
+        pass
+
+
+def coordinator() -> Coordinator:
+    c = Coordinator(CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/truth.sock"))
+    c._sock = _Sink()
+    return c
+
+
+def hello(c: Coordinator, rank: int, pid: int) -> bytes:
+    identity = f"rank-{rank}-{pid}".encode()
+    c._handle(
+        identity,
+        protocol.Hello(
+            protocol_version=protocol.PROTOCOL_VERSION,
+            rank=rank,
+            model=protocol.ModelShape(2, 6, 8, 2, 36),
+            phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
+            epoch=0,
+            step=0,
+            transport="gloo",
+            node="n",
+            pid=pid,
+            store_host="127.0.0.1" if rank == 0 else "",
+            store_port=1 if rank == 0 else 0,
+        ),
+    )
+    return identity
+
+
+def gauge(c: Coordinator, name: str, **labels: str) -> float:
+    value = c.metrics.registry.get_sample_value(name, labels)
+    assert value is not None, name
+    return value
+
+
+def shown(c: Coordinator) -> dict:
+    """The document as it leaves the process (strict JSON)."""
+    return json.loads(status_json(c.status()))
+
+
+def leave_all(c: Coordinator) -> None:
+    for record in list(c.registry.alive):
+        c.router.lose_agent(record, time.monotonic())
+
+
+def test_epoch_is_null_until_the_ranks_agree_and_again_for_a_new_deployment():
+    """Before: the status document said ``"epoch": -1`` until the ranks agreed (a number that reads
+    as an epoch), and a new deployment set ``eplb_placement_epoch`` to -1 instead of NaN."""
+    c = coordinator()
+    assert shown(c)["epoch"] is None and math.isnan(gauge(c, "eplb_placement_epoch"))
+    assert "epoch none yet" in format_status(shown(c))
+    hello(c, 0, pid=100)  # one rank of two: nothing agreed yet
+    assert shown(c)["epoch"] is None and math.isnan(gauge(c, "eplb_placement_epoch"))
+    hello(c, 1, pid=101)
+    assert shown(c)["epoch"] == 0 and gauge(c, "eplb_placement_epoch") == 0
+    assert "epoch 0 " in format_status(shown(c))
+    leave_all(c)
+    hello(c, 0, pid=200)  # vLLM restarted under this coordinator: a new deployment
+    assert c.deployments == 2
+    assert shown(c)["epoch"] is None and math.isnan(gauge(c, "eplb_placement_epoch"))
+    hello(c, 1, pid=201)
+    assert shown(c)["epoch"] == 0 and gauge(c, "eplb_placement_epoch") == 0
+    assert np.array_equal(c.placements[0], initial_phy2log(SHAPE))
