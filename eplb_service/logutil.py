@@ -1,12 +1,16 @@
 """Logging helpers: every agent line names its rank, every coordinator line its role.
 
 ``configure(fmt="json")`` writes one JSON object per line (time, level, logger, pid,
-tag, message) for log pipelines; the default is plain text. Every line carries a tag: the
-rank or role a :class:`RankAdapter` gave it, else the process's own (``configure(tag=...)``),
-so lines of other loggers (torch, asyncio, a library's) name their process too. In JSON, what
-would otherwise reach stderr as bare text goes through logging as well: Python warnings
-(``logging.captureWarnings``) and uncaught exceptions, in the main thread or another one,
-with their traceback in ``exc``.
+tag, message, and ``exc`` / ``stack`` when the call had a traceback or ``stack_info``) for log
+pipelines; the default is plain text. Every line carries a tag: the rank or role a
+:class:`RankAdapter` gave it, else the process's own (``configure(tag=...)``), so lines of other
+loggers (torch, zmq, asyncio, a library's) name their process too; in text, the tag stands in
+front of the message (``[rank 3] ...``) and in front of every further line of a traceback, so a
+``grep -F '[rank 3]'`` finds all of it. What would otherwise reach stderr as bare text goes
+through logging as well: Python warnings (``logging.captureWarnings``) and uncaught exceptions,
+in the main thread or another one. A log call whose arguments do not fit its format string
+gives one tagged line naming the call, where ``logging`` printed a "--- Logging error ---"
+traceback with no tag and lost the line.
 """
 
 from __future__ import annotations
@@ -32,6 +36,51 @@ def rank_logger(name: str, rank: int | str) -> RankAdapter:
     return RankAdapter(logging.getLogger(name), {"tag": tag})
 
 
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not cost the line
+        return f"<{type(value).__name__} whose repr failed: {type(exc).__name__}>"
+
+
+def message_of(record: logging.LogRecord) -> str:
+    """``record``'s message; a call whose arguments do not fit its format string (``log.info("%d",
+    "x")``, a missing argument, a ``__str__`` that raises) reads as one line naming the call and the
+    error, instead of ``logging``'s "--- Logging error ---" traceback on bare stderr."""
+    try:
+        return record.getMessage()
+    except Exception as exc:  # noqa: BLE001 - any formatting error, whatever the argument raises
+        return (
+            f"unformattable log call at {record.pathname}:{record.lineno}: msg {_safe_repr(record.msg)} "
+            f"with args {_safe_repr(record.args)} ({type(exc).__name__}: {exc})"
+        )
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL pid logger: [tag] message``; every further line (a traceback, ``stack_info``,
+    a message of several lines) starts with ``[tag]`` as well."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        tag = getattr(record, "eplb_tag", None)
+        message = message_of(record)
+        if tag is not None and not message.startswith(f"[{tag}] "):  # not through a RankAdapter
+            message = f"[{tag}] {message}"
+        record.message = message
+        record.asctime = self.formatTime(record, self.datefmt)
+        parts = [self.formatMessage(record)]
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            parts.append(record.exc_text)
+        if record.stack_info:
+            parts.append(self.formatStack(record.stack_info))
+        first, *more = "\n".join(parts).split("\n")
+        return "\n".join([first, *(line if tag is None else f"[{tag}] {line}" for line in more)])
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
@@ -40,10 +89,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "pid": record.process,
             "tag": getattr(record, "eplb_tag", None),
-            "msg": record.getMessage(),
+            "msg": message_of(record),
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
         return json.dumps(doc)
 
 
@@ -61,7 +112,7 @@ class DefaultTag(logging.Filter):
 
 
 def _log_uncaught(exc_type, exc, tb) -> None:
-    """``sys.excepthook`` under JSON logging: the traceback as one JSON line, not bare text."""
+    """``sys.excepthook``: the traceback through logging (one JSON line, or tagged text lines)."""
     if issubclass(exc_type, KeyboardInterrupt):
         sys.__excepthook__(exc_type, exc, tb)
         return
@@ -69,7 +120,7 @@ def _log_uncaught(exc_type, exc, tb) -> None:
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
-    """``threading.excepthook`` under JSON logging (the default one prints the traceback as text)."""
+    """``threading.excepthook``: through logging (the default one prints an untagged traceback)."""
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread is not None else "?"
@@ -126,16 +177,11 @@ def configure(level: str | int | None = None, fmt: str | None = None, tag: str |
     if fmt not in ("text", "json"):
         raise ValueError(f"{fmt_source}={fmt!r} is not a log format; expected 'text' or 'json'")
     handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(DefaultTag(tag))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(resolved)
     logging.captureWarnings(True)
-    if fmt == "json":
-        sys.excepthook = _log_uncaught
-        threading.excepthook = _log_uncaught_in_thread
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread

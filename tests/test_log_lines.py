@@ -92,3 +92,79 @@ def test_simulated_ranks_log_json_lines_tagged_with_their_rank():
     assert {"coordinator", "rank 0", "rank 1"} <= tags and None not in tags, tags
     assert any(doc["tag"] == "rank 1" and "welcomed by the coordinator" in doc["msg"] for doc in lines)
     assert any(doc["logger"] == "eplb_service.sim.deployment" and doc["tag"] == "coordinator" for doc in lines)
+
+
+def run_logging(code: str, fmt: str) -> subprocess.CompletedProcess:
+    """``code`` after ``logutil.configure("INFO", fmt, tag="rank 5")``, in a fresh interpreter."""
+    preamble = "import logging, threading, warnings\nfrom eplb_service import logutil\n"
+    preamble += f"logutil.configure('INFO', {fmt!r}, tag='rank 5')\n"
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", preamble + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EPLB_SERVICE_LOG_FORMAT": "", "EPLB_SERVICE_LOG_LEVEL": ""},
+    )
+
+
+def test_every_text_line_carries_the_tag_other_loggers_warnings_and_uncaught_exceptions_too():
+    """Before: in text format only lines logged through a RankAdapter named their rank; a library's
+    line, a warning and an uncaught exception (a bare traceback) did not."""
+    out = run_logging(
+        """
+        logging.getLogger("zmq.auth").warning("a library's line")
+        logutil.rank_logger("eplb_service.x", 3).info("an agent's line")
+        warnings.warn("something deprecated", DeprecationWarning)
+        thread = threading.Thread(target=lambda: 1 / 0, name="worker")
+        thread.start()
+        thread.join()
+        raise RuntimeError("the end")
+        """,
+        "text",
+    )
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    untagged = [line for line in lines if "[rank 5] " not in line and "[rank 3] " not in line]
+    assert not untagged, out.stderr
+    assert any(line.endswith("zmq.auth: [rank 5] a library's line") for line in lines), out.stderr
+    assert any(line.endswith("eplb_service.x: [rank 3] an agent's line") for line in lines), out.stderr
+    assert any("py.warnings: [rank 5] " in line and "something deprecated" in line for line in lines)
+    assert any("[rank 5] uncaught ZeroDivisionError in thread worker: division by zero" in line for line in lines)
+    assert "[rank 5] uncaught RuntimeError: the end" in out.stderr
+    assert lines[-1] == "[rank 5] RuntimeError: the end", "the traceback's own lines carry the tag too"
+
+
+def test_a_log_call_that_cannot_be_formatted_gives_one_tagged_line():
+    """Before: ``log.info("%d steps", "x")`` printed logging's "--- Logging error ---" traceback
+    (a dozen untagged lines) and the line itself was lost."""
+    code = """
+        logutil.rank_logger("eplb_service.x", 2).info("%d steps", "many")
+        logging.getLogger("lib").warning("%s and %s", "one")
+        logging.getLogger("lib").info("after")
+        """
+    text = run_logging(code, "text")
+    assert text.returncode == 0 and "Logging error" not in text.stderr and "Traceback" not in text.stderr
+    lines = text.stderr.splitlines()
+    assert len(lines) == 3, text.stderr
+    assert "[rank 2] unformattable log call at <string>:" in lines[0] and "%d steps'" in lines[0]
+    assert "('many',)" in lines[0] and "TypeError" in lines[0]
+    assert "lib: [rank 5] unformattable log call" in lines[1] and "'%s and %s'" in lines[1]
+    assert lines[2].endswith("lib: [rank 5] after")
+    docs = json_lines(run_logging(code, "json").stderr)
+    assert len(docs) == 3 and [d["tag"] for d in docs] == ["rank 2", "rank 5", "rank 5"]
+    assert docs[0]["msg"].startswith("unformattable log call at <string>:")
+
+
+def test_stack_info_is_kept_in_json():
+    """Before: ``stack_info=True`` was dropped from the JSON line (text printed it)."""
+    out = run_logging(
+        """
+        def where_it_was_called():
+            logging.getLogger("lib").warning("look", stack_info=True)
+        where_it_was_called()
+        """,
+        "json",
+    )
+    (doc,) = json_lines(out.stderr)
+    assert doc["msg"] == "look" and doc["stack"].startswith("Stack (most recent call last):")
+    assert "in where_it_was_called" in doc["stack"]
