@@ -4,6 +4,7 @@ under a running coordinator starts from "nothing known" again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -21,7 +22,12 @@ SHAPE = PlacementShape(2, 6, 8, 2)
 
 
 class _Sink:
-    """Stands in for the ROUTER socket."""
+    """Stands in for the ROUTER socket: sends nowhere, never has a message waiting."""
+
+    closed = False
+
+    def get(self, option) -> int:
+        return 0
 
     def send_multipart(self, frames, flags=0) -> None:
         pass
@@ -34,6 +40,22 @@ def coordinator() -> Coordinator:
     c = Coordinator(CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/truth.sock"))
     c._sock = _Sink()
     return c
+
+
+def load_report(c: Coordinator, rank: int, step_end: int) -> None:
+    record = c.registry.agents[rank]
+    slot_load = np.arange(16, dtype=np.int64).reshape(2, 8) * (rank + 1)
+    c._handle(
+        record.identity,
+        protocol.LoadReport(
+            rank=rank,
+            epoch=0,
+            step_begin=step_end - 10,
+            step_end=step_end,
+            slot_load=protocol.NDArray.from_numpy(slot_load),
+            session=record.session,
+        ),
+    )
 
 
 def hello(c: Coordinator, rank: int, pid: int) -> bytes:
@@ -91,3 +113,37 @@ def test_epoch_is_null_until_the_ranks_agree_and_again_for_a_new_deployment():
     hello(c, 1, pid=201)
     assert shown(c)["epoch"] == 0 and gauge(c, "eplb_placement_epoch") == 0
     assert np.array_equal(c.placements[0], initial_phy2log(SHAPE))
+
+
+def test_measurements_are_null_until_measured_and_forgotten_for_a_new_deployment():
+    """Before: status said ``"load_persistence": 1.0`` before any plan had measured it, and a new
+    deployment kept the previous one's persistence (status and gauge), projected balancedness and
+    report lag; ``eplb_balancedness{kind="current"}`` kept the old deployment's value until the new
+    one reported load."""
+    c = coordinator()
+    doc = shown(c)
+    assert doc["load_persistence"] is None and doc["balancedness"] is None
+    assert math.isnan(gauge(c, "eplb_load_persistence"))
+    hello(c, 0, pid=100)
+    hello(c, 1, pid=101)
+    for step in (10, 20, 30):
+        for rank in (0, 1):
+            load_report(c, rank, step)
+    asyncio.run(c._tick())  # refreshes the current balancedness
+    asyncio.run(c.plans.run_policy())  # a plan measures the persistence and projects a balancedness
+    doc = shown(c)
+    assert doc["load_persistence"] == 1.0 and doc["balancedness"]["model"] < 1.0
+    measured = ("eplb_load_persistence", "eplb_load_report_lag_steps", "eplb_placement_epoch")
+    assert not any(math.isnan(gauge(c, name)) for name in measured)
+    assert not math.isnan(gauge(c, "eplb_balancedness", kind="current"))
+    assert not math.isnan(gauge(c, "eplb_balancedness", kind="projected"))
+
+    leave_all(c)
+    hello(c, 0, pid=200)  # a new deployment: nothing of the old one's load is known
+    asyncio.run(c._tick())
+    doc = shown(c)
+    assert doc["load_persistence"] is None and doc["balancedness"] is None and doc["load_reports"] == 0
+    for name in measured:
+        assert math.isnan(gauge(c, name)), name
+    for kind in ("current", "projected"):
+        assert math.isnan(gauge(c, "eplb_balancedness", kind=kind)), kind

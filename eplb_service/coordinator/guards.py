@@ -44,6 +44,8 @@ class DivergenceGuard:
         self.beats = {}
         self._clock_unverified_since = None
         self._clock_warned = False
+        for rank in self._exported:  # the old processes' offsets: the new ones are not verified yet
+            self.metrics.step_clock_offset.labels(str(rank)).set(float("nan"))
         self._exported = {}
 
     def forget(self, rank: int) -> None:

@@ -95,13 +95,11 @@ class CoordinatorMetrics:
             "the last plan used it (1: lasts; NaN until a plan)",
             registry=r,
         )
-        self.load_persistence.set(NAN)
         self.epoch = Gauge(
             "eplb_placement_epoch",
             "Placement epoch every rank reports (commits applied; NaN until the ranks agree)",
             registry=r,
         )
-        self.epoch.set(NAN)
         self.plans = Counter(
             "eplb_plans_total",
             "Planning rounds by final outcome (committed, aborted, diverged, skipped: no gain worth moving for)",
@@ -135,7 +133,6 @@ class CoordinatorMetrics:
             "Steps between the newest step seen and the newest report's end (NaN until a report arrives)",
             registry=r,
         )
-        self.load_report_lag.set(NAN)
         self.messages_rejected = Counter("eplb_messages_rejected_total", "Messages refused", ["reason"], registry=r)
         self.comm_generation = Gauge("eplb_side_comm_generation", "Generation of the side communicator", registry=r)
         self.internal_errors = Counter(
@@ -158,10 +155,19 @@ class CoordinatorMetrics:
         )
         if agent_counters is not None:
             r.register(AgentCounters(agent_counters))
+        self.forget_measurements()
         # Export every known label from the start, so dashboards and alerts see zeros, not gaps.
         for outcome in PLAN_OUTCOMES:
             self.plans.labels(outcome)
         for phase in ("policy", "staging", "voting"):
             self.phase_seconds.labels(phase)
+
+    def forget_measurements(self) -> None:
+        """Every gauge that describes the deployment's load or placement back to NaN ("not measured
+        yet"): at the start, and for a new deployment under this coordinator, whose load and
+        placement are not the previous one's. Counters stay: they count this coordinator's life."""
         for kind in ("current", "projected"):
             self.balancedness.labels(kind).set(NAN)
+        self.load_persistence.set(NAN)
+        self.load_report_lag.set(NAN)
+        self.epoch.set(NAN)

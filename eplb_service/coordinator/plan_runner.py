@@ -89,7 +89,8 @@ class PlanRunner:
         self._plan_counter = int.from_bytes(os.urandom(4), "big") << 16
         self._numbers: dict[int, int] = {}
         self.last_plan_end_step = 0
-        self.last_persistence = 1.0  # of the load window, as the last plan used it (see load_forecast)
+        self.last_persistence: float | None = None
+        """Of the load window, as the last plan used it (see load_forecast); None until a plan measured it."""
         self.planning = False
         self._seeded = False
         self.drain_at_step: int | None = None
@@ -115,7 +116,7 @@ class PlanRunner:
         self.plan = None
         self.pending_batches = []
         self.last_plan_end_step = 0
-        self.last_persistence = 1.0
+        self.last_persistence = None  # the old deployment's load, not this one's
         self._seeded = False
         self.drain_at_step = None
         self.skips_in_a_row = 0
@@ -154,7 +155,7 @@ class PlanRunner:
             and host.min_step() - self.last_plan_end_step >= self.cfg.rebalance_interval_steps
         )
 
-    def _policy_call(self, current: np.ndarray, load: np.ndarray, seeding: bool):
+    def _policy_call(self, current: np.ndarray, load: np.ndarray, persistence: float, seeding: bool):
         from eplb_service.coordinator.policy import build_plan, plan_rebalance  # heavy imports only when planning
 
         book, cfg = self.book, self.cfg
@@ -181,7 +182,7 @@ class PlanRunner:
             bytes_per_expert=book.model.bytes_per_expert,
             staging_budget_bytes=cfg.staging_budget_bytes,
             min_layer_gain=cfg.min_layer_gain,
-            persistence=self.last_persistence,
+            persistence=persistence,
         )
 
     def _seed_fits(self) -> bool:
@@ -210,9 +211,9 @@ class PlanRunner:
             self._seeded, seeding = True, False
         t0 = time.perf_counter()
         try:
-            self.last_persistence = book.window.persistence()
-            self.metrics.load_persistence.set(self.last_persistence)
-            call = self._policy_call(book.placements[epoch].copy(), book.window.load.copy(), seeding)
+            persistence = self.last_persistence = book.window.persistence()
+            self.metrics.load_persistence.set(persistence)
+            call = self._policy_call(book.placements[epoch].copy(), book.window.load.copy(), persistence, seeding)
             self._seeded = self._seeded or seeding
             result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except PolicySettingsError as exc:  # the same every time: one clear line, not one per interval
@@ -244,7 +245,7 @@ class PlanRunner:
                 result.balancedness_after,
                 gain,
                 self.cfg.min_gain,
-                self.last_persistence,
+                persistence,
                 "the next ones at DEBUG until a plan is made" if self.skips_in_a_row == 1 else "again",
             )
             return
@@ -256,7 +257,7 @@ class PlanRunner:
             len(result.batches),
             result.experts_moved,
             human_bytes(result.bytes_moved),
-            self.last_persistence,
+            persistence,
         )
         self.pending_batches = list(result.batches)
         self.start_next_batch()

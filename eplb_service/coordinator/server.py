@@ -456,7 +456,7 @@ class Coordinator:
         self.book.reset()
         self.guard.reset()
         self.plans.new_deployment()
-        self.metrics.epoch.set(NAN)  # no placement agreed yet (-1 read as a real epoch on a dashboard)
+        self.metrics.forget_measurements()  # epoch, balancedness, persistence, report lag: NaN until measured again
 
     def _end_recording(self) -> None:
         if self.recorder is None:
@@ -526,8 +526,7 @@ class Coordinator:
         if now - self._balancedness_at >= BALANCEDNESS_EVERY_S:
             self._balancedness_at = now
             current = self.book.balancedness()
-            if current is not None:
-                self.metrics.balancedness.labels("current").set(current[0])
+            self.metrics.balancedness.labels("current").set(NAN if current is None else current[0])
         if self.registry.complete and not self.comm_ready() and self.side_comm.resend_due(now):
             comm = self.current_comm()
             for record in self.registry.alive:
