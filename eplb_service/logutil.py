@@ -161,6 +161,35 @@ def parse_level(text: str | int, source: str) -> int:
     return getattr(logging, name)
 
 
+def requested_format(argv: list[str]) -> str:
+    """``json`` when ``argv`` (a command's own flags) asks for ``--log-format json``, or says nothing
+    and ``EPLB_SERVICE_LOG_FORMAT`` is ``json``; else ``text``. Read before parsing, so that an
+    error found while parsing (a bad flag, a bad ``--config`` file) comes out in the format asked for."""
+    fmt = None
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            fmt = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.partition("=")[2]
+    return "json" if (fmt if fmt is not None else os.environ.get(LOG_FORMAT_ENV, "").strip()) == "json" else "text"
+
+
+def fatal(prog: str, message: str, fmt: str | None, tag: str) -> None:
+    """A fatal error's line on stderr, in the format the command asked for (``fmt``; ``None``: the
+    variable's): ``prog: error: message`` in text, one JSON line (level CRITICAL, ``logger`` the
+    command, ``tag``) in JSON, so a log pipeline reading JSON does not get a bare line at the
+    very moment it matters. Written directly, not through the root logger: the error may be that
+    logging could not be configured."""
+    if fmt is None:
+        fmt = os.environ.get(LOG_FORMAT_ENV, "").strip()
+    if fmt != "json":
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return
+    record = logging.LogRecord(prog, logging.CRITICAL, "", 0, message, None, None)
+    record.eplb_tag = tag
+    print(JsonFormatter().format(record), file=sys.stderr)
+
+
 def configure(level: str | int | None = None, fmt: str | None = None, tag: str | None = None) -> None:
     """stderr logging. ``level`` / ``fmt`` are the command line's (``None``: not given); the
     variables ``EPLB_SERVICE_LOG_LEVEL`` / ``EPLB_SERVICE_LOG_FORMAT`` fill in what it left out,

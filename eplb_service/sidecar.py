@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import zmq
 
@@ -308,6 +309,8 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     """
     own, vllm_cmd = split_command_line(argv)
     parser = build_parser()
+    if logutil.requested_format(own) == "json":
+        parser.error = _json_error  # type: ignore[method-assign]
     args, coordinator_args = parser.parse_known_args(own)  # --help answers here, vLLM command or not
     if vllm_cmd is None:
         parser.error("give the vLLM command after '--', e.g. eplb-sidecar -- vllm serve MODEL --enable-eplb ...")
@@ -328,14 +331,21 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     return args, coordinator_args + log_format, vllm_cmd, ranks
 
 
+def _json_error(message: str) -> NoReturn:
+    """argparse's refusal of a sidecar flag under ``--log-format json``: one JSON line, exit 2."""
+    logutil.fatal("eplb-sidecar", f"{message} (see `eplb-sidecar --help`)", "json", "sidecar")
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """vLLM's exit status; 2, with one line saying what to change, for a mistake found before or while starting."""
+    """vLLM's exit status; 2, with one line saying what to change, for a mistake found before or while
+    starting (a JSON line under ``--log-format json``, like every other line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, coordinator_args, vllm_cmd, ranks = plan(argv)
         return Sidecar(vllm_cmd, coordinator_args, args.endpoint, args.ready_timeout_s, ranks).run()
     except UsageError as exc:
-        print(f"eplb-sidecar: error: {exc}", file=sys.stderr)
+        logutil.fatal("eplb-sidecar", str(exc), logutil.requested_format(split_command_line(argv)[0]), "sidecar")
         return 2
 
 

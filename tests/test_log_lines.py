@@ -168,3 +168,46 @@ def test_stack_info_is_kept_in_json():
     (doc,) = json_lines(out.stderr)
     assert doc["msg"] == "look" and doc["stack"].startswith("Stack (most recent call last):")
     assert "in where_it_was_called" in doc["stack"]
+
+
+def test_fatal_errors_are_json_lines_under_log_format_json(tmp_path):
+    """Before: with ``--log-format json`` (or ``EPLB_SERVICE_LOG_FORMAT=json``) a fatal error of the
+    coordinator or the sidecar (a bad flag, a bad config file, a taken port) was a bare text line,
+    the one line a log pipeline reading JSON could not parse."""
+    import socket
+
+    coordinator = [sys.executable, "-m", "eplb_service.coordinator.cli"]
+    sidecar = [sys.executable, "-m", "eplb_service.sidecar"]
+    missing = str(tmp_path / "missing.json")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (coordinator + ["--log-format", "json", "--initial-placement", missing], "", 2, "--initial-placement"),
+            (coordinator + ["--log-format=json", "--fence-steps", "-1"], "", 2, "argument --fence-steps"),
+            (coordinator + ["--config", missing], "json", 2, "cannot read config file"),
+            (coordinator + ["--log-format", "json", "--log-level", "loud"], "", 2, "is not a log level"),
+            (
+                coordinator
+                + ["--log-format", "json", "--endpoint", f"ipc://{tmp_path}/c.sock", "--metrics-port", port],
+                "",
+                1,
+                f"cannot serve HTTP on --metrics-port {port}",
+            ),
+            (sidecar + ["--log-format", "json"], "", 2, "give the vLLM command after '--'"),
+            (sidecar + ["--bogus", "1", "--", "vllm", "serve", "m"], "json", 2, "unrecognized arguments: --bogus"),
+        ]
+        for argv, env_format, code, expected in cases:
+            out = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+                env={**os.environ, "EPLB_SERVICE_LOG_FORMAT": env_format, "EPLB_SERVICE_LOG_LEVEL": ""},
+            )
+            assert out.returncode == code, (argv, out.stderr)
+            (doc,) = json_lines(out.stderr)
+            role = "sidecar" if argv[2] == "eplb_service.sidecar" else "coordinator"
+            assert doc["level"] == "CRITICAL" and doc["tag"] == role and expected in doc["msg"], (argv, doc)

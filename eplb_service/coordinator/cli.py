@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from eplb_service import logutil
 from eplb_service.coordinator import arg_types
@@ -419,7 +420,7 @@ def _serve(cfg: CoordinatorConfig) -> int:
     try:
         uvloop.run(main())
     except BindError as exc:
-        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return 1
     return 0
 
@@ -433,17 +434,16 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("eplb-coordinator: error: --plot needs matplotlib: pip install 'eplb-service[plot]'", file=sys.stderr)
+            _fail("--plot needs matplotlib: pip install 'eplb-service[plot]'")
             return 2
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         kinds = FigureCanvasAgg.get_supported_filetypes()
         suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
         if suffix and suffix not in kinds:  # checked before the run, not after it
-            print(
-                f"eplb-coordinator: error: --plot {args.plot!r}: matplotlib cannot write .{suffix} files; "
-                f"expected one of {', '.join('.' + k for k in sorted(kinds))}",
-                file=sys.stderr,
+            _fail(
+                f"--plot {args.plot!r}: matplotlib cannot write .{suffix} files; "
+                f"expected one of {', '.join('.' + k for k in sorted(kinds))}"
             )
             return 2
     model = shape_for_ranks(SimModelConfig(), cfg.world_size)
@@ -453,12 +453,12 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         try:
             load_trace(args.trace)
         except TraceError as exc:
-            print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+            _fail(str(exc))
             return 2
         try:
             model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
         except ValueError as exc:
-            print(f"eplb-coordinator: error: --trace: {exc}", file=sys.stderr)
+            _fail(f"--trace: {exc}")
             return 2
     opts = SimulationOptions(
         world_size=cfg.world_size,
@@ -471,10 +471,7 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     try:
         summary = run_simulation(opts, cfg)
     except RankProcessesDied as exc:  # each rank logged its own error: a traceback here would only bury them
-        print(
-            f"eplb-coordinator: error: the simulation stopped: {exc} (each rank's error is logged above)",
-            file=sys.stderr,
-        )
+        _fail(f"the simulation stopped: {exc} (each rank's error is logged above)")
         return 1
     print(json.dumps(summary, indent=2))
     ok = (
@@ -490,8 +487,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         logutil.configure(args.log_level, args.log_format, tag="coordinator")
         cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # logging may not be configured: the format the flag or variable asked for
+        _fail(str(exc), args.log_format or logutil.requested_format([]))
         return 2
     if args.simulate:
         return _simulate(args, cfg)
@@ -506,7 +503,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         prepare_ipc_dir(cfg.endpoint)  # before anything talks to a socket there
         removed = claim_ipc_endpoint(cfg.endpoint)
     except (EndpointUnavailable, UnsafeSocketDirectory) as exc:
-        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return 1
     if removed:
         logutil.rank_logger(__name__, "coordinator").info("%s", removed)
@@ -548,12 +545,31 @@ _RUNNERS = {"serve": _run_serve, "status": _run_status, "keygen": _run_keygen}
 """Each subcommand of :func:`build_parser` and what runs it; ``serve`` when none is named."""
 
 
+def _fail(message: str, fmt: str | None = None) -> None:
+    """A fatal error, in the log format in force (``fmt``: the one asked for, before logging is set up)."""
+    logutil.fatal("eplb-coordinator", message, fmt or logutil.active_format(), "coordinator")
+
+
+def _json_errors(parser: argparse.ArgumentParser) -> None:
+    """Under ``--log-format json``, a flag argparse refuses is one JSON line too (exit 2, as argparse)."""
+
+    def refuse(message: str) -> NoReturn:
+        _fail(f"{message} (see `eplb-coordinator serve --help`)", "json")
+        sys.exit(2)
+
+    parser.error = subcommand_parser(parser, "serve").error = refuse  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    fmt = logutil.requested_format(argv)
+    parser = build_parser()
+    if fmt == "json":
+        _json_errors(parser)
     try:
-        args = parse_command_line(argv)
-    except ValueError as exc:
-        print(f"eplb-coordinator: error: {exc}", file=sys.stderr)
+        args = parse_command_line(argv, parser)
+    except ValueError as exc:  # a bad --config file
+        _fail(str(exc), fmt)
         return 2
     return _RUNNERS[args.command](args)
 
