@@ -60,8 +60,8 @@ class TextFormatter(logging.Formatter):
     """``time LEVEL pid logger: [tag] message``; every further line (a traceback, ``stack_info``,
     a message of several lines) starts with ``[tag]`` as well."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    def __init__(self, fmt: str = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s") -> None:
+        super().__init__(fmt)
 
     def format(self, record: logging.LogRecord) -> str:
         tag = getattr(record, "eplb_tag", None)

@@ -542,3 +542,31 @@ def test_transport_choice():
         with pytest.raises(adapter.AdapterError, match="EPLB_SERVICE_TRANSPORT=copy-engine: cannot build"):
             plugin.make_transport("copy-engine", "cuda")
     assert plugin.make_transport("copy-engine", "cpu").name == "copy-engine"  # the CPU stand-in
+
+
+def test_every_line_of_a_worker_names_its_rank(tmp_path, monkeypatch, capsys):
+    """Before: the plugin's own lines in a worker (the draft model's warning, the async loop not
+    started, the EP rank line) and those of the untagged loggers (the transports') had no
+    ``[rank N]``: with 8 workers writing to one stream, nobody could tell whose they were."""
+    import logging
+
+    logger = logging.getLogger("eplb_service")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(plugin, "_process_tag", None, raising=False)
+    plugin._setup_logging("INFO")  # the handler register() gives our loggers in a vLLM process
+    logging.getLogger("eplb_service.integrations.vllm.plugin").info("before the rank is known")
+    monkeypatch.setattr(adapter, "ep_topology", lambda: adapter.EpTopology(rank=1, world_size=2, num_nodes=1))
+    state_cls, _ = _install(tmp_path, variant=VARIANTS["0.20"])
+    state = state_cls()
+    add_draft_then_main(state)
+    state.start_async_loop()
+    logging.getLogger("eplb_service.worker_agent.transport_gloo").warning("a transport's line")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "before the rank is known" in lines[0] and "[rank" not in lines[0]
+    rest = lines[1:]
+    assert rest and all("] [rank 1] " in line or ": [rank 1] " in line for line in rest), rest
+    assert any("EPLB of the draft model" in line for line in rest)
+    assert any("async EPLB worker not started" in line for line in rest)
+    assert any(line.endswith("transport_gloo: [rank 1] a transport's line") for line in rest)

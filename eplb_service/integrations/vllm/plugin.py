@@ -33,7 +33,7 @@ import logging
 import threading
 
 from eplb_service.integrations.vllm import config as config_mod
-from eplb_service.logutil import parse_level
+from eplb_service.logutil import DefaultTag, TextFormatter, parse_level, rank_logger
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ BINDING_ATTR = "_eplb_service_binding"
 PASSIVE_ATTR = "_eplb_service_passive_load"
 _lock = threading.Lock()
 _installed: config_mod.PluginConfig | None = None
+_process_tag: DefaultTag | None = None
+"""The tag of this process's lines that come without one (the transports', the schedule's):
+``rank N`` once the worker's main model is attached, so every line of a worker names its rank."""
 
 
 def register() -> None:
@@ -64,16 +67,26 @@ def register() -> None:
 
 
 def _setup_logging(level: str) -> None:
-    """vLLM configures only its own loggers; give ours a handler so agent lines show up."""
+    """vLLM configures only its own loggers; give ours a handler so agent lines show up, each
+    with the worker's rank once it is known (:func:`_tag_process`)."""
+    global _process_tag
     logger = logging.getLogger("eplb_service")
     logger.setLevel(parse_level(level, "EPLB_SERVICE_LOG_LEVEL"))  # checked in from_env: "debug" works too
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(
-            logging.Formatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s")
+            TextFormatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s")
         )
+        _process_tag = DefaultTag(None)  # the API server and the engine core have no rank
+        handler.addFilter(_process_tag)
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def _tag_process(rank: int) -> None:
+    """From now on, this worker's untagged lines carry ``[rank N]`` (one EP rank per worker process)."""
+    if _process_tag is not None:
+        _process_tag.tag = f"rank {rank}"
 
 
 # -- patching --------------------------------------------------------------------------------
@@ -105,19 +118,20 @@ def install(
         bound = adapter.bound_arguments(original_add_model, (self, *args), kwargs)
         model_state = adapter.model_state_of(self, bound["model_config"])
         passive = self.__dict__.setdefault(PASSIVE_ATTR, [])
+        topology = adapter.ep_topology()  # the worker's EP group, the same for a draft model
+        _tag_process(topology.rank)
         if not adapter.is_draft_model(bound):
             if getattr(self, BINDING_ATTR, None) is not None:
                 raise adapter.AdapterError(
                     "EplbState.add_model was called twice for a main model; eplb-service manages one"
                 )
-            topology = adapter.ep_topology()
             view = adapter.view_model_state(model_state, topology)
             adapter.enable_load_recording(self, model_state)
             binding = EplbBinding(view, factory(cfg, view, topology), passive)
             setattr(self, BINDING_ATTR, binding)
             _stop_at_exit(binding)
         else:
-            log.warning(
+            rank_logger(__name__, topology.rank).warning(
                 "EPLB of the draft model %s stays at vLLM's initial placement: eplb-service balances "
                 "the main model only",
                 adapter.draft_model_label(bound),
@@ -154,8 +168,9 @@ def install(
 
     @functools.wraps(original_start_async)
     def start_async_loop(self, *args, **kwargs):
-        if getattr(self, BINDING_ATTR, None) is not None:
-            log.info("vLLM's async EPLB worker not started: eplb-service moves the experts")
+        binding = getattr(self, BINDING_ATTR, None)
+        if binding is not None:
+            binding.log.info("vLLM's async EPLB worker not started: eplb-service moves the experts")
             return None
         return original_start_async(self, *args, **kwargs)
 
@@ -209,6 +224,7 @@ class EplbBinding:
         self.real_steps = 0
         self.dummy_steps = 0
         self._detached = False
+        self.log = rank_logger(__name__, agent.rank)
 
     def on_step(self, is_dummy: bool) -> None:
         """One non-profile ``EplbState.step``: the boundary after a forward pass."""
@@ -232,7 +248,7 @@ class EplbBinding:
         try:
             self.agent.stop(timeout_s=2.0)
         except Exception as exc:  # interpreter shutdown: nothing left to do
-            log.debug("stopping the agent: %s", exc)
+            self.log.debug("stopping the agent: %s", exc)
 
     def status(self) -> dict:
         hooks = self.hooks
@@ -324,7 +340,7 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
         overrides=cfg.agent_overrides(),
         staging_budget_bytes=cfg.staging_budget_bytes,
     )
-    log.info(
+    rank_logger(__name__, topology.rank).info(
         "EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",
         topology.rank,
         topology.world_size,
