@@ -147,3 +147,14 @@ def test_measurements_are_null_until_measured_and_forgotten_for_a_new_deployment
         assert math.isnan(gauge(c, name)), name
     for kind in ("current", "projected"):
         assert math.isnan(gauge(c, "eplb_balancedness", kind=kind)), kind
+
+
+def test_uptime_does_not_follow_the_wall_clock(monkeypatch):
+    """Before: ``uptime_s`` was ``time.time() - start``: a wall clock set back an hour (NTP, an
+    operator) made it -3600 s, set forward a day made a coordinator look up for a day."""
+    c = coordinator()
+    wall = time.time()
+    monkeypatch.setattr(time, "time", lambda: wall - 3600.0)
+    assert 0 <= shown(c)["uptime_s"] < 60
+    monkeypatch.setattr(time, "time", lambda: wall + 86400.0)
+    assert 0 <= shown(c)["uptime_s"] < 60

@@ -110,7 +110,8 @@ class Coordinator:
         self._auth = None
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
+        """When this coordinator started, on the monotonic clock: uptime must not jump when the wall clock is set."""
         self.last_tick = time.monotonic()
         self._caught_up_at = self.last_tick
         """When the receive loop last found no message waiting: everything sent before it was read."""
@@ -579,7 +580,7 @@ class Coordinator:
     def status(self) -> dict:
         """The status document (``eplb-coordinator status``, ``StatusReply``)."""
         return status_document(
-            self.cfg, self.registry, self.book, self.guard, self.plans, self.side_comm, self.started_at
+            self.cfg, self.registry, self.book, self.guard, self.plans, self.side_comm, self.started_monotonic
         )
 
     def progress(self) -> CoordinatorProgress:

@@ -33,8 +33,10 @@ def status_document(
     guard: DivergenceGuard,
     plans: PlanRunner,
     side_comm: SideComm,
-    started_at: float,
+    started_monotonic: float,
 ) -> dict:
+    """The document; ``started_monotonic`` is the coordinator's start on ``time.monotonic()``: an
+    uptime from wall clocks goes negative or leaps when NTP or an operator sets the clock."""
     now = time.monotonic()
     current = book.balancedness()
     clocks = guard.clock_states([r.rank for r in registry.alive])
@@ -64,7 +66,7 @@ def status_document(
         "endpoint": cfg.endpoint,
         "policy": cfg.policy,
         "pid": os.getpid(),
-        "uptime_s": round(time.time() - started_at, 3),
+        "uptime_s": round(now - started_monotonic, 3),
         "epoch": book.agreed_epoch,
         "comm_generation": side_comm.generation,
         "ranks": ranks,
