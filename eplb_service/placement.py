@@ -211,10 +211,12 @@ def local_source_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ran
     Looks each new ``(layer, rank, expert)`` up among the sorted keys of ``old``'s, so memory
     grows with the slots: :func:`rank_holdings`' dense ``[L, ranks, N_log]`` table took 7.4 GB
     for 200 layers of 2048 experts on 2048 ranks (one slot each), and 1000 layers ran out.
+    The keys are sorted, not deduplicated: the lookup only needs them in order (a repeated key
+    still matches), and ``np.unique`` (a hash table, then a sort) cost 50 to 100 times as much.
     """
     old = np.asarray(old_phy2log, dtype=np.int64)
     new = np.asarray(new_phy2log, dtype=np.int64)
-    held = np.unique(_rank_expert_keys(old, new, num_ranks, old))
+    held = np.sort(_rank_expert_keys(old, new, num_ranks, old), axis=None)
     wanted = _rank_expert_keys(old, new, num_ranks, new)
     position = np.minimum(np.searchsorted(held, wanted), held.size - 1)
     return (held[position] == wanted) & (old != new)
