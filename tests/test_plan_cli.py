@@ -226,3 +226,95 @@ def test_redundant_up_to_the_bound_still_plans(capsys, tmp_path):
     assert code == 0 and err == "" and json.loads(out)["num_physical"] == 128
     code, out, err = run_cli(capsys, "--load", str(path), "--ranks", "1", "--redundant", "125")
     assert code == 2 and "--redundant 125 is implausible" in err and err.count("\n") == 1
+
+
+class _DyingFile:
+    """A text file whose write stops halfway through with Ctrl-C, as an interrupted run does."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def write(self, text):
+        self._real.write(text[: len(text) // 2])
+        self._real.flush()
+        raise KeyboardInterrupt
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._real.close()
+
+
+def test_out_interrupted_mid_write_leaves_the_previous_file_whole(tmp_path, monkeypatch, load_json):
+    import io
+
+    out = tmp_path / "placement.json"
+    out.write_text('{"previous": true}\n')
+    real_open = io.open
+
+    def dying_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return _DyingFile(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(io, "open", dying_open)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--load", load_json, "--ranks", "4", "--redundant", "4", "--out", str(out)])
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"previous": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json", "placement.json"]  # no temporary left
+
+
+def test_out_replaces_a_file_with_its_mode_and_a_new_one_gets_the_umask(capsys, tmp_path, load_json):
+    import os
+    import stat
+
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(kept)
+    assert run_cli(capsys, "--load", load_json, "--ranks", "4", "--redundant", "4", "--out", str(link))[0] == 0
+    assert link.is_symlink() and json.loads(kept.read_text())["num_ranks"] == 4
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    fresh = tmp_path / "fresh.json"
+    umask = os.umask(0o022)
+    try:
+        assert run_cli(capsys, "--load", load_json, "--ranks", "4", "--out", str(fresh))[0] == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # as open() makes it, not mkstemp's 0600
+
+
+def test_out_to_a_pipe_is_written_in_place(capsys, tmp_path, load_json):
+    import os
+    import threading
+
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    code = run_cli(capsys, "--load", load_json, "--ranks", "4", "--out", str(fifo))[0]
+    reader.join(timeout=10)
+    assert code == 0 and json.loads(got[0])["num_ranks"] == 4
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["load.json", "plan.fifo"]
+
+
+def test_out_to_dev_stdout_still_works(tmp_path):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps(README_WEIGHT))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", str(path), "--ranks", "4"]
+        + ["--out", "/dev/stdout"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["num_ranks"] == 4

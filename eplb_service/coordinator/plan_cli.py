@@ -36,6 +36,7 @@ import numpy as np
 
 from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.load_forecast import persistence
+from eplb_service.coordinator.plan_output import write_text_atomically
 from eplb_service.coordinator.policy import (
     DEFAULT_POLICY,
     POLICIES,
@@ -151,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="skip layers gaining less balancedness (>= 0)",
     )
-    parser.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the JSON here instead of stdout, whole or not at all (a complete temporary file "
+        "in the same directory is renamed over FILE; /dev/stdout, a pipe or a device is written in place)",
+    )
     return parser
 
 
@@ -454,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(plan_document(args)) + "\n"
         if args.out:
             try:
-                Path(args.out).write_text(text)
+                write_text_atomically(args.out, text)
             except OSError as exc:
                 raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
         else:
