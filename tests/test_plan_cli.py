@@ -261,9 +261,9 @@ def test_out_interrupted_mid_write_leaves_the_previous_file_whole(tmp_path, monk
         return _DyingFile(handle) if "w" in mode else handle
 
     monkeypatch.setattr(io, "open", dying_open)
-    with pytest.raises(KeyboardInterrupt):
-        main(["--load", load_json, "--ranks", "4", "--redundant", "4", "--out", str(out)])
+    code = main(["--load", load_json, "--ranks", "4", "--redundant", "4", "--out", str(out)])
     monkeypatch.undo()
+    assert code == 130
     assert json.loads(out.read_text()) == {"previous": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json", "placement.json"]  # no temporary left
 
@@ -318,3 +318,48 @@ def test_out_to_dev_stdout_still_works(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["num_ranks"] == 4
+
+
+def test_progress_lines_go_to_stderr_and_leave_the_plan_alone(capsys, load_json):
+    code, quiet, err = run_cli(capsys, "--load", load_json, "--ranks", "4", "--redundant", "4")
+    assert code == 0 and err == ""  # stderr is no terminal here: no progress unless asked
+    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "4", "--redundant", "4", "--progress")
+    assert code == 0 and out == quiet
+    lines = err.splitlines()
+    assert lines[0].startswith(f"eplb-plan: reading --load {load_json} (")
+    assert any(line.startswith("eplb-plan: planning: layers 2/2 (") for line in lines)
+    assert lines[-1].startswith("eplb-plan: done (") and lines[-1].endswith(" s)")
+
+
+def test_progress_is_on_for_a_terminal_unless_no_progress(capsys, monkeypatch, load_json):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert "planning: layers" in run_cli(capsys, "--load", load_json, "--ranks", "4")[2]
+    assert run_cli(capsys, "--load", load_json, "--ranks", "4", "--no-progress")[2] == ""
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_file(tmp_path):
+    """A real SIGINT in the middle of planning 1000 layers: one line, no traceback, no --out file."""
+    import os
+    import signal
+
+    load = tmp_path / "load.npy"
+    np.save(load, np.random.default_rng(0).lognormal(0.0, 1.0, size=(1000, 1792)) * 1000)
+    out = tmp_path / "plan.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", str(load), "--ranks", "256"]
+        + ["--redundant", "256", "--out", str(out), "--progress"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.stderr is not None
+    seen = [proc.stderr.readline() for _ in range(2)]
+    assert "planning 1000 layers" in seen[1], seen
+    os.kill(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    tail = [line for line in rest.splitlines() if not line.startswith("eplb-plan: planning: layers")]
+    assert tail == ["eplb-plan: interrupted, no plan written"], rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.npy"]

@@ -204,3 +204,27 @@ def test_load_whose_total_overflows_is_refused_naming_it():
     # Just below: every figure finite.
     plan = plan_rebalance("migration", initial_phy2log(shape), load / 2.5, shape)
     assert np.isfinite([plan.balancedness_before, plan.balancedness_after]).all()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", range(12))
+def test_progress_reports_blocks_of_layers_and_changes_no_plan(policy, seed, monkeypatch):
+    """With a progress callback the policy runs block by block; every layer is planned on its own,
+    so the plan is the one a single call over all layers makes."""
+    import eplb_service.coordinator.policy as policy_module
+
+    shape = PlacementShape(13, 16, 24, 4)
+    rng = np.random.default_rng(seed)
+    current = np.stack([rng.permutation(np.arange(24) % 16) for _ in range(13)])
+    load = rng.lognormal(0.0, 1.5, size=(13, 16)) * 1000
+    whole = plan_rebalance(policy, current, load, shape, persistence=0.3, bytes_per_expert=7)
+    monkeypatch.setattr(policy_module, "PROGRESS_BLOCK_SLOTS", 5 * 24)  # blocks of 5 layers
+    seen = []
+    blocked = plan_rebalance(
+        policy, current, load, shape, persistence=0.3, bytes_per_expert=7, progress=lambda *a: seen.append(a)
+    )
+    assert seen == [(5, 13), (10, 13), (13, 13)]
+    assert np.array_equal(blocked.target_phy2log, whole.target_phy2log)
+    assert [(b.layers, b.bytes_moved, b.gain) for b in blocked.batches] == [
+        (b.layers, b.bytes_moved, b.gain) for b in whole.batches
+    ]

@@ -20,7 +20,9 @@ persistence below 0.6 the migration policy plans for a forecast of the next wind
 ``load_forecast``; the batches' gains are then under that forecast). Bad input ends with exit
 code 2 and a one-line message naming the flag or the file (with the bad entry's position) and
 what was expected: numeric flags are checked as they are parsed, files as they are read (an
-unreadable or ill-typed file is named, never a traceback; pickles are never loaded).
+unreadable or ill-typed file is named, never a traceback; pickles are never loaded). Progress
+goes to stderr (:mod:`.plan_progress`); Ctrl-C ends with exit code 130 and one line, and ``--out``
+is written whole or not at all (:mod:`.plan_output`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.plan_output import write_text_atomically
+from eplb_service.coordinator.plan_progress import PlanProgress
 from eplb_service.coordinator.policy import (
     DEFAULT_POLICY,
     POLICIES,
@@ -157,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the JSON here instead of stdout, whole or not at all (a complete temporary file "
         "in the same directory is renamed over FILE; /dev/stdout, a pipe or a device is written in place)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one line per phase and per block of layers on stderr, with the time so far "
+        "(default: on when stderr is a terminal)",
     )
     return parser
 
@@ -385,7 +395,12 @@ def _previous_persistence(args: argparse.Namespace, load: np.ndarray, shape: Pla
 
 
 def _plan(
-    args: argparse.Namespace, current: np.ndarray, load: np.ndarray, shape: PlacementShape, lasting: float
+    args: argparse.Namespace,
+    current: np.ndarray,
+    load: np.ndarray,
+    shape: PlacementShape,
+    lasting: float,
+    progress: PlanProgress,
 ) -> RebalancePlan:
     """Run the policy; its one input-dependent refusal (a layer that alone needs more staging
     than the budget) is reworded to name ``--staging-budget-bytes``."""
@@ -401,6 +416,7 @@ def _plan(
             staging_budget_bytes=args.staging_budget_bytes,
             min_layer_gain=args.min_layer_gain,
             persistence=lasting,
+            progress=progress.layers if progress.enabled else None,
         )
     except ValueError as exc:
         internal = f"staging_budget_bytes={args.staging_budget_bytes}"
@@ -409,8 +425,11 @@ def _plan(
         raise UsageError(str(exc).replace(internal, f"--staging-budget-bytes {args.staging_budget_bytes}")) from None
 
 
-def plan_document(args: argparse.Namespace) -> dict:
+def plan_document(args: argparse.Namespace, progress: PlanProgress | None = None) -> dict:
     """Plan for parsed ``args`` and return the output document (raises UsageError / ValueError)."""
+    if progress is None:
+        progress = PlanProgress(sys.stderr, enabled=False)
+    progress.phase(f"reading --load {args.load}")
     load = read_load(args.load)
     num_layers, num_logical = load.shape
     given = read_placement(args.current) if args.current else None
@@ -430,7 +449,9 @@ def plan_document(args: argparse.Namespace) -> dict:
         _check_current(args, given, shape, redundant)
         current = given
     _check_hierarchy(args, shape)
-    plan = _plan(args, current, load, shape, lasting)
+    progress.phase(f"planning {num_layers} layers x {num_physical} slots on {args.ranks} ranks, policy {args.policy}")
+    plan = _plan(args, current, load, shape, lasting, progress)
+    progress.phase(f"planned: {plan.experts_moved} slots change in {len(plan.batches)} batches")
     phy2log = plan.target_phy2log
     return {
         "policy": args.policy,
@@ -454,10 +475,24 @@ def plan_document(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0, or 2 on bad input)."""
+    """Console entry point; returns the exit status (0, 2 on bad input, 130 on Ctrl-C).
+
+    Ctrl-C ends the run with one line and no traceback; ``--out`` is written atomically, so an
+    interrupted run leaves no partial file."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("eplb-plan: interrupted, no plan written", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        text = json.dumps(plan_document(args)) + "\n"
+        enabled = args.progress if args.progress is not None else sys.stderr.isatty()
+        progress = PlanProgress(sys.stderr, enabled=enabled)
+        text = json.dumps(plan_document(args, progress)) + "\n"
+        progress.phase(f"writing {len(text) / 2**20:.1f} MiB of JSON to {args.out or 'stdout'}")
         if args.out:
             try:
                 write_text_atomically(args.out, text)
@@ -468,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as exc:
         print(f"eplb-plan: error: {exc}", file=sys.stderr)
         return 2
+    progress.phase("done")
     return 0
 
 

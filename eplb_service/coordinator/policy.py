@@ -32,6 +32,7 @@ through the same entry point, and a deployment can run its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +55,13 @@ from eplb_service.placement import (
 
 POLICIES = ("migration", "deepseek")
 DEFAULT_POLICY = "migration"
+PROGRESS_BLOCK_SLOTS = 2**18
+"""With a ``progress`` callback, the built-in policies run on blocks of layers of about this many
+slots in all (128 layers of 2048 slots), reporting after each: both treat every layer on its own,
+so the blocks give the same placement as one call over all layers."""
+
+LayerProgress = Callable[[int, int], None]
+"""``progress(layers_done, num_layers)``, called as the policy advances through the layers."""
 
 
 class Rebalancer(Protocol):
@@ -200,6 +208,7 @@ def plan_rebalance(
     staging_budget_bytes: int | None = None,
     min_layer_gain: float = 0.0,
     persistence: float = 1.0,
+    progress: LayerProgress | None = None,
 ) -> RebalancePlan:
     """Plan a rebalance of ``current_phy2log`` for ``logical_load`` with ``policy``.
 
@@ -222,6 +231,9 @@ def plan_rebalance(
             the plan's gains and balancedness are then under that forecast. ``"deepseek"``
             ignores it (it is DeepSeek's policy: the last window only), and so do registered
             policies.
+        progress: called with ``(layers_done, num_layers)`` after each block of layers the
+            built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
+            call it. The plan is the same with or without it.
 
     Raises:
         ValueError: unknown policy, or a layer that alone needs more staging than the budget.
@@ -257,9 +269,11 @@ def plan_rebalance(
     if policy == "migration":
         load = forecast_load(load, planning_persistence(persistence))
 
-    proposed = propose_phy2log(
-        policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes, persistence=float(persistence)
-    )
+    options: dict[str, Any] = {"num_groups": num_groups, "num_nodes": num_nodes, "persistence": float(persistence)}
+    if progress is None:
+        proposed = propose_phy2log(policy, current, load, shape, **options)
+    else:
+        proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
     return build_plan(
         current,
         proposed,
@@ -269,6 +283,25 @@ def plan_rebalance(
         staging_budget_bytes=staging_budget_bytes,
         min_layer_gain=min_layer_gain,
     )
+
+
+def _propose_in_blocks(
+    policy: str,
+    current: np.ndarray,
+    load: np.ndarray,
+    shape: PlacementShape,
+    progress: LayerProgress,
+    **options: Any,
+) -> np.ndarray:
+    """:func:`propose_phy2log` over blocks of layers, calling ``progress`` after each block."""
+    block = max(1, PROGRESS_BLOCK_SLOTS // shape.num_physical)
+    rows = []
+    for start in range(0, shape.num_layers, block):
+        stop = min(start + block, shape.num_layers)
+        part = PlacementShape(stop - start, shape.num_logical, shape.num_physical, shape.num_ranks)
+        rows.append(propose_phy2log(policy, current[start:stop], load[start:stop], part, **options))
+        progress(stop, shape.num_layers)
+    return np.concatenate(rows)
 
 
 def build_plan(

@@ -1,0 +1,61 @@
+"""``eplb-plan``'s progress lines on stderr.
+
+A plan for 1000 layers of 2048 slots takes seconds to minutes of CPU, reading and writing tens
+of MB of JSON included; without a word on the terminal a user cannot tell a slow run from a hung
+one. Each phase gets one line, and the policy's pass over the layers one line per block of layers
+at most every ``interval_s``, each with the time since the start. Lines, not a redrawn line: the
+same text reads well on a terminal, in a log file and in CI output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+PROGRESS_INTERVAL_S = 1.0
+"""Least time between two layer-count lines (the first and the last are always shown)."""
+
+
+class PlanProgress:
+    """Progress of one ``eplb-plan`` run, written to ``stream`` when ``enabled``.
+
+    Attributes:
+        stream: where the lines go (stderr: stdout may carry the plan itself).
+        enabled: ``False`` makes every method a no-op.
+        interval_s: least seconds between two layer-count lines.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        enabled: bool,
+        interval_s: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.interval_s = interval_s
+        self._clock = clock
+        self._start = clock()
+        self._last_layers_at: float | None = None
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"eplb-plan: {text} ({self._clock() - self._start:.1f} s)\n")
+        self.stream.flush()
+
+    def phase(self, text: str) -> None:
+        """One line for a phase starting (``reading --load x.npz``, ``writing --out y.json``)."""
+        if self.enabled:
+            self._line(text)
+
+    def layers(self, done: int, total: int) -> None:
+        """``planning: layers done/total``, at most every ``interval_s`` but always at 0 and at the end."""
+        if not self.enabled:
+            return
+        now = self._clock()
+        last = self._last_layers_at
+        if done not in (0, total) and last is not None and now - last < self.interval_s:
+            return
+        self._last_layers_at = now
+        self._line(f"planning: layers {done}/{total}")
