@@ -363,3 +363,57 @@ def test_ctrl_c_exits_130_with_one_line_and_no_file(tmp_path):
     tail = [line for line in rest.splitlines() if not line.startswith("eplb-plan: planning: layers")]
     assert tail == ["eplb-plan: interrupted, no plan written"], rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["load.npy"]
+
+
+def test_load_sums_a_recordings_parts(capsys, tmp_path):
+    """``--load trace.npz trace.part1.npz trace.part2.npz``: every window of every part, as
+    one load of their sum would give."""
+    from eplb_service.trace import TraceRecorder
+
+    rng = np.random.default_rng(0)
+    trace = str(tmp_path / "trace.npz")
+    windows = [rng.integers(0, 500, size=(2, 8)).astype(float) for _ in range(8)]
+    rec = TraceRecorder(trace, num_layers=2, num_logical=8, world_size=1, part_bytes=3 * windows[0].nbytes)
+    for k, window in enumerate(windows):
+        rec.add(window, 10 * k, 10 * k + 10, epoch=0, rank=0)
+        rec.flush()
+    rec.flush(close_all=True)
+    assert len(rec.files) == 3
+    np.save(tmp_path / "sum.npy", np.sum(windows, axis=0))
+    args = ["--ranks", "4", "--redundant", "4"]
+    code, expected, _ = run_cli(capsys, "--load", str(tmp_path / "sum.npy"), *args)
+    assert code == 0
+    code, out, err = run_cli(capsys, "--load", *rec.files, *args)
+    assert code == 0 and err == "" and out == expected
+
+
+def test_load_parts_that_cannot_be_summed_are_skipped_by_name(capsys, tmp_path):
+    good = [tmp_path / "a.npy", tmp_path / "b.json"]
+    np.save(good[0], np.array([[1.0, 2.0, 3.0, 4.0]]))
+    good[1].write_text(json.dumps([[4, 3, 2, 1]]))
+    broken = tmp_path / "trace.part2.npz"
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    other = tmp_path / "other.npy"
+    np.save(other, np.ones((2, 4)))
+    np.save(tmp_path / "sum.npy", np.array([[5.0, 5.0, 5.0, 5.0]]))
+    code, expected, _ = run_cli(capsys, "--load", str(tmp_path / "sum.npy"), "--ranks", "2")
+    files = [str(good[0]), str(broken), str(good[1]), str(other), str(good[0])]
+    code, out, err = run_cli(capsys, "--load", *files, "--ranks", "2")
+    assert code == 0 and out == expected
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith("eplb-plan: warning: --load") and str(broken) in lines[0]
+    assert "damaged .npz file" in lines[0] and lines[0].endswith("; skipped")
+    assert lines[1] == (
+        f"eplb-plan: warning: --load {other} skipped: shape (2, 4), expected (1, 4) (the shape of {good[0]})"
+    )
+    assert lines[2] == f"eplb-plan: warning: --load {good[0]} skipped: the same file as {good[0]}, already summed"
+
+
+def test_load_parts_none_readable_is_an_error(capsys, tmp_path):
+    missing = [str(tmp_path / "gone.npz"), str(tmp_path / "gone.part1.npz")]
+    code, out, err = run_cli(capsys, "--load", *missing, "--ranks", "2")
+    assert code == 2 and out == ""
+    assert err.count("eplb-plan: warning") == 2 and err.splitlines()[-1] == (
+        "eplb-plan: error: --load: none of its 2 files could be read (the warnings above say why)"
+    )

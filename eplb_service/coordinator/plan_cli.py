@@ -1,8 +1,8 @@
 """``eplb-plan``: compute a placement offline, from a load file.
 
 Reads a load ``[L, N_log]`` (``.npy``, JSON: a list of lists or an object with a ``load``
-key, or a coordinator's recorded trace ``.npz`` whose windows are summed), runs a placement policy, and
-writes placement JSON::
+key, or a coordinator's recorded trace ``.npz`` whose windows are summed; several files, such as
+a recording's parts, are summed), runs a placement policy, and writes placement JSON::
 
     {"policy": ..., "num_layers": L, "num_logical": N, "num_physical": P, "num_ranks": R,
      "phy2log": [[...], ...],            # [L, P]
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -108,9 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--load",
         required=True,
+        nargs="+",
         metavar="FILE",
         help=".npy or JSON load [layers, logical experts] in routed tokens (counts: the migration "
-        "policy ignores differences within their sampling noise), or a recorded .npz trace",
+        "policy ignores differences within their sampling noise), or a recorded .npz trace; several "
+        "files (a trace's parts: trace.npz trace.part1.npz ...) are summed, and a part that cannot be "
+        "read, has another shape or repeats a file is skipped with a warning naming it",
     )
     parser.add_argument(
         "--previous-load",
@@ -336,6 +340,48 @@ def read_placement(path: str, flag: str = "--current") -> np.ndarray:
     return np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
 
 
+def _warn(message: str) -> None:
+    print(f"eplb-plan: warning: {message}", file=sys.stderr)
+
+
+def read_load_parts(paths: list[str], warn: Callable[[str], None] = _warn) -> tuple[np.ndarray, list[str]]:
+    """``[L, N_log]`` float64, the sum of the loads in ``paths``, and the paths summed.
+
+    One path is read as :func:`read_load` reads it (a bad file is an error). Of several, a
+    recording's parts, each is a load of its own: a part that cannot be read, has another shape
+    than the first one read, or names a file already summed (``trace.npz trace*.npz``) is
+    skipped and ``warn`` names it and why; an error only when no part is left."""
+    if len(paths) == 1:
+        return read_load(paths[0]), list(paths)
+    total: np.ndarray | None = None
+    used: list[str] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        same = seen.get(os.path.realpath(path))
+        if same is not None:
+            warn(f"--load {path} skipped: the same file as {same}, already summed")
+            continue
+        try:
+            part = read_load(path)
+        except UsageError as exc:
+            warn(f"{exc}; skipped")
+            continue
+        if total is not None and part.shape != total.shape:
+            warn(f"--load {path} skipped: shape {part.shape}, expected {total.shape} (the shape of {used[0]})")
+            continue
+        seen[os.path.realpath(path)] = path
+        total = part if total is None else total + part
+        used.append(path)
+    if total is None:
+        raise UsageError(f"--load: none of its {len(paths)} files could be read (the warnings above say why)")
+    return _check_load_array(total, f"--load {' + '.join(used)}", "the sum at"), used
+
+
+def _load_name(args: argparse.Namespace) -> str:
+    """``--load``'s file, or its files joined, for messages."""
+    return " ".join(args.load)
+
+
 def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical: int) -> int:
     """Redundant slots per layer: ``--redundant``, else what ``--current`` has beyond the experts."""
     if args.redundant is not None:
@@ -343,7 +389,7 @@ def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical
         if args.redundant > bound:
             raise UsageError(
                 f"--redundant {args.redundant} is implausible: expected at most {bound} redundant slots per "
-                f"layer ({MAX_SLOTS_PER_EXPERT - 1} x the {num_logical} experts of --load {args.load})"
+                f"layer ({MAX_SLOTS_PER_EXPERT - 1} x the {num_logical} experts of --load {_load_name(args)})"
             )
         return int(args.redundant)
     if current is None:
@@ -351,7 +397,7 @@ def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical
     if current.shape[1] < num_logical:
         raise UsageError(
             f"--current {args.current} has {current.shape[1]} slots per layer, "
-            f"fewer than the {num_logical} experts of --load {args.load}"
+            f"fewer than the {num_logical} experts of --load {_load_name(args)}"
         )
     return int(current.shape[1] - num_logical)
 
@@ -367,7 +413,7 @@ def _check_current(args: argparse.Namespace, current: np.ndarray, shape: Placeme
     try:
         validate_phy2log(current, shape)
     except PlacementError as exc:
-        raise UsageError(f"--current {args.current}: {exc} (the experts of --load {args.load})") from None
+        raise UsageError(f"--current {args.current}: {exc} (the experts of --load {_load_name(args)})") from None
 
 
 def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
@@ -376,7 +422,9 @@ def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
     if args.policy != "deepseek":
         return
     if shape.num_logical % args.groups:
-        raise UsageError(f"--groups {args.groups} must divide the {shape.num_logical} experts of --load {args.load}")
+        raise UsageError(
+            f"--groups {args.groups} must divide the {shape.num_logical} experts of --load {_load_name(args)}"
+        )
     if args.ranks % args.nodes:
         raise UsageError(f"--nodes {args.nodes} must divide --ranks {args.ranks}")
 
@@ -389,7 +437,7 @@ def _previous_persistence(args: argparse.Namespace, load: np.ndarray, shape: Pla
     if previous.shape != load.shape:
         raise UsageError(
             f"--previous-load {args.previous_load} has shape {previous.shape}, expected {load.shape} "
-            f"(the shape of --load {args.load})"
+            f"(the shape of --load {_load_name(args)})"
         )
     return persistence(validate_load(previous, shape), load)
 
@@ -429,8 +477,10 @@ def plan_document(args: argparse.Namespace, progress: PlanProgress | None = None
     """Plan for parsed ``args`` and return the output document (raises UsageError / ValueError)."""
     if progress is None:
         progress = PlanProgress(sys.stderr, enabled=False)
-    progress.phase(f"reading --load {args.load}")
-    load = read_load(args.load)
+    progress.phase(f"reading --load {_load_name(args)}")
+    load, used = read_load_parts(args.load)
+    if len(args.load) > 1:
+        progress.phase(f"summed {len(used)} of {len(args.load)} --load files")
     num_layers, num_logical = load.shape
     given = read_placement(args.current) if args.current else None
     redundant = _redundant(args, given, num_logical)
