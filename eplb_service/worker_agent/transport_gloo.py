@@ -7,7 +7,9 @@ group, and rearrangement collectives must never interleave with serving ones.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import logging
 import sys
 import threading
@@ -109,7 +111,10 @@ class GlooTransport(Transport):
             # must never wait on it, so the group is dropped here and torn down aside.
             box = [group]
             del group
-            threading.Thread(target=_abort_quietly, args=(box,), name="eplb-gloo-abort", daemon=True).start()
+            thread = threading.Thread(target=_abort_quietly, args=(box,), name="eplb-gloo-abort", daemon=True)
+            with _TEARDOWNS_LOCK:
+                _TEARDOWNS.add(thread)
+            thread.start()
 
 
 def gloo_store_keys(comm: CommInit) -> list[str]:
@@ -142,3 +147,34 @@ def _abort_quietly(box: list) -> None:
     while sys.getrefcount(group) > 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     del group
+    with _TEARDOWNS_LOCK:
+        _TEARDOWNS.discard(threading.current_thread())
+
+
+EXIT_TEARDOWN_WAIT_S = 5.0
+"""How long a process that is exiting waits for its groups' teardowns (see :func:`finish_teardowns`)."""
+
+_TEARDOWNS: set[threading.Thread] = set()
+_TEARDOWNS_LOCK = threading.Lock()
+
+
+def finish_teardowns(timeout_s: float = EXIT_TEARDOWN_WAIT_S) -> int:
+    """Let the teardown threads destroy their groups before the interpreter goes; returns how
+    many were still running after ``timeout_s``.
+
+    Registered with :mod:`atexit`. A teardown thread is a daemon: left running at exit, it was
+    frozen holding a live gloo group, and the C++ runtime then ended the process with
+    ``terminate called without an active exception`` (exit -6, about one simulated run in ten,
+    always the rank that had aborted a generation). By exit time the agent and its frames are
+    gone, so after a collection the group's last other reference is, and the thread finishes.
+    """
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    with _TEARDOWNS_LOCK:
+        pending = list(_TEARDOWNS)
+    for thread in pending:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(thread.is_alive() for thread in pending)
+
+
+atexit.register(finish_teardowns)
