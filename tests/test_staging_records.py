@@ -144,3 +144,19 @@ def test_staging_area_handles_any_number_of_weight_tensors(tensors):
     new = old[:, [2, 3, 0, 1]]
     area = StagingArea(model, build_schedule(old, new, 2).per_rank[0])
     assert len(area.rows) == tensors and all(r.shape == (2, 5) for r in area.rows)
+
+
+def test_commit_warm_up_launches_nothing_on_cpu_and_leaves_the_model_alone():
+    from eplb_service.worker_agent.staging import warm_commit_kernels
+
+    shape = PlacementShape(2, 8, 12, 2)
+    phy2log = initial_phy2log(shape)
+    model = make_model(0, shape, phy2log)
+    new = phy2log[[0]].copy()
+    new[0, : shape.slots_per_rank] = new[0, : shape.slots_per_rank][::-1]
+    area = StagingArea(model, build_schedule(phy2log[[0]], new, 2).per_rank[0])
+    action = prepare_commit(model, 1, [0], new, area)
+    weights = [t.clone() for t in model.expert_weights[0]]
+    assert warm_commit_kernels(action) == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.expert_weights[0]))
+    assert np.array_equal(model.phy2log.numpy(), phy2log)

@@ -24,7 +24,7 @@ import numpy as np
 from eplb_service import protocol
 from eplb_service.worker_agent.decision import Decider, Decision, DecisionRecord
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
-from eplb_service.worker_agent.staging import prepare_commit
+from eplb_service.worker_agent.staging import prepare_commit, warm_commit_kernels
 from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, CpuSections, Staged
 from eplb_service.worker_agent.transport import Transport, TransportError
 
@@ -173,6 +173,7 @@ class CommitVoter:
         cpu = CpuSections(host.stats, "vote")
         with host.transport.device_context():  # complete when the vote's all-reduce returns
             action = prepare_commit(self.model, plan_id, list(plan.layers), rows, staged.area)
+            warm_commit_kernels(action)  # the first commit of a process must not load kernels on the serving thread
         cpu.mark("prepare")
         ticket = CommitTicket(action=action, layers=list(plan.layers), rows=rows, record=record)
         ticket.propose_abort = lambda code, reason: self.propose(Decision.abort(host.rank, reason, code))

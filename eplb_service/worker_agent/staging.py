@@ -116,3 +116,35 @@ def prepare_commit(
         log2phy_rows=log2phy_rows,
         logcnt_rows=logcnt_rows,
     )
+
+
+_WARMED_COPY_KINDS: set[tuple[torch.dtype, int, torch.device]] = set()
+"""``(dtype, dims, device)`` of the in-place copies this process has already launched once."""
+
+
+def warm_commit_kernels(action: CommitAction) -> int:
+    """Launch, once per process, every kind of in-place copy ``action``'s commit will make, on
+    scratch rows, from the calling (agent) thread; returns how many kinds were launched.
+
+    Why: CUDA loads a kernel at its first launch in the process (lazy module loading), and the
+    commit's ``index_copy_`` for a dtype the model never copied that way is such a launch. On an
+    H200 the first commit of a process took tens of milliseconds of host time on the serving
+    thread, the ones after it tens of microseconds (``bench/gpu/commit_cold.py``). Launched here
+    first, on the agent's stream and off the serving path, the load is paid before the vote.
+    Nothing on a CPU device needs it.
+    """
+    copies = [(live, rows) for live, rows, _ in action.weight_copies]
+    copies += [(action.phy2log_rows, action.layer_index), (action.log2phy_rows, action.layer_index)]
+    copies.append((action.logcnt_rows, action.layer_index))
+    launched = 0
+    for target, index in copies:
+        kind = (target.dtype, target.dim(), target.device)
+        if target.device.type == "cpu" or kind in _WARMED_COPY_KINDS:
+            continue
+        shape = (1,) * target.dim()
+        scratch = torch.zeros((2,) + shape[1:], dtype=target.dtype, device=target.device)
+        source = torch.zeros(shape, dtype=target.dtype, device=target.device)
+        scratch.index_copy_(0, torch.zeros(1, dtype=index.dtype, device=index.device), source)
+        _WARMED_COPY_KINDS.add(kind)
+        launched += 1
+    return launched
