@@ -108,6 +108,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size = EP size = coordinator ranks")
     ap.add_argument("--gpu", action="store_true", help="CUDA: graphs on, FlashAttention-sized model")
     args = ap.parse_args()
+    if args.tp < 2:  # vLLM 0.26: "EPLB requires tensor, prefill-context, or data parallelism, but got TP=1"
+        ap.error(f"--tp {args.tp}: vLLM refuses EPLB without parallelism; give 2 or more (one GPU cannot run this)")
     if args.gpu:
         global HIDDEN, HEAD_DIM, MOE_INTER
         HIDDEN, HEAD_DIM, MOE_INTER = 256, 64, 128
