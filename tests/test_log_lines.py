@@ -31,28 +31,7 @@ def json_lines(stderr: str) -> list[dict]:
 
 
 def test_warnings_and_uncaught_exceptions_are_json_lines_with_the_process_tag():
-    code = textwrap.dedent(
-        """
-        import logging, threading, warnings
-        from eplb_service import logutil
-
-        logutil.configure("INFO", "json", tag="coordinator")
-        logging.getLogger("some.library").warning("a library's line")
-        logutil.rank_logger("eplb_service.x", 3).info("an agent's line")
-        warnings.warn("something deprecated", DeprecationWarning)
-        thread = threading.Thread(target=lambda: 1 / 0, name="worker")
-        thread.start()
-        thread.join()
-        raise RuntimeError("the end")
-        """
-    )
-    out = subprocess.run(
-        [sys.executable, "-W", "always", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "EPLB_SERVICE_LOG_FORMAT": ""},
-    )
+    out = run_logging(MIXED_SOURCES, "json", tag="coordinator")
     assert out.returncode == 1
     lines = json_lines(out.stderr)
     by_msg = {doc["msg"]: doc for doc in lines}
@@ -94,10 +73,23 @@ def test_simulated_ranks_log_json_lines_tagged_with_their_rank():
     assert any(doc["logger"] == "eplb_service.sim.deployment" and doc["tag"] == "coordinator" for doc in lines)
 
 
-def run_logging(code: str, fmt: str) -> subprocess.CompletedProcess:
-    """``code`` after ``logutil.configure("INFO", fmt, tag="rank 5")``, in a fresh interpreter."""
+MIXED_SOURCES = """
+logging.getLogger("zmq.auth").warning("a library's line")
+logutil.rank_logger("eplb_service.x", 3).info("an agent's line")
+warnings.warn("something deprecated", DeprecationWarning)
+thread = threading.Thread(target=lambda: 1 / 0, name="worker")
+thread.start()
+thread.join()
+raise RuntimeError("the end")
+"""
+"""Lines from every source a process has: a library's logger, a tagged rank logger, a warning,
+an uncaught exception in a thread and in the main thread."""
+
+
+def run_logging(code: str, fmt: str, tag: str = "rank 5") -> subprocess.CompletedProcess:
+    """``code`` after ``logutil.configure("INFO", fmt, tag=tag)``, in a fresh interpreter."""
     preamble = "import logging, threading, warnings\nfrom eplb_service import logutil\n"
-    preamble += f"logutil.configure('INFO', {fmt!r}, tag='rank 5')\n"
+    preamble += f"logutil.configure('INFO', {fmt!r}, tag={tag!r})\n"
     return subprocess.run(
         [sys.executable, "-W", "always", "-c", preamble + textwrap.dedent(code)],
         capture_output=True,
@@ -110,18 +102,7 @@ def run_logging(code: str, fmt: str) -> subprocess.CompletedProcess:
 def test_every_text_line_carries_the_tag_other_loggers_warnings_and_uncaught_exceptions_too():
     """Before: in text format only lines logged through a RankAdapter named their rank; a library's
     line, a warning and an uncaught exception (a bare traceback) did not."""
-    out = run_logging(
-        """
-        logging.getLogger("zmq.auth").warning("a library's line")
-        logutil.rank_logger("eplb_service.x", 3).info("an agent's line")
-        warnings.warn("something deprecated", DeprecationWarning)
-        thread = threading.Thread(target=lambda: 1 / 0, name="worker")
-        thread.start()
-        thread.join()
-        raise RuntimeError("the end")
-        """,
-        "text",
-    )
+    out = run_logging(MIXED_SOURCES, "text")
     assert out.returncode == 1
     lines = out.stderr.splitlines()
     untagged = [line for line in lines if "[rank 5] " not in line and "[rank 3] " not in line]
