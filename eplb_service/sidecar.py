@@ -317,6 +317,8 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     if not vllm_cmd:
         parser.error("the vLLM command after '--' is empty")
     os.environ.update(log_environment(os.environ))
+    if args.log_format:  # vLLM's workers read no flag: the plugin's lines follow the variable
+        os.environ[logutil.LOG_FORMAT_ENV] = args.log_format
     logutil.configure(None, args.log_format, tag="sidecar")
     settings = coordinator_settings(coordinator_args)
     check_metrics_port(settings.metrics_port)

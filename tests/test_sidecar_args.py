@@ -190,6 +190,18 @@ def test_bad_log_format_variable_is_one_line(capsys, monkeypatch):
     )
 
 
+def test_log_format_flag_reaches_the_vllm_workers_environment(monkeypatch):
+    """The plugin in vLLM's workers reads no flag: before, ``--log-format json`` made the sidecar's
+    and the coordinator's lines JSON and left the workers' agent lines text in the same stream."""
+    from eplb_service import logutil
+    from eplb_service.sidecar import plan
+
+    monkeypatch.setenv(logutil.LOG_FORMAT_ENV, "")  # recorded, so the value plan() sets is undone after
+    monkeypatch.setattr(logutil, "configure", lambda *args, **kwargs: None)
+    _, coordinator_args, _, _ = plan(["--log-format", "json", "--dp", "1", "--", "vllm", "serve", "M", "--enable-eplb"])
+    assert os.environ[logutil.LOG_FORMAT_ENV] == "json" and coordinator_args[-2:] == ["--log-format", "json"]
+
+
 def test_bad_log_level_is_one_line_from_the_real_cli():
     """The reviewer's case, end to end: a traceback before."""
     out = subprocess.run(

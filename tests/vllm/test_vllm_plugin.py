@@ -81,10 +81,11 @@ def test_full_configuration_from_env():
             C.THROTTLE_BYTES_PER_S: "5e9",
             C.REPORT_INTERVAL_STEPS: "20",
             C.SIDE_MAX_CTAS: "4",
+            C.LOG_FORMAT: " JSON ",
         }
     )
     assert cfg.endpoint == "tcp://10.0.0.1:5557" and cfg.transport == "gloo" and cfg.staging_budget_bytes == 1 << 20
-    assert cfg.side_max_ctas == 4
+    assert cfg.side_max_ctas == 4 and cfg.log_format == "json"
     assert cfg.agent_overrides() == {"throttle_bytes_per_s": 5e9, "report_interval_steps": 20}
 
 
@@ -105,6 +106,7 @@ def test_full_configuration_from_env():
         ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
         ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a finite value > 0"),
         ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
+        ({C.LOG_FORMAT: "xml"}, "EPLB_SERVICE_LOG_FORMAT='xml': expected 'text' or 'json'"),
     ],
 )
 def test_bad_variables_are_named(env, needle):
@@ -167,7 +169,7 @@ def _register_with(monkeypatch, tmp_path, version, variant=FakeEplbStateBase) ->
     """``register()`` as vLLM calls it, with ``variant`` as vLLM's ``EplbState``; returns it and the warnings."""
     state_cls = type("EplbState", (variant,), {})
     warnings: list[str] = []
-    monkeypatch.setattr(plugin, "_setup_logging", lambda level: None)
+    monkeypatch.setattr(plugin, "_setup_logging", lambda level, fmt="text": None)
     monkeypatch.setattr(plugin.log, "warning", lambda msg, *args: warnings.append(msg % args))
     monkeypatch.setenv(C.ENDPOINT, f"ipc://{tmp_path}/c.sock")
     monkeypatch.setattr(plugin, "_installed", None)
@@ -570,3 +572,26 @@ def test_every_line_of_a_worker_names_its_rank(tmp_path, monkeypatch, capsys):
     assert any("EPLB of the draft model" in line for line in rest)
     assert any("async EPLB worker not started" in line for line in rest)
     assert any(line.endswith("transport_gloo: [rank 1] a transport's line") for line in rest)
+
+
+def test_worker_lines_are_json_with_the_rank_tag_under_log_format_json(tmp_path, monkeypatch, capsys):
+    """Before: the plugin's handler was text whatever ``EPLB_SERVICE_LOG_FORMAT`` said, so a
+    deployment whose pipeline reads JSON lines got text lines from every worker."""
+    import json
+    import logging
+
+    logger = logging.getLogger("eplb_service")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(plugin, "_process_tag", None, raising=False)
+    plugin._setup_logging("INFO", "json")
+    logging.getLogger("eplb_service.integrations.vllm.plugin").info("before the rank is known")
+    monkeypatch.setattr(adapter, "ep_topology", lambda: adapter.EpTopology(rank=1, world_size=2, num_nodes=1))
+    state_cls, _ = _install(tmp_path, variant=VARIANTS["0.20"])
+    add_draft_then_main(state_cls())
+    logging.getLogger("eplb_service.worker_agent.transport_gloo").warning("a transport's line")
+    docs = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert docs[0]["msg"] == "before the rank is known" and docs[0]["tag"] is None
+    assert len(docs) >= 3 and all(doc["tag"] == "rank 1" for doc in docs[1:]), docs
+    assert docs[-1]["logger"] == "eplb_service.worker_agent.transport_gloo" and docs[-1]["msg"] == "a transport's line"

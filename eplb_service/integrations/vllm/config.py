@@ -26,6 +26,7 @@ THROTTLE_BYTES_PER_S = "EPLB_SERVICE_THROTTLE_BYTES_PER_S"
 REPORT_INTERVAL_STEPS = "EPLB_SERVICE_REPORT_INTERVAL_STEPS"
 SIDE_MAX_CTAS = "EPLB_SERVICE_SIDE_MAX_CTAS"
 LOG_LEVEL = "EPLB_SERVICE_LOG_LEVEL"
+LOG_FORMAT = "EPLB_SERVICE_LOG_FORMAT"
 
 TRANSPORTS = ("auto", "gloo", "nccl", "copy-engine", "prefer-copy-engine")
 
@@ -62,6 +63,9 @@ class PluginConfig:
     kernels more SMs and stream slower. Only for ``nccl``."""
     log_level: str = "INFO"
     """``EPLB_SERVICE_LOG_LEVEL``: level of the ``eplb_service`` loggers in vLLM's processes."""
+    log_format: str = "text"
+    """``EPLB_SERVICE_LOG_FORMAT``: ``json`` writes those lines as the coordinator's ``--log-format
+    json`` does (one object per line, with its ``tag``); vLLM's own lines stay as vLLM writes them."""
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -76,6 +80,8 @@ class PluginConfig:
             parse_level(self.log_level, LOG_LEVEL)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"{LOG_FORMAT}={self.log_format!r}: expected 'text' or 'json'")
         if self.side_max_ctas is not None and not 1 <= self.side_max_ctas <= MAX_CHANNELS:
             raise ConfigError(f"{SIDE_MAX_CTAS}={self.side_max_ctas}: expected 1..{MAX_CHANNELS} CTAs")
 
@@ -116,4 +122,5 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
         report_interval_steps=_number(env, REPORT_INTERVAL_STEPS, int, 0, inclusive=False),
         side_max_ctas=_number(env, SIDE_MAX_CTAS, int, 0, inclusive=False),
         log_level=env.get(LOG_LEVEL, "INFO").strip() or "INFO",
+        log_format=env.get(LOG_FORMAT, "text").strip().lower() or "text",
     )

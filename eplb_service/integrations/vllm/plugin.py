@@ -33,7 +33,7 @@ import logging
 import threading
 
 from eplb_service.integrations.vllm import config as config_mod
-from eplb_service.logutil import DefaultTag, TextFormatter, parse_level, rank_logger
+from eplb_service.logutil import DefaultTag, JsonFormatter, TextFormatter, parse_level, rank_logger
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def register() -> None:
     with _lock:
         if _installed is not None:
             return
-        _setup_logging(cfg.log_level)
+        _setup_logging(cfg.log_level, cfg.log_format)
         from eplb_service.integrations.vllm import adapter
 
         warning = adapter.version_warning(adapter.installed_vllm_version())
@@ -66,16 +66,19 @@ def register() -> None:
         log.info("eplb-service plugin active: coordinator %s, transport %s", cfg.endpoint, cfg.transport)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "text") -> None:
     """vLLM configures only its own loggers; give ours a handler so agent lines show up, each
-    with the worker's rank once it is known (:func:`_tag_process`)."""
+    with the worker's rank once it is known (:func:`_tag_process`), as JSON lines where the
+    deployment's log pipeline reads the coordinator's so (``EPLB_SERVICE_LOG_FORMAT=json``)."""
     global _process_tag
     logger = logging.getLogger("eplb_service")
     logger.setLevel(parse_level(level, "EPLB_SERVICE_LOG_LEVEL"))  # checked in from_env: "debug" works too
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(
-            TextFormatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s")
+            JsonFormatter()
+            if fmt == "json"
+            else TextFormatter("%(levelname)s %(asctime)s [eplb-service pid %(process)d] %(name)s: %(message)s")
         )
         _process_tag = DefaultTag(None)  # the API server and the engine core have no rank
         handler.addFilter(_process_tag)
