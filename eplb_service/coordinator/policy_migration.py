@@ -359,10 +359,18 @@ def _best_exchanges(a_val: np.ndarray, b_val: np.ndarray, gap: np.ndarray) -> tu
     n, slots = a_val.shape
     b_order = np.argsort(b_val, axis=1)
     b_sorted = np.take_along_axis(b_val, b_order, axis=1)
-    # Nearest b to (a - gap / 2), every pair in one search: loads are shares of the layer
-    # (in [0, 1]), so offsets of 4 keep each pair's sorted values apart.
-    offset = (np.arange(n, dtype=np.float64) * 4.0)[:, None]
-    query = a_val - gap[:, None] / 2 + offset
+    # Nearest b to (a - gap / 2), every pair in one search: each pair's values and queries are
+    # shifted by a multiple of the span of all of them, so no pair's range reaches another's.
+    # (A fixed span of 4 assumed shares of a layer; the fine pass scales loads to a mean rank
+    # of 1, so at EP 64+ one hot replica exceeds it and pairs searched in each other's values.)
+    target = a_val - gap[:, None] / 2
+    if n and slots:
+        low = min(float(b_sorted[:, 0].min()), float(target.min()))
+        span = max(float(b_sorted[:, -1].max()), float(target.max())) - low + 1.0
+    else:
+        low, span = 0.0, 1.0
+    offset = (np.arange(n, dtype=np.float64) * span - low)[:, None]
+    query = target + offset
     pos = np.searchsorted((b_sorted + offset).ravel(), query.ravel()).reshape(n, slots)
     pos -= (np.arange(n) * slots)[:, None]
     rows = np.arange(n)
