@@ -150,6 +150,7 @@ def _run(rank: int, devices: list[int], port: int) -> dict:
     transport.exchange([P2POp(True, _pattern(rank, peer, 9, 5 << 20, device), peer, 0), P2POp(False, back, peer, 0)])
     transport.synchronize()
     out["rebuilt_ok"] = bool(torch.equal(back, _pattern(peer, rank, 9, 5 << 20, device)))
+    out["reported_keys"] = transport.store_keys(comm(1)) + transport.store_keys(comm(2))
     transport.close()
     return out
 
@@ -169,6 +170,15 @@ def _run_pair(devices: list[int], timeout_s: float = 120) -> dict[int, dict]:
         p.start()
     try:
         results = gather_results(queue, procs, timeout_s, join_s=20)
+        # What rank 0's janitor deletes (store_keys) against what the rendezvous wrote to the store.
+        for result in results.values():
+            reported = result.get("reported_keys", [])
+            result["missing_keys"] = [k for k in reported if not store.check([k])]
+            if hasattr(store, "list_keys"):
+                prefixes = ("eplb/gen1/", "eplb/gen2/")  # the two generations' CommInit.key_prefix
+                result["unreported_keys"] = sorted(
+                    k for k in store.list_keys() if k.startswith(prefixes) and k not in set(reported)
+                )
     finally:
         del store
     for rank, result in results.items():
@@ -187,6 +197,8 @@ def _check(results: dict[int, dict]) -> None:
         assert r["staging_rows"] > 0 and r["bad_rows"] == [], (rank, r["bad_rows"])
         assert r["received_bytes"] > 0
         assert r["rebuilt_ok"], f"rank {rank}: the rebuilt generation moved wrong bytes"
+        assert r["reported_keys"] and r["missing_keys"] == [], f"rank {rank}: store_keys names unwritten keys"
+        assert r.get("unreported_keys", []) == [], f"rank {rank}: keys the janitor would leave: {r['unreported_keys']}"
     d0, d1 = results[0]["digests"], results[1]["digests"]
     assert np.all((d0 != NO_DIGEST) & (d1 != NO_DIGEST)) and np.array_equal(d0, d1)
     reduced = results[0]["reduced"]
