@@ -97,6 +97,13 @@ class LogThrottle:
         self.log.log(level, msg + " (%s)", *args, lasted)
         return True
 
+    def settle(self, key: Hashable) -> None:
+        """The condition ``key`` is over and the caller's own line says so (a rank registered): only
+        the occurrences left out since its last line are written, if any, so none goes uncounted."""
+        cond = self._conditions.pop(key, None)
+        if cond is not None and cond.left_out:
+            self.log.log(cond.level, cond.msg + " (%s; over now)", *cond.args, self._repeats(cond, self.clock()))
+
     def tick(self) -> None:
         """Summarise conditions that went quiet: one whose left-out occurrences are older than
         ``interval_s`` gets its line now (it may never occur again to carry it), and one quiet for

@@ -105,3 +105,19 @@ def test_a_message_with_percent_signs_in_its_arguments_stays_one_line(setup):
 def test_a_bad_interval_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"interval_s=0: expected a positive"):
         LogThrottle(logging.getLogger("x"), interval_s=0)
+
+
+def test_settle_writes_only_the_count_left_out(setup):
+    throttle, clock, caplog = setup
+    throttle.report("once", logging.WARNING, "once")
+    throttle.settle("once")  # nothing left out: the caller's own line says it is over
+    throttle.report("many", logging.WARNING, "many")
+    clock.now += 1
+    throttle.report("many", logging.WARNING, "many")
+    throttle.settle("many")
+    assert not throttle.active("once") and not throttle.active("many")
+    assert lines(caplog) == [
+        ("WARNING", "[rank 3] once"),
+        ("WARNING", "[rank 3] many"),
+        ("WARNING", "[rank 3] many (1 more like this not logged in the last 1s; 2 since it began 1s ago; over now)"),
+    ]

@@ -21,6 +21,7 @@ from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
 from eplb_service.coordinator.plan_runner import PlanRunner
 from eplb_service.coordinator.registry import AgentRecord, Registry
 from eplb_service.coordinator.status_doc import status_json
+from eplb_service.log_throttle import LogThrottle
 from eplb_service.placement import PlacementError
 
 MAX_STEP_LEAP = 1_000_000
@@ -69,6 +70,8 @@ class MessageRouter:
     ) -> None:
         self.cfg, self.registry, self.book, self.guard, self.runner = cfg, registry, book, guard, runner
         self.metrics, self.log, self.host = metrics, log, host
+        self.throttle = LogThrottle(log)
+        """Lines one misbehaving sender would repeat per message (``log_throttle``), keyed by what and who."""
         self.processes: dict[tuple[str, int], None] = {}
         """(node, pid) of the agents registered in this deployment, oldest first: one of them coming
         back (after a partition, or declared dead while stalled) is the same deployment, not a new
@@ -104,7 +107,9 @@ class MessageRouter:
         name = type(message).__name__
         record = self.registry.by_identity(identity)
         self.metrics.messages_rejected.labels("coordinator_only").inc()
-        self.log.warning(
+        self.throttle.report(
+            ("coordinator_only", identity),
+            logging.WARNING,
             "refused %s from %s: only the coordinator sends %s",
             name,
             f"rank {record.rank}" if record is not None else repr(identity),
@@ -135,7 +140,9 @@ class MessageRouter:
             self.metrics.messages_rejected.labels("session").inc()
             name = type(message).__name__
             named = f"rank {getattr(message, 'rank', '-')}, session {getattr(message, 'session', '-')}"
-            self.log.warning(
+            self.throttle.report(
+                ("session", record.rank),
+                logging.WARNING,
                 "refused %s naming %s from the connection of rank %d (session %d)",
                 name,
                 named,
@@ -165,7 +172,12 @@ class MessageRouter:
         if isinstance(message, protocol.Committed):  # even from a rank declared dead: the step is a fact
             self._learn_commit_step(record, message)
         if not record.alive:
-            self.log.warning("rank %d is back after being declared dead; it must register again", record.rank)
+            self.throttle.report(
+                ("back_after_dead", record.rank),
+                logging.WARNING,
+                "rank %d is back after being declared dead; it must register again",
+                record.rank,
+            )
             self.host.send(
                 identity,
                 protocol.Reject(
@@ -210,7 +222,7 @@ class MessageRouter:
             f"{what} at step {step} is {step - record.step} steps past rank {record.rank}'s last known step "
             f"{record.step}; at most {MAX_STEP_LEAP} expected"
         )
-        self.log.warning("rank %d: %s; dropped", record.rank, detail)
+        self.throttle.report(("step_leap", record.rank), logging.WARNING, "rank %d: %s; dropped", record.rank, detail)
         self._refuse(record, f"{detail}; dropped")
         return True
 
@@ -244,13 +256,23 @@ class MessageRouter:
             # it counted under the old placement right after a commit, and reports at the new epoch
             # before every rank has committed it (a heartbeat at an unknown epoch asks for a Hello).
             if exc.reason != "unknown_epoch":
-                self.log.warning("rank %d sent a bad load report: %s", record.rank, exc)
+                self.throttle.report(
+                    ("bad_load_report", record.rank),
+                    logging.WARNING,
+                    "rank %d sent a bad load report: %s",
+                    record.rank,
+                    exc,
+                )
                 self._refuse(
                     record,
                     f"load report of steps {report.step_begin}..{report.step_end} at epoch {report.epoch} dropped "
                     f"({exc.reason}): {exc}",
                 )
             return
+        if self.throttle.active(("bad_load_report", record.rank)):
+            self.throttle.clear(
+                ("bad_load_report", record.rank), "rank %d's load reports are accepted again", record.rank
+            )
         self.host.record_load(logical, report, record.rank)
         record.step = max(record.step, report.step_end)
         self.metrics.load_reports.inc()
@@ -280,7 +302,9 @@ class MessageRouter:
 
     def _reject(self, identity: bytes, rank: int, reason: str, code: str = "refused", metric: str = "hello") -> None:
         self.metrics.messages_rejected.labels(metric).inc()
-        (self.log.warning if code == "rank_taken" else self.log.error)("refused rank %d: %s", rank, reason)
+        # An agent asks again every few seconds (rank_taken) or every refused_retry_s: first, then counts.
+        level = logging.WARNING if code == "rank_taken" else logging.ERROR
+        self.throttle.report(("hello_refused", rank, code), level, "refused rank %d: %s", rank, reason)
         self.host.send(identity, protocol.Reject(reason=reason, code=code))
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
@@ -354,6 +378,10 @@ class MessageRouter:
             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None,
         )
         self.guard.forget(hello.rank)
+        for key in ("session", "back_after_dead", "step_leap", "bad_load_report"):
+            self.throttle.settle((key, hello.rank))
+        for code in ("rank_taken", "refused"):
+            self.throttle.settle(("hello_refused", hello.rank, code))
         replaced = self.registry.register(record)
         if replaced is not None:
             if resumed and replaced.store == record.store:

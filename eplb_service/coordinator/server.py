@@ -16,6 +16,7 @@ hosted by rank 0's worker, the coordinator only passes its address on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -277,7 +278,9 @@ class Coordinator:
                 message = protocol.decode(frame, self.max_message_bytes)
             except protocol.ProtocolError as exc:
                 self.metrics.messages_rejected.labels("decode").inc()
-                self.log.warning("bad message from %r: %s", identity, exc)
+                self.router.throttle.report(
+                    ("decode", identity), logging.WARNING, "bad message from %r: %s", identity, exc
+                )
                 self.send(identity, protocol.Reject(reason=str(exc), code="bad_message"))
                 continue
             try:
@@ -313,7 +316,13 @@ class Coordinator:
     def _refuse_framing(self, identity: bytes, frames: int) -> None:
         """A multipart message other than a REQ envelope: answered, so its sender learns why nothing else comes."""
         self.metrics.messages_rejected.labels("framing").inc()
-        self.log.warning("refused a message of %d frames from %r: every message is one frame", frames, identity)
+        self.router.throttle.report(
+            ("framing", identity),
+            logging.WARNING,
+            "refused a message of %d frames from %r: every message is one frame",
+            frames,
+            identity,
+        )
         self.send(
             identity,
             protocol.Reject(
@@ -520,6 +529,7 @@ class Coordinator:
 
     async def _tick(self) -> None:
         now = self.last_tick = time.monotonic()
+        self.router.throttle.tick()
         for record in self.registry.expire(self._heard_until(now), self.cfg.liveness_timeout_s):
             self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
             self.router.lose_agent(record, now)

@@ -22,6 +22,7 @@ the agent registers again on a fresh socket), never a dead thread.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 import threading
@@ -30,6 +31,7 @@ import time
 import numpy as np
 
 from eplb_service import protocol
+from eplb_service.log_throttle import LogThrottle
 from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError
 from eplb_service.security import ClientCurve
@@ -100,9 +102,11 @@ class WorkerAgent:
             decision_timeout_s=self.config.decision_timeout_s,
         )
         self.log = rank_logger(__name__, self.rank)
+        self.throttle = LogThrottle(self.log)
+        """Lines that repeat per heartbeat, report or retry while a fault lasts (``log_throttle``)."""
         self.stats = collections.Counter()
         self.link = CoordinatorLink(
-            self.rank, endpoint, curve if curve is not None else ClientCurve.from_env(), self.stats, self.log
+            self.rank, endpoint, curve if curve is not None else ClientCurve.from_env(), self.stats, self.throttle
         )
         self.phy2log_host = model.phy2log.detach().cpu().numpy().astype(np.int64).copy()
         self._host_epoch = 0
@@ -241,10 +245,14 @@ class WorkerAgent:
 
     def _tick(self, poll_ms: int) -> None:
         now = time.monotonic()
+        self.throttle.tick()
         if now - self.link.last_heard > SILENCE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0:
             self.stats["socket_reopened"] += 1
-            self.log.warning(
-                "nothing from the coordinator for %.1fs: reopening the connection", now - self.link.last_heard
+            self.throttle.report(
+                "coordinator_silent",
+                logging.WARNING,
+                "nothing from the coordinator for %.1fs: reopening the connection",
+                now - self.link.last_heard,
             )
             self._reopen()
         if not self._welcomed and now >= self._next_hello and self._idle_reason is None:
@@ -318,7 +326,10 @@ class WorkerAgent:
     # -- messages from the coordinator ---------------------------------------------------------
 
     def _receive(self, poll_ms: int) -> None:
-        for message in self.link.receive(poll_ms):
+        messages = self.link.receive(poll_ms)
+        if messages and self.throttle.active("coordinator_silent"):
+            self.throttle.clear("coordinator_silent", "heard from the coordinator again")
+        for message in messages:
             if isinstance(message, protocol.AbortPlan):
                 self._abort_requested = message.plan_id
             self._inbox.append(message)
@@ -409,6 +420,7 @@ class WorkerAgent:
         self._welcomed = True
         self._session = msg.session
         self._hello_backoff_s = self.hello_interval_s
+        self.throttle.clear("rank_taken", "rank %d is free again", self.rank)
         if self._refused_reason is not None:
             self.log.info("the coordinator accepts this agent now (it had refused it: %s)", self._refused_reason)
             self._refused_reason = None
@@ -429,10 +441,12 @@ class WorkerAgent:
             self._welcomed = False
         elif msg.code == "rank_taken":
             self.stats["rank_taken"] += 1
-            self.log.warning("coordinator: %s; trying again", msg.reason)
+            self.throttle.report("rank_taken", logging.WARNING, "coordinator: %s; trying again", msg.reason)
         elif msg.code == "bad_message":
             self.stats["bad_messages_reported"] += 1
-            self.log.error("coordinator refused a message of this agent as malformed: %s", msg.reason)
+            self.throttle.report(
+                "bad_message", logging.ERROR, "coordinator refused a message of this agent as malformed: %s", msg.reason
+            )
         else:
             # Version, shape, world size, placement: nothing this agent can change, but the
             # operator can (a coordinator restarted with the right --dp, or upgraded). So ask

@@ -16,6 +16,7 @@ import time
 import zmq
 
 from eplb_service import protocol
+from eplb_service.log_throttle import LogThrottle
 from eplb_service.security import ClientCurve
 from eplb_service.zmq_tcp import allow_ipv6
 
@@ -27,9 +28,11 @@ class CoordinatorLink:
         endpoint: str,
         curve: ClientCurve | None,
         stats: collections.Counter,
-        log: logging.LoggerAdapter,
+        log: logging.LoggerAdapter | LogThrottle,
     ) -> None:
-        self.rank, self.endpoint, self.curve, self.stats, self.log = rank, endpoint, curve, stats, log
+        self.rank, self.endpoint, self.curve, self.stats = rank, endpoint, curve, stats
+        self.throttle = log if isinstance(log, LogThrottle) else LogThrottle(log)
+        """Bad frames come one per message while the coordinator sends them: first one, then a count."""
         self._ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
         self.last_heard = 0.0
@@ -75,7 +78,7 @@ class CoordinatorLink:
                 messages.append(protocol.decode(frame))
             except protocol.ProtocolError as exc:
                 self.stats["bad_messages"] += 1
-                self.log.error("dropped a bad message from the coordinator: %s", exc)
+                self.throttle.report("bad_frame", logging.ERROR, "dropped a bad message from the coordinator: %s", exc)
 
     def close(self) -> None:
         try:
