@@ -161,17 +161,27 @@ def parse_level(text: str | int, source: str) -> int:
     return getattr(logging, name)
 
 
-def requested_format(argv: list[str]) -> str:
+def env_format() -> str:
+    """``EPLB_SERVICE_LOG_FORMAT`` as given, trimmed and in lower case (``JSON`` is ``json``, as the
+    vLLM plugin and the sidecar read it); ``""`` when unset."""
+    return os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
+
+
+def requested_format(argv: list[str], configured: str | None = None) -> str:
     """``json`` when ``argv`` (a command's own flags) asks for ``--log-format json``, or says nothing
-    and ``EPLB_SERVICE_LOG_FORMAT`` is ``json``; else ``text``. Read before parsing, so that an
-    error found while parsing (a bad flag, a bad ``--config`` file) comes out in the format asked for."""
+    and ``configured`` (a config file's ``log-format``) is ``json``, or neither says and
+    ``EPLB_SERVICE_LOG_FORMAT`` is ``json``; else ``text``: the order in which the settings win once
+    parsed. Read before parsing, so that an error found while parsing (a bad flag, a bad
+    ``--config`` file) comes out in the format asked for."""
     fmt = None
     for i, arg in enumerate(argv):
         if arg == "--log-format" and i + 1 < len(argv):
             fmt = argv[i + 1]
         elif arg.startswith("--log-format="):
             fmt = arg.partition("=")[2]
-    return "json" if (fmt if fmt is not None else os.environ.get(LOG_FORMAT_ENV, "").strip()) == "json" else "text"
+    if fmt is None:
+        fmt = configured if configured is not None else env_format()
+    return "json" if fmt == "json" else "text"
 
 
 def fatal(prog: str, message: str, fmt: str | None, tag: str) -> None:
@@ -181,7 +191,7 @@ def fatal(prog: str, message: str, fmt: str | None, tag: str) -> None:
     very moment it matters. Written directly, not through the root logger: the error may be that
     logging could not be configured."""
     if fmt is None:
-        fmt = os.environ.get(LOG_FORMAT_ENV, "").strip()
+        fmt = env_format()
     if fmt != "json":
         print(f"{prog}: error: {message}", file=sys.stderr)
         return
@@ -199,12 +209,13 @@ def configure(level: str | int | None = None, fmt: str | None = None, tag: str |
         resolved = parse_level(level, "--log-level")
     else:
         resolved = parse_level(os.environ.get(LOG_LEVEL_ENV, "") or "INFO", LOG_LEVEL_ENV)
+    given = fmt
     if fmt is None:
-        fmt_source, fmt = LOG_FORMAT_ENV, os.environ.get(LOG_FORMAT_ENV, "") or "text"
+        fmt_source, given, fmt = LOG_FORMAT_ENV, os.environ.get(LOG_FORMAT_ENV, ""), env_format() or "text"
     else:
         fmt_source = "--log-format"
     if fmt not in ("text", "json"):
-        raise ValueError(f"{fmt_source}={fmt!r} is not a log format; expected 'text' or 'json'")
+        raise ValueError(f"{fmt_source}={given!r} is not a log format; expected 'text' or 'json'")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(DefaultTag(tag))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -126,3 +127,80 @@ def test_protocol_1_store_host_still_parses_but_is_hidden_and_warned_about(tmp_p
     with caplog.at_level("WARNING"):
         config_from_args(parse_command_line(["--dp", "2"]))
     assert "store-host" not in caplog.text
+
+
+def json_line(err: str) -> dict:
+    """``err`` as the one strict JSON line a log pipeline reads."""
+    (line,) = err.splitlines()
+    return json.loads(line)
+
+
+@pytest.mark.parametrize(
+    "argv, prefix, expected",
+    [
+        (["--dp", "0"], "eplb-coordinator: error: argument --dp: expected a positive integer, got 0", "serve"),
+        (["serve", "--policy", "lpt"], "eplb-coordinator: error: argument --policy: invalid choice: 'lpt'", "serve"),
+        (["status", "--timeout-s", "0"], "eplb-coordinator status: error: argument --timeout-s:", "status"),
+        (["status", "--bogus"], "eplb-coordinator status: error: unrecognized arguments: --bogus", "status"),
+        (["keygen"], "eplb-coordinator keygen: error: the following arguments are required: DIR", "keygen"),
+        (["stauts"], "eplb-coordinator: error: argument COMMAND: invalid choice: 'stauts'", None),
+    ],
+)
+def test_a_refused_flag_is_one_line_naming_the_help_to_read(argv, prefix, expected, capsys, monkeypatch):
+    """Before: argparse printed the whole usage first (14 lines for ``serve``) and the error last;
+    and under ``EPLB_SERVICE_LOG_FORMAT=json`` a refused ``status`` flag was text, and a refused
+    one of any command pointed at ``serve --help``."""
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "")
+    code, _, err = run_main(argv, capsys)
+    help_cmd = f"eplb-coordinator {expected} --help" if expected else "eplb-coordinator --help"
+    assert code == 2 and err.startswith(prefix) and err.endswith(f"(see `{help_cmd}`)\n") and err.count("\n") == 1, err
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "json")
+    code, _, err = run_main(argv, capsys)
+    doc = json_line(err)
+    assert code == 2 and doc["level"] == "CRITICAL" and doc["msg"].endswith(f"(see `{help_cmd}`)"), err
+    assert doc["tag"] == {"status": "status", "keygen": "keygen"}.get(expected or "", "coordinator")
+
+
+def test_status_and_keygen_errors_follow_the_log_format_variable(tmp_path, capsys, monkeypatch):
+    """Before: both printed a text line whatever ``EPLB_SERVICE_LOG_FORMAT`` said, as the only
+    plain line of a deployment whose every other line is JSON."""
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir(mode=0o700)
+    not_private = tmp_path / "shared"
+    not_private.mkdir(mode=0o755)
+    not_private.chmod(0o755)
+    status = ["status", "--endpoint", f"ipc://{sock_dir}/c.sock", "--timeout-s", "0.05"]
+    for fmt in ("text", "json"):
+        monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", fmt)
+        code, _, status_err = run_main(status, capsys)
+        assert code == 1
+        code, _, keygen_err = run_main(["keygen", str(not_private)], capsys)
+        assert code == 1
+        if fmt == "text":
+            assert status_err.startswith("eplb-coordinator status: error: no answer from a coordinator at ipc://")
+            assert keygen_err.startswith(f"eplb-coordinator keygen: error: key directory {str(not_private)!r}")
+            continue
+        for err, tag, expected in ((status_err, "status", "no answer"), (keygen_err, "keygen", "has mode 0755")):
+            doc = json_line(err)
+            assert doc["level"] == "CRITICAL" and doc["tag"] == tag and expected in doc["msg"], err
+            assert doc["logger"] == f"eplb-coordinator {tag}"
+
+
+def test_a_config_files_log_format_applies_to_errors_found_before_logging_starts(tmp_path, capsys, monkeypatch):
+    """Before: ``log-format = "json"`` in ``--config`` took effect only once logging was set up, so a
+    typo'd key in that very file, or a refused flag beside it, was a text line in a JSON deployment.
+    A ``--log-format`` flag still wins over the file, and the file over the variable."""
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "")
+    path = tmp_path / "eplb.toml"
+    path.write_text('log-format = "json"\ndp = 2\nmetrics_prot = 9464\n')
+    code, _, err = run_main(["--config", str(path)], capsys)
+    assert code == 2 and "unknown setting 'metrics_prot'" in json_line(err)["msg"], err
+    path.write_text('log_format = "json"\ndp = 2\n')
+    code, _, err = run_main([f"--config={path}", "--dp", "0"], capsys)
+    assert code == 2 and json_line(err)["msg"].startswith("argument --dp: expected a positive integer, got 0"), err
+    code, _, err = run_main(["--config", str(path), "--log-format", "text", "--dp", "0"], capsys)
+    assert code == 2 and err.startswith("eplb-coordinator: error: argument --dp:"), err
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "json")
+    path.write_text('log-format = "text"\ndp = "two"\n')
+    code, _, err = run_main(["--config", str(path)], capsys)
+    assert code == 2 and err.startswith("eplb-coordinator: error: config file"), err

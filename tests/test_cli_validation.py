@@ -182,6 +182,10 @@ def test_a_log_format_flag_wins_over_the_environment(monkeypatch):
         assert not isinstance(root.handlers[0].formatter, logutil.JsonFormatter)
         logutil.configure("INFO", None)
         assert isinstance(root.handlers[0].formatter, logutil.JsonFormatter)
+        monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", " JSON")  # as the vLLM plugin and the sidecar take it
+        logutil.configure("INFO", None)
+        assert isinstance(root.handlers[0].formatter, logutil.JsonFormatter)
+        assert logutil.requested_format([]) == "json"
         monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "yaml")
         with pytest.raises(ValueError, match=r"EPLB_SERVICE_LOG_FORMAT='yaml' is not a log format"):
             logutil.configure("INFO", None)

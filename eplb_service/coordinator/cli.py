@@ -17,12 +17,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from eplb_service import logutil
 from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.config import CoordinatorConfig, default_endpoint
-from eplb_service.coordinator.config_file import load_config_file
+from eplb_service.coordinator.config_file import config_path, load_config_file, peek_log_format
 from eplb_service.protocol import AgentConfig
 
 SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
@@ -522,7 +523,7 @@ def _run_status(args: argparse.Namespace) -> int:
     try:
         status = fetch_status(args.endpoint, args.timeout_s)
     except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory, ValueError) as exc:
-        print(f"eplb-coordinator status: {exc}", file=sys.stderr)
+        _fail(str(exc), logutil.requested_format([]), "status")
         return 1
     print(status_json(status, indent=2) if args.json else format_status(status))
     return 0
@@ -534,7 +535,7 @@ def _run_keygen(args: argparse.Namespace) -> int:
     try:
         paths = generate_keys(args.directory)
     except SecurityError as exc:  # a bad, unsafe or unwritable DIR: named in the message
-        print(f"eplb-coordinator keygen: error: {exc}", file=sys.stderr)
+        _fail(str(exc), logutil.requested_format([]), "keygen")
         return 1
     for role, path in paths.items():
         print(f"{role}: {path}")
@@ -545,27 +546,51 @@ _RUNNERS = {"serve": _run_serve, "status": _run_status, "keygen": _run_keygen}
 """Each subcommand of :func:`build_parser` and what runs it; ``serve`` when none is named."""
 
 
-def _fail(message: str, fmt: str | None = None) -> None:
-    """A fatal error, in the log format in force (``fmt``: the one asked for, before logging is set up)."""
-    logutil.fatal("eplb-coordinator", message, fmt or logutil.active_format(), "coordinator")
+_TAGS = {"serve": "coordinator", "status": "status", "keygen": "keygen"}
+"""The ``tag`` of each command's error lines: ``status`` and ``keygen`` are not the coordinator talking."""
 
 
-def _json_errors(parser: argparse.ArgumentParser) -> None:
-    """Under ``--log-format json``, a flag argparse refuses is one JSON line too (exit 2, as argparse)."""
+def _fail(message: str, fmt: str | None = None, command: str = "serve") -> None:
+    """A fatal error of ``command``, in the log format in force (``fmt``: the one asked for, before
+    logging is set up). ``serve``'s lines say ``eplb-coordinator``, as the command is usually typed
+    without its name; the others name themselves (``eplb-coordinator status: error: ...``)."""
+    prog = "eplb-coordinator" if command == "serve" else f"eplb-coordinator {command}"
+    logutil.fatal(prog, message, fmt or logutil.active_format(), _TAGS.get(command, "coordinator"))
 
-    def refuse(message: str) -> NoReturn:
-        _fail(f"{message} (see `eplb-coordinator serve --help`)", "json")
-        sys.exit(2)
 
-    parser.error = subcommand_parser(parser, "serve").error = refuse  # type: ignore[method-assign]
+def command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` runs, as :func:`parse_command_line` reads it; ``None`` for an unknown one."""
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        return "serve"
+    return argv[0] if argv[0] in _RUNNERS else None
+
+
+def _one_line_errors(parser: argparse.ArgumentParser, argv: list[str], fmt: str) -> None:
+    """A flag argparse refuses is one line naming it and the help to read, in the format asked for
+    (a JSON line under json), exit 2, as every other refusal: argparse's own way printed the whole
+    usage first (14 lines for ``serve``), burying the one line that says what is wrong."""
+    command = command_of(argv)
+
+    def refuser(name: str | None) -> Callable[[str], NoReturn]:
+        def refuse(message: str) -> NoReturn:
+            help_cmd = "eplb-coordinator --help" if name is None else f"eplb-coordinator {name} --help"
+            _fail(f"{message} (see `{help_cmd}`)", fmt, name or "serve")
+            sys.exit(2)
+
+        return refuse
+
+    parser.error = refuser(command)  # type: ignore[method-assign]
+    for name in _RUNNERS:
+        subcommand_parser(parser, name).error = refuser(name)  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    fmt = logutil.requested_format(argv)
+    # Before parsing, so that a refused flag or config file comes out as the deployment's lines do:
+    # --log-format, else the --config file's log-format, else $EPLB_SERVICE_LOG_FORMAT.
+    fmt = logutil.requested_format(argv, peek_log_format(config_path(argv)) if command_of(argv) == "serve" else None)
     parser = build_parser()
-    if fmt == "json":
-        _json_errors(parser)
+    _one_line_errors(parser, argv, fmt)
     try:
         args = parse_command_line(argv, parser)
     except ValueError as exc:  # a bad --config file

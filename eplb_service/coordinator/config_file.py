@@ -86,3 +86,35 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         action, flips = found
         settings[action.dest] = _config_value(path, key, value, action, flips)
     return settings
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The ``--config FILE`` (or ``--config=FILE``) of a command line, the last one if several; ``None`` without."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+    return path
+
+
+def peek_log_format(path: str | None) -> str | None:
+    """The ``log-format`` a config file sets (``text`` or ``json``), read before anything is parsed;
+    ``None`` when there is no file, it cannot be read or it sets none (or a bad one).
+
+    Settings are checked when the file is loaded with the flags; this only lets the errors found
+    there, or in the flags, come out in the format the file asks for, as every later line does.
+    """
+    if path is None:
+        return None
+    try:
+        tomllib = _toml_module()
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):  # TOMLDecodeError is a ValueError
+        return None
+    for key, value in raw.items():
+        if key.replace("_", "-") == "log-format" and value in ("text", "json"):
+            return value
+    return None
