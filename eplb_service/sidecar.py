@@ -36,6 +36,7 @@ import zmq
 from eplb_service import logutil
 from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.config import default_endpoint
+from eplb_service.coordinator.config_file import config_path, peek_log_format
 from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory
 from eplb_service.coordinator.status_client import fetch_status
 from eplb_service.security import SecurityError
@@ -305,21 +306,24 @@ def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tuple[int, int]]:
     """Everything checked before anything starts: ``(sidecar flags, coordinator flags, vLLM command, (dp, tp))``.
 
-    Argparse mistakes exit 2 from here (with the usage); the rest raise ``UsageError``.
+    Argparse mistakes exit 2 from here (one line, naming the help to read); the rest raise ``UsageError``.
     """
     own, vllm_cmd = split_command_line(argv)
     parser = build_parser()
-    if logutil.requested_format(own) == "json":
-        parser.error = _json_error  # type: ignore[method-assign]
+    fmt = requested_format(own)
+    parser.error = lambda message: _refuse(message, fmt)  # type: ignore[method-assign]
     args, coordinator_args = parser.parse_known_args(own)  # --help answers here, vLLM command or not
     if vllm_cmd is None:
         parser.error("give the vLLM command after '--', e.g. eplb-sidecar -- vllm serve MODEL --enable-eplb ...")
     if not vllm_cmd:
         parser.error("the vLLM command after '--' is empty")
     os.environ.update(log_environment(os.environ))
-    if args.log_format:  # vLLM's workers read no flag: the plugin's lines follow the variable
-        os.environ[logutil.LOG_FORMAT_ENV] = args.log_format
-    logutil.configure(None, args.log_format, tag="sidecar")
+    # The flag, else the coordinator's --config file's log-format: one format for the sidecar, the
+    # coordinator and vLLM's workers, which read no flag (the plugin's lines follow the variable).
+    log_format = args.log_format or peek_log_format(config_path(coordinator_args))
+    if log_format:
+        os.environ[logutil.LOG_FORMAT_ENV] = log_format
+    logutil.configure(None, log_format, tag="sidecar")
     settings = coordinator_settings(coordinator_args)
     check_metrics_port(settings.metrics_port)
     check_endpoint(args.endpoint)
@@ -328,14 +332,21 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     check_coordinator_config(settings, args.endpoint, ranks)
     if vllm.eplb is False:
         log.warning("the vLLM command has no --enable-eplb: the plugin will refuse to attach")
-    # Without the flag the coordinator reads EPLB_SERVICE_LOG_FORMAT, as the sidecar did: one format for both.
-    log_format = ["--log-format", args.log_format] if args.log_format else []
-    return args, coordinator_args + log_format, vllm_cmd, ranks
+    # Without the flag the coordinator reads its --config file or EPLB_SERVICE_LOG_FORMAT, as the sidecar did.
+    log_flag = ["--log-format", args.log_format] if args.log_format else []
+    return args, coordinator_args + log_flag, vllm_cmd, ranks
 
 
-def _json_error(message: str) -> NoReturn:
-    """argparse's refusal of a sidecar flag under ``--log-format json``: one JSON line, exit 2."""
-    logutil.fatal("eplb-sidecar", f"{message} (see `eplb-sidecar --help`)", "json", "sidecar")
+def requested_format(own: list[str]) -> str:
+    """The format of an error found before logging starts: ``--log-format``, else the coordinator's
+    ``--config`` file's ``log-format``, else ``EPLB_SERVICE_LOG_FORMAT``, as :func:`plan` sets it up."""
+    return logutil.requested_format(own, peek_log_format(config_path(own)))
+
+
+def _refuse(message: str, fmt: str) -> NoReturn:
+    """argparse's refusal of a sidecar flag: one line (a JSON line under json) naming the help to
+    read, exit 2; argparse's own way printed the usage first."""
+    logutil.fatal("eplb-sidecar", f"{message} (see `eplb-sidecar --help`)", fmt, "sidecar")
     sys.exit(2)
 
 
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         args, coordinator_args, vllm_cmd, ranks = plan(argv)
         return Sidecar(vllm_cmd, coordinator_args, args.endpoint, args.ready_timeout_s, ranks).run()
     except UsageError as exc:
-        logutil.fatal("eplb-sidecar", str(exc), logutil.requested_format(split_command_line(argv)[0]), "sidecar")
+        logutil.fatal("eplb-sidecar", str(exc), requested_format(split_command_line(argv)[0]), "sidecar")
         return 2
 
 

@@ -6,6 +6,7 @@ is started; the runs that do start them are in ``test_sidecar.py``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ def restore_logging():
 
 
 def refused(capsys, *argv: str) -> str:
-    """The one-line error ``main(argv)`` exits 2 with (argparse's own mistakes come with its usage line)."""
+    """The one-line error ``main(argv)`` exits 2 with."""
     try:
         code = main(list(argv))
     except SystemExit as exc:  # argparse
@@ -170,7 +171,10 @@ def test_vllm_sizes_vllm_would_refuse_are_refused(capsys, tmp_path, vllm_flags, 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "soon"])
 def test_ready_timeout_must_be_positive_finite_seconds(capsys, value):
     line = refused(capsys, f"--ready-timeout-s={value}", "--", *FAKE_VLLM)  # -inf alone would read as a flag
-    assert line == (f"eplb-sidecar: error: argument --ready-timeout-s: expected a finite number > 0, got {value!r}")
+    assert line == (
+        f"eplb-sidecar: error: argument --ready-timeout-s: expected a finite number > 0, got {value!r} "
+        "(see `eplb-sidecar --help`)"
+    )
 
 
 @pytest.mark.parametrize("value", ["verbose", "10", "INFO2"])
@@ -318,3 +322,45 @@ def test_tcp_endpoint_in_use_is_refused(capsys, taken_port):
     assert (
         f"--endpoint tcp://127.0.0.1:{taken_port}: the coordinator cannot listen there (Address already in use)" in line
     )
+
+
+def test_a_refused_sidecar_flag_is_one_line(capsys, monkeypatch):
+    """Before: argparse printed the sidecar's usage (two lines) before the error, where the README
+    promises one line for every mistake."""
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "")
+    try:
+        main(["--ready-timeout-s", "-1", "--", *FAKE_VLLM])
+    except SystemExit as exc:
+        assert exc.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "eplb-sidecar: error: argument --ready-timeout-s: expected a finite number > 0, got '-1' "
+        "(see `eplb-sidecar --help`)"
+    ]
+
+
+def test_the_coordinator_config_files_log_format_is_the_sidecars_and_the_workers(tmp_path, capsys, monkeypatch):
+    """Before: ``log-format = "json"`` in the coordinator's ``--config`` made only the coordinator's
+    lines JSON: the sidecar's (its refusals included) and vLLM's workers' stayed text."""
+    from eplb_service import logutil
+    from eplb_service.sidecar import plan
+
+    monkeypatch.setenv(logutil.LOG_FORMAT_ENV, "")  # recorded, so the value plan() sets is undone after
+    path = tmp_path / "eplb.toml"
+    path.write_text('log-format = "json"\ndp = 4\n')
+    assert json.loads(refused_err(capsys, "--config", str(path), "--", *FAKE_VLLM, "-dp", "2"))["tag"] == "sidecar"
+    configured = []
+    monkeypatch.setattr(logutil, "configure", lambda *args, **kwargs: configured.append(args[1]))
+    plan(["--endpoint", f"ipc://{tmp_path}/sock/c.sock", "--config", str(path), "--", *FAKE_VLLM, "-dp", "4"])
+    assert configured == ["json"] and os.environ[logutil.LOG_FORMAT_ENV] == "json"
+
+
+def refused_err(capsys, *argv: str) -> str:
+    """The whole stderr of ``main(argv)``, which must exit 2 with one line."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    return err
