@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 
+import msgspec
 import torch
 from conftest import make_model
 from coordinator_thread import CoordinatorThread
@@ -58,37 +59,15 @@ class LineCounter(logging.Handler):
 class MalformedReportAgent(WorkerAgent):
     """Sends each load report with one slot too few (an old or buggy agent)."""
 
-    def _flush_load_reports(self) -> None:
-        for snap, counts in self.hooks.take_load_windows():
-            if self._welcomed:
-                self.send(
-                    protocol.LoadReport(
-                        rank=self.rank,
-                        epoch=snap.epoch,
-                        step_begin=snap.step_begin,
-                        step_end=snap.step_end,
-                        slot_load=protocol.NDArray.from_numpy(counts[:, :-1].copy()),
-                        session=self._session,
-                    )
-                )
+    def _load_report(self, snap, counts):
+        return super()._load_report(snap, counts[:, :-1].copy())
 
 
 class UnknownEpochReportAgent(WorkerAgent):
     """Reports load at an epoch the coordinator never heard of (what a rank does for a moment after a commit)."""
 
-    def _flush_load_reports(self) -> None:
-        for snap, counts in self.hooks.take_load_windows():
-            if self._welcomed:
-                self.send(
-                    protocol.LoadReport(
-                        rank=self.rank,
-                        epoch=snap.epoch + 7,
-                        step_begin=snap.step_begin,
-                        step_end=snap.step_end,
-                        slot_load=protocol.NDArray.from_numpy(counts),
-                        session=self._session,
-                    )
-                )
+    def _load_report(self, snap, counts):
+        return msgspec.structs.replace(super()._load_report(snap, counts), epoch=snap.epoch + 7)
 
 
 class Serving:

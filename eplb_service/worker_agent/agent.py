@@ -43,7 +43,7 @@ from eplb_service.worker_agent.link import CoordinatorLink
 from eplb_service.worker_agent.plan_check import check_plan
 from eplb_service.worker_agent.rendezvous import RendezvousError, host_once
 from eplb_service.worker_agent.schedule import build_schedule
-from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
+from eplb_service.worker_agent.serving_hooks import CommitTicket, LoadSnapshot, ServingHooks
 from eplb_service.worker_agent.side_link import SideLink
 from eplb_service.worker_agent.staging_pipeline import Staged, StagingPipeline
 from eplb_service.worker_agent.store_janitor import StoreJanitor
@@ -502,16 +502,18 @@ class WorkerAgent:
     def _flush_load_reports(self) -> None:
         for snap, counts in self.hooks.take_load_windows():
             if self._welcomed:
-                self.send(
-                    protocol.LoadReport(
-                        rank=self.rank,
-                        epoch=snap.epoch,
-                        step_begin=snap.step_begin,
-                        step_end=snap.step_end,
-                        slot_load=protocol.NDArray.from_numpy(counts),
-                        session=self._session,
-                    )
-                )
+                self.send(self._load_report(snap, counts))
+
+    def _load_report(self, snap: LoadSnapshot, counts: np.ndarray) -> protocol.LoadReport:
+        """One window's report (the seam where test agents send it altered)."""
+        return protocol.LoadReport(
+            rank=self.rank,
+            epoch=snap.epoch,
+            step_begin=snap.step_begin,
+            step_end=snap.step_end,
+            slot_load=protocol.NDArray.from_numpy(counts),
+            session=self._session,
+        )
 
     # -- plans -------------------------------------------------------------------------
 
