@@ -167,18 +167,25 @@ def env_format() -> str:
     return os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
 
 
+def last_flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``argv`` (as argparse would keep
+    it); ``None`` without one. For settings that must be known before the command line is parsed."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.partition("=")[2]
+    return value
+
+
 def requested_format(argv: list[str], configured: str | None = None) -> str:
     """``json`` when ``argv`` (a command's own flags) asks for ``--log-format json``, or says nothing
     and ``configured`` (a config file's ``log-format``) is ``json``, or neither says and
     ``EPLB_SERVICE_LOG_FORMAT`` is ``json``; else ``text``: the order in which the settings win once
     parsed. Read before parsing, so that an error found while parsing (a bad flag, a bad
     ``--config`` file) comes out in the format asked for."""
-    fmt = None
-    for i, arg in enumerate(argv):
-        if arg == "--log-format" and i + 1 < len(argv):
-            fmt = argv[i + 1]
-        elif arg.startswith("--log-format="):
-            fmt = arg.partition("=")[2]
+    fmt = last_flag_value(argv, "--log-format")
     if fmt is None:
         fmt = configured if configured is not None else env_format()
     return "json" if fmt == "json" else "text"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from eplb_service.logutil import last_flag_value
+
 
 def _toml_module():
     """``tomllib`` (standard from Python 3.11), else its backport ``tomli`` (a dependency below 3.11); same API."""
@@ -90,13 +92,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
 
 def config_path(argv: list[str]) -> str | None:
     """The ``--config FILE`` (or ``--config=FILE``) of a command line, the last one if several; ``None`` without."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.partition("=")[2]
-    return path
+    return last_flag_value(argv, "--config")
 
 
 def peek_log_format(path: str | None) -> str | None:
