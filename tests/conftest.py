@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +54,16 @@ def rows_match_maps(model: ExpertModel) -> bool:
 @pytest.fixture
 def small_shape() -> PlacementShape:
     return PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_restored():
+    """Undo what a command run in-process (``main([...])``) did to the process's logging: its
+    handler writes to the stream pytest captured for that test, closed after it, so every later
+    line of any thread in the run came out as a '--- Logging error ---' traceback."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, sys.excepthook, threading.excepthook, warnings.showwarning)
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    sys.excepthook, threading.excepthook, warnings.showwarning = saved[2], saved[3], saved[4]
+    logging.captureWarnings(False)
