@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.worker_agent.expert_model import ExpertModel, map_tensors
 
@@ -49,6 +50,23 @@ def rows_match_maps(model: ExpertModel) -> bool:
             ):
                 return False
     return True
+
+
+def hello_message(**changes) -> protocol.Hello:
+    """Rank 0's ``Hello`` for the 2-layer, 6-expert, 8-slot, 2-rank test model, with ``changes``."""
+    fields = dict(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        rank=0,
+        model=protocol.ModelShape(2, 6, 8, 2, 36),
+        phy2log=protocol.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 2))),
+        epoch=0,
+        step=0,
+        transport="gloo",
+        store_host="127.0.0.1",
+        store_port=1,
+    )
+    fields.update(changes)
+    return protocol.Hello(**fields)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import zmq
+from conftest import hello_message as hello
 from conftest import make_model, rows_match_maps
 from coordinator_thread import CoordinatorThread
 
@@ -97,22 +98,6 @@ def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_p
         agent.stop()
         fake.close()
     assert model.phy2log.equal(before) and rows_match_maps(model)
-
-
-def hello(**changes) -> protocol.Hello:
-    fields = dict(
-        protocol_version=protocol.PROTOCOL_VERSION,
-        rank=0,
-        model=protocol.ModelShape(2, 6, 8, 2, 36),
-        phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
-        epoch=0,
-        step=0,
-        transport="gloo",
-        store_host="127.0.0.1",
-        store_port=1,
-    )
-    fields.update(changes)
-    return protocol.Hello(**fields)
 
 
 _ASKED = iter(range(10**9))

@@ -10,6 +10,7 @@ import math
 import time
 
 import numpy as np
+from conftest import hello_message
 
 from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
@@ -60,22 +61,8 @@ def load_report(c: Coordinator, rank: int, step_end: int) -> None:
 
 def hello(c: Coordinator, rank: int, pid: int) -> bytes:
     identity = f"rank-{rank}-{pid}".encode()
-    c._handle(
-        identity,
-        protocol.Hello(
-            protocol_version=protocol.PROTOCOL_VERSION,
-            rank=rank,
-            model=protocol.ModelShape(2, 6, 8, 2, 36),
-            phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
-            epoch=0,
-            step=0,
-            transport="gloo",
-            node="n",
-            pid=pid,
-            store_host="127.0.0.1" if rank == 0 else "",
-            store_port=1 if rank == 0 else 0,
-        ),
-    )
+    store = {"store_host": "127.0.0.1", "store_port": 1} if rank == 0 else {"store_host": "", "store_port": 0}
+    c._handle(identity, hello_message(rank=rank, pid=pid, node="n", **store))
     return identity
 
 
