@@ -269,10 +269,7 @@ class MessageRouter:
                     f"({exc.reason}): {exc}",
                 )
             return
-        if self.throttle.active(("bad_load_report", record.rank)):
-            self.throttle.clear(
-                ("bad_load_report", record.rank), "rank %d's load reports are accepted again", record.rank
-            )
+        self.throttle.clear(("bad_load_report", record.rank), "rank %d's load reports are accepted again", record.rank)
         self.host.record_load(logical, report, record.rank)
         record.step = max(record.step, report.step_end)
         self.metrics.load_reports.inc()

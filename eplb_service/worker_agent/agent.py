@@ -327,7 +327,7 @@ class WorkerAgent:
 
     def _receive(self, poll_ms: int) -> None:
         messages = self.link.receive(poll_ms)
-        if messages and self.throttle.active("coordinator_silent"):
+        if messages:
             self.throttle.clear("coordinator_silent", "heard from the coordinator again")
         for message in messages:
             if isinstance(message, protocol.AbortPlan):
