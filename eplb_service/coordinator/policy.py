@@ -293,12 +293,8 @@ def _propose_in_blocks(
     progress: LayerProgress | None,
     **options: Any,
 ) -> np.ndarray:
-    """:func:`propose_phy2log` over blocks of layers, calling ``progress`` (if any) after each block."""
-    if shape.num_layers * shape.num_physical <= PROGRESS_BLOCK_SLOTS:
-        proposed = propose_phy2log(policy, current, load, shape, **options)
-        if progress is not None:
-            progress(shape.num_layers, shape.num_layers)
-        return proposed
+    """:func:`propose_phy2log` over blocks of layers (one block up to :data:`PROGRESS_BLOCK_SLOTS`),
+    calling ``progress`` (if any) after each block."""
     block = max(1, PROGRESS_BLOCK_SLOTS // shape.num_physical)
     rows = []
     for start in range(0, shape.num_layers, block):
@@ -307,7 +303,7 @@ def _propose_in_blocks(
         rows.append(propose_phy2log(policy, current[start:stop], load[start:stop], part, **options))
         if progress is not None:
             progress(stop, shape.num_layers)
-    return np.concatenate(rows)
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
 def build_plan(
