@@ -11,6 +11,7 @@ seconds; the relations between the timeouts are production's.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -354,6 +355,29 @@ def test_every_rank_resuming_its_session_keeps_the_side_communicator_it_has():
     # and the coordinator's retry builds a new generation.
     c.registry.agents[1].comm_generation = -1
     assert not c.comm_ready()
+
+
+def test_the_coordinator_says_once_when_a_generation_is_built_on_every_rank(caplog):
+    """Before: only each agent logged its own ``generation N ready``; at 64+ ranks an operator had
+    to count worker lines to know the deployment could rebalance again after a rank came back."""
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator
+    generation = c.side_comm.generation
+    built = f"side communicator generation {generation} built on all 2 ranks"
+    with caplog.at_level(logging.INFO, logger=c.log.logger.name):
+        c.registry.agents[0].comm_generation = generation
+        c._log_comm_built(time.monotonic())  # one rank of two: nothing yet
+        assert built not in caplog.text
+        c.registry.agents[1].comm_generation = generation
+        for _ in range(3):  # every tick after: still one line
+            c._log_comm_built(time.monotonic())
+        assert caplog.text.count(built) == 1, caplog.text
+        c.rebuild_comm()  # a rank came back: the next generation gets its own line
+        for record in c.registry.agents.values():
+            record.comm_generation = generation + 1
+        c._log_comm_built(time.monotonic())
+    assert caplog.text.count(f"generation {generation + 1} built on all 2 ranks") == 1, caplog.text
 
 
 # -- 4. memory -------------------------------------------------------------------------------------

@@ -120,6 +120,8 @@ class Coordinator:
         """The ``ipc://`` socket file this coordinator bound (device, inode), removed when it stops."""
         self._behind_warned = False
         self._balancedness_at = float("-inf")
+        self._comm_ready_logged = 0
+        """The side-communicator generation last logged as built on every rank (0: none yet)."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -363,6 +365,21 @@ class Coordinator:
     def comm_ready(self) -> bool:
         return self.registry.comm_ready(self.side_comm.generation)
 
+    def _log_comm_built(self, now: float) -> None:
+        """One coordinator line when a generation is built on every rank: each agent logs its
+        own ``ready``, but at 64+ ranks only this line says the deployment can rebalance again
+        (after a rank came back, an aborted batch) without counting worker lines."""
+        generation = self.side_comm.generation
+        if generation == self._comm_ready_logged or not self.side_comm.current_was_sent or not self.comm_ready():
+            return
+        self._comm_ready_logged = generation
+        self.log.info(
+            "side communicator generation %d built on all %d ranks (%.1fs after it was sent)",
+            generation,
+            len(self.registry.agents),
+            now - self.side_comm.sent_at,
+        )
+
     def complete(self) -> bool:
         return self.registry.complete
 
@@ -543,6 +560,7 @@ class Coordinator:
             for record in self.registry.alive:
                 if record.comm_generation != comm.generation:
                     self.send(record.identity, comm)  # a lost CommInit, sent again within the rendezvous
+        self._log_comm_built(now)
         if self.registry.complete and not self.comm_ready() and self.side_comm.retry_due(now):
             self.log.warning(
                 "side communicator generation %d not built on every rank; trying generation %d",
