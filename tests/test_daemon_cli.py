@@ -334,3 +334,33 @@ def test_the_coordinator_imports_no_torch():
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_a_removed_socket_directory_is_bound_again_and_keeps_a_second_coordinator_out(daemon):
+    """``rm -rf`` of the run directory under a running daemon: without the rebind, status and every
+    agent that reconnects were refused for good, and a second coordinator started there freely."""
+    import shutil
+
+    endpoint, _, first, tmp_path = daemon
+    shutil.rmtree(tmp_path / "run")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert fetch_status(endpoint, timeout_s=0.5)["pid"] == first.pid
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline, "the coordinator never became reachable again at its endpoint"
+    assert ((tmp_path / "run").stat().st_mode & 0o777) == 0o700, "the re-created socket directory must be private"
+    second = subprocess.run(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1 and f"a coordinator (pid {first.pid}) already serves {endpoint}" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=15) == 0
+    assert (
+        f"the socket file of {endpoint} was removed while this coordinator ran; bound it again" in first.stdout.read()
+    )
+    assert not (tmp_path / "run" / "coordinator.sock").exists(), "the rebound socket file must be removed at stop"

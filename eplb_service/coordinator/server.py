@@ -36,6 +36,7 @@ from eplb_service.coordinator.registry import Registry
 from eplb_service.coordinator.router import MessageRouter
 from eplb_service.coordinator.side_comm import SideComm
 from eplb_service.coordinator.socket_dir import ipc_socket_identity, prepare_ipc_dir, release_ipc_endpoint
+from eplb_service.coordinator.socket_watch import SocketFileWatch
 from eplb_service.coordinator.status_doc import status_document
 from eplb_service.logutil import rank_logger
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
@@ -116,8 +117,8 @@ class Coordinator:
         self.last_tick = time.monotonic()
         self._caught_up_at = self.last_tick
         """When the receive loop last found no message waiting: everything sent before it was read."""
-        self._bound_socket_file: tuple[int, int] | None = None
-        """The ``ipc://`` socket file this coordinator bound (device, inode), removed when it stops."""
+        self._socket_watch: SocketFileWatch | None = None
+        """The ``ipc://`` socket file this coordinator bound: bound again if removed, removed when it stops."""
         self._behind_warned = False
         self._balancedness_at = float("-inf")
         self._comm_ready_logged = 0
@@ -140,7 +141,12 @@ class Coordinator:
         http = None
         try:
             sock.bind(self.cfg.endpoint)
-            self._bound_socket_file = ipc_socket_identity(self.cfg.endpoint)
+            self._socket_watch = SocketFileWatch(
+                self.cfg.endpoint,
+                ipc_socket_identity(self.cfg.endpoint),
+                lambda: sock.bind(self.cfg.endpoint),
+                self.log,
+            )
             if self.cfg.metrics_port is not None:
                 http = await self._serve_http()
         except (BindError, zmq.ZMQError) as exc:
@@ -253,7 +259,8 @@ class Coordinator:
             self._auth.stop()
         if self._ctx is not None:
             self._ctx.destroy(linger=200)
-        release_ipc_endpoint(self.cfg.endpoint, self._bound_socket_file)
+        if self._socket_watch is not None:
+            release_ipc_endpoint(self.cfg.endpoint, self._socket_watch.identity)
         self.log.info("stopped")
 
     # -- I/O ----------------------------------------------------------------------------
@@ -569,6 +576,8 @@ class Coordinator:
             )
             self.rebuild_comm()  # a CommInit was lost or a rendezvous failed
         self._watch_epoch_split(now)
+        if self._socket_watch is not None:
+            self._socket_watch.tick(now)
         if self.recorder is not None and now - self._last_trace_flush > 5.0:
             self._last_trace_flush = now
             try:
