@@ -6,7 +6,7 @@ It derives the EP rank count from the vLLM command as vLLM reads it (``--data-pa
 x ``--tensor-parallel-size``/``-tp`` x ``--prefill-context-parallel-size``/``-pcp``, underscores or
 dashes, its ``--config`` YAML file), starts the coordinator, waits until it answers, then runs the
 vLLM command with ``EPLB_SERVICE_ENDPOINT`` set so the plugin in every worker finds it.
-SIGINT/SIGTERM go to vLLM first, then the coordinator stops. The coordinator is a *separate*
+SIGINT/SIGTERM/SIGHUP/SIGQUIT go to vLLM first, then the coordinator stops. The coordinator is a *separate*
 process: if it dies, vLLM keeps serving (the agents keep the current maps and re-register) and
 the sidecar restarts it with back-off. The exit code is vLLM's.
 
@@ -52,6 +52,13 @@ from eplb_service.vllm_command import UsageError, coordinator_ranks, vllm_parall
 log = logutil.rank_logger(__name__, "sidecar")
 
 ENDPOINT_ENV = "EPLB_SERVICE_ENDPOINT"
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+"""Signals the sidecar passes to vLLM and then waits out, stopping the coordinator after vLLM.
+
+Any signal whose default action ends the sidecar must be here: a sidecar killed by it
+takes the coordinator with it (``PR_SET_PDEATHSIG``) but leaves vLLM running unsupervised,
+holding its GPUs, with nobody to restart the coordinator."""
 
 
 PR_SET_PDEATHSIG = 1
@@ -163,8 +170,8 @@ class Sidecar:
 
     def run(self) -> int:
         """vLLM's exit status (``128 + N`` for a death by signal N); the coordinator is stopped on every way out."""
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self._on_signal)
         try:
             return self._run()
         finally:
@@ -250,8 +257,8 @@ The EP rank count comes from the vLLM command as vLLM reads it: --data-parallel-
 --tensor-parallel-size/-tp x --prefill-context-parallel-size/-pcp, with underscores or
 dashes, FLAG VALUE or FLAG=VALUE, and from its --config YAML file. A --dp/--tp given to the
 coordinator must agree with them. The sidecar starts the coordinator, waits until it answers,
-then runs the vLLM command with EPLB_SERVICE_ENDPOINT set. SIGINT/SIGTERM go to vLLM, then
-the coordinator stops. If the coordinator dies, vLLM keeps serving and the coordinator is
+then runs the vLLM command with EPLB_SERVICE_ENDPOINT set. SIGINT/SIGTERM/SIGHUP/SIGQUIT go to
+vLLM, then the coordinator stops. If the coordinator dies, vLLM keeps serving and the coordinator is
 restarted with back-off. The exit status is vLLM's (128 + N if signal N killed it); 2 for a
 mistake in the sidecar's flags, the coordinator's or the vLLM command's sizes."""
 

@@ -1,4 +1,4 @@
-"""Stands in for `vllm serve` in the sidecar tests: checks the plugin's environment, then serves until SIGTERM/SIGINT.
+"""Stands in for `vllm serve` in the sidecar tests: checks the plugin's environment, then serves until signalled.
 
 Failure modes, as the first argument:
     --exit-now CODE   fail at once with CODE, before reaching the coordinator (a vLLM that cannot start)
@@ -26,8 +26,8 @@ def on_stop(signum, frame):
 
 
 # Before the report: a test signals as soon as it reads it.
-signal.signal(signal.SIGTERM, on_stop)
-signal.signal(signal.SIGINT, on_stop)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(sig, on_stop)
 endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
 status = fetch_status(endpoint, timeout_s=5)
 print(

@@ -364,3 +364,14 @@ def test_a_removed_socket_directory_is_bound_again_and_keeps_a_second_coordinato
         f"the socket file of {endpoint} was removed while this coordinator ran; bound it again" in first.stdout.read()
     )
     assert not (tmp_path / "run" / "coordinator.sock").exists(), "the rebound socket file must be removed at stop"
+
+
+def test_sighup_stops_the_daemon_as_cleanly_as_sigterm(daemon):
+    """A daemon started from a shell gets SIGHUP when the session closes; its default action killed it
+    abruptly: agents not told, the socket file left behind."""
+    endpoint, _, proc, tmp_path = daemon
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=15) == 0
+    out = proc.stdout.read()
+    assert "SIGHUP received: stopping" in out and "stopped" in out
+    assert not (tmp_path / "run" / "coordinator.sock").exists(), "a clean stop removes the socket file"

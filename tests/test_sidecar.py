@@ -82,8 +82,9 @@ def assert_nothing_answers(endpoint: str) -> None:
         fetch_status(endpoint, timeout_s=0.5)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
 def test_sidecar_starts_coordinator_then_vllm_and_forwards_the_signal(tmp_path, sig):
+    """SIGHUP/SIGQUIT: before, their default action killed the sidecar alone, leaving vLLM running unsupervised."""
     endpoint, proc, first = start_sidecar(tmp_path)
     try:
         assert first["endpoint"] == endpoint and first["world_size"] == 4

@@ -406,14 +406,26 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop the daemon cleanly (the plan in flight aborted, agents told, its socket file removed).
+
+SIGHUP is among them because a daemon started from a shell gets it when the terminal or ssh
+session closes; its default action killed the daemon with none of that done."""
+
+
+def _stop_on(coordinator, sig: signal.Signals) -> None:
+    coordinator.log.info("%s received: stopping", sig.name)
+    coordinator.stop()
+
+
 def _serve(cfg: CoordinatorConfig) -> int:
     from eplb_service.coordinator.server import BindError, Coordinator
 
     async def main() -> None:
         coordinator = Coordinator(cfg)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, coordinator.stop)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, _stop_on, coordinator, sig)
         await coordinator.serve()
 
     import uvloop
