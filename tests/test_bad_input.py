@@ -340,3 +340,32 @@ def test_ranks_at_different_epochs_register_and_planning_waits_for_them(tmp_path
         assert not c._should_plan(), "no plan while the ranks disagree on the epoch"
     finally:
         coord.stop()
+
+
+def test_rank_0_whose_store_port_is_taken_registers_once_the_port_is_free(tmp_path, monkeypatch):
+    """A fixed ``EPLB_SERVICE_STORE_PORT`` still held by another process (a previous worker shutting
+    down): rank 0 used to stay unregistered until its vLLM worker restarted, so nothing rebalanced."""
+    import socket
+
+    from eplb_service.worker_agent import rendezvous
+
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    monkeypatch.setenv(rendezvous.STORE_PORT_ENV, str(port))
+    monkeypatch.setattr(rendezvous, "_HOSTED", None)
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    fake = FakeCoordinator(endpoint)
+    agent = WorkerAgent(make_model(0, SHAPE), endpoint, GlooTransport(), refused_retry_s=1.0).start()
+    try:
+        with pytest.raises(AssertionError, match="no Hello"):
+            fake.recv(protocol.Hello, timeout_s=1.5)  # no store, no Hello: it would name none
+        assert agent.stats["store_host_failed"] >= 1
+        holder.close()
+        _, hello_msg = fake.recv(protocol.Hello, timeout_s=5.0)
+        assert hello_msg.rank == 0 and hello_msg.store_port == port
+    finally:
+        agent.stop()
+        fake.close()
+        holder.close()

@@ -88,6 +88,8 @@ class WorkerAgent:
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
         self.refused_retry_s = refused_retry_s
+        """How often an agent that cannot join tries again: a ``Hello`` the coordinator refused, and rank 0's
+        rendezvous store that could not be hosted (both are for the operator to fix, not for a quick retry)."""
         self.staged_timeout_s = staged_timeout_s
         self.staging_budget_bytes = staging_budget_bytes
         """Most staging bytes this rank allocates for one plan batch; a batch needing more fails here."""
@@ -121,7 +123,8 @@ class WorkerAgent:
         self._thread: threading.Thread | None = None
         self._welcomed = False
         self._idle_reason: str | None = None
-        """Why this agent never registers (rank 0 could not host the rendezvous store)."""
+        """Why this agent does not register yet (rank 0 could not host the rendezvous store)."""
+        self._next_store_attempt = 0.0
         self._refused_reason: str | None = None
         """Why the coordinator last refused this agent's Hello; it asks again every ``refused_retry_s``."""
         self._next_hello = self._next_heartbeat = 0.0
@@ -196,15 +199,7 @@ class WorkerAgent:
 
     def _run(self) -> None:
         self.decider.start()
-        if self.rank == 0:
-            try:
-                hosted = host_once(self.endpoint, self.shape.num_ranks)
-                self._store = (hosted.host, hosted.port)
-                self.janitor = StoreJanitor(hosted.store, hosted.port, self.rank)
-                self.log.info("hosting the rendezvous store at %s:%d", hosted.host, hosted.port)
-            except RendezvousError as exc:
-                self._idle_reason = str(exc)
-                self.log.error("%s; the agent stays idle, serving is unaffected", exc)
+        self._host_store(time.monotonic())
         self.link.open()
         self.log.info("agent started, coordinator %s, transport %s", self.endpoint, self.transport.name)
         failures_in_a_row = 0
@@ -227,6 +222,36 @@ class WorkerAgent:
             self.decider.stop()
             if self.janitor is not None:
                 self.janitor.stop()
+
+    def _host_store(self, now: float) -> None:
+        """Rank 0: host the rendezvous store, or stay unregistered and try again in ``refused_retry_s``.
+
+        Until it hosts one this rank cannot register (its ``Hello`` names the store), so no plan
+        runs anywhere, but serving is unaffected. A fixed ``EPLB_SERVICE_STORE_PORT`` still held by
+        another process (a previous worker shutting down) is freed in time: trying again lets the
+        deployment rebalance then without restarting vLLM."""
+        if self.rank != 0 or self._store is not None or now < self._next_store_attempt:
+            return
+        try:
+            hosted = host_once(self.endpoint, self.shape.num_ranks)
+        except RendezvousError as exc:
+            self._idle_reason = str(exc)
+            self._next_store_attempt = now + self.refused_retry_s
+            self.stats["store_host_failed"] += 1
+            self.throttle.report(
+                "store_host",
+                logging.ERROR,
+                "%s; this rank does not register (no rebalancing anywhere), serving is unaffected; "
+                "trying again every %.0fs",
+                exc,
+                self.refused_retry_s,
+            )
+            return
+        self._store = (hosted.host, hosted.port)
+        self.janitor = StoreJanitor(hosted.store, hosted.port, self.rank)
+        self._idle_reason = None
+        if not self.throttle.clear("store_host", "hosting the rendezvous store at %s:%d", hosted.host, hosted.port):
+            self.log.info("hosting the rendezvous store at %s:%d", hosted.host, hosted.port)
 
     def _reset(self, reason: str) -> None:
         """Back to a clean state after a failure of the loop; each part on its own, none may raise."""
@@ -255,6 +280,7 @@ class WorkerAgent:
                 now - self.link.last_heard,
             )
             self._reopen()
+        self._host_store(now)
         if not self._welcomed and now >= self._next_hello and self._idle_reason is None:
             self.send(self._hello())
             self._next_hello = now + self._hello_backoff_s
