@@ -27,6 +27,8 @@ class AgentRecord:
     internal_errors: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     """The agent's own counters from its latest heartbeat (``protocol.AGENT_COUNTERS``)."""
+    load_reported_to: int = 0
+    """``step_end`` of the rank's latest load report, or its step when it registered (before its first)."""
 
 
 class Registry:

@@ -30,6 +30,9 @@ MAX_STEP_LEAP = 1_000_000
 
 PROCESSES_KEPT_PER_RANK = 4
 """Agent processes remembered per rank (on average) to tell a returning agent from a new deployment."""
+LOAD_SILENCE_REPORTS = 20
+"""Report intervals a heartbeating rank may step past its last load report before it is called
+silent: its traffic is then missing from the load window, and plans balance the other ranks' alone."""
 
 
 class RouterHost(Protocol):
@@ -243,11 +246,32 @@ class MessageRouter:
         self.runner.heartbeat(record.rank, message.step, message.epoch, now)
         self.update_epoch()
         self.host.watch(now)
+        self._watch_load_reports(record)
+
+    def _watch_load_reports(self, record: AgentRecord) -> None:
+        """Warn when a rank steps on but its load reports stopped (or never came): nothing else would
+        show that the window, and so every plan, leaves its traffic out. Counted in steps, not
+        seconds, so an idle engine (no steps, no reports) is never called silent."""
+        since = record.load_reported_to
+        if record.step - since > LOAD_SILENCE_REPORTS * self.cfg.agent.report_interval_steps:
+            self.throttle.report(
+                ("no_load_reports", record.rank),
+                logging.WARNING,
+                "rank %d heartbeats at step %d but sent no load report since step %d (%d steps, over %d report "
+                "intervals): its load is missing from the window, plans balance the other ranks' traffic alone",
+                record.rank,
+                record.step,
+                since,
+                record.step - since,
+                LOAD_SILENCE_REPORTS,
+            )
 
     def _on_load(self, record: AgentRecord, report: protocol.LoadReport, now: float) -> None:
         if self._step_leap(record, report.step_end, "load report"):
             self.metrics.load_reports_dropped.labels("bad_steps").inc()
             return
+        record.load_reported_to = max(record.load_reported_to, report.step_end)
+        self.throttle.clear(("no_load_reports", record.rank), "rank %d sends load reports again", record.rank)
         try:
             logical = self.book.add_load(report)
         except LoadRejected as exc:
@@ -370,12 +394,13 @@ class MessageRouter:
             pid=hello.pid,
             epoch=hello.epoch,
             step=hello.step,
+            load_reported_to=hello.step,
             phy2log=phy2log,
             session=secrets.randbits(62) + 1,
             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None,
         )
         self.guard.forget(hello.rank)
-        for key in ("session", "back_after_dead", "step_leap", "bad_load_report"):
+        for key in ("session", "back_after_dead", "step_leap", "bad_load_report", "no_load_reports"):
             self.throttle.settle((key, hello.rank))
         for code in ("rank_taken", "refused"):
             self.throttle.settle(("hello_refused", hello.rank, code))

@@ -54,6 +54,7 @@ def status_document(
                 "pid": record.pid,
                 "last_seen_s": round(now - record.last_seen, 3),
                 "step": record.step,
+                "load_reported_to_step": record.load_reported_to,
                 "epoch": record.epoch,
                 "comm_generation": record.comm_generation,
                 "internal_errors": record.internal_errors,
