@@ -228,3 +228,19 @@ def test_progress_reports_blocks_of_layers_and_changes_no_plan(policy, seed, mon
     assert [(b.layers, b.bytes_moved, b.gain) for b in blocked.batches] == [
         (b.layers, b.bytes_moved, b.gain) for b in whole.batches
     ]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "load",
+    [[186.98664093634852, 566.0019953741505], [7.913940783283335e-301, 1.931264785898645e-301]],
+)
+def test_a_perfectly_balanced_layer_moves_nothing(policy, load):
+    """Every rank holds two replicas of each expert: balanced whatever the load. A proposal that
+    repacks it scored a float-rounding 'gain' (balancedness 1.0 -> 1.0000000000000002), and the
+    plan moved 3 slots for it."""
+    shape = PlacementShape(1, 2, 12, 3)
+    current = initial_phy2log(shape)
+    plan = plan_rebalance(policy, current, np.array([load]), shape)
+    assert plan.experts_moved == 0 and plan.batches == ()
+    assert np.array_equal(plan.target_phy2log, current)

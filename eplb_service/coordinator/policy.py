@@ -3,8 +3,8 @@
 A policy proposes a new ``phy2log [L, P]`` for the load; this module turns the proposal into a
 :class:`RebalancePlan` the same way for every policy:
 
-- layers whose balancedness gain (under the new load) is not positive, or is below
-  ``min_layer_gain``, keep their current row;
+- layers whose balancedness gain (under the new load) is not positive (above the float
+  rounding of :data:`MEASURABLE_GAIN`), or is below ``min_layer_gain``, keep their current row;
 - the remaining layers are ordered by gain per byte and cut, in that order, into batches whose
   staging need fits ``staging_budget_bytes`` on every rank.
 
@@ -62,6 +62,12 @@ the blocks give the same placement as one call over all layers. Blocks are also 
 the swap search's per-round gathers staying within a block's arrays: 1000 layers x 2048 slots,
 migration policy, on a shared 2-core box, 256 ranks and log-normal sigma 2 took 13.9-22.3 s in one
 call, 12.3-15.8 s in blocks; 2048 ranks 0.43-0.46 s, 0.29-0.31 s."""
+
+MEASURABLE_GAIN = 1e-9
+"""A layer's balancedness gain counts only above this. Balancedness is a ratio of float sums,
+so a layer holding the same experts on every rank (balanced under any load) scores 1.0 in one
+packing and 1.0000000000000002 in another: rounding alone is a "gain" of ~1e-16, and plans moved
+slots for it. A real gain is many orders of magnitude larger (one token in 1e8 is 1e-8)."""
 
 LayerProgress = Callable[[int, int], None]
 """``progress(layers_done, num_layers)``, called as the policy advances through the layers."""
@@ -332,7 +338,7 @@ def build_plan(
     changed = current != proposed
     accept = changed.any(axis=1)
     if require_gain:
-        accept &= (gain > 0) & (gain >= min_layer_gain)
+        accept &= (gain > MEASURABLE_GAIN) & (gain >= min_layer_gain)
     target = np.where(accept[:, None], proposed, current)
     changed &= accept[:, None]
 
