@@ -97,6 +97,8 @@ class PlanRunner:
         """No new plan starts once the deployment passes this step (planned shutdowns)."""
         self.outcomes: list[PlanOutcome] = []
         self.counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
+        self._over_budget_warned = False
+        """Whether the layers over the staging budget were already warned about (see _report_over_budget)."""
         self.skips_in_a_row = 0
         """Evaluations without a plan since the last one that made a plan: the first is logged at
         INFO, the rest at DEBUG (a balanced deployment evaluates every interval, for days;
@@ -120,6 +122,7 @@ class PlanRunner:
         self._seeded = False
         self.drain_at_step = None
         self.skips_in_a_row = 0
+        self._over_budget_warned = False
 
     def number(self, plan_id: int) -> int:
         return self._numbers.get(plan_id, 0)
@@ -170,6 +173,7 @@ class PlanRunner:
                 bytes_per_expert=book.model.bytes_per_expert,
                 staging_budget_bytes=cfg.staging_budget_bytes,
                 require_gain=False,
+                skip_over_budget=True,
             )
         return functools.partial(
             plan_rebalance,
@@ -183,6 +187,7 @@ class PlanRunner:
             staging_budget_bytes=cfg.staging_budget_bytes,
             min_layer_gain=cfg.min_layer_gain,
             persistence=persistence,
+            skip_over_budget=True,
         )
 
     def _seed_fits(self) -> bool:
@@ -206,6 +211,15 @@ class PlanRunner:
         """Compute a rebalance in the executor; send its first batch if it is worth it."""
         book = self.book
         epoch = book.epoch
+        bytes_per_expert = book.model.bytes_per_expert
+        if self.cfg.staging_budget_bytes < bytes_per_expert:  # the same every time: halt once, naming it
+            self.host.halt(
+                f"--staging-budget-bytes {self.cfg.staging_budget_bytes} is less than one expert's "
+                f"{bytes_per_expert} bytes on a rank: no plan could move a single slot",
+                f"restart the coordinator with --staging-budget-bytes of at least {bytes_per_expert}",
+            )
+            self.planning = False
+            return
         seeding = self.cfg.initial_placement is not None and not self._seeded
         if seeding and not self._seed_fits():
             self._seeded, seeding = True, False
@@ -227,6 +241,7 @@ class PlanRunner:
             self.planning = False
             self.metrics.phase_seconds.labels("policy").observe(time.perf_counter() - t0)
         self.last_plan_end_step = self.host.min_step()
+        self._report_over_budget(result)
         gain = result.balancedness_after - result.balancedness_before
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
         if seeding:
@@ -261,6 +276,26 @@ class PlanRunner:
         )
         self.pending_batches = list(result.batches)
         self.start_next_batch()
+
+    def _report_over_budget(self, result) -> None:
+        """One warning for layers left out because alone they need more staging than the budget
+        (the first plan that leaves any out, then DEBUG while some are left out: a plan is tried
+        every interval, and the same layers keep needing the same bytes)."""
+        layers = getattr(result, "over_budget_layers", ())
+        if not layers:
+            self._over_budget_warned = False
+            return
+        shown = ", ".join(str(i) for i in layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        self.log.log(
+            logging.DEBUG if self._over_budget_warned else logging.WARNING,
+            "layers %s keep their placement: each alone needs more staging on one rank than "
+            "--staging-budget-bytes %d (up to %d bytes, the budget that lets them move); the other layers "
+            "are planned as usual",
+            shown,
+            self.cfg.staging_budget_bytes,
+            result.over_budget_need_bytes,
+        )
+        self._over_budget_warned = True
 
     # -- batches -----------------------------------------------------------------------
 

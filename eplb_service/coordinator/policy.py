@@ -131,6 +131,10 @@ class RebalancePlan:
         balancedness_after: the same for ``target_phy2log``.
         experts_moved: slots whose logical expert changes.
         bytes_moved: sum of the batches' ``bytes_moved``.
+        over_budget_layers: layers left at their current rows because alone they need more
+            staging on some rank than the budget (only with ``skip_over_budget``), ascending.
+        over_budget_need_bytes: the most staging bytes one of those layers needs on one rank
+            (0 when there are none): the budget that would let every one of them move.
     """
 
     target_phy2log: np.ndarray
@@ -139,6 +143,8 @@ class RebalancePlan:
     balancedness_after: float
     experts_moved: int
     bytes_moved: int
+    over_budget_layers: tuple[int, ...] = ()
+    over_budget_need_bytes: int = 0
 
 
 def validate_load(logical_load: np.ndarray, shape: PlacementShape) -> np.ndarray:
@@ -218,6 +224,7 @@ def plan_rebalance(
     min_layer_gain: float = 0.0,
     persistence: float = 1.0,
     progress: LayerProgress | None = None,
+    skip_over_budget: bool = False,
 ) -> RebalancePlan:
     """Plan a rebalance of ``current_phy2log`` for ``logical_load`` with ``policy``.
 
@@ -243,9 +250,11 @@ def plan_rebalance(
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
+        skip_over_budget: see :func:`build_plan` (registered policies do not get it).
 
     Raises:
-        ValueError: unknown policy, or a layer that alone needs more staging than the budget.
+        ValueError: unknown policy, or (without ``skip_over_budget``) a layer that alone needs
+            more staging than the budget.
         PlacementError (a ValueError): invalid placement, load, or sizes; names the value.
     """
     registered = _REGISTERED.get(policy)
@@ -288,6 +297,7 @@ def plan_rebalance(
         bytes_per_expert=bytes_per_expert,
         staging_budget_bytes=staging_budget_bytes,
         min_layer_gain=min_layer_gain,
+        skip_over_budget=skip_over_budget,
     )
 
 
@@ -322,6 +332,7 @@ def build_plan(
     staging_budget_bytes: int | None = None,
     min_layer_gain: float = 0.0,
     require_gain: bool = True,
+    skip_over_budget: bool = False,
 ) -> RebalancePlan:
     """Gain filter, byte accounting and batching of a proposal (see the module docstring).
 
@@ -330,6 +341,14 @@ def build_plan(
         load: ``[L, N_log]`` validated load.
         require_gain: ``False`` takes every changed layer whatever its gain (moving to a
             placement chosen offline, e.g. the coordinator's ``--initial-placement``).
+        skip_over_budget: a layer that alone needs more staging than ``staging_budget_bytes``
+            on some rank keeps its current row (listed in the plan's ``over_budget_layers``)
+            instead of failing the whole plan: the coordinator plans every interval, and one
+            such layer used to cost every other layer its rebalance, each time.
+
+    Raises:
+        ValueError: without ``skip_over_budget``, a layer that alone needs more staging than
+            the budget (named, with its need and rank).
     """
     num_ranks = shape.num_ranks
     before_ranks = rank_loads(current, load, num_ranks)
@@ -341,21 +360,24 @@ def build_plan(
         accept &= (gain > MEASURABLE_GAIN) & (gain >= min_layer_gain)
     target = np.where(accept[:, None], proposed, current)
     changed &= accept[:, None]
-
-    remote = changed & ~local_source_slots(current, target, num_ranks)
-    layer_bytes = remote.sum(axis=1).astype(np.int64) * int(bytes_per_expert)
     staging = changed.reshape(shape.num_layers, num_ranks, shape.slots_per_rank).sum(axis=2) * int(bytes_per_expert)
 
-    layers = np.flatnonzero(accept)
-    if staging_budget_bytes is not None and layers.size:
-        over = staging[layers] > staging_budget_bytes
-        if over.any():
-            row, rank = (int(i) for i in np.argwhere(over)[0])
-            layer = int(layers[row])
+    over_budget = np.zeros(0, dtype=np.int64)
+    if staging_budget_bytes is not None and accept.any():
+        over = accept[:, None] & (staging > staging_budget_bytes)
+        if over.any() and not skip_over_budget:
+            layer, rank = (int(i) for i in np.argwhere(over)[0])
             raise ValueError(
                 f"layer {layer} alone needs {int(staging[layer, rank])} staging bytes on rank {rank}, "
                 f"more than staging_budget_bytes={staging_budget_bytes}"
             )
+        over_budget = np.flatnonzero(over.any(axis=1))
+        accept[over_budget] = False
+        target[over_budget] = current[over_budget]
+        changed[over_budget] = False
+    layers = np.flatnonzero(accept)
+    remote = changed & ~local_source_slots(current, target, num_ranks)
+    layer_bytes = remote.sum(axis=1).astype(np.int64) * int(bytes_per_expert)
     # Gain per byte, best first; a layer with only local copies costs no link bytes.
     ratio = gain[layers] / np.maximum(layer_bytes[layers], 1e-9 * bytes_per_expert)
     layers = layers[np.lexsort((layers, -gain[layers], -ratio))]
@@ -390,4 +412,6 @@ def build_plan(
         balancedness_after=model_balancedness(rank_loads(target, load, num_ranks)),
         experts_moved=int(changed.sum()),
         bytes_moved=int(layer_bytes.sum()),
+        over_budget_layers=tuple(int(i) for i in over_budget),
+        over_budget_need_bytes=int(staging[over_budget].max(initial=0)),
     )
