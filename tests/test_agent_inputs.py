@@ -7,6 +7,7 @@ refused at the edge, counted, and logged naming the rank; the others' reports st
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -558,3 +559,20 @@ def test_a_balanced_deployment_logs_no_rebalance_once_not_at_every_evaluation(tm
     lines = [r for r in caplog.records if "] no rebalance: " in r.getMessage()]
     assert len(lines) >= 4 and [r.levelname for r in lines].count("INFO") == 1, [r.levelname for r in lines]
     assert "the next ones at DEBUG until a plan is made" in lines[0].getMessage()
+
+
+def test_the_projected_balancedness_says_which_load_it_is_under():
+    """Before: "no rebalance: balancedness 1.0000 -> 1.0000 projected" where hot experts came and
+    went (persistence near 0), while status measured 0.865: the migration policy's forecast shrinks
+    every deviation that does not last, and the line did not say so."""
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    runner = HandlerHarness().coordinator.plans
+    assert runner.cfg.policy == "migration"
+    assert runner._planned_on(0.0) == (
+        "on the forecast next window (load persistence 0.00: 0% of each expert's deviation from the mean kept)"
+    )
+    assert "30% of each expert's deviation" in runner._planned_on(0.3)
+    assert runner._planned_on(0.9) == "on the load window (load persistence 0.90)"  # lasting load: planned as is
+    runner.cfg = dataclasses.replace(runner.cfg, policy="deepseek")  # plans for the last window whatever lasts
+    assert runner._planned_on(0.0) == "on the load window (load persistence 0.00)"

@@ -23,6 +23,7 @@ import numpy as np
 
 from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
+from eplb_service.coordinator.load_forecast import planning_persistence
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.placement import PlacementError, PolicySettingsError, validate_phy2log
@@ -254,28 +255,41 @@ class PlanRunner:
             self.skips_in_a_row += 1
             self.log.log(
                 logging.INFO if self.skips_in_a_row == 1 else logging.DEBUG,
-                "no rebalance: balancedness %.4f -> %.4f projected (gain %.4f < min_gain %.4f or nothing to move; "
-                "load persistence %.2f; %s)",
+                "no rebalance: balancedness %.4f -> %.4f projected %s (gain %.4f < min_gain %.4f or nothing to "
+                "move; %s)",
                 result.balancedness_before,
                 result.balancedness_after,
+                self._planned_on(persistence),
                 gain,
                 self.cfg.min_gain,
-                persistence,
                 "the next ones at DEBUG until a plan is made" if self.skips_in_a_row == 1 else "again",
             )
             return
         self.skips_in_a_row = 0
         self.log.info(
-            "rebalance: balancedness %.4f -> %.4f projected, %d batches, %d experts, %s (load persistence %.2f)",
+            "rebalance: balancedness %.4f -> %.4f projected %s, %d batches, %d experts, %s",
             result.balancedness_before,
             result.balancedness_after,
+            self._planned_on(persistence),
             len(result.batches),
             result.experts_moved,
             human_bytes(result.bytes_moved),
-            persistence,
         )
         self.pending_batches = list(result.batches)
         self.start_next_batch()
+
+    def _planned_on(self, persistence: float) -> str:
+        """Which load the projected balancedness is under. The migration policy plans for a forecast
+        that shrinks each expert's deviation from the mean where little of it lasts, so with hot
+        experts that come and go its "before" reads near 1.0 while the measured balancedness (the
+        ``current`` gauge, status) is far lower; said plainly, the two do not read as a contradiction."""
+        kept = planning_persistence(persistence) if self.cfg.policy == "migration" else 1.0
+        if kept >= 1.0:
+            return f"on the load window (load persistence {persistence:.2f})"
+        return (
+            f"on the forecast next window (load persistence {persistence:.2f}: {kept:.0%} of each expert's "
+            "deviation from the mean kept)"
+        )
 
     def _report_over_budget(self, result) -> None:
         """One warning for layers left out because alone they need more staging than the budget
