@@ -131,3 +131,28 @@ def test_dead_rank_processes_end_the_simulation_in_one_line_not_a_traceback(monk
     assert code == 1 and "Traceback" not in err, err
     assert "eplb-coordinator: error: the simulation stopped: rank processes died: [('sim-rank-0', 1)]" in err
     assert "each rank's error is logged above" in err
+
+
+def test_a_run_too_short_for_any_plan_says_why(caplog):
+    """Before: a run whose steps ended before the coordinator's first plan reported
+    ``committed 0`` with no word why (seen with a small, fast trace and ``--steps 300``)."""
+    from types import SimpleNamespace
+
+    from eplb_service.sim.deployment import SimulationOptions, _say_if_nothing_was_tried
+
+    cfg = CoordinatorConfig(world_size=2, rebalance_interval_steps=100, min_window_steps=40)
+    opts = SimulationOptions(world_size=2, steps=300)
+    counts = {"committed": 0, "aborted": 0, "diverged": 0, "proposed": 0, "skipped": 0}
+    idle = SimpleNamespace(counts=counts, halted_reason=None, drain_at_step=216)
+    with caplog.at_level("WARNING", logger="eplb_service.sim.deployment"):
+        _say_if_nothing_was_tried(idle, opts, cfg, 4.2)
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert line.startswith("no plan was tried in 300 steps (4.2s)")
+        assert "40 steps of load" in line and "every 100 steps" in line and "after step 216" in line
+        caplog.clear()
+        for tried in ({**counts, "skipped": 1}, {**counts, "proposed": 1}):  # a plan evaluated: nothing to say
+            _say_if_nothing_was_tried(
+                SimpleNamespace(counts=tried, halted_reason=None, drain_at_step=216), opts, cfg, 1
+            )
+        _say_if_nothing_was_tried(SimpleNamespace(counts=counts, halted_reason="x", drain_at_step=216), opts, cfg, 1)
+        assert not caplog.records  # a halt says why itself

@@ -108,7 +108,27 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         coordinator.stop()
         await server
         del serving_store
+    _say_if_nothing_was_tried(coordinator, opts, cfg, wall)
     return _summary(opts, coordinator, sorted(ranks.collected, key=lambda r: r["rank"]), wall)
+
+
+def _say_if_nothing_was_tried(
+    coordinator: Coordinator, opts: SimulationOptions, cfg: CoordinatorConfig, wall_s
+) -> None:
+    """A run too short for any plan would otherwise end with "committed 0" and no word why."""
+    counts = coordinator.counts
+    if counts["proposed"] or counts["skipped"] or coordinator.halted_reason:
+        return
+    log.warning(
+        "no plan was tried in %d steps (%.1fs): the coordinator plans once the side communicator is built and "
+        "%d steps of load arrived (min_window_steps), then every %d steps (rebalance_interval_steps), and starts "
+        "none after step %d so that each can finish before the ranks stop; run more --steps",
+        opts.steps,
+        wall_s,
+        cfg.min_window_steps,
+        cfg.rebalance_interval_steps,
+        max(0, coordinator.drain_at_step or 0),
+    )
 
 
 class ProgressLog:
