@@ -237,10 +237,10 @@ def test_agent_up_follows_each_rank_from_the_start_through_registration_and_loss
 
     from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.coordinator.server import Coordinator
-    from eplb_service.testing.protocol_fuzz import _Sink
+    from eplb_service.testing.protocol_fuzz import SocketSink
 
     c = Coordinator(CoordinatorConfig(world_size=4, endpoint="ipc:///nonexistent/up.sock"))
-    c._sock = _Sink()
+    c._sock = SocketSink()
 
     def up() -> dict[str, float]:
         values = samples(c.metrics.registry)
@@ -261,11 +261,11 @@ def test_a_registration_touches_its_own_rank_series_not_every_ranks():
     refreshed every rank's ``eplb_agent_up``."""
     from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.coordinator.server import Coordinator
-    from eplb_service.testing.protocol_fuzz import _Sink
+    from eplb_service.testing.protocol_fuzz import SocketSink
 
     world = 64
     c = Coordinator(CoordinatorConfig(world_size=world, endpoint="ipc:///nonexistent/storm.sock"))
-    c._sock = _Sink()
+    c._sock = SocketSink()
     looked_up: list[tuple] = []
     original = c.metrics.agent_up.labels
 

@@ -15,6 +15,7 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.testing.protocol_fuzz import SocketSink
 
 SHAPE = PlacementShape(2, 6, 8, 2)
 BYTES_PER_EXPERT = 36  # conftest.hello_message's model
@@ -22,25 +23,12 @@ LOAD = np.array([[100.0, 121.0, 194.0, 145.0, 126.0, 108.0], [111.0, 187.0, 55.0
 """Under it the migration policy changes 2 slots on one rank in layer 0 and 1 slot in layer 1."""
 
 
-class _Sink:
-    closed = False
-
-    def get(self, option) -> int:
-        return 0
-
-    def send_multipart(self, frames, flags=0) -> None:
-        pass
-
-    def setsockopt(self, option, value) -> None:
-        pass
-
-
 def coordinator_with_load(budget: int) -> Coordinator:
     """Two registered ranks whose reports add up to :data:`LOAD`, and a window ready to plan."""
     c = Coordinator(
         CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/budget.sock", staging_budget_bytes=budget)
     )
-    c._sock = _Sink()
+    c._sock = SocketSink()
     for rank in (0, 1):
         store = {"store_host": "127.0.0.1", "store_port": 1} if rank == 0 else {"store_host": "", "store_port": 0}
         c._handle(f"rank-{rank}".encode(), hello_message(rank=rank, pid=100 + rank, node="n", **store))

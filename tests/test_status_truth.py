@@ -18,28 +18,14 @@ from eplb_service.coordinator.server import Coordinator
 from eplb_service.coordinator.status_client import format_status
 from eplb_service.coordinator.status_doc import status_json
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.testing.protocol_fuzz import SocketSink
 
 SHAPE = PlacementShape(2, 6, 8, 2)
 
 
-class _Sink:
-    """Stands in for the ROUTER socket: sends nowhere, never has a message waiting."""
-
-    closed = False
-
-    def get(self, option) -> int:
-        return 0
-
-    def send_multipart(self, frames, flags=0) -> None:
-        pass
-
-    def setsockopt(self, option, value) -> None:
-        pass
-
-
 def coordinator() -> Coordinator:
     c = Coordinator(CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/truth.sock"))
-    c._sock = _Sink()
+    c._sock = SocketSink()
     return c
 
 

@@ -61,11 +61,17 @@ def mutate(frame: bytes, data: st.DataObject) -> bytes:
     return bytes(buf)
 
 
-class _Sink:
-    """Stands in for the ROUTER socket: collects what the coordinator would send."""
+class SocketSink:
+    """Stands in for the coordinator's ROUTER socket: counts what it would send, never has a
+    message waiting (tests that drive a ``Coordinator``'s handlers without sockets use it too)."""
+
+    closed = False
 
     def __init__(self) -> None:
         self.sent = 0
+
+    def get(self, option) -> int:
+        return 0
 
     def send_multipart(self, frames, flags=0) -> None:
         self.sent += 1
@@ -82,7 +88,7 @@ class HandlerHarness:
         from eplb_service.coordinator.server import Coordinator
 
         self.coordinator = Coordinator(CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/fuzz.sock"))
-        self.coordinator._sock = _Sink()
+        self.coordinator._sock = SocketSink()
         shape = PlacementShape(2, 6, 8, 2)
         for rank in range(2):
             self.coordinator._handle(
