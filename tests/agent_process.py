@@ -61,6 +61,22 @@ class SlowStagingAgent(WorkerAgent):
         return super()._stage(plan, rows)
 
 
+class ExitWhileApplyingAgent(WorkerAgent):
+    """Dies on the serving thread in the middle of applying a decided commit: one weight copy done,
+    maps not yet swapped (a kill or a crash at the worst moment of the commit step)."""
+
+    def start(self) -> "WorkerAgent":
+        agent = super().start()
+
+        def apply(action) -> None:
+            for live, rows, staged in action.weight_copies[:1]:
+                live.index_copy_(0, rows, staged)
+            os._exit(6)
+
+        self.hooks._apply = apply
+        return agent
+
+
 class CorruptRowAgent(WorkerAgent):
     """Changes one byte of the first block received from a peer, as a bad link or a buggy copy would."""
 
@@ -89,6 +105,7 @@ FAULTS = {
     "corrupt_row": CorruptRowAgent,
     "exit_before_vote": ExitBeforeVoteAgent,
     "exit_while_staging": ExitWhileStagingAgent,
+    "exit_while_applying": ExitWhileApplyingAgent,
     "stall_before_vote": StallBeforeVoteAgent,
 }
 

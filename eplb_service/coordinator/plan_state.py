@@ -120,7 +120,9 @@ class PlanRun:
         A rank at ``base_epoch + 1`` committed this plan (nothing else can move it there). A
         rank past the commit step still at ``base_epoch`` did not commit.
         """
-        if self.phase is not Phase.VOTING or rank in self.committed or rank in self.aborted:
+        if self.phase is not Phase.VOTING or rank in self.committed or rank in self.aborted or rank in self.lost:
+            # A lost rank's heartbeats may be a restarted process's, which never held this plan:
+            # its old epoch past S says nothing about the vote (the record decided for every rank).
             return False
         if epoch == self.base_epoch + 1:
             self.committed[rank] = (self.decision[0] if self.decision else -1, 0.0)

@@ -29,6 +29,10 @@ class AgentRecord:
     """The agent's own counters from its latest heartbeat (``protocol.AGENT_COUNTERS``)."""
     load_reported_to: int = 0
     """``step_end`` of the rank's latest load report, or its step when it registered (before its first)."""
+    restarted: bool = False
+    """A process never registered anywhere (its Hello resumes no session) that took its rank in a
+    deployment whose ranks had all been registered: a worker restarted alone. It serves the maps it
+    started with, whatever the others committed since."""
 
 
 class Registry:
@@ -38,6 +42,9 @@ class Registry:
         self.world_size = world_size
         self.agents: dict[int, AgentRecord] = {}
         self._by_identity: dict[bytes, int] = {}
+        self.ever_complete = False
+        """Every rank was registered at once in this deployment: a new process registering after
+        that is a restarted worker, not one of the deployment's first processes arriving."""
 
     def register(self, record: AgentRecord) -> AgentRecord | None:
         """Add or replace the agent of ``record.rank``; returns the record it replaced."""

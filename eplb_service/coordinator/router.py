@@ -50,7 +50,7 @@ class RouterHost(Protocol):
 
     def model_known(self) -> None: ...
 
-    def new_deployment(self, rank: int) -> None: ...
+    def new_deployment(self, rank: int, restarted: list[int] | None = None) -> None: ...
 
     def deployment_gone(self) -> None: ...
 
@@ -379,9 +379,12 @@ class MessageRouter:
                 self.host.model_known()
         else:
             self.book.learn(hello.epoch, phy2log)
-        self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now)
+        restarted = others_alive and self.registry.ever_complete and hello.resume_session == 0
+        self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now, restarted=restarted)
 
-    def _register(self, identity: bytes, hello: protocol.Hello, phy2log, resumed: bool, now: float) -> None:
+    def _register(
+        self, identity: bytes, hello: protocol.Hello, phy2log, resumed: bool, now: float, restarted: bool = False
+    ) -> None:
         key = (hello.node, hello.pid)
         self.processes.pop(key, None)
         self.processes[key] = None
@@ -398,6 +401,7 @@ class MessageRouter:
             phy2log=phy2log,
             session=secrets.randbits(62) + 1,
             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None,
+            restarted=restarted,
         )
         self.guard.forget(hello.rank)
         for key in ("session", "back_after_dead", "step_leap", "bad_load_report", "no_load_reports"):
@@ -427,7 +431,7 @@ class MessageRouter:
             hello.epoch,
             hello.step,
             hello.transport,
-            ", resumed its session" if resumed else "",
+            ", resumed its session" if resumed else ", a restarted worker" if restarted else "",
         )
         self.host.send(
             identity,
@@ -439,6 +443,7 @@ class MessageRouter:
             ),
         )
         self.update_liveness_metrics([hello.rank])
+        self.registry.ever_complete = self.registry.ever_complete or self.registry.complete
         self.update_epoch()
         self._comm_after_register(hello.rank)
 
@@ -499,8 +504,34 @@ class MessageRouter:
         self.host.invalidate_comm()
         self.runner.agent_lost(record.rank, now)
         self.update_liveness_metrics([record.rank])
-        if not self.registry.alive:
+        alive = self.registry.alive
+        if not alive:
             self.host.deployment_gone()
+        elif all(r.restarted for r in alive):
+            if any(r.epoch != self.book.epoch for r in alive):
+                self._restarted_deployment(alive)
+            else:  # they serve the deployment's placement: they carry it on
+                for r in alive:
+                    r.restarted = False
+
+    def _restarted_deployment(self, alive: list[AgentRecord]) -> None:
+        """The last process of the previous deployment left, the live ranks are all workers
+        restarted since, and they do not serve its placement (the operator restarted every worker;
+        some came back before the old ones were declared dead). They are a new deployment, as if
+        none had been alive in between: their steps and epochs count from 0 again, and judged
+        against the old commit steps they would read as diverged for good. The book is seeded
+        again from their registrations."""
+        model, shape = self.book.model, self.book.shape
+        self.processes = {(r.node, r.pid): None for r in alive}
+        self.host.new_deployment(alive[0].rank, restarted=[r.rank for r in alive])
+        first = alive[0]
+        self.book.adopt(model, shape, first.phy2log, first.epoch)
+        self.host.model_known()
+        for r in alive:
+            r.restarted = False
+            self.book.learn(r.epoch, r.phy2log)
+        self.registry.ever_complete = False
+        self.update_epoch()
 
     def update_liveness_metrics(self, ranks: Iterable[int] | None = None) -> None:
         """``eplb_agents_alive`` and ``eplb_agent_up`` for ``ranks`` (None: every rank). A

@@ -430,7 +430,14 @@ class Coordinator:
                 alive,
                 was,
             )
-        why = self.guard.epoch_verdict(alive) or self.guard.clock_verdict(alive, self.registry.complete, now)
+        split = self._restarted_alone()
+        if split is not None:
+            self.plans.count_diverged()
+            self.halt(split, "it lifts by itself once none of the previous processes is left")
+            return
+        # A restarted worker's epoch and steps are its own, not a lag behind the old commit steps.
+        continuing = [r.rank for r in self.registry.alive if not r.restarted]
+        why = self.guard.epoch_verdict(continuing) or self.guard.clock_verdict(alive, self.registry.complete, now)
         if why is not None:
             self.plans.count_diverged()
             if self.guard.clock_halt:
@@ -441,6 +448,28 @@ class Coordinator:
                 )
             else:
                 self.halt(why)
+
+    def _restarted_alone(self) -> str | None:
+        """Why the live ranks no longer serve one placement because a worker restarted alone, or None.
+
+        A restarted worker (a new process after every rank had been registered) comes back with the
+        maps it started with. Where the others committed plans since, its maps are not theirs, and
+        no plan can fix that: a plan moves every rank from one common placement. Judged once no
+        plan is in flight (the one it missed has settled)."""
+        alive = self.registry.alive
+        old_epochs = {r.epoch: r.rank for r in alive if not r.restarted}
+        if self.plans.plan is not None or not old_epochs:
+            return None
+        for record in alive:
+            if record.restarted and record.epoch not in old_epochs:
+                others = sorted(r.rank for r in alive if not r.restarted)
+                return (
+                    f"rank {record.rank} restarted alone (a new process, pid {record.pid} on {record.node!r}, at "
+                    f"placement epoch {record.epoch}) while ranks {others} serve epoch "
+                    f"{max(old_epochs)}: its expert maps are not theirs, and no plan moves one rank alone; "
+                    f"restart every worker of the deployment"
+                )
+        return None
 
     def model_known(self) -> None:
         """The first Hello told the model: fit the frame limit to it and start recording."""
@@ -470,22 +499,28 @@ class Coordinator:
         self._set_frame_limit(protocol.UNSHAPED_MAX_MESSAGE_BYTES)
         self._end_recording()
 
-    def new_deployment(self, rank: int) -> None:
+    def new_deployment(self, rank: int, restarted: list[int] | None = None) -> None:
         """A process that was never one of this deployment's agents registers while none is
-        alive: vLLM restarted under this coordinator (a daemon or a k8s sidecar container
+        alive (or, ``restarted``, the last old process left and only restarted workers are
+        alive): vLLM restarted under this coordinator (a daemon or a k8s sidecar container
         outlives it). Its processes count steps and placement epochs from 0 again, possibly
         with another model: judged against the old commit steps they would read as diverged,
         and the old steps would hold planning back. So everything learned from the old
         deployment goes, as if this coordinator had just started; a halt about the old
         deployment goes with it (its advice was to restart the workers)."""
         self.log.warning(
-            "rank %d registers while no agent is alive: a new deployment (the previous one was at epoch %d, "
-            "step %d%s); its placement, load window, step marks and model are dropped",
-            rank,
+            "%s: a new deployment (the previous one was at epoch %d, step %d%s); its placement, load window, "
+            "step marks and model are dropped",
+            f"rank {rank} registers while no agent is alive"
+            if restarted is None
+            else f"the previous deployment's last process left; ranks {restarted} are workers restarted since",
             self.book.epoch,
             self.book.max_step_seen,
             f", halted: {self.guard.halted_reason}" if self.guard.halted_reason else "",
         )
+        if restarted is not None:
+            self._end_recording()  # its file is the old deployment's; model_known opens the next one
+        self.registry.ever_complete = False
         self.deployments += 1
         self.book.reset()
         self.guard.reset()
