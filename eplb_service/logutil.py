@@ -197,14 +197,26 @@ def fatal(prog: str, message: str, fmt: str | None, tag: str) -> None:
     command, ``tag``) in JSON, so a log pipeline reading JSON does not get a bare line at the
     very moment it matters. Written directly, not through the root logger: the error may be that
     logging could not be configured."""
+    command_line(prog, logging.CRITICAL, f"error: {message}", message, fmt, tag)
+
+
+def command_line(prog: str, level: int, text: str, message: str, fmt: str | None, tag: str) -> None:
+    """One line of a command on stderr, written directly (not through the root logger): ``prog:
+    text`` in text, else one JSON line with ``message``, ``level`` and ``tag`` (``logger`` the
+    command), the fields every other JSON line has. ``fmt`` ``None``: the variable's format."""
     if fmt is None:
         fmt = env_format()
     if fmt != "json":
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
         return
-    record = logging.LogRecord(prog, logging.CRITICAL, "", 0, message, None, None)
+    print(json_line(prog, level, message, tag), file=sys.stderr, flush=True)
+
+
+def json_line(logger: str, level: int, message: str, tag: str) -> str:
+    """The JSON line :class:`JsonFormatter` writes for ``message``, for a line written without logging."""
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
     record.eplb_tag = tag
-    print(JsonFormatter().format(record), file=sys.stderr)
+    return JsonFormatter().format(record)
 
 
 def configure(level: str | int | None = None, fmt: str | None = None, tag: str | None = None) -> None:

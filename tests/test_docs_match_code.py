@@ -42,12 +42,14 @@ def test_every_environment_variable_the_code_reads_is_named_in_the_readme():
     assert not missing, f"README.md names no {missing}"
 
 
-def test_every_flag_of_the_coordinator_and_the_sidecar_is_named_in_the_readme():
+def test_every_flag_of_the_coordinator_the_sidecar_and_eplb_plan_is_named_in_the_readme():
+    from eplb_service.coordinator.plan_cli import build_parser as plan_parser
     from eplb_service.sidecar import build_parser as sidecar_parser
 
     parser = build_parser()
     commands = {f"eplb-coordinator {name}": subcommand_parser(parser, name) for name in ("serve", "status", "keygen")}
     commands["eplb-sidecar"] = sidecar_parser()
+    commands["eplb-plan"] = plan_parser()
     assert "--metrics-port" in long_flags(commands["eplb-coordinator serve"])
     for command, sub in commands.items():
         missing = sorted(flag for flag in long_flags(sub) if not re.search(rf"`[^`]*{re.escape(flag)}\b", README))

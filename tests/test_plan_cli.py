@@ -417,3 +417,56 @@ def test_load_parts_none_readable_is_an_error(capsys, tmp_path):
     assert err.count("eplb-plan: warning") == 2 and err.splitlines()[-1] == (
         "eplb-plan: error: --load: none of its 2 files could be read (the warnings above say why)"
     )
+
+
+def _json_lines(err: str) -> list[dict]:
+    """Every stderr line as a JSON object (fails on a line that is not one)."""
+    return [json.loads(line) for line in err.splitlines()]
+
+
+def test_log_format_json_makes_every_stderr_line_a_json_object(capsys, tmp_path, load_json):
+    """Before, eplb-plan had no --log-format and wrote bare text lines whatever the service's logs were."""
+    missing = tmp_path / "missing.npy"
+    code, out, err = run_cli(
+        capsys, "--load", load_json, str(missing), "--ranks", "4", "--progress", "--log-format", "json"
+    )
+    assert code == 0 and json.loads(out)["num_ranks"] == 4
+    lines = _json_lines(err)
+    assert {line["tag"] for line in lines} == {"plan"} and {line["logger"] for line in lines} == {"eplb-plan"}
+    assert [line["msg"] for line in lines if line["level"] == "WARNING"] == [
+        f"--load {missing}: No such file or directory; skipped"
+    ]
+    assert lines[-1]["level"] == "INFO" and lines[-1]["msg"].startswith("done (")
+    code, out, err = run_cli(capsys, "--load", str(missing), "--ranks", "4", "--log-format", "json")
+    (line,) = _json_lines(err)
+    assert code == 2 and out == "" and line["level"] == "CRITICAL"
+    assert line["msg"] == f"--load {missing}: No such file or directory"
+    code, _, err = run_cli(capsys, "--load", load_json, "--ranks", "0", "--log-format", "json")
+    (line,) = _json_lines(err)  # an argparse error, found before the flag itself is parsed
+    assert code == 2 and "argument --ranks: expected an integer >= 1, got '0'" in line["msg"]
+
+
+def test_log_format_comes_from_the_environment_and_a_bad_one_is_named(capsys, monkeypatch, load_json):
+    """Before, eplb-plan ignored EPLB_SERVICE_LOG_FORMAT, which every other command of the service reads."""
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", " JSON")
+    code, _, err = run_cli(capsys, "--load", load_json, "--ranks", "5")
+    (line,) = _json_lines(err)
+    assert code == 2 and line["tag"] == "plan" and "--ranks 5 does not divide the 12 slots" in line["msg"]
+    code, _, err = run_cli(capsys, "--load", load_json, "--ranks", "5", "--log-format", "text")  # the flag wins
+    assert code == 2 and err.startswith("eplb-plan: error: --ranks 5 does not divide")
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "xml")
+    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "4")
+    assert code == 2 and out == ""
+    assert err == "eplb-plan: error: EPLB_SERVICE_LOG_FORMAT='xml' is not a log format; expected 'text' or 'json'\n"
+
+
+def test_ctrl_c_under_json_is_one_json_line(capsys, monkeypatch, load_json):
+    from eplb_service.coordinator import plan_cli
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan_cli, "plan_document", interrupted)
+    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "4", "--log-format", "json")
+    (line,) = _json_lines(err)
+    assert code == 130 and out == "" and line["msg"] == "interrupted, no plan written" and line["tag"] == "plan"

@@ -22,13 +22,16 @@ code 2 and a one-line message naming the flag or the file (with the bad entry's 
 what was expected: numeric flags are checked as they are parsed, files as they are read (an
 unreadable or ill-typed file is named, never a traceback; pickles are never loaded). Progress
 goes to stderr (:mod:`.plan_progress`); Ctrl-C ends with exit code 130 and one line, and ``--out``
-is written whole or not at all (:mod:`.plan_output`).
+is written whole or not at all (:mod:`.plan_output`). Under ``--log-format json`` (else
+``EPLB_SERVICE_LOG_FORMAT``) every stderr line, errors, warnings and progress, is one JSON object,
+as the coordinator and the sidecar write theirs: a pipeline reading the service's logs reads this too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -37,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from eplb_service import logutil
 from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.plan_output import write_text_atomically
-from eplb_service.coordinator.plan_progress import PlanProgress
+from eplb_service.coordinator.plan_progress import PLAN_TAG, PlanProgress
 from eplb_service.coordinator.policy import (
     DEFAULT_POLICY,
     POLICIES,
@@ -80,7 +84,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other input error
-        raise UsageError(message)
+        raise UsageError(f"{message} (see `eplb-plan --help`)")
 
 
 def int_flag(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str], int]:
@@ -171,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one line per phase and per block of layers on stderr, with the time so far "
         "(default: on when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="json: every line on stderr (errors, warnings, progress) as one JSON object, as the coordinator "
+        "writes them (default: $EPLB_SERVICE_LOG_FORMAT, else text)",
     )
     return parser
 
@@ -340,8 +351,9 @@ def read_placement(path: str, flag: str = "--current") -> np.ndarray:
     return np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
 
 
-def _warn(message: str) -> None:
-    print(f"eplb-plan: warning: {message}", file=sys.stderr)
+def _warn(message: str, fmt: str | None = None) -> None:
+    """A warning line on stderr, in ``fmt`` (``None``: ``EPLB_SERVICE_LOG_FORMAT``'s)."""
+    logutil.command_line("eplb-plan", logging.WARNING, f"warning: {message}", message, fmt, PLAN_TAG)
 
 
 def read_load_parts(paths: list[str], warn: Callable[[str], None] = _warn) -> tuple[np.ndarray, list[str]]:
@@ -478,7 +490,7 @@ def plan_document(args: argparse.Namespace, progress: PlanProgress | None = None
     if progress is None:
         progress = PlanProgress(sys.stderr, enabled=False)
     progress.phase(f"reading --load {_load_name(args)}")
-    load, used = read_load_parts(args.load)
+    load, used = read_load_parts(args.load, lambda message: _warn(message, args.log_format))
     if len(args.load) > 1:
         progress.phase(f"summed {len(used)} of {len(args.load)} --load files")
     num_layers, num_logical = load.shape
@@ -528,19 +540,38 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (0, 2 on bad input, 130 on Ctrl-C).
 
     Ctrl-C ends the run with one line and no traceback; ``--out`` is written atomically, so an
-    interrupted run leaves no partial file."""
+    interrupted run leaves no partial file. Every line is in the format asked for, read before
+    parsing so that a bad flag's error is in it too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fmt = logutil.requested_format(argv)
     try:
-        return _run(argv)
+        return _run(argv, fmt)
     except KeyboardInterrupt:
-        print("eplb-plan: interrupted, no plan written", file=sys.stderr)
+        message = "interrupted, no plan written"
+        logutil.command_line("eplb-plan", logging.ERROR, message, message, fmt, PLAN_TAG)
         return 130
 
 
-def _run(argv: list[str] | None) -> int:
+def _log_format(args: argparse.Namespace) -> str:
+    """``--log-format``, else ``EPLB_SERVICE_LOG_FORMAT`` (any case), else ``text``; a variable set to
+    anything else is refused, naming it, as the coordinator refuses it."""
+    if args.log_format is not None:
+        return args.log_format
+    given = os.environ.get(logutil.LOG_FORMAT_ENV, "")
+    fmt = logutil.env_format() or "text"
+    if fmt not in ("text", "json"):
+        raise UsageError(f"{logutil.LOG_FORMAT_ENV}={given!r} is not a log format; expected 'text' or 'json'")
+    return fmt
+
+
+def _run(argv: list[str], fmt: str) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.log_format = fmt = _log_format(args)
+        if fmt == "json":  # Python warnings and an uncaught exception as JSON lines too, not bare text
+            logutil.configure("INFO", "json", tag=PLAN_TAG)
         enabled = args.progress if args.progress is not None else sys.stderr.isatty()
-        progress = PlanProgress(sys.stderr, enabled=enabled)
+        progress = PlanProgress(sys.stderr, enabled=enabled, fmt=fmt)
         text = json.dumps(plan_document(args, progress)) + "\n"
         progress.phase(f"writing {len(text) / 2**20:.1f} MiB of JSON to {args.out or 'stdout'}")
         if args.out:
@@ -551,7 +582,7 @@ def _run(argv: list[str] | None) -> int:
         else:
             sys.stdout.write(text)
     except (UsageError, ValueError) as exc:
-        print(f"eplb-plan: error: {exc}", file=sys.stderr)
+        logutil.fatal("eplb-plan", str(exc), fmt, PLAN_TAG)
         return 2
     progress.phase("done")
     return 0
