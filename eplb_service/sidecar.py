@@ -93,6 +93,14 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+EXIT_USAGE = 2
+"""A mistake found before anything starts (a flag, a size the vLLM command contradicts, a setting)."""
+EXIT_NOT_RUNNABLE = 126
+"""The vLLM command exists but cannot be run (no permission, not an executable): the shell's code."""
+EXIT_NOT_FOUND = 127
+"""The vLLM command was not found: the shell's code, so a wrapper script tells it from vLLM's own 1."""
+
+
 INITIAL_BACKOFF_S = 1.0
 """Wait before restarting a coordinator that died; doubled at every crash in a row."""
 MAX_BACKOFF_S = 30.0
@@ -205,13 +213,13 @@ class Sidecar:
         return code
 
     def _start_vllm(self) -> int | None:
-        """Start vLLM; on failure, the shell's exit status for it (127 not found, 126 not runnable)."""
+        """Start vLLM; on failure, the shell's exit status for it (``EXIT_NOT_FOUND``, ``EXIT_NOT_RUNNABLE``)."""
         env = dict(os.environ, **{ENDPOINT_ENV: self.endpoint})
         try:
             self.vllm = subprocess.Popen(self.vllm_cmd, env=env)
         except OSError as exc:
             log.error("cannot start the vLLM command %r: %s", self.vllm_cmd[0], exc.strerror or exc)
-            return 127 if isinstance(exc, FileNotFoundError) else 126
+            return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_RUNNABLE
         log.info("vLLM started (pid %d): %s", self.vllm.pid, " ".join(self.vllm_cmd))
         if self._stop_signal is not None:  # the signal came while vLLM was being started
             self.vllm.send_signal(self._stop_signal)
@@ -259,8 +267,12 @@ dashes, FLAG VALUE or FLAG=VALUE, and from its --config YAML file. A --dp/--tp g
 coordinator must agree with them. The sidecar starts the coordinator, waits until it answers,
 then runs the vLLM command with EPLB_SERVICE_ENDPOINT set. SIGINT/SIGTERM/SIGHUP/SIGQUIT go to
 vLLM, then the coordinator stops. If the coordinator dies, vLLM keeps serving and the coordinator is
-restarted with back-off. The exit status is vLLM's (128 + N if signal N killed it); 2 for a
-mistake in the sidecar's flags, the coordinator's or the vLLM command's sizes."""
+restarted with back-off.
+
+Exit status: vLLM's (128 + N if signal N killed it); 2 for a mistake in the sidecar's flags,
+the coordinator's or the vLLM command's sizes, found before anything starts; 127 if the vLLM
+command is not found, 126 if it cannot be run; the coordinator's own (1 if it gave none) if it
+stops before it is ready, vLLM not started; 128 + N if signal N came before vLLM started."""
 
 _EPILOG = """\
 Flags before the vLLM command that are not listed above go to the coordinator
@@ -354,7 +366,7 @@ def _refuse(message: str, fmt: str) -> NoReturn:
     """argparse's refusal of a sidecar flag: one line (a JSON line under json) naming the help to
     read, exit 2; argparse's own way printed the usage first."""
     logutil.fatal("eplb-sidecar", f"{message} (see `eplb-sidecar --help`)", fmt, "sidecar")
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return Sidecar(vllm_cmd, coordinator_args, args.endpoint, args.ready_timeout_s, ranks).run()
     except UsageError as exc:
         logutil.fatal("eplb-sidecar", str(exc), requested_format(split_command_line(argv)[0]), "sidecar")
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -56,6 +56,19 @@ def test_every_flag_of_the_coordinator_the_sidecar_and_eplb_plan_is_named_in_the
         assert not missing, f"README.md names no {command} {missing}"
 
 
+def test_every_exit_code_of_the_sidecar_is_in_its_help_and_the_readme():
+    """127 (vLLM command not found) and 126 (not runnable) were returned but written nowhere a user reads."""
+    from eplb_service import sidecar
+
+    codes = {value for name, value in vars(sidecar).items() if name.startswith("EXIT_")}
+    assert codes == {2, 126, 127}  # the scan finds them
+    help_text = " ".join(sidecar.build_parser().format_help().split())
+    section = " ".join(README[README.index("`eplb-sidecar -- vllm serve …` does everything") :].split()[:200])
+    for code in sorted(codes):
+        assert re.search(rf"\b{code} (if|for)\b", help_text), f"eplb-sidecar --help names no exit code {code}"
+        assert re.search(rf"\b{code} (if|for)\b", section), f"README.md's sidecar paragraph names no exit code {code}"
+
+
 def test_every_exported_metric_is_named_in_the_readme():
     registry = CoordinatorMetrics(lambda: {0: {}}).registry
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
