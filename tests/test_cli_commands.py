@@ -94,7 +94,7 @@ def test_config_file_values_are_checked_like_flags(tmp_path):
     args = parse_command_line(["--config", str(path), "--dp", "2"])
     assert (args.dp, args.policy) == (2, "deepseek"), "flags override the file, the file overrides defaults"
     path.write_text('policy = "lpt"\n')
-    with pytest.raises(ValueError, match=r"policy = 'lpt'; expected one of migration, deepseek"):
+    with pytest.raises(ValueError, match=r'policy = "lpt"; expected one of migration, deepseek'):
         parse_command_line(["--config", str(path)])
     path.write_text("dp = 0\n")
     with pytest.raises(ValueError, match=r"dp = 0: expected a positive integer, got 0"):

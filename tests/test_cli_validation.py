@@ -162,6 +162,26 @@ def test_config_file_switches_take_only_booleans(tmp_path):
     assert parse_command_line(["--config", str(path)]).step_clock_check is True
 
 
+def test_a_config_file_mistake_names_the_file_and_the_value_as_toml_writes_it(tmp_path, capsys):
+    """A config file's bad log-level used to be blamed on the flag (`--log-level='loud'`), and values
+    were shown as Python writes them (`dp = True`, `policy = 'lpt'`), not as the file has them."""
+    path = tmp_path / "c.toml"
+    for text, expected in [
+        ('log-level = "loud"', 'log-level = "loud": expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL'),
+        ("dp = true", "dp = true: expected a number"),
+        ("dp = 1e400", "dp = inf: expected a positive integer"),
+        ('policy = "lpt"', 'policy = "lpt"; expected one of migration, deepseek'),
+    ]:
+        path.write_text(text + "\n")
+        code, err = run_main(["--config", str(path)], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"eplb-coordinator: error: config file {str(path)!r}: {expected}"), err
+    code, err = run_main(["--log-level", "loud"], capsys)  # refused as it is parsed, like every other flag
+    assert code == 2 and "argument --log-level: expected one of DEBUG, INFO" in err and "got 'loud'" in err
+    path.write_text('log-level = "Debug"\ndp = 2\n')  # any case, as the flag
+    assert parse_command_line(["--config", str(path)]).log_level == "Debug"
+
+
 def test_log_levels_take_any_case_and_a_bad_one_names_its_source(monkeypatch):
     assert logutil.parse_level("debug", "--log-level") == 10
     with pytest.raises(ValueError, match=r"--log-level='verbose' is not a log level; expected one of DEBUG, INFO"):

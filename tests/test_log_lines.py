@@ -168,7 +168,12 @@ def test_fatal_errors_are_json_lines_under_log_format_json(tmp_path):
             (coordinator + ["--log-format", "json", "--initial-placement", missing], "", 2, "--initial-placement"),
             (coordinator + ["--log-format=json", "--fence-steps", "-1"], "", 2, "argument --fence-steps"),
             (coordinator + ["--config", missing], "json", 2, "cannot read config file"),
-            (coordinator + ["--log-format", "json", "--log-level", "loud"], "", 2, "is not a log level"),
+            (
+                coordinator + ["--log-format", "json", "--log-level", "loud"],
+                "",
+                2,
+                "argument --log-level: expected one of DEBUG",
+            ),
             (
                 coordinator
                 + ["--log-format", "json", "--endpoint", f"ipc://{tmp_path}/c.sock", "--metrics-port", port],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from eplb_service.logutil import LEVELS
+
 
 def positive_int(text: str) -> int:
     try:
@@ -19,6 +21,14 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def log_level(text: str) -> str:
+    """A level name in any case, kept as given (``logutil.configure`` reads it): checked at parse
+    time, so a bad one is named where it was written, a ``--config`` file's ``log-level`` included."""
+    if str(text).strip().upper() not in LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LEVELS)} (any case), got {text!r}")
+    return text
 
 
 def nonneg_int(text: str) -> int:

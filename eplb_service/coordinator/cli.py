@@ -213,6 +213,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--log-level",
+        type=arg_types.log_level,
         default=None,
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default: $EPLB_SERVICE_LOG_LEVEL, else INFO)",

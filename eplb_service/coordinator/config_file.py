@@ -7,6 +7,8 @@ only TOML booleans (the string ``"false"`` would otherwise read as true).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 
 from eplb_service.logutil import last_flag_value
 
@@ -41,25 +43,42 @@ def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Ac
     return keys
 
 
+def _as_written(value: object) -> str:
+    """``value`` as TOML writes it, for a message: ``true``, ``"abc"``, ``inf``, not Python's
+    ``True``, ``'abc'``; the user reads it against the file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (str, list, dict)):
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError):  # a date or time inside a list: not JSON
+            return repr(value)
+    return str(value)
+
+
 def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
     """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):  # "false" is a string, and a non-empty string would read as true
-            raise ValueError(f"config file {path!r}: {key} = {value!r}: expected true or false (no quotes)")
+            raise ValueError(f"config file {path!r}: {key} = {_as_written(value)}: expected true or false (no quotes)")
         return (not value) if flips else value
     if action.choices is not None and value not in action.choices:
         raise ValueError(
-            f"config file {path!r}: {key} = {value!r}; expected one of {', '.join(map(str, action.choices))}"
+            f"config file {path!r}: {key} = {_as_written(value)}; expected one of {', '.join(map(str, action.choices))}"
         )
     if isinstance(value, (bool, dict, list)):
-        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a {'number' if action.type else 'string'}")
+        raise ValueError(
+            f"config file {path!r}: {key} = {_as_written(value)}: expected a {'number' if action.type else 'string'}"
+        )
     if action.type is not None:
         try:
             return action.type(str(value))
         except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise ValueError(f"config file {path!r}: {key} = {value!r}: {exc}") from None
+            raise ValueError(f"config file {path!r}: {key} = {_as_written(value)}: {exc}") from None
     if not isinstance(value, str):
-        raise ValueError(f"config file {path!r}: {key} = {value!r}: expected a string (in quotes)")
+        raise ValueError(f"config file {path!r}: {key} = {_as_written(value)}: expected a string (in quotes)")
     return value
 
 
