@@ -69,6 +69,16 @@ def test_every_exit_code_of_the_sidecar_is_in_its_help_and_the_readme():
         assert re.search(rf"\b{code} (if|for)\b", section), f"README.md's sidecar paragraph names no exit code {code}"
 
 
+def test_every_command_says_its_exit_codes_in_its_help():
+    """`--help` of serve, status and keygen said nothing of exit codes: 1 and 2 were in the README only."""
+    parser = build_parser()
+    for name, codes in {"serve": (0, 1, 2), "status": (0, 1, 2), "keygen": (0, 1, 2)}.items():
+        text = " ".join(subcommand_parser(parser, name).format_help().split())
+        assert "Exit status:" in text, f"eplb-coordinator {name} --help names no exit status"
+        for code in codes:
+            assert re.search(rf"\b{code} (if|for|after|with)\b", text), f"eplb-coordinator {name} --help: no {code}"
+
+
 def test_every_exported_metric_is_named_in_the_readme():
     registry = CoordinatorMetrics(lambda: {0: {}}).registry
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}

@@ -71,6 +71,19 @@ Default endpoint: {endpoint}
 """
 
 
+SERVE_EXIT_STATUS = """\
+Exit status: 0 after SIGTERM or SIGINT; 2 for a refused flag, --config file or environment
+variable (one line naming it, before anything starts); 1 if the endpoint or --metrics-port
+cannot be taken, or, with --simulate, if an output mismatched, a plan diverged, a rank
+reported an error or rebalancing halted."""
+STATUS_EXIT_STATUS = """\
+Exit status: 0 with the status printed; 1 if no coordinator answers within --timeout-s or the
+endpoint cannot be used (one line naming it); 2 for a refused flag."""
+KEYGEN_EXIT_STATUS = """\
+Exit status: 0 with the keys' paths printed; 1 if DIR cannot be created or written, or is not
+private to you (one line naming it); 2 for a refused flag."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: ``serve`` (the default), ``status`` and ``keygen``, each with ``--help``."""
     top = argparse.ArgumentParser(
@@ -87,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
             help="run the coordinator daemon (the default command)",
             description="Run the coordinator: agents in every vLLM worker register with it over --endpoint.",
+            epilog=SERVE_EXIT_STATUS,
         )
     )
     _add_status_arguments(
@@ -95,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
             help="show a running coordinator's status",
             description="Ask a running coordinator for its status: ranks, liveness, epoch, plans, balancedness.",
+            epilog=STATUS_EXIT_STATUS,
         )
     )
     _add_keygen_arguments(
@@ -106,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             "DIR must already be private to you, mode 0700, and is never changed); secret keys are 0600:\n"
             "server.key, server.key_secret, agent.key_secret and clients/agent.key.\n"
             "The coordinator takes --curve-dir DIR; each agent host needs server.key and agent.key_secret.",
+            epilog=KEYGEN_EXIT_STATUS,
         )
     )
     return top
@@ -222,7 +238,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--log-format",
         choices=("text", "json"),
         default=None,
-        help="json: one JSON object per line (default: $EPLB_SERVICE_LOG_FORMAT, else text)",
+        help="json: one JSON object per line (default: a --config file's log-format, else "
+        "$EPLB_SERVICE_LOG_FORMAT, else text)",
     )
     p.add_argument(
         "--config",
