@@ -109,7 +109,15 @@ def int_flag(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="eplb-plan", description="Compute an expert placement offline from a load file.")
+    from eplb_service.coordinator.cli import HelpFormatter
+
+    parser = _Parser(
+        prog="eplb-plan",
+        formatter_class=HelpFormatter,
+        description="Compute an expert placement offline from a load file.",
+        epilog="Exit status: 0 with the plan written; 2 for bad input (a flag, a file or an entry in it, named\n"
+        "in one line); 130 if interrupted (Ctrl-C), with no --out file written.",
+    )
     parser.add_argument(
         "--load",
         required=True,
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         choices=POLICIES,
         default=DEFAULT_POLICY,
-        help="migration (default): change only what the load needs, starting from --current "
+        help="migration: change only what the load needs, starting from --current "
         "(or vLLM's initial placement); "
         "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
         "ordered to keep the experts --current already has there in place, so its phy2log equals "
@@ -155,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of one expert on one rank",
     )
     parser.add_argument(
-        "--staging-budget-bytes", type=int_flag(1), default=None, help="staging bytes per rank per batch"
+        "--staging-budget-bytes",
+        type=int_flag(1),
+        default=None,
+        help="staging bytes per rank per batch (default: unbounded, every layer in one batch)",
     )
     parser.add_argument(
         "--min-layer-gain",
