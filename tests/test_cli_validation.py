@@ -182,6 +182,27 @@ def test_a_config_file_mistake_names_the_file_and_the_value_as_toml_writes_it(tm
     assert parse_command_line(["--config", str(path)]).log_level == "Debug"
 
 
+def test_an_implausible_rank_count_is_refused_at_once():
+    """`--dp 100000000` (a typo) used to sit for minutes without a line, building per-rank state
+    (2.5 GB at a million ranks) until the machine ran out of memory."""
+    from eplb_service.coordinator.cli import config_from_args
+
+    with pytest.raises(ValueError, match=r"^--dp 100000000 x --tp 2 = 200000000 EP ranks; expected at most 16384 "):
+        config_from_args(parse_command_line(["--dp", "100000000", "--tp", "2"]))
+    assert config_from_args(parse_command_line(["--dp", "2048", "--tp", "8"])).world_size == 16384
+
+
+def test_groups_and_nodes_under_the_migration_policy_are_ignored_with_a_warning(tmp_path, capsys):
+    """They only shape the deepseek policy; before, a user who gave them with the default policy
+    was told nothing, and believed the hierarchy was in use."""
+    shared = "ipc:///tmp/eplb-test-never.sock"  # /tmp is open to others: refused right after the warning
+    code, err = run_main(["--dp", "2", "--groups", "4", "--nodes", "2", "--endpoint", shared], capsys)
+    assert code == 1 and "socket directory /tmp has mode" in err, err
+    assert "--groups 4 --nodes 2 are ignored: only --policy deepseek uses them (the policy is migration)" in err
+    code, err = run_main(["--dp", "2", "--groups", "4", "--policy", "deepseek", "--endpoint", shared], capsys)
+    assert code == 1 and "ignored" not in err, err
+
+
 def test_log_levels_take_any_case_and_a_bad_one_names_its_source(monkeypatch):
     assert logutil.parse_level("debug", "--log-level") == 10
     with pytest.raises(ValueError, match=r"--log-level='verbose' is not a log level; expected one of DEBUG, INFO"):
@@ -275,3 +296,11 @@ def test_settings_the_deployment_cannot_satisfy_are_reported_once_and_halt(tmp_p
     result = json.loads(summary.read_text())
     assert result["committed"] == 0 and result["output_mismatches"] == 0
     assert result["halted"].startswith("--policy deepseek: num_groups=3")
+
+
+def test_a_curve_dir_is_named_by_its_flag_and_a_missing_one_is_said_to_be_missing(tmp_path):
+    """It was `curve_dir '/x' has no server.key_secret`: the field's name, and for a path that does not exist."""
+    with pytest.raises(ValueError, match=r"^--curve-dir '\S+/none' is not a directory; expected the DIR of `eplb-"):
+        CoordinatorConfig(world_size=1, curve_dir=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match=r"^--curve-dir '\S+' has no server.key_secret: run `eplb-coordinator keygen"):
+        CoordinatorConfig(world_size=1, curve_dir=str(tmp_path))

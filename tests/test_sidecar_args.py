@@ -275,7 +275,7 @@ def test_bad_coordinator_flags_are_refused_before_anything_starts(capsys, tmp_pa
         (["--steps", "5"], "--steps applies only with --simulate"),
         (["--record", "{tmp}/no/such/dir/t.npz"], "--record '{tmp}/no/such/dir/t.npz': directory"),
         (["--initial-placement", "{tmp}/none.json"], "--initial-placement {tmp}/none.json: No such file"),
-        (["--curve-dir", "{tmp}"], "curve_dir '{tmp}' has no server.key_secret"),
+        (["--curve-dir", "{tmp}"], "--curve-dir '{tmp}' has no server.key_secret"),
         (
             ["--log-level", "chatty"],
             "argument --log-level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL (any case), got 'chatty'",

@@ -43,6 +43,12 @@ def sim_steps(text: str) -> int:
     return steps
 
 
+MAX_EP_RANKS = 16384
+"""Most EP ranks (``--dp`` x ``--tp``) the coordinator takes: far above any EP deployment (hundreds of
+GPUs), while its per-rank state stays small. Unbounded, ``--dp 100000000`` (a typo) sat for minutes
+with no line, building per-rank state toward hundreds of GB (2.5 GB already at 1000000)."""
+
+
 SIM_ONLY = ("steps", "seed", "summary_json", "plot", "trace")
 """Flags that only mean something with ``--simulate``; the daemon refuses them rather than ignore them."""
 
@@ -398,6 +404,11 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     interval = args.rebalance_interval_steps or (SIM_DEFAULTS["rebalance_interval_steps"] if args.simulate else 200)
     extra = {k: v for k, v in SIM_DEFAULTS.items() if k != "rebalance_interval_steps"} if args.simulate else {}
     world_size = args.dp * args.tp
+    if world_size > MAX_EP_RANKS:
+        raise ValueError(
+            f"--dp {args.dp} x --tp {args.tp} = {world_size} EP ranks; expected at most {MAX_EP_RANKS} "
+            "(vLLM's data-parallel size x tensor-parallel size)"
+        )
     initial = _checked_initial_placement(args.initial_placement, world_size) if args.initial_placement else None
     return CoordinatorConfig(
         initial_placement=initial,
@@ -521,6 +532,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # logging may not be configured: the format the flag or variable asked for
         _fail(str(exc), args.log_format or logutil.requested_format([]))
         return 2
+    if cfg.policy != "deepseek" and (cfg.num_groups, cfg.num_nodes) != (1, 1):
+        logutil.rank_logger(__name__, "coordinator").warning(
+            "--groups %d --nodes %d are ignored: only --policy deepseek uses them (the policy is %s)",
+            cfg.num_groups,
+            cfg.num_nodes,
+            cfg.policy,
+        )
     if args.simulate:
         return _simulate(args, cfg)
     from eplb_service.coordinator.socket_dir import (

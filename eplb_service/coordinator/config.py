@@ -154,9 +154,14 @@ class CoordinatorConfig:
         from eplb_service.security import check_endpoint_security
 
         check_endpoint_security(self.endpoint, self.curve_dir, self.insecure)
+        if self.curve_dir and not os.path.isdir(self.curve_dir):
+            raise ValueError(
+                f"--curve-dir {self.curve_dir!r} is not a directory; expected the DIR of `eplb-coordinator keygen DIR`"
+            )
         if self.curve_dir and not os.path.isfile(os.path.join(self.curve_dir, "server.key_secret")):
             raise ValueError(
-                f"curve_dir {self.curve_dir!r} has no server.key_secret: run `eplb-coordinator keygen {self.curve_dir}`"
+                f"--curve-dir {self.curve_dir!r} has no server.key_secret: "
+                f"run `eplb-coordinator keygen {self.curve_dir}`"
             )
 
         if self.policy not in policy_names():
