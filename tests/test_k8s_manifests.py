@@ -137,6 +137,8 @@ def test_coordinator_arguments_parse_and_match_vllm(variant, tmp_path):
             vllm = command_line(container(tpl, "vllm"))
             dp = int(vllm[vllm.index("--data-parallel-size") + 1])
             assert cfg.world_size == dp, f"coordinator --dp {cfg.world_size} but vLLM --data-parallel-size {dp}"
+            if cfg.policy != "deepseek":  # the coordinator warns that it ignores them: a manifest should not
+                assert (cfg.num_groups, cfg.num_nodes) == (1, 1), f"--groups/--nodes under --policy {cfg.policy}"
             assert "--enable-eplb" in vllm and "--enable-expert-parallel" in vllm
             env = {e["name"]: e.get("value") for e in container(tpl, "vllm").get("env", [])}
             script = " ".join(container(tpl, "vllm").get("args", []))
