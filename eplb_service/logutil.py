@@ -82,14 +82,22 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One object per line; ``msg`` is the message alone: the tag a :class:`RankAdapter` puts in
+    front of it for text is in ``tag``, so a line reads the same whichever way it was logged (an
+    adapter's, another logger's, a fatal error written without logging)."""
+
     def format(self, record: logging.LogRecord) -> str:
+        tag = getattr(record, "eplb_tag", None)
+        message = message_of(record)
+        if tag is not None and message.startswith(f"[{tag}] "):
+            message = message[len(tag) + 3 :]
         doc = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
-            "tag": getattr(record, "eplb_tag", None),
-            "msg": message_of(record),
+            "tag": tag,
+            "msg": message,
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)

@@ -36,7 +36,7 @@ def test_warnings_and_uncaught_exceptions_are_json_lines_with_the_process_tag():
     lines = json_lines(out.stderr)
     by_msg = {doc["msg"]: doc for doc in lines}
     assert by_msg["a library's line"]["tag"] == "coordinator"
-    assert by_msg["[rank 3] an agent's line"]["tag"] == "rank 3"
+    assert by_msg["an agent's line"]["tag"] == "rank 3"  # the tag is in "tag", not repeated in "msg"
     (warned,) = [doc for doc in lines if "something deprecated" in doc["msg"]]
     assert warned["logger"] == "py.warnings" and warned["tag"] == "coordinator"
     thread_error = by_msg["uncaught ZeroDivisionError in thread worker: division by zero"]
