@@ -162,8 +162,8 @@ class Sidecar:
                 if fetch_status(self.endpoint, timeout_s=0.5).get("pid") == self.coordinator.pid:
                     return True
                 time.sleep(0.2)
-            except TimeoutError:
-                continue
+            except TimeoutError:  # no answer within 0.5 s, or no socket file yet (at once)
+                time.sleep(0.05)
             except UnsafeSocketDirectory:  # the coordinator refuses it too and exits: poll() sees that
                 time.sleep(0.2)
             except (zmq.ZMQError, SecurityError) as exc:  # checked before the start: only a change since then

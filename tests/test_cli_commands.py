@@ -177,10 +177,10 @@ def test_status_and_keygen_errors_follow_the_log_format_variable(tmp_path, capsy
         code, _, keygen_err = run_main(["keygen", str(not_private)], capsys)
         assert code == 1
         if fmt == "text":
-            assert status_err.startswith("eplb-coordinator status: error: no answer from a coordinator at ipc://")
+            assert status_err.startswith("eplb-coordinator status: error: no coordinator at ipc://")
             assert keygen_err.startswith(f"eplb-coordinator keygen: error: key directory {str(not_private)!r}")
             continue
-        for err, tag, expected in ((status_err, "status", "no answer"), (keygen_err, "keygen", "has mode 0755")):
+        for err, tag, expected in ((status_err, "status", "no socket file"), (keygen_err, "keygen", "has mode 0755")):
             doc = json_line(err)
             assert doc["level"] == "CRITICAL" and doc["tag"] == tag and expected in doc["msg"], err
             assert doc["logger"] == f"eplb-coordinator {tag}"

@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
+import zmq
 
-from eplb_service.coordinator.status_client import fetch_status
+from eplb_service.coordinator.status_client import NoCoordinatorSocket, fetch_status
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, generate_keys
 
 
@@ -46,18 +47,44 @@ def test_a_negative_timeout_is_refused_instead_of_waiting_forever(tmp_path, time
     )
 
 
-def test_no_answer_ends_after_the_timeout(tmp_path, no_curve_env):
+@pytest.fixture
+def silent_endpoint(tmp_path):
+    """An ``ipc://`` socket that takes connections and never answers (a hung coordinator)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{tmp_path}/silent.sock"
+    sock.bind(endpoint)
+    yield endpoint
+    sock.close(linger=0)
+    ctx.term()
+
+
+def test_no_answer_ends_after_the_timeout(silent_endpoint, no_curve_env):
     start = time.monotonic()
     with pytest.raises(TimeoutError) as silent:
-        fetch_status(f"ipc://{tmp_path}/none.sock", timeout_s=0.4)
+        fetch_status(silent_endpoint, timeout_s=0.4)
     waited = time.monotonic() - start
     assert 0.4 <= waited < 5, waited
-    assert str(silent.value) == f"no answer from a coordinator at ipc://{tmp_path}/none.sock within 0.4s"
+    assert str(silent.value) == f"no answer from a coordinator at {silent_endpoint} within 0.4s"
 
 
-def test_a_timeout_under_a_millisecond_still_waits_and_ends(tmp_path):
+def test_no_socket_file_fails_at_once_naming_the_path(tmp_path, no_curve_env):
+    """Before: the client connected to the missing path (ZeroMQ says nothing and retries) and
+    waited out the whole timeout to say "no answer"."""
+    start = time.monotonic()
+    with pytest.raises(NoCoordinatorSocket) as missing:
+        fetch_status(f"ipc://{tmp_path}/none.sock", timeout_s=30)
+    assert time.monotonic() - start < 2
+    assert str(missing.value) == (
+        f"no coordinator at ipc://{tmp_path}/none.sock: there is no socket file {tmp_path}/none.sock "
+        "(not started yet, stopped, or started with another --endpoint)"
+    )
+    assert isinstance(missing.value, TimeoutError)  # callers waiting for a coordinator to come up keep waiting
+
+
+def test_a_timeout_under_a_millisecond_still_waits_and_ends(silent_endpoint):
     with pytest.raises(TimeoutError, match="within 0.0001s"):
-        fetch_status(f"ipc://{tmp_path}/none.sock", timeout_s=0.0001)
+        fetch_status(silent_endpoint, timeout_s=0.0001)
 
 
 def test_silence_on_loopback_tcp_without_keys_names_the_key_variables(no_curve_env):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import zmq
 
@@ -27,6 +28,7 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
     """
     poll_ms = _poll_ms(timeout_s)
     check_endpoint_dir(endpoint)
+    _check_socket_file(endpoint)
     ctx = zmq.Context()
     sock = allow_ipv6(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.LINGER, 0)
@@ -50,6 +52,24 @@ def fetch_status(endpoint: str, timeout_s: float = 3.0, curve: ClientCurve | Non
     finally:
         sock.close()
         ctx.term()
+
+
+class NoCoordinatorSocket(TimeoutError):
+    """Nothing at an ``ipc://`` endpoint's path: no coordinator can answer there (a ``TimeoutError``,
+    so callers that wait for a coordinator to come up treat it as "not yet")."""
+
+
+def _check_socket_file(endpoint: str) -> None:
+    """Fail at once where no socket file exists: ZeroMQ would connect to the missing path without
+    a word and keep retrying, and the caller waited out its whole timeout to read "no answer"."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return  # tcp://, or Linux's abstract namespace (no file to look at)
+    path = endpoint[len("ipc://") :]
+    if not os.path.lexists(path):
+        raise NoCoordinatorSocket(
+            f"no coordinator at {endpoint}: there is no socket file {path} (not started yet, stopped, "
+            "or started with another --endpoint)"
+        )
 
 
 def _poll_ms(timeout_s: float) -> int:
