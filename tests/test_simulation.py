@@ -88,6 +88,7 @@ def test_any_rank_count_gets_a_simulated_model_whose_slots_it_can_spread(monkeyp
         return {"output_mismatches": 0, "diverged": 0, "errors": []}
 
     monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda: 2**40)  # the shape is the question here
     assert cli.main(["--dp", str(dp), "--tp", str(tp), "--simulate", "--steps", "1"]) == 0
     model, default = seen["model"], SimModelConfig()
     shape = PlacementShape(model.num_layers, model.num_logical, model.num_logical + model.num_redundant, dp * tp)
@@ -156,3 +157,24 @@ def test_a_run_too_short_for_any_plan_says_why(caplog):
             )
         _say_if_nothing_was_tried(SimpleNamespace(counts=counts, halted_reason="x", drain_at_step=216), opts, cfg, 1)
         assert not caplog.records  # a halt says why itself
+
+
+def test_a_simulation_that_cannot_fit_in_memory_is_refused_before_it_starts(monkeypatch, capsys):
+    """Before: ``--simulate --dp 128`` started 128 rank processes (each imports torch, ~250 MiB)
+    whatever the machine had, and the out-of-memory killer ended ranks mid-run."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+
+    def run_simulation(opts, cfg):
+        raise AssertionError(f"a simulation of {opts.world_size} ranks was started")
+
+    monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda: 8 * 2**30)
+    code = cli.main(["--dp", "64", "--tp", "2", "--simulate"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        "--simulate with 128 ranks starts 128 processes of about 300.0 MiB each (37.50 GiB), more than the "
+        "8.00 GiB this machine has available; expected --dp x --tp of at most 27 here"
+    ) in err
+    assert cli.sim_memory_problem(27, 8 * 2**30) is None and cli.sim_memory_problem(8, None) is None

@@ -25,6 +25,7 @@ from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.config import CoordinatorConfig, default_endpoint
 from eplb_service.coordinator.config_file import config_path, load_config_file, peek_log_format
 from eplb_service.protocol import AgentConfig
+from eplb_service.units import human_bytes
 
 SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
 SIM_STEPS = 1500
@@ -41,6 +42,38 @@ def sim_steps(text: str) -> int:
     if steps > SIM_MAX_STEPS:
         raise argparse.ArgumentTypeError(f"expected at most {SIM_MAX_STEPS} steps, got {steps}")
     return steps
+
+
+SIM_RANK_BYTES = 300 * 2**20
+"""Memory one simulated rank process takes: it imports torch and runs gloo (185-250 MiB resident
+each, measured at ``--dp 2`` on CPU), rounded up."""
+
+
+def sim_memory_problem(world_size: int, available_bytes: int | None) -> str | None:
+    """Why ``--simulate`` with ``world_size`` rank processes would not fit this machine's memory,
+    or ``None``. Unchecked, ``--simulate --dp 128`` started 128 processes toward ~37 GiB and
+    the out-of-memory killer ended some mid-run, each a rank error; ``None`` where the
+    available memory is unknown."""
+    need = world_size * SIM_RANK_BYTES
+    if available_bytes is None or need <= available_bytes:
+        return None
+    return (
+        f"--simulate with {world_size} ranks starts {world_size} processes of about "
+        f"{human_bytes(SIM_RANK_BYTES)} each ({human_bytes(need)}), more than the {human_bytes(available_bytes)} "
+        f"this machine has available; expected --dp x --tp of at most {available_bytes // SIM_RANK_BYTES} here"
+    )
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux), else ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 MAX_EP_RANKS = 16384
@@ -488,6 +521,10 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
                 f"expected one of {', '.join('.' + k for k in sorted(kinds))}"
             )
             return 2
+    too_big = sim_memory_problem(cfg.world_size, available_memory_bytes())
+    if too_big is not None:
+        _fail(too_big)
+        return 2
     model = shape_for_ranks(SimModelConfig(), cfg.world_size)
     if args.trace:
         from eplb_service.trace import TraceError, load_trace
