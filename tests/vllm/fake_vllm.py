@@ -117,11 +117,16 @@ VARIANTS = {"0.32": FakeEplbStateBase, "0.20": FakeEplbState020, "0.18": FakeEpl
 
 
 class FakeEngineArgsBase:
-    def __init__(self, **parallel) -> None:
+    def __init__(self, is_moe: bool | None = None, **parallel) -> None:
         self.parallel = {"enable_eplb": True, "enable_expert_parallel": True, "enable_elastic_ep": False, **parallel}
+        self.is_moe = is_moe
+        """``ModelConfig.is_moe`` of the config built; ``None``: a config without a model config."""
 
     def create_engine_config(self, usage_context=None):
-        return SimpleNamespace(parallel_config=SimpleNamespace(**self.parallel))
+        config = SimpleNamespace(parallel_config=SimpleNamespace(**self.parallel))
+        if self.is_moe is not None:
+            config.model_config = SimpleNamespace(model="tiny-model", is_moe=self.is_moe)
+        return config
 
 
 def model_state_tensors(state) -> dict[str, np.ndarray]:

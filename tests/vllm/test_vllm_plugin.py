@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -138,6 +139,22 @@ def test_configured_without_enable_eplb_fails_naming_the_flag(tmp_path):
     with pytest.raises(C.ConfigError, match="elastic EP"):
         args_cls(enable_elastic_ep=True).create_engine_config()
     assert args_cls().create_engine_config().parallel_config.enable_eplb
+
+
+def test_a_dense_model_without_eplb_is_served_with_one_warning(tmp_path, caplog, monkeypatch):
+    _, args_cls = _install(tmp_path)
+    monkeypatch.setattr(logging.getLogger("eplb_service"), "propagate", True)  # to caplog's root handler
+    with caplog.at_level(logging.WARNING, logger="eplb_service"):
+        config = args_cls(is_moe=False, enable_eplb=False, enable_expert_parallel=False).create_engine_config()
+    assert not config.parallel_config.enable_eplb
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("eplb_service")]
+    assert len(lines) == 1 and "tiny-model has no experts (dense)" in lines[0] and "passive" in lines[0], lines
+    # A MoE model without EPLB is still refused, and so is a dense one with EPLB (vLLM would assert).
+    with pytest.raises(C.ConfigError, match="--enable-eplb"):
+        args_cls(is_moe=True, enable_eplb=False).create_engine_config()
+    with pytest.raises(C.ConfigError, match="tiny-model, which has no experts .dense.: vLLM's EPLB needs a MoE"):
+        args_cls(is_moe=False).create_engine_config()
+    assert args_cls(is_moe=True).create_engine_config().parallel_config.enable_eplb
 
 
 def test_a_parallel_config_without_the_flags_is_an_adapter_error(tmp_path):

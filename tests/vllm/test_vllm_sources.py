@@ -83,6 +83,7 @@ def test_the_moe_model_topology_and_config_have_what_the_adapter_reads(source):
     assert {"get_ep_group", "get_node_count"} <= functions
     parallel = set(fields(source.cls("vllm/config/parallel.py", "ParallelConfig")))
     assert set(adapter.PARALLEL_CONFIG_FLAGS) <= parallel
+    assert method(source.cls("vllm/config/model.py", "ModelConfig"), adapter.MOE_FLAG) is not None
     assert method(source.cls("vllm/engine/arg_utils.py", "EngineArgs"), "create_engine_config") is not None
 
 

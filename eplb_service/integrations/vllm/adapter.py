@@ -31,7 +31,7 @@ What this module relies on (the names are the constants below, which
   ``world_size``) and ``get_node_count()``.
 - ``vllm.engine.arg_utils.EngineArgs.create_engine_config()`` returning a ``VllmConfig``
   whose ``parallel_config`` has ``enable_eplb``, ``enable_expert_parallel``,
-  ``enable_elastic_ep``.
+  ``enable_elastic_ep``, and whose ``model_config.is_moe`` is false for a dense model.
 
 Physical slot ``p`` lives on EP rank ``p // num_local_physical_experts``, row
 ``p % num_local_physical_experts`` — the same convention as ``eplb_service.placement``.
@@ -81,6 +81,8 @@ MOE_MODEL_COUNTS = (
 RECORD_FLAG = "should_record_tensor"
 """The shared bool scalar that gates the router's load recording, where it exists."""
 PARALLEL_CONFIG_FLAGS = ("enable_eplb", "enable_expert_parallel", "enable_elastic_ep")
+MOE_FLAG = "is_moe"
+"""``ModelConfig``'s property that is false for a dense model (0.18-0.33)."""
 
 
 class AdapterError(RuntimeError):
@@ -207,14 +209,42 @@ def draft_model_label(add_model_arguments: dict) -> str:
 # -- configuration -----------------------------------------------------------------------------
 
 
-def check_parallel_config(parallel_config) -> None:
+def is_dense_model(model_config) -> bool:
+    """Whether vLLM's ``ModelConfig`` says the model has no experts (``is_moe`` is false).
+
+    Every vLLM 0.18-0.33 has ``ModelConfig.is_moe``; where it is missing (or no model config
+    is given) the model counts as MoE, so a configuration without EPLB is still refused.
+    """
+    return model_config is not None and getattr(model_config, MOE_FLAG, True) is False
+
+
+def check_parallel_config(parallel_config, model_config=None) -> str | None:
     """Raise :class:`ConfigError` when vLLM runs in a way the plugin cannot serve
-    (:class:`AdapterError` when ``parallel_config`` lacks a flag this reads)."""
+    (:class:`AdapterError` when ``parallel_config`` lacks a flag this reads).
+
+    Returns why the plugin stays passive, or ``None`` when it takes over EPLB: a dense model
+    (``model_config.is_moe`` false) served without EPLB has no experts to balance, so an
+    ``EPLB_SERVICE_ENDPOINT`` set for every vLLM of a host (or ``eplb-sidecar`` around a
+    dense model) must not stop it. A dense model *with* ``--enable-eplb`` is refused: vLLM's
+    model runner would assert at its first EPLB step (no MoE model), with no message.
+    """
     missing = [name for name in PARALLEL_CONFIG_FLAGS if not hasattr(parallel_config, name)]
     if missing:
         raise AdapterError(
             f"vLLM's {type(parallel_config).__name__} has no {', '.join(missing)}; expected "
             f"{', '.join(PARALLEL_CONFIG_FLAGS)}"
+        )
+    dense = is_dense_model(model_config)
+    if dense:
+        name = getattr(model_config, "model", "?")
+        if not parallel_config.enable_eplb:
+            return (
+                f"model {name} has no experts (dense): nothing for eplb-service to balance; the plugin "
+                "stays passive in this vLLM (EPLB_SERVICE_ENDPOINT is ignored)"
+            )
+        raise ConfigError(
+            f"--enable-eplb with model {name}, which has no experts (dense): vLLM's EPLB needs a MoE model; "
+            "drop --enable-eplb (and --eplb-config)"
         )
     if not parallel_config.enable_eplb:
         raise ConfigError(

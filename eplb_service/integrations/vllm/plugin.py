@@ -6,7 +6,8 @@ once and changes nothing. Configured, it wraps four methods of vLLM's ``EplbStat
 class (so both model runners, V1 and V2, go through them) and one of ``EngineArgs``:
 
 - ``EngineArgs.create_engine_config``: refuse a configuration without ``--enable-eplb``
-  with an error that says so, before any worker starts.
+  with an error that says so, before any worker starts; a dense model (no experts) without
+  it is served as if the plugin were not there, after one warning saying so.
 - ``EplbState.add_model`` (main model): check the maps and weights through the adapter
   and attach a :class:`~eplb_service.worker_agent.agent.WorkerAgent` to them.
   A draft model (the adapter tells it apart) keeps vLLM's initial placement; its load is
@@ -183,17 +184,29 @@ def install(
     eplb_state_cls.start_async_loop = start_async_loop
     eplb_state_cls._eplb_service_patched = True
 
-    if engine_args_cls is not None and not getattr(engine_args_cls, "_eplb_service_patched", False):
-        original_create = engine_args_cls.create_engine_config
+    if engine_args_cls is not None:
+        _check_engine_config(engine_args_cls)
 
-        @functools.wraps(original_create)
-        def create_engine_config(self, *args, **kwargs):
-            vllm_config = original_create(self, *args, **kwargs)
-            adapter.check_parallel_config(vllm_config.parallel_config)
-            return vllm_config
 
-        engine_args_cls.create_engine_config = create_engine_config
-        engine_args_cls._eplb_service_patched = True
+def _check_engine_config(engine_args_cls: type) -> None:
+    """Wrap ``create_engine_config`` (idempotent): refuse what the plugin cannot serve before any
+    worker starts; a dense model without EPLB passes with one warning (nothing of ours runs)."""
+    if getattr(engine_args_cls, "_eplb_service_patched", False):
+        return
+    from eplb_service.integrations.vllm import adapter
+
+    original_create = engine_args_cls.create_engine_config
+
+    @functools.wraps(original_create)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original_create(self, *args, **kwargs)
+        passive = adapter.check_parallel_config(vllm_config.parallel_config, getattr(vllm_config, "model_config", None))
+        if passive:  # without EPLB no worker builds an EplbState: nothing of ours runs there
+            log.warning("%s", passive)
+        return vllm_config
+
+    engine_args_cls.create_engine_config = create_engine_config
+    engine_args_cls._eplb_service_patched = True
 
 
 def _stop_at_exit(binding: "EplbBinding") -> None:
