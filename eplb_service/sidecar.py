@@ -12,7 +12,7 @@ the sidecar restarts it with back-off. The exit code is vLLM's.
 
 Mistakes are found before anything starts and reported in one line, exit status 2: a
 ``--dp``/``--tp`` for the coordinator that contradicts the vLLM command (the coordinator would
-refuse vLLM's agents with no word to the user), a bad flag, endpoint, port or log variable.
+refuse vLLM's agents with no word to the user), a bad flag, endpoint, port, log or plugin variable.
 
 No way out of the sidecar leaves the coordinator behind: a vLLM command that cannot start,
 exits or is killed, a signal to the sidecar, an exception, and a SIGKILL of the sidecar
@@ -44,6 +44,7 @@ from eplb_service.sidecar_checks import (
     check_coordinator_config,
     check_endpoint,
     check_metrics_port,
+    check_plugin_environment,
     coordinator_settings,
     log_environment,
 )
@@ -346,6 +347,7 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     settings = coordinator_settings(coordinator_args)
     check_metrics_port(settings.metrics_port)
     check_endpoint(args.endpoint)
+    check_plugin_environment(os.environ, args.endpoint)
     vllm = vllm_parallelism(vllm_cmd)
     ranks = coordinator_ranks(vllm, settings.dp, settings.tp)
     check_coordinator_config(settings, args.endpoint, ranks)

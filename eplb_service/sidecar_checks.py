@@ -47,6 +47,21 @@ def log_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def check_plugin_environment(environ: Mapping[str, str], endpoint: str) -> None:
+    """The plugin's ``EPLB_SERVICE_*`` variables as every vLLM process will read them, or ``UsageError``.
+
+    vLLM loads the plugin in its API server first, which raises on a bad value: a traceback
+    after vLLM's start-up lines, with the coordinator already started. Here it is one line
+    before anything starts, naming the variable and its value.
+    """
+    from eplb_service.integrations.vllm import config as plugin_config
+
+    try:
+        plugin_config.from_env({**environ, plugin_config.ENDPOINT: endpoint})
+    except plugin_config.ConfigError as exc:
+        raise UsageError(f"{exc} (read by the vLLM plugin)") from None
+
+
 def coordinator_settings(coordinator_args: list[str]) -> argparse.Namespace:
     """The coordinator's flags as it will read them (its ``--config`` file included); ``dp``, ``tp``: ``None`` if unset.
 

@@ -194,6 +194,22 @@ def test_bad_log_format_variable_is_one_line(capsys, monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("EPLB_SERVICE_REPORT_INTERVAL_STEPS", "abc", "EPLB_SERVICE_REPORT_INTERVAL_STEPS='abc': expected an integer"),
+        ("EPLB_SERVICE_TRANSPORT", "mpi", "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl,"),
+        ("EPLB_SERVICE_STORE_PORT", "99999", "EPLB_SERVICE_STORE_PORT=99999: expected a port number in [1, 65535]"),
+    ],
+)
+def test_bad_plugin_variable_is_one_line_before_anything_starts(capsys, monkeypatch, name, value, expected):
+    """vLLM's API server loads the plugin, which refuses a bad value with a traceback after the
+    coordinator had started (or, for the store port, rank 0 never registered)."""
+    monkeypatch.setenv(name, value)
+    line = refused(capsys, "--", *FAKE_VLLM)
+    assert line.startswith(f"eplb-sidecar: error: {expected}") and line.endswith("(read by the vLLM plugin)"), line
+
+
 def test_log_format_flag_reaches_the_vllm_workers_environment(monkeypatch):
     """The plugin in vLLM's workers reads no flag: before, ``--log-format json`` made the sidecar's
     and the coordinator's lines JSON and left the workers' agent lines text in the same stream."""

@@ -108,6 +108,8 @@ def test_full_configuration_from_env():
         ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a finite value > 0"),
         ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
         ({C.LOG_FORMAT: "xml"}, "EPLB_SERVICE_LOG_FORMAT='xml': expected 'text' or 'json'"),
+        ({"EPLB_SERVICE_STORE_PORT": "99999"}, "EPLB_SERVICE_STORE_PORT=99999: expected a port number in [1, 65535]"),
+        ({"EPLB_SERVICE_STORE_PORT": "x"}, "EPLB_SERVICE_STORE_PORT='x': expected a port number in [1, 65535]"),
     ],
 )
 def test_bad_variables_are_named(env, needle):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from eplb_service.coordinator.arg_types import connect_endpoint
 from eplb_service.logutil import parse_level
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
+from eplb_service.worker_agent.rendezvous import RendezvousError, store_port_from_env
 
 ENDPOINT = "EPLB_SERVICE_ENDPOINT"
 TRANSPORT = "EPLB_SERVICE_TRANSPORT"
@@ -114,6 +115,10 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
     endpoint = env.get(ENDPOINT, "").strip()
     if not endpoint:
         return None
+    try:  # read by rank 0's agent when it hosts the rendezvous store: checked here, before vLLM starts
+        store_port_from_env(dict(env))
+    except RendezvousError as exc:
+        raise ConfigError(str(exc)) from None
     return PluginConfig(
         endpoint=endpoint,
         transport=env.get(TRANSPORT, "auto").strip().lower() or "auto",
