@@ -42,3 +42,18 @@ class EplbTestExtension:
     def eplb_restore_experts(self) -> None:
         for tensor, rows, values in self.__dict__.pop("_eplb_saved_rows", []):
             tensor[rows] = values
+
+    def eplb_maps_consistent(self) -> dict:
+        """This worker's live maps, and whether vLLM's ``logical_to_physical_map`` and
+        ``logical_replica_count`` are exactly what its ``physical_to_logical_map`` implies."""
+        from eplb_service.placement import logical_replica_count, logical_to_physical
+
+        view = self._binding().view
+        phy2log = view.phy2log.cpu().numpy()
+        num_logical = view.shape.num_logical
+        width = int(view.log2phy.shape[2])
+        return {
+            "phy2log": phy2log.tolist(),
+            "log2phy_ok": bool((view.log2phy.cpu().numpy() == logical_to_physical(phy2log, num_logical, width)).all()),
+            "logcnt_ok": bool((view.logcnt.cpu().numpy() == logical_replica_count(phy2log, num_logical)).all()),
+        }

