@@ -10,6 +10,7 @@ checkpoint, same prompts): each check compares 6 prompts x 16 tokens.
   throughout, the agents register each time, plans commit under both coordinators, the epoch
   carries over, every worker's maps are one consistent placement;
 - ``num_redundant_experts`` 0: plans swap experts between the ranks, the output is unchanged;
+- the plugin not configured: not one line of ours, and the same tokens as every run above;
 - a dense model with ``EPLB_SERVICE_ENDPOINT`` set and no EPLB: served, one warning;
 - a bad ``EPLB_SERVICE_*`` value: ``LLM()`` refuses naming the variable and the value.
 """
@@ -98,6 +99,14 @@ def test_no_redundant_experts_swaps_experts_and_keeps_the_output(vllm_python, tm
     before, after = (result["stages"][i]["workers"][0]["phy2log"] for i in (0, -1))
     assert after != before and sorted(after[0]) == sorted(before[0]) == list(range(8))
     check_maps(result)
+
+
+def test_without_the_plugin_the_output_is_the_same(vllm_python, tmp_path):  # noqa: F811
+    """The reference: ``EPLB_SERVICE_ENDPOINT`` unset, vLLM's own EPLB on (no rearrangement in so
+    short a run). Its tokens equal every stage of the other MoE runs (``check_moe_tokens``)."""
+    result, log = run_driver(vllm_python, tmp_path, "no-plugin", EPLB_SERVICE_ENDPOINT="")
+    check_moe_tokens(result)
+    assert "eplb_service" not in log and "eplb-service" not in log  # inert: not one line
 
 
 def test_a_dense_model_is_served_with_the_plugin_configured(vllm_python, tmp_path):  # noqa: F811
