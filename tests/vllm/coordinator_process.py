@@ -20,8 +20,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.dirname(HERE))  # tests/: coordinator_thread
 
 
-def test_config(endpoint: str, ranks: int):
-    """The e2e driver's coordinator settings (see ``vllm_e2e_driver.main``)."""
+def driver_config(endpoint: str, ranks: int):
+    """The coordinator settings of the real-vLLM runs (``vllm_e2e_driver``, ``vllm_variants_driver``, this
+    process): a short rebalance interval and load window, fast heartbeats, so a tiny model's traffic
+    makes plans within seconds."""
     from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.protocol import AgentConfig
 
@@ -47,7 +49,7 @@ def main() -> int:
     from coordinator_thread import CoordinatorThread
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [pid %(process)d] %(message)s")
-    coord = CoordinatorThread(test_config(args.endpoint, args.ranks)).start()
+    coord = CoordinatorThread(driver_config(args.endpoint, args.ranks)).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     print("coordinator ready", flush=True)

@@ -137,25 +137,13 @@ def main() -> int:
     def mark(name: str) -> None:
         result["timings_s"][name] = round(time.monotonic() - t_start, 2)
 
+    from coordinator_process import driver_config
     from coordinator_thread import CoordinatorThread
 
-    from eplb_service.coordinator.config import CoordinatorConfig
     from eplb_service.coordinator.status_client import fetch_status
-    from eplb_service.protocol import AgentConfig
 
     endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
-    cfg = CoordinatorConfig(
-        world_size=args.tp,
-        endpoint=endpoint,
-        rebalance_interval_steps=24,
-        min_window_steps=12,
-        load_half_life_steps=16.0,
-        min_gain=0.005,
-        liveness_timeout_s=60.0,
-        staging_timeout_s=60.0,
-        voting_timeout_s=60.0,
-        agent=AgentConfig(report_interval_steps=4, fence_steps=4, fence_timeout_s=10.0, heartbeat_interval_s=0.2),
-    )
+    cfg = driver_config(endpoint, args.tp)
     coord = CoordinatorThread(cfg).start()
     c = coord.coordinator
     model_dir = os.path.join(args.workdir, "model")
