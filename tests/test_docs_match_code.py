@@ -110,3 +110,15 @@ def test_every_abort_reason_code_is_explained_in_the_failure_model():
     codes = set(typing.get_args(protocol.AbortCode))
     assert len(codes) > 10
     assert documented == codes, f"undocumented: {sorted(codes - documented)}, not codes: {sorted(documented - codes)}"
+
+
+def test_serve_help_and_the_readme_name_every_signal_that_stops_the_daemon_cleanly():
+    """serve's --help said "0 after SIGTERM or SIGINT" while SIGHUP stops it the same way (exit 0)."""
+    from eplb_service.coordinator.cli import STOP_SIGNALS
+
+    text = " ".join(subcommand_parser(build_parser(), "serve").format_help().split())
+    status = text[text.index("Exit status:") :]
+    readme = " ".join(README.split())
+    for sig in STOP_SIGNALS:
+        assert sig.name in status, f"eplb-coordinator serve --help: exit status 0 names no {sig.name}"
+        assert f"{sig.name}" in readme[readme.index("**Daemon**") :], f"README.md's daemon section names no {sig.name}"

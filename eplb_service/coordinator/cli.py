@@ -111,7 +111,7 @@ Default endpoint: {endpoint}
 
 
 SERVE_EXIT_STATUS = """\
-Exit status: 0 after SIGTERM or SIGINT; 2 for a refused flag, --config file or environment
+Exit status: 0 after SIGTERM, SIGINT or SIGHUP; 2 for a refused flag, --config file or environment
 variable (one line naming it, before anything starts); 1 if the endpoint or --metrics-port
 cannot be taken, or, with --simulate, if an output mismatched, a plan diverged, a rank
 reported an error or rebalancing halted."""
