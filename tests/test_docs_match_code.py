@@ -1,5 +1,6 @@
 """What a user must know is in the documents: every environment variable the code reads, every
-flag of the command lines, every exported metric and every message type of the protocol.
+flag of the command lines, every exported metric and every message type of the protocol; and
+what the documents say of metrics (label names, quoted label values) is what the code exports.
 
 tests/test_metrics_names.py checks the other direction for metrics (the documents name only
 exported ones); these keep a new variable, flag, metric or message from going undocumented.
@@ -122,3 +123,52 @@ def test_serve_help_and_the_readme_name_every_signal_that_stops_the_daemon_clean
     for sig in STOP_SIGNALS:
         assert sig.name in status, f"eplb-coordinator serve --help: exit status 0 names no {sig.name}"
         assert f"{sig.name}" in readme[readme.index("**Daemon**") :], f"README.md's daemon section names no {sig.name}"
+
+
+METRIC_DOCS = (
+    "README.md",
+    "docs/FAILURE_MODEL.md",
+    "proto/PROTOCOL.md",
+    "deploy/k8s/README.md",
+    "deploy/k8s/monitoring/prometheusrule.yaml",
+)
+"""Where an operator reads metric names with their labels (``eplb_x{label="value"}``)."""
+
+QUERY_LABELS = {"job", "namespace", "pod", "instance", "le"}
+"""Labels a PromQL query may name that Prometheus adds, not the coordinator."""
+
+
+def test_every_metric_label_and_label_value_the_documents_name_exists():
+    """test_every_exported_metric_is_named_in_the_readme checks metric names only; a label renamed
+    or a label value the code never sets (``reason="..."``) would read as a series that stays empty."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    metrics = CoordinatorMetrics(lambda: {0: {}})
+    wrappers = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    wrappers += [m for m in vars(metrics).values() if isinstance(m, dict) for m in m.values()]
+    labels = {}
+    for metric in wrappers:
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name = metric._name + ("_total" if metric._type == "counter" else "")
+        labels[name] = set(metric._labelnames)  # the declared labels: a series may not exist yet
+    for family in metrics.registry.collect():  # the agents' counters, a collector of their own (rank 0 given)
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels.setdefault(name, set()).update(key for sample in family.samples for key in sample.labels)
+    assert len(labels) > 15 and labels["eplb_agent_events_total"] == {"rank", "event"}
+    source = "\n".join(path.read_text() for path in (ROOT / "eplb_service").rglob("*.py"))
+    found = 0
+    for doc in METRIC_DOCS:
+        text = (ROOT / doc).read_text()
+        for name, body in re.findall(r"\b(eplb_[a-z_]+)\{([^}]*)\}", text):
+            found += 1
+            name = re.sub(r"_(bucket|sum|count)$", "", name)
+            for item in re.split(r",(?=\s*[a-z_]+\s*(?:=|,|$))", body):
+                key, _, values = item.partition("=")
+                key = key.strip().lstrip("~!")
+                if key in QUERY_LABELS:
+                    continue
+                assert key in labels.get(name, set()), f"{doc}: {name} has no label {key!r} (it has {labels.get(name)})"
+                for value in re.findall(r'"([^"|$]*)"', values):
+                    assert f'"{value}"' in source, f"{doc}: {name}{{{key}={value!r}}}: no code sets that value"
+    assert found > 20  # the scan finds them at all
