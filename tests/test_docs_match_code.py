@@ -172,3 +172,31 @@ def test_every_metric_label_and_label_value_the_documents_name_exists():
                 for value in re.findall(r'"([^"|$]*)"', values):
                     assert f'"{value}"' in source, f"{doc}: {name}{{{key}={value!r}}}: no code sets that value"
     assert found > 20  # the scan finds them at all
+
+
+def test_every_flag_default_the_readme_gives_in_parentheses_is_the_one_its_help_gives():
+    """README writes defaults as ``--flag`` (N); a default changed in the code and its ``--help``
+    alone left the README stating the old one, which nothing compared. Several defaults are
+    resolved after parsing (``--rebalance-interval-steps`` depends on ``--simulate``), so the
+    reference is what ``--help`` says, the first number after ``default:``."""
+    from eplb_service.coordinator.plan_cli import build_parser as plan_parser
+    from eplb_service.sidecar import build_parser as sidecar_parser
+
+    parsers = [subcommand_parser(build_parser(), name) for name in ("serve", "status")]
+    parsers += [plan_parser(), sidecar_parser()]
+    helped: dict[str, str] = {}
+    for parser in parsers:
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            text = formatter._expand_help(action) if action.help else ""
+            for option in action.option_strings:
+                helped.setdefault(option, " ".join(text.split()))
+    stated = re.findall(r"`(--[a-z-]+)(?: [A-Z]+)?` \((\d+(?:\.\d+)?)(?: ([KMG]iB)\b)?", README)
+    assert len(stated) >= 8  # the scan finds them at all
+    units = {"": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    for flag, number, unit in stated:
+        number = str(float(number) * units[unit])
+        assert flag in helped, f"README.md gives a default for {flag}, which no command has"
+        said = re.search(r"default: (\d+(?:\.\d+)?)\b", helped[flag])
+        assert said, f"README.md gives {flag} a default ({number}); its --help gives none: {helped[flag]!r}"
+        assert float(said.group(1)) == float(number), f"README.md: {flag} ({number}), but its --help: {said.group(0)}"
