@@ -576,3 +576,23 @@ def test_the_projected_balancedness_says_which_load_it_is_under():
     assert runner._planned_on(0.9) == "on the load window (load persistence 0.90)"  # lasting load: planned as is
     runner.cfg = dataclasses.replace(runner.cfg, policy="deepseek")  # plans for the last window whatever lasts
     assert runner._planned_on(0.0) == "on the load window (load persistence 0.00)"
+
+
+def test_a_halt_is_not_second_guessed_by_the_epoch_split_line(caplog):
+    """Before: a worker restarted alone (its own epoch 0 against the others' 1) halted rebalancing
+    with "restart every worker", and a voting timeout later the split line advised "restart its
+    worker" beside it: two remedies, one of them wrong."""
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator
+    c.registry.agents[1].epoch = c.registry.agents[0].epoch + 1
+    c.guard.halted_reason = "rank 0 restarted alone …; restart every worker of the deployment"
+    with caplog.at_level("WARNING", logger=c.log.logger.name):
+        now = time.monotonic()
+        for later in (0.0, 2 * c.cfg.voting_timeout_s, 4 * c.cfg.voting_timeout_s):
+            c._watch_epoch_split(now + later)
+        assert "planning waits" not in caplog.text
+        c.guard.halted_reason = None  # no halt: the split is said, once
+        for later in (0.0, 2 * c.cfg.voting_timeout_s, 4 * c.cfg.voting_timeout_s):
+            c._watch_epoch_split(now + later)
+    assert caplog.text.count("planning waits") == 1, caplog.text

@@ -626,7 +626,12 @@ class Coordinator:
     def _watch_epoch_split(self, now: float) -> None:
         """Say why planning waits when every rank is here but their placement epochs differ with
         no plan in flight (between a decided commit and its step they differ for a moment; longer
-        than ``voting_timeout_s`` is a rank that is not what the others are). Once per episode."""
+        than ``voting_timeout_s`` is a rank that is not what the others are). Once per episode;
+        never while halted: the halt names the cause and the remedy (a worker restarted alone
+        needs every worker restarted, not its own), where this line would guess."""
+        if self.guard.halted_reason:
+            self._epoch_split_since = None
+            return
         epochs: dict[int, list[int]] = {}
         for record in self.registry.alive:
             epochs.setdefault(record.epoch, []).append(record.rank)
