@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from typing import TextIO
 
 
 class RankAdapter(logging.LoggerAdapter):
@@ -163,16 +164,34 @@ def parse_level(text: str | int, source: str) -> int:
     """
     if isinstance(text, int):
         return text
-    name = str(text).strip().upper()
-    if name not in LEVELS:
+    name = level_name(text)
+    if name is None:
         raise ValueError(f"{source}={text!r} is not a log level; expected one of {', '.join(LEVELS)} (any case)")
     return getattr(logging, name)
+
+
+def level_name(text: object) -> str | None:
+    """``text`` as one of :data:`LEVELS` (any case, spaces around ignored), or ``None``."""
+    name = str(text).strip().upper()
+    return name if name in LEVELS else None
 
 
 def env_format() -> str:
     """``EPLB_SERVICE_LOG_FORMAT`` as given, trimmed and in lower case (``JSON`` is ``json``, as the
     vLLM plugin and the sidecar read it); ``""`` when unset."""
     return os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
+
+
+def resolved_format(fmt: str | None) -> str:
+    """``fmt`` (a command's ``--log-format``), else ``EPLB_SERVICE_LOG_FORMAT`` (any case), else
+    ``text``; ``ValueError`` naming the flag or variable and its value when it is neither format."""
+    if fmt is None:
+        source, given, fmt = LOG_FORMAT_ENV, os.environ.get(LOG_FORMAT_ENV, ""), env_format() or "text"
+    else:
+        source, given = "--log-format", fmt
+    if fmt not in ("text", "json"):
+        raise ValueError(f"{source}={given!r} is not a log format; expected 'text' or 'json'")
+    return fmt
 
 
 def last_flag_value(argv: list[str], flag: str) -> str | None:
@@ -208,16 +227,17 @@ def fatal(prog: str, message: str, fmt: str | None, tag: str) -> None:
     command_line(prog, logging.CRITICAL, f"error: {message}", message, fmt, tag)
 
 
-def command_line(prog: str, level: int, text: str, message: str, fmt: str | None, tag: str) -> None:
-    """One line of a command on stderr, written directly (not through the root logger): ``prog:
-    text`` in text, else one JSON line with ``message``, ``level`` and ``tag`` (``logger`` the
-    command), the fields every other JSON line has. ``fmt`` ``None``: the variable's format."""
+def command_line(
+    prog: str, level: int, text: str, message: str, fmt: str | None, tag: str, stream: TextIO | None = None
+) -> None:
+    """One line of a command on ``stream`` (stderr), written directly (not through the root
+    logger): ``prog: text`` in text, else one JSON line with ``message``, ``level`` and ``tag``
+    (``logger`` the command), the fields every other JSON line has. ``fmt`` ``None``: the
+    variable's format."""
     if fmt is None:
         fmt = env_format()
-    if fmt != "json":
-        print(f"{prog}: {text}", file=sys.stderr, flush=True)
-        return
-    print(json_line(prog, level, message, tag), file=sys.stderr, flush=True)
+    line = json_line(prog, level, message, tag) if fmt == "json" else f"{prog}: {text}"
+    print(line, file=stream if stream is not None else sys.stderr, flush=True)
 
 
 def json_line(logger: str, level: int, message: str, tag: str) -> str:
@@ -236,13 +256,7 @@ def configure(level: str | int | None = None, fmt: str | None = None, tag: str |
         resolved = parse_level(level, "--log-level")
     else:
         resolved = parse_level(os.environ.get(LOG_LEVEL_ENV, "") or "INFO", LOG_LEVEL_ENV)
-    given = fmt
-    if fmt is None:
-        fmt_source, given, fmt = LOG_FORMAT_ENV, os.environ.get(LOG_FORMAT_ENV, ""), env_format() or "text"
-    else:
-        fmt_source = "--log-format"
-    if fmt not in ("text", "json"):
-        raise ValueError(f"{fmt_source}={given!r} is not a log format; expected 'text' or 'json'")
+    fmt = resolved_format(fmt)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(DefaultTag(tag))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from eplb_service.logutil import LEVELS
+from eplb_service.logutil import LEVELS, level_name
 
 
 def positive_int(text: str) -> int:
@@ -26,7 +26,7 @@ def positive_int(text: str) -> int:
 def log_level(text: str) -> str:
     """A level name in any case, kept as given (``logutil.configure`` reads it): checked at parse
     time, so a bad one is named where it was written, a ``--config`` file's ``log-level`` included."""
-    if str(text).strip().upper() not in LEVELS:
+    if level_name(text) is None:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(LEVELS)} (any case), got {text!r}")
     return text
 

@@ -566,13 +566,10 @@ def main(argv: list[str] | None = None) -> int:
 def _log_format(args: argparse.Namespace) -> str:
     """``--log-format``, else ``EPLB_SERVICE_LOG_FORMAT`` (any case), else ``text``; a variable set to
     anything else is refused, naming it, as the coordinator refuses it."""
-    if args.log_format is not None:
-        return args.log_format
-    given = os.environ.get(logutil.LOG_FORMAT_ENV, "")
-    fmt = logutil.env_format() or "text"
-    if fmt not in ("text", "json"):
-        raise UsageError(f"{logutil.LOG_FORMAT_ENV}={given!r} is not a log format; expected 'text' or 'json'")
-    return fmt
+    try:
+        return logutil.resolved_format(args.log_format)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run(argv: list[str], fmt: str) -> int:

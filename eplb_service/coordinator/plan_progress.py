@@ -52,11 +52,7 @@ class PlanProgress:
 
     def _line(self, text: str) -> None:
         message = f"{text} ({self._clock() - self._start:.1f} s)"
-        if self.fmt == "json":
-            self.stream.write(logutil.json_line("eplb-plan", logging.INFO, message, PLAN_TAG) + "\n")
-        else:
-            self.stream.write(f"eplb-plan: {message}\n")
-        self.stream.flush()
+        logutil.command_line("eplb-plan", logging.INFO, message, message, self.fmt, PLAN_TAG, self.stream)
 
     def phase(self, text: str) -> None:
         """One line for a phase starting (``reading --load x.npz``, ``writing --out y.json``)."""
