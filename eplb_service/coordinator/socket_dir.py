@@ -82,6 +82,14 @@ def check_private_dir(directory: str, uid: int | None = None) -> None:
         raise UnsafeSocketDirectory(_mode_problem(directory, info))
 
 
+def socket_file_path(endpoint: str) -> str | None:
+    """The socket file of an ``ipc://`` endpoint; ``None`` for ``tcp://`` and Linux's abstract
+    namespace (``ipc://@name``), which have none."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    return endpoint[len("ipc://") :]
+
+
 def ipc_dir(endpoint: str) -> str | None:
     if endpoint.startswith("ipc://"):
         return os.path.dirname(endpoint[len("ipc://") :]) or None
@@ -130,11 +138,9 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
     ``tcp://`` needs none of it: binding a port in use fails. Returns a line for the log
     when a stale socket was removed.
     """
-    if not endpoint.startswith("ipc://") or endpoint.startswith(
-        "ipc://@"
-    ):  # @: abstract namespace, bind fails when taken
+    path = socket_file_path(endpoint)
+    if path is None:  # tcp://, or the abstract namespace, where a bind fails when taken
         return None
-    path = endpoint[len("ipc://") :]
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -185,10 +191,11 @@ def _unix_socket_listening(path: str) -> bool:
 def ipc_socket_identity(endpoint: str) -> tuple[int, int] | None:
     """``(device, inode)`` of an ``ipc://`` endpoint's socket file right after the bind; ``None``
     for ``tcp://``, the abstract namespace or a file that is not there."""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+    path = socket_file_path(endpoint)
+    if path is None:
         return None
     try:
-        info = os.stat(endpoint[len("ipc://") :])
+        info = os.stat(path)
     except OSError:
         return None
     return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
@@ -200,7 +207,8 @@ def release_ipc_endpoint(endpoint: str, identity: tuple[int, int] | None) -> Non
     ZeroMQ leaves it behind: ``ls`` and ``test -S`` then show an endpoint nobody listens on
     until the next start removes it as stale. A file another coordinator bound since (another
     inode) is left alone."""
-    if identity is None or ipc_socket_identity(endpoint) != identity:
+    path = socket_file_path(endpoint)
+    if path is None or identity is None or ipc_socket_identity(endpoint) != identity:
         return
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(endpoint[len("ipc://") :])
+        os.unlink(path)

@@ -9,7 +9,7 @@ import os
 import zmq
 
 from eplb_service import protocol
-from eplb_service.coordinator.socket_dir import check_endpoint_dir
+from eplb_service.coordinator.socket_dir import check_endpoint_dir, socket_file_path
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, is_local_endpoint
 from eplb_service.zmq_tcp import allow_ipv6
 
@@ -62,10 +62,8 @@ class NoCoordinatorSocket(TimeoutError):
 def _check_socket_file(endpoint: str) -> None:
     """Fail at once where no socket file exists: ZeroMQ would connect to the missing path without
     a word and keep retrying, and the caller waited out its whole timeout to read "no answer"."""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
-        return  # tcp://, or Linux's abstract namespace (no file to look at)
-    path = endpoint[len("ipc://") :]
-    if not os.path.lexists(path):
+    path = socket_file_path(endpoint)
+    if path is not None and not os.path.lexists(path):
         raise NoCoordinatorSocket(
             f"no coordinator at {endpoint}: there is no socket file {path} (not started yet, stopped, "
             "or started with another --endpoint)"
