@@ -104,6 +104,11 @@ class LogThrottle:
         if cond is not None and cond.left_out:
             self.log.log(cond.level, cond.msg + " (%s; over now)", *cond.args, self._repeats(cond, self.clock()))
 
+    def settle_where(self, belongs: Callable[[Hashable], bool]) -> None:
+        """:meth:`settle` every active condition whose key ``belongs`` (e.g. all of one rank's)."""
+        for key in [key for key in self._conditions if belongs(key)]:
+            self.settle(key)
+
     def tick(self) -> None:
         """Summarise conditions that went quiet: one whose left-out occurrences are older than
         ``interval_s`` gets its line now (it may never occur again to carry it), and one quiet for

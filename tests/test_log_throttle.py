@@ -121,3 +121,12 @@ def test_settle_writes_only_the_count_left_out(setup):
         ("WARNING", "[rank 3] many"),
         ("WARNING", "[rank 3] many (1 more like this not logged in the last 1s; 2 since it began 1s ago; over now)"),
     ]
+
+
+def test_settle_where_settles_every_matching_key_and_no_other(setup):
+    throttle, clock, caplog = setup
+    for key in (("session", 1), ("hello_refused", 1, "refused"), ("session", 2), ("framing", b"rank-1")):
+        throttle.report(key, logging.WARNING, "%s", key)
+    throttle.settle_where(lambda key: key[1:2] == (1,))  # rank 1's conditions, by key shape
+    assert not throttle.active(("session", 1)) and not throttle.active(("hello_refused", 1, "refused"))
+    assert throttle.active(("session", 2)) and throttle.active(("framing", b"rank-1"))

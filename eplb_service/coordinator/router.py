@@ -404,10 +404,8 @@ class MessageRouter:
             restarted=restarted,
         )
         self.guard.forget(hello.rank)
-        for key in ("session", "back_after_dead", "step_leap", "bad_load_report", "no_load_reports"):
-            self.throttle.settle((key, hello.rank))
-        for code in ("rank_taken", "refused"):
-            self.throttle.settle(("hello_refused", hello.rank, code))
+        # Every condition about this rank (keys ``(what, rank, ...)``) is over: its Hello was taken.
+        self.throttle.settle_where(lambda key: isinstance(key, tuple) and key[1:2] == (hello.rank,))
         replaced = self.registry.register(record)
         if replaced is not None:
             if resumed and replaced.store == record.store:
