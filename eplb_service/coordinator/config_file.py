@@ -60,25 +60,22 @@ def _as_written(value: object) -> str:
 
 def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
     """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
+    setting = f"config file {path!r}: {key} = {_as_written(value)}"
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):  # "false" is a string, and a non-empty string would read as true
-            raise ValueError(f"config file {path!r}: {key} = {_as_written(value)}: expected true or false (no quotes)")
+            raise ValueError(f"{setting}: expected true or false (no quotes)")
         return (not value) if flips else value
     if action.choices is not None and value not in action.choices:
-        raise ValueError(
-            f"config file {path!r}: {key} = {_as_written(value)}; expected one of {', '.join(map(str, action.choices))}"
-        )
+        raise ValueError(f"{setting}; expected one of {', '.join(map(str, action.choices))}")
     if isinstance(value, (bool, dict, list)):
-        raise ValueError(
-            f"config file {path!r}: {key} = {_as_written(value)}: expected a {'number' if action.type else 'string'}"
-        )
+        raise ValueError(f"{setting}: expected a {'number' if action.type else 'string'}")
     if action.type is not None:
         try:
             return action.type(str(value))
         except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise ValueError(f"config file {path!r}: {key} = {_as_written(value)}: {exc}") from None
+            raise ValueError(f"{setting}: {exc}") from None
     if not isinstance(value, str):
-        raise ValueError(f"config file {path!r}: {key} = {_as_written(value)}: expected a string (in quotes)")
+        raise ValueError(f"{setting}: expected a string (in quotes)")
     return value
 
 

@@ -457,7 +457,7 @@ class Coordinator:
         no plan can fix that: a plan moves every rank from one common placement. Judged once no
         plan is in flight (the one it missed has settled)."""
         alive = self.registry.alive
-        old_epochs = {r.epoch: r.rank for r in alive if not r.restarted}
+        old_epochs = {r.epoch for r in alive if not r.restarted}
         if self.plans.plan is not None or not old_epochs:
             return None
         for record in alive:

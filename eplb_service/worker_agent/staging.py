@@ -134,8 +134,7 @@ def warm_commit_kernels(action: CommitAction) -> int:
     Nothing on a CPU device needs it.
     """
     copies = [(live, rows) for live, rows, _ in action.weight_copies]
-    copies += [(action.phy2log_rows, action.layer_index), (action.log2phy_rows, action.layer_index)]
-    copies.append((action.logcnt_rows, action.layer_index))
+    copies += [(maps, action.layer_index) for maps in (action.phy2log_rows, action.log2phy_rows, action.logcnt_rows)]
     launched = 0
     for target, index in copies:
         kind = (target.dtype, target.dim(), target.device)
