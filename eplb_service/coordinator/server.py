@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import time
 
 import numpy as np
@@ -29,6 +30,7 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.http_endpoints import serve_http
 from eplb_service.coordinator.metrics import NAN, CoordinatorMetrics
+from eplb_service.coordinator.open_files import OpenFileLimitError, OpenFileWatch, fit_open_file_limit
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_runner import PlanOutcome, PlanRunner
 from eplb_service.coordinator.progress import CoordinatorProgress, progress_of
@@ -70,8 +72,9 @@ REQ_ENVELOPE = [b""]
 
 
 class BindError(RuntimeError):
-    """The endpoint or the metrics port cannot be bound (taken, or not an address here); the
-    message names which, so the CLI prints it as one line instead of a traceback."""
+    """The endpoint or the metrics port cannot be bound (taken, or not an address here), or the
+    open-file limit cannot hold the ranks; the message names which, so the CLI prints it as one
+    line instead of a traceback."""
 
 
 class Coordinator:
@@ -118,6 +121,7 @@ class Coordinator:
         self._caught_up_at = self.last_tick
         """When the receive loop last found no message waiting: everything sent before it was read."""
         self._socket_watch: SocketFileWatch | None = None
+        self._open_files: OpenFileWatch | None = None
         """The ``ipc://`` socket file this coordinator bound: bound again if removed, removed when it stops."""
         self._behind_warned = False
         self._balancedness_at = float("-inf")
@@ -130,6 +134,7 @@ class Coordinator:
         """Bind, then run until :meth:`stop`; returns after a clean shutdown."""
         check_endpoint_security(self.cfg.endpoint, self.cfg.curve_dir, self.cfg.insecure)
         prepare_ipc_dir(self.cfg.endpoint)
+        self._open_files = self._fit_open_files()
         self._ctx = zmq.asyncio.Context()
         sock = allow_ipv6(self._ctx.socket(zmq.ROUTER))
         sock.setsockopt(zmq.LINGER, 500)
@@ -188,6 +193,29 @@ class Coordinator:
             ) from None
         self.metrics_port = http.sockets[0].getsockname()[1]
         return http
+
+    def _fit_open_files(self) -> OpenFileWatch:
+        """The open-file limit raised to what ``--dp`` needs; :class:`BindError` when it cannot hold the ranks."""
+        try:
+            budget = fit_open_file_limit(self.cfg.world_size)
+        except OpenFileLimitError as exc:
+            raise BindError(str(exc)) from None
+        if budget.raised_from is not None:
+            self.log.info(
+                "raised the open-file limit (ulimit -n) from %d to %d for %d ranks",
+                budget.raised_from,
+                budget.soft,
+                self.cfg.world_size,
+            )
+        elif budget.soft != resource.RLIM_INFINITY and budget.soft < budget.needed:
+            self.log.warning(
+                "open-file limit (ulimit -n) %d is below the %d that %d ranks reconnecting at once need "
+                "(the hard limit allows no more): raise it",
+                budget.soft,
+                budget.needed,
+                self.cfg.world_size,
+            )
+        return OpenFileWatch(budget, self.log)
 
     def _secure(self, sock) -> asyncio.Task | None:
         """CURVE on the socket when keys are configured; returns the task counting refused handshakes."""
@@ -613,6 +641,8 @@ class Coordinator:
         self._watch_epoch_split(now)
         if self._socket_watch is not None:
             self._socket_watch.tick(now)
+        if self._open_files is not None:
+            self._open_files.tick(now)
         if self.recorder is not None and now - self._last_trace_flush > 5.0:
             self._last_trace_flush = now
             try:
