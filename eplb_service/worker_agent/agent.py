@@ -57,6 +57,22 @@ class PlanAborted(Exception):
 SILENCE_HEARTBEATS = 4
 """Heartbeat intervals without a word from the coordinator before the agent reopens its
 socket (a connection can be dead both ways while both ends believe it open)."""
+SILENCE_LIMIT_MAX_S = 60.0
+"""The longest silence limit the back-off reaches (see :func:`silence_limit_s`)."""
+
+
+def silence_limit_s(heartbeat_interval_s: float, silent_reopens: int) -> float:
+    """Seconds without a word from the coordinator before the agent reopens its socket.
+
+    Doubles with each reopen that heard nothing since (up to ``SILENCE_LIMIT_MAX_S``): a
+    fresh connection needs several round trips (ZeroMQ's handshake, then Hello and Welcome)
+    before the coordinator's first word, and over a link slower than the fixed limit allows
+    (a WAN link that delivers in bursts, a round trip of seconds) every reopen cut the next
+    connection short, so the agent never registered. A coordinator restarted in the
+    meantime is still reached at once: the open socket reconnects by itself, and the first
+    heartbeat it reads is answered."""
+    base = SILENCE_HEARTBEATS * heartbeat_interval_s + 1.0
+    return min(base * 2 ** min(silent_reopens, 16), max(base, SILENCE_LIMIT_MAX_S))
 
 
 class WorkerAgent:
@@ -87,6 +103,8 @@ class WorkerAgent:
         self.model, self.rank, self.endpoint, self.transport = model, model.rank, endpoint, transport
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
+        self._silent_reopens = 0
+        """Reopens in a row that heard nothing from the coordinator since (the silence limit's back-off)."""
         self.refused_retry_s = refused_retry_s
         """How often an agent that cannot join tries again: a ``Hello`` the coordinator refused, and rank 0's
         rendezvous store that could not be hosted (both are for the operator to fix, not for a quick retry)."""
@@ -271,8 +289,9 @@ class WorkerAgent:
     def _tick(self, poll_ms: int) -> None:
         now = time.monotonic()
         self.throttle.tick()
-        if now - self.link.last_heard > SILENCE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0:
+        if now - self.link.last_heard > silence_limit_s(self.config.heartbeat_interval_s, self._silent_reopens):
             self.stats["socket_reopened"] += 1
+            self._silent_reopens += 1
             self.throttle.report(
                 "coordinator_silent",
                 logging.WARNING,
@@ -354,6 +373,7 @@ class WorkerAgent:
     def _receive(self, poll_ms: int) -> None:
         messages = self.link.receive(poll_ms)
         if messages:
+            self._silent_reopens = 0
             self.throttle.clear("coordinator_silent", "heard from the coordinator again")
         for message in messages:
             if isinstance(message, protocol.AbortPlan):
