@@ -44,6 +44,8 @@ class TcpLink:
         self.port = self._listener.getsockname()[1]
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.connections = 0
+        self.closed_by_upstream = 0
+        """Connections whose coordinator end closed (a FIN or RST read from it)."""
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
@@ -109,6 +111,7 @@ class TcpLink:
                         data = b""
                     if not data:
                         open_ends[direction] = False
+                        self.closed_by_upstream += direction == "down"
                     due = max(last_due[direction], self._due(now))
                     last_due[direction] = due
                     queues[direction].append((due, data))  # b"": the close, delivered in order

@@ -140,6 +140,12 @@ class Coordinator:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        # A peer that vanished without closing (host gone, cable pulled) leaves its TCP
+        # connection open here for good: nothing is sent on a dead rank's route, so TCP never
+        # finds out. ZeroMQ's own pings close it; the timeout is twice the liveness timeout, so
+        # a slow link (round trips of seconds) keeps its connection.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.cfg.liveness_timeout_s * 500))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.cfg.liveness_timeout_s * 2000))
         # No ROUTER_HANDOVER: a second connection with an identity in use is refused, so
         # nobody can take a registered agent's route over.
         auth_monitor = self._secure(sock)
