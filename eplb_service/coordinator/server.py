@@ -121,8 +121,9 @@ class Coordinator:
         self._caught_up_at = self.last_tick
         """When the receive loop last found no message waiting: everything sent before it was read."""
         self._socket_watch: SocketFileWatch | None = None
-        self._open_files: OpenFileWatch | None = None
         """The ``ipc://`` socket file this coordinator bound: bound again if removed, removed when it stops."""
+        self._open_files: OpenFileWatch | None = None
+        """Logs when the descriptors in use come near the open-file limit (fitted at start)."""
         self._behind_warned = False
         self._balancedness_at = float("-inf")
         self._comm_ready_logged = 0
