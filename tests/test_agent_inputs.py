@@ -367,6 +367,60 @@ def test_http_a_request_cut_short_before_its_empty_line_is_400_not_silence(http_
     assert whole.startswith(b"HTTP/1.1 200") and whole.endswith(b"ready\n"), whole
 
 
+def test_http_slow_loris_connections_keep_neither_probes_nor_heartbeats_out(tmp_path):
+    """A client holding the connection cap with requests it never finishes (idle connections,
+    half a head, a head dripped line by line) for longer than the liveness limit. Before: once
+    64 were open every other connection was answered 503, so one such client reopening them
+    every 5 s failed every ``/livez`` probe (Kubernetes restarts the coordinator after six).
+    Now a newcomer displaces the oldest unfinished request: probes are answered, and heartbeats
+    keep the rank alive meanwhile (the event loop was never blocked)."""
+    import contextlib
+    import socket
+
+    from eplb_service.coordinator.http_endpoints import MAX_CONNECTIONS
+
+    cfg = CoordinatorConfig(
+        world_size=2,
+        endpoint=f"ipc://{tmp_path}/c.sock",
+        metrics_port=0,
+        http_host="127.0.0.1",
+        liveness_timeout_s=1.0,
+        check_step_clock=False,
+    )
+    thread = CoordinatorThread(cfg).start()
+    agent = FakeAgent(cfg.endpoint, 0)
+    loris: list[socket.socket] = []
+    try:
+        settle(lambda: thread.coordinator.metrics_port is not None)
+        port = thread.coordinator.metrics_port
+        agent.register()
+        for i in range(MAX_CONNECTIONS + 16):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall([b"", b"GET /metrics HTTP/1.1\r\n", b"GET /status HTTP/1.1\r\nHost: x\r\n"][i % 3])
+            loris.append(conn)
+        answers, step, started = [], 0, time.monotonic()
+        while time.monotonic() - started < 2.5 * cfg.liveness_timeout_s:
+            step += 1
+            agent.beat(step)
+            for conn in loris[2::3]:
+                with contextlib.suppress(OSError):  # a displaced one is reset
+                    conn.sendall(b"X-Drip: 1\r\n")  # never the empty line
+            try:
+                answers.append(http_exchange(port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")[:12])
+            except OSError as exc:  # refused at the cap: answered 503 and closed before reading the request
+                answers.append(repr(exc).encode())
+            loris.append(socket.create_connection(("127.0.0.1", port), timeout=5))  # keep the cap full
+            time.sleep(0.1)
+        record = thread.coordinator.registry.agents[0]
+        assert record.alive, "the rank was declared dead while slow HTTP clients held connections"
+        assert answers and all(a == b"HTTP/1.1 200" for a in answers), answers
+    finally:
+        for conn in loris:
+            conn.close()
+        agent.close()
+        thread.stop()
+
+
 def test_ranks_stuck_at_different_epochs_are_reported_once(tmp_path, caplog):
     """Before: planning waited forever with no word (status said nothing was halted)."""
     cfg = CoordinatorConfig(

@@ -17,7 +17,7 @@ import asyncio
 import errno
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from prometheus_client.exposition import choose_encoder
 
@@ -35,7 +35,9 @@ MAX_CONNECTIONS = 64
 """HTTP connections served at once. Each holds a file descriptor for up to the timeouts above,
 and the port is open to the network: without a cap, a flood of idle connections used up the
 process's descriptors (1024 under systemd's default limit), and then the ROUTER could accept
-neither agents nor status clients. Past the cap a connection is answered 503 and closed at once."""
+neither agents nor status clients. At the cap, a new connection takes the place of the oldest
+one still sending its request (see :func:`serve_http`); only when every connection is past its
+request is the newcomer answered 503 and closed at once."""
 MAX_HEAD_BYTES = 64 * 1024
 """Request line and headers together; past this the answer is 431 (asyncio's stream limit
 bounds one line to the same)."""
@@ -171,40 +173,73 @@ def _bound(family: int, address: tuple, dual_stack: bool = False) -> socket.sock
 
 async def serve_http(coordinator: "Coordinator", host: str | None, port: int) -> asyncio.base_events.Server:
     """Serve the endpoints on ``host:port``: one request per connection, at most
-    :data:`MAX_CONNECTIONS` at once, each bounded by :data:`READ_TIMEOUT_S` and :data:`WRITE_TIMEOUT_S`."""
-    open_connections = 0
+    :data:`MAX_CONNECTIONS` at once, each bounded by :data:`READ_TIMEOUT_S` and :data:`WRITE_TIMEOUT_S`.
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    At the cap, the oldest connection still sending its request head is dropped for the new one.
+    A well-behaved client sends its request at once and is done in milliseconds; one that keeps
+    connections open without finishing a request (slow-loris) only ever holds the oldest places.
+    Refusing the newcomer instead let one such client, reopening 64 connections every 5 s, have
+    every probe answered 503: a Kubernetes liveness probe on ``/livez`` then restarts a healthy
+    coordinator, and Prometheus sees it down."""
+    open_connections = 0
+    reading: dict[asyncio.Task, asyncio.StreamWriter] = {}
+    """Connections still sending their request head, oldest first: the ones a newcomer displaces."""
+    displaced: set[asyncio.Task] = set()
+
+    async def answer(task: asyncio.Task, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reading[task] = writer
         try:
             request = await asyncio.wait_for(read_head(reader), timeout=READ_TIMEOUT_S)
-            parts = request.split(b"\n", 1)[0].decode("latin-1").split()
-            if len(parts) not in (2, 3):
-                writer.write(_response("400 Bad Request", b"not a request line; expected METHOD TARGET [HTTP/1.x]\n"))
-            elif parts[0] not in ("GET", "HEAD"):
-                writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
-            else:
-                response = route(coordinator, target_path(parts[1]), header(request, "accept"))
-                writer.write(head_only(response) if parts[0] == "HEAD" else response)
         except (asyncio.LimitOverrunError, HeadTooLarge):  # one line past the stream's limit, or all of them
             writer.write(_response("431 Request Header Fields Too Large", b"request headers over 64 KiB\n"))
+            return
         except HeadCutShort:
             writer.write(
                 _response("400 Bad Request", b"the request ended before the empty line that ends its headers\n")
             )
+            return
+        finally:
+            reading.pop(task, None)
+        parts = request.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(parts) not in (2, 3):
+            writer.write(_response("400 Bad Request", b"not a request line; expected METHOD TARGET [HTTP/1.x]\n"))
+        elif parts[0] not in ("GET", "HEAD"):
+            writer.write(_response("405 Method Not Allowed", b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n"))
+        else:
+            response = route(coordinator, target_path(parts[1]), header(request, "accept"))
+            writer.write(head_only(response) if parts[0] == "HEAD" else response)
+
+    def displace_oldest_reader() -> bool:
+        """Drop the connection that has spent longest on its request head; False when none is."""
+        if not reading:
+            return False
+        task, writer = next(iter(reading.items()))
+        del reading[task]
+        displaced.add(task)
+        writer.transport.abort()
+        task.cancel()
+        return True
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal open_connections
-        if open_connections >= MAX_CONNECTIONS:
+        task = cast(asyncio.Task, asyncio.current_task())  # asyncio runs every connection's handler in a task
+        if open_connections >= MAX_CONNECTIONS and not displace_oldest_reader():
             writer.write(_response("503 Service Unavailable", b"too many connections\n", extra="Retry-After: 1\r\n"))
             writer.close()
             return
         open_connections += 1
         try:
-            await answer(reader, writer)
+            await answer(task, reader, writer)
             await asyncio.wait_for(writer.drain(), timeout=WRITE_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.transport.abort()  # close() alone would wait, descriptor and all, for a client that does not read
+        except asyncio.CancelledError:
+            if task not in displaced:
+                raise
+            # Displaced by a newer connection: its transport is aborted already. Returning (not
+            # raising) keeps asyncio from logging a cancelled connection handler as an error.
         finally:
+            displaced.discard(task)
             open_connections -= 1
             writer.close()
 
