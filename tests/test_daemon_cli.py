@@ -239,6 +239,25 @@ def test_a_flood_of_idle_http_connections_keeps_no_one_else_out(tmp_path):
         proc.wait()
 
 
+def test_sigterm_with_http_connections_open_stops_without_tracebacks(daemon):
+    """Before: every HTTP connection still open at a clean stop (a probe or scrape in progress, a
+    client that never sent its request) put an ERROR and a CancelledError traceback of ~20 lines
+    in the log: asyncio logs a connection handler that ends cancelled."""
+    endpoint, port, proc, _ = daemon
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        idle[1].sendall(b"GET /status HTTP/1.1\r\n")
+        time.sleep(0.3)  # accepted and reading
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        for sock in idle:
+            sock.close()
+    out = proc.stdout.read()
+    assert "stopped" in out
+    assert "Traceback" not in out and "ERROR" not in out, out
+
+
 def test_readme_toml_example_is_a_valid_config(tmp_path):
     import pathlib
     import re

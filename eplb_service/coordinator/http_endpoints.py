@@ -171,7 +171,30 @@ def _bound(family: int, address: tuple, dual_stack: bool = False) -> socket.sock
     return sock
 
 
-async def serve_http(coordinator: "Coordinator", host: str | None, port: int) -> asyncio.base_events.Server:
+class HttpService:
+    """The running endpoints: the listening server and the connections being answered."""
+
+    def __init__(self, server: asyncio.base_events.Server, connections: set[asyncio.Task]) -> None:
+        self.server = server
+        self.connections = connections
+        """The handler task of every open connection (each removes itself when it ends)."""
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening, drop every open connection and wait for their handlers to end.
+
+        ``asyncio.Server.close`` leaves accepted connections open (before Python 3.13): their
+        handlers were left pending, and destroyed with the event loop, each a warning."""
+        self.server.close()
+        for task in list(self.connections):
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
+
+
+async def serve_http(coordinator: "Coordinator", host: str | None, port: int) -> HttpService:
     """Serve the endpoints on ``host:port``: one request per connection, at most
     :data:`MAX_CONNECTIONS` at once, each bounded by :data:`READ_TIMEOUT_S` and :data:`WRITE_TIMEOUT_S`.
 
@@ -181,10 +204,9 @@ async def serve_http(coordinator: "Coordinator", host: str | None, port: int) ->
     Refusing the newcomer instead let one such client, reopening 64 connections every 5 s, have
     every probe answered 503: a Kubernetes liveness probe on ``/livez`` then restarts a healthy
     coordinator, and Prometheus sees it down."""
-    open_connections = 0
+    connections: set[asyncio.Task] = set()
     reading: dict[asyncio.Task, asyncio.StreamWriter] = {}
     """Connections still sending their request head, oldest first: the ones a newcomer displaces."""
-    displaced: set[asyncio.Task] = set()
 
     async def answer(task: asyncio.Task, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reading[task] = writer
@@ -215,37 +237,34 @@ async def serve_http(coordinator: "Coordinator", host: str | None, port: int) ->
             return False
         task, writer = next(iter(reading.items()))
         del reading[task]
-        displaced.add(task)
         writer.transport.abort()
         task.cancel()
         return True
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal open_connections
         task = cast(asyncio.Task, asyncio.current_task())  # asyncio runs every connection's handler in a task
-        if open_connections >= MAX_CONNECTIONS and not displace_oldest_reader():
+        if len(connections) >= MAX_CONNECTIONS and not displace_oldest_reader():
             writer.write(_response("503 Service Unavailable", b"too many connections\n", extra="Retry-After: 1\r\n"))
             writer.close()
             return
-        open_connections += 1
+        connections.add(task)
         try:
             await answer(task, reader, writer)
             await asyncio.wait_for(writer.drain(), timeout=WRITE_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.transport.abort()  # close() alone would wait, descriptor and all, for a client that does not read
         except asyncio.CancelledError:
-            if task not in displaced:
-                raise
-            # Displaced by a newer connection: its transport is aborted already. Returning (not
-            # raising) keeps asyncio from logging a cancelled connection handler as an error.
+            # Displaced by a newer connection, or the coordinator stopping. Nobody awaits a
+            # connection's task: raising here made asyncio log one ERROR traceback per open
+            # connection at every clean stop (a scrape or probe in progress).
+            writer.transport.abort()
         finally:
-            displaced.discard(task)
-            open_connections -= 1
+            connections.discard(task)
             writer.close()
 
     sock = listen_socket(host, port)
     try:
-        return await asyncio.start_server(handle, sock=sock)
+        return HttpService(await asyncio.start_server(handle, sock=sock), connections)
     except BaseException:
         sock.close()
         raise

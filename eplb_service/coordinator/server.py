@@ -187,7 +187,7 @@ class Coordinator:
                 auth_monitor.cancel()
             await self._shutdown()
             if http is not None:
-                http.close()
+                await http.close()
 
     async def _serve_http(self):
         """The HTTP endpoints on ``--metrics-port``; :class:`BindError` names the port when it is taken."""
@@ -198,7 +198,7 @@ class Coordinator:
             raise BindError(
                 f"cannot serve HTTP on --metrics-port {self.cfg.metrics_port} ({where}): {exc.strerror or exc}"
             ) from None
-        self.metrics_port = http.sockets[0].getsockname()[1]
+        self.metrics_port = http.port
         return http
 
     def _fit_open_files(self) -> OpenFileWatch:
