@@ -153,6 +153,34 @@ def test_hello_mismatches_are_refused_with_both_values(tmp_path):
         coord.stop()
 
 
+def test_a_mispointed_deployment_is_one_log_line_per_mismatch_and_each_new_one_is_logged(tmp_path, caplog):
+    """Refusals were throttled per (rank, code): a second deployment of 4 ranks with another
+    world size wrote 4 ERROR lines of one cause, and a later, different mismatch on a rank
+    already refused (another model, another protocol version) wrote none for up to a minute,
+    so the log still blamed the first cause. The deployment that registered is untouched."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+    caplog.set_level("WARNING")
+    try:
+        assert isinstance(ask(endpoint, b"rank-0", hello()), protocol.Welcome)
+        assert isinstance(ask(endpoint, b"rank-1", hello(rank=1)), protocol.Welcome)
+        phy2log = protocol.NDArray.from_numpy(initial_phy2log(PlacementShape(2, 6, 8, 4)))
+        for rank in range(4):
+            other = hello(rank=rank, model=protocol.ModelShape(2, 6, 8, 4, 36), phy2log=phy2log, pid=900 + rank)
+            assert ask(endpoint, f"rank-{rank}".encode(), other).code == "refused"
+        assert ask(endpoint, b"rank-1", hello(rank=1, model=protocol.ModelShape(2, 6, 8, 2, 72))).code == "refused"
+        assert ask(endpoint, b"rank-1", hello(rank=1, protocol_version=2)).code == "refused"
+        lines = [r.getMessage() for r in caplog.records if "refused rank" in r.getMessage()]
+        registry = coord.coordinator.registry
+        assert sorted(registry.agents) == [0, 1] and all(r.alive and r.pid == 0 for r in registry.agents.values())
+    finally:
+        coord.stop()
+    assert len([line for line in lines if "agent reports 4 EP ranks" in line]) == 1, lines
+    assert len([line for line in lines if "bytes_per_expert=72" in line]) == 1, lines
+    assert len([line for line in lines if "protocol version 2 does not match the coordinator's 3" in line]) == 1, lines
+    assert len(lines) == 3, lines
+
+
 def test_a_refused_agent_asks_again_slowly_and_joins_once_the_coordinator_accepts_it(tmp_path):
     """A refusal (wrong --dp, version, shape) is something the operator fixes on the coordinator;
     the agent used to stay idle until its vLLM worker restarted. Now it asks again every

@@ -9,6 +9,8 @@ with its session). The coordinator does the bookkeeping and the sending.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Hashable
 
 import numpy as np
 
@@ -30,32 +32,56 @@ class Claim(enum.Enum):
     """Another live agent holds the rank: refuse until it leaves or is declared dead."""
 
 
+@dataclass(frozen=True)
+class HelloProblem:
+    """Why a Hello cannot belong to this deployment."""
+
+    reason: str
+    """Names both values (the agent's and the coordinator's); the Reject carries it."""
+    key: Hashable
+    """What the mismatch is, for the log throttle: ``(rank, what)`` for a fault of one rank, and
+    ``(what, value)`` for a deployment-wide one (another protocol version, world size or model),
+    which every rank of a mis-pointed deployment repeats: one line for all of them, where a line
+    per rank buried the coordinator's log under hundreds of copies of one cause. Keyed by
+    ``what``, a new mismatch is logged at once even while another one's lines are throttled."""
+
+
 def hello_problem(
     identity: bytes, hello: protocol.Hello, world_size: int, model: protocol.ModelShape | None
-) -> str | None:
+) -> HelloProblem | None:
     """Why this Hello cannot belong to this deployment (naming both values), or None."""
     if not (identity == f"rank-{hello.rank}".encode() or identity.startswith(f"rank-{hello.rank}-".encode())):
-        return f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')"
+        return HelloProblem(
+            f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')",
+            (hello.rank, "identity"),
+        )
     if hello.protocol_version != protocol.PROTOCOL_VERSION:
-        return f"protocol version {hello.protocol_version} does not match the coordinator's {protocol.PROTOCOL_VERSION}"
+        return HelloProblem(
+            f"protocol version {hello.protocol_version} does not match the coordinator's {protocol.PROTOCOL_VERSION}",
+            ("protocol_version", hello.protocol_version),
+        )
     # The world size first: a coordinator started without --dp (1 rank) against 8 ranks must
     # say so to every rank, not tell ranks 1..7 only that their rank is out of range. It is not
     # learned from the first Hello: --dp is the operator's statement of the deployment, checked
     # against every agent, and the status, metrics and --initial-placement are sized by it.
     if hello.model.num_ranks != world_size:
-        return (
+        return HelloProblem(
             f"agent reports {hello.model.num_ranks} EP ranks, the coordinator was started for {world_size} "
             f"(--dp x --tp): start it with --dp x --tp = {hello.model.num_ranks} (a refused agent asks "
-            f"again every {protocol.REFUSED_RETRY_S:.0f} s)"
+            f"again every {protocol.REFUSED_RETRY_S:.0f} s)",
+            ("world_size", hello.model.num_ranks),
         )
     if not 0 <= hello.rank < world_size:
-        return f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})"
+        return HelloProblem(
+            f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})", (hello.rank, "rank")
+        )
     if model is not None and hello.model != model:
-        return f"model shape {hello.model} differs from the deployment's {model}"
+        return HelloProblem(f"model shape {hello.model} differs from the deployment's {model}", ("model", hello.model))
     if hello.rank == 0 and not (hello.store_host and hello.store_port):
-        return (
+        return HelloProblem(
             "rank 0 must host the rendezvous store and name it (store_host, store_port); got "
-            f"{hello.store_host!r}:{hello.store_port}"
+            f"{hello.store_host!r}:{hello.store_port}",
+            (0, "store"),
         )
     return None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Hashable, Iterable, Protocol
 
 from eplb_service import protocol
 from eplb_service.coordinator.admission import Claim, claim, hello_placement, hello_problem
@@ -321,11 +321,20 @@ class MessageRouter:
 
     # -- registration --------------------------------------------------------------------
 
-    def _reject(self, identity: bytes, rank: int, reason: str, code: str = "refused", metric: str = "hello") -> None:
+    def _reject(
+        self,
+        identity: bytes,
+        rank: int,
+        reason: str,
+        code: str = "refused",
+        metric: str = "hello",
+        key: Hashable | None = None,
+    ) -> None:
+        """``key``: what the refusal is about (see ``HelloProblem.key``); by default this rank's ``code``."""
         self.metrics.messages_rejected.labels(metric).inc()
         # An agent asks again every few seconds (rank_taken) or every refused_retry_s: first, then counts.
         level = logging.WARNING if code == "rank_taken" else logging.ERROR
-        self.throttle.report(("hello_refused", rank, code), level, "refused rank %d: %s", rank, reason)
+        self.throttle.report(("hello_refused", *(key or (rank, code))), level, "refused rank %d: %s", rank, reason)
         self.host.send(identity, protocol.Reject(reason=reason, code=code))
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
@@ -334,11 +343,11 @@ class MessageRouter:
             self.host.new_deployment(hello.rank)
         problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model)
         if problem is not None:
-            return self._reject(identity, hello.rank, problem)
+            return self._reject(identity, hello.rank, problem.reason, key=problem.key)
         try:
             shape, phy2log = hello_placement(hello)
         except PlacementError as exc:
-            return self._reject(identity, hello.rank, f"invalid placement: {exc}")
+            return self._reject(identity, hello.rank, f"invalid placement: {exc}", key=(hello.rank, "placement"))
         now = time.monotonic()
         holder = self.registry.agents.get(hello.rank)
         verdict = claim(holder, identity, hello)
@@ -373,6 +382,7 @@ class MessageRouter:
                 identity,
                 hello.rank,
                 f"placement at epoch {hello.epoch} differs from the other ranks' placement at that epoch",
+                key=(hello.rank, "placement"),
             )
         if not others_alive:
             if self.book.adopt(hello.model, shape, phy2log, hello.epoch):
