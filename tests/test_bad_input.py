@@ -181,6 +181,51 @@ def test_a_mispointed_deployment_is_one_log_line_per_mismatch_and_each_new_one_i
     assert len(lines) == 3, lines
 
 
+def test_ranks_that_never_register_are_named_in_the_log_and_the_status(tmp_path, caplog, monkeypatch):
+    """Before: with 2 of 4 ranks registered for minutes, the log said nothing after the two
+    registrations, and the status listed the missing ranks only row by row. Now a warning names
+    them once the wait passes ``WAIT_BEFORE_WARNING_S`` (30 s; 0.3 s here), the status document
+    has ``missing_ranks`` and the table says whom it waits for."""
+    from eplb_service.coordinator import registration_watch
+    from eplb_service.coordinator.status_client import format_status
+
+    monkeypatch.setattr(registration_watch, "WAIT_BEFORE_WARNING_S", 0.3)
+    caplog.set_level("INFO")
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    shape, model = PlacementShape(2, 6, 8, 4), protocol.ModelShape(2, 6, 8, 4, 36)
+    phy2log = protocol.NDArray.from_numpy(initial_phy2log(shape))
+    coord = CoordinatorThread(CoordinatorConfig(world_size=4, endpoint=endpoint)).start()
+    try:
+        for rank in (0, 2):
+            reply = ask(endpoint, f"rank-{rank}".encode(), hello(rank=rank, model=model, phy2log=phy2log))
+            assert isinstance(reply, protocol.Welcome), reply
+        deadline = time.monotonic() + 5
+        while "waiting for ranks" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        status = fetch_status(endpoint)
+    finally:
+        coord.stop()
+    assert "waiting for ranks 1, 3 to register: 2 of 4 EP ranks (--dp x --tp) registered" in caplog.text
+    assert caplog.text.count("waiting for ranks") == 1, "said once, not on every tick"
+    assert status["missing_ranks"] == [1, 3]
+    assert "waiting for 2 of 4 ranks: 1, 3" in format_status(status)
+
+
+def test_rank_spans_keep_a_long_list_of_missing_ranks_short():
+    from eplb_service.coordinator.registration_watch import RegistrationWatch, rank_spans
+
+    assert rank_spans([8, 0, 1, 2, 5, 7]) == "0-2, 5, 7-8" and rank_spans([3]) == "3" and rank_spans([]) == ""
+    watch = RegistrationWatch(4)
+    assert watch.tick(0.0, [0, 2]) is None and watch.tick(29.0, [0, 2]) is None
+    first = watch.tick(31.0, [0, 2])
+    assert first is not None and first[1] and "ranks 1, 3 " in first[0]
+    assert watch.tick(40.0, [0, 2]) is None, "not again before the repeat interval"
+    assert watch.tick(50.0, [0, 1, 2]) is None and "rank 3 " in watch.tick(62.0, [0, 1, 2])[0]
+    assert watch.tick(70.0, [0, 1, 2, 3]) == ("every rank of 4 is registered, after waiting 70s", False)
+    assert watch.tick(71.0, [0, 1, 2, 3]) is None
+
+
 def test_a_refused_agent_asks_again_slowly_and_joins_once_the_coordinator_accepts_it(tmp_path):
     """A refusal (wrong --dp, version, shape) is something the operator fixes on the coordinator;
     the agent used to stay idle until its vLLM worker restarted. Now it asks again every

@@ -34,6 +34,7 @@ from eplb_service.coordinator.open_files import OpenFileLimitError, OpenFileWatc
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_runner import PlanOutcome, PlanRunner
 from eplb_service.coordinator.progress import CoordinatorProgress, progress_of
+from eplb_service.coordinator.registration_watch import RegistrationWatch
 from eplb_service.coordinator.registry import Registry
 from eplb_service.coordinator.router import MessageRouter
 from eplb_service.coordinator.side_comm import SideComm
@@ -127,6 +128,7 @@ class Coordinator:
         self._behind_warned = False
         self._balancedness_at = float("-inf")
         self._comm_ready_logged = 0
+        self._registration_watch = RegistrationWatch(config.world_size)
         """The side-communicator generation last logged as built on every rank (0: none yet)."""
 
     # -- lifecycle -------------------------------------------------------------------
@@ -628,6 +630,10 @@ class Coordinator:
             self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
             self.router.lose_agent(record, now)
         self.plans.tick(now)
+        waiting = self._registration_watch.tick(now, (r.rank for r in self.registry.alive))
+        if waiting is not None:
+            line, warning = waiting
+            self.log.log(logging.WARNING if warning else logging.INFO, "%s", line)
         if now - self._balancedness_at >= BALANCEDNESS_EVERY_S:
             self._balancedness_at = now
             current = self.book.balancedness()

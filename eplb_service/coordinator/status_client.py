@@ -9,6 +9,7 @@ import os
 import zmq
 
 from eplb_service import protocol
+from eplb_service.coordinator.registration_watch import rank_spans
 from eplb_service.coordinator.socket_dir import check_endpoint_dir, socket_file_path
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, is_local_endpoint
 from eplb_service.zmq_tcp import allow_ipv6
@@ -111,6 +112,12 @@ def format_status(status: dict) -> str:
     ]
     if status.get("halted"):
         lines.append(f"HALTED: {status['halted']}")
+    missing = status.get("missing_ranks") or []
+    if missing:
+        lines.append(
+            f"waiting for {len(missing)} of {status['world_size']} ranks: {rank_spans(missing)} "
+            "(no plan starts until every rank is registered)"
+        )
     lines.append(
         f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  {'clock':>5}  node/pid"
     )

@@ -1,6 +1,7 @@
 """The coordinator's status document: what ``eplb-coordinator status`` and ``/status`` show.
 
-Ranks (liveness, step, epoch, side-communicator generation, step-clock offset), the plan in
+Ranks (liveness, step, epoch, side-communicator generation, step-clock offset; ``missing_ranks``:
+those without a live agent, for which every plan waits), the plan in
 flight, the last outcomes, the counts, and balancedness: read from the coordinator's parts,
 never changing them. ``epoch`` is ``null`` until the ranks first agree on a placement (a
 number there would read as a placement that exists).
@@ -71,6 +72,7 @@ def status_document(
         "epoch": book.agreed_epoch,
         "comm_generation": side_comm.generation,
         "ranks": ranks,
+        "missing_ranks": sorted(set(range(cfg.world_size)) - {r.rank for r in registry.alive}),
         "halted": guard.halted_reason,
         "plan_in_flight": None
         if plan is None
