@@ -463,6 +463,32 @@ def decode(frame: bytes, max_bytes: int | None = None) -> Message:
         raise ProtocolError(f"undecodable frame: {_json_hint(frame) or exc}") from None
 
 
+class _HelloHead(msgspec.Struct):
+    """The part of a ``Hello`` every protocol version has: its type, version and rank. Any other
+    field is ignored, so a Hello of another version decodes here whatever fields it adds or lacks."""
+
+    type: Literal["Hello"]
+    protocol_version: int
+    rank: int = -1
+
+
+def hello_of_another_version(frame: bytes) -> tuple[int, int] | None:
+    """``(protocol_version, rank)`` of a frame that :func:`decode` refused but that is a ``Hello``
+    of another protocol version, else None.
+
+    A new version that adds a field to ``Hello`` (or an old one that lacks one) fails to decode
+    here before its version is read: the agent heard "unknown field" (``bad_message``: sending
+    again will not help) where the protocol promises a refusal naming both versions (``refused``:
+    it asks again every ``REFUSED_RETRY_S``, so a coordinator of its version takes it)."""
+    try:
+        head = msgspec.msgpack.decode(frame, type=_HelloHead)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec's ValidationError is a DecodeError
+        return None
+    if head.protocol_version == PROTOCOL_VERSION:
+        return None
+    return head.protocol_version, head.rank
+
+
 def _json_hint(frame: bytes) -> str:
     """Why a frame that is JSON text failed, or ``""`` when it is not JSON.
 

@@ -154,3 +154,37 @@ def test_a_malformed_or_out_of_order_frame_gets_a_reject_naming_what_was_wrong(e
     reply = ask(endpoint, frame, identity=b"rank-0-stranger")
     assert reply["type"] == "Reject" and expected in reply["reason"], reply
     assert reply["code"] == ("unknown_agent" if expected == "unknown agent" else "bad_message")
+
+
+@pytest.mark.parametrize(
+    ("version", "change"),
+    [(4, {"deployment_id": "a field of a newer Hello"}), (2, {}), (1, {"drop": "step"})],
+    ids=["newer_with_a_new_field", "older", "older_without_a_field"],
+)
+def test_a_hello_of_another_protocol_version_is_refused_naming_both_versions(endpoint, version, change):
+    """Before: a Hello that was not shaped like this version's (a newer one with a field added,
+    an older one without one) got ``bad_message`` "unknown field" / "missing required field",
+    naming no version, and an agent does not ask again after ``bad_message``. Now every Hello of
+    another version gets ``refused`` naming both, as PROTOCOL.md says."""
+    phy2log = np.tile(np.arange(EXPERTS, dtype=np.int64), (LAYERS, 1))
+    fields = {
+        "protocol_version": version,
+        "rank": 1,
+        "model": {
+            "num_layers": LAYERS,
+            "num_logical": EXPERTS,
+            "num_physical": EXPERTS,
+            "num_ranks": RANKS,
+            "bytes_per_expert": 64,
+        },
+        "phy2log": {"dtype": "int64", "shape": [LAYERS, EXPERTS], "data": phy2log.tobytes()},
+        "epoch": 0,
+        "step": 0,
+        "transport": "none",
+    }
+    fields.pop(change.pop("drop", ""), None)
+    reply = ask(endpoint, encode("Hello", **fields, **change), identity=b"rank-1-other-version")
+    assert reply["type"] == "Reject" and reply["code"] == "refused", reply
+    assert f"protocol version {version} does not match the coordinator's {PROTOCOL_VERSION}" in reply["reason"]
+    same = ask(endpoint, encode("Hello", **{**fields, "protocol_version": PROTOCOL_VERSION}, extra=1))
+    assert same["code"] == "bad_message" and "unknown field `extra`" in same["reason"], "this version: named as is"

@@ -46,6 +46,16 @@ class HelloProblem:
     ``what``, a new mismatch is logged at once even while another one's lines are throttled."""
 
 
+def version_problem(version: int) -> HelloProblem:
+    """A Hello of protocol ``version``, not the coordinator's: the one refusal every version's
+    Hello gets, whether or not its other fields are this version's."""
+    return HelloProblem(
+        f"protocol version {version} does not match the coordinator's {protocol.PROTOCOL_VERSION}; agents and "
+        f"coordinator must be of one eplb-service protocol version",
+        ("protocol_version", version),
+    )
+
+
 def hello_problem(
     identity: bytes, hello: protocol.Hello, world_size: int, model: protocol.ModelShape | None
 ) -> HelloProblem | None:
@@ -56,10 +66,7 @@ def hello_problem(
             (hello.rank, "identity"),
         )
     if hello.protocol_version != protocol.PROTOCOL_VERSION:
-        return HelloProblem(
-            f"protocol version {hello.protocol_version} does not match the coordinator's {protocol.PROTOCOL_VERSION}",
-            ("protocol_version", hello.protocol_version),
-        )
+        return version_problem(hello.protocol_version)
     # The world size first: a coordinator started without --dp (1 rank) against 8 ranks must
     # say so to every rank, not tell ranks 1..7 only that their rank is out of range. It is not
     # learned from the first Hello: --dp is the operator's statement of the deployment, checked

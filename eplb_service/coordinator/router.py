@@ -14,7 +14,7 @@ import time
 from typing import Callable, Hashable, Iterable, Protocol
 
 from eplb_service import protocol
-from eplb_service.coordinator.admission import Claim, claim, hello_placement, hello_problem
+from eplb_service.coordinator.admission import Claim, claim, hello_placement, hello_problem, version_problem
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
@@ -336,6 +336,11 @@ class MessageRouter:
         level = logging.WARNING if code == "rank_taken" else logging.ERROR
         self.throttle.report(("hello_refused", *(key or (rank, code))), level, "refused rank %d: %s", rank, reason)
         self.host.send(identity, protocol.Reject(reason=reason, code=code))
+
+    def refuse_version(self, identity: bytes, version: int, rank: int) -> None:
+        """A Hello of another protocol version that this version's decoder could not read."""
+        problem = version_problem(version)
+        self._reject(identity, rank, problem.reason, key=problem.key)
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
         if self.book.model is not None and not self.registry.alive and (hello.node, hello.pid) not in self.processes:

@@ -323,6 +323,10 @@ class Coordinator:
             try:
                 message = protocol.decode(frame, self.max_message_bytes)
             except protocol.ProtocolError as exc:
+                other = protocol.hello_of_another_version(frame) if len(frame) <= self.max_message_bytes else None
+                if other is not None:
+                    self.router.refuse_version(identity, *other)
+                    continue
                 self.metrics.messages_rejected.labels("decode").inc()
                 self.router.throttle.report(
                     ("decode", identity), logging.WARNING, "bad message from %r: %s", identity, exc
