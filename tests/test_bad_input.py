@@ -181,6 +181,28 @@ def test_a_mispointed_deployment_is_one_log_line_per_mismatch_and_each_new_one_i
     assert len(lines) == 3, lines
 
 
+def test_a_second_deployment_of_the_same_shape_is_told_what_differs_from_the_rank_holder(tmp_path):
+    """Same model, same world size, another deployment: nothing in its Hello is wrong, only its
+    ranks are held. The refusal named the holder alone; now it names both processes (pid, node,
+    step, epoch) and the two remedies, and the deployment that holds the ranks is untouched."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(CoordinatorConfig(world_size=2, endpoint=endpoint)).start()
+    try:
+        for rank in (0, 1):
+            assert isinstance(
+                ask(endpoint, f"rank-{rank}".encode(), hello(rank=rank, pid=100 + rank)), protocol.Welcome
+            )
+        reply = ask(endpoint, b"rank-1", hello(rank=1, pid=4242, node="other-host"))
+        registry = coord.coordinator.registry
+        assert sorted(r.pid for r in registry.agents.values() if r.alive) == [100, 101]
+    finally:
+        coord.stop()
+    assert isinstance(reply, protocol.Reject) and reply.code == "rank_taken", reply
+    assert "held by a live agent (pid 101 on '', step 0, epoch 0" in reply.reason
+    assert "this Hello is from pid 4242 on 'other-host', step 0, epoch 0" in reply.reason
+    assert "another deployment, give it a coordinator of its own" in reply.reason
+
+
 def test_ranks_that_never_register_are_named_in_the_log_and_the_status(tmp_path, caplog, monkeypatch):
     """Before: with 2 of 4 ranks registered for minutes, the log said nothing after the two
     registrations, and the status listed the missing ranks only row by row. Now a warning names

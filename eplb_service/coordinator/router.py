@@ -374,8 +374,11 @@ class MessageRouter:
                 identity,
                 hello.rank,
                 (
-                    f"rank {hello.rank} is held by a live agent (pid {holder.pid} on {holder.node!r}, heard "
-                    f"{now - holder.last_seen:.1f}s ago); it is free again once that agent leaves or is silent for "
+                    f"rank {hello.rank} is held by a live agent (pid {holder.pid} on {holder.node!r}, step "
+                    f"{holder.step}, epoch {holder.epoch}, heard {now - holder.last_seen:.1f}s ago); this Hello is "
+                    f"from pid {hello.pid} on {hello.node!r}, step {hello.step}, epoch {hello.epoch}. If it is "
+                    "another deployment, give it a coordinator of its own (its own endpoint); if it is this rank's "
+                    "worker restarted, it gets the rank once the old agent leaves or is silent for "
                     f"liveness_timeout_s={self.cfg.liveness_timeout_s}"
                 ),
                 code="rank_taken",
