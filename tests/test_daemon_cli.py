@@ -258,6 +258,51 @@ def test_sigterm_with_http_connections_open_stops_without_tracebacks(daemon):
     assert "Traceback" not in out and "ERROR" not in out, out
 
 
+def test_idle_connections_to_the_zmq_endpoint_are_dropped_within_the_handshake_timeout(tmp_path):
+    """A peer that opens TCP connections to the ROUTER and never completes the ZeroMQ handshake
+    (no bytes, or half a greeting) holds a descriptor per connection. Before: for ZeroMQ's
+    default 30 s; with 256 descriptors, 300 such connections kept every status client and agent
+    out for 30 s. Now they are dropped after ``HANDSHAKE_TIMEOUT_S`` (5 s) and a status client
+    gets in while the peer still holds its ends open."""
+    import resource
+
+    from eplb_service.coordinator.server import HANDSHAKE_TIMEOUT_S
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=few_descriptors,
+    )
+    idle: list[socket.socket] = []
+    try:
+        assert answers_status(endpoint, proc), "daemon did not come up"
+        host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+        for i in range(300):
+            try:
+                conn = socket.create_connection((host, int(port)), timeout=0.5)
+            except OSError:  # the backlog is full while the coordinator has no descriptor to accept with
+                continue
+            if i % 2:
+                conn.sendall(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01")  # half a greeting
+            idle.append(conn)
+        started = time.monotonic()
+        assert answers_status(endpoint, proc, timeout_s=3 * HANDSHAKE_TIMEOUT_S), "no status client got in"
+        waited = time.monotonic() - started
+        assert waited < 3 * HANDSHAKE_TIMEOUT_S and proc.poll() is None
+    finally:
+        for conn in idle:
+            conn.close()
+        proc.kill()
+        proc.wait()
+
+
 def test_readme_toml_example_is_a_valid_config(tmp_path):
     import pathlib
     import re

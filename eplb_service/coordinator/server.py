@@ -68,6 +68,13 @@ BALANCEDNESS_EVERY_S = 1.0
 """How often the tick refreshes ``eplb_balancedness{kind="current"}``: a pass over every slot
 (a few ms for 256 ranks of 768 slots), so not on every 20 ms tick; scrapes come seconds apart."""
 
+HANDSHAKE_TIMEOUT_S = 5.0
+"""Longest a new ZeroMQ connection may take to finish its handshake (greeting, CURVE) before it is
+dropped; ZeroMQ's default is 30 s. A real peer needs milliseconds, even across hosts with CURVE.
+Every connection holds a file descriptor until then: a client opening connections that never
+send a byte (or half a greeting) ran the coordinator out of descriptors, and for the next 30 s
+no agent could register and no status client got an answer (nor any, if it kept reopening)."""
+
 REQ_ENVELOPE = [b""]
 """What a REQ socket (or a DEALER speaking its envelope) puts between its identity and its message."""
 
@@ -149,6 +156,7 @@ class Coordinator:
         # a slow link (round trips of seconds) keeps its connection.
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.cfg.liveness_timeout_s * 500))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.cfg.liveness_timeout_s * 2000))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
         # No ROUTER_HANDOVER: a second connection with an identity in use is refused, so
         # nobody can take a registered agent's route over.
         auth_monitor = self._secure(sock)
