@@ -303,6 +303,33 @@ def test_idle_connections_to_the_zmq_endpoint_are_dropped_within_the_handshake_t
         proc.wait()
 
 
+def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one(tmp_path):
+    """Before: the daemon kept the 1024 soft limit systemd and shells hand out (256 here), however
+    high the hard one, so a few hundred idle connections left no descriptor for agents."""
+    endpoint = f"ipc://{tmp_path}/run/coordinator.sock"
+
+    def low_soft_limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=low_soft_limit,
+    )
+    try:
+        assert answers_status(endpoint, proc), "daemon did not come up"
+        with open(f"/proc/{proc.pid}/limits") as limits:
+            line = next(row for row in limits if row.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_readme_toml_example_is_a_valid_config(tmp_path):
     import pathlib
     import re
