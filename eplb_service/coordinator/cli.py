@@ -480,38 +480,12 @@ def _stop_on(coordinator, sig: signal.Signals) -> None:
     coordinator.stop()
 
 
-DESCRIPTORS_WANTED = 65536
-"""The soft open-file limit the daemon raises itself to (never past the hard limit)."""
-
-
-def raise_descriptor_limit(wanted: int = DESCRIPTORS_WANTED) -> tuple[int, int]:
-    """Raise this process's soft ``RLIMIT_NOFILE`` towards ``wanted``, within the hard limit;
-    returns (before, after).
-
-    Every agent, status client, HTTP client and connection still in its ZeroMQ handshake holds a
-    descriptor. systemd and most shells give 1024 soft (with a hard limit far above), so a few
-    hundred idle connections from the network left none for agents; the hard limit is what the
-    administrator allows, and the soft one is for the process to raise (as nginx and Go do)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):  # a sandbox that refuses it: serve with what there is
-            return soft, soft
-        return soft, target
-    return soft, soft
-
-
 def _serve(cfg: CoordinatorConfig) -> int:
+    from eplb_service.coordinator.open_files import DAEMON_SOFT_LIMIT
     from eplb_service.coordinator.server import BindError, Coordinator
 
-    raise_descriptor_limit()
-
     async def main() -> None:
-        coordinator = Coordinator(cfg)
+        coordinator = Coordinator(cfg, open_files_wanted=DAEMON_SOFT_LIMIT)
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, _stop_on, coordinator, sig)

@@ -61,8 +61,32 @@ class OpenFileBudget:
     """Descriptors in use at start plus ``PER_RANK_FDS`` per rank plus ``HEADROOM_FDS``."""
 
 
-def fit_open_file_limit(world_size: int, in_use: int | None = None) -> OpenFileBudget:
-    """Raise the soft ``RLIMIT_NOFILE`` to what ``world_size`` ranks need (up to the hard limit).
+DAEMON_SOFT_LIMIT = 65536
+"""The soft open-file limit the ``eplb-coordinator`` daemon raises itself to (never past the hard limit)."""
+
+
+def raise_soft_limit(wanted: int) -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` towards ``wanted``, within the hard limit;
+    returns (before, after).
+
+    Every agent, status client, HTTP client and connection still in its ZeroMQ handshake holds a
+    descriptor. systemd and most shells give 1024 soft (with a hard limit far above), so a few
+    hundred idle connections from the network left none for agents; the hard limit is what the
+    administrator allows, and the soft one is for the process to raise (as nginx and Go do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a sandbox that refuses it: serve with what there is
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def fit_open_file_limit(world_size: int, in_use: int | None = None, wanted: int = 0) -> OpenFileBudget:
+    """Raise the soft ``RLIMIT_NOFILE`` to what ``world_size`` ranks need, or to ``wanted`` where
+    that is more (up to the hard limit).
 
     Raises :class:`OpenFileLimitError` when even the hard limit is below one connection per
     rank plus ``MIN_FDS_BEYOND_RANKS``; a limit between that and the comfortable need is kept
@@ -70,17 +94,9 @@ def fit_open_file_limit(world_size: int, in_use: int | None = None) -> OpenFileB
     in_use = open_fds() if in_use is None else in_use
     base = in_use if in_use is not None else 32
     needed = base + PER_RANK_FDS * world_size + HEADROOM_FDS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    raised_from = None
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        try:
-            if target <= soft:
-                raise ValueError(f"hard limit {hard}")
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft, raised_from = target, soft
-        except (ValueError, OSError):
-            pass
+    before, soft = raise_soft_limit(max(needed, wanted))
+    raised_from = before if soft != before else None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     minimum = base + world_size + MIN_FDS_BEYOND_RANKS
     if soft != resource.RLIM_INFINITY and soft < minimum:
         raise OpenFileLimitError(

@@ -94,8 +94,11 @@ class Coordinator:
     every decision lives in a part of its own.
     """
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, open_files_wanted: int = 0) -> None:
         self.cfg = config
+        self.open_files_wanted = open_files_wanted
+        """A soft open-file limit to raise to beyond what the ranks need (the daemon's; an embedded
+        coordinator leaves its host process's limit alone unless the ranks need more)."""
         self.log = rank_logger(__name__, "coordinator")
         self.registry = Registry(config.world_size)
         self.metrics = CoordinatorMetrics(agent_counters=self._agent_counters)
@@ -214,12 +217,12 @@ class Coordinator:
     def _fit_open_files(self) -> OpenFileWatch:
         """The open-file limit raised to what ``--dp`` needs; :class:`BindError` when it cannot hold the ranks."""
         try:
-            budget = fit_open_file_limit(self.cfg.world_size)
+            budget = fit_open_file_limit(self.cfg.world_size, wanted=self.open_files_wanted)
         except OpenFileLimitError as exc:
             raise BindError(str(exc)) from None
         if budget.raised_from is not None:
             self.log.info(
-                "raised the open-file limit (ulimit -n) from %d to %d for %d ranks",
+                "raised the open-file limit (ulimit -n) from %d to %d (%d ranks)",
                 budget.raised_from,
                 budget.soft,
                 self.cfg.world_size,
