@@ -107,3 +107,138 @@ def test_a_stopped_coordinator_removes_its_socket_file_but_not_a_successors(tmp_
             release_ipc_endpoint(f"ipc://{path}", mine)
             assert path.is_socket(), "a socket file bound by someone else since is left alone"
     assert ipc_socket_identity("tcp://127.0.0.1:5555") is None and ipc_socket_identity("ipc://@abstract") is None
+
+
+def _open_sockets() -> int:
+    """Socket descriptors this process holds (ZeroMQ's listeners and connections among them)."""
+    import os
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return count
+
+
+def _remove_and_wait_for_rebind(path, watch_tick=None) -> None:
+    import os
+    import time
+
+    os.unlink(path)
+    deadline = time.monotonic() + 10
+    while not path.is_socket():
+        if watch_tick is not None:
+            watch_tick()
+        assert time.monotonic() < deadline, "the socket file was never bound again"
+        time.sleep(0.01)
+    time.sleep(0.05)  # the coordinator's watch reads the new file's inode after its bind
+
+
+def test_a_socket_file_removed_again_and_again_leaves_no_listener_behind(tmp_path, monkeypatch):
+    """Before: every bind after a removal kept the removed file's listener open, one socket
+    descriptor more per removal (10 removals: 10 more), for as long as the coordinator ran."""
+    from coordinator_thread import CoordinatorThread
+
+    from eplb_service.coordinator import socket_watch
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.status_client import fetch_status
+
+    monkeypatch.setattr(socket_watch, "CHECK_EVERY_S", 0.01)
+    path = tmp_path / "run" / "c.sock"
+    thread = CoordinatorThread(CoordinatorConfig(world_size=1, endpoint=f"ipc://{path}")).start()
+    try:
+        _remove_and_wait_for_rebind(path)
+        before = _open_sockets()
+        for _ in range(10):
+            _remove_and_wait_for_rebind(path)
+        assert _open_sockets() <= before, "each removal must not leave its listener open"
+        assert fetch_status(f"ipc://{path}", timeout_s=5)["pid"] > 0
+    finally:
+        thread.stop()
+
+
+def test_listeners_of_removed_files_stay_for_registered_agents_up_to_a_bound(tmp_path):
+    """With agents registered, the removed file's listener stays so their connections do (closing it
+    closes them), but no more than ``MAX_LISTENERS`` of them: a file removed on a timer must not
+    grow the coordinator's descriptors without end."""
+    import zmq
+
+    from eplb_service.coordinator.socket_watch import MAX_LISTENERS, SocketFileWatch
+    from eplb_service.logutil import rank_logger
+
+    path = tmp_path / "c.sock"
+    endpoint = f"ipc://{path}"
+    ctx = zmq.Context()
+    router, agent = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.bind(endpoint)
+        clock = [0.0]
+        watch = SocketFileWatch(endpoint, router, lambda: True, rank_logger("test", "coordinator"))
+
+        def tick() -> None:
+            clock[0] += 10.0
+            watch.tick(clock[0])
+
+        agent.connect(endpoint)
+        agent.send(b"before")
+        assert router.poll(5000) and router.recv_multipart()[1] == b"before"
+        before = _open_sockets()
+        _remove_and_wait_for_rebind(path, tick)
+        agent.send(b"after")
+        assert router.poll(5000) and router.recv_multipart()[1] == b"after"
+        assert watch.listeners == 2 and _open_sockets() == before + 1, "the connection is kept with its listener"
+        for _ in range(3 * MAX_LISTENERS):
+            _remove_and_wait_for_rebind(path, tick)
+            assert watch.listeners <= MAX_LISTENERS
+        assert _open_sockets() <= before + MAX_LISTENERS - 1
+        assert watch.rebinds == 3 * MAX_LISTENERS + 1
+    finally:
+        agent.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
+
+
+def test_a_file_removed_again_right_after_the_bind_is_bound_once_more(tmp_path):
+    """Before: the inode read after the bind found nothing, the watch took that as "no ipc
+    file to watch" and never bound again: the endpoint stayed unreachable until a restart."""
+    import os
+
+    import zmq
+
+    from eplb_service.coordinator.socket_watch import SocketFileWatch
+    from eplb_service.logutil import rank_logger
+
+    path = tmp_path / "c.sock"
+    endpoint = f"ipc://{path}"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+
+    class RemovedRightAfterBind:
+        """The router, with a cleaner that removes the file the first time it is bound again."""
+
+        removals = 0
+
+        def bind(self, where: str) -> None:
+            router.bind(where)
+            if self.removals == 0:
+                self.removals += 1
+                os.unlink(path)
+
+        def unbind(self, where: str) -> None:
+            router.unbind(where)
+
+    try:
+        router.bind(endpoint)
+        watch = SocketFileWatch(endpoint, RemovedRightAfterBind(), lambda: False, rank_logger("test", "coordinator"))
+        os.unlink(path)
+        watch.tick(10.0)
+        assert not path.exists() and watch.rebinds == 1
+        watch.tick(20.0)
+        assert (
+            path.is_socket() and watch.rebinds == 2 and watch.identity == (os.stat(path).st_dev, os.stat(path).st_ino)
+        )
+    finally:
+        router.close(linger=0)
+        ctx.term()

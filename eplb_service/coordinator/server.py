@@ -38,7 +38,7 @@ from eplb_service.coordinator.registration_watch import RegistrationWatch
 from eplb_service.coordinator.registry import Registry
 from eplb_service.coordinator.router import MessageRouter
 from eplb_service.coordinator.side_comm import SideComm
-from eplb_service.coordinator.socket_dir import ipc_socket_identity, prepare_ipc_dir, release_ipc_endpoint
+from eplb_service.coordinator.socket_dir import prepare_ipc_dir, release_ipc_endpoint
 from eplb_service.coordinator.socket_watch import SocketFileWatch
 from eplb_service.coordinator.status_doc import status_document
 from eplb_service.logutil import rank_logger
@@ -166,12 +166,7 @@ class Coordinator:
         http = None
         try:
             sock.bind(self.cfg.endpoint)
-            self._socket_watch = SocketFileWatch(
-                self.cfg.endpoint,
-                ipc_socket_identity(self.cfg.endpoint),
-                lambda: sock.bind(self.cfg.endpoint),
-                self.log,
-            )
+            self._socket_watch = SocketFileWatch(self.cfg.endpoint, sock, lambda: bool(self.registry.alive), self.log)
             if self.cfg.metrics_port is not None:
                 http = await self._serve_http()
         except (BindError, zmq.ZMQError) as exc:
