@@ -242,3 +242,80 @@ def test_a_file_removed_again_right_after_the_bind_is_bound_once_more(tmp_path):
     finally:
         router.close(linger=0)
         ctx.term()
+
+
+SQUATTER = """
+import os, socket, sys
+path = sys.argv[1]
+os.unlink(path)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(4)
+print("bound", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_socket_file_replaced_by_a_live_listener_is_reported_unready_and_taken_back_once_it_stops(
+    tmp_path, monkeypatch, caplog
+):
+    """Before: one error line ("stop one of the two") and nothing else: /readyz said ready and
+    status said nothing while every agent or client that connected reached the other process, and
+    after that process stopped, its dead socket file kept the endpoint unreachable for good."""
+    import logging
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from coordinator_thread import CoordinatorThread
+
+    from eplb_service.coordinator import socket_watch
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.status_client import fetch_status
+
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{coordinator.metrics_port}/readyz", timeout=5) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def wait_for(predicate, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    monkeypatch.setattr(socket_watch, "CHECK_EVERY_S", 0.05)
+    path = tmp_path / "run" / "c.sock"
+    endpoint = f"ipc://{path}"
+    thread = CoordinatorThread(CoordinatorConfig(world_size=1, endpoint=endpoint, metrics_port=0)).start()
+    coordinator = thread.coordinator
+    try:
+        assert readyz()[0] == 200 and coordinator.status()["endpoint_unreachable"] is None
+        with caplog.at_level(logging.WARNING):
+            squatter = subprocess.Popen(
+                [sys.executable, "-c", SQUATTER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert squatter.stdout.readline() == "bound\n"
+                wait_for(lambda: coordinator.status()["endpoint_unreachable"], "the replacement was never noticed")
+                reason = coordinator.status()["endpoint_unreachable"]
+                assert f"socket file {path} was replaced" in reason and f"pid {squatter.pid} (" in reason, reason
+                code, body = readyz()
+                assert code == 503 and body.startswith("unreachable: socket file"), (code, body)
+                time.sleep(0.3)  # a few more checks: the file is not taken from a live listener, nor reported again
+                assert path.is_socket() and coordinator.status()["endpoint_unreachable"] == reason
+            finally:
+                squatter.stdin.close()
+                squatter.wait(10)
+            wait_for(lambda: coordinator.status()["endpoint_unreachable"] is None, "the dead listener's file stayed")
+        assert readyz()[0] == 200 and fetch_status(endpoint, timeout_s=5)["pid"] == coordinator.status()["pid"]
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1, errors
+        assert f"listened on by pid {squatter.pid}" in errors[0] and f"stop pid {squatter.pid}" in errors[0]
+        assert f"is no longer reachable at {endpoint}" in errors[0] and "[coordinator]" in caplog.text
+    finally:
+        thread.stop()

@@ -7,7 +7,8 @@ so a probe that answers proves the loop itself is responsive:
   (as Prometheus does by default; prometheus_client's own ``choose_encoder`` decides);
 - ``/livez``: 200 while the loop ticks (503 if the periodic tick is more than 5 s late);
 - ``/readyz``: 200 once the ROUTER is bound (the rendezvous store, since protocol 2, is rank 0's
-  worker's, not the coordinator's: nothing else to wait for);
+  worker's, not the coordinator's: nothing else to wait for); 503 again while another process's
+  socket file stands at its ``ipc://`` path (agents connecting reach that process instead);
 - ``/status``: the status document as strict JSON (as ``eplb-coordinator status --json``).
 """
 
@@ -128,6 +129,8 @@ def route(coordinator: "Coordinator", path: str, accept: str = "") -> bytes:
             return _response("503 Service Unavailable", f"event loop tick {late:.1f}s late\n".encode())
         return _response("200 OK", b"ok\n")
     if path == "/readyz":
+        if coordinator.endpoint_unreachable:
+            return _response("503 Service Unavailable", f"unreachable: {coordinator.endpoint_unreachable}\n".encode())
         if coordinator.ready.is_set():
             return _response("200 OK", b"ready\n")
         return _response("503 Service Unavailable", b"starting\n")

@@ -710,8 +710,21 @@ class Coordinator:
     def status(self) -> dict:
         """The status document (``eplb-coordinator status``, ``StatusReply``)."""
         return status_document(
-            self.cfg, self.registry, self.book, self.guard, self.plans, self.side_comm, self.started_monotonic
+            self.cfg,
+            self.registry,
+            self.book,
+            self.guard,
+            self.plans,
+            self.side_comm,
+            self.started_monotonic,
+            self.endpoint_unreachable,
         )
+
+    @property
+    def endpoint_unreachable(self) -> str | None:
+        """Why agents that connect now do not reach this coordinator at its endpoint (another process
+        replaced its socket file); ``None`` while they do. ``/readyz`` answers 503 with it."""
+        return None if self._socket_watch is None else self._socket_watch.unreachable
 
     def progress(self) -> CoordinatorProgress:
         """Epoch, plan counts, traffic and the plan in flight, frozen now: what a process hosting

@@ -149,7 +149,7 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
         raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
         raise EndpointUnavailable(f"{path} is not a socket; expected a coordinator's ipc:// socket or nothing there")
-    if not _unix_socket_listening(path):
+    if not unix_socket_listening(path):
         os.unlink(path)
         return f"removed the stale socket {path} (no process listens on it)"
     import zmq
@@ -175,7 +175,7 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
     )
 
 
-def _unix_socket_listening(path: str) -> bool:
+def unix_socket_listening(path: str) -> bool:
     """Whether a process accepts connections on the unix socket ``path`` (refused = nobody listens)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)

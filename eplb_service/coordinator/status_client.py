@@ -118,6 +118,8 @@ def format_status(status: dict) -> str:
             f"waiting for {len(missing)} of {status['world_size']} ranks: {rank_spans(missing)} "
             "(no plan starts until every rank is registered)"
         )
+    if status.get("endpoint_unreachable"):
+        lines.append(f"UNREACHABLE: {status['endpoint_unreachable']}")
     lines.append(
         f"{'rank':>4}  {'alive':5}  {'step':>8}  {'epoch':>5}  {'gen':>4}  {'seen':>6}  {'clock':>5}  node/pid"
     )

@@ -35,6 +35,7 @@ def status_document(
     plans: PlanRunner,
     side_comm: SideComm,
     started_monotonic: float,
+    endpoint_unreachable: str | None = None,
 ) -> dict:
     """The document; ``started_monotonic`` is the coordinator's start on ``time.monotonic()``: an
     uptime from wall clocks goes negative or leaps when NTP or an operator sets the clock."""
@@ -74,6 +75,7 @@ def status_document(
         "ranks": ranks,
         "missing_ranks": sorted(set(range(cfg.world_size)) - {r.rank for r in registry.alive}),
         "halted": guard.halted_reason,
+        "endpoint_unreachable": endpoint_unreachable,
         "plan_in_flight": None
         if plan is None
         else {
