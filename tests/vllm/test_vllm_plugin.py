@@ -159,6 +159,33 @@ def test_a_dense_model_without_eplb_is_served_with_one_warning(tmp_path, caplog,
     assert args_cls(is_moe=True).create_engine_config().parallel_config.enable_eplb
 
 
+@pytest.mark.parametrize("is_moe", [False, True])
+def test_the_plugins_lines_say_active_only_where_it_takes_eplb_over(monkeypatch, tmp_path, caplog, is_moe):
+    """Before: ``register()`` logged "eplb-service plugin active" in every process, and for a dense
+    model the engine config's warning then said the plugin stays passive: "active", then "passive"."""
+    args_cls = type("EngineArgs", (FakeEngineArgsBase,), {})
+    monkeypatch.setattr(plugin, "_setup_logging", lambda level, fmt="text": None)
+    monkeypatch.setattr(logging.getLogger("eplb_service"), "propagate", True)  # to caplog's root handler
+    monkeypatch.setenv(C.ENDPOINT, f"ipc://{tmp_path}/c.sock")
+    monkeypatch.setattr(plugin, "_installed", None)
+    monkeypatch.setattr(adapter, "installed_vllm_version", lambda: "0.33.0")
+    monkeypatch.setattr(adapter, "eplb_state_class", lambda: type("EplbState", (FakeEplbStateBase,), {}))
+    monkeypatch.setattr(adapter, "engine_args_class", lambda: args_cls)
+    with caplog.at_level(logging.INFO, logger="eplb_service"):
+        plugin.register()  # every vLLM process: the model is not known yet
+        loaded = [r.getMessage() for r in caplog.records]
+        args_cls(is_moe=is_moe, enable_eplb=is_moe, enable_expert_parallel=is_moe).create_engine_config()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(loaded) == 1 and "eplb-service plugin loaded: coordinator ipc://" in loaded[0], loaded
+    assert "active" not in loaded[0] and "passive" not in loaded[0], loaded
+    later = lines[1:]
+    if is_moe:
+        assert len(later) == 1 and later[0].startswith("eplb-service plugin active: vLLM's EPLB"), later
+    else:
+        assert len(later) == 1 and "the plugin stays passive" in later[0], later
+        assert not any("active:" in line for line in lines), lines
+
+
 def test_a_parallel_config_without_the_flags_is_an_adapter_error(tmp_path):
     _, args_cls = _install(tmp_path)
     engine_args = args_cls()

@@ -64,7 +64,13 @@ def register() -> None:
             log.warning("%s", warning)
         install(cfg, adapter.eplb_state_class(), adapter.engine_args_class())
         _installed = cfg
-        log.info("eplb-service plugin active: coordinator %s, transport %s", cfg.endpoint, cfg.transport)
+        # Not "active" yet: whether it takes over is known only from the engine config (a dense model
+        # leaves it passive), which this process may never see (a worker receives it built).
+        log.info(
+            "eplb-service plugin loaded: coordinator %s, transport %s; it takes over vLLM's EPLB for a MoE model",
+            cfg.endpoint,
+            cfg.transport,
+        )
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -185,12 +191,13 @@ def install(
     eplb_state_cls._eplb_service_patched = True
 
     if engine_args_cls is not None:
-        _check_engine_config(engine_args_cls)
+        _check_engine_config(engine_args_cls, cfg)
 
 
-def _check_engine_config(engine_args_cls: type) -> None:
+def _check_engine_config(engine_args_cls: type, cfg: config_mod.PluginConfig) -> None:
     """Wrap ``create_engine_config`` (idempotent): refuse what the plugin cannot serve before any
-    worker starts; a dense model without EPLB passes with one warning (nothing of ours runs)."""
+    worker starts; a dense model without EPLB passes with one warning (nothing of ours runs), and
+    a MoE model with EPLB gets the one line that says the plugin is active."""
     if getattr(engine_args_cls, "_eplb_service_patched", False):
         return
     from eplb_service.integrations.vllm import adapter
@@ -203,6 +210,12 @@ def _check_engine_config(engine_args_cls: type) -> None:
         passive = adapter.check_parallel_config(vllm_config.parallel_config, getattr(vllm_config, "model_config", None))
         if passive:  # without EPLB no worker builds an EplbState: nothing of ours runs there
             log.warning("%s", passive)
+        else:
+            log.info(
+                "eplb-service plugin active: vLLM's EPLB rearrangement is replaced (coordinator %s, transport %s)",
+                cfg.endpoint,
+                cfg.transport,
+            )
         return vllm_config
 
     engine_args_cls.create_engine_config = create_engine_config
