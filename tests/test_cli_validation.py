@@ -182,6 +182,20 @@ def test_a_config_file_mistake_names_the_file_and_the_value_as_toml_writes_it(tm
     assert parse_command_line(["--config", str(path)]).log_level == "Debug"
 
 
+def test_a_config_file_number_in_quotes_is_refused_naming_key_value_and_type(tmp_path):
+    """`fence-timeout-s = "30"` (a TOML string) was read as the number 30, while `insecure = "false"`
+    was refused: a template that quoted every value passed unnoticed, for numbers only."""
+    path = tmp_path / "c.toml"
+    for text in ('fence-timeout-s = "30"', 'dp = "2"', 'metrics_port = " 9000"', 'min-gain = "0.05"'):
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError) as exc:
+            parse_command_line(["--config", str(path)])
+        assert str(exc.value) == f"config file {str(path)!r}: {text}: expected a number (no quotes), got a string"
+    path.write_text('dp = 2\nfence-timeout-s = 30\nmin-gain = 0.05\nlog-level = "info"\nendpoint = "ipc:///tmp/x/c"\n')
+    args = parse_command_line(["--config", str(path)])
+    assert (args.dp, args.fence_timeout_s, args.min_gain, args.log_level) == (2, 30.0, 0.05, "info")
+
+
 def test_an_implausible_rank_count_is_refused_at_once():
     """`--dp 100000000` (a typo) used to sit for minutes without a line, building per-rank state
     (2.5 GB at a million ranks) until the machine ran out of memory."""

@@ -1,7 +1,9 @@
 """``eplb-coordinator --config FILE``: settings from a TOML file, checked as the flags are.
 
 Keys are the flags' long names or their destinations, dashes or underscores; switches take
-only TOML booleans (the string ``"false"`` would otherwise read as true).
+only TOML booleans (the string ``"false"`` would otherwise read as true), and numbers only TOML
+numbers: ``fence-timeout-s = "30"`` is a string where a number belongs (a template that quoted
+what it should not, a value meant for another key), refused like any other mistaken type.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ def _as_written(value: object) -> str:
     return str(value)
 
 
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
     """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
     setting = f"config file {path!r}: {key} = {_as_written(value)}"
@@ -70,6 +80,8 @@ def _config_value(path: str, key: str, value, action: argparse.Action, flips: bo
     if isinstance(value, (bool, dict, list)):
         raise ValueError(f"{setting}: expected a {'number' if action.type else 'string'}")
     if action.type is not None:
+        if isinstance(value, str) and _reads_as_number(value):  # TOML is typed: a number in quotes is a string
+            raise ValueError(f"{setting}: expected a number (no quotes), got a string")
         try:
             return action.type(str(value))
         except (argparse.ArgumentTypeError, ValueError) as exc:
