@@ -59,7 +59,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 Any signal whose default action ends the sidecar must be here: a sidecar killed by it
 takes the coordinator with it (``PR_SET_PDEATHSIG``) but leaves vLLM running unsupervised,
-holding its GPUs, with nobody to restart the coordinator."""
+holding its GPUs, with nobody to restart the coordinator. The sidecar ends when vLLM does,
+not at the signal: a vLLM that ignores one keeps its coordinator supervised."""
 
 
 PR_SET_PDEATHSIG = 1
@@ -227,7 +228,12 @@ class Sidecar:
         return None
 
     def _supervise_coordinator(self) -> None:
-        if self._stop_signal is not None or self.coordinator is None or self.coordinator.poll() is None:
+        """Restart a coordinator that died, with back-off, for as long as vLLM runs.
+
+        Not ended by a forwarded signal: vLLM decides what a signal means (one run under
+        ``nohup``, or one that handles SIGHUP, serves on), and a vLLM that serves on needs its
+        coordinator; one that is stopping gets a restarted coordinator stopped with it."""
+        if self.coordinator is None or self.coordinator.poll() is None:
             return
         now = time.monotonic()
         if not self._restart_at:

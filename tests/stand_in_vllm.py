@@ -3,6 +3,7 @@
 Failure modes, as the first argument:
     --exit-now CODE   fail at once with CODE, before reaching the coordinator (a vLLM that cannot start)
     --kill-self       report, then die by SIGKILL (a vLLM killed by the OOM killer)
+    --ignore-sighup   serve on through SIGHUP (a vLLM run under nohup, or one that handles it)
 """
 
 import json
@@ -28,6 +29,8 @@ def on_stop(signum, frame):
 # Before the report: a test signals as soon as it reads it.
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
     signal.signal(sig, on_stop)
+if sys.argv[1:2] == ["--ignore-sighup"]:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
 status = fetch_status(endpoint, timeout_s=5)
 print(

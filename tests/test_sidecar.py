@@ -188,6 +188,35 @@ def test_coordinator_crash_never_stops_vllm_and_is_restarted(tmp_path):
             proc.kill()
 
 
+def test_a_signal_vllm_ignores_leaves_the_coordinator_supervised(tmp_path):
+    """Before: any forwarded signal ended the coordinator's supervision for good, so after a SIGHUP
+    that vLLM ignores (it serves on), a coordinator that died was never restarted."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    _, proc, first = start_sidecar(tmp_path, sidecar_cmd(endpoint, sys.executable, STAND_IN, "--ignore-sighup"))
+    try:
+        pid = fetch_status(endpoint)["pid"]
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None and not is_gone(first["pid"]), "vLLM (stand-in) ignores SIGHUP and serves on"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if fetch_status(endpoint, timeout_s=0.5)["pid"] != pid:
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() < deadline, "the coordinator was not restarted after a signal vLLM ignored"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+        log = proc.stdout.read()
+        assert "forwarding SIGHUP to vLLM" in log and "stand-in stopping" in log, log
+        assert len(coordinator_pids(log)) == 1, "the restart is logged after start_sidecar read the first start"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_missing_vllm_command_is_a_clear_error():
     out = subprocess.run(
         [sys.executable, "-m", "eplb_service.sidecar", "--endpoint", "ipc:///tmp/x"], capture_output=True, text=True
