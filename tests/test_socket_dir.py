@@ -319,3 +319,40 @@ def test_a_socket_file_replaced_by_a_live_listener_is_reported_unready_and_taken
         assert f"is no longer reachable at {endpoint}" in errors[0] and "[coordinator]" in caplog.text
     finally:
         thread.stop()
+
+
+def test_listeners_at_the_bound_are_not_released_while_a_plan_is_in_flight(tmp_path):
+    """Releasing the listeners closes the agents' connections, and their reconnect can abort a plan
+    in flight: at the bound they are kept until a bind made between plans, which releases them all."""
+    import zmq
+
+    from eplb_service.coordinator.socket_watch import MAX_LISTENERS, SocketFileWatch
+    from eplb_service.logutil import rank_logger
+
+    path = tmp_path / "c.sock"
+    endpoint = f"ipc://{path}"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    in_flight = [True]
+    try:
+        router.bind(endpoint)
+        clock = [0.0]
+        watch = SocketFileWatch(
+            endpoint, router, lambda: True, rank_logger("test", "coordinator"), plan_in_flight=lambda: in_flight[0]
+        )
+
+        def tick() -> None:
+            clock[0] += 10.0
+            watch.tick(clock[0])
+
+        before = _open_sockets()
+        for _ in range(MAX_LISTENERS + 2):
+            _remove_and_wait_for_rebind(path, tick)
+        assert watch.listeners == MAX_LISTENERS + 3, "released while a plan was in flight"
+        assert _open_sockets() == before + MAX_LISTENERS + 2
+        in_flight[0] = False
+        _remove_and_wait_for_rebind(path, tick)
+        assert watch.listeners == 1 and _open_sockets() == before, "not released once the plan was over"
+    finally:
+        router.close(linger=0)
+        ctx.term()

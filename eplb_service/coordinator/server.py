@@ -166,7 +166,13 @@ class Coordinator:
         http = None
         try:
             sock.bind(self.cfg.endpoint)
-            self._socket_watch = SocketFileWatch(self.cfg.endpoint, sock, lambda: bool(self.registry.alive), self.log)
+            self._socket_watch = SocketFileWatch(
+                self.cfg.endpoint,
+                sock,
+                lambda: bool(self.registry.alive),
+                self.log,
+                plan_in_flight=lambda: self.plans.plan is not None,
+            )
             if self.cfg.metrics_port is not None:
                 http = await self._serve_http()
         except (BindError, zmq.ZMQError) as exc:

@@ -33,13 +33,15 @@ from eplb_service.coordinator.socket_owner import describe_pid, other_listeners
 CHECK_EVERY_S = 1.0
 """How often the socket file is looked at: one ``stat``, and the longest an agent is kept out."""
 
-MAX_LISTENERS = 4
-"""Listeners kept on the endpoint at most. A bind after a removal adds one, and the listener of
-the removed file cannot simply be closed: ZeroMQ closes the connections it accepted with it, and
-the agents' reconnect loses what was in flight (measured, 2 ranks with the file removed every
-1.5 s: 2 of 9 plans aborted, against 0 of 14 while the old listeners stayed). So they stay while
-agents are registered, one descriptor each, up to this many; at the cap (a file removed again and
-again, a cleaner on a timer) or with no agent registered, they are all closed at the next bind."""
+MAX_LISTENERS = 16
+"""Listeners kept on the endpoint before they are released. A bind after a removal adds one, and
+the listener of the removed file cannot simply be closed: ZeroMQ closes the connections it
+accepted with it, and the agents' reconnect loses what was in flight (measured, 2 ranks with the
+file removed every 1.5 s: 2 of 9 plans aborted, against 0 of 14 while the old listeners stayed).
+So they stay while agents are registered, one descriptor each, up to this many; at the cap (a
+file removed again and again, a cleaner on a timer) they are all closed at the next bind made
+while no plan is in flight (the agents reconnect between plans), and with no agent registered at
+every bind."""
 
 
 class SocketFileWatch:
@@ -47,6 +49,8 @@ class SocketFileWatch:
 
     ``agents_registered``: whether closing the old listeners would cut registered agents off
     (see :data:`MAX_LISTENERS`); with none, every bind after a removal releases the old ones.
+    ``plan_in_flight``: whether a plan is between its proposal and its outcome; the listeners at
+    the cap are not released then (the reconnect could abort it), but at the next bind after.
     """
 
     def __init__(
@@ -55,12 +59,14 @@ class SocketFileWatch:
         sock: zmq.Socket,
         agents_registered: Callable[[], bool],
         log: logging.LoggerAdapter,
+        plan_in_flight: Callable[[], bool] = lambda: False,
     ) -> None:
         self.endpoint = endpoint
         self.identity = ipc_socket_identity(endpoint)
         """``(device, inode)`` of the socket file bound last; ``None`` for ``tcp://`` (nothing to watch)."""
         self._sock = sock
         self._agents_registered = agents_registered
+        self._plan_in_flight = plan_in_flight
         self._log = log
         self._next_check = 0.0
         self._replaced_by: tuple[int, int] | None = None
@@ -102,9 +108,9 @@ class SocketFileWatch:
             self._log.warning(
                 "the socket file of %s was removed while this coordinator ran, %d times since the last release: "
                 "bound it again and closed the listeners of the removed files with the connections they held "
-                "(at most %d are kept); agents reconnect within seconds, a plan in flight may abort",
+                "(at most %d are kept, released between plans); agents reconnect within seconds",
                 self.endpoint,
-                MAX_LISTENERS,
+                released,
                 MAX_LISTENERS,
             )
             return
@@ -163,13 +169,14 @@ class SocketFileWatch:
             CHECK_EVERY_S,
         )
 
-    def _bind_again(self) -> bool:
-        """Bind a new listener; returns whether the old ones were closed first (see :data:`MAX_LISTENERS`)."""
-        release = self.listeners >= MAX_LISTENERS or not self._agents_registered()
-        if release:
+    def _bind_again(self) -> int:
+        """Bind a new listener; returns how many old ones were closed first (see :data:`MAX_LISTENERS`)."""
+        at_cap = self.listeners >= MAX_LISTENERS and not self._plan_in_flight()
+        released = 0
+        if at_cap or not self._agents_registered():
             with contextlib.suppress(zmq.ZMQError):  # ENOENT: none left, a bind after the last release failed
                 self._sock.unbind(self.endpoint)  # every listener of this endpoint, and what each accepted
-            self.listeners = 0
+            released, self.listeners = self.listeners, 0
         self._sock.bind(self.endpoint)
         self.listeners += 1
-        return release
+        return released
