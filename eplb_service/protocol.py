@@ -15,12 +15,14 @@ from typing import Annotated, Final, Literal, Union
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others.
 2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes.
 3: each rank's vote contributes its fence step ``e + F`` and the commit step is their MAX
 (it was ``max(e) + F``): ranks of versions 2 and 3 in one vote could propose commit steps
-before each other's fences, so one coordinator must not admit both."""
+before each other's fences, so one coordinator must not admit both.
+4: ``Hello.deployment``, the id of the vLLM deployment the rank belongs to: a version-3
+coordinator would admit ranks of two deployments into one (see :data:`DeploymentId`)."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Hard ceiling of any frame (the agents' socket limit; the coordinator's is far lower,
@@ -152,6 +154,31 @@ class CommInit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True
         return f"eplb/{self.nonce}/gen{self.generation}" if self.nonce else f"eplb/gen{self.generation}"
 
 
+DEPLOYMENT_ID_MAX_CHARS = 128
+DEPLOYMENT_ID_PATTERN = "^[!-~]*$"
+"""Printable ASCII without spaces: the id goes into log lines and the status table as it is."""
+DeploymentId = Annotated[str, msgspec.Meta(max_length=DEPLOYMENT_ID_MAX_CHARS, pattern=DEPLOYMENT_ID_PATTERN)]
+"""Which vLLM deployment a rank belongs to; every rank of one deployment sends the same one, and
+``""`` means unknown. Nothing else in a ``Hello`` tells apart two deployments of one model shape
+and world size pointed at one coordinator, whose ranks would otherwise be admitted as one: they
+would share rank 0's rendezvous store and its decision records, and a plan would be applied on
+the ranks of one deployment while the other's kept the old maps."""
+
+
+def deployment_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a deployment id (naming it and what is expected), or None."""
+    if not value:
+        return f"deployment id {value!r} is empty; expected 1..{DEPLOYMENT_ID_MAX_CHARS} characters"
+    if len(value) > DEPLOYMENT_ID_MAX_CHARS:
+        return f"deployment id {value!r} has {len(value)} characters; expected at most {DEPLOYMENT_ID_MAX_CHARS}"
+    if not all("!" <= ch <= "~" for ch in value):
+        return (
+            f"deployment id {value!r} has characters other than printable ASCII; expected letters, digits and "
+            "punctuation, no spaces"
+        )
+    return None
+
+
 class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     protocol_version: NonNegInt
     rank: NonNegInt
@@ -169,6 +196,9 @@ class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
     resume_session: NonNegInt = 0
     """The session this agent held before it reopened its socket (0: none): the coordinator
     lets it take its rank back at once, where any other Hello for a held rank waits."""
+    deployment: DeploymentId = ""
+    """The vLLM deployment this rank belongs to (``""``: unknown). While any rank is alive, the
+    coordinator admits only Hellos of the deployment id its first rank registered with."""
 
 
 Session = NonNegInt
@@ -192,9 +222,9 @@ sides speak of it: the agent waits it, the coordinator's refusal tells the opera
 RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session", "rank_taken"]
 """Why a message was refused. ``unknown_agent`` / ``stale_session``: register again;
 ``rank_taken``: another live session holds the rank, try again later; ``refused``: this
-agent cannot join (version, shape, placement), it asks again every ``REFUSED_RETRY_S``; ``bad_message``: undecodable,
-or a message only the coordinator sends. A new code would break older agents (a ``Literal``
-they cannot decode), so refusals reuse these."""
+agent cannot join (version, deployment, shape, placement), it asks again every
+``REFUSED_RETRY_S``; ``bad_message``: undecodable, or a message only the coordinator sends.
+A new code would break older agents (a ``Literal`` they cannot decode), so refusals reuse these."""
 
 
 AbortCode = Literal[

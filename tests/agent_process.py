@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from conftest import make_model, rows_match_maps
 
+from eplb_service import protocol
 from eplb_service.placement import PlacementShape
 from eplb_service.worker_agent.agent import WorkerAgent
 from eplb_service.worker_agent.transport_gloo import GlooTransport
@@ -37,6 +38,9 @@ class AgentSpec:
     """Soak runs: the hot expert moves on every this many steps."""
     transport: str = "gloo"
     """``gloo``, or ``copy-engine`` (the CPU stand-in of the copy-engine transport)."""
+    deployment: str = ""
+    """The agent's deployment id (``Hello.deployment``)."""
+    refused_retry_s: float = protocol.REFUSED_RETRY_S
 
 
 class ExitBeforeVoteAgent(WorkerAgent):
@@ -135,7 +139,12 @@ def agent_main(spec: AgentSpec, out) -> None:
     torch.set_num_threads(1)
     model = make_model(spec.rank, spec.shape)
     agent = FAULTS[spec.fault](
-        model, spec.endpoint, make_transport(spec.transport), staged_timeout_s=spec.staged_timeout_s
+        model,
+        spec.endpoint,
+        make_transport(spec.transport),
+        staged_timeout_s=spec.staged_timeout_s,
+        deployment=spec.deployment,
+        refused_retry_s=spec.refused_retry_s,
     ).start()
     hooks = agent.hooks
     step_times = []

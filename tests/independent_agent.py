@@ -30,7 +30,7 @@ import msgspec
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 PROBE_EVERY, PROBE_RADIUS = 32, 3
 HEARTBEATS_BEFORE_REOPEN = 4
 
@@ -188,6 +188,8 @@ class IndependentAgent:
     store: KeyStore | None = None
     """Rank 0 only: the store it hosts and names in its Hello."""
     bytes_per_expert: int = 1024
+    deployment: str = "independent"
+    """Sent in every Hello; every rank of one deployment sends the same one."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("independent_agent"))
 
     def __post_init__(self) -> None:
@@ -276,6 +278,7 @@ class IndependentAgent:
             store_host=self.store.host if self.store else "",
             store_port=self.store.port if self.store else 0,
             resume_session=self.session,
+            deployment=self.deployment,
         )
         self._next_hello = now + 1.0
 

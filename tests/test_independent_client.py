@@ -158,8 +158,8 @@ def test_a_malformed_or_out_of_order_frame_gets_a_reject_naming_what_was_wrong(e
 
 @pytest.mark.parametrize(
     ("version", "change"),
-    [(4, {"deployment_id": "a field of a newer Hello"}), (2, {}), (1, {"drop": "step"})],
-    ids=["newer_with_a_new_field", "older", "older_without_a_field"],
+    [(PROTOCOL_VERSION + 1, {"a_newer_field": "a field of a newer Hello"}), (3, {}), (2, {}), (1, {"drop": "step"})],
+    ids=["newer_with_a_new_field", "previous_without_deployment", "older", "older_without_a_field"],
 )
 def test_a_hello_of_another_protocol_version_is_refused_naming_both_versions(endpoint, version, change):
     """Before: a Hello that was not shaped like this version's (a newer one with a field added,

@@ -1,7 +1,7 @@
 """Who may register as a rank: the checks on a ``Hello``, as pure functions.
 
 A Hello is refused when it cannot belong to this deployment (identity, protocol version,
-rank, world size, model shape, rank 0's store, a placement that is not one), and a rank
+rank, world size, deployment id, model shape, rank 0's store, a placement that is not one), and a rank
 that a live agent holds is only handed to that same agent on a new socket (it proves it
 with its session). The coordinator does the bookkeeping and the sending.
 """
@@ -56,10 +56,41 @@ def version_problem(version: int) -> HelloProblem:
     )
 
 
+def deployment_label(deployment: str) -> str:
+    """A deployment id as log lines and the status table show it (``""`` is unknown)."""
+    return repr(deployment) if deployment else "(unknown)"
+
+
+def deployment_problem(hello: protocol.Hello, deployment: str) -> HelloProblem | None:
+    """A Hello of another deployment id than ``deployment``, the id of the ranks alive now.
+
+    Unknown (``""``) is an id like any other here: an agent that sends none cannot join ranks
+    that sent one, nor the reverse, since nothing says they are one deployment. Keyed by both
+    ids: every rank of a mis-pointed deployment repeats it, one line says it for all of them."""
+    if hello.deployment == deployment:
+        return None
+    return HelloProblem(
+        f"rank {hello.rank} (pid {hello.pid} on {hello.node!r}) is of deployment {deployment_label(hello.deployment)}, "
+        f"but this coordinator serves deployment {deployment_label(deployment)}, whose ranks are alive: two vLLM "
+        "deployments point at one coordinator endpoint. Give each deployment a coordinator of its own (its own "
+        "EPLB_SERVICE_ENDPOINT); if they are one deployment, set EPLB_SERVICE_DEPLOYMENT alike on all its ranks "
+        f"(a refused agent asks again every {protocol.REFUSED_RETRY_S:.0f} s, and is admitted once every rank of "
+        f"{deployment_label(deployment)} is gone)",
+        ("deployment", hello.deployment, deployment),
+    )
+
+
 def hello_problem(
-    identity: bytes, hello: protocol.Hello, world_size: int, model: protocol.ModelShape | None
+    identity: bytes,
+    hello: protocol.Hello,
+    world_size: int,
+    model: protocol.ModelShape | None,
+    deployment: str | None = None,
 ) -> HelloProblem | None:
-    """Why this Hello cannot belong to this deployment (naming both values), or None."""
+    """Why this Hello cannot belong to this deployment (naming both values), or None.
+
+    ``deployment``: the deployment id of the ranks alive now; None when none is (the first rank
+    registering then fixes it)."""
     if not (identity == f"rank-{hello.rank}".encode() or identity.startswith(f"rank-{hello.rank}-".encode())):
         return HelloProblem(
             f"identity {identity!r} does not match rank {hello.rank} (expected b'rank-{hello.rank}-...')",
@@ -82,6 +113,10 @@ def hello_problem(
         return HelloProblem(
             f"rank {hello.rank} outside [0, {world_size}) (coordinator world size {world_size})", (hello.rank, "rank")
         )
+    if deployment is not None:
+        problem = deployment_problem(hello, deployment)
+        if problem is not None:
+            return problem
     if model is not None and hello.model != model:
         return HelloProblem(f"model shape {hello.model} differs from the deployment's {model}", ("model", hello.model))
     if hello.rank == 0 and not (hello.store_host and hello.store_port):

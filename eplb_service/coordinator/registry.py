@@ -45,6 +45,15 @@ class Registry:
         self.ever_complete = False
         """Every rank was registered at once in this deployment: a new process registering after
         that is a restarted worker, not one of the deployment's first processes arriving."""
+        self.deployment: str | None = None
+        """The deployment id (``Hello.deployment``, ``""``: unknown) of the first rank registered
+        while no rank was alive; None before any registered. While a rank is alive, only Hellos of
+        this id are admitted (see :meth:`live_deployment`)."""
+
+    def live_deployment(self) -> str | None:
+        """The deployment id a Hello must carry to be admitted: the registered one while any rank is
+        alive, else None (any id may start the next deployment)."""
+        return self.deployment if self.alive else None
 
     def register(self, record: AgentRecord) -> AgentRecord | None:
         """Add or replace the agent of ``record.rank``; returns the record it replaced."""

@@ -14,7 +14,14 @@ import time
 from typing import Callable, Hashable, Iterable, Protocol
 
 from eplb_service import protocol
-from eplb_service.coordinator.admission import Claim, claim, hello_placement, hello_problem, version_problem
+from eplb_service.coordinator.admission import (
+    Claim,
+    claim,
+    deployment_label,
+    hello_placement,
+    hello_problem,
+    version_problem,
+)
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
@@ -346,7 +353,7 @@ class MessageRouter:
         if self.book.model is not None and not self.registry.alive and (hello.node, hello.pid) not in self.processes:
             self.processes.clear()
             self.host.new_deployment(hello.rank)
-        problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model)
+        problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model, self.registry.live_deployment())
         if problem is not None:
             return self._reject(identity, hello.rank, problem.reason, key=problem.key)
         try:
@@ -424,6 +431,9 @@ class MessageRouter:
         self.guard.forget(hello.rank)
         # Every condition about this rank (keys ``(what, rank, ...)``) is over: its Hello was taken.
         self.throttle.settle_where(lambda key: isinstance(key, tuple) and key[1:2] == (hello.rank,))
+        if self.registry.deployment != hello.deployment:  # admitted with another id: none was alive
+            self.log.info("deployment %s registers (rank %d first)", deployment_label(hello.deployment), hello.rank)
+        self.registry.deployment = hello.deployment
         replaced = self.registry.register(record)
         if replaced is not None:
             if resumed and replaced.store == record.store:

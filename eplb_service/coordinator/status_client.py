@@ -106,9 +106,11 @@ def _ratio(value: float | None) -> str:
 def format_status(status: dict) -> str:
     """A readable table: ranks, liveness, epoch, last plans, balancedness."""
     epoch = "none yet" if status["epoch"] is None else status["epoch"]
+    deployment = status.get("deployment")  # absent from an older coordinator's document
     lines = [
         f"coordinator {status['endpoint']}  world {status['world_size']}  policy {status['policy']}  "
         f"epoch {epoch}  side-comm gen {status['comm_generation']}  uptime {status['uptime_s']:.0f}s",
+        f"deployment {'none yet' if deployment is None else deployment or '(unknown: its ranks sent no id)'}",
     ]
     if status.get("halted"):
         lines.append(f"HALTED: {status['halted']}")

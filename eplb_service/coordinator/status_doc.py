@@ -4,7 +4,8 @@ Ranks (liveness, step, epoch, side-communicator generation, step-clock offset; `
 those without a live agent, for which every plan waits), the plan in
 flight, the last outcomes, the counts, and balancedness: read from the coordinator's parts,
 never changing them. ``epoch`` is ``null`` until the ranks first agree on a placement (a
-number there would read as a placement that exists).
+number there would read as a placement that exists); ``deployment`` is the deployment id the
+ranks registered with (``""``: they sent none), ``null`` before any rank registered.
 
 :func:`status_json` is how the document leaves the process (``/status``, ``StatusReply``,
 ``status --json``): strict JSON (RFC 8259), where a number that is not finite reads ``null``.
@@ -67,6 +68,7 @@ def status_document(
     return {
         "world_size": cfg.world_size,
         "endpoint": cfg.endpoint,
+        "deployment": registry.deployment,
         "policy": cfg.policy,
         "pid": os.getpid(),
         "uptime_s": round(now - started_monotonic, 3),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     serving_store = TCPStore(
         "127.0.0.1", serving_port, opts.world_size, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
     )
+    deployment = f"sim-{secrets.token_hex(8)}"  # a known id: no other deployment's ranks can join it
     specs = [
         RankSpec(
             rank=r,
@@ -95,6 +97,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
             coordinator_endpoint=opts.agent_endpoint or cfg.endpoint,
             serving_store_port=serving_port,
             log_format=logutil.active_format(),
+            deployment=deployment,
         )
         for r in range(opts.world_size)
     ]

@@ -50,6 +50,10 @@ class RankSpec:
     counted on one rank alone)."""
     log_format: str = "text"
     """``text`` or ``json``: the coordinator process's (:func:`~eplb_service.logutil.active_format`)."""
+    deployment: str = ""
+    """The agents' deployment id (``Hello.deployment``; ``""``: unknown)."""
+    welcome_timeout_s: float = 60.0
+    """Longest a rank waits for its agent's ``Welcome`` before it serves anyway (a refused deployment)."""
 
 
 class SimServingRank:
@@ -197,9 +201,9 @@ def _run_rank(spec: RankSpec, results, progress=None) -> None:
         timeout=datetime.timedelta(seconds=120),
     )
     sim = SimServingRank(spec)
-    agent = WorkerAgent(sim.model, spec.coordinator_endpoint, GlooTransport()).start()
+    agent = WorkerAgent(sim.model, spec.coordinator_endpoint, GlooTransport(), deployment=spec.deployment).start()
     # Serve only once every agent is registered, so load is reported from the first step.
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + spec.welcome_timeout_s
     while not agent.welcomed and time.monotonic() < deadline:
         time.sleep(0.01)
     dist.barrier()

@@ -99,7 +99,14 @@ class WorkerAgent:
         curve: ClientCurve | None = None,
         staging_budget_bytes: int | None = None,
         config_overrides: dict | None = None,
+        deployment: str = "",
     ) -> None:
+        problem = protocol.deployment_id_problem(deployment) if deployment else None
+        if problem is not None:
+            raise ValueError(problem)
+        self.deployment = deployment
+        """Which deployment this rank is of (``Hello.deployment``; ``""``: unknown): the coordinator
+        admits no rank of another deployment while this one's ranks are alive."""
         self.model, self.rank, self.endpoint, self.transport = model, model.rank, endpoint, transport
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
@@ -418,6 +425,7 @@ class WorkerAgent:
             store_host=self._store[0] if self._store else "",
             store_port=self._store[1] if self._store else 0,
             resume_session=self._session,
+            deployment=self.deployment,
         )
 
     _handlers = {

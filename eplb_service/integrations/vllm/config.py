@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from eplb_service.coordinator.arg_types import connect_endpoint
 from eplb_service.logutil import parse_level
+from eplb_service.protocol import deployment_id_problem
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
 from eplb_service.worker_agent.rendezvous import RendezvousError, store_port_from_env
 
@@ -28,6 +29,7 @@ REPORT_INTERVAL_STEPS = "EPLB_SERVICE_REPORT_INTERVAL_STEPS"
 SIDE_MAX_CTAS = "EPLB_SERVICE_SIDE_MAX_CTAS"
 LOG_LEVEL = "EPLB_SERVICE_LOG_LEVEL"
 LOG_FORMAT = "EPLB_SERVICE_LOG_FORMAT"
+DEPLOYMENT = "EPLB_SERVICE_DEPLOYMENT"
 
 TRANSPORTS = ("auto", "gloo", "nccl", "copy-engine", "prefer-copy-engine")
 
@@ -67,6 +69,10 @@ class PluginConfig:
     log_format: str = "text"
     """``EPLB_SERVICE_LOG_FORMAT``: ``json`` writes those lines as the coordinator's ``--log-format
     json`` does (one object per line, with its ``tag``); vLLM's own lines stay as vLLM writes them."""
+    deployment: str = ""
+    """``EPLB_SERVICE_DEPLOYMENT``: the id every rank of this vLLM deployment sends in its ``Hello``
+    (``""``: unknown). A coordinator admits no rank of another id while ranks of its
+    deployment are alive, so a second vLLM pointed at it by mistake cannot join the first."""
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -83,6 +89,9 @@ class PluginConfig:
             raise ConfigError(str(exc)) from None
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{LOG_FORMAT}={self.log_format!r}: expected 'text' or 'json'")
+        problem = deployment_id_problem(self.deployment) if self.deployment else None
+        if problem is not None:
+            raise ConfigError(f"{DEPLOYMENT}={self.deployment!r}: {problem}")
         if self.side_max_ctas is not None and not 1 <= self.side_max_ctas <= MAX_CHANNELS:
             raise ConfigError(f"{SIDE_MAX_CTAS}={self.side_max_ctas}: expected 1..{MAX_CHANNELS} CTAs")
 
@@ -128,4 +137,5 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
         side_max_ctas=_number(env, SIDE_MAX_CTAS, int, 0, inclusive=False),
         log_level=env.get(LOG_LEVEL, "INFO").strip() or "INFO",
         log_format=env.get(LOG_FORMAT, "text").strip().lower() or "text",
+        deployment=env.get(DEPLOYMENT, "").strip(),
     )

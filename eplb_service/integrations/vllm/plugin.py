@@ -368,11 +368,14 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
         ranks_per_node=topology.ranks_per_node,
         overrides=cfg.agent_overrides(),
         staging_budget_bytes=cfg.staging_budget_bytes,
+        deployment=cfg.deployment,
     )
     rank_logger(__name__, topology.rank).info(
-        "EP rank %d/%d: %d MoE layers, %d logical / %d physical experts, %d bytes per expert, transport %s",
+        "EP rank %d/%d of deployment %s: %d MoE layers, %d logical / %d physical experts, %d bytes per "
+        "expert, transport %s",
         topology.rank,
         topology.world_size,
+        cfg.deployment or f"(unknown: {config_mod.DEPLOYMENT} unset)",
         view.shape.num_layers,
         view.shape.num_logical,
         view.shape.num_physical,

@@ -1,0 +1,110 @@
+"""Two vLLM deployments of one model shape and world size pointed at one coordinator.
+
+Nothing else in a ``Hello`` tells them apart, so without a deployment id the coordinator admitted
+ranks of both as one deployment: A's rank 0 with B's rank 1 when both started at once, or B's rank
+taking the place of one of A's that went silent. B's agent then dialled A's rendezvous store and
+joined A's side communicator and decision records, and a plan could be applied on the ranks of one
+while the other's kept the old maps. Real processes and a real coordinator: exactly one
+deployment is admitted, the other is refused with one line naming both ids and the remedy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from agent_process import AgentSpec
+from coordinator_thread import CoordinatorThread
+from sim_cluster import SimCluster, assert_all_or_none
+from test_deployment_processes import SHAPE2, collect, config, start_agents, wait_for
+from test_fault_scenarios import SHALLOW, sim_config
+
+REFUSAL = "is of deployment"
+"""What the coordinator's refusal line (and the Reject's reason) says of the refused rank."""
+
+
+def refusal_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if REFUSAL in r.getMessage()]
+
+
+def test_two_deployments_started_at_once_against_one_coordinator_admit_exactly_one(tmp_path, caplog):
+    """Before: A's and B's ranks were admitted side by side (or refused as ``rank_taken``, rank by
+    rank), so the coordinator's "deployment" mixed the two."""
+    caplog.set_level("INFO")
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(sim_config(endpoint, world_size=2)).start()
+    ids = ("deploy-a", "deploy-b")
+    try:
+        clusters = [
+            SimCluster(2, endpoint, steps=450, seed=5, model=SHALLOW, deployment=d, welcome_timeout_s=4.0) for d in ids
+        ]
+        for cluster in clusters:  # at once: the first Hello to arrive decides which one is admitted
+            cluster.start()
+        results = [cluster.collect() for cluster in clusters]
+    finally:
+        coord.stop()
+    c = coord.coordinator
+    admitted = ids.index(c.registry.deployment)
+    refused = 1 - admitted
+    registered = {pid for _, pid in c.router.processes}
+    assert {clusters[admitted].pid(r) for r in (0, 1)} <= registered
+    assert not {clusters[refused].pid(r) for r in (0, 1)} & registered, "a rank of the other deployment registered"
+    # The admitted deployment rebalanced as if alone: every plan on both ranks at one step, 0 mismatches.
+    assert_all_or_none(results[admitted], 2)
+    assert c.counts["committed"] >= 1 and c.counts["diverged"] == 0, c.outcomes
+    assert all(r["commits"] for r in results[admitted].values())
+    # The refused one served on, untouched, and its agents were told why (code ``refused``).
+    assert sum(r["mismatches"] for r in results[refused].values()) == 0
+    assert all(r["commits"] == [] and r["epoch"] == 0 for r in results[refused].values())
+    assert all(r["agent_stats"].get("refused", 0) >= 1 for r in results[refused].values())
+    assert all(r["agent_stats"].get("rank_taken", 0) == 0 for r in results[refused].values())
+    lines = refusal_lines(caplog)
+    assert len(lines) == 1, lines  # both ranks of the refused deployment: one line
+    line = lines[0]
+    assert f"deployment {ids[refused]!r}" in line and f"serves deployment {ids[admitted]!r}" in line, line
+    assert "pid " in line and "coordinator of its own" in line and "EPLB_SERVICE_ENDPOINT" in line, line
+
+
+def test_a_silent_rank_is_not_replaced_by_the_same_rank_of_another_deployment(tmp_path, caplog):
+    """Before: once A's rank 1 was declared dead, B's rank 1 (same shape, same world size) took its
+    place beside A's rank 0 and was handed A's rendezvous store; A's rank 1, back, found its rank
+    taken."""
+    caplog.set_level("INFO")
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(config(endpoint, 2)).start()  # liveness_timeout_s=2
+    c = coord.coordinator
+    a = [AgentSpec(r, endpoint, SHAPE2, steps=900, switch_hot_at_step=600, deployment="deploy-a") for r in (0, 1)]
+    procs, out = start_agents(a)
+    intruder: list = []
+    try:
+        wait_for(lambda: sorted(r.rank for r in c.registry.alive) == [0, 1], 20, "A's ranks to register")
+        os.kill(procs[1].pid, signal.SIGSTOP)  # A's rank 1 goes silent, past the liveness limit
+        wait_for(lambda: [r.rank for r in c.registry.alive] == [0], 10, "A's rank 1 declared dead")
+        b_spec = AgentSpec(1, endpoint, SHAPE2, steps=400, deployment="deploy-b", refused_retry_s=0.3)
+        intruder, b_out = start_agents([b_spec])
+        wait_for(lambda: len(refusal_lines(caplog)) >= 1, 10, "B's rank 1 refused")
+        time.sleep(1.5)  # B asks again every 0.3 s while rank 1 stays free
+        assert [r.rank for r in c.registry.alive] == [0], "B's rank 1 took A's rank"
+        os.kill(procs[1].pid, signal.SIGCONT)
+        wait_for(lambda: 1 in c.registry.agents and c.registry.agents[1].pid == procs[1].pid, 10, "A's rank 1 back")
+        wait_for(lambda: c.counts["committed"] >= 1, 30, "A to rebalance")
+        results = collect(procs, out, 2)
+        b_results = collect(intruder, b_out, 1)
+    finally:
+        coord.stop()
+        for p in procs + intruder:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+    assert intruder[0].pid not in {pid for _, pid in c.router.processes}, "B's rank registered"
+    assert b_results[1]["stats"].get("refused", 0) >= 3, b_results[1]["stats"]  # it kept asking, and was refused
+    assert b_results[1]["epoch"] == 0 and b_results[1]["commits"] == []
+    assert sorted(results) == [0, 1]
+    assert results[0]["commits"] == results[1]["commits"] and results[0]["commits"], results
+    assert results[0]["phy2log"] == results[1]["phy2log"] and all(r["rows_match_maps"] for r in results.values())
+    lines = refusal_lines(caplog)
+    assert len(lines) == 1, lines  # asked again every 0.3 s: one line
+    assert "'deploy-b'" in lines[0] and "serves deployment 'deploy-a'" in lines[0], lines[0]
+    assert "rank 1" in lines[0] and f"pid {intruder[0].pid}" in lines[0], lines[0]
+    assert c.status()["deployment"] == "deploy-a"
