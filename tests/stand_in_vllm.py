@@ -34,7 +34,15 @@ if sys.argv[1:2] == ["--ignore-sighup"]:
 endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
 status = fetch_status(endpoint, timeout_s=5)
 print(
-    json.dumps({"endpoint": endpoint, "world_size": status["world_size"], "pid": os.getpid(), "argv": sys.argv[1:]}),
+    json.dumps(
+        {
+            "endpoint": endpoint,
+            "world_size": status["world_size"],
+            "pid": os.getpid(),
+            "argv": sys.argv[1:],
+            "deployment": os.environ.get("EPLB_SERVICE_DEPLOYMENT"),
+        }
+    ),
     flush=True,
 )
 if sys.argv[1:2] == ["--kill-self"]:

@@ -82,6 +82,28 @@ def assert_nothing_answers(endpoint: str) -> None:
         fetch_status(endpoint, timeout_s=0.5)
 
 
+@pytest.mark.parametrize("given", [None, "team-a/qwen3-prod"])
+def test_sidecar_gives_the_vllm_it_starts_a_deployment_id_unless_the_user_set_one(tmp_path, monkeypatch, given):
+    """Before: vLLM under the sidecar sent no deployment id, so a second vLLM pointed at this
+    coordinator by mistake could be admitted into this one's deployment."""
+    if given is None:
+        monkeypatch.delenv("EPLB_SERVICE_DEPLOYMENT", raising=False)
+    else:
+        monkeypatch.setenv("EPLB_SERVICE_DEPLOYMENT", given)
+    endpoint, proc, first = start_sidecar(tmp_path)
+    try:
+        deployment = first["deployment"]
+        if given is None:
+            assert re.fullmatch(r"sidecar-[0-9a-f]{16}", deployment or ""), deployment
+        else:
+            assert deployment == given
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
 def test_sidecar_starts_coordinator_then_vllm_and_forwards_the_signal(tmp_path, sig):
     """SIGHUP/SIGQUIT: before, their default action killed the sidecar alone, leaving vLLM running unsupervised."""

@@ -29,6 +29,19 @@ What this module relies on (the names are the constants below, which
   ``moe_layers``).
 - ``vllm.distributed.parallel_state``: ``get_ep_group()`` (``rank_in_group``,
   ``world_size``) and ``get_node_count()``.
+- The deployment id (:func:`deployment_id`): ``init_distributed_environment`` puts every rank
+  of one deployment into one torch default (WORLD) process group, which the EP group is part of:
+  all DP engines' workers rendezvous at the DP master's store (``data_parallel_master_ip`` or
+  ``master_addr``, nnodes > 1), the TP workers of one engine at the executor's
+  ``distributed_init_method``, an external launcher at ``MASTER_ADDR:MASTER_PORT``. So the
+  default store's address (torch's ``distributed_c10d._get_default_store()``, a ``TCPStore``
+  with ``host`` and ``port`` or a ``FileStore`` with ``path``, under ``PrefixStore`` wrappers
+  with ``underlying_store``) is one value on every rank of a deployment and another in any other
+  deployment alive at the same time (two live stores cannot listen on one address).
+  ``ParallelConfig`` alone does not give that: with DP=1 its ``data_parallel_master_ip`` /
+  ``_port`` are the defaults (127.0.0.1:29500) in every deployment, and with DP over several
+  nodes ``data_parallel_master_port`` is drawn from free ports on each node, so one
+  deployment's ranks would disagree.
 - ``vllm.engine.arg_utils.EngineArgs.create_engine_config()`` returning a ``VllmConfig``
   whose ``parallel_config`` has ``enable_eplb``, ``enable_expert_parallel``,
   ``enable_elastic_ep``, and whose ``model_config.is_moe`` is false for a dense model.
@@ -39,7 +52,9 @@ Physical slot ``p`` lives on EP rank ``p // num_local_physical_experts``, row
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -284,6 +299,54 @@ def ep_topology() -> EpTopology:
 
     group = get_ep_group()
     return EpTopology(rank=int(group.rank_in_group), world_size=int(group.world_size), num_nodes=int(get_node_count()))
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
+"""Store hosts that name no machine: the node name is added, as two hosts may each have a store on one port."""
+
+
+def store_address(store) -> str | None:
+    """Where ``store`` (a torch ``Store``, possibly wrapped in ``PrefixStore``s) is reached, or None for
+    a kind of store that names no address."""
+    for _ in range(16):  # PrefixStore over PrefixStore over the real one; never a cycle, but bounded
+        inner = getattr(store, "underlying_store", None)
+        if inner is None:
+            break
+        store = inner
+    host, port, path = getattr(store, "host", None), getattr(store, "port", None), getattr(store, "path", None)
+    if isinstance(host, str) and isinstance(port, int) and port > 0:
+        return f"tcp://{host}:{port}" + (f"@{socket.gethostname()}" if host in LOOPBACK_HOSTS else "")
+    if isinstance(path, str) and path:
+        return f"file://{socket.gethostname()}{path}"
+    return None
+
+
+def deployment_id_from(store, world_size: int) -> str:
+    """The deployment id of the ranks whose default process group rendezvoused at ``store``: its
+    address and the EP world size, hashed (``""``: the store names no address)."""
+    address = store_address(store)
+    if address is None:
+        return ""
+    digest = hashlib.sha256(f"{address}/ep{world_size}".encode()).hexdigest()[:16]
+    return f"vllm-{digest}"
+
+
+def deployment_id(topology: EpTopology) -> str:
+    """This rank's deployment id from vLLM's default process group (see the module docstring), or
+    ``""`` when torch.distributed is not initialized or its store names no address: then only
+    ``EPLB_SERVICE_DEPLOYMENT`` (which ``eplb-sidecar`` sets) tells this deployment from another."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get_store is None:
+        return ""
+    try:
+        store = get_store()
+    except (RuntimeError, ValueError):
+        return ""
+    return deployment_id_from(store, topology.world_size)
 
 
 def model_state_of(eplb_state, model_config):

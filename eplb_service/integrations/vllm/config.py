@@ -71,7 +71,8 @@ class PluginConfig:
     json`` does (one object per line, with its ``tag``); vLLM's own lines stay as vLLM writes them."""
     deployment: str = ""
     """``EPLB_SERVICE_DEPLOYMENT``: the id every rank of this vLLM deployment sends in its ``Hello``
-    (``""``: unknown). A coordinator admits no rank of another id while ranks of its
+    (``""``: derived from vLLM's configuration where the adapter can, see
+    ``adapter.deployment_id``). A coordinator admits no rank of another id while ranks of its
     deployment are alive, so a second vLLM pointed at it by mistake cannot join the first."""
 
     def __post_init__(self) -> None:

@@ -349,6 +349,7 @@ def _gpu_transport(name: str, device, max_ctas: int | None):
 
 def start_agent(cfg: config_mod.PluginConfig, view, topology):
     """Build this rank's :class:`ExpertModel` over vLLM's tensors and start its agent."""
+    from eplb_service.integrations.vllm import adapter
     from eplb_service.integrations.vllm.agent import VllmWorkerAgent
     from eplb_service.worker_agent.expert_model import ExpertModel
 
@@ -361,6 +362,14 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
         num_ranks=topology.world_size,
     )
     transport = make_transport(cfg.transport, model.device, cfg.side_max_ctas)
+    deployment = cfg.deployment or adapter.deployment_id(topology)
+    if not deployment:
+        rank_logger(__name__, topology.rank).warning(
+            "no deployment id: %s is unset and vLLM's default process group has no store address to derive one "
+            "from; the coordinator cannot tell this deployment's ranks from another's (set %s alike on every rank)",
+            config_mod.DEPLOYMENT,
+            config_mod.DEPLOYMENT,
+        )
     agent = VllmWorkerAgent(
         model,
         cfg.endpoint,
@@ -368,14 +377,15 @@ def start_agent(cfg: config_mod.PluginConfig, view, topology):
         ranks_per_node=topology.ranks_per_node,
         overrides=cfg.agent_overrides(),
         staging_budget_bytes=cfg.staging_budget_bytes,
-        deployment=cfg.deployment,
+        deployment=deployment,
     )
     rank_logger(__name__, topology.rank).info(
-        "EP rank %d/%d of deployment %s: %d MoE layers, %d logical / %d physical experts, %d bytes per "
+        "EP rank %d/%d of deployment %s (%s): %d MoE layers, %d logical / %d physical experts, %d bytes per "
         "expert, transport %s",
         topology.rank,
         topology.world_size,
-        cfg.deployment or f"(unknown: {config_mod.DEPLOYMENT} unset)",
+        deployment or "(unknown)",
+        f"from {config_mod.DEPLOYMENT}" if cfg.deployment else "derived from vLLM's process group",
         view.shape.num_layers,
         view.shape.num_logical,
         view.shape.num_physical,
