@@ -15,6 +15,8 @@ from typing import Annotated, Final, Literal, Union
 import msgspec
 import numpy as np
 
+from eplb_service.deployment_id import DEPLOYMENT_ID_MAX_CHARS, DEPLOYMENT_ID_PATTERN
+
 PROTOCOL_VERSION = 4
 """Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others.
 2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes.
@@ -154,29 +156,12 @@ class CommInit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True
         return f"eplb/{self.nonce}/gen{self.generation}" if self.nonce else f"eplb/gen{self.generation}"
 
 
-DEPLOYMENT_ID_MAX_CHARS = 128
-DEPLOYMENT_ID_PATTERN = "^[!-~]*$"
-"""Printable ASCII without spaces: the id goes into log lines and the status table as it is."""
 DeploymentId = Annotated[str, msgspec.Meta(max_length=DEPLOYMENT_ID_MAX_CHARS, pattern=DEPLOYMENT_ID_PATTERN)]
 """Which vLLM deployment a rank belongs to; every rank of one deployment sends the same one, and
 ``""`` means unknown. Nothing else in a ``Hello`` tells apart two deployments of one model shape
 and world size pointed at one coordinator, whose ranks would otherwise be admitted as one: they
 would share rank 0's rendezvous store and its decision records, and a plan would be applied on
 the ranks of one deployment while the other's kept the old maps."""
-
-
-def deployment_id_problem(value: str) -> str | None:
-    """Why ``value`` cannot be a deployment id (naming it and what is expected), or None."""
-    if not value:
-        return f"deployment id {value!r} is empty; expected 1..{DEPLOYMENT_ID_MAX_CHARS} characters"
-    if len(value) > DEPLOYMENT_ID_MAX_CHARS:
-        return f"deployment id {value!r} has {len(value)} characters; expected at most {DEPLOYMENT_ID_MAX_CHARS}"
-    if not all("!" <= ch <= "~" for ch in value):
-        return (
-            f"deployment id {value!r} has characters other than printable ASCII; expected letters, digits and "
-            "punctuation, no spaces"
-        )
-    return None
 
 
 class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):

@@ -5,9 +5,9 @@
 It derives the EP rank count from the vLLM command as vLLM reads it (``--data-parallel-size``/``-dp``
 x ``--tensor-parallel-size``/``-tp`` x ``--prefill-context-parallel-size``/``-pcp``, underscores or
 dashes, its ``--config`` YAML file), starts the coordinator, waits until it answers, then runs the
-vLLM command with ``EPLB_SERVICE_ENDPOINT`` set so the plugin in every worker finds it, and
-``EPLB_SERVICE_DEPLOYMENT`` (unless the user set it) to a fresh random id, which every rank of
-that vLLM sends in its ``Hello``: no other deployment pointed at the coordinator can join it.
+vLLM command with ``EPLB_SERVICE_ENDPOINT`` set so the plugin in every worker finds it. It sets
+no ``EPLB_SERVICE_DEPLOYMENT``: the plugin derives the id from vLLM's own process group, the same
+on every node, where an id drawn here would differ from that of nodes started without the sidecar.
 SIGINT/SIGTERM/SIGHUP/SIGQUIT go to vLLM first, then the coordinator stops. The coordinator is a *separate*
 process: if it dies, vLLM keeps serving (the agents keep the current maps and re-register) and
 the sidecar restarts it with back-off. The exit code is vLLM's.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -56,7 +55,6 @@ from eplb_service.vllm_command import UsageError, coordinator_ranks, vllm_parall
 log = logutil.rank_logger(__name__, "sidecar")
 
 ENDPOINT_ENV = "EPLB_SERVICE_ENDPOINT"
-DEPLOYMENT_ENV = "EPLB_SERVICE_DEPLOYMENT"
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 """Signals the sidecar passes to vLLM and then waits out, stopping the coordinator after vLLM.
@@ -221,16 +219,12 @@ class Sidecar:
     def _start_vllm(self) -> int | None:
         """Start vLLM; on failure, the shell's exit status for it (``EXIT_NOT_FOUND``, ``EXIT_NOT_RUNNABLE``)."""
         env = dict(os.environ, **{ENDPOINT_ENV: self.endpoint})
-        if not env.get(DEPLOYMENT_ENV, "").strip():  # the user's own id wins (checked before anything started)
-            env[DEPLOYMENT_ENV] = f"sidecar-{secrets.token_hex(8)}"
         try:
             self.vllm = subprocess.Popen(self.vllm_cmd, env=env)
         except OSError as exc:
             log.error("cannot start the vLLM command %r: %s", self.vllm_cmd[0], exc.strerror or exc)
             return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_RUNNABLE
-        log.info(
-            "vLLM started (pid %d, deployment %s): %s", self.vllm.pid, env[DEPLOYMENT_ENV], " ".join(self.vllm_cmd)
-        )
+        log.info("vLLM started (pid %d): %s", self.vllm.pid, " ".join(self.vllm_cmd))
         if self._stop_signal is not None:  # the signal came while vLLM was being started
             self.vllm.send_signal(self._stop_signal)
         return None

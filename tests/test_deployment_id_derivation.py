@@ -15,7 +15,7 @@ import torch.distributed as dist
 from child_context import CTX
 from sim_cluster import free_port
 
-from eplb_service import protocol
+from eplb_service.deployment_id import deployment_id_problem
 from eplb_service.integrations.vllm import adapter
 from eplb_service.integrations.vllm import config as plugin_config
 from eplb_service.integrations.vllm.adapter import EpTopology, deployment_id_from, store_address
@@ -46,7 +46,7 @@ def test_one_store_address_is_one_id_and_anything_else_is_another(monkeypatch):
     monkeypatch.setattr(adapter.socket, "gethostname", lambda: "node-a")
     one = deployment_id_from(PrefixStore(TcpStore("10.0.0.5", 29500)), 16)
     assert one == deployment_id_from(TcpStore("10.0.0.5", 29500), 16)  # every rank of one deployment
-    assert one.startswith("vllm-") and protocol.deployment_id_problem(one) is None
+    assert one.startswith("vllm-") and deployment_id_problem(one) is None
     others = {
         deployment_id_from(TcpStore("10.0.0.5", 29501), 16),  # another deployment's store on that host
         deployment_id_from(TcpStore("10.0.0.6", 29500), 16),

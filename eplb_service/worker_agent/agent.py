@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from eplb_service import protocol
+from eplb_service.deployment_id import deployment_id_problem
 from eplb_service.log_throttle import LogThrottle
 from eplb_service.logutil import rank_logger
 from eplb_service.placement import PlacementError
@@ -101,7 +102,7 @@ class WorkerAgent:
         config_overrides: dict | None = None,
         deployment: str = "",
     ) -> None:
-        problem = protocol.deployment_id_problem(deployment) if deployment else None
+        problem = deployment_id_problem(deployment) if deployment else None
         if problem is not None:
             raise ValueError(problem)
         self.deployment = deployment

@@ -334,7 +334,7 @@ def deployment_id_from(store, world_size: int) -> str:
 def deployment_id(topology: EpTopology) -> str:
     """This rank's deployment id from vLLM's default process group (see the module docstring), or
     ``""`` when torch.distributed is not initialized or its store names no address: then only
-    ``EPLB_SERVICE_DEPLOYMENT`` (which ``eplb-sidecar`` sets) tells this deployment from another."""
+    ``EPLB_SERVICE_DEPLOYMENT`` tells this deployment from another."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

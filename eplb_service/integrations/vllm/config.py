@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from eplb_service.coordinator.arg_types import connect_endpoint
+from eplb_service.deployment_id import deployment_id_problem
 from eplb_service.logutil import parse_level
-from eplb_service.protocol import deployment_id_problem
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
 from eplb_service.worker_agent.rendezvous import RendezvousError, store_port_from_env
 
