@@ -206,8 +206,9 @@ sides speak of it: the agent waits it, the coordinator's refusal tells the opera
 
 RejectCode = Literal["bad_message", "refused", "unknown_agent", "stale_session", "rank_taken"]
 """Why a message was refused. ``unknown_agent`` / ``stale_session``: register again;
-``rank_taken``: another live session holds the rank, try again later; ``refused``: this
-agent cannot join (version, deployment, shape, placement), it asks again every
+``rank_taken``: another live session holds the rank, or live ranks of another deployment hold
+the coordinator, try again later; ``refused``: this agent cannot join (version, shape,
+placement), it asks again every
 ``REFUSED_RETRY_S``; ``bad_message``: undecodable, or a message only the coordinator sends.
 A new code would break older agents (a ``Literal`` they cannot decode), so refusals reuse these."""
 

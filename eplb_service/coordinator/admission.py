@@ -44,6 +44,10 @@ class HelloProblem:
     which every rank of a mis-pointed deployment repeats: one line for all of them, where a line
     per rank buried the coordinator's log under hundreds of copies of one cause. Keyed by
     ``what``, a new mismatch is logged at once even while another one's lines are throttled."""
+    code: str = "refused"
+    """The ``Reject`` code: ``refused`` (the agent asks again every ``REFUSED_RETRY_S``) for what
+    only the operator can fix; ``rank_taken`` (it asks again within seconds) for what ends by
+    itself, as live ranks of a restarted deployment going silent."""
 
 
 def version_problem(version: int) -> HelloProblem:
@@ -66,17 +70,22 @@ def deployment_problem(hello: protocol.Hello, deployment: str) -> HelloProblem |
 
     Unknown (``""``) is an id like any other here: an agent that sends none cannot join ranks
     that sent one, nor the reverse, since nothing says they are one deployment. Keyed by both
-    ids: every rank of a mis-pointed deployment repeats it, one line says it for all of them."""
+    ids: every rank of a mis-pointed deployment repeats it, one line says it for all of them.
+
+    Refused as ``rank_taken``, which the agent retries within seconds, not ``refused`` (every
+    30 s): the common cause is vLLM restarted under a coordinator that kept running (its own
+    container, a daemon), whose new ranks derive a new id while the old ranks, killed without a
+    goodbye, are alive here until the liveness timeout; they are then admitted at once."""
     if hello.deployment == deployment:
         return None
     return HelloProblem(
         f"rank {hello.rank} (pid {hello.pid} on {hello.node!r}) is of deployment {deployment_label(hello.deployment)}, "
-        f"but this coordinator serves deployment {deployment_label(deployment)}, whose ranks are alive: two vLLM "
-        "deployments point at one coordinator endpoint. Give each deployment a coordinator of its own (its own "
-        "EPLB_SERVICE_ENDPOINT); if they are one deployment, set EPLB_SERVICE_DEPLOYMENT alike on all its ranks "
-        f"(a refused agent asks again every {protocol.REFUSED_RETRY_S:.0f} s, and is admitted once every rank of "
-        f"{deployment_label(deployment)} is gone)",
+        f"but ranks of deployment {deployment_label(deployment)} are alive here. If that deployment was restarted, "
+        "this rank is admitted once they are declared dead (the liveness timeout); if it still serves, two vLLM "
+        "deployments point at one coordinator endpoint: give each a coordinator of its own (its own "
+        "EPLB_SERVICE_ENDPOINT), or, if they are one deployment, set EPLB_SERVICE_DEPLOYMENT alike on all its ranks",
         ("deployment", hello.deployment, deployment),
+        code="rank_taken",
     )
 
 

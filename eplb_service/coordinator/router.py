@@ -355,7 +355,7 @@ class MessageRouter:
             self.host.new_deployment(hello.rank)
         problem = hello_problem(identity, hello, self.cfg.world_size, self.book.model, self.registry.live_deployment())
         if problem is not None:
-            return self._reject(identity, hello.rank, problem.reason, key=problem.key)
+            return self._reject(identity, hello.rank, problem.reason, code=problem.code, key=problem.key)
         try:
             shape, phy2log = hello_placement(hello)
         except PlacementError as exc:
