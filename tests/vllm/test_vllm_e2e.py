@@ -139,6 +139,9 @@ def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, t
     # the coordinator lined their step end times up and found no offset
     assert [rank["step_clock_offset"] for rank in status["ranks"]] == [0, 0], status["ranks"]
     assert status["experts_moved"] == r["experts_moved"] > 0
+    # Both ranks derived one deployment id from vLLM's default process group (no EPLB_SERVICE_DEPLOYMENT
+    # set): the adapter's reading of vLLM's store address holds for this vLLM.
+    assert re.fullmatch(r"vllm-[0-9a-f]{16}", status["deployment"] or ""), status["deployment"]
 
     # Every worker: the live maps are the coordinator's placement (nothing else moved them),
     # the same commits at the same steps, vLLM's rearrangement refused never and never called,
