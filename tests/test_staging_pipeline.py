@@ -13,8 +13,10 @@ import collections
 import datetime
 import socket
 import threading
+import time
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from conftest import expert_row_value, make_model, rows_match_maps
@@ -159,3 +161,52 @@ def test_a_rank_without_the_staged_plan_answers_not_staged_and_never_joins_the_a
     host.side_ready = False
     voter.vote(protocol.VoteNow(plan_id=10), plan=None, rows=None, staged=None, record=None)
     assert transport.reduces == 0 and (sent[-1].plan_id, sent[-1].code) == (10, "not_connected")
+
+
+def test_a_rank_waiting_for_a_late_peer_keeps_polling_and_an_abandoned_wait_keeps_it_busy():
+    """A peer that got its ``Plan`` late (lost, sent again): the rank already in the exchange must
+    keep its agent alive meanwhile. Before, gloo's ``wait`` blocked it without a poll for as long
+    as the peer was late, up to the transport timeout: no heartbeat, no message read, and past
+    its silence limit the agent reopened its socket, losing what was in flight."""
+    from eplb_service.worker_agent.transport import P2POp
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    comm = protocol.CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=2)
+    transports = [GlooTransport(), GlooTransport()]
+    threads = [threading.Thread(target=transports[r].connect, args=(comm, r, 10)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    polls: list[float] = []
+    transports[0].poll_hook = lambda: polls.append(time.monotonic())
+    received = torch.zeros(4, dtype=torch.int64)
+
+    def late_receiver() -> None:
+        time.sleep(0.5)
+        transports[1].exchange([P2POp(False, received, 0, 0)])
+
+    peer = threading.Thread(target=late_receiver)
+    peer.start()
+    t0 = time.monotonic()
+    transports[0].exchange([P2POp(True, torch.arange(4, dtype=torch.int64), 1, 0)])
+    peer.join(10)
+    assert time.monotonic() - t0 >= 0.45 and received.tolist() == [0, 1, 2, 3]
+    assert len(polls) > 20 and max(b - a for a, b in zip(polls, polls[1:])) < 0.1, f"{len(polls)} polls"
+    assert not transports[0].busy
+
+    class Abort(Exception):
+        pass
+
+    def abort_hook() -> None:
+        raise Abort()
+
+    transports[0].poll_hook = abort_hook  # the coordinator aborted the plan; the peer never comes
+    with pytest.raises(Abort):
+        transports[0].exchange([P2POp(True, torch.arange(4, dtype=torch.int64), 1, 1)])
+    assert transports[0].busy, "a wait left behind must make the agent tear the group down"
+    for t in transports:
+        t.abort()
+    assert not transports[0].busy
+    del store

@@ -33,6 +33,8 @@ class GlooTransport(Transport):
         self._store: dist.Store | None = None
         self._generation = -1
         self._timeout_s = 30.0
+        self._waiter: threading.Thread | None = None
+        """The thread waiting on an exchange's ops, until they all completed (see :meth:`exchange`)."""
 
     @property
     def connected(self) -> bool:
@@ -66,17 +68,47 @@ class GlooTransport(Transport):
         return self._group
 
     def exchange(self, ops: list[P2POp], pace_s: float = 0.0) -> None:
+        """The ops wait on a helper thread while this one polls: the agent thread keeps its
+        heartbeats and reads the coordinator's messages (an ``AbortPlan``, a ``Plan`` sent again
+        to a late peer) for as long as the group waits (gloo's send and receive works only
+        complete inside ``wait``, so they cannot be polled). Blocked for the transport timeout
+        instead, a rank went silent past its silence limit, reopened its socket and lost what
+        was in flight. A wait left behind (the hook raised) keeps :attr:`busy` true: the agent
+        then tears the group down, so its ops never match a later group's."""
         group = self._require()
         try:
             works = [
                 group.send([op.tensor], op.peer, op.tag) if op.is_send else group.recv([op.tensor], op.peer, op.tag)
                 for op in ops
             ]
-            for work in works:
-                work.wait()
         except Exception as exc:
             raise TransportError(f"gloo exchange of {len(ops)} ops failed: {exc}") from exc
+        errors: list[BaseException] = []
+
+        def wait_all() -> None:
+            try:
+                for work in works:
+                    work.wait()
+            except BaseException as exc:  # noqa: BLE001 - handed to the agent thread
+                errors.append(exc)
+
+        waiter = threading.Thread(target=wait_all, name="eplb-gloo-wait", daemon=True)
+        self._waiter = waiter
+        waiter.start()
+        deadline = time.monotonic() + self._timeout_s + 1.0  # gloo's own timeout ends each op first
+        while waiter.is_alive():
+            if time.monotonic() > deadline:
+                raise TransportError(f"gloo exchange of {len(ops)} ops did not complete within {self._timeout_s}s")
+            self._poll()
+            waiter.join(0.002)
+        self._waiter = None
+        if errors:
+            raise TransportError(f"gloo exchange of {len(ops)} ops failed: {errors[0]}") from errors[0]
         self._wait_on_host(pace_s)  # gloo is synchronous: the throttle's gap is a host wait
+
+    @property
+    def busy(self) -> bool:
+        return self._waiter is not None
 
     def copy_local(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
@@ -106,6 +138,7 @@ class GlooTransport(Transport):
 
     def abort(self) -> None:
         group, self._group, self._store = self._group, None, None
+        self._waiter = None
         if group is not None:
             # Tearing a gloo group down can block while a peer is gone; the agent thread
             # must never wait on it, so the group is dropped here and torn down aside.
