@@ -204,6 +204,10 @@ class IndependentAgent:
         self.store_client: StoreClient | None = None
         self.plan: dict | None = None
         self.vote: Vote | None = None
+        self.answers: dict[int, tuple[str, dict]] = {}
+        """Plan id -> the answer this rank gave that Plan: a copy of it gets the same answer."""
+        self.voted: set[int] = set()
+        """Plan ids whose VoteNow this rank acted on: copies are ignored."""
         self.seen = collections.Counter[str]()
         self.rejects: list[dict] = []
         self.committed: list[tuple[int, int, int]] = []
@@ -371,26 +375,37 @@ class IndependentAgent:
             self.store_client = StoreClient(message["store_host"], message["store_port"])
         self.built_generation = message["generation"]
 
+    def _answer(self, plan_id: int, kind: str, **fields: object) -> None:
+        self.answers[plan_id] = (kind, fields)
+        self._agent_send(kind, plan_id=plan_id, **fields)
+
     def _on_Plan(self, message: dict, now: float) -> None:
         plan_id = message["plan_id"]
+        if plan_id in self.answers:  # a copy: the coordinator has not heard the answer
+            kind, fields = self.answers[plan_id]
+            self._agent_send(kind, plan_id=plan_id, **fields)
+            return
         if self.plan is not None or self.vote is not None:
             busy = (self.plan or {}).get("plan_id")
-            self._agent_send("Failed", plan_id=plan_id, reason=f"busy with plan {busy}", code="busy")
+            self._answer(plan_id, "Failed", reason=f"busy with plan {busy}", code="busy")
             return
         if message["base_epoch"] != self.epoch:
             reason = f"plan for base epoch {message['base_epoch']}, this rank is at {self.epoch}"
-            self._agent_send("Failed", plan_id=plan_id, reason=reason, code="invalid_plan")
+            self._answer(plan_id, "Failed", reason=reason, code="invalid_plan")
             return
         rows = from_wire(message["phy2log"])
         if rows.shape != (len(message["layers"]), self.phy2log.shape[1]):
             reason = f"rows of shape {rows.shape} for layers {message['layers']}"
-            self._agent_send("Failed", plan_id=plan_id, reason=reason, code="invalid_plan")
+            self._answer(plan_id, "Failed", reason=reason, code="invalid_plan")
             return
         self.plan = {**message, "rows": rows}
         # Nothing to move: a real agent streams the rows it lacks here, then says Staged.
-        self._agent_send("Staged", plan_id=plan_id, bytes_received=0, duration_s=0.0)
+        self._answer(plan_id, "Staged", bytes_received=0, duration_s=0.0)
 
     def _on_VoteNow(self, message: dict, now: float) -> None:
+        if message["plan_id"] in self.voted:  # a copy: sent again until the vote is decided
+            return
+        self.voted.add(message["plan_id"])
         plan = self.plan
         if plan is None or plan["plan_id"] != message["plan_id"]:
             reason = "not staged"
@@ -416,7 +431,7 @@ class IndependentAgent:
     def _drop_plan(self, code: str, reason: str) -> None:
         plan, self.plan = self.plan, None
         if plan is not None:
-            self._agent_send("Aborted", plan_id=plan["plan_id"], reason=reason, code=code)
+            self._answer(plan["plan_id"], "Aborted", reason=reason, code=code)
 
     # -- the vote and the commit (on the side channel) ------------------------------------------------
 

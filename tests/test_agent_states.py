@@ -617,3 +617,34 @@ def test_a_repeated_welcome_carrying_the_communicator_joins_it_without_a_second_
     assert h.agent.side_ready
     welcomed = [r for r in caplog.records if "welcomed by the coordinator" in r.getMessage()]
     assert len(welcomed) == 1, [r.getMessage() for r in welcomed]
+
+
+def test_a_copy_of_a_plan_is_answered_again_with_the_first_answer(monkeypatch):
+    """The coordinator sends a ``Plan`` again to a rank it has no answer from. Before, an agent
+    ignored every copy of a plan it had seen, so a lost ``Staged`` or ``Failed`` held the plan
+    until the staging timeout aborted it; now the copy gets the same answer (staged once)."""
+    import eplb_service.worker_agent.agent as agent_module
+
+    monkeypatch.setattr(agent_module, "ANSWER_AGAIN_S", 0.0)
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    h.deliver(plan)
+    h.deliver(plan)  # the coordinator missed the Staged and sent the Plan again
+    answers = [m for m in h.agent.link.sock.sent if isinstance(m, (protocol.Staged, protocol.Failed))]
+    assert [(type(m).__name__, m.plan_id) for m in answers] == [("Staged", plan.plan_id)] * 2
+    assert h.agent.stats["staged"] == 1, "a copy must not stage the plan again"
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    for _ in range(4):
+        h.step()
+        h.tick()
+        h.check()
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)]
+    stale = msgspec.structs.replace(h.plan(), plan_id=plan.plan_id + 1, base_epoch=0)  # epoch 1 now: refused
+    h.deliver(stale)
+    h.deliver(stale)
+    failed = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Failed)]
+    assert [(m.plan_id, m.code) for m in failed] == [(stale.plan_id, failed[0].code)] * 2
+    monkeypatch.setattr(agent_module, "ANSWER_AGAIN_S", 60.0)
+    h.deliver(stale)  # copies queued while the rank was busy arrive together: one answer per interval
+    assert len([m for m in h.agent.link.sock.sent if isinstance(m, protocol.Failed)]) == 2

@@ -120,3 +120,79 @@ def test_rank_past_the_commit_step_at_the_old_epoch_did_not_commit():
     p.on_voted(40, True)
     p.on_committed(0, 40, 0.0, 0.5)
     assert p.on_heartbeat(1, 60, 0, 0.6) and p.phase is Phase.DIVERGED
+
+
+def test_plan_and_vote_go_again_only_to_the_ranks_that_have_not_answered():
+    """A lost ``Plan`` or ``VoteNow`` costs one re-send, not the plan: before, each went out once,
+    and one lost copy of N aborted the batch (staging timeout, or the others' fence timeout)."""
+    p = run(world=3)
+    assert p.resend_due(0.1) == []  # too early: the answers may be on their way
+    p.on_staged(0, 0.2)
+    assert p.resend_due(0.26) == [1, 2]
+    assert p.resend_due(0.5) == []  # the interval doubles: 0.25, 0.5, 1, 2 (cap)
+    assert p.resend_due(0.77) == [1, 2]
+    p.on_staged(1, 0.8)
+    assert p.resend_due(1.8) == [2]
+    assert p.on_staged(2, 2.0) and p.phase is Phase.VOTING
+    p.vote_sent, p.vote_first_s = True, 0.25
+    assert p.resend_due(2.1) == []
+    assert p.resend_due(2.3) == [0, 1, 2]
+    p.on_committed(0, 50, 1e-5, 2.4)  # the decision was commit: every rank is in the vote
+    assert p.resend_due(2.9) == [1, 2]
+    p.on_voted(50, True)
+    assert p.resend_due(10.0) == []
+
+
+def test_no_vote_goes_again_once_an_abort_is_asked_for_or_a_rank_is_lost():
+    p = run(world=3, voting=1.0)
+    for rank in range(3):
+        p.on_staged(rank, 0.0)
+    p.vote_sent = True
+    p.on_agent_lost(2, 0.1)
+    assert p.resend_due(0.3) == [0, 1]
+    assert p.on_tick(1.5) and p.abort_requested
+    assert p.resend_due(5.0) == []
+    q = run(world=2)
+    q.on_failed(1, "busy", 0.1)
+    assert q.phase is Phase.ABORTED and q.resend_due(1.0) == []
+
+
+def test_the_runner_sends_the_copies_to_the_missing_ranks_only():
+    import time
+
+    from eplb_service import protocol
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator
+    sent: list[tuple[bytes, protocol.Message]] = []
+    c.send = lambda identity, message: sent.append((identity, message))
+    c.plans.pending_batches = [
+        type("Batch", (), {"layers": [0], "phy2log": c.placements[c.epoch][[0]], "bytes_moved": 0})
+    ]
+    c.side_comm.next(c.registry.agents[0].store)
+    for record in c.registry.alive:
+        record.comm_generation = c.side_comm.generation
+    c.plans.start_next_batch()
+    plan = c.plans.plan
+    assert plan is not None and len(sent) == 2
+    rank0, rank1 = c.registry.agents[0], c.registry.agents[1]
+    c._handle(
+        rank0.identity,
+        protocol.Staged(rank=0, plan_id=plan.plan_id, bytes_received=0, duration_s=0.0, session=rank0.session),
+    )
+    sent.clear()
+    c.plans.tick(time.monotonic() + 0.3)
+    assert [(identity, type(m).__name__) for identity, m in sent] == [(rank1.identity, "Plan")]
+    assert sent[0][1].plan_id == plan.plan_id
+    c._handle(
+        rank1.identity,
+        protocol.Staged(rank=1, plan_id=plan.plan_id, bytes_received=0, duration_s=0.0, session=rank1.session),
+    )
+    assert plan.phase is Phase.VOTING
+    sent.clear()
+    c.plans.tick(time.monotonic() + 0.3)
+    assert sorted((identity, type(m).__name__) for identity, m in sent) == [
+        (rank0.identity, "VoteNow"),
+        (rank1.identity, "VoteNow"),
+    ]
+    assert c.plans.resent == {"Plan": 1, "VoteNow": 2}

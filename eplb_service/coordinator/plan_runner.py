@@ -2,15 +2,17 @@
 
 One plan batch at a time goes through ``plan_state.PlanRun`` (staging, voting, a final
 outcome). The runner decides when a new rebalance is worth computing, runs the policy in an
-executor, cuts its result into batches, sends each (``Plan``, ``VoteNow``, ``AbortPlan``),
-and books the outcome: a committed batch moves the placement book to its new epoch; an
-aborted one rebuilds the side communicator; a diverged one halts rebalancing. Everything it
-needs of the rest of the coordinator is in :class:`PlanHost`.
+executor, cuts its result into batches, sends each (``Plan``, ``VoteNow``, ``AbortPlan``; the
+first two again to the ranks that have not answered, see ``resend``), and books the outcome: a
+committed batch moves the placement book to its new epoch; an aborted one rebuilds the side
+communicator; a diverged one halts rebalancing. Everything it needs of the rest of the
+coordinator is in :class:`PlanHost`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -26,6 +28,7 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.load_forecast import planning_persistence
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
+from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.placement import PlacementError, PolicySettingsError, validate_phy2log
 from eplb_service.units import human_bytes
 
@@ -53,6 +56,8 @@ class PlanHost(Protocol):
     halted_reason: str | None
 
     def broadcast(self, message: protocol.Message) -> None: ...
+
+    def send_to_rank(self, rank: int, message: protocol.Message) -> None: ...
 
     def rebuild_comm(self) -> None: ...
 
@@ -104,6 +109,9 @@ class PlanRunner:
         """Evaluations without a plan since the last one that made a plan: the first is logged at
         INFO, the rest at DEBUG (a balanced deployment evaluates every interval, for days;
         ``eplb_plans_total{outcome="skipped"}`` counts them all)."""
+        self.resent: collections.Counter[str] = collections.Counter()
+        """Copies of ``Plan`` and ``VoteNow`` sent again to ranks that had not answered (``resend``)."""
+        self._plan_message: protocol.Plan | None = None
         self.bytes_moved_total = 0
         self.experts_moved_total = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-policy")
@@ -350,6 +358,7 @@ class PlanRunner:
             started_at=time.monotonic(),
             bytes_moved=int(batch.bytes_moved),
         )
+        self.plan.vote_first_s = min(VOTE_FIRST_S, cfg.agent.fence_timeout_s / 4)
         self.counts["proposed"] += 1
         self._numbers[self.plan.plan_id] = self.counts["proposed"]
         self.log.info(
@@ -360,14 +369,13 @@ class PlanRunner:
             human_bytes(self.plan.bytes_moved),
         )
         self.metrics.plans_proposed.inc()
-        self.host.broadcast(
-            protocol.Plan(
-                plan_id=self.plan.plan_id,
-                base_epoch=book.epoch,
-                layers=layers,
-                phy2log=protocol.NDArray.from_numpy(rows),
-            )
+        self._plan_message = protocol.Plan(
+            plan_id=self.plan.plan_id,
+            base_epoch=book.epoch,
+            layers=layers,
+            phy2log=protocol.NDArray.from_numpy(rows),
         )
+        self.host.broadcast(self._plan_message)
 
     def abort(self, reason: str, code: str = "other") -> None:
         """Before the vote: abort now. In the vote: only the decision record decides, so ask
@@ -428,6 +436,29 @@ class PlanRunner:
         plan = self._current()
         if plan is not None and plan.on_tick(now):
             self.advance()
+        plan = self._current()
+        if plan is not None:
+            self._resend(plan, now)
+
+    def _resend(self, plan: PlanRun, now: float) -> None:
+        """This phase's message again to the ranks that have not answered it (``resend``)."""
+        ranks = plan.resend_due(now)
+        if not ranks:
+            return
+        staging = plan.phase is Phase.STAGING
+        message: protocol.Message = self._plan_message if staging else protocol.VoteNow(plan_id=plan.plan_id)
+        name = type(message).__name__
+        self.resent[name] += len(ranks)
+        self.log.info(
+            "plan #%d: %s sent again to ranks %s (no %s from them after %.2fs)",
+            self.number(plan.plan_id),
+            name,
+            ranks,
+            "Staged" if staging else "outcome",
+            now - plan.phase_started_at,
+        )
+        for rank in ranks:
+            self.host.send_to_rank(rank, message)
 
     # -- phase changes ---------------------------------------------------------------------
 

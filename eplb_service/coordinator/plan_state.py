@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb_service.coordinator.resend import PLAN_FIRST_S, PLAN_MAX_S, VOTE_FIRST_S, VOTE_MAX_S, ResendSchedule
+
 
 class Phase(str, enum.Enum):
     STAGING = "staging"
@@ -69,6 +71,10 @@ class PlanRun:
     """Bytes the ranks received over the side communicator (their ``Staged`` reports, summed)."""
     slowest_staging_s: float = 0.0
     """The longest staging any rank reported (its own clock, from Plan to Staged)."""
+    vote_first_s: float = VOTE_FIRST_S
+    """First re-send of ``VoteNow`` to a rank still missing (the runner fits it to the fence timeout)."""
+    plan_resends: ResendSchedule | None = None
+    vote_resends: ResendSchedule | None = None
 
     def __post_init__(self) -> None:
         self.phase_started_at = self.started_at
@@ -168,6 +174,25 @@ class PlanRun:
                 f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now, "voting_timeout"
             )
         return False
+
+    def resend_due(self, now: float) -> list[int]:
+        """Ranks due another copy of this phase's message (see ``resend``).
+
+        Staging: ``Plan`` to the ranks with no ``Staged`` yet. Voting: ``VoteNow`` to the ranks
+        with no outcome, while no rank has reported the decision and no abort was asked for
+        (a decision means every rank's vote has ended: commit needs all of them in it, and after
+        an abort a latecomer would only wait at its own fence for nothing).
+        """
+        alive = [r for r in range(self.world_size) if r not in self.lost and r not in self.aborted]
+        if self.phase is Phase.STAGING:
+            if self.plan_resends is None:
+                self.plan_resends = ResendSchedule(self.phase_started_at, PLAN_FIRST_S, PLAN_MAX_S)
+            return self.plan_resends.due(now, [r for r in alive if r not in self.staged])
+        if self.phase is Phase.VOTING and self.vote_sent and self.decision is None and not self.abort_requested:
+            if self.vote_resends is None:
+                self.vote_resends = ResendSchedule(self.phase_started_at, self.vote_first_s, VOTE_MAX_S)
+            return self.vote_resends.due(now, [r for r in alive if r not in self.committed])
+        return []
 
     # -- internals ----------------------------------------------------------------------
 

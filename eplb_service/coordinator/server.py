@@ -406,6 +406,12 @@ class Coordinator:
         for record in self.registry.alive:
             self.send(record.identity, message)
 
+    def send_to_rank(self, rank: int, message: protocol.Message) -> None:
+        """To the live agent registered for ``rank`` (a re-send; nothing if it is gone)."""
+        record = self.registry.agents.get(rank)
+        if record is not None and record.alive:
+            self.send(record.identity, message)
+
     # -- what the router and the plan runner ask of the shell ----------------------------------
 
     def rebuild_comm(self) -> None:

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 
+import msgspec
 import numpy as np
 
 from eplb_service import protocol
@@ -58,6 +59,12 @@ class PlanAborted(Exception):
 SILENCE_HEARTBEATS = 4
 """Heartbeat intervals without a word from the coordinator before the agent reopens its
 socket (a connection can be dead both ways while both ends believe it open)."""
+PlanAnswer = protocol.Staged | protocol.Failed | protocol.Aborted
+"""What an agent answers a ``Plan`` with (an ``Aborted`` when it dropped the plan before the vote)."""
+ANSWERS_KEPT = 64
+"""Answers to ``Plan``s kept for copies of them (one plan batch at a time: a few suffice)."""
+ANSWER_AGAIN_S = 0.1
+"""Least time between two sends of the same answer to a ``Plan``."""
 SILENCE_LIMIT_MAX_S = 60.0
 """The longest silence limit the back-off reaches (see :func:`silence_limit_s`)."""
 
@@ -167,6 +174,10 @@ class WorkerAgent:
         self._staged_at = 0.0
         self._abort_requested: int | None = None
         self._seen_plans: collections.deque[int] = collections.deque(maxlen=256)
+        self._answers: collections.OrderedDict[int, tuple[PlanAnswer, float]] = collections.OrderedDict()
+        """Plan id -> this rank's last answer to that ``Plan`` (``Staged``, ``Failed``, or ``Aborted``
+        when it dropped the plan before the vote) and when it went out: a copy of the ``Plan`` is
+        answered with it again, so a lost answer costs one re-send, not the plan."""
         self._voted_plans: collections.deque[int] = collections.deque(maxlen=256)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -592,6 +603,7 @@ class WorkerAgent:
     def _on_plan(self, plan: protocol.Plan) -> None:
         if plan.plan_id in self._seen_plans:
             self.stats["duplicate_messages"] += 1
+            self._answer_again(plan.plan_id)
             return
         self._seen_plans.append(plan.plan_id)
         if self.janitor is not None:
@@ -624,7 +636,7 @@ class WorkerAgent:
         # The agent thread's CPU time holds the GIL the serving thread needs: keep it visible.
         self.stats["stage_cpu_us"] += int((time.thread_time() - cpu0) * 1e6)
         self.stats["staged"] += 1
-        self.send(
+        self._answer(
             protocol.Staged(
                 rank=self.rank,
                 plan_id=plan.plan_id,
@@ -633,6 +645,27 @@ class WorkerAgent:
                 session=self._session,
             )
         )
+
+    def _answer(self, message: PlanAnswer) -> None:
+        """Send this rank's answer to a ``Plan``, and keep it for a copy of that ``Plan``."""
+        self._answers[message.plan_id] = (message, time.monotonic())
+        self._answers.move_to_end(message.plan_id)
+        while len(self._answers) > ANSWERS_KEPT:
+            self._answers.popitem(last=False)
+        self.send(message)
+
+    def _answer_again(self, plan_id: int) -> None:
+        """A copy of a ``Plan`` (the coordinator missed the answer, or the link duplicated it):
+        the same answer again, at most every ``ANSWER_AGAIN_S`` (copies queued while this rank
+        staged all arrive at once). Nothing while it still stages: its answer is on its way."""
+        kept = self._answers.get(plan_id)
+        if kept is None or time.monotonic() - kept[1] < ANSWER_AGAIN_S:
+            return
+        message = kept[0]
+        if message.session != self._session:  # registered again since
+            message = msgspec.structs.replace(message, session=self._session)
+        self.stats["answers_resent"] += 1
+        self._answer(message)
 
     def _stage(self, plan: protocol.Plan, rows: np.ndarray) -> int:
         """Stage ``plan`` through the pipeline; returns the bytes received from other ranks."""
@@ -646,10 +679,10 @@ class WorkerAgent:
         return self._staged.received_bytes
 
     def _failed(self, plan_id: int, code: str, reason: str) -> None:
-        self.send(protocol.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
+        self._answer(protocol.Failed(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
     def _aborted(self, plan_id: int, code: str, reason: str) -> None:
-        self.send(protocol.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
+        self._answer(protocol.Aborted(rank=self.rank, plan_id=plan_id, reason=reason, session=self._session, code=code))
 
     def _on_vote(self, msg: protocol.VoteNow) -> None:
         """Enter the commit vote (``commit_vote``), once per plan id."""
