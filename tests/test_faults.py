@@ -20,6 +20,7 @@ from fault_proxy import FaultProxy
 from test_deployment_processes import SHAPE2, SHAPE3, collect, config, start_agents, wait_for
 
 from eplb_service.coordinator.status_client import fetch_status
+from eplb_service.placement import PlacementShape
 
 
 def assert_consistent(results: dict, fence_bound_s: float) -> None:
@@ -31,38 +32,53 @@ def assert_consistent(results: dict, fence_bound_s: float) -> None:
     assert all(results[r]["max_step_s"] < fence_bound_s for r in ranks), [results[r]["max_step_s"] for r in ranks]
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_lossy_duplicating_reordering_link_keeps_plans_consistent(tmp_path, seed):
+SHAPE8 = PlacementShape(num_layers=2, num_logical=25, num_physical=32, num_ranks=8)
+
+
+@pytest.mark.parametrize(("world", "seed"), [(3, 1), (3, 2), (8, 3)])
+def test_lossy_duplicating_reordering_link_keeps_plans_consistent_and_commits(tmp_path, world, seed):
+    """Safety on every run, and progress: a lost message costs a re-send, not the plan.
+
+    Before the coordinator sent ``Plan`` and ``VoteNow`` again to the ranks that had not
+    answered, one lost copy of N aborted the batch: at 8 ranks about half the plans aborted
+    and a short run could commit nothing."""
     back = f"ipc://{tmp_path}/coordinator.sock"
     front = f"ipc://{tmp_path}/proxy.sock"
     cfg = config(
         back,
-        3,
+        world,
         staging_timeout_s=3.0,
         voting_timeout_s=3.0,
         fence_timeout_s=1.0,
         transport_timeout_s=2.0,
         liveness_timeout_s=3.0,
     )
+    shape = SHAPE3 if world == 3 else SHAPE8
     coord = CoordinatorThread(cfg).start()
     proxy = FaultProxy(front, back, p_drop=0.03, p_dup=0.05, p_delay=0.1, seed=seed).start()
     try:
         procs, out = start_agents(
-            [AgentSpec(r, front, SHAPE3, steps=2600, switch_hot_at_step=1300, staged_timeout_s=3.0) for r in range(3)]
+            [
+                AgentSpec(r, front, shape, steps=2600, switch_hot_at_step=1300, staged_timeout_s=3.0)
+                for r in range(world)
+            ]
         )
-        results = collect(procs, out, 3, timeout_s=120)
+        results = collect(procs, out, world, timeout_s=120)
     finally:
         proxy.stop()
         coord.stop()
     c = coord.coordinator
-    assert sorted(results) == [0, 1, 2]
+    assert sorted(results) == list(range(world))
     assert proxy.counts["dropped"] > 0 and proxy.counts["duplicated"] > 0 and proxy.counts["delayed"] > 0
     assert c.counts["diverged"] == 0, [o.reason for o in c.outcomes]
     assert_consistent(results, fence_bound_s=1.0 + 0.5)
-    # Safety is asserted above for every run. Progress under loss is not: with 3% loss the
-    # side-communicator rendezvous sometimes fails several generations in a row (one rank
-    # never joins; under investigation), so a 20-second run may commit nothing.
-    assert c.counts["proposed"] >= 1, f"no plan was even attempted through the lossy link: {c.counts}"
+    # Progress: the hot expert moves at step 1300, so there is something to commit in each half.
+    assert c.counts["committed"] >= 2, (c.counts, c.plans.resent, [o.reason for o in c.outcomes])
+    assert all(len(r["commits"]) == c.counts["committed"] for r in results.values())
+    # No plan lost to a lost message (staging_failed, staging_timeout, fence_timeout, no_vote);
+    # one in flight when the agents stop at the end aborts as agent_lost.
+    lost_to_the_link = [(o.code, o.reason) for o in c.outcomes if o.phase == "aborted" and o.code != "agent_lost"]
+    assert lost_to_the_link == [], (lost_to_the_link, c.plans.resent)
 
 
 def daemon(endpoint: str, *extra: str) -> subprocess.Popen:
