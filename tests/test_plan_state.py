@@ -196,3 +196,15 @@ def test_the_runner_sends_the_copies_to_the_missing_ranks_only():
         (rank1.identity, "VoteNow"),
     ]
     assert c.plans.resent == {"Plan": 1, "VoteNow": 2}
+
+
+def test_a_staged_answered_again_to_a_copy_of_the_plan_counts_once():
+    """An agent answers each copy of a ``Plan`` with the ``Staged`` it sent (``resend``), so a
+    copy the coordinator sent just before the first ``Staged`` arrived draws a second one while
+    the other ranks still stage. Each rank's bytes count once in the plan's total (the "staged on
+    every rank: N over the side communicator" line), and its first answer is its staging time."""
+    p = run(world=2)
+    assert not p.on_staged(0, 0.5, received_bytes=1000, duration_s=0.4)
+    assert not p.on_staged(0, 0.9, received_bytes=1000, duration_s=0.4)  # the answer to the copy
+    assert p.on_staged(1, 1.0, received_bytes=500, duration_s=0.9) and p.phase is Phase.VOTING
+    assert p.received_bytes == 1500 and p.staged[0] == 0.5

@@ -82,7 +82,8 @@ class PlanRun:
     # Each handler returns True when the phase changed (the server then acts on it).
 
     def on_staged(self, rank: int, now: float, received_bytes: int = 0, duration_s: float = 0.0) -> bool:
-        if self.phase is not Phase.STAGING:
+        # A rank answers every copy of the Plan with the Staged it sent (``resend``): count it once.
+        if self.phase is not Phase.STAGING or rank in self.staged:
             return False
         self.staged[rank] = now
         self.received_bytes += received_bytes
