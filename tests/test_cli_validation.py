@@ -191,6 +191,10 @@ def test_a_config_file_number_in_quotes_is_refused_naming_key_value_and_type(tmp
         with pytest.raises(ValueError) as exc:
             parse_command_line(["--config", str(path)])
         assert str(exc.value) == f"config file {str(path)!r}: {text}: expected a number (no quotes), got a string"
+    # A flag that takes no number is not told to unquote one: it says what it does take.
+    path.write_text('log-level = "10"\n')
+    with pytest.raises(ValueError, match=r'log-level = "10": expected one of DEBUG, .* got \'10\'$'):
+        parse_command_line(["--config", str(path)])
     path.write_text('dp = 2\nfence-timeout-s = 30\nmin-gain = 0.05\nlog-level = "info"\nendpoint = "ipc:///tmp/x/c"\n')
     args = parse_command_line(["--config", str(path)])
     assert (args.dp, args.fence_timeout_s, args.min_gain, args.log_level) == (2, 30.0, 0.05, "info")

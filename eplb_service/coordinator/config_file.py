@@ -60,14 +60,6 @@ def _as_written(value: object) -> str:
     return str(value)
 
 
-def _reads_as_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _config_value(path: str, key: str, value, action: argparse.Action, flips: bool):
     """``value`` from the file as the flag's destination holds it, or ``ValueError`` naming the key."""
     setting = f"config file {path!r}: {key} = {_as_written(value)}"
@@ -80,12 +72,15 @@ def _config_value(path: str, key: str, value, action: argparse.Action, flips: bo
     if isinstance(value, (bool, dict, list)):
         raise ValueError(f"{setting}: expected a {'number' if action.type else 'string'}")
     if action.type is not None:
-        if isinstance(value, str) and _reads_as_number(value):  # TOML is typed: a number in quotes is a string
-            raise ValueError(f"{setting}: expected a number (no quotes), got a string")
         try:
-            return action.type(str(value))
+            converted = action.type(str(value))
         except (argparse.ArgumentTypeError, ValueError) as exc:
             raise ValueError(f"{setting}: {exc}") from None
+        # TOML is typed: a number in quotes is a string. Told by what the flag makes of it, not by
+        # the text: ``log-level = "10"`` is no number to unquote (a level name is expected).
+        if isinstance(value, str) and isinstance(converted, (int, float)):
+            raise ValueError(f"{setting}: expected a number (no quotes), got a string")
+        return converted
     if not isinstance(value, str):
         raise ValueError(f"{setting}: expected a string (in quotes)")
     return value
