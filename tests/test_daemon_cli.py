@@ -262,7 +262,7 @@ def test_idle_connections_to_the_zmq_endpoint_are_dropped_within_the_handshake_t
     """A peer that opens TCP connections to the ROUTER and never completes the ZeroMQ handshake
     (no bytes, or half a greeting) holds a descriptor per connection. Before: for ZeroMQ's
     default 30 s; with 256 descriptors, 300 such connections kept every status client and agent
-    out for 30 s. Now they are dropped after ``HANDSHAKE_TIMEOUT_S`` (5 s) and a status client
+    out for 30 s. Now they are dropped after ``HANDSHAKE_TIMEOUT_S`` (15 s) and a status client
     gets in while the peer still holds its ends open."""
     import resource
 

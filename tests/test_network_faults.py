@@ -158,3 +158,27 @@ def test_the_coordinator_closes_the_connection_of_a_peer_that_vanished_without_c
         ctx.term()
         link.stop()
         coord.stop()
+
+
+def test_a_curve_handshake_over_a_link_with_a_two_second_round_trip_completes(tmp_path, monkeypatch):
+    """A ``tcp://`` endpoint uses CURVE unless ``--insecure``; its handshake takes about four round
+    trips (greeting, HELLO/WELCOME, INITIATE/READY), 7-8 s over a link that delivers once a second
+    (the 2 s round trip docs/FAILURE_MODEL.md says ranks register over). Before, the coordinator
+    dropped every connection still in its handshake after 5 s: over that link no agent and no
+    status client ever got in, however often they reconnected."""
+    from eplb_service.coordinator.status_client import fetch_status
+    from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, generate_keys
+
+    monkeypatch.delenv(SERVER_CERT_ENV, raising=False)
+    monkeypatch.delenv(CLIENT_CERT_ENV, raising=False)
+    keys = generate_keys(str(tmp_path / "keys"))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord = CoordinatorThread(sim_config(endpoint, curve_dir=str(tmp_path / "keys"))).start()
+    link = TcpLink(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])), burst_s=1.0).start()
+    try:
+        curve = ClientCurve.from_files(keys["server_public"], keys["agent_secret"])
+        status = fetch_status(link.endpoint, timeout_s=14.0, curve=curve)
+    finally:
+        link.stop()
+        coord.stop()
+    assert status["world_size"] == WORLD and link.connections == 1, link.connections

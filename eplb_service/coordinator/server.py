@@ -68,12 +68,14 @@ BALANCEDNESS_EVERY_S = 1.0
 """How often the tick refreshes ``eplb_balancedness{kind="current"}``: a pass over every slot
 (a few ms for 256 ranks of 768 slots), so not on every 20 ms tick; scrapes come seconds apart."""
 
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 15.0
 """Longest a new ZeroMQ connection may take to finish its handshake (greeting, CURVE) before it is
-dropped; ZeroMQ's default is 30 s. A real peer needs milliseconds, even across hosts with CURVE.
-Every connection holds a file descriptor until then: a client opening connections that never
-send a byte (or half a greeting) ran the coordinator out of descriptors, and for the next 30 s
-no agent could register and no status client got an answer (nor any, if it kept reopening)."""
+dropped; ZeroMQ's default is 30 s. Every connection holds a file descriptor until then: a client
+opening connections that never send a byte (or half a greeting) ran the coordinator out of
+descriptors, and for the next 30 s no agent could register and no status client got an answer
+(nor any, if it kept reopening). Not shorter: CURVE takes about four round trips, 7-8 s over a
+link with a 2 s round trip (one ranks must register over, see the agent's silence back-off),
+and at 5 s every such connection was dropped before it finished."""
 
 REQ_ENVELOPE = [b""]
 """What a REQ socket (or a DEALER speaking its envelope) puts between its identity and its message."""
