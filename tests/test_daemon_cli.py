@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from test_host_resources import coordinator_under
 
 from eplb_service.coordinator.status_client import fetch_status
 
@@ -264,22 +265,9 @@ def test_idle_connections_to_the_zmq_endpoint_are_dropped_within_the_handshake_t
     default 30 s; with 256 descriptors, 300 such connections kept every status client and agent
     out for 30 s. Now they are dropped after ``HANDSHAKE_TIMEOUT_S`` (15 s) and a status client
     gets in while the peer still holds its ends open."""
-    import resource
-
     from eplb_service.coordinator.server import HANDSHAKE_TIMEOUT_S
 
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-
-    def few_descriptors() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eplb_service.coordinator.cli", "--endpoint", endpoint],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=few_descriptors,
-    )
+    proc, endpoint = coordinator_under(256, 256)
     idle: list[socket.socket] = []
     try:
         assert answers_status(endpoint, proc), "daemon did not come up"
@@ -306,20 +294,7 @@ def test_idle_connections_to_the_zmq_endpoint_are_dropped_within_the_handshake_t
 def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one(tmp_path):
     """Before: the daemon kept the 1024 soft limit systemd and shells hand out (256 here), however
     high the hard one, so a few hundred idle connections left no descriptor for agents."""
-    endpoint = f"ipc://{tmp_path}/run/coordinator.sock"
-
-    def low_soft_limit() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eplb_service.coordinator.cli", "--endpoint", endpoint],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=low_soft_limit,
-    )
+    proc, endpoint = coordinator_under(256, 4096, endpoint=f"ipc://{tmp_path}/run/coordinator.sock")
     try:
         assert answers_status(endpoint, proc), "daemon did not come up"
         with open(f"/proc/{proc.pid}/limits") as limits:

@@ -19,8 +19,10 @@ from sim_cluster import free_port
 from eplb_service.coordinator.status_client import fetch_status
 
 
-def coordinator_under(soft: int, hard: int, world: int) -> tuple[subprocess.Popen, str]:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+def coordinator_under(soft: int, hard: int, world: int = 1, endpoint: str = "") -> tuple[subprocess.Popen, str]:
+    """The daemon started under ``ulimit -n soft`` (hard ``hard``), on ``endpoint`` (a free
+    ``tcp://`` port by default); its output (stderr too) is on ``stdout``."""
+    endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -40,6 +40,14 @@ def start(links_kw: dict | None = None, steps: int = 1500, **cfg_changes):
     return coord, links, cluster.start()
 
 
+def stop(coord, links, cluster) -> None:
+    """The ranks first (they say goodbye through their links), then the links, then the coordinator."""
+    cluster.stop()
+    for link in links:
+        link.stop()
+    coord.stop()
+
+
 def committed(coord) -> int:
     return coord.coordinator.counts["committed"]
 
@@ -53,6 +61,14 @@ def check_serving(results) -> None:
     assert_all_or_none(results, WORLD)
     stalls = {r: results[r]["step_time_p99_ms"] for r in results}
     assert all(ms < FENCE_S * 1e3 for ms in stalls.values()), f"serving waited past the fence: {stalls}"
+
+
+def check_safe(results, coord):
+    """Serving as :func:`check_serving` asks, no plan diverged and rebalancing never halted; returns the coordinator."""
+    check_serving(results)
+    c = coord.coordinator
+    assert c.counts["diverged"] == 0 and c.halted_reason is None
+    return c
 
 
 def phase(coord) -> str | None:
@@ -77,10 +93,7 @@ def test_one_rank_vanishing_without_closing_then_healing(tmp_path, caplog, when)
         wait_for(lambda: committed(coord) > before, 30, "a commit after the partition healed")
         results = cluster.collect()
     finally:
-        cluster.stop()
-        for link in links:
-            link.stop()
-        coord.stop()
+        stop(coord, links, cluster)
     check_serving(results)
     assert any("rank 2" in r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR"))
 
@@ -103,13 +116,8 @@ def test_every_rank_vanishing_without_closing_then_healing(tmp_path, when):
         wait_for(lambda: committed(coord) > before, 30, "a commit after the partition healed")
         results = cluster.collect()
     finally:
-        cluster.stop()
-        for link in links:
-            link.stop()
-        coord.stop()
-    check_serving(results)
-    c = coord.coordinator
-    assert c.counts["diverged"] == 0 and c.halted_reason is None
+        stop(coord, links, cluster)
+    check_safe(results, coord)
 
 
 @pytest.mark.parametrize(
@@ -126,13 +134,8 @@ def test_a_slow_jittery_or_bursty_link_never_splits_a_plan(tmp_path, link):
     try:
         results = cluster.collect()
     finally:
-        cluster.stop()
-        for link_ in links:
-            link_.stop()
-        coord.stop()
-    check_serving(results)
-    c = coord.coordinator
-    assert c.counts["diverged"] == 0 and c.halted_reason is None
+        stop(coord, links, cluster)
+    c = check_safe(results, coord)
     assert c.counts["committed"] >= 1, [(o.phase, o.reason) for o in c.outcomes]
 
 
