@@ -285,6 +285,10 @@ class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     clock: StepClock | None = None
     counters: dict[str, NonNegInt] = msgspec.field(default_factory=dict)
     """The agent's own counters since it started (names in :data:`AGENT_COUNTERS`)."""
+    staging_plan: NonNegInt = 0
+    """The plan this agent is staging now (0: none). The coordinator sends a rank no copy of a
+    ``Plan`` it is staging: a large plan stages for many seconds, and copies every 2 s of a
+    message of ``layers x P`` rows, to every rank, were traffic and log lines for nothing."""
 
 
 AGENT_COUNTERS = (

@@ -143,6 +143,20 @@ def test_plan_and_vote_go_again_only_to_the_ranks_that_have_not_answered():
     assert p.resend_due(10.0) == []
 
 
+def test_no_copy_of_the_plan_goes_to_a_rank_whose_heartbeat_says_it_stages_it():
+    """Before: every rank still staging got the whole Plan (``layers x P`` rows) again every 2 s
+    for as long as it staged, seconds on GPUs with large plans, with a log line each time. Once
+    its heartbeat stops naming the plan and no answer came, the answer was lost: a copy draws it."""
+    p = run(world=2)
+    p.note_staging(0, p.plan_id)
+    p.note_staging(1, p.plan_id + 1)  # another plan: says nothing of this one
+    assert p.resend_due(0.26) == [1]
+    assert p.resend_due(0.77) == [1]
+    assert p.resend_due(5.0) == [1]
+    p.note_staging(0, 0)  # staged, but its Staged never arrived
+    assert p.resend_due(7.0) == [0, 1]
+
+
 def test_no_vote_goes_again_once_an_abort_is_asked_for_or_a_rank_is_lost():
     p = run(world=3, voting=1.0)
     for rank in range(3):

@@ -422,8 +422,10 @@ class PlanRunner:
         if plan is not None and plan.on_committed(rank, step, stall_s, now):
             self.advance()
 
-    def heartbeat(self, rank: int, step: int, epoch: int, now: float) -> None:
+    def heartbeat(self, rank: int, step: int, epoch: int, now: float, staging_plan: int = 0) -> None:
         plan = self._current()
+        if plan is not None:
+            plan.note_staging(rank, staging_plan)
         if plan is not None and plan.on_heartbeat(rank, step, epoch, now):
             self.advance()
 

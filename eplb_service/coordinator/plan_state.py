@@ -75,6 +75,8 @@ class PlanRun:
     """First re-send of ``VoteNow`` to a rank still missing (the runner fits it to the fence timeout)."""
     plan_resends: ResendSchedule | None = None
     vote_resends: ResendSchedule | None = None
+    staging_now: set[int] = field(default_factory=set)
+    """Ranks whose last heartbeat says they stage this plan (no copy of the ``Plan`` for them)."""
 
     def __post_init__(self) -> None:
         self.phase_started_at = self.started_at
@@ -176,10 +178,20 @@ class PlanRun:
             )
         return False
 
+    def note_staging(self, rank: int, staging_plan: int) -> None:
+        """A heartbeat's ``staging_plan``: while it names this plan, the rank has the ``Plan`` and
+        needs no copy; once it no longer does and no answer came, the answer was lost and a copy
+        draws it again."""
+        if staging_plan and staging_plan == self.plan_id:  # 0 says "none", whatever the plan's id
+            self.staging_now.add(rank)
+        else:
+            self.staging_now.discard(rank)
+
     def resend_due(self, now: float) -> list[int]:
         """Ranks due another copy of this phase's message (see ``resend``).
 
-        Staging: ``Plan`` to the ranks with no ``Staged`` yet. Voting: ``VoteNow`` to the ranks
+        Staging: ``Plan`` to the ranks with no ``Staged`` yet whose heartbeat does not say they
+        stage it (``note_staging``). Voting: ``VoteNow`` to the ranks
         with no outcome, while no rank has reported the decision and no abort was asked for
         (a decision means every rank's vote has ended: commit needs all of them in it, and after
         an abort a latecomer would only wait at its own fence for nothing).
@@ -188,7 +200,8 @@ class PlanRun:
         if self.phase is Phase.STAGING:
             if self.plan_resends is None:
                 self.plan_resends = ResendSchedule(self.phase_started_at, PLAN_FIRST_S, PLAN_MAX_S)
-            return self.plan_resends.due(now, [r for r in alive if r not in self.staged])
+            waiting = [r for r in alive if r not in self.staged and r not in self.staging_now]
+            return self.plan_resends.due(now, waiting)
         if self.phase is Phase.VOTING and self.vote_sent and self.decision is None and not self.abort_requested:
             if self.vote_resends is None:
                 self.vote_resends = ResendSchedule(self.phase_started_at, self.vote_first_s, VOTE_MAX_S)

@@ -20,8 +20,9 @@ PLAN_FIRST_S = 0.25
 """First re-send of a ``Plan`` to a rank with no ``Staged``/``Failed`` yet: well inside the transport
 timeout its peers wait in the exchange for it (seconds), so a lost copy joins the same exchange."""
 PLAN_MAX_S = 2.0
-"""The re-send interval doubles up to this: a rank still staging a large plan gets a few copies
-(ignored while it stages, then answered with its ``Staged``: which recovers a lost ``Staged`` too)."""
+"""The re-send interval doubles up to this. A rank whose heartbeat says it stages the plan gets
+no copy (a large plan stages for many seconds); one that staged it and whose ``Staged`` was lost
+gets one, answered with its ``Staged`` again."""
 VOTE_FIRST_S = 0.25
 """First re-send of a ``VoteNow`` (at most a quarter of the fence timeout): the ranks already in
 the vote wait at their fence for the missing one, serving paused, until it joins or the fence

@@ -250,7 +250,7 @@ class MessageRouter:
         record.counters = dict(message.counters)
         self.guard.heartbeat(record.rank, message.epoch, message.step, message.clock)
         self.book.max_step_seen = max(self.book.max_step_seen, message.step)
-        self.runner.heartbeat(record.rank, message.step, message.epoch, now)
+        self.runner.heartbeat(record.rank, message.step, message.epoch, now, message.staging_plan)
         self.update_epoch()
         self.host.watch(now)
         self._watch_load_reports(record)

@@ -341,7 +341,8 @@ class WorkerAgent:
     def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:
             gen = self.transport.generation if self.side_ready else -1
-            self.send(heartbeat_message(self.rank, self._session, self.hooks, gen, self.stats))
+            staging = self._plan.plan_id if self._plan is not None and self._staged is None else 0
+            self.send(heartbeat_message(self.rank, self._session, self.hooks, gen, self.stats, staging))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
     def everyone_past(self, plan_id: int) -> None:
@@ -751,9 +752,15 @@ def msgspec_replace(config: protocol.AgentConfig, overrides: dict) -> protocol.A
 
 
 def heartbeat_message(
-    rank: int, session: int, hooks: ServingHooks, comm_generation: int, stats: collections.Counter
+    rank: int,
+    session: int,
+    hooks: ServingHooks,
+    comm_generation: int,
+    stats: collections.Counter,
+    staging_plan: int = 0,
 ) -> protocol.Heartbeat:
-    """The heartbeat: the rank's step and epoch, step-clock probes, and the agent's counters."""
+    """The heartbeat: the rank's step and epoch, step-clock probes, the agent's counters, and the
+    plan it is staging (``staging_plan``, 0: none)."""
     # Read the step before the epoch: the serving thread bumps the epoch at the commit boundary
     # before the step count passes S, so (step > S, epoch = old) never pairs up falsely; the
     # coordinator relies on this to tell a missed commit from a slow one.
@@ -774,4 +781,5 @@ def heartbeat_message(
         internal_errors=stats["internal_errors"],
         clock=clock,
         counters=counters,
+        staging_plan=staging_plan,
     )
