@@ -219,6 +219,7 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
         "wall_s": round(wall_s, 2),
         "committed": coordinator.counts["committed"],
         "aborted": coordinator.counts["aborted"],
+        "abort_codes": [o.code for o in coordinator.outcomes if o.phase == "aborted"],
         "diverged": coordinator.counts["diverged"],
         "skipped_no_gain": coordinator.counts["skipped"],
         "output_mismatches": int(sum(r["mismatches"] for r in ranks)),
