@@ -22,6 +22,7 @@ REQUIRED = {
     "eplb_agents_alive",
     "eplb_load_report_lag_steps",
     "eplb_messages_rejected_total",
+    "eplb_messages_resent_total",
 }
 
 
@@ -278,3 +279,24 @@ def test_a_registration_touches_its_own_rank_series_not_every_ranks():
         c._handle(f"rank-{rank}".encode(), _hello(rank, world))
     assert c.registry.complete
     assert len(looked_up) <= 2 * world, f"{len(looked_up)} agent_up look-ups for {world} registrations"
+
+
+def test_copies_of_a_comm_init_sent_again_are_counted_by_message():
+    """``eplb_messages_resent_total{message}``: a lost message on the link shows as a copy sent again."""
+    import time
+
+    from eplb_service import protocol
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator
+    sent: list[tuple[bytes, protocol.Message]] = []
+    c.send = lambda identity, message: sent.append((identity, message))
+    c.rebuild_comm()
+    rank0, rank1 = c.registry.agents[0], c.registry.agents[1]
+    rank0.comm_generation = c.side_comm.generation  # rank 0 built it; rank 1's copy was lost
+    sent.clear()
+    c._resend_comm_init(time.monotonic() + 0.6)
+    assert [(identity, type(m).__name__) for identity, m in sent] == [(rank1.identity, "CommInit")]
+    values = samples(c.metrics.registry)
+    assert values[("eplb_messages_resent_total", (("message", "CommInit"),))] == 1
+    assert values[("eplb_messages_resent_total", (("message", "Plan"),))] == 0

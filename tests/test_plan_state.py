@@ -210,6 +210,13 @@ def test_the_runner_sends_the_copies_to_the_missing_ranks_only():
         (rank1.identity, "VoteNow"),
     ]
     assert c.plans.resent == {"Plan": 1, "VoteNow": 2}
+    resent = {
+        s.labels["message"]: s.value
+        for f in c.metrics.registry.collect()
+        for s in f.samples
+        if s.name == "eplb_messages_resent_total"
+    }
+    assert resent == {"Plan": 1, "VoteNow": 2, "CommInit": 0}
 
 
 def test_a_staged_answered_again_to_a_copy_of_the_plan_counts_once():

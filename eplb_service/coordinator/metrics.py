@@ -21,6 +21,8 @@ _STALL_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
 
 PLAN_OUTCOMES = ("committed", "aborted", "diverged", "skipped")
 """Final outcomes of a planning round (``eplb_plans_total``); proposals are counted apart."""
+RESENT_MESSAGES = ("Plan", "VoteNow", "CommInit")
+"""The messages the coordinator sends again to the ranks that have not answered (``eplb_messages_resent_total``)."""
 NAN = float("nan")
 
 
@@ -135,6 +137,14 @@ class CoordinatorMetrics:
         )
         self.messages_rejected = Counter("eplb_messages_rejected_total", "Messages refused", ["reason"], registry=r)
         self.comm_generation = Gauge("eplb_side_comm_generation", "Generation of the side communicator", registry=r)
+        self.messages_resent = Counter(
+            "eplb_messages_resent_total",
+            "Copies of a message sent again to ranks that had not answered it (a lost message costs one)",
+            ["message"],
+            registry=r,
+        )
+        for message in RESENT_MESSAGES:
+            self.messages_resent.labels(message)  # every series from the start, at 0
         self.internal_errors = Counter(
             "eplb_internal_errors_total",
             "Unexpected exceptions the coordinator survived, by where",

@@ -451,6 +451,7 @@ class PlanRunner:
         message: protocol.Message = self._plan_message if staging else protocol.VoteNow(plan_id=plan.plan_id)
         name = type(message).__name__
         self.resent[name] += len(ranks)
+        self.metrics.messages_resent.labels(name).inc(len(ranks))
         self.log.info(
             "plan #%d: %s sent again to ranks %s (no %s from them after %.2fs)",
             self.number(plan.plan_id),

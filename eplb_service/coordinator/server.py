@@ -662,11 +662,7 @@ class Coordinator:
             self._balancedness_at = now
             current = self.book.balancedness()
             self.metrics.balancedness.labels("current").set(NAN if current is None else current[0])
-        if self.registry.complete and not self.comm_ready() and self.side_comm.resend_due(now):
-            comm = self.current_comm()
-            for record in self.registry.alive:
-                if record.comm_generation != comm.generation:
-                    self.send(record.identity, comm)  # a lost CommInit, sent again within the rendezvous
+        self._resend_comm_init(now)
         self._log_comm_built(now)
         if self.registry.complete and not self.comm_ready() and self.side_comm.retry_due(now):
             self.log.warning(
@@ -689,6 +685,19 @@ class Coordinator:
         if self.plans.should_plan(now):
             self.plans.planning = True
             self._spawn(self.plans.run_policy(), "policy")
+
+    def _resend_comm_init(self, now: float) -> None:
+        """The current ``CommInit`` again to the ranks that have not reported its generation
+        built, while the others still wait in the rendezvous (``SideComm.resend_due``)."""
+        if not self.registry.complete or self.comm_ready() or not self.side_comm.resend_due(now):
+            return
+        comm = self.current_comm()
+        if comm is None:
+            return
+        for record in self.registry.alive:
+            if record.comm_generation != comm.generation:
+                self.send(record.identity, comm)
+                self.metrics.messages_resent.labels("CommInit").inc()
 
     def _watch_epoch_split(self, now: float) -> None:
         """Say why planning waits when every rank is here but their placement epochs differ with
