@@ -403,7 +403,11 @@ class IndependentAgent:
         self._answer(plan_id, "Staged", bytes_received=0, duration_s=0.0)
 
     def _on_VoteNow(self, message: dict, now: float) -> None:
-        if message["plan_id"] in self.voted:  # a copy: sent again until the vote is decided
+        if message["plan_id"] in self.voted:  # a copy: the coordinator has no Voted yet
+            vote = self.vote
+            if vote is not None and vote.plan_id == message["plan_id"] and vote.reported and vote.decision:
+                commit_step, ok = vote.decision
+                self._agent_send("Voted", plan_id=vote.plan_id, commit_step=max(commit_step, 0), ok=ok)
             return
         self.voted.add(message["plan_id"])
         plan = self.plan

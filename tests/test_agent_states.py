@@ -648,3 +648,34 @@ def test_a_copy_of_a_plan_is_answered_again_with_the_first_answer(monkeypatch):
     monkeypatch.setattr(agent_module, "ANSWER_AGAIN_S", 60.0)
     h.deliver(stale)  # copies queued while the rank was busy arrive together: one answer per interval
     assert len([m for m in h.agent.link.sock.sent if isinstance(m, protocol.Failed)]) == 2
+
+
+def test_a_copy_of_vote_now_says_the_decision_again_and_a_plan_after_its_abort_is_not_staged():
+    """The coordinator sends ``VoteNow`` again to a rank it has no outcome from. Before, the copy
+    was ignored, so a lost ``Voted`` was never said again; now a decided vote answers it with the
+    same ``Voted`` (never a second vote). And a ``Plan`` held back past its ``AbortPlan`` was staged
+    (the abort was forgotten when the plan started); now it is answered ``Aborted``."""
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    h.deliver(plan)
+    vote = protocol.VoteNow(plan_id=plan.plan_id)
+    h.deliver(vote)
+    h.deliver(vote)  # a copy before the decision is known: nothing to say yet
+    h.tick()
+    voted = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Voted)]
+    assert [(m.plan_id, m.ok) for m in voted] == [(plan.plan_id, True)]
+    h.deliver(vote)  # the coordinator missed that Voted
+    voted = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Voted)]
+    assert [(m.plan_id, m.commit_step, m.ok) for m in voted] == [(plan.plan_id, voted[0].commit_step, True)] * 2
+    assert h.agent.stats["votes"] == 1, "a copy must never vote again"
+    for _ in range(4):
+        h.step()
+        h.tick()
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)]
+    late = h.plan()
+    h.deliver(protocol.AbortPlan(plan_id=late.plan_id, reason="staging timed out", code="staging_timeout"))
+    h.deliver(late)  # held back on the link past its AbortPlan
+    assert h.agent._plan is None and h.agent.stats["staged"] == 1
+    aborted = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Aborted)]
+    assert [(m.plan_id, m.code) for m in aborted] == [(late.plan_id, "aborted_by_coordinator")]

@@ -171,6 +171,25 @@ def test_no_vote_goes_again_once_an_abort_is_asked_for_or_a_rank_is_lost():
     assert q.phase is Phase.ABORTED and q.resend_due(1.0) == []
 
 
+def test_an_abort_asked_for_in_the_vote_goes_again_to_the_ranks_with_no_outcome():
+    """Before, ``AbortPlan`` went out once: a rank that lost it and never got its ``VoteNow`` held
+    the staged plan until its own ``staged_timeout_s``, and the plan could not settle before."""
+    p = run(world=3, voting=1.0)
+    for rank in range(3):
+        p.on_staged(rank, 0.0)
+    p.vote_sent = True
+    assert p.on_tick(1.5) and p.abort_requested
+    p.abort_sent, p.abort_sent_at = True, 1.5
+    assert p.resend_due(1.6) == []  # too early: the answers may be on their way
+    p.on_failed(0, "aborted by the coordinator", 1.7, code="aborted_by_coordinator")
+    assert p.resend_due(1.8) == [1, 2]
+    assert p.resend_due(2.0) == []  # the interval doubles: 0.25, 0.5, 1, 2 (cap)
+    p.on_failed(1, "aborted by the coordinator", 2.1, code="aborted_by_coordinator")
+    assert p.resend_due(2.4) == [2]
+    assert p.on_failed(2, "no vote", 2.5, code="no_vote") and p.phase is Phase.ABORTED
+    assert p.resend_due(9.0) == []
+
+
 def test_the_runner_sends_the_copies_to_the_missing_ranks_only():
     import time
 
@@ -216,7 +235,7 @@ def test_the_runner_sends_the_copies_to_the_missing_ranks_only():
         for s in f.samples
         if s.name == "eplb_messages_resent_total"
     }
-    assert resent == {"Plan": 1, "VoteNow": 2, "CommInit": 0}
+    assert resent == {"Plan": 1, "VoteNow": 2, "AbortPlan": 0, "CommInit": 0}
 
 
 def test_a_staged_answered_again_to_a_copy_of_the_plan_counts_once():

@@ -21,7 +21,7 @@ _STALL_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
 
 PLAN_OUTCOMES = ("committed", "aborted", "diverged", "skipped")
 """Final outcomes of a planning round (``eplb_plans_total``); proposals are counted apart."""
-RESENT_MESSAGES = ("Plan", "VoteNow", "CommInit")
+RESENT_MESSAGES = ("Plan", "VoteNow", "AbortPlan", "CommInit")
 """The messages the coordinator sends again to the ranks that have not answered (``eplb_messages_resent_total``)."""
 NAN = float("nan")
 

@@ -3,7 +3,7 @@
 One plan batch at a time goes through ``plan_state.PlanRun`` (staging, voting, a final
 outcome). The runner decides when a new rebalance is worth computing, runs the policy in an
 executor, cuts its result into batches, sends each (``Plan``, ``VoteNow``, ``AbortPlan``; the
-first two again to the ranks that have not answered, see ``resend``), and books the outcome: a
+each again to the ranks that have not answered, see ``resend``), and books the outcome: a
 committed batch moves the placement book to its new epoch; an aborted one rebuilds the side
 communicator; a diverged one halts rebalancing. Everything it needs of the rest of the
 coordinator is in :class:`PlanHost`.
@@ -110,7 +110,7 @@ class PlanRunner:
         INFO, the rest at DEBUG (a balanced deployment evaluates every interval, for days;
         ``eplb_plans_total{outcome="skipped"}`` counts them all)."""
         self.resent: collections.Counter[str] = collections.Counter()
-        """Copies of ``Plan`` and ``VoteNow`` sent again to ranks that had not answered (``resend``)."""
+        """Copies of ``Plan``, ``VoteNow`` and ``AbortPlan`` sent again to ranks that had not answered (``resend``)."""
         self._plan_message: protocol.Plan | None = None
         self.bytes_moved_total = 0
         self.experts_moved_total = 0
@@ -448,7 +448,13 @@ class PlanRunner:
         if not ranks:
             return
         staging = plan.phase is Phase.STAGING
-        message: protocol.Message = self._plan_message if staging else protocol.VoteNow(plan_id=plan.plan_id)
+        message: protocol.Message
+        if staging:
+            message = self._plan_message
+        elif plan.abort_sent:
+            message = protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other")
+        else:
+            message = protocol.VoteNow(plan_id=plan.plan_id)
         name = type(message).__name__
         self.resent[name] += len(ranks)
         self.metrics.messages_resent.labels(name).inc(len(ranks))
@@ -471,6 +477,7 @@ class PlanRunner:
             return
         if plan.phase is Phase.VOTING and plan.abort_requested and not plan.abort_sent:
             plan.abort_sent = True  # ranks in their vote record "abort" unless "commit" is there already
+            plan.abort_sent_at = time.monotonic()
             self.host.broadcast(protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
             return
         if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted and not plan.vote_sent:

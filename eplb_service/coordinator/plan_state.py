@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eplb_service.coordinator.resend import PLAN_FIRST_S, PLAN_MAX_S, VOTE_FIRST_S, VOTE_MAX_S, ResendSchedule
+from eplb_service.coordinator.resend import (
+    ABORT_FIRST_S,
+    ABORT_MAX_S,
+    PLAN_FIRST_S,
+    PLAN_MAX_S,
+    VOTE_FIRST_S,
+    VOTE_MAX_S,
+    ResendSchedule,
+)
 
 
 class Phase(str, enum.Enum):
@@ -61,6 +69,7 @@ class PlanRun:
     abort_requested: bool = False
     """The vote timed out undecided: ask the ranks to record ``abort``."""
     abort_sent: bool = False
+    abort_sent_at: float = 0.0
     reason: str = ""
     code: str = ""
     """``protocol.AbortCode`` of an aborted plan (the metric label)."""
@@ -77,6 +86,7 @@ class PlanRun:
     vote_resends: ResendSchedule | None = None
     staging_now: set[int] = field(default_factory=set)
     """Ranks whose last heartbeat says they stage this plan (no copy of the ``Plan`` for them)."""
+    abort_resends: ResendSchedule | None = None
 
     def __post_init__(self) -> None:
         self.phase_started_at = self.started_at
@@ -194,7 +204,9 @@ class PlanRun:
         stage it (``note_staging``). Voting: ``VoteNow`` to the ranks
         with no outcome, while no rank has reported the decision and no abort was asked for
         (a decision means every rank's vote has ended: commit needs all of them in it, and after
-        an abort a latecomer would only wait at its own fence for nothing).
+        an abort a latecomer would only wait at its own fence for nothing). Once an abort was asked
+        for in the vote: ``AbortPlan`` to the ranks with no outcome yet (a rank that never voted
+        answers it with ``Aborted`` at once, instead of at its ``staged_timeout_s``).
         """
         alive = [r for r in range(self.world_size) if r not in self.lost and r not in self.aborted]
         if self.phase is Phase.STAGING:
@@ -206,6 +218,10 @@ class PlanRun:
             if self.vote_resends is None:
                 self.vote_resends = ResendSchedule(self.phase_started_at, self.vote_first_s, VOTE_MAX_S)
             return self.vote_resends.due(now, [r for r in alive if r not in self.committed])
+        if self.phase is Phase.VOTING and self.abort_sent:
+            if self.abort_resends is None:
+                self.abort_resends = ResendSchedule(self.abort_sent_at, ABORT_FIRST_S, ABORT_MAX_S)
+            return self.abort_resends.due(now, [r for r in alive if r not in self.committed])
         return []
 
     # -- internals ----------------------------------------------------------------------

@@ -3,9 +3,10 @@
 ZeroMQ loses messages: a connection an agent reopens after a silence drops what was in
 flight, so do a coordinator restart and a full high-water mark. A plan whose ``Plan`` or
 ``VoteNow`` must reach every one of N ranks, sent once, is lost with the first lost copy: at
-8 ranks and 3 % loss about one plan in two aborted. Both messages are idempotent at the agent
+8 ranks and 3 % loss about one plan in two aborted. The messages are idempotent at the agent
 (keyed by plan id: a ``Plan`` seen already is answered again with the answer it got, a
-``VoteNow`` seen already is ignored), so sending them again to the ranks still missing is
+``VoteNow`` seen already is answered with the ``Voted`` of a decided vote or else ignored, an
+``AbortPlan`` only ever asks for ``abort``), so sending them again to the ranks still missing is
 always safe, and turns one lost copy into a delay of one interval.
 
 Pure: the plan runner asks which ranks are due and does the sending.
@@ -28,6 +29,11 @@ VOTE_FIRST_S = 0.25
 the vote wait at their fence for the missing one, serving paused, until it joins or the fence
 timeout makes the plan abort."""
 VOTE_MAX_S = 0.5
+ABORT_FIRST_S = 0.25
+"""First re-send of an ``AbortPlan`` asked for in the vote, to the ranks with no outcome yet: a rank
+that never got its ``VoteNow`` holds its staged plan until its own ``staged_timeout_s`` otherwise,
+and the plan cannot settle before every rank has answered."""
+ABORT_MAX_S = 2.0
 
 
 @dataclass

@@ -179,6 +179,8 @@ class WorkerAgent:
         when it dropped the plan before the vote) and when it went out: a copy of the ``Plan`` is
         answered with it again, so a lost answer costs one re-send, not the plan."""
         self._voted_plans: collections.deque[int] = collections.deque(maxlen=256)
+        self._abort_seen: collections.deque[int] = collections.deque(maxlen=256)
+        """Plans the coordinator aborted: a ``Plan`` copy held back past its ``AbortPlan`` is not staged."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -609,6 +611,8 @@ class WorkerAgent:
         self._seen_plans.append(plan.plan_id)
         if self.janitor is not None:
             self.janitor.saw_plan(plan.plan_id)
+        if plan.plan_id in self._abort_seen:
+            return self._aborted(plan.plan_id, "aborted_by_coordinator", "aborted by the coordinator before it arrived")
         busy = self._plan.plan_id if self._plan is not None else (self._ticket.plan_id if self._ticket else None)
         if busy is not None:
             return self._failed(plan.plan_id, "busy", f"busy with plan {busy}")
@@ -689,6 +693,8 @@ class WorkerAgent:
         """Enter the commit vote (``commit_vote``), once per plan id."""
         if msg.plan_id in self._voted_plans:
             self.stats["duplicate_messages"] += 1
+            if self.voter.voted_again(msg.plan_id):  # the coordinator missed this rank's Voted
+                self.stats["answers_resent"] += 1
             return
         self._voted_plans.append(msg.plan_id)
         cpu0 = time.thread_time()
@@ -713,6 +719,9 @@ class WorkerAgent:
         self._staged_at = 0.0
 
     def _on_abort(self, msg: protocol.AbortPlan) -> None:
+        """Idempotent (the coordinator sends it again to ranks with no outcome): it only asks for abort."""
+        if msg.plan_id not in self._abort_seen:
+            self._abort_seen.append(msg.plan_id)
         ticket = self._ticket
         if ticket is not None and ticket.plan_id == msg.plan_id:
             # In the vote: only the record decides. Ask for abort there; if commit is there

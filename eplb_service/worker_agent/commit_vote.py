@@ -218,16 +218,7 @@ class CommitVoter:
             return None
         if ticket.is_decided and not ticket.voted_reported:
             ticket.voted_reported = True
-            decision = ticket.decision
-            host.send(
-                protocol.Voted(
-                    rank=host.rank,
-                    plan_id=ticket.plan_id,
-                    commit_step=max(decision.commit_step, 0),
-                    ok=decision.commit,
-                    session=host.session,
-                )
-            )
+            self._send_voted(ticket)
         if not ticket.finished.is_set():
             return None
         self.ticket = None
@@ -265,6 +256,28 @@ class CommitVoter:
             host.transport.abort()
         self._aborted(ticket.plan_id, code, reason)
         return ticket
+
+    def voted_again(self, plan_id: int) -> bool:
+        """A copy of ``VoteNow`` for the plan this rank voted on: the coordinator has no ``Voted``
+        from it (lost, or on its way). Says the decision again once it is known; before, the
+        ``Voted`` goes out when it is. Returns whether it was sent."""
+        ticket = self.ticket
+        if ticket is None or ticket.plan_id != plan_id or not ticket.voted_reported:
+            return False
+        self._send_voted(ticket)
+        return True
+
+    def _send_voted(self, ticket: CommitTicket) -> None:
+        host, decision = self.host, ticket.decision
+        host.send(
+            protocol.Voted(
+                rank=host.rank,
+                plan_id=ticket.plan_id,
+                commit_step=max(decision.commit_step, 0),
+                ok=decision.commit,
+                session=host.session,
+            )
+        )
 
     def _aborted(self, plan_id: int, code: str, reason: str) -> None:
         host = self.host
