@@ -679,3 +679,30 @@ def test_a_copy_of_vote_now_says_the_decision_again_and_a_plan_after_its_abort_i
     assert h.agent._plan is None and h.agent.stats["staged"] == 1
     aborted = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Aborted)]
     assert [(m.plan_id, m.code) for m in aborted] == [(late.plan_id, "aborted_by_coordinator")]
+
+
+def test_a_new_comm_init_during_staging_ends_the_exchange_at_once():
+    """The coordinator sends a new side-communicator generation only after the plan in flight ended.
+    Before, a rank still in that plan's exchange (its ``AbortPlan`` lost) read only ``AbortPlan``
+    while staging, so it stayed until its transport timeout with the ``CommInit`` queued, and its
+    peers' rendezvous of the new generation could time out waiting for it; now the new
+    ``CommInit`` ends the staging at the next poll (the plan answered ``Aborted``)."""
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    agent = h.agent
+    incoming = [[h.comm()]]
+    agent.link.receive = lambda poll_ms: incoming.pop() if incoming else []
+    original = agent._stage
+
+    def stage(p, rows):
+        agent._pump_while_staging(p.plan_id)  # what the pipeline does between chunks
+        return original(p, rows)
+
+    agent._stage = stage
+    h.deliver(plan)
+    assert agent._plan is None and agent.stats["staged"] == 0
+    aborted = [m for m in agent.link.sock.sent if isinstance(m, protocol.Aborted)]
+    assert [(m.plan_id, m.code) for m in aborted] == [(plan.plan_id, "aborted_by_coordinator")]
+    h.tick()  # the queued CommInit is then built
+    assert agent.side_ready and agent.transport.generation == 2

@@ -400,6 +400,11 @@ class WorkerAgent:
         for message in messages:
             if isinstance(message, protocol.AbortPlan):
                 self._abort_requested = message.plan_id
+            elif isinstance(message, protocol.CommInit) and self._plan is not None and self._new_generation(message):
+                # The coordinator sends a new generation only once the plan in flight has ended: a
+                # rank still in its exchange (its AbortPlan lost) stops now, not at its transport
+                # timeout, and joins the new rendezvous while its peers still wait in it.
+                self._abort_requested = self._plan.plan_id
             self._inbox.append(message)
 
     def _placement(self) -> tuple[int, np.ndarray]:
@@ -556,6 +561,10 @@ class WorkerAgent:
             return
         self._abandon_plan("comm_rebuilt", f"side communicator rebuilt (generation {comm.generation})")
         self.side.connect(comm, self.config.transport_timeout_s)
+
+    def _new_generation(self, comm: protocol.CommInit) -> bool:
+        """A ``CommInit`` this rank will act on (not a copy of its current or an older generation)."""
+        return not self.side.is_current(comm) and not self.side.is_stale(comm)
 
     def _check_connect(self) -> None:
         comm = self.side.take_pending()
