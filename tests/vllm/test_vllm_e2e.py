@@ -71,11 +71,6 @@ def vllm_env(tmp_path: Path) -> dict:
     return env
 
 
-def rank_holdings(phy2log: list[list[int]], ranks: int) -> list[list[set[int]]]:
-    spr = len(phy2log[0]) // ranks
-    return [[set(row[r * spr : (r + 1) * spr]) for r in range(ranks)] for row in phy2log]
-
-
 def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, tmp_path):
     out, log_path = tmp_path / "result.json", tmp_path / "vllm.log"
     t0 = time.monotonic()
@@ -123,11 +118,11 @@ def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, t
     counts = r["counts"]
     assert counts["committed"] >= 2 and counts["diverged"] == 0, counts
     assert r["coordinator_epoch"] == r["initial_epoch"] + counts["committed"]
-    before, after = rank_holdings(r["initial_placement"], 2), rank_holdings(r["final_placement"], 2)
-    crossed = [
-        (layer, rank) for layer in range(len(before)) for rank in range(2) if after[layer][rank] - before[layer][rank]
-    ]
-    assert crossed, "no expert arrived on a rank that did not hold it"
+    assert r["final_placement"] != r["initial_placement"]
+    # Rows crossed ranks over the side communicator (the driver serves until they have): the final
+    # placement's holdings per rank need not differ from the first's, since a later plan may move
+    # an expert back, and a small layer's plan may only change replica counts on ranks that hold
+    # the expert already (seen once: 2 commits of local copies only).
     workers = r["workers"]
     assert sum(w["agent_stats"].get("bytes_received", 0) for w in workers) > 0, "no expert row crossed ranks"
 

@@ -129,6 +129,16 @@ def make_profile_step(llm, gpu: bool) -> None:
         llm.collective_rpc("eplb_profile_step")
 
 
+def needs_more_traffic(c, min_commits: int, checks: list) -> bool:
+    """Serve on until ``min_commits`` plans, a token check after at least two different commit
+    counts (two commits can land within one generate call, or during the check itself), and an
+    expert row that crossed ranks (the agents' heartbeat counters): a small layer's plans may
+    only change replica counts on ranks that hold the expert already (local copies), and a run
+    of those proves nothing about the side communicator."""
+    crossed = sum(r.counters.get("bytes_received", 0) for r in c.registry.alive) > 0
+    return c.counts["committed"] < min_commits or len(checks) < 2 or not crossed
+
+
 def main() -> int:
     args = parse_args()
     t_start = time.monotonic()
@@ -220,9 +230,8 @@ def main() -> int:
         phase = 0
         deadline = time.monotonic() + args.timeout_s
         seen = c.counts["committed"]
-        # Until min_commits, and a token check after at least two different commit counts
-        # (two commits can land within one generate call, or during the check itself).
-        while (c.counts["committed"] < args.min_commits or len(checks) < 2) and time.monotonic() < deadline:
+
+        while needs_more_traffic(c, args.min_commits, checks) and time.monotonic() < deadline:
             generate(traffic[phase % len(traffic)])
             committed = c.counts["committed"]
             if committed > seen:
