@@ -60,8 +60,48 @@ def test_timeouts_in_every_phase():
     # past the timeout undecided: ask the ranks to record "abort" (only the record decides) ...
     assert q.on_tick(1.5) and q.phase is Phase.VOTING and q.abort_requested and "vote timed out" in q.reason
     assert not q.on_tick(1.9)
-    # ... and give up once nobody answered that either
-    assert q.on_tick(2.5) and q.phase is Phase.ABORTED and "vote timed out" in q.reason
+    # ... and once nobody answered that either, it is not booked as anything: the record decides
+    assert q.on_tick(2.5) and q.phase is Phase.VOTING and q.outcome_unknown and "outcome unknown" in q.reason
+    assert q.on_failed(0, "aborted by the coordinator", 2.6) and q.phase is Phase.ABORTED
+
+
+def test_a_vote_nobody_reported_is_kept_undecided_past_twice_the_timeout_not_booked_aborted():
+    """Before: at 2 x voting_timeout_s with no rank's outcome known, the plan was booked aborted.
+    If the record said commit and every Voted/Committed was lost while serving stood short of S,
+    every rank later committed at S under a book saying "aborted, maps untouched"."""
+    p = run(world=2, voting=1.0)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    p.vote_sent = True
+    assert p.on_tick(1.5) and p.abort_requested
+    p.abort_sent, p.abort_sent_at = True, 1.5
+    assert p.on_tick(2.5) and p.phase is Phase.VOTING and p.outcome_unknown
+    assert not p.on_tick(100.0) and p.phase is Phase.VOTING  # said once; still waiting for evidence
+    assert p.resend_due(100.0) == [0, 1]  # the AbortPlan copies go on: their answers carry the record
+    # serving resumes: the ranks reach S and heartbeat at base_epoch + 1
+    assert not p.on_heartbeat(0, 120, 1, 101.0)
+    assert p.on_heartbeat(1, 120, 1, 101.0) and p.phase is Phase.COMMITTED and p.reason == ""
+
+
+def test_an_unknown_outcome_settles_on_the_record_content_an_answer_carries():
+    p = run(world=2, voting=1.0)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    p.on_tick(1.5), p.on_tick(2.5)
+    assert p.outcome_unknown
+    p.on_voted(40, True)  # a rank's answer to an AbortPlan copy: the record says commit at 40
+    assert not p.on_tick(50.0) and p.phase is Phase.VOTING  # serving idle short of 40: wait
+    assert not p.on_heartbeat(0, 39, 0, 51.0)
+    p.on_committed(0, 40, 0.0, 52.0)
+    assert p.on_heartbeat(1, 41, 1, 52.0) and p.phase is Phase.COMMITTED
+    q = run(world=2, voting=1.0)
+    q.on_staged(0, 0.0), q.on_staged(1, 0.0)
+    q.on_tick(1.5), q.on_tick(2.5)
+    q.on_voted(40, False)  # the record says abort: no rank applies it, booking it aborted is known
+    assert q.on_tick(2.6) and q.phase is Phase.ABORTED
+    r = run(world=2, voting=1.0)  # a dead rank still settles it
+    r.on_staged(0, 0.0), r.on_staged(1, 0.0)
+    r.on_tick(1.5), r.on_tick(2.5)
+    assert not r.on_agent_lost(1, 3.0)
+    assert r.on_failed(0, "vote_failed", 3.1) and r.phase is Phase.ABORTED
 
 
 def test_commit_reported_after_the_abort_request_is_a_commit_not_a_divergence():
@@ -248,3 +288,46 @@ def test_a_staged_answered_again_to_a_copy_of_the_plan_counts_once():
     assert not p.on_staged(0, 0.9, received_bytes=1000, duration_s=0.4)  # the answer to the copy
     assert p.on_staged(1, 1.0, received_bytes=500, duration_s=0.9) and p.phase is Phase.VOTING
     assert p.received_bytes == 1500 and p.staged[0] == 0.5
+
+
+def test_the_coordinator_keeps_a_silent_vote_in_flight_and_books_the_commit_the_heartbeats_show():
+    """Before: the plan was booked aborted ("maps untouched on every rank") at 2 x voting_timeout_s,
+    and when the ranks committed at S their heartbeats at epoch 1 named an epoch the book did not
+    hold: every rank was sent ``Reject(placement epoch 1 is unknown here)`` and declared dead."""
+    import time
+
+    from eplb_service import protocol
+    from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+    c = HandlerHarness().coordinator
+    sent: list[tuple[bytes, protocol.Message]] = []
+    c.send = lambda identity, message: sent.append((identity, message))
+    rows = c.placements[c.epoch][[0]][:, ::-1].copy()
+    c.plans.pending_batches = [type("Batch", (), {"layers": [0], "phy2log": rows, "bytes_moved": 0})]
+    c.side_comm.next(c.registry.agents[0].store)
+    for record in c.registry.alive:
+        record.comm_generation = c.side_comm.generation
+    c.plans.start_next_batch()
+    plan = c.plans.plan
+    ranks = [c.registry.agents[r] for r in (0, 1)]
+    for r in ranks:
+        c._handle(
+            r.identity,
+            protocol.Staged(rank=r.rank, plan_id=plan.plan_id, bytes_received=0, duration_s=0.0, session=r.session),
+        )
+    timeout = c.cfg.voting_timeout_s
+    c.plans.tick(time.monotonic() + timeout + 0.5)  # every Voted lost: AbortPlan, which loses to "commit"
+    c.plans.tick(time.monotonic() + 2 * timeout + 1)
+    assert c.plans.plan is plan and plan.outcome_unknown, c.plans.outcomes
+    assert c.status()["plan_in_flight"]["outcome_unknown"] is True
+    assert not c.plans.should_plan(time.monotonic() + 3 * timeout)
+    sent.clear()
+    for r in ranks:  # serving resumes; every rank committed at S (its Committed lost too)
+        c._handle(
+            r.identity,
+            protocol.Heartbeat(rank=r.rank, step=50, epoch=1, comm_generation=r.comm_generation, session=r.session),
+        )
+    assert [type(m).__name__ for _, m in sent] == ["HeartbeatAck", "HeartbeatAck"]
+    assert [o.phase for o in c.plans.outcomes] == ["committed"]
+    assert c.epoch == 1 and np.array_equal(c.placements[1][[0]], rows)
+    assert [r.rank for r in c.registry.alive] == [0, 1] and c.halted_reason is None

@@ -437,6 +437,14 @@ class PlanRunner:
     def tick(self, now: float) -> None:
         plan = self._current()
         if plan is not None and plan.on_tick(now):
+            if plan.outcome_unknown and not plan.phase.final:
+                self.log.warning(
+                    "plan #%d (id %d): %s; AbortPlan goes on to the silent ranks (it draws the record's content), "
+                    "and no new plan starts meanwhile",
+                    self.number(plan.plan_id),
+                    plan.plan_id,
+                    plan.reason,
+                )
             self.advance()
         plan = self._current()
         if plan is not None:
@@ -520,7 +528,10 @@ class PlanRunner:
 
     def _book_commit(self, plan: PlanRun) -> tuple[int, int]:
         experts_moved = self.book.commit(plan.base_epoch, plan.layers, plan.rows)
+        # -1: inferred from a heartbeat at the new epoch before any rank said the commit step
         commit_step = max(step for step, _ in plan.committed.values())
+        if commit_step < 0 and plan.decision is not None:
+            commit_step = plan.decision[0]
         self.bytes_moved_total += plan.bytes_moved
         self.experts_moved_total += experts_moved
         self.counts["committed"] += 1

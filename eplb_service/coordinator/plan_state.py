@@ -12,6 +12,14 @@ phase has a deadline, so no plan can wait forever on a silent agent.
   in their vote record ``abort`` unless ``commit`` is there already) and waits as long
   again for the answers. A mix of ``Committed`` and ``Aborted`` cannot come from the record;
   if it is ever seen it is reported as ``diverged``, which halts rebalancing loudly.
+
+The outcome is the decision record's, never the coordinator's: a plan is booked only on
+evidence of what the record says (a rank's ``Committed``, ``Aborted`` or ``Voted``, a
+heartbeat at ``base_epoch + 1``, a step past ``S`` at ``base_epoch``, or every silent rank
+lost). Past twice the voting timeout with none of it, the plan stays in ``voting`` with
+``outcome_unknown`` set: booking it aborted would be a guess, and if the record said commit
+(every ``Voted``/``Committed`` lost, serving idle short of ``S``) every rank would later move
+to ``base_epoch + 1`` under a book that says they did not.
 """
 
 from __future__ import annotations
@@ -87,6 +95,9 @@ class PlanRun:
     staging_now: set[int] = field(default_factory=set)
     """Ranks whose last heartbeat says they stage this plan (no copy of the ``Plan`` for them)."""
     abort_resends: ResendSchedule | None = None
+    outcome_unknown: bool = False
+    """Past twice the voting timeout with no evidence of the record's content: kept undecided
+    (no new plan starts) until a rank's answer or heartbeat shows it."""
 
     def __post_init__(self) -> None:
         self.phase_started_at = self.started_at
@@ -183,9 +194,20 @@ class PlanRun:
                 self.voting_s = waited
                 self.reason = f"committed; ranks {missing} never reported"
                 return True
-            return self._abort(
-                f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now, "voting_timeout"
-            )
+            # A rank that aborted never applies the plan, so by the invariant none does; a decided
+            # "abort" says so outright. Without either, "commit" may be in the record: keep waiting.
+            if self.aborted or self.decision is not None:
+                return self._abort(
+                    f"vote timed out after {self.voting_timeout_s}s waiting for ranks {missing}", now, "voting_timeout"
+                )
+            if not self.outcome_unknown:
+                self.outcome_unknown = True
+                self.reason = (
+                    f"outcome unknown after {2 * self.voting_timeout_s:g}s: no rank reported the decision "
+                    f"record's content (ranks {missing} silent); kept undecided until a rank's answer or a "
+                    f"heartbeat at epoch {self.base_epoch + 1} or past the commit step shows it"
+                )
+                return True
         return False
 
     def note_staging(self, rank: int, staging_plan: int) -> None:
@@ -243,8 +265,8 @@ class PlanRun:
         self.voting_s = now - self.phase_started_at
         if self.committed and not self.aborted:
             self.phase = Phase.COMMITTED
-            if self.lost:
-                self.reason = f"committed on every live rank; ranks {sorted(self.lost)} were lost"
+            # not the abort request's or the unknown outcome's reason: the record said commit
+            self.reason = f"committed on every live rank; ranks {sorted(self.lost)} were lost" if self.lost else ""
         elif not self.committed:
             first = min(self.aborted) if self.aborted else min(self.lost)
             self.phase, self.reason = Phase.ABORTED, f"rank {first}: {self.aborted.get(first, 'agent lost')}"

@@ -85,6 +85,8 @@ def status_document(
             "plan_id": plan.plan_id,
             "phase": plan.phase.value,
             "layers": plan.layers,
+            "outcome_unknown": plan.outcome_unknown,
+            "decided": None if plan.decision is None else {"commit": plan.decision[1], "commit_step": plan.decision[0]},
         },
         "plans": dict(plans.counts),
         "bytes_moved": plans.bytes_moved_total,
