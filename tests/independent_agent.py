@@ -208,6 +208,8 @@ class IndependentAgent:
         """Plan id -> the answer this rank gave that Plan: a copy of it gets the same answer."""
         self.voted: set[int] = set()
         """Plan ids whose VoteNow this rank acted on: copies are ignored."""
+        self.decided: dict[int, tuple[int, bool]] = {}
+        """Plan id -> (commit step, ok): the record's content of each plan this rank voted on."""
         self.seen = collections.Counter[str]()
         self.rejects: list[dict] = []
         self.committed: list[tuple[int, int, int]] = []
@@ -426,6 +428,10 @@ class IndependentAgent:
                 self._propose("abort")
         elif self.plan is not None and self.plan["plan_id"] == message["plan_id"]:
             self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {message['reason']}")
+            return
+        decided = self.decided.get(message["plan_id"])
+        if decided is not None:  # the coordinator has no outcome from this rank: the record's content
+            self._agent_send("Voted", plan_id=message["plan_id"], commit_step=max(decided[0], 0), ok=decided[1])
 
     def _on_CoordinatorStopping(self, message: dict, now: float) -> None:
         if self.plan is not None and self.vote is None:
@@ -473,6 +479,7 @@ class IndependentAgent:
         commit_step, ok = vote.decision
         if not vote.reported:
             vote.reported = True
+            self.decided[vote.plan_id] = vote.decision  # said again to an AbortPlan, also once served
             self._agent_send("Voted", plan_id=vote.plan_id, commit_step=max(commit_step, 0), ok=ok)
         if not ok:
             self.vote = self.plan = None

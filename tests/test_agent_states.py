@@ -706,3 +706,25 @@ def test_a_new_comm_init_during_staging_ends_the_exchange_at_once():
     assert [(m.plan_id, m.code) for m in aborted] == [(plan.plan_id, "aborted_by_coordinator")]
     h.tick()  # the queued CommInit is then built
     assert agent.side_ready and agent.transport.generation == 2
+
+
+def test_an_abort_plan_is_answered_with_the_record_content_also_after_the_commit():
+    """The coordinator books a vote's outcome only on evidence of the record's content, and asks a
+    silent rank with ``AbortPlan`` copies. Before, a rank whose vote was decided ignored them (its
+    ``Voted`` and ``Committed`` lost, the coordinator could not learn that the record said
+    commit); now each is answered with the ``Voted``, during the ticket and after it finished."""
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    h.deliver(plan)
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    h.tick()
+    abort = protocol.AbortPlan(plan_id=plan.plan_id, reason="vote timed out", code="voting_timeout")
+    h.deliver(abort)  # in the vote: the proposal loses to "commit", and the rank says so
+    for _ in range(4):
+        h.step()
+        h.tick()
+    assert h.applied == [(plan.plan_id, FAST.fence_steps)] and h.agent._ticket is None
+    h.deliver(abort)  # a copy after the commit: still the record's content
+    voted = [(m.plan_id, m.commit_step, m.ok) for m in h.agent.link.sock.sent if isinstance(m, protocol.Voted)]
+    assert voted == [(plan.plan_id, FAST.fence_steps, True)] * 3

@@ -728,8 +728,12 @@ class WorkerAgent:
         self._staged_at = 0.0
 
     def _on_abort(self, msg: protocol.AbortPlan) -> None:
-        """Idempotent (the coordinator sends it again to ranks with no outcome): it only asks for abort."""
-        if msg.plan_id not in self._abort_seen:
+        """Idempotent (the coordinator sends it again to ranks with no outcome): it only asks for
+        abort. Where this rank knows the record's content, it says it again (``Voted``): the
+        coordinator books no outcome it has no evidence of, and its ``Voted``/``Committed`` may
+        have been lost."""
+        copy = msg.plan_id in self._abort_seen
+        if not copy:
             self._abort_seen.append(msg.plan_id)
         ticket = self._ticket
         if ticket is not None and ticket.plan_id == msg.plan_id:
@@ -739,7 +743,12 @@ class WorkerAgent:
                 Decision.abort(self.rank, f"aborted by the coordinator: {msg.reason}", "aborted_by_coordinator")
             )
         elif self._plan is not None and self._plan.plan_id == msg.plan_id:
-            self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {msg.reason}")
+            return self._drop_plan("aborted_by_coordinator", f"aborted by the coordinator: {msg.reason}")
+        if self.voter.voted_again(msg.plan_id):
+            self.stats["answers_resent"] += 1
+        elif copy and msg.plan_id in self._answers:
+            if isinstance(self._answers[msg.plan_id][0], (protocol.Aborted, protocol.Failed)):
+                self._answer_again(msg.plan_id)  # dropped before the vote: that Aborted again
 
     def _abandon_plan(self, code: str, reason: str) -> None:
         """Give up the current plan the only safe way: before the vote, drop it; in the vote,

@@ -75,6 +75,11 @@ def proposal_from(result: np.ndarray, plan_id: int, rank: int) -> Decision:
     return Decision.commit_at(int(result[0]), rank)
 
 
+DECISIONS_KEPT = 64
+"""Decided plans whose record content a rank says again on request (the coordinator asks only
+about the plan in flight; a few dozen cover copies held back on the link)."""
+
+
 class VoterHost(Protocol):
     """What the voter needs of the agent around it."""
 
@@ -107,6 +112,10 @@ class CommitVoter:
         self.ticket: CommitTicket | None = None
         self._ticket_generation = -1
         """Side-communicator generation the ticket's vote ran on (torn down after an abort)."""
+        self.decided: collections.OrderedDict[int, Decision] = collections.OrderedDict()
+        """Plan id -> the record's content, for the last ``DECISIONS_KEPT`` plans this rank voted on:
+        a copy of ``VoteNow`` or ``AbortPlan`` is answered with it after the ticket is gone too (the
+        coordinator cannot know the outcome otherwise when the ``Voted`` and ``Committed`` were lost)."""
 
     def vote(
         self,
@@ -218,7 +227,10 @@ class CommitVoter:
             return None
         if ticket.is_decided and not ticket.voted_reported:
             ticket.voted_reported = True
-            self._send_voted(ticket)
+            self.decided[ticket.plan_id] = ticket.decision
+            while len(self.decided) > DECISIONS_KEPT:
+                self.decided.popitem(last=False)
+            self._send_voted(ticket.plan_id, ticket.decision)
         if not ticket.finished.is_set():
             return None
         self.ticket = None
@@ -258,21 +270,22 @@ class CommitVoter:
         return ticket
 
     def voted_again(self, plan_id: int) -> bool:
-        """A copy of ``VoteNow`` for the plan this rank voted on: the coordinator has no ``Voted``
-        from it (lost, or on its way). Says the decision again once it is known; before, the
-        ``Voted`` goes out when it is. Returns whether it was sent."""
-        ticket = self.ticket
-        if ticket is None or ticket.plan_id != plan_id or not ticket.voted_reported:
+        """A copy of ``VoteNow``, or an ``AbortPlan``, for a plan this rank voted on: the coordinator
+        has no outcome from it (lost, or on its way). Says the record's content again once it is
+        known, also after the ticket is finished; before, the ``Voted`` goes out when it is.
+        Returns whether it was sent."""
+        decision = self.decided.get(plan_id)
+        if decision is None:
             return False
-        self._send_voted(ticket)
+        self._send_voted(plan_id, decision)
         return True
 
-    def _send_voted(self, ticket: CommitTicket) -> None:
-        host, decision = self.host, ticket.decision
+    def _send_voted(self, plan_id: int, decision: Decision) -> None:
+        host = self.host
         host.send(
             protocol.Voted(
                 rank=host.rank,
-                plan_id=ticket.plan_id,
+                plan_id=plan_id,
                 commit_step=max(decision.commit_step, 0),
                 ok=decision.commit,
                 session=host.session,
