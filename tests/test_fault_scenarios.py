@@ -194,6 +194,53 @@ def test_coordinator_killed_after_a_decided_vote_while_the_engine_is_idle(tmp_pa
     assert results[0]["epoch"] >= 2, "the decided plan and at least one later plan must have committed"
 
 
+def test_every_voted_and_committed_of_a_plan_lost_while_the_engine_is_idle(tmp_path, caplog):
+    """The record says commit; every ``Voted``/``Committed`` of that plan is lost and serving stands
+    idle short of S past twice ``voting_timeout_s``. Before: the coordinator booked the plan aborted
+    ("maps untouched on every rank"); when the ranks committed at S, their heartbeats named an epoch
+    it did not hold and every rank was declared dead and had to register again. Now the plan stays
+    in flight, outcome unknown, until the heartbeats at the new epoch book it committed."""
+    back, front = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/proxy.sock"
+    lost: set[int] = set()
+
+    def hold(direction: str, identity: bytes, frame: bytes) -> float:
+        if direction != "up":
+            return 0.0
+        try:
+            message = protocol.decode(frame)
+        except protocol.ProtocolError:
+            return 0.0
+        if isinstance(message, (protocol.Voted, protocol.Committed)) and (not lost or message.plan_id in lost):
+            lost.add(message.plan_id)
+            return 3600.0  # never delivered while the test runs
+        return 0.0
+
+    caplog.set_level(logging.INFO)
+    proxy = FaultProxy(front, back, hold=hold).start()
+    cfg = sim_config(back, voting_timeout_s=1.0, rebalance_interval_steps=60, agent={"fence_steps": 40})
+    coord = CoordinatorThread(cfg).start()
+    try:
+        # the first vote is near step 75, its S near 115: every rank stands still at step 100 for 4 s
+        results = (
+            SimCluster(WORLD, front, steps=260, seed=2, model=SHALLOW, idle_at_step=100, idle_s=4.0).start().collect()
+        )
+    finally:
+        proxy.stop()
+        coord.stop()
+    c = coord.coordinator
+    assert len(lost) == 1, lost
+    assert_all_or_none(results, WORLD)
+    (plan_id,) = lost
+    applied = [any(p == plan_id for p, _ in results[r]["commits"]) for r in results]
+    assert all(applied), applied
+    booked = [o for o in c.outcomes if o.plan_id == plan_id]
+    assert [o.phase for o in booked] == ["committed"], outcomes(c)
+    assert c.halted_reason is None and c.counts["diverged"] == 0, outcomes(c)
+    assert all(r["epoch"] == c.epoch for r in results.values()), (c.epoch, [r["epoch"] for r in results.values()])
+    resynced = [r.getMessage() for r in caplog.records if "which this coordinator has not seen" in r.getMessage()]
+    assert not resynced, resynced
+
+
 # -- 3. forged identities -------------------------------------------------------------------------
 
 
