@@ -259,6 +259,7 @@ def test_sigterm_with_http_connections_open_stops_without_tracebacks(daemon):
     assert "Traceback" not in out and "ERROR" not in out, out
 
 
+@pytest.mark.slow  # 15 s: the handshake timeout itself
 def test_idle_connections_to_the_zmq_endpoint_are_dropped_within_the_handshake_timeout(tmp_path):
     """A peer that opens TCP connections to the ROUTER and never completes the ZeroMQ handshake
     (no bytes, or half a greeting) holds a descriptor per connection. Before: for ZeroMQ's
