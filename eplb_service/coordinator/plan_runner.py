@@ -460,7 +460,7 @@ class PlanRunner:
         if staging:
             message = self._plan_message
         elif plan.abort_sent:
-            message = protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other")
+            message = _abort_message(plan)
         else:
             message = protocol.VoteNow(plan_id=plan.plan_id)
         name = type(message).__name__
@@ -486,7 +486,7 @@ class PlanRunner:
         if plan.phase is Phase.VOTING and plan.abort_requested and not plan.abort_sent:
             plan.abort_sent = True  # ranks in their vote record "abort" unless "commit" is there already
             plan.abort_sent_at = time.monotonic()
-            self.host.broadcast(protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
+            self.host.broadcast(_abort_message(plan))
             return
         if plan.phase is Phase.VOTING and not plan.committed and not plan.aborted and not plan.vote_sent:
             plan.vote_sent = True
@@ -556,7 +556,7 @@ class PlanRunner:
         self.counts[key] += 1
         self.metrics.plans.labels(key).inc()
         self.metrics.plans_aborted.labels("diverged" if diverged else (plan.code or "other")).inc()
-        self.host.broadcast(protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other"))
+        self.host.broadcast(_abort_message(plan))
         self.pending_batches = []
         if diverged:
             self.host.halt(f"plan #{self.number(plan.plan_id)} (id {plan.plan_id}) diverged: {plan.reason}")
@@ -569,3 +569,9 @@ class PlanRunner:
         )
         if self.host.complete():
             self.host.rebuild_comm()  # a rank may have torn its communicator down
+
+
+def _abort_message(plan: PlanRun) -> protocol.AbortPlan:
+    """The ``AbortPlan`` for ``plan``: the same message when first broadcast (before or in the
+    vote) and when sent again to the ranks with no outcome."""
+    return protocol.AbortPlan(plan_id=plan.plan_id, reason=plan.reason, code=plan.code or "other")
