@@ -118,7 +118,13 @@ VARIANTS = {"0.32": FakeEplbStateBase, "0.20": FakeEplbState020, "0.18": FakeEpl
 
 class FakeEngineArgsBase:
     def __init__(self, is_moe: bool | None = None, **parallel) -> None:
-        self.parallel = {"enable_eplb": True, "enable_expert_parallel": True, "enable_elastic_ep": False, **parallel}
+        self.parallel = {
+            "enable_eplb": True,
+            "enable_expert_parallel": True,
+            "enable_elastic_ep": False,
+            "pipeline_parallel_size": 1,
+            **parallel,
+        }
         self.is_moe = is_moe
         """``ModelConfig.is_moe`` of the config built; ``None``: a config without a model config."""
 

@@ -186,13 +186,32 @@ def test_the_plugins_lines_say_active_only_where_it_takes_eplb_over(monkeypatch,
         assert not any("active:" in line for line in lines), lines
 
 
+def test_pipeline_parallelism_is_refused_before_any_worker_starts(tmp_path):
+    """vLLM builds one EP group per pipeline stage, each numbering its ranks from 0, and every stage
+    derives the same deployment id (one default store). Before, the plugin took EPLB over anyway: the
+    coordinator admits the first Hello for each rank, so rank 0 of one stage and rank 1 of another
+    could be one "deployment", and a plan then moved stage 0's rows of layer k into stage 1's layer
+    k, another layer of the model: wrong outputs. The sidecar refused PP; the plugin alone did not."""
+    _, args_cls = _install(tmp_path)
+    with pytest.raises(C.ConfigError, match="pipeline-parallel size 2: vLLM builds one EP group per pipeline stage"):
+        args_cls(pipeline_parallel_size=2).create_engine_config()
+    assert args_cls(pipeline_parallel_size=1).create_engine_config().parallel_config.enable_eplb
+    # A dense model without EPLB is still served as if the plugin were not there, pipelined or not.
+    assert (
+        not args_cls(is_moe=False, enable_eplb=False, pipeline_parallel_size=2)
+        .create_engine_config()
+        .parallel_config.enable_eplb
+    )
+
+
 def test_a_parallel_config_without_the_flags_is_an_adapter_error(tmp_path):
     _, args_cls = _install(tmp_path)
     engine_args = args_cls()
     del engine_args.parallel["enable_elastic_ep"]
     with pytest.raises(
         adapter.AdapterError,
-        match="has no enable_elastic_ep; expected enable_eplb, enable_expert_parallel, enable_elastic_ep",
+        match="has no enable_elastic_ep; expected enable_eplb, enable_expert_parallel, enable_elastic_ep, "
+        "pipeline_parallel_size",
     ):
         engine_args.create_engine_config()
 

@@ -44,7 +44,8 @@ What this module relies on (the names are the constants below, which
   deployment's ranks would disagree.
 - ``vllm.engine.arg_utils.EngineArgs.create_engine_config()`` returning a ``VllmConfig``
   whose ``parallel_config`` has ``enable_eplb``, ``enable_expert_parallel``,
-  ``enable_elastic_ep``, and whose ``model_config.is_moe`` is false for a dense model.
+  ``enable_elastic_ep``, ``pipeline_parallel_size``, and whose ``model_config.is_moe`` is false
+  for a dense model.
 
 Physical slot ``p`` lives on EP rank ``p // num_local_physical_experts``, row
 ``p % num_local_physical_experts`` — the same convention as ``eplb_service.placement``.
@@ -95,7 +96,7 @@ MOE_MODEL_COUNTS = (
 )
 RECORD_FLAG = "should_record_tensor"
 """The shared bool scalar that gates the router's load recording, where it exists."""
-PARALLEL_CONFIG_FLAGS = ("enable_eplb", "enable_expert_parallel", "enable_elastic_ep")
+PARALLEL_CONFIG_FLAGS = ("enable_eplb", "enable_expert_parallel", "enable_elastic_ep", "pipeline_parallel_size")
 MOE_FLAG = "is_moe"
 """``ModelConfig``'s property that is false for a dense model (0.18-0.33)."""
 
@@ -269,6 +270,17 @@ def check_parallel_config(parallel_config, model_config=None) -> str | None:
         )
     if not parallel_config.enable_expert_parallel:
         raise ConfigError("eplb-service needs --enable-expert-parallel together with --enable-eplb")
+    pp = parallel_config.pipeline_parallel_size
+    if pp > 1:
+        # Every stage's EP group numbers its ranks from 0 and derives the same deployment id (one
+        # default store), so the coordinator would take the first Hello for each rank from any stage:
+        # a plan would then move one stage's rows of layer k into another stage's layer k.
+        raise ConfigError(
+            f"pipeline-parallel size {pp}: vLLM builds one EP group per pipeline stage, each numbering its "
+            "ranks from 0, and eplb-service balances one EP group (ranks of different stages would be taken "
+            "as one deployment and exchange rows of different layers); run with --pipeline-parallel-size 1, "
+            "or unset EPLB_SERVICE_ENDPOINT to serve without eplb-service"
+        )
     if parallel_config.enable_elastic_ep:
         raise ConfigError(
             "eplb-service does not support elastic EP (--enable-elastic-ep): it rearranges through "
