@@ -66,6 +66,16 @@ def plan(rows, layers=(0,), epoch=0, plan_id=7) -> protocol.Plan:
         (plan([[0, 1, 2, 3, 4, 5]]), "phy2log shape (1, 6), expected (1, 8)"),
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], epoch=3), "is for epoch 3, this rank is at epoch 0"),
+        # Before, float rows were truncated into the int64 placement and staged: 0.9 became expert 0.
+        (
+            protocol.Plan(
+                plan_id=7,
+                base_epoch=0,
+                layers=[0],
+                phy2log=protocol.NDArray.from_numpy(np.array([[0, 1, 2, 3, 4, 5, 0.9, 1]], dtype=np.float64)),
+            ),
+            "plan 7: phy2log has dtype float64, expected an integer dtype",
+        ),
         (
             protocol.Plan(
                 plan_id=7,

@@ -30,6 +30,9 @@ def check_plan(
     if plan.base_epoch != epoch:
         raise PlacementError(f"plan {plan.plan_id} is for epoch {plan.base_epoch}, this rank is at epoch {epoch}")
     rows = plan.phy2log.to_numpy("plan.phy2log")
+    if not np.issubdtype(rows.dtype, np.integer):
+        # Assigned into the int64 placement below, 0.9 would silently become expert 0.
+        raise PlacementError(f"plan {plan.plan_id}: phy2log has dtype {rows.dtype}, expected an integer dtype")
     layers = list(plan.layers)
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= shape.num_layers:
         raise PlacementError(f"plan {plan.plan_id}: layers {layers} must be distinct and in [0, {shape.num_layers})")
