@@ -216,8 +216,9 @@ def _pipeline_check(vllm: VllmParallelism) -> None:
     if pp.value > 1:
         raise UsageError(
             f"pipeline-parallel size {pp.value} ({pp.source}): vLLM builds one EP group per pipeline stage, "
-            "each numbering its ranks from 0, and a coordinator serves one group (the other stages' agents "
-            "would be refused); run with pipeline-parallel size 1"
+            "each numbering its ranks from 0, and a coordinator serves one group (ranks of different stages "
+            "would be taken as one deployment and exchange rows of different layers); run with "
+            "pipeline-parallel size 1"
         )
     if pp.unknown:
         log.warning("could not determine vLLM's pipeline-parallel size (%s): assuming 1", pp.unknown)
