@@ -42,6 +42,22 @@ LOAD_SILENCE_REPORTS = 20
 silent: its traffic is then missing from the load window, and plans balance the other ranks' alone."""
 
 
+def newest_epoch(record: AgentRecord, reported: int) -> int:
+    """The rank's epoch after a heartbeat or ``Committed`` reporting ``reported``: never lower than
+    what it reported before.
+
+    A rank's epoch counts its commits, so it only grows while the rank is registered (a restarted
+    process registers anew, and its ``Hello`` sets the epoch). A lower one is a stale report. On
+    one ZeroMQ connection messages keep their order, an agent sends a plan's ``Committed`` once and
+    before anything of a later epoch (its next vote waits until that ticket is reported), and the
+    frames of a connection its rank replaced are refused as from an unknown agent; so only a link
+    that duplicates or reorders (the fault proxy does both) delivers one. Taken as the rank's epoch
+    it set the deployment's agreed epoch back (``PlacementBook.agree``: every rank's stale
+    heartbeat made the book agree on the old epoch, and the next plan named a base epoch nobody
+    served), and one older than the book's history got the rank declared dead."""
+    return max(record.epoch, reported)
+
+
 class RouterHost(Protocol):
     """What the router needs of the coordinator's shell."""
 
@@ -195,8 +211,10 @@ class MessageRouter:
                 ),
             )
             return
-        if isinstance(message, (protocol.Heartbeat, protocol.Committed)) and self.book.unknown(
-            message.epoch, self.runner.next_epoch_in_flight
+        if (
+            isinstance(message, (protocol.Heartbeat, protocol.Committed))
+            and message.epoch >= record.epoch  # an older one is a stale report, not a placement to learn
+            and self.book.unknown(message.epoch, self.runner.next_epoch_in_flight)
         ):
             self._resync(record, message.epoch, now)
             return
@@ -245,7 +263,8 @@ class MessageRouter:
         if self._step_leap(record, message.step, "heartbeat"):
             return
         self.host.send(record.identity, protocol.HeartbeatAck(session=record.session))
-        record.step, record.comm_generation, record.epoch = message.step, message.comm_generation, message.epoch
+        record.step, record.comm_generation = message.step, message.comm_generation
+        record.epoch = newest_epoch(record, message.epoch)
         record.internal_errors = message.internal_errors
         record.counters = dict(message.counters)
         self.guard.heartbeat(record.rank, message.epoch, message.step, message.clock)
@@ -317,7 +336,7 @@ class MessageRouter:
 
     def _on_committed(self, record: AgentRecord, message: protocol.Committed, now: float) -> None:
         self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
-        record.epoch = message.epoch
+        record.epoch = newest_epoch(record, message.epoch)
         self.update_epoch()
         self.host.watch(now)
         self.runner.committed(message.plan_id, record.rank, message.commit_step, message.stall_s, now)

@@ -1,0 +1,128 @@
+"""Messages that arrive late, twice, or behind newer ones never set a rank's epoch back.
+
+A rank's placement epoch only grows while it is registered (it counts commits; a restarted
+process registers anew with its own). ZeroMQ keeps order on one connection, but a link that
+duplicates or reorders (the fault proxy does both) could deliver a rank's heartbeat or
+``Committed`` of an older epoch after a newer one. Filed as the rank's epoch, that set the
+deployment's agreed epoch back (every rank's stale report arriving so made the book agree on
+the older epoch, and the next plan was built on a placement nobody served), and one older than
+the book's history got the rank declared dead as "unknown epoch".
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from eplb_service import protocol
+from eplb_service.coordinator.placement_book import HISTORY_EPOCHS
+from eplb_service.testing.protocol_fuzz import HandlerHarness
+
+
+def harness():
+    """A coordinator with two registered ranks whose side communicator is built; what it sends is kept."""
+    c = HandlerHarness().coordinator
+    sent: list[tuple[bytes, protocol.Message]] = []
+    c.send = lambda identity, message: sent.append((identity, message))
+    c.side_comm.next(c.registry.agents[0].store)
+    for record in c.registry.alive:
+        record.comm_generation = c.side_comm.generation
+    return c, sent
+
+
+def start_plan(c):
+    """A one-layer plan (layer 0's row reversed), staged on both ranks: in its vote."""
+    rows = c.placements[c.epoch][[0]][:, ::-1].copy()
+    c.plans.pending_batches = [SimpleNamespace(layers=[0], phy2log=rows, bytes_moved=0)]
+    c.plans.start_next_batch()
+    plan = c.plans.plan
+    for r in c.registry.alive:
+        c._handle(
+            r.identity,
+            protocol.Staged(rank=r.rank, plan_id=plan.plan_id, bytes_received=0, duration_s=0.0, session=r.session),
+        )
+    return plan
+
+
+def commit_plan(c, step: int) -> int:
+    """One plan committed at ``step`` on both ranks, as their messages say; returns its id."""
+    plan = start_plan(c)
+    for r in c.registry.alive:
+        c._handle(
+            r.identity, protocol.Voted(rank=r.rank, plan_id=plan.plan_id, commit_step=step, ok=True, session=r.session)
+        )
+    for r in c.registry.alive:
+        c._handle(
+            r.identity,
+            protocol.Committed(
+                rank=r.rank,
+                plan_id=plan.plan_id,
+                commit_step=step,
+                epoch=plan.base_epoch + 1,
+                stall_s=0.0,
+                session=r.session,
+            ),
+        )
+    assert c.plans.plan is None and c.epoch == plan.base_epoch + 1, c.plans.outcomes
+    return plan.plan_id
+
+
+def beat(c, rank: int, step: int, epoch: int) -> None:
+    r = c.registry.agents[rank]
+    c._handle(
+        r.identity,
+        protocol.Heartbeat(rank=rank, step=step, epoch=epoch, comm_generation=r.comm_generation, session=r.session),
+    )
+
+
+def test_heartbeats_of_the_old_epoch_arriving_after_the_commit_do_not_set_the_epoch_back():
+    """Before: each rank's epoch became 0 again and the book agreed on epoch 0 (``every rank reports
+    placement epoch 0``), so the next plan named base epoch 0 while every rank served epoch 1."""
+    c, _ = harness()
+    commit_plan(c, step=50)
+    for rank in (0, 1):  # sent at step 40, before the commit, held back behind the Committed
+        beat(c, rank, step=40, epoch=0)
+    assert [r.epoch for r in c.registry.alive] == [1, 1]
+    assert c.epoch == 1 and c.epochs_agree()
+    start_plan(c)
+    assert c.plans.plan.base_epoch == 1
+
+
+def test_a_committed_of_an_earlier_plan_delivered_again_leaves_the_epoch_where_it_is():
+    c, _ = harness()
+    first = commit_plan(c, step=50)
+    commit_plan(c, step=120)
+    r = c.registry.agents[1]
+    c._handle(  # the first plan's Committed, duplicated by the link and delivered late
+        r.identity,
+        protocol.Committed(rank=1, plan_id=first, commit_step=50, epoch=1, stall_s=0.0, session=r.session),
+    )
+    assert r.epoch == 2 and c.epoch == 2 and c.epochs_agree()
+
+
+def test_a_heartbeat_older_than_the_book_s_history_is_not_an_unknown_epoch():
+    """Before: the book no longer held epoch 0, so the late heartbeat read as a placement this
+    coordinator never saw: rank 1 was told to register again and declared dead."""
+    c, sent = harness()
+    for k in range(HISTORY_EPOCHS + 1):
+        commit_plan(c, step=50 + 70 * k)
+    assert 0 not in c.placements
+    sent.clear()
+    beat(c, 1, step=40, epoch=0)
+    assert [type(m).__name__ for _, m in sent] == ["HeartbeatAck"]
+    assert [r.rank for r in c.registry.alive] == [0, 1] and c.registry.agents[1].epoch == HISTORY_EPOCHS + 1
+
+
+def test_a_newer_epoch_is_still_taken_from_a_heartbeat():
+    """The guard is one way: a rank that committed (its Committed lost) is at the new epoch."""
+    c, _ = harness()
+    plan = start_plan(c)
+    for r in c.registry.alive:
+        c._handle(
+            r.identity, protocol.Voted(rank=r.rank, plan_id=plan.plan_id, commit_step=30, ok=True, session=r.session)
+        )
+    beat(c, 0, step=31, epoch=1)
+    beat(c, 1, step=31, epoch=1)
+    assert [r.epoch for r in c.registry.alive] == [1, 1] and c.epoch == 1
+    assert np.array_equal(c.placements[1][[0]], plan.rows)
