@@ -289,6 +289,15 @@ class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     """The plan this agent is staging now (0: none). The coordinator sends a rank no copy of a
     ``Plan`` it is staging: a large plan stages for many seconds, and copies every 2 s of a
     message of ``layers x P`` rows, to every rank, were traffic and log lines for nothing."""
+    decided_plan: NonNegInt = 0
+    """The last plan whose decision record this agent read (0: none yet), with the record's
+    content below: what its ``Voted`` says, repeated in every heartbeat. A link that loses a
+    plan's every ``Voted`` and ``Committed`` (or an engine idle short of ``S``) otherwise left the
+    coordinator without the outcome for as long as that lasted, and no plan started meanwhile."""
+    decided_commit: bool = False
+    """The record of ``decided_plan`` says commit (else abort)."""
+    decided_commit_step: NonNegInt = 0
+    """The step ``S`` the record names for a commit (0 for an abort)."""
 
 
 AGENT_COUNTERS = (

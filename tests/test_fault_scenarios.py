@@ -198,8 +198,11 @@ def test_every_voted_and_committed_of_a_plan_lost_while_the_engine_is_idle(tmp_p
     """The record says commit; every ``Voted``/``Committed`` of that plan is lost and serving stands
     idle short of S past twice ``voting_timeout_s``. Before: the coordinator booked the plan aborted
     ("maps untouched on every rank"); when the ranks committed at S, their heartbeats named an epoch
-    it did not hold and every rank was declared dead and had to register again. Now the plan stays
-    in flight, outcome unknown, until the heartbeats at the new epoch book it committed."""
+    it did not hold and every rank was declared dead and had to register again. Then: the plan
+    stayed in flight, outcome unknown (a WARNING, an ``AbortPlan`` to every rank), until the
+    heartbeats at the new epoch booked it committed. Now every heartbeat names the decision its
+    rank read, so the coordinator knows the record says commit at S while the engine is idle,
+    asks nobody to abort, and books the commit once the heartbeats show the new epoch."""
     back, front = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/proxy.sock"
     lost: set[int] = set()
 
@@ -239,6 +242,9 @@ def test_every_voted_and_committed_of_a_plan_lost_while_the_engine_is_idle(tmp_p
     assert all(r["epoch"] == c.epoch for r in results.values()), (c.epoch, [r["epoch"] for r in results.values()])
     resynced = [r.getMessage() for r in caplog.records if "which this coordinator has not seen" in r.getMessage()]
     assert not resynced, resynced
+    unknown = [r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage()]
+    assert not unknown, unknown
+    assert not c.plans.resent["AbortPlan"], c.plans.resent  # the decision was known: nobody asked to abort
 
 
 # -- 3. forged identities -------------------------------------------------------------------------

@@ -412,10 +412,21 @@ class PlanRunner:
         if plan is not None and plan.on_failed(rank, reason, now, code):
             self.advance()
 
-    def voted(self, plan_id: int, commit_step: int, ok: bool) -> None:
+    def voted(self, plan_id: int, commit_step: int, ok: bool, rank: int, via: str = "Voted") -> None:
+        """The decision record's content, as ``rank`` read it (``via``: its ``Voted`` or its heartbeat)."""
         plan = self._current(plan_id)
-        if plan is not None:
-            plan.on_voted(commit_step, ok)
+        if plan is None:
+            return
+        unknown = plan.outcome_unknown
+        if plan.on_voted(commit_step, ok) and unknown:  # it was warned about: say that it is known now
+            self.log.info(
+                "plan #%d (id %d): the decision record says %s (rank %d's %s): its outcome is known",
+                self.number(plan_id),
+                plan_id,
+                f"commit at step {commit_step}" if ok else "abort",
+                rank,
+                via,
+            )
 
     def committed(self, plan_id: int, rank: int, step: int, stall_s: float, now: float) -> None:
         plan = self._current(plan_id)

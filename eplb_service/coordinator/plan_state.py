@@ -16,7 +16,9 @@ phase has a deadline, so no plan can wait forever on a silent agent.
 The outcome is the decision record's, never the coordinator's: a plan is booked only on
 evidence of what the record says (a rank's ``Committed``, ``Aborted`` or ``Voted``, a
 heartbeat at ``base_epoch + 1``, a step past ``S`` at ``base_epoch``, or every silent rank
-lost). Past twice the voting timeout with none of it, the plan stays in ``voting`` with
+lost; every heartbeat carries the newest decision its rank read, so a link that loses every
+``Voted`` and ``Committed`` but passes heartbeats still tells it). Past twice the voting
+timeout with none of it, the plan stays in ``voting`` with
 ``outcome_unknown`` set: booking it aborted would be a guess, and if the record said commit
 (every ``Voted``/``Committed`` lost, serving idle short of ``S``) every rank would later move
 to ``base_epoch + 1`` under a book that says they did not.
@@ -139,16 +141,21 @@ class PlanRun:
         self.committed[rank] = (step, stall_s)
         return self._maybe_settle(now)
 
-    def on_voted(self, commit_step: int, ok: bool) -> None:
-        """A rank learned the vote's result: all ranks learn the same (one all-reduce)."""
-        if self.phase is Phase.VOTING and self.decision is None:
-            self.decision = (commit_step, ok)
+    def on_voted(self, commit_step: int, ok: bool) -> bool:
+        """A rank read the decision record (its ``Voted``, or the decision its heartbeats carry):
+        every rank reads the same. Returns whether this is news (the first report of it)."""
+        if self.phase is not Phase.VOTING or self.decision is not None:
+            return False
+        self.decision = (commit_step, ok)
+        self.outcome_unknown = False  # known now: a commit settles at S, an abort at the abort deadline
+        return True
 
     def on_heartbeat(self, rank: int, step: int, epoch: int, now: float) -> bool:
         """Infer a rank's outcome when its Committed/Aborted was lost.
 
         A rank at ``base_epoch + 1`` committed this plan (nothing else can move it there). A
-        rank past the commit step still at ``base_epoch`` did not commit.
+        rank past the commit step still at ``base_epoch`` did not commit, nor does any rank at
+        ``base_epoch`` once the record is known to say abort.
         """
         if self.phase is not Phase.VOTING or rank in self.committed or rank in self.aborted or rank in self.lost:
             # A lost rank's heartbeats may be a restarted process's, which never held this plan:
@@ -156,6 +163,10 @@ class PlanRun:
             return False
         if epoch == self.base_epoch + 1:
             self.committed[rank] = (self.decision[0] if self.decision else -1, 0.0)
+            return self._maybe_settle(now)
+        if self.decision is not None and not self.decision[1] and epoch == self.base_epoch:
+            self.aborted[rank] = "the decision record says abort"
+            self.aborted_codes[rank] = self.code or "other"
             return self._maybe_settle(now)
         if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
             self.aborted[rank] = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"

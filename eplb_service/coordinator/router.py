@@ -269,6 +269,10 @@ class MessageRouter:
         record.counters = dict(message.counters)
         self.guard.heartbeat(record.rank, message.epoch, message.step, message.clock)
         self.book.max_step_seen = max(self.book.max_step_seen, message.step)
+        if message.decided_plan:  # before the epoch it reports is judged: the decision names S
+            self._learn_decision(
+                record, message.decided_plan, message.decided_commit_step, message.decided_commit, "heartbeat"
+            )
         self.runner.heartbeat(record.rank, message.step, message.epoch, now, message.staging_plan)
         self.update_epoch()
         self.host.watch(now)
@@ -332,7 +336,12 @@ class MessageRouter:
         self.runner.failed(message.plan_id, record.rank, message.reason, message.code, now)
 
     def _on_voted(self, record: AgentRecord, message: protocol.Voted, now: float) -> None:
-        self.runner.voted(message.plan_id, message.commit_step, message.ok)
+        self._learn_decision(record, message.plan_id, message.commit_step, message.ok, "Voted")
+
+    def _learn_decision(self, record: AgentRecord, plan_id: int, commit_step: int, ok: bool, via: str) -> None:
+        """A rank read the plan's decision record (``via``: its ``Voted`` or a heartbeat): the plan in
+        flight books it."""
+        self.runner.voted(plan_id, commit_step, ok, record.rank, via)
 
     def _on_committed(self, record: AgentRecord, message: protocol.Committed, now: float) -> None:
         self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)

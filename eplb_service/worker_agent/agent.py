@@ -344,7 +344,8 @@ class WorkerAgent:
         if self._welcomed and now >= self._next_heartbeat:
             gen = self.transport.generation if self.side_ready else -1
             staging = self._plan.plan_id if self._plan is not None and self._staged is None else 0
-            self.send(heartbeat_message(self.rank, self._session, self.hooks, gen, self.stats, staging))
+            decided = self.voter.last_decided()
+            self.send(heartbeat_message(self.rank, self._session, self.hooks, gen, self.stats, staging, decided))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
     def everyone_past(self, plan_id: int) -> None:
@@ -785,9 +786,11 @@ def heartbeat_message(
     comm_generation: int,
     stats: collections.Counter,
     staging_plan: int = 0,
+    decided: tuple[int, Decision] | None = None,
 ) -> protocol.Heartbeat:
-    """The heartbeat: the rank's step and epoch, step-clock probes, the agent's counters, and the
-    plan it is staging (``staging_plan``, 0: none)."""
+    """The heartbeat: the rank's step and epoch, step-clock probes, the agent's counters, the
+    plan it is staging (``staging_plan``, 0: none), and the newest plan whose decision record it
+    read with the record's content (``decided``: plan id and decision, None before any)."""
     # Read the step before the epoch: the serving thread bumps the epoch at the commit boundary
     # before the step count passes S, so (step > S, epoch = old) never pairs up falsely; the
     # coordinator relies on this to tell a missed commit from a slow one.
@@ -809,4 +812,7 @@ def heartbeat_message(
         clock=clock,
         counters=counters,
         staging_plan=staging_plan,
+        decided_plan=decided[0] if decided else 0,
+        decided_commit=bool(decided and decided[1].commit),
+        decided_commit_step=max(decided[1].commit_step, 0) if decided else 0,
     )

@@ -280,6 +280,11 @@ class CommitVoter:
         self._send_voted(plan_id, decision)
         return True
 
+    def last_decided(self) -> tuple[int, Decision] | None:
+        """The newest plan whose record this rank read, and what it says (heartbeats carry it: the
+        coordinator learns the outcome from them when every ``Voted`` and ``Committed`` was lost)."""
+        return next(reversed(self.decided.items()), None)
+
     def _send_voted(self, plan_id: int, decision: Decision) -> None:
         host = self.host
         host.send(
