@@ -245,6 +245,9 @@ def test_every_voted_and_committed_of_a_plan_lost_while_the_engine_is_idle(tmp_p
     unknown = [r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage()]
     assert not unknown, unknown
     assert not c.plans.resent["AbortPlan"], c.plans.resent  # the decision was known: nobody asked to abort
+    # no Committed arrived, yet the epoch watch knows the commit step every rank applied the plan at
+    epoch = [p for p, _ in results[0]["commits"]].index(plan_id) + 1
+    assert c.epoch_watch.commit_steps[epoch][0] == dict(results[0]["commits"])[plan_id], c.epoch_watch.commit_steps
 
 
 # -- 3. forged identities -------------------------------------------------------------------------

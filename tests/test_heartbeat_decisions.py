@@ -11,6 +11,8 @@ import time
 
 from plan_harness import beat, harness, start_plan
 
+from eplb_service import protocol
+
 
 def silent_vote(c):
     """A plan in its vote whose every ``Voted`` was lost, past twice the voting timeout: outcome unknown."""
@@ -58,3 +60,44 @@ def test_a_decision_of_another_plan_changes_nothing():
     plan = silent_vote(c)
     beat(c, 0, step=10, epoch=0, decided_plan=plan.plan_id - 1, decided_commit=False)
     assert c.plans.plan is plan and plan.outcome_unknown and plan.decision is None
+
+
+def test_a_commit_known_only_from_heartbeats_still_catches_a_rank_past_s_at_the_old_epoch():
+    """Before: only a ``Committed`` told the epoch watch a commit step. With every ``Committed`` lost
+    the plan settled on the heartbeats at the new epoch, and a rank it no longer tracked (declared
+    dead in the vote, back with its session) serving the old maps past ``S`` was never caught: no
+    halt, and no plan ever again (the ranks' epochs never agree)."""
+    c, _ = harness()
+    plan = start_plan(c)
+    rank1 = c.registry.agents[1]
+    c.router.lose_agent(rank1, time.monotonic())  # frozen in the vote past the liveness timeout
+    beat(c, 0, step=55, epoch=1, decided_plan=plan.plan_id, decided_commit=True, decided_commit_step=50)
+    assert [(o.phase, o.commit_step) for o in c.plans.outcomes] == [("committed", 50)] and c.epoch == 1
+    assert c.epoch_watch.commit_steps[1] == (50, 0)
+    hello = protocol.Hello(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        rank=1,
+        model=c.book.model,
+        phy2log=protocol.NDArray.from_numpy(c.placements[0]),
+        epoch=0,
+        step=60,
+        transport="gloo",
+        resume_session=rank1.session,
+    )
+    c._handle(b"rank-1-back", hello)
+    assert c.registry.agents[1].alive and c.halted_reason is None
+    beat(c, 1, step=61, epoch=0)
+    assert c.halted_reason is not None, c.status()["halted"]
+    assert "rank 1 is at step 61 with epoch 0, but epoch 1 was committed at step 50 (reported by rank 0)" in (
+        c.halted_reason
+    )
+
+
+def test_a_voted_commit_feeds_the_epoch_watch_too():
+    c, _ = harness()
+    plan = start_plan(c)
+    r = c.registry.agents[1]
+    c._handle(r.identity, protocol.Voted(rank=1, plan_id=plan.plan_id, commit_step=70, ok=True, session=r.session))
+    assert c.epoch_watch.commit_steps[1] == (70, 1)
+    c._handle(r.identity, protocol.Voted(rank=1, plan_id=plan.plan_id + 1, commit_step=90, ok=True, session=r.session))
+    assert c.epoch_watch.commit_steps == {1: (70, 1)}  # not the plan in flight: no epoch to file it under

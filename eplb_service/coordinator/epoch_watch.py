@@ -6,7 +6,9 @@ passes ``S``), so a report ``(epoch E, step > S)`` where epoch ``E + 1`` was com
 ``S`` means that rank went past ``S`` with the old maps: the placements differ. The
 in-flight plan's state machine catches this while it tracks the plan; this watch also
 catches it when the coordinator lost track (it had declared the agents dead, or it
-restarted) and learns the commit step only from a ``Committed`` that arrives late.
+restarted) and learns the commit step only from a ``Committed`` that arrives late. The commit
+steps come from ``Committed``, and from the decision a rank's ``Voted`` or heartbeat names for
+the plan in flight: a commit whose every ``Committed`` was lost is still watched.
 
 Such a late ``Committed`` names a plan this coordinator has no record of, so its one
 report is all the verdict rests on: the halt names the rank that reported the commit as

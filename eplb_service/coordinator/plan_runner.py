@@ -428,6 +428,11 @@ class PlanRunner:
                 via,
             )
 
+    def commit_epoch(self, plan_id: int) -> int | None:
+        """The epoch a commit of ``plan_id`` moves the ranks into, while it is the plan in flight."""
+        plan = self._current(plan_id)
+        return None if plan is None else plan.base_epoch + 1
+
     def committed(self, plan_id: int, rank: int, step: int, stall_s: float, now: float) -> None:
         plan = self._current(plan_id)
         if plan is not None and plan.on_committed(rank, step, stall_s, now):

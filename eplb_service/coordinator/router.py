@@ -340,8 +340,17 @@ class MessageRouter:
 
     def _learn_decision(self, record: AgentRecord, plan_id: int, commit_step: int, ok: bool, via: str) -> None:
         """A rank read the plan's decision record (``via``: its ``Voted`` or a heartbeat): the plan in
-        flight books it."""
+        flight books it, and a commit step feeds the epoch watch as a ``Committed`` does.
+
+        By the record, every rank is at the plan's new epoch once past ``S``, so a rank seen past it
+        at the old epoch went on with the old maps. Fed by ``Committed`` alone, the watch had no
+        ``S`` for a commit whose every ``Committed`` was lost (the plan then settles on heartbeats at
+        the new epoch): a rank the plan no longer tracked (lost during the vote, back since) could
+        serve the old maps past ``S`` unseen."""
+        epoch = self.runner.commit_epoch(plan_id)
         self.runner.voted(plan_id, commit_step, ok, record.rank, via)
+        if ok and epoch is not None:
+            self.guard.epoch_watch.committed(epoch, commit_step, record.rank)
 
     def _on_committed(self, record: AgentRecord, message: protocol.Committed, now: float) -> None:
         self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
