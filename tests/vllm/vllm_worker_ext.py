@@ -18,6 +18,17 @@ class EplbTestExtension:
     def eplb_status(self) -> dict:
         return self._binding().status()
 
+    def eplb_status_to_file(self, directory: str) -> None:
+        """Write :meth:`eplb_status` to ``directory/worker-<rank>.json``: ``vllm serve``'s
+        ``/collective_rpc`` runs on every DP engine but answers with the first engine's results only
+        (vLLM 0.32 ``v1/engine/core_client.py:1699-1701``)."""
+        import json
+        import os
+
+        status = self.eplb_status()
+        with open(os.path.join(directory, f"worker-{status['rank']}.json"), "w") as f:
+            json.dump(status, f)
+
     def eplb_profile_step(self) -> None:
         """The EPLB step vLLM's profile run makes (``_dummy_run(is_profile=True)``): it must
         reach vLLM's own profile-time rearrangement, which reserves the transfer memory."""
@@ -26,8 +37,10 @@ class EplbTestExtension:
     def eplb_scale_expert(self, layer: int, expert: int, factor: float) -> int:
         """Multiply every local replica of logical ``expert`` in ``layer`` by ``factor``; returns rows touched.
 
-        The originals are kept so that :meth:`eplb_restore_experts` can put them back.
+        The originals are kept so that :meth:`eplb_restore_experts` can put them back. The
+        arguments may come as strings (``vllm serve``'s ``/collective_rpc`` passes only strings).
         """
+        layer, expert, factor = int(layer), int(expert), float(factor)
         binding = self._binding()
         model = binding.agent.model
         spr = model.phy2log.shape[1] // model.num_ranks

