@@ -32,12 +32,14 @@ What this module relies on (the names are the constants below, which
 - The deployment id (:func:`deployment_id`): ``init_distributed_environment`` puts every rank
   of one deployment into one torch default (WORLD) process group, which the EP group is part of:
   all DP engines' workers rendezvous at the DP master's store (``data_parallel_master_ip`` or
-  ``master_addr``, nnodes > 1), the TP workers of one engine at the executor's
-  ``distributed_init_method``, an external launcher at ``MASTER_ADDR:MASTER_PORT``. So the
-  default store's address (torch's ``distributed_c10d._get_default_store()``, a ``TCPStore``
-  with ``host`` and ``port`` or a ``FileStore`` with ``path``, under ``PrefixStore`` wrappers
-  with ``underlying_store``) is one value on every rank of a deployment and another in any other
-  deployment alive at the same time (two live stores cannot listen on one address).
+  ``master_addr``, nnodes > 1; under 0.32's ``vllm serve`` a store DP rank 0's worker binds on a
+  free port and publishes, one address for both engines in ``tests/vllm/test_vllm_dp.py``), the
+  TP workers of one engine at the executor's ``distributed_init_method``, an external launcher
+  at ``MASTER_ADDR:MASTER_PORT``. So the default store's address (torch's
+  ``distributed_c10d._get_default_store()``, a ``TCPStore`` with ``host`` and ``port`` or a
+  ``FileStore`` with ``path``, under ``PrefixStore`` wrappers with ``underlying_store``) is one
+  value on every rank of a deployment and another in any other deployment alive at the same
+  time (two live stores cannot listen on one address).
   ``ParallelConfig`` alone does not give that: with DP=1 its ``data_parallel_master_ip`` /
   ``_port`` are the defaults (127.0.0.1:29500) in every deployment, and with DP over several
   nodes ``data_parallel_master_port`` is drawn from free ports on each node, so one
