@@ -17,14 +17,17 @@ import numpy as np
 
 from eplb_service.deployment_id import DEPLOYMENT_ID_MAX_CHARS, DEPLOYMENT_ID_PATTERN
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others.
 2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes.
 3: each rank's vote contributes its fence step ``e + F`` and the commit step is their MAX
 (it was ``max(e) + F``): ranks of versions 2 and 3 in one vote could propose commit steps
 before each other's fences, so one coordinator must not admit both.
 4: ``Hello.deployment``, the id of the vLLM deployment the rank belongs to: a version-3
-coordinator would admit ranks of two deployments into one (see :data:`DeploymentId`)."""
+coordinator would admit ranks of two deployments into one (see :data:`DeploymentId`).
+5: ``Heartbeat.decided_plan``/``decided_commit``/``decided_commit_step``, the newest decision
+record the rank read: a version-4 coordinator rejects such heartbeats as unknown fields, so a
+mixed deployment would fail every heartbeat instead of being refused once, naming both versions."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Hard ceiling of any frame (the agents' socket limit; the coordinator's is far lower,

@@ -30,7 +30,7 @@ import msgspec
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 PROBE_EVERY, PROBE_RADIUS = 32, 3
 HEARTBEATS_BEFORE_REOPEN = 4
 
