@@ -101,3 +101,25 @@ def test_a_voted_commit_feeds_the_epoch_watch_too():
     assert c.epoch_watch.commit_steps[1] == (70, 1)
     c._handle(r.identity, protocol.Voted(rank=1, plan_id=plan.plan_id + 1, commit_step=90, ok=True, session=r.session))
     assert c.epoch_watch.commit_steps == {1: (70, 1)}  # not the plan in flight: no epoch to file it under
+
+
+def test_an_abort_known_from_a_heartbeat_keeps_the_reason_a_rank_reported():
+    """The record says abort because rank 1's vote found rows corrupted in transit. Rank 0's
+    heartbeat names the decision before its serving thread finished the ticket (its ``Aborted``
+    still to come), then rank 1's ``Aborted`` says why. Before: the plan was booked on rank 0's
+    inferred abort, ``other: rank 0: the decision record says abort``, and the integrity failure
+    never showed in the outcome or in ``eplb_plans_aborted_total{reason}``."""
+    c, _ = harness()
+    plan = start_plan(c)
+    r0, r1 = c.registry.agents[0], c.registry.agents[1]
+    for r in (r0, r1):
+        c._handle(
+            r.identity, protocol.Voted(rank=r.rank, plan_id=plan.plan_id, commit_step=0, ok=False, session=r.session)
+        )
+    beat(c, 0, step=12, epoch=0, decided_plan=plan.plan_id, decided_commit=False)
+    assert c.plans.plan is plan  # rank 1 has said nothing of its own yet
+    reason = "vote_failed: integrity: rows of remote op 3 differ"
+    c._handle(
+        r1.identity, protocol.Aborted(rank=1, plan_id=plan.plan_id, reason=reason, code="integrity", session=r1.session)
+    )
+    assert [(o.phase, o.code, o.reason) for o in c.plans.outcomes] == [("aborted", "integrity", f"rank 1: {reason}")]

@@ -84,6 +84,10 @@ class PlanRun:
     code: str = ""
     """``protocol.AbortCode`` of an aborted plan (the metric label)."""
     aborted_codes: dict[int, str] = field(default_factory=dict)
+    inferred_aborts: set[int] = field(default_factory=set)
+    """Ranks in ``aborted`` on a heartbeat alone (the record says abort, their own ``Aborted`` not
+    in yet): the outcome's reason and code are a reporting rank's where there is one, since the
+    record's own reason (``integrity``, ``fence_timeout`` ...) travels only in ``Aborted``."""
     staging_s: float = 0.0
     voting_s: float = 0.0
     received_bytes: int = 0
@@ -122,6 +126,7 @@ class PlanRun:
     def on_failed(self, rank: int, reason: str, now: float, code: str = "other") -> bool:
         self.aborted[rank] = reason
         self.aborted_codes[rank] = code
+        self.inferred_aborts.discard(rank)
         if self.phase is Phase.STAGING:
             return self._abort(f"rank {rank}: {reason}", now, code)
         if self.phase is Phase.VOTING:
@@ -147,7 +152,7 @@ class PlanRun:
         if self.phase is not Phase.VOTING or self.decision is not None:
             return False
         self.decision = (commit_step, ok)
-        self.outcome_unknown = False  # known now: a commit settles at S, an abort at the abort deadline
+        self.outcome_unknown = False  # known now: a commit settles at S, an abort on the next heartbeats
         return True
 
     def on_heartbeat(self, rank: int, step: int, epoch: int, now: float) -> bool:
@@ -167,6 +172,7 @@ class PlanRun:
         if self.decision is not None and not self.decision[1] and epoch == self.base_epoch:
             self.aborted[rank] = "the decision record says abort"
             self.aborted_codes[rank] = self.code or "other"
+            self.inferred_aborts.add(rank)
             return self._maybe_settle(now)
         if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
             self.aborted[rank] = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
@@ -279,7 +285,8 @@ class PlanRun:
             # not the abort request's or the unknown outcome's reason: the record said commit
             self.reason = f"committed on every live rank; ranks {sorted(self.lost)} were lost" if self.lost else ""
         elif not self.committed:
-            first = min(self.aborted) if self.aborted else min(self.lost)
+            reported = set(self.aborted) - self.inferred_aborts
+            first = min(reported or self.aborted) if self.aborted else min(self.lost)
             self.phase, self.reason = Phase.ABORTED, f"rank {first}: {self.aborted.get(first, 'agent lost')}"
             self.code = self.aborted_codes.get(first, "agent_lost")
             if self.lost:
