@@ -123,3 +123,19 @@ def test_an_abort_known_from_a_heartbeat_keeps_the_reason_a_rank_reported():
         r1.identity, protocol.Aborted(rank=1, plan_id=plan.plan_id, reason=reason, code="integrity", session=r1.session)
     )
     assert [(o.phase, o.code, o.reason) for o in c.plans.outcomes] == [("aborted", "integrity", f"rank 1: {reason}")]
+
+
+def test_no_abortplan_copies_once_the_record_is_known_to_say_commit():
+    """The outcome was unknown (``AbortPlan`` sent to every rank), then a heartbeat says the record
+    says commit at 40 while the engine idles short of it. Before: ``AbortPlan`` went on to both
+    ranks every 2 s for as long as serving stood short of ``S`` (14 copies in 15 s, each logged
+    and answered by the same ``Voted``), though every rank had voted and nothing was to be drawn."""
+    c, sent = harness()
+    plan = silent_vote(c)
+    beat(c, 1, step=10, epoch=0, decided_plan=plan.plan_id, decided_commit=True, decided_commit_step=40)
+    resent = c.plans.resent["AbortPlan"]
+    sent.clear()
+    for k in range(5):
+        c.plans.tick(time.monotonic() + 2 * c.cfg.voting_timeout_s + 5 + 3 * k)
+    assert [type(m).__name__ for _, m in sent] == [] and c.plans.resent["AbortPlan"] == resent
+    assert c.plans.plan is plan and plan.decision == (40, True)

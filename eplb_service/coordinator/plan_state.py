@@ -245,7 +245,9 @@ class PlanRun:
         (a decision means every rank's vote has ended: commit needs all of them in it, and after
         an abort a latecomer would only wait at its own fence for nothing). Once an abort was asked
         for in the vote: ``AbortPlan`` to the ranks with no outcome yet (a rank that never voted
-        answers it with ``Aborted`` at once, instead of at its ``staged_timeout_s``).
+        answers it with ``Aborted`` at once, instead of at its ``staged_timeout_s``), until a rank
+        reports that the record says commit: every rank voted then, and each copy only drew the
+        same ``Voted`` back, every 2 s, for as long as serving stood short of ``S``.
         """
         alive = [r for r in range(self.world_size) if r not in self.lost and r not in self.aborted]
         if self.phase is Phase.STAGING:
@@ -257,7 +259,8 @@ class PlanRun:
             if self.vote_resends is None:
                 self.vote_resends = ResendSchedule(self.phase_started_at, self.vote_first_s, VOTE_MAX_S)
             return self.vote_resends.due(now, [r for r in alive if r not in self.committed])
-        if self.phase is Phase.VOTING and self.abort_sent:
+        decided_commit = self.decision is not None and self.decision[1]
+        if self.phase is Phase.VOTING and self.abort_sent and not decided_commit:
             if self.abort_resends is None:
                 self.abort_resends = ResendSchedule(self.abort_sent_at, ABORT_FIRST_S, ABORT_MAX_S)
             return self.abort_resends.due(now, [r for r in alive if r not in self.committed])
