@@ -32,6 +32,8 @@ class DivergenceGuard:
         self._clock_warned = False
         self._exported: dict[int, int | None] = {}
         """Rank -> the offset last written to ``eplb_step_clock_offset_steps`` (only changes are written)."""
+        self._sessions: dict[int, int] = {}
+        """Rank -> the session its reports here came under (a Hello resuming it is the same process)."""
 
     def reset(self) -> None:
         """A new deployment: the commit steps, step clocks and heartbeats (and a halt) were the
@@ -47,11 +49,22 @@ class DivergenceGuard:
         for rank in self._exported:  # the old processes' offsets: the new ones are not verified yet
             self.metrics.step_clock_offset.labels(str(rank)).set(float("nan"))
         self._exported = {}
+        self._sessions = {}
 
     def forget(self, rank: int) -> None:
-        """A rank registered anew: its old reports say nothing about the new process."""
+        """A new process took the rank: the old one's reports say nothing about it."""
         self.beats.pop(rank, None)
         self.step_clock.forget(rank)
+
+    def registered(self, rank: int, resume_session: int, session: int) -> None:
+        """``rank`` registered under ``session``; ``resume_session`` is the session its Hello resumes
+        (0: none). The process that held that session (an agent that reopened its socket, or came
+        back after being declared dead) counts the same steps: its probes and verdicts still hold.
+        Forgotten, its clock read unverified (``step_clock_offset`` None) until a new probe
+        decided, the watch was blind to it meanwhile, and planning waited ``step_clock_grace_s``."""
+        if not resume_session or self._sessions.get(rank) != resume_session:
+            self.forget(rank)
+        self._sessions[rank] = session
 
     def heartbeat(self, rank: int, epoch: int, step: int, clock) -> None:
         self.beats[rank] = (epoch, step)

@@ -465,7 +465,7 @@ class MessageRouter:
             store=(hello.store_host, hello.store_port) if hello.rank == 0 else None,
             restarted=restarted,
         )
-        self.guard.forget(hello.rank)
+        self.guard.registered(hello.rank, hello.resume_session, record.session)
         # Every condition about this rank (keys ``(what, rank, ...)``) is over: its Hello was taken.
         self.throttle.settle_where(lambda key: isinstance(key, tuple) and key[1:2] == (hello.rank,))
         if self.registry.deployment != hello.deployment:  # admitted with another id: none was alive
