@@ -68,3 +68,22 @@ def test_a_newer_epoch_is_still_taken_from_a_heartbeat():
     beat(c, 1, step=31, epoch=1)
     assert [r.epoch for r in c.registry.alive] == [1, 1] and c.epoch == 1
     assert np.array_equal(c.placements[1][[0]], plan.rows)
+
+
+def test_a_committed_delivered_twice_observes_its_commit_stall_once():
+    """Before: each copy was observed, so ``eplb_commit_stall_seconds{rank="1"}`` counted 2 commits
+    of 0.25 s for the one commit rank 1 made (the sum and the high buckets doubled with it)."""
+    c, _ = harness()
+    plan = start_plan(c)
+    for r in c.registry.alive:
+        c._handle(
+            r.identity, protocol.Voted(rank=r.rank, plan_id=plan.plan_id, commit_step=30, ok=True, session=r.session)
+        )
+    r = c.registry.agents[1]
+    committed = protocol.Committed(
+        rank=1, plan_id=plan.plan_id, commit_step=30, epoch=1, stall_s=0.25, session=r.session
+    )
+    c._handle(r.identity, committed)
+    c._handle(r.identity, committed)  # the link's copy
+    stall = c.metrics.commit_stall.labels("1")
+    assert (stall._sum.get(), sum(b.get() for b in stall._buckets)) == (0.25, 1)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+COMMITS_KEPT = 16
+"""Plans whose ``Committed`` is remembered per rank, to tell a duplicated copy from a new commit."""
 
 
 @dataclass
@@ -29,6 +33,9 @@ class AgentRecord:
     """The agent's own counters from its latest heartbeat (``protocol.AGENT_COUNTERS``)."""
     load_reported_to: int = 0
     """``step_end`` of the rank's latest load report, or its step when it registered (before its first)."""
+    committed_plans: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=COMMITS_KEPT))
+    """Plan ids of the rank's latest ``Committed`` messages: an agent sends one per plan, so another
+    naming one of them is a link's copy (its stall is not observed again)."""
     restarted: bool = False
     """A process never registered anywhere (its Hello resumes no session) that took its rank in a
     deployment whose ranks had all been registered: a worker restarted alone. It serves the maps it

@@ -353,7 +353,9 @@ class MessageRouter:
             self.guard.epoch_watch.committed(epoch, commit_step, record.rank)
 
     def _on_committed(self, record: AgentRecord, message: protocol.Committed, now: float) -> None:
-        self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
+        if message.plan_id not in record.committed_plans:  # a duplicating link's copy: one commit, one stall
+            record.committed_plans.append(message.plan_id)
+            self.metrics.commit_stall.labels(str(record.rank)).observe(message.stall_s)
         record.epoch = newest_epoch(record, message.epoch)
         self.update_epoch()
         self.host.watch(now)
