@@ -210,15 +210,21 @@ def test_an_implausible_rank_count_is_refused_at_once():
     assert config_from_args(parse_command_line(["--dp", "2048", "--tp", "8"])).world_size == 16384
 
 
-def test_groups_and_nodes_under_the_migration_policy_are_ignored_with_a_warning(tmp_path, capsys):
-    """They only shape the deepseek policy; before, a user who gave them with the default policy
-    was told nothing, and believed the hierarchy was in use."""
-    shared = "ipc:///tmp/eplb-test-never.sock"  # /tmp is open to others: refused right after the warning
+def test_groups_and_nodes_shape_the_migration_policy_and_a_split_group_is_refused(tmp_path, capsys):
+    """Both policies use them: the migration policy keeps each group on one node. Before, it
+    ignored them with a warning; now ``--groups`` not a multiple of ``--nodes`` is a one-line
+    error at start, naming both, and a fitting pair starts without a warning."""
+    shared = "ipc:///tmp/eplb-test-never.sock"  # /tmp is open to others: refused right after the checks
     code, err = run_main(["--dp", "2", "--groups", "4", "--nodes", "2", "--endpoint", shared], capsys)
     assert code == 1 and "socket directory /tmp has mode" in err, err
-    assert "--groups 4 --nodes 2 are ignored: only --policy deepseek uses them (the policy is migration)" in err
-    code, err = run_main(["--dp", "2", "--groups", "4", "--policy", "deepseek", "--endpoint", shared], capsys)
-    assert code == 1 and "ignored" not in err, err
+    assert "ignored" not in err, err
+    code, err = run_main(["--dp", "2", "--groups", "3", "--nodes", "2", "--endpoint", shared], capsys)
+    assert code == 2, err
+    assert "num_groups=3 (--groups) must be a multiple of num_nodes=2 (--nodes) under the migration policy" in err
+    code, err = run_main(
+        ["--dp", "2", "--groups", "3", "--nodes", "2", "--policy", "deepseek", "--endpoint", shared], capsys
+    )
+    assert code == 1 and "ignored" not in err and "multiple" not in err, err
 
 
 def test_log_levels_take_any_case_and_a_bad_one_names_its_source(monkeypatch):

@@ -214,9 +214,15 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=arg_types.positive_int,
         default=1,
         metavar="N",
-        help="expert groups (hierarchical deepseek policy)",
+        help="expert groups of the model (DeepSeek's hierarchy: with --nodes, each group's experts stay on one node)",
     )
-    p.add_argument("--nodes", type=arg_types.positive_int, default=1, metavar="N", help="nodes of the deployment")
+    p.add_argument(
+        "--nodes",
+        type=arg_types.positive_int,
+        default=1,
+        metavar="N",
+        help="nodes of the deployment (a divisor of --groups for the hierarchy)",
+    )
     p.add_argument(
         "--rebalance-interval-steps",
         type=arg_types.positive_int,
@@ -570,13 +576,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # logging may not be configured: the format the flag or variable asked for
         _fail(str(exc), args.log_format or logutil.requested_format([]))
         return 2
-    if cfg.policy != "deepseek" and (cfg.num_groups, cfg.num_nodes) != (1, 1):
-        logutil.rank_logger(__name__, "coordinator").warning(
-            "--groups %d --nodes %d are ignored: only --policy deepseek uses them (the policy is %s)",
-            cfg.num_groups,
-            cfg.num_nodes,
-            cfg.policy,
-        )
     if args.simulate:
         return _simulate(args, cfg)
     from eplb_service.coordinator.socket_dir import (

@@ -143,8 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"redundant slots per layer, at most {MAX_SLOTS_PER_EXPERT - 1} x the experts of --load "
         "(default: from --current, else 0)",
     )
-    parser.add_argument("--groups", type=int_flag(1), default=1, help="expert groups (deepseek hierarchy)")
-    parser.add_argument("--nodes", type=int_flag(1), default=1, help="server nodes (deepseek hierarchy)")
+    parser.add_argument(
+        "--groups",
+        type=int_flag(1),
+        default=1,
+        help="expert groups (DeepSeek's hierarchy: with --nodes, each group stays on one node)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int_flag(1),
+        default=1,
+        help="server nodes (DeepSeek's hierarchy; a divisor of --groups under --policy migration)",
+    )
     parser.add_argument(
         "--policy",
         choices=POLICIES,
@@ -440,9 +450,10 @@ def _check_current(args: argparse.Namespace, current: np.ndarray, shape: Placeme
 
 
 def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
-    """``--groups``/``--nodes`` divide what the deepseek policy splits (the migration policy
-    ignores them); checked here so the message names the flags, not the policy's arguments."""
-    if args.policy != "deepseek":
+    """``--groups``/``--nodes`` divide what the policies split, and under the migration policy
+    ``--groups`` is a multiple of ``--nodes`` (each node keeps whole groups); checked here so the
+    message names the flags, not the policy's arguments."""
+    if args.policy not in ("deepseek", "migration"):
         return
     if shape.num_logical % args.groups:
         raise UsageError(
@@ -450,6 +461,12 @@ def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
         )
     if args.ranks % args.nodes:
         raise UsageError(f"--nodes {args.nodes} must divide --ranks {args.ranks}")
+    if args.policy == "migration" and args.nodes > 1 and args.groups % args.nodes:
+        raise UsageError(
+            f"--groups {args.groups} must be a multiple of --nodes {args.nodes} under --policy migration: it keeps "
+            "each group's experts on one node, the same number of groups on every node (--nodes 1 lets it place "
+            "experts on any node)"
+        )
 
 
 def _previous_persistence(args: argparse.Namespace, load: np.ndarray, shape: PlacementShape) -> float:

@@ -257,7 +257,7 @@ class PlanRunner:
             self.log.info(
                 "moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved
             )
-        elif epoch != book.epoch or not result.batches or gain < self.cfg.min_gain:
+        elif epoch != book.epoch or not result.batches or (gain < self.cfg.min_gain and not result.forced_layers):
             self.counts["skipped"] += 1
             self.metrics.plans.labels("skipped").inc()
             self.skips_in_a_row += 1
@@ -274,6 +274,14 @@ class PlanRunner:
             )
             return
         self.skips_in_a_row = 0
+        if result.forced_layers:
+            self.log.info(
+                "%d layers hold a group's experts on more than one node (--groups %d --nodes %d): this plan "
+                "keeps each group on one node whatever its gain",
+                len(result.forced_layers),
+                self.cfg.num_groups,
+                self.cfg.num_nodes,
+            )
         self.log.info(
             "rebalance: balancedness %.4f -> %.4f projected %s, %d batches, %d experts, %s",
             result.balancedness_before,

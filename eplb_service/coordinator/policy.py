@@ -40,6 +40,12 @@ import numpy as np
 
 from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
+from eplb_service.coordinator.policy_hierarchy import (
+    check_hierarchy,
+    hierarchical_migration_phy2log,
+    node_purity,
+    uses_hierarchy,
+)
 from eplb_service.coordinator.policy_migration import migration_phy2log
 from eplb_service.placement import (
     PlacementError,
@@ -135,6 +141,10 @@ class RebalancePlan:
             staging on some rank than the budget (only with ``skip_over_budget``), ascending.
         over_budget_need_bytes: the most staging bytes one of those layers needs on one rank
             (0 when there are none): the budget that would let every one of them move.
+        forced_layers: layers in the batches whatever their gain, because their current row
+            broke the migration policy's node hierarchy (``--groups``/``--nodes``): a group's
+            replicas on several nodes, as in vLLM's initial layout; ascending. A plan with any
+            is worth starting even below the coordinator's ``min_gain``.
     """
 
     target_phy2log: np.ndarray
@@ -145,6 +155,7 @@ class RebalancePlan:
     bytes_moved: int
     over_budget_layers: tuple[int, ...] = ()
     over_budget_need_bytes: int = 0
+    forced_layers: tuple[int, ...] = ()
 
 
 def validate_load(logical_load: np.ndarray, shape: PlacementShape) -> np.ndarray:
@@ -207,6 +218,12 @@ def propose_phy2log(
         fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
     if policy == "migration":
+        if num_nodes > 1 or num_groups > 1:
+            check_hierarchy(shape.num_logical, shape.num_ranks, num_groups, num_nodes)
+        if uses_hierarchy(num_groups, num_nodes):
+            return hierarchical_migration_phy2log(
+                current_phy2log, load, shape.num_ranks, num_groups, num_nodes, persistence=persistence
+            )
         return migration_phy2log(current_phy2log, load, shape.num_ranks, persistence=persistence)
     raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
 
@@ -289,6 +306,9 @@ def plan_rebalance(
 
     options: dict[str, Any] = {"num_groups": num_groups, "num_nodes": num_nodes, "persistence": float(persistence)}
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
+    required = None
+    if policy == "migration" and uses_hierarchy(num_groups, num_nodes):
+        required = ~node_purity(current, shape.num_logical, num_groups, num_nodes)
     return build_plan(
         current,
         proposed,
@@ -298,6 +318,7 @@ def plan_rebalance(
         staging_budget_bytes=staging_budget_bytes,
         min_layer_gain=min_layer_gain,
         skip_over_budget=skip_over_budget,
+        required_layers=required,
     )
 
 
@@ -333,6 +354,7 @@ def build_plan(
     min_layer_gain: float = 0.0,
     require_gain: bool = True,
     skip_over_budget: bool = False,
+    required_layers: np.ndarray | None = None,
 ) -> RebalancePlan:
     """Gain filter, byte accounting and batching of a proposal (see the module docstring).
 
@@ -345,6 +367,9 @@ def build_plan(
             on some rank keeps its current row (listed in the plan's ``over_budget_layers``)
             instead of failing the whole plan: the coordinator plans every interval, and one
             such layer used to cost every other layer its rebalance, each time.
+        required_layers: ``[L]`` bool, layers whose proposal is taken whatever its gain (their
+            current row breaks the policy's node hierarchy: a group spread over nodes); the
+            plan lists the changed ones in ``forced_layers``.
 
     Raises:
         ValueError: without ``skip_over_budget``, a layer that alone needs more staging than
@@ -356,8 +381,9 @@ def build_plan(
     gain = layer_balancedness(after_ranks) - layer_balancedness(before_ranks)
     changed = current != proposed
     accept = changed.any(axis=1)
+    required = np.zeros_like(accept) if required_layers is None else np.asarray(required_layers, dtype=bool)
     if require_gain:
-        accept &= (gain > MEASURABLE_GAIN) & (gain >= min_layer_gain)
+        accept &= ((gain > MEASURABLE_GAIN) & (gain >= min_layer_gain)) | required
     target = np.where(accept[:, None], proposed, current)
     changed &= accept[:, None]
     staging = changed.reshape(shape.num_layers, num_ranks, shape.slots_per_rank).sum(axis=2) * int(bytes_per_expert)
@@ -414,4 +440,5 @@ def build_plan(
         bytes_moved=int(layer_bytes.sum()),
         over_budget_layers=tuple(int(i) for i in over_budget),
         over_budget_need_bytes=int(staging[over_budget].max(initial=0)),
+        forced_layers=tuple(int(i) for i in np.flatnonzero(accept & required)),
     )

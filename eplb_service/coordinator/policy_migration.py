@@ -284,7 +284,8 @@ def _apply_count_changes(
         return out
     layers = np.arange(num_layers)[:, None]
     slot_rank = np.arange(num_physical) // slots_per_rank
-    new_slot_load = load[layers, current] / new_counts[layers, current]
+    # An expert losing every replica (the hierarchy's placeholder for another node's experts) counts 0.
+    new_slot_load = load[layers, current] / np.maximum(new_counts[layers, current], 1)
     rank_load = new_slot_load.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)
 
     # Which slots give up their expert: duplicates on a rank first, then the hottest ranks.
