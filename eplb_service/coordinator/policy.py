@@ -22,7 +22,8 @@ The caller may pass the load's ``persistence`` (:mod:`.load_forecast`: how much 
 imbalance lasted from the previous window to this one; the coordinator measures it on its load
 window). ``"migration"`` then plans for the forecast next window and prices moves by it.
 
-Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`) and
+Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; held to DeepSeek's
+node hierarchy by :mod:`.policy_hierarchy` under ``num_groups``/``num_nodes``) and
 ``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
 proposal is then permuted within each rank so experts already on a rank keep their slot, as
 vLLM does, which changes no load figure). Other rebalancers register themselves under a name
@@ -250,8 +251,13 @@ def plan_rebalance(
         current_phy2log: ``[L, P]`` int current placement.
         logical_load: ``[L, N_log]`` load per logical expert, finite and >= 0, with a finite total.
         shape: the deployment's placement shape.
-        num_groups, num_nodes: expert groups and server nodes (used by ``"deepseek"``; the
-            hierarchy applies when ``num_groups % num_nodes == 0``).
+        num_groups, num_nodes: expert groups and server nodes. Both built-in policies keep
+            DeepSeek's hierarchy (each group's replicas on one node) when ``num_nodes > 1`` and
+            ``num_groups % num_nodes == 0``; otherwise ``"deepseek"`` runs its global policy
+            and ``"migration"`` refuses ``num_nodes > 1`` (:class:`PolicySettingsError`: it
+            would silently place experts on any node). ``"migration"`` makes a layer whose
+            current row spreads a group over nodes node-pure whatever its gain
+            (``RebalancePlan.forced_layers``).
         bytes_per_expert: bytes of one expert's weights on one rank (> 0).
         staging_budget_bytes: staging bytes per rank per batch; ``None`` = unbounded.
         min_layer_gain: layers whose balancedness gain is below this keep their rows.

@@ -111,6 +111,10 @@ together, vectorised):
    many slots. With ``a = 1`` (no history yet, or a load that keeps its shape) the step does
    nothing and the plan is made for the load itself.
 
+With DeepSeek's groups on several nodes (``--groups G --nodes N``, ``G`` a multiple of ``N``)
+the steps run on each node's ranks and experts as a sub-problem of the same shape, every group's
+replicas on one node (:mod:`.policy_hierarchy`).
+
 Every swap keeps the per-rank slot counts and the replica counts, and every unchanged slot
 keeps its expert, so at most two slots change per swap plus one per count change. The result
 is a valid placement (each expert keeps >= 1 replica) by construction.
