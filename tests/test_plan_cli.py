@@ -140,11 +140,6 @@ def test_npy_load_current_round_trip_and_out(capsys, tmp_path):
             ["--ranks", "2", "--nodes", "4", "--policy", "deepseek"],
             "--nodes 4 must divide --ranks 2",
         ),
-        (
-            [[1, 2, 3, 4, 5, 6]],
-            ["--ranks", "2", "--groups", "3", "--nodes", "2"],
-            "--groups 3 must be a multiple of --nodes 2 under --policy migration",
-        ),
         ({"weights": []}, ["--ranks", "2"], "JSON object has no 'load' key"),
     ],
 )

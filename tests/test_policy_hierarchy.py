@@ -166,10 +166,16 @@ def test_one_group_per_node_never_exchanges():
     assert out.tolist() == [[0, 1, 2]]
 
 
-def test_groups_not_a_multiple_of_nodes_is_refused_by_name():
+def test_groups_not_a_multiple_of_nodes_is_the_plain_policy_and_a_bad_hierarchy_is_refused_by_name():
+    """No hierarchy to keep (as DeepSeek's policy falls back to its global one): ``--nodes 2`` of a
+    model without groups must not stop the default policy."""
     shape = PlacementShape(1, 12, 12, 4)
+    load = np.random.default_rng(0).lognormal(0, 1, (1, 12))
+    split = plan_rebalance("migration", initial_phy2log(shape), load, shape, num_groups=3, num_nodes=2)
+    plain = plan_rebalance("migration", initial_phy2log(shape), load, shape)
+    assert np.array_equal(split.target_phy2log, plain.target_phy2log) and split.forced_layers == ()
     with pytest.raises(PolicySettingsError, match=r"num_groups=3 \(--groups\) must be a multiple of num_nodes=2"):
-        plan_rebalance("migration", initial_phy2log(shape), np.ones((1, 12)), shape, num_groups=3, num_nodes=2)
+        hierarchical_migration_phy2log(initial_phy2log(shape), np.ones((1, 12)), 4, 3, 2)
     with pytest.raises(PolicySettingsError, match=r"num_nodes=3 \(--nodes\) must divide num_ranks=4"):
         hierarchical_migration_phy2log(initial_phy2log(shape), np.ones((1, 12)), 4, 6, 3)
 

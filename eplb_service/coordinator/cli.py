@@ -576,6 +576,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # logging may not be configured: the format the flag or variable asked for
         _fail(str(exc), args.log_format or logutil.requested_format([]))
         return 2
+    if cfg.num_nodes > 1 and cfg.num_groups % cfg.num_nodes:
+        logutil.rank_logger(__name__, "coordinator").warning(
+            "--groups %d is not a multiple of --nodes %d: there is no node hierarchy to keep, so the %s policy "
+            "places experts on any node (DeepSeek's global policy does the same); pass --groups as a multiple of "
+            "--nodes to keep each group's experts on one node",
+            cfg.num_groups,
+            cfg.num_nodes,
+            cfg.policy,
+        )
     if args.simulate:
         return _simulate(args, cfg)
     from eplb_service.coordinator.socket_dir import (

@@ -101,8 +101,8 @@ class CoordinatorConfig:
     num_groups: int = 1
     """Expert groups (consecutive blocks of experts, DeepSeek's routing groups)."""
     num_nodes: int = 1
-    """Nodes of the deployment; above 1, both policies keep each group's experts on one node
-    (``policy_hierarchy``; the migration policy requires ``num_groups`` a multiple of it)."""
+    """Nodes of the deployment; above 1 with ``num_groups`` a multiple of it, both policies keep
+    each group's experts on one node (``policy_hierarchy``); otherwise experts go to any node."""
     rebalance_interval_steps: int = 200
     """Deployment steps between the end of one rebalance and the next attempt."""
     min_gain: float = 0.01
@@ -169,12 +169,6 @@ class CoordinatorConfig:
 
         if self.policy not in policy_names():
             raise ValueError(f"policy {self.policy!r} is not one of {policy_names()}")
-        if self.policy == "migration" and self.num_nodes > 1 and self.num_groups % self.num_nodes:
-            raise ValueError(
-                f"num_groups={self.num_groups} (--groups) must be a multiple of num_nodes={self.num_nodes} (--nodes) "
-                "under the migration policy: it keeps each group's experts on one node, the same number of groups "
-                "on every node (--nodes 1 lets it place experts on any node)"
-            )
         for name in ("min_gain", "min_layer_gain"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):

@@ -450,9 +450,9 @@ def _check_current(args: argparse.Namespace, current: np.ndarray, shape: Placeme
 
 
 def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
-    """``--groups``/``--nodes`` divide what the policies split, and under the migration policy
-    ``--groups`` is a multiple of ``--nodes`` (each node keeps whole groups); checked here so the
-    message names the flags, not the policy's arguments."""
+    """``--groups``/``--nodes`` divide what the policies split (a ``--groups`` that is not a multiple
+    of ``--nodes`` leaves no hierarchy to keep: both policies then place experts on any node);
+    checked here so the message names the flags, not the policy's arguments."""
     if args.policy not in ("deepseek", "migration"):
         return
     if shape.num_logical % args.groups:
@@ -461,12 +461,6 @@ def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
         )
     if args.ranks % args.nodes:
         raise UsageError(f"--nodes {args.nodes} must divide --ranks {args.ranks}")
-    if args.policy == "migration" and args.nodes > 1 and args.groups % args.nodes:
-        raise UsageError(
-            f"--groups {args.groups} must be a multiple of --nodes {args.nodes} under --policy migration: it keeps "
-            "each group's experts on one node, the same number of groups on every node (--nodes 1 lets it place "
-            "experts on any node)"
-        )
 
 
 def _previous_persistence(args: argparse.Namespace, load: np.ndarray, shape: PlacementShape) -> float:

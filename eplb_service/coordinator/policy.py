@@ -42,7 +42,6 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_hierarchy import (
-    check_hierarchy,
     hierarchical_migration_phy2log,
     node_purity,
     uses_hierarchy,
@@ -219,8 +218,6 @@ def propose_phy2log(
         fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
     if policy == "migration":
-        if num_nodes > 1 or num_groups > 1:
-            check_hierarchy(shape.num_logical, shape.num_ranks, num_groups, num_nodes)
         if uses_hierarchy(num_groups, num_nodes):
             return hierarchical_migration_phy2log(
                 current_phy2log, load, shape.num_ranks, num_groups, num_nodes, persistence=persistence
@@ -253,9 +250,8 @@ def plan_rebalance(
         shape: the deployment's placement shape.
         num_groups, num_nodes: expert groups and server nodes. Both built-in policies keep
             DeepSeek's hierarchy (each group's replicas on one node) when ``num_nodes > 1`` and
-            ``num_groups % num_nodes == 0``; otherwise ``"deepseek"`` runs its global policy
-            and ``"migration"`` refuses ``num_nodes > 1`` (:class:`PolicySettingsError`: it
-            would silently place experts on any node). ``"migration"`` makes a layer whose
+            ``num_groups % num_nodes == 0``; otherwise both place experts on any node (DeepSeek's
+            global policy; the coordinator warns at start). ``"migration"`` makes a layer whose
             current row spreads a group over nodes node-pure whatever its gain
             (``RebalancePlan.forced_layers``).
         bytes_per_expert: bytes of one expert's weights on one rank (> 0).
