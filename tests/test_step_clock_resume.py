@@ -11,7 +11,9 @@ up to ``step_clock_grace_s`` (then went on without the check, warned about only 
 
 from __future__ import annotations
 
+import logging
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from plan_harness import beat, harness
@@ -106,3 +108,30 @@ def test_a_new_process_in_the_rank_starts_its_step_clock_over():
     c = verified_then_hello(resume=False)
     assert offsets(c) == [0, None]
     assert not c.clock_allows_planning(time.monotonic())
+
+
+def test_planning_without_the_clock_check_is_warned_about_in_every_unverified_spell(caplog):
+    """Before: the warning came once per coordinator; after the clocks were compared again, a
+    later spell of unverified clocks planned without the check and without a word."""
+    from eplb_service.coordinator.guards import DivergenceGuard
+    from eplb_service.logutil import rank_logger
+    from eplb_service.step_clock import ClockState
+
+    gauge = SimpleNamespace(labels=lambda rank: SimpleNamespace(set=lambda value: None))
+    metrics = SimpleNamespace(step_clock_offset=gauge)
+    guard = DivergenceGuard(True, 5.0, metrics=metrics, log=rank_logger("test.guards", "coordinator"))
+    offsets = {0: 0, 1: None}
+    guard.clock_states = lambda alive: {r: ClockState(rank=r, reference=0, offset=offsets[r]) for r in alive}
+    caplog.set_level(logging.INFO, logger="test.guards")
+    warned = "could not be compared"
+    for spell in range(2):
+        t = 100.0 * spell
+        guard.clock_verdict([0, 1], complete=True, now=t)
+        assert not guard.clock_allows_planning(t + 1)
+        assert guard.clock_allows_planning(t + 6)
+        assert sum(warned in r.getMessage() for r in caplog.records) == spell + 1
+        offsets[1] = 0  # verified: the spell ends
+        guard.clock_verdict([0, 1], complete=True, now=t + 7)
+        assert guard.clock_allows_planning(t + 7)
+        offsets[1] = None
+    assert sum("compared again" in r.getMessage() for r in caplog.records) == 2

@@ -101,6 +101,9 @@ class DivergenceGuard:
             self._clock_unverified_since = self._clock_unverified_since or now
         else:
             self._clock_unverified_since = None
+            if self._clock_warned:  # a later unverified spell is news again, and warned about again
+                self._clock_warned = False
+                self.log.info("step clocks of every rank compared again: plans wait for that check again")
         return None
 
     def clocks_agree_again(self, alive: list[int]) -> bool:
