@@ -331,3 +331,21 @@ def test_the_coordinator_keeps_a_silent_vote_in_flight_and_books_the_commit_the_
     assert [o.phase for o in c.plans.outcomes] == ["committed"]
     assert c.epoch == 1 and np.array_equal(c.placements[1][[0]], rows)
     assert [r.rank for r in c.registry.alive] == [0, 1] and c.halted_reason is None
+
+
+def test_ranks_seen_past_the_commit_step_at_the_old_epoch_are_booked_as_missing_it():
+    """The record said commit at 9; heartbeats show every rank past it still at epoch 0. Before,
+    the abort was labelled ``agent_lost`` (no rank was lost); a rank's own ``Aborted`` still names
+    the outcome when one came."""
+    p = run(world=2)
+    p.on_staged(0, 0.1), p.on_staged(1, 0.1)
+    p.on_voted(9, True)
+    assert not p.on_heartbeat(0, 12, 0, 1.0)
+    assert p.on_heartbeat(1, 12, 0, 1.0) and p.phase is Phase.ABORTED
+    assert p.code == "missed_commit_step" and "past the commit step 9" in p.reason
+    q = run(world=2)
+    q.on_staged(0, 0.1), q.on_staged(1, 0.1)
+    q.on_voted(9, True)
+    q.on_heartbeat(0, 12, 0, 1.0)
+    assert q.on_failed(1, "fence_timeout: undecided at the fence", 1.0, "fence_timeout") and q.phase is Phase.ABORTED
+    assert q.code == "fence_timeout" and q.reason.startswith("rank 1: fence_timeout")

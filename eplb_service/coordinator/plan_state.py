@@ -176,6 +176,8 @@ class PlanRun:
             return self._maybe_settle(now)
         if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
             self.aborted[rank] = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
+            self.aborted_codes[rank] = "missed_commit_step"
+            self.inferred_aborts.add(rank)
             return self._maybe_settle(now)
         return False
 
