@@ -119,6 +119,8 @@ class WorkerAgent:
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
         self._silent_reopens = 0
+        self._stall_said = 0.0
+        """``link.last_heard`` of the silence whose own-stall line was logged (one line per silence)."""
         """Reopens in a row that heard nothing from the coordinator since (the silence limit's back-off)."""
         self.refused_retry_s = refused_retry_s
         """How often an agent that cannot join tries again: a ``Hello`` the coordinator refused, and rank 0's
@@ -310,22 +312,13 @@ class WorkerAgent:
     def _tick(self, poll_ms: int) -> None:
         now = time.monotonic()
         self.throttle.tick()
-        if now - self.link.last_heard > silence_limit_s(self.config.heartbeat_interval_s, self._silent_reopens):
-            self.stats["socket_reopened"] += 1
-            self._silent_reopens += 1
-            self.throttle.report(
-                "coordinator_silent",
-                logging.WARNING,
-                "nothing from the coordinator for %.1fs: reopening the connection",
-                now - self.link.last_heard,
-            )
-            self._reopen()
         self._host_store(now)
         if not self._welcomed and now >= self._next_hello and self._idle_reason is None:
             self.send(self._hello())
             self._next_hello = now + self._hello_backoff_s
             self._hello_backoff_s = min(5.0, self._hello_backoff_s * 2)
         self._receive(poll_ms)
+        self._check_silence(time.monotonic())
         while self._inbox:
             self._handle(self._inbox.popleft())
         self._flush_load_reports()
@@ -339,6 +332,35 @@ class WorkerAgent:
         ):
             self._drop_plan("no_vote", f"no vote within staged_timeout_s={self.staged_timeout_s}")
         self._heartbeat(now)
+
+    def _check_silence(self, now: float) -> None:
+        """Reopen the connection when the coordinator was silent past the limit while this agent listened.
+
+        Judged after reading the socket, and in the time this agent listened: a stall of its own
+        (its process not scheduled) is not the coordinator's silence (``CoordinatorLink.silent_s``)."""
+        silent, limit = self.link.silent_s(now), silence_limit_s(self.config.heartbeat_interval_s, self._silent_reopens)
+        if silent <= limit:
+            if now - self.link.last_heard > limit and self._stall_said != self.link.last_heard:
+                self._stall_said = self.link.last_heard  # once per silence
+                self.stats["own_stalls"] += 1
+                self.throttle.report(
+                    "own_stall",
+                    logging.WARNING,
+                    "nothing from the coordinator for %.1fs, %.1fs of which this agent's thread was not scheduled "
+                    "(an overloaded host?): not the coordinator's silence, the connection is kept",
+                    now - self.link.last_heard,
+                    now - self.link.last_heard - silent,
+                )
+            return
+        self.stats["socket_reopened"] += 1
+        self._silent_reopens += 1
+        self.throttle.report(
+            "coordinator_silent",
+            logging.WARNING,
+            "nothing from the coordinator for %.1fs: reopening the connection",
+            silent,
+        )
+        self._reopen()
 
     def _heartbeat(self, now: float) -> None:
         if self._welcomed and now >= self._next_heartbeat:

@@ -3,7 +3,9 @@
 Every socket gets a fresh random identity, so a reopened agent never collides with its own
 old pipe, and nobody can guess a live agent's route. Sends never block (a full queue drops
 the message and counts it); every frame received refreshes ``last_heard``, which the agent
-watches to reopen a connection that went silent.
+watches to reopen a connection that went silent. Silence counts only the time the agent
+listened (:meth:`CoordinatorLink.silent_s`): while its thread was not scheduled it heard
+nothing, and sent nothing for the coordinator to answer.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ import zmq
 
 from eplb_service import protocol
 from eplb_service.log_throttle import LogThrottle
+from eplb_service.loop_stalls import LoopStalls
 from eplb_service.security import ClientCurve
 from eplb_service.zmq_tcp import allow_ipv6
+
+LISTEN_SLACK_S = 0.25
+"""Lateness of the agent's listening (a poll returning past its timeout, a gap between two polls)
+that is ordinary: more is a stall, left out of the coordinator's silence. Generous, since a gap
+may also be the agent's own work (what waited meanwhile is read at the next poll); a silence
+counted short only delays a reopen."""
 
 
 class CoordinatorLink:
@@ -36,6 +45,10 @@ class CoordinatorLink:
         self._ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
         self.last_heard = 0.0
+        self.stalls = LoopStalls(LISTEN_SLACK_S)
+        """When the agent did not listen (its thread not scheduled, or busy past the slack)."""
+        self._listened_at = time.monotonic()
+        """When the last :meth:`receive` returned."""
 
     def open(self) -> None:
         """A fresh DEALER with a fresh identity (closing the old one first)."""
@@ -65,9 +78,26 @@ class CoordinatorLink:
         """Everything that arrived within ``poll_ms`` (0: what is there now), decoded; bad frames are
         counted and dropped."""
         sock = self.sock
-        if not sock.poll(poll_ms, zmq.POLLIN):
-            return []
-        messages = []
+        start = time.monotonic()
+        self.stalls.ran(self._listened_at, start)
+        try:
+            if not sock.poll(poll_ms, zmq.POLLIN):
+                return []
+            return self._drain(sock)
+        finally:
+            self._listened_at = time.monotonic()
+            self.stalls.ran(start + poll_ms / 1000, self._listened_at)
+
+    def silent_s(self, now: float) -> float:
+        """Seconds without a frame from the coordinator, counting only the time this agent listened.
+
+        A process not scheduled for seconds (a starved host, SIGSTOP, its GIL held through a long
+        call) found that silence on waking and took it for the coordinator's: every agent reopened
+        at once, before reading what waited in its socket, and a plan staging was aborted."""
+        return self.stalls.scheduled_s(self.last_heard, now)
+
+    def _drain(self, sock: zmq.Socket) -> list[protocol.Message]:
+        messages: list[protocol.Message] = []
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK)

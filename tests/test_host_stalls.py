@@ -1,0 +1,50 @@
+"""An overloaded host: processes that are not scheduled for seconds (SIGSTOP/SIGCONT stands in
+for a starved CPU, a paused VM, a worker whose GIL another thread holds through a long C call).
+
+A process that was not scheduled heard nothing while it was not running, and said nothing
+either: the silence it finds on waking is its own, not its peer's. Each side measures silence
+in the time its own loop ran (``loop_stalls``), so such a stall costs no reopened connection,
+no rank declared dead and no aborted plan. Timings are the fault scenarios' (heartbeat
+0.2-0.3 s, liveness 3 s) so each stall is a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from coordinator_thread import CoordinatorThread
+from sim_cluster import SimCluster, assert_all_or_none, wait_status
+from test_fault_scenarios import SHALLOW, sim_config
+
+WORLD = 2
+
+
+def test_ranks_descheduled_past_the_silence_limit_keep_their_connection(tmp_path):
+    """Every rank process stopped for 2.5 s, past the agents' silence limit (1.8 s at a 0.2 s
+    heartbeat): the vLLM workers' threads not scheduled (a starved host, a GIL held by a compile).
+    Before: every agent found 2.5 s without a word on waking and reopened its socket at once,
+    before reading what was waiting there (and a plan staging then aborted, ``rank R lost during
+    staging``). Now the agents' own stall does not count as the coordinator's silence."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    coord = CoordinatorThread(
+        sim_config(endpoint, world_size=WORLD, liveness_timeout_s=30.0, agent={"heartbeat_interval_s": 0.2})
+    ).start()
+    cluster = SimCluster(WORLD, endpoint, steps=700, seed=4, model=SHALLOW).start()
+    try:
+        wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 60, "a first commit")
+        for rank in range(WORLD):
+            os.kill(cluster.pid(rank), signal.SIGSTOP)
+        time.sleep(2.5)
+        for rank in range(WORLD):
+            os.kill(cluster.pid(rank), signal.SIGCONT)
+        results = cluster.collect()
+    finally:
+        cluster.stop()
+        coord.stop()
+    c = coord.coordinator
+    assert_all_or_none(results, WORLD)
+    reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
+    assert not any(reopens.values()), f"agents that reopened their connection after their own stall: {reopens}"
+    assert c.counts["aborted"] == 0 and c.counts["committed"] >= 2, c.outcomes

@@ -1,0 +1,41 @@
+"""``LoopStalls``: silence measured in the time a loop ran (pure, on given clock readings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from eplb_service.loop_stalls import STALLS_KEPT, LoopStalls
+
+
+def test_a_stall_is_taken_out_of_the_silence_across_it():
+    stalls = LoopStalls(slack_s=0.25)
+    assert stalls.ran(10.0, 10.1) == 0.0  # jitter within the slack: the loop ran
+    assert stalls.ran(10.1, 16.1) == pytest.approx(6.0)  # not scheduled for 6 s
+    assert stalls.scheduled_s(9.0, 17.0) == pytest.approx(2.0)
+    assert stalls.scheduled_s(12.0, 17.0) == pytest.approx(0.9)  # heard in the middle of the stall
+    assert stalls.scheduled_s(16.5, 17.0) == pytest.approx(0.5)  # heard after it
+    assert stalls.scheduled_s(9.0, 13.1) == pytest.approx(1.1)  # judged before the stall ended
+    assert stalls.total_s == pytest.approx(6.0) and stalls.longest_s == pytest.approx(6.0)
+
+
+def test_overlapping_reports_of_one_stall_count_once():
+    """The agent notes a late poll and the gap before the next one: both may cover one stall."""
+    stalls = LoopStalls(slack_s=0.25)
+    stalls.ran(1.0, 4.0)
+    assert stalls.ran(2.0, 4.0) == 0.0
+    assert stalls.ran(3.0, 5.0) == pytest.approx(1.0)
+    assert stalls.scheduled_s(0.0, 6.0) == pytest.approx(2.0)
+    assert stalls.total_s == pytest.approx(4.0)
+
+
+def test_only_the_newest_stalls_are_kept_and_a_silence_is_never_counted_short():
+    stalls = LoopStalls(slack_s=0.0)
+    for i in range(STALLS_KEPT + 10):
+        stalls.ran(2.0 * i, 2.0 * i + 1.0)
+    now = 2.0 * (STALLS_KEPT + 10)
+    assert stalls.scheduled_s(0.0, now) == pytest.approx(now - STALLS_KEPT)  # the oldest ten count as silence
+
+
+def test_a_negative_slack_is_refused():
+    with pytest.raises(ValueError, match="slack_s must be >= 0 seconds, got -1"):
+        LoopStalls(-1)
