@@ -14,11 +14,18 @@ import os
 import signal
 import time
 
+from coordinator_child import coordinator_child
 from coordinator_thread import CoordinatorThread
 from sim_cluster import SimCluster, assert_all_or_none, wait_status
 from test_fault_scenarios import SHALLOW, sim_config
 
+from eplb_service.coordinator.status_client import fetch_status
+
 WORLD = 2
+
+
+def sessions(status: dict) -> dict[int, tuple[int, bool]]:
+    return {r["rank"]: (r["pid"], r["alive"]) for r in status["ranks"] if r is not None}
 
 
 def test_ranks_descheduled_past_the_silence_limit_keep_their_connection(tmp_path):
@@ -48,3 +55,46 @@ def test_ranks_descheduled_past_the_silence_limit_keep_their_connection(tmp_path
     reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
     assert not any(reopens.values()), f"agents that reopened their connection after their own stall: {reopens}"
     assert c.counts["aborted"] == 0 and c.counts["committed"] >= 2, c.outcomes
+
+
+def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):
+    """The coordinator and every rank stopped for 6 s (a paused VM, a host starved for seconds),
+    twice the liveness timeout; the coordinator is scheduled again 0.3 s before the ranks.
+    Before: its first tick found every rank silent for 6 s and declared them all dead (its own
+    socket held nothing: the ranks had sent nothing either), aborting the plan in flight and
+    making every rank register again. Now its liveness counts only the time its loop ran."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    os.chmod(tmp_path, 0o700)
+    log = str(tmp_path / "coordinator.log")
+    cfg = sim_config(endpoint, world_size=WORLD, agent={"heartbeat_interval_s": 0.3})
+    proc = coordinator_child(cfg, log)
+    cluster = None
+    try:
+        wait_status(endpoint, lambda s: True, 30, "the coordinator")
+        cluster = SimCluster(WORLD, endpoint, steps=700, seed=4, model=SHALLOW).start()
+        before = sessions(wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 60, "a first commit"))
+        for rank in range(WORLD):
+            os.kill(cluster.pid(rank), signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(6.0)
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.3)
+        for rank in range(WORLD):
+            os.kill(cluster.pid(rank), signal.SIGCONT)
+        time.sleep(1.0)  # the ranks' next heartbeats are read
+        after = sessions(fetch_status(endpoint))
+        results = cluster.collect()
+        status = fetch_status(endpoint)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(15)
+    text = open(log).read()
+    assert "declared dead" not in text.replace("no rank is declared dead", ""), text[-3000:]
+    assert after == before, (before, after)
+    assert_all_or_none(results, WORLD)
+    reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
+    assert not any(reopens.values()), f"agents that reopened their connection after a stall of all: {reopens}"
+    assert status["plans"]["aborted"] == 0 and status["plans"]["committed"] >= 2, status["plans"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb_service.loop_stalls import LoopStalls
+
 COMMITS_KEPT = 16
 """Plans whose ``Committed`` is remembered per rank, to tell a duplicated copy from a new commit."""
 
@@ -80,11 +82,16 @@ class Registry:
         if record is not None:
             self._by_identity.pop(record.identity, None)
 
-    def expire(self, now: float, timeout_s: float) -> list[AgentRecord]:
-        """Mark agents silent for longer than ``timeout_s`` dead; returns the newly dead."""
+    def expire(self, now: float, timeout_s: float, stalls: LoopStalls | None = None) -> list[AgentRecord]:
+        """Mark agents silent for longer than ``timeout_s`` dead; returns the newly dead.
+
+        Silence is counted only while the coordinator's loop ran (``stalls`` taken out): a
+        coordinator not scheduled for seconds read nothing then, and its ranks, often stalled
+        with it on one host, sent nothing; on waking it declared every rank dead at once."""
         dead = []
         for record in self.agents.values():
-            if record.alive and now - record.last_seen > timeout_s:
+            silent = now - record.last_seen if stalls is None else stalls.scheduled_s(record.last_seen, now)
+            if record.alive and silent > timeout_s:
                 record.alive = False
                 dead.append(record)
         return dead

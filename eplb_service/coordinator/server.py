@@ -42,6 +42,7 @@ from eplb_service.coordinator.socket_dir import prepare_ipc_dir, release_ipc_end
 from eplb_service.coordinator.socket_watch import SocketFileWatch
 from eplb_service.coordinator.status_doc import status_document
 from eplb_service.logutil import rank_logger
+from eplb_service.loop_stalls import LoopStalls
 from eplb_service.security import apply_server_curve, check_endpoint_security, is_local_endpoint
 from eplb_service.trace import TraceRecorder
 from eplb_service.zmq_tcp import allow_ipv6
@@ -76,6 +77,16 @@ descriptors, and for the next 30 s no agent could register and no status client 
 (nor any, if it kept reopening). Not shorter: CURVE takes about four round trips, 7-8 s over a
 link with a 2 s round trip (one ranks must register over, see the agent's silence back-off),
 and at 5 s every such connection was dropped before it finished."""
+
+TICK_S = 0.02
+"""The periodic duties' interval (liveness, plan deadlines, re-sends)."""
+
+STALL_SLACK_S = 0.25
+"""A tick later than this is a stall of the coordinator's loop, left out of the ranks' silence
+(``loop_stalls``); less is ordinary scheduling on a busy host and counts."""
+
+STALL_LOGGED_S = 1.0
+"""A stall at least this long is logged (throttled): it says why no rank was declared dead."""
 
 REQ_ENVELOPE = [b""]
 """What a REQ socket (or a DEALER speaking its envelope) puts between its identity and its message."""
@@ -138,6 +149,8 @@ class Coordinator:
         self._open_files: OpenFileWatch | None = None
         """Logs when the descriptors in use come near the open-file limit (fitted at start)."""
         self._behind_warned = False
+        self.stalls = LoopStalls(STALL_SLACK_S)
+        """When this coordinator's loop did not run (liveness counts only the time it did)."""
         self._balancedness_at = float("-inf")
         self._comm_ready_logged = 0
         self._registration_watch = RegistrationWatch(config.world_size)
@@ -621,11 +634,26 @@ class Coordinator:
 
     async def _tick_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.02)
+            meant_at = time.monotonic() + TICK_S
+            await asyncio.sleep(TICK_S)
+            self._note_stall(meant_at, time.monotonic())
             try:
                 await self._tick()
             except Exception as exc:  # noqa: BLE001 - one bad tick must not end liveness and planning
                 self._internal_error("tick", exc)
+
+    def _note_stall(self, meant_at: float, now: float) -> None:
+        """The tick meant for ``meant_at`` runs at ``now``: a stall of this coordinator's loop (its
+        process not scheduled, or a handler holding the loop) is left out of the ranks' silence."""
+        stalled = self.stalls.ran(meant_at, now)
+        if stalled >= STALL_LOGGED_S:
+            self.router.throttle.report(
+                "own_stall",
+                logging.WARNING,
+                "this coordinator's loop did not run for %.1fs (an overloaded host? SIGSTOP?): the ranks' silence in "
+                "that time is not counted against their liveness",
+                stalled,
+            )
 
     def _heard_until(self, now: float) -> float:
         """The moment up to which every rank's messages have been read: ``now`` when none waits,
@@ -650,7 +678,7 @@ class Coordinator:
     async def _tick(self) -> None:
         now = self.last_tick = time.monotonic()
         self.router.throttle.tick()
-        for record in self.registry.expire(self._heard_until(now), self.cfg.liveness_timeout_s):
+        for record in self.registry.expire(self._heard_until(now), self.cfg.liveness_timeout_s, self.stalls):
             self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)
             self.router.lose_agent(record, now)
         self.plans.tick(now)
