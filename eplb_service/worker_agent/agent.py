@@ -119,9 +119,9 @@ class WorkerAgent:
         self.ranks_per_node = ranks_per_node
         self.hello_interval_s = self._hello_backoff_s = hello_interval_s
         self._silent_reopens = 0
+        """Reopens in a row that heard nothing from the coordinator since (the silence limit's back-off)."""
         self._stall_said = 0.0
         """``link.last_heard`` of the silence whose own-stall line was logged (one line per silence)."""
-        """Reopens in a row that heard nothing from the coordinator since (the silence limit's back-off)."""
         self.refused_retry_s = refused_retry_s
         """How often an agent that cannot join tries again: a ``Hello`` the coordinator refused, and rank 0's
         rendezvous store that could not be hosted (both are for the operator to fix, not for a quick retry)."""
