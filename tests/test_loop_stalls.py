@@ -39,3 +39,25 @@ def test_only_the_newest_stalls_are_kept_and_a_silence_is_never_counted_short():
 def test_a_negative_slack_is_refused():
     with pytest.raises(ValueError, match="slack_s must be >= 0 seconds, got -1"):
         LoopStalls(-1)
+
+
+def test_a_coordinator_late_on_every_tick_still_finds_a_dead_rank_within_a_bounded_wall_time():
+    """Ticks 0.3 s late every 0.32 s excuse almost all of a silence (liveness would read 1/16 of
+    the wall time); past STALLS_EXCUSED_UP_TO timeouts of wall time the rank is dead anyway."""
+    import numpy as np
+
+    from eplb_service.coordinator.registry import STALLS_EXCUSED_UP_TO, AgentRecord, Registry
+
+    registry = Registry(world_size=1)
+    registry.register(AgentRecord(0, b"rank-0", "n", 1, 0, 0, np.zeros((1, 2), dtype=np.int64), last_seen=0.0))
+    stalls = LoopStalls(0.25)
+    t = 0.0
+    dead_at = None
+    while t < 60 and dead_at is None:
+        meant = t + 0.02
+        t = meant + 0.3
+        stalls.ran(meant, t)
+        if registry.expire(t, 5.0, stalls):
+            dead_at = t
+    assert dead_at is not None and 5.0 * STALLS_EXCUSED_UP_TO <= dead_at < 5.0 * STALLS_EXCUSED_UP_TO + 0.5
+    assert stalls.scheduled_s(0.0, dead_at) < 5.0  # the excused silence alone would not have found it
