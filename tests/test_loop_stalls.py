@@ -61,3 +61,24 @@ def test_a_coordinator_late_on_every_tick_still_finds_a_dead_rank_within_a_bound
             dead_at = t
     assert dead_at is not None and 5.0 * STALLS_EXCUSED_UP_TO <= dead_at < 5.0 * STALLS_EXCUSED_UP_TO + 0.5
     assert stalls.scheduled_s(0.0, dead_at) < 5.0  # the excused silence alone would not have found it
+
+
+def test_an_agent_late_on_every_poll_still_counts_a_quarter_of_the_coordinator_s_silence():
+    """Polls 0.3 s late every 0.32 s would excuse 15/16 of a dead coordinator's silence; the agent
+    counts at least a quarter of the wall time, so it reopens within 4 x its limit."""
+    import collections
+    import logging
+
+    from eplb_service.worker_agent.link import STALLS_EXCUSED_UP_TO, CoordinatorLink
+
+    link = CoordinatorLink(
+        0, "ipc:///nonexistent", None, collections.Counter(), logging.LoggerAdapter(logging.getLogger("t"), {})
+    )
+    link.last_heard = 0.0
+    t = 0.0
+    for _ in range(100):
+        meant = t + 0.02
+        t = meant + 0.3
+        link.stalls.ran(meant, t)
+    assert link.stalls.scheduled_s(0.0, t) < t / 10
+    assert link.silent_s(t) == pytest.approx(t / STALLS_EXCUSED_UP_TO)
