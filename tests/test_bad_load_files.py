@@ -333,8 +333,13 @@ def test_deepseek_hierarchy_errors_name_the_flags(capsys, tmp_path):
     assert_one_line_error(*result, "eplb-plan", f"--groups 3 must divide the 4 experts of --load {load}")
     result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--policy", "deepseek", "--nodes", "4")
     assert_one_line_error(*result, "eplb-plan", "--nodes 4 must divide --ranks 2")
-    # The migration policy ignores the hierarchy: any positive count is fine.
+    # The migration policy ignores a hierarchy it cannot keep (groups not a multiple of the nodes,
+    # or one node): any positive count is fine, as DeepSeek's global fallback runs.
     assert run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "3", "--nodes", "4")[0] == 0
+    assert run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "3")[0] == 0
+    # ... and names a hierarchy it would keep that does not fit.
+    result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "4", "--nodes", "4")
+    assert_one_line_error(*result, "eplb-plan", "--nodes 4 must divide --ranks 2")
 
 
 def test_too_small_staging_budget_names_the_flag(capsys, tmp_path):

@@ -53,6 +53,7 @@ from eplb_service.coordinator.policy import (
     plan_rebalance,
     validate_load,
 )
+from eplb_service.coordinator.policy_hierarchy import uses_hierarchy
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -451,10 +452,13 @@ def _check_current(args: argparse.Namespace, current: np.ndarray, shape: Placeme
 
 def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
     """``--groups``/``--nodes`` divide what the policies split (a ``--groups`` that is not a multiple
-    of ``--nodes`` leaves no hierarchy to keep: both policies then place experts on any node);
-    checked here so the message names the flags, not the policy's arguments."""
+    of ``--nodes`` leaves no hierarchy to keep: both policies then place experts on any node, and
+    the migration policy ignores both); checked here so the message names the flags, not the
+    policy's arguments."""
     if args.policy not in ("deepseek", "migration"):
         return
+    if args.policy == "migration" and not uses_hierarchy(args.groups, args.nodes):
+        return  # no hierarchy to keep (one node, or groups not a multiple of the nodes): ignored
     if shape.num_logical % args.groups:
         raise UsageError(
             f"--groups {args.groups} must divide the {shape.num_logical} experts of --load {_load_name(args)}"
