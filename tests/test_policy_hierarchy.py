@@ -17,6 +17,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     node_pure_rows,
     node_purity,
     node_rows,
+    rank_floor,
 )
 from eplb_service.placement import PlacementShape, PolicySettingsError, initial_phy2log, rank_loads, validate_phy2log
 
@@ -150,6 +151,37 @@ def test_a_far_hotter_node_exchanges_a_group_and_a_level_one_does_not():
         max_rounds=4,
     )
     assert kept[0].tolist() == [0, 0, 1, 1]
+
+
+def test_a_node_hotter_than_the_others_but_under_a_hot_experts_rank_keeps_its_groups():
+    """Before: node 0 (groups 0 and 1, 17 of 21 tokens, 8.5 per rank) exchanged group 1 for a
+    cold group, moving half the layer, while expert 0's rank carries 10 + 1 whatever the nodes
+    hold: its largest rank load stayed 11 after the exchange as before it."""
+    current = np.arange(8)[None, :]  # 4 groups of 2 experts, 2 nodes of 2 ranks of 2 slots, no redundant slot
+    load = np.array([[10.0, 1.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0]])
+    assert np.isclose(rank_floor(load / load.sum(), 8, 4)[0], 11 / 21)
+    target = hierarchical_migration_phy2log(current, load, 4, 4, 2)
+    assert current_group_nodes(target, 8, 4, 2).tolist() == [[0, 0, 1, 1]]
+    assert np.count_nonzero(target != current) <= 2  # at most one exchange inside a node
+    assert rank_loads(target, load, 4).max() == 11.0
+
+
+def test_an_exchange_counts_its_drop_only_down_to_the_floor():
+    node_of_group = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    load = np.array([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    out = exchange_groups(
+        node_of_group,
+        load,
+        np.full((2, 4), 2),
+        2,
+        limit=np.full(2, 0.51),
+        min_gain=np.full(2, 0.005),
+        slot_price=np.zeros(2),
+        max_rounds=4,
+        floor=np.array([0.7, 0.6]),  # layer 0: no exchange lowers it; layer 1: 0.7 -> 0.6 does
+    )
+    assert out[0].tolist() == [0, 0, 1, 1]
+    assert np.bincount(out[1], weights=load[1], minlength=2).max() <= 0.6 + 1e-12
 
 
 def test_one_group_per_node_never_exchanges():

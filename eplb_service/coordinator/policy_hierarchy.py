@@ -18,7 +18,12 @@ condition of DeepSeek's hierarchical path) and moves as little as the migration 
    the hot node by at least what step 3 asks of an exchange of two slots and, where the load's
    imbalance fades, pays step 6's price for every slot it moves (every replica of both groups:
    a quarter of a layer with 8 groups). With one group per node no exchange changes any
-   node's load, and none is made.
+   node's load, and none is made. The drop counts only down to the layer's **rank floor**
+   (:func:`rank_floor`): the largest rank load of an ideal packing of the layer's replicas at
+   DeepSeek's replica counts. Where one hot expert's rank sets the layer's balance (a
+   Zipf >= 1 head at the ``1 / top_k`` cap, or a new hot expert without redundant slots to
+   split it), a node above the others but below that floor is absorbed by its own ranks, and
+   moving a quarter of the layer would not lower the largest rank at all.
 3. **Each node a sub-problem of the same shape** (:func:`hierarchical_migration_phy2log`):
    the (layer, node) pairs become the rows of one ``[L * N, P / N]`` placement over node-local
    expert ids on ``R / N`` ranks, and the migration policy's steps 1-6 run on it as on any
@@ -51,6 +56,8 @@ from eplb_service.coordinator.policy_migration import (
     DEFAULT_MOVE_PRICE,
     apply_count_changes,
     migration_phy2log,
+    optimal_replica_counts,
+    packing_lower_bound,
     swap_tolerance,
     target_replica_counts,
 )
@@ -130,6 +137,22 @@ def current_group_nodes(phy2log: np.ndarray, num_logical: int, num_groups: int, 
     return match_packs(seats) // (num_groups // num_nodes)
 
 
+def rank_floor(shares: np.ndarray, num_physical: int, num_ranks: int) -> np.ndarray:
+    """``[L]`` the largest rank load, as a share of the layer's, that even an ideal placement of the
+    layer reaches: :func:`~eplb_service.coordinator.policy_migration.packing_lower_bound` of the
+    replicas at DeepSeek's counts (:func:`optimal_replica_counts` over all ``P`` slots).
+
+    An estimate from below for the hierarchy, whose nodes cannot lend each other slots: node
+    exchanges are worth nothing under it (step 2 of the module docstring).
+
+    Args:
+        shares: ``[L, N_log]`` each expert's share of its layer's load (rows sum to 1, or 0).
+    """
+    counts = optimal_replica_counts(shares, num_physical)
+    replicas = np.repeat((shares / counts).ravel(), counts.ravel()).reshape(shares.shape[0], num_physical)
+    return packing_lower_bound(replicas, num_ranks)
+
+
 def exchange_groups(
     node_of_group: np.ndarray,
     group_load: np.ndarray,
@@ -140,25 +163,30 @@ def exchange_groups(
     min_gain: np.ndarray,
     slot_price: np.ndarray,
     max_rounds: int,
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Step 2: whole-group exchanges that lower the most loaded node (a new ``[L, G]`` array).
 
     Each round, in every layer whose most loaded node is above its ``limit``, every group of that
     node is tried against every group of another node; the exchange that leaves the larger of
-    the two nodes' loads smallest is made if it lowers the most loaded node by at least
-    ``min_gain`` and by ``slot_price`` per slot it moves (both groups' replicas). A layer stops
-    when its most loaded node is at its limit or no exchange passes.
+    the two nodes' loads smallest is made if it lowers the most loaded node, counted no lower
+    than ``floor``, by at least ``min_gain`` and by ``slot_price`` per slot it moves (both
+    groups' replicas). A layer stops when its most loaded node is at its limit or no exchange
+    passes.
 
     Args:
         node_of_group: ``[L, G]`` node of each group.
         group_load: ``[L, G]`` load of each group, in the units of the other arguments.
         group_slots: ``[L, G]`` slots each group's replicas take (what an exchange moves).
         num_nodes: ``N``; limit, min_gain, slot_price: ``[L]``; max_rounds: upper bound on rounds.
+        floor: ``[L]`` the layer's largest rank load whatever the nodes hold (:func:`rank_floor`,
+            in ``group_load``'s units); ``None``: none.
     """
     out = np.array(node_of_group, dtype=np.int64, copy=True)
     num_layers, num_groups = out.shape
     if num_groups // num_nodes < 2 or num_nodes < 2:
         return out  # one group per node: every assignment gives the same node loads
+    floor = np.zeros(num_layers) if floor is None else np.asarray(floor, dtype=np.float64)
     active = np.arange(num_layers)
     for _ in range(max_rounds):
         if active.size == 0:
@@ -176,7 +204,9 @@ def exchange_groups(
         valid = (nodes == hot[:, None])[:, :, None] & (nodes != hot[:, None])[:, None, :]
         moved = group_slots[active][:, :, None] + group_slots[active][:, None, :]
         need = np.maximum(min_gain[active][:, None, None], slot_price[active][:, None, None] * moved)
-        passes = valid & (hot_load[:, None, None] - pair_max >= need) & (hot_load > limit[active])[:, None, None]
+        lowest = floor[active][:, None, None]
+        drop = np.maximum(hot_load[:, None, None], lowest) - np.maximum(pair_max, lowest)
+        passes = valid & (drop >= need) & (hot_load > limit[active])[:, None, None]
         score = np.where(passes, pair_max, np.inf).reshape(active.size, -1)
         best = score.argmin(axis=1)
         take = np.isfinite(score[np.arange(active.size), best])
@@ -319,6 +349,7 @@ def hierarchical_migration_phy2log(
         min_gain=np.maximum(min_swap_share * step, 1e-12),
         slot_price=np.full(num_layers, move_price * (1.0 - persistence) ** 2 / num_physical),
         max_rounds=num_groups,
+        floor=rank_floor(shares, num_physical, num_ranks),
     )
 
     split = node_rows(current, load, node_of_group, num_nodes)
