@@ -325,11 +325,16 @@ def test_a_message_naming_another_rank_is_refused_from_a_registered_connection(t
     assert c.registry.agents[1].step == 0 and c.registry.agents[0].step == 0 and c.halted_reason is None
 
 
-def test_a_rank_registering_again_mid_staging_gets_one_new_side_communicator_not_two():
+@pytest.mark.parametrize("rank, changed", [(1, {"pid": 4242}), (0, {"store_port": 2})])
+def test_a_rank_registering_again_mid_staging_gets_one_new_side_communicator_not_two(rank, changed):
     """Before: the abort of the staging batch sent generation g+1 and the registration g+2 right
     behind it. Every rank attempted both rendezvous in turn, so one lost copy of g+1 (or a rank
     still in an older build) left its peers waiting out the transport timeout in g+1 while it
-    sat alone in g+2: both failed, and rebalancing waited for the coordinator's retry (62 s)."""
+    sat alone in g+2: both failed, and rebalancing waited for the coordinator's retry (62 s).
+
+    The Hello names the rank's session but is not its process (another pid; rank 0 at another
+    store): its staged rows and side communicator are gone, so the plan aborts and one new
+    generation is built. The same process resuming keeps both (``tests/test_plan_across_reopen.py``)."""
     from eplb_service.coordinator.plan_state import Phase, PlanRun
     from eplb_service.testing.protocol_fuzz import HandlerHarness
 
@@ -349,24 +354,29 @@ def test_a_rank_registering_again_mid_staging_gets_one_new_side_communicator_not
         voting_timeout_s=10.0,
         started_at=time.monotonic(),
     )
-    held = c.registry.agents[1]
+    held = c.registry.agents[rank]
+    fields = dict(store_host="127.0.0.1", store_port=1) if rank == 0 else {}
+    fields.update(changed)
     hello = protocol.Hello(
         protocol_version=protocol.PROTOCOL_VERSION,
-        rank=1,
+        rank=rank,
         model=c.model,
         phy2log=protocol.NDArray.from_numpy(held.phy2log),
         epoch=c.epoch,
         step=0,
         transport="gloo",
         resume_session=held.session,
+        **fields,
     )
-    c._handle(b"rank-1-reopened", hello)  # the same agent on a fresh socket, mid-staging
+    reopened = f"rank-{rank}-reopened".encode()
+    c._handle(reopened, hello)  # mid-staging, a Hello with the rank's session from another process
     assert c.outcomes and c.outcomes[-1].phase == Phase.ABORTED.value, outcomes(c)
+    assert c.outcomes[-1].code == "agent_lost", outcomes(c)
     generations = sorted({m.generation for _, m in sent if isinstance(m, protocol.CommInit)})
     assert generations == [generation + 1], f"side-communicator generations sent: {generations}"
     assert c.side_comm.generation == generation + 1 and c.current_comm() is not None
     to_rank = {identity for identity, m in sent if isinstance(m, protocol.CommInit)}
-    assert to_rank == {c.registry.agents[0].identity, b"rank-1-reopened"}, to_rank
+    assert to_rank == {c.registry.agents[1 - rank].identity, reopened}, to_rank
 
 
 def test_every_rank_resuming_its_session_keeps_the_side_communicator_it_has():

@@ -22,6 +22,12 @@ from test_fault_scenarios import SHALLOW, sim_config
 from eplb_service.coordinator.status_client import fetch_status
 
 WORLD = 2
+THROTTLE_BYTES_PER_S = 20_000.0
+"""Slow enough that a plan of the shallow model stages for a second or two (the stall lands in it)."""
+
+
+def phase(status: dict) -> str | None:
+    return (status["plan_in_flight"] or {}).get("phase")
 
 
 def sessions(status: dict) -> dict[int, tuple[int, bool]]:
@@ -98,3 +104,48 @@ def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):
     reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
     assert not any(reopens.values()), f"agents that reopened their connection after a stall of all: {reopens}"
     assert status["plans"]["aborted"] == 0 and status["plans"]["committed"] >= 2, status["plans"]
+
+
+def stall_mid_staging(endpoint: str, pid: int, stall_s: float) -> tuple[dict, dict]:
+    """Stop the coordinator ``pid`` for ``stall_s`` as soon as a plan stages; returns the status seen
+    then and the status once that plan has an outcome."""
+    staging = wait_status(endpoint, lambda s: phase(s) == "staging", 60, "a plan staging")
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(stall_s)
+    os.kill(pid, signal.SIGCONT)
+    plan_id = staging["plan_in_flight"]["plan_id"]
+    return staging, wait_status(
+        endpoint, lambda s: any(o["plan_id"] == plan_id for o in s["last_plans"]), 30, "the plan's outcome"
+    )
+
+
+def test_a_coordinator_stalled_past_the_agents_silence_limit_mid_staging_costs_no_plan(tmp_path):
+    """The coordinator alone stopped for 3 s while a plan stages, past the agents' silence limit
+    (1.8 s at a 0.2 s heartbeat): every agent finishes staging, hears nothing, reopens its socket
+    and resumes its session, the same process with its staged rows and side communicator.
+    Before: the coordinator booked each resumed ``Hello`` as the rank lost, the plan aborted
+    (``rank R lost during staging``, ``agent_lost``) and a new side-communicator generation was
+    built. Now the plan goes on over the new sockets and commits, on the generation it had."""
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    os.chmod(tmp_path, 0o700)
+    log = str(tmp_path / "coordinator.log")
+    agent = {"heartbeat_interval_s": 0.2, "throttle_bytes_per_s": THROTTLE_BYTES_PER_S}
+    proc = coordinator_child(sim_config(endpoint, world_size=WORLD, agent=agent), log)
+    cluster = None
+    try:
+        wait_status(endpoint, lambda s: True, 30, "the coordinator")
+        cluster = SimCluster(WORLD, endpoint, steps=600, seed=4, model=SHALLOW, step_sleep_s=0.005).start()
+        staging, status = stall_mid_staging(endpoint, proc.pid, 3.0)
+        results = cluster.collect()
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(15)
+    text = open(log).read()
+    assert "resumed its session" in text, text[-3000:]  # the fault was injected: the agents reopened
+    (outcome,) = [o for o in status["last_plans"] if o["plan_id"] == staging["plan_in_flight"]["plan_id"]]
+    assert outcome["phase"] == "committed", (outcome, text[-3000:])
+    assert status["comm_generation"] == staging["comm_generation"], text[-3000:]
+    assert_all_or_none(results, WORLD)

@@ -150,6 +150,22 @@ def hello_placement(hello: protocol.Hello) -> tuple[PlacementShape, np.ndarray]:
     return shape, phy2log
 
 
+def same_process(holder: AgentRecord, hello: protocol.Hello) -> bool:
+    """Whether a resumed Hello (:attr:`Claim.RESUMED`) is the holder's own process: the one that
+    holds its staged rows, its side communicator and its votes.
+
+    The session proves the agent; its node and pid say it is still that process, and rank 0's
+    store address says the decision records and rendezvous keys are where they were. Only then may
+    a plan in flight and the side communicator go on across the new socket; anything else is a
+    new process in the rank (its rows and communicator are gone), whatever session it names."""
+    store = (hello.store_host, hello.store_port) if hello.rank == 0 else None
+    return (
+        hello.resume_session == holder.session
+        and (hello.node, hello.pid) == (holder.node, holder.pid)
+        and store == holder.store
+    )
+
+
 def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) -> Claim:
     if holder is None or not holder.alive:
         return Claim.NEW

@@ -458,6 +458,21 @@ class PlanRunner:
         if plan is not None and not plan.phase.final and plan.on_agent_lost(rank, now):
             self.advance()
 
+    def rank_resumed(self, rank: int, now: float) -> None:
+        """``rank``'s own process on a new socket (``MessageRouter._carry_over``): the plan goes on."""
+        plan = self._current()
+        if plan is None or plan.phase.final:
+            return
+        plan.on_rank_resumed(rank, now)
+        self.log.info(
+            "plan #%d (id %d) goes on while %s: rank %d resumed its session on a new connection (the same "
+            "process, its staged rows kept); what went to its old connection is sent again",
+            self.number(plan.plan_id),
+            plan.plan_id,
+            plan.phase.value,
+            rank,
+        )
+
     def tick(self, now: float) -> None:
         plan = self._current()
         if plan is not None and plan.on_tick(now):

@@ -189,6 +189,24 @@ class PlanRun:
             return self._abort(f"rank {rank} lost during staging", now, "agent_lost")
         return self._maybe_settle(now)
 
+    def on_rank_resumed(self, rank: int, now: float) -> None:
+        """``rank``'s own process registered again on a new socket (it resumed its session): it keeps
+        its place in this plan, and its copy of this phase's message is due at once.
+
+        Messages in flight on its old socket may be lost both ways: the ``Plan``, ``VoteNow`` or
+        ``AbortPlan`` sent to it, its ``Staged``, ``Voted`` or outcome. A copy draws the answer it
+        gave again (or ``Aborted`` where it dropped the plan meanwhile). Its old ``staging_plan``
+        no longer holds the copy back: its next heartbeat says again whether it still stages."""
+        if self.phase.final:
+            return
+        self.staging_now.discard(rank)
+        if self.phase is Phase.STAGING:
+            self._plan_schedule().due_now(rank, now)
+        elif self.abort_sent:
+            self._abort_schedule().due_now(rank, now)
+        elif self.vote_sent:
+            self._vote_schedule().due_now(rank, now)
+
     def on_tick(self, now: float) -> bool:
         if self.phase is Phase.STAGING and now - self.phase_started_at > self.staging_timeout_s:
             missing = sorted(set(range(self.world_size)) - set(self.staged))
@@ -253,20 +271,29 @@ class PlanRun:
         """
         alive = [r for r in range(self.world_size) if r not in self.lost and r not in self.aborted]
         if self.phase is Phase.STAGING:
-            if self.plan_resends is None:
-                self.plan_resends = ResendSchedule(self.phase_started_at, PLAN_FIRST_S, PLAN_MAX_S)
             waiting = [r for r in alive if r not in self.staged and r not in self.staging_now]
-            return self.plan_resends.due(now, waiting)
+            return self._plan_schedule().due(now, waiting)
         if self.phase is Phase.VOTING and self.vote_sent and self.decision is None and not self.abort_requested:
-            if self.vote_resends is None:
-                self.vote_resends = ResendSchedule(self.phase_started_at, self.vote_first_s, VOTE_MAX_S)
-            return self.vote_resends.due(now, [r for r in alive if r not in self.committed])
+            return self._vote_schedule().due(now, [r for r in alive if r not in self.committed])
         decided_commit = self.decision is not None and self.decision[1]
         if self.phase is Phase.VOTING and self.abort_sent and not decided_commit:
-            if self.abort_resends is None:
-                self.abort_resends = ResendSchedule(self.abort_sent_at, ABORT_FIRST_S, ABORT_MAX_S)
-            return self.abort_resends.due(now, [r for r in alive if r not in self.committed])
+            return self._abort_schedule().due(now, [r for r in alive if r not in self.committed])
         return []
+
+    def _plan_schedule(self) -> ResendSchedule:
+        if self.plan_resends is None:
+            self.plan_resends = ResendSchedule(self.phase_started_at, PLAN_FIRST_S, PLAN_MAX_S)
+        return self.plan_resends
+
+    def _vote_schedule(self) -> ResendSchedule:
+        if self.vote_resends is None:
+            self.vote_resends = ResendSchedule(self.phase_started_at, self.vote_first_s, VOTE_MAX_S)
+        return self.vote_resends
+
+    def _abort_schedule(self) -> ResendSchedule:
+        if self.abort_resends is None:
+            self.abort_resends = ResendSchedule(self.abort_sent_at, ABORT_FIRST_S, ABORT_MAX_S)
+        return self.abort_resends
 
     # -- internals ----------------------------------------------------------------------
 

@@ -58,3 +58,8 @@ class ResendSchedule:
             self._due[rank] = (now + interval, interval)
             ranks.append(rank)
         return ranks
+
+    def due_now(self, rank: int, now: float) -> None:
+        """``rank``'s copy is due at ``now``, its interval back to the first: what went to it was
+        lost with the socket it reopened, so waiting out its back-off would only delay the plan."""
+        self._due[rank] = (now, self.first_s)

@@ -20,6 +20,7 @@ from eplb_service.coordinator.admission import (
     deployment_label,
     hello_placement,
     hello_problem,
+    same_process,
     version_problem,
 )
 from eplb_service.coordinator.config import CoordinatorConfig
@@ -474,20 +475,18 @@ class MessageRouter:
             self.log.info("deployment %s registers (rank %d first)", deployment_label(hello.deployment), hello.rank)
         self.registry.deployment = hello.deployment
         replaced = self.registry.register(record)
-        if replaced is not None:
-            if resumed and replaced.store == record.store:
-                # The same agent on a new socket (it found the coordinator silent): its side
-                # communicator is the one it had. Voiding it here made every rank resuming after
-                # a coordinator stall send a generation of its own, and ranks split between them
-                # waited out the transport timeout. Its heartbeats say if it did lose it; the
-                # coordinator's retry then builds a new one.
-                record.comm_generation = replaced.comm_generation
-            else:
-                # A new process: its side communicator is gone, the current generation is void.
-                self.host.invalidate_comm()
-            # A batch still staging aborts (messages to the old socket may be lost), which already
-            # rebuilds the communicator once every rank is registered (see ``_comm_after_register``).
+        carried = replaced is not None and resumed and same_process(replaced, hello)
+        if carried:
+            self._carry_over(replaced, record)
+        elif replaced is not None:
+            # A new process: its side communicator is gone, the current generation is void, and
+            # a batch still staging aborts, which already rebuilds the communicator once every
+            # rank is registered (see ``_comm_after_register``).
+            self.host.invalidate_comm()
             self.runner.agent_lost(hello.rank, now)
+        note = ", resumed its session" if carried else ", a restarted worker" if restarted else ""
+        if resumed and not carried:
+            note = ", its session named from another process or store: a new process"
         self.log.info(
             "rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)",
             hello.rank,
@@ -496,8 +495,10 @@ class MessageRouter:
             hello.epoch,
             hello.step,
             hello.transport,
-            ", resumed its session" if resumed else ", a restarted worker" if restarted else "",
+            note,
         )
+        if carried:
+            self.runner.rank_resumed(hello.rank, now)
         self.host.send(
             identity,
             protocol.Welcome(
@@ -511,6 +512,23 @@ class MessageRouter:
         self.registry.ever_complete = self.registry.ever_complete or self.registry.complete
         self.update_epoch()
         self._comm_after_register(hello.rank)
+
+    def _carry_over(self, old: AgentRecord, record: AgentRecord) -> None:
+        """The rank's own process on a new socket (it found the coordinator silent past its limit:
+        a coordinator stalled, a link that made ZeroMQ reconnect): its record moves to the new
+        identity, and what the process still holds goes on.
+
+        Its side communicator is the one it had: voiding it made every rank resuming after a
+        coordinator stall send a generation of its own, and ranks split between them waited out
+        the transport timeout (its heartbeats say if it did lose it; the coordinator's retry then
+        builds a new one). A plan in flight goes on too: booked as lost, every such stall aborted
+        the plan staging (``rank R lost during staging``) and rebuilt the communicator, though the
+        process kept its staged rows; the runner sends what went to the old socket again
+        (``PlanRunner.rank_resumed``). The outcome stays the decision record's, so keeping the plan
+        cannot split the ranks."""
+        record.comm_generation = old.comm_generation
+        record.committed_plans = old.committed_plans
+        record.restarted = old.restarted  # a worker restarted alone stays one across its reopens
 
     def _comm_after_register(self, rank: int) -> None:
         """One new side-communicator generation once every rank is registered, never two.
