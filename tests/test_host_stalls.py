@@ -52,15 +52,20 @@ def test_ranks_descheduled_past_the_silence_limit_keep_their_connection(tmp_path
         time.sleep(2.5)
         for rank in range(WORLD):
             os.kill(cluster.pid(rank), signal.SIGCONT)
+        # What the stall cost, judged once a plan committed after it: a plan aborted at the end of
+        # the run (ranks leaving mid-plan, ``agent lost``) is the harness's, not the stall's.
+        committed = coord.coordinator.counts["committed"]
+        wait_status(endpoint, lambda s: s["plans"]["committed"] > committed, 60, "a commit after the stall")
+        aborted_across_the_stall = coord.coordinator.counts["aborted"]
+        outcomes = list(coord.coordinator.outcomes)
         results = cluster.collect()
     finally:
         cluster.stop()
         coord.stop()
-    c = coord.coordinator
     assert_all_or_none(results, WORLD)
     reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
     assert not any(reopens.values()), f"agents that reopened their connection after their own stall: {reopens}"
-    assert c.counts["aborted"] == 0 and c.counts["committed"] >= 2, c.outcomes
+    assert aborted_across_the_stall == 0, outcomes
 
 
 def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):
