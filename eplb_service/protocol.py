@@ -316,6 +316,7 @@ AGENT_COUNTERS = (
     "duplicate_messages",
     "bytes_received",
     "dropped_load_windows",
+    "own_stalls",
 )
 """What agents count and send in heartbeats; the coordinator exports them per rank."""
 

@@ -66,6 +66,20 @@ def test_ranks_descheduled_past_the_silence_limit_keep_their_connection(tmp_path
     reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
     assert not any(reopens.values()), f"agents that reopened their connection after their own stall: {reopens}"
     assert aborted_across_the_stall == 0, outcomes
+    # ... and the agents counted their own stall (exported as eplb_agent_events_total{event="own_stalls"}).
+    own = {r: results[r]["agent_stats"].get("own_stalls", 0) for r in results}
+    assert all(n >= 1 for n in own.values()), own
+
+
+def test_the_coordinator_s_own_stalls_are_a_metric():
+    from eplb_service.coordinator.server import Coordinator
+
+    c = Coordinator(sim_config("ipc:///tmp/eplb-test-never-bound.sock", world_size=WORLD))
+    name = "eplb_coordinator_loop_stall_seconds_total"
+    c._note_stall(10.0, 10.1)  # within the slack: ordinary scheduling
+    assert c.metrics.registry.get_sample_value(name) == 0.0
+    c._note_stall(10.0, 12.5)
+    assert c.metrics.registry.get_sample_value(name) == 2.5
 
 
 def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):

@@ -145,6 +145,12 @@ class CoordinatorMetrics:
         )
         for message in RESENT_MESSAGES:
             self.messages_resent.labels(message)  # every series from the start, at 0
+        self.loop_stall_seconds = Counter(
+            "eplb_coordinator_loop_stall_seconds_total",
+            "Seconds the coordinator's loop ran late by more than its slack (host starved, SIGSTOP, a handler "
+            "holding the loop): left out of the ranks' silence",
+            registry=r,
+        )
         self.internal_errors = Counter(
             "eplb_internal_errors_total",
             "Unexpected exceptions the coordinator survived, by where",

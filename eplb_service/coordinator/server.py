@@ -646,6 +646,8 @@ class Coordinator:
         """The tick meant for ``meant_at`` runs at ``now``: a stall of this coordinator's loop (its
         process not scheduled, or a handler holding the loop) is left out of the ranks' silence."""
         stalled = self.stalls.ran(meant_at, now)
+        if stalled:
+            self.metrics.loop_stall_seconds.inc(stalled)
         if stalled >= STALL_LOGGED_S:
             self.router.throttle.report(
                 "own_stall",
