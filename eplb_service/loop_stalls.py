@@ -16,6 +16,12 @@ from __future__ import annotations
 
 import collections
 
+STALLS_EXCUSED_UP_TO = 4
+"""At least ``1 / STALLS_EXCUSED_UP_TO`` of a wall-time silence counts whatever the stalls
+(:meth:`LoopStalls.silence_s`): a loop late on every tick (a host starved for good, ticks 0.3 s
+late every 0.32 s) would otherwise excuse nearly all of it, and find a peer that is really gone
+many times later than its limit."""
+
 STALLS_KEPT = 256
 """Stalls remembered; an older one no longer shortens any silence (a silence longer than 256
 stalls of its loop is counted a little long, never short)."""
@@ -57,3 +63,8 @@ class LoopStalls:
                 break
             stalled += min(end, now) - max(begin, since)
         return max(0.0, now - since - stalled)
+
+    def silence_s(self, since: float, now: float) -> float:
+        """A peer's silence from ``since`` to ``now``: the time the loop ran, and at least
+        ``1 / STALLS_EXCUSED_UP_TO`` of the wall time (so it is never excused for good)."""
+        return max(self.scheduled_s(since, now), (now - since) / STALLS_EXCUSED_UP_TO)

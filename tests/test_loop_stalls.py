@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eplb_service.loop_stalls import STALLS_KEPT, LoopStalls
+from eplb_service.loop_stalls import STALLS_EXCUSED_UP_TO, STALLS_KEPT, LoopStalls
 
 
 def test_a_stall_is_taken_out_of_the_silence_across_it():
@@ -46,7 +46,7 @@ def test_a_coordinator_late_on_every_tick_still_finds_a_dead_rank_within_a_bound
     the wall time); past STALLS_EXCUSED_UP_TO timeouts of wall time the rank is dead anyway."""
     import numpy as np
 
-    from eplb_service.coordinator.registry import STALLS_EXCUSED_UP_TO, AgentRecord, Registry
+    from eplb_service.coordinator.registry import AgentRecord, Registry
 
     registry = Registry(world_size=1)
     registry.register(AgentRecord(0, b"rank-0", "n", 1, 0, 0, np.zeros((1, 2), dtype=np.int64), last_seen=0.0))
@@ -69,7 +69,7 @@ def test_an_agent_late_on_every_poll_still_counts_a_quarter_of_the_coordinator_s
     import collections
     import logging
 
-    from eplb_service.worker_agent.link import STALLS_EXCUSED_UP_TO, CoordinatorLink
+    from eplb_service.worker_agent.link import CoordinatorLink
 
     link = CoordinatorLink(
         0, "ipc:///nonexistent", None, collections.Counter(), logging.LoggerAdapter(logging.getLogger("t"), {})

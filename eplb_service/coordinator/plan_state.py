@@ -170,15 +170,10 @@ class PlanRun:
             self.committed[rank] = (self.decision[0] if self.decision else -1, 0.0)
             return self._maybe_settle(now)
         if self.decision is not None and not self.decision[1] and epoch == self.base_epoch:
-            self.aborted[rank] = "the decision record says abort"
-            self.aborted_codes[rank] = self.code or "other"
-            self.inferred_aborts.add(rank)
-            return self._maybe_settle(now)
+            return self._infer_abort(rank, "the decision record says abort", self.code or "other", now)
         if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
-            self.aborted[rank] = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
-            self.aborted_codes[rank] = "missed_commit_step"
-            self.inferred_aborts.add(rank)
-            return self._maybe_settle(now)
+            why = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
+            return self._infer_abort(rank, why, "missed_commit_step", now)
         return False
 
     def on_agent_lost(self, rank: int, now: float) -> bool:
@@ -296,6 +291,13 @@ class PlanRun:
         return self.abort_resends
 
     # -- internals ----------------------------------------------------------------------
+
+    def _infer_abort(self, rank: int, reason: str, code: str, now: float) -> bool:
+        """``rank`` did not commit, on its heartbeat alone (see :attr:`inferred_aborts`)."""
+        self.aborted[rank] = reason
+        self.aborted_codes[rank] = code
+        self.inferred_aborts.add(rank)
+        return self._maybe_settle(now)
 
     def _abort(self, reason: str, now: float, code: str = "other") -> bool:
         if self.phase.final:

@@ -10,11 +10,6 @@ import numpy as np
 
 from eplb_service.loop_stalls import LoopStalls
 
-STALLS_EXCUSED_UP_TO = 4
-"""A rank silent for this many liveness timeouts of wall time is declared dead whatever the
-coordinator's own stalls: a coordinator late on every tick (a host starved for good) would
-otherwise excuse nearly all of a dead rank's silence and find it many times later."""
-
 COMMITS_KEPT = 16
 """Plans whose ``Committed`` is remembered per rank, to tell a duplicated copy from a new commit."""
 
@@ -93,12 +88,12 @@ class Registry:
         Silence is counted only while the coordinator's loop ran (``stalls`` taken out): a
         coordinator not scheduled for seconds read nothing then, and its ranks, often stalled
         with it on one host, sent nothing; on waking it declared every rank dead at once. Up to
-        :data:`STALLS_EXCUSED_UP_TO` timeouts of wall time: past that the rank is dead anyway."""
+        ``loop_stalls.STALLS_EXCUSED_UP_TO`` timeouts of wall time: past that the rank is dead anyway."""
         dead = []
         for record in self.agents.values():
             wall = now - record.last_seen
-            silent = wall if stalls is None else stalls.scheduled_s(record.last_seen, now)
-            if record.alive and (silent > timeout_s or wall > STALLS_EXCUSED_UP_TO * timeout_s):
+            silent = wall if stalls is None else stalls.silence_s(record.last_seen, now)
+            if record.alive and silent > timeout_s:
                 record.alive = False
                 dead.append(record)
         return dead

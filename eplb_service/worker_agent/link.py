@@ -29,10 +29,6 @@ that is ordinary: more is a stall, left out of the coordinator's silence. Genero
 may also be the agent's own work (what waited meanwhile is read at the next poll); a silence
 counted short only delays a reopen."""
 
-STALLS_EXCUSED_UP_TO = 4
-"""A silence of this many times the limit in wall time reopens whatever the agent's own stalls
-(the coordinator's liveness has the same bound)."""
-
 
 class CoordinatorLink:
     def __init__(
@@ -97,11 +93,10 @@ class CoordinatorLink:
 
         A process not scheduled for seconds (a starved host, SIGSTOP, its GIL held through a long
         call) found that silence on waking and took it for the coordinator's: every agent reopened
-        at once, before reading what waited in its socket, and a plan staging was aborted. A
-        quarter of the wall-time silence always counts: a thread late on every poll (starved for
-        good) would otherwise excuse nearly all of a dead coordinator's silence."""
-        wall = now - self.last_heard
-        return max(self.stalls.scheduled_s(self.last_heard, now), wall / STALLS_EXCUSED_UP_TO)
+        at once, before reading what waited in its socket, and a plan staging was aborted. Part of
+        the wall-time silence always counts (:meth:`LoopStalls.silence_s`): a thread late on every
+        poll (starved for good) would otherwise excuse nearly all of a dead coordinator's silence."""
+        return self.stalls.silence_s(self.last_heard, now)
 
     def _drain(self, sock: zmq.Socket) -> list[protocol.Message]:
         messages: list[protocol.Message] = []
