@@ -14,9 +14,8 @@ import asyncio
 import logging
 
 import numpy as np
-from conftest import hello_message
+from conftest import register_two_ranks_reporting
 
-from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_hierarchy import node_purity
@@ -36,25 +35,8 @@ def flat_coordinator(num_groups: int, num_nodes: int) -> Coordinator:
         )
     )
     c._sock = SocketSink()
-    for rank in (0, 1):
-        store = {"store_host": "127.0.0.1", "store_port": 1} if rank == 0 else {"store_host": "", "store_port": 0}
-        c._handle(f"rank-{rank}".encode(), hello_message(rank=rank, pid=100 + rank, node="n", **store))
     # Slots 0-7 hold experts 0 1 2 3 4 5 0 1: each replica of experts 0 and 1 carries half.
-    slot_load = np.tile(np.array([50, 50, 100, 100, 100, 100, 50, 50], dtype=np.int64), (2, 1))
-    for step in (10, 20, 30):
-        for rank in (0, 1):
-            record = c.registry.agents[rank]
-            c._handle(
-                record.identity,
-                protocol.LoadReport(
-                    rank=rank,
-                    epoch=0,
-                    step_begin=step - 10,
-                    step_end=step,
-                    slot_load=protocol.NDArray.from_numpy(slot_load if rank == 0 else slot_load * 0),
-                    session=record.session,
-                ),
-            )
+    register_two_ranks_reporting(c, np.tile(np.array([50, 50, 100, 100, 100, 100, 50, 50], dtype=np.int64), (2, 1)))
     return c
 
 

@@ -8,9 +8,8 @@ import asyncio
 import logging
 
 import numpy as np
-from conftest import hello_message
+from conftest import register_two_ranks_reporting
 
-from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.server import Coordinator
@@ -29,25 +28,9 @@ def coordinator_with_load(budget: int) -> Coordinator:
         CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/budget.sock", staging_budget_bytes=budget)
     )
     c._sock = SocketSink()
-    for rank in (0, 1):
-        store = {"store_host": "127.0.0.1", "store_port": 1} if rank == 0 else {"store_host": "", "store_port": 0}
-        c._handle(f"rank-{rank}".encode(), hello_message(rank=rank, pid=100 + rank, node="n", **store))
     slot_load = np.zeros((2, 8), dtype=np.int64)
     slot_load[:, :6] = LOAD  # slots 0-5 hold experts 0-5 in vLLM's initial placement
-    for step in (10, 20, 30):
-        for rank in (0, 1):
-            record = c.registry.agents[rank]
-            c._handle(
-                record.identity,
-                protocol.LoadReport(
-                    rank=rank,
-                    epoch=0,
-                    step_begin=step - 10,
-                    step_end=step,
-                    slot_load=protocol.NDArray.from_numpy(slot_load if rank == 0 else slot_load * 0),
-                    session=record.session,
-                ),
-            )
+    register_two_ranks_reporting(c, slot_load)
     return c
 
 
