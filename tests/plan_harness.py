@@ -57,6 +57,21 @@ def commit_plan(c, step: int) -> int:
     return plan.plan_id
 
 
+def hello_again(c, rank: int, step: int, **fields) -> protocol.Hello:
+    """``rank``'s ``Hello`` at epoch 0 and ``step`` on the harness's model and placement (``fields``:
+    other ``Hello`` fields, e.g. ``resume_session``, ``node``, ``pid``)."""
+    return protocol.Hello(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        rank=rank,
+        model=c.book.model,
+        phy2log=protocol.NDArray.from_numpy(c.placements[0]),
+        epoch=0,
+        step=step,
+        transport="gloo",
+        **fields,
+    )
+
+
 def beat(c, rank: int, step: int, epoch: int, **fields) -> None:
     """A heartbeat of ``rank`` (``fields``: other ``Heartbeat`` fields)."""
     r = c.registry.agents[rank]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from plan_harness import beat, harness, start_plan
+from plan_harness import beat, harness, hello_again, start_plan
 
 from eplb_service import protocol
 
@@ -74,17 +74,7 @@ def test_a_commit_known_only_from_heartbeats_still_catches_a_rank_past_s_at_the_
     beat(c, 0, step=55, epoch=1, decided_plan=plan.plan_id, decided_commit=True, decided_commit_step=50)
     assert [(o.phase, o.commit_step) for o in c.plans.outcomes] == [("committed", 50)] and c.epoch == 1
     assert c.epoch_watch.commit_steps[1] == (50, 0)
-    hello = protocol.Hello(
-        protocol_version=protocol.PROTOCOL_VERSION,
-        rank=1,
-        model=c.book.model,
-        phy2log=protocol.NDArray.from_numpy(c.placements[0]),
-        epoch=0,
-        step=60,
-        transport="gloo",
-        resume_session=rank1.session,
-    )
-    c._handle(b"rank-1-back", hello)
+    c._handle(b"rank-1-back", hello_again(c, 1, step=60, resume_session=rank1.session))
     assert c.registry.agents[1].alive and c.halted_reason is None
     beat(c, 1, step=61, epoch=0)
     assert c.halted_reason is not None, c.status()["halted"]

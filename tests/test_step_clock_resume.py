@@ -16,7 +16,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
-from plan_harness import beat, harness
+from plan_harness import beat, harness, hello_again
 
 from eplb_service import protocol
 from eplb_service.step_clock import PROBE_EVERY, PROBE_RADIUS
@@ -56,17 +56,8 @@ def verified_then_hello(resume: bool):
     r1 = c.registry.agents[1]
     if not resume:
         c.router.lose_agent(r1, time.monotonic())  # the old process is gone
-    hello = protocol.Hello(
-        protocol_version=protocol.PROTOCOL_VERSION,
-        rank=1,
-        model=c.book.model,
-        phy2log=protocol.NDArray.from_numpy(c.placements[0]),
-        epoch=0,
-        step=2100,
-        transport="gloo",
-        resume_session=r1.session if resume else 0,
-        node=r1.node,
-        pid=r1.pid if resume else r1.pid + 1,
+    hello = hello_again(
+        c, 1, step=2100, resume_session=r1.session if resume else 0, node=r1.node, pid=r1.pid if resume else r1.pid + 1
     )
     c._handle(b"rank-1-reopened", hello)
     assert c.registry.agents[1].identity == b"rank-1-reopened"
@@ -87,19 +78,7 @@ def test_a_rank_declared_dead_and_back_with_its_session_keeps_its_verified_step_
         beat(c, rank, step=100, epoch=0, clock=clock(32, 2))
     r1 = c.registry.agents[1]
     c.router.lose_agent(r1, time.monotonic())  # silent past the liveness timeout
-    hello = protocol.Hello(
-        protocol_version=protocol.PROTOCOL_VERSION,
-        rank=1,
-        model=c.book.model,
-        phy2log=protocol.NDArray.from_numpy(c.placements[0]),
-        epoch=0,
-        step=100,
-        transport="gloo",
-        resume_session=r1.session,
-        node=r1.node,
-        pid=r1.pid,
-    )
-    c._handle(b"rank-1-back", hello)
+    c._handle(b"rank-1-back", hello_again(c, 1, step=100, resume_session=r1.session, node=r1.node, pid=r1.pid))
     assert offsets(c) == [0, 0]
 
 
