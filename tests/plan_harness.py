@@ -73,11 +73,8 @@ def hello_again(c, rank: int, step: int, **fields) -> protocol.Hello:
 
 
 def beat(c, rank: int, step: int, epoch: int, **fields) -> None:
-    """A heartbeat of ``rank`` (``fields``: other ``Heartbeat`` fields)."""
+    """A heartbeat of ``rank`` (``fields``: other ``Heartbeat`` fields; by default it reports the
+    side-communicator generation the coordinator has on record for the rank)."""
     r = c.registry.agents[rank]
-    c._handle(
-        r.identity,
-        protocol.Heartbeat(
-            rank=rank, step=step, epoch=epoch, comm_generation=r.comm_generation, session=r.session, **fields
-        ),
-    )
+    fields.setdefault("comm_generation", r.comm_generation)
+    c._handle(r.identity, protocol.Heartbeat(rank=rank, step=step, epoch=epoch, session=r.session, **fields))

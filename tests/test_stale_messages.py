@@ -1,4 +1,4 @@
-"""Messages that arrive late, twice, or behind newer ones never set a rank's epoch back.
+"""Messages that arrive late, twice, or behind newer ones never set a rank's epoch or step back.
 
 A rank's placement epoch only grows while it is registered (it counts commits; a restarted
 process registers anew with its own). ZeroMQ keeps order on one connection, but a link that
@@ -6,13 +6,15 @@ duplicates or reorders (the fault proxy does both) could deliver a rank's heartb
 ``Committed`` of an older epoch after a newer one. Filed as the rank's epoch, that set the
 deployment's agreed epoch back (every rank's stale report arriving so made the book agree on
 the older epoch, and the next plan was built on a placement nobody served), and one older than
-the book's history got the rank declared dead as "unknown epoch".
+the book's history got the rank declared dead as "unknown epoch". A rank's step only grows while
+it is registered too (a new process's ``Hello`` sets it afresh), so a heartbeat of a lower step
+than one already taken is such a late copy, and nothing in it is newer than what is held.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from plan_harness import beat, commit_plan, harness, start_plan
+from plan_harness import beat, commit_plan, harness, hello_again, start_plan
 
 from eplb_service import protocol
 from eplb_service.coordinator.placement_book import HISTORY_EPOCHS
@@ -87,3 +89,71 @@ def test_a_committed_delivered_twice_observes_its_commit_stall_once():
     c._handle(r.identity, committed)  # the link's copy
     stall = c.metrics.commit_stall.labels("1")
     assert (stall._sum.get(), sum(b.get() for b in stall._buckets)) == (0.25, 1)
+
+
+def test_a_late_heartbeat_copy_leaves_the_recorded_step_and_the_planning_interval_alone():
+    """Before: rank 1's copy of its step-590 heartbeat, delivered after its step-600 one, set its
+    recorded step to 590: the status said 590, and the plan booked then counted the next planning
+    interval from step 590, so the next plan was due 10 steps early."""
+    c, _ = harness()
+    for rank in (0, 1):
+        beat(c, rank, step=600, epoch=0)
+    beat(c, 1, step=590, epoch=0)
+    assert [r["step"] for r in c.status()["ranks"]] == [600, 600] and c.registry.min_step() == 600
+    commit_plan(c, step=650)
+    assert c.plans.last_plan_end_step == 600
+
+
+def test_a_late_heartbeat_copy_does_not_undo_a_built_side_communicator():
+    """Before: the copy of a heartbeat sent before rank 1 built the communicator (generation -1)
+    made the deployment read as not ready (no plan could start) and ``CommInit`` due again."""
+    c, _ = harness()
+    for rank in (0, 1):
+        beat(c, rank, step=100, epoch=0)
+    assert c.comm_ready()
+    beat(c, 1, step=90, epoch=0, comm_generation=-1)
+    assert c.comm_ready() and c.registry.agents[1].comm_generation == c.side_comm.generation
+
+
+def test_agent_counters_exported_never_go_down_on_a_late_copy():
+    """Before: each heartbeat's counters replaced the last ones, so a late copy made
+    ``eplb_agent_events_total`` go from 5 down to 3 (read by Prometheus as a counter reset).
+    A copy at the same step (an idle engine's heartbeats all carry one) is merged by maximum."""
+    c, _ = harness()
+    sample = {"rank": "1", "event": "duplicate_messages"}
+    beat(c, 1, step=100, epoch=0, counters={"duplicate_messages": 5})
+    beat(c, 1, step=90, epoch=0, counters={"duplicate_messages": 3})
+    beat(c, 1, step=100, epoch=0, counters={"duplicate_messages": 4})
+    assert c.metrics.registry.get_sample_value("eplb_agent_events_total", sample) == 5
+    beat(c, 1, step=110, epoch=0, counters={"duplicate_messages": 6, "send_dropped": 1})
+    assert c.metrics.registry.get_sample_value("eplb_agent_events_total", sample) == 6
+
+
+def _probe(wall_minus_mono: float) -> protocol.StepClock:
+    """One probe at step 64: steps 61..67 ended 10 ms apart (monotonic time)."""
+    times = [[1.0 + 0.01 * j for j in range(protocol.CLOCK_PROBE_LEN)]]
+    return protocol.StepClock(
+        probe_steps=[64], times=times, radius=protocol.CLOCK_PROBE_RADIUS, wall_minus_mono=wall_minus_mono
+    )
+
+
+def test_the_watches_are_not_fed_a_late_copy():
+    """Before: the copy's (epoch, step) became the rank's latest heartbeat in the divergence guard,
+    and its probes replaced the newer ones, timed with the older wall-clock offset it was sent with."""
+    c, _ = harness()
+    beat(c, 1, step=100, epoch=0, clock=_probe(1000.0))
+    beat(c, 1, step=90, epoch=0, clock=_probe(0.0))
+    assert c.guard.beats[1] == (0, 100)
+    assert c.guard.step_clock.clocks[1].probes[64][0] == 1001.0
+
+
+def test_a_new_process_in_the_rank_counts_from_its_hello_step():
+    """The floor is the registration's: a worker that restarted reports low steps, and they are taken."""
+    c, _ = harness()
+    for rank in (0, 1):
+        beat(c, rank, step=600, epoch=0)
+    c.router.lose_agent(c.registry.agents[1], 0.0)
+    c._handle(b"rank-1-new", hello_again(c, 1, step=5, node="other-host", pid=4242))
+    assert c.registry.agents[1].step == 5
+    beat(c, 1, step=7, epoch=0)
+    assert c.registry.agents[1].step == 7 and c.guard.beats[1] == (0, 7)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb_service import protocol
 from eplb_service.loop_stalls import LoopStalls
 
 COMMITS_KEPT = 16
@@ -42,6 +43,33 @@ class AgentRecord:
     """A process never registered anywhere (its Hello resumes no session) that took its rank in a
     deployment whose ranks had all been registered: a worker restarted alone. It serves the maps it
     started with, whatever the others committed since."""
+    heartbeat_step: int = -1
+    """Step of the newest heartbeat taken in this registration (-1: none yet); see :meth:`take_heartbeat`."""
+
+    def take_heartbeat(self, beat: protocol.Heartbeat) -> bool:
+        """File what ``beat`` says of the rank; returns False for a stale one, whose snapshot is not taken.
+
+        Within one registration a rank's step only grows (a new process registers anew, and its
+        ``Hello`` sets the step), so a heartbeat of a lower step than one already taken is older
+        than what is held: a link that duplicates or reorders delivered it late. Taken, it set the
+        recorded step back (the planning interval was counted from it, and the status showed it),
+        the side-communicator generation back (the deployment read as not ready, and ``CommInit``
+        went again to a rank that had built it), and the exported agent counters down (Prometheus
+        reads a counter that goes down as a reset, and ``rate()`` jumps by its whole value). The
+        counters only grow within a process, so they are merged by maximum, also at the same step
+        (an idle engine's heartbeats all carry one step, and a copy may still be the older)."""
+        self.step = max(self.step, beat.step)
+        counters = self.counters.copy()
+        for name, value in beat.counters.items():
+            if value > counters.get(name, 0):
+                counters[name] = value
+        self.counters = counters
+        self.internal_errors = max(self.internal_errors, beat.internal_errors)
+        if beat.step < self.heartbeat_step:
+            return False
+        self.heartbeat_step = beat.step
+        self.comm_generation = beat.comm_generation
+        return True
 
 
 class Registry:

@@ -264,10 +264,18 @@ class MessageRouter:
         if self._step_leap(record, message.step, "heartbeat"):
             return
         self.host.send(record.identity, protocol.HeartbeatAck(session=record.session))
-        record.step, record.comm_generation = message.step, message.comm_generation
+        if not record.take_heartbeat(message):
+            # A link's late copy: everything in it (epoch, step-clock probes, the decision read)
+            # is older than the heartbeat already taken, so nothing in it is news, and its epoch
+            # and step would set the watches' view of the rank back (see ``take_heartbeat``).
+            self.log.debug(
+                "rank %d: heartbeat of step %d arrived after one of step %d (a late copy): not taken",
+                record.rank,
+                message.step,
+                record.heartbeat_step,
+            )
+            return
         record.epoch = newest_epoch(record, message.epoch)
-        record.internal_errors = message.internal_errors
-        record.counters = dict(message.counters)
         self.guard.heartbeat(record.rank, message.epoch, message.step, message.clock)
         self.book.max_step_seen = max(self.book.max_step_seen, message.step)
         if message.decided_plan:  # before the epoch it reports is judged: the decision names S
