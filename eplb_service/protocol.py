@@ -10,14 +10,14 @@ types (``python -m eplb_service.schema``) and a test keeps it current.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Final, Literal, Union
+from typing import Annotated, Final, Literal, Union, get_args
 
 import msgspec
 import numpy as np
 
 from eplb_service.deployment_id import DEPLOYMENT_ID_MAX_CHARS, DEPLOYMENT_ID_PATTERN
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """Bumped on any incompatible change; ``Hello`` carries it and the coordinator refuses others.
 2: the commit decision record, the rendezvous store on rank 0, sessions, step-clock probes.
 3: each rank's vote contributes its fence step ``e + F`` and the commit step is their MAX
@@ -27,7 +27,8 @@ before each other's fences, so one coordinator must not admit both.
 coordinator would admit ranks of two deployments into one (see :data:`DeploymentId`).
 5: ``Heartbeat.decided_plan``/``decided_commit``/``decided_commit_step``, the newest decision
 record the rank read: a version-4 coordinator rejects such heartbeats as unknown fields, so a
-mixed deployment would fail every heartbeat instead of being refused once, naming both versions."""
+mixed deployment would fail every heartbeat instead of being refused once, naming both versions.
+6: ``Heartbeat.decided_code``, the abort code the decision record names, for the same reason."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Hard ceiling of any frame (the agents' socket limit; the coordinator's is far lower,
@@ -241,6 +242,7 @@ AbortCode = Literal[
 ]
 """Why a plan was not applied, as a label (``eplb_plans_aborted_total{reason}``); the free
 text beside it says the details."""
+ABORT_CODES: Final[frozenset[str]] = frozenset(get_args(AbortCode))
 
 
 class Reject(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -301,6 +303,11 @@ class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=Tru
     """The record of ``decided_plan`` says commit (else abort)."""
     decided_commit_step: NonNegInt = 0
     """The step ``S`` the record names for a commit (0 for an abort)."""
+    decided_code: AbortCode = "other"
+    """The abort code the record names (``other`` for a commit). Every rank's ``Aborted`` carries
+    it too, but only once its serving thread reaches a step boundary (an idle engine may not for
+    long), while heartbeats say the decision at once: a plan settled on heartbeats alone was booked
+    ``other`` where every rank knew the reason (``eplb_plans_aborted_total{reason}``, status)."""
 
 
 AGENT_COUNTERS = (

@@ -30,7 +30,7 @@ import msgspec
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 PROBE_EVERY, PROBE_RADIUS = 32, 3
 HEARTBEATS_BEFORE_REOPEN = 4
 

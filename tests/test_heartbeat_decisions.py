@@ -7,11 +7,17 @@ moves any rank's epoch, so no heartbeat settled it, and no plan started again.
 
 from __future__ import annotations
 
+import collections
 import time
 
+import msgspec
+from conftest import make_model
 from plan_harness import beat, harness, hello_again, start_plan
 
 from eplb_service import protocol
+from eplb_service.worker_agent.agent import heartbeat_message
+from eplb_service.worker_agent.decision import Decision
+from eplb_service.worker_agent.serving_hooks import ServingHooks
 
 
 def silent_vote(c):
@@ -129,3 +135,50 @@ def test_no_abortplan_copies_once_the_record_is_known_to_say_commit():
         c.plans.tick(time.monotonic() + 2 * c.cfg.voting_timeout_s + 5 + 3 * k)
     assert [type(m).__name__ for _, m in sent] == [] and c.plans.resent["AbortPlan"] == resent
     assert c.plans.plan is plan and plan.decision == (40, True)
+
+
+def test_an_abort_settled_on_heartbeats_alone_is_booked_under_the_record_s_code():
+    """The record says abort because rank 1's vote found rows corrupted in transit; both ranks'
+    ``Voted`` and then heartbeats say so before either serving thread reaches a step boundary (an
+    idle engine), so no ``Aborted`` is in when the plan settles. Before: it was booked ``other``
+    (``eplb_plans_aborted_total{reason="other"}``, the status's outcome), though every rank knew
+    the record's code; the ``Aborted`` that said ``integrity`` came after the plan was booked and
+    was dropped."""
+    c, _ = harness()
+    plan = start_plan(c)
+    for r in c.registry.alive:
+        c._handle(
+            r.identity, protocol.Voted(rank=r.rank, plan_id=plan.plan_id, commit_step=0, ok=False, session=r.session)
+        )
+    for rank in (0, 1):
+        beat(c, rank, step=12, epoch=0, decided_plan=plan.plan_id, decided_commit=False, decided_code="integrity")
+    assert [(o.phase, o.code) for o in c.plans.outcomes] == [("aborted", "integrity")]
+    assert "the decision record says abort (integrity)" in c.plans.outcomes[0].reason
+    r1 = c.registry.agents[1]
+    c._handle(  # the rank's own Aborted, once its engine steps again: nothing more to book
+        r1.identity,
+        protocol.Aborted(rank=1, plan_id=plan.plan_id, reason="rows differ", code="integrity", session=r1.session),
+    )
+    aborted = c.metrics.registry.get_sample_value
+    assert aborted("eplb_plans_aborted_total", {"reason": "integrity"}) == 1
+    assert aborted("eplb_plans_aborted_total", {"reason": "other"}) is None
+    assert c.status()["last_plans"][-1]["code"] == "integrity"
+
+
+def test_an_agent_s_heartbeat_names_the_record_s_abort_code(small_shape):
+    hooks = ServingHooks(make_model(0, small_shape), report_interval_steps=4, fence_steps=3, fence_timeout_s=0.3)
+
+    def sent(decision: Decision) -> protocol.Heartbeat:
+        beat = heartbeat_message(0, 5, hooks, 1, collections.Counter(), decided=(7, decision))
+        return protocol.decode(protocol.encode(beat))
+
+    assert sent(Decision.abort(1, "rows of remote op 3 differ", "integrity")).decided_code == "integrity"
+    assert sent(Decision.commit_at(40, 0)).decided_code == "other"
+    # a record is text any process may write: a code the wire does not name must not get every heartbeat refused
+    assert sent(Decision.abort(1, "?", "a_code_of_a_newer_agent")).decided_code == "other"
+
+
+def test_a_heartbeat_without_the_abort_code_still_decodes():
+    """An agent that leaves ``decided_code`` out (every field with a default may be left out)."""
+    frame = msgspec.msgpack.encode({"type": "Heartbeat", "rank": 0, "step": 3, "epoch": 0, "decided_plan": 9})
+    assert protocol.decode(frame).decided_code == "other"

@@ -420,13 +420,14 @@ class PlanRunner:
         if plan is not None and plan.on_failed(rank, reason, now, code):
             self.advance()
 
-    def voted(self, plan_id: int, commit_step: int, ok: bool, rank: int, via: str = "Voted") -> None:
-        """The decision record's content, as ``rank`` read it (``via``: its ``Voted`` or its heartbeat)."""
+    def voted(self, plan_id: int, commit_step: int, ok: bool, rank: int, via: str = "Voted", code: str = "") -> None:
+        """The decision record's content, as ``rank`` read it (``via``: its ``Voted`` or its heartbeat,
+        which also names the record's abort ``code``)."""
         plan = self._current(plan_id)
         if plan is None:
             return
         unknown = plan.outcome_unknown
-        if plan.on_voted(commit_step, ok) and unknown:  # it was warned about: say that it is known now
+        if plan.on_voted(commit_step, ok, code) and unknown:  # it was warned about: say that it is known now
             self.log.info(
                 "plan #%d (id %d): the decision record says %s (rank %d's %s): its outcome is known",
                 self.number(plan_id),

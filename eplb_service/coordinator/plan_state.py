@@ -75,6 +75,9 @@ class PlanRun:
     lost: set[int] = field(default_factory=set)
     decision: tuple[int, bool] | None = None
     """``(commit_step, ok)`` once any rank reported the decision record's content."""
+    decision_code: str = ""
+    """The abort code the record names, once a rank's heartbeat said it (``Voted`` does not carry
+    it; "" while unknown, and for a record whose code says nothing: ``other``)."""
     vote_sent: bool = False
     abort_requested: bool = False
     """The vote timed out undecided: ask the ranks to record ``abort``."""
@@ -87,7 +90,8 @@ class PlanRun:
     inferred_aborts: set[int] = field(default_factory=set)
     """Ranks in ``aborted`` on a heartbeat alone (the record says abort, their own ``Aborted`` not
     in yet): the outcome's reason and code are a reporting rank's where there is one, since the
-    record's own reason (``integrity``, ``fence_timeout`` ...) travels only in ``Aborted``."""
+    record's own reason travels only in ``Aborted``; its code (``integrity``, ``fence_timeout``
+    ...) travels in heartbeats too (:attr:`decision_code`), and an inferred abort carries it."""
     staging_s: float = 0.0
     voting_s: float = 0.0
     received_bytes: int = 0
@@ -146,10 +150,15 @@ class PlanRun:
         self.committed[rank] = (step, stall_s)
         return self._maybe_settle(now)
 
-    def on_voted(self, commit_step: int, ok: bool) -> bool:
-        """A rank read the decision record (its ``Voted``, or the decision its heartbeats carry):
-        every rank reads the same. Returns whether this is news (the first report of it)."""
-        if self.phase is not Phase.VOTING or self.decision is not None:
+    def on_voted(self, commit_step: int, ok: bool, code: str = "") -> bool:
+        """A rank read the decision record (its ``Voted``, or the decision its heartbeats carry, with
+        the record's abort ``code``): every rank reads the same. Returns whether this is news (the
+        first report of it)."""
+        if self.phase is not Phase.VOTING:
+            return False
+        if not ok and code not in ("", "other"):  # a Voted came first, without it: learnt from a heartbeat
+            self.decision_code = code
+        if self.decision is not None:
             return False
         self.decision = (commit_step, ok)
         self.outcome_unknown = False  # known now: a commit settles at S, an abort on the next heartbeats
@@ -170,7 +179,8 @@ class PlanRun:
             self.committed[rank] = (self.decision[0] if self.decision else -1, 0.0)
             return self._maybe_settle(now)
         if self.decision is not None and not self.decision[1] and epoch == self.base_epoch:
-            return self._infer_abort(rank, "the decision record says abort", self.code or "other", now)
+            code = self.decision_code or self.code or "other"
+            return self._infer_abort(rank, f"the decision record says abort ({code})", code, now)
         if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
             why = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
             return self._infer_abort(rank, why, "missed_commit_step", now)

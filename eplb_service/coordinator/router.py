@@ -280,7 +280,12 @@ class MessageRouter:
         self.book.max_step_seen = max(self.book.max_step_seen, message.step)
         if message.decided_plan:  # before the epoch it reports is judged: the decision names S
             self._learn_decision(
-                record, message.decided_plan, message.decided_commit_step, message.decided_commit, "heartbeat"
+                record,
+                message.decided_plan,
+                message.decided_commit_step,
+                message.decided_commit,
+                "heartbeat",
+                message.decided_code,
             )
         self.runner.heartbeat(record.rank, message.step, message.epoch, now, message.staging_plan)
         self.update_epoch()
@@ -347,9 +352,12 @@ class MessageRouter:
     def _on_voted(self, record: AgentRecord, message: protocol.Voted, now: float) -> None:
         self._learn_decision(record, message.plan_id, message.commit_step, message.ok, "Voted")
 
-    def _learn_decision(self, record: AgentRecord, plan_id: int, commit_step: int, ok: bool, via: str) -> None:
-        """A rank read the plan's decision record (``via``: its ``Voted`` or a heartbeat): the plan in
-        flight books it, and a commit step feeds the epoch watch as a ``Committed`` does.
+    def _learn_decision(
+        self, record: AgentRecord, plan_id: int, commit_step: int, ok: bool, via: str, code: str = ""
+    ) -> None:
+        """A rank read the plan's decision record (``via``: its ``Voted`` or a heartbeat; ``code``: the
+        abort code the record names, where the message carries it): the plan in flight books it, and
+        a commit step feeds the epoch watch as a ``Committed`` does.
 
         By the record, every rank is at the plan's new epoch once past ``S``, so a rank seen past it
         at the old epoch went on with the old maps. Fed by ``Committed`` alone, the watch had no
@@ -357,7 +365,7 @@ class MessageRouter:
         the new epoch): a rank the plan no longer tracked (lost during the vote, back since) could
         serve the old maps past ``S`` unseen."""
         epoch = self.runner.commit_epoch(plan_id)
-        self.runner.voted(plan_id, commit_step, ok, record.rank, via)
+        self.runner.voted(plan_id, commit_step, ok, record.rank, via, code)
         if ok and epoch is not None:
             self.guard.epoch_watch.committed(epoch, commit_step, record.rank)
 

@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from typing import cast
 
 import msgspec
 import numpy as np
@@ -837,4 +838,14 @@ def heartbeat_message(
         decided_plan=decided[0] if decided else 0,
         decided_commit=bool(decided and decided[1].commit),
         decided_commit_step=max(decided[1].commit_step, 0) if decided else 0,
+        decided_code=decided_code(decided[1]) if decided else "other",
     )
+
+
+def decided_code(decision: Decision) -> protocol.AbortCode:
+    """The record's abort code as a heartbeat carries it: ``other`` for a commit, or for a code this
+    protocol does not name (a record is text any process can write; a code outside the wire's
+    list would get every heartbeat refused, and the rank declared dead)."""
+    if decision.commit or decision.code not in protocol.ABORT_CODES:
+        return "other"
+    return cast(protocol.AbortCode, decision.code)  # one of the Literal's values, checked above
