@@ -165,6 +165,16 @@ def test_an_abort_settled_on_heartbeats_alone_is_booked_under_the_record_s_code(
     assert c.status()["last_plans"][-1]["code"] == "integrity"
 
 
+def test_an_abort_the_coordinator_asked_for_keeps_the_coordinator_s_code():
+    """The vote timed out and the coordinator asked for abort: the record's code
+    (``aborted_by_coordinator``) only echoes that request, and the request's code says why."""
+    c, _ = harness()
+    plan = silent_vote(c)
+    for rank in (0, 1):
+        beat(c, rank, step=10, epoch=0, decided_plan=plan.plan_id, decided_code="aborted_by_coordinator")
+    assert [(o.phase, o.code) for o in c.plans.outcomes] == [("aborted", "voting_timeout")]
+
+
 def test_an_agent_s_heartbeat_names_the_record_s_abort_code(small_shape):
     hooks = ServingHooks(make_model(0, small_shape), report_interval_steps=4, fence_steps=3, fence_timeout_s=0.3)
 

@@ -179,7 +179,10 @@ class PlanRun:
             self.committed[rank] = (self.decision[0] if self.decision else -1, 0.0)
             return self._maybe_settle(now)
         if self.decision is not None and not self.decision[1] and epoch == self.base_epoch:
-            code = self.decision_code or self.code or "other"
+            code = self.decision_code
+            if code in ("", "aborted_by_coordinator") and self.code:  # the record echoes the request: ours says why
+                code = self.code
+            code = code or "other"
             return self._infer_abort(rank, f"the decision record says abort ({code})", code, now)
         if self.decision is not None and epoch == self.base_epoch and step > self.decision[0] + 2:
             why = f"still at epoch {epoch} at step {step}, past the commit step {self.decision[0]}"
