@@ -1,16 +1,24 @@
 """Properties of every built-in policy over small random shapes and loads of every kind (all
 zero, a zero layer, one hot expert, tiny, huge, integer counts): the plan is a valid placement of
 the same shape, never less balanced than the current one, and a placement that is already
-perfectly balanced whatever the load (every rank holds the same experts) never moves a slot."""
+perfectly balanced whatever the load (every rank holds the same experts) never moves a slot.
+
+Over any deployment a user can describe (1-40 experts, 0-100% redundant slots, any ranks dividing
+the slots, ``--groups``/``--nodes`` with or without a hierarchy) and loads in any real dtype: the
+plan is the same for the same input, its reported slots and bytes moved are the difference between
+the two placements, its batches fit the staging budget, and the hierarchy keeps every group on one
+node. Invalid input is refused with a :class:`PlacementError` naming the value and what was expected."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from eplb_service.coordinator.policy import POLICIES, plan_rebalance
-from eplb_service.placement import PlacementShape, rank_loads, validate_phy2log
+from eplb_service.coordinator.policy_hierarchy import node_purity, uses_hierarchy
+from eplb_service.placement import PlacementError, PlacementShape, rank_loads, validate_phy2log
 
 LOAD_KINDS = ("zeros", "zero_layer", "one_hot", "counts", "lognormal", "tiny", "huge", "equal")
 
@@ -109,3 +117,151 @@ def test_a_perfectly_balanced_placement_never_moves(
     plan = plan_rebalance(policy, current, load, shape, persistence=persistence)
     assert plan.experts_moved == 0 and plan.batches == ()
     assert np.array_equal(plan.target_phy2log, current)
+
+
+# -- any shape and load a user can hand the planner ------------------------------------------
+
+WIDE_LOAD_KINDS = ("zeros", "zero_layer", "one_hot", "int32", "int64_huge", "uint8", "float32", "huge", "tiny", "ln")
+
+
+def make_wide_load(kind: str, rng: np.random.Generator, num_layers: int, num_logical: int) -> np.ndarray:
+    """``[L, N]`` load of ``kind``, in the dtype a caller could hand over (counts as integers)."""
+    shape = (num_layers, num_logical)
+    if kind == "int32":
+        return rng.integers(0, 1000, shape).astype(np.int32)
+    if kind == "int64_huge":
+        return rng.integers(0, 10**12, shape, dtype=np.int64)
+    if kind == "uint8":
+        return rng.integers(0, 256, shape).astype(np.uint8)
+    if kind == "float32":
+        return rng.lognormal(0.0, 2.0, shape).astype(np.float32)
+    if kind == "huge":
+        return rng.lognormal(0.0, 2.0, shape) * 1e12
+    if kind == "ln":
+        return rng.lognormal(0.0, 3.0, shape)
+    return make_load(kind, rng, num_layers, num_logical)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def deployments(draw):
+    """A valid deployment: 1-4 layers, 1-40 experts, 0-100% redundant slots, ranks dividing the
+    slots (one rank included), and ``--groups``/``--nodes`` the policies accept (groups dividing
+    the experts, nodes dividing the ranks; a hierarchy or not)."""
+    num_logical = draw(st.integers(1, 40))
+    num_physical = num_logical + draw(st.integers(0, num_logical))
+    num_ranks = draw(st.sampled_from(divisors(num_physical)))
+    num_groups = draw(st.sampled_from(divisors(num_logical)))
+    num_nodes = draw(st.sampled_from(divisors(num_ranks)))
+    shape = PlacementShape(draw(st.integers(1, 4)), num_logical, num_physical, num_ranks)
+    return shape, num_groups, num_nodes
+
+
+def moved_bytes_oracle(current: np.ndarray, target: np.ndarray, num_ranks: int, bytes_per_expert: int) -> int:
+    """Bytes that cross ranks, slot by slot: a changed slot whose rank held none of its new expert."""
+    slots_per_rank = current.shape[1] // num_ranks
+    total = 0
+    for layer, slot in zip(*np.nonzero(current != target)):
+        rank = slot // slots_per_rank
+        held = current[layer, rank * slots_per_rank : (rank + 1) * slots_per_rank]
+        total += bytes_per_expert * int(target[layer, slot] not in held)
+    return total
+
+
+@pytest.mark.filterwarnings("error")  # a numpy warning (overflow, 0/0) is a failure too
+@settings(max_examples=120, deadline=None)
+@given(
+    deployment=deployments(),
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(WIDE_LOAD_KINDS),
+    policy=st.sampled_from(POLICIES),
+    persistence=st.sampled_from([1.0, 0.5, 0.0]),
+    bytes_per_expert=st.integers(1, 4),
+    budget_slots=st.sampled_from([None, 1, 3]),
+)
+def test_any_valid_deployment_gets_a_valid_deterministic_plan_with_honest_accounting(
+    deployment, seed, kind, policy, persistence, bytes_per_expert, budget_slots
+):
+    shape, num_groups, num_nodes = deployment
+    rng = np.random.default_rng(seed)
+    current = random_placement(rng, shape)
+    load = make_wide_load(kind, rng, shape.num_layers, shape.num_logical)
+    budget = None if budget_slots is None else budget_slots * bytes_per_expert
+    options = dict(
+        num_groups=num_groups,
+        num_nodes=num_nodes,
+        bytes_per_expert=bytes_per_expert,
+        staging_budget_bytes=budget,
+        persistence=persistence,
+        skip_over_budget=True,
+    )
+    plan = plan_rebalance(policy, current.copy(), load.copy(), shape, **options)
+    target = plan.target_phy2log
+    validate_phy2log(target, shape)  # every expert keeps >= 1 replica, entries in range
+    assert target.dtype == np.int64 and target.shape == current.shape
+
+    again = plan_rebalance(policy, current.copy(), load.copy(), shape, **options)
+    assert np.array_equal(again.target_phy2log, target)
+    assert [(b.layers, b.bytes_moved, b.gain) for b in again.batches] == [
+        (b.layers, b.bytes_moved, b.gain) for b in plan.batches
+    ]
+
+    changed = target != current
+    assert plan.experts_moved == int(changed.sum())
+    assert plan.bytes_moved == moved_bytes_oracle(current, target, shape.num_ranks, bytes_per_expert)
+    assert sum(b.bytes_moved for b in plan.batches) == plan.bytes_moved
+    assert sorted(layer for b in plan.batches for layer in b.layers) == np.flatnonzero(changed.any(axis=1)).tolist()
+    for batch in plan.batches:
+        rows = list(batch.layers)
+        assert np.array_equal(batch.phy2log, target[rows])
+        if budget is not None:
+            per_rank = (target[rows] != current[rows]).reshape(len(rows), shape.num_ranks, -1).sum(axis=(0, 2))
+            assert (per_rank * bytes_per_expert <= budget).all()
+    assert np.isfinite([plan.balancedness_before, plan.balancedness_after]).all()
+
+    if policy == "migration" and uses_hierarchy(num_groups, num_nodes):
+        pure = node_purity(target, shape.num_logical, num_groups, num_nodes)
+        assert pure[[layer for layer in range(shape.num_layers) if layer not in plan.over_budget_layers]].all()
+
+
+# -- invalid input: an error naming the value and what was expected ---------------------------
+
+BAD_ENTRIES = (float("nan"), -1.0, -1e-300, float("inf"), float("-inf"))
+
+
+@pytest.mark.filterwarnings("error")
+@settings(max_examples=60, deadline=None)
+@given(
+    deployment=deployments(),
+    seed=st.integers(0, 2**32 - 1),
+    bad=st.sampled_from(BAD_ENTRIES),
+    policy=st.sampled_from(POLICIES),
+)
+def test_a_bad_load_entry_is_named_with_its_position(deployment, seed, bad, policy):
+    shape, num_groups, num_nodes = deployment
+    rng = np.random.default_rng(seed)
+    load = make_load("counts", rng, shape.num_layers, shape.num_logical)
+    layer, expert = int(rng.integers(0, shape.num_layers)), int(rng.integers(0, shape.num_logical))
+    load[layer, expert] = bad
+    with pytest.raises(PlacementError) as raised:
+        plan_rebalance(policy, random_placement(rng, shape), load, shape, num_groups=num_groups, num_nodes=num_nodes)
+    assert str(raised.value) == f"logical_load[{layer}, {expert}] = {bad}: loads must be finite and >= 0"
+
+
+@pytest.mark.filterwarnings("error")
+@settings(max_examples=60, deadline=None)
+@given(deployment=deployments(), seed=st.integers(0, 2**32 - 1), policy=st.sampled_from(POLICIES))
+def test_a_placement_missing_an_expert_is_named(deployment, seed, policy):
+    shape, num_groups, num_nodes = deployment
+    if shape.num_logical == 1:
+        return  # one expert: every slot holds it, none can be missing
+    rng = np.random.default_rng(seed)
+    current = random_placement(rng, shape)
+    layer, missing = int(rng.integers(0, shape.num_layers)), int(rng.integers(0, shape.num_logical))
+    current[layer, current[layer] == missing] = (missing + 1) % shape.num_logical
+    load = make_load("counts", rng, shape.num_layers, shape.num_logical)
+    with pytest.raises(PlacementError, match=rf"^layer {layer}: logical expert {missing} has no replica$"):
+        plan_rebalance(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes)
