@@ -85,8 +85,14 @@ def validate_phy2log(phy2log: np.ndarray, shape: PlacementShape) -> None:
     logical expert has at least one replica in every layer. (Slot counts per rank hold
     by construction of the ``[L, P]`` layout once ``ranks`` divides ``P``.)
     """
-    arr = np.asarray(phy2log)
     expected = (shape.num_layers, shape.num_physical)
+    try:
+        arr = np.asarray(phy2log)
+    except ValueError:  # numpy's "inhomogeneous shape" names neither the array nor the shape expected
+        raise PlacementError(
+            f"phy2log is not a 2-D array of integers (rows of unequal length?), expected shape {expected} "
+            "[layers, physical]"
+        ) from None
     if arr.ndim != 2 or arr.shape != expected:
         raise PlacementError(f"phy2log has shape {arr.shape}, expected {expected} [layers, physical]")
     if not np.issubdtype(arr.dtype, np.integer):

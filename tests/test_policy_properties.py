@@ -265,3 +265,38 @@ def test_a_placement_missing_an_expert_is_named(deployment, seed, policy):
     load = make_load("counts", rng, shape.num_layers, shape.num_logical)
     with pytest.raises(PlacementError, match=rf"^layer {layer}: logical expert {missing} has no replica$"):
         plan_rebalance(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes)
+
+
+SHAPE = PlacementShape(2, 4, 6, 2)
+CURRENT = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 3, 3]])
+LOAD = np.array([[5.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 9.0]])
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "load,expected",
+    [
+        # Each was a ComplexWarning (the imaginary part dropped), an OverflowError, or a plan.
+        (LOAD * (1 + 1j), r"^logical_load has dtype complex128, expected real numbers \(integers or floats\)$"),
+        (LOAD > 1, r"^logical_load has dtype bool, expected real numbers \(integers or floats\)$"),
+        ([[10**400, 1, 1, 1], [1, 1, 1, 1]], r"^logical_load has dtype object, expected real numbers"),
+        (np.array([["1", "1", "1", "1"]] * 2), r"^logical_load has dtype <U1, expected real numbers"),
+        (
+            [[1, 2, 3, 4], [1, 2]],
+            r"^logical_load is not a 2-D array of numbers \(rows of unequal length\?\), expected shape \(2, 4\)",
+        ),
+        (np.ones((4, 2)), r"^logical_load has shape \(4, 2\), expected \(2, 4\) \[layers, logical experts\]$"),
+    ],
+    ids=["complex", "bool", "bigint", "strings", "ragged", "transposed"],
+)
+def test_a_load_that_is_not_a_real_matrix_of_the_shape_is_refused_by_name(policy, load, expected):
+    with pytest.raises(PlacementError, match=expected):
+        plan_rebalance(policy, CURRENT, load, SHAPE)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_ragged_placement_is_refused_by_name(policy):
+    """It was numpy's own ValueError ('setting an array element with a sequence')."""
+    with pytest.raises(PlacementError, match=r"^phy2log is not a 2-D array of integers \(rows of unequal length"):
+        plan_rebalance(policy, [[0, 1, 2, 3, 0, 1], [3, 2, 1, 0]], LOAD, SHAPE)

@@ -58,6 +58,7 @@ from eplb_service.placement import (
     rank_loads,
     validate_phy2log,
 )
+from eplb_service.trace import real_dtype
 
 POLICIES = ("migration", "deepseek")
 DEFAULT_POLICY = "migration"
@@ -159,14 +160,25 @@ class RebalancePlan:
 
 
 def validate_load(logical_load: np.ndarray, shape: PlacementShape) -> np.ndarray:
-    """Return ``logical_load`` as ``[L, N_log]`` float64, or raise naming the bad value."""
-    try:
-        load = np.asarray(logical_load, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise PlacementError(f"logical_load is not numeric: {exc}") from None
+    """Return ``logical_load`` as ``[L, N_log]`` float64, or raise naming the bad value.
+
+    Only integers and floats are loads: a cast to float64 would drop a complex load's imaginary
+    part (a numpy warning, then a plan), read ``True`` as 1, and fail on a Python integer beyond
+    float64 (an ``OverflowError`` naming nothing)."""
     expected = (shape.num_layers, shape.num_logical)
-    if load.shape != expected:
-        raise PlacementError(f"logical_load has shape {load.shape}, expected {expected} [layers, logical experts]")
+    try:
+        arr = np.asarray(logical_load)
+    except ValueError:
+        raise PlacementError(
+            f"logical_load is not a 2-D array of numbers (rows of unequal length?), expected shape {expected} "
+            "[layers, logical experts]"
+        ) from None
+    if arr.shape != expected:
+        raise PlacementError(f"logical_load has shape {arr.shape}, expected {expected} [layers, logical experts]")
+    if not real_dtype(arr):
+        raise PlacementError(f"logical_load has dtype {arr.dtype}, expected real numbers (integers or floats)")
+    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, named below
+        load = arr.astype(np.float64)
     bad = ~np.isfinite(load) | (load < 0)
     if bad.any():
         layer, expert = (int(i) for i in np.argwhere(bad)[0])
