@@ -326,20 +326,27 @@ def test_bad_numeric_flag_is_refused_at_parse_time(capsys, tmp_path, flag, value
     assert_one_line_error(*result, "eplb-plan", f"argument {flag}: {expected}, got {value!r}")
 
 
-def test_deepseek_hierarchy_errors_name_the_flags(capsys, tmp_path):
+def test_hierarchy_errors_name_the_flags_under_either_policy(capsys, tmp_path):
     load = tmp_path / "load.json"
     load.write_text(json.dumps([[1, 2, 3, 4]]))
     result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--policy", "deepseek", "--groups", "3")
     assert_one_line_error(*result, "eplb-plan", f"--groups 3 must divide the 4 experts of --load {load}")
     result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--policy", "deepseek", "--nodes", "4")
     assert_one_line_error(*result, "eplb-plan", "--nodes 4 must divide --ranks 2")
-    # The migration policy ignores a hierarchy it cannot keep (groups not a multiple of the nodes,
-    # or one node): any positive count is fine, as DeepSeek's global fallback runs.
-    assert run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "3", "--nodes", "4")[0] == 0
-    assert run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "3")[0] == 0
-    # ... and names a hierarchy it would keep that does not fit.
+    # The migration policy names them too, whether or not it keeps a hierarchy with them (groups
+    # not a multiple of the nodes, or one node): it used to ignore them there and exit 0.
+    result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "3", "--nodes", "4")
+    assert_one_line_error(*result, "eplb-plan", f"--groups 3 must divide the 4 experts of --load {load}")
+    result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "3")
+    assert_one_line_error(*result, "eplb-plan", f"--groups 3 must divide the 4 experts of --load {load}")
+    result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "2", "--nodes", "4")
+    assert_one_line_error(*result, "eplb-plan", "--nodes 4 must divide --ranks 2")
     result = run_plan(capsys, "--load", str(load), "--ranks", "2", "--groups", "4", "--nodes", "4")
     assert_one_line_error(*result, "eplb-plan", "--nodes 4 must divide --ranks 2")
+    # A pair that divides both but keeps no hierarchy (3 groups on 2 nodes) plans on any node.
+    six = tmp_path / "six.json"
+    six.write_text(json.dumps([[1, 2, 3, 4, 5, 6]]))
+    assert run_plan(capsys, "--load", str(six), "--ranks", "2", "--groups", "3", "--nodes", "2")[0] == 0
 
 
 def test_too_small_staging_budget_names_the_flag(capsys, tmp_path):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from eplb_service.coordinator.policy import POLICIES, plan_rebalance
 from eplb_service.coordinator.policy_hierarchy import node_purity, uses_hierarchy
-from eplb_service.placement import PlacementError, PlacementShape, rank_loads, validate_phy2log
+from eplb_service.placement import PlacementError, PlacementShape, PolicySettingsError, rank_loads, validate_phy2log
 
 LOAD_KINDS = ("zeros", "zero_layer", "one_hot", "counts", "lognormal", "tiny", "huge", "equal")
 
@@ -300,3 +300,56 @@ def test_a_ragged_placement_is_refused_by_name(policy):
     """It was numpy's own ValueError ('setting an array element with a sequence')."""
     with pytest.raises(PlacementError, match=r"^phy2log is not a 2-D array of integers \(rows of unequal length"):
         plan_rebalance(policy, [[0, 1, 2, 3, 0, 1], [3, 2, 1, 0]], LOAD, SHAPE)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    deployment=deployments(),
+    num_groups=st.integers(-2, 45),
+    num_nodes=st.integers(-2, 45),
+    policy=st.sampled_from(POLICIES),
+)
+def test_groups_and_nodes_that_do_not_fit_the_deployment_are_named_by_either_policy(
+    deployment, num_groups, num_nodes, policy
+):
+    """``--groups`` describes the model's routing groups and ``--nodes`` the deployment: a count
+    that does not divide the experts (or ranks) is a wrong description, refused by both policies
+    whether or not they keep a hierarchy (the migration policy ignored it without one)."""
+    shape, _, _ = deployment
+    current = random_placement(np.random.default_rng(0), shape)
+    load = np.ones((shape.num_layers, shape.num_logical))
+    groups_fit = num_groups > 0 and shape.num_logical % num_groups == 0
+    nodes_fit = num_nodes > 0 and shape.num_ranks % num_nodes == 0
+    call = lambda: plan_rebalance(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes)  # noqa: E731
+    if groups_fit and nodes_fit:
+        validate_phy2log(call().target_phy2log, shape)
+        return
+    expected = (
+        rf"^num_groups={num_groups} \(--groups\) must divide the number of logical experts \({shape.num_logical}\)$"
+        if not groups_fit
+        else rf"^num_nodes={num_nodes} \(--nodes\) must divide num_ranks={shape.num_ranks}$"
+    )
+    with pytest.raises(PolicySettingsError, match=expected):
+        call()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({"num_groups": 3, "num_nodes": 1}, r"^num_groups=3 \(--groups\) must divide the number of logical experts"),
+        ({"num_groups": 3, "num_nodes": 2}, r"^num_groups=3 \(--groups\) must divide the number of logical experts"),
+        ({"num_groups": 0}, r"^num_groups=0 \(--groups\) must divide"),
+        ({"num_nodes": 3}, r"^num_nodes=3 \(--nodes\) must divide num_ranks=2$"),
+        ({"num_nodes": -1}, r"^num_nodes=-1 \(--nodes\) must divide"),
+        ({"num_groups": 2.0}, r"^num_groups must be a positive integer, got 2\.0$"),
+        ({"num_nodes": "2"}, r"^num_nodes must be a positive integer, got '2'$"),
+        ({"min_layer_gain": "x"}, r"^min_layer_gain must be a finite number, got 'x'$"),
+    ],
+)
+def test_policy_settings_that_cannot_apply_are_named(policy, options, expected):
+    """The migration policy ignored ``--groups 3`` on 4 experts (and nodes not dividing the ranks)
+    where it kept no hierarchy, while the deepseek policy refused them; a float or a string count
+    was a TypeError from inside numpy."""
+    with pytest.raises(PlacementError, match=expected):
+        plan_rebalance(policy, CURRENT, LOAD, SHAPE, **options)

@@ -53,7 +53,6 @@ from eplb_service.coordinator.policy import (
     plan_rebalance,
     validate_load,
 )
-from eplb_service.coordinator.policy_hierarchy import uses_hierarchy
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -148,13 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--groups",
         type=int_flag(1),
         default=1,
-        help="expert groups (DeepSeek's hierarchy: with --nodes, each group stays on one node)",
+        help="expert groups, a divisor of the experts of --load (DeepSeek's hierarchy: with --nodes, "
+        "each group stays on one node)",
     )
     parser.add_argument(
         "--nodes",
         type=int_flag(1),
         default=1,
-        help="server nodes (DeepSeek's hierarchy; a divisor of --groups under --policy migration)",
+        help="server nodes, a divisor of --ranks (DeepSeek's hierarchy, kept where --groups is a multiple "
+        "of --nodes; else both policies place experts on any node)",
     )
     parser.add_argument(
         "--policy",
@@ -451,14 +452,11 @@ def _check_current(args: argparse.Namespace, current: np.ndarray, shape: Placeme
 
 
 def _check_hierarchy(args: argparse.Namespace, shape: PlacementShape) -> None:
-    """``--groups``/``--nodes`` divide what the policies split (a ``--groups`` that is not a multiple
-    of ``--nodes`` leaves no hierarchy to keep: both policies then place experts on any node, and
-    the migration policy ignores both); checked here so the message names the flags, not the
-    policy's arguments."""
-    if args.policy not in ("deepseek", "migration"):
-        return
-    if args.policy == "migration" and not uses_hierarchy(args.groups, args.nodes):
-        return  # no hierarchy to keep (one node, or groups not a multiple of the nodes): ignored
+    """``--groups`` divides the experts and ``--nodes`` the ranks, under either policy (a ``--groups``
+    that is not a multiple of ``--nodes`` leaves no hierarchy to keep, and both policies then place
+    experts on any node, but a count that divides neither describes another model or deployment:
+    :func:`~eplb_service.coordinator.policy.check_groups_and_nodes`); checked here so the message
+    names the flags, not the policy's arguments."""
     if shape.num_logical % args.groups:
         raise UsageError(
             f"--groups {args.groups} must divide the {shape.num_logical} experts of --load {_load_name(args)}"

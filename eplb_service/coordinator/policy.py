@@ -206,6 +206,26 @@ def load_total_overflow(load: np.ndarray) -> str | None:
     )
 
 
+def check_groups_and_nodes(shape: PlacementShape, num_groups: int, num_nodes: int) -> None:
+    """Raise :class:`PolicySettingsError` naming the value unless ``num_groups`` is a positive
+    divisor of the logical experts and ``num_nodes`` one of the ranks.
+
+    Both policies check both, whether or not they keep a hierarchy with them (``num_groups`` not
+    a multiple of ``num_nodes``, or one node): the counts describe the model's routing groups and
+    the deployment's nodes, and a count that divides neither is a wrong description, as a policy
+    that kept the hierarchy would find. The migration policy used to ignore such a count where it
+    kept no hierarchy, while the deepseek policy refused it."""
+    for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise PolicySettingsError(f"{name} must be a positive integer, got {value!r}")
+    if num_groups <= 0 or shape.num_logical % num_groups:
+        raise PolicySettingsError(
+            f"num_groups={num_groups} (--groups) must divide the number of logical experts ({shape.num_logical})"
+        )
+    if num_nodes <= 0 or shape.num_ranks % num_nodes:
+        raise PolicySettingsError(f"num_nodes={num_nodes} (--nodes) must divide num_ranks={shape.num_ranks}")
+
+
 def propose_phy2log(
     policy: str,
     current_phy2log: np.ndarray,
@@ -220,13 +240,8 @@ def propose_phy2log(
 
     ``persistence`` (``"migration"`` only): see :func:`plan_rebalance`; ``load`` is then the
     forecast already."""
+    check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "deepseek":
-        if num_nodes <= 0 or shape.num_ranks % num_nodes:
-            raise PolicySettingsError(f"num_nodes={num_nodes} (--nodes) must divide num_ranks={shape.num_ranks}")
-        if num_groups <= 0 or shape.num_logical % num_groups:
-            raise PolicySettingsError(
-                f"num_groups={num_groups} (--groups) must divide the number of logical experts ({shape.num_logical})"
-            )
         fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
     if policy == "migration":
@@ -265,7 +280,8 @@ def plan_rebalance(
             ``num_groups % num_nodes == 0``; otherwise both place experts on any node (DeepSeek's
             global policy; the coordinator warns at start). ``"migration"`` makes a layer whose
             current row spreads a group over nodes node-pure whatever its gain
-            (``RebalancePlan.forced_layers``).
+            (``RebalancePlan.forced_layers``). Either way ``num_groups`` must divide the logical
+            experts and ``num_nodes`` the ranks (:func:`check_groups_and_nodes`).
         bytes_per_expert: bytes of one expert's weights on one rank (> 0).
         staging_budget_bytes: staging bytes per rank per batch; ``None`` = unbounded.
         min_layer_gain: layers whose balancedness gain is below this keep their rows.
@@ -287,6 +303,8 @@ def plan_rebalance(
         ValueError: unknown policy, or (without ``skip_over_budget``) a layer that alone needs
             more staging than the budget.
         PlacementError (a ValueError): invalid placement, load, or sizes; names the value.
+        PolicySettingsError (a PlacementError): ``num_groups`` or ``num_nodes`` that do not fit
+            the shape (the coordinator halts once on it: every plan would fail alike).
     """
     registered = _REGISTERED.get(policy)
     if registered is not None:
@@ -308,8 +326,12 @@ def plan_rebalance(
         not isinstance(staging_budget_bytes, (int, np.integer)) or staging_budget_bytes < 0
     ):
         raise PlacementError(f"staging_budget_bytes must be None or an integer >= 0, got {staging_budget_bytes!r}")
-    if not np.isfinite(min_layer_gain):
-        raise PlacementError(f"min_layer_gain must be finite, got {min_layer_gain!r}")
+    if (
+        isinstance(min_layer_gain, bool)
+        or not isinstance(min_layer_gain, (int, float, np.integer, np.floating))
+        or not np.isfinite(min_layer_gain)
+    ):
+        raise PlacementError(f"min_layer_gain must be a finite number, got {min_layer_gain!r}")
     if not (isinstance(persistence, (int, float, np.floating)) and 0.0 <= persistence <= 1.0):
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
     validate_phy2log(current_phy2log, shape)
