@@ -11,11 +11,18 @@ node. Invalid input is refused with a :class:`PlacementError` naming the value a
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import tempfile
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from eplb_service.coordinator.plan_cli import main as plan_main
 from eplb_service.coordinator.policy import POLICIES, plan_rebalance
 from eplb_service.coordinator.policy_hierarchy import node_purity, uses_hierarchy
 from eplb_service.placement import PlacementError, PlacementShape, PolicySettingsError, rank_loads, validate_phy2log
@@ -353,3 +360,73 @@ def test_policy_settings_that_cannot_apply_are_named(policy, options, expected):
     was a TypeError from inside numpy."""
     with pytest.raises(PlacementError, match=expected):
         plan_rebalance(policy, CURRENT, LOAD, SHAPE, **options)
+
+
+# -- the same through eplb-plan ---------------------------------------------------------------
+
+CLI_FLAWS = (None, "nan", "negative", "inf", "missing_expert", "groups", "nodes", "ranks")
+
+
+def run_eplb_plan(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = plan_main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.filterwarnings("error")
+@settings(max_examples=40, deadline=None)
+@given(
+    deployment=deployments(),
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(WIDE_LOAD_KINDS),
+    policy=st.sampled_from(POLICIES),
+    flaw=st.sampled_from(CLI_FLAWS),
+)
+def test_eplb_plan_plans_any_valid_input_and_names_any_flaw_in_one_line(deployment, seed, kind, policy, flaw):
+    """A valid input: exit 0 and the policy's own plan, its counts the difference between the
+    placements. One flaw (a bad load entry, a placement missing an expert, a count that does not
+    divide): exit 2 and one line naming the flag, the file or value and what was expected."""
+    shape, num_groups, num_nodes = deployment
+    rng = np.random.default_rng(seed)
+    load = make_wide_load(kind, rng, shape.num_layers, shape.num_logical)
+    current = random_placement(rng, shape)
+    ranks = shape.num_ranks
+    layer, expert = int(rng.integers(0, shape.num_layers)), int(rng.integers(0, shape.num_logical))
+    expected = ""
+    if flaw in ("nan", "negative", "inf"):
+        load = load.astype(np.float64)
+        load[layer, expert] = {"nan": np.nan, "negative": -1.0, "inf": np.inf}[flaw]
+        expected = f"entry [{layer}, {expert}] = {load[layer, expert]}, expected a finite number >= 0"
+    elif flaw == "missing_expert" and shape.num_logical > 1:
+        current[layer, current[layer] == expert] = (expert + 1) % shape.num_logical
+        expected = f"layer {layer}: logical expert {expert} has no replica"
+    elif flaw == "groups":
+        num_groups = next(g for g in range(2, shape.num_logical + 2) if shape.num_logical % g)
+        expected = f"--groups {num_groups} must divide the {shape.num_logical} experts"
+    elif flaw == "nodes":
+        num_nodes = next(n for n in range(2, ranks + 2) if ranks % n)
+        expected = f"--nodes {num_nodes} must divide --ranks {ranks}"
+    elif flaw == "ranks":
+        ranks = next(r for r in range(2, shape.num_physical + 2) if shape.num_physical % r)
+        expected = f"--ranks {ranks} does not divide the {shape.num_physical} slots per layer"
+    with tempfile.TemporaryDirectory() as tmp:
+        load_path, current_path = os.path.join(tmp, "load.npy"), os.path.join(tmp, "current.json")
+        np.save(load_path, load)
+        with open(current_path, "w") as f:
+            json.dump({"phy2log": current.tolist()}, f)
+        argv = ["--load", load_path, "--current", current_path, "--ranks", str(ranks), "--policy", policy]
+        argv += ["--groups", str(num_groups), "--nodes", str(num_nodes), "--bytes-per-expert", "3", "--no-progress"]
+        code, out, err = run_eplb_plan(argv)
+    if expected:
+        assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("eplb-plan: error: "), err
+        assert expected in err, err
+        return
+    assert code == 0 and err == "", err
+    doc = json.loads(out)
+    target = np.array(doc["phy2log"], dtype=np.int64)
+    validate_phy2log(target, shape)
+    plan = plan_rebalance(policy, current, load, shape, num_groups=num_groups, num_nodes=num_nodes, bytes_per_expert=3)
+    assert np.array_equal(target, plan.target_phy2log)
+    assert doc["experts_moved"] == int((target != current).sum())
+    assert doc["bytes_moved"] == moved_bytes_oracle(current, target, shape.num_ranks, 3)
