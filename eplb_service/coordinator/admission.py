@@ -2,8 +2,9 @@
 
 A Hello is refused when it cannot belong to this deployment (identity, protocol version,
 rank, world size, deployment id, model shape, rank 0's store, a placement that is not one), and a rank
-that a live agent holds is only handed to that same agent on a new socket (it proves it
-with its session). The coordinator does the bookkeeping and the sending.
+that a live agent holds is only handed to that same agent on a new socket: it proves it with its
+session, or, having missed the ``Welcome`` that named the holder's session, with its node and pid
+(see :func:`claim`). The coordinator does the bookkeeping and the sending.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class Claim(enum.Enum):
     """The holder's own connection said Hello again (retried or duplicated): same place, same session."""
     RESUMED = "resumed"
     """The holder on a new socket, proving its session: it takes its rank back."""
+    REOPENED = "reopened"
+    """The holder's own process on a new socket that never learned the holder's session (its
+    ``Welcome`` was lost, and nothing came under that session since): it takes its rank back."""
+    STALE = "stale"
+    """An older ``Hello`` of the holder's own process, sent before it learned the session it has
+    used since (a link that delays or duplicates): refuse, the rank stays where it is."""
     TAKEN = "taken"
     """Another live agent holds the rank: refuse until it leaves or is declared dead."""
 
@@ -151,26 +158,45 @@ def hello_placement(hello: protocol.Hello) -> tuple[PlacementShape, np.ndarray]:
 
 
 def same_process(holder: AgentRecord, hello: protocol.Hello) -> bool:
-    """Whether a resumed Hello (:attr:`Claim.RESUMED`) is the holder's own process: the one that
-    holds its staged rows, its side communicator and its votes.
+    """Whether a Hello that takes the rank back (:attr:`Claim.RESUMED`, :attr:`Claim.REOPENED`) is
+    the holder's own process: the one that holds its staged rows, its side communicator and its votes.
 
-    The session proves the agent; its node and pid say it is still that process, and rank 0's
+    A session of the holder's proves the agent: its current one, or one of the earlier sessions of
+    that process the record carried over (an agent that missed the ``Welcome`` of its latest
+    registration names the one before). Its node and pid say it is still that process, and rank 0's
     store address says the decision records and rendezvous keys are where they were. Only then may
     a plan in flight and the side communicator go on across the new socket; anything else is a
     new process in the rank (its rows and communicator are gone), whatever session it names."""
     store = (hello.store_host, hello.store_port) if hello.rank == 0 else None
     return (
-        hello.resume_session == holder.session
+        hello.resume_session in (holder.session, *holder.earlier_sessions)
         and (hello.node, hello.pid) == (holder.node, holder.pid)
         and store == holder.store
     )
 
 
 def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) -> Claim:
+    """What ``hello``, from the connection ``identity``, means for the rank's live ``holder``.
+
+    Every registration hands out a new session, and only its ``Welcome`` tells the agent which.
+    An agent that names another session than the holder's, from the holder's own process (its
+    node and pid; pid 0 says nothing, so such a Hello never claims this way), has not learned the
+    holder's: either that ``Welcome`` was lost and this is its next socket (:attr:`Claim.REOPENED`),
+    or the Hello was sent before the ``Welcome`` came (:attr:`Claim.STALE`). Which one, the holder's
+    connection says: once a message under its session came from it (``session_heard``), the agent
+    had learned that session, and names it in every later ``Hello``; so one naming another was sent
+    before. Until then the rank goes to the new socket at once: the process has sent nothing under
+    the holder's session (no ``Staged``, no vote), so taking the record from that connection costs
+    it nothing. A stale Hello taking the rank in that window only bounces it: the live connection's
+    next heartbeat is answered ``unknown_agent``, and its ``Hello``, naming the session of the
+    registration it lost, takes the rank back the same way. Refused until the liveness timeout,
+    as every such Hello was, the process could not reach its rank for all that time."""
     if holder is None or not holder.alive:
         return Claim.NEW
     if holder.identity == identity:
         return Claim.REPEATED
     if hello.resume_session == holder.session:
         return Claim.RESUMED
+    if hello.pid and (hello.node, hello.pid) == (holder.node, holder.pid):
+        return Claim.STALE if holder.session_heard else Claim.REOPENED
     return Claim.TAKEN

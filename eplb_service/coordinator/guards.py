@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from eplb_service.coordinator.epoch_watch import EpochLagWatch
+from eplb_service.coordinator.registry import SESSIONS_KEPT
 from eplb_service.step_clock import ClockState, StepClockWatch
 
 
@@ -32,8 +33,9 @@ class DivergenceGuard:
         self._clock_warned = False
         self._exported: dict[int, int | None] = {}
         """Rank -> the offset last written to ``eplb_step_clock_offset_steps`` (only changes are written)."""
-        self._sessions: dict[int, int] = {}
-        """Rank -> the session its reports here came under (a Hello resuming it is the same process)."""
+        self._sessions: dict[int, tuple[int, ...]] = {}
+        """Rank -> the sessions its process registered under here, newest last (at most
+        ``SESSIONS_KEPT``): a Hello resuming one of them is the same process."""
 
     def reset(self) -> None:
         """A new deployment: the commit steps, step clocks and heartbeats (and a halt) were the
@@ -60,11 +62,14 @@ class DivergenceGuard:
         """``rank`` registered under ``session``; ``resume_session`` is the session its Hello resumes
         (0: none). The process that held that session (an agent that reopened its socket, or came
         back after being declared dead) counts the same steps: its probes and verdicts still hold.
-        Forgotten, its clock read unverified (``step_clock_offset`` None) until a new probe
-        decided, the watch was blind to it meanwhile, and planning waited ``step_clock_grace_s``."""
-        if not resume_session or self._sessions.get(rank) != resume_session:
+        That may be an earlier session of the process than its latest, when it missed the latest
+        ``Welcome``. Forgotten, its clock read unverified (``step_clock_offset`` None) until a new
+        probe decided, the watch was blind to it meanwhile, and planning waited ``step_clock_grace_s``."""
+        sessions = self._sessions.get(rank, ())
+        if not resume_session or resume_session not in sessions:
             self.forget(rank)
-        self._sessions[rank] = session
+            sessions = ()
+        self._sessions[rank] = (*sessions, session)[-SESSIONS_KEPT:]
 
     def heartbeat(self, rank: int, epoch: int, step: int, clock) -> None:
         self.beats[rank] = (epoch, step)

@@ -13,6 +13,9 @@ from eplb_service.loop_stalls import LoopStalls
 
 COMMITS_KEPT = 16
 """Plans whose ``Committed`` is remembered per rank, to tell a duplicated copy from a new commit."""
+SESSIONS_KEPT = 8
+"""Earlier sessions of a rank's process kept on its record: an agent names its newest, and misses
+more than one ``Welcome`` in a row only while its link loses nearly everything."""
 
 
 @dataclass
@@ -29,6 +32,13 @@ class AgentRecord:
     alive: bool = True
     session: int = 0
     """Handed out in ``Welcome``; the rank's messages must carry it."""
+    session_heard: bool = False
+    """A message carrying ``session`` came from ``identity``: its agent got the ``Welcome``, and names
+    this session in any later ``Hello`` (``admission.claim`` tells a stale Hello by it)."""
+    earlier_sessions: tuple[int, ...] = ()
+    """Sessions of the same process's earlier registrations of the rank that this record carries on
+    (newest last, at most ``SESSIONS_KEPT``): its agent names one of them if it missed this one's
+    ``Welcome``, and still holds what it staged under them."""
     store: tuple[str, int] | None = None
     """Rank 0: where its rendezvous store is reached."""
     internal_errors: int = 0

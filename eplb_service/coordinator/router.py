@@ -27,7 +27,7 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.guards import DivergenceGuard
 from eplb_service.coordinator.placement_book import LoadRejected, PlacementBook
 from eplb_service.coordinator.plan_runner import PlanRunner
-from eplb_service.coordinator.registry import AgentRecord, Registry
+from eplb_service.coordinator.registry import SESSIONS_KEPT, AgentRecord, Registry
 from eplb_service.coordinator.status_doc import status_json
 from eplb_service.log_throttle import LogThrottle
 from eplb_service.placement import PlacementError
@@ -196,6 +196,7 @@ class MessageRouter:
             )
             return
         record.last_seen = now
+        record.session_heard = True
         if isinstance(message, protocol.Committed):  # even from a rank declared dead: the step is a fact
             self._learn_commit_step(record, message)
         if not record.alive:
@@ -432,6 +433,20 @@ class MessageRouter:
                 ),
             )
             return
+        if verdict is Claim.STALE:
+            return self._reject(
+                identity,
+                hello.rank,
+                (
+                    f"this Hello of rank {hello.rank} (pid {hello.pid} on {hello.node!r}, resume_session "
+                    f"{hello.resume_session}) is older than the rank's connection: the same process has used the "
+                    f"session it was welcomed with since (heard {now - holder.last_seen:.1f}s ago); a delayed or "
+                    "duplicated copy, ignored"
+                ),
+                code="rank_taken",
+                metric="stale_hello",
+                key=(hello.rank, "stale_hello"),
+            )
         if verdict is Claim.TAKEN:
             return self._reject(
                 identity,
@@ -460,11 +475,14 @@ class MessageRouter:
                 self.host.model_known()
         else:
             self.book.learn(hello.epoch, phy2log)
-        restarted = others_alive and self.registry.ever_complete and hello.resume_session == 0
-        self._register(identity, hello, phy2log, resumed=verdict is Claim.RESUMED, now=now, restarted=restarted)
+        if verdict is Claim.REOPENED:  # the same process: a worker restarted alone or not, as it was
+            restarted = holder.restarted
+        else:
+            restarted = others_alive and self.registry.ever_complete and hello.resume_session == 0
+        self._register(identity, hello, phy2log, verdict, now=now, restarted=restarted)
 
     def _register(
-        self, identity: bytes, hello: protocol.Hello, phy2log, resumed: bool, now: float, restarted: bool = False
+        self, identity: bytes, hello: protocol.Hello, phy2log, verdict: Claim, now: float, restarted: bool = False
     ) -> None:
         key = (hello.node, hello.pid)
         self.processes.pop(key, None)
@@ -491,6 +509,7 @@ class MessageRouter:
             self.log.info("deployment %s registers (rank %d first)", deployment_label(hello.deployment), hello.rank)
         self.registry.deployment = hello.deployment
         replaced = self.registry.register(record)
+        resumed = verdict in (Claim.RESUMED, Claim.REOPENED)
         carried = replaced is not None and resumed and same_process(replaced, hello)
         if carried:
             self._carry_over(replaced, record)
@@ -501,7 +520,11 @@ class MessageRouter:
             self.host.invalidate_comm()
             self.runner.agent_lost(hello.rank, now)
         note = ", resumed its session" if carried else ", a restarted worker" if restarted else ""
-        if resumed and not carried:
+        if verdict is Claim.REOPENED:
+            note = ", its own process on a new connection, which missed the Welcome of its last registration" + (
+                ": resumed its session" if carried else " and of every one before: registered anew"
+            )
+        elif resumed and not carried:
             note = ", its session named from another process or store: a new process"
         self.log.info(
             "rank %d registered (node %s, pid %d, epoch %d, step %d, %s%s)",
@@ -544,7 +567,9 @@ class MessageRouter:
         cannot split the ranks."""
         record.comm_generation = old.comm_generation
         record.committed_plans = old.committed_plans
+        record.earlier_sessions = (*old.earlier_sessions, old.session)[-SESSIONS_KEPT:]
         record.restarted = old.restarted  # a worker restarted alone stays one across its reopens
+        # Its agent names the old session until this record's Welcome reaches it (admission.claim).
 
     def _comm_after_register(self, rank: int) -> None:
         """One new side-communicator generation once every rank is registered, never two.

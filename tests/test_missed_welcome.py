@@ -1,0 +1,162 @@
+"""A rank's own process that missed a ``Welcome`` gets its rank back at its next ``Hello``.
+
+Every registration hands out a new session, and only the ``Welcome`` tells the agent which. An
+agent that reopened its socket (``resume_session=S1``) was registered under a new session ``S2``;
+with that ``Welcome`` lost, its next reopen named ``S1`` again, which was no longer the holder's,
+and so was refused as ``rank_taken`` until the record it could not reach was declared dead (the
+liveness timeout), no plan running meanwhile. So was a first ``Hello`` whose ``Welcome`` was lost,
+asked again from a new socket. Now the holder's own process (same node and pid) takes the rank
+back at once while nothing was heard under the holder's session (so it cannot know it), and keeps
+a plan in flight when it names one of its own earlier sessions. Another process is still refused
+while the holder lives, and a stale ``Hello`` of the process (sent before it learned the holder's
+session, which it has used since) takes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+from plan_harness import beat, harness, hello_again, start_plan
+
+from eplb_service import protocol
+
+NODE, PID = "host-b", 4321
+
+
+def own_process(c, rank: int = 1):
+    """``rank``'s record as registered by a real process (the harness's Hellos name no pid)."""
+    record = c.registry.agents[rank]
+    record.node, record.pid = NODE, PID
+    return record
+
+
+def hello(c, identity: bytes, resume_session: int, rank: int = 1, **fields) -> list[protocol.Message]:
+    """A ``Hello`` of ``rank`` from ``identity``; returns what the coordinator answered it."""
+    sent: list[tuple[bytes, protocol.Message]] = []
+    before = c.send
+    c.send = lambda who, message: sent.append((who, message))
+    try:
+        fields = {"node": NODE, "pid": PID, **fields}
+        held = c.registry.agents.get(rank)
+        step = held.step if held is not None else 0
+        c._handle(identity, hello_again(c, rank, step=step, resume_session=resume_session, **fields))
+    finally:
+        c.send = before
+    return [m for who, m in sent if who == identity]
+
+
+def welcomed(replies: list[protocol.Message]) -> protocol.Welcome:
+    welcomes = [m for m in replies if isinstance(m, protocol.Welcome)]
+    assert len(welcomes) == 1, replies
+    return welcomes[0]
+
+
+def rejected(replies: list[protocol.Message]) -> protocol.Reject:
+    rejects = [m for m in replies if isinstance(m, protocol.Reject)]
+    assert len(rejects) == 1, replies
+    return rejects[0]
+
+
+def test_a_resumed_process_whose_welcome_was_lost_gets_its_rank_back_at_its_next_reopen():
+    """Ordering (1). Before: ``Reject(rank_taken)`` at the second reopen, until the liveness timeout."""
+    c, _ = harness()
+    first = own_process(c)
+    s1 = first.session
+    beat(c, 1, step=10, epoch=0)  # the agent holds S1 and uses it
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1))  # registered under S2: this Welcome is lost
+    assert c.registry.agents[1].session != s1
+    reply = welcomed(hello(c, b"rank-1-a3", resume_session=s1))  # the agent still names S1
+    record = c.registry.agents[1]
+    assert record.identity == b"rank-1-a3" and record.alive and reply.session == record.session
+    beat(c, 1, step=11, epoch=0)  # its messages under the new session are taken
+    assert c.registry.agents[1].step == 11 and c.registry.complete
+
+
+def test_a_first_hello_whose_welcome_was_lost_gets_the_rank_from_a_new_socket():
+    """Ordering (2): the process never got any ``Welcome``, so it says ``resume_session=0`` again."""
+    c, _ = harness()
+    c.router.lose_agent(c.registry.agents[1], time.monotonic())
+    welcomed(hello(c, b"rank-1-a1", resume_session=0))  # registered: this Welcome is lost
+    reply = welcomed(hello(c, b"rank-1-a2", resume_session=0))
+    record = c.registry.agents[1]
+    assert record.identity == b"rank-1-a2" and reply.session == record.session and c.registry.complete
+
+
+def test_a_plan_in_its_vote_goes_on_when_the_rank_reopens_twice_and_misses_the_first_welcome():
+    """Ordering (1) mid-vote: the process kept its staged rows, so the plan commits as it does
+    after one reopen (``test_plan_across_reopen``). Before: the rank was locked out and the plan
+    lost it."""
+    c, sent = harness()
+    generation = c.side_comm.generation
+    s1 = own_process(c).session
+    plan = start_plan(c)
+    assert plan.phase.value == "voting"
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1))
+    welcomed(hello(c, b"rank-1-a3", resume_session=s1))
+    assert c.plans.plan is plan and not plan.lost and not c.plans.outcomes, c.plans.outcomes
+    sent.clear()
+    c.plans.tick(time.monotonic())  # the VoteNow that went to the lost sockets, again on the new one
+    assert [m.plan_id for who, m in sent if who == b"rank-1-a3" and isinstance(m, protocol.VoteNow)] == [plan.plan_id]
+    for rank in (0, 1):
+        r = c.registry.agents[rank]
+        c._handle(
+            r.identity, protocol.Voted(rank=rank, plan_id=plan.plan_id, commit_step=40, ok=True, session=r.session)
+        )
+    for rank in (0, 1):
+        r = c.registry.agents[rank]
+        c._handle(
+            r.identity,
+            protocol.Committed(
+                rank=rank, plan_id=plan.plan_id, commit_step=40, epoch=1, stall_s=0.0, session=r.session
+            ),
+        )
+    assert [(o.phase, o.commit_step) for o in c.plans.outcomes] == [("committed", 40)], c.plans.outcomes
+    assert c.epoch == 1 and c.side_comm.generation == generation
+
+
+def test_another_process_is_refused_while_the_holder_lives_and_the_holder_s_own_is_not():
+    """A Hello of another pid, or of the same pid on another node, is a second process in the rank:
+    ``rank_taken``, whatever session it names, even while the holder was never heard. The holder's
+    own process, asking after them, gets the rank (before: ``rank_taken`` too)."""
+    c, _ = harness()
+    s1 = own_process(c).session
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1))  # its Welcome lost: nothing heard under S2
+    for identity, fields in ((b"rank-1-other-pid", {"pid": PID + 1}), (b"rank-1-other-node", {"node": "host-c"})):
+        for resume in (0, s1):
+            assert rejected(hello(c, identity, resume_session=resume, **fields)).code == "rank_taken"
+            assert c.registry.agents[1].identity == b"rank-1-a2"
+    welcomed(hello(c, b"rank-1-a3", resume_session=s1))
+    assert c.registry.agents[1].identity == b"rank-1-a3"
+
+
+def test_a_stale_hello_of_the_process_takes_nothing_once_it_used_its_new_session():
+    """Copies of the process's earlier ``Hello`` arriving late (a link that delays or duplicates,
+    or two connections read out of order after a coordinator stall), sent before it learned the
+    holder's session: once a message under that session came, they are refused, and the rank stays
+    on its live connection. The part that fails before the fix is the first ``Hello`` from ``a3``."""
+    c, _ = harness()
+    s1 = own_process(c).session
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1))
+    s3 = welcomed(hello(c, b"rank-1-a3", resume_session=s1)).session
+    beat(c, 1, step=11, epoch=0)  # the agent got S3 and uses it
+    for identity, resume in ((b"rank-1-a2", s1), (b"rank-1-a3-before", s1), (b"rank-1-a1", 0)):
+        assert rejected(hello(c, identity, resume_session=resume)).code == "rank_taken", identity
+        record = c.registry.agents[1]
+        assert record.identity == b"rank-1-a3" and record.session == s3
+    assert welcomed(hello(c, b"rank-1-a3", resume_session=s1)).session == s3  # its own retry: the same session
+
+
+def test_a_process_back_after_a_lost_welcome_keeps_its_verified_step_clock():
+    """Ordering (1) with the step clocks verified: the process counts the same steps, so its verdict
+    stands (before the fix for this, the step-clock guard knew only the latest session, S2, and a
+    ``Hello`` naming S1 made rank 1's clock unverified: plans waited ``step_clock_grace_s``)."""
+    from test_step_clock_resume import clock, offsets
+
+    c, _ = harness()
+    s1 = own_process(c).session
+    for rank in (0, 1):
+        beat(c, rank, step=100, epoch=0, clock=clock(32, 2))
+    assert offsets(c) == [0, 0]
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1))
+    welcomed(hello(c, b"rank-1-a3", resume_session=s1))
+    assert offsets(c) == [0, 0] and c.clock_allows_planning(time.monotonic())
