@@ -116,8 +116,10 @@ def test_a_plan_in_its_vote_goes_on_when_the_rank_reopens_twice_and_misses_the_f
 
 def test_another_process_is_refused_while_the_holder_lives_and_the_holder_s_own_is_not():
     """A Hello of another pid, or of the same pid on another node, is a second process in the rank:
-    ``rank_taken``, whatever session it names, even while the holder was never heard. The holder's
-    own process, asking after them, gets the rank (before: ``rank_taken`` too)."""
+    ``rank_taken``, whatever session it names, even while the holder was never heard. So is one of
+    the holder's node and pid naming none of the sessions that process proved here: node and pid
+    are no secret (a refusal names them). The holder's own process, asking after them with its
+    session, gets the rank (before: ``rank_taken`` too)."""
     c, _ = harness()
     s1 = own_process(c).session
     welcomed(hello(c, b"rank-1-a2", resume_session=s1))  # its Welcome lost: nothing heard under S2
@@ -125,6 +127,9 @@ def test_another_process_is_refused_while_the_holder_lives_and_the_holder_s_own_
         for resume in (0, s1):
             assert rejected(hello(c, identity, resume_session=resume, **fields)).code == "rank_taken"
             assert c.registry.agents[1].identity == b"rank-1-a2"
+    for resume in (0, 12345):
+        assert rejected(hello(c, b"rank-1-forged", resume_session=resume)).code == "rank_taken"
+        assert c.registry.agents[1].identity == b"rank-1-a2"
     welcomed(hello(c, b"rank-1-a3", resume_session=s1))
     assert c.registry.agents[1].identity == b"rank-1-a3"
 

@@ -179,24 +179,32 @@ def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) ->
     """What ``hello``, from the connection ``identity``, means for the rank's live ``holder``.
 
     Every registration hands out a new session, and only its ``Welcome`` tells the agent which.
-    An agent that names another session than the holder's, from the holder's own process (its
-    node and pid; pid 0 says nothing, so such a Hello never claims this way), has not learned the
-    holder's: either that ``Welcome`` was lost and this is its next socket (:attr:`Claim.REOPENED`),
-    or the Hello was sent before the ``Welcome`` came (:attr:`Claim.STALE`). Which one, the holder's
-    connection says: once a message under its session came from it (``session_heard``), the agent
-    had learned that session, and names it in every later ``Hello``; so one naming another was sent
-    before. Until then the rank goes to the new socket at once: the process has sent nothing under
-    the holder's session (no ``Staged``, no vote), so taking the record from that connection costs
-    it nothing. A stale Hello taking the rank in that window only bounces it: the live connection's
-    next heartbeat is answered ``unknown_agent``, and its ``Hello``, naming the session of the
-    registration it lost, takes the rank back the same way. Refused until the liveness timeout,
-    as every such Hello was, the process could not reach its rank for all that time."""
+    A Hello from the holder's own process (its node and pid; pid 0 says nothing) naming another
+    session than the holder's comes from an agent that had not learned the holder's: either that
+    ``Welcome`` was lost and this is its next socket (:attr:`Claim.REOPENED`), or the Hello was sent
+    before the ``Welcome`` came (:attr:`Claim.STALE`). The holder's connection tells which: once a
+    message under its session came (``session_heard``), the agent had learned it and names it in
+    every later Hello, so one naming another was sent before.
+
+    Until then the rank goes to the new socket at once. The process has sent nothing under the
+    holder's session (no ``Staged``, no vote), so taking the record off that connection costs it
+    nothing; refused, it could not reach its rank until the liveness timeout, and no plan ran.
+    It must name one of the process's earlier sessions the record carries, if any: the agent
+    learned the first and names the newest it learned, so only a process that never proved a
+    session here is taken on its node and pid alone, as its first ``Hello`` was (never welcomed, it
+    answered no plan under the holder's session; a plan in flight aborts, as for a new process).
+    A stale Hello that takes the rank in that window only bounces it: the live connection's next
+    heartbeat is answered ``unknown_agent``, and its Hello takes the rank back the same way."""
     if holder is None or not holder.alive:
         return Claim.NEW
     if holder.identity == identity:
         return Claim.REPEATED
     if hello.resume_session == holder.session:
         return Claim.RESUMED
-    if hello.pid and (hello.node, hello.pid) == (holder.node, holder.pid):
-        return Claim.STALE if holder.session_heard else Claim.REOPENED
-    return Claim.TAKEN
+    if not hello.pid or (hello.node, hello.pid) != (holder.node, holder.pid):
+        return Claim.TAKEN
+    if holder.session_heard:
+        return Claim.STALE
+    if holder.earlier_sessions and hello.resume_session not in holder.earlier_sessions:
+        return Claim.TAKEN
+    return Claim.REOPENED
