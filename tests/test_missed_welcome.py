@@ -165,3 +165,79 @@ def test_a_process_back_after_a_lost_welcome_keeps_its_verified_step_clock():
     welcomed(hello(c, b"rank-1-a2", resume_session=s1))
     welcomed(hello(c, b"rank-1-a3", resume_session=s1))
     assert offsets(c) == [0, 0] and c.clock_allows_planning(time.monotonic())
+
+
+LIVENESS_S = 10.0
+
+
+def test_a_real_agent_that_misses_a_welcome_between_two_reopens_is_back_within_seconds(tmp_path):
+    """End to end (real sockets, real agents): rank 1's link goes deaf (everything the coordinator
+    sends it lost) on its first socket and on its second, so the ``Welcome`` of its resumed
+    registration is lost; its third socket gets through. Before: its ``Hello`` was ``rank_taken``
+    until the second socket's record was declared dead, ``LIVENESS_S`` (10 s here) after that
+    socket's last ``Hello``: measured 9.8 s, the agent on its 10th socket by then (7 ``rank_taken``).
+    Now it is welcomed at once (0.01-0.02 s measured)."""
+    from conftest import make_model
+    from coordinator_thread import CoordinatorThread
+    from fault_proxy import FaultProxy
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.placement import PlacementShape
+    from eplb_service.worker_agent.agent import WorkerAgent
+    from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+    back, front = f"ipc://{tmp_path}/c.sock", f"ipc://{tmp_path}/proxy.sock"
+    sockets: list[bytes] = []  # rank 1's socket identities, in the order they first sent
+    first_sent: dict[bytes, float] = {}
+    heartbeats: list[bytes] = []  # up to the coordinator: it heard the agent under its session
+    deaf = {"on": False}
+
+    def hold(direction: str, identity: bytes, frame: bytes) -> float:
+        if not identity.startswith(b"rank-1-"):
+            return 0.0
+        if identity not in first_sent:
+            first_sent[identity] = time.monotonic()
+            sockets.append(identity)
+        if direction == "up" and isinstance(protocol.decode(frame), protocol.Heartbeat):
+            heartbeats.append(identity)
+        lost = direction == "down" and deaf["on"] and sockets.index(identity) < 2
+        return 3600.0 if lost else 0.0  # held past the test: lost
+
+    shape = PlacementShape(2, 6, 8, 2)
+    cfg = CoordinatorConfig(
+        world_size=2,
+        endpoint=back,
+        liveness_timeout_s=LIVENESS_S,
+        agent=protocol.AgentConfig(heartbeat_interval_s=0.1),
+    )
+    proxy = FaultProxy(front, back, hold=hold).start()
+    coord = CoordinatorThread(cfg).start()
+    agents = [WorkerAgent(make_model(r, shape), ep, GlooTransport()).start() for r, ep in ((0, back), (1, front))]
+    try:
+        registry = coord.coordinator.registry
+
+        def wait(predicate, timeout_s: float, what: str) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not predicate():
+                assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+                time.sleep(0.02)
+
+        wait(lambda: registry.complete and all(a.welcomed for a in agents), 20, "both ranks registered")
+        wait(lambda: bool(heartbeats), 5, "rank 1's first heartbeat")
+        deaf["on"] = True
+        wait(lambda: len(sockets) >= 3, 20, "rank 1's second reopen")
+        reopened_at = first_sent[sockets[2]]
+        wait(
+            lambda: getattr(registry.agents.get(1), "identity", None) == sockets[2] and agents[1].welcomed,
+            2 * LIVENESS_S,
+            "rank 1 registered on its third socket",
+        )
+        back_after_s = time.monotonic() - reopened_at
+        print(f"rank 1 back {back_after_s:.2f}s after its second reopen (liveness {LIVENESS_S}s)")
+    finally:
+        for a in agents:
+            a.stop()
+        coord.stop()
+        proxy.stop()
+    assert back_after_s < 2.0, f"rank 1 was back {back_after_s:.1f}s after its reopen (liveness {LIVENESS_S}s)"
+    assert agents[1].stats["rank_taken"] == 0 and agents[1].stats["socket_reopened"] == 2, dict(agents[1].stats)
