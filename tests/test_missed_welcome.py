@@ -241,3 +241,39 @@ def test_a_real_agent_that_misses_a_welcome_between_two_reopens_is_back_within_s
         proxy.stop()
     assert back_after_s < 2.0, f"rank 1 was back {back_after_s:.1f}s after its reopen (liveness {LIVENESS_S}s)"
     assert agents[1].stats["rank_taken"] == 0 and agents[1].stats["socket_reopened"] == 2, dict(agents[1].stats)
+
+
+def test_an_agent_refused_as_rank_taken_keeps_its_socket_while_its_hellos_are_answered(tmp_path):
+    """The gaps between an unwelcomed agent's ``Hello`` messages (a back-off up to 5 s) are not
+    the coordinator's silence: every one was answered. Before: counted from the last frame heard,
+    they exceeded the silence limit (1.4 s with heartbeats every 0.1 s), and the agent reopened its
+    socket every limit while it waited for its rank (3 reopens in this test's 7 s)."""
+    from conftest import make_model
+    from test_bad_input import FakeCoordinator
+
+    from eplb_service.placement import PlacementShape
+    from eplb_service.worker_agent.agent import WorkerAgent
+    from eplb_service.worker_agent.transport_gloo import GlooTransport
+
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    fake = FakeCoordinator(endpoint)
+    agent = WorkerAgent(make_model(1, PlacementShape(2, 6, 8, 2)), endpoint, GlooTransport()).start()
+    identities: set[bytes] = set()
+    try:
+        identity, _ = fake.recv(protocol.Hello)
+        config = protocol.AgentConfig(heartbeat_interval_s=0.1)
+        fake.send(identity, protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=1, config=config))
+        fake.recv(protocol.Heartbeat)
+        fake.send(identity, protocol.Reject(reason="declared dead", code="unknown_agent"))
+        deadline = time.monotonic() + 7.0
+        while time.monotonic() < deadline:
+            if fake.sock.poll(50):
+                identity, frame = fake.sock.recv_multipart()
+                if isinstance(protocol.decode(frame), protocol.Hello):
+                    identities.add(identity)
+                    fake.send(identity, protocol.Reject(reason="rank 1 is held by a live agent", code="rank_taken"))
+    finally:
+        agent.stop()
+        fake.close()
+    assert agent.stats["rank_taken"] >= 3 and len(identities) == 1, (len(identities), dict(agent.stats))
+    assert agent.stats["socket_reopened"] == 0, dict(agent.stats)

@@ -164,6 +164,9 @@ class WorkerAgent:
         self._refused_reason: str | None = None
         """Why the coordinator last refused this agent's Hello; it asks again every ``refused_retry_s``."""
         self._next_hello = self._next_heartbeat = 0.0
+        self._hello_unanswered_since: float | None = None
+        """When the first ``Hello`` the coordinator has not answered yet was sent (None: none sent).
+        Until welcomed, the coordinator owes this agent nothing but an answer to its ``Hello``."""
         self._session = 0
         """From ``Welcome``; every message carries it, and a Hello after a reopen resumes it."""
         self._store: tuple[str, int] | None = None
@@ -315,6 +318,9 @@ class WorkerAgent:
         self.throttle.tick()
         self._host_store(now)
         if not self._welcomed and now >= self._next_hello and self._idle_reason is None:
+            pending = self._hello_unanswered_since
+            if pending is None or self.link.last_heard >= pending:
+                self._hello_unanswered_since = now
             self.send(self._hello())
             self._next_hello = now + self._hello_backoff_s
             self._hello_backoff_s = min(5.0, self._hello_backoff_s * 2)
@@ -334,23 +340,40 @@ class WorkerAgent:
             self._drop_plan("no_vote", f"no vote within staged_timeout_s={self.staged_timeout_s}")
         self._heartbeat(now)
 
+    def _owed_since(self) -> float | None:
+        """Since when the coordinator owes this agent a word, or None when it owes none.
+
+        Welcomed, it answers every heartbeat: since the last frame heard. Until then it answers
+        only ``Hello``: since the first one not answered. Counted from the last frame heard, the
+        back-off between two refused ``Hello`` messages (``rank_taken``, up to 5 s) read as silence,
+        and a refused agent reopened its socket every silence limit (9 reopens in 10 s, with
+        heartbeats every 0.1 s), each one a new connection for the coordinator."""
+        if self._welcomed:
+            return self.link.last_heard
+        pending = self._hello_unanswered_since
+        return None if pending is None or self.link.last_heard >= pending else pending
+
     def _check_silence(self, now: float) -> None:
         """Reopen the connection when the coordinator was silent past the limit while this agent listened.
 
         Judged after reading the socket, and in the time this agent listened: a stall of its own
         (its process not scheduled) is not the coordinator's silence (``CoordinatorLink.silent_s``)."""
-        silent, limit = self.link.silent_s(now), silence_limit_s(self.config.heartbeat_interval_s, self._silent_reopens)
+        since = self._owed_since()
+        if since is None:
+            return
+        silent = self.link.silent_s(now, since)
+        limit = silence_limit_s(self.config.heartbeat_interval_s, self._silent_reopens)
         if silent <= limit:
-            if now - self.link.last_heard > limit and self._stall_said != self.link.last_heard:
-                self._stall_said = self.link.last_heard  # once per silence
+            if now - since > limit and self._stall_said != since:
+                self._stall_said = since  # once per silence
                 self.stats["own_stalls"] += 1
                 self.throttle.report(
                     "own_stall",
                     logging.WARNING,
                     "nothing from the coordinator for %.1fs, %.1fs of which this agent's thread was not scheduled "
                     "(an overloaded host?): not the coordinator's silence, the connection is kept",
-                    now - self.link.last_heard,
-                    now - self.link.last_heard - silent,
+                    now - since,
+                    now - since - silent,
                 )
             return
         self.stats["socket_reopened"] += 1

@@ -88,15 +88,16 @@ class CoordinatorLink:
             self._listened_at = time.monotonic()
             self.stalls.ran(start + poll_ms / 1000, self._listened_at)
 
-    def silent_s(self, now: float) -> float:
-        """Seconds without a frame from the coordinator, counting only the time this agent listened.
+    def silent_s(self, now: float, since: float | None = None) -> float:
+        """Seconds without a frame from the coordinator, counting only the time this agent listened
+        (``since``: from then on, if later than the last frame heard).
 
         A process not scheduled for seconds (a starved host, SIGSTOP, its GIL held through a long
         call) found that silence on waking and took it for the coordinator's: every agent reopened
         at once, before reading what waited in its socket, and a plan staging was aborted. Part of
         the wall-time silence always counts (:meth:`LoopStalls.silence_s`): a thread late on every
         poll (starved for good) would otherwise excuse nearly all of a dead coordinator's silence."""
-        return self.stalls.silence_s(self.last_heard, now)
+        return self.stalls.silence_s(self.last_heard if since is None else max(since, self.last_heard), now)
 
     def _drain(self, sock: zmq.Socket) -> list[protocol.Message]:
         messages: list[protocol.Message] = []
