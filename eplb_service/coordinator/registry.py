@@ -56,6 +56,17 @@ class AgentRecord:
     heartbeat_step: int = -1
     """Step of the newest heartbeat taken in this registration (-1: none yet); see :meth:`take_heartbeat`."""
 
+    def speaks_for(self, session: int) -> bool:
+        """Whether a message under ``session`` from this record's own connection is the rank's.
+
+        Its session, or one of the same process's earlier sessions this record carried over: the
+        agent names the session it knows until this registration's ``Welcome`` reaches it, and its
+        serving thread reports a commit step (``Committed``, ``Voted``, ``Aborted``) whenever it
+        passes one. Behind a ``Hello`` that resumed across a coordinator stall those came on the new
+        connection under the old session, and were refused as stale: a commit's report lost, and
+        the agent told to register again. On another connection no session of the record counts."""
+        return session == self.session or session in self.earlier_sessions
+
     def take_heartbeat(self, beat: protocol.Heartbeat) -> bool:
         """File what ``beat`` says of the rank; returns False for a stale one, whose snapshot is not taken.
 

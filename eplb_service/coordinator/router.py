@@ -162,7 +162,7 @@ class MessageRouter:
             )
             return
         handler = self._agent_handlers.get(type(message))
-        if handler is None or message.rank != record.rank or message.session != record.session:
+        if handler is None or message.rank != record.rank or not record.speaks_for(message.session):
             # Filed under the rank the connection registered, never the rank a message names.
             self.metrics.messages_rejected.labels("session").inc()
             name = type(message).__name__
@@ -196,7 +196,8 @@ class MessageRouter:
             )
             return
         record.last_seen = now
-        record.session_heard = True
+        # Only a message under this registration's own session shows its Welcome arrived.
+        record.session_heard = record.session_heard or message.session == record.session
         if isinstance(message, protocol.Committed):  # even from a rank declared dead: the step is a fact
             self._learn_commit_step(record, message)
         if not record.alive:
