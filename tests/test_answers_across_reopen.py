@@ -64,3 +64,18 @@ def test_the_old_session_is_taken_only_from_the_connection_that_carried_it_over(
     sent2.clear()
     c2._handle(b"rank-1-b2", protocol.Heartbeat(rank=1, step=5, epoch=0, session=s1))
     assert [m.code for who, m in sent2 if isinstance(m, protocol.Reject)] == ["stale_session"], sent2
+
+
+def test_a_vote_sent_under_the_first_session_after_two_reopens_is_booked():
+    """Rank 1 reopened twice mid-vote and missed the first reopen's ``Welcome`` (``Claim.REOPENED``):
+    it still names ``S1``, and its ``Voted`` comes under ``S1`` on the third connection. Before:
+    ``stale_session``, and the decision was learnt from rank 0 alone."""
+    c, sent = harness()
+    s1 = own_process(c).session
+    plan = start_plan(c)
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1))  # this Welcome is lost
+    welcomed(hello(c, b"rank-1-a3", resume_session=s1))
+    sent.clear()
+    c._handle(b"rank-1-a3", protocol.Voted(rank=1, plan_id=plan.plan_id, commit_step=40, ok=True, session=s1))
+    assert not [m for who, m in sent if isinstance(m, protocol.Reject)], sent
+    assert plan.decision == (40, True) and c.registry.agents[1].identity == b"rank-1-a3"
