@@ -540,7 +540,11 @@ class WorkerAgent:
             return
         self._welcomed = True
         self._session = msg.session
+        # Answered: the back-off (for a coordinator that does not answer) starts afresh, and so
+        # does the next Hello's time. Left where the unanswered ones had put it (up to 5 s out), a
+        # Hello the coordinator asked for soon after (Reject unknown_agent) waited for it.
         self._hello_backoff_s = self.hello_interval_s
+        self._next_hello = 0.0
         self.throttle.clear("rank_taken", "rank %d is free again", self.rank)
         if self._refused_reason is not None:
             self.log.info("the coordinator accepts this agent now (it had refused it: %s)", self._refused_reason)
