@@ -131,3 +131,17 @@ def test_a_resumed_rank_keeps_what_its_record_knew():
     c.registry.agents[1].committed_plans.append(99)
     resume(c, 1)
     assert c.registry.agents[1].restarted and list(c.registry.agents[1].committed_plans) == [99]
+
+
+def test_a_resumed_rank_s_exported_counters_stay_where_its_heartbeats_put_them():
+    """The process's counters only grow; between its resumed ``Hello`` and its first heartbeat on the
+    new socket (a heartbeat interval, after every coordinator stall) a scrape read them as 0, and
+    Prometheus took that for a counter reset (``rate()`` jumps by the whole value). Before: {}."""
+    from plan_harness import beat
+
+    c, _ = harness()
+    counters = {"socket_reopened": 3, "staged": 5, "bytes_received": 1 << 20}
+    beat(c, 1, step=10, epoch=0, counters=counters, internal_errors=2)
+    resume(c, 1)
+    assert c._agent_counters()[1] == counters
+    assert c.registry.agents[1].internal_errors == 2

@@ -570,6 +570,8 @@ class MessageRouter:
         record.committed_plans = old.committed_plans
         record.earlier_sessions = (*old.earlier_sessions, old.session)[-SESSIONS_KEPT:]
         record.restarted = old.restarted  # a worker restarted alone stays one across its reopens
+        # Its counters only grow: left empty until its next heartbeat, a scrape read a counter reset.
+        record.counters, record.internal_errors = old.counters, old.internal_errors
         # Its agent names the old session until this record's Welcome reaches it (admission.claim).
 
     def _comm_after_register(self, rank: int) -> None:
