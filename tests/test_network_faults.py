@@ -163,6 +163,16 @@ def test_the_coordinator_closes_the_connection_of_a_peer_that_vanished_without_c
         coord.stop()
 
 
+HANDSHAKE_BOUND_S = 14.0
+"""The handshake and one status round trip over the bursty link take 8.2-8.9 s (measured, also
+beside four CPU burners); the bound leaves room for a loaded host. It is counted over the time
+the coordinator's loop ran: once (a soak beside another test run) that loop was not scheduled for
+9.9 s in the middle of it (its own stall log said so), and the 14 s of wall time ran out.
+The reconnect count is what shows the handshake dropped."""
+STALLS_ALLOWED_S = 30.0
+"""Wall time beyond ``HANDSHAKE_BOUND_S`` the client waits, for the coordinator's own stalls."""
+
+
 def test_a_curve_handshake_over_a_link_with_a_two_second_round_trip_completes(tmp_path, monkeypatch):
     """A ``tcp://`` endpoint uses CURVE unless ``--insecure``; its handshake takes about four round
     trips (greeting, HELLO/WELCOME, INITIATE/READY), 7-8 s over a link that delivers once a second
@@ -180,8 +190,13 @@ def test_a_curve_handshake_over_a_link_with_a_two_second_round_trip_completes(tm
     link = TcpLink(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])), burst_s=1.0).start()
     try:
         curve = ClientCurve.from_files(keys["server_public"], keys["agent_secret"])
-        status = fetch_status(link.endpoint, timeout_s=14.0, curve=curve)
+        started = time.monotonic()
+        status = fetch_status(link.endpoint, timeout_s=HANDSHAKE_BOUND_S + STALLS_ALLOWED_S, curve=curve)
+        took_s = time.monotonic() - started
+        stalled_s = coord.coordinator.stalls.total_s
     finally:
         link.stop()
         coord.stop()
+    # One connection: the handshake was never dropped and begun again (what the old 5 s limit did).
     assert status["world_size"] == WORLD and link.connections == 1, link.connections
+    assert took_s - stalled_s <= HANDSHAKE_BOUND_S, (took_s, stalled_s)
