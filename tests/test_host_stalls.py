@@ -100,6 +100,7 @@ def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):
         before = sessions(wait_status(endpoint, lambda s: s["plans"]["committed"] >= 1, 60, "a first commit"))
         for rank in range(WORLD):
             os.kill(cluster.pid(rank), signal.SIGSTOP)
+        committed = fetch_status(endpoint)["plans"]["committed"]  # the ranks are stopped: none commits now
         os.kill(proc.pid, signal.SIGSTOP)
         time.sleep(6.0)
         os.kill(proc.pid, signal.SIGCONT)
@@ -108,8 +109,10 @@ def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):
             os.kill(cluster.pid(rank), signal.SIGCONT)
         time.sleep(1.0)  # the ranks' next heartbeats are read
         after = sessions(fetch_status(endpoint))
+        # What the stall cost, judged once a plan committed after it: a plan in flight when the
+        # ranks leave at the end of the run (``agent lost``) is the harness's, not the stall's.
+        across = wait_status(endpoint, lambda s: s["plans"]["committed"] > committed, 60, "a commit after the stall")
         results = cluster.collect()
-        status = fetch_status(endpoint)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -122,7 +125,7 @@ def test_a_coordinator_woken_from_a_stall_declares_no_rank_dead(tmp_path):
     assert_all_or_none(results, WORLD)
     reopens = {r: results[r]["agent_stats"].get("socket_reopened", 0) for r in results}
     assert not any(reopens.values()), f"agents that reopened their connection after a stall of all: {reopens}"
-    assert status["plans"]["aborted"] == 0 and status["plans"]["committed"] >= 2, status["plans"]
+    assert across["plans"]["aborted"] == 0, across["plans"]
 
 
 def stall_mid_staging(endpoint: str, pid: int, stall_s: float) -> tuple[dict, dict]:
