@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from child_context import CTX
 from conftest import make_model, rows_match_maps
 
 from eplb_service import protocol
@@ -103,6 +104,28 @@ class CorruptRowAgent(WorkerAgent):
             del transport.exchange
 
 
+class StepBudget:
+    """A run length the test can cut short once it has seen what it waits for.
+
+    Each rank steps on its own clock up to ``AgentSpec.steps`` and stops at that step number:
+    a plan whose commit step lies beyond it is applied on no rank. :meth:`end_soon` lowers that
+    shared last step to a few steps past the furthest rank, so every rank still stops at the same
+    step number (as if the test had asked for fewer steps up front), without the test waiting
+    for steps it has no use for. Shared memory from the children's start method: pass one to
+    every agent of a run.
+    """
+
+    def __init__(self, world: int, steps: int) -> None:
+        self.limit = CTX.Value("q", steps)
+        self.done = CTX.Array("q", world)
+
+    def end_soon(self, margin_steps: int = 50) -> int:
+        """Lower the last step to ``margin_steps`` past the furthest rank (never raise it); returns it."""
+        with self.limit.get_lock():
+            self.limit.value = min(self.limit.value, max(self.done[:]) + margin_steps)
+            return int(self.limit.value)
+
+
 FAULTS = {
     None: WorkerAgent,
     "slow_staging": SlowStagingAgent,
@@ -134,7 +157,7 @@ def make_transport(name: str):
     return GlooTransport()
 
 
-def agent_main(spec: AgentSpec, out) -> None:
+def agent_main(spec: AgentSpec, out, budget: StepBudget | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     model = make_model(spec.rank, spec.shape)
@@ -150,6 +173,10 @@ def agent_main(spec: AgentSpec, out) -> None:
     step_times = []
     t_start = time.monotonic()
     for step in range(spec.steps):
+        if budget is not None:
+            if step >= budget.limit.value:
+                break
+            budget.done[spec.rank] = step
         if spec.switch_every_steps:
             hot = 2 + (step // spec.switch_every_steps) % (spec.shape.num_logical - 2)
         else:

@@ -11,7 +11,7 @@ import queue
 import time
 
 import pytest
-from agent_process import AgentSpec, agent_main
+from agent_process import AgentSpec, StepBudget, agent_main
 from child_context import CTX
 from coordinator_thread import CoordinatorThread
 
@@ -47,9 +47,10 @@ def config(endpoint: str, world: int, **kw) -> CoordinatorConfig:
     return CoordinatorConfig(**base)
 
 
-def start_agents(specs):
+def start_agents(specs, budget: StepBudget | None = None):
+    """One process per spec; ``budget``, when given, lets the test end their run early (all alike)."""
     out = CTX.Queue()
-    procs = [CTX.Process(target=agent_main, args=(s, out), name=f"agent-{s.rank}") for s in specs]
+    procs = [CTX.Process(target=agent_main, args=(s, out, budget), name=f"agent-{s.rank}") for s in specs]
     for p in procs:
         p.start()
     return procs, out

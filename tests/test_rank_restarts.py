@@ -17,7 +17,7 @@ import signal
 
 import msgspec
 import pytest
-from agent_process import AgentSpec, agent_main
+from agent_process import AgentSpec, StepBudget, agent_main
 from child_context import CTX
 from coordinator_thread import CoordinatorThread
 from test_deployment_processes import SHAPE3, collect, config, start_agents, wait_for
@@ -45,7 +45,10 @@ def test_a_rank_killed_after_a_decided_commit_and_restarted_alone(tmp_path, vict
     coord = CoordinatorThread(cfg).start()
     c = coord.coordinator
     fault = "exit_while_applying" if moment == "while_applying" else None
-    procs, out = start_agents([spec(r, endpoint, 1400, fault if r == victim else None) for r in range(WORLD)])
+    # Each group of processes stops once the test has seen what it waits for (a budget each: the
+    # victim's restart steps on a clock of its own, ahead of the fresh ranks started after it).
+    first, again, fresh = StepBudget(WORLD, 1400), StepBudget(WORLD, 2200), StepBudget(WORLD, 1400)
+    procs, out = start_agents([spec(r, endpoint, 1400, fault if r == victim else None) for r in range(WORLD)], first)
     later = []
     try:
         wait_for(lambda: c.plan is not None and c.plan.decision is not None, 60, "a decided vote")
@@ -57,18 +60,21 @@ def test_a_rank_killed_after_a_decided_commit_and_restarted_alone(tmp_path, vict
         procs[victim].join(30)
         assert procs[victim].exitcode is not None, "the victim did not die"
         wait_for(lambda: c.counts["committed"] >= 1, 30, "the survivors' commit")
-        later.append(CTX.Process(target=agent_main, args=(spec(victim, endpoint, 2200), out)))
+        later.append(CTX.Process(target=agent_main, args=(spec(victim, endpoint, 2200), out, again)))
         later[-1].start()
         wait_for(lambda: c.halted_reason is not None, 30, "the coordinator to see the split")
         reason = c.halted_reason
+        first.end_soon()  # the survivors served the decided plan and the split is named: nothing more to see
         survivors = collect([p for r, p in enumerate(procs) if r != victim], out, WORLD - 1)
         # Recovery: the operator restarts every worker; here the survivors ended (Goodbye) and
         # fresh processes take their ranks, while the victim's restart still runs.
-        later += [CTX.Process(target=agent_main, args=(spec(r, endpoint, 1400), out)) for r in range(WORLD)]
+        later += [CTX.Process(target=agent_main, args=(spec(r, endpoint, 1400), out, fresh)) for r in range(WORLD)]
         for r, p in enumerate(later[1:]):
             if r != victim:
                 p.start()
         wait_for(lambda: c.halted_reason is None and c.counts["committed"] >= 2, 60, "rebalancing after the restart")
+        again.end_soon()
+        fresh.end_soon()
         restarted = collect([p for p in later if p.pid is not None], out, WORLD)
     finally:
         coord.stop()
