@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from agent_process import AgentSpec
+from agent_process import AgentSpec, StepBudget
 from coordinator_thread import CoordinatorThread
 from fault_proxy import FaultProxy
 from test_deployment_processes import SHAPE2, SHAPE3, collect, config, start_agents, wait_for
@@ -137,13 +137,15 @@ def test_coordinator_sigkill_at_each_stage_then_restart_rebuilds_from_agents(tmp
         "voting": ("--fence-steps", "300"),
     }[stage]
     first = daemon(endpoint, *extra)
+    budget = StepBudget(2, 2600)
     procs, out = start_agents(
         [
             AgentSpec(
                 r, endpoint, SHAPE2, steps=2600, step_sleep_s=0.004, staged_timeout_s=2.0, switch_hot_at_step=1500
             )
             for r in range(2)
-        ]
+        ],
+        budget,
     )
     try:
         before = wait_phase(endpoint, None if stage == "idle" else stage)
@@ -157,6 +159,7 @@ def test_coordinator_sigkill_at_each_stage_then_restart_rebuilds_from_agents(tmp
             assert after["pid"] != before["pid"]
             epoch_at_restart = after["epoch"]
             wait_for(lambda: fetch_status(endpoint)["plans"]["committed"] >= 1, 60, "a commit after the restart")
+            budget.end_soon()  # both ranks stop at one step, as at the end of a shorter run
             results = collect(procs, out, 2, timeout_s=90)
         finally:
             second.send_signal(signal.SIGTERM)
