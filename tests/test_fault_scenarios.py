@@ -124,7 +124,7 @@ def test_a_rank_frozen_during_the_vote_then_resumed_kills_no_agent(tmp_path):
     # 150 fence steps: a long window between the vote and the commit step to freeze in
     coord = CoordinatorThread(sim_config(endpoint, agent={"fence_steps": 150})).start()
     # a plan cycle is ~210 steps here (150 fence steps): 700 steps hold the frozen plan and two more
-    cluster = SimCluster(WORLD, endpoint, steps=700, seed=2).start()
+    cluster = SimCluster(WORLD, endpoint, steps=700, seed=2, model=SHALLOW).start()
     try:
         wait_status(endpoint, lambda s: (s["plan_in_flight"] or {}).get("phase") == "voting", 120, "a vote")
         registry = coord.coordinator.registry
@@ -168,7 +168,7 @@ def test_coordinator_killed_after_a_decided_vote_while_the_engine_is_idle(tmp_pa
     first = daemon(endpoint, WORLD, *args, log_path=str(tmp_path / "first.log"))
     # every rank stops stepping at step 130 for 6 s: the vote of the first plan (about step 75)
     # is decided, its commit step is not reached before the engine goes idle
-    cluster = SimCluster(WORLD, endpoint, steps=450, seed=2, idle_at_step=100, idle_s=6.0).start()
+    cluster = SimCluster(WORLD, endpoint, steps=450, seed=2, model=SHALLOW, idle_at_step=100, idle_s=6.0).start()
     second = None
     try:
         wait_status(endpoint, lambda s: (s["plan_in_flight"] or {}).get("phase") == "voting", 120, "a vote")
@@ -661,11 +661,11 @@ def test_a_vllm_restart_under_a_running_coordinator_is_a_new_deployment(tmp_path
     world = 2  # what is tested is the coordinator's memory of the first deployment, not its size
     coord = CoordinatorThread(sim_config(endpoint, world_size=world)).start()
     try:
-        first = SimCluster(world, endpoint, steps=300, seed=1).start().collect()
+        first = SimCluster(world, endpoint, steps=300, seed=1, model=SHALLOW).start().collect()
         c = coord.coordinator
         committed_first = c.counts["committed"]
         assert committed_first >= 1 and c.epoch >= 1, outcomes(c)
-        second = SimCluster(world, endpoint, steps=300, seed=2).start().collect()
+        second = SimCluster(world, endpoint, steps=300, seed=2, model=SHALLOW).start().collect()
     finally:
         coord.stop()
     for results in (first, second):
