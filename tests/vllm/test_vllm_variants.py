@@ -74,6 +74,13 @@ def check_maps(result: dict) -> None:
     assert all(m["log2phy_ok"] and m["logcnt_ok"] for m in maps), maps
 
 
+def one_epoch(workers: list[dict]) -> int:
+    """The placement epoch every worker serves (they must agree)."""
+    epochs = {w["epoch"] for w in workers}
+    assert len(epochs) == 1, workers
+    return epochs.pop()
+
+
 def test_coordinator_started_late_then_killed_and_restarted(vllm_python, tmp_path):  # noqa: F811
     result, log = run_driver(vllm_python, tmp_path, "restart")
     check_moe_tokens(result)
@@ -83,15 +90,19 @@ def test_coordinator_started_late_then_killed_and_restarted(vllm_python, tmp_pat
     first = stage["first_coordinator"]
     assert first["status"]["plans"]["committed"] >= 1
     epoch = first["status"]["epoch"]
-    assert [w["epoch"] for w in first["workers"]] == [epoch] * 2
-    # Killed: vLLM serves on with the maps of the last commit.
+    # The workers are read after the status: a plan decided by then may have committed since.
+    assert one_epoch(first["workers"]) in (epoch, epoch + 1)
+    # Killed: vLLM serves on with the maps of the last commit, which may be of a plan the ranks'
+    # decision record said commit before the kill (seen: epoch + 1 in the dead stage). The record
+    # is the ranks', so they apply it at its step without the coordinator, both alike.
     dead = stage["coordinator_dead"]
-    assert dead["status"] is None and [w["epoch"] for w in dead["workers"]] == [epoch] * 2
+    dead_epoch = one_epoch(dead["workers"])
+    assert dead["status"] is None and dead_epoch in (epoch, epoch + 1)
     # The new coordinator takes the ranks' placement and epoch, and plans again from there.
     again = stage["second_registered"]["status"]
-    assert again["epoch"] == epoch + again["plans"]["committed"]
+    assert again["epoch"] == dead_epoch + again["plans"]["committed"]
     second = stage["second_coordinator"]
-    assert second["status"]["epoch"] == epoch + second["status"]["plans"]["committed"] > epoch
+    assert second["status"]["epoch"] == dead_epoch + second["status"]["plans"]["committed"] > dead_epoch
     workers = stage["stopped"]["workers"]
     assert workers[0]["commits"] == workers[1]["commits"] and len(workers[0]["commits"]) >= 2
     check_maps(result)
