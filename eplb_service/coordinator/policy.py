@@ -42,6 +42,7 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_hierarchy import (
+    check_divisors,
     hierarchical_migration_phy2log,
     node_purity,
     uses_hierarchy,
@@ -58,7 +59,7 @@ from eplb_service.placement import (
     rank_loads,
     validate_phy2log,
 )
-from eplb_service.trace import real_dtype
+from eplb_service.trace import as_float_loads, real_dtype
 
 POLICIES = ("migration", "deepseek")
 DEFAULT_POLICY = "migration"
@@ -177,11 +178,9 @@ def validate_load(logical_load: np.ndarray, shape: PlacementShape) -> np.ndarray
         raise PlacementError(f"logical_load has shape {arr.shape}, expected {expected} [layers, logical experts]")
     if not real_dtype(arr):
         raise PlacementError(f"logical_load has dtype {arr.dtype}, expected real numbers (integers or floats)")
-    with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf, named below
-        load = arr.astype(np.float64)
-    bad = ~np.isfinite(load) | (load < 0)
-    if bad.any():
-        layer, expert = (int(i) for i in np.argwhere(bad)[0])
+    load, bad = as_float_loads(arr)  # a long double beyond float64 becomes inf, named here
+    if bad is not None:
+        layer, expert = bad
         raise PlacementError(
             f"logical_load[{layer}, {expert}] = {float(load[layer, expert])}: loads must be finite and >= 0"
         )
@@ -218,12 +217,7 @@ def check_groups_and_nodes(shape: PlacementShape, num_groups: int, num_nodes: in
     for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise PolicySettingsError(f"{name} must be a positive integer, got {value!r}")
-    if num_groups <= 0 or shape.num_logical % num_groups:
-        raise PolicySettingsError(
-            f"num_groups={num_groups} (--groups) must divide the number of logical experts ({shape.num_logical})"
-        )
-    if num_nodes <= 0 or shape.num_ranks % num_nodes:
-        raise PolicySettingsError(f"num_nodes={num_nodes} (--nodes) must divide num_ranks={shape.num_ranks}")
+    check_divisors(shape.num_logical, shape.num_ranks, num_groups, num_nodes)
 
 
 def propose_phy2log(

@@ -80,15 +80,23 @@ class NodeRows(NamedTuple):
     local_to_global: np.ndarray
 
 
-def check_hierarchy(num_logical: int, num_ranks: int, num_groups: int, num_nodes: int) -> None:
-    """Raise :class:`PolicySettingsError` naming the value unless ``num_groups`` groups can be
-    kept whole on ``num_nodes`` nodes of ``num_ranks`` ranks."""
+def check_divisors(num_logical: int, num_ranks: int, num_groups: int, num_nodes: int) -> None:
+    """Raise :class:`PolicySettingsError` naming the value unless ``num_groups`` divides the
+    logical experts and ``num_nodes`` the ranks: what any description of the model's groups and
+    the deployment's nodes must satisfy, kept hierarchy or not (both policies check it through
+    :func:`~eplb_service.coordinator.policy.check_groups_and_nodes`)."""
     if num_groups <= 0 or num_logical % num_groups:
         raise PolicySettingsError(
             f"num_groups={num_groups} (--groups) must divide the number of logical experts ({num_logical})"
         )
     if num_nodes <= 0 or num_ranks % num_nodes:
         raise PolicySettingsError(f"num_nodes={num_nodes} (--nodes) must divide num_ranks={num_ranks}")
+
+
+def check_hierarchy(num_logical: int, num_ranks: int, num_groups: int, num_nodes: int) -> None:
+    """Raise :class:`PolicySettingsError` naming the value unless ``num_groups`` groups can be
+    kept whole on ``num_nodes`` nodes of ``num_ranks`` ranks."""
+    check_divisors(num_logical, num_ranks, num_groups, num_nodes)
     if num_groups % num_nodes:
         raise PolicySettingsError(
             f"num_groups={num_groups} (--groups) must be a multiple of num_nodes={num_nodes} (--nodes): the "
