@@ -169,7 +169,7 @@ def same_process(holder: AgentRecord, hello: protocol.Hello) -> bool:
     new process in the rank (its rows and communicator are gone), whatever session it names."""
     store = (hello.store_host, hello.store_port) if hello.rank == 0 else None
     return (
-        hello.resume_session in (holder.session, *holder.earlier_sessions)
+        holder.speaks_for(hello.resume_session)
         and (hello.node, hello.pid) == (holder.node, holder.pid)
         and store == holder.store
     )
