@@ -69,27 +69,39 @@ def hello_message(**changes) -> protocol.Hello:
     return protocol.Hello(**fields)
 
 
-def register_two_ranks_reporting(c, slot_load: np.ndarray) -> None:
+def register_two_ranks(c) -> None:
     """Register both ranks of :func:`hello_message`'s model with coordinator ``c`` (driven message by
-    message) and feed it three load reports of 10 steps each: ``slot_load`` (``[L, P]`` counts) from
-    rank 0, zeros from rank 1, so the window's load is ``slot_load``'s and plannable."""
+    message; rank 0 names the rendezvous store)."""
     for rank in (0, 1):
         store = {"store_host": "127.0.0.1", "store_port": 1} if rank == 0 else {"store_host": "", "store_port": 0}
         c._handle(f"rank-{rank}".encode(), hello_message(rank=rank, pid=100 + rank, node="n", **store))
+
+
+def send_load_report(c, rank: int, step_end: int, slot_load: np.ndarray) -> None:
+    """``rank``'s load report of the 10 steps up to ``step_end`` (``slot_load``: ``[L, P]`` counts), on
+    its registered connection and session."""
+    record = c.registry.agents[rank]
+    c._handle(
+        record.identity,
+        protocol.LoadReport(
+            rank=rank,
+            epoch=0,
+            step_begin=step_end - 10,
+            step_end=step_end,
+            slot_load=protocol.NDArray.from_numpy(slot_load),
+            session=record.session,
+        ),
+    )
+
+
+def register_two_ranks_reporting(c, slot_load: np.ndarray) -> None:
+    """Register both ranks (:func:`register_two_ranks`) and feed three load reports of 10 steps
+    each: ``slot_load`` (``[L, P]`` counts) from rank 0, zeros from rank 1, so the window's load is
+    ``slot_load``'s and plannable."""
+    register_two_ranks(c)
     for step in (10, 20, 30):
         for rank in (0, 1):
-            record = c.registry.agents[rank]
-            c._handle(
-                record.identity,
-                protocol.LoadReport(
-                    rank=rank,
-                    epoch=0,
-                    step_begin=step - 10,
-                    step_end=step,
-                    slot_load=protocol.NDArray.from_numpy(slot_load if rank == 0 else slot_load * 0),
-                    session=record.session,
-                ),
-            )
+            send_load_report(c, rank, step, slot_load if rank == 0 else slot_load * 0)
 
 
 @pytest.fixture

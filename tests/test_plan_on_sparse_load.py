@@ -10,9 +10,8 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import hello_message
+from conftest import register_two_ranks, send_load_report
 
-from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.placement import PlacementShape, initial_phy2log, validate_phy2log
@@ -27,21 +26,10 @@ def coordinator(slot_load: np.ndarray, reporting: tuple[int, ...], **settings) -
     reports of 10 steps of ``slot_load`` (``[L, P]`` counts), the others none."""
     c = Coordinator(CoordinatorConfig(world_size=2, endpoint="ipc:///nonexistent/sparse.sock", **settings))
     c._sock = SocketSink()
-    for rank in (0, 1):
-        store = {"store_host": "127.0.0.1", "store_port": 1} if rank == 0 else {"store_host": "", "store_port": 0}
-        c._handle(f"rank-{rank}".encode(), hello_message(rank=rank, pid=100 + rank, node="n", **store))
+    register_two_ranks(c)
     for step in range(10, 70, 10):
         for rank in reporting:
-            record = c.registry.agents[rank]
-            report = protocol.LoadReport(
-                rank=rank,
-                epoch=0,
-                step_begin=step - 10,
-                step_end=step,
-                slot_load=protocol.NDArray.from_numpy(slot_load),
-                session=record.session,
-            )
-            c._handle(record.identity, report)
+            send_load_report(c, rank, step, slot_load)
     return c
 
 

@@ -10,9 +10,8 @@ import math
 import time
 
 import numpy as np
-from conftest import hello_message
+from conftest import hello_message, send_load_report
 
-from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.server import Coordinator
 from eplb_service.coordinator.status_client import format_status
@@ -30,19 +29,7 @@ def coordinator() -> Coordinator:
 
 
 def load_report(c: Coordinator, rank: int, step_end: int) -> None:
-    record = c.registry.agents[rank]
-    slot_load = np.arange(16, dtype=np.int64).reshape(2, 8) * (rank + 1)
-    c._handle(
-        record.identity,
-        protocol.LoadReport(
-            rank=rank,
-            epoch=0,
-            step_begin=step_end - 10,
-            step_end=step_end,
-            slot_load=protocol.NDArray.from_numpy(slot_load),
-            session=record.session,
-        ),
-    )
+    send_load_report(c, rank, step_end, np.arange(16, dtype=np.int64).reshape(2, 8) * (rank + 1))
 
 
 def hello(c: Coordinator, rank: int, pid: int) -> bytes:
