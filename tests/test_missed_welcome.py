@@ -134,6 +134,36 @@ def test_another_process_is_refused_while_the_holder_lives_and_the_holder_s_own_
     assert c.registry.agents[1].identity == b"rank-1-a3"
 
 
+def test_an_agent_that_names_no_pid_is_proven_by_an_earlier_session_of_the_holder():
+    """An agent with no pid (``pid`` 0: a client of the protocol that does not say it) missed the
+    ``Welcome`` of a reopen: it names ``S1``, an earlier session of the holder's that only its own
+    process learned (sessions are random), so it takes the rank back at once and keeps a plan in
+    flight. Before: ``rank_taken`` until the liveness timeout, as pid 0 proved nothing. Without
+    such a session (0, a made-up one, the holder's node differing) it still proves nothing; once
+    the holder's session was used, a copy naming ``S1`` is stale."""
+    c, _ = harness()
+    record = c.registry.agents[1]
+    record.node, record.pid = NODE, 0
+    s1 = record.session
+    plan = start_plan(c)
+    welcomed(hello(c, b"rank-1-a2", resume_session=s1, pid=0))  # its Welcome is lost
+    for identity, resume, fields in (
+        (b"rank-1-x0", 0, {}),
+        (b"rank-1-x1", 12345, {}),
+        (b"rank-1-x2", s1, {"node": "host-c"}),
+        (b"rank-1-x3", s1, {"pid": PID}),
+    ):
+        assert rejected(hello(c, identity, resume_session=resume, **{"pid": 0, **fields})).code == "rank_taken", (
+            identity
+        )
+        assert c.registry.agents[1].identity == b"rank-1-a2"
+    s3 = welcomed(hello(c, b"rank-1-a3", resume_session=s1, pid=0)).session
+    assert c.registry.agents[1].identity == b"rank-1-a3" and c.plans.plan is plan and not plan.lost
+    beat(c, 1, step=11, epoch=0)  # it got S3 and uses it
+    assert rejected(hello(c, b"rank-1-a2-late", resume_session=s1, pid=0)).code == "rank_taken"
+    assert c.registry.agents[1].identity == b"rank-1-a3" and c.registry.agents[1].session == s3
+
+
 def test_a_stale_hello_of_the_process_takes_nothing_once_it_used_its_new_session():
     """Copies of the process's earlier ``Hello`` arriving late (a link that delays or duplicates,
     or two connections read out of order after a coordinator stall), sent before it learned the

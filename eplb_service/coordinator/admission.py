@@ -178,13 +178,14 @@ def same_process(holder: AgentRecord, hello: protocol.Hello) -> bool:
 def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) -> Claim:
     """What ``hello``, from the connection ``identity``, means for the rank's live ``holder``.
 
-    Every registration hands out a new session, and only its ``Welcome`` tells the agent which.
-    A Hello from the holder's own process (its node and pid; pid 0 says nothing) naming another
-    session than the holder's comes from an agent that had not learned the holder's: either that
-    ``Welcome`` was lost and this is its next socket (:attr:`Claim.REOPENED`), or the Hello was sent
-    before the ``Welcome`` came (:attr:`Claim.STALE`). The holder's connection tells which: once a
-    message under its session came (``session_heard``), the agent had learned it and names it in
-    every later Hello, so one naming another was sent before.
+    Every registration hands out a new session, and only its ``Welcome`` tells the agent which. A
+    Hello from the holder's own process (its node and pid; for an agent that names no pid, an
+    earlier session of the holder's that it names: sessions are random, only a ``Welcome`` told it
+    one) naming another session than the holder's comes from an agent that had not learned the
+    holder's: either that ``Welcome`` was lost and this is its next socket (:attr:`Claim.REOPENED`),
+    or the Hello was sent before the ``Welcome`` came (:attr:`Claim.STALE`). The holder's connection
+    tells which: once a message under its session came (``session_heard``), the agent had learned it
+    and names it in every later Hello, so one naming another was sent before.
 
     Until then the rank goes to the new socket at once. The process has sent nothing under the
     holder's session (no ``Staged``, no vote), so taking the record off that connection costs it
@@ -193,6 +194,8 @@ def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) ->
     learned the first and names the newest it learned, so only a process that never proved a
     session here is taken on its node and pid alone, as its first ``Hello`` was (never welcomed, it
     answered no plan under the holder's session; a plan in flight aborts, as for a new process).
+    An agent that names no pid has only its sessions to prove it: the lost ``Welcome`` of a reopen
+    is recovered at once, that of its very first registration only at the liveness timeout.
     A stale Hello that takes the rank in that window only bounces it: the live connection's next
     heartbeat is answered ``unknown_agent``, and its Hello takes the rank back the same way."""
     if holder is None or not holder.alive:
@@ -201,10 +204,15 @@ def claim(holder: AgentRecord | None, identity: bytes, hello: protocol.Hello) ->
         return Claim.REPEATED
     if hello.resume_session == holder.session:
         return Claim.RESUMED
-    if not hello.pid or (hello.node, hello.pid) != (holder.node, holder.pid):
+    proven = bool(hello.resume_session) and hello.resume_session in holder.earlier_sessions
+    if hello.pid:
+        own_process = (hello.node, hello.pid) == (holder.node, holder.pid)
+    else:
+        own_process = proven and hello.node == holder.node and not holder.pid
+    if not own_process:
         return Claim.TAKEN
     if holder.session_heard:
         return Claim.STALE
-    if holder.earlier_sessions and hello.resume_session not in holder.earlier_sessions:
+    if holder.earlier_sessions and not proven:
         return Claim.TAKEN
     return Claim.REOPENED
