@@ -232,7 +232,7 @@ def sizes(coord) -> dict[str, int]:
     return {
         "outcomes": len(coord.plans.outcomes),
         "plan_numbers": len(coord.plans._numbers),
-        "processes": len(coord.router.processes),
+        "processes": len(coord.router.registrar.processes),
         "placements": len(coord.book.placements),
         "segments": len(coord.book.window.segments) if coord.book.window else 0,
         "clock_ranks": len(coord.guard.step_clock.clocks),

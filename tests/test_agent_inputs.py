@@ -507,7 +507,7 @@ def test_worker_restarts_do_not_grow_the_coordinators_memory_of_processes(tmp_pa
             settle(lambda: 1 not in coordinator.registry.agents)
             agent = FakeAgent(cfg.endpoint, 1)
             agent.register(pid=pid)
-        assert len(coordinator.router.processes) <= 4 * cfg.world_size
+        assert len(coordinator.router.registrar.processes) <= 4 * cfg.world_size
         for a, rank in ((a0, 0), (agent, 1)):
             a.send(protocol.Goodbye(rank=rank, reason="stop", session=a.session))
         settle(lambda: not coordinator.registry.alive)

@@ -45,7 +45,7 @@ def test_two_deployments_started_at_once_against_one_coordinator_admit_exactly_o
         wait_for(lambda: len(c.registry.alive) == 2, 30, "one deployment to register")
         admitted = ids.index(c.registry.deployment)
         refused = 1 - admitted
-        registered = {pid for _, pid in c.router.processes}
+        registered = {pid for _, pid in c.router.registrar.processes}
         results = [cluster.collect() for cluster in clusters]
     finally:
         coord.stop()
@@ -90,7 +90,7 @@ def test_a_silent_rank_is_not_replaced_by_the_same_rank_of_another_deployment(tm
         os.kill(procs[1].pid, signal.SIGCONT)
         wait_for(lambda: 1 in c.registry.agents and c.registry.agents[1].pid == procs[1].pid, 20, "A's rank 1 back")
         wait_for(lambda: c.counts["committed"] >= 1, 30, "A to rebalance")
-        registered = {pid for _, pid in c.router.processes}  # B may be admitted alone once A has ended
+        registered = {pid for _, pid in c.router.registrar.processes}  # B may be admitted alone once A has ended
         serving = c.status()["deployment"]
         results = collect(procs, out, 2)
         b_results = collect(intruder, b_out, 1)

@@ -4,7 +4,7 @@ A Hello is refused when it cannot belong to this deployment (identity, protocol 
 rank, world size, deployment id, model shape, rank 0's store, a placement that is not one), and a rank
 that a live agent holds is only handed to that same agent on a new socket: it proves it with its
 session, or, having missed the ``Welcome`` that named the holder's session, with its node and pid
-(see :func:`claim`). The coordinator does the bookkeeping and the sending.
+(see :func:`claim`). ``registration`` acts on the verdict: the bookkeeping and the sending.
 """
 
 from __future__ import annotations

@@ -460,7 +460,7 @@ class PlanRunner:
             self.advance()
 
     def rank_resumed(self, rank: int, now: float) -> None:
-        """``rank``'s own process on a new socket (``MessageRouter._carry_over``): the plan goes on."""
+        """``rank``'s own process on a new socket (``Registrar._carry_over``): the plan goes on."""
         plan = self._current()
         if plan is None or plan.phase.final:
             return

@@ -1,10 +1,11 @@
 """The coordinator daemon's shell: one ROUTER socket on an asyncio (uvloop) event loop.
 
 The shell owns the socket, the loops, the metrics and the side duties (recording, HTTP
-probes, status), and wires the parts that decide: the message router (``router``), the plan
-runner (``plan_runner``), the placement book, the side-communicator generations and the
-divergence guard. The loop only moves messages and state; the placement policy runs in an
-executor thread, so a slow plan never delays heartbeats, load reports or votes.
+probes, status), and wires the parts that decide: the message router (``router``, which hands
+every ``Hello`` to ``registration``), the plan runner (``plan_runner``), the placement book, the
+side-communicator generations and the divergence guard. The loop only moves messages and state;
+the placement policy runs in an executor thread, so a slow plan never delays heartbeats, load
+reports or votes.
 
 Nothing an agent or a client sends can stop it: every message is handled under a guard
 (an unexpected exception is logged, counted in ``eplb_internal_errors_total`` and aborts the
@@ -352,7 +353,7 @@ class Coordinator:
             except protocol.ProtocolError as exc:
                 other = protocol.hello_of_another_version(frame) if len(frame) <= self.max_message_bytes else None
                 if other is not None:
-                    self.router.refuse_version(identity, *other)
+                    self.router.registrar.refuse_version(identity, *other)
                     continue
                 self.metrics.messages_rejected.labels("decode").inc()
                 self.router.throttle.report(
