@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from agent_process import AgentSpec
+from agent_process import AgentSpec, StepBudget
 from coordinator_thread import CoordinatorThread
 from sim_cluster import SimCluster, assert_all_or_none
 from test_deployment_processes import SHAPE2, collect, config, start_agents, wait_for
@@ -75,8 +75,12 @@ def test_a_silent_rank_is_not_replaced_by_the_same_rank_of_another_deployment(tm
     endpoint = f"ipc://{tmp_path}/c.sock"
     coord = CoordinatorThread(config(endpoint, 2)).start()  # liveness_timeout_s=2
     c = coord.coordinator
-    a = [AgentSpec(r, endpoint, SHAPE2, steps=900, switch_hot_at_step=600, deployment="deploy-a") for r in (0, 1)]
-    procs, out = start_agents(a)
+    # A runs until the test has seen its plan commit: rank 0 steps on while rank 1 is stopped, and
+    # with a fixed 900 steps it could reach its end before rank 1, back, voted (3 of 17 runs on a
+    # busy 2-core machine), so A's plan was never applied.
+    budget = StepBudget(2, 6000)
+    a = [AgentSpec(r, endpoint, SHAPE2, steps=6000, switch_hot_at_step=600, deployment="deploy-a") for r in (0, 1)]
+    procs, out = start_agents(a, budget)
     intruder: list = []
     try:
         wait_for(lambda: sorted(r.rank for r in c.registry.alive) == [0, 1], 20, "A's ranks to register")
@@ -90,6 +94,7 @@ def test_a_silent_rank_is_not_replaced_by_the_same_rank_of_another_deployment(tm
         os.kill(procs[1].pid, signal.SIGCONT)
         wait_for(lambda: 1 in c.registry.agents and c.registry.agents[1].pid == procs[1].pid, 20, "A's rank 1 back")
         wait_for(lambda: c.counts["committed"] >= 1, 30, "A to rebalance")
+        budget.end_soon()
         registered = {pid for _, pid in c.router.registrar.processes}  # B may be admitted alone once A has ended
         serving = c.status()["deployment"]
         results = collect(procs, out, 2)
