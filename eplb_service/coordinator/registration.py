@@ -105,6 +105,16 @@ class Registrar:
         self.throttle.report(("hello_refused", *(key or (rank, code))), level, "refused rank %d: %s", rank, reason)
         self.host.send(identity, protocol.Reject(reason=reason, code=code))
 
+    def _welcome(self, identity: bytes, rank: int, session: int, comm: protocol.CommInit | None = None) -> None:
+        """``Welcome`` with the rank's ``session``. A new registration's carries no ``comm``: its
+        ``CommInit`` follows once every rank is registered (:meth:`_comm_after_register`)."""
+        self.host.send(
+            identity,
+            protocol.Welcome(
+                protocol_version=protocol.PROTOCOL_VERSION, rank=rank, config=self.cfg.agent, comm=comm, session=session
+            ),
+        )
+
     def refuse_version(self, identity: bytes, version: int, rank: int) -> None:
         """A Hello of another protocol version that this version's decoder could not read."""
         problem = version_problem(version)
@@ -126,17 +136,7 @@ class Registrar:
         verdict = claim(holder, identity, hello)
         if verdict is Claim.REPEATED:
             holder.last_seen = now
-            self.host.send(
-                identity,
-                protocol.Welcome(
-                    protocol_version=protocol.PROTOCOL_VERSION,
-                    rank=hello.rank,
-                    config=self.cfg.agent,
-                    comm=self.host.current_comm(),
-                    session=holder.session,
-                ),
-            )
-            return
+            return self._welcome(identity, hello.rank, holder.session, comm=self.host.current_comm())
         if verdict is Claim.STALE:
             return self._reject(
                 identity,
@@ -242,15 +242,7 @@ class Registrar:
         )
         if carried:
             self.runner.rank_resumed(hello.rank, now)
-        self.host.send(
-            identity,
-            protocol.Welcome(
-                protocol_version=protocol.PROTOCOL_VERSION,
-                rank=hello.rank,
-                config=self.cfg.agent,
-                session=record.session,
-            ),
-        )
+        self._welcome(identity, hello.rank, record.session)
         self.update_liveness_metrics([hello.rank])
         self.registry.ever_complete = self.registry.ever_complete or self.registry.complete
         self.update_epoch()
