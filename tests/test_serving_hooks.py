@@ -146,6 +146,16 @@ def test_fence_timeout_commits_when_the_record_already_says_commit(setup, small_
     assert model.phy2log[1, :4].tolist() == [3, 2, 1, 0] and rows_match_maps(model)
 
 
+def test_a_ticket_keeps_the_first_decision_it_was_given(setup, small_shape):
+    """The serving thread may have read the decision already: a second answer (a proposal retried
+    on another thread, a record answering twice) must never change what it acts on."""
+    model, _, new = setup
+    ticket = staged_ticket(model, small_shape, new, [1])
+    assert ticket.resolve(Decision.commit_at(12, rank=1))
+    assert not ticket.resolve(Decision.abort(0, "fence_timeout: late", "fence_timeout"))
+    assert ticket.decision == Decision.commit_at(12, rank=1) and ticket.is_decided
+
+
 def test_an_unreachable_record_stops_the_worker_instead_of_guessing(small_shape):
     model = make_model(0, small_shape)
     hooks = ServingHooks(model, report_interval_steps=4, fence_steps=2, fence_timeout_s=0.1, decision_timeout_s=0.2)
