@@ -304,6 +304,37 @@ def test_the_happy_path_commits_through_the_record():
     assert torch.equal(h.model.phy2log[1], torch.from_numpy(plan.phy2log.to_numpy()[0]))
 
 
+def test_a_serving_thread_that_reached_the_fence_before_it_saw_the_entry_makes_the_vote_abort():
+    """The serving thread sees the armed ticket only once its entry step is set; in the few
+    bytecodes between reading ``steps_done`` as the entry ``e`` and setting it, it may run on to
+    ``e + F`` (the GIL switches every 5 ms, a step can be shorter). It may be inside step ``e + F``
+    undecided then, so a commit at ``S = e + F`` could land after it on this rank and at ``S`` on
+    every other: this rank must vote ``fail`` and the record say ``abort``."""
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    h.deliver(plan)
+    hooks = h.agent.hooks
+    entry = hooks.steps_done
+    promised = hooks.ticket_fence_steps
+
+    def serving_thread_runs_ahead(ticket):
+        fence = promised(ticket)
+        hooks.steps_done = entry + fence  # the steps it ran while the entry was not yet visible
+        return fence
+
+    hooks.ticket_fence_steps = serving_thread_runs_ahead
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    decision = h.record.decisions[plan.plan_id]
+    assert not decision.commit and decision.code == "vote_failed", decision
+    del hooks.ticket_fence_steps
+    for _ in range(3):
+        h.step()
+        h.tick()
+        h.check()
+    assert h.applied == [] and hooks.epoch == 0
+
+
 def test_a_new_side_communicator_during_the_vote_keeps_the_ticket_and_commits():
     """The death of issue 13: a CommInit arriving after the vote dropped the plan under an armed ticket."""
     h = Harness()

@@ -117,6 +117,16 @@ def test_a_rank_that_was_not_ready_or_voted_another_plan_makes_everyone_abort():
     assert proposal_from(other_plan, 7, 0).code == "vote_failed"
 
 
+def test_a_rank_voting_an_older_plan_makes_everyone_abort_though_the_max_hides_its_id():
+    """Under MAX, a peer voting plan 6 leaves 7 in the plan-id slot: only ``-plan_id`` (``-6``
+    beats ``-7``) shows it. Checked on the id alone, plan 7's ranks would commit without it."""
+    ready = vote_vector(5, 0, 7, np.empty(0, dtype=np.int64))
+    older_plan = np.maximum(ready, vote_vector(6, 0, 6, np.empty(0, dtype=np.int64)))
+    assert int(older_plan[2]) == 7
+    decision = proposal_from(older_plan, 7, 0)
+    assert not decision.commit and decision.code == "vote_failed"
+
+
 class _RecordingTransport:
     """Counts collectives; any all-reduce from a rank without the plan would be a defect."""
 
