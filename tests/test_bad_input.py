@@ -65,6 +65,13 @@ def plan(rows, layers=(0,), epoch=0, plan_id=7) -> protocol.Plan:
         (plan([[0, 1, 2, 3, 4, 5, 9, 0]]), "layer 0: slot 6 holds expert 9, expected 0 <= expert < 6"),
         (plan([[0, 1, 2, 3, 4, 5]]), "phy2log shape (1, 6), expected (1, 8)"),
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
+        # The first layer past the end: a check off by one let it through to an IndexError (an agent reset).
+        (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(2,)), "layers [2] must be distinct and in [0, 2)"),
+        # One layer twice: its maps and rows would each be written twice, from different plan rows.
+        (
+            plan([[0, 1, 2, 3, 4, 5, 0, 1], [1, 0, 2, 3, 4, 5, 0, 1]], layers=(0, 0)),
+            "layers [0, 0] must be distinct and in [0, 2)",
+        ),
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], epoch=3), "is for epoch 3, this rank is at epoch 0"),
         # Before, float rows were truncated into the int64 placement and staged: 0.9 became expert 0.
         (
@@ -104,6 +111,34 @@ def test_agent_refuses_invalid_plans_naming_the_problem_and_keeps_its_maps(tmp_p
         _, failed = fake.recv(protocol.Failed)
         assert failed.plan_id == 7 and expected in failed.reason, failed.reason
         assert agent.stats["plans_rejected"] == 1
+    finally:
+        agent.stop()
+        fake.close()
+    assert model.phy2log.equal(before) and rows_match_maps(model)
+
+
+def test_agent_refuses_a_plan_over_its_staging_budget_naming_both_sizes(tmp_path):
+    """``EPLB_SERVICE_STAGING_BUDGET_BYTES`` is the worker's own bound on staging memory: a plan
+    cut to a larger coordinator budget (or forged) is refused before a byte is staged."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    fake = FakeCoordinator(endpoint)
+    model = make_model(0, SHAPE)
+    before = model.phy2log.clone()
+    agent = WorkerAgent(model, endpoint, GlooTransport(), staging_budget_bytes=model.bytes_per_expert).start()
+    try:
+        identity, _ = fake.recv(protocol.Hello)
+        fake.send(
+            identity,
+            protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=protocol.AgentConfig()),
+        )
+        # rank 0 (slots 0-3) takes experts 4 and 5 from rank 1: two rows of staging
+        fake.send(identity, plan([[4, 5, 2, 3, 0, 1, 0, 1]]))
+        _, failed = fake.recv(protocol.Failed)
+        assert failed.code == "invalid_plan", failed
+        assert (
+            f"needs {2 * model.bytes_per_expert} bytes of staging on rank 0, more than "
+            f"EPLB_SERVICE_STAGING_BUDGET_BYTES={model.bytes_per_expert}" in failed.reason
+        ), failed.reason
     finally:
         agent.stop()
         fake.close()
