@@ -349,3 +349,90 @@ def test_ranks_seen_past_the_commit_step_at_the_old_epoch_are_booked_as_missing_
     q.on_heartbeat(0, 12, 0, 1.0)
     assert q.on_failed(1, "fence_timeout: undecided at the fence", 1.0, "fence_timeout") and q.phase is Phase.ABORTED
     assert q.code == "fence_timeout" and q.reason.startswith("rank 1: fence_timeout")
+
+
+def test_a_heartbeat_at_the_commit_step_itself_at_the_old_epoch_is_not_a_missed_commit():
+    """A rank reports its step before its epoch, and bumps its epoch at the boundary before ``S``:
+    ``(step S, old epoch)`` is a rank about to apply the plan, not one that went past it. Booked as
+    missed, its ``Committed`` a moment later would read as a divergence and halt rebalancing."""
+    p = run(world=2)
+    p.on_staged(0, 0.0), p.on_staged(1, 0.0)
+    p.on_voted(40, True)
+    p.on_committed(0, 40, 0.0, 0.5)
+    assert not p.on_heartbeat(1, 40, 0, 0.6) and 1 not in p.aborted and p.phase is Phase.VOTING
+    assert p.on_committed(1, 40, 0.0, 0.7) and p.phase is Phase.COMMITTED
+
+
+def test_the_heartbeats_of_a_rank_lost_during_the_vote_say_nothing_about_the_plan():
+    """A rank lost mid-vote may come back as a new process at the old epoch and past ``S``; it never
+    held this plan, so its heartbeats must not book it as having missed the commit (a divergence
+    once the others report theirs)."""
+    p = run(world=3)
+    for r in range(3):
+        p.on_staged(r, 0.0)
+    p.on_voted(40, True)
+    p.on_committed(0, 40, 0.0, 0.5)
+    assert not p.on_agent_lost(1, 0.6)
+    assert not p.on_heartbeat(1, 60, 0, 0.7) and 1 not in p.aborted
+    assert p.on_committed(2, 40, 0.0, 0.8) and p.phase is Phase.COMMITTED and "ranks [1] were lost" in p.reason
+
+
+def _two_batches(c):
+    from types import SimpleNamespace
+
+    rows = c.placements[c.epoch][[0]][:, ::-1].copy()
+    c.plans.pending_batches = [SimpleNamespace(layers=[0], phy2log=rows, bytes_moved=0) for _ in range(2)]
+    c.plans.start_next_batch()
+    return c.plans.plan
+
+
+def test_the_runner_asked_to_abort_a_plan_in_its_vote_waits_for_the_record():
+    """Only the decision record decides a voted plan: the runner asks the ranks for ``abort`` and
+    books what they report, here the ``commit`` another rank had written first."""
+    from plan_harness import harness, start_plan
+
+    from eplb_service import protocol
+
+    c, sent = harness()
+    plan = start_plan(c)
+    assert plan.phase is Phase.VOTING
+    sent.clear()
+    c.plans.abort("coordinator shutting down", "coordinator_stopping")
+    assert c.plans.plan is plan and plan.phase is Phase.VOTING and not c.plans.outcomes
+    assert {type(m).__name__ for _, m in sent} == {"AbortPlan"}
+    for r in c.registry.alive:
+        c._handle(
+            r.identity, protocol.Voted(rank=r.rank, plan_id=plan.plan_id, commit_step=30, ok=True, session=r.session)
+        )
+        c._handle(
+            r.identity,
+            protocol.Committed(
+                rank=r.rank, plan_id=plan.plan_id, commit_step=30, epoch=1, stall_s=0.0, session=r.session
+            ),
+        )
+    assert c.plans.outcomes[-1].phase == "committed" and c.epoch == 1 and c.halted_reason is None
+
+
+def test_an_aborted_batch_drops_the_batches_after_it_and_rebuilds_the_side_communicator():
+    """The batches after an aborted one were cut from the placement it would have made, and a
+    rank may have torn its side communicator down: planning starts over on a new generation.
+    Kept, the leftover batches held every later plan back (``should_plan`` waits for them)."""
+    from plan_harness import harness
+
+    from eplb_service import protocol
+
+    c, sent = harness()
+    generation = c.side_comm.generation
+    plan = _two_batches(c)
+    assert len(c.plans.pending_batches) == 1
+    r = c.registry.agents[1]
+    c._handle(
+        r.identity,
+        protocol.Failed(
+            rank=1, plan_id=plan.plan_id, reason="staging failed: test", session=r.session, code="staging_failed"
+        ),
+    )
+    assert c.plans.plan is None and c.plans.outcomes[-1].phase == "aborted"
+    assert c.plans.pending_batches == []
+    assert c.side_comm.generation == generation + 1
+    assert any(isinstance(m, protocol.CommInit) and m.generation == generation + 1 for _, m in sent)

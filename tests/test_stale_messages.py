@@ -13,6 +13,8 @@ than one already taken is such a late copy, and nothing in it is newer than what
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 from plan_harness import beat, commit_plan, harness, hello_again, start_plan
 
@@ -157,3 +159,38 @@ def test_a_new_process_in_the_rank_counts_from_its_hello_step():
     assert c.registry.agents[1].step == 5
     beat(c, 1, step=7, epoch=0)
     assert c.registry.agents[1].step == 7 and c.guard.beats[1] == (0, 7)
+
+
+def test_a_late_staged_or_committed_of_an_earlier_plan_does_not_count_for_the_plan_in_flight():
+    """A duplicating link may deliver plan 1's ``Staged`` or ``Committed`` again while plan 2 is in
+    flight. Counted for plan 2, the ``Staged`` would start its vote before the rank staged it (the
+    rank answers ``not_staged``: a needless abort), and the ``Committed`` next to that rank's own
+    ``Aborted`` of plan 2 would read as a divergence and halt rebalancing."""
+    c, _ = harness()
+    first = commit_plan(c, step=50)
+    rows = c.placements[c.epoch][[0]][:, ::-1].copy()
+    c.plans.pending_batches = [SimpleNamespace(layers=[0], phy2log=rows, bytes_moved=0)]
+    c.plans.start_next_batch()
+    plan = c.plans.plan
+    r0, r1 = c.registry.agents[0], c.registry.agents[1]
+    c._handle(r1.identity, protocol.Staged(rank=1, plan_id=first, bytes_received=0, duration_s=0.0, session=r1.session))
+    assert plan.staged == {}
+    for r in (r0, r1):
+        c._handle(
+            r.identity,
+            protocol.Staged(rank=r.rank, plan_id=plan.plan_id, bytes_received=0, duration_s=0.0, session=r.session),
+        )
+    assert plan.phase.value == "voting"
+    c._handle(
+        r1.identity,
+        protocol.Committed(rank=1, plan_id=first, commit_step=50, epoch=1, stall_s=0.0, session=r1.session),
+    )
+    assert plan.committed == {}
+    for r in (r0, r1):
+        c._handle(
+            r.identity,
+            protocol.Aborted(
+                rank=r.rank, plan_id=plan.plan_id, reason="fence_timeout: test", session=r.session, code="fence_timeout"
+            ),
+        )
+    assert c.plans.outcomes[-1].phase == "aborted" and c.halted_reason is None and c.epoch == 1
