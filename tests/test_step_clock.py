@@ -58,3 +58,26 @@ def test_the_list_arithmetic_matches_numpy_on_random_probes():
         assert found == numpy_offset(ref, other)
         decisive += found is not None
     assert decisive > 500, "the random probes must exercise decisive shifts too, not only None"
+
+
+@pytest.mark.parametrize("offset", [1, -1, 3])
+def test_the_guard_halts_on_a_rank_counting_even_one_step_apart(offset):
+    """One step apart is enough to split a commit: ``S`` would land on different forward passes,
+    so the divergence guard halts on any nonzero offset, naming the rank and the count."""
+    from types import SimpleNamespace
+
+    from eplb_service.coordinator.guards import DivergenceGuard
+    from eplb_service.logutil import rank_logger
+    from eplb_service.step_clock import ClockState
+
+    gauge = SimpleNamespace(labels=lambda rank: SimpleNamespace(set=lambda value: None))
+    guard = DivergenceGuard(
+        True, 5.0, SimpleNamespace(step_clock_offset=gauge), rank_logger("test.guards", "coordinator")
+    )
+    offsets = {0: 0, 1: 0}
+    guard.clock_states = lambda alive: {r: ClockState(rank=r, reference=0, offset=offsets[r]) for r in alive}
+    assert guard.clock_verdict([0, 1], complete=True, now=1.0) is None and not guard.clock_halt
+    offsets[1] = offset
+    why = guard.clock_verdict([0, 1], complete=True, now=2.0)
+    assert why is not None and f"rank 1 counts {offset:+d} step(s) against rank 0" in why
+    assert guard.clock_halt
