@@ -178,3 +178,60 @@ def test_a_simulation_that_cannot_fit_in_memory_is_refused_before_it_starts(monk
         "8.00 GiB this machine has available; expected --dp x --tp of at most 27 here"
     ) in err
     assert cli.sim_memory_problem(27, 8 * 2**30) is None and cli.sim_memory_problem(8, None) is None
+
+
+def _captured_simulation(monkeypatch) -> dict:
+    """``run_simulation`` replaced by one that records what the CLI asked of it."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+
+    seen: dict = {}
+
+    def run_simulation(opts, cfg):
+        seen["opts"], seen["cfg"] = opts, cfg
+        return {"output_mismatches": 0, "diverged": 0, "errors": []}
+
+    monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda: 2**40)
+    return seen
+
+
+def test_a_chosen_endpoint_is_where_the_simulation_binds(monkeypatch, tmp_path, capsys):
+    """Before: ``--simulate --endpoint E`` bound a private temporary socket instead, silently, so
+    ``eplb-coordinator status --endpoint E`` found nothing. Without ``--endpoint`` it stays private."""
+    from eplb_service.coordinator import cli
+
+    seen = _captured_simulation(monkeypatch)
+    endpoint = f"ipc://{tmp_path}/run/c.sock"
+    assert cli.main(["--dp", "2", "--simulate", "--steps", "1", "--endpoint", endpoint]) == 0
+    assert seen["opts"].coordinator_endpoint == endpoint == seen["cfg"].endpoint
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700  # claimed as the daemon claims it
+    assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 0
+    assert seen["opts"].coordinator_endpoint is None  # run_simulation's private temporary socket
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--curve-dir", "KEYS"], "--curve-dir 'KEYS' with --simulate: the simulated ranks run on this host without"),
+        (["--endpoint", "tcp://*:5555"], "--endpoint 'tcp://*:5555' with --simulate: the simulated ranks connect"),
+        (["--endpoint", "tcp://10.0.0.1:5555", "--insecure"], "expected ipc://PATH or a loopback tcp://127.0.0.1"),
+    ],
+)
+def test_an_endpoint_the_simulated_ranks_cannot_reach_is_refused(flags, expected, monkeypatch, tmp_path, capsys):
+    """Before: ``--simulate --curve-dir K`` put CURVE on the coordinator's socket, the ranks (no keys)
+    never registered, and the run served its steps with no plan and exited 0 as if it had worked."""
+    from eplb_service.coordinator import cli
+    from eplb_service.security import generate_keys
+
+    generate_keys(str(tmp_path / "keys"))
+    monkeypatch.chdir(tmp_path)
+    seen = _captured_simulation(monkeypatch)
+    argv = ["--dp", "2", "--simulate", *[str(tmp_path / "keys") if f == "KEYS" else f for f in flags]]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected.replace("KEYS", str(tmp_path / "keys")) in err, err
+    assert "opts" not in seen

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from eplb_service import logutil
 from eplb_service.coordinator import arg_types
-from eplb_service.coordinator.config import CoordinatorConfig, default_endpoint
+from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint, default_endpoint
 from eplb_service.coordinator.config_file import config_path, load_config_file, peek_log_format
 from eplb_service.protocol import AgentConfig
 from eplb_service.units import human_bytes
@@ -190,9 +190,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--endpoint",
-        default=default_endpoint(),
+        default=None,  # resolved in config_from_args: --simulate tells a chosen endpoint from none
         metavar="URL",
-        help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT",
+        help=f"ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT (default: {default_endpoint()}; "
+        "with --simulate, a private temporary socket its first line names)",
     )
     p.add_argument(
         "--store-host",
@@ -390,6 +391,33 @@ def check_simulation_flags(args: argparse.Namespace) -> None:
         )
 
 
+def check_simulation_endpoint(args: argparse.Namespace) -> None:
+    """``ValueError`` for an ``--endpoint`` or ``--curve-dir`` the simulated ranks could not reach.
+
+    The ranks are processes of this host with no CURVE keys: under ``--curve-dir`` they were
+    refused by the coordinator's authenticator and the run sat until its timeout, and ``*``
+    (any address or port) names nothing they could connect to.
+    """
+    if not args.simulate:
+        return
+    if args.curve_dir is not None:
+        raise ValueError(
+            f"--curve-dir {args.curve_dir!r} with --simulate: the simulated ranks run on this host without CURVE "
+            "keys and could not register; drop --curve-dir (a simulation binds a local endpoint)"
+        )
+    from eplb_service.coordinator.config import split_tcp_endpoint
+    from eplb_service.security import is_local_endpoint
+
+    endpoint = args.endpoint
+    if endpoint is None or not endpoint.startswith("tcp://"):
+        return
+    if "*" in split_tcp_endpoint(endpoint) or not is_local_endpoint(endpoint):
+        raise ValueError(
+            f"--endpoint {endpoint!r} with --simulate: the simulated ranks connect from this host without CURVE "
+            "keys; expected ipc://PATH or a loopback tcp://127.0.0.1:PORT (or no --endpoint: a private socket)"
+        )
+
+
 def check_output_path(flag: str, path: str) -> None:
     """``ValueError`` unless ``path`` can be written: checked at start, because these files are
     written at the end of a run (or a recording's first flush) and a typo would cost the run."""
@@ -437,6 +465,9 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
             args.store_host,
         )
     check_simulation_flags(args)
+    if args.endpoint is not None:
+        check_endpoint(args.endpoint)  # named before the simulation's own checks read it
+    check_simulation_endpoint(args)
     for flag, path in (("--summary-json", args.summary_json), ("--plot", args.plot), ("--record", args.record)):
         if path is not None:
             check_output_path(flag, path)
@@ -546,7 +577,12 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         except ValueError as exc:
             _fail(f"--trace: {exc}")
             return 2
+    if args.endpoint is not None:  # the user's, claimed as the daemon claims it; else a private temporary one
+        problem = _claim_endpoint(cfg.endpoint)
+        if problem is not None:
+            return problem
     opts = SimulationOptions(
+        coordinator_endpoint=args.endpoint,
         world_size=cfg.world_size,
         steps=args.steps or SIM_STEPS,
         seed=args.seed or 0,
@@ -587,6 +623,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
     if args.simulate:
         return _simulate(args, cfg)
+    problem = _claim_endpoint(cfg.endpoint)
+    return problem if problem is not None else _serve(cfg)
+
+
+def _claim_endpoint(endpoint: str) -> int | None:
+    """Make ``endpoint`` this coordinator's to bind (its private directory made, a stale socket
+    removed); the exit code 1, the reason logged, when another process holds it or its directory is unsafe."""
     from eplb_service.coordinator.socket_dir import (
         EndpointUnavailable,
         UnsafeSocketDirectory,
@@ -595,14 +638,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
 
     try:
-        prepare_ipc_dir(cfg.endpoint)  # before anything talks to a socket there
-        removed = claim_ipc_endpoint(cfg.endpoint)
+        prepare_ipc_dir(endpoint)  # before anything talks to a socket there
+        removed = claim_ipc_endpoint(endpoint)
     except (EndpointUnavailable, UnsafeSocketDirectory) as exc:
         _fail(str(exc))
         return 1
     if removed:
         logutil.rank_logger(__name__, "coordinator").info("%s", removed)
-    return _serve(cfg)
+    return None
 
 
 def _run_status(args: argparse.Namespace) -> int:
