@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import stat
 from collections.abc import Mapping
 from typing import NoReturn
 
@@ -18,7 +19,13 @@ from eplb_service import logutil
 from eplb_service.coordinator import config
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.http_endpoints import listen_socket
-from eplb_service.coordinator.socket_dir import UnsafeSocketDirectory, prepare_ipc_dir
+from eplb_service.coordinator.socket_dir import (
+    EndpointUnavailable,
+    UnsafeSocketDirectory,
+    claim_ipc_endpoint,
+    prepare_ipc_dir,
+    unix_socket_listening,
+)
 from eplb_service.security import ClientCurve, SecurityError
 from eplb_service.vllm_command import UsageError
 from eplb_service.zmq_tcp import allow_ipv6
@@ -186,6 +193,21 @@ def _check_ipc_endpoint(endpoint: str) -> None:
         raise UsageError(
             f"--endpoint {endpoint}: cannot create a socket in {os.path.dirname(path) or '.'}: {exc.strerror or exc}"
         ) from None
+    _check_ipc_endpoint_free(endpoint, path)
+
+
+def _check_ipc_endpoint_free(endpoint: str, path: str) -> None:
+    """Refuse an ``ipc://`` path a live process listens on (a daemon coordinator, say) or that holds
+    another kind of file: the coordinator refuses both at its start, which ended the sidecar with its
+    exit code 1 after it had started it. A stale socket is left for the coordinator to replace."""
+    try:
+        held = not stat.S_ISSOCK(os.stat(path).st_mode) or unix_socket_listening(path)
+        if held:
+            claim_ipc_endpoint(endpoint)  # raises, naming the coordinator's pid where one answers
+    except FileNotFoundError:
+        return
+    except EndpointUnavailable as exc:
+        raise UsageError(f"--endpoint {endpoint}: {exc}") from None
 
 
 UNIX_PATH_MAX = 107

@@ -337,6 +337,29 @@ def test_endpoint_whose_directory_cannot_hold_a_socket_is_refused(capsys, tmp_pa
     assert f"--endpoint ipc://{tmp_path}/file/c.sock: socket directory {tmp_path}/file is a symlink or not a" in line
 
 
+def test_ipc_endpoint_a_coordinator_serves_is_refused_before_anything_starts(capsys, tmp_path):
+    """Before: the sidecar started its coordinator there, which refused the live one's endpoint,
+    and the sidecar exited 1 after two lines; a tcp:// endpoint in use was already exit 2."""
+    from coordinator_thread import CoordinatorThread
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+
+    endpoint = f"ipc://{tmp_path}/run/c.sock"
+    live = CoordinatorThread(CoordinatorConfig(world_size=1, endpoint=endpoint)).start()
+    try:
+        line = refused(capsys, "--endpoint", endpoint, "--", *FAKE_VLLM)
+    finally:
+        live.stop()
+    assert f"--endpoint {endpoint}: a coordinator (pid {os.getpid()}) already serves {endpoint}" in line
+
+
+def test_ipc_endpoint_that_is_not_a_socket_is_refused(capsys, tmp_path):
+    (tmp_path / "c.sock").write_text("")
+    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", "--", *FAKE_VLLM)
+    assert f"{tmp_path}/c.sock is not a socket; expected a coordinator's ipc:// socket or nothing there" in line
+    assert (tmp_path / "c.sock").read_text() == ""  # left as it was
+
+
 def test_tcp_endpoint_in_use_is_refused(capsys, taken_port):
     line = refused(capsys, "--endpoint", f"tcp://127.0.0.1:{taken_port}", "--", *FAKE_VLLM)
     assert (
