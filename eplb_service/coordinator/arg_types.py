@@ -62,6 +62,19 @@ def nonneg_float(text: str) -> float:
     return finite_float(text, allow_zero=True)
 
 
+def balancedness_gain(text: str) -> float:
+    """A gain of balancedness (mean/max load, at most 1): finite, >= 0 and below 1. A gain of 1 or
+    more never comes, so ``--min-gain 5`` (meant as 5%) started a coordinator that never planned."""
+    expected = "a balancedness gain >= 0 and below 1 (0.01 = one percentage point)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (0 <= value < 1):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def port(text: str) -> int:
     """An HTTP port, 0-65535 (0: any free port); the OS would wrap or refuse anything else."""
     try:

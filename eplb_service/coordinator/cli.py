@@ -233,10 +233,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-gain",
-        type=arg_types.nonneg_float,
+        type=arg_types.balancedness_gain,
         default=0.01,
         metavar="GAIN",
-        help="minimum projected balancedness gain to start a plan",
+        help="minimum projected balancedness gain to start a plan (from 0 to below 1: balancedness is at most 1)",
     )
     p.add_argument(
         "--staging-budget-bytes",

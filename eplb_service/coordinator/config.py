@@ -171,8 +171,8 @@ class CoordinatorConfig:
             raise ValueError(f"policy {self.policy!r} is not one of {policy_names()}")
         for name in ("min_gain", "min_layer_gain"):
             value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+            if not 0 <= value < 1:  # balancedness is at most 1: a gain of 1 or more never comes
+                raise ValueError(f"{name}={value!r} must be a balancedness gain >= 0 and below 1")
 
     def replace(self, **changes) -> "CoordinatorConfig":
         return dataclasses.replace(self, **changes)

@@ -182,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--min-layer-gain",
-        type=arg_types.nonneg_float,
+        type=arg_types.balancedness_gain,
         default=0.0,
-        help="skip layers gaining less balancedness (>= 0)",
+        help="skip layers gaining less balancedness (from 0 to below 1: balancedness is at most 1)",
     )
     parser.add_argument(
         "--out",
