@@ -164,6 +164,27 @@ def test_config_file_switches_take_only_booleans(tmp_path):
     assert parse_command_line(["--config", str(path)]).step_clock_check is True
 
 
+@pytest.mark.parametrize(
+    "text, first, second",
+    [
+        ("fence-steps = 4\nfence_steps = 16\n", "fence-steps", "fence_steps"),
+        ("no-step-clock-check = true\nstep-clock-check = true\n", "no-step-clock-check", "step-clock-check"),
+        ("step_clock_check = false\nno_step_clock_check = false\n", "step_clock_check", "no_step_clock_check"),
+    ],
+)
+def test_a_config_file_that_sets_one_setting_twice_is_refused_naming_both_keys(tmp_path, text, first, second):
+    """TOML keeps `fence-steps` and `fence_steps` as two keys: the last one read won without a word,
+    and `no-step-clock-check = true` beside `step-clock-check = true` turned the check on or off by
+    the order of the lines."""
+    path = tmp_path / "c.toml"
+    path.write_text("dp = 2\n" + text)
+    with pytest.raises(ValueError) as exc:  # main makes it one line, exit 2, as every config mistake
+        parse_command_line(["--config", str(path)])
+    assert (
+        str(exc.value) == f"config file {str(path)!r}: {first!r} and {second!r} are the same setting; expected it once"
+    )
+
+
 def test_a_config_file_mistake_names_the_file_and_the_value_as_toml_writes_it(tmp_path, capsys):
     """A config file's bad log-level used to be blamed on the flag (`--log-level='loud'`), and values
     were shown as Python writes them (`dp = True`, `policy = 'lpt'`), not as the file has them."""

@@ -103,12 +103,18 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         ) from None
     keys = _config_keys(parser)
     settings = {}
+    set_by: dict[str, str] = {}
     for key, value in raw.items():
         found = keys.get(key.replace("_", "-"))
         if found is None:
             known = sorted({k for k, (a, _) in keys.items() if a.help != argparse.SUPPRESS})
             raise ValueError(f"config file {path!r}: unknown setting {key!r}; known: {', '.join(known)}")
         action, flips = found
+        if action.dest in set_by:  # TOML keeps both spellings; the last one read would win unseen
+            raise ValueError(
+                f"config file {path!r}: {set_by[action.dest]!r} and {key!r} are the same setting; expected it once"
+            )
+        set_by[action.dest] = key
         settings[action.dest] = _config_value(path, key, value, action, flips)
     return settings
 
