@@ -67,6 +67,8 @@ def check_plugin_environment(environ: Mapping[str, str], endpoint: str) -> None:
         plugin_config.from_env({**environ, plugin_config.ENDPOINT: endpoint})
     except plugin_config.ConfigError as exc:
         raise UsageError(f"{exc} (read by the vLLM plugin)") from None
+    for line in plugin_config.unknown_variables(environ):
+        logutil.rank_logger(__name__, "sidecar").warning("%s", line)
 
 
 def coordinator_settings(coordinator_args: list[str]) -> argparse.Namespace:

@@ -44,6 +44,16 @@ def test_every_environment_variable_the_code_reads_is_named_in_the_readme():
     assert not missing, f"README.md names no {missing}"
 
 
+def test_the_readmes_plugin_table_is_every_variable_the_plugin_knows():
+    """What the plugin warns about as unknown is exactly what README's table leaves out."""
+    from eplb_service.integrations.vllm.config import VARIABLES
+
+    table = README.split("**Plugin** (environment variables", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `EPLB_SERVICE_")]
+    documented = {name for row in rows for name in re.findall(r"`(EPLB_SERVICE_[A-Z0-9_]+)`", row.split(" | ")[0])}
+    assert documented == set(VARIABLES)
+
+
 def test_every_flag_of_the_coordinator_the_sidecar_and_eplb_plan_is_named_in_the_readme():
     from eplb_service.coordinator.plan_cli import build_parser as plan_parser
     from eplb_service.sidecar import build_parser as sidecar_parser

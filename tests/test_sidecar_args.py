@@ -211,6 +211,18 @@ def test_bad_plugin_variable_is_one_line_before_anything_starts(capsys, monkeypa
     assert line.startswith(f"eplb-sidecar: error: {expected}") and line.endswith("(read by the vLLM plugin)"), line
 
 
+def test_a_misspelt_plugin_variable_is_warned_about_before_anything_starts(caplog):
+    """Before: a name the plugin does not read (``EPLB_SERVICE_THROTTLE``) passed without a word."""
+    from eplb_service.sidecar_checks import check_plugin_environment
+
+    with caplog.at_level(logging.WARNING):
+        check_plugin_environment({"EPLB_SERVICE_THROTTLE": "1e9", "PATH": "/bin"}, "ipc:///tmp/x/c.sock")
+    assert [r.getMessage() for r in caplog.records] == [
+        "[sidecar] EPLB_SERVICE_THROTTLE is set, but eplb-service reads no such variable (ignored); "
+        "did you mean EPLB_SERVICE_THROTTLE_BYTES_PER_S?"
+    ]
+
+
 def test_log_format_flag_reaches_the_vllm_workers_environment(monkeypatch):
     """The plugin in vLLM's workers reads no flag: before, ``--log-format json`` made the sidecar's
     and the coordinator's lines JSON and left the workers' agent lines text in the same stream."""

@@ -245,6 +245,19 @@ def _register_with(monkeypatch, tmp_path, version, variant=FakeEplbStateBase) ->
     return state_cls, warnings
 
 
+def test_a_misspelt_variable_is_named_with_the_one_it_was_meant_to_be(monkeypatch, tmp_path):
+    """Before: ``EPLB_SERVICE_STAGING_BUDGET`` (no ``_BYTES``) was ignored without a word, and the
+    budget it was meant to set never applied. The suite's own ``EPLB_SERVICE_TEST_*`` stay quiet."""
+    monkeypatch.setenv("EPLB_SERVICE_STAGING_BUDGET", "1073741824")
+    monkeypatch.setenv("EPLB_SERVICE_TEST_CACHE", "/tmp/x")
+    _, warnings = _register_with(monkeypatch, tmp_path, "0.26.0", FakeEplbState018)
+    assert warnings == [
+        "EPLB_SERVICE_STAGING_BUDGET is set, but eplb-service reads no such variable (ignored); "
+        "did you mean EPLB_SERVICE_STAGING_BUDGET_BYTES?"
+    ]
+    assert C.unknown_variables({name: "1" for name in C.VARIABLES}) == []
+
+
 @pytest.mark.parametrize("version, warned", [("0.34.0", True), ("0.26.0", False)])
 def test_an_unknown_version_that_passes_every_check_runs_with_a_warning(monkeypatch, tmp_path, version, warned):
     state_cls, warnings = _register_with(monkeypatch, tmp_path, version, FakeEplbState018)

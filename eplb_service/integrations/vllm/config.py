@@ -9,6 +9,7 @@ override them for the ranks of this vLLM instance only.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from argparse import ArgumentTypeError
@@ -19,7 +20,7 @@ from eplb_service.coordinator.arg_types import connect_endpoint
 from eplb_service.deployment_id import deployment_id_problem
 from eplb_service.logutil import parse_level
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
-from eplb_service.worker_agent.rendezvous import RendezvousError, store_port_from_env
+from eplb_service.worker_agent.rendezvous import STORE_HOST_ENV, STORE_PORT_ENV, RendezvousError, store_port_from_env
 
 ENDPOINT = "EPLB_SERVICE_ENDPOINT"
 TRANSPORT = "EPLB_SERVICE_TRANSPORT"
@@ -32,6 +33,46 @@ LOG_FORMAT = "EPLB_SERVICE_LOG_FORMAT"
 DEPLOYMENT = "EPLB_SERVICE_DEPLOYMENT"
 
 TRANSPORTS = ("auto", "gloo", "nccl", "copy-engine", "prefer-copy-engine")
+
+VARIABLES = (
+    ENDPOINT,
+    TRANSPORT,
+    STAGING_BUDGET_BYTES,
+    THROTTLE_BYTES_PER_S,
+    SIDE_MAX_CTAS,
+    REPORT_INTERVAL_STEPS,
+    LOG_LEVEL,
+    LOG_FORMAT,
+    DEPLOYMENT,
+    "EPLB_SERVICE_CURVE_SERVER_CERT",  # security.SERVER_CERT_ENV, named here: importing it imports zmq
+    "EPLB_SERVICE_CURVE_CLIENT_CERT",  # security.CLIENT_CERT_ENV
+    STORE_PORT_ENV,
+    STORE_HOST_ENV,
+)
+"""Every ``EPLB_SERVICE_*`` variable a vLLM process reads (README's table)."""
+
+PREFIX = "EPLB_SERVICE_"
+TEST_PREFIX = "EPLB_SERVICE_TEST_"
+"""The test suite's own variables (``tests/vllm``): no vLLM process reads them, nor warns about them."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``EPLB_SERVICE_*`` variable no vLLM process reads, naming the known one it is
+    closest to: a misspelt name (the staging budget's without its ``_BYTES``) was ignored without
+    a word, so the setting it was meant to make silently did not happen."""
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in VARIABLES or name.startswith(TEST_PREFIX):
+            continue
+        # A name cut short or run on (the throttle's without _BYTES_PER_S), else the closest spelling, compared
+        # without the prefix every name shares, which would make any two look alike.
+        close = [v for v in VARIABLES if v.startswith(name) or name.startswith(v)] or [
+            PREFIX + match
+            for match in difflib.get_close_matches(name[len(PREFIX) :], [v[len(PREFIX) :] for v in VARIABLES], n=1)
+        ]
+        hint = f"did you mean {close[0]}?" if close else f"expected one of {', '.join(VARIABLES)}"
+        lines.append(f"{name} is set, but eplb-service reads no such variable (ignored); {hint}")
+    return lines
 
 
 class ConfigError(ValueError):

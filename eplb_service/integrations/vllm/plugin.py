@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
 import threading
 
 from eplb_service.integrations.vllm import config as config_mod
@@ -62,6 +63,8 @@ def register() -> None:
         warning = adapter.version_warning(adapter.installed_vllm_version())
         if warning:
             log.warning("%s", warning)
+        for line in config_mod.unknown_variables(os.environ):
+            log.warning("%s", line)
         install(cfg, adapter.eplb_state_class(), adapter.engine_args_class())
         _installed = cfg
         # Not "active" yet: whether it takes over is known only from the engine config (a dense model
