@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -121,6 +122,33 @@ def test_status_against_nothing_fails_clearly(tmp_path):
     assert (
         out.returncode == 1 and f"no coordinator at ipc://{tmp_path}/none.sock: there is no socket file" in out.stderr
     )
+
+
+def test_status_against_a_dead_coordinators_socket_or_another_file_fails_at_once(tmp_path):
+    """Before: a socket file nobody listens on (a SIGKILLed coordinator's), or a plain file, at the
+    endpoint waited out the whole --timeout-s and said only "no answer"; a script polling status
+    while a coordinator restarts paid the timeout every time."""
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))  # bound, never listening: as a killed coordinator leaves it
+    (tmp_path / "file.sock").write_text("")
+    for name, expected in [
+        ("stale.sock", f"nothing listens on the socket file {stale} (left by a coordinator that was killed"),
+        ("file.sock", f"{tmp_path}/file.sock is not a socket; expected a coordinator's ipc:// socket"),
+    ]:
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "eplb_service.coordinator.cli", "status", "--endpoint", f"ipc://{tmp_path}/{name}"]
+            + ["--timeout-s", "20"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert f"no coordinator at ipc://{tmp_path}/{name}: {expected}" in out.stderr
+        assert elapsed < 10, f"waited {elapsed:.1f}s, as if for the answer of a --timeout-s 20"
+        assert os.path.exists(tmp_path / name)  # status looks, never removes
 
 
 def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 
 import zmq
 
 from eplb_service import protocol
 from eplb_service.coordinator.registration_watch import rank_spans
-from eplb_service.coordinator.socket_dir import check_endpoint_dir, socket_file_path
+from eplb_service.coordinator.socket_dir import (
+    EndpointUnavailable,
+    check_endpoint_dir,
+    socket_file_path,
+    unix_socket_listening,
+)
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, is_local_endpoint
 from eplb_service.zmq_tcp import allow_ipv6
 
@@ -64,10 +70,28 @@ def _check_socket_file(endpoint: str) -> None:
     """Fail at once where no socket file exists: ZeroMQ would connect to the missing path without
     a word and keep retrying, and the caller waited out its whole timeout to read "no answer"."""
     path = socket_file_path(endpoint)
-    if path is not None and not os.path.lexists(path):
+    if path is None:
+        return
+    if not os.path.lexists(path):
         raise NoCoordinatorSocket(
             f"no coordinator at {endpoint}: there is no socket file {path} (not started yet, stopped, "
             "or started with another --endpoint)"
+        )
+    # A file that is no socket, or a socket nobody listens on (its coordinator was killed, or has
+    # not bound yet): ZeroMQ retries it as silently as a missing one.
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+        listening = is_socket and unix_socket_listening(path)
+    except (OSError, EndpointUnavailable):
+        return  # cannot tell: the request itself says what happens
+    if not is_socket:
+        raise NoCoordinatorSocket(
+            f"no coordinator at {endpoint}: {path} is not a socket; expected a coordinator's ipc:// socket"
+        )
+    if not listening:
+        raise NoCoordinatorSocket(
+            f"no coordinator at {endpoint}: nothing listens on the socket file {path} (left by a coordinator "
+            "that was killed, or one not listening yet)"
         )
 
 
