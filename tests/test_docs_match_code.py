@@ -54,6 +54,16 @@ def test_the_readmes_plugin_table_is_every_variable_the_plugin_knows():
     assert documented == set(VARIABLES)
 
 
+def test_the_readmes_trace_format_names_every_array_a_reader_requires():
+    """A trace written from README alone lacked ``format_version`` (README did not name it), and
+    ``eplb-plan --load`` refused it."""
+    from eplb_service.trace import _REQUIRED
+
+    paragraph = README.split("A trace is an `.npz` of windows", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)", paragraph))
+    assert set(_REQUIRED) <= named, f"README's trace format leaves out {sorted(set(_REQUIRED) - named)}"
+
+
 def test_every_flag_of_the_coordinator_the_sidecar_and_eplb_plan_is_named_in_the_readme():
     from eplb_service.coordinator.plan_cli import build_parser as plan_parser
     from eplb_service.sidecar import build_parser as sidecar_parser
