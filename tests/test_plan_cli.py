@@ -165,6 +165,22 @@ def test_bad_current_shape_and_missing_file(capsys, tmp_path, load_json):
     assert code == 2 and "not valid JSON" in err
 
 
+def test_a_current_placement_planned_for_other_ranks_is_refused(capsys, tmp_path, load_json):
+    """Before: a plan for 8 ranks taken as ``--current`` with ``--ranks 4`` was read slot by slot as
+    4 ranks' placement, one no deployment had, and planned from (the coordinator's
+    ``--initial-placement`` already refused the same). Its own rank count, or a bare list, is taken."""
+    code, out, _ = run_cli(capsys, "--load", load_json, "--ranks", "8", "--redundant", "4")
+    plan = tmp_path / "plan8.json"
+    plan.write_text(out)
+    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "4", "--current", str(plan))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--current {plan}: planned for 8 ranks (its num_ranks), but --ranks is 4" in err
+    assert run_cli(capsys, "--load", load_json, "--ranks", "8", "--current", str(plan))[0] == 0
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(json.loads(plan.read_text())["phy2log"]))
+    assert run_cli(capsys, "--load", load_json, "--ranks", "4", "--current", str(bare))[0] == 0
+
+
 def test_a_csv_or_text_load_is_told_which_formats_are_taken(capsys, tmp_path):
     """Before: ``--load x.csv`` said only "not valid JSON (Extra data at line 1)"."""
     for name in ("load.csv", "load.txt"):

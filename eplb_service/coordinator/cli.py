@@ -432,20 +432,16 @@ def check_output_path(flag: str, path: str) -> None:
 
 def _checked_initial_placement(path: str, world_size: int):
     """The ``--initial-placement`` file's ``phy2log``, checked against the ranks it was planned for."""
-    from eplb_service.coordinator.plan_cli import UsageError, read_placement
+    from eplb_service.coordinator.plan_cli import UsageError, planned_ranks, read_placement
 
     try:
         initial = read_placement(path, "--initial-placement")
     except UsageError as exc:
         raise ValueError(str(exc)) from None
-    try:
-        with open(path, encoding="utf-8") as f:
-            planned_ranks = json.load(f).get("num_ranks")
-    except (OSError, ValueError, AttributeError):  # read_placement took it: a bare list has no num_ranks
-        planned_ranks = None
-    if isinstance(planned_ranks, int) and planned_ranks != world_size:
+    ranks = planned_ranks(path)
+    if ranks is not None and ranks != world_size:
         raise ValueError(
-            f"--initial-placement {path}: planned for {planned_ranks} ranks (its num_ranks), but this "
+            f"--initial-placement {path}: planned for {ranks} ranks (its num_ranks), but this "
             f"deployment has {world_size} (--dp x --tp); plan it again with eplb-plan --ranks {world_size}"
         )
     if initial.shape[1] % world_size:

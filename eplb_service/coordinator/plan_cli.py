@@ -374,6 +374,17 @@ def read_placement(path: str, flag: str = "--current") -> np.ndarray:
     return np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
 
 
+def planned_ranks(path: str) -> int | None:
+    """The ``num_ranks`` a placement file from ``eplb-plan`` was planned for; ``None`` where it
+    names none (a bare ``[L, P]`` list) or cannot be read again (:func:`read_placement` read it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("num_ranks")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _warn(message: str, fmt: str | None = None) -> None:
     """A warning line on stderr, in ``fmt`` (``None``: ``EPLB_SERVICE_LOG_FORMAT``'s)."""
     logutil.command_line("eplb-plan", logging.WARNING, f"warning: {message}", message, fmt, PLAN_TAG)
@@ -438,7 +449,15 @@ def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical
 
 
 def _check_current(args: argparse.Namespace, current: np.ndarray, shape: PlacementShape, redundant: int) -> None:
-    """``--current`` fits ``shape``: its size, every entry an expert of ``--load``, none missing."""
+    """``--current`` fits ``shape``: planned for ``--ranks`` (where it says), its size, every entry
+    an expert of ``--load``, none missing. A placement of other ranks puts its slots on other
+    ranks than it did where it was planned: the plan would start from a placement no one has."""
+    ranks = planned_ranks(args.current)
+    if ranks is not None and ranks != args.ranks:
+        raise UsageError(
+            f"--current {args.current}: planned for {ranks} ranks (its num_ranks), but --ranks is {args.ranks}; "
+            "expected the placement of the deployment this plan is for"
+        )
     expected = (shape.num_layers, shape.num_physical)
     if current.shape != expected:
         raise UsageError(
