@@ -472,3 +472,23 @@ def test_sighup_stops_the_daemon_as_cleanly_as_sigterm(daemon):
     out = proc.stdout.read()
     assert "SIGHUP received: stopping" in out and "stopped" in out
     assert not (tmp_path / "run" / "coordinator.sock").exists(), "a clean stop removes the socket file"
+
+
+def test_the_systemd_unit_starts_a_valid_command_and_does_not_restart_a_refused_one():
+    """Before: ``Restart=on-failure`` restarted a coordinator refused for a typo (exit 2) every 2 s,
+    each time one more identical error line, until systemd's start limit (by default 5 starts in
+    10 s, which starts 2 s apart plus their own start-up time may never reach)."""
+    import pathlib
+    import shlex
+
+    from eplb_service.coordinator.cli import config_from_args, parse_command_line
+
+    unit = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "eplb-coordinator.service"
+    settings = dict(
+        line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    command = shlex.split(settings["ExecStart"])
+    assert command[0].endswith("/eplb-coordinator")
+    cfg = config_from_args(parse_command_line(command[1:]))
+    assert cfg.endpoint == "ipc:///run/eplb-service/coordinator.sock" and settings["RuntimeDirectoryMode"] == "0700"
+    assert settings["Restart"] == "on-failure" and settings["RestartPreventExitStatus"].split() == ["2"]
