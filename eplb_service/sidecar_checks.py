@@ -67,8 +67,19 @@ def check_plugin_environment(environ: Mapping[str, str], endpoint: str) -> None:
         plugin_config.from_env({**environ, plugin_config.ENDPOINT: endpoint})
     except plugin_config.ConfigError as exc:
         raise UsageError(f"{exc} (read by the vLLM plugin)") from None
+    log = logutil.rank_logger(__name__, "sidecar")
     for line in plugin_config.unknown_variables(environ):
-        logutil.rank_logger(__name__, "sidecar").warning("%s", line)
+        log.warning("%s", line)
+    inherited = environ.get(plugin_config.ENDPOINT, "").strip()
+    if inherited and inherited != endpoint:  # a host-wide setting the user may think the sidecar follows
+        log.warning(
+            "%s=%s in this environment is not used: vLLM's workers get this sidecar's coordinator, %s "
+            "(--endpoint %s to take that one)",
+            plugin_config.ENDPOINT,
+            inherited,
+            endpoint,
+            inherited,
+        )
 
 
 def coordinator_settings(coordinator_args: list[str]) -> argparse.Namespace:

@@ -223,6 +223,21 @@ def test_a_misspelt_plugin_variable_is_warned_about_before_anything_starts(caplo
     ]
 
 
+def test_an_inherited_endpoint_the_sidecar_replaces_is_said(caplog):
+    """Before: a host-wide ``EPLB_SERVICE_ENDPOINT`` was replaced for vLLM by the sidecar's own
+    ``--endpoint`` (its default) without a word; the same one, or none, is quiet."""
+    from eplb_service.sidecar_checks import check_plugin_environment
+
+    with caplog.at_level(logging.WARNING):
+        check_plugin_environment({"EPLB_SERVICE_ENDPOINT": "tcp://10.0.0.5:5555"}, "ipc:///tmp/x/c.sock")
+        check_plugin_environment({"EPLB_SERVICE_ENDPOINT": "ipc:///tmp/x/c.sock"}, "ipc:///tmp/x/c.sock")
+        check_plugin_environment({}, "ipc:///tmp/x/c.sock")
+    assert [r.getMessage() for r in caplog.records] == [
+        "[sidecar] EPLB_SERVICE_ENDPOINT=tcp://10.0.0.5:5555 in this environment is not used: vLLM's workers get "
+        "this sidecar's coordinator, ipc:///tmp/x/c.sock (--endpoint tcp://10.0.0.5:5555 to take that one)"
+    ]
+
+
 def test_log_format_flag_reaches_the_vllm_workers_environment(monkeypatch):
     """The plugin in vLLM's workers reads no flag: before, ``--log-format json`` made the sidecar's
     and the coordinator's lines JSON and left the workers' agent lines text in the same stream."""
