@@ -103,6 +103,36 @@ def test_status_table_json_metrics_and_graceful_sigterm(daemon):
     assert "stopped" in proc.stdout.read()
 
 
+def run_into(stdout, *argv: str) -> tuple[int, str]:
+    """``argv`` (a module run as a command) with ``stdout`` as given: ``"closed"``, a pipe whose
+    reader is gone before the child writes (as ``| head -1`` that has read its line), or a file."""
+    if stdout == "closed":
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        proc.stdout.close()
+        return proc.wait(timeout=60), proc.stderr.read()
+    out = subprocess.run([sys.executable, "-m", *argv], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+    return out.returncode, out.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_status_and_keygen_into_a_closed_pipe_or_a_full_disk_end_without_a_traceback(daemon):
+    """Before: ``status | head -1`` ended, now and then, in a ``BrokenPipeError`` traceback, and
+    ``status > /dev/full`` (a full disk) in an ``OSError`` one; ``keygen`` the same."""
+    endpoint, _, _, tmp_path = daemon
+    for argv in (
+        ["eplb_service.coordinator.cli", "status", "--endpoint", endpoint],
+        ["eplb_service.coordinator.cli", "keygen", str(tmp_path / "keys")],
+    ):
+        code, err = run_into("closed", *argv)
+        assert (code, err) == (141, ""), err  # as a command SIGPIPE ends: the reader chose to stop
+        with open("/dev/full", "w") as full:
+            code, err = run_into(full, *argv)
+        assert code == 1 and err.count("\n") == 1, err
+        assert err == f"eplb-coordinator {argv[1]}: error: cannot write to stdout: No space left on device\n"
+
+
 def test_status_against_nothing_fails_clearly(tmp_path):
     out = subprocess.run(
         [

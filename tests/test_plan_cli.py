@@ -1,6 +1,7 @@
 """eplb-plan: file formats, output document, one-line errors with exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,22 @@ def test_a_current_placement_planned_for_other_ranks_is_refused(capsys, tmp_path
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(json.loads(plan.read_text())["phy2log"]))
     assert run_cli(capsys, "--load", load_json, "--ranks", "4", "--current", str(bare))[0] == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_plan_into_a_closed_pipe_or_a_full_disk_ends_without_a_traceback(tmp_path):
+    """Before: ``eplb-plan ... | head -c 100`` could end in a ``BrokenPipeError`` traceback and
+    ``> /dev/full`` (a full disk) always did, in an ``OSError`` one."""
+    load = tmp_path / "load.npy"
+    np.save(load, np.random.default_rng(0).integers(0, 1000, (60, 256)).astype(np.float64))
+    argv = [sys.executable, "-m", "eplb_service.coordinator.plan_cli", "--load", str(load), "--ranks", "8"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the plan is written
+    assert (proc.wait(timeout=120), proc.stderr.read()) == (141, "")
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("eplb-plan: error: cannot write to stdout: No space left on device")
 
 
 def test_a_csv_or_text_load_is_told_which_formats_are_taken(capsys, tmp_path):

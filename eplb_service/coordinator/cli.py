@@ -117,10 +117,12 @@ cannot be taken, or, with --simulate, if an output mismatched, a plan diverged, 
 reported an error or rebalancing halted."""
 STATUS_EXIT_STATUS = """\
 Exit status: 0 with the status printed; 1 if no coordinator answers within --timeout-s or the
-endpoint cannot be used (one line naming it); 2 for a refused flag."""
+endpoint cannot be used, or stdout cannot take the status (one line naming it); 2 for a refused
+flag; 141, quietly, if the reader closed the pipe first (`| head -1`), as for a command SIGPIPE ends."""
 KEYGEN_EXIT_STATUS = """\
 Exit status: 0 with the keys' paths printed; 1 if DIR cannot be created or written, or is not
-private to you (one line naming it); 2 for a refused flag."""
+private to you, or stdout cannot take the paths (one line naming it); 2 for a refused flag; 141,
+quietly, if the reader closed the pipe first (the keys are written)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -658,8 +660,7 @@ def _run_status(args: argparse.Namespace) -> int:
     except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory, ValueError) as exc:
         _fail(str(exc), logutil.requested_format([]), "status")
         return 1
-    print(status_json(status, indent=2) if args.json else format_status(status))
-    return 0
+    return _write_result((status_json(status, indent=2) if args.json else format_status(status)) + "\n", "status")
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
@@ -670,8 +671,21 @@ def _run_keygen(args: argparse.Namespace) -> int:
     except SecurityError as exc:  # a bad, unsafe or unwritable DIR: named in the message
         _fail(str(exc), logutil.requested_format([]), "keygen")
         return 1
-    for role, path in paths.items():
-        print(f"{role}: {path}")
+    return _write_result("".join(f"{role}: {path}\n" for role, path in paths.items()), "keygen")
+
+
+def _write_result(text: str, command: str) -> int:
+    """``command``'s result on stdout: 0 once written; quiet and 141 when the reader closed the pipe
+    (``status | head -1``); one line and 1 when stdout cannot take it (a full disk)."""
+    from eplb_service.stdout import SIGPIPE_EXIT, ReaderGone, StdoutError, write_stdout
+
+    try:
+        write_stdout(text)
+    except ReaderGone:
+        return SIGPIPE_EXIT
+    except StdoutError as exc:
+        _fail(str(exc), logutil.requested_format([]), command)
+        return 1
     return 0
 
 

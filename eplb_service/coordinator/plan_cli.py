@@ -63,6 +63,7 @@ from eplb_service.placement import (
     rank_loads,
     validate_phy2log,
 )
+from eplb_service.stdout import SIGPIPE_EXIT, ReaderGone, StdoutError, write_stdout
 from eplb_service.trace import TraceError, UnreadableFile, as_float_loads, load_trace, read_numpy, real_dtype
 
 MAX_COUNT = 2**62
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         description="Compute an expert placement offline from a load file.",
         epilog="Exit status: 0 with the plan written; 2 for bad input (a flag, a file or an entry in it, named\n"
-        "in one line); 130 if interrupted (Ctrl-C), with no --out file written.",
+        "in one line), or a plan stdout cannot take (a full disk); 130 if interrupted (Ctrl-C), with no\n"
+        "--out file written; 141, quietly, if the reader of stdout closed the pipe first (`| head`).",
     )
     parser.add_argument(
         "--load",
@@ -620,7 +622,12 @@ def _run(argv: list[str], fmt: str) -> int:
             except OSError as exc:
                 raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
         else:
-            sys.stdout.write(text)
+            try:
+                write_stdout(text)
+            except ReaderGone:  # `eplb-plan ... | head`: the reader chose to stop; nothing to say
+                return SIGPIPE_EXIT
+            except StdoutError as exc:
+                raise UsageError(f"{exc} (a full disk? --out FILE writes the plan whole or not at all)") from None
     except (UsageError, ValueError) as exc:
         logutil.fatal("eplb-plan", str(exc), fmt, PLAN_TAG)
         return 2
