@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -235,3 +236,34 @@ def test_an_endpoint_the_simulated_ranks_cannot_reach_is_refused(flags, expected
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and expected.replace("KEYS", str(tmp_path / "keys")) in err, err
     assert "opts" not in seen
+
+
+class _Stdout(io.StringIO):
+    """A stdout whose writes fail with ``error``, as a closed pipe or a full disk makes them fail."""
+
+    def __init__(self, error: OSError, fd: int) -> None:
+        super().__init__()
+        self.error, self.fd = error, fd
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+    def fileno(self) -> int:
+        return self.fd  # stdout.py points it at /dev/null: a scratch file's descriptor, not the test's
+
+
+def test_the_summary_into_a_closed_pipe_or_a_full_disk_is_no_traceback(monkeypatch, tmp_path, capsys):
+    """Before: ``--simulate | head`` ended the run in a ``BrokenPipeError`` traceback after its last
+    step, and ``> /dev/full`` in an ``OSError`` one. A closed pipe keeps the run's verdict as the
+    exit status; a full disk is one line, exit 1."""
+    from eplb_service.coordinator import cli
+
+    _captured_simulation(monkeypatch)
+    with open(tmp_path / "scratch", "w") as scratch:
+        monkeypatch.setattr(sys, "stdout", _Stdout(BrokenPipeError(32, "Broken pipe"), scratch.fileno()))
+        assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 0
+        assert capsys.readouterr().err == ""
+        monkeypatch.setattr(sys, "stdout", _Stdout(OSError(28, "No space left on device"), scratch.fileno()))
+        assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == "eplb-coordinator: error: the summary: cannot write to stdout: No space left on device\n", err

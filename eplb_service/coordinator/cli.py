@@ -593,7 +593,15 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     except RankProcessesDied as exc:  # each rank logged its own error: a traceback here would only bury them
         _fail(f"the simulation stopped: {exc} (each rank's error is logged above)")
         return 1
-    print(json.dumps(summary, indent=2))
+    from eplb_service.stdout import ReaderGone, StdoutError, write_stdout
+
+    try:
+        write_stdout(json.dumps(summary, indent=2) + "\n")
+    except ReaderGone:  # `--simulate | head`: the reader stopped; the run's verdict is still the exit status
+        pass
+    except StdoutError as exc:
+        _fail(f"the summary: {exc}")
+        return 1
     ok = (
         summary["output_mismatches"] == 0
         and summary["diverged"] == 0
