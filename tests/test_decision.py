@@ -11,32 +11,19 @@ from __future__ import annotations
 import datetime
 import re
 import socket
-import threading
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
 
 from eplb_service.worker_agent.decision import Decider, Decision, DecisionUnavailable, StoreDecisionRecord
+from eplb_service.worker_agent.serving_hooks import CommitTicket
 
 
-class Ticket:
-    """What the decider needs of a commit ticket: decided once, by the first answer."""
-
-    def __init__(self, plan_id: int) -> None:
-        self.plan_id = plan_id
-        self.decision: Decision | None = None
-        self.decided = threading.Event()
-
-    def resolve(self, decision: Decision) -> bool:
-        if self.decision is not None:
-            return False
-        self.decision = decision
-        self.decided.set()
-        return True
-
-    @property
-    def is_decided(self) -> bool:
-        return self.decided.is_set()
+def ticket_for(plan_id: int) -> CommitTicket:
+    """The serving hooks' own commit ticket (decided once, by the first answer), for ``plan_id``:
+    only its plan id is read of the commit it would apply, so no model is built."""
+    return CommitTicket(action=SimpleNamespace(plan_id=plan_id))  # type: ignore[arg-type]
 
 
 class MemoryRecord:
@@ -113,7 +100,7 @@ def test_the_decider_resolves_the_ticket_with_the_record_s_answer_not_its_own_pr
     record.decisions[5] = Decision.commit_at(77, 1)
     decider = Decider(0).start()
     try:
-        ticket = Ticket(5)
+        ticket = ticket_for(5)
         decider.submit(ticket, record, Decision.abort(0, "fence_timeout: waited", "fence_timeout"))
         assert ticket.decided.wait(2.0)
         assert ticket.decision == Decision.commit_at(77, 1)
@@ -128,10 +115,10 @@ def test_a_proposal_queued_for_a_decided_ticket_never_reaches_the_record():
     gone, record = UnreachableRecord(), MemoryRecord()
     decider = Decider(0, retry_max_s=0.05).start()
     try:
-        decided = Ticket(1)
+        decided = ticket_for(1)
         decided.resolve(Decision.commit_at(30, 1))
         decider.submit(decided, gone, Decision.abort(0, "aborted by the coordinator", "aborted_by_coordinator"))
-        later = Ticket(2)
+        later = ticket_for(2)
         decider.submit(later, record, Decision.commit_at(60, 0))
         assert later.decided.wait(2.0), "a later ticket waited behind a decided one's proposal"
         assert later.decision == Decision.commit_at(60, 0)
@@ -153,7 +140,7 @@ def test_the_decider_retries_an_unreachable_record_until_it_answers():
     record = Flaky()
     decider = Decider(0, retry_max_s=0.02).start()
     try:
-        ticket = Ticket(8)
+        ticket = ticket_for(8)
         decider.submit(ticket, record, Decision.commit_at(90, 0))
         assert ticket.decided.wait(2.0)
         assert ticket.decision == Decision.commit_at(90, 0) and record.proposals == 4
