@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import os
 import socket
-import stat
 from collections.abc import Mapping
 from typing import NoReturn
 
@@ -21,10 +20,11 @@ from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.http_endpoints import listen_socket
 from eplb_service.coordinator.socket_dir import (
     EndpointUnavailable,
+    SocketFile,
     UnsafeSocketDirectory,
     claim_ipc_endpoint,
     prepare_ipc_dir,
-    unix_socket_listening,
+    socket_file_state,
 )
 from eplb_service.security import ClientCurve, SecurityError
 from eplb_service.vllm_command import UsageError
@@ -214,11 +214,8 @@ def _check_ipc_endpoint_free(endpoint: str, path: str) -> None:
     another kind of file: the coordinator refuses both at its start, which ended the sidecar with its
     exit code 1 after it had started it. A stale socket is left for the coordinator to replace."""
     try:
-        held = not stat.S_ISSOCK(os.stat(path).st_mode) or unix_socket_listening(path)
-        if held:
+        if socket_file_state(path) in (SocketFile.NOT_A_SOCKET, SocketFile.LISTENING):
             claim_ipc_endpoint(endpoint)  # raises, naming the coordinator's pid where one answers
-    except FileNotFoundError:
-        return
     except EndpointUnavailable as exc:
         raise UsageError(f"--endpoint {endpoint}: {exc}") from None
 

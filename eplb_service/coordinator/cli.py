@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from eplb_service import logutil
 from eplb_service.coordinator import arg_types
-from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint, default_endpoint
+from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint, default_endpoint, split_tcp_endpoint
 from eplb_service.coordinator.config_file import config_path, load_config_file, peek_log_format
 from eplb_service.protocol import AgentConfig
 from eplb_service.units import human_bytes
@@ -407,8 +407,7 @@ def check_simulation_endpoint(args: argparse.Namespace) -> None:
             f"--curve-dir {args.curve_dir!r} with --simulate: the simulated ranks run on this host without CURVE "
             "keys and could not register; drop --curve-dir (a simulation binds a local endpoint)"
         )
-    from eplb_service.coordinator.config import split_tcp_endpoint
-    from eplb_service.security import is_local_endpoint
+    from eplb_service.security import is_local_endpoint  # imports zmq: not at the CLI's start
 
     endpoint = args.endpoint
     if endpoint is None or not endpoint.startswith("tcp://"):

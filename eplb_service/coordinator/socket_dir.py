@@ -14,6 +14,7 @@ what to do.
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import socket
 import stat
@@ -142,14 +143,14 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
     if path is None:  # tcp://, or the abstract namespace, where a bind fails when taken
         return None
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
+        state = socket_file_state(path)
     except OSError as exc:
         raise EndpointUnavailable(f"cannot check the endpoint's socket {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
+    if state is SocketFile.MISSING:
+        return None
+    if state is SocketFile.NOT_A_SOCKET:
         raise EndpointUnavailable(f"{path} is not a socket; expected a coordinator's ipc:// socket or nothing there")
-    if not unix_socket_listening(path):
+    if state is SocketFile.STALE:
         os.unlink(path)
         return f"removed the stale socket {path} (no process listens on it)"
     import zmq
@@ -173,6 +174,29 @@ def claim_ipc_endpoint(endpoint: str, probe_timeout_s: float = 2.0) -> str | Non
     raise EndpointUnavailable(
         f"a coordinator (pid {pid}) already serves {endpoint}; stop it first or choose another --endpoint"
     )
+
+
+class SocketFile(enum.Enum):
+    """What is at an ``ipc://`` endpoint's path."""
+
+    MISSING = "missing"
+    NOT_A_SOCKET = "not a socket"
+    STALE = "stale"
+    """A socket nobody listens on: its coordinator died, or has not listened yet."""
+    LISTENING = "listening"
+
+
+def socket_file_state(path: str) -> SocketFile:
+    """What is at ``path``: the one reading the coordinator's claim, the sidecar's check and
+    ``status`` make of it. ``OSError`` where the path cannot be read; :class:`EndpointUnavailable`
+    where a socket there cannot be probed."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return SocketFile.MISSING
+    if not stat.S_ISSOCK(mode):
+        return SocketFile.NOT_A_SOCKET
+    return SocketFile.LISTENING if unix_socket_listening(path) else SocketFile.STALE
 
 
 def unix_socket_listening(path: str) -> bool:

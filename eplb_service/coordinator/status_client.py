@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 
 import zmq
 
@@ -13,9 +12,10 @@ from eplb_service import protocol
 from eplb_service.coordinator.registration_watch import rank_spans
 from eplb_service.coordinator.socket_dir import (
     EndpointUnavailable,
+    SocketFile,
     check_endpoint_dir,
     socket_file_path,
-    unix_socket_listening,
+    socket_file_state,
 )
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, ClientCurve, is_local_endpoint
 from eplb_service.zmq_tcp import allow_ipv6
@@ -80,15 +80,14 @@ def _check_socket_file(endpoint: str) -> None:
     # A file that is no socket, or a socket nobody listens on (its coordinator was killed, or has
     # not bound yet): ZeroMQ retries it as silently as a missing one.
     try:
-        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
-        listening = is_socket and unix_socket_listening(path)
+        state = socket_file_state(path)
     except (OSError, EndpointUnavailable):
         return  # cannot tell: the request itself says what happens
-    if not is_socket:
+    if state is SocketFile.NOT_A_SOCKET:
         raise NoCoordinatorSocket(
             f"no coordinator at {endpoint}: {path} is not a socket; expected a coordinator's ipc:// socket"
         )
-    if not listening:
+    if state is SocketFile.STALE:
         raise NoCoordinatorSocket(
             f"no coordinator at {endpoint}: nothing listens on the socket file {path} (left by a coordinator "
             "that was killed, or one not listening yet)"
