@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -167,6 +168,7 @@ def run(scenario: str, seconds: float, agent_cfg: protocol.AgentConfig, step_s: 
             c.stop()
         root.removeHandler(counter)
         root.setLevel(old_level)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
