@@ -78,7 +78,7 @@ class CoordinatorMetrics:
         r = self.registry = CollectorRegistry()
         self.build_info = Gauge(
             "eplb_build_info",
-            "Version of this coordinator and of its wire protocol (always 1)",
+            "Always 1: its labels name this coordinator's version and its wire protocol version",
             ["version", "protocol"],
             registry=r,
         )
