@@ -52,6 +52,14 @@ def test_validate_names_layer_and_value():
         validate_phy2log(np.zeros((2, 5), dtype=np.int64), shape)
 
 
+def test_validate_refuses_the_first_expert_past_the_end():
+    """Expert ``N_log`` is one past the last: counted as expert 0 of the next layer it would hide
+    that layer's missing expert 0, and indexing a ``[.., N_log]`` map with it is out of range."""
+    shape = PlacementShape(2, 4, 6, 2)
+    with pytest.raises(PlacementError, match="layer 0: slot 5 holds expert 4, expected 0 <= expert < 4"):
+        validate_phy2log(np.array([[0, 1, 2, 3, 0, 4], [1, 1, 2, 3, 1, 2]]), shape)
+
+
 def test_rank_loads_split_evenly_over_replicas():
     phy2log = np.array([[0, 0, 1, 2]])  # expert 0 twice, ranks of 2 slots
     load = np.array([[10.0, 4.0, 6.0]])
@@ -71,6 +79,20 @@ def test_log2phy_lists_slots_ascending():
     assert logical_to_physical(phy2log, 3, 2).tolist() == [[[1, -1], [0, 2], [3, -1]]]
     with pytest.raises(PlacementError, match="expert 1 has 2 replicas"):
         logical_to_physical(phy2log, 3, 1)
+
+
+def test_log2phy_of_a_wide_layer_lists_every_slot_ascending_then_padding():
+    """A layer of hundreds of slots: an unstable sort (numpy's default quicksort, stable only
+    below 17 items) would list an expert's replicas in no fixed order."""
+    rng = np.random.default_rng(5)
+    phy2log = rng.integers(0, 16, size=(3, 512))
+    phy2log[:, :16] = np.arange(16)
+    width = int(logical_replica_count(phy2log, 16).max())
+    log2phy = logical_to_physical(phy2log, 16, width + 1)
+    for layer in range(3):
+        for expert in range(16):
+            slots = np.flatnonzero(phy2log[layer] == expert).tolist()
+            assert log2phy[layer, expert].tolist() == slots + [-1] * (width + 1 - len(slots)), (layer, expert)
 
 
 def changed_slots(old_phy2log: np.ndarray, new_phy2log: np.ndarray) -> np.ndarray:
