@@ -24,6 +24,11 @@ from conftest import expert_row_value, make_model, rows_match_maps
 from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.worker_agent.commit_vote import corrupt_ops, proposal_from, vote_vector
+from eplb_service.worker_agent.decision import Decision
+from eplb_service.worker_agent.expert_model import map_tensors
+from eplb_service.worker_agent.schedule import build_schedule
+from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
+from eplb_service.worker_agent.staging import prepare_commit
 from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, StagingPipeline
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
@@ -44,10 +49,10 @@ def new_rows() -> np.ndarray:
     return rows
 
 
-def stage_both(rows: np.ndarray, config: protocol.AgentConfig) -> tuple[list, list]:
+def stage_both(rows: np.ndarray, config: protocol.AgentConfig, layers: tuple[int, ...] = (1,)) -> tuple[list, list]:
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
-    plan = protocol.Plan(plan_id=7, base_epoch=0, layers=[1], phy2log=protocol.NDArray.from_numpy(rows))
+    plan = protocol.Plan(plan_id=7, base_epoch=0, layers=list(layers), phy2log=protocol.NDArray.from_numpy(rows))
     models = [make_model(r, SHAPE) for r in range(2)]
     staged: list = [None, None]
     errors: list = []
@@ -87,6 +92,44 @@ def test_two_ranks_stage_every_incoming_expert_and_leave_live_rows_alone():
             assert torch.all(area.rows[0][row.index] == expert_row_value(1, row.expert)), (rank, row)
             assert torch.all(area.rows[1][row.index] == 2 * expert_row_value(1, row.expert)), (rank, row)
     assert staged[1].received_bytes > 0 and staged[0].received_bytes > 0
+
+
+def test_a_two_layer_plan_with_local_duplicate_and_remote_rows_commits_to_exactly_the_plan():
+    """Stage on both ranks, then commit: every live row and every map must be the plan's.
+
+    The plan mixes every kind of staging row over two layers. Rank 0 receives expert 4 of layer 1
+    from rank 1 and copies it again to a second slot (a duplicate), and fills layer 0's slot 3
+    from its own slot 0 (local); rank 1 receives expert 3 of layer 0 and copies expert 0 of
+    layer 1 locally. Renumbered for block transfers, rank 0's staging is layers 1, 0, 1: the
+    commit must not take it as sorted by layer. Layer 1's replica counts change (expert 4 gets
+    two, expert 1 one), so stale counts show too.
+    """
+    layers = (0, 1)
+    rows = np.array([[0, 1, 2, 0, 4, 5, 3, 1], [4, 4, 2, 3, 0, 5, 0, 1]])
+    models, staged = stage_both(rows, protocol.AgentConfig(), layers)
+    assert [len(s.area.work.duplicates) for s in staged] == [1, 0]
+    assert [row.layer for row in staged[0].area.work.staging] == [1, 0, 1]
+    # Every remote row has a digest on both ends, or the vote compares the sender's with itself.
+    schedule = build_schedule(initial_phy2log(SHAPE)[list(layers)], rows, SHAPE.num_ranks)
+    for k, op in enumerate(schedule.remote):
+        assert staged[op.src_rank].digests[k] != NO_DIGEST and staged[op.dst_rank].digests[k] != NO_DIGEST, k
+    for rank, (model, result) in enumerate(zip(models, staged)):
+        hooks = ServingHooks(model, report_interval_steps=4, fence_steps=1, fence_timeout_s=1.0)
+        ticket = CommitTicket(action=prepare_commit(model, 7, list(layers), rows, result.area))
+        ticket.vote_entry_step = 0
+        ticket.resolve(Decision.commit_at(1, rank=0))
+        hooks.ticket = ticket
+        for _ in range(2):
+            hooks.before_step()
+            hooks.after_step(None)
+        assert ticket.outcome == "committed", (rank, ticket.outcome)
+        full = initial_phy2log(SHAPE)
+        full[list(layers)] = rows
+        phy2log, log2phy, logcnt = map_tensors(full, SHAPE.num_logical, SHAPE.num_redundant + 1)
+        assert torch.equal(model.phy2log, phy2log), rank
+        assert torch.equal(model.log2phy, log2phy), rank
+        assert torch.equal(model.logcnt, logcnt), rank
+        assert rows_match_maps(model), f"rank {rank}: a live row holds another expert than its map says"
 
 
 def test_the_ranks_digests_agree_once_reduced_and_a_corrupt_one_is_named():
