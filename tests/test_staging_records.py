@@ -23,7 +23,7 @@ from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
 from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.staging import StagingArea, prepare_commit
-from eplb_service.worker_agent.transport import RecordLayout
+from eplb_service.worker_agent.transport import P2POp, RecordLayout, TransportError
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
 
@@ -160,3 +160,45 @@ def test_commit_warm_up_launches_nothing_on_cpu_and_leaves_the_model_alone():
     assert warm_commit_kernels(action) == 0
     assert all(torch.equal(a, b) for a, b in zip(weights, model.expert_weights[0]))
     assert np.array_equal(model.phy2log.numpy(), phy2log)
+
+
+def test_bytes_per_expert_counts_bytes_of_every_weight_tensor(small_shape):
+    """The staging budget, the chunk bounds and the throttle all count in these bytes: one
+    element per weight would make every figure 2 (bf16) or 4 (float32) times too small."""
+    model = make_model(0, small_shape)  # float32 rows of 6 and 3 elements
+    assert model.bytes_per_expert == (6 + 3) * 4 == sum(RecordLayout.of(model.expert_weights[0]).sizes)
+    model.expert_weights = [[t.to(torch.bfloat16) for t in layer] for layer in model.expert_weights]
+    assert model.bytes_per_expert == (6 + 3) * 2
+
+
+def test_an_expert_model_with_a_row_more_or_less_than_its_slots_is_refused(small_shape):
+    """Row ``i`` of a layer's tensors is local slot ``i``: with one row too many, live slots and
+    maps would no longer correspond, and the commit's row indices would miss."""
+    from eplb_service.worker_agent.expert_model import ExpertModel
+
+    good = make_model(0, small_shape)
+    for rows in (small_shape.slots_per_rank + 1, small_shape.slots_per_rank - 1):
+        weights = [list(layer) for layer in good.expert_weights]
+        weights[1][0] = torch.zeros(rows, 6)
+        with pytest.raises(
+            ValueError, match=f"expert_weights\\[1\\]\\[0\\] has {rows} rows, expected slots_per_rank=4"
+        ):
+            ExpertModel(weights, good.phy2log, good.log2phy, good.logcnt, rank=0, num_ranks=small_shape.num_ranks)
+
+
+def test_a_gloo_receive_that_fails_fails_the_exchange():
+    """A receive that ended in an error (a peer reset) left its staging rows unwritten: the
+    exchange must raise, never let the batch be reported staged."""
+
+    class FailedWork:
+        def wait(self) -> bool:
+            raise RuntimeError("Connection reset by peer")
+
+    class Group:
+        def recv(self, tensors, peer, tag):
+            return FailedWork()
+
+    transport = GlooTransport()
+    transport._group = Group()  # type: ignore[assignment]
+    with pytest.raises(TransportError, match="gloo exchange of 1 ops failed: Connection reset by peer"):
+        transport.exchange([P2POp(False, torch.zeros(4), 1, 0)])
