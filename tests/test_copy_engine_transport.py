@@ -13,6 +13,7 @@ import glob
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 
 import numpy as np
@@ -133,6 +134,22 @@ def test_control_block_descriptors_acks_and_state():
     assert block.state == ce.STATE_LIVE
     block.mark_aborted()
     assert block.state == ce.STATE_ABORTED
+
+
+def test_a_descriptor_is_published_fields_first_and_its_sequence_number_last():
+    """A receiver polls the sequence number and then reads the fields: at the barrier between
+    the writer's two stores, the fields must be there and the sequence number not yet (else a
+    receiver on another core can take a new number with the previous piece's offset and size)."""
+    words = np.zeros(ce.control_words(3), dtype=np.int64)
+    at_fence: list[np.ndarray] = []
+    block = ce.ControlBlock(words, 3, fence=lambda: at_fence.append(words.copy()))
+    block.init(rank=1, generation=4)
+    at_fence.clear()
+    d = ce.Descriptor(seq=1, offset=256, nbytes=100, stream_offset=0, stream_total=300, stream_no=1)
+    block.publish(2, d)
+    assert len(at_fence) == 1
+    assert ce.ControlBlock(at_fence[0], 3).descriptor(2) == ce.Descriptor(0, 256, 100, 0, 300, 1)
+    assert block.descriptor(2) == d
 
 
 def test_a_receiver_takes_the_next_piece_and_refuses_anything_else():
@@ -403,3 +420,111 @@ def test_auto_falls_back_per_deployment_and_a_forced_copy_engine_names_the_pair(
         assert r["forced_error"] and "cannot use peer copies" in r["forced_error"] and "0-1" in r["forced_error"]
         assert r["one_host_name"] == "auto:copy-engine"
         assert r["degraded_name"] == "auto:gloo"
+
+
+# -- completion order, with copies that land late -----------------------------------------------------
+
+
+class _LateCopies(HostMemoryMover):
+    """The host mover with a device's timing: a copy is only queued on this rank's stream, and
+    lands when :class:`_Device` runs it, in stream order; ``mark``/``done`` see what has landed.
+    A rank that publishes, acknowledges or refills its outbox before its own copy landed then
+    races its peers' copies, as on a GPU (on the plain host mover every copy lands at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: collections.deque = collections.deque()
+        self.queued = 0
+        self.landed = 0
+
+    def fill(self, window, offset, src, src_offset, nbytes) -> None:
+        self._enqueue(lambda: HostMemoryMover.fill(self, window, offset, src, src_offset, nbytes))
+
+    def pull(self, dst, dst_offset, window, offset, nbytes) -> None:
+        self._enqueue(lambda: HostMemoryMover.pull(self, dst, dst_offset, window, offset, nbytes))
+
+    def _enqueue(self, copy) -> None:
+        self.queue.append(copy)
+        self.queued += 1
+
+    def mark(self) -> object:
+        return self.queued
+
+    def done(self, marker: object) -> bool:
+        return marker is None or self.landed >= int(marker)  # type: ignore[call-overload]
+
+
+class _Device(threading.Thread):
+    """Runs the ranks' queued copies, each rank's in order, the ranks in a seeded random order."""
+
+    def __init__(self, movers: list[_LateCopies], seed: int) -> None:
+        super().__init__(daemon=True)
+        self.movers, self.rng, self.stop = movers, np.random.default_rng(seed), threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            busy = [m for m in self.movers if m.queue]
+            if not busy:
+                time.sleep(0.0002)
+                continue
+            mover = busy[int(self.rng.integers(len(busy)))]
+            mover.queue.popleft()()
+            mover.landed += 1
+            time.sleep(float(self.rng.random()) * 0.0005)
+
+
+def test_every_byte_lands_when_copies_complete_late_and_out_of_step_across_ranks():
+    """Three ranks in one process each send the two others streams larger than the outbox
+    (several rounds), while every copy lands late and the ranks' copies interleave at random.
+
+    The exchange must publish a piece only once its fill into the outbox has landed, acknowledge
+    it only once the pull out of it has landed, and refill the outbox only once every receiver of
+    the round has acknowledged: otherwise a receiver reads bytes not yet written, or overwritten
+    by the next round, and the streams arrive corrupted.
+    """
+    world, sizes = 3, [3000, 0, 5000, 700]
+    port = free_port()
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
+    )
+    movers = [_LateCopies() for _ in range(world)]
+    transports = [CopyEngineTransport(m, window_bytes=4096, host="one-host") for m in movers]
+    device = _Device(movers, seed=11)
+    device.start()
+    comm = protocol.CommInit(generation=1, store_host="127.0.0.1", store_port=port, world_size=world)
+    received: dict[tuple[int, int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            transports[rank].connect(comm, rank, 20)
+            for exchange in range(2):
+                ops = []
+                for peer in range(world):
+                    if peer == rank:
+                        continue
+                    for i, n in enumerate(sizes):
+                        ops.append(P2POp(True, pattern(rank, peer, 10 * exchange + i, n), peer, 0))
+                        into = received[(peer, rank, 10 * exchange + i)] = torch.zeros(n, dtype=torch.uint8)
+                        ops.append(P2POp(False, into, peer, 0))
+                transports[rank].exchange(ops)
+            transports[rank].synchronize()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        device.stop.set()
+        for t in transports:
+            t.close()
+        del store
+    assert not errors, errors
+    assert len(received) == world * (world - 1) * 2 * len(sizes)
+    wrong = [key for key, got in received.items() if not torch.equal(got, pattern(*key, got.numel()))]
+    assert not wrong, f"corrupted streams (sender, receiver, op): {wrong}"
+    assert sum(m.landed for m in movers) > 40, "the streams must move in many pieces"
