@@ -194,3 +194,18 @@ def test_a_late_staged_or_committed_of_an_earlier_plan_does_not_count_for_the_pl
             ),
         )
     assert c.plans.outcomes[-1].phase == "aborted" and c.halted_reason is None and c.epoch == 1
+
+
+def test_a_late_load_report_copy_leaves_the_rank_s_reported_step_alone():
+    """A load report of steps 0..10 delivered after the one of 10..20: the rank has reported up to
+    step 20 (status ``load_reported_to_step``, and the watch for a rank whose reports stopped)."""
+    c, _ = harness()
+    r = c.registry.agents[1]
+    counts = protocol.NDArray.from_numpy(np.ones((2, 8), dtype=np.int64))
+    for begin, end in ((10, 20), (0, 10)):
+        c._handle(
+            r.identity,
+            protocol.LoadReport(rank=1, epoch=0, step_begin=begin, step_end=end, slot_load=counts, session=r.session),
+        )
+    assert c.registry.agents[1].load_reported_to == 20
+    assert c.book.window.reports == 2
