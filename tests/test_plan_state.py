@@ -436,3 +436,16 @@ def test_an_aborted_batch_drops_the_batches_after_it_and_rebuilds_the_side_commu
     assert c.plans.pending_batches == []
     assert c.side_comm.generation == generation + 1
     assert any(isinstance(m, protocol.CommInit) and m.generation == generation + 1 for _, m in sent)
+
+
+def test_a_rank_s_copies_go_at_doubling_intervals_up_to_the_cap_and_at_once_after_a_reopen():
+    """``ResendSchedule``: first ``first_s`` after ``since``, then 2x, 4x ... apart up to ``max_s``; a
+    rank whose socket was reopened (``due_now``) is due at once, its back-off back to the first."""
+    from eplb_service.coordinator.resend import ResendSchedule
+
+    schedule = ResendSchedule(since=0.0, first_s=0.25, max_s=2.0)
+    due_at = [ms / 1000 for ms in range(0, 10_000, 10) if schedule.due(ms / 1000, [1])]
+    assert due_at == [0.25, 0.75, 1.75, 3.75, 5.75, 7.75, 9.75]
+    schedule.due_now(1, 8.0)
+    assert schedule.due(8.0, [1]) == [1]
+    assert schedule.due(8.25, [1]) == [] and schedule.due(8.5, [1]) == [1]  # 0.5 s after: the back-off restarted
