@@ -163,3 +163,24 @@ def test_the_load_window_measures_persistence_on_its_two_newest_complete_segment
     window.add(b, 300, 350)  # segments 1 and 2 complete now: b then b
     assert window.persistence() == pytest.approx(1.0)
     assert sorted(window.segments) == [1, 2, 3]
+
+
+def test_persistence_is_pooled_over_every_layer_not_read_off_one():
+    """A layer that keeps its shape and one that keeps 14/34 of its deviations, with equal spread:
+    their pooled slope is the mean of the two, whichever layer comes first."""
+    kept, shrunk = np.array([8.0, 1.0, 1.0, 2.0]), np.array([5.0, 2.0, 2.0, 3.0])
+    assert persistence(kept[None], shrunk[None]) == pytest.approx(14 / 34)
+    for order in ((0, 1), (1, 0)):
+        previous = np.stack([kept, kept])[list(order)]
+        latest = np.stack([kept, shrunk])[list(order)]
+        assert persistence(previous, latest) == pytest.approx((1 + 14 / 34) / 2)
+
+
+def test_the_load_window_measures_no_persistence_across_a_segment_without_load():
+    """Segments 0 and 2 complete, 1 empty (an idle stretch): they are two half-lives apart, not
+    adjacent windows, so the window plans for the load as it is (1.0)."""
+    window = LoadWindow(num_layers=1, num_logical=4, half_life_steps=100)
+    window.add(np.array([[8.0, 1.0, 1.0, 2.0]]), 0, 50)
+    window.add(np.array([[1.0, 8.0, 2.0, 1.0]]), 200, 250)
+    window.add(np.array([[1.0, 8.0, 2.0, 1.0]]), 300, 350)
+    assert sorted(window.segments) == [0, 2, 3] and window.persistence() == 1.0

@@ -65,3 +65,11 @@ def test_the_book_folds_each_report_with_its_epochs_placement_across_commits_and
             assert exc.reason == "bad_values" and "slot_load[0, " in str(exc)
         else:
             raise AssertionError(f"accepted {bad}")
+
+
+def test_the_window_decays_for_every_step_not_once_per_half_life():
+    """A report half a half-life after the last weighs the older load by 2**-0.5 already."""
+    window = LoadWindow(num_layers=1, num_logical=2, half_life_steps=100)
+    window.add(np.array([[8.0, 0.0]]), 0, 100)
+    window.add(np.array([[0.0, 4.0]]), 100, 150)
+    assert np.allclose(window.load, [[8.0 * 2**-0.5, 4.0]])
