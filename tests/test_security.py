@@ -44,6 +44,33 @@ def test_local_endpoints_are_recognised():
     assert not is_local_endpoint("tcp://0.0.0.0:5555") and not is_local_endpoint("tcp://10.1.2.3:5555")
 
 
+def test_a_host_name_is_local_only_when_every_address_it_resolves_to_is_loopback(monkeypatch):
+    """A name that resolves to a loopback and a routable address binds where other hosts reach it."""
+    resolved = {
+        "mixed.example": ["127.0.0.1", "10.1.2.3"],
+        "loop.example": ["127.0.0.1", "::1"],
+    }
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, port: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in resolved[host]],
+    )
+    assert is_local_endpoint("tcp://loop.example:5555")
+    assert not is_local_endpoint("tcp://mixed.example:5555")
+    with pytest.raises(SecurityError, match="reachable from other hosts"):
+        CoordinatorConfig(world_size=2, endpoint="tcp://mixed.example:5555")
+
+
+@pytest.mark.parametrize("only", [SERVER_CERT_ENV, CLIENT_CERT_ENV])
+def test_an_agent_given_one_of_its_two_certificates_is_told_to_set_both(monkeypatch, tmp_path, only):
+    """Not a traceback from the certificate loader over a missing path: the error names both variables."""
+    monkeypatch.delenv(SERVER_CERT_ENV, raising=False)
+    monkeypatch.delenv(CLIENT_CERT_ENV, raising=False)
+    monkeypatch.setenv(only, str(tmp_path / "server.key"))
+    with pytest.raises(SecurityError, match=f"set both {SERVER_CERT_ENV} and {CLIENT_CERT_ENV}, or neither"):
+        ClientCurve.from_env()
+
+
 def test_remote_tcp_needs_curve_or_insecure():
     with pytest.raises(SecurityError, match="--curve-dir DIR"):
         CoordinatorConfig(world_size=2, endpoint="tcp://0.0.0.0:5555")

@@ -356,3 +356,29 @@ def test_listeners_at_the_bound_are_not_released_while_a_plan_is_in_flight(tmp_p
     finally:
         router.close(linger=0)
         ctx.term()
+
+
+def test_a_socket_that_cannot_be_probed_is_never_taken_for_a_stale_one(tmp_path, monkeypatch):
+    """A connect that times out (a live coordinator with its accept backlog full) or is denied says
+    nothing about whether a process listens: the claim refuses, and the file stays. Only a refused
+    connection (nobody listens) makes it stale and removed."""
+    import errno
+    import socket
+
+    from eplb_service.coordinator.socket_dir import EndpointUnavailable, claim_ipc_endpoint
+
+    path = str(tmp_path / "c.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+        bound.bind(path)  # a socket file; what the probe meets is set below
+        for error in (TimeoutError("timed out"), PermissionError(errno.EACCES, "Permission denied")):
+
+            def connect(self, address, error=error):
+                raise error
+
+            monkeypatch.setattr(socket.socket, "connect", connect)
+            with pytest.raises(EndpointUnavailable, match="cannot check the endpoint's socket"):
+                claim_ipc_endpoint(f"ipc://{path}")
+            assert os.path.exists(path)
+        monkeypatch.undo()
+        assert claim_ipc_endpoint(f"ipc://{path}") == f"removed the stale socket {path} (no process listens on it)"
+        assert not os.path.exists(path)
