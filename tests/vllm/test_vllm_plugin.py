@@ -105,6 +105,7 @@ def test_full_configuration_from_env():
         ({C.STAGING_BUDGET_BYTES: "0"}, "EPLB_SERVICE_STAGING_BUDGET_BYTES='0': expected a finite value > 0"),
         ({C.THROTTLE_BYTES_PER_S: "-1"}, "EPLB_SERVICE_THROTTLE_BYTES_PER_S='-1': expected a finite value >= 0"),
         ({C.REPORT_INTERVAL_STEPS: "ten"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='ten': expected an integer"),
+        ({C.REPORT_INTERVAL_STEPS: "0"}, "EPLB_SERVICE_REPORT_INTERVAL_STEPS='0': expected a finite value > 0"),
         ({C.SIDE_MAX_CTAS: "0"}, "EPLB_SERVICE_SIDE_MAX_CTAS='0': expected a finite value > 0"),
         ({C.SIDE_MAX_CTAS: "65"}, "EPLB_SERVICE_SIDE_MAX_CTAS=65: expected 1..64 CTAs"),
         ({C.LOG_FORMAT: "xml"}, "EPLB_SERVICE_LOG_FORMAT='xml': expected 'text' or 'json'"),
@@ -116,6 +117,28 @@ def test_bad_variables_are_named(env, needle):
     with pytest.raises(C.ConfigError) as exc:
         C.from_env({C.ENDPOINT: "ipc:///tmp/x.sock", **env})
     assert needle in str(exc.value)
+
+
+def test_each_variables_smallest_and_largest_usable_values_are_taken():
+    """The bounds themselves: a throttle of 0 is "unthrottled" (README), 64 CTAs is NCCL's channel
+    maximum, and 1 is the least budget, interval and CTA count. A bound made strict refused them."""
+    low = C.from_env(
+        {
+            C.ENDPOINT: "ipc:///tmp/x.sock",
+            C.THROTTLE_BYTES_PER_S: "0",
+            C.STAGING_BUDGET_BYTES: "1",
+            C.REPORT_INTERVAL_STEPS: "1",
+            C.SIDE_MAX_CTAS: "1",
+        }
+    )
+    assert (low.throttle_bytes_per_s, low.staging_budget_bytes, low.report_interval_steps, low.side_max_ctas) == (
+        0.0,
+        1,
+        1,
+        1,
+    )
+    assert low.agent_overrides() == {"throttle_bytes_per_s": 0.0, "report_interval_steps": 1}
+    assert C.from_env({C.ENDPOINT: "ipc:///tmp/x.sock", C.SIDE_MAX_CTAS: "64"}).side_max_ctas == 64
 
 
 def _install(tmp_path, agent_factory=None, variant: type = FakeEplbStateBase, **cfg):
@@ -184,6 +207,23 @@ def test_the_plugins_lines_say_active_only_where_it_takes_eplb_over(monkeypatch,
     else:
         assert len(later) == 1 and "the plugin stays passive" in later[0], later
         assert not any("active:" in line for line in lines), lines
+
+
+def test_a_model_config_without_is_moe_counts_as_moe():
+    """Where ``ModelConfig.is_moe`` is missing the model is taken as MoE: without --enable-eplb it is
+    refused (not served passively, without a word of eplb-service), with it the plugin takes over."""
+    from types import SimpleNamespace
+
+    def parallel(enable_eplb: bool) -> SimpleNamespace:
+        return SimpleNamespace(
+            enable_eplb=enable_eplb, enable_expert_parallel=True, enable_elastic_ep=False, pipeline_parallel_size=1
+        )
+
+    no_flag = SimpleNamespace(model="old-moe")
+    assert not adapter.is_dense_model(no_flag)
+    with pytest.raises(C.ConfigError, match="runs without --enable-eplb"):
+        adapter.check_parallel_config(parallel(False), no_flag)
+    assert adapter.check_parallel_config(parallel(True), no_flag) is None
 
 
 def test_pipeline_parallelism_is_refused_before_any_worker_starts(tmp_path):
@@ -298,6 +338,24 @@ def test_changed_step_signature_is_refused(tmp_path):
         )
 
 
+def test_step_parameters_in_another_order_are_refused(tmp_path):
+    """The runners pass ``is_dummy`` and ``is_profile`` by position: a ``step`` that takes them the
+    other way round would have the plugin treat the profile run as a dummy step (and the reverse)."""
+
+    class Swapped(FakeEplbStateBase):
+        def step(self, is_profile: bool = False, is_dummy: bool = False, log_stats: bool = False):
+            pass
+
+    with pytest.raises(
+        adapter.AdapterError,
+        match=r"step has parameters \['is_profile', 'is_dummy', 'log_stats'\]; "
+        r"expected \['is_dummy', 'is_profile', 'log_stats'\] first, in this order",
+    ):
+        plugin.install(
+            C.PluginConfig(endpoint=f"ipc://{tmp_path}/c.sock"), Swapped, None, agent_factory=unstarted_agent
+        )
+
+
 def added_state():
     state = FakeEplbStateBase()
     state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m"))
@@ -330,6 +388,15 @@ def _mutations():
     def rows(s):
         s.model.expert_weights[1][0] = torch.zeros((3, 12))
 
+    def extra_rows(s):
+        s.model.expert_weights[1][0] = torch.zeros((5, 12))
+
+    def width_one_short(s):
+        s.logical_to_physical_map = s.logical_to_physical_map[:, :, :2].contiguous()
+
+    def padding_not_minus_one(s):
+        s.logical_to_physical_map[:, :, 3:] = 0
+
     def layers(s):
         s.model.expert_weights = s.model.expert_weights[:1]
 
@@ -353,6 +420,12 @@ def _mutations():
         (logcnt, "logical_replica_count does not count the replicas"),
         (load_shape, "expert_load_pass has shape (2, 6), expected (2, 8)"),
         (rows, "expert_weights[1][0] has shape (3, 12), expected [num_local_physical_experts=4, -1]"),
+        (extra_rows, "expert_weights[1][0] has shape (5, 12), expected [num_local_physical_experts=4, -1]"),
+        (width_one_short, "logical_to_physical_map is 2 wide, expected at least num_redundant_experts + 1 = 3"),
+        (
+            padding_not_minus_one,
+            "logical_to_physical_map is not physical_to_logical_map's slots in ascending order, -1 padded to width",
+        ),
         (layers, "expert_weights has 1 layers, expected num_moe_layers=2"),
         (ranks, "2 local physical experts x 2 EP ranks, expected their product to be num_physical_experts=8"),
         (not_a_tensor, "logical_replica_count is a list, expected a torch.Tensor"),
@@ -367,6 +440,13 @@ def test_shape_and_layout_mismatches_fail_naming_what_was_expected(mutate, needl
     with pytest.raises(adapter.AdapterError) as exc:
         adapter.view_model_state(state, TOPOLOGY)
     assert needle in str(exc.value)
+
+
+def test_a_map_just_wide_enough_for_every_redundant_slot_is_taken():
+    """num_redundant_experts + 1 columns hold every replica one logical expert can have."""
+    state = added_state()
+    state.logical_to_physical_map = state.logical_to_physical_map[:, :, :3].contiguous()
+    assert adapter.view_model_state(state, TOPOLOGY).log2phy.shape == (2, 6, 3)
 
 
 def test_noncontiguous_rows_of_the_right_shape_are_refused():
@@ -471,6 +551,33 @@ def test_a_draft_without_model_name_or_runner_type_cannot_be_told_apart(tmp_path
         "cannot tell a draft model from the main one",
     ):
         state_cls().add_model(fake_moe_model(SHAPE, rank=0), config)
+
+
+@pytest.mark.parametrize("runner_type", ["generate", "pooling"])
+def test_only_the_draft_runner_type_marks_a_draft(tmp_path, monkeypatch, runner_type):
+    """Where ``add_model`` takes no ``model_name`` (0.18-0.31), ``runner_type == "draft"`` alone marks
+    a draft: a MoE main model of another runner (a pooling one) is the model the agent manages."""
+    monkeypatch.setattr(adapter, "ep_topology", lambda: TOPOLOGY)
+    state_cls, _ = _install(tmp_path, variant=VARIANTS["0.20"])
+    state = state_cls()
+    state.add_model(fake_moe_model(SHAPE, rank=0), FakeModelConfig("m", runner_type=runner_type))
+    binding = plugin.binding_of(state)
+    assert binding is not None and binding.view.phy2log is state.model_states["hash-m"].physical_to_logical_map
+    assert binding.passive_load_passes == []
+
+
+@pytest.mark.parametrize("given", ["", "team-a/qwen3-prod"])
+def test_the_agent_gets_the_users_deployment_id_over_the_derived_one_and_the_ranks_per_node(monkeypatch, given):
+    """``EPLB_SERVICE_DEPLOYMENT`` is for nodes that name their store differently (README): it must win
+    over the id derived from vLLM's process group, or the nodes would register as different deployments.
+    Ranks per node (EP world / vLLM's node count) let the schedule prefer same-node sources."""
+    monkeypatch.setattr(adapter, "deployment_id", lambda topology: "vllm-00112233445566aa")
+    monkeypatch.setattr(VllmWorkerAgent, "start", lambda self: self)  # no thread, no socket
+    topology = adapter.EpTopology(rank=0, world_size=2, num_nodes=2)
+    cfg = C.PluginConfig(endpoint="ipc:///nonexistent/c.sock", transport="gloo", deployment=given)
+    agent = plugin.start_agent(cfg, adapter.view_model_state(added_state(), topology), topology)
+    assert agent.deployment == (given or "vllm-00112233445566aa")
+    assert agent.ranks_per_node == 1 and agent.pipeline.ranks_per_node == 1
 
 
 def test_load_recording_gated_by_another_tensor_than_eplb_states_is_refused():
