@@ -115,6 +115,23 @@ def test_an_abbreviated_size_flag_is_not_guessed_but_said(caplog):
     assert "the vLLM command has --tensor-parallel, which vLLM may read as --tensor-parallel-size" in caplog.text
 
 
+def test_an_abbreviated_prefill_context_flag_leaves_the_ranks_per_dp_rank_unknown(caplog):
+    """``--prefill-context 2`` may be vLLM's PCP 2: the EP ranks per DP rank (TP x PCP) are then not
+    known even though TP is, and the sidecar says so rather than count TP alone as if it were sure."""
+    with caplog.at_level(logging.WARNING):
+        assert ranks(["serve", "m", "--prefill-context", "2"]) == (1, 1)
+    assert (
+        "could not determine vLLM's tensor x prefill-context parallel size (the vLLM command has --prefill-context, "
+        "which vLLM may read as --prefill-context-parallel-size" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert ranks(["serve", "m", "--prefill-context", "2"], tp=2) == (1, 2)  # unchecked, and said so
+    assert "using the coordinator's --tp 2: vLLM's tensor x prefill-context parallel size could not be checked" in (
+        caplog.text
+    )
+
+
 @pytest.mark.parametrize(
     "coordinator_flags, vllm_flags, message",
     [
