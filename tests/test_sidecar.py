@@ -353,3 +353,90 @@ def test_the_restart_back_off_starts_over_after_a_coordinator_that_ran_a_long_ti
     assert waits == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0, 30.0], abs=0.3)
     assert crash_after(sidecar_module.STABLE_RUN_S + 3600) == pytest.approx(sidecar_module.INITIAL_BACKOFF_S, abs=0.3)
     assert crash_after(1.0) == pytest.approx(2.0, abs=0.3)  # and crash-looping again doubles again
+
+
+class ExitedCoordinator:
+    """A coordinator process that has already exited with ``returncode`` (``None``: still running)."""
+
+    pid = 4242
+
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+@pytest.mark.parametrize("code, expected", [(0, 1), (3, 3), (-signal.SIGKILL, 128 + signal.SIGKILL)])
+def test_a_coordinator_that_exits_before_it_is_ready_ends_the_sidecar_with_its_code_never_0(
+    monkeypatch, code, expected
+):
+    """vLLM is never started, so the sidecar did not do its job: exit 0 (the coordinator's own, when it
+    gave none) would tell a wrapper script that vLLM ran and ended well. README: "1 if it gave none"."""
+    from eplb_service import sidecar as sidecar_module
+
+    monkeypatch.setattr(
+        sidecar_module.Sidecar, "_start_coordinator", lambda self: setattr(self, "coordinator", ExitedCoordinator(code))
+    )
+    vllm_started: list[bool] = []
+    monkeypatch.setattr(sidecar_module.Sidecar, "_start_vllm", lambda self: vllm_started.append(True))
+    sidecar = sidecar_module.Sidecar(["vllm"], [], "ipc:///nonexistent/c.sock", 5.0, (2, 1))
+    assert sidecar._run() == expected
+    assert vllm_started == []
+
+
+def test_only_the_sidecars_own_coordinator_answering_is_ready(monkeypatch):
+    """Another coordinator answering at the endpoint (one that took it between the sidecar's check and
+    its coordinator's bind) is not ours: vLLM would register with it while ours fails to start."""
+    from eplb_service import sidecar as sidecar_module
+
+    answering = {"pid": 777}
+    monkeypatch.setattr(sidecar_module, "fetch_status", lambda endpoint, timeout_s: dict(answering))
+    sidecar = sidecar_module.Sidecar(["vllm"], [], "ipc:///nonexistent/c.sock", 0.5, (2, 1))
+    sidecar.coordinator = ExitedCoordinator(None)
+    assert sidecar._wait_ready() is False
+    answering["pid"] = ExitedCoordinator.pid
+    assert sidecar._wait_ready() is True
+
+
+def test_vllm_gets_the_sidecars_endpoint_over_an_inherited_one(monkeypatch):
+    """A host-wide ``EPLB_SERVICE_ENDPOINT`` is replaced for vLLM by the sidecar's (README): else
+    vLLM's workers would register with another coordinator than the one the sidecar started."""
+    from eplb_service import sidecar as sidecar_module
+
+    monkeypatch.setenv("EPLB_SERVICE_ENDPOINT", "tcp://10.0.0.5:5555")
+    envs: list[dict] = []
+
+    class Started:
+        pid = 99
+
+        def __init__(self, cmd, env) -> None:
+            envs.append(env)
+
+    monkeypatch.setattr(sidecar_module.subprocess, "Popen", Started)
+    sidecar = sidecar_module.Sidecar(["vllm", "serve"], [], "ipc:///run/x/c.sock", 5.0, (2, 1))
+    assert sidecar._start_vllm() is None
+    assert [env["EPLB_SERVICE_ENDPOINT"] for env in envs] == ["ipc:///run/x/c.sock"]
+
+
+def test_the_coordinator_is_stopped_with_sigterm_its_clean_shutdown():
+    """SIGTERM lets the coordinator abort a plan in flight, tell the agents and close its ``--record``
+    file; a SIGKILL would end it without any of that."""
+    from eplb_service import sidecar as sidecar_module
+
+    child = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    sidecar = sidecar_module.Sidecar(["vllm"], [], "ipc:///nonexistent/c.sock", 5.0, (2, 1))
+    sidecar.coordinator = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sidecar.coordinator.stdout.readline() == "ready\n"
+        sidecar._stop_coordinator()
+        assert sidecar.coordinator.returncode == 0, "the coordinator was not stopped by SIGTERM"
+    finally:
+        if sidecar.coordinator.poll() is None:
+            sidecar.coordinator.kill()
+        sidecar.coordinator.stdout.close()
