@@ -52,6 +52,24 @@ def rows_match_maps(model: ExpertModel) -> bool:
     return True
 
 
+def commit_through_serving(model: ExpertModel, plan_id: int, layers: list[int], rows: np.ndarray, area) -> str:
+    """Commit a staged plan as a decided vote does: the decision record says commit at step 1,
+    and the serving hooks apply it at that boundary. Returns the ticket's outcome."""
+    from eplb_service.worker_agent.decision import Decision
+    from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
+    from eplb_service.worker_agent.staging import prepare_commit
+
+    hooks = ServingHooks(model, report_interval_steps=4, fence_steps=1, fence_timeout_s=1.0)
+    ticket = CommitTicket(action=prepare_commit(model, plan_id, layers, rows, area))
+    ticket.vote_entry_step = 0
+    ticket.resolve(Decision.commit_at(1, rank=0))
+    hooks.ticket = ticket
+    for _ in range(2):
+        hooks.before_step()
+        hooks.after_step(None)
+    return ticket.outcome
+
+
 def hello_message(**changes) -> protocol.Hello:
     """Rank 0's ``Hello`` for the 2-layer, 6-expert, 8-slot, 2-rank test model, with ``changes``."""
     fields = dict(

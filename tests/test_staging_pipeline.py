@@ -19,16 +19,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import expert_row_value, make_model, rows_match_maps
+from conftest import commit_through_serving, expert_row_value, make_model, rows_match_maps
 
 from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.worker_agent.commit_vote import corrupt_ops, proposal_from, vote_vector
-from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.expert_model import map_tensors
 from eplb_service.worker_agent.schedule import build_schedule
-from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
-from eplb_service.worker_agent.staging import prepare_commit
 from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, StagingPipeline
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
@@ -114,15 +111,8 @@ def test_a_two_layer_plan_with_local_duplicate_and_remote_rows_commits_to_exactl
     for k, op in enumerate(schedule.remote):
         assert staged[op.src_rank].digests[k] != NO_DIGEST and staged[op.dst_rank].digests[k] != NO_DIGEST, k
     for rank, (model, result) in enumerate(zip(models, staged)):
-        hooks = ServingHooks(model, report_interval_steps=4, fence_steps=1, fence_timeout_s=1.0)
-        ticket = CommitTicket(action=prepare_commit(model, 7, list(layers), rows, result.area))
-        ticket.vote_entry_step = 0
-        ticket.resolve(Decision.commit_at(1, rank=0))
-        hooks.ticket = ticket
-        for _ in range(2):
-            hooks.before_step()
-            hooks.after_step(None)
-        assert ticket.outcome == "committed", (rank, ticket.outcome)
+        outcome = commit_through_serving(model, 7, list(layers), rows, result.area)
+        assert outcome == "committed", (rank, outcome)
         full = initial_phy2log(SHAPE)
         full[list(layers)] = rows
         phy2log, log2phy, logcnt = map_tensors(full, SHAPE.num_logical, SHAPE.num_redundant + 1)

@@ -15,13 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import expert_row_value, make_model, rows_match_maps
+from conftest import commit_through_serving, expert_row_value, make_model, rows_match_maps
 
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.protocol import CommInit
-from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.schedule import build_schedule, chunk_transfers
-from eplb_service.worker_agent.serving_hooks import CommitTicket, ServingHooks
 from eplb_service.worker_agent.staging import StagingArea, prepare_commit
 from eplb_service.worker_agent.transport import P2POp, RecordLayout, TransportError
 from eplb_service.worker_agent.transport_gloo import GlooTransport
@@ -77,15 +75,7 @@ def test_a_gathered_block_lands_as_the_receivers_staging_and_commits(small_shape
             transport.collect([transport.block_digests(block)])[0],
             transport.collect([transport.block_digests(area.block(first, count))])[0],
         )
-    hooks = ServingHooks(receiver, report_interval_steps=4, fence_steps=1, fence_timeout_s=1.0)
-    ticket = CommitTicket(action=prepare_commit(receiver, 1, [1], new, area))
-    ticket.vote_entry_step = 0
-    ticket.resolve(Decision.commit_at(1, rank=0))
-    hooks.ticket = ticket
-    for _ in range(2):
-        hooks.before_step()
-        hooks.after_step(None)
-    assert ticket.outcome == "committed"
+    assert commit_through_serving(receiver, 1, [1], new, area) == "committed"
     assert not sched.per_rank[0].local, "every row of this plan must come from rank 1"
     assert rows_match_maps(receiver)
     assert torch.all(receiver.expert_weights[1][0][0] == expert_row_value(1, 5))
