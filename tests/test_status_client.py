@@ -170,3 +170,89 @@ def test_status_is_strict_json_everywhere_a_client_reads_it(tmp_path, no_curve_e
     assert table.returncode == 0, table.stderr
     assert "balancedness: model n/a  per layer min 0.250 mean 0.500 max 0.750" in table.stdout
     assert "balancedness: model n/a" in format_status(zmq_doc)
+
+
+def document_with(**changes: object) -> dict:
+    """A fresh 4-rank coordinator's status document as it leaves the process, with ``changes``:
+    the table is checked against the document the coordinator really writes, not a hand copy."""
+    import json
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.coordinator.server import Coordinator
+    from eplb_service.coordinator.status_doc import status_json
+
+    coordinator = Coordinator(CoordinatorConfig(world_size=4, endpoint="ipc:///nonexistent/table.sock"))
+    try:
+        document = json.loads(status_json(coordinator.status()))
+    finally:
+        coordinator.plans.close()
+    document.update(changes)
+    return document
+
+
+def rank_row(rank: int, offset: int | None) -> dict:
+    return {
+        "rank": rank,
+        "alive": True,
+        "node": "n",
+        "pid": 70 + rank,
+        "last_seen_s": 0.5,
+        "step": 120,
+        "load_reported_to_step": 100,
+        "epoch": 3,
+        "comm_generation": 1,
+        "internal_errors": 0,
+        "step_clock_offset": offset,
+    }
+
+
+def outcome(number: int) -> dict:
+    return {
+        "plan_id": 9000 + number,
+        "phase": "committed",
+        "reason": "",
+        "number": number,
+        "code": "",
+        "layers": [0],
+        "bytes_moved": 0,
+        "experts_moved": 2,
+        "commit_step": 100 * number,
+        "staging_s": 0.1,
+        "voting_s": 0.01,
+        "max_stall_s": 0.0,
+    }
+
+
+def test_the_table_shows_each_ranks_clock_the_newest_plans_and_mib():
+    """The clock column says ``ok`` only for offset 0 (a rank behind is ``-2``, not ``ok``), the last
+    five plans listed are the newest, and bytes moved are MiB (2**20), as the column says."""
+    from eplb_service.coordinator.status_client import format_status
+
+    doc = document_with(
+        ranks=[rank_row(0, 0), rank_row(1, -2), rank_row(2, 3), rank_row(3, None)],
+        missing_ranks=[],
+        bytes_moved=3 * 2**20,
+        last_plans=[outcome(n) for n in range(1, 9)],
+    )
+    table = format_status(doc)
+    rows = {line.split()[-1]: line.split() for line in table.splitlines() if line.split()[-1:] and "/7" in line}
+    assert [rows[f"n/{70 + r}"][6] for r in range(4)] == ["ok", "-2", "+3", "?"], table
+    assert [line.split()[1] for line in table.splitlines() if line.startswith("  plan #")] == [
+        "#4:",
+        "#5:",
+        "#6:",
+        "#7:",
+        "#8:",
+    ], table
+    assert "moved 0 experts, 3.0 MiB" in table, table
+    assert "waiting for" not in table
+
+
+def test_the_table_names_a_single_missing_rank():
+    """One rank missing of four is the case an operator meets most (one worker restarting)."""
+    from eplb_service.coordinator.status_client import format_status
+
+    doc = document_with(ranks=[rank_row(0, 0), rank_row(1, 0), rank_row(2, 0), None], missing_ranks=[3])
+    table = format_status(doc)
+    assert "waiting for 1 of 4 ranks: 3 (no plan starts until every rank is registered)" in table, table
+    assert "   3  -      (not registered)" in table, table

@@ -118,3 +118,76 @@ def test_uptime_does_not_follow_the_wall_clock(monkeypatch):
     assert 0 <= shown(c)["uptime_s"] < 60
     monkeypatch.setattr(time, "time", lambda: wall + 86400.0)
     assert 0 <= shown(c)["uptime_s"] < 60
+
+
+def test_each_rank_row_is_that_ranks_own_record_and_last_seen_is_an_age():
+    """A row shows its own rank's step (not the step its load is reported to, nor another rank's),
+    and ``last_seen_s`` is seconds since the rank was last heard, not a monotonic timestamp."""
+    from eplb_service import protocol
+
+    c = coordinator()
+    hello(c, 0, pid=100)
+    hello(c, 1, pid=101)
+    for rank, step in ((0, 40), (1, 90)):
+        record = c.registry.agents[rank]
+        c._handle(record.identity, protocol.Heartbeat(rank=rank, step=step, epoch=0, session=record.session))
+    rows = shown(c)["ranks"]
+    assert [(r["rank"], r["pid"], r["step"], r["load_reported_to_step"]) for r in rows] == [
+        (0, 100, 40, 0),
+        (1, 101, 90, 0),
+    ]
+    assert all(0 <= r["last_seen_s"] < 60 for r in rows), rows
+
+
+def test_last_plans_are_the_newest_ten_oldest_first():
+    """The coordinator keeps 100 outcomes; the document shows the last 10 (what just happened),
+    not the first 10 of its life."""
+    from eplb_service.coordinator.plan_runner import PlanOutcome
+
+    c = coordinator()
+    for n in range(1, 13):
+        c.plans.outcomes.append(
+            PlanOutcome(
+                plan_id=1000 + n,
+                phase="committed",
+                reason="",
+                number=n,
+                code="",
+                layers=[0],
+                bytes_moved=0,
+                experts_moved=0,
+                commit_step=10 * n,
+                staging_s=0.0,
+                voting_s=0.0,
+                max_stall_s=0.0,
+            )
+        )
+    assert [o["number"] for o in shown(c)["last_plans"]] == list(range(3, 13))
+
+
+def test_a_number_that_is_not_finite_reads_null_inside_lists_too():
+    """``last_plans`` is a list of dicts of floats (stall and phase times): a NaN there must read
+    ``null`` as it does at the top level, not make ``status_json`` raise (no ``/status`` answer)."""
+    doc = {"last_plans": [{"max_stall_s": math.nan, "layers": [0, 1]}], "pair": (math.inf, 1.5), "x": -math.inf}
+    assert json.loads(status_json(doc)) == {
+        "last_plans": [{"max_stall_s": None, "layers": [0, 1]}],
+        "pair": [None, 1.5],
+        "x": None,
+    }
+
+
+def test_load_reports_are_counted_and_the_lag_is_how_far_reports_trail_the_steps():
+    """``eplb_load_reports_total`` grows by one per report taken, and ``eplb_load_report_lag_steps``
+    is the newest step seen less the newest report's end: positive when reports trail."""
+    from eplb_service import protocol
+
+    c = coordinator()
+    hello(c, 0, pid=100)
+    hello(c, 1, pid=101)
+    record = c.registry.agents[0]
+    c._handle(record.identity, protocol.Heartbeat(rank=0, step=50, epoch=0, session=record.session))
+    for step in (10, 20, 30):
+        for rank in (0, 1):
+            load_report(c, rank, step)
+    assert gauge(c, "eplb_load_reports_total") == 6
+    assert gauge(c, "eplb_load_report_lag_steps") == 20
