@@ -503,3 +503,35 @@ def test_ctrl_c_under_json_is_one_json_line(capsys, monkeypatch, load_json):
     code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "4", "--log-format", "json")
     (line,) = _json_lines(err)
     assert code == 130 and out == "" and line["msg"] == "interrupted, no plan written" and line["tag"] == "plan"
+
+
+def test_layer_progress_is_throttled_but_shows_the_first_and_the_last_block():
+    """One layer-count line per ``interval_s`` at most (a line per layer is thousands of lines for a
+    large model), yet always the first and the last, even when the last is not due."""
+    import io
+
+    from eplb_service.coordinator.plan_progress import PlanProgress
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = PlanProgress(stream, enabled=True, interval_s=1.0, clock=lambda: now[0])
+    for done in range(91):
+        now[0] = done / 20  # 20 layers a second: a line is due every 20 layers
+        progress.layers(done, 90)
+    shown = [line.split("layers ")[1].split(" ")[0] for line in stream.getvalue().splitlines()]
+    assert shown == ["0/90", "20/90", "40/90", "60/90", "80/90", "90/90"], stream.getvalue()
+
+
+def test_balancedness_before_is_the_current_placements(capsys, load_json):
+    """``per_layer_before`` is each layer under the placement the plan starts from (vLLM's initial
+    one here), not under the plan's own."""
+    from eplb_service.placement import initial_phy2log, layer_balancedness, rank_loads
+
+    code, out, _ = run_cli(capsys, "--load", load_json, "--ranks", "4", "--redundant", "4")
+    doc = json.loads(out)
+    load = np.array(README_WEIGHT, dtype=np.float64)
+    before = layer_balancedness(rank_loads(initial_phy2log(PlacementShape(2, 12, 16, 4)), load, 4))
+    after = layer_balancedness(rank_loads(np.array(doc["phy2log"]), load, 4))
+    assert code == 0 and doc["balancedness"]["per_layer_before"] == pytest.approx(before.tolist())
+    assert doc["balancedness"]["per_layer"] == pytest.approx(after.tolist())
+    assert doc["balancedness"]["per_layer_before"] != pytest.approx(doc["balancedness"]["per_layer"])

@@ -191,3 +191,21 @@ def test_a_rank_that_stops_reporting_does_not_keep_every_later_window_open(tmp_p
     trace = load_trace(path)
     assert trace.num_windows == rec.windows >= 1000 - OPEN_WINDOW_STEPS // 10 - 2
     assert set(trace.ranks_reported.tolist()) == {1} and trace.step_begin.tolist()[:2] == [0, 10]
+
+
+def test_a_recorded_trace_keeps_layers_and_experts_apart_and_refuses_a_window_one_step_backwards(tmp_path):
+    """A 2-layer, 3-expert recording reads back ``[W, L, N]`` entry for entry (a one-layer trace
+    cannot tell ``[L, N]`` from its transpose), and a window ``[11, 10)`` is refused like any
+    window whose steps run backwards."""
+    path = str(tmp_path / "t.npz")
+    rec = TraceRecorder(path, num_layers=2, num_logical=3, world_size=1)
+    load = np.arange(6, dtype=np.float64).reshape(2, 3)
+    rec.add(load, 0, 10, epoch=0, rank=0)
+    rec.flush(close_all=True)
+    trace = load_trace(path)
+    assert trace.loads.shape == (1, 2, 3) and trace.loads[0].tolist() == load.tolist()
+    arrays = dict(np.load(path))
+    arrays.update(step_begin=np.array([11], np.int64), step_end=np.array([10], np.int64))
+    np.savez(tmp_path / "backwards.npz", **arrays)
+    with pytest.raises(TraceError, match=r"window 0 covers steps \[11, 10\), which runs backwards"):
+        load_trace(str(tmp_path / "backwards.npz"))
