@@ -430,11 +430,14 @@ def test_load_parts_that_cannot_be_summed_are_skipped_by_name(capsys, tmp_path):
     np.save(other, np.ones((2, 4)))
     np.save(tmp_path / "sum.npy", np.array([[5.0, 5.0, 5.0, 5.0]]))
     code, expected, _ = run_cli(capsys, "--load", str(tmp_path / "sum.npy"), "--ranks", "2")
-    files = [str(good[0]), str(broken), str(good[1]), str(other), str(good[0])]
+    link = tmp_path / "link.npy"  # the same file under another name: summed once, like a repeated path
+    link.symlink_to(good[0])
+    files = [str(good[0]), str(broken), str(good[1]), str(other), str(good[0]), str(link)]
     code, out, err = run_cli(capsys, "--load", *files, "--ranks", "2")
     assert code == 0 and out == expected
     lines = err.splitlines()
-    assert len(lines) == 3, err
+    assert len(lines) == 4, err
+    assert lines[3] == f"eplb-plan: warning: --load {link} skipped: the same file as {good[0]}, already summed"
     assert lines[0].startswith("eplb-plan: warning: --load") and str(broken) in lines[0]
     assert "damaged .npz file" in lines[0] and lines[0].endswith("; skipped")
     assert lines[1] == (
