@@ -15,9 +15,11 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 
 import msgspec
 import numpy as np
+import pytest
 import torch
 from conftest import make_model, rows_match_maps
 from hypothesis import HealthCheck, given, settings
@@ -26,8 +28,9 @@ from hypothesis import strategies as st
 from eplb_service import protocol
 from eplb_service.placement import PlacementShape
 from eplb_service.testing.protocol_fuzz import message_strategy
-from eplb_service.worker_agent.agent import WorkerAgent
+from eplb_service.worker_agent.agent import SILENCE_HEARTBEATS, WorkerAgent, silence_limit_s
 from eplb_service.worker_agent.decision import Decision
+from eplb_service.worker_agent.serving_hooks import LoadSnapshot
 from eplb_service.worker_agent.transport import Transport
 
 SHAPE = PlacementShape(num_layers=2, num_logical=3, num_physical=4, num_ranks=1)
@@ -759,3 +762,173 @@ def test_an_abort_plan_is_answered_with_the_record_content_also_after_the_commit
     h.deliver(abort)  # a copy after the commit: still the record's content
     voted = [(m.plan_id, m.commit_step, m.ok) for m in h.agent.link.sock.sent if isinstance(m, protocol.Voted)]
     assert voted == [(plan.plan_id, FAST.fence_steps, True)] * 3
+
+
+def sent_of(h: Harness, kind: type) -> list:
+    return [m for m in h.agent.link.sock.sent if isinstance(m, kind)]
+
+
+def test_the_silence_limit_doubles_per_reopen_up_to_a_minute_and_never_below_its_base():
+    base = silence_limit_s(0.1, 0)
+    assert base == pytest.approx(SILENCE_HEARTBEATS * 0.1 + 1.0)
+    assert [silence_limit_s(0.1, n) for n in range(4)] == pytest.approx([base, 2 * base, 4 * base, 8 * base])
+    assert silence_limit_s(0.1, 6) == 60.0 and silence_limit_s(0.1, 10**6) == 60.0
+    slow = silence_limit_s(20.0, 0)  # heartbeats every 20 s: the base is over the cap, and stays
+    assert slow == 81.0 and silence_limit_s(20.0, 5) == 81.0
+
+
+def test_a_reopen_doubles_the_next_silence_limit_until_the_coordinator_is_heard_again():
+    """A reopen that heard nothing since backs the next one off; one frame from the coordinator
+    brings the limit back to its base, so a later dead connection is found in seconds, not a minute."""
+    h = Harness()
+    h.welcome()
+    agent = h.agent
+    silence = {"s": 1.5 * silence_limit_s(FAST.heartbeat_interval_s, 0)}
+    agent.link.silent_s = lambda now, since=None: silence["s"]
+    welcome = protocol.Welcome(protocol_version=protocol.PROTOCOL_VERSION, rank=0, config=FAST, session=7)
+
+    agent._check_silence(time.monotonic())
+    assert agent.stats["socket_reopened"] == 1
+    h.deliver(welcome)
+    agent._check_silence(time.monotonic())  # the limit doubled: 1.5 x base is not past it
+    assert agent.stats["socket_reopened"] == 1
+    agent.link.receive = lambda poll_ms: [protocol.HeartbeatAck(session=7)]
+    agent._receive(0)
+    agent._check_silence(time.monotonic())  # heard: back to the base limit
+    assert agent.stats["socket_reopened"] == 2
+
+
+def test_a_reopened_agent_says_hello_at_once_resuming_its_session():
+    """A new socket is a new connection to the coordinator: the agent is not registered there
+    until its ``Hello`` (resuming its session, so it keeps its rank, plan and communicator) is
+    welcomed. No heartbeat goes out on it before."""
+    h = Harness()
+    h.welcome()
+    agent = h.agent
+    agent._reopen()
+    agent.link.sock.sent.clear()
+    h.tick()
+    hellos = sent_of(h, protocol.Hello)
+    assert [m.resume_session for m in hellos] == [7], agent.link.sock.sent
+    assert not sent_of(h, protocol.Heartbeat)
+
+
+def test_a_reset_before_the_vote_drops_the_plan_tears_down_the_transport_and_registers_again():
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    h.deliver(plan)
+    agent = h.agent
+    assert agent._plan is not None and agent.side_ready
+    agent._reset("internal error: RuntimeError: boom")
+    aborted = sent_of(h, protocol.Aborted)
+    assert [(m.plan_id, m.code) for m in aborted] == [(plan.plan_id, "internal_error")]
+    assert agent._plan is None and not agent.busy
+    assert not agent.transport.connected, "a transport possibly mid-exchange must be torn down"
+    agent.link.sock.sent.clear()
+    h.tick()
+    assert [m.resume_session for m in sent_of(h, protocol.Hello)] == [7]
+
+
+def test_a_reset_in_the_vote_asks_for_abort_in_the_record():
+    """In the vote only the record decides: the reset proposes ``abort`` there (it cannot drop
+    the plan), so the ranks waiting on the record are answered instead of waiting out their fence."""
+    h = Harness()
+    h.welcome()
+    plan = h.plan()
+    h.deliver(plan)
+    h.agent.decider = late = LateRecord()
+    h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
+    assert h.agent._ticket is not None and len(late.held) == 1
+    h.agent._reset("internal error: RuntimeError: boom")
+    proposals = [(t.plan_id, p.commit, p.code) for t, _, p in late.held]
+    assert proposals[1:] == [(plan.plan_id, False, "internal_error")], proposals
+
+
+def test_a_late_copy_of_an_older_generation_during_staging_does_not_end_the_exchange():
+    """Only a generation this rank will act on ends a staging in progress; a reordered copy of an
+    older one (the coordinator sent it before the current one) is ignored, and the plan stages."""
+    h = Harness()
+    h.welcome()
+    second, third = h.comm(), h.comm()
+    h.deliver(third)
+    agent = h.agent
+    incoming = [[second], [third]]
+    agent.link.receive = lambda poll_ms: incoming.pop() if incoming else []
+    original = agent._stage
+
+    def stage(p, rows):
+        agent._pump_while_staging(p.plan_id)  # reads the current generation's copy
+        agent._pump_while_staging(p.plan_id)  # then the older one's
+        return original(p, rows)
+
+    agent._stage = stage
+    plan = h.plan()
+    h.deliver(plan)
+    assert not incoming and agent.stats["staged"] == 1
+    assert [m.plan_id for m in sent_of(h, protocol.Staged)] == [plan.plan_id] and not sent_of(h, protocol.Aborted)
+
+
+def test_a_load_report_carries_its_window_s_epoch_and_steps_not_the_current_ones():
+    """A window counted before a commit is reported after it: the coordinator maps its slots with
+    the placement of the epoch it was counted under, over the steps it covered."""
+    h = Harness()
+    h.welcome()
+    agent = h.agent
+    agent.hooks.epoch, agent.hooks.steps_done = 4, 30
+    counts = np.arange(SHAPE.num_layers * SHAPE.num_physical, dtype=np.int64).reshape(SHAPE.num_layers, -1)
+    snap = LoadSnapshot(buffer_index=0, epoch=3, step_begin=20, step_end=24, event=None)
+    report = agent._load_report(snap, counts)
+    assert (report.epoch, report.step_begin, report.step_end, report.session) == (3, 20, 24, 7)
+    assert np.array_equal(report.slot_load.to_numpy(), counts)
+
+
+def test_load_windows_closed_while_unregistered_are_not_sent():
+    """Before its ``Welcome`` the coordinator does not know this agent: a report would only draw
+    a ``Reject``; the window is dropped."""
+    h = Harness()
+    agent = h.agent
+    agent._welcomed = False
+    agent.hooks.take_load_windows = lambda: [
+        (LoadSnapshot(0, 0, 0, 2, None), np.zeros((SHAPE.num_layers, SHAPE.num_physical), dtype=np.int64))
+    ]
+    agent._flush_load_reports()
+    assert not sent_of(h, protocol.LoadReport)
+
+
+def test_a_comm_init_for_another_world_size_is_ignored_naming_both_sizes(caplog):
+    h = Harness()
+    h.welcome()
+    wrong = protocol.CommInit(generation=9, store_host="127.0.0.1", store_port=1, world_size=2)
+    with caplog.at_level("ERROR"):
+        h.deliver(wrong)
+    assert h.agent.transport.generation == 1 and h.agent.stats["bad_messages"] == 1
+    assert "ignored a CommInit for 2 ranks" in caplog.text and "this deployment has 1 ranks" in caplog.text
+
+
+def test_repeated_loop_failures_back_off_at_most_five_seconds():
+    """A fault that fails every tick must not turn into a thread sleeping for hours."""
+    h = Harness()
+    agent = h.agent
+    waits: list[float] = []
+
+    class Stop:
+        def is_set(self) -> bool:
+            return len(waits) >= 12
+
+        def wait(self, timeout_s: float) -> bool:
+            waits.append(timeout_s)
+            return self.is_set()
+
+        def set(self) -> None:
+            pass
+
+    def fail(poll_ms: int) -> None:
+        raise RuntimeError("boom")
+
+    agent._stop = Stop()  # type: ignore[assignment]
+    agent._tick = fail  # type: ignore[method-assign]
+    agent._run()
+    assert waits[0] == pytest.approx(0.1) and waits[1] == pytest.approx(0.2)
+    assert max(waits) == 5.0 and waits[-1] == 5.0
+    assert agent.stats["internal_errors"] == 12

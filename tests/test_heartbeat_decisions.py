@@ -11,6 +11,7 @@ import collections
 import time
 
 import msgspec
+import numpy as np
 from conftest import make_model
 from plan_harness import beat, harness, hello_again, start_plan
 
@@ -192,3 +193,39 @@ def test_a_heartbeat_without_the_abort_code_still_decodes():
     """An agent that leaves ``decided_code`` out (every field with a default may be left out)."""
     frame = msgspec.msgpack.encode({"type": "Heartbeat", "rank": 0, "step": 3, "epoch": 0, "decided_plan": 9})
     assert protocol.decode(frame).decided_code == "other"
+
+
+class CommitBoundaryHooks:
+    """Serving hooks whose serving thread crosses a commit step between the agent's first and
+    second read: the epoch goes up at the boundary, then the step count passes ``S``."""
+
+    def __init__(self, step: int, epoch: int) -> None:
+        self._step, self._epoch, self._reads = step, epoch, 0
+        self.step_end_times = np.zeros(ServingHooks.STEP_RING)
+        self.dropped_windows = 0
+
+    def _read(self) -> None:
+        self._reads += 1
+        if self._reads == 2:  # the serving thread runs between the two reads
+            self._epoch += 1
+            self._step += 1
+
+    @property
+    def steps_done(self) -> int:
+        self._read()
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        self._read()
+        return self._epoch
+
+
+def test_a_heartbeat_taken_across_a_commit_boundary_never_pairs_a_step_past_s_with_the_old_epoch():
+    """The coordinator takes (step > S, old epoch) as proof that a rank missed the commit. The
+    heartbeat reads the step first: a commit landing between the reads can only pair the old step
+    with the new epoch. Read the other way round, the pair (S + 1, old epoch) of a rank that did
+    commit would be booked as a missed commit."""
+    hooks = CommitBoundaryHooks(step=10, epoch=3)
+    beat = heartbeat_message(0, 5, hooks, 1, collections.Counter())  # type: ignore[arg-type]
+    assert (beat.step, beat.epoch) == (10, 4), (beat.step, beat.epoch)
