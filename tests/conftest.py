@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import warnings
@@ -13,7 +14,30 @@ import torch
 
 from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.worker_agent.decision import Decision
 from eplb_service.worker_agent.expert_model import ExpertModel, map_tensors
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MemoryRecord:
+    """The commit decision record, in memory: the first proposal for a plan wins, as in the store;
+    counts the proposals that reached it."""
+
+    address = "memory"
+
+    def __init__(self) -> None:
+        self.decisions: dict[int, Decision] = {}
+        self.proposals = 0
+
+    def propose(self, plan_id: int, proposal: Decision) -> Decision:
+        self.proposals += 1
+        return self.decisions.setdefault(plan_id, proposal)
 
 
 def expert_row_value(layer: int, expert: int) -> float:

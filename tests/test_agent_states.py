@@ -21,7 +21,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, rows_match_maps
+from conftest import MemoryRecord, make_model, rows_match_maps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,18 +83,6 @@ class LocalTransport(Transport):
         return self._generation
 
 
-class Record:
-    """The decision record, in memory: first writer wins."""
-
-    address = "memory"
-
-    def __init__(self) -> None:
-        self.decisions: dict[int, Decision] = {}
-
-    def propose(self, plan_id: int, proposal: Decision) -> Decision:
-        return self.decisions.setdefault(plan_id, proposal)
-
-
 class SyncDecider:
     """The decider without its thread: proposals are answered at once."""
 
@@ -136,7 +124,7 @@ class Harness:
         agent._store = ("127.0.0.1", 1)
         agent.link.open = lambda: setattr(agent.link, "last_heard", 10**12)  # no real socket; never "silent"
         agent.link.last_heard = 10**12
-        self.record = Record()
+        self.record = MemoryRecord()
         agent.side.record_factory = lambda host, port, timeout_s: self.record
         self.plan_ids = itertools.count(1000)
         self.generations = itertools.count(1)
@@ -508,7 +496,7 @@ def test_an_agent_stopping_mid_vote_leaves_its_decider_answering_the_armed_ticke
     class Blip:
         address = "blip"
 
-        def __init__(self, record: Record) -> None:
+        def __init__(self, record: MemoryRecord) -> None:
             self.record, self.down = record, True
             self.failed = threading.Event()
 

@@ -12,7 +12,6 @@ import datetime
 import glob
 import multiprocessing as mp
 import os
-import socket
 import threading
 import time
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from child_results import gather_results, put_result_and_exit
-from conftest import expert_row_value, make_model, rows_match_maps
+from conftest import expert_row_value, free_port, make_model, rows_match_maps
 
 from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -166,12 +165,6 @@ def test_a_receiver_takes_the_next_piece_and_refuses_anything_else():
 
 
 # -- two real processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plan_rows() -> np.ndarray:

@@ -12,15 +12,10 @@ import time
 import urllib.request
 
 import pytest
+from conftest import free_port
 from test_host_resources import coordinator_under
 
 from eplb_service.coordinator.status_client import fetch_status
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answers_status(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30) -> bool:

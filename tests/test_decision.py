@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import datetime
 import re
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
+from conftest import MemoryRecord, free_port
 
 from eplb_service.worker_agent.decision import Decider, Decision, DecisionUnavailable, StoreDecisionRecord
 from eplb_service.worker_agent.serving_hooks import CommitTicket
@@ -24,20 +24,6 @@ def ticket_for(plan_id: int) -> CommitTicket:
     """The serving hooks' own commit ticket (decided once, by the first answer), for ``plan_id``:
     only its plan id is read of the commit it would apply, so no model is built."""
     return CommitTicket(action=SimpleNamespace(plan_id=plan_id))  # type: ignore[arg-type]
-
-
-class MemoryRecord:
-    """First writer wins, in memory; counts the proposals that reached it."""
-
-    address = "memory"
-
-    def __init__(self) -> None:
-        self.decisions: dict[int, Decision] = {}
-        self.proposals = 0
-
-    def propose(self, plan_id: int, proposal: Decision) -> Decision:
-        self.proposals += 1
-        return self.decisions.setdefault(plan_id, proposal)
 
 
 class UnreachableRecord:
@@ -71,9 +57,7 @@ def test_a_record_that_holds_something_else_is_named_not_guessed():
 
 @pytest.fixture
 def store_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
     yield port
     del server

@@ -11,7 +11,7 @@ import time
 import pytest
 import zmq
 import zmq.auth
-from conftest import make_model
+from conftest import free_port, make_model
 from coordinator_thread import CoordinatorThread
 from dir_modes import mode_of, shared_dir
 
@@ -30,12 +30,6 @@ from eplb_service.security import (
 )
 from eplb_service.worker_agent.agent import WorkerAgent
 from eplb_service.worker_agent.transport_gloo import GlooTransport
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_local_endpoints_are_recognised():

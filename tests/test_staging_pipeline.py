@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import socket
 import threading
 import time
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import commit_through_serving, expert_row_value, make_model, rows_match_maps
+from conftest import commit_through_serving, expert_row_value, free_port, make_model, rows_match_maps
 
 from eplb_service import protocol
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -30,12 +29,6 @@ from eplb_service.worker_agent.staging_pipeline import NO_DIGEST, StagingPipelin
 from eplb_service.worker_agent.transport_gloo import GlooTransport
 
 SHAPE = PlacementShape(num_layers=2, num_logical=6, num_physical=8, num_ranks=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_rows() -> np.ndarray:

@@ -8,14 +8,13 @@ digests, and the throttle's host-side gap of the gloo transport.
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import commit_through_serving, expert_row_value, make_model, rows_match_maps
+from conftest import commit_through_serving, expert_row_value, free_port, make_model, rows_match_maps
 
 from eplb_service.placement import PlacementShape, initial_phy2log
 from eplb_service.protocol import CommInit
@@ -95,9 +94,7 @@ def test_digests_change_with_one_byte_and_with_swapped_records():
 
 
 def _one_rank_gloo() -> GlooTransport:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
     transport = GlooTransport()
     transport._keep_store = store  # the server must outlive the group

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import zmq
+from conftest import free_port
 
 from eplb_service.coordinator.status_client import NoCoordinatorSocket, fetch_status
 from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, generate_keys
@@ -19,12 +19,6 @@ from eplb_service.security import CLIENT_CERT_ENV, SERVER_CERT_ENV, generate_key
 def no_curve_env(monkeypatch):
     monkeypatch.delenv(SERVER_CERT_ENV, raising=False)
     monkeypatch.delenv(CLIENT_CERT_ENV, raising=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("timeout_s", [0, 0.0, math.nan, math.inf, "3", True])
