@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.oracle_pairs import best_responses, max_loads, moves_between, online_inputs, scored_windows
+from bench.oracle_pairs import best_responses, max_loads, moves_between, online_inputs, scenario_inputs, scored_windows
 
 
 def windows(count: int, layers: int = 6, seed: int = 0) -> list[np.ndarray]:
@@ -36,3 +36,17 @@ def test_moves_between_pairings_is_a_symmetric_count_of_changed_slots():
     assert (np.diag(moves) == 0).all() and (moves == moves.T).all()
     off = moves[~np.eye(105, dtype=bool)]
     assert off.min() == 2 and off.max() <= 8  # one exchange changes two slots; a layer has 8
+
+
+def test_the_scenario_rule_matches_the_plain_rule_when_the_load_never_moves_and_spreads_when_it_does():
+    rng = np.random.default_rng(3)
+    still = windows(1) * 5  # the same window every time: no forecast error to sample
+    plain, _ = online_inputs(still, forecast=True)
+    sampled, _ = scenario_inputs(still, True, 16, rng)
+    assert np.allclose(sampled, plain)
+    moving = windows(5, seed=4)
+    plain, _ = online_inputs(moving, forecast=False)
+    sampled, warm = scenario_inputs(moving, False, 16, rng)
+    assert sampled.shape == plain.shape and warm.shape == (6,)
+    # A largest rank is never below the mean, and the sampled errors change what a pairing costs.
+    assert (sampled >= 1.0).all() and not np.allclose(sampled, plain)
