@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import time
 
-from plan_harness import beat, harness, hello_again, start_plan
+import msgspec
+import numpy as np
+from plan_harness import beat, commit_plan, harness, hello_again, start_plan
 
 from eplb_service import protocol
 
@@ -307,3 +309,29 @@ def test_an_agent_refused_as_rank_taken_keeps_its_socket_while_its_hellos_are_an
         fake.close()
     assert agent.stats["rank_taken"] >= 3 and len(identities) == 1, (len(identities), dict(agent.stats))
     assert agent.stats["socket_reopened"] == 0, dict(agent.stats)
+
+
+def test_the_first_rank_back_after_every_rank_was_lost_is_not_taken_for_a_restarted_worker():
+    """A process of the deployment that never learned a session (its ``Welcome`` lost, so it says
+    ``resume_session=0``, as a new process does) is the first back after every rank was declared
+    dead (a partition): it seeds the book with its placement and epoch, and it is not a worker
+    restarted alone, since no other rank was there to restart against. Taken for one, the rank 1
+    that really did restart meanwhile (initial maps, epoch 0, while rank 0 serves epoch 1) was
+    judged against no continuing rank at all: no halt named the split, and rebalancing stopped
+    without a word (the epochs never agree again)."""
+    c, _ = harness()
+    commit_plan(c, step=50)
+    hello_of_rank_1 = hello_again(c, 1, step=0, node=NODE, pid=PID)  # a new process: initial maps, epoch 0
+    back = hello_again(c, 0, step=60, store_host="127.0.0.1", store_port=1)
+    served = c.placements[1].copy()
+    for record in list(c.registry.alive):
+        c.router.lose_agent(record, time.monotonic())
+    # The harness's ranks name no node or pid, nor does this Hello: a process the deployment knows.
+    back = msgspec.structs.replace(back, epoch=1, phy2log=protocol.NDArray.from_numpy(served))
+    c._handle(b"rank-0-back", back)
+    assert c.deployments == 1 and c.registry.agents[0].alive  # the same deployment, rank 0 registered
+    assert np.array_equal(c.placements[1], served) and c.epoch == 1
+    c._handle(b"rank-1-new", hello_of_rank_1)
+    assert c.registry.complete and [r.epoch for r in c.registry.alive] == [1, 0]
+    c.watch(time.monotonic())
+    assert c.halted_reason is not None and "rank 1 restarted alone" in c.halted_reason, c.halted_reason
