@@ -13,13 +13,23 @@ than one already taken is such a late copy, and nothing in it is newer than what
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 from types import SimpleNamespace
 
 import numpy as np
+from conftest import send_load_report
 from plan_harness import beat, commit_plan, harness, hello_again, start_plan
 
 from eplb_service import protocol
 from eplb_service.coordinator.placement_book import HISTORY_EPOCHS
+from eplb_service.coordinator.status_doc import status_json
+
+
+def shown(c) -> dict:
+    """The status document as it leaves the process (strict JSON)."""
+    return json.loads(status_json(c.status()))
 
 
 def test_heartbeats_of_the_old_epoch_arriving_after_the_commit_do_not_set_the_epoch_back():
@@ -209,3 +219,30 @@ def test_a_late_load_report_copy_leaves_the_rank_s_reported_step_alone():
         )
     assert c.registry.agents[1].load_reported_to == 20
     assert c.book.window.reports == 2
+
+
+def test_ranks_at_the_next_epoch_before_any_vote_do_not_make_it_the_agreed_epoch(caplog):
+    """The book agrees only on an epoch whose placement it holds. Every rank reporting the epoch
+    of the plan in flight while it is still staging (no vote, so no commit: an agent that moved
+    early, a third-party client) leaves the agreed epoch where it is. Agreed on it anyway, the book
+    named an epoch without a placement: the status lost its balancedness, and once the plan
+    aborted the next policy run failed on the missing placement (``KeyError``)."""
+    caplog.set_level(logging.INFO)
+    c, _ = harness()
+    for step in (10, 20, 30):
+        for rank in (0, 1):
+            send_load_report(c, rank, step, np.arange(16, dtype=np.int64).reshape(2, 8) * (rank + 1))
+    rows = c.placements[0][[0]][:, ::-1].copy()
+    c.plans.pending_batches = [SimpleNamespace(layers=[0], phy2log=rows, bytes_moved=0)]
+    c.plans.start_next_batch()
+    plan = c.plans.plan
+    for rank in (0, 1):
+        beat(c, rank, step=40, epoch=1)
+    assert [r.epoch for r in c.registry.alive] == [1, 1] and 1 not in c.placements
+    assert c.epoch == 0 and shown(c)["epoch"] == 0 and shown(c)["balancedness"] is not None
+    r = c.registry.agents[0]
+    c._handle(r.identity, protocol.Failed(rank=0, plan_id=plan.plan_id, reason="no memory", session=r.session))
+    assert c.plans.plan is None and c.epoch == 0
+    asyncio.run(c.plans.run_policy())
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
+    assert "rebalance: balancedness" in caplog.text, caplog.text  # planned from epoch 0's placement
