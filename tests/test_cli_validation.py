@@ -317,6 +317,9 @@ def test_an_initial_placement_for_other_ranks_is_refused_at_start(tmp_path, caps
     path.write_text(json.dumps({"phy2log": [[i % 32 for i in range(64)]] * 4, "num_ranks": 8}))
     code, err = run_main(["--dp", "2", "--simulate", "--initial-placement", str(path)], capsys)
     assert code == 2 and "planned for 8 ranks (its num_ranks), but this deployment has 2" in err
+    path.write_text(json.dumps({"phy2log": [[i % 32 for i in range(64)]] * 4, "num_ranks": True}))
+    code, err = run_main(["--dp", "2", "--simulate", "--initial-placement", str(path)], capsys)
+    assert code == 2 and f"--initial-placement {path}: num_ranks is true, expected an integer rank count" in err, err
 
 
 def test_settings_the_deployment_cannot_satisfy_are_reported_once_and_halt(tmp_path):

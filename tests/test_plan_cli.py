@@ -182,6 +182,27 @@ def test_a_current_placement_planned_for_other_ranks_is_refused(capsys, tmp_path
     assert run_cli(capsys, "--load", load_json, "--ranks", "4", "--current", str(bare))[0] == 0
 
 
+@pytest.mark.parametrize("value", [True, False, "4", None, 0, -1, 2.5])
+def test_a_current_placement_whose_num_ranks_is_no_rank_count_is_refused(capsys, tmp_path, load_json, value):
+    """Before: ``true``, ``"4"`` or ``null`` was ignored (the file planned for any rank count went
+    through, as a bare list does), while ``-1`` was refused as "planned for -1 ranks". Now any
+    ``num_ranks`` that is there must be an integer >= 1, and the refusal names it."""
+    code, out, _ = run_cli(capsys, "--load", load_json, "--ranks", "8", "--redundant", "4")
+    doc = json.loads(out)
+    doc["num_ranks"] = value
+    current = tmp_path / "current.json"
+    current.write_text(json.dumps(doc))
+    code, out, err = run_cli(capsys, "--load", load_json, "--ranks", "8", "--current", str(current))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--current {current}: num_ranks is {json.dumps(value)}, expected an integer rank count >= 1" in err, err
+    doc["num_ranks"] = 8.0  # numpy's tolist() of a float array writes 8.0: taken, as in phy2log
+    current.write_text(json.dumps(doc))
+    assert run_cli(capsys, "--load", load_json, "--ranks", "8", "--current", str(current))[0] == 0
+    del doc["num_ranks"]  # no rank count named: taken for any --ranks
+    current.write_text(json.dumps(doc))
+    assert run_cli(capsys, "--load", load_json, "--ranks", "8", "--current", str(current))[0] == 0
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_plan_into_a_closed_pipe_or_a_full_disk_ends_without_a_traceback(tmp_path):
     """Before: ``eplb-plan ... | head -c 100`` could end in a ``BrokenPipeError`` traceback and

@@ -437,9 +437,9 @@ def _checked_initial_placement(path: str, world_size: int):
 
     try:
         initial = read_placement(path, "--initial-placement")
+        ranks = planned_ranks(path, "--initial-placement")
     except UsageError as exc:
         raise ValueError(str(exc)) from None
-    ranks = planned_ranks(path)
     if ranks is not None and ranks != world_size:
         raise ValueError(
             f"--initial-placement {path}: planned for {ranks} ranks (its num_ranks), but this "

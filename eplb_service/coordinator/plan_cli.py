@@ -376,15 +376,31 @@ def read_placement(path: str, flag: str = "--current") -> np.ndarray:
     return np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
 
 
-def planned_ranks(path: str) -> int | None:
+def planned_ranks(path: str, flag: str = "--current") -> int | None:
     """The ``num_ranks`` a placement file from ``eplb-plan`` was planned for; ``None`` where it
-    names none (a bare ``[L, P]`` list) or cannot be read again (:func:`read_placement` read it)."""
+    names none (a bare ``[L, P]`` list, or an object without the key) or cannot be read again
+    (:func:`read_placement` read it).
+
+    A ``num_ranks`` that is there is a rank count or the file is refused (:class:`UsageError`
+    naming ``flag``, the file and the value), by the rule its ``phy2log`` entries follow: an
+    integer (a float only when exactly one), never ``true``, ``"4"`` or ``null``. Ignored, such a
+    value let a placement of any rank count through the check it exists for, while ``-1`` or
+    ``8`` were refused."""
     try:
         with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("num_ranks")
-    except (OSError, ValueError, AttributeError):
+            document = json.load(f)
+    except (OSError, ValueError):
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if not isinstance(document, dict) or "num_ranks" not in document:
+        return None
+    value = document["num_ranks"]
+    ranks = _expert_index(value)  # an integer >= 0 by the entries' rule; a rank count is also >= 1
+    if ranks is None or ranks < 1:
+        raise UsageError(
+            f"{flag} {path}: num_ranks is {_json_text(value)}, expected an integer rank count >= 1 "
+            "(the --ranks the placement was planned for)"
+        )
+    return ranks
 
 
 def _warn(message: str, fmt: str | None = None) -> None:
