@@ -302,3 +302,55 @@ def test_every_log_line_the_readme_quotes_is_one_the_code_writes():
     for quote in [*quotes, *QUOTED_ELSEWHERE]:
         pattern = _quote_pattern(quote)
         assert any(pattern.match(message) for message in messages), f"README.md quotes {quote!r}; no code writes it"
+
+
+def _refusals(tmp_path: pathlib.Path) -> list[tuple[list[str], dict[str, str], str]]:
+    """One bad value for each constraint README's "Every value is checked before anything starts"
+    paragraph states: ``(argv, environment, what the one line must name)``."""
+    other_ranks = tmp_path / "placement.json"
+    other_ranks.write_text(json.dumps({"num_ranks": 4, "phy2log": [[0, 1, 2, 3]]}))
+    quoted = tmp_path / "quoted.toml"
+    quoted.write_text('fence-timeout-s = "30"\n')
+    twice = tmp_path / "twice.toml"
+    twice.write_text("fence-steps = 3\nfence_steps = 4\n")
+    missing = str(tmp_path / "no-such-dir" / "out")
+    return [
+        (["--fence-timeout-s", "inf"], {}, "'inf'"),  # timeouts and rates must be finite
+        (["--throttle-bytes-per-s", "nan"], {}, "'nan'"),
+        (["--metrics-port", "65536"], {}, "65536"),  # ports 0-65535
+        (["--endpoint", "tcp://127.0.0.1:0"], {}, "tcp://127.0.0.1:0"),  # tcp:// endpoints 1-65535 or *
+        (["--record", missing + ".npz"], {}, missing),  # output files writable where they are named
+        (["--simulate", "--summary-json", missing + ".json"], {}, missing),
+        (["--steps", "5"], {}, "--steps"),  # the --simulate flags refused without it
+        (["--dp", "2", "--initial-placement", str(other_ranks)], {}, "planned for 4 ranks"),
+        (["--dp", "16385"], {}, "16385"),  # at most 16384 EP ranks
+        (["--min-gain", "1"], {}, "'1'"),  # below 1
+        (["--config", str(quoted)], {}, "expected a number (no quotes), got a string"),
+        (["--config", str(twice)], {}, "'fence-steps' and 'fence_steps'"),
+        (["--dp", "1"], {"EPLB_SERVICE_LOG_LEVEL": "loud"}, "'loud'"),  # a bad $EPLB_SERVICE_LOG_LEVEL
+    ]
+
+
+def test_every_refusal_readme_describes_is_one_line_naming_the_value_and_the_help_exit_2(tmp_path, capsys, monkeypatch):
+    """README: "a bad one is a one-line error naming it and the `--help` to read (exit 2)". A value
+    argparse refused did; one refused after parsing (``--dp 16385``, ``--steps`` without
+    ``--simulate``, a ``--config`` file's setting) named no help. Each is also a JSON line under
+    ``--log-format json``."""
+    from eplb_service.coordinator.cli import main
+
+    readme = " ".join(README.split())
+    assert "a one-line error naming it and the `--help` to read (exit 2)" in readme
+    for argv, env, named in _refusals(tmp_path):
+        for fmt in ("text", "json"):
+            with monkeypatch.context() as m:
+                m.setenv("EPLB_SERVICE_LOG_FORMAT", fmt)
+                for name, value in env.items():
+                    m.setenv(name, value)
+                try:
+                    code = main(["--endpoint", f"ipc://{tmp_path}/sock/c.sock", *argv])
+                except SystemExit as exc:
+                    code = exc.code
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1, (argv, env, code, err)
+            line = json.loads(err)["msg"] if fmt == "json" else err
+            assert named in line and "(see `eplb-coordinator serve --help`)" in line, (argv, env, line)

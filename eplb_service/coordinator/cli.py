@@ -544,22 +544,19 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            _fail("--plot needs matplotlib: pip install 'eplb-service[plot]'")
-            return 2
+            return _refuse("--plot needs matplotlib: pip install 'eplb-service[plot]'")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         kinds = FigureCanvasAgg.get_supported_filetypes()
         suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
         if suffix and suffix not in kinds:  # checked before the run, not after it
-            _fail(
+            return _refuse(
                 f"--plot {args.plot!r}: matplotlib cannot write .{suffix} files; "
                 f"expected one of {', '.join('.' + k for k in sorted(kinds))}"
             )
-            return 2
     too_big = sim_memory_problem(cfg.world_size, available_memory_bytes())
     if too_big is not None:
-        _fail(too_big)
-        return 2
+        return _refuse(too_big)
     model = shape_for_ranks(SimModelConfig(), cfg.world_size)
     if args.trace:
         from eplb_service.trace import TraceError, load_trace
@@ -567,13 +564,11 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         try:
             load_trace(args.trace)
         except TraceError as exc:
-            _fail(str(exc))
-            return 2
+            return _refuse(str(exc))
         try:
             model = shape_for_trace(SimModelConfig(trace_path=os.path.abspath(args.trace)), cfg.world_size)
         except ValueError as exc:
-            _fail(f"--trace: {exc}")
-            return 2
+            return _refuse(f"--trace: {exc}")
     if args.endpoint is not None:  # the user's, claimed as the daemon claims it; else a private temporary one
         problem = _claim_endpoint(cfg.endpoint)
         if problem is not None:
@@ -615,7 +610,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         logutil.configure(args.log_level, args.log_format, tag="coordinator")
         cfg = config_from_args(args)
     except ValueError as exc:  # logging may not be configured: the format the flag or variable asked for
-        _fail(str(exc), args.log_format or logutil.requested_format([]))
+        _fail(f"{exc} {SERVE_HELP}", args.log_format or logutil.requested_format([]))
         return 2
     if cfg.num_nodes > 1 and cfg.num_groups % cfg.num_nodes:
         logutil.rank_logger(__name__, "coordinator").warning(
@@ -696,12 +691,24 @@ def _write_result(text: str, command: str) -> int:
     return 0
 
 
+SERVE_HELP = "(see `eplb-coordinator serve --help`)"
+"""Ends every refusal of ``serve`` (exit 2), as argparse's own do: a value refused after parsing
+(``--dp`` x ``--tp`` too large, a ``--simulate``-only flag, a ``--config`` file's setting) named
+the value but not where the flags are described."""
+
+
 _RUNNERS = {"serve": _run_serve, "status": _run_status, "keygen": _run_keygen}
 """Each subcommand of :func:`build_parser` and what runs it; ``serve`` when none is named."""
 
 
 _TAGS = {"serve": "coordinator", "status": "status", "keygen": "keygen"}
 """The ``tag`` of each command's error lines: ``status`` and ``keygen`` are not the coordinator talking."""
+
+
+def _refuse(message: str) -> int:
+    """A value ``serve`` refuses once logging is set up: one line ending in :data:`SERVE_HELP`, exit code 2."""
+    _fail(f"{message} {SERVE_HELP}")
+    return 2
 
 
 def _fail(message: str, fmt: str | None = None, command: str = "serve") -> None:
@@ -748,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_command_line(argv, parser)
     except ValueError as exc:  # a bad --config file
-        _fail(str(exc), fmt)
+        _fail(f"{exc} {SERVE_HELP}", fmt)
         return 2
     return _RUNNERS[args.command](args)
 
