@@ -354,3 +354,36 @@ def test_every_refusal_readme_describes_is_one_line_naming_the_value_and_the_hel
             assert code == 2 and err.count("\n") == 1, (argv, env, code, err)
             line = json.loads(err)["msg"] if fmt == "json" else err
             assert named in line and "(see `eplb-coordinator serve --help`)" in line, (argv, env, line)
+
+
+PROSE_DEFAULT_DOCS = ("README.md", "proto/PROTOCOL.md", "docs/FAILURE_MODEL.md")
+"""Where a setting's default is written in prose as ``name`` (N s), (N s by default) or (N)."""
+
+
+def test_every_setting_default_the_documents_give_in_prose_is_the_codes():
+    """test_every_flag_default_… compares README's ``--flag`` (N) with ``--help``; settings with no
+    flag (``liveness_timeout_s``, ``decision_timeout_s``, ``min_window_steps``, an agent's
+    ``staged_timeout_s``) are stated in prose only, where nothing compared them with the code."""
+    import dataclasses
+    import inspect
+
+    from eplb_service.coordinator.config import CoordinatorConfig
+    from eplb_service.protocol import AgentConfig
+    from eplb_service.worker_agent.agent import WorkerAgent
+
+    defaults: dict[str, object] = {f.name: f.default for f in dataclasses.fields(CoordinatorConfig)}
+    defaults.update({name: getattr(AgentConfig(), name) for name in AgentConfig.__struct_fields__})
+    for name, parameter in inspect.signature(WorkerAgent.__init__).parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            defaults.setdefault(name, parameter.default)
+    stated = [
+        (doc, name, number)
+        for doc in PROSE_DEFAULT_DOCS
+        for name, number in re.findall(
+            r"`([a-z_]+)` \((\d+(?:\.\d+)?)(?: s)?(?: by default)?[;)]", (ROOT / doc).read_text()
+        )
+    ]
+    assert len(stated) >= 6  # the scan finds them at all
+    for doc, name, number in stated:
+        assert name in defaults, f"{doc} gives a default for `{name}`, which no configuration has"
+        assert float(number) == float(defaults[name]), f"{doc}: `{name}` ({number}), but the code: {defaults[name]}"
