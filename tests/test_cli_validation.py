@@ -302,6 +302,8 @@ def test_the_plugin_refuses_what_its_agents_could_not_use(name, value, expected)
 
 
 def test_a_taken_metrics_port_is_one_line_not_a_traceback(tmp_path, capsys):
+    """And it leaves no socket file: the endpoint, bound before the port failed, stayed behind as a
+    socket nobody listens on, which `status` reports as a killed coordinator's."""
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -310,6 +312,7 @@ def test_a_taken_metrics_port_is_one_line_not_a_traceback(tmp_path, capsys):
             ["--dp", "1", "--endpoint", f"ipc://{tmp_path}/c.sock", "--metrics-port", str(port)], capsys
         )
     assert code == 1 and f"cannot serve HTTP on --metrics-port {port}" in err and "Traceback" not in err
+    assert not (tmp_path / "c.sock").exists()
 
 
 def test_an_initial_placement_for_other_ranks_is_refused_at_start(tmp_path, capsys):

@@ -196,6 +196,8 @@ class Coordinator:
                 auth_monitor.cancel()
             sock.close(linger=0)
             self._ctx.term()
+            if self._socket_watch is not None:  # bound, then --metrics-port failed: no file left for `status` to find
+                release_ipc_endpoint(self.cfg.endpoint, self._socket_watch.identity)
             if isinstance(exc, BindError):
                 raise
             raise BindError(f"cannot listen on {self.cfg.endpoint}: {exc}") from None
