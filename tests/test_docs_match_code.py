@@ -387,3 +387,44 @@ def test_every_setting_default_the_documents_give_in_prose_is_the_codes():
     for doc, name, number in stated:
         assert name in defaults, f"{doc} gives a default for `{name}`, which no configuration has"
         assert float(number) == float(defaults[name]), f"{doc}: `{name}` ({number}), but the code: {defaults[name]}"
+
+
+def test_the_protocols_version_timings_and_limits_in_protocol_md_are_the_codes():
+    """proto/PROTOCOL.md is what an agent in another language is written from (its section
+    "Writing an agent from this file"); its numbers were compared with the code nowhere (the
+    independent agent's own copy of the version excepted), so a changed constant left an
+    implementer's agent re-sending, reopening or sizing frames by the old one."""
+    from eplb_service.coordinator import resend, router
+    from eplb_service.coordinator.side_comm import SideComm
+    from eplb_service.worker_agent import agent, store_janitor
+
+    doc = " ".join((ROOT / "proto" / "PROTOCOL.md").read_text().split())
+    mib = protocol.UNSHAPED_MAX_MESSAGE_BYTES / 2**20
+    comm_every_s = inspect_default(SideComm.resend_due, "every_s")
+    stated = [
+        f"# eplb-service wire protocol (version {protocol.PROTOCOL_VERSION})",
+        f"`protocol_version` {protocol.PROTOCOL_VERSION};",
+        f"hears nothing for {agent.SILENCE_HEARTBEATS} heartbeat intervals",
+        f"no ack for {agent.SILENCE_HEARTBEATS} intervals",
+        f"`Hello` again every {protocol.REFUSED_RETRY_S:g} s",
+        f"leaps more than {router.MAX_STEP_LEAP:,} steps",
+        f"{resend.PLAN_FIRST_S:g} s after the plan went out and then at doubling intervals "
+        f"up to {resend.PLAN_MAX_S:g} s",
+        f"after min({resend.VOTE_FIRST_S:g} s, `fence_timeout_s` / 4) and then every {resend.VOTE_MAX_S:g} s",
+        f"{resend.ABORT_FIRST_S:g} s after and then at doubling intervals up to {resend.ABORT_MAX_S:g} s",
+        f"A `CommInit` is sent again, every {comm_every_s:g} s",
+        f"Frames are limited to {mib:g} MiB until the first `Hello`",
+        f"at most {protocol.MAX_ARRAY_DIMS} dimensions",
+        f"(multiples of {protocol.CLOCK_PROBE_EVERY})",
+        f"`radius` {protocol.CLOCK_PROBE_RADIUS},",
+        f"tracks at most {store_janitor.MAX_TRACKED} plans and generations",
+    ]
+    missing = [phrase for phrase in stated if phrase not in doc]
+    assert not missing, f"proto/PROTOCOL.md does not say (or says otherwise): {missing}"
+
+
+def inspect_default(function, name: str):
+    """The default of ``function``'s parameter ``name``."""
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
