@@ -186,6 +186,22 @@ def test_status_and_keygen_errors_follow_the_log_format_variable(tmp_path, capsy
             assert doc["logger"] == f"eplb-coordinator {tag}"
 
 
+def test_status_and_keygen_refuse_a_log_format_variable_that_is_no_format(tmp_path, capsys, monkeypatch):
+    """Before: both took ``EPLB_SERVICE_LOG_FORMAT=yaml`` silently as text (and keygen wrote its
+    keys), while ``serve`` and ``eplb-plan`` refuse it naming the value."""
+    monkeypatch.setenv("EPLB_SERVICE_LOG_FORMAT", "yaml")
+    keys = tmp_path / "keys"
+    for argv, command in (
+        (["status", "--endpoint", f"ipc://{tmp_path}/c.sock", "--timeout-s", "0.05"], "status"),
+        (["keygen", str(keys)], "keygen"),
+    ):
+        code, out, err = run_main(argv, capsys)
+        assert code == 2 and out == "", err
+        assert err.startswith(f"eplb-coordinator {command}: error: EPLB_SERVICE_LOG_FORMAT='yaml' is not a log format")
+        assert err.rstrip().endswith(f"(see `eplb-coordinator {command} --help`)") and err.count("\n") == 1
+    assert not keys.exists()
+
+
 def test_a_config_files_log_format_applies_to_errors_found_before_logging_starts(tmp_path, capsys, monkeypatch):
     """Before: ``log-format = "json"`` in ``--config`` took effect only once logging was set up, so a
     typo'd key in that very file, or a refused flag beside it, was a text line in a JSON deployment.

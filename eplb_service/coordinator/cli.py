@@ -657,6 +657,8 @@ def _run_status(args: argparse.Namespace) -> int:
     from eplb_service.protocol import ProtocolError
     from eplb_service.security import SecurityError
 
+    if (refused := _bad_env_format("status")) is not None:
+        return refused
     try:
         status = fetch_status(args.endpoint, args.timeout_s)
     except (TimeoutError, ProtocolError, zmq.ZMQError, SecurityError, UnsafeSocketDirectory, ValueError) as exc:
@@ -668,12 +670,25 @@ def _run_status(args: argparse.Namespace) -> int:
 def _run_keygen(args: argparse.Namespace) -> int:
     from eplb_service.security import SecurityError, generate_keys
 
+    if (refused := _bad_env_format("keygen")) is not None:
+        return refused
     try:
         paths = generate_keys(args.directory)
     except SecurityError as exc:  # a bad, unsafe or unwritable DIR: named in the message
         _fail(str(exc), logutil.requested_format([]), "keygen")
         return 1
     return _write_result("".join(f"{role}: {path}\n" for role, path in paths.items()), "keygen")
+
+
+def _bad_env_format(command: str) -> int | None:
+    """2, after one line naming it, when ``$EPLB_SERVICE_LOG_FORMAT`` is neither format (``serve``
+    and ``eplb-plan`` refuse it as well: a host-wide ``yaml`` was silently taken as text here only)."""
+    try:
+        logutil.resolved_format(None)
+    except ValueError as exc:
+        _fail(f"{exc} (see `eplb-coordinator {command} --help`)", "text", command)
+        return 2
+    return None
 
 
 def _write_result(text: str, command: str) -> int:
