@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from eplb_service.worker_agent.rendezvous import RendezvousError, advertised_host, store_port_from_env
+from eplb_service.worker_agent.rendezvous import (
+    RendezvousError,
+    advertised_host,
+    store_host_from_env,
+    store_port_from_env,
+)
 
 
 @pytest.mark.parametrize("text", ["0", "65536", "-1", "29500x", "any"])
@@ -20,6 +25,21 @@ def test_the_store_port_is_any_free_one_unless_fixed():
     assert store_port_from_env({}) == 0
     assert store_port_from_env({"EPLB_SERVICE_STORE_PORT": "1"}) == 1
     assert store_port_from_env({"EPLB_SERVICE_STORE_PORT": "65535"}) == 65535
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1:29500", "tcp://10.0.0.1", "node 1", "[fd00::1]", "host/x", "store:1"])
+def test_a_store_host_with_a_port_scheme_or_blank_is_refused_naming_it(text):
+    """The other ranks dial it as it is: such a value failed every rank's store connection late."""
+    with pytest.raises(RendezvousError) as exc:
+        store_host_from_env({"EPLB_SERVICE_STORE_HOST": text})
+    assert f"EPLB_SERVICE_STORE_HOST={text!r}" in str(exc.value) and "without a port" in str(exc.value)
+
+
+@pytest.mark.parametrize("text", ["10.0.0.7", "node-3.cluster.local", "fd00::7", " 10.0.0.7 "])
+def test_a_store_host_address_or_name_is_advertised_as_given(text):
+    assert store_host_from_env({"EPLB_SERVICE_STORE_HOST": text}) == text.strip()
+    assert advertised_host("tcp://127.0.0.1:5555", {"EPLB_SERVICE_STORE_HOST": text}) == text.strip()
+    assert store_host_from_env({}) is None and store_host_from_env({"EPLB_SERVICE_STORE_HOST": " "}) is None
 
 
 @pytest.mark.parametrize(

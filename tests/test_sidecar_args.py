@@ -217,6 +217,7 @@ def test_bad_log_format_variable_is_one_line(capsys, monkeypatch):
         ("EPLB_SERVICE_REPORT_INTERVAL_STEPS", "abc", "EPLB_SERVICE_REPORT_INTERVAL_STEPS='abc': expected an integer"),
         ("EPLB_SERVICE_TRANSPORT", "mpi", "EPLB_SERVICE_TRANSPORT='mpi': expected one of auto, gloo, nccl,"),
         ("EPLB_SERVICE_STORE_PORT", "99999", "EPLB_SERVICE_STORE_PORT=99999: expected a port number in [1, 65535]"),
+        ("EPLB_SERVICE_STORE_HOST", "tcp://node-0", "EPLB_SERVICE_STORE_HOST='tcp://node-0': expected an address"),
         ("EPLB_SERVICE_DEPLOYMENT", "my model", "EPLB_SERVICE_DEPLOYMENT='my model': deployment id 'my model' has"),
     ],
 )

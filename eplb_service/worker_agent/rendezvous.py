@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 STORE_PORT_ENV = "EPLB_SERVICE_STORE_PORT"
@@ -35,8 +36,9 @@ def advertised_host(coordinator_endpoint: str, environ: dict | None = None) -> s
     loopback.
     """
     env = os.environ if environ is None else environ
-    if env.get(STORE_HOST_ENV):
-        return env[STORE_HOST_ENV]
+    fixed = store_host_from_env(env)
+    if fixed is not None:
+        return fixed
     if coordinator_endpoint.startswith("tcp://"):
         host = coordinator_endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0"):
@@ -62,6 +64,27 @@ def _route_address(host: str) -> str | None:
         except OSError:
             continue
     return None
+
+
+def store_host_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """``EPLB_SERVICE_STORE_HOST`` trimmed, or ``None`` when unset or blank.
+
+    Only its form is checked (the other ranks resolve it, on their hosts): an address or a host
+    name, without a port, a scheme or blanks. ``10.0.0.1:29500`` or ``tcp://10.0.0.1`` would
+    otherwise be advertised as they are and every other rank's store connection would fail, long
+    after start-up, without naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get(STORE_HOST_ENV, "").strip()
+    if not text:
+        return None
+    name, colon, port = text.rpartition(":")
+    if any(c.isspace() for c in text) or "/" in text or "[" in text or (colon and ":" not in name and port.isdigit()):
+        raise RendezvousError(
+            f"{STORE_HOST_ENV}={text!r}: expected an address or host name the other ranks dial, without a port "
+            f"(that is {STORE_PORT_ENV}), scheme, brackets or blanks"
+        )
+    return text
 
 
 def store_port_from_env(environ: dict | None = None) -> int:

@@ -111,6 +111,10 @@ def test_full_configuration_from_env():
         ({C.LOG_FORMAT: "xml"}, "EPLB_SERVICE_LOG_FORMAT='xml': expected 'text' or 'json'"),
         ({"EPLB_SERVICE_STORE_PORT": "99999"}, "EPLB_SERVICE_STORE_PORT=99999: expected a port number in [1, 65535]"),
         ({"EPLB_SERVICE_STORE_PORT": "x"}, "EPLB_SERVICE_STORE_PORT='x': expected a port number in [1, 65535]"),
+        (
+            {"EPLB_SERVICE_STORE_HOST": "10.0.0.1:29500"},
+            "EPLB_SERVICE_STORE_HOST='10.0.0.1:29500': expected an address",
+        ),
     ],
 )
 def test_bad_variables_are_named(env, needle):

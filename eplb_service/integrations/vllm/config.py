@@ -20,7 +20,13 @@ from eplb_service.coordinator.arg_types import connect_endpoint
 from eplb_service.deployment_id import deployment_id_problem
 from eplb_service.logutil import parse_level
 from eplb_service.worker_agent.nccl_lib import MAX_CHANNELS
-from eplb_service.worker_agent.rendezvous import STORE_HOST_ENV, STORE_PORT_ENV, RendezvousError, store_port_from_env
+from eplb_service.worker_agent.rendezvous import (
+    STORE_HOST_ENV,
+    STORE_PORT_ENV,
+    RendezvousError,
+    store_host_from_env,
+    store_port_from_env,
+)
 
 ENDPOINT = "EPLB_SERVICE_ENDPOINT"
 TRANSPORT = "EPLB_SERVICE_TRANSPORT"
@@ -168,6 +174,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
         return None
     try:  # read by rank 0's agent when it hosts the rendezvous store: checked here, before vLLM starts
         store_port_from_env(dict(env))
+        store_host_from_env(env)  # dialled by the other ranks: a port or scheme in it fails them late
     except RendezvousError as exc:
         raise ConfigError(str(exc)) from None
     return PluginConfig(
