@@ -11,9 +11,9 @@ def report(rank: int, results, delay_s: float = 0.0) -> None:
     results.put({"rank": rank, "pid": os.getpid()})
 
 
-def die_unless_rank0(rank: int, results) -> None:
+def die_unless_rank0(rank: int, results, exit_code: int = 3) -> None:
     if rank != 0:
-        os._exit(3)
+        os._exit(exit_code)
     results.put({"rank": rank})
 
 

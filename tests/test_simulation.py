@@ -58,6 +58,61 @@ def test_measured_balancedness_is_mean_over_max_of_summed_windows():
     assert measured_balancedness(recv, 2, 4) == 1.0
 
 
+def _rank_result(rank: int, mismatches: int, received: int, sent_to: list[int], phy2log, error=None) -> dict:
+    """One rank's result as ``serving_loop`` reports it, for 10 steps of 1 layer."""
+    return {
+        "rank": rank,
+        "mismatches": mismatches,
+        "recv_counts": [[received]] * 10,
+        "ref_sent": [[sent_to]] * 10,
+        "phy2log": phy2log,
+        "error": error,
+        "commit_stall_max_us": 10.0 * (rank + 1),
+        "step_time_p50_ms": 1.0,
+        "step_time_p99_ms": 2.0 + rank,
+    }
+
+
+def test_the_summary_adds_up_every_rank_and_takes_the_plan_counts_from_the_coordinator():
+    """The summary's numbers, from known rank results: mismatches and errors of every rank (not one),
+    maps compared across ranks, plans counted by outcome, and the no-rebalancing reference routed
+    from every source rank."""
+    from types import SimpleNamespace
+
+    from eplb_service.sim.deployment import _summary
+
+    outcomes = [
+        SimpleNamespace(phase="committed", code="", commit_step=40),
+        SimpleNamespace(phase="aborted", code="fence_timeout", commit_step=-1),
+        SimpleNamespace(phase="committed", code="", commit_step=80),
+    ]
+    coordinator = SimpleNamespace(
+        counts={"proposed": 5, "committed": 2, "aborted": 1, "diverged": 0, "skipped": 4},
+        outcomes=outcomes,
+        bytes_moved_total=1 << 20,
+        experts_moved_total=6,
+        epoch=2,
+        halted_reason=None,
+    )
+    ranks = [
+        _rank_result(0, 3, received=4, sent_to=[4, 0], phy2log=[[0, 1]]),
+        _rank_result(1, 5, received=2, sent_to=[0, 2], phy2log=[[1, 0]], error="rank 1: RuntimeError: boom"),
+    ]
+    opts = SimulationOptions(world_size=2, steps=10)
+    summary = _summary(opts, coordinator, ranks, wall_s=1.0)
+    assert summary["output_mismatches"] == 8
+    assert summary["errors"] == ["rank 1: RuntimeError: boom"]
+    assert summary["maps_identical_on_all_ranks"] is False
+    assert (summary["committed"], summary["aborted"], summary["skipped_no_gain"]) == (2, 1, 4)
+    assert summary["abort_codes"] == ["fence_timeout"] and summary["commit_steps"] == [40, 80]
+    # received 4 and 2: mean 3 / max 4; the reference: rank 0 sent 4 to rank 0, rank 1 sent 2 to rank 1
+    assert summary["balancedness_initial"] == summary["balancedness_final"] == 0.75
+    assert summary["balancedness_final_without_rebalancing"] == 0.75
+    assert summary["commit_stall_max_us"] == 20.0 and summary["step_time_p99_ms"] == 3.0
+    ranks[1]["phy2log"] = [[0, 1]]
+    assert _summary(opts, coordinator, ranks, wall_s=1.0)["maps_identical_on_all_ranks"] is True
+
+
 def test_cli_rejects_bad_values_naming_them():
     out = subprocess.run(
         [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "0", "--simulate"],
