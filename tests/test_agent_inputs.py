@@ -175,6 +175,7 @@ def _rejects(messages: list) -> list[tuple[str, str]]:
     ("counts", "expected"),
     [
         (np.full((2, 6), 10.0), "(bad_shape): load report shape (2, 6), expected (2, 8)"),
+        (np.full((8, 2), 10.0), "(bad_shape): load report shape (8, 2), expected (2, 8)"),  # as many counts
         (np.where(np.arange(16).reshape(2, 8) == 11, -5.0, 1.0), "(bad_values): slot_load[1, 3] = -5.0"),
     ],
 )

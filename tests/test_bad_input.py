@@ -67,6 +67,8 @@ def plan(rows, layers=(0,), epoch=0, plan_id=7) -> protocol.Plan:
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(5,)), "layers [5] must be distinct and in [0, 2)"),
         # The first layer past the end: a check off by one let it through to an IndexError (an agent reset).
         (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(2,)), "layers [2] must be distinct and in [0, 2)"),
+        # A negative layer: numpy would read -1 as the last layer, a plan for a layer no rank has.
+        (plan([[0, 1, 2, 3, 4, 5, 0, 1]], layers=(-1,)), "layers [-1] must be distinct and in [0, 2)"),
         # One layer twice: its maps and rows would each be written twice, from different plan rows.
         (
             plan([[0, 1, 2, 3, 4, 5, 0, 1], [1, 0, 2, 3, 4, 5, 0, 1]], layers=(0, 0)),

@@ -82,9 +82,20 @@ def test_ndarray_round_trip_keeps_dtype_shape_values(dtype):
     assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
 
 
-def test_ndarray_rejects_byte_count_that_does_not_match_shape():
-    bad = protocol.NDArray(dtype="int64", shape=(2, 3), data=b"\0" * 40)
-    with pytest.raises(protocol.ProtocolError, match=r"needs 48 bytes, got 40"):
+@pytest.mark.parametrize(
+    ("shape", "size", "refusal"),
+    [
+        ((2, 3), 40, r"shape \(2, 3\) of int64 needs 48 bytes, got 40"),
+        ((2, 3), 56, r"shape \(2, 3\) of int64 needs 48 bytes, got 56"),
+        ((-1, -2), 16, r"shape \(-1, -2\) must have <= 4 non-negative dims"),
+        ((0, -1), 0, r"shape \(0, -1\) must have <= 4 non-negative dims"),
+    ],
+)
+def test_ndarray_rejects_byte_count_that_does_not_match_shape(shape, size, refusal):
+    """Too few bytes, too many, or negative dims whose product happens to match the bytes: each a
+    ``ProtocolError`` naming the array, never numpy's ``ValueError`` from the reshape."""
+    bad = protocol.NDArray(dtype="int64", shape=shape, data=b"\0" * size)
+    with pytest.raises(protocol.ProtocolError, match=r"^plan\.phy2log: " + refusal):
         bad.to_numpy("plan.phy2log")
 
 
@@ -127,6 +138,11 @@ def _heartbeat_with_clock(**clock) -> bytes:
         ({"times": [[1.0] * 7]}, r"one row of times per probe step \(2\), got 1 rows - at `\$\.clock\.times`"),
         ({"probe_steps": [32]}, r"one row of times per probe step \(1\), got 2 rows - at `\$\.clock\.times`"),
         ({"probe_steps": [32, 65]}, r"multiple of 32 - at `\$\.clock\.probe_steps\[1\]`"),
+        ({"wall_minus_mono": float("inf")}, r"finite `float`, got inf - at `\$\.clock\.wall_minus_mono`"),
+        (
+            {"times": [[1.0] * 7, [2.0] * 6 + [float("nan")]]},
+            r"finite `float`, got nan - at `\$\.clock\.times\[1\]\[6\]`",
+        ),
     ],
 )
 def test_a_step_clock_probe_off_the_spec_is_refused_naming_the_field(clock, refusal):
@@ -172,6 +188,20 @@ def test_oversize_frame_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 100)
     with pytest.raises(protocol.ProtocolError, match="exceeds MAX_MESSAGE_BYTES=100"):
         protocol.decode(b"\x90" * 101)
+
+
+def test_a_frame_of_exactly_the_limit_is_decoded_and_one_byte_more_is_refused(monkeypatch):
+    """The limits are the largest frame taken ("exceeds" refuses), the receiver's own and the hard one."""
+    frame = protocol.encode(protocol.Heartbeat(rank=1, step=70, epoch=0))
+    assert isinstance(protocol.decode(frame, max_bytes=len(frame)), protocol.Heartbeat)
+    with pytest.raises(
+        protocol.ProtocolError, match=rf"frame of {len(frame)} bytes exceeds the limit of {len(frame) - 1}"
+    ):
+        protocol.decode(frame, max_bytes=len(frame) - 1)
+    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", len(frame))
+    assert isinstance(protocol.decode(frame), protocol.Heartbeat)
+    with pytest.raises(protocol.ProtocolError, match=rf"exceeds MAX_MESSAGE_BYTES={len(frame)}"):
+        protocol.decode(frame + b"\0")
 
 
 @settings(max_examples=300, deadline=None)
