@@ -67,7 +67,7 @@ def _break(sim: SimServingRank, scenario: str, seed: int) -> None:
 
 
 def serve_broken(rank: int, world: int, store_port: int, steps: int, seed: int, results) -> None:
-    """Report ``{"rank", "mismatches": {scenario: count}, "load": [L, P] of the intact run}``."""
+    """Report ``(rank, {"rank", "mismatches": {scenario: count}, "load": [L, P] of the intact run})``."""
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", store_port, world, False, timeout=datetime.timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -90,5 +90,5 @@ def serve_broken(rank: int, world: int, store_port: int, steps: int, seed: int, 
         mismatches[scenario] = sim.mismatches
         if scenario == "intact":
             load = sim.load_pass.tolist()
-    results.put({"rank": rank, "mismatches": mismatches, "load": load})
+    results.put((rank, {"rank": rank, "mismatches": mismatches, "load": load}))
     dist.destroy_process_group()

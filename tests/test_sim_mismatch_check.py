@@ -15,6 +15,7 @@ import pytest
 import sim_check_ranks
 import torch.distributed as dist
 from child_context import CTX
+from child_results import gather_results
 
 from eplb_service.placement import PlacementShape, initial_phy2log, logical_replica_count
 from eplb_service.sim.processes import free_port
@@ -38,14 +39,9 @@ def served() -> list[dict]:
     ]
     for p in procs:
         p.start()
-    try:
-        results = [out.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return sorted(results, key=lambda r: r["rank"])
+    results = gather_results(out, procs, 120, join_s=10)
+    assert sorted(results) == list(range(WORLD)), results
+    return [results[r] for r in range(WORLD)]
 
 
 def test_intact_serving_counts_no_mismatch_on_any_rank(served):
