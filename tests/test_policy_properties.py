@@ -223,6 +223,7 @@ def test_any_valid_deployment_gets_a_valid_deterministic_plan_with_honest_accoun
     assert sorted(layer for b in plan.batches for layer in b.layers) == np.flatnonzero(changed.any(axis=1)).tolist()
     for batch in plan.batches:
         rows = list(batch.layers)
+        assert rows == sorted(set(rows))  # ascending, as LayerBatch says, each layer once
         assert np.array_equal(batch.phy2log, target[rows])
         if budget is not None:
             per_rank = (target[rows] != current[rows]).reshape(len(rows), shape.num_ranks, -1).sum(axis=(0, 2))
