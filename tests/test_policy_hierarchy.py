@@ -219,3 +219,16 @@ def test_one_node_is_the_plain_migration_policy():
     grouped = plan_rebalance("migration", initial_phy2log(shape), load, shape, num_groups=4, num_nodes=1)
     plain = plan_rebalance("migration", initial_phy2log(shape), load, shape)
     assert np.array_equal(grouped.target_phy2log, plain.target_phy2log)
+
+
+def test_a_group_exchange_pays_the_price_of_the_slots_it_moves_where_the_imbalance_fades():
+    """Mutation: step 2 given no price per moved slot (``slot_price`` 0). Groups of 0.4 and 0.3
+    of the layer share node 0: an exchange evens the nodes (0.35 -> 0.25 per rank) and is made
+    where the imbalance lasts; with none of it lasting (persistence 0), each of its 4 slots
+    costs 0.4 / 8 and together they cost more than the drop, so the groups stay."""
+    current = np.arange(8)[None, :]
+    load = np.array([[200000.0, 200000.0, 150000.0, 150000.0, 100000.0, 100000.0, 50000.0, 50000.0]])
+    lasting = hierarchical_migration_phy2log(current, load, 4, 4, 2, persistence=1.0)
+    assert sorted(set((lasting[0, :4] // 2).tolist())) != [0, 1]  # node 0 holds other groups
+    fading = hierarchical_migration_phy2log(current, load, 4, 4, 2, persistence=0.0)
+    assert sorted(set((fading[0, :4] // 2).tolist())) == [0, 1]

@@ -100,3 +100,20 @@ def test_repacking_never_moves_more_nor_balances_worse(case):
     assert ((with_repack != current).sum(axis=1) <= (without != current).sum(axis=1)).all()
     peak = rank_loads(with_repack, load, ranks).max(axis=1)
     assert (peak <= rank_loads(without, load, ranks).max(axis=1) + 1e-9).all()
+
+
+def test_the_packers_order_is_kept_where_the_greedy_matching_keeps_less():
+    """Mutation: ``match_packs`` without its fallback to the packer's own order. Mutually best
+    pairs take pack 0 to rank 1 (overlap 3), leaving pack 1 on rank 0 (0): 3 kept, where the
+    packer's order keeps 2 + 2."""
+    assert match_packs(np.array([[[2.0, 3.0], [0.0, 2.0]]])).tolist() == [[0, 1]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(ranks=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_the_matching_keeps_at_least_what_the_packers_order_keeps(ranks, seed):
+    overlap = np.random.default_rng(seed).integers(0, 4, size=(3, ranks, ranks)).astype(np.float64)
+    rank_of = match_packs(overlap)
+    assert (np.sort(rank_of, axis=1) == np.arange(ranks)).all()  # one pack per rank
+    kept = overlap[np.arange(3)[:, None], np.arange(ranks), rank_of].sum(axis=1)
+    assert (kept >= np.trace(overlap, axis1=1, axis2=2)).all()
