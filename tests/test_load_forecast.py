@@ -184,3 +184,19 @@ def test_the_load_window_measures_no_persistence_across_a_segment_without_load()
     window.add(np.array([[1.0, 8.0, 2.0, 1.0]]), 200, 250)
     window.add(np.array([[1.0, 8.0, 2.0, 1.0]]), 300, 350)
     assert sorted(window.segments) == [0, 2, 3] and window.persistence() == 1.0
+
+
+def test_a_layer_idle_in_either_window_does_not_weigh_on_the_persistence():
+    """Mutation: every layer pooled (``both = prev.sum(axis=1) >= 0``). A layer with load before
+    and none now added its deviations to the spread and nothing to the covariance: 0.78 read
+    0.66 here, and a lasting imbalance could read as one that fades."""
+    rng = np.random.default_rng(0)
+    previous = rng.gamma(1.0, 10.0, size=(4, 8))
+    latest = previous + rng.gamma(1.0, 3.0, size=(4, 8))
+    alone = persistence(previous[:3], latest[:3])
+    went_idle, was_idle = latest.copy(), previous.copy()
+    went_idle[3] = 0.0
+    was_idle[3] = 0.0
+    assert persistence(previous, went_idle) == pytest.approx(alone, abs=1e-12)
+    assert persistence(was_idle, latest) == pytest.approx(alone, abs=1e-12)
+    assert alone != pytest.approx(persistence(previous, latest), abs=1e-4)  # the layer counts when busy
