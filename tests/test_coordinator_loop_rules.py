@@ -10,9 +10,12 @@ temporary ``ipc://`` endpoint; one daemon process for the exit status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +26,7 @@ from plan_harness import harness, start_plan
 from eplb_service import protocol
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.coordinator.server import Coordinator
+from eplb_service.coordinator.socket_watch import SocketFileWatch
 from eplb_service.testing.protocol_fuzz import SocketSink
 from eplb_service.trace import TraceRecorder, load_trace
 
@@ -186,28 +190,35 @@ def test_a_stopped_coordinator_closes_its_http_server_and_removes_its_socket_fil
     assert not (tmp_path / "run" / "c.sock").exists()
 
 
-def test_the_socket_file_is_looked_at_once_per_check_interval_not_on_every_tick(tmp_path):
-    """The tick runs every 20 ms: the watch stats the file (and, when it is gone, binds again or
-    logs why it cannot) at most every ``CHECK_EVERY_S``, never 50 times a second."""
-    from eplb_service.coordinator.socket_watch import CHECK_EVERY_S, SocketFileWatch
+@contextlib.contextmanager
+def watched_socket(path: Path) -> Iterator[SocketFileWatch]:
+    """A ROUTER bound at ``ipc://path`` and the coordinator's watch over its socket file."""
     from eplb_service.logutil import rank_logger
 
-    path = tmp_path / "c.sock"
     endpoint = f"ipc://{path}"
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     try:
         router.bind(endpoint)
-        watch = SocketFileWatch(endpoint, router, lambda: False, rank_logger("test", "coordinator"))
+        yield SocketFileWatch(endpoint, router, lambda: False, rank_logger("test", "coordinator"))
+    finally:
+        router.close(linger=0)
+        ctx.term()
+
+
+def test_the_socket_file_is_looked_at_once_per_check_interval_not_on_every_tick(tmp_path):
+    """The tick runs every 20 ms: the watch stats the file (and, when it is gone, binds again or
+    logs why it cannot) at most every ``CHECK_EVERY_S``, never 50 times a second."""
+    from eplb_service.coordinator.socket_watch import CHECK_EVERY_S
+
+    path = tmp_path / "c.sock"
+    with watched_socket(path) as watch:
         watch.tick(100.0)
         os.unlink(path)
         watch.tick(100.0 + CHECK_EVERY_S / 2)
         assert watch.rebinds == 0 and not path.exists()
         watch.tick(100.0 + CHECK_EVERY_S)
         assert watch.rebinds == 1 and path.is_socket()
-    finally:
-        router.close(linger=0)
-        ctx.term()
 
 
 def test_a_handler_that_raises_is_counted_and_the_next_message_is_still_read(tmp_path):
@@ -275,16 +286,9 @@ def test_a_stale_socket_file_that_cannot_be_removed_is_reported_not_raised(tmp_p
     unreachable and tries again next check. Raised, it was an internal error every second, each
     one aborting the plan in flight."""
     from eplb_service.coordinator import socket_watch
-    from eplb_service.coordinator.socket_watch import SocketFileWatch
-    from eplb_service.logutil import rank_logger
 
     path = tmp_path / "c.sock"
-    endpoint = f"ipc://{path}"
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    try:
-        router.bind(endpoint)
-        watch = SocketFileWatch(endpoint, router, lambda: False, rank_logger("test", "coordinator"))
+    with watched_socket(path) as watch:
         os.unlink(path)
         with socket.socket(socket.AF_UNIX) as gone:
             gone.bind(str(path))  # closed at once: its file stays, nobody listening
@@ -301,9 +305,6 @@ def test_a_stale_socket_file_that_cannot_be_removed_is_reported_not_raised(tmp_p
         watch.tick(20.0)  # removable now: taken back
         assert watch.rebinds == 1 and watch.unreachable is None
         assert path.is_socket() and watch.identity == (os.stat(path).st_dev, os.stat(path).st_ino)
-    finally:
-        router.close(linger=0)
-        ctx.term()
 
 
 def test_the_daemon_exits_1_naming_the_port_when_its_metrics_port_is_taken(tmp_path):
