@@ -36,10 +36,7 @@ def test_a_second_plan_while_one_is_staged_is_failed_busy_and_the_first_is_kept(
     assert str(first.plan_id) in failed[0].reason, failed[0].reason
     assert h.agent._plan is first and h.agent.stats["staged"] == 1
     h.deliver(protocol.VoteNow(plan_id=first.plan_id))
-    for _ in range(4):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(4)
     assert h.applied == [(first.plan_id, FAST.fence_steps)]
 
 

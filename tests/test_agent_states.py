@@ -183,6 +183,15 @@ class Harness:
             self.applied.append((ticket.plan_id, hooks.steps_done))
         hooks.after_step(None)
 
+    def serve(self, steps: int, check: bool = True) -> None:
+        """``steps`` serving steps, each followed by one agent tick and, unless ``check`` is off,
+        the harness's invariants (:meth:`check`)."""
+        for _ in range(steps):
+            self.step()
+            self.tick()
+            if check:
+                self.check()
+
     def other_rank_decides(self, commit: bool) -> None:
         plan_id = self.current_plan_id()
         if plan_id:
@@ -269,10 +278,7 @@ def test_any_sequence_of_messages_steps_and_decisions_keeps_the_agent_sound(data
         else:
             h.other_rank_decides(data.draw(st.booleans(), label="commit"))
         h.check()
-    for _ in range(8):  # drain: the serving thread finishes any ticket, the agent reports it
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(8)  # drain: the serving thread finishes any ticket, the agent reports it
 
 
 def test_the_happy_path_commits_through_the_record():
@@ -285,10 +291,7 @@ def test_the_happy_path_commits_through_the_record():
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
     decision = h.record.decisions[plan.plan_id]
     assert decision.commit and decision.commit_step == FAST.fence_steps
-    for _ in range(4):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(4)
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
     sent = [type(m).__name__ for m in h.agent.link.sock.sent]
     assert "Voted" in sent and "Committed" in sent
@@ -319,10 +322,7 @@ def test_a_serving_thread_that_reached_the_fence_before_it_saw_the_entry_makes_t
     decision = h.record.decisions[plan.plan_id]
     assert not decision.commit and decision.code == "vote_failed", decision
     del hooks.ticket_fence_steps
-    for _ in range(3):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(3)
     assert h.applied == [] and hooks.epoch == 0
 
 
@@ -335,10 +335,7 @@ def test_a_new_side_communicator_during_the_vote_keeps_the_ticket_and_commits():
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
     h.deliver(h.comm())  # e.g. a rank re-registered and the coordinator rebuilt the communicator
     h.deliver(protocol.CoordinatorStopping(reason="restart"))
-    for _ in range(4):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(4)
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
     assert h.agent.stats["internal_errors"] == 0
 
@@ -373,9 +370,7 @@ def test_busy_from_plan_receipt_until_its_commit():
     assert h.agent.busy
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
     assert h.agent.busy
-    for _ in range(4):
-        h.step()
-        h.tick()
+    h.serve(4, check=False)
     assert h.applied and not h.agent.busy
 
 
@@ -418,15 +413,9 @@ def test_a_welcome_with_a_longer_fence_mid_vote_keeps_the_fence_the_vote_promise
         msgspec.structs.replace(welcome, session=8, config=msgspec.structs.replace(FAST, fence_steps=300))
     )  # the restarted coordinator's config
     assert h.agent.hooks.fence_steps == 300
-    for _ in range(2 * FAST.fence_steps):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(2 * FAST.fence_steps)
     late.release()
-    for _ in range(2):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(2)
     assert h.applied == [(plan.plan_id, FAST.fence_steps)], (h.applied, h.agent.stats)
 
 
@@ -657,10 +646,7 @@ def test_a_copy_of_a_plan_is_answered_again_with_the_first_answer(monkeypatch):
     assert [(type(m).__name__, m.plan_id) for m in answers] == [("Staged", plan.plan_id)] * 2
     assert h.agent.stats["staged"] == 1, "a copy must not stage the plan again"
     h.deliver(protocol.VoteNow(plan_id=plan.plan_id))
-    for _ in range(4):
-        h.step()
-        h.tick()
-        h.check()
+    h.serve(4)
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
     stale = msgspec.structs.replace(h.plan(), plan_id=plan.plan_id + 1, base_epoch=0)  # epoch 1 now: refused
     h.deliver(stale)
@@ -691,9 +677,7 @@ def test_a_copy_of_vote_now_says_the_decision_again_and_a_plan_after_its_abort_i
     voted = [m for m in h.agent.link.sock.sent if isinstance(m, protocol.Voted)]
     assert [(m.plan_id, m.commit_step, m.ok) for m in voted] == [(plan.plan_id, voted[0].commit_step, True)] * 2
     assert h.agent.stats["votes"] == 1, "a copy must never vote again"
-    for _ in range(4):
-        h.step()
-        h.tick()
+    h.serve(4, check=False)
     assert h.applied == [(plan.plan_id, FAST.fence_steps)]
     late = h.plan()
     h.deliver(protocol.AbortPlan(plan_id=late.plan_id, reason="staging timed out", code="staging_timeout"))
@@ -743,9 +727,7 @@ def test_an_abort_plan_is_answered_with_the_record_content_also_after_the_commit
     h.tick()
     abort = protocol.AbortPlan(plan_id=plan.plan_id, reason="vote timed out", code="voting_timeout")
     h.deliver(abort)  # in the vote: the proposal loses to "commit", and the rank says so
-    for _ in range(4):
-        h.step()
-        h.tick()
+    h.serve(4, check=False)
     assert h.applied == [(plan.plan_id, FAST.fence_steps)] and h.agent._ticket is None
     h.deliver(abort)  # a copy after the commit: still the record's content
     voted = [(m.plan_id, m.commit_step, m.ok) for m in h.agent.link.sock.sent if isinstance(m, protocol.Voted)]
