@@ -610,8 +610,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         logutil.configure(args.log_level, args.log_format, tag="coordinator")
         cfg = config_from_args(args)
     except ValueError as exc:  # logging may not be configured: the format the flag or variable asked for
-        _fail(f"{exc} {SERVE_HELP}", args.log_format or logutil.requested_format([]))
-        return 2
+        return _refuse(str(exc), args.log_format or logutil.requested_format([]))
     if cfg.num_nodes > 1 and cfg.num_groups % cfg.num_nodes:
         logutil.rank_logger(__name__, "coordinator").warning(
             "--groups %d is not a multiple of --nodes %d: there is no node hierarchy to keep, so the %s policy "
@@ -686,8 +685,7 @@ def _bad_env_format(command: str) -> int | None:
     try:
         logutil.resolved_format(None)
     except ValueError as exc:
-        _fail(f"{exc} (see `eplb-coordinator {command} --help`)", "text", command)
-        return 2
+        return _refuse(str(exc), "text", command)
     return None
 
 
@@ -706,12 +704,6 @@ def _write_result(text: str, command: str) -> int:
     return 0
 
 
-SERVE_HELP = "(see `eplb-coordinator serve --help`)"
-"""Ends every refusal of ``serve`` (exit 2), as argparse's own do: a value refused after parsing
-(``--dp`` x ``--tp`` too large, a ``--simulate``-only flag, a ``--config`` file's setting) named
-the value but not where the flags are described."""
-
-
 _RUNNERS = {"serve": _run_serve, "status": _run_status, "keygen": _run_keygen}
 """Each subcommand of :func:`build_parser` and what runs it; ``serve`` when none is named."""
 
@@ -720,9 +712,18 @@ _TAGS = {"serve": "coordinator", "status": "status", "keygen": "keygen"}
 """The ``tag`` of each command's error lines: ``status`` and ``keygen`` are not the coordinator talking."""
 
 
-def _refuse(message: str) -> int:
-    """A value ``serve`` refuses once logging is set up: one line ending in :data:`SERVE_HELP`, exit code 2."""
-    _fail(f"{message} {SERVE_HELP}")
+def _see_help(command: str | None) -> str:
+    """What every refusal (exit 2) ends with: the help to read, of ``command`` (``None``: the
+    top level's). A value refused after parsing (``--dp`` x ``--tp`` too large, a
+    ``--simulate``-only flag, a ``--config`` file's setting) once named the value but not where
+    the flags are described, as argparse's own refusals did."""
+    return f"(see `eplb-coordinator {command} --help`)" if command else "(see `eplb-coordinator --help`)"
+
+
+def _refuse(message: str, fmt: str | None = None, command: str = "serve") -> int:
+    """``command`` refuses a value: one line (see :func:`_fail` for ``fmt``) ending in the help to
+    read, and exit code 2."""
+    _fail(f"{message} {_see_help(command)}", fmt, command)
     return 2
 
 
@@ -749,8 +750,7 @@ def _one_line_errors(parser: argparse.ArgumentParser, argv: list[str], fmt: str)
 
     def refuser(name: str | None) -> Callable[[str], NoReturn]:
         def refuse(message: str) -> NoReturn:
-            help_cmd = "eplb-coordinator --help" if name is None else f"eplb-coordinator {name} --help"
-            _fail(f"{message} (see `{help_cmd}`)", fmt, name or "serve")
+            _fail(f"{message} {_see_help(name)}", fmt, name or "serve")
             sys.exit(2)
 
         return refuse
@@ -770,8 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_command_line(argv, parser)
     except ValueError as exc:  # a bad --config file
-        _fail(f"{exc} {SERVE_HELP}", fmt)
-        return 2
+        return _refuse(str(exc), fmt)
     return _RUNNERS[args.command](args)
 
 
