@@ -144,7 +144,8 @@ def scenario_inputs(
         order = np.argsort(rng.random(drawn.shape), axis=2)
         shares = load_shares(planned)[:, None, :] + np.take_along_axis(drawn, order, axis=2)
         shares = np.clip(shares, 0.0, None)
-        shares /= np.where(shares.sum(axis=2, keepdims=True) > 0, shares.sum(axis=2, keepdims=True), 1.0)
+        totals = shares.sum(axis=2, keepdims=True)
+        shares /= np.where(totals > 0, totals, 1.0)
         costs.append((shares[:, :, STATES].sum(axis=4).max(axis=3) * RANKS).mean(axis=1))
     return np.stack(costs), max_loads(loads[0]).argmin(axis=1)
 

@@ -28,7 +28,7 @@ class RendezvousError(RuntimeError):
     """The store could not be started where it was asked to be."""
 
 
-def advertised_host(coordinator_endpoint: str, environ: dict | None = None) -> str:
+def advertised_host(coordinator_endpoint: str, environ: Mapping[str, str] | None = None) -> str:
     """The address other ranks use to reach this host's store.
 
     A ``tcp://`` coordinator on another host: the local address of the route to it (the
@@ -87,7 +87,7 @@ def store_host_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     return text
 
 
-def store_port_from_env(environ: dict | None = None) -> int:
+def store_port_from_env(environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     text = env.get(STORE_PORT_ENV, "")
     if not text:
@@ -110,7 +110,9 @@ class RendezvousHost:
     _server: object
 
     @classmethod
-    def start(cls, coordinator_endpoint: str, world_size: int, environ: dict | None = None) -> "RendezvousHost":
+    def start(
+        cls, coordinator_endpoint: str, world_size: int, environ: Mapping[str, str] | None = None
+    ) -> "RendezvousHost":
         import torch.distributed as dist
 
         port = store_port_from_env(environ)

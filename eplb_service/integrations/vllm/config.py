@@ -173,7 +173,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | None:
     if not endpoint:
         return None
     try:  # read by rank 0's agent when it hosts the rendezvous store: checked here, before vLLM starts
-        store_port_from_env(dict(env))
+        store_port_from_env(env)
         store_host_from_env(env)  # dialled by the other ranks: a port or scheme in it fails them late
     except RendezvousError as exc:
         raise ConfigError(str(exc)) from None
