@@ -433,13 +433,13 @@ def check_output_path(flag: str, path: str) -> None:
 
 def _checked_initial_placement(path: str, world_size: int):
     """The ``--initial-placement`` file's ``phy2log``, checked against the ranks it was planned for."""
-    from eplb_service.coordinator.plan_cli import UsageError, planned_ranks, read_placement
+    from eplb_service.coordinator.plan_cli import UsageError, read_placement
 
     try:
-        initial = read_placement(path, "--initial-placement")
-        ranks = planned_ranks(path, "--initial-placement")
+        placement = read_placement(path, "--initial-placement")
     except UsageError as exc:
         raise ValueError(str(exc)) from None
+    initial, ranks = placement.phy2log, placement.num_ranks
     if ranks is not None and ranks != world_size:
         raise ValueError(
             f"--initial-placement {path}: planned for {ranks} ranks (its num_ranks), but this "

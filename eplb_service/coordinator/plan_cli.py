@@ -36,6 +36,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -360,44 +361,48 @@ def read_load(path: str, flag: str = "--load") -> np.ndarray:
         raise UsageError(f"{exc}; {flag} takes a .npy array, a .npz trace, or else JSON") from None
 
 
-def read_placement(path: str, flag: str = "--current") -> np.ndarray:
-    """``phy2log [L, P]`` int64 from placement JSON (an object with ``phy2log``, or a bare list).
+@dataclass(frozen=True)
+class PlacementFile:
+    """A placement file as read once: its ``phy2log`` and the ``num_ranks`` it was planned for
+    (``None`` where it names none: a bare ``[L, P]`` list, or an object without the key)."""
+
+    phy2log: np.ndarray
+    num_ranks: int | None
+
+
+def read_placement(path: str, flag: str = "--current") -> PlacementFile:
+    """``phy2log [L, P]`` int64 from placement JSON (an object with ``phy2log``, or a bare list),
+    and the ``num_ranks`` the same document names, read in one go so both come from one file.
 
     Entries are integers >= 0, checked before any cast (the range against the load's experts is
     the caller's: :func:`plan_document`, or the coordinator's config); raises :class:`UsageError`
-    naming ``flag``, the file and the bad entry's position."""
+    naming ``flag``, the file and the bad entry's position.
+
+    A ``num_ranks`` that is there is a rank count or the file is refused (naming ``flag``, the
+    file and the value), by the rule the ``phy2log`` entries follow: an integer (a float only when
+    exactly one), never ``true``, ``"4"`` or ``null``. Ignored, such a value let a placement of
+    any rank count through the check it exists for, while ``-1`` or ``8`` were refused."""
     where = f"{flag} {path}"
-    value, label = _unwrap(_read_json(path, flag), "phy2log", where)
+    document = _read_json(path, flag)
+    value, label = _unwrap(document, "phy2log", where)
     rows = _json_rows(value, where, label)
     for i, row in enumerate(rows):
         for j, entry in enumerate(row):
             if _expert_index(entry) is None:
                 raise UsageError(f"{where}: entry {label}[{i}][{j}] is {_not_an_index(entry)}")
-    return np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
+    phy2log = np.array([[_expert_index(e) for e in row] for row in rows], dtype=np.int64)
+    return PlacementFile(phy2log, _planned_ranks(document, where))
 
 
-def planned_ranks(path: str, flag: str = "--current") -> int | None:
-    """The ``num_ranks`` a placement file from ``eplb-plan`` was planned for; ``None`` where it
-    names none (a bare ``[L, P]`` list, or an object without the key) or cannot be read again
-    (:func:`read_placement` read it).
-
-    A ``num_ranks`` that is there is a rank count or the file is refused (:class:`UsageError`
-    naming ``flag``, the file and the value), by the rule its ``phy2log`` entries follow: an
-    integer (a float only when exactly one), never ``true``, ``"4"`` or ``null``. Ignored, such a
-    value let a placement of any rank count through the check it exists for, while ``-1`` or
-    ``8`` were refused."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)
-    except (OSError, ValueError):
-        return None
+def _planned_ranks(document: object, where: str) -> int | None:
+    """The ``num_ranks`` of a placement document (see :func:`read_placement`)."""
     if not isinstance(document, dict) or "num_ranks" not in document:
         return None
     value = document["num_ranks"]
     ranks = _expert_index(value)  # an integer >= 0 by the entries' rule; a rank count is also >= 1
     if ranks is None or ranks < 1:
         raise UsageError(
-            f"{flag} {path}: num_ranks is {_json_text(value)}, expected an integer rank count >= 1 "
+            f"{where}: num_ranks is {_json_text(value)}, expected an integer rank count >= 1 "
             "(the --ranks the placement was planned for)"
         )
     return ranks
@@ -466,11 +471,11 @@ def _redundant(args: argparse.Namespace, current: np.ndarray | None, num_logical
     return int(current.shape[1] - num_logical)
 
 
-def _check_current(args: argparse.Namespace, current: np.ndarray, shape: PlacementShape, redundant: int) -> None:
+def _check_current(args: argparse.Namespace, given: PlacementFile, shape: PlacementShape, redundant: int) -> None:
     """``--current`` fits ``shape``: planned for ``--ranks`` (where it says), its size, every entry
     an expert of ``--load``, none missing. A placement of other ranks puts its slots on other
     ranks than it did where it was planned: the plan would start from a placement no one has."""
-    ranks = planned_ranks(args.current)
+    ranks, current = given.num_ranks, given.phy2log
     if ranks is not None and ranks != args.ranks:
         raise UsageError(
             f"--current {args.current}: planned for {ranks} ranks (its num_ranks), but --ranks is {args.ranks}; "
@@ -556,7 +561,7 @@ def plan_document(args: argparse.Namespace, progress: PlanProgress | None = None
         progress.phase(f"summed {len(used)} of {len(args.load)} --load files")
     num_layers, num_logical = load.shape
     given = read_placement(args.current) if args.current else None
-    redundant = _redundant(args, given, num_logical)
+    redundant = _redundant(args, None if given is None else given.phy2log, num_logical)
     num_physical = num_logical + redundant
     if num_physical % args.ranks:
         raise UsageError(
@@ -570,7 +575,7 @@ def plan_document(args: argparse.Namespace, progress: PlanProgress | None = None
         current = initial_phy2log(shape)
     else:
         _check_current(args, given, shape, redundant)
-        current = given
+        current = given.phy2log
     _check_hierarchy(args, shape)
     progress.phase(f"planning {num_layers} layers x {num_physical} slots on {args.ranks} ranks, policy {args.policy}")
     plan = _plan(args, current, load, shape, lasting, progress)
