@@ -26,3 +26,21 @@ def write_control(rank: int, control, progress, results) -> None:
         control.phase = 5
     progress.set(rank, 10 + rank)
     results.put({"rank": rank, "coordinator_idle": bool(control.coordinator_idle)})
+
+
+def report_then_linger(rank: int, results, linger_s: float) -> None:
+    """Reports at once, then takes ``linger_s`` to end, as a rank tearing down its process group does."""
+    results.put({"rank": rank})
+    time.sleep(linger_s)
+
+
+def report_large_then_end_as_a_simulated_rank(rank: int, results, marker: str) -> None:
+    """Reports a result larger than a pipe holds, then ends as a simulated rank does; ``marker``
+    is written only if the interpreter's own shutdown runs (its atexit handlers)."""
+    import atexit
+
+    from eplb_service.sim.serving_loop import _exit_once_reported
+
+    atexit.register(lambda: open(marker, "w").close())
+    results.put({"rank": rank, "payload": list(range(200_000))})
+    _exit_once_reported(results, None)

@@ -25,6 +25,51 @@ def test_every_rank_reports_and_nothing_is_left_running():
     assert [p.name for p in ranks.procs] == ["test-rank-0", "test-rank-1"]
 
 
+def test_stopping_ranks_that_take_their_time_leaves_the_event_loop_running():
+    """The simulation's coordinator serves on the loop that stops the ranks: joining them there held
+    it for as long as the ranks took to exit, and it logged its own stall at the end of every run."""
+    ranks = RankProcesses(2, "lingering-rank")
+
+    async def stop_while_ticking() -> float:
+        await ranks.wait(0.05, timeout_s=60)
+        largest_gap = 0.0
+        stopping = asyncio.create_task(ranks.stop_async(join_timeout_s=10))
+        last = time.monotonic()
+        while not stopping.done():
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            largest_gap, last = max(largest_gap, now - last), now
+        await stopping
+        return largest_gap
+
+    try:
+        ranks.start(rank_targets.report_then_linger, lambda r: (r, ranks.results, 1.5))
+        started = time.monotonic()
+        largest_gap = asyncio.run(stop_while_ticking())
+        waited = time.monotonic() - started
+    finally:
+        ranks.stop(join_timeout_s=10)
+    assert not any(p.is_alive() for p in ranks.procs)
+    assert waited >= 1.5  # the joins did wait for the lingering ranks
+    assert largest_gap < 0.75, f"the loop did not run for {largest_gap:.2f}s while the ranks were joined"
+
+
+def test_a_simulated_rank_ends_once_its_result_is_sent_without_the_interpreters_shutdown(tmp_path):
+    """Interpreter shutdown in a process that imported torch took 4-9 s per rank when 8 ranks
+    exited together on 2 cores, after their results were sent; a rank now ends right after its
+    result is in the pipe (all of it: a result larger than a pipe holds still arrives whole)."""
+    ranks = RankProcesses(1, "sim-like-rank")
+    marker = tmp_path / "interpreter-shutdown-ran"
+    try:
+        ranks.start(rank_targets.report_large_then_end_as_a_simulated_rank, lambda r: (r, ranks.results, str(marker)))
+        (result,) = ranks.wait_blocking(0.05, timeout_s=60)
+    finally:
+        ranks.stop(join_timeout_s=10)
+    assert result["payload"] == list(range(200_000))
+    assert ranks.procs[0].exitcode == 0
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("exit_code", [3, 1])
 def test_a_dead_rank_is_named_after_the_grace_period(exit_code):
     """Exit code 1 is what a simulated rank stopped by an exception exits with (``run_rank``): not

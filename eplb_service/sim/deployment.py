@@ -106,7 +106,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
         await ranks.wait(0.1, watch.poll, timeout_s=opts.timeout_s)
     finally:
-        ranks.stop(join_timeout_s=10)
+        await ranks.stop_async(join_timeout_s=10)  # the coordinator keeps serving on this loop meanwhile
         wall = time.monotonic() - ranks.started_at
         coordinator.stop()
         await server
