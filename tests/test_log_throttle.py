@@ -130,3 +130,18 @@ def test_settle_where_settles_every_matching_key_and_no_other(setup):
     throttle.settle_where(lambda key: key[1:2] == (1,))  # rank 1's conditions, by key shape
     assert not throttle.active(("session", 1)) and not throttle.active(("hello_refused", 1, "refused"))
     assert throttle.active(("session", 2)) and throttle.active(("framing", b"rank-1"))
+
+
+def test_a_condition_that_goes_on_stays_at_one_line_per_interval(setup):
+    """After its first summary line a lasting condition must not fall back to a line per occurrence:
+    the interval counts from the last line written, not from the first one."""
+    throttle, clock, caplog = setup
+    written = 0
+    for _ in range(120):  # one a second for two minutes, a 30 s interval
+        written += throttle.report("bad", logging.WARNING, "bad report")
+        clock.now += 1
+    assert written == len(lines(caplog)) == 4  # the first, then at 30, 60 and 90 s
+    assert lines(caplog)[-1] == (
+        "WARNING",
+        "[rank 3] bad report (29 more like this not logged in the last 30s; 91 since it began 90s ago)",
+    )
