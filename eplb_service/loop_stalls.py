@@ -38,7 +38,6 @@ class LoopStalls:
         self._stalls: collections.deque[tuple[float, float]] = collections.deque(maxlen=STALLS_KEPT)
         self.total_s = 0.0
         """Seconds of stalls seen so far (a counter for metrics and logs)."""
-        self.longest_s = 0.0
 
     def ran(self, meant_at: float, now: float) -> float:
         """The loop meant to run at ``meant_at`` and runs at ``now``; returns the stall noted (0: none)."""
@@ -52,7 +51,6 @@ class LoopStalls:
                 return 0.0
         self._stalls.append((meant_at, now))
         self.total_s += late
-        self.longest_s = max(self.longest_s, late)
         return late
 
     def scheduled_s(self, since: float, now: float) -> float:

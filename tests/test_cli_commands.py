@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from time_limit import time_limit
 
 from eplb_service.coordinator.cli import config_from_args, main, parse_command_line
 from eplb_service.coordinator.config import default_endpoint
@@ -21,7 +22,8 @@ def wide_help(monkeypatch):
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     """``main(argv)`` as the console script runs it: argparse's exits become return codes."""
     try:
-        code = main(argv)
+        with time_limit(300, f"eplb-coordinator {' '.join(argv)}"):
+            code = main(argv)
     except SystemExit as exc:
         code = exc.code
     out = capsys.readouterr()

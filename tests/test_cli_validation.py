@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from time_limit import time_limit
 
 from eplb_service import logutil
 from eplb_service.coordinator.cli import main, parse_command_line
@@ -27,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     try:
-        code = main(argv)
+        with time_limit(300, f"eplb-coordinator {' '.join(argv)}"):
+            code = main(argv)
     except SystemExit as exc:
         code = exc.code
     return code, capsys.readouterr().err

@@ -88,9 +88,10 @@ def fit_open_file_limit(world_size: int, in_use: int | None = None, wanted: int 
     """Raise the soft ``RLIMIT_NOFILE`` to what ``world_size`` ranks need, or to ``wanted`` where
     that is more (up to the hard limit).
 
-    Raises :class:`OpenFileLimitError` when even the hard limit is below one connection per
-    rank plus ``MIN_FDS_BEYOND_RANKS``; a limit between that and the comfortable need is kept
-    (the caller warns: it works until ranks reconnect all at once)."""
+    Raises :class:`OpenFileLimitError` when the soft limit in force after that (the hard limit at
+    most; the old soft limit where raising it was refused) is below one connection per rank plus
+    ``MIN_FDS_BEYOND_RANKS``; a limit between that and the comfortable need is kept (the caller
+    warns: it works until ranks reconnect all at once)."""
     in_use = open_fds() if in_use is None else in_use
     base = in_use if in_use is not None else 32
     needed = base + PER_RANK_FDS * world_size + HEADROOM_FDS
