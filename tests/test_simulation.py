@@ -322,3 +322,76 @@ def test_the_summary_into_a_closed_pipe_or_a_full_disk_is_no_traceback(monkeypat
         assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert err == "eplb-coordinator: error: the summary: cannot write to stdout: No space left on device\n", err
+
+
+def test_the_summary_measures_balancedness_on_the_first_and_last_tenth_exactly():
+    """Each window of 20 steps gets a load of its own, so a window shifted by one step, the whole run
+    taken as a window, or the no-rebalancing figure read from the served counts all show."""
+    from types import SimpleNamespace
+
+    from eplb_service.sim.deployment import _summary
+
+    steps = 20  # tenths of 2 steps
+    received = np.array([[3, 1]] * steps)  # [steps, ranks]: 2/3 in the middle
+    received[:2] = [4, 0]  # first tenth: 0.5
+    received[-2:] = [2, 2]  # last tenth: 1.0
+    reference = np.array([[4, 0]] * steps)  # [steps, dst] as routed by the initial maps
+    reference[-2:] = [3, 2]  # last tenth: 2.5 / 3
+    ranks = []
+    for rank in range(2):
+        sent = np.zeros((steps, 1, 2), dtype=np.int64)  # [steps, L, dst]: rank 0 sends it all
+        if rank == 0:
+            sent[:, 0, :] = reference
+        ranks.append(
+            {
+                **_rank_result(rank, 0, received=0, sent_to=[0, 0], phy2log=[[0, 1]]),
+                "recv_counts": received[:, rank : rank + 1].tolist(),  # [steps, L]
+                "ref_sent": sent.tolist(),
+            }
+        )
+    coordinator = SimpleNamespace(
+        counts={"committed": 0, "aborted": 0, "diverged": 0, "skipped": 0},
+        outcomes=[],
+        bytes_moved_total=0,
+        experts_moved_total=0,
+        epoch=0,
+        halted_reason=None,
+    )
+    summary = _summary(SimulationOptions(world_size=2, steps=steps), coordinator, ranks, wall_s=1.0)
+    assert summary["balancedness_initial"] == 0.5
+    assert summary["balancedness_final"] == 1.0
+    assert summary["balancedness_final_without_rebalancing"] == round(2.5 / 3, 4)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [{"output_mismatches": 3}, {"diverged": 1}, {"errors": ["rank 1: RuntimeError: boom"]}, {"halted": "x"}],
+    ids=["mismatch", "diverged", "rank-error", "halted"],
+)
+def test_the_exit_status_is_1_when_the_summary_reports_any_failure(monkeypatch, capsys, failure):
+    """Checks that run ``--simulate`` trust its exit status: each failure the summary can report
+    alone makes it 1 (with the summary still printed), and a clean summary makes it 0."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda: 2**40)
+    clean = {"output_mismatches": 0, "diverged": 0, "errors": [], "halted": None, "committed": 2}
+    monkeypatch.setattr(deployment, "run_simulation", lambda opts, cfg: {**clean, **failure})
+    assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 1
+    assert json.loads(capsys.readouterr().out) == {**clean, **failure}
+    monkeypatch.setattr(deployment, "run_simulation", lambda opts, cfg: dict(clean))
+    assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 0
+
+
+def test_a_simulation_past_its_timeout_raises_naming_it_and_leaves_no_rank_process():
+    """A run whose ranks have not all reported by ``timeout_s`` ends in an error that says so, not a
+    hang and not a summary of what did report, and stops its rank processes before it returns."""
+    import multiprocessing
+
+    opts = SimulationOptions(world_size=1, steps=60, timeout_s=0.5)  # less than one rank's start
+    with pytest.raises(TimeoutError, match=r"^sim-rank: only 0/1 ranks reported within 0.5s$"):
+        run_simulation(opts)
+    left = multiprocessing.active_children()
+    for p in left:  # do not leak them into later tests when this fails
+        p.kill()
+    assert not left, f"rank processes left running: {left}"
