@@ -70,15 +70,32 @@ def test_a_simulated_rank_ends_once_its_result_is_sent_without_the_interpreters_
     assert not marker.exists()
 
 
+def test_the_wait_returns_once_every_rank_reported_not_the_first():
+    """Ranks that report at different polls: the wait returns all of them (the summary is written
+    from what it returns, so one that returned early or forgot a poll's results would lose ranks)."""
+    ranks = RankProcesses(3, "test-rank")
+    try:
+        ranks.start(rank_targets.report, lambda r: (r, ranks.results, 0.3 * r))
+        results = asyncio.run(ranks.wait(0.05, timeout_s=30))
+    finally:
+        ranks.stop(join_timeout_s=10)
+    assert sorted(r["rank"] for r in results) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("exit_code", [3, 1])
-def test_a_dead_rank_is_named_after_the_grace_period(exit_code):
+@pytest.mark.parametrize("waiting", ["async", "blocking"])
+def test_a_dead_rank_is_named_after_the_grace_period(exit_code, waiting):
     """Exit code 1 is what a simulated rank stopped by an exception exits with (``run_rank``): not
-    seeing it would leave the simulation waiting out its whole timeout."""
+    seeing it would leave the simulation waiting out its whole timeout. The simulation waits on its
+    event loop (``wait``), the GPU benchmarks without one (``wait_blocking``)."""
     ranks = RankProcesses(2, "test-rank")
     try:
         ranks.start(rank_targets.die_unless_rank0, lambda r: (r, ranks.results, exit_code))
         with pytest.raises(RankProcessesDied, match=rf"test-rank-1', {exit_code}"):
-            ranks.wait_blocking(0.05, dead_grace_s=0.2, timeout_s=20)
+            if waiting == "async":
+                asyncio.run(ranks.wait(0.05, dead_grace_s=0.2, timeout_s=20))
+            else:
+                ranks.wait_blocking(0.05, dead_grace_s=0.2, timeout_s=20)
     finally:
         ranks.stop(join_timeout_s=10)
     assert [r["rank"] for r in ranks.collected] == [0]
