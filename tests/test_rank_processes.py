@@ -101,6 +101,19 @@ def test_a_dead_rank_is_named_after_the_grace_period(exit_code, waiting):
     assert [r["rank"] for r in ranks.collected] == [0]
 
 
+def test_stopping_hung_ranks_waits_the_join_timeout_once_not_once_per_rank():
+    """A run stopped at its timeout with every rank hung waited the join timeout for each rank in
+    turn (80 s for 8 ranks) before it could say why it stopped."""
+    ranks = RankProcesses(4, "hung-rank")
+    ranks.start(rank_targets.report, lambda r: (r, ranks.results, 60.0))
+    started = time.monotonic()
+    ranks.stop(join_timeout_s=1.0)
+    took = time.monotonic() - started
+    assert not any(p.is_alive() for p in ranks.procs)
+    assert all(p.exitcode == -9 for p in ranks.procs)  # killed, none reported
+    assert took < 3.0, f"stopping 4 hung ranks with a 1 s join timeout took {took:.1f}s"
+
+
 def test_the_poll_callback_can_end_the_wait_and_a_timeout_says_how_many_reported():
     ranks = RankProcesses(1, "slow-rank")
     polls: list[float] = []

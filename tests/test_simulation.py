@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,28 @@ def test_the_summary_adds_up_every_rank_and_takes_the_plan_counts_from_the_coord
     assert summary["commit_stall_max_us"] == 20.0 and summary["step_time_p99_ms"] == 3.0
     ranks[1]["phy2log"] = [[0, 1]]
     assert _summary(opts, coordinator, ranks, wall_s=1.0)["maps_identical_on_all_ranks"] is True
+
+
+@pytest.mark.parametrize("reported", [[0], [0, 0], [1, 0], [0, 1, 2]], ids=["missing", "twice", "unsorted", "extra"])
+def test_no_summary_is_made_of_results_that_do_not_cover_every_rank_once(reported):
+    """A summary of some ranks counts their mismatches and errors only and calls their maps
+    identical on all ranks; it is refused instead, naming the ranks it had."""
+    from types import SimpleNamespace
+
+    from eplb_service.sim.deployment import IncompleteResults, _summary
+
+    coordinator = SimpleNamespace(
+        counts={"proposed": 0, "committed": 0, "aborted": 0, "diverged": 0, "skipped": 0},
+        outcomes=[],
+        bytes_moved_total=0,
+        experts_moved_total=0,
+        epoch=0,
+        halted_reason=None,
+    )
+    ranks = [_rank_result(r, 0, received=1, sent_to=[1, 0], phy2log=[[0, 1]]) for r in reported]
+    expected = f"results from ranks {reported}, expected one from each of ranks 0 to 1"
+    with pytest.raises(IncompleteResults, match=re.escape(expected)):
+        _summary(SimulationOptions(world_size=2, steps=10), coordinator, ranks, wall_s=1.0)
 
 
 def test_cli_rejects_bad_values_naming_them():
@@ -365,8 +388,14 @@ def test_the_summary_measures_balancedness_on_the_first_and_last_tenth_exactly()
 
 @pytest.mark.parametrize(
     "failure",
-    [{"output_mismatches": 3}, {"diverged": 1}, {"errors": ["rank 1: RuntimeError: boom"]}, {"halted": "x"}],
-    ids=["mismatch", "diverged", "rank-error", "halted"],
+    [
+        {"output_mismatches": 3},
+        {"diverged": 1},
+        {"errors": ["rank 1: RuntimeError: boom"]},
+        {"halted": "x"},
+        {"maps_identical_on_all_ranks": False},
+    ],
+    ids=["mismatch", "diverged", "rank-error", "halted", "maps-differ"],
 )
 def test_the_exit_status_is_1_when_the_summary_reports_any_failure(monkeypatch, capsys, failure):
     """Checks that run ``--simulate`` trust its exit status: each failure the summary can report
@@ -375,7 +404,14 @@ def test_the_exit_status_is_1_when_the_summary_reports_any_failure(monkeypatch, 
     from eplb_service.sim import deployment
 
     monkeypatch.setattr(cli, "available_memory_bytes", lambda: 2**40)
-    clean = {"output_mismatches": 0, "diverged": 0, "errors": [], "halted": None, "committed": 2}
+    clean = {
+        "output_mismatches": 0,
+        "diverged": 0,
+        "errors": [],
+        "halted": None,
+        "maps_identical_on_all_ranks": True,
+        "committed": 2,
+    }
     monkeypatch.setattr(deployment, "run_simulation", lambda opts, cfg: {**clean, **failure})
     assert cli.main(["--dp", "2", "--simulate", "--steps", "1"]) == 1
     assert json.loads(capsys.readouterr().out) == {**clean, **failure}

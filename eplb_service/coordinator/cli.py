@@ -536,7 +536,7 @@ def _serve(cfg: CoordinatorConfig) -> int:
 
 
 def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
-    from eplb_service.sim.deployment import SimulationOptions, run_simulation
+    from eplb_service.sim.deployment import IncompleteResults, SimulationOptions, run_simulation
     from eplb_service.sim.processes import RankProcessesDied
     from eplb_service.sim.workload import SimModelConfig, shape_for_ranks, shape_for_trace
 
@@ -587,6 +587,9 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     except RankProcessesDied as exc:  # each rank logged its own error: a traceback here would only bury them
         _fail(f"the simulation stopped: {exc} (each rank's error is logged above)")
         return 1
+    except IncompleteResults as exc:
+        _fail(f"the simulation ended without a summary: {exc}")
+        return 1
     from eplb_service.stdout import ReaderGone, StdoutError, write_stdout
 
     try:
@@ -601,6 +604,7 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         and summary["diverged"] == 0
         and not summary["errors"]
         and not summary.get("halted")
+        and summary.get("maps_identical_on_all_ranks", True)  # ranks that ended on other maps: half-applied
     )
     return 0 if ok else 1
 

@@ -205,7 +205,21 @@ class RegistrationProgress:
             log.info("all %d agents registered; serving", self.world_size)
 
 
+class IncompleteResults(RuntimeError):
+    """The ranks' results do not cover every rank once: no summary is made of them."""
+
+
 def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict], wall_s: float) -> dict:
+    """The run's summary from one result per rank (``ranks``, in rank order) and the coordinator.
+
+    Raises :class:`IncompleteResults` unless ``ranks`` holds exactly ranks 0 to world_size - 1:
+    a summary of some ranks would count their mismatches and errors only, and call the maps of
+    the ranks it has "identical on all ranks"."""
+    reported = [r["rank"] for r in ranks]
+    if reported != list(range(opts.world_size)):
+        raise IncompleteResults(
+            f"results from ranks {reported}, expected one from each of ranks 0 to {opts.world_size - 1}"
+        )
     recv = np.array([r["recv_counts"] for r in ranks])
     # [src, steps, L, dst] -> what each rank would have received under the initial maps
     reference = np.array([r["ref_sent"] for r in ranks]).sum(axis=0).transpose(2, 0, 1)

@@ -135,12 +135,19 @@ class RankProcesses:
             raise RankProcessesDied(f"rank processes died: {self.failed()}")
 
     def stop(self, join_timeout_s: float = 10.0) -> None:
-        """Join every process for up to ``join_timeout_s`` each; kill the ones still alive."""
+        """Join the processes for up to ``join_timeout_s`` in all; kill the ones still alive.
+
+        One deadline for all of them: a run stopped at its timeout, every rank hung, waited
+        ``join_timeout_s`` for each rank in turn (80 s for 8 ranks at 10 s) before it could
+        say why it stopped."""
+        deadline = time.monotonic() + join_timeout_s
         for p in self.procs:
-            p.join(timeout=join_timeout_s)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
-                p.join(timeout=5)
+        for p in self.procs:
+            p.join(timeout=5)
 
     async def stop_async(self, join_timeout_s: float = 10.0) -> None:
         """:meth:`stop` for a caller on an event loop: the joins run on a worker thread, so what
