@@ -32,7 +32,7 @@ def test_short_simulation_commits_improves_balance_and_never_mismatches(tmp_path
     assert summary["output_mismatches"] == 0
     assert summary["committed"] >= 3, summary
     assert summary["aborted"] == 0 and summary["diverged"] == 0 and summary["errors"] == []
-    assert summary["maps_identical_on_all_ranks"]
+    assert summary["maps_identical_on_all_ranks"] and summary["maps_match_coordinator"] is True
     assert summary["balancedness_final"] > summary["balancedness_initial"]
     # the same tokens under the initial maps: what rebalancing bought
     assert summary["balancedness_final"] > summary["balancedness_final_without_rebalancing"]
@@ -59,7 +59,9 @@ def test_measured_balancedness_is_mean_over_max_of_summed_windows():
     assert measured_balancedness(recv, 2, 4) == 1.0
 
 
-def _rank_result(rank: int, mismatches: int, received: int, sent_to: list[int], phy2log, error=None) -> dict:
+def _rank_result(
+    rank: int, mismatches: int, received: int, sent_to: list[int], phy2log, error=None, epoch: int = 0
+) -> dict:
     """One rank's result as ``serving_loop`` reports it, for 10 steps of 1 layer."""
     return {
         "rank": rank,
@@ -67,6 +69,7 @@ def _rank_result(rank: int, mismatches: int, received: int, sent_to: list[int], 
         "recv_counts": [[received]] * 10,
         "ref_sent": [[sent_to]] * 10,
         "phy2log": phy2log,
+        "epoch": epoch,
         "error": error,
         "commit_stall_max_us": 10.0 * (rank + 1),
         "step_time_p50_ms": 1.0,
@@ -94,6 +97,7 @@ def test_the_summary_adds_up_every_rank_and_takes_the_plan_counts_from_the_coord
         experts_moved_total=6,
         epoch=2,
         halted_reason=None,
+        book=SimpleNamespace(placements={}),
     )
     ranks = [
         _rank_result(0, 3, received=4, sent_to=[4, 0], phy2log=[[0, 1]]),
@@ -112,6 +116,40 @@ def test_the_summary_adds_up_every_rank_and_takes_the_plan_counts_from_the_coord
     assert summary["commit_stall_max_us"] == 20.0 and summary["step_time_p99_ms"] == 3.0
     ranks[1]["phy2log"] = [[0, 1]]
     assert _summary(opts, coordinator, ranks, wall_s=1.0)["maps_identical_on_all_ranks"] is True
+    assert summary["maps_match_coordinator"] is None  # the coordinator holds no agreed placement
+
+
+def test_the_summary_holds_every_ranks_map_against_the_coordinators_placement():
+    """Identical maps on all ranks prove nothing if each rank reported a map it no longer serves
+    (its initial one, say): every rank's map and epoch must be the coordinator's agreed ones."""
+    from types import SimpleNamespace
+
+    from eplb_service.sim.deployment import _summary
+
+    coordinator = SimpleNamespace(
+        counts={"proposed": 1, "committed": 1, "aborted": 0, "diverged": 0, "skipped": 0},
+        outcomes=[],
+        bytes_moved_total=0,
+        experts_moved_total=0,
+        epoch=1,
+        halted_reason=None,
+        book=SimpleNamespace(placements={0: np.array([[0, 1]]), 1: np.array([[1, 0]])}),
+    )
+    opts = SimulationOptions(world_size=2, steps=10)
+
+    def summary_of(*maps_and_epochs) -> dict:
+        ranks = [
+            _rank_result(r, 0, received=1, sent_to=[1, 0], phy2log=m, epoch=e)
+            for r, (m, e) in enumerate(maps_and_epochs)
+        ]
+        return _summary(opts, coordinator, ranks, wall_s=1.0)
+
+    assert summary_of(([[1, 0]], 1), ([[1, 0]], 1))["maps_match_coordinator"] is True
+    stale = summary_of(([[0, 1]], 0), ([[0, 1]], 0))  # both still on the epoch before the commit
+    assert stale["maps_identical_on_all_ranks"] is True and stale["maps_match_coordinator"] is False
+    assert summary_of(([[1, 0]], 1), ([[0, 1]], 1))["maps_match_coordinator"] is False  # right epoch, old map
+    coordinator.epoch = -1  # the ranks never agreed on a placement: nothing to hold them against
+    assert summary_of(([[1, 0]], 1), ([[1, 0]], 1))["maps_match_coordinator"] is None
 
 
 @pytest.mark.parametrize("reported", [[0], [0, 0], [1, 0], [0, 1, 2]], ids=["missing", "twice", "unsorted", "extra"])
@@ -129,6 +167,7 @@ def test_no_summary_is_made_of_results_that_do_not_cover_every_rank_once(reporte
         experts_moved_total=0,
         epoch=0,
         halted_reason=None,
+        book=SimpleNamespace(placements={}),
     )
     ranks = [_rank_result(r, 0, received=1, sent_to=[1, 0], phy2log=[[0, 1]]) for r in reported]
     expected = f"results from ranks {reported}, expected one from each of ranks 0 to 1"
@@ -379,6 +418,7 @@ def test_the_summary_measures_balancedness_on_the_first_and_last_tenth_exactly()
         experts_moved_total=0,
         epoch=0,
         halted_reason=None,
+        book=SimpleNamespace(placements={}),
     )
     summary = _summary(SimulationOptions(world_size=2, steps=steps), coordinator, ranks, wall_s=1.0)
     assert summary["balancedness_initial"] == 0.5
@@ -394,8 +434,9 @@ def test_the_summary_measures_balancedness_on_the_first_and_last_tenth_exactly()
         {"errors": ["rank 1: RuntimeError: boom"]},
         {"halted": "x"},
         {"maps_identical_on_all_ranks": False},
+        {"maps_match_coordinator": False},
     ],
-    ids=["mismatch", "diverged", "rank-error", "halted", "maps-differ"],
+    ids=["mismatch", "diverged", "rank-error", "halted", "maps-differ", "maps-not-the-coordinators"],
 )
 def test_the_exit_status_is_1_when_the_summary_reports_any_failure(monkeypatch, capsys, failure):
     """Checks that run ``--simulate`` trust its exit status: each failure the summary can report
@@ -410,6 +451,7 @@ def test_the_exit_status_is_1_when_the_summary_reports_any_failure(monkeypatch, 
         "errors": [],
         "halted": None,
         "maps_identical_on_all_ranks": True,
+        "maps_match_coordinator": True,
         "committed": 2,
     }
     monkeypatch.setattr(deployment, "run_simulation", lambda opts, cfg: {**clean, **failure})

@@ -205,6 +205,13 @@ class RegistrationProgress:
             log.info("all %d agents registered; serving", self.world_size)
 
 
+def _coordinators_placement(coordinator: Coordinator) -> np.ndarray | None:
+    """The placement of the epoch the coordinator last saw every rank agree on; ``None`` where
+    they never agreed (no placement to hold the ranks' maps against)."""
+    epoch = coordinator.epoch
+    return None if epoch < 0 else coordinator.book.placements.get(epoch)
+
+
 class IncompleteResults(RuntimeError):
     """The ranks' results do not cover every rank once: no summary is made of them."""
 
@@ -226,6 +233,7 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
     tenth = max(1, opts.steps // 10)
     commits = [o for o in coordinator.outcomes if o.phase == "committed"]
     placements = {json.dumps(r["phy2log"]) for r in ranks}
+    agreed = _coordinators_placement(coordinator)
     return {
         "ranks": opts.world_size,
         "steps": opts.steps,
@@ -246,6 +254,9 @@ def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict
         "experts_moved": coordinator.experts_moved_total,
         "final_epoch": coordinator.epoch,
         "maps_identical_on_all_ranks": len(placements) == 1,
+        "maps_match_coordinator": None
+        if agreed is None
+        else all(r["epoch"] == coordinator.epoch and np.array_equal(r["phy2log"], agreed) for r in ranks),
         "commit_steps": [o.commit_step for o in commits],
         "commit_stall_max_us": round(max(r["commit_stall_max_us"] for r in ranks), 1),
         "step_time_p50_ms": round(float(np.median([r["step_time_p50_ms"] for r in ranks])), 3),
