@@ -206,8 +206,8 @@ class RegistrationProgress:
 
 
 def _coordinators_placement(coordinator: Coordinator) -> np.ndarray | None:
-    """The placement of the epoch the coordinator last saw every rank agree on; ``None`` where
-    they never agreed (no placement to hold the ranks' maps against)."""
+    """The placement of the coordinator's epoch (the last one every rank agreed on, or a plan
+    committed since); ``None`` before the ranks first agreed (no placement to hold their maps against)."""
     epoch = coordinator.epoch
     return None if epoch < 0 else coordinator.book.placements.get(epoch)
 
