@@ -17,7 +17,10 @@ too), so a plan can seed the coordinator's initial placement and the next plan c
 it. Without ``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert
 ``p % N``). Balancedness figures are under ``--load`` as given (with ``--previous-load`` and a
 persistence below 0.6 the migration policy plans for a forecast of the next window, see
-``load_forecast``; the batches' gains are then under that forecast). Bad input ends with exit
+``load_forecast``; the batches' gains are then under that forecast). The migration policy runs
+at its default move price: the coordinator's spend controller (``spend_control``), which makes
+moves cheaper where its plans move far fewer slots than DeepSeek's would, needs a sequence of
+plans to tally and is not used here. Bad input ends with exit
 code 2 and a one-line message naming the flag or the file (with the bad entry's position) and
 what was expected: numeric flags are checked as they are parsed, files as they are read (an
 unreadable or ill-typed file is named, never a traceback; pickles are never loaded). Progress

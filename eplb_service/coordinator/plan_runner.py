@@ -29,6 +29,7 @@ from eplb_service.coordinator.load_forecast import planning_persistence
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.resend import VOTE_FIRST_S
+from eplb_service.coordinator.spend_control import SpendState, update_spend
 from eplb_service.placement import PlacementError, PolicySettingsError, validate_phy2log
 from eplb_service.units import human_bytes
 
@@ -97,6 +98,12 @@ class PlanRunner:
         self.last_plan_end_step = 0
         self.last_persistence: float | None = None
         """Of the load window, as the last plan used it (see load_forecast); None until a plan measured it."""
+        self.spend = SpendState()
+        """The migration policy's spend controller (spend_control): how cheap the next plan makes moves,
+        from the slots the plans moved against what DeepSeek's policy would have moved."""
+        self._shadow: np.ndarray | None = None
+        """DeepSeek's placement had it planned every rebalance from the first (never applied): the
+        spend controller's reference; None until the first migration plan."""
         self.planning = False
         self._seeded = False
         self.drain_at_step: int | None = None
@@ -128,6 +135,7 @@ class PlanRunner:
         self.pending_batches = []
         self.last_plan_end_step = 0
         self.last_persistence = None  # the old deployment's load, not this one's
+        self.spend, self._shadow = SpendState(), None
         self._seeded = False
         self.drain_at_step = None
         self.skips_in_a_row = 0
@@ -196,8 +204,48 @@ class PlanRunner:
             staging_budget_bytes=cfg.staging_budget_bytes,
             min_layer_gain=cfg.min_layer_gain,
             persistence=persistence,
+            spend_scale=self.spend.scale,
             skip_over_budget=True,
         )
+
+    async def _tally_spend(self, current: np.ndarray, load: np.ndarray, spent: int) -> None:
+        """Plan DeepSeek's policy from the shadow placement for the same load and update the spend
+        controller with both plans' slots. The first plan sets the shadow off from the placement
+        serving started with and is not tallied (it repairs an arbitrary layout, whatever the load
+        does). A failure here only leaves the controller where it was."""
+        from eplb_service.coordinator.policy import plan_rebalance
+
+        first = self._shadow is None or self._shadow.shape != current.shape
+        shadow = current if first else self._shadow
+        call = functools.partial(
+            plan_rebalance,
+            "deepseek",
+            shadow,
+            load,
+            self.book.shape,
+            num_groups=self.cfg.num_groups,
+            num_nodes=self.cfg.num_nodes,
+        )
+        try:
+            reference = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except Exception as exc:
+            self.log.warning(
+                "spend controller: DeepSeek's shadow plan failed (%s); keeping scale %g", exc, self.spend.scale
+            )
+            return
+        self._shadow = reference.target_phy2log
+        if not first:
+            scale = self.spend.scale
+            self.spend = update_spend(self.spend, spent, reference.experts_moved)
+            if self.spend.scale != scale:
+                self.log.info(
+                    "spend controller: moves %s (scale %g -> %g): %.0f slots moved against DeepSeek's %.0f lately",
+                    "cheaper" if self.spend.scale < scale else "dearer",
+                    scale,
+                    self.spend.scale,
+                    self.spend.spent,
+                    self.spend.reference,
+                )
 
     def _seed_fits(self) -> bool:
         """Whether ``--initial-placement`` fits the deployment the agents registered; if not, it is
@@ -236,7 +284,8 @@ class PlanRunner:
         try:
             persistence = self.last_persistence = book.window.persistence()
             self.metrics.load_persistence.set(persistence)
-            call = self._policy_call(book.placements[epoch].copy(), book.window.load.copy(), persistence, seeding)
+            current, load = book.placements[epoch].copy(), book.window.load.copy()
+            call = self._policy_call(current, load, persistence, seeding)
             self._seeded = self._seeded or seeding
             result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except PolicySettingsError as exc:  # the same every time: one clear line, not one per interval
@@ -253,11 +302,14 @@ class PlanRunner:
         self._report_over_budget(result)
         gain = result.balancedness_after - result.balancedness_before
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
+        skipped = epoch != book.epoch or not result.batches or (gain < self.cfg.min_gain and not result.forced_layers)
+        if not seeding and self.cfg.policy == "migration":
+            await self._tally_spend(current, load, 0 if skipped else result.experts_moved)
         if seeding:
             self.log.info(
                 "moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved
             )
-        elif epoch != book.epoch or not result.batches or (gain < self.cfg.min_gain and not result.forced_layers):
+        elif skipped:
             self.counts["skipped"] += 1
             self.metrics.plans.labels("skipped").inc()
             self.skips_in_a_row += 1

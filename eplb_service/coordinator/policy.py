@@ -48,6 +48,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     uses_hierarchy,
 )
 from eplb_service.coordinator.policy_migration import migration_phy2log
+from eplb_service.coordinator.spend_control import spend_options
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -229,21 +230,37 @@ def propose_phy2log(
     num_groups: int = 1,
     num_nodes: int = 1,
     persistence: float = 1.0,
+    spend_scale: float = 1.0,
 ) -> np.ndarray:
     """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated.
 
-    ``persistence`` (``"migration"`` only): see :func:`plan_rebalance`; ``load`` is then the
-    forecast already."""
+    ``persistence``, ``spend_scale`` (``"migration"`` only): see :func:`plan_rebalance`; ``load``
+    is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "deepseek":
         fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
     if policy == "migration":
+        spend = spend_options(spend_scale, shape.num_physical)
         if uses_hierarchy(num_groups, num_nodes):
             return hierarchical_migration_phy2log(
-                current_phy2log, load, shape.num_ranks, num_groups, num_nodes, persistence=persistence
+                current_phy2log,
+                load,
+                shape.num_ranks,
+                num_groups,
+                num_nodes,
+                persistence=persistence,
+                move_price=spend.move_price,
+                fine_move_share=spend.fine_move_share,
             )
-        return migration_phy2log(current_phy2log, load, shape.num_ranks, persistence=persistence)
+        return migration_phy2log(
+            current_phy2log,
+            load,
+            shape.num_ranks,
+            persistence=persistence,
+            move_price=spend.move_price,
+            fine_move_share=spend.fine_move_share,
+        )
     raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
 
 
@@ -259,6 +276,7 @@ def plan_rebalance(
     staging_budget_bytes: int | None = None,
     min_layer_gain: float = 0.0,
     persistence: float = 1.0,
+    spend_scale: float = 1.0,
     progress: LayerProgress | None = None,
     skip_over_budget: bool = False,
 ) -> RebalancePlan:
@@ -288,6 +306,10 @@ def plan_rebalance(
             the plan's gains and balancedness are then under that forecast. ``"deepseek"``
             ignores it (it is DeepSeek's policy: the last window only), and so do registered
             policies.
+        spend_scale: in ``(0, 1]``, how much cheaper ``"migration"`` makes moves than its
+            defaults (step 6's price times it, step 4's room divided by it; see
+            :mod:`.spend_control`, whose state the coordinator keeps between plans); 1 = the
+            defaults. Other policies ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
@@ -328,6 +350,8 @@ def plan_rebalance(
         raise PlacementError(f"min_layer_gain must be a finite number, got {min_layer_gain!r}")
     if not (isinstance(persistence, (int, float, np.floating)) and 0.0 <= persistence <= 1.0):
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
+    if not (isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= 1.0):
+        raise PlacementError(f"spend_scale must be a number in (0, 1], got {spend_scale!r}")
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)
@@ -335,6 +359,8 @@ def plan_rebalance(
         load = forecast_load(load, planning_persistence(persistence))
 
     options: dict[str, Any] = {"num_groups": num_groups, "num_nodes": num_nodes, "persistence": float(persistence)}
+    if policy == "migration":
+        options["spend_scale"] = float(spend_scale)
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
     required = None
     if policy == "migration" and uses_hierarchy(num_groups, num_nodes):

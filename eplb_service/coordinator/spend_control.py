@@ -1,0 +1,103 @@
+"""Online spend control: the migration policy finds each deployment's move price from what it spends.
+
+Why: the migration policy's fixed settings suit most workloads, but where it spends far below
+the slot budget (a fifth of what DeepSeek's policy would move) it often gives up balance it
+could have bought: hot experts that hop between experts every window price every move out of
+2-slot ranks (step 6 of :mod:`.policy_migration`), and slowly drifting coarse layers need
+more room than step 4's fine pass gets. Which price fits depends on the workload, and a
+coordinator can measure it as it runs: besides each plan it plans DeepSeek's policy from a
+*shadow* placement (DeepSeek's own previous plan, never applied; a few ms), so it knows how many
+slots DeepSeek would have moved, and it tallies both.
+
+The rule (:func:`update_spend`, pure): after each rebalance, where the policy's tally is below
+:data:`SPEND_LOW` of DeepSeek's, moves get cheaper (``scale`` halves); above
+:data:`SPEND_HIGH`, back toward the defaults (``scale`` doubles); ``scale`` stays within
+``[MIN_SCALE, 1]``, so the policy never spends *less* than its defaults make it. The tallies
+fade by :data:`SPEND_MEMORY` per rebalance, so a long-running coordinator follows a workload
+that changes. ``scale`` multiplies step 6's ``move_price`` and divides step 4's
+``fine_move_share`` (:func:`spend_options`).
+
+Measured on the workload matrix (``bench/planner.py --matrix``, ``bench/spend_controller.py``):
+386 → 391 of 432 cells with seed 0, 383 → 391 with seed 1, the worst balance cell −1.37 →
+−0.73 pp and −1.45 → −1.21 pp; making moves *dearer* than the defaults above the band (``scale``
+up to 4) gained nothing (386 with seed 0), and scaling step 3's tolerance or swap gate cost
+Mixtral's small layers balance or slots (``bench/README.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
+
+SPEND_LOW = 0.12
+"""Below this share of DeepSeek's slots (the tallies), moves get cheaper."""
+SPEND_HIGH = 0.16
+"""Above this share, moves get dearer again (up to the policy's defaults): margin under a fifth."""
+SPEND_STEP = 2.0
+"""``scale`` is divided (below the band) or multiplied (above it) by this after each rebalance."""
+MIN_SCALE = 1 / 16
+"""The cheapest moves get: ``move_price / 16``."""
+SPEND_MEMORY = 0.9
+"""Both tallies are multiplied by this before each rebalance's slots are added (about the last
+ten rebalances count)."""
+MAX_FINE_MOVE_SHARE = 0.24
+"""Step 4's room grows to at most this share of a layer's slots (3x its default)."""
+
+
+@dataclass(frozen=True)
+class SpendState:
+    """The controller between rebalances.
+
+    Attributes:
+        spent: slots the policy's plans moved (faded tally); reference: slots DeepSeek's plans
+            from the shadow placement moved (same fading).
+        scale: the spending factor for the next plan, in ``[MIN_SCALE, 1]`` (1: the defaults).
+    """
+
+    spent: float = 0.0
+    reference: float = 0.0
+    scale: float = 1.0
+
+
+def update_spend(state: SpendState, spent: int, reference: int) -> SpendState:
+    """The state after a rebalance where the policy moved ``spent`` slots and DeepSeek ``reference``.
+
+    With no DeepSeek slots tallied yet there is nothing to compare, and ``scale`` stays.
+    """
+    if spent < 0 or reference < 0:
+        raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
+    tally = state.spent * SPEND_MEMORY + spent
+    ref = state.reference * SPEND_MEMORY + reference
+    scale = state.scale
+    if ref > 0:
+        if tally < SPEND_LOW * ref:
+            scale /= SPEND_STEP
+        elif tally > SPEND_HIGH * ref:
+            scale *= SPEND_STEP
+    return SpendState(tally, ref, min(max(scale, MIN_SCALE), 1.0))
+
+
+@dataclass(frozen=True)
+class SpendOptions:
+    """The migration policy's settings for one plan: step 6's ``move_price``, step 4's ``fine_move_share``."""
+
+    move_price: float = DEFAULT_MOVE_PRICE
+    fine_move_share: float = DEFAULT_FINE_MOVE_SHARE
+
+
+def spend_options(scale: float, num_physical: int) -> SpendOptions:
+    """The migration policy's settings for ``scale`` in layers of ``num_physical`` slots.
+
+    The defaults at ``scale = 1``. Step 4's room grows only where its default already holds an
+    exchange (two slots): in smaller layers (Mixtral's 8-12) one exchange per layer and
+    rebalance is a quarter of the slots, more than a whole cell's budget where DeepSeek itself
+    moves a few percent (on the matrix that cost up to 78% of DeepSeek's slots).
+    """
+    if not (math.isfinite(scale) and 0 < scale <= 1):
+        raise ValueError(f"spend scale must be in (0, 1], got {scale!r}")
+    room = DEFAULT_FINE_MOVE_SHARE
+    if math.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2:
+        room = min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
+    return SpendOptions(DEFAULT_MOVE_PRICE * scale, room)

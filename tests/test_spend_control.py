@@ -1,0 +1,102 @@
+"""The migration policy's online spend controller (eplb_service.coordinator.spend_control)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from test_plan_runner_rules import plannable
+
+from eplb_service.coordinator.policy import build_plan, plan_rebalance
+from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
+from eplb_service.coordinator.spend_control import (
+    MAX_FINE_MOVE_SHARE,
+    MIN_SCALE,
+    SPEND_MEMORY,
+    SpendOptions,
+    SpendState,
+    spend_options,
+    update_spend,
+)
+from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
+
+
+def test_under_spending_halves_the_scale_down_to_its_floor_and_over_spending_doubles_it_up_to_one():
+    state = update_spend(SpendState(), 0, 100)
+    assert state == SpendState(0.0, 100.0, 0.5)
+    for _ in range(10):
+        state = update_spend(state, 0, 100)
+    assert state.scale == MIN_SCALE
+    over = update_spend(SpendState(spent=10, reference=50, scale=0.25), 10, 10)  # 19 of 55: above 16%
+    assert over.scale == 0.5
+    assert update_spend(SpendState(spent=50, reference=100), 10, 10).scale == 1.0  # never dearer than the defaults
+
+
+def test_within_the_band_or_with_nothing_to_compare_the_scale_stays():
+    within = SpendState(spent=14 / SPEND_MEMORY, reference=100 / SPEND_MEMORY, scale=0.25)  # 14% after fading
+    assert update_spend(within, 0, 0).scale == 0.25
+    assert update_spend(SpendState(scale=0.5), 0, 0).scale == 0.5
+    with pytest.raises(ValueError, match="spent=-1"):
+        update_spend(SpendState(), -1, 5)
+
+
+def test_the_tallies_fade_so_a_long_run_follows_the_workload():
+    state = update_spend(SpendState(spent=100, reference=200), 3, 7)
+    assert (state.spent, state.reference) == (100 * SPEND_MEMORY + 3, 200 * SPEND_MEMORY + 7)
+
+
+def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it_runs():
+    assert spend_options(1.0, 544) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE)
+    assert spend_options(0.5, 544) == SpendOptions(DEFAULT_MOVE_PRICE / 2, DEFAULT_FINE_MOVE_SHARE * 2)
+    assert spend_options(MIN_SCALE, 544).fine_move_share == MAX_FINE_MOVE_SHARE
+    assert spend_options(0.5, 12).fine_move_share == DEFAULT_FINE_MOVE_SHARE  # 12 x 8%: no exchange fits anyway
+    with pytest.raises(ValueError, match="got 1.5"):
+        spend_options(1.5, 8)
+
+
+def hopping_load() -> np.ndarray:
+    """8 experts on 4 ranks of 2 slots, 16 layers: experts 0 and 1 (rank 0's pair under the
+    initial placement) hot, the rest near even."""
+    rng = np.random.default_rng(5)
+    load = rng.uniform(90, 110, size=(16, 8))
+    load[:, 0] = 200.0
+    load[:, 1] = 200.0 * rng.uniform(0.5, 1.0, 16)
+    return load
+
+
+def test_a_priced_out_layer_moves_at_a_cheaper_scale():
+    """Where little of the imbalance lasts (persistence 0.2) the default price keeps 2-slot layers
+    where they are; the controller's cheaper scale lets the ones that gain most move."""
+    shape = PlacementShape(16, 8, 8, 4)
+    current, load = initial_phy2log(shape), hopping_load()
+    default = plan_rebalance("migration", current, load, shape, persistence=0.2)
+    cheap = plan_rebalance("migration", current, load, shape, persistence=0.2, spend_scale=MIN_SCALE)
+    assert default.experts_moved == 0 and cheap.experts_moved > 0
+    assert cheap.balancedness_after > default.balancedness_after
+    assert plan_rebalance("deepseek", current, load, shape, spend_scale=MIN_SCALE).experts_moved > 0  # ignored
+    with pytest.raises(PlacementError, match="spend_scale"):
+        plan_rebalance("migration", current, load, shape, spend_scale=0.0)
+
+
+def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_while_deepseek_would_have():
+    """The runner tallies its plans against DeepSeek's from a shadow placement: the first plan only
+    sets the shadow off; after one that moved nothing while DeepSeek's moved slots, the next plan
+    is asked for at half the scale."""
+    c, _ = plannable()
+    assert c.cfg.policy == "migration"
+
+    def no_change(current, load, persistence, seeding):
+        return lambda: build_plan(current, current, load, c.book.shape)
+
+    real_call, c.plans._policy_call = c.plans._policy_call, no_change
+    asyncio.run(c.plans.run_policy())
+    assert c.plans.spend == SpendState()  # the first plan is not tallied
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0  # the load moves: DeepSeek repacks
+    asyncio.run(c.plans.run_policy())
+    assert c.plans.spend.spent == 0 and c.plans.spend.reference > 0
+    assert c.plans.spend.scale == 0.5
+    call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
+    assert call.keywords["spend_scale"] == 0.5
+    c.plans.new_deployment()
+    assert c.plans.spend == SpendState()
