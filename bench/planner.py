@@ -44,6 +44,7 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
+from eplb_service.coordinator.spend_control import SpendState, update_spend
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
@@ -323,12 +324,16 @@ def run_sequence(
     decayed: bool = False,
     warmup: int = 1,
     forecast: bool = True,
+    spend_control: bool = True,
 ) -> SequenceResult:
     """Plan every window but the last, each from the previous plan; score on the next window.
 
     ``decayed``: plan on the coordinator's decayed load window (:class:`LoadWindow`, half-life
     one rebalance interval, its default) instead of the last window alone. ``forecast``: pass
     the persistence of the last two windows (as the coordinator does; DeepSeek ignores it).
+    ``spend_control`` (``"migration"``): carry the coordinator's spend controller
+    (:mod:`~eplb_service.coordinator.spend_control`) from plan to plan, with DeepSeek's shadow
+    placement planned on the same loads (the warm-up plans set it off and are not tallied).
     """
     layers = loads[0].shape[0]
     pshape = PlacementShape(layers, shape.experts, shape.slots, shape.ranks)
@@ -337,16 +342,30 @@ def run_sequence(
     window = LoadWindow(layers, shape.experts, half_life_steps=interval)
     planned, realized, times = [], [], []
     moved = sent = warm = 0
+    controlled = spend_control and policy == "migration"
+    spend, shadow = SpendState(), current
     for i in range(len(loads) - 1):
         window.add(loads[i], i * interval, (i + 1) * interval)
         load = window.load.copy() if decayed else loads[i]
         start = time.perf_counter()
         lasting = persistence(loads[i - 1] if i else None, loads[i]) if forecast else 1.0
         plan = plan_rebalance(
-            policy, current, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes, persistence=lasting
+            policy,
+            current,
+            load,
+            pshape,
+            num_groups=shape.groups,
+            num_nodes=shape.nodes,
+            persistence=lasting,
+            spend_scale=spend.scale,
         )
         times.append((time.perf_counter() - start) * 1e3)
         current = plan.target_phy2log
+        if controlled:
+            reference = plan_rebalance("deepseek", shadow, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
+            shadow = reference.target_phy2log
+            if i >= warmup:
+                spend = update_spend(spend, plan.experts_moved, reference.experts_moved)
         if i < warmup:
             warm += plan.experts_moved
             continue
@@ -411,19 +430,25 @@ def run_cell(
     layers: int | None = None,
     decayed: bool = True,
     forecast: bool = True,
+    spend_control: bool = True,
 ) -> CellResult:
     """One cell: a warm-up plan, then ``rebalances`` measured ones, for each policy on the same loads.
 
     The cell's loads depend only on ``seed``, the shape and the workload, so a cell gives the same
     numbers alone or in the full matrix. ``forecast=False`` withholds the load's persistence from
-    the migration policy (it then plans for the last window as it is).
+    the migration policy (it then plans for the last window as it is); ``spend_control=False``
+    runs it without the coordinator's spend controller (its default settings throughout).
     """
     layers = layers or matrix_layers(shape)
     cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
     loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
     deepseek = run_sequence("deepseek", shape, loads)
-    migration = run_sequence("migration", shape, loads, forecast=forecast)
-    smoothed = run_sequence("migration", shape, loads, decayed=True, forecast=forecast) if decayed else migration
+    migration = run_sequence("migration", shape, loads, forecast=forecast, spend_control=spend_control)
+    smoothed = (
+        run_sequence("migration", shape, loads, decayed=True, forecast=forecast, spend_control=spend_control)
+        if decayed
+        else migration
+    )
     return CellResult(shape, workload, layers, rebalances, deepseek, migration, smoothed)
 
 

@@ -288,7 +288,7 @@ def controlled_cell(
     cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
     loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
     deepseek = run_sequence("deepseek", shape, loads)
-    baseline = run_sequence("migration", shape, loads)
+    baseline = run_sequence("migration", shape, loads, spend_control=False)
     controlled = controlled_sequence(shape, loads, ctl, reference=reference)
     return ControlledCell(shape, workload, deepseek, baseline, controlled)
 

@@ -74,6 +74,10 @@ CELLS = [
     # A new hot expert that lasts: planning for the load as it is once most of the imbalance
     # lasts (persistence >= 0.6) took it from -0.82 pp (the shrunk forecast) to -0.08 pp.
     ("Qwen3.5-397B-A17B EP32: 512+256", Workload("zipf-0.6", "abrupt", "low")),
+    # Spending far below the slot budget: the coordinator's spend controller makes moves cheaper
+    # (the price where hot experts hop, the fine pass's room where the load drifts slowly).
+    ("Mixtral-8x7B EP4: 8+0", Workload("lognormal", "swap", "high")),
+    ("Qwen3-235B-A22B EP64: 128+64", Workload("zipf-0.6", "slow", "low")),
 ]
 
 
@@ -95,6 +99,22 @@ def test_hopping_hot_experts_cost_a_fifth_of_the_slots_only_with_the_persistence
     without = run_cell(cell, workload, decayed=False, forecast=False)
     assert with_it.moved_share <= MOVED_TARGET < without.moved_share
     assert with_it.balance_pp >= without.balance_pp
+
+
+@pytest.mark.parametrize(
+    "label,workload",
+    [
+        ("Mixtral-8x7B EP4: 8+0", Workload("lognormal", "swap", "high")),
+        ("Qwen3-235B-A22B EP64", Workload("zipf-0.6", "slow", "low")),
+    ],
+)
+def test_cells_spending_far_below_the_budget_meet_the_balance_target_only_with_the_spend_controller(label, workload):
+    """At the policy's default settings these cells move under a tenth of DeepSeek's slots and lose
+    more than 0.5 pp; the controller spends more of the budget (still within it) on balance."""
+    with_it = run_cell(shape(label), workload, decayed=False)
+    without = run_cell(shape(label), workload, decayed=False, spend_control=False)
+    assert without.balance_pp < BALANCE_TARGET_PP <= with_it.balance_pp
+    assert without.moved_share < with_it.moved_share <= MOVED_TARGET
 
 
 def test_loads_respect_the_top_k_cap_and_the_seed():

@@ -103,13 +103,15 @@ together, vectorised):
    the next one, and DeepSeek's policy (which cannot tell) spends slots on it all the same; in
    the matrix's Mixtral *swap* cells with 3 and 5 slots per rank the price took the policy from
    24-40% of DeepSeek's slots (the forecast alone) to 2-18%, at +0.2 to +2.8 pp of next-window
-   balance over it. With 2 slots per rank it is too dear: Mixtral 8+0 swap cells stop moving
-   and lose up to 1.4 pp (``bench/README.md``). The square keeps the price negligible where most of
-   the imbalance lasts (``a >= 0.8``: at most 4% of ``move_price``): a price of
-   ``move_price * (1 - a)`` cost layers that gain a lasting new hot expert (``a`` about 0.9,
-   e.g. Qwen3-235B on 16 or 64 ranks, *abrupt*) up to 1 pp, because their big responses move
-   many slots. With ``a = 1`` (no history yet, or a load that keeps its shape) the step does
-   nothing and the plan is made for the load itself.
+   balance over it. With 2 slots per rank the default is too dear: Mixtral 8+0 swap cells stop
+   moving and lost up to 1.4 pp (``bench/README.md``); the coordinator's spend controller
+   (:mod:`.spend_control`) now lowers ``move_price`` (and widens step 4's ``fine_move_share``)
+   where its plans move far fewer slots than DeepSeek's would, which took that cell to −0.2 pp.
+   The square keeps the price negligible where most of the imbalance lasts (``a >= 0.8``: at
+   most 4% of ``move_price``): a price of ``move_price * (1 - a)`` cost layers that gain a
+   lasting new hot expert (``a`` about 0.9, e.g. Qwen3-235B on 16 or 64 ranks, *abrupt*) up to 1
+   pp, because their big responses move many slots. With ``a = 1`` (no history yet, or a load
+   that keeps its shape) the step does nothing and the plan is made for the load itself.
 
 With DeepSeek's groups on several nodes (``--groups G --nodes N``, ``G`` a multiple of ``N``)
 the steps run on each node's ranks and experts as a sub-problem of the same shape, every group's
@@ -120,8 +122,10 @@ keeps its expert, so at most two slots change per swap plus one per count change
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes
-from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): 386 of its 432 cells stay
-within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its slots moved
+from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): with the coordinator's spend
+controller scaling ``move_price`` and ``fine_move_share`` per deployment (:mod:`.spend_control`),
+391 of its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth
+of its slots moved (383 → 391 with another seed); at the defaults throughout, 386
 (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and
 no count slack, 380 with the count slack and the forecast planned for at every persistence,
 382 with the fine pass toward a tight target instead of the soft maximum, 387 while plans still
