@@ -302,9 +302,10 @@ class PlanRunner:
         self._report_over_budget(result)
         gain = result.balancedness_after - result.balancedness_before
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
-        skipped = epoch != book.epoch or not result.batches or (gain < self.cfg.min_gain and not result.forced_layers)
+        worth_it = bool(result.batches) and (gain >= self.cfg.min_gain or bool(result.forced_layers))
         if not seeding and self.cfg.policy == "migration":
-            await self._tally_spend(current, load, 0 if skipped else result.experts_moved)
+            await self._tally_spend(current, load, result.experts_moved if worth_it else 0)
+        skipped = epoch != book.epoch or not worth_it  # after the tally's wait: the epoch may have moved on
         if seeding:
             self.log.info(
                 "moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved
