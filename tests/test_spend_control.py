@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from eplb_service.coordinator.spend_control import (
     spend_options,
     update_spend,
 )
+from eplb_service.coordinator.status_doc import status_json
 from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
 
 
@@ -100,3 +102,25 @@ def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_whil
     assert call.keywords["spend_scale"] == 0.5
     c.plans.new_deployment()
     assert c.plans.spend == SpendState()
+
+
+def test_operators_see_the_scale_as_a_metric_and_in_status():
+    """A coordinator whose plans got cheaper says so where an operator looks: the gauge and the
+    status document follow the controller, and a new deployment starts again at 1."""
+    c, _ = plannable()
+
+    def scale_shown() -> tuple[float | None, dict]:
+        doc = json.loads(status_json(c.status()))
+        return c.metrics.registry.get_sample_value("eplb_move_price_scale", {}), doc["spend"]
+
+    assert scale_shown() == (1.0, {"scale": 1.0, "moved": 0.0, "deepseek_moved": 0.0})
+    c.plans._policy_call = lambda current, load, persistence, seeding: (
+        lambda: build_plan(current, current, load, c.book.shape)
+    )
+    asyncio.run(c.plans.run_policy())
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+    asyncio.run(c.plans.run_policy())
+    gauge, spend = scale_shown()
+    assert gauge == spend["scale"] == 0.5 and spend["moved"] == 0 and spend["deepseek_moved"] > 0
+    c.plans.new_deployment()
+    assert scale_shown() == (1.0, {"scale": 1.0, "moved": 0.0, "deepseek_moved": 0.0})

@@ -97,6 +97,13 @@ class CoordinatorMetrics:
             "the last plan used it (1: lasts; NaN until a plan)",
             registry=r,
         )
+        self.move_price_scale = Gauge(
+            "eplb_move_price_scale",
+            "The migration policy's spend scale for its next plan (1: its default move price; below 1: "
+            "moves made cheaper because its plans moved far fewer slots than DeepSeek's would have)",
+            registry=r,
+        )
+        self.move_price_scale.set(1.0)
         self.epoch = Gauge(
             "eplb_placement_epoch",
             "Placement epoch every rank reports (commits applied; NaN until the ranks agree)",

@@ -136,6 +136,7 @@ class PlanRunner:
         self.last_plan_end_step = 0
         self.last_persistence = None  # the old deployment's load, not this one's
         self.spend, self._shadow = SpendState(), None
+        self.metrics.move_price_scale.set(self.spend.scale)
         self._seeded = False
         self.drain_at_step = None
         self.skips_in_a_row = 0
@@ -237,6 +238,7 @@ class PlanRunner:
         if not first:
             scale = self.spend.scale
             self.spend = update_spend(self.spend, spent, reference.experts_moved)
+            self.metrics.move_price_scale.set(self.spend.scale)
             if self.spend.scale != scale:
                 self.log.info(
                     "spend controller: moves %s (scale %g -> %g): %.0f slots moved against DeepSeek's %.0f lately",
