@@ -8,14 +8,13 @@ own mismatch count. No agent and no coordinator: only the output check is under 
 
 from __future__ import annotations
 
-import datetime
-
 import numpy as np
 import torch
 import torch.distributed as dist
+from serving_group import join_serving_group, serving_spec
 
-from eplb_service.sim.serving_loop import RankSpec, SimServingRank
-from eplb_service.sim.workload import SimModelConfig, popularity
+from eplb_service.sim.serving_loop import SimServingRank
+from eplb_service.sim.workload import popularity
 from eplb_service.worker_agent.expert_model import map_tensors
 
 SCENARIOS = ("intact", "maps_without_weights", "one_weight_slightly_off", "log2phy_left_stale")
@@ -68,18 +67,8 @@ def _break(sim: SimServingRank, scenario: str, seed: int) -> None:
 
 def serve_broken(rank: int, world: int, store_port: int, steps: int, seed: int, results) -> None:
     """Report ``(rank, {"rank", "mismatches": {scenario: count}, "load": [L, P] of the intact run})``."""
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", store_port, world, False, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    spec = RankSpec(
-        rank=rank,
-        world_size=world,
-        steps=steps,
-        seed=seed,
-        model=SimModelConfig(),
-        coordinator_endpoint="unused",
-        serving_store_port=store_port,
-    )
+    join_serving_group(rank, world, store_port)
+    spec = serving_spec(rank, world, store_port, steps, seed)
     mismatches: dict[str, int] = {}
     load: list = []
     for scenario in SCENARIOS:

@@ -7,14 +7,13 @@ coordinator, no side communicator, only the loop's side of the hook contract.
 
 from __future__ import annotations
 
-import datetime
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from serving_group import join_serving_group, serving_spec
 
-from eplb_service.sim.serving_loop import RankSpec, SimServingRank
-from eplb_service.sim.workload import SimModelConfig
+from eplb_service.sim.serving_loop import SimServingRank
 
 
 class RecordingHooks:
@@ -35,21 +34,10 @@ class RecordingHooks:
 
 def serve_recording(rank: int, world: int, store_port: int, steps: int, seeds: list[int], results) -> None:
     """Report ``(rank, [per seed: {"calls", "loads" [steps, L, P], "recv_counts" [steps, L], "mismatches"}])``."""
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", store_port, world, False, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    join_serving_group(rank, world, store_port)
     runs = []
     for seed in seeds:
-        spec = RankSpec(
-            rank=rank,
-            world_size=world,
-            steps=steps,
-            seed=seed,
-            model=SimModelConfig(),
-            coordinator_endpoint="unused",
-            serving_store_port=store_port,
-        )
-        sim = SimServingRank(spec)
+        sim = SimServingRank(serving_spec(rank, world, store_port, steps, seed))
         hooks = RecordingHooks()
         sim.run(SimpleNamespace(hooks=hooks))
         runs.append(

@@ -8,17 +8,12 @@ steps with their live state broken the way faulty commits break it, and each mus
 
 from __future__ import annotations
 
-import datetime
-
 import numpy as np
 import pytest
 import sim_check_ranks
-import torch.distributed as dist
-from child_context import CTX
-from child_results import gather_results
+from serving_group import run_serving_ranks
 
 from eplb_service.placement import PlacementShape, initial_phy2log, logical_replica_count
-from eplb_service.sim.processes import free_port
 from eplb_service.sim.workload import SimModelConfig
 
 WORLD = 2
@@ -28,20 +23,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def served() -> list[dict]:
     """Each rank's report (sorted by rank) after serving every scenario of :mod:`sim_check_ranks`."""
-    port = free_port()
-    store = dist.TCPStore(  # noqa: F841 - the ranks' store lives as long as this reference
-        "127.0.0.1", port, WORLD, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
-    )
-    out = CTX.Queue()
-    procs = [
-        CTX.Process(target=sim_check_ranks.serve_broken, args=(r, WORLD, port, STEPS, 0, out), name=f"sim-check-{r}")
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    results = gather_results(out, procs, 120, join_s=10)
-    assert sorted(results) == list(range(WORLD)), results
-    return [results[r] for r in range(WORLD)]
+    return run_serving_ranks(sim_check_ranks.serve_broken, WORLD, (STEPS, 0), "sim-check")
 
 
 def test_intact_serving_counts_no_mismatch_on_any_rank(served):

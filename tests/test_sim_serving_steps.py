@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import sim_hook_ranks
 import torch.distributed as dist
-from child_context import CTX
-from child_results import gather_results
+from serving_group import run_serving_ranks
 
 from eplb_service.sim.processes import RankProcesses, RankProcessesDied, free_port
 from eplb_service.sim.serving_loop import RankSpec, run_rank
@@ -32,22 +31,7 @@ SEEDS = [4, 4, 5]
 @pytest.fixture(scope="module")
 def runs() -> list[list[dict]]:
     """``runs[rank][i]``: what rank ``rank`` recorded serving ``STEPS`` steps with seed ``SEEDS[i]``."""
-    port = free_port()
-    store = dist.TCPStore(  # noqa: F841 - the ranks' store lives as long as this reference
-        "127.0.0.1", port, WORLD, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
-    )
-    out = CTX.Queue()
-    procs = [
-        CTX.Process(
-            target=sim_hook_ranks.serve_recording, args=(r, WORLD, port, STEPS, SEEDS, out), name=f"sim-hooks-{r}"
-        )
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    results = gather_results(out, procs, 120, join_s=10)
-    assert sorted(results) == list(range(WORLD)), results
-    return [results[r] for r in range(WORLD)]
+    return run_serving_ranks(sim_hook_ranks.serve_recording, WORLD, (STEPS, SEEDS), "sim-hooks")
 
 
 def test_every_step_hands_the_agent_its_own_load_once(runs):

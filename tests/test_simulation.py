@@ -77,6 +77,23 @@ def _rank_result(
     }
 
 
+def _summarised_coordinator(**overrides):
+    """A stand-in for what ``_summary`` reads of the coordinator: by default no plan moved
+    anything, nothing halted, and the ranks never agreed on a placement."""
+    from types import SimpleNamespace
+
+    fields = {
+        "counts": {"proposed": 0, "committed": 0, "aborted": 0, "diverged": 0, "skipped": 0},
+        "outcomes": [],
+        "bytes_moved_total": 0,
+        "experts_moved_total": 0,
+        "epoch": 0,
+        "halted_reason": None,
+        "book": SimpleNamespace(placements={}),
+    }
+    return SimpleNamespace(**{**fields, **overrides})
+
+
 def test_the_summary_adds_up_every_rank_and_takes_the_plan_counts_from_the_coordinator():
     """The summary's numbers, from known rank results: mismatches and errors of every rank (not one),
     maps compared across ranks, plans counted by outcome, and the no-rebalancing reference routed
@@ -90,14 +107,12 @@ def test_the_summary_adds_up_every_rank_and_takes_the_plan_counts_from_the_coord
         SimpleNamespace(phase="aborted", code="fence_timeout", commit_step=-1),
         SimpleNamespace(phase="committed", code="", commit_step=80),
     ]
-    coordinator = SimpleNamespace(
+    coordinator = _summarised_coordinator(
         counts={"proposed": 5, "committed": 2, "aborted": 1, "diverged": 0, "skipped": 4},
         outcomes=outcomes,
         bytes_moved_total=1 << 20,
         experts_moved_total=6,
         epoch=2,
-        halted_reason=None,
-        book=SimpleNamespace(placements={}),
     )
     ranks = [
         _rank_result(0, 3, received=4, sent_to=[4, 0], phy2log=[[0, 1]]),
@@ -126,13 +141,9 @@ def test_the_summary_holds_every_ranks_map_against_the_coordinators_placement():
 
     from eplb_service.sim.deployment import _summary
 
-    coordinator = SimpleNamespace(
+    coordinator = _summarised_coordinator(
         counts={"proposed": 1, "committed": 1, "aborted": 0, "diverged": 0, "skipped": 0},
-        outcomes=[],
-        bytes_moved_total=0,
-        experts_moved_total=0,
         epoch=1,
-        halted_reason=None,
         book=SimpleNamespace(placements={0: np.array([[0, 1]]), 1: np.array([[1, 0]])}),
     )
     opts = SimulationOptions(world_size=2, steps=10)
@@ -156,19 +167,9 @@ def test_the_summary_holds_every_ranks_map_against_the_coordinators_placement():
 def test_no_summary_is_made_of_results_that_do_not_cover_every_rank_once(reported):
     """A summary of some ranks counts their mismatches and errors only and calls their maps
     identical on all ranks; it is refused instead, naming the ranks it had."""
-    from types import SimpleNamespace
-
     from eplb_service.sim.deployment import IncompleteResults, _summary
 
-    coordinator = SimpleNamespace(
-        counts={"proposed": 0, "committed": 0, "aborted": 0, "diverged": 0, "skipped": 0},
-        outcomes=[],
-        bytes_moved_total=0,
-        experts_moved_total=0,
-        epoch=0,
-        halted_reason=None,
-        book=SimpleNamespace(placements={}),
-    )
+    coordinator = _summarised_coordinator()
     ranks = [_rank_result(r, 0, received=1, sent_to=[1, 0], phy2log=[[0, 1]]) for r in reported]
     expected = f"results from ranks {reported}, expected one from each of ranks 0 to 1"
     with pytest.raises(IncompleteResults, match=re.escape(expected)):
@@ -389,8 +390,6 @@ def test_the_summary_into_a_closed_pipe_or_a_full_disk_is_no_traceback(monkeypat
 def test_the_summary_measures_balancedness_on_the_first_and_last_tenth_exactly():
     """Each window of 20 steps gets a load of its own, so a window shifted by one step, the whole run
     taken as a window, or the no-rebalancing figure read from the served counts all show."""
-    from types import SimpleNamespace
-
     from eplb_service.sim.deployment import _summary
 
     steps = 20  # tenths of 2 steps
@@ -411,15 +410,7 @@ def test_the_summary_measures_balancedness_on_the_first_and_last_tenth_exactly()
                 "ref_sent": sent.tolist(),
             }
         )
-    coordinator = SimpleNamespace(
-        counts={"committed": 0, "aborted": 0, "diverged": 0, "skipped": 0},
-        outcomes=[],
-        bytes_moved_total=0,
-        experts_moved_total=0,
-        epoch=0,
-        halted_reason=None,
-        book=SimpleNamespace(placements={}),
-    )
+    coordinator = _summarised_coordinator()
     summary = _summary(SimulationOptions(world_size=2, steps=steps), coordinator, ranks, wall_s=1.0)
     assert summary["balancedness_initial"] == 0.5
     assert summary["balancedness_final"] == 1.0
