@@ -81,6 +81,20 @@ def test_a_priced_out_layer_moves_at_a_cheaper_scale():
         plan_rebalance("migration", current, load, shape, spend_scale=0.0)
 
 
+def test_a_priced_out_layer_moves_at_a_cheaper_scale_with_the_hierarchy_kept_too():
+    """The same with DeepSeek's groups on nodes (2 groups of 8 on 2 nodes of 4 ranks): each node's
+    sub-problem gets the scale, and every group stays on its node."""
+    shape = PlacementShape(16, 16, 16, 8)
+    current, load = initial_phy2log(shape), np.hstack([hopping_load(), hopping_load()[::-1]])
+    hierarchy = {"num_groups": 2, "num_nodes": 2, "persistence": 0.2}
+    default = plan_rebalance("migration", current, load, shape, **hierarchy)
+    cheap = plan_rebalance("migration", current, load, shape, spend_scale=MIN_SCALE, **hierarchy)
+    assert default.experts_moved == 0 and cheap.experts_moved > 0
+    assert cheap.balancedness_after > default.balancedness_after
+    node_of_slot = np.arange(16) // 8
+    assert ((cheap.target_phy2log // 8) == node_of_slot).all()  # group g's experts on node g
+
+
 def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_while_deepseek_would_have():
     """The runner tallies its plans against DeepSeek's from a shadow placement: the first plan only
     sets the shadow off; after one that moved nothing while DeepSeek's moved slots, the next plan
