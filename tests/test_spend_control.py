@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import numpy as np
@@ -116,6 +117,21 @@ def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_whil
     assert call.keywords["spend_scale"] == 0.5
     c.plans.new_deployment()
     assert c.plans.spend == SpendState()
+
+
+def test_a_plan_not_worth_making_spends_nothing():
+    """A plan the coordinator skips (its gain under ``--min-gain``) moves no slot, so the tally
+    counts none: counted, it kept the controller from making moves cheaper in a deployment whose
+    plans are all skipped."""
+    c, _ = plannable()
+    c.plans.cfg = dataclasses.replace(c.plans.cfg, min_gain=0.99)
+    asyncio.run(c.plans.run_policy())
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+    proposed = c.plans._policy_call(c.placements[c.epoch].copy(), c.book.window.load.copy(), 1.0, False)()
+    assert proposed.experts_moved > 0  # the policy would move slots, for less than min_gain
+    asyncio.run(c.plans.run_policy())
+    assert c.plans.counts["skipped"] == 2
+    assert c.plans.spend.spent == 0 and c.plans.spend.reference > 0 and c.plans.spend.scale == 0.5
 
 
 def test_operators_see_the_scale_as_a_metric_and_in_status():
