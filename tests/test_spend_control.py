@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_plan_runner_rules import plannable
+from test_plan_runner_rules import names, plannable
 
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
@@ -56,6 +56,16 @@ def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it
     assert spend_options(0.5, 12).fine_move_share == DEFAULT_FINE_MOVE_SHARE  # 12 x 8%: no exchange fits anyway
     with pytest.raises(ValueError, match="got 1.5"):
         spend_options(1.5, 8)
+
+
+def plan_and_tally(c) -> None:
+    """One planning round of the harness coordinator and the spend tally it starts."""
+
+    async def plan() -> None:
+        await c.plans.run_policy()
+        await c.plans.settle_spend()
+
+    asyncio.run(plan())
 
 
 def hopping_load() -> np.ndarray:
@@ -107,10 +117,10 @@ def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_whil
         return lambda: build_plan(current, current, load, c.book.shape)
 
     real_call, c.plans._policy_call = c.plans._policy_call, no_change
-    asyncio.run(c.plans.run_policy())
+    plan_and_tally(c)
     assert c.plans.spend == SpendState()  # the first plan is not tallied
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0  # the load moves: DeepSeek repacks
-    asyncio.run(c.plans.run_policy())
+    plan_and_tally(c)
     assert c.plans.spend.spent == 0 and c.plans.spend.reference > 0
     assert c.plans.spend.scale == 0.5
     call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
@@ -125,13 +135,59 @@ def test_a_plan_not_worth_making_spends_nothing():
     plans are all skipped."""
     c, _ = plannable()
     c.plans.cfg = dataclasses.replace(c.plans.cfg, min_gain=0.99)
-    asyncio.run(c.plans.run_policy())
+    plan_and_tally(c)
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
     proposed = c.plans._policy_call(c.placements[c.epoch].copy(), c.book.window.load.copy(), 1.0, False)()
     assert proposed.experts_moved > 0  # the policy would move slots, for less than min_gain
-    asyncio.run(c.plans.run_policy())
+    plan_and_tally(c)
     assert c.plans.counts["skipped"] == 2
     assert c.plans.spend.spent == 0 and c.plans.spend.reference > 0 and c.plans.spend.scale == 0.5
+
+
+def test_a_plan_is_sent_before_its_spend_tally_runs_and_the_next_plan_waits_for_it():
+    """The shadow plan (DeepSeek's whole-model packing) takes longer than the migration plan on
+    large models: run before the plan was decided, it added to every plan's time."""
+    c, sent = plannable()
+    tallied: list[int] = []
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def slow_tally(current, load, spent: int, generation: int) -> None:
+            await release.wait()
+            tallied.append(spent)
+
+        c.plans._tally_spend = slow_tally
+        sent.clear()
+        await asyncio.wait_for(c.plans.run_policy(), 10)  # a plan waiting on its tally never returns
+        assert c.plans.plan is not None and "Plan" in names(sent)  # the plan went ahead...
+        assert tallied == []  # ...while its tally waits
+        c.plans.plan = None  # as if it committed: the next round may plan
+        c.plans.planning = True
+        next_round = asyncio.create_task(c.plans.run_policy())
+        await asyncio.sleep(0.05)
+        assert not next_round.done() and tallied == []  # the next plan waits for the last tally
+        release.set()
+        await next_round
+        assert tallied[0] > 0
+
+    asyncio.run(scenario())
+
+
+def test_a_tally_of_the_previous_deployment_changes_nothing():
+    """A new deployment registers while the last plan's tally runs: its scale starts at 1 and its
+    shadow from its own placement, whatever the old tally finds."""
+    c, _ = plannable()
+    plan_and_tally(c)  # the shadow is set off
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+
+    async def scenario() -> None:
+        await c.plans.run_policy()
+        c.plans.new_deployment()
+        await c.plans.settle_spend()
+
+    asyncio.run(scenario())
+    assert c.plans.spend == SpendState() and c.plans._shadow is None
 
 
 def test_operators_see_the_scale_as_a_metric_and_in_status():
@@ -147,9 +203,9 @@ def test_operators_see_the_scale_as_a_metric_and_in_status():
     c.plans._policy_call = lambda current, load, persistence, seeding: (
         lambda: build_plan(current, current, load, c.book.shape)
     )
-    asyncio.run(c.plans.run_policy())
+    plan_and_tally(c)
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
-    asyncio.run(c.plans.run_policy())
+    plan_and_tally(c)
     gauge, spend = scale_shown()
     assert gauge == spend["scale"] == 0.5 and spend["moved"] == 0 and spend["deepseek_moved"] > 0
     c.plans.new_deployment()

@@ -102,6 +102,10 @@ class PlanRunner:
         """The migration policy's spend controller (spend_control): how cheap the next plan makes moves,
         from the slots the plans moved against what DeepSeek's policy would have moved."""
         self._shadow: np.ndarray | None = None
+        self._tally: asyncio.Task | None = None
+        """The last plan's spend tally, run after that plan was decided (see :meth:`settle_spend`)."""
+        self._spend_generation = 0
+        """Bumped by :meth:`new_deployment`: a tally of the old deployment's plan then changes nothing."""
         """DeepSeek's placement had it planned every rebalance from the first (never applied): the
         spend controller's reference; None until the first migration plan."""
         self.planning = False
@@ -136,6 +140,7 @@ class PlanRunner:
         self.last_plan_end_step = 0
         self.last_persistence = None  # the old deployment's load, not this one's
         self.spend, self._shadow = SpendState(), None
+        self._spend_generation += 1
         self.metrics.move_price_scale.set(self.spend.scale)
         self._seeded = False
         self.drain_at_step = None
@@ -209,11 +214,23 @@ class PlanRunner:
             skip_over_budget=True,
         )
 
-    async def _tally_spend(self, current: np.ndarray, load: np.ndarray, spent: int) -> None:
+    async def settle_spend(self) -> None:
+        """Wait for the last plan's spend tally: the next plan's scale is what it leaves."""
+        tally, self._tally = self._tally, None
+        if tally is not None and not tally.cancelled():  # cancelled: its event loop ended (a test's)
+            await tally
+
+    async def _tally_spend(self, current: np.ndarray, load: np.ndarray, spent: int, generation: int) -> None:
         """Plan DeepSeek's policy from the shadow placement for the same load and update the spend
         controller with both plans' slots. The first plan sets the shadow off from the placement
         serving started with and is not tallied (it repairs an arbitrary layout, whatever the load
-        does). A failure here only leaves the controller where it was."""
+        does). A failure here only leaves the controller where it was.
+
+        It runs after its plan was decided and sent (:meth:`run_policy` starts it as a task), so
+        the shadow plan (DeepSeek's whole-model packing: 9-19 ms for the Qwen3.5 shape, more than
+        the migration plan itself) adds nothing to a plan's time; the next plan waits for it.
+        ``generation``: :attr:`_spend_generation` when its plan was made (a new deployment since,
+        and the tally changes nothing)."""
         from eplb_service.coordinator.policy import plan_rebalance
 
         first = self._shadow is None or self._shadow.shape != current.shape
@@ -233,6 +250,8 @@ class PlanRunner:
             self.log.warning(
                 "spend controller: DeepSeek's shadow plan failed (%s); keeping scale %g", exc, self.spend.scale
             )
+            return
+        if generation != self._spend_generation:  # a new deployment since: this was the old one's
             return
         self._shadow = reference.target_phy2log
         if not first:
@@ -279,6 +298,7 @@ class PlanRunner:
             )
             self.planning = False
             return
+        await self.settle_spend()  # the last plan's tally sets this plan's scale
         seeding = self.cfg.initial_placement is not None and not self._seeded
         if seeding and not self._seed_fits():
             self._seeded, seeding = True, False
@@ -304,10 +324,11 @@ class PlanRunner:
         self._report_over_budget(result)
         gain = result.balancedness_after - result.balancedness_before
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
-        worth_it = bool(result.batches) and (gain >= self.cfg.min_gain or bool(result.forced_layers))
+        skipped = epoch != book.epoch or not result.batches or (gain < self.cfg.min_gain and not result.forced_layers)
         if not seeding and self.cfg.policy == "migration":
-            await self._tally_spend(current, load, result.experts_moved if worth_it else 0)
-        skipped = epoch != book.epoch or not worth_it  # after the tally's wait: the epoch may have moved on
+            moved = 0 if skipped else result.experts_moved
+            tally = self._tally_spend(current, load, moved, self._spend_generation)
+            self._tally = asyncio.get_running_loop().create_task(tally)
         if seeding:
             self.log.info(
                 "moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved
