@@ -102,12 +102,12 @@ class PlanRunner:
         """The migration policy's spend controller (spend_control): how cheap the next plan makes moves,
         from the slots the plans moved against what DeepSeek's policy would have moved."""
         self._shadow: np.ndarray | None = None
+        """DeepSeek's placement had it planned every rebalance from the first (never applied): the
+        spend controller's reference; None until the first migration plan."""
         self._tally: asyncio.Task | None = None
         """The last plan's spend tally, run after that plan was decided (see :meth:`settle_spend`)."""
         self._spend_generation = 0
         """Bumped by :meth:`new_deployment`: a tally of the old deployment's plan then changes nothing."""
-        """DeepSeek's placement had it planned every rebalance from the first (never applied): the
-        spend controller's reference; None until the first migration plan."""
         self.planning = False
         self._seeded = False
         self.drain_at_step: int | None = None
