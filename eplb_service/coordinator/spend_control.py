@@ -17,6 +17,11 @@ fade by :data:`SPEND_MEMORY` per rebalance, so a long-running coordinator follow
 that changes. ``scale`` multiplies step 6's ``move_price`` and divides step 4's
 ``fine_move_share`` (:func:`spend_options`).
 
+A plan counts every slot it would move (all its batches) when it is decided; the controller does
+not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
+bytes already), or whose later batches are dropped, counts in full: aborts are rare, and an
+over-count only leans toward dearer moves. A plan skipped for too small a gain counts nothing.
+
 Measured on the workload matrix (``bench/planner.py --matrix``, ``bench/spend_controller.py``):
 386 → 391 of 432 cells with seed 0, 383 → 391 with seed 1, the worst balance cell −1.37 →
 −0.73 pp and −1.45 → −1.21 pp; making moves *dearer* than the defaults above the band (``scale``
