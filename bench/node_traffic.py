@@ -21,11 +21,10 @@ Usage: ``PYTHONPATH=. python bench/node_traffic.py [--rebalances 10] [--tokens 2
 from __future__ import annotations
 
 import argparse
-import zlib
 
 import numpy as np
 
-from bench.planner import MATRIX_SHAPES, WORKLOADS, MatrixShape, Workload, matrix_layers, matrix_loads
+from bench.planner import MATRIX_SHAPES, WORKLOADS, MatrixShape, Workload, cell_loads, matrix_layers
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -76,8 +75,7 @@ def route(load: np.ndarray, phy2log: np.ndarray, shape: MatrixShape, tokens: int
 
 def run(shape: MatrixShape, workload: Workload, rebalances: int, tokens: int, seed: int) -> dict[str, tuple]:
     layers = matrix_layers(shape)
-    cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
-    loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
+    loads = cell_loads(shape, workload, rebalances + 2, seed, layers)
     pshape = PlacementShape(layers, shape.experts, shape.slots, shape.ranks)
     out = {}
     for name, (policy, hierarchy) in POLICIES.items():

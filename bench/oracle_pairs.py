@@ -40,11 +40,10 @@ Usage: ``PYTHONPATH=. python bench/oracle_pairs.py``
 from __future__ import annotations
 
 import itertools
-import zlib
 
 import numpy as np
 
-from bench.planner import MATRIX_SHAPES, MOVED_TARGET, WORKLOADS, matrix_layers, matrix_loads, run_sequence
+from bench.planner import MATRIX_SHAPES, MOVED_TARGET, WORKLOADS, cell_loads, cell_seed, matrix_layers, run_sequence
 from eplb_service.coordinator.load_forecast import forecast_load, load_shares, persistence, planning_persistence
 
 RANKS = 4
@@ -185,8 +184,8 @@ def analyse(workload_index: int, moves: np.ndarray) -> str:
     shape = next(s for s in MATRIX_SHAPES if s.experts == EXPERTS and s.redundant == 0 and s.ranks == RANKS)
     workload = WORKLOADS[workload_index]
     layers = matrix_layers(shape)
-    seed = np.random.SeedSequence([0, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
-    loads = matrix_loads(shape, workload, layers, 12, int(seed.generate_state(1)[0]))
+    seed = cell_seed(shape, workload, 0)
+    loads = cell_loads(shape, workload, 12, 0, layers)
     deepseek = run_sequence("deepseek", shape, loads)
     peaks, mean = scored_windows(loads)  # plan t (t = 1..10) is scored on window t + 1
     floor = peaks.min(axis=2).sum(axis=1)  # best sum of max loads per window, any pairing

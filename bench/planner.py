@@ -421,6 +421,23 @@ def matrix_cells(shapes=MATRIX_SHAPES, workloads=WORKLOADS) -> list[tuple[Matrix
     return [(s, w) for s in shapes for w in workloads]
 
 
+def cell_seed(shape: MatrixShape, workload: Workload, seed: int) -> np.random.SeedSequence:
+    """The seed of one cell's random draws: ``seed``, the shape's and the workload's labels."""
+    return np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
+
+
+def cell_loads(
+    shape: MatrixShape, workload: Workload, windows: int, seed: int, layers: int | None = None
+) -> list[np.ndarray]:
+    """One cell's ``windows`` load windows, ``[layers, experts]`` each (default: :func:`matrix_layers`).
+
+    They depend only on ``seed``, the shape and the workload, so a cell gives the same numbers
+    alone or in the full matrix, and every benchmark that replays a cell sees the matrix's loads.
+    """
+    first = int(cell_seed(shape, workload, seed).generate_state(1)[0])
+    return matrix_loads(shape, workload, layers or matrix_layers(shape), windows, first)
+
+
 def run_cell(
     shape: MatrixShape,
     workload: Workload,
@@ -434,14 +451,12 @@ def run_cell(
 ) -> CellResult:
     """One cell: a warm-up plan, then ``rebalances`` measured ones, for each policy on the same loads.
 
-    The cell's loads depend only on ``seed``, the shape and the workload, so a cell gives the same
-    numbers alone or in the full matrix. ``forecast=False`` withholds the load's persistence from
+    The cell's loads are :func:`cell_loads`. ``forecast=False`` withholds the load's persistence from
     the migration policy (it then plans for the last window as it is); ``spend_control=False``
     runs it without the coordinator's spend controller (its default settings throughout).
     """
     layers = layers or matrix_layers(shape)
-    cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
-    loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
+    loads = cell_loads(shape, workload, rebalances + 2, seed, layers)
     deepseek = run_sequence("deepseek", shape, loads)
     migration = run_sequence("migration", shape, loads, forecast=forecast, spend_control=spend_control)
     smoothed = (

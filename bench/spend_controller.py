@@ -30,7 +30,6 @@ import argparse
 import statistics
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -43,9 +42,8 @@ from bench.planner import (
     MatrixShape,
     SequenceResult,
     Workload,
+    cell_loads,
     matrix_cells,
-    matrix_layers,
-    matrix_loads,
     run_sequence,
 )
 from eplb_service.coordinator.load_forecast import forecast_load, persistence, planning_persistence
@@ -283,10 +281,8 @@ def controlled_cell(
     layers: int | None = None,
     reference: str = "shadow",
 ) -> ControlledCell:
-    """One cell on the matrix's loads (the same seed derivation as :func:`bench.planner.run_cell`)."""
-    layers = layers or matrix_layers(shape)
-    cell_seed = np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
-    loads = matrix_loads(shape, workload, layers, rebalances + 2, int(cell_seed.generate_state(1)[0]))
+    """One cell on the matrix's loads (:func:`bench.planner.cell_loads`)."""
+    loads = cell_loads(shape, workload, rebalances + 2, seed, layers)
     deepseek = run_sequence("deepseek", shape, loads)
     baseline = run_sequence("migration", shape, loads, spend_control=False)
     controlled = controlled_sequence(shape, loads, ctl, reference=reference)
