@@ -50,7 +50,6 @@ from eplb_service.coordinator.load_forecast import forecast_load, persistence, p
 from eplb_service.coordinator.policy import RebalancePlan, build_plan, plan_rebalance
 from eplb_service.coordinator.policy_hierarchy import hierarchical_migration_phy2log, node_purity, uses_hierarchy
 from eplb_service.coordinator.policy_migration import (
-    DEFAULT_FINE_MOVE_SHARE,
     DEFAULT_MIN_SWAP_SHARE,
     DEFAULT_MOVE_PRICE,
     DEFAULT_NOISE_SIGMAS,
@@ -58,12 +57,10 @@ from eplb_service.coordinator.policy_migration import (
     DEFAULT_TOLERANCE,
     migration_phy2log,
 )
+from eplb_service.coordinator.spend_control import room_follows_scale, scaled_room
 from eplb_service.placement import PlacementShape, initial_phy2log, model_balancedness, rank_loads
 
 LEVERS = ("price", "gate", "tolerance", "room")
-MAX_FINE_MOVE_SHARE = 0.24
-"""Step 4's room never grows past this share of a layer's slots (3x its default), however cheap
-the controller makes moves."""
 
 
 @dataclass(frozen=True)
@@ -151,10 +148,9 @@ def update_spend(
 def policy_options(scale: float, levers: tuple[str, ...], num_physical: int | None = None) -> dict[str, float]:
     """The migration policy's keyword arguments for ``scale`` (empty at ``scale = 1``: its defaults).
 
-    ``"room"`` changes step 4 only in layers of ``num_physical`` slots where its default room
-    already holds an exchange (two slots): in smaller layers one exchange per layer and
-    rebalance is a large share of the slots (a quarter of Mixtral's 8), more than the budget of
-    a cell where DeepSeek itself moves a few percent of them."""
+    ``"room"`` is the coordinator's rule (:func:`~eplb_service.coordinator.spend_control.scaled_room`,
+    at most ``MAX_FINE_MOVE_SHARE``), in layers of ``num_physical`` slots only where
+    :func:`~eplb_service.coordinator.spend_control.room_follows_scale` (every layer if ``None``)."""
     if scale == 1.0:
         return {}
     out: dict[str, float] = {}
@@ -166,8 +162,8 @@ def policy_options(scale: float, levers: tuple[str, ...], num_physical: int | No
         out["tolerance"] = DEFAULT_TOLERANCE * scale
         out["replica_share"] = DEFAULT_REPLICA_SHARE * scale
         out["noise_sigmas"] = DEFAULT_NOISE_SIGMAS * scale
-    if "room" in levers and (num_physical is None or np.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2):
-        out["fine_move_share"] = min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
+    if "room" in levers and (num_physical is None or room_follows_scale(num_physical)):
+        out["fine_move_share"] = scaled_room(scale)
     return out
 
 

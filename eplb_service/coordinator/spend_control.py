@@ -92,17 +92,26 @@ class SpendOptions:
     fine_move_share: float = DEFAULT_FINE_MOVE_SHARE
 
 
-def spend_options(scale: float, num_physical: int) -> SpendOptions:
-    """The migration policy's settings for ``scale`` in layers of ``num_physical`` slots.
+def room_follows_scale(num_physical: int) -> bool:
+    """Whether step 4's room changes with ``scale`` in layers of ``num_physical`` slots.
 
-    The defaults at ``scale = 1``. Step 4's room grows only where its default already holds an
-    exchange (two slots): in smaller layers (Mixtral's 8-12) one exchange per layer and
-    rebalance is a quarter of the slots, more than a whole cell's budget where DeepSeek itself
-    moves a few percent (on the matrix that cost up to 78% of DeepSeek's slots).
+    Only where its default already holds an exchange (two slots): in smaller layers (Mixtral's
+    8-12) one exchange per layer and rebalance is a quarter of the slots, more than a whole
+    cell's budget where DeepSeek itself moves a few percent (on the matrix that cost up to 78%
+    of DeepSeek's slots).
     """
+    return math.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2
+
+
+def scaled_room(scale: float) -> float:
+    """Step 4's ``fine_move_share`` at ``scale``: its default divided by it, at most :data:`MAX_FINE_MOVE_SHARE`."""
+    return min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
+
+
+def spend_options(scale: float, num_physical: int) -> SpendOptions:
+    """The migration policy's settings for ``scale`` in layers of ``num_physical`` slots (the
+    defaults at ``scale = 1``; step 4's room only where :func:`room_follows_scale`)."""
     if not (math.isfinite(scale) and 0 < scale <= 1):
         raise ValueError(f"spend scale must be in (0, 1], got {scale!r}")
-    room = DEFAULT_FINE_MOVE_SHARE
-    if math.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2:
-        room = min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
+    room = scaled_room(scale) if room_follows_scale(num_physical) else DEFAULT_FINE_MOVE_SHARE
     return SpendOptions(DEFAULT_MOVE_PRICE * scale, room)
