@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.oracle_pairs import best_responses, max_loads, moves_between, online_inputs, scenario_inputs, scored_windows
+from bench.oracle_pairs import (
+    best_responses,
+    controlled_responses,
+    deepseek_moves,
+    max_loads,
+    moves_between,
+    online_inputs,
+    scenario_inputs,
+    scored_windows,
+)
+from bench.planner import MATRIX_SHAPES, run_sequence
+from eplb_service.coordinator.spend_control import MIN_SCALE
 
 
 def windows(count: int, layers: int = 6, seed: int = 0) -> list[np.ndarray]:
@@ -50,3 +61,33 @@ def test_the_scenario_rule_matches_the_plain_rule_when_the_load_never_moves_and_
     assert sampled.shape == plain.shape and warm.shape == (6,)
     # A largest rank is never below the mean, and the sampled errors change what a pairing costs.
     assert (sampled >= 1.0).all() and not np.allclose(sampled, plain)
+
+
+def test_the_controlled_rule_is_the_fixed_price_rule_until_the_controller_moves_its_scale():
+    moves = moves_between()
+    loads = windows(7, seed=5)
+    inputs, scored = online_inputs(loads, forecast=True), scored_windows(loads)
+    nothing_to_compare = [0] * len(loads)  # no DeepSeek slots tallied: the scale stays 1
+    assert controlled_responses(inputs, scored, 0.05, moves, nothing_to_compare) == best_responses(
+        inputs, scored, 0.05, moves
+    )
+    # Far below DeepSeek's slots, every rebalance halves the scale (down to MIN_SCALE): from the
+    # second rebalance on the rule pays less than the fixed price, and here moves more for it.
+    far_below = [10**6] * len(loads)
+    _, fixed = best_responses(inputs, scored, 0.05, moves)
+    _, cheaper = controlled_responses(inputs, scored, 0.05, moves, far_below)
+    assert fixed < cheaper
+    # The warm-up's DeepSeek slots ([0]) are not tallied, as in the coordinator.
+    warm_up_only = [10**6] + [0] * (len(loads) - 1)
+    assert controlled_responses(inputs, scored, 0.05, moves, warm_up_only)[1] == fixed
+    # A price so high that even MIN_SCALE of it keeps the warm-up pairing moves nothing.
+    assert controlled_responses(inputs, scored, 1e3 / MIN_SCALE, moves, far_below)[1] == 0
+
+
+def test_deepseek_moves_are_the_matrix_deepseek_sequence_plan_by_plan():
+    (shape,) = [s for s in MATRIX_SHAPES if s.experts == 8 and s.redundant == 0]
+    loads = windows(6, layers=5, seed=2)
+    per_plan = deepseek_moves(loads)
+    assert len(per_plan) == len(loads) - 1 and all(m >= 0 for m in per_plan)
+    # The matrix counts the plans after the warm-up ([0]).
+    assert sum(per_plan[1:]) == run_sequence("deepseek", shape, loads).moved > 0
