@@ -30,12 +30,12 @@ MODEL = protocol.ModelShape(2, 6, 8, 2, 36)
 class FakeAgent:
     """A hand-driven agent: registers, beats and reports whatever a test tells it to."""
 
-    def __init__(self, endpoint: str, rank: int) -> None:
+    def __init__(self, endpoint: str, rank: int, model: protocol.ModelShape = MODEL) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, f"rank-{rank}-{os.getpid()}-{id(self)}".encode())
         self.sock.connect(endpoint)
-        self.rank, self.session = rank, 0
+        self.rank, self.session, self.model = rank, 0, model
 
     def send(self, message: protocol.Message) -> None:
         self.sock.send(protocol.encode(message))
@@ -60,19 +60,23 @@ class FakeAgent:
                     return seen
         raise AssertionError(f"no {kind.__name__} within {timeout_s}s; got {seen}")
 
-    def register(self, epoch: int = 0, pid: int | None = None) -> None:
+    def register(self, epoch: int = 0, pid: int | None = None, resume_session: int = 0) -> None:
+        shape = PlacementShape(
+            self.model.num_layers, self.model.num_logical, self.model.num_physical, self.model.num_ranks
+        )
         self.send(
             protocol.Hello(
                 protocol_version=protocol.PROTOCOL_VERSION,
                 rank=self.rank,
-                model=MODEL,
-                phy2log=protocol.NDArray.from_numpy(initial_phy2log(SHAPE)),
+                model=self.model,
+                phy2log=protocol.NDArray.from_numpy(initial_phy2log(shape)),
                 epoch=epoch,
                 step=0,
                 transport="gloo",
                 store_host="127.0.0.1",
                 store_port=1,
                 pid=os.getpid() if pid is None else pid,
+                resume_session=resume_session,
             )
         )
         welcome = self.recv(protocol.Welcome)
@@ -491,6 +495,60 @@ def test_a_step_clock_halt_from_a_host_clock_that_was_off_lifts_once_the_clocks_
     assert "step clocks agree again on ranks [0, 1]" in caplog.text and "rebalancing resumes" in caplog.text
     assert status["halted"] is None
     assert c.metrics.step_clock_offset.labels("1")._value.get() == 0
+
+
+def test_a_step_clock_halt_stays_while_the_rank_that_counted_apart_is_away(tmp_path, caplog):
+    """Before: once the rank whose clock read apart had left (here: said goodbye), the ranks left
+    agreeing among themselves lifted the halt, though nothing was seen of that rank (seen in the
+    fault scenario of a rank counting one extra step, as its ranks left at the end of the run).
+    The halt now lifts only with every rank of the deployment alive and agreeing."""
+    model = protocol.ModelShape(2, 6, 9, 3, 36)
+    cfg = CoordinatorConfig(world_size=3, endpoint=f"ipc://{tmp_path}/c.sock", rebalance_interval_steps=10**6)
+    thread = CoordinatorThread(cfg).start()
+    agents = [FakeAgent(cfg.endpoint, rank, model) for rank in range(3)]
+    step_s = 0.05
+
+    def beat_with_clocks(ranks: list[int], first_probe: int, skew_s: float) -> None:
+        last = first_probe + step_clock.PROBE_EVERY + step_clock.PROBE_RADIUS + 1
+        for agent in (agents[r] for r in ranks):
+            skew = skew_s if agent.rank == 1 else 0.0
+            clock = clock_probes(first_probe, 2, step_s, 1000.0 + skew)
+            agent.send(protocol.Heartbeat(rank=agent.rank, step=last, epoch=0, session=agent.session, clock=clock))
+
+    def still_halted_after(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if c.halted_reason is None:
+                return False
+            time.sleep(0.02)
+        return True
+
+    try:
+        for agent in agents:
+            agent.register()
+        c = thread.coordinator
+        with caplog.at_level("WARNING"):
+            beat_with_clocks([0, 1, 2], 32, skew_s=2 * step_s)  # rank 1's clock two steps ahead
+            settle(lambda: c.halted_reason is not None)
+            halted = c.halted_reason
+            session = agents[1].session
+            agents[1].send(protocol.Goodbye(rank=1, reason="shutting down", session=session))
+            settle(lambda: [r.rank for r in c.registry.alive] == [0, 2])
+            beat_with_clocks([0, 2], 96, skew_s=0.0)  # the two left agree among themselves
+            away = still_halted_after(1.5)
+            # Rank 1 back (the same process, its session resumed), agreeing now: the halt lifts.
+            agents[1].register(resume_session=session)
+            settle(lambda: len(c.registry.alive) == 3)
+            beat_with_clocks([0, 1, 2], 160, skew_s=0.0)
+            settle(lambda: c.halted_reason is None)
+    finally:
+        for agent in agents:
+            agent.close()
+        thread.stop()
+    assert "step clocks disagree: rank 1 counts" in halted, halted
+    assert away, "the halt lifted while rank 1 was away"
+    assert "step clocks agree again on ranks [0, 1, 2]" in caplog.text
+    assert "agree again on ranks [0, 2]" not in caplog.text
 
 
 def test_worker_restarts_do_not_grow_the_coordinators_memory_of_processes(tmp_path):

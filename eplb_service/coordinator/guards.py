@@ -111,16 +111,28 @@ class DivergenceGuard:
                 self.log.info("step clocks of every rank compared again: plans wait for that check again")
         return None
 
-    def clocks_agree_again(self, alive: list[int]) -> bool:
+    def clocks_agree_again(self, alive: list[int], world_size: int) -> bool:
         """A step-clock halt whose ranks now count the same steps again, each confirmed by as many
-        decisive probes as the offset was.
+        decisive probes as the offset was, with every one of the deployment's ``world_size`` ranks
+        alive to show it.
 
         Across hosts the probes compare wall times, so a host whose clock was off by a step or more
         (NTP stepping it, a migrated VM) reads as a rank counting steps apart until its clock is
         right again; that halt lasted until the workers restarted. A rank that really counts an
         extra step stays apart, and its halt stays. No plan was committed while halted, so once
-        the counts agree a commit step is the same forward pass everywhere again."""
-        return self.clock_halt and self.check_step_clock and self.step_clock.aligned_again(sorted(alive))
+        the counts agree a commit step is the same forward pass everywhere again.
+
+        A rank that is away (it said goodbye, or was declared dead) has not been seen to agree:
+        the ranks left agreeing among themselves said nothing about the one that counted apart,
+        which lifted the halt while that rank was away (seen at the end of the fault scenario of a
+        rank counting one extra step, as its ranks left one by one)."""
+        ranks = sorted(set(alive))
+        return (
+            self.clock_halt
+            and self.check_step_clock
+            and len(ranks) == world_size
+            and self.step_clock.aligned_again(ranks)
+        )
 
     def lift_clock_halt(self) -> str:
         """End a step-clock halt; returns the reason it had."""

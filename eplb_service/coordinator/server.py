@@ -494,17 +494,17 @@ class Coordinator:
     def watch(self, now: float) -> None:
         """The divergence watches, after every heartbeat and commit: a verdict halts rebalancing.
 
-        A step-clock halt lifts once every rank's clock is seen to match again (a host clock that
-        was off, then set right); a divergence of placements never does."""
+        A step-clock halt lifts once every rank of the deployment is alive and its clock seen to
+        match again (a host clock that was off, then set right); a divergence of placements never does."""
         alive = [r.rank for r in self.registry.alive]
         if self.guard.halted_reason:
-            if not self.guard.clocks_agree_again(alive):
+            if not self.guard.clocks_agree_again(alive, self.registry.world_size):
                 return
             was = self.guard.lift_clock_halt()
             self.log.warning(
                 "step clocks agree again on ranks %s (was: %s; a host clock that was off by a step or more?); "
                 "rebalancing resumes",
-                alive,
+                sorted(alive),
                 was,
             )
         split = self._restarted_alone()
