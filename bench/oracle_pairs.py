@@ -52,9 +52,7 @@ import numpy as np
 
 from bench.planner import MATRIX_SHAPES, MOVED_TARGET, WORKLOADS, cell_loads, cell_seed, matrix_layers, run_sequence
 from eplb_service.coordinator.load_forecast import forecast_load, load_shares, persistence, planning_persistence
-from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.spend_control import SpendState, update_spend
-from eplb_service.placement import PlacementShape, initial_phy2log
 
 RANKS = 4
 EXPERTS = 8
@@ -178,18 +176,6 @@ def best_responses(
     return float(np.mean(scores)), moved
 
 
-def deepseek_moves(loads: list[np.ndarray]) -> list[int]:
-    """Slots DeepSeek's policy moves at each plan ``t`` (on ``loads[t]``, from its own previous
-    plan: the coordinator's shadow; ``[0]`` is the warm-up from vLLM's initial placement)."""
-    layers = loads[0].shape[0]
-    shape = PlacementShape(layers, EXPERTS, EXPERTS, RANKS)
-    current, out = initial_phy2log(shape), []
-    for load in loads[:-1]:
-        plan = plan_rebalance("deepseek", current, load, shape)
-        current, out = plan.target_phy2log, [*out, plan.experts_moved]
-    return out
-
-
 def controlled_responses(
     inputs: tuple[np.ndarray, np.ndarray],
     scored: tuple[np.ndarray, np.ndarray],
@@ -199,8 +185,9 @@ def controlled_responses(
 ) -> tuple[float, int]:
     """Like :func:`best_responses`, at ``price x scale`` where ``scale`` is the coordinator's spend
     controller (:func:`~eplb_service.coordinator.spend_control.update_spend`) fed after each
-    rebalance ``t`` with the rule's slots and ``reference[t + 1]`` (DeepSeek's, from
-    :func:`deepseek_moves`; the warm-up is free and not tallied, as in the coordinator)."""
+    rebalance ``t`` with the rule's slots and ``reference[t + 1]`` (DeepSeek's per plan, from its
+    own previous plan as the coordinator's shadow: :attr:`bench.planner.SequenceResult.plan_moves`;
+    the warm-up is free and not tallied, as in the coordinator)."""
     (costs, state), (peaks, mean) = inputs, scored
     rows = np.arange(state.size)
     spend, moved, scores = SpendState(), 0, []
@@ -276,7 +263,7 @@ def analyse(workload_index: int, moves: np.ndarray, seed: int = 0) -> str:
     )
     assert best is not None and seen is not None  # lam = 0.1 moves nothing
     controlled = controlled_responses(
-        online_inputs(loads, forecast=True), (peaks, mean), CONTROLLED_PRICE, moves, deepseek_moves(loads)
+        online_inputs(loads, forecast=True), (peaks, mean), CONTROLLED_PRICE, moves, list(deepseek.plan_moves)
     )
 
     def against_deepseek(result: tuple[float, int]) -> str:

@@ -306,6 +306,8 @@ class SequenceResult:
         moved, bytes: slots changed and bytes across ranks, summed over the measured rebalances.
         warmup_moved: slots changed by the warm-up plan from vLLM's initial placement.
         plan_ms: median wall time of one ``plan_rebalance``.
+        plan_moves: slots changed by each plan, the warm-up first (what the coordinator's spend
+            controller is fed plan by plan); empty where a caller does not record them.
     """
 
     planned: float
@@ -314,6 +316,7 @@ class SequenceResult:
     bytes: int
     warmup_moved: int
     plan_ms: float
+    plan_moves: tuple[int, ...] = ()
 
 
 def run_sequence(
@@ -340,7 +343,7 @@ def run_sequence(
     current = initial_phy2log(pshape)
     interval = 200
     window = LoadWindow(layers, shape.experts, half_life_steps=interval)
-    planned, realized, times = [], [], []
+    planned, realized, times, plan_moves = [], [], [], []
     moved = sent = warm = 0
     controlled = spend_control and policy == "migration"
     spend, shadow = SpendState(), current
@@ -360,6 +363,7 @@ def run_sequence(
             spend_scale=spend.scale,
         )
         times.append((time.perf_counter() - start) * 1e3)
+        plan_moves.append(plan.experts_moved)
         current = plan.target_phy2log
         if controlled:
             reference = plan_rebalance("deepseek", shadow, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
@@ -374,7 +378,13 @@ def run_sequence(
         moved += plan.experts_moved
         sent += plan.bytes_moved
     return SequenceResult(
-        float(np.mean(planned)), float(np.mean(realized)), moved, sent, warm, statistics.median(times)
+        float(np.mean(planned)),
+        float(np.mean(realized)),
+        moved,
+        sent,
+        warm,
+        statistics.median(times),
+        tuple(plan_moves),
     )
 
 

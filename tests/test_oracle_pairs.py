@@ -7,7 +7,6 @@ import numpy as np
 from bench.oracle_pairs import (
     best_responses,
     controlled_responses,
-    deepseek_moves,
     max_loads,
     moves_between,
     online_inputs,
@@ -84,10 +83,13 @@ def test_the_controlled_rule_is_the_fixed_price_rule_until_the_controller_moves_
     assert controlled_responses(inputs, scored, 1e3 / MIN_SCALE, moves, far_below)[1] == 0
 
 
-def test_deepseek_moves_are_the_matrix_deepseek_sequence_plan_by_plan():
+def test_a_sequence_records_each_plans_slots_the_warm_up_first():
+    """The controlled rule is fed DeepSeek's slots plan by plan from the matrix's own sequence."""
     (shape,) = [s for s in MATRIX_SHAPES if s.experts == 8 and s.redundant == 0]
     loads = windows(6, layers=5, seed=2)
-    per_plan = deepseek_moves(loads)
+    deepseek = run_sequence("deepseek", shape, loads)
+    per_plan = deepseek.plan_moves
     assert len(per_plan) == len(loads) - 1 and all(m >= 0 for m in per_plan)
     # The matrix counts the plans after the warm-up ([0]).
-    assert sum(per_plan[1:]) == run_sequence("deepseek", shape, loads).moved > 0
+    assert per_plan[0] == deepseek.warmup_moved
+    assert sum(per_plan[1:]) == deepseek.moved > 0
