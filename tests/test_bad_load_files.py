@@ -377,6 +377,35 @@ def test_integer_typed_files_and_integral_floats_are_still_accepted(capsys, tmp_
     assert code == 0 and json.loads(out)["balancedness"]["before"] > 0, err
 
 
+def test_array_and_trace_files_are_known_by_suffix_in_any_case_or_by_their_bytes(capsys, tmp_path):
+    """Before, the format came from a lower-case suffix alone: ``LOAD.NPY``, ``T.NPZ`` or an array
+    saved without a suffix was read as JSON and refused as "not UTF-8 text"."""
+    np.save(tmp_path / "ref.npy", np.array([[1.0, 2.0, 3.0, 4.0]]))
+    (tmp_path / "LOAD.NPY").write_bytes((tmp_path / "ref.npy").read_bytes())
+    (tmp_path / "load").write_bytes((tmp_path / "ref.npy").read_bytes())
+    (tmp_path / "T.NPZ").write_bytes(npz_bytes())
+    (tmp_path / "trace").write_bytes(npz_bytes())
+    plans = {}
+    for name in ("ref.npy", "LOAD.NPY", "load", "T.NPZ", "trace"):
+        code, out, err = run_plan(capsys, "--load", str(tmp_path / name), "--ranks", "2")
+        assert code == 0 and err == "", (name, err)
+        plans[name] = json.loads(out)["phy2log"]
+    assert plans["LOAD.NPY"] == plans["load"] == plans["ref.npy"]
+    assert plans["T.NPZ"] == plans["trace"]
+    # a text table without a suffix is still JSON's to refuse, by name
+    (tmp_path / "table").write_text("1,2,3,4\n")
+    result = run_plan(capsys, "--load", str(tmp_path / "table"), "--ranks", "2")
+    assert_one_line_error(*result, "eplb-plan", f"--load {tmp_path / 'table'}", "takes a .npy array")
+
+
+def test_an_empty_out_path_is_refused_not_taken_for_stdout(capsys, tmp_path):
+    """``--out "$UNSET"`` wrote the plan to stdout and exited 0, as if --out had not been given."""
+    (tmp_path / "load.json").write_text("[[1, 2, 3, 4]]")
+    for argv in (["--out", ""], ["--out="]):
+        result = run_plan(capsys, "--load", str(tmp_path / "load.json"), "--ranks", "2", *argv)
+        assert_one_line_error(*result, "eplb-plan", "argument --out", "expected a file path, got an empty string")
+
+
 class _WritesMarker:
     """Unpickling this writes ``marker``: proof that a file's pickle ran."""
 

@@ -80,3 +80,23 @@ def test_without_the_hierarchy_the_same_flat_load_is_skipped(caplog):
     assert started == [] and c.plans.counts["skipped"] == 1
     assert any("no rebalance" in r.getMessage() for r in caplog.records)
     assert not any("more than one node" in r.getMessage() for r in caplog.records)
+
+
+def test_the_deepseek_policy_repairs_purity_too():
+    """``--policy deepseek`` keeps DeepSeek's hierarchy as its help says: before, only the migration
+    policy forced the repair, so a deepseek plan on a flat load (or on any load where DeepSeek's
+    hierarchical packing balances no better than vLLM's initial layout) kept groups spread over
+    nodes: ``eplb-plan --policy deepseek --groups 8 --nodes 4`` on zero load moved nothing."""
+    current = initial_phy2log(SHAPE)
+    for load in (np.ones((2, 6)), np.zeros((2, 6))):
+        plan = plan_rebalance("deepseek", current, load, SHAPE, num_groups=2, num_nodes=2)
+        assert plan.forced_layers == (0, 1)
+        assert node_purity(plan.target_phy2log, 6, 2, 2).all()
+
+
+def test_the_deepseek_policy_forces_nothing_on_a_node_pure_placement():
+    """Its own node-pure plan, planned again on the same load, gains nothing and forces nothing."""
+    load = np.array([[9.0, 1.0, 4.0, 4.0, 2.0, 7.0], [1.0, 1.0, 1.0, 8.0, 3.0, 3.0]])
+    first = plan_rebalance("deepseek", initial_phy2log(SHAPE), load, SHAPE, num_groups=2, num_nodes=2)
+    again = plan_rebalance("deepseek", first.target_phy2log, load, SHAPE, num_groups=2, num_nodes=2)
+    assert again.forced_layers == () and not again.batches

@@ -114,6 +114,17 @@ def test_bad_inputs_name_the_value(kwargs, load_fix, match):
         plan_rebalance("migration", initial_phy2log(SHAPE), load, SHAPE, **kwargs)
 
 
+def test_bytes_per_expert_that_would_overflow_the_byte_counts_is_refused():
+    """Before, ``bytes_per_expert=2**61`` gave ``bytes_moved`` -2**63 and ``2**62`` gave 0, silently."""
+    slots = SHAPE.num_layers * SHAPE.num_physical
+    largest = (2**63 - 1) // slots
+    with pytest.raises(PlacementError, match=f"bytes_per_expert={largest + 1} is too large: .*at most {largest}"):
+        plan_rebalance("migration", initial_phy2log(SHAPE), skewed_load(), SHAPE, bytes_per_expert=largest + 1)
+    plan = plan_rebalance("migration", initial_phy2log(SHAPE), skewed_load(), SHAPE, bytes_per_expert=largest)
+    assert plan.bytes_moved == sum(b.bytes_moved for b in plan.batches) > 0
+    assert plan.bytes_moved % largest == 0
+
+
 def test_bad_placement_and_hierarchy_name_the_value():
     bad = initial_phy2log(SHAPE)
     bad[2, 5] = 99

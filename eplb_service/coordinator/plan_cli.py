@@ -68,7 +68,15 @@ from eplb_service.placement import (
     validate_phy2log,
 )
 from eplb_service.stdout import SIGPIPE_EXIT, ReaderGone, StdoutError, write_stdout
-from eplb_service.trace import TraceError, UnreadableFile, as_float_loads, load_trace, read_numpy, real_dtype
+from eplb_service.trace import (
+    TraceError,
+    UnreadableFile,
+    as_float_loads,
+    file_format,
+    load_trace,
+    read_numpy,
+    real_dtype,
+)
 
 MAX_COUNT = 2**62
 """Upper bound of the integer flags: every count and byte sum stays within int64."""
@@ -111,6 +119,14 @@ def int_flag(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def path_flag(text: str) -> str:
+    """argparse ``type`` for a file path: not empty. ``--out "$UNSET"`` used to write the plan to
+    stdout and exit 0, as if ``--out`` had not been given."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(or vLLM's initial placement); "
         "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
         "ordered to keep the experts --current already has there in place, so its phy2log equals "
-        "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads)",
+        "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads). "
+        "Under either policy a layer whose new row would not raise its balancedness keeps its current "
+        "row (unless that row spreads a group over nodes under --groups/--nodes)",
     )
     parser.add_argument("--current", metavar="FILE", help="current placement JSON (phy2log)")
     parser.add_argument(
@@ -195,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         metavar="FILE",
+        type=path_flag,
         help="write the JSON here instead of stdout, whole or not at all (a complete temporary file "
         "in the same directory is renamed over FILE; /dev/stdout, a pipe or a device is written in place)",
     )
@@ -342,23 +361,43 @@ def _read_json_load(path: str, flag: str) -> np.ndarray:
     return _check_load_array(np.array(rows, dtype=np.float64), where)
 
 
+def load_file_kind(path: str) -> str:
+    """``"npz"``, ``"npy"`` or ``"json"``: by the name's suffix in any case (``LOAD.NPY`` is an
+    array, as on a filesystem that ignores case), else, for a regular file, by its first bytes (an
+    array saved without a suffix is still one; before, both were read as JSON and refused as "not
+    UTF-8 text"). A pipe or device is never sniffed (its bytes cannot be read twice): JSON."""
+    lower = path.lower()
+    for kind in ("npz", "npy", "json"):
+        if lower.endswith(f".{kind}"):
+            return kind
+    try:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                kind = file_format(f)
+                return kind if kind in ("npy", "npz") else "json"
+    except OSError:
+        pass  # the JSON reader opens it again and names the error
+    return "json"
+
+
 def read_load(path: str, flag: str = "--load") -> np.ndarray:
     """``[L, N_log]`` float64 from ``.npy``, JSON, or a recorded trace (``.npz``, windows summed).
 
     Raises :class:`UsageError` naming ``flag``, the file and, for a bad entry, its position:
     the load is finite and >= 0 here, so nothing later reports it under an internal name."""
-    if path.endswith(".npz"):
+    kind = load_file_kind(path)
+    if kind == "npz":
         try:
             summed = load_trace(path).aggregate()
         except TraceError as exc:
             raise UsageError(f"{flag}: {exc}") from None
         return _check_load_array(summed, f"{flag} {path}", "the sum over the trace's windows at")
-    if path.endswith(".npy"):
+    if kind == "npy":
         return _read_npy(path, flag)
     try:
         return _read_json_load(path, flag)
     except NotJson as exc:
-        if path.endswith(".json"):
+        if path.lower().endswith(".json"):
             raise
         # a .csv or text table is read as JSON too (any name but .npy/.npz): say what is taken
         raise UsageError(f"{exc}; {flag} takes a .npy array, a .npz trace, or else JSON") from None

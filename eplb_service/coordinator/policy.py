@@ -4,7 +4,9 @@ A policy proposes a new ``phy2log [L, P]`` for the load; this module turns the p
 :class:`RebalancePlan` the same way for every policy:
 
 - layers whose balancedness gain (under the new load) is not positive (above the float
-  rounding of :data:`MEASURABLE_GAIN`), or is below ``min_layer_gain``, keep their current row;
+  rounding of :data:`MEASURABLE_GAIN`), or is below ``min_layer_gain``, keep their current row,
+  unless that row spreads a group over nodes under the policy's hierarchy (``forced_layers``);
+  so ``"deepseek"``'s plan is DeepSeek's placement only in the layers it changes;
 - the remaining layers are ordered by gain per byte and cut, in that order, into batches whose
   staging need fits ``staging_budget_bytes`` on every rank.
 
@@ -72,6 +74,9 @@ the swap search's per-round gathers staying within a block's arrays: 1000 layers
 migration policy, on a shared 2-core box, 256 ranks and log-normal sigma 2 took 13.9-22.3 s in one
 call, 12.3-15.8 s in blocks; 2048 ranks 0.43-0.46 s, 0.29-0.31 s."""
 
+INT64_MAX = 2**63 - 1
+"""Byte counts are int64: ``bytes_per_expert`` times every slot of the model must fit (a larger
+value wrapped around to negative ``bytes_moved`` without a word)."""
 MEASURABLE_GAIN = 1e-9
 """A layer's balancedness gain counts only above this. Balancedness is a ratio of float sums,
 so a layer holding the same experts on every rank (balanced under any load) scores 1.0 in one
@@ -145,7 +150,7 @@ class RebalancePlan:
         over_budget_need_bytes: the most staging bytes one of those layers needs on one rank
             (0 when there are none): the budget that would let every one of them move.
         forced_layers: layers in the batches whatever their gain, because their current row
-            broke the migration policy's node hierarchy (``--groups``/``--nodes``): a group's
+            broke the policy's node hierarchy (``--groups``/``--nodes``): a group's
             replicas on several nodes, as in vLLM's initial layout; ascending. A plan with any
             is worth starting even below the coordinator's ``min_gain``.
     """
@@ -290,8 +295,8 @@ def plan_rebalance(
         num_groups, num_nodes: expert groups and server nodes. Both built-in policies keep
             DeepSeek's hierarchy (each group's replicas on one node) when ``num_nodes > 1`` and
             ``num_groups % num_nodes == 0``; otherwise both place experts on any node (DeepSeek's
-            global policy; the coordinator warns at start). ``"migration"`` makes a layer whose
-            current row spreads a group over nodes node-pure whatever its gain
+            global policy; the coordinator warns at start). Under the hierarchy both make a
+            layer whose current row spreads a group over nodes node-pure whatever its gain
             (``RebalancePlan.forced_layers``). Either way ``num_groups`` must divide the logical
             experts and ``num_nodes`` the ranks (:func:`check_groups_and_nodes`).
         bytes_per_expert: bytes of one expert's weights on one rank (> 0).
@@ -338,6 +343,12 @@ def plan_rebalance(
         raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(policy_names())}")
     if not isinstance(bytes_per_expert, (int, np.integer)) or bytes_per_expert <= 0:
         raise PlacementError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
+    model_slots = max(1, shape.num_layers * shape.num_physical)
+    if int(bytes_per_expert) * model_slots > INT64_MAX:
+        raise PlacementError(
+            f"bytes_per_expert={bytes_per_expert} is too large: {shape.num_layers} layers x {shape.num_physical} "
+            f"slots of it would overflow the plan's int64 byte counts (at most {INT64_MAX // model_slots})"
+        )
     if staging_budget_bytes is not None and (
         not isinstance(staging_budget_bytes, (int, np.integer)) or staging_budget_bytes < 0
     ):
@@ -363,7 +374,7 @@ def plan_rebalance(
         options["spend_scale"] = float(spend_scale)
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
     required = None
-    if policy == "migration" and uses_hierarchy(num_groups, num_nodes):
+    if uses_hierarchy(num_groups, num_nodes):
         required = ~node_purity(current, shape.num_logical, num_groups, num_nodes)
     return build_plan(
         current,
