@@ -21,6 +21,8 @@ Columns:
 
 Usage: ``python bench/planner.py [--rebalances 20] [--seed 0]``
 
+``--held-out N`` runs N random cells off the matrix the same way (:func:`held_out_cells`).
+
 ``--matrix`` runs the workload matrix instead (see :func:`matrix_cells` and ``bench/README.md``):
 every deployment shape of :data:`MATRIX_SHAPES` under every workload of :data:`WORKLOADS`, each
 cell a warm-up plan from vLLM's initial placement and then ``--rebalances`` (default 10)
@@ -234,6 +236,35 @@ class Workload:
 
 
 WORKLOADS = tuple(Workload(p, d, n) for p, d, n in itertools.product(POPULARITIES, DRIFTS, NOISES))
+
+
+HELD_OUT_EXPERTS = (8, 16, 32, 64, 128, 256, 512)
+HELD_OUT_TOP_K = (2, 4, 6, 8, 10)
+HELD_OUT_RANKS = (2, 4, 8, 16, 32, 64, 128)
+HELD_OUT_REDUNDANCY = (0.0, 0.125, 0.25, 0.5)
+
+
+def held_out_cells(count: int, seed: int) -> list[tuple[MatrixShape, Workload]]:
+    """``count`` random cells the policy was never tuned on: shapes drawn from issue 16's scope
+    (:data:`HELD_OUT_EXPERTS` experts, top-k up to half of them, :data:`HELD_OUT_RANKS` ranks,
+    redundancy up to 50% rounded to whole slots per rank, 2 to 68 slots per rank), each under one
+    of the matrix's :data:`WORKLOADS`. The matrix's 18 shapes are the ones the policy was tuned
+    on; these say how far that tuning carries to deployments nobody benchmarked."""
+    rng = np.random.default_rng([seed, 16])
+    cells: list[tuple[MatrixShape, Workload]] = []
+    while len(cells) < count:
+        experts = int(rng.choice(HELD_OUT_EXPERTS))
+        top_k = int(rng.choice(HELD_OUT_TOP_K))
+        ranks = int(rng.choice(HELD_OUT_RANKS))
+        share = float(rng.choice(HELD_OUT_REDUNDANCY))
+        redundant = int(round(experts * share / ranks)) * ranks if share else 0
+        redundant += (-(experts + redundant)) % ranks
+        slots = (experts + redundant) // ranks
+        if 2 * top_k > experts or redundant > experts // 2 or not 2 <= slots <= 68:
+            continue
+        shape = MatrixShape(f"held-out {len(cells)}", experts, redundant, ranks, top_k)
+        cells.append((shape, WORKLOADS[int(rng.integers(len(WORKLOADS)))]))
+    return cells
 
 
 def matrix_layers(shape: MatrixShape) -> int:
@@ -571,9 +602,10 @@ def matrix_summary(results: list[CellResult]) -> str:
 def run_matrix(args: argparse.Namespace) -> None:
     shapes = [s for s in MATRIX_SHAPES if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
     workloads = [w for w in WORKLOADS if not args.workloads or any(k in w.label for k in args.workloads.split(","))]
+    cells = held_out_cells(args.held_out, args.seed) if args.held_out else matrix_cells(shapes, workloads)
     results = []
     start = time.perf_counter()
-    for shape, workload in matrix_cells(shapes, workloads):
+    for shape, workload in cells:
         results.append(run_cell(shape, workload, rebalances=args.rebalances, seed=args.seed))
         if args.progress:
             r = results[-1]
@@ -605,8 +637,18 @@ def main() -> None:
         help="--matrix: only workloads whose label contains one of these comma-separated parts, e.g. 'swap,abrupt'",
     )
     parser.add_argument("--progress", action="store_true", help="--matrix: print each cell to stderr as it ends")
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N random cells off the matrix (shapes from issue 16's scope, one matrix workload each; "
+        "--seed picks them), run and tabled as the matrix's",
+    )
     args = parser.parse_args()
-    if args.matrix:
+    if args.held_out < 0:
+        parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
+    if args.matrix or args.held_out:
         args.rebalances = args.rebalances or 10
         run_matrix(args)
         return

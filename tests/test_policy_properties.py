@@ -431,3 +431,30 @@ def test_eplb_plan_plans_any_valid_input_and_names_any_flaw_in_one_line(deployme
     assert np.array_equal(target, plan.target_phy2log)
     assert doc["experts_moved"] == int((target != current).sum())
     assert doc["bytes_moved"] == moved_bytes_oracle(current, target, shape.num_ranks, 3)
+
+
+def test_the_count_slack_never_puts_two_hot_replicas_on_one_rank():
+    """Step 1's slack kept expert 1 (5.2 of a 16 load) at one replica because 5.2 is within 10% of
+    the bound 5 (expert 0's two replicas): three replicas of 5 or more on two ranks, two of them on
+    one rank, balancedness 0.77 where [2, 2, 1, 1] replicas pack to 0.99. The slack now gives way
+    where its counts' packing bound is worse by more than the layer's tolerance."""
+    from eplb_service.coordinator.policy_migration import migration_phy2log
+    from eplb_service.placement import logical_replica_count, model_balancedness, rank_loads
+
+    current = np.array([[0, 2, 1, 0, 2, 3]])  # counts [2, 1, 2, 1]
+    load = np.array([[10.0, 5.2, 0.5, 0.3]]) * 1e5
+    out = migration_phy2log(current, load, 2)
+    assert logical_replica_count(out, 4).tolist() == [[2, 2, 1, 1]]
+    assert model_balancedness(rank_loads(out, load, 2)) > 0.98
+
+    # Where both counts pack alike (small replicas, the mean rank load binds) the slack holds.
+    from eplb_service.coordinator.policy_migration import _slack_where_harmless
+
+    small = np.array([[3.0, 2.2, 2, 2, 2, 2, 2, 2, 2, 2, 2]])  # 11 experts, 12 slots, 2 ranks
+    slack, exact = np.array([[2] + [1] * 10]), np.array([[1, 2] + [1] * 9])
+    tolerance = np.array([0.01])
+    assert _slack_where_harmless(slack, exact, small, 2, tolerance).tolist() == slack.tolist()
+    heavy = np.array([[10.0, 5.2, 0.5, 0.3]])
+    assert _slack_where_harmless(np.array([[2, 1, 2, 1]]), np.array([[2, 2, 1, 1]]), heavy, 2, tolerance).tolist() == [
+        [2, 2, 1, 1]
+    ]

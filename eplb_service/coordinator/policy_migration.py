@@ -18,7 +18,12 @@ together, vectorised):
    replica above the bound is that much more on its rank. On the matrix the slack took 370 to
    380 cells (Qwen3-235B on 64 ranks, Zipf 1.4, slow: −1.30 to +1.46 pp at fewer slots); a
    slack in 2-slot ranks too cost DeepSeek-V3 on 144 ranks up to 4 pp (5% and 15% met 377 and
-   378 cells).
+   378 cells). Nor where it provably costs balance (:func:`_slack_where_harmless`): where hot
+   replicas each fill half a rank, one more of them than there are ranks puts two on one rank,
+   which no swap undoes (64 experts + 8 on 8 ranks, log-normal sigma 2: a layer kept at 0.89
+   against DeepSeek's 0.999); such a layer takes the counts without slack when their packing
+   lower bound (with the pigeonhole: the ``R + 1`` largest replicas on ``R`` ranks) is lower by
+   more than the layer's tolerance.
 2. **Count changes.** An expert losing replicas gives up its replicas on the most loaded ranks
    (a second copy on the same rank first: it adds nothing to balance). Freed slots go to the
    experts gaining replicas, heaviest replica first, each to the lightest rank that still has a
@@ -74,7 +79,12 @@ together, vectorised):
    DeepSeek; the temperature matters little (1% and 10% of the mean rank load met 384 and 386).
    Step 3's tolerance keeps a layer hit by a change (a hot expert gaining or losing replicas)
    from re-levelling every rank; the pass spends a small, bounded number of slots where little
-   else moved, while a layer that needed many moves gets none.
+   else moved, while a layer that needed many moves gets none. In larger layers it runs only
+   where the coordinator's spend controller widened the room (``fine_move_share`` above its
+   default: the deployment spends far below its slot budget), and only in layers where evening
+   the most loaded rank with the least loaded one would lower the soft maximum (a screen that
+   keeps the Qwen3.5 shape's plan within 20 ms: 57 ms unscreened). Qwen3.5-397B on 16 ranks
+   (512 slots), Zipf 1.4, swap, high noise: −0.70 → −0.26 pp at 2.0 → 12.0% of DeepSeek's slots.
 5. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots
    (where step 3 already computed DeepSeek's greedy packing of these replicas): a packing fixes
    which replicas share a rank, not which rank, so its packs are laid on the ranks that already
@@ -622,6 +632,7 @@ def soft_max_search(
     top: int = DEFAULT_SOFT_TOP,
     min_drop: float = DEFAULT_SOFT_MIN_DROP,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
+    screen: bool = False,
 ) -> np.ndarray:
     """Step 4: one-for-one exchanges that lower each layer's soft maximum of rank loads (a new array).
 
@@ -637,6 +648,9 @@ def soft_max_search(
         room: ``[L]`` slots each layer may still change (two per exchange).
         tau: the soft maximum's temperature; top: ranks tried per layer and round;
         min_drop: smallest drop of the soft maximum worth an exchange; max_rounds: upper bound.
+        screen: first drop the layers where evening the most loaded rank with the least loaded
+            one would not lower the soft maximum by ``min_drop`` (a round over every pair of a
+            large layer costs more than the rest of the plan; those layers mostly gain nothing).
     """
     out = phy2log.copy()
     num_layers, num_physical = out.shape
@@ -650,6 +664,28 @@ def soft_max_search(
     hot_count = min(top, num_ranks)
     pairs = hot_count * num_ranks
     active = np.flatnonzero((room >= 2) & (load.sum(axis=1) > 0))
+    if screen and active.size:
+        order = np.argsort(-rank_load[active], axis=1, kind="stable")
+        hot, cold = order[:, 0], order[:, -1]
+        gap = rank_load[active, hot] - rank_load[active, cold]
+        miss, _, _ = _best_exchanges(
+            slot_load[active[:, None], hot[:, None] * slots_per_rank + local],
+            slot_load[active[:, None], cold[:, None] * slots_per_rank + local],
+            np.maximum(gap, 0.0),
+        )
+        loads = rank_load[active]
+        peak = loads.max(axis=1)
+        weight = np.exp((loads - peak[:, None]) / tau)
+        rows = np.arange(active.size)
+        shift = np.where((gap > 0) & np.isfinite(miss), gap / 2 - miss, 0.0)
+        change = (
+            np.exp((loads[rows, hot] - shift - peak) / tau)
+            + np.exp((loads[rows, cold] + shift - peak) / tau)
+            - weight[rows, hot]
+            - weight[rows, cold]
+        )
+        drop = -tau * np.log(np.maximum(1.0 + change / weight.sum(axis=1), 1e-300))
+        active = active[drop >= min_drop]
     for _ in range(max_rounds):
         if active.size == 0:
             break
@@ -741,6 +777,14 @@ def migration_phy2log(
     current_counts = logical_replica_count(current, load.shape[1])
     slack = count_slack if num_physical > 2 * num_ranks else 0.0
     new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share, slack)
+    if slack > 0:
+        new_counts = _slack_where_harmless(
+            new_counts,
+            target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share, 0.0),
+            load,
+            num_ranks,
+            swap_tolerance(load, num_ranks, num_physical // num_ranks, tolerance, replica_share, noise_sigmas),
+        )
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
     packed = packed_max = None
     if _uses_packing(num_physical, num_ranks, reference_max_slots):
@@ -764,13 +808,63 @@ def migration_phy2log(
     # fine_move_share (none where the steps above already moved that many); only in layers of
     # at most reference_max_slots slots, as step 3's reference and step 5.
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
-    if packed_max is not None and (room >= 2).any():
+    wide = packed_max is None and fine_move_share > DEFAULT_FINE_MOVE_SHARE
+    if (packed_max is not None or wide) and (room >= 2).any():
         swapped = soft_max_search(
-            swapped, load, new_counts, num_ranks, room=np.maximum(room, 0), tau=soft_tau, max_rounds=max_rounds
+            swapped,
+            load,
+            new_counts,
+            num_ranks,
+            room=np.maximum(room, 0),
+            tau=soft_tau,
+            max_rounds=max_rounds,
+            screen=wide,
         )
     if packed is not None and repack:
         swapped = _relabelled_where_no_dearer(current, swapped, packed, load, num_ranks)
     return priced_layers(current, swapped, load, num_ranks, move_price * (1.0 - persistence) ** 2)
+
+
+def replica_loads(load: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[L, P]`` every replica's share of its layer's load under ``counts`` (rows sum to 1), in
+    expert order: what a packing of these counts has to place."""
+    per_replica = load_shares(load) / np.maximum(counts, 1)
+    return np.repeat(per_replica.ravel(), counts.ravel()).reshape(load.shape[0], -1)
+
+
+def _crowded_rank_bound(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L]`` :func:`packing_lower_bound`, and the pigeonhole: the ``num_ranks + 1`` largest
+    replicas cannot all be on different ranks, so some rank holds two of them (at least the
+    ``num_ranks``-th and the next largest) and ``S - 2`` others (at least the smallest)."""
+    bound = packing_lower_bound(slot_load, num_ranks)
+    slots = slot_load.shape[1] // num_ranks
+    if slots < 2:
+        return bound
+    desc = -np.sort(-slot_load, axis=1)
+    rest = desc[:, desc.shape[1] - (slots - 2) :].sum(axis=1) if slots > 2 else 0.0
+    return np.maximum(bound, desc[:, num_ranks - 1] + desc[:, num_ranks] + rest)
+
+
+def _slack_where_harmless(
+    slack_counts: np.ndarray, exact_counts: np.ndarray, load: np.ndarray, num_ranks: int, tolerance: np.ndarray
+) -> np.ndarray:
+    """Step 1's counts with the slack only in layers where it costs no provable balance.
+
+    The slack reasons per replica (one a tenth above the bound is absorbed by the rank's other
+    slots), but packing is per rank: where hot replicas each fill half a rank or more, one more
+    of them than there are ranks puts two on one rank, and no swap undoes that. Such a layer
+    takes the counts without slack when their packing lower bound is lower by more than its
+    tolerance (both as shares of the mean rank load)."""
+    differs = np.flatnonzero((slack_counts != exact_counts).any(axis=1))
+    if differs.size == 0:
+        return slack_counts
+    mean_rank = 1.0 / num_ranks
+    with_slack = _crowded_rank_bound(replica_loads(load[differs], slack_counts[differs]), num_ranks)
+    without = _crowded_rank_bound(replica_loads(load[differs], exact_counts[differs]), num_ranks)
+    costly = differs[with_slack - without > tolerance[differs] * mean_rank]
+    out = slack_counts.copy()
+    out[costly] = exact_counts[costly]
+    return out
 
 
 def _relabelled_where_no_dearer(

@@ -15,7 +15,8 @@ The rule (:func:`update_spend`, pure): after each rebalance, where the policy's 
 ``[MIN_SCALE, 1]``, so the policy never spends *less* than its defaults make it. The tallies
 fade by :data:`SPEND_MEMORY` per rebalance, so a long-running coordinator follows a workload
 that changes. ``scale`` multiplies step 6's ``move_price`` and divides step 4's
-``fine_move_share`` (:func:`spend_options`).
+``fine_move_share`` (:func:`spend_options`); in layers too large for step 4 at the defaults
+(more than 384 slots), a room above the default turns it on there.
 
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
