@@ -464,3 +464,158 @@ def test_a_simulation_past_its_timeout_raises_naming_it_and_leaves_no_rank_proce
     for p in left:  # do not leak them into later tests when this fails
         p.kill()
     assert not left, f"rank processes left running: {left}"
+
+
+def _processes_with_marker(marker: str) -> list[int]:
+    """Pids whose environment holds ``marker`` (a run's own processes, its rank processes included)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _simulation_process(marker: str, *flags: str) -> subprocess.Popen:
+    import os
+
+    env = {**os.environ, "EPLB_TEST_RUN_MARKER": marker}
+    return subprocess.Popen(
+        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--simulate", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _wait_for_ranks(marker: str, count: int, timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while len(_processes_with_marker(marker)) < count:
+        assert time.monotonic() < deadline, "the rank processes never started"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_simulation_and_every_rank_in_one_line(sig):
+    """Before: SIGTERM to the coordinator's process killed it by the default action and left both
+    rank processes running, blocked, for good; Ctrl-C (SIGINT to the whole process group) printed a
+    KeyboardInterrupt traceback from every rank and the coordinator. Now: one line, no summary, no
+    process left, exit 128 + the signal's number."""
+    import os
+    import secrets
+    import signal as signals
+
+    marker = secrets.token_hex(8)
+    proc = _simulation_process(marker)
+    try:
+        _wait_for_ranks(marker, 3)  # the coordinator's process and 2 ranks
+        number = getattr(signals, sig)
+        if sig == "SIGINT":
+            os.killpg(proc.pid, number)  # as a terminal's Ctrl-C does
+        else:
+            proc.send_signal(number)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signals.SIGKILL)
+    assert proc.returncode == 128 + number, err[-2000:]
+    assert f"{sig} received: stopping the simulation and its ranks (no summary)" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert out == ""
+    assert _processes_with_marker(marker) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl is Linux's")
+def test_rank_processes_end_with_a_coordinator_killed_outright():
+    """SIGKILL (an OOM kill, a crash) lets the coordinator's process clean nothing up: its ranks
+    used to run on, blocked on a store that was gone, for good."""
+    import os
+    import secrets
+    import signal as signals
+    import time
+
+    marker = secrets.token_hex(8)
+    proc = _simulation_process(marker)
+    try:
+        _wait_for_ranks(marker, 3)
+        proc.kill()
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while _processes_with_marker(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_with_marker(marker) == []
+    finally:
+        for pid in _processes_with_marker(marker):
+            os.kill(pid, signals.SIGKILL)
+
+
+def test_a_taken_metrics_port_ends_the_simulation_in_one_line_not_a_hang():
+    """Before: the coordinator's serve() failed to bind while the simulation waited for it to be
+    ready, forever and silently; the daemon said it and exited 1."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "eplb_service.coordinator.cli",
+                "--dp",
+                "1",
+                "--simulate",
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"cannot serve HTTP on --metrics-port {port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_output_files_are_opened_at_start_and_a_late_failure_still_gives_the_summary(monkeypatch, tmp_path, capsys):
+    """``/proc`` refuses a new file though root may write every directory (os.access said yes):
+    the run went to its end, then a traceback. Now refused at once; and should the file still fail
+    at the end (a full disk), the summary is on stdout and the error one line, exit 1."""
+    from eplb_service.coordinator import cli
+    from eplb_service.sim import deployment
+
+    if sys.platform.startswith("linux"):
+        with pytest.raises(ValueError, match=r"--summary-json '/proc/eplb-x\.json' cannot be written"):
+            cli.check_output_path("--summary-json", "/proc/eplb-x.json")
+    kept = tmp_path / "kept.json"
+    kept.write_text("before")
+    cli.check_output_path("--summary-json", str(kept))
+    cli.check_output_path("--summary-json", str(tmp_path / "new.json"))
+    assert kept.read_text() == "before" and not (tmp_path / "new.json").exists()
+
+    summary = {"output_mismatches": 0, "diverged": 0, "errors": [], "committed": 3}
+
+    def run_simulation(opts, cfg):
+        raise deployment.OutputFileError(f"--summary-json {opts.summary_json}: No space left on device", summary)
+
+    monkeypatch.setattr(deployment, "run_simulation", run_simulation)
+    code = cli.main(["--dp", "2", "--simulate", "--steps", "10", "--summary-json", str(tmp_path / "s.json")])
+    captured = capsys.readouterr()
+    assert code == 1 and json.loads(captured.out) == summary
+    assert captured.err == (
+        f"eplb-coordinator: error: --summary-json {tmp_path / 's.json'}: No space left on device "
+        "(the summary is on stdout)\n"
+    )

@@ -111,10 +111,11 @@ Default endpoint: {endpoint}
 
 
 SERVE_EXIT_STATUS = """\
-Exit status: 0 after SIGTERM, SIGINT or SIGHUP; 2 for a refused flag, --config file or environment
-variable (one line naming it, before anything starts); 1 if the endpoint or --metrics-port
-cannot be taken, or, with --simulate, if an output mismatched, a plan diverged, a rank
-reported an error or rebalancing halted."""
+Exit status: 0 after SIGTERM, SIGINT or SIGHUP (with --simulate: 128 + the signal's number, its
+ranks stopped, no summary); 2 for a refused flag, --config file or environment variable (one line
+naming it, before anything starts); 1 if the endpoint or --metrics-port cannot be taken, or, with
+--simulate, if an output mismatched, a plan diverged, a rank reported an error, rebalancing halted
+or --summary-json/--plot could not be written at the end (the summary is still on stdout)."""
 STATUS_EXIT_STATUS = """\
 Exit status: 0 with the status printed; 1 if no coordinator answers within --timeout-s or the
 endpoint cannot be used, or stdout cannot take the status (one line naming it); 2 for a refused
@@ -429,6 +430,16 @@ def check_output_path(flag: str, path: str) -> None:
         raise ValueError(f"{flag} {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{flag} {path!r}: directory {parent!r} is not writable")
+    # os.access says yes to root everywhere, and knows nothing of read-only mounts or special
+    # filesystems (/proc): open it as the run's end will, leaving what was there as it was.
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
+    os.close(fd)
+    if not existed:
+        os.unlink(path)
 
 
 def _checked_initial_placement(path: str, world_size: int):
@@ -536,8 +547,37 @@ def _serve(cfg: CoordinatorConfig) -> int:
 
 
 def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
-    from eplb_service.sim.deployment import IncompleteResults, SimulationOptions, run_simulation
-    from eplb_service.sim.processes import RankProcessesDied
+    opts = _simulation_options(args, cfg)
+    if isinstance(opts, int):  # refused, its line written
+        return opts
+    summary, code = _run_simulation(opts, cfg)
+    if summary is None:
+        return code
+    from eplb_service.stdout import ReaderGone, StdoutError, write_stdout
+
+    try:
+        write_stdout(json.dumps(summary, indent=2) + "\n")
+    except ReaderGone:  # `--simulate | head`: the reader stopped; the run's verdict is still the exit status
+        pass
+    except StdoutError as exc:
+        _fail(f"the summary: {exc}")
+        return 1
+    if code:  # an output file that could not be written: said after the summary it would have held
+        return code
+    ok = (
+        summary["output_mismatches"] == 0
+        and summary["diverged"] == 0
+        and not summary["errors"]
+        and not summary.get("halted")
+        and summary.get("maps_identical_on_all_ranks", True)  # ranks that ended on other maps: half-applied
+        and summary.get("maps_match_coordinator") is not False  # what serves is not what was planned
+    )
+    return 0 if ok else 1
+
+
+def _simulation_options(args: argparse.Namespace, cfg: CoordinatorConfig):
+    """The simulation's options from the flags, or the exit code of a refusal (its line written)."""
+    from eplb_service.sim.deployment import SimulationOptions
     from eplb_service.sim.workload import SimModelConfig, shape_for_ranks, shape_for_trace
 
     if args.plot:
@@ -573,7 +613,7 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         problem = _claim_endpoint(cfg.endpoint)
         if problem is not None:
             return problem
-    opts = SimulationOptions(
+    return SimulationOptions(
         coordinator_endpoint=args.endpoint,
         world_size=cfg.world_size,
         steps=args.steps or SIM_STEPS,
@@ -582,32 +622,29 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         summary_json=args.summary_json,
         plot=args.plot,
     )
-    try:
-        summary = run_simulation(opts, cfg)
-    except RankProcessesDied as exc:  # each rank logged its own error: a traceback here would only bury them
-        _fail(f"the simulation stopped: {exc} (each rank's error is logged above)")
-        return 1
-    except IncompleteResults as exc:
-        _fail(f"the simulation ended without a summary: {exc}")
-        return 1
-    from eplb_service.stdout import ReaderGone, StdoutError, write_stdout
+
+
+def _run_simulation(opts, cfg: CoordinatorConfig) -> tuple[dict | None, int]:
+    """``(summary, 0)``; ``(summary, 1)`` where an output file could not be written (said); or
+    ``(None, exit code)`` where the run ended without a summary (said, or logged as it stopped)."""
+    from eplb_service.coordinator.server import BindError
+    from eplb_service.sim.deployment import IncompleteResults, OutputFileError, SimulationStopped, run_simulation
+    from eplb_service.sim.processes import RankProcessesDied
 
     try:
-        write_stdout(json.dumps(summary, indent=2) + "\n")
-    except ReaderGone:  # `--simulate | head`: the reader stopped; the run's verdict is still the exit status
-        pass
-    except StdoutError as exc:
-        _fail(f"the summary: {exc}")
-        return 1
-    ok = (
-        summary["output_mismatches"] == 0
-        and summary["diverged"] == 0
-        and not summary["errors"]
-        and not summary.get("halted")
-        and summary.get("maps_identical_on_all_ranks", True)  # ranks that ended on other maps: half-applied
-        and summary.get("maps_match_coordinator") is not False  # what serves is not what was planned
-    )
-    return 0 if ok else 1
+        return run_simulation(opts, cfg), 0
+    except RankProcessesDied as exc:  # each rank logged its own error: a traceback here would only bury them
+        _fail(f"the simulation stopped: {exc} (each rank's error is logged above)")
+    except IncompleteResults as exc:
+        _fail(f"the simulation ended without a summary: {exc}")
+    except BindError as exc:  # a taken --metrics-port or tcp:// endpoint: before, the run waited forever
+        _fail(str(exc))
+    except SimulationStopped as exc:  # its line is logged; every rank process is gone
+        return None, 128 + exc.signum
+    except OutputFileError as exc:
+        _fail(f"{exc} (the summary is on stdout)")
+        return exc.summary, 1
+    return None, 1
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -8,12 +8,16 @@ agent, live progress while it runs, and a summary (JSON, optional PNG) at the en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -75,7 +79,12 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     # Ranks stop after a fixed number of steps: start no plan that could not finish before.
     coordinator.drain_at_step = opts.steps - cfg.agent.fence_steps - 4 * cfg.agent.report_interval_steps - 20
     server = asyncio.create_task(coordinator.serve())
-    await coordinator.ready.wait()
+    ready = asyncio.create_task(coordinator.ready.wait())
+    await asyncio.wait({server, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():  # serve() ended before it was ready: a taken port or endpoint (BindError)
+        ready.cancel()
+        await server
+        raise RuntimeError("the coordinator stopped before it was ready")
     ranks = RankProcesses(opts.world_size, "sim-rank")
     progress = ranks.ctx.Queue()
     serving_port = free_port()
@@ -102,17 +111,60 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         for r in range(opts.world_size)
     ]
     watch = ProgressLog(opts, coordinator, progress)
+    stopped_by: list[int] = []
     try:
-        ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
-        await ranks.wait(0.1, watch.poll, timeout_s=opts.timeout_s)
+        # Started with SIGINT ignored, which a child keeps from its first instruction: a terminal's
+        # Ctrl-C reaches the whole process group, and a rank still importing printed a traceback.
+        with _sigint_ignored():
+            ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
+        stopped_by = _stop_on_signals(coordinator)
+        await ranks.wait(0.1, lambda: bool(stopped_by) or watch.poll(), timeout_s=opts.timeout_s)
     finally:
-        await ranks.stop_async(join_timeout_s=10)  # the coordinator keeps serving on this loop meanwhile
+        # the coordinator keeps serving on this loop meanwhile; a stopped run does not wait for ranks
+        await ranks.stop_async(join_timeout_s=1 if stopped_by else 10)
         wall = time.monotonic() - ranks.started_at
         coordinator.stop()
         await server
         del serving_store
+    if stopped_by:
+        raise SimulationStopped(stopped_by[0])
     _say_if_nothing_was_tried(coordinator, opts, cfg, wall)
     return _summary(opts, coordinator, sorted(ranks.collected, key=lambda r: r["rank"]), wall)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored within (on the main thread; elsewhere Python cannot change it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_on_signals(coordinator: Coordinator) -> list[int]:
+    """From now on :data:`STOP_SIGNALS` stop the run: the list returned gets the first one's number.
+
+    Before, Ctrl-C printed a traceback from every rank and the coordinator, and a SIGTERM to the
+    coordinator alone (``timeout``, ``kill``, a supervisor) killed it by the default action and
+    left every rank process running, blocked, for good. Only on the main thread (where Python
+    can take signals); elsewhere the caller stops the run as it likes."""
+    stopped_by: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        return stopped_by
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        if not stopped_by:
+            coordinator.log.warning("%s received: stopping the simulation and its ranks (no summary)", sig.name)
+        stopped_by.append(int(sig))
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    return stopped_by
 
 
 def _say_if_nothing_was_tried(
@@ -214,6 +266,26 @@ def _coordinators_placement(coordinator: Coordinator) -> np.ndarray | None:
 
 class IncompleteResults(RuntimeError):
     """The ranks' results do not cover every rank once: no summary is made of them."""
+
+
+class SimulationStopped(RuntimeError):
+    """SIGINT, SIGTERM or SIGHUP stopped the run before its end (logged; every rank process gone)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class OutputFileError(RuntimeError):
+    """``--summary-json`` or ``--plot`` could not be written at the end; ``summary`` is the run's."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop a simulation: the ranks are stopped (none is left running), no summary."""
 
 
 def _summary(opts: SimulationOptions, coordinator: Coordinator, ranks: list[dict], wall_s: float) -> dict:
@@ -321,9 +393,15 @@ def run_simulation(opts: SimulationOptions, base: CoordinatorConfig | None = Non
         summary = runner(_run(opts, cfg))
     recv = summary.pop("_recv_counts")
     reference = summary.pop("_reference_counts")
-    if opts.summary_json:
-        with open(opts.summary_json, "w") as f:
-            json.dump(summary, f, indent=2)
-    if opts.plot:
-        plot_balancedness(summary, recv, opts.plot, reference=reference)
+    try:
+        if opts.summary_json:
+            with open(opts.summary_json, "w") as f:
+                json.dump(summary, f, indent=2)
+    except OSError as exc:  # checked writable at start; a full disk or a file removed since is not
+        raise OutputFileError(f"--summary-json {opts.summary_json}: {exc.strerror or exc}", summary) from None
+    try:
+        if opts.plot:
+            plot_balancedness(summary, recv, opts.plot, reference=reference)
+    except OSError as exc:
+        raise OutputFileError(f"--plot {opts.plot}: {exc.strerror or exc}", summary) from None
     return summary

@@ -12,7 +12,9 @@ import asyncio
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import sys
 import time
 from typing import Any, Callable
 
@@ -22,6 +24,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal this process gets when the process that started it dies."""
+
+
+def end_with_parent() -> None:
+    """Make this rank process end when the process that spawned it ends, however that ends.
+
+    A parent stopped cleanly stops its ranks (:meth:`RankProcesses.stop`); one killed outright
+    (SIGKILL, an OOM kill, a crash) cannot, and its ranks were left running, blocked on a peer or
+    a store that was gone, for good (found after 11 minutes). On Linux the kernel sends SIGKILL
+    then; elsewhere nothing changes. Called first thing in the child."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the parent's stop is the only way out
+        return
+    if os.getppid() != parent.pid:  # the parent died before the prctl took effect
+        os._exit(1)
 
 
 class RankProcessesDied(RuntimeError):

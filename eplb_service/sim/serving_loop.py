@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from eplb_service import logutil
 from eplb_service.placement import PlacementShape, initial_phy2log
+from eplb_service.sim.processes import end_with_parent
 from eplb_service.sim.workload import SimModelConfig, expert_weights, popularity
 from eplb_service.worker_agent.agent import WorkerAgent
 from eplb_service.worker_agent.expert_model import ExpertModel, map_tensors
@@ -176,7 +178,13 @@ class SimServingRank:
 
 def run_rank(spec: RankSpec, results, progress=None) -> None:
     """Process entry point of one simulated rank: its log lines in the coordinator's format,
-    tagged with the rank; an exception that ends it is logged there too, not printed as text."""
+    tagged with the rank; an exception that ends it is logged there too, not printed as text.
+
+    Ctrl-C reaches every process of the terminal's group: a rank ignores it and is stopped by the
+    simulation's process, which handles it (before, each rank printed a KeyboardInterrupt
+    traceback); and a rank ends with that process, however it ends (:func:`end_with_parent`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent()
     # The coordinator's format (its --log-format reaches no variable a spawned child reads); the
     # level from EPLB_SERVICE_LOG_LEVEL, any case as documented, else WARNING (ranks say little).
     try:
