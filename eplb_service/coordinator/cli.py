@@ -433,6 +433,8 @@ def check_output_path(flag: str, path: str) -> None:
     # os.access says yes to root everywhere, and knows nothing of read-only mounts or special
     # filesystems (/proc): open it as the run's end will, leaving what was there as it was.
     existed = os.path.lexists(path)
+    if existed and not os.path.isfile(path):  # a device or a FIFO: opening it may block or consume
+        return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644)
     except OSError as exc:
