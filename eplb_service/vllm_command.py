@@ -257,9 +257,17 @@ def coordinator_ranks(vllm: VllmParallelism, dp: int | None, tp: int | None) -> 
     """The coordinator's ``(--dp, --tp)`` for the vLLM command; ``dp``/``tp``: the ones the user gave it, if any.
 
     ``--tp`` is the EP ranks per DP rank, TP x PCP: the coordinator only counts ranks (dp x tp).
+    Logs where each came from (:func:`ranks_and_sources` says it without logging).
     """
+    dp, tp, line = ranks_and_sources(vllm, dp, tp)
+    log.info("%s", line)
+    return dp, tp
+
+
+def ranks_and_sources(vllm: VllmParallelism, dp: int | None, tp: int | None) -> tuple[int, int, str]:
+    """:func:`coordinator_ranks`' ``(--dp, --tp)`` and its line saying where each came from, unlogged:
+    the sidecar says it once every other check has passed, so that a mistake stays one line."""
     _pipeline_check(vllm)
     dp, dp_source = _coordinator_size("--dp", dp, vllm.dp, "data-parallel size")
     tp, tp_source = _coordinator_size("--tp", tp, vllm.ranks_per_dp, "tensor x prefill-context parallel size")
-    log.info("EP ranks: %d = --dp %d (%s) x --tp %d (%s)", dp * tp, dp, dp_source, tp, tp_source)
-    return dp, tp
+    return dp, tp, f"EP ranks: {dp * tp} = --dp {dp} ({dp_source}) x --tp {tp} ({tp_source})"

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from eplb_service.sidecar import UsageError, coordinator_ranks, main, vllm_parallelism
+from eplb_service.sidecar import UsageError, main, vllm_parallelism
+from eplb_service.vllm_command import coordinator_ranks
 
 FAKE_VLLM = ["/bin/true", "serve", "M"]  # never started: every command here is refused first
 
@@ -347,10 +348,11 @@ def test_bad_coordinator_flags_are_refused_before_anything_starts(capsys, tmp_pa
 def test_coordinator_settings_it_would_refuse_are_refused_before_it_starts(capsys, tmp_path, flags, message):
     """Before, the sidecar started the coordinator with them: it refused them after its start,
     in lines of its own, and ``--simulate`` ran a whole simulated deployment (a process per rank
-    of the vLLM command) before the sidecar gave up on it."""
+    of the vLLM command) before the sidecar gave up on it. The refusal is the only line: the
+    sidecar said where its rank count came from first (an INFO line before the error)."""
     flags = [flag.format(tmp=tmp_path) for flag in flags]
-    line = refused(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", *flags, "--", *FAKE_VLLM)
-    assert message.format(tmp=tmp_path) in line, line
+    err = refused_err(capsys, "--endpoint", f"ipc://{tmp_path}/c.sock", *flags, "--", *FAKE_VLLM)
+    assert err.startswith("eplb-sidecar: error: ") and message.format(tmp=tmp_path) in err, err
 
 
 def test_simulate_from_the_coordinator_config_file_is_refused_too(capsys, tmp_path):
