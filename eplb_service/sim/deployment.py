@@ -117,7 +117,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         # Ctrl-C reaches the whole process group, and a rank still importing printed a traceback.
         with _sigint_ignored():
             ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
-        stopped_by = _stop_on_signals(coordinator)
+        _stop_on_signals(coordinator, stopped_by)
         await ranks.wait(0.1, lambda: bool(stopped_by) or watch.poll(), timeout_s=opts.timeout_s)
     finally:
         # the coordinator keeps serving on this loop meanwhile; a stopped run does not wait for ranks
@@ -126,6 +126,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         coordinator.stop()
         await server
         del serving_store
+        _stop_handling_signals()
     if stopped_by:
         raise SimulationStopped(stopped_by[0])
     _say_if_nothing_was_tried(coordinator, opts, cfg, wall)
@@ -145,16 +146,15 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _stop_on_signals(coordinator: Coordinator) -> list[int]:
-    """From now on :data:`STOP_SIGNALS` stop the run: the list returned gets the first one's number.
+def _stop_on_signals(coordinator: Coordinator, stopped_by: list[int]) -> None:
+    """From now on :data:`STOP_SIGNALS` stop the run: ``stopped_by`` gets each one's number.
 
     Before, Ctrl-C printed a traceback from every rank and the coordinator, and a SIGTERM to the
     coordinator alone (``timeout``, ``kill``, a supervisor) killed it by the default action and
     left every rank process running, blocked, for good. Only on the main thread (where Python
     can take signals); elsewhere the caller stops the run as it likes."""
-    stopped_by: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        return stopped_by
+        return
     loop = asyncio.get_running_loop()
 
     def stop(sig: signal.Signals) -> None:
@@ -164,7 +164,16 @@ def _stop_on_signals(coordinator: Coordinator) -> list[int]:
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop, sig)
-    return stopped_by
+
+
+def _stop_handling_signals() -> None:
+    """:func:`_stop_on_signals` undone (the loop puts back Python's own handling), so that a
+    caller that runs simulations in a process of its own (tests) keeps its Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
 
 
 def _say_if_nothing_was_tried(
