@@ -31,17 +31,24 @@ PR_SET_PDEATHSIG = 1
 
 
 def end_with_parent() -> None:
-    """Make this rank process end when the process that spawned it ends, however that ends.
+    """Make this rank process end when the process that started it ends, however that ends.
 
     A parent stopped cleanly stops its ranks (:meth:`RankProcesses.stop`); one killed outright
     (SIGKILL, an OOM kill, a crash) cannot, and its ranks were left running, blocked on a peer or
     a store that was gone, for good (found after 11 minutes). On Linux the kernel sends SIGKILL
-    then; elsewhere nothing changes. Called first thing in the child."""
+    then; elsewhere nothing changes. Called first thing in the child.
+
+    The kernel's parent is the process that forked this one: the spawning process under
+    ``spawn``, the fork server under ``forkserver`` (which ends with the process that started it).
+    Under ``forkserver`` it is not multiprocessing's parent: compared with that, every rank of the
+    tests' clusters took itself for an orphan and exited at once. An orphan is told by its
+    re-parenting, or by the pipe multiprocessing keeps to the process that started it."""
     import multiprocessing
 
-    parent = multiprocessing.parent_process()
-    if parent is None or not sys.platform.startswith("linux"):
+    starter = multiprocessing.parent_process()  # the process that asked for this one
+    if not sys.platform.startswith("linux"):
         return
+    parent = os.getppid()
     try:
         import ctypes
 
@@ -49,7 +56,9 @@ def end_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # no prctl here: the parent's stop is the only way out
         return
-    if os.getppid() != parent.pid:  # the parent died before the prctl took effect
+    # Gone before the prctl took effect (a rank is still importing for a second or more after its
+    # start): re-parented to init or a subreaper, or the starter's pipe closed.
+    if os.getppid() != parent or parent == 1 or (starter is not None and not starter.is_alive()):
         os._exit(1)
 
 
