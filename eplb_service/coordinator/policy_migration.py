@@ -623,6 +623,24 @@ def soft_maximum(rank_load: np.ndarray, tau: float) -> np.ndarray:
     return peak + tau * np.log(np.exp((rank_load - peak[:, None]) / tau).sum(axis=1))
 
 
+def _soft_max_drop(
+    load_a: np.ndarray,
+    load_b: np.ndarray,
+    shift: np.ndarray,
+    peak: np.ndarray,
+    weight_a: np.ndarray,
+    weight_b: np.ndarray,
+    total: np.ndarray,
+    tau: float,
+) -> np.ndarray:
+    """How much moving ``shift`` from rank a to rank b lowers the layer's soft maximum.
+
+    ``weight_*`` are ``exp((load - peak) / tau)`` of the two ranks and ``total`` their sum over
+    the layer's ranks, so only the two changed terms are recomputed."""
+    change = np.exp((load_a - shift - peak) / tau) + np.exp((load_b + shift - peak) / tau) - weight_a - weight_b
+    return -tau * np.log(np.maximum(1.0 + change / total, 1e-300))
+
+
 def soft_max_search(
     phy2log: np.ndarray,
     load: np.ndarray,
@@ -680,13 +698,16 @@ def soft_max_search(
         weight = np.exp((loads - peak[:, None]) / tau)
         rows = np.arange(active.size)
         shift = np.where((gap > 0) & np.isfinite(miss), gap / 2 - miss, 0.0)
-        change = (
-            np.exp((loads[rows, hot] - shift - peak) / tau)
-            + np.exp((loads[rows, cold] + shift - peak) / tau)
-            - weight[rows, hot]
-            - weight[rows, cold]
+        drop = _soft_max_drop(
+            loads[rows, hot],
+            loads[rows, cold],
+            shift,
+            peak,
+            weight[rows, hot],
+            weight[rows, cold],
+            weight.sum(axis=1),
+            tau,
         )
-        drop = -tau * np.log(np.maximum(1.0 + change / weight.sum(axis=1), 1e-300))
         active = active[drop >= min_drop]
     for _ in range(max_rounds):
         if active.size == 0:
@@ -706,14 +727,17 @@ def soft_max_search(
         )
         valid = (gap > 0) & np.isfinite(miss)
         shift = np.where(valid, gap / 2 - miss, 0.0)  # load moved from rank a to rank b, < gap
-        change = (
-            np.exp((rank_load[lay, rank_a] - shift - peak[row]) / tau)
-            + np.exp((rank_load[lay, rank_b] + shift - peak[row]) / tau)
-            - weight[row, rank_a]
-            - weight[row, rank_b]
+        drop = _soft_max_drop(
+            rank_load[lay, rank_a],
+            rank_load[lay, rank_b],
+            shift,
+            peak[row],
+            weight[row, rank_a],
+            weight[row, rank_b],
+            weight.sum(axis=1)[row],
+            tau,
         )
-        total = weight.sum(axis=1)[row]
-        drop = np.where(valid, -tau * np.log(np.maximum(1.0 + change / total, 1e-300)), -np.inf)
+        drop = np.where(valid, drop, -np.inf)
         pick = np.arange(active.size) * pairs + drop.reshape(active.size, pairs).argmax(axis=1)
         pick = pick[drop[pick] >= min_drop]
         lay, a, b = lay[pick], rank_a[pick], rank_b[pick]
