@@ -221,14 +221,33 @@ def target_replica_counts(
     num_ranks: int,
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
     count_slack: float = 0.0,
+    slack_tolerance: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[L, N_log]`` new replica counts: the current ones, changed only where the load forces.
 
-    See step 1 of the module docstring (``count_slack``: the hysteresis share above the bound).
+    See step 1 of the module docstring (``count_slack``: the hysteresis share above the bound;
+    ``slack_tolerance``: ``[L]`` shares of the mean rank load; given, the slack gives way in a
+    layer where it provably costs more balance than that, :func:`_slack_where_harmless`).
     """
     load = np.asarray(load, dtype=np.float64)
-    num_layers, num_logical = load.shape
     best = optimal_replica_counts(load, num_physical)
+    counts = _counts_under_cap(load, current_counts, best, num_physical, num_ranks, count_cap_share, count_slack)
+    if count_slack > 0 and slack_tolerance is not None:
+        exact = _counts_under_cap(load, current_counts, best, num_physical, num_ranks, count_cap_share, 0.0)
+        counts = _slack_where_harmless(counts, exact, load, num_ranks, slack_tolerance)
+    return counts
+
+
+def _counts_under_cap(
+    load: np.ndarray,
+    current_counts: np.ndarray,
+    best: np.ndarray,
+    num_physical: int,
+    num_ranks: int,
+    count_cap_share: float,
+    count_slack: float,
+) -> np.ndarray:
+    """:func:`target_replica_counts` for one slack, ``best`` being :func:`optimal_replica_counts`."""
     bound = (load / best).max(axis=1)
     cap = np.maximum(bound, count_cap_share * load.sum(axis=1) / num_ranks) * (1.0 + count_slack)
     safe_cap = np.where(cap > 0, cap, 1.0)[:, None]
@@ -414,12 +433,15 @@ def _best_exchanges(a_val: np.ndarray, b_val: np.ndarray, gap: np.ndarray) -> tu
     return best_miss, best_i, b_order[rows, best_j]
 
 
-def packing_lower_bound(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
+def packing_lower_bound(slot_load: np.ndarray, num_ranks: int, *, pigeonhole: bool = False) -> np.ndarray:
     """``[L]`` a lower bound on the largest rank load of any placement of these replicas.
 
     Args:
         slot_load: ``[L, P]`` replica loads (each layer's replicas, in any order).
         num_ranks: EP ranks; every rank holds ``S = P / num_ranks`` replicas.
+        pigeonhole: also ``j = num_ranks + 1``, where the ``j`` largest cannot be on distinct
+            ranks: ``x_R + x_(R+1) + the S-2 smallest``. Step 1's slack check asks for it; step
+            3's targets and the hierarchy's rank floor have not been measured with it.
 
     The largest of: the mean rank load; and, for every ``j`` in ``1..num_ranks``, with
     ``x_1 >= x_2 >= ...`` the replica loads, the smaller of
@@ -439,6 +461,9 @@ def packing_lower_bound(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
     if slots >= 2 and num_ranks >= 2:
         shared = desc[:, j[1:] - 2] + desc[:, j[1:] - 1] + low[:, [slots - 2]]
         bound[:, 1:] = np.minimum(bound[:, 1:], shared)
+    if pigeonhole and slots >= 2:
+        crowded = desc[:, num_ranks - 1] + desc[:, num_ranks] + low[:, slots - 2]
+        bound = np.concatenate([bound, crowded[:, None]], axis=1)
     return np.maximum(bound.max(axis=1), top[:, -1] / num_ranks)
 
 
@@ -802,15 +827,17 @@ def migration_phy2log(
     num_layers, num_physical = current.shape
     current_counts = logical_replica_count(current, load.shape[1])
     slack = count_slack if num_physical > 2 * num_ranks else 0.0
-    new_counts = target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share, slack)
-    if slack > 0:
-        new_counts = _slack_where_harmless(
-            new_counts,
-            target_replica_counts(load, current_counts, num_physical, num_ranks, count_cap_share, 0.0),
-            load,
-            num_ranks,
-            swap_tolerance(load, num_ranks, num_physical // num_ranks, tolerance, replica_share, noise_sigmas),
-        )
+    new_counts = target_replica_counts(
+        load,
+        current_counts,
+        num_physical,
+        num_ranks,
+        count_cap_share,
+        slack,
+        slack_tolerance=swap_tolerance(
+            load, num_ranks, num_physical // num_ranks, tolerance, replica_share, noise_sigmas
+        ),
+    )
     placed = apply_count_changes(current, load, current_counts, new_counts, num_ranks)
     packed = packed_max = None
     if _uses_packing(num_physical, num_ranks, reference_max_slots):
@@ -858,19 +885,6 @@ def replica_loads(load: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(per_replica.ravel(), counts.ravel()).reshape(load.shape[0], -1)
 
 
-def _crowded_rank_bound(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
-    """``[L]`` :func:`packing_lower_bound`, and the pigeonhole: the ``num_ranks + 1`` largest
-    replicas cannot all be on different ranks, so some rank holds two of them (at least the
-    ``num_ranks``-th and the next largest) and ``S - 2`` others (at least the smallest)."""
-    bound = packing_lower_bound(slot_load, num_ranks)
-    slots = slot_load.shape[1] // num_ranks
-    if slots < 2:
-        return bound
-    desc = -np.sort(-slot_load, axis=1)
-    rest = desc[:, desc.shape[1] - (slots - 2) :].sum(axis=1) if slots > 2 else 0.0
-    return np.maximum(bound, desc[:, num_ranks - 1] + desc[:, num_ranks] + rest)
-
-
 def _slack_where_harmless(
     slack_counts: np.ndarray, exact_counts: np.ndarray, load: np.ndarray, num_ranks: int, tolerance: np.ndarray
 ) -> np.ndarray:
@@ -885,8 +899,8 @@ def _slack_where_harmless(
     if differs.size == 0:
         return slack_counts
     mean_rank = 1.0 / num_ranks
-    with_slack = _crowded_rank_bound(replica_loads(load[differs], slack_counts[differs]), num_ranks)
-    without = _crowded_rank_bound(replica_loads(load[differs], exact_counts[differs]), num_ranks)
+    with_slack = packing_lower_bound(replica_loads(load[differs], slack_counts[differs]), num_ranks, pigeonhole=True)
+    without = packing_lower_bound(replica_loads(load[differs], exact_counts[differs]), num_ranks, pigeonhole=True)
     costly = differs[with_slack - without > tolerance[differs] * mean_rank]
     out = slack_counts.copy()
     out[costly] = exact_counts[costly]
