@@ -257,7 +257,7 @@ def held_out_cells(count: int, seed: int) -> list[tuple[MatrixShape, Workload]]:
         top_k = int(rng.choice(HELD_OUT_TOP_K))
         ranks = int(rng.choice(HELD_OUT_RANKS))
         share = float(rng.choice(HELD_OUT_REDUNDANCY))
-        redundant = int(round(experts * share / ranks)) * ranks if share else 0
+        redundant = int(round(experts * share / ranks)) * ranks
         redundant += (-(experts + redundant)) % ranks
         slots = (experts + redundant) // ranks
         if 2 * top_k > experts or redundant > experts // 2 or not 2 <= slots <= 68:

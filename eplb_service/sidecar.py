@@ -50,7 +50,7 @@ from eplb_service.sidecar_checks import (
     coordinator_settings,
     log_environment,
 )
-from eplb_service.vllm_command import UsageError, ranks_and_sources, vllm_parallelism
+from eplb_service.vllm_command import UsageError, coordinator_ranks, vllm_parallelism
 
 log = logutil.rank_logger(__name__, "sidecar")
 
@@ -124,7 +124,7 @@ class Sidecar:
         ready_timeout_s: float,
         ranks: tuple[int, int],
     ) -> None:
-        """``ranks``: the coordinator's ``(--dp, --tp)`` (``ranks_and_sources``), ahead of ``coordinator_args``."""
+        """``ranks``: the coordinator's ``(--dp, --tp)`` (:func:`coordinator_ranks`), ahead of ``coordinator_args``."""
         self.vllm_cmd = vllm_cmd
         self.endpoint = endpoint
         self.ready_timeout_s = ready_timeout_s
@@ -357,7 +357,7 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], tup
     check_endpoint(args.endpoint)
     check_plugin_environment(os.environ, args.endpoint)
     vllm = vllm_parallelism(vllm_cmd)
-    dp, tp, ranks_line = ranks_and_sources(vllm, settings.dp, settings.tp)
+    dp, tp, ranks_line = coordinator_ranks(vllm, settings.dp, settings.tp)
     ranks = (dp, tp)
     check_coordinator_config(settings, args.endpoint, ranks)
     log.info("%s", ranks_line)

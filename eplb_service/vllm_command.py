@@ -253,20 +253,14 @@ def _coordinator_size(flag: str, given: int | None, vllm: Size, what: str) -> tu
     return given, f"the coordinator's {flag}"
 
 
-def coordinator_ranks(vllm: VllmParallelism, dp: int | None, tp: int | None) -> tuple[int, int]:
-    """The coordinator's ``(--dp, --tp)`` for the vLLM command; ``dp``/``tp``: the ones the user gave it, if any.
+def coordinator_ranks(vllm: VllmParallelism, dp: int | None, tp: int | None) -> tuple[int, int, str]:
+    """The coordinator's ``(--dp, --tp)`` for the vLLM command, and a line saying where each came
+    from; ``dp``/``tp``: the ones the user gave it, if any.
 
     ``--tp`` is the EP ranks per DP rank, TP x PCP: the coordinator only counts ranks (dp x tp).
-    Logs where each came from (:func:`ranks_and_sources` says it without logging).
+    The line is not logged here: the sidecar says it once every other check has passed, so that a
+    mistake stays one line.
     """
-    dp, tp, line = ranks_and_sources(vllm, dp, tp)
-    log.info("%s", line)
-    return dp, tp
-
-
-def ranks_and_sources(vllm: VllmParallelism, dp: int | None, tp: int | None) -> tuple[int, int, str]:
-    """:func:`coordinator_ranks`' ``(--dp, --tp)`` and its line saying where each came from, unlogged:
-    the sidecar says it once every other check has passed, so that a mistake stays one line."""
     _pipeline_check(vllm)
     dp, dp_source = _coordinator_size("--dp", dp, vllm.dp, "data-parallel size")
     tp, tp_source = _coordinator_size("--tp", tp, vllm.ranks_per_dp, "tensor x prefill-context parallel size")

@@ -16,8 +16,7 @@ import sys
 
 import pytest
 
-from eplb_service.sidecar import UsageError, main, vllm_parallelism
-from eplb_service.vllm_command import coordinator_ranks
+from eplb_service.sidecar import UsageError, coordinator_ranks, main, vllm_parallelism
 
 FAKE_VLLM = ["/bin/true", "serve", "M"]  # never started: every command here is refused first
 
@@ -46,7 +45,7 @@ def refused(capsys, *argv: str) -> str:
 
 
 def ranks(argv: list[str], dp: int | None = None, tp: int | None = None) -> tuple[int, int]:
-    return coordinator_ranks(vllm_parallelism(argv), dp, tp)
+    return coordinator_ranks(vllm_parallelism(argv), dp, tp)[:2]
 
 
 @pytest.mark.parametrize(

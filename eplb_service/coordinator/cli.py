@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from eplb_service import logutil
 from eplb_service.coordinator import arg_types
@@ -26,6 +26,9 @@ from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint, d
 from eplb_service.coordinator.config_file import config_path, load_config_file, peek_log_format
 from eplb_service.protocol import AgentConfig
 from eplb_service.units import human_bytes
+
+if TYPE_CHECKING:  # imported where a simulation runs: the daemon never loads it
+    from eplb_service.sim.deployment import SimulationOptions
 
 SIM_DEFAULTS = {"rebalance_interval_steps": 100, "min_window_steps": 40, "load_half_life_steps": 100.0}
 SIM_STEPS = 1500
@@ -577,7 +580,7 @@ def _simulate(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     return 0 if ok else 1
 
 
-def _simulation_options(args: argparse.Namespace, cfg: CoordinatorConfig):
+def _simulation_options(args: argparse.Namespace, cfg: CoordinatorConfig) -> SimulationOptions | int:
     """The simulation's options from the flags, or the exit code of a refusal (its line written)."""
     from eplb_service.sim.deployment import SimulationOptions
     from eplb_service.sim.workload import SimModelConfig, shape_for_ranks, shape_for_trace
@@ -626,7 +629,7 @@ def _simulation_options(args: argparse.Namespace, cfg: CoordinatorConfig):
     )
 
 
-def _run_simulation(opts, cfg: CoordinatorConfig) -> tuple[dict | None, int]:
+def _run_simulation(opts: SimulationOptions, cfg: CoordinatorConfig) -> tuple[dict | None, int]:
     """``(summary, 0)``; ``(summary, 1)`` where an output file could not be written (said); or
     ``(None, exit code)`` where the run ended without a summary (said, or logged as it stopped)."""
     from eplb_service.coordinator.server import BindError
