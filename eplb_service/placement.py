@@ -198,6 +198,12 @@ def model_balancedness(per_rank_load: np.ndarray) -> float:
     return float(loads.mean(axis=1).sum() / peak) if peak > 0 else 1.0
 
 
+HOLDINGS_BLOCK_ENTRIES = 2**24
+"""Steps of the migration policy that keep a ``[layers, ranks, experts]`` table of holdings run
+on blocks of layers whose table has at most this many entries (128 MiB), one block for every
+ordinary shape."""
+
+
 def rank_holdings(phy2log: np.ndarray, num_logical: int, num_ranks: int) -> np.ndarray:
     """``[L, ranks, N_log]`` int64: how many replicas of each expert each rank holds."""
     arr = np.asarray(phy2log, dtype=np.int64)

@@ -85,6 +85,14 @@ together, vectorised):
    the most loaded rank with the least loaded one would lower the soft maximum (a screen that
    keeps the Qwen3.5 shape's plan within 20 ms: 57 ms unscreened). Qwen3.5-397B on 16 ranks
    (512 slots), Zipf 1.4, swap, high noise: −0.70 → −0.26 pp at 2.0 → 12.0% of DeepSeek's slots.
+   **The room goes first to spreading** the copies of every expert with more replicas than
+   ranks (:mod:`.replica_spread`): step 2 puts a hot expert's new copies in the slots the
+   shrinking experts freed, so 31 copies on 16 ranks sat 0 to 4 to a rank, and when that expert
+   cooled in the next window the ranks with few of its copies carried the layer (max / mean 1.34
+   after planning at 1.00). An expert within one copy of even on every rank changes every rank
+   alike. Each exchange moves one copy from its fullest rank to its emptiest and may take the
+   pair up to half that replica's load above the layer's largest rank; the soft maximum's pass
+   then spends what is left of the room.
 5. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots
    (where step 3 already computed DeepSeek's greedy packing of these replicas): a packing fixes
    which replicas share a rank, not which rank, so its packs are laid on the ranks that already
@@ -156,7 +164,8 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import load_shares
 from eplb_service.coordinator.pack_matching import pack_overlap, relabel_packs
 from eplb_service.coordinator.policy_deepseek import balanced_packing
-from eplb_service.placement import logical_replica_count, rank_holdings, rank_loads
+from eplb_service.coordinator.replica_spread import spread_search
+from eplb_service.placement import HOLDINGS_BLOCK_ENTRIES, logical_replica_count, rank_holdings, rank_loads
 
 DEFAULT_TOLERANCE = 0.003
 """Smallest stopping tolerance, as a share of the mean rank load."""
@@ -269,11 +278,6 @@ def _counts_under_cap(
     take = _group_positions(cand_layer[order]) < excess[cand_layer[order]]
     np.subtract.at(counts, (cand_layer[order][take], cand_expert[order][take]), 1)
     return counts
-
-
-HOLDINGS_BLOCK_ENTRIES = 2**24
-"""Step 2 keeps a ``[layers, ranks, experts]`` table of holdings; it runs on blocks of layers
-whose table has at most this many entries (128 MiB), one block for every ordinary shape."""
 
 
 def apply_count_changes(
@@ -792,6 +796,7 @@ def migration_phy2log(
     count_cap_share: float = DEFAULT_COUNT_CAP_SHARE,
     count_slack: float = DEFAULT_COUNT_SLACK,
     repack: bool = True,
+    spread: bool = True,
     fine_move_share: float = DEFAULT_FINE_MOVE_SHARE,
     soft_tau: float = DEFAULT_SOFT_TAU,
     persistence: float = 1.0,
@@ -810,6 +815,8 @@ def migration_phy2log(
             only with more than two slots per rank.
         repack: take the relabelled greedy packing where it is no dearer and no less balanced
             (step 5 of the module docstring); ``False`` keeps the swap searches' result.
+        spread: step 4 first evens the copies of experts with more replicas than ranks
+            (:mod:`.replica_spread`); ``False`` leaves all of step 4's room to the soft maximum.
         fine_move_share, soft_tau: step 4 (the fine pass): the share of a layer's slots steps
             2-4 may move in all (``0`` skips the pass), and the soft maximum's temperature (see
             :func:`soft_max_search`).
@@ -863,12 +870,15 @@ def migration_phy2log(
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
     wide = packed_max is None and fine_move_share > DEFAULT_FINE_MOVE_SHARE
     if (packed_max is not None or wide) and (room >= 2).any():
+        room = np.maximum(room, 0)
+        if spread:
+            swapped, room = spread_search(swapped, load, new_counts, num_ranks, room=room, max_rounds=max_rounds)
         swapped = soft_max_search(
             swapped,
             load,
             new_counts,
             num_ranks,
-            room=np.maximum(room, 0),
+            room=room,
             tau=soft_tau,
             max_rounds=max_rounds,
             screen=wide,
