@@ -175,3 +175,18 @@ def test_a_hot_expert_gaining_many_copies_is_spread_and_survives_its_cooling():
         assert planned_load.max() / planned_load.mean() < 1.01  # both balance the window planned for
     assert uneven[True] <= 2 < uneven[False], uneven
     assert peak[True] < peak[False] - 0.1, peak
+
+
+def test_the_plan_time_benchmark_times_both_and_leaves_the_spread_on(capsys, monkeypatch):
+    """``bench/plan_time_scales.py`` swaps the spread out for its "off" plans; it must put it back."""
+    import sys
+
+    from bench import plan_time_scales
+    from eplb_service.coordinator import policy_migration
+
+    monkeypatch.setattr(sys, "argv", ["plan_time_scales.py", "--plans", "2", "--skip", "1"])
+    plan_time_scales.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "0.5", "0.25", "0.0625"]
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:4])
+    assert policy_migration.spread_search is spread_search

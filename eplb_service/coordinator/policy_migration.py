@@ -143,7 +143,7 @@ The defaults were chosen with the workload matrix of ``bench/planner.py --matrix
 from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): with the coordinator's spend
 controller scaling ``move_price`` and ``fine_move_share`` per deployment (:mod:`.spend_control`),
 392 of its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth
-of its slots moved (394 with another seed; 90 and 83 of 100 random cells off the matrix,
+of its slots moved (394 with another seed; 92 and 82 of 100 random cells off the matrix,
 ``--held-out``); 391 before the count slack's pigeonhole check and step 4 in large layers; at the
 defaults throughout, 386 before those two
 (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and
