@@ -749,10 +749,15 @@ def soft_max_search(
         rank_a = np.repeat(np.argsort(-loads, axis=1, kind="stable")[:, :hot_count].ravel(), num_ranks)
         rank_b = np.tile(np.arange(num_ranks), active.size * hot_count)
         gap = rank_load[lay, rank_a] - rank_load[lay, rank_b]
-        miss, i, j = _best_exchanges(
-            slot_load[lay[:, None], rank_a[:, None] * slots_per_rank + local],
-            slot_load[lay[:, None], rank_b[:, None] * slots_per_rank + local],
-            np.maximum(gap, 0.0),
+        # Only pairs whose second rank is less loaded can gain (about half of them): search those.
+        miss = np.full(gap.shape, np.inf)
+        i = np.zeros(gap.shape, dtype=np.int64)
+        j = np.zeros(gap.shape, dtype=np.int64)
+        down = np.flatnonzero(gap > 0)
+        miss[down], i[down], j[down] = _best_exchanges(
+            slot_load[lay[down, None], rank_a[down, None] * slots_per_rank + local],
+            slot_load[lay[down, None], rank_b[down, None] * slots_per_rank + local],
+            gap[down],
         )
         valid = (gap > 0) & np.isfinite(miss)
         shift = np.where(valid, gap / 2 - miss, 0.0)  # load moved from rank a to rank b, < gap
