@@ -73,7 +73,8 @@ together, vectorised):
    greedy packing of the same replicas, and next-window max / mean 1.406 against 1.387, while
    their largest ranks differed by 0.005. The soft maximum counts the ranks near the top: each
    exchange evens one of the 8 most loaded ranks with another rank, the one that lowers it most,
-   so it spends the room on the top ranks first and never raises the largest. A previous fine
+   so it spends the room on the top ranks first and never raises the largest (the spread below
+   may, by its slack). A previous fine
    pass (the step-3 search again toward a tight target) met 382 cells of the matrix, this one
    387: DeepSeek-V3 on 144 ranks, slow drift, −0.98 to −0.32 pp and −0.54 to −0.11 pp against
    DeepSeek; the temperature matters little (1% and 10% of the mean rank load met 384 and 386).
@@ -88,8 +89,8 @@ together, vectorised):
    **The room goes first to spreading** the copies of every expert with more replicas than
    ranks (:mod:`.replica_spread`): step 2 puts a hot expert's new copies in the slots the
    shrinking experts freed, so 31 copies on 16 ranks sat 0 to 4 to a rank, and when that expert
-   cooled in the next window the ranks with few of its copies carried the layer (max / mean 1.34
-   after planning at 1.00). An expert within one copy of even on every rank changes every rank
+   cooled in the next window the ranks with few of its copies carried the layer (next-window
+   max / mean 1.35 after planning at 1.005). An expert within one copy of even on every rank changes every rank
    alike. Each exchange moves one copy from its fullest rank to its emptiest and may take the
    pair up to half that replica's load above the layer's largest rank; the soft maximum's pass
    then spends what is left of the room.
@@ -869,9 +870,10 @@ def migration_phy2log(
         max_rounds=max_rounds,
         packed_max=packed_max,
     )
-    # Step 4: lower the soft maximum of rank loads in the slots each layer has left of its
-    # fine_move_share (none where the steps above already moved that many); only in layers of
-    # at most reference_max_slots slots, as step 3's reference and step 5.
+    # Step 4: in the slots each layer has left of its fine_move_share (none where the steps
+    # above already moved that many), spread the experts with more replicas than ranks, then
+    # lower the soft maximum of rank loads; only in layers of at most reference_max_slots slots
+    # (as step 3's reference and step 5), or where the spend controller widened the room.
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
     wide = packed_max is None and fine_move_share > DEFAULT_FINE_MOVE_SHARE
     if (packed_max is not None or wide) and (room >= 2).any():

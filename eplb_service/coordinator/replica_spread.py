@@ -18,10 +18,13 @@ larger load may end at most ``sigma`` times the moved replica's load above the l
 rank before the pass (a copy too many on a rank weighs ``load change / replicas`` on it; with
 ``sigma`` 0.5, the exchange is made where that risk is at least the planned load it costs at a
 50% change of the expert's load, the size of changes hot experts see between windows). The pass
-spends step 4's room (two slots per exchange) before the soft maximum's pass spends what is left.
+spends step 4's room (two slots per exchange, also where an exchange changes a slot an earlier one
+changed) before the soft maximum's pass spends what is left. An expert none of whose exchanges
+fits is tried again once the layer has changed; one without load carries no risk and stays.
 
-Experts with at most as many replicas as ranks are left alone: step 2 already puts their copies
-on distinct ranks where it can, and on the matrix (``bench/planner.py --matrix``) spreading them
+Experts with at most as many replicas as ranks are not spread (they move only as the replica
+traded back, and then end no less even): step 2 already puts their copies on distinct ranks
+where it can, and on the matrix (``bench/planner.py --matrix``) spreading them
 too took room the soft maximum's pass uses better (391 instead of 392 cells, DeepSeek-V3 on 32
 and 64 ranks losing up to 0.4 pp).
 """
@@ -47,7 +50,7 @@ def spread_search(
     sigma: float = DEFAULT_SPREAD_SIGMA,
     max_rounds: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Even the copies of every expert with more replicas than ranks (a new array, and the room left).
+    """Even the copies of every loaded expert with more replicas than ranks (a new array, and the room left).
 
     Args:
         phy2log: ``[L, P]`` placement whose replica counts are ``counts``.
@@ -55,7 +58,7 @@ def spread_search(
         num_ranks: EP ranks (divides ``P``).
         room: ``[L]`` slots each layer may still change (two per exchange).
         sigma: see the module docstring; max_rounds: upper bound on rounds (each makes one
-            exchange per layer, or gives up one expert there).
+            exchange per layer, or gives up one expert there until the layer next changes).
 
     Returns:
         ``(phy2log, room)``: the placement after the exchanges and each layer's room left.
@@ -68,6 +71,8 @@ def spread_search(
         return out, room
     crowded = counts > num_ranks  # [L, N]: experts that can sit unevenly with a copy on every rank
     layers = np.flatnonzero((room >= 2) & crowded.any(axis=1) & (load.sum(axis=1) > 0))
+    if layers.size == 0:
+        return out, room
     block = max(1, HOLDINGS_BLOCK_ENTRIES // (num_ranks * load.shape[1]))
     for start in range(0, layers.size, block):
         part = layers[start : start + block]
@@ -96,8 +101,10 @@ def _spread_layers(
     slot_load = replica[np.arange(num_layers)[:, None], sub]
     rank_load = slot_load.reshape(num_layers, num_ranks, slots).sum(axis=2)
     top = rank_load.max(axis=1)
-    # Experts not to spread: those with at most one copy per rank, and those no exchange could move.
-    settled = counts <= num_ranks
+    # Experts not to spread: those with at most one copy per rank, and those no exchange could
+    # move since the layer last changed (an exchange elsewhere can make room for theirs).
+    crowded = counts > num_ranks
+    settled = ~crowded
     local = np.arange(slots)
     most, fewest = held.max(axis=1), held.min(axis=1)  # [l, N] copies on the fullest and emptiest rank
     uneven = most - fewest
@@ -151,4 +158,5 @@ def _spread_layers(
             most[act, changed], fewest[act, changed] = copies.max(axis=1), copies.min(axis=1)
             uneven[act, changed] = most[act, changed] - fewest[act, changed]
         left[act] -= 2
+        settled[act] = ~crowded[act]
     return sub, left
