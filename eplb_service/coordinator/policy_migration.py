@@ -74,10 +74,10 @@ together, vectorised):
    their largest ranks differed by 0.005. The soft maximum counts the ranks near the top: each
    exchange evens one of the 8 most loaded ranks with another rank, the one that lowers it most,
    so it spends the room on the top ranks first and never raises the largest (the spread below
-   may, by its slack). A previous fine
-   pass (the step-3 search again toward a tight target) met 382 cells of the matrix, this one
-   387: DeepSeek-V3 on 144 ranks, slow drift, −0.98 to −0.32 pp and −0.54 to −0.11 pp against
-   DeepSeek; the temperature matters little (1% and 10% of the mean rank load met 384 and 386).
+   may, by its slack). A previous fine pass (the step-3 search again toward a tight target) met
+   382 cells of the matrix, this one 387: DeepSeek-V3 on 144 ranks, slow drift, −0.98 to −0.32
+   pp and −0.54 to −0.11 pp against DeepSeek; the temperature matters little (1% and 10% of the
+   mean rank load met 384 and 386).
    Step 3's tolerance keeps a layer hit by a change (a hot expert gaining or losing replicas)
    from re-levelling every rank; the pass spends a small, bounded number of slots where little
    else moved, while a layer that needed many moves gets none. In larger layers it runs only
@@ -90,8 +90,8 @@ together, vectorised):
    ranks (:mod:`.replica_spread`): step 2 puts a hot expert's new copies in the slots the
    shrinking experts freed, so 31 copies on 16 ranks sat 0 to 4 to a rank, and when that expert
    cooled in the next window the ranks with few of its copies carried the layer (next-window
-   max / mean 1.35 after planning at 1.005). An expert within one copy of even on every rank changes every rank
-   alike. Each exchange moves one copy from its fullest rank to its emptiest and may take the
+   max / mean 1.35 after planning at 1.005). An expert within one copy of even on every rank
+   changes every rank alike. Each exchange moves one copy from its fullest rank to its emptiest and may take the
    pair up to half that replica's load above the layer's largest rank; the soft maximum's pass
    then spends what is left of the room.
 5. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots

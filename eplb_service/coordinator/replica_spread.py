@@ -91,11 +91,10 @@ def _spread_layers(
     sigma: float,
     max_rounds: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`spread_search` on one block of layers that all have room and a crowded expert."""
+    """:func:`spread_search` on one block of layers that all have room and a crowded expert;
+    changes ``sub`` and ``left`` in place (the caller's copies of its rows) and returns them."""
     num_layers, num_physical = sub.shape
     slots = num_physical // num_ranks
-    sub = sub.copy()
-    left = left.copy()
     replica = load_shares(load) / np.maximum(counts, 1)  # [l, N] load of one replica
     held = rank_holdings(sub, load.shape[1], num_ranks)  # [l, R, N] copies per rank
     slot_load = replica[np.arange(num_layers)[:, None], sub]
@@ -107,8 +106,8 @@ def _spread_layers(
     settled = ~crowded
     local = np.arange(slots)
     most, fewest = held.max(axis=1), held.min(axis=1)  # [l, N] copies on the fullest and emptiest rank
-    uneven = most - fewest
     for _ in range(max_rounds):
+        uneven = most - fewest
         risk = np.where(~settled & (uneven >= 2), replica * (uneven - 1), -1.0)
         act = np.flatnonzero((left >= 2) & (risk.max(axis=1) > 0))
         if act.size == 0:
@@ -156,7 +155,6 @@ def _spread_layers(
         for changed in (exp, partner):
             copies = held[act, :, changed]
             most[act, changed], fewest[act, changed] = copies.max(axis=1), copies.min(axis=1)
-            uneven[act, changed] = most[act, changed] - fewest[act, changed]
         left[act] -= 2
         settled[act] = ~crowded[act]
     return sub, left
