@@ -536,6 +536,55 @@ def test_a_signal_stops_the_simulation_and_every_rank_in_one_line(sig):
     assert _processes_with_marker(marker) == []
 
 
+_SIGNAL_WHILE_RANKS_START = """
+import os, signal, sys
+from eplb_service.coordinator import cli
+from eplb_service.sim import processes
+
+start = processes.RankProcesses.start
+
+def start_then_signal(self, *args):
+    start(self, *args)  # every rank process exists, none has run a line of its own yet
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+processes.RankProcesses.start = start_then_signal
+sys.exit(cli.main(["--dp", "2", "--simulate", "--steps", "60"]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_ranks_start_is_not_lost(sig):
+    """The signal lands inside the ranks' start, the window CI hit once: before, a SIGTERM there
+    killed the coordinator's process by the default action (exit -15, a rank's spawn cut short)
+    and a SIGINT there was ignored (the run went on to its end). Now either stops the run as it
+    does later: one line, exit 128 + its number, no process left."""
+    import os
+    import secrets
+    import signal as signals
+
+    marker = secrets.token_hex(8)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_WHILE_RANKS_START, sig],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EPLB_TEST_RUN_MARKER": marker},
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signals.SIGKILL)
+    number = getattr(signals, sig)
+    assert proc.returncode == 128 + number, err[-2000:]
+    assert f"{sig} received: stopping the simulation and its ranks (no summary)" in err
+    assert "Traceback" not in err, err[-3000:]
+    assert out == ""
+    assert _processes_with_marker(marker) == []
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl is Linux's")
 def test_rank_processes_end_with_a_coordinator_killed_outright():
     """SIGKILL (an OOM kill, a crash) lets the coordinator's process clean nothing up: its ranks

@@ -113,11 +113,13 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
     watch = ProgressLog(opts, coordinator, progress)
     stopped_by: list[int] = []
     try:
-        # Started with SIGINT ignored, which a child keeps from its first instruction: a terminal's
-        # Ctrl-C reaches the whole process group, and a rank still importing printed a traceback.
-        with _sigint_ignored():
-            ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
+        # Handled before the first rank starts: a signal while they start (a few tens of ms, longer
+        # on a loaded machine) was lost, or killed this process by the default action mid-spawn.
         _stop_on_signals(coordinator, stopped_by)
+        # Started with SIGINT blocked, which a child keeps from its first instruction: a terminal's
+        # Ctrl-C reaches the whole process group, and a rank still importing printed a traceback.
+        with _sigint_blocked():
+            ranks.start(run_rank, lambda r: (specs[r], ranks.results, progress))
         await ranks.wait(0.1, lambda: bool(stopped_by) or watch.poll(), timeout_s=opts.timeout_s)
     finally:
         # the coordinator keeps serving on this loop meanwhile; a stopped run does not wait for ranks
@@ -134,16 +136,21 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored within (on the main thread; elsewhere Python cannot change it)."""
-    if threading.current_thread() is not threading.main_thread():
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked on this thread within; one that arrives meanwhile is delivered on the way out.
+
+    Blocked, not ignored: a process started within inherits the mask (across exec, as it would
+    an ignored disposition), so a rank still importing takes no Ctrl-C (it ignores SIGINT once
+    it runs), while this process loses none. With SIGINT ignored here, a Ctrl-C during the ranks'
+    start was dropped and the run went on to its end."""
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows: nothing to block with
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _stop_on_signals(coordinator: Coordinator, stopped_by: list[int]) -> None:
