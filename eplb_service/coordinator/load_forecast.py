@@ -54,6 +54,12 @@ def load_shares(load: np.ndarray) -> np.ndarray:
     return load / np.where(totals > 0, totals, 1.0)
 
 
+def replica_shares(load: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[L, N]`` the load one replica of each expert carries, as a share of its layer's load
+    (an expert's load split evenly over its ``counts`` replicas; 0 for an expert with none)."""
+    return load_shares(load) / np.maximum(counts, 1)
+
+
 def persistence(previous: np.ndarray | None, latest: np.ndarray) -> float:
     """The pooled slope of ``latest``'s centred shares on ``previous``'s, clipped to ``[0, 1]``.
 

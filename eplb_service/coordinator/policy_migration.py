@@ -162,7 +162,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eplb_service.coordinator.load_forecast import load_shares
+from eplb_service.coordinator.load_forecast import replica_shares
 from eplb_service.coordinator.pack_matching import pack_overlap, relabel_packs
 from eplb_service.coordinator.policy_deepseek import balanced_packing
 from eplb_service.coordinator.replica_spread import spread_search
@@ -527,7 +527,7 @@ def _uses_packing(num_physical: int, num_ranks: int, reference_max_slots: int) -
 
 def _normalised_slot_load(phy2log: np.ndarray, load: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``[L, P]`` each slot's share of its layer's load (a layer's slots sum to 1; 0 if idle)."""
-    return (load_shares(load) / np.maximum(counts, 1))[np.arange(load.shape[0])[:, None], phy2log]
+    return replica_shares(load, counts)[np.arange(load.shape[0])[:, None], phy2log]
 
 
 def swap_search(
@@ -898,7 +898,7 @@ def migration_phy2log(
 def replica_loads(load: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``[L, P]`` every replica's share of its layer's load under ``counts`` (rows sum to 1), in
     expert order: what a packing of these counts has to place."""
-    per_replica = load_shares(load) / np.maximum(counts, 1)
+    per_replica = replica_shares(load, counts)
     return np.repeat(per_replica.ravel(), counts.ravel()).reshape(load.shape[0], -1)
 
 

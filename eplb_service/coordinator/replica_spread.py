@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eplb_service.coordinator.load_forecast import load_shares
+from eplb_service.coordinator.load_forecast import replica_shares
 from eplb_service.placement import HOLDINGS_BLOCK_ENTRIES, rank_holdings
 
 DEFAULT_SPREAD_SIGMA = 0.5
@@ -95,7 +95,7 @@ def _spread_layers(
     changes ``sub`` and ``left`` in place (the caller's copies of its rows) and returns them."""
     num_layers, num_physical = sub.shape
     slots = num_physical // num_ranks
-    replica = load_shares(load) / np.maximum(counts, 1)  # [l, N] load of one replica
+    replica = replica_shares(load, counts)  # [l, N]
     held = rank_holdings(sub, load.shape[1], num_ranks)  # [l, R, N] copies per rank
     slot_load = replica[np.arange(num_layers)[:, None], sub]
     rank_load = slot_load.reshape(num_layers, num_ranks, slots).sum(axis=2)
