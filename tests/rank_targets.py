@@ -11,10 +11,18 @@ def report(rank: int, results, delay_s: float = 0.0) -> None:
     results.put({"rank": rank, "pid": os.getpid()})
 
 
-def die_unless_rank0(rank: int, results, exit_code: int = 3) -> None:
+def die_unless_rank0(rank: int, results, exit_code: int = 3, rank0_reported=None) -> None:
+    """Rank 0 reports; every other rank exits with ``exit_code`` without reporting, once
+    ``rank0_reported`` (an event, if given) says rank 0's result is on the queue."""
     if rank != 0:
+        if rank0_reported is not None:
+            rank0_reported.wait(60)
         os._exit(exit_code)
     results.put({"rank": rank})
+    results.close()
+    results.join_thread()  # the result is in the pipe, not in this process's feeder buffer
+    if rank0_reported is not None:
+        rank0_reported.set()
 
 
 def write_control(rank: int, control, progress, results) -> None:

@@ -394,7 +394,9 @@ def test_http_slow_loris_connections_keep_neither_probes_nor_heartbeats_out(tmp_
         endpoint=f"ipc://{tmp_path}/c.sock",
         metrics_port=0,
         http_host="127.0.0.1",
-        liveness_timeout_s=1.0,
+        # 2 s, not 1: the heartbeats come from this test's own loop, which also drips ~27 writes,
+        # makes a probe and a connection per pass; a loaded machine could starve it past 1 s.
+        liveness_timeout_s=2.0,
         check_step_clock=False,
     )
     thread = CoordinatorThread(cfg).start()

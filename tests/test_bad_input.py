@@ -259,7 +259,6 @@ def test_ranks_that_never_register_are_named_in_the_log_and_the_status(tmp_path,
     from eplb_service.coordinator import registration_watch
     from eplb_service.coordinator.status_client import format_status
 
-    monkeypatch.setattr(registration_watch, "WAIT_BEFORE_WARNING_S", 0.3)
     caplog.set_level("INFO")
     endpoint = f"ipc://{tmp_path}/c.sock"
     shape, model = PlacementShape(2, 6, 8, 4), protocol.ModelShape(2, 6, 8, 4, 36)
@@ -269,6 +268,9 @@ def test_ranks_that_never_register_are_named_in_the_log_and_the_status(tmp_path,
         for rank in (0, 2):
             reply = ask(endpoint, f"rank-{rank}".encode(), hello(rank=rank, model=model, phy2log=phy2log))
             assert isinstance(reply, protocol.Welcome), reply
+        # Shortened once both are in (the watch reads it on every tick): set before, a second
+        # registration later than 0.3 s (a GC pause) made a first warning name ranks 1-3.
+        monkeypatch.setattr(registration_watch, "WAIT_BEFORE_WARNING_S", 0.3)
         deadline = time.monotonic() + 5
         while "waiting for ranks" not in caplog.text:
             assert time.monotonic() < deadline, caplog.text

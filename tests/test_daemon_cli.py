@@ -246,7 +246,9 @@ def test_sigterm_mid_plan_aborts_cleanly_and_agents_keep_serving(tmp_path):
     for r in results.values():
         assert r["epoch"] == 0 and r["commits"] == [] and r["rows_match_maps"]
         assert r["stats"].get("aborted", 0) >= 1, "the agent did not drop the staged plan"
-        assert r["steps"] == 1500 and r["max_step_s"] < 0.5, "serving was disturbed by the coordinator's exit"
+        # Disturbed serving waits out the fence (5 s by default); a loaded 2-core machine's worst
+        # step of 1500 can reach a few hundred ms on its own (a GC pause, the agent thread's GIL).
+        assert r["steps"] == 1500 and r["max_step_s"] < 2.0, "serving was disturbed by the coordinator's exit"
 
 
 def test_a_flood_of_idle_http_connections_keeps_no_one_else_out(tmp_path):

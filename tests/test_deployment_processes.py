@@ -223,4 +223,5 @@ def test_stalled_agent_thread_makes_everyone_abort_at_the_fence(tmp_path):
     assert results[0]["commits"] == results[1]["commits"], "ranks diverged"
     assert c.counts["diverged"] == 0 and c.counts["aborted"] >= 1
     assert all(r["rows_match_maps"] for r in results.values())
-    assert results[0]["max_step_s"] < 0.5 + 0.5, "the fence wait exceeded its bound"
+    # the fence (0.5 s) and a worst step's own slack, below the transport's 2 s a missed bound would show
+    assert results[0]["max_step_s"] < 0.5 + 1.0, "the fence wait exceeded its bound"

@@ -256,7 +256,8 @@ def test_slow_rank_delays_the_commit_but_never_serving(tmp_path):
     assert min(o.staging_s for o in c.outcomes if o.phase == "committed") >= 1.4, (
         "the commit should wait for the slow rank"
     )
-    assert_consistent(results, fence_bound_s=0.5)  # nobody waited at the fence: the vote starts after staging
+    # nobody waited at the fence (1 s here): the vote starts after staging
+    assert_consistent(results, fence_bound_s=0.9)
 
 
 def test_corrupt_row_in_transit_fails_the_vote_everywhere(tmp_path):
@@ -273,7 +274,7 @@ def test_corrupt_row_in_transit_fails_the_vote_everywhere(tmp_path):
         "every rank must see the mismatch"
     )
     assert all(r["epoch"] == 0 for r in results.values())
-    assert_consistent(results, fence_bound_s=0.5)
+    assert_consistent(results, fence_bound_s=0.9)  # below the fence (1 s here): nobody waited it out
 
 
 def test_lossy_link_under_the_simulated_serving_loop_keeps_outputs_exact(tmp_path):

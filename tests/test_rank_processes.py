@@ -89,8 +89,11 @@ def test_a_dead_rank_is_named_after_the_grace_period(exit_code, waiting):
     seeing it would leave the simulation waiting out its whole timeout. The simulation waits on its
     event loop (``wait``), the GPU benchmarks without one (``wait_blocking``)."""
     ranks = RankProcesses(2, "test-rank")
+    # Rank 1 dies only once rank 0 has reported: two fresh interpreters start in either order on
+    # a loaded machine, and a rank 0 later than the 0.2 s grace would not be in ``collected``.
+    rank0_reported = ranks.ctx.Event()
     try:
-        ranks.start(rank_targets.die_unless_rank0, lambda r: (r, ranks.results, exit_code))
+        ranks.start(rank_targets.die_unless_rank0, lambda r: (r, ranks.results, exit_code, rank0_reported))
         with pytest.raises(RankProcessesDied, match=rf"test-rank-1', {exit_code}"):
             if waiting == "async":
                 asyncio.run(ranks.wait(0.05, dead_grace_s=0.2, timeout_s=20))

@@ -496,13 +496,50 @@ def _simulation_process(marker: str, *flags: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_ranks(marker: str, count: int, timeout_s: float = 60.0) -> None:
-    import time
+class _StreamsRead:
+    """A process's stdout and stderr read as they come (by threads), so that a test can wait for a
+    line the process logs and still get all of both streams at the end."""
 
-    deadline = time.monotonic() + timeout_s
-    while len(_processes_with_marker(marker)) < count:
-        assert time.monotonic() < deadline, "the rank processes never started"
-        time.sleep(0.2)
+    def __init__(self, proc: subprocess.Popen) -> None:
+        import threading
+
+        self.proc = proc
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.threads = [
+            threading.Thread(target=self._read, args=(stream, into), daemon=True)
+            for stream, into in ((proc.stdout, self.out), (proc.stderr, self.err))
+        ]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+
+    def wait_for_line(self, text: str, timeout_s: float = 120.0) -> None:
+        """Until stderr holds a line containing ``text`` (asserts it does within ``timeout_s``)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in list(self.err)):
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode} before {text!r}: {''.join(self.err)[-2000:]}"
+            )
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout_s}s: {''.join(self.err)[-2000:]}"
+            time.sleep(0.1)
+
+    def finish(self, timeout_s: float) -> tuple[str, str]:
+        """The process's exit awaited (raises ``TimeoutExpired`` past ``timeout_s``); both streams whole."""
+        self.proc.wait(timeout=timeout_s)
+        for t in self.threads:
+            t.join(timeout=timeout_s)
+        return "".join(self.out), "".join(self.err)
+
+
+ALL_RANKS_SERVING = "all 2 agents registered; serving"
+"""What the coordinator's process logs once both rank processes run (imported, registered)."""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -519,13 +556,17 @@ def test_a_signal_stops_the_simulation_and_every_rank_in_one_line(sig):
     marker = secrets.token_hex(8)
     proc = _simulation_process(marker)
     try:
-        _wait_for_ranks(marker, 3)  # the coordinator's process and 2 ranks
+        streams = _StreamsRead(proc)
+        # Both ranks running, not merely spawned: a signal while they start is the next test's.
+        # (Counting the run's processes in /proc counted multiprocessing's resource tracker too,
+        # so the signal often landed in the middle of the ranks' spawn.)
+        streams.wait_for_line(ALL_RANKS_SERVING)
         number = getattr(signals, sig)
         if sig == "SIGINT":
             os.killpg(proc.pid, number)  # as a terminal's Ctrl-C does
         else:
             proc.send_signal(number)
-        out, err = proc.communicate(timeout=60)
+        out, err = streams.finish(timeout_s=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signals.SIGKILL)
@@ -597,9 +638,10 @@ def test_rank_processes_end_with_a_coordinator_killed_outright():
     marker = secrets.token_hex(8)
     proc = _simulation_process(marker)
     try:
-        _wait_for_ranks(marker, 3)
+        streams = _StreamsRead(proc)
+        streams.wait_for_line(ALL_RANKS_SERVING)  # both ranks past their start, blocked in serving
         proc.kill()
-        proc.communicate(timeout=30)
+        streams.finish(timeout_s=30)
         deadline = time.monotonic() + 10
         while _processes_with_marker(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
