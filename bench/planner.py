@@ -27,6 +27,8 @@ Usage: ``python bench/planner.py [--rebalances 20] [--seed 0]``
 every deployment shape of :data:`MATRIX_SHAPES` under every workload of :data:`WORKLOADS`, each
 cell a warm-up plan from vLLM's initial placement and then ``--rebalances`` (default 10)
 successive rebalances, each from the policy's previous placement; one table row per cell.
+``--seeds 0,1,2`` runs every cell under each seed and pools them (:func:`pool_seeds`): which
+misses are one seed's loads and which the policy's.
 """
 
 from __future__ import annotations
@@ -457,6 +459,90 @@ class CellResult:
         return self.balance_pp >= BALANCE_TARGET_PP and self.moved_share <= MOVED_TARGET
 
 
+@dataclass(frozen=True)
+class PooledCell:
+    """One cell over several seeds (other loads, same shape and workload): whether a miss is the
+    policy's or one seed's draw. A cell on the line swings by half a point between seeds (one
+    layer-window where a swap lands next to a hot expert is 0.07 pp of a 64-layer cell).
+
+    Pooled: next-window Δ is the mean over the seeds; slots moved are summed over the seeds
+    before they are compared, as one longer sequence would be.
+    """
+
+    results: tuple[CellResult, ...]
+
+    @property
+    def shape(self) -> MatrixShape:
+        return self.results[0].shape
+
+    @property
+    def workload(self) -> Workload:
+        return self.results[0].workload
+
+    @property
+    def balance_pp(self) -> float:
+        return float(np.mean([r.balance_pp for r in self.results]))
+
+    @property
+    def moved_share(self) -> float:
+        moved = sum(r.migration.moved for r in self.results)
+        return moved / max(sum(r.deepseek.moved for r in self.results), 1)
+
+    @property
+    def meets_targets(self) -> bool:
+        return self.balance_pp >= BALANCE_TARGET_PP and self.moved_share <= MOVED_TARGET
+
+
+def pool_seeds(by_seed: list[list[CellResult]]) -> list[PooledCell]:
+    """Each cell's results under every seed, one list per seed in the same cell order.
+
+    Raises ``ValueError`` naming the first cell where the lists disagree (a different cell, or a
+    list of another length): pooling unlike cells would average other workloads' numbers.
+    """
+    if not by_seed:
+        raise ValueError("no seeds to pool: expected one list of cell results per seed")
+    first = by_seed[0]
+    for k, results in enumerate(by_seed[1:], start=1):
+        if len(results) != len(first):
+            raise ValueError(f"seed list {k} has {len(results)} cells, the first has {len(first)}")
+        for a, b in zip(first, results):
+            if (a.shape, a.workload) != (b.shape, b.workload):
+                raise ValueError(
+                    f"seed list {k} holds {b.shape.label} | {b.workload.label} where the first holds "
+                    f"{a.shape.label} | {a.workload.label}"
+                )
+    return [PooledCell(tuple(cell)) for cell in zip(*by_seed)]
+
+
+def pooled_report(pooled: list[PooledCell], seeds: list[int]) -> str:
+    """Cells meeting both targets per seed and pooled; a row for every cell that misses under
+    any seed, with each seed's numbers, so a reader tells a seed's draw from the policy's miss."""
+    per_seed = [sum(p.results[k].meets_targets for p in pooled) for k in range(len(seeds))]
+    worst = min(pooled, key=lambda p: p.balance_pp)
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}: cells meeting both targets "
+        + ", ".join(f"{n} (seed {s})" for s, n in zip(seeds, per_seed))
+        + f" of {len(pooled)}; on the seeds' pooled numbers {sum(p.meets_targets for p in pooled)}; "
+        f"under every seed {sum(all(r.meets_targets for r in p.results) for p in pooled)}.",
+        f"Worst pooled balance: {worst.shape.label}, {worst.workload.label}: {worst.balance_pp:+.2f} pp "
+        f"at {100 * worst.moved_share:.1f}% of DeepSeek's slots.",
+        "",
+        "| shape | workload | Δ pp per seed | slots vs DeepSeek per seed | Δ pp pooled | slots pooled | pooled |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for p in pooled:
+        if all(r.meets_targets for r in p.results):
+            continue
+        lines.append(
+            f"| {p.shape.label} | {p.workload.label} | "
+            + " ".join(f"{r.balance_pp:+.2f}" for r in p.results)
+            + " | "
+            + " ".join(f"{100 * r.moved_share:.1f}%" for r in p.results)
+            + f" | {p.balance_pp:+.2f} | {100 * p.moved_share:.1f}% | {'ok' if p.meets_targets else 'MISS'} |"
+        )
+    return "\n".join(lines)
+
+
 def matrix_cells(shapes=MATRIX_SHAPES, workloads=WORKLOADS) -> list[tuple[MatrixShape, Workload]]:
     """Every (shape, workload) pair, shapes outermost."""
     return [(s, w) for s in shapes for w in workloads]
@@ -599,10 +685,41 @@ def matrix_summary(results: list[CellResult]) -> str:
     )
 
 
+def run_pooled_matrix(args: argparse.Namespace, cells: list[tuple[MatrixShape, Workload]]) -> None:
+    """``--seeds``: the cells under each seed, then :func:`pooled_report`."""
+    by_seed = []
+    start = time.perf_counter()
+    for seed in args.seeds:
+        by_seed.append([run_cell(s, w, rebalances=args.rebalances, seed=seed, decayed=False) for s, w in cells])
+        if args.progress:
+            print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"Machine: {machine()}; seeds {', '.join(map(str, args.seeds))}; warm-up + {args.rebalances} "
+        f"rebalances per cell; {time.perf_counter() - start:.0f} s\n"
+    )
+    print(pooled_report(pool_seeds(by_seed), args.seeds))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``'s value: comma-separated distinct integers, e.g. ``0,1,2``."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds names a seed twice: {text!r}")
+    return seeds
+
+
 def run_matrix(args: argparse.Namespace) -> None:
     shapes = [s for s in MATRIX_SHAPES if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
     workloads = [w for w in WORKLOADS if not args.workloads or any(k in w.label for k in args.workloads.split(","))]
     cells = held_out_cells(args.held_out, args.seed) if args.held_out else matrix_cells(shapes, workloads)
+    if args.seeds:
+        run_pooled_matrix(args, cells)
+        return
     results = []
     start = time.perf_counter()
     for shape, workload in cells:
@@ -638,6 +755,15 @@ def main() -> None:
     )
     parser.add_argument("--progress", action="store_true", help="--matrix: print each cell to stderr as it ends")
     parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        metavar="S,S,...",
+        help="--matrix / --held-out: run every cell under each of these seeds (other loads) and report per "
+        "seed and pooled (mean next-window delta, slots summed): which misses are one seed's draw "
+        "(held-out cells are still picked by --seed)",
+    )
+    parser.add_argument(
         "--held-out",
         type=int,
         default=0,
@@ -648,6 +774,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.held_out < 0:
         parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
+    if args.seeds and not (args.matrix or args.held_out):
+        parser.error("--seeds applies to --matrix or --held-out only")
     if args.matrix or args.held_out:
         args.rebalances = args.rebalances or 10
         run_matrix(args)
