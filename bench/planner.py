@@ -421,6 +421,11 @@ def run_sequence(
     )
 
 
+def within_targets(balance_pp: float, moved_share: float) -> bool:
+    """Issue 16's targets for one cell: next-window balance against DeepSeek's, slots moved against its."""
+    return balance_pp >= BALANCE_TARGET_PP and moved_share <= MOVED_TARGET
+
+
 @dataclass(frozen=True)
 class CellResult:
     """DeepSeek and migration (both on the last window) and migration on the decayed window."""
@@ -456,7 +461,7 @@ class CellResult:
 
     @property
     def meets_targets(self) -> bool:
-        return self.balance_pp >= BALANCE_TARGET_PP and self.moved_share <= MOVED_TARGET
+        return within_targets(self.balance_pp, self.moved_share)
 
 
 @dataclass(frozen=True)
@@ -490,7 +495,7 @@ class PooledCell:
 
     @property
     def meets_targets(self) -> bool:
-        return self.balance_pp >= BALANCE_TARGET_PP and self.moved_share <= MOVED_TARGET
+        return within_targets(self.balance_pp, self.moved_share)
 
 
 def pool_seeds(by_seed: list[list[CellResult]]) -> list[PooledCell]:

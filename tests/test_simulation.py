@@ -483,11 +483,17 @@ def _processes_with_marker(marker: str) -> list[int]:
 
 
 def _simulation_process(marker: str, *flags: str) -> subprocess.Popen:
+    return _marked_process(marker, ["-m", "eplb_service.coordinator.cli", "--dp", "2", "--simulate", *flags])
+
+
+def _marked_process(marker: str, python_args: list[str]) -> subprocess.Popen:
+    """``python <python_args>`` in a session of its own, its environment holding ``marker``
+    (:func:`_processes_with_marker` finds it and its rank processes), both streams piped."""
     import os
 
     env = {**os.environ, "EPLB_TEST_RUN_MARKER": marker}
     return subprocess.Popen(
-        [sys.executable, "-m", "eplb_service.coordinator.cli", "--dp", "2", "--simulate", *flags],
+        [sys.executable, *python_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -605,14 +611,7 @@ def test_a_signal_while_the_ranks_start_is_not_lost(sig):
     import signal as signals
 
     marker = secrets.token_hex(8)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SIGNAL_WHILE_RANKS_START, sig],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "EPLB_TEST_RUN_MARKER": marker},
-        start_new_session=True,
-    )
+    proc = _marked_process(marker, ["-c", _SIGNAL_WHILE_RANKS_START, sig])
     try:
         out, err = proc.communicate(timeout=120)
     finally:
