@@ -48,7 +48,7 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
-from eplb_service.coordinator.spend_control import SpendState, update_spend
+from eplb_service.coordinator.spend_control import SpendState, scale_ceiling, update_spend
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
@@ -402,7 +402,9 @@ def run_sequence(
             reference = plan_rebalance("deepseek", shadow, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
             shadow = reference.target_phy2log
             if i >= warmup:
-                spend = update_spend(spend, plan.experts_moved, reference.experts_moved)
+                spend = update_spend(
+                    spend, plan.experts_moved, reference.experts_moved, max_scale=scale_ceiling(pshape.num_physical)
+                )
         if i < warmup:
             warm += plan.experts_moved
             continue

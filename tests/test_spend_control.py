@@ -10,14 +10,19 @@ import numpy as np
 import pytest
 from test_plan_runner_rules import names, plannable
 
+from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
 from eplb_service.coordinator.spend_control import (
     MAX_FINE_MOVE_SHARE,
+    MAX_SCALE,
     MIN_SCALE,
+    SPEND_CAP,
+    SPEND_HIGH,
     SPEND_MEMORY,
     SpendOptions,
     SpendState,
+    scale_ceiling,
     spend_options,
     update_spend,
 )
@@ -25,7 +30,7 @@ from eplb_service.coordinator.status_doc import status_json
 from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
 
 
-def test_under_spending_halves_the_scale_down_to_its_floor_and_over_spending_doubles_it_up_to_one():
+def test_under_spending_halves_the_scale_down_to_its_floor_and_over_spending_doubles_it():
     state = update_spend(SpendState(), 0, 100)
     assert state == SpendState(0.0, 100.0, 0.5)
     for _ in range(10):
@@ -33,7 +38,31 @@ def test_under_spending_halves_the_scale_down_to_its_floor_and_over_spending_dou
     assert state.scale == MIN_SCALE
     over = update_spend(SpendState(spent=10, reference=50, scale=0.25), 10, 10)  # 19 of 55: above 16%
     assert over.scale == 0.5
-    assert update_spend(SpendState(spent=50, reference=100), 10, 10).scale == 1.0  # never dearer than the defaults
+
+
+def faded(share: float) -> dict[str, float]:
+    """Tallies that read ``share`` of DeepSeek's slots once faded by the next update."""
+    return {"spent": share * 100 / SPEND_MEMORY, "reference": 100 / SPEND_MEMORY}
+
+
+def test_between_the_band_and_the_cap_the_scale_goes_back_to_the_defaults_and_no_further():
+    near = faded((SPEND_HIGH + SPEND_CAP) / 2)
+    assert update_spend(SpendState(**near, scale=0.25), 0, 0).scale == 0.5
+    assert update_spend(SpendState(**near, scale=0.75), 0, 0).scale == 1.0  # not 1.5
+    assert update_spend(SpendState(**near, scale=1.0), 0, 0).scale == 1.0
+    assert update_spend(SpendState(**near, scale=2.0), 0, 0).scale == 2.0  # dearer moves hold there
+
+
+def test_close_to_a_fifth_of_deepseek_s_slots_moves_get_dearer_than_the_defaults_up_to_the_cap():
+    state = SpendState()
+    scales = []
+    for _ in range(4):
+        state = update_spend(state, 19, 100)  # 19%: above SPEND_CAP
+        scales.append(state.scale)
+    assert SPEND_CAP < 0.19 and scales == [2.0, MAX_SCALE, MAX_SCALE, MAX_SCALE]
+    for _ in range(30):  # then far below: back down through the defaults to the floor
+        state = update_spend(state, 0, 100)
+    assert state.scale == MIN_SCALE
 
 
 def test_within_the_band_or_with_nothing_to_compare_the_scale_stays():
@@ -49,13 +78,33 @@ def test_the_tallies_fade_so_a_long_run_follows_the_workload():
     assert (state.spent, state.reference) == (100 * SPEND_MEMORY + 3, 200 * SPEND_MEMORY + 7)
 
 
+def test_moves_get_dearer_than_the_defaults_only_in_layers_where_that_narrows_something():
+    """In Mixtral's 8-12 slots step 4's room holds no exchange at any scale, so above 1 nothing
+    would change there; the scale stops at 1 and falls to cheaper moves as soon as the tally
+    drops, instead of first coming back down from 4."""
+    assert scale_ceiling(12) == 1.0 and scale_ceiling(80) == MAX_SCALE
+    over = SpendState(**faded(0.5), scale=1.0)
+    assert update_spend(over, 0, 0, max_scale=scale_ceiling(12)).scale == 1.0
+    assert update_spend(over, 0, 0, max_scale=scale_ceiling(80)).scale == 2.0
+    for bad in (0.5, MAX_SCALE * 2):
+        with pytest.raises(ValueError, match=f"max_scale must be in \\[1, 4\\], got {bad!r}"):
+            update_spend(over, 0, 0, max_scale=bad)
+
+
 def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it_runs():
     assert spend_options(1.0, 544) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE)
     assert spend_options(0.5, 544) == SpendOptions(DEFAULT_MOVE_PRICE / 2, DEFAULT_FINE_MOVE_SHARE * 2)
     assert spend_options(MIN_SCALE, 544).fine_move_share == MAX_FINE_MOVE_SHARE
     assert spend_options(0.5, 12).fine_move_share == DEFAULT_FINE_MOVE_SHARE  # 12 x 8%: no exchange fits anyway
-    with pytest.raises(ValueError, match="got 1.5"):
-        spend_options(1.5, 8)
+    for bad in (0.0, MAX_SCALE * 1.5, float("nan")):
+        with pytest.raises(ValueError, match=f"got {bad!r}"):
+            spend_options(bad, 8)
+
+
+def test_a_dearer_scale_narrows_only_the_fine_pass_and_keeps_the_price():
+    assert spend_options(2.0, 544) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE / 2)
+    assert spend_options(MAX_SCALE, 288) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE / MAX_SCALE)
+    assert spend_options(MAX_SCALE, 12) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE)
 
 
 def plan_and_tally(c) -> None:
@@ -104,6 +153,48 @@ def test_a_priced_out_layer_moves_at_a_cheaper_scale_with_the_hierarchy_kept_too
     assert cheap.balancedness_after > default.balancedness_after
     node_of_slot = np.arange(16) // 8
     assert ((cheap.target_phy2log // 8) == node_of_slot).all()  # group g's experts on node g
+
+
+def test_a_dearer_scale_keeps_fewer_fine_exchanges_and_still_levels_the_layer():
+    """Above 1 only step 4's fine pass narrows: slowly drifting layers of 80 slots (DeepSeek-V2-Lite
+    on 8 ranks, high noise) keep fewer of its exchanges, while steps 2-3 still level every rank."""
+    matrix_shape = MATRIX_SHAPES[3]
+    assert (matrix_shape.experts, matrix_shape.slots, matrix_shape.ranks) == (64, 80, 8)
+    shape = PlacementShape(4, 64, 80, 8)
+    loads = matrix_loads(matrix_shape, Workload("zipf-0.6", "slow", "high"), 4, 2, seed=0)
+    current = plan_rebalance("migration", initial_phy2log(shape), loads[0], shape).target_phy2log
+    default, dearer, dearest = (
+        plan_rebalance("migration", current, loads[1], shape, spend_scale=scale) for scale in (1.0, 2.0, MAX_SCALE)
+    )
+    assert default.experts_moved > dearer.experts_moved >= dearest.experts_moved > 0
+    assert default.balancedness_after >= dearer.balancedness_after >= dearest.balancedness_after
+    assert dearest.balancedness_after > max(default.balancedness_before, 0.95)
+    with pytest.raises(PlacementError, match="got 8.0"):
+        plan_rebalance("migration", current, loads[1], shape, spend_scale=2 * MAX_SCALE)
+
+
+def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_one_to_the_policy():
+    """Plans that move what DeepSeek's move (far above a fifth of its slots; its shadow starts from
+    its own previous plan, so the tallies differ a little) would make the next plan dearer, but
+    in the harness's 8-slot layers a dearer scale changes nothing, so it stays at 1. A dearer
+    scale, where the controller holds one, reaches the policy and the policy takes it."""
+    c, _ = plannable()
+    shape = c.book.shape
+    assert scale_ceiling(shape.num_physical) == 1.0
+
+    def as_deepseek(current, load, persistence, seeding):
+        return lambda: plan_rebalance("deepseek", current, load, shape)
+
+    real_call, c.plans._policy_call = c.plans._policy_call, as_deepseek
+    plan_and_tally(c)
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+    plan_and_tally(c)
+    assert c.plans.spend.spent > SPEND_CAP * c.plans.spend.reference > 0
+    assert c.plans.spend.scale == 1.0
+    c.plans.spend = dataclasses.replace(c.plans.spend, scale=2.0)
+    call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
+    assert call.keywords["spend_scale"] == 2.0
+    assert call().target_phy2log.shape == c.placements[c.epoch].shape
 
 
 def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_while_deepseek_would_have():

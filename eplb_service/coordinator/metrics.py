@@ -99,8 +99,9 @@ class CoordinatorMetrics:
         )
         self.move_price_scale = Gauge(
             "eplb_move_price_scale",
-            "The migration policy's spend scale for its next plan (1: its default move price; below 1: "
-            "moves made cheaper because its plans moved far fewer slots than DeepSeek's would have)",
+            "The migration policy's spend scale for its next plan (1: its defaults; below 1: moves made "
+            "cheaper because its plans moved far fewer slots than DeepSeek's would have; above 1: dearer, "
+            "its fine pass narrowed, because they moved close to a fifth of DeepSeek's)",
             registry=r,
         )
         self.move_price_scale.set(1.0)

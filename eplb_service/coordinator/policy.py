@@ -50,7 +50,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     uses_hierarchy,
 )
 from eplb_service.coordinator.policy_migration import migration_phy2log
-from eplb_service.coordinator.spend_control import spend_options
+from eplb_service.coordinator.spend_control import MAX_SCALE, spend_options
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -311,10 +311,10 @@ def plan_rebalance(
             the plan's gains and balancedness are then under that forecast. ``"deepseek"``
             ignores it (it is DeepSeek's policy: the last window only), and so do registered
             policies.
-        spend_scale: in ``(0, 1]``, how much cheaper ``"migration"`` makes moves than its
-            defaults (step 6's price times it, step 4's room divided by it; see
-            :mod:`.spend_control`, whose state the coordinator keeps between plans); 1 = the
-            defaults. Other policies ignore it.
+        spend_scale: in ``(0, MAX_SCALE]``, how much cheaper (below 1) or dearer (above 1)
+            ``"migration"`` makes moves than its defaults (below 1 step 6's price times it;
+            step 4's room divided by it; see :mod:`.spend_control`, whose state the coordinator
+            keeps between plans); 1 = the defaults. Other policies ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
@@ -361,8 +361,8 @@ def plan_rebalance(
         raise PlacementError(f"min_layer_gain must be a finite number, got {min_layer_gain!r}")
     if not (isinstance(persistence, (int, float, np.floating)) and 0.0 <= persistence <= 1.0):
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
-    if not (isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= 1.0):
-        raise PlacementError(f"spend_scale must be a number in (0, 1], got {spend_scale!r}")
+    if not (isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE):
+        raise PlacementError(f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}")
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)

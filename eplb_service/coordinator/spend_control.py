@@ -11,12 +11,15 @@ slots DeepSeek would have moved, and it tallies both.
 
 The rule (:func:`update_spend`, pure): after each rebalance, where the policy's tally is below
 :data:`SPEND_LOW` of DeepSeek's, moves get cheaper (``scale`` halves); above
-:data:`SPEND_HIGH`, back toward the defaults (``scale`` doubles); ``scale`` stays within
-``[MIN_SCALE, 1]``, so the policy never spends *less* than its defaults make it. The tallies
-fade by :data:`SPEND_MEMORY` per rebalance, so a long-running coordinator follows a workload
-that changes. ``scale`` multiplies step 6's ``move_price`` and divides step 4's
-``fine_move_share`` (:func:`spend_options`); in layers too large for step 4 at the defaults
-(more than 384 slots), a room above the default turns it on there.
+:data:`SPEND_HIGH`, back toward the defaults (``scale`` doubles, up to 1); above
+:data:`SPEND_CAP`, close under the budget of a fifth, dearer than the defaults (``scale``
+doubles, up to :data:`MAX_SCALE`). ``scale`` stays within ``[MIN_SCALE, MAX_SCALE]``. The
+tallies fade by :data:`SPEND_MEMORY` per rebalance, so a long-running coordinator follows a
+workload that changes. Below 1, ``scale`` multiplies step 6's ``move_price`` and divides step
+4's ``fine_move_share`` (:func:`spend_options`); in layers too large for step 4 at the defaults
+(more than 384 slots), a room above the default turns it on there. Above 1 it only narrows step
+4's room: the fine pass is what a layer spends where nothing forced a move, while step 6's
+price also holds back the answer to a lasting new hot expert.
 
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
@@ -25,9 +28,12 @@ over-count only leans toward dearer moves. A plan skipped for too small a gain c
 
 Measured on the workload matrix (``bench/planner.py --matrix``, ``bench/spend_controller.py``):
 386 → 391 of 432 cells with seed 0, 383 → 391 with seed 1, the worst balance cell −1.37 →
-−0.73 pp and −1.45 → −1.21 pp; making moves *dearer* than the defaults above the band (``scale``
-up to 4) gained nothing (386 with seed 0), and scaling step 3's tolerance or swap gate cost
-Mixtral's small layers balance or slots (``bench/README.md``).
+−0.73 pp and −1.45 → −1.21 pp; scaling step 3's tolerance or swap gate cost Mixtral's small
+layers balance or slots (``bench/README.md``). Dearer than the defaults (2026-12-06, pooled over
+seeds 0, 1, 2, ``--seeds 0,1,2``): step 4's room narrowed above :data:`SPEND_CAP`, 395 → 398
+cells (the cells off Mixtral that miss, pooled: 4 → 1); the same from :data:`SPEND_HIGH` on,
+397; step 6's price raised as well, 395 (a Mixtral cell gaining a lasting hot expert answers it
+late: −0.24 → −0.60 pp).
 """
 
 from __future__ import annotations
@@ -41,10 +47,14 @@ SPEND_LOW = 0.12
 """Below this share of DeepSeek's slots (the tallies), moves get cheaper."""
 SPEND_HIGH = 0.16
 """Above this share, moves get dearer again (up to the policy's defaults): margin under a fifth."""
+SPEND_CAP = 0.185
+"""Above this share, moves get dearer than the defaults (``scale`` above 1): just under a fifth."""
 SPEND_STEP = 2.0
 """``scale`` is divided (below the band) or multiplied (above it) by this after each rebalance."""
 MIN_SCALE = 1 / 16
 """The cheapest moves get: ``move_price / 16``."""
+MAX_SCALE = 4.0
+"""The dearest moves get: step 4's room a quarter of its default."""
 SPEND_MEMORY = 0.9
 """Both tallies are multiplied by this before each rebalance's slots are added (about the last
 ten rebalances count)."""
@@ -59,7 +69,8 @@ class SpendState:
     Attributes:
         spent: slots the policy's plans moved (faded tally); reference: slots DeepSeek's plans
             from the shadow placement moved (same fading).
-        scale: the spending factor for the next plan, in ``[MIN_SCALE, 1]`` (1: the defaults).
+        scale: the spending factor for the next plan, in ``[MIN_SCALE, MAX_SCALE]`` (1: the
+            defaults; below 1 cheaper moves, above 1 dearer).
     """
 
     spent: float = 0.0
@@ -67,22 +78,29 @@ class SpendState:
     scale: float = 1.0
 
 
-def update_spend(state: SpendState, spent: int, reference: int) -> SpendState:
+def update_spend(state: SpendState, spent: int, reference: int, *, max_scale: float = MAX_SCALE) -> SpendState:
     """The state after a rebalance where the policy moved ``spent`` slots and DeepSeek ``reference``.
 
     With no DeepSeek slots tallied yet there is nothing to compare, and ``scale`` stays.
+    ``max_scale``: :func:`scale_ceiling` of the deployment's layers (1 where a dearer scale would
+    change nothing, so it never has to come back down before moves get cheaper).
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
+    if not 1.0 <= max_scale <= MAX_SCALE:
+        raise ValueError(f"max_scale must be in [1, {MAX_SCALE:g}], got {max_scale!r}")
     tally = state.spent * SPEND_MEMORY + spent
     ref = state.reference * SPEND_MEMORY + reference
     scale = state.scale
     if ref > 0:
         if tally < SPEND_LOW * ref:
             scale /= SPEND_STEP
-        elif tally > SPEND_HIGH * ref:
+        elif tally > SPEND_CAP * ref:
             scale *= SPEND_STEP
-    return SpendState(tally, ref, min(max(scale, MIN_SCALE), 1.0))
+        elif tally > SPEND_HIGH * ref:
+            # Back toward the defaults, not past them; a scale already above 1 holds.
+            scale = min(scale * SPEND_STEP, max(scale, 1.0))
+    return SpendState(tally, ref, min(max(scale, MIN_SCALE), max_scale))
 
 
 @dataclass(frozen=True)
@@ -104,15 +122,24 @@ def room_follows_scale(num_physical: int) -> bool:
     return math.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2
 
 
+def scale_ceiling(num_physical: int) -> float:
+    """The dearest ``scale`` worth reaching in layers of ``num_physical`` slots: :data:`MAX_SCALE`
+    where step 4's room follows it (:func:`room_follows_scale`), else 1 (above 1 only that room
+    changes, so a higher scale there would only delay cheaper moves once the tally drops)."""
+    return MAX_SCALE if room_follows_scale(num_physical) else 1.0
+
+
 def scaled_room(scale: float) -> float:
-    """Step 4's ``fine_move_share`` at ``scale``: its default divided by it, at most :data:`MAX_FINE_MOVE_SHARE`."""
+    """Step 4's ``fine_move_share`` at ``scale``: its default divided by it (narrower above 1), at
+    most :data:`MAX_FINE_MOVE_SHARE`."""
     return min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
 
 
 def spend_options(scale: float, num_physical: int) -> SpendOptions:
     """The migration policy's settings for ``scale`` in layers of ``num_physical`` slots (the
-    defaults at ``scale = 1``; step 4's room only where :func:`room_follows_scale`)."""
-    if not (math.isfinite(scale) and 0 < scale <= 1):
-        raise ValueError(f"spend scale must be in (0, 1], got {scale!r}")
+    defaults at ``scale = 1``; step 4's room only where :func:`room_follows_scale`; above 1 the
+    price stays at its default)."""
+    if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise ValueError(f"spend scale must be in (0, {MAX_SCALE:g}], got {scale!r}")
     room = scaled_room(scale) if room_follows_scale(num_physical) else DEFAULT_FINE_MOVE_SHARE
-    return SpendOptions(DEFAULT_MOVE_PRICE * scale, room)
+    return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0), room)
