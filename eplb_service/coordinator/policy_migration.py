@@ -144,8 +144,9 @@ The defaults were chosen with the workload matrix of ``bench/planner.py --matrix
 from 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): with the coordinator's spend
 controller scaling ``move_price`` and ``fine_move_share`` per deployment (:mod:`.spend_control`),
 392 of its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth
-of its slots moved (394 with another seed; 92 and 82 of 100 random cells off the matrix,
-``--held-out``); 391 before the count slack's pigeonhole check and step 4 in large layers; at the
+of its slots moved (397 and 395 with seeds 1 and 2, 398 pooled over the three; 92 and 82 of 100
+random cells off the matrix, ``--held-out``); 395 pooled before the controller made moves dearer
+than the defaults close to the budget; 391 before the count slack's pigeonhole check and step 4 in large layers; at the
 defaults throughout, 386 before those two
 (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and
 no count slack, 380 with the count slack and the forecast planned for at every persistence,
