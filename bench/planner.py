@@ -361,6 +361,7 @@ def run_sequence(
     warmup: int = 1,
     forecast: bool = True,
     spend_control: bool = True,
+    fresh_start: bool = True,
 ) -> SequenceResult:
     """Plan every window but the last, each from the previous plan; score on the next window.
 
@@ -370,6 +371,9 @@ def run_sequence(
     ``spend_control`` (``"migration"``): carry the coordinator's spend controller
     (:mod:`~eplb_service.coordinator.spend_control`) from plan to plan, with DeepSeek's shadow
     placement planned on the same loads (the warm-up plans set it off and are not tallied).
+    ``fresh_start`` (``"migration"``): the first plan, from vLLM's initial placement, is
+    DeepSeek's packing (``plan_rebalance(fresh=True)``, as the coordinator plans at epoch 0);
+    ``False`` repairs that placement like any other.
     """
     layers = loads[0].shape[0]
     pshape = PlacementShape(layers, shape.experts, shape.slots, shape.ranks)
@@ -394,6 +398,7 @@ def run_sequence(
             num_nodes=shape.nodes,
             persistence=lasting,
             spend_scale=spend.scale,
+            fresh=fresh_start and i == 0,
         )
         times.append((time.perf_counter() - start) * 1e3)
         plan_moves.append(plan.experts_moved)
@@ -582,22 +587,22 @@ def run_cell(
     decayed: bool = True,
     forecast: bool = True,
     spend_control: bool = True,
+    fresh_start: bool = True,
 ) -> CellResult:
     """One cell: a warm-up plan, then ``rebalances`` measured ones, for each policy on the same loads.
 
     The cell's loads are :func:`cell_loads`. ``forecast=False`` withholds the load's persistence from
     the migration policy (it then plans for the last window as it is); ``spend_control=False``
-    runs it without the coordinator's spend controller (its default settings throughout).
+    runs it without the coordinator's spend controller (its default settings throughout);
+    ``fresh_start=False`` has its first plan repair vLLM's initial placement instead of laying
+    DeepSeek's packing.
     """
     layers = layers or matrix_layers(shape)
     loads = cell_loads(shape, workload, rebalances + 2, seed, layers)
     deepseek = run_sequence("deepseek", shape, loads)
-    migration = run_sequence("migration", shape, loads, forecast=forecast, spend_control=spend_control)
-    smoothed = (
-        run_sequence("migration", shape, loads, decayed=True, forecast=forecast, spend_control=spend_control)
-        if decayed
-        else migration
-    )
+    options = {"forecast": forecast, "spend_control": spend_control, "fresh_start": fresh_start}
+    migration = run_sequence("migration", shape, loads, **options)
+    smoothed = run_sequence("migration", shape, loads, decayed=True, **options) if decayed else migration
     return CellResult(shape, workload, layers, rebalances, deepseek, migration, smoothed)
 
 

@@ -220,10 +220,15 @@ def controlled_sequence(
             gap = 100 * (ours - model_balancedness(rank_loads(shadow, loads[i], shape.ranks)))
             state = update_spend(state, last_moved, last_reference, ctl, gap)
         scales.append(state.scale)
-        start = time.perf_counter()
-        plan = migration_plan(current, loads[i], shape, lasting, policy_options(state.scale, ctl.levers, shape.slots))
-        times.append((time.perf_counter() - start) * 1e3)
         ds = plan_rebalance("deepseek", shadow, loads[i], pshape, num_groups=shape.groups, num_nodes=shape.nodes)
+        start = time.perf_counter()
+        if i == 0:  # the first plan, from the initial placement: DeepSeek's (plan_rebalance(fresh=True))
+            plan = ds
+        else:
+            plan = migration_plan(
+                current, loads[i], shape, lasting, policy_options(state.scale, ctl.levers, shape.slots)
+            )
+        times.append((time.perf_counter() - start) * 1e3)
         if reference == "fresh":
             ds_moved = plan_rebalance(
                 "deepseek", current, loads[i], pshape, num_groups=shape.groups, num_nodes=shape.nodes

@@ -12,22 +12,24 @@ a recording's parts, are summed), runs a placement policy, and writes placement 
      "experts_moved": n, "bytes_moved": n,
      "batches": [{"layers": [...], "bytes_moved": n, "gain": g}, ...]}
 
-``--current`` takes the same JSON (only ``phy2log`` is read; a bare ``[L, P]`` list works
-too), so a plan can seed the coordinator's initial placement and the next plan can start from
-it. Without ``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert
-``p % N``). Balancedness figures are under ``--load`` as given (with ``--previous-load`` and a
-persistence below 0.6 the migration policy plans for a forecast of the next window, see
-``load_forecast``; the batches' gains are then under that forecast). The migration policy runs
-at its default move price: the coordinator's spend controller (``spend_control``), which makes
-moves cheaper where its plans move far fewer slots than DeepSeek's would, needs a sequence of
-plans to tally and is not used here. Bad input ends with exit
-code 2 and a one-line message naming the flag or the file (with the bad entry's position) and
-what was expected: numeric flags are checked as they are parsed, files as they are read (an
-unreadable or ill-typed file is named, never a traceback; pickles are never loaded). Progress
-goes to stderr (:mod:`.plan_progress`); Ctrl-C ends with exit code 130 and one line, and ``--out``
-is written whole or not at all (:mod:`.plan_output`). Under ``--log-format json`` (else
+``--current`` takes the same JSON (only ``phy2log`` is read; a bare ``[L, P]`` list works too), so a
+plan can seed the coordinator's initial placement and the next plan can start from it. Without
+``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert ``p % N``). From
+that placement (given or not) the migration policy lays DeepSeek's packing, as the coordinator's
+first plan does (``plan_rebalance(fresh=True)``). Balancedness figures are under ``--load`` as given
+(with ``--previous-load`` and a persistence below 0.6 the migration policy plans for a forecast of
+the next window, see ``load_forecast``; the batches' gains are then under that forecast). The
+migration policy runs at its default move price: the coordinator's spend controller
+(``spend_control``), which makes moves cheaper where its plans move far fewer slots than DeepSeek's
+would (dearer close to a fifth of them), needs a sequence of plans to tally and is not used here.
+Bad input ends with exit code 2 and a one-line message naming the flag or the file (with the bad
+entry's position) and what was expected: numeric flags are checked as they are parsed, files as they
+are read (an unreadable or ill-typed file is named, never a traceback; pickles are never loaded).
+Progress goes to stderr (:mod:`.plan_progress`); Ctrl-C ends with exit code 130 and one line, and
+``--out`` is written whole or not at all (:mod:`.plan_output`). Under ``--log-format json`` (else
 ``EPLB_SERVICE_LOG_FORMAT``) every stderr line, errors, warnings and progress, is one JSON object,
-as the coordinator and the sidecar write theirs: a pipeline reading the service's logs reads this too.
+as the coordinator and the sidecar write theirs: a pipeline reading the service's logs reads this
+too.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=POLICIES,
         default=DEFAULT_POLICY,
         help="migration: change only what the load needs, starting from --current "
-        "(or vLLM's initial placement); "
+        "(from vLLM's initial placement, the default, it lays DeepSeek's packing, as the "
+        "coordinator's first plan does: that layout is no plan's choice); "
         "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
         "ordered to keep the experts --current already has there in place, so its phy2log equals "
         "DeepSeek's only up to a permutation within each rank (same experts per rank, same loads). "
@@ -584,6 +587,7 @@ def _plan(
             staging_budget_bytes=args.staging_budget_bytes,
             min_layer_gain=args.min_layer_gain,
             persistence=lasting,
+            fresh=bool(np.array_equal(current, initial_phy2log(shape))),
             progress=progress.layers if progress.enabled else None,
         )
     except ValueError as exc:

@@ -211,8 +211,17 @@ class PlanRunner:
             min_layer_gain=cfg.min_layer_gain,
             persistence=persistence,
             spend_scale=self.spend.scale,
+            fresh=self.starts_fresh(),
             skip_over_budget=True,
         )
+
+    def starts_fresh(self) -> bool:
+        """Whether the next plan starts from the placement serving started with (epoch 0: no plan
+        committed since, whatever this coordinator's own history), which the migration policy
+        replaces with DeepSeek's packing instead of repairing it (``plan_rebalance(fresh=)``).
+        A restarted coordinator sees the ranks' epoch, so it does not repack a placement plans
+        already chose."""
+        return self.book.epoch == 0 and self.cfg.policy == "migration"
 
     async def settle_spend(self) -> None:
         """Wait for the last plan's spend tally: the next plan's scale is what it leaves."""
@@ -308,6 +317,7 @@ class PlanRunner:
             persistence = self.last_persistence = book.window.persistence()
             self.metrics.load_persistence.set(persistence)
             current, load = book.placements[epoch].copy(), book.window.load.copy()
+            fresh = not seeding and self.starts_fresh()
             call = self._policy_call(current, load, persistence, seeding)
             self._seeded = self._seeded or seeding
             result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -333,6 +343,12 @@ class PlanRunner:
         if seeding:
             self.log.info(
                 "moving to the initial placement: %d batches, %d experts", len(result.batches), result.experts_moved
+            )
+        elif fresh and not skipped:
+            self.log.info(
+                "first plan from the placement serving started with: a full packing, %d batches, %d experts",
+                len(result.batches),
+                result.experts_moved,
             )
         elif skipped:
             self.counts["skipped"] += 1

@@ -236,15 +236,16 @@ def propose_phy2log(
     num_nodes: int = 1,
     persistence: float = 1.0,
     spend_scale: float = 1.0,
+    fresh: bool = False,
 ) -> np.ndarray:
     """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated.
 
-    ``persistence``, ``spend_scale`` (``"migration"`` only): see :func:`plan_rebalance`; ``load``
-    is then the forecast already."""
+    ``persistence``, ``spend_scale``, ``fresh`` (``"migration"`` only): see :func:`plan_rebalance`;
+    ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
-    if policy == "deepseek":
-        fresh = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
-        return keep_slots_within_ranks(fresh, current_phy2log, shape.num_ranks)
+    if policy == "deepseek" or (policy == "migration" and fresh):
+        packed = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
+        return keep_slots_within_ranks(packed, current_phy2log, shape.num_ranks)
     if policy == "migration":
         spend = spend_options(spend_scale, shape.num_physical)
         if uses_hierarchy(num_groups, num_nodes):
@@ -282,6 +283,7 @@ def plan_rebalance(
     min_layer_gain: float = 0.0,
     persistence: float = 1.0,
     spend_scale: float = 1.0,
+    fresh: bool = False,
     progress: LayerProgress | None = None,
     skip_over_budget: bool = False,
 ) -> RebalancePlan:
@@ -315,6 +317,13 @@ def plan_rebalance(
             ``"migration"`` makes moves than its defaults (below 1 step 6's price times it;
             step 4's room divided by it; see :mod:`.spend_control`, whose state the coordinator
             keeps between plans); 1 = the defaults. Other policies ignore it.
+        fresh: ``current_phy2log`` is the placement the deployment started with (no plan
+            committed since: vLLM's own layout, which no plan chose). ``"migration"`` then lays
+            DeepSeek's packing, as ``"deepseek"`` does, instead of repairing that layout: every
+            later plan repairs what this one leaves, and a packing is a better base than a
+            repaired arbitrary layout (see the module docstring of :mod:`.policy_migration`).
+            A layer whose packing would stage more than ``staging_budget_bytes`` on some rank
+            is repaired instead. Other policies ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
@@ -361,6 +370,8 @@ def plan_rebalance(
         raise PlacementError(f"min_layer_gain must be a finite number, got {min_layer_gain!r}")
     if not (isinstance(persistence, (int, float, np.floating)) and 0.0 <= persistence <= 1.0):
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
+    if not isinstance(fresh, (bool, np.bool_)):
+        raise PlacementError(f"fresh must be True or False, got {fresh!r}")
     if not (isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE):
         raise PlacementError(f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}")
     validate_phy2log(current_phy2log, shape)
@@ -372,7 +383,17 @@ def plan_rebalance(
     options: dict[str, Any] = {"num_groups": num_groups, "num_nodes": num_nodes, "persistence": float(persistence)}
     if policy == "migration":
         options["spend_scale"] = float(spend_scale)
+        options["fresh"] = bool(fresh)
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
+    if options.get("fresh") and staging_budget_bytes is not None:
+        # A packing changes most of a layer's slots; where that is more than one batch can stage
+        # on some rank, the layer is repaired instead (else it could never move at all: every
+        # first plan would skip it and the next would be fresh again).
+        staging = rank_staging_bytes(current, proposed, shape, bytes_per_expert)
+        too_big = np.any(staging > staging_budget_bytes, axis=1)
+        if too_big.any():
+            repaired = _propose_in_blocks(policy, current, load, shape, None, **{**options, "fresh": False})
+            proposed = np.where(too_big[:, None], repaired, proposed)
     required = None
     if uses_hierarchy(num_groups, num_nodes):
         required = ~node_purity(current, shape.num_logical, num_groups, num_nodes)
@@ -408,6 +429,15 @@ def _propose_in_blocks(
         if progress is not None:
             progress(stop, shape.num_layers)
     return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+
+def rank_staging_bytes(
+    current: np.ndarray, target: np.ndarray, shape: PlacementShape, bytes_per_expert: int
+) -> np.ndarray:
+    """``[L, R]`` bytes each rank stages to move layer by layer from ``current`` to ``target``: its
+    slots whose expert changes, times ``bytes_per_expert``."""
+    changed = (current != target).reshape(shape.num_layers, shape.num_ranks, shape.slots_per_rank)
+    return changed.sum(axis=2) * int(bytes_per_expert)
 
 
 def build_plan(
@@ -453,7 +483,7 @@ def build_plan(
         accept &= ((gain > MEASURABLE_GAIN) & (gain >= min_layer_gain)) | required
     target = np.where(accept[:, None], proposed, current)
     changed &= accept[:, None]
-    staging = changed.reshape(shape.num_layers, num_ranks, shape.slots_per_rank).sum(axis=2) * int(bytes_per_expert)
+    staging = rank_staging_bytes(current, target, shape, bytes_per_expert)
 
     over_budget = np.zeros(0, dtype=np.int64)
     if staging_budget_bytes is not None and accept.any():
