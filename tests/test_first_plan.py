@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from plan_harness import commit_plan, harness
 from test_plan_runner_rules import plannable
+from test_spend_control import plan_and_tally
 
 from eplb_service.coordinator.plan_cli import main as plan_main
 from eplb_service.coordinator.policy import plan_rebalance, rank_staging_bytes
+from eplb_service.coordinator.spend_control import SpendState
 from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
 
 
@@ -104,3 +106,28 @@ def test_a_layer_whose_packing_would_not_fit_one_batch_is_repaired_instead():
     assert np.array_equal(fresh.target_phy2log[~packing_fits], repair.target_phy2log[~packing_fits])
     assert fresh.experts_moved > 0 and (rank_staging_bytes(current, fresh.target_phy2log, shape, 1) <= 3).all()
     assert fresh.over_budget_layers == ()
+
+
+def test_a_fresh_plan_that_did_not_commit_is_made_again_and_never_tallied():
+    """Skipped, aborted or timed out, a fresh plan leaves the epoch at 0, so the next plan is fresh
+    again: tallied, its whole packing would count against the slot budget and hold the spend
+    controller's scale up. Like the first plan it only sets DeepSeek's shadow off."""
+    c, _ = plannable()
+    assert c.plans.starts_fresh()
+    for _ in range(2):
+        plan_and_tally(c)
+        assert c.plans.plan is not None  # a plan went out (the harness's load is far from even)
+        c.plans.plan, c.plans.pending_batches = None, []  # as if it aborted: nothing committed
+        c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+        assert c.epoch == 0 and c.plans.starts_fresh()
+    assert c.plans.spend == SpendState()
+
+
+def test_only_vllm_s_initial_placement_is_planned_fresh():
+    c, _ = plannable()
+    assert c.plans.starts_fresh()
+    c.book.placements[0] = c.book.placements[0][:, ::-1].copy()  # another placement strategy
+    assert not c.plans.starts_fresh()
+    c, _ = plannable()
+    c.plans.cfg = dataclasses.replace(c.plans.cfg, initial_placement=c.book.placements[0].tolist())
+    assert not c.plans.starts_fresh()  # the operator's choice, even if its seeding did not commit

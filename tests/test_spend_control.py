@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from plan_harness import commit_plan
 from test_plan_runner_rules import names, plannable
 
 from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
@@ -107,6 +108,12 @@ def test_a_dearer_scale_narrows_only_the_fine_pass_and_keeps_the_price():
     assert spend_options(MAX_SCALE, 12) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE)
 
 
+def past_the_fresh_first_plan(c) -> None:
+    """One plan committed: the next ones repair (``fresh`` only at epoch 0) and are tallied."""
+    commit_plan(c, step=c.registry.min_step() + 10)
+    assert not c.plans.starts_fresh()
+
+
 def plan_and_tally(c) -> None:
     """One planning round of the harness coordinator and the spend tally it starts."""
 
@@ -173,14 +180,16 @@ def test_a_dearer_scale_keeps_fewer_fine_exchanges_and_still_levels_the_layer():
         plan_rebalance("migration", current, loads[1], shape, spend_scale=2 * MAX_SCALE)
 
 
-def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_one_to_the_policy():
+def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_one_on():
     """Plans that move what DeepSeek's move (far above a fifth of its slots; its shadow starts from
     its own previous plan, so the tallies differ a little) would make the next plan dearer, but
     in the harness's 8-slot layers a dearer scale changes nothing, so it stays at 1. A dearer
-    scale, where the controller holds one, reaches the policy and the policy takes it."""
+    scale, where the controller holds one, is what the runner asks the policy for (that the
+    policy narrows step 4 with it: ``test_a_dearer_scale_keeps_fewer_fine_exchanges...``)."""
     c, _ = plannable()
     shape = c.book.shape
     assert scale_ceiling(shape.num_physical) == 1.0
+    commit_plan(c, step=c.registry.min_step() + 10)  # past the fresh first plan
 
     def as_deepseek(current, load, persistence, seeding):
         return lambda: plan_rebalance("deepseek", current, load, shape)
@@ -193,8 +202,7 @@ def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_o
     assert c.plans.spend.scale == 1.0
     c.plans.spend = dataclasses.replace(c.plans.spend, scale=2.0)
     call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
-    assert call.keywords["spend_scale"] == 2.0
-    assert call().target_phy2log.shape == c.placements[c.epoch].shape
+    assert call.keywords["spend_scale"] == 2.0 and call.keywords["fresh"] is False
 
 
 def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_while_deepseek_would_have():
@@ -202,6 +210,7 @@ def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_whil
     sets the shadow off; after one that moved nothing while DeepSeek's moved slots, the next plan
     is asked for at half the scale."""
     c, _ = plannable()
+    past_the_fresh_first_plan(c)
     assert c.cfg.policy == "migration"
 
     def no_change(current, load, persistence, seeding):
@@ -225,6 +234,7 @@ def test_a_plan_not_worth_making_spends_nothing():
     counts none: counted, it kept the controller from making moves cheaper in a deployment whose
     plans are all skipped."""
     c, _ = plannable()
+    past_the_fresh_first_plan(c)
     c.plans.cfg = dataclasses.replace(c.plans.cfg, min_gain=0.99)
     plan_and_tally(c)
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
@@ -285,6 +295,7 @@ def test_operators_see_the_scale_as_a_metric_and_in_status():
     """A coordinator whose plans got cheaper says so where an operator looks: the gauge and the
     status document follow the controller, and a new deployment starts again at 1."""
     c, _ = plannable()
+    past_the_fresh_first_plan(c)
 
     def scale_shown() -> tuple[float | None, dict]:
         doc = json.loads(status_json(c.status()))

@@ -30,7 +30,7 @@ from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.coordinator.spend_control import SpendState, scale_ceiling, update_spend
-from eplb_service.placement import PlacementError, PolicySettingsError, validate_phy2log
+from eplb_service.placement import PlacementError, PolicySettingsError, initial_phy2log, validate_phy2log
 from eplb_service.units import human_bytes
 
 
@@ -216,12 +216,19 @@ class PlanRunner:
         )
 
     def starts_fresh(self) -> bool:
-        """Whether the next plan starts from the placement serving started with (epoch 0: no plan
-        committed since, whatever this coordinator's own history), which the migration policy
-        replaces with DeepSeek's packing instead of repairing it (``plan_rebalance(fresh=)``).
-        A restarted coordinator sees the ranks' epoch, so it does not repack a placement plans
-        already chose."""
-        return self.book.epoch == 0 and self.cfg.policy == "migration"
+        """Whether the next plan starts from vLLM's initial placement, the one serving started
+        with (epoch 0: no plan committed since, whatever this coordinator's own history), which
+        the migration policy replaces with DeepSeek's packing instead of repairing it
+        (``plan_rebalance(fresh=)``). A restarted coordinator sees the ranks' epoch, so it does
+        not repack a placement plans already chose; a layout vLLM was started with other than its
+        default (another expert placement strategy) is repaired as any other, and so is
+        everything under ``--initial-placement`` (the operator chose that one, even where its
+        seeding plan did not commit)."""
+        book, cfg = self.book, self.cfg
+        if book.epoch != 0 or cfg.policy != "migration" or cfg.initial_placement is not None or book.shape is None:
+            return False
+        started = book.placements.get(0)
+        return started is not None and bool(np.array_equal(started, initial_phy2log(book.shape)))
 
     async def settle_spend(self) -> None:
         """Wait for the last plan's spend tally: the next plan's scale is what it leaves."""
@@ -231,9 +238,11 @@ class PlanRunner:
 
     async def _tally_spend(self, current: np.ndarray, load: np.ndarray, spent: int, generation: int) -> None:
         """Plan DeepSeek's policy from the shadow placement for the same load and update the spend
-        controller with both plans' slots. The first plan sets the shadow off from the placement
-        serving started with and is not tallied (it repairs an arbitrary layout, whatever the load
-        does). A failure here only leaves the controller where it was.
+        controller with both plans' slots. The first plan, and every fresh plan (from the
+        placement serving started with: DeepSeek's packing, as DeepSeek's own first plan), sets
+        the shadow off from its current placement and is not tallied: a fresh plan that did not
+        commit is made again, and tallied it would count a whole packing against the budget. A
+        failure here only leaves the controller where it was.
 
         It runs after its plan was decided and sent (:meth:`run_policy` starts it as a task), so
         the shadow plan (DeepSeek's whole-model packing: 9-19 ms for the Qwen3.5 shape, more than
@@ -337,6 +346,8 @@ class PlanRunner:
         self.metrics.balancedness.labels("projected").set(result.balancedness_after)
         skipped = epoch != book.epoch or not result.batches or (gain < self.cfg.min_gain and not result.forced_layers)
         if not seeding and self.cfg.policy == "migration":
+            if fresh:  # the shadow restarts here, as at the first plan: this plan is not tallied
+                self._shadow = None
             moved = 0 if skipped else result.experts_moved
             tally = self._tally_spend(current, load, moved, self._spend_generation)
             self._tally = asyncio.get_running_loop().create_task(tally)

@@ -322,8 +322,10 @@ def plan_rebalance(
             DeepSeek's packing, as ``"deepseek"`` does, instead of repairing that layout: every
             later plan repairs what this one leaves, and a packing is a better base than a
             repaired arbitrary layout (see the module docstring of :mod:`.policy_migration`).
-            A layer whose packing would stage more than ``staging_budget_bytes`` on some rank
-            is repaired instead. Other policies ignore it.
+            The packing is of the load the migration policy plans for (the forecast where most
+            of the imbalance fades, see ``persistence``). A layer whose packing would stage more
+            than ``staging_budget_bytes`` on some rank is repaired instead. Other policies
+            ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
@@ -372,7 +374,9 @@ def plan_rebalance(
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
     if not isinstance(fresh, (bool, np.bool_)):
         raise PlacementError(f"fresh must be True or False, got {fresh!r}")
-    if not (isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE):
+    if isinstance(spend_scale, bool) or not (
+        isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE
+    ):
         raise PlacementError(f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}")
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
@@ -391,9 +395,13 @@ def plan_rebalance(
         # first plan would skip it and the next would be fresh again).
         staging = rank_staging_bytes(current, proposed, shape, bytes_per_expert)
         too_big = np.any(staging > staging_budget_bytes, axis=1)
-        if too_big.any():
-            repaired = _propose_in_blocks(policy, current, load, shape, None, **{**options, "fresh": False})
-            proposed = np.where(too_big[:, None], repaired, proposed)
+        if too_big.any():  # each layer is planned on its own: repair only those
+            layers = np.flatnonzero(too_big)
+            part = PlacementShape(layers.size, shape.num_logical, shape.num_physical, shape.num_ranks)
+            proposed = proposed.copy()
+            proposed[layers] = propose_phy2log(
+                policy, current[layers], load[layers], part, **{**options, "fresh": False}
+            )
     required = None
     if uses_hierarchy(num_groups, num_nodes):
         required = ~node_purity(current, shape.num_logical, num_groups, num_nodes)

@@ -87,7 +87,7 @@ def update_spend(state: SpendState, spent: int, reference: int, *, max_scale: fl
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
-    if not 1.0 <= max_scale <= MAX_SCALE:
+    if isinstance(max_scale, bool) or not 1.0 <= max_scale <= MAX_SCALE:
         raise ValueError(f"max_scale must be in [1, {MAX_SCALE:g}], got {max_scale!r}")
     tally = state.spent * SPEND_MEMORY + spent
     ref = state.reference * SPEND_MEMORY + reference
@@ -125,7 +125,11 @@ def room_follows_scale(num_physical: int) -> bool:
 def scale_ceiling(num_physical: int) -> float:
     """The dearest ``scale`` worth reaching in layers of ``num_physical`` slots: :data:`MAX_SCALE`
     where step 4's room follows it (:func:`room_follows_scale`), else 1 (above 1 only that room
-    changes, so a higher scale there would only delay cheaper moves once the tally drops)."""
+    changes, so a higher scale there would only delay cheaper moves once the tally drops).
+    Measured as it is, on the whole layer's slots; where fewer slots hold the room (25-49 slots
+    to a layer, or a node's share under DeepSeek's hierarchy: 72 slots for DeepSeek-V3 on 4
+    nodes) the room holds no exchange from scale 2 or 4 on, so step 4 is off there before the
+    ceiling: a tighter ceiling would return to cheaper moves one rebalance sooner."""
     return MAX_SCALE if room_follows_scale(num_physical) else 1.0
 
 
@@ -139,7 +143,7 @@ def spend_options(scale: float, num_physical: int) -> SpendOptions:
     """The migration policy's settings for ``scale`` in layers of ``num_physical`` slots (the
     defaults at ``scale = 1``; step 4's room only where :func:`room_follows_scale`; above 1 the
     price stays at its default)."""
-    if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+    if isinstance(scale, bool) or not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ValueError(f"spend scale must be in (0, {MAX_SCALE:g}], got {scale!r}")
     room = scaled_room(scale) if room_follows_scale(num_physical) else DEFAULT_FINE_MOVE_SHARE
     return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0), room)
