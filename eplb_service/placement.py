@@ -78,6 +78,12 @@ def initial_phy2log(shape: PlacementShape) -> np.ndarray:
     return np.tile(row, (shape.num_layers, 1))
 
 
+def is_initial_phy2log(phy2log: np.ndarray, shape: PlacementShape) -> bool:
+    """Whether ``phy2log`` is :func:`initial_phy2log` of ``shape``: vLLM's own layout, which no
+    plan chose (the migration policy's first plan packs it afresh: ``plan_rebalance(fresh=)``)."""
+    return bool(np.array_equal(phy2log, initial_phy2log(shape)))
+
+
 def validate_phy2log(phy2log: np.ndarray, shape: PlacementShape) -> None:
     """Raise :class:`PlacementError` unless ``phy2log`` is a valid placement for ``shape``.
 

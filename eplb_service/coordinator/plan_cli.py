@@ -63,6 +63,7 @@ from eplb_service.placement import (
     PlacementError,
     PlacementShape,
     initial_phy2log,
+    is_initial_phy2log,
     layer_balancedness,
     logical_replica_count,
     model_balancedness,
@@ -587,7 +588,7 @@ def _plan(
             staging_budget_bytes=args.staging_budget_bytes,
             min_layer_gain=args.min_layer_gain,
             persistence=lasting,
-            fresh=bool(np.array_equal(current, initial_phy2log(shape))),
+            fresh=is_initial_phy2log(current, shape),
             progress=progress.layers if progress.enabled else None,
         )
     except ValueError as exc:

@@ -30,7 +30,7 @@ from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.coordinator.spend_control import SpendState, scale_ceiling, update_spend
-from eplb_service.placement import PlacementError, PolicySettingsError, initial_phy2log, validate_phy2log
+from eplb_service.placement import PlacementError, PolicySettingsError, is_initial_phy2log, validate_phy2log
 from eplb_service.units import human_bytes
 
 
@@ -228,7 +228,7 @@ class PlanRunner:
         if book.epoch != 0 or cfg.policy != "migration" or cfg.initial_placement is not None or book.shape is None:
             return False
         started = book.placements.get(0)
-        return started is not None and bool(np.array_equal(started, initial_phy2log(book.shape)))
+        return started is not None and is_initial_phy2log(started, book.shape)
 
     async def settle_spend(self) -> None:
         """Wait for the last plan's spend tally: the next plan's scale is what it leaves."""
