@@ -48,7 +48,7 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
-from eplb_service.coordinator.spend_control import SpendState, scale_ceiling, update_spend
+from eplb_service.coordinator.spend_control import SpendState, room_slots, scale_ceiling, update_spend
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
@@ -408,7 +408,10 @@ def run_sequence(
             shadow = reference.target_phy2log
             if i >= warmup:
                 spend = update_spend(
-                    spend, plan.experts_moved, reference.experts_moved, max_scale=scale_ceiling(pshape.num_physical)
+                    spend,
+                    plan.experts_moved,
+                    reference.experts_moved,
+                    max_scale=scale_ceiling(room_slots(pshape.num_physical, shape.groups, shape.nodes)),
                 )
         if i < warmup:
             warm += plan.experts_moved

@@ -12,6 +12,7 @@ from plan_harness import commit_plan
 from test_plan_runner_rules import names, plannable
 
 from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
+from eplb_service.coordinator import plan_runner
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
 from eplb_service.coordinator.spend_control import (
@@ -23,6 +24,7 @@ from eplb_service.coordinator.spend_control import (
     SPEND_MEMORY,
     SpendOptions,
     SpendState,
+    room_slots,
     scale_ceiling,
     spend_options,
     update_spend,
@@ -90,6 +92,25 @@ def test_moves_get_dearer_than_the_defaults_only_in_layers_where_that_narrows_so
     for bad in (0.5, MAX_SCALE * 2):
         with pytest.raises(ValueError, match=f"max_scale must be in \\[1, 4\\], got {bad!r}"):
             update_spend(over, 0, 0, max_scale=bad)
+
+
+def test_the_ceiling_is_the_first_scale_at_which_the_fine_pass_holds_no_exchange():
+    """Step 4's room is a share of the slots: 25-49 slots hold one exchange at the default and none
+    at scale 2, so scale 4 would change nothing there and only take one more rebalance to come
+    back down from; 50 slots and more still hold one at 2, so the ceiling is 4."""
+    for slots, ceiling in ((24, 1.0), (25, 2.0), (40, 2.0), (49, 2.0), (50, MAX_SCALE), (72, MAX_SCALE)):
+        assert scale_ceiling(slots) == ceiling, slots
+        if ceiling > 1:
+            assert spend_options(ceiling / 2, slots).fine_move_share * slots >= 2
+            assert spend_options(ceiling, slots).fine_move_share * slots < 2 or ceiling == MAX_SCALE
+
+
+def test_under_the_hierarchy_the_room_is_a_share_of_a_nodes_slots():
+    """The migration policy runs its steps per node under DeepSeek's group/node hierarchy, so
+    DeepSeek-V3's 320 slots on 8 nodes give the fine pass 40 slots' share: ceiling 2, not 4."""
+    assert room_slots(320) == 320 and room_slots(320, 8, 1) == 320
+    assert room_slots(320, 8, 8) == 40
+    assert scale_ceiling(room_slots(320, 8, 8)) == 2.0 and scale_ceiling(room_slots(320)) == MAX_SCALE
 
 
 def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it_runs():
@@ -203,6 +224,21 @@ def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_o
     c.plans.spend = dataclasses.replace(c.plans.spend, scale=2.0)
     call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
     assert call.keywords["spend_scale"] == 2.0 and call.keywords["fresh"] is False
+
+
+def test_the_coordinator_takes_its_ceiling_from_a_nodes_slots_under_the_hierarchy(monkeypatch):
+    """With ``--groups``/``--nodes`` the runner asks for the ceiling of a node's share of a layer's
+    slots, which is what the policy's fine pass runs on there."""
+    c, _ = plannable()
+    c.plans.cfg = c.cfg = dataclasses.replace(c.cfg, num_groups=2, num_nodes=2)
+    past_the_fresh_first_plan(c)
+    asked: list[int] = []
+    real = plan_runner.scale_ceiling
+    monkeypatch.setattr(plan_runner, "scale_ceiling", lambda slots: asked.append(slots) or real(slots))
+    plan_and_tally(c)
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+    plan_and_tally(c)
+    assert asked and set(asked) == {c.book.shape.num_physical // 2}
 
 
 def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_while_deepseek_would_have():

@@ -29,7 +29,7 @@ from eplb_service.coordinator.load_forecast import planning_persistence
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.resend import VOTE_FIRST_S
-from eplb_service.coordinator.spend_control import SpendState, scale_ceiling, update_spend
+from eplb_service.coordinator.spend_control import SpendState, room_slots, scale_ceiling, update_spend
 from eplb_service.placement import PlacementError, PolicySettingsError, is_initial_phy2log, validate_phy2log
 from eplb_service.units import human_bytes
 
@@ -274,7 +274,7 @@ class PlanRunner:
         self._shadow = reference.target_phy2log
         if not first:
             scale = self.spend.scale
-            ceiling = scale_ceiling(self.book.shape.num_physical)
+            ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
             self.spend = update_spend(self.spend, spent, reference.experts_moved, max_scale=ceiling)
             self.metrics.move_price_scale.set(self.spend.scale)
             if self.spend.scale != scale:

@@ -50,7 +50,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     uses_hierarchy,
 )
 from eplb_service.coordinator.policy_migration import migration_phy2log
-from eplb_service.coordinator.spend_control import MAX_SCALE, spend_options
+from eplb_service.coordinator.spend_control import MAX_SCALE, room_slots, spend_options
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -247,7 +247,7 @@ def propose_phy2log(
         packed = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(packed, current_phy2log, shape.num_ranks)
     if policy == "migration":
-        spend = spend_options(spend_scale, shape.num_physical)
+        spend = spend_options(spend_scale, room_slots(shape.num_physical, num_groups, num_nodes))
         if uses_hierarchy(num_groups, num_nodes):
             return hierarchical_migration_phy2log(
                 current_phy2log,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from eplb_service.coordinator.policy_hierarchy import uses_hierarchy
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
 
 SPEND_LOW = 0.12
@@ -122,15 +123,25 @@ def room_follows_scale(num_physical: int) -> bool:
     return math.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2
 
 
-def scale_ceiling(num_physical: int) -> float:
-    """The dearest ``scale`` worth reaching in layers of ``num_physical`` slots: :data:`MAX_SCALE`
-    where step 4's room follows it (:func:`room_follows_scale`), else 1 (above 1 only that room
-    changes, so a higher scale there would only delay cheaper moves once the tally drops).
-    Measured as it is, on the whole layer's slots; where fewer slots hold the room (25-49 slots
-    to a layer, or a node's share under DeepSeek's hierarchy: 72 slots for DeepSeek-V3 on 4
-    nodes) the room holds no exchange from scale 2 or 4 on, so step 4 is off there before the
-    ceiling: a tighter ceiling would return to cheaper moves one rebalance sooner."""
-    return MAX_SCALE if room_follows_scale(num_physical) else 1.0
+def room_slots(num_physical: int, num_groups: int = 1, num_nodes: int = 1) -> int:
+    """The slots step 4's room is a share of: a layer's ``num_physical``, or under DeepSeek's
+    group/node hierarchy a node's share of them (the migration policy runs its steps per node
+    there, so DeepSeek-V3's 320 slots on 8 nodes give each node's fine pass a share of 40)."""
+    return num_physical // num_nodes if uses_hierarchy(num_groups, num_nodes) else num_physical
+
+
+def scale_ceiling(slots: int) -> float:
+    """The dearest ``scale`` worth reaching where step 4's room is a share of ``slots``
+    (:func:`room_slots`): the first doubling at which that room holds no exchange any more (the
+    fine pass is off; a higher scale would change nothing and only delay cheaper moves once the
+    tally drops), at most :data:`MAX_SCALE`; 1 where the room does not follow the scale at all
+    (:func:`room_follows_scale`). 25-49 slots: 2; 50 or more: 4."""
+    if not room_follows_scale(slots):
+        return 1.0
+    scale = 1.0
+    while scale < MAX_SCALE and math.floor(scaled_room(scale) * slots) >= 2:
+        scale *= SPEND_STEP
+    return min(scale, MAX_SCALE)
 
 
 def scaled_room(scale: float) -> float:
