@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import (
+    apply_count_changes,
     migration_phy2log,
     optimal_replica_counts,
     soft_max_search,
@@ -21,6 +22,7 @@ from eplb_service.placement import (
     layer_balancedness,
     logical_replica_count,
     model_balancedness,
+    rank_holdings,
     rank_loads,
     validate_phy2log,
 )
@@ -231,6 +233,44 @@ def test_the_fine_pass_spreads_ranks_crowding_under_the_largest_without_raising_
     mean = before.mean()
     assert soft_maximum(after / mean, 0.03)[0] < soft_maximum(before / mean, 0.03)[0]
     assert np.array_equal(soft_max_search(current, load, counts, ranks, room=np.array([0.0])), current)
+
+
+def copies_per_rank(phy2log: np.ndarray, expert: int, ranks: int) -> list[int]:
+    return rank_holdings(phy2log, int(phy2log.max()) + 1, ranks)[0, :, expert].tolist()
+
+
+def test_an_expert_losing_copies_gives_them_up_on_the_ranks_holding_most_of_them():
+    """Expert 0 holds 2 copies on each of 4 ranks and keeps 4: one from each rank, so a change
+    of its load in the next window changes every rank alike. Before, both copies went from the
+    most loaded rank, then both from the next (2/0/0/2 here)."""
+    ranks = 4
+    current = np.array([[0, 0, 1, 0, 0, 2, 0, 0, 3, 0, 0, 4]])  # ranks of 3: expert 0 twice on each
+    load = np.array([[80.0, 50.0, 40.0, 30.0, 20.0]])
+    counts = logical_replica_count(current, 5)
+    new = counts.copy()
+    new[0, 0], new[0, 1] = 4, 5
+    out = apply_count_changes(current, load, counts, new, ranks)
+    assert copies_per_rank(out, 0, ranks) == [1, 1, 1, 1]
+    assert copies_per_rank(out, 1, ranks) == [2, 1, 1, 1]
+    assert (out != current).sum() == 4
+
+
+def test_an_expert_gaining_a_copy_gets_it_on_a_rank_holding_fewest_of_them():
+    """Expert 0 holds 2/1/1/1 copies and gains one; experts 1 and 5 free a slot each, on rank 0
+    (the lighter rank once they are gone) and rank 3. The copy goes to rank 3 (2/1/1/2), not to
+    rank 0 as a third copy there (3/1/1/1): before, the lightest rank with a freed slot took it, whatever it
+    held."""
+    ranks = 4
+    current = np.array([[0, 0, 1, 0, 1, 2, 0, 3, 4, 0, 5, 5]])
+    load = np.array([[60.0, 10.0, 1.0, 2.0, 2.0, 20.0]])
+    counts = logical_replica_count(current, 6)
+    assert counts.tolist() == [[5, 2, 1, 1, 1, 2]]
+    new = np.array([[6, 1, 2, 1, 1, 1]])
+    out = apply_count_changes(current, load, counts, new, ranks)
+    assert logical_replica_count(out, 6).tolist() == new.tolist()
+    assert (out != current).sum() == 2
+    assert out[0, 2] == 2  # expert 1 gave up its copy on the hotter rank 0, expert 2 took it
+    assert copies_per_rank(out, 0, ranks) == [2, 1, 1, 2]
 
 
 def test_count_changes_run_in_blocks_of_layers_with_the_same_result(monkeypatch):
