@@ -75,6 +75,9 @@ CELLS = [
     # A new hot expert that lasts: planning for the load as it is once most of the imbalance
     # lasts (persistence >= 0.6) took it from -0.82 pp (the shrunk forecast) to -0.08 pp.
     ("Qwen3.5-397B-A17B EP32: 512+256", Workload("zipf-0.6", "abrupt", "low")),
+    # Slow drift in 10-slot layers: the floor on step 6's price in layers too small for step 4
+    # keeps it from chasing each window's drift (24.0% of DeepSeek's slots without it).
+    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.0", "slow", "low")),
     # Spending far below the slot budget: the coordinator's spend controller makes moves cheaper
     # (the price where hot experts hop, the fine pass's room where the load drifts slowly).
     ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "high")),

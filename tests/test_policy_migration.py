@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import (
+    SMALL_LAYER_PRICE_FLOOR,
     apply_count_changes,
+    fine_pass_fits,
     migration_phy2log,
     optimal_replica_counts,
     soft_max_search,
@@ -271,6 +273,29 @@ def test_an_expert_gaining_a_copy_gets_it_on_a_rank_holding_fewest_of_them():
     assert (out != current).sum() == 2
     assert out[0, 2] == 2  # expert 1 gave up its copy on the hotter rank 0, expert 2 took it
     assert copies_per_rank(out, 0, ranks) == [2, 1, 1, 2]
+
+
+def test_a_small_layer_does_not_chase_a_tiny_gain_even_where_the_load_keeps_its_shape(monkeypatch):
+    """10 slots on 2 ranks, persistence 1 (no price on moves at all before): a change of 2 slots
+    that lowers the larger rank from 407 to 406 (a quarter of a percent of the mean) is not worth
+    a fifth of a 10-slot layer; the floor on step 6's price keeps the placement. A real gain still
+    moves."""
+    from eplb_service.coordinator import policy_migration
+
+    assert not fine_pass_fits(10) and not fine_pass_fits(24) and fine_pass_fits(25)
+    current = np.array([[0, 2, 4, 6, 1, 0, 3, 5, 7, 1]])
+    load = np.array([[124.0, 116.0, 80.0, 142.0, 138.0, 57.0, 64.0, 88.0]])
+    assert rank_loads(current, load, 2).tolist() == [[402.0, 407.0]]
+    assert np.array_equal(migration_phy2log(current, load, 2, persistence=1.0), current)
+    skewed = load.copy()
+    skewed[0, 3] *= 2.5  # expert 6, on rank 0 alone: 213 more
+    moved = migration_phy2log(current, skewed, 2, persistence=1.0)
+    assert rank_loads(moved, skewed, 2).max() < rank_loads(current, skewed, 2).max() - 50
+    monkeypatch.setattr(policy_migration, "SMALL_LAYER_PRICE_FLOOR", 0.0)
+    unpriced = migration_phy2log(current, load, 2, persistence=1.0)
+    assert (unpriced != current).sum() == 2
+    assert rank_loads(unpriced, load, 2).max() == 406.0
+    assert SMALL_LAYER_PRICE_FLOOR > 0
 
 
 def test_count_changes_run_in_blocks_of_layers_with_the_same_result(monkeypatch):

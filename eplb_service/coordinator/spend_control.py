@@ -42,7 +42,7 @@ import math
 from dataclasses import dataclass
 
 from eplb_service.coordinator.policy_hierarchy import uses_hierarchy
-from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
+from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE, fine_pass_fits
 
 SPEND_LOW = 0.12
 """Below this share of DeepSeek's slots (the tallies), moves get cheaper."""
@@ -120,7 +120,7 @@ def room_follows_scale(num_physical: int) -> bool:
     cell's budget where DeepSeek itself moves a few percent (on the matrix that cost up to 78%
     of DeepSeek's slots).
     """
-    return math.floor(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2
+    return fine_pass_fits(num_physical)
 
 
 def room_slots(num_physical: int, num_groups: int = 1, num_nodes: int = 1) -> int:
