@@ -172,9 +172,10 @@ is a valid placement (each expert keeps >= 1 replica) by construction.
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes from
 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): with the coordinator's spend
 controller scaling ``move_price`` and ``fine_move_share`` per deployment (:mod:`.spend_control`),
-393 of its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth
-of its slots moved (396 with seeds 1 and 2, 402 pooled over the three; 93 and 89 of 100 random
-cells off the matrix, ``--held-out``); 398 pooled before the first plan was DeepSeek's packing, 395
+395 of its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth
+of its slots moved (398 and 397 with seeds 1 and 2, 404 pooled over the three; 94 and 91 of 100
+random cells off the matrix, ``--held-out``); 402 pooled before step 2 kept copies spread and small
+layers got step 6's price floor, 398 before the first plan was DeepSeek's packing, 395
 before the controller made moves dearer than the defaults close to the budget; 391 before the count
 slack's pigeonhole check and step 4 in large layers; at the defaults throughout, 386 before those
 two (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and no
