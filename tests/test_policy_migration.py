@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import (
-    SMALL_LAYER_PRICE_FLOOR,
     apply_count_changes,
     fine_pass_fits,
     migration_phy2log,
@@ -295,7 +294,6 @@ def test_a_small_layer_does_not_chase_a_tiny_gain_even_where_the_load_keeps_its_
     unpriced = migration_phy2log(current, load, 2, persistence=1.0)
     assert (unpriced != current).sum() == 2
     assert rank_loads(unpriced, load, 2).max() == 406.0
-    assert SMALL_LAYER_PRICE_FLOOR > 0
 
 
 def test_count_changes_run_in_blocks_of_layers_with_the_same_result(monkeypatch):

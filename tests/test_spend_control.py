@@ -111,6 +111,9 @@ def test_under_the_hierarchy_the_room_is_a_share_of_a_nodes_slots():
     assert room_slots(320) == 320 and room_slots(320, 8, 1) == 320
     assert room_slots(320, 8, 8) == 40
     assert scale_ceiling(room_slots(320, 8, 8)) == 2.0 and scale_ceiling(room_slots(320)) == MAX_SCALE
+    # Cheaper moves widen the room only where a node's share holds an exchange: 20 slots do not.
+    assert spend_options(0.5, room_slots(320, 8, 8)).fine_move_share == 2 * DEFAULT_FINE_MOVE_SHARE
+    assert spend_options(0.5, room_slots(320, 16, 16)).fine_move_share == DEFAULT_FINE_MOVE_SHARE
 
 
 def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it_runs():

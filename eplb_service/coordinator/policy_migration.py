@@ -37,9 +37,10 @@ vectorised):
 2. **Count changes, keeping each expert's copies spread.** An expert losing replicas gives them
    up on the ranks holding most copies of it, then on the most loaded ranks. Freed slots go to
    the experts gaining replicas, heaviest replica first, each to the lightest of the ranks with
-   a freed slot that hold fewest copies of that expert. So an expert's copies stay within one of
-   even on every rank where the freed slots allow, and when its load changes in the next window
-   (a new hot expert fading, a popular one cooling) every rank changes alike. Before (copies
+   a freed slot that hold fewest copies of that expert. So count changes move an expert's copies
+   toward even (within one where the freed slots allow; step 3's swaps may still move them), and
+   when its load changes in the next window (a new hot expert fading, a popular one cooling)
+   every rank changes alike. Before (copies
    dropped from the most loaded ranks, added to the lightest rank not yet holding the expert,
    else the lightest), a hot expert's 24 copies on 4 ranks could sit 8/4/6/6 after a few
    windows, and as it faded the ranks with few copies carried the layer: on random cells off
@@ -373,9 +374,9 @@ def _apply_count_changes(
     new_slot_load = load[layers, current] / np.maximum(new_counts[layers, current], 1)
     rank_load = new_slot_load.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)
 
-    # Which slots give up their expert: from the ranks holding most copies of it (each slot
-    # ranked by the copies its rank keeps once it goes, so two ranks of 3 give up one each
-    # before either gives up a second), then the hottest ranks.
+    # Which slots give up their expert: from the ranks holding most copies of it (the k-th copy
+    # on a rank ranked by the copies the rank holds once k copies before it have gone, so two
+    # ranks of 3 give up one each before either gives up a second), then the hottest ranks.
     holdings = rank_holdings(current, num_logical, num_ranks)
     cand_layer, cand_slot = np.nonzero(drop_need[layers, current] > 0)
     cand_expert = current[cand_layer, cand_slot]
@@ -384,11 +385,11 @@ def _apply_count_changes(
     by_cell = np.lexsort((cand_slot, cell))
     kth_on_rank = np.empty_like(cell)
     kth_on_rank[by_cell] = _group_positions(cell[by_cell])
-    kept_on_rank = holdings[cand_layer, cand_rank, cand_expert] - kth_on_rank
+    held_when_dropped = holdings[cand_layer, cand_rank, cand_expert] - kth_on_rank
     order = np.lexsort(
         (
             -rank_load[cand_layer, cand_rank],
-            -kept_on_rank,
+            -held_when_dropped,
             cand_layer * num_logical + cand_expert,
         )
     )

@@ -83,8 +83,10 @@ def update_spend(state: SpendState, spent: int, reference: int, *, max_scale: fl
     """The state after a rebalance where the policy moved ``spent`` slots and DeepSeek ``reference``.
 
     With no DeepSeek slots tallied yet there is nothing to compare, and ``scale`` stays.
-    ``max_scale``: :func:`scale_ceiling` of the deployment's layers (1 where a dearer scale would
-    change nothing, so it never has to come back down before moves get cheaper).
+    ``max_scale``: :func:`scale_ceiling` of the slots step 4's room is a share of
+    (:func:`room_slots`): 1 where a dearer scale would change nothing, 2 or 4 where it narrows
+    the room, so it never has to come back down from where it changed nothing before moves get
+    cheaper.
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
