@@ -232,11 +232,11 @@ SMALL_LAYER_PRICE_FLOOR = 0.08
 taken as at least this (its value at persistence 0.72)."""
 
 
-def fine_pass_fits(num_physical: int) -> bool:
-    """Whether step 4's default room (``DEFAULT_FINE_MOVE_SHARE`` of a layer's slots) holds one
-    exchange, two slots: from 25 slots on. In smaller layers (Mixtral's 8-12 slots) one exchange is
-    8% of the layer or more."""
-    return int(DEFAULT_FINE_MOVE_SHARE * num_physical) >= 2
+def fine_pass_fits(num_physical: int, share: float = DEFAULT_FINE_MOVE_SHARE) -> bool:
+    """Whether step 4's room, ``share`` of a layer's ``num_physical`` slots, holds one exchange
+    (two slots). At the default share: from 25 slots on; in smaller layers (Mixtral's 8-12 slots)
+    one exchange is 8% of the layer or more."""
+    return int(share * num_physical) >= 2
 
 
 def optimal_replica_counts(load: np.ndarray, num_physical: int) -> np.ndarray:

@@ -114,15 +114,16 @@ class SpendOptions:
     fine_move_share: float = DEFAULT_FINE_MOVE_SHARE
 
 
-def room_follows_scale(num_physical: int) -> bool:
-    """Whether step 4's room changes with ``scale`` in layers of ``num_physical`` slots.
+def room_follows_scale(slots: int) -> bool:
+    """Whether step 4's room changes with ``scale`` where it is a share of ``slots`` (a layer's,
+    or a node's share of them: :func:`room_slots`).
 
     Only where its default already holds an exchange (two slots): in smaller layers (Mixtral's
     8-12) one exchange per layer and rebalance is a quarter of the slots, more than a whole
     cell's budget where DeepSeek itself moves a few percent (on the matrix that cost up to 78%
     of DeepSeek's slots).
     """
-    return fine_pass_fits(num_physical)
+    return fine_pass_fits(slots)
 
 
 def room_slots(num_physical: int, num_groups: int = 1, num_nodes: int = 1) -> int:
@@ -141,7 +142,7 @@ def scale_ceiling(slots: int) -> float:
     if not room_follows_scale(slots):
         return 1.0
     scale = 1.0
-    while scale < MAX_SCALE and math.floor(scaled_room(scale) * slots) >= 2:
+    while scale < MAX_SCALE and fine_pass_fits(slots, scaled_room(scale)):
         scale *= SPEND_STEP
     return min(scale, MAX_SCALE)
 
@@ -152,11 +153,11 @@ def scaled_room(scale: float) -> float:
     return min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
 
 
-def spend_options(scale: float, num_physical: int) -> SpendOptions:
-    """The migration policy's settings for ``scale`` in layers of ``num_physical`` slots (the
-    defaults at ``scale = 1``; step 4's room only where :func:`room_follows_scale`; above 1 the
-    price stays at its default)."""
+def spend_options(scale: float, slots: int) -> SpendOptions:
+    """The migration policy's settings for ``scale`` where step 4's room is a share of ``slots``
+    (:func:`room_slots`; the defaults at ``scale = 1``; step 4's room only where
+    :func:`room_follows_scale`; above 1 the price stays at its default)."""
     if isinstance(scale, bool) or not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ValueError(f"spend scale must be in (0, {MAX_SCALE:g}], got {scale!r}")
-    room = scaled_room(scale) if room_follows_scale(num_physical) else DEFAULT_FINE_MOVE_SHARE
+    room = scaled_room(scale) if room_follows_scale(slots) else DEFAULT_FINE_MOVE_SHARE
     return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0), room)
