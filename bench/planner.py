@@ -48,7 +48,7 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
-from eplb_service.coordinator.spend_control import SpendState, room_slots, scale_ceiling, update_spend
+from eplb_service.coordinator.spend_control import SpendState, balance_lead, room_slots, scale_ceiling, update_spend
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
@@ -370,7 +370,9 @@ def run_sequence(
     the persistence of the last two windows (as the coordinator does; DeepSeek ignores it).
     ``spend_control`` (``"migration"``): carry the coordinator's spend controller
     (:mod:`~eplb_service.coordinator.spend_control`) from plan to plan, with DeepSeek's shadow
-    placement planned on the same loads (the warm-up plans set it off and are not tallied).
+    placement planned on the same loads (the warm-up plans set it off and are not tallied), and
+    each tally's balance lead: the load just planned for on the placement that served it and on
+    the shadow, as the coordinator measures it.
     ``fresh_start`` (``"migration"``): the first plan, from vLLM's initial placement, is
     DeepSeek's packing (``plan_rebalance(fresh=True)``, as the coordinator plans at epoch 0);
     ``False`` repairs that placement like any other.
@@ -398,21 +400,23 @@ def run_sequence(
             num_nodes=shape.nodes,
             persistence=lasting,
             spend_scale=spend.scale,
+            price_scale=spend.price_scale,
             fresh=fresh_start and i == 0,
         )
         times.append((time.perf_counter() - start) * 1e3)
         plan_moves.append(plan.experts_moved)
-        current = plan.target_phy2log
+        served, current = current, plan.target_phy2log
         if controlled:
             reference = plan_rebalance("deepseek", shadow, load, pshape, num_groups=shape.groups, num_nodes=shape.nodes)
-            shadow = reference.target_phy2log
-            if i >= warmup:
+            if i >= warmup:  # as the coordinator's tally: this load on what served it and on the shadow
                 spend = update_spend(
                     spend,
                     plan.experts_moved,
                     reference.experts_moved,
                     max_scale=scale_ceiling(room_slots(pshape.num_physical, shape.groups, shape.nodes)),
+                    lead=balance_lead(served, shadow, load, shape.ranks),
                 )
+            shadow = reference.target_phy2log
         if i < warmup:
             warm += plan.experts_moved
             continue

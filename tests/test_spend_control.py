@@ -340,7 +340,8 @@ def test_operators_see_the_scale_as_a_metric_and_in_status():
         doc = json.loads(status_json(c.status()))
         return c.metrics.registry.get_sample_value("eplb_move_price_scale", {}), doc["spend"]
 
-    assert scale_shown() == (1.0, {"scale": 1.0, "moved": 0.0, "deepseek_moved": 0.0})
+    at_start = {"scale": 1.0, "moved": 0.0, "deepseek_moved": 0.0, "balance_lead": 0.0, "price_scale": 1.0}
+    assert scale_shown() == (1.0, at_start)
     c.plans._policy_call = lambda current, load, persistence, seeding: (
         lambda: build_plan(current, current, load, c.book.shape)
     )
@@ -350,4 +351,4 @@ def test_operators_see_the_scale_as_a_metric_and_in_status():
     gauge, spend = scale_shown()
     assert gauge == spend["scale"] == 0.5 and spend["moved"] == 0 and spend["deepseek_moved"] > 0
     c.plans.new_deployment()
-    assert scale_shown() == (1.0, {"scale": 1.0, "moved": 0.0, "deepseek_moved": 0.0})
+    assert scale_shown() == (1.0, at_start)

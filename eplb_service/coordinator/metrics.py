@@ -105,6 +105,21 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.move_price_scale.set(1.0)
+        self.balance_lead = Gauge(
+            "eplb_balance_lead",
+            "How much better the placements served balanced the load windows than DeepSeek's shadow "
+            "placements would have, in balancedness (faded over about three rebalances; 0.01 is one "
+            "point ahead, negative behind)",
+            registry=r,
+        )
+        self.balance_lead.set(0.0)
+        self.step_price_scale = Gauge(
+            "eplb_step_price_scale",
+            "Extra factor on the migration policy's price of a moved slot (1: none; up to 8 while its "
+            "placements lead DeepSeek's balance and its plans moved close to a fifth of DeepSeek's slots)",
+            registry=r,
+        )
+        self.step_price_scale.set(1.0)
         self.epoch = Gauge(
             "eplb_placement_epoch",
             "Placement epoch every rank reports (commits applied; NaN until the ranks agree)",

@@ -29,7 +29,13 @@ from eplb_service.coordinator.load_forecast import planning_persistence
 from eplb_service.coordinator.placement_book import PlacementBook
 from eplb_service.coordinator.plan_state import Phase, PlanRun
 from eplb_service.coordinator.resend import VOTE_FIRST_S
-from eplb_service.coordinator.spend_control import SpendState, room_slots, scale_ceiling, update_spend
+from eplb_service.coordinator.spend_control import (
+    SpendState,
+    balance_lead,
+    room_slots,
+    scale_ceiling,
+    update_spend,
+)
 from eplb_service.placement import PlacementError, PolicySettingsError, is_initial_phy2log, validate_phy2log
 from eplb_service.units import human_bytes
 
@@ -142,6 +148,8 @@ class PlanRunner:
         self.spend, self._shadow = SpendState(), None
         self._spend_generation += 1
         self.metrics.move_price_scale.set(self.spend.scale)
+        self.metrics.balance_lead.set(self.spend.lead)
+        self.metrics.step_price_scale.set(self.spend.price_scale)
         self._seeded = False
         self.drain_at_step = None
         self.skips_in_a_row = 0
@@ -211,6 +219,7 @@ class PlanRunner:
             min_layer_gain=cfg.min_layer_gain,
             persistence=persistence,
             spend_scale=self.spend.scale,
+            price_scale=self.spend.price_scale,
             fresh=self.starts_fresh(),
             skip_over_budget=True,
         )
@@ -271,12 +280,26 @@ class PlanRunner:
             return
         if generation != self._spend_generation:  # a new deployment since: this was the old one's
             return
+        # Both placements were planned before this load arrived: what each made of it.
+        lead = None if first else balance_lead(current, shadow, load, self.book.shape.num_ranks)
         self._shadow = reference.target_phy2log
         if not first:
-            scale = self.spend.scale
+            scale, price = self.spend.scale, self.spend.price_scale
             ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
-            self.spend = update_spend(self.spend, spent, reference.experts_moved, max_scale=ceiling)
+            self.spend = update_spend(self.spend, spent, reference.experts_moved, max_scale=ceiling, lead=lead)
             self.metrics.move_price_scale.set(self.spend.scale)
+            self.metrics.balance_lead.set(self.spend.lead)
+            self.metrics.step_price_scale.set(self.spend.price_scale)
+            if self.spend.price_scale != price:
+                self.log.info(
+                    "spend controller: step 6's price x%g -> x%g: balance %+.2f points against DeepSeek's "
+                    "lately, %.0f slots moved against its %.0f",
+                    price,
+                    self.spend.price_scale,
+                    100 * self.spend.lead,
+                    self.spend.spent,
+                    self.spend.reference,
+                )
             if self.spend.scale != scale:
                 self.log.info(
                     "spend controller: moves %s (scale %g -> %g): %.0f slots moved against DeepSeek's %.0f lately",

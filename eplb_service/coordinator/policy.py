@@ -50,7 +50,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     uses_hierarchy,
 )
 from eplb_service.coordinator.policy_migration import migration_phy2log
-from eplb_service.coordinator.spend_control import MAX_SCALE, room_slots, spend_options
+from eplb_service.coordinator.spend_control import MAX_PRICE_SCALE, MAX_SCALE, room_slots, spend_options
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -236,18 +236,20 @@ def propose_phy2log(
     num_nodes: int = 1,
     persistence: float = 1.0,
     spend_scale: float = 1.0,
+    price_scale: float = 1.0,
     fresh: bool = False,
 ) -> np.ndarray:
     """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated.
 
-    ``persistence``, ``spend_scale``, ``fresh`` (``"migration"`` only): see :func:`plan_rebalance`;
+    ``persistence``, ``spend_scale``, ``price_scale``, ``fresh`` (``"migration"`` only): see
+    :func:`plan_rebalance`;
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "deepseek" or (policy == "migration" and fresh):
         packed = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(packed, current_phy2log, shape.num_ranks)
     if policy == "migration":
-        spend = spend_options(spend_scale, room_slots(shape.num_physical, num_groups, num_nodes))
+        spend = spend_options(spend_scale, room_slots(shape.num_physical, num_groups, num_nodes), price_scale)
         if uses_hierarchy(num_groups, num_nodes):
             return hierarchical_migration_phy2log(
                 current_phy2log,
@@ -283,6 +285,7 @@ def plan_rebalance(
     min_layer_gain: float = 0.0,
     persistence: float = 1.0,
     spend_scale: float = 1.0,
+    price_scale: float = 1.0,
     fresh: bool = False,
     progress: LayerProgress | None = None,
     skip_over_budget: bool = False,
@@ -317,6 +320,10 @@ def plan_rebalance(
             ``"migration"`` makes moves than its defaults (below 1 step 6's price times it;
             step 4's room divided by it; see :mod:`.spend_control`, whose state the coordinator
             keeps between plans); 1 = the defaults. Other policies ignore it.
+        price_scale: in ``[1, MAX_PRICE_SCALE]``, a further factor on ``"migration"``'s step-6
+            price (:attr:`.spend_control.SpendState.price_scale`: the coordinator raises it while
+            its placements lead DeepSeek's balance close to the slot budget); 1 = none. Other
+            policies ignore it.
         fresh: ``current_phy2log`` is the placement the deployment started with (no plan
             committed since: vLLM's own layout, which no plan chose). ``"migration"`` then lays
             DeepSeek's packing, as ``"deepseek"`` does, instead of repairing that layout: every
@@ -374,10 +381,7 @@ def plan_rebalance(
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
     if not isinstance(fresh, (bool, np.bool_)):
         raise PlacementError(f"fresh must be True or False, got {fresh!r}")
-    if isinstance(spend_scale, bool) or not (
-        isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE
-    ):
-        raise PlacementError(f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}")
+    _check_spend_scales(spend_scale, price_scale)
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)
@@ -387,6 +391,7 @@ def plan_rebalance(
     options: dict[str, Any] = {"num_groups": num_groups, "num_nodes": num_nodes, "persistence": float(persistence)}
     if policy == "migration":
         options["spend_scale"] = float(spend_scale)
+        options["price_scale"] = float(price_scale)
         options["fresh"] = bool(fresh)
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
     if options.get("fresh") and staging_budget_bytes is not None:
@@ -416,6 +421,18 @@ def plan_rebalance(
         skip_over_budget=skip_over_budget,
         required_layers=required,
     )
+
+
+def _check_spend_scales(spend_scale: float, price_scale: float) -> None:
+    """The spend controller's two factors (:mod:`.spend_control`), each naming the bad value."""
+    if isinstance(spend_scale, bool) or not (
+        isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE
+    ):
+        raise PlacementError(f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}")
+    if isinstance(price_scale, bool) or not (
+        isinstance(price_scale, (int, float, np.floating)) and 1.0 <= price_scale <= MAX_PRICE_SCALE
+    ):
+        raise PlacementError(f"price_scale must be a number in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}")
 
 
 def _propose_in_blocks(

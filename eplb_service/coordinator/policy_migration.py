@@ -173,16 +173,17 @@ is a valid placement (each expert keeps >= 1 replica) by construction.
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes from
 8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): with the coordinator's spend
 controller scaling ``move_price`` and ``fine_move_share`` per deployment (:mod:`.spend_control`),
-395 of its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth
-of its slots moved (398 and 397 with seeds 1 and 2, 404 pooled over the three; 94 and 91 of 100
-random cells off the matrix, ``--held-out``); 402 pooled before step 2 kept copies spread and small
-layers got step 6's price floor, 398 before the first plan was DeepSeek's packing, 395
-before the controller made moves dearer than the defaults close to the budget; 391 before the count
-slack's pigeonhole check and step 4 in large layers; at the defaults throughout, 386 before those
-two (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370 with step 6 and no
-count slack, 380 with the count slack and the forecast planned for at every persistence, 382 with
-the fine pass toward a tight target instead of the soft maximum, 387 while plans still took
-float-rounding gains: see ``policy.MEASURABLE_GAIN``).
+and step 6's price where the deployment leads DeepSeek's balance close to the slot budget, 396 of
+its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its
+slots moved (398 and 400 with seeds 1 and 2, 403 pooled over the three, 404 before the balance
+lead; 94 and 93 of 100 random cells off the matrix, ``--held-out``); 402 pooled before step 2 kept
+copies spread and small layers got step 6's price floor, 398 before the first plan was DeepSeek's
+packing, 395 before the controller made moves dearer than the defaults close to the budget; 391
+before the count slack's pigeonhole check and step 4 in large layers; at the defaults throughout,
+386 before those two (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370
+with step 6 and no count slack, 380 with the count slack and the forecast planned for at every
+persistence, 382 with the fine pass toward a tight target instead of the soft maximum, 387 while
+plans still took float-rounding gains: see ``policy.MEASURABLE_GAIN``).
 A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
 DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
 miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and

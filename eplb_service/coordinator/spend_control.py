@@ -21,6 +21,18 @@ workload that changes. Below 1, ``scale`` multiplies step 6's ``move_price`` and
 4's room: the fine pass is what a layer spends where nothing forced a move, while step 6's
 price also holds back the answer to a lasting new hot expert.
 
+**The balance lead.** The slots are one of issue 16's targets; the other is next-window balance
+within half a point of DeepSeek's. The coordinator measures that one too: at each tally, the
+load the plan was made for on the placement that served it and on the shadow (both planned
+before that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
+is over :data:`SPEND_CAP` while the faded lead is above 0, step 6's price doubles for the next
+plan (``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size); under the cap, or
+once the lead is below :data:`LEAD_GIVEN_BACK`, it halves back toward 1. A deployment ahead of
+DeepSeek's balance then spends that lead instead of more slots, and gives it back as soon as it
+is behind. ``scale`` cannot do this in small layers: above 1 it only narrows step 4's room, which
+layers under 25 slots do not have, and a dearer price there for every deployment over the cap
+cost the cells whose answers to a lasting hot expert come late (``bench/README.md``).
+
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
 bytes already), or whose later batches are dropped, counts in full: aborts are rare, and an
@@ -33,7 +45,10 @@ layers balance or slots (``bench/README.md``). Dearer than the defaults (2026-12
 seeds 0, 1, 2, ``--seeds 0,1,2``): step 4's room narrowed above :data:`SPEND_CAP`, 395 → 398
 cells (the cells off Mixtral that miss, pooled: 4 → 1); the same from :data:`SPEND_HIGH` on,
 397; step 6's price raised as well, 395 (a Mixtral cell gaining a lasting hot expert answers it
-late: −0.24 → −0.60 pp).
+late: −0.24 → −0.60 pp). With the balance lead (pooled over seeds 0-2): 395 / 398 / 397 → 396 /
+398 / 400 cells per seed, 385 → 388 under every seed, 404 → 403 pooled (a Mixtral 8+0 swap cell
+on the line, −0.50 → −0.56 pp); Mixtral's 72 cells over ten seeds 41 → 42; random cells off the
+matrix 94 → 94 and 91 → 93.
 """
 
 from __future__ import annotations
@@ -41,8 +56,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from eplb_service.coordinator.policy_hierarchy import uses_hierarchy
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE, fine_pass_fits
+from eplb_service.placement import model_balancedness, rank_loads
 
 SPEND_LOW = 0.12
 """Below this share of DeepSeek's slots (the tallies), moves get cheaper."""
@@ -61,6 +79,13 @@ SPEND_MEMORY = 0.9
 ten rebalances count)."""
 MAX_FINE_MOVE_SHARE = 0.24
 """Step 4's room grows to at most this share of a layer's slots (3x its default)."""
+LEAD_MEMORY = 0.7
+"""The balance lead is multiplied by this before each rebalance's sample is weighed in (the
+sample counts ``1 - LEAD_MEMORY``: about the last three rebalances count)."""
+MAX_PRICE_SCALE = 8.0
+"""Step 6's price rises to at most this many times its scaled value while the balance leads."""
+LEAD_GIVEN_BACK = -0.002
+"""A lead below this (0.2 points of balancedness behind DeepSeek's) takes the price back down."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +97,22 @@ class SpendState:
             from the shadow placement moved (same fading).
         scale: the spending factor for the next plan, in ``[MIN_SCALE, MAX_SCALE]`` (1: the
             defaults; below 1 cheaper moves, above 1 dearer).
+        lead: how much better the placement served did than DeepSeek's shadow, in balancedness
+            of the same load windows (faded by :data:`LEAD_MEMORY`; 0.01 is one point ahead).
+        price_scale: step 6's price factor for the next plan, in ``[1, MAX_PRICE_SCALE]``, above 1
+            only while the tally is close under the budget and the balance leads.
     """
 
     spent: float = 0.0
     reference: float = 0.0
     scale: float = 1.0
+    lead: float = 0.0
+    price_scale: float = 1.0
 
 
-def update_spend(state: SpendState, spent: int, reference: int, *, max_scale: float = MAX_SCALE) -> SpendState:
+def update_spend(
+    state: SpendState, spent: int, reference: int, *, max_scale: float = MAX_SCALE, lead: float | None = None
+) -> SpendState:
     """The state after a rebalance where the policy moved ``spent`` slots and DeepSeek ``reference``.
 
     With no DeepSeek slots tallied yet there is nothing to compare, and ``scale`` stays.
@@ -87,11 +120,20 @@ def update_spend(state: SpendState, spent: int, reference: int, *, max_scale: fl
     (:func:`room_slots`): 1 where a dearer scale would change nothing, 2 or 4 where it narrows
     the room, so it never has to come back down from where it changed nothing before moves get
     cheaper.
+
+    ``lead``: the balancedness of the placement served minus the shadow's, on the load window this
+    plan was made for (None: not measured, and the lead and ``price_scale`` stay). Over
+    :data:`SPEND_CAP` of DeepSeek's slots with the faded lead above 0, step 6's price doubles
+    (up to :data:`MAX_PRICE_SCALE`): the deployment is ahead of DeepSeek's balance and close to
+    the slot budget, so it spends the lead rather than more slots. Under :data:`SPEND_CAP`, or with
+    the lead below :data:`LEAD_GIVEN_BACK`, it halves back toward 1.
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
     if isinstance(max_scale, bool) or not 1.0 <= max_scale <= MAX_SCALE:
         raise ValueError(f"max_scale must be in [1, {MAX_SCALE:g}], got {max_scale!r}")
+    if lead is not None and (isinstance(lead, bool) or not math.isfinite(lead) or not -1.0 <= lead <= 1.0):
+        raise ValueError(f"lead must be None or a balancedness difference in [-1, 1], got {lead!r}")
     tally = state.spent * SPEND_MEMORY + spent
     ref = state.reference * SPEND_MEMORY + reference
     scale = state.scale
@@ -103,7 +145,25 @@ def update_spend(state: SpendState, spent: int, reference: int, *, max_scale: fl
         elif tally > SPEND_HIGH * ref:
             # Back toward the defaults, not past them; a scale already above 1 holds.
             scale = min(scale * SPEND_STEP, max(scale, 1.0))
-    return SpendState(tally, ref, min(max(scale, MIN_SCALE), max_scale))
+    faded_lead, price = state.lead, state.price_scale
+    if lead is not None:
+        faded_lead = LEAD_MEMORY * faded_lead + (1.0 - LEAD_MEMORY) * lead
+        over = ref > 0 and tally > SPEND_CAP * ref
+        if over and faded_lead > 0.0:
+            price = min(price * SPEND_STEP, MAX_PRICE_SCALE)
+        elif not over or faded_lead < LEAD_GIVEN_BACK:
+            price = max(price / SPEND_STEP, 1.0)
+    return SpendState(tally, ref, min(max(scale, MIN_SCALE), max_scale), faded_lead, price)
+
+
+def balance_lead(served: np.ndarray, shadow: np.ndarray, load: np.ndarray, num_ranks: int) -> float:
+    """How much better ``served`` (the placement the load was served on) balances ``load`` than
+    ``shadow`` (DeepSeek's placement from the same history), in model balancedness: the sample
+    :func:`update_spend` takes as ``lead``. It is issue 16's balance target measured as the
+    deployment runs: both placements were planned before this load arrived."""
+    return model_balancedness(rank_loads(served, load, num_ranks)) - model_balancedness(
+        rank_loads(shadow, load, num_ranks)
+    )
 
 
 @dataclass(frozen=True)
@@ -153,11 +213,14 @@ def scaled_room(scale: float) -> float:
     return min(DEFAULT_FINE_MOVE_SHARE / scale, MAX_FINE_MOVE_SHARE)
 
 
-def spend_options(scale: float, slots: int) -> SpendOptions:
+def spend_options(scale: float, slots: int, price_scale: float = 1.0) -> SpendOptions:
     """The migration policy's settings for ``scale`` where step 4's room is a share of ``slots``
     (:func:`room_slots`; the defaults at ``scale = 1``; step 4's room only where
-    :func:`room_follows_scale`; above 1 the price stays at its default)."""
+    :func:`room_follows_scale`; above 1 the price stays at its default) and ``price_scale``
+    (step 6's price times it: :attr:`SpendState.price_scale`)."""
     if isinstance(scale, bool) or not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ValueError(f"spend scale must be in (0, {MAX_SCALE:g}], got {scale!r}")
+    if isinstance(price_scale, bool) or not (math.isfinite(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
+        raise ValueError(f"price scale must be in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}")
     room = scaled_room(scale) if room_follows_scale(slots) else DEFAULT_FINE_MOVE_SHARE
-    return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0), room)
+    return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0) * price_scale, room)

@@ -94,7 +94,13 @@ def status_document(
         "last_plans": [o.__dict__ for o in plans.outcomes[-10:]],
         "load_reports": book.window.reports if book.window else 0,
         "load_persistence": plans.last_persistence,
-        "spend": {"scale": plans.spend.scale, "moved": plans.spend.spent, "deepseek_moved": plans.spend.reference},
+        "spend": {
+            "scale": plans.spend.scale,
+            "moved": plans.spend.spent,
+            "deepseek_moved": plans.spend.reference,
+            "balance_lead": plans.spend.lead,
+            "price_scale": plans.spend.price_scale,
+        },
         "balancedness": None
         if current is None
         else {

@@ -1,0 +1,140 @@
+"""The spend controller's balance lead: a deployment ahead of DeepSeek's balance and close to the
+slot budget spends its lead instead of more slots (eplb_service.coordinator.spend_control)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from test_plan_runner_rules import plannable
+from test_spend_control import faded, past_the_fresh_first_plan, plan_and_tally
+
+from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
+from eplb_service.coordinator.load_forecast import persistence
+from eplb_service.coordinator.policy import plan_rebalance
+from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
+from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
+from eplb_service.coordinator.spend_control import (
+    LEAD_GIVEN_BACK,
+    LEAD_MEMORY,
+    MAX_PRICE_SCALE,
+    SPEND_CAP,
+    SpendOptions,
+    SpendState,
+    balance_lead,
+    spend_options,
+    update_spend,
+)
+from eplb_service.coordinator.status_doc import status_json
+from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log
+
+OVER = faded(0.3)
+"""Tallies at 30% of DeepSeek's slots once faded: over SPEND_CAP."""
+UNDER = faded(0.1)
+
+
+def test_ahead_of_deepseek_close_to_the_budget_the_price_doubles_up_to_its_cap():
+    state = SpendState(**OVER)
+    prices = []
+    for _ in range(5):
+        state = update_spend(state, 30, 100, lead=0.01)
+        prices.append(state.price_scale)
+    assert prices == [2.0, 4.0, 8.0, 8.0, 8.0] and MAX_PRICE_SCALE == 8.0
+    assert state.lead > 0 and state.scale > 1  # step 4's scale follows the slots as before
+
+
+def test_under_the_cap_or_behind_deepseek_the_price_halves_back_to_one():
+    dear = SpendState(**OVER, price_scale=8.0, lead=0.01)
+    assert update_spend(dataclasses.replace(dear, **UNDER), 0, 0, lead=0.01).price_scale == 4.0
+    behind = dataclasses.replace(dear, lead=LEAD_GIVEN_BACK * 2)
+    assert update_spend(behind, 0, 0, lead=LEAD_GIVEN_BACK * 2).price_scale == 4.0
+    assert update_spend(SpendState(**UNDER), 0, 0, lead=0.05).price_scale == 1.0  # never below 1
+
+
+def test_a_lead_between_the_give_back_line_and_zero_holds_the_price():
+    """Over the cap and about level with DeepSeek: spending the lead has brought the balance down to
+    where it should stop, and more slots would only go over the budget again."""
+    level = SpendState(**OVER, price_scale=4.0, lead=LEAD_GIVEN_BACK / 2)
+    assert update_spend(level, 0, 0, lead=LEAD_GIVEN_BACK / 2).price_scale == 4.0
+
+
+def test_the_lead_fades_and_an_unmeasured_round_leaves_it_and_the_price():
+    state = update_spend(SpendState(lead=0.01), 0, 0, lead=-0.02)
+    assert state.lead == pytest.approx(LEAD_MEMORY * 0.01 - (1 - LEAD_MEMORY) * 0.02)
+    kept = SpendState(**OVER, lead=0.03, price_scale=2.0)
+    after = update_spend(kept, 30, 100)
+    assert (after.lead, after.price_scale) == (0.03, 2.0)
+    for bad in (float("nan"), 1.5, True):
+        with pytest.raises(
+            ValueError, match=f"lead must be None or a balancedness difference in \\[-1, 1\\], got {bad!r}"
+        ):
+            update_spend(kept, 0, 0, lead=bad)
+
+
+def test_the_price_scale_multiplies_step_6_s_price_only():
+    assert spend_options(1.0, 12, 4.0) == SpendOptions(DEFAULT_MOVE_PRICE * 4, DEFAULT_FINE_MOVE_SHARE)
+    assert spend_options(0.5, 544, 2.0) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE * 2)
+    for bad in (0.5, MAX_PRICE_SCALE * 2, float("inf")):
+        with pytest.raises(ValueError, match=f"price scale must be in \\[1, 8\\], got {bad!r}"):
+            spend_options(1.0, 12, bad)
+
+
+def test_the_lead_is_how_much_better_the_served_placement_balanced_the_load():
+    shape = PlacementShape(16, 8, 8, 4)
+    rng = np.random.default_rng(3)
+    load = rng.gamma(1.0, 100.0, size=(16, 8))
+    packed = deepseek_phy2log(load, 8, 1, 1, 4)
+    vllm = initial_phy2log(shape)
+    assert balance_lead(packed, vllm, load, 4) > 0.05
+    assert balance_lead(vllm, packed, load, 4) == pytest.approx(-balance_lead(packed, vllm, load, 4))
+    assert balance_lead(vllm, vllm, load, 4) == 0.0
+
+
+def test_a_dearer_price_moves_fewer_slots_where_the_imbalance_fades():
+    """Mixtral 8+4 (12 slots), the hottest expert trading places every window: step 6 prices
+    moves there, and a dearer price keeps more layers where they are."""
+    matrix_shape = MATRIX_SHAPES[1]
+    shape = PlacementShape(32, matrix_shape.experts, matrix_shape.slots, matrix_shape.ranks)
+    loads = matrix_loads(matrix_shape, Workload("zipf-1.0", "swap", "low"), 32, 3, seed=2)
+    start = plan_rebalance("migration", initial_phy2log(shape), loads[0], shape, fresh=True).target_phy2log
+    kept = persistence(loads[0], loads[1])
+    assert kept < 0.6
+    moved = [
+        plan_rebalance("migration", start, loads[1], shape, persistence=kept, price_scale=p).experts_moved
+        for p in (1.0, 2.0, MAX_PRICE_SCALE)
+    ]
+    assert moved[0] > moved[1] >= moved[2]
+    with pytest.raises(PlacementError, match="price_scale must be a number in \\[1, 8\\], got 0.5"):
+        plan_rebalance("migration", start, loads[1], shape, price_scale=0.5)
+
+
+def test_the_coordinator_raises_the_price_when_its_placement_led_close_to_the_budget():
+    """The runner measures, at each tally, the load just planned for on the placement that served
+    it and on DeepSeek's shadow. Here the shadow piles each layer's hottest experts together and
+    the tallies are close to the budget: the next plan is asked for at twice step 6's price, and
+    the gauges and ``status`` show the lead and the price."""
+    c, _ = plannable()
+    past_the_fresh_first_plan(c)
+    shape = c.book.shape
+    plan_and_tally(c)  # sets the shadow off
+    load = c.book.window.load
+    hottest_first = np.argsort(-load, axis=1)
+    assert (shape.num_logical, shape.num_physical, shape.num_ranks) == (6, 8, 2)
+    c.plans._shadow = hottest_first[:, [0, 1, 2, 3, 4, 5, 4, 5]]  # the 4 hottest on rank 0, the 2 coldest twice on 1
+    served = c.placements[c.epoch]
+    assert balance_lead(served, c.plans._shadow, load, shape.num_ranks) > 0
+    c.plans.spend = SpendState(**OVER)
+    plan_and_tally(c)
+    assert c.plans.spend.spent > SPEND_CAP * c.plans.spend.reference
+    assert c.plans.spend.lead > 0 and c.plans.spend.price_scale == 2.0
+    call = c.plans._policy_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
+    assert call.keywords["price_scale"] == 2.0
+    doc = json.loads(status_json(c.status()))["spend"]
+    assert doc["price_scale"] == 2.0 and doc["balance_lead"] == pytest.approx(c.plans.spend.lead)
+    sample = c.metrics.registry.get_sample_value
+    assert sample("eplb_step_price_scale", {}) == 2.0
+    assert sample("eplb_balance_lead", {}) == pytest.approx(c.plans.spend.lead)
+    c.plans.new_deployment()
+    assert sample("eplb_step_price_scale", {}) == 1.0 and sample("eplb_balance_lead", {}) == 0.0
