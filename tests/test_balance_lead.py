@@ -11,7 +11,9 @@ import pytest
 from test_plan_runner_rules import plannable
 from test_spend_control import faded, past_the_fresh_first_plan, plan_and_tally
 
+import bench.planner as planner
 from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
+from eplb_service.coordinator import plan_runner
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
@@ -21,6 +23,7 @@ from eplb_service.coordinator.spend_control import (
     LEAD_MEMORY,
     MAX_PRICE_SCALE,
     SPEND_CAP,
+    SPEND_MEMORY,
     SpendOptions,
     SpendState,
     balance_lead,
@@ -125,16 +128,77 @@ def test_the_coordinator_raises_the_price_when_its_placement_led_close_to_the_bu
     c.plans._shadow = hottest_first[:, [0, 1, 2, 3, 4, 5, 4, 5]]  # the 4 hottest on rank 0, the 2 coldest twice on 1
     served = c.placements[c.epoch]
     assert balance_lead(served, c.plans._shadow, load, shape.num_ranks) > 0
+    sample = balance_lead(served, c.plans._shadow, load, shape.num_ranks)
     c.plans.spend = SpendState(**OVER)
     plan_and_tally(c)
     assert c.plans.spend.spent > SPEND_CAP * c.plans.spend.reference
-    assert c.plans.spend.lead > 0 and c.plans.spend.price_scale == 2.0
+    assert c.plans.spend.lead == pytest.approx((1 - LEAD_MEMORY) * sample)
+    assert c.plans.spend.price_scale == 2.0
     call = c.plans._policy_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
     assert call.keywords["price_scale"] == 2.0
     doc = json.loads(status_json(c.status()))["spend"]
     assert doc["price_scale"] == 2.0 and doc["balance_lead"] == pytest.approx(c.plans.spend.lead)
-    sample = c.metrics.registry.get_sample_value
-    assert sample("eplb_step_price_scale", {}) == 2.0
-    assert sample("eplb_balance_lead", {}) == pytest.approx(c.plans.spend.lead)
+    gauge = c.metrics.registry.get_sample_value
+    assert gauge("eplb_step_price_scale", {}) == 2.0
+    assert gauge("eplb_balance_lead", {}) == pytest.approx(c.plans.spend.lead)
     c.plans.new_deployment()
-    assert sample("eplb_step_price_scale", {}) == 1.0 and sample("eplb_balance_lead", {}) == 0.0
+    assert gauge("eplb_step_price_scale", {}) == 1.0 and gauge("eplb_balance_lead", {}) == 0.0
+
+
+def test_a_lead_that_cannot_be_measured_leaves_the_price_and_planning_goes_on(monkeypatch):
+    """The next plan awaits the last tally: an error escaping it would stop planning for good. The
+    slots are still tallied; the lead and the price stay where they were."""
+    c, _ = plannable()
+    past_the_fresh_first_plan(c)
+    plan_and_tally(c)  # sets the shadow off
+
+    def broken(*args):
+        raise FloatingPointError("overflow")
+
+    monkeypatch.setattr(plan_runner, "balance_lead", broken)
+    before = c.plans.spend = SpendState(**OVER, lead=0.01, price_scale=2.0)
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+    plan_and_tally(c)
+    after = c.plans.spend
+    assert (after.lead, after.price_scale) == (before.lead, before.price_scale)
+    assert after.reference > before.reference * SPEND_MEMORY  # the slots were tallied
+    monkeypatch.setattr(plan_runner, "update_spend", broken)
+    plan_and_tally(c)  # the update itself fails: the tally still ends, the controller unchanged
+    assert c.plans.spend == after and not c.plans.planning
+
+
+def test_the_matrix_replays_the_coordinator_s_lead():
+    """``run_sequence`` feeds tally ``i`` the lead of load ``i`` on the placement that served it
+    (the migration plan of rebalance ``i - 1``) against DeepSeek's plan ``i - 1`` (its shadow
+    plans from its own previous plan): not the plan just made, nor the shadow just planned."""
+    matrix_shape = MATRIX_SHAPES[2]  # Mixtral 8+2 on 2 ranks
+    shape = PlacementShape(16, matrix_shape.experts, matrix_shape.slots, matrix_shape.ranks)
+    loads = matrix_loads(matrix_shape, Workload("lognormal", "swap", "low"), 16, 5, seed=1)
+    leads: list[float | None] = []
+    migration: list[np.ndarray] = []
+    real_update, real_plan = planner.update_spend, planner.plan_rebalance
+
+    def recording_update(state, spent, reference, **kwargs):
+        leads.append(kwargs.get("lead"))
+        return real_update(state, spent, reference, **kwargs)
+
+    def recording_plan(policy, *args, **kwargs):
+        plan = real_plan(policy, *args, **kwargs)
+        if policy == "migration":
+            migration.append(plan.target_phy2log)
+        return plan
+
+    planner.update_spend, planner.plan_rebalance = recording_update, recording_plan
+    try:
+        planner.run_sequence("migration", matrix_shape, loads)
+    finally:
+        planner.update_spend, planner.plan_rebalance = real_update, real_plan
+    deepseek = [initial_phy2log(shape)]
+    for load in loads[:-1]:
+        deepseek.append(plan_rebalance("deepseek", deepseek[-1], load, shape).target_phy2log)
+    assert len(leads) == len(loads) - 2 and len(migration) == len(loads) - 1
+    expected = [
+        balance_lead(migration[i - 1], deepseek[i], loads[i], shape.num_ranks) for i in range(1, len(leads) + 1)
+    ]
+    assert leads == pytest.approx(expected)
+    assert any(abs(x) > 1e-4 for x in expected)  # the placements differ: the check has teeth

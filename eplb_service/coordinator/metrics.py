@@ -115,8 +115,9 @@ class CoordinatorMetrics:
         self.balance_lead.set(0.0)
         self.step_price_scale = Gauge(
             "eplb_step_price_scale",
-            "Extra factor on the migration policy's price of a moved slot (1: none; up to 8 while its "
-            "placements lead DeepSeek's balance and its plans moved close to a fifth of DeepSeek's slots)",
+            "Extra factor on the migration policy's price of a moved slot for its next plan (1: none; "
+            "doubled, up to 8, after each rebalance where its placements led DeepSeek's balance while its "
+            "plans moved close to a fifth of DeepSeek's slots; halved toward 1 under that or when behind)",
             registry=r,
         )
         self.step_price_scale.set(1.0)

@@ -280,35 +280,45 @@ class PlanRunner:
             return
         if generation != self._spend_generation:  # a new deployment since: this was the old one's
             return
-        # Both placements were planned before this load arrived: what each made of it.
-        lead = None if first else balance_lead(current, shadow, load, self.book.shape.num_ranks)
+        try:  # both placements were planned before this load arrived: what each made of it
+            lead = None if first else balance_lead(current, shadow, load, self.book.shape.num_ranks)
+        except Exception as exc:
+            self.log.warning("spend controller: balance lead not measured (%s); step 6's price stays", exc)
+            lead = None
         self._shadow = reference.target_phy2log
         if not first:
-            scale, price = self.spend.scale, self.spend.price_scale
-            ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
-            self.spend = update_spend(self.spend, spent, reference.experts_moved, max_scale=ceiling, lead=lead)
-            self.metrics.move_price_scale.set(self.spend.scale)
-            self.metrics.balance_lead.set(self.spend.lead)
-            self.metrics.step_price_scale.set(self.spend.price_scale)
-            if self.spend.price_scale != price:
-                self.log.info(
-                    "spend controller: step 6's price x%g -> x%g: balance %+.2f points against DeepSeek's "
-                    "lately, %.0f slots moved against its %.0f",
-                    price,
-                    self.spend.price_scale,
-                    100 * self.spend.lead,
-                    self.spend.spent,
-                    self.spend.reference,
-                )
-            if self.spend.scale != scale:
-                self.log.info(
-                    "spend controller: moves %s (scale %g -> %g): %.0f slots moved against DeepSeek's %.0f lately",
-                    "cheaper" if self.spend.scale < scale else "dearer",
-                    scale,
-                    self.spend.scale,
-                    self.spend.spent,
-                    self.spend.reference,
-                )
+            try:
+                self._update_spend(spent, reference.experts_moved, lead)
+            except Exception as exc:  # the tally must not fail: the next plan awaits it
+                self.log.warning("spend controller: update failed (%s); keeping scale %g", exc, self.spend.scale)
+
+    def _update_spend(self, spent: int, reference: int, lead: float | None) -> None:
+        """Feed one tally to the controller; the gauges follow it and each change is logged once."""
+        scale, price = self.spend.scale, self.spend.price_scale
+        ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
+        self.spend = update_spend(self.spend, spent, reference, max_scale=ceiling, lead=lead)
+        self.metrics.move_price_scale.set(self.spend.scale)
+        self.metrics.balance_lead.set(self.spend.lead)
+        self.metrics.step_price_scale.set(self.spend.price_scale)
+        if self.spend.price_scale != price:
+            self.log.info(
+                "spend controller: step 6's price x%g -> x%g: balance %+.2f points against DeepSeek's "
+                "lately, %.0f slots moved against its %.0f",
+                price,
+                self.spend.price_scale,
+                100 * self.spend.lead,
+                self.spend.spent,
+                self.spend.reference,
+            )
+        if self.spend.scale != scale:
+            self.log.info(
+                "spend controller: moves %s (scale %g -> %g): %.0f slots moved against DeepSeek's %.0f lately",
+                "cheaper" if self.spend.scale < scale else "dearer",
+                scale,
+                self.spend.scale,
+                self.spend.spent,
+                self.spend.reference,
+            )
 
     def _seed_fits(self) -> bool:
         """Whether ``--initial-placement`` fits the deployment the agents registered; if not, it is

@@ -132,7 +132,7 @@ def update_spend(
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
     if isinstance(max_scale, bool) or not 1.0 <= max_scale <= MAX_SCALE:
         raise ValueError(f"max_scale must be in [1, {MAX_SCALE:g}], got {max_scale!r}")
-    if lead is not None and (isinstance(lead, bool) or not math.isfinite(lead) or not -1.0 <= lead <= 1.0):
+    if lead is not None and not (_is_number(lead) and math.isfinite(lead) and -1.0 <= lead <= 1.0):
         raise ValueError(f"lead must be None or a balancedness difference in [-1, 1], got {lead!r}")
     tally = state.spent * SPEND_MEMORY + spent
     ref = state.reference * SPEND_MEMORY + reference
@@ -154,6 +154,11 @@ def update_spend(
         elif not over or faded_lead < LEAD_GIVEN_BACK:
             price = max(price / SPEND_STEP, 1.0)
     return SpendState(tally, ref, min(max(scale, MIN_SCALE), max_scale), faded_lead, price)
+
+
+def _is_number(value: object) -> bool:
+    """A real number, not a bool (``True`` is 1 to Python, never a factor a caller meant)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def balance_lead(served: np.ndarray, shadow: np.ndarray, load: np.ndarray, num_ranks: int) -> float:
@@ -220,7 +225,7 @@ def spend_options(scale: float, slots: int, price_scale: float = 1.0) -> SpendOp
     (step 6's price times it: :attr:`SpendState.price_scale`)."""
     if isinstance(scale, bool) or not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise ValueError(f"spend scale must be in (0, {MAX_SCALE:g}], got {scale!r}")
-    if isinstance(price_scale, bool) or not (math.isfinite(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
+    if not (_is_number(price_scale) and math.isfinite(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
         raise ValueError(f"price scale must be in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}")
     room = scaled_room(scale) if room_follows_scale(slots) else DEFAULT_FINE_MOVE_SHARE
     return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0) * price_scale, room)
