@@ -24,7 +24,7 @@ price also holds back the answer to a lasting new hot expert.
 **The balance lead.** The slots are one of issue 16's targets; the other is next-window balance
 within half a point of DeepSeek's. The coordinator measures that one too: at each tally, the
 load the plan was made for on the placement that served it and on the shadow (both planned
-before that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
+before the newest of that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
 is over :data:`SPEND_CAP` while the faded lead is above 0, step 6's price doubles for the next
 plan (``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size); under the cap, or
 once the lead is below :data:`LEAD_GIVEN_BACK`, it halves back toward 1. A deployment ahead of
@@ -165,7 +165,8 @@ def balance_lead(served: np.ndarray, shadow: np.ndarray, load: np.ndarray, num_r
     """How much better ``served`` (the placement the load was served on) balances ``load`` than
     ``shadow`` (DeepSeek's placement from the same history), in model balancedness: the sample
     :func:`update_spend` takes as ``lead``. It is issue 16's balance target measured as the
-    deployment runs: both placements were planned before this load arrived."""
+    deployment runs: both placements were planned before the newest of this load arrived (the
+    coordinator's window also holds older, decayed load, alike for both)."""
     return model_balancedness(rank_loads(served, load, num_ranks)) - model_balancedness(
         rank_loads(shadow, load, num_ranks)
     )
