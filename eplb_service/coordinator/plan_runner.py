@@ -147,9 +147,7 @@ class PlanRunner:
         self.last_persistence = None  # the old deployment's load, not this one's
         self.spend, self._shadow = SpendState(), None
         self._spend_generation += 1
-        self.metrics.move_price_scale.set(self.spend.scale)
-        self.metrics.balance_lead.set(self.spend.lead)
-        self.metrics.step_price_scale.set(self.spend.price_scale)
+        self._show_spend()
         self._seeded = False
         self.drain_at_step = None
         self.skips_in_a_row = 0
@@ -292,14 +290,18 @@ class PlanRunner:
             except Exception as exc:  # the tally must not fail: the next plan awaits it
                 self.log.warning("spend controller: update failed (%s); keeping scale %g", exc, self.spend.scale)
 
+    def _show_spend(self) -> None:
+        """The controller's gauges follow its state (after each tally, and a new deployment's reset)."""
+        self.metrics.move_price_scale.set(self.spend.scale)
+        self.metrics.balance_lead.set(self.spend.lead)
+        self.metrics.step_price_scale.set(self.spend.price_scale)
+
     def _update_spend(self, spent: int, reference: int, lead: float | None) -> None:
         """Feed one tally to the controller; the gauges follow it and each change is logged once."""
         scale, price = self.spend.scale, self.spend.price_scale
         ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
         self.spend = update_spend(self.spend, spent, reference, max_scale=ceiling, lead=lead)
-        self.metrics.move_price_scale.set(self.spend.scale)
-        self.metrics.balance_lead.set(self.spend.lead)
-        self.metrics.step_price_scale.set(self.spend.price_scale)
+        self._show_spend()
         if self.spend.price_scale != price:
             self.log.info(
                 "spend controller: step 6's price x%g -> x%g: balance %+.2f points against DeepSeek's "
