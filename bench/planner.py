@@ -288,6 +288,72 @@ def cap_shares(prob: np.ndarray, cap: float) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class MatrixWindow:
+    """One window of a cell: the routed tokens and the hidden popularity that drew them.
+
+    Attributes:
+        loads: ``[layers, experts]`` routed tokens (what a planner sees).
+        logits: ``[layers, experts]`` log popularity the window was sampled from.
+        base: ``[layers, experts]`` the level each expert's log popularity reverts to.
+    """
+
+    loads: np.ndarray
+    logits: np.ndarray
+    base: np.ndarray
+
+
+def drift_window(
+    logits: np.ndarray, base: np.ndarray, drift: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, base)`` one window later under ``drift`` (see :func:`matrix_loads`); new arrays.
+
+    Split out so a benchmark can draw the next windows a cell's own laws would give from any
+    window's hidden state (``bench/oracle_pairs.py``), with the draws in the order the matrix makes them.
+    """
+    layers, num = logits.shape
+    rows = np.arange(layers)
+    logits = logits + 0.1 * (base - logits) + rng.normal(0.0, 0.05, size=logits.shape)
+    if drift == "swap":
+        base = base.copy()
+        hot = np.argsort(-logits, axis=1)[rows, rng.integers(0, max(1, num // 8), layers)]
+        other = rng.integers(0, num, layers)
+        for arr in (logits, base):
+            arr[rows, hot], arr[rows, other] = arr[rows, other], arr[rows, hot]
+    elif drift == "abrupt":
+        cold = np.argsort(logits, axis=1)[rows, rng.integers(0, max(1, num // 2), layers)]
+        hit = rng.random(layers) < 0.25
+        logits[rows[hit], cold[hit]] = logits.max(axis=1)[hit] + np.log(2.0)
+    return logits, base
+
+
+def sample_window(logits: np.ndarray, top_k: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """``[layers, experts]`` routed tokens: ``tokens`` per layer drawn from the popularity
+    ``logits``, no expert above ``1 / top_k`` of its layer."""
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    prob = cap_shares(prob / prob.sum(axis=1, keepdims=True), 1.0 / top_k)
+    return rng.multinomial(tokens, prob).astype(np.float64)
+
+
+def matrix_windows(shape: MatrixShape, workload: Workload, layers: int, windows: int, seed: int) -> list[MatrixWindow]:
+    """:func:`matrix_loads`' windows with the hidden popularity behind each (same draws, same loads)."""
+    rng = np.random.default_rng(seed)
+    num = shape.experts
+    if workload.popularity.startswith("zipf"):
+        exponent = float(workload.popularity.split("-")[1])
+        base = -exponent * np.log(np.argsort(rng.random((layers, num)), axis=1) + 1.0)
+    else:
+        base = rng.normal(0.0, 1.0, size=(layers, num))
+    logits = base.copy()
+    tokens = NOISE_TOKENS_PER_EXPERT[workload.noise] * num
+    out = []
+    for window in range(windows):
+        if window:
+            logits, base = drift_window(logits, base, workload.drift, rng)
+        out.append(MatrixWindow(sample_window(logits, shape.top_k, tokens, rng), logits.copy(), base.copy()))
+    return out
+
+
 def matrix_loads(shape: MatrixShape, workload: Workload, layers: int, windows: int, seed: int) -> list[np.ndarray]:
     """``windows`` successive ``[layers, experts]`` load windows, in routed tokens.
 
@@ -301,33 +367,7 @@ def matrix_loads(shape: MatrixShape, workload: Workload, layers: int, windows: i
     - Noise: each window is a multinomial sample of :data:`NOISE_TOKENS_PER_EXPERT` tokens
       per expert.
     """
-    rng = np.random.default_rng(seed)
-    num = shape.experts
-    rows = np.arange(layers)
-    if workload.popularity.startswith("zipf"):
-        exponent = float(workload.popularity.split("-")[1])
-        base = -exponent * np.log(np.argsort(rng.random((layers, num)), axis=1) + 1.0)
-    else:
-        base = rng.normal(0.0, 1.0, size=(layers, num))
-    logits = base.copy()
-    tokens = NOISE_TOKENS_PER_EXPERT[workload.noise] * num
-    out = []
-    for window in range(windows):
-        if window:
-            logits = logits + 0.1 * (base - logits) + rng.normal(0.0, 0.05, size=logits.shape)
-            if workload.drift == "swap":
-                hot = np.argsort(-logits, axis=1)[rows, rng.integers(0, max(1, num // 8), layers)]
-                other = rng.integers(0, num, layers)
-                for arr in (logits, base):
-                    arr[rows, hot], arr[rows, other] = arr[rows, other], arr[rows, hot]
-            elif workload.drift == "abrupt":
-                cold = np.argsort(logits, axis=1)[rows, rng.integers(0, max(1, num // 2), layers)]
-                hit = rng.random(layers) < 0.25
-                logits[rows[hit], cold[hit]] = logits.max(axis=1)[hit] + np.log(2.0)
-        prob = np.exp(logits - logits.max(axis=1, keepdims=True))
-        prob = cap_shares(prob / prob.sum(axis=1, keepdims=True), 1.0 / shape.top_k)
-        out.append(rng.multinomial(tokens, prob).astype(np.float64))
-    return out
+    return [window.loads for window in matrix_windows(shape, workload, layers, windows, seed)]
 
 
 @dataclass(frozen=True)
@@ -572,6 +612,14 @@ def cell_seed(shape: MatrixShape, workload: Workload, seed: int) -> np.random.Se
     return np.random.SeedSequence([seed, zlib.crc32(f"{shape.label}|{workload.label}".encode())])
 
 
+def cell_windows(
+    shape: MatrixShape, workload: Workload, windows: int, seed: int, layers: int | None = None
+) -> list[MatrixWindow]:
+    """One cell's ``windows`` windows with their hidden popularity (:func:`cell_loads` has the loads alone)."""
+    first = int(cell_seed(shape, workload, seed).generate_state(1)[0])
+    return matrix_windows(shape, workload, layers or matrix_layers(shape), windows, first)
+
+
 def cell_loads(
     shape: MatrixShape, workload: Workload, windows: int, seed: int, layers: int | None = None
 ) -> list[np.ndarray]:
@@ -580,8 +628,7 @@ def cell_loads(
     They depend only on ``seed``, the shape and the workload, so a cell gives the same numbers
     alone or in the full matrix, and every benchmark that replays a cell sees the matrix's loads.
     """
-    first = int(cell_seed(shape, workload, seed).generate_state(1)[0])
-    return matrix_loads(shape, workload, layers or matrix_layers(shape), windows, first)
+    return [window.loads for window in cell_windows(shape, workload, windows, seed, layers)]
 
 
 def run_cell(

@@ -7,13 +7,14 @@ import numpy as np
 from bench.oracle_pairs import (
     best_responses,
     controlled_responses,
+    generator_inputs,
     max_loads,
     moves_between,
     online_inputs,
     scenario_inputs,
     scored_windows,
 )
-from bench.planner import MATRIX_SHAPES, run_sequence
+from bench.planner import MATRIX_SHAPES, Workload, cell_windows, run_sequence
 from eplb_service.coordinator.spend_control import MIN_SCALE
 
 
@@ -79,6 +80,10 @@ def test_the_controlled_rule_is_the_fixed_price_rule_until_the_controller_moves_
     # The warm-up's DeepSeek slots ([0]) are not tallied, as in the coordinator.
     warm_up_only = [10**6] + [0] * (len(loads) - 1)
     assert controlled_responses(inputs, scored, 0.05, moves, warm_up_only)[1] == fixed
+    # Far above DeepSeek's slots the scale stays at 1: never dearer than the fixed price (at 0.01
+    # the fixed rule moves in 3 of the 5 rebalances; a scale doubling above the cap moves less).
+    far_above = [0] + [1] * (len(loads) - 1)
+    assert controlled_responses(inputs, scored, 0.01, moves, far_above) == best_responses(inputs, scored, 0.01, moves)
     # A price so high that even MIN_SCALE of it keeps the warm-up pairing moves nothing.
     assert controlled_responses(inputs, scored, 1e3 / MIN_SCALE, moves, far_below)[1] == 0
 
@@ -93,3 +98,26 @@ def test_a_sequence_records_each_plans_slots_the_warm_up_first():
     # The matrix counts the plans after the warm-up ([0]).
     assert per_plan[0] == deepseek.warmup_moved
     assert sum(per_plan[1:]) == deepseek.moved > 0
+
+
+def test_the_generator_rule_judges_pairings_by_the_windows_the_cell_would_draw_next():
+    """A slowly drifting, low-noise cell changes little in a window: the pairing the generator's
+    rule judges best is the one that turns out best on the real next window in most layers, and
+    its costs are largest-rank-over-mean ratios (at least 1)."""
+    (shape,) = [s for s in MATRIX_SHAPES if s.experts == 8 and s.redundant == 0]
+    workload = Workload("zipf-0.6", "slow", "low")
+    cell = cell_windows(shape, workload, 6, seed=0, layers=16)
+    costs, warm = generator_inputs(cell, workload, shape.top_k, 1, 32, np.random.default_rng(0))
+    assert costs.shape == (4, 16, 105) and warm.shape == (16,)
+    assert (costs >= 1.0 - 1e-12).all()
+    chosen = costs.argmin(axis=2)  # [T, L]
+    actual = np.stack([max_loads(cell[t + 1].loads) for t in range(1, 5)])  # the next windows
+    rows = np.arange(16)
+    regret = np.array([actual[t][rows, chosen[t]] / actual[t].min(axis=1) - 1.0 for t in range(4)])
+    assert np.median(regret) < 0.01
+    # Under abrupt changes the rule hedges: its costs are not the last window's as it is.
+    jumpy = Workload("zipf-0.6", "abrupt", "low")
+    cell = cell_windows(shape, jumpy, 6, seed=0, layers=16)
+    hedged, _ = generator_inputs(cell, jumpy, shape.top_k, 1, 32, np.random.default_rng(0))
+    plain, _ = online_inputs([w.loads for w in cell], forecast=False)
+    assert not np.allclose(hedged, plain, rtol=0.02)

@@ -15,7 +15,9 @@ from bench.planner import (
     MOVED_TARGET,
     Workload,
     cap_shares,
+    drift_window,
     matrix_loads,
+    matrix_windows,
     run_cell,
 )
 from eplb_service.coordinator.policy_deepseek import balanced_packing
@@ -166,6 +168,29 @@ def test_loads_respect_the_top_k_cap_and_the_seed():
         assert window.shape == (4, cell.experts) and (window.sum(axis=1) == tokens).all()
     shares = cap_shares(np.array([[0.7, 0.2, 0.1, 0.0]]), 0.4)
     assert np.allclose(shares, [[0.4, 0.4, 0.2, 0.0]])
+
+
+def test_each_window_keeps_the_hidden_popularity_that_drew_it():
+    """``matrix_windows`` (what ``bench/oracle_pairs.py``'s generator rule draws futures from)
+    gives the matrix's loads, and each window's logits are what its tokens were sampled from."""
+    cell = shape("Mixtral-8x7B EP4: 8+0")
+    workload = Workload("lognormal", "swap", "low")
+    windows = matrix_windows(cell, workload, layers=6, windows=4, seed=11)
+    loads = matrix_loads(cell, workload, layers=6, windows=4, seed=11)
+    assert all(np.array_equal(w.loads, x) for w, x in zip(windows, loads))
+    assert np.array_equal(windows[0].logits, windows[0].base)  # no drift before the first window
+    for window in windows:
+        prob = np.exp(window.logits - window.logits.max(axis=1, keepdims=True))
+        prob = cap_shares(prob / prob.sum(axis=1, keepdims=True), 1.0 / cell.top_k)
+        shares = window.loads / window.loads.sum(axis=1, keepdims=True)
+        assert np.abs(shares - prob).max() < 0.02  # 16384 tokens per expert: under 1% noise
+    # A swap lasts: the base is a per-layer permutation of the first window's, never a new value.
+    assert np.array_equal(np.sort(windows[-1].base, axis=1), np.sort(windows[0].base, axis=1))
+    assert not np.array_equal(windows[-1].base, windows[0].base)
+    # Drift makes new arrays: the window it started from keeps its own.
+    before = windows[1].logits.copy()
+    drift_window(windows[1].logits, windows[1].base, "abrupt", np.random.default_rng(0))
+    assert np.array_equal(windows[1].logits, before)
 
 
 @settings(max_examples=60, deadline=None)
