@@ -80,7 +80,7 @@ def test_the_price_scale_multiplies_step_6_s_price_only():
     assert spend_options(1.0, 12, 4.0) == SpendOptions(DEFAULT_MOVE_PRICE * 4, DEFAULT_FINE_MOVE_SHARE)
     assert spend_options(0.5, 544, 2.0) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE * 2)
     for bad in (0.5, MAX_PRICE_SCALE * 2, float("inf")):
-        with pytest.raises(ValueError, match=f"price scale must be in \\[1, 8\\], got {bad!r}"):
+        with pytest.raises(ValueError, match=f"price_scale must be a number in \\[1, 8\\], got {bad!r}"):
             spend_options(1.0, 12, bad)
 
 
@@ -134,7 +134,7 @@ def test_the_coordinator_raises_the_price_when_its_placement_led_close_to_the_bu
     assert c.plans.spend.spent > SPEND_CAP * c.plans.spend.reference
     assert c.plans.spend.lead == pytest.approx((1 - LEAD_MEMORY) * sample)
     assert c.plans.spend.price_scale == 2.0
-    call = c.plans._policy_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
+    call = c.plans._policy_call(c.placements[c.epoch], c.book.window.load, 1.0, False, False)
     assert call.keywords["price_scale"] == 2.0
     doc = json.loads(status_json(c.status()))["spend"]
     assert doc["price_scale"] == 2.0 and doc["balance_lead"] == pytest.approx(c.plans.spend.lead)

@@ -3,6 +3,7 @@ packing there instead of repairing vLLM's arbitrary layout (``plan_rebalance(fre
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -50,12 +51,26 @@ def test_the_coordinator_plans_fresh_only_until_a_plan_commits():
     """Epoch 0 is the placement serving started with, whatever this coordinator remembers: a
     restarted coordinator learns the ranks' epoch, so it never repacks a placement plans chose."""
     c, _ = plannable()
+    real_call, asked = c.plans._policy_call, []
+
+    def recorded(current, load, persistence, seeding, fresh):
+        call = real_call(current, load, persistence, seeding, fresh)
+        asked.append(call.keywords["fresh"])
+        return call
+
+    c.plans._policy_call = recorded
     assert c.epoch == 0 and c.plans.starts_fresh()
-    current, load = c.placements[c.epoch], c.book.window.load
-    assert c.plans._policy_call(current, load, 1.0, False).keywords["fresh"] is True
+    c.plans.planning = True
+    asyncio.run(c.plans.run_policy())
+    c.plans.plan = None  # the fresh plan is dropped here; the next one comes after a commit
+    c.plans._policy_call = real_call
     commit_plan(c, step=c.registry.min_step() + 10)
     assert c.epoch == 1 and not c.plans.starts_fresh()
-    assert c.plans._policy_call(c.placements[c.epoch], load, 1.0, False).keywords["fresh"] is False
+    c.plans._policy_call = recorded
+    c.plans.last_plan_end_step = -(10**9)
+    c.plans.planning = True
+    asyncio.run(c.plans.run_policy())
+    assert asked == [True, False]
 
 
 def test_the_deepseek_policy_is_never_asked_for_a_fresh_plan():

@@ -339,3 +339,26 @@ def test_best_exchanges_finds_the_best_exchange_whatever_the_load_scale(scale):
             assert miss[p] == pytest.approx(best), (scale, n, s, p)
             if np.isfinite(best):
                 assert abs(a[p, i[p]] - b[p, j[p]] - gap[p] / 2) == pytest.approx(best)
+
+
+def test_step_6_and_the_hierarchy_s_group_exchanges_price_moves_alike(monkeypatch):
+    """One rule for the factor on a moved slot's price: ``(1 - persistence) ** 2``, at least the
+    small layers' floor where step 4 has no room; the hierarchy's group exchanges use it too (a
+    hierarchical layer under 25 slots was priced without the floor before)."""
+    from eplb_service.coordinator import policy_hierarchy
+    from eplb_service.coordinator.policy_migration import SMALL_LAYER_PRICE_FLOOR, price_fading
+
+    assert price_fading(0.5, 12) == 0.25 and price_fading(0.5, 288) == 0.25
+    assert price_fading(1.0, 12) == SMALL_LAYER_PRICE_FLOOR and price_fading(1.0, 288) == 0.0
+    assert price_fading(0.9, 24) == SMALL_LAYER_PRICE_FLOOR and price_fading(0.9, 25) == pytest.approx(0.01)
+    asked = []
+
+    def spy(persistence, num_physical):
+        asked.append((persistence, num_physical))
+        return price_fading(persistence, num_physical)
+
+    monkeypatch.setattr(policy_hierarchy, "price_fading", spy)
+    shape = PlacementShape(2, 16, 16, 4)  # 16 experts in 4 groups on 2 nodes of 2 ranks
+    load = np.random.default_rng(0).gamma(0.7, 100.0, size=(2, 16))
+    policy_hierarchy.hierarchical_migration_phy2log(initial_phy2log(shape), load, 4, 4, 2, persistence=0.95)
+    assert asked == [(0.95, 16)]

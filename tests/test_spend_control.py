@@ -215,7 +215,7 @@ def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_o
     assert scale_ceiling(shape.num_physical) == 1.0
     commit_plan(c, step=c.registry.min_step() + 10)  # past the fresh first plan
 
-    def as_deepseek(current, load, persistence, seeding):
+    def as_deepseek(current, load, persistence, seeding, fresh):
         return lambda: plan_rebalance("deepseek", current, load, shape)
 
     real_call, c.plans._policy_call = c.plans._policy_call, as_deepseek
@@ -225,7 +225,8 @@ def test_the_coordinator_holds_a_small_layers_scale_at_one_and_passes_a_dearer_o
     assert c.plans.spend.spent > SPEND_CAP * c.plans.spend.reference > 0
     assert c.plans.spend.scale == 1.0
     c.plans.spend = dataclasses.replace(c.plans.spend, scale=2.0)
-    call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
+    assert not c.plans.starts_fresh()
+    call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False, False)
     assert call.keywords["spend_scale"] == 2.0 and call.keywords["fresh"] is False
 
 
@@ -252,7 +253,7 @@ def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_whil
     past_the_fresh_first_plan(c)
     assert c.cfg.policy == "migration"
 
-    def no_change(current, load, persistence, seeding):
+    def no_change(current, load, persistence, seeding, fresh):
         return lambda: build_plan(current, current, load, c.book.shape)
 
     real_call, c.plans._policy_call = c.plans._policy_call, no_change
@@ -262,7 +263,7 @@ def test_the_coordinator_makes_moves_cheaper_after_plans_that_moved_nothing_whil
     plan_and_tally(c)
     assert c.plans.spend.spent == 0 and c.plans.spend.reference > 0
     assert c.plans.spend.scale == 0.5
-    call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False)
+    call = real_call(c.placements[c.epoch], c.book.window.load, 1.0, False, False)
     assert call.keywords["spend_scale"] == 0.5
     c.plans.new_deployment()
     assert c.plans.spend == SpendState()
@@ -277,7 +278,7 @@ def test_a_plan_not_worth_making_spends_nothing():
     c.plans.cfg = dataclasses.replace(c.plans.cfg, min_gain=0.99)
     plan_and_tally(c)
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
-    proposed = c.plans._policy_call(c.placements[c.epoch].copy(), c.book.window.load.copy(), 1.0, False)()
+    proposed = c.plans._policy_call(c.placements[c.epoch].copy(), c.book.window.load.copy(), 1.0, False, False)()
     assert proposed.experts_moved > 0  # the policy would move slots, for less than min_gain
     plan_and_tally(c)
     assert c.plans.counts["skipped"] == 2
@@ -342,7 +343,7 @@ def test_operators_see_the_scale_as_a_metric_and_in_status():
 
     at_start = {"scale": 1.0, "moved": 0.0, "deepseek_moved": 0.0, "balance_lead": 0.0, "price_scale": 1.0}
     assert scale_shown() == (1.0, at_start)
-    c.plans._policy_call = lambda current, load, persistence, seeding: (
+    c.plans._policy_call = lambda current, load, persistence, seeding, fresh: (
         lambda: build_plan(current, current, load, c.book.shape)
     )
     plan_and_tally(c)

@@ -50,7 +50,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     uses_hierarchy,
 )
 from eplb_service.coordinator.policy_migration import migration_phy2log
-from eplb_service.coordinator.spend_control import MAX_PRICE_SCALE, MAX_SCALE, room_slots, spend_options
+from eplb_service.coordinator.spend_control import room_slots, scales_problem, spend_options
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -425,14 +425,9 @@ def plan_rebalance(
 
 def _check_spend_scales(spend_scale: float, price_scale: float) -> None:
     """The spend controller's two factors (:mod:`.spend_control`), each naming the bad value."""
-    if isinstance(spend_scale, bool) or not (
-        isinstance(spend_scale, (int, float, np.floating)) and 0.0 < spend_scale <= MAX_SCALE
-    ):
-        raise PlacementError(f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}")
-    if isinstance(price_scale, bool) or not (
-        isinstance(price_scale, (int, float, np.floating)) and 1.0 <= price_scale <= MAX_PRICE_SCALE
-    ):
-        raise PlacementError(f"price_scale must be a number in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}")
+    problem = scales_problem(spend_scale, price_scale)
+    if problem is not None:
+        raise PlacementError(problem)
 
 
 def _propose_in_blocks(

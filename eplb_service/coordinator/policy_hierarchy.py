@@ -58,6 +58,7 @@ from eplb_service.coordinator.policy_migration import (
     migration_phy2log,
     optimal_replica_counts,
     packing_lower_bound,
+    price_fading,
     swap_tolerance,
     target_replica_counts,
 )
@@ -355,7 +356,7 @@ def hierarchical_migration_phy2log(
         num_nodes,
         limit=limit,
         min_gain=np.maximum(min_swap_share * step, 1e-12),
-        slot_price=np.full(num_layers, move_price * (1.0 - persistence) ** 2 / num_physical),
+        slot_price=np.full(num_layers, move_price * price_fading(persistence, num_physical) / num_physical),
         max_rounds=num_groups,
         floor=rank_floor(shares, num_physical, num_ranks),
     )

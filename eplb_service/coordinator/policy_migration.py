@@ -233,6 +233,16 @@ SMALL_LAYER_PRICE_FLOOR = 0.08
 taken as at least this (its value at persistence 0.72)."""
 
 
+def price_fading(persistence: float, num_physical: int) -> float:
+    """The factor on a moved slot's price for a load this persistent: ``(1 - persistence) ** 2``
+    (a move pays for itself only while the imbalance it answers lasts), at least
+    :data:`SMALL_LAYER_PRICE_FLOOR` in layers of ``num_physical`` slots too small for step 4 (there
+    a lasting drift would otherwise be chased window by window at no price). Step 6 and the
+    hierarchy's group exchanges both price moves with it."""
+    fading = (1.0 - persistence) ** 2
+    return fading if fine_pass_fits(num_physical) else max(fading, SMALL_LAYER_PRICE_FLOOR)
+
+
 def fine_pass_fits(num_physical: int, share: float = DEFAULT_FINE_MOVE_SHARE) -> bool:
     """Whether step 4's room, ``share`` of a layer's ``num_physical`` slots, holds one exchange
     (two slots). At the default share: from 25 slots on; in smaller layers (Mixtral's 8-12 slots)
@@ -941,10 +951,7 @@ def migration_phy2log(
         )
     if packed is not None and repack:
         swapped = _relabelled_where_no_dearer(current, swapped, packed, load, num_ranks)
-    fading = (1.0 - persistence) ** 2
-    if not fine_pass_fits(num_physical):
-        fading = max(fading, SMALL_LAYER_PRICE_FLOOR)
-    return priced_layers(current, swapped, load, num_ranks, move_price * fading)
+    return priced_layers(current, swapped, load, num_ranks, move_price * price_fading(persistence, num_physical))
 
 
 def replica_loads(load: np.ndarray, counts: np.ndarray) -> np.ndarray:

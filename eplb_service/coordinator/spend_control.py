@@ -161,6 +161,18 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def scales_problem(spend_scale: float, price_scale: float) -> str | None:
+    """What is wrong with the controller's two factors, naming the value, or None where both fit.
+
+    One check for :func:`spend_options` and the policy's entry point (``plan_rebalance``), which
+    raise it as their own error type: a caller outside the coordinator can pass either factor."""
+    if not (_is_number(spend_scale) and 0.0 < spend_scale <= MAX_SCALE):
+        return f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}"
+    if not (_is_number(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
+        return f"price_scale must be a number in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}"
+    return None
+
+
 def balance_lead(served: np.ndarray, shadow: np.ndarray, load: np.ndarray, num_ranks: int) -> float:
     """How much better ``served`` (the placement the load was served on) balances ``load`` than
     ``shadow`` (DeepSeek's placement from the same history), in model balancedness: the sample
@@ -224,9 +236,8 @@ def spend_options(scale: float, slots: int, price_scale: float = 1.0) -> SpendOp
     (:func:`room_slots`; the defaults at ``scale = 1``; step 4's room only where
     :func:`room_follows_scale`; above 1 the price stays at its default) and ``price_scale``
     (step 6's price times it: :attr:`SpendState.price_scale`)."""
-    if isinstance(scale, bool) or not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
-        raise ValueError(f"spend scale must be in (0, {MAX_SCALE:g}], got {scale!r}")
-    if not (_is_number(price_scale) and math.isfinite(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
-        raise ValueError(f"price scale must be in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}")
+    problem = scales_problem(scale, price_scale)
+    if problem is not None:
+        raise ValueError(problem)
     room = scaled_room(scale) if room_follows_scale(slots) else DEFAULT_FINE_MOVE_SHARE
     return SpendOptions(DEFAULT_MOVE_PRICE * min(scale, 1.0) * price_scale, room)
