@@ -1,4 +1,4 @@
-"""Hindsight oracle for the matrix's 2-slots-per-rank Mixtral shape (8 experts on 4 ranks).
+"""Hindsight oracle for the matrix's smallest Mixtral layers (8 experts on 4 ranks of 2; --shape for others).
 
 Why: in the workload matrix (``bench/planner.py --matrix``) the migration policy misses the slots
 target (<= 20% of DeepSeek's slots) in most Mixtral cells. This script asks whether that target
@@ -48,13 +48,16 @@ sampling noise, its reversion, how often and how big the next swap or hot expert
 not where the next random change lands; best price and horizon per cell in hindsight. Where it
 misses within the budget, no better forecast of the load makes a price-per-slot planner meet.
 
-Usage: ``PYTHONPATH=. python bench/oracle_pairs.py [--seed N]`` (the matrix's seed; default 0)
+Other shapes of the matrix with at most 500 layouts (:mod:`eplb_service.coordinator.policy_exact`:
+which experts each rank holds, each at least once and never twice on a rank) run the same way,
+e.g. ``--shape '8+2 on 2'`` (Mixtral 8 + 2 on 2 ranks of 5: 280 layouts, about 5 minutes).
+
+Usage: ``PYTHONPATH=. python bench/oracle_pairs.py [--seed N] [--shape LABEL-PART]`` (the matrix's seed; default 0)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import numpy as np
 
@@ -63,6 +66,7 @@ from bench.planner import (
     MOVED_TARGET,
     NOISE_TOKENS_PER_EXPERT,
     WORKLOADS,
+    MatrixShape,
     MatrixWindow,
     Workload,
     cell_seed,
@@ -73,10 +77,9 @@ from bench.planner import (
     sample_window,
 )
 from eplb_service.coordinator.load_forecast import forecast_load, load_shares, persistence, planning_persistence
+from eplb_service.coordinator.policy_exact import Layouts, layouts
 from eplb_service.coordinator.spend_control import SpendState, update_spend
 
-RANKS = 4
-EXPERTS = 8
 SCENARIOS = 64
 """Sampled next windows per layer and rebalance for the scenario rule and the generator's rule."""
 GENERATOR_SAMPLES = 256
@@ -89,42 +92,14 @@ CONTROLLED_PRICE = 0.1
 (0.06 and 0.14 met 14 / 12 / 16 and 12 / 12 / 16 of the 24 cells with seeds 0 / 1 / 2, 0.1 met 15 / 13 / 16)."""
 
 
-def pairings(items: list[int]) -> list[list[tuple[int, int]]]:
-    """Every way to split ``items`` (even length) into unordered pairs."""
-    if not items:
-        return [[]]
-    first, rest = items[0], items[1:]
-    out = []
-    for k, partner in enumerate(rest):
-        for tail in pairings(rest[:k] + rest[k + 1 :]):
-            out.append([(first, partner)] + tail)
-    return out
-
-
-STATES = np.array([sorted(p) for p in pairings(list(range(EXPERTS)))])  # [105, 4, 2]
-
-
-def moves_between() -> np.ndarray:
-    """``[S, S]`` slots changed going from pairing ``i`` to ``j``, pairs laid to keep the most."""
-    sets = [[set(pair) for pair in state] for state in STATES.tolist()]
-    orders = list(itertools.permutations(range(RANKS)))
-    out = np.zeros((len(sets), len(sets)), dtype=np.int64)
-    for i, a in enumerate(sets):
-        for j, b in enumerate(sets):
-            overlap = [[len(x & y) for y in b] for x in a]
-            out[i, j] = EXPERTS - max(sum(overlap[r][o[r]] for r in range(RANKS)) for o in orders)
-    return out
-
-
-def max_loads(load: np.ndarray) -> np.ndarray:
-    """``[L, S]`` the largest rank load of every pairing under ``load [L, 8]``."""
-    return load[:, STATES].sum(axis=3).max(axis=2)
+PAIRS = layouts(8, 4, 2)
+"""Mixtral 8+0 on 4 ranks of 2 slots: the 105 pairings of the matrix's 2-slots-per-rank shape."""
 
 
 def best_sequences(peaks: np.ndarray, weight: np.ndarray, lam: float, moves: np.ndarray) -> np.ndarray:
-    """``[T, L]`` pairing per rebalance and layer minimising ``sum w_t peak + lam * moves``."""
+    """``[T, L]`` layout per rebalance and layer minimising ``sum w_t peak + lam * moves``."""
     num_windows, num_layers, _ = peaks.shape
-    value = np.zeros((num_layers, len(STATES)))
+    value = np.zeros((num_layers, moves.shape[0]))
     back = []
     for t in range(num_windows):
         total = value[:, :, None] + lam * moves[None]
@@ -139,32 +114,32 @@ def best_sequences(peaks: np.ndarray, weight: np.ndarray, lam: float, moves: np.
     return np.array(path[::-1])
 
 
-def scored_windows(loads: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def scored_windows(loads: list[np.ndarray], space: Layouts = PAIRS) -> tuple[np.ndarray, np.ndarray]:
     """``(peaks [T, L, S], mean [T])`` of the windows the matrix scores rebalances ``t = 1..T`` on
-    (``loads[t + 1]``): every pairing's largest rank load, and the mean rank load summed over layers."""
+    (``loads[t + 1]``): every layout's largest rank load, and the mean rank load summed over layers."""
     nexts = loads[2:]
-    return np.stack([max_loads(w) for w in nexts]), np.array([w.sum() / RANKS for w in nexts])
+    return np.stack([space.max_loads(w) for w in nexts]), np.array([w.sum() / space.ranks for w in nexts])
 
 
-def online_inputs(loads: list[np.ndarray], forecast: bool) -> tuple[np.ndarray, np.ndarray]:
+def online_inputs(loads: list[np.ndarray], forecast: bool, space: Layouts = PAIRS) -> tuple[np.ndarray, np.ndarray]:
     """``(costs [T, L, S], warm [L])`` for the online rule of the module docstring, computed once
-    for every ``lam``: each pairing's largest rank load over the mean under the load rebalance
-    ``t`` plans on (``loads[t]`` or its forecast, as the matrix runs it), and the pairing of the
+    for every ``lam``: each layout's largest rank load over the mean under the load rebalance
+    ``t`` plans on (``loads[t]`` or its forecast, as the matrix runs it), and the layout of the
     uncounted warm-up on ``loads[0]``."""
     costs = []
     for t in range(1, len(loads) - 1):
         load = loads[t]
         if forecast:
             load = forecast_load(load, planning_persistence(persistence(loads[t - 1], load)))
-        mean = load.sum(axis=1, keepdims=True) / RANKS
-        costs.append(max_loads(load) / np.where(mean > 0, mean, 1.0))
-    return np.stack(costs), max_loads(loads[0]).argmin(axis=1)
+        mean = load.sum(axis=1, keepdims=True) / space.ranks
+        costs.append(space.max_loads(load) / np.where(mean > 0, mean, 1.0))
+    return np.stack(costs), space.max_loads(loads[0]).argmin(axis=1)
 
 
 def scenario_inputs(
-    loads: list[np.ndarray], forecast: bool, samples: int, rng: np.random.Generator
+    loads: list[np.ndarray], forecast: bool, samples: int, rng: np.random.Generator, space: Layouts = PAIRS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`online_inputs`, but each pairing's cost is its mean largest rank load over the
+    """Like :func:`online_inputs`, but each layout's cost is its mean largest rank load over the
     mean across ``samples`` sampled next windows per layer (module docstring): the planned shares
     plus last step's forecast errors of a random layer, in a random expert order."""
     costs = []
@@ -174,22 +149,28 @@ def scenario_inputs(
         planned = forecast_load(last, planning_persistence(kept)) if forecast else last
         before, now = load_shares(previous), load_shares(last)
         centre = before.mean(axis=1, keepdims=True)
-        errors = now - (centre + kept * (before - centre))  # [L, 8]
+        errors = now - (centre + kept * (before - centre))  # [L, N]
         layers = last.shape[0]
-        drawn = errors[rng.integers(0, layers, size=(layers, samples))]  # [L, K, 8]
+        drawn = errors[rng.integers(0, layers, size=(layers, samples))]  # [L, K, N]
         order = np.argsort(rng.random(drawn.shape), axis=2)
         shares = load_shares(planned)[:, None, :] + np.take_along_axis(drawn, order, axis=2)
         shares = np.clip(shares, 0.0, None)
         totals = shares.sum(axis=2, keepdims=True)
         shares /= np.where(totals > 0, totals, 1.0)
-        costs.append((shares[:, :, STATES].sum(axis=4).max(axis=3) * RANKS).mean(axis=1))
-    return np.stack(costs), max_loads(loads[0]).argmin(axis=1)
+        costs.append((space.max_loads(shares) * space.ranks).mean(axis=1))
+    return np.stack(costs), space.max_loads(loads[0]).argmin(axis=1)
 
 
 def generator_inputs(
-    windows: list[MatrixWindow], workload: Workload, top_k: int, horizon: int, samples: int, rng: np.random.Generator
+    windows: list[MatrixWindow],
+    workload: Workload,
+    top_k: int,
+    horizon: int,
+    samples: int,
+    rng: np.random.Generator,
+    space: Layouts = PAIRS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`online_inputs`, but judged by the matrix's own generator: each pairing's cost is
+    """Like :func:`online_inputs`, but judged by the matrix's own generator: each layout's cost is
     its largest rank load over the mean, averaged over the next ``horizon`` windows of ``samples``
     futures per layer drawn from the popularity that produced the window planned on
     (:func:`bench.planner.drift_window`, :func:`bench.planner.sample_window`).
@@ -204,12 +185,12 @@ def generator_inputs(
         layers = window.logits.shape[0]
         logits = np.repeat(window.logits, samples, axis=0)
         base = np.repeat(window.base, samples, axis=0)
-        total = np.zeros((layers * samples, len(STATES)))
+        total = np.zeros((layers * samples, len(space)))
         for _ in range(horizon):
             logits, base = drift_window(logits, base, workload.drift, rng)
-            total += max_loads(sample_window(logits, top_k, tokens, rng)) / (tokens / RANKS)
+            total += space.max_loads(sample_window(logits, top_k, tokens, rng)) / (tokens / space.ranks)
         costs.append((total / horizon).reshape(layers, samples, -1).mean(axis=1))
-    return np.stack(costs), max_loads(windows[0].loads).argmin(axis=1)
+    return np.stack(costs), space.max_loads(windows[0].loads).argmin(axis=1)
 
 
 def best_responses(
@@ -269,19 +250,20 @@ def balance_bound(dual: float, weight: np.ndarray, floor: np.ndarray, mean: np.n
     return best
 
 
-def analyse(workload_index: int, moves: np.ndarray, seed: int = 0) -> str:
-    shape = next(s for s in MATRIX_SHAPES if s.experts == EXPERTS and s.redundant == 0 and s.ranks == RANKS)
+def analyse(workload_index: int, shape: MatrixShape, space: Layouts, seed: int = 0) -> str:
+    """One row of the table: the cell of ``shape`` and ``WORKLOADS[workload_index]``."""
+    moves = space.moves
     workload = WORKLOADS[workload_index]
     layers = matrix_layers(shape)
     windows = cell_windows(shape, workload, 12, seed, layers)
     loads = [window.loads for window in windows]
     deepseek = run_sequence("deepseek", shape, loads)
-    peaks, mean = scored_windows(loads)  # plan t (t = 1..10) is scored on window t + 1
-    floor = peaks.min(axis=2).sum(axis=1)  # best sum of max loads per window, any pairing
+    peaks, mean = scored_windows(loads, space)  # plan t (t = 1..10) is scored on window t + 1
+    floor = peaks.min(axis=2).sum(axis=1)  # best sum of max loads per window, any layout
     level = mean / deepseek.next_window
     weight = mean / level**2
     budget = MOVED_TARGET * deepseek.moved
-    planned_peaks = np.stack([max_loads(w) for w in loads[1:-1]])  # what a real planner sees
+    planned_peaks = np.stack([space.max_loads(w) for w in loads[1:-1]])  # what a real planner sees
     best, bound, seen = None, np.inf, None
     rows = np.arange(layers)
     for lam in [0.0, *np.geomspace(1e-7, 1e-1, 25)]:
@@ -312,14 +294,17 @@ def analyse(workload_index: int, moves: np.ndarray, seed: int = 0) -> str:
             key=lambda r: r[0],
         )  # the largest lam moves nothing after the warm-up, so some rule is within the budget
         for candidates in (
-            [online_inputs(loads, forecast=False), online_inputs(loads, forecast=True)],
-            [scenario_inputs(loads, forecast, SCENARIOS, rng) for forecast in (False, True)],
-            [generator_inputs(windows, workload, shape.top_k, h, GENERATOR_SAMPLES, rng) for h in GENERATOR_HORIZONS],
+            [online_inputs(loads, forecast, space) for forecast in (False, True)],
+            [scenario_inputs(loads, forecast, SCENARIOS, rng, space) for forecast in (False, True)],
+            [
+                generator_inputs(windows, workload, shape.top_k, h, GENERATOR_SAMPLES, rng, space)
+                for h in GENERATOR_HORIZONS
+            ],
         )
     )
     assert best is not None and seen is not None  # lam = 0.1 moves nothing
     controlled = controlled_responses(
-        online_inputs(loads, forecast=True), (peaks, mean), CONTROLLED_PRICE, moves, list(deepseek.plan_moves)
+        online_inputs(loads, True, space), (peaks, mean), CONTROLLED_PRICE, moves, list(deepseek.plan_moves)
     )
 
     def against_deepseek(result: tuple[float, int]) -> str:
@@ -337,8 +322,22 @@ def analyse(workload_index: int, moves: np.ndarray, seed: int = 0) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="the matrix's seed (bench/planner.py --matrix --seed)")
+    parser.add_argument(
+        "--shape",
+        default="8+0 on 4",
+        help="part of one matrix shape's label (default: Mixtral's 8+0 on 4 ranks; '8+2 on 2' for 8+2 on 2 ranks)",
+    )
     args = parser.parse_args()
-    moves = moves_between()
+    matches = [s for s in MATRIX_SHAPES if args.shape in s.label]
+    if len(matches) != 1:
+        labels = "; ".join(s.label for s in matches) or "none"
+        parser.error(f"--shape {args.shape!r} must name one matrix shape, matched: {labels}")
+    (shape,) = matches
+    try:
+        space = layouts(shape.experts, shape.ranks, shape.slots // shape.ranks)
+    except ValueError as exc:
+        parser.error(f"--shape {args.shape!r}: {exc}")
+    print(f"{shape.label}: {len(space)} layouts; seed {args.seed}\n")
     print(
         "| workload | DeepSeek: next window | slots | best on the windows planned on, Δ pp at slots "
         "| best knowing the next windows | upper bound, any sequence (Δ pp) "
@@ -348,7 +347,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for index in range(len(WORKLOADS)):
-        print(analyse(index, moves, args.seed), flush=True)
+        print(analyse(index, shape, space, args.seed), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from bench.oracle_pairs import (
+    PAIRS,
     best_responses,
     controlled_responses,
     generator_inputs,
-    max_loads,
-    moves_between,
     online_inputs,
     scenario_inputs,
     scored_windows,
@@ -24,7 +23,7 @@ def windows(count: int, layers: int = 6, seed: int = 0) -> list[np.ndarray]:
 
 
 def test_a_prohibitive_price_keeps_the_warm_up_pairing_and_no_price_takes_the_best_each_time():
-    moves = moves_between()
+    moves = PAIRS.moves
     loads = windows(6)
     inputs, scored = online_inputs(loads, forecast=False), scored_windows(loads)
     _, moved = best_responses(inputs, scored, 10.0, moves)
@@ -33,16 +32,19 @@ def test_a_prohibitive_price_keeps_the_warm_up_pairing_and_no_price_takes_the_be
     assert moved > 0
     # With no price every rebalance takes a pairing of the smallest largest rank for its window,
     # so on the next window it scores exactly as the per-window best pairings do.
-    best = [max_loads(loads[t]).argmin(axis=1) for t in range(1, len(loads) - 1)]
+    best = [PAIRS.max_loads(loads[t]).argmin(axis=1) for t in range(1, len(loads) - 1)]
     rows = np.arange(loads[0].shape[0])
     expected = np.mean(
-        [loads[t + 1].sum() / 4 / max_loads(loads[t + 1])[rows, best[t - 1]].sum() for t in range(1, len(loads) - 1)]
+        [
+            loads[t + 1].sum() / 4 / PAIRS.max_loads(loads[t + 1])[rows, best[t - 1]].sum()
+            for t in range(1, len(loads) - 1)
+        ]
     )
     assert np.isclose(score, expected)
 
 
 def test_moves_between_pairings_is_a_symmetric_count_of_changed_slots():
-    moves = moves_between()
+    moves = PAIRS.moves
     assert moves.shape == (105, 105)
     assert (np.diag(moves) == 0).all() and (moves == moves.T).all()
     off = moves[~np.eye(105, dtype=bool)]
@@ -64,7 +66,7 @@ def test_the_scenario_rule_matches_the_plain_rule_when_the_load_never_moves_and_
 
 
 def test_the_controlled_rule_is_the_fixed_price_rule_until_the_controller_moves_its_scale():
-    moves = moves_between()
+    moves = PAIRS.moves
     loads = windows(7, seed=5)
     inputs, scored = online_inputs(loads, forecast=True), scored_windows(loads)
     nothing_to_compare = [0] * len(loads)  # no DeepSeek slots tallied: the scale stays 1
@@ -111,7 +113,7 @@ def test_the_generator_rule_judges_pairings_by_the_windows_the_cell_would_draw_n
     assert costs.shape == (4, 16, 105) and warm.shape == (16,)
     assert (costs >= 1.0 - 1e-12).all()
     chosen = costs.argmin(axis=2)  # [T, L]
-    actual = np.stack([max_loads(cell[t + 1].loads) for t in range(1, 5)])  # the next windows
+    actual = np.stack([PAIRS.max_loads(cell[t + 1].loads) for t in range(1, 5)])  # the next windows
     rows = np.arange(16)
     regret = np.array([actual[t][rows, chosen[t]] / actual[t].min(axis=1) - 1.0 for t in range(4)])
     assert np.median(regret) < 0.01

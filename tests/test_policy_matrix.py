@@ -55,7 +55,6 @@ CELLS = [
     # Small layers where the relabelled greedy packing (step 5 of the policy) keeps more slots
     # in place than count changes plus swaps: both missed a target without it.
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.4", "slow", "low")),
-    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "slow", "low")),
     # Slowly drifting coarse layers that the fine pass (step 4 of the policy) brings within the
     # 0.5 pp of DeepSeek's next window; each missed the balance target without it.
     ("DeepSeek-V3 EP144: 256+32", Workload("zipf-1.0", "slow", "low")),
@@ -65,8 +64,6 @@ CELLS = [
     # (step 6 of the policy, from the persistence of the last two windows) keep these within a
     # fifth of DeepSeek's slots; each moved 24-63% of them without it.
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.0", "swap", "high")),
-    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "swap", "high")),
-    ("Mixtral-8x7B EP2: 8+2", Workload("lognormal", "swap", "low")),
     # Slow drift in coarse layers: the 10% slack on replica counts (step 1) stops counts flipping
     # at the bound; each missed the balance target without it (-1.30 pp and -0.53 pp).
     ("Qwen3-235B-A22B EP64: 128+64", Workload("zipf-1.4", "slow", "low")),
@@ -77,9 +74,16 @@ CELLS = [
     # A new hot expert that lasts: planning for the load as it is once most of the imbalance
     # lasts (persistence >= 0.6) took it from -0.82 pp (the shrunk forecast) to -0.08 pp.
     ("Qwen3.5-397B-A17B EP32: 512+256", Workload("zipf-0.6", "abrupt", "low")),
-    # Slow drift in 10-slot layers: the floor on step 6's price in layers too small for step 4
-    # keeps it from chasing each window's drift (24.0% of DeepSeek's slots without it).
+    # Mixtral 8+2 on 2 ranks, planned exactly (policy_exact: every one of the 280 layouts weighed):
+    # slow drift, hopping and new hot experts. The swap search moved 24-37% of DeepSeek's slots
+    # in the abrupt cells; one re-laid layer moves a hot expert's new copy and the cold expert
+    # it displaces together.
+    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "slow", "low")),
     ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.0", "slow", "low")),
+    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.4", "swap", "high")),
+    ("Mixtral-8x7B EP2: 8+2", Workload("lognormal", "swap", "low")),
+    ("Mixtral-8x7B EP2: 8+2", Workload("zipf-1.0", "abrupt", "low")),
+    ("Mixtral-8x7B EP2: 8+2", Workload("lognormal", "abrupt", "high")),
     # Spending far below the slot budget: the coordinator's spend controller makes moves cheaper
     # (the price where hot experts hop, the fine pass's room where the load drifts slowly).
     ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "high")),

@@ -18,8 +18,10 @@ from eplb_service.testing.protocol_fuzz import SocketSink
 
 SHAPE = PlacementShape(2, 6, 8, 2)
 BYTES_PER_EXPERT = 36  # conftest.hello_message's model
-LOAD = np.array([[100.0, 121.0, 194.0, 145.0, 126.0, 108.0], [111.0, 187.0, 55.0, 163.0, 134.0, 0.0]])
-"""Under it the migration policy changes 2 slots on one rank in layer 0 and 1 slot in layer 1."""
+LOAD = np.array([[48.0, 89.0, 153.0, 208.0, 86.0, 44.0], [111.0, 187.0, 55.0, 163.0, 134.0, 0.0]])
+"""Under it the migration policy changes 2 slots on one rank in layer 0 (the two hottest experts
+gain the redundant slots) and 1 slot in layer 1 (6 experts + 2 on 2 ranks: planned exactly,
+:mod:`eplb_service.coordinator.policy_exact`)."""
 
 
 def coordinator_with_load(budget: int) -> Coordinator:

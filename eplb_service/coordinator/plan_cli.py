@@ -15,8 +15,9 @@ a recording's parts, are summed), runs a placement policy, and writes placement 
 ``--current`` takes the same JSON (only ``phy2log`` is read; a bare ``[L, P]`` list works too), so a
 plan can seed the coordinator's initial placement and the next plan can start from it. Without
 ``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert ``p % N``). From
-that placement (given or not) the migration policy lays DeepSeek's packing, as the coordinator's
-first plan does (``plan_rebalance(fresh=True)``). Balancedness figures are under ``--load`` as given
+that placement (given or not) the migration policy lays DeepSeek's packing (in layers small
+enough to weigh every layout, the best one), as the coordinator's first plan does
+(``plan_rebalance(fresh=True)``). Balancedness figures are under ``--load`` as given
 (with ``--previous-load`` and a persistence below 0.6 the migration policy plans for a forecast of
 the next window, see ``load_forecast``; the batches' gains are then under that forecast). The
 migration policy runs at its default move price: the coordinator's spend controller
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=POLICIES,
         default=DEFAULT_POLICY,
         help="migration: change only what the load needs, starting from --current "
-        "(from vLLM's initial placement, the default, it lays DeepSeek's packing, as the "
+        "(from vLLM's initial placement, the default, it lays DeepSeek's packing, or the best "
+        "layout where a layer is small enough to weigh them all, as the "
         "coordinator's first plan does: that layout is no plan's choice); "
         "deepseek: DeepSeek's EPLB algorithm (as vLLM ships it), with the slots inside each rank "
         "ordered to keep the experts --current already has there in place, so its phy2log equals "

@@ -189,7 +189,8 @@ class PlanRunner:
 
     def _policy_call(self, current: np.ndarray, load: np.ndarray, persistence: float, seeding: bool, fresh: bool):
         """The policy's call for the executor: ``seeding`` moves to ``--initial-placement``;
-        ``fresh`` (:meth:`starts_fresh`, asked once per plan by its caller) lays DeepSeek's packing."""
+        ``fresh`` (:meth:`starts_fresh`, asked once per plan by its caller) lays DeepSeek's packing
+        (``plan_rebalance(fresh=True)``)."""
         from eplb_service.coordinator.policy import build_plan, plan_rebalance  # heavy imports only when planning
 
         book, cfg = self.book, self.cfg

@@ -24,8 +24,9 @@ The caller may pass the load's ``persistence`` (:mod:`.load_forecast`: how much 
 imbalance lasted from the previous window to this one; the coordinator measures it on its load
 window). ``"migration"`` then plans for the forecast next window and prices moves by it.
 
-Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; held to DeepSeek's
-node hierarchy by :mod:`.policy_hierarchy` under ``num_groups``/``num_nodes``) and
+Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; layers small enough
+to weigh every layout, with redundant slots, planned exactly by :mod:`.policy_exact`; held to
+DeepSeek's node hierarchy by :mod:`.policy_hierarchy` under ``num_groups``/``num_nodes``) and
 ``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
 proposal is then permuted within each rank so experts already on a rank keep their slot, as
 vLLM does, which changes no load figure). Other rebalancers register themselves under a name
@@ -43,6 +44,7 @@ import numpy as np
 
 from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
+from eplb_service.coordinator.policy_exact import EXACT_MOVE_PRICE, exact_phy2log, plans_exactly
 from eplb_service.coordinator.policy_hierarchy import (
     check_divisors,
     hierarchical_migration_phy2log,
@@ -245,6 +247,13 @@ def propose_phy2log(
     :func:`plan_rebalance`;
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
+    if (
+        policy == "migration"
+        and not uses_hierarchy(num_groups, num_nodes)
+        and plans_exactly(shape.num_logical, shape.num_physical, shape.num_ranks)
+    ):  # small layers with redundant slots: every layout weighed (.policy_exact)
+        price = 0.0 if fresh else EXACT_MOVE_PRICE * min(spend_scale, 1.0)
+        return exact_phy2log(current_phy2log, load, shape.num_ranks, move_price=price)
     if policy == "deepseek" or (policy == "migration" and fresh):
         packed = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(packed, current_phy2log, shape.num_ranks)
@@ -315,15 +324,17 @@ def plan_rebalance(
             share :func:`~eplb_service.coordinator.load_forecast.planning_persistence` keeps;
             the plan's gains and balancedness are then under that forecast. ``"deepseek"``
             ignores it (it is DeepSeek's policy: the last window only), and so do registered
-            policies.
+            policies. Layers :mod:`.policy_exact` plans take the forecast but price a slot
+            without it.
         spend_scale: in ``(0, MAX_SCALE]``, how much cheaper (below 1) or dearer (above 1)
             ``"migration"`` makes moves than its defaults (below 1 step 6's price times it;
             step 4's room divided by it; see :mod:`.spend_control`, whose state the coordinator
-            keeps between plans); 1 = the defaults. Other policies ignore it.
+            keeps between plans); 1 = the defaults. Layers :mod:`.policy_exact` plans take it
+            only below 1, on their own price. Other policies ignore it.
         price_scale: in ``[1, MAX_PRICE_SCALE]``, a further factor on ``"migration"``'s step-6
             price (:attr:`.spend_control.SpendState.price_scale`: the coordinator raises it while
-            its placements lead DeepSeek's balance close to the slot budget); 1 = none. Other
-            policies ignore it.
+            its placements lead DeepSeek's balance close to the slot budget); 1 = none. Layers
+            :mod:`.policy_exact` plans ignore it, and so do other policies.
         fresh: ``current_phy2log`` is the placement the deployment started with (no plan
             committed since: vLLM's own layout, which no plan chose). ``"migration"`` then lays
             DeepSeek's packing, as ``"deepseek"`` does, instead of repairing that layout: every
@@ -331,8 +342,9 @@ def plan_rebalance(
             repaired arbitrary layout (see the module docstring of :mod:`.policy_migration`).
             The packing is of the load the migration policy plans for (the forecast where most
             of the imbalance fades, see ``persistence``). A layer whose packing would stage more
-            than ``staging_budget_bytes`` on some rank is repaired instead. Other policies
-            ignore it.
+            than ``staging_budget_bytes`` on some rank is repaired instead. Layers
+            :mod:`.policy_exact` plans take their best layout instead of the packing. Other
+            policies ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.

@@ -26,7 +26,8 @@ within half a point of DeepSeek's. The coordinator measures that one too: at eac
 load the plan was made for on the placement that served it and on the shadow (both planned
 before the newest of that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
 is over :data:`SPEND_CAP` while the faded lead is above 0, step 6's price doubles for the next
-plan (``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size); under the cap, or
+plan (``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size but those
+:mod:`.policy_exact` plans, which take only a ``scale`` below 1); under the cap, or
 once the lead is below :data:`LEAD_GIVEN_BACK`, it halves back toward 1. A deployment ahead of
 DeepSeek's balance then spends that lead instead of more slots, and gives it back as soon as it
 is behind. ``scale`` cannot do this in small layers: above 1 it only narrows step 4's room, which

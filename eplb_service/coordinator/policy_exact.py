@@ -1,0 +1,205 @@
+"""Small layers with redundant slots planned exactly: every layout weighed, the cheapest taken.
+
+Why: in a layer of a few experts on a few ranks with redundant slots (Mixtral-8x7B's 8 experts
++ 2 on 2 GPUs: 5 slots per rank) the migration policy's swap search takes one exchange at a time
+and stops where a single exchange no longer pays, while re-laying a layer can move the hot
+expert's copy and a cold expert together for the price of two slots. There the whole space of
+layouts is small enough to weigh every one of them, each rebalance, in well under a millisecond
+per layer. On the workload matrix (``bench/planner.py --matrix``) 7 of the 8+2 shape's 8 abrupt
+cells went from 24-37% of DeepSeek's slots at about its balance to 14-17% at 0.05-0.9 points
+above it; pooled over seeds 0-2 the shape meets both targets in 23 of 24 cells instead of 16
+(``bench/README.md``, "small layers planned exactly").
+
+A *layout* (:class:`Layouts`) is a set of ranks' expert sets: which rank holds which set, and the
+order of slots in a rank, change no load. Every expert appears at least once and never twice on
+one rank (a second copy there carries nothing the first does not). 8 experts on 2 ranks of 5
+have 280 layouts; on 4 ranks of 2 (no redundant slot), 105.
+
+The rule, per layer (:func:`exact_phy2log`): the layout minimising ``largest rank load / mean rank
+load + price x slots moved`` under the load planned for (the forecast the migration policy plans
+on), slots counted from the current row with its ranks laid to keep the most; on a tie the fewer
+slots, and a current row that is a layout stays unless another is strictly cheaper. The price
+is :data:`EXACT_MOVE_PRICE` mean rank loads per slot times the spend controller's ``scale``
+where it is below 1 (moves get cheaper where a deployment has spent far below DeepSeek's slots
+lately). The balance lead's ``price_scale`` does not apply: raising it here, up to 8 or 2 times,
+cost balance in the abrupt cells at the same cell count. A fresh plan (from the placement
+serving started with) takes the best layout at no price.
+
+Which layers (:func:`plans_exactly`): redundant slots, at most :data:`EXACT_MAX_RANKS` ranks and
+:data:`EXACT_MAX_LAYOUTS` layouts, no group/node hierarchy. Without redundant slots (Mixtral 8+0
+on 4 ranks of 2) the same rule traded the abrupt cells' slot misses for balance misses of up to
+-1.3 pp at the same count of cells, and the swap search stays there. Larger layers keep the
+migration policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+EXACT_MAX_LAYOUTS = 500
+"""Layouts weighed at most (``bench/oracle_pairs.py`` runs a dynamic program over
+``layers x layouts x layouts`` numbers on the same enumeration)."""
+EXACT_MAX_RANKS = 4
+"""Ranks a layer may span here: the slots two layouts share are counted over every way to lay one
+on the other's ranks (``ranks!``: 24 at 4, 362 880 at 9)."""
+EXACT_SEARCH_LIMIT = 200_000
+"""Candidate sets of rank sets enumerated at most before giving up on a shape (8 + 2 on 2 ranks:
+1 596; 8 + 4 on 4 ranks of 3: 455 126, with 74 900 layouts)."""
+EXACT_MOVE_PRICE = 0.05
+"""Mean rank loads per moved slot at the spend controller's scale 1. On the matrix's Mixtral 8+2
+cells pooled over seeds 0-2, 0.03 / 0.04 / 0.05 / 0.06 / 0.07 / 0.1 met 20 / 23 / 23 / 23 / 23 /
+22 of 24; over seeds 0-9, 0.04 / 0.05 / 0.06 met 22 / 23 / 23 with the worst pooled balance at
+-0.20 / -0.35 / -0.91 pp: cheaper overspends the slots, dearer answers a new hot expert late."""
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """Every layout of a layer shape (module docstring), in lexicographic order of their ranks' sets.
+
+    Attributes:
+        members: ``[S, R, per_rank]`` each layout's experts per rank.
+        copies: ``[S, R, N]`` 1 where a layout's rank holds an expert.
+        weights: ``[S, R, N]`` the share of each expert's load a rank carries (its copies split
+            its tokens evenly, as vLLM routes them).
+        moves: ``[S, S]`` slots changed going from layout ``i`` to ``j``, ranks laid to keep the most.
+    """
+
+    members: np.ndarray
+    copies: np.ndarray
+    weights: np.ndarray
+    moves: np.ndarray
+
+    @property
+    def ranks(self) -> int:
+        return int(self.members.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.members.shape[0])
+
+    def rank_loads(self, load: np.ndarray) -> np.ndarray:
+        """``[..., S, R]`` every layout's rank loads under ``load [..., N]``."""
+        flat = load @ self.weights.reshape(-1, self.weights.shape[2]).T
+        return flat.reshape(*load.shape[:-1], *self.weights.shape[:2])
+
+    def max_loads(self, load: np.ndarray) -> np.ndarray:
+        """``[..., S]`` every layout's largest rank load under ``load [..., N]``."""
+        return self.rank_loads(load).max(axis=-1)
+
+
+def layouts(experts: int, ranks: int, per_rank: int) -> Layouts:
+    """Every layout of ``experts`` experts on ``ranks`` ranks of ``per_rank`` slots.
+
+    Raises:
+        ValueError: naming the shape, where no layout exists, the layer spans more than
+            :data:`EXACT_MAX_RANKS` ranks, or there are more than :data:`EXACT_MAX_LAYOUTS`
+            layouts (or more than :data:`EXACT_SEARCH_LIMIT` candidates).
+    """
+    if min(experts, ranks, per_rank) < 1 or per_rank > experts or ranks * per_rank < experts:
+        raise ValueError(f"{experts} experts cannot each sit once on {ranks} ranks of {per_rank} slots")
+    if ranks > EXACT_MAX_RANKS:
+        raise ValueError(f"{ranks} ranks: layouts are weighed on at most {EXACT_MAX_RANKS} ranks")
+    candidates = math.comb(math.comb(experts, per_rank) + ranks - 1, ranks)
+    if candidates > EXACT_SEARCH_LIMIT:
+        raise ValueError(
+            f"{experts} experts on {ranks} ranks of {per_rank} slots: {candidates} candidate layouts to "
+            f"enumerate, more than {EXACT_SEARCH_LIMIT}"
+        )
+    subsets = list(itertools.combinations(range(experts), per_rank))
+    found = []
+    for chosen in itertools.combinations_with_replacement(range(len(subsets)), ranks):
+        if len(set().union(*(subsets[k] for k in chosen))) == experts:
+            found.append([subsets[k] for k in chosen])
+            if len(found) > EXACT_MAX_LAYOUTS:
+                raise ValueError(
+                    f"{experts} experts on {ranks} ranks of {per_rank} slots have more than {EXACT_MAX_LAYOUTS} layouts"
+                )
+    members = np.array(found, dtype=np.int64)
+    copies = np.zeros((len(found), ranks, experts))
+    np.put_along_axis(copies, members, 1.0, axis=2)
+    weights = copies / copies.sum(axis=1, keepdims=True)
+    kept = np.zeros((len(found), len(found)))
+    for order in itertools.permutations(range(ranks)):
+        kept = np.maximum(kept, sum(copies[:, r] @ copies[:, order[r]].T for r in range(ranks)))
+    return Layouts(members, copies, weights, (ranks * per_rank - kept).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=32)
+def small_layouts(experts: int, ranks: int, per_rank: int) -> Layouts | None:
+    """:func:`layouts`, or None where the shape has too many (cached: a coordinator plans one shape)."""
+    try:
+        return layouts(experts, ranks, per_rank)
+    except ValueError:
+        return None
+
+
+def plans_exactly(num_logical: int, num_physical: int, num_ranks: int) -> bool:
+    """Whether the migration policy plans layers of this shape here (module docstring): redundant
+    slots, at most :data:`EXACT_MAX_RANKS` ranks and :data:`EXACT_MAX_LAYOUTS` layouts."""
+    if num_physical <= num_logical or num_physical % num_ranks:
+        return False
+    return small_layouts(num_logical, num_ranks, num_physical // num_ranks) is not None
+
+
+def exact_phy2log(current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int, *, move_price: float) -> np.ndarray:
+    """``[L, P]`` each layer laid out by the rule of the module docstring at ``move_price`` mean rank
+    loads per moved slot (0 for a fresh plan). Slots whose expert stays on their rank keep their
+    place; a current row with an expert twice on a rank is no layout and is always re-laid.
+
+    Args:
+        current_phy2log: ``[L, P]`` valid current placement of a shape :func:`plans_exactly` accepts.
+        load: ``[L, N]`` the load to plan for (>= 0, finite).
+        num_ranks: EP ranks.
+        move_price: >= 0.
+    """
+    current = np.asarray(current_phy2log, dtype=np.int64)
+    num_layers, num_physical = current.shape
+    num_logical = load.shape[1]
+    per_rank = num_physical // num_ranks
+    space = small_layouts(num_logical, num_ranks, per_rank)
+    if space is None:
+        raise ValueError(f"{num_logical} experts on {num_ranks} ranks of {per_rank} slots are not planned exactly")
+    held = np.zeros((num_layers, num_ranks, num_logical))
+    np.add.at(
+        held,
+        (np.arange(num_layers)[:, None], np.arange(num_physical)[None, :] // per_rank, current),
+        1.0,
+    )
+    orders = list(itertools.permutations(range(num_ranks)))
+    kept = np.full((num_layers, len(space)), -1.0)
+    order_of = np.zeros((num_layers, len(space)), dtype=np.int64)
+    for index, order in enumerate(orders):  # current rank r takes the layout's rank order[r]
+        here = np.minimum(held[:, None], space.copies[None][:, :, list(order)]).sum(axis=(2, 3))
+        better = here > kept
+        kept = np.where(better, here, kept)
+        order_of = np.where(better, index, order_of)
+    moves = num_physical - kept
+    mean = load.sum(axis=1) / num_ranks
+    cost = space.max_loads(load) / np.where(mean > 0, mean, 1.0)[:, None] + (move_price + 1e-9) * moves
+    best = cost.argmin(axis=1)
+    rows = np.arange(num_layers)
+    stays = moves[rows, best] == 0  # the current row is the cheapest layout (or ties with it)
+    out = current.copy()
+    for layer in np.flatnonzero(~stays):
+        order = orders[order_of[layer, best[layer]]]
+        for rank in range(num_ranks):
+            slots = slice(rank * per_rank, (rank + 1) * per_rank)
+            out[layer, slots] = _kept_in_place(current[layer, slots], space.members[best[layer], order[rank]])
+    return out
+
+
+def _kept_in_place(row: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """One rank's slots holding ``wanted``, each expert already there in its slot (once)."""
+    left = Counter(int(e) for e in wanted)
+    out = [-1] * len(row)
+    for slot, expert in enumerate(row.tolist()):
+        if left[expert] > 0:
+            out[slot] = expert
+            left[expert] -= 1
+    missing = sorted(left.elements())
+    return np.array([e if e >= 0 else missing.pop(0) for e in out], dtype=row.dtype)

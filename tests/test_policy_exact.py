@@ -1,0 +1,173 @@
+"""Small layers with redundant slots planned exactly (``eplb_service.coordinator.policy_exact``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from eplb_service.coordinator.policy import plan_rebalance
+from eplb_service.coordinator.policy_exact import (
+    EXACT_MAX_LAYOUTS,
+    EXACT_MOVE_PRICE,
+    exact_phy2log,
+    layouts,
+    plans_exactly,
+    small_layouts,
+)
+from eplb_service.placement import PlacementShape, initial_phy2log, rank_loads, validate_phy2log
+
+
+def brute_force_best_peak(load: np.ndarray, experts: int, ranks: int, per_rank: int) -> float:
+    """The smallest largest rank load over every assignment of slots to experts (each expert at
+    least once, never twice on a rank), found without the layouts' enumeration."""
+    best = np.inf
+    rank_sets = list(itertools.combinations(range(experts), per_rank))
+    for chosen in itertools.product(rank_sets, repeat=ranks):
+        counts = np.zeros(experts)
+        for s in chosen:
+            counts[list(s)] += 1
+        if (counts == 0).any():
+            continue
+        peak = max(sum(load[e] / counts[e] for e in s) for s in chosen)
+        best = min(best, peak)
+    return float(best)
+
+
+def layout_key(row: np.ndarray, per_rank: int) -> tuple:
+    """A row's layout: its ranks' expert sets, in order."""
+    ranks = len(row) // per_rank
+    return tuple(sorted(tuple(sorted(int(e) for e in row[r * per_rank : (r + 1) * per_rank])) for r in range(ranks)))
+
+
+def test_layouts_count_the_distinct_ways_to_lay_a_layer_and_the_slots_between_them():
+    pairs = layouts(8, 4, 2)
+    assert len(pairs) == 105  # the pairings of 8 experts
+    eight_plus_two = layouts(8, 2, 5)
+    assert len(eight_plus_two) == 280  # two 5-sets covering 8 experts share 2: C(8,5) * C(5,2) / 2
+    for space in (pairs, eight_plus_two):
+        assert (np.diag(space.moves) == 0).all() and (space.moves == space.moves.T).all()
+        off = space.moves[~np.eye(len(space), dtype=bool)]
+        assert off.min() == (2 if space is pairs else 1)  # no redundancy: an exchange; else one slot
+        assert np.allclose(space.weights.sum(axis=1), 1.0)  # every expert's load is carried once
+    with pytest.raises(ValueError, match="8 experts on 4 ranks of 3 slots: 455126 candidate layouts"):
+        layouts(8, 4, 3)
+    with pytest.raises(ValueError, match="9 experts cannot each sit once on 2 ranks of 4 slots"):
+        layouts(9, 2, 4)
+    assert small_layouts(8, 4, 3) is None and EXACT_MAX_LAYOUTS >= 280
+
+
+def test_only_small_layers_with_redundant_slots_are_planned_exactly():
+    assert plans_exactly(8, 10, 2)  # Mixtral 8+2 on 2 GPUs
+    assert not plans_exactly(8, 8, 4)  # no redundant slot: the swap search stays (module docstring)
+    assert not plans_exactly(8, 12, 4)  # 74 900 layouts
+    assert not plans_exactly(64, 80, 8)
+
+
+def test_at_no_price_every_layer_takes_a_best_layout():
+    rng = np.random.default_rng(4)
+    load = rng.gamma(0.6, 100.0, size=(6, 6))
+    shape = PlacementShape(6, 6, 8, 2)  # 6 experts + 2 on 2 ranks of 4
+    current = initial_phy2log(shape)
+    planned = exact_phy2log(current, load, 2, move_price=0.0)
+    validate_phy2log(planned, shape)
+    peaks = rank_loads(planned, load, 2).max(axis=1)
+    for layer in range(6):
+        assert peaks[layer] == pytest.approx(brute_force_best_peak(load[layer], 6, 2, 4))
+
+
+def test_a_dear_price_keeps_the_layout_and_a_move_keeps_every_slot_it_can():
+    rng = np.random.default_rng(7)
+    shape = PlacementShape(8, 8, 10, 2)
+    load = rng.gamma(0.5, 100.0, size=(8, 8))
+    current = exact_phy2log(initial_phy2log(shape), load, 2, move_price=0.0)
+    assert np.array_equal(exact_phy2log(current, load, 2, move_price=100.0), current)
+    moved_load = load[:, ::-1].copy()
+    cheap = exact_phy2log(current, moved_load, 2, move_price=0.0)
+    priced = exact_phy2log(current, moved_load, 2, move_price=0.05)
+    space = layouts(8, 2, 5)
+    index = {tuple(tuple(int(e) for e in rank) for rank in m): i for i, m in enumerate(space.members)}
+    for planned in (cheap, priced):
+        validate_phy2log(planned, shape)
+        # Slots changed are exactly the layouts' distance: the ranks were laid, and the slots
+        # inside them ordered, to keep every expert that stays.
+        for layer in range(8):
+            changed = int((planned[layer] != current[layer]).sum())
+            before, after = index[layout_key(current[layer], 5)], index[layout_key(planned[layer], 5)]
+            assert changed == space.moves[before, after]
+    assert (priced != current).sum() <= (cheap != current).sum()
+    assert rank_loads(cheap, moved_load, 2).max(axis=1).sum() <= rank_loads(priced, moved_load, 2).max(axis=1).sum()
+
+
+def test_a_current_row_with_an_expert_twice_on_a_rank_is_always_re_laid():
+    current = np.array([[0, 0, 1, 2, 3, 4, 5, 6, 7, 1]])  # expert 0 twice on rank 0
+    load = np.ones((1, 8))
+    planned = exact_phy2log(current, load, 2, move_price=100.0)
+    validate_phy2log(planned, PlacementShape(1, 8, 10, 2))
+    assert all(len(set(planned[0, r * 5 : (r + 1) * 5])) == 5 for r in range(2))
+
+
+def test_the_migration_policy_plans_mixtral_8_plus_2_exactly():
+    rng = np.random.default_rng(2)
+    shape = PlacementShape(16, 8, 10, 2)
+    load = rng.gamma(0.5, 100.0, size=(16, 8))
+    current = initial_phy2log(shape)
+    fresh = plan_rebalance("migration", current, load, shape, fresh=True)
+    best = [brute_force_best_peak(load[layer], 8, 2, 5) for layer in range(16)]
+    peaks = rank_loads(fresh.target_phy2log, load, 2).max(axis=1)
+    assert np.allclose(peaks, best)  # the first plan: a best layout in every layer
+    # A plan from there at a load that moved pays for what it moves: at most what the free plan moves.
+    moved = load[:, ::-1].copy()
+    later = plan_rebalance("migration", fresh.target_phy2log, moved, shape)
+    free = exact_phy2log(fresh.target_phy2log, moved, 2, move_price=0.0)
+    assert 0 < later.experts_moved <= int((free != fresh.target_phy2log).sum())
+
+
+def test_the_price_holds_back_moves_that_gain_too_little_and_ties_keep_the_layout():
+    """The price per slot is what separates a plan from the best layout: a small drift moves
+    nothing at the price and something without it; a layer where every layout ties stays."""
+    shape = PlacementShape(32, 8, 10, 2)
+    rng = np.random.default_rng(11)
+    load = rng.gamma(0.8, 100.0, size=(32, 8))
+    current = exact_phy2log(initial_phy2log(shape), load, 2, move_price=0.0)
+    drifted = load * rng.uniform(0.9, 1.1, size=load.shape)  # a few percent per expert
+    free = exact_phy2log(current, drifted, 2, move_price=0.0)
+    priced = exact_phy2log(current, drifted, 2, move_price=0.05)
+    assert (free != current).sum() > (priced != current).sum()
+    # Whatever the priced plan moved gained more than its price per slot.
+    space = layouts(8, 2, 5)
+    mean = drifted.sum(axis=1) / 2
+    before = rank_loads(current, drifted, 2).max(axis=1) / mean
+    after = rank_loads(priced, drifted, 2).max(axis=1) / mean
+    changed = (priced != current).sum(axis=1)
+    assert (before - after >= 0.05 * changed - 1e-9).all() and len(space) == 280
+    # Every layout carries an even load equally (4 experts' worth per rank): all tie, none moves.
+    even = np.ones((32, 8))
+    assert np.array_equal(exact_phy2log(current, even, 2, move_price=0.0), current)
+
+
+def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(monkeypatch):
+    """``spend_scale`` below 1 makes moves cheaper here; above 1 it changes nothing (these layers
+    have no fine-pass room to narrow) and the balance lead's ``price_scale`` is not applied."""
+    from eplb_service.coordinator import policy
+
+    prices = []
+
+    def spy(current, load, num_ranks, *, move_price):
+        prices.append(move_price)
+        return exact_phy2log(current, load, num_ranks, move_price=move_price)
+
+    monkeypatch.setattr(policy, "exact_phy2log", spy)
+    shape = PlacementShape(4, 8, 10, 2)
+    load = np.random.default_rng(1).gamma(0.5, 100.0, size=(4, 8))
+    current = initial_phy2log(shape)
+    for spend_scale, price_scale in ((1.0, 1.0), (0.25, 1.0), (4.0, 1.0), (1.0, 8.0)):
+        plan_rebalance("migration", current, load, shape, spend_scale=spend_scale, price_scale=price_scale)
+    plan_rebalance("migration", current, load, shape, fresh=True)
+    assert prices == [EXACT_MOVE_PRICE, EXACT_MOVE_PRICE / 4, EXACT_MOVE_PRICE, EXACT_MOVE_PRICE, 0.0]
+    # Shapes outside the exact path never reach it: no redundant slot, or too many layouts.
+    prices.clear()
+    for other in (PlacementShape(4, 8, 8, 4), PlacementShape(4, 8, 12, 4), PlacementShape(4, 16, 20, 2)):
+        plan_rebalance("migration", initial_phy2log(other), np.ones((4, other.num_logical)) + load[:, :1], other)
+    assert prices == []
