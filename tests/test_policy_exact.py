@@ -13,7 +13,10 @@ from eplb_service.coordinator.policy_exact import (
     EXACT_MOVE_PRICE,
     exact_phy2log,
     layouts,
+    local_candidates,
+    local_phy2log,
     plans_exactly,
+    plans_locally,
     small_layouts,
 )
 from eplb_service.placement import PlacementShape, initial_phy2log, rank_loads, validate_phy2log
@@ -171,3 +174,53 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
     for other in (PlacementShape(4, 8, 8, 4), PlacementShape(4, 8, 12, 4), PlacementShape(4, 16, 20, 2)):
         plan_rebalance("migration", initial_phy2log(other), np.ones((4, other.num_logical)) + load[:, :1], other)
     assert prices == []
+
+
+def brute_force_best_within_two(row: np.ndarray, load: np.ndarray, ranks: int, price: float) -> float:
+    """The smallest ``peak / mean + price x changed`` over every valid row within two changed slots,
+    found by plain loops."""
+    per_rank, experts = len(row) // ranks, len(load)
+    best = np.inf
+    for a, b in itertools.combinations_with_replacement(range(len(row)), 2):
+        for x in range(experts):
+            for y in range(experts):
+                new = row.copy()
+                new[a], new[b] = x, y
+                counts = np.bincount(new, minlength=experts)
+                if (counts == 0).any() or any(
+                    len(set(new[r * per_rank : (r + 1) * per_rank])) < per_rank for r in range(ranks)
+                ):
+                    continue
+                peak = max(
+                    sum(load[e] / counts[e] for e in new[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)
+                )
+                best = min(best, peak / (load.sum() / ranks) + price * int((new != row).sum()))
+    return best
+
+
+def test_layers_with_too_many_layouts_take_the_cheapest_change_of_up_to_two_slots():
+    """Mixtral 8+4 on 4 ranks of 3 (74 900 layouts): every row within two changed slots weighed."""
+    assert plans_locally(8, 12, 4) and not plans_exactly(8, 12, 4)
+    assert not plans_locally(8, 10, 2)  # weighed whole instead
+    assert not plans_locally(8, 8, 4) and not plans_locally(64, 80, 8)  # no redundancy; too many rows
+    assert local_candidates(12, 8) == 12 * 8 + 66 * 64
+    shape = PlacementShape(6, 8, 12, 4)
+    rng = np.random.default_rng(5)
+    current = plan_rebalance(
+        "deepseek", initial_phy2log(shape), rng.gamma(0.6, 100.0, size=(6, 8)), shape
+    ).target_phy2log
+    load = rng.gamma(0.6, 100.0, size=(6, 8))  # a new load: something is worth moving
+    for price in (0.0, 0.05):
+        planned = local_phy2log(current, load, 4, move_price=price)
+        validate_phy2log(planned, shape)
+        assert ((planned != current).sum(axis=1) <= 2).all()
+        mean = load.sum(axis=1) / 4
+        cost = rank_loads(planned, load, 4).max(axis=1) / mean + price * (planned != current).sum(axis=1)
+        for layer in range(6):
+            assert cost[layer] == pytest.approx(brute_force_best_within_two(current[layer], load[layer], 4, price))
+    # At a prohibitive price a row stays, unless it holds an expert twice on a rank (DeepSeek's
+    # packing can): that is mended, as cheaply as it can be.
+    kept = local_phy2log(current, load, 4, move_price=100.0)
+    doubled = np.array([any(len(set(row[r * 3 : (r + 1) * 3])) < 3 for r in range(4)) for row in current])
+    assert (kept[~doubled] == current[~doubled]).all()
+    assert all(len(set(row[r * 3 : (r + 1) * 3])) == 3 for row in kept for r in range(4))

@@ -44,7 +44,13 @@ import numpy as np
 
 from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
-from eplb_service.coordinator.policy_exact import EXACT_MOVE_PRICE, exact_phy2log, plans_exactly
+from eplb_service.coordinator.policy_exact import (
+    EXACT_MOVE_PRICE,
+    exact_phy2log,
+    local_phy2log,
+    plans_exactly,
+    plans_locally,
+)
 from eplb_service.coordinator.policy_hierarchy import (
     check_divisors,
     hierarchical_migration_phy2log,
@@ -254,6 +260,14 @@ def propose_phy2log(
     ):  # small layers with redundant slots: every layout weighed (.policy_exact)
         price = 0.0 if fresh else EXACT_MOVE_PRICE * min(spend_scale, 1.0)
         return exact_phy2log(current_phy2log, load, shape.num_ranks, move_price=price)
+    if (
+        policy == "migration"
+        and not fresh
+        and not uses_hierarchy(num_groups, num_nodes)
+        and plans_locally(shape.num_logical, shape.num_physical, shape.num_ranks)
+    ):  # too many layouts to weigh: the cheapest change of up to two slots (.policy_exact)
+        price = EXACT_MOVE_PRICE * min(spend_scale, 1.0)
+        return local_phy2log(current_phy2log, load, shape.num_ranks, move_price=price)
     if policy == "deepseek" or (policy == "migration" and fresh):
         packed = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(packed, current_phy2log, shape.num_ranks)
@@ -342,9 +356,9 @@ def plan_rebalance(
             repaired arbitrary layout (see the module docstring of :mod:`.policy_migration`).
             The packing is of the load the migration policy plans for (the forecast where most
             of the imbalance fades, see ``persistence``). A layer whose packing would stage more
-            than ``staging_budget_bytes`` on some rank is repaired instead. Layers
-            :mod:`.policy_exact` plans take their best layout instead of the packing. Other
-            policies ignore it.
+            than ``staging_budget_bytes`` on some rank is repaired instead. Layers whose every
+            layout :mod:`.policy_exact` weighs take their best layout instead of the packing.
+            Other policies ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
