@@ -276,7 +276,15 @@ def local_phy2log(current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int,
             axis=2,
         )
     changed = (rows != current[:, None, :]).sum(axis=2)
-    counts = (rows[..., None] == np.arange(num_logical)).sum(axis=2)  # [L, C + 1, N]
+    # Replicas per expert [L, C + 1, N]: the current row's, less what each change overwrites,
+    # plus what it writes (a one-slot change repeats its slot, counted once).
+    experts = np.arange(num_logical)
+    counts = np.repeat((current[..., None] == experts).sum(axis=1)[:, None, :], len(where) + 1, axis=1)
+    for d in range(where.shape[1]):
+        real = np.ones(len(where), dtype=bool) if d == 0 else where[:, d] != where[:, d - 1]
+        gone = current[:, where[real, d]]  # [L, C'] the experts these changes overwrite
+        counts[:, 1:][:, real] -= gone[..., None] == experts
+        counts[:, 1:][:, real] += (what[real, d][:, None] == experts)[None]
     by_rank = np.sort(rows.reshape(num_layers, -1, num_ranks, per_rank), axis=3)
     valid = (counts > 0).all(axis=2) & ~(by_rank[..., 1:] == by_rank[..., :-1]).any(axis=(2, 3))
     share = load[:, None, :] / np.maximum(counts, 1)
