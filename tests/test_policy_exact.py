@@ -66,6 +66,11 @@ def test_only_small_layers_with_redundant_slots_are_planned_exactly():
     assert not plans_exactly(8, 8, 4)  # no redundant slot: the swap search stays (module docstring)
     assert not plans_exactly(8, 12, 4)  # 74 900 layouts
     assert not plans_exactly(64, 80, 8)
+    # Layouts are compared over every way to lay one on the other's ranks (ranks!): at most 4
+    # ranks, however few the layouts (8 + 1 on 9 ranks took 4.9 s to enumerate before).
+    assert not plans_exactly(8, 9, 9) and not plans_exactly(2, 10, 10)
+    with pytest.raises(ValueError, match="9 ranks: layouts are weighed on at most 4 ranks"):
+        layouts(8, 9, 1)
 
 
 def test_at_no_price_every_layer_takes_a_best_layout():
