@@ -96,14 +96,15 @@ def test_the_lead_is_how_much_better_the_served_placement_balanced_the_load():
 
 
 def test_a_dearer_price_moves_fewer_slots_where_the_imbalance_fades():
-    """Mixtral 8+4 (12 slots), the hottest expert trading places every window: step 6 prices
-    moves there, and a dearer price keeps more layers where they are."""
-    matrix_shape = MATRIX_SHAPES[1]
+    """DeepSeek-V2-Lite on 32 ranks of 2 slots (the swap search; Mixtral 8+4 is now planned by
+    policy_exact, which takes no price_scale), a hot expert trading places every window: step 6
+    prices moves there, and a dearer price keeps more layers where they are."""
+    matrix_shape = MATRIX_SHAPES[5]
     shape = PlacementShape(32, matrix_shape.experts, matrix_shape.slots, matrix_shape.ranks)
     loads = matrix_loads(matrix_shape, Workload("zipf-1.0", "swap", "low"), 32, 3, seed=2)
     start = plan_rebalance("migration", initial_phy2log(shape), loads[0], shape, fresh=True).target_phy2log
     kept = persistence(loads[0], loads[1])
-    assert kept < 0.6
+    assert kept < 1.0  # some of the imbalance fades: a move has a price
     moved = [
         plan_rebalance("migration", start, loads[1], shape, persistence=kept, price_scale=p).experts_moved
         for p in (1.0, 2.0, MAX_PRICE_SCALE)
