@@ -158,7 +158,7 @@ def test_the_price_holds_back_moves_that_gain_too_little_and_ties_keep_the_layou
 def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(monkeypatch):
     """``spend_scale`` below 1 makes moves cheaper here; above 1 it changes nothing (these layers
     have no fine-pass room to narrow) and the balance lead's ``price_scale`` is not applied."""
-    from eplb_service.coordinator import policy
+    from eplb_service.coordinator import policy_exact
 
     prices = []
 
@@ -166,7 +166,7 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
         prices.append(move_price)
         return exact_phy2log(current, load, num_ranks, move_price=move_price)
 
-    monkeypatch.setattr(policy, "exact_phy2log", spy)
+    monkeypatch.setattr(policy_exact, "exact_phy2log", spy)
     shape = PlacementShape(4, 8, 10, 2)
     load = np.random.default_rng(1).gamma(0.5, 100.0, size=(4, 8))
     current = initial_phy2log(shape)

@@ -44,13 +44,7 @@ import numpy as np
 
 from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
-from eplb_service.coordinator.policy_exact import (
-    EXACT_MOVE_PRICE,
-    exact_phy2log,
-    local_phy2log,
-    plans_exactly,
-    plans_locally,
-)
+from eplb_service.coordinator.policy_exact import small_layer_phy2log
 from eplb_service.coordinator.policy_hierarchy import (
     check_divisors,
     hierarchical_migration_phy2log,
@@ -253,21 +247,11 @@ def propose_phy2log(
     :func:`plan_rebalance`;
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
-    if (
-        policy == "migration"
-        and not uses_hierarchy(num_groups, num_nodes)
-        and plans_exactly(shape.num_logical, shape.num_physical, shape.num_ranks)
-    ):  # small layers with redundant slots: every layout weighed (.policy_exact)
-        price = 0.0 if fresh else EXACT_MOVE_PRICE * min(spend_scale, 1.0)
-        return exact_phy2log(current_phy2log, load, shape.num_ranks, move_price=price)
-    if (
-        policy == "migration"
-        and not fresh
-        and not uses_hierarchy(num_groups, num_nodes)
-        and plans_locally(shape.num_logical, shape.num_physical, shape.num_ranks)
-    ):  # too many layouts to weigh: the cheapest change of up to two slots (.policy_exact)
-        price = EXACT_MOVE_PRICE * min(spend_scale, 1.0)
-        return local_phy2log(current_phy2log, load, shape.num_ranks, move_price=price)
+    if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
+        # Small layers with redundant slots: every layout, or every two-slot change, weighed.
+        small = small_layer_phy2log(current_phy2log, load, shape.num_ranks, spend_scale=spend_scale, fresh=fresh)
+        if small is not None:
+            return small
     if policy == "deepseek" or (policy == "migration" and fresh):
         packed = deepseek_phy2log(load, shape.num_physical, num_groups, num_nodes, shape.num_ranks)
         return keep_slots_within_ranks(packed, current_phy2log, shape.num_ranks)

@@ -186,8 +186,7 @@ def exact_phy2log(current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int,
         kept = np.where(better, here, kept)
         order_of = np.where(better, index, order_of)
     moves = num_physical - kept
-    mean = load.sum(axis=1) / num_ranks
-    cost = space.max_loads(load) / np.where(mean > 0, mean, 1.0)[:, None] + (move_price + 1e-9) * moves
+    cost = _costs(space.max_loads(load), load, num_ranks, moves, move_price)
     best = cost.argmin(axis=1)
     rows = np.arange(num_layers)
     stays = moves[rows, best] == 0  # the current row is the cheapest layout (or ties with it)
@@ -198,6 +197,14 @@ def exact_phy2log(current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int,
             slots = slice(rank * per_rank, (rank + 1) * per_rank)
             out[layer, slots] = _kept_in_place(current[layer, slots], space.members[best[layer], order[rank]])
     return out
+
+
+def _costs(peak: np.ndarray, load: np.ndarray, num_ranks: int, moves: np.ndarray, move_price: float) -> np.ndarray:
+    """``[L, C]`` the module docstring's cost of each candidate: its largest rank load ``peak``
+    over the layer's mean rank load, plus ``move_price`` per slot it ``moves`` (and a hair more,
+    so a tie goes to the fewer slots; an idle layer weighs slots alone)."""
+    mean = load.sum(axis=1) / num_ranks
+    return peak / np.where(mean > 0, mean, 1.0)[:, None] + (move_price + 1e-9) * moves
 
 
 def _kept_in_place(row: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -289,8 +296,22 @@ def local_phy2log(current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int,
     valid = (counts > 0).all(axis=2) & ~(by_rank[..., 1:] == by_rank[..., :-1]).any(axis=(2, 3))
     share = load[:, None, :] / np.maximum(counts, 1)
     peak = np.take_along_axis(share, rows, axis=2).reshape(num_layers, -1, num_ranks, per_rank).sum(axis=3).max(axis=2)
-    mean = load.sum(axis=1) / num_ranks
-    cost = peak / np.where(mean > 0, mean, 1.0)[:, None] + (move_price + 1e-9) * changed
-    cost = np.where(valid, cost, np.inf)
+    cost = np.where(valid, _costs(peak, load, num_ranks, changed, move_price), np.inf)
     best = np.where(np.isfinite(cost).any(axis=1), cost.argmin(axis=1), 0)  # nothing valid: stay
     return rows[np.arange(num_layers), best]
+
+
+def small_layer_phy2log(
+    current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int, *, spend_scale: float, fresh: bool
+) -> np.ndarray | None:
+    """The migration policy's plan where this module plans the layer shape (no group/node
+    hierarchy: the caller checks), else None: every layout weighed (:func:`plans_exactly`; a fresh
+    plan at no price) or, after the first plan, the cheapest change of up to two slots
+    (:func:`plans_locally`), at :data:`EXACT_MOVE_PRICE` times ``spend_scale`` where that is below 1."""
+    num_logical, num_physical = load.shape[1], np.asarray(current_phy2log).shape[1]
+    price = EXACT_MOVE_PRICE * min(spend_scale, 1.0)
+    if plans_exactly(num_logical, num_physical, num_ranks):
+        return exact_phy2log(current_phy2log, load, num_ranks, move_price=0.0 if fresh else price)
+    if not fresh and plans_locally(num_logical, num_physical, num_ranks):
+        return local_phy2log(current_phy2log, load, num_ranks, move_price=price)
+    return None
