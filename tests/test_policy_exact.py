@@ -1,4 +1,4 @@
-"""Small layers with redundant slots planned exactly (``eplb_service.coordinator.policy_exact``)."""
+"""Small layers planned exactly (``eplb_service.coordinator.policy_exact``)."""
 
 from __future__ import annotations
 
@@ -61,9 +61,13 @@ def test_layouts_count_the_distinct_ways_to_lay_a_layer_and_the_slots_between_th
     assert small_layouts(8, 4, 3) is None and EXACT_MAX_LAYOUTS >= 280
 
 
-def test_only_small_layers_with_redundant_slots_are_planned_exactly():
+def test_only_small_layers_with_redundant_slots_or_a_fading_load_are_planned_exactly():
     assert plans_exactly(8, 10, 2)  # Mixtral 8+2 on 2 GPUs
-    assert not plans_exactly(8, 8, 4)  # no redundant slot: the swap search stays (module docstring)
+    # No redundant slot: only where the plan is made for the forecast (module docstring).
+    assert not plans_exactly(8, 8, 4) and not plans_exactly(8, 8, 4, persistence=0.6)
+    assert plans_exactly(8, 8, 4, persistence=0.59) and plans_exactly(8, 8, 2, persistence=0.0)
+    assert plans_exactly(8, 10, 2, persistence=0.9)  # with redundant slots the persistence does not matter
+    assert not plans_exactly(16, 16, 8, persistence=0.0)  # more than 4 ranks
     assert not plans_exactly(8, 12, 4)  # 74 900 layouts
     assert not plans_exactly(64, 80, 8)
     # Layouts are compared over every way to lay one on the other's ranks (ranks!): at most 4
@@ -174,11 +178,17 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
         plan_rebalance("migration", current, load, shape, spend_scale=spend_scale, price_scale=price_scale)
     plan_rebalance("migration", current, load, shape, fresh=True)
     assert prices == [EXACT_MOVE_PRICE, EXACT_MOVE_PRICE / 4, EXACT_MOVE_PRICE, EXACT_MOVE_PRICE, 0.0]
-    # Shapes outside the exact path never reach it: no redundant slot, or too many layouts.
+    # Shapes outside the exact path never reach it: no redundant slot with a lasting load, or too
+    # many layouts.
     prices.clear()
     for other in (PlacementShape(4, 8, 8, 4), PlacementShape(4, 8, 12, 4), PlacementShape(4, 16, 20, 2)):
-        plan_rebalance("migration", initial_phy2log(other), np.ones((4, other.num_logical)) + load[:, :1], other)
+        other_load = np.ones((4, other.num_logical)) + load[:, :1]
+        plan_rebalance("migration", initial_phy2log(other), other_load, other, persistence=0.9)
     assert prices == []
+    # Without redundant slots, a load whose imbalance mostly fades is planned here.
+    no_spare = PlacementShape(4, 8, 8, 4)
+    plan_rebalance("migration", initial_phy2log(no_spare), load, no_spare, persistence=0.3)
+    assert prices == [EXACT_MOVE_PRICE]
 
 
 def brute_force_best_within_two(row: np.ndarray, load: np.ndarray, ranks: int, price: float) -> float:
@@ -229,3 +239,30 @@ def test_layers_with_too_many_layouts_take_the_cheapest_change_of_up_to_two_slot
     doubled = np.array([any(len(set(row[r * 3 : (r + 1) * 3])) < 3 for r in range(4)) for row in current])
     assert (kept[~doubled] == current[~doubled]).all()
     assert all(len(set(row[r * 3 : (r + 1) * 3])) == 3 for row in kept for r in range(4))
+
+
+def test_without_redundant_slots_a_fading_load_takes_the_cheapest_pairing_of_all():
+    """Mixtral 8 + 0 on 4 ranks of 2 where most of the imbalance fades (persistence 0.3): each layer
+    takes, of all 105 pairings, the one with the least ``peak / mean + price x slots moved`` under
+    the forecast the policy plans for, re-pairing several ranks at once where that pays."""
+    from eplb_service.coordinator.load_forecast import forecast_load, planning_persistence
+
+    rng = np.random.default_rng(5)
+    shape = PlacementShape(24, 8, 8, 4)
+    load = rng.gamma(0.4, 100.0, size=(24, 8))
+    current = np.argsort(-load, axis=1)  # the hottest two on rank 0, the next two on rank 1, ...
+    plan = plan_rebalance("migration", current, load, shape, persistence=0.3)
+    validate_phy2log(plan.target_phy2log, shape)
+    planned_for = forecast_load(load, planning_persistence(0.3))
+    space = layouts(8, 4, 2)
+    index = {tuple(tuple(int(e) for e in rank) for rank in m): i for i, m in enumerate(space.members)}
+    mean = planned_for.sum(axis=1) / 4
+    peaks = space.max_loads(planned_for) / mean[:, None]
+    changed = (plan.target_phy2log != current).sum(axis=1)
+    for layer in range(24):
+        before = index[layout_key(current[layer], 2)]
+        after = index[layout_key(plan.target_phy2log[layer], 2)]
+        costs = peaks[layer] + EXACT_MOVE_PRICE * space.moves[before]
+        assert costs[after] == pytest.approx(costs.min(), abs=1e-6)
+        assert changed[layer] == space.moves[before, after]  # every slot whose expert stays kept its place
+    assert (changed > 2).any()  # some layers re-paired more than one exchange's worth

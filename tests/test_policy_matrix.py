@@ -87,9 +87,14 @@ CELLS = [
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.0", "swap", "high")),
     ("Mixtral-8x7B EP4: 8+4", Workload("zipf-1.0", "abrupt", "low")),
     ("Mixtral-8x7B EP4: 8+4", Workload("lognormal", "abrupt", "high")),
+    # Mixtral 8+0 on 4 ranks of 2 where the hottest expert hops every window (persistence under
+    # 0.6): every one of the 105 pairings weighed (policy_exact). The swap search priced each
+    # exchange out and sat 0.5-0.8 pp under DeepSeek's balance.
+    ("Mixtral-8x7B EP4: 8+0", Workload("zipf-0.6", "swap", "high")),
+    ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.4", "swap", "high")),
     # Spending far below the slot budget: the coordinator's spend controller makes moves cheaper
     # (the price where hot experts hop, the fine pass's room where the load drifts slowly).
-    ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "high")),
+    ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "low")),
     ("Qwen3-235B-A22B EP64: 128+64", Workload("zipf-0.6", "slow", "low")),
 ]
 
@@ -117,7 +122,7 @@ def test_hopping_hot_experts_cost_a_fifth_of_the_slots_only_with_the_persistence
 @pytest.mark.parametrize(
     "label,workload",
     [
-        ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "high")),
+        ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "low")),
         ("Qwen3-235B-A22B EP64", Workload("zipf-0.6", "slow", "low")),
         # 512-slot layers: the controller's wider room also runs step 4 there (screened per layer),
         # which at the defaults skips layers of more than 384 slots: -0.70 pp at 2% without it.

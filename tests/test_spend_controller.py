@@ -39,10 +39,8 @@ def test_a_cheaper_scale_lowers_the_price_and_widens_step_4_only_where_it_alread
 
 
 def test_at_a_fixed_scale_of_one_the_controlled_sequence_is_the_matrix_s_migration_sequence():
-    shape, workload = (
-        MATRIX_SHAPES[0],
-        WORKLOADS[2],
-    )  # Mixtral 8+0 (the swap search), Zipf 0.6 swap: the price matters there
+    # DeepSeek-V2-Lite on 32 ranks of 2 (the swap search), Zipf 0.6 swap: the price matters there.
+    shape, workload = MATRIX_SHAPES[5], WORKLOADS[2]
     loads = matrix_loads(shape, workload, 8, 5, seed=3)
     fixed = controlled_sequence(shape, loads, SpendController(min_scale=1.0, max_scale=1.0))
     plain = run_sequence("migration", shape, loads, spend_control=False)

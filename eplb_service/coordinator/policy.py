@@ -25,7 +25,8 @@ imbalance lasted from the previous window to this one; the coordinator measures 
 window). ``"migration"`` then plans for the forecast next window and prices moves by it.
 
 Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; layers small enough
-to weigh every layout, with redundant slots, planned exactly by :mod:`.policy_exact`; held to
+to weigh every layout, with redundant slots or a load whose imbalance mostly fades, planned
+exactly by :mod:`.policy_exact`; held to
 DeepSeek's node hierarchy by :mod:`.policy_hierarchy` under ``num_groups``/``num_nodes``) and
 ``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
 proposal is then permuted within each rank so experts already on a rank keep their slot, as
@@ -249,7 +250,9 @@ def propose_phy2log(
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
         # Small layers with redundant slots: every layout, or every two-slot change, weighed.
-        small = small_layer_phy2log(current_phy2log, load, shape.num_ranks, spend_scale=spend_scale, fresh=fresh)
+        small = small_layer_phy2log(
+            current_phy2log, load, shape.num_ranks, spend_scale=spend_scale, fresh=fresh, persistence=persistence
+        )
         if small is not None:
             return small
     if policy == "deepseek" or (policy == "migration" and fresh):
