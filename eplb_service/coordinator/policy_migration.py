@@ -145,7 +145,9 @@ vectorised):
    balance over it. With 2 slots per rank the default is too dear: Mixtral 8+0 swap cells stop
    moving and lost up to 1.4 pp (``bench/README.md``); the coordinator's spend controller
    (:mod:`.spend_control`) now lowers ``move_price`` (and widens step 4's ``fine_move_share``)
-   where its plans move far fewer slots than DeepSeek's would, which took that cell to −0.2 pp.
+   where its plans move far fewer slots than DeepSeek's would, which took that cell to −0.2 pp;
+   such layers (at most 4 ranks, where the load's imbalance mostly fades) are now planned by
+   :mod:`.policy_exact` instead, which re-pairs several ranks at once.
    The square keeps the price negligible where most of the imbalance lasts (``a >= 0.8``: at
    most 4% of ``move_price``): a price of ``move_price * (1 - a)`` cost layers that gain a
    lasting new hot expert (``a`` about 0.9, e.g. Qwen3-235B on 16 or 64 ranks, *abrupt*) up to 1
