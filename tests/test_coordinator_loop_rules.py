@@ -67,7 +67,7 @@ def test_a_tick_that_raises_is_counted_and_the_next_tick_still_runs():
     c, _ = harness()
     ticks: list[int] = []
 
-    async def tick() -> None:
+    async def tick(now: float | None = None) -> None:
         ticks.append(len(ticks))
         if len(ticks) == 1:
             raise RuntimeError("boom")

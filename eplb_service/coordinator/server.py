@@ -639,9 +639,12 @@ class Coordinator:
         while True:
             meant_at = time.monotonic() + TICK_S
             await asyncio.sleep(TICK_S)
-            self._note_stall(meant_at, time.monotonic())
+            # One clock reading for the stall and the tick: read again in the tick, a process
+            # stopped between the two reads woke to a silence no stall had been noted for.
+            woke = time.monotonic()
+            self._note_stall(meant_at, woke)
             try:
-                await self._tick()
+                await self._tick(woke)
             except Exception as exc:  # noqa: BLE001 - one bad tick must not end liveness and planning
                 self._internal_error("tick", exc)
 
@@ -680,8 +683,9 @@ class Coordinator:
             )
         return self._caught_up_at
 
-    async def _tick(self) -> None:
-        now = self.last_tick = time.monotonic()
+    async def _tick(self, now: float | None = None) -> None:
+        """The periodic work, at ``now`` (the loop's clock reading; a fresh one if None)."""
+        now = self.last_tick = time.monotonic() if now is None else now
         self.router.throttle.tick()
         for record in self.registry.expire(self._heard_until(now), self.cfg.liveness_timeout_s, self.stalls):
             self.log.error("rank %d silent for %.1fs: declared dead", record.rank, self.cfg.liveness_timeout_s)

@@ -96,7 +96,12 @@ class CoordinatorLink:
         call) found that silence on waking and took it for the coordinator's: every agent reopened
         at once, before reading what waited in its socket, and a plan staging was aborted. Part of
         the wall-time silence always counts (:meth:`LoopStalls.silence_s`): a thread late on every
-        poll (starved for good) would otherwise excuse nearly all of a dead coordinator's silence."""
+        poll (starved for good) would otherwise excuse nearly all of a dead coordinator's silence.
+
+        The time since the last :meth:`receive` returned is listening time only up to the slack:
+        a thread stopped between reading the socket and this check (SIGSTOP landing there) woke
+        to a silence that no poll had yet measured as its own stall, and reopened its connection."""
+        self.stalls.ran(self._listened_at, now)
         return self.stalls.silence_s(self.last_heard if since is None else max(since, self.last_heard), now)
 
     def _drain(self, sock: zmq.Socket) -> list[protocol.Message]:
