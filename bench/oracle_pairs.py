@@ -65,6 +65,7 @@ from bench.planner import (
     MATRIX_SHAPES,
     MOVED_TARGET,
     NOISE_TOKENS_PER_EXPERT,
+    SMALL_LAYER_SHAPES,
     WORKLOADS,
     MatrixShape,
     MatrixWindow,
@@ -325,13 +326,16 @@ def main() -> None:
     parser.add_argument(
         "--shape",
         default="8+0 on 4",
-        help="part of one matrix shape's label (default: Mixtral's 8+0 on 4 ranks; '8+2 on 2' for 8+2 on 2 ranks)",
+        help="part of one shape's label, of the matrix or bench/planner.py's SMALL_LAYER_SHAPES (default: "
+        "Mixtral's 8+0 on 4 ranks; '8+2 on 2' for 8+2 on 2 ranks; 'top-2: 8+0 on 2' for a small layer)",
     )
     args = parser.parse_args()
-    matches = [s for s in MATRIX_SHAPES if args.shape in s.label]
+    matches = [s for s in (*MATRIX_SHAPES, *SMALL_LAYER_SHAPES) if args.shape in s.label]
     if len(matches) != 1:
         labels = "; ".join(s.label for s in matches) or "none"
-        parser.error(f"--shape {args.shape!r} must name one matrix shape, matched: {labels}")
+        parser.error(
+            f"--shape {args.shape!r} must name one shape of the matrix or SMALL_LAYER_SHAPES, matched: {labels}"
+        )
     (shape,) = matches
     try:
         space = layouts(shape.experts, shape.ranks, shape.slots // shape.ranks)

@@ -217,6 +217,19 @@ MATRIX_SHAPES = (
     MatrixShape("Qwen3.5-397B-A17B EP256", 512, 0, 256, 10),
 )
 
+SMALL_LAYER_SHAPES = (
+    MatrixShape("small, top-2", 8, 0, 2, 2),
+    MatrixShape("small, top-2", 10, 0, 2, 2),
+    MatrixShape("small, top-2", 12, 0, 2, 2),
+    MatrixShape("small, top-4", 12, 0, 2, 4),
+    MatrixShape("small, top-2", 6, 0, 3, 2),
+    MatrixShape("small, top-1", 8, 0, 4, 1),
+)
+"""Layers without redundant slots on 2-4 ranks that the matrix does not hold (``--small-layers``):
+the kind :mod:`~eplb_service.coordinator.policy_exact` plans where the load's imbalance fades,
+beside the matrix's one such shape (Mixtral 8+0 on 4 ranks), to see whether what holds there
+carries to its neighbours."""
+
 POPULARITIES = ("zipf-0.6", "zipf-1.0", "zipf-1.4", "lognormal")
 DRIFTS = ("slow", "swap", "abrupt")
 NOISES = ("low", "high")
@@ -780,7 +793,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_matrix(args: argparse.Namespace) -> None:
-    shapes = [s for s in MATRIX_SHAPES if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
+    pool = SMALL_LAYER_SHAPES if args.small_layers else MATRIX_SHAPES
+    shapes = [s for s in pool if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
     workloads = [w for w in WORKLOADS if not args.workloads or any(k in w.label for k in args.workloads.split(","))]
     cells = held_out_cells(args.held_out, args.seed) if args.held_out else matrix_cells(shapes, workloads)
     if args.seeds:
@@ -837,7 +851,15 @@ def main() -> None:
         help="N random cells off the matrix (shapes from issue 16's scope, one matrix workload each; "
         "--seed picks them), run and tabled as the matrix's",
     )
+    parser.add_argument(
+        "--small-layers",
+        action="store_true",
+        help="--matrix: run SMALL_LAYER_SHAPES (layers without redundant slots on 2-4 ranks) instead of the "
+        "matrix's shapes",
+    )
     args = parser.parse_args()
+    if args.small_layers and not args.matrix:
+        parser.error("--small-layers applies to --matrix only")
     if args.held_out < 0:
         parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
     if args.seeds and not (args.matrix or args.held_out):

@@ -93,3 +93,15 @@ def test_seeds_without_the_matrix_is_an_error(monkeypatch, capsys):
         planner.main()
     assert exit_.value.code == 2
     assert "--seeds applies to --matrix or --held-out only" in capsys.readouterr().err
+
+
+def test_small_layers_need_the_matrix_and_each_shape_draws_its_own_loads(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["planner", "--small-layers"])
+    with pytest.raises(SystemExit) as exit_:
+        planner.main()
+    assert exit_.value.code == 2
+    assert "--small-layers applies to --matrix only" in capsys.readouterr().err
+    # A cell's loads are seeded by its shape's label: two shapes with one label would share them.
+    labels = [s.label for s in planner.SMALL_LAYER_SHAPES]
+    assert len(set(labels)) == len(labels)
+    assert all(s.redundant == 0 and s.ranks <= 4 for s in planner.SMALL_LAYER_SHAPES)
