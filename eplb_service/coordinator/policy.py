@@ -249,7 +249,7 @@ def propose_phy2log(
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
-        # Small layers with redundant slots: every layout, or every two-slot change, weighed.
+        # Small layers (with redundant slots, or a fading load): every layout, or every two-slot change, weighed.
         small = small_layer_phy2log(
             current_phy2log, load, shape.num_ranks, spend_scale=spend_scale, fresh=fresh, persistence=persistence
         )
