@@ -858,8 +858,8 @@ def main() -> None:
         "matrix's shapes",
     )
     args = parser.parse_args()
-    if args.small_layers and not args.matrix:
-        parser.error("--small-layers applies to --matrix only")
+    if args.small_layers and (not args.matrix or args.held_out):
+        parser.error("--small-layers applies to --matrix only (not with --held-out, whose cells it would not change)")
     if args.held_out < 0:
         parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
     if args.seeds and not (args.matrix or args.held_out):

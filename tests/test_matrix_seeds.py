@@ -101,6 +101,10 @@ def test_small_layers_need_the_matrix_and_each_shape_draws_its_own_loads(monkeyp
         planner.main()
     assert exit_.value.code == 2
     assert "--small-layers applies to --matrix only" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["planner", "--matrix", "--held-out", "3", "--small-layers"])
+    with pytest.raises(SystemExit) as exit_:
+        planner.main()
+    assert exit_.value.code == 2 and "not with --held-out" in capsys.readouterr().err
     # A cell's loads are seeded by its shape's label: two shapes with one label would share them.
     labels = [s.label for s in planner.SMALL_LAYER_SHAPES]
     assert len(set(labels)) == len(labels)
