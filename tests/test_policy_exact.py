@@ -67,6 +67,10 @@ def test_only_small_layers_with_redundant_slots_or_a_fading_load_are_planned_exa
     assert not plans_exactly(8, 8, 4) and not plans_exactly(8, 8, 4, persistence=0.6)
     assert plans_exactly(8, 8, 4, persistence=0.59) and plans_exactly(8, 8, 2, persistence=0.0)
     assert plans_exactly(8, 10, 2, persistence=0.9)  # with redundant slots the persistence does not matter
+    # A fresh plan without redundant slots, where DeepSeek's packing may miss the best split:
+    # ranks of more than 2 slots (on ranks of 2 it is the best pairing).
+    assert plans_exactly(8, 8, 2, fresh=True) and not plans_exactly(8, 8, 2)
+    assert not plans_exactly(8, 8, 4, fresh=True) and not plans_exactly(6, 6, 3, fresh=True)
     assert not plans_exactly(16, 16, 8, persistence=0.0)  # more than 4 ranks
     assert not plans_exactly(8, 12, 4)  # 74 900 layouts
     assert not plans_exactly(64, 80, 8)
@@ -136,6 +140,28 @@ def test_the_migration_policy_plans_mixtral_8_plus_2_exactly():
     assert 0 < later.experts_moved <= int((free != fresh.target_phy2log).sum())
 
 
+def test_a_fresh_plan_without_redundant_slots_takes_a_best_split_where_deepseek_s_packing_misses_it():
+    """On ranks of 4 slots (Mixtral 8+0 on 2 GPUs) the greedy packing a fresh plan used to lay
+    misses the best split in some layers, and the first measured plan spent the difference; on
+    ranks of 2 slots the greedy packing is the best pairing and a fresh plan stays DeepSeek's."""
+    rng = np.random.default_rng(5)
+    load = rng.gamma(0.7, 100.0, size=(40, 8))
+    two_ranks = PlacementShape(40, 8, 8, 2)
+    best = np.array([brute_force_best_peak(load[layer], 8, 2, 4) for layer in range(40)])
+    fresh = plan_rebalance("migration", initial_phy2log(two_ranks), load, two_ranks, fresh=True)
+    greedy = plan_rebalance("deepseek", initial_phy2log(two_ranks), load, two_ranks)
+    assert np.allclose(rank_loads(fresh.target_phy2log, load, 2).max(axis=1), best)
+    greedy_peaks = rank_loads(greedy.target_phy2log, load, 2).max(axis=1)
+    assert (greedy_peaks > best + 1e-9).sum() >= 3  # the loads are ones where it matters
+    four_ranks = PlacementShape(40, 8, 8, 4)
+    fresh = plan_rebalance("migration", initial_phy2log(four_ranks), load, four_ranks, fresh=True)
+    greedy = plan_rebalance("deepseek", initial_phy2log(four_ranks), load, four_ranks)
+    assert np.array_equal(fresh.target_phy2log, greedy.target_phy2log)
+    ordered = np.sort(load, axis=1)
+    best_pairs = (ordered[:, :4] + ordered[:, ::-1][:, :4]).max(axis=1)  # the hottest with the coldest, and so on
+    assert np.allclose(rank_loads(greedy.target_phy2log, load, 4).max(axis=1), best_pairs)
+
+
 def test_the_price_holds_back_moves_that_gain_too_little_and_ties_keep_the_layout():
     """The price per slot is what separates a plan from the best layout: a small drift moves
     nothing at the price and something without it; a layer where every layout ties stays."""
@@ -189,6 +215,12 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
     no_spare = PlacementShape(4, 8, 8, 4)
     plan_rebalance("migration", initial_phy2log(no_spare), load, no_spare, persistence=0.3)
     assert prices == [EXACT_MOVE_PRICE]
+    # So is a fresh plan on ranks of 4 slots (at no price), not one on ranks of 2.
+    prices.clear()
+    plan_rebalance("migration", initial_phy2log(no_spare), load, no_spare, fresh=True)
+    four_per_rank = PlacementShape(4, 8, 8, 2)
+    plan_rebalance("migration", initial_phy2log(four_per_rank), load, four_per_rank, fresh=True)
+    assert prices == [0.0]
 
 
 def brute_force_best_within_two(row: np.ndarray, load: np.ndarray, ranks: int, price: float) -> float:

@@ -26,9 +26,21 @@ lately). The balance lead's ``price_scale`` does not apply: raising it here, up 
 cost balance in the abrupt cells at the same cell count. A fresh plan (from the placement
 serving started with) takes the best layout at no price.
 
+A fresh plan of a layer without redundant slots is planned here too where its ranks hold more
+than 2 slots (Mixtral 8+0 on 2 GPUs: 35 layouts). Elsewhere a fresh plan lays DeepSeek's greedy
+packing, which pairs the hottest expert with the coldest and so is the best layout on ranks of
+2 slots, but can miss the best split on ranks of more: the first measured plan then spent the
+difference (Mixtral 8+0 on 2 GPUs, Zipf 1.0, slow drift, seed 0: 62 slots where DeepSeek moved
+12, and 78 over the ten rebalances where a fifth of DeepSeek's is 40; from the best split, 48). Layers of that kind off the matrix
+(``bench/planner.py --matrix --small-layers``, pooled over seeds 0-2) met both targets in 45 of
+144 cells instead of 40; no matrix cell changed. Planning fresh plans on ranks of 2 slots here as
+well changes only which equally good pairing is laid and on which ranks, and that lost 2 of the
+matrix's Mixtral 8+0 cells to chance (62 → 60 pooled); taking the most even of the layouts that
+tie on the largest rank gained 1 cell-seed of 432 off the matrix: neither is done.
+
 Which layers (:func:`plans_exactly`): at most :data:`EXACT_MAX_RANKS` ranks and
-:data:`EXACT_MAX_LAYOUTS` layouts, no group/node hierarchy, and either redundant slots or a load
-whose imbalance mostly fades. Without redundant slots (Mixtral 8+0 on 4 ranks of 2: 105
+:data:`EXACT_MAX_LAYOUTS` layouts, no group/node hierarchy, and either redundant slots, a load
+whose imbalance mostly fades, or (above) a fresh plan on ranks of more than 2 slots. Without redundant slots (Mixtral 8+0 on 4 ranks of 2: 105
 pairings) a layer is planned here only while the migration policy plans for the forecast
 (persistence below :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`, as when the
 hottest expert hops to another every window): the forecast's gains are small and spread, each
@@ -155,16 +167,22 @@ def small_layouts(experts: int, ranks: int, per_rank: int) -> Layouts | None:
         return None
 
 
-def plans_exactly(num_logical: int, num_physical: int, num_ranks: int, *, persistence: float = 1.0) -> bool:
+def plans_exactly(
+    num_logical: int, num_physical: int, num_ranks: int, *, persistence: float = 1.0, fresh: bool = False
+) -> bool:
     """Whether the migration policy plans layers of this shape here (module docstring): at most
     :data:`EXACT_MAX_RANKS` ranks and :data:`EXACT_MAX_LAYOUTS` layouts, and redundant slots or,
     without any, a load planned for its forecast (``persistence`` below
-    :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`: most of its imbalance fades)."""
+    :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`: most of its imbalance fades)
+    or a ``fresh`` plan on ranks of more than 2 slots (DeepSeek's packing, which a fresh plan
+    otherwise lays, may miss the best split there; on ranks of 2 it is the best pairing)."""
     if num_physical < num_logical or num_physical % num_ranks:
         return False
-    if num_physical == num_logical and not persistence < PLAN_AS_IS_FROM:
+    per_rank = num_physical // num_ranks
+    fresh_split = fresh and per_rank > 2
+    if num_physical == num_logical and not (persistence < PLAN_AS_IS_FROM or fresh_split):
         return False
-    return small_layouts(num_logical, num_ranks, num_physical // num_ranks) is not None
+    return small_layouts(num_logical, num_ranks, per_rank) is not None
 
 
 def exact_phy2log(current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int, *, move_price: float) -> np.ndarray:
@@ -331,7 +349,7 @@ def small_layer_phy2log(
     (:func:`plans_locally`), at :data:`EXACT_MOVE_PRICE` times ``spend_scale`` where that is below 1."""
     num_logical, num_physical = load.shape[1], np.asarray(current_phy2log).shape[1]
     price = EXACT_MOVE_PRICE * min(spend_scale, 1.0)
-    if plans_exactly(num_logical, num_physical, num_ranks, persistence=persistence):
+    if plans_exactly(num_logical, num_physical, num_ranks, persistence=persistence, fresh=fresh):
         return exact_phy2log(current_phy2log, load, num_ranks, move_price=0.0 if fresh else price)
     if not fresh and plans_locally(num_logical, num_physical, num_ranks):
         return local_phy2log(current_phy2log, load, num_ranks, move_price=price)
