@@ -23,6 +23,7 @@ from eplb_service.coordinator.spend_control import (
     LEAD_MEMORY,
     MAX_PRICE_SCALE,
     SPEND_CAP,
+    SPEND_LOW,
     SPEND_MEMORY,
     SpendOptions,
     SpendState,
@@ -54,6 +55,20 @@ def test_under_the_cap_or_behind_deepseek_the_price_halves_back_to_one():
     behind = dataclasses.replace(dear, lead=LEAD_GIVEN_BACK * 2)
     assert update_spend(behind, 0, 0, lead=LEAD_GIVEN_BACK * 2).price_scale == 4.0
     assert update_spend(SpendState(**UNDER), 0, 0, lead=0.05).price_scale == 1.0  # never below 1
+
+
+def test_ahead_of_deepseek_the_price_holds_until_the_tally_drops_below_the_low_line():
+    """A tally that dips under the cap after a dearer plan still counts slots the whole run will
+    be judged on: the price holds between SPEND_LOW and the cap, and halves only below it."""
+    dear = SpendState(price_scale=8.0, lead=0.01)
+    for share in (SPEND_LOW + 0.001, (SPEND_LOW + SPEND_CAP) / 2, SPEND_CAP - 0.001):
+        assert update_spend(dataclasses.replace(dear, **faded(share)), 0, 0, lead=0.01).price_scale == 8.0
+    assert update_spend(dataclasses.replace(dear, **faded(SPEND_LOW - 0.001)), 0, 0, lead=0.01).price_scale == 4.0
+    # Behind DeepSeek within the band, the price comes down all the same.
+    behind = dataclasses.replace(dear, **faded((SPEND_LOW + SPEND_CAP) / 2), lead=LEAD_GIVEN_BACK * 2)
+    assert update_spend(behind, 0, 0, lead=LEAD_GIVEN_BACK * 2).price_scale == 4.0
+    # Nothing of DeepSeek's tallied yet: nothing to hold the price for.
+    assert update_spend(SpendState(price_scale=2.0, lead=0.01), 0, 0, lead=0.01).price_scale == 1.0
 
 
 def test_a_lead_between_the_give_back_line_and_zero_holds_the_price():

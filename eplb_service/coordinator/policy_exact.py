@@ -26,30 +26,31 @@ lately). The balance lead's ``price_scale`` does not apply: raising it here, up 
 cost balance in the abrupt cells at the same cell count. A fresh plan (from the placement
 serving started with) takes the best layout at no price.
 
-A fresh plan of a layer without redundant slots is planned here too where its ranks hold more
-than 2 slots (Mixtral 8+0 on 2 GPUs: 35 layouts). Elsewhere a fresh plan lays DeepSeek's greedy
-packing, which pairs the hottest expert with the coldest and so is the best layout on ranks of
-2 slots, but can miss the best split on ranks of more: the first measured plan then spent the
-difference (Mixtral 8+0 on 2 GPUs, Zipf 1.0, slow drift, seed 0: 62 slots where DeepSeek moved
-12, and 78 over the ten rebalances where a fifth of DeepSeek's is 40; from the best split, 48). Layers of that kind off the matrix
-(``bench/planner.py --matrix --small-layers``, pooled over seeds 0-2) met both targets in 45 of
-144 cells instead of 40; no matrix cell changed. Planning fresh plans on ranks of 2 slots here as
-well changes only which equally good pairing is laid and on which ranks, and that lost 2 of the
-matrix's Mixtral 8+0 cells to chance (62 → 60 pooled); taking the most even of the layouts that
-tie on the largest rank gained 1 cell-seed of 432 off the matrix: neither is done.
+A fresh plan of a layer without redundant slots is planned here too where its ranks hold more than
+2 slots (Mixtral 8+0 on 2 GPUs: 35 layouts). Elsewhere a fresh plan lays DeepSeek's greedy packing,
+which pairs the hottest expert with the coldest and so is the best layout on ranks of 2 slots, but
+can miss the best split on ranks of more: the first measured plan then spent the difference
+(Mixtral 8+0 on 2 GPUs, Zipf 1.0, slow drift, seed 0: 62 slots where DeepSeek moved 12, and 78 over
+the ten rebalances where a fifth of DeepSeek's is 40; from the best split, 48). Layers of that kind
+off the matrix (``bench/planner.py --matrix --small-layers``, pooled over seeds 0-2) met both
+targets in 45 of 144 cells instead of 40; no matrix cell changed. Planning fresh plans on ranks of
+2 slots here as well changes only which equally good pairing is laid and on which ranks, and that
+lost 2 of the matrix's Mixtral 8+0 cells to chance (62 → 60 pooled); taking the most even of the
+layouts that tie on the largest rank gained 1 cell-seed of 432 off the matrix: neither is done.
 
 Which layers (:func:`plans_exactly`): at most :data:`EXACT_MAX_RANKS` ranks and
 :data:`EXACT_MAX_LAYOUTS` layouts, no group/node hierarchy, and either redundant slots, a load
-whose imbalance mostly fades, or (above) a fresh plan on ranks of more than 2 slots. Without redundant slots (Mixtral 8+0 on 4 ranks of 2: 105
-pairings) a layer is planned here only while the migration policy plans for the forecast
-(persistence below :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`, as when the
-hottest expert hops to another every window): the forecast's gains are small and spread, each
-single exchange falls under its price, and the swap search moved almost nothing after the first
-plan, where the cheapest pairing re-pairs several ranks at once where that pays. Pooled over
-seeds 0-2 that met 3 of the shape's 4 swap cells that missed on balance (their worst −0.76 pp
-→ −0.50) and changed no other cell. Where the load lasts (slow drift, a new hot expert that
-stays), the same rule traded the abrupt cells' slot misses for balance misses of up to −1.3 pp
-at the same count of cells, and the swap search plans those layers.
+whose imbalance mostly fades, or (above) a fresh plan on ranks of more than 2 slots. Without
+redundant slots (Mixtral 8+0 on 4 ranks of 2: 105 pairings) a layer is planned here only while the
+migration policy plans for the forecast (persistence below
+:data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`, as when the hottest expert hops to
+another every window): the forecast's gains are small and spread, each single exchange falls under
+its price, and the swap search moved almost nothing after the first plan, where the cheapest
+pairing re-pairs several ranks at once where that pays. Pooled over seeds 0-2 that met 3 of the
+shape's 4 swap cells that missed on balance (their worst −0.76 pp → −0.50) and changed no other
+cell. Where the load lasts (slow drift, a new hot expert that stays), the same rule traded the
+abrupt cells' slot misses for balance misses of up to −1.3 pp at the same count of cells, and the
+swap search plans those layers.
 
 Where a layer with redundant slots has too many layouts (Mixtral 8 + 4 on 4 ranks of 3: 74 900)
 but at most :data:`LOCAL_MAX_CANDIDATES` rows within :data:`LOCAL_MAX_CHANGES` changed slots

@@ -22,17 +22,24 @@ workload that changes. Below 1, ``scale`` multiplies step 6's ``move_price`` and
 price also holds back the answer to a lasting new hot expert.
 
 **The balance lead.** The slots are one of issue 16's targets; the other is next-window balance
-within half a point of DeepSeek's. The coordinator measures that one too: at each tally, the
-load the plan was made for on the placement that served it and on the shadow (both planned
-before the newest of that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
-is over :data:`SPEND_CAP` while the faded lead is above 0, step 6's price doubles for the next
-plan (``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size but those
-:mod:`.policy_exact` plans, which take only a ``scale`` below 1); under the cap, or
-once the lead is below :data:`LEAD_GIVEN_BACK`, it halves back toward 1. A deployment ahead of
-DeepSeek's balance then spends that lead instead of more slots, and gives it back as soon as it
-is behind. ``scale`` cannot do this in small layers: above 1 it only narrows step 4's room, which
-layers under 25 slots do not have, and a dearer price there for every deployment over the cap
-cost the cells whose answers to a lasting hot expert come late (``bench/README.md``).
+within half a point of DeepSeek's. The coordinator measures that one too: at each tally, the load
+the plan was made for on the placement that served it and on the shadow (both planned before the
+newest of that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
+is over :data:`SPEND_CAP` while the faded lead is above 0, step 6's price doubles for the next plan
+(``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size but those
+:mod:`.policy_exact` plans, which take only a ``scale`` below 1); it holds while the tally is
+between :data:`SPEND_LOW` and the cap, and halves back toward 1 once the tally is below
+:data:`SPEND_LOW` or the lead below :data:`LEAD_GIVEN_BACK`. A deployment ahead of DeepSeek's
+balance then spends that lead instead of more slots, and gives it back as soon as it is behind.
+``scale`` cannot do this in small layers: above 1 it only narrows step 4's room, which layers under
+25 slots do not have, and a dearer price there for every deployment over the cap cost the cells
+whose answers to a lasting hot expert come late (``bench/README.md``). The price used to halve as
+soon as the tally was under the cap: it swung 2, 4, 2, 1 from plan to plan, and since the tally
+forgets old slots, it sat under the cap while the slots over the whole run went past a fifth
+(Mixtral 8+0 on 2 GPUs, slow drift: 21-23% of DeepSeek's slots at 1-1.7 points above its balance).
+Holding it down to :data:`SPEND_LOW` took layers of that kind off the matrix (``bench/planner.py
+--matrix --small-layers``, seeds 0-2) from 45 to 55 of 144 cells pooled; on the matrix 415 / 414 /
+419 → 415 / 415 / 419 per seed, 422 pooled either way.
 
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
@@ -126,8 +133,9 @@ def update_spend(
     plan was made for (None: not measured, and the lead and ``price_scale`` stay). Over
     :data:`SPEND_CAP` of DeepSeek's slots with the faded lead above 0, step 6's price doubles
     (up to :data:`MAX_PRICE_SCALE`): the deployment is ahead of DeepSeek's balance and close to
-    the slot budget, so it spends the lead rather than more slots. Under :data:`SPEND_CAP`, or with
-    the lead below :data:`LEAD_GIVEN_BACK`, it halves back toward 1.
+    the slot budget, so it spends the lead rather than more slots. It holds while the tally is
+    between :data:`SPEND_LOW` and the cap, and halves back toward 1 below :data:`SPEND_LOW` or
+    with the lead below :data:`LEAD_GIVEN_BACK`.
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
@@ -150,9 +158,10 @@ def update_spend(
     if lead is not None:
         faded_lead = LEAD_MEMORY * faded_lead + (1.0 - LEAD_MEMORY) * lead
         over = ref > 0 and tally > SPEND_CAP * ref
+        held = ref > 0 and tally >= SPEND_LOW * ref
         if over and faded_lead > 0.0:
             price = min(price * SPEND_STEP, MAX_PRICE_SCALE)
-        elif not over or faded_lead < LEAD_GIVEN_BACK:
+        elif not held or faded_lead < LEAD_GIVEN_BACK:
             price = max(price / SPEND_STEP, 1.0)
     return SpendState(tally, ref, min(max(scale, MIN_SCALE), max_scale), faded_lead, price)
 
