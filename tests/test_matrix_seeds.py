@@ -95,7 +95,7 @@ def test_seeds_without_the_matrix_is_an_error(monkeypatch, capsys):
     assert "--seeds applies to --matrix or --held-out only" in capsys.readouterr().err
 
 
-def test_small_layers_need_the_matrix_and_each_shape_draws_its_own_loads(monkeypatch, capsys):
+def test_off_matrix_shape_sets_need_the_matrix_and_each_shape_draws_its_own_loads(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["planner", "--small-layers"])
     with pytest.raises(SystemExit) as exit_:
         planner.main()
@@ -105,7 +105,16 @@ def test_small_layers_need_the_matrix_and_each_shape_draws_its_own_loads(monkeyp
     with pytest.raises(SystemExit) as exit_:
         planner.main()
     assert exit_.value.code == 2 and "not with --held-out" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["planner", "--sixteen-experts"])
+    with pytest.raises(SystemExit) as exit_:
+        planner.main()
+    assert exit_.value.code == 2 and "--sixteen-experts applies to --matrix only" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["planner", "--matrix", "--small-layers", "--sixteen-experts"])
+    with pytest.raises(SystemExit) as exit_:
+        planner.main()
+    assert exit_.value.code == 2 and "give one of them" in capsys.readouterr().err
     # A cell's loads are seeded by its shape's label: two shapes with one label would share them.
-    labels = [s.label for s in planner.SMALL_LAYER_SHAPES]
+    labels = [s.label for s in (*planner.MATRIX_SHAPES, *planner.SMALL_LAYER_SHAPES, *planner.SIXTEEN_EXPERT_SHAPES)]
     assert len(set(labels)) == len(labels)
     assert all(s.redundant == 0 and s.ranks <= 4 for s in planner.SMALL_LAYER_SHAPES)
+    assert all(s.experts == 16 for s in planner.SIXTEEN_EXPERT_SHAPES)
