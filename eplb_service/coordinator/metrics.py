@@ -117,7 +117,8 @@ class CoordinatorMetrics:
             "eplb_step_price_scale",
             "Extra factor on the migration policy's price of a moved slot for its next plan (1: none; "
             "doubled, up to 8, after each rebalance where its placements led DeepSeek's balance while its "
-            "plans moved close to a fifth of DeepSeek's slots; halved toward 1 under that or when behind)",
+            "plans moved close to a fifth of DeepSeek's slots; held down to 12% of them; halved toward 1 "
+            "below that or when behind)",
             registry=r,
         )
         self.step_price_scale.set(1.0)
