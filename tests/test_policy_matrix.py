@@ -4,6 +4,8 @@ Each cell runs exactly as in the full matrix (same loads, layers and rebalances)
 is the number in ``bench/README.md``'s table.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -262,3 +264,35 @@ def test_a_hot_expert_s_copies_stay_spread_as_it_fades():
     assert (shape.experts, shape.redundant, shape.ranks, workload) == (32, 16, 4, Workload("zipf-1.4", "abrupt", "low"))
     result = run_cell(shape, workload, decayed=False)
     assert result.balance_pp > -1.2, f"{result.balance_pp:+.2f} pp"
+
+
+def test_mixtral_8_plus_0_on_2_gpus_stays_within_the_budget_with_the_best_split_and_the_held_price(monkeypatch):
+    """Off the matrix (``--small-layers``): Mixtral's 8 experts on 2 GPUs of 4 slots, slowly
+    drifting, well ahead of DeepSeek's balance. The first plan lays the best split (DeepSeek's
+    greedy packing missed it, and the next plan spent the difference), and the balance lead's
+    dearer price holds down to SPEND_LOW rather than swinging back under the cap. Without the
+    held price the run goes past a fifth of DeepSeek's slots."""
+    import bench.planner as planner
+    from eplb_service.coordinator import spend_control
+
+    cell = next(s for s in planner.SMALL_LAYER_SHAPES if (s.experts, s.ranks) == (8, 2))
+    workload = Workload("zipf-0.6", "slow", "low")
+    held = run_cell(cell, workload, decayed=False)
+    assert held.meets_targets and held.balance_pp > 1.0  # a lead of more than a point, kept
+
+    def price_halves_under_the_cap(state, spent, reference, **kwargs):
+        """The rule before: under the cap the price halves, held or not."""
+        new = spend_control.update_spend(state, spent, reference, **kwargs)
+        ref = state.reference * spend_control.SPEND_MEMORY + reference
+        tally = state.spent * spend_control.SPEND_MEMORY + spent
+        if (
+            kwargs.get("lead") is not None
+            and new.price_scale == state.price_scale
+            and tally <= spend_control.SPEND_CAP * ref
+        ):
+            new = replace(new, price_scale=max(new.price_scale / spend_control.SPEND_STEP, 1.0))
+        return new
+
+    monkeypatch.setattr(planner, "update_spend", price_halves_under_the_cap)
+    swinging = run_cell(cell, workload, decayed=False)
+    assert swinging.moved_share > MOVED_TARGET >= held.moved_share
