@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bench.planner as planner
 from bench.planner import (
     BALANCE_TARGET_PP,
     MATRIX_SHAPES,
@@ -22,6 +23,7 @@ from bench.planner import (
     matrix_windows,
     run_cell,
 )
+from eplb_service.coordinator import spend_control
 from eplb_service.coordinator.policy_deepseek import balanced_packing
 from eplb_service.coordinator.policy_migration import packing_lower_bound
 
@@ -272,9 +274,6 @@ def test_mixtral_8_plus_0_on_2_gpus_stays_within_the_budget_with_the_best_split_
     greedy packing missed it, and the next plan spent the difference), and the balance lead's
     dearer price holds down to SPEND_LOW rather than swinging back under the cap. Without the
     held price the run goes past a fifth of DeepSeek's slots."""
-    import bench.planner as planner
-    from eplb_service.coordinator import spend_control
-
     cell = next(s for s in planner.SMALL_LAYER_SHAPES if (s.experts, s.ranks) == (8, 2))
     workload = Workload("zipf-0.6", "slow", "low")
     held = run_cell(cell, workload, decayed=False)
@@ -283,13 +282,8 @@ def test_mixtral_8_plus_0_on_2_gpus_stays_within_the_budget_with_the_best_split_
     def price_halves_under_the_cap(state, spent, reference, **kwargs):
         """The rule before: under the cap the price halves, held or not."""
         new = spend_control.update_spend(state, spent, reference, **kwargs)
-        ref = state.reference * spend_control.SPEND_MEMORY + reference
-        tally = state.spent * spend_control.SPEND_MEMORY + spent
-        if (
-            kwargs.get("lead") is not None
-            and new.price_scale == state.price_scale
-            and tally <= spend_control.SPEND_CAP * ref
-        ):
+        under_the_cap = new.spent <= spend_control.SPEND_CAP * new.reference  # the faded tallies
+        if kwargs.get("lead") is not None and new.price_scale == state.price_scale and under_the_cap:
             new = replace(new, price_scale=max(new.price_scale / spend_control.SPEND_STEP, 1.0))
         return new
 
