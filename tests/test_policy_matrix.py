@@ -25,7 +25,7 @@ from bench.planner import (
 )
 from eplb_service.coordinator import spend_control
 from eplb_service.coordinator.policy_deepseek import balanced_packing
-from eplb_service.coordinator.policy_migration import packing_lower_bound
+from eplb_service.coordinator.policy_migration import fine_pass_fits, packing_lower_bound
 
 
 def shape(label: str):
@@ -290,3 +290,21 @@ def test_mixtral_8_plus_0_on_2_gpus_stays_within_the_budget_with_the_best_split_
     monkeypatch.setattr(planner, "update_spend", price_halves_under_the_cap)
     swinging = run_cell(cell, workload, decayed=False)
     assert swinging.moved_share > MOVED_TARGET >= held.moved_share
+
+
+def test_dbrx_on_8_gpus_slowly_drifting_spends_its_room_on_balance(monkeypatch):
+    """Off the matrix (``--sixteen-experts``): DBRX's 16 experts + 8 redundant on 8 GPUs of 3
+    slots, slowly drifting, low noise. The controller's scale sits at its floor (6-9% of
+    DeepSeek's slots); now that a cheap scale opens step 4's fine pass in layers of 16-24 slots
+    every such cell is within both targets and better balanced than with the room closed, where
+    two of them fall more than half a point behind DeepSeek."""
+    (cell,) = [s for s in planner.SIXTEEN_EXPERT_SHAPES if s.label.startswith("DBRX EP8")]
+    workloads = [
+        Workload(popularity, "slow", "low") for popularity in ("zipf-0.6", "zipf-1.0", "zipf-1.4", "lognormal")
+    ]
+    opened = [run_cell(cell, workload, decayed=False) for workload in workloads]
+    assert all(result.meets_targets for result in opened), [(r.balance_pp, r.moved_share) for r in opened]
+    monkeypatch.setattr(spend_control, "room_follows_scale", fine_pass_fits)  # the rule before
+    closed = [run_cell(cell, workload, decayed=False) for workload in workloads]
+    assert sum(result.balance_pp < BALANCE_TARGET_PP for result in closed) >= 2
+    assert all(o.balance_pp > c.balance_pp + 0.2 for o, c in zip(opened, closed, strict=True))

@@ -11,7 +11,7 @@ import pytest
 from plan_harness import commit_plan
 from test_plan_runner_rules import names, plannable
 
-from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
+from bench.planner import MATRIX_SHAPES, SIXTEEN_EXPERT_SHAPES, Workload, matrix_loads
 from eplb_service.coordinator import plan_runner
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
@@ -19,6 +19,7 @@ from eplb_service.coordinator.spend_control import (
     MAX_FINE_MOVE_SHARE,
     MAX_SCALE,
     MIN_SCALE,
+    ROOM_MIN_SLOTS,
     SPEND_CAP,
     SPEND_HIGH,
     SPEND_MEMORY,
@@ -111,9 +112,9 @@ def test_under_the_hierarchy_the_room_is_a_share_of_a_nodes_slots():
     assert room_slots(320) == 320 and room_slots(320, 8, 1) == 320
     assert room_slots(320, 8, 8) == 40
     assert scale_ceiling(room_slots(320, 8, 8)) == 2.0 and scale_ceiling(room_slots(320)) == MAX_SCALE
-    # Cheaper moves widen the room only where a node's share holds an exchange: 20 slots do not.
+    # Cheaper moves widen the room only where a node's share is ROOM_MIN_SLOTS or more: 12 is not.
     assert spend_options(0.5, room_slots(320, 8, 8)).fine_move_share == 2 * DEFAULT_FINE_MOVE_SHARE
-    assert spend_options(0.5, room_slots(320, 16, 16)).fine_move_share == DEFAULT_FINE_MOVE_SHARE
+    assert spend_options(0.5, room_slots(192, 16, 16)).fine_move_share == DEFAULT_FINE_MOVE_SHARE
 
 
 def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it_runs():
@@ -124,6 +125,36 @@ def test_a_cheaper_scale_lowers_the_price_and_widens_the_fine_pass_only_where_it
     for bad in (0.0, MAX_SCALE * 1.5, float("nan")):
         with pytest.raises(ValueError, match=f"got {bad!r}"):
             spend_options(bad, 8)
+
+
+def test_in_layers_of_16_to_24_slots_only_a_cheaper_scale_opens_the_fine_pass():
+    """The default room (8%) holds no exchange under 25 slots. From ROOM_MIN_SLOTS on (16-expert
+    models) a scale below 1 opens it to one or two exchanges; a dearer one has nothing to narrow,
+    so the ceiling stays 1. Mixtral's 8-12 slots keep the default either way."""
+    assert ROOM_MIN_SLOTS == 16
+    for slots in (16, 20, 24):
+        assert scale_ceiling(slots) == 1.0
+        assert DEFAULT_FINE_MOVE_SHARE * slots < 2  # closed at the defaults
+        assert spend_options(0.5, slots).fine_move_share == 2 * DEFAULT_FINE_MOVE_SHARE
+        assert int(spend_options(MIN_SCALE, slots).fine_move_share * slots) >= 2
+    assert int(spend_options(MIN_SCALE, 24).fine_move_share * 24) == 5  # two exchanges
+    for slots in (8, 12, 15):
+        assert spend_options(MIN_SCALE, slots).fine_move_share == DEFAULT_FINE_MOVE_SHARE
+
+
+def test_a_cheaper_scale_buys_balance_in_a_slowly_drifting_dbrx_layer():
+    """DBRX on 8 ranks (16 experts + 8 redundant, 3 slots per rank), slowly drifting: from a plan
+    at the defaults, the next plan at a cheap scale spends its fine pass (more slots) on a
+    flatter layer; at the defaults it has no room for one."""
+    (cell,) = [s for s in SIXTEEN_EXPERT_SHAPES if s.label.startswith("DBRX EP8")]
+    assert (cell.experts, cell.redundant, cell.ranks, cell.top_k) == (16, 8, 8, 4)
+    dbrx = PlacementShape(16, 16, 24, 8)
+    loads = matrix_loads(cell, Workload("zipf-0.6", "slow", "low"), 16, 3, seed=0)
+    current = plan_rebalance("migration", initial_phy2log(dbrx), loads[0], dbrx, fresh=True).target_phy2log
+    current = plan_rebalance("migration", current, loads[1], dbrx).target_phy2log
+    default, cheap = (plan_rebalance("migration", current, loads[2], dbrx, spend_scale=s) for s in (1.0, MIN_SCALE))
+    assert cheap.experts_moved > default.experts_moved
+    assert cheap.balancedness_after > default.balancedness_after + 0.01  # 0.953 -> 0.975 (before: 0.954)
 
 
 def test_a_dearer_scale_narrows_only_the_fine_pass_and_keeps_the_price():

@@ -100,7 +100,9 @@ vectorised):
    mean rank load met 384 and 386).
    Step 3's tolerance keeps a layer hit by a change (a hot expert gaining or losing replicas)
    from re-levelling every rank; the pass spends a small, bounded number of slots where little
-   else moved, while a layer that needed many moves gets none. In larger layers it runs only
+   else moved, while a layer that needed many moves gets none. Under 25 slots the default room
+   holds no exchange; from 16 slots on the spend controller's cheaper scale opens it
+   (:func:`~eplb_service.coordinator.spend_control.room_follows_scale`). In larger layers it runs only
    where the coordinator's spend controller widened the room (``fine_move_share`` above its
    default: the deployment spends far below its slot budget), and only in layers where evening
    the most loaded rank with the least loaded one would lower the soft maximum (a screen that

@@ -17,9 +17,10 @@ doubles, up to :data:`MAX_SCALE`). ``scale`` stays within ``[MIN_SCALE, MAX_SCAL
 tallies fade by :data:`SPEND_MEMORY` per rebalance, so a long-running coordinator follows a
 workload that changes. Below 1, ``scale`` multiplies step 6's ``move_price`` and divides step
 4's ``fine_move_share`` (:func:`spend_options`); in layers too large for step 4 at the defaults
-(more than 384 slots), a room above the default turns it on there. Above 1 it only narrows step
-4's room: the fine pass is what a layer spends where nothing forced a move, while step 6's
-price also holds back the answer to a lasting new hot expert.
+(more than 384 slots), a room above the default turns it on there, and so it does in layers too
+small for it, of :data:`ROOM_MIN_SLOTS` to 24 slots (:func:`room_follows_scale`). Above 1 it
+only narrows step 4's room: the fine pass is what a layer spends where nothing forced a move,
+while step 6's price also holds back the answer to a lasting new hot expert.
 
 **The balance lead.** The slots are one of issue 16's targets; the other is next-window balance
 within half a point of DeepSeek's. The coordinator measures that one too: at each tally, the load
@@ -94,6 +95,9 @@ MAX_PRICE_SCALE = 8.0
 """Step 6's price rises to at most this many times its scaled value while the balance leads."""
 LEAD_GIVEN_BACK = -0.002
 """A lead below this (0.2 points of balancedness behind DeepSeek's) takes the price back down."""
+ROOM_MIN_SLOTS = 16
+"""The smallest layer (or node's share of one) whose step-4 room a ``scale`` below 1 widens where
+the default room holds no exchange: there one exchange is at most an eighth of its slots."""
 
 
 @dataclass(frozen=True)
@@ -206,12 +210,19 @@ def room_follows_scale(slots: int) -> bool:
     """Whether step 4's room changes with ``scale`` where it is a share of ``slots`` (a layer's,
     or a node's share of them: :func:`room_slots`).
 
-    Only where its default already holds an exchange (two slots): in smaller layers (Mixtral's
-    8-12) one exchange per layer and rebalance is a quarter of the slots, more than a whole
-    cell's budget where DeepSeek itself moves a few percent (on the matrix that cost up to 78%
-    of DeepSeek's slots).
+    Where its default already holds an exchange (two slots: 25 slots on), both ways. In layers
+    of :data:`ROOM_MIN_SLOTS` to 24 slots (16-expert models: Phi-3.5-MoE, DBRX) the default
+    room holds none and a dearer scale would change nothing, but a cheaper one widens it to one
+    or two exchanges: a slowly drifting DBRX layer (16 experts + 8 on 8 ranks of 3) otherwise
+    stays 0.7-0.9 points under DeepSeek's next-window balance at 6-9% of its slots, the
+    controller's scale at its floor with nothing to spend it on (``bench/planner.py --matrix
+    --sixteen-experts``: 63 → 64 of 144 cells pooled over seeds 0-2, 51 → 53 under every seed;
+    the matrix holds no such layer). Not in smaller layers (Mixtral's 8-12): one exchange per
+    layer and rebalance is a sixth to a quarter of the slots, more than a whole cell's budget
+    where DeepSeek itself moves a few percent (on the matrix that cost up to 78% of DeepSeek's
+    slots).
     """
-    return fine_pass_fits(slots)
+    return fine_pass_fits(slots) or slots >= ROOM_MIN_SLOTS
 
 
 def room_slots(num_physical: int, num_groups: int = 1, num_nodes: int = 1) -> int:
