@@ -21,6 +21,7 @@ from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, D
 from eplb_service.coordinator.spend_control import (
     LEAD_GIVEN_BACK,
     LEAD_MEMORY,
+    LEAD_PRICE_FLOOR,
     MAX_PRICE_SCALE,
     SPEND_CAP,
     SPEND_LOW,
@@ -92,8 +93,11 @@ def test_the_lead_fades_and_an_unmeasured_round_leaves_it_and_the_price():
 
 
 def test_the_price_scale_multiplies_step_6_s_price_only():
-    assert spend_options(1.0, 12, 4.0) == SpendOptions(DEFAULT_MOVE_PRICE * 4, DEFAULT_FINE_MOVE_SHARE)
-    assert spend_options(0.5, 544, 2.0) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE * 2)
+    """Above 1 it also floors the price's fading (LEAD_PRICE_FLOOR); the fine pass is untouched."""
+    floored = LEAD_PRICE_FLOOR
+    assert spend_options(1.0, 12, 4.0) == SpendOptions(DEFAULT_MOVE_PRICE * 4, DEFAULT_FINE_MOVE_SHARE, floored)
+    assert spend_options(0.5, 544, 2.0) == SpendOptions(DEFAULT_MOVE_PRICE, DEFAULT_FINE_MOVE_SHARE * 2, floored)
+    assert spend_options(0.5, 544, 1.0).price_floor == 0.0
     for bad in (0.5, MAX_PRICE_SCALE * 2, float("inf")):
         with pytest.raises(ValueError, match=f"price_scale must be a number in \\[1, 8\\], got {bad!r}"):
             spend_options(1.0, 12, bad)

@@ -353,12 +353,16 @@ def test_step_6_and_the_hierarchy_s_group_exchanges_price_moves_alike(monkeypatc
     assert price_fading(0.9, 24) == SMALL_LAYER_PRICE_FLOOR and price_fading(0.9, 25) == pytest.approx(0.01)
     asked = []
 
-    def spy(persistence, num_physical):
-        asked.append((persistence, num_physical))
-        return price_fading(persistence, num_physical)
+    def spy(persistence, num_physical, floor=0.0):
+        asked.append((persistence, num_physical, floor))
+        return price_fading(persistence, num_physical, floor)
 
     monkeypatch.setattr(policy_hierarchy, "price_fading", spy)
     shape = PlacementShape(2, 16, 16, 4)  # 16 experts in 4 groups on 2 nodes of 2 ranks
     load = np.random.default_rng(0).gamma(0.7, 100.0, size=(2, 16))
     policy_hierarchy.hierarchical_migration_phy2log(initial_phy2log(shape), load, 4, 4, 2, persistence=0.95)
-    assert asked == [(0.95, 16)]
+    policy_hierarchy.hierarchical_migration_phy2log(
+        initial_phy2log(shape), load, 4, 4, 2, persistence=0.95, price_floor=0.3
+    )
+    assert asked == [(0.95, 16, 0.0), (0.95, 16, 0.3)]
+    assert price_fading(0.95, 288, 0.3) == 0.3 and price_fading(0.2, 288, 0.3) == pytest.approx(0.64)

@@ -11,12 +11,19 @@ import pytest
 from plan_harness import commit_plan
 from test_plan_runner_rules import names, plannable
 
-from bench.planner import MATRIX_SHAPES, SIXTEEN_EXPERT_SHAPES, Workload, matrix_loads
+from bench.planner import MATRIX_SHAPES, SIXTEEN_EXPERT_SHAPES, MatrixShape, Workload, matrix_loads
 from eplb_service.coordinator import plan_runner
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
-from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
+from eplb_service.coordinator.policy_migration import (
+    DEFAULT_FINE_MOVE_SHARE,
+    DEFAULT_MOVE_PRICE,
+    SMALL_LAYER_PRICE_FLOOR,
+    price_fading,
+)
 from eplb_service.coordinator.spend_control import (
+    LEAD_PRICE_FLOOR,
     MAX_FINE_MOVE_SHARE,
+    MAX_PRICE_SCALE,
     MAX_SCALE,
     MIN_SCALE,
     ROOM_MIN_SLOTS,
@@ -155,6 +162,26 @@ def test_a_cheaper_scale_buys_balance_in_a_slowly_drifting_dbrx_layer():
     default, cheap = (plan_rebalance("migration", current, loads[2], dbrx, spend_scale=s) for s in (1.0, MIN_SCALE))
     assert cheap.experts_moved > default.experts_moved
     assert cheap.balancedness_after > default.balancedness_after + 0.01  # 0.953 -> 0.975 (before: 0.954)
+
+
+def test_while_the_balance_leads_step_6_s_price_no_longer_fades_to_nothing_where_the_load_lasts():
+    """``price_scale`` above 1 floors the persistence factor at LEAD_PRICE_FLOOR: at persistence
+    0.9 the square is 0.01, so a price times 8 was still a twelfth of the default's at 0.72, and
+    a deployment ahead of DeepSeek's balance kept moving as much as at 1."""
+    assert spend_options(1.0, 64).price_floor == 0.0
+    assert spend_options(1.0, 64, price_scale=2.0).price_floor == LEAD_PRICE_FLOOR == SMALL_LAYER_PRICE_FLOOR
+    assert price_fading(0.9, 64) == pytest.approx(0.01) and price_fading(0.9, 64, LEAD_PRICE_FLOOR) == LEAD_PRICE_FLOOR
+    assert price_fading(0.2, 64, LEAD_PRICE_FLOOR) == pytest.approx(0.64)  # a fading load: the square is higher
+    cell = MatrixShape("32 experts on 4 GPUs, top-6", 32, 0, 4, 6)
+    layout = PlacementShape(16, 32, 32, 4)
+    loads = matrix_loads(cell, Workload("zipf-0.6", "abrupt", "high"), 16, 3, seed=0)
+    current = plan_rebalance("migration", initial_phy2log(layout), loads[0], layout, fresh=True).target_phy2log
+    current = plan_rebalance("migration", current, loads[1], layout).target_phy2log
+    plans = {
+        scale: plan_rebalance("migration", current, loads[2], layout, persistence=0.9, price_scale=scale)
+        for scale in (1.0, MAX_PRICE_SCALE)
+    }
+    assert plans[1.0].experts_moved >= 2 * max(plans[MAX_PRICE_SCALE].experts_moved, 1)
 
 
 def test_a_dearer_scale_narrows_only_the_fine_pass_and_keeps_the_price():

@@ -118,7 +118,8 @@ class CoordinatorMetrics:
             "Extra factor on the migration policy's price of a moved slot for its next plan (1: none; "
             "doubled, up to 8, after each rebalance where its placements led DeepSeek's balance while its "
             "plans moved close to a fifth of DeepSeek's slots; held down to 12% of them; halved toward 1 "
-            "below that or when behind)",
+            "below that or when behind; above 1 the price fades with the load's persistence to no less "
+            "than 0.08 of itself)",
             registry=r,
         )
         self.step_price_scale.set(1.0)

@@ -270,6 +270,7 @@ def propose_phy2log(
                 persistence=persistence,
                 move_price=spend.move_price,
                 fine_move_share=spend.fine_move_share,
+                price_floor=spend.price_floor,
             )
         return migration_phy2log(
             current_phy2log,
@@ -278,6 +279,7 @@ def propose_phy2log(
             persistence=persistence,
             move_price=spend.move_price,
             fine_move_share=spend.fine_move_share,
+            price_floor=spend.price_floor,
         )
     raise ValueError(f"unknown policy {policy!r}; choices: {', '.join(POLICIES)}")
 

@@ -312,6 +312,7 @@ def hierarchical_migration_phy2log(
     count_slack: float = DEFAULT_COUNT_SLACK,
     persistence: float = 1.0,
     move_price: float = DEFAULT_MOVE_PRICE,
+    price_floor: float = 0.0,
     **options: Any,
 ) -> np.ndarray:
     """The migration-aware placement with every group's replicas on one node (module docstring).
@@ -322,10 +323,10 @@ def hierarchical_migration_phy2log(
         num_ranks: EP ranks; ``num_groups``: expert groups (consecutive blocks of experts);
             ``num_nodes``: nodes of ``R / N`` consecutive ranks each. ``G`` must divide
             ``N_log`` and be a multiple of ``N``, ``N`` must divide ``R``.
-        min_swap_share, max_rounds, count_cap_share, count_slack, persistence, move_price:
-            as :func:`~eplb_service.coordinator.policy_migration.migration_phy2log` (step 2
-            prices a group exchange with the first and the last two); ``options``: the rest of
-            its options, passed on to each node's rows.
+        min_swap_share, max_rounds, count_cap_share, count_slack, persistence, move_price,
+            price_floor: as :func:`~eplb_service.coordinator.policy_migration.migration_phy2log`
+            (step 2 prices a group exchange with the first and the last three); ``options``:
+            the rest of its options, passed on to each node's rows.
 
     Returns:
         ``phy2log [L, P]`` int64, node-pure.
@@ -356,7 +357,9 @@ def hierarchical_migration_phy2log(
         num_nodes,
         limit=limit,
         min_gain=np.maximum(min_swap_share * step, 1e-12),
-        slot_price=np.full(num_layers, move_price * price_fading(persistence, num_physical) / num_physical),
+        slot_price=np.full(
+            num_layers, move_price * price_fading(persistence, num_physical, price_floor) / num_physical
+        ),
         max_rounds=num_groups,
         floor=rank_floor(shares, num_physical, num_ranks),
     )
@@ -374,6 +377,7 @@ def hierarchical_migration_phy2log(
         count_slack=count_slack,
         persistence=persistence,
         move_price=move_price,
+        price_floor=price_floor,
         **options,
     )
     return np.take_along_axis(split.local_to_global, planned, axis=1).reshape(num_layers, num_physical)

@@ -164,7 +164,9 @@ vectorised):
    rebalances). On the matrix, pooled over seeds 0-2: Mixtral 8+2 Zipf 1.0 and log-normal, slow,
    low noise, 21.6% → 18.1% and 20.8% → 20.0% of DeepSeek's slots at the same balance (within
    0.02 pp); no layer of 25 slots or more changes. The spend controller's scale multiplies the floor's
-   price too, so a deployment that spends far below the budget still gets cheaper moves.
+   price too, so a deployment that spends far below the budget still gets cheaper moves. While
+   the coordinator's balance lead raises the price (``price_floor``, :mod:`.spend_control`), the
+   square counts as at least the same floor in every layer.
 
 With DeepSeek's groups on several nodes (``--groups G --nodes N``, ``G`` a multiple of ``N``)
 the steps run on each node's ranks and experts as a sub-problem of the same shape, every group's
@@ -237,13 +239,15 @@ SMALL_LAYER_PRICE_FLOOR = 0.08
 taken as at least this (its value at persistence 0.72)."""
 
 
-def price_fading(persistence: float, num_physical: int) -> float:
+def price_fading(persistence: float, num_physical: int, floor: float = 0.0) -> float:
     """The factor on a moved slot's price for a load this persistent: ``(1 - persistence) ** 2``
     (a move pays for itself only while the imbalance it answers lasts), at least
     :data:`SMALL_LAYER_PRICE_FLOOR` in layers of ``num_physical`` slots too small for step 4 (there
-    a lasting drift would otherwise be chased window by window at no price). Step 6 and the
+    a lasting drift would otherwise be chased window by window at no price), and at least
+    ``floor`` (the spend controller's while the balance leads:
+    :attr:`~eplb_service.coordinator.spend_control.SpendOptions.price_floor`). Step 6 and the
     hierarchy's group exchanges both price moves with it."""
-    fading = (1.0 - persistence) ** 2
+    fading = max((1.0 - persistence) ** 2, floor)
     return fading if fine_pass_fits(num_physical) else max(fading, SMALL_LAYER_PRICE_FLOOR)
 
 
@@ -870,6 +874,7 @@ def migration_phy2log(
     soft_tau: float = DEFAULT_SOFT_TAU,
     persistence: float = 1.0,
     move_price: float = DEFAULT_MOVE_PRICE,
+    price_floor: float = 0.0,
 ) -> np.ndarray:
     """The migration-aware placement for ``logical_load``, starting from ``current_phy2log``.
 
@@ -893,7 +898,8 @@ def migration_phy2log(
             load's imbalance lasts from one window to the next
             (:func:`~eplb_service.coordinator.load_forecast.persistence`; 1: all of it, which
             skips the step); a layer's change is kept only where its gain pays
-            ``move_price * (1 - persistence) ** 2`` mean replica loads per moved slot.
+            ``move_price * (1 - persistence) ** 2`` mean replica loads per moved slot;
+            ``price_floor``: the least ``(1 - persistence) ** 2`` counts as (:func:`price_fading`).
 
     Returns:
         ``phy2log [L, P]`` int64; see the module docstring for the algorithm.
@@ -955,7 +961,8 @@ def migration_phy2log(
         )
     if packed is not None and repack:
         swapped = _relabelled_where_no_dearer(current, swapped, packed, load, num_ranks)
-    return priced_layers(current, swapped, load, num_ranks, move_price * price_fading(persistence, num_physical))
+    fading = price_fading(persistence, num_physical, price_floor)
+    return priced_layers(current, swapped, load, num_ranks, move_price * fading)
 
 
 def replica_loads(load: np.ndarray, counts: np.ndarray) -> np.ndarray:
