@@ -440,7 +440,8 @@ def run_sequence(
     (:mod:`~eplb_service.coordinator.spend_control`) from plan to plan, with DeepSeek's shadow
     placement planned on the same loads (the warm-up plans set it off and are not tallied), and
     each tally's balance lead: the load just planned for on the placement that served it and on
-    the shadow, as the coordinator measures it.
+    the shadow, as the coordinator measures it, and the load's persistence the plan was made with
+    (none where ``forecast`` withholds it).
     ``fresh_start`` (``"migration"``): the first plan, from vLLM's initial placement, is
     DeepSeek's packing (``plan_rebalance(fresh=True)``, as the coordinator plans at epoch 0);
     ``False`` repairs that placement like any other.
@@ -483,6 +484,7 @@ def run_sequence(
                     reference.experts_moved,
                     max_scale=scale_ceiling(room_slots(pshape.num_physical, shape.groups, shape.nodes)),
                     lead=balance_lead(served, shadow, load, shape.ranks),
+                    persistence=lasting if forecast else None,
                 )
             shadow = reference.target_phy2log
         if i < warmup:

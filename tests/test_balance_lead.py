@@ -19,6 +19,7 @@ from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
 from eplb_service.coordinator.spend_control import (
+    LASTING_PERSISTENCE,
     LEAD_GIVEN_BACK,
     LEAD_MEMORY,
     LEAD_PRICE_FLOOR,
@@ -77,6 +78,30 @@ def test_a_lead_between_the_give_back_line_and_zero_holds_the_price():
     where it should stop, and more slots would only go over the budget again."""
     level = SpendState(**OVER, price_scale=4.0, lead=LEAD_GIVEN_BACK / 2)
     assert update_spend(level, 0, 0, lead=LEAD_GIVEN_BACK / 2).price_scale == 4.0
+
+
+def test_under_a_lasting_load_in_small_layers_the_price_rises_while_the_lead_is_above_the_give_back_line():
+    """Slow drift (persistence at least LASTING_PERSISTENCE) in layers where a dearer scale has no
+    room to narrow (``max_scale`` 1): over the cap and about level with DeepSeek, the price
+    doubles instead of holding. Not where the load's hot experts move (persistence under the
+    line), not where the scale has room to narrow (``max_scale`` 2 or 4), not once the lead is
+    below the give-back line, and not where the persistence is unknown."""
+    level = SpendState(**OVER, price_scale=2.0, lead=LEAD_GIVEN_BACK / 2)
+    lead = LEAD_GIVEN_BACK / 2
+
+    def price(**kwargs):
+        return update_spend(level, 0, 0, lead=kwargs.pop("lead", lead), **kwargs).price_scale
+
+    assert price(max_scale=1.0, persistence=LASTING_PERSISTENCE) == 4.0
+    assert price(max_scale=1.0, persistence=1.0) == 4.0
+    assert price(max_scale=1.0, persistence=LASTING_PERSISTENCE - 0.01) == 2.0  # held, as before
+    assert price(max_scale=2.0, persistence=1.0) == 2.0
+    assert price(max_scale=1.0) == 2.0
+    behind = LEAD_GIVEN_BACK * 3  # the faded lead falls below the line: the price comes down
+    assert price(max_scale=1.0, persistence=1.0, lead=behind) == 1.0
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match=f"persistence must be None or a number in \\[0, 1\\], got {bad!r}"):
+            update_spend(level, 0, 0, lead=lead, persistence=bad)
 
 
 def test_the_lead_fades_and_an_unmeasured_round_leaves_it_and_the_price():
@@ -163,6 +188,26 @@ def test_the_coordinator_raises_the_price_when_its_placement_led_close_to_the_bu
     assert gauge("eplb_balance_lead", {}) == pytest.approx(c.plans.spend.lead)
     c.plans.new_deployment()
     assert gauge("eplb_step_price_scale", {}) == 1.0 and gauge("eplb_balance_lead", {}) == 0.0
+
+
+def test_the_coordinator_tallies_each_plan_with_the_persistence_it_was_made_with(monkeypatch):
+    """The tally for a plan runs after it, and the next plan measures the persistence anew only
+    once that tally is settled: the controller is fed the plan's own ``persistence``."""
+    c, _ = plannable()
+    past_the_fresh_first_plan(c)
+    asked: list[float | None] = []
+    real = plan_runner.update_spend
+
+    def spy(state, spent, reference, **kwargs):
+        asked.append(kwargs["persistence"])
+        return real(state, spent, reference, **kwargs)
+
+    monkeypatch.setattr(plan_runner, "update_spend", spy)
+    plan_and_tally(c)  # sets the shadow off: nothing tallied yet
+    plan_and_tally(c)
+    assert asked == [c.plans.last_persistence] and isinstance(asked[0], float)
+    c.plans.new_deployment()
+    assert c.plans.last_persistence is None
 
 
 def test_a_lead_that_cannot_be_measured_leaves_the_price_and_planning_goes_on(monkeypatch):

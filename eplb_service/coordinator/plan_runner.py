@@ -306,7 +306,9 @@ class PlanRunner:
         """Feed one tally to the controller; the gauges follow it and each change is logged once."""
         scale, price = self.spend.scale, self.spend.price_scale
         ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
-        self.spend = update_spend(self.spend, spent, reference, max_scale=ceiling, lead=lead)
+        self.spend = update_spend(
+            self.spend, spent, reference, max_scale=ceiling, lead=lead, persistence=self.last_persistence
+        )
         self._show_spend()
         if self.spend.price_scale != price:
             self.log.info(
