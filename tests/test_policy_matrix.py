@@ -310,6 +310,13 @@ def test_dbrx_on_8_gpus_slowly_drifting_spends_its_room_on_balance(monkeypatch):
     assert all(o.balance_pp > c.balance_pp + 0.2 for o, c in zip(opened, closed, strict=True))
 
 
+def pooled_cell(shape: planner.MatrixShape, workload: Workload) -> planner.PooledCell:
+    """One cell over seeds 0-2, pooled as ``--seeds 0,1,2`` pools it (the policy under whatever the
+    test has patched at the time of the call)."""
+    (cell,) = planner.pool_seeds([[run_cell(shape, workload, decayed=False, seed=s)] for s in (0, 1, 2)])
+    return cell
+
+
 def test_ahead_of_deepseek_over_a_lasting_load_the_lead_s_price_keeps_a_held_out_cell_within_the_budget(
     monkeypatch,
 ):
@@ -322,14 +329,10 @@ def test_ahead_of_deepseek_over_a_lasting_load_the_lead_s_price_keeps_a_held_out
     assert (shape.experts, shape.redundant, shape.ranks, shape.top_k) == (32, 0, 4, 2)
     assert workload == Workload("zipf-0.6", "swap", "low")
 
-    def pooled() -> planner.PooledCell:
-        (cell,) = planner.pool_seeds([[run_cell(shape, workload, decayed=False, seed=s)] for s in (0, 1, 2)])
-        return cell
-
-    floored = pooled()
+    floored = pooled_cell(shape, workload)
     assert floored.meets_targets and floored.balance_pp > 0, (floored.balance_pp, floored.moved_share)
     monkeypatch.setattr(spend_control, "LEAD_PRICE_FLOOR", 0.0)  # the price before
-    fading = pooled()
+    fading = pooled_cell(shape, workload)
     assert fading.moved_share > MOVED_TARGET >= floored.moved_share
 
 
@@ -342,11 +345,7 @@ def test_mixtral_on_2_gpus_under_a_lasting_drift_trades_a_little_of_its_balance_
     cell = next(s for s in planner.SMALL_LAYER_SHAPES if (s.experts, s.ranks) == (8, 2))
     workload = Workload("lognormal", "slow", "low")
 
-    def pooled() -> planner.PooledCell:
-        (result,) = planner.pool_seeds([[run_cell(cell, workload, decayed=False, seed=s)] for s in (0, 1, 2)])
-        return result
-
-    lasting = pooled()
+    lasting = pooled_cell(cell, workload)
     assert lasting.meets_targets, (lasting.balance_pp, lasting.moved_share)
     real_update = planner.update_spend
 
@@ -355,5 +354,5 @@ def test_mixtral_on_2_gpus_under_a_lasting_drift_trades_a_little_of_its_balance_
         return real_update(state, spent, reference, **kwargs)
 
     monkeypatch.setattr(planner, "update_spend", without_persistence)
-    unknown = pooled()
+    unknown = pooled_cell(cell, workload)
     assert unknown.moved_share > MOVED_TARGET >= lasting.moved_share
