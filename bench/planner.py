@@ -28,9 +28,9 @@ every deployment shape of :data:`MATRIX_SHAPES` under every workload of :data:`W
 cell a warm-up plan from vLLM's initial placement and then ``--rebalances`` (default 10)
 successive rebalances, each from the policy's previous placement; one table row per cell.
 ``--seeds 0,1,2`` runs every cell under each seed and pools them (:func:`pool_seeds`): which
-misses are one seed's loads and which the policy's. ``--small-layers`` (:data:`SMALL_LAYER_SHAPES`)
-or ``--sixteen-experts`` (:data:`SIXTEEN_EXPERT_SHAPES`) run shapes the matrix does not hold
-under the same workloads.
+misses are one seed's loads and which the policy's. ``--small-layers`` (:data:`SMALL_LAYER_SHAPES`),
+``--sixteen-experts`` (:data:`SIXTEEN_EXPERT_SHAPES`) or ``--spare-layers``
+(:data:`SPARE_LAYER_SHAPES`) run shapes the matrix does not hold under the same workloads.
 """
 
 from __future__ import annotations
@@ -244,6 +244,23 @@ SIXTEEN_EXPERT_SHAPES = (
 (``--sixteen-experts``): an expert count issue 16's matrix does not hold, between Mixtral's 8
 and DeepSeek-V2-Lite's 64, too many layouts to plan exactly and too few slots per layer for the
 spend controller's room to narrow."""
+
+SPARE_LAYER_SHAPES = (
+    MatrixShape("spare, top-2", 8, 4, 2, 2),
+    MatrixShape("spare, top-4", 8, 2, 2, 4),
+    MatrixShape("spare, top-2", 6, 2, 2, 2),
+    MatrixShape("spare, top-2", 7, 1, 2, 2),
+    MatrixShape("spare, top-2", 6, 3, 3, 2),
+    MatrixShape("spare, top-1", 6, 2, 4, 1),
+    MatrixShape("spare, top-2", 8, 1, 3, 2),
+    MatrixShape("spare, top-2", 8, 4, 3, 2),
+    MatrixShape("spare, top-2", 8, 2, 5, 2),
+    MatrixShape("spare, top-1", 8, 4, 4, 1),
+)
+"""Small layers *with* redundant slots that the matrix does not hold (``--spare-layers``): the kind
+:mod:`~eplb_service.coordinator.policy_exact` plans (every layout, or every change of up to two
+slots), beside the matrix's two (Mixtral 8+2 on 2 ranks, 8+4 on 4), to see whether its prices,
+set on those two, carry to their neighbours. About 7 minutes for seeds 0-2."""
 
 POPULARITIES = ("zipf-0.6", "zipf-1.0", "zipf-1.4", "lognormal")
 DRIFTS = ("slow", "swap", "abrupt")
@@ -810,7 +827,15 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_matrix(args: argparse.Namespace) -> None:
-    pool = SMALL_LAYER_SHAPES if args.small_layers else SIXTEEN_EXPERT_SHAPES if args.sixteen_experts else MATRIX_SHAPES
+    pool = (
+        SMALL_LAYER_SHAPES
+        if args.small_layers
+        else SIXTEEN_EXPERT_SHAPES
+        if args.sixteen_experts
+        else SPARE_LAYER_SHAPES
+        if args.spare_layers
+        else MATRIX_SHAPES
+    )
     shapes = [s for s in pool if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
     workloads = [w for w in WORKLOADS if not args.workloads or any(k in w.label for k in args.workloads.split(","))]
     cells = held_out_cells(args.held_out, args.seed) if args.held_out else matrix_cells(shapes, workloads)
@@ -879,12 +904,24 @@ def main() -> None:
         action="store_true",
         help="--matrix: run SIXTEEN_EXPERT_SHAPES (Phi-3.5-MoE and DBRX on 2-8 ranks) instead of the matrix's shapes",
     )
+    parser.add_argument(
+        "--spare-layers",
+        action="store_true",
+        help="--matrix: run SPARE_LAYER_SHAPES (small layers with redundant slots on 2-5 ranks) instead of the "
+        "matrix's shapes",
+    )
     args = parser.parse_args()
-    for flag, given in (("--small-layers", args.small_layers), ("--sixteen-experts", args.sixteen_experts)):
+    shape_sets = {
+        "--small-layers": args.small_layers,
+        "--sixteen-experts": args.sixteen_experts,
+        "--spare-layers": args.spare_layers,
+    }
+    for flag, given in shape_sets.items():
         if given and (not args.matrix or args.held_out):
             parser.error(f"{flag} applies to --matrix only (not with --held-out, whose cells it would not change)")
-    if args.small_layers and args.sixteen_experts:
-        parser.error("--small-layers and --sixteen-experts each name the shapes to run: give one of them")
+    if sum(shape_sets.values()) > 1:
+        given_flags = " and ".join(flag for flag, given in shape_sets.items() if given)
+        parser.error(f"{given_flags} each name the shapes to run: give one of them")
     if args.held_out < 0:
         parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
     if args.seeds and not (args.matrix or args.held_out):

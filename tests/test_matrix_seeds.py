@@ -17,6 +17,7 @@ from bench.planner import (
     pooled_report,
     run_cell,
 )
+from eplb_service.coordinator.policy_exact import plans_exactly, plans_locally
 
 MIXTRAL = MATRIX_SHAPES[0]
 SWAP = Workload("zipf-1.0", "swap", "low")
@@ -113,8 +114,26 @@ def test_off_matrix_shape_sets_need_the_matrix_and_each_shape_draws_its_own_load
     with pytest.raises(SystemExit) as exit_:
         planner.main()
     assert exit_.value.code == 2 and "give one of them" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["planner", "--matrix", "--spare-layers", "--small-layers"])
+    with pytest.raises(SystemExit) as exit_:
+        planner.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--small-layers and --spare-layers each name" in err
     # A cell's loads are seeded by its shape's label: two shapes with one label would share them.
-    labels = [s.label for s in (*planner.MATRIX_SHAPES, *planner.SMALL_LAYER_SHAPES, *planner.SIXTEEN_EXPERT_SHAPES)]
+    sets = (
+        planner.MATRIX_SHAPES,
+        planner.SMALL_LAYER_SHAPES,
+        planner.SIXTEEN_EXPERT_SHAPES,
+        planner.SPARE_LAYER_SHAPES,
+    )
+    labels = [s.label for shapes in sets for s in shapes]
     assert len(set(labels)) == len(labels)
     assert all(s.redundant == 0 and s.ranks <= 4 for s in planner.SMALL_LAYER_SHAPES)
     assert all(s.experts == 16 for s in planner.SIXTEEN_EXPERT_SHAPES)
+    # The spare set is what policy_exact plans: redundant slots, every layout or every 2-slot change.
+    for s in planner.SPARE_LAYER_SHAPES:
+        physical = s.experts + s.redundant
+        assert s.redundant > 0 and (
+            plans_exactly(s.experts, physical, s.ranks, persistence=1.0, fresh=False)
+            or plans_locally(s.experts, physical, s.ranks)
+        ), s.label

@@ -11,6 +11,8 @@ from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_exact import (
     EXACT_MAX_LAYOUTS,
     EXACT_MOVE_PRICE,
+    SPARE_LAYER_PRICE,
+    SPARE_MOVE_PRICE,
     exact_phy2log,
     layouts,
     local_candidates,
@@ -116,6 +118,42 @@ def test_a_dear_price_keeps_the_layout_and_a_move_keeps_every_slot_it_can():
     assert rank_loads(cheap, moved_load, 2).max(axis=1).sum() <= rank_loads(priced, moved_load, 2).max(axis=1).sum()
 
 
+def test_a_layer_price_is_paid_once_per_changed_layer_and_holds_back_one_slot_follow_ups():
+    """``layer_price`` adds one charge to every candidate that changes the layer at all: each
+    plan is the cheapest by ``peak / mean + move_price x slots + layer_price x [slots > 0]``
+    (every layout weighed, and every change of up to two slots where the layouts are too many),
+    and layers a plain slot price would change by one slot stay where the charge outweighs it."""
+    rng = np.random.default_rng(11)
+    shape = PlacementShape(32, 8, 10, 2)
+    base = rng.gamma(0.5, 100.0, size=(32, 8))
+    current = exact_phy2log(initial_phy2log(shape), base, 2, move_price=0.0)
+    drifted = base * rng.lognormal(0.0, 0.3, size=base.shape)  # small changes: one-slot follow-ups
+    space = layouts(8, 2, 5)
+    index = {tuple(tuple(int(e) for e in rank) for rank in m): i for i, m in enumerate(space.members)}
+    peaks = space.max_loads(drifted) / (drifted.sum(axis=1) / 2)[:, None]
+    plain = exact_phy2log(current, drifted, 2, move_price=0.045)
+    charged = exact_phy2log(current, drifted, 2, move_price=0.045, layer_price=0.02)
+    for layer in range(32):
+        moves = space.moves[index[layout_key(current[layer], 5)]]
+        costs = peaks[layer] + 0.045 * moves + 0.02 * (moves > 0)
+        after = index[layout_key(charged[layer], 5)]
+        assert costs[after] == pytest.approx(costs.min(), abs=1e-6)
+    plain_changed, charged_changed = (plain != current).sum(axis=1), (charged != current).sum(axis=1)
+    assert (plain_changed == 1).sum() > (charged_changed == 1).sum()
+    assert 0 < (charged_changed > 0).sum() < (plain_changed > 0).sum()
+    # Where the layouts are too many (8 + 4 on 4 ranks of 3), the same cost over changes of up to two slots.
+    local_shape = PlacementShape(6, 8, 12, 4)
+    local_current = plan_rebalance("deepseek", initial_phy2log(local_shape), base[:6], local_shape).target_phy2log
+    local_load = drifted[:6]
+    planned = local_phy2log(local_current, local_load, 4, move_price=0.045, layer_price=0.02)
+    changed = (planned != local_current).sum(axis=1)
+    cost = rank_loads(planned, local_load, 4).max(axis=1) / (local_load.sum(axis=1) / 4) + 0.045 * changed
+    cost += 0.02 * (changed > 0)
+    for layer in range(6):
+        best = brute_force_best_within_two(local_current[layer], local_load[layer], 4, 0.045, layer_price=0.02)
+        assert cost[layer] == pytest.approx(best)
+
+
 def test_a_current_row_with_an_expert_twice_on_a_rank_is_always_re_laid():
     current = np.array([[0, 0, 1, 2, 3, 4, 5, 6, 7, 1]])  # expert 0 twice on rank 0
     load = np.ones((1, 8))
@@ -192,9 +230,9 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
 
     prices = []
 
-    def spy(current, load, num_ranks, *, move_price):
-        prices.append(move_price)
-        return exact_phy2log(current, load, num_ranks, move_price=move_price)
+    def spy(current, load, num_ranks, *, move_price, layer_price=0.0):
+        prices.append(move_price if layer_price == 0.0 else (move_price, layer_price))
+        return exact_phy2log(current, load, num_ranks, move_price=move_price, layer_price=layer_price)
 
     monkeypatch.setattr(policy_exact, "exact_phy2log", spy)
     shape = PlacementShape(4, 8, 10, 2)
@@ -203,7 +241,9 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
     for spend_scale, price_scale in ((1.0, 1.0), (0.25, 1.0), (4.0, 1.0), (1.0, 8.0)):
         plan_rebalance("migration", current, load, shape, spend_scale=spend_scale, price_scale=price_scale)
     plan_rebalance("migration", current, load, shape, fresh=True)
-    assert prices == [EXACT_MOVE_PRICE, EXACT_MOVE_PRICE / 4, EXACT_MOVE_PRICE, EXACT_MOVE_PRICE, 0.0]
+    # Redundant slots: the spare prices, the slot price scaled, the layer price not; a fresh plan free.
+    spare, layer = SPARE_MOVE_PRICE, SPARE_LAYER_PRICE
+    assert prices == [(spare, layer), (spare / 4, layer), (spare, layer), (spare, layer), 0.0]
     # Shapes outside the exact path never reach it: no redundant slot with a lasting load, or too
     # many layouts.
     prices.clear()
@@ -223,9 +263,11 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
     assert prices == [0.0]
 
 
-def brute_force_best_within_two(row: np.ndarray, load: np.ndarray, ranks: int, price: float) -> float:
-    """The smallest ``peak / mean + price x changed`` over every valid row within two changed slots,
-    found by plain loops."""
+def brute_force_best_within_two(
+    row: np.ndarray, load: np.ndarray, ranks: int, price: float, *, layer_price: float = 0.0
+) -> float:
+    """The smallest ``peak / mean + price x changed (+ layer_price where any)`` over every valid row
+    within two changed slots, found by plain loops."""
     per_rank, experts = len(row) // ranks, len(load)
     best = np.inf
     for a, b in itertools.combinations_with_replacement(range(len(row)), 2):
@@ -241,7 +283,8 @@ def brute_force_best_within_two(row: np.ndarray, load: np.ndarray, ranks: int, p
                 peak = max(
                     sum(load[e] / counts[e] for e in new[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)
                 )
-                best = min(best, peak / (load.sum() / ranks) + price * int((new != row).sum()))
+                changed = int((new != row).sum())
+                best = min(best, peak / (load.sum() / ranks) + price * changed + layer_price * (changed > 0))
     return best
 
 

@@ -23,7 +23,7 @@ from bench.planner import (
     matrix_windows,
     run_cell,
 )
-from eplb_service.coordinator import spend_control
+from eplb_service.coordinator import policy_exact, spend_control
 from eplb_service.coordinator.policy_deepseek import balanced_packing
 from eplb_service.coordinator.policy_migration import fine_pass_fits, packing_lower_bound
 
@@ -356,3 +356,18 @@ def test_mixtral_on_2_gpus_under_a_lasting_drift_trades_a_little_of_its_balance_
     monkeypatch.setattr(planner, "update_spend", without_persistence)
     unknown = pooled_cell(cell, workload)
     assert unknown.moved_share > MOVED_TARGET >= lasting.moved_share
+
+
+def test_mixtral_8_plus_2_under_new_hot_experts_meets_the_budget_only_with_the_layer_price(monkeypatch):
+    """Mixtral 8+2 on 2 GPUs, Zipf 1.4, a new hot expert in a quarter of the layers per window, low
+    noise, pooled over seeds 0-2: at a price per slot alone (0.05, the price before) it moves more
+    than a fifth of DeepSeek's slots; with the price per changed layer, which holds back the
+    one-slot plans that follow a fading hot expert, it keeps within both targets."""
+    cell = shape("Mixtral-8x7B EP2: 8+2")
+    workload = Workload("zipf-1.4", "abrupt", "low")
+    charged = pooled_cell(cell, workload)
+    assert charged.meets_targets, (charged.balance_pp, charged.moved_share)
+    monkeypatch.setattr(policy_exact, "SPARE_MOVE_PRICE", policy_exact.EXACT_MOVE_PRICE)
+    monkeypatch.setattr(policy_exact, "SPARE_LAYER_PRICE", 0.0)
+    per_slot = pooled_cell(cell, workload)
+    assert per_slot.moved_share > MOVED_TARGET >= charged.moved_share, (per_slot.moved_share, charged.moved_share)
