@@ -50,7 +50,14 @@ import numpy as np
 from eplb_service.coordinator.load_forecast import persistence
 from eplb_service.coordinator.load_window import LoadWindow
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
-from eplb_service.coordinator.spend_control import SpendState, balance_lead, room_slots, scale_ceiling, update_spend
+from eplb_service.coordinator.spend_control import (
+    SpendState,
+    balance_lead,
+    exact_price_scale,
+    room_slots,
+    scale_ceiling,
+    update_spend,
+)
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
@@ -487,6 +494,7 @@ def run_sequence(
             persistence=lasting,
             spend_scale=spend.scale,
             price_scale=spend.price_scale,
+            exact_price_scale=exact_price_scale(spend),
             fresh=fresh_start and i == 0,
         )
         times.append((time.perf_counter() - start) * 1e3)

@@ -19,6 +19,7 @@ from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
 from eplb_service.coordinator.spend_control import (
+    EXACT_LEAD_MIN,
     LASTING_PERSISTENCE,
     LEAD_GIVEN_BACK,
     LEAD_MEMORY,
@@ -30,6 +31,7 @@ from eplb_service.coordinator.spend_control import (
     SpendOptions,
     SpendState,
     balance_lead,
+    exact_price_scale,
     spend_options,
     update_spend,
 )
@@ -208,6 +210,21 @@ def test_the_coordinator_tallies_each_plan_with_the_persistence_it_was_made_with
     assert asked == [c.plans.last_persistence] and isinstance(asked[0], float)
     c.plans.new_deployment()
     assert c.plans.last_persistence is None
+
+
+def test_layers_planned_exactly_take_the_lead_s_price_only_while_clearly_ahead():
+    """``exact_price_scale``: the lead's ``price_scale`` for layers with redundant slots that
+    policy_exact plans, only while the faded lead is above half a point; the coordinator asks
+    each plan for it."""
+    assert exact_price_scale(SpendState(price_scale=4.0, lead=EXACT_LEAD_MIN * 2)) == 4.0
+    assert exact_price_scale(SpendState(price_scale=4.0, lead=EXACT_LEAD_MIN)) == 1.0
+    assert exact_price_scale(SpendState(price_scale=1.0, lead=0.05)) == 1.0
+    c, _ = plannable()
+    past_the_fresh_first_plan(c)
+    for lead, expected in ((EXACT_LEAD_MIN * 2, 4.0), (EXACT_LEAD_MIN / 2, 1.0)):
+        c.plans.spend = SpendState(**OVER, price_scale=4.0, lead=lead)
+        call = c.plans._policy_call(c.placements[c.epoch], c.book.window.load, 1.0, False, False)
+        assert call.keywords["price_scale"] == 4.0 and call.keywords["exact_price_scale"] == expected
 
 
 def test_a_lead_that_cannot_be_measured_leaves_the_price_and_planning_goes_on(monkeypatch):

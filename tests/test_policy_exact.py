@@ -21,7 +21,7 @@ from eplb_service.coordinator.policy_exact import (
     plans_locally,
     small_layouts,
 )
-from eplb_service.placement import PlacementShape, initial_phy2log, rank_loads, validate_phy2log
+from eplb_service.placement import PlacementError, PlacementShape, initial_phy2log, rank_loads, validate_phy2log
 
 
 def brute_force_best_peak(load: np.ndarray, experts: int, ranks: int, per_rank: int) -> float:
@@ -244,6 +244,12 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
     # Redundant slots: the spare prices, the slot price scaled, the layer price not; a fresh plan free.
     spare, layer = SPARE_MOVE_PRICE, SPARE_LAYER_PRICE
     assert prices == [(spare, layer), (spare / 4, layer), (spare, layer), (spare, layer), 0.0]
+    # The lead's factor for these layers (exact_price_scale) multiplies the slot price only.
+    prices.clear()
+    plan_rebalance("migration", current, load, shape, spend_scale=0.5, exact_price_scale=4.0)
+    assert prices == [(pytest.approx(spare * 0.5 * 4.0), layer)]
+    with pytest.raises(PlacementError, match=r"exact_price_scale must be a number in \[1, 8\], got 0.5"):
+        plan_rebalance("migration", current, load, shape, exact_price_scale=0.5)
     # Shapes outside the exact path never reach it: no redundant slot with a lasting load, or too
     # many layouts.
     prices.clear()
@@ -251,9 +257,10 @@ def test_the_policy_prices_exact_layers_by_the_controller_s_cheaper_scale_only(m
         other_load = np.ones((4, other.num_logical)) + load[:, :1]
         plan_rebalance("migration", initial_phy2log(other), other_load, other, persistence=0.9)
     assert prices == []
-    # Without redundant slots, a load whose imbalance mostly fades is planned here.
+    # Without redundant slots, a load whose imbalance mostly fades is planned here, at its own
+    # price whatever the lead's factor.
     no_spare = PlacementShape(4, 8, 8, 4)
-    plan_rebalance("migration", initial_phy2log(no_spare), load, no_spare, persistence=0.3)
+    plan_rebalance("migration", initial_phy2log(no_spare), load, no_spare, persistence=0.3, exact_price_scale=8.0)
     assert prices == [EXACT_MOVE_PRICE]
     # So is a fresh plan on ranks of 4 slots (at no price), not one on ranks of 2.
     prices.clear()

@@ -32,6 +32,7 @@ from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
+    exact_price_scale,
     room_slots,
     scale_ceiling,
     update_spend,
@@ -221,6 +222,7 @@ class PlanRunner:
             persistence=persistence,
             spend_scale=self.spend.scale,
             price_scale=self.spend.price_scale,
+            exact_price_scale=exact_price_scale(self.spend),
             fresh=fresh,
             skip_over_budget=True,
         )

@@ -240,18 +240,25 @@ def propose_phy2log(
     persistence: float = 1.0,
     spend_scale: float = 1.0,
     price_scale: float = 1.0,
+    exact_price_scale: float = 1.0,
     fresh: bool = False,
 ) -> np.ndarray:
     """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated.
 
-    ``persistence``, ``spend_scale``, ``price_scale``, ``fresh`` (``"migration"`` only): see
+    ``persistence``, ``spend_scale``, ``price_scale``, ``exact_price_scale``, ``fresh`` (``"migration"`` only): see
     :func:`plan_rebalance`;
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
         # Small layers (with redundant slots, or a fading load): every layout, or every two-slot change, weighed.
         small = small_layer_phy2log(
-            current_phy2log, load, shape.num_ranks, spend_scale=spend_scale, fresh=fresh, persistence=persistence
+            current_phy2log,
+            load,
+            shape.num_ranks,
+            spend_scale=spend_scale,
+            fresh=fresh,
+            persistence=persistence,
+            price_scale=exact_price_scale,
         )
         if small is not None:
             return small
@@ -298,6 +305,7 @@ def plan_rebalance(
     persistence: float = 1.0,
     spend_scale: float = 1.0,
     price_scale: float = 1.0,
+    exact_price_scale: float = 1.0,
     fresh: bool = False,
     progress: LayerProgress | None = None,
     skip_over_budget: bool = False,
@@ -338,6 +346,10 @@ def plan_rebalance(
             price (:attr:`.spend_control.SpendState.price_scale`: the coordinator raises it while
             its placements lead DeepSeek's balance close to the slot budget); 1 = none. Layers
             :mod:`.policy_exact` plans ignore it, and so do other policies.
+        exact_price_scale: in ``[1, MAX_PRICE_SCALE]``, the factor on the price per slot of
+            layers with redundant slots that :mod:`.policy_exact` plans
+            (:func:`.spend_control.exact_price_scale`: ``price_scale`` only while the deployment
+            is clearly ahead of DeepSeek's balance); 1 = none. Other layers and policies ignore it.
         fresh: ``current_phy2log`` is the placement the deployment started with (no plan
             committed since: vLLM's own layout, which no plan chose). ``"migration"`` then lays
             DeepSeek's packing, as ``"deepseek"`` does, instead of repairing that layout: every
@@ -397,6 +409,7 @@ def plan_rebalance(
     if not isinstance(fresh, (bool, np.bool_)):
         raise PlacementError(f"fresh must be True or False, got {fresh!r}")
     _check_spend_scales(spend_scale, price_scale)
+    _check_spend_scales(spend_scale, exact_price_scale, name="exact_price_scale")
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)
@@ -407,6 +420,7 @@ def plan_rebalance(
     if policy == "migration":
         options["spend_scale"] = float(spend_scale)
         options["price_scale"] = float(price_scale)
+        options["exact_price_scale"] = float(exact_price_scale)
         options["fresh"] = bool(fresh)
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
     if options.get("fresh") and staging_budget_bytes is not None:
@@ -438,9 +452,10 @@ def plan_rebalance(
     )
 
 
-def _check_spend_scales(spend_scale: float, price_scale: float) -> None:
-    """The spend controller's two factors (:mod:`.spend_control`), each naming the bad value."""
-    problem = scales_problem(spend_scale, price_scale)
+def _check_spend_scales(spend_scale: float, price_scale: float, *, name: str = "price_scale") -> None:
+    """The spend controller's factors (:mod:`.spend_control`), each naming the bad value (a price
+    factor checked under ``name``: ``price_scale`` or ``exact_price_scale``, which share a range)."""
+    problem = scales_problem(spend_scale, price_scale, price_name=name)
     if problem is not None:
         raise PlacementError(problem)
 

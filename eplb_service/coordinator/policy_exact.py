@@ -26,9 +26,14 @@ per slot plus :data:`SPARE_LAYER_PRICE` once per changed layer, which holds back
 plans that follow a fading hot expert while a re-laid answer to a new one costs what it did. The
 slot price is times the spend controller's ``scale`` where that is below 1 (moves get cheaper
 where a deployment has spent far below DeepSeek's slots lately). The balance lead's
-``price_scale`` does not apply: raising it here, up to 8 or 2 times, cost balance in the abrupt
-cells at the same cell count (up to 1.5 times: the 8+2 cell above from -0.35 pp at 20.4% of
-DeepSeek's slots to -0.70 pp at 19.4%, seeds 0-2 pooled). A fresh plan (from the placement
+``price_scale`` applies only in layers with redundant slots and only while the deployment is
+clearly ahead of DeepSeek's balance (``exact_price_scale``, :func:`.spend_control.exact_price_scale`:
+a faded lead over half a point). Raised at any lead, up to 8, 2 or 1.5 times, it cost balance in
+the abrupt cells, which answer a new hot expert late (the 8+2 cell above from -0.35 pp at 20.4%
+of DeepSeek's slots to -0.70 pp at 19.4% at 1.5 times, seeds 0-2 pooled; -0.98 pp at 8 times with
+the layer price); from half a point on it leaves that cell as it is and brings small layers off
+the matrix that stayed 1-3 points ahead of DeepSeek at 20-38% of its slots within the budget
+(``bench/planner.py --matrix --spare-layers``: 190 -> 206 of 240 cells pooled). A fresh plan (from the placement
 serving started with) takes the best layout at no price.
 
 A fresh plan of a layer without redundant slots is planned here too where its ranks hold more than
@@ -378,6 +383,7 @@ def small_layer_phy2log(
     spend_scale: float,
     fresh: bool,
     persistence: float,
+    price_scale: float = 1.0,
 ) -> np.ndarray | None:
     """The migration policy's plan where this module plans the layer shape (no group/node
     hierarchy: the caller checks), else None: every layout weighed (:func:`plans_exactly`, which
@@ -385,7 +391,7 @@ def small_layer_phy2log(
     price) or, after the first plan, the cheapest change of up to two slots
     (:func:`plans_locally`), at :func:`move_prices` (a fresh plan at none)."""
     num_logical, num_physical = load.shape[1], np.asarray(current_phy2log).shape[1]
-    move_price, layer_price = move_prices(num_logical, num_physical, spend_scale)
+    move_price, layer_price = move_prices(num_logical, num_physical, spend_scale, price_scale)
     if plans_exactly(num_logical, num_physical, num_ranks, persistence=persistence, fresh=fresh):
         if fresh:
             return exact_phy2log(current_phy2log, load, num_ranks, move_price=0.0)
@@ -395,12 +401,16 @@ def small_layer_phy2log(
     return None
 
 
-def move_prices(num_logical: int, num_physical: int, spend_scale: float) -> tuple[float, float]:
+def move_prices(
+    num_logical: int, num_physical: int, spend_scale: float, price_scale: float = 1.0
+) -> tuple[float, float]:
     """``(per moved slot, per changed layer)`` in mean rank loads for a plan after the first:
     :data:`SPARE_MOVE_PRICE` and :data:`SPARE_LAYER_PRICE` where the layer has redundant slots,
     else :data:`EXACT_MOVE_PRICE` and nothing; the slot price times ``spend_scale`` where that is
-    below 1 (moves get cheaper where a deployment has spent far below DeepSeek's slots lately)."""
+    below 1 (moves get cheaper where a deployment has spent far below DeepSeek's slots lately)
+    and, with redundant slots, times ``price_scale`` (the balance lead's price where the
+    deployment is clearly ahead of DeepSeek: :func:`.spend_control.exact_price_scale`)."""
     scale = min(spend_scale, 1.0)
     if num_physical > num_logical:
-        return SPARE_MOVE_PRICE * scale, SPARE_LAYER_PRICE
+        return SPARE_MOVE_PRICE * scale * price_scale, SPARE_LAYER_PRICE
     return EXACT_MOVE_PRICE * scale, 0.0

@@ -28,7 +28,8 @@ the plan was made for on the placement that served it and on the shadow (both pl
 newest of that load arrived; :func:`balance_lead`), faded by :data:`LEAD_MEMORY`. Where the tally
 is over :data:`SPEND_CAP` while the faded lead is above 0, step 6's price doubles for the next plan
 (``price_scale``, up to :data:`MAX_PRICE_SCALE`, in layers of every size but those
-:mod:`.policy_exact` plans, which take only a ``scale`` below 1); it holds while the tally is
+:mod:`.policy_exact` plans, which take a ``scale`` below 1 and, with redundant slots, the price
+only while the faded lead is over :data:`EXACT_LEAD_MIN`: :func:`exact_price_scale`); it holds while the tally is
 between :data:`SPEND_LOW` and the cap, and halves back toward 1 once the tally is below
 :data:`SPEND_LOW` or the lead below :data:`LEAD_GIVEN_BACK`. A deployment ahead of DeepSeek's
 balance then spends that lead instead of more slots, and gives it back as soon as it is behind.
@@ -130,6 +131,13 @@ LEAD_PRICE_FLOOR = SMALL_LAYER_PRICE_FLOOR
 """While the balance leads (``price_scale`` above 1), step 6's ``(1 - persistence) ** 2`` counts
 as at least this, as in layers too small for step 4: where the load lasts the square is near 0
 and a price times 8 was still nothing (:func:`spend_options`)."""
+EXACT_LEAD_MIN = 0.005
+"""The faded balance lead (half a point of balancedness) above which layers with redundant slots
+that :mod:`.policy_exact` plans take ``price_scale`` too (:func:`exact_price_scale`). Small layers
+off the matrix (``bench/planner.py --matrix --spare-layers``) stayed 1-3 points ahead of
+DeepSeek's balance at 20-38% of its slots with the price unchanged there; taken at any lead, the
+price cost a Mixtral 8+2 cell that is level with DeepSeek and answers a new hot expert late
+(-0.50 -> -0.98 pp, seeds 0-2 pooled), where from half a point on it changes nothing."""
 ROOM_MIN_SLOTS = 16
 """The smallest layer (or node's share of one) whose step-4 room a ``scale`` below 1 widens where
 the default room holds no exchange: there one exchange is at most an eighth of its slots."""
@@ -226,15 +234,25 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def scales_problem(spend_scale: float, price_scale: float) -> str | None:
+def exact_price_scale(state: SpendState) -> float:
+    """The factor on the price of layers with redundant slots that :mod:`.policy_exact` plans
+    (``plan_rebalance(exact_price_scale=)``): ``price_scale`` while the faded lead is above
+    :data:`EXACT_LEAD_MIN`, else 1. There a dearer price delays the answer to a new hot expert,
+    which a deployment merely level with DeepSeek cannot afford; one clearly ahead can."""
+    return state.price_scale if state.lead > EXACT_LEAD_MIN else 1.0
+
+
+def scales_problem(spend_scale: float, price_scale: float, *, price_name: str = "price_scale") -> str | None:
     """What is wrong with the controller's two factors, naming the value, or None where both fit.
 
     One check for :func:`spend_options` and the policy's entry point (``plan_rebalance``), which
-    raise it as their own error type: a caller outside the coordinator can pass either factor."""
+    raise it as their own error type: a caller outside the coordinator can pass either factor.
+    ``price_name``: the parameter the price factor came in as (``exact_price_scale`` shares the
+    range of ``price_scale``)."""
     if not (_is_number(spend_scale) and 0.0 < spend_scale <= MAX_SCALE):
         return f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}"
     if not (_is_number(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
-        return f"price_scale must be a number in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}"
+        return f"{price_name} must be a number in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}"
     return None
 
 
