@@ -269,6 +269,13 @@ SPARE_LAYER_SHAPES = (
 slots), beside the matrix's two (Mixtral 8+2 on 2 ranks, 8+4 on 4), to see whether its prices,
 set on those two, carry to their neighbours. About 7 minutes for seeds 0-2."""
 
+OFF_MATRIX_SETS = {
+    "--small-layers": SMALL_LAYER_SHAPES,
+    "--sixteen-experts": SIXTEEN_EXPERT_SHAPES,
+    "--spare-layers": SPARE_LAYER_SHAPES,
+}
+"""``--matrix``'s flags that run a set of shapes off the matrix instead of its own (one at most)."""
+
 POPULARITIES = ("zipf-0.6", "zipf-1.0", "zipf-1.4", "lognormal")
 DRIFTS = ("slow", "swap", "abrupt")
 NOISES = ("low", "high")
@@ -834,16 +841,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def given_flag(args: argparse.Namespace, flag: str) -> bool:
+    """Whether the store-true option ``flag`` (e.g. ``--small-layers``) was given."""
+    return bool(getattr(args, flag.lstrip("-").replace("-", "_")))
+
+
 def run_matrix(args: argparse.Namespace) -> None:
-    pool = (
-        SMALL_LAYER_SHAPES
-        if args.small_layers
-        else SIXTEEN_EXPERT_SHAPES
-        if args.sixteen_experts
-        else SPARE_LAYER_SHAPES
-        if args.spare_layers
-        else MATRIX_SHAPES
-    )
+    pool = next((shapes for flag, shapes in OFF_MATRIX_SETS.items() if given_flag(args, flag)), MATRIX_SHAPES)
     shapes = [s for s in pool if not args.shapes or any(k in s.label for k in args.shapes.split(","))]
     workloads = [w for w in WORKLOADS if not args.workloads or any(k in w.label for k in args.workloads.split(","))]
     cells = held_out_cells(args.held_out, args.seed) if args.held_out else matrix_cells(shapes, workloads)
@@ -919,17 +923,12 @@ def main() -> None:
         "matrix's shapes",
     )
     args = parser.parse_args()
-    shape_sets = {
-        "--small-layers": args.small_layers,
-        "--sixteen-experts": args.sixteen_experts,
-        "--spare-layers": args.spare_layers,
-    }
-    for flag, given in shape_sets.items():
-        if given and (not args.matrix or args.held_out):
+    sets_given = [flag for flag in OFF_MATRIX_SETS if given_flag(args, flag)]
+    for flag in sets_given:
+        if not args.matrix or args.held_out:
             parser.error(f"{flag} applies to --matrix only (not with --held-out, whose cells it would not change)")
-    if sum(shape_sets.values()) > 1:
-        given_flags = " and ".join(flag for flag, given in shape_sets.items() if given)
-        parser.error(f"{given_flags} each name the shapes to run: give one of them")
+    if len(sets_given) > 1:
+        parser.error(f"{' and '.join(sets_given)} each name the shapes to run: give one of them")
     if args.held_out < 0:
         parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
     if args.seeds and not (args.matrix or args.held_out):

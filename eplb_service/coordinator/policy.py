@@ -53,7 +53,7 @@ from eplb_service.coordinator.policy_hierarchy import (
     uses_hierarchy,
 )
 from eplb_service.coordinator.policy_migration import migration_phy2log
-from eplb_service.coordinator.spend_control import room_slots, scales_problem, spend_options
+from eplb_service.coordinator.spend_control import price_factor_problem, room_slots, scales_problem, spend_options
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -408,8 +408,7 @@ def plan_rebalance(
         raise PlacementError(f"persistence must be a number in [0, 1], got {persistence!r}")
     if not isinstance(fresh, (bool, np.bool_)):
         raise PlacementError(f"fresh must be True or False, got {fresh!r}")
-    _check_spend_scales(spend_scale, price_scale)
-    _check_spend_scales(spend_scale, exact_price_scale, name="exact_price_scale")
+    _check_spend_scales(spend_scale, price_scale, exact_price_scale)
     validate_phy2log(current_phy2log, shape)
     current = np.asarray(current_phy2log, dtype=np.int64)
     load = validate_load(logical_load, shape)
@@ -452,10 +451,9 @@ def plan_rebalance(
     )
 
 
-def _check_spend_scales(spend_scale: float, price_scale: float, *, name: str = "price_scale") -> None:
-    """The spend controller's factors (:mod:`.spend_control`), each naming the bad value (a price
-    factor checked under ``name``: ``price_scale`` or ``exact_price_scale``, which share a range)."""
-    problem = scales_problem(spend_scale, price_scale, price_name=name)
+def _check_spend_scales(spend_scale: float, price_scale: float, exact_price_scale: float) -> None:
+    """The spend controller's factors (:mod:`.spend_control`), each naming the bad value."""
+    problem = scales_problem(spend_scale, price_scale) or price_factor_problem(exact_price_scale, "exact_price_scale")
     if problem is not None:
         raise PlacementError(problem)
 

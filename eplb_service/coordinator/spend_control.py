@@ -242,17 +242,21 @@ def exact_price_scale(state: SpendState) -> float:
     return state.price_scale if state.lead > EXACT_LEAD_MIN else 1.0
 
 
-def scales_problem(spend_scale: float, price_scale: float, *, price_name: str = "price_scale") -> str | None:
+def scales_problem(spend_scale: float, price_scale: float) -> str | None:
     """What is wrong with the controller's two factors, naming the value, or None where both fit.
 
     One check for :func:`spend_options` and the policy's entry point (``plan_rebalance``), which
-    raise it as their own error type: a caller outside the coordinator can pass either factor.
-    ``price_name``: the parameter the price factor came in as (``exact_price_scale`` shares the
-    range of ``price_scale``)."""
+    raise it as their own error type: a caller outside the coordinator can pass either factor."""
     if not (_is_number(spend_scale) and 0.0 < spend_scale <= MAX_SCALE):
         return f"spend_scale must be a number in (0, {MAX_SCALE:g}], got {spend_scale!r}"
-    if not (_is_number(price_scale) and 1.0 <= price_scale <= MAX_PRICE_SCALE):
-        return f"{price_name} must be a number in [1, {MAX_PRICE_SCALE:g}], got {price_scale!r}"
+    return price_factor_problem(price_scale, "price_scale")
+
+
+def price_factor_problem(factor: float, name: str) -> str | None:
+    """What is wrong with a factor on a price (``price_scale``, or ``exact_price_scale``, which
+    shares its range), naming it as ``name``, or None where it fits."""
+    if not (_is_number(factor) and 1.0 <= factor <= MAX_PRICE_SCALE):
+        return f"{name} must be a number in [1, {MAX_PRICE_SCALE:g}], got {factor!r}"
     return None
 
 
