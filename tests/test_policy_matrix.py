@@ -130,22 +130,34 @@ def test_hopping_hot_experts_cost_a_fifth_of_the_slots_only_with_the_persistence
 
 
 @pytest.mark.parametrize(
-    "label,workload",
+    "label,workload,misses_without",
     [
-        ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "low")),
-        ("Qwen3-235B-A22B EP64", Workload("zipf-0.6", "slow", "low")),
+        ("Mixtral-8x7B EP4: 8+0", Workload("zipf-1.0", "swap", "low"), True),
+        ("Qwen3-235B-A22B EP64", Workload("zipf-0.6", "slow", "low"), True),
         # 512-slot layers: the controller's wider room also runs step 4 there (screened per layer),
-        # which at the defaults skips layers of more than 384 slots: -0.70 pp at 2% without it.
-        ("Qwen3.5-397B-A17B EP16", Workload("zipf-1.4", "abrupt", "high")),
+        # which at the defaults skips layers of more than 384 slots. Without it this cell read
+        # -0.70 pp at 2% of DeepSeek's slots where it was first measured (AVX-512); it is -0.09
+        # with AVX2 alone and -0.43 with neither: its high-noise loads tie often, and numpy's
+        # default sort, which DeepSeek's packing uses as vLLM's does (the reference and the first
+        # plan), orders equal loads by the CPU's vector instructions. So here the test asserts the
+        # controller's gain, not a miss without it.
+        ("Qwen3.5-397B-A17B EP16", Workload("zipf-1.4", "abrupt", "high"), False),
     ],
 )
-def test_cells_spending_far_below_the_budget_meet_the_balance_target_only_with_the_spend_controller(label, workload):
-    """At the policy's default settings these cells move under a tenth of DeepSeek's slots and lose
-    more than 0.5 pp; the controller spends more of the budget (still within it) on balance."""
+def test_cells_spending_far_below_the_budget_meet_the_balance_target_only_with_the_spend_controller(
+    label, workload, misses_without
+):
+    """At the policy's default settings these cells move under a tenth of DeepSeek's slots, and the
+    first two lose more than 0.5 pp; the controller spends more of the budget (still within it) on
+    balance: at least 0.3 pp more in each (0.48-0.70 measured with AVX2 alone or with neither AVX2
+    nor AVX-512), within the balance target."""
     with_it = run_cell(shape(label), workload, decayed=False)
     without = run_cell(shape(label), workload, decayed=False, spend_control=False)
-    assert without.balance_pp < BALANCE_TARGET_PP <= with_it.balance_pp
-    assert without.moved_share < with_it.moved_share <= MOVED_TARGET
+    assert with_it.balance_pp >= BALANCE_TARGET_PP
+    assert with_it.balance_pp >= without.balance_pp + 0.3
+    if misses_without:
+        assert without.balance_pp < BALANCE_TARGET_PP
+    assert without.moved_share < 0.1 and without.moved_share < with_it.moved_share <= MOVED_TARGET
 
 
 def test_a_cell_spending_just_over_the_budget_at_the_defaults_meets_it_only_with_dearer_moves():

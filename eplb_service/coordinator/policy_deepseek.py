@@ -21,7 +21,12 @@ layers advancing together), so a 60-layer plan costs one pass, not 60.
 Tie-breaking follows the published algorithm as vLLM runs it: items are taken in descending
 weight order as numpy's default argsort orders them (equal weights included), the lightest
 pack is the first one among the lightest, and the expert that gets a redundant slot is the
-first one among the largest load-per-replica.
+first one among the largest load-per-replica. numpy's default sort orders equal values by the
+vector instructions the CPU has (AVX-512, AVX2 or neither give three different orders), so with
+equal loads (routed-token counts often tie) this packing, like vLLM's own, can differ from one
+machine to another, as can the migration policy's exchanges between replicas of equal load. Each
+order is as good as the others; ``bench/README.md`` ("the CPU's vector instructions") measures
+how far they move the workload matrix.
 """
 
 from __future__ import annotations
