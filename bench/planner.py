@@ -36,6 +36,7 @@ misses are one seed's loads and which the policy's. ``--small-layers`` (:data:`S
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import os
 import platform
@@ -813,17 +814,64 @@ def matrix_summary(results: list[CellResult]) -> str:
     )
 
 
+def _cell_job(job: tuple[MatrixShape, Workload, int, int, bool]) -> CellResult:
+    """One cell under one seed (module level, so a worker process can be handed it)."""
+    shape, workload, rebalances, seed, decayed = job
+    return run_cell(shape, workload, rebalances=rebalances, seed=seed, decayed=decayed)
+
+
+def run_cells(
+    cells: list[tuple[MatrixShape, Workload]],
+    seeds: list[int],
+    *,
+    rebalances: int,
+    decayed: bool,
+    jobs: int = 1,
+    progress: bool = False,
+) -> list[list[CellResult]]:
+    """Every cell under each seed: one list per seed, in the cells' order (what the tables and
+    :func:`pool_seeds` read).
+
+    ``jobs`` above 1 runs the cells in that many worker processes. Each cell draws its loads from
+    its own seed (:func:`cell_seed`), so every number is the one a single process gives, except the
+    plan times, which are then measured beside other cells. ``progress`` prints each cell to stderr
+    as it ends (in the order they end).
+    """
+    work = [(shape, workload, rebalances, seed, decayed) for seed in seeds for shape, workload in cells]
+
+    def report(job: tuple[MatrixShape, Workload, int, int, bool], result: CellResult) -> None:
+        if progress:
+            shape, workload, _, seed, _ = job
+            print(
+                f"{shape.label} | {workload.label} (seed {seed}): {result.balance_pp:+.2f} pp, "
+                f"{100 * result.moved_share:.1f}% moved",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    if jobs <= 1:
+        flat = []
+        for job in work:
+            flat.append(_cell_job(job))
+            report(job, flat[-1])
+    else:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(_cell_job, job): job for job in work}
+            for done in concurrent.futures.as_completed(futures):
+                report(futures[done], done.result())
+            flat = [future.result() for future in futures]
+    return [flat[k * len(cells) : (k + 1) * len(cells)] for k in range(len(seeds))]
+
+
 def run_pooled_matrix(args: argparse.Namespace, cells: list[tuple[MatrixShape, Workload]]) -> None:
     """``--seeds``: the cells under each seed, then :func:`pooled_report`."""
-    by_seed = []
     start = time.perf_counter()
-    for seed in args.seeds:
-        by_seed.append([run_cell(s, w, rebalances=args.rebalances, seed=seed, decayed=False) for s, w in cells])
-        if args.progress:
-            print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    by_seed = run_cells(
+        cells, args.seeds, rebalances=args.rebalances, decayed=False, jobs=args.jobs, progress=args.progress
+    )
     print(
         f"Machine: {machine()}; seeds {', '.join(map(str, args.seeds))}; warm-up + {args.rebalances} "
-        f"rebalances per cell; {time.perf_counter() - start:.0f} s\n"
+        f"rebalances per cell; {args.jobs} process(es); {time.perf_counter() - start:.0f} s\n"
     )
     print(pooled_report(pool_seeds(by_seed), args.seeds))
 
@@ -854,20 +902,13 @@ def run_matrix(args: argparse.Namespace) -> None:
     if args.seeds:
         run_pooled_matrix(args, cells)
         return
-    results = []
     start = time.perf_counter()
-    for shape, workload in cells:
-        results.append(run_cell(shape, workload, rebalances=args.rebalances, seed=args.seed))
-        if args.progress:
-            r = results[-1]
-            print(
-                f"{shape.label} | {workload.label}: {r.balance_pp:+.2f} pp, {100 * r.moved_share:.1f}% moved",
-                file=sys.stderr,
-                flush=True,
-            )
+    (results,) = run_cells(
+        cells, [args.seed], rebalances=args.rebalances, decayed=True, jobs=args.jobs, progress=args.progress
+    )
     print(
         f"Machine: {machine()}; seed {args.seed}; warm-up + {args.rebalances} rebalances per cell; "
-        f"{time.perf_counter() - start:.0f} s\n"
+        f"{args.jobs} process(es); {time.perf_counter() - start:.0f} s\n"
     )
     print(matrix_summary(results) + "\n")
     print(matrix_shape_table(results) + "\n")
@@ -888,6 +929,14 @@ def main() -> None:
         help="--matrix: only workloads whose label contains one of these comma-separated parts, e.g. 'swap,abrupt'",
     )
     parser.add_argument("--progress", action="store_true", help="--matrix: print each cell to stderr as it ends")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--matrix / --held-out: run the cells in N processes (the same numbers as one process, but "
+        "the plan-time columns are then measured beside other cells: keep 1 for timings)",
+    )
     parser.add_argument(
         "--seeds",
         type=parse_seeds,
@@ -933,6 +982,10 @@ def main() -> None:
         parser.error(f"--held-out takes a number of cells >= 0, got {args.held_out}")
     if args.seeds and not (args.matrix or args.held_out):
         parser.error("--seeds applies to --matrix or --held-out only")
+    if args.jobs < 1:
+        parser.error(f"--jobs takes a number of processes >= 1, got {args.jobs}")
+    if args.jobs > 1 and not (args.matrix or args.held_out):
+        parser.error("--jobs applies to --matrix or --held-out only")
     if args.matrix or args.held_out:
         args.rebalances = args.rebalances or 10
         run_matrix(args)

@@ -16,6 +16,7 @@ from bench.planner import (
     pool_seeds,
     pooled_report,
     run_cell,
+    run_cells,
 )
 from eplb_service.coordinator.policy_exact import plans_exactly, plans_locally
 
@@ -67,7 +68,9 @@ def test_the_report_counts_per_seed_and_pooled_and_rows_only_the_cells_that_miss
 
 def test_each_seed_is_the_matrix_own_run_of_that_seed(capsys):
     """The pooled run's per-seed numbers are those of ``--seed k`` (the same loads), not a re-draw."""
-    planner.run_pooled_matrix(argparse.Namespace(seeds=[0, 3], rebalances=10, progress=False), [(MIXTRAL, SWAP)])
+    planner.run_pooled_matrix(
+        argparse.Namespace(seeds=[0, 3], rebalances=10, progress=False, jobs=1), [(MIXTRAL, SWAP)]
+    )
     out = capsys.readouterr().out
     per_seed = [run_cell(MIXTRAL, SWAP, seed=k, decayed=False) for k in (0, 3)]
     met = [int(r.meets_targets) for r in per_seed]
@@ -76,6 +79,36 @@ def test_each_seed_is_the_matrix_own_run_of_that_seed(capsys):
     assert (row in out) == (not all(met)), out  # a row only where some seed misses
     pooled = sum(r.balance_pp for r in per_seed) / 2
     assert f"Worst pooled balance: {MIXTRAL.label}, {SWAP.label}: {pooled:+.2f} pp" in out
+
+
+def test_cells_run_in_several_processes_give_the_numbers_one_process_gives(capsys):
+    """``--jobs``: each cell draws its own loads, so the worker processes change no number (plan
+    times aside), and the lists come back per seed in the cells' order whatever order they end in."""
+    cells = [(MIXTRAL, SWAP), (MIXTRAL, SLOW)]
+    one = run_cells(cells, [0, 3], rebalances=10, decayed=False)
+    two = run_cells(cells, [0, 3], rebalances=10, decayed=False, jobs=2, progress=True)
+
+    def numbers(r: CellResult) -> tuple:
+        return (r.shape, r.workload, r.balance_pp, r.moved_share, r.deepseek.moved, r.migration.plan_moves)
+
+    assert [[numbers(r) for r in seed] for seed in two] == [[numbers(r) for r in seed] for seed in one]
+    assert numbers(one[1][0]) == numbers(run_cell(MIXTRAL, SWAP, seed=3, decayed=False))
+    err = capsys.readouterr().err
+    assert err.count("(seed 3)") == 2 and f"{MIXTRAL.label} | {SLOW.label} (seed 0): " in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--matrix", "--jobs", "0"], "--jobs takes a number of processes >= 1, got 0"),
+        (["--jobs", "2"], "--jobs applies to --matrix or --held-out only"),
+    ],
+)
+def test_bad_jobs_are_refused_naming_them(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["planner", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        planner.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
