@@ -54,7 +54,7 @@ from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
-    exact_price_scale,
+    plan_factors,
     room_slots,
     scale_ceiling,
     update_spend,
@@ -500,10 +500,8 @@ def run_sequence(
             num_groups=shape.groups,
             num_nodes=shape.nodes,
             persistence=lasting,
-            spend_scale=spend.scale,
-            price_scale=spend.price_scale,
-            exact_price_scale=exact_price_scale(spend),
             fresh=fresh_start and i == 0,
+            **plan_factors(spend),
         )
         times.append((time.perf_counter() - start) * 1e3)
         plan_moves.append(plan.experts_moved)

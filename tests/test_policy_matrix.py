@@ -124,7 +124,7 @@ def test_hopping_hot_experts_cost_a_fifth_of_the_slots_only_with_the_persistence
     without = run_cell(cell, workload, decayed=False, forecast=False)
     assert with_it.moved_share <= MOVED_TARGET and without.moved_share <= MOVED_TARGET
     assert with_it.balance_pp > without.balance_pp + 1.0
-    monkeypatch.setattr(planner, "exact_price_scale", lambda state: 1.0)
+    monkeypatch.setattr(spend_control, "exact_price_scale", lambda state: 1.0)
     no_lead_price = run_cell(cell, workload, decayed=False, forecast=False)
     assert no_lead_price.moved_share > MOVED_TARGET
 
@@ -401,7 +401,7 @@ def test_small_layers_clearly_ahead_of_deepseek_spend_the_lead_instead_of_slots(
     workload = Workload("lognormal", "swap", "low")
     spending = pooled_cell(cell, workload)
     assert spending.meets_targets and spending.balance_pp > 0, (spending.balance_pp, spending.moved_share)
-    monkeypatch.setattr(planner, "exact_price_scale", lambda state: 1.0)
+    monkeypatch.setattr(spend_control, "exact_price_scale", lambda state: 1.0)
     keeping = pooled_cell(cell, workload)
     assert keeping.balance_pp > spending.balance_pp
     assert keeping.moved_share > MOVED_TARGET >= spending.moved_share, (keeping.moved_share, spending.moved_share)

@@ -32,7 +32,7 @@ from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
-    exact_price_scale,
+    plan_factors,
     room_slots,
     scale_ceiling,
     update_spend,
@@ -220,11 +220,9 @@ class PlanRunner:
             staging_budget_bytes=cfg.staging_budget_bytes,
             min_layer_gain=cfg.min_layer_gain,
             persistence=persistence,
-            spend_scale=self.spend.scale,
-            price_scale=self.spend.price_scale,
-            exact_price_scale=exact_price_scale(self.spend),
             fresh=fresh,
             skip_over_budget=True,
+            **plan_factors(self.spend),
         )
 
     def starts_fresh(self) -> bool:

@@ -242,6 +242,17 @@ def exact_price_scale(state: SpendState) -> float:
     return state.price_scale if state.lead > EXACT_LEAD_MIN else 1.0
 
 
+def plan_factors(state: SpendState) -> dict[str, float]:
+    """The keyword arguments of ``plan_rebalance`` that the controller's state sets for the next
+    plan: ``spend_scale``, ``price_scale`` and :func:`exact_price_scale`. One place, so that the
+    coordinator and the benchmark that replays it pass the same factors."""
+    return {
+        "spend_scale": state.scale,
+        "price_scale": state.price_scale,
+        "exact_price_scale": exact_price_scale(state),
+    }
+
+
 def scales_problem(spend_scale: float, price_scale: float) -> str | None:
     """What is wrong with the controller's two factors, naming the value, or None where both fit.
 
