@@ -91,72 +91,87 @@ class SimServingRank:
         self.load_pass = torch.zeros((cfg.num_layers, num_physical), dtype=torch.int64)
         # The reference the plot compares with: where the same tokens would have gone under
         # the initial maps, had nothing been rebalanced.
-        self.init_log2phy, self.init_logcnt = l2p.clone(), cnt.clone()
+        self.init_log2phy, self.init_logcnt = l2p.numpy().copy(), cnt.numpy().copy()
         self.ref_sent = np.zeros((spec.steps, cfg.num_layers, spec.world_size), dtype=np.int64)
         self.capacity = cfg.tokens_per_rank * cfg.top_k
         self.mismatches = 0
         self.recv_counts = np.zeros((spec.steps, cfg.num_layers), dtype=np.int64)
         self.step_times = np.zeros(spec.steps, dtype=np.float64)
-        self._pop_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._pop_cache: dict[tuple[int, int], np.ndarray] = {}
+        # numpy views of the live tensors (CPU tensors share their memory with these): the agent
+        # writes maps and rows in place and never reassigns them (``ExpertModel``), so a view
+        # made once always reads what serving would. Small arrays cost numpy about a microsecond
+        # an operation where torch takes 5-20: the forward pass below was 7 ms a step in torch,
+        # and with 4-8 ranks sharing 2 cores that CPU set the pace of every simulated deployment.
+        self._maps = (self.model.log2phy.numpy(), self.model.logcnt.numpy())
+        self._rows = [[t.numpy() for t in layer] for layer in self.model.expert_weights]
+        self._load = self.load_pass.numpy()
+        self._ref_w, self._ref_b = self.ref_w.numpy(), self.ref_b.numpy()
+        # The all-to-all buffers, reused every layer: ``[world, capacity, H + 1]``, the last
+        # column the local row (or -1 for padding), and ``[world, capacity, H]`` back.
+        self._send, self._recv = (torch.empty((self.world, self.capacity, cfg.hidden + 1)) for _ in range(2))
+        self._out, self._back = (torch.empty((self.world, self.capacity, cfg.hidden)) for _ in range(2))
 
-    def _popularity(self, layer: int, step: int) -> torch.Tensor:
+    def _popularity(self, layer: int, step: int) -> np.ndarray:
+        """``[N_log]`` probabilities of ``layer`` at ``step``, cached while they hold."""
         key = (layer, self.cfg.popularity_key(step))
         if key not in self._pop_cache:
             self._pop_cache = {k: v for k, v in self._pop_cache.items() if k[1] >= key[1]}
-            self._pop_cache[key] = torch.from_numpy(popularity(self.cfg, self.spec.seed, layer, step))
+            self._pop_cache[key] = popularity(self.cfg, self.spec.seed, layer, step)
         return self._pop_cache[key]
 
     def forward(self, step: int) -> None:
         cfg, world, spr = self.cfg, self.world, self.spr
-        gen = torch.Generator().manual_seed(((self.spec.seed * 7919 + step) * 1031 + self.rank) & 0x7FFFFFFF)
-        tokens = cfg.tokens_per_rank
-        x = torch.randint(-3, 4, (tokens, cfg.hidden), generator=gen).to(torch.float32)
-        token_ids = torch.arange(tokens) + self.rank * tokens
+        tokens, top_k, hidden = cfg.tokens_per_rank, cfg.top_k, cfg.hidden
+        rng = np.random.default_rng([self.spec.seed, step, self.rank])
+        x = rng.integers(-3, 4, (tokens, hidden)).astype(np.float32)
+        # replica = token index mod count, as vLLM's kernel picks it
+        pick = (np.arange(tokens) + self.rank * tokens)[:, None] + np.arange(top_k)[None, :]
+        if top_k > cfg.num_logical:  # as torch.multinomial refused it: there are not that many distinct experts
+            raise ValueError(f"top_k={top_k} distinct experts per token, but the model has {cfg.num_logical}")
+        log2phy, logcnt = self._maps
+        send, recv, out, back = self._send.numpy(), self._recv.numpy(), self._out.numpy(), self._back.numpy()
         for layer in range(cfg.num_layers):
-            experts = torch.multinomial(
-                self._popularity(layer, step).expand(tokens, -1), cfg.top_k, replacement=False, generator=gen
-            )
-            gates = torch.randint(1, 4, (tokens, cfg.top_k), generator=gen).to(torch.float32)
-            # logical -> physical through the live maps (replica = token index mod count)
-            counts = self.model.logcnt[layer][experts]
-            replica = (token_ids[:, None] + torch.arange(cfg.top_k)[None, :]) % counts
-            slots = self.model.log2phy[layer][experts, replica]
-            self.load_pass[layer].scatter_add_(0, slots.reshape(-1), torch.ones(slots.numel(), dtype=torch.int64))
-            initial = self.init_log2phy[layer][
-                experts, (token_ids[:, None] + torch.arange(cfg.top_k)[None, :]) % self.init_logcnt[layer][experts]
-            ]
-            self.ref_sent[step, layer] = torch.bincount((initial // spr).reshape(-1), minlength=world).numpy()
+            # top_k distinct experts per token drawn by popularity, without replacement (as
+            # torch.multinomial does): the first k to arrive in a race of exponential clocks
+            # with rates the popularity (an expert a trace never saw arrives never: rate 0)
+            with np.errstate(divide="ignore"):
+                arrivals = rng.standard_exponential((tokens, cfg.num_logical)) / self._popularity(layer, step)
+            experts = np.argsort(arrivals, axis=1)[:, :top_k]
+            gates = rng.integers(1, 4, (tokens, top_k)).astype(np.float32)
+            # logical -> physical through the live maps
+            slots = log2phy[layer][experts, pick % logcnt[layer][experts]]
+            self._load[layer] += np.bincount(slots.reshape(-1), minlength=self._load.shape[1])
+            initial = self.init_log2phy[layer][experts, pick % self.init_logcnt[layer][experts]]
+            self.ref_sent[step, layer] = np.bincount((initial // spr).reshape(-1), minlength=world)
             dst = (slots // spr).reshape(-1)
             rows = (slots % spr).reshape(-1)
-            flat_x = x.repeat_interleave(cfg.top_k, dim=0)
-            # fixed-capacity all-to-all: [world, capacity, H + 1], last column = local row or -1
-            order = torch.argsort(dst, stable=True)
-            per_dst = torch.bincount(dst, minlength=world)
-            starts = torch.cumsum(per_dst, 0) - per_dst
-            pos = torch.arange(dst.numel()) - starts[dst[order]]
-            send = torch.zeros((world, self.capacity, cfg.hidden + 1), dtype=torch.float32)
+            # fixed-capacity all-to-all, each destination's pairs in token order
+            order = np.argsort(dst, kind="stable")
+            per_dst = np.bincount(dst, minlength=world)
+            to = dst[order]
+            pos = np.arange(dst.size) - (np.cumsum(per_dst) - per_dst)[to]
+            send.fill(0.0)
             send[:, :, -1] = -1
-            send[dst[order], pos, :-1] = flat_x[order]
-            send[dst[order], pos, -1] = rows[order].to(torch.float32)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send)
+            send[to, pos, :-1] = np.repeat(x, top_k, axis=0)[order]
+            send[to, pos, -1] = rows[order]
+            dist.all_to_all_single(self._recv, self._send)
             valid = recv[:, :, -1] >= 0
             self.recv_counts[step, layer] = int(valid.sum())
-            out = torch.zeros((world, self.capacity, cfg.hidden), dtype=torch.float32)
-            live_w, live_b = self.model.expert_weights[layer]
-            got_rows = recv[:, :, -1][valid].to(torch.int64)
-            w = live_w[got_rows].view(-1, cfg.hidden, cfg.hidden)
-            out[valid] = torch.bmm(recv[:, :, :-1][valid].unsqueeze(1), w).squeeze(1) + live_b[got_rows]
-            back = torch.empty_like(out)
-            dist.all_to_all_single(back, out)
-            y_pairs = torch.empty((dst.numel(), cfg.hidden), dtype=torch.float32)
-            y_pairs[order] = back[dst[order], pos]
-            y = (y_pairs.view(tokens, cfg.top_k, cfg.hidden) * gates[:, :, None]).sum(1)
-            ref_w = self.ref_w[layer][experts]  # [T, k, H, H]
-            ref_y = torch.einsum("th,tkhj->tkj", x, ref_w) + self.ref_b[layer][experts]
+            live_w, live_b = self._rows[layer]
+            got_rows = recv[:, :, -1][valid].astype(np.int64)
+            w = live_w[got_rows].reshape(-1, hidden, hidden)
+            out.fill(0.0)
+            out[valid] = np.matmul(recv[:, :, :-1][valid][:, None, :], w)[:, 0] + live_b[got_rows]
+            dist.all_to_all_single(self._back, self._out)
+            y_pairs = np.empty((dst.size, hidden), dtype=np.float32)
+            y_pairs[order] = back[to, pos]
+            y = (y_pairs.reshape(tokens, top_k, hidden) * gates[:, :, None]).sum(1)
+            # the reference, from the logical experts' own weights (integers: exact in float32)
+            ref_y = np.matmul(x[:, None, None, :], self._ref_w[layer][experts])[:, :, 0] + self._ref_b[layer][experts]
             ref = (ref_y * gates[:, :, None]).sum(1)
-            self.mismatches += int((y != ref).any(dim=1).sum())
-            x = torch.remainder(ref, 7) - 3
+            self.mismatches += int((y != ref).any(axis=1).sum())
+            x = np.remainder(ref, 7) - 3
 
     def run(self, agent: WorkerAgent, progress=None) -> None:
         hooks = agent.hooks
