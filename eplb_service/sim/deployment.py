@@ -31,6 +31,9 @@ from eplb_service.sim.serving_loop import RankSpec, run_rank
 from eplb_service.sim.workload import SimModelConfig
 from eplb_service.units import human_bytes
 
+RANK_PRELOAD = ("torch", "torch.distributed", "eplb_service.sim.serving_loop")
+"""What the rank processes' fork server imports once for all of them (``RankProcesses``' ``preload``)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -85,7 +88,7 @@ async def _run(opts: SimulationOptions, cfg: CoordinatorConfig) -> dict:
         ready.cancel()
         await server
         raise RuntimeError("the coordinator stopped before it was ready")
-    ranks = RankProcesses(opts.world_size, "sim-rank")
+    ranks = RankProcesses(opts.world_size, "sim-rank", preload=RANK_PRELOAD)
     progress = ranks.ctx.Queue()
     serving_port = free_port()
     import datetime
