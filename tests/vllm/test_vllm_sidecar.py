@@ -57,7 +57,7 @@ def complete(model: str, prompt: list[int]) -> list[int]:
         return json.loads(reply.read())["choices"][0]["token_ids"]
 
 
-@pytest.mark.slow  # 45 s of real vLLM: the default run keeps the e2e test and three variants
+@pytest.mark.slow  # 45 s of real vLLM: the default run keeps the e2e test and the bad-variable run
 def test_sidecar_runs_vllms_server_and_sigterm_stops_everything(vllm_python, tmp_path):  # noqa: F811
     env = vllm_env(tmp_path)
     model = str(tmp_path / "model")
