@@ -159,13 +159,33 @@ def test_close_to_deepseek_balance_with_far_fewer_moves():
     assert model_balancedness(rank_loads(current_m, load, 8)) > 0.95
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, open: step 6 prices a layer's swaps and the fine pass's together, all or nothing, "
+    "so extra fine swaps can price out the gain steps 2-3 made (found by hypothesis, 2026-12-07)",
+)
+def test_a_wider_fine_pass_never_loses_the_gain_of_steps_2_and_3():
+    """7 experts on 3 ranks of 7 slots: steps 2-3 lower the largest rank 3.87 -> 3.73 with 7
+    slots; a fine pass with half the slots as room adds swaps, and step 6's floor price (layers
+    under 25 slots) then finds the whole change too dear and keeps the current row, at 3.87. In the
+    coordinator the room is that wide only where the spend controller widened it (16-24 slots)."""
+    current = np.array([[1, 4, 2, 4, 1, 3, 5, 2, 0, 2, 6, 5, 3, 4, 6, 4, 5, 5, 1, 0, 4]])
+    load = np.array([[0.0, 2.0, 2.0, 0.0, 3.0, 1.0, 3.0]])
+    without = migration_phy2log(current, load, 3, fine_move_share=0.0, repack=False)
+    with_fine = migration_phy2log(current, load, 3, fine_move_share=0.5, repack=False)
+    assert (without != current).any()  # steps 2-3 found a gain worth its slots
+    assert rank_loads(with_fine, load, 3).max() <= rank_loads(without, load, 3).max() + 1e-9
+
+
 @settings(max_examples=80, deadline=None)
 @given(cases(), st.sampled_from([0.1, 0.25, 0.5]))
 def test_fine_pass_spends_only_its_room_and_never_raises_a_layer(case, share):
     """Step 4 adds swaps only within ``fine_move_share`` of a layer's slots; its soft-maximum
     part only lowers ranks, and its spread part raises none by more than its slack."""
     shape, current, load = case
-    kwargs = {"repack": False}  # step 5 may replace either result; compare the swap searches alone
+    # Step 5 may replace either result, and step 6 may reset a layer whole (in layers under 25
+    # slots its price floor holds even at persistence 1): compare the swap searches alone.
+    kwargs = {"repack": False, "move_price": 0.0}
     without = migration_phy2log(current, load, shape.num_ranks, fine_move_share=0.0, **kwargs)
     top = rank_loads(without, load, shape.num_ranks).max(axis=1)
     margin = 1e-9 * (1 + load.sum(axis=1))

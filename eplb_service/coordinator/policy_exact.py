@@ -356,20 +356,43 @@ def local_phy2log(
             what[None, :, d : d + 1],
             axis=2,
         )
-    changed = (rows != current[:, None, :]).sum(axis=2)
-    # Replicas per expert [L, C + 1, N]: the current row's, less what each change overwrites,
-    # plus what it writes (a one-slot change repeats its slot, counted once).
-    experts = np.arange(num_logical)
-    counts = np.repeat((current[..., None] == experts).sum(axis=1)[:, None, :], len(where) + 1, axis=1)
+    # Per change: the slots it really changes, and the replicas per expert ``[L, C + 1, N]`` it
+    # leaves (the current row's, less what each of its distinct slots overwrites, plus what it
+    # writes; a one-slot change repeats its slot, counted once). Each step indexes one element per
+    # (layer, change), so plain fancy indexing adds without collisions. The arrays' last axes are
+    # a handful long (slots per rank, ranks, experts), where numpy's reductions along them cost
+    # more than their work: they are summed slice by slice instead.
+    changed = np.zeros((num_layers, len(where) + 1), dtype=np.int64)
+    counts = np.repeat((current[..., None] == np.arange(num_logical)).sum(axis=1)[:, None, :], len(where) + 1, axis=1)
+    layer_index = np.arange(num_layers)[:, None]
+    steps = []
     for d in range(where.shape[1]):
-        real = np.ones(len(where), dtype=bool) if d == 0 else where[:, d] != where[:, d - 1]
-        gone = current[:, where[real, d]]  # [L, C'] the experts these changes overwrite
-        counts[:, 1:][:, real] -= gone[..., None] == experts
-        counts[:, 1:][:, real] += (what[real, d][:, None] == experts)[None]
-    by_rank = np.sort(rows.reshape(num_layers, -1, num_ranks, per_rank), axis=3)
-    valid = (counts > 0).all(axis=2) & ~(by_rank[..., 1:] == by_rank[..., :-1]).any(axis=(2, 3))
+        real = np.flatnonzero(np.ones(len(where), dtype=bool) if d == 0 else where[:, d] != where[:, d - 1])
+        gone, wrote = current[:, where[real, d]], what[real, d][None, :]
+        changed[:, real + 1] += gone != wrote
+        counts[layer_index, real[None, :] + 1, gone] -= 1
+        counts[layer_index, real[None, :] + 1, wrote] += 1
+        steps.append((real, gone))
+    # Every expert keeps a replica: only an overwritten expert can have lost its last one (unless
+    # the current row already lacks one, where every row is checked whole).
+    valid = np.ones(rows.shape[:2], dtype=bool)
+    for real, gone in steps:
+        valid[:, real + 1] &= counts[layer_index, real[None, :] + 1, gone] > 0
+    lacking = (counts[:, 0] == 0).any(axis=1)
+    valid[lacking] &= (counts[lacking] > 0).all(axis=2)
+    # No expert twice on a rank: every pair of a rank's slots compared.
+    by_rank = rows.reshape(num_layers, -1, num_ranks, per_rank)
+    for i, j in itertools.combinations(range(per_rank), 2):
+        for rank in range(num_ranks):
+            valid &= by_rank[:, :, rank, i] != by_rank[:, :, rank, j]
     share = load[:, None, :] / np.maximum(counts, 1)
-    peak = np.take_along_axis(share, rows, axis=2).reshape(num_layers, -1, num_ranks, per_rank).sum(axis=3).max(axis=2)
+    carried = np.take_along_axis(share, rows, axis=2).reshape(num_layers, -1, num_ranks, per_rank)
+    peak = np.zeros(rows.shape[:2])
+    for rank in range(num_ranks):
+        rank_load = carried[:, :, rank, 0].copy()
+        for slot in range(1, per_rank):
+            rank_load += carried[:, :, rank, slot]
+        np.maximum(peak, rank_load, out=peak)
     cost = np.where(valid, _costs(peak, load, num_ranks, changed, move_price, layer_price), np.inf)
     best = np.where(np.isfinite(cost).any(axis=1), cost.argmin(axis=1), 0)  # nothing valid: stay
     return rows[np.arange(num_layers), best]
