@@ -159,16 +159,13 @@ def test_close_to_deepseek_balance_with_far_fewer_moves():
     assert model_balancedness(rank_loads(current_m, load, 8)) > 0.95
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, open: step 6 prices a layer's swaps and the fine pass's together, all or nothing, "
-    "so extra fine swaps can price out the gain steps 2-3 made (found by hypothesis, 2026-12-07)",
-)
 def test_a_wider_fine_pass_never_loses_the_gain_of_steps_2_and_3():
-    """7 experts on 3 ranks of 7 slots: steps 2-3 lower the largest rank 3.87 -> 3.73 with 7
-    slots; a fine pass with half the slots as room adds swaps, and step 6's floor price (layers
-    under 25 slots) then finds the whole change too dear and keeps the current row, at 3.87. In the
-    coordinator the room is that wide only where the spend controller widened it (16-24 slots)."""
+    """7 experts on 3 ranks of 7 slots (found by hypothesis): steps 2-3 lower the largest rank
+    3.87 -> 3.73 with 7 slots; a fine pass with half the slots as room adds swaps. Before, step 6
+    priced the whole change, found it too dear at its floor price (layers under 25 slots) and kept
+    the current row at 3.87; now the change of steps 2-3 alone is priced where the fine pass's
+    made it too dear. In the coordinator the room is that wide only where the spend controller
+    widened it (16-24 slots)."""
     current = np.array([[1, 4, 2, 4, 1, 3, 5, 2, 0, 2, 6, 5, 3, 4, 6, 4, 5, 5, 1, 0, 4]])
     load = np.array([[0.0, 2.0, 2.0, 0.0, 3.0, 1.0, 3.0]])
     without = migration_phy2log(current, load, 3, fine_move_share=0.0, repack=False)

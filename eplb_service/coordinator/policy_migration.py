@@ -139,7 +139,9 @@ vectorised):
    0.6 on, since a shrunk forecast under-provisions the hot experts that do last), and each
    layer keeps its change only where the drop of its most loaded rank under that load pays
    ``move_price * (1 - a) ** 2`` of a mean replica's load per moved slot; the other layers
-   keep their rows. Where hot experts hop to other experts every window
+   keep their rows (a layer whose change step 4's swaps made too dear keeps the change of steps
+   2-3 where that alone pays: priced whole, a 21-slot layer once lost a drop of its largest rank
+   from 3.87 to 3.73 to the fine pass's extra swaps). Where hot experts hop to other experts every window
    (``a`` about 0.1-0.3), a change tuned to the last window's hot expert mostly buys nothing in
    the next one, and DeepSeek's policy (which cannot tell) spends slots on it all the same; in
    the matrix's Mixtral *swap* cells with 3 and 5 slots per rank the price took the policy from
@@ -945,6 +947,7 @@ def migration_phy2log(
     # (as step 3's reference and step 5), or where the spend controller widened the room.
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
     wide = packed_max is None and fine_move_share > DEFAULT_FINE_MOVE_SHARE
+    before_fine = swapped
     if (packed_max is not None or wide) and (room >= 2).any():
         room = np.maximum(room, 0)
         if spread:
@@ -961,8 +964,20 @@ def migration_phy2log(
         )
     if packed is not None and repack:
         swapped = _relabelled_where_no_dearer(current, swapped, packed, load, num_ranks)
+        if before_fine is not swapped:
+            before_fine = _relabelled_where_no_dearer(current, before_fine, packed, load, num_ranks)
     fading = price_fading(persistence, num_physical, price_floor)
-    return priced_layers(current, swapped, load, num_ranks, move_price * fading)
+    priced = priced_layers(current, swapped, load, num_ranks, move_price * fading)
+    if before_fine is swapped:
+        return priced
+    # Step 6 prices a layer's change whole: where the fine pass's swaps made it too dear, the
+    # change of steps 2-3 alone may still pay (a layer of 21 slots kept its row at 3.87 where
+    # steps 2-3 had reached 3.73).
+    lost = (priced == current).all(axis=1) & (swapped != current).any(axis=1)
+    if lost.any():
+        priced = priced.copy()
+        priced[lost] = priced_layers(current[lost], before_fine[lost], load[lost], num_ranks, move_price * fading)
+    return priced
 
 
 def replica_loads(load: np.ndarray, counts: np.ndarray) -> np.ndarray:
