@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+from eplb_service.sim.deployment import RANK_PRELOAD
+
 CTX = mp.get_context("forkserver")
-CTX.set_forkserver_preload(
-    ["torch", "torch.distributed", "eplb_service.worker_agent.agent", "eplb_service.sim.serving_loop"]
-)
+CTX.set_forkserver_preload(list(RANK_PRELOAD))  # the simulated deployment's own (the agent comes with the serving loop)

@@ -947,8 +947,9 @@ def migration_phy2log(
     # (as step 3's reference and step 5), or where the spend controller widened the room.
     room = np.floor(fine_move_share * num_physical) - (swapped != current).sum(axis=1)
     wide = packed_max is None and fine_move_share > DEFAULT_FINE_MOVE_SHARE
-    before_fine = swapped
-    if (packed_max is not None or wide) and (room >= 2).any():
+    fine = bool((packed_max is not None or wide) and (room >= 2).any())
+    before_fine = swapped  # steps 2-3's result: the fine pass works on copies
+    if fine:
         room = np.maximum(room, 0)
         if spread:
             swapped, room = spread_search(swapped, load, new_counts, num_ranks, room=room, max_rounds=max_rounds)
@@ -964,19 +965,20 @@ def migration_phy2log(
         )
     if packed is not None and repack:
         swapped = _relabelled_where_no_dearer(current, swapped, packed, load, num_ranks)
-        if before_fine is not swapped:
-            before_fine = _relabelled_where_no_dearer(current, before_fine, packed, load, num_ranks)
-    fading = price_fading(persistence, num_physical, price_floor)
-    priced = priced_layers(current, swapped, load, num_ranks, move_price * fading)
-    if before_fine is swapped:
+    slot_price = move_price * price_fading(persistence, num_physical, price_floor)
+    priced = priced_layers(current, swapped, load, num_ranks, slot_price)
+    if not fine:
         return priced
     # Step 6 prices a layer's change whole: where the fine pass's swaps made it too dear, the
-    # change of steps 2-3 alone may still pay (a layer of 21 slots kept its row at 3.87 where
-    # steps 2-3 had reached 3.73).
-    lost = (priced == current).all(axis=1) & (swapped != current).any(axis=1)
-    if lost.any():
+    # change of steps 2-3 alone (with step 5 as it would have been) may still pay (a layer of 21
+    # slots kept its row at 3.87 where steps 2-3 had reached 3.73). Only those layers are redone.
+    lost = np.flatnonzero((priced == current).all(axis=1) & (swapped != current).any(axis=1))
+    if lost.size:
+        fallback = before_fine[lost]
+        if packed is not None and repack:
+            fallback = _relabelled_where_no_dearer(current[lost], fallback, packed[lost], load[lost], num_ranks)
         priced = priced.copy()
-        priced[lost] = priced_layers(current[lost], before_fine[lost], load[lost], num_ranks, move_price * fading)
+        priced[lost] = priced_layers(current[lost], fallback, load[lost], num_ranks, slot_price)
     return priced
 
 
