@@ -18,7 +18,7 @@ import pytest
 from time_limit import time_limit
 
 from eplb_service import logutil
-from eplb_service.coordinator.cli import main, parse_command_line
+from eplb_service.coordinator.cli import STOP_SIGNALS, main, parse_command_line
 from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint
 from eplb_service.integrations.vllm import config as plugin_config
 from eplb_service.protocol import AgentConfig
@@ -305,7 +305,14 @@ def test_the_plugin_refuses_what_its_agents_could_not_use(name, value, expected)
 
 def test_a_taken_metrics_port_is_one_line_not_a_traceback(tmp_path, capsys):
     """And it leaves no socket file: the endpoint, bound before the port failed, stayed behind as a
-    socket nobody listens on, which `status` reports as a killed coordinator's."""
+    socket nobody listens on, which `status` reports as a killed coordinator's.
+
+    And the signals it handled while up are handed back: uvloop's close left its handlers
+    installed, bound to the closed loop, so a Ctrl-C to a process that had called ``main()``
+    went to a loop that would never run it."""
+    import signal
+
+    before = [signal.getsignal(sig) for sig in STOP_SIGNALS]
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -315,6 +322,7 @@ def test_a_taken_metrics_port_is_one_line_not_a_traceback(tmp_path, capsys):
         )
     assert code == 1 and f"cannot serve HTTP on --metrics-port {port}" in err and "Traceback" not in err
     assert not (tmp_path / "c.sock").exists()
+    assert [signal.getsignal(sig) for sig in STOP_SIGNALS] == before
 
 
 def test_an_initial_placement_for_other_ranks_is_refused_at_start(tmp_path, capsys):

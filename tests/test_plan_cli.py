@@ -407,6 +407,9 @@ def test_ctrl_c_exits_130_with_one_line_and_no_file(tmp_path):
         text=True,
         cwd=root,
         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        # SIGINT as a terminal leaves it, whatever this process's own: an ignored SIGINT is
+        # inherited, and Python then installs no KeyboardInterrupt (the child planned to the end)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     seen = [proc.stderr.readline() for _ in range(2)]

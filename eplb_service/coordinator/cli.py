@@ -539,7 +539,11 @@ def _serve(cfg: CoordinatorConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, _stop_on, coordinator, sig)
-        await coordinator.serve()
+        try:
+            await coordinator.serve()
+        finally:  # uvloop's close leaves them installed, bound to a closed loop (main() called in-process)
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
 
     import uvloop
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_vllm_e2e import vllm_env
+from test_vllm_e2e import vllm_env, vllm_tmp  # noqa: F401  (vllm_tmp: short paths for vLLM's sockets)
 from vllm_venv import NEWEST, InstallImpossible, ensure_vllm_python
 
 HERE = Path(__file__).resolve().parent
@@ -44,21 +44,21 @@ def vllm_python():
 
 
 @pytest.mark.slow
-def test_two_dp_engines_are_one_deployment_rebalanced_without_changing_output(vllm_python, tmp_path):
-    out = tmp_path / "result.json"
+def test_two_dp_engines_are_one_deployment_rebalanced_without_changing_output(vllm_python, vllm_tmp):  # noqa: F811
+    out = vllm_tmp / "result.json"
     t0 = time.monotonic()
-    with open(tmp_path / "driver.log", "w") as log:
+    with open(vllm_tmp / "driver.log", "w") as log:
         proc = subprocess.run(
-            [str(vllm_python), str(HERE / "vllm_dp_driver.py"), "--workdir", str(tmp_path), "--out", str(out)],
-            env=vllm_env(tmp_path),
+            [str(vllm_python), str(HERE / "vllm_dp_driver.py"), "--workdir", str(vllm_tmp), "--out", str(out)],
+            env=vllm_env(vllm_tmp),
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=540,
-            cwd=tmp_path,
+            cwd=vllm_tmp,
         )
     wall_s = time.monotonic() - t0
-    serve_path = tmp_path / "serve.log"
-    logs = (tmp_path / "driver.log").read_text(errors="replace") + (
+    serve_path = vllm_tmp / "serve.log"
+    logs = (vllm_tmp / "driver.log").read_text(errors="replace") + (
         serve_path.read_text(errors="replace") if serve_path.exists() else ""
     )
     assert out.exists(), f"the driver wrote no result (exit {proc.returncode}); log tail:\n{logs[-6000:]}"

@@ -25,8 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,22 +49,36 @@ def vllm_python(request):
     return python
 
 
-def vllm_env(tmp_path: Path) -> dict:
-    """Everything vLLM writes stays under ``tmp_path``, except the inductor cache (kept warm)."""
+@pytest.fixture
+def vllm_tmp() -> Iterator[Path]:
+    """The real-vLLM tests' working directory (the other modules import this fixture): a
+    ``tmp_path`` short enough for vLLM's unix sockets. vLLM binds sockets named by a 36-character
+    uuid under ``VLLM_RPC_BASE_PATH`` and ``TMPDIR``, which :func:`vllm_env` points here, and a
+    socket path takes at most 107 bytes. pytest's own ``tmp_path`` is longer under pytest-xdist
+    (``/tmp/pytest-of-<user>/pytest-<n>/popen-gw<k>/<30 characters of the test's name>``): vLLM
+    stopped with "ipc path ... is longer than 107 characters" before its engine started. Removed
+    afterwards; a failing test puts the log tail it needs in its message."""
+    path = Path(tempfile.mkdtemp(prefix="eplb-vllm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def vllm_env(workdir: Path) -> dict:
+    """Everything vLLM writes stays under ``workdir``, except the inductor cache (kept warm)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EPLB_SERVICE_", "VLLM_", "PYTHON"))}
     env.update(
         {
             "PYTHONPATH": f"{HERE / 'cpu_shims'}{os.pathsep}{HERE}",
             "EPLB_SERVICE_TEST_CPU_SHIMS": "1",
-            "EPLB_SERVICE_ENDPOINT": f"ipc://{tmp_path}/coordinator.sock",
+            "EPLB_SERVICE_ENDPOINT": f"ipc://{workdir}/coordinator.sock",
             "EPLB_SERVICE_TRANSPORT": "gloo",
             "VLLM_CPU_OMP_THREADS_BIND": "0|1" if (os.cpu_count() or 1) >= 2 else "nobind",
             "VLLM_CPU_KVCACHE_SPACE": "1",
-            "TMPDIR": str(tmp_path),
-            "VLLM_RPC_BASE_PATH": str(tmp_path),
-            "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
-            "TRITON_CACHE_DIR": str(tmp_path / "triton"),
-            "HF_HOME": str(tmp_path / "hf"),
+            "TMPDIR": str(workdir),
+            "VLLM_RPC_BASE_PATH": str(workdir),
+            "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"),
+            "TRITON_CACHE_DIR": str(workdir / "triton"),
+            "HF_HOME": str(workdir / "hf"),
             "HF_HUB_OFFLINE": "1",
             "TORCHINDUCTOR_CACHE_DIR": str(cache_root() / "inductor"),
             "VLLM_NO_USAGE_STATS": "1",
@@ -71,17 +88,17 @@ def vllm_env(tmp_path: Path) -> dict:
     return env
 
 
-def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, tmp_path):
-    out, log_path = tmp_path / "result.json", tmp_path / "vllm.log"
+def test_real_vllm_rebalanced_by_our_coordinator_keeps_its_output(vllm_python, vllm_tmp):
+    out, log_path = vllm_tmp / "result.json", vllm_tmp / "vllm.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [str(vllm_python), str(HERE / "vllm_e2e_driver.py"), "--workdir", str(tmp_path), "--out", str(out)],
-            env=vllm_env(tmp_path),
+            [str(vllm_python), str(HERE / "vllm_e2e_driver.py"), "--workdir", str(vllm_tmp), "--out", str(out)],
+            env=vllm_env(vllm_tmp),
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=540,
-            cwd=tmp_path,
+            cwd=vllm_tmp,
         )
     wall_s = time.monotonic() - t0
     log_text = log_path.read_text(errors="replace")

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_vllm_e2e import vllm_env, vllm_python  # noqa: F401  (the fixture, with its skip rules)
+from test_vllm_e2e import vllm_env, vllm_python, vllm_tmp  # noqa: F401  (the fixtures: skip rules, short paths)
 
 from eplb_service.coordinator.status_client import fetch_status
 
@@ -58,17 +58,17 @@ def complete(model: str, prompt: list[int]) -> list[int]:
 
 
 @pytest.mark.slow  # 45 s of real vLLM: the default run keeps the e2e test and the bad-variable run
-def test_sidecar_runs_vllms_server_and_sigterm_stops_everything(vllm_python, tmp_path):  # noqa: F811
-    env = vllm_env(tmp_path)
-    model = str(tmp_path / "model")
+def test_sidecar_runs_vllms_server_and_sigterm_stops_everything(vllm_python, vllm_tmp):  # noqa: F811
+    env = vllm_env(vllm_tmp)
+    model = str(vllm_tmp / "model")
     subprocess.run(
         [str(vllm_python), "-c", f"import vllm_e2e_driver as d; d.write_checkpoint({model!r})"],
         env=env,
         check=True,
         timeout=120,
-        cwd=tmp_path,
+        cwd=vllm_tmp,
     )
-    endpoint = f"ipc://{tmp_path}/sock/coordinator.sock"
+    endpoint = f"ipc://{vllm_tmp}/sock/coordinator.sock"
     env["EPLB_SERVICE_ENDPOINT"] = endpoint  # the sidecar sets its own --endpoint for vLLM
     sidecar = [str(vllm_python), "-m", "eplb_service.sidecar", "--endpoint", endpoint]
     coordinator = ["--rebalance-interval-steps", "24", "--report-interval-steps", "4", "--min-gain", "0.005"]
@@ -76,7 +76,7 @@ def test_sidecar_runs_vllms_server_and_sigterm_stops_everything(vllm_python, tmp
     server += ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", '{"num_redundant_experts": 2}']
     server += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "16"]
     server += ["--skip-tokenizer-init", "--distributed-executor-backend", "mp", "--port", str(PORT), "--seed", "0"]
-    log_path = tmp_path / "sidecar.log"
+    log_path = vllm_tmp / "sidecar.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -84,7 +84,7 @@ def test_sidecar_runs_vllms_server_and_sigterm_stops_everything(vllm_python, tmp
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=tmp_path,
+            cwd=vllm_tmp,
             start_new_session=True,  # vLLM and its processes in the sidecar's session (the coordinator has its own)
         )
     sid = proc.pid

@@ -37,25 +37,25 @@ import time
 from pathlib import Path
 
 import pytest
-from test_vllm_e2e import vllm_env, vllm_python  # noqa: F401  (the fixture, with its skip rules)
+from test_vllm_e2e import vllm_env, vllm_python, vllm_tmp  # noqa: F401  (the fixtures: skip rules, short paths)
 
 HERE = Path(__file__).resolve().parent
 MOE_TOKENS: dict[str, list] = {}
 """The first stage's tokens of each MoE run, compared across runs."""
 
 
-def run_driver(python, tmp_path: Path, scenario: str, **env) -> tuple[dict, str]:
-    out, log_path = tmp_path / "result.json", tmp_path / "vllm.log"
+def run_driver(python, workdir: Path, scenario: str, **env) -> tuple[dict, str]:
+    out, log_path = workdir / "result.json", workdir / "vllm.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [str(python), str(HERE / "vllm_variants_driver.py"), "--scenario", scenario, "--workdir", str(tmp_path)]
+            [str(python), str(HERE / "vllm_variants_driver.py"), "--scenario", scenario, "--workdir", str(workdir)]
             + ["--out", str(out)],
-            env={**vllm_env(tmp_path), **env},
+            env={**vllm_env(workdir), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=300,
-            cwd=tmp_path,
+            cwd=workdir,
         )
     log_text = log_path.read_text(errors="replace")
     assert out.exists(), f"the driver wrote no result (exit {proc.returncode}); log tail:\n{log_text[-6000:]}"
@@ -92,8 +92,8 @@ def one_epoch(workers: list[dict]) -> int:
 
 
 @pytest.mark.slow
-def test_coordinator_started_late_then_killed_and_restarted(vllm_python, tmp_path):  # noqa: F811
-    result, log = run_driver(vllm_python, tmp_path, "restart")
+def test_coordinator_started_late_then_killed_and_restarted(vllm_python, vllm_tmp):  # noqa: F811
+    result, log = run_driver(vllm_python, vllm_tmp, "restart")
     check_moe_tokens(result)
     stage = {s["name"]: s for s in result["stages"]}
     # No coordinator yet: vLLM serves, the agents wait unregistered at the initial placement.
@@ -121,8 +121,8 @@ def test_coordinator_started_late_then_killed_and_restarted(vllm_python, tmp_pat
 
 
 @pytest.mark.slow
-def test_no_redundant_experts_swaps_experts_and_keeps_the_output(vllm_python, tmp_path):  # noqa: F811
-    result, _ = run_driver(vllm_python, tmp_path, "no-redundant")
+def test_no_redundant_experts_swaps_experts_and_keeps_the_output(vllm_python, vllm_tmp):  # noqa: F811
+    result, _ = run_driver(vllm_python, vllm_tmp, "no-redundant")
     check_moe_tokens(result)
     before, after = (result["stages"][i]["workers"][0]["phy2log"] for i in (0, -1))
     assert after != before and sorted(after[0]) == sorted(before[0]) == list(range(8))
@@ -130,18 +130,18 @@ def test_no_redundant_experts_swaps_experts_and_keeps_the_output(vllm_python, tm
 
 
 @pytest.mark.slow
-def test_without_the_plugin_the_output_is_the_same(vllm_python, tmp_path):  # noqa: F811
+def test_without_the_plugin_the_output_is_the_same(vllm_python, vllm_tmp):  # noqa: F811
     """The reference: ``EPLB_SERVICE_ENDPOINT`` unset, vLLM's own EPLB on (no rearrangement in so
     short a run). Its tokens equal every stage of the other MoE runs (``check_moe_tokens``)."""
-    result, log = run_driver(vllm_python, tmp_path, "no-plugin", EPLB_SERVICE_ENDPOINT="")
+    result, log = run_driver(vllm_python, vllm_tmp, "no-plugin", EPLB_SERVICE_ENDPOINT="")
     check_moe_tokens(result)
     # Inert: not one line of ours (the venv's own path, ``…/eplb-service-tests/…``, may be in vLLM's warnings).
     assert "eplb-service plugin" not in log and not re.search(r"\[rank \d+\]|\beplb_service\.[\w.]+: ", log), log
 
 
 @pytest.mark.slow
-def test_a_dense_model_is_served_with_the_plugin_configured(vllm_python, tmp_path):  # noqa: F811
-    result, log = run_driver(vllm_python, tmp_path, "dense")
+def test_a_dense_model_is_served_with_the_plugin_configured(vllm_python, vllm_tmp):  # noqa: F811
+    result, log = run_driver(vllm_python, vllm_tmp, "dense")
     tokens = result["stages"][0]["tokens"]
     assert len(tokens) == 6 and all(len(t) == 16 for t in tokens)
     passive = [line for line in log.splitlines() if "has no experts (dense)" in line]
@@ -149,6 +149,6 @@ def test_a_dense_model_is_served_with_the_plugin_configured(vllm_python, tmp_pat
     assert "agent started" not in log
 
 
-def test_a_bad_plugin_variable_refuses_to_start_naming_it(vllm_python, tmp_path):  # noqa: F811
-    result, _ = run_driver(vllm_python, tmp_path, "bad-env", EPLB_SERVICE_REPORT_INTERVAL_STEPS="abc")
+def test_a_bad_plugin_variable_refuses_to_start_naming_it(vllm_python, vllm_tmp):  # noqa: F811
+    result, _ = run_driver(vllm_python, vllm_tmp, "bad-env", EPLB_SERVICE_REPORT_INTERVAL_STEPS="abc")
     assert result["refused"] == "ConfigError: EPLB_SERVICE_REPORT_INTERVAL_STEPS='abc': expected an integer"
