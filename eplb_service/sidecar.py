@@ -50,6 +50,7 @@ from eplb_service.sidecar_checks import (
     coordinator_settings,
     log_environment,
 )
+from eplb_service.stop_signals import not_ignored
 from eplb_service.vllm_command import UsageError, coordinator_ranks, vllm_parallelism
 
 log = logutil.rank_logger(__name__, "sidecar")
@@ -182,7 +183,9 @@ class Sidecar:
 
     def run(self) -> int:
         """vLLM's exit status (``128 + N`` for a death by signal N); the coordinator is stopped on every way out."""
-        for sig in FORWARDED_SIGNALS:
+        # One the sidecar's parent ignored stays ignored, here and in vLLM and the coordinator,
+        # which inherit it: `nohup eplb-sidecar -- vllm serve` outlives its ssh session.
+        for sig in not_ignored(FORWARDED_SIGNALS):
             signal.signal(sig, self._on_signal)
         try:
             return self._run()
@@ -275,7 +278,8 @@ The EP rank count comes from the vLLM command as vLLM reads it: --data-parallel-
 dashes, FLAG VALUE or FLAG=VALUE, and from its --config YAML file. A --dp/--tp given to the
 coordinator must agree with them. The sidecar starts the coordinator, waits until it answers,
 then runs the vLLM command with EPLB_SERVICE_ENDPOINT set. SIGINT/SIGTERM/SIGHUP/SIGQUIT go to
-vLLM, then the coordinator stops. If the coordinator dies, vLLM keeps serving and the coordinator is
+vLLM, then the coordinator stops; one ignored when the sidecar starts (nohup's SIGHUP) stays
+ignored by all three. If the coordinator dies, vLLM keeps serving and the coordinator is
 restarted with back-off.
 
 Exit status: vLLM's (128 + N if signal N killed it); 2 for a mistake in the sidecar's flags,

@@ -26,9 +26,12 @@ def on_stop(signum, frame):
     stop = True
 
 
-# Before the report: a test signals as soon as it reads it.
+# Before the report: a test signals as soon as it reads it. One ignored from the start stays
+# ignored, as in a server that handles only what it was given (vLLM under nohup serves on).
+sighup_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-    signal.signal(sig, on_stop)
+    if signal.getsignal(sig) != signal.SIG_IGN:
+        signal.signal(sig, on_stop)
 if sys.argv[1:2] == ["--ignore-sighup"]:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]
@@ -41,6 +44,7 @@ print(
             "pid": os.getpid(),
             "argv": sys.argv[1:],
             "deployment": os.environ.get("EPLB_SERVICE_DEPLOYMENT"),
+            "sighup_ignored": sighup_ignored,
         }
     ),
     flush=True,

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from child_signals import nohup, terminal_defaults
 from conftest import free_port
 from test_host_resources import coordinator_under
 
@@ -30,8 +31,9 @@ def answers_status(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30)
     return False
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def start_daemon(tmp_path, signals=terminal_defaults):
+    """``eplb-coordinator --dp 2 --tp 2`` serving, started with the signal dispositions ``signals``
+    sets (:mod:`child_signals`): (endpoint, metrics port, process)."""
     endpoint = f"ipc://{tmp_path}/run/coordinator.sock"
     port = free_port()
     proc = subprocess.Popen(
@@ -51,10 +53,17 @@ def daemon(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=signals,
     )
     if not answers_status(endpoint, proc):
         proc.kill()
         pytest.fail(f"daemon did not come up: {proc.stdout.read()}")
+    return endpoint, port, proc
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    endpoint, port, proc = start_daemon(tmp_path)
     yield endpoint, port, proc, tmp_path
     if proc.poll() is None:
         proc.kill()
@@ -499,6 +508,22 @@ def test_sighup_stops_the_daemon_as_cleanly_as_sigterm(daemon):
     out = proc.stdout.read()
     assert "SIGHUP received: stopping" in out and "stopped" in out
     assert not (tmp_path / "run" / "coordinator.sock").exists(), "a clean stop removes the socket file"
+
+
+def test_a_daemon_started_under_nohup_serves_on_through_sighup(tmp_path):
+    """``nohup eplb-coordinator ... &``: the hangup at the end of the ssh session must not stop it.
+    Before, the daemon handled SIGHUP over nohup's ignore and stopped at logout."""
+    endpoint, _, proc = start_daemon(tmp_path, signals=nohup)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None and answers_status(endpoint, proc, timeout_s=10), "stopped by an ignored SIGHUP"
+        proc.send_signal(signal.SIGTERM)  # still stops cleanly on the signals it was left
+        assert proc.wait(timeout=15) == 0
+        assert "SIGHUP" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_the_systemd_unit_starts_a_valid_command_and_does_not_restart_a_refused_one():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_signals import terminal_defaults
 
 from eplb_service.coordinator.plan_cli import main
 from eplb_service.placement import PlacementShape, validate_phy2log
@@ -409,7 +410,7 @@ def test_ctrl_c_exits_130_with_one_line_and_no_file(tmp_path):
         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
         # SIGINT as a terminal leaves it, whatever this process's own: an ignored SIGINT is
         # inherited, and Python then installs no KeyboardInterrupt (the child planned to the end)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=terminal_defaults,
     )
     assert proc.stderr is not None
     seen = [proc.stderr.readline() for _ in range(2)]

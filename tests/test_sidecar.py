@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from child_signals import nohup, terminal_defaults
 
 from eplb_service.coordinator.status_client import fetch_status
 
@@ -35,8 +36,9 @@ def sidecar_cmd(endpoint: str, *vllm: str) -> list[str]:
     ]
 
 
-def start_sidecar(tmp_path, cmd: list[str] | None = None):
-    """The sidecar running ``cmd`` (default: the stand-in, DP 2 x TP 2) once the stand-in reached the coordinator."""
+def start_sidecar(tmp_path, cmd: list[str] | None = None, signals=terminal_defaults):
+    """The sidecar running ``cmd`` (default: the stand-in, DP 2 x TP 2) once the stand-in reached
+    the coordinator, started with the signal dispositions ``signals`` sets (:mod:`child_signals`)."""
     endpoint = f"ipc://{tmp_path}/c.sock"
     proc = subprocess.Popen(
         cmd or sidecar_cmd(endpoint, sys.executable, STAND_IN),
@@ -44,6 +46,7 @@ def start_sidecar(tmp_path, cmd: list[str] | None = None):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=signals,
     )
     log = ""
     for line in proc.stdout:  # skip log lines until the stand-in reports it reached the coordinator
@@ -147,6 +150,7 @@ def test_signal_before_vllm_starts_stops_the_coordinator_and_never_starts_vllm(t
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=terminal_defaults,
     )
     try:
         log = ""
@@ -202,6 +206,27 @@ def test_coordinator_crash_never_stops_vllm_and_is_restarted(tmp_path):
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 7
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_under_nohup_the_hangup_stops_neither_the_sidecar_nor_vllm_nor_the_coordinator(tmp_path):
+    """``nohup eplb-sidecar -- vllm serve ... &`` outlives the ssh session. Before, the sidecar
+    installed its forwarder over nohup's SIGHUP ignore, so vLLM started with SIGHUP at its default
+    and the session's hangup, forwarded, stopped vLLM."""
+    endpoint, proc, first = start_sidecar(tmp_path, signals=nohup)
+    try:
+        assert first["sighup_ignored"], "vLLM must inherit nohup's ignored SIGHUP"
+        coordinator_pid = fetch_status(endpoint)["pid"]
+        os.killpg(proc.pid, signal.SIGHUP)  # the hangup reaches the session's whole process group
+        time.sleep(1.0)
+        assert proc.poll() is None and not is_gone(first["pid"]), "the sidecar or vLLM (stand-in) stopped"
+        assert fetch_status(endpoint)["pid"] == coordinator_pid, "the coordinator stopped (and was restarted)"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+        log = proc.stdout.read()
+        assert "forwarding SIGHUP" not in log and "stand-in stopping" in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from child_signals import terminal_defaults
 
 from eplb_service.coordinator.config import CoordinatorConfig
 from eplb_service.placement import PlacementShape
@@ -499,6 +500,7 @@ def _marked_process(marker: str, python_args: list[str]) -> subprocess.Popen:
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=terminal_defaults,  # the tests signal it: not with a signal pytest may ignore
     )
 
 

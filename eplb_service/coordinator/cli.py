@@ -25,6 +25,7 @@ from eplb_service.coordinator import arg_types
 from eplb_service.coordinator.config import CoordinatorConfig, check_endpoint, default_endpoint, split_tcp_endpoint
 from eplb_service.coordinator.config_file import config_path, load_config_file, peek_log_format
 from eplb_service.protocol import AgentConfig
+from eplb_service.stop_signals import not_ignored
 from eplb_service.units import human_bytes
 
 if TYPE_CHECKING:  # imported where a simulation runs: the daemon never loads it
@@ -115,10 +116,11 @@ Default endpoint: {endpoint}
 
 SERVE_EXIT_STATUS = """\
 Exit status: 0 after SIGTERM, SIGINT or SIGHUP (with --simulate: 128 + the signal's number, its
-ranks stopped, no summary); 2 for a refused flag, --config file or environment variable (one line
-naming it, before anything starts); 1 if the endpoint or --metrics-port cannot be taken, or, with
---simulate, if an output mismatched, a plan diverged, a rank reported an error, rebalancing halted
-or --summary-json/--plot could not be written at the end (the summary is still on stdout)."""
+ranks stopped, no summary; one ignored when it started stays ignored: under nohup, SIGHUP); 2 for a
+refused flag, --config file or environment variable (one line naming it, before anything starts); 1
+if the endpoint or --metrics-port cannot be taken, or, with --simulate, if an output mismatched, a
+plan diverged, a rank reported an error, rebalancing halted or --summary-json/--plot could not be
+written at the end (the summary is still on stdout)."""
 STATUS_EXIT_STATUS = """\
 Exit status: 0 with the status printed; 1 if no coordinator answers within --timeout-s or the
 endpoint cannot be used, or stdout cannot take the status (one line naming it); 2 for a refused
@@ -522,7 +524,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals that stop the daemon cleanly (the plan in flight aborted, agents told, its socket file removed).
 
 SIGHUP is among them because a daemon started from a shell gets it when the terminal or ssh
-session closes; its default action killed the daemon with none of that done."""
+session closes; its default action killed the daemon with none of that done. One its parent
+ignored stays ignored (``nohup``: :mod:`eplb_service.stop_signals`)."""
 
 
 def _stop_on(coordinator, sig: signal.Signals) -> None:
@@ -537,12 +540,13 @@ def _serve(cfg: CoordinatorConfig) -> int:
     async def main() -> None:
         coordinator = Coordinator(cfg, open_files_wanted=DAEMON_SOFT_LIMIT)
         loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
+        taken = not_ignored(STOP_SIGNALS)  # nohup's SIGHUP stays ignored (eplb_service.stop_signals)
+        for sig in taken:
             loop.add_signal_handler(sig, _stop_on, coordinator, sig)
         try:
             await coordinator.serve()
         finally:  # uvloop's close leaves them installed, bound to a closed loop (main() called in-process)
-            for sig in STOP_SIGNALS:
+            for sig in taken:
                 loop.remove_signal_handler(sig)
 
     import uvloop

@@ -29,6 +29,7 @@ from eplb_service.placement import model_balancedness
 from eplb_service.sim.processes import RankProcesses, drain, free_port
 from eplb_service.sim.serving_loop import RankSpec, run_rank
 from eplb_service.sim.workload import SimModelConfig
+from eplb_service.stop_signals import not_ignored
 from eplb_service.units import human_bytes
 
 RANK_PRELOAD = ("torch", "torch.distributed", "eplb_service.sim.serving_loop")
@@ -172,7 +173,7 @@ def _stop_on_signals(coordinator: Coordinator, stopped_by: list[int]) -> None:
             coordinator.log.warning("%s received: stopping the simulation and its ranks (no summary)", sig.name)
         stopped_by.append(int(sig))
 
-    for sig in STOP_SIGNALS:
+    for sig in not_ignored(STOP_SIGNALS):  # one the parent ignored stays ignored (nohup's SIGHUP)
         loop.add_signal_handler(sig, stop, sig)
 
 
