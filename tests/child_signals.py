@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 
-STOP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+from eplb_service.sidecar import FORWARDED_SIGNALS as STOP  # every signal the service stops on
 
 
 def terminal_defaults() -> None:

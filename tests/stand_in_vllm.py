@@ -17,6 +17,7 @@ if sys.argv[1:2] == ["--exit-now"]:
     sys.exit(int(sys.argv[2]))
 
 from eplb_service.coordinator.status_client import fetch_status  # noqa: E402
+from eplb_service.stop_signals import not_ignored  # noqa: E402
 
 stop = False
 
@@ -29,9 +30,8 @@ def on_stop(signum, frame):
 # Before the report: a test signals as soon as it reads it. One ignored from the start stays
 # ignored, as in a server that handles only what it was given (vLLM under nohup serves on).
 sighup_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-    if signal.getsignal(sig) != signal.SIG_IGN:
-        signal.signal(sig, on_stop)
+for sig in not_ignored((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)):
+    signal.signal(sig, on_stop)
 if sys.argv[1:2] == ["--ignore-sighup"]:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 endpoint = os.environ["EPLB_SERVICE_ENDPOINT"]

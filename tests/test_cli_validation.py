@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -310,8 +311,6 @@ def test_a_taken_metrics_port_is_one_line_not_a_traceback(tmp_path, capsys):
     And the signals it handled while up are handed back: uvloop's close left its handlers
     installed, bound to the closed loop, so a Ctrl-C to a process that had called ``main()``
     went to a loop that would never run it."""
-    import signal
-
     before = [signal.getsignal(sig) for sig in STOP_SIGNALS]
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -58,9 +57,8 @@ def vllm_tmp() -> Iterator[Path]:
     (``/tmp/pytest-of-<user>/pytest-<n>/popen-gw<k>/<30 characters of the test's name>``): vLLM
     stopped with "ipc path ... is longer than 107 characters" before its engine started. Removed
     afterwards; a failing test puts the log tail it needs in its message."""
-    path = Path(tempfile.mkdtemp(prefix="eplb-vllm-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="eplb-vllm-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
 
 
 def vllm_env(workdir: Path) -> dict:
