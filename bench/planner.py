@@ -363,6 +363,15 @@ class MatrixWindow:
     base: np.ndarray
 
 
+ABRUPT_RATE = 0.25
+"""``abrupt``: the chance, per layer and window, that a new hot expert appears."""
+
+
+def abrupt_candidates(experts: int) -> int:
+    """``abrupt``: how many of a layer's coldest experts the new hot expert is drawn from (the colder half)."""
+    return max(1, experts // 2)
+
+
 def drift_window(
     logits: np.ndarray, base: np.ndarray, drift: str, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -381,22 +390,33 @@ def drift_window(
         for arr in (logits, base):
             arr[rows, hot], arr[rows, other] = arr[rows, other], arr[rows, hot]
     elif drift == "abrupt":
-        cold = np.argsort(logits, axis=1)[rows, rng.integers(0, max(1, num // 2), layers)]
-        hit = rng.random(layers) < 0.25
+        cold = np.argsort(logits, axis=1)[rows, rng.integers(0, abrupt_candidates(num), layers)]
+        hit = rng.random(layers) < ABRUPT_RATE
         logits[rows[hit], cold[hit]] = logits.max(axis=1)[hit] + np.log(2.0)
     return logits, base
+
+
+def popularity_shares(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """``[layers, experts]`` each expert's expected share of its layer's load under the popularity
+    ``logits``, none above ``1 / top_k``."""
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return cap_shares(prob / prob.sum(axis=1, keepdims=True), 1.0 / top_k)
 
 
 def sample_window(logits: np.ndarray, top_k: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
     """``[layers, experts]`` routed tokens: ``tokens`` per layer drawn from the popularity
     ``logits``, no expert above ``1 / top_k`` of its layer."""
-    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
-    prob = cap_shares(prob / prob.sum(axis=1, keepdims=True), 1.0 / top_k)
-    return rng.multinomial(tokens, prob).astype(np.float64)
+    return rng.multinomial(tokens, popularity_shares(logits, top_k)).astype(np.float64)
 
 
-def matrix_windows(shape: MatrixShape, workload: Workload, layers: int, windows: int, seed: int) -> list[MatrixWindow]:
-    """:func:`matrix_loads`' windows with the hidden popularity behind each (same draws, same loads)."""
+def matrix_windows(
+    shape: MatrixShape, workload: Workload, layers: int, windows: int, seed: int | np.random.Generator
+) -> list[MatrixWindow]:
+    """:func:`matrix_loads`' windows with the hidden popularity behind each (same draws, same loads).
+
+    ``seed`` may be a generator seeded as ``default_rng(seed)`` would be, to watch the draws
+    (``bench/online_bound.py`` keeps them).
+    """
     rng = np.random.default_rng(seed)
     num = shape.experts
     if workload.popularity.startswith("zipf"):
