@@ -363,6 +363,8 @@ class MatrixWindow:
     base: np.ndarray
 
 
+REVERSION = 0.1
+"""The share of the gap to its base (in log popularity) an expert's popularity closes each window."""
 ABRUPT_RATE = 0.25
 """``abrupt``: the chance, per layer and window, that a new hot expert appears."""
 
@@ -382,7 +384,7 @@ def drift_window(
     """
     layers, num = logits.shape
     rows = np.arange(layers)
-    logits = logits + 0.1 * (base - logits) + rng.normal(0.0, 0.05, size=logits.shape)
+    logits = logits + REVERSION * (base - logits) + rng.normal(0.0, 0.05, size=logits.shape)
     if drift == "swap":
         base = base.copy()
         hot = np.argsort(-logits, axis=1)[rows, rng.integers(0, max(1, num // 8), layers)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from bench.online_bound import (
     PAIRS,
     SHAPE,
     WINDOWS,
+    as_seen,
     build_tree,
     cell_draws,
     cheapest_from,
@@ -91,6 +94,23 @@ def test_the_law_knowing_planner_moves_nothing_at_a_prohibitive_price_and_balanc
     moving, some = law_planner(draws, 0.01, 2, SHAPE.top_k)
     assert none == 0 and some > 0
     assert moving > still
+
+
+def test_the_estimated_popularity_is_the_window_as_seen_reverting_to_the_mean_so_far_and_never_the_future(draws):
+    seen = as_seen(draws)
+    shares = [w.loads / w.loads.sum(axis=1, keepdims=True) for w in draws.windows]
+    assert np.allclose(
+        np.exp(seen.windows[3].logits), np.maximum(shares[3], 0.5 / draws.windows[3].loads.sum(axis=1, keepdims=True))
+    )
+    assert np.array_equal(seen.windows[0].base, seen.windows[0].logits)
+    assert np.allclose(seen.windows[4].base, np.mean([w.logits for w in seen.windows[:5]], axis=0))
+    # What it plans on at window 4 is the same whatever the windows after it hold.
+    later = [replace(w, loads=w.loads[:, ::-1].copy()) if t > 4 else w for t, w in enumerate(draws.windows)]
+    other = as_seen(replace(draws, windows=later))
+    for t in range(5):
+        assert np.array_equal(other.windows[t].logits, seen.windows[t].logits)
+        assert np.array_equal(other.windows[t].base, seen.windows[t].base)
+    assert not np.array_equal(other.windows[6].base, seen.windows[6].base)
 
 
 def test_the_command_names_a_bad_value(capsys):
