@@ -428,7 +428,7 @@ def as_seen(draws: CellDraws) -> CellDraws:
     return replace(draws, windows=windows)
 
 
-LAW_PRICES = (0.03, 0.04, 0.05, 0.06, 0.08, 0.12)
+LAW_PRICES = (0.03, 0.04, 0.045, 0.05, 0.055, 0.06, 0.08, 0.12)
 """Prices per slot the law-knowing planner is run at; its column takes the best within the budget."""
 LAW_DEPTH = 4
 """Windows the law-knowing planner looks ahead (3 and 5 gave within a few tenths of a point of 4, one cell)."""
