@@ -234,6 +234,16 @@ def next_cases(logits: np.ndarray, base: np.ndarray, steps: np.ndarray, candidat
     return cases
 
 
+def true_children(split: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(parent, case, fan)``: the children of nodes whose next window has a new hot expert where
+    ``split`` (one per candidate, cases ``1..C``) or none (the one case ``0``), each node's
+    children contiguous; ``fan`` is each node's number of children."""
+    fan = np.where(split, candidates, 1)
+    parent = np.repeat(np.arange(len(split)), fan)
+    offset = np.arange(len(parent)) - np.repeat(np.cumsum(fan) - fan, fan)  # 0..fan-1 per parent
+    return parent, np.where(split[parent], 1 + offset, 0), fan
+
+
 def build_tree(draws: CellDraws, top_k: int) -> Tree:
     """The cell's scenario trees (module docstring), every layer at once."""
     first = draws.windows[0]
@@ -255,10 +265,7 @@ def build_tree(draws: CellDraws, top_k: int) -> Tree:
             break
         cases = next_cases(nodes, base[owner], draws.steps[t + 1][owner], candidates)
         split = draws.hits[t + 1][owner]
-        fan = np.where(split, candidates, 1)
-        parent = np.repeat(np.arange(len(nodes)), fan)
-        offset = np.arange(len(parent)) - np.repeat(np.cumsum(fan) - fan, fan)  # 0..fan-1 per parent
-        case = np.where(split[parent], 1 + offset, 0)
+        parent, case, fan = true_children(split, candidates)
         logits.append(np.stack(cases, axis=1)[parent, case])
         layer.append(owner[parent])
         weight.append(weight[t][parent] / fan[parent])
@@ -369,11 +376,8 @@ def lookahead_costs(draws: CellDraws, t: int, lam: float, depth: int, top_k: int
             break
         cases = np.stack(next_cases(nodes, base, steps, candidates), axis=1)  # [K, C + 1, N]
         if timing:  # the children the tree of the bound has: the true cases only
-            split = draws.hits[t + 1 + d][owner]
-            fan = np.where(split, candidates, 1)
-            parent = np.repeat(np.arange(len(nodes)), fan)
-            offset = np.arange(len(parent)) - np.repeat(np.cumsum(fan) - fan, fan)
-            nodes = cases[parent, np.where(split[parent], 1 + offset, 0)]
+            parent, case, _ = true_children(draws.hits[t + 1 + d][owner], candidates)
+            nodes = cases[parent, case]
             fans.append(parent)
         else:
             parent = np.repeat(np.arange(len(nodes)), len(odds))
