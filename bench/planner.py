@@ -59,6 +59,7 @@ from eplb_service.coordinator.spend_control import (
     scale_ceiling,
     update_spend,
 )
+from eplb_service.coordinator.surge_model import SurgeTracker
 from eplb_service.placement import (
     PlacementShape,
     initial_phy2log,
@@ -484,6 +485,7 @@ def run_sequence(
     forecast: bool = True,
     spend_control: bool = True,
     fresh_start: bool = True,
+    surge_law: bool = True,
 ) -> SequenceResult:
     """Plan every window but the last, each from the previous plan; score on the next window.
 
@@ -499,6 +501,9 @@ def run_sequence(
     ``fresh_start`` (``"migration"``): the first plan, from vLLM's initial placement, is
     DeepSeek's packing (``plan_rebalance(fresh=True)``, as the coordinator plans at epoch 0);
     ``False`` repairs that placement like any other.
+    ``surge_law`` (``"migration"``): fold every window into a
+    :class:`~eplb_service.coordinator.surge_model.SurgeTracker` and pass its law to each plan, as
+    the coordinator does (:mod:`~eplb_service.coordinator.policy_lookahead`).
     """
     layers = loads[0].shape[0]
     pshape = PlacementShape(layers, shape.experts, shape.slots, shape.ranks)
@@ -509,8 +514,10 @@ def run_sequence(
     moved = sent = warm = 0
     controlled = spend_control and policy == "migration"
     spend, shadow = SpendState(), current
+    tracker = SurgeTracker()
     for i in range(len(loads) - 1):
         window.add(loads[i], i * interval, (i + 1) * interval)
+        tracker.add(loads[i])
         load = window.load.copy() if decayed else loads[i]
         start = time.perf_counter()
         lasting = persistence(loads[i - 1] if i else None, loads[i]) if forecast else 1.0
@@ -523,6 +530,7 @@ def run_sequence(
             num_nodes=shape.nodes,
             persistence=lasting,
             fresh=fresh_start and i == 0,
+            surges=tracker.model() if surge_law and policy == "migration" else None,
             **plan_factors(spend),
         )
         times.append((time.perf_counter() - start) * 1e3)

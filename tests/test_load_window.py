@@ -73,3 +73,23 @@ def test_the_window_decays_for_every_step_not_once_per_half_life():
     window.add(np.array([[8.0, 0.0]]), 0, 100)
     window.add(np.array([[0.0, 4.0]]), 100, 150)
     assert np.allclose(window.load, [[8.0 * 2**-0.5, 4.0]])
+
+
+def test_complete_segments_feed_the_law_of_surges_once_each_and_never_across_a_gap():
+    window = LoadWindow(num_layers=2, num_logical=4, half_life_steps=10)
+    calm = np.array([[8.0, 4.0, 2.0, 1.0], [8.0, 4.0, 2.0, 1.0]])
+    hot = np.array([[8.0, 4.0, 2.0, 40.0], [8.0, 4.0, 2.0, 1.0]])  # layer 0's coldest expert surges
+    window.add(calm, 0, 10)
+    window.add(calm, 0, 10)  # a second rank's report of the same segment
+    assert window.surge_model() is None
+    window.add(hot, 10, 20)  # segment 0 is complete now; segment 1 still fills
+    assert window.surges.windows == 1 and window.surge_model() is None
+    window.add(calm, 20, 30)
+    model = window.surge_model()
+    assert model is not None and window.surges.windows == 2
+    assert model.rate == 0.5  # one surge in two layers, one pair of segments
+    assert np.allclose(model.level[1], model.level[1][0] - np.log([1, 2, 4, 8]))  # 2 x calm
+    window.add(calm, 50, 60)  # segments 3 and 4 never came: no surge is read across the gap
+    window.add(hot, 60, 70)
+    # segments 0, 1, 2 and 5 folded; pairs (0 -> 1) and (1 -> 2), none (2 -> 5)
+    assert window.surges.windows == 4 and window.surges.pairs == 2 * 2

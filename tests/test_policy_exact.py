@@ -181,7 +181,7 @@ def test_the_migration_policy_plans_mixtral_8_plus_2_exactly():
 def test_a_fresh_plan_without_redundant_slots_takes_a_best_split_where_deepseek_s_packing_misses_it():
     """On ranks of 4 slots (Mixtral 8+0 on 2 GPUs) the greedy packing a fresh plan used to lay
     misses the best split in some layers, and the first measured plan spent the difference; on
-    ranks of 2 slots the greedy packing is the best pairing and a fresh plan stays DeepSeek's."""
+    ranks of 2 slots the greedy packing is a best pairing, and a fresh plan takes the roomiest."""
     rng = np.random.default_rng(5)
     load = rng.gamma(0.7, 100.0, size=(40, 8))
     two_ranks = PlacementShape(40, 8, 8, 2)
@@ -194,10 +194,15 @@ def test_a_fresh_plan_without_redundant_slots_takes_a_best_split_where_deepseek_
     four_ranks = PlacementShape(40, 8, 8, 4)
     fresh = plan_rebalance("migration", initial_phy2log(four_ranks), load, four_ranks, fresh=True)
     greedy = plan_rebalance("deepseek", initial_phy2log(four_ranks), load, four_ranks)
-    assert np.array_equal(fresh.target_phy2log, greedy.target_phy2log)
     ordered = np.sort(load, axis=1)
     best_pairs = (ordered[:, :4] + ordered[:, ::-1][:, :4]).max(axis=1)  # the hottest with the coldest, and so on
     assert np.allclose(rank_loads(greedy.target_phy2log, load, 4).max(axis=1), best_pairs)
+    # On ranks of 2 the fresh plan is a best pairing too, the least even of them (policy_lookahead).
+    fresh_ranks = rank_loads(fresh.target_phy2log, load, 4)
+    greedy_ranks = rank_loads(greedy.target_phy2log, load, 4)
+    assert np.allclose(fresh_ranks.max(axis=1), best_pairs)
+    assert np.all((fresh_ranks**2).sum(axis=1) >= (greedy_ranks**2).sum(axis=1) - 1e-6)
+    assert np.any((fresh_ranks**2).sum(axis=1) > (greedy_ranks**2).sum(axis=1) + 1e-6)
 
 
 def test_the_price_holds_back_moves_that_gain_too_little_and_ties_keep_the_layout():

@@ -8,7 +8,9 @@ exponentially in deployment steps (half-life configurable), so it follows drift.
 Beside the decayed sum it keeps the raw load of the last few *segments* of one half-life
 each (steps ``[k * h, (k + 1) * h)``, by a report's first step), so the planner can measure how
 much of the imbalance lasts from one segment to the next
-(:func:`~eplb_service.coordinator.load_forecast.persistence`).
+(:func:`~eplb_service.coordinator.load_forecast.persistence`), and folds every complete segment
+into a :class:`~eplb_service.coordinator.surge_model.SurgeTracker`, whose law of surges the
+migration policy plans small layers ahead with (:mod:`.policy_lookahead`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplb_service.coordinator.load_forecast import persistence
+from eplb_service.coordinator.surge_model import SurgeModel, SurgeTracker
 from eplb_service.placement import physical_to_logical_load
 
 SEGMENTS_KEPT = 3
@@ -30,6 +33,8 @@ class LoadWindow:
         self.first_step: int | None = None
         self.reports = 0
         self.segments: dict[int, np.ndarray] = {}
+        self.surges = SurgeTracker()
+        self.folded: int | None = None  # the newest segment folded into ``surges``
 
     def add(self, logical_load: np.ndarray, step_begin: int, step_end: int) -> None:
         """Fold one rank's ``[L, N_log]`` load for ``[step_begin, step_end)`` into the window."""
@@ -43,6 +48,7 @@ class LoadWindow:
         segment = int(step_begin // self.half_life_steps)
         if segment not in self.segments:
             self.segments[segment] = np.zeros_like(self.load)
+            self._fold_done()
             for old in sorted(self.segments)[:-SEGMENTS_KEPT]:
                 del self.segments[old]
         if segment in self.segments:
@@ -55,6 +61,20 @@ class LoadWindow:
         if len(done) < 2 or done[-1] != done[-2] + 1:
             return 1.0
         return persistence(self.segments[done[-2]], self.segments[done[-1]])
+
+    def _fold_done(self) -> None:
+        """Fold each complete segment (all but the newest) not folded yet, oldest first; a report
+        that arrives for a segment after it was folded still counts in the window, not in the law."""
+        for segment in sorted(self.segments)[:-1]:
+            if self.folded is not None and segment <= self.folded:
+                continue
+            follows = self.folded is not None and segment == self.folded + 1
+            self.surges.add(self.segments[segment], follows=follows)
+            self.folded = segment
+
+    def surge_model(self) -> SurgeModel | None:
+        """The law of surges read from the complete segments so far (None before two in a row)."""
+        return self.surges.model()
 
     @staticmethod
     def to_logical(slot_load: np.ndarray, phy2log: np.ndarray, num_logical: int) -> np.ndarray:

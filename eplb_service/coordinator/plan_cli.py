@@ -16,13 +16,16 @@ a recording's parts, are summed), runs a placement policy, and writes placement 
 plan can seed the coordinator's initial placement and the next plan can start from it. Without
 ``--current`` the current placement is vLLM's initial one (slot ``p`` holds expert ``p % N``). From
 that placement (given or not) the migration policy lays DeepSeek's packing (in layers small
-enough to weigh every layout, the best one), as the coordinator's first plan does
+enough to weigh every layout, the best one; on ranks of 2 slots without redundant ones, the least
+even best pairing, ``policy_lookahead``), as the coordinator's first plan does
 (``plan_rebalance(fresh=True)``). Balancedness figures are under ``--load`` as given
 (with ``--previous-load`` and a persistence below 0.6 the migration policy plans for a forecast of
 the next window, see ``load_forecast``; the batches' gains are then under that forecast). The
 migration policy runs at its default move price: the coordinator's spend controller
 (``spend_control``), which makes moves cheaper where its plans move far fewer slots than DeepSeek's
-would (dearer close to a fifth of them), needs a sequence of plans to tally and is not used here.
+would (dearer close to a fifth of them), needs a sequence of plans to tally and is not used here;
+nor is the law of surges it reads from its windows (``surge_model``), so layers of ranks of 2 slots
+without redundant ones are planned as without it (the swap search where the load lasts).
 Bad input ends with exit code 2 and a one-line message naming the flag or the file (with the bad
 entry's position) and what was expected: numeric flags are checked as they are parsed, files as they
 are read (an unreadable or ill-typed file is named, never a traceback; pickles are never loaded).

@@ -221,6 +221,7 @@ class PlanRunner:
             min_layer_gain=cfg.min_layer_gain,
             persistence=persistence,
             fresh=fresh,
+            surges=book.window.surge_model() if cfg.policy == "migration" else None,
             skip_over_budget=True,
             **plan_factors(self.spend),
         )

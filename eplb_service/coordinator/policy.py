@@ -24,9 +24,11 @@ The caller may pass the load's ``persistence`` (:mod:`.load_forecast`: how much 
 imbalance lasted from the previous window to this one; the coordinator measures it on its load
 window). ``"migration"`` then plans for the forecast next window and prices moves by it.
 
-Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; layers small enough
-to weigh every layout, with redundant slots or a load whose imbalance mostly fades, planned
-exactly by :mod:`.policy_exact`; held to
+Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; layers of ranks of 2
+slots without redundant ones, given the law of surges the coordinator reads from its windows,
+planned a few windows ahead by :mod:`.policy_lookahead`; other layers small enough to weigh every
+layout, with redundant slots or a load whose imbalance mostly fades, planned exactly by
+:mod:`.policy_exact`; held to
 DeepSeek's node hierarchy by :mod:`.policy_hierarchy` under ``num_groups``/``num_nodes``) and
 ``"deepseek"`` (parity with DeepSeek's / vLLM's algorithm, :mod:`.policy_deepseek`; its
 proposal is then permuted within each rank so experts already on a rank keep their slot, as
@@ -52,8 +54,10 @@ from eplb_service.coordinator.policy_hierarchy import (
     node_purity,
     uses_hierarchy,
 )
+from eplb_service.coordinator.policy_lookahead import lookahead_phy2log
 from eplb_service.coordinator.policy_migration import migration_phy2log
 from eplb_service.coordinator.spend_control import price_factor_problem, room_slots, scales_problem, spend_options
+from eplb_service.coordinator.surge_model import SurgeModel
 from eplb_service.placement import (
     PlacementError,
     PlacementShape,
@@ -242,13 +246,28 @@ def propose_phy2log(
     price_scale: float = 1.0,
     exact_price_scale: float = 1.0,
     fresh: bool = False,
+    surges: SurgeModel | None = None,
 ) -> np.ndarray:
     """The policy's raw proposal ``[L, P]`` (no gain filter, no batching); inputs validated.
 
-    ``persistence``, ``spend_scale``, ``price_scale``, ``exact_price_scale``, ``fresh`` (``"migration"`` only): see
-    :func:`plan_rebalance`;
+    ``persistence``, ``spend_scale``, ``price_scale``, ``exact_price_scale``, ``fresh``, ``surges``
+    (``"migration"`` only): see :func:`plan_rebalance`;
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
+    if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
+        # Small layers without redundant slots: a roomy first plan, then planned ahead under the surge law.
+        ahead = lookahead_phy2log(
+            current_phy2log,
+            load,
+            shape.num_ranks,
+            surges,
+            spend_scale=spend_scale,
+            persistence=persistence,
+            fresh=fresh,
+            price_scale=price_scale,
+        )
+        if ahead is not None:
+            return ahead
     if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
         # Small layers (with redundant slots, or a fading load): every layout, or every two-slot change, weighed.
         small = small_layer_phy2log(
@@ -307,6 +326,7 @@ def plan_rebalance(
     price_scale: float = 1.0,
     exact_price_scale: float = 1.0,
     fresh: bool = False,
+    surges: SurgeModel | None = None,
     progress: LayerProgress | None = None,
     skip_over_budget: bool = False,
 ) -> RebalancePlan:
@@ -360,6 +380,10 @@ def plan_rebalance(
             than ``staging_budget_bytes`` on some rank is repaired instead. Layers whose every
             layout :mod:`.policy_exact` weighs take their best layout instead of the packing.
             Other policies ignore it.
+        surges: the law of surges read from the load windows so far
+            (:class:`.surge_model.SurgeModel`, which the coordinator keeps), or None.
+            ``"migration"`` then plans small layers without redundant slots whose load lasts a
+            few rebalances ahead (:mod:`.policy_lookahead`). Other policies ignore it.
         progress: called with ``(layers_done, num_layers)`` after each block of layers the
             built-in policies finish (:data:`PROGRESS_BLOCK_SLOTS`); registered policies do not
             call it.
@@ -421,6 +445,12 @@ def plan_rebalance(
         options["price_scale"] = float(price_scale)
         options["exact_price_scale"] = float(exact_price_scale)
         options["fresh"] = bool(fresh)
+        if surges is not None and surges.level.shape != load.shape:
+            raise PlacementError(
+                f"surges: a model of {surges.level.shape[0]} layers x {surges.level.shape[1]} experts for a "
+                f"load of {load.shape[0]} x {load.shape[1]}"
+            )
+        options["surges"] = surges
     proposed = _propose_in_blocks(policy, current, load, shape, progress, **options)
     if options.get("fresh") and staging_budget_bytes is not None:
         # A packing changes most of a layer's slots; where that is more than one batch can stage
@@ -432,8 +462,9 @@ def plan_rebalance(
             layers = np.flatnonzero(too_big)
             part = PlacementShape(layers.size, shape.num_logical, shape.num_physical, shape.num_ranks)
             proposed = proposed.copy()
+            surges_there = None if surges is None else surges.select(layers)
             proposed[layers] = propose_phy2log(
-                policy, current[layers], load[layers], part, **{**options, "fresh": False}
+                policy, current[layers], load[layers], part, **{**options, "fresh": False, "surges": surges_there}
             )
     required = None
     if uses_hierarchy(num_groups, num_nodes):
@@ -473,7 +504,10 @@ def _propose_in_blocks(
     for start in range(0, shape.num_layers, block):
         stop = min(start + block, shape.num_layers)
         part = PlacementShape(stop - start, shape.num_logical, shape.num_physical, shape.num_ranks)
-        rows.append(propose_phy2log(policy, current[start:stop], load[start:stop], part, **options))
+        here = dict(options)
+        if here.get("surges") is not None:
+            here["surges"] = here["surges"].select(slice(start, stop))
+        rows.append(propose_phy2log(policy, current[start:stop], load[start:stop], part, **here))
         if progress is not None:
             progress(stop, shape.num_layers)
     return rows[0] if len(rows) == 1 else np.concatenate(rows)

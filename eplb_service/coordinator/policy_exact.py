@@ -59,8 +59,10 @@ its price, and the swap search moved almost nothing after the first plan, where 
 pairing re-pairs several ranks at once where that pays. Pooled over seeds 0-2 that met 3 of the
 shape's 4 swap cells that missed on balance (their worst −0.76 pp → −0.50) and changed no other
 cell. Where the load lasts (slow drift, a new hot expert that stays), the same rule traded the
-abrupt cells' slot misses for balance misses of up to −1.3 pp at the same count of cells, and the
-swap search plans those layers.
+abrupt cells' slot misses for balance misses of up to −1.3 pp at the same count of cells: there
+:mod:`.policy_lookahead` plans layers of ranks of 2 slots a few windows ahead when the coordinator
+gives it the law of surges, and the swap search plans the rest (and these, without that law, as
+``eplb-plan`` plans them). A fresh plan on ranks of 2 slots is :mod:`.policy_lookahead`'s too.
 
 Where a layer with redundant slots has too many layouts (Mixtral 8 + 4 on 4 ranks of 3: 74 900)
 but at most :data:`LOCAL_MAX_CANDIDATES` rows within :data:`LOCAL_MAX_CHANGES` changed slots
@@ -219,7 +221,13 @@ def plans_exactly(
 
 
 def exact_phy2log(
-    current_phy2log: np.ndarray, load: np.ndarray, num_ranks: int, *, move_price: float, layer_price: float = 0.0
+    current_phy2log: np.ndarray,
+    load: np.ndarray,
+    num_ranks: int,
+    *,
+    move_price: float,
+    layer_price: float = 0.0,
+    expected: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[L, P]`` each layer laid out by the rule of the module docstring at ``move_price`` mean rank
     loads per moved slot (0 for a fresh plan) and ``layer_price`` per changed layer. Slots whose
@@ -232,6 +240,8 @@ def exact_phy2log(
         num_ranks: EP ranks.
         move_price: >= 0.
         layer_price: >= 0.
+        expected: ``[L, S]`` each layout's cost in mean rank loads to use instead of its largest
+            rank load under ``load`` (:func:`.policy_lookahead.lookahead_costs`), or None.
     """
     current = np.asarray(current_phy2log, dtype=np.int64)
     num_layers, num_physical = current.shape
@@ -255,7 +265,10 @@ def exact_phy2log(
         kept = np.where(better, here, kept)
         order_of = np.where(better, index, order_of)
     moves = num_physical - kept
-    cost = _costs(space.max_loads(load), load, num_ranks, moves, move_price, layer_price)
+    if expected is None:
+        cost = _costs(space.max_loads(load), load, num_ranks, moves, move_price, layer_price)
+    else:
+        cost = expected + (move_price + 1e-9) * moves + layer_price * (moves > 0)
     best = cost.argmin(axis=1)
     rows = np.arange(num_layers)
     stays = moves[rows, best] == 0  # the current row is the cheapest layout (or ties with it)

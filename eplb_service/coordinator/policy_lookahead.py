@@ -1,0 +1,190 @@
+"""Small layers without redundant slots, on ranks of 2 slots, planned a few windows ahead.
+
+Why: where a layer has no redundant slot and two slots per rank (Mixtral-8x7B on 4 GPUs: 105
+pairings of its 8 experts), every answer to a new hot expert re-pairs ranks. The swap search
+answered each surge and then each step of its fade, a price per slot at a time; on the workload
+matrix's Mixtral 8+0 abrupt cells that spent 32-50% of DeepSeek's slots at about its balance,
+where issue 16 allows 20%, and no price per slot does better there (``bench/oracle_pairs.py``).
+What does is planning with **recourse**: judging a pairing by the next window *and* by the best
+answers still open after it, in every case of what may come (``bench/online_bound.py``: given
+the matrix's law, such a planner met 6 of those 8 cells).
+
+Two rules, per layer:
+
+- **A fresh plan** (from the placement serving started with) takes a best pairing (least largest
+  rank, as DeepSeek's packing), and of those the least even (:func:`roomy_costs`): the hottest
+  expert beside the coldest sets the largest rank, and under it warm experts share ranks and cold
+  ones share ranks, where DeepSeek's packing gives every cold expert a hot partner. A cold expert
+  that turns hot then has a cold partner, and the answer costs nothing or one exchange. Over ten
+  seeds of Mixtral 8+0's matrix cells this first pairing took the shape from 14 to 16 of 24
+  cells, and with the lead's price below 18 (``bench/README.md``, twelfth section). It is a bet:
+  where the hottest expert trades places with a random one every window (the *swap* cells), an
+  even pairing serves better: over ten seeds two of those cells fell below the balance line
+  (−0.47 → −0.56 and −0.47 → −0.60 pp) and one that missed fell further (−0.60 → −0.90 pp).
+- **Later plans**, given the law of surges read from the windows
+  (:class:`.surge_model.SurgeModel`, which the coordinator keeps) and a load whose imbalance
+  mostly lasts (``persistence`` at least
+  :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`; below it :mod:`.policy_exact`
+  plans for the forecast): each pairing costs its expected largest rank load over the mean rank
+  load in the next window, plus the expected cost of the best plans of the
+  :data:`LOOKAHEAD_DEPTH` − 1 rebalances after it, each at the price per moved slot and each
+  re-chosen in every case (:func:`lookahead_costs`). A window's cases: every expert's excess over
+  its level fades by ``reversion``; with chance ``rate`` one expert of the colder half (each
+  alike) lands ``jump`` above the hottest; no sampling noise is forecast. The plan takes the
+  pairing of least ``cost + price x slots moved`` from the current one
+  (:func:`.policy_exact.exact_phy2log` lays it, keeping slots in place). The price is
+  :data:`LOOKAHEAD_SHARE_PRICE` of the layer's load per slot, times the spend controller's
+  ``scale`` where that is below 1 and times the balance lead's ``price_scale`` (doubled while the
+  deployment is over the slot cap with a lead over DeepSeek's balance, :mod:`.spend_control`):
+  over ten seeds the lead's factor took the shape from 16 to 18 of 24 cells, all six Zipf abrupt
+  cells within both targets.
+
+Cost: the lookahead weighs ``5^3`` scenario nodes per layer with ``105 x 105`` answers each, about
+10 ms a layer on a 2-core AMD EPYC (Mixtral 8+0 on 4 ranks, 64 layers: 650 ms a plan where the
+swap search took 1.4 ms). It runs in the coordinator's planning thread, off the serving path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplb_service.coordinator.load_forecast import PLAN_AS_IS_FROM
+from eplb_service.coordinator.policy_exact import Layouts, exact_phy2log, small_layouts
+from eplb_service.coordinator.surge_model import SurgeModel, centred_log_shares
+
+LOOKAHEAD_DEPTH = 4
+"""Rebalances judged per plan: the next one and three after it (3 and 5 gave within a few
+tenths of a point of 4 on one matrix cell, ``bench/online_bound.py``)."""
+LOOKAHEAD_MAX_LAYOUTS = 128
+"""Pairings weighed at most (8 experts on 4 ranks: 105). The cheapest answers from every layout to
+every other are ``layouts^2`` numbers per scenario node."""
+CHUNK_NODES = 512
+"""Scenario nodes whose cheapest answers are computed at once (``[chunk, S, S]`` floats)."""
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """``[K, N]`` shares from log shares (rows sum to 1)."""
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return prob / prob.sum(axis=1, keepdims=True)
+
+
+def next_cases(logits: np.ndarray, level: np.ndarray, model: SurgeModel) -> tuple[np.ndarray, np.ndarray]:
+    """``(cases [K, C + 1, N], odds [C + 1])``: each node's next window with no surge, then with
+    a surge on each of its ``C`` colder experts (``C = N // 2``, at least 1), and their odds."""
+    faded = logits + model.reversion * (level - logits)
+    num = logits.shape[1]
+    colder = max(1, num // 2)
+    cold = np.argsort(faded, axis=1, kind="stable")[:, :colder]
+    cases = np.repeat(faded[:, None, :], colder + 1, axis=1)
+    peak = faded.max(axis=1)
+    rows = np.arange(len(faded))
+    for c in range(colder):
+        cases[rows, c + 1, cold[:, c]] = peak + model.jump
+    odds = np.array([1.0 - model.rate] + [model.rate / colder] * colder)
+    return cases, odds
+
+
+def cheapest_answers(cost: np.ndarray, moves: np.ndarray, price: float) -> np.ndarray:
+    """``[K, S]``: from each layout, the least ``price x slots moved + cost`` of the layout after it."""
+    out = np.empty_like(cost)
+    step = price * moves[None]  # [1, S, S]
+    for lo in range(0, len(cost), CHUNK_NODES):
+        part = cost[lo : lo + CHUNK_NODES]
+        out[lo : lo + CHUNK_NODES] = (part[:, None, :] + step).min(axis=2)
+    return out
+
+
+def lookahead_costs(
+    space: Layouts, logits: np.ndarray, model: SurgeModel, price: float, depth: int = LOOKAHEAD_DEPTH
+) -> np.ndarray:
+    """``[L, S]`` every layout's cost (module docstring) for layers whose load now has centred log
+    shares ``logits [L, N]``, at ``price`` mean rank loads per moved slot in later rebalances."""
+    if depth < 1:
+        raise ValueError(f"lookahead depth {depth}: expected at least 1")
+    if logits.shape != model.level.shape:
+        raise ValueError(f"load of shape {logits.shape} against a surge model of shape {model.level.shape}")
+    ranks = space.ranks
+    nodes, level = logits, model.level
+    costs: list[np.ndarray] = []
+    odds = np.ones(1)
+    for d in range(depth):
+        cases, odds = next_cases(nodes, level, model)
+        fan = cases.shape[1]
+        peaks = space.max_loads(softmax_rows(cases.reshape(-1, cases.shape[2]))).reshape(len(nodes), fan, -1)
+        costs.append(ranks * (odds[None, :, None] * peaks).sum(axis=1))
+        if d == depth - 1:
+            break
+        nodes = cases.reshape(-1, cases.shape[2])
+        level = np.repeat(level, fan, axis=0)
+    ahead: np.ndarray | None = None
+    for d in range(len(costs) - 1, -1, -1):
+        q = costs[d]
+        if ahead is not None:
+            q = q + (odds[None, :, None] * ahead.reshape(len(q), len(odds), -1)).sum(axis=1)
+        if d == 0:
+            return q
+        ahead = cheapest_answers(q, space.moves, price)
+    raise AssertionError("unreachable")
+
+
+LOOKAHEAD_SHARE_PRICE = 0.0425
+"""Price per moved slot in later rebalances and in this one, in shares of the layer's load (times
+the ranks: mean rank loads). ``bench/online_bound.py``'s planner on the law read from the windows
+met both targets at 0.04 in three of Mixtral 8+0's abrupt cells and came within 0.1 point of the
+slot line in a fourth; 0.045 was the next price tried."""
+
+
+def plans_ahead(num_logical: int, num_physical: int, num_ranks: int) -> bool:
+    """Whether layers of this shape are planned here: no redundant slot, ranks of 2 slots (a
+    layer is a pairing of its experts, the kind ``bench/online_bound.py`` measured this on) and at
+    most :data:`LOOKAHEAD_MAX_LAYOUTS` pairings (:func:`.policy_exact.small_layouts`)."""
+    if num_physical != num_logical or num_physical != 2 * num_ranks:
+        return False
+    space = small_layouts(num_logical, num_ranks, 2)
+    return space is not None and len(space) <= LOOKAHEAD_MAX_LAYOUTS
+
+
+def roomy_costs(space: Layouts, load: np.ndarray) -> np.ndarray:
+    """``[L, S]`` a fresh plan's cost of every layout: the layouts of least largest rank load tie
+    on it, and of those the least even (most summed squared rank load) costs least; every other
+    layout costs more than any of them."""
+    ranks = space.rank_loads(load)  # [L, S, R]
+    peak = ranks.max(axis=2)
+    mean = np.maximum(load.sum(axis=1) / space.ranks, 1e-300)[:, None]
+    best = peak <= peak.min(axis=1, keepdims=True) * (1.0 + 1e-12)
+    spread = (ranks**2).sum(axis=2) / mean**2 / space.ranks**2  # in (0, 1]
+    return np.where(best, -spread, 1.0 + peak / mean)
+
+
+def lookahead_phy2log(
+    current_phy2log: np.ndarray,
+    load: np.ndarray,
+    num_ranks: int,
+    model: SurgeModel | None,
+    *,
+    spend_scale: float,
+    persistence: float,
+    fresh: bool,
+    price_scale: float = 1.0,
+) -> np.ndarray | None:
+    """The migration policy's plan where this module plans the layer shape (:func:`plans_ahead`),
+    else None. A fresh plan takes the roomiest of the best layouts (:func:`roomy_costs`). A later
+    one, given a surge ``model`` and a load whose imbalance mostly lasts (``persistence`` at least
+    :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`; below it
+    :mod:`.policy_exact` plans for the forecast), takes each layer's pairing of least
+    :func:`lookahead_costs` plus the price of the slots it moves, at
+    :data:`LOOKAHEAD_SHARE_PRICE` times the spend controller's ``spend_scale`` where that is below
+    1 (as :func:`.policy_exact.move_prices`)."""
+    current = np.asarray(current_phy2log, dtype=np.int64)
+    num_logical, num_physical = load.shape[1], current.shape[1]
+    if not plans_ahead(num_logical, num_physical, num_ranks):
+        return None
+    space = small_layouts(num_logical, num_ranks, num_physical // num_ranks)
+    assert space is not None  # plans_ahead checked
+    if fresh:
+        return exact_phy2log(current, load, num_ranks, move_price=0.0, expected=roomy_costs(space, load))
+    if model is None or persistence < PLAN_AS_IS_FROM or model.level.shape != load.shape:
+        return None
+    price = LOOKAHEAD_SHARE_PRICE * num_ranks * min(spend_scale, 1.0) * price_scale
+    expected = lookahead_costs(space, centred_log_shares(load), model, price)
+    return exact_phy2log(current, load, num_ranks, move_price=price, expected=expected)
