@@ -8,6 +8,7 @@ import pytest
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_exact import small_layouts
 from eplb_service.coordinator.policy_lookahead import (
+    cheapest_answers,
     lookahead_costs,
     lookahead_phy2log,
     next_cases,
@@ -135,3 +136,13 @@ def test_the_price_takes_the_controller_s_cheaper_scale_and_the_lead_s_factor(mo
         )
     base = policy_lookahead.LOOKAHEAD_SHARE_PRICE * 4
     assert prices == pytest.approx([base, base / 2, base, 2 * base])
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 2), (6, 3, 2), (8, 2, 4), (8, 2, 5)])
+def test_the_cheapest_answers_by_distance_are_the_cheapest_over_every_pair(shape):
+    space = small_layouts(*shape)
+    assert space is not None
+    cost = np.random.default_rng(len(space)).random((300, len(space)))
+    for price in (0.0, 0.03, 0.5):
+        every_pair = (cost[:, None, :] + price * space.moves[None]).min(axis=2)
+        assert np.allclose(cheapest_answers(cost, space.moves, price), every_pair, rtol=0, atol=1e-12)
