@@ -255,8 +255,10 @@ def propose_phy2log(
     ``load`` is then the forecast already."""
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
-        # Small layers without redundant slots: a roomy first plan, then planned ahead under the surge law.
-        ahead = lookahead_phy2log(
+        # Small layers: without redundant slots on 2-slot ranks, a roomy first plan, then planned
+        # ahead under the surge law; else (with redundant slots, or a fading load) every layout,
+        # or every two-slot change, weighed.
+        small = lookahead_phy2log(
             current_phy2log,
             load,
             shape.num_ranks,
@@ -266,19 +268,16 @@ def propose_phy2log(
             fresh=fresh,
             price_scale=price_scale,
         )
-        if ahead is not None:
-            return ahead
-    if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
-        # Small layers (with redundant slots, or a fading load): every layout, or every two-slot change, weighed.
-        small = small_layer_phy2log(
-            current_phy2log,
-            load,
-            shape.num_ranks,
-            spend_scale=spend_scale,
-            fresh=fresh,
-            persistence=persistence,
-            price_scale=exact_price_scale,
-        )
+        if small is None:
+            small = small_layer_phy2log(
+                current_phy2log,
+                load,
+                shape.num_ranks,
+                spend_scale=spend_scale,
+                fresh=fresh,
+                persistence=persistence,
+                price_scale=exact_price_scale,
+            )
         if small is not None:
             return small
     if policy == "deepseek" or (policy == "migration" and fresh):
