@@ -146,3 +146,14 @@ def test_the_cheapest_answers_by_distance_are_the_cheapest_over_every_pair(shape
     for price in (0.0, 0.03, 0.5):
         every_pair = (cost[:, None, :] + price * space.moves[None]).min(axis=2)
         assert np.allclose(cheapest_answers(cost, space.moves, price), every_pair, rtol=0, atol=1e-12)
+
+
+def test_an_idle_layer_keeps_its_row_in_a_fresh_plan():
+    load = np.zeros((2, 8))
+    load[1] = np.arange(1.0, 9.0)
+    row = np.tile(np.array([[3, 1, 0, 2, 7, 5, 6, 4]]), (2, 1))
+    with np.errstate(all="raise"):
+        out = lookahead_phy2log(row, load, 4, None, spend_scale=1.0, persistence=1.0, fresh=True)
+    assert out is not None
+    assert np.array_equal(out[0], row[0])
+    assert sorted(out[1].tolist()) == list(range(8))

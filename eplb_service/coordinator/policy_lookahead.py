@@ -60,7 +60,8 @@ LOOKAHEAD_MAX_LAYOUTS = 128
 """Pairings weighed at most (8 experts on 4 ranks: 105). The cheapest answers from every layout to
 every other are ``layouts^2`` numbers per scenario node."""
 CHUNK_NODES = 512
-"""Scenario nodes whose cheapest answers are computed at once (``[chunk, S, S]`` floats)."""
+"""Scenario nodes whose rank loads (``[chunk x cases, S, R]`` floats) or cheapest answers are
+computed at once."""
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -185,7 +186,8 @@ def roomy_costs(space: Layouts, load: np.ndarray) -> np.ndarray:
     layout costs more than any of them."""
     ranks = space.rank_loads(load)  # [L, S, R]
     peak = ranks.max(axis=2)
-    mean = np.maximum(load.sum(axis=1) / space.ranks, 1e-300)[:, None]
+    total = load.sum(axis=1)
+    mean = np.where(total > 0, total / space.ranks, 1.0)[:, None]  # an idle layer: every layout ties
     best = peak <= peak.min(axis=1, keepdims=True) * (1.0 + 1e-12)
     spread = (ranks**2).sum(axis=2) / mean**2 / space.ranks**2  # in (0, 1]
     return np.where(best, -spread, 1.0 + peak / mean)
@@ -209,7 +211,7 @@ def lookahead_phy2log(
     :mod:`.policy_exact` plans for the forecast), takes each layer's pairing of least
     :func:`lookahead_costs` plus the price of the slots it moves, at
     :data:`LOOKAHEAD_SHARE_PRICE` times the spend controller's ``spend_scale`` where that is below
-    1 (as :func:`.policy_exact.move_prices`)."""
+    1 (as :func:`.policy_exact.move_prices`) and times the balance lead's ``price_scale``."""
     current = np.asarray(current_phy2log, dtype=np.int64)
     num_logical, num_physical = load.shape[1], current.shape[1]
     if not plans_ahead(num_logical, num_physical, num_ranks):
