@@ -265,10 +265,8 @@ def exact_phy2log(
         kept = np.where(better, here, kept)
         order_of = np.where(better, index, order_of)
     moves = num_physical - kept
-    if expected is None:
-        cost = _costs(space.max_loads(load), load, num_ranks, moves, move_price, layer_price)
-    else:
-        cost = expected + (move_price + 1e-9) * moves + layer_price * (moves > 0)
+    relative = _over_mean(space.max_loads(load), load, num_ranks) if expected is None else expected
+    cost = _costs(relative, moves, move_price, layer_price)
     best = cost.argmin(axis=1)
     rows = np.arange(num_layers)
     stays = moves[rows, best] == 0  # the current row is the cheapest layout (or ties with it)
@@ -281,15 +279,19 @@ def exact_phy2log(
     return out
 
 
-def _costs(
-    peak: np.ndarray, load: np.ndarray, num_ranks: int, moves: np.ndarray, move_price: float, layer_price: float
-) -> np.ndarray:
-    """``[L, C]`` the module docstring's cost of each candidate: its largest rank load ``peak``
-    over the layer's mean rank load, plus ``move_price`` per slot it ``moves`` (and a hair more,
-    so a tie goes to the fewer slots; an idle layer weighs slots alone), plus ``layer_price``
-    once where it moves any."""
+def _over_mean(peak: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L, C]`` each candidate's largest rank load ``peak`` over its layer's mean rank load (an
+    idle layer: 0, so it weighs slots alone)."""
     mean = load.sum(axis=1) / num_ranks
-    return peak / np.where(mean > 0, mean, 1.0)[:, None] + (move_price + 1e-9) * moves + layer_price * (moves > 0)
+    return peak / np.where(mean > 0, mean, 1.0)[:, None]
+
+
+def _costs(relative: np.ndarray, moves: np.ndarray, move_price: float, layer_price: float) -> np.ndarray:
+    """``[L, C]`` the module docstring's cost of each candidate: its largest rank load over the
+    mean (``relative``, :func:`_over_mean`, or a caller's expected one), plus ``move_price`` per
+    slot it ``moves`` (and a hair more, so a tie goes to the fewer slots), plus ``layer_price``
+    once where it moves any."""
+    return relative + (move_price + 1e-9) * moves + layer_price * (moves > 0)
 
 
 def _kept_in_place(row: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -406,7 +408,7 @@ def local_phy2log(
         for slot in range(1, per_rank):
             rank_load += carried[:, :, rank, slot]
         np.maximum(peak, rank_load, out=peak)
-    cost = np.where(valid, _costs(peak, load, num_ranks, changed, move_price, layer_price), np.inf)
+    cost = np.where(valid, _costs(_over_mean(peak, load, num_ranks), changed, move_price, layer_price), np.inf)
     best = np.where(np.isfinite(cost).any(axis=1), cost.argmin(axis=1), 0)  # nothing valid: stay
     return rows[np.arange(num_layers), best]
 
