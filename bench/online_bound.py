@@ -94,6 +94,7 @@ from bench.planner import (
     popularity_shares,
     run_cell,
 )
+from eplb_service.coordinator.policy_lookahead import cheapest_answers
 
 SHAPE = next(s for s in MATRIX_SHAPES if s.experts == 8 and s.redundant == 0 and s.ranks == 4)
 """Mixtral-8x7B on 4 ranks without redundant slots: the shape whose abrupt cells miss."""
@@ -276,32 +277,6 @@ def build_tree(draws: CellDraws, top_k: int) -> Tree:
     return Tree(costs, parents, layer, weight, realised, logits)
 
 
-def neighbours(moves: np.ndarray, slots: int) -> np.ndarray:
-    """``[S, n]`` the pairings exactly ``slots`` slots away from each (the same count for every pairing)."""
-    rows = [np.flatnonzero(row == slots) for row in moves]
-    if len({len(r) for r in rows}) != 1:
-        raise ValueError(f"pairings have different numbers of neighbours {slots} slots away")
-    return np.array(rows)
-
-
-MOVE_COUNTS = tuple(int(m) for m in np.unique(PAIRS.moves) if m > 0)
-"""The slots one rebalance can move in a layer (2, 3 or 4: one exchange, a three-rank cycle, two exchanges)."""
-NEIGHBOURS = {m: neighbours(PAIRS.moves, m) for m in MOVE_COUNTS[:-1]}
-"""The pairings 2 and 3 slots away; every other one is at most ``MOVE_COUNTS[-1]`` away."""
-
-
-def cheapest_from(cost: np.ndarray, lam: float) -> np.ndarray:
-    """``[K, S]``: from each previous pairing, the least ``lam x slots moved + cost`` of the next.
-
-    The farthest pairings are taken at the largest count with the row's minimum: a nearer pairing
-    counted that far away only costs more than it does, and is also counted at its own distance.
-    """
-    best = np.minimum(cost, lam * MOVE_COUNTS[-1] + cost.min(axis=1, keepdims=True))
-    for m, near in NEIGHBOURS.items():
-        best = np.minimum(best, lam * m + cost[:, near].min(axis=2))
-    return best
-
-
 def children_mean(values: np.ndarray, parents: np.ndarray, count: int) -> np.ndarray:
     """``[count, S]`` each parent's mean of its (contiguous, equally likely) children's rows."""
     starts = np.flatnonzero(np.r_[True, parents[1:] != parents[:-1]])
@@ -318,7 +293,7 @@ def relaxed_cost(tree: Tree, lam: float) -> float:
         q = tree.costs[t]
         if ahead is not None:
             q = q + children_mean(ahead, tree.parents[t + 1], len(q))
-        ahead = cheapest_from(q, lam)
+        ahead = cheapest_answers(q, PAIRS.moves, lam)
     assert ahead is not None
     first = children_mean(ahead, tree.parents[1], len(tree.logits[0]))  # the warm-up pairing is free
     return float(first.min(axis=1).sum())
@@ -395,7 +370,7 @@ def lookahead_costs(draws: CellDraws, t: int, lam: float, depth: int, top_k: int
                 q = q + children_mean(ahead, parent, len(q))
         if d == 0:
             return q
-        ahead = cheapest_from(q, lam)
+        ahead = cheapest_answers(q, PAIRS.moves, lam)
     raise AssertionError("unreachable")
 
 

@@ -14,13 +14,13 @@ from bench.online_bound import (
     as_seen,
     build_tree,
     cell_draws,
-    cheapest_from,
     law_planner,
     main,
     relaxed_cost,
     window_floors,
 )
 from bench.planner import WORKLOADS, cell_windows
+from eplb_service.coordinator.policy_lookahead import cheapest_answers
 
 LAYERS = 6
 ABRUPT = next(w for w in WORKLOADS if w.label == "zipf-1.0, abrupt, low noise")
@@ -81,12 +81,12 @@ def test_no_policy_on_the_tree_costs_less_than_the_relaxed_planners_best(tree):
     assert relaxed_cost(tree, lam) < total  # and here the dynamic programme finds better
 
 
-def test_cheapest_from_is_the_least_price_of_moves_plus_cost_over_every_pairing():
+def test_the_cheapest_answers_on_pairings_are_the_least_price_of_moves_plus_cost_over_every_pairing():
     rng = np.random.default_rng(1)
     cost = rng.random((3, len(PAIRS)))
     for lam in (0.0, 0.05, 1.0):
         direct = (cost[:, None, :] + lam * PAIRS.moves[None]).min(axis=2)
-        assert np.allclose(cheapest_from(cost, lam), direct)
+        assert np.allclose(cheapest_answers(cost, PAIRS.moves, lam), direct)
 
 
 def test_the_law_knowing_planner_moves_nothing_at_a_prohibitive_price_and_balances_better_with_moves(draws):
