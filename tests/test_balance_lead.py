@@ -14,7 +14,7 @@ from test_spend_control import faded, past_the_fresh_first_plan, plan_and_tally
 import bench.planner as planner
 from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
 from eplb_service.coordinator import plan_runner
-from eplb_service.coordinator.load_forecast import persistence
+from eplb_service.coordinator.load_forecast import PLAN_AS_IS_FROM, persistence
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
 from eplb_service.coordinator.policy_migration import DEFAULT_FINE_MOVE_SHARE, DEFAULT_MOVE_PRICE
@@ -31,6 +31,7 @@ from eplb_service.coordinator.spend_control import (
     SpendOptions,
     SpendState,
     balance_lead,
+    brakes_fading_loads,
     exact_price_scale,
     spend_options,
     update_spend,
@@ -80,6 +81,52 @@ def test_a_lead_between_the_give_back_line_and_zero_holds_the_price():
     where it should stop, and more slots would only go over the budget again."""
     level = SpendState(**OVER, price_scale=4.0, lead=LEAD_GIVEN_BACK / 2)
     assert update_spend(level, 0, 0, lead=LEAD_GIVEN_BACK / 2).price_scale == 4.0
+
+
+def test_under_a_fading_load_in_small_layers_the_price_rises_over_the_cap_even_while_behind():
+    """Where the hottest expert keeps moving (persistence under PLAN_AS_IS_FROM) in layers where a
+    dearer scale has no room to narrow (``max_scale`` 1), more slots buy little balance: over the
+    cap the price doubles whatever the lead, so a deployment behind DeepSeek does not keep
+    spending past the budget. Not under the cap, not where the scale can narrow, not where the
+    persistence is unknown or the load lasts."""
+    behind = LEAD_GIVEN_BACK * 3
+    over = SpendState(**OVER, price_scale=2.0, lead=behind)
+
+    def price(state=over, fading_brake=True, **kwargs):
+        return update_spend(state, 0, 0, lead=behind, fading_brake=fading_brake, **kwargs).price_scale
+
+    assert price(persistence=PLAN_AS_IS_FROM - 0.01) == 4.0
+    assert price(persistence=0.0) == 4.0
+    assert price(persistence=PLAN_AS_IS_FROM) == 1.0  # behind: back down, as before
+    assert price(persistence=0.2, fading_brake=False) == 1.0  # a deployment not planned ahead
+    assert price() == 1.0  # persistence unknown
+    under = SpendState(spent=10.0, reference=100.0, price_scale=2.0, lead=behind)
+    assert price(under, persistence=0.2) == 1.0
+
+
+def test_the_brake_on_fading_loads_is_for_deployments_whose_layers_are_planned_ahead():
+    assert brakes_fading_loads(8, 8, 4, 1, 1)  # Mixtral 8+0 on 4 GPUs: 2-slot ranks, 105 pairings
+    assert brakes_fading_loads(6, 6, 3, 1, 1)
+    assert not brakes_fading_loads(8, 8, 4, 2, 2)  # under DeepSeek's hierarchy the swap search plans
+    assert not brakes_fading_loads(8, 12, 4, 1, 1)  # redundant slots
+    assert not brakes_fading_loads(16, 16, 8, 1, 1)  # too many pairings to weigh
+    assert not brakes_fading_loads(16, 20, 4, 1, 1)
+
+
+def test_the_coordinator_brakes_fading_loads_where_its_shape_is_planned_ahead(monkeypatch):
+    """The runner asks :func:`brakes_fading_loads` about its own deployment and passes the answer on."""
+    c, _ = plannable()
+    past_the_fresh_first_plan(c)
+    asked, told = [], []
+    monkeypatch.setattr(plan_runner, "brakes_fading_loads", lambda *args: asked.append(args) or True)
+    real = plan_runner.update_spend
+    monkeypatch.setattr(plan_runner, "update_spend", lambda *a, **kw: told.append(kw["fading_brake"]) or real(*a, **kw))
+    plan_and_tally(c)
+    c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
+    plan_and_tally(c)
+    shape = c.book.shape
+    assert told and set(told) == {True}
+    assert set(asked) == {(shape.num_logical, shape.num_physical, shape.num_ranks, c.cfg.num_groups, c.cfg.num_nodes)}
 
 
 def test_under_a_lasting_load_in_small_layers_the_price_rises_while_the_lead_is_above_the_give_back_line():

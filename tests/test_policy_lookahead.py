@@ -8,7 +8,11 @@ import pytest
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_exact import small_layouts
 from eplb_service.coordinator.policy_lookahead import (
+    HOP_FROM,
+    HOP_SHARE_PRICE,
+    LOOKAHEAD_SHARE_PRICE,
     cheapest_answers,
+    hop_cases,
     lookahead_costs,
     lookahead_phy2log,
     next_cases,
@@ -21,8 +25,10 @@ from eplb_service.placement import PlacementError, PlacementShape
 PAIRS = small_layouts(8, 4, 2)
 
 
-def model_for(load: np.ndarray, rate: float, reversion: float = 0.1, jump: float = float(np.log(2.0))) -> SurgeModel:
-    return SurgeModel(centred_log_shares(load), rate, reversion, jump, windows=5)
+def model_for(
+    load: np.ndarray, rate: float, reversion: float = 0.1, jump: float = float(np.log(2.0)), hop: float = 0.0
+) -> SurgeModel:
+    return SurgeModel(centred_log_shares(load), rate, reversion, jump, windows=5, hop=hop)
 
 
 def pairs_of(row: np.ndarray) -> set[frozenset[int]]:
@@ -98,6 +104,41 @@ def test_a_fading_load_or_no_model_is_left_to_the_other_planners():
     assert lookahead_phy2log(row, load, 4, model, spend_scale=1.0, persistence=0.3, fresh=False) is None
 
 
+def test_the_cases_of_a_hop_trade_the_hottest_expert_s_place_with_each_other_one():
+    logits = np.log(np.array([[8.0, 1.0, 4.0, 2.0]]))
+    cases, odds = hop_cases(logits, model_for(np.ones((1, 4)), rate=0.0, hop=0.6))
+    assert cases.shape == (1, 4, 4) and odds == pytest.approx([0.4, 0.2, 0.2, 0.2])
+    assert cases[0, 0] == pytest.approx(logits[0])
+    traded = {int(np.argmax(case)): case for case in cases[0, 1:]}
+    assert sorted(traded) == [1, 2, 3]  # the hottest's load lands on each other expert once
+    for expert, case in traded.items():
+        assert case[0] == pytest.approx(logits[0, expert]) and case[expert] == pytest.approx(logits[0, 0])
+
+
+def test_where_the_hottest_expert_hops_where_it_sits_now_matters_less():
+    load = np.array([[40.0, 30.0, 10.0, 9.0, 5.0, 3.0, 2.0, 1.0]])
+    logits = centred_log_shares(load)
+    crowded = next(s for s, m in enumerate(PAIRS.members) if {0, 1} in [set(p.tolist()) for p in m])
+    best = int(np.argmin(PAIRS.max_loads(load)[0]))
+
+    def gap(hop: float) -> float:
+        costs = lookahead_costs(PAIRS, logits, model_for(load, rate=0.0, reversion=0.0, hop=hop), 0.01, 2, hops=True)
+        return float(costs[0, crowded] - costs[0, best])
+
+    assert gap(0.0) > gap(0.5) > gap(0.9) > 0.0  # the two hottest together still cost the most
+
+
+def test_a_hopping_layer_is_planned_ahead_and_one_that_merely_fades_is_not():
+    load = np.array([[40.0, 30.0, 25.0, 20.0, 12.0, 5.0, 3.0, 1.0]])
+    crowded = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])  # the two hottest on one rank
+    fading = model_for(load, rate=0.0, hop=HOP_FROM - 0.05)
+    assert lookahead_phy2log(crowded, load, 4, fading, spend_scale=1.0, persistence=0.3, fresh=False) is None
+    hopping = model_for(load, rate=0.0, hop=0.9)
+    plan = lookahead_phy2log(crowded, load, 4, hopping, spend_scale=1.0, persistence=0.3, fresh=False)
+    assert plan is not None and frozenset({0, 1}) not in pairs_of(plan[0])  # the next window still pays for it
+    assert HOP_SHARE_PRICE < 0.1 * LOOKAHEAD_SHARE_PRICE
+
+
 def test_plan_rebalance_names_a_model_of_another_shape():
     shape = PlacementShape(2, 8, 8, 4)
     load = np.arange(16, dtype=float).reshape(2, 8) + 1
@@ -114,9 +155,9 @@ def test_the_price_takes_the_controller_s_cheaper_scale_and_the_lead_s_factor(mo
 
     prices = []
 
-    def spy(space, logits, model, price, depth=4):
+    def spy(space, logits, model, price, depth=4, *, hops=False):
         prices.append(price)
-        return lookahead_costs(space, logits, model, price, depth)
+        return lookahead_costs(space, logits, model, price, depth, hops=hops)
 
     monkeypatch.setattr(policy_lookahead, "lookahead_costs", spy)
     shape = PlacementShape(2, 8, 8, 4)
@@ -136,6 +177,10 @@ def test_the_price_takes_the_controller_s_cheaper_scale_and_the_lead_s_factor(mo
         )
     base = policy_lookahead.LOOKAHEAD_SHARE_PRICE * 4
     assert prices == pytest.approx([base, base / 2, base, 2 * base])
+    prices.clear()
+    hopping = model_for(load, rate=0.2, hop=0.9)
+    plan_rebalance("migration", current, load, shape, persistence=0.3, surges=hopping, spend_scale=0.5, price_scale=2.0)
+    assert prices == pytest.approx([policy_lookahead.HOP_SHARE_PRICE * 4])
 
 
 @pytest.mark.parametrize("shape", [(8, 4, 2), (6, 3, 2), (8, 2, 4), (8, 2, 5)])

@@ -109,3 +109,48 @@ def test_a_gap_reads_no_surge_across_it_and_a_new_shape_starts_over():
     assert part is not None
     assert part.select(slice(1, 3)).level.shape == (2, 4)
     assert part.select(np.array([0, 3])).rate == part.rate
+
+
+def hop_windows(windows: int, layers: int, experts: int, hop: float, seed: int) -> list[np.ndarray]:
+    """Routed-token counts where, with chance ``hop`` per layer and window, the hottest expert trades
+    places with another one (each alike) and the new arrangement lasts."""
+    rng = np.random.default_rng(seed)
+    level = np.log(1.0 / np.arange(1, experts + 1))
+    logits = np.stack([rng.permutation(level) for _ in range(layers)])
+    out = []
+    for _ in range(windows):
+        out.append(rng.multinomial(200_000, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(float))
+        rows = np.flatnonzero(rng.random(layers) < hop)
+        top = logits[rows].argmax(axis=1)
+        other = (top + rng.integers(1, experts, len(rows))) % experts
+        logits[rows, top], logits[rows, other] = logits[rows, other], logits[rows, top]
+    return out
+
+
+@pytest.mark.parametrize("hop", [0.3, 0.6, 0.9])
+def test_the_tracker_reads_how_much_of_the_hottest_expert_s_lead_is_gone_a_window_later(hop):
+    tracker = SurgeTracker()
+    for load in hop_windows(10, 64, 8, hop, seed=5):
+        tracker.add(load)
+    model = tracker.model()
+    assert model is not None and model.hop == pytest.approx(hop, abs=0.08)
+    assert model.select(slice(0, 2)).hop == model.hop
+
+
+def test_surges_that_fade_and_a_steady_load_read_little_or_no_hop():
+    surging = SurgeTracker()
+    for load in law_windows(12, 64, 8, rate=0.25, reversion=0.1, jump=float(np.log(2.0)), seed=3):
+        surging.add(load)
+    model = surging.model()
+    assert model is not None and model.hop < 0.2  # a surge keeps most of its lead from window to window
+    steady = SurgeTracker()
+    shares = np.random.default_rng(0).dirichlet(np.ones(8), size=16)
+    for _ in range(4):
+        steady.add(100_000 * shares)
+    still = steady.model()
+    assert still is not None and still.hop == pytest.approx(0.0, abs=1e-12)
+    flat = SurgeTracker()
+    flat.add(np.ones((2, 4)))
+    flat.add(np.ones((2, 4)))
+    level = flat.model()
+    assert level is not None and level.hop == 0.0  # no lead to lose

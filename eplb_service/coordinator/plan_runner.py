@@ -32,6 +32,7 @@ from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
+    brakes_fading_loads,
     plan_factors,
     room_slots,
     scale_ceiling,
@@ -306,9 +307,15 @@ class PlanRunner:
     def _update_spend(self, spent: int, reference: int, lead: float | None) -> None:
         """Feed one tally to the controller; the gauges follow it and each change is logged once."""
         scale, price = self.spend.scale, self.spend.price_scale
-        ceiling = scale_ceiling(room_slots(self.book.shape.num_physical, self.cfg.num_groups, self.cfg.num_nodes))
+        shape, groups, nodes = self.book.shape, self.cfg.num_groups, self.cfg.num_nodes
         self.spend = update_spend(
-            self.spend, spent, reference, max_scale=ceiling, lead=lead, persistence=self.last_persistence
+            self.spend,
+            spent,
+            reference,
+            max_scale=scale_ceiling(room_slots(shape.num_physical, groups, nodes)),
+            lead=lead,
+            persistence=self.last_persistence,
+            fading_brake=brakes_fading_loads(shape.num_logical, shape.num_physical, shape.num_ranks, groups, nodes),
         )
         self._show_spend()
         if self.spend.price_scale != price:

@@ -63,6 +63,20 @@ node hierarchy fell below half a point in four seed-cells of its swap and abrupt
 (−0.50 to −0.58 pp; the matrix 415 / 415 / 419 → 413 / 415 / 419 per seed, 405 → 403 under
 every seed).
 
+**The brake on fading loads.** In layers planned ahead (:func:`brakes_fading_loads`: ranks of 2
+slots without redundant ones) whose load mostly fades (``persistence`` below
+:data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`: the hottest expert hops to
+another one from window to window), the price also doubles over the cap *whatever the lead*.
+There :mod:`.policy_lookahead` plans the hops at a low price, and where a deployment cannot buy
+DeepSeek's balance at any price (Mixtral 8+0's log-normal swap cells) it went on spending: 28-37%
+of DeepSeek's slots, while behind, where no other rule reins it in (``scale`` stops at 1 in such
+layers, and the lead's rule needs a lead). With the brake those cells stay under a fifth
+(18.5-19.8%, seeds 0-19 in two pools of ten) at about the balance they had, and the six Zipf swap
+cells met both targets in 10 of 12 ten-seed pools. Not in other small layers: on the swap search's
+step 6 the same brake took sixteen-expert models' swap cells (``--sixteen-experts``, seeds 0-2)
+from 8 to 12 of 48 pooled by slots alone, at up to 2.7 points of balance (Phi-3.5-MoE 16+4 on 4,
+Zipf 1.4, low noise: −0.77 → −3.45 pp).
+
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
 bytes already), or whose later batches are dropped, counts in full: aborts are rare, and an
@@ -88,7 +102,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb_service.coordinator.load_forecast import PLAN_AS_IS_FROM
 from eplb_service.coordinator.policy_hierarchy import uses_hierarchy
+from eplb_service.coordinator.policy_lookahead import plans_ahead
 from eplb_service.coordinator.policy_migration import (
     DEFAULT_FINE_MOVE_SHARE,
     DEFAULT_MOVE_PRICE,
@@ -155,7 +171,8 @@ class SpendState:
         lead: how much better the placement served did than DeepSeek's shadow, in balancedness
             of the same load windows (faded by :data:`LEAD_MEMORY`; 0.01 is one point ahead).
         price_scale: step 6's price factor for the next plan, in ``[1, MAX_PRICE_SCALE]``, above 1
-            only while the tally is close under the budget and the balance leads.
+            only while the tally is close under the budget and the balance leads (or, in small
+            layers, the load fades: the brake, module docstring).
     """
 
     spent: float = 0.0
@@ -173,6 +190,7 @@ def update_spend(
     max_scale: float = MAX_SCALE,
     lead: float | None = None,
     persistence: float | None = None,
+    fading_brake: bool = False,
 ) -> SpendState:
     """The state after a rebalance where the policy moved ``spent`` slots and DeepSeek ``reference``.
 
@@ -195,7 +213,10 @@ def update_spend(
     under 25 slots, where a dearer ``scale`` has no room to narrow), the price also doubles over
     the cap while the lead is merely above :data:`LEAD_GIVEN_BACK`: each plan there chases a
     drift that DeepSeek's packing mostly absorbs, and the half point of balance the target
-    allows is worth more than those slots.
+    allows is worth more than those slots. With ``fading_brake`` (:func:`brakes_fading_loads` of
+    the deployment) and the persistence below
+    :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM` (the load fades), the price
+    doubles over the cap whatever the lead (the brake on fading loads, module docstring).
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
@@ -222,11 +243,21 @@ def update_spend(
         over = ref > 0 and tally > SPEND_CAP * ref
         held = ref > 0 and tally >= SPEND_LOW * ref
         lasting = persistence is not None and persistence >= LASTING_PERSISTENCE and max_scale == 1.0
-        if over and (faded_lead > 0.0 or (lasting and faded_lead > LEAD_GIVEN_BACK)):
+        fading = fading_brake and persistence is not None and persistence < PLAN_AS_IS_FROM
+        if over and (faded_lead > 0.0 or (lasting and faded_lead > LEAD_GIVEN_BACK) or fading):
             price = min(price * SPEND_STEP, MAX_PRICE_SCALE)
         elif not held or faded_lead < LEAD_GIVEN_BACK:
             price = max(price / SPEND_STEP, 1.0)
     return SpendState(tally, ref, min(max(scale, MIN_SCALE), max_scale), faded_lead, price)
+
+
+def brakes_fading_loads(num_logical: int, num_physical: int, num_ranks: int, num_groups: int, num_nodes: int) -> bool:
+    """Whether :func:`update_spend` takes ``fading_brake`` for this deployment: its layers are
+    planned ahead (:func:`.policy_lookahead.plans_ahead`, without DeepSeek's hierarchy), where a
+    hopping load is planned at a price too low to hold the slots back by itself. Not in other small
+    layers: there the same brake on step 6's price cost sixteen-expert models (Phi-3.5-MoE, DBRX)
+    up to 2.7 points of balance in their swap cells (``bench/README.md``, thirteenth section)."""
+    return not uses_hierarchy(num_groups, num_nodes) and plans_ahead(num_logical, num_physical, num_ranks)
 
 
 def _is_number(value: object) -> bool:
