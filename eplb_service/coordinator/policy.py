@@ -26,7 +26,8 @@ window). ``"migration"`` then plans for the forecast next window and prices move
 
 Policies (``POLICIES``): ``"migration"`` (default, :mod:`.policy_migration`; layers of ranks of 2
 slots without redundant ones, given the law of surges the coordinator reads from its windows,
-planned a few windows ahead by :mod:`.policy_lookahead`; other layers small enough to weigh every
+planned a few windows ahead by :mod:`.policy_lookahead`, for surges where the load lasts and for
+the hottest expert's hops where it fades; other layers small enough to weigh every
 layout, with redundant slots or a load whose imbalance mostly fades, planned exactly by
 :mod:`.policy_exact`; held to
 DeepSeek's node hierarchy by :mod:`.policy_hierarchy` under ``num_groups``/``num_nodes``) and
@@ -256,8 +257,9 @@ def propose_phy2log(
     check_groups_and_nodes(shape, num_groups, num_nodes)
     if policy == "migration" and not uses_hierarchy(num_groups, num_nodes):
         # Small layers: without redundant slots on 2-slot ranks, a roomy first plan, then planned
-        # ahead under the surge law; else (with redundant slots, or a fading load) every layout,
-        # or every two-slot change, weighed.
+        # ahead under the surge law (surges where the load lasts, hops where it fades); else (with
+        # redundant slots, or a fading load whose hottest expert does not hop) every layout, or
+        # every two-slot change, weighed.
         small = lookahead_phy2log(
             current_phy2log,
             load,

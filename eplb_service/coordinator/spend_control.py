@@ -171,8 +171,8 @@ class SpendState:
         lead: how much better the placement served did than DeepSeek's shadow, in balancedness
             of the same load windows (faded by :data:`LEAD_MEMORY`; 0.01 is one point ahead).
         price_scale: step 6's price factor for the next plan, in ``[1, MAX_PRICE_SCALE]``, above 1
-            only while the tally is close under the budget and the balance leads (or, in small
-            layers, the load fades: the brake, module docstring).
+            only while the tally is close under the budget and the balance leads (or, in layers
+            planned ahead, the load fades: the brake on fading loads, module docstring).
     """
 
     spent: float = 0.0
