@@ -54,10 +54,8 @@ from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
-    brakes_fading_loads,
     plan_factors,
-    room_slots,
-    scale_ceiling,
+    shape_terms,
     update_spend,
 )
 from eplb_service.coordinator.surge_model import SurgeTracker
@@ -544,12 +542,9 @@ def run_sequence(
                     spend,
                     plan.experts_moved,
                     reference.experts_moved,
-                    max_scale=scale_ceiling(room_slots(pshape.num_physical, shape.groups, shape.nodes)),
                     lead=balance_lead(served, shadow, load, shape.ranks),
                     persistence=lasting if forecast else None,
-                    fading_brake=brakes_fading_loads(
-                        shape.experts, shape.slots, shape.ranks, shape.groups, shape.nodes
-                    ),
+                    **shape_terms(shape.experts, shape.slots, shape.ranks, shape.groups, shape.nodes),
                 )
             shadow = reference.target_phy2log
         if i < warmup:

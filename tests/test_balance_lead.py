@@ -13,7 +13,7 @@ from test_spend_control import faded, past_the_fresh_first_plan, plan_and_tally
 
 import bench.planner as planner
 from bench.planner import MATRIX_SHAPES, Workload, matrix_loads
-from eplb_service.coordinator import plan_runner
+from eplb_service.coordinator import plan_runner, spend_control
 from eplb_service.coordinator.load_forecast import PLAN_AS_IS_FROM, persistence
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_deepseek import deepseek_phy2log
@@ -33,6 +33,8 @@ from eplb_service.coordinator.spend_control import (
     balance_lead,
     brakes_fading_loads,
     exact_price_scale,
+    scale_ceiling,
+    shape_terms,
     spend_options,
     update_spend,
 )
@@ -111,6 +113,9 @@ def test_the_brake_on_fading_loads_is_for_deployments_whose_layers_are_planned_a
     assert not brakes_fading_loads(8, 12, 4, 1, 1)  # redundant slots
     assert not brakes_fading_loads(16, 16, 8, 1, 1)  # too many pairings to weigh
     assert not brakes_fading_loads(16, 20, 4, 1, 1)
+    # The coordinator and the benchmark take both of the tally's shape terms from one place.
+    assert shape_terms(8, 8, 4, 1, 1) == {"max_scale": 1.0, "fading_brake": True}
+    assert shape_terms(256, 320, 64, 8, 8) == {"max_scale": scale_ceiling(40), "fading_brake": False}
 
 
 def test_the_coordinator_brakes_fading_loads_where_its_shape_is_planned_ahead(monkeypatch):
@@ -118,7 +123,7 @@ def test_the_coordinator_brakes_fading_loads_where_its_shape_is_planned_ahead(mo
     c, _ = plannable()
     past_the_fresh_first_plan(c)
     asked, told = [], []
-    monkeypatch.setattr(plan_runner, "brakes_fading_loads", lambda *args: asked.append(args) or True)
+    monkeypatch.setattr(spend_control, "brakes_fading_loads", lambda *args: asked.append(args) or True)
     real = plan_runner.update_spend
     monkeypatch.setattr(plan_runner, "update_spend", lambda *a, **kw: told.append(kw["fading_brake"]) or real(*a, **kw))
     plan_and_tally(c)

@@ -12,7 +12,7 @@ from plan_harness import commit_plan
 from test_plan_runner_rules import names, plannable
 
 from bench.planner import MATRIX_SHAPES, SIXTEEN_EXPERT_SHAPES, MatrixShape, Workload, matrix_loads
-from eplb_service.coordinator import plan_runner
+from eplb_service.coordinator import spend_control
 from eplb_service.coordinator.policy import build_plan, plan_rebalance
 from eplb_service.coordinator.policy_migration import (
     DEFAULT_FINE_MOVE_SHARE,
@@ -295,8 +295,8 @@ def test_the_coordinator_takes_its_ceiling_from_a_nodes_slots_under_the_hierarch
     c.plans.cfg = c.cfg = dataclasses.replace(c.cfg, num_groups=2, num_nodes=2)
     past_the_fresh_first_plan(c)
     asked: list[int] = []
-    real = plan_runner.scale_ceiling
-    monkeypatch.setattr(plan_runner, "scale_ceiling", lambda slots: asked.append(slots) or real(slots))
+    real = spend_control.scale_ceiling
+    monkeypatch.setattr(spend_control, "scale_ceiling", lambda slots: asked.append(slots) or real(slots))
     plan_and_tally(c)
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
     plan_and_tally(c)

@@ -32,10 +32,8 @@ from eplb_service.coordinator.resend import VOTE_FIRST_S
 from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
-    brakes_fading_loads,
     plan_factors,
-    room_slots,
-    scale_ceiling,
+    shape_terms,
     update_spend,
 )
 from eplb_service.placement import PlacementError, PolicySettingsError, is_initial_phy2log, validate_phy2log
@@ -312,10 +310,9 @@ class PlanRunner:
             self.spend,
             spent,
             reference,
-            max_scale=scale_ceiling(room_slots(shape.num_physical, groups, nodes)),
             lead=lead,
             persistence=self.last_persistence,
-            fading_brake=brakes_fading_loads(shape.num_logical, shape.num_physical, shape.num_ranks, groups, nodes),
+            **shape_terms(shape.num_logical, shape.num_physical, shape.num_ranks, groups, nodes),
         )
         self._show_spend()
         if self.spend.price_scale != price:

@@ -54,13 +54,16 @@ Two rules, per layer:
   plans for the forecast.
 
 Cost: the lookahead weighs 156 scenario nodes per layer (5 cases a window, 4 windows deep), each
-with the cheapest answer from every pairing (:func:`cheapest_answers`): about 3.4 ms a layer on a
-2-core AMD EPYC (Mixtral 8+0 on 4 ranks, 64 layers: 215 ms a plan where the swap search took
-1.4 ms); a hopping layer, 73 nodes of 8 cases (3 windows deep). It runs in the coordinator's
+with the cheapest answer from every pairing (:func:`cheapest_answers`); a hopping layer, 73 nodes
+of 8 cases (3 windows deep). On a 2-core AMD EPYC a plan of Mixtral 8+0's 64 layers on 4 ranks
+takes a median 271 ms over the matrix's 24 workloads (seed 0; 290 ms in the same session before
+the distance tables were cached; the swap search took 1.4 ms). It runs in the coordinator's
 planning thread, off the serving path.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -117,25 +120,45 @@ def hop_cases(logits: np.ndarray, model: SurgeModel) -> tuple[np.ndarray, np.nda
     return cases, odds
 
 
+def distance_tables(moves: np.ndarray) -> tuple[tuple[int, np.ndarray], ...]:
+    """``((count, table [S, W]), ...)``: for each count of moved slots below the largest, every
+    layout's neighbours that far away (a row with fewer is padded with the layout itself, which,
+    counted at ``count`` slots, only costs more than at none, where it is already counted).
+
+    Cached per ``moves`` (a coordinator plans one shape): rebuilt on every call, the tables were a
+    tenth of a hopping layer's lookahead."""
+    moves = np.ascontiguousarray(moves, dtype=np.int64)
+    return _distance_tables(moves.tobytes(), moves.shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _distance_tables(raw: bytes, shape: tuple[int, ...]) -> tuple[tuple[int, np.ndarray], ...]:
+    moves = np.frombuffer(raw, dtype=np.int64).reshape(shape)
+    counts = np.unique(moves[moves > 0])
+    layouts = np.arange(len(moves))
+    tables = []
+    for count in counts[:-1]:
+        near = [np.flatnonzero(row == count) for row in moves]
+        width = max(len(n) for n in near)
+        table = np.array([np.r_[n, np.full(width - len(n), s)] for s, n in zip(layouts, near, strict=True)])
+        table.setflags(write=False)
+        tables.append((int(count), table))
+    return tuple(tables)
+
+
 def cheapest_answers(cost: np.ndarray, moves: np.ndarray, price: float) -> np.ndarray:
     """``[K, S]``: from each layout, the least ``price x slots moved + cost`` of the layout after it.
 
     By distance rather than over every pair: a layout's own cost; for each count of moved slots
-    below the largest, the cheapest layout that far away; and the row's cheapest at the largest
-    count (a nearer layout counted that far only costs more there, and is also counted at its own
-    distance). Exact, and about half the work of ``[K, S, S]`` on pairings."""
-    counts = np.unique(moves[moves > 0])
+    below the largest, the cheapest layout that far away (:func:`distance_tables`); and the row's
+    cheapest at the largest count (a nearer layout counted that far only costs more there, and is
+    also counted at its own distance). Exact, and about half the work of ``[K, S, S]`` on pairings."""
     best = cost.copy()
-    if counts.size == 0:
+    largest = int(moves.max(initial=0))
+    if largest <= 0:
         return best
-    np.minimum(best, price * counts[-1] + cost.min(axis=1, keepdims=True), out=best)
-    layouts = np.arange(len(moves))
-    for count in counts[:-1]:
-        near = [np.flatnonzero(row == count) for row in moves]
-        width = max(len(n) for n in near)
-        # Rows with fewer neighbours are padded with the layout itself: counted at ``count`` slots
-        # it only costs more than at none, where it is already counted.
-        table = np.array([np.r_[n, np.full(width - len(n), s)] for s, n in zip(layouts, near, strict=True)])
+    np.minimum(best, price * largest + cost.min(axis=1, keepdims=True), out=best)
+    for count, table in distance_tables(moves):
         for lo in range(0, len(cost), CHUNK_NODES):
             part = cost[lo : lo + CHUNK_NODES]
             np.minimum(
@@ -189,7 +212,8 @@ def lookahead_costs(
         if d == depth - 1:
             break
         nodes = cases.reshape(-1, cases.shape[2])
-        level = np.repeat(level, fan, axis=0)
+        if not hops:  # a hop's cases do not read the level
+            level = np.repeat(level, fan, axis=0)
     ahead: np.ndarray | None = None
     for d in range(len(costs) - 1, -1, -1):
         q = costs[d]

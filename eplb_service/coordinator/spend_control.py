@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -258,6 +259,23 @@ def brakes_fading_loads(num_logical: int, num_physical: int, num_ranks: int, num
     layers: there the same brake on step 6's price cost sixteen-expert models (Phi-3.5-MoE, DBRX)
     up to 2.7 points of balance in their swap cells (``bench/README.md``, thirteenth section)."""
     return not uses_hierarchy(num_groups, num_nodes) and plans_ahead(num_logical, num_physical, num_ranks)
+
+
+class ShapeTerms(TypedDict):
+    """The keyword arguments of :func:`update_spend` that the deployment's shape fixes."""
+
+    max_scale: float
+    fading_brake: bool
+
+
+def shape_terms(num_logical: int, num_physical: int, num_ranks: int, num_groups: int, num_nodes: int) -> ShapeTerms:
+    """:func:`update_spend`'s ``max_scale`` (:func:`scale_ceiling` of :func:`room_slots`) and
+    ``fading_brake`` (:func:`brakes_fading_loads`) for one deployment. One place, so that the
+    coordinator and the benchmark that replays it tally alike (as :func:`plan_factors` for the plan)."""
+    return {
+        "max_scale": scale_ceiling(room_slots(num_physical, num_groups, num_nodes)),
+        "fading_brake": brakes_fading_loads(num_logical, num_physical, num_ranks, num_groups, num_nodes),
+    }
 
 
 def _is_number(value: object) -> bool:
