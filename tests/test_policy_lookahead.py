@@ -12,6 +12,7 @@ from eplb_service.coordinator.policy_lookahead import (
     HOP_SHARE_PRICE,
     LOOKAHEAD_SHARE_PRICE,
     cheapest_answers,
+    distance_tables,
     hop_cases,
     lookahead_costs,
     lookahead_phy2log,
@@ -191,6 +192,20 @@ def test_the_cheapest_answers_by_distance_are_the_cheapest_over_every_pair(shape
     for price in (0.0, 0.03, 0.5):
         every_pair = (cost[:, None, :] + price * space.moves[None]).min(axis=2)
         assert np.allclose(cheapest_answers(cost, space.moves, price), every_pair, rtol=0, atol=1e-12)
+
+
+def test_the_distance_tables_are_built_once_per_layout_space_and_cannot_be_written():
+    """A coordinator plans one shape: its tables are built once, and a caller cannot change the
+    copy every later plan reads. Each table lists every layout at its distance, and only those."""
+    space = small_layouts(8, 4, 2)
+    assert space is not None
+    first = distance_tables(space.moves)
+    assert distance_tables(space.moves.copy()) is first  # keyed by the values, not the array
+    assert [count for count, _ in first] == sorted(set(np.unique(space.moves[space.moves > 0])))[:-1]
+    for count, table in first:
+        assert not table.flags.writeable
+        for row, near in enumerate(table):
+            assert set(near) - {row} == set(np.flatnonzero(space.moves[row] == count))
 
 
 def test_an_idle_layer_keeps_its_row_in_a_fresh_plan():

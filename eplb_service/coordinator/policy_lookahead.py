@@ -125,8 +125,8 @@ def distance_tables(moves: np.ndarray) -> tuple[tuple[int, np.ndarray], ...]:
     layout's neighbours that far away (a row with fewer is padded with the layout itself, which,
     counted at ``count`` slots, only costs more than at none, where it is already counted).
 
-    Cached per ``moves`` (a coordinator plans one shape): rebuilt on every call, the tables were a
-    tenth of a hopping layer's lookahead."""
+    Cached per ``moves`` (a coordinator plans one shape): rebuilt on every call, the tables took
+    about a fourteenth of a plan of Mixtral 8+0's layers (290 → 271 ms, module docstring)."""
     moves = np.ascontiguousarray(moves, dtype=np.int64)
     return _distance_tables(moves.tobytes(), moves.shape)
 
