@@ -46,7 +46,7 @@ other with chance ``hop``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class SurgeModel:
 
     def select(self, layers: slice | np.ndarray) -> SurgeModel:
         """The same law for some of the layers only (a plan made in blocks, or a part re-planned)."""
-        return SurgeModel(self.level[layers], self.rate, self.reversion, self.jump, self.windows, self.hop)
+        return replace(self, level=self.level[layers])  # every other field is per deployment, kept
 
 
 class SurgeTracker:
