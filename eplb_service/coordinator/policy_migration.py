@@ -5,15 +5,11 @@ holds a different expert, and nearly every expert's bytes cross ranks. This poli
 the current placement and changes only what the new load needs, with one exception: **the
 first plan, from the placement serving started with** (vLLM's own layout, which no plan chose;
 ``plan_rebalance(fresh=True)``, which the coordinator sets until a plan has committed and
-``eplb-plan`` from vLLM's initial placement), is DeepSeek's packing. Every later plan repairs
-what that one leaves, and a packing is a better base than a repaired arbitrary layout: the
-repair stops at a tolerance and keeps whatever pairs the layout happened to have, which drift
-then pushes over the target sooner. It costs one full move at the start (as DeepSeek's own first
-plan; vLLM's EPLB moves that much at every rebalance), which the spend controller does not tally.
-On the workload matrix, pooled over seeds 0-2, it took 398 to 402 of 432 cells, and every cell
-outside Mixtral's 8-12-slot layers within both targets (a slowly drifting Mixtral 8+0 cell
-32.8% to 18.1% of DeepSeek's slots). Otherwise, per layer (all layers advance together,
-vectorised):
+``eplb-plan`` from vLLM's initial placement), is DeepSeek's packing. A packing is a better base
+than a repaired arbitrary layout: the repair stops at a tolerance and keeps whatever pairs the
+layout happened to have, which drift then pushes over the target sooner. It costs one full move
+at the start (vLLM's EPLB moves that much at every rebalance), which the spend controller does
+not tally. Otherwise, per layer (all layers advance together, vectorised):
 
 1. **Replica counts.** The counts that minimise the largest load per replica (one redundant
    slot at a time to the largest load per replica, as in DeepSeek's step 2) give the bound
@@ -25,29 +21,18 @@ vectorised):
    hovers at the bound would gain and lose a replica window after window, two or more slots
    each time, for a bound the swaps can mostly absorb with the rank's other slots. Not with two
    slots per rank (``count_slack`` is then 0): there the partner is fixed by the pairing, so a
-   replica above the bound is that much more on its rank. On the matrix the slack took 370 to
-   380 cells (Qwen3-235B on 64 ranks, Zipf 1.4, slow: −1.30 to +1.46 pp at fewer slots); a
-   slack in 2-slot ranks too cost DeepSeek-V3 on 144 ranks up to 4 pp (5% and 15% met 377 and
-   378 cells). Nor where it provably costs balance (:func:`_slack_where_harmless`): where hot
-   replicas each fill half a rank, one more of them than there are ranks puts two on one rank,
-   which no swap undoes (64 experts + 8 on 8 ranks, log-normal sigma 2: a layer kept at 0.89
-   against DeepSeek's 0.999); such a layer takes the counts without slack when their packing
-   lower bound (with the pigeonhole: the ``R + 1`` largest replicas on ``R`` ranks) is lower by
-   more than the layer's tolerance.
+   replica above the bound is that much more on its rank. Nor where it provably costs balance
+   (:func:`_slack_where_harmless`): where hot replicas each fill half a rank, one more of them
+   than there are ranks puts two on one rank, which no swap undoes; such a layer takes the
+   counts without slack when their packing lower bound (with the pigeonhole: the ``R + 1``
+   largest replicas on ``R`` ranks) is lower by more than the layer's tolerance.
 2. **Count changes, keeping each expert's copies spread.** An expert losing replicas gives them
    up on the ranks holding most copies of it, then on the most loaded ranks. Freed slots go to
    the experts gaining replicas, heaviest replica first, each to the lightest of the ranks with
    a freed slot that hold fewest copies of that expert. So count changes move an expert's copies
-   toward even (within one where the freed slots allow; step 3's swaps may still move them), and
-   when its load changes in the next window (a new hot expert fading, a popular one cooling)
-   every rank changes alike. Before (copies
-   dropped from the most loaded ranks, added to the lightest rank not yet holding the expert,
-   else the lightest), a hot expert's 24 copies on 4 ranks could sit 8/4/6/6 after a few
-   windows, and as it faded the ranks with few copies carried the layer: on random cells off
-   the matrix (``--held-out 100 --seed 1``, pooled over seeds 0-2) 32 experts + 16 on 4 ranks,
-   Zipf 1.4, abrupt, went from -1.57 to -0.68 pp of DeepSeek's next-window balance at the same
-   slots (its layers with a new hot expert planned for: 0.870 against DeepSeek's 0.938 in the
-   next window, 0.898 now).
+   toward even, and when its load changes in the next window (a new hot expert fading, a
+   popular one cooling) every rank changes alike instead of the ranks with few copies carrying
+   the layer.
 3. **Swap search**, toward a *target* for the layer's most loaded rank:
 
    - the **reference**: the best a packing of these replicas can reach. A lower bound
@@ -83,39 +68,26 @@ vectorised):
 4. **A fine pass that spreads the top**, **in the slots a layer has left of**
    ``fine_move_share`` **of its slots** after steps 2 and 3 (one exchange per two of them; none
    where steps 2-3 already moved that many), in layers of at most ``reference_max_slots``
-   slots: exchanges that lower the layer's *soft maximum* of rank loads,
+   slots. Step 3 stops once every rank is under its target, which leaves a slowly drifting layer
+   with many ranks just under it; after a window of drift the largest rank is the largest of
+   those, so such a layer does worse in the next window than a packing with the same largest
+   rank and fewer ranks near it. **The room goes first to spreading** the copies of every
+   expert with more replicas than ranks (:mod:`.replica_spread`; step 2 puts a hot expert's new
+   copies where the shrinking experts freed slots, and when it cools the ranks with few of its
+   copies carry the layer): each exchange moves one copy from its fullest rank to its emptiest
+   and may take the pair up to half that replica's load above the layer's largest rank. What is
+   left goes to exchanges that lower the layer's *soft maximum* of rank loads,
    ``tau * log(sum exp(load / tau))`` with ``tau`` 3% of the mean rank load
-   (:func:`soft_max_search`). Steps 2-3 stop once every rank is under its target, which leaves a
-   slowly drifting layer with many ranks just under it; after a window of drift the largest rank
-   is the largest of those, so such a layer does worse in the next window than a packing with
-   the same largest rank and fewer ranks near it. Measured on DeepSeek-V3 on 144 ranks,
-   log-normal, slow drift: 13 ranks within 5% of the largest after the swaps against 9 in a
-   greedy packing of the same replicas, and next-window max / mean 1.406 against 1.387, while
-   their largest ranks differed by 0.005. The soft maximum counts the ranks near the top: each
-   exchange evens one of the 8 most loaded ranks with another rank, the one that lowers it most,
-   so it spends the room on the top ranks first and never raises the largest (the spread below
-   may, by its slack). A previous fine pass (the step-3 search again toward a tight target) met
-   382 cells of the matrix, this one 387: DeepSeek-V3 on 144 ranks, slow drift, −0.98 to −0.32
-   pp and −0.54 to −0.11 pp against DeepSeek; the temperature matters little (1% and 10% of the
-   mean rank load met 384 and 386).
-   Step 3's tolerance keeps a layer hit by a change (a hot expert gaining or losing replicas)
-   from re-levelling every rank; the pass spends a small, bounded number of slots where little
-   else moved, while a layer that needed many moves gets none. Under 25 slots the default room
-   holds no exchange; from 16 slots on the spend controller's cheaper scale opens it
-   (:func:`~eplb_service.coordinator.spend_control.room_follows_scale`). In larger layers it runs only
-   where the coordinator's spend controller widened the room (``fine_move_share`` above its
-   default: the deployment spends far below its slot budget), and only in layers where evening
-   the most loaded rank with the least loaded one would lower the soft maximum (a screen that
-   keeps the Qwen3.5 shape's plan within 20 ms: 57 ms unscreened). Qwen3.5-397B on 16 ranks
-   (512 slots), Zipf 1.4, swap, high noise: −0.70 → −0.26 pp at 2.0 → 12.0% of DeepSeek's slots.
-   **The room goes first to spreading** the copies of every expert with more replicas than
-   ranks (:mod:`.replica_spread`): step 2 puts a hot expert's new copies in the slots the
-   shrinking experts freed, so 31 copies on 16 ranks sat 0 to 4 to a rank, and when that expert
-   cooled in the next window the ranks with few of its copies carried the layer (next-window
-   max / mean 1.35 after planning at 1.005). An expert within one copy of even on every rank
-   changes every rank alike. Each exchange moves one copy from its fullest rank to its emptiest and may take the
-   pair up to half that replica's load above the layer's largest rank; the soft maximum's pass
-   then spends what is left of the room.
+   (:func:`soft_max_search`), which counts the ranks near the top: each exchange evens one of
+   the 8 most loaded ranks with the other rank that lowers it most, so it spends the room on
+   the top ranks first and never raises the largest. Step 3's tolerance keeps a layer hit by a
+   change from re-levelling every rank; this pass spends a small, bounded number of slots where
+   little else moved. Under 25 slots the default room holds no exchange; from 16 slots on the
+   spend controller's cheaper scale opens it
+   (:func:`~eplb_service.coordinator.spend_control.room_follows_scale`). In larger layers it runs
+   only where the spend controller widened the room (the deployment spends far below its slot
+   budget), and only in layers where evening the most loaded rank with the least loaded one
+   would lower the soft maximum (a screen that keeps the Qwen3.5 shape's plan within 20 ms).
 5. **The packing itself, relabelled**, in layers of at most ``reference_max_slots`` slots
    (where step 3 already computed DeepSeek's greedy packing of these replicas): a packing fixes
    which replicas share a rank, not which rank, so its packs are laid on the ranks that already
@@ -123,13 +95,9 @@ vectorised):
    (:mod:`.pack_matching`; rank loads are the packing's, up to a permutation). A layer takes it
    **where it moves no more slots than the swap searches' result and leaves no rank more loaded**,
    so it never costs a slot or balance. It wins in small layers (8-12 slots), where a hot expert
-   changing or gaining a replica reorders the whole layer: one count change plus the packing
-   can keep more in place than the count change plus swaps. Elsewhere a fresh packing keeps a
-   third to a half of the slots at best, far more than the swaps move, and the swaps' result
-   stays. It is the packing of the replicas step 1 settled on, not of DeepSeek's own counts:
-   that one needs a second packing and moves replicas between experts too, and on the matrix it
-   met the targets in exactly the same cells.
-
+   changing or gaining a replica reorders the whole layer. It is the packing of the replicas
+   step 1 settled on, not of DeepSeek's own counts, which would need a second packing and move
+   replicas between experts too.
 6. **A price on moves where the imbalance does not last.** The coordinator measures the
    load's *persistence* ``a``: how much of each expert's deviation from its layer's mean
    survives from one window to the next (:mod:`.load_forecast`; pooled over all layers, so two
@@ -140,63 +108,39 @@ vectorised):
    layer keeps its change only where the drop of its most loaded rank under that load pays
    ``move_price * (1 - a) ** 2`` of a mean replica's load per moved slot; the other layers
    keep their rows (a layer whose change step 4's swaps made too dear keeps the change of steps
-   2-3 where that alone pays: priced whole, a 21-slot layer once lost a drop of its largest rank
-   from 3.87 to 3.73 to the fine pass's extra swaps). Where hot experts hop to other experts every window
-   (``a`` about 0.1-0.3), a change tuned to the last window's hot expert mostly buys nothing in
-   the next one, and DeepSeek's policy (which cannot tell) spends slots on it all the same; in
-   the matrix's Mixtral *swap* cells with 3 and 5 slots per rank the price took the policy from
-   24-40% of DeepSeek's slots (the forecast alone) to 2-18%, at +0.2 to +2.8 pp of next-window
-   balance over it. With 2 slots per rank the default is too dear: Mixtral 8+0 swap cells stop
-   moving and lost up to 1.4 pp (``bench/README.md``); the coordinator's spend controller
-   (:mod:`.spend_control`) now lowers ``move_price`` (and widens step 4's ``fine_move_share``)
-   where its plans move far fewer slots than DeepSeek's would, which took that cell to −0.2 pp;
-   such layers (at most 4 ranks, where the load's imbalance mostly fades) are now planned by
-   :mod:`.policy_exact` instead, which re-pairs several ranks at once.
-   The square keeps the price negligible where most of the imbalance lasts (``a >= 0.8``: at
-   most 4% of ``move_price``): a price of ``move_price * (1 - a)`` cost layers that gain a
-   lasting new hot expert (``a`` about 0.9, e.g. Qwen3-235B on 16 or 64 ranks, *abrupt*) up to 1
-   pp, because their big responses move many slots. With ``a = 1`` (no history yet, or a load
-   that keeps its shape) the step does nothing and the plan is made for the load itself.
-   **Except in layers too small for step 4** (under 25 slots, :func:`fine_pass_fits`), where
-   ``(1 - a) ** 2`` counts as at least :data:`SMALL_LAYER_PRICE_FLOOR` (0.08, its value at
-   ``a = 0.72``): there one exchange is 8% of the layer or more, and under slow drift (``a``
-   near 1, no price at all) such layers chased every window's small drift with exchanges that
-   cost more of DeepSeek's slots than the balance they bought (where DeepSeek itself moves 13-15%
-   of a 10-slot layer per rebalance, a fifth of that is one exchange per layer every seven
-   rebalances). On the matrix, pooled over seeds 0-2: Mixtral 8+2 Zipf 1.0 and log-normal, slow,
-   low noise, 21.6% → 18.1% and 20.8% → 20.0% of DeepSeek's slots at the same balance (within
-   0.02 pp); no layer of 25 slots or more changes. The spend controller's scale multiplies the floor's
-   price too, so a deployment that spends far below the budget still gets cheaper moves. While
-   the coordinator's balance lead raises the price (``price_floor``, :mod:`.spend_control`), the
-   square counts as at least the same floor in every layer.
+   2-3 where that alone pays). Where hot experts hop to other experts every window (``a`` about
+   0.1-0.3), a change tuned to the last window's hot expert mostly buys nothing in the next one,
+   and DeepSeek's policy (which cannot tell) spends slots on it all the same. The square keeps
+   the price negligible where most of the imbalance lasts (``a >= 0.8``: at most 4% of
+   ``move_price``): layers that gain a lasting new hot expert answer it with many slots, and a
+   price there delays the answer. With ``a = 1`` (no history yet, or a load that keeps its
+   shape) the step does nothing and the plan is made for the load itself. **Except in layers
+   too small for step 4** (under 25 slots, :func:`fine_pass_fits`), where ``(1 - a) ** 2``
+   counts as at least :data:`SMALL_LAYER_PRICE_FLOOR` (0.08, its value at ``a = 0.72``): there
+   one exchange is 8% of the layer or more, and under slow drift such layers chased every
+   window's small drift with exchanges that cost more of DeepSeek's slots than the balance they
+   bought. The spend controller (:mod:`.spend_control`) scales ``move_price`` and
+   ``fine_move_share`` per deployment from what it spends against DeepSeek's shadow, and while
+   its balance lead raises the price (``price_floor``) the square counts as at least the same
+   floor in every layer.
 
-With DeepSeek's groups on several nodes (``--groups G --nodes N``, ``G`` a multiple of ``N``)
-the steps run on each node's ranks and experts as a sub-problem of the same shape, every group's
-replicas on one node (:mod:`.policy_hierarchy`).
+Small layers are planned by :mod:`.policy_lookahead` or :mod:`.policy_exact` instead, where those
+apply (:func:`~eplb_service.coordinator.policy.propose_phy2log`). With
+DeepSeek's groups on several nodes (``--groups G --nodes N``, ``G`` a multiple of ``N``) the steps
+run on each node's ranks and experts as a sub-problem of the same shape, every group's replicas
+on one node (:mod:`.policy_hierarchy`).
 
 Every swap keeps the per-rank slot counts and the replica counts, and every unchanged slot
 keeps its expert, so at most two slots change per swap plus one per count change. The result
 is a valid placement (each expert keeps >= 1 replica) by construction.
 
 The defaults were chosen with the workload matrix of ``bench/planner.py --matrix`` (18 shapes from
-8 to 512 experts and 2 to 68 slots per rank, 24 workloads each): with the coordinator's spend
-controller scaling ``move_price`` and ``fine_move_share`` per deployment (:mod:`.spend_control`),
-and step 6's price where the deployment leads DeepSeek's balance close to the slot budget, 396 of
-its 432 cells stay within 0.5 pp of DeepSeek's next-window balance at no more than a fifth of its
-slots moved (398 and 400 with seeds 1 and 2, 403 pooled over the three, 404 before the balance
-lead; 94 and 93 of 100 random cells off the matrix, ``--held-out``); 402 pooled before step 2 kept
-copies spread and small layers got step 6's price floor, 398 before the first plan was DeepSeek's
-packing, 395 before the controller made moves dearer than the defaults close to the budget; 391
-before the count slack's pigeonhole check and step 4 in large layers; at the defaults throughout,
-386 before those two (346 with steps 1-3 only, 348 with steps 1-3 and 5, 351 with steps 1-5, 370
-with step 6 and no count slack, 380 with the count slack and the forecast planned for at every
-persistence, 382 with the fine pass toward a tight target instead of the soft maximum, 387 while
-plans still took float-rounding gains: see ``policy.MEASURABLE_GAIN``).
-A stricter tolerance keeps more coarse cells within the 0.5 pp but moves more than a fifth of
-DeepSeek's slots in others, a looser one the reverse; ``bench/README.md`` lists the cells that
-miss and why (mostly Mixtral's 8-slot layers, where DeepSeek itself moves little, and
-slowly drifting coarse layers, where DeepSeek's full repacking holds up better in the next
-window than a placement repaired only where it exceeds the target).
+8 to 512 experts and 2 to 68 slots per rank, 24 workloads each), with the spend controller
+carried as the coordinator carries it: a stricter tolerance keeps more coarse cells within 0.5 pp
+of DeepSeek's next-window balance but moves more than a fifth of its slots in others, a looser
+one the reverse. ``bench/README.md`` has what each step bought there, the cells that still miss
+and why (Mixtral's 8-slot layers without redundant slots), and how the policy fares off the
+matrix.
 """
 
 from __future__ import annotations

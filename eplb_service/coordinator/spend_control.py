@@ -34,65 +34,37 @@ between :data:`SPEND_LOW` and the cap, and halves back toward 1 once the tally i
 :data:`SPEND_LOW` or the lead below :data:`LEAD_GIVEN_BACK`. A deployment ahead of DeepSeek's
 balance then spends that lead instead of more slots, and gives it back as soon as it is behind.
 ``scale`` cannot do this in small layers: above 1 it only narrows step 4's room, which layers under
-25 slots do not have, and a dearer price there for every deployment over the cap cost the cells
-whose answers to a lasting hot expert come late (``bench/README.md``). The price used to halve as
-soon as the tally was under the cap: it swung 2, 4, 2, 1 from plan to plan, and since the tally
-forgets old slots, it sat under the cap while the slots over the whole run went past a fifth
-(Mixtral 8+0 on 2 GPUs, slow drift: 21-23% of DeepSeek's slots at 1-1.7 points above its balance).
-Holding it down to :data:`SPEND_LOW` took layers of that kind off the matrix (``bench/planner.py
---matrix --small-layers``, seeds 0-2) from 45 to 55 of 144 cells pooled; on the matrix 415 / 414 /
-419 → 415 / 415 / 419 per seed, 422 pooled either way. While ``price_scale`` is above 1, step 6's
-``(1 - persistence) ** 2`` also counts as at least :data:`LEAD_PRICE_FLOOR` (as it always does in
-layers under 25 slots): where the load lasts (persistence about 0.9) the square is 0.01, and a
-price eight times the default still bought nothing. A random cell off the matrix, 32 experts on 4
-GPUs, Zipf 0.6, abrupt, high noise, stayed 0.8 points ahead of DeepSeek at 28% of its slots with
-the price at its top; floored, +0.04 points at 20.3%. Off the matrix (``--held-out 100``, seeds
-0-2) 96 / 94 / 95 → 96 / 94 / 96 cells pooled; the matrix meets the same cells, 415 / 415 / 419.
-Under a slowly drifting load (:data:`LASTING_PERSISTENCE`) in layers where ``scale`` has no room
-to narrow (under 25 slots), the price also doubles over the cap while the lead is merely above
-:data:`LEAD_GIVEN_BACK` (:func:`update_spend`'s ``persistence``): there nothing else holds back
-a plan that chases each window's drift, and a deployment level with DeepSeek's balance spent
-over a fifth of its slots doing so (Mixtral 8+0 on 2 or 4 GPUs, log-normal, slow drift:
-23.7% and, with seed 2, 29.8%). With it, pooled over seeds 0-2: small layers (``--small-layers``)
-55 → 58 of 144 cells, sixteen experts 64 → 65, Mixtral's matrix cells the same 62 (that log-normal
-cell now within both targets under every seed). Not in larger layers, where a dearer ``scale``
-already narrows step 4's room: among 256 experts a swap leaves the persistence at 0.95 or more
-in 9 windows of 10, a new hot expert in a third (:data:`LASTING_PERSISTENCE`), and with the rule
-in every layer DeepSeek-V3 on 32 GPUs under its
-node hierarchy fell below half a point in four seed-cells of its swap and abrupt workloads
-(−0.50 to −0.58 pp; the matrix 415 / 415 / 419 → 413 / 415 / 419 per seed, 405 → 403 under
-every seed).
+25 slots do not have, and a dearer price there for every deployment over the cap delays the
+answers to a lasting hot expert in cells that are behind DeepSeek. The price holds down to
+:data:`SPEND_LOW` instead of halving as soon as the tally is under the cap: since the tally
+forgets old slots, a price that fell at once swung from plan to plan while the slots over the
+whole run went past a fifth. While ``price_scale`` is above 1, step 6's ``(1 - persistence) ** 2``
+also counts as at least :data:`LEAD_PRICE_FLOOR` (as it always does in layers under 25 slots):
+where the load lasts (persistence about 0.9) the square is 0.01, and a price eight times the
+default still bought nothing. Under a slowly drifting load (:data:`LASTING_PERSISTENCE`) in
+layers where ``scale`` has no room to narrow (under 25 slots), the price also doubles over the
+cap while the lead is merely above :data:`LEAD_GIVEN_BACK`: there nothing else holds back a plan
+that chases each window's drift, which DeepSeek's packing mostly absorbs. Not in larger layers,
+where a dearer ``scale`` already narrows step 4's room, and where a swap or a new hot expert among
+hundreds of experts leaves the persistence as high as slow drift does.
 
 **The brake on fading loads.** In layers planned ahead (:func:`brakes_fading_loads`: ranks of 2
 slots without redundant ones) whose load mostly fades (``persistence`` below
 :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM`: the hottest expert hops to
 another one from window to window), the price also doubles over the cap *whatever the lead*.
 There :mod:`.policy_lookahead` plans the hops at a low price, and where a deployment cannot buy
-DeepSeek's balance at any price (Mixtral 8+0's log-normal swap cells) it went on spending: 28-37%
-of DeepSeek's slots, while behind, where no other rule reins it in (``scale`` stops at 1 in such
-layers, and the lead's rule needs a lead). With the brake those cells stay under a fifth
-(18.5-19.8%, seeds 0-19 in two pools of ten) at about the balance they had, and the six Zipf swap
-cells met both targets in 10 of 12 ten-seed pools. Not in other small layers: on the swap search's
-step 6 the same brake took sixteen-expert models' swap cells (``--sixteen-experts``, seeds 0-2)
-from 8 to 12 of 48 pooled by slots alone, at up to 2.7 points of balance (Phi-3.5-MoE 16+4 on 4,
-Zipf 1.4, low noise: −0.77 → −3.45 pp).
+DeepSeek's balance at any price it would go on spending while behind, where no other rule reins
+it in (``scale`` stops at 1 in such layers, and the lead's rule needs a lead). Not in other small
+layers: there the swap search's step 6 takes the same factor, and the brake cost balance far
+beyond the half point.
 
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
 bytes already), or whose later batches are dropped, counts in full: aborts are rare, and an
 over-count only leans toward dearer moves. A plan skipped for too small a gain counts nothing.
 
-Measured on the workload matrix (``bench/planner.py --matrix``, ``bench/spend_controller.py``):
-386 → 391 of 432 cells with seed 0, 383 → 391 with seed 1, the worst balance cell −1.37 →
-−0.73 pp and −1.45 → −1.21 pp; scaling step 3's tolerance or swap gate cost Mixtral's small
-layers balance or slots (``bench/README.md``). Dearer than the defaults (2026-12-06, pooled over
-seeds 0, 1, 2, ``--seeds 0,1,2``): step 4's room narrowed above :data:`SPEND_CAP`, 395 → 398
-cells (the cells off Mixtral that miss, pooled: 4 → 1); the same from :data:`SPEND_HIGH` on,
-397; step 6's price raised as well, 395 (a Mixtral cell gaining a lasting hot expert answers it
-late: −0.24 → −0.60 pp). With the balance lead (pooled over seeds 0-2): 395 / 398 / 397 → 396 /
-398 / 400 cells per seed, 385 → 388 under every seed, 404 → 403 pooled (a Mixtral 8+0 swap cell
-on the line, −0.50 → −0.56 pp); Mixtral's 72 cells over ten seeds 41 → 42; random cells off the
-matrix 94 → 94 and 91 → 93.
+What each rule bought on the workload matrix (``bench/planner.py --matrix``,
+``bench/spend_controller.py``), and what was tried and not taken, is in ``bench/README.md``.
 """
 
 from __future__ import annotations
