@@ -32,6 +32,7 @@ from eplb_service.coordinator.spend_control import (
     SpendState,
     balance_lead,
     brakes_fading_loads,
+    brakes_while_level,
     exact_price_scale,
     scale_ceiling,
     shape_terms,
@@ -114,8 +115,12 @@ def test_the_brake_on_fading_loads_is_for_deployments_whose_layers_are_planned_a
     assert not brakes_fading_loads(16, 16, 8, 1, 1)  # too many pairings to weigh
     assert not brakes_fading_loads(16, 20, 4, 1, 1)
     # The coordinator and the benchmark take both of the tally's shape terms from one place.
-    assert shape_terms(8, 8, 4, 1, 1) == {"max_scale": 1.0, "fading_brake": True}
-    assert shape_terms(256, 320, 64, 8, 8) == {"max_scale": scale_ceiling(40), "fading_brake": False}
+    assert shape_terms(8, 8, 4, 1, 1) == {"max_scale": 1.0, "fading_brake": True, "level_brake": False}
+    assert shape_terms(256, 320, 64, 8, 8) == {
+        "max_scale": scale_ceiling(40),
+        "fading_brake": False,
+        "level_brake": False,
+    }
 
 
 def test_the_coordinator_brakes_fading_loads_where_its_shape_is_planned_ahead(monkeypatch):
@@ -156,6 +161,36 @@ def test_under_a_lasting_load_in_small_layers_the_price_rises_while_the_lead_is_
     for bad in (1.5, -0.1, float("nan"), True):
         with pytest.raises(ValueError, match=f"persistence must be None or a number in \\[0, 1\\], got {bad!r}"):
             update_spend(level, 0, 0, lead=lead, persistence=bad)
+
+
+def test_level_with_deepseek_over_the_cap_the_price_rises_where_the_shape_takes_the_level_brake():
+    """Over the cap with the faded lead above the give-back line (within 0.2 points of DeepSeek's
+    balance, where issue 16 allows half a point), a deployment with ``level_brake`` doubles step
+    6's price instead of holding it, whatever the persistence: it spends that margin instead of
+    more slots. Not once the lead is below the line, not under the cap, and not without the brake
+    (a deployment under DeepSeek's hierarchy, or one whose layers are planned ahead)."""
+    lead = LEAD_GIVEN_BACK / 2
+    level = SpendState(**OVER, price_scale=2.0, lead=lead)
+
+    def price(state=level, **kwargs):
+        return update_spend(state, 0, 0, lead=kwargs.pop("lead", lead), **kwargs).price_scale
+
+    for known in (None, 0.2, 0.9, 1.0):
+        assert price(level_brake=True, persistence=known) == 4.0
+    assert price(level_brake=False, persistence=0.9) == 2.0  # held, as without the brake
+    assert price(level_brake=True, lead=LEAD_GIVEN_BACK * 3) == 1.0  # behind: back down
+    under = SpendState(**faded((SPEND_LOW + SPEND_CAP) / 2), price_scale=2.0, lead=lead)
+    assert price(under, level_brake=True) == 2.0  # under the cap: held
+    ahead = SpendState(**OVER, price_scale=2.0, lead=0.01)
+    assert update_spend(ahead, 0, 0, lead=0.01, level_brake=False).price_scale == 4.0  # the lead's own rule
+
+
+def test_the_level_brake_is_for_deployments_without_the_hierarchy_whose_layers_are_not_planned_ahead():
+    assert brakes_while_level(16, 24, 2, 1, 1)  # 16 experts + 8 on 2 GPUs: the swap search
+    assert brakes_while_level(8, 10, 2, 1, 1)  # Mixtral 8+2: planned exactly
+    assert not brakes_while_level(8, 8, 4, 1, 1)  # Mixtral 8+0 on 4: planned ahead
+    assert not brakes_while_level(256, 288, 32, 8, 4)  # DeepSeek-V3 under its node hierarchy
+    assert shape_terms(256, 288, 32, 1, 1)["level_brake"]  # the same without it
 
 
 def test_the_lead_fades_and_an_unmeasured_round_leaves_it_and_the_price():

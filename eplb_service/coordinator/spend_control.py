@@ -58,6 +58,16 @@ it in (``scale`` stops at 1 in such layers, and the lead's rule needs a lead). N
 layers: there the swap search's step 6 takes the same factor, and the brake cost balance far
 beyond the half point.
 
+**The brake while level.** Everywhere else but under DeepSeek's hierarchy, the price also doubles
+over the cap while the faded lead is merely above :data:`LEAD_GIVEN_BACK` (within 0.2 points of
+DeepSeek's balance), whatever the persistence (:func:`brakes_while_level`): the target allows half
+a point, and a deployment that close to DeepSeek's balance and over the slot cap should spend that
+margin rather than more slots. It does not turn a deployment that is further behind away from
+buying balance: below the line the price comes down as before. Not under the hierarchy, where
+whole groups move between nodes and one seed's balance fell below the half point at the same slots
+in cells that met both targets; not in layers planned ahead, which have the brake above and whose
+answers to a new hot expert the lead's price already delays.
+
 A plan counts every slot it would move (all its batches) when it is decided; the controller does
 not wait for outcomes. So a plan that aborts later (its staging may have streamed some of those
 bytes already), or whose later batches are dropped, counts in full: aborts are rare, and an
@@ -164,6 +174,7 @@ def update_spend(
     lead: float | None = None,
     persistence: float | None = None,
     fading_brake: bool = False,
+    level_brake: bool = False,
 ) -> SpendState:
     """The state after a rebalance where the policy moved ``spent`` slots and DeepSeek ``reference``.
 
@@ -189,7 +200,10 @@ def update_spend(
     allows is worth more than those slots. With ``fading_brake`` (:func:`brakes_fading_loads` of
     the deployment) and the persistence below
     :data:`~eplb_service.coordinator.load_forecast.PLAN_AS_IS_FROM` (the load fades), the price
-    doubles over the cap whatever the lead (the brake on fading loads, module docstring).
+    doubles over the cap whatever the lead (the brake on fading loads, module docstring). With
+    ``level_brake`` (:func:`brakes_while_level` of the deployment) the price doubles over the cap
+    while the lead is merely above :data:`LEAD_GIVEN_BACK`, whatever the persistence (the brake
+    while level, module docstring).
     """
     if spent < 0 or reference < 0:
         raise ValueError(f"slot counts must be >= 0, got spent={spent}, reference={reference}")
@@ -217,7 +231,8 @@ def update_spend(
         held = ref > 0 and tally >= SPEND_LOW * ref
         lasting = persistence is not None and persistence >= LASTING_PERSISTENCE and max_scale == 1.0
         fading = fading_brake and persistence is not None and persistence < PLAN_AS_IS_FROM
-        if over and (faded_lead > 0.0 or (lasting and faded_lead > LEAD_GIVEN_BACK) or fading):
+        level = (lasting or level_brake) and faded_lead > LEAD_GIVEN_BACK
+        if over and (faded_lead > 0.0 or level or fading):
             price = min(price * SPEND_STEP, MAX_PRICE_SCALE)
         elif not held or faded_lead < LEAD_GIVEN_BACK:
             price = max(price / SPEND_STEP, 1.0)
@@ -233,20 +248,29 @@ def brakes_fading_loads(num_logical: int, num_physical: int, num_ranks: int, num
     return not uses_hierarchy(num_groups, num_nodes) and plans_ahead(num_logical, num_physical, num_ranks)
 
 
+def brakes_while_level(num_logical: int, num_physical: int, num_ranks: int, num_groups: int, num_nodes: int) -> bool:
+    """Whether :func:`update_spend` takes ``level_brake`` for this deployment: it keeps no DeepSeek
+    hierarchy and its layers are not planned ahead (the brake while level, module docstring)."""
+    return not uses_hierarchy(num_groups, num_nodes) and not plans_ahead(num_logical, num_physical, num_ranks)
+
+
 class ShapeTerms(TypedDict):
     """The keyword arguments of :func:`update_spend` that the deployment's shape fixes."""
 
     max_scale: float
     fading_brake: bool
+    level_brake: bool
 
 
 def shape_terms(num_logical: int, num_physical: int, num_ranks: int, num_groups: int, num_nodes: int) -> ShapeTerms:
-    """:func:`update_spend`'s ``max_scale`` (:func:`scale_ceiling` of :func:`room_slots`) and
-    ``fading_brake`` (:func:`brakes_fading_loads`) for one deployment. One place, so that the
+    """:func:`update_spend`'s ``max_scale`` (:func:`scale_ceiling` of :func:`room_slots`),
+    ``fading_brake`` (:func:`brakes_fading_loads`) and ``level_brake`` (:func:`brakes_while_level`)
+    for one deployment. One place, so that the
     coordinator and the benchmark that replays it tally alike (as :func:`plan_factors` for the plan)."""
     return {
         "max_scale": scale_ceiling(room_slots(num_physical, num_groups, num_nodes)),
         "fading_brake": brakes_fading_loads(num_logical, num_physical, num_ranks, num_groups, num_nodes),
+        "level_brake": brakes_while_level(num_logical, num_physical, num_ranks, num_groups, num_nodes),
     }
 
 
