@@ -58,11 +58,12 @@ it in (``scale`` stops at 1 in such layers, and the lead's rule needs a lead). N
 layers: there the swap search's step 6 takes the same factor, and the brake cost balance far
 beyond the half point.
 
-**The brake while level.** Everywhere else but under DeepSeek's hierarchy, the price also doubles
-over the cap while the faded lead is merely above :data:`LEAD_GIVEN_BACK` (within 0.2 points of
-DeepSeek's balance), whatever the persistence (:func:`brakes_while_level`): the target allows half
-a point, and a deployment that close to DeepSeek's balance and over the slot cap should spend that
-margin rather than more slots. It does not turn a deployment that is further behind away from
+**The brake while level.** In deployments without DeepSeek's hierarchy whose layers are not planned
+ahead (:func:`brakes_while_level`), the price also doubles over the cap while the faded lead is
+merely above :data:`LEAD_GIVEN_BACK` (within 0.2 points of DeepSeek's balance), whatever the
+persistence, as the rule for slowly drifting small layers above does in every deployment: the
+target allows half a point, and a deployment that close to DeepSeek's balance and over the slot
+cap should spend that margin rather than more slots. It does not turn a deployment that is further behind away from
 buying balance: below the line the price comes down as before. Not under the hierarchy, where
 whole groups move between nodes and one seed's balance fell below the half point at the same slots
 in cells that met both targets; not in layers planned ahead, which have the brake above and whose
