@@ -114,7 +114,7 @@ def test_the_brake_on_fading_loads_is_for_deployments_whose_layers_are_planned_a
     assert not brakes_fading_loads(8, 12, 4, 1, 1)  # redundant slots
     assert not brakes_fading_loads(16, 16, 8, 1, 1)  # too many pairings to weigh
     assert not brakes_fading_loads(16, 20, 4, 1, 1)
-    # The coordinator and the benchmark take both of the tally's shape terms from one place.
+    # The coordinator and the benchmark take all of the tally's shape terms from one place.
     assert shape_terms(8, 8, 4, 1, 1) == {"max_scale": 1.0, "fading_brake": True, "level_brake": False}
     assert shape_terms(256, 320, 64, 8, 8) == {
         "max_scale": scale_ceiling(40),
@@ -130,12 +130,17 @@ def test_the_coordinator_brakes_fading_loads_where_its_shape_is_planned_ahead(mo
     asked, told = [], []
     monkeypatch.setattr(spend_control, "brakes_fading_loads", lambda *args: asked.append(args) or True)
     real = plan_runner.update_spend
-    monkeypatch.setattr(plan_runner, "update_spend", lambda *a, **kw: told.append(kw["fading_brake"]) or real(*a, **kw))
+    monkeypatch.setattr(
+        plan_runner,
+        "update_spend",
+        lambda *a, **kw: told.append((kw["fading_brake"], kw["level_brake"])) or real(*a, **kw),
+    )
     plan_and_tally(c)
     c.book.window.load[:] = c.book.window.load[:, ::-1] + 1.0
     plan_and_tally(c)
     shape = c.book.shape
-    assert told and set(told) == {True}
+    # 6 experts + 2 on 2 ranks, no hierarchy, not planned ahead: the brake while level too.
+    assert told and set(told) == {(True, True)}
     assert set(asked) == {(shape.num_logical, shape.num_physical, shape.num_ranks, c.cfg.num_groups, c.cfg.num_nodes)}
 
 
