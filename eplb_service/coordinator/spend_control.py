@@ -61,10 +61,10 @@ beyond the half point.
 **The brake while level.** In deployments without DeepSeek's hierarchy whose layers are not planned
 ahead (:func:`brakes_while_level`), the price also doubles over the cap while the faded lead is
 merely above :data:`LEAD_GIVEN_BACK` (within 0.2 points of DeepSeek's balance), whatever the
-persistence, as the rule for slowly drifting small layers above does in every deployment: the
-target allows half a point, and a deployment that close to DeepSeek's balance and over the slot
-cap should spend that margin rather than more slots. It does not turn a deployment that is further behind away from
-buying balance: below the line the price comes down as before. Not under the hierarchy, where
+persistence, as the rule for slowly drifting small layers above does in every deployment: the target
+allows half a point, and a deployment that close to DeepSeek's balance and over the slot cap should
+spend that margin rather than more slots. It does not turn a deployment that is further behind away
+from buying balance: below the line the price comes down as before. Not under the hierarchy, where
 whole groups move between nodes and one seed's balance fell below the half point at the same slots
 in cells that met both targets; not in layers planned ahead, which have the brake above and whose
 answers to a new hot expert the lead's price already delays.
@@ -266,8 +266,8 @@ class ShapeTerms(TypedDict):
 def shape_terms(num_logical: int, num_physical: int, num_ranks: int, num_groups: int, num_nodes: int) -> ShapeTerms:
     """:func:`update_spend`'s ``max_scale`` (:func:`scale_ceiling` of :func:`room_slots`),
     ``fading_brake`` (:func:`brakes_fading_loads`) and ``level_brake`` (:func:`brakes_while_level`)
-    for one deployment. One place, so that the
-    coordinator and the benchmark that replays it tally alike (as :func:`plan_factors` for the plan)."""
+    for one deployment. One place, so that the coordinator and the benchmark that replays it tally
+    alike (as :func:`plan_factors` for the plan)."""
     return {
         "max_scale": scale_ceiling(room_slots(num_physical, num_groups, num_nodes)),
         "fading_brake": brakes_fading_loads(num_logical, num_physical, num_ranks, num_groups, num_nodes),
