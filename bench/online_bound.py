@@ -470,13 +470,16 @@ def at_share(result: tuple[float, float] | None) -> str:
     return "none within the budget" if result is None else f"{result[0]:+.2f} at {100 * result[1]:.1f}%"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_cells(
+    parser: argparse.ArgumentParser, argv: list[str] | None, drift: str
+) -> tuple[argparse.Namespace, tuple[int, ...], list[Workload]]:
+    """``(args, seeds, workloads)``: adds ``--seeds`` and ``--workloads`` (cells of ``drift``) to
+    ``parser`` and parses ``argv``; a bad value exits naming it, as ``parser.error`` does."""
     parser.add_argument("--seeds", default="0,1,2", help="the matrix's seeds to pool, comma-separated (0,1,2)")
     parser.add_argument(
         "--workloads",
-        default="abrupt",
-        help="only abrupt workloads whose label contains one of these comma-separated parts",
+        default=drift,
+        help=f"only {drift} workloads whose label contains one of these comma-separated parts",
     )
     args = parser.parse_args(argv)
     try:
@@ -484,11 +487,17 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     parts = [p.strip() for p in args.workloads.split(",") if p.strip()]
-    chosen = [w for w in WORKLOADS if w.drift == "abrupt" and any(p in w.label for p in parts)]
+    chosen = [w for w in WORKLOADS if w.drift == drift and any(p in w.label for p in parts)]
     if not chosen:
         parser.error(
-            f"--workloads {args.workloads!r} matches no abrupt workload; e.g. 'abrupt' or 'lognormal,low noise'"
+            f"--workloads {args.workloads!r} matches no {drift} workload; e.g. '{drift}' or 'lognormal,low noise'"
         )
+    return args, seeds, chosen
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    _, seeds, chosen = parse_cells(parser, argv, "abrupt")
     print(
         f"{SHAPE.label}; seeds {', '.join(map(str, seeds))} pooled; "
         f"budget {100 * MOVED_TARGET:.0f}% of DeepSeek's slots\n"

@@ -53,12 +53,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.online_bound import SHAPE, WINDOWS, parse_cells
 from bench.oracle_pairs import PAIRS, balance_bound
 from bench.planner import (
     BALANCE_TARGET_PP,
-    MATRIX_SHAPES,
     MOVED_TARGET,
-    WORKLOADS,
     MatrixWindow,
     Workload,
     cell_windows,
@@ -70,10 +69,6 @@ from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.coordinator.policy_lookahead import cheapest_answers
 from eplb_service.placement import PlacementShape, initial_phy2log, model_balancedness
 
-SHAPE = next(s for s in MATRIX_SHAPES if s.experts == 8 and s.redundant == 0 and s.ranks == 4)
-"""Mixtral-8x7B on 4 ranks without redundant slots: the shape whose swap cells miss."""
-WINDOWS = 12
-"""Windows per cell, as the matrix runs it: the warm-up's, 10 rebalances', and the last one scored."""
 LAMBDA_GRID = tuple(np.linspace(0.0, 0.02, 81))
 """Prices per moved slot (in a layer's load shares) the dual is evaluated at; the best is refined."""
 PLANNER_PRICES = (0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.012)
@@ -269,22 +264,8 @@ def swap_bound(workload: Workload, seeds: tuple[int, ...], layers: int | None = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0,1,2", help="the matrix's seeds to pool, comma-separated (0,1,2)")
-    parser.add_argument(
-        "--workloads",
-        default="swap",
-        help="only swap workloads whose label contains one of these comma-separated parts",
-    )
     parser.add_argument("--no-policy", action="store_true", help="leave out the migration policy's column (faster)")
-    args = parser.parse_args(argv)
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
-    parts = [p.strip() for p in args.workloads.split(",") if p.strip()]
-    chosen = [w for w in WORKLOADS if w.drift == "swap" and any(p in w.label for p in parts)]
-    if not chosen:
-        parser.error(f"--workloads {args.workloads!r} matches no swap workload; e.g. 'swap' or 'lognormal,low noise'")
+    args, seeds, chosen = parse_cells(parser, argv, "swap")
     pooled = ", ".join(map(str, seeds))
     print(f"{SHAPE.label}; seeds {pooled} pooled; budget {100 * MOVED_TARGET:.0f}% of DeepSeek's slots\n")
     print(
