@@ -35,7 +35,8 @@ def charges(windows):
 
 def test_each_window_is_one_of_the_eight_hop_cases_of_the_window_before(windows):
     for before, after in zip(windows[1:], windows[2:], strict=False):
-        cases, came = hop_cases(before, after, SHAPE.top_k)
+        cases, odds, came = hop_cases(before, after, SHAPE.top_k)
+        assert np.allclose(odds, 1 / SHAPE.experts)  # the hot expert lands on each expert alike
         assert cases.shape == (LAYERS, SHAPE.experts, SHAPE.experts)
         assert np.allclose(cases[np.arange(LAYERS), came], popularity_shares(after.logits, SHAPE.top_k))
         assert np.allclose(cases.sum(axis=2), 1.0)
