@@ -56,6 +56,7 @@ from bench.oracle_pairs import PAIRS
 from bench.planner import MOVED_TARGET, Workload, cell_windows, popularity_shares, run_sequence
 from bench.swap_bound import pairing_index
 from eplb_service.coordinator.policy import plan_rebalance
+from eplb_service.coordinator.policy_exact import Layouts
 from eplb_service.placement import PlacementShape, initial_phy2log
 
 REBALANCES = WINDOWS - 2
@@ -67,7 +68,7 @@ TIE = 1e-9
 """Added per moved slot to break exact ties toward staying (at price 0 every pairing is free)."""
 
 
-def label_hops(space=PAIRS) -> np.ndarray:
+def label_hops(space: Layouts = PAIRS) -> np.ndarray:
     """``[N, S]``: pairing ``s`` after the hottest label (0) trades places with label ``r``
     (``r = 0``: itself, no change). Each row is a permutation of the pairings and its own inverse."""
     members = space.members  # [S, R, per_rank]
@@ -89,14 +90,11 @@ HOPS = label_hops()
 """Mixtral 8+0's pairings under each of the eight equally likely hops."""
 
 
-def after_hop(dist: np.ndarray) -> np.ndarray:
-    """``[L, S]``: the distribution over states ``dist [L, S]`` one hop later (each hop alike)."""
-    return np.mean([dist[:, hop] for hop in HOPS], axis=0)  # each hop is its own inverse
-
-
-def expected_after_hop(values: np.ndarray) -> np.ndarray:
-    """``[L, S]``: for each pairing taken now, ``values [L, S]`` of the state a hop later, averaged."""
-    return np.mean([values[:, hop] for hop in HOPS], axis=0)
+def over_hops(table: np.ndarray) -> np.ndarray:
+    """``[L, S]``: ``table [L, S]`` read at each pairing's eight hops and averaged. Since each hop
+    is its own inverse, this both carries a distribution over states one hop forward and gives
+    each pairing taken now the mean of a value of the state a hop later."""
+    return np.mean([table[:, hop] for hop in HOPS], axis=0)
 
 
 def deepseek_labels(shares: np.ndarray) -> np.ndarray:
@@ -104,7 +102,7 @@ def deepseek_labels(shares: np.ndarray) -> np.ndarray:
     (hottest first), in labels, planned by the policy the matrix runs as DeepSeek."""
     layers = len(shares)
     shape = PlacementShape(layers, SHAPE.experts, SHAPE.slots, SHAPE.ranks)
-    plan = plan_rebalance("deepseek", initial_phy2log(shape), shares * 1e6, shape)
+    plan = plan_rebalance("deepseek", initial_phy2log(shape), shares, shape)
     return pairing_index(plan.target_phy2log)
 
 
@@ -128,13 +126,13 @@ def run_policy(cost: np.ndarray, actions: list[np.ndarray], start: np.ndarray) -
     rows = np.arange(layers)
     dist = np.zeros_like(cost)
     dist[rows, start] = 1.0
-    dist = after_hop(dist)  # the window rebalance 1 plans on
+    dist = over_hops(dist)  # the window rebalance 1 plans on
     peaks, moves = np.zeros(layers), np.zeros(layers)
     for act in actions:
         moves += (dist * PAIRS.moves[np.arange(cost.shape[1])[None, :], act]).sum(axis=1)
         taken = np.zeros_like(dist)
         np.add.at(taken, (np.broadcast_to(rows[:, None], act.shape), act), dist)
-        dist = after_hop(taken)  # the window scored, and the one the next rebalance plans on
+        dist = over_hops(taken)  # the window scored, and the one the next rebalance plans on
         peaks += (dist * cost).sum(axis=1)
     return Outcome(peaks, moves)
 
@@ -155,12 +153,12 @@ def optimal_policy(cost: np.ndarray, lam: float, rebalances: int = REBALANCES) -
     values = np.zeros_like(cost)
     actions: list[np.ndarray] = []
     for _ in range(rebalances):
-        act, values = best_actions(expected_after_hop(cost + values), lam)
+        act, values = best_actions(over_hops(cost + values), lam)
         actions.append(act)
     actions.reverse()
-    start = expected_after_hop(values).argmin(axis=1)  # the warm-up: free, a hop before rebalance 1
+    start = over_hops(values).argmin(axis=1)  # the warm-up: free, a hop before rebalance 1
     outcome = run_policy(cost, actions, start)
-    return outcome, float(expected_after_hop(values).min(axis=1).sum())
+    return outcome, float(over_hops(values).min(axis=1).sum())
 
 
 def receding_policy(cost: np.ndarray, lam: float, depth: int, rebalances: int = REBALANCES) -> Outcome:
@@ -171,8 +169,8 @@ def receding_policy(cost: np.ndarray, lam: float, depth: int, rebalances: int = 
     values = np.zeros_like(cost)
     act = np.zeros(cost.shape, dtype=np.int64)
     for _ in range(depth):
-        act, values = best_actions(expected_after_hop(cost + values), lam)
-    start = expected_after_hop(cost).argmin(axis=1)
+        act, values = best_actions(over_hops(cost + values), lam)
+    start = over_hops(cost).argmin(axis=1)
     return run_policy(cost, [act] * rebalances, start)
 
 

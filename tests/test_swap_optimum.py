@@ -10,13 +10,13 @@ from bench.swap_optimum import (
     HOPS,
     PAIRS,
     REBALANCES,
-    after_hop,
     best_within,
     deepseek_labels,
     deepseek_policy,
     layer_shares,
     main,
     optimal_policy,
+    over_hops,
     receding_policy,
     run_policy,
     swap_optimum,
@@ -56,7 +56,7 @@ def test_each_hop_relabels_the_pairings_and_undoes_itself():
 def test_a_hop_keeps_probability_and_spreads_a_state_over_its_eight_cases():
     dist = np.zeros((1, len(PAIRS)))
     dist[0, 5] = 1.0
-    spread = after_hop(dist)
+    spread = over_hops(dist)
     assert np.isclose(spread.sum(), 1.0)
     assert np.isclose(spread[0, 5], np.mean(HOPS[:, 5] == 5))
     assert set(np.flatnonzero(spread[0])) == set(HOPS[:, 5].tolist())
