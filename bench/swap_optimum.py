@@ -257,8 +257,7 @@ def swap_optimum(workload: Workload, seeds: tuple[int, ...], layers: int | None 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    args, seeds, chosen = parse_cells(parser, argv, "swap")
-    del args
+    _, seeds, chosen = parse_cells(parser, argv, "swap")
     print(f"{SHAPE.label}; seeds {', '.join(map(str, seeds))} pooled; the model of the module docstring\n")
     print(
         "| workload | DeepSeek: expected balance | its slots, model / matrix "
