@@ -56,7 +56,6 @@ from bench.oracle_pairs import PAIRS
 from bench.planner import MOVED_TARGET, Workload, cell_windows, popularity_shares, run_sequence
 from bench.swap_bound import pairing_index
 from eplb_service.coordinator.policy import plan_rebalance
-from eplb_service.coordinator.policy_exact import Layouts
 from eplb_service.placement import PlacementShape, initial_phy2log
 
 REBALANCES = WINDOWS - 2
@@ -68,22 +67,16 @@ TIE = 1e-9
 """Added per moved slot to break exact ties toward staying (at price 0 every pairing is free)."""
 
 
-def label_hops(space: Layouts = PAIRS) -> np.ndarray:
+def label_hops() -> np.ndarray:
     """``[N, S]``: pairing ``s`` after the hottest label (0) trades places with label ``r``
     (``r = 0``: itself, no change). Each row is a permutation of the pairings and its own inverse."""
-    members = space.members  # [S, R, per_rank]
-    num = int(members.max()) + 1
-    index = {_key(m): i for i, m in enumerate(members)}
-    out = np.empty((num, len(members)), dtype=np.int64)
+    num = SHAPE.experts
+    out = np.empty((num, len(PAIRS)), dtype=np.int64)
     for r in range(num):
         swap = np.arange(num)
         swap[0], swap[r] = r, 0
-        out[r] = [index[_key(swap[m])] for m in members]
+        out[r] = pairing_index(swap[PAIRS.members].reshape(len(PAIRS), -1))
     return out
-
-
-def _key(ranks: np.ndarray) -> tuple[tuple[int, ...], ...]:
-    return tuple(sorted(tuple(sorted(map(int, rank))) for rank in ranks))
 
 
 HOPS = label_hops()
