@@ -365,6 +365,8 @@ class MatrixWindow:
 
 REVERSION = 0.1
 """The share of the gap to its base (in log popularity) an expert's popularity closes each window."""
+WALK_STEP = 0.05
+"""The standard deviation of each expert's random step in log popularity, every window."""
 ABRUPT_RATE = 0.25
 """``abrupt``: the chance, per layer and window, that a new hot expert appears."""
 
@@ -384,7 +386,7 @@ def drift_window(
     """
     layers, num = logits.shape
     rows = np.arange(layers)
-    logits = logits + REVERSION * (base - logits) + rng.normal(0.0, 0.05, size=logits.shape)
+    logits = logits + REVERSION * (base - logits) + rng.normal(0.0, WALK_STEP, size=logits.shape)
     if drift == "swap":
         base = base.copy()
         hot = np.argsort(-logits, axis=1)[rows, rng.integers(0, max(1, num // 8), layers)]

@@ -41,6 +41,16 @@ experts of near-equal load. The target is set on the latter.
 Beside the optimum, :func:`receding_policy` re-plans each rebalance as if only ``depth`` were
 left (depth 1: the myopic hop-robust rule of ``bench/swap_bound.py``'s ``robust_planner``, on
 exact shares): how much of the optimum a short look ahead keeps.
+
+**With the slow walk** (``--walk-paths N``): whether leaving the walk out is what favours the
+frugal planner. Each label's log popularity walks as ``drift_window`` walks every expert (a hop
+trades popularity and base together, so it moves labels between experts and leaves each label's
+walk alone), ``N`` draws a layer (:func:`walk_logits`). Window ``w``'s pairings then have their own
+largest rank shares, and its hottest label is the one that trades places in the hop into it. The
+optimum is told each draw's whole walk in advance, but not the hops: an information relaxation, so
+no online planner expects more, even one that knows each window's shares exactly. DeepSeek packs,
+and the myopic rule plans, each window's shares as they are (an online planner that knows them).
+Still no sampling noise.
 """
 
 from __future__ import annotations
@@ -53,7 +63,15 @@ import numpy as np
 
 from bench.online_bound import SHAPE, WINDOWS, parse_cells
 from bench.oracle_pairs import PAIRS
-from bench.planner import MOVED_TARGET, Workload, cell_windows, popularity_shares, run_sequence
+from bench.planner import (
+    MOVED_TARGET,
+    REVERSION,
+    WALK_STEP,
+    Workload,
+    cell_windows,
+    popularity_shares,
+    run_sequence,
+)
 from bench.swap_bound import pairing_index
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -67,32 +85,51 @@ TIE = 1e-9
 """Added per moved slot to break exact ties toward staying (at price 0 every pairing is free)."""
 
 
-def label_hops() -> np.ndarray:
-    """``[N, S]``: pairing ``s`` after the hottest label (0) trades places with label ``r``
-    (``r = 0``: itself, no change). Each row is a permutation of the pairings and its own inverse."""
+def label_hops(hot: int = 0) -> np.ndarray:
+    """``[N, S]``: pairing ``s`` after label ``hot`` (the hottest, 0 where the shares are fixed) trades
+    places with label ``r`` (``r = hot``: itself, no change). Each row is a permutation of the
+    pairings and its own inverse."""
     num = SHAPE.experts
     out = np.empty((num, len(PAIRS)), dtype=np.int64)
     for r in range(num):
         swap = np.arange(num)
-        swap[0], swap[r] = r, 0
+        swap[hot], swap[r] = r, hot
         out[r] = pairing_index(swap[PAIRS.members].reshape(len(PAIRS), -1))
     return out
 
 
-HOPS = label_hops()
-"""Mixtral 8+0's pairings under each of the eight equally likely hops."""
+HOT_HOPS = np.stack([label_hops(hot) for hot in range(SHAPE.experts)])
+"""``[N, N, S]``: Mixtral 8+0's pairings under each of the eight equally likely hops of each label
+as the hottest (under the random walk the hottest label changes now and then)."""
+HOPS = HOT_HOPS[0]
+"""Mixtral 8+0's pairings under each of the eight equally likely hops of the hottest label, 0."""
 
 
-def over_hops(table: np.ndarray) -> np.ndarray:
-    """``[L, S]``: ``table [L, S]`` read at each pairing's eight hops and averaged. Since each hop
-    is its own inverse, this both carries a distribution over states one hop forward and gives
-    each pairing taken now the mean of a value of the state a hop later."""
-    return np.mean([table[:, hop] for hop in HOPS], axis=0)
+def over_hops(table: np.ndarray, hot: np.ndarray | None = None) -> np.ndarray:
+    """``[L, S]``: ``table [L, S]`` read at each pairing's eight hops and averaged, the hop's hottest
+    label being ``hot [L]`` (label 0 where ``None``). Since each hop is its own inverse, this both
+    carries a distribution over states one hop forward and gives each pairing taken now the mean
+    of a value of the state a hop later."""
+    if hot is None:
+        return np.mean([table[:, hop] for hop in HOPS], axis=0)
+    rows = np.arange(len(table))[:, None]
+    return np.mean([table[rows, HOT_HOPS[hot, r]] for r in range(SHAPE.experts)], axis=0)
+
+
+def _at(values: np.ndarray, window: int, fixed_ndim: int) -> np.ndarray:
+    """``values`` at ``window`` where it has a leading window axis (more than ``fixed_ndim``
+    dimensions), else as it is: the same every window."""
+    return values if values.ndim == fixed_ndim else values[window]
+
+
+def _hot_at(hot: np.ndarray | None, window: int) -> np.ndarray | None:
+    """``hot [W, L]`` at ``window``; ``None`` (label 0 the hottest) stays ``None``."""
+    return None if hot is None else hot[window]
 
 
 def deepseek_labels(shares: np.ndarray) -> np.ndarray:
-    """``[L]``: the pairing DeepSeek's packing gives each layer's sorted ``shares [L, N]``
-    (hottest first), in labels, planned by the policy the matrix runs as DeepSeek."""
+    """``[L]``: the pairing DeepSeek's packing gives each layer's ``shares [L, N]`` (by label), in
+    labels, planned by the policy the matrix runs as DeepSeek."""
     layers = len(shares)
     shape = PlacementShape(layers, SHAPE.experts, SHAPE.slots, SHAPE.ranks)
     plan = plan_rebalance("deepseek", initial_phy2log(shape), shares, shape)
@@ -112,21 +149,27 @@ class Outcome:
     moves: np.ndarray
 
 
-def run_policy(cost: np.ndarray, actions: list[np.ndarray], start: np.ndarray) -> Outcome:
+def run_policy(
+    cost: np.ndarray, actions: list[np.ndarray], start: np.ndarray, hot: np.ndarray | None = None
+) -> Outcome:
     """The exact expectation of playing ``actions[t] [L, S]`` (the pairing taken from each state at
-    rebalance ``t``) from the warm-up pairing ``start [L]``, a hop before each rebalance."""
-    layers = len(cost)
+    rebalance ``t``) from the warm-up pairing ``start [L]``, a hop before each rebalance.
+
+    ``cost`` is ``[L, S]`` (the same every window) or ``[W, L, S]`` (window ``w``'s largest rank
+    share of each pairing), ``hot`` ``None`` (label 0 hops) or ``[W, L]`` (the hottest label of
+    window ``w``, the one that trades places in the hop into it)."""
+    layers = cost.shape[-2]
     rows = np.arange(layers)
-    dist = np.zeros_like(cost)
+    dist = np.zeros(cost.shape[-2:])
     dist[rows, start] = 1.0
-    dist = over_hops(dist)  # the window rebalance 1 plans on
+    dist = over_hops(dist, _hot_at(hot, 1))  # the window rebalance 1 plans on
     peaks, moves = np.zeros(layers), np.zeros(layers)
-    for act in actions:
-        moves += (dist * PAIRS.moves[np.arange(cost.shape[1])[None, :], act]).sum(axis=1)
+    for t, act in enumerate(actions, start=1):
+        moves += (dist * PAIRS.moves[np.arange(dist.shape[1])[None, :], act]).sum(axis=1)
         taken = np.zeros_like(dist)
         np.add.at(taken, (np.broadcast_to(rows[:, None], act.shape), act), dist)
-        dist = over_hops(taken)  # the window scored, and the one the next rebalance plans on
-        peaks += (dist * cost).sum(axis=1)
+        dist = over_hops(taken, _hot_at(hot, t + 1))  # the window scored, and the one the next rebalance plans on
+        peaks += (dist * _at(cost, t + 1, 2)).sum(axis=1)
     return Outcome(peaks, moves)
 
 
@@ -139,38 +182,56 @@ def best_actions(ahead: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]
     return act, np.take_along_axis(q, act[:, :, None], axis=2)[:, :, 0]
 
 
-def optimal_policy(cost: np.ndarray, lam: float, rebalances: int = REBALANCES) -> tuple[Outcome, float]:
+def optimal_policy(
+    cost: np.ndarray, lam: float, rebalances: int = REBALANCES, hot: np.ndarray | None = None
+) -> tuple[Outcome, float]:
     """``(outcome, objective)``: the online optimum at ``lam`` per slot for layers whose pairings (in
-    labels) have largest rank share ``cost [L, S]``; ``objective`` is its least expected summed
-    ``peaks + lam x slots``, every layer together."""
-    values = np.zeros_like(cost)
+    labels) have largest rank share ``cost`` (as in :func:`run_policy`, with ``hot``); ``objective``
+    is its least expected summed ``peaks + lam x slots``, every layer together. Where ``cost`` changes
+    from window to window the planner knows every window's in advance, but not the hops."""
+    values = np.zeros(cost.shape[-2:])
     actions: list[np.ndarray] = []
-    for _ in range(rebalances):
-        act, values = best_actions(over_hops(cost + values), lam)
+    for t in range(rebalances, 0, -1):
+        act, values = best_actions(over_hops(_at(cost, t + 1, 2) + values, _hot_at(hot, t + 1)), lam)
         actions.append(act)
     actions.reverse()
-    start = over_hops(values).argmin(axis=1)  # the warm-up: free, a hop before rebalance 1
-    outcome = run_policy(cost, actions, start)
-    return outcome, float(over_hops(values).min(axis=1).sum())
+    ahead = over_hops(values, _hot_at(hot, 1))
+    start = ahead.argmin(axis=1)  # the warm-up: free, a hop before rebalance 1
+    outcome = run_policy(cost, actions, start, hot)
+    return outcome, float(ahead.min(axis=1).sum())
 
 
-def receding_policy(cost: np.ndarray, lam: float, depth: int, rebalances: int = REBALANCES) -> Outcome:
-    """Each rebalance plans as if ``depth`` were left (the same rule every time); the warm-up a best
-    pairing for the next window."""
+def receding_policy(
+    cost: np.ndarray, lam: float, depth: int, rebalances: int = REBALANCES, hot: np.ndarray | None = None
+) -> Outcome:
+    """Each rebalance plans as if ``depth`` were left, on the window it plans on as if it stayed (the
+    same rule every time); the warm-up a best pairing for the next window. ``cost`` and ``hot`` as
+    in :func:`run_policy`."""
     if depth < 1:
         raise ValueError(f"depth {depth}: expected at least 1 rebalance ahead")
-    values = np.zeros_like(cost)
-    act = np.zeros(cost.shape, dtype=np.int64)
-    for _ in range(depth):
-        act, values = best_actions(over_hops(cost + values), lam)
-    start = over_hops(cost).argmin(axis=1)
-    return run_policy(cost, [act] * rebalances, start)
+    actions: list[np.ndarray] = []
+    for t in range(1, rebalances + 1):
+        if actions and cost.ndim == 2 and hot is None:
+            actions.append(actions[-1])  # the same window every time: the same rule
+            continue
+        values = np.zeros(cost.shape[-2:])
+        act = np.zeros(cost.shape[-2:], dtype=np.int64)
+        for _ in range(depth):
+            act, values = best_actions(over_hops(_at(cost, t, 2) + values, _hot_at(hot, t)), lam)
+        actions.append(act)
+    start = over_hops(_at(cost, 0, 2), _hot_at(hot, 0)).argmin(axis=1)
+    return run_policy(cost, actions, start, hot)
 
 
-def deepseek_policy(cost: np.ndarray, packed: np.ndarray, rebalances: int = REBALANCES) -> Outcome:
-    """DeepSeek in the model: every rebalance back to its packing ``packed [L]`` of the labels."""
-    actions = [np.repeat(packed[:, None], cost.shape[1], axis=1)] * rebalances
-    return run_policy(cost, actions, packed)
+def deepseek_policy(
+    cost: np.ndarray, packed: np.ndarray, rebalances: int = REBALANCES, hot: np.ndarray | None = None
+) -> Outcome:
+    """DeepSeek in the model: every rebalance back to its packing ``packed`` of the labels, ``[L]``
+    (the same every window) or ``[W, L]`` (its packing of window ``w``); ``cost`` and ``hot`` as in
+    :func:`run_policy`."""
+    states = cost.shape[-1]
+    actions = [np.repeat(_at(packed, t, 1)[:, None], states, axis=1) for t in range(1, rebalances + 1)]
+    return run_policy(cost, actions, _at(packed, 0, 1), hot)
 
 
 def best_within(points: list[tuple[float, float]], budget: float) -> float:
@@ -221,23 +282,71 @@ def layer_shares(workload: Workload, seeds: tuple[int, ...], layers: int | None 
     return np.concatenate(stacked), slots
 
 
-def swap_optimum(workload: Workload, seeds: tuple[int, ...], layers: int | None = None) -> SwapOptimum:
-    """The model's optimum, DeepSeek and the myopic rule for one swap cell over ``seeds``."""
+def walk_logits(base: np.ndarray, paths: int, rng: np.random.Generator) -> np.ndarray:
+    """``[W, L * paths, N]``: ``paths`` draws per layer of its labels' log popularity over the
+    cell's windows, the labels ordered by ``base [L, N]`` (hottest first): from the base, each window
+    reverting by :data:`~bench.planner.REVERSION` and stepping by :data:`~bench.planner.WALK_STEP`,
+    as ``drift_window`` steps every expert. A hop trades an expert's popularity and base together,
+    so it moves labels between experts and leaves each label's walk alone."""
+    level = np.repeat(-np.sort(-base, axis=1), paths, axis=0)
+    logits = level.copy()
+    out = [logits]
+    for _ in range(1, WINDOWS):
+        logits = logits + REVERSION * (level - logits) + rng.normal(0.0, WALK_STEP, size=logits.shape)
+        out.append(logits)
+    return np.array(out)
+
+
+def layer_walks(
+    workload: Workload, seeds: tuple[int, ...], paths: int, layers: int | None = None
+) -> tuple[np.ndarray, int]:
+    """``(logits [W, L, N], slots)``: :func:`walk_logits` of each layer of the cell under each seed
+    (``paths`` draws a layer, drawn from the seed), stacked, and DeepSeek's slots over the matrix's
+    sequences of those cells."""
+    stacked, slots = [], 0
+    for seed in seeds:
+        windows = cell_windows(SHAPE, workload, WINDOWS, seed, layers)
+        stacked.append(walk_logits(windows[0].base, paths, np.random.default_rng(seed)))
+        slots += run_sequence("deepseek", SHAPE, [w.loads for w in windows]).moved
+    return np.concatenate(stacked, axis=1), slots
+
+
+def swap_optimum(
+    workload: Workload, seeds: tuple[int, ...], layers: int | None = None, walk_paths: int = 0
+) -> SwapOptimum:
+    """The model's optimum, DeepSeek and the myopic rule for one swap cell over ``seeds``.
+
+    ``walk_paths`` 0: the shares fixed at the base (the module docstring's model). Above 0: the
+    shares also walk, ``walk_paths`` draws a layer, and the optimum knows each draw's walk in
+    advance but not the hops (an information relaxation: no online planner expects more); DeepSeek
+    packs and the myopic rule plans each window's shares as they are."""
     if workload.drift != "swap":
         raise ValueError(f"workload {workload.label!r}: the model is of swap drift only")
-    shares, matrix_slots = layer_shares(workload, seeds, layers)
-    cost = PAIRS.max_loads(shares)
-    mean = len(cost) * REBALANCES / SHAPE.ranks  # the mean rank share, summed over layers and windows
-    ds = deepseek_policy(cost, deepseek_labels(shares))
-    optimum = [optimal_policy(cost, lam)[0] for lam in PRICES]
+    if walk_paths < 0:
+        raise ValueError(f"walk_paths {walk_paths}: expected 0 (no walk) or more draws a layer")
+    hot: np.ndarray | None = None
+    if walk_paths:
+        logits, matrix_slots = layer_walks(workload, seeds, walk_paths, layers)
+        shares = np.array([popularity_shares(window, SHAPE.top_k) for window in logits])
+        cost = np.array([PAIRS.max_loads(window) for window in shares])
+        hot = logits.argmax(axis=2)
+        packed = np.array([deepseek_labels(window) for window in shares])
+    else:
+        base_shares, matrix_slots = layer_shares(workload, seeds, layers)
+        cost = PAIRS.max_loads(base_shares)
+        packed = deepseek_labels(base_shares)
+    copies = max(1, walk_paths)  # each layer of the cells this many times
+    mean = cost.shape[-2] * REBALANCES / SHAPE.ranks  # the mean rank share, summed over layers and windows
+    ds = deepseek_policy(cost, packed, hot=hot)
+    optimum = [optimal_policy(cost, lam, hot=hot)[0] for lam in PRICES]
     points = [(float(o.moves.sum()), float(o.peaks.sum())) for o in optimum]
-    myopic = [receding_policy(cost, lam, 1) for lam in PRICES]
-    budget = MOVED_TARGET * matrix_slots
+    myopic = [receding_policy(cost, lam, 1, hot=hot) for lam in PRICES]
+    budget = MOVED_TARGET * matrix_slots * copies
     within = [lam for lam, (m, _) in zip(PRICES, points, strict=True) if m <= budget]
     return SwapOptimum(
         workload,
         deepseek=mean / float(ds.peaks.sum()),
-        deepseek_slots=float(ds.moves.sum()),
+        deepseek_slots=float(ds.moves.sum()) / copies,
         matrix_slots=matrix_slots,
         free=mean / points[0][1],
         at_matrix_budget=mean / best_within(points, budget),
@@ -250,8 +359,18 @@ def swap_optimum(workload: Workload, seeds: tuple[int, ...], layers: int | None 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    _, seeds, chosen = parse_cells(parser, argv, "swap")
-    print(f"{SHAPE.label}; seeds {', '.join(map(str, seeds))} pooled; the model of the module docstring\n")
+    parser.add_argument(
+        "--walk-paths",
+        type=int,
+        default=0,
+        help="0: the shares fixed (the module docstring's model); N: they also walk, N draws a layer, "
+        "the optimum knowing each draw's walk in advance",
+    )
+    args, seeds, chosen = parse_cells(parser, argv, "swap")
+    if args.walk_paths < 0:
+        parser.error(f"--walk-paths {args.walk_paths}: expected 0 or more draws a layer")
+    model = "the module docstring" if not args.walk_paths else f"the slow walk too ({args.walk_paths} draws a layer)"
+    print(f"{SHAPE.label}; seeds {', '.join(map(str, seeds))} pooled; the model of {model}\n")
     print(
         "| workload | DeepSeek: expected balance | its slots, model / matrix "
         "| optimum, slots free (Δ pp) | optimum within a fifth of DeepSeek's model slots (Δ pp) "
@@ -261,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     start = time.perf_counter()
     for workload in chosen:
-        r = swap_optimum(workload, seeds)
+        r = swap_optimum(workload, seeds, walk_paths=args.walk_paths)
 
         def pp(value: float, r: SwapOptimum = r) -> str:
             return f"{100 * (value - r.deepseek):+.2f}"

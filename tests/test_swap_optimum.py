@@ -5,21 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.planner import WORKLOADS
+from bench.planner import REVERSION, WALK_STEP, WORKLOADS, popularity_shares
 from bench.swap_optimum import (
     HOPS,
+    HOT_HOPS,
     PAIRS,
     REBALANCES,
+    WINDOWS,
     best_within,
     deepseek_labels,
     deepseek_policy,
     layer_shares,
+    layer_walks,
     main,
     optimal_policy,
     over_hops,
     receding_policy,
     run_policy,
     swap_optimum,
+    walk_logits,
 )
 
 LAYERS = 4
@@ -138,3 +142,80 @@ def test_the_command_prints_a_row_per_cell(capsys):
     assert "| zipf-1.4, swap, high noise |" in out
     assert out.count("| zipf-1.4") == 2
     assert out.count("\n| ") == 3  # the header and the two cells
+
+
+def test_any_label_can_be_the_hottest_that_hops():
+    num = HOT_HOPS.shape[0]
+    assert np.array_equal(HOT_HOPS[0], HOPS)
+    for hot in range(num):
+        assert np.array_equal(HOT_HOPS[hot, hot], np.arange(len(PAIRS)))  # landing on itself
+        for r in range(num):
+            hop = HOT_HOPS[hot, r]
+            assert np.array_equal(hop[hop], np.arange(len(PAIRS)))
+            assert np.array_equal(hop, HOT_HOPS[r, hot])  # a trade of two labels, either way round
+    table = np.random.default_rng(0).random((3, len(PAIRS)))
+    assert np.allclose(over_hops(table, np.zeros(3, dtype=np.int64)), over_hops(table))
+    spread = over_hops(np.eye(len(PAIRS))[[4, 4, 4]], np.array([0, 3, 7]))
+    assert np.allclose(spread.sum(axis=1), 1.0)
+    assert not np.allclose(spread[0], spread[1])  # another label hopping spreads the state elsewhere
+
+
+def test_windows_that_do_not_change_read_as_the_fixed_model(shares, cost):
+    windows = np.broadcast_to(cost, (WINDOWS, *cost.shape)).copy()
+    hot = np.zeros((WINDOWS, len(cost)), dtype=np.int64)
+    packed = deepseek_labels(shares)
+    for lam in (0.0, 0.006):
+        fixed, fixed_objective = optimal_policy(cost, lam)
+        varying, varying_objective = optimal_policy(windows, lam, hot=hot)
+        assert np.allclose(fixed.peaks, varying.peaks) and np.allclose(fixed.moves, varying.moves)
+        assert np.isclose(fixed_objective, varying_objective)
+        near, near_varying = receding_policy(cost, lam, 1), receding_policy(windows, lam, 1, hot=hot)
+        assert np.allclose(near.peaks, near_varying.peaks) and np.allclose(near.moves, near_varying.moves)
+    ds = deepseek_policy(cost, packed)
+    ds_varying = deepseek_policy(windows, np.tile(packed, (WINDOWS, 1)), hot=hot)
+    assert np.allclose(ds.peaks, ds_varying.peaks) and np.allclose(ds.moves, ds_varying.moves)
+
+
+def test_the_walk_starts_at_the_base_and_steps_as_the_matrix_steps():
+    base = np.log(np.array([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.3, 0.2]]))
+    paths = 500
+    logits = walk_logits(base, paths, np.random.default_rng(1))
+    assert logits.shape == (WINDOWS, 2 * paths, 4)
+    level = -np.sort(-base, axis=1)
+    assert np.allclose(logits[0], np.repeat(level, paths, axis=0))  # labels hottest first
+    step = logits[1:] - logits[:-1] - REVERSION * (np.repeat(level, paths, axis=0)[None] - logits[:-1])
+    assert abs(step.std() - WALK_STEP) < 0.05 * WALK_STEP and abs(step.mean()) < 0.01 * WALK_STEP
+    assert not np.allclose(logits[1], logits[0])
+
+
+@pytest.fixture(scope="module")
+def walk():
+    logits, slots = layer_walks(SWAP, (0,), 2, LAYERS)
+    shares = np.array([popularity_shares(window, 2) for window in logits])
+    return np.array([PAIRS.max_loads(window) for window in shares]), logits.argmax(axis=2), shares, slots
+
+
+def test_knowing_the_walk_the_optimum_beats_deepseek_and_the_myopic_rule_at_each_price(walk):
+    cost, hot, shares, slots = walk
+    assert cost.shape == (WINDOWS, 2 * LAYERS, len(PAIRS)) and slots > 0
+    assert not np.array_equal(cost[1], cost[-1])  # the walk changes the windows
+    packed = np.array([deepseek_labels(window) for window in shares])
+    ds = deepseek_policy(cost, packed, hot=hot)
+    for lam in (0.0, 0.004, 0.01):
+        best, objective = optimal_policy(cost, lam, hot=hot)
+        assert np.isclose(objective, best.peaks.sum() + lam * best.moves.sum(), rtol=1e-6)
+        assert objective <= ds.peaks.sum() + lam * ds.moves.sum() + 1e-6
+        near = receding_policy(cost, lam, 1, hot=hot)
+        assert objective <= near.peaks.sum() + lam * near.moves.sum() + 1e-6
+
+
+def test_a_cell_with_the_walk_reads_in_order_and_refuses_a_negative_count(capsys):
+    r = swap_optimum(SWAP, (0,), LAYERS, walk_paths=2)
+    assert r.stay < r.at_matrix_budget <= r.free + 1e-12
+    assert r.myopic <= r.at_matrix_budget + 1e-12
+    assert r.deepseek_slots > LAYERS * REBALANCES * 1.5  # the walk re-pairs DeepSeek now and then besides the hops
+    with pytest.raises(ValueError, match="walk_paths -1"):
+        swap_optimum(SWAP, (0,), LAYERS, walk_paths=-1)
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "--walk-paths", "-1"])
+    assert "--walk-paths -1: expected 0 or more" in capsys.readouterr().err
