@@ -63,15 +63,7 @@ import numpy as np
 
 from bench.online_bound import SHAPE, WINDOWS, parse_cells
 from bench.oracle_pairs import PAIRS
-from bench.planner import (
-    MOVED_TARGET,
-    REVERSION,
-    WALK_STEP,
-    Workload,
-    cell_windows,
-    popularity_shares,
-    run_sequence,
-)
+from bench.planner import MOVED_TARGET, Workload, cell_windows, drift_window, popularity_shares, run_sequence
 from bench.swap_bound import pairing_index
 from eplb_service.coordinator.policy import plan_rebalance
 from eplb_service.placement import PlacementShape, initial_phy2log
@@ -271,28 +263,35 @@ class SwapOptimum:
     stay: float
 
 
+def cell_bases(workload: Workload, seeds: tuple[int, ...], layers: int | None = None) -> tuple[list[np.ndarray], int]:
+    """``(bases, slots)``: the base log popularity ``[L, N]`` of the cell under each seed, and
+    DeepSeek's slots over the matrix's sequences of those cells."""
+    bases, slots = [], 0
+    for seed in seeds:
+        windows = cell_windows(SHAPE, workload, WINDOWS, seed, layers)
+        bases.append(windows[0].base)
+        slots += run_sequence("deepseek", SHAPE, [w.loads for w in windows]).moved
+    return bases, slots
+
+
 def layer_shares(workload: Workload, seeds: tuple[int, ...], layers: int | None = None) -> tuple[np.ndarray, int]:
     """``(shares [L, N], slots)``: each layer's base shares, hottest first, of the cell under each
     seed, stacked, and DeepSeek's slots over the matrix's sequences of those cells."""
-    stacked, slots = [], 0
-    for seed in seeds:
-        windows = cell_windows(SHAPE, workload, WINDOWS, seed, layers)
-        stacked.append(-np.sort(-popularity_shares(windows[0].base, SHAPE.top_k), axis=1))
-        slots += run_sequence("deepseek", SHAPE, [w.loads for w in windows]).moved
-    return np.concatenate(stacked), slots
+    bases, slots = cell_bases(workload, seeds, layers)
+    return np.concatenate([-np.sort(-popularity_shares(base, SHAPE.top_k), axis=1) for base in bases]), slots
 
 
 def walk_logits(base: np.ndarray, paths: int, rng: np.random.Generator) -> np.ndarray:
     """``[W, L * paths, N]``: ``paths`` draws per layer of its labels' log popularity over the
     cell's windows, the labels ordered by ``base [L, N]`` (hottest first): from the base, each window
-    reverting by :data:`~bench.planner.REVERSION` and stepping by :data:`~bench.planner.WALK_STEP`,
-    as ``drift_window`` steps every expert. A hop trades an expert's popularity and base together,
-    so it moves labels between experts and leaves each label's walk alone."""
+    stepped by ``drift_window``'s slow walk, as the matrix steps every expert. A hop trades an
+    expert's popularity and base together, so it moves labels between experts and leaves each
+    label's walk alone."""
     level = np.repeat(-np.sort(-base, axis=1), paths, axis=0)
     logits = level.copy()
     out = [logits]
     for _ in range(1, WINDOWS):
-        logits = logits + REVERSION * (level - logits) + rng.normal(0.0, WALK_STEP, size=logits.shape)
+        logits, _ = drift_window(logits, level, "slow", rng)
         out.append(logits)
     return np.array(out)
 
@@ -303,12 +302,9 @@ def layer_walks(
     """``(logits [W, L, N], slots)``: :func:`walk_logits` of each layer of the cell under each seed
     (``paths`` draws a layer, drawn from the seed), stacked, and DeepSeek's slots over the matrix's
     sequences of those cells."""
-    stacked, slots = [], 0
-    for seed in seeds:
-        windows = cell_windows(SHAPE, workload, WINDOWS, seed, layers)
-        stacked.append(walk_logits(windows[0].base, paths, np.random.default_rng(seed)))
-        slots += run_sequence("deepseek", SHAPE, [w.loads for w in windows]).moved
-    return np.concatenate(stacked, axis=1), slots
+    bases, slots = cell_bases(workload, seeds, layers)
+    walks = [walk_logits(base, paths, np.random.default_rng(seed)) for seed, base in zip(seeds, bases, strict=True)]
+    return np.concatenate(walks, axis=1), slots
 
 
 def swap_optimum(
